@@ -1,0 +1,1 @@
+"""Declarative IHE tables, loaded by :mod:`xdsi.profiles_loader`."""

@@ -1,0 +1,157 @@
+"""Tests of study scanning over the shared real DICOM data."""
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+from xdsi.dicom.scan import (
+    InvalidInstance,
+    NotDicom,
+    read_header,
+    scan_directory,
+)
+
+DATA = Path("/work/shared/dicom")
+STUDY_CT = DATA / "study-ct"
+BAD = DATA / "bad"
+STUDY_CT_UID = "1.3.46.670589.33.1.15053592413351079234.27718218421047494460"
+
+
+@pytest.fixture(scope="module")
+def study_ct_scan():
+    return scan_directory(STUDY_CT)
+
+
+def test_study_ct_scans_to_one_study_of_three_series_and_60_instances(study_ct_scan):
+    """DICOM PS3.3 C.7.2.1: instances group by Study Instance UID."""
+    assert study_ct_scan.rejected == ()
+    (study,) = study_ct_scan.studies
+    assert study.study_instance_uid == STUDY_CT_UID
+    assert [s.series_number for s in study.series] == [100, 201, 401]
+    assert [len(s.instances) for s in study.series] == [1, 54, 5]
+    assert len(study.instances) == 60
+    assert study.modalities == ("CT",)
+    assert study.patient.patient_id == "PLASTIC"
+    assert study.study_description == "1A TRAUMA/PLAIN HEAD DM"
+
+
+def test_series_instances_are_sorted_by_instance_number(study_ct_scan):
+    """DICOM PS3.3 C.7.6.1: Instance Number orders the images of a series."""
+    for series in study_ct_scan.studies[0].series:
+        numbers = [i.instance_number for i in series.instances]
+        assert numbers == sorted(numbers)
+        assert all(number is not None for number in numbers)
+
+
+def test_instance_header_carries_identifiers_and_size(study_ct_scan):
+    """DICOM PS3.3 C.12.1: SOP Class and Instance UID identify an object."""
+    headers = study_ct_scan.studies[0].instances
+    secondary_capture = [h for h in headers if h.series_number == 401]
+    assert {h.sop_class_uid for h in secondary_capture} == {"1.2.840.10008.5.1.4.1.1.7"}
+    for header in headers:
+        assert header.size == header.path.stat().st_size
+        assert header.transfer_syntax_uid == "1.2.840.10008.1.2.1"
+        assert header.study_instance_uid == STUDY_CT_UID
+
+
+def test_read_header_stops_before_pixel_data():
+    """DICOM PS3.10 7.1: the header is read without the Pixel Data element."""
+    header, ds = read_header(STUDY_CT / "S2010" / "I0010.dcm")
+    assert "PixelData" not in ds
+    assert header.series_number == 201
+    assert header.modality == "CT"
+
+
+def test_read_header_never_touches_pixel_bytes(tmp_path):
+    """DICOM PS3.10 7.1: a file cut inside Pixel Data still has a header."""
+    source = STUDY_CT / "S2010" / "I0020.dcm"
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(source.read_bytes()[: source.stat().st_size // 4])
+    header, _ = read_header(cut)
+    assert header.sop_instance_uid == read_header(source)[0].sop_instance_uid
+
+
+@pytest.mark.parametrize(
+    ("name", "error", "reason"),
+    [
+        ("gzip-not-dicom__zipMR.gz", NotDicom, "not DICOM"),
+        ("no-preamble-no-meta__no_meta.dcm", NotDicom, "not DICOM"),
+        (
+            "no-preamble-no-meta-explicit__ExplVR_LitEndNoMeta.dcm",
+            NotDicom,
+            "not DICOM",
+        ),
+        (
+            "meta-missing-transfer-syntax__meta_missing_tsyntax.dcm",
+            InvalidInstance,
+            "no SOPInstanceUID",
+        ),
+        ("no-study-series-uid__Issue196.dcm", InvalidInstance, "no StudyInstanceUID"),
+        ("no-sop-class-uid__Issue111.dcm", InvalidInstance, "no SOPClassUID"),
+        (
+            "bad-sequence-un__bad_sequence.dcm",
+            InvalidInstance,
+            "is not a valid UID",
+        ),
+        (
+            "wrong-byte-order-undefined-length__"
+            "GH177_D_CLUNIE_CT1_IVRLE_BigEndian_undefined_length.dcm",
+            InvalidInstance,
+            "unreadable",
+        ),
+    ],
+)
+def test_read_header_rejects_bad_file_with_reason(name, error, reason):
+    """DICOM PS3.10 7.1, DICOM PS3.5 9.1: a bad file is refused, with why."""
+    with pytest.raises(error, match=reason) as caught:
+        read_header(BAD / name)
+    assert caught.value.path == BAD / name
+
+
+def test_scan_of_bad_files_rejects_or_reads_each_and_never_crashes():
+    """DICOM PS3.10 7.1: every file under bad/ is either read or rejected."""
+    result = scan_directory(BAD)
+    rejected = {path.name for path, _ in result.rejected}
+    read = {i.path.name for s in result.studies for i in s.instances}
+    files = {path.name for path in BAD.iterdir()}
+    assert rejected | read == files
+    assert not rejected & read
+    assert len(rejected) == 8
+    assert all(reason for _, reason in result.rejected)
+
+
+def test_rejected_file_is_logged_with_path_and_reason_and_no_patient_data(caplog):
+    """ITI TF-2 3.20: patient data belongs in the audit trail, not in a log."""
+    with caplog.at_level(logging.WARNING, logger="xdsi.dicom.scan"):
+        scan_directory(BAD)
+    ours = [r for r in caplog.records if r.name == "xdsi.dicom.scan"]
+    assert len(ours) == 8
+    text = "\n".join(r.getMessage() for r in ours)
+    assert "no-sop-class-uid__Issue111.dcm: no SOPClassUID" in text
+    # Issue111.dcm carries Patient's Name HELLO^A.
+    assert "HELLO" not in text
+
+
+def test_non_dicom_file_beside_a_study_is_rejected():
+    """DICOM PS3.10 7.1: the XML beside the IHE study is not DICOM."""
+    result = scan_directory(DATA / "study-mr")
+    assert [(p.name, why) for p, why in result.rejected] == [
+        ("metadata.xml", "not DICOM: no PS3.10 preamble or File Meta")
+    ]
+    (study,) = result.studies
+    assert len(study.instances) == 37
+    assert study.modalities == ("MR",)
+
+
+def test_repeated_sop_instance_uid_is_rejected(tmp_path):
+    """DICOM PS3.3 C.12.1.1.1: a SOP Instance UID names one instance only."""
+    source = STUDY_CT / "S1000" / "I0010.dcm"
+    shutil.copy(source, tmp_path / "a.dcm")
+    shutil.copy(source, tmp_path / "b.dcm")
+    result = scan_directory(tmp_path)
+    assert len(result.studies[0].instances) == 1
+    ((path, reason),) = result.rejected
+    assert path.name == "b.dcm"
+    assert reason.startswith("duplicate SOP Instance UID")

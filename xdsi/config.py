@@ -1,0 +1,242 @@
+"""Node configuration: one TOML file to typed settings; defaults run the demo.
+
+Every value has a default, so a node runs with no file at all on SQLite and
+a local directory. A file overrides what it names:
+
+.. code-block:: toml
+
+    [node]
+    storage_dir = "/var/lib/xdsi"
+    assigning_authority = "1.3.6.1.4.1.21367.13.20.1000"
+
+    [repository]
+    port = 9082
+    repository_unique_id = "1.3.6.1.4.1.21367.13.40.216"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+# Default OIDs live under a UUID-derived OID (ITU-T X.667, arc 2.25) fixed for
+# xdsi, so that an unconfigured node still has stable, valid identifiers.
+XDSI_OID_ROOT = "2.25.127890502356717902159250805506845543275"
+
+# The IHE Connectathon affinity domain's assigning authority, which the NIST
+# and Gazelle test patients use (ITI TF-3 4.2.3.2.16 CX form).
+CONNECTATHON_ASSIGNING_AUTHORITY = "1.3.6.1.4.1.21367.13.20.1000"
+
+
+class ConfigError(Exception):
+    """The configuration file is unreadable or names an unknown setting."""
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    name: str = "xdsi"
+    host: str = "127.0.0.1"
+    storage_dir: str = "xdsi-data"
+    database_url: str = ""
+    assigning_authority: str = CONNECTATHON_ASSIGNING_AUTHORITY
+    home_community_id: str = f"urn:oid:{XDSI_OID_ROOT}.4"
+    audit_source_id: str = "xdsi"
+    enterprise_site_id: str = "xdsi"
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    enabled: bool = True
+    port: int = 9081
+    path: str = "/xds/registry"
+    feed_port: int = 2575
+    max_results: int = 5000
+
+
+@dataclass(frozen=True)
+class RepositorySettings:
+    enabled: bool = True
+    port: int = 9082
+    path: str = "/xds/repository"
+    repository_unique_id: str = f"{XDSI_OID_ROOT}.1"
+    # ITI-42 goes to this URL; empty means this node's own registry.
+    registry_url: str = ""
+
+
+@dataclass(frozen=True)
+class ImagingSourceSettings:
+    enabled: bool = True
+    port: int = 9083
+    path: str = "/xdsi/imaging-source"
+    repository_unique_id: str = f"{XDSI_OID_ROOT}.2"
+    source_id: str = f"{XDSI_OID_ROOT}.3"
+    ae_title: str = "XDSI"
+    institution_name: str = "xdsi"
+    # RAD-68 goes to this URL; empty means this node's own repository.
+    repository_url: str = ""
+    # Affinity-domain codes of the manifest's DocumentEntry and SubmissionSet
+    # (ITI TF-3 4.2.3.2; the domain fixes them, these are the DICOM and
+    # HL7 codes RAD TF-3 4.68.4.1.2.3 suggests as examples).
+    class_code: tuple[str, str, str] = ("IMAGES", "1.3.6.1.4.1.19376.1.2.6.1",
+                                        "Images")
+    type_code: tuple[str, str, str] = ("18748-4", "2.16.840.1.113883.6.1",
+                                       "Diagnostic imaging study")
+    practice_setting_code: tuple[str, str, str] = ("394914008",
+                                                   "2.16.840.1.113883.6.96",
+                                                   "Radiology")
+    healthcare_facility_type_code: tuple[str, str, str] = (
+        "22232009", "2.16.840.1.113883.6.96", "Hospital")
+    confidentiality_code: tuple[str, str, str] = ("N", "2.16.840.1.113883.5.25",
+                                                  "Normal")
+    content_type_code: tuple[str, str, str] = ("18748-4", "2.16.840.1.113883.6.1",
+                                               "Diagnostic imaging study")
+    language_code: str = "en-US"
+    accession_assigning_authority: str = f"{XDSI_OID_ROOT}.5"
+
+
+@dataclass(frozen=True)
+class ConsumerSettings:
+    # ITI-18 goes to this URL; empty means this node's own registry.
+    registry_url: str = ""
+    timeout: float = 120.0
+    # repositoryUniqueId -> ITI-43 or RAD-69 endpoint URL of other nodes.
+    repositories: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Settings:
+    node: NodeSettings = field(default_factory=NodeSettings)
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
+    repository: RepositorySettings = field(default_factory=RepositorySettings)
+    imaging_source: ImagingSourceSettings = field(default_factory=ImagingSourceSettings)
+    consumer: ConsumerSettings = field(default_factory=ConsumerSettings)
+
+    @property
+    def storage(self) -> Path:
+        return Path(self.node.storage_dir).expanduser().resolve()
+
+    @property
+    def database_url(self) -> str:
+        if self.node.database_url:
+            return self.node.database_url
+        return f"sqlite:///{self.storage / 'xdsi.sqlite'}"
+
+    def url(self, actor: str) -> str:
+        """Return the endpoint URL of one of this node's HTTP actors."""
+        section = getattr(self, actor)
+        return f"http://{self.node.host}:{section.port}{section.path}"
+
+    @property
+    def registry_url(self) -> str:
+        return self.repository.registry_url or self.url("registry")
+
+    @property
+    def repository_url(self) -> str:
+        return self.imaging_source.repository_url or self.url("repository")
+
+    @property
+    def consumer_registry_url(self) -> str:
+        return self.consumer.registry_url or self.url("registry")
+
+    def with_ports(self, **ports: int) -> Settings:
+        """Return a copy with other ports, e.g. ``with_ports(registry=0)``."""
+        changed = self
+        for actor, port in ports.items():
+            key = "feed_port" if actor == "feed" else "port"
+            section = "registry" if actor == "feed" else actor
+            changed = replace(
+                changed, **{section: replace(getattr(changed, section), **{key: port})}
+            )
+        return changed
+
+    def with_storage(self, storage_dir: Path) -> Settings:
+        return replace(self, node=replace(self.node, storage_dir=str(storage_dir)))
+
+
+def _section(cls: type, values: dict[str, Any], name: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown setting [{name}] {key}")
+        default = getattr(cls(), key)
+        if isinstance(default, dict):
+            if not isinstance(value, dict) or not all(
+                    isinstance(v, str) for v in value.values()):
+                raise ConfigError(f"[{name}] {key} wants a table of strings")
+        elif isinstance(default, tuple):
+            if not isinstance(value, list) or len(value) != len(default):
+                raise ConfigError(
+                    f"[{name}] {key} wants a list of {len(default)} strings "
+                    "(code, coding scheme, display name)")
+            value = tuple(str(v) for v in value)
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"[{name}] {key} wants true or false")
+        elif isinstance(default, int | float) and not isinstance(value, int | float):
+            raise ConfigError(f"[{name}] {key} wants a number")
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise ConfigError(f"[{name}] {key} wants a string")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Read settings from ``path``, or from $XDSI_CONFIG, or use defaults."""
+    if path is None and os.environ.get("XDSI_CONFIG"):
+        path = Path(os.environ["XDSI_CONFIG"])
+    if path is None:
+        return Settings()
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc}") from exc
+    sections = {f.name: f.type for f in fields(Settings)}
+    kwargs = {}
+    for name, values in data.items():
+        if name not in sections or not isinstance(values, dict):
+            raise ConfigError(f"unknown section [{name}] in {path}")
+        cls = type(getattr(Settings(), name))
+        kwargs[name] = _section(cls, values, name)
+    return Settings(**kwargs)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def to_toml(settings: Settings) -> str:
+    """Render the effective settings as TOML that load_settings reads back."""
+    lines: list[str] = []
+    for section in fields(Settings):
+        values = dataclasses.asdict(getattr(settings, section.name))
+        lines.append(f"[{section.name}]")
+        tables = {k: v for k, v in values.items() if isinstance(v, dict)}
+        for key, value in values.items():
+            if key in tables:
+                continue
+            if isinstance(value, list):
+                value = tuple(value)
+            lines.append(f"{key} = {_toml_value(value)}")
+        for key, table in tables.items():
+            lines.append(f"[{section.name}.{key}]")
+            lines.extend(f'"{k}" = {_toml_value(v)}' for k, v in table.items())
+        lines.append("")
+    lines.append(f"# database: {settings.database_url}")
+    lines.append("# Effective endpoints")
+    for actor in ("registry", "repository", "imaging_source"):
+        lines.append(f"# {actor}: {settings.url(actor)}")
+    lines.append(f"# patient identity feed (MLLP): {settings.node.host}:"
+                 f"{settings.registry.feed_port}")
+    return "\n".join(lines) + "\n"

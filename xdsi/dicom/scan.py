@@ -1,0 +1,415 @@
+"""Study scanning: read DICOM headers from files and group them by study.
+
+Implements the DICOM PS3.10 7.1 file format check, the identification of a
+composite instance by the SOP Common, General Study and General Series
+modules (DICOM PS3.3 C.12.1, C.7.2.1, C.7.3.1) and the UID syntax of
+DICOM PS3.5 9.1.
+"""
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.uid import UID
+
+from xdsi.metadata.codes import Code
+
+logger = logging.getLogger(__name__)
+
+# Modalities of objects that describe other instances; DICOM PS3.3 C.7.3.1.1.1.
+DERIVED_MODALITIES = frozenset({"KO", "PR", "SR"})
+
+
+class DicomInputError(Exception):
+    """A file that cannot serve as a DICOM composite instance."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class NotDicom(DicomInputError):
+    """The file is not a DICOM PS3.10 file (no preamble, ``DICM`` or meta)."""
+
+
+class InvalidInstance(DicomInputError):
+    """A DICOM file that lacks what identifies a composite instance."""
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """What identifies one stored instance, read from its header alone."""
+
+    path: Path
+    size: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    modality: str
+    series_number: int | None
+    instance_number: int | None
+
+
+@dataclass(frozen=True)
+class Patient:
+    """Patient module attributes (DICOM PS3.3 C.7.1.1); "" when absent.
+
+    ``issuer_of_patient_id`` is Issuer of Patient ID (0010,0021), or else the
+    Universal Entity ID of an ISO item of the Issuer of Patient ID Qualifiers
+    Sequence (0010,0024).
+    """
+
+    patient_id: str
+    issuer_of_patient_id: str
+    name: str
+    birth_date: str
+    sex: str
+
+
+@dataclass(frozen=True)
+class Series:
+    """One series of a study and its instances.
+
+    ``instances`` are sorted by Instance Number, then SOP Instance UID.
+    ``series_date`` and ``series_time`` come from the first instance read;
+    ``last_acquisition_datetime`` is the latest acquisition of any instance as
+    a DT without fraction or offset ("" when no instance records one).
+    """
+
+    series_instance_uid: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    instances: tuple[InstanceHeader, ...]
+    series_date: str = ""
+    series_time: str = ""
+    last_acquisition_datetime: str = ""
+
+
+@dataclass(frozen=True)
+class Study:
+    """One study: General Study module attributes, patient and series.
+
+    ``issuer_of_accession_number`` is the Universal Entity ID of the Issuer
+    of Accession Number Sequence (0008,0051) when its type is ISO, else its
+    Local Namespace Entity ID, else "".
+    """
+
+    study_instance_uid: str
+    accession_number: str
+    study_id: str
+    study_date: str
+    study_time: str
+    study_description: str
+    referring_physician_name: str
+    institution_name: str
+    patient: Patient
+    series: tuple[Series, ...]
+    procedure_codes: tuple[Code, ...]
+    issuer_of_accession_number: str = ""
+
+    @property
+    def instances(self) -> tuple[InstanceHeader, ...]:
+        """Every instance of the study, series by series."""
+        return tuple(instance for s in self.series for instance in s.instances)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """Sorted modalities of the study; KO, PR and SR only if alone."""
+        found = {s.modality for s in self.series if s.modality}
+        acquired = found - DERIVED_MODALITIES
+        return tuple(sorted(acquired or found))
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """Studies found under a directory and the files turned away, with why."""
+
+    studies: tuple[Study, ...]
+    rejected: tuple[tuple[Path, str], ...]
+
+
+def read_header(path: Path) -> tuple[InstanceHeader, pydicom.Dataset]:
+    """Read the header of one DICOM PS3.10 file, never its pixel data.
+
+    Only a PS3.10 file with its File Meta Information is accepted (DICOM
+    PS3.10 7.1); a bare data set is not DICOM here. The instance must carry a
+    valid SOP Class, SOP Instance, Study Instance and Series Instance UID
+    (DICOM PS3.5 9.1), so that a manifest can reference it.
+
+    Raises
+    ------
+    NotDicom
+        The file has no DICOM preamble and File Meta Information.
+    InvalidInstance
+        The file is unreadable or lacks one of the identifying UIDs.
+    """
+    # Untrusted input: any failure of the parser means the file is unreadable.
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        size = os.stat(path).st_size
+    except InvalidDicomError as exc:
+        raise NotDicom(path, "not DICOM: no PS3.10 preamble or File Meta") from exc
+    except Exception as exc:
+        raise InvalidInstance(path, f"unreadable: {type(exc).__name__}: {exc}") from exc
+
+    try:
+        header = _instance_header(path, size, ds)
+    except InvalidInstance:
+        raise
+    except Exception as exc:
+        raise InvalidInstance(path, f"unreadable: {type(exc).__name__}: {exc}") from exc
+    return header, ds
+
+
+def scan_directory(path: Path) -> ScanResult:
+    """Scan every regular file under ``path`` and group instances by study.
+
+    Headers only. A file that cannot be read, or repeats a SOP Instance UID
+    already read, is rejected with its reason and logged at WARNING with the
+    path and the reason only. Study and patient attributes are those of the
+    first instance read of each study.
+    """
+    studies: dict[str, _StudyBuilder] = {}
+    rejected: list[tuple[Path, str]] = []
+    seen: dict[str, Path] = {}
+
+    for file in _regular_files(path):
+        try:
+            header, ds = read_header(file)
+        except DicomInputError as exc:
+            logger.warning("Rejected %s: %s", file, exc.reason)
+            rejected.append((file, exc.reason))
+            continue
+        first = seen.get(header.sop_instance_uid)
+        if first is not None:
+            reason = f"duplicate SOP Instance UID, already read from {first}"
+            logger.warning("Rejected %s: %s", file, reason)
+            rejected.append((file, reason))
+            continue
+        seen[header.sop_instance_uid] = file
+        builder = studies.get(header.study_instance_uid)
+        if builder is None:
+            builder = studies[header.study_instance_uid] = _StudyBuilder(ds)
+        builder.add(header, ds)
+
+    logger.debug(
+        "Scanned %s: %d studies, %d files rejected", path, len(studies), len(rejected)
+    )
+    return ScanResult(
+        studies=tuple(studies[uid].build() for uid in sorted(studies)),
+        rejected=tuple(rejected),
+    )
+
+
+def _regular_files(path: Path) -> list[Path]:
+    """Every regular file under ``path``, recursively, in sorted order."""
+    found: list[Path] = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            file = Path(root) / name
+            if file.is_file() and not file.is_symlink():
+                found.append(file)
+    return found
+
+
+def _instance_header(path: Path, size: int, ds: pydicom.Dataset) -> InstanceHeader:
+    """Check the identifying UIDs and build the header; DICOM PS3.3 C.12.1."""
+    uids = {}
+    for keyword, tag in (
+        ("SOPInstanceUID", "(0008,0018)"),
+        ("SOPClassUID", "(0008,0016)"),
+        ("StudyInstanceUID", "(0020,000D)"),
+        ("SeriesInstanceUID", "(0020,000E)"),
+    ):
+        value = _text(ds, keyword)
+        if not value:
+            raise InvalidInstance(path, f"no {keyword} {tag}")
+        if not UID(value).is_valid:
+            raise InvalidInstance(
+                path, f"{keyword} {value!r} is not a valid UID; DICOM PS3.5 9.1"
+            )
+        uids[keyword] = value
+
+    transfer_syntax_uid = _text(ds.file_meta, "TransferSyntaxUID")
+    if not transfer_syntax_uid:
+        raise InvalidInstance(path, "File Meta has no TransferSyntaxUID (0002,0010)")
+
+    return InstanceHeader(
+        path=path,
+        size=size,
+        sop_class_uid=uids["SOPClassUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        study_instance_uid=uids["StudyInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
+        transfer_syntax_uid=transfer_syntax_uid,
+        modality=_text(ds, "Modality"),
+        series_number=_integer(ds, "SeriesNumber"),
+        instance_number=_integer(ds, "InstanceNumber"),
+    )
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str:
+    """The first value of an attribute as text, "" when absent or empty."""
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue):
+        value = value[0] if value else ""
+    return str(value).strip()
+
+
+def _integer(ds: pydicom.Dataset, keyword: str) -> int | None:
+    """An IS attribute as an integer; None when absent or not a number."""
+    try:
+        return int(_text(ds, keyword))
+    except ValueError:
+        return None
+
+
+def _issuer(ds: pydicom.Dataset, sequence_keyword: str) -> str:
+    """The ISO Universal Entity ID of an HL7v2 Hierarchic Designator item.
+
+    Falls back to the Local Namespace Entity ID (DICOM PS3.3 10.14).
+    """
+    items = ds.get(sequence_keyword) or []
+    for item in items:
+        if _text(item, "UniversalEntityIDType") == "ISO" and _text(
+            item, "UniversalEntityID"
+        ):
+            return _text(item, "UniversalEntityID")
+    for item in items:
+        if _text(item, "LocalNamespaceEntityID"):
+            return _text(item, "LocalNamespaceEntityID")
+    return ""
+
+
+def _acquisition_datetime(ds: pydicom.Dataset) -> str:
+    """The latest of Acquisition DateTime and Acquisition Date + Time, bare.
+
+    Fraction and UTC offset are dropped; the more precise value wins when
+    both name the same day.
+    """
+    date = _text(ds, "AcquisitionDate")
+    candidates = (
+        _text(ds, "AcquisitionDateTime"),
+        date + _text(ds, "AcquisitionTime") if date else "",
+    )
+    bare = (re.split(r"[.+-]", value)[0] for value in candidates)
+    return max((value for value in bare if value.isdigit()), default="")
+
+
+class _SeriesBuilder:
+    """Instances of one series as they are read."""
+
+    def __init__(self, ds: pydicom.Dataset) -> None:
+        self.modality = _text(ds, "Modality")
+        self.series_number = _integer(ds, "SeriesNumber")
+        self.series_description = _text(ds, "SeriesDescription")
+        self.series_date = _text(ds, "SeriesDate")
+        self.series_time = _text(ds, "SeriesTime")
+        self.last_acquisition_datetime = ""
+        self.instances: list[InstanceHeader] = []
+
+    def add(self, header: InstanceHeader, ds: pydicom.Dataset) -> None:
+        self.instances.append(header)
+        acquired = _acquisition_datetime(ds)
+        self.last_acquisition_datetime = max(self.last_acquisition_datetime, acquired)
+
+    def build(self, series_instance_uid: str) -> Series:
+        instances = sorted(
+            self.instances,
+            key=lambda i: (
+                i.instance_number is None,
+                i.instance_number or 0,
+                i.sop_instance_uid,
+            ),
+        )
+        return Series(
+            series_instance_uid=series_instance_uid,
+            modality=self.modality,
+            series_number=self.series_number,
+            series_description=self.series_description,
+            instances=tuple(instances),
+            series_date=self.series_date,
+            series_time=self.series_time,
+            last_acquisition_datetime=self.last_acquisition_datetime,
+        )
+
+
+class _StudyBuilder:
+    """Study attributes from the first instance read, and its series."""
+
+    def __init__(self, ds: pydicom.Dataset) -> None:
+        self.ds_fields = {
+            keyword: _text(ds, keyword)
+            for keyword in (
+                "StudyInstanceUID",
+                "AccessionNumber",
+                "StudyID",
+                "StudyDate",
+                "StudyTime",
+                "StudyDescription",
+                "ReferringPhysicianName",
+                "InstitutionName",
+            )
+        }
+        self.issuer_of_accession_number = _issuer(ds, "IssuerOfAccessionNumberSequence")
+        self.patient = Patient(
+            patient_id=_text(ds, "PatientID"),
+            issuer_of_patient_id=_text(ds, "IssuerOfPatientID")
+            or _issuer(ds, "IssuerOfPatientIDQualifiersSequence"),
+            name=_text(ds, "PatientName"),
+            birth_date=_text(ds, "PatientBirthDate"),
+            sex=_text(ds, "PatientSex"),
+        )
+        self.procedure_codes = tuple(
+            Code(
+                _text(item, "CodeValue"),
+                _text(item, "CodingSchemeDesignator"),
+                _text(item, "CodeMeaning"),
+            )
+            for item in ds.get("ProcedureCodeSequence") or []
+            if _text(item, "CodeValue")
+        )
+        self.series: dict[str, _SeriesBuilder] = {}
+
+    def add(self, header: InstanceHeader, ds: pydicom.Dataset) -> None:
+        series = self.series.get(header.series_instance_uid)
+        if series is None:
+            series = self.series[header.series_instance_uid] = _SeriesBuilder(ds)
+        series.add(header, ds)
+
+    def build(self) -> Study:
+        series = sorted(
+            (builder.build(uid) for uid, builder in self.series.items()),
+            key=lambda s: (
+                s.series_number is None,
+                s.series_number or 0,
+                s.series_instance_uid,
+            ),
+        )
+        fields = self.ds_fields
+        return Study(
+            study_instance_uid=fields["StudyInstanceUID"],
+            accession_number=fields["AccessionNumber"],
+            study_id=fields["StudyID"],
+            study_date=fields["StudyDate"],
+            study_time=fields["StudyTime"],
+            study_description=fields["StudyDescription"],
+            referring_physician_name=fields["ReferringPhysicianName"],
+            institution_name=fields["InstitutionName"],
+            patient=self.patient,
+            series=tuple(series),
+            procedure_codes=self.procedure_codes,
+            issuer_of_accession_number=self.issuer_of_accession_number,
+        )

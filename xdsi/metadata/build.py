@@ -1,0 +1,166 @@
+"""Build the SubmitObjectsRequest of an imaging manifest (RAD-68 metadata).
+
+RAD TF-3 4.68.4.1.2.3 on top of ITI TF-3 4.2.3: one DocumentEntry for the
+KOS manifest, its SubmissionSet and the HasMember Association between them,
+with the attributes tabled in profiles/xds_metadata.toml.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from lxml import etree
+
+from xdsi import ns
+from xdsi.metadata import ebrim
+from xdsi.metadata.codes import Code
+from xdsi.metadata.ebrim import add_code, add_external_id, add_name, add_slot, rim
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """What the DocumentEntry of one manifest says.
+
+    DICOM-derived values come from the manifest; the affinity-domain codes
+    and identifiers come from the Imaging Document Source's configuration.
+    """
+
+    entry_id: str
+    unique_id: str
+    patient_id: str
+    source_patient_id: str
+    source_patient_info: tuple[str, ...]
+    title: str
+    creation_time: str
+    service_start_time: str | None
+    service_stop_time: str | None
+    event_codes: tuple[Code, ...]
+    reference_ids: tuple[str, ...]
+    mime_type: str
+    format_code: Code
+    class_code: Code
+    type_code: Code
+    practice_setting_code: Code
+    healthcare_facility_type_code: Code
+    confidentiality_code: Code
+    language_code: str
+    author_institution: str
+    size: int
+    sha1: str
+
+
+@dataclass(frozen=True)
+class SubmissionSetSpec:
+    entry_id: str
+    unique_id: str
+    source_id: str
+    patient_id: str
+    content_type_code: Code
+    author_institution: str
+    submission_time: str
+
+
+def utc_dtm(moment: datetime | None = None) -> str:
+    """Return a UTC DTM to the second (ITI TF-3 4.2.3.1.6)."""
+    return (moment or datetime.now(UTC)).astimezone(UTC).strftime("%Y%m%d%H%M%S")
+
+
+def _attribute(kind: str, name: str) -> dict:
+    return ebrim.attribute_spec(kind, name)
+
+
+def _document_entry(entry: ManifestEntry) -> etree._Element:
+    kind = ebrim.DOCUMENT_ENTRY
+    element = rim(
+        "ExtrinsicObject",
+        id=entry.entry_id,
+        mimeType=entry.mime_type,
+        objectType=ebrim.metadata_table()[kind]["object_type_stable"],
+    )
+    add_slot(element, "creationTime", [entry.creation_time])
+    add_slot(element, "languageCode", [entry.language_code])
+    if entry.service_start_time:
+        add_slot(element, "serviceStartTime", [entry.service_start_time])
+    if entry.service_stop_time:
+        add_slot(element, "serviceStopTime", [entry.service_stop_time])
+    add_slot(element, "sourcePatientId", [entry.source_patient_id])
+    if entry.source_patient_info:
+        add_slot(element, "sourcePatientInfo", list(entry.source_patient_info))
+    add_slot(element, "hash", [entry.sha1])
+    add_slot(element, "size", [str(entry.size)])
+    if entry.reference_ids:
+        add_slot(element, _attribute(kind, "referenceIdList")["slot"],
+                 list(entry.reference_ids))
+    add_name(element, entry.title)
+
+    author = etree.SubElement(
+        element, f"{{{ns.RIM}}}Classification", id=ebrim.new_uuid(),
+        classificationScheme=_attribute(kind, "author")["scheme"],
+        classifiedObject=entry.entry_id, nodeRepresentation="",
+    )
+    add_slot(author, "authorInstitution", [entry.author_institution])
+
+    codes = {
+        "classCode": [entry.class_code],
+        "confidentialityCode": [entry.confidentiality_code],
+        "eventCodeList": list(entry.event_codes),
+        "formatCode": [entry.format_code],
+        "healthcareFacilityTypeCode": [entry.healthcare_facility_type_code],
+        "practiceSettingCode": [entry.practice_setting_code],
+        "typeCode": [entry.type_code],
+    }
+    for attribute, values in codes.items():
+        for code in values:
+            add_code(element, _attribute(kind, attribute)["scheme"], code,
+                     entry.entry_id)
+
+    for attribute, value in (("patientId", entry.patient_id),
+                             ("uniqueId", entry.unique_id)):
+        spec = _attribute(kind, attribute)
+        add_external_id(element, spec["scheme"], value, spec["name"], entry.entry_id)
+    return element
+
+
+def _submission_set(spec: SubmissionSetSpec) -> etree._Element:
+    kind = ebrim.SUBMISSION_SET
+    element = rim("RegistryPackage", id=spec.entry_id)
+    add_slot(element, "submissionTime", [spec.submission_time])
+    add_name(element, "Imaging study manifest")
+    author = etree.SubElement(
+        element, f"{{{ns.RIM}}}Classification", id=ebrim.new_uuid(),
+        classificationScheme=_attribute(kind, "author")["scheme"],
+        classifiedObject=spec.entry_id, nodeRepresentation="",
+    )
+    add_slot(author, "authorInstitution", [spec.author_institution])
+    add_code(element, _attribute(kind, "contentTypeCode")["scheme"],
+             spec.content_type_code, spec.entry_id)
+    for attribute, value in (("uniqueId", spec.unique_id),
+                             ("sourceId", spec.source_id),
+                             ("patientId", spec.patient_id)):
+        row = _attribute(kind, attribute)
+        add_external_id(element, row["scheme"], value, row["name"], spec.entry_id)
+    return element
+
+
+def manifest_submission(entry: ManifestEntry,
+                        submission_set: SubmissionSetSpec) -> etree._Element:
+    """Build the SubmitObjectsRequest for one manifest."""
+    request = etree.Element(f"{{{ns.LCM}}}SubmitObjectsRequest",
+                            nsmap={"lcm": ns.LCM, "rim": ns.RIM})
+    object_list = etree.SubElement(request, f"{{{ns.RIM}}}RegistryObjectList")
+    object_list.append(_document_entry(entry))
+    object_list.append(_submission_set(submission_set))
+    etree.SubElement(
+        object_list, f"{{{ns.RIM}}}Classification", id=ebrim.new_uuid(),
+        classifiedObject=submission_set.entry_id,
+        classificationNode=ebrim.metadata_table()[ebrim.SUBMISSION_SET][
+            "classification_node"],
+    )
+    association = etree.SubElement(
+        object_list, f"{{{ns.RIM}}}Association", id=ebrim.new_uuid(),
+        associationType=ebrim.HAS_MEMBER,
+        sourceObject=submission_set.entry_id, targetObject=entry.entry_id,
+    )
+    add_slot(association, "SubmissionSetStatus", ["Original"])
+    return request

@@ -1,0 +1,223 @@
+"""Stored queries: read and build an AdhocQueryRequest and check its parameters.
+
+Implements ITI TF-2 3.18.4.1.2.3 (request syntax, value lists of 3.18.4.1.2.3.5,
+parameter rules of 3.18.4.1.2.3.7) for the queries of
+profiles/stored_queries.toml. What each query selects is the registry's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from lxml import etree
+
+from xdsi import ns
+from xdsi.errors import (
+    StoredQueryMissingParam,
+    StoredQueryParamNumber,
+    UnknownStoredQuery,
+)
+from xdsi.metadata.codes import Code
+from xdsi.profiles_loader import load_profile_table
+
+RETURN_LEAF_CLASS = "LeafClass"
+RETURN_OBJECT_REF = "ObjectRef"
+
+
+@cache
+def stored_queries() -> dict[str, dict[str, Any]]:
+    """Return profiles/stored_queries.toml, keyed by query name."""
+    return load_profile_table("stored_queries")
+
+
+@cache
+def query_names() -> dict[str, str]:
+    """Map each stored query id to its name."""
+    return {row["id"]: name for name, row in stored_queries().items()}
+
+
+@dataclass(frozen=True)
+class StoredQuery:
+    """A parsed stored query: name, return type and parameter values.
+
+    ``parameters`` maps each parameter name to one list per Slot element
+    given for it: values within a list are OR-ed, lists are AND-ed
+    (ITI TF-2 3.18.4.1.2.3.6).
+    """
+
+    query_id: str
+    name: str
+    return_type: str
+    parameters: dict[str, list[list[str]]]
+
+    def single(self, name: str) -> str | None:
+        values = self.parameters.get(name)
+        return values[0][0] if values else None
+
+    def values(self, name: str) -> list[str]:
+        """All values of a parameter, flattened (for OR-only parameters)."""
+        return [v for group in self.parameters.get(name, []) for v in group]
+
+    def codes(self, name: str) -> list[list[Code]]:
+        """Code parameters as ``code^^scheme`` values, grouped by slot."""
+        return [[parse_code_value(name, v) for v in group]
+                for group in self.parameters.get(name, [])]
+
+
+def parse_value_list(name: str, text: str) -> list[str]:
+    """Parse one Value element: ``'a'``, ``('a','b')`` or a bare number.
+
+    ITI TF-2 3.18.4.1.2.3.5: strings are in single quotes, a quote inside is
+    doubled, lists are in parentheses separated by commas; blanks between
+    items are allowed.
+    """
+    text = text.strip()
+    if text.startswith("(") and text.endswith(")"):
+        body = text[1:-1]
+    else:
+        body = text
+    items: list[str] = []
+    i = 0
+    while i < len(body):
+        char = body[i]
+        if char.isspace() or char == ",":
+            i += 1
+            continue
+        if char == "'":
+            i += 1
+            value = []
+            while True:
+                if i >= len(body):
+                    raise StoredQueryParamNumber(
+                        f"{name} value {text!r} has an unterminated string", name)
+                if body[i] == "'":
+                    if i + 1 < len(body) and body[i + 1] == "'":
+                        value.append("'")
+                        i += 2
+                        continue
+                    i += 1
+                    break
+                value.append(body[i])
+                i += 1
+            items.append("".join(value))
+        else:
+            end = i
+            while end < len(body) and body[end] not in ",":
+                end += 1
+            token = body[i:end].strip()
+            if not token.lstrip("-").isdigit():
+                raise StoredQueryParamNumber(
+                    f"{name} value {token!r} is neither a quoted string nor a "
+                    "number (ITI TF-2 3.18.4.1.2.3.5)", name)
+            items.append(token)
+            i = end
+    if not items:
+        raise StoredQueryParamNumber(f"{name} has an empty value", name)
+    return items
+
+
+def parse_code_value(name: str, value: str) -> Code:
+    """Parse ``code^^scheme`` (ITI TF-2 3.18.4.1.2.3.7.1 coded parameters)."""
+    parts = value.split("^^")
+    if len(parts) != 2 or not parts[0] or not parts[1]:
+        raise StoredQueryParamNumber(
+            f"{name} value {value!r} is not of the form code^^codingScheme", name)
+    return Code(parts[0], parts[1])
+
+
+def read_query(request: etree._Element) -> StoredQuery:
+    """Read an AdhocQueryRequest and check its parameters against the table."""
+    response_option = request.find(f"{{{ns.QUERY}}}ResponseOption")
+    return_type = (
+        response_option.get("returnType", RETURN_OBJECT_REF)
+        if response_option is not None else RETURN_OBJECT_REF
+    )
+    if return_type not in (RETURN_LEAF_CLASS, RETURN_OBJECT_REF):
+        raise StoredQueryParamNumber(
+            f"returnType {return_type!r}; ITI TF-2 3.18.4.1.2.2 allows LeafClass or "
+            "ObjectRef", "returnType")
+    adhoc = request.find(f"{{{ns.RIM}}}AdhocQuery")
+    if adhoc is None:
+        raise UnknownStoredQuery("AdhocQueryRequest holds no AdhocQuery")
+    query_id = adhoc.get("id", "")
+    name = query_names().get(query_id)
+    if name is None:
+        raise UnknownStoredQuery(
+            f"stored query id {query_id!r} is not one of ITI TF-2 3.18.4.1.2.3.7",
+            query_id)
+
+    parameters: dict[str, list[list[str]]] = {}
+    for slot in adhoc.findall(f"{{{ns.RIM}}}Slot"):
+        slot_name = slot.get("name", "")
+        group: list[str] = []
+        for value in slot.iterfind(f"{{{ns.RIM}}}ValueList/{{{ns.RIM}}}Value"):
+            group.extend(parse_value_list(slot_name, value.text or ""))
+        if group:
+            parameters.setdefault(slot_name, []).append(group)
+
+    query = StoredQuery(query_id, name, return_type, parameters)
+    check_parameters(query)
+    return query
+
+
+def check_parameters(query: StoredQuery) -> None:
+    """Apply ITI TF-2 3.18.4.1.2.3.7 cardinalities to a query's parameters."""
+    table = stored_queries()[query.name]
+    specs = table.get("parameters", {})
+    for param, spec in specs.items():
+        if spec.get("required") and param not in query.parameters:
+            raise StoredQueryMissingParam(
+                f"{query.name} requires {param}", param)
+    one_of = table.get("one_of", [])
+    if one_of and not any(p in query.parameters for p in one_of):
+        raise StoredQueryMissingParam(
+            f"{query.name} requires one of {', '.join(one_of)}", one_of[0])
+    for param, groups in query.parameters.items():
+        spec = specs.get(param)
+        if spec is None:
+            continue
+        if not spec.get("multiple") and (len(groups) > 1 or len(groups[0]) > 1):
+            raise StoredQueryParamNumber(
+                f"{query.name} parameter {param} takes one value; "
+                f"{sum(len(g) for g in groups)} were given", param)
+        if spec.get("code"):
+            query.codes(param)
+
+
+def quote_value(value: str) -> str:
+    """Quote one string value as ITI TF-2 3.18.4.1.2.3.5 writes it."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def build_query(
+    name: str,
+    parameters: dict[str, str | list[str]],
+    *,
+    return_type: str = RETURN_LEAF_CLASS,
+) -> etree._Element:
+    """Build an AdhocQueryRequest for stored query ``name``.
+
+    A ``str`` value is sent as one quoted value, a ``list`` as a quoted list
+    in one Value element.
+    """
+    request = etree.Element(
+        f"{{{ns.QUERY}}}AdhocQueryRequest", nsmap={"query": ns.QUERY, "rim": ns.RIM}
+    )
+    etree.SubElement(
+        request, f"{{{ns.QUERY}}}ResponseOption",
+        returnComposedObjects="true", returnType=return_type,
+    )
+    adhoc = etree.SubElement(
+        request, f"{{{ns.RIM}}}AdhocQuery", id=stored_queries()[name]["id"]
+    )
+    for param, value in parameters.items():
+        slot = etree.SubElement(adhoc, f"{{{ns.RIM}}}Slot", name=param)
+        value_list = etree.SubElement(slot, f"{{{ns.RIM}}}ValueList")
+        if isinstance(value, list):
+            text = "(" + ",".join(quote_value(v) for v in value) + ")"
+        else:
+            text = quote_value(value)
+        etree.SubElement(value_list, f"{{{ns.RIM}}}Value").text = text
+    return request

@@ -1,0 +1,321 @@
+"""Check a submission's metadata against XDS.b and XDS-I.b rules.
+
+Implements the checks of ITI TF-3 4.1 and 4.2 that need no registry state:
+one SubmissionSet, the attributes that profiles/xds_metadata.toml marks
+required, value formats (CX patient ids, OIDs, DTM, SHA-1, size), patient id
+agreement, uniqueIds unique within the message and membership of every
+DocumentEntry in the SubmissionSet. Checks against the registry's contents
+(known patient, uniqueIds already held) are the registry's own.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from datetime import datetime
+
+from lxml import etree
+
+from xdsi import ns
+from xdsi.errors import (
+    DuplicateUniqueIdInMessage,
+    MetadataInvalid,
+    PatientIdDoesNotMatch,
+    UnresolvedReference,
+    XdsError,
+)
+from xdsi.metadata import ebrim
+from xdsi.metadata.ebrim import RegistryObject, Submission
+
+# ITI TF-3 4.2.3.1.5: an OID is at most 64 characters of digits and dots.
+OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
+
+# ITI TF-3 4.2.3.2.16: patientId is a CX with ID and an ISO assigning authority.
+PATIENT_ID_CX = re.compile(r"^[^\^&~\\|]+\^\^\^&([0-9.]+)&ISO$")
+
+# ITI TF-3 4.2.3.2.26: DocumentEntry uniqueId is OID or OID^extension.
+DOCUMENT_UNIQUE_ID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+(\^[^\s]{1,16})?$")
+
+SHA1_HEX = re.compile(r"^[0-9a-fA-F]{40}$")
+
+# ITI TF-3 4.2.3.1.6: DTM precisions, YYYY up to YYYYMMDDhhmmss.
+_DTM_FORMATS = {4: "%Y", 6: "%Y%m", 8: "%Y%m%d", 10: "%Y%m%d%H", 12: "%Y%m%d%H%M",
+                14: "%Y%m%d%H%M%S"}
+
+
+def is_dtm(value: str) -> bool:
+    """Tell whether ``value`` is an XDS DTM (ITI TF-3 Table 4.2.3.1.7-2)."""
+    fmt = _DTM_FORMATS.get(len(value))
+    if fmt is None or not value.isdigit():
+        return False
+    try:
+        datetime.strptime(value, fmt)
+    except ValueError:
+        return False
+    return True
+
+
+def is_oid(value: str) -> bool:
+    return len(value) <= 64 and OID.match(value) is not None
+
+
+def assign_entry_uuids(submission: Submission) -> dict[str, str]:
+    """Replace symbolic ids by fresh entryUUIDs, and every reference to them.
+
+    ITI TF-3 4.2.3.1.2: a Document Registry assigns a UUID to each object
+    submitted with a symbolic id and rewrites the references.
+    """
+    mapping: dict[str, str] = {}
+    for obj in submission.objects:
+        if obj.id and not ebrim.is_uuid(obj.id):
+            mapping.setdefault(obj.id, ebrim.new_uuid())
+
+    reference_attributes = (
+        "id", "classifiedObject", "registryObject", "sourceObject", "targetObject",
+        "lid",
+    )
+    for element in submission.element.iter():
+        if not isinstance(element.tag, str):
+            continue
+        for attribute in reference_attributes:
+            value = element.get(attribute)
+            if value in mapping:
+                element.set(attribute, mapping[value])
+            elif attribute == "id" and value is not None and not ebrim.is_uuid(value):
+                # Classifications and ExternalIdentifiers need ids too.
+                if element.tag != f"{{{ns.RIM}}}ObjectRef":
+                    element.set(attribute, mapping.setdefault(value, ebrim.new_uuid()))
+
+    for obj in submission.objects:
+        obj.id = mapping.get(obj.id, obj.id)
+        obj.source_object = mapping.get(obj.source_object, obj.source_object)
+        obj.target_object = mapping.get(obj.target_object, obj.target_object)
+        for classification in obj.classifications:
+            classification.classified_object = mapping.get(
+                classification.classified_object, classification.classified_object
+            )
+    return mapping
+
+
+def check_submission(submission: Submission) -> list[XdsError]:
+    """Return every rule the submission breaks, without registry state."""
+    errors: list[XdsError] = []
+
+    # ITI TF-3 4.1.4: exactly one SubmissionSet per submission.
+    submission_sets = submission.submission_sets
+    if len(submission_sets) != 1:
+        errors.append(MetadataInvalid(
+            f"submission holds {len(submission_sets)} SubmissionSets; "
+            "ITI TF-3 4.1.4 wants exactly one"))
+    for obj in submission.objects:
+        if obj.kind == "":
+            errors.append(MetadataInvalid(
+                f"RegistryPackage {obj.id} is classified neither as SubmissionSet "
+                "nor as Folder (ITI TF-3 4.2.3.3, 4.2.3.4)", obj.id))
+
+    ids = Counter(o.id for o in submission.objects)
+    for object_id, count in ids.items():
+        if not object_id:
+            errors.append(MetadataInvalid("a registry object has no id attribute"))
+        elif count > 1:
+            errors.append(MetadataInvalid(f"id {object_id} names {count} objects",
+                                          object_id))
+
+    for obj in submission.objects:
+        if obj.kind in (ebrim.DOCUMENT_ENTRY, ebrim.SUBMISSION_SET, ebrim.FOLDER):
+            errors.extend(check_object(obj))
+
+    if len(submission_sets) == 1:
+        errors.extend(_check_patient_ids(submission, submission_sets[0]))
+        errors.extend(_check_membership(submission, submission_sets[0]))
+    errors.extend(_check_unique_ids_in_message(submission))
+    return errors
+
+
+def check_object(obj: RegistryObject) -> list[XdsError]:
+    """Check one DocumentEntry, SubmissionSet or Folder against the table."""
+    errors: list[XdsError] = []
+    table = ebrim.metadata_table()[obj.kind]
+    label = f"{obj.kind} {obj.id}"
+
+    if obj.kind == ebrim.DOCUMENT_ENTRY:
+        allowed = (table["object_type_stable"], table["object_type_on_demand"])
+        if obj.object_type not in allowed:
+            errors.append(MetadataInvalid(
+                f"{label} objectType is {obj.object_type!r}; ITI TF-3 4.2.5.2 wants "
+                f"{allowed[0]} (stable)", obj.id))
+
+    for attribute, spec in table["attributes"].items():
+        values = _values(obj, attribute, spec)
+        if spec["required"] == "R" and not any(values):
+            errors.append(MetadataInvalid(
+                f"{label} has no {attribute}; ITI TF-3 4.2.3 requires it", obj.id))
+            continue
+        if not spec.get("multiple") and len(values) > 1:
+            errors.append(MetadataInvalid(
+                f"{label} has {len(values)} values of {attribute}; one is allowed",
+                obj.id))
+        if spec.get("dtm"):
+            for value in values:
+                if not is_dtm(value):
+                    errors.append(MetadataInvalid(
+                        f"{label} {attribute} {value!r} is not a DTM "
+                        "(ITI TF-3 4.2.3.1.6: YYYY[MM[DD[hh[mm[ss]]]]])", obj.id))
+        if spec["kind"] == "classification":
+            for classification in obj.classifications:
+                if classification.scheme == spec["scheme"]:
+                    errors.extend(_check_code(label, attribute, classification))
+
+    errors.extend(_check_formats(obj, label))
+    return errors
+
+
+def _values(obj: RegistryObject, attribute: str, spec: dict) -> list[str]:
+    kind = spec["kind"]
+    if kind == "external_identifier":
+        value = obj.external_ids.get(spec["scheme"])
+        return [value] if value is not None else []
+    if kind in ("classification", "author"):
+        return [c.node_representation or "author" for c in obj.classifications
+                if c.scheme == spec["scheme"]]
+    if kind == "attribute":
+        value = obj.element.get(spec["name"])
+        return [value] if value else []
+    return obj.slots.get(spec.get("slot", attribute), [])
+
+
+def _check_code(label: str, attribute: str, classification: ebrim.Classification
+                ) -> list[XdsError]:
+    """ITI TF-3 4.2.3.1.7: a code has a value, a codingScheme and a name."""
+    errors: list[XdsError] = []
+    if not classification.node_representation:
+        errors.append(MetadataInvalid(
+            f"{label} {attribute} has an empty nodeRepresentation", label))
+    schemes = classification.slots.get("codingScheme", [])
+    if len(schemes) != 1 or not schemes[0]:
+        errors.append(MetadataInvalid(
+            f"{label} {attribute} {classification.node_representation!r} needs "
+            "exactly one codingScheme slot value (ITI TF-3 4.2.3.1.7)", label))
+    return errors
+
+
+def _check_formats(obj: RegistryObject, label: str) -> list[XdsError]:
+    errors: list[XdsError] = []
+    patient_id = obj.patient_id
+    if patient_id is not None and not PATIENT_ID_CX.match(patient_id):
+        errors.append(MetadataInvalid(
+            f"{label} patientId is not a CX of the form ID^^^&OID&ISO "
+            "(ITI TF-3 4.2.3.2.16)", obj.id))
+    unique_id = obj.unique_id
+    if obj.kind == ebrim.DOCUMENT_ENTRY:
+        if unique_id is not None and not DOCUMENT_UNIQUE_ID.match(unique_id):
+            errors.append(MetadataInvalid(
+                f"{label} uniqueId {unique_id!r} is not an OID with an optional "
+                "^extension (ITI TF-3 4.2.3.2.26)", obj.id))
+        hash_value = obj.slot("hash")
+        if hash_value is not None and not SHA1_HEX.match(hash_value):
+            errors.append(MetadataInvalid(
+                f"{label} hash has {len(hash_value)} characters; ITI TF-3 4.2.3.2.10 "
+                "wants 40 hex digits", obj.id))
+        size = obj.slot("size")
+        if size is not None and not size.isdigit():
+            errors.append(MetadataInvalid(
+                f"{label} size {size!r} is not a non-negative integer "
+                "(ITI TF-3 4.2.3.2.19)", obj.id))
+        errors.extend(_check_imaging_manifest(obj, label))
+    elif unique_id is not None and not is_oid(unique_id):
+        errors.append(MetadataInvalid(
+            f"{label} uniqueId {unique_id!r} is not an OID (ITI TF-3 4.2.3.3.12)",
+            obj.id))
+    if obj.kind == ebrim.SUBMISSION_SET:
+        source_id = obj.external_id("sourceId")
+        if source_id is not None and not is_oid(source_id):
+            errors.append(MetadataInvalid(
+                f"{label} sourceId {source_id!r} is not an OID (ITI TF-3 4.2.3.3.9)",
+                obj.id))
+    return errors
+
+
+def _check_imaging_manifest(obj: RegistryObject, label: str) -> list[XdsError]:
+    """RAD TF-3 4.68.4.1.2.3: a KOS manifest entry is application/dicom."""
+    xdsi_table = ebrim.metadata_table()["XDS-I"]
+    formats = [c.code for c in obj.codes("formatCode")]
+    if xdsi_table["format_code"] in formats and obj.mime_type != xdsi_table["mime_type"]:
+        return [MetadataInvalid(
+            f"{label} has the KOS manifest formatCode but mimeType "
+            f"{obj.mime_type!r}; RAD TF-3 4.68.4.1.2.3 wants application/dicom",
+            obj.id)]
+    return []
+
+
+def _check_patient_ids(submission: Submission, submission_set: RegistryObject
+                       ) -> list[XdsError]:
+    """ITI TF-3 4.2.3.2.16: every object carries the SubmissionSet's patientId."""
+    expected = submission_set.patient_id
+    errors: list[XdsError] = []
+    for obj in submission.document_entries + submission.folders:
+        if obj.patient_id is not None and obj.patient_id != expected:
+            errors.append(PatientIdDoesNotMatch(
+                f"{obj.kind} {obj.id} patientId differs from the SubmissionSet's",
+                obj.id))
+    return errors
+
+
+def _check_membership(submission: Submission, submission_set: RegistryObject
+                      ) -> list[XdsError]:
+    """ITI TF-3 4.2.2.1: each DocumentEntry is a member of the SubmissionSet."""
+    errors: list[XdsError] = []
+    known = {o.id for o in submission.objects}
+    members = set()
+    for association in submission.associations:
+        if association.association_type != ebrim.HAS_MEMBER:
+            # Limitation: RPLC, APND, XFRM, XFRM_RPLC and signs associations
+            # are refused; the registry keeps no document relationships yet.
+            errors.append(MetadataInvalid(
+                f"Association {association.id} type {association.association_type} "
+                "is not supported by this Document Registry", association.id))
+            continue
+        if association.source_object not in known:
+            errors.append(UnresolvedReference(
+                f"Association {association.id} sourceObject "
+                f"{association.source_object} names no object of the submission",
+                association.id))
+        if association.target_object not in known:
+            errors.append(UnresolvedReference(
+                f"Association {association.id} targetObject "
+                f"{association.target_object} names no object of the submission",
+                association.id))
+        if association.source_object == submission_set.id:
+            members.add(association.target_object)
+            status = association.slot("SubmissionSetStatus")
+            if status not in (None, "Original", "Reference"):
+                errors.append(MetadataInvalid(
+                    f"Association {association.id} SubmissionSetStatus {status!r}; "
+                    "ITI TF-3 4.2.2.1.1 wants Original or Reference", association.id))
+    for entry in submission.document_entries + submission.folders:
+        if entry.id not in members:
+            errors.append(MetadataInvalid(
+                f"{entry.kind} {entry.id} is not a member of the SubmissionSet "
+                "(no HasMember Association; ITI TF-3 4.2.2.1)", entry.id))
+    return errors
+
+
+def _check_unique_ids_in_message(submission: Submission) -> list[XdsError]:
+    counts = Counter(o.unique_id for o in submission.objects if o.unique_id)
+    return [
+        DuplicateUniqueIdInMessage(
+            f"uniqueId {unique_id} is used by {count} objects of the submission",
+            unique_id)
+        for unique_id, count in counts.items() if count > 1
+    ]
+
+
+def set_status(submission: Submission, status: str) -> None:
+    """Set availabilityStatus on every object (ITI TF-3 4.1.4: Approved)."""
+    for obj in submission.objects:
+        obj.element.set("status", status)
+
+
+def entry_elements(submission: Submission) -> list[etree._Element]:
+    """Return the elements of every object, in submission order."""
+    return [o.element for o in submission.objects]

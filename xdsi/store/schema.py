@@ -1,0 +1,167 @@
+"""Database schema of every actor, and engine creation (SQLite or PostgreSQL).
+
+The Document Registry keeps each submitted ebRIM object as submitted, plus
+indexed columns and child tables for the stored-query parameters (DESIGN.md,
+"store what was submitted, index what is queried"). The Document Repository
+and the Imaging Document Source index the files they hold. Each actor owns
+its tables; no actor reads another's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    event,
+    func,
+)
+
+metadata = MetaData()
+
+# --- Document Registry --------------------------------------------------
+
+patient = Table(
+    "registry_patient",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("patient_id", String(256), nullable=False, unique=True),
+    Column("created_at", DateTime(timezone=True), server_default=func.now()),
+)
+
+registry_object = Table(
+    "registry_object",
+    metadata,
+    Column("entry_uuid", String(64), primary_key=True),
+    Column("kind", String(16), nullable=False),
+    Column("unique_id", String(256)),
+    Column("patient_id", String(256)),
+    Column("status", String(80), nullable=False),
+    Column("object_type", String(80)),
+    Column("mime_type", String(128)),
+    Column("logical_id", String(64)),
+    Column("version", Integer, nullable=False, default=1),
+    Column("hash", String(40)),
+    Column("size", BigInteger),
+    Column("repository_unique_id", String(64)),
+    # DTM values padded to 14 digits, so that ranges compare as strings.
+    Column("creation_time", String(14)),
+    Column("service_start_time", String(14)),
+    Column("service_stop_time", String(14)),
+    Column("submission_time", String(14)),
+    Column("association_type", String(128)),
+    Column("source_object", String(64)),
+    Column("target_object", String(64)),
+    Column("xml", LargeBinary, nullable=False),
+    Column("created_at", DateTime(timezone=True), server_default=func.now()),
+    Index("ix_registry_object_patient", "patient_id", "kind", "status"),
+    Index("ix_registry_object_unique_id", "unique_id"),
+    Index("ix_registry_object_source", "source_object"),
+    Index("ix_registry_object_target", "target_object"),
+)
+
+# Coded attributes (classCode, eventCodeList, ...), one row per value.
+registry_code = Table(
+    "registry_code",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("entry_uuid", String(64), ForeignKey("registry_object.entry_uuid"),
+           nullable=False),
+    Column("attribute", String(64), nullable=False),
+    Column("code", String(256), nullable=False),
+    Column("scheme", String(256), nullable=False),
+    Index("ix_registry_code_lookup", "attribute", "code", "scheme"),
+    Index("ix_registry_code_entry", "entry_uuid"),
+)
+
+# Other multi-valued query attributes (authorPerson, referenceIdList).
+registry_value = Table(
+    "registry_value",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("entry_uuid", String(64), ForeignKey("registry_object.entry_uuid"),
+           nullable=False),
+    Column("attribute", String(64), nullable=False),
+    Column("value", String(512), nullable=False),
+    Index("ix_registry_value_lookup", "attribute", "value"),
+    Index("ix_registry_value_entry", "entry_uuid"),
+)
+
+# --- Document Repository -------------------------------------------------
+
+repository_document = Table(
+    "repository_document",
+    metadata,
+    Column("unique_id", String(256), primary_key=True),
+    Column("mime_type", String(128), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("sha1", String(40), nullable=False),
+    Column("blob", String(512), nullable=False),
+    Column("created_at", DateTime(timezone=True), server_default=func.now()),
+)
+
+# --- Imaging Document Source ---------------------------------------------
+
+imaging_instance = Table(
+    "imaging_instance",
+    metadata,
+    Column("sop_instance_uid", String(64), primary_key=True),
+    Column("study_instance_uid", String(64), nullable=False),
+    Column("series_instance_uid", String(64), nullable=False),
+    Column("sop_class_uid", String(64), nullable=False),
+    Column("transfer_syntax_uid", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("blob", String(512), nullable=False),
+    Column("created_at", DateTime(timezone=True), server_default=func.now()),
+    Index("ix_imaging_instance_study", "study_instance_uid", "series_instance_uid"),
+)
+
+imaging_manifest = Table(
+    "imaging_manifest",
+    metadata,
+    Column("sop_instance_uid", String(64), primary_key=True),
+    Column("study_instance_uid", String(64), nullable=False),
+    Column("submission_set_unique_id", String(128), nullable=False),
+    Column("blob", String(512), nullable=False),
+    Column("created_at", DateTime(timezone=True), server_default=func.now()),
+    Index("ix_imaging_manifest_study", "study_instance_uid"),
+)
+
+
+def make_engine(url: str) -> Engine:
+    """Create the engine and the tables.
+
+    SQLite runs in WAL mode with a busy timeout, so that the actors' threads
+    can share one file; PostgreSQL needs nothing special.
+    """
+    # Limitation: tables are created with create_all; there are no Alembic
+    # migrations yet, so a schema change needs a fresh database.
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}
+        )
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(connection, _record) -> None:  # type: ignore[no-untyped-def]
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    metadata.create_all(engine)
+    return engine
