@@ -127,8 +127,10 @@ class RegistryObject:
         return self.element.get("lid", "")
 
     def external_id(self, attribute: str) -> str | None:
-        scheme = attribute_spec(self.kind, attribute)["scheme"]
-        return self.external_ids.get(scheme)
+        attributes = metadata_table().get(self.kind, {}).get("attributes", {})
+        if attribute not in attributes:
+            return None
+        return self.external_ids.get(attributes[attribute]["scheme"])
 
     @property
     def unique_id(self) -> str | None:

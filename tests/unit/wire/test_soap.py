@@ -1,0 +1,147 @@
+"""Tests of xdsi.wire.soap: SOAP 1.2 envelopes and WS-Addressing headers."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from xdsi.ns import SOAP11, SOAP12, WSA, XDSB
+from xdsi.wire import (
+    ANONYMOUS,
+    MalformedMessage,
+    MessageAddressingHeaderRequired,
+    SoapMessage,
+    VersionMismatch,
+    build_envelope,
+    parse_envelope,
+    parse_xml,
+    serialize,
+)
+
+NS = {"env": SOAP12, "wsa": WSA}
+PNR = "urn:ihe:iti:2007:ProvideAndRegisterDocumentSet-b"
+RETRIEVE = (
+    f'<RetrieveDocumentSetRequest xmlns="{XDSB}"><DocumentRequest>'
+    "<RepositoryUniqueId>1.3.6.1.4.1.21367.13.80.110</RepositoryUniqueId>"
+    "<DocumentUniqueId>1.2.840.114158.332609592172.20160623221738902.1.0.173871"
+    "</DocumentUniqueId></DocumentRequest></RetrieveDocumentSetRequest>"
+)
+
+
+def test_nist_capture_envelope_yields_addressing_headers_and_body(
+    pnr_envelope: etree._Element,
+) -> None:
+    """WS-Addressing 1.0 SOAP Binding 3: Action, MessageID, To are read."""
+    message = parse_envelope(pnr_envelope)
+    assert message.action == PNR
+    assert message.message_id == "urn:uuid:A51311F0AFB3EBCF891467743286288"
+    assert message.to == "http://localhost:8000/sim/bill__rr/rep/prb"
+    assert message.relates_to is None
+    assert message.body.tag == f"{{{XDSB}}}ProvideAndRegisterDocumentSetRequest"
+
+
+def test_soap_11_envelope_is_version_mismatch(pnr_envelope: etree._Element) -> None:
+    """SOAP 1.2 Part 1 5.4.7: an Envelope in the SOAP 1.1 namespace."""
+    text = serialize(pnr_envelope).replace(SOAP12.encode(), SOAP11.encode())
+    with pytest.raises(VersionMismatch, match="SOAP 1.1"):
+        parse_envelope(parse_xml(text))
+
+
+def test_missing_wsa_action_is_addressing_header_required(
+    pnr_envelope: etree._Element,
+) -> None:
+    """WS-Addressing 1.0 SOAP Binding 6.4.3: no wsa:Action."""
+    action = pnr_envelope.find("env:Header/wsa:Action", NS)
+    action.getparent().remove(action)
+    with pytest.raises(MessageAddressingHeaderRequired) as raised:
+        parse_envelope(pnr_envelope)
+    assert raised.value.detail == "wsa:Action"
+
+
+def test_envelope_without_header_is_addressing_header_required() -> None:
+    """WS-Addressing 1.0 SOAP Binding 6.4.3: no Header, so no wsa:Action."""
+    root = parse_xml(
+        f'<env:Envelope xmlns:env="{SOAP12}"><env:Body>{RETRIEVE}</env:Body>'
+        "</env:Envelope>".encode()
+    )
+    with pytest.raises(MessageAddressingHeaderRequired):
+        parse_envelope(root)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        RETRIEVE,
+        f'<env:Envelope xmlns:env="{SOAP12}"><env:Header/></env:Envelope>',
+        f'<env:Envelope xmlns:env="{SOAP12}"><env:Body/></env:Envelope>',
+        f'<env:Envelope xmlns:env="{SOAP12}"><env:Body>{RETRIEVE}{RETRIEVE}'
+        "</env:Body></env:Envelope>",
+        f'<env:Envelope xmlns:env="{SOAP12}"><env:Body>{RETRIEVE}</env:Body>'
+        "<env:Header/></env:Envelope>",
+    ],
+    ids=["no envelope", "no body", "empty body", "two body elements", "header last"],
+)
+def test_envelope_without_one_body_element_is_malformed(text: str) -> None:
+    """SOAP 1.2 Part 1 5.1: Header (optional) then Body, one payload here."""
+    with pytest.raises(MalformedMessage):
+        parse_envelope(parse_xml(text.encode()))
+
+
+def test_built_request_validates_and_reads_back(soap_schema: etree.XMLSchema) -> None:
+    """WS-Addressing 1.0 SOAP Binding 3: a request's headers, schema-valid."""
+    envelope = build_envelope(
+        etree.fromstring(RETRIEVE),
+        "urn:ihe:iti:2007:RetrieveDocumentSet",
+        to="http://127.0.0.1:9/repository",
+        reply_to_anonymous=True,
+    )
+    reparsed = parse_xml(serialize(envelope))
+    soap_schema.assertValid(reparsed)
+    action = reparsed.find("env:Header/wsa:Action", NS)
+    assert action.get(f"{{{SOAP12}}}mustUnderstand") == "1"
+    assert reparsed.findtext("env:Header/wsa:ReplyTo/wsa:Address", namespaces=NS) == (
+        ANONYMOUS
+    )
+    message = parse_envelope(reparsed)
+    assert message.action == "urn:ihe:iti:2007:RetrieveDocumentSet"
+    assert message.to == "http://127.0.0.1:9/repository"
+    assert message.message_id.startswith("urn:uuid:")
+    assert message.body.tag == f"{{{XDSB}}}RetrieveDocumentSetRequest"
+
+
+def test_built_response_relates_to_the_request(soap_schema: etree.XMLSchema) -> None:
+    """WS-Addressing 1.0 Core 3.2: a reply's RelatesTo is the request MessageID."""
+    envelope = build_envelope(
+        etree.fromstring(RETRIEVE),
+        "urn:ihe:iti:2007:RetrieveDocumentSetResponse",
+        message_id="urn:uuid:0f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9",
+        relates_to="urn:uuid:A51311F0AFB3EBCF891467743286288",
+    )
+    soap_schema.assertValid(envelope)
+    assert envelope.find("env:Header/wsa:ReplyTo", NS) is None
+    message = parse_envelope(envelope)
+    assert message.relates_to == "urn:uuid:A51311F0AFB3EBCF891467743286288"
+    assert message.message_id == "urn:uuid:0f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9"
+
+
+def test_serialize_writes_utf8_with_declaration() -> None:
+    """SOAP 1.2 Part 2 7.1: the HTTP binding sends UTF-8 application/soap+xml."""
+    data = serialize(etree.fromstring('<a xmlns="urn:x">é</a>'))
+    assert data.startswith(b"<?xml version='1.0' encoding='UTF-8'?>")
+    assert "é".encode() in data
+
+
+def test_close_removes_spool_but_not_files_moved_away(tmp_path: Path) -> None:
+    """DESIGN principle 5: spooled parts go away with the message unless kept."""
+    spool = tmp_path / "msg"
+    spool.mkdir()
+    (spool / "part-00001").write_bytes(b"dropped")
+    (spool / "part-00002").write_bytes(b"kept")
+    kept = tmp_path / "blob"
+    root = build_envelope(etree.fromstring(RETRIEVE), "urn:x")
+    with parse_envelope(root, spool_dir=spool) as message:
+        assert isinstance(message, SoapMessage)
+        shutil.move(spool / "part-00002", kept)
+    assert not spool.exists()
+    assert kept.read_bytes() == b"kept"

@@ -1,0 +1,5 @@
+"""Run the command line: ``python -m xdsi``."""
+
+from xdsi.cli import main
+
+main()

@@ -1,0 +1,321 @@
+"""Imaging Document Consumer: find a patient's manifests (ITI-18), retrieve
+them (ITI-43) and the images they reference (RAD-69).
+
+ITI TF-2 3.18 and 3.43, RAD TF-3 4.69. A repositoryUniqueId is resolved to
+an endpoint through the consumer's configuration; this node's own Document
+Repository and Imaging Document Source are always known.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from lxml import etree
+from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian
+
+from xdsi import audit, ns, wire
+from xdsi.actors.soap_endpoint import transaction
+from xdsi.config import Settings
+from xdsi.dicom import kos
+from xdsi.metadata import ebrim, stored_query
+from xdsi.metadata.responses import (
+    RegistryError,
+    ResponseStatus,
+    read_errors,
+    read_status,
+)
+
+logger = logging.getLogger(__name__)
+
+STUDY_INSTANCE_UID_TYPE = "urn:ihe:iti:xds:2016:studyInstanceUID"
+
+
+class ConsumerError(Exception):
+    """A transaction failed; ``errors`` holds the responder's RegistryErrors."""
+
+    def __init__(self, message: str, errors: list[RegistryError] | None = None
+                 ) -> None:
+        super().__init__(message)
+        self.errors = errors or []
+
+
+@dataclass(frozen=True)
+class FoundEntry:
+    """A DocumentEntry as ITI-18 returned it, reduced to what a user reads."""
+
+    entry_uuid: str
+    unique_id: str
+    repository_unique_id: str
+    home_community_id: str
+    mime_type: str
+    title: str
+    creation_time: str
+    service_start_time: str
+    modalities: tuple[str, ...]
+    study_instance_uids: tuple[str, ...]
+    size: int | None
+    status: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in self.__dict__.items()}
+
+
+@dataclass
+class FetchResult:
+    """What one fetch wrote, and what it could not get."""
+
+    manifests: list[Path] = field(default_factory=list)
+    instances: list[Path] = field(default_factory=list)
+    bytes: int = 0
+    missing: list[str] = field(default_factory=list)
+
+
+Progress = Callable[[str, int, int], None]
+
+
+class Consumer:
+    """Imaging Document Consumer: ITI-18, ITI-43 and RAD-69 clients."""
+
+    def __init__(self, settings: Settings, auditor: audit.Auditor,
+                 spool_dir: Path | None = None) -> None:
+        self.settings = settings
+        self.auditor = auditor
+        self.spool_dir = spool_dir or Path(tempfile.gettempdir())
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+
+    def endpoint_for(self, repository_unique_id: str) -> str:
+        """Resolve a repositoryUniqueId to a Retrieve endpoint URL."""
+        configured = self.settings.consumer.repositories.get(repository_unique_id)
+        if configured:
+            return configured
+        if repository_unique_id == self.settings.repository.repository_unique_id:
+            return self.settings.url("repository")
+        if repository_unique_id == self.settings.imaging_source.repository_unique_id:
+            return self.settings.url("imaging_source")
+        raise ConsumerError(
+            f"no endpoint is configured for repositoryUniqueId {repository_unique_id}"
+            " (add it to [consumer] repositories)")
+
+    def _audit(self, transaction_id: str, actor: str, url: str, ok: bool,
+               **details: object) -> None:
+        self.auditor.record(audit.AuditEvent(
+            transaction=transaction_id, actor=actor,
+            outcome=audit.Outcome.SUCCESS if ok else audit.Outcome.SERIOUS_FAILURE,
+            source=audit.Endpoint(ns.WSA_ANONYMOUS, self.settings.node.host),
+            destination=audit.Endpoint(url, urlsplit(url).hostname or ""),
+            **details,  # type: ignore[arg-type]
+        ))
+
+    # --- ITI-18 ---------------------------------------------------------
+
+    def find(self, patient_id: str, *, statuses: tuple[str, ...] = (
+            ebrim.STATUS_APPROVED,)) -> list[FoundEntry]:
+        """FindDocuments for one patient, LeafClass (ITI TF-2 3.18.4.1.2.3.7.1)."""
+        url = self.settings.consumer_registry_url
+        request = stored_query.build_query("FindDocuments", {
+            "$XDSDocumentEntryPatientId": patient_id,
+            "$XDSDocumentEntryStatus": list(statuses),
+        })
+        ok = False
+        try:
+            client = wire.SoapClient(url, timeout=self.settings.consumer.timeout,
+                                     spool_dir=self.spool_dir)
+            with client.call(transaction("ITI-18")["request_action"], request) as reply:
+                status = read_status(reply.body)
+                errors = read_errors(reply.body)
+                if status != ResponseStatus.SUCCESS.value:
+                    raise ConsumerError("the Document Registry refused the query: "
+                                        + _describe(errors), errors)
+                found = [_found_entry(o) for o in
+                         ebrim.read_registry_objects(reply.body).document_entries]
+            ok = True
+        except (wire.TransportError, wire.PeerFault) as exc:
+            raise ConsumerError(f"ITI-18 to {url} failed: {exc}") from exc
+        finally:
+            self._audit("ITI-18", "Document Consumer", url, ok, patient_id=patient_id,
+                        query_id=request.find(f"{{{ns.RIM}}}AdhocQuery").get("id"),
+                        query_request=etree.tostring(request))
+        logger.info("%s %s to %s: %d DocumentEntries", "ITI-18",
+                    "Registry Stored Query", url, len(found))
+        return found
+
+    # --- ITI-43 ---------------------------------------------------------
+
+    def retrieve_document(self, entry: FoundEntry, target: Path) -> Path:
+        """Retrieve one document into ``target`` (ITI TF-2 3.43)."""
+        url = self.endpoint_for(entry.repository_unique_id)
+        request = etree.Element(f"{{{ns.XDSB}}}RetrieveDocumentSetRequest",
+                                nsmap={"xdsb": ns.XDSB})
+        item = etree.SubElement(request, f"{{{ns.XDSB}}}DocumentRequest")
+        if entry.home_community_id:
+            etree.SubElement(item, f"{{{ns.XDSB}}}HomeCommunityId").text = (
+                entry.home_community_id)
+        etree.SubElement(item, f"{{{ns.XDSB}}}RepositoryUniqueId").text = (
+            entry.repository_unique_id)
+        etree.SubElement(item, f"{{{ns.XDSB}}}DocumentUniqueId").text = entry.unique_id
+        ok = False
+        try:
+            client = wire.SoapClient(url, timeout=self.settings.consumer.timeout,
+                                     spool_dir=self.spool_dir)
+            with client.call(transaction("ITI-43")["request_action"], request) as reply:
+                got = _documents(reply)
+                if entry.unique_id not in got:
+                    raise ConsumerError(
+                        f"the Document Repository did not return {entry.unique_id}: "
+                        + _describe(read_errors(reply.body)), read_errors(reply.body))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(got[entry.unique_id].path, target)
+            ok = True
+        except (wire.TransportError, wire.PeerFault) as exc:
+            raise ConsumerError(f"ITI-43 to {url} failed: {exc}") from exc
+        finally:
+            self._audit("ITI-43", "Document Consumer", url, ok,
+                        documents=(audit.DocumentRef(entry.unique_id,
+                                                     entry.repository_unique_id),))
+        return target
+
+    # --- RAD-69 ---------------------------------------------------------
+
+    def retrieve_images(self, manifest: kos.Manifest, out_dir: Path,
+                        result: FetchResult, progress: Progress | None = None,
+                        done: int = 0, total: int = 0) -> int:
+        """Retrieve every instance a manifest references, one RAD-69 per series.
+
+        Instances land as ``out_dir/StudyUID/SeriesUID/SOPUID.dcm``.
+        """
+        by_series: dict[tuple[str, str, str], list[kos.ManifestReference]] = (
+            defaultdict(list))
+        for ref in manifest.references:
+            key = (ref.retrieve_location_uid or "", ref.study_instance_uid,
+                   ref.series_instance_uid)
+            by_series[key].append(ref)
+
+        for (location, study_uid, series_uid), refs in by_series.items():
+            url = self.endpoint_for(location)
+            request = self._rad69_request(location, study_uid, series_uid, refs)
+            ok = False
+            try:
+                client = wire.SoapClient(url, timeout=self.settings.consumer.timeout,
+                                         spool_dir=self.spool_dir)
+                with client.call(transaction("RAD-69")["request_action"],
+                                 request) as reply:
+                    got = _documents(reply)
+                    errors = read_errors(reply.body)
+                    for ref in refs:
+                        attachment = got.get(ref.sop_instance_uid)
+                        if attachment is None:
+                            result.missing.append(ref.sop_instance_uid)
+                            continue
+                        target = (out_dir / study_uid / series_uid
+                                  / f"{ref.sop_instance_uid}.dcm")
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.move(attachment.path, target)
+                        result.instances.append(target)
+                        result.bytes += attachment.size
+                        done += 1
+                        if progress:
+                            progress("RAD-69", done, total)
+                    if errors and not got:
+                        raise ConsumerError(
+                            f"RAD-69 for series {series_uid} failed: "
+                            + _describe(errors), errors)
+                ok = True
+            except (wire.TransportError, wire.PeerFault) as exc:
+                raise ConsumerError(f"RAD-69 to {url} failed: {exc}") from exc
+            finally:
+                self._audit("RAD-69", "Imaging Document Consumer", url, ok,
+                            study_instance_uids=(study_uid,))
+        return done
+
+    def _rad69_request(self, location: str, study_uid: str, series_uid: str,
+                       refs: list[kos.ManifestReference]) -> etree._Element:
+        """Build a RetrieveImagingDocumentSetRequest (RAD TF-3 4.69.4.1.2)."""
+        request = etree.Element(f"{{{ns.XDSIB}}}RetrieveImagingDocumentSetRequest",
+                                nsmap={"xdsi": ns.XDSIB, "xdsb": ns.XDSB})
+        study = etree.SubElement(request, f"{{{ns.XDSIB}}}StudyRequest",
+                                 studyInstanceUID=study_uid)
+        series = etree.SubElement(study, f"{{{ns.XDSIB}}}SeriesRequest",
+                                  seriesInstanceUID=series_uid)
+        for ref in refs:
+            item = etree.SubElement(series, f"{{{ns.XDSB}}}DocumentRequest")
+            etree.SubElement(item, f"{{{ns.XDSB}}}RepositoryUniqueId").text = location
+            etree.SubElement(item, f"{{{ns.XDSB}}}DocumentUniqueId").text = (
+                ref.sop_instance_uid)
+        syntaxes = etree.SubElement(request, f"{{{ns.XDSIB}}}TransferSyntaxUIDList")
+        # The instances are wanted as published: every syntax pydicom knows,
+        # Explicit VR Little Endian first.
+        ordered = [ExplicitVRLittleEndian] + [
+            uid for uid in AllTransferSyntaxes if uid != ExplicitVRLittleEndian]
+        for uid in ordered:
+            etree.SubElement(syntaxes, f"{{{ns.XDSIB}}}TransferSyntaxUID").text = uid
+        return request
+
+    # --- the whole pull ---------------------------------------------------
+
+    def fetch(self, patient_id: str, out_dir: Path,
+              progress: Progress | None = None) -> FetchResult:
+        """Find the patient's manifests, retrieve each and all its images."""
+        result = FetchResult()
+        entries = [e for e in self.find(patient_id)
+                   if e.mime_type == "application/dicom"]
+        manifests: list[kos.Manifest] = []
+        for entry in entries:
+            target = out_dir / "manifests" / f"{entry.unique_id}.dcm"
+            self.retrieve_document(entry, target)
+            result.manifests.append(target)
+            manifests.append(kos.parse_manifest(target))
+            if progress:
+                progress("ITI-43", len(result.manifests), len(entries))
+        total = sum(len(m.references) for m in manifests)
+        done = 0
+        for manifest in manifests:
+            done = self.retrieve_images(manifest, out_dir, result, progress, done, total)
+        return result
+
+
+def _describe(errors: list[RegistryError]) -> str:
+    return "; ".join(f"{e.code}: {e.message}" for e in errors) or "no error given"
+
+
+def _documents(reply: wire.SoapMessage) -> dict[str, wire.Attachment]:
+    """Map each returned DocumentUniqueId to its spooled attachment."""
+    got: dict[str, wire.Attachment] = {}
+    for item in reply.body.findall(f"{{{ns.XDSB}}}DocumentResponse"):
+        unique_id = (item.findtext(f"{{{ns.XDSB}}}DocumentUniqueId") or "").strip()
+        document = item.find(f"{{{ns.XDSB}}}Document")
+        if document is not None:
+            got[unique_id] = wire.attachment_for(document, reply)
+    return got
+
+
+def _found_entry(obj: ebrim.RegistryObject) -> FoundEntry:
+    reference_slot = ebrim.attribute_spec(ebrim.DOCUMENT_ENTRY,
+                                          "referenceIdList")["slot"]
+    studies = tuple(
+        value.split("^", 1)[0] for value in obj.slots.get(reference_slot, [])
+        if value.endswith(STUDY_INSTANCE_UID_TYPE)
+    )
+    size = obj.slot("size")
+    return FoundEntry(
+        entry_uuid=obj.id,
+        unique_id=obj.unique_id or "",
+        repository_unique_id=obj.slot("repositoryUniqueId") or "",
+        home_community_id=obj.element.get("home", ""),
+        mime_type=obj.mime_type,
+        title=obj.name,
+        creation_time=obj.slot("creationTime") or "",
+        service_start_time=obj.slot("serviceStartTime") or "",
+        modalities=tuple(c.code for c in obj.codes("eventCodeList")),
+        study_instance_uids=studies,
+        size=int(size) if size and size.isdigit() else None,
+        status=obj.status.rsplit(":", 1)[-1],
+    )
+

@@ -1,0 +1,343 @@
+"""Imaging Document Source: publish a study (KOS manifest + RAD-68) and serve
+RAD-69 Retrieve Imaging Document Set.
+
+RAD TF-3 4.68 (Provide and Register Imaging Document Set – MTOM/XOP) and
+4.69 (Retrieve Imaging Document Set). The source keeps every published
+instance in its own store; the manifest's Retrieve Location UID is this
+actor's repositoryUniqueId.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from flask import Flask
+from lxml import etree
+from sqlalchemy import Engine, insert, select
+
+from xdsi import audit, ns, wire
+from xdsi.actors.repository import child_text, retrieve_response
+from xdsi.actors.soap_endpoint import Peer, Reply, soap_app, transaction
+from xdsi.config import Settings
+from xdsi.dicom import kos, mapping, scan
+from xdsi.errors import (
+    DocumentUniqueIdError,
+    ImagingRequestError,
+    TransferSyntaxUnavailable,
+    UnknownRepositoryId,
+    XdsError,
+)
+from xdsi.metadata.build import (
+    ManifestEntry,
+    SubmissionSetSpec,
+    manifest_submission,
+    utc_dtm,
+)
+from xdsi.metadata.codes import Code
+from xdsi.metadata.responses import (
+    RegistryError,
+    ResponseStatus,
+    read_errors,
+    read_status,
+)
+from xdsi.store.blobs import BlobStore
+from xdsi.store.schema import imaging_instance, imaging_manifest
+
+logger = logging.getLogger(__name__)
+
+ACTOR = "imaging_source"
+
+
+class PublishError(Exception):
+    """A study could not be published; ``errors`` holds the peer's answer."""
+
+    def __init__(self, message: str, errors: list[RegistryError] | None = None
+                 ) -> None:
+        super().__init__(message)
+        self.errors = errors or []
+
+
+@dataclass(frozen=True)
+class Published:
+    """The outcome of publishing one study."""
+
+    study_instance_uid: str
+    manifest_uid: str
+    submission_set_unique_id: str
+    instances: int
+    bytes: int
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ImagingSource:
+    """The Imaging Document Source over its instance store."""
+
+    def __init__(self, settings: Settings, engine: Engine, blobs: BlobStore,
+                 auditor: audit.Auditor) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.blobs = blobs
+        self.auditor = auditor
+
+    @property
+    def repository_unique_id(self) -> str:
+        return self.settings.imaging_source.repository_unique_id
+
+    # --- intake and RAD-68 ----------------------------------------------
+
+    def keep_instances(self, study: scan.Study) -> int:
+        """Copy the study's instances into the store; return the bytes kept."""
+        total = 0
+        for header in study.instances:
+            total += header.size
+            with self.engine.connect() as conn:
+                held = conn.execute(select(imaging_instance.c.sop_instance_uid).where(
+                    imaging_instance.c.sop_instance_uid == header.sop_instance_uid
+                )).first()
+            if held is not None:
+                continue
+            blob = self.blobs.put_file(header.sop_instance_uid, header.path, move=False)
+            with self.engine.begin() as conn:
+                conn.execute(insert(imaging_instance).values(
+                    sop_instance_uid=header.sop_instance_uid,
+                    study_instance_uid=header.study_instance_uid,
+                    series_instance_uid=header.series_instance_uid,
+                    sop_class_uid=header.sop_class_uid,
+                    transfer_syntax_uid=header.transfer_syntax_uid,
+                    size=header.size,
+                    sha256=sha256_file(self.blobs.path(blob)),
+                    blob=blob,
+                ))
+        return total
+
+    def publish(self, study: scan.Study, patient_id: str) -> Published:
+        """Keep the study, build its manifest and submit it with RAD-68.
+
+        ``patient_id`` is the affinity domain's id (CX, ITI TF-3 4.2.3.2.16);
+        the study's own Patient ID becomes sourcePatientId.
+        """
+        cfg = self.settings.imaging_source
+        total = self.keep_instances(study)
+        manifest = kos.build_manifest(
+            study,
+            retrieve_ae_title=cfg.ae_title,
+            retrieve_location_uid=self.repository_unique_id,
+            institution_name=cfg.institution_name,
+        )
+        data = kos.manifest_bytes(manifest)
+        facts = mapping.manifest_facts(
+            study, manifest,
+            accession_assigning_authority=cfg.accession_assigning_authority,
+        )
+        entry = ManifestEntry(
+            entry_id="Manifest01",
+            unique_id=facts.unique_id,
+            patient_id=patient_id,
+            source_patient_id=facts.source_patient_id,
+            source_patient_info=facts.source_patient_info,
+            title=facts.title,
+            creation_time=facts.creation_time,
+            service_start_time=facts.service_start_time,
+            service_stop_time=facts.service_stop_time,
+            event_codes=facts.event_codes,
+            reference_ids=facts.reference_ids,
+            mime_type=facts.mime_type,
+            format_code=facts.format_code,
+            class_code=Code(*cfg.class_code),
+            type_code=Code(*cfg.type_code),
+            practice_setting_code=Code(*cfg.practice_setting_code),
+            healthcare_facility_type_code=Code(*cfg.healthcare_facility_type_code),
+            confidentiality_code=Code(*cfg.confidentiality_code),
+            language_code=cfg.language_code,
+            author_institution=cfg.institution_name,
+            size=len(data),
+            sha1=hashlib.sha1(data).hexdigest(),
+        )
+        submission_set = SubmissionSetSpec(
+            entry_id="SubmissionSet01",
+            unique_id=new_oid(),
+            source_id=cfg.source_id,
+            patient_id=patient_id,
+            content_type_code=Code(*cfg.content_type_code),
+            author_institution=cfg.institution_name,
+            submission_time=utc_dtm(),
+        )
+        metadata = manifest_submission(entry, submission_set)
+        self._provide_and_register(metadata, entry, submission_set, data)
+
+        blob = self.blobs.put_bytes(f"manifest:{facts.unique_id}", data)
+        with self.engine.begin() as conn:
+            conn.execute(insert(imaging_manifest).values(
+                sop_instance_uid=facts.unique_id,
+                study_instance_uid=study.study_instance_uid,
+                submission_set_unique_id=submission_set.unique_id,
+                blob=blob,
+            ))
+        return Published(study.study_instance_uid, facts.unique_id,
+                         submission_set.unique_id, len(study.instances), total)
+
+    def _provide_and_register(self, metadata: etree._Element, entry: ManifestEntry,
+                              submission_set: SubmissionSetSpec, data: bytes) -> None:
+        """RAD-68 to the Document Repository, as MTOM (RAD TF-3 4.68.4.1.2)."""
+        request = etree.Element(f"{{{ns.XDSB}}}ProvideAndRegisterDocumentSetRequest",
+                                nsmap={"xdsb": ns.XDSB})
+        request.append(metadata)
+        content_id = wire.new_content_id()
+        document = etree.SubElement(request, f"{{{ns.XDSB}}}Document", id=entry.entry_id)
+        document.append(wire.xop_include(content_id))
+        part = wire.OutgoingPart(content_id, entry.mime_type, data=data)
+
+        url = self.settings.repository_url
+        started = time.monotonic()
+        outcome = audit.Outcome.SERIOUS_FAILURE
+        message_id = None
+        try:
+            client = wire.SoapClient(url, spool_dir=self.blobs.spool)
+            with client.call(transaction("ITI-41")["request_action"], request,
+                             parts=[part]) as reply:
+                message_id = reply.relates_to
+                status = read_status(reply.body)
+                errors = read_errors(reply.body)
+            if status != ResponseStatus.SUCCESS.value:
+                raise PublishError(
+                    "the Document Repository refused the manifest: "
+                    + "; ".join(f"{e.code}: {e.message}" for e in errors), errors)
+            outcome = audit.Outcome.SUCCESS
+        except (wire.TransportError, wire.PeerFault) as exc:
+            raise PublishError(f"RAD-68 to {url} failed: {exc}") from exc
+        finally:
+            self.auditor.record(audit.AuditEvent(
+                transaction="RAD-68", actor="Imaging Document Source",
+                outcome=outcome,
+                source=audit.Endpoint(ns.WSA_ANONYMOUS, self.settings.node.host),
+                destination=audit.Endpoint(url, _host(url)),
+                patient_id=entry.patient_id,
+                submission_set_unique_id=submission_set.unique_id,
+                message_id=message_id,
+            ))
+            logger.info("%s %s to %s: %s, SubmissionSet %s, manifest %s, %.3f s",
+                        "RAD-68", "Provide and Register Imaging Document Set", url,
+                        outcome.name, submission_set.unique_id, entry.unique_id,
+                        time.monotonic() - started)
+
+    # --- RAD-69 ---------------------------------------------------------
+
+    def retrieve(self, request: etree._Element
+                 ) -> tuple[etree._Element, list[wire.OutgoingPart], list[str], list[str]]:
+        """Answer a RetrieveImagingDocumentSetRequest (RAD TF-3 4.69.4.2).
+
+        An instance comes back only when it belongs to the named study and
+        series and is held in one of the listed transfer syntaxes.
+        """
+        # Limitation: no transcoding; an instance held in a transfer syntax
+        # the request does not list is answered with an error.
+        syntaxes = [
+            (e.text or "").strip() for e in request.iterfind(
+                f"{{{ns.XDSIB}}}TransferSyntaxUIDList/{{{ns.XDSIB}}}TransferSyntaxUID")
+        ]
+        errors: list[XdsError] = []
+        documents = []
+        studies: list[str] = []
+        for study in request.findall(f"{{{ns.XDSIB}}}StudyRequest"):
+            study_uid = (study.get("studyInstanceUID") or "").strip()
+            if not study_uid:
+                errors.append(ImagingRequestError(
+                    "StudyRequest has an empty studyInstanceUID (RAD TF-3 4.69.4.1.2)"))
+                continue
+            studies.append(study_uid)
+            for series in study.findall(f"{{{ns.XDSIB}}}SeriesRequest"):
+                series_uid = (series.get("seriesInstanceUID") or "").strip()
+                if not series_uid:
+                    errors.append(ImagingRequestError(
+                        "SeriesRequest has an empty seriesInstanceUID "
+                        "(RAD TF-3 4.69.4.1.2)"))
+                    continue
+                for item in series.findall(f"{{{ns.XDSB}}}DocumentRequest"):
+                    result = self._instance(item, study_uid, series_uid, syntaxes)
+                    if isinstance(result, XdsError):
+                        errors.append(result)
+                    else:
+                        documents.append(result)
+        if not syntaxes:
+            errors.append(TransferSyntaxUnavailable(
+                "TransferSyntaxUIDList lists no transfer syntax (RAD TF-3 4.69.4.1.2)"))
+            documents = []
+        body, parts = retrieve_response(documents, errors, ACTOR)
+        return body, parts, [d[0] for d in documents], studies
+
+    def _instance(self, item: etree._Element, study_uid: str, series_uid: str,
+                  syntaxes: list[str]
+                  ) -> tuple[str, str, str, Path, str | None] | XdsError:
+        repository_id = child_text(item, "RepositoryUniqueId")
+        sop_uid = child_text(item, "DocumentUniqueId")
+        community = child_text(item, "HomeCommunityId") or None
+        if repository_id != self.repository_unique_id:
+            return UnknownRepositoryId(
+                f"repositoryUniqueId {repository_id} is not this Imaging Document "
+                "Source's", repository_id)
+        with self.engine.connect() as conn:
+            row = conn.execute(select(imaging_instance).where(
+                imaging_instance.c.sop_instance_uid == sop_uid)).first()
+        if (row is None or row.study_instance_uid != study_uid
+                or row.series_instance_uid != series_uid):
+            return DocumentUniqueIdError(
+                f"instance {sop_uid} is not held under study {study_uid} series "
+                f"{series_uid}", sop_uid)
+        if row.transfer_syntax_uid not in syntaxes:
+            return TransferSyntaxUnavailable(
+                f"instance {sop_uid} is held in transfer syntax "
+                f"{row.transfer_syntax_uid}, which the request does not list",
+                sop_uid)
+        return (sop_uid, self.repository_unique_id, "application/dicom",
+                self.blobs.path(row.blob), community)
+
+    # --- SOAP edge -------------------------------------------------------
+
+    def app(self, spool_root: Path) -> Flask:
+        return soap_app("imaging_source", self.settings.imaging_source.path, {
+            "RAD-69": self.handle_retrieve,
+        }, spool_root)
+
+    def handle_retrieve(self, message: wire.SoapMessage, peer: Peer) -> Reply:
+        started = time.monotonic()
+        body, parts, sop_uids, studies = self.retrieve(message.body)
+        status = read_status(body)
+        self.auditor.record(audit.AuditEvent(
+            transaction="RAD-69", actor="Imaging Document Source",
+            outcome=audit.Outcome.SUCCESS if status == ResponseStatus.SUCCESS.value
+            else audit.Outcome.MINOR_FAILURE if sop_uids
+            else audit.Outcome.SERIOUS_FAILURE,
+            source=audit.Endpoint(self.settings.url("imaging_source"),
+                                  self.settings.node.host),
+            destination=audit.Endpoint(peer.reply_to, peer.host),
+            study_instance_uids=tuple(studies),
+            message_id=message.message_id,
+        ))
+        logger.info("%s %s from %s: %s, MessageID %s, %d instances, %.3f s",
+                    "RAD-69", "Retrieve Imaging Document Set", peer.host,
+                    status.rsplit(":", 1)[-1], message.message_id, len(parts),
+                    time.monotonic() - started)
+        return Reply(body, parts)
+
+
+def _host(url: str) -> str:
+    return urlsplit(url).hostname or ""
+
+
+def new_oid() -> str:
+    """Return a fresh UUID-derived OID (ITU-T X.667, arc 2.25), 44 characters
+    at most, within the 64 that ITI TF-3 4.2.3.1.5 allows."""
+    return f"2.25.{uuid.uuid4().int}"

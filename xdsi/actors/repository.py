@@ -1,0 +1,366 @@
+"""Document Repository: ITI-41 / RAD-68 Provide and Register Document Set-b
+and ITI-43 Retrieve Document Set.
+
+ITI TF-2 3.41.4.1.3 (repository's expected actions), 3.43.4.1.3 (retrieve),
+RAD TF-3 4.68 (the imaging variant travels the same way). The submission's
+documents are stored before ITI-42 goes to the registry; when the registry
+refuses, they are removed again (DESIGN.md principle 6).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from flask import Flask
+from lxml import etree
+from sqlalchemy import Engine, delete, insert, select
+
+from xdsi import audit, ns, wire
+from xdsi.actors.soap_endpoint import Peer, Reply, soap_app, transaction
+from xdsi.config import Settings
+from xdsi.errors import (
+    DocumentUniqueIdError,
+    HashMismatch,
+    MetadataInvalid,
+    MissingDocument,
+    MissingDocumentMetadata,
+    NonIdenticalHash,
+    RegistryNotAvailable,
+    SizeMismatch,
+    UnknownRepositoryId,
+    XdsError,
+)
+from xdsi.metadata import ebrim
+from xdsi.metadata.ebrim import RegistryObject
+from xdsi.metadata.responses import (
+    RegistryError,
+    ResponseStatus,
+    read_errors,
+    read_status,
+    registry_response,
+    status_of,
+)
+from xdsi.store.blobs import BlobStore
+from xdsi.store.schema import repository_document
+
+logger = logging.getLogger(__name__)
+
+ACTOR = "repository"
+
+
+@dataclass(frozen=True)
+class StoredDocument:
+    unique_id: str
+    mime_type: str
+    size: int
+    sha1: str
+    blob: str
+
+
+class Repository:
+    """The Document Repository over its blob store and its table."""
+
+    def __init__(self, settings: Settings, engine: Engine, blobs: BlobStore,
+                 auditor: audit.Auditor) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.blobs = blobs
+        self.auditor = auditor
+
+    @property
+    def repository_unique_id(self) -> str:
+        return self.settings.repository.repository_unique_id
+
+    # --- ITI-41 / RAD-68 ------------------------------------------------
+
+    def provide_and_register(self, message: wire.SoapMessage
+                             ) -> tuple[list[RegistryError], list[RegistryObject],
+                                        str | None]:
+        """Store the documents, register them, and undo on failure.
+
+        Returns the errors (the registry's, when it refused), the
+        DocumentEntries and the SubmissionSet's uniqueId for the audit trail.
+        """
+        request = message.body
+        metadata = request.find(f"{{{ns.LCM}}}SubmitObjectsRequest")
+        if metadata is None:
+            error = MetadataInvalid("ProvideAndRegisterDocumentSetRequest holds no "
+                                    "SubmitObjectsRequest (ITI TF-2 3.41.4.1.2)")
+            return _errors([error]), [], None
+        submission = ebrim.read_registry_objects(metadata)
+        entries = submission.document_entries
+        ss = submission.submission_sets
+        ss_unique_id = ss[0].unique_id if len(ss) == 1 else None
+
+        # ITI TF-2 3.41.4.1.3: pair every DocumentEntry with its document.
+        documents: dict[str, wire.Attachment] = {}
+        errors: list[XdsError] = []
+        for element in request.findall(f"{{{ns.XDSB}}}Document"):
+            try:
+                documents[element.get("id", "")] = wire.attachment_for(element, message)
+            except wire.MissingAttachment as exc:
+                errors.append(MissingDocument(
+                    f"Document {element.get('id')} references attachment "
+                    f"{exc.content_id}, which the message does not carry",
+                    element.get("id", "")))
+        entry_ids = {e.id for e in entries}
+        for entry in entries:
+            if entry.id not in documents and not any(
+                    e.location == entry.id for e in errors):
+                errors.append(MissingDocument(
+                    f"DocumentEntry {entry.id} has no Document in the request",
+                    entry.id))
+        for document_id in documents:
+            if document_id not in entry_ids:
+                errors.append(MissingDocumentMetadata(
+                    f"Document {document_id} has no DocumentEntry", document_id))
+        if errors:
+            return _errors(errors), entries, ss_unique_id
+
+        # ITI TF-2 3.41.4.1.3: size and hash checked when given, else set;
+        # repositoryUniqueId set to this repository's.
+        for entry in entries:
+            errors.extend(self._complete_entry(entry, documents[entry.id]))
+        if errors:
+            return _errors(errors), entries, ss_unique_id
+
+        stored, errors = self._store(entries, documents)
+        if errors:
+            return _errors(errors), entries, ss_unique_id
+
+        registry_errors = self._register(metadata)
+        if any(e.is_error for e in registry_errors):
+            self._remove(stored)
+        return registry_errors, entries, ss_unique_id
+
+    def _complete_entry(self, entry: RegistryObject, document: wire.Attachment
+                        ) -> list[XdsError]:
+        errors: list[XdsError] = []
+        size = entry.slot("size")
+        if size is not None and size != str(document.size):
+            errors.append(SizeMismatch(
+                f"DocumentEntry {entry.id} size is {size}, the document has "
+                f"{document.size} bytes (ITI TF-2 3.41.4.1.3)", entry.id))
+        digest = entry.slot("hash")
+        if digest is not None and digest.lower() != document.sha1:
+            errors.append(HashMismatch(
+                f"DocumentEntry {entry.id} hash {digest} is not the document's "
+                f"SHA-1 {document.sha1} (ITI TF-2 3.41.4.1.3)", entry.id))
+        repository = entry.slot("repositoryUniqueId")
+        if repository is not None and repository != self.repository_unique_id:
+            errors.append(MetadataInvalid(
+                f"DocumentEntry {entry.id} repositoryUniqueId {repository} is not "
+                f"this repository's {self.repository_unique_id}", entry.id))
+        if errors:
+            return errors
+        ebrim.set_slot(entry.element, "size", [str(document.size)])
+        ebrim.set_slot(entry.element, "hash", [document.sha1])
+        ebrim.set_slot(entry.element, "repositoryUniqueId", [self.repository_unique_id])
+        return []
+
+    def _store(self, entries: list[RegistryObject],
+               documents: dict[str, wire.Attachment]
+               ) -> tuple[list[StoredDocument], list[XdsError]]:
+        """Put each new document in the blob store and the table.
+
+        A document already held with the same bytes is left as it is (the
+        registry then decides on the duplicate uniqueId); with other bytes
+        it is XDSNonIdenticalHash.
+        """
+        # Limitation: a crash between storing and registering leaves the
+        # stored documents behind; there is no recovery sweep at start-up yet.
+        stored: list[StoredDocument] = []
+        errors: list[XdsError] = []
+        for entry in entries:
+            unique_id = entry.unique_id or ""
+            document = documents[entry.id]
+            held = self.find(unique_id)
+            if held is not None:
+                if held.sha1 != document.sha1:
+                    errors.append(NonIdenticalHash(
+                        f"document uniqueId {unique_id} is held with another hash",
+                        unique_id))
+                continue
+            blob = self.blobs.put_file(unique_id, document.path)
+            record = StoredDocument(unique_id, entry.mime_type, document.size,
+                                    document.sha1, blob)
+            with self.engine.begin() as conn:
+                conn.execute(insert(repository_document).values(
+                    unique_id=unique_id, mime_type=record.mime_type, size=record.size,
+                    sha1=record.sha1, blob=blob))
+            stored.append(record)
+        if errors:
+            self._remove(stored)
+            return [], errors
+        return stored, []
+
+    def _remove(self, stored: list[StoredDocument]) -> None:
+        with self.engine.begin() as conn:
+            for record in stored:
+                conn.execute(delete(repository_document).where(
+                    repository_document.c.unique_id == record.unique_id))
+        for record in stored:
+            self.blobs.delete(record.blob)
+
+    def _register(self, metadata: etree._Element) -> list[RegistryError]:
+        """ITI-42 to the registry; its answer is the repository's answer."""
+        client = wire.SoapClient(self.settings.registry_url,
+                                 spool_dir=self.blobs.spool)
+        try:
+            with client.call(transaction("ITI-42")["request_action"], metadata) as reply:
+                status = read_status(reply.body)
+                errors = read_errors(reply.body)
+        except (wire.TransportError, wire.PeerFault) as exc:
+            logger.warning("ITI-42 to the Document Registry failed: %s", exc)
+            error = RegistryNotAvailable(
+                f"the Document Registry did not accept ITI-42: {exc}")
+            return _errors([error])
+        if status == ResponseStatus.FAILURE.value and not errors:
+            errors = [RegistryError("XDSRegistryError",
+                                    "the Document Registry answered Failure")]
+        return errors
+
+    # --- ITI-43 ---------------------------------------------------------
+
+    def find(self, unique_id: str) -> StoredDocument | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(repository_document).where(
+                repository_document.c.unique_id == unique_id)).first()
+        if row is None:
+            return None
+        return StoredDocument(row.unique_id, row.mime_type, row.size, row.sha1,
+                              row.blob)
+
+    def retrieve(self, request: etree._Element
+                 ) -> tuple[etree._Element, list[wire.OutgoingPart], list[str]]:
+        """Answer a RetrieveDocumentSetRequest (ITI TF-2 3.43.4.2)."""
+        errors: list[XdsError] = []
+        found: list[tuple[StoredDocument, str | None]] = []
+        for item in request.findall(f"{{{ns.XDSB}}}DocumentRequest"):
+            repository_id = child_text(item, "RepositoryUniqueId")
+            unique_id = child_text(item, "DocumentUniqueId")
+            community = child_text(item, "HomeCommunityId") or None
+            if repository_id != self.repository_unique_id:
+                errors.append(UnknownRepositoryId(
+                    f"repositoryUniqueId {repository_id} is not this repository's",
+                    repository_id))
+                continue
+            record = self.find(unique_id)
+            if record is None:
+                errors.append(DocumentUniqueIdError(
+                    f"document {unique_id} is not held by this repository", unique_id))
+                continue
+            found.append((record, community))
+
+        return retrieve_response(
+            [(r.unique_id, self.repository_unique_id, r.mime_type,
+              self.blobs.path(r.blob), community) for r, community in found],
+            errors, ACTOR,
+        ) + ([r.unique_id for r, _ in found],)
+
+    # --- SOAP edge -------------------------------------------------------
+
+    def app(self, spool_root: Path) -> Flask:
+        return soap_app("repository", self.settings.repository.path, {
+            "ITI-41": self.handle_provide_and_register,
+            "ITI-43": self.handle_retrieve,
+        }, spool_root)
+
+    def handle_provide_and_register(self, message: wire.SoapMessage,
+                                    peer: Peer) -> Reply:
+        started = time.monotonic()
+        try:
+            errors, entries, ss_unique_id = self.provide_and_register(message)
+        except Exception:
+            logger.exception("ITI-41 Provide and Register Document Set-b failed")
+            errors, entries, ss_unique_id = [RegistryError(
+                "XDSRepositoryError", "internal Document Repository error")], [], None
+        status = status_of(errors)
+        patient_ids = {e.patient_id for e in entries if e.patient_id}
+        self.auditor.record(audit.AuditEvent(
+            transaction="ITI-41", actor="Document Repository",
+            outcome=audit.Outcome.SUCCESS if status == ResponseStatus.SUCCESS
+            else audit.Outcome.SERIOUS_FAILURE,
+            source=audit.Endpoint(peer.reply_to, peer.host),
+            destination=audit.Endpoint(peer.endpoint, self.settings.node.host),
+            patient_id=next(iter(patient_ids), None),
+            submission_set_unique_id=ss_unique_id,
+            message_id=message.message_id,
+        ))
+        logger.info("%s %s from %s: %s, MessageID %s, SubmissionSet %s, "
+                    "%d DocumentEntries, errors %s, %.3f s", "ITI-41",
+                    "Provide and Register Document Set-b", peer.host, status.name,
+                    message.message_id, ss_unique_id, len(entries),
+                    [e.code for e in errors] or "none", time.monotonic() - started)
+        return Reply(registry_response(errors))
+
+    def handle_retrieve(self, message: wire.SoapMessage, peer: Peer) -> Reply:
+        started = time.monotonic()
+        body, parts, unique_ids = self.retrieve(message.body)
+        status = read_status(body)
+        self.auditor.record(audit.AuditEvent(
+            transaction="ITI-43", actor="Document Repository",
+            outcome=audit.Outcome.SUCCESS if status == ResponseStatus.SUCCESS.value
+            else audit.Outcome.MINOR_FAILURE if unique_ids
+            else audit.Outcome.SERIOUS_FAILURE,
+            source=audit.Endpoint(self.settings.url("repository"),
+                                  self.settings.node.host),
+            destination=audit.Endpoint(peer.reply_to, peer.host),
+            documents=tuple(audit.DocumentRef(u, self.repository_unique_id)
+                            for u in unique_ids),
+            message_id=message.message_id,
+        ))
+        logger.info("%s %s from %s: %s, MessageID %s, %d documents, %.3f s",
+                    "ITI-43", "Retrieve Document Set", peer.host,
+                    status.rsplit(":", 1)[-1], message.message_id, len(parts),
+                    time.monotonic() - started)
+        return Reply(body, parts)
+
+
+def _errors(errors: list[XdsError]) -> list[RegistryError]:
+    return [RegistryError(e.code_for(ACTOR), e.message, e.location) for e in errors]
+
+
+def child_text(parent: etree._Element, local: str, namespace: str = ns.XDSB) -> str:
+    """Return an element's text, with surrounding white space removed."""
+    child = parent.find(f"{{{namespace}}}{local}")
+    return (child.text or "").strip() if child is not None else ""
+
+
+def retrieve_response(
+    documents: list[tuple[str, str, str, Path, str | None]],
+    errors: list[XdsError],
+    actor: str,
+) -> tuple[etree._Element, list[wire.OutgoingPart]]:
+    """Build a RetrieveDocumentSetResponse with one MTOM part per document.
+
+    ``documents`` holds (uniqueId, repositoryUniqueId, mimeType, file,
+    homeCommunityId). ITI TF-2 3.43.4.2.3: Success when every document came
+    back, PartialSuccess when some did, Failure when none did. RAD TF-3
+    4.69.4.2 answers with the same element.
+    """
+    registry_errors = [RegistryError(e.code_for(actor), e.message, e.location)
+                       for e in errors]
+    if registry_errors and documents:
+        status = ResponseStatus.PARTIAL_SUCCESS
+    else:
+        status = status_of(registry_errors)
+    response = etree.Element(f"{{{ns.XDSB}}}RetrieveDocumentSetResponse",
+                             nsmap={"xdsb": ns.XDSB, "rs": ns.RS})
+    response.append(registry_response(registry_errors, status))
+    parts: list[wire.OutgoingPart] = []
+    for unique_id, repository_id, mime_type, path, community in documents:
+        item = etree.SubElement(response, f"{{{ns.XDSB}}}DocumentResponse")
+        if community:
+            etree.SubElement(item, f"{{{ns.XDSB}}}HomeCommunityId").text = community
+        etree.SubElement(item, f"{{{ns.XDSB}}}RepositoryUniqueId").text = repository_id
+        etree.SubElement(item, f"{{{ns.XDSB}}}DocumentUniqueId").text = unique_id
+        etree.SubElement(item, f"{{{ns.XDSB}}}mimeType").text = mime_type
+        content_id = wire.new_content_id()
+        document = etree.SubElement(item, f"{{{ns.XDSB}}}Document")
+        document.append(wire.xop_include(content_id))
+        parts.append(wire.OutgoingPart(content_id, mime_type, path=path))
+    return response, parts

@@ -1,0 +1,157 @@
+"""The HTTP edge of every SOAP actor: read, dispatch by wsa:Action, answer.
+
+A request is read with the streaming MTOM codec, dispatched to the handler
+of its wsa:Action (profiles/transactions.toml) and answered with the
+handler's body, as MTOM when the transaction's response travels so. Every
+failure becomes a SOAP 1.2 Fault (SOAP 1.2 Part 2, 7.5.1: env:Sender with
+HTTP 400, env:Receiver with HTTP 500); no traceback or HTML page ever
+reaches a peer.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, Response, request
+from lxml import etree
+from werkzeug.exceptions import HTTPException
+
+from xdsi import ns, wire
+from xdsi.profiles_loader import load_profile_table
+
+logger = logging.getLogger(__name__)
+
+
+@cache
+def transactions() -> dict[str, dict[str, Any]]:
+    """Return profiles/transactions.toml, keyed by transaction id."""
+    return load_profile_table("transactions")
+
+
+def transaction(name: str) -> dict[str, Any]:
+    return transactions()[name]
+
+
+@dataclass
+class Peer:
+    """Who sent a request, as the audit trail records it."""
+
+    host: str
+    reply_to: str
+    endpoint: str
+
+
+@dataclass
+class Reply:
+    """A handler's answer: the body element and the parts it references."""
+
+    body: etree._Element
+    parts: list[wire.OutgoingPart] = field(default_factory=list)
+    # Run after the response has been streamed (e.g. remove temp files).
+    cleanup: list[Callable[[], None]] = field(default_factory=list)
+
+
+Handler = Callable[[wire.SoapMessage, Peer], Reply]
+
+
+def _fault_response(fault: wire.SoapFault, relates_to: str | None = None) -> Response:
+    status = 500 if fault.code == "env:Receiver" else 400
+    body = wire.fault_envelope(fault, relates_to)
+    return Response(body, status=status,
+                    content_type='application/soap+xml; charset=UTF-8; '
+                    'action="http://www.w3.org/2005/08/addressing/soap/fault"')
+
+
+def _streamed(chunks: Iterator[bytes], cleanup: list[Callable[[], None]]
+              ) -> Iterator[bytes]:
+    try:
+        yield from chunks
+    finally:
+        for step in cleanup:
+            step()
+
+
+def soap_app(name: str, path: str, handlers: dict[str, Handler],
+             spool_root: Path) -> Flask:
+    """Build the WSGI app of one actor: one SOAP endpoint at ``path``.
+
+    ``handlers`` maps a transaction id of profiles/transactions.toml to the
+    function that answers it.
+    """
+    app = Flask(name)
+    by_action = {transaction(t)["request_action"]: t for t in handlers}
+    spool_root.mkdir(parents=True, exist_ok=True)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        fault = wire.MalformedMessage(
+            f"HTTP {exc.code}: {exc.name}; this endpoint takes SOAP 1.2 POST "
+            f"requests at {path}")
+        response = _fault_response(fault)
+        response.status_code = exc.code or 400
+        return response
+
+    @app.errorhandler(Exception)
+    def internal_error(exc: Exception) -> Response:
+        logger.exception("%s: unhandled error", name)
+        return _fault_response(wire.ReceiverFault("internal error of the responder"))
+
+    @app.post(path)
+    def endpoint() -> Response:
+        started = time.monotonic()
+        spool = Path(tempfile.mkdtemp(prefix="req-", dir=spool_root))
+        cleanup = [lambda: shutil.rmtree(spool, ignore_errors=True)]
+        message: wire.SoapMessage | None = None
+        try:
+            message = wire.read_message(
+                request.stream, request.headers.get("Content-Type", ""), spool
+            )
+            transaction_id = by_action.get(message.action)
+            if transaction_id is None:
+                raise wire.ActionNotSupported(
+                    f"wsa:Action {message.action} is not served at this endpoint; "
+                    f"it serves {', '.join(sorted(by_action))}")
+            expected = transaction(transaction_id)["request_element"]
+            if message.body.tag != expected:
+                raise wire.MalformedMessage(
+                    f"{transaction_id} wants body element {expected}, "
+                    f"got {message.body.tag}")
+            peer = Peer(
+                host=request.remote_addr or "",
+                reply_to=ns.WSA_ANONYMOUS,
+                endpoint=request.base_url,
+            )
+            reply = handlers[transaction_id](message, peer)
+        except wire.SoapFault as fault:
+            shutil.rmtree(spool, ignore_errors=True)
+            logger.info("%s: SOAP fault %s %s: %s", name, fault.code,
+                        fault.subcode or "", fault.reason)
+            return _fault_response(fault, message.message_id if message else None)
+        except Exception:
+            shutil.rmtree(spool, ignore_errors=True)
+            raise
+
+        spec = transaction(transaction_id)
+        envelope = wire.build_envelope(
+            reply.body, spec["response_action"], relates_to=message.message_id
+        )
+        content_type, length, chunks = wire.write_message(
+            envelope, spec["response_action"], reply.parts, mtom=spec["response_mtom"]
+        )
+        logger.debug("%s: %s answered in %.3f s", name, transaction_id,
+                     time.monotonic() - started)
+        response = Response(
+            _streamed(chunks, reply.cleanup + cleanup), content_type=content_type
+        )
+        response.headers["Content-Length"] = str(length)
+        return response
+
+    return app

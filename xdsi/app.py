@@ -1,0 +1,153 @@
+"""Compose the enabled actors into one running node.
+
+Each HTTP actor is its own WSGI app on its own port, and the Document
+Repository reaches the Document Registry only through ITI-42 over HTTP
+(DESIGN.md principle 1). Ports may be 0: the node binds first, then builds
+every actor with the effective endpoint URLs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine
+from werkzeug.serving import BaseWSGIServer, make_server
+
+from xdsi import audit
+from xdsi.actors.consumer import Consumer
+from xdsi.actors.imaging_source import ImagingSource
+from xdsi.actors.registry import Registry
+from xdsi.actors.repository import Repository
+from xdsi.config import Settings
+from xdsi.hl7.adt import handle_feed
+from xdsi.hl7.mllp import MllpServer
+from xdsi.store.blobs import BlobStore
+from xdsi.store.schema import make_engine
+
+logger = logging.getLogger(__name__)
+
+HTTP_ACTORS = ("registry", "repository", "imaging_source")
+
+
+class _Deferred:
+    """A WSGI app whose target is set after the socket is bound."""
+
+    def __init__(self) -> None:
+        self.app: Any = None
+
+    def __call__(self, environ: dict, start_response: Any) -> Any:
+        return self.app(environ, start_response)
+
+
+@dataclass
+class Services:
+    """The actors of one node over one database and storage directory."""
+
+    settings: Settings
+    engine: Engine
+    registry: Registry
+    repository: Repository
+    imaging_source: ImagingSource
+    consumer: Consumer
+    audit_spool: audit.AuditSpool
+
+
+def build_services(settings: Settings) -> Services:
+    """Build every actor over the node's storage, without starting servers."""
+    storage = settings.storage
+    storage.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.database_url)
+    spool = audit.AuditSpool(storage / "audit")
+    auditor = audit.Auditor(spool, audit_source_id=settings.node.audit_source_id,
+                            enterprise_site_id=settings.node.enterprise_site_id)
+    return Services(
+        settings=settings,
+        engine=engine,
+        registry=Registry(settings, engine, auditor),
+        repository=Repository(settings, engine, BlobStore(storage / "repository"),
+                              auditor),
+        imaging_source=ImagingSource(settings, engine,
+                                     BlobStore(storage / "imaging-source"), auditor),
+        consumer=Consumer(settings, auditor, storage / "spool" / "consumer"),
+        audit_spool=spool,
+    )
+
+
+class Node:
+    """A running node: HTTP servers per actor and the ITI-8 MLLP listener."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.requested = settings
+        self.settings = settings
+        self.services: Services | None = None
+        self._servers: list[BaseWSGIServer] = []
+        self._threads: list[threading.Thread] = []
+        self._mllp: MllpServer | None = None
+
+    def start(self) -> Settings:
+        """Bind, build the actors, serve; return the effective settings."""
+        settings = self.requested
+        deferred: dict[str, _Deferred] = {}
+        for actor in HTTP_ACTORS:
+            section = getattr(settings, actor)
+            if not section.enabled:
+                continue
+            deferred[actor] = _Deferred()
+            server = make_server(settings.node.host, section.port, deferred[actor],
+                                 threaded=True)
+            self._servers.append(server)
+            settings = settings.with_ports(**{actor: server.server_port})
+
+        # The listener is bound before the actors exist, so that its port is
+        # known; a message in that instant is answered AE by handle_feed.
+        registry: list[Registry] = []
+        if settings.registry.enabled:
+            assigning_authority = settings.node.assigning_authority
+            self._mllp = MllpServer(
+                settings.node.host, settings.registry.feed_port,
+                lambda text: handle_feed(
+                    text, lambda identity: registry[0].add_patient(identity),
+                    assigning_authority=assigning_authority)[0],
+            )
+            self._mllp.start()
+            settings = settings.with_ports(feed=self._mllp.address[1])
+        services = build_services(settings)
+        registry.append(services.registry)
+
+        spool_root = settings.storage / "spool"
+        for actor, target in deferred.items():
+            target.app = getattr(services, actor).app(spool_root / actor)
+        for server in self._servers:
+            thread = threading.Thread(target=server.serve_forever, daemon=True,
+                                      name=f"xdsi-http-{server.server_port}")
+            thread.start()
+            self._threads.append(thread)
+        self.settings = settings
+        self.services = services
+        logger.info("node %s started: %s", settings.node.name, ", ".join(
+            f"{a} {settings.url(a)}" for a in deferred))
+        return settings
+
+    def stop(self) -> None:
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        if self._mllp is not None:
+            self._mllp.stop()
+        if self.services is not None:
+            self.services.engine.dispose()
+        self._servers.clear()
+        self._threads.clear()
+
+    def __enter__(self) -> Node:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+

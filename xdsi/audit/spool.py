@@ -1,0 +1,256 @@
+"""Durable local audit spool: audit messages land on disk before transport.
+
+Keeps the AuditMessages (DICOM PS3.15 A.5.1) that ITI TF-2 3.20 sends to the
+Audit Record Repository, and reads them back. The spool is a directory with
+one file per message, named so that names sort in the order of writing.
+"""
+
+import logging
+import os
+import secrets
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+from lxml import etree
+
+from xdsi.audit.messages import AuditEvent, build_audit_message
+from xdsi.metadata.codes import Code
+
+logger = logging.getLogger(__name__)
+
+SUFFIX = ".xml"
+
+# ITI TF-2 3.20: codeSystemName of an EventTypeCode that names a transaction.
+IHE_TRANSACTIONS = "IHE Transactions"
+
+# DICOM PS3.15 A.5.1: ParticipantObjectTypeCodeRole 1 is Patient.
+_PATIENT_ROLE = "1"
+
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True)
+
+
+@cache
+def _audit_message_schema() -> etree.RelaxNG:
+    """Return the DICOM PS3.15 A.5.1 schema from the package's schema copy."""
+    rng = resources.files("xdsi") / "schemas" / "dicom" / "audit-message.rng"
+    return etree.RelaxNG(etree.fromstring(rng.read_bytes(), _PARSER))
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One spooled audit message, with the fields an audit view lists.
+
+    A file that is not a valid AuditMessage is still a record, with ``valid``
+    False, ``event_time`` taken from the file's modification time, the coded
+    fields None and the id tuples empty; ``xml`` then holds the raw bytes.
+    """
+
+    path: Path
+    event_time: datetime
+    event_id: Code | None
+    event_type: str | None
+    event_action: str | None
+    outcome: int | None
+    actor_user_ids: tuple[str, ...]
+    patient_ids: tuple[str, ...]
+    object_ids: tuple[str, ...]
+    xml: bytes
+    valid: bool = True
+
+
+def _parse_time(text: str) -> datetime:
+    when = datetime.fromisoformat(text)
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def _read_record(path: Path, xml: bytes) -> AuditRecord:
+    """Return the record of a well-formed, schema-valid AuditMessage.
+
+    Raises
+    ------
+    ValueError
+        The bytes are not an AuditMessage valid against DICOM PS3.15 A.5.1.
+    """
+    root = etree.fromstring(xml, _PARSER)
+    schema = _audit_message_schema()
+    if not schema.validate(root):
+        raise ValueError(f"{path.name}: {schema.error_log.last_error}")
+
+    identification = root.find("EventIdentification")
+    event_id = identification.find("EventID")
+    transactions = [
+        code.get("csd-code")
+        for code in identification.findall("EventTypeCode")
+        if code.get("codeSystemName") == IHE_TRANSACTIONS
+    ]
+    objects = root.findall("ParticipantObjectIdentification")
+    return AuditRecord(
+        path=path,
+        event_time=_parse_time(identification.get("EventDateTime")),
+        event_id=Code(
+            event_id.get("csd-code"),
+            event_id.get("codeSystemName"),
+            event_id.get("originalText"),
+        ),
+        event_type=transactions[0] if transactions else None,
+        event_action=identification.get("EventActionCode"),
+        outcome=int(identification.get("EventOutcomeIndicator")),
+        actor_user_ids=tuple(
+            p.get("UserID") for p in root.findall("ActiveParticipant")
+        ),
+        patient_ids=tuple(
+            o.get("ParticipantObjectID")
+            for o in objects
+            if o.get("ParticipantObjectTypeCodeRole") == _PATIENT_ROLE
+        ),
+        object_ids=tuple(
+            o.get("ParticipantObjectID")
+            for o in objects
+            if o.get("ParticipantObjectTypeCodeRole") != _PATIENT_ROLE
+        ),
+        xml=xml,
+    )
+
+
+class AuditSpool:
+    """A directory of audit messages, one file each, oldest name first.
+
+    The directory is created on the first write. A message is written to a
+    hidden temporary file in the same directory, flushed to disk, renamed into
+    place and the directory entry flushed too, so that after a crash a
+    message is either whole or absent.
+    """
+
+    _lock = threading.Lock()
+    _last_ns = 0
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def _next_name(self) -> str:
+        # Names sort by write time: nanoseconds since the epoch, strictly
+        # increasing within this process, then the process id and a random
+        # tag so that processes sharing the directory never collide.
+        # Limitation: across processes or restarts, a clock stepped backwards
+        # sorts later messages before earlier ones.
+        with AuditSpool._lock:
+            now = max(time.time_ns(), AuditSpool._last_ns + 1)
+            AuditSpool._last_ns = now
+        return f"{now:020d}-{os.getpid()}-{secrets.token_hex(4)}{SUFFIX}"
+
+    def _sync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def write(self, message: bytes) -> Path:
+        """Store one audit message durably and return its file.
+
+        Raises
+        ------
+        OSError
+            The spool directory cannot be created or written.
+        """
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=self.directory)
+        try:
+            with os.fdopen(fd, "wb") as stream:
+                stream.write(message)
+                stream.flush()
+                os.fsync(stream.fileno())
+            path = self.directory / self._next_name()
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        self._sync_directory()
+        logger.debug("spooled audit message %s (%d bytes)", path.name, len(message))
+        return path
+
+    def records(self) -> Iterator[AuditRecord]:
+        """Yield every spooled message, oldest first.
+
+        A file that is not a valid AuditMessage (truncated, edited, not XML)
+        is yielded with ``valid`` False; it is never skipped. A file removed
+        while the spool is read is no longer in the spool and is not yielded.
+        """
+        if not self.directory.is_dir():
+            return
+        names = sorted(
+            entry.name
+            for entry in os.scandir(self.directory)
+            if entry.name.endswith(SUFFIX) and not entry.name.startswith(".")
+        )
+        for name in names:
+            path = self.directory / name
+            try:
+                xml = path.read_bytes()
+                modified = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+            except FileNotFoundError:
+                continue
+            try:
+                yield _read_record(path, xml)
+            except (etree.XMLSyntaxError, ValueError, TypeError, AttributeError):
+                logger.warning("audit spool file %s is not a valid AuditMessage", name)
+                yield AuditRecord(
+                    path=path,
+                    event_time=modified,
+                    event_id=None,
+                    event_type=None,
+                    event_action=None,
+                    outcome=None,
+                    actor_user_ids=(),
+                    patient_ids=(),
+                    object_ids=(),
+                    xml=xml,
+                    valid=False,
+                )
+
+
+class Auditor:
+    """Builds each transaction's audit message and spools it; never raises.
+
+    Audit never blocks care: a failure to build or store a message is logged
+    with its traceback and the transaction goes on.
+    """
+
+    def __init__(
+        self,
+        spool: AuditSpool,
+        *,
+        audit_source_id: str,
+        enterprise_site_id: str | None = None,
+    ) -> None:
+        self.spool = spool
+        self.audit_source_id = audit_source_id
+        self.enterprise_site_id = enterprise_site_id
+
+    def record(self, event: AuditEvent) -> None:
+        """Build the audit message for ``event`` and spool it."""
+        try:
+            message = build_audit_message(
+                event,
+                audit_source_id=self.audit_source_id,
+                enterprise_site_id=self.enterprise_site_id,
+            )
+            path = self.spool.write(message)
+        except Exception:
+            logger.exception(
+                "audit record of %s by %s (outcome %s) was not spooled",
+                event.transaction,
+                event.actor,
+                int(event.outcome),
+            )
+            return
+        logger.debug(
+            "audit record of %s by %s is %s", event.transaction, event.actor, path
+        )

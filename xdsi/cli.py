@@ -1,0 +1,389 @@
+"""The command line: ``xdsi serve | feed | publish | find | fetch | audit | demo``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from xdsi import __version__
+from xdsi.actors.consumer import Consumer, ConsumerError, FoundEntry
+from xdsi.actors.imaging_source import PublishError
+from xdsi.app import Node, build_services
+from xdsi.config import ConfigError, Settings, load_settings, to_toml
+from xdsi.dicom import scan
+from xdsi.hl7.adt import build_feed
+from xdsi.hl7.mllp import MllpError, send_message
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def qualify_patient_id(value: str, settings: Settings) -> str:
+    """Qualify a bare id with the affinity domain (ITI TF-3 4.2.3.2.16).
+
+    ``ID`` becomes ``ID^^^&OID&ISO`` with the configured assigning
+    authority; a value that already carries ``^`` is taken as it is.
+    """
+    if "^" in value:
+        return value
+    return f"{value}^^^&{settings.node.assigning_authority}&ISO"
+
+
+def _settings(ctx: click.Context) -> Settings:
+    return ctx.obj["settings"]
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}")
+    sys.exit(1)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="xdsi")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Node configuration (TOML); defaults to $XDSI_CONFIG or none.")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv: DEBUG).")
+@click.pass_context
+def main(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
+    """xdsi: an IHE XDS-I.b exchange node."""
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")
+    logging.getLogger("werkzeug").setLevel(max(level, logging.WARNING))
+    try:
+        ctx.obj = {"settings": load_settings(config_path)}
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+@main.group()
+def config() -> None:
+    """Inspect the node configuration."""
+
+
+@config.command("show")
+@click.pass_context
+def config_show(ctx: click.Context) -> None:
+    """Print the effective configuration as TOML."""
+    click.echo(to_toml(_settings(ctx)), nl=False)
+
+
+@main.command()
+@click.pass_context
+def serve(ctx: click.Context) -> None:
+    """Start every enabled actor on its port and serve until interrupted."""
+    settings = _settings(ctx)
+    logging.getLogger("xdsi").setLevel(logging.INFO)
+    node = Node(settings)
+    try:
+        effective = node.start()
+    except OSError as exc:
+        _fail(f"cannot start the node: {exc}")
+    for actor in ("registry", "repository", "imaging_source"):
+        if getattr(effective.registry if actor == "registry" else
+                   getattr(effective, actor), "enabled"):
+            click.echo(f"{actor:15} {effective.url(actor)}")
+    if effective.registry.enabled:
+        click.echo(f"{'feed (MLLP)':15} {effective.node.host}:"
+                   f"{effective.registry.feed_port}")
+    click.echo(f"{'storage':15} {effective.storage}")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        node.stop()
+
+
+@main.command()
+@click.argument("patient_id")
+@click.option("--trigger", type=click.Choice(["A01", "A04"]), default="A01")
+@click.option("--name", default="", help="PID-5, e.g. 'DOE^JANE'.")
+@click.option("--host", default=None, help="Registry MLLP host (default: config).")
+@click.option("--port", type=int, default=None, help="Registry MLLP port.")
+@click.pass_context
+def feed(ctx: click.Context, patient_id: str, trigger: str, name: str,
+         host: str | None, port: int | None) -> None:
+    """Send an ITI-8 Patient Identity Feed (HL7 v2 ADT over MLLP)."""
+    settings = _settings(ctx)
+    cx = qualify_patient_id(patient_id, settings)
+    message = build_feed(cx, trigger=trigger, name=name)
+    try:
+        ack = send_message(host or settings.node.host,
+                           port or settings.registry.feed_port, message)
+    except (MllpError, OSError) as exc:
+        _fail(f"ITI-8 feed failed: {exc}")
+    code = _ack_code(ack)
+    click.echo(f"ITI-8 ADT^{trigger}: ACK {code}")
+    if code != "AA":
+        sys.exit(1)
+
+
+def _ack_code(ack: str) -> str:
+    for segment in ack.replace("\n", "\r").split("\r"):
+        if segment.startswith("MSA"):
+            fields = segment.split(segment[3] if len(segment) > 3 else "|")
+            return fields[1] if len(fields) > 1 else ""
+    return ""
+
+
+@main.command()
+@click.argument("study_dir", type=click.Path(exists=True, file_okay=False,
+                                             path_type=Path))
+@click.option("--patient-id", required=True,
+              help="Affinity-domain patient id: ID or ID^^^&OID&ISO.")
+@click.pass_context
+def publish(ctx: click.Context, study_dir: Path, patient_id: str) -> None:
+    """Publish the studies in STUDY_DIR: KOS manifest + RAD-68."""
+    settings = _settings(ctx)
+    cx = qualify_patient_id(patient_id, settings)
+    result = scan.scan_directory(study_dir)
+    for path, why in result.rejected:
+        err_console.print(f"[yellow]skipped[/] {path}: {why}")
+    if not result.studies:
+        _fail(f"no DICOM study found in {study_dir}")
+    services = build_services(settings)
+    failed = False
+    for study in result.studies:
+        try:
+            published = services.imaging_source.publish(study, cx)
+        except PublishError as exc:
+            err_console.print(f"[bold red]not published[/] study "
+                              f"{study.study_instance_uid}: {exc}")
+            failed = True
+            continue
+        click.echo(f"published study {published.study_instance_uid}: "
+                   f"{published.instances} instances, manifest "
+                   f"{published.manifest_uid}, SubmissionSet "
+                   f"{published.submission_set_unique_id}")
+    services.engine.dispose()
+    if failed:
+        sys.exit(1)
+
+
+def _entries_table(entries: list[FoundEntry]) -> Table:
+    table = Table(title="DocumentEntries")
+    for column in ("uniqueId", "title", "modalities", "service start", "study",
+                   "repository"):
+        table.add_column(column)
+    for entry in entries:
+        table.add_row(entry.unique_id, entry.title, " ".join(entry.modalities),
+                      entry.service_start_time, " ".join(entry.study_instance_uids),
+                      entry.repository_unique_id)
+    return table
+
+
+@main.command()
+@click.option("--patient-id", required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def find(ctx: click.Context, patient_id: str, as_json: bool) -> None:
+    """Find a patient's documents (ITI-18 FindDocuments)."""
+    settings = _settings(ctx)
+    consumer = build_services(settings).consumer
+    try:
+        entries = consumer.find(qualify_patient_id(patient_id, settings))
+    except ConsumerError as exc:
+        _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps([e.as_dict() for e in entries], indent=2))
+    else:
+        console.print(_entries_table(entries))
+
+
+@contextmanager
+def _progress() -> Iterator[Progress]:
+    with Progress(TextColumn("{task.description}"), BarColumn(),
+                  MofNCompleteColumn(), console=err_console, transient=True) as bar:
+        yield bar
+
+
+def _fetch(consumer: Consumer, patient_id: str, out: Path):  # type: ignore[no-untyped-def]
+    with _progress() as bar:
+        tasks: dict[str, int] = {}
+
+        def update(step: str, done: int, total: int) -> None:
+            if step not in tasks:
+                tasks[step] = bar.add_task(step, total=total)
+            bar.update(tasks[step], completed=done)
+
+        return consumer.fetch(patient_id, out, update)
+
+
+@main.command()
+@click.option("--patient-id", required=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.pass_context
+def fetch(ctx: click.Context, patient_id: str, out: Path) -> None:
+    """Retrieve a patient's manifests (ITI-43) and images (RAD-69) into OUT."""
+    settings = _settings(ctx)
+    consumer = build_services(settings).consumer
+    try:
+        result = _fetch(consumer, qualify_patient_id(patient_id, settings), out)
+    except ConsumerError as exc:
+        _fail(str(exc))
+    click.echo(f"{len(result.manifests)} manifests, {len(result.instances)} "
+               f"instances, {result.bytes / 1e6:.1f} MB in {out}")
+    if result.missing:
+        _fail(f"{len(result.missing)} referenced instances were not returned")
+
+
+@main.group("audit")
+def audit_group() -> None:
+    """Read the local audit spool."""
+
+
+@audit_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def audit_list(ctx: click.Context, as_json: bool) -> None:
+    """List the audit events this node recorded, oldest first."""
+    services = build_services(_settings(ctx))
+    records = list(services.audit_spool.records())
+    if as_json:
+        click.echo(json.dumps([{
+            "time": r.event_time.isoformat(), "event": r.event_id.display,
+            "transaction": r.event_type, "outcome": r.outcome, "valid": r.valid,
+            "participants": list(r.actor_user_ids), "patients": list(r.patient_ids),
+            "objects": list(r.object_ids), "file": str(r.path)}
+            for r in records], indent=2))
+        return
+    console.print(_audit_table(records))
+
+
+def _audit_table(records: list) -> Table:  # type: ignore[type-arg]
+    table = Table(title="Audit trail (ATNA, DICOM PS3.15 A.5)")
+    for column in ("time (UTC)", "transaction", "event", "outcome", "participants"):
+        table.add_column(column)
+    for record in records:
+        table.add_row(record.event_time.strftime("%H:%M:%S.%f")[:-3],
+                      record.event_type, record.event_id.display,
+                      str(record.outcome) if record.valid else "corrupt",
+                      " → ".join(record.actor_user_ids))
+    return table
+
+
+def bundled_study() -> Path:
+    """Return the CT study shipped with xdsi (xdsi/data/study-ct)."""
+    return Path(str(resources.files("xdsi") / "data" / "study-ct"))
+
+
+@main.command()
+@click.option("--study", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="Study folder (default: the bundled CT study).")
+@click.option("--keep", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the node's storage and the fetched files here.")
+@click.pass_context
+def demo(ctx: click.Context, study: Path | None, keep: Path | None) -> None:
+    """Run the whole XDS-I.b chain on loopback and check every image."""
+    workdir = keep or Path(tempfile.mkdtemp(prefix="xdsi-demo-"))
+    try:
+        ok = _demo(_settings(ctx), study or bundled_study(), workdir)
+    finally:
+        if keep is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    sys.exit(0 if ok else 1)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _demo(base: Settings, study_dir: Path, workdir: Path) -> bool:
+    settings = base.with_storage(workdir / "node").with_ports(
+        registry=0, repository=0, imaging_source=0, feed=0)
+    timings: dict[str, float] = {}
+    console.rule("[bold]xdsi demo: the XDS-I.b chain on loopback")
+
+    with Node(settings) as node:
+        settings = node.settings
+        services = node.services
+        assert services is not None
+        for actor in ("registry", "repository", "imaging_source"):
+            console.print(f"  {actor:15} {settings.url(actor)}")
+        console.print(f"  {'feed (MLLP)':15} {settings.node.host}:"
+                      f"{settings.registry.feed_port}")
+
+        started = time.monotonic()
+        patient_id = qualify_patient_id("XDSI-DEMO-1", settings)
+        ack = send_message(settings.node.host, settings.registry.feed_port,
+                           build_feed(patient_id, name="PHANTOM^HEAD"))
+        timings["ITI-8 feed"] = time.monotonic() - started
+        console.print(f"[green]✓[/] ITI-8 Patient Identity Feed: ACK {_ack_code(ack)}")
+        if _ack_code(ack) != "AA":
+            return False
+
+        started = time.monotonic()
+        result = scan.scan_directory(study_dir)
+        if len(result.studies) != 1:
+            err_console.print(f"expected one study in {study_dir}, found "
+                              f"{len(result.studies)}")
+            return False
+        study = result.studies[0]
+        originals = {h.sop_instance_uid: _sha256(h.path) for h in study.instances}
+        with console.status("publishing: KOS manifest + RAD-68 …"):
+            published = services.imaging_source.publish(study, patient_id)
+        timings["publish (scan, KOS, RAD-68)"] = time.monotonic() - started
+        console.print(f"[green]✓[/] RAD-68 published study {study.study_instance_uid}"
+                      f": {published.instances} instances in {len(study.series)} "
+                      f"series, {published.bytes / 1e6:.1f} MB, manifest "
+                      f"{published.manifest_uid}")
+
+        started = time.monotonic()
+        entries = services.consumer.find(patient_id)
+        timings["ITI-18 find"] = time.monotonic() - started
+        console.print(f"[green]✓[/] ITI-18 FindDocuments: {len(entries)} "
+                      "DocumentEntry")
+        console.print(_entries_table(entries))
+
+        started = time.monotonic()
+        out = workdir / "fetched"
+        fetched = _fetch(services.consumer, patient_id, out)
+        timings["fetch (ITI-43 + RAD-69)"] = time.monotonic() - started
+        console.print(f"[green]✓[/] ITI-43 retrieved {len(fetched.manifests)} "
+                      f"manifest, RAD-69 retrieved {len(fetched.instances)} instances"
+                      f" ({fetched.bytes / 1e6:.1f} MB)")
+
+        started = time.monotonic()
+        got = {p.stem: _sha256(p) for p in fetched.instances}
+        mismatched = [uid for uid, digest in originals.items() if got.get(uid) != digest]
+        timings["SHA-256 check"] = time.monotonic() - started
+
+    console.print(_audit_table(list(services.audit_spool.records())))
+    summary = Table(title="Summary")
+    summary.add_column("step")
+    summary.add_column("seconds", justify="right")
+    for step, seconds in timings.items():
+        summary.add_row(step, f"{seconds:.2f}")
+    console.print(summary)
+    total_mb = sum(h.size for h in study.instances) / 1e6
+    if mismatched or fetched.missing:
+        err_console.print(f"[bold red]✗ {len(mismatched)} of {len(originals)} "
+                          "instances differ from what was published or are missing")
+        return False
+    console.print(f"[bold green]✓ byte-identical:[/] all {len(originals)} instances "
+                  f"({total_mb:.1f} MB) match the published files (SHA-256)")
+    return True

@@ -1,0 +1,408 @@
+"""ITI-8 Patient Identity Feed: read ADT A01/A04/A05, answer ACK, build feeds.
+
+Implements ITI TF-2 3.8.4.1.1 (trigger events), ITI TF-2 3.8.4.1.2 (message
+semantics, PID Table 3.8-2), ITI TF-2 3.8.4.1.3 (the Document Registry keeps
+only the affinity domain's identifier) and the HL7 original-mode ACK of ITI
+TF-2x C.2.3, in HL7 v2.3.1 and v2.5. Parsing and building go through hl7apy.
+"""
+
+import logging
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from hl7apy.consts import VALIDATION_LEVEL
+from hl7apy.core import Message
+from hl7apy.exceptions import HL7apyException, UnsupportedVersion
+from hl7apy.parser import parse_message
+
+logger = logging.getLogger(__name__)
+
+# ITI TF-2 3.8.4.1.1: events that create a patient at the Document Registry,
+# with the PV1-2 Patient Class (HL7 Table 0004) a feed built here sends.
+# All three use message structure ADT_A01.
+CREATE_TRIGGERS = {
+    "A01": "I",  # Admission of an in-patient
+    "A04": "O",  # Registration of an outpatient
+    "A05": "P",  # Pre-admission of an in-patient
+}
+
+# ITI TF-2 3.8: ITI-8 is HL7 v2.3.1; the v2.5 spelling is accepted as well.
+SUPPORTED_VERSIONS = ("2.3.1", "2.5")
+
+# HL7 v2.5 Table 0357 (Message error condition codes).
+ERROR_CONDITIONS = {
+    "0": "Message accepted",
+    "100": "Segment sequence error",
+    "101": "Required field missing",
+    "102": "Data type error",
+    "103": "Table value not found",
+    "200": "Unsupported message type",
+    "201": "Unsupported event code",
+    "202": "Unsupported processing id",
+    "203": "Unsupported version id",
+    "204": "Unknown key identifier",
+    "205": "Duplicate key identifier",
+    "206": "Application record locked",
+    "207": "Application internal error",
+}
+
+# HL7 v2.5 Table 0008 (Acknowledgment code), original acknowledgement mode.
+ACK_CODES = ("AA", "AE", "AR")
+
+# HL7 v2.5 2.5.4: the delimiters a message uses when MSH-1 and MSH-2 say
+# nothing else.
+DEFAULT_ENCODING = {
+    "FIELD": "|",
+    "COMPONENT": "^",
+    "REPETITION": "~",
+    "ESCAPE": "\\",
+    "SUBCOMPONENT": "&",
+    "SEGMENT": "\r",
+    "GROUP": "\r",
+}
+
+# ITI TF-2 3.8: an ACK to a message whose version is unknown speaks ITI-8's.
+DEFAULT_VERSION = "2.3.1"
+
+# HL7 v2.5 2.15.5: up to v2.4 the error sits in ERR-1 (ELD); from v2.5 in
+# ERR-3 (HL7 Error Code) with ERR-4 (Severity).
+ERR_1_VERSIONS = frozenset({"2.1", "2.2", "2.3", "2.3.1", "2.4"})
+
+# ITI TF-2 3.8.4.1.2: the affinity domain's assigning authority is an ISO OID.
+UNIVERSAL_ID_TYPE = "ISO"
+
+_SEGMENT_END = re.compile(r"\r\n|\n|\r")
+
+
+@dataclass(frozen=True)
+class PatientIdentity:
+    """A patient as one ITI-8 feed names them.
+
+    ``patient_id`` is the affinity domain's identifier as an XDS CX value
+    (``ID^^^&OID&ISO``); ``other_ids`` are the remaining PID-3 repetitions as
+    sent (delimiters normalised to ``^~\\&``). ``name`` is PID-5's first
+    repetition, ``birth_date`` PID-7's time and ``sex`` PID-8, all as ER7 text.
+    """
+
+    patient_id: str
+    other_ids: tuple[str, ...]
+    name: str
+    birth_date: str
+    sex: str
+    trigger: str
+
+
+class FeedRejected(Exception):
+    """An ITI-8 message the Document Registry does not accept.
+
+    ``ack_code`` is MSA-1 (``AE`` or ``AR``), ``error_code`` an HL7 Table 0357
+    code, ``text`` says what is wrong without naming the patient.
+    """
+
+    def __init__(self, ack_code: str, error_code: str, text: str) -> None:
+        if ack_code not in ("AE", "AR"):
+            raise ValueError(f"ack_code {ack_code!r}: a rejection is AE or AR")
+        if error_code not in ERROR_CONDITIONS:
+            raise ValueError(f"error_code {error_code!r} is not in HL7 Table 0357")
+        super().__init__(f"{ack_code} {error_code}: {text}")
+        self.ack_code = ack_code
+        self.error_code = error_code
+        self.text = text
+
+
+def parse_feed(message: str, *, assigning_authority: str) -> PatientIdentity:
+    """Read an ITI-8 Admit/Register message and pick the affinity domain's id.
+
+    ITI TF-2 3.8.4.1.1 names A01, A04 and A05 as the events that create a
+    patient; ITI TF-2 3.8.4.1.3 has the Document Registry keep the PID-3
+    repetition of the affinity domain (CX-4.2 ``assigning_authority``, CX-4.3
+    ``ISO``) and ignore the others. Segments may end in CR, LF or CRLF.
+
+    Raises
+    ------
+    FeedRejected
+        AR 100 when the message cannot be parsed; AR 203 for a version other
+        than 2.3.1 or 2.5; AR 200 when it is not ADT; AR 201 for another event
+        (A08 and A40 included); AR 101 without MSH-10; AE 100 without PID; AE
+        101 when PID-3 is empty; AE 204 when no PID-3 repetition belongs to
+        ``assigning_authority``.
+    """
+    msg = _parse(message)
+
+    # ITI TF-2 3.8.4.1.1: only the create events are served here.
+    msh = msg.msh
+    message_type = msh.msh_9.msh_9_1.to_er7()
+    trigger = msh.msh_9.msh_9_2.to_er7()
+    if message_type != "ADT":
+        raise FeedRejected("AR", "200", f"message type {message_type or '(empty)'}")
+    if trigger not in CREATE_TRIGGERS:
+        raise FeedRejected("AR", "201", f"ADT event {trigger or '(empty)'}")
+    if not msh.msh_10.to_er7():
+        raise FeedRejected("AR", "101", "MSH-10 Message Control ID is empty")
+
+    pids = msg.pid
+    if len(pids) == 0:
+        raise FeedRejected("AE", "100", f"ADT {trigger} has no PID segment")
+    pid = pids[0]
+    repetitions = list(pid.pid_3)
+    if not any(cx.to_er7() for cx in repetitions):
+        raise FeedRejected("AE", "101", "PID-3 Patient Identifier List is empty")
+
+    # ITI TF-2 3.8.4.1.3: identifiers of other domains are ignored.
+    patient_id = ""
+    other_ids = []
+    for cx in repetitions:
+        id_number = cx.cx_1.to_er7()
+        in_domain = (
+            cx.cx_4.hd_2.to_er7() == assigning_authority
+            and cx.cx_4.hd_3.to_er7() == UNIVERSAL_ID_TYPE
+        )
+        if in_domain and id_number and not patient_id:
+            patient_id = f"{id_number}^^^&{assigning_authority}&{UNIVERSAL_ID_TYPE}"
+        elif cx.to_er7():
+            other_ids.append(cx.to_er7(encoding_chars=DEFAULT_ENCODING))
+    if not patient_id:
+        raise FeedRejected(
+            "AE",
+            "204",
+            f"no PID-3 identifier has assigning authority "
+            f"&{assigning_authority}&{UNIVERSAL_ID_TYPE}",
+        )
+
+    names = list(pid.pid_5)
+    return PatientIdentity(
+        patient_id=patient_id,
+        other_ids=tuple(other_ids),
+        name=names[0].to_er7(encoding_chars=DEFAULT_ENCODING) if names else "",
+        birth_date=pid.pid_7.ts_1.to_er7(),
+        sex=pid.pid_8.to_er7(),
+        trigger=trigger,
+    )
+
+
+def build_ack(
+    message: str,
+    ack_code: str,
+    *,
+    text: str = "",
+    error_code: str | None = None,
+    sending_application: str = "XDSI",
+    sending_facility: str = "XDSI",
+) -> str:
+    """Build the original-mode ACK (ITI TF-2x C.2.3) answering ``message``.
+
+    The ACK keeps the request's delimiters and version, addresses it back to
+    MSH-3/MSH-4, echoes MSH-10 in MSA-2 and MSH-11 in MSH-11, and carries an
+    ERR segment with the HL7 Table 0357 code on AE and AR (ERR-1 in v2.3.1,
+    ERR-3 and ERR-4 from v2.5). When the request is unreadable the ACK is
+    built from defaults: ``^~\\&``, version 2.3.1, MSA-2 empty.
+    """
+    if ack_code not in ACK_CODES:
+        raise ValueError(f"ack_code {ack_code!r}: HL7 Table 0008 has {ACK_CODES}")
+    if error_code is not None and error_code not in ERROR_CONDITIONS:
+        raise ValueError(f"error_code {error_code!r} is not in HL7 Table 0357")
+    if ack_code != "AA" and error_code is None:
+        error_code = "207"
+    request = _read_header(message)
+    enc = request.encoding_chars if request is not None else DEFAULT_ENCODING
+    version = request.version if request is not None else DEFAULT_VERSION
+
+    ack = Message(
+        "ACK",
+        version=version,
+        encoding_chars=enc,
+        validation_level=VALIDATION_LEVEL.TOLERANT,
+    )
+    ack.msh.msh_3 = _escape(sending_application, enc)
+    ack.msh.msh_4 = _escape(sending_facility, enc)
+    ack.msh.msh_7 = datetime.now().strftime("%Y%m%d%H%M%S")
+    ack.msh.msh_10 = uuid.uuid4().hex[:20]
+    ack.msh.msh_11 = "P"
+    if request is not None:
+        msh = request.msh
+        ack.msh.msh_5 = msh.msh_3.to_er7()
+        ack.msh.msh_6 = msh.msh_4.to_er7()
+        ack.msh.msh_11 = msh.msh_11.to_er7() or "P"
+        event = msh.msh_9.msh_9_2.to_er7()
+    else:
+        event = ""
+
+    # HL7 v2.3.1 added MSH-9.3 Message Structure; the ACK's is ACK.
+    c = enc["COMPONENT"]
+    ack.msh.msh_9 = f"ACK{c}{event}{c}ACK" if event else "ACK"
+
+    ack.msa.msa_1 = ack_code
+    if request is not None and request.msh.msh_10.to_er7():
+        ack.msa.msa_2 = request.msh.msh_10.to_er7()
+    if text:
+        ack.msa.msa_3 = _escape(text, enc)
+
+    if error_code is not None and ack_code != "AA":
+        condition = (
+            f"{error_code}{c}{_escape(ERROR_CONDITIONS[error_code], enc)}{c}HL70357"
+        )
+        err = ack.add_segment("ERR")
+        if version in ERR_1_VERSIONS:
+            # ERR-1 (ELD): segment^sequence^field^code; the CE is subcomponents.
+            err.err_1 = c * 3 + condition.replace(c, enc["SUBCOMPONENT"])
+        else:
+            err.err_3 = condition
+            err.err_4 = "E"
+    return ack.to_er7() + "\r"
+
+
+def build_feed(
+    patient_id: str,
+    *,
+    trigger: str = "A01",
+    name: str = "",
+    birth_date: str = "",
+    sex: str = "",
+    sending_application: str = "XDSI_PIX",
+    sending_facility: str = "XDSI",
+    receiving_application: str = "XDSI_REG",
+    receiving_facility: str = "XDSI",
+    control_id: str | None = None,
+) -> str:
+    """Build an ITI-8 ADT^<trigger>^ADT_A01 message in HL7 v2.3.1 for one patient.
+
+    ITI TF-2 3.8.4.1.2: MSH, EVN, PID and PV1. PID-3 is ``patient_id`` (a CX,
+    ``ID^^^&OID&ISO``); ``name`` (an XPN in ER7, e.g. ``DOE^JANE``) goes to
+    PID-5, ``birth_date`` (YYYYMMDD) to PID-7, ``sex`` (HL7 Table 0001) to
+    PID-8. PV1-2 is the Patient Class the event implies. Segments end in CR.
+    PID-5 is left empty when ``name`` is; ITI TF-2 Table 3.8-2 wants a name
+    from a real Patient Identity Source.
+    """
+    if trigger not in CREATE_TRIGGERS:
+        raise ValueError(f"trigger {trigger!r}: ITI-8 creates with {CREATE_TRIGGERS}")
+    if not patient_id:
+        raise ValueError("patient_id is empty; PID-3 is required")
+    now = datetime.now().strftime("%Y%m%d%H%M%S")
+
+    feed = Message("ADT_A01", version="2.3.1", validation_level=VALIDATION_LEVEL.TOLERANT)
+    feed.msh.msh_3 = sending_application
+    feed.msh.msh_4 = sending_facility
+    feed.msh.msh_5 = receiving_application
+    feed.msh.msh_6 = receiving_facility
+    feed.msh.msh_7 = now
+    feed.msh.msh_9 = f"ADT^{trigger}^ADT_A01"
+    feed.msh.msh_10 = control_id or uuid.uuid4().hex[:20]
+    feed.msh.msh_11 = "P"
+
+    feed.evn.evn_1 = trigger
+    feed.evn.evn_2 = now
+    feed.pid.pid_3 = patient_id
+    if name:
+        feed.pid.pid_5 = name
+    if birth_date:
+        feed.pid.pid_7 = birth_date
+    if sex:
+        feed.pid.pid_8 = sex
+    feed.pv1.pv1_2 = CREATE_TRIGGERS[trigger]
+    return feed.to_er7() + "\r"
+
+
+def handle_feed(
+    message: str,
+    on_patient: Callable[[PatientIdentity], None],
+    *,
+    assigning_authority: str,
+) -> tuple[str, PatientIdentity | None]:
+    """Serve one ITI-8 message as the Document Registry; never raises.
+
+    Parses ``message``, hands the identity to ``on_patient`` and answers ACK
+    AA (ITI TF-2 3.8.4.1.3). A rejected message answers AE or AR with its
+    Table 0357 code; a failure of ``on_patient`` or of this node answers AE
+    207 and is logged with its traceback.
+    """
+    control_id = _control_id(message)
+    try:
+        identity = parse_feed(message, assigning_authority=assigning_authority)
+    except FeedRejected as exc:
+        logger.info(
+            "ITI-8 Patient Identity Feed: %s %s, MSH-10 %s: %s",
+            exc.ack_code,
+            exc.error_code,
+            control_id,
+            ERROR_CONDITIONS[exc.error_code],
+        )
+        return build_ack(message, exc.ack_code, text=exc.text, error_code=exc.error_code), None
+    except Exception:
+        logger.exception("ITI-8 Patient Identity Feed: parsing MSH-10 %s failed", control_id)
+        return build_ack(message, "AE", text="internal error", error_code="207"), None
+
+    try:
+        on_patient(identity)
+    except Exception:
+        logger.exception(
+            "ITI-8 Patient Identity Feed: storing the patient of MSH-10 %s failed",
+            control_id,
+        )
+        return build_ack(message, "AE", text="patient not stored", error_code="207"), None
+
+    logger.info(
+        "ITI-8 Patient Identity Feed: AA, ADT %s, MSH-10 %s",
+        identity.trigger,
+        control_id,
+    )
+    return build_ack(message, "AA"), identity
+
+
+def _parse(message: str) -> Message:
+    """Parse ER7 text with hl7apy, tolerant of CR, LF or CRLF segment ends."""
+    normalised = _SEGMENT_END.sub("\r", message.strip())
+    try:
+        msg = parse_message(
+            normalised,
+            validation_level=VALIDATION_LEVEL.TOLERANT,
+            find_groups=False,
+        )
+    except UnsupportedVersion as exc:
+        raise FeedRejected("AR", "203", f"HL7 version not supported: {exc}") from exc
+    except HL7apyException as exc:
+        raise FeedRejected("AR", "100", f"not an HL7 v2 message: {exc}") from exc
+    except (LookupError, ValueError) as exc:
+        raise FeedRejected("AR", "100", "segments cannot be parsed") from exc
+    if msg.version not in SUPPORTED_VERSIONS:
+        raise FeedRejected(
+            "AR", "203", f"HL7 version {msg.version}; ITI-8 here is {SUPPORTED_VERSIONS}"
+        )
+    return msg
+
+
+def _read_header(message: str) -> Message | None:
+    """Parse only the MSH of ``message``, or return None when it is unreadable."""
+    normalised = _SEGMENT_END.sub("\r", message.strip())
+    header = normalised.partition("\r")[0]
+    try:
+        return parse_message(
+            header, validation_level=VALIDATION_LEVEL.TOLERANT, find_groups=False
+        )
+    except (HL7apyException, LookupError, ValueError):
+        return None
+
+
+def _control_id(message: str) -> str:
+    """Return MSH-10 of ``message`` for the log, or ``-`` when unreadable."""
+    header = _read_header(message)
+    if header is None:
+        return "-"
+    return header.msh.msh_10.to_er7() or "-"
+
+
+def _escape(text: str, enc: dict[str, str]) -> str:
+    """Escape delimiters in free text (HL7 v2.5 2.7.4: \\F\\ \\S\\ \\T\\ \\R\\ \\E\\)."""
+    esc = enc["ESCAPE"]
+    escapes = (
+        (enc["FIELD"], "F"),
+        (enc["COMPONENT"], "S"),
+        (enc["SUBCOMPONENT"], "T"),
+        (enc["REPETITION"], "R"),
+    )
+    out = text.replace(esc, f"{esc}E{esc}")
+    for delimiter, letter in escapes:
+        out = out.replace(delimiter, f"{esc}{letter}{esc}")
+    return out.replace("\r", " ").replace("\n", " ")

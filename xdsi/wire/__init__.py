@@ -1,0 +1,71 @@
+"""The wire: SOAP 1.2, WS-Addressing 1.0, streamed MTOM/XOP, faults, a client.
+
+Implements the web-service profile of ITI TF-2x Appendix V that every XDS.b
+and XDS-I.b transaction travels on; knows no actor.
+"""
+
+from xdsi.wire.client import SoapClient
+from xdsi.wire.faults import (
+    FAULT_ACTION,
+    ActionMismatch,
+    ActionNotSupported,
+    MalformedMessage,
+    MessageAddressingHeaderRequired,
+    MissingAttachment,
+    PeerFault,
+    ReceiverFault,
+    SoapFault,
+    TransportError,
+    UnsupportedMediaType,
+    VersionMismatch,
+    WireError,
+    fault_envelope,
+)
+from xdsi.wire.mtom import (
+    Attachment,
+    OutgoingPart,
+    attachment_for,
+    new_content_id,
+    read_message,
+    write_message,
+    xop_include,
+)
+from xdsi.wire.soap import (
+    ANONYMOUS,
+    SoapMessage,
+    build_envelope,
+    parse_envelope,
+    serialize,
+)
+from xdsi.wire.xml import parse_xml
+
+__all__ = [
+    "ANONYMOUS",
+    "FAULT_ACTION",
+    "ActionMismatch",
+    "ActionNotSupported",
+    "Attachment",
+    "MalformedMessage",
+    "MessageAddressingHeaderRequired",
+    "MissingAttachment",
+    "OutgoingPart",
+    "PeerFault",
+    "ReceiverFault",
+    "SoapClient",
+    "SoapFault",
+    "SoapMessage",
+    "TransportError",
+    "UnsupportedMediaType",
+    "VersionMismatch",
+    "WireError",
+    "attachment_for",
+    "build_envelope",
+    "fault_envelope",
+    "new_content_id",
+    "parse_envelope",
+    "parse_xml",
+    "read_message",
+    "serialize",
+    "write_message",
+    "xop_include",
+]
