@@ -22,7 +22,6 @@ from xdsi.actors.imaging_source import ImagingSource
 from xdsi.actors.registry import Registry
 from xdsi.actors.repository import Repository
 from xdsi.config import Settings
-from xdsi.hl7.adt import handle_feed
 from xdsi.hl7.mllp import MllpServer
 from xdsi.store.blobs import BlobStore
 from xdsi.store.schema import make_engine
@@ -102,16 +101,12 @@ class Node:
             settings = settings.with_ports(**{actor: server.server_port})
 
         # The listener is bound before the actors exist, so that its port is
-        # known; a message in that instant is answered AE by handle_feed.
+        # known; a message in that instant finds no registry, and the
+        # listener answers nothing for it.
         registry: list[Registry] = []
         if settings.registry.enabled:
-            assigning_authority = settings.node.assigning_authority
-            self._mllp = MllpServer(
-                settings.node.host, settings.registry.feed_port,
-                lambda text: handle_feed(
-                    text, lambda identity: registry[0].add_patient(identity),
-                    assigning_authority=assigning_authority)[0],
-            )
+            self._mllp = MllpServer(settings.node.host, settings.registry.feed_port,
+                                    lambda text: registry[0].feed(text))
             self._mllp.start()
             settings = settings.with_ports(feed=self._mllp.address[1])
         services = build_services(settings)

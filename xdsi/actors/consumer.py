@@ -149,7 +149,8 @@ class Consumer:
 
     # --- ITI-43 ---------------------------------------------------------
 
-    def retrieve_document(self, entry: FoundEntry, target: Path) -> Path:
+    def retrieve_document(self, entry: FoundEntry, target: Path,
+                          patient_id: str | None = None) -> Path:
         """Retrieve one document into ``target`` (ITI TF-2 3.43)."""
         url = self.endpoint_for(entry.repository_unique_id)
         request = etree.Element(f"{{{ns.XDSB}}}RetrieveDocumentSetRequest",
@@ -177,7 +178,7 @@ class Consumer:
         except (wire.TransportError, wire.PeerFault) as exc:
             raise ConsumerError(f"ITI-43 to {url} failed: {exc}") from exc
         finally:
-            self._audit("ITI-43", "Document Consumer", url, ok,
+            self._audit("ITI-43", "Document Consumer", url, ok, patient_id=patient_id,
                         documents=(audit.DocumentRef(entry.unique_id,
                                                      entry.repository_unique_id),))
         return target
@@ -186,7 +187,8 @@ class Consumer:
 
     def retrieve_images(self, manifest: kos.Manifest, out_dir: Path,
                         result: FetchResult, progress: Progress | None = None,
-                        done: int = 0, total: int = 0) -> int:
+                        done: int = 0, total: int = 0,
+                        patient_id: str | None = None) -> int:
         """Retrieve every instance a manifest references, one RAD-69 per series.
 
         Instances land as ``out_dir/StudyUID/SeriesUID/SOPUID.dcm``.
@@ -232,7 +234,7 @@ class Consumer:
                 raise ConsumerError(f"RAD-69 to {url} failed: {exc}") from exc
             finally:
                 self._audit("RAD-69", "Imaging Document Consumer", url, ok,
-                            study_instance_uids=(study_uid,))
+                            patient_id=patient_id, study_instance_uids=(study_uid,))
         return done
 
     def _rad69_request(self, location: str, study_uid: str, series_uid: str,
@@ -269,7 +271,7 @@ class Consumer:
         manifests: list[kos.Manifest] = []
         for entry in entries:
             target = out_dir / "manifests" / f"{entry.unique_id}.dcm"
-            self.retrieve_document(entry, target)
+            self.retrieve_document(entry, target, patient_id)
             result.manifests.append(target)
             manifests.append(kos.parse_manifest(target))
             if progress:
@@ -277,7 +279,8 @@ class Consumer:
         total = sum(len(m.references) for m in manifests)
         done = 0
         for manifest in manifests:
-            done = self.retrieve_images(manifest, out_dir, result, progress, done, total)
+            done = self.retrieve_images(manifest, out_dir, result, progress, done,
+                                        total, patient_id)
         return result
 
 

@@ -98,7 +98,7 @@ class ImagingSource:
 
     # --- intake and RAD-68 ----------------------------------------------
 
-    def keep_instances(self, study: scan.Study) -> int:
+    def keep_instances(self, study: scan.Study, patient_id: str) -> int:
         """Copy the study's instances into the store; return the bytes kept."""
         total = 0
         for header in study.instances:
@@ -119,6 +119,7 @@ class ImagingSource:
                     transfer_syntax_uid=header.transfer_syntax_uid,
                     size=header.size,
                     sha256=sha256_file(self.blobs.path(blob)),
+                    patient_id=patient_id,
                     blob=blob,
                 ))
         return total
@@ -130,7 +131,7 @@ class ImagingSource:
         the study's own Patient ID becomes sourcePatientId.
         """
         cfg = self.settings.imaging_source
-        total = self.keep_instances(study)
+        total = self.keep_instances(study, patient_id)
         manifest = kos.build_manifest(
             study,
             retrieve_ae_title=cfg.ae_title,
@@ -236,7 +237,8 @@ class ImagingSource:
     # --- RAD-69 ---------------------------------------------------------
 
     def retrieve(self, request: etree._Element
-                 ) -> tuple[etree._Element, list[wire.OutgoingPart], list[str], list[str]]:
+                 ) -> tuple[etree._Element, list[wire.OutgoingPart], list[str],
+                            list[str], list[str]]:
         """Answer a RetrieveImagingDocumentSetRequest (RAD TF-3 4.69.4.2).
 
         An instance comes back only when it belongs to the named study and
@@ -275,12 +277,13 @@ class ImagingSource:
             errors.append(TransferSyntaxUnavailable(
                 "TransferSyntaxUIDList lists no transfer syntax (RAD TF-3 4.69.4.1.2)"))
             documents = []
-        body, parts = retrieve_response(documents, errors, ACTOR)
-        return body, parts, [d[0] for d in documents], studies
+        body, parts = retrieve_response([d[:5] for d in documents], errors, ACTOR)
+        patients = sorted({d[5] for d in documents if d[5]})
+        return body, parts, [d[0] for d in documents], studies, patients
 
     def _instance(self, item: etree._Element, study_uid: str, series_uid: str,
                   syntaxes: list[str]
-                  ) -> tuple[str, str, str, Path, str | None] | XdsError:
+                  ) -> tuple[str, str, str, Path, str | None, str | None] | XdsError:
         repository_id = child_text(item, "RepositoryUniqueId")
         sop_uid = child_text(item, "DocumentUniqueId")
         community = child_text(item, "HomeCommunityId") or None
@@ -302,7 +305,7 @@ class ImagingSource:
                 f"{row.transfer_syntax_uid}, which the request does not list",
                 sop_uid)
         return (sop_uid, self.repository_unique_id, "application/dicom",
-                self.blobs.path(row.blob), community)
+                self.blobs.path(row.blob), community, row.patient_id)
 
     # --- SOAP edge -------------------------------------------------------
 
@@ -313,7 +316,7 @@ class ImagingSource:
 
     def handle_retrieve(self, message: wire.SoapMessage, peer: Peer) -> Reply:
         started = time.monotonic()
-        body, parts, sop_uids, studies = self.retrieve(message.body)
+        body, parts, sop_uids, studies, patients = self.retrieve(message.body)
         status = read_status(body)
         self.auditor.record(audit.AuditEvent(
             transaction="RAD-69", actor="Imaging Document Source",
@@ -323,6 +326,7 @@ class ImagingSource:
             source=audit.Endpoint(self.settings.url("imaging_source"),
                                   self.settings.node.host),
             destination=audit.Endpoint(peer.reply_to, peer.host),
+            patient_id=patients[0] if patients else None,
             study_instance_uids=tuple(studies),
             message_id=message.message_id,
         ))

@@ -30,7 +30,7 @@ from xdsi.errors import (
     UnknownPatientId,
     XdsError,
 )
-from xdsi.hl7.adt import PatientIdentity
+from xdsi.hl7.adt import PatientIdentity, handle_feed
 from xdsi.metadata import ebrim, stored_query, validation
 from xdsi.metadata.ebrim import RegistryObject, Submission
 from xdsi.metadata.responses import RegistryError, registry_response, status_of
@@ -71,6 +71,25 @@ class Registry:
         self.auditor = auditor
 
     # --- ITI-8 ----------------------------------------------------------
+
+    def feed(self, message: str) -> str:
+        """Answer one ITI-8 message with its ACK, and audit it."""
+        ack, identity = handle_feed(
+            message, self.add_patient,
+            assigning_authority=self.settings.node.assigning_authority)
+        msh, msa = _ack_fields(ack)
+        sender = "|".join(f for f in msh[4:6] if f)
+        self.auditor.record(audit.AuditEvent(
+            transaction="ITI-8", actor="Document Registry",
+            outcome=audit.Outcome.SUCCESS if identity is not None
+            else audit.Outcome.SERIOUS_FAILURE,
+            source=audit.Endpoint(sender or "unknown", "unknown"),
+            destination=audit.Endpoint("|".join(f for f in msh[2:4] if f) or "xdsi",
+                                       self.settings.node.host),
+            patient_id=identity.patient_id if identity else None,
+            message_id=msa[2] if len(msa) > 2 else None,
+        ))
+        return ack
 
     def add_patient(self, identity: PatientIdentity) -> None:
         """Record a patient of the affinity domain (ITI TF-2 3.8.4.1.3)."""
@@ -395,6 +414,18 @@ class _Unsupported(Exception):
     def __init__(self, name: str) -> None:
         super().__init__(name)
         self.name = name
+
+
+def _ack_fields(ack: str) -> tuple[list[str], list[str]]:
+    """Return the MSH and MSA fields of an ACK that xdsi built."""
+    msh: list[str] = []
+    msa: list[str] = []
+    for segment in ack.replace("\n", "\r").split("\r"):
+        if segment.startswith("MSH") and len(segment) > 3:
+            msh = ["MSH", segment[3], *segment[4:].split(segment[3])]
+        elif segment.startswith("MSA") and msh:
+            msa = segment.split(msh[1])
+    return msh, msa
 
 
 def _check_dtm(param: str, value: str) -> None:

@@ -58,6 +58,7 @@ class StoredDocument:
     size: int
     sha1: str
     blob: str
+    patient_id: str | None = None
 
 
 class Repository:
@@ -186,11 +187,11 @@ class Repository:
                 continue
             blob = self.blobs.put_file(unique_id, document.path)
             record = StoredDocument(unique_id, entry.mime_type, document.size,
-                                    document.sha1, blob)
+                                    document.sha1, blob, entry.patient_id)
             with self.engine.begin() as conn:
                 conn.execute(insert(repository_document).values(
                     unique_id=unique_id, mime_type=record.mime_type, size=record.size,
-                    sha1=record.sha1, blob=blob))
+                    sha1=record.sha1, patient_id=record.patient_id, blob=blob))
             stored.append(record)
         if errors:
             self._remove(stored)
@@ -232,10 +233,11 @@ class Repository:
         if row is None:
             return None
         return StoredDocument(row.unique_id, row.mime_type, row.size, row.sha1,
-                              row.blob)
+                              row.blob, row.patient_id)
 
     def retrieve(self, request: etree._Element
-                 ) -> tuple[etree._Element, list[wire.OutgoingPart], list[str]]:
+                 ) -> tuple[etree._Element, list[wire.OutgoingPart],
+                            list[StoredDocument]]:
         """Answer a RetrieveDocumentSetRequest (ITI TF-2 3.43.4.2)."""
         errors: list[XdsError] = []
         found: list[tuple[StoredDocument, str | None]] = []
@@ -255,11 +257,12 @@ class Repository:
                 continue
             found.append((record, community))
 
-        return retrieve_response(
+        body, parts = retrieve_response(
             [(r.unique_id, self.repository_unique_id, r.mime_type,
               self.blobs.path(r.blob), community) for r, community in found],
             errors, ACTOR,
-        ) + ([r.unique_id for r, _ in found],)
+        )
+        return body, parts, [r for r, _ in found]
 
     # --- SOAP edge -------------------------------------------------------
 
@@ -299,18 +302,19 @@ class Repository:
 
     def handle_retrieve(self, message: wire.SoapMessage, peer: Peer) -> Reply:
         started = time.monotonic()
-        body, parts, unique_ids = self.retrieve(message.body)
+        body, parts, documents = self.retrieve(message.body)
         status = read_status(body)
         self.auditor.record(audit.AuditEvent(
             transaction="ITI-43", actor="Document Repository",
             outcome=audit.Outcome.SUCCESS if status == ResponseStatus.SUCCESS.value
-            else audit.Outcome.MINOR_FAILURE if unique_ids
+            else audit.Outcome.MINOR_FAILURE if documents
             else audit.Outcome.SERIOUS_FAILURE,
             source=audit.Endpoint(self.settings.url("repository"),
                                   self.settings.node.host),
             destination=audit.Endpoint(peer.reply_to, peer.host),
-            documents=tuple(audit.DocumentRef(u, self.repository_unique_id)
-                            for u in unique_ids),
+            patient_id=next((d.patient_id for d in documents if d.patient_id), None),
+            documents=tuple(audit.DocumentRef(d.unique_id, self.repository_unique_id)
+                            for d in documents),
             message_id=message.message_id,
         ))
         logger.info("%s %s from %s: %s, MessageID %s, %d documents, %.3f s",

@@ -119,7 +119,9 @@ def parse_feed(message: str, *, assigning_authority: str) -> PatientIdentity:
     ITI TF-2 3.8.4.1.1 names A01, A04 and A05 as the events that create a
     patient; ITI TF-2 3.8.4.1.3 has the Document Registry keep the PID-3
     repetition of the affinity domain (CX-4.2 ``assigning_authority``, CX-4.3
-    ``ISO``) and ignore the others. Segments may end in CR, LF or CRLF.
+    ``ISO``) and ignore the others; when the domain appears twice the first
+    repetition wins and the second goes to ``other_ids``. Segments may end in
+    CR, LF or CRLF.
 
     Raises
     ------
@@ -152,6 +154,8 @@ def parse_feed(message: str, *, assigning_authority: str) -> PatientIdentity:
         raise FeedRejected("AE", "101", "PID-3 Patient Identifier List is empty")
 
     # ITI TF-2 3.8.4.1.3: identifiers of other domains are ignored.
+    # Limitation: CX-1 is kept as sent; an escape sequence in it written with
+    # an escape character other than \ is not rewritten for the XDS CX.
     patient_id = ""
     other_ids = []
     for cx in repetitions:
@@ -198,7 +202,9 @@ def build_ack(
     MSH-3/MSH-4, echoes MSH-10 in MSA-2 and MSH-11 in MSH-11, and carries an
     ERR segment with the HL7 Table 0357 code on AE and AR (ERR-1 in v2.3.1,
     ERR-3 and ERR-4 from v2.5). When the request is unreadable the ACK is
-    built from defaults: ``^~\\&``, version 2.3.1, MSA-2 empty.
+    built from defaults: ``^~\\&``, version 2.3.1, MSA-2 empty. ``text`` is
+    escaped; ``sending_application`` and ``sending_facility`` are HD values
+    written as given.
     """
     if ack_code not in ACK_CODES:
         raise ValueError(f"ack_code {ack_code!r}: HL7 Table 0008 has {ACK_CODES}")
@@ -216,8 +222,8 @@ def build_ack(
         encoding_chars=enc,
         validation_level=VALIDATION_LEVEL.TOLERANT,
     )
-    ack.msh.msh_3 = _escape(sending_application, enc)
-    ack.msh.msh_4 = _escape(sending_facility, enc)
+    ack.msh.msh_3 = sending_application
+    ack.msh.msh_4 = sending_facility
     ack.msh.msh_7 = datetime.now().strftime("%Y%m%d%H%M%S")
     ack.msh.msh_10 = uuid.uuid4().hex[:20]
     ack.msh.msh_11 = "P"
@@ -282,7 +288,9 @@ def build_feed(
         raise ValueError("patient_id is empty; PID-3 is required")
     now = datetime.now().strftime("%Y%m%d%H%M%S")
 
-    feed = Message("ADT_A01", version="2.3.1", validation_level=VALIDATION_LEVEL.TOLERANT)
+    feed = Message(
+        "ADT_A01", version="2.3.1", validation_level=VALIDATION_LEVEL.TOLERANT
+    )
     feed.msh.msh_3 = sending_application
     feed.msh.msh_4 = sending_facility
     feed.msh.msh_5 = receiving_application
@@ -329,9 +337,13 @@ def handle_feed(
             control_id,
             ERROR_CONDITIONS[exc.error_code],
         )
-        return build_ack(message, exc.ack_code, text=exc.text, error_code=exc.error_code), None
+        return build_ack(
+            message, exc.ack_code, text=exc.text, error_code=exc.error_code
+        ), None
     except Exception:
-        logger.exception("ITI-8 Patient Identity Feed: parsing MSH-10 %s failed", control_id)
+        logger.exception(
+            "ITI-8 Patient Identity Feed: parsing MSH-10 %s failed", control_id
+        )
         return build_ack(message, "AE", text="internal error", error_code="207"), None
 
     try:
@@ -341,7 +353,9 @@ def handle_feed(
             "ITI-8 Patient Identity Feed: storing the patient of MSH-10 %s failed",
             control_id,
         )
-        return build_ack(message, "AE", text="patient not stored", error_code="207"), None
+        return build_ack(
+            message, "AE", text="patient not stored", error_code="207"
+        ), None
 
     logger.info(
         "ITI-8 Patient Identity Feed: AA, ADT %s, MSH-10 %s",
@@ -365,10 +379,13 @@ def _parse(message: str) -> Message:
     except HL7apyException as exc:
         raise FeedRejected("AR", "100", f"not an HL7 v2 message: {exc}") from exc
     except (LookupError, ValueError) as exc:
-        raise FeedRejected("AR", "100", "segments cannot be parsed") from exc
+        # hl7apy raises these on some malformed MSH segments.
+        raise FeedRejected("AR", "100", "MSH segment cannot be parsed") from exc
     if msg.version not in SUPPORTED_VERSIONS:
         raise FeedRejected(
-            "AR", "203", f"HL7 version {msg.version}; ITI-8 here is {SUPPORTED_VERSIONS}"
+            "AR",
+            "203",
+            f"HL7 version {msg.version}; ITI-8 here is {SUPPORTED_VERSIONS}",
         )
     return msg
 
@@ -394,7 +411,7 @@ def _control_id(message: str) -> str:
 
 
 def _escape(text: str, enc: dict[str, str]) -> str:
-    """Escape delimiters in free text (HL7 v2.5 2.7.4: \\F\\ \\S\\ \\T\\ \\R\\ \\E\\)."""
+    r"""Escape delimiters in free text: \F\ \S\ \T\ \R\ \E\ (HL7 v2.5 2.7.4)."""
     esc = enc["ESCAPE"]
     escapes = (
         (enc["FIELD"], "F"),

@@ -22,6 +22,8 @@ CARRIAGE_RETURN = 0x0D  # <CR>
 MAX_FRAME_SIZE = 4 * 1024 * 1024
 
 _RECV_SIZE = 65536
+# How soon stop() is noticed by the accepting thread, in seconds.
+_POLL_INTERVAL = 0.05
 _WHITESPACE = b"\r\n \t"
 
 
@@ -103,7 +105,8 @@ class _Connection(socketserver.BaseRequestHandler):
     server: "_TcpServer"
 
     def handle(self) -> None:
-        peer = "%s:%s" % self.client_address[:2]
+        host, port = self.client_address[:2]
+        peer = f"{host}:{port}"
         sock: socket.socket = self.request
         owner = self.server.owner
         owner._track(sock, True)
@@ -150,7 +153,9 @@ class _Connection(socketserver.BaseRequestHandler):
                 logger.warning("MLLP %s: %s, closing", peer, exc)
                 return
             if skipped:
-                logger.warning("MLLP %s: skipped %d bytes outside a frame", peer, skipped)
+                logger.warning(
+                    "MLLP %s: skipped %d bytes outside a frame", peer, skipped
+                )
 
             for payload in frames:
                 text, codec = decode_payload(payload)
@@ -217,7 +222,8 @@ class MllpServer:
             raise RuntimeError("MllpServer already started")
         self._thread = threading.Thread(
             target=self._server.serve_forever,
-            name="mllp-%s:%d" % self.address,
+            kwargs={"poll_interval": _POLL_INTERVAL},
+            name=f"mllp-{self.address[0]}:{self.address[1]}",
             daemon=True,
         )
         self._thread.start()

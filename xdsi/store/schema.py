@@ -107,6 +107,8 @@ repository_document = Table(
     Column("mime_type", String(128), nullable=False),
     Column("size", BigInteger, nullable=False),
     Column("sha1", String(40), nullable=False),
+    # The DocumentEntry's patientId, for the ITI-43 audit record.
+    Column("patient_id", String(256)),
     Column("blob", String(512), nullable=False),
     Column("created_at", DateTime(timezone=True), server_default=func.now()),
 )
@@ -123,6 +125,8 @@ imaging_instance = Table(
     Column("transfer_syntax_uid", String(64), nullable=False),
     Column("size", BigInteger, nullable=False),
     Column("sha256", String(64), nullable=False),
+    # The affinity-domain patient id it was published under (RAD-69 audit).
+    Column("patient_id", String(256)),
     Column("blob", String(512), nullable=False),
     Column("created_at", DateTime(timezone=True), server_default=func.now()),
     Index("ix_imaging_instance_study", "study_instance_uid", "series_instance_uid"),

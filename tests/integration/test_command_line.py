@@ -1,0 +1,108 @@
+"""The command line against a served node, each command its own process:
+``xdsi serve``, ``feed``, ``publish``, ``find``, ``fetch``, ``audit list``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, shared_path
+from xdsi.dicom import scan
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _xdsi(config: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "xdsi", "--config", str(config), *args],
+        capture_output=True, text=True, timeout=300, check=check, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+@pytest.fixture
+def served(tmp_path) -> Iterator[Path]:  # type: ignore[no-untyped-def]
+    """A node started with ``xdsi serve`` on free loopback ports."""
+    config = tmp_path / "xdsi.toml"
+    config.write_text(
+        f'[node]\nstorage_dir = "{tmp_path / "node"}"\n'
+        f"[registry]\nport = {_free_port()}\nfeed_port = {_free_port()}\n"
+        f"[repository]\nport = {_free_port()}\n"
+        f"[imaging_source]\nport = {_free_port()}\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xdsi", "--config", str(config), "serve"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert process.stdout is not None
+    deadline = time.monotonic() + 60
+    lines = []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        lines.append(line)
+        if line.startswith("storage"):
+            break
+        if process.poll() is not None:
+            raise AssertionError("xdsi serve exited:\n" + "".join(lines))
+    yield config
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_feed_publish_fetch_gives_back_every_instance(served: Path, tmp_path):
+    """RAD TF-3 4.68, 4.69 through the command line: byte-identical images."""
+    images = shared_path("dicom", "study-mr", "images")
+    assert "ACK AA" in _xdsi(served, "feed", "IDS-DEPT002-a").stdout
+    published = _xdsi(served, "publish", str(images), "--patient-id", "IDS-DEPT002-a")
+    assert "36 instances" in published.stdout
+
+    found = json.loads(_xdsi(served, "find", "--patient-id", "IDS-DEPT002-a",
+                             "--json").stdout)
+    assert len(found) == 1 and found[0]["modalities"] == ["MR"]
+
+    out = tmp_path / "fetched"
+    _xdsi(served, "fetch", "--patient-id", "IDS-DEPT002-a", "--out", str(out))
+    (study,) = scan.scan_directory(images).studies
+    for header in study.instances:
+        fetched = (out / header.study_instance_uid / header.series_instance_uid
+                   / f"{header.sop_instance_uid}.dcm")
+        assert (hashlib.sha256(fetched.read_bytes()).digest()
+                == hashlib.sha256(header.path.read_bytes()).digest())
+
+    trail = json.loads(_xdsi(served, "audit", "list", "--json").stdout)
+    assert {"ITI-8", "RAD-68", "ITI-41", "ITI-42", "ITI-18", "ITI-43",
+            "RAD-69"} <= {r["transaction"] for r in trail}
+
+
+def test_publish_for_unknown_patient_fails_with_the_registry_code(served: Path):
+    """ITI TF-3 Table 4.2.4.1-2: XDSUnknownPatientId reaches the user."""
+    images = shared_path("dicom", "study-mr", "images")
+    result = _xdsi(served, "publish", str(images), "--patient-id", "NEVER-FED",
+                   check=False)
+    assert result.returncode == 1
+    assert "XDSUnknownPatientId" in result.stderr
+
+
+def test_config_show_prints_effective_settings(tmp_path):
+    """The effective configuration is printed as TOML that loads back."""
+    import tomllib
+
+    config = tmp_path / "xdsi.toml"
+    config.write_text('[repository]\nrepository_unique_id = "1.2.3.4"\n')
+    shown = tomllib.loads(_xdsi(config, "config", "show").stdout)
+    assert shown["repository"]["repository_unique_id"] == "1.2.3.4"
+    assert shown["node"]["assigning_authority"]

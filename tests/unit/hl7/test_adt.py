@@ -1,0 +1,407 @@
+"""ITI-8 Patient Identity Feed: parsing, ACKs and feeds, without sockets."""
+
+import logging
+
+import pytest
+from hl7apy.consts import VALIDATION_LEVEL
+from hl7apy.parser import parse_message
+
+from tests.unit.hl7.conftest import (
+    ADT_A01_V231,
+    ADT_A04_V25,
+    AFFINITY_DOMAIN,
+    AFFINITY_ID,
+    LOCAL_CX,
+)
+from xdsi.hl7 import (
+    FeedRejected,
+    PatientIdentity,
+    build_ack,
+    build_feed,
+    handle_feed,
+    parse_feed,
+)
+
+AFFINITY_CX = f"{AFFINITY_ID}^^^&{AFFINITY_DOMAIN}&ISO"
+
+
+def hl7apy_parse(message: str):  # type: ignore[no-untyped-def]
+    """Parse as a peer using hl7apy would, strictly as to segment ends."""
+    assert "\n" not in message
+    return parse_message(
+        message, validation_level=VALIDATION_LEVEL.TOLERANT, find_groups=False
+    )
+
+
+@pytest.mark.parametrize(
+    ("trigger", "version"),
+    [(t, v) for t in ("A01", "A04", "A05") for v in ("2.3.1", "2.5")],
+)
+def test_create_events_yield_the_affinity_domain_identifier(
+    trigger: str, version: str
+) -> None:
+    """ITI TF-2 3.8.4.1.1: A01, A04 and A05 create the patient, v2.3.1 or v2.5."""
+    message = ADT_A01_V231.replace("ADT^A01^ADT_A01", f"ADT^{trigger}^ADT_A01")
+    message = message.replace("|P|2.3.1\r", f"|P|{version}\r")
+
+    identity = parse_feed(message, assigning_authority=AFFINITY_DOMAIN)
+
+    assert identity == PatientIdentity(
+        patient_id=AFFINITY_CX,
+        other_ids=(LOCAL_CX,),
+        name="MOORE^CHIP^^^^^L",
+        birth_date="19380224",
+        sex="M",
+        trigger=trigger,
+    )
+
+
+def test_affinity_domain_identifier_is_found_in_any_repetition() -> None:
+    """ITI TF-2 3.8.4.1.3: the domain's PID-3 repetition is kept, others aside."""
+    identity = parse_feed(ADT_A04_V25, assigning_authority=AFFINITY_DOMAIN)
+
+    assert identity.patient_id == AFFINITY_CX
+    assert identity.other_ids == (LOCAL_CX,)
+    assert identity.trigger == "A04"
+
+
+@pytest.mark.parametrize("ending", ["\r", "\n", "\r\n"], ids=["CR", "LF", "CRLF"])
+def test_segments_may_end_in_cr_lf_or_crlf(ending: str) -> None:
+    """ITI TF-2 3.8.4.1.2: the same feed read whatever ends its segments."""
+    message = ADT_A01_V231.replace("\r", ending)
+
+    identity = parse_feed(message, assigning_authority=AFFINITY_DOMAIN)
+
+    assert identity.patient_id == AFFINITY_CX
+    assert identity.sex == "M"
+
+
+def test_birth_date_is_the_time_of_a_v25_ts() -> None:
+    """ITI TF-2 Table 3.8-2: PID-7 is a TS; its first component is the date."""
+    message = ADT_A04_V25.replace("||19511030|F", "||19511030^D|F")
+
+    assert parse_feed(message, assigning_authority=AFFINITY_DOMAIN).birth_date == (
+        "19511030"
+    )
+
+
+# Each rule: one valid feed with one thing changed, and the answer it earns.
+REJECTIONS = {
+    "other assigning authority": (
+        ADT_A01_V231.replace(f"&{AFFINITY_DOMAIN}&ISO", "&1.2.840.99999.7&ISO"),
+        "AE",
+        "204",
+    ),
+    "authority not ISO": (
+        ADT_A01_V231.replace(f"&{AFFINITY_DOMAIN}&ISO", f"&{AFFINITY_DOMAIN}&DNS"),
+        "AE",
+        "204",
+    ),
+    "ORM^O01": (
+        ADT_A01_V231.replace("ADT^A01^ADT_A01", "ORM^O01^ORM_O01"),
+        "AR",
+        "200",
+    ),
+    "ADT^A08 update": (
+        ADT_A01_V231.replace("ADT^A01^ADT_A01", "ADT^A08^ADT_A01"),
+        "AR",
+        "201",
+    ),
+    "ADT^A40 merge": (
+        ADT_A01_V231.replace("ADT^A01^ADT_A01", "ADT^A40^ADT_A39"),
+        "AR",
+        "201",
+    ),
+    "no MSH-10": (ADT_A01_V231.replace("|PIF-0001|", "||"), "AR", "101"),
+    "version 2.4": (ADT_A01_V231.replace("|P|2.3.1", "|P|2.4"), "AR", "203"),
+    "version 9.9": (ADT_A01_V231.replace("|P|2.3.1", "|P|9.9"), "AR", "203"),
+    "no PID segment": (
+        "".join(s + "\r" for s in ADT_A01_V231.split("\r") if s[:3] in ("MSH", "PV1")),
+        "AE",
+        "100",
+    ),
+    "empty PID-3": (
+        ADT_A01_V231.replace(f"{AFFINITY_CX}~{LOCAL_CX}", ""),
+        "AE",
+        "101",
+    ),
+    "no MSH": (ADT_A01_V231.partition("\r")[2], "AR", "100"),
+    "duplicate encoding characters": (
+        ADT_A01_V231.replace("MSH|^~\\&|", "MSH|^^\\&|"),
+        "AR",
+        "100",
+    ),
+    "five encoding characters, no MSH-12": (
+        ADT_A01_V231.replace("MSH|^~\\&|", "MSH|^~\\&#|").replace("|P|2.3.1", ""),
+        "AR",
+        "100",
+    ),
+    "empty": ("", "AR", "100"),
+}
+
+
+@pytest.mark.parametrize(
+    ("message", "ack_code", "error_code"), REJECTIONS.values(), ids=REJECTIONS.keys()
+)
+def test_feed_breaking_a_rule_is_rejected_with_its_table_0357_code(
+    message: str, ack_code: str, error_code: str
+) -> None:
+    """ITI TF-2 3.8.4.1.3: a feed the Registry cannot take earns AE or AR."""
+    with pytest.raises(FeedRejected) as caught:
+        parse_feed(message, assigning_authority=AFFINITY_DOMAIN)
+
+    assert (caught.value.ack_code, caught.value.error_code) == (ack_code, error_code)
+
+
+def test_unknown_authority_rejection_names_the_authority_sought() -> None:
+    """ITI TF-2 3.8.4.1.3: the error says which assigning authority was sought."""
+    with pytest.raises(FeedRejected, match="&1.2.840.99999.8&ISO"):
+        parse_feed(ADT_A01_V231, assigning_authority="1.2.840.99999.8")
+
+
+def test_feed_rejected_refuses_codes_outside_the_tables() -> None:
+    """ITI TF-2x C.2.3: MSA-1 of a rejection is AE or AR; ERR uses Table 0357."""
+    with pytest.raises(ValueError, match="AE or AR"):
+        FeedRejected("AA", "204", "x")
+    with pytest.raises(ValueError, match="Table 0357"):
+        FeedRejected("AE", "999", "x")
+
+
+@pytest.mark.parametrize(
+    ("request_text", "version"),
+    [(ADT_A01_V231, "2.3.1"), (ADT_A04_V25, "2.5")],
+    ids=["v2.3.1", "v2.5"],
+)
+def test_ack_answers_the_request_header(request_text: str, version: str) -> None:
+    """ITI TF-2x C.2.3: MSA-2 echoes MSH-10; the ACK is addressed back, same version."""
+    request = hl7apy_parse(request_text)
+
+    ack = hl7apy_parse(build_ack(request_text, "AA"))
+
+    assert ack.msh.msh_12.to_er7() == version
+    assert ack.msh.msh_9.to_er7() == f"ACK^{request.msh.msh_9.msh_9_2.to_er7()}^ACK"
+    assert ack.msh.msh_3.to_er7() == "XDSI"
+    assert ack.msh.msh_5.to_er7() == "PAT_ID_SOURCE"
+    assert ack.msh.msh_6.to_er7() == "CLINIC"
+    assert ack.msh.msh_10.to_er7() not in ("", request.msh.msh_10.to_er7())
+    assert ack.msa.msa_1.to_er7() == "AA"
+    assert ack.msa.msa_2.to_er7() == request.msh.msh_10.to_er7()
+    assert len(ack.err) == 0
+
+
+def test_ack_control_ids_are_fresh_each_time() -> None:
+    """ITI TF-2x C.2.3: every ACK carries its own MSH-10."""
+    first = hl7apy_parse(build_ack(ADT_A01_V231, "AA"))
+    second = hl7apy_parse(build_ack(ADT_A01_V231, "AA"))
+
+    assert first.msh.msh_10.to_er7() != second.msh.msh_10.to_er7()
+
+
+def test_ack_error_sits_in_err_1_for_v231() -> None:
+    """ITI TF-2x C.2.3: a v2.3.1 ACK reports the Table 0357 code in ERR-1."""
+    ack = hl7apy_parse(build_ack(ADT_A01_V231, "AE", text="no id", error_code="204"))
+
+    assert ack.msa.msa_1.to_er7() == "AE"
+    assert ack.msa.msa_3.to_er7() == "no id"
+    assert ack.err.err_1.to_er7() == "^^^204&Unknown key identifier&HL70357"
+
+
+def test_ack_error_sits_in_err_3_and_err_4_for_v25() -> None:
+    """ITI TF-2x C.2.3: a v2.5 ACK has ERR-3 HL7 Error Code and ERR-4 Severity."""
+    ack = hl7apy_parse(build_ack(ADT_A04_V25, "AR", error_code="201"))
+
+    assert ack.msa.msa_1.to_er7() == "AR"
+    assert ack.err.err_3.to_er7() == "201^Unsupported event code^HL70357"
+    assert ack.err.err_4.to_er7() == "E"
+
+
+def test_ack_keeps_the_request_delimiters() -> None:
+    """ITI TF-2x C.2.3: the ACK is written with MSH-1 and MSH-2 of the request."""
+    table = str.maketrans({"|": "#", "^": "$", "~": "*", "\\": "!", "&": "@"})
+    request = ADT_A01_V231.translate(table)
+
+    ack_text = build_ack(request, "AE", text="a#b$c", error_code="204")
+    ack = hl7apy_parse(ack_text)
+
+    assert ack_text.startswith("MSH#$*!@#XDSI#XDSI#PAT_ID_SOURCE#CLINIC#")
+    assert ack.msa.msa_2.to_er7() == "PIF-0001"
+    assert ack.msa.msa_3.to_er7() == "a!F!b!S!c"
+    assert ack.msh.msh_9.to_er7() == "ACK$A01$ACK"
+
+
+def test_ack_text_delimiters_are_escaped() -> None:
+    """HL7 v2.5 2.7.4: delimiters in MSA-3 travel as escape sequences."""
+    ack = hl7apy_parse(build_ack(ADT_A01_V231, "AE", text="a|b^c&d~e\\f"))
+
+    assert ack.msa.msa_3.to_er7() == "a\\F\\b\\S\\c\\T\\d\\R\\e\\E\\f"
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        "",
+        "not hl7 at all",
+        "MSH|",
+        "\x00\x01\x02",
+        "PID|||x\rPV1||I",
+        "MSH|^~\\&#|PIX|HOSP|||20240101||ADT^A01|X1\rPID|||x",
+    ],
+    ids=["empty", "text", "bare MSH", "binary", "no MSH", "five encoding chars"],
+)
+def test_ack_for_garbage_is_a_default_ar(garbage: str) -> None:
+    """ITI TF-2x C.2.3: an unreadable request still gets a v2.3.1 ACK AR."""
+    ack = hl7apy_parse(build_ack(garbage, "AR", error_code="100"))
+
+    assert ack.msh.msh_12.to_er7() == "2.3.1"
+    assert ack.msh.msh_9.to_er7() == "ACK"
+    assert ack.msa.msa_1.to_er7() == "AR"
+    assert ack.msa.msa_2.to_er7() == ""
+    assert ack.err.err_1.to_er7() == "^^^100&Segment sequence error&HL70357"
+
+
+def test_ack_without_an_error_code_reports_internal_error() -> None:
+    """HL7 v2.5 Table 0357: an AE with no stated cause reports 207."""
+    ack = hl7apy_parse(build_ack(ADT_A04_V25, "AE"))
+
+    assert ack.err.err_3.to_er7() == "207^Application internal error^HL70357"
+
+
+def test_build_ack_refuses_codes_outside_the_tables() -> None:
+    """HL7 v2.5 Table 0008 and Table 0357 bound MSA-1 and the error code."""
+    with pytest.raises(ValueError, match="Table 0008"):
+        build_ack(ADT_A01_V231, "CA")
+    with pytest.raises(ValueError, match="Table 0357"):
+        build_ack(ADT_A01_V231, "AE", error_code="42")
+
+
+@pytest.mark.parametrize(
+    ("trigger", "patient_class"), [("A01", "I"), ("A04", "O"), ("A05", "P")]
+)
+def test_built_feed_is_an_iti8_adt_a01_structure(
+    trigger: str, patient_class: str
+) -> None:
+    """ITI TF-2 3.8.4.1.2: MSH, EVN, PID and PV1 in HL7 v2.3.1, CR separated."""
+    text = build_feed(
+        AFFINITY_CX,
+        trigger=trigger,
+        name="GREEN^ALMA",
+        birth_date="19511030",
+        sex="F",
+        control_id="FEED-1",
+    )
+    feed = hl7apy_parse(text)
+
+    assert [s.name for s in feed.children] == ["MSH", "EVN", "PID", "PV1"]
+    assert text.endswith("\r") and "\n" not in text
+    assert feed.msh.msh_9.to_er7() == f"ADT^{trigger}^ADT_A01"
+    assert feed.msh.msh_10.to_er7() == "FEED-1"
+    assert feed.msh.msh_12.to_er7() == "2.3.1"
+    assert feed.msh.msh_3.to_er7() == "XDSI_PIX"
+    assert feed.msh.msh_5.to_er7() == "XDSI_REG"
+    assert feed.evn.evn_1.to_er7() == trigger
+    assert feed.pid.pid_3.to_er7() == AFFINITY_CX
+    assert feed.pv1.pv1_2.to_er7() == patient_class
+
+
+def test_built_feed_reads_back_as_the_same_patient() -> None:
+    """ITI TF-2 3.8.4.1.3: the Registry reads what the Identity Source sent."""
+    text = build_feed(AFFINITY_CX, name="GREEN^ALMA", birth_date="19511030", sex="F")
+
+    identity = parse_feed(text, assigning_authority=AFFINITY_DOMAIN)
+
+    assert identity == PatientIdentity(
+        patient_id=AFFINITY_CX,
+        other_ids=(),
+        name="GREEN^ALMA",
+        birth_date="19511030",
+        sex="F",
+        trigger="A01",
+    )
+
+
+def test_built_feeds_get_fresh_control_ids() -> None:
+    """ITI TF-2x C.2.3: MSH-10 identifies each message for its ACK."""
+    first = hl7apy_parse(build_feed(AFFINITY_CX))
+    second = hl7apy_parse(build_feed(AFFINITY_CX))
+
+    assert first.msh.msh_10.to_er7() != second.msh.msh_10.to_er7()
+
+
+def test_build_feed_refuses_events_that_do_not_create() -> None:
+    """ITI TF-2 3.8.4.1.1: only A01, A04 and A05 create a patient."""
+    with pytest.raises(ValueError, match="A08"):
+        build_feed(AFFINITY_CX, trigger="A08")
+    with pytest.raises(ValueError, match="PID-3"):
+        build_feed("")
+
+
+def test_handle_feed_hands_the_identity_over_and_answers_aa() -> None:
+    """ITI TF-2 3.8.4.1.3: the Registry stores the patient and answers AA."""
+    seen: list[PatientIdentity] = []
+
+    ack_text, identity = handle_feed(
+        ADT_A01_V231, seen.append, assigning_authority=AFFINITY_DOMAIN
+    )
+
+    assert identity is not None and seen == [identity]
+    assert identity.patient_id == AFFINITY_CX
+    ack = hl7apy_parse(ack_text)
+    assert (ack.msa.msa_1.to_er7(), ack.msa.msa_2.to_er7()) == ("AA", "PIF-0001")
+
+
+@pytest.mark.parametrize(
+    ("message", "ack_code", "error_code"), REJECTIONS.values(), ids=REJECTIONS.keys()
+)
+def test_handle_feed_answers_a_rejection_without_calling_back(
+    message: str, ack_code: str, error_code: str
+) -> None:
+    """ITI TF-2x C.2.3: a rejected feed answers its AE or AR and its code."""
+    seen: list[PatientIdentity] = []
+
+    ack_text, identity = handle_feed(
+        message, seen.append, assigning_authority=AFFINITY_DOMAIN
+    )
+
+    assert identity is None and seen == []
+    ack = hl7apy_parse(ack_text)
+    assert ack.msa.msa_1.to_er7() == ack_code
+    assert error_code in ack.err.to_er7()
+
+
+def test_handle_feed_answers_ae_207_when_storing_fails(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """HL7 v2.5 Table 0357: a Registry failure answers AE 207, logged with traceback."""
+
+    def broken_store(identity: PatientIdentity) -> None:
+        raise RuntimeError("database is gone")
+
+    with caplog.at_level(logging.ERROR, logger="xdsi.hl7"):
+        ack_text, identity = handle_feed(
+            ADT_A04_V25, broken_store, assigning_authority=AFFINITY_DOMAIN
+        )
+
+    assert identity is None
+    ack = hl7apy_parse(ack_text)
+    assert ack.msa.msa_1.to_er7() == "AE"
+    assert ack.msa.msa_2.to_er7() == "PIF-0002"
+    assert ack.err.err_3.to_er7() == "207^Application internal error^HL70357"
+    assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [RuntimeError]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [ADT_A01_V231, REJECTIONS["other assigning authority"][0]],
+    ids=["accepted", "rejected"],
+)
+def test_handle_feed_logs_no_patient_data_at_info(
+    message: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ITI TF-2 3.8: the outcome is logged at INFO, the patient is not."""
+    with caplog.at_level(logging.DEBUG, logger="xdsi.hl7"):
+        handle_feed(message, lambda identity: None, assigning_authority=AFFINITY_DOMAIN)
+
+    info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(info) == 1 and "PIF-0001" in info[0]
+    for phi in (AFFINITY_ID, "4711", "MOORE", "CHIP", "19380224", "PINETREE"):
+        assert phi not in info[0]

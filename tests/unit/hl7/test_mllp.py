@@ -1,0 +1,288 @@
+"""ITI-8 over MLLP: a Document Registry listener on 127.0.0.1, real sockets."""
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from hl7apy.consts import VALIDATION_LEVEL
+from hl7apy.parser import parse_message
+
+from tests.unit.hl7.conftest import (
+    ADT_A01_V231,
+    ADT_A04_V25,
+    AFFINITY_DOMAIN,
+    AFFINITY_ID,
+)
+from xdsi.hl7 import MllpError, MllpServer, PatientIdentity, send_message
+
+VT, FS_CR = b"\x0b", b"\x1c\r"
+
+
+def frame(message: str, encoding: str = "utf-8") -> bytes:
+    """Frame a message by hand, as a peer's MLLP sender would."""
+    return VT + message.encode(encoding) + FS_CR
+
+
+def msa(ack_text: str) -> tuple[str, str]:
+    """MSA-1 and MSA-2 of an ACK, read with hl7apy."""
+    ack = parse_message(
+        ack_text, validation_level=VALIDATION_LEVEL.TOLERANT, find_groups=False
+    )
+    return ack.msa.msa_1.to_er7(), ack.msa.msa_2.to_er7()
+
+
+def read_frames(sock: socket.socket, count: int, timeout: float = 5.0) -> list[str]:
+    """Read ``count`` answer frames from a raw socket."""
+    sock.settimeout(timeout)
+    data = b""
+    while data.count(FS_CR) < count:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {data.count(FS_CR)} frames"
+        data += chunk
+    frames = [f for f in data.split(FS_CR) if f]
+    assert all(f.startswith(VT) for f in frames)
+    return [f[1:].decode() for f in frames]
+
+
+@pytest.fixture
+def client(registry: MllpServer) -> Iterator[socket.socket]:
+    """A raw TCP connection to the registry's listener."""
+    with socket.create_connection(registry.address, timeout=5.0) as sock:
+        yield sock
+
+
+@pytest.mark.parametrize("message", [ADT_A01_V231, ADT_A04_V25], ids=["A01", "A04"])
+def test_create_feed_is_accepted_and_handed_over(
+    registry: MllpServer, fed: list[PatientIdentity], message: str
+) -> None:
+    """ITI TF-2 3.8.4.1.3: A01 and A04 answer AA; the Registry gets the CX."""
+    ack = send_message(*registry.address, message)
+
+    assert msa(ack)[0] == "AA"
+    assert [p.patient_id for p in fed] == [f"{AFFINITY_ID}^^^&{AFFINITY_DOMAIN}&ISO"]
+
+
+def test_ack_msa_2_echoes_the_message_control_id(registry: MllpServer) -> None:
+    """ITI TF-2x C.2.3: MSA-2 of the ACK is MSH-10 of the feed."""
+    message = ADT_A01_V231.replace("|PIF-0001|", "|CTRL-77|")
+
+    assert msa(send_message(*registry.address, message)) == ("AA", "CTRL-77")
+
+
+def test_feed_from_another_domain_is_answered_ae(
+    registry: MllpServer, fed: list[PatientIdentity]
+) -> None:
+    """ITI TF-2 3.8.4.1.3: no identifier of the affinity domain answers AE."""
+    message = ADT_A01_V231.replace(AFFINITY_DOMAIN, "1.2.840.99999.7")
+
+    ack = send_message(*registry.address, message)
+
+    assert msa(ack) == ("AE", "PIF-0001")
+    assert "204" in ack and fed == []
+
+
+@pytest.mark.parametrize(
+    "message_type", ["ADT^A08^ADT_A01", "ORM^O01^ORM_O01"], ids=["A08", "ORM"]
+)
+def test_other_messages_are_answered_ar(
+    registry: MllpServer, fed: list[PatientIdentity], message_type: str
+) -> None:
+    """ITI TF-2 3.8.4.1.1: events that do not create a patient are rejected AR."""
+    message = ADT_A01_V231.replace("ADT^A01^ADT_A01", message_type)
+
+    assert msa(send_message(*registry.address, message)) == ("AR", "PIF-0001")
+    assert fed == []
+
+
+def test_garbage_is_answered_ar_and_the_server_lives_on(registry: MllpServer) -> None:
+    """ITI TF-2x C.2.3: an unreadable frame still earns an ACK AR."""
+    assert msa(send_message(*registry.address, "\x00 this is not HL7 \xff")) == (
+        "AR",
+        "",
+    )
+
+    assert msa(send_message(*registry.address, ADT_A01_V231))[0] == "AA"
+
+
+def test_frame_split_over_several_packets_is_reassembled(
+    registry: MllpServer, client: socket.socket, fed: list[PatientIdentity]
+) -> None:
+    """HL7 v2.5 Implementation Guide C.4: a frame may arrive in pieces."""
+    data = frame(ADT_A01_V231)
+    for piece in (data[:1], data[1:40], data[40:-1], data[-1:]):
+        client.sendall(piece)
+        time.sleep(0.05)
+
+    assert msa(read_frames(client, 1)[0]) == ("AA", "PIF-0001")
+    assert len(fed) == 1
+
+
+def test_two_frames_in_one_write_get_two_acks_in_order(
+    registry: MllpServer, client: socket.socket, fed: list[PatientIdentity]
+) -> None:
+    """HL7 v2.5 Implementation Guide C.4: frames are cut by <VT> and <FS><CR>."""
+    client.sendall(frame(ADT_A01_V231) + frame(ADT_A04_V25))
+
+    acks = read_frames(client, 2)
+
+    assert [msa(a) for a in acks] == [("AA", "PIF-0001"), ("AA", "PIF-0002")]
+    assert [p.trigger for p in fed] == ["A01", "A04"]
+
+
+def test_bytes_before_the_start_block_are_skipped_and_logged_without_content(
+    registry: MllpServer, client: socket.socket, caplog: pytest.LogCaptureFixture
+) -> None:
+    """HL7 v2.5 Implementation Guide C.4: only <VT> opens a frame."""
+    junk = b"SECRET-JUNK-4711 "
+    with caplog.at_level(logging.WARNING, logger="xdsi.hl7"):
+        client.sendall(junk + frame(ADT_A01_V231))
+        ack = read_frames(client, 1)[0]
+
+    assert msa(ack) == ("AA", "PIF-0001")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"skipped {len(junk) - 1} bytes" in w for w in warnings)
+    assert not any("SECRET" in w for w in warnings)
+
+
+def test_several_messages_travel_on_one_connection(
+    registry: MllpServer, client: socket.socket
+) -> None:
+    """HL7 v2.5 Implementation Guide C.4: the connection stays open between frames."""
+    client.sendall(frame(ADT_A01_V231))
+    first = read_frames(client, 1)[0]
+    client.sendall(frame(ADT_A04_V25))
+    second = read_frames(client, 1)[0]
+
+    assert (msa(first)[1], msa(second)[1]) == ("PIF-0001", "PIF-0002")
+
+
+def test_segments_ending_in_lf_are_accepted_over_the_wire(registry: MllpServer) -> None:
+    """ITI TF-2 3.8.4.1.2: a sender writing LF segment ends is still served."""
+    ack = send_message(*registry.address, ADT_A01_V231.replace("\r", "\n"))
+
+    assert msa(ack) == ("AA", "PIF-0001")
+
+
+def test_latin1_message_is_decoded_by_fallback(
+    registry: MllpServer, client: socket.socket, fed: list[PatientIdentity]
+) -> None:
+    """ITI TF-2 3.8.4.1.2: a Latin-1 PID-5 reads correctly when not UTF-8."""
+    message = ADT_A01_V231.replace("MOORE^CHIP", "MÜLLER^JÖRG")
+    client.sendall(frame(message, "latin-1"))
+
+    assert msa(read_frames(client, 1)[0])[0] == "AA"
+    assert fed[0].name == "MÜLLER^JÖRG^^^^^L"
+
+
+def test_frame_that_never_ends_is_closed_after_the_timeout(
+    fed: list[PatientIdentity], caplog: pytest.LogCaptureFixture
+) -> None:
+    """HL7 v2.5 Implementation Guide C.4: a frame without <FS> ties up nothing."""
+    server = MllpServer("127.0.0.1", 0, lambda m: m, timeout=0.5)
+    server.start()
+    try:
+        with socket.create_connection(server.address, timeout=5.0) as sock:
+            with caplog.at_level(logging.WARNING, logger="xdsi.hl7"):
+                started = time.monotonic()
+                sock.sendall(VT + ADT_A01_V231.encode())
+                closed = sock.recv(1024)
+                elapsed = time.monotonic() - started
+    finally:
+        server.stop()
+
+    assert closed == b""
+    assert 0.4 <= elapsed < 3.0
+    assert any("unfinished" in r.getMessage() for r in caplog.records)
+
+
+def test_handler_failure_leaves_the_frame_unanswered_and_the_server_running(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """HL7 v2.5 Implementation Guide C.4: one bad exchange does not stop the rest."""
+
+    def handler(message: str) -> str:
+        if "BOOM" in message:
+            raise RuntimeError("handler bug")
+        return message.upper()
+
+    server = MllpServer("127.0.0.1", 0, handler, timeout=2.0)
+    server.start()
+    try:
+        with socket.create_connection(server.address, timeout=5.0) as sock:
+            with caplog.at_level(logging.ERROR, logger="xdsi.hl7"):
+                sock.sendall(frame("BOOM") + frame("after"))
+                answers = read_frames(sock, 1)
+        with pytest.raises(MllpError, match="no answer"):
+            send_message(*server.address, "BOOM again", timeout=0.5)
+        assert send_message(*server.address, "still here") == "STILL HERE"
+    finally:
+        server.stop()
+
+    assert answers == ["AFTER"]
+    failures = [r.exc_info[0] for r in caplog.records if r.exc_info]
+    assert failures == [RuntimeError, RuntimeError]
+
+
+def test_connections_are_served_concurrently() -> None:
+    """ITI TF-2 3.8: a slow sender does not hold up another Patient Identity Source."""
+    server = MllpServer("127.0.0.1", 0, lambda m: "ok:" + m, timeout=5.0)
+    server.start()
+    try:
+        with socket.create_connection(server.address, timeout=5.0) as slow:
+            slow.sendall(VT + b"half a frame")
+            answer = send_message(*server.address, "quick", timeout=2.0)
+            slow.sendall(b" and the rest" + FS_CR)
+            late = read_frames(slow, 1)
+    finally:
+        server.stop()
+
+    assert answer == "ok:quick"
+    assert late == ["ok:half a frame and the rest"]
+
+
+def test_send_message_raises_when_the_peer_closes_without_answer() -> None:
+    """HL7 v2.5 Implementation Guide C.4: no ACK frame is an MLLP failure."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def accept_and_close() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.close()
+
+    thread = threading.Thread(target=accept_and_close, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(MllpError, match="closed before an answer"):
+            send_message(*listener.getsockname()[:2], ADT_A01_V231, timeout=5.0)
+    finally:
+        thread.join(timeout=5.0)
+        listener.close()
+
+
+def test_stopped_server_refuses_connections() -> None:
+    """HL7 v2.5 Implementation Guide C.4: stop() closes the listening socket."""
+    server = MllpServer("127.0.0.1", 0, lambda m: m)
+    server.start()
+    address = server.address
+    assert send_message(*address, "ping") == "ping"
+
+    server.stop()
+
+    with pytest.raises(MllpError):
+        send_message(*address, "ping", timeout=1.0)
+
+
+def test_stop_closes_open_connections() -> None:
+    """HL7 v2.5 Implementation Guide C.4: no connection outlives its server."""
+    server = MllpServer("127.0.0.1", 0, lambda m: m, timeout=30.0)
+    server.start()
+    with socket.create_connection(server.address, timeout=5.0) as sock:
+        sock.sendall(frame("hello"))
+        assert read_frames(sock, 1) == ["hello"]
+
+        server.stop()
+
+        assert sock.recv(1024) == b""

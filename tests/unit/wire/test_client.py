@@ -1,0 +1,263 @@
+"""Tests of xdsi.wire.client against a real HTTP server on 127.0.0.1."""
+
+import hashlib
+import logging
+import os
+import socket
+import time
+import tracemalloc
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import pytest
+from lxml import etree
+from werkzeug.wsgi import get_input_stream
+
+from xdsi.ns import RS, SOAP12, XDSB
+from xdsi.wire import (
+    ActionNotSupported,
+    OutgoingPart,
+    PeerFault,
+    SoapClient,
+    SoapMessage,
+    TransportError,
+    attachment_for,
+    build_envelope,
+    fault_envelope,
+    read_message,
+    write_message,
+    xop_include,
+)
+
+from .conftest import DICOM
+
+PNR = "urn:ihe:iti:2007:ProvideAndRegisterDocumentSet-b"
+RETRIEVE_RESPONSE = "urn:ihe:iti:2007:RetrieveDocumentSetResponse"
+SUCCESS = "urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Success"
+FILES = [
+    DICOM / "study-mr" / "manifest" / "kos.dcm",
+    DICOM / "study-ct" / "S2010" / "I0010.dcm",
+    DICOM / "singles" / "mg-screening-jpegll__GH133.dcm",
+]
+DOCUMENT = f"{{{XDSB}}}Document"
+
+StartResponse = Callable[[str, list[tuple[str, str]]], object]
+
+
+class _Streamed:
+    """A WSGI body that closes the request (and its spool) once it is sent."""
+
+    def __init__(self, chunks: Iterator[bytes], request: SoapMessage) -> None:
+        self._chunks = chunks
+        self._request = request
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._chunks
+
+    def close(self) -> None:
+        self._request.close()
+
+
+def _echo_app(spool: Path, seen: list[dict[str, str]]) -> Callable:
+    """A repository stand-in: answers each xdsb:Document back as ITI-43 would."""
+
+    def app(environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        seen.append({k: str(v) for k, v in environ.items() if k.isupper()})
+        request = read_message(get_input_stream(environ), environ["CONTENT_TYPE"], spool)
+        response = etree.Element(f"{{{XDSB}}}RetrieveDocumentSetResponse")
+        etree.SubElement(response, f"{{{RS}}}RegistryResponse", status=SUCCESS)
+        parts = []
+        for index, document in enumerate(request.body.iter(DOCUMENT)):
+            attachment = attachment_for(document, request)
+            answer = etree.SubElement(response, f"{{{XDSB}}}DocumentResponse")
+            etree.SubElement(answer, f"{{{XDSB}}}RepositoryUniqueId").text = "1.2.3"
+            etree.SubElement(answer, f"{{{XDSB}}}DocumentUniqueId").text = f"1.2.3.{index}"
+            etree.SubElement(answer, f"{{{XDSB}}}mimeType").text = attachment.content_type
+            content_id = f"answer-{index}@xdsi.test"
+            etree.SubElement(answer, DOCUMENT).append(xop_include(content_id))
+            parts.append(
+                OutgoingPart(content_id, attachment.content_type, path=attachment.path)
+            )
+        envelope = build_envelope(
+            response, RETRIEVE_RESPONSE, relates_to=request.message_id
+        )
+        content_type, length, chunks = write_message(envelope, RETRIEVE_RESPONSE, parts)
+        start_response(
+            "200 OK", [("Content-Type", content_type), ("Content-Length", str(length))]
+        )
+        return _Streamed(chunks, request)
+
+    return app
+
+
+def _fixed_app(status: str, content_type: str, body: bytes, delay: float = 0.0) -> Callable:
+    def app(environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        get_input_stream(environ).read()
+        time.sleep(delay)
+        start_response(status, [("Content-Type", content_type)])
+        return [body]
+
+    return app
+
+
+def _request(paths: list[Path]) -> tuple[etree._Element, list[OutgoingPart]]:
+    """An ITI-41-shaped request carrying ``paths`` as MTOM parts."""
+    request = etree.Element(f"{{{XDSB}}}ProvideAndRegisterDocumentSetRequest")
+    parts = []
+    for index, path in enumerate(paths):
+        content_id = f"doc-{index}@xdsi.test"
+        document = etree.SubElement(request, DOCUMENT, id=f"Document{index:02d}")
+        document.append(xop_include(content_id))
+        parts.append(OutgoingPart(content_id, "application/dicom", path=path))
+    return request, parts
+
+
+def _sha1(path: Path) -> str:
+    digest = hashlib.sha1()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def test_mtom_round_trip_over_http_returns_identical_documents(
+    serve: Callable, tmp_path: Path
+) -> None:
+    """SOAP 1.2 MTOM 4.3: DICOM files go out and come back byte for byte."""
+    seen: list[dict[str, str]] = []
+    url = serve(_echo_app(tmp_path, seen))
+    client_spool = tmp_path / "client"
+    client_spool.mkdir()
+    request, parts = _request(FILES)
+
+    with SoapClient(url, spool_dir=client_spool, timeout=30).call(
+        PNR, request, parts=parts
+    ) as response:
+        assert response.action == RETRIEVE_RESPONSE
+        assert response.relates_to is not None
+        documents = list(response.body.iter(DOCUMENT))
+        for document, source in zip(documents, FILES, strict=True):
+            attachment = attachment_for(document, response)
+            assert attachment.read_bytes() == source.read_bytes()
+            assert attachment.sha1 == _sha1(source)
+            assert attachment.size == source.stat().st_size
+    assert list(client_spool.iterdir()) == []
+
+    # RFC 9112 6.3: the request went with an exact Content-Length, unchunked.
+    (environ,) = seen
+    assert "HTTP_TRANSFER_ENCODING" not in environ
+    assert int(environ["CONTENT_LENGTH"]) > sum(path.stat().st_size for path in FILES)
+    assert environ["CONTENT_TYPE"].startswith("multipart/related")
+
+
+def test_request_without_parts_is_plain_soap_xml_with_addressing(
+    serve: Callable, tmp_path: Path
+) -> None:
+    """WS-Addressing 1.0 SOAP Binding 3: wsa:To is the URL; plain SOAP 1.2."""
+    seen: list[dict[str, str]] = []
+    url = serve(_echo_app(tmp_path, seen))
+    request = etree.Element(f"{{{XDSB}}}RetrieveDocumentSetRequest")
+    with SoapClient(url, spool_dir=tmp_path).call(
+        "urn:ihe:iti:2007:RetrieveDocumentSet", request
+    ) as response:
+        assert response.attachments == {}
+    assert seen[0]["CONTENT_TYPE"] == (
+        'application/soap+xml; charset=UTF-8; action="urn:ihe:iti:2007:RetrieveDocumentSet"'
+    )
+
+
+def test_fault_answer_is_peer_fault_whatever_the_status(
+    serve: Callable, tmp_path: Path
+) -> None:
+    """SOAP 1.2 Part 2 7.5.1.2: a Fault comes with 400 or 500; it is raised."""
+    fault = ActionNotSupported("no such operation", detail="urn:bogus")
+    url = serve(_fixed_app("400 Bad Request", "application/soap+xml", fault_envelope(fault)))
+    with pytest.raises(PeerFault) as raised:
+        SoapClient(url, spool_dir=tmp_path).call("urn:bogus", etree.Element("x"))
+    assert raised.value.code == "env:Sender"
+    assert raised.value.subcodes == ("wsa:ActionNotSupported",)
+    assert raised.value.reason == "no such operation"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_html_error_page_is_transport_error(serve: Callable, tmp_path: Path) -> None:
+    """SOAP 1.2 Part 2 7.5.2: an answer that is not SOAP is a transport failure."""
+    url = serve(_fixed_app("502 Bad Gateway", "text/html", b"<html>proxy down</html>"))
+    with pytest.raises(TransportError, match="502") as raised:
+        SoapClient(url, spool_dir=tmp_path).call(PNR, etree.Element("x"))
+    assert (raised.value.url, raised.value.status) == (url, 502)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_garbled_soap_answer_is_transport_error(serve: Callable, tmp_path: Path) -> None:
+    """SOAP 1.2 Part 1 5: an answer that is not well-formed is no SOAP answer."""
+    url = serve(_fixed_app("200 OK", "application/soap+xml", b"<env:Envelope"))
+    with pytest.raises(TransportError, match="not a SOAP 1.2 message") as raised:
+        SoapClient(url, spool_dir=tmp_path).call(PNR, etree.Element("x"))
+    assert raised.value.status == 200
+
+
+def test_refused_connection_is_transport_error(tmp_path: Path) -> None:
+    """SOAP 1.2 Part 2 7.5: no HTTP exchange at all; status is None."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/soap"
+    with pytest.raises(TransportError) as raised:
+        SoapClient(url, spool_dir=tmp_path).call(PNR, etree.Element("x"))
+    assert (raised.value.url, raised.value.status) == (url, None)
+
+
+def test_slow_peer_is_transport_error(serve: Callable, tmp_path: Path) -> None:
+    """SOAP 1.2 Part 2 7.5: a peer that does not answer in time."""
+    url = serve(_fixed_app("200 OK", "application/soap+xml", b"", delay=2.0))
+    with pytest.raises(TransportError, match="timed out"):
+        SoapClient(url, spool_dir=tmp_path, timeout=0.3).call(PNR, etree.Element("x"))
+
+
+def test_exchange_logs_one_debug_line_and_nothing_at_info(
+    serve: Callable, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ITI TF-2x Appendix V: wire detail is DEBUG only; no body at INFO."""
+    url = serve(_echo_app(tmp_path, []))
+    request, parts = _request(FILES[:1])
+    with caplog.at_level(logging.DEBUG, logger="xdsi.wire"):
+        SoapClient(url, spool_dir=tmp_path).call(PNR, request, parts=parts).close()
+    records = [r for r in caplog.records if r.name.startswith("xdsi.wire")]
+    assert [r.levelno for r in records] == [logging.DEBUG]
+    assert url in records[0].getMessage() and "HTTP 200" in records[0].getMessage()
+
+
+def test_fifty_megabyte_document_crosses_http_with_flat_memory(
+    serve: Callable, tmp_path: Path
+) -> None:
+    """DESIGN principle 5: client and server both stream; memory stays flat."""
+    source = tmp_path / "large.bin"
+    with source.open("wb") as file:
+        for _ in range(50):
+            file.write(os.urandom(1 << 20))
+    server_spool = tmp_path / "server"
+    server_spool.mkdir()
+    url = serve(_echo_app(server_spool, []))
+    request, parts = _request([source])
+
+    tracemalloc.start()
+    try:
+        response = SoapClient(url, spool_dir=tmp_path, timeout=60).call(
+            PNR, request, parts=parts
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    with response:
+        attachment = attachment_for(next(response.body.iter(DOCUMENT)), response)
+        assert attachment.size == source.stat().st_size
+        assert attachment.sha1 == _sha1(source)
+    assert peak < 8 * 1024 * 1024, f"the exchange peaked at {peak} bytes"
+
+
+def test_fault_element_in_answer_body_is_recognised_by_namespace() -> None:
+    """SOAP 1.2 Part 1 5.4: env:Fault is the Body's only child in a fault."""
+    envelope = etree.fromstring(fault_envelope(ActionNotSupported("x")))
+    assert envelope.find(f"{{{SOAP12}}}Body")[0].tag == f"{{{SOAP12}}}Fault"
