@@ -35,8 +35,20 @@ def ensure_environment(extras: str) -> None:
         return
     target = f".[{extras}]" if extras else "."
     print(f"installing xdsi{f'[{extras}]' if extras else ''} into {VENV}", flush=True)
-    subprocess.run([str(BIN / "python"), "-m", "pip", "install", "--quiet",
-                    "--disable-pip-version-check", "-e", target], cwd=ROOT, check=True)
+    subprocess.run(
+        [
+            str(BIN / "python"),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-e",
+            target,
+        ],
+        cwd=ROOT,
+        check=True,
+    )
     stamp.write_text(digest)
 
 
@@ -50,8 +62,9 @@ def main(argv: list[str]) -> int:
         return subprocess.run([str(BIN / "xdsi"), "demo", *rest], cwd=ROOT).returncode
     ensure_environment("test")
     # pytest exits 5 when no test ran; that is a failure here, as any non-zero.
-    return subprocess.run([str(BIN / "python"), "-m", "pytest", *rest],
-                          cwd=ROOT).returncode
+    return subprocess.run(
+        [str(BIN / "python"), "-m", "pytest", *rest], cwd=ROOT
+    ).returncode
 
 
 if __name__ == "__main__":

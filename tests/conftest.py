@@ -62,21 +62,20 @@ def schema(relative: str) -> etree.XMLSchema:
 
 
 # Which schema validates which root element (xdsi/schemas/README.md).
+_QUERY = "{urn:oasis:names:tc:ebxml-regrep:xsd:query:3.0}"
+_XDSB = "{urn:ihe:iti:xds-b:2007}"
+_REPOSITORY_XSD = "IHE/XDS.b_DocumentRepository.xsd"
 SCHEMA_FOR_ROOT = {
-    "{urn:oasis:names:tc:ebxml-regrep:xsd:query:3.0}AdhocQueryRequest":
-        "ebRS/query.xsd",
-    "{urn:oasis:names:tc:ebxml-regrep:xsd:query:3.0}AdhocQueryResponse":
-        "ebRS/query.xsd",
+    f"{_QUERY}AdhocQueryRequest": "ebRS/query.xsd",
+    f"{_QUERY}AdhocQueryResponse": "ebRS/query.xsd",
     "{urn:oasis:names:tc:ebxml-regrep:xsd:lcm:3.0}SubmitObjectsRequest": "ebRS/lcm.xsd",
     "{urn:oasis:names:tc:ebxml-regrep:xsd:rs:3.0}RegistryResponse": "ebRS/rs.xsd",
-    "{urn:ihe:iti:xds-b:2007}ProvideAndRegisterDocumentSetRequest":
-        "IHE/XDS.b_DocumentRepository.xsd",
-    "{urn:ihe:iti:xds-b:2007}RetrieveDocumentSetRequest":
-        "IHE/XDS.b_DocumentRepository.xsd",
-    "{urn:ihe:iti:xds-b:2007}RetrieveDocumentSetResponse":
-        "IHE/XDS.b_DocumentRepository.xsd",
-    "{urn:ihe:rad:xdsi-b:2009}RetrieveImagingDocumentSetRequest":
-        "IHE/XDSI.b_ImagingDocumentSource.xsd",
+    f"{_XDSB}ProvideAndRegisterDocumentSetRequest": _REPOSITORY_XSD,
+    f"{_XDSB}RetrieveDocumentSetRequest": _REPOSITORY_XSD,
+    f"{_XDSB}RetrieveDocumentSetResponse": _REPOSITORY_XSD,
+    "{urn:ihe:rad:xdsi-b:2009}RetrieveImagingDocumentSetRequest": (
+        "IHE/XDSI.b_ImagingDocumentSource.xsd"
+    ),
 }
 
 
@@ -87,4 +86,6 @@ def assert_valid(element: etree._Element, relative: str | None = None) -> None:
     document = etree.ElementTree(etree.fromstring(etree.tostring(element)))
     if not validator.validate(document):
         errors = "\n".join(str(e) for e in validator.error_log)
-        raise AssertionError(f"{element.tag} is not valid against {relative}:\n{errors}")
+        raise AssertionError(
+            f"{element.tag} is not valid against {relative}:\n{errors}"
+        )

@@ -60,16 +60,21 @@ def build_services(settings: Settings) -> Services:
     storage.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.database_url)
     spool = audit.AuditSpool(storage / "audit")
-    auditor = audit.Auditor(spool, audit_source_id=settings.node.audit_source_id,
-                            enterprise_site_id=settings.node.enterprise_site_id)
+    auditor = audit.Auditor(
+        spool,
+        audit_source_id=settings.node.audit_source_id,
+        enterprise_site_id=settings.node.enterprise_site_id,
+    )
     return Services(
         settings=settings,
         engine=engine,
         registry=Registry(settings, engine, auditor),
-        repository=Repository(settings, engine, BlobStore(storage / "repository"),
-                              auditor),
-        imaging_source=ImagingSource(settings, engine,
-                                     BlobStore(storage / "imaging-source"), auditor),
+        repository=Repository(
+            settings, engine, BlobStore(storage / "repository"), auditor
+        ),
+        imaging_source=ImagingSource(
+            settings, engine, BlobStore(storage / "imaging-source"), auditor
+        ),
         consumer=Consumer(settings, auditor, storage / "spool" / "consumer"),
         audit_spool=spool,
     )
@@ -95,8 +100,9 @@ class Node:
             if not section.enabled:
                 continue
             deferred[actor] = _Deferred()
-            server = make_server(settings.node.host, section.port, deferred[actor],
-                                 threaded=True)
+            server = make_server(
+                settings.node.host, section.port, deferred[actor], threaded=True
+            )
             self._servers.append(server)
             settings = settings.with_ports(**{actor: server.server_port})
 
@@ -105,8 +111,11 @@ class Node:
         # listener answers nothing for it.
         registry: list[Registry] = []
         if settings.registry.enabled:
-            self._mllp = MllpServer(settings.node.host, settings.registry.feed_port,
-                                    lambda text: registry[0].feed(text))
+            self._mllp = MllpServer(
+                settings.node.host,
+                settings.registry.feed_port,
+                lambda text: registry[0].feed(text),
+            )
             self._mllp.start()
             settings = settings.with_ports(feed=self._mllp.address[1])
         services = build_services(settings)
@@ -116,14 +125,20 @@ class Node:
         for actor, target in deferred.items():
             target.app = getattr(services, actor).app(spool_root / actor)
         for server in self._servers:
-            thread = threading.Thread(target=server.serve_forever, daemon=True,
-                                      name=f"xdsi-http-{server.server_port}")
+            thread = threading.Thread(
+                target=server.serve_forever,
+                daemon=True,
+                name=f"xdsi-http-{server.server_port}",
+            )
             thread.start()
             self._threads.append(thread)
         self.settings = settings
         self.services = services
-        logger.info("node %s started: %s", settings.node.name, ", ".join(
-            f"{a} {settings.url(a)}" for a in deferred))
+        logger.info(
+            "node %s started: %s",
+            settings.node.name,
+            ", ".join(f"{a} {settings.url(a)}" for a in deferred),
+        )
         return settings
 
     def stop(self) -> None:
@@ -145,4 +160,3 @@ class Node:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-

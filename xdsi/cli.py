@@ -56,15 +56,20 @@ def _fail(message: str) -> None:
 
 @click.group()
 @click.version_option(__version__, prog_name="xdsi")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Node configuration (TOML); defaults to $XDSI_CONFIG or none.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Node configuration (TOML); defaults to $XDSI_CONFIG or none.",
+)
 @click.option("-v", "--verbose", count=True, help="More log output (-vv: DEBUG).")
 @click.pass_context
 def main(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
     """xdsi: an IHE XDS-I.b exchange node."""
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: "
-                        "%(message)s")
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("werkzeug").setLevel(max(level, logging.WARNING))
     try:
         ctx.obj = {"settings": load_settings(config_path)}
@@ -96,12 +101,12 @@ def serve(ctx: click.Context) -> None:
     except OSError as exc:
         _fail(f"cannot start the node: {exc}")
     for actor in ("registry", "repository", "imaging_source"):
-        if getattr(effective.registry if actor == "registry" else
-                   getattr(effective, actor), "enabled"):
+        if getattr(effective, actor).enabled:
             click.echo(f"{actor:15} {effective.url(actor)}")
     if effective.registry.enabled:
-        click.echo(f"{'feed (MLLP)':15} {effective.node.host}:"
-                   f"{effective.registry.feed_port}")
+        click.echo(
+            f"{'feed (MLLP)':15} {effective.node.host}:{effective.registry.feed_port}"
+        )
     click.echo(f"{'storage':15} {effective.storage}")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -121,15 +126,22 @@ def serve(ctx: click.Context) -> None:
 @click.option("--host", default=None, help="Registry MLLP host (default: config).")
 @click.option("--port", type=int, default=None, help="Registry MLLP port.")
 @click.pass_context
-def feed(ctx: click.Context, patient_id: str, trigger: str, name: str,
-         host: str | None, port: int | None) -> None:
+def feed(
+    ctx: click.Context,
+    patient_id: str,
+    trigger: str,
+    name: str,
+    host: str | None,
+    port: int | None,
+) -> None:
     """Send an ITI-8 Patient Identity Feed (HL7 v2 ADT over MLLP)."""
     settings = _settings(ctx)
     cx = qualify_patient_id(patient_id, settings)
     message = build_feed(cx, trigger=trigger, name=name)
     try:
-        ack = send_message(host or settings.node.host,
-                           port or settings.registry.feed_port, message)
+        ack = send_message(
+            host or settings.node.host, port or settings.registry.feed_port, message
+        )
     except (MllpError, OSError) as exc:
         _fail(f"ITI-8 feed failed: {exc}")
     code = _ack_code(ack)
@@ -147,10 +159,14 @@ def _ack_code(ack: str) -> str:
 
 
 @main.command()
-@click.argument("study_dir", type=click.Path(exists=True, file_okay=False,
-                                             path_type=Path))
-@click.option("--patient-id", required=True,
-              help="Affinity-domain patient id: ID or ID^^^&OID&ISO.")
+@click.argument(
+    "study_dir", type=click.Path(exists=True, file_okay=False, path_type=Path)
+)
+@click.option(
+    "--patient-id",
+    required=True,
+    help="Affinity-domain patient id: ID or ID^^^&OID&ISO.",
+)
 @click.pass_context
 def publish(ctx: click.Context, study_dir: Path, patient_id: str) -> None:
     """Publish the studies in STUDY_DIR: KOS manifest + RAD-68."""
@@ -167,14 +183,17 @@ def publish(ctx: click.Context, study_dir: Path, patient_id: str) -> None:
         try:
             published = services.imaging_source.publish(study, cx)
         except PublishError as exc:
-            err_console.print(f"[bold red]not published[/] study "
-                              f"{study.study_instance_uid}: {exc}")
+            err_console.print(
+                f"[bold red]not published[/] study {study.study_instance_uid}: {exc}"
+            )
             failed = True
             continue
-        click.echo(f"published study {published.study_instance_uid}: "
-                   f"{published.instances} instances, manifest "
-                   f"{published.manifest_uid}, SubmissionSet "
-                   f"{published.submission_set_unique_id}")
+        click.echo(
+            f"published study {published.study_instance_uid}: "
+            f"{published.instances} instances, manifest "
+            f"{published.manifest_uid}, SubmissionSet "
+            f"{published.submission_set_unique_id}"
+        )
     services.engine.dispose()
     if failed:
         sys.exit(1)
@@ -182,13 +201,24 @@ def publish(ctx: click.Context, study_dir: Path, patient_id: str) -> None:
 
 def _entries_table(entries: list[FoundEntry]) -> Table:
     table = Table(title="DocumentEntries")
-    for column in ("uniqueId", "title", "modalities", "service start", "study",
-                   "repository"):
+    for column in (
+        "uniqueId",
+        "title",
+        "modalities",
+        "service start",
+        "study",
+        "repository",
+    ):
         table.add_column(column)
     for entry in entries:
-        table.add_row(entry.unique_id, entry.title, " ".join(entry.modalities),
-                      entry.service_start_time, " ".join(entry.study_instance_uids),
-                      entry.repository_unique_id)
+        table.add_row(
+            entry.unique_id,
+            entry.title,
+            " ".join(entry.modalities),
+            entry.service_start_time,
+            " ".join(entry.study_instance_uids),
+            entry.repository_unique_id,
+        )
     return table
 
 
@@ -212,8 +242,13 @@ def find(ctx: click.Context, patient_id: str, as_json: bool) -> None:
 
 @contextmanager
 def _progress() -> Iterator[Progress]:
-    with Progress(TextColumn("{task.description}"), BarColumn(),
-                  MofNCompleteColumn(), console=err_console, transient=True) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
         yield bar
 
 
@@ -241,8 +276,10 @@ def fetch(ctx: click.Context, patient_id: str, out: Path) -> None:
         result = _fetch(consumer, qualify_patient_id(patient_id, settings), out)
     except ConsumerError as exc:
         _fail(str(exc))
-    click.echo(f"{len(result.manifests)} manifests, {len(result.instances)} "
-               f"instances, {result.bytes / 1e6:.1f} MB in {out}")
+    click.echo(
+        f"{len(result.manifests)} manifests, {len(result.instances)} "
+        f"instances, {result.bytes / 1e6:.1f} MB in {out}"
+    )
     if result.missing:
         _fail(f"{len(result.missing)} referenced instances were not returned")
 
@@ -260,12 +297,25 @@ def audit_list(ctx: click.Context, as_json: bool) -> None:
     services = build_services(_settings(ctx))
     records = list(services.audit_spool.records())
     if as_json:
-        click.echo(json.dumps([{
-            "time": r.event_time.isoformat(), "event": r.event_id.display,
-            "transaction": r.event_type, "outcome": r.outcome, "valid": r.valid,
-            "participants": list(r.actor_user_ids), "patients": list(r.patient_ids),
-            "objects": list(r.object_ids), "file": str(r.path)}
-            for r in records], indent=2))
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "time": r.event_time.isoformat(),
+                        "event": r.event_id.display,
+                        "transaction": r.event_type,
+                        "outcome": r.outcome,
+                        "valid": r.valid,
+                        "participants": list(r.actor_user_ids),
+                        "patients": list(r.patient_ids),
+                        "objects": list(r.object_ids),
+                        "file": str(r.path),
+                    }
+                    for r in records
+                ],
+                indent=2,
+            )
+        )
         return
     console.print(_audit_table(records))
 
@@ -275,10 +325,13 @@ def _audit_table(records: list) -> Table:  # type: ignore[type-arg]
     for column in ("time (UTC)", "transaction", "event", "outcome", "participants"):
         table.add_column(column)
     for record in records:
-        table.add_row(record.event_time.strftime("%H:%M:%S.%f")[:-3],
-                      record.event_type, record.event_id.display,
-                      str(record.outcome) if record.valid else "corrupt",
-                      " → ".join(record.actor_user_ids))
+        table.add_row(
+            record.event_time.strftime("%H:%M:%S.%f")[:-3],
+            record.event_type,
+            record.event_id.display,
+            str(record.outcome) if record.valid else "corrupt",
+            " → ".join(record.actor_user_ids),
+        )
     return table
 
 
@@ -288,10 +341,18 @@ def bundled_study() -> Path:
 
 
 @main.command()
-@click.option("--study", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              default=None, help="Study folder (default: the bundled CT study).")
-@click.option("--keep", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Keep the node's storage and the fetched files here.")
+@click.option(
+    "--study",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Study folder (default: the bundled CT study).",
+)
+@click.option(
+    "--keep",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep the node's storage and the fetched files here.",
+)
 @click.pass_context
 def demo(ctx: click.Context, study: Path | None, keep: Path | None) -> None:
     """Run the whole XDS-I.b chain on loopback and check every image."""
@@ -314,7 +375,8 @@ def _sha256(path: Path) -> str:
 
 def _demo(base: Settings, study_dir: Path, workdir: Path) -> bool:
     settings = base.with_storage(workdir / "node").with_ports(
-        registry=0, repository=0, imaging_source=0, feed=0)
+        registry=0, repository=0, imaging_source=0, feed=0
+    )
     timings: dict[str, float] = {}
     console.rule("[bold]xdsi demo: the XDS-I.b chain on loopback")
 
@@ -324,13 +386,17 @@ def _demo(base: Settings, study_dir: Path, workdir: Path) -> bool:
         assert services is not None
         for actor in ("registry", "repository", "imaging_source"):
             console.print(f"  {actor:15} {settings.url(actor)}")
-        console.print(f"  {'feed (MLLP)':15} {settings.node.host}:"
-                      f"{settings.registry.feed_port}")
+        console.print(
+            f"  {'feed (MLLP)':15} {settings.node.host}:{settings.registry.feed_port}"
+        )
 
         started = time.monotonic()
         patient_id = qualify_patient_id("XDSI-DEMO-1", settings)
-        ack = send_message(settings.node.host, settings.registry.feed_port,
-                           build_feed(patient_id, name="PHANTOM^HEAD"))
+        ack = send_message(
+            settings.node.host,
+            settings.registry.feed_port,
+            build_feed(patient_id, name="PHANTOM^HEAD"),
+        )
         timings["ITI-8 feed"] = time.monotonic() - started
         console.print(f"[green]✓[/] ITI-8 Patient Identity Feed: ACK {_ack_code(ack)}")
         if _ack_code(ack) != "AA":
@@ -339,37 +405,43 @@ def _demo(base: Settings, study_dir: Path, workdir: Path) -> bool:
         started = time.monotonic()
         result = scan.scan_directory(study_dir)
         if len(result.studies) != 1:
-            err_console.print(f"expected one study in {study_dir}, found "
-                              f"{len(result.studies)}")
+            err_console.print(
+                f"expected one study in {study_dir}, found {len(result.studies)}"
+            )
             return False
         study = result.studies[0]
         originals = {h.sop_instance_uid: _sha256(h.path) for h in study.instances}
         with console.status("publishing: KOS manifest + RAD-68 …"):
             published = services.imaging_source.publish(study, patient_id)
         timings["publish (scan, KOS, RAD-68)"] = time.monotonic() - started
-        console.print(f"[green]✓[/] RAD-68 published study {study.study_instance_uid}"
-                      f": {published.instances} instances in {len(study.series)} "
-                      f"series, {published.bytes / 1e6:.1f} MB, manifest "
-                      f"{published.manifest_uid}")
+        console.print(
+            f"[green]✓[/] RAD-68 published study {study.study_instance_uid}"
+            f": {published.instances} instances in {len(study.series)} "
+            f"series, {published.bytes / 1e6:.1f} MB, manifest "
+            f"{published.manifest_uid}"
+        )
 
         started = time.monotonic()
         entries = services.consumer.find(patient_id)
         timings["ITI-18 find"] = time.monotonic() - started
-        console.print(f"[green]✓[/] ITI-18 FindDocuments: {len(entries)} "
-                      "DocumentEntry")
+        console.print(f"[green]✓[/] ITI-18 FindDocuments: {len(entries)} DocumentEntry")
         console.print(_entries_table(entries))
 
         started = time.monotonic()
         out = workdir / "fetched"
         fetched = _fetch(services.consumer, patient_id, out)
         timings["fetch (ITI-43 + RAD-69)"] = time.monotonic() - started
-        console.print(f"[green]✓[/] ITI-43 retrieved {len(fetched.manifests)} "
-                      f"manifest, RAD-69 retrieved {len(fetched.instances)} instances"
-                      f" ({fetched.bytes / 1e6:.1f} MB)")
+        console.print(
+            f"[green]✓[/] ITI-43 retrieved {len(fetched.manifests)} "
+            f"manifest, RAD-69 retrieved {len(fetched.instances)} instances"
+            f" ({fetched.bytes / 1e6:.1f} MB)"
+        )
 
         started = time.monotonic()
         got = {p.stem: _sha256(p) for p in fetched.instances}
-        mismatched = [uid for uid, digest in originals.items() if got.get(uid) != digest]
+        mismatched = [
+            uid for uid, digest in originals.items() if got.get(uid) != digest
+        ]
         timings["SHA-256 check"] = time.monotonic() - started
 
     console.print(_audit_table(list(services.audit_spool.records())))
@@ -381,9 +453,13 @@ def _demo(base: Settings, study_dir: Path, workdir: Path) -> bool:
     console.print(summary)
     total_mb = sum(h.size for h in study.instances) / 1e6
     if mismatched or fetched.missing:
-        err_console.print(f"[bold red]✗ {len(mismatched)} of {len(originals)} "
-                          "instances differ from what was published or are missing")
+        err_console.print(
+            f"[bold red]✗ {len(mismatched)} of {len(originals)} "
+            "instances differ from what was published or are missing"
+        )
         return False
-    console.print(f"[bold green]✓ byte-identical:[/] all {len(originals)} instances "
-                  f"({total_mb:.1f} MB) match the published files (SHA-256)")
+    console.print(
+        f"[bold green]✓ byte-identical:[/] all {len(originals)} instances "
+        f"({total_mb:.1f} MB) match the published files (SHA-256)"
+    )
     return True

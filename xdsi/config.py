@@ -81,19 +81,32 @@ class ImagingSourceSettings:
     # Affinity-domain codes of the manifest's DocumentEntry and SubmissionSet
     # (ITI TF-3 4.2.3.2; the domain fixes them, these are the DICOM and
     # HL7 codes RAD TF-3 4.68.4.1.2.3 suggests as examples).
-    class_code: tuple[str, str, str] = ("IMAGES", "1.3.6.1.4.1.19376.1.2.6.1",
-                                        "Images")
-    type_code: tuple[str, str, str] = ("18748-4", "2.16.840.1.113883.6.1",
-                                       "Diagnostic imaging study")
-    practice_setting_code: tuple[str, str, str] = ("394914008",
-                                                   "2.16.840.1.113883.6.96",
-                                                   "Radiology")
+    class_code: tuple[str, str, str] = ("IMAGES", "1.3.6.1.4.1.19376.1.2.6.1", "Images")
+    type_code: tuple[str, str, str] = (
+        "18748-4",
+        "2.16.840.1.113883.6.1",
+        "Diagnostic imaging study",
+    )
+    practice_setting_code: tuple[str, str, str] = (
+        "394914008",
+        "2.16.840.1.113883.6.96",
+        "Radiology",
+    )
     healthcare_facility_type_code: tuple[str, str, str] = (
-        "22232009", "2.16.840.1.113883.6.96", "Hospital")
-    confidentiality_code: tuple[str, str, str] = ("N", "2.16.840.1.113883.5.25",
-                                                  "Normal")
-    content_type_code: tuple[str, str, str] = ("18748-4", "2.16.840.1.113883.6.1",
-                                               "Diagnostic imaging study")
+        "22232009",
+        "2.16.840.1.113883.6.96",
+        "Hospital",
+    )
+    confidentiality_code: tuple[str, str, str] = (
+        "N",
+        "2.16.840.1.113883.5.25",
+        "Normal",
+    )
+    content_type_code: tuple[str, str, str] = (
+        "18748-4",
+        "2.16.840.1.113883.6.1",
+        "Diagnostic imaging study",
+    )
     language_code: str = "en-US"
     accession_assigning_authority: str = f"{XDSI_OID_ROOT}.5"
 
@@ -166,13 +179,15 @@ def _section(cls: type, values: dict[str, Any], name: str) -> Any:
         default = getattr(cls(), key)
         if isinstance(default, dict):
             if not isinstance(value, dict) or not all(
-                    isinstance(v, str) for v in value.values()):
+                isinstance(v, str) for v in value.values()
+            ):
                 raise ConfigError(f"[{name}] {key} wants a table of strings")
         elif isinstance(default, tuple):
             if not isinstance(value, list) or len(value) != len(default):
                 raise ConfigError(
                     f"[{name}] {key} wants a list of {len(default)} strings "
-                    "(code, coding scheme, display name)")
+                    "(code, coding scheme, display name)"
+                )
             value = tuple(str(v) for v in value)
         elif isinstance(default, bool):
             if not isinstance(value, bool):
@@ -237,6 +252,8 @@ def to_toml(settings: Settings) -> str:
     lines.append("# Effective endpoints")
     for actor in ("registry", "repository", "imaging_source"):
         lines.append(f"# {actor}: {settings.url(actor)}")
-    lines.append(f"# patient identity feed (MLLP): {settings.node.host}:"
-                 f"{settings.registry.feed_port}")
+    lines.append(
+        f"# patient identity feed (MLLP): {settings.node.host}:"
+        f"{settings.registry.feed_port}"
+    )
     return "\n".join(lines) + "\n"

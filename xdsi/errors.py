@@ -73,7 +73,7 @@ class NonIdenticalHash(XdsError):
 
 
 class HashMismatch(XdsError):
-    """The hash in the metadata is not the SHA-1 of the document (ITI TF-2 3.41.4.1.3)."""
+    """The metadata's hash is not the document's SHA-1 (ITI TF-2 3.41.4.1.3)."""
 
 
 class SizeMismatch(XdsError):

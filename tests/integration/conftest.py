@@ -29,8 +29,11 @@ class RunningNode:
     taps: dict[str, Wiretap]
 
     def feed(self, patient_id: str = PATIENT) -> str:
-        return send_message(self.settings.node.host, self.settings.registry.feed_port,
-                            build_feed(patient_id))
+        return send_message(
+            self.settings.node.host,
+            self.settings.registry.feed_port,
+            build_feed(patient_id),
+        )
 
 
 @pytest.fixture
@@ -46,19 +49,24 @@ def shared_node(tmp_path_factory) -> Iterator[RunningNode]:  # type: ignore[no-u
 
 def _run_node(tmp_path) -> Iterator[RunningNode]:  # type: ignore[no-untyped-def]
     taps = {name: Wiretap("") for name in ("registry", "repository", "imaging_source")}
-    settings = Settings().with_storage(tmp_path / "node").with_ports(
-        registry=0, repository=0, imaging_source=0, feed=0)
+    settings = (
+        Settings()
+        .with_storage(tmp_path / "node")
+        .with_ports(registry=0, repository=0, imaging_source=0, feed=0)
+    )
     imaging = settings.imaging_source
     settings = replace(
         settings,
         repository=replace(settings.repository, registry_url=taps["registry"].url),
         imaging_source=replace(imaging, repository_url=taps["repository"].url),
-        consumer=replace(settings.consumer, registry_url=taps["registry"].url,
-                         repositories={
-                             settings.repository.repository_unique_id:
-                                 taps["repository"].url,
-                             imaging.repository_unique_id: taps["imaging_source"].url,
-                         }),
+        consumer=replace(
+            settings.consumer,
+            registry_url=taps["registry"].url,
+            repositories={
+                settings.repository.repository_unique_id: taps["repository"].url,
+                imaging.repository_unique_id: taps["imaging_source"].url,
+            },
+        ),
     )
     node = Node(settings)
     effective = node.start()
@@ -100,7 +108,9 @@ def assert_valid_envelope(content_type: str, data: bytes, tmp_path) -> None:  # 
         if child.tag.startswith(f"{{{ns.WSA}}}"):
             copy = etree.fromstring(etree.tostring(child))
             if not schema("w3/ws-addr.xsd").validate(etree.ElementTree(copy)):
-                raise AssertionError(f"{child.tag}: {schema('w3/ws-addr.xsd').error_log}")
+                raise AssertionError(
+                    f"{child.tag}: {schema('w3/ws-addr.xsd').error_log}"
+                )
 
 
 def validate_exchanges(taps: dict[str, Wiretap], tmp_path) -> int:  # type: ignore[no-untyped-def]
@@ -109,8 +119,10 @@ def validate_exchanges(taps: dict[str, Wiretap], tmp_path) -> int:  # type: igno
     count = 0
     for tap in taps.values():
         for exchange in tap.exchanges:
-            for content_type, data in ((exchange.request_type, exchange.request_body),
-                                       (exchange.response_type, exchange.response_body)):
+            for content_type, data in (
+                (exchange.request_type, exchange.request_body),
+                (exchange.response_type, exchange.response_body),
+            ):
                 body = soap_body(content_type, data, tmp_path)
                 assert body.tag in SCHEMA_FOR_ROOT, body.tag
                 assert_valid(body)

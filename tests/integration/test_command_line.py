@@ -28,7 +28,11 @@ def _free_port() -> int:
 def _xdsi(config: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "xdsi", "--config", str(config), *args],
-        capture_output=True, text=True, timeout=300, check=check, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=check,
+        cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
 
@@ -45,7 +49,10 @@ def served(tmp_path) -> Iterator[Path]:  # type: ignore[no-untyped-def]
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "xdsi", "--config", str(config), "serve"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert process.stdout is not None
@@ -70,29 +77,38 @@ def test_feed_publish_fetch_gives_back_every_instance(served: Path, tmp_path):
     published = _xdsi(served, "publish", str(images), "--patient-id", "IDS-DEPT002-a")
     assert "36 instances" in published.stdout
 
-    found = json.loads(_xdsi(served, "find", "--patient-id", "IDS-DEPT002-a",
-                             "--json").stdout)
+    found = json.loads(
+        _xdsi(served, "find", "--patient-id", "IDS-DEPT002-a", "--json").stdout
+    )
     assert len(found) == 1 and found[0]["modalities"] == ["MR"]
 
     out = tmp_path / "fetched"
     _xdsi(served, "fetch", "--patient-id", "IDS-DEPT002-a", "--out", str(out))
     (study,) = scan.scan_directory(images).studies
     for header in study.instances:
-        fetched = (out / header.study_instance_uid / header.series_instance_uid
-                   / f"{header.sop_instance_uid}.dcm")
-        assert (hashlib.sha256(fetched.read_bytes()).digest()
-                == hashlib.sha256(header.path.read_bytes()).digest())
+        fetched = (
+            out
+            / header.study_instance_uid
+            / header.series_instance_uid
+            / f"{header.sop_instance_uid}.dcm"
+        )
+        assert (
+            hashlib.sha256(fetched.read_bytes()).digest()
+            == hashlib.sha256(header.path.read_bytes()).digest()
+        )
 
     trail = json.loads(_xdsi(served, "audit", "list", "--json").stdout)
-    assert {"ITI-8", "RAD-68", "ITI-41", "ITI-42", "ITI-18", "ITI-43",
-            "RAD-69"} <= {r["transaction"] for r in trail}
+    assert {"ITI-8", "RAD-68", "ITI-41", "ITI-42", "ITI-18", "ITI-43", "RAD-69"} <= {
+        r["transaction"] for r in trail
+    }
 
 
 def test_publish_for_unknown_patient_fails_with_the_registry_code(served: Path):
     """ITI TF-3 Table 4.2.4.1-2: XDSUnknownPatientId reaches the user."""
     images = shared_path("dicom", "study-mr", "images")
-    result = _xdsi(served, "publish", str(images), "--patient-id", "NEVER-FED",
-                   check=False)
+    result = _xdsi(
+        served, "publish", str(images), "--patient-id", "NEVER-FED", check=False
+    )
     assert result.returncode == 1
     assert "XDSUnknownPatientId" in result.stderr
 

@@ -38,8 +38,9 @@ def test_mr_study_comes_back_byte_identical(running_node: RunningNode, tmp_path)
         assert path.parent.parent.name == study.study_instance_uid
 
 
-def test_every_message_of_the_chain_is_schema_valid(running_node: RunningNode,
-                                                    tmp_path):
+def test_every_message_of_the_chain_is_schema_valid(
+    running_node: RunningNode, tmp_path
+):
     """ITI TF-2 3.18, 3.41, 3.42, 3.43, RAD TF-3 4.69: bodies valid against
     the official XSDs, envelopes against SOAP 1.2 and WS-Addressing."""
     running_node.feed()
@@ -54,8 +55,9 @@ def test_every_message_of_the_chain_is_schema_valid(running_node: RunningNode,
     assert validate_exchanges(running_node.taps, tmp_path / "spool") == 12
 
 
-def test_manifest_references_the_reference_kos_instances(running_node: RunningNode,
-                                                         tmp_path):
+def test_manifest_references_the_reference_kos_instances(
+    running_node: RunningNode, tmp_path
+):
     """RAD TF-3 4.68.4.1.2: the KOS lists the same instances per series as the
     IHE reference manifest of the study, and dciodvfy finds no error."""
     dciodvfy = require_program("dciodvfy")
@@ -64,8 +66,9 @@ def test_manifest_references_the_reference_kos_instances(running_node: RunningNo
     running_node.services.imaging_source.publish(study, PATIENT)
     result = running_node.services.consumer.fetch(PATIENT, tmp_path / "out")
     ours = kos.parse_manifest(result.manifests[0])
-    reference = kos.parse_manifest(shared_path("dicom", "study-mr", "manifest",
-                                               "kos.dcm"))
+    reference = kos.parse_manifest(
+        shared_path("dicom", "study-mr", "manifest", "kos.dcm")
+    )
 
     def per_series(manifest: kos.Manifest) -> dict[str, set[str]]:
         series: dict[str, set[str]] = defaultdict(set)
@@ -76,11 +79,19 @@ def test_manifest_references_the_reference_kos_instances(running_node: RunningNo
     assert per_series(ours) == per_series(reference)
     settings = running_node.settings
     assert {r.retrieve_location_uid for r in ours.references} == {
-        settings.imaging_source.repository_unique_id}
-    report = subprocess.run([dciodvfy, str(result.manifests[0])],
-                            capture_output=True, text=True, check=False)
-    errors = [line for line in (report.stdout + report.stderr).splitlines()
-              if line.startswith("Error")]
+        settings.imaging_source.repository_unique_id
+    }
+    report = subprocess.run(
+        [dciodvfy, str(result.manifests[0])],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    errors = [
+        line
+        for line in (report.stdout + report.stderr).splitlines()
+        if line.startswith("Error")
+    ]
     assert errors == []
 
 
@@ -98,10 +109,14 @@ def test_submission_for_unknown_patient_leaves_no_trace(running_node: RunningNod
         raise AssertionError("a submission for an unfed patient was accepted")
 
     with running_node.services.engine.connect() as conn:
-        assert conn.execute(select(func.count()).select_from(registry_object)
-                            ).scalar() == 0
-        assert conn.execute(select(func.count()).select_from(repository_document)
-                            ).scalar() == 0
+        assert (
+            conn.execute(select(func.count()).select_from(registry_object)).scalar()
+            == 0
+        )
+        assert (
+            conn.execute(select(func.count()).select_from(repository_document)).scalar()
+            == 0
+        )
     blobs = running_node.services.repository.blobs.root
     assert [p for p in blobs.rglob("*") if p.is_file()] == []
 
@@ -116,7 +131,13 @@ def test_audit_trail_has_every_transaction(running_node: RunningNode, tmp_path):
     records = list(running_node.services.audit_spool.records())
     assert all(r.valid for r in records)
     assert {r.event_type for r in records} >= {
-        "ITI-42", "ITI-41", "RAD-68", "ITI-18", "ITI-43", "RAD-69"}
+        "ITI-42",
+        "ITI-41",
+        "RAD-68",
+        "ITI-18",
+        "ITI-43",
+        "RAD-69",
+    }
 
 
 def test_no_patient_data_in_logs_at_info(running_node: RunningNode, tmp_path, caplog):
@@ -127,9 +148,15 @@ def test_no_patient_data_in_logs_at_info(running_node: RunningNode, tmp_path, ca
     running_node.services.imaging_source.publish(study, PATIENT)
     running_node.services.consumer.fetch(PATIENT, tmp_path / "out")
 
-    text = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.INFO)
+    text = "\n".join(
+        r.getMessage() for r in caplog.records if r.levelno >= logging.INFO
+    )
     assert "RAD-68" in text and "ITI-42" in text
-    for secret in ("XDSI-TEST-1", study.patient.patient_id, study.patient.name,
-                   study.accession_number):
+    for secret in (
+        "XDSI-TEST-1",
+        study.patient.patient_id,
+        study.patient.name,
+        study.accession_number,
+    ):
         if secret:
             assert secret not in text

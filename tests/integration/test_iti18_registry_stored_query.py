@@ -20,12 +20,17 @@ def _zeep_find_documents(url: str, patient_id: str, return_type: str):  # type: 
     wsdl = shared_path("schemas", "wsdl", "XDS.b_DocumentRegistry.wsdl")
     client = zeep.Client(str(wsdl), plugins=[WsAddressingPlugin()])
     service = client.create_service(
-        "{urn:ihe:iti:xds-b:2007}DocumentRegistry_Binding_Soap12", url)
+        "{urn:ihe:iti:xds-b:2007}DocumentRegistry_Binding_Soap12", url
+    )
     slots = [
-        {"name": "$XDSDocumentEntryPatientId",
-         "ValueList": {"_value_1": [{"Value": f"'{patient_id}'"}]}},
-        {"name": "$XDSDocumentEntryStatus",
-         "ValueList": {"_value_1": [{"Value": f"('{ebrim.STATUS_APPROVED}')"}]}},
+        {
+            "name": "$XDSDocumentEntryPatientId",
+            "ValueList": {"_value_1": [{"Value": f"'{patient_id}'"}]},
+        },
+        {
+            "name": "$XDSDocumentEntryStatus",
+            "ValueList": {"_value_1": [{"Value": f"('{ebrim.STATUS_APPROVED}')"}]},
+        },
     ]
     with client.settings(raw_response=True):
         return service["DocumentRegistry_RegistryStoredQuery"](
@@ -34,15 +39,15 @@ def _zeep_find_documents(url: str, patient_id: str, return_type: str):  # type: 
         )
 
 
-def test_zeep_find_documents_returns_the_published_manifest(
-        running_node: RunningNode):
+def test_zeep_find_documents_returns_the_published_manifest(running_node: RunningNode):
     """ITI TF-2 3.18.4.1.2.3.7.1: FindDocuments by patient and status, LeafClass."""
     running_node.feed()
     (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
     published = running_node.services.imaging_source.publish(study, PATIENT)
 
-    answer = _zeep_find_documents(running_node.settings.url("registry"), PATIENT,
-                                  "LeafClass")
+    answer = _zeep_find_documents(
+        running_node.settings.url("registry"), PATIENT, "LeafClass"
+    )
     assert answer.status_code == 200
     envelope = etree.fromstring(answer.content)
     response = envelope.find(f".//{{{ns.QUERY}}}AdhocQueryResponse")
@@ -54,10 +59,12 @@ def test_zeep_find_documents_returns_the_published_manifest(
 
 def test_zeep_find_documents_for_other_patient_is_empty(running_node: RunningNode):
     """ITI TF-2 3.18.4.1.2.3.7.1: ObjectRef answer with no match is an empty list."""
-    answer = _zeep_find_documents(running_node.settings.url("registry"),
-                                  "NOBODY^^^&1.2.3&ISO", "ObjectRef")
+    answer = _zeep_find_documents(
+        running_node.settings.url("registry"), "NOBODY^^^&1.2.3&ISO", "ObjectRef"
+    )
     response = etree.fromstring(answer.content).find(
-        f".//{{{ns.QUERY}}}AdhocQueryResponse")
+        f".//{{{ns.QUERY}}}AdhocQueryResponse"
+    )
     assert response.get("status").endswith(":Success")
     assert response.find(f"{{{ns.RIM}}}RegistryObjectList") is not None
     assert len(response.find(f"{{{ns.RIM}}}RegistryObjectList")) == 0

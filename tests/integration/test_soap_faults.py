@@ -29,40 +29,69 @@ QUERY_BODY = (
 )
 
 CASES = {
-    "malformed-xml": (SOAP12.format(action=QUERY, body="<unclosed>"),
-                      "application/soap+xml", "env:Sender", None),
+    "malformed-xml": (
+        SOAP12.format(action=QUERY, body="<unclosed>"),
+        "application/soap+xml",
+        "env:Sender",
+        None,
+    ),
     "soap-1.1-envelope": (
         '<soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/">'
         f"<soap:Body>{QUERY_BODY}</soap:Body></soap:Envelope>",
-        "text/xml", "env:VersionMismatch", None),
-    "unknown-action": (SOAP12.format(action="urn:example:NoSuchAction", body=QUERY_BODY),
-                       "application/soap+xml", "env:Sender", "ActionNotSupported"),
-    "no-action": (SOAP12.format(action=QUERY, body=QUERY_BODY).replace(
-        f"<wsa:Action>{QUERY}</wsa:Action>", ""),
-        "application/soap+xml", "env:Sender", "MessageAddressingHeaderRequired"),
+        "text/xml",
+        "env:VersionMismatch",
+        None,
+    ),
+    "unknown-action": (
+        SOAP12.format(action="urn:example:NoSuchAction", body=QUERY_BODY),
+        "application/soap+xml",
+        "env:Sender",
+        "ActionNotSupported",
+    ),
+    "no-action": (
+        SOAP12.format(action=QUERY, body=QUERY_BODY).replace(
+            f"<wsa:Action>{QUERY}</wsa:Action>", ""
+        ),
+        "application/soap+xml",
+        "env:Sender",
+        "MessageAddressingHeaderRequired",
+    ),
     "xxe-file-entity": (
         '<?xml version="1.0"?><!DOCTYPE d [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
         + SOAP12.format(action=QUERY, body="<d>&x;</d>"),
-        "application/soap+xml", "env:Sender", None),
+        "application/soap+xml",
+        "env:Sender",
+        None,
+    ),
     "billion-laughs": (
         '<?xml version="1.0"?><!DOCTYPE l [<!ENTITY a "aaaaaaaaaa">'
         '<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]>'
         + SOAP12.format(action=QUERY, body="<l>&b;</l>"),
-        "application/soap+xml", "env:Sender", None),
+        "application/soap+xml",
+        "env:Sender",
+        None,
+    ),
     "not-xml-at-all": ("GET me a page", "application/soap+xml", "env:Sender", None),
-    "wrong-media-type": (SOAP12.format(action=QUERY, body=QUERY_BODY),
-                         "application/json", "env:Sender", None),
+    "wrong-media-type": (
+        SOAP12.format(action=QUERY, body=QUERY_BODY),
+        "application/json",
+        "env:Sender",
+        None,
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("actor", ["registry", "repository", "imaging_source"])
-def test_bad_request_gets_a_soap_fault(shared_node: RunningNode, actor: str,
-                                       case: str):
+def test_bad_request_gets_a_soap_fault(shared_node: RunningNode, actor: str, case: str):
     """Every endpoint answers bad input with a schema-valid SOAP 1.2 Fault."""
     body, content_type, code, subcode = CASES[case]
-    answer = requests.post(shared_node.settings.url(actor), data=body.encode(),
-                           headers={"Content-Type": content_type}, timeout=30)
+    answer = requests.post(
+        shared_node.settings.url(actor),
+        data=body.encode(),
+        headers={"Content-Type": content_type},
+        timeout=30,
+    )
     assert answer.status_code in (400, 500)
     assert answer.headers["Content-Type"].startswith("application/soap+xml")
     assert b"Traceback" not in answer.content and b"<html" not in answer.content.lower()
@@ -79,8 +108,10 @@ def test_bad_request_gets_a_soap_fault(shared_node: RunningNode, actor: str,
 @pytest.mark.parametrize("method", ["GET", "PUT"])
 def test_other_http_requests_get_a_soap_fault(shared_node: RunningNode, method: str):
     """Even a browser's GET or a wrong path gets SOAP, not an HTML error page."""
-    for url in (shared_node.settings.url("registry"),
-                shared_node.settings.url("registry") + "/nowhere"):
+    for url in (
+        shared_node.settings.url("registry"),
+        shared_node.settings.url("registry") + "/nowhere",
+    ):
         answer = requests.request(method, url, timeout=30)
         assert answer.status_code >= 400
         assert answer.headers["Content-Type"].startswith("application/soap+xml")

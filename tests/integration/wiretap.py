@@ -45,13 +45,24 @@ class Wiretap:
         request = Request(environ)
         body = request.get_data()
         content_type = request.headers.get("Content-Type", "")
-        answer = requests.post(self.target, data=body,
-                               headers={"Content-Type": content_type}, timeout=120)
-        self.exchanges.append(Exchange(
-            self.target, content_type, body, answer.status_code,
-            answer.headers.get("Content-Type", ""), answer.content))
-        response = Response(answer.content, status=answer.status_code,
-                            content_type=answer.headers.get("Content-Type"))
+        answer = requests.post(
+            self.target, data=body, headers={"Content-Type": content_type}, timeout=120
+        )
+        self.exchanges.append(
+            Exchange(
+                self.target,
+                content_type,
+                body,
+                answer.status_code,
+                answer.headers.get("Content-Type", ""),
+                answer.content,
+            )
+        )
+        response = Response(
+            answer.content,
+            status=answer.status_code,
+            content_type=answer.headers.get("Content-Type"),
+        )
         return response(environ, start_response)
 
     def close(self) -> None:

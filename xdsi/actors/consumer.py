@@ -40,8 +40,7 @@ STUDY_INSTANCE_UID_TYPE = "urn:ihe:iti:xds:2016:studyInstanceUID"
 class ConsumerError(Exception):
     """A transaction failed; ``errors`` holds the responder's RegistryErrors."""
 
-    def __init__(self, message: str, errors: list[RegistryError] | None = None
-                 ) -> None:
+    def __init__(self, message: str, errors: list[RegistryError] | None = None) -> None:
         super().__init__(message)
         self.errors = errors or []
 
@@ -64,8 +63,10 @@ class FoundEntry:
     status: str
 
     def as_dict(self) -> dict[str, object]:
-        return {k: (list(v) if isinstance(v, tuple) else v)
-                for k, v in self.__dict__.items()}
+        return {
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in self.__dict__.items()
+        }
 
 
 @dataclass
@@ -84,8 +85,9 @@ Progress = Callable[[str, int, int], None]
 class Consumer:
     """Imaging Document Consumer: ITI-18, ITI-43 and RAD-69 clients."""
 
-    def __init__(self, settings: Settings, auditor: audit.Auditor,
-                 spool_dir: Path | None = None) -> None:
+    def __init__(
+        self, settings: Settings, auditor: audit.Auditor, spool_dir: Path | None = None
+    ) -> None:
         self.settings = settings
         self.auditor = auditor
         self.spool_dir = spool_dir or Path(tempfile.gettempdir())
@@ -102,102 +104,151 @@ class Consumer:
             return self.settings.url("imaging_source")
         raise ConsumerError(
             f"no endpoint is configured for repositoryUniqueId {repository_unique_id}"
-            " (add it to [consumer] repositories)")
+            " (add it to [consumer] repositories)"
+        )
 
-    def _audit(self, transaction_id: str, actor: str, url: str, ok: bool,
-               **details: object) -> None:
-        self.auditor.record(audit.AuditEvent(
-            transaction=transaction_id, actor=actor,
-            outcome=audit.Outcome.SUCCESS if ok else audit.Outcome.SERIOUS_FAILURE,
-            source=audit.Endpoint(ns.WSA_ANONYMOUS, self.settings.node.host),
-            destination=audit.Endpoint(url, urlsplit(url).hostname or ""),
-            **details,  # type: ignore[arg-type]
-        ))
+    def _audit(
+        self, transaction_id: str, actor: str, url: str, ok: bool, **details: object
+    ) -> None:
+        self.auditor.record(
+            audit.AuditEvent(
+                transaction=transaction_id,
+                actor=actor,
+                outcome=audit.Outcome.SUCCESS if ok else audit.Outcome.SERIOUS_FAILURE,
+                source=audit.Endpoint(ns.WSA_ANONYMOUS, self.settings.node.host),
+                destination=audit.Endpoint(url, urlsplit(url).hostname or ""),
+                **details,  # type: ignore[arg-type]
+            )
+        )
 
     # --- ITI-18 ---------------------------------------------------------
 
-    def find(self, patient_id: str, *, statuses: tuple[str, ...] = (
-            ebrim.STATUS_APPROVED,)) -> list[FoundEntry]:
+    def find(
+        self, patient_id: str, *, statuses: tuple[str, ...] = (ebrim.STATUS_APPROVED,)
+    ) -> list[FoundEntry]:
         """FindDocuments for one patient, LeafClass (ITI TF-2 3.18.4.1.2.3.7.1)."""
         url = self.settings.consumer_registry_url
-        request = stored_query.build_query("FindDocuments", {
-            "$XDSDocumentEntryPatientId": patient_id,
-            "$XDSDocumentEntryStatus": list(statuses),
-        })
+        request = stored_query.build_query(
+            "FindDocuments",
+            {
+                "$XDSDocumentEntryPatientId": patient_id,
+                "$XDSDocumentEntryStatus": list(statuses),
+            },
+        )
         ok = False
         try:
-            client = wire.SoapClient(url, timeout=self.settings.consumer.timeout,
-                                     spool_dir=self.spool_dir)
+            client = wire.SoapClient(
+                url, timeout=self.settings.consumer.timeout, spool_dir=self.spool_dir
+            )
             with client.call(transaction("ITI-18")["request_action"], request) as reply:
                 status = read_status(reply.body)
                 errors = read_errors(reply.body)
                 if status != ResponseStatus.SUCCESS.value:
-                    raise ConsumerError("the Document Registry refused the query: "
-                                        + _describe(errors), errors)
-                found = [_found_entry(o) for o in
-                         ebrim.read_registry_objects(reply.body).document_entries]
+                    raise ConsumerError(
+                        "the Document Registry refused the query: " + _describe(errors),
+                        errors,
+                    )
+                found = [
+                    _found_entry(o)
+                    for o in ebrim.read_registry_objects(reply.body).document_entries
+                ]
             ok = True
         except (wire.TransportError, wire.PeerFault) as exc:
             raise ConsumerError(f"ITI-18 to {url} failed: {exc}") from exc
         finally:
-            self._audit("ITI-18", "Document Consumer", url, ok, patient_id=patient_id,
-                        query_id=request.find(f"{{{ns.RIM}}}AdhocQuery").get("id"),
-                        query_request=etree.tostring(request))
-        logger.info("%s %s to %s: %d DocumentEntries", "ITI-18",
-                    "Registry Stored Query", url, len(found))
+            self._audit(
+                "ITI-18",
+                "Document Consumer",
+                url,
+                ok,
+                patient_id=patient_id,
+                query_id=request.find(f"{{{ns.RIM}}}AdhocQuery").get("id"),
+                query_request=etree.tostring(request),
+            )
+        logger.info(
+            "%s %s to %s: %d DocumentEntries",
+            "ITI-18",
+            "Registry Stored Query",
+            url,
+            len(found),
+        )
         return found
 
     # --- ITI-43 ---------------------------------------------------------
 
-    def retrieve_document(self, entry: FoundEntry, target: Path,
-                          patient_id: str | None = None) -> Path:
+    def retrieve_document(
+        self, entry: FoundEntry, target: Path, patient_id: str | None = None
+    ) -> Path:
         """Retrieve one document into ``target`` (ITI TF-2 3.43)."""
         url = self.endpoint_for(entry.repository_unique_id)
-        request = etree.Element(f"{{{ns.XDSB}}}RetrieveDocumentSetRequest",
-                                nsmap={"xdsb": ns.XDSB})
+        request = etree.Element(
+            f"{{{ns.XDSB}}}RetrieveDocumentSetRequest", nsmap={"xdsb": ns.XDSB}
+        )
         item = etree.SubElement(request, f"{{{ns.XDSB}}}DocumentRequest")
         if entry.home_community_id:
-            etree.SubElement(item, f"{{{ns.XDSB}}}HomeCommunityId").text = (
-                entry.home_community_id)
-        etree.SubElement(item, f"{{{ns.XDSB}}}RepositoryUniqueId").text = (
-            entry.repository_unique_id)
+            etree.SubElement(
+                item, f"{{{ns.XDSB}}}HomeCommunityId"
+            ).text = entry.home_community_id
+        etree.SubElement(
+            item, f"{{{ns.XDSB}}}RepositoryUniqueId"
+        ).text = entry.repository_unique_id
         etree.SubElement(item, f"{{{ns.XDSB}}}DocumentUniqueId").text = entry.unique_id
         ok = False
         try:
-            client = wire.SoapClient(url, timeout=self.settings.consumer.timeout,
-                                     spool_dir=self.spool_dir)
+            client = wire.SoapClient(
+                url, timeout=self.settings.consumer.timeout, spool_dir=self.spool_dir
+            )
             with client.call(transaction("ITI-43")["request_action"], request) as reply:
                 got = _documents(reply)
                 if entry.unique_id not in got:
                     raise ConsumerError(
                         f"the Document Repository did not return {entry.unique_id}: "
-                        + _describe(read_errors(reply.body)), read_errors(reply.body))
+                        + _describe(read_errors(reply.body)),
+                        read_errors(reply.body),
+                    )
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(got[entry.unique_id].path, target)
             ok = True
         except (wire.TransportError, wire.PeerFault) as exc:
             raise ConsumerError(f"ITI-43 to {url} failed: {exc}") from exc
         finally:
-            self._audit("ITI-43", "Document Consumer", url, ok, patient_id=patient_id,
-                        documents=(audit.DocumentRef(entry.unique_id,
-                                                     entry.repository_unique_id),))
+            self._audit(
+                "ITI-43",
+                "Document Consumer",
+                url,
+                ok,
+                patient_id=patient_id,
+                documents=(
+                    audit.DocumentRef(entry.unique_id, entry.repository_unique_id),
+                ),
+            )
         return target
 
     # --- RAD-69 ---------------------------------------------------------
 
-    def retrieve_images(self, manifest: kos.Manifest, out_dir: Path,
-                        result: FetchResult, progress: Progress | None = None,
-                        done: int = 0, total: int = 0,
-                        patient_id: str | None = None) -> int:
+    def retrieve_images(
+        self,
+        manifest: kos.Manifest,
+        out_dir: Path,
+        result: FetchResult,
+        progress: Progress | None = None,
+        done: int = 0,
+        total: int = 0,
+        patient_id: str | None = None,
+    ) -> int:
         """Retrieve every instance a manifest references, one RAD-69 per series.
 
         Instances land as ``out_dir/StudyUID/SeriesUID/SOPUID.dcm``.
         """
         by_series: dict[tuple[str, str, str], list[kos.ManifestReference]] = (
-            defaultdict(list))
+            defaultdict(list)
+        )
         for ref in manifest.references:
-            key = (ref.retrieve_location_uid or "", ref.study_instance_uid,
-                   ref.series_instance_uid)
+            key = (
+                ref.retrieve_location_uid or "",
+                ref.study_instance_uid,
+                ref.series_instance_uid,
+            )
             by_series[key].append(ref)
 
         for (location, study_uid, series_uid), refs in by_series.items():
@@ -205,10 +256,14 @@ class Consumer:
             request = self._rad69_request(location, study_uid, series_uid, refs)
             ok = False
             try:
-                client = wire.SoapClient(url, timeout=self.settings.consumer.timeout,
-                                         spool_dir=self.spool_dir)
-                with client.call(transaction("RAD-69")["request_action"],
-                                 request) as reply:
+                client = wire.SoapClient(
+                    url,
+                    timeout=self.settings.consumer.timeout,
+                    spool_dir=self.spool_dir,
+                )
+                with client.call(
+                    transaction("RAD-69")["request_action"], request
+                ) as reply:
                     got = _documents(reply)
                     errors = read_errors(reply.body)
                     for ref in refs:
@@ -216,8 +271,12 @@ class Consumer:
                         if attachment is None:
                             result.missing.append(ref.sop_instance_uid)
                             continue
-                        target = (out_dir / study_uid / series_uid
-                                  / f"{ref.sop_instance_uid}.dcm")
+                        target = (
+                            out_dir
+                            / study_uid
+                            / series_uid
+                            / f"{ref.sop_instance_uid}.dcm"
+                        )
                         target.parent.mkdir(parents=True, exist_ok=True)
                         shutil.move(attachment.path, target)
                         result.instances.append(target)
@@ -228,46 +287,67 @@ class Consumer:
                     if errors and not got:
                         raise ConsumerError(
                             f"RAD-69 for series {series_uid} failed: "
-                            + _describe(errors), errors)
+                            + _describe(errors),
+                            errors,
+                        )
                 ok = True
             except (wire.TransportError, wire.PeerFault) as exc:
                 raise ConsumerError(f"RAD-69 to {url} failed: {exc}") from exc
             finally:
-                self._audit("RAD-69", "Imaging Document Consumer", url, ok,
-                            patient_id=patient_id, study_instance_uids=(study_uid,))
+                self._audit(
+                    "RAD-69",
+                    "Imaging Document Consumer",
+                    url,
+                    ok,
+                    patient_id=patient_id,
+                    study_instance_uids=(study_uid,),
+                )
         return done
 
-    def _rad69_request(self, location: str, study_uid: str, series_uid: str,
-                       refs: list[kos.ManifestReference]) -> etree._Element:
+    def _rad69_request(
+        self,
+        location: str,
+        study_uid: str,
+        series_uid: str,
+        refs: list[kos.ManifestReference],
+    ) -> etree._Element:
         """Build a RetrieveImagingDocumentSetRequest (RAD TF-3 4.69.4.1.2)."""
-        request = etree.Element(f"{{{ns.XDSIB}}}RetrieveImagingDocumentSetRequest",
-                                nsmap={"xdsi": ns.XDSIB, "xdsb": ns.XDSB})
-        study = etree.SubElement(request, f"{{{ns.XDSIB}}}StudyRequest",
-                                 studyInstanceUID=study_uid)
-        series = etree.SubElement(study, f"{{{ns.XDSIB}}}SeriesRequest",
-                                  seriesInstanceUID=series_uid)
+        request = etree.Element(
+            f"{{{ns.XDSIB}}}RetrieveImagingDocumentSetRequest",
+            nsmap={"xdsi": ns.XDSIB, "xdsb": ns.XDSB},
+        )
+        study = etree.SubElement(
+            request, f"{{{ns.XDSIB}}}StudyRequest", studyInstanceUID=study_uid
+        )
+        series = etree.SubElement(
+            study, f"{{{ns.XDSIB}}}SeriesRequest", seriesInstanceUID=series_uid
+        )
         for ref in refs:
             item = etree.SubElement(series, f"{{{ns.XDSB}}}DocumentRequest")
             etree.SubElement(item, f"{{{ns.XDSB}}}RepositoryUniqueId").text = location
-            etree.SubElement(item, f"{{{ns.XDSB}}}DocumentUniqueId").text = (
-                ref.sop_instance_uid)
+            etree.SubElement(
+                item, f"{{{ns.XDSB}}}DocumentUniqueId"
+            ).text = ref.sop_instance_uid
         syntaxes = etree.SubElement(request, f"{{{ns.XDSIB}}}TransferSyntaxUIDList")
         # The instances are wanted as published: every syntax pydicom knows,
         # Explicit VR Little Endian first.
         ordered = [ExplicitVRLittleEndian] + [
-            uid for uid in AllTransferSyntaxes if uid != ExplicitVRLittleEndian]
+            uid for uid in AllTransferSyntaxes if uid != ExplicitVRLittleEndian
+        ]
         for uid in ordered:
             etree.SubElement(syntaxes, f"{{{ns.XDSIB}}}TransferSyntaxUID").text = uid
         return request
 
     # --- the whole pull ---------------------------------------------------
 
-    def fetch(self, patient_id: str, out_dir: Path,
-              progress: Progress | None = None) -> FetchResult:
+    def fetch(
+        self, patient_id: str, out_dir: Path, progress: Progress | None = None
+    ) -> FetchResult:
         """Find the patient's manifests, retrieve each and all its images."""
         result = FetchResult()
-        entries = [e for e in self.find(patient_id)
-                   if e.mime_type == "application/dicom"]
+        entries = [
+            e for e in self.find(patient_id) if e.mime_type == "application/dicom"
+        ]
         manifests: list[kos.Manifest] = []
         for entry in entries:
             target = out_dir / "manifests" / f"{entry.unique_id}.dcm"
@@ -279,8 +359,9 @@ class Consumer:
         total = sum(len(m.references) for m in manifests)
         done = 0
         for manifest in manifests:
-            done = self.retrieve_images(manifest, out_dir, result, progress, done,
-                                        total, patient_id)
+            done = self.retrieve_images(
+                manifest, out_dir, result, progress, done, total, patient_id
+            )
         return result
 
 
@@ -300,10 +381,12 @@ def _documents(reply: wire.SoapMessage) -> dict[str, wire.Attachment]:
 
 
 def _found_entry(obj: ebrim.RegistryObject) -> FoundEntry:
-    reference_slot = ebrim.attribute_spec(ebrim.DOCUMENT_ENTRY,
-                                          "referenceIdList")["slot"]
+    reference_slot = ebrim.attribute_spec(ebrim.DOCUMENT_ENTRY, "referenceIdList")[
+        "slot"
+    ]
     studies = tuple(
-        value.split("^", 1)[0] for value in obj.slots.get(reference_slot, [])
+        value.split("^", 1)[0]
+        for value in obj.slots.get(reference_slot, [])
         if value.endswith(STUDY_INSTANCE_UID_TYPE)
     )
     size = obj.slot("size")
@@ -321,4 +404,3 @@ def _found_entry(obj: ebrim.RegistryObject) -> FoundEntry:
         size=int(size) if size and size.isdigit() else None,
         status=obj.status.rsplit(":", 1)[-1],
     )
-

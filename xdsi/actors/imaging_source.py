@@ -57,8 +57,7 @@ ACTOR = "imaging_source"
 class PublishError(Exception):
     """A study could not be published; ``errors`` holds the peer's answer."""
 
-    def __init__(self, message: str, errors: list[RegistryError] | None = None
-                 ) -> None:
+    def __init__(self, message: str, errors: list[RegistryError] | None = None) -> None:
         super().__init__(message)
         self.errors = errors or []
 
@@ -85,8 +84,13 @@ def sha256_file(path: Path) -> str:
 class ImagingSource:
     """The Imaging Document Source over its instance store."""
 
-    def __init__(self, settings: Settings, engine: Engine, blobs: BlobStore,
-                 auditor: audit.Auditor) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        blobs: BlobStore,
+        auditor: audit.Auditor,
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.blobs = blobs
@@ -104,24 +108,28 @@ class ImagingSource:
         for header in study.instances:
             total += header.size
             with self.engine.connect() as conn:
-                held = conn.execute(select(imaging_instance.c.sop_instance_uid).where(
-                    imaging_instance.c.sop_instance_uid == header.sop_instance_uid
-                )).first()
+                held = conn.execute(
+                    select(imaging_instance.c.sop_instance_uid).where(
+                        imaging_instance.c.sop_instance_uid == header.sop_instance_uid
+                    )
+                ).first()
             if held is not None:
                 continue
             blob = self.blobs.put_file(header.sop_instance_uid, header.path, move=False)
             with self.engine.begin() as conn:
-                conn.execute(insert(imaging_instance).values(
-                    sop_instance_uid=header.sop_instance_uid,
-                    study_instance_uid=header.study_instance_uid,
-                    series_instance_uid=header.series_instance_uid,
-                    sop_class_uid=header.sop_class_uid,
-                    transfer_syntax_uid=header.transfer_syntax_uid,
-                    size=header.size,
-                    sha256=sha256_file(self.blobs.path(blob)),
-                    patient_id=patient_id,
-                    blob=blob,
-                ))
+                conn.execute(
+                    insert(imaging_instance).values(
+                        sop_instance_uid=header.sop_instance_uid,
+                        study_instance_uid=header.study_instance_uid,
+                        series_instance_uid=header.series_instance_uid,
+                        sop_class_uid=header.sop_class_uid,
+                        transfer_syntax_uid=header.transfer_syntax_uid,
+                        size=header.size,
+                        sha256=sha256_file(self.blobs.path(blob)),
+                        patient_id=patient_id,
+                        blob=blob,
+                    )
+                )
         return total
 
     def publish(self, study: scan.Study, patient_id: str) -> Published:
@@ -140,7 +148,8 @@ class ImagingSource:
         )
         data = kos.manifest_bytes(manifest)
         facts = mapping.manifest_facts(
-            study, manifest,
+            study,
+            manifest,
             accession_assigning_authority=cfg.accession_assigning_authority,
         )
         entry = ManifestEntry(
@@ -181,23 +190,39 @@ class ImagingSource:
 
         blob = self.blobs.put_bytes(f"manifest:{facts.unique_id}", data)
         with self.engine.begin() as conn:
-            conn.execute(insert(imaging_manifest).values(
-                sop_instance_uid=facts.unique_id,
-                study_instance_uid=study.study_instance_uid,
-                submission_set_unique_id=submission_set.unique_id,
-                blob=blob,
-            ))
-        return Published(study.study_instance_uid, facts.unique_id,
-                         submission_set.unique_id, len(study.instances), total)
+            conn.execute(
+                insert(imaging_manifest).values(
+                    sop_instance_uid=facts.unique_id,
+                    study_instance_uid=study.study_instance_uid,
+                    submission_set_unique_id=submission_set.unique_id,
+                    blob=blob,
+                )
+            )
+        return Published(
+            study.study_instance_uid,
+            facts.unique_id,
+            submission_set.unique_id,
+            len(study.instances),
+            total,
+        )
 
-    def _provide_and_register(self, metadata: etree._Element, entry: ManifestEntry,
-                              submission_set: SubmissionSetSpec, data: bytes) -> None:
+    def _provide_and_register(
+        self,
+        metadata: etree._Element,
+        entry: ManifestEntry,
+        submission_set: SubmissionSetSpec,
+        data: bytes,
+    ) -> None:
         """RAD-68 to the Document Repository, as MTOM (RAD TF-3 4.68.4.1.2)."""
-        request = etree.Element(f"{{{ns.XDSB}}}ProvideAndRegisterDocumentSetRequest",
-                                nsmap={"xdsb": ns.XDSB})
+        request = etree.Element(
+            f"{{{ns.XDSB}}}ProvideAndRegisterDocumentSetRequest",
+            nsmap={"xdsb": ns.XDSB},
+        )
         request.append(metadata)
         content_id = wire.new_content_id()
-        document = etree.SubElement(request, f"{{{ns.XDSB}}}Document", id=entry.entry_id)
+        document = etree.SubElement(
+            request, f"{{{ns.XDSB}}}Document", id=entry.entry_id
+        )
         document.append(wire.xop_include(content_id))
         part = wire.OutgoingPart(content_id, entry.mime_type, data=data)
 
@@ -207,38 +232,52 @@ class ImagingSource:
         message_id = None
         try:
             client = wire.SoapClient(url, spool_dir=self.blobs.spool)
-            with client.call(transaction("ITI-41")["request_action"], request,
-                             parts=[part]) as reply:
+            with client.call(
+                transaction("ITI-41")["request_action"], request, parts=[part]
+            ) as reply:
                 message_id = reply.relates_to
                 status = read_status(reply.body)
                 errors = read_errors(reply.body)
             if status != ResponseStatus.SUCCESS.value:
                 raise PublishError(
                     "the Document Repository refused the manifest: "
-                    + "; ".join(f"{e.code}: {e.message}" for e in errors), errors)
+                    + "; ".join(f"{e.code}: {e.message}" for e in errors),
+                    errors,
+                )
             outcome = audit.Outcome.SUCCESS
         except (wire.TransportError, wire.PeerFault) as exc:
             raise PublishError(f"RAD-68 to {url} failed: {exc}") from exc
         finally:
-            self.auditor.record(audit.AuditEvent(
-                transaction="RAD-68", actor="Imaging Document Source",
-                outcome=outcome,
-                source=audit.Endpoint(ns.WSA_ANONYMOUS, self.settings.node.host),
-                destination=audit.Endpoint(url, _host(url)),
-                patient_id=entry.patient_id,
-                submission_set_unique_id=submission_set.unique_id,
-                message_id=message_id,
-            ))
-            logger.info("%s %s to %s: %s, SubmissionSet %s, manifest %s, %.3f s",
-                        "RAD-68", "Provide and Register Imaging Document Set", url,
-                        outcome.name, submission_set.unique_id, entry.unique_id,
-                        time.monotonic() - started)
+            self.auditor.record(
+                audit.AuditEvent(
+                    transaction="RAD-68",
+                    actor="Imaging Document Source",
+                    outcome=outcome,
+                    source=audit.Endpoint(ns.WSA_ANONYMOUS, self.settings.node.host),
+                    destination=audit.Endpoint(url, _host(url)),
+                    patient_id=entry.patient_id,
+                    submission_set_unique_id=submission_set.unique_id,
+                    message_id=message_id,
+                )
+            )
+            logger.info(
+                "%s %s to %s: %s, SubmissionSet %s, manifest %s, %.3f s",
+                "RAD-68",
+                "Provide and Register Imaging Document Set",
+                url,
+                outcome.name,
+                submission_set.unique_id,
+                entry.unique_id,
+                time.monotonic() - started,
+            )
 
     # --- RAD-69 ---------------------------------------------------------
 
-    def retrieve(self, request: etree._Element
-                 ) -> tuple[etree._Element, list[wire.OutgoingPart], list[str],
-                            list[str], list[str]]:
+    def retrieve(
+        self, request: etree._Element
+    ) -> tuple[
+        etree._Element, list[wire.OutgoingPart], list[str], list[str], list[str]
+    ]:
         """Answer a RetrieveImagingDocumentSetRequest (RAD TF-3 4.69.4.2).
 
         An instance comes back only when it belongs to the named study and
@@ -247,8 +286,10 @@ class ImagingSource:
         # Limitation: no transcoding; an instance held in a transfer syntax
         # the request does not list is answered with an error.
         syntaxes = [
-            (e.text or "").strip() for e in request.iterfind(
-                f"{{{ns.XDSIB}}}TransferSyntaxUIDList/{{{ns.XDSIB}}}TransferSyntaxUID")
+            (e.text or "").strip()
+            for e in request.iterfind(
+                f"{{{ns.XDSIB}}}TransferSyntaxUIDList/{{{ns.XDSIB}}}TransferSyntaxUID"
+            )
         ]
         errors: list[XdsError] = []
         documents = []
@@ -256,16 +297,23 @@ class ImagingSource:
         for study in request.findall(f"{{{ns.XDSIB}}}StudyRequest"):
             study_uid = (study.get("studyInstanceUID") or "").strip()
             if not study_uid:
-                errors.append(ImagingRequestError(
-                    "StudyRequest has an empty studyInstanceUID (RAD TF-3 4.69.4.1.2)"))
+                errors.append(
+                    ImagingRequestError(
+                        "StudyRequest has an empty studyInstanceUID "
+                        "(RAD TF-3 4.69.4.1.2)"
+                    )
+                )
                 continue
             studies.append(study_uid)
             for series in study.findall(f"{{{ns.XDSIB}}}SeriesRequest"):
                 series_uid = (series.get("seriesInstanceUID") or "").strip()
                 if not series_uid:
-                    errors.append(ImagingRequestError(
-                        "SeriesRequest has an empty seriesInstanceUID "
-                        "(RAD TF-3 4.69.4.1.2)"))
+                    errors.append(
+                        ImagingRequestError(
+                            "SeriesRequest has an empty seriesInstanceUID "
+                            "(RAD TF-3 4.69.4.1.2)"
+                        )
+                    )
                     continue
                 for item in series.findall(f"{{{ns.XDSB}}}DocumentRequest"):
                     result = self._instance(item, study_uid, series_uid, syntaxes)
@@ -274,66 +322,104 @@ class ImagingSource:
                     else:
                         documents.append(result)
         if not syntaxes:
-            errors.append(TransferSyntaxUnavailable(
-                "TransferSyntaxUIDList lists no transfer syntax (RAD TF-3 4.69.4.1.2)"))
+            errors.append(
+                TransferSyntaxUnavailable(
+                    "TransferSyntaxUIDList lists no transfer syntax "
+                    "(RAD TF-3 4.69.4.1.2)"
+                )
+            )
             documents = []
         body, parts = retrieve_response([d[:5] for d in documents], errors, ACTOR)
         patients = sorted({d[5] for d in documents if d[5]})
         return body, parts, [d[0] for d in documents], studies, patients
 
-    def _instance(self, item: etree._Element, study_uid: str, series_uid: str,
-                  syntaxes: list[str]
-                  ) -> tuple[str, str, str, Path, str | None, str | None] | XdsError:
+    def _instance(
+        self, item: etree._Element, study_uid: str, series_uid: str, syntaxes: list[str]
+    ) -> tuple[str, str, str, Path, str | None, str | None] | XdsError:
         repository_id = child_text(item, "RepositoryUniqueId")
         sop_uid = child_text(item, "DocumentUniqueId")
         community = child_text(item, "HomeCommunityId") or None
         if repository_id != self.repository_unique_id:
             return UnknownRepositoryId(
                 f"repositoryUniqueId {repository_id} is not this Imaging Document "
-                "Source's", repository_id)
+                "Source's",
+                repository_id,
+            )
         with self.engine.connect() as conn:
-            row = conn.execute(select(imaging_instance).where(
-                imaging_instance.c.sop_instance_uid == sop_uid)).first()
-        if (row is None or row.study_instance_uid != study_uid
-                or row.series_instance_uid != series_uid):
+            row = conn.execute(
+                select(imaging_instance).where(
+                    imaging_instance.c.sop_instance_uid == sop_uid
+                )
+            ).first()
+        if (
+            row is None
+            or row.study_instance_uid != study_uid
+            or row.series_instance_uid != series_uid
+        ):
             return DocumentUniqueIdError(
                 f"instance {sop_uid} is not held under study {study_uid} series "
-                f"{series_uid}", sop_uid)
+                f"{series_uid}",
+                sop_uid,
+            )
         if row.transfer_syntax_uid not in syntaxes:
             return TransferSyntaxUnavailable(
                 f"instance {sop_uid} is held in transfer syntax "
                 f"{row.transfer_syntax_uid}, which the request does not list",
-                sop_uid)
-        return (sop_uid, self.repository_unique_id, "application/dicom",
-                self.blobs.path(row.blob), community, row.patient_id)
+                sop_uid,
+            )
+        return (
+            sop_uid,
+            self.repository_unique_id,
+            "application/dicom",
+            self.blobs.path(row.blob),
+            community,
+            row.patient_id,
+        )
 
     # --- SOAP edge -------------------------------------------------------
 
     def app(self, spool_root: Path) -> Flask:
-        return soap_app("imaging_source", self.settings.imaging_source.path, {
-            "RAD-69": self.handle_retrieve,
-        }, spool_root)
+        return soap_app(
+            "imaging_source",
+            self.settings.imaging_source.path,
+            {
+                "RAD-69": self.handle_retrieve,
+            },
+            spool_root,
+        )
 
     def handle_retrieve(self, message: wire.SoapMessage, peer: Peer) -> Reply:
         started = time.monotonic()
         body, parts, sop_uids, studies, patients = self.retrieve(message.body)
         status = read_status(body)
-        self.auditor.record(audit.AuditEvent(
-            transaction="RAD-69", actor="Imaging Document Source",
-            outcome=audit.Outcome.SUCCESS if status == ResponseStatus.SUCCESS.value
-            else audit.Outcome.MINOR_FAILURE if sop_uids
-            else audit.Outcome.SERIOUS_FAILURE,
-            source=audit.Endpoint(self.settings.url("imaging_source"),
-                                  self.settings.node.host),
-            destination=audit.Endpoint(peer.reply_to, peer.host),
-            patient_id=patients[0] if patients else None,
-            study_instance_uids=tuple(studies),
-            message_id=message.message_id,
-        ))
-        logger.info("%s %s from %s: %s, MessageID %s, %d instances, %.3f s",
-                    "RAD-69", "Retrieve Imaging Document Set", peer.host,
-                    status.rsplit(":", 1)[-1], message.message_id, len(parts),
-                    time.monotonic() - started)
+        self.auditor.record(
+            audit.AuditEvent(
+                transaction="RAD-69",
+                actor="Imaging Document Source",
+                outcome=audit.Outcome.SUCCESS
+                if status == ResponseStatus.SUCCESS.value
+                else audit.Outcome.MINOR_FAILURE
+                if sop_uids
+                else audit.Outcome.SERIOUS_FAILURE,
+                source=audit.Endpoint(
+                    self.settings.url("imaging_source"), self.settings.node.host
+                ),
+                destination=audit.Endpoint(peer.reply_to, peer.host),
+                patient_id=patients[0] if patients else None,
+                study_instance_uids=tuple(studies),
+                message_id=message.message_id,
+            )
+        )
+        logger.info(
+            "%s %s from %s: %s, MessageID %s, %d instances, %.3f s",
+            "RAD-69",
+            "Retrieve Imaging Document Set",
+            peer.host,
+            status.rsplit(":", 1)[-1],
+            message.message_id,
+            len(parts),
+            time.monotonic() - started,
+        )
         return Reply(body, parts)
 
 

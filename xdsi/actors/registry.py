@@ -64,8 +64,9 @@ def as_registry_errors(errors: Sequence[XdsError], actor: str) -> list[RegistryE
 class Registry:
     """The Document Registry's store and rules, over one database."""
 
-    def __init__(self, settings: Settings, engine: Engine,
-                 auditor: audit.Auditor) -> None:
+    def __init__(
+        self, settings: Settings, engine: Engine, auditor: audit.Auditor
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.auditor = auditor
@@ -75,20 +76,28 @@ class Registry:
     def feed(self, message: str) -> str:
         """Answer one ITI-8 message with its ACK, and audit it."""
         ack, identity = handle_feed(
-            message, self.add_patient,
-            assigning_authority=self.settings.node.assigning_authority)
+            message,
+            self.add_patient,
+            assigning_authority=self.settings.node.assigning_authority,
+        )
         msh, msa = _ack_fields(ack)
         sender = "|".join(f for f in msh[4:6] if f)
-        self.auditor.record(audit.AuditEvent(
-            transaction="ITI-8", actor="Document Registry",
-            outcome=audit.Outcome.SUCCESS if identity is not None
-            else audit.Outcome.SERIOUS_FAILURE,
-            source=audit.Endpoint(sender or "unknown", "unknown"),
-            destination=audit.Endpoint("|".join(f for f in msh[2:4] if f) or "xdsi",
-                                       self.settings.node.host),
-            patient_id=identity.patient_id if identity else None,
-            message_id=msa[2] if len(msa) > 2 else None,
-        ))
+        self.auditor.record(
+            audit.AuditEvent(
+                transaction="ITI-8",
+                actor="Document Registry",
+                outcome=audit.Outcome.SUCCESS
+                if identity is not None
+                else audit.Outcome.SERIOUS_FAILURE,
+                source=audit.Endpoint(sender or "unknown", "unknown"),
+                destination=audit.Endpoint(
+                    "|".join(f for f in msh[2:4] if f) or "xdsi",
+                    self.settings.node.host,
+                ),
+                patient_id=identity.patient_id if identity else None,
+                message_id=msa[2] if len(msa) > 2 else None,
+            )
+        )
         return ack
 
     def add_patient(self, identity: PatientIdentity) -> None:
@@ -99,14 +108,20 @@ class Registry:
             ).first()
             if known is None:
                 conn.execute(insert(patient).values(patient_id=identity.patient_id))
-        logger.info("ITI-8 Patient Identity Feed: %s %s", identity.trigger,
-                    "new patient" if known is None else "known patient")
+        logger.info(
+            "ITI-8 Patient Identity Feed: %s %s",
+            identity.trigger,
+            "new patient" if known is None else "known patient",
+        )
 
     def knows_patient(self, patient_id: str) -> bool:
         with self.engine.connect() as conn:
-            return conn.execute(
-                select(patient.c.id).where(patient.c.patient_id == patient_id)
-            ).first() is not None
+            return (
+                conn.execute(
+                    select(patient.c.id).where(patient.c.patient_id == patient_id)
+                ).first()
+                is not None
+            )
 
     # --- ITI-42 ---------------------------------------------------------
 
@@ -114,13 +129,17 @@ class Registry:
         """Register a SubmitObjectsRequest; return the errors, if any."""
         submission = ebrim.read_registry_objects(request)
         errors = validation.check_submission(submission)
-        submission_set = submission.submission_sets[0] if len(
-            submission.submission_sets) == 1 else None
+        submission_set = (
+            submission.submission_sets[0]
+            if len(submission.submission_sets) == 1
+            else None
+        )
         patient_id = submission_set.patient_id if submission_set else None
         ss_unique_id = submission_set.unique_id if submission_set else None
         if errors:
-            return RegisterOutcome(as_registry_errors(errors, ACTOR), ss_unique_id,
-                                   patient_id, ())
+            return RegisterOutcome(
+                as_registry_errors(errors, ACTOR), ss_unique_id, patient_id, ()
+            )
 
         validation.assign_entry_uuids(submission)
         _gather_loose_classifications(submission)
@@ -132,53 +151,87 @@ class Registry:
                     raise _Rollback(errors)
                 self._insert(conn, submission)
         except _Rollback as rollback:
-            return RegisterOutcome(as_registry_errors(rollback.errors, ACTOR),
-                                   ss_unique_id, patient_id, ())
+            return RegisterOutcome(
+                as_registry_errors(rollback.errors, ACTOR), ss_unique_id, patient_id, ()
+            )
         except IntegrityError:
             # Another submission took a uniqueId between check and insert.
             error = DuplicateUniqueIdInRegistry(
-                "a uniqueId of the submission was registered concurrently")
-            return RegisterOutcome(as_registry_errors([error], ACTOR), ss_unique_id,
-                                   patient_id, ())
-        return RegisterOutcome([], ss_unique_id, patient_id,
-                               tuple(o.id for o in submission.objects))
+                "a uniqueId of the submission was registered concurrently"
+            )
+            return RegisterOutcome(
+                as_registry_errors([error], ACTOR), ss_unique_id, patient_id, ()
+            )
+        return RegisterOutcome(
+            [], ss_unique_id, patient_id, tuple(o.id for o in submission.objects)
+        )
 
-    def _check_against_registry(self, conn, submission: Submission,  # type: ignore[no-untyped-def]
-                                patient_id: str | None) -> list[XdsError]:
+    def _check_against_registry(
+        self,
+        conn,
+        submission: Submission,  # type: ignore[no-untyped-def]
+        patient_id: str | None,
+    ) -> list[XdsError]:
         errors: list[XdsError] = []
-        if patient_id is None or conn.execute(
-            select(patient.c.id).where(patient.c.patient_id == patient_id)
-        ).first() is None:
-            errors.append(UnknownPatientId(
-                "the SubmissionSet's patientId is not known to this Document Registry "
-                "(no Patient Identity Feed received for it)", "SubmissionSet"))
+        if (
+            patient_id is None
+            or conn.execute(
+                select(patient.c.id).where(patient.c.patient_id == patient_id)
+            ).first()
+            is None
+        ):
+            errors.append(
+                UnknownPatientId(
+                    "the SubmissionSet's patientId is not known to this "
+                    "Document Registry "
+                    "(no Patient Identity Feed received for it)",
+                    "SubmissionSet",
+                )
+            )
 
         for obj in submission.objects:
             held = conn.execute(
                 select(registry_object.c.entry_uuid).where(
-                    registry_object.c.entry_uuid == obj.id)
+                    registry_object.c.entry_uuid == obj.id
+                )
             ).first()
             if held is not None:
-                errors.append(MetadataInvalid(
-                    f"entryUUID {obj.id} is already in the Document Registry", obj.id))
+                errors.append(
+                    MetadataInvalid(
+                        f"entryUUID {obj.id} is already in the Document Registry",
+                        obj.id,
+                    )
+                )
             if not obj.unique_id:
                 continue
             row = conn.execute(
                 select(registry_object.c.hash, registry_object.c.kind).where(
-                    registry_object.c.unique_id == obj.unique_id)
+                    registry_object.c.unique_id == obj.unique_id
+                )
             ).first()
             if row is None:
                 continue
             new_hash = (obj.slot("hash") or "").lower()
-            if (obj.kind == ebrim.DOCUMENT_ENTRY and row.hash and new_hash
-                    and row.hash != new_hash):
-                errors.append(NonIdenticalHash(
-                    f"DocumentEntry uniqueId {obj.unique_id} is registered with "
-                    "another hash", obj.unique_id))
+            if (
+                obj.kind == ebrim.DOCUMENT_ENTRY
+                and row.hash
+                and new_hash
+                and row.hash != new_hash
+            ):
+                errors.append(
+                    NonIdenticalHash(
+                        f"DocumentEntry uniqueId {obj.unique_id} is registered with "
+                        "another hash",
+                        obj.unique_id,
+                    )
+                )
             else:
-                errors.append(DuplicateUniqueIdInRegistry(
-                    f"{obj.kind} uniqueId {obj.unique_id} is already registered",
-                    obj.unique_id))
+                errors.append(
+                    DuplicateUniqueIdInRegistry(
+                        f"{obj.kind} uniqueId {obj.unique_id} is already registered",
+                        obj.unique_id,
+                    )
+                )
         return errors
 
     def _insert(self, conn, submission: Submission) -> None:  # type: ignore[no-untyped-def]
@@ -188,29 +241,32 @@ class Registry:
         for obj in submission.objects:
             if obj.kind == ebrim.DOCUMENT_ENTRY and not obj.logical_id:
                 obj.element.set("lid", obj.id)
-            conn.execute(insert(registry_object).values(
-                entry_uuid=obj.id,
-                kind=obj.kind,
-                unique_id=obj.unique_id,
-                patient_id=obj.patient_id,
-                status=ebrim.STATUS_APPROVED,
-                object_type=obj.object_type or None,
-                mime_type=obj.mime_type or None,
-                logical_id=obj.element.get("lid"),
-                version=1,
-                hash=(obj.slot("hash") or "").lower() or None,
-                size=int(obj.slot("size") or 0) if obj.slot("size") else None,
-                repository_unique_id=obj.slot("repositoryUniqueId"),
-                creation_time=pad_dtm(obj.slot("creationTime")),
-                service_start_time=pad_dtm(obj.slot("serviceStartTime")),
-                service_stop_time=pad_dtm(obj.slot("serviceStopTime")),
-                submission_time=(pad_dtm(obj.slot("submissionTime"))
-                                 or submission_time),
-                association_type=obj.association_type or None,
-                source_object=obj.source_object or None,
-                target_object=obj.target_object or None,
-                xml=etree.tostring(obj.element),
-            ))
+            conn.execute(
+                insert(registry_object).values(
+                    entry_uuid=obj.id,
+                    kind=obj.kind,
+                    unique_id=obj.unique_id,
+                    patient_id=obj.patient_id,
+                    status=ebrim.STATUS_APPROVED,
+                    object_type=obj.object_type or None,
+                    mime_type=obj.mime_type or None,
+                    logical_id=obj.element.get("lid"),
+                    version=1,
+                    hash=(obj.slot("hash") or "").lower() or None,
+                    size=int(obj.slot("size") or 0) if obj.slot("size") else None,
+                    repository_unique_id=obj.slot("repositoryUniqueId"),
+                    creation_time=pad_dtm(obj.slot("creationTime")),
+                    service_start_time=pad_dtm(obj.slot("serviceStartTime")),
+                    service_stop_time=pad_dtm(obj.slot("serviceStopTime")),
+                    submission_time=(
+                        pad_dtm(obj.slot("submissionTime")) or submission_time
+                    ),
+                    association_type=obj.association_type or None,
+                    source_object=obj.source_object or None,
+                    target_object=obj.target_object or None,
+                    xml=etree.tostring(obj.element),
+                )
+            )
             self._insert_index(conn, obj)
 
     def _insert_index(self, conn, obj: RegistryObject) -> None:  # type: ignore[no-untyped-def]
@@ -221,15 +277,20 @@ class Registry:
         for name, spec in attributes.items():
             if spec["kind"] == "classification":
                 codes.extend(
-                    {"entry_uuid": obj.id, "attribute": name, "code": c.code,
-                     "scheme": c.scheme}
+                    {
+                        "entry_uuid": obj.id,
+                        "attribute": name,
+                        "code": c.code,
+                        "scheme": c.scheme,
+                    }
                     for c in obj.codes(name)
                 )
         if codes:
             conn.execute(insert(registry_code), codes)
         values = [
             {"entry_uuid": obj.id, "attribute": "authorPerson", "value": person}
-            for author in obj.authors() for person in author.get("authorPerson", [])
+            for author in obj.authors()
+            for person in author.get("authorPerson", [])
         ]
         reference_slot = attributes.get("referenceIdList", {}).get("slot")
         if reference_slot:
@@ -242,7 +303,9 @@ class Registry:
 
     # --- ITI-18 ---------------------------------------------------------
 
-    def query(self, request: etree._Element) -> tuple[etree._Element, stored_query.StoredQuery]:
+    def query(
+        self, request: etree._Element
+    ) -> tuple[etree._Element, stored_query.StoredQuery]:
         """Run a stored query and build its AdhocQueryResponse."""
         query = stored_query.read_query(request)
         if query.name == "FindDocuments":
@@ -259,7 +322,8 @@ class Registry:
             rows = conn.execute(statement.limit(limit + 1)).all()
         if len(rows) > limit:
             raise TooManyResults(
-                f"the query matches more than {limit} objects; narrow it")
+                f"the query matches more than {limit} objects; narrow it"
+            )
         return _query_response(rows, query.return_type), query
 
     def _find_documents(self, query: stored_query.StoredQuery):  # type: ignore[no-untyped-def]
@@ -271,36 +335,51 @@ class Registry:
             ro.status.in_(query.values("$XDSDocumentEntryStatus")),
         ]
         object_types = query.values("$XDSDocumentEntryType") or [
-            ebrim.metadata_table()[ebrim.DOCUMENT_ENTRY]["object_type_stable"]]
+            ebrim.metadata_table()[ebrim.DOCUMENT_ENTRY]["object_type_stable"]
+        ]
         conditions.append(ro.object_type.in_(object_types))
 
         for attribute, spec in ebrim.metadata_table()[ebrim.DOCUMENT_ENTRY][
-                "attributes"].items():
+            "attributes"
+        ].items():
             param = spec.get("query")
             if not param or param not in query.parameters:
                 continue
             if spec["kind"] == "classification":
                 for group in query.codes(param):
-                    conditions.append(exists().where(
-                        registry_code.c.entry_uuid == ro.entry_uuid,
-                        registry_code.c.attribute == attribute,
-                        or_(*[and_(registry_code.c.code == c.code,
-                                   registry_code.c.scheme == c.scheme) for c in group]),
-                    ))
+                    conditions.append(
+                        exists().where(
+                            registry_code.c.entry_uuid == ro.entry_uuid,
+                            registry_code.c.attribute == attribute,
+                            or_(
+                                *[
+                                    and_(
+                                        registry_code.c.code == c.code,
+                                        registry_code.c.scheme == c.scheme,
+                                    )
+                                    for c in group
+                                ]
+                            ),
+                        )
+                    )
             else:
                 for group in query.parameters[param]:
-                    conditions.append(exists().where(
-                        registry_value.c.entry_uuid == ro.entry_uuid,
-                        registry_value.c.attribute == attribute,
-                        registry_value.c.value.in_(group),
-                    ))
+                    conditions.append(
+                        exists().where(
+                            registry_value.c.entry_uuid == ro.entry_uuid,
+                            registry_value.c.attribute == attribute,
+                            registry_value.c.value.in_(group),
+                        )
+                    )
 
         for group in query.parameters.get("$XDSDocumentEntryAuthorPerson", []):
-            conditions.append(exists().where(
-                registry_value.c.entry_uuid == ro.entry_uuid,
-                registry_value.c.attribute == "authorPerson",
-                or_(*[registry_value.c.value.like(v, escape="\\") for v in group]),
-            ))
+            conditions.append(
+                exists().where(
+                    registry_value.c.entry_uuid == ro.entry_uuid,
+                    registry_value.c.attribute == "authorPerson",
+                    or_(*[registry_value.c.value.like(v, escape="\\") for v in group]),
+                )
+            )
 
         ranges = {
             "CreationTime": ro.creation_time,
@@ -316,8 +395,11 @@ class Registry:
             if high is not None:
                 _check_dtm(f"$XDSDocumentEntry{name}To", high)
                 conditions.append(column < pad_dtm(high))
-        return (select(ro.entry_uuid, ro.xml).where(*conditions)
-                .order_by(ro.creation_time, ro.entry_uuid))
+        return (
+            select(ro.entry_uuid, ro.xml)
+            .where(*conditions)
+            .order_by(ro.creation_time, ro.entry_uuid)
+        )
 
     def _get_documents(self, query: stored_query.StoredQuery):  # type: ignore[no-untyped-def]
         """ITI TF-2 3.18.4.1.2.3.7.5 GetDocuments."""
@@ -326,17 +408,24 @@ class Registry:
             match = ro.entry_uuid.in_(query.values("$XDSDocumentEntryEntryUUID"))
         else:
             match = ro.unique_id.in_(query.values("$XDSDocumentEntryUniqueId"))
-        return (select(ro.entry_uuid, ro.xml)
-                .where(ro.kind == ebrim.DOCUMENT_ENTRY, match)
-                .order_by(ro.entry_uuid))
+        return (
+            select(ro.entry_uuid, ro.xml)
+            .where(ro.kind == ebrim.DOCUMENT_ENTRY, match)
+            .order_by(ro.entry_uuid)
+        )
 
     # --- SOAP edge -------------------------------------------------------
 
     def app(self, spool_root) -> Flask:  # type: ignore[no-untyped-def]
-        return soap_app("registry", self.settings.registry.path, {
-            "ITI-42": self.handle_register,
-            "ITI-18": self.handle_query,
-        }, spool_root)
+        return soap_app(
+            "registry",
+            self.settings.registry.path,
+            {
+                "ITI-42": self.handle_register,
+                "ITI-18": self.handle_query,
+            },
+            spool_root,
+        )
 
     def handle_register(self, message: SoapMessage, peer: Peer) -> Reply:
         started = time.monotonic()
@@ -346,24 +435,38 @@ class Registry:
             logger.exception("ITI-42 Register Document Set-b failed")
             outcome = RegisterOutcome(
                 [RegistryError("XDSRegistryError", "internal Document Registry error")],
-                None, None, ())
+                None,
+                None,
+                (),
+            )
         status = status_of(outcome.errors)
-        self.auditor.record(audit.AuditEvent(
-            transaction="ITI-42", actor="Document Registry",
-            outcome=audit.Outcome.SUCCESS if not outcome.errors
-            else audit.Outcome.SERIOUS_FAILURE,
-            source=audit.Endpoint(peer.reply_to, peer.host),
-            destination=audit.Endpoint(peer.endpoint, self.settings.node.host),
-            patient_id=outcome.patient_id,
-            submission_set_unique_id=outcome.submission_set_unique_id,
-            message_id=message.message_id,
-        ))
-        logger.info("%s %s from %s: %s, MessageID %s, SubmissionSet %s, %d objects, "
-                    "errors %s, %.3f s", "ITI-42", "Register Document Set-b",
-                    peer.host, status.name, message.message_id,
-                    outcome.submission_set_unique_id, len(outcome.entry_uuids),
-                    [e.code for e in outcome.errors] or "none",
-                    time.monotonic() - started)
+        self.auditor.record(
+            audit.AuditEvent(
+                transaction="ITI-42",
+                actor="Document Registry",
+                outcome=audit.Outcome.SUCCESS
+                if not outcome.errors
+                else audit.Outcome.SERIOUS_FAILURE,
+                source=audit.Endpoint(peer.reply_to, peer.host),
+                destination=audit.Endpoint(peer.endpoint, self.settings.node.host),
+                patient_id=outcome.patient_id,
+                submission_set_unique_id=outcome.submission_set_unique_id,
+                message_id=message.message_id,
+            )
+        )
+        logger.info(
+            "%s %s from %s: %s, MessageID %s, SubmissionSet %s, %d objects, "
+            "errors %s, %.3f s",
+            "ITI-42",
+            "Register Document Set-b",
+            peer.host,
+            status.name,
+            message.message_id,
+            outcome.submission_set_unique_id,
+            len(outcome.entry_uuids),
+            [e.code for e in outcome.errors] or "none",
+            time.monotonic() - started,
+        )
         return Reply(registry_response(outcome.errors))
 
     def handle_query(self, message: SoapMessage, peer: Peer) -> Reply:
@@ -375,32 +478,48 @@ class Registry:
         except XdsError as exc:
             errors = as_registry_errors([exc], ACTOR)
         except _Unsupported as exc:
-            errors = [RegistryError(
-                "XDSRegistryError",
-                f"stored query {exc.name} is not supported by this Document Registry")]
+            errors = [
+                RegistryError(
+                    "XDSRegistryError",
+                    f"stored query {exc.name} is not supported by this "
+                    "Document Registry",
+                )
+            ]
         except Exception:
             logger.exception("ITI-18 Registry Stored Query failed")
-            errors = [RegistryError("XDSRegistryError",
-                                    "internal Document Registry error")]
+            errors = [
+                RegistryError("XDSRegistryError", "internal Document Registry error")
+            ]
         if errors:
             body = _query_response([], stored_query.RETURN_OBJECT_REF, errors)
         patient_id = query.single("$XDSDocumentEntryPatientId") if query else None
-        self.auditor.record(audit.AuditEvent(
-            transaction="ITI-18", actor="Document Registry",
-            outcome=audit.Outcome.SUCCESS if not errors
-            else audit.Outcome.SERIOUS_FAILURE,
-            source=audit.Endpoint(peer.reply_to, peer.host),
-            destination=audit.Endpoint(peer.endpoint, self.settings.node.host),
-            patient_id=patient_id,
-            query_id=query.query_id if query else None,
-            query_request=etree.tostring(message.body),
-            message_id=message.message_id,
-        ))
-        logger.info("%s %s from %s: %s %s, MessageID %s, %d results, errors %s, "
-                    "%.3f s", "ITI-18", "Registry Stored Query", peer.host,
-                    query.name if query else "?", body.get("status", "").rsplit(":")[-1],
-                    message.message_id, len(body.findall(f".//{{{ns.RIM}}}*[@id]")),
-                    [e.code for e in errors] or "none", time.monotonic() - started)
+        self.auditor.record(
+            audit.AuditEvent(
+                transaction="ITI-18",
+                actor="Document Registry",
+                outcome=audit.Outcome.SUCCESS
+                if not errors
+                else audit.Outcome.SERIOUS_FAILURE,
+                source=audit.Endpoint(peer.reply_to, peer.host),
+                destination=audit.Endpoint(peer.endpoint, self.settings.node.host),
+                patient_id=patient_id,
+                query_id=query.query_id if query else None,
+                query_request=etree.tostring(message.body),
+                message_id=message.message_id,
+            )
+        )
+        logger.info(
+            "%s %s from %s: %s %s, MessageID %s, %d results, errors %s, %.3f s",
+            "ITI-18",
+            "Registry Stored Query",
+            peer.host,
+            query.name if query else "?",
+            body.get("status", "").rsplit(":")[-1],
+            message.message_id,
+            len(body.findall(f".//{{{ns.RIM}}}*[@id]")),
+            [e.code for e in errors] or "none",
+            time.monotonic() - started,
+        )
         return Reply(body)
 
 
@@ -431,7 +550,8 @@ def _ack_fields(ack: str) -> tuple[list[str], list[str]]:
 def _check_dtm(param: str, value: str) -> None:
     if not validation.is_dtm(value):
         raise StoredQueryParamNumber(
-            f"{param} value {value!r} is not a DTM (ITI TF-3 4.2.3.1.6)", param)
+            f"{param} value {value!r} is not a DTM (ITI TF-3 4.2.3.1.6)", param
+        )
 
 
 def _gather_loose_classifications(submission: Submission) -> None:
@@ -457,8 +577,9 @@ def _gather_loose_classifications(submission: Submission) -> None:
             target.element.append(moved)
 
 
-def _query_response(rows: Sequence, return_type: str,
-                    errors: list[RegistryError] | None = None) -> etree._Element:
+def _query_response(
+    rows: Sequence, return_type: str, errors: list[RegistryError] | None = None
+) -> etree._Element:
     """Build the AdhocQueryResponse (ITI TF-2 3.18.4.1.3)."""
     errors = errors or []
     response = etree.Element(

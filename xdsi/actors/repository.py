@@ -64,8 +64,13 @@ class StoredDocument:
 class Repository:
     """The Document Repository over its blob store and its table."""
 
-    def __init__(self, settings: Settings, engine: Engine, blobs: BlobStore,
-                 auditor: audit.Auditor) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        blobs: BlobStore,
+        auditor: audit.Auditor,
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.blobs = blobs
@@ -77,9 +82,9 @@ class Repository:
 
     # --- ITI-41 / RAD-68 ------------------------------------------------
 
-    def provide_and_register(self, message: wire.SoapMessage
-                             ) -> tuple[list[RegistryError], list[RegistryObject],
-                                        str | None]:
+    def provide_and_register(
+        self, message: wire.SoapMessage
+    ) -> tuple[list[RegistryError], list[RegistryObject], str | None]:
         """Store the documents, register them, and undo on failure.
 
         Returns the errors (the registry's, when it refused), the
@@ -88,8 +93,10 @@ class Repository:
         request = message.body
         metadata = request.find(f"{{{ns.LCM}}}SubmitObjectsRequest")
         if metadata is None:
-            error = MetadataInvalid("ProvideAndRegisterDocumentSetRequest holds no "
-                                    "SubmitObjectsRequest (ITI TF-2 3.41.4.1.2)")
+            error = MetadataInvalid(
+                "ProvideAndRegisterDocumentSetRequest holds no "
+                "SubmitObjectsRequest (ITI TF-2 3.41.4.1.2)"
+            )
             return _errors([error]), [], None
         submission = ebrim.read_registry_objects(metadata)
         entries = submission.document_entries
@@ -103,21 +110,31 @@ class Repository:
             try:
                 documents[element.get("id", "")] = wire.attachment_for(element, message)
             except wire.MissingAttachment as exc:
-                errors.append(MissingDocument(
-                    f"Document {element.get('id')} references attachment "
-                    f"{exc.content_id}, which the message does not carry",
-                    element.get("id", "")))
+                errors.append(
+                    MissingDocument(
+                        f"Document {element.get('id')} references attachment "
+                        f"{exc.content_id}, which the message does not carry",
+                        element.get("id", ""),
+                    )
+                )
         entry_ids = {e.id for e in entries}
         for entry in entries:
             if entry.id not in documents and not any(
-                    e.location == entry.id for e in errors):
-                errors.append(MissingDocument(
-                    f"DocumentEntry {entry.id} has no Document in the request",
-                    entry.id))
+                e.location == entry.id for e in errors
+            ):
+                errors.append(
+                    MissingDocument(
+                        f"DocumentEntry {entry.id} has no Document in the request",
+                        entry.id,
+                    )
+                )
         for document_id in documents:
             if document_id not in entry_ids:
-                errors.append(MissingDocumentMetadata(
-                    f"Document {document_id} has no DocumentEntry", document_id))
+                errors.append(
+                    MissingDocumentMetadata(
+                        f"Document {document_id} has no DocumentEntry", document_id
+                    )
+                )
         if errors:
             return _errors(errors), entries, ss_unique_id
 
@@ -137,24 +154,37 @@ class Repository:
             self._remove(stored)
         return registry_errors, entries, ss_unique_id
 
-    def _complete_entry(self, entry: RegistryObject, document: wire.Attachment
-                        ) -> list[XdsError]:
+    def _complete_entry(
+        self, entry: RegistryObject, document: wire.Attachment
+    ) -> list[XdsError]:
         errors: list[XdsError] = []
         size = entry.slot("size")
         if size is not None and size != str(document.size):
-            errors.append(SizeMismatch(
-                f"DocumentEntry {entry.id} size is {size}, the document has "
-                f"{document.size} bytes (ITI TF-2 3.41.4.1.3)", entry.id))
+            errors.append(
+                SizeMismatch(
+                    f"DocumentEntry {entry.id} size is {size}, the document has "
+                    f"{document.size} bytes (ITI TF-2 3.41.4.1.3)",
+                    entry.id,
+                )
+            )
         digest = entry.slot("hash")
         if digest is not None and digest.lower() != document.sha1:
-            errors.append(HashMismatch(
-                f"DocumentEntry {entry.id} hash {digest} is not the document's "
-                f"SHA-1 {document.sha1} (ITI TF-2 3.41.4.1.3)", entry.id))
+            errors.append(
+                HashMismatch(
+                    f"DocumentEntry {entry.id} hash {digest} is not the document's "
+                    f"SHA-1 {document.sha1} (ITI TF-2 3.41.4.1.3)",
+                    entry.id,
+                )
+            )
         repository = entry.slot("repositoryUniqueId")
         if repository is not None and repository != self.repository_unique_id:
-            errors.append(MetadataInvalid(
-                f"DocumentEntry {entry.id} repositoryUniqueId {repository} is not "
-                f"this repository's {self.repository_unique_id}", entry.id))
+            errors.append(
+                MetadataInvalid(
+                    f"DocumentEntry {entry.id} repositoryUniqueId {repository} is not "
+                    f"this repository's {self.repository_unique_id}",
+                    entry.id,
+                )
+            )
         if errors:
             return errors
         ebrim.set_slot(entry.element, "size", [str(document.size)])
@@ -162,9 +192,9 @@ class Repository:
         ebrim.set_slot(entry.element, "repositoryUniqueId", [self.repository_unique_id])
         return []
 
-    def _store(self, entries: list[RegistryObject],
-               documents: dict[str, wire.Attachment]
-               ) -> tuple[list[StoredDocument], list[XdsError]]:
+    def _store(
+        self, entries: list[RegistryObject], documents: dict[str, wire.Attachment]
+    ) -> tuple[list[StoredDocument], list[XdsError]]:
         """Put each new document in the blob store and the table.
 
         A document already held with the same bytes is left as it is (the
@@ -181,17 +211,33 @@ class Repository:
             held = self.find(unique_id)
             if held is not None:
                 if held.sha1 != document.sha1:
-                    errors.append(NonIdenticalHash(
-                        f"document uniqueId {unique_id} is held with another hash",
-                        unique_id))
+                    errors.append(
+                        NonIdenticalHash(
+                            f"document uniqueId {unique_id} is held with another hash",
+                            unique_id,
+                        )
+                    )
                 continue
             blob = self.blobs.put_file(unique_id, document.path)
-            record = StoredDocument(unique_id, entry.mime_type, document.size,
-                                    document.sha1, blob, entry.patient_id)
+            record = StoredDocument(
+                unique_id,
+                entry.mime_type,
+                document.size,
+                document.sha1,
+                blob,
+                entry.patient_id,
+            )
             with self.engine.begin() as conn:
-                conn.execute(insert(repository_document).values(
-                    unique_id=unique_id, mime_type=record.mime_type, size=record.size,
-                    sha1=record.sha1, patient_id=record.patient_id, blob=blob))
+                conn.execute(
+                    insert(repository_document).values(
+                        unique_id=unique_id,
+                        mime_type=record.mime_type,
+                        size=record.size,
+                        sha1=record.sha1,
+                        patient_id=record.patient_id,
+                        blob=blob,
+                    )
+                )
             stored.append(record)
         if errors:
             self._remove(stored)
@@ -201,43 +247,55 @@ class Repository:
     def _remove(self, stored: list[StoredDocument]) -> None:
         with self.engine.begin() as conn:
             for record in stored:
-                conn.execute(delete(repository_document).where(
-                    repository_document.c.unique_id == record.unique_id))
+                conn.execute(
+                    delete(repository_document).where(
+                        repository_document.c.unique_id == record.unique_id
+                    )
+                )
         for record in stored:
             self.blobs.delete(record.blob)
 
     def _register(self, metadata: etree._Element) -> list[RegistryError]:
         """ITI-42 to the registry; its answer is the repository's answer."""
-        client = wire.SoapClient(self.settings.registry_url,
-                                 spool_dir=self.blobs.spool)
+        client = wire.SoapClient(self.settings.registry_url, spool_dir=self.blobs.spool)
         try:
-            with client.call(transaction("ITI-42")["request_action"], metadata) as reply:
+            with client.call(
+                transaction("ITI-42")["request_action"], metadata
+            ) as reply:
                 status = read_status(reply.body)
                 errors = read_errors(reply.body)
         except (wire.TransportError, wire.PeerFault) as exc:
             logger.warning("ITI-42 to the Document Registry failed: %s", exc)
             error = RegistryNotAvailable(
-                f"the Document Registry did not accept ITI-42: {exc}")
+                f"the Document Registry did not accept ITI-42: {exc}"
+            )
             return _errors([error])
         if status == ResponseStatus.FAILURE.value and not errors:
-            errors = [RegistryError("XDSRegistryError",
-                                    "the Document Registry answered Failure")]
+            errors = [
+                RegistryError(
+                    "XDSRegistryError", "the Document Registry answered Failure"
+                )
+            ]
         return errors
 
     # --- ITI-43 ---------------------------------------------------------
 
     def find(self, unique_id: str) -> StoredDocument | None:
         with self.engine.connect() as conn:
-            row = conn.execute(select(repository_document).where(
-                repository_document.c.unique_id == unique_id)).first()
+            row = conn.execute(
+                select(repository_document).where(
+                    repository_document.c.unique_id == unique_id
+                )
+            ).first()
         if row is None:
             return None
-        return StoredDocument(row.unique_id, row.mime_type, row.size, row.sha1,
-                              row.blob, row.patient_id)
+        return StoredDocument(
+            row.unique_id, row.mime_type, row.size, row.sha1, row.blob, row.patient_id
+        )
 
-    def retrieve(self, request: etree._Element
-                 ) -> tuple[etree._Element, list[wire.OutgoingPart],
-                            list[StoredDocument]]:
+    def retrieve(
+        self, request: etree._Element
+    ) -> tuple[etree._Element, list[wire.OutgoingPart], list[StoredDocument]]:
         """Answer a RetrieveDocumentSetRequest (ITI TF-2 3.43.4.2)."""
         errors: list[XdsError] = []
         found: list[tuple[StoredDocument, str | None]] = []
@@ -246,81 +304,138 @@ class Repository:
             unique_id = child_text(item, "DocumentUniqueId")
             community = child_text(item, "HomeCommunityId") or None
             if repository_id != self.repository_unique_id:
-                errors.append(UnknownRepositoryId(
-                    f"repositoryUniqueId {repository_id} is not this repository's",
-                    repository_id))
+                errors.append(
+                    UnknownRepositoryId(
+                        f"repositoryUniqueId {repository_id} is not this repository's",
+                        repository_id,
+                    )
+                )
                 continue
             record = self.find(unique_id)
             if record is None:
-                errors.append(DocumentUniqueIdError(
-                    f"document {unique_id} is not held by this repository", unique_id))
+                errors.append(
+                    DocumentUniqueIdError(
+                        f"document {unique_id} is not held by this repository",
+                        unique_id,
+                    )
+                )
                 continue
             found.append((record, community))
 
         body, parts = retrieve_response(
-            [(r.unique_id, self.repository_unique_id, r.mime_type,
-              self.blobs.path(r.blob), community) for r, community in found],
-            errors, ACTOR,
+            [
+                (
+                    r.unique_id,
+                    self.repository_unique_id,
+                    r.mime_type,
+                    self.blobs.path(r.blob),
+                    community,
+                )
+                for r, community in found
+            ],
+            errors,
+            ACTOR,
         )
         return body, parts, [r for r, _ in found]
 
     # --- SOAP edge -------------------------------------------------------
 
     def app(self, spool_root: Path) -> Flask:
-        return soap_app("repository", self.settings.repository.path, {
-            "ITI-41": self.handle_provide_and_register,
-            "ITI-43": self.handle_retrieve,
-        }, spool_root)
+        return soap_app(
+            "repository",
+            self.settings.repository.path,
+            {
+                "ITI-41": self.handle_provide_and_register,
+                "ITI-43": self.handle_retrieve,
+            },
+            spool_root,
+        )
 
-    def handle_provide_and_register(self, message: wire.SoapMessage,
-                                    peer: Peer) -> Reply:
+    def handle_provide_and_register(
+        self, message: wire.SoapMessage, peer: Peer
+    ) -> Reply:
         started = time.monotonic()
         try:
             errors, entries, ss_unique_id = self.provide_and_register(message)
         except Exception:
             logger.exception("ITI-41 Provide and Register Document Set-b failed")
-            errors, entries, ss_unique_id = [RegistryError(
-                "XDSRepositoryError", "internal Document Repository error")], [], None
+            errors, entries, ss_unique_id = (
+                [
+                    RegistryError(
+                        "XDSRepositoryError", "internal Document Repository error"
+                    )
+                ],
+                [],
+                None,
+            )
         status = status_of(errors)
         patient_ids = {e.patient_id for e in entries if e.patient_id}
-        self.auditor.record(audit.AuditEvent(
-            transaction="ITI-41", actor="Document Repository",
-            outcome=audit.Outcome.SUCCESS if status == ResponseStatus.SUCCESS
-            else audit.Outcome.SERIOUS_FAILURE,
-            source=audit.Endpoint(peer.reply_to, peer.host),
-            destination=audit.Endpoint(peer.endpoint, self.settings.node.host),
-            patient_id=next(iter(patient_ids), None),
-            submission_set_unique_id=ss_unique_id,
-            message_id=message.message_id,
-        ))
-        logger.info("%s %s from %s: %s, MessageID %s, SubmissionSet %s, "
-                    "%d DocumentEntries, errors %s, %.3f s", "ITI-41",
-                    "Provide and Register Document Set-b", peer.host, status.name,
-                    message.message_id, ss_unique_id, len(entries),
-                    [e.code for e in errors] or "none", time.monotonic() - started)
+        self.auditor.record(
+            audit.AuditEvent(
+                transaction="ITI-41",
+                actor="Document Repository",
+                outcome=audit.Outcome.SUCCESS
+                if status == ResponseStatus.SUCCESS
+                else audit.Outcome.SERIOUS_FAILURE,
+                source=audit.Endpoint(peer.reply_to, peer.host),
+                destination=audit.Endpoint(peer.endpoint, self.settings.node.host),
+                patient_id=next(iter(patient_ids), None),
+                submission_set_unique_id=ss_unique_id,
+                message_id=message.message_id,
+            )
+        )
+        logger.info(
+            "%s %s from %s: %s, MessageID %s, SubmissionSet %s, "
+            "%d DocumentEntries, errors %s, %.3f s",
+            "ITI-41",
+            "Provide and Register Document Set-b",
+            peer.host,
+            status.name,
+            message.message_id,
+            ss_unique_id,
+            len(entries),
+            [e.code for e in errors] or "none",
+            time.monotonic() - started,
+        )
         return Reply(registry_response(errors))
 
     def handle_retrieve(self, message: wire.SoapMessage, peer: Peer) -> Reply:
         started = time.monotonic()
         body, parts, documents = self.retrieve(message.body)
         status = read_status(body)
-        self.auditor.record(audit.AuditEvent(
-            transaction="ITI-43", actor="Document Repository",
-            outcome=audit.Outcome.SUCCESS if status == ResponseStatus.SUCCESS.value
-            else audit.Outcome.MINOR_FAILURE if documents
-            else audit.Outcome.SERIOUS_FAILURE,
-            source=audit.Endpoint(self.settings.url("repository"),
-                                  self.settings.node.host),
-            destination=audit.Endpoint(peer.reply_to, peer.host),
-            patient_id=next((d.patient_id for d in documents if d.patient_id), None),
-            documents=tuple(audit.DocumentRef(d.unique_id, self.repository_unique_id)
-                            for d in documents),
-            message_id=message.message_id,
-        ))
-        logger.info("%s %s from %s: %s, MessageID %s, %d documents, %.3f s",
-                    "ITI-43", "Retrieve Document Set", peer.host,
-                    status.rsplit(":", 1)[-1], message.message_id, len(parts),
-                    time.monotonic() - started)
+        self.auditor.record(
+            audit.AuditEvent(
+                transaction="ITI-43",
+                actor="Document Repository",
+                outcome=audit.Outcome.SUCCESS
+                if status == ResponseStatus.SUCCESS.value
+                else audit.Outcome.MINOR_FAILURE
+                if documents
+                else audit.Outcome.SERIOUS_FAILURE,
+                source=audit.Endpoint(
+                    self.settings.url("repository"), self.settings.node.host
+                ),
+                destination=audit.Endpoint(peer.reply_to, peer.host),
+                patient_id=next(
+                    (d.patient_id for d in documents if d.patient_id), None
+                ),
+                documents=tuple(
+                    audit.DocumentRef(d.unique_id, self.repository_unique_id)
+                    for d in documents
+                ),
+                message_id=message.message_id,
+            )
+        )
+        logger.info(
+            "%s %s from %s: %s, MessageID %s, %d documents, %.3f s",
+            "ITI-43",
+            "Retrieve Document Set",
+            peer.host,
+            status.rsplit(":", 1)[-1],
+            message.message_id,
+            len(parts),
+            time.monotonic() - started,
+        )
         return Reply(body, parts)
 
 
@@ -346,14 +461,17 @@ def retrieve_response(
     back, PartialSuccess when some did, Failure when none did. RAD TF-3
     4.69.4.2 answers with the same element.
     """
-    registry_errors = [RegistryError(e.code_for(actor), e.message, e.location)
-                       for e in errors]
+    registry_errors = [
+        RegistryError(e.code_for(actor), e.message, e.location) for e in errors
+    ]
     if registry_errors and documents:
         status = ResponseStatus.PARTIAL_SUCCESS
     else:
         status = status_of(registry_errors)
-    response = etree.Element(f"{{{ns.XDSB}}}RetrieveDocumentSetResponse",
-                             nsmap={"xdsb": ns.XDSB, "rs": ns.RS})
+    response = etree.Element(
+        f"{{{ns.XDSB}}}RetrieveDocumentSetResponse",
+        nsmap={"xdsb": ns.XDSB, "rs": ns.RS},
+    )
     response.append(registry_response(registry_errors, status))
     parts: list[wire.OutgoingPart] = []
     for unique_id, repository_id, mime_type, path, community in documents:

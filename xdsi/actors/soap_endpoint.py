@@ -65,13 +65,17 @@ Handler = Callable[[wire.SoapMessage, Peer], Reply]
 def _fault_response(fault: wire.SoapFault, relates_to: str | None = None) -> Response:
     status = 500 if fault.code == "env:Receiver" else 400
     body = wire.fault_envelope(fault, relates_to)
-    return Response(body, status=status,
-                    content_type='application/soap+xml; charset=UTF-8; '
-                    'action="http://www.w3.org/2005/08/addressing/soap/fault"')
+    return Response(
+        body,
+        status=status,
+        content_type="application/soap+xml; charset=UTF-8; "
+        'action="http://www.w3.org/2005/08/addressing/soap/fault"',
+    )
 
 
-def _streamed(chunks: Iterator[bytes], cleanup: list[Callable[[], None]]
-              ) -> Iterator[bytes]:
+def _streamed(
+    chunks: Iterator[bytes], cleanup: list[Callable[[], None]]
+) -> Iterator[bytes]:
     try:
         yield from chunks
     finally:
@@ -79,8 +83,9 @@ def _streamed(chunks: Iterator[bytes], cleanup: list[Callable[[], None]]
             step()
 
 
-def soap_app(name: str, path: str, handlers: dict[str, Handler],
-             spool_root: Path) -> Flask:
+def soap_app(
+    name: str, path: str, handlers: dict[str, Handler], spool_root: Path
+) -> Flask:
     """Build the WSGI app of one actor: one SOAP endpoint at ``path``.
 
     ``handlers`` maps a transaction id of profiles/transactions.toml to the
@@ -94,7 +99,8 @@ def soap_app(name: str, path: str, handlers: dict[str, Handler],
     def http_error(exc: HTTPException) -> Response:
         fault = wire.MalformedMessage(
             f"HTTP {exc.code}: {exc.name}; this endpoint takes SOAP 1.2 POST "
-            f"requests at {path}")
+            f"requests at {path}"
+        )
         response = _fault_response(fault)
         response.status_code = exc.code or 400
         return response
@@ -118,12 +124,14 @@ def soap_app(name: str, path: str, handlers: dict[str, Handler],
             if transaction_id is None:
                 raise wire.ActionNotSupported(
                     f"wsa:Action {message.action} is not served at this endpoint; "
-                    f"it serves {', '.join(sorted(by_action))}")
+                    f"it serves {', '.join(sorted(by_action))}"
+                )
             expected = transaction(transaction_id)["request_element"]
             if message.body.tag != expected:
                 raise wire.MalformedMessage(
                     f"{transaction_id} wants body element {expected}, "
-                    f"got {message.body.tag}")
+                    f"got {message.body.tag}"
+                )
             peer = Peer(
                 host=request.remote_addr or "",
                 reply_to=ns.WSA_ANONYMOUS,
@@ -132,8 +140,13 @@ def soap_app(name: str, path: str, handlers: dict[str, Handler],
             reply = handlers[transaction_id](message, peer)
         except wire.SoapFault as fault:
             shutil.rmtree(spool, ignore_errors=True)
-            logger.info("%s: SOAP fault %s %s: %s", name, fault.code,
-                        fault.subcode or "", fault.reason)
+            logger.info(
+                "%s: SOAP fault %s %s: %s",
+                name,
+                fault.code,
+                fault.subcode or "",
+                fault.reason,
+            )
             return _fault_response(fault, message.message_id if message else None)
         except Exception:
             shutil.rmtree(spool, ignore_errors=True)
@@ -146,8 +159,12 @@ def soap_app(name: str, path: str, handlers: dict[str, Handler],
         content_type, length, chunks = wire.write_message(
             envelope, spec["response_action"], reply.parts, mtom=spec["response_mtom"]
         )
-        logger.debug("%s: %s answered in %.3f s", name, transaction_id,
-                     time.monotonic() - started)
+        logger.debug(
+            "%s: %s answered in %.3f s",
+            name,
+            transaction_id,
+            time.monotonic() - started,
+        )
         response = Response(
             _streamed(chunks, reply.cleanup + cleanup), content_type=content_type
         )

@@ -90,14 +90,20 @@ def _document_entry(entry: ManifestEntry) -> etree._Element:
     add_slot(element, "hash", [entry.sha1])
     add_slot(element, "size", [str(entry.size)])
     if entry.reference_ids:
-        add_slot(element, _attribute(kind, "referenceIdList")["slot"],
-                 list(entry.reference_ids))
+        add_slot(
+            element,
+            _attribute(kind, "referenceIdList")["slot"],
+            list(entry.reference_ids),
+        )
     add_name(element, entry.title)
 
     author = etree.SubElement(
-        element, f"{{{ns.RIM}}}Classification", id=ebrim.new_uuid(),
+        element,
+        f"{{{ns.RIM}}}Classification",
+        id=ebrim.new_uuid(),
         classificationScheme=_attribute(kind, "author")["scheme"],
-        classifiedObject=entry.entry_id, nodeRepresentation="",
+        classifiedObject=entry.entry_id,
+        nodeRepresentation="",
     )
     add_slot(author, "authorInstitution", [entry.author_institution])
 
@@ -112,11 +118,14 @@ def _document_entry(entry: ManifestEntry) -> etree._Element:
     }
     for attribute, values in codes.items():
         for code in values:
-            add_code(element, _attribute(kind, attribute)["scheme"], code,
-                     entry.entry_id)
+            add_code(
+                element, _attribute(kind, attribute)["scheme"], code, entry.entry_id
+            )
 
-    for attribute, value in (("patientId", entry.patient_id),
-                             ("uniqueId", entry.unique_id)):
+    for attribute, value in (
+        ("patientId", entry.patient_id),
+        ("uniqueId", entry.unique_id),
+    ):
         spec = _attribute(kind, attribute)
         add_external_id(element, spec["scheme"], value, spec["name"], entry.entry_id)
     return element
@@ -128,39 +137,56 @@ def _submission_set(spec: SubmissionSetSpec) -> etree._Element:
     add_slot(element, "submissionTime", [spec.submission_time])
     add_name(element, "Imaging study manifest")
     author = etree.SubElement(
-        element, f"{{{ns.RIM}}}Classification", id=ebrim.new_uuid(),
+        element,
+        f"{{{ns.RIM}}}Classification",
+        id=ebrim.new_uuid(),
         classificationScheme=_attribute(kind, "author")["scheme"],
-        classifiedObject=spec.entry_id, nodeRepresentation="",
+        classifiedObject=spec.entry_id,
+        nodeRepresentation="",
     )
     add_slot(author, "authorInstitution", [spec.author_institution])
-    add_code(element, _attribute(kind, "contentTypeCode")["scheme"],
-             spec.content_type_code, spec.entry_id)
-    for attribute, value in (("uniqueId", spec.unique_id),
-                             ("sourceId", spec.source_id),
-                             ("patientId", spec.patient_id)):
+    add_code(
+        element,
+        _attribute(kind, "contentTypeCode")["scheme"],
+        spec.content_type_code,
+        spec.entry_id,
+    )
+    for attribute, value in (
+        ("uniqueId", spec.unique_id),
+        ("sourceId", spec.source_id),
+        ("patientId", spec.patient_id),
+    ):
         row = _attribute(kind, attribute)
         add_external_id(element, row["scheme"], value, row["name"], spec.entry_id)
     return element
 
 
-def manifest_submission(entry: ManifestEntry,
-                        submission_set: SubmissionSetSpec) -> etree._Element:
+def manifest_submission(
+    entry: ManifestEntry, submission_set: SubmissionSetSpec
+) -> etree._Element:
     """Build the SubmitObjectsRequest for one manifest."""
-    request = etree.Element(f"{{{ns.LCM}}}SubmitObjectsRequest",
-                            nsmap={"lcm": ns.LCM, "rim": ns.RIM})
+    request = etree.Element(
+        f"{{{ns.LCM}}}SubmitObjectsRequest", nsmap={"lcm": ns.LCM, "rim": ns.RIM}
+    )
     object_list = etree.SubElement(request, f"{{{ns.RIM}}}RegistryObjectList")
     object_list.append(_document_entry(entry))
     object_list.append(_submission_set(submission_set))
     etree.SubElement(
-        object_list, f"{{{ns.RIM}}}Classification", id=ebrim.new_uuid(),
+        object_list,
+        f"{{{ns.RIM}}}Classification",
+        id=ebrim.new_uuid(),
         classifiedObject=submission_set.entry_id,
         classificationNode=ebrim.metadata_table()[ebrim.SUBMISSION_SET][
-            "classification_node"],
+            "classification_node"
+        ],
     )
     association = etree.SubElement(
-        object_list, f"{{{ns.RIM}}}Association", id=ebrim.new_uuid(),
+        object_list,
+        f"{{{ns.RIM}}}Association",
+        id=ebrim.new_uuid(),
         associationType=ebrim.HAS_MEMBER,
-        sourceObject=submission_set.entry_id, targetObject=entry.entry_id,
+        sourceObject=submission_set.entry_id,
+        targetObject=entry.entry_id,
     )
     add_slot(association, "SubmissionSetStatus", ["Original"])
     return request

@@ -30,8 +30,12 @@ STATUS_SUBMITTED = "urn:oasis:names:tc:ebxml-regrep:StatusType:Submitted"
 
 # ITI TF-3 4.2.2.2: Association types.
 HAS_MEMBER = "urn:oasis:names:tc:ebxml-regrep:AssociationType:HasMember"
-REGISTRY_PACKAGE_TYPE = "urn:oasis:names:tc:ebxml-regrep:ObjectType:RegistryObject:RegistryPackage"
-ASSOCIATION_TYPE = "urn:oasis:names:tc:ebxml-regrep:ObjectType:RegistryObject:Association"
+REGISTRY_PACKAGE_TYPE = (
+    "urn:oasis:names:tc:ebxml-regrep:ObjectType:RegistryObject:RegistryPackage"
+)
+ASSOCIATION_TYPE = (
+    "urn:oasis:names:tc:ebxml-regrep:ObjectType:RegistryObject:Association"
+)
 CLASSIFICATION_TYPE = (
     "urn:oasis:names:tc:ebxml-regrep:ObjectType:RegistryObject:Classification"
 )
@@ -214,15 +218,11 @@ def _read_object(element: etree._Element, kind: str) -> RegistryObject:
     for child in element.findall(f"{{{RIM}}}Classification"):
         obj.classifications.append(_classification(child))
     for child in element.findall(f"{{{RIM}}}ExternalIdentifier"):
-        obj.external_ids[child.get("identificationScheme", "")] = child.get(
-            "value", ""
-        )
+        obj.external_ids[child.get("identificationScheme", "")] = child.get("value", "")
     return obj
 
 
-def _package_kind(
-    package: etree._Element, loose: list[etree._Element]
-) -> str | None:
+def _package_kind(package: etree._Element, loose: list[etree._Element]) -> str | None:
     """Tell a SubmissionSet from a Folder by its classification node.
 
     ITI TF-3 4.2.3.3 and 4.2.3.4: the Classification may sit inside the

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from lxml import etree
 
@@ -11,7 +11,7 @@ from xdsi import ns
 from xdsi.errors import SEVERITY_ERROR, SEVERITY_WARNING
 
 
-class ResponseStatus(str, Enum):
+class ResponseStatus(StrEnum):
     """RegistryResponse status (ITI TF-3 4.2.4.2)."""
 
     SUCCESS = "urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Success"

@@ -62,8 +62,10 @@ class StoredQuery:
 
     def codes(self, name: str) -> list[list[Code]]:
         """Code parameters as ``code^^scheme`` values, grouped by slot."""
-        return [[parse_code_value(name, v) for v in group]
-                for group in self.parameters.get(name, [])]
+        return [
+            [parse_code_value(name, v) for v in group]
+            for group in self.parameters.get(name, [])
+        ]
 
 
 def parse_value_list(name: str, text: str) -> list[str]:
@@ -91,7 +93,8 @@ def parse_value_list(name: str, text: str) -> list[str]:
             while True:
                 if i >= len(body):
                     raise StoredQueryParamNumber(
-                        f"{name} value {text!r} has an unterminated string", name)
+                        f"{name} value {text!r} has an unterminated string", name
+                    )
                 if body[i] == "'":
                     if i + 1 < len(body) and body[i + 1] == "'":
                         value.append("'")
@@ -110,7 +113,9 @@ def parse_value_list(name: str, text: str) -> list[str]:
             if not token.lstrip("-").isdigit():
                 raise StoredQueryParamNumber(
                     f"{name} value {token!r} is neither a quoted string nor a "
-                    "number (ITI TF-2 3.18.4.1.2.3.5)", name)
+                    "number (ITI TF-2 3.18.4.1.2.3.5)",
+                    name,
+                )
             items.append(token)
             i = end
     if not items:
@@ -123,7 +128,8 @@ def parse_code_value(name: str, value: str) -> Code:
     parts = value.split("^^")
     if len(parts) != 2 or not parts[0] or not parts[1]:
         raise StoredQueryParamNumber(
-            f"{name} value {value!r} is not of the form code^^codingScheme", name)
+            f"{name} value {value!r} is not of the form code^^codingScheme", name
+        )
     return Code(parts[0], parts[1])
 
 
@@ -132,12 +138,15 @@ def read_query(request: etree._Element) -> StoredQuery:
     response_option = request.find(f"{{{ns.QUERY}}}ResponseOption")
     return_type = (
         response_option.get("returnType", RETURN_OBJECT_REF)
-        if response_option is not None else RETURN_OBJECT_REF
+        if response_option is not None
+        else RETURN_OBJECT_REF
     )
     if return_type not in (RETURN_LEAF_CLASS, RETURN_OBJECT_REF):
         raise StoredQueryParamNumber(
             f"returnType {return_type!r}; ITI TF-2 3.18.4.1.2.2 allows LeafClass or "
-            "ObjectRef", "returnType")
+            "ObjectRef",
+            "returnType",
+        )
     adhoc = request.find(f"{{{ns.RIM}}}AdhocQuery")
     if adhoc is None:
         raise UnknownStoredQuery("AdhocQueryRequest holds no AdhocQuery")
@@ -146,7 +155,8 @@ def read_query(request: etree._Element) -> StoredQuery:
     if name is None:
         raise UnknownStoredQuery(
             f"stored query id {query_id!r} is not one of ITI TF-2 3.18.4.1.2.3.7",
-            query_id)
+            query_id,
+        )
 
     parameters: dict[str, list[list[str]]] = {}
     for slot in adhoc.findall(f"{{{ns.RIM}}}Slot"):
@@ -168,12 +178,12 @@ def check_parameters(query: StoredQuery) -> None:
     specs = table.get("parameters", {})
     for param, spec in specs.items():
         if spec.get("required") and param not in query.parameters:
-            raise StoredQueryMissingParam(
-                f"{query.name} requires {param}", param)
+            raise StoredQueryMissingParam(f"{query.name} requires {param}", param)
     one_of = table.get("one_of", [])
     if one_of and not any(p in query.parameters for p in one_of):
         raise StoredQueryMissingParam(
-            f"{query.name} requires one of {', '.join(one_of)}", one_of[0])
+            f"{query.name} requires one of {', '.join(one_of)}", one_of[0]
+        )
     for param, groups in query.parameters.items():
         spec = specs.get(param)
         if spec is None:
@@ -181,7 +191,9 @@ def check_parameters(query: StoredQuery) -> None:
         if not spec.get("multiple") and (len(groups) > 1 or len(groups[0]) > 1):
             raise StoredQueryParamNumber(
                 f"{query.name} parameter {param} takes one value; "
-                f"{sum(len(g) for g in groups)} were given", param)
+                f"{sum(len(g) for g in groups)} were given",
+                param,
+            )
         if spec.get("code"):
             query.codes(param)
 
@@ -206,8 +218,10 @@ def build_query(
         f"{{{ns.QUERY}}}AdhocQueryRequest", nsmap={"query": ns.QUERY, "rim": ns.RIM}
     )
     etree.SubElement(
-        request, f"{{{ns.QUERY}}}ResponseOption",
-        returnComposedObjects="true", returnType=return_type,
+        request,
+        f"{{{ns.QUERY}}}ResponseOption",
+        returnComposedObjects="true",
+        returnType=return_type,
     )
     adhoc = etree.SubElement(
         request, f"{{{ns.RIM}}}AdhocQuery", id=stored_queries()[name]["id"]

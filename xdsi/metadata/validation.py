@@ -39,8 +39,14 @@ DOCUMENT_UNIQUE_ID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+(\^[^\s]{1,16})?$")
 SHA1_HEX = re.compile(r"^[0-9a-fA-F]{40}$")
 
 # ITI TF-3 4.2.3.1.6: DTM precisions, YYYY up to YYYYMMDDhhmmss.
-_DTM_FORMATS = {4: "%Y", 6: "%Y%m", 8: "%Y%m%d", 10: "%Y%m%d%H", 12: "%Y%m%d%H%M",
-                14: "%Y%m%d%H%M%S"}
+_DTM_FORMATS = {
+    4: "%Y",
+    6: "%Y%m",
+    8: "%Y%m%d",
+    10: "%Y%m%d%H",
+    12: "%Y%m%d%H%M",
+    14: "%Y%m%d%H%M%S",
+}
 
 
 def is_dtm(value: str) -> bool:
@@ -71,7 +77,11 @@ def assign_entry_uuids(submission: Submission) -> dict[str, str]:
             mapping.setdefault(obj.id, ebrim.new_uuid())
 
     reference_attributes = (
-        "id", "classifiedObject", "registryObject", "sourceObject", "targetObject",
+        "id",
+        "classifiedObject",
+        "registryObject",
+        "sourceObject",
+        "targetObject",
         "lid",
     )
     for element in submission.element.iter():
@@ -104,22 +114,30 @@ def check_submission(submission: Submission) -> list[XdsError]:
     # ITI TF-3 4.1.4: exactly one SubmissionSet per submission.
     submission_sets = submission.submission_sets
     if len(submission_sets) != 1:
-        errors.append(MetadataInvalid(
-            f"submission holds {len(submission_sets)} SubmissionSets; "
-            "ITI TF-3 4.1.4 wants exactly one"))
+        errors.append(
+            MetadataInvalid(
+                f"submission holds {len(submission_sets)} SubmissionSets; "
+                "ITI TF-3 4.1.4 wants exactly one"
+            )
+        )
     for obj in submission.objects:
         if obj.kind == "":
-            errors.append(MetadataInvalid(
-                f"RegistryPackage {obj.id} is classified neither as SubmissionSet "
-                "nor as Folder (ITI TF-3 4.2.3.3, 4.2.3.4)", obj.id))
+            errors.append(
+                MetadataInvalid(
+                    f"RegistryPackage {obj.id} is classified neither as SubmissionSet "
+                    "nor as Folder (ITI TF-3 4.2.3.3, 4.2.3.4)",
+                    obj.id,
+                )
+            )
 
     ids = Counter(o.id for o in submission.objects)
     for object_id, count in ids.items():
         if not object_id:
             errors.append(MetadataInvalid("a registry object has no id attribute"))
         elif count > 1:
-            errors.append(MetadataInvalid(f"id {object_id} names {count} objects",
-                                          object_id))
+            errors.append(
+                MetadataInvalid(f"id {object_id} names {count} objects", object_id)
+            )
 
     for obj in submission.objects:
         if obj.kind in (ebrim.DOCUMENT_ENTRY, ebrim.SUBMISSION_SET, ebrim.FOLDER):
@@ -141,26 +159,41 @@ def check_object(obj: RegistryObject) -> list[XdsError]:
     if obj.kind == ebrim.DOCUMENT_ENTRY:
         allowed = (table["object_type_stable"], table["object_type_on_demand"])
         if obj.object_type not in allowed:
-            errors.append(MetadataInvalid(
-                f"{label} objectType is {obj.object_type!r}; ITI TF-3 4.2.5.2 wants "
-                f"{allowed[0]} (stable)", obj.id))
+            errors.append(
+                MetadataInvalid(
+                    f"{label} objectType is {obj.object_type!r}; "
+                    "ITI TF-3 4.2.5.2 wants "
+                    f"{allowed[0]} (stable)",
+                    obj.id,
+                )
+            )
 
     for attribute, spec in table["attributes"].items():
         values = _values(obj, attribute, spec)
         if spec["required"] == "R" and not any(values):
-            errors.append(MetadataInvalid(
-                f"{label} has no {attribute}; ITI TF-3 4.2.3 requires it", obj.id))
+            errors.append(
+                MetadataInvalid(
+                    f"{label} has no {attribute}; ITI TF-3 4.2.3 requires it", obj.id
+                )
+            )
             continue
         if not spec.get("multiple") and len(values) > 1:
-            errors.append(MetadataInvalid(
-                f"{label} has {len(values)} values of {attribute}; one is allowed",
-                obj.id))
+            errors.append(
+                MetadataInvalid(
+                    f"{label} has {len(values)} values of {attribute}; one is allowed",
+                    obj.id,
+                )
+            )
         if spec.get("dtm"):
             for value in values:
                 if not is_dtm(value):
-                    errors.append(MetadataInvalid(
-                        f"{label} {attribute} {value!r} is not a DTM "
-                        "(ITI TF-3 4.2.3.1.6: YYYY[MM[DD[hh[mm[ss]]]]])", obj.id))
+                    errors.append(
+                        MetadataInvalid(
+                            f"{label} {attribute} {value!r} is not a DTM "
+                            "(ITI TF-3 4.2.3.1.6: YYYY[MM[DD[hh[mm[ss]]]]])",
+                            obj.id,
+                        )
+                    )
         if spec["kind"] == "classification":
             for classification in obj.classifications:
                 if classification.scheme == spec["scheme"]:
@@ -176,26 +209,37 @@ def _values(obj: RegistryObject, attribute: str, spec: dict) -> list[str]:
         value = obj.external_ids.get(spec["scheme"])
         return [value] if value is not None else []
     if kind in ("classification", "author"):
-        return [c.node_representation or "author" for c in obj.classifications
-                if c.scheme == spec["scheme"]]
+        return [
+            c.node_representation or "author"
+            for c in obj.classifications
+            if c.scheme == spec["scheme"]
+        ]
     if kind == "attribute":
         value = obj.element.get(spec["name"])
         return [value] if value else []
     return obj.slots.get(spec.get("slot", attribute), [])
 
 
-def _check_code(label: str, attribute: str, classification: ebrim.Classification
-                ) -> list[XdsError]:
+def _check_code(
+    label: str, attribute: str, classification: ebrim.Classification
+) -> list[XdsError]:
     """ITI TF-3 4.2.3.1.7: a code has a value, a codingScheme and a name."""
     errors: list[XdsError] = []
     if not classification.node_representation:
-        errors.append(MetadataInvalid(
-            f"{label} {attribute} has an empty nodeRepresentation", label))
+        errors.append(
+            MetadataInvalid(
+                f"{label} {attribute} has an empty nodeRepresentation", label
+            )
+        )
     schemes = classification.slots.get("codingScheme", [])
     if len(schemes) != 1 or not schemes[0]:
-        errors.append(MetadataInvalid(
-            f"{label} {attribute} {classification.node_representation!r} needs "
-            "exactly one codingScheme slot value (ITI TF-3 4.2.3.1.7)", label))
+        errors.append(
+            MetadataInvalid(
+                f"{label} {attribute} {classification.node_representation!r} needs "
+                "exactly one codingScheme slot value (ITI TF-3 4.2.3.1.7)",
+                label,
+            )
+        )
     return errors
 
 
@@ -203,36 +247,60 @@ def _check_formats(obj: RegistryObject, label: str) -> list[XdsError]:
     errors: list[XdsError] = []
     patient_id = obj.patient_id
     if patient_id is not None and not PATIENT_ID_CX.match(patient_id):
-        errors.append(MetadataInvalid(
-            f"{label} patientId is not a CX of the form ID^^^&OID&ISO "
-            "(ITI TF-3 4.2.3.2.16)", obj.id))
+        errors.append(
+            MetadataInvalid(
+                f"{label} patientId is not a CX of the form ID^^^&OID&ISO "
+                "(ITI TF-3 4.2.3.2.16)",
+                obj.id,
+            )
+        )
     unique_id = obj.unique_id
     if obj.kind == ebrim.DOCUMENT_ENTRY:
         if unique_id is not None and not DOCUMENT_UNIQUE_ID.match(unique_id):
-            errors.append(MetadataInvalid(
-                f"{label} uniqueId {unique_id!r} is not an OID with an optional "
-                "^extension (ITI TF-3 4.2.3.2.26)", obj.id))
+            errors.append(
+                MetadataInvalid(
+                    f"{label} uniqueId {unique_id!r} is not an OID with an optional "
+                    "^extension (ITI TF-3 4.2.3.2.26)",
+                    obj.id,
+                )
+            )
         hash_value = obj.slot("hash")
         if hash_value is not None and not SHA1_HEX.match(hash_value):
-            errors.append(MetadataInvalid(
-                f"{label} hash has {len(hash_value)} characters; ITI TF-3 4.2.3.2.10 "
-                "wants 40 hex digits", obj.id))
+            errors.append(
+                MetadataInvalid(
+                    f"{label} hash has {len(hash_value)} characters; "
+                    "ITI TF-3 4.2.3.2.10 "
+                    "wants 40 hex digits",
+                    obj.id,
+                )
+            )
         size = obj.slot("size")
         if size is not None and not size.isdigit():
-            errors.append(MetadataInvalid(
-                f"{label} size {size!r} is not a non-negative integer "
-                "(ITI TF-3 4.2.3.2.19)", obj.id))
+            errors.append(
+                MetadataInvalid(
+                    f"{label} size {size!r} is not a non-negative integer "
+                    "(ITI TF-3 4.2.3.2.19)",
+                    obj.id,
+                )
+            )
         errors.extend(_check_imaging_manifest(obj, label))
     elif unique_id is not None and not is_oid(unique_id):
-        errors.append(MetadataInvalid(
-            f"{label} uniqueId {unique_id!r} is not an OID (ITI TF-3 4.2.3.3.12)",
-            obj.id))
+        errors.append(
+            MetadataInvalid(
+                f"{label} uniqueId {unique_id!r} is not an OID (ITI TF-3 4.2.3.3.12)",
+                obj.id,
+            )
+        )
     if obj.kind == ebrim.SUBMISSION_SET:
         source_id = obj.external_id("sourceId")
         if source_id is not None and not is_oid(source_id):
-            errors.append(MetadataInvalid(
-                f"{label} sourceId {source_id!r} is not an OID (ITI TF-3 4.2.3.3.9)",
-                obj.id))
+            errors.append(
+                MetadataInvalid(
+                    f"{label} sourceId {source_id!r} is not an OID "
+                    "(ITI TF-3 4.2.3.3.9)",
+                    obj.id,
+                )
+            )
     return errors
 
 
@@ -240,29 +308,40 @@ def _check_imaging_manifest(obj: RegistryObject, label: str) -> list[XdsError]:
     """RAD TF-3 4.68.4.1.2.3: a KOS manifest entry is application/dicom."""
     xdsi_table = ebrim.metadata_table()["XDS-I"]
     formats = [c.code for c in obj.codes("formatCode")]
-    if xdsi_table["format_code"] in formats and obj.mime_type != xdsi_table["mime_type"]:
-        return [MetadataInvalid(
-            f"{label} has the KOS manifest formatCode but mimeType "
-            f"{obj.mime_type!r}; RAD TF-3 4.68.4.1.2.3 wants application/dicom",
-            obj.id)]
+    if (
+        xdsi_table["format_code"] in formats
+        and obj.mime_type != xdsi_table["mime_type"]
+    ):
+        return [
+            MetadataInvalid(
+                f"{label} has the KOS manifest formatCode but mimeType "
+                f"{obj.mime_type!r}; RAD TF-3 4.68.4.1.2.3 wants application/dicom",
+                obj.id,
+            )
+        ]
     return []
 
 
-def _check_patient_ids(submission: Submission, submission_set: RegistryObject
-                       ) -> list[XdsError]:
+def _check_patient_ids(
+    submission: Submission, submission_set: RegistryObject
+) -> list[XdsError]:
     """ITI TF-3 4.2.3.2.16: every object carries the SubmissionSet's patientId."""
     expected = submission_set.patient_id
     errors: list[XdsError] = []
     for obj in submission.document_entries + submission.folders:
         if obj.patient_id is not None and obj.patient_id != expected:
-            errors.append(PatientIdDoesNotMatch(
-                f"{obj.kind} {obj.id} patientId differs from the SubmissionSet's",
-                obj.id))
+            errors.append(
+                PatientIdDoesNotMatch(
+                    f"{obj.kind} {obj.id} patientId differs from the SubmissionSet's",
+                    obj.id,
+                )
+            )
     return errors
 
 
-def _check_membership(submission: Submission, submission_set: RegistryObject
-                      ) -> list[XdsError]:
+def _check_membership(
+    submission: Submission, submission_set: RegistryObject
+) -> list[XdsError]:
     """ITI TF-3 4.2.2.1: each DocumentEntry is a member of the SubmissionSet."""
     errors: list[XdsError] = []
     known = {o.id for o in submission.objects}
@@ -271,32 +350,50 @@ def _check_membership(submission: Submission, submission_set: RegistryObject
         if association.association_type != ebrim.HAS_MEMBER:
             # Limitation: RPLC, APND, XFRM, XFRM_RPLC and signs associations
             # are refused; the registry keeps no document relationships yet.
-            errors.append(MetadataInvalid(
-                f"Association {association.id} type {association.association_type} "
-                "is not supported by this Document Registry", association.id))
+            errors.append(
+                MetadataInvalid(
+                    f"Association {association.id} type {association.association_type} "
+                    "is not supported by this Document Registry",
+                    association.id,
+                )
+            )
             continue
         if association.source_object not in known:
-            errors.append(UnresolvedReference(
-                f"Association {association.id} sourceObject "
-                f"{association.source_object} names no object of the submission",
-                association.id))
+            errors.append(
+                UnresolvedReference(
+                    f"Association {association.id} sourceObject "
+                    f"{association.source_object} names no object of the submission",
+                    association.id,
+                )
+            )
         if association.target_object not in known:
-            errors.append(UnresolvedReference(
-                f"Association {association.id} targetObject "
-                f"{association.target_object} names no object of the submission",
-                association.id))
+            errors.append(
+                UnresolvedReference(
+                    f"Association {association.id} targetObject "
+                    f"{association.target_object} names no object of the submission",
+                    association.id,
+                )
+            )
         if association.source_object == submission_set.id:
             members.add(association.target_object)
             status = association.slot("SubmissionSetStatus")
             if status not in (None, "Original", "Reference"):
-                errors.append(MetadataInvalid(
-                    f"Association {association.id} SubmissionSetStatus {status!r}; "
-                    "ITI TF-3 4.2.2.1.1 wants Original or Reference", association.id))
+                errors.append(
+                    MetadataInvalid(
+                        f"Association {association.id} SubmissionSetStatus {status!r}; "
+                        "ITI TF-3 4.2.2.1.1 wants Original or Reference",
+                        association.id,
+                    )
+                )
     for entry in submission.document_entries + submission.folders:
         if entry.id not in members:
-            errors.append(MetadataInvalid(
-                f"{entry.kind} {entry.id} is not a member of the SubmissionSet "
-                "(no HasMember Association; ITI TF-3 4.2.2.1)", entry.id))
+            errors.append(
+                MetadataInvalid(
+                    f"{entry.kind} {entry.id} is not a member of the SubmissionSet "
+                    "(no HasMember Association; ITI TF-3 4.2.2.1)",
+                    entry.id,
+                )
+            )
     return errors
 
 
@@ -305,8 +402,10 @@ def _check_unique_ids_in_message(submission: Submission) -> list[XdsError]:
     return [
         DuplicateUniqueIdInMessage(
             f"uniqueId {unique_id} is used by {count} objects of the submission",
-            unique_id)
-        for unique_id, count in counts.items() if count > 1
+            unique_id,
+        )
+        for unique_id, count in counts.items()
+        if count > 1
     ]
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures for the wire tests: real messages, schemas, a loopback server."""
 
+import multiprocessing
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -89,3 +90,28 @@ def serve() -> Iterator[Callable[[WsgiApp], str]]:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def _serve_forever(app: WsgiApp, ports: "multiprocessing.Queue[int]") -> None:
+    server = make_server("127.0.0.1", 0, app)
+    ports.put(server.server_port)
+    server.serve_forever()
+
+
+@pytest.fixture
+def serve_process() -> Iterator[Callable[[WsgiApp], str]]:
+    """Like ``serve`` but in a forked process, so its memory is its own."""
+    context = multiprocessing.get_context("fork")
+    processes = []
+
+    def start(app: WsgiApp) -> str:
+        ports = context.Queue()
+        process = context.Process(target=_serve_forever, args=(app, ports), daemon=True)
+        process.start()
+        processes.append(process)
+        return f"http://127.0.0.1:{ports.get(timeout=10)}/soap"
+
+    yield start
+    for process in processes:
+        process.terminate()
+        process.join(5)
