@@ -17,8 +17,10 @@ XdsError
  +-- HashMismatch, SizeMismatch
  +-- MissingDocument, MissingDocumentMetadata
  +-- UnknownStoredQuery, StoredQueryMissingParam, StoredQueryParamNumber
+ +-- TooManyResults
  +-- UnknownRepositoryId, DocumentUniqueIdError
  +-- ImagingRequestError, TransferSyntaxUnavailable
+ +-- RegistryNotAvailable
 """
 
 from __future__ import annotations

@@ -411,7 +411,7 @@ def _control_id(message: str) -> str:
 
 
 def _escape(text: str, enc: dict[str, str]) -> str:
-    r"""Escape delimiters in free text: \F\ \S\ \T\ \R\ \E\ (HL7 v2.5 2.7.4)."""
+    r"""Escape delimiters in free text: \F\ \S\ \T\ \R\ \E\ (HL7 v2.5 2.7)."""
     esc = enc["ESCAPE"]
     escapes = (
         (enc["FIELD"], "F"),

@@ -230,7 +230,7 @@ def test_ack_keeps_the_request_delimiters() -> None:
 
 
 def test_ack_text_delimiters_are_escaped() -> None:
-    """HL7 v2.5 2.7.4: delimiters in MSA-3 travel as escape sequences."""
+    """HL7 v2.5 2.7: delimiters in MSA-3 travel as escape sequences."""
     ack = hl7apy_parse(build_ack(ADT_A01_V231, "AE", text="a|b^c&d~e\\f"))
 
     assert ack.msa.msa_3.to_er7() == "a\\F\\b\\S\\c\\T\\d\\R\\e\\E\\f"

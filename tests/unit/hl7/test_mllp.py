@@ -1,22 +1,37 @@
 """ITI-8 over MLLP: a Document Registry listener on 127.0.0.1, real sockets."""
 
+import contextlib
 import logging
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hl7apy.consts import VALIDATION_LEVEL
+from hl7apy.mllp import AbstractHandler, MLLPServer
 from hl7apy.parser import parse_message
 
+from tests.conftest import require
 from tests.unit.hl7.conftest import (
     ADT_A01_V231,
     ADT_A04_V25,
     AFFINITY_DOMAIN,
     AFFINITY_ID,
 )
-from xdsi.hl7 import MllpError, MllpServer, PatientIdentity, send_message
+from xdsi.hl7 import (
+    MllpError,
+    MllpServer,
+    PatientIdentity,
+    build_ack,
+    build_feed,
+    send_message,
+)
+from xdsi.hl7.mllp import MAX_FRAME_SIZE
 
 VT, FS_CR = b"\x0b", b"\x1c\r"
 
@@ -145,6 +160,34 @@ def test_bytes_before_the_start_block_are_skipped_and_logged_without_content(
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(f"skipped {len(junk) - 1} bytes" in w for w in warnings)
     assert not any("SECRET" in w for w in warnings)
+
+
+def test_start_block_inside_a_frame_starts_it_afresh(
+    registry: MllpServer, client: socket.socket, fed: list[PatientIdentity]
+) -> None:
+    """HL7 v2.5 Implementation Guide C.4: a new <VT> opens a new frame."""
+    client.sendall(VT + b"MSH|^~\\&|TRUNCATED" + frame(ADT_A01_V231))
+
+    assert msa(read_frames(client, 1)[0]) == ("AA", "PIF-0001")
+    assert len(fed) == 1
+
+
+def test_oversized_frame_closes_the_connection(
+    registry: MllpServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """HL7 v2.5 Implementation Guide C.4: a frame past MAX_FRAME_SIZE is refused."""
+    with socket.create_connection(registry.address, timeout=5.0) as sock:
+        with caplog.at_level(logging.WARNING, logger="xdsi.hl7"):
+            with contextlib.suppress(OSError):
+                sock.sendall(VT + b"A" * (MAX_FRAME_SIZE + 1))
+            try:
+                closed = sock.recv(1024)
+            except ConnectionResetError:
+                closed = b""
+
+    assert closed == b""
+    assert any("exceeds" in r.getMessage() for r in caplog.records)
+    assert send_message(*registry.address, ADT_A01_V231).startswith("MSH|")
 
 
 def test_several_messages_travel_on_one_connection(
@@ -286,3 +329,55 @@ def test_stop_closes_open_connections() -> None:
         server.stop()
 
         assert sock.recv(1024) == b""
+
+
+def test_python_hl7_mllp_send_is_answered_aa(
+    registry: MllpServer, fed: list[PatientIdentity], tmp_path: Path
+) -> None:
+    """ITI TF-2x C.2.1: python-hl7's mllp_send, a peer sender, gets our ACK."""
+    beside_python = Path(sys.executable).with_name("mllp_send")
+    program = (
+        str(beside_python) if beside_python.exists() else shutil.which("mllp_send")
+    )
+    require("program mllp_send (python-hl7)", program is not None)
+    assert program is not None
+    feed = tmp_path / "a01.hl7"
+    feed.write_text(ADT_A01_V231.replace("\r", "\n"))
+    host, port = registry.address
+
+    done = subprocess.run(
+        [program, "--loose", "-p", str(port), "-f", str(feed), host],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert "MSA|AA|PIF-0001" in done.stdout
+    assert len(fed) == 1
+
+
+def test_send_message_reads_the_ack_of_hl7apy_mllp_server() -> None:
+    """ITI TF-2x C.2.1: our Patient Identity Source talks to hl7apy's listener."""
+
+    class Registry(AbstractHandler):  # type: ignore[misc]
+        def reply(self) -> str:
+            ack = build_ack(self.incoming_message, "AA")
+            return str(
+                parse_message(ack, validation_level=VALIDATION_LEVEL.TOLERANT).to_mllp()
+            )
+
+    server = MLLPServer("127.0.0.1", 0, {"ADT^A01^ADT_A01": (Registry,)}, timeout=5)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        ack = send_message(
+            *server.server_address[:2], build_feed("X1^^^&1.2.3&ISO", control_id="F-9")
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5.0)
+
+    assert msa(ack) == ("AA", "F-9")
