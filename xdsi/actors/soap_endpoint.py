@@ -4,8 +4,8 @@ A request is read with the streaming MTOM codec, dispatched to the handler
 of its wsa:Action (profiles/transactions.toml) and answered with the
 handler's body, as MTOM when the transaction's response travels so. Every
 failure becomes a SOAP 1.2 Fault (SOAP 1.2 Part 2, 7.5.1: env:Sender with
-HTTP 400, env:Receiver with HTTP 500); no traceback or HTML page ever
-reaches a peer.
+HTTP 400, env:Receiver with HTTP 500; an unsupported media type 415); no
+traceback or HTML page ever reaches a peer.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ Handler = Callable[[wire.SoapMessage, Peer], Reply]
 
 
 def _fault_response(fault: wire.SoapFault, relates_to: str | None = None) -> Response:
-    status = 500 if fault.code == "env:Receiver" else 400
+    status = fault.http_status
     body = wire.fault_envelope(fault, relates_to)
     return Response(
         body,

@@ -57,7 +57,9 @@ class SoapClient:
     ) -> None:
         self.url = url
         self.timeout = timeout
-        self.spool_dir = spool_dir if spool_dir is not None else Path(tempfile.gettempdir())
+        self.spool_dir = (
+            spool_dir if spool_dir is not None else Path(tempfile.gettempdir())
+        )
         self.session = session if session is not None else requests.Session()
 
     def call(
@@ -101,7 +103,9 @@ class SoapClient:
                 raise fault
             if not 200 <= status < 300:
                 message.close()
-                raise TransportError("a non-Fault SOAP answer with an error status", self.url, status)
+                raise TransportError(
+                    "a non-Fault SOAP answer with an error status", self.url, status
+                )
             outcome = f"{message.action}, {len(message.attachments)} attachments"
             return message
         finally:
@@ -130,19 +134,23 @@ class SoapClient:
             raise TransportError(str(exc), self.url) from exc
 
     def _read(self, response: requests.Response) -> SoapMessage:
-        """Read the response body as SOAP; anything else is a TransportError."""
+        """Read the response as SOAP; anything else is a TransportError."""
         content_type = response.headers.get("Content-Type", "")
         response.raw.decode_content = True
         try:
             return read_message(response.raw, content_type, self.spool_dir)
         except SoapFault as exc:
+            shown = content_type or "no Content-Type"
             raise TransportError(
-                f"the answer is not a SOAP 1.2 message ({content_type or 'no Content-Type'}):"
-                f" {exc.reason}",
+                f"the answer is not a SOAP 1.2 message ({shown}): {exc.reason}",
                 self.url,
                 response.status_code,
             ) from exc
-        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+        except (
+            urllib3.exceptions.HTTPError,
+            requests.RequestException,
+            OSError,
+        ) as exc:
             raise TransportError(
                 f"the answer broke off: {exc}", self.url, response.status_code
             ) from exc

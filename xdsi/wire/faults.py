@@ -12,7 +12,8 @@ The tree::
      |    +-- MalformedMessage          env:Sender
      |    +-- MessageAddressingHeaderRequired   env:Sender, wsa:...
      |    +-- ActionNotSupported        env:Sender, wsa:ActionNotSupported
-     |    +-- ActionMismatch            env:Sender, wsa:InvalidAddressingHeader,
+     |    +-- ActionMismatch            env:Sender,
+     |    |                             wsa:InvalidAddressingHeader,
      |    |                             wsa:ActionMismatch
      |    +-- UnsupportedMediaType      env:Sender
      |    +-- ReceiverFault             env:Receiver
@@ -75,7 +76,7 @@ class VersionMismatch(SoapFault):
 
 
 class MalformedMessage(SoapFault):
-    """Not well-formed XML, a DTD, no SOAP 1.2 Body, or a broken MIME package."""
+    """Not well-formed XML, a DTD, no SOAP 1.2 Body, or a broken package."""
 
     code = "env:Sender"
     http_status = 400
@@ -85,7 +86,7 @@ class _ProblemHeader(SoapFault):
     """A WS-Addressing fault whose detail names the header at fault."""
 
     def detail_element(self) -> _Element | None:
-        """Return wsa:ProblemHeaderQName (WS-Addressing 1.0 SOAP Binding 6.4)."""
+        """Return wsa:ProblemHeaderQName (WS-Addressing SOAP Binding 6.4)."""
         if self.detail is None:
             return None
         element = etree.Element(qname(WSA, "ProblemHeaderQName"), nsmap=_NSMAP)
@@ -97,7 +98,7 @@ class _ProblemAction(SoapFault):
     """A WS-Addressing fault whose detail is the action received."""
 
     def detail_element(self) -> _Element | None:
-        """Return wsa:ProblemAction/wsa:Action (WS-Addressing 1.0 SOAP Binding 6.4)."""
+        """Return wsa:ProblemAction (WS-Addressing 1.0 SOAP Binding 6.4)."""
         if self.detail is None:
             return None
         element = etree.Element(qname(WSA, "ProblemAction"), nsmap=_NSMAP)
@@ -117,9 +118,10 @@ class MessageAddressingHeaderRequired(_ProblemHeader):
 
 
 class ActionNotSupported(_ProblemAction):
-    """wsa:Action names no operation here (WS-Addressing 1.0 SOAP Binding 6.4.4).
+    """wsa:Action names no operation here.
 
-    Pass the action received as ``detail``.
+    WS-Addressing 1.0 SOAP Binding 6.4.4; pass the action received as
+    ``detail``.
     """
 
     code = "env:Sender"
@@ -206,7 +208,7 @@ class TransportError(WireError):
 
 
 class MissingAttachment(WireError):
-    """An xop:Include names a Content-ID that no MIME part carries (XOP 1.0 3)."""
+    """An xop:Include names a Content-ID no MIME part carries (XOP 1.0 3)."""
 
     def __init__(self, content_id: str) -> None:
         super().__init__(f"xop:Include names cid:{content_id}, which no MIME part has")
@@ -246,7 +248,7 @@ def fault_envelope(fault: SoapFault, relates_to: str | None = None) -> bytes:
     if relates_to is not None:
         etree.SubElement(header, qname(WSA, "RelatesTo")).text = relates_to
 
-    # SOAP 1.2 Part 1 5.4.1 to 5.4.5: Code (with nested Subcodes), Reason, Detail.
+    # SOAP 1.2 Part 1 5.4.1 to 5.4.5: Code (Subcodes nested), Reason, Detail.
     body = etree.SubElement(envelope, qname(SOAP12, "Body"))
     element = etree.SubElement(body, qname(SOAP12, "Fault"))
     code = etree.SubElement(element, qname(SOAP12, "Code"))

@@ -1,4 +1,4 @@
-"""MTOM/XOP packages, streamed: read them to spooled parts, write them from files.
+"""MTOM/XOP packages, streamed: read into spooled parts, written from files.
 
 Implements SOAP 1.2 MTOM 3 and 4.3 (the HTTP SOAP Transmission Optimization
 Feature), XOP 1.0 3 to 5 (packages, xop:Include), RFC 2387 (multipart/related
@@ -77,7 +77,7 @@ class Attachment:
 
 @dataclass(frozen=True)
 class OutgoingPart:
-    """A MIME part to send, from a file (``path``) or from memory (``data``)."""
+    """A MIME part to send, from a file (``path``) or from ``data``."""
 
     content_id: str
     content_type: str
@@ -90,7 +90,9 @@ class OutgoingPart:
         if not self.content_id or not _is_header_safe(self.content_id, "<> "):
             raise ValueError(f"content_id {self.content_id!r} is not a bare Content-ID")
         if not _is_header_safe(self.content_type, ""):
-            raise ValueError(f"content_type {self.content_type!r} is not a header value")
+            raise ValueError(
+                f"content_type {self.content_type!r} is not a header value"
+            )
 
 
 def _is_header_safe(value: str, forbidden: str) -> bool:
@@ -111,9 +113,10 @@ def new_content_id() -> str:
 
 
 def xop_include(content_id: str) -> _Element:
-    """Return ``<xop:Include href="cid:..."/>`` for ``content_id`` (XOP 1.0 3.2).
+    """Return ``<xop:Include href="cid:..."/>`` for ``content_id``.
 
-    The Content-ID is percent-encoded as RFC 2392 requires of a cid: URL.
+    XOP 1.0 3.2; the Content-ID is percent-encoded as RFC 2392 requires of
+    a cid: URL.
     """
     include = etree.Element(qname(XOP, "Include"), nsmap={"xop": XOP})
     include.set("href", "cid:" + quote(content_id, safe=_CID_SAFE))
@@ -129,7 +132,7 @@ def _media_type(value: str) -> tuple[str, dict[str, str]]:
 
 
 def _bare_content_id(value: str | None) -> str | None:
-    """Return a Content-ID or ``start`` value without blanks or angle brackets."""
+    """Return a Content-ID or ``start`` without blanks or angle brackets."""
     if value is None:
         return None
     value = value.strip()
@@ -245,7 +248,7 @@ class _LfFraming:
         return bytes(out)
 
     def _take_body(self, out: bytearray) -> bool:
-        """Move body bytes to ``out``; return False when more input is needed."""
+        """Move body bytes to ``out``; return False when input runs out."""
         found = self._pending.find(self._marker)
         if found < 0:
             keep = len(self._marker) - 1
@@ -343,15 +346,17 @@ class _Package:
     def finish(self) -> None:
         """Check that the package ended and its root part was found."""
         if not self._ended:
-            raise MalformedMessage("the multipart body is truncated: no closing boundary")
+            raise MalformedMessage(
+                "the multipart body is truncated: no closing boundary"
+            )
         if self.root is None:
             wanted = f"with Content-ID <{self._start}>" if self._start else "at all"
             raise MalformedMessage(f"the multipart body has no root part {wanted}")
 
     def abort(self) -> None:
-        """Close the part being written, if any."""
-        if self._sink is not None:
-            self._sink.close()
+        """Close the file of the part being written, if any, without checks."""
+        if self._sink is not None and self._part is not None:
+            self._part[2].close()
             self._sink = None
 
     def _on_part_begin(self) -> None:
@@ -450,16 +455,20 @@ def _read_capped(stream: BinaryIO, chunk_size: int) -> bytes:
 
 
 def _check_action(declared: str | None, action: str) -> None:
-    """WS-Addressing 1.0 SOAP Binding 4.1: media type action equals wsa:Action."""
+    """WS-Addressing 1.0 SOAP Binding 4.1: media type action is wsa:Action."""
     if declared is not None and declared.strip() != action:
         raise ActionMismatch(
-            f"the media type names action {declared.strip()} but wsa:Action is {action}",
+            f"the media type names action {declared.strip()}; wsa:Action is {action}",
             detail=action,
         )
 
 
 def read_message(
-    stream: BinaryIO, content_type: str, spool_dir: Path, *, chunk_size: int = CHUNK_SIZE
+    stream: BinaryIO,
+    content_type: str,
+    spool_dir: Path,
+    *,
+    chunk_size: int = CHUNK_SIZE,
 ) -> SoapMessage:
     """Read a SOAP 1.2 message, plain or MTOM/XOP, from ``stream`` until EOF.
 
@@ -519,6 +528,7 @@ def read_message(
             package = _Package(
                 params["boundary"], _bare_content_id(params.get("start")), directory
             )
+            # Limitation: no cap on the attachments' total size.
             while chunk := stream.read(chunk_size):
                 package.feed(chunk)
             package.finish()
@@ -579,7 +589,9 @@ def attachment_for(element: _Element, message: SoapMessage) -> Attachment:
     sink.close()
     return Attachment(
         content_id=new_content_id(),
-        content_type=element.get(qname(XMIME, "contentType"), "application/octet-stream"),
+        content_type=element.get(
+            qname(XMIME, "contentType"), "application/octet-stream"
+        ),
         path=sink.path,
         size=sink.size,
         sha1=sink.sha1.hexdigest(),
@@ -598,7 +610,7 @@ def _part_head(boundary: str, content_type: str, content_id: str, first: bool) -
 
 
 def _stream_file(path: Path, size: int) -> Iterator[bytes]:
-    """Yield a file in CHUNK_SIZE pieces, checking it still has ``size`` bytes."""
+    """Yield a file in CHUNK_SIZE pieces, checking it has ``size`` bytes."""
     remaining = size
     with path.open("rb") as file:
         while remaining and (chunk := file.read(min(CHUNK_SIZE, remaining))):
@@ -606,7 +618,9 @@ def _stream_file(path: Path, size: int) -> Iterator[bytes]:
             yield chunk
         grown = bool(file.read(1))
     if remaining or grown:
-        raise WireError(f"{path} changed size while being sent ({size} bytes announced)")
+        raise WireError(
+            f"{path} changed size while being sent ({size} bytes announced)"
+        )
 
 
 def write_message(
@@ -616,7 +630,7 @@ def write_message(
     *,
     mtom: bool = True,
 ) -> tuple[str, int, Iterator[bytes]]:
-    """Serialize a message for HTTP: Content-Type, Content-Length and body chunks.
+    """Serialize a message for HTTP: Content-Type, length and body chunks.
 
     Without parts and with ``mtom`` false the body is the plain envelope
     (application/soap+xml). Otherwise it is an MTOM/XOP package (SOAP 1.2

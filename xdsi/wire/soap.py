@@ -71,7 +71,7 @@ class SoapMessage:
 
 
 def _header_text(header: _Element | None, local: str) -> str | None:
-    """Return the stripped text of the first wsa header ``local``, if present."""
+    """Return the stripped text of the first wsa header ``local``, if any."""
     if header is None:
         return None
     element = header.find(qname(WSA, local))
@@ -111,11 +111,15 @@ def parse_envelope(
             raise VersionMismatch(
                 f"the Envelope is {version}; this node speaks SOAP 1.2 ({SOAP12})"
             )
-        raise MalformedMessage(f"the root element is {root.tag}, not a SOAP 1.2 Envelope")
+        raise MalformedMessage(
+            f"the root element is {root.tag}, not a SOAP 1.2 Envelope"
+        )
 
     # SOAP 1.2 Part 1 5.1: an optional Header, then exactly one Body.
     children = [child for child in root if isinstance(child.tag, str)]
-    header = children[0] if children and children[0].tag == qname(SOAP12, "Header") else None
+    header = (
+        children[0] if children and children[0].tag == qname(SOAP12, "Header") else None
+    )
     rest = children[1:] if header is not None else children
     if len(rest) != 1 or rest[0].tag != qname(SOAP12, "Body"):
         raise MalformedMessage("the Envelope must hold one env:Body after env:Header")
@@ -125,6 +129,7 @@ def parse_envelope(
             f"env:Body holds {len(payload)} elements; this node expects exactly one"
         )
 
+    # Limitation: mustUnderstand is not enforced (see the docstring).
     action = _header_text(header, "Action")
     if not action:
         raise MessageAddressingHeaderRequired(

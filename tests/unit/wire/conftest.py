@@ -1,4 +1,4 @@
-"""Shared fixtures for the wire tests: real messages, schemas, a loopback server."""
+"""Fixtures of the wire tests: real messages, schemas, loopback servers."""
 
 import multiprocessing
 import threading
@@ -15,7 +15,6 @@ SHARED = Path("/work/shared")
 SCHEMAS = SHARED / "schemas"
 DICOM = SHARED / "dicom"
 CASES = SHARED / "conformance" / "cases"
-
 
 
 def _capture(case: str) -> tuple[bytes, str]:
@@ -50,9 +49,10 @@ def pnr_envelope(nist_mtom: tuple[bytes, str]) -> etree._Element:
 @pytest.fixture(scope="session")
 def soap_schema() -> etree.XMLSchema:
     """SOAP 1.2 envelope schema with the WS-Addressing 1.0 schema imported."""
+    envelope, addressing = SCHEMAS / "w3/soap-envelope.xsd", SCHEMAS / "w3/ws-addr.xsd"
     wrapper = f"""<xs:schema xmlns:xs="http://www.w3.org/2001/XMLSchema">
-      <xs:import namespace="{SOAP12}" schemaLocation="{SCHEMAS / 'w3/soap-envelope.xsd'}"/>
-      <xs:import namespace="{WSA}" schemaLocation="{SCHEMAS / 'w3/ws-addr.xsd'}"/>
+      <xs:import namespace="{SOAP12}" schemaLocation="{envelope}"/>
+      <xs:import namespace="{WSA}" schemaLocation="{addressing}"/>
     </xs:schema>"""
     return etree.XMLSchema(etree.fromstring(wrapper))
 
@@ -60,7 +60,9 @@ def soap_schema() -> etree.XMLSchema:
 @pytest.fixture(scope="session")
 def repository_schema() -> etree.XMLSchema:
     """IHE XDS.b Document Repository schema (ITI-41, ITI-43)."""
-    return etree.XMLSchema(etree.parse(str(SCHEMAS / "IHE/XDS.b_DocumentRepository.xsd")))
+    return etree.XMLSchema(
+        etree.parse(str(SCHEMAS / "IHE/XDS.b_DocumentRepository.xsd"))
+    )
 
 
 @pytest.fixture
@@ -75,11 +77,15 @@ WsgiApp = Callable[[dict, Callable], Iterator[bytes]]
 
 @pytest.fixture
 def serve() -> Iterator[Callable[[WsgiApp], str]]:
-    """Start WSGI apps on 127.0.0.1 (free port); yield a starter returning the URL."""
+    """Start WSGI apps on 127.0.0.1, a free port each; yield the starter.
+
+    One request at a time, so that shutting down waits for the request in
+    hand and nothing of it runs on into the next test.
+    """
     servers = []
 
     def start(app: WsgiApp) -> str:
-        server = make_server("127.0.0.1", 0, app, threaded=True)
+        server = make_server("127.0.0.1", 0, app)
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         servers.append((server, thread))

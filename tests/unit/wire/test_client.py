@@ -60,11 +60,13 @@ class _Streamed:
 
 
 def _echo_app(spool: Path, seen: list[dict[str, str]]) -> Callable:
-    """A repository stand-in: answers each xdsb:Document back as ITI-43 would."""
+    """A repository stand-in: sends each xdsb:Document back as ITI-43 does."""
 
     def app(environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         seen.append({k: str(v) for k, v in environ.items() if k.isupper()})
-        request = read_message(get_input_stream(environ), environ["CONTENT_TYPE"], spool)
+        request = read_message(
+            get_input_stream(environ), environ["CONTENT_TYPE"], spool
+        )
         response = etree.Element(f"{{{XDSB}}}RetrieveDocumentSetResponse")
         etree.SubElement(response, f"{{{RS}}}RegistryResponse", status=SUCCESS)
         parts = []
@@ -72,8 +74,12 @@ def _echo_app(spool: Path, seen: list[dict[str, str]]) -> Callable:
             attachment = attachment_for(document, request)
             answer = etree.SubElement(response, f"{{{XDSB}}}DocumentResponse")
             etree.SubElement(answer, f"{{{XDSB}}}RepositoryUniqueId").text = "1.2.3"
-            etree.SubElement(answer, f"{{{XDSB}}}DocumentUniqueId").text = f"1.2.3.{index}"
-            etree.SubElement(answer, f"{{{XDSB}}}mimeType").text = attachment.content_type
+            etree.SubElement(
+                answer, f"{{{XDSB}}}DocumentUniqueId"
+            ).text = f"1.2.3.{index}"
+            etree.SubElement(
+                answer, f"{{{XDSB}}}mimeType"
+            ).text = attachment.content_type
             content_id = f"answer-{index}@xdsi.test"
             etree.SubElement(answer, DOCUMENT).append(xop_include(content_id))
             parts.append(
@@ -91,7 +97,9 @@ def _echo_app(spool: Path, seen: list[dict[str, str]]) -> Callable:
     return app
 
 
-def _fixed_app(status: str, content_type: str, body: bytes, delay: float = 0.0) -> Callable:
+def _fixed_app(
+    status: str, content_type: str, body: bytes, delay: float = 0.0
+) -> Callable:
     def app(environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         get_input_stream(environ).read()
         time.sleep(delay)
@@ -163,7 +171,8 @@ def test_request_without_parts_is_plain_soap_xml_with_addressing(
     ) as response:
         assert response.attachments == {}
     assert seen[0]["CONTENT_TYPE"] == (
-        'application/soap+xml; charset=UTF-8; action="urn:ihe:iti:2007:RetrieveDocumentSet"'
+        "application/soap+xml; charset=UTF-8; "
+        'action="urn:ihe:iti:2007:RetrieveDocumentSet"'
     )
 
 
@@ -172,7 +181,9 @@ def test_fault_answer_is_peer_fault_whatever_the_status(
 ) -> None:
     """SOAP 1.2 Part 2 7.5.1.2: a Fault comes with 400 or 500; it is raised."""
     fault = ActionNotSupported("no such operation", detail="urn:bogus")
-    url = serve(_fixed_app("400 Bad Request", "application/soap+xml", fault_envelope(fault)))
+    url = serve(
+        _fixed_app("400 Bad Request", "application/soap+xml", fault_envelope(fault))
+    )
     with pytest.raises(PeerFault) as raised:
         SoapClient(url, spool_dir=tmp_path).call("urn:bogus", etree.Element("x"))
     assert raised.value.code == "env:Sender"
@@ -182,7 +193,7 @@ def test_fault_answer_is_peer_fault_whatever_the_status(
 
 
 def test_html_error_page_is_transport_error(serve: Callable, tmp_path: Path) -> None:
-    """SOAP 1.2 Part 2 7.5.2: an answer that is not SOAP is a transport failure."""
+    """SOAP 1.2 Part 2 7.5.2: an answer that is not SOAP is a failure."""
     url = serve(_fixed_app("502 Bad Gateway", "text/html", b"<html>proxy down</html>"))
     with pytest.raises(TransportError, match="502") as raised:
         SoapClient(url, spool_dir=tmp_path).call(PNR, etree.Element("x"))
@@ -190,8 +201,10 @@ def test_html_error_page_is_transport_error(serve: Callable, tmp_path: Path) -> 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_garbled_soap_answer_is_transport_error(serve: Callable, tmp_path: Path) -> None:
-    """SOAP 1.2 Part 1 5: an answer that is not well-formed is no SOAP answer."""
+def test_garbled_soap_answer_is_transport_error(
+    serve: Callable, tmp_path: Path
+) -> None:
+    """SOAP 1.2 Part 1 5: an answer that is not well-formed is not SOAP."""
     url = serve(_fixed_app("200 OK", "application/soap+xml", b"<env:Envelope"))
     with pytest.raises(TransportError, match="not a SOAP 1.2 message") as raised:
         SoapClient(url, spool_dir=tmp_path).call(PNR, etree.Element("x"))
@@ -268,7 +281,7 @@ def test_fifty_megabyte_document_crosses_http_with_flat_memory(
 
 
 def _measured(app: Callable, peaks: "multiprocessing.Queue[int]") -> Callable:
-    """Trace ``app``'s allocations from the request until its answer is sent."""
+    """Trace ``app``'s allocations from the request until it has answered."""
 
     def measured(environ: dict, start_response: StartResponse) -> Iterator[bytes]:
         tracemalloc.start()

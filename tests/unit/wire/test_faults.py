@@ -54,17 +54,19 @@ def _codes(envelope: etree._Element) -> list[str]:
 def test_fault_envelope_is_valid_soap_and_ws_addressing(
     name: str, detail: str | None, soap_schema: etree.XMLSchema
 ) -> None:
-    """SOAP 1.2 Part 1 5.4: every fault envelope validates, headers included."""
+    """SOAP 1.2 Part 1 5.4: each fault envelope validates, headers included."""
     fault_class, _, _ = FAULTS[name]
     envelope = etree.fromstring(
-        fault_envelope(fault_class("it went wrong", detail=detail), relates_to="urn:uuid:1")
+        fault_envelope(
+            fault_class("it went wrong", detail=detail), relates_to="urn:uuid:1"
+        )
     )
     soap_schema.assertValid(envelope)
 
 
 @pytest.mark.parametrize("name", FAULTS)
 def test_fault_envelope_carries_the_class_codes(name: str) -> None:
-    """SOAP 1.2 Part 1 5.4.6: Code/Value then nested Subcode/Value per class."""
+    """SOAP 1.2 Part 1 5.4.6: Code/Value then nested Subcode/Values."""
     fault_class, codes, status = FAULTS[name]
     envelope = etree.fromstring(fault_envelope(fault_class("reason")))
     assert _codes(envelope) == codes
@@ -73,12 +75,16 @@ def test_fault_envelope_carries_the_class_codes(name: str) -> None:
 
 def test_fault_envelope_has_fault_action_fresh_message_id_and_relates_to() -> None:
     """WS-Addressing 1.0 SOAP Binding 6: fault action, MessageID, RelatesTo."""
-    first = etree.fromstring(fault_envelope(ReceiverFault("x"), relates_to="urn:uuid:abc"))
+    first = etree.fromstring(
+        fault_envelope(ReceiverFault("x"), relates_to="urn:uuid:abc")
+    )
     second = etree.fromstring(fault_envelope(ReceiverFault("x")))
     assert first.findtext("env:Header/wsa:Action", namespaces=NS) == FAULT_ACTION
     assert first.findtext("env:Header/wsa:RelatesTo", namespaces=NS) == "urn:uuid:abc"
     assert second.find("env:Header/wsa:RelatesTo", NS) is None
-    ids = {e.findtext("env:Header/wsa:MessageID", namespaces=NS) for e in (first, second)}
+    ids = {
+        e.findtext("env:Header/wsa:MessageID", namespaces=NS) for e in (first, second)
+    }
     assert len(ids) == 2 and all(i.startswith("urn:uuid:") for i in ids)
 
 
@@ -89,9 +95,12 @@ def test_version_mismatch_fault_carries_upgrade_header() -> None:
     assert supported is not None
     prefix, _, local = supported.get("qname").partition(":")
     assert (supported.nsmap[prefix], local) == (SOAP12, "Envelope")
-    assert etree.fromstring(fault_envelope(ReceiverFault("x"))).find(
-        "env:Header/env:Upgrade", NS
-    ) is None
+    assert (
+        etree.fromstring(fault_envelope(ReceiverFault("x"))).find(
+            "env:Header/env:Upgrade", NS
+        )
+        is None
+    )
 
 
 def test_fault_reason_is_english_text() -> None:
@@ -103,24 +112,28 @@ def test_fault_reason_is_english_text() -> None:
 
 
 def test_addressing_fault_detail_uses_ws_addressing_elements() -> None:
-    """WS-Addressing 1.0 SOAP Binding 6.4: ProblemHeaderQName, ProblemAction."""
+    """WS-Addressing 1.0 SOAP Binding 6.4: ProblemHeaderQName and such."""
     required = etree.fromstring(
         fault_envelope(MessageAddressingHeaderRequired("none", detail="wsa:Action"))
     )
     assert required.findtext(".//env:Detail/wsa:ProblemHeaderQName", namespaces=NS) == (
         "wsa:Action"
     )
-    unsupported = etree.fromstring(fault_envelope(ActionNotSupported("no", detail="urn:x")))
-    assert unsupported.findtext(".//env:Detail/wsa:ProblemAction/wsa:Action", namespaces=NS) == (
-        "urn:x"
+    unsupported = etree.fromstring(
+        fault_envelope(ActionNotSupported("no", detail="urn:x"))
     )
+    assert unsupported.findtext(
+        ".//env:Detail/wsa:ProblemAction/wsa:Action", namespaces=NS
+    ) == ("urn:x")
 
 
 @pytest.mark.parametrize("name", FAULTS)
 def test_peer_fault_reads_back_what_fault_envelope_wrote(name: str) -> None:
-    """SOAP 1.2 Part 1 5.4: code, subcodes, reason and detail survive the wire."""
+    """SOAP 1.2 Part 1 5.4: code, subcodes, reason and detail survive."""
     fault_class, codes, _ = FAULTS[name]
-    envelope = etree.fromstring(fault_envelope(fault_class("bad thing", detail="wsa:Action")))
+    envelope = etree.fromstring(
+        fault_envelope(fault_class("bad thing", detail="wsa:Action"))
+    )
     fault = PeerFault.from_element(envelope.find("env:Body/env:Fault", NS))
     assert (fault.code, fault.subcodes) == (codes[0], tuple(codes[1:]))
     assert fault.reason == "bad thing"
@@ -128,14 +141,16 @@ def test_peer_fault_reads_back_what_fault_envelope_wrote(name: str) -> None:
 
 
 def test_peer_fault_normalises_the_peers_prefixes() -> None:
-    """SOAP 1.2 Part 1 5.4.6: codes are QNames; the prefix is the peer's choice."""
+    """SOAP 1.2 Part 1 5.4.6: codes are QNames; prefixes are the peer's."""
     fault = PeerFault.from_element(
         etree.fromstring(
             b'<s:Fault xmlns:s="http://www.w3.org/2003/05/soap-envelope"'
             b' xmlns:a="http://www.w3.org/2005/08/addressing" xmlns:v="urn:vendor">'
-            b"<s:Code><s:Value>s:Sender</s:Value><s:Subcode><s:Value>a:ActionNotSupported"
-            b"</s:Value><s:Subcode><s:Value>v:Special</s:Value></s:Subcode></s:Subcode>"
-            b'</s:Code><s:Reason><s:Text xml:lang="en">nope</s:Text></s:Reason></s:Fault>'
+            b"<s:Code><s:Value>s:Sender</s:Value><s:Subcode>"
+            b"<s:Value>a:ActionNotSupported</s:Value><s:Subcode>"
+            b"<s:Value>v:Special</s:Value></s:Subcode></s:Subcode>"
+            b'</s:Code><s:Reason><s:Text xml:lang="en">nope</s:Text></s:Reason>'
+            b"</s:Fault>"
         )
     )
     assert fault.code == "env:Sender"

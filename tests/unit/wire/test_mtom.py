@@ -51,7 +51,7 @@ def _sha1(path: Path) -> str:
 
 
 def _pnr_request(pnr_envelope: etree._Element, content_id: str) -> etree._Element:
-    """The NIST ITI-41 request with its xdsb:Document pointing at ``content_id``."""
+    """The NIST ITI-41 request, its xdsb:Document naming ``content_id``."""
     request = pnr_envelope.find(f"{{{SOAP12}}}Body")[0]
     document = request.find(DOCUMENT)
     document[:] = [xop_include(content_id)]
@@ -63,7 +63,9 @@ def _document(message: SoapMessage) -> etree._Element:
     return next(message.body.iter(DOCUMENT))
 
 
-def _package(parts: list[tuple[dict[str, str], bytes]], boundary: str = BOUNDARY) -> bytes:
+def _package(
+    parts: list[tuple[dict[str, str], bytes]], boundary: str = BOUNDARY
+) -> bytes:
     """A multipart/related body from (headers, content) pairs, CRLF framed."""
     out = bytearray()
     for headers, content in parts:
@@ -77,7 +79,8 @@ def _package(parts: list[tuple[dict[str, str], bytes]], boundary: str = BOUNDARY
 
 def _root_headers(content_id: str = "root@xdsi.test") -> dict[str, str]:
     return {
-        "Content-Type": 'application/xop+xml; charset=UTF-8; type="application/soap+xml"',
+        "Content-Type": "application/xop+xml; charset=UTF-8; "
+        'type="application/soap+xml"',
         "Content-Transfer-Encoding": "binary",
         "Content-ID": f"<{content_id}>",
     }
@@ -95,9 +98,11 @@ def _read(body: bytes, content_type: str, spool: Path) -> SoapMessage:
 
 
 def _inline_documents(request: etree._Element, message: SoapMessage) -> etree._Element:
-    """The XOP-resolved infoset: each xdsb:Document holds its bytes as base64."""
+    """The XOP-resolved infoset: each xdsb:Document holds base64 bytes."""
     resolved = copy.deepcopy(request)
-    for original, document in zip(request.iter(DOCUMENT), resolved.iter(DOCUMENT)):
+    for original, document in zip(
+        request.iter(DOCUMENT), resolved.iter(DOCUMENT), strict=True
+    ):
         attachment = attachment_for(original, message)
         document[:] = []
         document.text = base64.b64encode(attachment.read_bytes()).decode()
@@ -107,7 +112,7 @@ def _inline_documents(request: etree._Element, message: SoapMessage) -> etree._E
 def test_round_trip_through_bytes_keeps_bytes_sha1_and_size(
     pnr_envelope: etree._Element, spool: Path
 ) -> None:
-    """XOP 1.0 3: parts come back byte for byte, hashed as ITI TF-3 4.2.3.2.18."""
+    """XOP 1.0 3: parts come back byte for byte, with SHA-1 and size."""
     kos_id, ct_id = new_content_id(), new_content_id()
     request = _pnr_request(pnr_envelope, kos_id)
     second = etree.SubElement(request, DOCUMENT, id="Document02")
@@ -116,7 +121,9 @@ def test_round_trip_through_bytes_keeps_bytes_sha1_and_size(
         OutgoingPart(kos_id, "application/dicom", path=KOS),
         OutgoingPart(ct_id, "application/dicom", path=CT_SLICE),
     ]
-    content_type, length, chunks = write_message(build_envelope(request, PNR), PNR, parts)
+    content_type, length, chunks = write_message(
+        build_envelope(request, PNR), PNR, parts
+    )
     body = b"".join(chunks)
     assert len(body) == length
 
@@ -133,7 +140,9 @@ def test_round_trip_through_bytes_keeps_bytes_sha1_and_size(
     assert list(spool.iterdir()) == []
 
 
-def test_write_message_without_parts_is_plain_soap_xml(pnr_envelope: etree._Element) -> None:
+def test_write_message_without_parts_is_plain_soap_xml(
+    pnr_envelope: etree._Element,
+) -> None:
     """SOAP 1.2 Part 2 7.1.4 and RFC 3902: application/soap+xml with action."""
     action = "urn:ihe:iti:2007:RegistryStoredQuery"
     content_type, length, chunks = write_message(pnr_envelope, action, mtom=False)
@@ -145,7 +154,7 @@ def test_write_message_without_parts_is_plain_soap_xml(pnr_envelope: etree._Elem
 def test_write_message_mtom_announces_root_part_and_action(
     pnr_envelope: etree._Element, spool: Path
 ) -> None:
-    """SOAP 1.2 MTOM 4.3: multipart/related of application/xop+xml, start, action."""
+    """SOAP 1.2 MTOM 4.3: multipart/related of xop+xml with start, action."""
     content_type, _, chunks = write_message(pnr_envelope, PNR)
     body = b"".join(chunks)
     for param in (
@@ -154,7 +163,10 @@ def test_write_message_mtom_announces_root_part_and_action(
         f'action="{PNR}"',
     ):
         assert param in content_type
-    assert b'Content-Type: application/xop+xml; charset=UTF-8; type="application/soap+xml"' in body
+    assert (
+        b'Content-Type: application/xop+xml; charset=UTF-8; type="application/soap+xml"'
+        in body
+    )
     assert b"Content-Transfer-Encoding: binary" in body
     with _read(body, content_type, spool) as message:
         assert message.attachments == {}
@@ -181,7 +193,7 @@ def test_nist_capture_yields_the_submitted_document(
 def test_crlf_framed_nist_capture_reads_the_same(
     nist_mtom: tuple[bytes, str], spool: Path
 ) -> None:
-    """RFC 2046 5.1.1: the same package framed with CRLF gives the same part."""
+    """RFC 2046 5.1.1: the package framed with CRLF gives the same part."""
     body, content_type = nist_mtom
     boundary = b"MIMEBoundary_95b57d7287e4fa4b528a8f050c41f8ad829c20332f23b48d"
     head, _, rest = body.partition(b"\n\n")
@@ -189,9 +201,18 @@ def test_crlf_framed_nist_capture_reads_the_same(
     part_head, _, part_body = tail.partition(b"\n\n")
     document = part_body.partition(b"\n--" + boundary + b"--")[0]
     crlf = (
-        head.replace(b"\n", b"\r\n") + b"\r\n\r\n" + root + b"\r\n--" + boundary + b"\r\n"
-        + part_head.replace(b"\n", b"\r\n") + b"\r\n\r\n" + document
-        + b"\r\n--" + boundary + b"--\r\n"
+        head.replace(b"\n", b"\r\n")
+        + b"\r\n\r\n"
+        + root
+        + b"\r\n--"
+        + boundary
+        + b"\r\n"
+        + part_head.replace(b"\n", b"\r\n")
+        + b"\r\n\r\n"
+        + document
+        + b"\r\n--"
+        + boundary
+        + b"--\r\n"
     )
     with _read(crlf, content_type, spool) as message:
         (attachment,) = message.attachments.values()
@@ -210,7 +231,7 @@ def test_nist_capture_resolved_validates_against_repository_schema(
 def test_written_pnr_resolved_validates_against_repository_schema(
     pnr_envelope: etree._Element, spool: Path, repository_schema: etree.XMLSchema
 ) -> None:
-    """RAD TF-3 4.68.4.1.2: our ITI-41 root part, XOP-resolved, is schema-valid."""
+    """RAD TF-3 4.68.4.1.2: our root part, XOP-resolved, is schema-valid."""
     content_id = new_content_id()
     request = _pnr_request(pnr_envelope, content_id)
     parts = [OutgoingPart(content_id, "application/dicom", path=KOS)]
@@ -243,8 +264,10 @@ def test_root_part_after_attachment_is_found_by_start(
     request = _pnr_request(pnr_envelope, "kos@xdsi.test")
     body = _package(
         [
-            ({"Content-Type": "application/dicom", "Content-ID": "<kos@xdsi.test>"},
-             KOS.read_bytes()),
+            (
+                {"Content-Type": "application/dicom", "Content-ID": "<kos@xdsi.test>"},
+                KOS.read_bytes(),
+            ),
             (_root_headers(), serialize(build_envelope(request, PNR))),
         ]
     )
@@ -257,12 +280,14 @@ def test_root_part_after_attachment_is_found_by_start(
 def test_start_without_angle_brackets_is_accepted(
     pnr_envelope: etree._Element, spool: Path
 ) -> None:
-    """RFC 2387 3.2: a ``start`` written without <> still names the root part."""
+    """RFC 2387 3.2: a ``start`` without <> still names the root part."""
     request = _pnr_request(pnr_envelope, "kos@xdsi.test")
     body = _package(
         [
-            ({"Content-ID": "<kos@xdsi.test>", "Content-Type": "application/dicom"},
-             KOS.read_bytes()),
+            (
+                {"Content-ID": "<kos@xdsi.test>", "Content-Type": "application/dicom"},
+                KOS.read_bytes(),
+            ),
             (_root_headers(), serialize(build_envelope(request, PNR))),
         ]
     )
@@ -279,11 +304,19 @@ def test_base64_transfer_encoded_part_is_decoded(
     body = _package(
         [
             (_root_headers(), serialize(build_envelope(request, PNR))),
-            ({"Content-Type": "application/dicom", "Content-Transfer-Encoding": "base64",
-              "Content-ID": "<kos@xdsi.test>"}, encoded),
+            (
+                {
+                    "Content-Type": "application/dicom",
+                    "Content-Transfer-Encoding": "base64",
+                    "Content-ID": "<kos@xdsi.test>",
+                },
+                encoded,
+            ),
         ]
     )
-    with read_message(io.BytesIO(body), _content_type(), spool, chunk_size=1000) as message:
+    with read_message(
+        io.BytesIO(body), _content_type(), spool, chunk_size=1000
+    ) as message:
         attachment = attachment_for(_document(message), message)
         assert attachment.read_bytes() == KOS.read_bytes()
         assert attachment.sha1 == _sha1(KOS)
@@ -328,7 +361,12 @@ def _written(pnr_envelope: etree._Element) -> tuple[bytes, str]:
 @pytest.mark.parametrize(
     "cut",
     [-3, -40, -5000, 200],
-    ids=["inside closing boundary", "before closing boundary", "inside part", "in headers"],
+    ids=[
+        "inside closing boundary",
+        "before closing boundary",
+        "inside part",
+        "in headers",
+    ],
 )
 def test_truncated_package_is_malformed_and_leaves_nothing(
     cut: int, pnr_envelope: etree._Element, spool: Path
@@ -365,7 +403,9 @@ def test_duplicate_content_id_is_malformed(
     """XOP 1.0 4.1: a Content-ID names one part."""
     request = _pnr_request(pnr_envelope, "kos@xdsi.test")
     kos = ({"Content-ID": "<kos@xdsi.test>"}, KOS.read_bytes())
-    body = _package([(_root_headers(), serialize(build_envelope(request, PNR))), kos, kos])
+    body = _package(
+        [(_root_headers(), serialize(build_envelope(request, PNR))), kos, kos]
+    )
     with pytest.raises(MalformedMessage, match="two MIME parts"):
         _read(body, _content_type(), spool)
     assert list(spool.iterdir()) == []
@@ -376,8 +416,9 @@ def test_preamble_before_first_boundary_is_skipped(
 ) -> None:
     """RFC 2046 5.1.1: text before the first delimiter is a preamble."""
     body, content_type = _written(pnr_envelope)
-    with _read(b"This is a multi-part message in MIME format.\r\n" + body, content_type,
-               spool) as message:
+    with _read(
+        b"This is a multi-part message in MIME format.\r\n" + body, content_type, spool
+    ) as message:
         assert len(message.attachments) == 1
 
 
@@ -406,7 +447,9 @@ def test_mtom_without_wsa_action_is_addressing_header_required(
     pnr_envelope: etree._Element, spool: Path
 ) -> None:
     """WS-Addressing 1.0 SOAP Binding 6.4.3, inside an MTOM package."""
-    action = pnr_envelope.find(f"{{{SOAP12}}}Header/{{http://www.w3.org/2005/08/addressing}}Action")
+    action = pnr_envelope.find(
+        f"{{{SOAP12}}}Header/{{http://www.w3.org/2005/08/addressing}}Action"
+    )
     action.getparent().remove(action)
     body = _package([(_root_headers(), serialize(pnr_envelope))])
     with pytest.raises(MessageAddressingHeaderRequired):
@@ -414,7 +457,9 @@ def test_mtom_without_wsa_action_is_addressing_header_required(
     assert list(spool.iterdir()) == []
 
 
-def test_doctype_in_root_part_is_malformed(pnr_envelope: etree._Element, spool: Path) -> None:
+def test_doctype_in_root_part_is_malformed(
+    pnr_envelope: etree._Element, spool: Path
+) -> None:
     """SOAP 1.2 Part 1 5: no DTD, in an MTOM root part either."""
     envelope = serialize(pnr_envelope).replace(
         b"?>", b'?><!DOCTYPE e [<!ENTITY x SYSTEM "file:///etc/hostname">]>', 1
@@ -456,7 +501,7 @@ def test_soap_11_envelope_as_soap_xml_is_version_mismatch(
     ids=["json", "form-data", "related text", "none"],
 )
 def test_other_media_types_are_unsupported(content_type: str, spool: Path) -> None:
-    """SOAP 1.2 Part 2 7.1.4: the binding carries application/soap+xml (or MTOM)."""
+    """SOAP 1.2 Part 2 7.1.4: the binding carries application/soap+xml."""
     with pytest.raises(UnsupportedMediaType):
         _read(b"{}", content_type, spool)
     assert list(spool.iterdir()) == []
@@ -467,7 +512,9 @@ def test_in_memory_part_round_trips(pnr_envelope: etree._Element, spool: Path) -
     data = NIST_DOCUMENT.read_bytes()
     request = _pnr_request(pnr_envelope, "doc@xdsi.test")
     parts = [OutgoingPart("doc@xdsi.test", "text/plain", data=data)]
-    content_type, length, chunks = write_message(build_envelope(request, PNR), PNR, parts)
+    content_type, length, chunks = write_message(
+        build_envelope(request, PNR), PNR, parts
+    )
     body = b"".join(chunks)
     assert len(body) == length
     with _read(body, content_type, spool) as message:
@@ -485,7 +532,7 @@ def test_in_memory_part_round_trips(pnr_envelope: etree._Element, spool: Path) -
     ids=["neither", "both", "angle brackets", "header injection"],
 )
 def test_outgoing_part_refuses_bad_arguments(kwargs: dict[str, object]) -> None:
-    """RFC 2045 and RFC 2392: one source, a bare Content-ID, one-line headers."""
+    """RFC 2045, RFC 2392: one source, a bare Content-ID, one-line headers."""
     arguments = {"content_id": "kos@xdsi.test", "content_type": "application/dicom"}
     with pytest.raises(ValueError):
         OutgoingPart(**{**arguments, **kwargs})
@@ -521,7 +568,9 @@ def test_fifty_megabyte_part_is_written_and_read_with_flat_memory(
     wire = tmp_path / "message.mime"
     tracemalloc.start()
     try:
-        content_type, length, chunks = write_message(build_envelope(request, PNR), PNR, parts)
+        content_type, length, chunks = write_message(
+            build_envelope(request, PNR), PNR, parts
+        )
         with wire.open("wb") as file:
             for chunk in chunks:
                 file.write(chunk)

@@ -111,7 +111,7 @@ def test_built_request_validates_and_reads_back(soap_schema: etree.XMLSchema) ->
 
 
 def test_built_response_relates_to_the_request(soap_schema: etree.XMLSchema) -> None:
-    """WS-Addressing 1.0 Core 3.2: a reply's RelatesTo is the request MessageID."""
+    """WS-Addressing 1.0 Core 3.2: a reply relates to the request MessageID."""
     envelope = build_envelope(
         etree.fromstring(RETRIEVE),
         "urn:ihe:iti:2007:RetrieveDocumentSetResponse",
@@ -126,14 +126,14 @@ def test_built_response_relates_to_the_request(soap_schema: etree.XMLSchema) -> 
 
 
 def test_serialize_writes_utf8_with_declaration() -> None:
-    """SOAP 1.2 Part 2 7.1: the HTTP binding sends UTF-8 application/soap+xml."""
+    """SOAP 1.2 Part 2 7.1: the HTTP binding sends UTF-8 soap+xml."""
     data = serialize(etree.fromstring('<a xmlns="urn:x">é</a>'))
     assert data.startswith(b"<?xml version='1.0' encoding='UTF-8'?>")
     assert "é".encode() in data
 
 
 def test_close_removes_spool_but_not_files_moved_away(tmp_path: Path) -> None:
-    """DESIGN principle 5: spooled parts go away with the message unless kept."""
+    """DESIGN principle 5: spooled parts go with the message unless kept."""
     spool = tmp_path / "msg"
     spool.mkdir()
     (spool / "part-00001").write_bytes(b"dropped")

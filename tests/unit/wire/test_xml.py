@@ -25,7 +25,7 @@ BILLION_LAUGHS = b"""<?xml version="1.0"?>
 
 
 def _hostile(kind: str, target: Path) -> bytes:
-    """A SOAP envelope that points an external entity of ``kind`` at ``target``."""
+    """A SOAP envelope whose external entity of ``kind`` is ``target``."""
     uri = target.as_uri()
     prolog = {
         "general entity": f'<!DOCTYPE e [<!ENTITY x SYSTEM "{uri}">]>',
@@ -57,7 +57,7 @@ def test_billion_laughs_is_refused_without_expansion() -> None:
 def test_external_entity_is_refused_and_its_file_never_opened(
     kind: str, tmp_path: Path
 ) -> None:
-    """SOAP 1.2 Part 1 5: an external entity is refused; the file is not opened.
+    """SOAP 1.2 Part 1 5: an external entity is refused, its file unopened.
 
     The entity points at a FIFO: opening it for reading would block until a
     writer comes, so a parser that tried would hang in its thread.
@@ -100,7 +100,12 @@ def test_internal_entity_declaration_is_refused() -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"not xml at all", b"<env:Envelope xmlns:env='urn:x'><env:Body>", b"<a>&undefined;</a>"],
+    [
+        b"",
+        b"not xml at all",
+        b"<env:Envelope xmlns:env='urn:x'><env:Body>",
+        b"<a>&undefined;</a>",
+    ],
     ids=["empty", "text", "unclosed", "undeclared entity"],
 )
 def test_not_well_formed_xml_is_malformed(data: bytes) -> None:
