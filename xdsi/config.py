@@ -192,7 +192,13 @@ def _section(cls: type, values: dict[str, Any], name: str) -> Any:
         elif isinstance(default, bool):
             if not isinstance(value, bool):
                 raise ConfigError(f"[{name}] {key} wants true or false")
-        elif isinstance(default, int | float) and not isinstance(value, int | float):
+        elif isinstance(default, int) and (
+            isinstance(value, bool) or not isinstance(value, int)
+        ):
+            raise ConfigError(f"[{name}] {key} wants a whole number")
+        elif isinstance(default, float) and (
+            isinstance(value, bool) or not isinstance(value, int | float)
+        ):
             raise ConfigError(f"[{name}] {key} wants a number")
         elif isinstance(default, str) and not isinstance(value, str):
             raise ConfigError(f"[{name}] {key} wants a string")

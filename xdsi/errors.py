@@ -17,7 +17,7 @@ XdsError
  +-- HashMismatch, SizeMismatch
  +-- MissingDocument, MissingDocumentMetadata
  +-- UnknownStoredQuery, StoredQueryMissingParam, StoredQueryParamNumber
- +-- TooManyResults
+ +-- TooManyResults, ResultNotSinglePatient
  +-- UnknownRepositoryId, DocumentUniqueIdError
  +-- ImagingRequestError, TransferSyntaxUnavailable
  +-- RegistryNotAvailable
@@ -149,3 +149,7 @@ class TooManyResults(XdsError):
 
 class RegistryNotAvailable(XdsError):
     """The Document Repository could not reach the Document Registry."""
+
+
+class ResultNotSinglePatient(XdsError):
+    """A query's results would span several patients (ITI TF-2 3.18.4.1.2.3.7)."""

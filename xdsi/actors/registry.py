@@ -25,6 +25,7 @@ from xdsi.errors import (
     DuplicateUniqueIdInRegistry,
     MetadataInvalid,
     NonIdenticalHash,
+    ResultNotSinglePatient,
     StoredQueryParamNumber,
     TooManyResults,
     UnknownPatientId,
@@ -320,6 +321,11 @@ class Registry:
         limit = self.settings.registry.max_results
         with self.engine.connect() as conn:
             rows = conn.execute(statement.limit(limit + 1)).all()
+        # ITI TF-2 3.18.4.1.2.3.7: a Get query answers for one patient only.
+        if query.name.startswith("Get") and len({r.patient_id for r in rows}) > 1:
+            raise ResultNotSinglePatient(
+                f"{query.name} results belong to more than one patient"
+            )
         if len(rows) > limit:
             raise TooManyResults(
                 f"the query matches more than {limit} objects; narrow it"
@@ -396,7 +402,7 @@ class Registry:
                 _check_dtm(f"$XDSDocumentEntry{name}To", high)
                 conditions.append(column < pad_dtm(high))
         return (
-            select(ro.entry_uuid, ro.xml)
+            select(ro.entry_uuid, ro.xml, ro.patient_id)
             .where(*conditions)
             .order_by(ro.creation_time, ro.entry_uuid)
         )
@@ -409,7 +415,7 @@ class Registry:
         else:
             match = ro.unique_id.in_(query.values("$XDSDocumentEntryUniqueId"))
         return (
-            select(ro.entry_uuid, ro.xml)
+            select(ro.entry_uuid, ro.xml, ro.patient_id)
             .where(ro.kind == ebrim.DOCUMENT_ENTRY, match)
             .order_by(ro.entry_uuid)
         )

@@ -123,6 +123,21 @@ def parse_value_list(name: str, text: str) -> list[str]:
     return items
 
 
+def _slot_values(name: str, texts: list[str]) -> list[str]:
+    """Parse the Values of one Slot into one OR-ed list.
+
+    ITI TF-2 3.18.4.1.2.3.5 lets a list be one Value, a Value per item, or
+    one parenthesised list broken across several Values; the last is read
+    by joining the Values when they do not parse one by one.
+    """
+    try:
+        return [item for text in texts for item in parse_value_list(name, text)]
+    except StoredQueryParamNumber:
+        if len(texts) < 2:
+            raise
+        return parse_value_list(name, ",".join(texts))
+
+
 def parse_code_value(name: str, value: str) -> Code:
     """Parse ``code^^scheme`` (ITI TF-2 3.18.4.1.2.3.7.1 coded parameters)."""
     parts = value.split("^^")
@@ -161,9 +176,11 @@ def read_query(request: etree._Element) -> StoredQuery:
     parameters: dict[str, list[list[str]]] = {}
     for slot in adhoc.findall(f"{{{ns.RIM}}}Slot"):
         slot_name = slot.get("name", "")
-        group: list[str] = []
-        for value in slot.iterfind(f"{{{ns.RIM}}}ValueList/{{{ns.RIM}}}Value"):
-            group.extend(parse_value_list(slot_name, value.text or ""))
+        texts = [
+            (v.text or "").strip()
+            for v in slot.iterfind(f"{{{ns.RIM}}}ValueList/{{{ns.RIM}}}Value")
+        ]
+        group = _slot_values(slot_name, texts)
         if group:
             parameters.setdefault(slot_name, []).append(group)
 

@@ -327,6 +327,9 @@ def _check_patient_ids(
 ) -> list[XdsError]:
     """ITI TF-3 4.2.3.2.16: every object carries the SubmissionSet's patientId."""
     expected = submission_set.patient_id
+    if expected is None:
+        # The missing attribute is reported by check_object already.
+        return []
     errors: list[XdsError] = []
     for obj in submission.document_entries + submission.folders:
         if obj.patient_id is not None and obj.patient_id != expected:

@@ -1,0 +1,426 @@
+"""Tests of xdsi.metadata.stored_query: value lists and parameter rules.
+
+ITI TF-2 3.18.4.1.2.3.5 (value syntax), 3.18.4.1.2.3.6 (AND and OR of
+values) and 3.18.4.1.2.3.7 (parameters of each query); NIST ITI-18 requests
+from the shared conformance set.
+"""
+
+from __future__ import annotations
+
+import json
+from xml.sax.saxutils import escape
+
+import pytest
+from lxml import etree
+
+from tests.conftest import assert_valid, shared_path
+from xdsi import ns
+from xdsi.errors import (
+    StoredQueryMissingParam,
+    StoredQueryParamNumber,
+    UnknownStoredQuery,
+)
+from xdsi.metadata.codes import Code
+from xdsi.metadata.stored_query import (
+    RETURN_LEAF_CLASS,
+    RETURN_OBJECT_REF,
+    StoredQuery,
+    build_query,
+    check_parameters,
+    parse_value_list,
+    quote_value,
+    read_query,
+    stored_queries,
+)
+
+RIM = f"{{{ns.RIM}}}"
+QUERY = f"{{{ns.QUERY}}}"
+PATIENT_ID = "PAT-FED-1^^^&1.3.6.1.4.1.21367.13.20.1000&ISO"
+APPROVED = "urn:oasis:names:tc:ebxml-regrep:StatusType:Approved"
+DEPRECATED = "urn:oasis:names:tc:ebxml-regrep:StatusType:Deprecated"
+FIND_DOCUMENTS = "FindDocuments"
+GET_DOCUMENTS = "GetDocuments"
+UNKNOWN_QUERY_ID = "urn:uuid:00000000-0000-4000-8000-000000000000"
+
+
+# --- value lists ---------------------------------------------------------
+
+VALUE_LISTS = {
+    "single quoted": ("'abc'", ["abc"]),
+    "list of one": ("('abc')", ["abc"]),
+    "list of two": ("('a','b')", ["a", "b"]),
+    "blanks between items": ("( 'a' ,  'b' )", ["a", "b"]),
+    "blanks around the value": ("  'a'  ", ["a"]),
+    "doubled quote": ("'O''Brien'", ["O'Brien"]),
+    "doubled quote in a list": ("('it''s', '''x''')", ["it's", "'x'"]),
+    "comma inside a string": ("('a,b','c')", ["a,b", "c"]),
+    "parentheses inside a string": ("'(a)'", ["(a)"]),
+    "blank inside a string": ("'a b'", ["a b"]),
+    "empty string": ("''", [""]),
+    "number": ("42", ["42"]),
+    "negative number": ("-7", ["-7"]),
+    "list of numbers": ("(1, 2,3)", ["1", "2", "3"]),
+    "DTM number": ("20061224", ["20061224"]),
+    "code value": (
+        "('IMAGES^^1.3.6.1.4.1.19376.1.2.6.1')",
+        ["IMAGES^^1.3.6.1.4.1.19376.1.2.6.1"],
+    ),
+    "mixed strings and numbers": ("('a', 1)", ["a", "1"]),
+}
+
+
+@pytest.mark.parametrize(("text", "expected"), VALUE_LISTS.values(), ids=VALUE_LISTS)
+def test_value_list_syntax_is_read(text: str, expected: list[str]) -> None:
+    """ITI TF-2 3.18.4.1.2.3.5: quoted strings, numbers and lists are read."""
+    assert parse_value_list("$p", text) == expected
+
+
+MALFORMED_VALUES = {
+    "unterminated string": "'abc",
+    "unterminated list item": "('a','b)",
+    "bare word": "abc",
+    "bare word in a list": "('a', b)",
+    "empty list": "()",
+    "empty value": "",
+    "blank value": "   ",
+    "double-quoted string": '"abc"',
+    "decimal number": "1.5",
+}
+
+
+@pytest.mark.parametrize("text", MALFORMED_VALUES.values(), ids=MALFORMED_VALUES)
+def test_malformed_value_is_stored_query_param_number(text: str) -> None:
+    """ITI TF-2 3.18.4.1.2.3.5: a value is a quoted string, number or list."""
+    with pytest.raises(StoredQueryParamNumber, match=r"\$XDSDocumentEntryStatus"):
+        parse_value_list("$XDSDocumentEntryStatus", text)
+
+
+@pytest.mark.parametrize(
+    "value", ["plain", "O'Brien", "''", "a,b", "(x)", "a b", ""], ids=repr
+)
+def test_quoted_value_reads_back_unchanged(value: str) -> None:
+    """ITI TF-2 3.18.4.1.2.3.5: quote_value is parse_value_list's inverse."""
+    assert parse_value_list("$p", quote_value(value)) == [value]
+
+
+# --- AdhocQueryRequest ---------------------------------------------------
+
+
+def _request(query_id: str, slots: list[tuple[str, list[str]]]) -> etree._Element:
+    """An AdhocQueryRequest with one Slot per entry, Value texts as given."""
+    request = etree.Element(
+        f"{QUERY}AdhocQueryRequest", nsmap={"query": ns.QUERY, "rim": ns.RIM}
+    )
+    etree.SubElement(
+        request,
+        f"{QUERY}ResponseOption",
+        returnComposedObjects="true",
+        returnType=RETURN_LEAF_CLASS,
+    )
+    adhoc = etree.SubElement(request, f"{RIM}AdhocQuery", id=query_id)
+    for name, values in slots:
+        slot = etree.SubElement(adhoc, f"{RIM}Slot", name=name)
+        value_list = etree.SubElement(slot, f"{RIM}ValueList")
+        for text in values:
+            etree.SubElement(value_list, f"{RIM}Value").text = text
+    return request
+
+
+FIND_DOCUMENTS_ID = stored_queries()[FIND_DOCUMENTS]["id"]
+VALID_SLOTS = [
+    ("$XDSDocumentEntryPatientId", [quote_value(PATIENT_ID)]),
+    ("$XDSDocumentEntryStatus", [f"('{APPROVED}')"]),
+]
+
+
+def test_find_documents_request_is_read() -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.1: FindDocuments with patient id and status."""
+    request = _request(FIND_DOCUMENTS_ID, VALID_SLOTS)
+    assert_valid(request, "ebRS/query.xsd")
+
+    query = read_query(request)
+
+    assert query.name == FIND_DOCUMENTS
+    assert query.query_id == FIND_DOCUMENTS_ID
+    assert query.return_type == RETURN_LEAF_CLASS
+    assert query.single("$XDSDocumentEntryPatientId") == PATIENT_ID
+    assert query.values("$XDSDocumentEntryStatus") == [APPROVED]
+
+
+def test_values_of_several_value_elements_join_one_or_list() -> None:
+    """ITI TF-2 3.18.4.1.2.3.5: a Slot's Value elements form one OR list."""
+    request = _request(
+        FIND_DOCUMENTS_ID,
+        [
+            VALID_SLOTS[0],
+            ("$XDSDocumentEntryStatus", [f"('{APPROVED}')", f"('{DEPRECATED}')"]),
+        ],
+    )
+
+    query = read_query(request)
+
+    assert query.parameters["$XDSDocumentEntryStatus"] == [[APPROVED, DEPRECATED]]
+
+
+def test_several_slots_of_one_parameter_are_and_groups() -> None:
+    """ITI TF-2 3.18.4.1.2.3.6: repeated Slots of a parameter are AND-ed."""
+    scheme = "1.3.6.1.4.1.21367.2017.3"
+    request = _request(
+        FIND_DOCUMENTS_ID,
+        VALID_SLOTS
+        + [
+            ("$XDSDocumentEntryEventCodeList", [f"('a^^{scheme}', 'b^^{scheme}')"]),
+            ("$XDSDocumentEntryEventCodeList", [f"('c^^{scheme}')"]),
+        ],
+    )
+
+    query = read_query(request)
+
+    assert query.codes("$XDSDocumentEntryEventCodeList") == [
+        [Code("a", scheme), Code("b", scheme)],
+        [Code("c", scheme)],
+    ]
+
+
+def test_missing_response_option_means_object_ref() -> None:
+    """ebRS 3.0 query.xsd: returnType defaults to ObjectRef."""
+    request = _request(FIND_DOCUMENTS_ID, VALID_SLOTS)
+    request.remove(request.find(f"{QUERY}ResponseOption"))
+
+    assert read_query(request).return_type == RETURN_OBJECT_REF
+
+
+def test_other_return_type_is_stored_query_param_number() -> None:
+    """ITI TF-2 3.18.4.1.2.2: returnType is LeafClass or ObjectRef."""
+    request = _request(FIND_DOCUMENTS_ID, VALID_SLOTS)
+    request.find(f"{QUERY}ResponseOption").set("returnType", "RegistryObject")
+
+    with pytest.raises(StoredQueryParamNumber, match="returnType 'RegistryObject'"):
+        read_query(request)
+
+
+def test_unknown_query_id_is_unknown_stored_query() -> None:
+    """ITI TF-3 Table 4.2.4.1-2: XDSUnknownStoredQuery."""
+    request = _request(UNKNOWN_QUERY_ID, VALID_SLOTS)
+
+    with pytest.raises(UnknownStoredQuery, match=UNKNOWN_QUERY_ID) as caught:
+        read_query(request)
+    assert caught.value.location == UNKNOWN_QUERY_ID
+
+
+def test_request_without_adhoc_query_is_unknown_stored_query() -> None:
+    """ITI TF-2 3.18.4.1.2.3: the request names a stored query."""
+    request = _request(FIND_DOCUMENTS_ID, VALID_SLOTS)
+    request.remove(request.find(f"{RIM}AdhocQuery"))
+
+    with pytest.raises(UnknownStoredQuery):
+        read_query(request)
+
+
+@pytest.mark.parametrize(
+    "missing", ["$XDSDocumentEntryPatientId", "$XDSDocumentEntryStatus"]
+)
+def test_missing_required_parameter_is_stored_query_missing_param(missing: str) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.1: FindDocuments needs patient id and status."""
+    request = _request(FIND_DOCUMENTS_ID, [s for s in VALID_SLOTS if s[0] != missing])
+
+    with pytest.raises(StoredQueryMissingParam, match=rf"\{missing}") as caught:
+        read_query(request)
+    assert caught.value.location == missing
+
+
+def test_get_documents_without_uuid_or_unique_id_is_missing_param() -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.5: GetDocuments needs entryUUID or uniqueId."""
+    request = _request(
+        stored_queries()[GET_DOCUMENTS]["id"], [("$homeCommunityId", ["'urn:oid:1'"])]
+    )
+
+    with pytest.raises(StoredQueryMissingParam, match="EntryUUID"):
+        read_query(request)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [f"('{PATIENT_ID}', 'OTHER^^^&1.2.3&ISO')"],
+        [quote_value(PATIENT_ID), "'OTHER^^^&1.2.3&ISO'"],
+    ],
+    ids=["one Value", "two Values"],
+)
+def test_two_patient_ids_are_stored_query_param_number(values: list[str]) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.1: the patient id parameter has one value."""
+    request = _request(
+        FIND_DOCUMENTS_ID, [("$XDSDocumentEntryPatientId", values), VALID_SLOTS[1]]
+    )
+
+    with pytest.raises(
+        StoredQueryParamNumber, match=r"\$XDSDocumentEntryPatientId takes one value"
+    ):
+        read_query(request)
+
+
+def test_patient_id_in_two_slots_is_stored_query_param_number() -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.1: a single-valued parameter has one Slot."""
+    request = _request(FIND_DOCUMENTS_ID, VALID_SLOTS + [VALID_SLOTS[0]])
+
+    with pytest.raises(StoredQueryParamNumber, match="PatientId"):
+        read_query(request)
+
+
+@pytest.mark.parametrize(
+    "code", ["IMAGES", "IMAGES^^", "^^1.2.3", "IMAGES^1.2.3", "a^^b^^c"]
+)
+def test_code_value_not_code_and_scheme_is_stored_query_param_number(code: str) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.1: a coded parameter value is code^^scheme."""
+    request = _request(
+        FIND_DOCUMENTS_ID,
+        VALID_SLOTS + [("$XDSDocumentEntryClassCode", [f"('{code}')"])],
+    )
+
+    with pytest.raises(StoredQueryParamNumber, match="ClassCode"):
+        read_query(request)
+
+
+def test_check_parameters_accepts_a_built_query() -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.1: a well-formed FindDocuments passes."""
+    query = StoredQuery(
+        FIND_DOCUMENTS_ID,
+        FIND_DOCUMENTS,
+        RETURN_LEAF_CLASS,
+        {
+            "$XDSDocumentEntryPatientId": [[PATIENT_ID]],
+            "$XDSDocumentEntryStatus": [[APPROVED, DEPRECATED]],
+        },
+    )
+
+    check_parameters(query)
+
+
+# --- build_query ---------------------------------------------------------
+
+
+def test_built_find_documents_is_schema_valid_and_reads_back() -> None:
+    """ITI TF-2 3.18.4.1.2.3: build_query writes what read_query reads."""
+    scheme = "1.3.6.1.4.1.19376.1.2.6.1"
+    request = build_query(
+        FIND_DOCUMENTS,
+        {
+            "$XDSDocumentEntryPatientId": PATIENT_ID,
+            "$XDSDocumentEntryStatus": [APPROVED, DEPRECATED],
+            "$XDSDocumentEntryClassCode": [f"IMAGES^^{scheme}"],
+            "$XDSDocumentEntryAuthorPerson": ["O'Brien%"],
+        },
+        return_type=RETURN_OBJECT_REF,
+    )
+    assert_valid(request)
+
+    query = read_query(request)
+
+    assert query.name == FIND_DOCUMENTS
+    assert query.return_type == RETURN_OBJECT_REF
+    assert query.single("$XDSDocumentEntryPatientId") == PATIENT_ID
+    assert query.parameters["$XDSDocumentEntryStatus"] == [[APPROVED, DEPRECATED]]
+    assert query.codes("$XDSDocumentEntryClassCode") == [[Code("IMAGES", scheme)]]
+    assert query.values("$XDSDocumentEntryAuthorPerson") == ["O'Brien%"]
+
+
+def test_built_get_documents_is_schema_valid_and_reads_back() -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.5: GetDocuments by entryUUID."""
+    uuids = [
+        "urn:uuid:7e1b1b4c-0e6a-4b8e-9d3c-2f1a5b6c7d8e",
+        "urn:uuid:0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d",
+    ]
+    request = build_query(GET_DOCUMENTS, {"$XDSDocumentEntryEntryUUID": uuids})
+    assert_valid(request)
+
+    query = read_query(request)
+
+    assert query.name == GET_DOCUMENTS
+    assert query.return_type == RETURN_LEAF_CLASS
+    assert query.values("$XDSDocumentEntryEntryUUID") == uuids
+
+
+# --- NIST ITI-18 requests ------------------------------------------------
+
+PLACEHOLDERS = {
+    "$patient_id$": PATIENT_ID,
+    "$patientid$": PATIENT_ID,
+    "$altpatientid$": "PAT-FED-2^^^&1.3.6.1.4.1.21367.13.20.1000&ISO",
+    "$uuid$": "urn:uuid:7e1b1b4c-0e6a-4b8e-9d3c-2f1a5b6c7d8e",
+    "$uid$": "1.3.6.1.4.1.21367.2005.3.99.1",
+}
+
+
+def _cases() -> dict[str, dict]:
+    index = shared_path("conformance", "index.json")
+    return {c["id"]: c for c in json.loads(index.read_text(encoding="utf-8"))}
+
+
+def _nist_request(case_id: str) -> etree._Element:
+    """An ITI-18 request of the conformance set with placeholders filled."""
+    case = _cases()[case_id]
+    text = shared_path("conformance", case["file"]).read_text(encoding="utf-8")
+    for placeholder in case.get("placeholders", {}):
+        text = text.replace(placeholder, escape(PLACEHOLDERS[placeholder]))
+    return etree.fromstring(text.encode("utf-8"))
+
+
+NIST_ACCEPTED = {
+    "iti18-findDocuments-approved": FIND_DOCUMENTS,
+    "iti18-findDocuments-objectref": FIND_DOCUMENTS,
+    "iti18-findDocuments-classcode_one": FIND_DOCUMENTS,
+    "iti18-findDocuments-creationtime_between": FIND_DOCUMENTS,
+    "iti18-findDocuments-author": FIND_DOCUMENTS,
+    "iti18-findDocuments-eventcode_multi_select": FIND_DOCUMENTS,
+    "iti18-findDocuments-refid": "FindDocumentsByReferenceId",
+    "iti18-findDocuments-deprecated": FIND_DOCUMENTS,
+    "iti18-getDocuments-uuid": GET_DOCUMENTS,
+    "iti18-getDocuments-uniqueid": GET_DOCUMENTS,
+}
+
+
+@pytest.mark.parametrize("case_id", NIST_ACCEPTED)
+def test_nist_request_is_read(case_id: str) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7: NIST requests expecting Success are read."""
+    request = _nist_request(case_id)
+    assert_valid(request)
+
+    query = read_query(request)
+
+    assert query.name == NIST_ACCEPTED[case_id]
+    if query.name == FIND_DOCUMENTS:
+        assert query.single("$XDSDocumentEntryPatientId") == PATIENT_ID
+
+
+def test_nist_event_code_multi_select_is_two_and_groups() -> None:
+    """ITI TF-2 3.18.4.1.2.3.6: NIST 11897 event code Slots are AND-ed."""
+    query = read_query(_nist_request("iti18-findDocuments-eventcode_multi_select"))
+
+    scheme = "1.3.6.1.4.1.21367.2017.3"
+    assert query.codes("$XDSDocumentEntryEventCodeList") == [
+        [Code("urn:connectathon:bppc:foundational:policy", scheme)],
+        [Code("urn:connectathon:policy:full-access", scheme)],
+    ]
+
+
+def test_nist_get_documents_by_uuid_reads_the_uuid() -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.5: NIST 11898 GetDocuments by entryUUID."""
+    query = read_query(_nist_request("iti18-getDocuments-uuid"))
+
+    assert query.values("$XDSDocumentEntryEntryUUID") == [PLACEHOLDERS["$uuid$"]]
+
+
+NIST_REFUSED = {
+    "iti18-derived-unknown_query_id": UnknownStoredQuery,
+    "iti18-derived-missing_patient_id": StoredQueryMissingParam,
+    "iti18-derived-two_patient_ids": StoredQueryParamNumber,
+    "iti18-findDocuments-classcode_scheme_mismatch": StoredQueryParamNumber,
+    "iti18-findDocuments-old_scheme": StoredQueryParamNumber,
+}
+
+
+@pytest.mark.parametrize("case_id", NIST_REFUSED)
+def test_nist_request_expecting_failure_is_refused(case_id: str) -> None:
+    """ITI TF-3 Table 4.2.4.1-2: each refused request raises its rule."""
+    with pytest.raises(NIST_REFUSED[case_id]):
+        read_query(_nist_request(case_id))

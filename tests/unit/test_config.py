@@ -1,0 +1,212 @@
+"""Tests of xdsi.config: defaults, the TOML file, and to_toml round trips."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from xdsi.config import (
+    CONNECTATHON_ASSIGNING_AUTHORITY,
+    ConfigError,
+    ConsumerSettings,
+    Settings,
+    load_settings,
+    to_toml,
+)
+
+
+@pytest.fixture(autouse=True)
+def no_config_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("XDSI_CONFIG", raising=False)
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "xdsi.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_need_no_file() -> None:
+    """The demo node runs with no configuration file."""
+    settings = load_settings()
+
+    assert settings == Settings()
+    assert settings.node.host == "127.0.0.1"
+    assert settings.node.assigning_authority == CONNECTATHON_ASSIGNING_AUTHORITY
+    assert settings.registry_url == "http://127.0.0.1:9081/xds/registry"
+    assert settings.repository_url == "http://127.0.0.1:9082/xds/repository"
+    assert settings.consumer_registry_url == settings.registry_url
+    assert settings.database_url.startswith("sqlite:///")
+
+
+def test_file_overrides_what_it_names(tmp_path: Path) -> None:
+    """A file changes only the settings it names."""
+    path = _write(
+        tmp_path,
+        """
+[node]
+storage_dir = "/var/lib/xdsi"
+
+[repository]
+port = 9182
+registry_url = "http://127.0.0.1:9999/registry"
+
+[imaging_source]
+class_code = ["IMG", "1.2.3", "Images"]
+
+[consumer.repositories]
+"1.2.3.4" = "http://127.0.0.1:9300/rad69"
+""",
+    )
+
+    settings = load_settings(path)
+
+    assert settings.node.storage_dir == "/var/lib/xdsi"
+    assert settings.node.name == Settings().node.name
+    assert settings.repository.port == 9182
+    assert settings.repository.path == Settings().repository.path
+    assert settings.registry_url == "http://127.0.0.1:9999/registry"
+    assert settings.imaging_source.class_code == ("IMG", "1.2.3", "Images")
+    assert settings.consumer.repositories == {"1.2.3.4": "http://127.0.0.1:9300/rad69"}
+    assert settings.registry == Settings().registry
+
+
+def test_environment_variable_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$XDSI_CONFIG is read when no path is given."""
+    monkeypatch.setenv("XDSI_CONFIG", str(_write(tmp_path, "[registry]\nport = 1\n")))
+
+    assert load_settings().registry.port == 1
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[nodes]\nname = 'x'\n", "[repository.extra]\nport = 1\n", "node = 'x'\n"],
+    ids=["unknown section", "unknown key as table", "section not a table"],
+)
+def test_unknown_section_is_config_error(tmp_path: Path, text: str) -> None:
+    """A misspelt section is refused rather than ignored."""
+    with pytest.raises(ConfigError):
+        load_settings(_write(tmp_path, text))
+
+
+def test_unknown_key_is_config_error(tmp_path: Path) -> None:
+    """A misspelt setting is refused rather than ignored."""
+    path = _write(tmp_path, "[registry]\nprot = 9081\n")
+
+    with pytest.raises(ConfigError, match=r"unknown setting \[registry\] prot"):
+        load_settings(path)
+
+
+WRONG_TYPES = {
+    "string port": "[registry]\nport = '9081'\n",
+    "boolean port": "[registry]\nport = true\n",
+    "fractional port": "[registry]\nport = 9081.5\n",
+    "number as name": "[node]\nname = 5\n",
+    "number as switch": "[registry]\nenabled = 1\n",
+    "string as switch": "[registry]\nenabled = 'yes'\n",
+    "code of two parts": "[imaging_source]\nclass_code = ['IMG', '1.2.3']\n",
+    "code as string": "[imaging_source]\nclass_code = 'IMG'\n",
+    "repositories as string": "[consumer]\nrepositories = 'x'\n",
+    "repository url as number": "[consumer.repositories]\n'1.2.3' = 5\n",
+    "string timeout": "[consumer]\ntimeout = 'slow'\n",
+}
+
+
+@pytest.mark.parametrize("text", WRONG_TYPES.values(), ids=WRONG_TYPES)
+def test_wrong_type_is_config_error(tmp_path: Path, text: str) -> None:
+    """A value of the wrong type is refused when the file is read."""
+    with pytest.raises(ConfigError):
+        load_settings(_write(tmp_path, text))
+
+
+def test_integer_timeout_is_accepted(tmp_path: Path) -> None:
+    """A whole number is a valid float setting."""
+    path = _write(tmp_path, "[consumer]\ntimeout = 30\n")
+
+    assert load_settings(path).consumer.timeout == 30
+
+
+def test_missing_file_is_config_error(tmp_path: Path) -> None:
+    """An unreadable file is a ConfigError naming the file."""
+    with pytest.raises(ConfigError, match="absent.toml"):
+        load_settings(tmp_path / "absent.toml")
+
+
+def test_invalid_toml_is_config_error(tmp_path: Path) -> None:
+    """A file that is not TOML is a ConfigError."""
+    with pytest.raises(ConfigError, match="cannot read configuration"):
+        load_settings(_write(tmp_path, "[registry\nport = 1\n"))
+
+
+def _round_trip(settings: Settings, tmp_path: Path) -> Settings:
+    return load_settings(_write(tmp_path, to_toml(settings)))
+
+
+def test_to_toml_of_defaults_loads_back_equal(tmp_path: Path) -> None:
+    """to_toml writes what load_settings reads."""
+    assert _round_trip(Settings(), tmp_path) == Settings()
+
+
+def test_to_toml_of_changed_settings_loads_back_equal(tmp_path: Path) -> None:
+    """to_toml keeps tables, code triples, quotes and backslashes."""
+    base = Settings()
+    settings = replace(
+        base,
+        node=replace(
+            base.node,
+            storage_dir="C:\\xdsi\\data",
+            enterprise_site_id='Site "A"',
+            name="Hôpital",
+        ),
+        registry=replace(base.registry, enabled=False, max_results=10),
+        imaging_source=replace(
+            base.imaging_source, class_code=("IMG", "1.2.3", "Images, all")
+        ),
+        consumer=ConsumerSettings(
+            registry_url="http://127.0.0.1:9000/registry",
+            timeout=2.5,
+            repositories={
+                "1.2.3.4": "http://127.0.0.1:9300/rad69",
+                "2.25.1": "http://127.0.0.1:9301/iti43",
+            },
+        ),
+    )
+
+    assert _round_trip(settings, tmp_path) == settings
+
+
+def test_to_toml_lists_effective_endpoints_as_comments() -> None:
+    """The rendered file says where each actor listens."""
+    text = to_toml(Settings().with_ports(registry=7001))
+
+    assert "# registry: http://127.0.0.1:7001/xds/registry" in text
+    assert "# patient identity feed (MLLP): 127.0.0.1:2575" in text
+
+
+def test_with_ports_changes_only_the_named_ports() -> None:
+    """with_ports returns a copy; feed is the registry's MLLP port."""
+    base = Settings()
+
+    changed = base.with_ports(registry=0, repository=7002, imaging_source=7003, feed=0)
+
+    assert changed.registry.port == 0
+    assert changed.registry.feed_port == 0
+    assert changed.repository.port == 7002
+    assert changed.imaging_source.port == 7003
+    assert changed.url("repository") == "http://127.0.0.1:7002/xds/repository"
+    assert changed.node == base.node
+    assert changed.consumer == base.consumer
+    assert base.registry.port == 9081
+    assert base.with_ports() == base
+
+
+def test_with_storage_changes_the_storage_folder(tmp_path: Path) -> None:
+    """with_storage moves the storage folder and the default database."""
+    settings = Settings().with_storage(tmp_path)
+
+    assert settings.storage == tmp_path.resolve()
+    assert settings.database_url == f"sqlite:///{tmp_path.resolve() / 'xdsi.sqlite'}"
