@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine
-from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from xdsi import audit
 from xdsi.actors.consumer import Consumer
@@ -29,6 +29,15 @@ from xdsi.store.schema import make_engine
 logger = logging.getLogger(__name__)
 
 HTTP_ACTORS = ("registry", "repository", "imaging_source")
+
+
+class _RequestHandler(WSGIRequestHandler):
+    """Close a connection whose peer stops sending for a minute."""
+
+    # Limitation: the development-grade werkzeug server answers a malformed
+    # HTTP request line or an oversized header with its own HTML error page,
+    # before any SOAP layer sees it.
+    timeout = 60
 
 
 class _Deferred:
@@ -101,7 +110,11 @@ class Node:
                 continue
             deferred[actor] = _Deferred()
             server = make_server(
-                settings.node.host, section.port, deferred[actor], threaded=True
+                settings.node.host,
+                section.port,
+                deferred[actor],
+                threaded=True,
+                request_handler=_RequestHandler,
             )
             self._servers.append(server)
             settings = settings.with_ports(**{actor: server.server_port})

@@ -31,6 +31,7 @@ def qname(namespace: str, local: str) -> str:
     """Return the Clark notation ``{namespace}local`` that lxml uses."""
     return f"{{{namespace}}}{local}"
 
+
 # WS-Addressing 1.0 Core 2.1: the anonymous endpoint (reply on the same
 # HTTP connection).
 WSA_ANONYMOUS = "http://www.w3.org/2005/08/addressing/anonymous"

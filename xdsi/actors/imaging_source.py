@@ -294,6 +294,7 @@ class ImagingSource:
         errors: list[XdsError] = []
         documents = []
         studies: list[str] = []
+        asked: set[str] = set()
         for study in request.findall(f"{{{ns.XDSIB}}}StudyRequest"):
             study_uid = (study.get("studyInstanceUID") or "").strip()
             if not study_uid:
@@ -316,6 +317,11 @@ class ImagingSource:
                     )
                     continue
                 for item in series.findall(f"{{{ns.XDSB}}}DocumentRequest"):
+                    # An instance asked for twice is sent once.
+                    key = child_text(item, "DocumentUniqueId")
+                    if key in asked:
+                        continue
+                    asked.add(key)
                     result = self._instance(item, study_uid, series_uid, syntaxes)
                     if isinstance(result, XdsError):
                         errors.append(result)

@@ -19,7 +19,7 @@ from sqlalchemy import Engine, and_, exists, insert, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from xdsi import audit, ns, wire
-from xdsi.actors.soap_endpoint import Peer, Reply, soap_app
+from xdsi.actors.soap_endpoint import Peer, Reply, soap_app, transaction
 from xdsi.config import Settings
 from xdsi.errors import (
     DuplicateUniqueIdInRegistry,
@@ -37,6 +37,7 @@ from xdsi.metadata.ebrim import RegistryObject, Submission
 from xdsi.metadata.responses import RegistryError, registry_response, status_of
 from xdsi.store.schema import patient, registry_code, registry_object, registry_value
 from xdsi.wire import SoapMessage
+from xdsi.wire.schema import schema_errors
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,14 @@ class Registry:
 
     def register(self, request: etree._Element) -> RegisterOutcome:
         """Register a SubmitObjectsRequest; return the errors, if any."""
+        schema = transaction("ITI-42")["request_schema"]
+        problems = schema_errors(request, schema)
+        if problems:
+            error = MetadataInvalid(
+                f"SubmitObjectsRequest is not valid against {schema}: "
+                + "; ".join(problems)
+            )
+            return RegisterOutcome(as_registry_errors([error], ACTOR), None, None, ())
         submission = ebrim.read_registry_objects(request)
         errors = validation.check_submission(submission)
         submission_set = (
@@ -437,6 +446,8 @@ class Registry:
         started = time.monotonic()
         try:
             outcome = self.register(message.body)
+        except wire.SoapFault:
+            raise
         except Exception:
             logger.exception("ITI-42 Register Document Set-b failed")
             outcome = RegisterOutcome(
@@ -509,7 +520,9 @@ class Registry:
                 source=audit.Endpoint(peer.reply_to, peer.host),
                 destination=audit.Endpoint(peer.endpoint, self.settings.node.host),
                 patient_id=patient_id,
-                query_id=query.query_id if query else None,
+                # ITI TF-2 3.18.5.1: a failed query is audited too, with the
+                # id it asked for.
+                query_id=message.body.find(f"{{{ns.RIM}}}AdhocQuery").get("id", ""),
                 query_request=etree.tostring(message.body),
                 message_id=message.message_id,
             )

@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from flask import Flask
 from lxml import etree
-from sqlalchemy import Engine, delete, insert, select
+from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from xdsi import audit, ns, wire
 from xdsi.actors.soap_endpoint import Peer, Reply, soap_app, transaction
 from xdsi.config import Settings
 from xdsi.errors import (
     DocumentUniqueIdError,
+    DuplicateUniqueIdInRegistry,
     HashMismatch,
     MetadataInvalid,
     MissingDocument,
@@ -45,10 +48,14 @@ from xdsi.metadata.responses import (
 )
 from xdsi.store.blobs import BlobStore
 from xdsi.store.schema import repository_document
+from xdsi.wire.schema import schema_errors
 
 logger = logging.getLogger(__name__)
 
 ACTOR = "repository"
+
+PENDING = "pending"
+STORED = "stored"
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,7 @@ class StoredDocument:
     sha1: str
     blob: str
     patient_id: str | None = None
+    state: str = "pending"
 
 
 class Repository:
@@ -96,6 +104,14 @@ class Repository:
             error = MetadataInvalid(
                 "ProvideAndRegisterDocumentSetRequest holds no "
                 "SubmitObjectsRequest (ITI TF-2 3.41.4.1.2)"
+            )
+            return _errors([error]), [], None
+        schema = transaction("ITI-41")["request_schema"]
+        problems = schema_errors(metadata, schema)
+        if problems:
+            error = MetadataInvalid(
+                f"SubmitObjectsRequest is not valid against {schema}: "
+                + "; ".join(problems)
             )
             return _errors([error]), [], None
         submission = ebrim.read_registry_objects(metadata)
@@ -152,6 +168,8 @@ class Repository:
         registry_errors = self._register(metadata)
         if any(e.is_error for e in registry_errors):
             self._remove(stored)
+        else:
+            self._confirm(stored)
         return registry_errors, entries, ss_unique_id
 
     def _complete_entry(
@@ -195,38 +213,66 @@ class Repository:
     def _store(
         self, entries: list[RegistryObject], documents: dict[str, wire.Attachment]
     ) -> tuple[list[StoredDocument], list[XdsError]]:
-        """Put each new document in the blob store and the table.
+        """Put each new document in the blob store and the table, pending.
 
         A document already held with the same bytes is left as it is (the
         registry then decides on the duplicate uniqueId); with other bytes
-        it is XDSNonIdenticalHash.
+        it is XDSNonIdenticalHash. One still pending belongs to a concurrent
+        submission, which alone may complete or remove it.
         """
-        # Limitation: a crash between storing and registering leaves the
-        # stored documents behind; there is no recovery sweep at start-up yet.
+        # Limitation: a crash between storing and registering leaves pending
+        # documents behind; there is no recovery sweep at start-up yet.
         stored: list[StoredDocument] = []
         errors: list[XdsError] = []
         for entry in entries:
             unique_id = entry.unique_id or ""
             document = documents[entry.id]
             held = self.find(unique_id)
-            if held is not None:
-                if held.sha1 != document.sha1:
-                    errors.append(
-                        NonIdenticalHash(
-                            f"document uniqueId {unique_id} is held with another hash",
-                            unique_id,
-                        )
+            if held is None:
+                held = self._store_one(entry, unique_id, document, stored)
+                if held is None:
+                    continue
+            if held.state == PENDING:
+                errors.append(
+                    DuplicateUniqueIdInRegistry(
+                        f"document {unique_id} is being registered by a concurrent "
+                        "submission",
+                        unique_id,
                     )
-                continue
-            blob = self.blobs.put_file(unique_id, document.path)
-            record = StoredDocument(
-                unique_id,
-                entry.mime_type,
-                document.size,
-                document.sha1,
-                blob,
-                entry.patient_id,
-            )
+                )
+            elif held.sha1 != document.sha1:
+                errors.append(
+                    NonIdenticalHash(
+                        f"document uniqueId {unique_id} is held with another hash",
+                        unique_id,
+                    )
+                )
+        if errors:
+            self._remove(stored)
+            return [], errors
+        return stored, []
+
+    def _store_one(
+        self,
+        entry: RegistryObject,
+        unique_id: str,
+        document: wire.Attachment,
+        stored: list[StoredDocument],
+    ) -> StoredDocument | None:
+        """Store one document as pending; return the row that won if another
+        submission stored the same uniqueId first."""
+        # Each copy gets a blob of its own, so that two submissions of one
+        # uniqueId never share or remove each other's file.
+        blob = self.blobs.put_file(f"{unique_id}\n{uuid.uuid4()}", document.path)
+        record = StoredDocument(
+            unique_id,
+            entry.mime_type,
+            document.size,
+            document.sha1,
+            blob,
+            entry.patient_id,
+        )
+        try:
             with self.engine.begin() as conn:
                 conn.execute(
                     insert(repository_document).values(
@@ -235,25 +281,44 @@ class Repository:
                         size=record.size,
                         sha1=record.sha1,
                         patient_id=record.patient_id,
+                        state=PENDING,
                         blob=blob,
                     )
                 )
-            stored.append(record)
-        if errors:
-            self._remove(stored)
-            return [], errors
-        return stored, []
+        except IntegrityError:
+            self.blobs.delete(blob)
+            winner = self.find(unique_id)
+            if winner is None:
+                raise
+            return winner
+        stored.append(record)
+        return None
 
     def _remove(self, stored: list[StoredDocument]) -> None:
+        """Remove what this submission stored, and nothing else."""
         with self.engine.begin() as conn:
             for record in stored:
                 conn.execute(
                     delete(repository_document).where(
-                        repository_document.c.unique_id == record.unique_id
+                        repository_document.c.unique_id == record.unique_id,
+                        repository_document.c.blob == record.blob,
                     )
                 )
         for record in stored:
             self.blobs.delete(record.blob)
+
+    def _confirm(self, stored: list[StoredDocument]) -> None:
+        """Mark this submission's documents retrievable."""
+        with self.engine.begin() as conn:
+            for record in stored:
+                conn.execute(
+                    update(repository_document)
+                    .where(
+                        repository_document.c.unique_id == record.unique_id,
+                        repository_document.c.blob == record.blob,
+                    )
+                    .values(state=STORED)
+                )
 
     def _register(self, metadata: etree._Element) -> list[RegistryError]:
         """ITI-42 to the registry; its answer is the repository's answer."""
@@ -290,7 +355,13 @@ class Repository:
         if row is None:
             return None
         return StoredDocument(
-            row.unique_id, row.mime_type, row.size, row.sha1, row.blob, row.patient_id
+            row.unique_id,
+            row.mime_type,
+            row.size,
+            row.sha1,
+            row.blob,
+            row.patient_id,
+            row.state,
         )
 
     def retrieve(
@@ -299,9 +370,14 @@ class Repository:
         """Answer a RetrieveDocumentSetRequest (ITI TF-2 3.43.4.2)."""
         errors: list[XdsError] = []
         found: list[tuple[StoredDocument, str | None]] = []
+        asked: set[tuple[str, str]] = set()
         for item in request.findall(f"{{{ns.XDSB}}}DocumentRequest"):
             repository_id = child_text(item, "RepositoryUniqueId")
             unique_id = child_text(item, "DocumentUniqueId")
+            # A document asked for twice is sent once.
+            if (repository_id, unique_id) in asked:
+                continue
+            asked.add((repository_id, unique_id))
             community = child_text(item, "HomeCommunityId") or None
             if repository_id != self.repository_unique_id:
                 errors.append(
@@ -312,7 +388,7 @@ class Repository:
                 )
                 continue
             record = self.find(unique_id)
-            if record is None:
+            if record is None or record.state != STORED:
                 errors.append(
                     DocumentUniqueIdError(
                         f"document {unique_id} is not held by this repository",
@@ -357,6 +433,8 @@ class Repository:
         started = time.monotonic()
         try:
             errors, entries, ss_unique_id = self.provide_and_register(message)
+        except wire.SoapFault:
+            raise
         except Exception:
             logger.exception("ITI-41 Provide and Register Document Set-b failed")
             errors, entries, ss_unique_id = (

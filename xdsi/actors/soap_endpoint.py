@@ -26,6 +26,7 @@ from werkzeug.exceptions import HTTPException
 
 from xdsi import ns, wire
 from xdsi.profiles_loader import load_profile_table
+from xdsi.wire.schema import schema_errors
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,14 @@ def soap_app(
                     f"{transaction_id} wants body element {expected}, "
                     f"got {message.body.tag}"
                 )
+            spec = transaction(transaction_id)
+            if spec["invalid_request"] == "fault":
+                problems = schema_errors(message.body, spec["request_schema"])
+                if problems:
+                    raise wire.MalformedMessage(
+                        f"{transaction_id} request is not valid against "
+                        f"{spec['request_schema']}: " + "; ".join(problems)
+                    )
             peer = Peer(
                 host=request.remote_addr or "",
                 reply_to=ns.WSA_ANONYMOUS,
@@ -152,7 +161,6 @@ def soap_app(
             shutil.rmtree(spool, ignore_errors=True)
             raise
 
-        spec = transaction(transaction_id)
         envelope = wire.build_envelope(
             reply.body, spec["response_action"], relates_to=message.message_id
         )

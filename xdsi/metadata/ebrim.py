@@ -149,7 +149,10 @@ class RegistryObject:
         return [c.code() for c in self.classifications if c.scheme == scheme]
 
     def authors(self) -> list[dict[str, list[str]]]:
-        scheme = attribute_spec(self.kind, "author")["scheme"]
+        attributes = metadata_table().get(self.kind, {}).get("attributes", {})
+        if "author" not in attributes:
+            return []
+        scheme = attributes["author"]["scheme"]
         return [c.slots for c in self.classifications if c.scheme == scheme]
 
 

@@ -265,7 +265,7 @@ def _check_formats(obj: RegistryObject, label: str) -> list[XdsError]:
                 )
             )
         hash_value = obj.slot("hash")
-        if hash_value is not None and not SHA1_HEX.match(hash_value):
+        if hash_value and not SHA1_HEX.match(hash_value):
             errors.append(
                 MetadataInvalid(
                     f"{label} hash has {len(hash_value)} characters; "
@@ -275,7 +275,7 @@ def _check_formats(obj: RegistryObject, label: str) -> list[XdsError]:
                 )
             )
         size = obj.slot("size")
-        if size is not None and not size.isdigit():
+        if size and not size.isdigit():
             errors.append(
                 MetadataInvalid(
                     f"{label} size {size!r} is not a non-negative integer "

@@ -66,7 +66,9 @@ registry_object = Table(
     Column("xml", LargeBinary, nullable=False),
     Column("created_at", DateTime(timezone=True), server_default=func.now()),
     Index("ix_registry_object_patient", "patient_id", "kind", "status"),
-    Index("ix_registry_object_unique_id", "unique_id"),
+    # ITI TF-3 4.2.3.2.26: a uniqueId names one object of its kind; the
+    # index also settles two submissions racing for the same uniqueId.
+    Index("ux_registry_object_unique_id", "kind", "unique_id", "version", unique=True),
     Index("ix_registry_object_source", "source_object"),
     Index("ix_registry_object_target", "target_object"),
 )
@@ -117,6 +119,9 @@ repository_document = Table(
     Column("sha1", String(40), nullable=False),
     # The DocumentEntry's patientId, for the ITI-43 audit record.
     Column("patient_id", String(256)),
+    # "pending" from storing until the registry accepted the submission,
+    # then "stored"; only stored documents are retrieved.
+    Column("state", String(16), nullable=False, default="pending"),
     Column("blob", String(512), nullable=False),
     Column("created_at", DateTime(timezone=True), server_default=func.now()),
 )

@@ -22,7 +22,7 @@ from tests.unit.metadata.test_validation import (
 from xdsi import ns
 from xdsi.metadata import ebrim
 from xdsi.metadata.build import manifest_submission, utc_dtm
-from xdsi.metadata.ebrim import read_registry_objects
+from xdsi.metadata.ebrim import read_registry_objects, set_slot
 from xdsi.metadata.validation import check_submission, is_dtm
 
 RIM = f"{{{ns.RIM}}}"
@@ -116,6 +116,8 @@ def test_optional_values_left_out_give_a_valid_request() -> None:
     assert "sourcePatientInfo" not in document_entry.slots
     assert "urn:ihe:iti:xds:2013:referenceIdList" not in document_entry.slots
     assert document_entry.codes("eventCodeList") == []
+    # What the Document Repository adds before ITI-42 (ITI TF-2 3.41.4.1.3).
+    set_slot(document_entry.element, "repositoryUniqueId", ["1.2.3.4"])
     assert check_submission(read_registry_objects(request)) == []
 
 

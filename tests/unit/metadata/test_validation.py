@@ -92,6 +92,9 @@ def manifest_entry() -> ManifestEntry:
     )
 
 
+REPOSITORY_UNIQUE_ID = "2.25.127890502356717902159250805506845543275.1"
+
+
 def submission_set_spec(patient_id: str) -> SubmissionSetSpec:
     """The SubmissionSet that carries the manifest."""
     return SubmissionSetSpec(
@@ -106,9 +109,16 @@ def submission_set_spec(patient_id: str) -> SubmissionSetSpec:
 
 
 def manifest_request() -> etree._Element:
-    """The RAD-68 metadata of the IHE MR test study's reference manifest."""
+    """The ITI-42 metadata of the IHE MR test study's reference manifest.
+
+    That is the RAD-68 metadata with the repositoryUniqueId that the
+    Document Repository adds before registering (ITI TF-2 3.41.4.1.3).
+    """
     entry = manifest_entry()
-    return manifest_submission(entry, submission_set_spec(entry.patient_id))
+    request = manifest_submission(entry, submission_set_spec(entry.patient_id))
+    document_entry = request.find(f".//{RIM}ExtrinsicObject")
+    ebrim.set_slot(document_entry, "repositoryUniqueId", [REPOSITORY_UNIQUE_ID])
+    return request
 
 
 @pytest.fixture
