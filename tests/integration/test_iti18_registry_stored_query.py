@@ -9,9 +9,10 @@ from zeep.wsa import WsAddressingPlugin
 
 from tests.conftest import shared_path
 from tests.integration.conftest import PATIENT, RunningNode
-from xdsi import ns
+from xdsi import ns, wire
 from xdsi.dicom import scan
-from xdsi.metadata import ebrim
+from xdsi.metadata import ebrim, stored_query
+from xdsi.metadata.responses import read_errors
 
 FIND_DOCUMENTS = "urn:uuid:14d4debf-8f97-4251-9a74-a90016b0af0d"
 
@@ -68,3 +69,22 @@ def test_zeep_find_documents_for_other_patient_is_empty(running_node: RunningNod
     assert response.get("status").endswith(":Success")
     assert response.find(f"{{{ns.RIM}}}RegistryObjectList") is not None
     assert len(response.find(f"{{{ns.RIM}}}RegistryObjectList")) == 0
+
+
+def test_failed_query_is_audited(running_node: RunningNode):
+    """ITI TF-2 3.18.5.1: the registry audits a query that it refuses, too."""
+    request = stored_query.build_query(
+        "FindDocuments", {"$XDSDocumentEntryStatus": [ebrim.STATUS_APPROVED]}
+    )
+    client = wire.SoapClient(running_node.settings.url("registry"))
+    with client.call("urn:ihe:iti:2007:RegistryStoredQuery", request) as reply:
+        assert [e.code for e in read_errors(reply.body)] == [
+            "XDSStoredQueryMissingParam"
+        ]
+    records = [
+        r
+        for r in running_node.services.audit_spool.records()
+        if r.event_type == "ITI-18"
+    ]
+    assert records and all(r.valid for r in records)
+    assert records[-1].outcome == 8

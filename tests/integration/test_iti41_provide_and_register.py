@@ -1,0 +1,158 @@
+"""ITI-41 Provide and Register Document Set-b at the Document Repository:
+all or nothing, also when submissions race (ITI TF-2 3.41.4.1.3)."""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from lxml import etree
+from sqlalchemy import func, select
+
+from tests.integration.conftest import PATIENT, RunningNode
+from xdsi import ns, wire
+from xdsi.metadata.build import ManifestEntry, SubmissionSetSpec, manifest_submission
+from xdsi.metadata.codes import Code
+from xdsi.metadata.responses import read_errors, read_status
+from xdsi.store.schema import registry_object, repository_document
+
+PNR = "urn:ihe:iti:2007:ProvideAndRegisterDocumentSet-b"
+RETRIEVE = "urn:ihe:iti:2007:RetrieveDocumentSet"
+CODE = Code("X", "1.2.3", "x")
+
+
+def pnr_request(
+    document_unique_id: str,
+    data: bytes,
+    *,
+    submission_set_uid: str,
+    size: int | None = None,
+) -> etree._Element:
+    entry = ManifestEntry(
+        entry_id="Document01",
+        unique_id=document_unique_id,
+        patient_id=PATIENT,
+        source_patient_id="S1^^^&1.2.3&ISO",
+        source_patient_info=(),
+        title="t",
+        creation_time="20240101120000",
+        service_start_time=None,
+        service_stop_time=None,
+        event_codes=(),
+        reference_ids=(),
+        mime_type="application/dicom",
+        format_code=CODE,
+        class_code=CODE,
+        type_code=CODE,
+        practice_setting_code=CODE,
+        healthcare_facility_type_code=CODE,
+        confidentiality_code=CODE,
+        language_code="en-US",
+        author_institution="xdsi",
+        size=len(data) if size is None else size,
+        sha1=hashlib.sha1(data).hexdigest(),
+    )
+    submission_set = SubmissionSetSpec(
+        entry_id="SubmissionSet01",
+        unique_id=submission_set_uid,
+        source_id="1.2.3",
+        patient_id=PATIENT,
+        content_type_code=CODE,
+        author_institution="xdsi",
+        submission_time="20240101120000",
+    )
+    request = etree.Element(
+        f"{{{ns.XDSB}}}ProvideAndRegisterDocumentSetRequest", nsmap={"xdsb": ns.XDSB}
+    )
+    request.append(manifest_submission(entry, submission_set))
+    return request
+
+
+def provide(url: str, request: etree._Element, data: bytes) -> etree._Element:
+    content_id = wire.new_content_id()
+    document = etree.SubElement(request, f"{{{ns.XDSB}}}Document", id="Document01")
+    document.append(wire.xop_include(content_id))
+    part = wire.OutgoingPart(content_id, "application/dicom", data=data)
+    with wire.SoapClient(url).call(PNR, request, parts=[part]) as reply:
+        return reply.body
+
+
+def _counts(node: RunningNode) -> tuple[int, int]:
+    with node.services.engine.connect() as conn:
+        return (
+            conn.execute(select(func.count()).select_from(registry_object)).scalar(),
+            conn.execute(
+                select(func.count()).select_from(repository_document)
+            ).scalar(),
+        )
+
+
+def test_size_mismatch_leaves_nothing(running_node: RunningNode):
+    """ITI TF-2 3.41.4.1.3: a wrong size is XDSRepositoryMetadataError."""
+    running_node.feed()
+    data = b"DICM" * 100
+    request = pnr_request("1.2.3.4.5.1", data, submission_set_uid="1.2.3.4.6.1", size=7)
+    reply = provide(running_node.settings.url("repository"), request, data)
+    assert [e.code for e in read_errors(reply)] == ["XDSRepositoryMetadataError"]
+    assert _counts(running_node) == (0, 0)
+
+
+def test_racing_submissions_of_one_uniqueid_register_it_once(running_node: RunningNode):
+    """ITI TF-3 Table 4.2.4.1-2: of eight concurrent submissions of one
+    document uniqueId, one succeeds, the others get
+    XDSDuplicateUniqueIdInRegistry, and the document stays retrievable."""
+    running_node.feed()
+    data = b"the same document bytes" * 1000
+    url = running_node.settings.url("repository")
+
+    def submit(n: int) -> etree._Element:
+        request = pnr_request(
+            "1.2.3.4.5.99", data, submission_set_uid=f"1.2.3.4.6.{n + 10}"
+        )
+        return provide(url, request, data)
+
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(submit, range(8)))
+    statuses = [read_status(r).rsplit(":", 1)[-1] for r in replies]
+    assert statuses.count("Success") == 1
+    for reply in replies:
+        if not read_status(reply).endswith("Success"):
+            assert {e.code for e in read_errors(reply)} == {
+                "XDSDuplicateUniqueIdInRegistry"
+            }
+
+    retrieve = etree.Element(
+        f"{{{ns.XDSB}}}RetrieveDocumentSetRequest", nsmap={"xdsb": ns.XDSB}
+    )
+    item = etree.SubElement(retrieve, f"{{{ns.XDSB}}}DocumentRequest")
+    etree.SubElement(
+        item, f"{{{ns.XDSB}}}RepositoryUniqueId"
+    ).text = running_node.settings.repository.repository_unique_id
+    etree.SubElement(item, f"{{{ns.XDSB}}}DocumentUniqueId").text = "1.2.3.4.5.99"
+    with wire.SoapClient(url).call(RETRIEVE, retrieve) as reply:
+        (document,) = reply.body.findall(f"{{{ns.XDSB}}}DocumentResponse")
+        attachment = wire.attachment_for(document.find(f"{{{ns.XDSB}}}Document"), reply)
+        assert attachment.read_bytes() == data
+
+
+@pytest.mark.parametrize("inline", ["!!!not base64***", "QUJD="])
+def test_bad_inline_base64_is_a_sender_fault(running_node: RunningNode, inline: str):
+    """A Document whose inline base64 is broken is the sender's fault, and
+    nothing is stored."""
+    running_node.feed()
+    request = pnr_request("1.2.3.4.5.7", b"x", submission_set_uid="1.2.3.4.6.7")
+    etree.SubElement(request, f"{{{ns.XDSB}}}Document", id="Document01").text = inline
+    envelope = wire.build_envelope(request, PNR)
+    answer = requests.post(
+        running_node.settings.url("repository"),
+        data=wire.serialize(envelope),
+        headers={
+            "Content-Type": f'application/soap+xml; charset=UTF-8; action="{PNR}"'
+        },
+        timeout=30,
+    )
+    assert answer.status_code == 400
+    assert b"env:Sender" in answer.content
+    assert _counts(running_node) == (0, 0)
