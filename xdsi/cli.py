@@ -26,6 +26,7 @@ from xdsi.actors.consumer import Consumer, ConsumerError, FoundEntry
 from xdsi.actors.imaging_source import PublishError
 from xdsi.app import Node, build_services
 from xdsi.config import ConfigError, Settings, load_settings, to_toml
+from xdsi.conformance.cli import conformance
 from xdsi.dicom import scan
 from xdsi.hl7.adt import build_feed
 from xdsi.hl7.mllp import MllpError, send_message
@@ -463,3 +464,6 @@ def _demo(base: Settings, study_dir: Path, workdir: Path) -> bool:
         f"({total_mb:.1f} MB) match the published files (SHA-256)"
     )
     return True
+
+
+main.add_command(conformance)

@@ -82,8 +82,10 @@ class Registry:
             self.add_patient,
             assigning_authority=self.settings.node.assigning_authority,
         )
+        # The ACK's MSH-5/MSH-6 name the feed's sender, MSH-3/MSH-4 this
+        # registry (ITI TF-2 3.8.5.1: HL7 application|facility as UserID).
         msh, msa = _ack_fields(ack)
-        sender = "|".join(f for f in msh[4:6] if f)
+        sender = "|".join(f for f in msh[5:7] if f)
         self.auditor.record(
             audit.AuditEvent(
                 transaction="ITI-8",
@@ -93,7 +95,7 @@ class Registry:
                 else audit.Outcome.SERIOUS_FAILURE,
                 source=audit.Endpoint(sender or "unknown", "unknown"),
                 destination=audit.Endpoint(
-                    "|".join(f for f in msh[2:4] if f) or "xdsi",
+                    "|".join(f for f in msh[3:5] if f) or "xdsi",
                     self.settings.node.host,
                 ),
                 patient_id=identity.patient_id if identity else None,
@@ -555,7 +557,10 @@ class _Unsupported(Exception):
 
 
 def _ack_fields(ack: str) -> tuple[list[str], list[str]]:
-    """Return the MSH and MSA fields of an ACK that xdsi built."""
+    """Return the MSH and MSA fields of an ACK that xdsi built.
+
+    ``msh[n]`` is MSH-n, as HL7 numbers them (MSH-1 is the separator).
+    """
     msh: list[str] = []
     msa: list[str] = []
     for segment in ack.replace("\n", "\r").split("\r"):

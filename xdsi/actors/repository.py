@@ -14,6 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from flask import Flask
 from lxml import etree
@@ -165,7 +166,8 @@ class Repository:
         if errors:
             return _errors(errors), entries, ss_unique_id
 
-        registry_errors = self._register(metadata)
+        patient_id = ss[0].patient_id if len(ss) == 1 else None
+        registry_errors = self._register(metadata, patient_id, ss_unique_id)
         if any(e.is_error for e in registry_errors):
             self._remove(stored)
         else:
@@ -320,27 +322,52 @@ class Repository:
                     .values(state=STORED)
                 )
 
-    def _register(self, metadata: etree._Element) -> list[RegistryError]:
+    def _register(
+        self, metadata: etree._Element, patient_id: str | None, ss_unique_id: str | None
+    ) -> list[RegistryError]:
         """ITI-42 to the registry; its answer is the repository's answer."""
-        client = wire.SoapClient(self.settings.registry_url, spool_dir=self.blobs.spool)
+        url = self.settings.registry_url
+        client = wire.SoapClient(url, spool_dir=self.blobs.spool)
+        errors: list[RegistryError] = []
+        message_id = None
         try:
             with client.call(
                 transaction("ITI-42")["request_action"], metadata
             ) as reply:
+                message_id = reply.relates_to
                 status = read_status(reply.body)
                 errors = read_errors(reply.body)
+            if status == ResponseStatus.FAILURE.value and not errors:
+                errors = [
+                    RegistryError(
+                        "XDSRegistryError", "the Document Registry answered Failure"
+                    )
+                ]
         except (wire.TransportError, wire.PeerFault) as exc:
             logger.warning("ITI-42 to the Document Registry failed: %s", exc)
-            error = RegistryNotAvailable(
-                f"the Document Registry did not accept ITI-42: {exc}"
+            errors = _errors(
+                [
+                    RegistryNotAvailable(
+                        f"the Document Registry did not accept ITI-42: {exc}"
+                    )
+                ]
             )
-            return _errors([error])
-        if status == ResponseStatus.FAILURE.value and not errors:
-            errors = [
-                RegistryError(
-                    "XDSRegistryError", "the Document Registry answered Failure"
+        finally:
+            # ITI TF-2 3.42.5.1: the repository audits its ITI-42 as Export.
+            self.auditor.record(
+                audit.AuditEvent(
+                    transaction="ITI-42",
+                    actor="Document Repository",
+                    outcome=audit.Outcome.SERIOUS_FAILURE
+                    if any(e.is_error for e in errors)
+                    else audit.Outcome.SUCCESS,
+                    source=audit.Endpoint(ns.WSA_ANONYMOUS, self.settings.node.host),
+                    destination=audit.Endpoint(url, urlsplit(url).hostname or ""),
+                    patient_id=patient_id,
+                    submission_set_unique_id=ss_unique_id,
+                    message_id=message_id,
                 )
-            ]
+            )
         return errors
 
     # --- ITI-43 ---------------------------------------------------------
@@ -448,9 +475,17 @@ class Repository:
             )
         status = status_of(errors)
         patient_ids = {e.patient_id for e in entries if e.patient_id}
+        # RAD-68 travels as ITI-41; an imaging manifest among the entries
+        # tells it apart (RAD TF-3 4.68.4.1.2.3).
+        manifest_format = ebrim.metadata_table()["XDS-I"]["format_code"]
+        transaction_id = "ITI-41"
+        if any(
+            manifest_format in [c.code for c in e.codes("formatCode")] for e in entries
+        ):
+            transaction_id = "RAD-68"
         self.auditor.record(
             audit.AuditEvent(
-                transaction="ITI-41",
+                transaction=transaction_id,
                 actor="Document Repository",
                 outcome=audit.Outcome.SUCCESS
                 if status == ResponseStatus.SUCCESS
@@ -465,7 +500,7 @@ class Repository:
         logger.info(
             "%s %s from %s: %s, MessageID %s, SubmissionSet %s, "
             "%d DocumentEntries, errors %s, %.3f s",
-            "ITI-41",
+            transaction_id,
             "Provide and Register Document Set-b",
             peer.host,
             status.name,
