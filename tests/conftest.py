@@ -89,3 +89,11 @@ def assert_valid(element: etree._Element, relative: str | None = None) -> None:
         raise AssertionError(
             f"{element.tag} is not valid against {relative}:\n{errors}"
         )
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared data folder; tests of a module that reads it mark
+    themselves with ``pytestmark = pytest.mark.usefixtures("shared_data")``."""
+    require(f"shared data {SHARED}", SHARED.is_dir())
+    return SHARED

@@ -21,14 +21,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from xdsi import __version__
+from xdsi import __version__, ns
 from xdsi.actors.consumer import Consumer, ConsumerError, FoundEntry
 from xdsi.actors.imaging_source import PublishError
 from xdsi.app import Node, build_services
 from xdsi.config import ConfigError, Settings, load_settings, to_toml
 from xdsi.conformance.cli import conformance
 from xdsi.dicom import scan
-from xdsi.hl7.adt import build_feed
+from xdsi.hl7.adt import build_feed, read_ack
 from xdsi.hl7.mllp import MllpError, send_message
 
 console = Console()
@@ -51,8 +51,12 @@ def _settings(ctx: click.Context) -> Settings:
 
 
 def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}")
+    click.secho(f"error: {message}", fg="red", err=True)
     sys.exit(1)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 @click.group()
@@ -122,10 +126,17 @@ def serve(ctx: click.Context) -> None:
 
 @main.command()
 @click.argument("patient_id")
-@click.option("--trigger", type=click.Choice(["A01", "A04"]), default="A01")
+@click.option(
+    "--trigger",
+    type=click.Choice(["A01", "A04", "A05"]),
+    default="A01",
+    help="ADT event: A01 admit, A04 register, A05 pre-admit (ITI TF-2 3.8).",
+)
 @click.option("--name", default="", help="PID-5, e.g. 'DOE^JANE'.")
 @click.option("--host", default=None, help="Registry MLLP host (default: config).")
-@click.option("--port", type=int, default=None, help="Registry MLLP port.")
+@click.option(
+    "--port", type=int, default=None, help="Registry MLLP port (default: config)."
+)
 @click.pass_context
 def feed(
     ctx: click.Context,
@@ -145,18 +156,13 @@ def feed(
         )
     except (MllpError, OSError) as exc:
         _fail(f"ITI-8 feed failed: {exc}")
-    code = _ack_code(ack)
-    click.echo(f"ITI-8 ADT^{trigger}: ACK {code}")
-    if code != "AA":
-        sys.exit(1)
-
-
-def _ack_code(ack: str) -> str:
-    for segment in ack.replace("\n", "\r").split("\r"):
-        if segment.startswith("MSA"):
-            fields = segment.split(segment[3] if len(segment) > 3 else "|")
-            return fields[1] if len(fields) > 1 else ""
-    return ""
+    summary = read_ack(ack)
+    if summary.code != "AA":
+        _fail(
+            f"ITI-8 ADT^{trigger}: ACK {summary.code or '?'}: "
+            f"{summary.text or 'no reason given'}"
+        )
+    click.echo(f"ITI-8 ADT^{trigger}: ACK {summary.code}")
 
 
 @main.command()
@@ -174,8 +180,11 @@ def publish(ctx: click.Context, study_dir: Path, patient_id: str) -> None:
     settings = _settings(ctx)
     cx = qualify_patient_id(patient_id, settings)
     result = scan.scan_directory(study_dir)
-    for path, why in result.rejected:
-        err_console.print(f"[yellow]skipped[/] {path}: {why}")
+    if result.rejected:
+        # Each file and its reason were logged as a warning by the scan.
+        click.secho(
+            f"{_count(len(result.rejected), 'file')} skipped", fg="yellow", err=True
+        )
     if not result.studies:
         _fail(f"no DICOM study found in {study_dir}")
     services = build_services(settings)
@@ -184,14 +193,16 @@ def publish(ctx: click.Context, study_dir: Path, patient_id: str) -> None:
         try:
             published = services.imaging_source.publish(study, cx)
         except PublishError as exc:
-            err_console.print(
-                f"[bold red]not published[/] study {study.study_instance_uid}: {exc}"
+            click.secho(
+                f"not published: study {study.study_instance_uid}: {exc}",
+                fg="red",
+                err=True,
             )
             failed = True
             continue
         click.echo(
             f"published study {published.study_instance_uid}: "
-            f"{published.instances} instances, manifest "
+            f"{_count(published.instances, 'instance')}, manifest "
             f"{published.manifest_uid}, SubmissionSet "
             f"{published.submission_set_unique_id}"
         )
@@ -210,7 +221,7 @@ def _entries_table(entries: list[FoundEntry]) -> Table:
         "study",
         "repository",
     ):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for entry in entries:
         table.add_row(
             entry.unique_id,
@@ -237,6 +248,8 @@ def find(ctx: click.Context, patient_id: str, as_json: bool) -> None:
         _fail(str(exc))
     if as_json:
         click.echo(json.dumps([e.as_dict() for e in entries], indent=2))
+    elif not entries:
+        click.echo("no DocumentEntries found for this patient")
     else:
         console.print(_entries_table(entries))
 
@@ -278,11 +291,12 @@ def fetch(ctx: click.Context, patient_id: str, out: Path) -> None:
     except ConsumerError as exc:
         _fail(str(exc))
     click.echo(
-        f"{len(result.manifests)} manifests, {len(result.instances)} "
-        f"instances, {result.bytes / 1e6:.1f} MB in {out}"
+        f"{_count(len(result.manifests), 'manifest')}, "
+        f"{_count(len(result.instances), 'instance')}, "
+        f"{result.bytes / 1e6:.1f} MB in {out}"
     )
     if result.missing:
-        _fail(f"{len(result.missing)} referenced instances were not returned")
+        _fail(f"{_count(len(result.missing), 'referenced instance')} not returned")
 
 
 @main.group("audit")
@@ -303,7 +317,7 @@ def audit_list(ctx: click.Context, as_json: bool) -> None:
                 [
                     {
                         "time": r.event_time.isoformat(),
-                        "event": r.event_id.display,
+                        "event": r.event_id.display if r.event_id else None,
                         "transaction": r.event_type,
                         "outcome": r.outcome,
                         "valid": r.valid,
@@ -324,14 +338,20 @@ def audit_list(ctx: click.Context, as_json: bool) -> None:
 def _audit_table(records: list) -> Table:  # type: ignore[type-arg]
     table = Table(title="Audit trail (ATNA, DICOM PS3.15 A.5)")
     for column in ("time (UTC)", "transaction", "event", "outcome", "participants"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for record in records:
+        # The WS-Addressing anonymous address names a requestor that gave no
+        # reply endpoint; it reads better as such.
+        participants = [
+            "(requestor)" if user_id == ns.WSA_ANONYMOUS else user_id
+            for user_id in record.actor_user_ids
+        ]
         table.add_row(
-            record.event_time.strftime("%H:%M:%S.%f")[:-3],
-            record.event_type,
-            record.event_id.display,
+            record.event_time.strftime("%Y-%m-%d %H:%M:%S"),
+            record.event_type or "?",
+            record.event_id.display if record.event_id else "?",
             str(record.outcome) if record.valid else "corrupt",
-            " → ".join(record.actor_user_ids),
+            " → ".join(participants),
         )
     return table
 
@@ -399,8 +419,9 @@ def _demo(base: Settings, study_dir: Path, workdir: Path) -> bool:
             build_feed(patient_id, name="PHANTOM^HEAD"),
         )
         timings["ITI-8 feed"] = time.monotonic() - started
-        console.print(f"[green]✓[/] ITI-8 Patient Identity Feed: ACK {_ack_code(ack)}")
-        if _ack_code(ack) != "AA":
+        code = read_ack(ack).code
+        console.print(f"[green]✓[/] ITI-8 Patient Identity Feed: ACK {code}")
+        if code != "AA":
             return False
 
         started = time.monotonic()

@@ -136,9 +136,23 @@ class ImagingSource:
         """Keep the study, build its manifest and submit it with RAD-68.
 
         ``patient_id`` is the affinity domain's id (CX, ITI TF-3 4.2.3.2.16);
-        the study's own Patient ID becomes sourcePatientId.
+        the study's own Patient ID becomes sourcePatientId, or the affinity
+        domain's id when the images carry none.
         """
         cfg = self.settings.imaging_source
+        with self.engine.connect() as conn:
+            held = conn.execute(
+                select(imaging_manifest.c.sop_instance_uid).where(
+                    imaging_manifest.c.study_instance_uid == study.study_instance_uid
+                )
+            ).first()
+        if held is not None:
+            # Limitation: a study is published once; a replacement manifest
+            # (RPLC, RAD TF-3 4.68.4.1.2.3) for changed studies is not sent.
+            raise PublishError(
+                f"study {study.study_instance_uid} is already published as manifest "
+                f"{held.sop_instance_uid}; replacing a manifest is not supported"
+            )
         total = self.keep_instances(study, patient_id)
         manifest = kos.build_manifest(
             study,
@@ -152,11 +166,21 @@ class ImagingSource:
             manifest,
             accession_assigning_authority=cfg.accession_assigning_authority,
         )
+        source_patient_id = facts.source_patient_id
+        if not source_patient_id:
+            # ITI TF-3 4.2.3.2.23 requires sourcePatientId; without a Patient
+            # ID (0010,0020) in the images the domain's id stands in.
+            logger.warning(
+                "study %s has no Patient ID (0010,0020); sourcePatientId is the "
+                "affinity domain's patient id",
+                study.study_instance_uid,
+            )
+            source_patient_id = patient_id
         entry = ManifestEntry(
             entry_id="Manifest01",
             unique_id=facts.unique_id,
             patient_id=patient_id,
-            source_patient_id=facts.source_patient_id,
+            source_patient_id=source_patient_id,
             source_patient_info=facts.source_patient_info,
             title=facts.title,
             creation_time=facts.creation_time,

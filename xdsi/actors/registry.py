@@ -31,7 +31,7 @@ from xdsi.errors import (
     UnknownPatientId,
     XdsError,
 )
-from xdsi.hl7.adt import PatientIdentity, handle_feed
+from xdsi.hl7.adt import PatientIdentity, handle_feed, read_ack
 from xdsi.metadata import ebrim, stored_query, validation
 from xdsi.metadata.ebrim import RegistryObject, Submission
 from xdsi.metadata.responses import RegistryError, registry_response, status_of
@@ -84,8 +84,7 @@ class Registry:
         )
         # The ACK's MSH-5/MSH-6 name the feed's sender, MSH-3/MSH-4 this
         # registry (ITI TF-2 3.8.5.1: HL7 application|facility as UserID).
-        msh, msa = _ack_fields(ack)
-        sender = "|".join(f for f in msh[5:7] if f)
+        summary = read_ack(ack)
         self.auditor.record(
             audit.AuditEvent(
                 transaction="ITI-8",
@@ -93,13 +92,12 @@ class Registry:
                 outcome=audit.Outcome.SUCCESS
                 if identity is not None
                 else audit.Outcome.SERIOUS_FAILURE,
-                source=audit.Endpoint(sender or "unknown", "unknown"),
+                source=audit.Endpoint(summary.receiver or "unknown", "unknown"),
                 destination=audit.Endpoint(
-                    "|".join(f for f in msh[3:5] if f) or "xdsi",
-                    self.settings.node.host,
+                    summary.sender or "xdsi", self.settings.node.host
                 ),
                 patient_id=identity.patient_id if identity else None,
-                message_id=msa[2] if len(msa) > 2 else None,
+                message_id=summary.control_id or None,
             )
         )
         return ack
@@ -537,7 +535,7 @@ class Registry:
             query.name if query else "?",
             body.get("status", "").rsplit(":")[-1],
             message.message_id,
-            len(body.findall(f".//{{{ns.RIM}}}*[@id]")),
+            len(body.findall(f"{{{ns.RIM}}}RegistryObjectList/*")),
             [e.code for e in errors] or "none",
             time.monotonic() - started,
         )
@@ -554,21 +552,6 @@ class _Unsupported(Exception):
     def __init__(self, name: str) -> None:
         super().__init__(name)
         self.name = name
-
-
-def _ack_fields(ack: str) -> tuple[list[str], list[str]]:
-    """Return the MSH and MSA fields of an ACK that xdsi built.
-
-    ``msh[n]`` is MSH-n, as HL7 numbers them (MSH-1 is the separator).
-    """
-    msh: list[str] = []
-    msa: list[str] = []
-    for segment in ack.replace("\n", "\r").split("\r"):
-        if segment.startswith("MSH") and len(segment) > 3:
-            msh = ["MSH", segment[3], *segment[4:].split(segment[3])]
-        elif segment.startswith("MSA") and msh:
-            msa = segment.split(msh[1])
-    return msh, msa
 
 
 def _check_dtm(param: str, value: str) -> None:

@@ -4,16 +4,19 @@ Implements ITI TF-2 3.8 (Patient Identity Feed) over MLLP (ITI TF-2x C.2.1).
 """
 
 from xdsi.hl7.adt import (
+    AckSummary,
     FeedRejected,
     PatientIdentity,
     build_ack,
     build_feed,
     handle_feed,
     parse_feed,
+    read_ack,
 )
 from xdsi.hl7.mllp import MllpError, MllpServer, send_message
 
 __all__ = [
+    "AckSummary",
     "FeedRejected",
     "MllpError",
     "MllpServer",
@@ -22,5 +25,6 @@ __all__ = [
     "build_feed",
     "handle_feed",
     "parse_feed",
+    "read_ack",
     "send_message",
 ]

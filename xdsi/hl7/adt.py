@@ -423,3 +423,49 @@ def _escape(text: str, enc: dict[str, str]) -> str:
     for delimiter, letter in escapes:
         out = out.replace(delimiter, f"{esc}{letter}{esc}")
     return out.replace("\r", " ").replace("\n", " ")
+
+
+@dataclass(frozen=True)
+class AckSummary:
+    """What an ACK says: MSA-1, MSA-2 and the error text, for people and audit.
+
+    ``sender`` and ``receiver`` are MSH-3|MSH-4 and MSH-5|MSH-6 of the ACK.
+    """
+
+    code: str
+    control_id: str
+    text: str
+    sender: str
+    receiver: str
+
+
+def read_ack(ack: str) -> AckSummary:
+    """Summarise an HL7 v2 ACK (ITI TF-2x C.2.3) without failing on junk.
+
+    The separators are the ACK's own (MSH-1, MSH-2); the text joins MSA-3
+    and the ERR segment's readable components.
+    """
+    segments = [s for s in ack.replace("\r\n", "\r").replace("\n", "\r").split("\r")]
+    msh = next((s for s in segments if s.startswith("MSH") and len(s) > 8), "")
+    field = msh[3] if msh else "|"
+    component = msh[4] if msh else "^"
+    # msh_fields[n] is MSH-n: MSH-1 is the field separator itself.
+    msh_fields = ["MSH", field, *msh[4:].split(field)] if msh else []
+    msa = next((s.split(field) for s in segments if s.startswith("MSA")), [])
+    texts = [msa[3]] if len(msa) > 3 and msa[3] else []
+    for segment in segments:
+        if segment.startswith("ERR"):
+            for value in segment.split(field)[1:]:
+                parts = [p for p in value.split(component) if p and not p.isdigit()]
+                texts.extend(p for p in parts if p not in ("HL70357", "E", "W"))
+
+    def pair(first: int) -> str:
+        return "|".join(f for f in msh_fields[first : first + 2] if f)
+
+    return AckSummary(
+        code=msa[1] if len(msa) > 1 else "",
+        control_id=msa[2] if len(msa) > 2 else "",
+        text="; ".join(dict.fromkeys(texts)),
+        sender=pair(3),
+        receiver=pair(5),
+    )

@@ -5,11 +5,11 @@ import shutil
 import subprocess
 from collections import defaultdict
 from datetime import datetime
-from pathlib import Path
 
 import pydicom
 import pytest
 
+from tests.conftest import SHARED
 from xdsi.dicom.kos import (
     NotAManifest,
     build_manifest,
@@ -19,7 +19,9 @@ from xdsi.dicom.kos import (
 )
 from xdsi.dicom.scan import scan_directory
 
-DATA = Path("/work/shared/dicom")
+pytestmark = pytest.mark.usefixtures("shared_data")
+
+DATA = SHARED / "dicom"
 REPOSITORY_UNIQUE_ID = "1.3.6.1.4.1.21367.13.80.110"
 AE_TITLE = "XDSI_IDS"
 KOS = "1.2.840.10008.5.1.4.1.1.88.59"

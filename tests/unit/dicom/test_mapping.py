@@ -3,17 +3,19 @@
 import dataclasses
 import re
 from datetime import datetime
-from pathlib import Path
 
 import pydicom
 import pytest
 
+from tests.conftest import SHARED
 from xdsi.dicom.kos import build_manifest
 from xdsi.dicom.mapping import manifest_facts
 from xdsi.dicom.scan import scan_directory
 from xdsi.metadata.codes import Code
 
-DATA = Path("/work/shared/dicom")
+pytestmark = pytest.mark.usefixtures("shared_data")
+
+DATA = SHARED / "dicom"
 AFFINITY_DOMAIN = "1.3.6.1.4.1.21367.2005.3.7"
 DCM = "1.2.840.10008.2.16.4"
 # ITI TF-3 4.2.3.1.7: DTM is YYYY[MM[DD[hh[mm[ss]]]]].

@@ -2,10 +2,10 @@
 
 import logging
 import shutil
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import SHARED
 from xdsi.dicom.scan import (
     InvalidInstance,
     NotDicom,
@@ -13,7 +13,9 @@ from xdsi.dicom.scan import (
     scan_directory,
 )
 
-DATA = Path("/work/shared/dicom")
+pytestmark = pytest.mark.usefixtures("shared_data")
+
+DATA = SHARED / "dicom"
 STUDY_CT = DATA / "study-ct"
 BAD = DATA / "bad"
 STUDY_CT_UID = "1.3.46.670589.33.1.15053592413351079234.27718218421047494460"

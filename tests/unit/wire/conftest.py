@@ -9,17 +9,17 @@ import pytest
 from lxml import etree
 from werkzeug.serving import make_server
 
+from tests.conftest import SCHEMAS, SHARED, shared_path
 from xdsi.ns import SOAP12, WSA
 
-SHARED = Path("/work/shared")
-SCHEMAS = SHARED / "schemas"
 DICOM = SHARED / "dicom"
 CASES = SHARED / "conformance" / "cases"
 
 
 def _capture(case: str) -> tuple[bytes, str]:
     """Return a wire capture's HTTP body and its Content-Type value."""
-    header = (CASES / case / "http-headers.txt").read_text().strip()
+    header = shared_path("conformance", "cases", case, "http-headers.txt").read_text()
+    header = header.strip()
     name, _, value = header.partition(":")
     assert name.lower() == "content-type"
     return (CASES / case / "body.mime").read_bytes(), value.strip()

@@ -32,6 +32,8 @@ from xdsi.wire import (
 
 from .conftest import DICOM
 
+pytestmark = pytest.mark.usefixtures("shared_data")
+
 PNR = "urn:ihe:iti:2007:ProvideAndRegisterDocumentSet-b"
 RETRIEVE_RESPONSE = "urn:ihe:iti:2007:RetrieveDocumentSetResponse"
 SUCCESS = "urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Success"
