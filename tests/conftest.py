@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from functools import cache
 from pathlib import Path
 
 import pytest
 from lxml import etree
+
+from xdsi.wire.schema import compiled
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,21 +45,9 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
-class _Resolver(etree.Resolver):
-    """Refuse every network reference while compiling schemas."""
-
-    def resolve(self, url, public_id, context):  # type: ignore[no-untyped-def]
-        if url and url.startswith(("http:", "https:", "ftp:")):
-            raise OSError(f"schema compilation asked for the network: {url}")
-        return None
-
-
-@cache
 def schema(relative: str) -> etree.XMLSchema:
-    """Compile one of the official schemas (copy under xdsi/schemas)."""
-    parser = etree.XMLParser(no_network=True, resolve_entities=False)
-    parser.resolvers.add(_Resolver())
-    return etree.XMLSchema(etree.parse(str(SCHEMAS / relative), parser))
+    """Compile one of the official schemas (the copy under xdsi/schemas)."""
+    return compiled(relative)
 
 
 # Which schema validates which root element (xdsi/schemas/README.md).
