@@ -133,6 +133,8 @@ class Node:
             settings = settings.with_ports(feed=self._mllp.address[1])
         services = build_services(settings)
         registry.append(services.registry)
+        if settings.repository.enabled:
+            services.repository.sweep_pending()
 
         spool_root = settings.storage / "spool"
         for actor, target in deferred.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 
 import pytest
 import requests
@@ -156,3 +157,46 @@ def test_bad_inline_base64_is_a_sender_fault(running_node: RunningNode, inline: 
     assert answer.status_code == 400
     assert b"env:Sender" in answer.content
     assert _counts(running_node) == (0, 0)
+
+
+def test_documents_left_pending_by_a_crash_are_swept(running_node: RunningNode):
+    """DESIGN.md principle 6: a submission killed between storing and the
+    registry's answer leaves nothing once the repository starts again."""
+    repository = running_node.services.repository
+    blob = repository.blobs.put_bytes("1.2.3.4.5.42\ncrashed", b"half a submission")
+    with running_node.services.engine.begin() as conn:
+        conn.execute(
+            repository_document.insert().values(
+                unique_id="1.2.3.4.5.42",
+                mime_type="application/dicom",
+                size=17,
+                sha1="0" * 40,
+                state="pending",
+                blob=blob,
+                created_at=datetime(2020, 1, 1),
+            )
+        )
+
+    assert repository.sweep_pending() == 1
+    assert _counts(running_node) == (0, 0)
+    assert not repository.blobs.path(blob).exists()
+
+
+def test_a_fresh_pending_document_is_left_to_its_submission(running_node: RunningNode):
+    """A pending document younger than the sweep's age may belong to a
+    submission still under way in another worker."""
+    repository = running_node.services.repository
+    blob = repository.blobs.put_bytes("1.2.3.4.5.43\nunder way", b"in flight")
+    with running_node.services.engine.begin() as conn:
+        conn.execute(
+            repository_document.insert().values(
+                unique_id="1.2.3.4.5.43",
+                mime_type="application/dicom",
+                size=9,
+                sha1="0" * 40,
+                state="pending",
+                blob=blob,
+            )
+        )
+    assert repository.sweep_pending() == 0
+    assert repository.blobs.path(blob).exists()

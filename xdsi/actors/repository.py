@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -88,6 +89,36 @@ class Repository:
     @property
     def repository_unique_id(self) -> str:
         return self.settings.repository.repository_unique_id
+
+    def sweep_pending(self, older_than: timedelta = timedelta(minutes=10)) -> int:
+        """Remove documents left pending by a submission that never finished.
+
+        A process killed between storing a document and the registry's answer
+        leaves a pending row and its blob; neither was ever retrievable. Rows
+        younger than ``older_than`` may belong to a submission still under
+        way in another worker, and are left alone. Returns how many went.
+        """
+        cutoff = datetime.now(UTC).replace(tzinfo=None) - older_than
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(repository_document).where(
+                    repository_document.c.state == PENDING,
+                    repository_document.c.created_at < cutoff,
+                )
+            ).all()
+        stale = [
+            StoredDocument(
+                r.unique_id, r.mime_type, r.size, r.sha1, r.blob, r.patient_id, r.state
+            )
+            for r in rows
+        ]
+        self._remove(stale)
+        if stale:
+            logger.warning(
+                "removed %d documents left pending by unfinished submissions",
+                len(stale),
+            )
+        return len(stale)
 
     # --- ITI-41 / RAD-68 ------------------------------------------------
 
@@ -222,8 +253,6 @@ class Repository:
         it is XDSNonIdenticalHash. One still pending belongs to a concurrent
         submission, which alone may complete or remove it.
         """
-        # Limitation: a crash between storing and registering leaves pending
-        # documents behind; there is no recovery sweep at start-up yet.
         stored: list[StoredDocument] = []
         errors: list[XdsError] = []
         for entry in entries:
