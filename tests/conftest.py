@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import pwd
 import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 from lxml import etree
 
@@ -86,3 +98,206 @@ def shared_data() -> Path:
     themselves with ``pytestmark = pytest.mark.usefixtures("shared_data")``."""
     require(f"shared data {SHARED}", SHARED.is_dir())
     return SHARED
+
+
+# --- PostgreSQL ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PostgresCluster:
+    """A private PostgreSQL cluster on 127.0.0.1 that hands out databases."""
+
+    port: int
+    user: str = "xdsi"
+    password: str = "xdsi"
+
+    def admin(self) -> psycopg.Connection:
+        """Connect as the superuser to the maintenance database."""
+        return psycopg.connect(
+            host="127.0.0.1",
+            port=self.port,
+            user="postgres",
+            dbname="postgres",
+            autocommit=True,
+        )
+
+    def create_database(self) -> str:
+        """Create an empty database owned by the test role; return its URL."""
+        name = f"xdsi_{uuid.uuid4().hex}"
+        with self.admin() as admin:
+            admin.execute(f'CREATE DATABASE "{name}" OWNER "{self.user}"')
+        return (
+            f"postgresql+psycopg://{self.user}:{self.password}"
+            f"@127.0.0.1:{self.port}/{name}"
+        )
+
+    def drop_database(self, url: str) -> None:
+        name = url.rsplit("/", 1)[1]
+        with self.admin() as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _postgres_bin() -> Path | None:
+    """The newest Debian PostgreSQL server binaries, else those on PATH."""
+    candidates = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda p: (
+            int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0
+        ),
+    )
+    if candidates:
+        return candidates[-1].parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+def _as_server_user() -> list[str]:
+    """initdb and pg_ctl refuse root: as root, run them as user postgres."""
+    return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _start_cluster(pg_bin: Path) -> dict[str, Any]:
+    """initdb a cluster in a new temporary folder and start it on 127.0.0.1."""
+    # The server user must reach the folder; mkdtemp makes it mode 700.
+    base = Path(tempfile.mkdtemp(prefix="xdsi-pg-"))
+    base.chmod(0o755)
+    if os.geteuid() == 0:
+        server_user = pwd.getpwnam("postgres")
+        os.chown(base, server_user.pw_uid, server_user.pw_gid)
+    data = base / "data"
+    subprocess.run(
+        [
+            *_as_server_user(),
+            str(pg_bin / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            "--no-sync",
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+    # A free port may be taken before the server binds it; try another.
+    for _attempt in range(5):
+        port = _free_port()
+        options = (
+            f"-c listen_addresses=127.0.0.1 -p {port} -k {base} "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        )
+        started = subprocess.run(
+            [
+                *_as_server_user(),
+                str(pg_bin / "pg_ctl"),
+                "-D",
+                str(data),
+                "-l",
+                str(base / "server.log"),
+                "-w",
+                "-t",
+                "30",
+                "-o",
+                options,
+                "start",
+            ],
+            capture_output=True,
+        )
+        if started.returncode == 0:
+            break
+    else:
+        log = (base / "server.log").read_text(errors="replace")
+        shutil.rmtree(base, ignore_errors=True)
+        raise RuntimeError(f"PostgreSQL did not start:\n{log}")
+
+    cluster = PostgresCluster(port)
+    with cluster.admin() as admin:
+        admin.execute(f"CREATE ROLE {cluster.user} LOGIN PASSWORD '{cluster.password}'")
+    return {"base": str(base), "port": port, "users": 0}
+
+
+def _stop_cluster(pg_bin: Path, state: dict[str, Any]) -> None:
+    data = Path(state["base"]) / "data"
+    subprocess.run(
+        [
+            *_as_server_user(),
+            str(pg_bin / "pg_ctl"),
+            "-D",
+            str(data),
+            "-m",
+            "fast",
+            "-w",
+            "stop",
+        ],
+        capture_output=True,
+    )
+    # Removed also when pg_ctl found the server stopped already.
+    shutil.rmtree(state["base"], ignore_errors=True)
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def postgresql(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresCluster]:
+    """One private PostgreSQL cluster for the run, shared by the xdist workers.
+
+    The first worker to ask starts it and the last one to finish stops it; a
+    count under a file lock in the run's temporary folder keeps track. Each
+    user creates its own databases (PostgresCluster.create_database).
+    """
+    pg_bin = _postgres_bin()
+    require("PostgreSQL server (initdb, pg_ctl)", pg_bin is not None)
+    assert pg_bin is not None
+    if os.geteuid() == 0:
+        require("user postgres", _user_exists("postgres"))
+
+    run_dir = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        run_dir = run_dir.parent
+    state_file = run_dir / "postgresql.json"
+    with _locked(run_dir / "postgresql.lock"):
+        state = (
+            json.loads(state_file.read_text())
+            if state_file.exists()
+            else _start_cluster(pg_bin)
+        )
+        state["users"] += 1
+        state_file.write_text(json.dumps(state))
+
+    yield PostgresCluster(state["port"])
+
+    with _locked(run_dir / "postgresql.lock"):
+        state = json.loads(state_file.read_text())
+        state["users"] -= 1
+        if state["users"] == 0:
+            state_file.unlink()
+            _stop_cluster(pg_bin, state)
+        else:
+            state_file.write_text(json.dumps(state))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Engine
@@ -23,7 +24,7 @@ from xdsi.actors.registry import Registry
 from xdsi.actors.repository import Repository
 from xdsi.config import Settings
 from xdsi.hl7.mllp import MllpServer
-from xdsi.store.blobs import BlobStore
+from xdsi.store.blobs import Blobs, BlobStore
 from xdsi.store.schema import make_engine
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,25 @@ class Services:
     audit_spool: audit.AuditSpool
 
 
+def repository_blobs(settings: Settings) -> Blobs:
+    """The Document Repository's blob store: the local directory or S3."""
+    storage = settings.storage / "repository"
+    cfg = settings.repository
+    if cfg.blob_store == "local":
+        return BlobStore(storage)
+    # boto3 is imported only by nodes that keep documents in S3.
+    from xdsi.store.s3 import S3BlobStore
+
+    return S3BlobStore(
+        endpoint_url=cfg.s3_endpoint_url,
+        bucket=cfg.s3_bucket,
+        region=cfg.s3_region,
+        access_key_id=cfg.s3_access_key_id,
+        secret_access_key=cfg.s3_secret_access_key,
+        spool=storage / ".spool",
+    )
+
+
 def build_services(settings: Settings) -> Services:
     """Build every actor over the node's storage, without starting servers."""
     storage = settings.storage
@@ -78,9 +98,7 @@ def build_services(settings: Settings) -> Services:
         settings=settings,
         engine=engine,
         registry=Registry(settings, engine, auditor),
-        repository=Repository(
-            settings, engine, BlobStore(storage / "repository"), auditor
-        ),
+        repository=Repository(settings, engine, repository_blobs(settings), auditor),
         imaging_source=ImagingSource(
             settings, engine, BlobStore(storage / "imaging-source"), auditor
         ),
@@ -134,7 +152,9 @@ class Node:
         services = build_services(settings)
         registry.append(services.registry)
         if settings.repository.enabled:
-            services.repository.sweep_pending()
+            services.repository.sweep_pending(
+                timedelta(seconds=settings.repository.pending_sweep_age)
+            )
 
         spool_root = settings.storage / "spool"
         for actor, target in deferred.items():

@@ -1,4 +1,5 @@
-"""The command line: ``xdsi serve | feed | publish | find | fetch | audit | demo``."""
+"""The command line: ``xdsi serve | feed | publish | submit | find | fetch | audit |
+demo``."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from rich.table import Table
 
 from xdsi import __version__, ns
 from xdsi.actors.consumer import Consumer, ConsumerError, FoundEntry
+from xdsi.actors.document_source import DocumentSource, SubmitError
 from xdsi.actors.imaging_source import PublishError
 from xdsi.app import Node, build_services
 from xdsi.config import ConfigError, Settings, load_settings, to_toml
@@ -209,6 +211,49 @@ def publish(ctx: click.Context, study_dir: Path, patient_id: str) -> None:
     services.engine.dispose()
     if failed:
         sys.exit(1)
+
+
+@main.command()
+@click.argument(
+    "files",
+    nargs=-1,
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+)
+@click.option(
+    "--patient-id",
+    required=True,
+    help="Affinity-domain patient id: ID or ID^^^&OID&ISO.",
+)
+@click.option(
+    "--mime-type", default=None, help="mimeType of every file (default: by name)."
+)
+@click.option("--title", default=None, help="Title of every DocumentEntry.")
+@click.pass_context
+def submit(
+    ctx: click.Context,
+    files: tuple[Path, ...],
+    patient_id: str,
+    mime_type: str | None,
+    title: str | None,
+) -> None:
+    """Submit FILES as one SubmissionSet (ITI-41, one DocumentEntry each)."""
+    settings = _settings(ctx)
+    source = DocumentSource(settings, settings.storage / "spool" / "source")
+    try:
+        submitted = source.submit(
+            list(files),
+            qualify_patient_id(patient_id, settings),
+            mime_type=mime_type,
+            title=title,
+        )
+    except SubmitError as exc:
+        for error in exc.errors:
+            click.secho(f"{error.code}: {error.message}", fg="red", err=True)
+        _fail(str(exc) if not exc.errors else "ITI-41 answered Failure")
+    click.echo(f"SubmissionSet {submitted.submission_set_unique_id}")
+    for path, unique_id in zip(files, submitted.document_unique_ids, strict=True):
+        click.echo(f"{unique_id} {path}")
 
 
 def _entries_table(entries: list[FoundEntry]) -> Table:

@@ -23,6 +23,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
 # Default OIDs live under a UUID-derived OID (ITU-T X.667, arc 2.25) fixed for
 # xdsi, so that an unconfigured node still has stable, valid identifiers.
 XDSI_OID_ROOT = "2.25.127890502356717902159250805506845543275"
@@ -34,6 +37,9 @@ CONNECTATHON_ASSIGNING_AUTHORITY = "1.3.6.1.4.1.21367.13.20.1000"
 
 class ConfigError(Exception):
     """The configuration file is unreadable or names an unknown setting."""
+
+
+BLOB_STORES = ("local", "s3")
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,28 @@ class RepositorySettings:
     repository_unique_id: str = f"{XDSI_OID_ROOT}.1"
     # ITI-42 goes to this URL; empty means this node's own registry.
     registry_url: str = ""
+    # Where documents are kept: "local" (storage_dir/repository) or "s3".
+    blob_store: str = "local"
+    # The S3-compatible store; empty credentials fall back to the standard
+    # AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY environment variables.
+    s3_endpoint_url: str = ""
+    s3_bucket: str = "xdsi"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = ""
+    # A document still pending this many seconds after it was stored is
+    # removed by the sweep at start-up; younger ones may belong to a
+    # submission under way in another worker.
+    pending_sweep_age: int = 600
+
+    def __post_init__(self) -> None:
+        if self.blob_store not in BLOB_STORES:
+            raise ConfigError(
+                f"[repository] blob_store {self.blob_store!r} is not one of "
+                + ", ".join(BLOB_STORES)
+            )
+        if self.pending_sweep_age < 0:
+            raise ConfigError("[repository] pending_sweep_age must not be negative")
 
 
 @dataclass(frozen=True)
@@ -112,6 +140,56 @@ class ImagingSourceSettings:
 
 
 @dataclass(frozen=True)
+class SourceSettings:
+    """The Document Source of ``xdsi submit`` (ITI-41 for plain documents)."""
+
+    source_id: str = f"{XDSI_OID_ROOT}.6"
+    # ITI-41 goes to this URL; empty means this node's own repository.
+    repository_url: str = ""
+    timeout: float = 600.0
+    author_institution: str = "xdsi"
+    language_code: str = "en-US"
+    # Affinity-domain codes (ITI TF-3 4.2.3.2); the domain fixes them. The
+    # defaults are LOINC, SNOMED CT and HL7 codes of general use, and the
+    # formatCode that says the mimeType alone tells the format.
+    class_code: tuple[str, str, str] = (
+        "34133-9",
+        "2.16.840.1.113883.6.1",
+        "Summary of episode note",
+    )
+    type_code: tuple[str, str, str] = (
+        "34133-9",
+        "2.16.840.1.113883.6.1",
+        "Summary of episode note",
+    )
+    format_code: tuple[str, str, str] = (
+        "urn:ihe:iti:xds:2017:mimeTypeSufficient",
+        "1.3.6.1.4.1.19376.1.2.3",
+        "mimeType Sufficient",
+    )
+    practice_setting_code: tuple[str, str, str] = (
+        "394802001",
+        "2.16.840.1.113883.6.96",
+        "General medicine",
+    )
+    healthcare_facility_type_code: tuple[str, str, str] = (
+        "22232009",
+        "2.16.840.1.113883.6.96",
+        "Hospital",
+    )
+    confidentiality_code: tuple[str, str, str] = (
+        "N",
+        "2.16.840.1.113883.5.25",
+        "Normal",
+    )
+    content_type_code: tuple[str, str, str] = (
+        "34133-9",
+        "2.16.840.1.113883.6.1",
+        "Summary of episode note",
+    )
+
+
+@dataclass(frozen=True)
 class ConsumerSettings:
     # ITI-18 goes to this URL; empty means this node's own registry.
     registry_url: str = ""
@@ -126,6 +204,7 @@ class Settings:
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     repository: RepositorySettings = field(default_factory=RepositorySettings)
     imaging_source: ImagingSourceSettings = field(default_factory=ImagingSourceSettings)
+    source: SourceSettings = field(default_factory=SourceSettings)
     consumer: ConsumerSettings = field(default_factory=ConsumerSettings)
 
     @property
@@ -150,6 +229,10 @@ class Settings:
     @property
     def repository_url(self) -> str:
         return self.imaging_source.repository_url or self.url("repository")
+
+    @property
+    def source_repository_url(self) -> str:
+        return self.source.repository_url or self.url("repository")
 
     @property
     def consumer_registry_url(self) -> str:
@@ -237,8 +320,20 @@ def _toml_value(value: Any) -> str:
     return f'"{escaped}"'
 
 
+def _hide_password(url: str) -> str:
+    """Return a database URL with its password, if any, as ``***``."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
 def to_toml(settings: Settings) -> str:
-    """Render the effective settings as TOML that load_settings reads back."""
+    """Render the effective settings as TOML that load_settings reads back.
+
+    Secrets (settings whose name holds ``secret``, a database password) are
+    not shown.
+    """
     lines: list[str] = []
     for section in fields(Settings):
         values = dataclasses.asdict(getattr(settings, section.name))
@@ -249,12 +344,18 @@ def to_toml(settings: Settings) -> str:
                 continue
             if isinstance(value, list):
                 value = tuple(value)
+            if key == "database_url" and value:
+                value = _hide_password(value)
+            if "secret" in key and value:
+                # A secret is never printed; the line says it is set.
+                lines.append(f"# {key} is set (not shown)")
+                continue
             lines.append(f"{key} = {_toml_value(value)}")
         for key, table in tables.items():
             lines.append(f"[{section.name}.{key}]")
             lines.extend(f'"{k}" = {_toml_value(v)}' for k, v in table.items())
         lines.append("")
-    lines.append(f"# database: {settings.database_url}")
+    lines.append(f"# database: {_hide_password(settings.database_url)}")
     lines.append("# Effective endpoints")
     for actor in ("registry", "repository", "imaging_source"):
         lines.append(f"# {actor}: {settings.url(actor)}")

@@ -14,6 +14,7 @@ XdsError
  +-- DuplicateUniqueIdInRegistry
  +-- DuplicateUniqueIdInMessage
  +-- NonIdenticalHash
+ +-- DeprecatedDocument
  +-- HashMismatch, SizeMismatch
  +-- MissingDocument, MissingDocumentMetadata
  +-- UnknownStoredQuery, StoredQueryMissingParam, StoredQueryParamNumber
@@ -72,6 +73,13 @@ class DuplicateUniqueIdInMessage(XdsError):
 
 class NonIdenticalHash(XdsError):
     """A document with this uniqueId is already held with another hash."""
+
+
+class DeprecatedDocument(XdsError):
+    """A document relationship targets a DocumentEntry that is not Approved.
+
+    ITI TF-3 4.2.2.2; the code is XDSRegistryDeprecatedDocumentError.
+    """
 
 
 class HashMismatch(XdsError):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
 from lxml import etree
 
-from tests.conftest import SCHEMA_FOR_ROOT, assert_valid, schema
+from tests.conftest import SCHEMA_FOR_ROOT, PostgresCluster, assert_valid, schema
 from tests.integration.wiretap import Wiretap
 from xdsi import ns, wire
 from xdsi.app import Node, Services
@@ -19,6 +21,9 @@ from xdsi.hl7.adt import build_feed
 from xdsi.hl7.mllp import send_message
 
 PATIENT = "XDSI-TEST-1^^^&1.3.6.1.4.1.21367.13.20.1000&ISO"
+
+# Every node fixture runs its tests once per database the node supports.
+BACKENDS = ["sqlite", "postgresql"]
 
 
 @dataclass
@@ -36,24 +41,46 @@ class RunningNode:
         )
 
 
-@pytest.fixture
-def running_node(tmp_path) -> Iterator[RunningNode]:  # type: ignore[no-untyped-def]
-    yield from _run_node(tmp_path)
+@pytest.fixture(params=BACKENDS)
+def running_node(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[RunningNode]:
+    with _database(request) as database_url:
+        yield from _run_node(tmp_path, database_url)
 
 
-@pytest.fixture(scope="module")
-def shared_node(tmp_path_factory) -> Iterator[RunningNode]:  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module", params=BACKENDS)
+def shared_node(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningNode]:
     """One node for a whole module of tests that leave no state behind."""
-    yield from _run_node(tmp_path_factory.mktemp("node"))
+    with _database(request) as database_url:
+        yield from _run_node(tmp_path_factory.mktemp("node"), database_url)
 
 
-def _run_node(tmp_path) -> Iterator[RunningNode]:  # type: ignore[no-untyped-def]
+@contextmanager
+def _database(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The node's database URL: empty for SQLite in the storage directory,
+    else a new database in the session's PostgreSQL cluster."""
+    if request.param == "sqlite":
+        yield ""
+        return
+    cluster: PostgresCluster = request.getfixturevalue("postgresql")
+    database_url = cluster.create_database()
+    try:
+        yield database_url
+    finally:
+        cluster.drop_database(database_url)
+
+
+def _run_node(tmp_path: Path, database_url: str) -> Iterator[RunningNode]:
     taps = {name: Wiretap("") for name in ("registry", "repository", "imaging_source")}
     settings = (
         Settings()
         .with_storage(tmp_path / "node")
         .with_ports(registry=0, repository=0, imaging_source=0, feed=0)
     )
+    settings = replace(settings, node=replace(settings.node, database_url=database_url))
     imaging = settings.imaging_source
     settings = replace(
         settings,

@@ -1,20 +1,36 @@
-"""ITI-18 Registry Stored Query from an independent SOAP stack: zeep, loading
-the official IHE registry WSDL, queries our Document Registry."""
+"""ITI-18 Registry Stored Query against a Document Registry on loopback.
+
+From an independent SOAP stack (zeep, loading the official IHE registry
+WSDL), and every stored query of ITI TF-2 3.18.4.1.2.3.7 on the NIST 12346
+data set, with the counts the NIST testkit expects.
+"""
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import dataclass
+
+import pytest
 import zeep
 from lxml import etree
 from zeep.wsa import WsAddressingPlugin
 
 from tests.conftest import shared_path
 from tests.integration.conftest import PATIENT, RunningNode
+from tests.nist_submissions import (
+    entry_uuids,
+    error_codes,
+    nist_submission,
+    register,
+    run_query,
+)
 from xdsi import ns, wire
 from xdsi.dicom import scan
 from xdsi.metadata import ebrim, stored_query
 from xdsi.metadata.responses import read_errors
 
 FIND_DOCUMENTS = "urn:uuid:14d4debf-8f97-4251-9a74-a90016b0af0d"
+SUCCESS = "urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Success"
 
 
 def _zeep_find_documents(url: str, patient_id: str, return_type: str):  # type: ignore[no-untyped-def]
@@ -88,3 +104,352 @@ def test_failed_query_is_audited(running_node: RunningNode):
     ]
     assert records and all(r.valid for r in records)
     assert records[-1].outcome == 8
+
+
+# --- every stored query, on the NIST 12346 data set -------------------------
+
+AUTHORITY = "1.3.6.1.4.1.21367.13.20.1000"
+APPROVED = ebrim.STATUS_APPROVED
+DEPRECATED = ebrim.STATUS_DEPRECATED
+RPLC = "urn:ihe:iti:2007:AssociationType:RPLC"
+
+
+@dataclass(frozen=True)
+class DataSet:
+    """The NIST 12346 submissions, registered for one patient, and one of
+    NIST 12374 for another."""
+
+    url: str
+    patient_id: str
+    ids: dict[str, dict[str, str]]
+
+    def query(
+        self,
+        name: str,
+        parameters: dict[str, str | list[str]],
+        return_type: str = stored_query.RETURN_LEAF_CLASS,
+    ) -> etree._Element:
+        return run_query(self.url, name, parameters, return_type)
+
+
+@pytest.fixture(scope="module")
+def data_set(shared_node: RunningNode) -> DataSet:
+    patient_id = f"XDSI-12346-{uuid.uuid4().hex[:8]}^^^&{AUTHORITY}&ISO"
+    other_patient = f"XDSI-12374-{uuid.uuid4().hex[:8]}^^^&{AUTHORITY}&ISO"
+    shared_node.feed(patient_id)
+    shared_node.feed(other_patient)
+    url = shared_node.settings.url("registry")
+    values = {"$patientid$": patient_id}
+    ids = {}
+    for case in (
+        "single_doc",
+        "doc_w_fol",
+        "two_doc_w_fol",
+        "doc_for_rplc",
+        "rplc",
+        "12374",
+    ):
+        if case == "rplc":
+            values["$rplc_doc_uuid$"] = ids["doc_for_rplc"]["Document01"]
+        if case == "12374":
+            request = nist_submission(
+                "iti42-12374-submit_doc", {}, patient_id=other_patient
+            )
+        else:
+            request = nist_submission(f"iti42-12346-{case}", values)
+        ids[case] = entry_uuids(request)
+        assert register(url, request).get("status") == SUCCESS
+    return DataSet(url, patient_id, ids)
+
+
+def counts(response: etree._Element) -> dict[str, int]:
+    """Count an AdhocQueryResponse's objects as the NIST testkit does."""
+    assert response.get("status") == SUCCESS, error_codes(response)
+    submission = ebrim.read_registry_objects(response)
+    object_refs = response.findall(
+        f"{{{ns.RIM}}}RegistryObjectList/{{{ns.RIM}}}ObjectRef"
+    )
+    found = {
+        "Documents": len(submission.document_entries),
+        "SubmissionSets": len(submission.submission_sets),
+        "Folders": len(submission.folders),
+        "Associations": len(submission.associations),
+        "ObjectRefs": len(object_refs),
+    }
+    return {kind: count for kind, count in found.items() if count}
+
+
+def ids_of(response: etree._Element) -> set[str]:
+    return {o.id for o in ebrim.read_registry_objects(response).objects}
+
+
+def test_find_documents_answers_approved_entries_only(data_set: DataSet) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.1: NIST 11897 approved, 5 of 6 after the RPLC."""
+    response = data_set.query(
+        "FindDocuments",
+        {
+            "$XDSDocumentEntryPatientId": data_set.patient_id,
+            "$XDSDocumentEntryStatus": [APPROVED],
+        },
+        stored_query.RETURN_OBJECT_REF,
+    )
+
+    assert counts(response) == {"ObjectRefs": 5}
+
+
+def test_find_documents_for_deprecated_answers_the_replaced_entry(
+    data_set: DataSet,
+) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.1: NIST 11897 deprecated."""
+    response = data_set.query(
+        "FindDocuments",
+        {
+            "$XDSDocumentEntryPatientId": data_set.patient_id,
+            "$XDSDocumentEntryStatus": [DEPRECATED],
+        },
+    )
+
+    assert ids_of(response) == {data_set.ids["doc_for_rplc"]["Document01"]}
+    (entry,) = ebrim.read_registry_objects(response).document_entries
+    assert entry.status == DEPRECATED
+
+
+def test_find_documents_by_reference_id(data_set: DataSet) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.14: NIST 11897 refid finds one entry."""
+    response = data_set.query(
+        "FindDocumentsByReferenceId",
+        {
+            "$XDSDocumentEntryPatientId": data_set.patient_id,
+            "$XDSDocumentEntryStatus": [APPROVED],
+            "$XDSDocumentEntryReferenceIdList": [
+                "20061223^^^&1.2.5643.2&ISO^urn:ihe:iti:xds:2013:uniqueId"
+            ],
+        },
+        stored_query.RETURN_OBJECT_REF,
+    )
+
+    assert counts(response) == {"ObjectRefs": 1}
+
+
+def test_find_submission_sets_answers_all_five(data_set: DataSet) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.2: NIST 11898 simple."""
+    response = data_set.query(
+        "FindSubmissionSets",
+        {
+            "$XDSSubmissionSetPatientId": data_set.patient_id,
+            "$XDSSubmissionSetStatus": [APPROVED],
+        },
+    )
+
+    assert counts(response) == {"SubmissionSets": 5}
+
+
+def test_find_submission_sets_by_submission_time_after_all_is_empty(
+    data_set: DataSet,
+) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.2: $XDSSubmissionSetSubmissionTimeFrom."""
+    response = data_set.query(
+        "FindSubmissionSets",
+        {
+            "$XDSSubmissionSetPatientId": data_set.patient_id,
+            "$XDSSubmissionSetStatus": [APPROVED],
+            "$XDSSubmissionSetSubmissionTimeFrom": "2099",
+        },
+    )
+
+    assert counts(response) == {}
+
+
+def test_find_folders_answers_both_folders(data_set: DataSet) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.3: NIST 11899 basic."""
+    response = data_set.query(
+        "FindFolders",
+        {"$XDSFolderPatientId": data_set.patient_id, "$XDSFolderStatus": [APPROVED]},
+    )
+
+    assert ids_of(response) == {
+        data_set.ids["doc_w_fol"]["Folder"],
+        data_set.ids["two_doc_w_fol"]["Folder"],
+    }
+
+
+def test_get_all_answers_every_object_of_the_patient(data_set: DataSet) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.4: NIST 15803 all."""
+    response = data_set.query(
+        "GetAll",
+        {
+            "$patientId": data_set.patient_id,
+            "$XDSDocumentEntryStatus": [APPROVED, DEPRECATED],
+            "$XDSSubmissionSetStatus": [APPROVED, DEPRECATED],
+            "$XDSFolderStatus": [APPROVED, DEPRECATED],
+        },
+    )
+
+    assert counts(response) == {
+        "Documents": 6,
+        "SubmissionSets": 5,
+        "Folders": 2,
+        "Associations": 15,
+    }
+
+
+def test_get_documents_by_unique_id(data_set: DataSet) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.5: NIST 11901 uniqueid."""
+    request = nist_submission("iti42-12346-single_doc", {"$patientid$": "x"})
+    unique_id = ebrim.read_registry_objects(request).document_entries[0].unique_id
+    response = data_set.query(
+        "GetDocuments",
+        {"$XDSDocumentEntryEntryUUID": [data_set.ids["single_doc"]["Document01"]]},
+    )
+    (entry,) = ebrim.read_registry_objects(response).document_entries
+
+    by_unique_id = data_set.query(
+        "GetDocuments", {"$XDSDocumentEntryUniqueId": [entry.unique_id or ""]}
+    )
+
+    assert unique_id != entry.unique_id
+    assert ids_of(by_unique_id) == {data_set.ids["single_doc"]["Document01"]}
+
+
+def test_get_documents_of_two_patients_is_result_not_single_patient(
+    data_set: DataSet,
+) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7: NIST 12368, XDSResultNotSinglePatient."""
+    response = data_set.query(
+        "GetDocuments",
+        {
+            "$XDSDocumentEntryEntryUUID": [
+                data_set.ids["single_doc"]["Document01"],
+                data_set.ids["12374"]["Document01"],
+            ]
+        },
+    )
+
+    assert error_codes(response) == ["XDSResultNotSinglePatient"]
+
+
+def test_get_folders_by_entry_uuid(data_set: DataSet) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.6: NIST 11902 uuid."""
+    folders = [
+        data_set.ids["doc_w_fol"]["Folder"],
+        data_set.ids["two_doc_w_fol"]["Folder"],
+    ]
+
+    response = data_set.query("GetFolders", {"$XDSFolderEntryUUID": folders})
+
+    assert counts(response) == {"Folders": 2}
+    assert ids_of(response) == set(folders)
+
+
+def test_get_associations_of_a_document(data_set: DataSet) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.7: NIST 11903 single_from_doc."""
+    response = data_set.query(
+        "GetAssociations", {"$uuid": [data_set.ids["single_doc"]["Document01"]]}
+    )
+
+    (association,) = ebrim.read_registry_objects(response).associations
+    assert association.source_object == data_set.ids["single_doc"]["SubmissionSet01"]
+
+
+def test_get_documents_and_associations(data_set: DataSet) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.8: NIST 11904 uuid."""
+    response = data_set.query(
+        "GetDocumentsAndAssociations",
+        {"$XDSDocumentEntryEntryUUID": [data_set.ids["single_doc"]["Document01"]]},
+    )
+
+    assert counts(response) == {"Documents": 1, "Associations": 1}
+
+
+def test_get_submission_sets_of_a_document(data_set: DataSet) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.9: NIST 11905 doc_uuid."""
+    response = data_set.query(
+        "GetSubmissionSets", {"$uuid": [data_set.ids["single_doc"]["Document01"]]}
+    )
+
+    assert counts(response) == {"SubmissionSets": 1, "Associations": 1}
+    assert data_set.ids["single_doc"]["SubmissionSet01"] in ids_of(response)
+
+
+def test_get_submission_set_and_contents_with_folder_membership(
+    data_set: DataSet,
+) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.10: a SubmissionSet with a Folder answers the
+    Folder, the DocumentEntry and all four Associations."""
+    response = data_set.query(
+        "GetSubmissionSetAndContents",
+        {"$XDSSubmissionSetEntryUUID": data_set.ids["doc_w_fol"]["SubmissionSet01"]},
+    )
+
+    assert counts(response) == {
+        "SubmissionSets": 1,
+        "Documents": 1,
+        "Folders": 1,
+        "Associations": 4,
+    }
+
+
+def test_get_submission_set_and_contents_filters_by_format_code(
+    data_set: DataSet,
+) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.10: $XDSDocumentEntryFormatCode leaves out
+    other DocumentEntries and their Associations."""
+    response = data_set.query(
+        "GetSubmissionSetAndContents",
+        {
+            "$XDSSubmissionSetEntryUUID": data_set.ids["single_doc"]["SubmissionSet01"],
+            "$XDSDocumentEntryFormatCode": ["no-such-format^^1.2.3"],
+        },
+    )
+
+    assert counts(response) == {"SubmissionSets": 1}
+
+
+def test_get_folder_and_contents(data_set: DataSet) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.11: NIST 11907 uuid."""
+    response = data_set.query(
+        "GetFolderAndContents",
+        {"$XDSFolderEntryUUID": data_set.ids["doc_w_fol"]["Folder"]},
+    )
+
+    assert counts(response) == {"Folders": 1, "Documents": 1, "Associations": 1}
+
+
+def test_get_folders_for_document(data_set: DataSet) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.12: NIST 11908 uuid."""
+    response = data_set.query(
+        "GetFoldersForDocument",
+        {"$XDSDocumentEntryEntryUUID": data_set.ids["two_doc_w_fol"]["Document01"]},
+    )
+
+    assert ids_of(response) == {data_set.ids["two_doc_w_fol"]["Folder"]}
+
+
+def test_get_related_documents_of_the_replaced_document(data_set: DataSet) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.13: NIST 11909, the original and its
+    replacement with the RPLC Association."""
+    response = data_set.query(
+        "GetRelatedDocuments",
+        {
+            "$XDSDocumentEntryEntryUUID": data_set.ids["doc_for_rplc"]["Document01"],
+            "$AssociationTypes": [ebrim.HAS_MEMBER, RPLC],
+        },
+    )
+
+    assert counts(response) == {"Documents": 2, "Associations": 1}
+    assert data_set.ids["rplc"]["Document01"] in ids_of(response)
+
+
+def test_get_related_documents_of_an_unrelated_document_is_empty(
+    data_set: DataSet,
+) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.13: no relationship, no answer."""
+    response = data_set.query(
+        "GetRelatedDocuments",
+        {
+            "$XDSDocumentEntryEntryUUID": data_set.ids["single_doc"]["Document01"],
+            "$AssociationTypes": [RPLC],
+        },
+    )
+
+    assert counts(response) == {}

@@ -1,8 +1,11 @@
 """Document Registry: ITI-42 Register Document Set-b, ITI-18 Registry Stored
 Query, and the patients of the ITI-8 Patient Identity Feed.
 
-ITI TF-2 3.42 (register), 3.18 (query), 3.8 (feed). A submission lands whole
-or not at all: one database transaction (DESIGN.md principle 6).
+ITI TF-2 3.42 (register, with the Associations of ITI TF-3 4.2.2 to objects
+already registered and the document relationships of ITI TF-3 4.2.2.2),
+3.18 (the stored queries of ITI TF-2 3.18.4.1.2.3.7), 3.8 (feed). A
+submission lands whole or not at all: one database transaction (DESIGN.md
+principle 6). Queries are SQL on the indexed columns and child tables.
 """
 
 from __future__ import annotations
@@ -10,12 +13,23 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from flask import Flask
 from lxml import etree
-from sqlalchemy import Engine, and_, exists, insert, or_, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Row,
+    and_,
+    exists,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from xdsi import audit, ns, wire
@@ -26,7 +40,6 @@ from xdsi.errors import (
     MetadataInvalid,
     NonIdenticalHash,
     ResultNotSinglePatient,
-    StoredQueryParamNumber,
     TooManyResults,
     UnknownPatientId,
     XdsError,
@@ -128,7 +141,13 @@ class Registry:
     # --- ITI-42 ---------------------------------------------------------
 
     def register(self, request: etree._Element) -> RegisterOutcome:
-        """Register a SubmitObjectsRequest; return the errors, if any."""
+        """Register a SubmitObjectsRequest; return the errors, if any.
+
+        ITI TF-3 4.2.2: Associations may name objects already registered (a
+        DocumentEntry added to a registered Folder, a replaced document);
+        document relationships deprecate their targets as
+        profiles/xds_metadata.toml says, in the same database transaction.
+        """
         schema = transaction("ITI-42")["request_schema"]
         problems = schema_errors(request, schema)
         if problems:
@@ -154,12 +173,18 @@ class Registry:
         validation.assign_entry_uuids(submission)
         _gather_loose_classifications(submission)
         validation.set_status(submission, ebrim.STATUS_APPROVED)
+        now = time.strftime("%Y%m%d%H%M%S", time.gmtime())
+        for folder in submission.folders:
+            ebrim.set_slot(folder.element, "lastUpdateTime", [now])
         try:
             with self.engine.begin() as conn:
-                errors = self._check_against_registry(conn, submission, patient_id)
+                errors, resubmitted = self._check_against_registry(
+                    conn, submission, patient_id
+                )
                 if errors:
                     raise _Rollback(errors)
-                self._insert(conn, submission)
+                self._insert(conn, submission, resubmitted)
+                self._apply_associations(conn, submission, now)
         except _Rollback as rollback:
             return RegisterOutcome(
                 as_registry_errors(rollback.errors, ACTOR), ss_unique_id, patient_id, ()
@@ -177,11 +202,13 @@ class Registry:
         )
 
     def _check_against_registry(
-        self,
-        conn,
-        submission: Submission,  # type: ignore[no-untyped-def]
-        patient_id: str | None,
-    ) -> list[XdsError]:
+        self, conn: Connection, submission: Submission, patient_id: str | None
+    ) -> tuple[list[XdsError], set[str]]:
+        """Check the submission against what is registered.
+
+        Returns the errors and the entryUUIDs of DocumentEntries that register
+        an already registered document again (same uniqueId, same hash).
+        """
         errors: list[XdsError] = []
         if (
             patient_id is None
@@ -199,6 +226,7 @@ class Registry:
                 )
             )
 
+        resubmitted: set[str] = set()
         for obj in submission.objects:
             held = conn.execute(
                 select(registry_object.c.entry_uuid).where(
@@ -212,39 +240,71 @@ class Registry:
                         obj.id,
                     )
                 )
-            if not obj.unique_id:
-                continue
-            row = conn.execute(
-                select(registry_object.c.hash, registry_object.c.kind).where(
-                    registry_object.c.unique_id == obj.unique_id
-                )
-            ).first()
-            if row is None:
-                continue
-            new_hash = (obj.slot("hash") or "").lower()
-            if (
-                obj.kind == ebrim.DOCUMENT_ENTRY
-                and row.hash
-                and new_hash
-                and row.hash != new_hash
-            ):
-                errors.append(
-                    NonIdenticalHash(
-                        f"DocumentEntry uniqueId {obj.unique_id} is registered with "
-                        "another hash",
-                        obj.unique_id,
-                    )
-                )
-            else:
-                errors.append(
-                    DuplicateUniqueIdInRegistry(
-                        f"{obj.kind} uniqueId {obj.unique_id} is already registered",
-                        obj.unique_id,
-                    )
-                )
-        return errors
+            if obj.unique_id:
+                error, again = self._check_unique_id(conn, obj)
+                if error is not None:
+                    errors.append(error)
+                if again:
+                    resubmitted.add(obj.id)
 
-    def _insert(self, conn, submission: Submission) -> None:  # type: ignore[no-untyped-def]
+        held_objects = {
+            row.entry_uuid: validation.HeldObject(
+                row.entry_uuid, row.kind, row.patient_id, row.status
+            )
+            for row in conn.execute(
+                select(
+                    registry_object.c.entry_uuid,
+                    registry_object.c.kind,
+                    registry_object.c.patient_id,
+                    registry_object.c.status,
+                ).where(
+                    registry_object.c.entry_uuid.in_(
+                        validation.external_references(submission)
+                    )
+                )
+            )
+        }
+        errors.extend(validation.check_references(submission, held_objects))
+        return errors, resubmitted
+
+    def _check_unique_id(
+        self, conn: Connection, obj: RegistryObject
+    ) -> tuple[XdsError | None, bool]:
+        """ITI TF-3 Table 4.2.4.1-2: a uniqueId names one object.
+
+        A DocumentEntry may register an already registered document again
+        when the hash is the same; another hash is XDSNonIdenticalHash.
+        Returns the error, if any, and whether ``obj`` registers a document
+        again.
+        """
+        rows = conn.execute(
+            select(registry_object.c.hash, registry_object.c.kind).where(
+                registry_object.c.unique_id == obj.unique_id
+            )
+        ).all()
+        if not rows:
+            return None, False
+        new_hash = (obj.slot("hash") or "").lower()
+        if obj.kind == ebrim.DOCUMENT_ENTRY and all(
+            row.kind == ebrim.DOCUMENT_ENTRY for row in rows
+        ):
+            if new_hash and all(row.hash == new_hash for row in rows):
+                return None, True
+            error: XdsError = NonIdenticalHash(
+                f"DocumentEntry uniqueId {obj.unique_id} is registered with "
+                "another hash",
+                obj.unique_id,
+            )
+            return error, False
+        error = DuplicateUniqueIdInRegistry(
+            f"{obj.kind} uniqueId {obj.unique_id} is already registered",
+            obj.unique_id,
+        )
+        return error, False
+
+    def _insert(
+        self, conn: Connection, submission: Submission, resubmitted: set[str]
+    ) -> None:
         submission_time = None
         for ss in submission.submission_sets:
             submission_time = pad_dtm(ss.slot("submissionTime"))
@@ -271,6 +331,9 @@ class Registry:
                     submission_time=(
                         pad_dtm(obj.slot("submissionTime")) or submission_time
                     ),
+                    last_update_time=pad_dtm(obj.slot("lastUpdateTime")),
+                    source_id=obj.external_id("sourceId"),
+                    resubmission=obj.id if obj.id in resubmitted else "",
                     association_type=obj.association_type or None,
                     source_object=obj.source_object or None,
                     target_object=obj.target_object or None,
@@ -279,8 +342,8 @@ class Registry:
             )
             self._insert_index(conn, obj)
 
-    def _insert_index(self, conn, obj: RegistryObject) -> None:  # type: ignore[no-untyped-def]
-        if obj.kind not in ebrim.metadata_table():
+    def _insert_index(self, conn: Connection, obj: RegistryObject) -> None:
+        if obj.kind not in (ebrim.DOCUMENT_ENTRY, ebrim.SUBMISSION_SET, ebrim.FOLDER):
             return
         attributes = ebrim.metadata_table()[obj.kind]["attributes"]
         codes = []
@@ -311,123 +374,108 @@ class Registry:
         if values:
             conn.execute(insert(registry_value), values)
 
+    def _apply_associations(
+        self, conn: Connection, submission: Submission, now: str
+    ) -> None:
+        """Carry out what the submission's Associations do to registered objects.
+
+        ITI TF-3 4.2.3.4: a Folder a submission adds to gets a new
+        lastUpdateTime. ITI TF-3 4.2.2.2: a replacement deprecates its target
+        (and the target's addenda and transformations) and joins the target's
+        Folders.
+        """
+        new = {o.id for o in submission.objects}
+        relationships = validation.relationship_types()
+        for association in submission.associations:
+            source, target = association.source_object, association.target_object
+            if association.association_type == ebrim.HAS_MEMBER:
+                if source not in new and _kind_of(conn, source) == ebrim.FOLDER:
+                    self._touch_folder(conn, source, now)
+                continue
+            row = relationships[association.association_type]
+            if row["deprecates_target"]:
+                self._deprecate_with_dependants(conn, target)
+            if row["inherits_folders"]:
+                for folder in _folders_of(conn, target):
+                    self._add_to_folder(conn, submission, folder, source)
+                    self._touch_folder(conn, folder, now)
+
+    def _deprecate_with_dependants(self, conn: Connection, entry_uuid: str) -> None:
+        ro = registry_object.c
+        dependant_types = [
+            row["type"]
+            for row in validation.relationship_types().values()
+            if row["deprecated_with_target"]
+        ]
+        dependants = conn.execute(
+            select(ro.source_object).where(
+                ro.kind == ebrim.ASSOCIATION,
+                ro.target_object == entry_uuid,
+                ro.association_type.in_(dependant_types),
+            )
+        ).scalars()
+        for uuid in [entry_uuid, *dependants]:
+            _rewrite(
+                conn,
+                uuid,
+                lambda element: element.set("status", ebrim.STATUS_DEPRECATED),
+                status=ebrim.STATUS_DEPRECATED,
+            )
+
+    def _touch_folder(self, conn: Connection, folder: str, now: str) -> None:
+        _rewrite(
+            conn,
+            folder,
+            lambda element: ebrim.set_slot(element, "lastUpdateTime", [now]),
+            last_update_time=now,
+        )
+
+    def _add_to_folder(
+        self, conn: Connection, submission: Submission, folder: str, entry: str
+    ) -> None:
+        """Register Folder HasMember DocumentEntry, a member of the SubmissionSet."""
+        membership = _association(folder, entry)
+        record = _association(submission.submission_sets[0].id, membership.get("id"))
+        for element in (membership, record):
+            conn.execute(
+                insert(registry_object).values(
+                    entry_uuid=element.get("id"),
+                    kind=ebrim.ASSOCIATION,
+                    status=ebrim.STATUS_APPROVED,
+                    object_type=ebrim.ASSOCIATION_TYPE,
+                    association_type=ebrim.HAS_MEMBER,
+                    source_object=element.get("sourceObject"),
+                    target_object=element.get("targetObject"),
+                    resubmission="",
+                    xml=etree.tostring(element),
+                )
+            )
+
     # --- ITI-18 ---------------------------------------------------------
 
     def query(
         self, request: etree._Element
     ) -> tuple[etree._Element, stored_query.StoredQuery]:
-        """Run a stored query and build its AdhocQueryResponse."""
-        query = stored_query.read_query(request)
-        if query.name == "FindDocuments":
-            statement = self._find_documents(query)
-        elif query.name == "GetDocuments":
-            statement = self._get_documents(query)
-        else:
-            # Limitation: only FindDocuments and GetDocuments are answered; the
-            # other stored queries of ITI TF-2 3.18.4.1.2.3.7 get XDSRegistryError.
-            raise _Unsupported(query.name)
+        """Run a stored query and build its AdhocQueryResponse.
 
-        limit = self.settings.registry.max_results
+        ITI TF-2 3.18.4.1.2.3.7. $homeCommunityId names the community a Get
+        query is for; this Document Registry answers for its own and does not
+        narrow by it.
+        """
+        # Limitation: the Metadata Update option is not supported, so
+        # $MetadataLevel 2 answers as level 1 does.
+        query = stored_query.read_query(request)
         with self.engine.connect() as conn:
-            rows = conn.execute(statement.limit(limit + 1)).all()
+            search = _Search(conn, self.settings.registry.max_results)
+            rows = _QUERIES[query.name](search, query)
         # ITI TF-2 3.18.4.1.2.3.7: a Get query answers for one patient only.
-        if query.name.startswith("Get") and len({r.patient_id for r in rows}) > 1:
+        patients = {r.patient_id for r in rows if r.patient_id}
+        if query.name.startswith("Get") and len(patients) > 1:
             raise ResultNotSinglePatient(
                 f"{query.name} results belong to more than one patient"
             )
-        if len(rows) > limit:
-            raise TooManyResults(
-                f"the query matches more than {limit} objects; narrow it"
-            )
+        search.check(rows)
         return _query_response(rows, query.return_type), query
-
-    def _find_documents(self, query: stored_query.StoredQuery):  # type: ignore[no-untyped-def]
-        """ITI TF-2 3.18.4.1.2.3.7.1 FindDocuments."""
-        ro = registry_object.c
-        conditions = [
-            ro.kind == ebrim.DOCUMENT_ENTRY,
-            ro.patient_id == query.single("$XDSDocumentEntryPatientId"),
-            ro.status.in_(query.values("$XDSDocumentEntryStatus")),
-        ]
-        object_types = query.values("$XDSDocumentEntryType") or [
-            ebrim.metadata_table()[ebrim.DOCUMENT_ENTRY]["object_type_stable"]
-        ]
-        conditions.append(ro.object_type.in_(object_types))
-
-        for attribute, spec in ebrim.metadata_table()[ebrim.DOCUMENT_ENTRY][
-            "attributes"
-        ].items():
-            param = spec.get("query")
-            if not param or param not in query.parameters:
-                continue
-            if spec["kind"] == "classification":
-                for group in query.codes(param):
-                    conditions.append(
-                        exists().where(
-                            registry_code.c.entry_uuid == ro.entry_uuid,
-                            registry_code.c.attribute == attribute,
-                            or_(
-                                *[
-                                    and_(
-                                        registry_code.c.code == c.code,
-                                        registry_code.c.scheme == c.scheme,
-                                    )
-                                    for c in group
-                                ]
-                            ),
-                        )
-                    )
-            else:
-                for group in query.parameters[param]:
-                    conditions.append(
-                        exists().where(
-                            registry_value.c.entry_uuid == ro.entry_uuid,
-                            registry_value.c.attribute == attribute,
-                            registry_value.c.value.in_(group),
-                        )
-                    )
-
-        for group in query.parameters.get("$XDSDocumentEntryAuthorPerson", []):
-            conditions.append(
-                exists().where(
-                    registry_value.c.entry_uuid == ro.entry_uuid,
-                    registry_value.c.attribute == "authorPerson",
-                    or_(*[registry_value.c.value.like(v, escape="\\") for v in group]),
-                )
-            )
-
-        ranges = {
-            "CreationTime": ro.creation_time,
-            "ServiceStartTime": ro.service_start_time,
-            "ServiceStopTime": ro.service_stop_time,
-        }
-        for name, column in ranges.items():
-            low = query.single(f"$XDSDocumentEntry{name}From")
-            high = query.single(f"$XDSDocumentEntry{name}To")
-            if low is not None:
-                _check_dtm(f"$XDSDocumentEntry{name}From", low)
-                conditions.append(column >= pad_dtm(low))
-            if high is not None:
-                _check_dtm(f"$XDSDocumentEntry{name}To", high)
-                conditions.append(column < pad_dtm(high))
-        return (
-            select(ro.entry_uuid, ro.xml, ro.patient_id)
-            .where(*conditions)
-            .order_by(ro.creation_time, ro.entry_uuid)
-        )
-
-    def _get_documents(self, query: stored_query.StoredQuery):  # type: ignore[no-untyped-def]
-        """ITI TF-2 3.18.4.1.2.3.7.5 GetDocuments."""
-        ro = registry_object.c
-        if "$XDSDocumentEntryEntryUUID" in query.parameters:
-            match = ro.entry_uuid.in_(query.values("$XDSDocumentEntryEntryUUID"))
-        else:
-            match = ro.unique_id.in_(query.values("$XDSDocumentEntryUniqueId"))
-        return (
-            select(ro.entry_uuid, ro.xml, ro.patient_id)
-            .where(ro.kind == ebrim.DOCUMENT_ENTRY, match)
-            .order_by(ro.entry_uuid)
-        )
 
     # --- SOAP edge -------------------------------------------------------
 
@@ -494,14 +542,6 @@ class Registry:
             body, query = self.query(message.body)
         except XdsError as exc:
             errors = as_registry_errors([exc], ACTOR)
-        except _Unsupported as exc:
-            errors = [
-                RegistryError(
-                    "XDSRegistryError",
-                    f"stored query {exc.name} is not supported by this "
-                    "Document Registry",
-                )
-            ]
         except Exception:
             logger.exception("ITI-18 Registry Stored Query failed")
             errors = [
@@ -509,7 +549,7 @@ class Registry:
             ]
         if errors:
             body = _query_response([], stored_query.RETURN_OBJECT_REF, errors)
-        patient_id = query.single("$XDSDocumentEntryPatientId") if query else None
+        patient_id = query.patient_id() if query else None
         self.auditor.record(
             audit.AuditEvent(
                 transaction="ITI-18",
@@ -548,17 +588,484 @@ class _Rollback(Exception):
         self.errors = errors
 
 
-class _Unsupported(Exception):
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.name = name
+def _kind_of(conn: Connection, entry_uuid: str) -> str | None:
+    return conn.execute(
+        select(registry_object.c.kind).where(registry_object.c.entry_uuid == entry_uuid)
+    ).scalar()
 
 
-def _check_dtm(param: str, value: str) -> None:
-    if not validation.is_dtm(value):
-        raise StoredQueryParamNumber(
-            f"{param} value {value!r} is not a DTM (ITI TF-3 4.2.3.1.6)", param
+def _folders_of(conn: Connection, entry_uuid: str) -> list[str]:
+    """Return the Folders a DocumentEntry is a member of."""
+    ro = registry_object.c
+    folders = select(ro.entry_uuid).where(ro.kind == ebrim.FOLDER)
+    return list(
+        conn.execute(
+            select(ro.source_object).where(
+                ro.kind == ebrim.ASSOCIATION,
+                ro.association_type == ebrim.HAS_MEMBER,
+                ro.target_object == entry_uuid,
+                ro.source_object.in_(folders),
+            )
+        ).scalars()
+    )
+
+
+def _rewrite(
+    conn: Connection,
+    entry_uuid: str,
+    change: Callable[[etree._Element], None],
+    **columns: str,
+) -> None:
+    """Change a registered object's columns and its stored XML alike.
+
+    The stored XML is what a LeafClass answer returns, so it must show the
+    object's current status and lastUpdateTime.
+    """
+    xml = conn.execute(
+        select(registry_object.c.xml).where(registry_object.c.entry_uuid == entry_uuid)
+    ).scalar_one()
+    element = wire.parse_xml(xml)
+    change(element)
+    conn.execute(
+        update(registry_object)
+        .where(registry_object.c.entry_uuid == entry_uuid)
+        .values(xml=etree.tostring(element), **columns)
+    )
+
+
+def _association(source: str, target: str) -> etree._Element:
+    """Build an Approved HasMember Association the Document Registry adds."""
+    return ebrim.rim(
+        "Association",
+        id=ebrim.new_uuid(),
+        objectType=ebrim.ASSOCIATION_TYPE,
+        associationType=ebrim.HAS_MEMBER,
+        sourceObject=source,
+        targetObject=target,
+        status=ebrim.STATUS_APPROVED,
+    )
+
+
+# --- stored queries ---------------------------------------------------------
+
+RO = registry_object.c
+_ROW = (RO.entry_uuid, RO.kind, RO.xml, RO.patient_id)
+
+
+class _Search:
+    """One stored query's reads, each capped at the configured limit."""
+
+    def __init__(self, conn: Connection, limit: int) -> None:
+        self.conn = conn
+        self.limit = limit
+
+    def rows(self, *conditions: ColumnElement[bool]) -> list[Row]:
+        statement = select(*_ROW).where(*conditions).order_by(RO.entry_uuid)
+        rows = self.conn.execute(statement.limit(self.limit + 1)).all()
+        self.check(rows)
+        return rows
+
+    def check(self, rows: Sequence[Row]) -> None:
+        # Limitation: results are not paged; a query matching more than
+        # max_results objects answers XDSTooManyResults.
+        if len(rows) > self.limit:
+            raise TooManyResults(
+                f"the query matches more than {self.limit} objects; narrow it"
+            )
+
+
+def _unique(rows: Sequence[Row]) -> list[Row]:
+    """Drop repeated objects, keeping the first of each."""
+    seen: set[str] = set()
+    kept = []
+    for row in rows:
+        if row.entry_uuid not in seen:
+            seen.add(row.entry_uuid)
+            kept.append(row)
+    return kept
+
+
+def _entry_type(query: stored_query.StoredQuery) -> ColumnElement[bool]:
+    """ITI TF-2 3.18.4.1.2.3.7: $XDSDocumentEntryType, stable when absent."""
+    return RO.object_type.in_(
+        query.values("$XDSDocumentEntryType")
+        or [ebrim.metadata_table()[ebrim.DOCUMENT_ENTRY]["object_type_stable"]]
+    )
+
+
+def _attribute_filters(
+    kind: str, query: stored_query.StoredQuery
+) -> list[ColumnElement[bool]]:
+    """Conditions for the parameters profiles/xds_metadata.toml maps to
+    attributes of ``kind``: OR within a slot, AND between slots."""
+    conditions: list[ColumnElement[bool]] = []
+    for attribute, spec in ebrim.metadata_table()[kind]["attributes"].items():
+        param = spec.get("query")
+        if not param or param not in query.parameters:
+            continue
+        if spec["kind"] == "classification":
+            for group in query.codes(param):
+                conditions.append(
+                    exists().where(
+                        registry_code.c.entry_uuid == RO.entry_uuid,
+                        registry_code.c.attribute == attribute,
+                        or_(
+                            *[
+                                and_(
+                                    registry_code.c.code == c.code,
+                                    registry_code.c.scheme == c.scheme,
+                                )
+                                for c in group
+                            ]
+                        ),
+                    )
+                )
+        elif spec["kind"] == "external_identifier":
+            conditions.append(RO[spec["column"]].in_(query.values(param)))
+        else:
+            for group in query.parameters[param]:
+                conditions.append(
+                    exists().where(
+                        registry_value.c.entry_uuid == RO.entry_uuid,
+                        registry_value.c.attribute == attribute,
+                        registry_value.c.value.in_(group),
+                    )
+                )
+    return conditions
+
+
+def _author_filter(
+    query: stored_query.StoredQuery, param: str
+) -> list[ColumnElement[bool]]:
+    """authorPerson parameters match with LIKE wildcards (ITI TF-2
+    3.18.4.1.2.3.4)."""
+    return [
+        exists().where(
+            registry_value.c.entry_uuid == RO.entry_uuid,
+            registry_value.c.attribute == "authorPerson",
+            or_(*[registry_value.c.value.like(v, escape="\\") for v in group]),
         )
+        for group in query.parameters.get(param, [])
+    ]
+
+
+def _time_ranges(
+    query: stored_query.StoredQuery, ranges: dict[str, ColumnElement[str]]
+) -> list[ColumnElement[bool]]:
+    """ITI TF-2 3.18.4.1.2.3.7: From is inclusive, To exclusive."""
+    conditions: list[ColumnElement[bool]] = []
+    for prefix, column in ranges.items():
+        low = query.single(f"{prefix}From")
+        high = query.single(f"{prefix}To")
+        if low is not None:
+            conditions.append(column >= pad_dtm(low))
+        if high is not None:
+            conditions.append(column < pad_dtm(high))
+    return conditions
+
+
+def _by_ids(
+    query: stored_query.StoredQuery, kind: str, uuid_param: str, unique_id_param: str
+) -> ColumnElement[bool]:
+    if uuid_param in query.parameters:
+        match = RO.entry_uuid.in_(query.values(uuid_param))
+    else:
+        match = RO.unique_id.in_(query.values(unique_id_param))
+    return and_(RO.kind == kind, match)
+
+
+def _documents_by_ids(query: stored_query.StoredQuery) -> ColumnElement[bool]:
+    return _by_ids(
+        query,
+        ebrim.DOCUMENT_ENTRY,
+        "$XDSDocumentEntryEntryUUID",
+        "$XDSDocumentEntryUniqueId",
+    )
+
+
+def _associations(*conditions: ColumnElement[bool]) -> ColumnElement[bool]:
+    return and_(RO.kind == ebrim.ASSOCIATION, *conditions)
+
+
+def _find_documents(search: _Search, query: stored_query.StoredQuery) -> list[Row]:
+    """ITI TF-2 3.18.4.1.2.3.7.1 FindDocuments and 3.18.4.1.2.3.7.14
+    FindDocumentsByReferenceId."""
+    return search.rows(
+        RO.kind == ebrim.DOCUMENT_ENTRY,
+        RO.patient_id == query.single("$XDSDocumentEntryPatientId"),
+        RO.status.in_(query.values("$XDSDocumentEntryStatus")),
+        _entry_type(query),
+        *_attribute_filters(ebrim.DOCUMENT_ENTRY, query),
+        *_author_filter(query, "$XDSDocumentEntryAuthorPerson"),
+        *_time_ranges(
+            query,
+            {
+                "$XDSDocumentEntryCreationTime": RO.creation_time,
+                "$XDSDocumentEntryServiceStartTime": RO.service_start_time,
+                "$XDSDocumentEntryServiceStopTime": RO.service_stop_time,
+            },
+        ),
+    )
+
+
+def _find_submission_sets(
+    search: _Search, query: stored_query.StoredQuery
+) -> list[Row]:
+    """ITI TF-2 3.18.4.1.2.3.7.2 FindSubmissionSets."""
+    return search.rows(
+        RO.kind == ebrim.SUBMISSION_SET,
+        RO.patient_id == query.single("$XDSSubmissionSetPatientId"),
+        RO.status.in_(query.values("$XDSSubmissionSetStatus")),
+        *_attribute_filters(ebrim.SUBMISSION_SET, query),
+        *_author_filter(query, "$XDSSubmissionSetAuthorPerson"),
+        *_time_ranges(query, {"$XDSSubmissionSetSubmissionTime": RO.submission_time}),
+    )
+
+
+def _find_folders(search: _Search, query: stored_query.StoredQuery) -> list[Row]:
+    """ITI TF-2 3.18.4.1.2.3.7.3 FindFolders."""
+    return search.rows(
+        RO.kind == ebrim.FOLDER,
+        RO.patient_id == query.single("$XDSFolderPatientId"),
+        RO.status.in_(query.values("$XDSFolderStatus")),
+        *_attribute_filters(ebrim.FOLDER, query),
+        *_time_ranges(query, {"$XDSFolderLastUpdateTime": RO.last_update_time}),
+    )
+
+
+def _between(search: _Search, objects: Sequence[Row]) -> list[Row]:
+    """Associations between the given objects, and the HasMember
+    Associations from them to those Associations (folder membership)."""
+    ids = [r.entry_uuid for r in objects]
+    direct = search.rows(
+        _associations(RO.source_object.in_(ids), RO.target_object.in_(ids))
+    )
+    records = search.rows(
+        _associations(
+            RO.source_object.in_(ids),
+            RO.target_object.in_([r.entry_uuid for r in direct]),
+        )
+    )
+    return _unique(direct + records)
+
+
+def _get_all(search: _Search, query: stored_query.StoredQuery) -> list[Row]:
+    """ITI TF-2 3.18.4.1.2.3.7.4 GetAll."""
+    patient_id = query.single("$patientId")
+    objects = (
+        search.rows(
+            RO.kind == ebrim.SUBMISSION_SET,
+            RO.patient_id == patient_id,
+            RO.status.in_(query.values("$XDSSubmissionSetStatus")),
+        )
+        + search.rows(
+            RO.kind == ebrim.DOCUMENT_ENTRY,
+            RO.patient_id == patient_id,
+            RO.status.in_(query.values("$XDSDocumentEntryStatus")),
+            _entry_type(query),
+            *_attribute_filters(ebrim.DOCUMENT_ENTRY, query),
+        )
+        + search.rows(
+            RO.kind == ebrim.FOLDER,
+            RO.patient_id == patient_id,
+            RO.status.in_(query.values("$XDSFolderStatus")),
+        )
+    )
+    return objects + _between(search, objects)
+
+
+def _get_documents(search: _Search, query: stored_query.StoredQuery) -> list[Row]:
+    """ITI TF-2 3.18.4.1.2.3.7.5 GetDocuments."""
+    return search.rows(_documents_by_ids(query))
+
+
+def _get_folders(search: _Search, query: stored_query.StoredQuery) -> list[Row]:
+    """ITI TF-2 3.18.4.1.2.3.7.6 GetFolders."""
+    return search.rows(
+        _by_ids(query, ebrim.FOLDER, "$XDSFolderEntryUUID", "$XDSFolderUniqueId")
+    )
+
+
+def _get_associations(search: _Search, query: stored_query.StoredQuery) -> list[Row]:
+    """ITI TF-2 3.18.4.1.2.3.7.7 GetAssociations."""
+    ids = query.values("$uuid")
+    return search.rows(
+        _associations(or_(RO.source_object.in_(ids), RO.target_object.in_(ids)))
+    )
+
+
+def _get_documents_and_associations(
+    search: _Search, query: stored_query.StoredQuery
+) -> list[Row]:
+    """ITI TF-2 3.18.4.1.2.3.7.8 GetDocumentsAndAssociations."""
+    documents = search.rows(_documents_by_ids(query))
+    ids = [r.entry_uuid for r in documents]
+    return documents + search.rows(
+        _associations(or_(RO.source_object.in_(ids), RO.target_object.in_(ids)))
+    )
+
+
+def _get_submission_sets(search: _Search, query: stored_query.StoredQuery) -> list[Row]:
+    """ITI TF-2 3.18.4.1.2.3.7.9 GetSubmissionSets."""
+    submission_sets = select(RO.entry_uuid).where(RO.kind == ebrim.SUBMISSION_SET)
+    memberships = search.rows(
+        _associations(
+            RO.association_type == ebrim.HAS_MEMBER,
+            RO.target_object.in_(query.values("$uuid")),
+            RO.source_object.in_(submission_sets),
+        )
+    )
+    sources = {r.source_object for r in _association_ends(search, memberships)}
+    return search.rows(RO.entry_uuid.in_(sources)) + memberships
+
+
+def _association_ends(search: _Search, rows: Sequence[Row]) -> list[Row]:
+    """Read source and target of Associations given as result rows."""
+    return search.conn.execute(
+        select(RO.entry_uuid, RO.source_object, RO.target_object).where(
+            RO.entry_uuid.in_([r.entry_uuid for r in rows])
+        )
+    ).all()
+
+
+def _package_and_contents(
+    search: _Search, query: stored_query.StoredQuery, package: Row
+) -> list[Row]:
+    """A SubmissionSet or Folder, its members and the HasMember
+    Associations to them; DocumentEntries filtered by format,
+    confidentiality and type (ITI TF-2 3.18.4.1.2.3.7.10, 3.18.4.1.2.3.7.11)."""
+    memberships = _association_ends(
+        search,
+        search.rows(
+            _associations(
+                RO.association_type == ebrim.HAS_MEMBER,
+                RO.source_object == package.entry_uuid,
+            )
+        ),
+    )
+    members = [m.target_object for m in memberships]
+    documents = search.rows(
+        RO.kind == ebrim.DOCUMENT_ENTRY,
+        RO.entry_uuid.in_(members),
+        _entry_type(query),
+        *_attribute_filters(ebrim.DOCUMENT_ENTRY, query),
+    )
+    others = search.rows(
+        RO.kind.in_([ebrim.FOLDER, ebrim.ASSOCIATION]), RO.entry_uuid.in_(members)
+    )
+    filtered_out = set(members) - {r.entry_uuid for r in documents + others}
+    kept_ends = {
+        a.entry_uuid
+        for a in _association_ends(search, others)
+        if a.source_object not in filtered_out and a.target_object not in filtered_out
+    }
+    others = [
+        r for r in others if r.kind != ebrim.ASSOCIATION or r.entry_uuid in kept_ends
+    ]
+    kept = {r.entry_uuid for r in documents + others}
+    membership_rows = search.rows(
+        RO.entry_uuid.in_(
+            [m.entry_uuid for m in memberships if m.target_object in kept]
+        )
+    )
+    return [package, *documents, *others, *membership_rows]
+
+
+def _get_submission_set_and_contents(
+    search: _Search, query: stored_query.StoredQuery
+) -> list[Row]:
+    """ITI TF-2 3.18.4.1.2.3.7.10 GetSubmissionSetAndContents."""
+    found = search.rows(
+        _by_ids(
+            query,
+            ebrim.SUBMISSION_SET,
+            "$XDSSubmissionSetEntryUUID",
+            "$XDSSubmissionSetUniqueId",
+        )
+    )
+    return _package_and_contents(search, query, found[0]) if found else []
+
+
+def _get_folder_and_contents(
+    search: _Search, query: stored_query.StoredQuery
+) -> list[Row]:
+    """ITI TF-2 3.18.4.1.2.3.7.11 GetFolderAndContents."""
+    found = search.rows(
+        _by_ids(query, ebrim.FOLDER, "$XDSFolderEntryUUID", "$XDSFolderUniqueId")
+    )
+    return _package_and_contents(search, query, found[0]) if found else []
+
+
+def _get_folders_for_document(
+    search: _Search, query: stored_query.StoredQuery
+) -> list[Row]:
+    """ITI TF-2 3.18.4.1.2.3.7.12 GetFoldersForDocument."""
+    documents = select(RO.entry_uuid).where(_documents_by_ids(query))
+    folders = search.conn.execute(
+        select(RO.source_object).where(
+            RO.kind == ebrim.ASSOCIATION,
+            RO.association_type == ebrim.HAS_MEMBER,
+            RO.target_object.in_(documents),
+        )
+    ).scalars()
+    return search.rows(RO.kind == ebrim.FOLDER, RO.entry_uuid.in_(list(folders)))
+
+
+def _get_related_documents(
+    search: _Search, query: stored_query.StoredQuery
+) -> list[Row]:
+    """ITI TF-2 3.18.4.1.2.3.7.13 GetRelatedDocuments.
+
+    The DocumentEntry, the DocumentEntries linked to it by Associations of
+    the $AssociationTypes, and those Associations; nothing when no document
+    is related.
+    """
+    originals = search.rows(_documents_by_ids(query))
+    ids = {r.entry_uuid for r in originals}
+    links = _association_ends(
+        search,
+        search.rows(
+            _associations(
+                RO.association_type.in_(query.values("$AssociationTypes")),
+                or_(RO.source_object.in_(ids), RO.target_object.in_(ids)),
+            )
+        ),
+    )
+    other_ends = {
+        end for a in links for end in (a.source_object, a.target_object)
+    } - ids
+    related = search.rows(
+        RO.kind == ebrim.DOCUMENT_ENTRY,
+        RO.entry_uuid.in_(other_ends),
+        _entry_type(query),
+    )
+    if not related:
+        return []
+    related_ids = {r.entry_uuid for r in related}
+    kept = [
+        a.entry_uuid
+        for a in links
+        if a.source_object in related_ids or a.target_object in related_ids
+    ]
+    return _unique(originals + related + search.rows(RO.entry_uuid.in_(kept)))
+
+
+_QUERIES: dict[str, Callable[[_Search, stored_query.StoredQuery], list[Row]]] = {
+    "FindDocuments": _find_documents,
+    "FindDocumentsByReferenceId": _find_documents,
+    "FindSubmissionSets": _find_submission_sets,
+    "FindFolders": _find_folders,
+    "GetAll": _get_all,
+    "GetDocuments": _get_documents,
+    "GetFolders": _get_folders,
+    "GetAssociations": _get_associations,
+    "GetDocumentsAndAssociations": _get_documents_and_associations,
+    "GetSubmissionSets": _get_submission_sets,
+    "GetSubmissionSetAndContents": _get_submission_set_and_contents,
+    "GetFolderAndContents": _get_folder_and_contents,
+    "GetFoldersForDocument": _get_folders_for_document,
+    "GetRelatedDocuments": _get_related_documents,
+}
 
 
 def _gather_loose_classifications(submission: Submission) -> None:

@@ -14,6 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -48,8 +49,9 @@ from xdsi.metadata.responses import (
     registry_response,
     status_of,
 )
-from xdsi.store.blobs import BlobStore
+from xdsi.store.blobs import Blobs
 from xdsi.store.schema import repository_document
+from xdsi.wire.mtom import StreamSource
 from xdsi.wire.schema import schema_errors
 
 logger = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ class Repository:
         self,
         settings: Settings,
         engine: Engine,
-        blobs: BlobStore,
+        blobs: Blobs,
         auditor: audit.Auditor,
     ) -> None:
         self.settings = settings
@@ -96,7 +98,8 @@ class Repository:
         A process killed between storing a document and the registry's answer
         leaves a pending row and its blob; neither was ever retrievable. Rows
         younger than ``older_than`` may belong to a submission still under
-        way in another worker, and are left alone. Returns how many went.
+        way in another worker, and are left alone (``[repository]
+        pending_sweep_age`` at start-up). Returns how many went.
         """
         cutoff = datetime.now(UTC).replace(tzinfo=None) - older_than
         with self.engine.connect() as conn:
@@ -198,7 +201,11 @@ class Repository:
             return _errors(errors), entries, ss_unique_id
 
         patient_id = ss[0].patient_id if len(ss) == 1 else None
-        registry_errors = self._register(metadata, patient_id, ss_unique_id)
+        try:
+            registry_errors = self._register(metadata, patient_id, ss_unique_id)
+        except BaseException:
+            self._remove(stored)
+            raise
         if any(e.is_error for e in registry_errors):
             self._remove(stored)
         else:
@@ -260,7 +267,12 @@ class Repository:
             document = documents[entry.id]
             held = self.find(unique_id)
             if held is None:
-                held = self._store_one(entry, unique_id, document, stored)
+                try:
+                    held = self._store_one(entry, unique_id, document, stored)
+                except BaseException:
+                    # A blob store that fails half-way leaves nothing behind.
+                    self._remove(stored)
+                    raise
                 if held is None:
                     continue
             if held.state == PENDING:
@@ -326,17 +338,32 @@ class Repository:
         return None
 
     def _remove(self, stored: list[StoredDocument]) -> None:
-        """Remove what this submission stored, and nothing else."""
+        """Remove what this submission stored, and nothing else.
+
+        Each blob goes before its row: a blob the store fails to delete
+        keeps its pending row, which the next sweep retries.
+        """
+        removed = []
+        for record in stored:
+            try:
+                self.blobs.delete(record.blob)
+            except Exception:
+                logger.warning(
+                    "blob %s of pending document %s not removed; the sweep retries",
+                    record.blob,
+                    record.unique_id,
+                    exc_info=True,
+                )
+                continue
+            removed.append(record)
         with self.engine.begin() as conn:
-            for record in stored:
+            for record in removed:
                 conn.execute(
                     delete(repository_document).where(
                         repository_document.c.unique_id == record.unique_id,
                         repository_document.c.blob == record.blob,
                     )
                 )
-        for record in stored:
-            self.blobs.delete(record.blob)
 
     def _confirm(self, stored: list[StoredDocument]) -> None:
         """Mark this submission's documents retrievable."""
@@ -460,7 +487,7 @@ class Repository:
                     r.unique_id,
                     self.repository_unique_id,
                     r.mime_type,
-                    self.blobs.path(r.blob),
+                    StreamSource(partial(self.blobs.open, r.blob), r.size),
                     community,
                 )
                 for r, community in found
@@ -592,14 +619,14 @@ def child_text(parent: etree._Element, local: str, namespace: str = ns.XDSB) -> 
 
 
 def retrieve_response(
-    documents: list[tuple[str, str, str, Path, str | None]],
+    documents: list[tuple[str, str, str, Path | StreamSource, str | None]],
     errors: list[XdsError],
     actor: str,
 ) -> tuple[etree._Element, list[wire.OutgoingPart]]:
     """Build a RetrieveDocumentSetResponse with one MTOM part per document.
 
-    ``documents`` holds (uniqueId, repositoryUniqueId, mimeType, file,
-    homeCommunityId). ITI TF-2 3.43.4.2.3: Success when every document came
+    ``documents`` holds (uniqueId, repositoryUniqueId, mimeType, file or
+    stream, homeCommunityId). ITI TF-2 3.43.4.2.3: Success when every document came
     back, PartialSuccess when some did, Failure when none did. RAD TF-3
     4.69.4.2 answers with the same element.
     """
@@ -616,7 +643,7 @@ def retrieve_response(
     )
     response.append(registry_response(registry_errors, status))
     parts: list[wire.OutgoingPart] = []
-    for unique_id, repository_id, mime_type, path, community in documents:
+    for unique_id, repository_id, mime_type, body, community in documents:
         item = etree.SubElement(response, f"{{{ns.XDSB}}}DocumentResponse")
         if community:
             etree.SubElement(item, f"{{{ns.XDSB}}}HomeCommunityId").text = community
@@ -626,5 +653,8 @@ def retrieve_response(
         content_id = wire.new_content_id()
         document = etree.SubElement(item, f"{{{ns.XDSB}}}Document")
         document.append(wire.xop_include(content_id))
-        parts.append(wire.OutgoingPart(content_id, mime_type, path=path))
+        if isinstance(body, Path):
+            parts.append(wire.OutgoingPart(content_id, mime_type, path=body))
+        else:
+            parts.append(wire.OutgoingPart(content_id, mime_type, stream=body))
     return response, parts

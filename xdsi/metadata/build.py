@@ -1,13 +1,15 @@
-"""Build the SubmitObjectsRequest of an imaging manifest (RAD-68 metadata).
+"""Build the SubmitObjectsRequest of a submission (ITI-41 and RAD-68 metadata).
 
-RAD TF-3 4.68.4.1.2.3 on top of ITI TF-3 4.2.3: one DocumentEntry for the
-KOS manifest, its SubmissionSet and the HasMember Association between them,
-with the attributes tabled in profiles/xds_metadata.toml.
+ITI TF-3 4.2.3 and ITI TF-2 3.41.4.1.2: DocumentEntries, their SubmissionSet
+and a HasMember Association from the SubmissionSet to each, with the
+attributes tabled in profiles/xds_metadata.toml. RAD TF-3 4.68.4.1.2.3: an
+imaging manifest is the submission of one DocumentEntry for the KOS.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from lxml import etree
@@ -19,11 +21,11 @@ from xdsi.metadata.ebrim import add_code, add_external_id, add_name, add_slot, r
 
 
 @dataclass(frozen=True)
-class ManifestEntry:
-    """What the DocumentEntry of one manifest says.
+class DocumentEntrySpec:
+    """What one DocumentEntry says (ITI TF-3 4.2.3.2).
 
-    DICOM-derived values come from the manifest; the affinity-domain codes
-    and identifiers come from the Imaging Document Source's configuration.
+    The affinity-domain codes and identifiers come from the Document
+    Source's configuration; the others from the document.
     """
 
     entry_id: str
@@ -51,6 +53,12 @@ class ManifestEntry:
 
 
 @dataclass(frozen=True)
+class ManifestEntry(DocumentEntrySpec):
+    """What the DocumentEntry of one KOS manifest says (RAD TF-3
+    4.68.4.1.2.3): the DICOM-derived values come from the manifest."""
+
+
+@dataclass(frozen=True)
 class SubmissionSetSpec:
     entry_id: str
     unique_id: str
@@ -59,6 +67,12 @@ class SubmissionSetSpec:
     content_type_code: Code
     author_institution: str
     submission_time: str
+    # The SubmissionSet's title (rim:Name); none when empty.
+    title: str = ""
+
+
+# The title of a SubmissionSet that carries an imaging manifest.
+MANIFEST_SUBMISSION_TITLE = "Imaging study manifest"
 
 
 def utc_dtm(moment: datetime | None = None) -> str:
@@ -70,7 +84,7 @@ def _attribute(kind: str, name: str) -> dict:
     return ebrim.attribute_spec(kind, name)
 
 
-def _document_entry(entry: ManifestEntry) -> etree._Element:
+def _document_entry(entry: DocumentEntrySpec) -> etree._Element:
     kind = ebrim.DOCUMENT_ENTRY
     element = rim(
         "ExtrinsicObject",
@@ -135,7 +149,8 @@ def _submission_set(spec: SubmissionSetSpec) -> etree._Element:
     kind = ebrim.SUBMISSION_SET
     element = rim("RegistryPackage", id=spec.entry_id)
     add_slot(element, "submissionTime", [spec.submission_time])
-    add_name(element, "Imaging study manifest")
+    if spec.title:
+        add_name(element, spec.title)
     author = etree.SubElement(
         element,
         f"{{{ns.RIM}}}Classification",
@@ -165,11 +180,24 @@ def manifest_submission(
     entry: ManifestEntry, submission_set: SubmissionSetSpec
 ) -> etree._Element:
     """Build the SubmitObjectsRequest for one manifest."""
+    if not submission_set.title:
+        submission_set = replace(submission_set, title=MANIFEST_SUBMISSION_TITLE)
+    return submission([entry], submission_set)
+
+
+def submission(
+    entries: Sequence[DocumentEntrySpec], submission_set: SubmissionSetSpec
+) -> etree._Element:
+    """Build the SubmitObjectsRequest of a SubmissionSet and its
+    DocumentEntries (ITI TF-2 3.41.4.1.2)."""
+    if not entries:
+        raise ValueError("a submission needs at least one DocumentEntry")
     request = etree.Element(
         f"{{{ns.LCM}}}SubmitObjectsRequest", nsmap={"lcm": ns.LCM, "rim": ns.RIM}
     )
     object_list = etree.SubElement(request, f"{{{ns.RIM}}}RegistryObjectList")
-    object_list.append(_document_entry(entry))
+    for entry in entries:
+        object_list.append(_document_entry(entry))
     object_list.append(_submission_set(submission_set))
     etree.SubElement(
         object_list,
@@ -180,13 +208,14 @@ def manifest_submission(
             "classification_node"
         ],
     )
-    association = etree.SubElement(
-        object_list,
-        f"{{{ns.RIM}}}Association",
-        id=ebrim.new_uuid(),
-        associationType=ebrim.HAS_MEMBER,
-        sourceObject=submission_set.entry_id,
-        targetObject=entry.entry_id,
-    )
-    add_slot(association, "SubmissionSetStatus", ["Original"])
+    for entry in entries:
+        association = etree.SubElement(
+            object_list,
+            f"{{{ns.RIM}}}Association",
+            id=ebrim.new_uuid(),
+            associationType=ebrim.HAS_MEMBER,
+            sourceObject=submission_set.entry_id,
+            targetObject=entry.entry_id,
+        )
+        add_slot(association, "SubmissionSetStatus", ["Original"])
     return request

@@ -20,6 +20,7 @@ from xdsi.errors import (
     UnknownStoredQuery,
 )
 from xdsi.metadata.codes import Code
+from xdsi.metadata.validation import is_dtm
 from xdsi.profiles_loader import load_profile_table
 
 RETURN_LEAF_CLASS = "LeafClass"
@@ -28,8 +29,18 @@ RETURN_OBJECT_REF = "ObjectRef"
 
 @cache
 def stored_queries() -> dict[str, dict[str, Any]]:
-    """Return profiles/stored_queries.toml, keyed by query name."""
-    return load_profile_table("stored_queries")
+    """Return the queries of profiles/stored_queries.toml, keyed by name."""
+    return {
+        name: row
+        for name, row in load_profile_table("stored_queries").items()
+        if "id" in row
+    }
+
+
+@cache
+def parameter_values() -> dict[str, list[str]]:
+    """Return the allowed values of the parameters that have a closed list."""
+    return load_profile_table("stored_queries")["parameter_values"]
 
 
 @cache
@@ -59,6 +70,14 @@ class StoredQuery:
     def values(self, name: str) -> list[str]:
         """All values of a parameter, flattened (for OR-only parameters)."""
         return [v for group in self.parameters.get(name, []) for v in group]
+
+    def patient_id(self) -> str | None:
+        """The patient the query is about, if it names one (ITI TF-2 3.18.5.1)."""
+        specs = stored_queries()[self.name].get("parameters", {})
+        for param, spec in specs.items():
+            if spec.get("patient") and param in self.parameters:
+                return self.single(param)
+        return None
 
     def codes(self, name: str) -> list[list[Code]]:
         """Code parameters as ``code^^scheme`` values, grouped by slot."""
@@ -197,9 +216,14 @@ def check_parameters(query: StoredQuery) -> None:
         if spec.get("required") and param not in query.parameters:
             raise StoredQueryMissingParam(f"{query.name} requires {param}", param)
     one_of = table.get("one_of", [])
-    if one_of and not any(p in query.parameters for p in one_of):
+    given = [p for p in one_of if p in query.parameters]
+    if one_of and not given:
         raise StoredQueryMissingParam(
             f"{query.name} requires one of {', '.join(one_of)}", one_of[0]
+        )
+    if len(given) > 1:
+        raise StoredQueryParamNumber(
+            f"{query.name} takes only one of {', '.join(one_of)}", given[1]
         )
     for param, groups in query.parameters.items():
         spec = specs.get(param)
@@ -213,6 +237,25 @@ def check_parameters(query: StoredQuery) -> None:
             )
         if spec.get("code"):
             query.codes(param)
+        _check_values(query.name, param, spec, query.values(param))
+
+
+def _check_values(
+    name: str, param: str, spec: dict[str, Any], values: list[str]
+) -> None:
+    """Check values against a closed list or the DTM format."""
+    allowed = parameter_values().get(param)
+    for value in values:
+        if allowed is not None and value not in allowed:
+            raise StoredQueryParamNumber(
+                f"{name} parameter {param} value {value!r} is not one of "
+                f"{', '.join(allowed)} (ITI TF-2 3.18.4.1.2.3.7)",
+                param,
+            )
+        if spec.get("dtm") and not is_dtm(value):
+            raise StoredQueryParamNumber(
+                f"{param} value {value!r} is not a DTM (ITI TF-3 4.2.3.1.6)", param
+            )
 
 
 def quote_value(value: str) -> str:

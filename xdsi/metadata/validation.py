@@ -4,20 +4,26 @@ Implements the checks of ITI TF-3 4.1 and 4.2 that need no registry state:
 one SubmissionSet, the attributes that profiles/xds_metadata.toml marks
 required, value formats (CX patient ids, OIDs, DTM, SHA-1, size), patient id
 agreement, uniqueIds unique within the message and membership of every
-DocumentEntry in the SubmissionSet. Checks against the registry's contents
-(known patient, uniqueIds already held) are the registry's own.
+DocumentEntry in the SubmissionSet; and, given what the Document Registry
+holds of the objects Associations name outside the submission, the rules of
+ITI TF-3 4.2.2.1 (HasMember) and 4.2.2.2 (document relationships). Looking
+those objects up is the registry's own.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from lxml import etree
 
 from xdsi import ns
 from xdsi.errors import (
+    DeprecatedDocument,
     DuplicateUniqueIdInMessage,
     MetadataInvalid,
     PatientIdDoesNotMatch,
@@ -345,38 +351,38 @@ def _check_patient_ids(
 def _check_membership(
     submission: Submission, submission_set: RegistryObject
 ) -> list[XdsError]:
-    """ITI TF-3 4.2.2.1: each DocumentEntry is a member of the SubmissionSet."""
+    """ITI TF-3 4.2.2.1: each DocumentEntry and Folder is a member of the
+    SubmissionSet; each Association is of a type of ITI TF-3 4.2.2.
+
+    An end of an Association that is an entryUUID outside the submission may
+    name an object already registered; check_references judges those.
+    """
     errors: list[XdsError] = []
     known = {o.id for o in submission.objects}
     members = set()
     for association in submission.associations:
-        if association.association_type != ebrim.HAS_MEMBER:
-            # Limitation: RPLC, APND, XFRM, XFRM_RPLC and signs associations
-            # are refused; the registry keeps no document relationships yet.
+        kind = association.association_type
+        if kind != ebrim.HAS_MEMBER and kind not in relationship_types():
             errors.append(
                 MetadataInvalid(
-                    f"Association {association.id} type {association.association_type} "
-                    "is not supported by this Document Registry",
+                    f"Association {association.id} type {kind} is none of "
+                    "ITI TF-3 4.2.2",
                     association.id,
                 )
             )
             continue
-        if association.source_object not in known:
-            errors.append(
-                UnresolvedReference(
-                    f"Association {association.id} sourceObject "
-                    f"{association.source_object} names no object of the submission",
-                    association.id,
+        for end, value in (
+            ("sourceObject", association.source_object),
+            ("targetObject", association.target_object),
+        ):
+            if value not in known and not ebrim.is_uuid(value):
+                errors.append(
+                    UnresolvedReference(
+                        f"Association {association.id} {end} {value} names no "
+                        "object of the submission and is no entryUUID",
+                        association.id,
+                    )
                 )
-            )
-        if association.target_object not in known:
-            errors.append(
-                UnresolvedReference(
-                    f"Association {association.id} targetObject "
-                    f"{association.target_object} names no object of the submission",
-                    association.id,
-                )
-            )
         if association.source_object == submission_set.id:
             members.add(association.target_object)
             status = association.slot("SubmissionSetStatus")
@@ -398,6 +404,151 @@ def _check_membership(
                 )
             )
     return errors
+
+
+@dataclass(frozen=True)
+class HeldObject:
+    """An object already in the Document Registry that a submission names."""
+
+    entry_uuid: str
+    kind: str
+    patient_id: str | None
+    status: str
+
+
+def relationship_types() -> dict[str, dict[str, Any]]:
+    """Document relationship rows of profiles/xds_metadata.toml, by type URN."""
+    return {
+        row["type"]: {"name": name, **row}
+        for name, row in ebrim.metadata_table()["DocumentRelationship"].items()
+    }
+
+
+def external_references(submission: Submission) -> set[str]:
+    """Return the entryUUIDs Associations name outside the submission."""
+    known = {o.id for o in submission.objects}
+    return {
+        value
+        for association in submission.associations
+        for value in (association.source_object, association.target_object)
+        if value not in known
+    }
+
+
+def check_references(
+    submission: Submission, held: Mapping[str, HeldObject]
+) -> list[XdsError]:
+    """Check each Association against the objects its ends name.
+
+    ``held`` maps the entryUUIDs of external_references that the Document
+    Registry holds to what it knows of them. ITI TF-3 4.2.2.1: a HasMember
+    Association runs from the SubmissionSet to an object of the submission
+    or to a registered DocumentEntry of the same patient, or from a Folder
+    (new or registered) to a DocumentEntry of the Folder's patient.
+    ITI TF-3 4.2.2.2: a document relationship runs from a DocumentEntry of
+    the submission to an Approved DocumentEntry already registered, of the
+    same patient.
+    """
+    new = {o.id: o for o in submission.objects}
+    errors: list[XdsError] = []
+    for association in submission.associations:
+        ends = []
+        for end, value in (
+            ("sourceObject", association.source_object),
+            ("targetObject", association.target_object),
+        ):
+            if value in new:
+                obj = new[value]
+                ends.append(HeldObject(value, obj.kind, obj.patient_id, ""))
+            elif value in held:
+                ends.append(held[value])
+            else:
+                errors.append(
+                    UnresolvedReference(
+                        f"Association {association.id} {end} {value} names no "
+                        "object of the submission nor of the Document Registry",
+                        association.id,
+                    )
+                )
+        if len(ends) == 2:
+            errors.extend(_check_association(association, *ends, new))
+    return errors
+
+
+def _check_association(
+    association: RegistryObject,
+    source: HeldObject,
+    target: HeldObject,
+    new: Mapping[str, RegistryObject],
+) -> list[XdsError]:
+    label = f"Association {association.id}"
+    kind = association.association_type
+    if kind == ebrim.HAS_MEMBER:
+        if source.kind == ebrim.SUBMISSION_SET and source.entry_uuid in new:
+            if target.entry_uuid in new or target.kind == ebrim.DOCUMENT_ENTRY:
+                return _same_patient(label, source, target)
+            return [
+                MetadataInvalid(
+                    f"{label} makes registered {target.kind} {target.entry_uuid} a "
+                    "member of the SubmissionSet; ITI TF-3 4.2.2.1 allows only "
+                    "registered DocumentEntries",
+                    association.id,
+                )
+            ]
+        if source.kind == ebrim.FOLDER and target.kind == ebrim.DOCUMENT_ENTRY:
+            return _same_patient(label, source, target)
+        return [
+            MetadataInvalid(
+                f"{label} HasMember from {source.kind or 'object'} "
+                f"{source.entry_uuid} to {target.kind or 'object'} "
+                f"{target.entry_uuid}; ITI TF-3 4.2.2.1 wants SubmissionSet or "
+                "Folder members",
+                association.id,
+            )
+        ]
+
+    if source.entry_uuid not in new or source.kind != ebrim.DOCUMENT_ENTRY:
+        return [
+            MetadataInvalid(
+                f"{label} {kind} sourceObject must be a DocumentEntry of the "
+                "submission (ITI TF-3 4.2.2.2)",
+                association.id,
+            )
+        ]
+    if target.entry_uuid in new or target.kind != ebrim.DOCUMENT_ENTRY:
+        return [
+            MetadataInvalid(
+                f"{label} {kind} targetObject must be a DocumentEntry already in "
+                "the Document Registry (ITI TF-3 4.2.2.2)",
+                association.id,
+            )
+        ]
+    if target.status != ebrim.STATUS_APPROVED:
+        return [
+            DeprecatedDocument(
+                f"{label} {kind} targets DocumentEntry {target.entry_uuid}, which "
+                "is not Approved (ITI TF-3 4.2.2.2)",
+                association.id,
+            )
+        ]
+    return _same_patient(label, source, target)
+
+
+def _same_patient(label: str, source: HeldObject, target: HeldObject) -> list[XdsError]:
+    """ITI TF-3 4.2.2: both ends of an Association are of one patient."""
+    if (
+        source.patient_id
+        and target.patient_id
+        and source.patient_id != target.patient_id
+    ):
+        return [
+            PatientIdDoesNotMatch(
+                f"{label} links {source.kind} {source.entry_uuid} and "
+                f"{target.kind} {target.entry_uuid} of different patients",
+                target.entry_uuid,
+            )
+        ]
+    return []
 
 
 def _check_unique_ids_in_message(submission: Submission) -> list[XdsError]:

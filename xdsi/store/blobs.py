@@ -1,8 +1,11 @@
-"""Blob store: documents and image instances as files in a local directory.
+"""Blob store: documents and image instances kept under opaque keys.
 
-Files are placed by renaming a spooled file into the store (no second copy),
-fsynced, under a name derived from a key's SHA-256, two directory levels
-deep so that no directory grows unbounded.
+:class:`Blobs` is what the Document Repository needs of a store;
+:class:`BlobStore` keeps blobs as files in a local directory (the default)
+and :class:`xdsi.store.s3.S3BlobStore` as objects in an S3-compatible
+bucket. In a local directory, files are placed by renaming a spooled file
+into the store (no second copy), fsynced, under a name derived from a key's
+SHA-256, two directory levels deep so that no directory grows unbounded.
 """
 
 from __future__ import annotations
@@ -12,10 +15,48 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Protocol
+
+
+def relative_path(key: str) -> str:
+    """Return the name a blob has in a store for ``key``."""
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
+    return f"{digest[:2]}/{digest[2:4]}/{digest}"
+
+
+class Blobs(Protocol):
+    """A store of blobs, each put once from a spooled file and read as a
+    stream.
+
+    ``spool`` is a local directory for files on their way into the store.
+    """
+
+    spool: Path
+
+    def put_file(self, key: str, source: Path, *, move: bool = True) -> str:
+        """Store ``source`` under ``key``; return the blob's name.
+
+        With ``move`` the source file is consumed. A reader never sees a
+        partial blob.
+        """
+        ...
+
+    def put_bytes(self, key: str, data: bytes) -> str:
+        """Store a small blob held in memory; return its name."""
+        ...
+
+    def open(self, relative: str) -> BinaryIO:
+        """Open a blob for a streaming read."""
+        ...
+
+    def delete(self, relative: str) -> None:
+        """Remove a blob; one already gone is no error."""
+        ...
 
 
 class BlobStore:
-    """Files keyed by an opaque string (a uniqueId or SOP Instance UID)."""
+    """Files in a local directory, keyed by an opaque string (a uniqueId or
+    SOP Instance UID)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -24,8 +65,7 @@ class BlobStore:
         self.spool.mkdir(exist_ok=True)
 
     def relative_path(self, key: str) -> str:
-        digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
-        return f"{digest[:2]}/{digest[2:4]}/{digest}"
+        return relative_path(key)
 
     def path(self, relative: str) -> Path:
         return self.root / relative
@@ -54,12 +94,17 @@ class BlobStore:
             tmp.flush()
             os.fsync(tmp.fileno())
         os.replace(tmp.name, target)
+        if move:
+            source.unlink(missing_ok=True)
         return relative
 
     def put_bytes(self, key: str, data: bytes) -> str:
         with tempfile.NamedTemporaryFile(dir=self.spool, delete=False) as tmp:
             tmp.write(data)
         return self.put_file(key, Path(tmp.name))
+
+    def open(self, relative: str) -> BinaryIO:
+        return (self.root / relative).open("rb")
 
     def delete(self, relative: str) -> None:
         try:

@@ -60,6 +60,15 @@ registry_object = Table(
     Column("service_start_time", String(14)),
     Column("service_stop_time", String(14)),
     Column("submission_time", String(14)),
+    # Folder lastUpdateTime, set by the Document Registry (ITI TF-3 4.2.3.4).
+    Column("last_update_time", String(14)),
+    # SubmissionSet sourceId (ITI TF-3 4.2.3.3).
+    Column("source_id", String(64)),
+    # Empty for the first registration of a uniqueId; the object's own
+    # entryUUID when the same document (same hash) is registered again, which
+    # ITI TF-3 Table 4.2.4.1-2 allows (only another hash is
+    # XDSNonIdenticalHash).
+    Column("resubmission", String(64), nullable=False, default=""),
     Column("association_type", String(128)),
     Column("source_object", String(64)),
     Column("target_object", String(64)),
@@ -68,9 +77,17 @@ registry_object = Table(
     Index("ix_registry_object_patient", "patient_id", "kind", "status"),
     # ITI TF-3 4.2.3.2.26: a uniqueId names one object of its kind; the
     # index also settles two submissions racing for the same uniqueId.
-    Index("ux_registry_object_unique_id", "kind", "unique_id", "version", unique=True),
+    Index(
+        "ux_registry_object_unique_id",
+        "kind",
+        "unique_id",
+        "version",
+        "resubmission",
+        unique=True,
+    ),
     Index("ix_registry_object_source", "source_object"),
     Index("ix_registry_object_target", "target_object"),
+    Index("ix_registry_object_source_id", "source_id"),
 )
 
 # Coded attributes (classCode, eventCodeList, ...), one row per value.
@@ -158,13 +175,13 @@ imaging_manifest = Table(
 
 
 def make_engine(url: str) -> Engine:
-    """Create the engine and the tables.
+    """Create the engine and upgrade the database to the newest migration.
 
     SQLite runs in WAL mode with a busy timeout, so that the actors' threads
-    can share one file; PostgreSQL needs nothing special.
+    can share one file; PostgreSQL needs nothing special. The Alembic
+    revisions of xdsi.store.migrations create the tables, or bring an older
+    database up to this schema.
     """
-    # Limitation: tables are created with create_all; there are no Alembic
-    # migrations yet, so a schema change needs a fresh database.
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
@@ -180,5 +197,10 @@ def make_engine(url: str) -> Engine:
             cursor.close()
     else:
         engine = create_engine(url, pool_pre_ping=True)
-    metadata.create_all(engine)
+
+    # Imported here because the migrations read this module's metadata.
+    from xdsi.store import migrations
+
+    with engine.begin() as connection:
+        migrations.upgrade(connection)
     return engine

@@ -13,12 +13,13 @@ computed, so memory stays flat whatever the document size; the root part
 
 import binascii
 import hashlib
-import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType
 from typing import BinaryIO, Protocol
@@ -76,17 +77,31 @@ class Attachment:
 
 
 @dataclass(frozen=True)
+class StreamSource:
+    """A part body of ``size`` bytes, read from the stream ``open`` returns.
+
+    ``open`` is called when the part is sent, and the stream is closed after
+    it, so that a body held elsewhere (an object store) streams in
+    CHUNK_SIZE pieces and is never whole in memory.
+    """
+
+    open: Callable[[], BinaryIO]
+    size: int
+
+
+@dataclass(frozen=True)
 class OutgoingPart:
-    """A MIME part to send, from a file (``path``) or from ``data``."""
+    """A MIME part to send, from a file (``path``), a ``stream`` or ``data``."""
 
     content_id: str
     content_type: str
     path: Path | None = None
     data: bytes | None = None
+    stream: StreamSource | None = None
 
     def __post_init__(self) -> None:
-        if (self.path is None) == (self.data is None):
-            raise ValueError("OutgoingPart needs exactly one of path and data")
+        if [self.path, self.data, self.stream].count(None) != 2:
+            raise ValueError("OutgoingPart needs exactly one of path, data and stream")
         if not self.content_id or not _is_header_safe(self.content_id, "<> "):
             raise ValueError(f"content_id {self.content_id!r} is not a bare Content-ID")
         if not _is_header_safe(self.content_type, ""):
@@ -609,17 +624,18 @@ def _part_head(boundary: str, content_type: str, content_id: str, first: bool) -
     ).encode("ascii")
 
 
-def _stream_file(path: Path, size: int) -> Iterator[bytes]:
-    """Yield a file in CHUNK_SIZE pieces, checking it has ``size`` bytes."""
-    remaining = size
-    with path.open("rb") as file:
+def _stream_file(source: StreamSource, name: str) -> Iterator[bytes]:
+    """Yield a stream in CHUNK_SIZE pieces, checking it has its announced
+    size."""
+    remaining = source.size
+    with closing(source.open()) as file:
         while remaining and (chunk := file.read(min(CHUNK_SIZE, remaining))):
             remaining -= len(chunk)
             yield chunk
         grown = bool(file.read(1))
     if remaining or grown:
         raise WireError(
-            f"{path} changed size while being sent ({size} bytes announced)"
+            f"{name} changed size while being sent ({source.size} bytes announced)"
         )
 
 
@@ -636,8 +652,9 @@ def write_message(
     (application/soap+xml). Otherwise it is an MTOM/XOP package (SOAP 1.2
     MTOM 4.3): the envelope as root part, then each part streamed from its
     file in CHUNK_SIZE pieces, all with Content-Transfer-Encoding binary.
-    The length counts the files' sizes at call time; a file that changes
-    size before it is sent makes the iterator raise WireError.
+    The length counts the files' sizes at call time and the streams'
+    announced sizes; a body whose size differs when it is sent makes the
+    iterator raise WireError.
     """
     root = serialize(envelope)
     if not mtom and not parts:
@@ -652,23 +669,28 @@ def write_message(
         f"action={_quoted(action)}"
     )
     root_type = 'application/xop+xml; charset=UTF-8; type="application/soap+xml"'
-    pieces: list[bytes | tuple[Path, int]] = [
+    pieces: list[bytes | tuple[StreamSource, str]] = [
         _part_head(boundary, root_type, root_id, first=True),
         root,
     ]
     for part in parts:
         pieces.append(_part_head(boundary, part.content_type, part.content_id, False))
         if part.path is not None:
-            pieces.append((part.path, os.stat(part.path).st_size))
+            source = StreamSource(
+                partial(part.path.open, "rb"), part.path.stat().st_size
+            )
+            pieces.append((source, str(part.path)))
+        elif part.stream is not None:
+            pieces.append((part.stream, f"part <{part.content_id}>"))
         else:
             assert part.data is not None
             pieces.append(part.data)
     pieces.append(f"\r\n--{boundary}--\r\n".encode("ascii"))
-    length = sum(len(p) if isinstance(p, bytes) else p[1] for p in pieces)
+    length = sum(len(p) if isinstance(p, bytes) else p[0].size for p in pieces)
     return content_type, length, _chunks(pieces)
 
 
-def _chunks(pieces: list[bytes | tuple[Path, int]]) -> Iterator[bytes]:
+def _chunks(pieces: list[bytes | tuple[StreamSource, str]]) -> Iterator[bytes]:
     for piece in pieces:
         if isinstance(piece, bytes):
             yield piece

@@ -348,6 +348,9 @@ PLACEHOLDERS = {
     "$altpatientid$": "PAT-FED-2^^^&1.3.6.1.4.1.21367.13.20.1000&ISO",
     "$uuid$": "urn:uuid:7e1b1b4c-0e6a-4b8e-9d3c-2f1a5b6c7d8e",
     "$uid$": "1.3.6.1.4.1.21367.2005.3.99.1",
+    "$uniqueid$": "1.3.6.1.4.1.21367.2005.3.99.2",
+    "$uuid1$": "urn:uuid:1e1b1b4c-0e6a-4b8e-9d3c-2f1a5b6c7d8e",
+    "$uuid2$": "urn:uuid:2e1b1b4c-0e6a-4b8e-9d3c-2f1a5b6c7d8e",
 }
 
 
@@ -376,6 +379,17 @@ NIST_ACCEPTED = {
     "iti18-findDocuments-deprecated": FIND_DOCUMENTS,
     "iti18-getDocuments-uuid": GET_DOCUMENTS,
     "iti18-getDocuments-uniqueid": GET_DOCUMENTS,
+    "iti18-findSubmissionSets-simple": "FindSubmissionSets",
+    "iti18-findFolders-basic": "FindFolders",
+    "iti18-getAll-all": "GetAll",
+    "iti18-getFolders-uuid": "GetFolders",
+    "iti18-getAssociations-single_from_doc": "GetAssociations",
+    "iti18-getDocumentsAndAssociations-uuid": "GetDocumentsAndAssociations",
+    "iti18-getSubmissionSets-doc_uuid": "GetSubmissionSets",
+    "iti18-getSubmissionSetAndContents-uuid": "GetSubmissionSetAndContents",
+    "iti18-getFolderAndContents-uuid": "GetFolderAndContents",
+    "iti18-getFoldersForDocument-uuid": "GetFoldersForDocument",
+    "iti18-getRelatedDocuments-uniqueid": "GetRelatedDocuments",
 }
 
 
@@ -388,8 +402,10 @@ def test_nist_request_is_read(case_id: str) -> None:
     query = read_query(request)
 
     assert query.name == NIST_ACCEPTED[case_id]
-    if query.name == FIND_DOCUMENTS:
-        assert query.single("$XDSDocumentEntryPatientId") == PATIENT_ID
+    if query.name.startswith("Find") or query.name == "GetAll":
+        assert query.patient_id() == PATIENT_ID
+    else:
+        assert query.patient_id() is None
 
 
 def test_nist_event_code_multi_select_is_two_and_groups() -> None:
@@ -424,3 +440,106 @@ def test_nist_request_expecting_failure_is_refused(case_id: str) -> None:
     """ITI TF-3 Table 4.2.4.1-2: each refused request raises its rule."""
     with pytest.raises(NIST_REFUSED[case_id]):
         read_query(_nist_request(case_id))
+
+
+# --- parameter rules of ITI TF-2 3.18.4.1.2.3.7 ------------------------------
+
+
+def test_every_stored_query_of_the_tf_is_in_the_table() -> None:
+    """ITI TF-2 3.18.4.1.2.3.7: the fourteen stored queries and their ids."""
+    assert len(stored_queries()) == 14
+    assert len({row["id"] for row in stored_queries().values()}) == 14
+
+
+def test_both_of_one_of_parameters_is_stored_query_param_number() -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.5: entryUUID or uniqueId, not both."""
+    request = build_query(
+        GET_DOCUMENTS,
+        {
+            "$XDSDocumentEntryEntryUUID": [PLACEHOLDERS["$uuid$"]],
+            "$XDSDocumentEntryUniqueId": [PLACEHOLDERS["$uid$"]],
+        },
+    )
+
+    with pytest.raises(StoredQueryParamNumber, match="only one of"):
+        read_query(request)
+
+
+def test_unknown_document_entry_type_is_stored_query_param_number() -> None:
+    """ITI TF-2 3.18.4.1.2.3.7: $XDSDocumentEntryType is an objectType UUID."""
+    request = build_query(
+        FIND_DOCUMENTS,
+        {
+            "$XDSDocumentEntryPatientId": PATIENT_ID,
+            "$XDSDocumentEntryStatus": [
+                "urn:oasis:names:tc:ebxml-regrep:StatusType:Approved"
+            ],
+            "$XDSDocumentEntryType": ["urn:uuid:00000000-0000-4000-8000-000000000000"],
+        },
+    )
+
+    with pytest.raises(StoredQueryParamNumber, match=r"\$XDSDocumentEntryType"):
+        read_query(request)
+
+
+def test_metadata_level_other_than_1_or_2_is_stored_query_param_number() -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.5: $MetadataLevel is 1 or 2."""
+    request = build_query(
+        GET_DOCUMENTS, {"$XDSDocumentEntryEntryUUID": [PLACEHOLDERS["$uuid$"]]}
+    )
+    slot = etree.SubElement(
+        request.find(f"{{{ns.RIM}}}AdhocQuery"),
+        f"{{{ns.RIM}}}Slot",
+        name="$MetadataLevel",
+    )
+    value_list = etree.SubElement(slot, f"{{{ns.RIM}}}ValueList")
+    etree.SubElement(value_list, f"{{{ns.RIM}}}Value").text = "3"
+
+    with pytest.raises(StoredQueryParamNumber, match="MetadataLevel"):
+        read_query(request)
+
+
+@pytest.mark.parametrize("value", ["2006122", "20061332", "yesterday"])
+def test_time_parameter_that_is_no_dtm_is_stored_query_param_number(
+    value: str,
+) -> None:
+    """ITI TF-3 4.2.3.1.6: $XDSSubmissionSetSubmissionTimeFrom is a DTM."""
+    request = build_query(
+        "FindSubmissionSets",
+        {
+            "$XDSSubmissionSetPatientId": PATIENT_ID,
+            "$XDSSubmissionSetStatus": [
+                "urn:oasis:names:tc:ebxml-regrep:StatusType:Approved"
+            ],
+            "$XDSSubmissionSetSubmissionTimeFrom": value,
+        },
+    )
+
+    with pytest.raises(StoredQueryParamNumber, match="not a DTM"):
+        read_query(request)
+
+
+def test_get_related_documents_without_association_types_is_missing_param() -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.13: $AssociationTypes is required."""
+    request = build_query(
+        "GetRelatedDocuments", {"$XDSDocumentEntryEntryUUID": PLACEHOLDERS["$uuid$"]}
+    )
+
+    with pytest.raises(StoredQueryMissingParam, match="AssociationTypes"):
+        read_query(request)
+
+
+def test_get_submission_set_and_contents_takes_one_submission_set() -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.10: $XDSSubmissionSetEntryUUID is single."""
+    request = build_query(
+        "GetSubmissionSetAndContents",
+        {
+            "$XDSSubmissionSetEntryUUID": [
+                PLACEHOLDERS["$uuid1$"],
+                PLACEHOLDERS["$uuid2$"],
+            ]
+        },
+    )
+
+    with pytest.raises(StoredQueryParamNumber, match="takes one value"):
+        read_query(request)

@@ -636,38 +636,41 @@ def test_document_entry_that_is_no_member_is_metadata_invalid(
     assert f"DocumentEntry {ENTRY_ID} is not a member" in str(error)
 
 
-def test_association_to_an_absent_object_is_unresolved_reference(
+def test_association_to_an_absent_symbolic_id_is_unresolved_reference(
     request_element: etree._Element,
 ) -> None:
     """ebRS 3.0 UnresolvedReferenceException: targetObject names no object."""
     association = request_element.find(f"{RIM}RegistryObjectList/{RIM}Association")
     dangling = copy.deepcopy(association)
     dangling.set("id", "Association02")
-    dangling.set("targetObject", "urn:uuid:" + str(uuid.uuid4()))
+    dangling.set("targetObject", "Document99")
     association.addnext(dangling)
 
     error = _single_error(request_element)
 
     assert type(error) is UnresolvedReference
     assert error.location == "Association02"
-    assert "targetObject" in str(error)
+    assert "targetObject Document99" in str(error)
 
 
-@pytest.mark.parametrize(
-    "association_type",
-    [
-        "urn:ihe:iti:2007:AssociationType:RPLC",
-        "urn:ihe:iti:2007:AssociationType:APND",
-        "urn:ihe:iti:2007:AssociationType:XFRM",
-        "urn:ihe:iti:2007:AssociationType:XFRM_RPLC",
-        "urn:ihe:iti:2007:AssociationType:signs",
-    ],
-    ids=lambda value: value.rsplit(":", 1)[-1],
-)
-def test_unsupported_association_type_is_metadata_invalid(
-    request_element: etree._Element, association_type: str
+def test_association_to_an_outside_entry_uuid_is_left_to_the_registry(
+    request_element: etree._Element,
 ) -> None:
-    """ITI TF-3 4.2.2.2: this registry refuses document relationships."""
+    """ITI TF-3 4.2.2.1: an entryUUID may name an object already registered."""
+    association = request_element.find(f"{RIM}RegistryObjectList/{RIM}Association")
+    outside = copy.deepcopy(association)
+    outside.set("id", "Association02")
+    outside.set("targetObject", "urn:uuid:" + str(uuid.uuid4()))
+    association.addnext(outside)
+
+    assert check_submission(read_registry_objects(request_element)) == []
+
+
+def test_association_type_outside_iti_tf_3_4_2_2_is_metadata_invalid(
+    request_element: etree._Element,
+) -> None:
+    """ITI TF-3 4.2.2: HasMember and the document relationships only."""
+    association_type = "urn:ihe:iti:2010:AssociationType:IsSnapshotOf"
     etree.SubElement(
         request_element.find(f"{RIM}RegistryObjectList"),
         f"{RIM}Association",

@@ -1,0 +1,103 @@
+"""ITI-43 Retrieve Document Set from independent parsers: zeep, loading the
+official IHE repository WSDL, calls our Document Repository, and Python's
+``email`` package reads our MTOM answer as a second MIME parser."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import hashlib
+from pathlib import Path
+
+import requests
+import zeep
+from lxml import etree
+from zeep.wsa import WsAddressingPlugin
+
+from tests.conftest import shared_path
+from tests.integration.conftest import PATIENT
+from tests.integration.s3_peer import (  # noqa: F401 (fixtures)
+    RepositoryNode,
+    blob_store_fixture,
+    repository_node_fixture,
+    s3_peer_fixture,
+)
+from xdsi import ns, wire
+from xdsi.actors.document_source import DocumentSource
+
+RETRIEVE = "urn:ihe:iti:2007:RetrieveDocumentSet"
+
+
+def _submit(node: RepositoryNode, tmp_path: Path) -> tuple[str, Path]:
+    node.feed()
+    document = shared_path("dicom", "study-ct", "S1000", "I0010.dcm")
+    submitted = DocumentSource(node.settings, tmp_path / "spool").submit(
+        [document], PATIENT, mime_type="application/dicom"
+    )
+    return submitted.document_unique_ids[0], document
+
+
+def test_zeep_retrieves_the_document(repository_node: RepositoryNode, tmp_path: Path):
+    """ITI TF-2 3.43.4.1.2: a RetrieveDocumentSetRequest built by zeep from the
+    official WSDL is answered with the document."""
+    unique_id, document = _submit(repository_node, tmp_path)
+    wsdl = shared_path("schemas", "wsdl", "XDS.b_DocumentRepository.wsdl")
+    client = zeep.Client(str(wsdl), plugins=[WsAddressingPlugin()])
+    service = client.create_service(
+        "{urn:ihe:iti:xds-b:2007}DocumentRepository_Binding",
+        repository_node.settings.url("repository"),
+    )
+    answer = service["DocumentRepository_RetrieveDocumentSet"](
+        DocumentRequest=[
+            {
+                "RepositoryUniqueId": (
+                    repository_node.settings.repository.repository_unique_id
+                ),
+                "DocumentUniqueId": unique_id,
+            }
+        ]
+    )
+    assert answer.RegistryResponse.status.endswith(":Success")
+    (item,) = answer.DocumentResponse
+    assert item.DocumentUniqueId == unique_id
+    assert item.mimeType == "application/dicom"
+    assert item.Document == document.read_bytes()
+
+
+def test_mtom_answer_parses_with_the_email_package(
+    repository_node: RepositoryNode, tmp_path: Path
+):
+    """SOAP 1.2 MTOM 4.3, RFC 2387: the answer is a multipart/related package
+    whose start part is the envelope and whose other part is the document."""
+    unique_id, document = _submit(repository_node, tmp_path)
+    request = etree.Element(
+        f"{{{ns.XDSB}}}RetrieveDocumentSetRequest", nsmap={"xdsb": ns.XDSB}
+    )
+    item = etree.SubElement(request, f"{{{ns.XDSB}}}DocumentRequest")
+    etree.SubElement(
+        item, f"{{{ns.XDSB}}}RepositoryUniqueId"
+    ).text = repository_node.settings.repository.repository_unique_id
+    etree.SubElement(item, f"{{{ns.XDSB}}}DocumentUniqueId").text = unique_id
+    url = repository_node.settings.url("repository")
+    content_type, _, chunks = wire.write_message(
+        wire.build_envelope(request, RETRIEVE, to=url), RETRIEVE, mtom=False
+    )
+    answer = requests.post(
+        url, data=b"".join(chunks), headers={"Content-Type": content_type}, timeout=60
+    )
+    assert answer.status_code == 200
+
+    head = f"Content-Type: {answer.headers['Content-Type']}\r\n\r\n".encode()
+    package = email.message_from_bytes(head + answer.content, policy=email.policy.HTTP)
+    assert package.get_content_type() == "multipart/related"
+    root, part = package.get_payload()
+    assert f"<{package.get_param('start').strip('<>')}>" == root["Content-ID"]
+    assert root.get_content_type() == "application/xop+xml"
+    envelope = etree.fromstring(root.get_payload(decode=True))
+    include = envelope.find(f".//{{{ns.XDSB}}}Document/{{{ns.XOP}}}Include")
+    assert include.get("href") == "cid:" + part["Content-ID"].strip("<>")
+    body = part.get_payload(decode=True)
+    assert (
+        hashlib.sha1(body).hexdigest()
+        == hashlib.sha1(document.read_bytes()).hexdigest()
+    )

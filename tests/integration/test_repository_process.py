@@ -1,0 +1,195 @@
+"""The Document Repository as a separate ``xdsi serve`` process: memory stays
+flat for big documents (ITI-41 in, ITI-43 out), and a process killed between
+storing and registering leaves nothing once restarted."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from lxml import etree
+from sqlalchemy import func, select
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Request, Response
+
+from tests.integration.conftest import PATIENT
+from tests.integration.node_process import NodeProcess, node_settings
+from xdsi import ns, wire
+from xdsi.actors.document_source import DocumentSource
+from xdsi.config import Settings
+from xdsi.hl7.adt import build_feed
+from xdsi.hl7.mllp import send_message
+from xdsi.store.schema import make_engine, repository_document
+
+MB = 1024 * 1024
+
+
+def _feed(settings: Settings) -> None:
+    send_message(settings.node.host, settings.registry.feed_port, build_feed(PATIENT))
+
+
+def _document(path: Path, size: int) -> Path:
+    """A file of ``size`` bytes that no compression or dedup shortcuts."""
+    block = os.urandom(MB)
+    with path.open("wb") as out:
+        for n in range(size // MB):
+            out.write(hashlib.sha256(n.to_bytes(8, "big")).digest() + block[32:])
+    return path
+
+
+def _peak_rss_for(size: int, tmp_path: Path) -> int:
+    """Peak RSS of a fresh node that took one document in and gave it back."""
+    work = tmp_path / f"{size}"
+    work.mkdir()
+    settings = node_settings(work / "node")
+    node = NodeProcess.start(settings, work / "xdsi.toml")
+    try:
+        settings = node.effective(settings)
+        _feed(settings)
+        document = _document(work / "document.bin", size)
+        submitted = DocumentSource(settings, work / "spool").submit(
+            [document], PATIENT, mime_type="application/octet-stream"
+        )
+        (unique_id,) = submitted.document_unique_ids
+        client_spool = work / "retrieved"
+        client_spool.mkdir()
+        _assert_retrieved(settings, unique_id, document, client_spool)
+        return node.peak_rss()
+    finally:
+        node.stop()
+
+
+def _assert_retrieved(
+    settings: Settings, unique_id: str, document: Path, spool: Path
+) -> None:
+    request = etree.Element(
+        f"{{{ns.XDSB}}}RetrieveDocumentSetRequest", nsmap={"xdsb": ns.XDSB}
+    )
+    item = etree.SubElement(request, f"{{{ns.XDSB}}}DocumentRequest")
+    etree.SubElement(
+        item, f"{{{ns.XDSB}}}RepositoryUniqueId"
+    ).text = settings.repository.repository_unique_id
+    etree.SubElement(item, f"{{{ns.XDSB}}}DocumentUniqueId").text = unique_id
+    client = wire.SoapClient(settings.url("repository"), spool_dir=spool)
+    with client.call("urn:ihe:iti:2007:RetrieveDocumentSet", request) as reply:
+        (attachment,) = reply.attachments.values()
+        assert attachment.size == document.stat().st_size
+        digest = hashlib.sha1()
+        with document.open("rb") as handle:
+            while chunk := handle.read(MB):
+                digest.update(chunk)
+        assert attachment.sha1 == digest.hexdigest()
+
+
+def test_peak_rss_does_not_grow_with_document_size(tmp_path: Path):
+    """DESIGN.md principle 5: a 200 MB document through ITI-41 and ITI-43
+    costs the node no more peak memory (within 20 %) than a 10 MB one."""
+    small = _peak_rss_for(10 * MB, tmp_path)
+    big = _peak_rss_for(200 * MB, tmp_path)
+    assert big <= 1.2 * small, (small, big)
+
+
+class HoldingRelay:
+    """An HTTP relay to the registry that holds every request until released."""
+
+    def __init__(self) -> None:
+        self.target = ""
+        self.arrived = threading.Event()
+        self.release = threading.Event()
+        self._server = make_server("127.0.0.1", 0, self._app, threaded=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_port}/registry"
+
+    def _app(self, environ, start_response):  # type: ignore[no-untyped-def]
+        request = Request(environ)
+        body = request.get_data()
+        self.arrived.set()
+        self.release.wait(60)
+        answer = requests.post(
+            self.target,
+            data=body,
+            headers={"Content-Type": request.headers.get("Content-Type", "")},
+            timeout=60,
+        )
+        return Response(
+            answer.content,
+            status=answer.status_code,
+            content_type=answer.headers.get("Content-Type"),
+        )(environ, start_response)
+
+    def close(self) -> None:
+        self.release.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def relay() -> Iterator[HoldingRelay]:
+    relay = HoldingRelay()
+    yield relay
+    relay.close()
+
+
+def _pending(settings: Settings) -> tuple[int, list[Path]]:
+    engine = make_engine(settings.database_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                select(func.count()).select_from(repository_document)
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    root = settings.storage / "repository"
+    blobs = [p for p in root.rglob("*") if p.is_file() and ".spool" not in p.parts]
+    return rows, blobs
+
+
+def test_a_killed_submission_is_swept_at_restart(tmp_path: Path, relay: HoldingRelay):
+    """DESIGN.md principle 6: a node killed (SIGKILL) after storing a document
+    and before the registry answered keeps nothing once it starts again."""
+    settings = node_settings(
+        tmp_path / "node", registry_url=relay.url, pending_sweep_age=0
+    )
+    node = NodeProcess.start(settings, tmp_path / "xdsi.toml")
+    submitter = None
+    try:
+        effective = node.effective(settings)
+        relay.target = effective.url("registry")
+        _feed(effective)
+        document = tmp_path / "report.txt"
+        document.write_bytes(b"held at the registry\n" * 1000)
+        source = DocumentSource(effective, tmp_path / "spool")
+        failures: list[BaseException] = []
+
+        def submit() -> None:
+            try:
+                source.submit([document], PATIENT)
+            except BaseException as exc:  # the node dies under the request
+                failures.append(exc)
+
+        submitter = threading.Thread(target=submit, daemon=True)
+        submitter.start()
+        assert relay.arrived.wait(60), "ITI-42 never reached the relay"
+        assert _pending(effective)[0] == 1
+        assert len(_pending(effective)[1]) == 1
+        node.kill()
+    finally:
+        node.stop()
+    submitter.join(60)
+    assert failures, "the submission should not have succeeded"
+
+    restarted = NodeProcess.start(settings, tmp_path / "xdsi.toml")
+    try:
+        rows, blobs = _pending(settings)
+    finally:
+        restarted.stop()
+    assert (rows, blobs) == (0, [])
