@@ -162,6 +162,8 @@ class Node:
         for server in self._servers:
             thread = threading.Thread(
                 target=server.serve_forever,
+                # A short poll interval makes stop() quick.
+                kwargs={"poll_interval": 0.1},
                 daemon=True,
                 name=f"xdsi-http-{server.server_port}",
             )

@@ -78,6 +78,7 @@ def main(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("werkzeug").setLevel(max(level, logging.WARNING))
+    logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
     try:
         ctx.obj = {"settings": load_settings(config_path)}
     except ConfigError as exc:

@@ -106,7 +106,7 @@ def _run_node(tmp_path: Path, database_url: str) -> Iterator[RunningNode]:
         tap.close()
 
 
-def soap_body(content_type: str, data: bytes, tmp_path) -> etree._Element:  # type: ignore[no-untyped-def]
+def soap_body(content_type: str, data: bytes, tmp_path: Path) -> etree._Element:
     """Read a recorded message and inline its XOP includes as base64.
 
     The schemas declare xdsb:Document as base64Binary; the MTOM body is
@@ -123,7 +123,7 @@ def soap_body(content_type: str, data: bytes, tmp_path) -> etree._Element:  # ty
     return body
 
 
-def assert_valid_envelope(content_type: str, data: bytes, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def assert_valid_envelope(content_type: str, data: bytes, tmp_path: Path) -> None:
     """The SOAP 1.2 envelope and its WS-Addressing headers are valid."""
     message = wire.read_message(io.BytesIO(data), content_type, tmp_path)
     envelope = message.body.getroottree().getroot()
@@ -140,7 +140,7 @@ def assert_valid_envelope(content_type: str, data: bytes, tmp_path) -> None:  # 
                 )
 
 
-def validate_exchanges(taps: dict[str, Wiretap], tmp_path) -> int:  # type: ignore[no-untyped-def]
+def validate_exchanges(taps: dict[str, Wiretap], tmp_path: Path) -> int:
     """Validate every request and response that crossed the wiretaps."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     count = 0

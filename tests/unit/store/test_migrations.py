@@ -15,6 +15,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, func, insert, inspect, select
 
+from tests.conftest import PostgresCluster
 from xdsi.store import migrations
 from xdsi.store.schema import make_engine, metadata, patient
 
@@ -111,25 +112,27 @@ def test_database_made_without_migrations_is_refused(database_url: str):
         make_engine(database_url)
 
 
-def test_workers_starting_together_create_the_schema_once(postgresql):  # type: ignore[no-untyped-def]
+def test_workers_starting_together_create_the_schema_once(postgresql: PostgresCluster):
     """DESIGN.md "Storage": web workers sharing one PostgreSQL start at once."""
     database_url = postgresql.create_database()
     start = threading.Barrier(4)
-    errors: list[BaseException] = []
+    errors: list[Exception] = []
 
     def start_worker() -> None:
         start.wait()
         try:
             make_engine(database_url).dispose()
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except Exception as exc:
             errors.append(exc)
 
-    workers = [threading.Thread(target=start_worker) for _ in range(4)]
+    # Without the upgrade lock the workers block each other for good.
+    workers = [threading.Thread(target=start_worker, daemon=True) for _ in range(4)]
     for worker in workers:
         worker.start()
     for worker in workers:
-        worker.join()
+        worker.join(timeout=60)
     try:
+        assert not any(worker.is_alive() for worker in workers)
         assert errors == []
         engine = create_engine(database_url)
         assert _differences(engine) == []
