@@ -49,6 +49,11 @@ class NodeSettings:
     storage_dir: str = "xdsi-data"
     database_url: str = ""
     assigning_authority: str = CONNECTATHON_ASSIGNING_AUTHORITY
+    # Further patient identifier domains whose ITI-8 feeds the registry
+    # accepts, for a registry that serves test systems of several domains.
+    # An affinity domain normally has one (ITI TF-1 10.2.2); the command
+    # line always qualifies bare ids with assigning_authority.
+    other_assigning_authorities: tuple[str, ...] = ()
     home_community_id: str = f"urn:oid:{XDSI_OID_ROOT}.4"
     audit_source_id: str = "xdsi"
     enterprise_site_id: str = "xdsi"
@@ -265,6 +270,12 @@ def _section(cls: type, values: dict[str, Any], name: str) -> Any:
                 isinstance(v, str) for v in value.values()
             ):
                 raise ConfigError(f"[{name}] {key} wants a table of strings")
+        elif isinstance(default, tuple) and not default:
+            if not isinstance(value, list) or not all(
+                isinstance(v, str) for v in value
+            ):
+                raise ConfigError(f"[{name}] {key} wants a list of strings")
+            value = tuple(value)
         elif isinstance(default, tuple):
             if not isinstance(value, list) or len(value) != len(default):
                 raise ConfigError(

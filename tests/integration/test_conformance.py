@@ -47,6 +47,7 @@ SUPPORTED = [
     "iti41-12029-submit",
     "iti41-12021-submit_two",
     "iti41-15816-pnr",
+    "iti41-wire-mtom_xop",
     "rad68-wire-kos_vendor_capture",
     "rad68-wire-kos_vendor_capture-replayed",
     "rad68-idc_init-IDCDEPT001",

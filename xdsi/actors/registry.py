@@ -90,11 +90,14 @@ class Registry:
 
     def feed(self, message: str) -> str:
         """Answer one ITI-8 message with its ACK, and audit it."""
-        ack, identity = handle_feed(
-            message,
-            self.add_patient,
-            assigning_authority=self.settings.node.assigning_authority,
-        )
+        node = self.settings.node
+        for authority in (node.assigning_authority, *node.other_assigning_authorities):
+            ack, identity = handle_feed(
+                message, self.add_patient, assigning_authority=authority
+            )
+            # Only an AE (no PID-3 of this domain) is worth another domain.
+            if identity is not None or read_ack(ack).code != "AE":
+                break
         # The ACK's MSH-5/MSH-6 name the feed's sender, MSH-3/MSH-4 this
         # registry (ITI TF-2 3.8.5.1: HL7 application|facility as UserID).
         summary = read_ack(ack)

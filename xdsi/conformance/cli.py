@@ -100,15 +100,23 @@ def _local_settings(
     homeCommunityId that the RAD-69 requests of Success cases name, unless
     given; the Document Repository keeps its own unless given. The affinity
     domain is the one most of the literal patient ids in ``needs`` belong
-    to, unless given.
+    to, unless given; the registry also accepts the other domains those ids
+    name.
     """
     settings = Settings().with_storage(workdir / "node")
-    authority = assigning_authority or _most_common(
-        [p.split("&")[1] for c in cases for p in literal_patients(c)]
-    )
+    domains = [p.split("&")[1] for c in cases for p in literal_patients(c)]
+    authority = assigning_authority or _most_common(domains)
     if authority:
+        # The set's other literal patient ids come from other domains (wire
+        # captures of other test systems); the registry accepts those too.
+        others = tuple(sorted({d for d in domains if d and d != authority}))
         settings = replace(
-            settings, node=replace(settings.node, assigning_authority=authority)
+            settings,
+            node=replace(
+                settings.node,
+                assigning_authority=authority,
+                other_assigning_authorities=others,
+            ),
         )
     settings = settings.with_ports(registry=0, repository=0, imaging_source=0, feed=0)
     imaging_id = imaging_source_unique_id or _most_common(
