@@ -22,7 +22,11 @@ from lxml import etree
 from sqlalchemy import Engine, insert, select
 
 from xdsi import audit, ns, wire
-from xdsi.actors.repository import child_text, retrieve_response
+from xdsi.actors.repository import (
+    child_text,
+    retrieve_outcome,
+    retrieve_response,
+)
 from xdsi.actors.soap_endpoint import Peer, Reply, soap_app, transaction
 from xdsi.config import Settings
 from xdsi.dicom import kos, mapping, scan
@@ -426,11 +430,7 @@ class ImagingSource:
             audit.AuditEvent(
                 transaction="RAD-69",
                 actor="Imaging Document Source",
-                outcome=audit.Outcome.SUCCESS
-                if status == ResponseStatus.SUCCESS.value
-                else audit.Outcome.MINOR_FAILURE
-                if sop_uids
-                else audit.Outcome.SERIOUS_FAILURE,
+                outcome=retrieve_outcome(status, len(sop_uids)),
                 source=audit.Endpoint(
                     self.settings.url("imaging_source"), self.settings.node.host
                 ),

@@ -576,11 +576,7 @@ class Repository:
             audit.AuditEvent(
                 transaction="ITI-43",
                 actor="Document Repository",
-                outcome=audit.Outcome.SUCCESS
-                if status == ResponseStatus.SUCCESS.value
-                else audit.Outcome.MINOR_FAILURE
-                if documents
-                else audit.Outcome.SERIOUS_FAILURE,
+                outcome=retrieve_outcome(status, len(documents)),
                 source=audit.Endpoint(
                     self.settings.url("repository"), self.settings.node.host
                 ),
@@ -616,6 +612,14 @@ def child_text(parent: etree._Element, local: str, namespace: str = ns.XDSB) -> 
     """Return an element's text, with surrounding white space removed."""
     child = parent.find(f"{{{namespace}}}{local}")
     return (child.text or "").strip() if child is not None else ""
+
+
+def retrieve_outcome(status: str, returned: int) -> audit.Outcome:
+    """The audit outcome of a retrieve: partial when some documents came back
+    (DICOM PS3.15 A.5.3.1 EventOutcomeIndicator)."""
+    if status == ResponseStatus.SUCCESS.value:
+        return audit.Outcome.SUCCESS
+    return audit.Outcome.MINOR_FAILURE if returned else audit.Outcome.SERIOUS_FAILURE
 
 
 def retrieve_response(
