@@ -200,3 +200,47 @@ def test_a_fresh_pending_document_is_left_to_its_submission(running_node: Runnin
         )
     assert repository.sweep_pending() == 0
     assert repository.blobs.path(blob).exists()
+
+
+def test_retrieve_of_several_documents_from_several_repositories(
+    running_node: RunningNode,
+):
+    """ITI TF-2 3.43.4.2.3: two held documents come back, one of another
+    repository gets XDSUnknownRepositoryId and an unknown one
+    XDSDocumentUniqueIdError, so the answer is PartialSuccess."""
+    running_node.feed()
+    url = running_node.settings.url("repository")
+    ours = running_node.settings.repository.repository_unique_id
+    held = {"1.2.3.4.5.201": b"first" * 100, "1.2.3.4.5.202": b"second" * 100}
+    for n, (unique_id, data) in enumerate(held.items()):
+        provide(
+            url,
+            pnr_request(unique_id, data, submission_set_uid=f"1.2.3.4.6.20{n}"),
+            data,
+        )
+
+    retrieve = etree.Element(
+        f"{{{ns.XDSB}}}RetrieveDocumentSetRequest", nsmap={"xdsb": ns.XDSB}
+    )
+    for repository, unique_id in (
+        (ours, "1.2.3.4.5.201"),
+        ("1.2.3.999", "1.2.3"),
+        (ours, "1.2.3.4.5.202"),
+        (ours, "1.2.3.4.5.404"),
+    ):
+        item = etree.SubElement(retrieve, f"{{{ns.XDSB}}}DocumentRequest")
+        etree.SubElement(item, f"{{{ns.XDSB}}}RepositoryUniqueId").text = repository
+        etree.SubElement(item, f"{{{ns.XDSB}}}DocumentUniqueId").text = unique_id
+    with wire.SoapClient(url).call(RETRIEVE, retrieve) as reply:
+        assert read_status(reply.body).endswith("PartialSuccess")
+        assert sorted(e.code for e in read_errors(reply.body)) == [
+            "XDSDocumentUniqueIdError",
+            "XDSUnknownRepositoryId",
+        ]
+        got = {}
+        for document in reply.body.findall(f"{{{ns.XDSB}}}DocumentResponse"):
+            unique_id = document.findtext(f"{{{ns.XDSB}}}DocumentUniqueId")
+            got[unique_id] = wire.attachment_for(
+                document.find(f"{{{ns.XDSB}}}Document"), reply
+            ).read_bytes()
+    assert got == held
