@@ -62,6 +62,7 @@ class Services:
     imaging_source: ImagingSource
     consumer: Consumer
     audit_spool: audit.AuditSpool
+    auditor: audit.Auditor
 
 
 def repository_blobs(settings: Settings) -> Blobs:
@@ -104,6 +105,7 @@ def build_services(settings: Settings) -> Services:
         ),
         consumer=Consumer(settings, auditor, storage / "spool" / "consumer"),
         audit_spool=spool,
+        auditor=auditor,
     )
 
 

@@ -197,7 +197,7 @@ def publish(ctx: click.Context, study_dir: Path, patient_id: str) -> None:
             published = services.imaging_source.publish(study, cx)
         except PublishError as exc:
             click.secho(
-                f"not published: study {study.study_instance_uid}: {exc}",
+                f"study {study.study_instance_uid} not published: {exc}",
                 fg="red",
                 err=True,
             )
@@ -240,7 +240,10 @@ def submit(
 ) -> None:
     """Submit FILES as one SubmissionSet (ITI-41, one DocumentEntry each)."""
     settings = _settings(ctx)
-    source = DocumentSource(settings, settings.storage / "spool" / "source")
+    services = build_services(settings)
+    source = DocumentSource(
+        settings, settings.storage / "spool" / "source", services.auditor
+    )
     try:
         submitted = source.submit(
             list(files),

@@ -191,3 +191,23 @@ def test_source_settings_name_the_repository(repository_node: RepositoryNode):
     assert repository_node.settings.source_repository_url == (
         repository_node.settings.url("repository")
     )
+
+
+def test_submission_is_audited_as_an_export(
+    repository_node: RepositoryNode, tmp_path: Path
+):
+    """ITI TF-2 3.41.5.1.1: the Document Source audits ITI-41 as Export."""
+    repository_node.feed()
+    note = tmp_path / "note.txt"
+    note.write_text("a plain document")
+    services = repository_node.services
+    DocumentSource(
+        repository_node.settings, tmp_path / "spool", services.auditor
+    ).submit([note], PATIENT)
+    events = [
+        (r.event_type, r.event_id.display)
+        for r in services.audit_spool.records()
+        if r.valid
+    ]
+    assert ("ITI-41", "Export") in events
+    assert ("ITI-41", "Import") in events

@@ -16,10 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from lxml import etree
 
-from xdsi import ns, wire
+from xdsi import audit, ns, wire
 from xdsi.actors.imaging_source import new_oid
 from xdsi.actors.soap_endpoint import transaction
 from xdsi.config import Settings
@@ -73,8 +74,14 @@ def file_digest(path: Path) -> tuple[int, str]:
 class DocumentSource:
     """The Document Source of plain documents over one repository URL."""
 
-    def __init__(self, settings: Settings, spool_dir: Path) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        spool_dir: Path,
+        auditor: audit.Auditor | None = None,
+    ) -> None:
         self.settings = settings
+        self.auditor = auditor
         self.spool_dir = spool_dir
         self.spool_dir.mkdir(parents=True, exist_ok=True)
 
@@ -136,10 +143,6 @@ class DocumentSource:
         ``patient_id`` is the affinity domain's (CX, ITI TF-3 4.2.3.2.16).
         Each document streams from its file; nothing is held in memory.
 
-        Limitation: the Document Source's own ITI-41 Export audit record
-        (ITI TF-2 3.41.5.1.1) is not written; profiles/audit_events.toml
-        has no row for it.
-
         Raises
         ------
         SubmitError
@@ -182,7 +185,9 @@ class DocumentSource:
             document.append(wire.xop_include(content_id))
             parts.append(wire.OutgoingPart(content_id, entry.mime_type, path=path))
 
-        errors = self._send(request, parts, submission_set.unique_id, len(entries))
+        errors = self._send(
+            request, parts, submission_set.unique_id, len(entries), patient_id
+        )
         if errors is not None:
             raise SubmitError(
                 "the Document Repository refused the submission: "
@@ -197,6 +202,7 @@ class DocumentSource:
         parts: list[wire.OutgoingPart],
         ss_unique_id: str,
         count: int,
+        patient_id: str,
     ) -> list[RegistryError] | None:
         """ITI-41 to the repository; return its errors unless it answered
         Success."""
@@ -222,6 +228,22 @@ class DocumentSource:
             outcome = "not delivered"
             raise SubmitError(f"ITI-41 to {url} failed: {exc}") from exc
         finally:
+            if self.auditor is not None:
+                self.auditor.record(
+                    audit.AuditEvent(
+                        transaction="ITI-41",
+                        actor="Document Source",
+                        outcome=audit.Outcome.SUCCESS
+                        if outcome == "Success"
+                        else audit.Outcome.SERIOUS_FAILURE,
+                        source=audit.Endpoint(
+                            ns.WSA_ANONYMOUS, self.settings.node.host
+                        ),
+                        destination=audit.Endpoint(url, urlsplit(url).hostname or ""),
+                        patient_id=patient_id,
+                        submission_set_unique_id=ss_unique_id,
+                    )
+                )
             logger.info(
                 "%s %s to %s: %s, SubmissionSet %s, %d DocumentEntries, %.3f s",
                 "ITI-41",

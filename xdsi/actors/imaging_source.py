@@ -154,8 +154,8 @@ class ImagingSource:
             # Limitation: a study is published once; a replacement manifest
             # (RPLC, RAD TF-3 4.68.4.1.2.3) for changed studies is not sent.
             raise PublishError(
-                f"study {study.study_instance_uid} is already published as manifest "
-                f"{held.sop_instance_uid}; replacing a manifest is not supported"
+                f"already published as manifest {held.sop_instance_uid}; "
+                "replacing a manifest is not supported"
             )
         total = self.keep_instances(study, patient_id)
         manifest = kos.build_manifest(

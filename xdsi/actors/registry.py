@@ -528,7 +528,7 @@ class Registry:
             "ITI-42",
             "Register Document Set-b",
             peer.host,
-            status.name,
+            status.value.rsplit(":", 1)[-1],
             message.message_id,
             outcome.submission_set_unique_id,
             len(outcome.entry_uuids),

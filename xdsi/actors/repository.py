@@ -559,7 +559,7 @@ class Repository:
             transaction_id,
             "Provide and Register Document Set-b",
             peer.host,
-            status.name,
+            status.value.rsplit(":", 1)[-1],
             message.message_id,
             ss_unique_id,
             len(entries),

@@ -323,7 +323,11 @@ def test_patient_feed_records_msh10_and_takes_update_action(real_ids: RealIds) -
 
 def test_event_action_outside_the_row_choices_is_refused(real_ids: RealIds) -> None:
     """ITI TF-2 3.41.5.1: the Document Repository's ITI-41 action is C only."""
-    row = next(r for r in ROWS if r["transaction"] == "ITI-41")
+    row = next(
+        r
+        for r in ROWS
+        if r["transaction"] == "ITI-41" and r["actor"] == "Document Repository"
+    )
 
     with pytest.raises(ValueError, match="EventActionCode is 'C', not 'R'"):
         build_audit_message(
