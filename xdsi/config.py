@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -40,6 +41,8 @@ class ConfigError(Exception):
 
 
 BLOB_STORES = ("local", "s3")
+
+CODE_SET_NAME = re.compile(r"[a-z0-9_]+")
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,18 @@ class RegistrySettings:
     path: str = "/xds/registry"
     feed_port: int = 2575
     max_results: int = 5000
+    # The affinity domain's code sets (profiles/code_sets/<name>.toml) that
+    # coded metadata must come from (ITI TF-3 4.2.3.1.7); an empty list, for
+    # a domain that publishes none, accepts any code.
+    code_sets: tuple[str, ...] = ("connectathon", "xdsi")
+
+    def __post_init__(self) -> None:
+        for name in self.code_sets:
+            if not CODE_SET_NAME.fullmatch(name):
+                raise ConfigError(
+                    f"[registry] code_sets names {name!r}; a code set is a file "
+                    "name under profiles/code_sets without .toml"
+                )
 
 
 @dataclass(frozen=True)
@@ -270,7 +285,9 @@ def _section(cls: type, values: dict[str, Any], name: str) -> Any:
                 isinstance(v, str) for v in value.values()
             ):
                 raise ConfigError(f"[{name}] {key} wants a table of strings")
-        elif isinstance(default, tuple) and not default:
+        elif isinstance(default, tuple) and (
+            not default or known[key].type == "tuple[str, ...]"
+        ):
             if not isinstance(value, list) or not all(
                 isinstance(v, str) for v in value
             ):

@@ -14,6 +14,8 @@ from sqlalchemy import func, select
 
 from tests.integration.conftest import PATIENT, RunningNode
 from xdsi import ns, wire
+from xdsi.config import ImagingSourceSettings
+from xdsi.dicom.mapping import MANIFEST_FORMAT_CODE
 from xdsi.metadata.build import ManifestEntry, SubmissionSetSpec, manifest_submission
 from xdsi.metadata.codes import Code
 from xdsi.metadata.responses import read_errors, read_status
@@ -21,7 +23,8 @@ from xdsi.store.schema import registry_object, repository_document
 
 PNR = "urn:ihe:iti:2007:ProvideAndRegisterDocumentSet-b"
 RETRIEVE = "urn:ihe:iti:2007:RetrieveDocumentSet"
-CODE = Code("X", "1.2.3", "x")
+# Codes of the default affinity-domain code sets (ITI TF-3 4.2.3.1.7).
+CODES = ImagingSourceSettings()
 
 
 def pnr_request(
@@ -44,12 +47,12 @@ def pnr_request(
         event_codes=(),
         reference_ids=(),
         mime_type="application/dicom",
-        format_code=CODE,
-        class_code=CODE,
-        type_code=CODE,
-        practice_setting_code=CODE,
-        healthcare_facility_type_code=CODE,
-        confidentiality_code=CODE,
+        format_code=MANIFEST_FORMAT_CODE,
+        class_code=Code(*CODES.class_code),
+        type_code=Code(*CODES.type_code),
+        practice_setting_code=Code(*CODES.practice_setting_code),
+        healthcare_facility_type_code=Code(*CODES.healthcare_facility_type_code),
+        confidentiality_code=Code(*CODES.confidentiality_code),
         language_code="en-US",
         author_institution="xdsi",
         size=len(data) if size is None else size,
@@ -60,7 +63,7 @@ def pnr_request(
         unique_id=submission_set_uid,
         source_id="1.2.3",
         patient_id=PATIENT,
-        content_type_code=CODE,
+        content_type_code=Code(*CODES.content_type_code),
         author_institution="xdsi",
         submission_time="20240101120000",
     )

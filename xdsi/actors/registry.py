@@ -161,6 +161,8 @@ class Registry:
             return RegisterOutcome(as_registry_errors([error], ACTOR), None, None, ())
         submission = ebrim.read_registry_objects(request)
         errors = validation.check_submission(submission)
+        code_sets = validation.load_code_sets(self.settings.registry.code_sets)
+        errors.extend(validation.check_codes(submission, code_sets))
         submission_set = (
             submission.submission_sets[0]
             if len(submission.submission_sets) == 1

@@ -7,7 +7,9 @@ agreement, uniqueIds unique within the message and membership of every
 DocumentEntry in the SubmissionSet; and, given what the Document Registry
 holds of the objects Associations name outside the submission, the rules of
 ITI TF-3 4.2.2.1 (HasMember) and 4.2.2.2 (document relationships). Looking
-those objects up is the registry's own.
+those objects up is the registry's own. Given the affinity domain's code sets
+(profiles/code_sets), check_codes holds coded metadata to them
+(ITI TF-3 4.2.3.1.7).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
+from types import MappingProxyType
 from typing import Any
 
 from lxml import etree
@@ -32,6 +36,11 @@ from xdsi.errors import (
 )
 from xdsi.metadata import ebrim
 from xdsi.metadata.ebrim import RegistryObject, Submission
+from xdsi.profiles_loader import load_profile_table
+
+# Per coded attribute (classCode, eventCodeList, codeList …), the
+# (code, codingScheme) pairs the affinity domain allows.
+CodeSets = Mapping[str, frozenset[tuple[str, str]]]
 
 # ITI TF-3 4.2.3.1.5: an OID is at most 64 characters of digits and dots.
 OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
@@ -246,6 +255,67 @@ def _check_code(
                 label,
             )
         )
+    return errors
+
+
+@lru_cache(maxsize=8)
+def load_code_sets(names: tuple[str, ...]) -> CodeSets:
+    """Merge profiles/code_sets/<name>.toml for each name into one CodeSets.
+
+    Raises
+    ------
+    ValueError
+        A name has no table under profiles/code_sets.
+    """
+    merged: dict[str, set[tuple[str, str]]] = {}
+    for name in names:
+        try:
+            table = load_profile_table(f"code_sets/{name}")
+        except FileNotFoundError:
+            raise ValueError(
+                f"no code set {name!r}: profiles/code_sets/{name}.toml is missing"
+            ) from None
+        for attribute, entries in table.items():
+            codes = merged.setdefault(attribute, set())
+            codes.update((entry["code"], entry["scheme"]) for entry in entries)
+    return MappingProxyType({a: frozenset(c) for a, c in merged.items()})
+
+
+def check_codes(submission: Submission, code_sets: CodeSets) -> list[XdsError]:
+    """Return a MetadataInvalid for each coded value outside the code sets.
+
+    ITI TF-3 4.2.3.1.7: coded metadata takes its values from the XDS
+    Affinity Domain's code sets; a code is its value and codingScheme
+    together. An attribute that no code set lists is not checked, so empty
+    code sets accept anything (a domain that publishes no codes).
+    """
+    # Limitation: only code and scheme are compared; a display name that
+    # differs from the code set's is accepted as sent.
+    errors: list[XdsError] = []
+    table = ebrim.metadata_table()
+    for obj in submission.objects:
+        if obj.kind not in (ebrim.DOCUMENT_ENTRY, ebrim.SUBMISSION_SET, ebrim.FOLDER):
+            continue
+        for attribute, spec in table[obj.kind]["attributes"].items():
+            allowed = code_sets.get(attribute)
+            if spec["kind"] != "classification" or allowed is None:
+                continue
+            for classification in obj.classifications:
+                if classification.scheme != spec["scheme"]:
+                    continue
+                code = classification.code()
+                # An empty value or scheme is reported by check_object.
+                if not code.code or not code.scheme:
+                    continue
+                if (code.code, code.scheme) not in allowed:
+                    errors.append(
+                        MetadataInvalid(
+                            f"{obj.kind} {obj.id} {attribute} {code.code!r} "
+                            f"(scheme {code.scheme}) is not in the affinity "
+                            "domain's code set (ITI TF-3 4.2.3.1.7)",
+                            obj.id,
+                        )
+                    )
     return errors
 
 
