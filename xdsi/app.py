@@ -22,7 +22,7 @@ from xdsi.actors.consumer import Consumer
 from xdsi.actors.imaging_source import ImagingSource
 from xdsi.actors.registry import Registry
 from xdsi.actors.repository import Repository
-from xdsi.config import Settings
+from xdsi.config import ConfigError, Settings
 from xdsi.hl7.mllp import MllpServer
 from xdsi.store.blobs import Blobs, BlobStore
 from xdsi.store.schema import make_engine
@@ -84,6 +84,13 @@ def repository_blobs(settings: Settings) -> Blobs:
     )
 
 
+def _registry(settings: Settings, engine: Engine, auditor: audit.Auditor) -> Registry:
+    try:
+        return Registry(settings, engine, auditor)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def build_services(settings: Settings) -> Services:
     """Build every actor over the node's storage, without starting servers."""
     storage = settings.storage
@@ -98,7 +105,7 @@ def build_services(settings: Settings) -> Services:
     return Services(
         settings=settings,
         engine=engine,
-        registry=Registry(settings, engine, auditor),
+        registry=_registry(settings, engine, auditor),
         repository=Repository(settings, engine, repository_blobs(settings), auditor),
         imaging_source=ImagingSource(
             settings, engine, BlobStore(storage / "imaging-source"), auditor

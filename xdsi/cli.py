@@ -106,7 +106,7 @@ def serve(ctx: click.Context) -> None:
     node = Node(settings)
     try:
         effective = node.start()
-    except OSError as exc:
+    except (OSError, ConfigError) as exc:
         _fail(f"cannot start the node: {exc}")
     for actor in ("registry", "repository", "imaging_source"):
         if getattr(effective, actor).enabled:

@@ -85,6 +85,9 @@ class Registry:
         self.settings = settings
         self.engine = engine
         self.auditor = auditor
+        # Loaded once, so that a code set named in the configuration but
+        # missing stops the node at start-up rather than at the first ITI-42.
+        self.code_sets = validation.load_code_sets(settings.registry.code_sets)
 
     # --- ITI-8 ----------------------------------------------------------
 
@@ -161,8 +164,7 @@ class Registry:
             return RegisterOutcome(as_registry_errors([error], ACTOR), None, None, ())
         submission = ebrim.read_registry_objects(request)
         errors = validation.check_submission(submission)
-        code_sets = validation.load_code_sets(self.settings.registry.code_sets)
-        errors.extend(validation.check_codes(submission, code_sets))
+        errors.extend(validation.check_codes(submission, self.code_sets))
         submission_set = (
             submission.submission_sets[0]
             if len(submission.submission_sets) == 1
