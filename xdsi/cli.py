@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from xdsi import __version__, ns
-from xdsi.actors.consumer import Consumer, ConsumerError, FoundEntry
+from xdsi.actors.consumer import Consumer, ConsumerError, FetchResult, FoundEntry
 from xdsi.actors.document_source import DocumentSource, SubmitError
 from xdsi.actors.imaging_source import PublishError
 from xdsi.app import Node, build_services
@@ -315,7 +315,7 @@ def _progress() -> Iterator[Progress]:
         yield bar
 
 
-def _fetch(consumer: Consumer, patient_id: str, out: Path):  # type: ignore[no-untyped-def]
+def _fetch(consumer: Consumer, patient_id: str, out: Path) -> FetchResult:
     with _progress() as bar:
         tasks: dict[str, int] = {}
 
@@ -495,7 +495,8 @@ def _demo(base: Settings, study_dir: Path, workdir: Path) -> bool:
         started = time.monotonic()
         entries = services.consumer.find(patient_id)
         timings["ITI-18 find"] = time.monotonic() - started
-        console.print(f"[green]✓[/] ITI-18 FindDocuments: {len(entries)} DocumentEntry")
+        found = _count(len(entries), "DocumentEntry")
+        console.print(f"[green]✓[/] ITI-18 FindDocuments: {found}")
         console.print(_entries_table(entries))
 
         started = time.monotonic()

