@@ -8,7 +8,6 @@ nist_submission.
 from __future__ import annotations
 
 import json
-import uuid
 from functools import cache
 from typing import Any
 from xml.sax.saxutils import escape
@@ -19,6 +18,7 @@ from tests.conftest import shared_path
 from xdsi import ns, wire
 from xdsi.actors.soap_endpoint import transaction
 from xdsi.metadata import ebrim, stored_query
+from xdsi.metadata.build import new_oid
 from xdsi.metadata.ebrim import read_registry_objects
 from xdsi.metadata.responses import read_errors
 from xdsi.metadata.validation import assign_entry_uuids, is_oid
@@ -45,11 +45,6 @@ def cases() -> dict[str, dict[str, Any]]:
     """Return the cases of the shared conformance set, by id."""
     index = shared_path("conformance", "index.json")
     return {c["id"]: c for c in json.loads(index.read_text(encoding="utf-8"))}
-
-
-def new_oid() -> str:
-    """Return a fresh OID under 2.25 (ITU-T X.667)."""
-    return f"2.25.{uuid.uuid4().int}"
 
 
 def nist_submission(

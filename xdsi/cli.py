@@ -24,8 +24,9 @@ from rich.table import Table
 
 from xdsi import __version__, ns
 from xdsi.actors.consumer import Consumer, ConsumerError, FetchResult, FoundEntry
-from xdsi.actors.document_source import DocumentSource, SubmitError
+from xdsi.actors.document_source import DocumentSource
 from xdsi.actors.imaging_source import PublishError
+from xdsi.actors.provide import SubmitError
 from xdsi.app import Node, build_services
 from xdsi.config import ConfigError, Settings, load_settings, to_toml
 from xdsi.conformance.cli import conformance

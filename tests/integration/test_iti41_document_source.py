@@ -24,7 +24,8 @@ from tests.integration.s3_peer import (  # noqa: F401 (fixtures)
     s3_peer_fixture,
 )
 from xdsi import ns, wire
-from xdsi.actors.document_source import DocumentSource, SubmitError
+from xdsi.actors.document_source import DocumentSource
+from xdsi.actors.provide import SubmitError
 from xdsi.cli import main
 from xdsi.config import to_toml
 

@@ -11,45 +11,27 @@ from __future__ import annotations
 import hashlib
 import logging
 import mimetypes
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit
 
-from lxml import etree
-
-from xdsi import audit, ns, wire
-from xdsi.actors.imaging_source import new_oid
-from xdsi.actors.soap_endpoint import transaction
+from xdsi import audit
+from xdsi.actors.provide import Document, Sender, provide_and_register
 from xdsi.config import Settings
 from xdsi.metadata.build import (
     DocumentEntrySpec,
     SubmissionSetSpec,
+    new_oid,
     submission,
     utc_dtm,
 )
 from xdsi.metadata.codes import Code
-from xdsi.metadata.responses import (
-    RegistryError,
-    ResponseStatus,
-    read_errors,
-    read_status,
-)
 
 logger = logging.getLogger(__name__)
 
 # The mimeType of a file whose type neither the caller nor its name tells.
 DEFAULT_MIME_TYPE = "application/octet-stream"
-
-
-class SubmitError(Exception):
-    """ITI-41 did not succeed; ``errors`` holds the repository's answer."""
-
-    def __init__(self, message: str, errors: list[RegistryError] | None = None) -> None:
-        super().__init__(message)
-        self.errors = errors or []
 
 
 @dataclass(frozen=True)
@@ -171,86 +153,19 @@ class DocumentSource:
             author_institution=cfg.author_institution,
             submission_time=utc_dtm(),
         )
-        request = etree.Element(
-            f"{{{ns.XDSB}}}ProvideAndRegisterDocumentSetRequest",
-            nsmap={"xdsb": ns.XDSB},
+        provide_and_register(
+            self.settings.source_repository_url,
+            submission(entries, submission_set),
+            [
+                Document(entry.entry_id, entry.mime_type, path=path)
+                for entry, path in zip(entries, files, strict=True)
+            ],
+            sender=Sender(
+                "ITI-41", "Document Source", self.auditor, self.settings.node.host
+            ),
+            patient_id=patient_id,
+            submission_set_unique_id=submission_set.unique_id,
+            spool_dir=self.spool_dir,
+            timeout=self.settings.source.timeout,
         )
-        request.append(submission(entries, submission_set))
-        parts = []
-        for entry, path in zip(entries, files, strict=True):
-            content_id = wire.new_content_id()
-            document = etree.SubElement(
-                request, f"{{{ns.XDSB}}}Document", id=entry.entry_id
-            )
-            document.append(wire.xop_include(content_id))
-            parts.append(wire.OutgoingPart(content_id, entry.mime_type, path=path))
-
-        errors = self._send(
-            request, parts, submission_set.unique_id, len(entries), patient_id
-        )
-        if errors is not None:
-            raise SubmitError(
-                "the Document Repository refused the submission: "
-                + "; ".join(f"{e.code}: {e.message}" for e in errors),
-                errors,
-            )
         return Submitted(submission_set.unique_id, tuple(e.unique_id for e in entries))
-
-    def _send(
-        self,
-        request: etree._Element,
-        parts: list[wire.OutgoingPart],
-        ss_unique_id: str,
-        count: int,
-        patient_id: str,
-    ) -> list[RegistryError] | None:
-        """ITI-41 to the repository; return its errors unless it answered
-        Success."""
-        url = self.settings.source_repository_url
-        client = wire.SoapClient(
-            url, timeout=self.settings.source.timeout, spool_dir=self.spool_dir
-        )
-        started = time.monotonic()
-        outcome = "no answer"
-        try:
-            with client.call(
-                transaction("ITI-41")["request_action"], request, parts=parts
-            ) as reply:
-                status = read_status(reply.body)
-                errors = read_errors(reply.body)
-            outcome = status.rsplit(":", 1)[-1]
-            if status == ResponseStatus.SUCCESS.value:
-                return None
-            return errors or [
-                RegistryError("XDSRepositoryError", f"the answer is {outcome}")
-            ]
-        except (wire.TransportError, wire.PeerFault) as exc:
-            outcome = "not delivered"
-            raise SubmitError(f"ITI-41 to {url} failed: {exc}") from exc
-        finally:
-            if self.auditor is not None:
-                self.auditor.record(
-                    audit.AuditEvent(
-                        transaction="ITI-41",
-                        actor="Document Source",
-                        outcome=audit.Outcome.SUCCESS
-                        if outcome == "Success"
-                        else audit.Outcome.SERIOUS_FAILURE,
-                        source=audit.Endpoint(
-                            ns.WSA_ANONYMOUS, self.settings.node.host
-                        ),
-                        destination=audit.Endpoint(url, urlsplit(url).hostname or ""),
-                        patient_id=patient_id,
-                        submission_set_unique_id=ss_unique_id,
-                    )
-                )
-            logger.info(
-                "%s %s to %s: %s, SubmissionSet %s, %d DocumentEntries, %.3f s",
-                "ITI-41",
-                "Provide and Register Document Set-b",
-                url,
-                outcome,
-                ss_unique_id,
-                count,
-                time.monotonic() - started,
-            )

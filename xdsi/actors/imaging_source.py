@@ -12,22 +12,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from flask import Flask
 from lxml import etree
 from sqlalchemy import Engine, insert, select
 
 from xdsi import audit, ns, wire
+from xdsi.actors.provide import Document, Sender, SubmitError, provide_and_register
 from xdsi.actors.repository import (
     child_text,
     retrieve_outcome,
     retrieve_response,
 )
-from xdsi.actors.soap_endpoint import Peer, Reply, soap_app, transaction
+from xdsi.actors.soap_endpoint import Peer, Reply, soap_app
 from xdsi.config import Settings
 from xdsi.dicom import kos, mapping, scan
 from xdsi.errors import (
@@ -41,13 +40,11 @@ from xdsi.metadata.build import (
     ManifestEntry,
     SubmissionSetSpec,
     manifest_submission,
+    new_oid,
     utc_dtm,
 )
 from xdsi.metadata.codes import Code
 from xdsi.metadata.responses import (
-    RegistryError,
-    ResponseStatus,
-    read_errors,
     read_status,
 )
 from xdsi.store.blobs import BlobStore
@@ -58,12 +55,8 @@ logger = logging.getLogger(__name__)
 ACTOR = "imaging_source"
 
 
-class PublishError(Exception):
+class PublishError(SubmitError):
     """A study could not be published; ``errors`` holds the peer's answer."""
-
-    def __init__(self, message: str, errors: list[RegistryError] | None = None) -> None:
-        super().__init__(message)
-        self.errors = errors or []
 
 
 @dataclass(frozen=True)
@@ -214,7 +207,21 @@ class ImagingSource:
             submission_time=utc_dtm(),
         )
         metadata = manifest_submission(entry, submission_set)
-        self._provide_and_register(metadata, entry, submission_set, data)
+        sender = Sender(
+            "RAD-68", "Imaging Document Source", self.auditor, self.settings.node.host
+        )
+        try:
+            provide_and_register(
+                self.settings.repository_url,
+                metadata,
+                [Document(entry.entry_id, entry.mime_type, data=data)],
+                sender=sender,
+                patient_id=patient_id,
+                submission_set_unique_id=submission_set.unique_id,
+                spool_dir=self.blobs.spool,
+            )
+        except SubmitError as exc:
+            raise PublishError(str(exc), exc.errors) from exc
 
         blob = self.blobs.put_bytes(f"manifest:{facts.unique_id}", data)
         with self.engine.begin() as conn:
@@ -233,71 +240,6 @@ class ImagingSource:
             len(study.instances),
             total,
         )
-
-    def _provide_and_register(
-        self,
-        metadata: etree._Element,
-        entry: ManifestEntry,
-        submission_set: SubmissionSetSpec,
-        data: bytes,
-    ) -> None:
-        """RAD-68 to the Document Repository, as MTOM (RAD TF-3 4.68.4.1.2)."""
-        request = etree.Element(
-            f"{{{ns.XDSB}}}ProvideAndRegisterDocumentSetRequest",
-            nsmap={"xdsb": ns.XDSB},
-        )
-        request.append(metadata)
-        content_id = wire.new_content_id()
-        document = etree.SubElement(
-            request, f"{{{ns.XDSB}}}Document", id=entry.entry_id
-        )
-        document.append(wire.xop_include(content_id))
-        part = wire.OutgoingPart(content_id, entry.mime_type, data=data)
-
-        url = self.settings.repository_url
-        started = time.monotonic()
-        outcome = audit.Outcome.SERIOUS_FAILURE
-        message_id = None
-        try:
-            client = wire.SoapClient(url, spool_dir=self.blobs.spool)
-            with client.call(
-                transaction("ITI-41")["request_action"], request, parts=[part]
-            ) as reply:
-                message_id = reply.relates_to
-                status = read_status(reply.body)
-                errors = read_errors(reply.body)
-            if status != ResponseStatus.SUCCESS.value:
-                raise PublishError(
-                    "the Document Repository refused the manifest: "
-                    + "; ".join(f"{e.code}: {e.message}" for e in errors),
-                    errors,
-                )
-            outcome = audit.Outcome.SUCCESS
-        except (wire.TransportError, wire.PeerFault) as exc:
-            raise PublishError(f"RAD-68 to {url} failed: {exc}") from exc
-        finally:
-            self.auditor.record(
-                audit.AuditEvent(
-                    transaction="RAD-68",
-                    actor="Imaging Document Source",
-                    outcome=outcome,
-                    source=audit.Endpoint(ns.WSA_ANONYMOUS, self.settings.node.host),
-                    destination=audit.Endpoint(url, _host(url)),
-                    patient_id=entry.patient_id,
-                    submission_set_unique_id=submission_set.unique_id,
-                    message_id=message_id,
-                )
-            )
-            logger.info(
-                "%s %s to %s: %s, SubmissionSet %s, manifest %s, %.3f s",
-                "RAD-68",
-                "Provide and Register Imaging Document Set",
-                url,
-                outcome.name,
-                submission_set.unique_id,
-                entry.unique_id,
-                time.monotonic() - started,
-            )
 
     # --- RAD-69 ---------------------------------------------------------
 
@@ -451,13 +393,3 @@ class ImagingSource:
             time.monotonic() - started,
         )
         return Reply(body, parts)
-
-
-def _host(url: str) -> str:
-    return urlsplit(url).hostname or ""
-
-
-def new_oid() -> str:
-    """Return a fresh UUID-derived OID (ITU-T X.667, arc 2.25), 44 characters
-    at most, within the 64 that ITI TF-3 4.2.3.1.5 allows."""
-    return f"2.25.{uuid.uuid4().int}"

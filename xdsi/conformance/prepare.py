@@ -25,6 +25,7 @@ from lxml import etree
 from xdsi import ns, wire
 from xdsi.config import XDSI_OID_ROOT
 from xdsi.conformance.cases import Case
+from xdsi.metadata.build import new_oid
 from xdsi.profiles_loader import load_profile_table
 
 logger = logging.getLogger(__name__)
@@ -80,11 +81,6 @@ UNKNOWN_DOCUMENT_CODE = "XDSDocumentUniqueIdError"
 
 class PreparationError(Exception):
     """A case cannot be made ready: a value it refers to is not known."""
-
-
-def new_oid() -> str:
-    """Return a fresh UUID-derived OID (ITU-T X.667, arc 2.25)."""
-    return f"2.25.{uuid.uuid4().int}"
 
 
 def new_entry_uuid() -> str:

@@ -8,6 +8,7 @@ imaging manifest is the submission of one DocumentEntry for the KOS.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -73,6 +74,12 @@ class SubmissionSetSpec:
 
 # The title of a SubmissionSet that carries an imaging manifest.
 MANIFEST_SUBMISSION_TITLE = "Imaging study manifest"
+
+
+def new_oid() -> str:
+    """Return a fresh UUID-derived OID (ITU-T X.667, arc 2.25), 44 characters
+    at most, within the 64 that ITI TF-3 4.2.3.1.5 allows."""
+    return f"2.25.{uuid.uuid4().int}"
 
 
 def utc_dtm(moment: datetime | None = None) -> str:

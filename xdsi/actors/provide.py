@@ -1,0 +1,145 @@
+"""The sending side of Provide and Register: ITI-41 and RAD-68 as MTOM.
+
+ITI TF-2 3.41.4.1 and RAD TF-3 4.68.4.1: the metadata and one xdsb:Document
+per DocumentEntry, each document an MTOM part streamed from a file or
+bytes. Used by the Document Source and the Imaging Document Source, which
+differ only in their metadata and in the transaction they audit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from lxml import etree
+
+from xdsi import audit, ns, wire
+from xdsi.actors.soap_endpoint import transaction
+from xdsi.metadata.responses import (
+    RegistryError,
+    ResponseStatus,
+    read_errors,
+    read_status,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class SubmitError(Exception):
+    """Provide and Register did not succeed; ``errors`` holds the repository's
+    RegistryErrors (none when it could not be reached)."""
+
+    def __init__(self, message: str, errors: list[RegistryError] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or []
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document to send: its DocumentEntry id, mimeType and content."""
+
+    entry_id: str
+    mime_type: str
+    path: Path | None = None
+    data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Sender:
+    """Who sends, for the audit record: transaction and actor of the table."""
+
+    transaction: str
+    actor: str
+    auditor: audit.Auditor | None
+    host: str
+
+
+def provide_and_register(
+    url: str,
+    metadata: etree._Element,
+    documents: Sequence[Document],
+    *,
+    sender: Sender,
+    patient_id: str,
+    submission_set_unique_id: str,
+    spool_dir: Path,
+    timeout: float = 120.0,
+) -> None:
+    """Send one submission to the Document Repository at ``url``.
+
+    Raises
+    ------
+    SubmitError
+        The repository answered other than Success, or could not be
+        reached.
+    """
+    request = etree.Element(
+        f"{{{ns.XDSB}}}ProvideAndRegisterDocumentSetRequest", nsmap={"xdsb": ns.XDSB}
+    )
+    request.append(metadata)
+    parts = []
+    for document in documents:
+        content_id = wire.new_content_id()
+        element = etree.SubElement(
+            request, f"{{{ns.XDSB}}}Document", id=document.entry_id
+        )
+        element.append(wire.xop_include(content_id))
+        parts.append(
+            wire.OutgoingPart(
+                content_id, document.mime_type, path=document.path, data=document.data
+            )
+        )
+
+    started = time.monotonic()
+    outcome = "not delivered"
+    message_id = None
+    try:
+        client = wire.SoapClient(url, timeout=timeout, spool_dir=spool_dir)
+        with client.call(
+            transaction("ITI-41")["request_action"], request, parts=parts
+        ) as reply:
+            message_id = reply.relates_to
+            status = read_status(reply.body)
+            errors = read_errors(reply.body)
+        outcome = status.rsplit(":", 1)[-1]
+        if status != ResponseStatus.SUCCESS.value:
+            errors = errors or [
+                RegistryError("XDSRepositoryError", f"the answer is {outcome}")
+            ]
+            raise SubmitError(
+                "the Document Repository refused the submission: "
+                + "; ".join(f"{e.code}: {e.message}" for e in errors),
+                errors,
+            )
+    except (wire.TransportError, wire.PeerFault) as exc:
+        raise SubmitError(f"{sender.transaction} to {url} failed: {exc}") from exc
+    finally:
+        if sender.auditor is not None:
+            sender.auditor.record(
+                audit.AuditEvent(
+                    transaction=sender.transaction,
+                    actor=sender.actor,
+                    outcome=audit.Outcome.SUCCESS
+                    if outcome == "Success"
+                    else audit.Outcome.SERIOUS_FAILURE,
+                    source=audit.Endpoint(ns.WSA_ANONYMOUS, sender.host),
+                    destination=audit.Endpoint(url, urlsplit(url).hostname or ""),
+                    patient_id=patient_id,
+                    submission_set_unique_id=submission_set_unique_id,
+                    message_id=message_id,
+                )
+            )
+        logger.info(
+            "%s %s to %s: %s, SubmissionSet %s, %d DocumentEntries, %.3f s",
+            sender.transaction,
+            transaction("ITI-41")["title"],
+            url,
+            outcome,
+            submission_set_unique_id,
+            len(documents),
+            time.monotonic() - started,
+        )
