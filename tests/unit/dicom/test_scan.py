@@ -132,7 +132,8 @@ def test_rejected_file_is_logged_with_path_and_reason_and_no_patient_data(caplog
     assert len(ours) == 8
     text = "\n".join(r.getMessage() for r in ours)
     assert "no-sop-class-uid__Issue111.dcm: no SOPClassUID" in text
-    # Issue111.dcm carries Patient's Name HELLO^A.
+    # The file without SOP Class UID carries Patient's Name HELLO^A; the log
+    # names the file (its name is the public data set's) but not the patient.
     assert "HELLO" not in text
 
 
