@@ -13,8 +13,9 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from flask import Flask
 from lxml import etree
@@ -23,6 +24,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     Row,
+    Select,
     and_,
     exists,
     insert,
@@ -233,14 +235,29 @@ class Registry:
                 )
             )
 
+        # One statement per kind of check, whatever the submission's size
+        # (ITI TF-3 4.2.2: an entryUUID and a uniqueId name one object).
+        ro = registry_object.c
+        taken = set(
+            _select_in(
+                conn,
+                select(ro.entry_uuid),
+                ro.entry_uuid,
+                [o.id for o in submission.objects],
+            )
+        )
+        by_unique_id: dict[str, list[Row]] = {}
+        for row in _select_in(
+            conn,
+            select(ro.unique_id, ro.hash, ro.kind),
+            ro.unique_id,
+            {o.unique_id for o in submission.objects if o.unique_id},
+        ):
+            by_unique_id.setdefault(row.unique_id, []).append(row)
+
         resubmitted: set[str] = set()
         for obj in submission.objects:
-            held = conn.execute(
-                select(registry_object.c.entry_uuid).where(
-                    registry_object.c.entry_uuid == obj.id
-                )
-            ).first()
-            if held is not None:
+            if obj.id in taken:
                 errors.append(
                     MetadataInvalid(
                         f"entryUUID {obj.id} is already in the Document Registry",
@@ -248,7 +265,7 @@ class Registry:
                     )
                 )
             if obj.unique_id:
-                error, again = self._check_unique_id(conn, obj)
+                error, again = _check_unique_id(obj, by_unique_id.get(obj.unique_id))
                 if error is not None:
                     errors.append(error)
                 if again:
@@ -258,126 +275,64 @@ class Registry:
             row.entry_uuid: validation.HeldObject(
                 row.entry_uuid, row.kind, row.patient_id, row.status
             )
-            for row in conn.execute(
-                select(
-                    registry_object.c.entry_uuid,
-                    registry_object.c.kind,
-                    registry_object.c.patient_id,
-                    registry_object.c.status,
-                ).where(
-                    registry_object.c.entry_uuid.in_(
-                        validation.external_references(submission)
-                    )
-                )
+            for row in _select_in(
+                conn,
+                select(ro.entry_uuid, ro.kind, ro.patient_id, ro.status),
+                ro.entry_uuid,
+                validation.external_references(submission),
             )
         }
         errors.extend(validation.check_references(submission, held_objects))
         return errors, resubmitted
 
-    def _check_unique_id(
-        self, conn: Connection, obj: RegistryObject
-    ) -> tuple[XdsError | None, bool]:
-        """ITI TF-3 Table 4.2.4.1-2: a uniqueId names one object.
-
-        A DocumentEntry may register an already registered document again
-        when the hash is the same; another hash is XDSNonIdenticalHash.
-        Returns the error, if any, and whether ``obj`` registers a document
-        again.
-        """
-        rows = conn.execute(
-            select(registry_object.c.hash, registry_object.c.kind).where(
-                registry_object.c.unique_id == obj.unique_id
-            )
-        ).all()
-        if not rows:
-            return None, False
-        new_hash = (obj.slot("hash") or "").lower()
-        if obj.kind == ebrim.DOCUMENT_ENTRY and all(
-            row.kind == ebrim.DOCUMENT_ENTRY for row in rows
-        ):
-            if new_hash and all(row.hash == new_hash for row in rows):
-                return None, True
-            error: XdsError = NonIdenticalHash(
-                f"DocumentEntry uniqueId {obj.unique_id} is registered with "
-                "another hash",
-                obj.unique_id,
-            )
-            return error, False
-        error = DuplicateUniqueIdInRegistry(
-            f"{obj.kind} uniqueId {obj.unique_id} is already registered",
-            obj.unique_id,
-        )
-        return error, False
-
     def _insert(
         self, conn: Connection, submission: Submission, resubmitted: set[str]
     ) -> None:
+        """Insert the objects, then their index rows: one statement per table."""
         submission_time = None
         for ss in submission.submission_sets:
             submission_time = pad_dtm(ss.slot("submissionTime"))
+        rows = []
         for obj in submission.objects:
             if obj.kind == ebrim.DOCUMENT_ENTRY and not obj.logical_id:
                 obj.element.set("lid", obj.id)
-            conn.execute(
-                insert(registry_object).values(
-                    entry_uuid=obj.id,
-                    kind=obj.kind,
-                    unique_id=obj.unique_id,
-                    patient_id=obj.patient_id,
-                    status=ebrim.STATUS_APPROVED,
-                    object_type=obj.object_type or None,
-                    mime_type=obj.mime_type or None,
-                    logical_id=obj.element.get("lid"),
-                    version=1,
-                    hash=(obj.slot("hash") or "").lower() or None,
-                    size=int(obj.slot("size") or 0) if obj.slot("size") else None,
-                    repository_unique_id=obj.slot("repositoryUniqueId"),
-                    creation_time=pad_dtm(obj.slot("creationTime")),
-                    service_start_time=pad_dtm(obj.slot("serviceStartTime")),
-                    service_stop_time=pad_dtm(obj.slot("serviceStopTime")),
-                    submission_time=(
+            size = obj.slot("size")
+            rows.append(
+                {
+                    "entry_uuid": obj.id,
+                    "kind": obj.kind,
+                    "unique_id": obj.unique_id,
+                    "patient_id": obj.patient_id,
+                    "status": ebrim.STATUS_APPROVED,
+                    "object_type": obj.object_type or None,
+                    "mime_type": obj.mime_type or None,
+                    "logical_id": obj.element.get("lid"),
+                    "version": 1,
+                    "hash": (obj.slot("hash") or "").lower() or None,
+                    "size": int(size) if size else None,
+                    "repository_unique_id": obj.slot("repositoryUniqueId"),
+                    "creation_time": pad_dtm(obj.slot("creationTime")),
+                    "service_start_time": pad_dtm(obj.slot("serviceStartTime")),
+                    "service_stop_time": pad_dtm(obj.slot("serviceStopTime")),
+                    "submission_time": (
                         pad_dtm(obj.slot("submissionTime")) or submission_time
                     ),
-                    last_update_time=pad_dtm(obj.slot("lastUpdateTime")),
-                    source_id=obj.external_id("sourceId"),
-                    resubmission=obj.id if obj.id in resubmitted else "",
-                    association_type=obj.association_type or None,
-                    source_object=obj.source_object or None,
-                    target_object=obj.target_object or None,
-                    xml=etree.tostring(obj.element),
-                )
+                    "last_update_time": pad_dtm(obj.slot("lastUpdateTime")),
+                    "source_id": obj.external_id("sourceId"),
+                    "resubmission": obj.id if obj.id in resubmitted else "",
+                    "association_type": obj.association_type or None,
+                    "source_object": obj.source_object or None,
+                    "target_object": obj.target_object or None,
+                    "xml": etree.tostring(obj.element),
+                }
             )
-            self._insert_index(conn, obj)
-
-    def _insert_index(self, conn: Connection, obj: RegistryObject) -> None:
-        if obj.kind not in (ebrim.DOCUMENT_ENTRY, ebrim.SUBMISSION_SET, ebrim.FOLDER):
-            return
-        attributes = ebrim.metadata_table()[obj.kind]["attributes"]
-        codes = []
-        for name, spec in attributes.items():
-            if spec["kind"] == "classification":
-                codes.extend(
-                    {
-                        "entry_uuid": obj.id,
-                        "attribute": name,
-                        "code": c.code,
-                        "scheme": c.scheme,
-                    }
-                    for c in obj.codes(name)
-                )
+        conn.execute(insert(registry_object), rows)
+        codes: list[dict[str, str]] = []
+        values: list[dict[str, str]] = []
+        for obj in submission.objects:
+            _index_rows(obj, codes, values)
         if codes:
             conn.execute(insert(registry_code), codes)
-        values = [
-            {"entry_uuid": obj.id, "attribute": "authorPerson", "value": person}
-            for author in obj.authors()
-            for person in author.get("authorPerson", [])
-        ]
-        reference_slot = attributes.get("referenceIdList", {}).get("slot")
-        if reference_slot:
-            values.extend(
-                {"entry_uuid": obj.id, "attribute": "referenceIdList", "value": v}
-                for v in obj.slots.get(reference_slot, [])
-            )
         if values:
             conn.execute(insert(registry_value), values)
 
@@ -587,6 +542,91 @@ class Registry:
             time.monotonic() - started,
         )
         return Reply(body)
+
+
+# Bound parameters per IN list: SQLite allows 32766 per statement, PostgreSQL
+# 65535; a submission may name more objects than that.
+_IN_CHUNK = 1000
+
+
+def _select_in(
+    conn: Connection,
+    statement: Select[Any],
+    column: ColumnElement[Any],
+    keys: Iterable[str],
+) -> list[Row]:
+    """Run ``statement`` for the rows whose ``column`` is one of ``keys``."""
+    keys = sorted(set(keys))
+    rows: list[Row] = []
+    for start in range(0, len(keys), _IN_CHUNK):
+        chunk = keys[start : start + _IN_CHUNK]
+        rows.extend(conn.execute(statement.where(column.in_(chunk))))
+    return rows
+
+
+def _index_rows(
+    obj: RegistryObject, codes: list[dict[str, str]], values: list[dict[str, str]]
+) -> None:
+    """Add the child-table rows that index ``obj``'s query parameters.
+
+    ITI TF-2 3.18.4.1.2.3.7: coded attributes go to registry_code,
+    authorPerson and referenceIdList values to registry_value.
+    """
+    if obj.kind not in (ebrim.DOCUMENT_ENTRY, ebrim.SUBMISSION_SET, ebrim.FOLDER):
+        return
+    attributes = ebrim.metadata_table()[obj.kind]["attributes"]
+    for name, spec in attributes.items():
+        if spec["kind"] == "classification":
+            codes.extend(
+                {
+                    "entry_uuid": obj.id,
+                    "attribute": name,
+                    "code": c.code,
+                    "scheme": c.scheme,
+                }
+                for c in obj.codes(name)
+            )
+    values.extend(
+        {"entry_uuid": obj.id, "attribute": "authorPerson", "value": person}
+        for author in obj.authors()
+        for person in author.get("authorPerson", [])
+    )
+    reference_slot = attributes.get("referenceIdList", {}).get("slot")
+    if reference_slot:
+        values.extend(
+            {"entry_uuid": obj.id, "attribute": "referenceIdList", "value": v}
+            for v in obj.slots.get(reference_slot, [])
+        )
+
+
+def _check_unique_id(
+    obj: RegistryObject, rows: Sequence[Row] | None
+) -> tuple[XdsError | None, bool]:
+    """ITI TF-3 Table 4.2.4.1-2: a uniqueId names one object.
+
+    ``rows`` are the registered objects with ``obj``'s uniqueId. A
+    DocumentEntry may register an already registered document again when the
+    hash is the same; another hash is XDSNonIdenticalHash. Returns the error,
+    if any, and whether ``obj`` registers a document again.
+    """
+    if not rows:
+        return None, False
+    new_hash = (obj.slot("hash") or "").lower()
+    if obj.kind == ebrim.DOCUMENT_ENTRY and all(
+        row.kind == ebrim.DOCUMENT_ENTRY for row in rows
+    ):
+        if new_hash and all(row.hash == new_hash for row in rows):
+            return None, True
+        error: XdsError = NonIdenticalHash(
+            f"DocumentEntry uniqueId {obj.unique_id} is registered with another hash",
+            obj.unique_id,
+        )
+        return error, False
+    error = DuplicateUniqueIdInRegistry(
+        f"{obj.kind} uniqueId {obj.unique_id} is already registered",
+        obj.unique_id,
+    )
+    return error, False
 
 
 class _Rollback(Exception):

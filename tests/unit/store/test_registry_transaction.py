@@ -7,15 +7,15 @@ none of it), DESIGN.md principle 6, on SQLite and PostgreSQL.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from tests.conftest import shared_path
 from xdsi import ns
-from xdsi.actors.registry import Registry
 from xdsi.actors.soap_endpoint import Peer, transaction
 from xdsi.app import Services, build_services
 from xdsi.config import Settings
@@ -72,44 +72,48 @@ def _rows(services: Services) -> dict[str, int]:
         }
 
 
-def _fail_on_second_call(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Let the index insert of the first object through, then raise."""
-    original = Registry._insert_index
-    calls: list[str] = []
+@contextmanager
+def _fail_on_second_insert(services: Services) -> Iterator[list[str]]:
+    """Let the first INSERT of the registry through, then raise at the next.
 
-    def insert_index(self: Registry, conn, obj) -> None:  # type: ignore[no-untyped-def]
-        calls.append(obj.id)
-        if len(calls) == 2:
-            raise RuntimeError("fault injected between two inserts")
-        original(self, conn, obj)
+    The fault comes from the database layer, between two statements of the
+    one transaction, whatever the registry's code batches together.
+    """
+    inserts: list[str] = []
 
-    monkeypatch.setattr(Registry, "_insert_index", insert_index)
-    return calls
+    def before_execute(conn, cursor, statement, *rest) -> None:  # type: ignore[no-untyped-def]
+        if statement.lstrip().upper().startswith("INSERT INTO REGISTRY_"):
+            inserts.append(statement)
+            if len(inserts) == 2:
+                raise RuntimeError("fault injected between two inserts")
+
+    event.listen(services.engine, "before_cursor_execute", before_execute)
+    try:
+        yield inserts
+    finally:
+        event.remove(services.engine, "before_cursor_execute", before_execute)
 
 
-def test_fault_between_inserts_leaves_no_registry_row(
-    services: Services, monkeypatch: pytest.MonkeyPatch
-):
+def test_fault_between_inserts_leaves_no_registry_row(services: Services):
     """ITI TF-2 3.42.4.1.3: a failed submission leaves nothing half-written."""
     message = _submission(services)
-    calls = _fail_on_second_call(monkeypatch)
+    with _fail_on_second_insert(services) as inserts:
+        reply = services.registry.handle_register(message, PEER)
 
-    reply = services.registry.handle_register(message, PEER)
-
-    assert len(calls) == 2, "the fault was not reached"
+    assert len(inserts) == 2, "the fault was not reached"
     assert read_status(reply.body) == ResponseStatus.FAILURE
     assert [e.code for e in read_errors(reply.body)] == ["XDSRegistryError"]
     assert _rows(services) == {table.name: 0 for table in REGISTRY_TABLES}
 
 
 def test_submission_refused_by_a_fault_is_registered_when_sent_again(
-    services: Services, monkeypatch: pytest.MonkeyPatch
+    services: Services,
 ):
     """ITI TF-2 3.42.4.1.3: nothing of the failed attempt blocks a retry."""
     message = _submission(services)
-    _fail_on_second_call(monkeypatch)
-    services.registry.handle_register(message, PEER)
-    monkeypatch.undo()
+    with _fail_on_second_insert(services) as inserts:
+        services.registry.handle_register(message, PEER)
+    assert len(inserts) == 2, "the fault was not reached"
 
     reply = services.registry.handle_register(message, PEER)
 
