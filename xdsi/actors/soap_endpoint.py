@@ -11,8 +11,6 @@ traceback or HTML page ever reaches a peer.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -114,12 +112,10 @@ def soap_app(
     @app.post(path)
     def endpoint() -> Response:
         started = time.monotonic()
-        spool = Path(tempfile.mkdtemp(prefix="req-", dir=spool_root))
-        cleanup = [lambda: shutil.rmtree(spool, ignore_errors=True)]
         message: wire.SoapMessage | None = None
         try:
             message = wire.read_message(
-                request.stream, request.headers.get("Content-Type", ""), spool
+                request.stream, request.headers.get("Content-Type", ""), spool_root
             )
             transaction_id = by_action.get(message.action)
             if transaction_id is None:
@@ -148,7 +144,8 @@ def soap_app(
             )
             reply = handlers[transaction_id](message, peer)
         except wire.SoapFault as fault:
-            shutil.rmtree(spool, ignore_errors=True)
+            if message is not None:
+                message.close()
             logger.info(
                 "%s: SOAP fault %s %s: %s",
                 name,
@@ -158,7 +155,8 @@ def soap_app(
             )
             return _fault_response(fault, message.message_id if message else None)
         except Exception:
-            shutil.rmtree(spool, ignore_errors=True)
+            if message is not None:
+                message.close()
             raise
 
         envelope = wire.build_envelope(
@@ -174,7 +172,8 @@ def soap_app(
             time.monotonic() - started,
         )
         response = Response(
-            _streamed(chunks, reply.cleanup + cleanup), content_type=content_type
+            _streamed(chunks, [*reply.cleanup, message.close]),
+            content_type=content_type,
         )
         response.headers["Content-Length"] = str(length)
         return response

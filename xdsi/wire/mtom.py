@@ -490,7 +490,9 @@ def read_message(
     ``stream`` must end where the HTTP body ends (Flask's ``request.stream``,
     werkzeug's ``get_input_stream``, a requests ``raw`` response). Parts are
     spooled under a fresh directory in ``spool_dir`` that the message's
-    ``close()`` removes; on any error it is removed at once.
+    ``close()`` removes; on any error it is removed at once. A plain SOAP
+    message has no parts: its directory is named but made only when inline
+    base64 content is decoded into it (``attachment_for``).
 
     More lenient than RFC 2046 5.1.1: a package framed with bare LF instead of
     CRLF is read, its part bodies kept byte for byte.
@@ -532,7 +534,10 @@ def read_message(
             "multipart/related MTOM/XOP"
         )
 
-    directory = Path(tempfile.mkdtemp(prefix="xdsi-msg-", dir=spool_dir))
+    if media_type == "application/soap+xml":
+        directory = Path(spool_dir) / f"xdsi-msg-{uuid.uuid4().hex}"
+    else:
+        directory = Path(tempfile.mkdtemp(prefix="xdsi-msg-", dir=spool_dir))
     package = None
     try:
         if media_type == "application/soap+xml":
@@ -592,6 +597,7 @@ def attachment_for(element: _Element, message: SoapMessage) -> Attachment:
     text = (element.text or "").encode("ascii", "replace").translate(None, _WHITESPACE)
     if len(text) % 4:
         raise MalformedMessage("inline base64 content ends in the middle of a quantum")
+    message.spool_dir.mkdir(mode=0o700, exist_ok=True)
     sink = _FileSink(message.spool_dir / f"inline-{uuid.uuid4().hex}")
     try:
         step = 4 * CHUNK_SIZE
