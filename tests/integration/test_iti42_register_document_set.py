@@ -16,6 +16,7 @@ from lxml import etree
 
 from tests.integration.conftest import RunningNode
 from tests.nist_submissions import (
+    UNIQUE_ID_SCHEMES,
     entry_uuids,
     error_codes,
     nist_submission,
@@ -24,7 +25,9 @@ from tests.nist_submissions import (
 )
 from xdsi import ns
 from xdsi.metadata import ebrim
+from xdsi.metadata.build import new_oid
 from xdsi.metadata.ebrim import read_registry_objects
+from xdsi.metadata.responses import read_errors
 
 AUTHORITY = "1.3.6.1.4.1.21367.13.20.1000"
 SUCCESS = "urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Success"
@@ -276,3 +279,34 @@ def test_document_registered_again_is_accepted_only_with_the_same_hash(
         {"$XDSDocumentEntryUniqueId": [values["$doc_uid$"]]},
     )
     assert len(entries) == 1 + (not codes)
+
+
+def test_entry_uuid_registered_before_is_refused_whole(
+    running_node: RunningNode,
+) -> None:
+    """ITI TF-3 4.2.3.1.2: an entryUUID names one object; a second use fails."""
+    patient_id = new_patient(running_node)
+    request = nist_submission("iti42-12004-submit", {"$patientid$": patient_id})
+    entry_uuids(request)
+    url = running_node.settings.url("registry")
+    assert register(url, request).get("status") == SUCCESS
+    for identifier in request.iter(f"{{{ns.RIM}}}ExternalIdentifier"):
+        if identifier.get("identificationScheme") in UNIQUE_ID_SCHEMES:
+            identifier.set("value", new_oid())
+
+    response = register(url, request)
+
+    assert response.get("status") == FAILURE
+    assert set(error_codes(response)) == {"XDSRegistryMetadataError"}
+    assert any(
+        "already in the Document Registry" in e.message for e in read_errors(response)
+    )
+    entries = leaf(
+        running_node,
+        "FindDocuments",
+        {
+            "$XDSDocumentEntryPatientId": patient_id,
+            "$XDSDocumentEntryStatus": [ebrim.STATUS_APPROVED],
+        },
+    )
+    assert len(entries) == 1

@@ -235,25 +235,17 @@ class Registry:
                 )
             )
 
-        # One statement per kind of check, whatever the submission's size
-        # (ITI TF-3 4.2.2: an entryUUID and a uniqueId name one object).
-        ro = registry_object.c
-        taken = set(
-            _select_in(
-                conn,
-                select(ro.entry_uuid),
-                ro.entry_uuid,
-                [o.id for o in submission.objects],
-            )
-        )
+        # ITI TF-3 4.2.2: an entryUUID and a uniqueId name one object. Both
+        # are checked with one statement, whatever the submission's size.
+        ids = {o.id for o in submission.objects}
+        unique_ids = {o.unique_id for o in submission.objects if o.unique_id}
+        taken: set[str] = set()
         by_unique_id: dict[str, list[Row]] = {}
-        for row in _select_in(
-            conn,
-            select(ro.unique_id, ro.hash, ro.kind),
-            ro.unique_id,
-            {o.unique_id for o in submission.objects if o.unique_id},
-        ):
-            by_unique_id.setdefault(row.unique_id, []).append(row)
+        for row in _held_ids(conn, ids, unique_ids):
+            if row.entry_uuid in ids:
+                taken.add(row.entry_uuid)
+            if row.unique_id in unique_ids:
+                by_unique_id.setdefault(row.unique_id, []).append(row)
 
         resubmitted: set[str] = set()
         for obj in submission.objects:
@@ -271,6 +263,7 @@ class Registry:
                 if again:
                     resubmitted.add(obj.id)
 
+        ro = registry_object.c
         held_objects = {
             row.entry_uuid: validation.HeldObject(
                 row.entry_uuid, row.kind, row.patient_id, row.status
@@ -562,6 +555,27 @@ def _select_in(
         chunk = keys[start : start + _IN_CHUNK]
         rows.extend(conn.execute(statement.where(column.in_(chunk))))
     return rows
+
+
+def _held_ids(
+    conn: Connection, ids: Iterable[str], unique_ids: Iterable[str]
+) -> list[Row]:
+    """The registered objects whose entryUUID or uniqueId is in the sets."""
+    ro = registry_object.c
+    statement = select(ro.entry_uuid, ro.unique_id, ro.hash, ro.kind)
+    ids, unique_ids = sorted(ids), sorted(unique_ids)
+    half = _IN_CHUNK // 2
+    rows: dict[str, Row] = {}
+    for start in range(0, max(len(ids), len(unique_ids)), half):
+        id_chunk = ids[start : start + half]
+        unique_id_chunk = unique_ids[start : start + half]
+        for row in conn.execute(
+            statement.where(
+                or_(ro.entry_uuid.in_(id_chunk), ro.unique_id.in_(unique_id_chunk))
+            )
+        ):
+            rows[row.entry_uuid] = row
+    return list(rows.values())
 
 
 def _index_rows(
