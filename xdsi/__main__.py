@@ -2,4 +2,7 @@
 
 from xdsi.cli import main
 
-main()
+# The guard keeps worker processes, which import this module, from running
+# the command again.
+if __name__ == "__main__":
+    main()

@@ -3,15 +3,22 @@
 Each HTTP actor is its own WSGI app on its own port, and the Document
 Repository reaches the Document Registry only through ITI-42 over HTTP
 (DESIGN.md principle 1). Ports may be 0: the node binds first, then builds
-every actor with the effective endpoint URLs.
+every actor with the effective endpoint URLs. With ``[node] workers`` above
+1, further processes serve the same listening sockets, each with its own
+actors over the shared database and storage; the node restarts a worker
+that dies.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import signal
+import socket
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 from sqlalchemy import Engine
@@ -116,6 +123,52 @@ def build_services(settings: Settings) -> Services:
     )
 
 
+def _serve(servers: list[BaseWSGIServer]) -> list[threading.Thread]:
+    threads = []
+    for server in servers:
+        thread = threading.Thread(
+            target=server.serve_forever,
+            # A short poll interval makes stopping quick.
+            kwargs={"poll_interval": 0.1},
+            daemon=True,
+            name=f"xdsi-http-{server.socket.getsockname()[1]}",
+        )
+        thread.start()
+        threads.append(thread)
+    return threads
+
+
+def _worker(settings: Settings, sockets: dict[str, socket.socket], level: int) -> None:
+    """Serve the HTTP actors on sockets bound by the node, until SIGTERM."""
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("xdsi").setLevel(level)
+    logging.getLogger("werkzeug").setLevel(max(level, logging.WARNING))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    services = build_services(settings)
+    spool_root = settings.storage / "spool"
+    servers = [
+        make_server(
+            settings.node.host,
+            listening.getsockname()[1],
+            getattr(services, actor).app(spool_root / actor),
+            threaded=True,
+            request_handler=_RequestHandler,
+            fd=listening.fileno(),
+        )
+        for actor, listening in sockets.items()
+    ]
+    threads = _serve(servers)
+    stop.wait()
+    for server in servers:
+        server.shutdown()
+    for thread in threads:
+        thread.join(timeout=5)
+    services.engine.dispose()
+
+
 class Node:
     """A running node: HTTP servers per actor and the ITI-8 MLLP listener."""
 
@@ -126,10 +179,14 @@ class Node:
         self._servers: list[BaseWSGIServer] = []
         self._threads: list[threading.Thread] = []
         self._mllp: MllpServer | None = None
+        self._sockets: dict[str, socket.socket] = {}
+        self._workers: list[BaseProcess] = []
+        self._stopping = threading.Event()
 
     def start(self) -> Settings:
         """Bind, build the actors, serve; return the effective settings."""
         settings = self.requested
+        self._stopping.clear()
         deferred: dict[str, _Deferred] = {}
         for actor in HTTP_ACTORS:
             section = getattr(settings, actor)
@@ -144,6 +201,7 @@ class Node:
                 request_handler=_RequestHandler,
             )
             self._servers.append(server)
+            self._sockets[actor] = server.socket
             settings = settings.with_ports(**{actor: server.server_port})
 
         # The listener is bound before the actors exist, so that its port is
@@ -168,16 +226,18 @@ class Node:
         spool_root = settings.storage / "spool"
         for actor, target in deferred.items():
             target.app = getattr(services, actor).app(spool_root / actor)
-        for server in self._servers:
-            thread = threading.Thread(
-                target=server.serve_forever,
-                # A short poll interval makes stop() quick.
-                kwargs={"poll_interval": 0.1},
+        self._threads.extend(_serve(self._servers))
+        if settings.node.workers > 1 and self._sockets:
+            for _ in range(settings.node.workers - 1):
+                self._workers.append(self._spawn(settings))
+            supervisor = threading.Thread(
+                target=self._supervise,
+                args=(settings,),
                 daemon=True,
-                name=f"xdsi-http-{server.server_port}",
+                name="xdsi-workers",
             )
-            thread.start()
-            self._threads.append(thread)
+            supervisor.start()
+            self._threads.append(supervisor)
         self.settings = settings
         self.services = services
         logger.info(
@@ -187,7 +247,45 @@ class Node:
         )
         return settings
 
+    def _spawn(self, settings: Settings) -> BaseProcess:
+        # A fresh interpreter, not a fork of this threaded process.
+        process = multiprocessing.get_context("spawn").Process(
+            target=_worker,
+            args=(settings, self._sockets, logging.getLogger("xdsi").level),
+            name="xdsi-worker",
+            daemon=True,
+        )
+        process.start()
+        logger.info("HTTP worker process %s started", process.pid)
+        return process
+
+    def _supervise(self, settings: Settings) -> None:
+        """Start a new worker for each one that ended while the node runs."""
+        while not self._stopping.wait(1):
+            for index, process in enumerate(self._workers):
+                if not process.is_alive() and not self._stopping.is_set():
+                    logger.warning(
+                        "HTTP worker process %s ended (exit code %s); starting another",
+                        process.pid,
+                        process.exitcode,
+                    )
+                    self._workers[index] = self._spawn(settings)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """The process ids of the extra HTTP workers, if any."""
+        return [p.pid for p in self._workers if p.pid is not None]
+
     def stop(self) -> None:
+        self._stopping.set()
+        for process in self._workers:
+            process.terminate()
+        for process in self._workers:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self._workers.clear()
         for server in self._servers:
             server.shutdown()
             server.server_close()
@@ -198,6 +296,7 @@ class Node:
         if self.services is not None:
             self.services.engine.dispose()
         self._servers.clear()
+        self._sockets.clear()
         self._threads.clear()
 
     def __enter__(self) -> Node:

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
@@ -99,10 +100,18 @@ def config_show(ctx: click.Context) -> None:
 
 
 @main.command()
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="HTTP worker processes (default: [node] workers).",
+)
 @click.pass_context
-def serve(ctx: click.Context) -> None:
+def serve(ctx: click.Context, workers: int | None) -> None:
     """Start every enabled actor on its port and serve until interrupted."""
     settings = _settings(ctx)
+    if workers is not None:
+        settings = replace(settings, node=replace(settings.node, workers=workers))
     logging.getLogger("xdsi").setLevel(logging.INFO)
     node = Node(settings)
     try:

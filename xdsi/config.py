@@ -60,6 +60,15 @@ class NodeSettings:
     home_community_id: str = f"urn:oid:{XDSI_OID_ROOT}.4"
     audit_source_id: str = "xdsi"
     enterprise_site_id: str = "xdsi"
+    # Processes serving the HTTP actors, all on the same listening sockets
+    # (DESIGN.md, Storage: web workers are stateless). 1 serves from the
+    # node's own process; more use more cores. The MLLP listener and the
+    # start-up sweep run in the node's own process only.
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError("[node] workers must be at least 1")
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,8 @@ where the time goes.
 Run from the repository root::
 
     PYTHONPATH=. python tests/benchmarks/bench_registry.py \\
-        [--seconds 20] [--threads 4] [--sizes 1000,100000,1000000] [--sqlite]
+        [--seconds 20] [--threads 4] [--workers 2] [--sizes 1000,100000,1000000]
+        [--sqlite]
 """
 
 from __future__ import annotations
@@ -200,13 +201,16 @@ def libpq_url(database_url: str) -> str:
     return database_url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
-def node_settings(storage: Path, database_url: str) -> Settings:
+def node_settings(storage: Path, database_url: str, workers: int = 1) -> Settings:
     settings = (
         Settings()
         .with_storage(storage)
         .with_ports(registry=0, repository=0, imaging_source=0, feed=0)
     )
-    return replace(settings, node=replace(settings.node, database_url=database_url))
+    return replace(
+        settings,
+        node=replace(settings.node, database_url=database_url, workers=workers),
+    )
 
 
 @contextmanager
@@ -223,8 +227,10 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
 
 
 @contextmanager
-def running_node(storage: Path, database_url: str) -> Iterator[Node]:
-    node = Node(node_settings(storage, database_url))
+def running_node(
+    storage: Path, database_url: str, workers: int = 1
+) -> Iterator[Node]:
+    node = Node(node_settings(storage, database_url, workers))
     node.start()
     try:
         yield node
@@ -339,7 +345,7 @@ def bench_registrations(
     args: argparse.Namespace, cluster: PostgresCluster | None, work: Path
 ) -> None:
     database_url = cluster.create_database() if cluster else ""
-    with running_node(work / "register-node", database_url) as node:
+    with running_node(work / "register-node", database_url, args.workers) as node:
         settings = node.settings
         patient_ids = [patient_id_of(f"REG{n:04d}") for n in range(20)]
         for patient_id in patient_ids:
@@ -360,7 +366,8 @@ def bench_registrations(
         backend = "SQLite" if cluster is None else "PostgreSQL"
         print(
             f"ITI-42, one DocumentEntry per submission, {args.threads} client "
-            f"threads, {backend}, {os.cpu_count()} CPUs:"
+            f"threads, {args.workers} HTTP worker processes, {backend}, "
+            f"{os.cpu_count()} CPUs:"
         )
         print(
             f"  {len(latencies)} registered in {result['elapsed']:.1f} s: "
@@ -791,6 +798,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0, help="0: no ITI-42 run")
     parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="the node's HTTP worker processes ([node] workers)",
+    )
     parser.add_argument(
         "--sizes",
         type=lambda text: [int(s) for s in text.split(",") if s],

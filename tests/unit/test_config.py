@@ -113,6 +113,8 @@ WRONG_TYPES = {
     "repositories as string": "[consumer]\nrepositories = 'x'\n",
     "repository url as number": "[consumer.repositories]\n'1.2.3' = 5\n",
     "string timeout": "[consumer]\ntimeout = 'slow'\n",
+    "no worker": "[node]\nworkers = 0\n",
+    "string workers": "[node]\nworkers = '2'\n",
 }
 
 

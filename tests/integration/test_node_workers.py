@@ -1,0 +1,124 @@
+"""Several HTTP worker processes serve one node's actors on the same sockets.
+
+DESIGN.md (Storage): web workers are stateless, so a node scales over cores
+by running more of them over one database; ``[node] workers``. The audit
+spool names each message after the process that wrote it, which tells which
+worker answered.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PostgresCluster
+from tests.nist_submissions import error_codes, run_query
+from xdsi.app import Node
+from xdsi.config import Settings
+from xdsi.hl7.adt import build_feed
+from xdsi.hl7.mllp import send_message
+
+PATIENT = "XDSI-WORKERS^^^&1.3.6.1.4.1.21367.13.20.1000&ISO"
+SUCCESS = "urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Success"
+
+
+@pytest.fixture
+def node(postgresql: PostgresCluster, tmp_path: Path) -> Iterator[Node]:
+    database_url = postgresql.create_database()
+    settings = (
+        Settings()
+        .with_storage(tmp_path / "node")
+        .with_ports(registry=0, repository=0, imaging_source=0, feed=0)
+    )
+    settings = replace(
+        settings, node=replace(settings.node, database_url=database_url, workers=2)
+    )
+    node = Node(settings)
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+        postgresql.drop_database(database_url)
+
+
+def _query(node: Node) -> str:
+    response = run_query(
+        node.settings.url("registry"),
+        "FindDocuments",
+        {
+            "$XDSDocumentEntryPatientId": PATIENT,
+            "$XDSDocumentEntryStatus": [
+                "urn:oasis:names:tc:ebxml-regrep:StatusType:Approved"
+            ],
+        },
+    )
+    assert response.get("status") == SUCCESS, error_codes(response)
+    return "ok"
+
+
+def _answering_pids(node: Node) -> set[int]:
+    """The processes that wrote audit messages: ``<ns>-<pid>-<tag>.xml``."""
+    spool = node.settings.storage / "audit"
+    return {int(path.name.split("-")[1]) for path in spool.glob("*.xml")}
+
+
+def _wait_for(condition, seconds: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_requests_are_answered_by_more_than_one_process(node: Node) -> None:
+    """ITI TF-2 3.18: every worker answers stored queries of the same registry."""
+    assert "MSA|AA" in send_message(
+        node.settings.node.host, node.settings.registry.feed_port, build_feed(PATIENT)
+    )
+    (worker,) = node.worker_pids
+    seen: set[int] = set()
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(25):
+            list(pool.map(lambda _: _query(node), range(16)))
+            seen = _answering_pids(node)
+            if {os.getpid(), worker} <= seen:
+                break
+    assert {os.getpid(), worker} <= seen, seen
+
+
+def test_a_worker_that_dies_is_replaced_and_the_node_keeps_answering(
+    node: Node,
+) -> None:
+    """ITI TF-2 3.18: the registry answers while a worker is restarted."""
+    (worker,) = node.worker_pids
+    os.kill(worker, 9)
+
+    assert _query(node) == "ok"
+    assert _wait_for(lambda: node.worker_pids and node.worker_pids != [worker])
+    (replacement,) = node.worker_pids
+    assert _wait_for(lambda: replacement in _serving_after_queries(node))
+
+
+def _serving_after_queries(node: Node) -> set[int]:
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: _query(node), range(16)))
+    return _answering_pids(node)
+
+
+def test_stop_ends_every_worker(node: Node) -> None:
+    """A stopped node leaves no worker process behind."""
+    workers = list(node.worker_pids)
+
+    node.stop()
+
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
