@@ -22,6 +22,7 @@ from lxml import etree
 from sqlalchemy import Engine, Row, insert, select
 
 from xdsi import audit, ns, wire
+from xdsi.actors.dicomweb import dicomweb_blueprint
 from xdsi.actors.provide import Document, Sender, SubmitError, provide_and_register
 from xdsi.actors.repository import (
     child_text,
@@ -157,6 +158,7 @@ class ImagingSource:
             study,
             retrieve_ae_title=cfg.ae_title,
             retrieve_location_uid=self.repository_unique_id,
+            retrieve_url=self.settings.dicomweb_url,
             institution_name=cfg.institution_name,
         )
         data = kos.manifest_bytes(manifest)
@@ -380,7 +382,7 @@ class ImagingSource:
     # --- SOAP edge -------------------------------------------------------
 
     def app(self, spool_root: Path) -> Flask:
-        return soap_app(
+        app = soap_app(
             "imaging_source",
             self.settings.imaging_source.path,
             {
@@ -388,6 +390,8 @@ class ImagingSource:
             },
             spool_root,
         )
+        app.register_blueprint(dicomweb_blueprint(self, spool_root / "dicomweb"))
+        return app
 
     def handle_retrieve(self, message: wire.SoapMessage, peer: Peer) -> Reply:
         started = time.monotonic()
