@@ -13,8 +13,8 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
-from sqlalchemy import select
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
+from sqlalchemy import select
 
 from tests.conftest import shared_path
 from tests.integration.conftest import PATIENT, RunningNode
@@ -29,7 +29,9 @@ def published(shared_node: RunningNode) -> Iterator[scan.Study]:
     (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
     source = shared_node.services.imaging_source
     source.publish(study, PATIENT)
-    (kept,) = scan.scan_directory(shared_path("dicom", "study-ct-ihe", "images")).studies
+    (kept,) = scan.scan_directory(
+        shared_path("dicom", "study-ct-ihe", "images")
+    ).studies
     source.keep_instances(kept, PATIENT)
     yield study
 
@@ -130,8 +132,9 @@ def test_wado_rs_instance_as_stored_is_byte_identical(
 
     raw = requests.get(
         url,
-        headers={"Accept": 'multipart/related; type="application/dicom"; '
-                 "transfer-syntax=*"},
+        headers={
+            "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'
+        },
         timeout=30,
     )
     sent = client.retrieve_instance(
@@ -197,7 +200,9 @@ def test_wado_rs_unpublished_study_is_not_found(
     shared_node: RunningNode, published: scan.Study
 ) -> None:
     """RAD TF-3 4.107: only published studies are served."""
-    (kept,) = scan.scan_directory(shared_path("dicom", "study-ct-ihe", "images")).studies
+    (kept,) = scan.scan_directory(
+        shared_path("dicom", "study-ct-ihe", "images")
+    ).studies
     answer = requests.get(
         f"{shared_node.settings.dicomweb_url}/studies/{kept.study_instance_uid}",
         timeout=30,
@@ -224,7 +229,10 @@ def test_wado_uri_application_dicom_in_the_asked_syntax(
     instance = published.instances[3]
 
     answer = _wado_uri(
-        shared_node, instance, contentType="application/dicom", transferSyntax=RLELossless
+        shared_node,
+        instance,
+        contentType="application/dicom",
+        transferSyntax=RLELossless,
     )
 
     assert answer.status_code == 200
@@ -264,7 +272,9 @@ def test_wado_uri_bad_requests_are_answered_with_their_status(
     shared_node: RunningNode, published: scan.Study, change: dict, status: int
 ) -> None:
     """DICOM PS3.18 9.1.2: a request that cannot be served gets an HTTP error."""
-    assert _wado_uri(shared_node, published.instances[0], **change).status_code == status
+    assert (
+        _wado_uri(shared_node, published.instances[0], **change).status_code == status
+    )
 
 
 def test_published_manifest_names_the_wado_rs_series_url(
@@ -283,7 +293,9 @@ def test_published_manifest_names_the_wado_rs_series_url(
     url = study_item.ReferencedSeriesSequence[0].RetrieveURL
 
     answer = requests.get(
-        url, headers={"Accept": 'multipart/related; type="application/dicom"'}, timeout=60
+        url,
+        headers={"Accept": 'multipart/related; type="application/dicom"'},
+        timeout=60,
     )
 
     assert answer.status_code == 200

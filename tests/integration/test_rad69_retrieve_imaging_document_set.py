@@ -184,15 +184,15 @@ def test_several_series_with_padded_uids_come_transcoded_to_the_first_listed_syn
     study = request.find(f"{{{ns.XDSIB}}}StudyRequest")
     other = published.series[1]
     series = etree.SubElement(
-        study, f"{{{ns.XDSIB}}}SeriesRequest", seriesInstanceUID=other.series_instance_uid
+        study,
+        f"{{{ns.XDSIB}}}SeriesRequest",
+        seriesInstanceUID=other.series_instance_uid,
     )
+    repository = running_node.settings.imaging_source.repository_unique_id
     item = etree.SubElement(series, f"{{{ns.XDSB}}}DocumentRequest")
-    etree.SubElement(item, f"{{{ns.XDSB}}}RepositoryUniqueId").text = (
-        running_node.settings.imaging_source.repository_unique_id
-    )
-    etree.SubElement(item, f"{{{ns.XDSB}}}DocumentUniqueId").text = (
-        other.instances[0].sop_instance_uid
-    )
+    etree.SubElement(item, f"{{{ns.XDSB}}}RepositoryUniqueId").text = repository
+    sop_uid = other.instances[0].sop_instance_uid
+    etree.SubElement(item, f"{{{ns.XDSB}}}DocumentUniqueId").text = sop_uid
 
     status, errors, instances = _retrieve(running_node, request, tmp_path)
 
@@ -209,7 +209,7 @@ def test_several_series_with_padded_uids_come_transcoded_to_the_first_listed_syn
 def test_instance_asked_in_its_own_syntax_is_byte_identical(
     running_node: RunningNode, published: scan.Study, tmp_path: Path
 ):
-    """RAD TF-3 4.69.4.2.3: an instance held in the first listed syntax is sent as held."""
+    """RAD TF-3 4.69.4.2.3: held in the first listed syntax: sent as held."""
     instance = published.instances[0]
     request = rad69(
         instance.study_instance_uid,
@@ -219,8 +219,9 @@ def test_instance_asked_in_its_own_syntax_is_byte_identical(
         syntaxes=(EXPLICIT_LE, RLELossless),
     )
 
-    _, _, instances = _retrieve(running_node, request, tmp_path)
+    status, _, instances = _retrieve(running_node, request, tmp_path)
 
+    assert (status, list(instances)) == ("Success", [instance.sop_instance_uid])
     assert (tmp_path / f"{instance.sop_instance_uid}.dcm").read_bytes() == (
         instance.path.read_bytes()
     )
@@ -232,7 +233,10 @@ def test_undecodable_instance_is_an_error_beside_a_transcoded_one(
     """RAD TF-3 4.69.4.2.3 with ITI TF-2 3.43.4.2.3: PartialSuccess, one error."""
     folder = tmp_path / "held"
     folder.mkdir()
-    for name in ("ts-jpegls-lossless__CT1_JLSL.dcm", "ts-jpeg-extended-12bit__MR1_JPLY.dcm"):
+    for name in (
+        "ts-jpegls-lossless__CT1_JLSL.dcm",
+        "ts-jpeg-extended-12bit__MR1_JPLY.dcm",
+    ):
         shutil.copy(shared_path("dicom", "singles", name), folder / name)
     source = running_node.services.imaging_source
     studies = scan.scan_directory(folder).studies

@@ -243,7 +243,9 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
     def retrieve_series(study_uid: str, series_uid: str) -> Response:
         return wado_rs(study_uid, series_uid)
 
-    @blueprint.get(f"{base}/studies/<study_uid>/series/<series_uid>/instances/<sop_uid>")
+    @blueprint.get(
+        f"{base}/studies/<study_uid>/series/<series_uid>/instances/<sop_uid>"
+    )
     def retrieve_instance(study_uid: str, series_uid: str, sop_uid: str) -> Response:
         return wado_rs(study_uid, series_uid, sop_uid)
 
@@ -294,7 +296,9 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         held = published(*uids)
         if not held:
             abort(404)
-        wanted = [t.split(";")[0].strip() for t in args.get("contentType", "").split(",")]
+        wanted = [
+            t.split(";")[0].strip() for t in args.get("contentType", "").split(",")
+        ]
         content_type = next((t for t in wanted if t in (DICOM, JPEG)), None)
         has_pixels = "PixelData" in held[0].header or "Rows" in held[0].header
         if content_type is None:
@@ -303,7 +307,10 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
                 abort(406)
             content_type = JPEG if has_pixels else DICOM
         logger.info(
-            "%s %s from %s: %s", "RAD-55", "WADO Retrieve", request.remote_addr,
+            "%s %s from %s: %s",
+            "RAD-55",
+            "WADO Retrieve",
+            request.remote_addr,
             content_type,
         )
         if content_type == JPEG:
@@ -331,9 +338,7 @@ def _whole(value: str, name: str) -> int:
     return int(value)
 
 
-def _filters(
-    items: Iterable[tuple[str, str]], level: str
-) -> list[tuple[str, str]]:
+def _filters(items: Iterable[tuple[str, str]], level: str) -> list[tuple[str, str]]:
     """The query's matching keys as keywords (DICOM PS3.18 8.3.4.1)."""
     filters = []
     for key, value in items:
@@ -374,7 +379,9 @@ def _answer(
     if level == "study":
         modalities = sorted({m.header.get("Modality", "") for m in members} - {""})
         answer.ModalitiesInStudy = modalities
-        answer.NumberOfStudyRelatedSeries = len({m.row.series_instance_uid for m in members})
+        answer.NumberOfStudyRelatedSeries = len(
+            {m.row.series_instance_uid for m in members}
+        )
         answer.NumberOfStudyRelatedInstances = len(members)
         answer.RetrieveURL = retrieve_url(row.study_instance_uid)
     elif level == "series":
@@ -398,14 +405,21 @@ def _matches(answer: Dataset, keyword: str, wanted: str) -> bool:
     value = answer.get(keyword)
     if value is None or value == "":
         return False
-    values = [str(v) for v in value] if isinstance(value, pydicom.multival.MultiValue) else [str(value)]
+    values = (
+        [str(v) for v in value]
+        if isinstance(value, pydicom.multival.MultiValue)
+        else [str(value)]
+    )
     vr = dictionary_VR(keyword)
     if vr == UID_VR:
         listed = {u.strip() for u in wanted.replace("\\", ",").split(",")}
         return any(v in listed for v in values)
     if vr in DATE_VRS and "-" in wanted:
         low, _, high = wanted.partition("-")
-        return any((not low or v >= low) and (not high or v[: len(high)] <= high) for v in values)
+        return any(
+            (not low or v >= low) and (not high or v[: len(high)] <= high)
+            for v in values
+        )
     if "*" in wanted or "?" in wanted:
         fold = str.casefold if vr == "PN" else str
         return any(fnmatch.fnmatchcase(fold(v), fold(wanted)) for v in values)
@@ -466,7 +480,9 @@ def _multipart(files: list[tuple[Path, str]], boundary: str) -> Iterator[bytes]:
     yield f"--{boundary}--\r\n".encode("ascii")
 
 
-def _after(chunks: Iterator[bytes], cleanup: list[Callable[[], None]]) -> Iterator[bytes]:
+def _after(
+    chunks: Iterator[bytes], cleanup: list[Callable[[], None]]
+) -> Iterator[bytes]:
     try:
         yield from chunks
     finally:

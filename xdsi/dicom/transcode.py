@@ -18,20 +18,20 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import (
-    RLELossless,
+    JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
-    JPEGLosslessSV1,
     JPEGLossless,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
-    UID,
+    RLELossless,
 )
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,9 @@ LOSSY_METHOD = {
     JPEGLSNearLossless: "ISO_14495_1",
     JPEG2000: "ISO_15444_1",
 }
+
+# The lossy syntaxes pydicom's plugins encode.
+LOSSY_ENCODERS = (JPEGLSNearLossless, JPEG2000)
 
 # The lossy encoders' settings: JPEG-LS NEAR of 2 and a JPEG 2000 rate of
 # 10:1, both diagnostic-quality choices for CT and MR.
@@ -117,8 +120,9 @@ def produce(
     for target in dict.fromkeys(wanted):
         if target == held_syntax:
             return Produced(source, held_syntax)
+        lossy_encodable = lossy_allowed and target in LOSSY_ENCODERS
         if target == ExplicitVRBigEndian or not (
-            is_lossless(target) or (lossy_allowed and target in (JPEGLSNearLossless, JPEG2000))
+            is_lossless(target) or lossy_encodable
         ):
             continue
         destination = spool / f"{source.name}-{target}.dcm"
