@@ -300,7 +300,8 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             t.split(";")[0].strip() for t in args.get("contentType", "").split(",")
         ]
         content_type = next((t for t in wanted if t in (DICOM, JPEG)), None)
-        has_pixels = "PixelData" in held[0].header or "Rows" in held[0].header
+        # The header is read without Pixel Data; Rows marks an image.
+        has_pixels = "Rows" in held[0].header
         if content_type is None:
             # DICOM PS3.18 9.1.2.1.6: image/jpeg for an image, else the object.
             if args.get("contentType"):
