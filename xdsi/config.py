@@ -166,6 +166,10 @@ class ImagingSourceSettings:
     )
     language_code: str = "en-US"
     accession_assigning_authority: str = f"{XDSI_OID_ROOT}.5"
+    # DICOMweb WADO-RS and QIDO-RS (RAD TF-3 4.107, 4.129) and WADO-URI
+    # (RAD TF-3 4.55) on the same HTTP port as RAD-69.
+    dicomweb_path: str = "/dicomweb"
+    wado_path: str = "/wado"
 
 
 @dataclass(frozen=True)
@@ -225,6 +229,12 @@ class ConsumerSettings:
     timeout: float = 120.0
     # repositoryUniqueId -> ITI-43 or RAD-69 endpoint URL of other nodes.
     repositories: dict[str, str] = field(default_factory=dict)
+    # The transfer syntaxes a RAD-69 request lists, most wanted first (RAD
+    # TF-3 4.69.4.1.2); empty: every syntax pydicom knows, Explicit VR Little
+    # Endian first. The Imaging Document Source sends each instance in the
+    # first one it can produce, so list a study's own syntax first to get its
+    # instances byte for byte as published.
+    transfer_syntaxes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -250,6 +260,12 @@ class Settings:
         """Return the endpoint URL of one of this node's HTTP actors."""
         section = getattr(self, actor)
         return f"http://{self.node.host}:{section.port}{section.path}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The base URL of the Imaging Document Source's DICOMweb services."""
+        cfg = self.imaging_source
+        return f"http://{self.node.host}:{cfg.port}{cfg.dicomweb_path.rstrip('/')}"
 
     @property
     def registry_url(self) -> str:

@@ -3,8 +3,14 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
 import pytest
 from lxml import etree
+from pydicom.uid import RLELossless
 
 from tests.conftest import shared_path
 from tests.integration.conftest import PATIENT, RunningNode
@@ -141,3 +147,120 @@ def test_request_without_document_request_is_a_sender_fault(running_node: Runnin
     with pytest.raises(wire.PeerFault) as fault:
         _call(running_node, request)
     assert fault.value.code.endswith("Sender")
+
+
+def _retrieve(
+    node: RunningNode, request: etree._Element, tmp_path: Path
+) -> tuple[str, list[str], dict[str, pydicom.Dataset]]:
+    """Send a RAD-69 and read back status, error codes and the instances."""
+    with wire.SoapClient(node.settings.url("imaging_source")).call(
+        RAD69, request
+    ) as reply:
+        instances = {}
+        for item in reply.body.findall(f"{{{ns.XDSB}}}DocumentResponse"):
+            uid = item.findtext(f"{{{ns.XDSB}}}DocumentUniqueId") or ""
+            attachment = wire.attachment_for(item.find(f"{{{ns.XDSB}}}Document"), reply)
+            copy = tmp_path / f"{uid}.dcm"
+            shutil.copyfile(attachment.path, copy)
+            instances[uid] = pydicom.dcmread(copy)
+        return (
+            read_status(reply.body).rsplit(":", 1)[-1],
+            [e.code for e in read_errors(reply.body)],
+            instances,
+        )
+
+
+def test_several_series_with_padded_uids_come_transcoded_to_the_first_listed_syntax(
+    running_node: RunningNode, published: scan.Study, tmp_path: Path
+):
+    """RAD TF-3 4.69.4.2.3: the first listed syntax that can be produced."""
+    request = rad69(
+        f" {published.study_instance_uid}\n",
+        published.series[0].series_instance_uid,
+        [f"\t{i.sop_instance_uid} " for i in published.series[0].instances[:2]],
+        f" {running_node.settings.imaging_source.repository_unique_id} ",
+        syntaxes=("1.2.840.10008.1.2.4.50", f" {RLELossless} ", EXPLICIT_LE),
+    )
+    study = request.find(f"{{{ns.XDSIB}}}StudyRequest")
+    other = published.series[1]
+    series = etree.SubElement(
+        study,
+        f"{{{ns.XDSIB}}}SeriesRequest",
+        seriesInstanceUID=other.series_instance_uid,
+    )
+    repository = running_node.settings.imaging_source.repository_unique_id
+    item = etree.SubElement(series, f"{{{ns.XDSB}}}DocumentRequest")
+    etree.SubElement(item, f"{{{ns.XDSB}}}RepositoryUniqueId").text = repository
+    sop_uid = other.instances[0].sop_instance_uid
+    etree.SubElement(item, f"{{{ns.XDSB}}}DocumentUniqueId").text = sop_uid
+
+    status, errors, instances = _retrieve(running_node, request, tmp_path)
+
+    assert (status, errors) == ("Success", [])
+    held = {i.sop_instance_uid: i.path for i in published.instances}
+    assert len(instances) == 3
+    for uid, sent in instances.items():
+        assert sent.file_meta.TransferSyntaxUID == RLELossless
+        assert np.array_equal(sent.pixel_array, pydicom.dcmread(held[uid]).pixel_array)
+    spool = running_node.services.imaging_source.blobs.spool
+    assert not list(spool.glob("rad69-*"))
+
+
+def test_instance_asked_in_its_own_syntax_is_byte_identical(
+    running_node: RunningNode, published: scan.Study, tmp_path: Path
+):
+    """RAD TF-3 4.69.4.2.3: held in the first listed syntax: sent as held."""
+    instance = published.instances[0]
+    request = rad69(
+        instance.study_instance_uid,
+        instance.series_instance_uid,
+        [instance.sop_instance_uid],
+        running_node.settings.imaging_source.repository_unique_id,
+        syntaxes=(EXPLICIT_LE, RLELossless),
+    )
+
+    status, _, instances = _retrieve(running_node, request, tmp_path)
+
+    assert (status, list(instances)) == ("Success", [instance.sop_instance_uid])
+    assert (tmp_path / f"{instance.sop_instance_uid}.dcm").read_bytes() == (
+        instance.path.read_bytes()
+    )
+
+
+def test_undecodable_instance_is_an_error_beside_a_transcoded_one(
+    running_node: RunningNode, tmp_path: Path
+):
+    """RAD TF-3 4.69.4.2.3 with ITI TF-2 3.43.4.2.3: PartialSuccess, one error."""
+    folder = tmp_path / "held"
+    folder.mkdir()
+    for name in (
+        "ts-jpegls-lossless__CT1_JLSL.dcm",
+        "ts-jpeg-extended-12bit__MR1_JPLY.dcm",
+    ):
+        shutil.copy(shared_path("dicom", "singles", name), folder / name)
+    source = running_node.services.imaging_source
+    studies = scan.scan_directory(folder).studies
+    for study in studies:
+        source.keep_instances(study, PATIENT)
+    request = etree.Element(
+        f"{{{ns.XDSIB}}}RetrieveImagingDocumentSetRequest", nsmap={"xdsi": ns.XDSIB}
+    )
+    for study in studies:
+        request.append(
+            rad69(
+                study.study_instance_uid,
+                study.instances[0].series_instance_uid,
+                [study.instances[0].sop_instance_uid],
+                source.repository_unique_id,
+            ).find(f"{{{ns.XDSIB}}}StudyRequest")
+        )
+    syntax_list = etree.SubElement(request, f"{{{ns.XDSIB}}}TransferSyntaxUIDList")
+    etree.SubElement(syntax_list, f"{{{ns.XDSIB}}}TransferSyntaxUID").text = EXPLICIT_LE
+
+    status, errors, instances = _retrieve(running_node, request, tmp_path)
+
+    assert (status, errors) == ("PartialSuccess", ["XDSRepositoryError"])
+    (sent,) = instances.values()
+    assert sent.file_meta.TransferSyntaxUID == EXPLICIT_LE
+    original = pydicom.dcmread(folder / "ts-jpegls-lossless__CT1_JLSL.dcm")
+    assert np.array_equal(sent.pixel_array, original.pixel_array)

@@ -329,10 +329,11 @@ class Consumer:
                 item, f"{{{ns.XDSB}}}DocumentUniqueId"
             ).text = ref.sop_instance_uid
         syntaxes = etree.SubElement(request, f"{{{ns.XDSIB}}}TransferSyntaxUIDList")
-        # The instances are wanted as published: every syntax pydicom knows,
-        # Explicit VR Little Endian first.
-        ordered = [ExplicitVRLittleEndian] + [
-            uid for uid in AllTransferSyntaxes if uid != ExplicitVRLittleEndian
+        # Unless configured: every syntax pydicom knows, Explicit VR Little
+        # Endian first.
+        ordered = list(self.settings.consumer.transfer_syntaxes) or [
+            ExplicitVRLittleEndian,
+            *(uid for uid in AllTransferSyntaxes if uid != ExplicitVRLittleEndian),
         ]
         for uid in ordered:
             etree.SubElement(syntaxes, f"{{{ns.XDSIB}}}TransferSyntaxUID").text = uid

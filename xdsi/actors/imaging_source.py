@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from flask import Flask
 from lxml import etree
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, Row, insert, select
 
 from xdsi import audit, ns, wire
+from xdsi.actors.dicomweb import dicomweb_blueprint
 from xdsi.actors.provide import Document, Sender, SubmitError, provide_and_register
 from xdsi.actors.repository import (
     child_text,
@@ -28,7 +31,7 @@ from xdsi.actors.repository import (
 )
 from xdsi.actors.soap_endpoint import Peer, Reply, soap_app
 from xdsi.config import Settings
-from xdsi.dicom import kos, mapping, scan
+from xdsi.dicom import kos, mapping, scan, transcode
 from xdsi.errors import (
     DocumentUniqueIdError,
     ImagingRequestError,
@@ -155,6 +158,7 @@ class ImagingSource:
             study,
             retrieve_ae_title=cfg.ae_title,
             retrieve_location_uid=self.repository_unique_id,
+            retrieve_url=self.settings.dicomweb_url,
             institution_name=cfg.institution_name,
         )
         data = kos.manifest_bytes(manifest)
@@ -244,23 +248,24 @@ class ImagingSource:
     # --- RAD-69 ---------------------------------------------------------
 
     def retrieve(
-        self, request: etree._Element
+        self, request: etree._Element, spool: Path
     ) -> tuple[
         etree._Element, list[wire.OutgoingPart], list[str], list[str], list[str]
     ]:
         """Answer a RetrieveImagingDocumentSetRequest (RAD TF-3 4.69.4.2).
 
         An instance comes back only when it belongs to the named study and
-        series and is held in one of the listed transfer syntaxes.
+        series, in the first listed transfer syntax it can be produced in
+        (RAD TF-3 4.69.4.2.3); a re-encoded instance is written under
+        ``spool``, which the caller removes once the answer is sent.
         """
-        # Limitation: no transcoding; an instance held in a transfer syntax
-        # the request does not list is answered with an error.
         syntaxes = [
             (e.text or "").strip()
             for e in request.iterfind(
                 f"{{{ns.XDSIB}}}TransferSyntaxUIDList/{{{ns.XDSIB}}}TransferSyntaxUID"
             )
         ]
+        syntaxes = [uid for uid in syntaxes if uid]
         errors: list[XdsError] = []
         documents = []
         studies: list[str] = []
@@ -292,7 +297,9 @@ class ImagingSource:
                     if key in asked:
                         continue
                     asked.add(key)
-                    result = self._instance(item, study_uid, series_uid, syntaxes)
+                    result = self._instance(
+                        item, study_uid, series_uid, syntaxes, spool
+                    )
                     if isinstance(result, XdsError):
                         errors.append(result)
                     else:
@@ -310,7 +317,12 @@ class ImagingSource:
         return body, parts, [d[0] for d in documents], studies, patients
 
     def _instance(
-        self, item: etree._Element, study_uid: str, series_uid: str, syntaxes: list[str]
+        self,
+        item: etree._Element,
+        study_uid: str,
+        series_uid: str,
+        syntaxes: list[str],
+        spool: Path,
     ) -> tuple[str, str, str, Path, str | None, str | None] | XdsError:
         repository_id = child_text(item, "RepositoryUniqueId")
         sop_uid = child_text(item, "DocumentUniqueId")
@@ -321,41 +333,56 @@ class ImagingSource:
                 "Source's",
                 repository_id,
             )
-        with self.engine.connect() as conn:
-            row = conn.execute(
-                select(imaging_instance).where(
-                    imaging_instance.c.sop_instance_uid == sop_uid
-                )
-            ).first()
-        if (
-            row is None
-            or row.study_instance_uid != study_uid
-            or row.series_instance_uid != series_uid
-        ):
+        row = self.held_instance(sop_uid, study_uid, series_uid)
+        if row is None:
             return DocumentUniqueIdError(
                 f"instance {sop_uid} is not held under study {study_uid} series "
                 f"{series_uid}",
                 sop_uid,
             )
-        if row.transfer_syntax_uid not in syntaxes:
+        # With no syntax listed the request fails as a whole (see retrieve).
+        produced = transcode.produce(
+            self.blobs.path(row.blob),
+            row.transfer_syntax_uid,
+            syntaxes or [row.transfer_syntax_uid],
+            spool,
+        )
+        if produced is None:
             return TransferSyntaxUnavailable(
                 f"instance {sop_uid} is held in transfer syntax "
-                f"{row.transfer_syntax_uid}, which the request does not list",
+                f"{row.transfer_syntax_uid} and cannot be produced in any listed "
+                f"transfer syntax ({', '.join(syntaxes)}); RAD TF-3 4.69.4.2.3",
                 sop_uid,
             )
         return (
             sop_uid,
             self.repository_unique_id,
             "application/dicom",
-            self.blobs.path(row.blob),
+            produced.path,
             community,
             row.patient_id,
         )
 
+    def held_instance(
+        self, sop_uid: str, study_uid: str, series_uid: str | None = None
+    ) -> Row | None:
+        """Return the stored instance under that study (and series), if any."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(imaging_instance).where(
+                    imaging_instance.c.sop_instance_uid == sop_uid
+                )
+            ).first()
+        if row is None or row.study_instance_uid != study_uid:
+            return None
+        if series_uid is not None and row.series_instance_uid != series_uid:
+            return None
+        return row
+
     # --- SOAP edge -------------------------------------------------------
 
     def app(self, spool_root: Path) -> Flask:
-        return soap_app(
+        app = soap_app(
             "imaging_source",
             self.settings.imaging_source.path,
             {
@@ -363,10 +390,13 @@ class ImagingSource:
             },
             spool_root,
         )
+        app.register_blueprint(dicomweb_blueprint(self, spool_root / "dicomweb"))
+        return app
 
     def handle_retrieve(self, message: wire.SoapMessage, peer: Peer) -> Reply:
         started = time.monotonic()
-        body, parts, sop_uids, studies, patients = self.retrieve(message.body)
+        spool = Path(tempfile.mkdtemp(prefix="rad69-", dir=self.blobs.spool))
+        body, parts, sop_uids, studies, patients = self.retrieve(message.body, spool)
         status = read_status(body)
         self.auditor.record(
             audit.AuditEvent(
@@ -392,4 +422,6 @@ class ImagingSource:
             len(parts),
             time.monotonic() - started,
         )
-        return Reply(body, parts)
+        return Reply(
+            body, parts, cleanup=[lambda: shutil.rmtree(spool, ignore_errors=True)]
+        )

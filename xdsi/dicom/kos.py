@@ -106,6 +106,7 @@ def build_manifest(
     *,
     retrieve_ae_title: str,
     retrieve_location_uid: str,
+    retrieve_url: str | None = None,
     institution_name: str = "",
     manufacturer: str = "xdsi",
     series_instance_uid: str | None = None,
@@ -129,6 +130,11 @@ def build_manifest(
         AE title a Consumer retrieves the instances from (RAD-69 or C-MOVE).
     retrieve_location_uid
         The repositoryUniqueId of the Imaging Document Source.
+    retrieve_url
+        Base URL of a DICOMweb WADO-RS service holding the study; each
+        Referenced Series item then carries its series' URL as Retrieve
+        URL (0008,1190), DICOM PS3.3 C.17.2.1 (Hierarchical SOP Instance
+        Reference Macro) and PS3.18 10.4.
     content_datetime
         Content Date and Time of the manifest; now when not given.
 
@@ -175,6 +181,14 @@ def build_manifest(
         for series_item in study_item.ReferencedSeriesSequence:
             series_item.RetrieveAETitle = retrieve_ae_title.strip()
             series_item.RetrieveLocationUID = retrieve_location_uid
+            if retrieve_url:
+                # Limitation: dicom3tools of 2022 does not list Retrieve URL in
+                # this macro and warns (no error) that the KOS is a Standard
+                # Extended SOP Class.
+                series_item.RetrieveURL = (
+                    f"{retrieve_url.rstrip('/')}/studies/{study_item.StudyInstanceUID}"
+                    f"/series/{series_item.SeriesInstanceUID}"
+                )
 
     logger.debug(
         "Built manifest %s of study %s: %d instances",

@@ -42,6 +42,9 @@ def study_mr():
     return _study("study-mr/images")
 
 
+WADO_RS = "http://127.0.0.1:9083/dicomweb"
+
+
 @pytest.fixture(scope="module")
 def kos_ct(study_ct):
     return build_manifest(
@@ -200,6 +203,7 @@ def test_dciodvfy_reports_no_error_on_built_manifest(folder, tmp_path):
             _study(folder),
             retrieve_ae_title=AE_TITLE,
             retrieve_location_uid=REPOSITORY_UNIQUE_ID,
+            retrieve_url=WADO_RS,
         ),
         path,
     )
@@ -265,3 +269,29 @@ def test_non_conformant_study_date_and_time_of_the_images_are_left_empty(tmp_pat
     assert "StudyDate" in kos and "StudyTime" in kos
     assert not kos.StudyDate and not kos.StudyTime
     assert len(parse_manifest(manifest_bytes(kos)).references) == 1
+
+
+def test_each_referenced_series_carries_its_wado_rs_retrieve_url(study_ct):
+    """DICOM PS3.3 C.17.2.1: Retrieve URL (0008,1190) of each series, PS3.18 10.4."""
+    kos = build_manifest(
+        study_ct,
+        retrieve_ae_title=AE_TITLE,
+        retrieve_location_uid=REPOSITORY_UNIQUE_ID,
+        retrieve_url=WADO_RS + "/",
+    )
+
+    (study_item,) = kos.CurrentRequestedProcedureEvidenceSequence
+    urls = {
+        item.SeriesInstanceUID: item.RetrieveURL
+        for item in study_item.ReferencedSeriesSequence
+    }
+    assert urls == {
+        series: f"{WADO_RS}/studies/{study_ct.study_instance_uid}/series/{series}"
+        for series in {i.series_instance_uid for i in study_ct.instances}
+    }
+
+
+def test_no_retrieve_url_without_a_wado_rs_service(kos_ct):
+    """DICOM PS3.3 C.17.2.1: Retrieve URL is optional; none when not offered."""
+    (study_item,) = kos_ct.CurrentRequestedProcedureEvidenceSequence
+    assert all("RetrieveURL" not in i for i in study_item.ReferencedSeriesSequence)

@@ -1,0 +1,288 @@
+"""Benchmark: RAD-69 retrieve of a study against Orthanc's WADO-RS download of
+the same study, and time-to-share against a plain copy.
+
+Run on demand (not a test), as root, since Orthanc runs in a private network
+namespace::
+
+    python tests/benchmarks/bench_rad69.py [STUDY_DIR] [--synthetic-gb N]
+
+Orthanc 1.10 listens on every interface (peers.md, "Read this first"), so
+the script re-runs itself under ``unshare --net`` with only loopback up;
+Orthanc and the xdsi node both run in there and bind nothing outside it.
+The study (the bundled CT unless named; with ``--synthetic-gb N`` copies of
+it under one fresh Study Instance UID until N GB) is loaded into Orthanc
+over its REST API and published by the node (RAD-68). Then, each timed
+``--runs`` times and the median kept:
+
+- RAD-69: the Consumer's retrieve of every instance, one request per series
+  (RAD TF-3 4.69), in the syntax held;
+- Orthanc: GET /dicom-web/studies/{uid} (DICOM PS3.18 10.4) with
+  transfer-syntax=* streamed to a file;
+- time-to-share: publish (RAD-68) + find (ITI-18) + fetch (ITI-43, RAD-69)
+  of a fresh copy of the study, against ``shutil.copytree`` of its files.
+
+It prints both ratios: Orthanc / RAD-69 (target >= 1.0) and time-to-share /
+plain copy (target <= 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pydicom
+import requests
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from xdsi.actors.consumer import FetchResult
+from xdsi.app import Node
+from xdsi.cli import bundled_study, qualify_patient_id
+from xdsi.config import Settings
+from xdsi.dicom import kos, scan
+from xdsi.hl7.adt import build_feed
+from xdsi.hl7.mllp import send_message
+from xdsi.store.schema import imaging_manifest
+
+ORTHANC = "/usr/sbin/Orthanc"
+ORTHANC_PLUGINS = "/usr/share/orthanc/plugins"
+ORTHANC_HTTP = 18042
+ORTHANC_URL = f"http://127.0.0.1:{ORTHANC_HTTP}"
+IN_NETNS = "XDSI_BENCH_IN_NETNS"
+
+
+def orthanc_config(root: Path) -> Path:
+    """Write an Orthanc configuration with its storage under ``root``."""
+    config = {
+        "Name": "xdsi-bench",
+        "StorageDirectory": str(root / "storage"),
+        "IndexDirectory": str(root / "storage"),
+        "HttpPort": ORTHANC_HTTP,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomServerEnabled": False,
+        "HttpThreadsCount": 8,
+        "StorageCompression": False,
+        "Plugins": [
+            f"{ORTHANC_PLUGINS}/libOrthancDicomWeb.so",
+            f"{ORTHANC_PLUGINS}/libOrthancGdcm.so",
+        ],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    path = root / "orthanc.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    return path
+
+
+def synthetic(source: Path, target: Path, gigabytes: float) -> Path:
+    """Copy ``source`` under one fresh Study Instance UID, with fresh Series
+    and SOP Instance UIDs, once and then again until ``gigabytes`` GB."""
+    study_uid = generate_uid()
+    files = sorted(p for p in source.rglob("*") if p.is_file())
+    written, copy = 0, 0
+    while copy == 0 or written < gigabytes * 1e9:
+        series_uids: dict[str, str] = {}
+        for path in files:
+            ds = pydicom.dcmread(path)
+            ds.StudyInstanceUID = study_uid
+            ds.SeriesInstanceUID = series_uids.setdefault(
+                ds.SeriesInstanceUID, generate_uid()
+            )
+            ds.SOPInstanceUID = generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            out = target / f"copy{copy}" / path.relative_to(source)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            ds.save_as(out, enforce_file_format=True)
+            written += out.stat().st_size
+        copy += 1
+    return target
+
+
+def relabelled(source: Path, target: Path) -> Path:
+    """One copy of ``source`` with fresh UIDs, for a second publication."""
+    return synthetic(source, target, 0)
+
+
+def wait_for(url: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=2).ok:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {seconds} s")
+
+
+def orthanc_download(study_uid: str, target: Path) -> int:
+    """Stream Orthanc's WADO-RS study answer to ``target``; return bytes."""
+    answer = requests.get(
+        f"{ORTHANC_URL}/dicom-web/studies/{study_uid}",
+        headers={
+            "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'
+        },
+        stream=True,
+        timeout=3600,
+    )
+    answer.raise_for_status()
+    size = 0
+    with open(target, "wb") as out:
+        for chunk in answer.iter_content(1 << 20):
+            out.write(chunk)
+            size += len(chunk)
+    return size
+
+
+def timed(runs: int, step: object) -> float:
+    times = []
+    for n in range(runs):
+        started = time.perf_counter()
+        step(n)  # type: ignore[operator]
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def bench(study_dir: Path, gigabytes: float, runs: int, work: Path) -> None:
+    """Run every measurement; Orthanc and the node live only in here."""
+    if gigabytes:
+        study_dir = synthetic(study_dir, work / "synthetic", gigabytes)
+    files = sorted(p for p in study_dir.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in files)
+    (study,) = scan.scan_directory(study_dir).studies
+
+    orthanc_root = work / "orthanc"
+    orthanc_root.mkdir()
+    log = open(orthanc_root / "orthanc.log", "wb")
+    orthanc = subprocess.Popen(
+        [ORTHANC, str(orthanc_config(orthanc_root))], stdout=log, stderr=log
+    )
+    try:
+        wait_for(f"{ORTHANC_URL}/system")
+        with requests.Session() as session:
+            for path in files:
+                session.post(
+                    f"{ORTHANC_URL}/instances", data=path.read_bytes(), timeout=120
+                ).raise_for_status()
+
+        settings = (
+            Settings()
+            .with_storage(work / "node")
+            .with_ports(registry=0, repository=0, imaging_source=0, feed=0)
+        )
+        with Node(settings) as node:
+            services = node.services
+            assert services is not None
+            settings = node.settings
+            patient = qualify_patient_id("BENCH-69", settings)
+            send_message(
+                settings.node.host, settings.registry.feed_port, build_feed(patient)
+            )
+            services.imaging_source.publish(study, patient)
+            with services.engine.connect() as conn:
+                (blob,) = conn.execute(
+                    select(imaging_manifest.c.blob).where(
+                        imaging_manifest.c.study_instance_uid
+                        == study.study_instance_uid
+                    )
+                ).one()
+            manifest = kos.parse_manifest(services.imaging_source.blobs.path(blob))
+
+            def rad69(n: int) -> None:
+                result = FetchResult()
+                out = work / f"rad69-{n}"
+                services.consumer.retrieve_images(manifest, out, result)
+                assert not result.missing and len(result.instances) == len(files)
+                shutil.rmtree(out)
+
+            def wado_rs(n: int) -> None:
+                target = work / f"orthanc-{n}.multipart"
+                assert orthanc_download(study.study_instance_uid, target) > size
+                target.unlink()
+
+            rad69_time = timed(runs, rad69)
+            orthanc_time = timed(runs, wado_rs)
+
+            # Time-to-share needs a study not yet published: a relabelled copy.
+            copies = [relabelled(study_dir, work / f"share-{n}") for n in range(runs)]
+
+            def share(n: int) -> None:
+                (fresh,) = scan.scan_directory(copies[n]).studies
+                other = qualify_patient_id(f"BENCH-SHARE-{n}", settings)
+                send_message(
+                    settings.node.host, settings.registry.feed_port, build_feed(other)
+                )
+                services.imaging_source.publish(fresh, other)
+                result = services.consumer.fetch(other, work / f"fetched-{n}")
+                assert not result.missing
+
+            def plain_copy(n: int) -> None:
+                shutil.copytree(copies[n], work / f"plain-{n}")
+
+            share_time = timed(runs, share)
+            copy_time = timed(runs, plain_copy)
+    finally:
+        try:
+            requests.post(f"{ORTHANC_URL}/tools/shutdown", timeout=10)
+            orthanc.wait(timeout=30)
+        except (requests.RequestException, subprocess.TimeoutExpired):
+            orthanc.kill()
+            orthanc.wait()
+        log.close()
+
+    mb = size / 1e6
+    print(f"study: {len(files)} instances, {mb:.1f} MB, {runs} runs (median)")
+    print(f"RAD-69 retrieve:          {rad69_time:8.2f} s {mb / rad69_time:8.1f} MB/s")
+    print(
+        f"Orthanc WADO-RS download: {orthanc_time:8.2f} s {mb / orthanc_time:8.1f} MB/s"
+    )
+    print(f"ratio Orthanc / RAD-69:   {orthanc_time / rad69_time:8.2f} (target >= 1.0)")
+    print(f"time-to-share:            {share_time:8.2f} s")
+    print(f"plain copy:               {copy_time:8.2f} s")
+    print(f"ratio share / copy:       {share_time / copy_time:8.2f} (target <= 3)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", nargs="?", type=Path, default=bundled_study())
+    parser.add_argument("--synthetic-gb", type=float, default=0.0)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+
+    if os.environ.get(IN_NETNS) != "1":
+        # Re-run inside a private network namespace whose only interface is
+        # loopback, so that Orthanc's 0.0.0.0 is loopback only.
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            str(args.study.resolve()),
+            f"--synthetic-gb={args.synthetic_gb}",
+            f"--runs={args.runs}",
+        ]
+        script = "ip link set lo up && exec " + shlex.join(command)
+        env = {**os.environ, IN_NETNS: "1"}
+        return subprocess.call(
+            ["unshare", "--net", "--fork", "--", "bash", "-c", script], env=env
+        )
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    work = Path(tempfile.mkdtemp(prefix="xdsi-bench-rad69-"))
+    try:
+        bench(args.study, args.synthetic_gb, args.runs, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

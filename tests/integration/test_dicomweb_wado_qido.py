@@ -1,0 +1,303 @@
+"""WADO-URI (RAD TF-3 4.55), WADO-RS (RAD TF-3 4.107) and QIDO-RS (RAD TF-3
+4.129) at the Imaging Document Source, with dicomweb-client as the client."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from PIL import Image
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless
+from sqlalchemy import select
+
+from tests.conftest import shared_path
+from tests.integration.conftest import PATIENT, RunningNode
+from xdsi.dicom import scan
+from xdsi.store.schema import imaging_manifest
+
+
+@pytest.fixture(scope="module")
+def published(shared_node: RunningNode) -> Iterator[scan.Study]:
+    """The MR study published once; the CT study kept but not published."""
+    shared_node.feed()
+    (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
+    source = shared_node.services.imaging_source
+    source.publish(study, PATIENT)
+    (kept,) = scan.scan_directory(
+        shared_path("dicom", "study-ct-ihe", "images")
+    ).studies
+    source.keep_instances(kept, PATIENT)
+    yield study
+
+
+@pytest.fixture
+def client(shared_node: RunningNode) -> DICOMwebClient:
+    return DICOMwebClient(url=shared_node.settings.dicomweb_url)
+
+
+def test_qido_finds_the_published_study_by_patient_id(
+    client: DICOMwebClient, published: scan.Study
+) -> None:
+    """DICOM PS3.18 10.6.3.3.1 (RAD TF-3 4.129): study level answer."""
+    held = pydicom.dcmread(published.instances[0].path, stop_before_pixels=True)
+
+    (found,) = client.search_for_studies(search_filters={"PatientID": held.PatientID})
+
+    answer = pydicom.Dataset.from_json(found)
+    assert answer.StudyInstanceUID == published.study_instance_uid
+    assert answer.ModalitiesInStudy == "MR"
+    assert answer.NumberOfStudyRelatedSeries == 2
+    assert answer.NumberOfStudyRelatedInstances == len(published.instances)
+    assert answer.RetrieveURL == (
+        f"{client.base_url}/studies/{published.study_instance_uid}"
+    )
+
+
+def test_qido_answers_published_studies_only(
+    client: DICOMwebClient, published: scan.Study
+) -> None:
+    """RAD TF-3 4.129: a study held but never published is not found."""
+    studies = client.search_for_studies()
+
+    assert [pydicom.Dataset.from_json(s).StudyInstanceUID for s in studies] == [
+        published.study_instance_uid
+    ]
+    assert client.search_for_studies(search_filters={"ModalitiesInStudy": "CT"}) == []
+
+
+@pytest.mark.parametrize(
+    ("filters", "count"),
+    [
+        ({"ModalitiesInStudy": "MR"}, 1),
+        ({"PatientName": "multi*"}, 1),
+        ({"StudyDate": "19000101-"}, 1),
+        ({"StudyDate": "-19000101"}, 0),
+        ({"0020000D": "1.2.3,1.3.6.1.4.1.21367.201599.1.201604020954059"}, 1),
+        ({"StudyInstanceUID": "1.2.3"}, 0),
+    ],
+    ids=["modality", "name-wildcard", "date-from", "date-until", "uid-list", "no-uid"],
+)
+def test_qido_study_matching(
+    client: DICOMwebClient, published: scan.Study, filters: dict, count: int
+) -> None:
+    """DICOM PS3.4 C.2.2.2: single value, wildcard, range and UID list matching."""
+    assert len(client.search_for_studies(search_filters=filters)) == count
+
+
+def test_qido_series_and_instances_of_the_study(
+    client: DICOMwebClient, published: scan.Study
+) -> None:
+    """DICOM PS3.18 10.6.3.3.2 and 10.6.3.3.3: series and instance answers."""
+    series = client.search_for_series(published.study_instance_uid)
+    first = published.series[0]
+    instances = client.search_for_instances(
+        published.study_instance_uid, first.series_instance_uid
+    )
+
+    assert {pydicom.Dataset.from_json(s).SeriesInstanceUID for s in series} == {
+        s.series_instance_uid for s in published.series
+    }
+    assert {pydicom.Dataset.from_json(i).SOPInstanceUID for i in instances} == {
+        i.sop_instance_uid for i in first.instances
+    }
+
+
+def test_qido_refuses_an_unknown_matching_key(
+    shared_node: RunningNode, published: scan.Study
+) -> None:
+    """DICOM PS3.18 8.3.4: a key the level does not support is a 400."""
+    answer = requests.get(
+        f"{shared_node.settings.dicomweb_url}/studies",
+        params={"NoSuchKeyword": "1"},
+        timeout=30,
+    )
+    assert answer.status_code == 400
+
+
+def test_wado_rs_instance_as_stored_is_byte_identical(
+    shared_node: RunningNode, client: DICOMwebClient, published: scan.Study
+) -> None:
+    """DICOM PS3.18 10.4.1 (RAD TF-3 4.107): transfer-syntax=* keeps the file."""
+    instance = published.instances[0]
+    url = (
+        f"{shared_node.settings.dicomweb_url}/studies/{instance.study_instance_uid}"
+        f"/series/{instance.series_instance_uid}/instances/{instance.sop_instance_uid}"
+    )
+
+    raw = requests.get(
+        url,
+        headers={
+            "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'
+        },
+        timeout=30,
+    )
+    sent = client.retrieve_instance(
+        instance.study_instance_uid,
+        instance.series_instance_uid,
+        instance.sop_instance_uid,
+        media_types=(("application/dicom", "*"),),
+    )
+
+    assert raw.status_code == 200
+    assert instance.path.read_bytes() in raw.content
+    assert sent == pydicom.dcmread(instance.path)
+
+
+def test_wado_rs_series_transcoded_to_the_accepted_syntax(
+    client: DICOMwebClient, published: scan.Study
+) -> None:
+    """DICOM PS3.18 8.7.3.5.2: the transfer-syntax of the Accept header."""
+    series = published.series[1]
+
+    sent = client.retrieve_series(
+        published.study_instance_uid,
+        series.series_instance_uid,
+        media_types=(("application/dicom", RLELossless),),
+    )
+
+    held = {i.sop_instance_uid: i.path for i in series.instances}
+    assert {s.SOPInstanceUID for s in sent} == set(held)
+    for instance in sent:
+        assert instance.file_meta.TransferSyntaxUID == RLELossless
+        original = pydicom.dcmread(held[instance.SOPInstanceUID]).pixel_array
+        assert np.array_equal(instance.pixel_array, original)
+
+
+def test_wado_rs_study_defaults_to_explicit_little_endian(
+    client: DICOMwebClient, published: scan.Study
+) -> None:
+    """DICOM PS3.18 8.7.3.5.2: no transfer-syntax means Explicit VR Little Endian."""
+    sent = client.retrieve_study(published.study_instance_uid)
+
+    assert len(sent) == len(published.instances)
+    assert {s.file_meta.TransferSyntaxUID for s in sent} == {ExplicitVRLittleEndian}
+
+
+def test_wado_rs_metadata_leaves_out_pixel_data(
+    client: DICOMwebClient, published: scan.Study
+) -> None:
+    """DICOM PS3.18 10.4.1.1.2: metadata without bulk data."""
+    series = published.series[0]
+
+    metadata = client.retrieve_series_metadata(
+        published.study_instance_uid, series.series_instance_uid
+    )
+
+    assert len(metadata) == len(series.instances)
+    assert all("7FE00010" not in m for m in metadata)
+    assert {pydicom.Dataset.from_json(m).SOPInstanceUID for m in metadata} == {
+        i.sop_instance_uid for i in series.instances
+    }
+
+
+def test_wado_rs_unpublished_study_is_not_found(
+    shared_node: RunningNode, published: scan.Study
+) -> None:
+    """RAD TF-3 4.107: only published studies are served."""
+    (kept,) = scan.scan_directory(
+        shared_path("dicom", "study-ct-ihe", "images")
+    ).studies
+    answer = requests.get(
+        f"{shared_node.settings.dicomweb_url}/studies/{kept.study_instance_uid}",
+        timeout=30,
+    )
+    assert answer.status_code == 404
+
+
+def _wado_uri(node: RunningNode, instance: scan.InstanceHeader, **extra: str):
+    params = {
+        "requestType": "WADO",
+        "studyUID": instance.study_instance_uid,
+        "seriesUID": instance.series_instance_uid,
+        "objectUID": instance.sop_instance_uid,
+        **extra,
+    }
+    url = node.settings.dicomweb_url.rsplit("/", 1)[0] + "/wado"
+    return requests.get(url, params=params, timeout=30)
+
+
+def test_wado_uri_application_dicom_in_the_asked_syntax(
+    shared_node: RunningNode, published: scan.Study, tmp_path: Path
+) -> None:
+    """DICOM PS3.18 9.1.2.1.6 and 9.1.2.1.7 (RAD TF-3 4.55): object in a syntax."""
+    instance = published.instances[3]
+
+    answer = _wado_uri(
+        shared_node,
+        instance,
+        contentType="application/dicom",
+        transferSyntax=RLELossless,
+    )
+
+    assert answer.status_code == 200
+    assert answer.headers["Content-Type"] == "application/dicom"
+    sent = pydicom.dcmread(BytesIO(answer.content))
+    assert sent.file_meta.TransferSyntaxUID == RLELossless
+    assert np.array_equal(sent.pixel_array, pydicom.dcmread(instance.path).pixel_array)
+
+
+def test_wado_uri_renders_a_jpeg_by_default(
+    shared_node: RunningNode, published: scan.Study
+) -> None:
+    """DICOM PS3.18 9.1.2.1.6: image/jpeg is the default for an image."""
+    instance = published.instances[0]
+    held = pydicom.dcmread(instance.path, stop_before_pixels=True)
+
+    answer = _wado_uri(shared_node, instance)
+
+    assert answer.status_code == 200
+    assert answer.headers["Content-Type"] == "image/jpeg"
+    image = Image.open(BytesIO(answer.content))
+    assert (image.format, image.size) == ("JPEG", (held.Columns, held.Rows))
+
+
+@pytest.mark.parametrize(
+    ("change", "status"),
+    [
+        ({"requestType": "WADOX"}, 400),
+        ({"objectUID": "1.2.3.4"}, 404),
+        ({"contentType": "application/pdf"}, 406),
+        ({"contentType": "application/dicom", "transferSyntax": "1.2.3"}, 406),
+        ({"frameNumber": "2"}, 400),
+    ],
+    ids=["request-type", "unknown-object", "content-type", "syntax", "frame"],
+)
+def test_wado_uri_bad_requests_are_answered_with_their_status(
+    shared_node: RunningNode, published: scan.Study, change: dict, status: int
+) -> None:
+    """DICOM PS3.18 9.1.2: a request that cannot be served gets an HTTP error."""
+    assert (
+        _wado_uri(shared_node, published.instances[0], **change).status_code == status
+    )
+
+
+def test_published_manifest_names_the_wado_rs_series_url(
+    shared_node: RunningNode, published: scan.Study
+) -> None:
+    """DICOM PS3.3 C.17.2.1: the KOS Retrieve URL answers WADO-RS."""
+    source = shared_node.services.imaging_source
+    with source.engine.connect() as conn:
+        (blob,) = conn.execute(
+            select(imaging_manifest.c.blob).where(
+                imaging_manifest.c.study_instance_uid == published.study_instance_uid
+            )
+        ).one()
+    ds = pydicom.dcmread(source.blobs.path(blob))
+    (study_item,) = ds.CurrentRequestedProcedureEvidenceSequence
+    url = study_item.ReferencedSeriesSequence[0].RetrieveURL
+
+    answer = requests.get(
+        url,
+        headers={"Accept": 'multipart/related; type="application/dicom"'},
+        timeout=60,
+    )
+
+    assert answer.status_code == 200
+    assert answer.headers["Content-Type"].startswith("multipart/related")
+    assert url.startswith(f"{shared_node.settings.dicomweb_url}/studies/")

@@ -1,0 +1,214 @@
+"""Transfer syntax choice and re-encoding for RAD-69 (RAD TF-3 4.69.4.2.3)."""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+
+from tests.conftest import SHARED, shared_path
+from xdsi.dicom.transcode import is_lossless, is_lossy, produce
+
+# The one single no pydicom plugin decodes (shared dicom README, "Decoding
+# caveat"): it can be sent only as stored.
+UNDECODABLE = "ts-jpeg-extended-12bit__MR1_JPLY.dcm"
+
+
+def _singles() -> list[str]:
+    """The singles/ files of the shared MANIFEST.tsv (a placeholder without
+    the shared data, so that the test skips or, under CI, fails)."""
+    manifest = SHARED / "dicom" / "MANIFEST.tsv"
+    if not manifest.exists():
+        return ["shared-data-missing"]
+    with open(manifest, encoding="utf-8", newline="") as handle:
+        rows = csv.DictReader(handle, delimiter="\t")
+        return [Path(r["path"]).name for r in rows if r["path"].startswith("singles/")]
+
+
+SINGLES = _singles()
+
+
+def _single(name: str) -> tuple[Path, str]:
+    path = shared_path("dicom", "singles", name)
+    syntax = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+    return path, str(syntax)
+
+
+def _read(path: Path) -> pydicom.Dataset:
+    with warnings.catch_warnings():
+        # Some public test files carry values pydicom warns about.
+        warnings.simplefilter("ignore")
+        return pydicom.dcmread(path)
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _read(path).pixel_array
+
+
+def _has_pixels(path: Path) -> bool:
+    return "PixelData" in _read(path)
+
+
+@pytest.mark.parametrize("name", SINGLES)
+def test_instance_asked_in_its_own_syntax_comes_back_byte_identical(
+    name: str, tmp_path: Path
+) -> None:
+    """RAD TF-3 4.69.4.2.3: an instance held in a listed syntax is sent as held."""
+    path, syntax = _single(name)
+
+    produced = produce(path, syntax, [ExplicitVRBigEndian, syntax], tmp_path)
+
+    assert produced is not None
+    assert produced.transfer_syntax_uid == syntax
+    assert produced.path.read_bytes() == path.read_bytes()
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", SINGLES)
+def test_instance_asked_in_explicit_little_endian_decodes_to_equal_pixels(
+    name: str, tmp_path: Path
+) -> None:
+    """RAD TF-3 4.69.4.2.3; DICOM PS3.5 A.2: native pixels equal the held ones."""
+    path, syntax = _single(name)
+    asked = [f" {ExplicitVRLittleEndian}\n"]
+
+    produced = produce(path, syntax, asked, tmp_path)
+
+    if name == UNDECODABLE:
+        assert produced is None
+        return
+    assert produced is not None
+    assert produced.transfer_syntax_uid == ExplicitVRLittleEndian
+    sent = _read(produced.path)
+    assert sent.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert sent.SOPInstanceUID == _read(path).SOPInstanceUID
+    if _has_pixels(path):
+        assert np.array_equal(_pixels(produced.path), _pixels(path))
+    else:
+        assert sent == _read(path)
+
+
+@pytest.mark.parametrize(
+    "target", [RLELossless, JPEGLSLossless, JPEG2000Lossless], ids=lambda u: u.name
+)
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ts-explicit-le__CT_small.dcm",
+        "ts-explicit-be__MR_small_bigendian.dcm",
+        "ts-jpeg-lossless-sv1__CT1_JPLL.dcm",
+        "enhanced-mr-mf__emri_small.dcm",
+    ],
+)
+def test_lossless_encoding_keeps_every_pixel(
+    name: str, target: str, tmp_path: Path
+) -> None:
+    """DICOM PS3.5 A.4: a lossless encapsulated result decodes to equal pixels."""
+    path, syntax = _single(name)
+
+    produced = produce(path, syntax, [target], tmp_path)
+
+    assert produced is not None
+    assert produced.transfer_syntax_uid == target
+    assert _read(produced.path).file_meta.TransferSyntaxUID == target
+    assert np.array_equal(_pixels(produced.path), _pixels(path))
+    held_label = _read(path).get("LossyImageCompression")
+    assert _read(produced.path).get("LossyImageCompression") == held_label
+
+
+def test_lossy_syntax_is_skipped_when_a_lossless_one_is_listed(tmp_path: Path) -> None:
+    """RAD TF-3 4.69.4.2.3: lossless stays lossless while the consumer accepts it."""
+    path, syntax = _single("ts-explicit-le__CT_small.dcm")
+
+    produced = produce(path, syntax, [JPEG2000, RLELossless], tmp_path)
+
+    assert produced is not None
+    assert produced.transfer_syntax_uid == RLELossless
+
+
+@pytest.mark.parametrize("target", [JPEG2000, JPEGLSNearLossless], ids=str)
+def test_lossy_result_only_when_consumer_lists_only_lossy_syntaxes(
+    target: str, tmp_path: Path
+) -> None:
+    """DICOM PS3.3 C.7.6.1.1.5: a lossy result says so in its attributes."""
+    path, syntax = _single("ts-explicit-le__CT_small.dcm")
+
+    produced = produce(path, syntax, [JPEGBaseline8Bit, target], tmp_path)
+
+    assert produced is not None
+    assert produced.transfer_syntax_uid == target
+    sent = _read(produced.path)
+    assert sent.LossyImageCompression == "01"
+    assert sent.SOPInstanceUID == _read(path).SOPInstanceUID
+    assert _pixels(produced.path).shape == _pixels(path).shape
+
+
+@pytest.mark.parametrize(
+    ("name", "asked"),
+    [
+        ("ts-explicit-le__CT_small.dcm", ["1.2.840.10008.1.2.1.999"]),
+        ("ts-explicit-le__CT_small.dcm", [JPEGBaseline8Bit]),
+        ("ts-explicit-le__CT_small.dcm", [ExplicitVRBigEndian]),
+        ("ts-explicit-le__CT_small.dcm", ["", "  "]),
+        (UNDECODABLE, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]),
+        ("sr-comprehensive__test-SR.dcm", [RLELossless, JPEG2000Lossless]),
+        ("ecg-waveform__waveform_ecg.dcm", [JPEGLSLossless]),
+        ("mg-screening-jpegll__GH133.dcm", [JPEGBaseline8Bit]),
+    ],
+    ids=[
+        "unknown-uid",
+        "no-jpeg-baseline-encoder",
+        "big-endian-only-as-held",
+        "blank-uids",
+        "undecodable-pixels",
+        "sr-in-encapsulated",
+        "waveform-in-encapsulated",
+        "lossless-held-to-baseline",
+    ],
+)
+def test_no_listed_syntax_can_be_produced(
+    name: str, asked: list[str], tmp_path: Path
+) -> None:
+    """RAD TF-3 4.69.4.2.3: nothing to send when no listed syntax fits."""
+    path, syntax = _single(name)
+
+    assert produce(path, syntax, asked, tmp_path) is None
+    assert not list(tmp_path.iterdir())
+
+
+def test_native_syntaxes_follow_the_list_order(tmp_path: Path) -> None:
+    """RAD TF-3 4.69.4.2.3: the first listed syntax that can be produced wins."""
+    path, syntax = _single("ts-rle__MR_small_RLE.dcm")
+    asked = [JPEGBaseline8Bit, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian]
+
+    produced = produce(path, syntax, asked, tmp_path)
+
+    assert produced is not None
+    assert produced.transfer_syntax_uid == DeflatedExplicitVRLittleEndian
+    assert np.array_equal(_pixels(produced.path), _pixels(path))
+
+
+def test_syntax_classes_follow_dicom_ps3_5() -> None:
+    """DICOM PS3.5 A.4: JPEG 2000 (4.91) may be lossy, 4.90 never is."""
+    assert is_lossy(JPEG2000) and not is_lossless(JPEG2000)
+    assert is_lossless(JPEG2000Lossless) and not is_lossy(JPEG2000Lossless)
+    assert not is_lossy("1.2.840.10008.1.2.1.999")
+    assert not is_lossless("1.2.840.10008.1.2.1.999")

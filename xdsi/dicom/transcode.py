@@ -1,0 +1,201 @@
+"""Transfer syntaxes: pick the one to send an instance in and re-encode it.
+
+Implements RAD TF-3 4.69.4.2.3 (the pixel data is encoded in one of the
+transfer syntaxes the request lists, the first that can be produced; lossless
+stays lossless unless the consumer accepts lossy syntaxes only), with the
+encodings of DICOM PS3.5 7, 8.2 and Annex A and the Lossy Image Compression
+attributes of DICOM PS3.3 C.7.6.1.1.5.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+
+logger = logging.getLogger(__name__)
+
+# Native (uncompressed) encodings, DICOM PS3.5 A.1-A.3 and A.5.
+NATIVE = (
+    ImplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+)
+
+# Encapsulated syntaxes that keep every pixel value, DICOM PS3.5 A.4.
+LOSSLESS_ENCAPSULATED = (
+    RLELossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+)
+
+# Encapsulated syntaxes that may discard pixel information (DICOM PS3.5
+# A.4.1, A.4.4, A.4.5), with the Lossy Image Compression Method (0028,2114)
+# a lossy result of ours is labelled with (DICOM PS3.3 C.7.6.1.1.5.1).
+LOSSY_METHOD = {
+    JPEGBaseline8Bit: "ISO_10918_1",
+    JPEGExtended12Bit: "ISO_10918_1",
+    JPEGLSNearLossless: "ISO_14495_1",
+    JPEG2000: "ISO_15444_1",
+}
+
+# The lossy syntaxes pydicom's plugins encode.
+LOSSY_ENCODERS = (JPEGLSNearLossless, JPEG2000)
+
+# The lossy encoders' settings: JPEG-LS NEAR of 2 and a JPEG 2000 rate of
+# 10:1, both diagnostic-quality choices for CT and MR.
+JPEG_LS_NEAR = 2
+JPEG_2000_RATIO = 10.0
+
+# Pixel-bearing elements (DICOM PS3.3 C.7.6.3, C.7.6.24); an object without
+# one (SR, KOS, waveform) can change only between native encodings.
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+@dataclass(frozen=True)
+class Produced:
+    """An instance ready to send: the file and its transfer syntax.
+
+    ``path`` is the stored file itself when no re-encoding was needed, or
+    the spool file written for this answer.
+    """
+
+    path: Path
+    transfer_syntax_uid: str
+
+
+def is_lossy(transfer_syntax_uid: str) -> bool:
+    """Return whether a transfer syntax may discard pixel information."""
+    return transfer_syntax_uid in LOSSY_METHOD
+
+
+def is_lossless(transfer_syntax_uid: str) -> bool:
+    """Return whether a transfer syntax always keeps every pixel value."""
+    return transfer_syntax_uid in NATIVE or transfer_syntax_uid in LOSSLESS_ENCAPSULATED
+
+
+def produce(
+    source: Path,
+    held_syntax: str,
+    requested: Sequence[str],
+    spool: Path,
+) -> Produced | None:
+    """Return the instance in the first requested syntax it can take.
+
+    A syntax it is held in is sent as stored, byte for byte. Another one is
+    written to a file under ``spool``: a native target by decoding the pixel
+    data, a lossless one by encoding it without loss. A lossy encoding is
+    made only when ``requested`` lists no lossless syntax (RAD TF-3
+    4.69.4.2.3). Returns None when no listed syntax can be produced.
+    """
+    # Limitation: Explicit VR Big Endian (retired, DICOM PS3.5 A.3) is sent
+    # only as stored; JPEG Baseline, JPEG Extended and JPEG Lossless have no
+    # encoder here, so an instance is sent in them only as stored.
+    wanted = [uid.strip() for uid in requested if uid.strip()]
+    lossy_allowed = not any(is_lossless(uid) for uid in wanted)
+    for target in dict.fromkeys(wanted):
+        if target == held_syntax:
+            return Produced(source, held_syntax)
+        lossy_encodable = lossy_allowed and target in LOSSY_ENCODERS
+        if target == ExplicitVRBigEndian or not (
+            is_lossless(target) or lossy_encodable
+        ):
+            continue
+        destination = spool / f"{source.name}-{target}.dcm"
+        try:
+            _write(source, target, destination)
+        except Exception as exc:
+            # Any decoder or encoder failure only rules this syntax out.
+            logger.debug("%s cannot be produced in %s: %s", source.name, target, exc)
+            destination.unlink(missing_ok=True)
+            continue
+        return Produced(destination, target)
+    return None
+
+
+def _write(source: Path, target: str, destination: Path) -> None:
+    """Write ``source`` re-encoded in ``target`` to ``destination``."""
+    ds = pydicom.dcmread(source)
+    pixels = next((k for k in PIXEL_KEYWORDS if k in ds), None)
+    held = UID(ds.file_meta.TransferSyntaxUID)
+    if pixels is None and target not in NATIVE:
+        raise ValueError("an object without pixel data is sent in native syntaxes")
+    if pixels == "PixelData" and held.is_compressed:
+        ds.decompress(generate_instance_uid=False)
+    elif pixels == "PixelData" and not held.is_little_endian:
+        _pixels_to_little_endian(ds)
+
+    if target in NATIVE:
+        ds.file_meta.TransferSyntaxUID = target
+        ds.save_as(destination, enforce_file_format=True)
+        return
+    native_size = len(ds.PixelData)
+    ds.compress(
+        target,
+        # GDCM's RLE encoder aborts the process on some images; pydicom's own
+        # is used instead.
+        encoding_plugin="pydicom" if target == RLELossless else "",
+        generate_instance_uid=False,
+        jls_error=JPEG_LS_NEAR if target == JPEGLSNearLossless else None,
+        j2k_cr=[JPEG_2000_RATIO] if target == JPEG2000 else None,
+    )
+    if is_lossy(target):
+        _label_lossy(ds, target, native_size / max(len(ds.PixelData), 1))
+    ds.save_as(destination, enforce_file_format=True)
+
+
+def _pixels_to_little_endian(ds: Dataset) -> None:
+    """Re-encode native Pixel Data read from a big endian file as little
+    endian (DICOM PS3.5 A.3: OW words are byte-swapped)."""
+    # Limitation: only Pixel Data is swapped; other OW, OF or OL values of a
+    # big endian file (curves, LUT data) keep their big endian bytes.
+    array = np.ascontiguousarray(ds.pixel_array)
+    data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    ds.PixelData = data + b"\0" * (len(data) % 2)
+    ds["PixelData"].VR = "OW" if ds.BitsAllocated > 8 else "OB"
+    if ds.get("SamplesPerPixel", 1) > 1:
+        # pixel_array interleaves the samples of each pixel.
+        ds.PlanarConfiguration = 0
+    ds.set_original_encoding(False, True)
+
+
+def _label_lossy(ds: Dataset, target: str, ratio: float) -> None:
+    """Record a lossy encoding in Lossy Image Compression (0028,2110),
+    Ratio (0028,2112) and Method (0028,2114), DICOM PS3.3 C.7.6.1.1.5."""
+    ratios = _values(ds, "LossyImageCompressionRatio")
+    methods = _values(ds, "LossyImageCompressionMethod")
+    ds.LossyImageCompression = "01"
+    ds.LossyImageCompressionRatio = [*ratios, round(ratio, 2)]
+    ds.LossyImageCompressionMethod = [*methods, LOSSY_METHOD[target]]
+
+
+def _values(ds: Dataset, keyword: str) -> list:
+    """Return the values of a multi-valued element as a list (none: [])."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, pydicom.multival.MultiValue) else [value]
