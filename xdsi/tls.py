@@ -65,6 +65,8 @@ class RefusedPeer:
 
 def _context(purpose: ssl._SSLMethod, tls: TlsSettings) -> ssl.SSLContext:
     """Return a context that presents our certificate and trusts ``trusted``."""
+    # Limitation: no CRL or OCSP check; a revoked certificate of a trusted CA
+    # is accepted until its CA, or the certificate, leaves ``trusted``.
     context = ssl.SSLContext(purpose)
     context.minimum_version = MINIMUM_VERSION
     context.verify_mode = ssl.CERT_REQUIRED

@@ -9,7 +9,7 @@ import ssl
 import stat
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,7 @@ from lxml import etree
 
 from tests.conftest import shared_path
 from xdsi import audit, tls
-from xdsi.config import ConfigError, Settings, TlsSettings, load_settings
+from xdsi.config import ConfigError, Settings, TlsSettings, load_settings, to_toml
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,15 @@ def test_tls_section_is_read_and_endpoints_become_https(
     assert settings.url("registry") == "https://127.0.0.1:9081/xds/registry"
     assert Settings().url("registry") == "http://127.0.0.1:9081/xds/registry"
     assert tls.client_context_for(Settings()) is None
+
+
+def test_tls_section_survives_config_show(pki: Pki, tmp_path: Path) -> None:
+    """ITI TF-2 3.19: ``xdsi config show`` prints a [tls] that reads back."""
+    settings = replace(Settings(), tls=replace(pki.settings, ciphers="ECDHE+AESGCM"))
+    path = tmp_path / "shown.toml"
+    path.write_text(to_toml(settings), encoding="utf-8")
+
+    assert load_settings(path).tls == settings.tls
 
 
 class _Echo(socketserver.BaseRequestHandler):
