@@ -46,20 +46,22 @@ def served_over_tls(tls_config: Path) -> Iterator[Path]:
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert process.stdout is not None
-    deadline = time.monotonic() + 60
-    lines = []
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        lines.append(line)
-        if line.startswith("storage"):
-            break
-        if process.poll() is not None:
-            raise AssertionError("xdsi serve exited:\n" + "".join(lines))
-    (registry,) = [line for line in lines if line.startswith("registry")]
-    assert "https://127.0.0.1:" in registry
-    yield tls_config
-    process.terminate()
-    process.wait(timeout=30)
+    try:
+        deadline = time.monotonic() + 60
+        lines = []
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            lines.append(line)
+            if line.startswith("storage"):
+                break
+            if process.poll() is not None:
+                raise AssertionError("xdsi serve exited:\n" + "".join(lines))
+        (registry,) = [line for line in lines if line.startswith("registry")]
+        assert "https://127.0.0.1:" in registry
+        yield tls_config
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def test_feed_over_mllps_to_a_served_node_is_acknowledged(
