@@ -6,7 +6,8 @@ Repository reaches the Document Registry only through ITI-42 over HTTP
 every actor with the effective endpoint URLs. With ``[node] workers`` above
 1, further processes serve the same listening sockets, each with its own
 actors over the shared database and storage; the node restarts a worker
-that dies.
+that dies. With [tls] enabled every listener, HTTP and MLLP, authenticates
+its peers by mutual TLS (ITI TF-2 3.19) and audits those it refuses.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import multiprocessing
 import signal
 import socket
+import ssl
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,9 +24,9 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from sqlalchemy import Engine
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+from werkzeug.serving import BaseWSGIServer, ThreadedWSGIServer, WSGIRequestHandler
 
-from xdsi import audit
+from xdsi import audit, tls
 from xdsi.actors.consumer import Consumer
 from xdsi.actors.imaging_source import ImagingSource
 from xdsi.actors.registry import Registry
@@ -46,6 +48,10 @@ class _RequestHandler(WSGIRequestHandler):
     # HTTP request line or an oversized header with its own HTML error page,
     # before any SOAP layer sees it.
     timeout = 60
+
+
+class _HttpServer(tls.TlsServerMixin, ThreadedWSGIServer):
+    """werkzeug's threaded server; each connection passes the TLS gate, if set."""
 
 
 class _Deferred:
@@ -98,17 +104,22 @@ def _registry(settings: Settings, engine: Engine, auditor: audit.Auditor) -> Reg
         raise ConfigError(str(exc)) from exc
 
 
+def node_auditor(settings: Settings) -> audit.Auditor:
+    """The node's Auditor over its audit spool, ``storage/audit``."""
+    return audit.Auditor(
+        audit.AuditSpool(settings.storage / "audit"),
+        audit_source_id=settings.node.audit_source_id,
+        enterprise_site_id=settings.node.enterprise_site_id,
+    )
+
+
 def build_services(settings: Settings) -> Services:
     """Build every actor over the node's storage, without starting servers."""
     storage = settings.storage
     storage.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.database_url)
-    spool = audit.AuditSpool(storage / "audit")
-    auditor = audit.Auditor(
-        spool,
-        audit_source_id=settings.node.audit_source_id,
-        enterprise_site_id=settings.node.enterprise_site_id,
-    )
+    auditor = node_auditor(settings)
+    spool = auditor.spool
     return Services(
         settings=settings,
         engine=engine,
@@ -120,6 +131,19 @@ def build_services(settings: Settings) -> Services:
         consumer=Consumer(settings, auditor, storage / "spool" / "consumer"),
         audit_spool=spool,
         auditor=auditor,
+    )
+
+
+def _tls_gate(
+    settings: Settings, context: ssl.SSLContext, listener: str
+) -> tls.TlsGate:
+    """A TLS gate for one listener that audits each peer it refuses."""
+    auditor = node_auditor(settings)
+    return tls.TlsGate(
+        context,
+        listener,
+        lambda refused: tls.audit_refusal(auditor, settings.node.host, refused),
+        timeout=settings.tls.handshake_timeout,
     )
 
 
@@ -149,17 +173,20 @@ def _worker(settings: Settings, sockets: dict[str, socket.socket], level: int) -
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     services = build_services(settings)
     spool_root = settings.storage / "spool"
-    servers = [
-        make_server(
+    context = tls.server_context(settings.tls) if settings.tls.enabled else None
+    servers = []
+    for actor, listening in sockets.items():
+        server = _HttpServer(
             settings.node.host,
             listening.getsockname()[1],
             getattr(services, actor).app(spool_root / actor),
-            threaded=True,
-            request_handler=_RequestHandler,
+            _RequestHandler,
             fd=listening.fileno(),
         )
-        for actor, listening in sockets.items()
-    ]
+        if context is not None:
+            server.ssl_context = context
+            server.tls_gate = _tls_gate(settings, context, settings.url(actor))
+        servers.append(server)
     threads = _serve(servers)
     stop.wait()
     for server in servers:
@@ -187,35 +214,40 @@ class Node:
         """Bind, build the actors, serve; return the effective settings."""
         settings = self.requested
         self._stopping.clear()
+        context = tls.server_context(settings.tls) if settings.tls.enabled else None
         deferred: dict[str, _Deferred] = {}
         for actor in HTTP_ACTORS:
             section = getattr(settings, actor)
             if not section.enabled:
                 continue
             deferred[actor] = _Deferred()
-            server = make_server(
-                settings.node.host,
-                section.port,
-                deferred[actor],
-                threaded=True,
-                request_handler=_RequestHandler,
+            server = _HttpServer(
+                settings.node.host, section.port, deferred[actor], _RequestHandler
             )
             self._servers.append(server)
             self._sockets[actor] = server.socket
             settings = settings.with_ports(**{actor: server.server_port})
+            if context is not None:
+                server.ssl_context = context
+                server.tls_gate = _tls_gate(settings, context, settings.url(actor))
 
         # The listener is bound before the actors exist, so that its port is
         # known; a message in that instant finds no registry, and the
         # listener answers nothing for it.
         registry: list[Registry] = []
         if settings.registry.enabled:
+            gate = None if context is None else _tls_gate(settings, context, "")
             self._mllp = MllpServer(
                 settings.node.host,
                 settings.registry.feed_port,
                 lambda text: registry[0].feed(text),
+                tls_gate=gate,
             )
-            self._mllp.start()
             settings = settings.with_ports(feed=self._mllp.address[1])
+            if gate is not None:
+                # The listener is named once its port is known.
+                gate.listener = f"mllps://{settings.node.host}:{self._mllp.address[1]}"
+            self._mllp.start()
         services = build_services(settings)
         registry.append(services.registry)
         if settings.repository.enabled:

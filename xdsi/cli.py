@@ -1,5 +1,5 @@
 """The command line: ``xdsi serve | feed | publish | submit | find | fetch | audit |
-demo``."""
+tls | demo``."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from xdsi import __version__, ns
+from xdsi import __version__, ns, tls
 from xdsi.actors.consumer import Consumer, ConsumerError, FetchResult, FoundEntry
 from xdsi.actors.document_source import DocumentSource
 from xdsi.actors.imaging_source import PublishError
@@ -165,9 +165,12 @@ def feed(
     message = build_feed(cx, trigger=trigger, name=name)
     try:
         ack = send_message(
-            host or settings.node.host, port or settings.registry.feed_port, message
+            host or settings.node.host,
+            port or settings.registry.feed_port,
+            message,
+            ssl_context=tls.client_context_for(settings),
         )
-    except (MllpError, OSError) as exc:
+    except (MllpError, OSError, ConfigError) as exc:
         _fail(f"ITI-8 feed failed: {exc}")
     summary = read_ack(ack)
     if summary.code != "AA":
@@ -415,6 +418,64 @@ def _audit_table(records: list) -> Table:  # type: ignore[type-arg]
     return table
 
 
+@main.group("tls")
+def tls_group() -> None:
+    """Make a test CA and node certificates for mutual TLS (ITI-19)."""
+
+
+@tls_group.command("make-ca")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", default="xdsi test CA", help="The CA's common name.")
+@click.option("--days", type=int, default=365, show_default=True)
+def tls_make_ca(directory: Path, name: str, days: int) -> None:
+    """Write a self-signed test CA to DIRECTORY (ca.pem, ca-key.pem)."""
+    files = tls.make_ca(directory, common_name=name, days=days)
+    click.echo(f"CA certificate {files.certificate}")
+    click.echo(f"CA key         {files.private_key}")
+
+
+@tls_group.command("make-cert")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--ca",
+    "ca_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Directory of the CA made by make-ca.",
+)
+@click.option("--name", default="node", show_default=True, help="Common name.")
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    help="subjectAltName host or IP (repeatable; default localhost, 127.0.0.1).",
+)
+@click.option("--days", type=int, default=365, show_default=True)
+def tls_make_cert(
+    directory: Path, ca_dir: Path, name: str, hosts: tuple[str, ...], days: int
+) -> None:
+    """Write a node certificate signed by the CA to DIRECTORY.
+
+    Prints the [tls] section that uses it.
+    """
+    ca = tls.CertificateFiles(ca_dir / "ca.pem", ca_dir / "ca-key.pem")
+    try:
+        files = tls.make_cert(
+            directory,
+            ca,
+            name=name,
+            hosts=hosts or ("localhost", "127.0.0.1"),
+            days=days,
+        )
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot make the certificate: {exc}")
+    click.echo("[tls]")
+    click.echo("enabled = true")
+    click.echo(f'certificate = "{files.certificate.resolve()}"')
+    click.echo(f'private_key = "{files.private_key.resolve()}"')
+    click.echo(f'trusted = ["{ca.certificate.resolve()}"]')
+
+
 def bundled_study() -> Path:
     """Return the CT study shipped with xdsi (xdsi/data/study-ct)."""
     return Path(str(resources.files("xdsi") / "data" / "study-ct"))
@@ -433,12 +494,25 @@ def bundled_study() -> Path:
     default=None,
     help="Keep the node's storage and the fetched files here.",
 )
+@click.option(
+    "--tls",
+    "over_tls",
+    is_flag=True,
+    help="Run every exchange over mutual TLS, with a CA made for the demo.",
+)
 @click.pass_context
-def demo(ctx: click.Context, study: Path | None, keep: Path | None) -> None:
+def demo(
+    ctx: click.Context, study: Path | None, keep: Path | None, over_tls: bool
+) -> None:
     """Run the whole XDS-I.b chain on loopback and check every image."""
     workdir = keep or Path(tempfile.mkdtemp(prefix="xdsi-demo-"))
+    settings = _settings(ctx)
+    if over_tls:
+        ca = tls.make_ca(workdir / "tls", common_name="xdsi demo CA")
+        node = tls.make_cert(workdir / "tls", ca, name="xdsi-demo")
+        settings = replace(settings, tls=tls.tls_settings(node, ca.certificate))
     try:
-        ok = _demo(_settings(ctx), study or bundled_study(), workdir)
+        ok = _demo(settings, study or bundled_study(), workdir)
     finally:
         if keep is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -458,7 +532,8 @@ def _demo(base: Settings, study_dir: Path, workdir: Path) -> bool:
         registry=0, repository=0, imaging_source=0, feed=0
     )
     timings: dict[str, float] = {}
-    console.rule("[bold]xdsi demo: the XDS-I.b chain on loopback")
+    over = "mutual TLS" if settings.tls.enabled else "loopback"
+    console.rule(f"[bold]xdsi demo: the XDS-I.b chain over {over}")
 
     with Node(settings) as node:
         settings = node.settings
@@ -476,6 +551,7 @@ def _demo(base: Settings, study_dir: Path, workdir: Path) -> bool:
             settings.node.host,
             settings.registry.feed_port,
             build_feed(patient_id, name="PHANTOM^HEAD"),
+            ssl_context=tls.client_context_for(settings),
         )
         timings["ITI-8 feed"] = time.monotonic() - started
         code = read_ack(ack).code

@@ -238,6 +238,38 @@ class ConsumerSettings:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """ITI-19 Node Authentication: mutual TLS on every endpoint and client.
+
+    ``certificate`` is this node's PEM certificate (its chain may follow),
+    ``private_key`` its PEM key, and ``trusted`` the PEM files of the CAs, or
+    the peers' own certificates, whose holders may connect and be connected
+    to. The protocol floor is TLS 1.2 and cannot be lowered; ``ciphers`` is an
+    OpenSSL cipher list for TLS 1.2 (empty: Python's defaults).
+    """
+
+    enabled: bool = False
+    certificate: str = ""
+    private_key: str = ""
+    trusted: tuple[str, ...] = ()
+    ciphers: str = ""
+    # A peer that has not finished its handshake this many seconds after
+    # connecting is dropped.
+    handshake_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.enabled and not (
+            self.certificate and self.private_key and self.trusted
+        ):
+            raise ConfigError(
+                "[tls] enabled needs certificate, private_key and trusted; "
+                "ITI TF-2 3.19 authenticates both ends of every connection"
+            )
+        if self.handshake_timeout <= 0:
+            raise ConfigError("[tls] handshake_timeout must be more than 0 seconds")
+
+
+@dataclass(frozen=True)
 class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
@@ -245,6 +277,7 @@ class Settings:
     imaging_source: ImagingSourceSettings = field(default_factory=ImagingSourceSettings)
     source: SourceSettings = field(default_factory=SourceSettings)
     consumer: ConsumerSettings = field(default_factory=ConsumerSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
 
     @property
     def storage(self) -> Path:
@@ -259,7 +292,8 @@ class Settings:
     def url(self, actor: str) -> str:
         """Return the endpoint URL of one of this node's HTTP actors."""
         section = getattr(self, actor)
-        return f"http://{self.node.host}:{section.port}{section.path}"
+        scheme = "https" if self.tls.enabled else "http"
+        return f"{scheme}://{self.node.host}:{section.port}{section.path}"
 
     @property
     def dicomweb_url(self) -> str:

@@ -9,6 +9,8 @@ worker answered.
 from __future__ import annotations
 
 import os
+import socket
+import ssl
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +21,7 @@ import pytest
 
 from tests.conftest import PostgresCluster
 from tests.nist_submissions import error_codes, run_query
+from xdsi import tls
 from xdsi.app import Node
 from xdsi.config import Settings
 from xdsi.hl7.adt import build_feed
@@ -85,8 +88,11 @@ def test_requests_are_answered_by_more_than_one_process(node: Node) -> None:
     )
     (worker,) = node.worker_pids
     seen: set[int] = set()
+    deadline = time.monotonic() + 60
     with ThreadPoolExecutor(8) as pool:
-        for _ in range(25):
+        # A worker takes a few seconds to start; until then the node's own
+        # process answers every request.
+        while time.monotonic() < deadline:
             list(pool.map(lambda _: _query(node), range(16)))
             seen = _answering_pids(node)
             if {os.getpid(), worker} <= seen:
@@ -122,3 +128,64 @@ def test_stop_ends_every_worker(node: Node) -> None:
     for pid in workers:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_every_worker_refuses_a_peer_without_a_trusted_certificate(
+    tmp_path: Path,
+) -> None:
+    """ITI TF-2 3.19: mutual TLS holds on the workers' connections too."""
+    ca = tls.make_ca(tmp_path / "ca")
+    rogue_ca = tls.make_ca(tmp_path / "rogue-ca", common_name="rogue CA")
+    node_files = tls.make_cert(tmp_path / "ca", ca)
+    rogue = tls.make_cert(tmp_path / "rogue-ca", rogue_ca, name="rogue")
+    settings = (
+        Settings()
+        .with_storage(tmp_path / "node")
+        .with_ports(registry=0, repository=0, imaging_source=0, feed=0)
+    )
+    settings = replace(
+        settings,
+        node=replace(settings.node, workers=2),
+        tls=tls.tls_settings(node_files, ca.certificate),
+    )
+    with Node(settings) as node:
+        host, port = node.settings.node.host, node.settings.registry.port
+        trusted = tls.client_context(node.settings.tls)
+        untrusted = tls.client_context(tls.tls_settings(rogue, ca.certificate))
+
+        def post(context: ssl.SSLContext) -> bytes:
+            with socket.create_connection((host, port), timeout=10) as raw:
+                try:
+                    with context.wrap_socket(raw, server_hostname=host) as secured:
+                        secured.sendall(
+                            b"GET / HTTP/1.1\r\nHost: localhost\r\n"
+                            b"Connection: close\r\n\r\n"
+                        )
+                        return secured.recv(64)
+                except (ssl.SSLError, ConnectionError):
+                    return b""
+
+        alerts: set[int] = set()
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: post(trusted), range(32)))
+            # A worker takes a few seconds to start; until then the node's
+            # own process answers every connection.
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                refused = list(pool.map(lambda _: post(untrusted), range(16)))
+                assert refused == [b""] * 16
+                alerts = _alerting_pids(tmp_path / "node" / "audit")
+                if len(alerts) == 2:
+                    break
+
+    assert all(a.startswith(b"HTTP/1.1") for a in answers), answers
+    assert len(alerts) == 2, "both processes refuse and audit"
+
+
+def _alerting_pids(spool: Path) -> set[int]:
+    """The processes that spooled a Security Alert (DICOM PS3.15 A.5.3.11)."""
+    return {
+        int(path.name.split("-")[1])
+        for path in spool.glob("*.xml")
+        if b'csd-code="110113"' in path.read_bytes()
+    }

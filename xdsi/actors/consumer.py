@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from lxml import etree
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian
 
-from xdsi import audit, ns, wire
+from xdsi import audit, ns, tls, wire
 from xdsi.actors.soap_endpoint import transaction
 from xdsi.config import Settings
 from xdsi.dicom import kos
@@ -138,7 +138,10 @@ class Consumer:
         ok = False
         try:
             client = wire.SoapClient(
-                url, timeout=self.settings.consumer.timeout, spool_dir=self.spool_dir
+                url,
+                timeout=self.settings.consumer.timeout,
+                spool_dir=self.spool_dir,
+                ssl_context=tls.client_context_for(self.settings),
             )
             with client.call(transaction("ITI-18")["request_action"], request) as reply:
                 status = read_status(reply.body)
@@ -196,7 +199,10 @@ class Consumer:
         ok = False
         try:
             client = wire.SoapClient(
-                url, timeout=self.settings.consumer.timeout, spool_dir=self.spool_dir
+                url,
+                timeout=self.settings.consumer.timeout,
+                spool_dir=self.spool_dir,
+                ssl_context=tls.client_context_for(self.settings),
             )
             with client.call(transaction("ITI-43")["request_action"], request) as reply:
                 got = _documents(reply)
@@ -260,6 +266,7 @@ class Consumer:
                     url,
                     timeout=self.settings.consumer.timeout,
                     spool_dir=self.spool_dir,
+                    ssl_context=tls.client_context_for(self.settings),
                 )
                 with client.call(
                     transaction("RAD-69")["request_action"], request

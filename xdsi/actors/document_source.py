@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from xdsi import audit
+from xdsi import audit, tls
 from xdsi.actors.provide import Document, Sender, provide_and_register
 from xdsi.config import Settings
 from xdsi.metadata.build import (
@@ -166,6 +166,7 @@ class DocumentSource:
             patient_id=patient_id,
             submission_set_unique_id=submission_set.unique_id,
             spool_dir=self.spool_dir,
+            ssl_context=tls.client_context_for(self.settings),
             timeout=self.settings.source.timeout,
         )
         return Submitted(submission_set.unique_id, tuple(e.unique_id for e in entries))

@@ -21,7 +21,7 @@ from flask import Flask
 from lxml import etree
 from sqlalchemy import Engine, Row, insert, select
 
-from xdsi import audit, ns, wire
+from xdsi import audit, ns, tls, wire
 from xdsi.actors.dicomweb import dicomweb_blueprint
 from xdsi.actors.provide import Document, Sender, SubmitError, provide_and_register
 from xdsi.actors.repository import (
@@ -223,6 +223,7 @@ class ImagingSource:
                 patient_id=patient_id,
                 submission_set_unique_id=submission_set.unique_id,
                 spool_dir=self.blobs.spool,
+                ssl_context=tls.client_context_for(self.settings),
             )
         except SubmitError as exc:
             raise PublishError(str(exc), exc.errors) from exc

@@ -9,6 +9,7 @@ differ only in their metadata and in the transaction they audit.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ def provide_and_register(
     submission_set_unique_id: str,
     spool_dir: Path,
     timeout: float = 120.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
     """Send one submission to the Document Repository at ``url``.
 
@@ -98,7 +100,9 @@ def provide_and_register(
     outcome = "not delivered"
     message_id = None
     try:
-        client = wire.SoapClient(url, timeout=timeout, spool_dir=spool_dir)
+        client = wire.SoapClient(
+            url, timeout=timeout, spool_dir=spool_dir, ssl_context=ssl_context
+        )
         with client.call(
             transaction("ITI-41")["request_action"], request, parts=parts
         ) as reply:

@@ -23,7 +23,7 @@ from lxml import etree
 from sqlalchemy import Engine, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from xdsi import audit, ns, wire
+from xdsi import audit, ns, tls, wire
 from xdsi.actors.soap_endpoint import Peer, Reply, soap_app, transaction
 from xdsi.config import Settings
 from xdsi.errors import (
@@ -383,7 +383,11 @@ class Repository:
     ) -> list[RegistryError]:
         """ITI-42 to the registry; its answer is the repository's answer."""
         url = self.settings.registry_url
-        client = wire.SoapClient(url, spool_dir=self.blobs.spool)
+        client = wire.SoapClient(
+            url,
+            spool_dir=self.blobs.spool,
+            ssl_context=tls.client_context_for(self.settings),
+        )
         errors: list[RegistryError] = []
         message_id = None
         try:

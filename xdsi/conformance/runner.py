@@ -269,6 +269,9 @@ class Runner:
         self.spool_dir = spool_dir
         self.report = report
         self._fed: dict[str, str | None] = {}
+        # Limitation: the runner presents no client certificate, so a node
+        # under mutual TLS (ITI TF-2 3.19) refuses it; run it against plain
+        # endpoints.
         self._session = requests.Session()
 
     def run(self, cases: Sequence[Case], only: str | None = None) -> list[CaseResult]:

@@ -2,15 +2,19 @@
 
 Implements the Minimal Lower Layer Protocol (HL7 v2.5 Implementation Guide,
 Appendix C.4) that ITI TF-2x C.2.1 names for HL7 v2 transactions such as
-ITI-8: each message travels as <VT> message <FS><CR>.
+ITI-8: each message travels as <VT> message <FS><CR>. Over mutual TLS
+(MLLPS, ITI TF-2 3.19) when given a TLS gate or client context.
 """
 
 import logging
 import socket
 import socketserver
+import ssl
 import threading
 import time
 from collections.abc import Callable
+
+from xdsi.tls import TlsGate, TlsServerMixin
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +176,7 @@ class _Connection(socketserver.BaseRequestHandler):
                 deadline = time.monotonic() + timeout
 
 
-class _TcpServer(socketserver.ThreadingTCPServer):
+class _TcpServer(TlsServerMixin, socketserver.ThreadingTCPServer):
     """A thread per connection; threads die with the process."""
 
     daemon_threads = True
@@ -190,7 +194,8 @@ class MllpServer:
     when no frame completes within ``timeout`` seconds of the previous one
     (or of connecting). A handler exception leaves that frame unanswered and
     the connection and server running. The socket is bound on construction,
-    so ``address`` gives the port even when ``port`` is 0.
+    so ``address`` gives the port even when ``port`` is 0. With ``tls_gate``
+    every connection must pass its mutual TLS handshake first.
     """
 
     def __init__(
@@ -200,12 +205,14 @@ class MllpServer:
         handler: Callable[[str], str],
         *,
         timeout: float = 30.0,
+        tls_gate: TlsGate | None = None,
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout {timeout}: must be more than 0 seconds")
         self._handler = handler
         self._timeout = timeout
         self._server = _TcpServer((host, port), self)
+        self._server.tls_gate = tls_gate
         self._thread: threading.Thread | None = None
         self._sockets: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -254,8 +261,32 @@ class MllpServer:
                 self._sockets.discard(sock)
 
 
-def send_message(host: str, port: int, message: str, *, timeout: float = 10.0) -> str:
+def _connect(
+    host: str, port: int, timeout: float, ssl_context: ssl.SSLContext | None
+) -> socket.socket:
+    """Open the connection, over TLS when ``ssl_context`` is given."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    if ssl_context is None:
+        return sock
+    try:
+        return ssl_context.wrap_socket(sock, server_hostname=host)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def send_message(
+    host: str,
+    port: int,
+    message: str,
+    *,
+    timeout: float = 10.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> str:
     """Send one message in an MLLP frame and return the answer frame's text.
+
+    With ``ssl_context`` the frame travels over TLS (MLLPS), the server's
+    certificate checked against the context's trust.
 
     Raises
     ------
@@ -266,7 +297,7 @@ def send_message(host: str, port: int, message: str, *, timeout: float = 10.0) -
     deadline = time.monotonic() + timeout
     deframer = _Deframer()
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
+        with _connect(host, port, timeout, ssl_context) as sock:
             sock.sendall(encode_frame(message))
             while True:
                 remaining = deadline - time.monotonic()

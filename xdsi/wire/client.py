@@ -6,6 +6,7 @@ anonymous wsa:ReplyTo) and ITI TF-2x Appendix V for the IHE transactions.
 """
 
 import logging
+import ssl
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -14,6 +15,7 @@ from pathlib import Path
 import requests
 import urllib3.exceptions
 from lxml.etree import _Element
+from requests.adapters import HTTPAdapter
 
 from xdsi.ns import SOAP12, qname
 from xdsi.wire.faults import PeerFault, SoapFault, TransportError
@@ -41,10 +43,40 @@ class _SizedBody:
         return self._chunks
 
 
+class _ContextAdapter(HTTPAdapter):
+    """HTTPS through one ssl.SSLContext, whose settings alone decide trust.
+
+    requests would otherwise load its own CA bundle into the context; a node
+    authenticates its peers against its configured trust only
+    (ITI TF-2 3.19).
+    """
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self._context = context
+        super().__init__()
+
+    def init_poolmanager(self, *args: object, **kwargs: object) -> None:
+        kwargs["ssl_context"] = self._context
+        super().init_poolmanager(*args, **kwargs)
+
+    def cert_verify(self, conn: object, url: str, verify: object, cert: object) -> None:
+        """Leave the connection's trust to the context."""
+
+
+def tls_session(context: ssl.SSLContext) -> requests.Session:
+    """Return a session whose https:// requests use ``context``."""
+    session = requests.Session()
+    session.trust_env = False
+    session.mount("https://", _ContextAdapter(context))
+    return session
+
+
 class SoapClient:
     """Send SOAP 1.2 requests to one endpoint and read the responses.
 
-    Redirects are not followed: an IHE endpoint answers where it is.
+    Redirects are not followed: an IHE endpoint answers where it is. With
+    ``ssl_context`` an https:// endpoint is reached over that context (mutual
+    TLS, ITI TF-2 3.19); a given ``session`` is used as it is.
     """
 
     def __init__(
@@ -54,13 +86,18 @@ class SoapClient:
         timeout: float = 120.0,
         spool_dir: Path | None = None,
         session: requests.Session | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.url = url
         self.timeout = timeout
         self.spool_dir = (
             spool_dir if spool_dir is not None else Path(tempfile.gettempdir())
         )
-        self.session = session if session is not None else requests.Session()
+        if session is None:
+            session = (
+                requests.Session() if ssl_context is None else tls_session(ssl_context)
+            )
+        self.session = session
 
     def call(
         self,

@@ -1,0 +1,298 @@
+"""ITI-19 Authenticate Node: a node over mutual TLS on every HTTP actor and on
+its MLLP listener, refusing and auditing peers it cannot authenticate."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import ssl
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from tests.conftest import shared_path
+from tests.integration.conftest import PATIENT, RunningNode
+from xdsi import tls
+from xdsi.actors.consumer import Consumer, ConsumerError
+from xdsi.app import Node
+from xdsi.audit import AuditRecord
+from xdsi.config import Settings
+from xdsi.dicom import scan
+from xdsi.hl7.adt import build_feed
+from xdsi.hl7.mllp import MllpError, encode_frame, send_message
+
+# DICOM PS3.15 A.5.3.11; DICOM PS3.16 CID 403.
+SECURITY_ALERT = "110113"
+NODE_AUTHENTICATION = "110126"
+
+ENDPOINTS = ["registry", "repository", "imaging_source", "feed"]
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: tls.CertificateFiles
+    node: tls.CertificateFiles
+    rogue: tls.CertificateFiles
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """The node's CA and certificate, and a certificate of a CA it distrusts."""
+    root = tmp_path_factory.mktemp("pki")
+    ca = tls.make_ca(root / "ca")
+    rogue_ca = tls.make_ca(root / "rogue-ca", common_name="rogue CA")
+    return Pki(
+        ca=ca,
+        node=tls.make_cert(root / "ca", ca),
+        rogue=tls.make_cert(root / "rogue-ca", rogue_ca, name="rogue"),
+    )
+
+
+@pytest.fixture(scope="module")
+def tls_node(
+    pki: Pki, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningNode]:
+    """Every actor of one node over mutual TLS, on loopback ports."""
+    settings = (
+        Settings()
+        .with_storage(tmp_path_factory.mktemp("node"))
+        .with_ports(registry=0, repository=0, imaging_source=0, feed=0)
+    )
+    settings = replace(settings, tls=tls.tls_settings(pki.node, pki.ca.certificate))
+    with Node(settings) as node:
+        assert node.services is not None
+        yield RunningNode(node, node.settings, node.services, {})
+
+
+def _address(node: RunningNode, endpoint: str) -> tuple[str, int]:
+    settings = node.settings
+    if endpoint == "feed":
+        return settings.node.host, settings.registry.feed_port
+    return settings.node.host, getattr(settings, endpoint).port
+
+
+def _listener(node: RunningNode, endpoint: str) -> str:
+    if endpoint == "feed":
+        host, port = _address(node, endpoint)
+        return f"mllps://{host}:{port}"
+    return node.settings.url(endpoint)
+
+
+def _request(node: RunningNode, endpoint: str) -> bytes:
+    """What a peer sends first: an ITI-8 frame, or an HTTP POST."""
+    if endpoint == "feed":
+        return encode_frame(
+            build_feed("XDSI-TLS-REFUSED^^^&1.3.6.1.4.1.21367.13.20.1000&ISO")
+        )
+    path = getattr(node.settings, endpoint).path
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        "Content-Type: application/soap+xml\r\nContent-Length: 0\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode("ascii")
+
+
+def _exchange(
+    context: ssl.SSLContext, address: tuple[str, int], request: bytes
+) -> bytes:
+    """Send ``request`` over TLS; return all answered, b"" when refused."""
+    answer = b""
+    try:
+        with socket.create_connection(address, timeout=5) as raw:
+            with context.wrap_socket(raw, server_hostname=address[0]) as sock:
+                sock.sendall(request)
+                while chunk := sock.recv(65536):
+                    answer += chunk
+                    if answer.endswith(b"\x1c\r"):
+                        break
+    except (ssl.SSLError, OSError):
+        pass
+    return answer
+
+
+def _trusting_ca(pki: Pki) -> ssl.SSLContext:
+    """A client that trusts the node's CA and presents no certificate."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cafile=pki.ca.certificate)
+    return context
+
+
+def _no_certificate(pki: Pki) -> ssl.SSLContext:
+    return _trusting_ca(pki)
+
+
+def _no_certificate_tls_1_2(pki: Pki) -> ssl.SSLContext:
+    context = _trusting_ca(pki)
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def _untrusted_certificate(pki: Pki) -> ssl.SSLContext:
+    context = _trusting_ca(pki)
+    context.load_cert_chain(pki.rogue.certificate, pki.rogue.private_key)
+    return context
+
+
+def _tls_1_1_only(pki: Pki) -> ssl.SSLContext:
+    """A client with a trusted certificate that offers TLS 1.1 and nothing else."""
+    context = _trusting_ca(pki)
+    context.load_cert_chain(pki.node.certificate, pki.node.private_key)
+    with warnings.catch_warnings():
+        # TLS 1.1 is deprecated; offering it is the point of this client.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = ssl.TLSVersion.TLSv1_1
+        context.maximum_version = ssl.TLSVersion.TLSv1_1
+    # OpenSSL's default security level would not even send a TLS 1.1 hello.
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    return context
+
+
+# Under TLS 1.3 a client without a certificate completes its handshake and is
+# dropped afterwards; capped at TLS 1.2, its handshake itself fails.
+REFUSED_CLIENTS: dict[str, Callable[[Pki], ssl.SSLContext]] = {
+    "no-certificate": _no_certificate,
+    "no-certificate-tls-1.2": _no_certificate_tls_1_2,
+    "untrusted-certificate": _untrusted_certificate,
+    "tls-1.1-only": _tls_1_1_only,
+}
+
+
+def _new_records(node: RunningNode, before: int) -> list[AuditRecord]:
+    """Audit records spooled after the first ``before``, once some arrive."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        records = list(node.services.audit_spool.records())[before:]
+        if records:
+            # Anything the refused request could have caused comes later.
+            time.sleep(0.3)
+            return list(node.services.audit_spool.records())[before:]
+        time.sleep(0.05)
+    return []
+
+
+@pytest.mark.parametrize("client", REFUSED_CLIENTS)
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_peer_that_cannot_authenticate_is_refused_and_audited(
+    tls_node: RunningNode,
+    pki: Pki,
+    endpoint: str,
+    client: str,
+    audit_schema: etree.RelaxNG,
+) -> None:
+    """ITI TF-2 3.19: refused, nothing processed, a Node Authentication alert."""
+    before = len(list(tls_node.services.audit_spool.records()))
+    context = REFUSED_CLIENTS[client](pki)
+
+    answer = _exchange(
+        context, _address(tls_node, endpoint), _request(tls_node, endpoint)
+    )
+
+    assert answer == b""
+    (record,) = _new_records(tls_node, before)
+    root = etree.fromstring(record.xml)
+    assert audit_schema.validate(root), audit_schema.error_log
+    assert record.event_id is not None
+    assert record.event_id.code == SECURITY_ALERT
+    event_type = root.find("EventIdentification/EventTypeCode")
+    assert event_type.get("csd-code") == NODE_AUTHENTICATION
+    assert record.actor_user_ids[1] == _listener(tls_node, endpoint)
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_trusted_peer_is_answered(
+    tls_node: RunningNode, pki: Pki, endpoint: str
+) -> None:
+    """ITI TF-2 3.19: a peer with a certificate of a trusted CA is served."""
+    before = len(list(tls_node.services.audit_spool.records()))
+    context = tls.client_context(tls_node.settings.tls)
+
+    answer = _exchange(
+        context, _address(tls_node, endpoint), _request(tls_node, endpoint)
+    )
+
+    expected = b"\x0bMSH|" if endpoint == "feed" else b"HTTP/1.1 "
+    assert answer.startswith(expected)
+    alerts = [
+        r
+        for r in list(tls_node.services.audit_spool.records())[before:]
+        if r.event_id is not None and r.event_id.code == SECURITY_ALERT
+    ]
+    assert alerts == []
+
+
+def test_imaging_chain_over_mutual_tls_comes_back_byte_identical(
+    tls_node: RunningNode, tmp_path: Path
+) -> None:
+    """ITI TF-2 3.19, RAD TF-3 4.68, 4.69: the whole chain over mutual TLS."""
+    settings = tls_node.settings
+    ack = send_message(
+        settings.node.host,
+        settings.registry.feed_port,
+        build_feed(PATIENT),
+        ssl_context=tls.client_context_for(settings),
+    )
+    assert "MSA|AA" in ack
+    (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
+
+    tls_node.services.imaging_source.publish(study, PATIENT)
+    result = tls_node.services.consumer.fetch(PATIENT, tmp_path / "out")
+
+    assert not result.missing
+
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    assert {p.stem: digest(p) for p in result.instances} == {
+        h.sop_instance_uid: digest(h.path) for h in study.instances
+    }
+    transactions = {r.event_type for r in tls_node.services.audit_spool.records()}
+    assert {"ITI-8", "RAD-68", "ITI-42", "ITI-18", "ITI-43", "RAD-69"} <= transactions
+
+
+def test_client_refuses_a_node_it_does_not_trust(
+    tls_node: RunningNode, pki: Pki, tmp_path: Path
+) -> None:
+    """ITI TF-2 3.19: a client checks the server's certificate too."""
+    rogue = replace(
+        tls_node.settings,
+        tls=tls.tls_settings(pki.rogue, pki.rogue.certificate.parent / "ca.pem"),
+    )
+    consumer = Consumer(rogue, tls_node.services.auditor, tmp_path / "spool")
+
+    with pytest.raises(ConsumerError, match="CERTIFICATE_VERIFY_FAILED"):
+        consumer.find(PATIENT)
+    with pytest.raises(MllpError, match="CERTIFICATE_VERIFY_FAILED"):
+        send_message(
+            rogue.node.host,
+            rogue.registry.feed_port,
+            build_feed(PATIENT),
+            ssl_context=tls.client_context(rogue.tls),
+        )
+
+
+def test_plain_client_gets_no_answer_from_a_tls_listener(
+    tls_node: RunningNode,
+) -> None:
+    """ITI TF-2 3.19: an MLLP frame in clear text is not processed."""
+    settings = tls_node.settings
+
+    with pytest.raises(MllpError):
+        send_message(
+            settings.node.host,
+            settings.registry.feed_port,
+            build_feed(PATIENT),
+            timeout=3,
+        )
+
+
+@pytest.fixture(scope="module")
+def audit_schema() -> etree.RelaxNG:
+    """The DICOM PS3.15 A.5.1 schema from the shared schemas."""
+    return etree.RelaxNG(
+        etree.parse(shared_path("schemas", "dicom", "audit-message.rng"))
+    )

@@ -1,0 +1,369 @@
+"""Mutual TLS for every endpoint and client, and a test CA to run it with.
+
+Implements ITI TF-2 3.19 (Authenticate Node): both ends of every connection
+present an X.509 certificate that the other end trusts, over TLS 1.2 or
+higher (RFC 5246, RFC 8446; BCP 195). A peer refused at the handshake is
+audited as a Security Alert of type Node Authentication (DICOM PS3.15
+A.5.3.11; ITI TF-2 3.20).
+"""
+
+import datetime
+import ipaddress
+import logging
+import os
+import socket
+import ssl
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from xdsi import audit
+from xdsi.config import ConfigError, Settings, TlsSettings
+
+logger = logging.getLogger(__name__)
+
+# ITI TF-2 3.19: TLS 1.2 is the floor; nothing lower is ever negotiated.
+MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
+
+# The audit row of a refused peer in profiles/audit_events.toml: a Security
+# Alert (110113, DCM) of type Node Authentication (110126, DCM).
+REFUSAL_TRANSACTION = "ITI-19"
+REFUSAL_ACTOR = "Secure Node"
+
+# Test certificates: RSA keys of this size, signed with SHA-256.
+_KEY_SIZE = 2048
+
+
+class TlsConfigError(ConfigError):
+    """A [tls] file is missing or unusable (no key, a key not matching)."""
+
+
+@dataclass(frozen=True)
+class CertificateFiles:
+    """A PEM certificate and the PEM file of its private key."""
+
+    certificate: Path
+    private_key: Path
+
+
+@dataclass(frozen=True)
+class RefusedPeer:
+    """A peer the TLS handshake refused, and why, in OpenSSL's words."""
+
+    listener: str
+    host: str
+    port: int
+    reason: str
+
+
+def _context(purpose: ssl._SSLMethod, tls: TlsSettings) -> ssl.SSLContext:
+    """Return a context that presents our certificate and trusts ``trusted``."""
+    # Limitation: no CRL or OCSP check; a revoked certificate of a trusted CA
+    # is accepted until its CA, or the certificate, leaves ``trusted``.
+    context = ssl.SSLContext(purpose)
+    context.minimum_version = MINIMUM_VERSION
+    context.verify_mode = ssl.CERT_REQUIRED
+    try:
+        context.load_cert_chain(tls.certificate, tls.private_key)
+        for trusted in tls.trusted:
+            context.load_verify_locations(cafile=trusted)
+        if tls.ciphers:
+            context.set_ciphers(tls.ciphers)
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsConfigError(f"[tls] cannot be loaded: {exc}") from exc
+    return context
+
+
+def server_context(tls: TlsSettings) -> ssl.SSLContext:
+    """Return the context of a listener: TLS 1.2 or higher, client certificate
+    required and checked against ``tls.trusted`` only (ITI TF-2 3.19).
+
+    Raises
+    ------
+    TlsConfigError
+        A certificate, key or trusted file cannot be read or used.
+    """
+    return _context(ssl.PROTOCOL_TLS_SERVER, tls)
+
+
+def client_context(tls: TlsSettings) -> ssl.SSLContext:
+    """Return the context of a client: TLS 1.2 or higher, our certificate
+    offered, the server's certificate and host name checked against
+    ``tls.trusted`` only, never the system's CAs (ITI TF-2 3.19).
+
+    Raises
+    ------
+    TlsConfigError
+        A certificate, key or trusted file cannot be read or used.
+    """
+    return _context(ssl.PROTOCOL_TLS_CLIENT, tls)
+
+
+@cache
+def _cached_client_context(tls: TlsSettings) -> ssl.SSLContext:
+    return client_context(tls)
+
+
+def client_context_for(settings: Settings) -> ssl.SSLContext | None:
+    """Return the node's client context when [tls] is enabled, else None.
+
+    The context is built once per distinct [tls] section; a certificate
+    renewed on disk is read by the next process.
+    """
+    if not settings.tls.enabled:
+        return None
+    return _cached_client_context(settings.tls)
+
+
+class TlsGate:
+    """The handshake a listener runs on each accepted connection.
+
+    The handshake runs in the connection's own thread, so a slow or silent
+    peer holds no other connection up. A refused peer is logged, handed to
+    ``on_refused`` and its connection closed before anything is read from it.
+    """
+
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        listener: str,
+        on_refused: Callable[[RefusedPeer], None],
+        *,
+        timeout: float = 10.0,
+    ) -> None:
+        self.context = context
+        self.listener = listener
+        self.on_refused = on_refused
+        self.timeout = timeout
+
+    def accept(self, sock: socket.socket, address: Any) -> ssl.SSLSocket | None:
+        """Run the server handshake on ``sock``; None when the peer is refused.
+
+        Under TLS 1.3 a client without a certificate believes its handshake
+        done; the refusal shows here, and the client learns of it on its
+        first read.
+        """
+        host, port = str(address[0]), int(address[1])
+        sock.settimeout(self.timeout)
+        try:
+            secured = self.context.wrap_socket(sock, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            logger.warning(
+                "TLS %s: refused peer %s:%d: %s", self.listener, host, port, reason
+            )
+            sock.close()
+            self.on_refused(RefusedPeer(self.listener, host, port, str(reason)))
+            return None
+        secured.settimeout(None)
+        logger.debug("TLS %s: %s:%d authenticated", self.listener, host, port)
+        return secured
+
+
+class TlsServerMixin:
+    """Put a socketserver server's connections through ``tls_gate``, if set.
+
+    Mix in before the server class; the listening socket stays plain and
+    each connection is wrapped in its own thread (ThreadingMixIn).
+    """
+
+    tls_gate: TlsGate | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.tls_gate is None:
+            super().finish_request(request, client_address)  # type: ignore[misc]
+            return
+        secured = self.tls_gate.accept(request, client_address)
+        if secured is None:
+            return
+        try:
+            super().finish_request(secured, client_address)  # type: ignore[misc]
+        finally:
+            try:
+                secured.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                logger.debug("TLS %s: peer already gone", self.tls_gate.listener)
+            secured.close()
+
+
+def audit_refusal(
+    auditor: audit.Auditor, local_host: str, refused: RefusedPeer
+) -> None:
+    """Record a refused peer as a Node Authentication Security Alert.
+
+    DICOM PS3.15 A.5.3.11: EventOutcomeIndicator 4 (minor failure) says the
+    mitigation, refusing the connection, worked; the reason OpenSSL gave goes
+    in EventOutcomeDescription.
+    """
+    auditor.record(
+        audit.AuditEvent(
+            transaction=REFUSAL_TRANSACTION,
+            actor=REFUSAL_ACTOR,
+            outcome=audit.Outcome.MINOR_FAILURE,
+            source=audit.Endpoint(f"{refused.host}:{refused.port}", refused.host),
+            destination=audit.Endpoint(refused.listener, local_host),
+            outcome_detail=f"TLS handshake refused: {refused.reason}",
+        )
+    )
+
+
+# --- Test certificates -------------------------------------------------
+
+
+def _new_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=_KEY_SIZE)
+
+
+def _write_key(path: Path, key: rsa.RSAPrivateKey) -> None:
+    """Write an unencrypted PEM key readable by its owner only."""
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as stream:
+        stream.write(pem)
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "xdsi"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def make_ca(
+    directory: Path, *, common_name: str = "xdsi test CA", days: int = 365
+) -> CertificateFiles:
+    """Create a self-signed test CA as ``ca.pem`` and ``ca-key.pem``.
+
+    For test and demo nodes: a site runs its own PKI, whose CA certificate
+    goes in every node's ``[tls] trusted``.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    key = _new_key()
+    now = datetime.datetime.now(datetime.UTC)
+    name = _name(common_name)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    files = CertificateFiles(directory / "ca.pem", directory / "ca-key.pem")
+    files.certificate.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    _write_key(files.private_key, key)
+    return files
+
+
+def _subject_alternative_names(hosts: Iterable[str]) -> x509.SubjectAlternativeName:
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return x509.SubjectAlternativeName(names)
+
+
+def make_cert(
+    directory: Path,
+    ca: CertificateFiles,
+    *,
+    name: str = "node",
+    hosts: Iterable[str] = ("localhost", "127.0.0.1"),
+    days: int = 365,
+) -> CertificateFiles:
+    """Create a node certificate signed by ``ca`` as ``<name>.pem`` and
+    ``<name>-key.pem``.
+
+    The certificate serves both ends of mutual TLS (extended key usages
+    serverAuth and clientAuth) and names ``hosts`` as subjectAltName, DNS
+    names and IP addresses alike, since a client checks the host it dialled
+    against them.
+
+    Raises
+    ------
+    ValueError
+        ``hosts`` is empty, or the CA files are not a certificate and its key.
+    """
+    hosts = tuple(hosts)
+    if not hosts:
+        raise ValueError("make_cert needs at least one host for subjectAltName")
+    ca_certificate = x509.load_pem_x509_certificate(ca.certificate.read_bytes())
+    ca_key = serialization.load_pem_private_key(
+        ca.private_key.read_bytes(), password=None
+    )
+    if not isinstance(ca_key, rsa.RSAPrivateKey):
+        raise ValueError(f"{ca.private_key} is not an RSA private key")
+    directory.mkdir(parents=True, exist_ok=True)
+    key = _new_key()
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(ca_certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(_subject_alternative_names(hosts), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = CertificateFiles(directory / f"{name}.pem", directory / f"{name}-key.pem")
+    files.certificate.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    _write_key(files.private_key, key)
+    return files
+
+
+def tls_settings(node: CertificateFiles, *trusted: Path) -> TlsSettings:
+    """Return an enabled [tls] section for ``node``, trusting ``trusted``."""
+    return TlsSettings(
+        enabled=True,
+        certificate=str(node.certificate),
+        private_key=str(node.private_key),
+        trusted=tuple(str(path) for path in trusted),
+    )
