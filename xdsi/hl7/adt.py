@@ -12,9 +12,9 @@ import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from enum import Enum
 from typing import Any
-from datetime import datetime
 
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
