@@ -543,7 +543,8 @@ def _escape(text: str, enc: dict[str, str]) -> str:
 class AckSummary:
     """What an ACK says: MSA-1, MSA-2 and the error text, for people and audit.
 
-    ``sender`` and ``receiver`` are MSH-3|MSH-4 and MSH-5|MSH-6 of the ACK.
+    ``sender`` and ``receiver`` are MSH-3|MSH-4 and MSH-5|MSH-6 of the ACK;
+    ``trigger`` is MSH-9.2, the event of the message acknowledged.
     """
 
     code: str
@@ -551,6 +552,7 @@ class AckSummary:
     text: str
     sender: str
     receiver: str
+    trigger: str = ""
 
 
 def read_ack(ack: str) -> AckSummary:
@@ -576,10 +578,12 @@ def read_ack(ack: str) -> AckSummary:
     def pair(first: int) -> str:
         return "|".join(f for f in msh_fields[first : first + 2] if f)
 
+    message_type = msh_fields[9].split(component) if len(msh_fields) > 9 else []
     return AckSummary(
         code=msa[1] if len(msa) > 1 else "",
         control_id=msa[2] if len(msa) > 2 else "",
         text="; ".join(dict.fromkeys(texts)),
         sender=pair(3),
         receiver=pair(5),
+        trigger=message_type[1] if len(message_type) > 1 else "",
     )

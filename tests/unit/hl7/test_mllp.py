@@ -100,12 +100,12 @@ def test_feed_from_another_domain_is_answered_ae(
 
 
 @pytest.mark.parametrize(
-    "message_type", ["ADT^A08^ADT_A01", "ORM^O01^ORM_O01"], ids=["A08", "ORM"]
+    "message_type", ["ADT^A03^ADT_A03", "ORM^O01^ORM_O01"], ids=["A03", "ORM"]
 )
 def test_other_messages_are_answered_ar(
     registry: MllpServer, fed: list[PatientIdentity], message_type: str
 ) -> None:
-    """ITI TF-2 3.8.4.1.1: events that do not create a patient are rejected AR."""
+    """ITI TF-2 3.8.4.1.1: events that ITI-8 does not name are rejected AR."""
     message = ADT_A01_V231.replace("ADT^A01^ADT_A01", message_type)
 
     assert msa(send_message(*registry.address, message)) == ("AR", "PIF-0001")
