@@ -155,6 +155,7 @@ class Node:
                 settings.node.host,
                 settings.registry.feed_port,
                 lambda text: registry[0].feed(text),
+                timeout=settings.registry.feed_timeout,
             )
             self._mllp.start()
             settings = settings.with_ports(feed=self._mllp.address[1])
