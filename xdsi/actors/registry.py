@@ -747,6 +747,10 @@ def _patient_id_error(
     an A40 (ITI TF-2 3.8.4.2.3). With ``lock``, the patient row is share
     locked to the end of the transaction, so that a merge waits for it.
     """
+    # Limitation: SQLite takes no row lock, and pysqlite starts the
+    # transaction only at its first write; an ITI-42 whose check ran just
+    # before a merge committed may still land under the subsumed id there.
+    # PostgreSQL holds the share lock, so the merge waits for the ITI-42.
     statement = select(patient.c.merged_into).where(patient.c.patient_id == patient_id)
     if lock:
         statement = statement.with_for_update(read=True)
