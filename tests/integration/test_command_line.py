@@ -71,7 +71,7 @@ def served(tmp_path) -> Iterator[Path]:  # type: ignore[no-untyped-def]
 
 
 def test_feed_sends_updates_and_merges(served: Path) -> None:
-    """ITI TF-2 3.8.4.1.1, 3.8.4.2: ``xdsi feed`` sends A08 and A40 (--merge)."""
+    """ITI TF-2 3.8.4.1.1, 3.8.4.2: ``xdsi feed`` sends A08 and A40."""
     for patient in ("CLI-SURVIVOR", "CLI-SUBSUMED"):
         assert "ADT^A01: ACK AA" in _xdsi(served, "feed", patient).stdout
     updated = _xdsi(

@@ -52,7 +52,7 @@ def peer(
     timeout: float = 5.0,
     expect_close: bool = False,
 ) -> dict[str, Any]:
-    """Run tests/integration/mllp_peer.py in its own process; return its report.
+    """Run tests/integration/mllp_peer.py as its own process; its report.
 
     ``writes`` are (bytes, pause before sending) pairs, each one TCP send.
     """
@@ -235,7 +235,7 @@ def test_start_and_end_blocks_split_over_tcp_packets_are_reassembled(
 
 
 def test_two_messages_in_one_write_get_two_acks_in_order(node: Node) -> None:
-    """HL7 v2.5 Implementation Guide C.4: frames follow each other on a stream."""
+    """HL7 v2.5 Implementation Guide C.4: frames follow on one stream."""
     first, second = new_patient(), new_patient()
     data = frame(build_feed(first, control_id="F-2")) + frame(
         build_feed(second, control_id="F-3")
@@ -262,7 +262,7 @@ def test_segments_ending_in_cr_lf_or_crlf_are_served(node: Node, ending: str) ->
 def test_junk_before_the_start_block_is_skipped_and_logged(
     node: Node, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """HL7 v2.5 Implementation Guide C.4: bytes outside a frame are no message."""
+    """HL7 v2.5 Implementation Guide C.4: bytes outside frames are dropped."""
     patient_id = new_patient()
     junk = b"GET / HTTP/1.0\r\n\r\n"
 
@@ -280,7 +280,7 @@ def test_junk_before_the_start_block_is_skipped_and_logged(
 def test_frame_that_never_ends_is_closed_after_the_timeout(
     node: Node, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """HL7 v2.5 Implementation Guide C.4: a frame without <FS> ties up nothing."""
+    """HL7 v2.5 Implementation Guide C.4: a frame without <FS> times out."""
     patient_id = new_patient()
     unfinished = VT + build_feed(patient_id).encode()
 
@@ -298,7 +298,7 @@ def test_frame_that_never_ends_is_closed_after_the_timeout(
 def test_oversized_frame_is_answered_ar_and_closed(
     node: Node, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """HL7 v2.5 Implementation Guide C.4: a frame past the cap is refused AR."""
+    """HL7 v2.5 Implementation Guide C.4: a frame past the cap earns AR."""
     patient_id = new_patient()
     message = build_feed(patient_id, control_id="F-6")
     oversized = VT + message.encode() + b"Z" * MAX_FRAME_SIZE + FS_CR
@@ -328,7 +328,7 @@ def test_bad_frame_does_not_stop_the_next_on_the_same_connection(
     assert node.services.registry.knows_patient(patient_id)
 
 
-# --- merges, checked through ITI-18 -------------------------------------------
+# --- merges, checked through ITI-18 -----------------------------------------
 
 
 def find_documents(url: str, patient_id: str) -> dict[str, str]:

@@ -222,7 +222,7 @@ class Registry:
         logger.info("ITI-8 Patient Identity Feed: %s patient updated", identity.trigger)
 
     def merge_patients(self, surviving: str, subsumed: str) -> int:
-        """Merge the patient ``subsumed`` into ``surviving`` (ITI TF-2 3.8.4.2.3).
+        """Merge patient ``subsumed`` into ``surviving`` (ITI TF-2 3.8.4.2.3).
 
         In one database transaction: the subsumed patient is marked merged
         (so ITI-42 under its id answers XDSUnknownPatientId), patients it had

@@ -1,4 +1,4 @@
-"""ITI-8 Patient Identity Feed: read ADT A01/A04/A05/A08/A40, answer ACK, build.
+"""ITI-8 Patient Identity Feed: read ADT messages, answer ACK, build feeds.
 
 Implements ITI TF-2 3.8.4.1.1 (trigger events), ITI TF-2 3.8.4.1.2 (message
 semantics, PID Table 3.8-2), ITI TF-2 3.8.4.1.3 (the Document Registry keeps
@@ -255,7 +255,7 @@ def _domain_identifier(
 
 
 def _subsumed_identifier(msg: Message, trigger: str, authority: str) -> str:
-    """Return MRG-1's identifier in ``authority`` of an A40 (ITI TF-2 3.8.4.2.2).
+    """Return an A40's MRG-1 identifier in ``authority`` (ITI TF-2 3.8.4.2.2).
 
     Raises
     ------

@@ -99,7 +99,7 @@ def decode_payload(payload: bytes) -> tuple[str, str]:
 
 
 def _character_set(payload: bytes) -> str:
-    """Return the first repetition of MSH-18 in the frame's bytes, or ``""``."""
+    """Return MSH-18's first repetition in the frame's bytes, or ``""``."""
     header = payload[:_HEADER_BYTES].lstrip(_WHITESPACE)
     if not header.startswith(b"MSH") or len(header) < 8:
         return ""

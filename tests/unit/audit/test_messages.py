@@ -328,7 +328,7 @@ def test_patient_merge_records_each_patient_valid_against_the_dicom_schema(
     audit_schema: etree.RelaxNG,
     ipf_audit_schema: etree.XMLSchema,
 ) -> None:
-    """ITI TF-2 3.8.5.1: an A40 is audited D for MRG-1's patient, U for PID-3's."""
+    """ITI TF-2 3.8.5.1: A40 is audited D for MRG-1's patient, U for PID-3."""
     row = next(
         r
         for r in ROWS

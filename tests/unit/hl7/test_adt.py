@@ -121,7 +121,7 @@ def test_a40_mrg_1_is_read_in_the_domain_pid_3_was_found_in() -> None:
 
 
 def test_affinity_domain_wins_over_another_accepted_domain() -> None:
-    """ITI TF-2 3.8.4.1.3: the affinity domain counts first among repetitions."""
+    """ITI TF-2 3.8.4.1.3: the affinity domain counts before the others."""
     identity = parse_feed(
         ADT_A01_V231,
         assigning_authority=AFFINITY_DOMAIN,
@@ -414,7 +414,7 @@ def test_built_a08_reads_back_as_an_update() -> None:
 
 
 def test_built_a40_is_an_adt_a39_structure_with_mrg() -> None:
-    """ITI TF-2 3.8.4.2.2: MSH, EVN, PID and MRG; MRG-1 the subsumed patient."""
+    """ITI TF-2 3.8.4.2.2: MSH, EVN, PID, MRG; MRG-1 the subsumed patient."""
     text = build_feed(
         AFFINITY_CX, trigger="A40", subsumed_patient_id=SUBSUMED_CX, control_id="M-1"
     )
@@ -432,7 +432,7 @@ def test_built_a40_is_an_adt_a39_structure_with_mrg() -> None:
 
 
 def test_build_feed_refuses_events_outside_iti8_and_misplaced_mrg() -> None:
-    """ITI TF-2 3.8.4.1.1, 3.8.4.2.1: ITI-8 events only; MRG-1 with A40 only."""
+    """ITI TF-2 3.8.4.1.1, 3.8.4.2.1: ITI-8 events; MRG-1 with A40 only."""
     with pytest.raises(ValueError, match="A02"):
         build_feed(AFFINITY_CX, trigger="A02")
     with pytest.raises(ValueError, match="MRG-1"):
@@ -498,7 +498,7 @@ def test_handle_feed_answers_ae_207_when_storing_fails(
 
 
 def test_handle_feed_answers_the_rejection_the_registry_raises() -> None:
-    """ITI TF-2 3.8.4.2.3: a merge of an unknown patient earns the AE raised."""
+    """ITI TF-2 3.8.4.2.3: a merge of an unknown patient earns its AE."""
 
     def unknown(identity: PatientIdentity) -> None:
         raise FeedRejected("AE", "204", "MRG-1 patient is not known")

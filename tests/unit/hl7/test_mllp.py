@@ -174,8 +174,9 @@ def test_start_block_inside_a_frame_starts_it_afresh(
 def test_oversized_frame_is_answered_ar_and_its_connection_closed(
     registry: MllpServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """HL7 v2.5 Implementation Guide C.4: a frame past MAX_FRAME_SIZE is refused
-    with an ACK AR naming its MSH-10, logged, and the connection closed."""
+    """HL7 v2.5 Implementation Guide C.4: a frame past MAX_FRAME_SIZE is
+    refused with an ACK AR naming its MSH-10, logged, and the connection
+    closed."""
     oversized = VT + ADT_A01_V231.encode() + b"Z" * (MAX_FRAME_SIZE + 1) + FS_CR
     with socket.create_connection(registry.address, timeout=5.0) as sock:
         with caplog.at_level(logging.WARNING, logger="xdsi.hl7"):
@@ -191,7 +192,7 @@ def test_oversized_frame_is_answered_ar_and_its_connection_closed(
 
 
 def test_frame_over_a_small_cap_is_refused_even_when_complete() -> None:
-    """HL7 v2.5 Implementation Guide C.4: the cap holds for a frame that ended."""
+    """HL7 v2.5 Implementation Guide C.4: the cap holds for whole frames."""
     server = MllpServer("127.0.0.1", 0, lambda m: m, max_frame_size=64)
     server.start()
     try:
@@ -417,7 +418,7 @@ def test_msh_18_names_the_character_set_the_frame_is_read_in(
 
 
 def test_character_set_the_node_cannot_read_falls_back() -> None:
-    """HL7 v2.5 Table 0211: an unreadable MSH-18 value decodes as UTF-8/Latin-1."""
+    """HL7 v2.5 Table 0211: an MSH-18 not read here falls back to UTF-8."""
     message = ADT_A01_V231.replace("|P|2.3.1\r", "|P|2.3.1||||||ISO IR87\r")
 
     assert decode_payload(message.encode()) == (message, "utf-8")

@@ -53,7 +53,7 @@ def fed(services: Services) -> str:
 
 
 def registered(services: Services, patient_id: str) -> str:
-    """Register NIST 12374's one DocumentEntry for the patient; its entryUUID."""
+    """Register NIST 12374's DocumentEntry for the patient; its entryUUID."""
     request = nist_submission("iti42-12374-submit_doc", {}, patient_id=patient_id)
     outcome = services.registry.register(request)
     assert outcome.errors == []
@@ -77,7 +77,7 @@ def find_documents(services: Services, patient_id: str) -> dict[str, str]:
 
 
 def test_merges_chain_to_the_last_survivor(services: Services) -> None:
-    """ITI TF-2 3.8.4.2.3: A into B, then B into C, leaves A's documents with C."""
+    """ITI TF-2 3.8.4.2.3: A into B, then B into C: A's documents go to C."""
     first, second, third = fed(services), fed(services), fed(services)
     entry = registered(services, first)
 
@@ -94,7 +94,7 @@ def test_merges_chain_to_the_last_survivor(services: Services) -> None:
 def test_every_patient_object_is_rewritten_with_the_survivor(
     services: Services,
 ) -> None:
-    """ITI TF-2 3.8.4.2.3: SubmissionSet and DocumentEntry both move, XML too."""
+    """ITI TF-2 3.8.4.2.3: SubmissionSet and DocumentEntry move, XML too."""
     survivor, subsumed = fed(services), fed(services)
     registered(services, subsumed)
 
