@@ -242,6 +242,7 @@ class Node:
                 settings.registry.feed_port,
                 lambda text: registry[0].feed(text),
                 tls_gate=gate,
+                timeout=settings.registry.feed_timeout,
             )
             settings = settings.with_ports(feed=self._mllp.address[1])
             if gate is not None:

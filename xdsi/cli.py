@@ -32,7 +32,7 @@ from xdsi.app import Node, build_services
 from xdsi.config import ConfigError, Settings, load_settings, to_toml
 from xdsi.conformance.cli import conformance
 from xdsi.dicom import scan
-from xdsi.hl7.adt import build_feed, read_ack
+from xdsi.hl7.adt import TRIGGER_EVENTS, build_feed, read_ack
 from xdsi.hl7.mllp import MllpError, send_message
 
 console = Console()
@@ -141,11 +141,21 @@ def serve(ctx: click.Context, workers: int | None) -> None:
 @click.argument("patient_id")
 @click.option(
     "--trigger",
-    type=click.Choice(["A01", "A04", "A05"]),
-    default="A01",
-    help="ADT event: A01 admit, A04 register, A05 pre-admit (ITI TF-2 3.8).",
+    type=click.Choice(sorted(TRIGGER_EVENTS)),
+    default=None,
+    help="ADT event: A01 admit, A04 register, A05 pre-admit, A08 update, "
+    "A40 merge (ITI TF-2 3.8). Default A01, or A40 with --merge.",
+)
+@click.option(
+    "--merge",
+    "subsumed",
+    default=None,
+    metavar="SUBSUMED_ID",
+    help="A40: the patient id (MRG-1) merged into PATIENT_ID, which survives.",
 )
 @click.option("--name", default="", help="PID-5, e.g. 'DOE^JANE'.")
+@click.option("--birth-date", default="", help="PID-7, YYYYMMDD.")
+@click.option("--sex", default="", help="PID-8 (HL7 Table 0001), e.g. F, M, U.")
 @click.option("--host", default=None, help="Registry MLLP host (default: config).")
 @click.option(
     "--port", type=int, default=None, help="Registry MLLP port (default: config)."
@@ -154,15 +164,27 @@ def serve(ctx: click.Context, workers: int | None) -> None:
 def feed(
     ctx: click.Context,
     patient_id: str,
-    trigger: str,
+    trigger: str | None,
+    subsumed: str | None,
     name: str,
+    birth_date: str,
+    sex: str,
     host: str | None,
     port: int | None,
 ) -> None:
     """Send an ITI-8 Patient Identity Feed (HL7 v2 ADT over MLLP)."""
     settings = _settings(ctx)
-    cx = qualify_patient_id(patient_id, settings)
-    message = build_feed(cx, trigger=trigger, name=name)
+    trigger = trigger or ("A40" if subsumed else "A01")
+    if (trigger == "A40") != bool(subsumed):
+        _fail("ITI-8 A40 merges: give --merge SUBSUMED_ID with A40, and only then")
+    message = build_feed(
+        qualify_patient_id(patient_id, settings),
+        trigger=trigger,
+        subsumed_patient_id=qualify_patient_id(subsumed, settings) if subsumed else "",
+        name=name,
+        birth_date=birth_date,
+        sex=sex,
+    )
     try:
         ack = send_message(
             host or settings.node.host,

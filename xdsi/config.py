@@ -77,6 +77,9 @@ class RegistrySettings:
     port: int = 9081
     path: str = "/xds/registry"
     feed_port: int = 2575
+    # Seconds an ITI-8 MLLP connection may wait for its next complete frame
+    # before it is closed (HL7 v2.5 Implementation Guide C.4).
+    feed_timeout: float = 30.0
     max_results: int = 5000
     # The affinity domain's code sets (profiles/code_sets/<name>.toml) that
     # coded metadata must come from (ITI TF-3 4.2.3.1.7); an empty list, for
@@ -84,6 +87,11 @@ class RegistrySettings:
     code_sets: tuple[str, ...] = ("connectathon", "xdsi")
 
     def __post_init__(self) -> None:
+        if self.feed_timeout <= 0:
+            raise ConfigError(
+                f"registry.feed_timeout {self.feed_timeout}: must be more than "
+                "0 seconds"
+            )
         for name in self.code_sets:
             if not CODE_SET_NAME.fullmatch(name):
                 raise ConfigError(

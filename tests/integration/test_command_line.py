@@ -70,6 +70,23 @@ def served(tmp_path) -> Iterator[Path]:  # type: ignore[no-untyped-def]
     process.wait(timeout=30)
 
 
+def test_feed_sends_updates_and_merges(served: Path) -> None:
+    """ITI TF-2 3.8.4.1.1, 3.8.4.2: ``xdsi feed`` sends A08 and A40."""
+    for patient in ("CLI-SURVIVOR", "CLI-SUBSUMED"):
+        assert "ADT^A01: ACK AA" in _xdsi(served, "feed", patient).stdout
+    updated = _xdsi(
+        served, "feed", "CLI-SURVIVOR", "--trigger", "A08", "--sex", "F"
+    ).stdout
+    assert "ADT^A08: ACK AA" in updated
+    merged = _xdsi(served, "feed", "CLI-SURVIVOR", "--merge", "CLI-SUBSUMED")
+    assert "ADT^A40: ACK AA" in merged.stdout
+
+    refused = _xdsi(served, "feed", "CLI-SUBSUMED", "--trigger", "A08", check=False)
+    assert refused.returncode != 0 and "ACK AE" in refused.stderr
+    unpaired = _xdsi(served, "feed", "CLI-SURVIVOR", "--trigger", "A40", check=False)
+    assert unpaired.returncode != 0 and "--merge" in unpaired.stderr
+
+
 def test_feed_publish_fetch_gives_back_every_instance(served: Path, tmp_path):
     """RAD TF-3 4.68, 4.69 through the command line: byte-identical images."""
     images = shared_path("dicom", "study-mr", "images")

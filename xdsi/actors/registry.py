@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask
@@ -46,7 +47,14 @@ from xdsi.errors import (
     UnknownPatientId,
     XdsError,
 )
-from xdsi.hl7.adt import PatientIdentity, handle_feed, read_ack
+from xdsi.hl7.adt import (
+    TRIGGER_EVENTS,
+    FeedAction,
+    FeedRejected,
+    PatientIdentity,
+    handle_feed,
+    read_ack,
+)
 from xdsi.metadata import ebrim, stored_query, validation
 from xdsi.metadata.ebrim import RegistryObject, Submission
 from xdsi.metadata.responses import RegistryError, registry_response, status_of
@@ -94,41 +102,89 @@ class Registry:
     # --- ITI-8 ----------------------------------------------------------
 
     def feed(self, message: str) -> str:
-        """Answer one ITI-8 message with its ACK, and audit it."""
+        """Answer one ITI-8 message with its ACK, and audit it.
+
+        ITI TF-2 3.8.5.1: a create is audited with EventActionCode C and an
+        A08 with U; an A40 writes two records, D for the subsumed patient and
+        U for the surviving one.
+        """
         node = self.settings.node
-        for authority in (node.assigning_authority, *node.other_assigning_authorities):
-            ack, identity = handle_feed(
-                message, self.add_patient, assigning_authority=authority
-            )
-            # Only an AE (no PID-3 of this domain) is worth another domain.
-            if identity is not None or read_ack(ack).code != "AE":
-                break
+        ack, identity = handle_feed(
+            message,
+            self.apply_feed,
+            assigning_authority=node.assigning_authority,
+            other_authorities=node.other_assigning_authorities,
+        )
         # The ACK's MSH-5/MSH-6 name the feed's sender, MSH-3/MSH-4 this
         # registry (ITI TF-2 3.8.5.1: HL7 application|facility as UserID).
         summary = read_ack(ack)
-        self.auditor.record(
-            audit.AuditEvent(
-                transaction="ITI-8",
-                actor="Document Registry",
-                outcome=audit.Outcome.SUCCESS
-                if identity is not None
-                else audit.Outcome.SERIOUS_FAILURE,
-                source=audit.Endpoint(summary.receiver or "unknown", "unknown"),
-                destination=audit.Endpoint(
-                    summary.sender or "xdsi", self.settings.node.host
-                ),
-                patient_id=identity.patient_id if identity else None,
-                message_id=summary.control_id or None,
+        event = TRIGGER_EVENTS.get(summary.trigger)
+        if identity is None:
+            audited = [(None, _AUDIT_ACTION[event.action] if event else None)]
+        elif identity.action is FeedAction.MERGE:
+            audited = [
+                (identity.subsumed_patient_id, _SUBSUMED_AUDIT_ACTION),
+                (identity.patient_id, _AUDIT_ACTION[FeedAction.MERGE]),
+            ]
+        else:
+            audited = [(identity.patient_id, _AUDIT_ACTION[identity.action])]
+        for patient_id, event_action in audited:
+            self.auditor.record(
+                audit.AuditEvent(
+                    transaction="ITI-8",
+                    actor="Document Registry",
+                    outcome=audit.Outcome.SUCCESS
+                    if identity is not None
+                    else audit.Outcome.SERIOUS_FAILURE,
+                    source=audit.Endpoint(summary.receiver or "unknown", "unknown"),
+                    destination=audit.Endpoint(
+                        summary.sender or "xdsi", self.settings.node.host
+                    ),
+                    patient_id=patient_id,
+                    message_id=summary.control_id or None,
+                    event_action=event_action,
+                )
             )
-        )
         return ack
 
+    def apply_feed(self, identity: PatientIdentity) -> None:
+        """Apply one ITI-8 message to the patients, as its event demands.
+
+        Raises
+        ------
+        FeedRejected
+            AE 204 or AE 205 when the patients named do not allow the event.
+        """
+        if identity.action is FeedAction.MERGE:
+            self.merge_patients(identity.patient_id, identity.subsumed_patient_id)
+        elif identity.action is FeedAction.UPDATE:
+            self.update_patient(identity)
+        else:
+            self.add_patient(identity)
+
     def add_patient(self, identity: PatientIdentity) -> None:
-        """Record a patient of the affinity domain (ITI TF-2 3.8.4.1.3)."""
+        """Record a patient of the affinity domain (ITI TF-2 3.8.4.1.3).
+
+        A create for a known patient changes nothing.
+
+        Raises
+        ------
+        FeedRejected
+            AE 205 when an A40 subsumed the patient id; ITI-8 has no unmerge.
+        """
         with self.engine.begin() as conn:
             known = conn.execute(
-                select(patient.c.id).where(patient.c.patient_id == identity.patient_id)
+                select(patient.c.merged_into).where(
+                    patient.c.patient_id == identity.patient_id
+                )
             ).first()
+            if known is not None and known.merged_into is not None:
+                raise FeedRejected(
+                    "AE",
+                    "205",
+                    "the PID-3 patient id was merged into another by an A40; "
+                    "it cannot be created again (ITI TF-2 3.8.4.2.3)",
+                )
             if known is None:
                 conn.execute(insert(patient).values(patient_id=identity.patient_id))
         logger.info(
@@ -137,14 +193,109 @@ class Registry:
             "new patient" if known is None else "known patient",
         )
 
-    def knows_patient(self, patient_id: str) -> bool:
-        with self.engine.connect() as conn:
-            return (
-                conn.execute(
-                    select(patient.c.id).where(patient.c.patient_id == patient_id)
-                ).first()
-                is not None
+    def update_patient(self, identity: PatientIdentity) -> None:
+        """Record an A08 Update Patient Information (ITI TF-2 3.8.4.1.1).
+
+        The Document Registry keeps no demographics (ITI TF-2 3.8.4.1.3), so
+        an update only stamps the patient's ``updated_at``.
+
+        Raises
+        ------
+        FeedRejected
+            AE 204 when the patient is unknown or subsumed by an A40: an
+            update cannot stand in for a lost create.
+        """
+        with self.engine.begin() as conn:
+            updated = conn.execute(
+                update(patient)
+                .where(
+                    patient.c.patient_id == identity.patient_id,
+                    patient.c.merged_into.is_(None),
+                )
+                .values(updated_at=datetime.now(UTC))
+            ).rowcount
+        if updated != 1:
+            raise FeedRejected(
+                "AE",
+                "204",
+                "the PID-3 patient is not known to this Document Registry, or "
+                "was merged into another",
             )
+        logger.info("ITI-8 Patient Identity Feed: %s patient updated", identity.trigger)
+
+    def merge_patients(self, surviving: str, subsumed: str) -> int:
+        """Merge patient ``subsumed`` into ``surviving`` (ITI TF-2 3.8.4.2.3).
+
+        In one database transaction: the subsumed patient is marked merged
+        (so ITI-42 under its id answers XDSUnknownPatientId), patients it had
+        subsumed before follow it to the survivor, and every registry object
+        of the subsumed patient is re-pointed to the survivor, its stored
+        patientId rewritten to match. Re-pointing rather than resolving the
+        merged ids at query time keeps each ITI-18 query one equality on the
+        (patient_id, kind, status) index, with no join to the patient table
+        and no IN list that grows with each merge; a merge is rare and
+        touches one patient's rows, queries are many. Returns the number of
+        registry objects re-pointed.
+
+        Raises
+        ------
+        FeedRejected
+            AE 204 when either patient is unknown or already subsumed.
+        """
+        with self.engine.begin() as conn:
+            # Locks both rows, so that an ITI-42 for the subsumed patient
+            # either lands before the merge (and is re-pointed) or after it
+            # (and is refused).
+            merged_into = {
+                row.patient_id: row.merged_into
+                for row in conn.execute(
+                    select(patient.c.patient_id, patient.c.merged_into)
+                    .where(patient.c.patient_id.in_([surviving, subsumed]))
+                    .with_for_update()
+                )
+            }
+            for field, patient_id in (("PID-3", surviving), ("MRG-1", subsumed)):
+                if patient_id not in merged_into:
+                    raise FeedRejected(
+                        "AE",
+                        "204",
+                        f"the {field} patient is not known to this Document Registry",
+                    )
+                if merged_into[patient_id] is not None:
+                    raise FeedRejected(
+                        "AE",
+                        "204",
+                        f"the {field} patient was already merged into another",
+                    )
+
+            conn.execute(
+                update(patient)
+                .where(patient.c.patient_id == subsumed)
+                .values(merged_into=surviving, updated_at=datetime.now(UTC))
+            )
+            conn.execute(
+                update(patient)
+                .where(patient.c.merged_into == subsumed)
+                .values(merged_into=surviving)
+            )
+            moved = _repoint_patient(conn, subsumed, surviving)
+        logger.info(
+            "ITI-8 Patient Identity Feed: A40 merge, %d registry objects re-pointed",
+            moved,
+        )
+        return moved
+
+    def knows_patient(self, patient_id: str) -> bool:
+        """Tell whether ``patient_id`` was fed and not subsumed by a merge."""
+        with self.engine.connect() as conn:
+            return _patient_id_error(conn, patient_id) is None
+
+    def merged_into(self, patient_id: str) -> str | None:
+        """Return the surviving patient id ``patient_id`` was merged into."""
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(patient.c.merged_into).where(patient.c.patient_id == patient_id)
+            ).scalar()
 
     # --- ITI-42 ---------------------------------------------------------
 
@@ -219,21 +370,9 @@ class Registry:
         an already registered document again (same uniqueId, same hash).
         """
         errors: list[XdsError] = []
-        if (
-            patient_id is None
-            or conn.execute(
-                select(patient.c.id).where(patient.c.patient_id == patient_id)
-            ).first()
-            is None
-        ):
-            errors.append(
-                UnknownPatientId(
-                    "the SubmissionSet's patientId is not known to this "
-                    "Document Registry "
-                    "(no Patient Identity Feed received for it)",
-                    "SubmissionSet",
-                )
-            )
+        patient_error = _patient_id_error(conn, patient_id, lock=True)
+        if patient_error is not None:
+            errors.append(patient_error)
 
         # ITI TF-3 4.2.2: an entryUUID and a uniqueId name one object. Both
         # are checked with one statement, whatever the submission's size.
@@ -641,6 +780,78 @@ def _check_unique_id(
         obj.unique_id,
     )
     return error, False
+
+
+# ITI TF-2 3.8.5.1: the EventActionCode of the Document Registry's ITI-8
+# audit record per action; an A40 also writes D for the subsumed patient.
+_AUDIT_ACTION = {
+    FeedAction.CREATE: "C",
+    FeedAction.UPDATE: "U",
+    FeedAction.MERGE: "U",
+}
+_SUBSUMED_AUDIT_ACTION = "D"
+
+
+def _patient_id_error(
+    conn: Connection, patient_id: str | None, *, lock: bool = False
+) -> UnknownPatientId | None:
+    """Check that an ITI-42 may name ``patient_id`` (ITI TF-3 Table 4.2.4.1-2).
+
+    The patient must have been fed (ITI TF-2 3.8.4.1.3) and not subsumed by
+    an A40 (ITI TF-2 3.8.4.2.3). With ``lock``, the patient row is share
+    locked to the end of the transaction, so that a merge waits for it.
+    """
+    # Limitation: SQLite takes no row lock, and pysqlite starts the
+    # transaction only at its first write; an ITI-42 whose check ran just
+    # before a merge committed may still land under the subsumed id there.
+    # PostgreSQL holds the share lock, so the merge waits for the ITI-42.
+    statement = select(patient.c.merged_into).where(patient.c.patient_id == patient_id)
+    if lock:
+        statement = statement.with_for_update(read=True)
+    row = None if patient_id is None else conn.execute(statement).first()
+    if row is None:
+        return UnknownPatientId(
+            "the SubmissionSet's patientId is not known to this Document "
+            "Registry (no Patient Identity Feed received for it)",
+            "SubmissionSet",
+        )
+    if row.merged_into is not None:
+        return UnknownPatientId(
+            "the SubmissionSet's patientId was merged into another patient by "
+            "an ITI-8 A40 (ITI TF-2 3.8.4.2.3); submit under the surviving id",
+            "SubmissionSet",
+        )
+    return None
+
+
+def _repoint_patient(conn: Connection, subsumed: str, surviving: str) -> int:
+    """Move the registry objects of ``subsumed`` to ``surviving``.
+
+    The indexed patient_id and the patientId ExternalIdentifier of the stored
+    XML both change, so that what a query returns names the patient it was
+    asked for. sourcePatientId, the id in the source's own domain, stays.
+    """
+    # Limitation: the objects are changed in place, not versioned as the
+    # Metadata Update option would; the subsumed id survives only in the
+    # patient table's merged_into and in the audit trail.
+    columns = registry_object.c
+    rows = conn.execute(
+        select(columns.entry_uuid, columns.kind, columns.xml).where(
+            columns.patient_id == subsumed
+        )
+    ).all()
+    for row in rows:
+        element = etree.fromstring(row.xml)
+        scheme = ebrim.attribute_spec(row.kind, "patientId")["scheme"]
+        for identifier in element.iter(f"{{{ns.RIM}}}ExternalIdentifier"):
+            if identifier.get("identificationScheme") == scheme:
+                identifier.set("value", surviving)
+        conn.execute(
+            update(registry_object)
+            .where(columns.entry_uuid == row.entry_uuid)
+            .values(patient_id=surviving, xml=etree.tostring(element))
+        )
+    return len(rows)
 
 
 class _Rollback(Exception):

@@ -5,6 +5,7 @@ Implements ITI TF-2 3.8 (Patient Identity Feed) over MLLP (ITI TF-2x C.2.1).
 
 from xdsi.hl7.adt import (
     AckSummary,
+    FeedAction,
     FeedRejected,
     PatientIdentity,
     build_ack,
@@ -17,6 +18,7 @@ from xdsi.hl7.mllp import MllpError, MllpServer, send_message
 
 __all__ = [
     "AckSummary",
+    "FeedAction",
     "FeedRejected",
     "MllpError",
     "MllpServer",

@@ -1,17 +1,20 @@
-"""ITI-8 Patient Identity Feed: read ADT A01/A04/A05, answer ACK, build feeds.
+"""ITI-8 Patient Identity Feed: read ADT messages, answer ACK, build feeds.
 
 Implements ITI TF-2 3.8.4.1.1 (trigger events), ITI TF-2 3.8.4.1.2 (message
 semantics, PID Table 3.8-2), ITI TF-2 3.8.4.1.3 (the Document Registry keeps
-only the affinity domain's identifier) and the HL7 original-mode ACK of ITI
-TF-2x C.2.3, in HL7 v2.3.1 and v2.5. Parsing and building go through hl7apy.
+only the affinity domain's identifier), ITI TF-2 3.8.4.2 (Patient Identifier
+Merge, A40 with MRG-1) and the HL7 original-mode ACK of ITI TF-2x C.2.3, in
+HL7 v2.3.1 and v2.5. Parsing and building go through hl7apy.
 """
 
 import logging
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from enum import Enum
+from typing import Any
 
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
@@ -20,13 +23,34 @@ from hl7apy.parser import parse_message
 
 logger = logging.getLogger(__name__)
 
-# ITI TF-2 3.8.4.1.1: events that create a patient at the Document Registry,
-# with the PV1-2 Patient Class (HL7 Table 0004) a feed built here sends.
-# All three use message structure ADT_A01.
-CREATE_TRIGGERS = {
-    "A01": "I",  # Admission of an in-patient
-    "A04": "O",  # Registration of an outpatient
-    "A05": "P",  # Pre-admission of an in-patient
+
+class FeedAction(Enum):
+    """What an ITI-8 message does to the Document Registry's patients."""
+
+    CREATE = "create"
+    UPDATE = "update"
+    MERGE = "merge"
+
+
+@dataclass(frozen=True)
+class TriggerEvent:
+    """One ADT event of ITI-8: its message structure (MSH-9.3), its action at
+    the Document Registry and the PV1-2 Patient Class (HL7 Table 0004) a feed
+    built here sends, None where the structure has no PV1."""
+
+    structure: str
+    action: FeedAction
+    patient_class: str | None
+
+
+# ITI TF-2 3.8.4.1.1 (A01, A04, A05 create, A08 updates) and ITI TF-2
+# 3.8.4.2.1 (A40 merges MRG-1 into PID-3). Any other event is rejected AR.
+TRIGGER_EVENTS = {
+    "A01": TriggerEvent("ADT_A01", FeedAction.CREATE, "I"),  # Admit an in-patient
+    "A04": TriggerEvent("ADT_A01", FeedAction.CREATE, "O"),  # Register an outpatient
+    "A05": TriggerEvent("ADT_A01", FeedAction.CREATE, "P"),  # Pre-admit
+    "A08": TriggerEvent("ADT_A01", FeedAction.UPDATE, "N"),  # Update patient info
+    "A40": TriggerEvent("ADT_A39", FeedAction.MERGE, None),  # Merge patient id list
 }
 
 # ITI TF-2 3.8: ITI-8 is HL7 v2.3.1; the v2.5 spelling is accepted as well.
@@ -85,6 +109,8 @@ class PatientIdentity:
     (``ID^^^&OID&ISO``); ``other_ids`` are the remaining PID-3 repetitions as
     sent (delimiters normalised to ``^~\\&``). ``name`` is PID-5's first
     repetition, ``birth_date`` PID-7's time and ``sex`` PID-8, all as ER7 text.
+    For an A40, ``subsumed_patient_id`` is MRG-1's identifier in the same
+    domain, as an XDS CX; it is empty for every other event.
     """
 
     patient_id: str
@@ -93,6 +119,12 @@ class PatientIdentity:
     birth_date: str
     sex: str
     trigger: str
+    subsumed_patient_id: str = ""
+
+    @property
+    def action(self) -> FeedAction:
+        """What the feed does at the Document Registry."""
+        return TRIGGER_EVENTS[self.trigger].action
 
 
 class FeedRejected(Exception):
@@ -113,34 +145,44 @@ class FeedRejected(Exception):
         self.text = text
 
 
-def parse_feed(message: str, *, assigning_authority: str) -> PatientIdentity:
-    """Read an ITI-8 Admit/Register message and pick the affinity domain's id.
+def parse_feed(
+    message: str,
+    *,
+    assigning_authority: str,
+    other_authorities: Sequence[str] = (),
+) -> PatientIdentity:
+    """Read an ITI-8 message and pick the affinity domain's identifiers.
 
     ITI TF-2 3.8.4.1.1 names A01, A04 and A05 as the events that create a
-    patient; ITI TF-2 3.8.4.1.3 has the Document Registry keep the PID-3
-    repetition of the affinity domain (CX-4.2 ``assigning_authority``, CX-4.3
-    ``ISO``) and ignore the others; when the domain appears twice the first
-    repetition wins and the second goes to ``other_ids``. Segments may end in
-    CR, LF or CRLF.
+    patient and A08 as the one that updates; ITI TF-2 3.8.4.2.1 has A40 merge
+    the patient of MRG-1 into the one of PID-3. ITI TF-2 3.8.4.1.3 has the
+    Document Registry keep the PID-3 repetition of the affinity domain (CX-4.2
+    ``assigning_authority``, CX-4.3 ``ISO``) and ignore the others; when the
+    domain appears twice the first repetition wins and the second goes to
+    ``other_ids``. ``other_authorities`` are further domains a registry is
+    configured to accept, tried in order only when no repetition is of
+    ``assigning_authority``; MRG-1 is read in the domain PID-3 was found in.
+    Segments may end in CR, LF or CRLF.
 
     Raises
     ------
     FeedRejected
         AR 100 when the message cannot be parsed; AR 203 for a version other
-        than 2.3.1 or 2.5; AR 200 when it is not ADT; AR 201 for another event
-        (A08 and A40 included); AR 101 without MSH-10; AE 100 without PID; AE
-        101 when PID-3 is empty; AE 204 when no PID-3 repetition belongs to
-        ``assigning_authority``.
+        than 2.3.1 or 2.5; AR 200 when it is not ADT; AR 201 for an event not
+        in TRIGGER_EVENTS; AR 101 without MSH-10; AE 100 without PID, or for
+        an A40 without exactly one PID and one MRG; AE 101 when PID-3 (or
+        MRG-1) is empty; AE 204 when no PID-3 (or MRG-1) repetition belongs to
+        an accepted domain; AE 205 when an A40 merges a patient into itself.
     """
     msg = _parse(message)
 
-    # ITI TF-2 3.8.4.1.1: only the create events are served here.
+    # ITI TF-2 3.8.4.1.1, 3.8.4.2.1: only the ITI-8 events are served here.
     msh = msg.msh
     message_type = msh.msh_9.msh_9_1.to_er7()
     trigger = msh.msh_9.msh_9_2.to_er7()
     if message_type != "ADT":
         raise FeedRejected("AR", "200", f"message type {message_type or '(empty)'}")
-    if trigger not in CREATE_TRIGGERS:
+    if trigger not in TRIGGER_EVENTS:
         raise FeedRejected("AR", "201", f"ADT event {trigger or '(empty)'}")
     if not msh.msh_10.to_er7():
         raise FeedRejected("AR", "101", "MSH-10 Message Control ID is empty")
@@ -149,42 +191,100 @@ def parse_feed(message: str, *, assigning_authority: str) -> PatientIdentity:
     if len(pids) == 0:
         raise FeedRejected("AE", "100", f"ADT {trigger} has no PID segment")
     pid = pids[0]
-    repetitions = list(pid.pid_3)
-    if not any(cx.to_er7() for cx in repetitions):
+    if not any(cx.to_er7() for cx in pid.pid_3):
         raise FeedRejected("AE", "101", "PID-3 Patient Identifier List is empty")
-
-    # ITI TF-2 3.8.4.1.3: identifiers of other domains are ignored.
-    # Limitation: CX-1 is kept as sent; an escape sequence in it written with
-    # an escape character other than \ is not rewritten for the XDS CX.
-    patient_id = ""
-    other_ids = []
-    for cx in repetitions:
-        id_number = cx.cx_1.to_er7()
-        in_domain = (
-            cx.cx_4.hd_2.to_er7() == assigning_authority
-            and cx.cx_4.hd_3.to_er7() == UNIVERSAL_ID_TYPE
-        )
-        if in_domain and id_number and not patient_id:
-            patient_id = f"{id_number}^^^&{assigning_authority}&{UNIVERSAL_ID_TYPE}"
-        elif cx.to_er7():
-            other_ids.append(cx.to_er7(encoding_chars=DEFAULT_ENCODING))
+    authorities = (assigning_authority, *other_authorities)
+    patient_id, other_ids, authority = _domain_identifier(pid.pid_3, authorities)
     if not patient_id:
         raise FeedRejected(
             "AE",
             "204",
-            f"no PID-3 identifier has assigning authority "
-            f"&{assigning_authority}&{UNIVERSAL_ID_TYPE}",
+            "no PID-3 identifier has assigning authority "
+            + " or ".join(f"&{a}&{UNIVERSAL_ID_TYPE}" for a in authorities),
         )
+
+    subsumed_patient_id = ""
+    if TRIGGER_EVENTS[trigger].action is FeedAction.MERGE:
+        subsumed_patient_id = _subsumed_identifier(msg, trigger, authority)
+        if subsumed_patient_id == patient_id:
+            raise FeedRejected(
+                "AE",
+                "205",
+                "MRG-1 names the PID-3 patient; a patient cannot be merged "
+                "into itself (ITI TF-2 3.8.4.2)",
+            )
 
     names = list(pid.pid_5)
     return PatientIdentity(
         patient_id=patient_id,
-        other_ids=tuple(other_ids),
+        other_ids=other_ids,
         name=names[0].to_er7(encoding_chars=DEFAULT_ENCODING) if names else "",
         birth_date=pid.pid_7.ts_1.to_er7(),
         sex=pid.pid_8.to_er7(),
         trigger=trigger,
+        subsumed_patient_id=subsumed_patient_id,
     )
+
+
+def _domain_identifier(
+    repetitions: Sequence[Any], authorities: Sequence[str]
+) -> tuple[str, tuple[str, ...], str]:
+    """Pick the first CX of the first domain in ``authorities`` that has one.
+
+    Returns the identifier as an XDS CX (empty when none is found), the other
+    repetitions as sent and the domain it was found in.
+    """
+    # Limitation: CX-1 is kept as sent; an escape sequence in it written with
+    # an escape character other than \ is not rewritten for the XDS CX.
+    for authority in authorities:
+        for index, cx in enumerate(repetitions):
+            id_number = cx.cx_1.to_er7()
+            in_domain = (
+                cx.cx_4.hd_2.to_er7() == authority
+                and cx.cx_4.hd_3.to_er7() == UNIVERSAL_ID_TYPE
+            )
+            if in_domain and id_number:
+                others = tuple(
+                    other.to_er7(encoding_chars=DEFAULT_ENCODING)
+                    for position, other in enumerate(repetitions)
+                    if position != index and other.to_er7()
+                )
+                xds_cx = f"{id_number}^^^&{authority}&{UNIVERSAL_ID_TYPE}"
+                return xds_cx, others, authority
+    return "", (), ""
+
+
+def _subsumed_identifier(msg: Message, trigger: str, authority: str) -> str:
+    """Return an A40's MRG-1 identifier in ``authority`` (ITI TF-2 3.8.4.2.2).
+
+    Raises
+    ------
+    FeedRejected
+        AE 100 unless the message has exactly one PID and one MRG; AE 101 when
+        MRG-1 is empty; AE 204 when no MRG-1 repetition is of ``authority``.
+    """
+    # Limitation: HL7 lets one A40 carry several PID/MRG pairs; ITI-8 merges
+    # one patient per message, and more pairs are rejected AE 100.
+    mrgs = msg.mrg
+    if len(mrgs) != 1 or len(msg.pid) != 1:
+        raise FeedRejected(
+            "AE",
+            "100",
+            f"ADT {trigger} has {len(msg.pid)} PID and {len(mrgs)} MRG segments; "
+            "ITI TF-2 3.8.4.2.2 wants one of each",
+        )
+    repetitions = list(mrgs[0].mrg_1)
+    if not any(cx.to_er7() for cx in repetitions):
+        raise FeedRejected("AE", "101", "MRG-1 Prior Patient Identifier List is empty")
+    subsumed, _, _ = _domain_identifier(repetitions, (authority,))
+    if not subsumed:
+        raise FeedRejected(
+            "AE",
+            "204",
+            f"no MRG-1 identifier has assigning authority "
+            f"&{authority}&{UNIVERSAL_ID_TYPE}",
+        )
+    return subsumed
 
 
 def build_ack(
@@ -264,6 +364,7 @@ def build_feed(
     patient_id: str,
     *,
     trigger: str = "A01",
+    subsumed_patient_id: str = "",
     name: str = "",
     birth_date: str = "",
     sex: str = "",
@@ -273,43 +374,57 @@ def build_feed(
     receiving_facility: str = "XDSI",
     control_id: str | None = None,
 ) -> str:
-    """Build an ITI-8 ADT^<trigger>^ADT_A01 message in HL7 v2.3.1 for one patient.
+    """Build an ITI-8 ADT message in HL7 v2.3.1 for one patient.
 
-    ITI TF-2 3.8.4.1.2: MSH, EVN, PID and PV1. PID-3 is ``patient_id`` (a CX,
+    ITI TF-2 3.8.4.1.2: A01, A04, A05 and A08 are MSH, EVN, PID and PV1 in
+    structure ADT_A01, PV1-2 the Patient Class the event implies. ITI TF-2
+    3.8.4.2.2: A40 is MSH, EVN, PID and MRG in structure ADT_A39, MRG-1 being
+    ``subsumed_patient_id``. PID-3 is ``patient_id`` (a CX,
     ``ID^^^&OID&ISO``); ``name`` (an XPN in ER7, e.g. ``DOE^JANE``) goes to
     PID-5, ``birth_date`` (YYYYMMDD) to PID-7, ``sex`` (HL7 Table 0001) to
-    PID-8. PV1-2 is the Patient Class the event implies. Segments end in CR.
-    PID-5 is left empty when ``name`` is; ITI TF-2 Table 3.8-2 wants a name
-    from a real Patient Identity Source.
+    PID-8. Segments end in CR. PID-5 is left empty when ``name`` is; ITI TF-2
+    Table 3.8-2 wants a name from a real Patient Identity Source.
     """
-    if trigger not in CREATE_TRIGGERS:
-        raise ValueError(f"trigger {trigger!r}: ITI-8 creates with {CREATE_TRIGGERS}")
+    if trigger not in TRIGGER_EVENTS:
+        raise ValueError(f"trigger {trigger!r}: ITI-8 has {sorted(TRIGGER_EVENTS)}")
     if not patient_id:
         raise ValueError("patient_id is empty; PID-3 is required")
+    event = TRIGGER_EVENTS[trigger]
+    merging = event.action is FeedAction.MERGE
+    if merging != bool(subsumed_patient_id):
+        raise ValueError(
+            f"subsumed_patient_id {subsumed_patient_id!r}: MRG-1 is required "
+            "for A40 and has no place in other events"
+        )
     now = datetime.now().strftime("%Y%m%d%H%M%S")
 
     feed = Message(
-        "ADT_A01", version="2.3.1", validation_level=VALIDATION_LEVEL.TOLERANT
+        event.structure, version="2.3.1", validation_level=VALIDATION_LEVEL.TOLERANT
     )
     feed.msh.msh_3 = sending_application
     feed.msh.msh_4 = sending_facility
     feed.msh.msh_5 = receiving_application
     feed.msh.msh_6 = receiving_facility
     feed.msh.msh_7 = now
-    feed.msh.msh_9 = f"ADT^{trigger}^ADT_A01"
+    feed.msh.msh_9 = f"ADT^{trigger}^{event.structure}"
     feed.msh.msh_10 = control_id or uuid.uuid4().hex[:20]
     feed.msh.msh_11 = "P"
 
     feed.evn.evn_1 = trigger
     feed.evn.evn_2 = now
-    feed.pid.pid_3 = patient_id
+    # ADT_A39 holds PID and MRG in its PATIENT group.
+    patient = feed.add_group("ADT_A39_PATIENT") if merging else feed
+    patient.pid.pid_3 = patient_id
     if name:
-        feed.pid.pid_5 = name
+        patient.pid.pid_5 = name
     if birth_date:
-        feed.pid.pid_7 = birth_date
+        patient.pid.pid_7 = birth_date
     if sex:
-        feed.pid.pid_8 = sex
-    feed.pv1.pv1_2 = CREATE_TRIGGERS[trigger]
+        patient.pid.pid_8 = sex
+    if merging:
+        patient.mrg.mrg_1 = subsumed_patient_id
+    else:
+        feed.pv1.pv1_2 = event.patient_class
     return feed.to_er7() + "\r"
 
 
@@ -318,17 +433,25 @@ def handle_feed(
     on_patient: Callable[[PatientIdentity], None],
     *,
     assigning_authority: str,
+    other_authorities: Sequence[str] = (),
 ) -> tuple[str, PatientIdentity | None]:
     """Serve one ITI-8 message as the Document Registry; never raises.
 
     Parses ``message``, hands the identity to ``on_patient`` and answers ACK
     AA (ITI TF-2 3.8.4.1.3). A rejected message answers AE or AR with its
-    Table 0357 code; a failure of ``on_patient`` or of this node answers AE
-    207 and is logged with its traceback.
+    Table 0357 code, whether :func:`parse_feed` or ``on_patient`` raised the
+    FeedRejected (an unknown patient in a merge, for one); any other failure
+    of ``on_patient`` or of this node answers AE 207 and is logged with its
+    traceback. The identity is returned only with an AA.
     """
     control_id = _control_id(message)
     try:
-        identity = parse_feed(message, assigning_authority=assigning_authority)
+        identity = parse_feed(
+            message,
+            assigning_authority=assigning_authority,
+            other_authorities=other_authorities,
+        )
+        on_patient(identity)
     except FeedRejected as exc:
         logger.info(
             "ITI-8 Patient Identity Feed: %s %s, MSH-10 %s: %s",
@@ -342,16 +465,7 @@ def handle_feed(
         ), None
     except Exception:
         logger.exception(
-            "ITI-8 Patient Identity Feed: parsing MSH-10 %s failed", control_id
-        )
-        return build_ack(message, "AE", text="internal error", error_code="207"), None
-
-    try:
-        on_patient(identity)
-    except Exception:
-        logger.exception(
-            "ITI-8 Patient Identity Feed: storing the patient of MSH-10 %s failed",
-            control_id,
+            "ITI-8 Patient Identity Feed: serving MSH-10 %s failed", control_id
         )
         return build_ack(
             message, "AE", text="patient not stored", error_code="207"
@@ -429,7 +543,8 @@ def _escape(text: str, enc: dict[str, str]) -> str:
 class AckSummary:
     """What an ACK says: MSA-1, MSA-2 and the error text, for people and audit.
 
-    ``sender`` and ``receiver`` are MSH-3|MSH-4 and MSH-5|MSH-6 of the ACK.
+    ``sender`` and ``receiver`` are MSH-3|MSH-4 and MSH-5|MSH-6 of the ACK;
+    ``trigger`` is MSH-9.2, the event of the message acknowledged.
     """
 
     code: str
@@ -437,6 +552,7 @@ class AckSummary:
     text: str
     sender: str
     receiver: str
+    trigger: str = ""
 
 
 def read_ack(ack: str) -> AckSummary:
@@ -462,10 +578,12 @@ def read_ack(ack: str) -> AckSummary:
     def pair(first: int) -> str:
         return "|".join(f for f in msh_fields[first : first + 2] if f)
 
+    message_type = msh_fields[9].split(component) if len(msh_fields) > 9 else []
     return AckSummary(
         code=msa[1] if len(msa) > 1 else "",
         control_id=msa[2] if len(msa) > 2 else "",
         text="; ".join(dict.fromkeys(texts)),
         sender=pair(3),
         receiver=pair(5),
+        trigger=message_type[1] if len(message_type) > 1 else "",
     )

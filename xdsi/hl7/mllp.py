@@ -2,8 +2,9 @@
 
 Implements the Minimal Lower Layer Protocol (HL7 v2.5 Implementation Guide,
 Appendix C.4) that ITI TF-2x C.2.1 names for HL7 v2 transactions such as
-ITI-8: each message travels as <VT> message <FS><CR>. Over mutual TLS
-(MLLPS, ITI TF-2 3.19) when given a TLS gate or client context.
+ITI-8: each message travels as <VT> message <FS><CR>. The character set of a
+frame is MSH-18 (HL7 v2.5 2.15.9.18, Table 0211). Over mutual TLS (MLLPS,
+ITI TF-2 3.19) when given a TLS gate or client context.
 """
 
 import logging
@@ -14,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from xdsi.hl7.adt import build_ack
 from xdsi.tls import TlsGate, TlsServerMixin
 
 logger = logging.getLogger(__name__)
@@ -22,10 +24,34 @@ START_BLOCK = 0x0B  # <VT>
 END_BLOCK = 0x1C  # <FS>
 CARRIAGE_RETURN = 0x0D  # <CR>
 
-# A frame larger than this closes the connection; ITI-8 messages are a few KiB.
+# A frame larger than this is answered AR and its connection closed; ITI-8
+# messages are a few KiB.
 MAX_FRAME_SIZE = 4 * 1024 * 1024
 
+# HL7 v2.5 Table 0211 (Alternate character sets): MSH-18 values and the
+# Python codec that reads them. The first repetition of MSH-18 is the
+# message's default character set.
+CHARACTER_SETS = {
+    "ASCII": "ascii",
+    "8859/1": "latin-1",
+    "8859/2": "iso8859-2",
+    "8859/3": "iso8859-3",
+    "8859/4": "iso8859-4",
+    "8859/5": "iso8859-5",
+    "8859/6": "iso8859-6",
+    "8859/7": "iso8859-7",
+    "8859/8": "iso8859-8",
+    "8859/9": "iso8859-9",
+    "8859/15": "iso8859-15",
+    "UNICODE UTF-8": "utf-8",
+}
+
+# The most bytes of a frame kept to read its MSH when the frame is refused.
+_HEADER_BYTES = 4096
+
 _RECV_SIZE = 65536
+# How long an oversized frame's connection is drained after its AR, seconds.
+_LINGER = 2.0
 # How soon stop() is noticed by the accepting thread, in seconds.
 _POLL_INTERVAL = 0.05
 _WHITESPACE = b"\r\n \t"
@@ -36,7 +62,15 @@ class MllpError(Exception):
 
 
 class FrameTooLarge(MllpError):
-    """A peer sent more than MAX_FRAME_SIZE bytes without ending the frame."""
+    """A peer sent a frame of more than the size cap.
+
+    ``head`` holds the frame's first bytes, for an answer naming its MSH-10.
+    """
+
+    def __init__(self, limit: int, head: bytes) -> None:
+        super().__init__(f"MLLP frame exceeds {limit} bytes")
+        self.limit = limit
+        self.head = head
 
 
 def encode_frame(message: str, encoding: str = "utf-8") -> bytes:
@@ -46,14 +80,39 @@ def encode_frame(message: str, encoding: str = "utf-8") -> bytes:
 
 
 def decode_payload(payload: bytes) -> tuple[str, str]:
-    """Decode a frame's bytes as UTF-8, else Latin-1; return text and codec."""
-    # Limitation: MSH-18 Character Set is not consulted; a message in any
-    # other character set reads as Latin-1 (or as UTF-8 when it happens to be
-    # valid UTF-8).
+    """Decode a frame's bytes in MSH-18's character set; return text and codec.
+
+    Without MSH-18, or with a value Table 0211 has and this node cannot read,
+    the bytes are read as UTF-8, else as Latin-1 (what senders that leave
+    MSH-18 empty most often write).
+    """
+    # Limitation: the multi-byte sets of Table 0211 (UNICODE, ISO IR87 and
+    # the like) and code switching within a message are not read; such a
+    # message is decoded by the fallback.
+    codec = CHARACTER_SETS.get(_character_set(payload))
+    if codec is not None:
+        try:
+            return payload.decode(codec), codec
+        except UnicodeDecodeError:
+            logger.warning("MLLP frame is not valid %s as MSH-18 says", codec)
     try:
         return payload.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
         return payload.decode("latin-1"), "latin-1"
+
+
+def _character_set(payload: bytes) -> str:
+    """Return MSH-18's first repetition in the frame's bytes, or ``""``."""
+    header = payload[:_HEADER_BYTES].lstrip(_WHITESPACE)
+    if not header.startswith(b"MSH") or len(header) < 8:
+        return ""
+    segment = header.replace(b"\n", b"\r").split(b"\r", 1)[0]
+    field, repetition = segment[3:4], segment[5:6]
+    # fields[n - 1] is MSH-n: MSH-1 is the field separator itself.
+    fields = segment.split(field)
+    if len(fields) < 18:
+        return ""
+    return fields[17].split(repetition)[0].decode("ascii", errors="replace").strip()
 
 
 class _Deframer:
@@ -62,11 +121,13 @@ class _Deframer:
     More lenient than HL7 v2.5 Implementation Guide C.4 on three points: CR or
     LF between frames is ignored, an <FS> ends the frame even when its <CR>
     has not come (yet), and a <VT> inside a frame abandons the unfinished
-    frame and starts a new one.
+    frame and starts a new one. A frame longer than ``max_frame_size`` raises
+    FrameTooLarge, whether its <FS> has come or not.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
         self._buffer = bytearray()
+        self._max_frame_size = max_frame_size
         self.in_frame = False
 
     def feed(self, data: bytes) -> tuple[list[bytes], int]:
@@ -91,11 +152,11 @@ class _Deframer:
                 skipped += restart
                 del self._buffer[: restart + 1]
                 continue
+            if (end if end >= 0 else len(self._buffer)) > self._max_frame_size:
+                raise FrameTooLarge(
+                    self._max_frame_size, bytes(self._buffer[:_HEADER_BYTES])
+                )
             if end < 0:
-                if len(self._buffer) > MAX_FRAME_SIZE:
-                    raise FrameTooLarge(
-                        f"MLLP frame exceeds {MAX_FRAME_SIZE} bytes without <FS>"
-                    )
                 break
             frames.append(bytes(self._buffer[:end]))
             del self._buffer[: end + 1]
@@ -111,25 +172,20 @@ class _Connection(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         host, port = self.client_address[:2]
         peer = f"{host}:{port}"
-        sock: socket.socket = self.request
         owner = self.server.owner
+        sock = owner._open(self.request)
         owner._track(sock, True)
         logger.debug("MLLP connection from %s", peer)
         try:
-            self._serve(sock, peer, owner._handler, owner._timeout)
+            self._serve(sock, peer, owner)
         finally:
             owner._track(sock, False)
             logger.debug("MLLP connection from %s closed", peer)
 
-    def _serve(
-        self,
-        sock: socket.socket,
-        peer: str,
-        handler: Callable[[str], str],
-        timeout: float,
-    ) -> None:
+    def _serve(self, sock: socket.socket, peer: str, owner: "MllpServer") -> None:
         """Read frames until the peer closes, a timeout or a protocol error."""
-        deframer = _Deframer()
+        handler, timeout = owner._handler, owner._timeout
+        deframer = _Deframer(owner._max_frame_size)
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -154,7 +210,7 @@ class _Connection(socketserver.BaseRequestHandler):
             try:
                 frames, skipped = deframer.feed(data)
             except FrameTooLarge as exc:
-                logger.warning("MLLP %s: %s, closing", peer, exc)
+                _refuse_oversized(sock, peer, exc)
                 return
             if skipped:
                 logger.warning(
@@ -176,6 +232,36 @@ class _Connection(socketserver.BaseRequestHandler):
                 deadline = time.monotonic() + timeout
 
 
+def _refuse_oversized(sock: socket.socket, peer: str, exc: FrameTooLarge) -> None:
+    """Answer an oversized frame with an ACK AR and end the connection.
+
+    The rest of the frame is not served: the connection ends after the
+    answer. What the peer still sends is read and dropped for a moment
+    (_LINGER seconds), so that closing with unread bytes does not reset the
+    connection before the peer has read the AR.
+    """
+    text, codec = decode_payload(exc.head)
+    ack = build_ack(
+        text.partition("\r")[0].partition("\n")[0],
+        "AR",
+        text=f"MLLP frame exceeds {exc.limit} bytes; message not read",
+        error_code="207",
+    )
+    logger.warning(
+        "MLLP %s: frame exceeds %d bytes; answered AR and closing", peer, exc.limit
+    )
+    try:
+        sock.sendall(encode_frame(ack, codec))
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + _LINGER
+        while (remaining := deadline - time.monotonic()) > 0:
+            sock.settimeout(remaining)
+            if not sock.recv(_RECV_SIZE):
+                break
+    except OSError:
+        logger.debug("MLLP %s: peer gone before the AR to its oversized frame", peer)
+
+
 class _TcpServer(TlsServerMixin, socketserver.ThreadingTCPServer):
     """A thread per connection; threads die with the process."""
 
@@ -193,9 +279,11 @@ class MllpServer:
     Several messages may travel on one connection. A connection is closed
     when no frame completes within ``timeout`` seconds of the previous one
     (or of connecting). A handler exception leaves that frame unanswered and
-    the connection and server running. The socket is bound on construction,
-    so ``address`` gives the port even when ``port`` is 0. With ``tls_gate``
-    every connection must pass its mutual TLS handshake first.
+    the connection and server running. A frame longer than
+    ``max_frame_size`` bytes is answered with an ACK AR and its connection
+    closed. The socket is bound on construction, so ``address`` gives the
+    port even when ``port`` is 0. With ``tls_gate`` every connection must
+    pass its mutual TLS handshake first.
     """
 
     def __init__(
@@ -205,12 +293,16 @@ class MllpServer:
         handler: Callable[[str], str],
         *,
         timeout: float = 30.0,
+        max_frame_size: int = MAX_FRAME_SIZE,
         tls_gate: TlsGate | None = None,
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout {timeout}: must be more than 0 seconds")
+        if max_frame_size < 1:
+            raise ValueError(f"max_frame_size {max_frame_size}: must be at least 1")
         self._handler = handler
         self._timeout = timeout
+        self._max_frame_size = max_frame_size
         self._server = _TcpServer((host, port), self)
         self._server.tls_gate = tls_gate
         self._thread: threading.Thread | None = None
@@ -251,6 +343,14 @@ class MllpServer:
             except OSError:
                 logger.debug("MLLP connection already closed at stop")
         logger.info("MLLP on %s:%d stopped", *self.address)
+
+    def _open(self, sock: socket.socket) -> socket.socket:
+        """Prepare an accepted connection; every connection passes here.
+
+        ACKs are small and answer at once, so Nagle's delay is turned off.
+        """
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
 
     def _track(self, sock: socket.socket, is_open: bool) -> None:
         """Remember open connections so stop() can close them."""

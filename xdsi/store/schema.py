@@ -39,6 +39,12 @@ patient = Table(
     Column("id", Integer, primary_key=True),
     Column("patient_id", String(256), nullable=False, unique=True),
     Column("created_at", DateTime(timezone=True), server_default=func.now()),
+    # The surviving patient id once an ITI-8 A40 subsumed this one (ITI TF-2
+    # 3.8.4.2.3); a subsumed patient takes no submission.
+    Column("merged_into", String(256)),
+    # When an ITI-8 A08 last updated the patient (ITI TF-2 3.8.4.1.1).
+    Column("updated_at", DateTime(timezone=True)),
+    Index("ix_registry_patient_merged_into", "merged_into"),
 )
 
 registry_object = Table(

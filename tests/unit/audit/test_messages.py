@@ -321,6 +321,27 @@ def test_patient_feed_records_msh10_and_takes_update_action(real_ids: RealIds) -
     assert detail(patient, "MSH-10") == "NIST-MSG-0001"
 
 
+@pytest.mark.parametrize("event_action", ["D", "U"], ids=["subsumed", "surviving"])
+def test_patient_merge_records_each_patient_valid_against_the_dicom_schema(
+    event_action: str,
+    real_ids: RealIds,
+    audit_schema: etree.RelaxNG,
+    ipf_audit_schema: etree.XMLSchema,
+) -> None:
+    """ITI TF-2 3.8.5.1: A40 is audited D for MRG-1's patient, U for PID-3."""
+    row = next(
+        r
+        for r in ROWS
+        if (r["transaction"], r["actor"]) == ("ITI-8", "Document Registry")
+    )
+
+    root = build(full_event(row, real_ids, event_action=event_action))
+
+    assert root.find("EventIdentification").get("EventActionCode") == event_action
+    assert audit_schema.validate(root), audit_schema.error_log
+    assert ipf_audit_schema.validate(root), ipf_audit_schema.error_log
+
+
 def test_event_action_outside_the_row_choices_is_refused(real_ids: RealIds) -> None:
     """ITI TF-2 3.41.5.1: the Document Repository's ITI-41 action is C only."""
     row = next(

@@ -29,6 +29,25 @@ ADT_A04_V25 = (
     "PV1||O\r"
 )
 
+ADT_A08_V25 = (
+    "MSH|^~\\&|PAT_ID_SOURCE|CLINIC|XDSI_REG|XDSI|20240312111500||ADT^A08^ADT_A01"
+    "|PIF-0003|P|2.5\r"
+    "EVN||20240312111500\r"
+    f"PID|||{AFFINITY_ID}^^^&{AFFINITY_DOMAIN}&ISO||MOORE^CHIP^A^^^^L"
+    "||19380224|M\r"
+    "PV1||N\r"
+)
+
+# ITI TF-2 3.8.4.2.2: MRG-1 names the subsumed patient, PID-3 the survivor.
+SUBSUMED_ID = "IHEBLUE-2737"
+ADT_A40_V231 = (
+    "MSH|^~\\&|PAT_ID_SOURCE|CLINIC|XDSI_REG|XDSI|20240312121500||ADT^A40^ADT_A39"
+    "|PIF-0004|P|2.3.1\r"
+    "EVN|A40|20240312121500\r"
+    f"PID|||{AFFINITY_ID}^^^&{AFFINITY_DOMAIN}&ISO~{LOCAL_CX}||MOORE^CHIP^^^^^L\r"
+    f"MRG|4712^^^HOSP&1.2.840.99999.1&ISO~{SUBSUMED_ID}^^^&{AFFINITY_DOMAIN}&ISO\r"
+)
+
 
 @pytest.fixture
 def fed() -> list[PatientIdentity]:

@@ -9,11 +9,15 @@ from hl7apy.parser import parse_message
 from tests.unit.hl7.conftest import (
     ADT_A01_V231,
     ADT_A04_V25,
+    ADT_A08_V25,
+    ADT_A40_V231,
     AFFINITY_DOMAIN,
     AFFINITY_ID,
     LOCAL_CX,
+    SUBSUMED_ID,
 )
 from xdsi.hl7 import (
+    FeedAction,
     FeedRejected,
     PatientIdentity,
     build_ack,
@@ -23,6 +27,7 @@ from xdsi.hl7 import (
 )
 
 AFFINITY_CX = f"{AFFINITY_ID}^^^&{AFFINITY_DOMAIN}&ISO"
+SUBSUMED_CX = f"{SUBSUMED_ID}^^^&{AFFINITY_DOMAIN}&ISO"
 
 
 def hl7apy_parse(message: str):  # type: ignore[no-untyped-def]
@@ -76,6 +81,56 @@ def test_segments_may_end_in_cr_lf_or_crlf(ending: str) -> None:
     assert identity.sex == "M"
 
 
+def test_a08_updates_the_affinity_domain_patient() -> None:
+    """ITI TF-2 3.8.4.1.1: A08 updates the patient PID-3 names."""
+    identity = parse_feed(ADT_A08_V25, assigning_authority=AFFINITY_DOMAIN)
+
+    assert identity.action is FeedAction.UPDATE
+    assert identity.patient_id == AFFINITY_CX
+    assert identity.name == "MOORE^CHIP^A^^^^L"
+    assert identity.subsumed_patient_id == ""
+
+
+@pytest.mark.parametrize("version", ["2.3.1", "2.5"])
+def test_a40_names_the_subsumed_patient_of_mrg_1_in_the_same_domain(
+    version: str,
+) -> None:
+    """ITI TF-2 3.8.4.2.2: MRG-1's affinity domain repetition is subsumed."""
+    message = ADT_A40_V231.replace("|P|2.3.1\r", f"|P|{version}\r")
+
+    identity = parse_feed(message, assigning_authority=AFFINITY_DOMAIN)
+
+    assert identity.action is FeedAction.MERGE
+    assert identity.trigger == "A40"
+    assert identity.patient_id == AFFINITY_CX
+    assert identity.subsumed_patient_id == SUBSUMED_CX
+    assert identity.other_ids == (LOCAL_CX,)
+
+
+def test_a40_mrg_1_is_read_in_the_domain_pid_3_was_found_in() -> None:
+    """ITI TF-2 3.8.4.1.3: a second accepted domain serves PID-3 and MRG-1."""
+    other = "1.2.840.99999.5"
+    message = ADT_A40_V231.replace(AFFINITY_DOMAIN, other)
+
+    identity = parse_feed(
+        message, assigning_authority=AFFINITY_DOMAIN, other_authorities=(other,)
+    )
+
+    assert identity.patient_id == f"{AFFINITY_ID}^^^&{other}&ISO"
+    assert identity.subsumed_patient_id == f"{SUBSUMED_ID}^^^&{other}&ISO"
+
+
+def test_affinity_domain_wins_over_another_accepted_domain() -> None:
+    """ITI TF-2 3.8.4.1.3: the affinity domain counts before the others."""
+    identity = parse_feed(
+        ADT_A01_V231,
+        assigning_authority=AFFINITY_DOMAIN,
+        other_authorities=("1.2.840.99999.1",),
+    )
+
+    assert identity.patient_id == AFFINITY_CX
+
+
 def test_birth_date_is_the_time_of_a_v25_ts() -> None:
     """ITI TF-2 Table 3.8-2: PID-7 is a TS; its first component is the date."""
     message = ADT_A04_V25.replace("||19511030|F", "||19511030^D|F")
@@ -102,15 +157,34 @@ REJECTIONS = {
         "AR",
         "200",
     ),
-    "ADT^A08 update": (
-        ADT_A01_V231.replace("ADT^A01^ADT_A01", "ADT^A08^ADT_A01"),
+    "ADT^A02 transfer": (
+        ADT_A01_V231.replace("ADT^A01^ADT_A01", "ADT^A02^ADT_A02"),
         "AR",
         "201",
     ),
-    "ADT^A40 merge": (
-        ADT_A01_V231.replace("ADT^A01^ADT_A01", "ADT^A40^ADT_A39"),
+    "ADT^A34 merge patient id only": (
+        ADT_A40_V231.replace("ADT^A40^ADT_A39", "ADT^A34^ADT_A30"),
         "AR",
         "201",
+    ),
+    "A40 without MRG": (ADT_A40_V231.rpartition("MRG|")[0], "AE", "100"),
+    "A40 with two PID/MRG pairs": (
+        ADT_A40_V231 + "".join(ADT_A40_V231.split("\r", 2)[2:]),
+        "AE",
+        "100",
+    ),
+    "A40 MRG-1 empty": (ADT_A40_V231.rpartition("MRG|")[0] + "MRG|\r", "AE", "101"),
+    "A40 MRG-1 of no accepted domain": (
+        ADT_A40_V231.replace(f"{SUBSUMED_ID}^^^&{AFFINITY_DOMAIN}&ISO", "X^^^&1.9&ISO"),
+        "AE",
+        "204",
+    ),
+    "A40 into itself": (
+        ADT_A40_V231.replace(
+            f"MRG|4712^^^HOSP&1.2.840.99999.1&ISO~{SUBSUMED_ID}", f"MRG|{AFFINITY_ID}"
+        ),
+        "AE",
+        "205",
     ),
     "no MSH-10": (ADT_A01_V231.replace("|PIF-0001|", "||"), "AR", "101"),
     "version 2.4": (ADT_A01_V231.replace("|P|2.3.1", "|P|2.4"), "AR", "203"),
@@ -327,10 +401,44 @@ def test_built_feeds_get_fresh_control_ids() -> None:
     assert first.msh.msh_10.to_er7() != second.msh.msh_10.to_er7()
 
 
-def test_build_feed_refuses_events_that_do_not_create() -> None:
-    """ITI TF-2 3.8.4.1.1: only A01, A04 and A05 create a patient."""
-    with pytest.raises(ValueError, match="A08"):
-        build_feed(AFFINITY_CX, trigger="A08")
+def test_built_a08_reads_back_as_an_update() -> None:
+    """ITI TF-2 3.8.4.1.2: A08 travels in ADT_A01 with PV1."""
+    text = build_feed(AFFINITY_CX, trigger="A08", name="GREEN^ALMA")
+
+    feed = hl7apy_parse(text)
+    identity = parse_feed(text, assigning_authority=AFFINITY_DOMAIN)
+
+    assert [s.name for s in feed.children] == ["MSH", "EVN", "PID", "PV1"]
+    assert feed.msh.msh_9.to_er7() == "ADT^A08^ADT_A01"
+    assert identity.action is FeedAction.UPDATE and identity.name == "GREEN^ALMA"
+
+
+def test_built_a40_is_an_adt_a39_structure_with_mrg() -> None:
+    """ITI TF-2 3.8.4.2.2: MSH, EVN, PID, MRG; MRG-1 the subsumed patient."""
+    text = build_feed(
+        AFFINITY_CX, trigger="A40", subsumed_patient_id=SUBSUMED_CX, control_id="M-1"
+    )
+
+    feed = hl7apy_parse(text)
+    identity = parse_feed(text, assigning_authority=AFFINITY_DOMAIN)
+
+    assert [s.name for s in feed.children] == ["MSH", "EVN", "PID", "MRG"]
+    assert feed.msh.msh_9.to_er7() == "ADT^A40^ADT_A39"
+    assert feed.mrg.mrg_1.to_er7() == SUBSUMED_CX
+    assert (identity.patient_id, identity.subsumed_patient_id) == (
+        AFFINITY_CX,
+        SUBSUMED_CX,
+    )
+
+
+def test_build_feed_refuses_events_outside_iti8_and_misplaced_mrg() -> None:
+    """ITI TF-2 3.8.4.1.1, 3.8.4.2.1: ITI-8 events; MRG-1 with A40 only."""
+    with pytest.raises(ValueError, match="A02"):
+        build_feed(AFFINITY_CX, trigger="A02")
+    with pytest.raises(ValueError, match="MRG-1"):
+        build_feed(AFFINITY_CX, trigger="A40")
+    with pytest.raises(ValueError, match="MRG-1"):
+        build_feed(AFFINITY_CX, trigger="A08", subsumed_patient_id=SUBSUMED_CX)
     with pytest.raises(ValueError, match="PID-3"):
         build_feed("")
 
@@ -389,10 +497,27 @@ def test_handle_feed_answers_ae_207_when_storing_fails(
     assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [RuntimeError]
 
 
+def test_handle_feed_answers_the_rejection_the_registry_raises() -> None:
+    """ITI TF-2 3.8.4.2.3: a merge of an unknown patient earns its AE."""
+
+    def unknown(identity: PatientIdentity) -> None:
+        raise FeedRejected("AE", "204", "MRG-1 patient is not known")
+
+    ack_text, identity = handle_feed(
+        ADT_A40_V231, unknown, assigning_authority=AFFINITY_DOMAIN
+    )
+
+    ack = hl7apy_parse(ack_text)
+    assert identity is None
+    assert (ack.msa.msa_1.to_er7(), ack.msa.msa_2.to_er7()) == ("AE", "PIF-0004")
+    assert ack.msh.msh_9.to_er7() == "ACK^A40^ACK"
+    assert "204" in ack.err.to_er7()
+
+
 @pytest.mark.parametrize(
     "message",
-    [ADT_A01_V231, REJECTIONS["other assigning authority"][0]],
-    ids=["accepted", "rejected"],
+    [ADT_A01_V231, REJECTIONS["other assigning authority"][0], ADT_A40_V231],
+    ids=["accepted", "rejected", "merge"],
 )
 def test_handle_feed_logs_no_patient_data_at_info(
     message: str, caplog: pytest.LogCaptureFixture
@@ -402,6 +527,6 @@ def test_handle_feed_logs_no_patient_data_at_info(
         handle_feed(message, lambda identity: None, assigning_authority=AFFINITY_DOMAIN)
 
     info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
-    assert len(info) == 1 and "PIF-0001" in info[0]
-    for phi in (AFFINITY_ID, "4711", "MOORE", "CHIP", "19380224", "PINETREE"):
+    assert len(info) == 1 and "PIF-000" in info[0]
+    for phi in (AFFINITY_ID, SUBSUMED_ID, "4711", "MOORE", "CHIP", "19380224"):
         assert phi not in info[0]

@@ -1,6 +1,5 @@
 """ITI-8 over MLLP: a Document Registry listener on 127.0.0.1, real sockets."""
 
-import contextlib
 import logging
 import shutil
 import socket
@@ -31,7 +30,7 @@ from xdsi.hl7 import (
     build_feed,
     send_message,
 )
-from xdsi.hl7.mllp import MAX_FRAME_SIZE
+from xdsi.hl7.mllp import MAX_FRAME_SIZE, decode_payload
 
 VT, FS_CR = b"\x0b", b"\x1c\r"
 
@@ -100,12 +99,12 @@ def test_feed_from_another_domain_is_answered_ae(
 
 
 @pytest.mark.parametrize(
-    "message_type", ["ADT^A08^ADT_A01", "ORM^O01^ORM_O01"], ids=["A08", "ORM"]
+    "message_type", ["ADT^A03^ADT_A03", "ORM^O01^ORM_O01"], ids=["A03", "ORM"]
 )
 def test_other_messages_are_answered_ar(
     registry: MllpServer, fed: list[PatientIdentity], message_type: str
 ) -> None:
-    """ITI TF-2 3.8.4.1.1: events that do not create a patient are rejected AR."""
+    """ITI TF-2 3.8.4.1.1: events that ITI-8 does not name are rejected AR."""
     message = ADT_A01_V231.replace("ADT^A01^ADT_A01", message_type)
 
     assert msa(send_message(*registry.address, message)) == ("AR", "PIF-0001")
@@ -172,22 +171,39 @@ def test_start_block_inside_a_frame_starts_it_afresh(
     assert len(fed) == 1
 
 
-def test_oversized_frame_closes_the_connection(
+def test_oversized_frame_is_answered_ar_and_its_connection_closed(
     registry: MllpServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """HL7 v2.5 Implementation Guide C.4: a frame past MAX_FRAME_SIZE is refused."""
+    """HL7 v2.5 Implementation Guide C.4: a frame past MAX_FRAME_SIZE is
+    refused with an ACK AR naming its MSH-10, logged, and the connection
+    closed."""
+    oversized = VT + ADT_A01_V231.encode() + b"Z" * (MAX_FRAME_SIZE + 1) + FS_CR
     with socket.create_connection(registry.address, timeout=5.0) as sock:
         with caplog.at_level(logging.WARNING, logger="xdsi.hl7"):
-            with contextlib.suppress(OSError):
-                sock.sendall(VT + b"A" * (MAX_FRAME_SIZE + 1))
-            try:
-                closed = sock.recv(1024)
-            except ConnectionResetError:
-                closed = b""
+            sock.sendall(oversized)
+            ack = read_frames(sock, 1)[0]
+            closed = sock.recv(1024)
 
+    assert msa(ack) == ("AR", "PIF-0001")
+    assert str(MAX_FRAME_SIZE) in ack
     assert closed == b""
     assert any("exceeds" in r.getMessage() for r in caplog.records)
     assert send_message(*registry.address, ADT_A01_V231).startswith("MSH|")
+
+
+def test_frame_over_a_small_cap_is_refused_even_when_complete() -> None:
+    """HL7 v2.5 Implementation Guide C.4: the cap holds for whole frames."""
+    server = MllpServer("127.0.0.1", 0, lambda m: m, max_frame_size=64)
+    server.start()
+    try:
+        with socket.create_connection(server.address, timeout=5.0) as sock:
+            sock.sendall(frame(ADT_A01_V231))
+            ack = read_frames(sock, 1)[0]
+            closed = sock.recv(1024)
+    finally:
+        server.stop()
+
+    assert msa(ack) == ("AR", "PIF-0001") and closed == b""
 
 
 def test_several_messages_travel_on_one_connection(
@@ -381,3 +397,41 @@ def test_send_message_reads_the_ack_of_hl7apy_mllp_server() -> None:
         thread.join(timeout=5.0)
 
     assert msa(ack) == ("AA", "F-9")
+
+
+@pytest.mark.parametrize(
+    ("character_set", "codec"),
+    [("8859/2", "iso8859-2"), ("8859/1", "latin-1"), ("UNICODE UTF-8", "utf-8")],
+)
+def test_msh_18_names_the_character_set_the_frame_is_read_in(
+    character_set: str, codec: str
+) -> None:
+    """HL7 v2.5 Table 0211: MSH-18 says how the message's bytes read."""
+    name = "ŁASKA^ŻANETA" if codec != "latin-1" else "MÜLLER^JÖRG"
+    message = ADT_A01_V231.replace("MOORE^CHIP", name).replace(
+        "|P|2.3.1\r", f"|P|2.3.1||||||{character_set}\r"
+    )
+
+    text, used = decode_payload(message.encode(codec))
+
+    assert (text, used) == (message, codec)
+
+
+def test_character_set_the_node_cannot_read_falls_back() -> None:
+    """HL7 v2.5 Table 0211: an MSH-18 not read here falls back to UTF-8."""
+    message = ADT_A01_V231.replace("|P|2.3.1\r", "|P|2.3.1||||||ISO IR87\r")
+
+    assert decode_payload(message.encode()) == (message, "utf-8")
+
+
+def test_msh_18_character_set_is_used_over_the_wire(
+    registry: MllpServer, client: socket.socket, fed: list[PatientIdentity]
+) -> None:
+    """HL7 v2.5 Table 0211: an 8859/2 PID-5 reaches the Registry intact."""
+    message = ADT_A01_V231.replace("MOORE^CHIP", "ŁASKA^ŻANETA").replace(
+        "|P|2.3.1\r", "|P|2.3.1||||||8859/2\r"
+    )
+    client.sendall(frame(message, "iso8859-2"))
+
+    assert msa(read_frames(client, 1)[0])[0] == "AA"
+    assert fed[0].name == "ŁASKA^ŻANETA^^^^^L"
