@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -20,8 +20,11 @@ from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from xdsi import audit
 from xdsi.actors.consumer import Consumer
 from xdsi.actors.imaging_source import ImagingSource
+from xdsi.actors.intake import AutoPublisher, Intake
 from xdsi.actors.registry import Registry
 from xdsi.actors.repository import Repository
+from xdsi.actors.store_scp import StoreScp
+from xdsi.actors.stow import add_stow_route
 from xdsi.config import ConfigError, Settings
 from xdsi.hl7.mllp import MllpServer
 from xdsi.store.blobs import Blobs, BlobStore
@@ -63,6 +66,7 @@ class Services:
     consumer: Consumer
     audit_spool: audit.AuditSpool
     auditor: audit.Auditor
+    intake: Intake
 
 
 def repository_blobs(settings: Settings) -> Blobs:
@@ -102,17 +106,19 @@ def build_services(settings: Settings) -> Services:
         audit_source_id=settings.node.audit_source_id,
         enterprise_site_id=settings.node.enterprise_site_id,
     )
+    imaging_source = ImagingSource(
+        settings, engine, BlobStore(storage / "imaging-source"), auditor
+    )
     return Services(
         settings=settings,
         engine=engine,
         registry=_registry(settings, engine, auditor),
         repository=Repository(settings, engine, repository_blobs(settings), auditor),
-        imaging_source=ImagingSource(
-            settings, engine, BlobStore(storage / "imaging-source"), auditor
-        ),
+        imaging_source=imaging_source,
         consumer=Consumer(settings, auditor, storage / "spool" / "consumer"),
         audit_spool=spool,
         auditor=auditor,
+        intake=Intake(imaging_source),
     )
 
 
@@ -126,6 +132,8 @@ class Node:
         self._servers: list[BaseWSGIServer] = []
         self._threads: list[threading.Thread] = []
         self._mllp: MllpServer | None = None
+        self._store_scp: StoreScp | None = None
+        self._auto_publisher: AutoPublisher | None = None
 
     def start(self) -> Settings:
         """Bind, build the actors, serve; return the effective settings."""
@@ -168,6 +176,10 @@ class Node:
         spool_root = settings.storage / "spool"
         for actor, target in deferred.items():
             target.app = getattr(services, actor).app(spool_root / actor)
+        if "imaging_source" in deferred:
+            settings = self._start_intake(
+                settings, services, deferred["imaging_source"]
+            )
         for server in self._servers:
             thread = threading.Thread(
                 target=server.serve_forever,
@@ -187,7 +199,35 @@ class Node:
         )
         return settings
 
+    def _start_intake(
+        self, settings: Settings, services: Services, target: _Deferred
+    ) -> Settings:
+        """Add STOW-RS, and start the C-STORE SCP and auto-publishing."""
+        cfg = settings.imaging_source
+        add_stow_route(
+            target.app,
+            services.intake,
+            cfg.stow_path,
+            settings.storage / "imaging-source" / ".spool",
+        )
+        if cfg.store_scp:
+            self._store_scp = StoreScp(
+                services.intake, cfg.ae_title, settings.node.host, cfg.dicom_port
+            )
+            _, port = self._store_scp.start()
+            settings = replace(settings, imaging_source=replace(cfg, dicom_port=port))
+        if cfg.publish_after > 0:
+            self._auto_publisher = AutoPublisher(services.intake, cfg.publish_after)
+            self._auto_publisher.start()
+        return settings
+
     def stop(self) -> None:
+        if self._store_scp is not None:
+            self._store_scp.stop()
+            self._store_scp = None
+        if self._auto_publisher is not None:
+            self._auto_publisher.stop()
+            self._auto_publisher = None
         for server in self._servers:
             server.shutdown()
             server.server_close()

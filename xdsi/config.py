@@ -157,6 +157,14 @@ class ImagingSourceSettings:
     )
     language_code: str = "en-US"
     accession_assigning_authority: str = f"{XDSI_OID_ROOT}.5"
+    # C-STORE SCP of the intake (DICOM PS3.4 B), on node.host; off unless set.
+    store_scp: bool = False
+    dicom_port: int = 11112
+    # A study taken in is published once quiet for this many seconds; 0
+    # turns auto-publishing off.
+    publish_after: float = 30.0
+    # STOW-RS Store Instances (DICOM PS3.18 10.5) on the imaging source's port.
+    stow_path: str = "/dicomweb/studies"
 
 
 @dataclass(frozen=True)

@@ -74,8 +74,8 @@ def check_file(
     *,
     sop_class_uid: str | None = None,
     sop_instance_uid: str | None = None,
-) -> InstanceHeader:
-    """Check a received DICOM PS3.10 file and return its header.
+) -> tuple[InstanceHeader, Dataset]:
+    """Check a received DICOM PS3.10 file; return its header and data set.
 
     The whole data set is parsed: every element must be as long as its
     header says (DICOM PS3.5 7.1) and decode to its VR; native Pixel Data
@@ -127,7 +127,7 @@ def check_file(
         )
     if "PixelData" in ds:
         _check_pixel_data(ds, header.transfer_syntax_uid)
-    return header
+    return header, ds
 
 
 def _check_elements(ds: Dataset) -> None:
