@@ -3,6 +3,7 @@ import into the store, auto-publishing, and the manifest's lifecycle."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -11,6 +12,7 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
+from pydicom.fileset import FileSet
 from sqlalchemy import select
 
 from tests.conftest import SHARED, shared_path
@@ -310,3 +312,23 @@ def test_stow_rs_refuses_other_media_types(intake_node: RunningNode) -> None:
         url, data=b"{}", headers={"Content-Type": "application/json"}, timeout=10
     )
     assert response.status_code == 415
+
+
+def test_a_cd_is_imported_by_its_dicomdir(intake_node: RunningNode, tmp_path) -> None:
+    """DICOM PS3.10 8.6: the files a DICOMDIR references are imported, and
+    only those; the study is then published at once."""
+    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())
+    fileset = FileSet()
+    for path in images[:5]:
+        fileset.add(pydicom.dcmread(path))
+    fileset.write(tmp_path / "cd")
+    # A file the DICOMDIR does not reference is not part of the file-set.
+    shutil.copy(images[5], tmp_path / "cd" / "stray.dcm")
+
+    result = intake_node.services.intake.import_folder(tmp_path / "cd")
+    (study_uid,) = result.studies
+    published = intake_node.services.intake.publish_now(study_uid)
+
+    assert len(result.accepted) == 5
+    assert result.refused == ()
+    assert published is not None and published.instances == 5
