@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -63,8 +64,34 @@ def main(argv: list[str]) -> int:
     ensure_environment("test")
     # pytest exits 5 when no test ran; that is a failure here, as any non-zero.
     return subprocess.run(
-        [str(BIN / "python"), "-m", "pytest", *rest], cwd=ROOT
+        [*private_network(), str(BIN / "python"), "-m", "pytest", *rest], cwd=ROOT
     ).returncode
+
+
+def private_network() -> list[str]:
+    """The command prefix that runs the tests in a network namespace of their
+    own, with only loopback up, when root can make one.
+
+    Orthanc and the dcmtk servers bind 0.0.0.0; in such a namespace that is
+    loopback alone (../shared/peers.md, "Read this first"). Installs happen
+    before, outside it, as it has no network.
+    """
+    unshare, ip = shutil.which("unshare"), shutil.which("ip")
+    if os.name == "nt" or os.geteuid() != 0 or not unshare or not ip:
+        return []
+    probe = subprocess.run([unshare, "--net", "true"], capture_output=True)
+    if probe.returncode != 0:
+        return []
+    return [
+        unshare,
+        "--net",
+        "--fork",
+        "--",
+        "sh",
+        "-c",
+        f'{ip} link set lo up && exec "$@"',
+        "sh",
+    ]
 
 
 if __name__ == "__main__":

@@ -18,19 +18,23 @@ import signal
 import socket
 import ssl
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from flask import Flask
 from sqlalchemy import Engine
 from werkzeug.serving import BaseWSGIServer, ThreadedWSGIServer, WSGIRequestHandler
 
 from xdsi import audit, tls
 from xdsi.actors.consumer import Consumer
 from xdsi.actors.imaging_source import ImagingSource
+from xdsi.actors.intake import AutoPublisher, Intake
 from xdsi.actors.registry import Registry
 from xdsi.actors.repository import Repository
+from xdsi.actors.store_scp import StoreScp
+from xdsi.actors.stow import add_stow_route
 from xdsi.config import ConfigError, Settings
 from xdsi.hl7.mllp import MllpServer
 from xdsi.store.blobs import Blobs, BlobStore
@@ -76,6 +80,7 @@ class Services:
     consumer: Consumer
     audit_spool: audit.AuditSpool
     auditor: audit.Auditor
+    intake: Intake
 
 
 def repository_blobs(settings: Settings) -> Blobs:
@@ -120,17 +125,19 @@ def build_services(settings: Settings) -> Services:
     engine = make_engine(settings.database_url)
     auditor = node_auditor(settings)
     spool = auditor.spool
+    imaging_source = ImagingSource(
+        settings, engine, BlobStore(storage / "imaging-source"), auditor
+    )
     return Services(
         settings=settings,
         engine=engine,
         registry=_registry(settings, engine, auditor),
         repository=Repository(settings, engine, repository_blobs(settings), auditor),
-        imaging_source=ImagingSource(
-            settings, engine, BlobStore(storage / "imaging-source"), auditor
-        ),
+        imaging_source=imaging_source,
         consumer=Consumer(settings, auditor, storage / "spool" / "consumer"),
         audit_spool=spool,
         auditor=auditor,
+        intake=Intake(imaging_source),
     )
 
 
@@ -145,6 +152,19 @@ def _tls_gate(
         lambda refused: tls.audit_refusal(auditor, settings.node.host, refused),
         timeout=settings.tls.handshake_timeout,
     )
+
+
+def _actor_app(settings: Settings, services: Services, actor: str) -> Flask:
+    """The WSGI app of one HTTP actor; the imaging source's takes STOW-RS too."""
+    app = getattr(services, actor).app(settings.storage / "spool" / actor)
+    if actor == "imaging_source":
+        add_stow_route(
+            app,
+            services.intake,
+            settings.imaging_source.stow_path,
+            settings.storage / "imaging-source" / ".spool",
+        )
+    return app
 
 
 def _serve(servers: list[BaseWSGIServer]) -> list[threading.Thread]:
@@ -172,14 +192,13 @@ def _worker(settings: Settings, sockets: dict[str, socket.socket], level: int) -
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     services = build_services(settings)
-    spool_root = settings.storage / "spool"
     context = tls.server_context(settings.tls) if settings.tls.enabled else None
     servers = []
     for actor, listening in sockets.items():
         server = _HttpServer(
             settings.node.host,
             listening.getsockname()[1],
-            getattr(services, actor).app(spool_root / actor),
+            _actor_app(settings, services, actor),
             _RequestHandler,
             fd=listening.fileno(),
         )
@@ -209,6 +228,8 @@ class Node:
         self._sockets: dict[str, socket.socket] = {}
         self._workers: list[BaseProcess] = []
         self._stopping = threading.Event()
+        self._store_scp: StoreScp | None = None
+        self._auto_publisher: AutoPublisher | None = None
 
     def start(self) -> Settings:
         """Bind, build the actors, serve; return the effective settings."""
@@ -256,9 +277,10 @@ class Node:
                 timedelta(seconds=settings.repository.pending_sweep_age)
             )
 
-        spool_root = settings.storage / "spool"
         for actor, target in deferred.items():
-            target.app = getattr(services, actor).app(spool_root / actor)
+            target.app = _actor_app(settings, services, actor)
+        if "imaging_source" in deferred:
+            settings = self._start_intake(settings, services)
         self._threads.extend(_serve(self._servers))
         if settings.node.workers > 1 and self._sockets:
             for _ in range(settings.node.workers - 1):
@@ -309,7 +331,27 @@ class Node:
         """The process ids of the extra HTTP workers, if any."""
         return [p.pid for p in self._workers if p.pid is not None]
 
+    def _start_intake(self, settings: Settings, services: Services) -> Settings:
+        """Start the C-STORE SCP and auto-publishing, in the node's process."""
+        cfg = settings.imaging_source
+        if cfg.store_scp:
+            self._store_scp = StoreScp(
+                services.intake, cfg.ae_title, settings.node.host, cfg.dicom_port
+            )
+            _, port = self._store_scp.start()
+            settings = replace(settings, imaging_source=replace(cfg, dicom_port=port))
+        if cfg.publish_after > 0:
+            self._auto_publisher = AutoPublisher(services.intake, cfg.publish_after)
+            self._auto_publisher.start()
+        return settings
+
     def stop(self) -> None:
+        if self._store_scp is not None:
+            self._store_scp.stop()
+            self._store_scp = None
+        if self._auto_publisher is not None:
+            self._auto_publisher.stop()
+            self._auto_publisher = None
         self._stopping.set()
         for process in self._workers:
             process.terminate()

@@ -1,5 +1,5 @@
-"""The command line: ``xdsi serve | feed | publish | submit | find | fetch | audit |
-tls | demo``."""
+"""The command line: ``xdsi serve | feed | publish | import | remove | submit | find |
+fetch | audit | tls | demo``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from importlib import resources
@@ -28,10 +28,11 @@ from xdsi.actors.consumer import Consumer, ConsumerError, FetchResult, FoundEntr
 from xdsi.actors.document_source import DocumentSource
 from xdsi.actors.imaging_source import PublishError
 from xdsi.actors.provide import SubmitError
-from xdsi.app import Node, build_services
+from xdsi.app import Node, Services, build_services
 from xdsi.config import ConfigError, Settings, load_settings, to_toml
 from xdsi.conformance.cli import conformance
 from xdsi.dicom import scan
+from xdsi.dicom.store_scu import Destination, StoreScuError, send_files
 from xdsi.hl7.adt import TRIGGER_EVENTS, build_feed, read_ack
 from xdsi.hl7.mllp import MllpError, send_message
 
@@ -365,10 +366,23 @@ def _fetch(consumer: Consumer, patient_id: str, out: Path) -> FetchResult:
 @main.command()
 @click.option("--patient-id", required=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--to-pacs",
+    "to_pacs",
+    default=None,
+    metavar="AE@HOST:PORT",
+    help="Then send every retrieved instance there by C-STORE.",
+)
 @click.pass_context
-def fetch(ctx: click.Context, patient_id: str, out: Path) -> None:
+def fetch(ctx: click.Context, patient_id: str, out: Path, to_pacs: str | None) -> None:
     """Retrieve a patient's manifests (ITI-43) and images (RAD-69) into OUT."""
     settings = _settings(ctx)
+    destination = None
+    if to_pacs is not None:
+        try:
+            destination = Destination.parse(to_pacs)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--to-pacs") from exc
     consumer = build_services(settings).consumer
     try:
         result = _fetch(consumer, qualify_patient_id(patient_id, settings), out)
@@ -379,8 +393,129 @@ def fetch(ctx: click.Context, patient_id: str, out: Path) -> None:
         f"{_count(len(result.instances), 'instance')}, "
         f"{result.bytes / 1e6:.1f} MB in {out}"
     )
+    if destination is not None:
+        _send_to_pacs(result.instances, destination, settings)
     if result.missing:
         _fail(f"{_count(len(result.missing), 'referenced instance')} not returned")
+
+
+def _send_to_pacs(
+    paths: list[Path], destination: Destination, settings: Settings
+) -> None:
+    """C-STORE the retrieved instances into a PACS (DICOM PS3.4 B)."""
+    with _progress() as bar:
+        task = bar.add_task(f"C-STORE to {destination.ae_title}", total=len(paths))
+        try:
+            sent = send_files(
+                paths,
+                destination,
+                calling_ae_title=settings.imaging_source.ae_title,
+                progress=lambda done, _total: bar.update(task, completed=done),
+            )
+        except StoreScuError as exc:
+            _fail(str(exc))
+    click.echo(
+        f"{_count(len(sent.statuses) - len(sent.failed), 'instance')} stored in "
+        f"{destination.ae_title}@{destination.host}:{destination.port}"
+    )
+    if sent.failed or sent.unsendable:
+        for path, status in sent.failed.items():
+            click.secho(f"{path.name}: status 0x{status:04X}", fg="red", err=True)
+        for path, reason in sent.unsendable.items():
+            click.secho(f"{path.name}: not sent: {reason}", fg="red", err=True)
+        _fail(
+            f"{_count(len(sent.failed) + len(sent.unsendable), 'instance')} "
+            "not stored in the PACS"
+        )
+
+
+@main.command("import")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--publish/--no-publish",
+    default=True,
+    help="Publish the changed studies now (default), or leave them to a "
+    "serving node's auto-publishing.",
+)
+@click.pass_context
+def import_(ctx: click.Context, folder: Path, publish: bool) -> None:
+    """Import a folder or CD (with or without DICOMDIR) into the Imaging
+    Document Source; each study is published under the images' Patient ID
+    in the affinity domain."""
+    services = build_services(_settings(ctx))
+    result = services.intake.import_folder(folder)
+    if result.refused:
+        click.secho(
+            f"{_count(len(result.refused), 'file')} refused", fg="yellow", err=True
+        )
+    new = sum(1 for a in result.accepted if not a.duplicate)
+    click.echo(
+        f"{_count(new, 'instance')} taken in "
+        f"({len(result.accepted) - new} held already), "
+        f"{_count(len(result.studies), 'study')}"
+    )
+    if publish:
+        _publish_now(
+            services,
+            sorted({a.study_instance_uid for a in result.accepted if not a.duplicate}),
+        )
+    services.engine.dispose()
+
+
+@main.command()
+@click.argument("study_instance_uid")
+@click.option("--series", "series_instance_uid", default=None)
+@click.option("--instance", "sop_instance_uids", multiple=True)
+@click.option("--publish/--no-publish", default=True)
+@click.pass_context
+def remove(
+    ctx: click.Context,
+    study_instance_uid: str,
+    series_instance_uid: str | None,
+    sop_instance_uids: tuple[str, ...],
+    publish: bool,
+) -> None:
+    """Remove instances (a study, a series, or named instances) from the
+    Imaging Document Source; its manifest is replaced, or withdrawn when
+    nothing is left."""
+    services = build_services(_settings(ctx))
+    removed = services.intake.remove(
+        study_instance_uid,
+        series_instance_uid=series_instance_uid,
+        sop_instance_uids=sop_instance_uids,
+    )
+    click.echo(f"{_count(removed, 'instance')} removed")
+    if removed and publish:
+        _publish_now(services, (study_instance_uid,))
+    services.engine.dispose()
+
+
+def _publish_now(services: Services, studies: Iterable[str]) -> None:
+    failed = False
+    for study_instance_uid in studies:
+        current = services.imaging_source.current_manifest(study_instance_uid)
+        published = services.intake.publish_now(study_instance_uid)
+        if published is not None:
+            click.echo(
+                f"published study {study_instance_uid}: "
+                f"{_count(published.instances, 'instance')}, manifest "
+                f"{published.manifest_uid}"
+                + (f", replacing {published.replaced}" if published.replaced else "")
+            )
+        elif (
+            current is not None
+            and services.imaging_source.held_study(study_instance_uid) is None
+        ):
+            click.echo(f"manifest {current.sop_instance_uid} withdrawn")
+        else:
+            click.secho(
+                f"study {study_instance_uid} not published (see the log)",
+                fg="red",
+                err=True,
+            )
+            failed = True
+    if failed:
+        sys.exit(1)
 
 
 @main.group("audit")

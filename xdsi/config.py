@@ -178,6 +178,14 @@ class ImagingSourceSettings:
     # (RAD TF-3 4.55) on the same HTTP port as RAD-69.
     dicomweb_path: str = "/dicomweb"
     wado_path: str = "/wado"
+    # C-STORE SCP of the intake (DICOM PS3.4 B), on node.host; off unless set.
+    store_scp: bool = False
+    dicom_port: int = 11112
+    # A study taken in is published once quiet for this many seconds; 0
+    # turns auto-publishing off.
+    publish_after: float = 30.0
+    # STOW-RS Store Instances (DICOM PS3.18 10.5) on the imaging source's port.
+    stow_path: str = "/dicomweb/studies"
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from flask import Flask
 from lxml import etree
-from sqlalchemy import Engine, Row, insert, select
+from sqlalchemy import Engine, Row, insert, select, update
 
 from xdsi import audit, ns, tls, wire
 from xdsi.actors.dicomweb import dicomweb_blueprint
@@ -42,11 +42,13 @@ from xdsi.errors import (
 from xdsi.metadata.build import (
     ManifestEntry,
     SubmissionSetSpec,
+    add_replacement,
     manifest_submission,
     new_oid,
     utc_dtm,
 )
 from xdsi.metadata.codes import Code
+from xdsi.metadata.ebrim import new_uuid
 from xdsi.metadata.responses import (
     read_status,
 )
@@ -56,6 +58,12 @@ from xdsi.store.schema import imaging_instance, imaging_manifest
 logger = logging.getLogger(__name__)
 
 ACTOR = "imaging_source"
+
+# imaging_manifest.status: the study's Approved manifest, one an RPLC
+# superseded, and one whose study has no instance left.
+MANIFEST_CURRENT = "current"
+MANIFEST_REPLACED = "replaced"
+MANIFEST_WITHDRAWN = "withdrawn"
 
 
 class PublishError(SubmitError):
@@ -71,6 +79,8 @@ class Published:
     submission_set_unique_id: str
     instances: int
     bytes: int
+    # The manifest this one replaced (RPLC), if any.
+    replaced: str | None = None
 
 
 def sha256_file(path: Path) -> str:
@@ -137,23 +147,91 @@ class ImagingSource:
 
         ``patient_id`` is the affinity domain's id (CX, ITI TF-3 4.2.3.2.16);
         the study's own Patient ID becomes sourcePatientId, or the affinity
-        domain's id when the images carry none.
+        domain's id when the images carry none. The manifest references every
+        instance held of the study, those kept before included; when the
+        study was published already, the new manifest replaces the old one
+        (RAD TF-3 4.68.4.1.2.3, an RPLC Association of ITI TF-3 4.2.2.2).
         """
-        cfg = self.settings.imaging_source
+        self.keep_instances(study, patient_id)
+        published = self.republish(study.study_instance_uid, patient_id)
+        if published is None:
+            raise PublishError(f"study {study.study_instance_uid} holds no instance")
+        return published
+
+    def held_study(self, study_instance_uid: str) -> scan.Study | None:
+        """The study as held in the store now; None when nothing is held."""
         with self.engine.connect() as conn:
-            held = conn.execute(
-                select(imaging_manifest.c.sop_instance_uid).where(
-                    imaging_manifest.c.study_instance_uid == study.study_instance_uid
+            blobs = (
+                conn.execute(
+                    select(imaging_instance.c.blob).where(
+                        imaging_instance.c.study_instance_uid == study_instance_uid
+                    )
+                )
+                .scalars()
+                .all()
+            )
+        if not blobs:
+            return None
+        studies = scan.scan_files(self.blobs.path(blob) for blob in sorted(blobs))
+        return studies.studies[0] if studies.studies else None
+
+    def current_manifest(self, study_instance_uid: str) -> Row | None:
+        """The study's manifest now Approved in the registry, if any."""
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(imaging_manifest).where(
+                    imaging_manifest.c.study_instance_uid == study_instance_uid,
+                    imaging_manifest.c.status == MANIFEST_CURRENT,
                 )
             ).first()
-        if held is not None:
-            # Limitation: a study is published once; a replacement manifest
-            # (RPLC, RAD TF-3 4.68.4.1.2.3) for changed studies is not sent.
-            raise PublishError(
-                f"already published as manifest {held.sop_instance_uid}; "
-                "replacing a manifest is not supported"
+
+    def republish(self, study_instance_uid: str, patient_id: str) -> Published | None:
+        """Publish what is held of a study now, replacing its manifest.
+
+        Without any instance left, the current manifest is withdrawn and
+        None returned.
+        """
+        current = self.current_manifest(study_instance_uid)
+        study = self.held_study(study_instance_uid)
+        if study is None:
+            if current is not None:
+                self.withdraw(current)
+            return None
+        return self._submit(study, patient_id, current)
+
+    def withdraw(self, manifest: Row) -> None:
+        """Stop publishing a manifest whose study has no instance left.
+
+        Deprecating a DocumentEntry without replacing it is ITI-57 Update
+        Document Set (ITI TF-2 3.57.4.1.3.3.2, availabilityStatus Approved to
+        Deprecated, XDS Metadata Update option); an RPLC needs a replacement,
+        and a manifest referencing no instance is no valid KOS (DICOM PS3.3
+        C.17.6.2.1: the Current Requested Procedure Evidence Sequence is
+        Type 1).
+        """
+        # Limitation: the Document Registry does not implement ITI-57, so
+        # the manifest stays Approved there; it is marked withdrawn here, its
+        # instances are gone, and a RAD-69 for them answers
+        # XDSDocumentUniqueIdError.
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(imaging_manifest)
+                .where(imaging_manifest.c.sop_instance_uid == manifest.sop_instance_uid)
+                .values(status=MANIFEST_WITHDRAWN)
             )
-        total = self.keep_instances(study, patient_id)
+        logger.warning(
+            "manifest %s of study %s withdrawn: no instance left; the registry "
+            "entry %s stays Approved (no ITI-57 Update Document Set)",
+            manifest.sop_instance_uid,
+            manifest.study_instance_uid,
+            manifest.entry_uuid or "(unknown entryUUID)",
+        )
+
+    def _submit(
+        self, study: scan.Study, patient_id: str, current: Row | None
+    ) -> Published:
+        """Build the manifest of ``study`` and send it with RAD-68."""
+        cfg = self.settings.imaging_source
         manifest = kos.build_manifest(
             study,
             retrieve_ae_title=cfg.ae_title,
@@ -177,8 +255,9 @@ class ImagingSource:
                 study.study_instance_uid,
             )
             source_patient_id = patient_id
+        # The entryUUID is ours, so that a later replacement can name it.
         entry = ManifestEntry(
-            entry_id="Manifest01",
+            entry_id=new_uuid(),
             unique_id=facts.unique_id,
             patient_id=patient_id,
             source_patient_id=source_patient_id,
@@ -211,6 +290,8 @@ class ImagingSource:
             submission_time=utc_dtm(),
         )
         metadata = manifest_submission(entry, submission_set)
+        if current is not None and current.entry_uuid:
+            add_replacement(metadata, entry.entry_id, current.entry_uuid)
         sender = Sender(
             "RAD-68", "Imaging Document Source", self.auditor, self.settings.node.host
         )
@@ -230,20 +311,40 @@ class ImagingSource:
 
         blob = self.blobs.put_bytes(f"manifest:{facts.unique_id}", data)
         with self.engine.begin() as conn:
+            if current is not None:
+                conn.execute(
+                    update(imaging_manifest)
+                    .where(
+                        imaging_manifest.c.sop_instance_uid == current.sop_instance_uid
+                    )
+                    .values(status=MANIFEST_REPLACED)
+                )
             conn.execute(
                 insert(imaging_manifest).values(
                     sop_instance_uid=facts.unique_id,
                     study_instance_uid=study.study_instance_uid,
                     submission_set_unique_id=submission_set.unique_id,
                     blob=blob,
+                    entry_uuid=entry.entry_id,
+                    status=MANIFEST_CURRENT,
                 )
             )
+        logger.info(
+            "%s %s: study %s, manifest %s%s, %d instances",
+            "RAD-68",
+            "published" if current is None else "replaced",
+            study.study_instance_uid,
+            facts.unique_id,
+            "" if current is None else f" replacing {current.sop_instance_uid}",
+            len(study.instances),
+        )
         return Published(
             study.study_instance_uid,
             facts.unique_id,
             submission_set.unique_id,
             len(study.instances),
-            total,
+            sum(header.size for header in study.instances),
+            replaced=None if current is None else current.sop_instance_uid,
         )
 
     # --- RAD-69 ---------------------------------------------------------

@@ -9,6 +9,7 @@ DICOM PS3.5 9.1.
 import logging
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,11 +179,26 @@ def scan_directory(path: Path) -> ScanResult:
     path and the reason only. Study and patient attributes are those of the
     first instance read of each study.
     """
+    result = scan_files(_regular_files(path))
+    logger.debug(
+        "Scanned %s: %d studies, %d files rejected",
+        path,
+        len(result.studies),
+        len(result.rejected),
+    )
+    return result
+
+
+def scan_files(paths: Iterable[Path]) -> ScanResult:
+    """Read the headers of ``paths`` and group the instances by study.
+
+    Rejects files as :func:`scan_directory` does.
+    """
     studies: dict[str, _StudyBuilder] = {}
     rejected: list[tuple[Path, str]] = []
     seen: dict[str, Path] = {}
 
-    for file in _regular_files(path):
+    for file in paths:
         try:
             header, ds = read_header(file)
         except DicomInputError as exc:
@@ -201,9 +217,6 @@ def scan_directory(path: Path) -> ScanResult:
             builder = studies[header.study_instance_uid] = _StudyBuilder(ds)
         builder.add(header, ds)
 
-    logger.debug(
-        "Scanned %s: %d studies, %d files rejected", path, len(studies), len(rejected)
-    )
     return ScanResult(
         studies=tuple(studies[uid].build() for uid in sorted(studies)),
         rejected=tuple(rejected),

@@ -226,3 +226,26 @@ def submission(
         )
         add_slot(association, "SubmissionSetStatus", ["Original"])
     return request
+
+
+def add_replacement(
+    request: etree._Element, entry_id: str, replaced_entry_uuid: str
+) -> None:
+    """Add an RPLC Association: ``entry_id`` replaces an Approved entry.
+
+    ITI TF-3 4.2.2.2.3: the sourceObject is the new DocumentEntry, the
+    targetObject the entryUUID of the one it replaces, which the Document
+    Registry then deprecates.
+    """
+    rplc = ebrim.metadata_table()["DocumentRelationship"]["RPLC"]["type"]
+    object_list = request.find(f"{{{ns.RIM}}}RegistryObjectList")
+    if object_list is None:
+        raise ValueError("the request has no rim:RegistryObjectList")
+    etree.SubElement(
+        object_list,
+        f"{{{ns.RIM}}}Association",
+        id=ebrim.new_uuid(),
+        associationType=rplc,
+        sourceObject=entry_id,
+        targetObject=replaced_entry_uuid,
+    )

@@ -14,9 +14,11 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Engine,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -177,7 +179,27 @@ imaging_manifest = Table(
     Column("submission_set_unique_id", String(128), nullable=False),
     Column("blob", String(512), nullable=False),
     Column("created_at", DateTime(timezone=True), server_default=func.now()),
+    # The DocumentEntry's entryUUID, the target of a later RPLC Association
+    # (ITI TF-3 4.2.2.2); empty for manifests published before it was kept.
+    Column("entry_uuid", String(64), nullable=False, server_default=""),
+    # "current" while it is the study's Approved manifest, "replaced" once
+    # an RPLC superseded it, "withdrawn" when the study has no instance left.
+    Column("status", String(16), nullable=False, server_default="current"),
     Index("ix_imaging_manifest_study", "study_instance_uid"),
+)
+
+# One row per study taken in by C-STORE, STOW-RS or import: when its last
+# instance arrived or left, and whether the published manifest is behind.
+imaging_study = Table(
+    "imaging_study",
+    metadata,
+    Column("study_instance_uid", String(64), primary_key=True),
+    # The affinity-domain patient id its manifest is published under.
+    Column("patient_id", String(256), nullable=False),
+    # Seconds since the epoch of the last change; the study is published
+    # once it has been quiet for [imaging_source] publish_after seconds.
+    Column("changed_at", Float, nullable=False),
+    Column("dirty", Boolean, nullable=False, default=True),
 )
 
 

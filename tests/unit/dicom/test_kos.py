@@ -75,6 +75,23 @@ def test_mr_manifest_references_same_instances_per_series_as_ihe_reference(kos_m
     assert len(ours.references) == 36
 
 
+@pytest.mark.parametrize(("folder", "count"), [("study-mr", 36), ("study-ct-ihe", 20)])
+def test_manifest_of_each_ihe_set_references_the_reference_kos_instances(folder, count):
+    """RAD TF-3 4.68.4.1.2: our manifest of each IHE test study references the
+    same instances, series by series, as the study's reference KOS."""
+    ours = parse_manifest(
+        build_manifest(
+            _study(f"{folder}/images"),
+            retrieve_ae_title=AE_TITLE,
+            retrieve_location_uid=REPOSITORY_UNIQUE_ID,
+        )
+    )
+    reference = parse_manifest(DATA / folder / "manifest" / "kos.dcm")
+    assert _by_series(ours) == _by_series(reference)
+    assert ours.study_instance_uids == reference.study_instance_uids
+    assert len(ours.references) == count
+
+
 def test_every_referenced_series_carries_retrieve_ae_title_and_location(kos_ct):
     """RAD TF-3 4.68.4.1.2: Retrieve Location UID is the repositoryUniqueId."""
     (study_item,) = kos_ct.CurrentRequestedProcedureEvidenceSequence
@@ -193,7 +210,9 @@ def _dciodvfy() -> str:
 
 
 @pytest.mark.peer("dciodvfy")
-@pytest.mark.parametrize("folder", ["study-ct", "study-mr/images"])
+@pytest.mark.parametrize(
+    "folder", ["study-ct", "study-mr/images", "study-ct-ihe/images"]
+)
 def test_dciodvfy_reports_no_error_on_built_manifest(folder, tmp_path):
     """DICOM PS3.3 A.35.4: the manifest is a valid Key Object Selection IOD."""
     program = _dciodvfy()

@@ -1,0 +1,334 @@
+"""Imaging Document Source intake over real sockets: C-STORE, STOW-RS and
+import into the store, auto-publishing, and the manifest's lifecycle."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pydicom
+import pytest
+import requests
+from pydicom.fileset import FileSet
+from sqlalchemy import select
+
+from tests.conftest import SHARED, shared_path
+from tests.integration.conftest import RunningNode
+from xdsi.actors.imaging_source import MANIFEST_CURRENT, MANIFEST_REPLACED
+from xdsi.app import Node
+from xdsi.config import Settings
+from xdsi.dicom import kos
+from xdsi.dicom.check import refusal_table
+from xdsi.dicom.store_scu import (
+    SUCCESS,
+    Destination,
+    SendResult,
+    StoreScuError,
+    send_files,
+)
+from xdsi.hl7.adt import build_feed
+from xdsi.hl7.mllp import send_message
+from xdsi.store.schema import imaging_instance, imaging_manifest, registry_object
+
+ASSIGNING_AUTHORITY = Settings().node.assigning_authority
+MR_PATIENT = f"IDS-DEPT002-a^^^&{ASSIGNING_AUTHORITY}&ISO"
+DEPRECATED = "urn:oasis:names:tc:ebxml-regrep:StatusType:Deprecated"
+APPROVED = "urn:oasis:names:tc:ebxml-regrep:StatusType:Approved"
+
+
+@pytest.fixture
+def intake_node(tmp_path: Path) -> Iterator[RunningNode]:
+    """A node with its C-STORE SCP on and a one-second quiet time."""
+    settings = (
+        Settings()
+        .with_storage(tmp_path / "node")
+        .with_ports(registry=0, repository=0, imaging_source=0, feed=0)
+    )
+    settings = replace(
+        settings,
+        imaging_source=replace(
+            settings.imaging_source, store_scp=True, dicom_port=0, publish_after=1.0
+        ),
+    )
+    node = Node(settings)
+    effective = node.start()
+    assert node.services is not None
+    send_message(
+        effective.node.host, effective.registry.feed_port, build_feed(MR_PATIENT)
+    )
+    yield RunningNode(node, effective, node.services, {})
+    node.stop()
+
+
+def _scp(node: RunningNode) -> Destination:
+    cfg = node.settings.imaging_source
+    return Destination(cfg.ae_title, node.settings.node.host, cfg.dicom_port)
+
+
+def _wait(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def _manifests(node: RunningNode) -> list:  # type: ignore[type-arg]
+    with node.services.engine.connect() as conn:
+        return conn.execute(
+            select(imaging_manifest).order_by(imaging_manifest.c.created_at)
+        ).all()
+
+
+def _held(node: RunningNode) -> dict[str, Path]:
+    with node.services.engine.connect() as conn:
+        rows = conn.execute(select(imaging_instance)).all()
+    return {
+        r.sop_instance_uid: node.services.imaging_source.blobs.path(r.blob)
+        for r in rows
+    }
+
+
+def _data_set_bytes(path: Path) -> bytes:
+    """The bytes after the File Meta Information (DICOM PS3.10 7.1)."""
+    data = path.read_bytes()
+    meta = pydicom.filereader.read_file_meta_info(path)
+    group_length = int(meta.FileMetaInformationGroupLength)
+    return data[132 + 12 + group_length :]
+
+
+def _registry_status(node: RunningNode, unique_id: str) -> str:
+    with node.services.engine.connect() as conn:
+        return conn.execute(
+            select(registry_object.c.status).where(
+                registry_object.c.unique_id == unique_id
+            )
+        ).scalar_one()
+
+
+def test_cstore_study_is_published_once_quiet(intake_node: RunningNode) -> None:
+    """RAD TF-3 4.68: a study sent by C-STORE is published when quiet, and its
+    manifest references every instance received."""
+    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())
+    sent = send_files(images, _scp(intake_node), calling_ae_title="TESTSCU")
+
+    assert set(sent.statuses.values()) == {SUCCESS}
+    _wait(lambda: len(_manifests(intake_node)) == 1)
+    (row,) = _manifests(intake_node)
+    manifest = kos.parse_manifest(
+        intake_node.services.imaging_source.blobs.path(row.blob)
+    )
+    held = _held(intake_node)
+    assert {r.sop_instance_uid for r in manifest.references} == set(held)
+    assert len(held) == 36
+    assert _registry_status(intake_node, row.sop_instance_uid) == APPROVED
+
+
+def test_more_instances_replace_the_manifest_with_rplc(
+    intake_node: RunningNode,
+) -> None:
+    """RAD TF-3 4.68.4.1.2.3, ITI TF-3 4.2.2.2: instances arriving after
+    publication bring a replacement manifest; the registry deprecates the
+    old one."""
+    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())
+    send_files(images[:20], _scp(intake_node), calling_ae_title="TESTSCU")
+    _wait(lambda: len(_manifests(intake_node)) == 1)
+
+    send_files(images[20:], _scp(intake_node), calling_ae_title="TESTSCU")
+    _wait(lambda: len(_manifests(intake_node)) == 2)
+
+    first, second = _manifests(intake_node)
+    assert (first.status, second.status) == (MANIFEST_REPLACED, MANIFEST_CURRENT)
+    assert _registry_status(intake_node, first.sop_instance_uid) == DEPRECATED
+    assert _registry_status(intake_node, second.sop_instance_uid) == APPROVED
+    found = intake_node.services.consumer.find(MR_PATIENT)
+    assert [e.unique_id for e in found] == [second.sop_instance_uid]
+    manifest = kos.parse_manifest(
+        intake_node.services.imaging_source.blobs.path(second.blob)
+    )
+    assert len(manifest.references) == 36
+
+
+def test_removed_instances_replace_and_then_withdraw_the_manifest(
+    intake_node: RunningNode,
+) -> None:
+    """RAD TF-3 4.68.4.1.2.3: removing instances replaces the manifest; with
+    none left the manifest is withdrawn."""
+    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())
+    send_files(images, _scp(intake_node), calling_ae_title="TESTSCU")
+    _wait(lambda: len(_manifests(intake_node)) == 1)
+    study_uid = pydicom.dcmread(images[0], stop_before_pixels=True).StudyInstanceUID
+    series_uid = pydicom.dcmread(images[0], stop_before_pixels=True).SeriesInstanceUID
+    intake = intake_node.services.intake
+
+    assert intake.remove(study_uid, series_instance_uid=series_uid) == 20
+    _wait(lambda: len(_manifests(intake_node)) == 2)
+    replacement = _manifests(intake_node)[1]
+    manifest = kos.parse_manifest(
+        intake_node.services.imaging_source.blobs.path(replacement.blob)
+    )
+    assert len(manifest.references) == 16
+
+    assert intake.remove(study_uid) == 16
+    _wait(lambda: _manifests(intake_node)[1].status == "withdrawn")
+    assert _held(intake_node) == {}
+
+
+def test_every_single_round_trips_over_cstore(intake_node: RunningNode) -> None:
+    """DICOM PS3.4 B.2.3: every storage SOP Class and transfer syntax of the
+    single objects is accepted, and the data set is stored as sent."""
+    singles = sorted(shared_path("dicom", "singles").iterdir())
+    sent = send_files(singles, _scp(intake_node), calling_ae_title="TESTSCU")
+
+    assert sent.unsendable == {}
+    assert sent.failed == {}
+    # Some singles are one instance in several encodings (same SOP Instance
+    # UID); the first received is kept.
+    encodings: dict[str, set[bytes]] = {}
+    for path in singles:
+        uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        encodings.setdefault(uid, set()).add(_data_set_bytes(path))
+    held = _held(intake_node)
+    assert set(held) == set(encodings)
+    for uid, path in held.items():
+        assert _data_set_bytes(path) in encodings[uid], uid
+
+
+def test_an_instance_sent_twice_is_stored_once(intake_node: RunningNode) -> None:
+    """DICOM PS3.4 B.2.3: a SOP Instance already held is answered Success and
+    kept once."""
+    path = shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm")
+    first = send_files([path], _scp(intake_node), calling_ae_title="TESTSCU")
+    again = send_files([path], _scp(intake_node), calling_ae_title="TESTSCU")
+
+    assert list(first.statuses.values()) == list(again.statuses.values()) == [SUCCESS]
+    assert len(_held(intake_node)) == 1
+
+
+@pytest.mark.parametrize(
+    "name", sorted(p.name for p in (SHARED / "dicom" / "bad").glob("*")) or ["none"]
+)
+def test_bad_files_are_refused_and_nothing_is_stored(
+    intake_node: RunningNode, name: str
+) -> None:
+    """DICOM PS3.4 Table B.2-1, PS3.18 10.5.3: a malformed object is refused
+    with an A9xx or Cxxx status over C-STORE and 409 over STOW-RS.
+
+    A file without File Meta cannot be offered by C-STORE at all, and one
+    naming no storage SOP Class finds no presentation context (DICOM PS3.8
+    9.3.3.2); both are refused over STOW-RS alike."""
+    path = shared_path("dicom", "bad", name)
+    statuses = {int(row["dimse_status"]) for row in refusal_table().values()}
+    try:
+        sent = send_files([path], _scp(intake_node), calling_ae_title="TESTSCU")
+    except StoreScuError:
+        sent = SendResult()
+    if sent.statuses:
+        assert sent.statuses[path] in statuses - {0xA700}
+
+    response = _stow(intake_node, [path.read_bytes()])
+    assert response.status_code == 409
+    failed = response.json()["00081198"]["Value"]
+    assert failed[0]["00081197"]["Value"][0] in {0xA900, 0xC000}
+    assert _held(intake_node) == {}
+
+
+def _stow(node: RunningNode, parts: list[bytes], study: str = "") -> requests.Response:
+    boundary = "xdsi-test-boundary"
+    body = (
+        b"".join(
+            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            + part
+            + b"\r\n"
+            for part in parts
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
+    settings = node.settings
+    url = (
+        f"http://{settings.node.host}:{settings.imaging_source.port}"
+        f"{settings.imaging_source.stow_path}" + (f"/{study}" if study else "")
+    )
+    return requests.post(
+        url,
+        data=body,
+        headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; '
+            f"boundary={boundary}"
+        },
+        timeout=60,
+    )
+
+
+def test_stow_rs_stores_instances_and_reports_failures(
+    intake_node: RunningNode,
+) -> None:
+    """DICOM PS3.18 10.5.3: 200 when all are stored, 202 when some fail, with
+    the Referenced and Failed SOP Sequences."""
+    good = shared_path("dicom", "singles", "ts-j2k-lossless__CT1_J2KR.dcm")
+    bad = shared_path("dicom", "bad", "truncated-pixeldata__MR_truncated.dcm")
+
+    first = _stow(intake_node, [good.read_bytes()])
+    mixed = _stow(
+        intake_node,
+        [
+            shared_path("dicom", "singles", "ts-rle__MR_small_RLE.dcm").read_bytes(),
+            bad.read_bytes(),
+        ],
+    )
+
+    assert first.status_code == 200
+    stored = first.json()["00081199"]["Value"][0]
+    uid = pydicom.dcmread(good, stop_before_pixels=True).SOPInstanceUID
+    assert stored["00081155"]["Value"] == [uid]
+    assert mixed.status_code == 202
+    assert mixed.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
+    held = _held(intake_node)
+    assert len(held) == 2
+    assert _data_set_bytes(held[uid]) == _data_set_bytes(good)
+
+
+def test_stow_rs_refuses_an_instance_of_another_study(
+    intake_node: RunningNode,
+) -> None:
+    """DICOM PS3.18 10.5.1: an instance not of the study in the URL fails."""
+    path = shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm")
+    response = _stow(intake_node, [path.read_bytes()], study="1.2.3.4")
+
+    assert response.status_code == 409
+    assert response.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA900]
+
+
+def test_stow_rs_refuses_other_media_types(intake_node: RunningNode) -> None:
+    """DICOM PS3.18 10.5.1.2: a body not multipart/related DICOM gets 415."""
+    settings = intake_node.settings
+    url = (
+        f"http://{settings.node.host}:{settings.imaging_source.port}"
+        f"{settings.imaging_source.stow_path}"
+    )
+    response = requests.post(
+        url, data=b"{}", headers={"Content-Type": "application/json"}, timeout=10
+    )
+    assert response.status_code == 415
+
+
+def test_a_cd_is_imported_by_its_dicomdir(intake_node: RunningNode, tmp_path) -> None:
+    """DICOM PS3.10 8.6: the files a DICOMDIR references are imported, and
+    only those; the study is then published at once."""
+    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())
+    fileset = FileSet()
+    for path in images[:5]:
+        fileset.add(pydicom.dcmread(path))
+    fileset.write(tmp_path / "cd")
+    # A file the DICOMDIR does not reference is not part of the file-set.
+    shutil.copy(images[5], tmp_path / "cd" / "stray.dcm")
+
+    result = intake_node.services.intake.import_folder(tmp_path / "cd")
+    (study_uid,) = result.studies
+    published = intake_node.services.intake.publish_now(study_uid)
+
+    assert len(result.accepted) == 5
+    assert result.refused == ()
+    assert published is not None and published.instances == 5

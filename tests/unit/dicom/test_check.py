@@ -1,0 +1,91 @@
+"""Intake checks over the shared single objects and malformed files."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import SHARED, shared_path
+from xdsi.dicom.check import Refused, check_file, refusal_table
+from xdsi.dicom.store_scu import Destination
+
+# The rule each malformed file breaks (shared dicom/README.md, "bad/").
+BAD = {
+    "bad-sequence-un__bad_sequence.dcm": "identification",
+    "bad-vr__badVR.dcm": "pixel_data",
+    "corrupt-j2k-codestream__JPEG2000-embedded-sequence-delimiter.dcm": "pixel_data",
+    "gzip-not-dicom__zipMR.gz": "not_dicom",
+    "meta-missing-transfer-syntax__meta_missing_tsyntax.dcm": "identification",
+    "no-preamble-no-meta-explicit__ExplVR_LitEndNoMeta.dcm": "not_dicom",
+    "no-preamble-no-meta__no_meta.dcm": "not_dicom",
+    "no-sop-class-uid__Issue111.dcm": "identification",
+    "no-study-series-uid__Issue196.dcm": "identification",
+    "pixeldata-too-short__emri_small_jpeg_2k_lossless_too_short.dcm": "unreadable",
+    "truncated-dataset__rtplan_truncated.dcm": "unreadable",
+    "truncated-pixeldata__MR_truncated.dcm": "unreadable",
+    "wrong-byte-order-undefined-length__GH177_D_CLUNIE_CT1_IVRLE_BigEndian_undefined_length.dcm": "unreadable",  # noqa: E501
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_each_malformed_file_is_refused_by_its_rule(name: str) -> None:
+    """DICOM PS3.4 Table B.2-1: each malformed file is refused, and the rule
+    maps to an A9xx or Cxxx status."""
+    with pytest.raises(Refused) as refused:
+        check_file(shared_path("dicom", "bad", name))
+    assert refused.value.rule == BAD[name]
+    assert refused.value.dimse_status >> 8 in {0xA9, 0xC0}
+
+
+def test_the_table_names_every_malformed_file_of_the_shared_set() -> None:
+    """DICOM PS3.10 7.1: every shared malformed file has its expected rule."""
+    assert {p.name for p in shared_path("dicom", "bad").iterdir()} == set(BAD)
+
+
+@pytest.mark.parametrize(
+    "name", sorted(p.name for p in (SHARED / "dicom" / "singles").glob("*.dcm"))
+)
+def test_each_single_object_passes(name: str) -> None:
+    """DICOM PS3.5 7.1, 8.1.1, 8.2.4: every well-formed single object passes,
+    compressed ones included."""
+    header, _ = check_file(shared_path("dicom", "singles", name))
+    assert header.sop_instance_uid
+
+
+def test_a_request_naming_another_sop_instance_is_refused() -> None:
+    """DICOM PS3.7 9.1.1.1: the data set must be the instance the C-STORE
+    request names."""
+    path = shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm")
+    with pytest.raises(Refused, match="in the request") as refused:
+        check_file(path, sop_instance_uid="1.2.3.4")
+    assert refused.value.dimse_status == 0xA900
+
+
+def test_every_refusal_rule_has_both_statuses() -> None:
+    """DICOM PS3.4 Table B.2-1, PS3.18 10.5.3.2: each rule maps to a failure
+    status and a Failure Reason of the standard's ranges."""
+    for row in refusal_table().values():
+        assert row["dimse_status"] >> 8 in {0xA7, 0xA9, 0xC0}
+        assert row["failure_reason"] in {0xA700, 0xA900, 0xC000}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("ORTHANC@127.0.0.1:4242", Destination("ORTHANC", "127.0.0.1", 4242)),
+        (" PACS@localhost:104 ", Destination("PACS", "localhost", 104)),
+    ],
+)
+def test_a_storage_scp_is_written_ae_at_host_colon_port(
+    text: str, expected: Destination
+) -> None:
+    """DICOM PS3.5 6.2: AE@host:port names a storage SCP."""
+    assert Destination.parse(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["ORTHANC", "A_TITLE_LONGER_THAN_16@h:1", "AE@host:0", "AE@host:99999"]
+)
+def test_a_malformed_storage_scp_is_refused(text: str) -> None:
+    """DICOM PS3.5 6.2: an AE title is at most 16 characters."""
+    with pytest.raises(ValueError, match="AE@host:port"):
+        Destination.parse(text)

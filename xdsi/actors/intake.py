@@ -1,0 +1,368 @@
+"""Imaging Document Source intake: keep instances as they arrive, publish
+studies when quiet, keep the published manifest true as the study changes.
+
+Instances come by C-STORE (DICOM PS3.4 B), STOW-RS (DICOM PS3.18 10.5) or
+import from a folder or CD (DICOM PS3.10 8, DICOMDIR). Each is checked
+(xdsi.dicom.check), stored once per SOP Instance UID, and its study marked
+changed. A study quiet for ``publish_after`` seconds is published with
+RAD-68 (RAD TF-3 4.68); a study changed after publication is published
+again, the new manifest replacing the old with an RPLC Association (RAD TF-3
+4.68.4.1.2.3, ITI TF-3 4.2.2.2).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import Dataset
+from pydicom.fileset import FileSet
+from sqlalchemy import Connection, Row, delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from xdsi.actors.imaging_source import ImagingSource, Published, sha256_file
+from xdsi.actors.provide import SubmitError
+from xdsi.dicom import check, scan
+from xdsi.store.schema import imaging_instance, imaging_study
+
+logger = logging.getLogger(__name__)
+
+# DICOM PS3.10 8.6: the name of the directory file of a file-set.
+DICOMDIR = "DICOMDIR"
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """An instance taken in; ``duplicate`` when it was held already."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """What an import took in, and the files it refused with why."""
+
+    accepted: tuple[Accepted, ...]
+    refused: tuple[tuple[Path, check.Refused], ...]
+
+    @property
+    def studies(self) -> tuple[str, ...]:
+        return tuple(sorted({a.study_instance_uid for a in self.accepted}))
+
+
+class Intake:
+    """Takes instances into an Imaging Document Source's store."""
+
+    def __init__(self, source: ImagingSource) -> None:
+        self.source = source
+        self.engine = source.engine
+        self.blobs = source.blobs
+        self.settings = source.settings
+        # Serialises publication within this process; the claim on
+        # imaging_study rows serialises it between processes.
+        self._publishing = threading.Lock()
+
+    # --- taking instances in ----------------------------------------------
+
+    def accept(
+        self,
+        path: Path,
+        *,
+        move: bool = False,
+        sop_class_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+        study_instance_uid: str | None = None,
+    ) -> Accepted:
+        """Check one DICOM PS3.10 file and store it, once per SOP Instance UID.
+
+        With ``move`` the file is consumed (renamed into the store when on
+        the same file system). A SOP Instance UID held already is accepted
+        and the new copy dropped. ``sop_class_uid`` and ``sop_instance_uid``
+        are the ones a C-STORE request names, ``study_instance_uid`` the
+        study a STOW-RS request names (DICOM PS3.18 10.5.1).
+
+        Raises
+        ------
+        check.Refused
+            The file is not stored; ``dimse_status`` and ``failure_reason``
+            say what to answer.
+        """
+        header, ds = check.check_file(
+            path, sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid
+        )
+        if study_instance_uid and study_instance_uid != header.study_instance_uid:
+            raise check.Refused(
+                "command_mismatch",
+                f"instance {header.sop_instance_uid} belongs to study "
+                f"{header.study_instance_uid}, not to {study_instance_uid}",
+            )
+        patient_id = self.patient_id(ds)
+        if self._held(header.sop_instance_uid):
+            return self._duplicate(header, path, move)
+
+        try:
+            blob = self.blobs.put_file(header.sop_instance_uid, path, move=move)
+            digest = sha256_file(self.blobs.path(blob))
+        except OSError as exc:
+            raise check.Refused("storage", f"cannot store: {exc}") from exc
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    insert(imaging_instance).values(
+                        sop_instance_uid=header.sop_instance_uid,
+                        study_instance_uid=header.study_instance_uid,
+                        series_instance_uid=header.series_instance_uid,
+                        sop_class_uid=header.sop_class_uid,
+                        transfer_syntax_uid=header.transfer_syntax_uid,
+                        size=header.size,
+                        sha256=digest,
+                        patient_id=patient_id,
+                        blob=blob,
+                    )
+                )
+                self._touch(conn, header.study_instance_uid, patient_id)
+        except IntegrityError:
+            # Another association stored the same instance meanwhile; the
+            # blob under the same key holds the same instance.
+            return self._duplicate(header, path, False)
+        return Accepted(
+            header.sop_class_uid,
+            header.sop_instance_uid,
+            header.study_instance_uid,
+            False,
+        )
+
+    def import_folder(self, folder: Path) -> ImportResult:
+        """Take in every instance of a folder or CD.
+
+        With a DICOMDIR at the top (DICOM PS3.10 8.6), the files its records
+        reference are read; otherwise every regular file under the folder.
+        Files are copied, never moved.
+        """
+        accepted: list[Accepted] = []
+        refused: list[tuple[Path, check.Refused]] = []
+        for path in _files_of(folder):
+            try:
+                accepted.append(self.accept(path))
+            except check.Refused as exc:
+                logger.warning("Refused %s: %s", path, exc.reason)
+                refused.append((path, exc))
+        return ImportResult(tuple(accepted), tuple(refused))
+
+    def remove(
+        self,
+        study_instance_uid: str,
+        *,
+        series_instance_uid: str | None = None,
+        sop_instance_uids: Iterable[str] = (),
+    ) -> int:
+        """Remove instances of a study from the store; return how many.
+
+        Without a series or SOP Instance UIDs the whole study goes. The study
+        is marked changed, so that its manifest is replaced, or withdrawn
+        when nothing is left.
+        """
+        column = imaging_instance.c
+        where = [column.study_instance_uid == study_instance_uid]
+        if series_instance_uid:
+            where.append(column.series_instance_uid == series_instance_uid)
+        wanted = list(sop_instance_uids)
+        if wanted:
+            where.append(column.sop_instance_uid.in_(wanted))
+        with self.engine.begin() as conn:
+            rows = conn.execute(select(column.blob, column.patient_id).where(*where))
+            gone = rows.all()
+            if not gone:
+                return 0
+            conn.execute(delete(imaging_instance).where(*where))
+            self._touch(conn, study_instance_uid, gone[0].patient_id or "")
+        for row in gone:
+            self.blobs.delete(row.blob)
+        logger.info("removed %d instances of study %s", len(gone), study_instance_uid)
+        return len(gone)
+
+    def patient_id(self, ds: Dataset) -> str:
+        """The affinity-domain patient id of an instance (ITI TF-3 4.2.3.2.16).
+
+        Patient ID (0010,0020) qualified by Issuer of Patient ID (0010,0021)
+        when that is one of the domain's assigning authorities, else by the
+        node's assigning authority.
+        """
+        # Limitation: no PIX cross-reference (ITI-9); the image's own Patient
+        # ID is taken as the affinity domain's.
+        node = self.settings.node
+        issuer = str(ds.get("IssuerOfPatientID") or "").strip()
+        known = (node.assigning_authority, *node.other_assigning_authorities)
+        authority = issuer if issuer in known else node.assigning_authority
+        value = str(ds.get("PatientID") or "").strip()
+        return f"{value}^^^&{authority}&ISO" if value else ""
+
+    # --- publishing -----------------------------------------------------------
+
+    def publish_due(self, quiet: float) -> list[Published]:
+        """Publish every changed study quiet for ``quiet`` seconds."""
+        cutoff = time.time() - quiet
+        with self.engine.connect() as conn:
+            due = (
+                conn.execute(
+                    select(imaging_study.c.study_instance_uid).where(
+                        imaging_study.c.dirty.is_(True),
+                        imaging_study.c.changed_at <= cutoff,
+                    )
+                )
+                .scalars()
+                .all()
+            )
+        published = []
+        for study_instance_uid in due:
+            result = self.publish_now(study_instance_uid, cutoff=cutoff)
+            if result is not None:
+                published.append(result)
+        return published
+
+    def publish_now(
+        self, study_instance_uid: str, *, cutoff: float | None = None
+    ) -> Published | None:
+        """Publish a changed study at once: first manifest, replacement or
+        withdrawal. None when there was nothing to do or nothing is left.
+
+        The study is claimed first, so that one publisher alone sends it; a
+        change arriving meanwhile marks it changed again.
+        """
+        with self._publishing:
+            row = self._claim(study_instance_uid, cutoff)
+            if row is None:
+                return None
+            try:
+                return self.source.republish(study_instance_uid, row.patient_id)
+            except SubmitError as exc:
+                logger.error(
+                    "study %s not published, retried later: %s",
+                    study_instance_uid,
+                    exc,
+                )
+                with self.engine.begin() as conn:
+                    conn.execute(
+                        update(imaging_study)
+                        .where(imaging_study.c.study_instance_uid == study_instance_uid)
+                        .values(dirty=True, changed_at=time.time())
+                    )
+                return None
+
+    def _claim(self, study_instance_uid: str, cutoff: float | None) -> Row | None:
+        column = imaging_study.c
+        where = [
+            column.study_instance_uid == study_instance_uid,
+            column.dirty.is_(True),
+        ]
+        if cutoff is not None:
+            where.append(column.changed_at <= cutoff)
+        with self.engine.begin() as conn:
+            claimed = conn.execute(
+                update(imaging_study).where(*where).values(dirty=False)
+            )
+            if claimed.rowcount != 1:
+                return None
+            return conn.execute(
+                select(imaging_study).where(
+                    column.study_instance_uid == study_instance_uid
+                )
+            ).first()
+
+    # --- helpers ----------------------------------------------------------
+
+    def _held(self, sop_instance_uid: str) -> bool:
+        with self.engine.connect() as conn:
+            return (
+                conn.execute(
+                    select(imaging_instance.c.sop_instance_uid).where(
+                        imaging_instance.c.sop_instance_uid == sop_instance_uid
+                    )
+                ).first()
+                is not None
+            )
+
+    def _duplicate(
+        self, header: scan.InstanceHeader, path: Path, move: bool
+    ) -> Accepted:
+        logger.debug("instance %s held already", header.sop_instance_uid)
+        if move:
+            path.unlink(missing_ok=True)
+        return Accepted(
+            header.sop_class_uid,
+            header.sop_instance_uid,
+            header.study_instance_uid,
+            True,
+        )
+
+    def _touch(
+        self, conn: Connection, study_instance_uid: str, patient_id: str
+    ) -> None:
+        """Mark a study changed now; create its row on first sight."""
+        now = time.time()
+        changed = conn.execute(
+            update(imaging_study)
+            .where(imaging_study.c.study_instance_uid == study_instance_uid)
+            .values(changed_at=now, dirty=True)
+        )
+        if changed.rowcount == 0:
+            conn.execute(
+                insert(imaging_study).values(
+                    study_instance_uid=study_instance_uid,
+                    patient_id=patient_id,
+                    changed_at=now,
+                    dirty=True,
+                )
+            )
+
+
+class AutoPublisher:
+    """A background thread publishing quiet studies of an :class:`Intake`."""
+
+    def __init__(self, intake: Intake, quiet: float, interval: float = 1.0) -> None:
+        self.intake = intake
+        self.quiet = quiet
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="xdsi-auto-publish", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.intake.publish_due(self.quiet)
+            except Exception:
+                # The thread must outlive a failing database; the next round
+                # tries again.
+                logger.exception("auto-publish round failed")
+
+
+def _files_of(folder: Path) -> Iterator[Path]:
+    """The files of a file-set by its DICOMDIR, or every file under folder."""
+    dicomdir = folder / DICOMDIR
+    if dicomdir.is_file():
+        for instance in FileSet(dicomdir):
+            yield Path(instance.path)
+        return
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            file = Path(root) / name
+            if file.is_file() and not file.is_symlink():
+                yield file

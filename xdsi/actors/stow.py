@@ -1,0 +1,196 @@
+"""STOW-RS Store Instances on the Imaging Document Source's HTTP port.
+
+Implements DICOM PS3.18 10.5 (Store Transaction): a POST of a
+multipart/related body of application/dicom parts to ``{stow_path}`` or
+``{stow_path}/{StudyInstanceUID}``, each part streamed to a spool file as it
+is parsed, then checked and stored by the intake. The answer is the Store
+Instances Response Module of DICOM PS3.18 10.5.3 as DICOM JSON (PS3.18 F.2),
+with the status codes of DICOM PS3.18 Table 10.5.3-1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import IO
+
+from flask import Flask, Response, request
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from xdsi.actors.intake import Intake
+from xdsi.dicom.check import Refused
+
+logger = logging.getLogger(__name__)
+
+DICOM_MEDIA_TYPE = "application/dicom"
+DICOM_JSON_MEDIA_TYPE = "application/dicom+json"
+
+# DICOM PS3.6 tags of the Store Instances Response Module (PS3.18 10.5.3).
+FAILED_SOP_SEQUENCE = "00081198"
+REFERENCED_SOP_SEQUENCE = "00081199"
+REFERENCED_SOP_CLASS_UID = "00081150"
+REFERENCED_SOP_INSTANCE_UID = "00081155"
+FAILURE_REASON = "00081197"
+
+# DICOM PS3.18 Table 10.5.3-1.
+ALL_STORED, SOME_STORED, NONE_STORED = 200, 202, 409
+BAD_REQUEST, UNSUPPORTED_MEDIA_TYPE = 400, 415
+
+CHUNK = 1 << 20
+
+
+class _Parts:
+    """Spool each part of a multipart body to its own file as it streams."""
+
+    def __init__(self, spool: Path) -> None:
+        self.spool = spool
+        self.files: list[tuple[Path, str]] = []
+        self._file: IO[bytes] | None = None
+        self._field = b""
+        self._headers: dict[str, str] = {}
+
+    def callbacks(self) -> dict:  # type: ignore[type-arg]
+        return {
+            "on_part_begin": self._begin,
+            "on_part_data": self._data,
+            "on_part_end": self._end,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value,
+        }
+
+    def _begin(self) -> None:
+        self._headers = {}
+        self._field = b""
+        self._file = tempfile.NamedTemporaryFile(
+            dir=self.spool, suffix=".dcm", delete=False
+        )
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field = data[start:end].lower()
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        name = self._field.decode("latin-1")
+        self._headers[name] = self._headers.get(name, "") + data[start:end].decode(
+            "latin-1"
+        )
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        if self._file is not None:
+            self._file.write(data[start:end])
+
+    def _end(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            media_type = self._headers.get("content-type", DICOM_MEDIA_TYPE)
+            self.files.append((Path(self._file.name), media_type))
+            self._file = None
+
+    def discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self.files.append((Path(self._file.name), ""))
+        for path, _ in self.files:
+            path.unlink(missing_ok=True)
+
+
+def add_stow_route(app: Flask, intake: Intake, path: str, spool: Path) -> None:
+    """Serve STOW-RS Store Instances at ``path`` on ``app``."""
+    spool.mkdir(parents=True, exist_ok=True)
+
+    def store(study_instance_uid: str | None = None) -> Response:
+        return _store(intake, spool, study_instance_uid)
+
+    app.add_url_rule(path, "stow_rs", store, methods=["POST"])
+    app.add_url_rule(
+        f"{path}/<study_instance_uid>", "stow_rs_study", store, methods=["POST"]
+    )
+
+
+def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Response:
+    """Answer one Store Instances request; DICOM PS3.18 10.5."""
+    started = time.monotonic()
+    media_type, options = parse_options_header(request.content_type or "")
+    boundary = options.get(b"boundary")
+    part_type = options.get(b"type", DICOM_MEDIA_TYPE.encode()).decode("latin-1")
+    if media_type != b"multipart/related" or part_type != DICOM_MEDIA_TYPE:
+        # PS3.18 10.5.1.2: this node stores the application/dicom media type.
+        return _plain(
+            UNSUPPORTED_MEDIA_TYPE,
+            'STOW-RS takes multipart/related; type="application/dicom"',
+        )
+    if not boundary:
+        return _plain(BAD_REQUEST, "multipart/related without a boundary")
+
+    parts = _Parts(spool)
+    parser = MultipartParser(boundary, parts.callbacks())
+    try:
+        stream = request.stream
+        for chunk in iter(lambda: stream.read(CHUNK), b""):
+            parser.write(chunk)
+        parser.finalize()
+    except Exception as exc:
+        parts.discard()
+        return _plain(BAD_REQUEST, f"malformed multipart body: {exc}")
+
+    stored: list[dict] = []  # type: ignore[type-arg]
+    failed: list[dict] = []  # type: ignore[type-arg]
+    for path, part_media_type in parts.files:
+        try:
+            if part_media_type.split(";")[0].strip().lower() != DICOM_MEDIA_TYPE:
+                raise Refused("not_dicom", f"a part of type {part_media_type}")
+            accepted = intake.accept(
+                path, move=True, study_instance_uid=study_instance_uid
+            )
+            stored.append(_reference(accepted.sop_class_uid, accepted.sop_instance_uid))
+        except Refused as exc:
+            logger.warning("STOW-RS part refused: %s", exc.reason)
+            failed.append(_reference("", "", exc.failure_reason))
+        finally:
+            path.unlink(missing_ok=True)
+
+    if not parts.files:
+        return _plain(BAD_REQUEST, "the request holds no part")
+    status = ALL_STORED if not failed else SOME_STORED if stored else NONE_STORED
+    body: dict[str, dict] = {}  # type: ignore[type-arg]
+    if stored:
+        body[REFERENCED_SOP_SEQUENCE] = {"vr": "SQ", "Value": stored}
+    if failed:
+        body[FAILED_SOP_SEQUENCE] = {"vr": "SQ", "Value": failed}
+    logger.info(
+        "%s %s from %s: HTTP %d, %d stored, %d failed, %.3f s",
+        "STOW-RS",
+        "Store Instances",
+        request.remote_addr,
+        status,
+        len(stored),
+        len(failed),
+        time.monotonic() - started,
+    )
+    return Response(json.dumps(body), status=status, mimetype=DICOM_JSON_MEDIA_TYPE)
+
+
+def _reference(
+    sop_class_uid: str, sop_instance_uid: str, failure_reason: int | None = None
+) -> dict:  # type: ignore[type-arg]
+    """One item of the Referenced or Failed SOP Sequence.
+
+    A refused part whose UIDs could not be read has them empty.
+    """
+    item: dict[str, dict] = {  # type: ignore[type-arg]
+        REFERENCED_SOP_CLASS_UID: {"vr": "UI"},
+        REFERENCED_SOP_INSTANCE_UID: {"vr": "UI"},
+    }
+    if sop_class_uid:
+        item[REFERENCED_SOP_CLASS_UID]["Value"] = [sop_class_uid]
+    if sop_instance_uid:
+        item[REFERENCED_SOP_INSTANCE_UID]["Value"] = [sop_instance_uid]
+    if failure_reason is not None:
+        item[FAILURE_REASON] = {"vr": "US", "Value": [failure_reason]}
+    return item
+
+
+def _plain(status: int, message: str) -> Response:
+    return Response(message + "\n", status=status, mimetype="text/plain")

@@ -1,0 +1,220 @@
+"""Intake checks: decide whether a received DICOM file may be stored.
+
+Implements the DICOM PS3.10 7.1 file format check, the element lengths of
+DICOM PS3.5 7.1, the Pixel Data length of DICOM PS3.5 8.1.1 and the
+consistency of a JPEG 2000 codestream with the Image Pixel module (DICOM
+PS3.5 8.2.4, ISO/IEC 15444-1 A.5.1). Each refusal names a row of
+``profiles/intake_refusals.toml``, which maps it to the C-STORE status of
+DICOM PS3.4 B.2.3 and the STOW-RS Failure Reason of DICOM PS3.18 10.5.3.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragmented_frames
+from pydicom.uid import JPEG2000TransferSyntaxes
+
+from xdsi.dicom.scan import (
+    InstanceHeader,
+    InvalidInstance,
+    NotDicom,
+    read_header,
+)
+from xdsi.profiles_loader import load_profile_table
+
+logger = logging.getLogger(__name__)
+
+# DICOM PS3.5 7.1.1: the length of an element whose value is delimited.
+UNDEFINED_LENGTH = 0xFFFFFFFF
+
+# ISO/IEC 15444-1 A.2 and A.5.1: a codestream opens with SOC then SIZ.
+J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
+
+
+class Refused(Exception):
+    """An instance the Imaging Document Source will not store.
+
+    ``rule`` is a row of ``profiles/intake_refusals.toml``.
+    """
+
+    def __init__(self, rule: str, reason: str) -> None:
+        if rule not in refusal_table():
+            raise ValueError(f"no refusal rule {rule!r} in intake_refusals.toml")
+        super().__init__(reason)
+        self.rule = rule
+        self.reason = reason
+
+    @property
+    def dimse_status(self) -> int:
+        """The C-STORE response Status; DICOM PS3.4 Table B.2-1."""
+        return int(refusal_table()[self.rule]["dimse_status"])
+
+    @property
+    def failure_reason(self) -> int:
+        """The STOW-RS Failure Reason (0008,1197); DICOM PS3.18 10.5.3.2."""
+        return int(refusal_table()[self.rule]["failure_reason"])
+
+
+@cache
+def refusal_table() -> dict[str, Any]:
+    """The refusal rules, keyed by name."""
+    return load_profile_table("intake_refusals")
+
+
+def check_file(
+    path: Path,
+    *,
+    sop_class_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+) -> tuple[InstanceHeader, Dataset]:
+    """Check a received DICOM PS3.10 file; return its header and data set.
+
+    The whole data set is parsed: every element must be as long as its
+    header says (DICOM PS3.5 7.1) and decode to its VR; native Pixel Data
+    must hold Rows x Columns x Samples per Pixel x Bits Allocated x frames
+    (DICOM PS3.5 8.1.1); each JPEG 2000 frame's SIZ marker must agree with
+    Rows, Columns and Samples per Pixel (DICOM PS3.5 8.2.4). When the
+    request named a SOP Class or Instance UID (the C-STORE command's
+    Affected SOP Class and Instance UIDs, DICOM PS3.7 9.1.1.1), the data
+    set must carry the same.
+
+    Limitation: other compressed codestreams are checked for their framing
+    only, not decoded; a corrupt JPEG or RLE frame is stored as received.
+
+    Raises
+    ------
+    Refused
+        With the rule broken and a reason naming the element.
+    """
+    try:
+        header, _ = read_header(path)
+    except NotDicom as exc:
+        raise Refused("not_dicom", exc.reason) from exc
+    except InvalidInstance as exc:
+        rule = "unreadable" if exc.reason.startswith("unreadable") else "identification"
+        raise Refused(rule, exc.reason) from exc
+
+    # The header alone may parse where the whole file does not.
+    try:
+        ds = pydicom.dcmread(path)
+        _check_elements(ds)
+    except Refused:
+        raise
+    except Exception as exc:
+        raise Refused("unreadable", f"{type(exc).__name__}: {exc}") from exc
+    if ds.get("SOPInstanceUID") != header.sop_instance_uid:
+        raise Refused("unreadable", "the data set ends before its SOP Instance UID")
+
+    if sop_class_uid is not None and sop_class_uid != header.sop_class_uid:
+        raise Refused(
+            "command_mismatch",
+            f"SOP Class UID {header.sop_class_uid} in the data set, "
+            f"{sop_class_uid} in the request",
+        )
+    if sop_instance_uid is not None and sop_instance_uid != header.sop_instance_uid:
+        raise Refused(
+            "command_mismatch",
+            f"SOP Instance UID {header.sop_instance_uid} in the data set, "
+            f"{sop_instance_uid} in the request",
+        )
+    if "PixelData" in ds:
+        _check_pixel_data(ds, header.transfer_syntax_uid)
+    return header, ds
+
+
+def _check_elements(ds: Dataset) -> None:
+    """Check every element's length and value, sequences included."""
+    for tag in list(ds.keys()):
+        raw = ds._dict[tag]
+        if (
+            isinstance(raw, RawDataElement)
+            and isinstance(raw.value, bytes)
+            and raw.length != UNDEFINED_LENGTH
+            and len(raw.value) < raw.length
+        ):
+            raise Refused(
+                "unreadable",
+                f"element {tag} is {len(raw.value)} bytes long, its header "
+                f"says {raw.length}; DICOM PS3.5 7.1",
+            )
+        element = ds[tag]
+        if element.VR == "SQ":
+            for item in element.value:
+                _check_elements(item)
+
+
+def _frames(ds: Dataset) -> int:
+    try:
+        return max(int(ds.get("NumberOfFrames") or 1), 1)
+    except (TypeError, ValueError) as exc:
+        raise Refused(
+            "pixel_data", f"Number of Frames {ds.NumberOfFrames!r} is no number"
+        ) from exc
+
+
+def _check_pixel_data(ds: Dataset, transfer_syntax_uid: str) -> None:
+    """Check Pixel Data against the Image Pixel module; DICOM PS3.5 8."""
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        bits = int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise Refused(
+            "pixel_data", f"Pixel Data without a usable Image Pixel module: {exc}"
+        ) from exc
+    frames = _frames(ds)
+    value = ds.PixelData
+    if not pydicom.uid.UID(transfer_syntax_uid).is_encapsulated:
+        expected = (rows * columns * samples * frames * bits + 7) // 8
+        if len(value) < expected:
+            raise Refused(
+                "pixel_data",
+                f"Pixel Data holds {len(value)} bytes; {rows}x{columns}x{samples} "
+                f"at {bits} bits x {frames} frames needs {expected}; "
+                "DICOM PS3.5 8.1.1",
+            )
+        return
+    try:
+        encoded = list(generate_fragmented_frames(value, number_of_frames=frames))
+    except Exception as exc:
+        raise Refused(
+            "pixel_data", f"encapsulated Pixel Data is malformed: {exc}"
+        ) from exc
+    if len(encoded) < frames:
+        raise Refused(
+            "pixel_data",
+            f"encapsulated Pixel Data holds {len(encoded)} of {frames} frames; "
+            "DICOM PS3.5 A.4",
+        )
+    if transfer_syntax_uid in JPEG2000TransferSyntaxes:
+        for number, fragments in enumerate(encoded, start=1):
+            _check_siz(b"".join(fragments[:1]), number, rows, columns, samples)
+
+
+def _check_siz(head: bytes, frame: int, rows: int, columns: int, samples: int) -> None:
+    """Compare a JPEG 2000 SIZ marker with the Image Pixel module.
+
+    ISO/IEC 15444-1 A.5.1: after SOC and SIZ come Lsiz, Rsiz, Xsiz, Ysiz,
+    XOsiz, YOsiz, four tile sizes, then Csiz.
+    """
+    if not head.startswith(J2K_SOC_SIZ) or len(head) < 42:
+        raise Refused(
+            "pixel_data", f"frame {frame} is no JPEG 2000 codestream (SOC, SIZ)"
+        )
+    xsiz, ysiz, xosiz, yosiz = struct.unpack(">4I", head[8:24])
+    (csiz,) = struct.unpack(">H", head[40:42])
+    width, height = xsiz - xosiz, ysiz - yosiz
+    if (width, height, csiz) != (columns, rows, samples):
+        raise Refused(
+            "pixel_data",
+            f"frame {frame} codestream is {width}x{height} with {csiz} components; "
+            f"the data set says {columns}x{rows} with {samples}; DICOM PS3.5 8.2.4",
+        )

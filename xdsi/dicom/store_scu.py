@@ -1,0 +1,155 @@
+"""Send DICOM PS3.10 files to a storage SCP by C-STORE, as they are stored.
+
+Implements the Storage Service Class as an SCU (DICOM PS3.4 B): one
+presentation context per SOP Class and transfer syntax found in the files'
+File Meta Information (DICOM PS3.10 7.1), at most 128 per association (DICOM
+PS3.8 9.3.2.2); each data set is sent as the file holds it, never decoded
+or re-encoded, so that the peer receives the same bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom.filereader import read_file_meta_info
+from pynetdicom import AE, _config
+from pynetdicom.presentation import build_context
+
+logger = logging.getLogger(__name__)
+
+# DICOM PS3.8 9.3.2.2: presentation context IDs are odd numbers 1 to 255.
+MAX_CONTEXTS = 128
+
+# DICOM PS3.4 Table B.2-1: Success.
+SUCCESS = 0x0000
+
+# AE@host:port, AE title at most 16 characters (DICOM PS3.5 6.2).
+DESTINATION = re.compile(r"(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})")
+
+Progress = Callable[[int, int], None]
+
+
+class StoreScuError(Exception):
+    """The storage SCP could not be reached or refused the association."""
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A storage SCP: its AE title, host and port."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        """Read ``AE@host:port``."""
+        match = DESTINATION.fullmatch(text.strip())
+        if match is None or not 0 < int(match["port"]) < 65536:
+            raise ValueError(
+                f"{text!r} is no storage SCP; write AE@host:port, the AE title "
+                "at most 16 characters (DICOM PS3.5 6.2)"
+            )
+        return cls(match["ae"], match["host"], int(match["port"]))
+
+
+@dataclass
+class SendResult:
+    """The C-STORE status of every file sent, and files that could not be."""
+
+    statuses: dict[Path, int] = field(default_factory=dict)
+    unsendable: dict[Path, str] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> dict[Path, int]:
+        """Files the SCP answered with a Failure or Warning status."""
+        return {p: s for p, s in self.statuses.items() if s != SUCCESS}
+
+
+def send_files(
+    paths: Sequence[Path],
+    destination: Destination,
+    *,
+    calling_ae_title: str,
+    progress: Progress | None = None,
+    timeout: float = 60.0,
+) -> SendResult:
+    """C-STORE every file of ``paths`` to ``destination``.
+
+    A file without File Meta Information (SOP Class, SOP Instance and
+    transfer syntax) is not sent and lands in ``unsendable``.
+
+    Raises
+    ------
+    StoreScuError
+        No association could be established.
+    """
+    # Data sets go out as the files hold them (DICOM PS3.8 9.3.5 fragments).
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    result = SendResult()
+    contexts: dict[tuple[str, str], list[Path]] = {}
+    for path in paths:
+        try:
+            meta = read_file_meta_info(path)
+            key = (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
+        except Exception as exc:
+            result.unsendable[path] = f"{type(exc).__name__}: {exc}"
+            continue
+        contexts.setdefault(key, []).append(path)
+
+    keys = list(contexts)
+    total = sum(len(v) for v in contexts.values())
+    for start in range(0, len(keys), MAX_CONTEXTS):
+        batch = keys[start : start + MAX_CONTEXTS]
+        files = [p for key in batch for p in contexts[key]]
+        ae = _application_entity(calling_ae_title, timeout, batch)
+        assoc = ae.associate(
+            destination.host, destination.port, ae_title=destination.ae_title
+        )
+        if not assoc.is_established:
+            raise StoreScuError(
+                f"no association with {destination.ae_title}@{destination.host}:"
+                f"{destination.port} (rejected, aborted or unreachable)"
+            )
+        try:
+            for path in files:
+                try:
+                    status = assoc.send_c_store(path)
+                except ValueError as exc:
+                    # The SCP accepted no context for this SOP Class and
+                    # transfer syntax (DICOM PS3.8 9.3.3.2).
+                    result.unsendable[path] = str(exc)
+                    continue
+                if not status:
+                    raise StoreScuError(
+                        f"{destination.ae_title} sent no C-STORE response for {path}"
+                    )
+                result.statuses[path] = int(status.Status)
+                if progress:
+                    progress(len(result.statuses), total)
+        finally:
+            assoc.release()
+    logger.info(
+        "C-STORE to %s@%s:%s: %d sent, %d failed, %d unsendable",
+        destination.ae_title,
+        destination.host,
+        destination.port,
+        len(result.statuses),
+        len(result.failed),
+        len(result.unsendable),
+    )
+    return result
+
+
+def _application_entity(
+    calling_ae_title: str, timeout: float, keys: list[tuple[str, str]]
+) -> AE:
+    """An SCU proposing one context per SOP Class and transfer syntax."""
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.requested_contexts = [build_context(sop, [ts]) for sop, ts in keys]
+    return ae
