@@ -70,7 +70,9 @@ class Target:
 
     @property
     def cursor_name(self) -> str:
-        return _CURSOR_PREFIX + _NOT_NAME.sub("_", f"{self.scheme}-{self.host}-{self.port}")
+        return _CURSOR_PREFIX + _NOT_NAME.sub(
+            "_", f"{self.scheme}-{self.host}-{self.port}"
+        )
 
 
 @dataclass(frozen=True)
@@ -164,8 +166,7 @@ class _Worker(threading.Thread):
             # go over UDP at all; it stays in the spool and goes to the other
             # targets, and this one moves on rather than stall for good.
             logger.warning(
-                "audit message %s (%d bytes) skipped for %s: larger than one "
-                "datagram",
+                "audit message %s (%d bytes) skipped for %s: larger than one datagram",
                 name,
                 len(message),
                 self.target.url,

@@ -42,7 +42,7 @@ _PARSER = etree.XMLParser(resolve_entities=False, no_network=True)
 
 
 @cache
-def _audit_message_schema() -> etree.RelaxNG:
+def audit_message_schema() -> etree.RelaxNG:
     """Return the DICOM PS3.15 A.5.1 schema from the package's schema copy."""
     rng = resources.files("xdsi") / "schemas" / "dicom" / "audit-message.rng"
     return etree.RelaxNG(etree.fromstring(rng.read_bytes(), _PARSER))
@@ -84,7 +84,7 @@ def _read_record(path: Path, xml: bytes) -> AuditRecord:
         The bytes are not an AuditMessage valid against DICOM PS3.15 A.5.1.
     """
     root = etree.fromstring(xml, _PARSER)
-    schema = _audit_message_schema()
+    schema = audit_message_schema()
     if not schema.validate(root):
         raise ValueError(f"{path.name}: {schema.error_log.last_error}")
 

@@ -13,6 +13,7 @@ import re
 import select
 import socket
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -168,23 +169,23 @@ class FrameReader:
         self.max_length = max_length
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> list[bytes]:
-        """Add received bytes; return the messages they complete.
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """Add received bytes; yield the messages they complete, in order.
 
         Raises
         ------
         FramingError
-            MSG-LEN is missing, not a number, or above ``max_length``; the
-            stream cannot be resynchronised and the session must end.
+            After the whole messages before it: MSG-LEN is missing, not a
+            number, or above ``max_length``; the stream cannot be
+            resynchronised and the session must end.
         """
         self._buffer += data
-        messages = []
         while True:
             space = self._buffer.find(b" ", 0, _MAX_LENGTH_DIGITS + 1)
             if space < 0:
                 if len(self._buffer) > _MAX_LENGTH_DIGITS:
                     raise FramingError("no MSG-LEN before the message (RFC 5425 4.3)")
-                return messages
+                return
             digits = bytes(self._buffer[:space])
             if not digits.isdigit() or digits.startswith(b"0"):
                 raise FramingError("MSG-LEN is not a number (RFC 5425 4.3)")
@@ -195,9 +196,16 @@ class FrameReader:
                 )
             end = space + 1 + length
             if len(self._buffer) < end:
-                return messages
-            messages.append(bytes(self._buffer[space + 1 : end]))
+                return
+            message = bytes(self._buffer[space + 1 : end])
             del self._buffer[:end]
+            yield message
+
+    def drain(self) -> bytes:
+        """Return and forget the bytes not yet a whole message."""
+        rest = bytes(self._buffer)
+        self._buffer.clear()
+        return rest
 
     @property
     def pending(self) -> int:
