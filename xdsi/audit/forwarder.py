@@ -172,11 +172,13 @@ class _Worker(threading.Thread):
                 self.target.url,
             )
         # Limitation: syslog has no acknowledgement (RFC 5425 4.4, RFC 5426),
-        # so a message counts as delivered once the kernel has taken it. A
-        # receiver that stops before reading what its socket holds loses
-        # those bytes; the session end is noticed only at the next send,
-        # and a crash between the write and the cursor update sends the
-        # message again after restart.
+        # so a message counts as delivered once the kernel has taken it. When
+        # the receiver resets the session (it closed with bytes unread), the
+        # sender writes its last message again; more than one message unread
+        # at that moment, or messages a receiver read and then dropped while
+        # stopping, are lost. A crash between the write and the cursor update
+        # sends that one message twice after restart. UDP gives no sign of
+        # loss at all.
         self.cursor.advance(name)
 
     def run(self) -> None:

@@ -232,6 +232,8 @@ class TlsSender:
         self.context = context
         self.timeout = timeout
         self._sock: ssl.SSLSocket | None = None
+        self._last_sent: bytes | None = None
+        self._resend: bytes | None = None
 
     def _connect(self) -> ssl.SSLSocket:
         raw = socket.create_connection((self.host, self.port), timeout=self.timeout)
@@ -241,15 +243,16 @@ class TlsSender:
             raw.close()
             raise
 
-    def _peer_closed(self, sock: ssl.SSLSocket) -> bool:
-        """Return True if the peer has ended the session or sent anything.
+    def _session_end(self, sock: ssl.SSLSocket) -> str | None:
+        """Return how the peer ended the session: None, "closed" or "reset".
 
         RFC 5425 gives the receiver nothing to say, so readable data or EOF
-        means the session is over (a close_notify, a FIN or an alert).
+        means the session is over (a close_notify, a FIN or an alert). A
+        reset means the peer closed with bytes it had not read.
         """
         readable, _, _ = select.select([sock], [], [], 0)
         if not readable and not sock.pending():
-            return False
+            return None
         try:
             sock.setblocking(False)
             try:
@@ -258,9 +261,11 @@ class TlsSender:
                 sock.setblocking(True)
                 sock.settimeout(self.timeout)
         except ssl.SSLWantReadError:
-            return False
+            return None
+        except ConnectionResetError:
+            return "reset"
         except (OSError, ssl.SSLError):
-            return True
+            return "closed"
         if data:
             logger.warning(
                 "tls://%s:%s sent data, which RFC 5425 gives it no place for; "
@@ -268,10 +273,25 @@ class TlsSender:
                 self.host,
                 self.port,
             )
-        return True
+        return "closed"
+
+    def _lost_last(self) -> None:
+        # A reset says the peer closed with unread bytes; what it read came
+        # first, so the last message sent is among the unread.
+        if self._last_sent is not None:
+            logger.warning(
+                "tls://%s:%s reset the session; the last message goes again",
+                self.host,
+                self.port,
+            )
+            self._resend = self._last_sent
+        self._last_sent = None
 
     def send(self, message: bytes) -> None:
         """Write one framed message and return once the kernel holds it.
+
+        A session the peer reset is reopened and the last message sent on it
+        written again first, since a reset means it was not read.
 
         Raises
         ------
@@ -280,11 +300,24 @@ class TlsSender:
             the write failed.
         """
         try:
-            if self._sock is not None and self._peer_closed(self._sock):
-                self.close()
+            if self._sock is not None:
+                ended = self._session_end(self._sock)
+                if ended == "reset":
+                    self._lost_last()
+                if ended is not None:
+                    self.close()
             if self._sock is None:
                 self._sock = self._connect()
+                self._last_sent = None
+            if self._resend is not None:
+                self._sock.sendall(frame(self._resend))
+                self._resend = None
             self._sock.sendall(frame(message))
+            self._last_sent = message
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            self._lost_last()
+            self.close()
+            raise TargetDown(f"tls://{self.host}:{self.port}: {exc}") from exc
         except (OSError, ssl.SSLError) as exc:
             self.close()
             raise TargetDown(f"tls://{self.host}:{self.port}: {exc}") from exc

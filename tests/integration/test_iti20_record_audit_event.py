@@ -1,0 +1,278 @@
+"""ITI-20 Record Audit Event against rsyslog, a real Audit Record Repository.
+
+rsyslogd (tests/integration/peers/rsyslog-arr.conf) receives what our
+forwarder sends from the spool over TLS (RFC 5425) and UDP (RFC 5426).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from tests.conftest import require
+from tests.pki import Pki, make_pki
+from xdsi.audit import (
+    AuditEvent,
+    Auditor,
+    AuditSpool,
+    DocumentRef,
+    Endpoint,
+    Outcome,
+)
+from xdsi.audit.forwarder import AuditForwarder, Backoff
+from xdsi.audit.syslog import BOM
+
+CONFIG = Path(__file__).resolve().parent / "peers" / "rsyslog-arr.conf"
+REPOSITORY = Endpoint("http://127.0.0.1:9082/xds/repository", "127.0.0.1")
+CONSUMER = Endpoint("http://www.w3.org/2005/08/addressing/anonymous", "127.0.0.1")
+PATIENT = "IDS-AD002-a^^^&1.3.6.1.4.1.21367.2005.13.20.1000&ISO"
+DOCUMENT = "1.3.6.1.4.1.21367.2005.13.20.1000.1.1"
+REPOSITORY_UNIQUE_ID = "1.3.6.1.4.1.21367.13.40.216"
+
+
+def _free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not within {timeout} s")
+        time.sleep(0.05)
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Rsyslog:
+    """One rsyslogd on loopback ports, started and stopped by the test."""
+
+    program: str
+    directory: Path
+    tls_port: int
+    udp_port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        environment = {
+            **os.environ,
+            "XDSI_ARR_DIR": str(self.directory),
+            "XDSI_ARR_TLS_PORT": str(self.tls_port),
+            "XDSI_ARR_UDP_PORT": str(self.udp_port),
+        }
+        log = (self.directory / "rsyslogd.out").open("ab")
+        self.process = subprocess.Popen(
+            [
+                self.program,
+                "-n",
+                "-f",
+                str(CONFIG),
+                "-i",
+                str(self.directory / "rsyslogd.pid"),
+            ],
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        _wait_for(lambda: _listening(self.tls_port), 20, "rsyslogd TLS input")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def received(self) -> list[dict[str, str]]:
+        path = self.directory / "received.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text("utf-8").splitlines()]
+
+
+def _rsyslogd() -> str:
+    path = shutil.which("rsyslogd", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
+    require("program rsyslogd (apt rsyslog rsyslog-gnutls)", path is not None)
+    assert path is not None
+    return path
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return make_pki(tmp_path / "arr")
+
+
+@pytest.fixture
+def rsyslog(tmp_path: Path, pki: Pki) -> Iterator[Rsyslog]:
+    server = Rsyslog(
+        _rsyslogd(),
+        pki.directory,
+        _free_port(socket.SOCK_STREAM),
+        _free_port(socket.SOCK_DGRAM),
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+def _retrieve(number: int) -> AuditEvent:
+    """The Repository's ITI-43 audit of one retrieve; ``number`` marks it."""
+    return AuditEvent(
+        transaction="ITI-43",
+        actor="Document Repository",
+        outcome=Outcome.SUCCESS,
+        source=REPOSITORY,
+        destination=CONSUMER,
+        patient_id=PATIENT,
+        documents=(DocumentRef(f"{DOCUMENT}.{number}", REPOSITORY_UNIQUE_ID),),
+        event_time=datetime.now(UTC),
+    )
+
+
+def _numbers(received: list[dict[str, str]], input_name: str) -> Counter[int]:
+    """Count, per marked event, the audit messages rsyslog stored."""
+    counts: Counter[int] = Counter()
+    for entry in received:
+        if entry.get("inputname") != input_name:
+            continue
+        xml = entry["msg"].encode("utf-8").removeprefix(BOM)
+        root = etree.fromstring(xml.lstrip())
+        document = root.find(
+            "ParticipantObjectIdentification[@ParticipantObjectTypeCodeRole='3']"
+        )
+        counts[int(document.get("ParticipantObjectID").rsplit(".", 1)[1])] += 1
+    return counts
+
+
+def _forwarder(spool: AuditSpool, targets: list[str], pki: Pki) -> AuditForwarder:
+    return AuditForwarder(
+        spool,
+        targets,
+        app_name="xdsi",
+        hostname="localhost",
+        tls_context=pki.client_context(),
+        backoff=Backoff(initial=0.1, maximum=0.5),
+        poll_interval=0.05,
+    )
+
+
+def test_rsyslog_receives_our_audit_over_tls_and_udp(
+    rsyslog: Rsyslog, pki: Pki, tmp_path: Path
+) -> None:
+    """ITI TF-2 3.20.6: RFC 5425 and RFC 5426 messages as rsyslog reads them."""
+    spool = AuditSpool(tmp_path / "spool")
+    auditor = Auditor(spool, audit_source_id="xdsi")
+    for number in range(3):
+        auditor.record(_retrieve(number))
+    sending = _forwarder(
+        spool,
+        [f"tls://127.0.0.1:{rsyslog.tls_port}", f"udp://127.0.0.1:{rsyslog.udp_port}"],
+        pki,
+    )
+    sending.start()
+    try:
+        _wait_for(lambda: len(rsyslog.received()) >= 6, 30, "six messages")
+    finally:
+        sending.stop()
+    rsyslog.stop()
+
+    received = rsyslog.received()
+    assert _numbers(received, "tls") == Counter({0: 1, 1: 1, 2: 1})
+    assert _numbers(received, "udp") == Counter({0: 1, 1: 1, 2: 1})
+    for entry in received:
+        assert (entry["app-name"], entry["msgid"]) == ("xdsi", "IHE+RFC-3881")
+        assert entry["structured-data"] == "-"
+
+
+def test_rsyslog_stopped_under_load_gets_every_event_exactly_once(
+    rsyslog: Rsyslog, pki: Pki, tmp_path: Path
+) -> None:
+    """ITI TF-2 3.20: an ARR down for a while loses and repeats nothing."""
+    spool = AuditSpool(tmp_path / "spool")
+    auditor = Auditor(spool, audit_source_id="xdsi")
+    target = f"tls://127.0.0.1:{rsyslog.tls_port}"
+    sending = _forwarder(spool, [target], pki)
+    total = 300
+    recorded: list[float] = []
+
+    def load() -> None:
+        # About 60 events a second, each timed: audit must never wait for
+        # the ARR.
+        for number in range(total):
+            started = time.monotonic()
+            auditor.record(_retrieve(number))
+            sending.notify()
+            recorded.append(time.monotonic() - started)
+            time.sleep(1 / 60)
+
+    producer = threading.Thread(target=load, daemon=True)
+    sending.start()
+    try:
+        producer.start()
+        time.sleep(1.5)
+        rsyslog.stop()
+        time.sleep(2.0)
+        assert sending.backlog()[target] > 0
+        rsyslog.start()
+        producer.join(timeout=60)
+        _wait_for(lambda: sending.backlog()[target] == 0, 60, "an empty backlog")
+        # Anything sent twice would arrive by now.
+        time.sleep(1.0)
+    finally:
+        sending.stop()
+    rsyslog.stop()
+
+    counts = _numbers(rsyslog.received(), "tls")
+    assert sorted(set(range(total)) - set(counts)) == []
+    assert [n for n, count in counts.items() if count > 1] == []
+    assert max(recorded) < 1.0
+
+
+def test_rsyslog_refuses_a_sender_without_a_trusted_certificate(
+    rsyslog: Rsyslog, pki: Pki, tmp_path: Path
+) -> None:
+    """ITI TF-2 3.19: the ARR takes nothing from an unauthenticated node."""
+    spool = AuditSpool(tmp_path / "spool")
+    Auditor(spool, audit_source_id="xdsi").record(_retrieve(0))
+    untrusted = AuditForwarder(
+        spool,
+        [f"tls://127.0.0.1:{rsyslog.tls_port}"],
+        app_name="xdsi",
+        tls_context=pki.client_context("untrusted"),
+        backoff=Backoff(initial=0.1, maximum=0.5),
+        poll_interval=0.05,
+    )
+    untrusted.start()
+    time.sleep(2.0)
+    untrusted.stop()
+    rsyslog.stop()
+
+    assert rsyslog.received() == []
