@@ -276,3 +276,5 @@ def test_rsyslog_refuses_a_sender_without_a_trusted_certificate(
     rsyslog.stop()
 
     assert rsyslog.received() == []
+    # Refused, the message still waits for a session that is accepted.
+    assert untrusted.backlog() == {f"tls://127.0.0.1:{rsyslog.tls_port}": 1}

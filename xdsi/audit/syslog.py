@@ -225,12 +225,18 @@ class TlsSender:
     """
 
     def __init__(
-        self, host: str, port: int, context: ssl.SSLContext, timeout: float = 10.0
+        self,
+        host: str,
+        port: int,
+        context: ssl.SSLContext,
+        timeout: float = 10.0,
+        settle_time: float = 0.2,
     ) -> None:
         self.host = host
         self.port = port
         self.context = context
         self.timeout = timeout
+        self.settle_time = settle_time
         self._sock: ssl.SSLSocket | None = None
         self._last_sent: bytes | None = None
         self._resend: bytes | None = None
@@ -238,10 +244,44 @@ class TlsSender:
     def _connect(self) -> ssl.SSLSocket:
         raw = socket.create_connection((self.host, self.port), timeout=self.timeout)
         try:
-            return self.context.wrap_socket(raw, server_hostname=self.host)
+            sock = self.context.wrap_socket(raw, server_hostname=self.host)
         except BaseException:
             raw.close()
             raise
+        try:
+            self._settle(sock)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _settle(self, sock: ssl.SSLSocket) -> None:
+        """Wait briefly for the server's verdict on our certificate.
+
+        Under TLS 1.3 the client's handshake ends before the server has
+        checked the client certificate (RFC 8446 4.4.2); a refusal comes as
+        an alert afterwards. Reading for a moment takes it before the first
+        message is written into a session that is already refused.
+
+        Raises
+        ------
+        ssl.SSLError, OSError
+            The server refused the session or closed it.
+        """
+        if sock.version() != "TLSv1.3":
+            return
+        sock.settimeout(self.settle_time)
+        try:
+            data = sock.recv(1)
+        except (TimeoutError, ssl.SSLWantReadError):
+            return
+        finally:
+            sock.settimeout(self.timeout)
+        raise ConnectionAbortedError(
+            "the server ended the session after the handshake"
+            if not data
+            else "the server sent data (RFC 5425 gives it none to send)"
+        )
 
     def _session_end(self, sock: ssl.SSLSocket) -> str | None:
         """Return how the peer ended the session: None, "closed" or "reset".

@@ -209,3 +209,27 @@ def test_oversize_message_is_skipped_for_udp_only(
 
     assert [r.xml for r in store.query()] == [small.read_bytes(), last.read_bytes()]
     assert any("larger than one datagram" in r.getMessage() for r in caplog.records)
+
+
+def test_a_refused_session_counts_nothing_as_delivered(
+    tmp_path: Path, pki: Pki, store: AuditRecordStore, real_ids: RealIds
+) -> None:
+    """ITI TF-2 3.19: a target refusing our certificate receives nothing yet."""
+    spool = AuditSpool(tmp_path / "spool")
+    spool.write(audit_xml(real_ids))
+    with AuditRepository(store, tls_port=0, tls_context=pki.server_context()) as arr:
+        url = f"tls://127.0.0.1:{arr.tls_port}"
+        sending = AuditForwarder(
+            spool,
+            [url],
+            app_name="xdsi",
+            tls_context=pki.client_context("untrusted"),
+            backoff=FAST,
+            poll_interval=0.05,
+        )
+        sending.start()
+        time.sleep(1.0)
+        sending.stop()
+
+    assert store.query() == []
+    assert sending.backlog() == {url: 1}
