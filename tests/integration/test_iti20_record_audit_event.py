@@ -16,7 +16,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from lxml import etree
 
 from tests.conftest import require
 from tests.pki import Pki, make_pki
+from xdsi.app import Node
 from xdsi.audit import (
     AuditEvent,
     Auditor,
@@ -34,7 +35,12 @@ from xdsi.audit import (
     Outcome,
 )
 from xdsi.audit.forwarder import AuditForwarder, Backoff
+from xdsi.audit.repository import AuditRecordStore, AuditRepository
 from xdsi.audit.syslog import BOM
+from xdsi.config import Settings
+from xdsi.hl7.adt import build_feed
+from xdsi.hl7.mllp import send_message
+from xdsi.store.schema import make_engine
 
 CONFIG = Path(__file__).resolve().parent / "peers" / "rsyslog-arr.conf"
 REPOSITORY = Endpoint("http://127.0.0.1:9082/xds/repository", "127.0.0.1")
@@ -278,3 +284,54 @@ def test_rsyslog_refuses_a_sender_without_a_trusted_certificate(
     assert rsyslog.received() == []
     # Refused, the message still waits for a session that is accepted.
     assert untrusted.backlog() == {f"tls://127.0.0.1:{rsyslog.tls_port}": 1}
+
+
+def test_node_audits_its_start_feed_and_stop_to_our_arr_over_tls(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """ITI TF-2 3.20: a node's own audit trail reaches an ARR over mutual TLS."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'arr.sqlite'}")
+    store = AuditRecordStore(engine)
+    feed_patient = "XDSI-ATNA-1^^^&1.3.6.1.4.1.21367.13.20.1000&ISO"
+    with AuditRepository(store, tls_port=0, tls_context=pki.server_context()) as arr:
+        settings = (
+            Settings()
+            .with_storage(tmp_path / "node")
+            .with_ports(registry=0, repository=0, imaging_source=0, feed=0)
+        )
+        settings = replace(
+            settings,
+            audit=replace(settings.audit, targets=(f"tls://127.0.0.1:{arr.tls_port}",)),
+        )
+        node = Node(settings, audit_tls_context=pki.client_context())
+        effective = node.start()
+        try:
+            send_message(
+                effective.node.host,
+                effective.registry.feed_port,
+                build_feed(feed_patient),
+            )
+            _wait_for(
+                lambda: store.query(patient_id=feed_patient) != [], 30, "ITI-8 audit"
+            )
+        finally:
+            node.stop()
+        # The Stop record goes with the next start; it waits in the spool.
+        node = Node(settings, audit_tls_context=pki.client_context())
+        node.start()
+        try:
+            _wait_for(lambda: len(store.query()) >= 4, 30, "four audit messages")
+        finally:
+            node.stop()
+    records = store.query()
+    engine.dispose()
+
+    assert all(r.valid and r.transport == "tls" for r in records)
+    events = [(r.event_id, r.event_type) for r in records]
+    assert events[:4] == [
+        ("110100", "110120"),
+        ("110110", "ITI-8"),
+        ("110100", "110121"),
+        ("110100", "110120"),
+    ]
+    assert records[1].patient_ids == (feed_patient,)
