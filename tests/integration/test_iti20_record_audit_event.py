@@ -149,7 +149,7 @@ def rsyslog(tmp_path: Path, pki: Pki) -> Iterator[Rsyslog]:
     server.stop()
 
 
-def _retrieve(number: int) -> AuditEvent:
+def retrieve_event(number: int) -> AuditEvent:
     """The Repository's ITI-43 audit of one retrieve; ``number`` marks it."""
     return AuditEvent(
         transaction="ITI-43",
@@ -197,7 +197,7 @@ def test_rsyslog_receives_our_audit_over_tls_and_udp(
     spool = AuditSpool(tmp_path / "spool")
     auditor = Auditor(spool, audit_source_id="xdsi")
     for number in range(3):
-        auditor.record(_retrieve(number))
+        auditor.record(retrieve_event(number))
     sending = _forwarder(
         spool,
         [f"tls://127.0.0.1:{rsyslog.tls_port}", f"udp://127.0.0.1:{rsyslog.udp_port}"],
@@ -234,7 +234,7 @@ def test_rsyslog_stopped_under_load_gets_every_event_exactly_once(
         # the ARR.
         for number in range(total):
             started = time.monotonic()
-            auditor.record(_retrieve(number))
+            auditor.record(retrieve_event(number))
             sending.notify()
             recorded.append(time.monotonic() - started)
             time.sleep(1 / 60)
@@ -267,7 +267,7 @@ def test_rsyslog_refuses_a_sender_without_a_trusted_certificate(
 ) -> None:
     """ITI TF-2 3.19: the ARR takes nothing from an unauthenticated node."""
     spool = AuditSpool(tmp_path / "spool")
-    Auditor(spool, audit_source_id="xdsi").record(_retrieve(0))
+    Auditor(spool, audit_source_id="xdsi").record(retrieve_event(0))
     untrusted = AuditForwarder(
         spool,
         [f"tls://127.0.0.1:{rsyslog.tls_port}"],
