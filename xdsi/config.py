@@ -220,7 +220,7 @@ class ConsumerSettings:
 
 @dataclass(frozen=True)
 class AuditSettings:
-    """ATNA: where audit messages go (ITI-20) and the Audit Record Repository."""
+    """ATNA: where audit goes (ITI-20), and the Audit Record Repository."""
 
     # ITI TF-2 3.20.6 syslog targets, "tls://host:port" (RFC 5425) or
     # "udp://host:port" (RFC 5426); each receives the whole audit spool.

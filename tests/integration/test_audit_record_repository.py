@@ -89,7 +89,7 @@ def _query(endpoints: dict[str, str], query: str) -> list[dict[str, object]]:
 def test_arr_process_stores_tls_and_udp_audit_and_answers_queries(
     arr: tuple[Path, Pki, dict[str, str]], tmp_path: Path
 ) -> None:
-    """ITI TF-2 3.20: stored over both transports, found by patient and time."""
+    """ITI TF-2 3.20: stored from both transports, found by patient, time."""
     config, pki, endpoints = arr
     spool = AuditSpool(tmp_path / "spool")
     spool.write(build_audit_message(retrieve_event(1), audit_source_id="xdsi"))

@@ -193,7 +193,7 @@ def _forwarder(spool: AuditSpool, targets: list[str], pki: Pki) -> AuditForwarde
 def test_rsyslog_receives_our_audit_over_tls_and_udp(
     rsyslog: Rsyslog, pki: Pki, tmp_path: Path
 ) -> None:
-    """ITI TF-2 3.20.6: RFC 5425 and RFC 5426 messages as rsyslog reads them."""
+    """ITI TF-2 3.20.6: RFC 5425 and RFC 5426 messages, as rsyslog reads."""
     spool = AuditSpool(tmp_path / "spool")
     auditor = Auditor(spool, audit_source_id="xdsi")
     for number in range(3):
@@ -289,7 +289,7 @@ def test_rsyslog_refuses_a_sender_without_a_trusted_certificate(
 def test_node_audits_its_start_feed_and_stop_to_our_arr_over_tls(
     pki: Pki, tmp_path: Path
 ) -> None:
-    """ITI TF-2 3.20: a node's own audit trail reaches an ARR over mutual TLS."""
+    """ITI TF-2 3.20: a node's audit trail reaches an ARR over mutual TLS."""
     engine = make_engine(f"sqlite:///{tmp_path / 'arr.sqlite'}")
     store = AuditRecordStore(engine)
     feed_patient = "XDSI-ATNA-1^^^&1.3.6.1.4.1.21367.13.20.1000&ISO"

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from xdsi.audit.spool import SUFFIX, AuditSpool
 from xdsi.audit.syslog import (
     AUTHPRIV_FACILITY,
+    LOG_AUDIT_FACILITY,
     MAX_UDP_PAYLOAD,
     TargetDown,
     TlsSender,
@@ -77,7 +78,7 @@ class Target:
 
 @dataclass(frozen=True)
 class Backoff:
-    """Retry delays: ``initial`` seconds, doubled per failure, up to ``maximum``."""
+    """Retry delays: doubling from ``initial`` seconds up to ``maximum``."""
 
     initial: float = 1.0
     maximum: float = 60.0
@@ -114,7 +115,7 @@ class _Cursor:
 
 
 class _Worker(threading.Thread):
-    """Delivers the spool to one target, oldest first, retrying with backoff."""
+    """Delivers the spool to one target, oldest first, with backoff."""
 
     def __init__(
         self,
@@ -195,7 +196,7 @@ class _Worker(threading.Thread):
                 self._failed(exc)
                 stop.wait(self.forwarder.backoff.delay(self.failures))
                 continue
-            except OSError:
+            except Exception:
                 logger.exception("audit delivery to %s failed", self.target.url)
                 stop.wait(self.forwarder.backoff.maximum)
                 continue
@@ -257,6 +258,11 @@ class AuditForwarder:
         poll_interval: float = 0.5,
         udp_max_payload: int = MAX_UDP_PAYLOAD,
     ) -> None:
+        if facility not in (AUTHPRIV_FACILITY, LOG_AUDIT_FACILITY):
+            raise ValueError(
+                f"syslog facility {facility}; ITI TF-2 3.20.6.1 allows "
+                f"{AUTHPRIV_FACILITY} or {LOG_AUDIT_FACILITY}"
+            )
         self.spool = spool
         self.app_name = app_name
         self.hostname = hostname
@@ -302,5 +308,5 @@ class AuditForwarder:
                 worker.join(timeout)
 
     def backlog(self) -> dict[str, int]:
-        """Return, per target URL, how many spooled messages wait to be sent."""
+        """Return, per target URL, how many spooled messages wait."""
         return {w.target.url: len(w.pending()) for w in self._workers}

@@ -173,7 +173,7 @@ class AuditRecordStore:
         self.engine = engine
 
     def store(self, raw: bytes, *, transport: str, peer: str) -> ReceivedAudit:
-        """Store one received message, valid or not, and return what it says."""
+        """Store one received message, valid or not; return what it says."""
         received = read_audit(raw)
         with self.engine.begin() as connection:
             record_id = connection.execute(
@@ -321,24 +321,25 @@ class _TlsHandler(socketserver.BaseRequestHandler):
         repository = self.server.repository
         host, port = self.client_address[:2]
         peer = f"{host}:{port}"
+        # A peer that connects and never completes the handshake is dropped.
+        self.request.settimeout(repository.idle_timeout)
         try:
             sock = repository.tls_context.wrap_socket(self.request, server_side=True)
         except (ssl.SSLError, OSError) as exc:
             repository.refused(host, port, exc)
             return
         reader = FrameReader(repository.max_message)
-        sock.settimeout(repository.idle_timeout)
         try:
             while True:
                 data = sock.recv(65536)
                 if not data:
                     break
                 for message in reader.feed(data):
-                    repository.store.store(message, transport="tls", peer=peer)
+                    repository.keep(message, transport="tls", peer=peer)
         except FramingError as exc:
             logger.warning("tls session from %s ended: %s", peer, exc)
             # What could not be framed is still kept, raw and flagged.
-            repository.store.store(reader.drain(), transport="tls", peer=peer)
+            repository.keep(reader.drain(), transport="tls", peer=peer)
         except (OSError, ssl.SSLError) as exc:
             logger.debug("tls session from %s ended: %s", peer, exc)
         finally:
@@ -366,7 +367,7 @@ class _UdpHandler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         data = self.request[0]
         host, port = self.client_address[:2]
-        self.server.repository.store.store(data, transport="udp", peer=f"{host}:{port}")
+        self.server.repository.keep(data, transport="udp", peer=f"{host}:{port}")
 
 
 class _UdpServer(socketserver.UDPServer):
@@ -461,8 +462,23 @@ class AuditRepository:
             thread.join(timeout=5)
         self._threads.clear()
 
+    def keep(self, raw: bytes, *, transport: str, peer: str) -> None:
+        """Store one received message; a failure is logged, not raised."""
+        try:
+            self.store.store(raw, transport=transport, peer=peer)
+        except Exception:
+            logger.exception(
+                "audit message of %d bytes from %s over %s was not stored",
+                len(raw),
+                peer,
+                transport,
+            )
+
     def refused(self, host: str, port: int, error: Exception) -> None:
-        """Log and audit a peer that failed node authentication (ITI TF-2 3.19)."""
+        """Log and audit a peer that failed node authentication.
+
+        ITI TF-2 3.19; DICOM PS3.15 A.5.3.11 Security Alert.
+        """
         reason = getattr(error, "reason", None) or type(error).__name__
         logger.warning("refused tls peer %s:%s: %s", host, port, reason)
         if self.auditor is None:

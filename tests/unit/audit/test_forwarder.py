@@ -119,7 +119,7 @@ def test_a_target_down_for_a_while_loses_and_repeats_nothing(
     real_ids: RealIds,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """ITI TF-2 3.20: events audited while the ARR is down arrive when it is up."""
+    """ITI TF-2 3.20: events audited while the ARR is down arrive later."""
     caplog.set_level(logging.INFO, logger="xdsi")
     spool = AuditSpool(tmp_path / "spool")
     port = free_port()
@@ -214,7 +214,7 @@ def test_oversize_message_is_skipped_for_udp_only(
 def test_a_refused_session_counts_nothing_as_delivered(
     tmp_path: Path, pki: Pki, store: AuditRecordStore, real_ids: RealIds
 ) -> None:
-    """ITI TF-2 3.19: a target refusing our certificate receives nothing yet."""
+    """ITI TF-2 3.19: a target refusing our certificate gets nothing yet."""
     spool = AuditSpool(tmp_path / "spool")
     spool.write(audit_xml(real_ids))
     with AuditRepository(store, tls_port=0, tls_context=pki.server_context()) as arr:

@@ -114,7 +114,7 @@ def test_malformed_messages_are_stored_raw_and_flagged(
     repository: AuditRepository,
     store: AuditRecordStore,
 ) -> None:
-    """ITI TF-2 3.20: a malformed message is kept and flagged, never dropped."""
+    """ITI TF-2 3.20: a malformed message is kept and flagged, not dropped."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
         sender.sendto(raw, ("127.0.0.1", repository.udp_port))
 
@@ -254,7 +254,7 @@ def test_no_patient_id_is_logged_at_info_or_above(
     real_ids: RealIds,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """ITI TF-2 3.20: who saw which patient is in the audit trail, not the log."""
+    """ITI TF-2 3.20: who saw which patient is in the audit, not the log."""
     caplog.set_level(logging.DEBUG, logger="xdsi")
     bad = audit_xml(real_ids).replace(b"EventIdentification", b"EventIdentificatio")
     sender = UdpSender("127.0.0.1", repository.udp_port)

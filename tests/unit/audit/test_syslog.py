@@ -1,4 +1,4 @@
-"""RFC 5424 messages and RFC 5425 framing of audit messages (ITI TF-2 3.20.6)."""
+"""RFC 5424 messages and RFC 5425 framing of audit (ITI TF-2 3.20.6)."""
 
 import os
 import socket
