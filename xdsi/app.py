@@ -35,6 +35,7 @@ from xdsi.actors.registry import Registry
 from xdsi.actors.repository import Repository
 from xdsi.actors.store_scp import StoreScp
 from xdsi.actors.stow import add_stow_route
+from xdsi.audit.forwarder import AuditForwarder, Backoff
 from xdsi.config import ConfigError, Settings
 from xdsi.hl7.mllp import MllpServer
 from xdsi.store.blobs import Blobs, BlobStore
@@ -215,12 +216,65 @@ def _worker(settings: Settings, sockets: dict[str, socket.socket], level: int) -
     services.engine.dispose()
 
 
-class Node:
-    """A running node: HTTP servers per actor and the ITI-8 MLLP listener."""
+def audit_forwarder(
+    settings: Settings,
+    spool: audit.AuditSpool,
+    tls_context: ssl.SSLContext | None = None,
+) -> AuditForwarder:
+    """Return the delivery of ``spool`` to the ``[audit] targets`` (ITI-20).
 
-    def __init__(self, settings: Settings) -> None:
+    ``tls_context`` is the client context of TLS targets; without one, the
+    node's own ``[tls]`` client context when TLS is on (ITI TF-2 3.19), else
+    the system's default context.
+    """
+    if tls_context is None and any(
+        t.startswith("tls:") for t in settings.audit.targets
+    ):
+        tls_context = tls.client_context_for(settings)
+    if tls_context is None and any(
+        t.startswith("tls:") for t in settings.audit.targets
+    ):
+        # Limitation: without [tls], the default context authenticates the
+        # target's server certificate against the system's trust store and
+        # presents no client certificate, so an ARR that demands mutual TLS
+        # (ITI TF-2 3.19) refuses the node.
+        tls_context = ssl.create_default_context()
+    return AuditForwarder(
+        spool,
+        settings.audit.targets,
+        app_name=settings.node.audit_source_id,
+        hostname=settings.node.host,
+        tls_context=tls_context,
+        facility=settings.audit.facility,
+        backoff=Backoff(settings.audit.retry_initial, settings.audit.retry_max),
+        udp_max_payload=settings.audit.udp_max_payload,
+    )
+
+
+def _application_activity(settings: Settings, transaction: str) -> audit.AuditEvent:
+    """DICOM PS3.15 A.5.3.1: this node started or stopped."""
+    return audit.AuditEvent(
+        transaction=transaction,
+        actor="Secure Node",
+        outcome=audit.Outcome.SUCCESS,
+        source=audit.Endpoint(settings.node.audit_source_id, settings.node.host),
+    )
+
+
+class Node:
+    """A running node: HTTP servers per actor and the ITI-8 MLLP listener.
+
+    Audits its Application Start and Stop, and delivers the audit spool to
+    the ``[audit] targets`` with ``audit_tls_context`` for TLS targets.
+    """
+
+    def __init__(
+        self, settings: Settings, *, audit_tls_context: ssl.SSLContext | None = None
+    ) -> None:
         self.requested = settings
         self.settings = settings
+        self.audit_tls_context = audit_tls_context
+        self.forwarder: AuditForwarder | None = None
         self.services: Services | None = None
         self._servers: list[BaseWSGIServer] = []
         self._threads: list[threading.Thread] = []
@@ -295,6 +349,12 @@ class Node:
             self._threads.append(supervisor)
         self.settings = settings
         self.services = services
+        services.auditor.record(_application_activity(settings, "Application Start"))
+        if settings.audit.targets:
+            self.forwarder = audit_forwarder(
+                settings, services.audit_spool, self.audit_tls_context
+            )
+            self.forwarder.start()
         logger.info(
             "node %s started: %s",
             settings.node.name,
@@ -369,7 +429,13 @@ class Node:
         if self._mllp is not None:
             self._mllp.stop()
         if self.services is not None:
+            self.services.auditor.record(
+                _application_activity(self.settings, "Application Stop")
+            )
             self.services.engine.dispose()
+        if self.forwarder is not None:
+            self.forwarder.stop()
+            self.forwarder = None
         self._servers.clear()
         self._sockets.clear()
         self._threads.clear()

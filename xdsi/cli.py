@@ -1,5 +1,5 @@
 """The command line: ``xdsi serve | feed | publish | import | remove | submit | find |
-fetch | audit | tls | demo``."""
+fetch | audit | arr | tls | demo``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import signal
+import ssl
 import sys
 import tempfile
 import threading
@@ -15,6 +16,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
+from werkzeug.serving import make_server
 
 from xdsi import __version__, ns, tls
 from xdsi.actors.consumer import Consumer, ConsumerError, FetchResult, FoundEntry
@@ -29,12 +32,20 @@ from xdsi.actors.document_source import DocumentSource
 from xdsi.actors.imaging_source import PublishError
 from xdsi.actors.provide import SubmitError
 from xdsi.app import Node, Services, build_services
-from xdsi.config import ConfigError, Settings, load_settings, to_toml
+from xdsi.audit import Auditor, AuditSpool
+from xdsi.audit.repository import (
+    AuditRecordStore,
+    AuditRepository,
+    parse_time,
+    query_app,
+)
+from xdsi.config import ConfigError, Settings, TlsSettings, load_settings, to_toml
 from xdsi.conformance.cli import conformance
 from xdsi.dicom import scan
 from xdsi.dicom.store_scu import Destination, StoreScuError, send_files
 from xdsi.hl7.adt import TRIGGER_EVENTS, build_feed, read_ack
 from xdsi.hl7.mllp import MllpError, send_message
+from xdsi.store.schema import make_engine
 
 console = Console()
 err_console = Console(stderr=True)
@@ -520,16 +531,60 @@ def _publish_now(services: Services, studies: Iterable[str]) -> None:
 
 @main.group("audit")
 def audit_group() -> None:
-    """Read the local audit spool."""
+    """Read the local audit spool or the Audit Record Repository."""
+
+
+def _time_option(value: str | None, name: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return parse_time(value)
+    except ValueError:
+        _fail(f"--{name} {value!r} is not an ISO 8601 date or date-time")
+    return None
 
 
 @audit_group.command("list")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--xml", "as_xml", is_flag=True, help="The AuditMessages as stored.")
+@click.option("--patient", help="Only events naming this patient (bare ids qualified).")
+@click.option("--since", help="Events at or after this ISO 8601 time (UTC if no zone).")
+@click.option("--until", help="Events before this ISO 8601 time.")
+@click.option(
+    "--arr",
+    "from_arr",
+    is_flag=True,
+    help="Read what the Audit Record Repository (xdsi arr) received.",
+)
 @click.pass_context
-def audit_list(ctx: click.Context, as_json: bool) -> None:
-    """List the audit events this node recorded, oldest first."""
-    services = build_services(_settings(ctx))
-    records = list(services.audit_spool.records())
+def audit_list(
+    ctx: click.Context,
+    as_json: bool,
+    as_xml: bool,
+    patient: str | None,
+    since: str | None,
+    until: str | None,
+    from_arr: bool,
+) -> None:
+    """List audit events, oldest first: this node's spool, or the ARR's."""
+    settings = _settings(ctx)
+    patient_id = qualify_patient_id(patient, settings) if patient else None
+    start, end = _time_option(since, "since"), _time_option(until, "until")
+    if from_arr:
+        _list_repository(settings, patient_id, start, end, as_json, as_xml)
+        return
+    services = build_services(settings)
+    records = [
+        r
+        for r in services.audit_spool.records()
+        if (patient_id is None or patient_id in r.patient_ids)
+        and (start is None or r.event_time >= start)
+        and (end is None or r.event_time < end)
+    ]
+    if as_xml:
+        for record in records:
+            click.echo(record.xml.decode("utf-8", "replace"))
+        return
     if as_json:
         click.echo(
             json.dumps(
@@ -552,6 +607,139 @@ def audit_list(ctx: click.Context, as_json: bool) -> None:
         )
         return
     console.print(_audit_table(records))
+
+
+def _list_repository(
+    settings: Settings,
+    patient_id: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    as_json: bool,
+    as_xml: bool,
+) -> None:
+    engine = make_engine(settings.database_url)
+    try:
+        records = AuditRecordStore(engine).query(
+            patient_id=patient_id, since=since, until=until, limit=1_000_000
+        )
+    finally:
+        engine.dispose()
+    if as_xml:
+        for record in records:
+            click.echo((record.xml or record.raw).decode("utf-8", "replace"))
+        return
+    if as_json:
+        click.echo(json.dumps([r.as_json() for r in records], indent=2))
+        return
+    table = Table(title="Audit Record Repository (ITI TF-2 3.20)")
+    for column in ("time (UTC)", "from", "event", "type", "outcome", "source"):
+        table.add_column(column, overflow="fold")
+    for record in records:
+        when = record.event_time or record.received_at
+        table.add_row(
+            when.strftime("%Y-%m-%d %H:%M:%S"),
+            f"{record.transport} {record.peer}",
+            record.event_id or "?",
+            record.event_type or "?",
+            str(record.outcome) if record.valid else f"malformed: {record.error}",
+            record.audit_source_id or "?",
+        )
+    console.print(table)
+
+
+def _arr_tls_context(
+    settings: Settings, cert: Path | None, key: Path | None, ca: Path | None
+) -> ssl.SSLContext | None:
+    """The ARR's TLS server context: from the options, else the node's [tls]."""
+    if cert is not None and key is not None and ca is not None:
+        return tls.server_context(
+            TlsSettings(
+                enabled=True,
+                certificate=str(cert),
+                private_key=str(key),
+                trusted=(str(ca),),
+            )
+        )
+    if settings.tls.enabled:
+        return tls.server_context(settings.tls)
+    return None
+
+
+@main.command("arr")
+@click.option("--tls-port", type=int, help="Syslog over TLS (RFC 5425).")
+@click.option("--udp-port", type=int, help="Syslog over UDP (RFC 5426).")
+@click.option("--http-port", type=int, help="The JSON query endpoint, GET /audit.")
+@click.option("--cert", type=click.Path(exists=True, path_type=Path))
+@click.option("--key", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--ca",
+    type=click.Path(exists=True, path_type=Path),
+    help="Certificates of the nodes allowed to send (mutual TLS, ITI TF-2 3.19).",
+)
+@click.pass_context
+def arr(
+    ctx: click.Context,
+    tls_port: int | None,
+    udp_port: int | None,
+    http_port: int | None,
+    cert: Path | None,
+    key: Path | None,
+    ca: Path | None,
+) -> None:
+    """Run an Audit Record Repository until interrupted.
+
+    Receives syslog audit messages over UDP, and over mutual TLS when --cert,
+    --key and --ca are given or [tls] is enabled; stores them in the node's
+    database.
+    """
+    settings = _settings(ctx)
+    logging.getLogger("xdsi").setLevel(logging.INFO)
+    files = (cert, key, ca)
+    if any(files) and not all(files):
+        _fail("TLS needs --cert, --key and --ca together")
+    try:
+        context = _arr_tls_context(settings, cert, key, ca)
+    except (OSError, ssl.SSLError, ConfigError) as exc:
+        _fail(f"cannot load the TLS certificate or key: {exc}")
+    engine = make_engine(settings.database_url)
+    store = AuditRecordStore(engine)
+    spool = AuditSpool(settings.storage / "audit")
+    auditor = Auditor(spool, audit_source_id=settings.node.audit_source_id)
+    try:
+        repository = AuditRepository(
+            store,
+            host=settings.node.host,
+            tls_port=(tls_port or settings.audit.arr_tls_port) if context else None,
+            udp_port=udp_port if udp_port is not None else settings.audit.arr_udp_port,
+            tls_context=context,
+            auditor=auditor,
+            node_id=settings.node.audit_source_id,
+        )
+        web = make_server(
+            settings.node.host,
+            http_port if http_port is not None else settings.audit.arr_http_port,
+            query_app(store),
+            threaded=True,
+        )
+    except OSError as exc:
+        engine.dispose()
+        _fail(f"cannot start the Audit Record Repository: {exc}")
+    repository.start()
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    click.echo(f"{'syslog tls':15} {repository.tls_port or 'off'}")
+    click.echo(f"{'syslog udp':15} {repository.udp_port}")
+    click.echo(f"{'query':15} http://{settings.node.host}:{web.server_port}/audit")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        web.shutdown()
+        repository.stop()
+        engine.dispose()
 
 
 def _audit_table(records: list) -> Table:  # type: ignore[type-arg]

@@ -286,6 +286,39 @@ class TlsSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """ATNA: where audit goes (ITI-20), and the Audit Record Repository."""
+
+    # ITI TF-2 3.20.6 syslog targets, "tls://host:port" (RFC 5425) or
+    # "udp://host:port" (RFC 5426); each receives the whole audit spool.
+    targets: tuple[str, ...] = ()
+    # ITI TF-2 3.20.6.1: 10 (security/authorization) or 13 (log audit).
+    facility: int = 10
+    # Seconds before the first retry of a target that is down, doubled per
+    # failure up to retry_max.
+    retry_initial: float = 1.0
+    retry_max: float = 60.0
+    # RFC 5426 3.2: a larger message is not sent to UDP targets.
+    udp_max_payload: int = 65507
+    # The Audit Record Repository of ``xdsi arr``, on [node] host: syslog over
+    # TLS (RFC 5425's port) and UDP, and the JSON query endpoint over HTTP.
+    arr_tls_port: int = 6514
+    arr_udp_port: int = 5514
+    arr_http_port: int = 9084
+
+    def __post_init__(self) -> None:
+        from xdsi.audit.forwarder import Target
+
+        for url in self.targets:
+            try:
+                Target.parse(url)
+            except ValueError as exc:
+                raise ConfigError(f"[audit] targets: {exc}") from exc
+        if self.facility not in (10, 13):
+            raise ConfigError("[audit] facility must be 10 or 13 (ITI TF-2 3.20.6.1)")
+
+
+@dataclass(frozen=True)
 class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
@@ -294,6 +327,7 @@ class Settings:
     source: SourceSettings = field(default_factory=SourceSettings)
     consumer: ConsumerSettings = field(default_factory=ConsumerSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
     @property
     def storage(self) -> Path:

@@ -34,7 +34,7 @@ MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 
 # The audit row of a refused peer in profiles/audit_events.toml: a Security
 # Alert (110113, DCM) of type Node Authentication (110126, DCM).
-REFUSAL_TRANSACTION = "ITI-19"
+REFUSAL_TRANSACTION = "Node Authentication Failure"
 REFUSAL_ACTOR = "Secure Node"
 
 # Test certificates: RSA keys of this size, signed with SHA-256.
@@ -210,6 +210,7 @@ def audit_refusal(
             source=audit.Endpoint(f"{refused.host}:{refused.port}", refused.host),
             destination=audit.Endpoint(refused.listener, local_host),
             outcome_detail=f"TLS handshake refused: {refused.reason}",
+            alert_subjects=(f"tls://{refused.host}:{refused.port}",),
         )
     )
 

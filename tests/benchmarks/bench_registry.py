@@ -227,9 +227,7 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
 
 
 @contextmanager
-def running_node(
-    storage: Path, database_url: str, workers: int = 1
-) -> Iterator[Node]:
+def running_node(storage: Path, database_url: str, workers: int = 1) -> Iterator[Node]:
     node = Node(node_settings(storage, database_url, workers))
     node.start()
     try:
@@ -287,6 +285,7 @@ def register_for(
                 latencies.append(time.monotonic() - started)
 
     started = time.monotonic()
+    cpu_started = time.process_time()
     workers = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
     for worker in workers:
         worker.start()
@@ -294,9 +293,36 @@ def register_for(
         worker.join()
     return {
         "elapsed": time.monotonic() - started,
+        "cpu": time.process_time() - cpu_started,
         "latencies": latencies,
         "failures": failures,
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (proc(5), stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_pids(cluster: PostgresCluster) -> list[int]:
+    """Every server process of the cluster: backends and background workers."""
+    with cluster.admin() as admin:
+        return [row[0] for row in admin.execute("SELECT pid FROM pg_stat_activity")]
+
+
+def cpu_snapshot(node: Node, cluster: PostgresCluster | None) -> dict[str, float]:
+    """CPU seconds used so far by the node's processes and the database's."""
+    snapshot = {"node": sum(os.times()[:2])}
+    snapshot["node"] += sum(cpu_seconds(pid) for pid in node.worker_pids)
+    if cluster is not None:
+        # Keyed by pid: a backend started during the run counts from zero.
+        for pid in postgres_pids(cluster):
+            snapshot[f"pg{pid}"] = cpu_seconds(pid)
+    return snapshot
 
 
 def profile_registrations(node: Node, patient_ids: list[str], count: int) -> None:
@@ -356,11 +382,15 @@ def bench_registrations(
         warm = register_for(url, patient_ids, 1, 1.0)
         if warm["failures"]:
             raise RuntimeError(f"warm-up failed: {warm['failures'][:3]}")
+        # Let the worker processes come up before the clock starts.
+        time.sleep(5 if args.workers > 1 else 0)
         context = multiprocessing.get_context("spawn")
         with context.Pool(1) as pool:
+            before = cpu_snapshot(node, cluster)
             result = pool.apply(
                 register_for, (url, patient_ids, args.threads, args.seconds)
             )
+            after = cpu_snapshot(node, cluster)
         latencies = result["latencies"]
         rate = len(latencies) / result["elapsed"]
         backend = "SQLite" if cluster is None else "PostgreSQL"
@@ -378,6 +408,21 @@ def bench_registrations(
         )
         for failure in result["failures"][:3]:
             print(f"  failure: {failure}")
+        # CPU per registration does not depend on what else the machine runs;
+        # the rate above does.
+        count = max(1, len(latencies))
+        node_cpu = after["node"] - before["node"]
+        pg_cpu = sum(
+            after[key] - before.get(key, 0.0) for key in after if key.startswith("pg")
+        )
+        total = node_cpu + pg_cpu + result["cpu"]
+        print(
+            f"  CPU per registration: node {node_cpu / count * 1000:.2f} ms, "
+            f"database {pg_cpu / count * 1000:.2f} ms, client "
+            f"{result['cpu'] / count * 1000:.2f} ms; all of it on "
+            f"{os.cpu_count()} idle cores would allow "
+            f"{(os.cpu_count() or 1) * count / total:.0f} registrations/s"
+        )
         if args.profile or rate < REGISTRATIONS_TARGET:
             profile_registrations(node, patient_ids, args.profile_count)
     if cluster:

@@ -212,3 +212,28 @@ def test_with_storage_changes_the_storage_folder(tmp_path: Path) -> None:
 
     assert settings.storage == tmp_path.resolve()
     assert settings.database_url == f"sqlite:///{tmp_path.resolve() / 'xdsi.sqlite'}"
+
+
+def test_audit_targets_are_read_from_the_audit_section(tmp_path: Path) -> None:
+    """ITI TF-2 3.20.6: TLS and UDP syslog targets, several at once."""
+    path = _write(
+        tmp_path,
+        '[audit]\ntargets = ["tls://127.0.0.1:6514", "udp://127.0.0.1:5514"]\n'
+        "facility = 13\n",
+    )
+
+    settings = load_settings(path)
+
+    assert settings.audit.targets == ("tls://127.0.0.1:6514", "udp://127.0.0.1:5514")
+    assert settings.audit.facility == 13
+    assert load_settings(_write(tmp_path, to_toml(settings))) == settings
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['targets = ["tcp://127.0.0.1:514"]', 'targets = ["tls://h"]', "facility = 16"],
+)
+def test_bad_audit_setting_is_config_error(tmp_path: Path, text: str) -> None:
+    """ITI TF-2 3.20.6: only TLS or UDP targets, facility 10 or 13."""
+    with pytest.raises(ConfigError, match=r"\[audit\]"):
+        load_settings(_write(tmp_path, f"[audit]\n{text}\n"))

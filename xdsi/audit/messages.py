@@ -2,8 +2,9 @@
 
 Implements the message format of DICOM PS3.15 A.5.1 and the audit record
 content of ITI TF-2 3.8.5.1, 3.18.5.1, 3.41.5.1, 3.42.5.1, 3.43.5.1,
-RAD TF-3 4.68.5 and RAD TF-3 4.69.5 (DICOM PS3.15 A.5.3.7), as tabled in
-``profiles/audit_events.toml``.
+RAD TF-3 4.68.5 and RAD TF-3 4.69.5 (DICOM PS3.15 A.5.3.7), and the node's
+Application Activity (DICOM PS3.15 A.5.3.1) and Security Alert (DICOM PS3.15
+A.5.3.11), as tabled in ``profiles/audit_events.toml``.
 """
 
 import base64
@@ -78,13 +79,16 @@ class AuditEvent:
     overrides the table's EventActionCode where the row allows several
     (ITI-8: ``"U"`` for A08, ``"D"`` for the patient an A40 subsumes).
     ``event_time`` must be timezone-aware; it defaults to now, in UTC.
+    ``alert_subjects`` are the URIs a Security Alert is about. An event
+    whose row has one participant (Application Activity) has no
+    ``destination``.
     """
 
     transaction: str
     actor: str
     outcome: Outcome
     source: Endpoint
-    destination: Endpoint
+    destination: Endpoint | None = None
     patient_id: str | None = None
     submission_set_unique_id: str | None = None
     documents: tuple[DocumentRef, ...] = ()
@@ -95,6 +99,7 @@ class AuditEvent:
     outcome_detail: str | None = None
     event_time: datetime | None = None
     event_action: str | None = None
+    alert_subjects: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -102,7 +107,7 @@ class ParticipantRule:
     """One ActiveParticipant of a row: endpoint, RoleIDCode, requestor."""
 
     endpoint: str
-    role: Code
+    role: Code | None
     requestor: bool
 
 
@@ -152,7 +157,9 @@ def audit_event_rules() -> dict[tuple[str, str], AuditEventRule]:
     rules = {}
     for row in table["events"]:
         participants = tuple(
-            ParticipantRule(p["endpoint"], roles[p["role"]], p["requestor"])
+            ParticipantRule(
+                p["endpoint"], roles[p["role"]] if "role" in p else None, p["requestor"]
+            )
             for p in row["participants"]
         )
         objects = tuple(
@@ -250,6 +257,7 @@ def _objects(event: AuditEvent) -> dict[str, tuple[_Object, ...]]:
         "query": (),
         "document": tuple(_Object(d.unique_id, document=d) for d in event.documents),
         "study": tuple(_Object(uid) for uid in event.study_instance_uids),
+        "alert_subject": tuple(_Object(uri) for uri in event.alert_subjects),
     }
     if event.patient_id is not None:
         objects["patient"] = (_Object(event.patient_id),)
@@ -380,6 +388,11 @@ def build_audit_message(
 
     for participant in rule.participants:
         endpoint = getattr(event, participant.endpoint)
+        if endpoint is None:
+            raise ValueError(
+                f"{rule.transaction} {rule.actor} audit record needs a "
+                f"{participant.endpoint} participant ({rule.clause})"
+            )
         active = etree.SubElement(
             message,
             "ActiveParticipant",
@@ -391,7 +404,8 @@ def build_audit_message(
             active.set(
                 "NetworkAccessPointTypeCode", _network_access_point_type(endpoint.host)
             )
-        _coded(active, "RoleIDCode", participant.role)
+        if participant.role is not None:
+            _coded(active, "RoleIDCode", participant.role)
 
     source = etree.SubElement(
         message, "AuditSourceIdentification", AuditSourceID=_text(audit_source_id)

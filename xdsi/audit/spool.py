@@ -5,6 +5,7 @@ Audit Record Repository, and reads them back. The spool is a directory with
 one file per message, named so that names sort in the order of writing.
 """
 
+import fcntl
 import logging
 import os
 import secrets
@@ -27,6 +28,10 @@ logger = logging.getLogger(__name__)
 
 SUFFIX = ".xml"
 
+# Held while a message is named and renamed into place, so that names appear
+# in the directory in the order they sort, whichever process writes them.
+LOCK_NAME = ".lock"
+
 # ITI TF-2 3.20: codeSystemName of an EventTypeCode that names a transaction.
 IHE_TRANSACTIONS = "IHE Transactions"
 
@@ -37,7 +42,7 @@ _PARSER = etree.XMLParser(resolve_entities=False, no_network=True)
 
 
 @cache
-def _audit_message_schema() -> etree.RelaxNG:
+def audit_message_schema() -> etree.RelaxNG:
     """Return the DICOM PS3.15 A.5.1 schema from the package's schema copy."""
     rng = resources.files("xdsi") / "schemas" / "dicom" / "audit-message.rng"
     return etree.RelaxNG(etree.fromstring(rng.read_bytes(), _PARSER))
@@ -79,7 +84,7 @@ def _read_record(path: Path, xml: bytes) -> AuditRecord:
         The bytes are not an AuditMessage valid against DICOM PS3.15 A.5.1.
     """
     root = etree.fromstring(xml, _PARSER)
-    schema = _audit_message_schema()
+    schema = audit_message_schema()
     if not schema.validate(root):
         raise ValueError(f"{path.name}: {schema.error_log.last_error}")
 
@@ -140,10 +145,27 @@ class AuditSpool:
         # tag so that processes sharing the directory never collide.
         # Limitation: across processes or restarts, a clock stepped backwards
         # sorts later messages before earlier ones.
-        with AuditSpool._lock:
-            now = max(time.time_ns(), AuditSpool._last_ns + 1)
-            AuditSpool._last_ns = now
+        now = max(time.time_ns(), AuditSpool._last_ns + 1)
+        AuditSpool._last_ns = now
         return f"{now:020d}-{os.getpid()}-{secrets.token_hex(4)}{SUFFIX}"
+
+    def _publish(self, temporary: str) -> Path:
+        """Rename a written temporary file to the next name, in order.
+
+        A reader that has seen a name never later finds a smaller one appear
+        (the forwarder's cursors rely on it): naming and renaming happen under
+        a lock shared by the threads of this process and, through a lock
+        file, by other processes.
+        """
+        with AuditSpool._lock:
+            fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                path = self.directory / self._next_name()
+                os.replace(temporary, path)
+            finally:
+                os.close(fd)
+        return path
 
     def _sync_directory(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -167,8 +189,7 @@ class AuditSpool:
                 stream.write(message)
                 stream.flush()
                 os.fsync(stream.fileno())
-            path = self.directory / self._next_name()
-            os.replace(temporary, path)
+            path = self._publish(temporary)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise

@@ -3,8 +3,9 @@
 The Document Registry keeps each submitted ebRIM object as submitted, plus
 indexed columns and child tables for the stored-query parameters (DESIGN.md,
 "store what was submitted, index what is queried"). The Document Repository
-and the Imaging Document Source index the files they hold. Each actor owns
-its tables; no actor reads another's.
+and the Imaging Document Source index the files they hold. The Audit Record
+Repository keeps each audit message as received, indexed for its queries.
+Each actor owns its tables; no actor reads another's.
 """
 
 from __future__ import annotations
@@ -200,6 +201,47 @@ imaging_study = Table(
     # once it has been quiet for [imaging_source] publish_after seconds.
     Column("changed_at", Float, nullable=False),
     Column("dirty", Boolean, nullable=False, default=True),
+)
+
+# --- Audit Record Repository ----------------------------------------------
+
+# ITI TF-2 3.20: one row per syslog message received, whole as it came
+# (``raw``); a message that is no valid AuditMessage is kept with ``valid``
+# false and ``error`` saying why, its coded columns empty.
+audit_record = Table(
+    "audit_record",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    # "tls" (RFC 5425) or "udp" (RFC 5426), and the sender's address.
+    Column("transport", String(8), nullable=False),
+    Column("peer", String(256), nullable=False),
+    Column("valid", Boolean, nullable=False),
+    Column("error", String(512)),
+    Column("app_name", String(48)),
+    Column("msgid", String(32)),
+    Column("event_time", DateTime(timezone=True)),
+    Column("event_id", String(64)),
+    Column("event_type", String(64)),
+    Column("event_action", String(1)),
+    Column("outcome", Integer),
+    Column("audit_source_id", String(256)),
+    Column("raw", LargeBinary, nullable=False),
+    # The AuditMessage as received, without the syslog header and BOM.
+    Column("xml", LargeBinary),
+    Index("ix_audit_record_event_time", "event_time"),
+    Index("ix_audit_record_received_at", "received_at"),
+)
+
+# The patients a record names (ParticipantObjectTypeCodeRole 1).
+audit_patient = Table(
+    "audit_patient",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("record_id", Integer, ForeignKey("audit_record.id"), nullable=False),
+    Column("patient_id", String(256), nullable=False),
+    Index("ix_audit_patient_lookup", "patient_id"),
+    Index("ix_audit_patient_record", "record_id"),
 )
 
 

@@ -26,6 +26,7 @@ SOURCE = Endpoint("http://www.w3.org/2005/08/addressing/anonymous", "127.0.0.1")
 DESTINATION = Endpoint("http://localhost:8080/xdsi/registry", "localhost")
 AUDIT_SOURCE_ID = "xdsi@127.0.0.1"
 WHEN = datetime(2024, 5, 2, 9, 30, 15, 250000, tzinfo=UTC)
+PEER_URI = "tls://127.0.0.1:50514"
 
 
 def full_event(row: dict[str, Any], ids: RealIds, **changes: Any) -> AuditEvent:
@@ -59,6 +60,7 @@ def full_event(row: dict[str, Any], ids: RealIds, **changes: Any) -> AuditEvent:
         "query_id": ids.query_id if "query" in kinds else None,
         "query_request": ids.query_request if "query" in kinds else None,
         "message_id": "NIST-MSG-0001" if row["transaction"] == "ITI-8" else None,
+        "alert_subjects": (PEER_URI,) if "alert_subject" in kinds else (),
     }
     fields.update(changes)
     return AuditEvent(**fields)
@@ -116,8 +118,12 @@ def test_every_row_writes_the_tabled_event_and_participant_roles(
     assert [p.get("UserID") for p in participants] == [
         expected_users[p["endpoint"]] for p in row["participants"]
     ]
-    assert [coded(p.find("RoleIDCode")) for p in participants] == [
-        row_code(TABLE["roles"][p["role"]]) for p in row["participants"]
+    assert [
+        coded(p.find("RoleIDCode")) if p.find("RoleIDCode") is not None else None
+        for p in participants
+    ] == [
+        row_code(TABLE["roles"][p["role"]]) if "role" in p else None
+        for p in row["participants"]
     ]
     assert [p.get("UserIsRequestor") for p in participants] == [
         "true" if p["requestor"] else "false" for p in row["participants"]
@@ -440,3 +446,72 @@ def test_control_characters_from_a_peer_do_not_stop_the_record(
     assert audit_schema.validate(root), audit_schema.error_log
     written = root.find("ParticipantObjectIdentification").get("ParticipantObjectID")
     assert written == real_ids.patient_id + "\ufffd\ufffd"
+
+
+@pytest.mark.parametrize(
+    ("transaction", "event_type"),
+    [("Application Start", "110120"), ("Application Stop", "110121")],
+)
+def test_application_activity_names_only_the_application(
+    transaction: str, event_type: str, audit_schema: etree.RelaxNG
+) -> None:
+    """DICOM PS3.15 A.5.3.1: one participant, role Application, no objects."""
+    event = AuditEvent(
+        transaction=transaction,
+        actor="Secure Node",
+        outcome=Outcome.SUCCESS,
+        source=Endpoint("xdsi", "127.0.0.1"),
+        event_time=WHEN,
+    )
+
+    root = build(event)
+
+    assert audit_schema.validate(root), audit_schema.error_log
+    identification = root.find("EventIdentification")
+    assert coded(identification.find("EventID"))[0] == "110100"
+    assert coded(identification.find("EventTypeCode"))[0] == event_type
+    [participant] = root.findall("ActiveParticipant")
+    assert participant.get("UserID") == "xdsi"
+    assert coded(participant.find("RoleIDCode"))[0] == "110150"
+    assert root.findall("ParticipantObjectIdentification") == []
+
+
+def test_node_authentication_failure_names_the_refused_peer(
+    audit_schema: etree.RelaxNG,
+) -> None:
+    """DICOM PS3.15 A.5.3.11: Security Alert, Node Authentication, subject."""
+    event = AuditEvent(
+        transaction="Node Authentication Failure",
+        actor="Secure Node",
+        outcome=Outcome.MINOR_FAILURE,
+        source=Endpoint(PEER_URI, "127.0.0.1"),
+        destination=Endpoint("xdsi", "127.0.0.1"),
+        alert_subjects=(PEER_URI,),
+        outcome_detail="peer did not return a certificate",
+    )
+
+    root = build(event)
+
+    assert audit_schema.validate(root), audit_schema.error_log
+    identification = root.find("EventIdentification")
+    assert coded(identification.find("EventID"))[0] == "110113"
+    assert coded(identification.find("EventTypeCode"))[0] == "110126"
+    peer, node = root.findall("ActiveParticipant")
+    assert (peer.get("UserID"), peer.get("UserIsRequestor")) == (PEER_URI, "true")
+    assert node.get("UserIsRequestor") == "false"
+    [subject] = root.findall("ParticipantObjectIdentification")
+    assert subject.get("ParticipantObjectID") == PEER_URI
+    assert subject.get("ParticipantObjectTypeCodeRole") == "13"
+
+
+def test_a_row_with_a_destination_needs_one_in_the_event() -> None:
+    """ITI TF-2 3.41.5.1: the Repository's import names both participants."""
+    event = AuditEvent(
+        transaction="ITI-41",
+        actor="Document Repository",
+        outcome=Outcome.SERIOUS_FAILURE,
+        source=SOURCE,
+    )
+
+    with pytest.raises(ValueError, match="needs a destination participant"):
+        build_audit_message(event, audit_source_id=AUDIT_SOURCE_ID)

@@ -19,6 +19,7 @@ from xdsi.audit import (
     Outcome,
     build_audit_message,
 )
+from xdsi.audit.spool import LOCK_NAME
 from xdsi.metadata.codes import Code
 
 CONSUMER = Endpoint("http://www.w3.org/2005/08/addressing/anonymous", "127.0.0.1")
@@ -96,7 +97,7 @@ def test_write_leaves_one_complete_private_file_and_no_temporary(
 
     assert path.parent == tmp_path / "spool"
     assert path.read_bytes() == written
-    assert os.listdir(tmp_path / "spool") == [path.name]
+    assert sorted(os.listdir(tmp_path / "spool")) == [LOCK_NAME, path.name]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 

@@ -1,0 +1,124 @@
+"""``xdsi arr`` and ``xdsi audit list --arr``: the Audit Record Repository.
+
+ITI TF-2 3.20: a node's audit messages, sent by its forwarder over TLS and
+UDP, are stored by the ARR process and answered by query.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from urllib.parse import quote
+from urllib.request import urlopen
+
+import pytest
+
+from tests.integration.test_iti20_record_audit_event import PATIENT, retrieve_event
+from tests.pki import Pki, make_pki
+from xdsi.audit import AuditSpool, build_audit_message
+from xdsi.audit.forwarder import AuditForwarder, Backoff
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _xdsi(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "xdsi", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+@pytest.fixture
+def arr(tmp_path: Path) -> Iterator[tuple[Path, Pki, dict[str, str]]]:
+    """``xdsi arr`` on free loopback ports, with mutual TLS."""
+    pki = make_pki(tmp_path / "pki")
+    config = tmp_path / "xdsi.toml"
+    config.write_text(f'[node]\nstorage_dir = "{tmp_path / "node"}"\n')
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "xdsi",
+            "--config",
+            str(config),
+            "arr",
+            "--tls-port=0",
+            "--udp-port=0",
+            "--http-port=0",
+            f"--cert={pki.path('server.pem')}",
+            f"--key={pki.path('server.key')}",
+            f"--ca={pki.ca}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert process.stdout is not None
+    endpoints: dict[str, str] = {}
+    deadline = time.monotonic() + 60
+    while "query" not in endpoints and time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line and process.poll() is not None:
+            pytest.fail(f"xdsi arr ended with {process.returncode}")
+        name, _, value = line.rstrip().rpartition(" ")
+        if name.strip() in ("syslog tls", "syslog udp", "query"):
+            endpoints[name.strip()] = value
+    yield config, pki, endpoints
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def _query(endpoints: dict[str, str], query: str) -> list[dict[str, object]]:
+    with urlopen(f"{endpoints['query']}?{query}", timeout=30) as answer:
+        return json.load(answer)
+
+
+def test_arr_process_stores_tls_and_udp_audit_and_answers_queries(
+    arr: tuple[Path, Pki, dict[str, str]], tmp_path: Path
+) -> None:
+    """ITI TF-2 3.20: stored from both transports, found by patient, time."""
+    config, pki, endpoints = arr
+    spool = AuditSpool(tmp_path / "spool")
+    spool.write(build_audit_message(retrieve_event(1), audit_source_id="xdsi"))
+    other = replace(retrieve_event(2), patient_id="OTHER^^^&1.2.3&ISO")
+    spool.write(build_audit_message(other, audit_source_id="xdsi"))
+    sending = AuditForwarder(
+        spool,
+        [
+            f"tls://127.0.0.1:{endpoints['syslog tls']}",
+            f"udp://127.0.0.1:{endpoints['syslog udp']}",
+        ],
+        app_name="xdsi",
+        tls_context=pki.client_context(),
+        backoff=Backoff(0.1, 0.5),
+        poll_interval=0.05,
+    )
+    sending.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(_query(endpoints, "")) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        sending.stop()
+
+    found = _query(endpoints, f"patient={quote(PATIENT)}&since=2024-05-02T09:00:00")
+    assert sorted(r["transport"] for r in found) == ["tls", "udp"]
+    assert _query(endpoints, "since=2999-01-01") == []
+
+    listed = _xdsi(config, "audit", "list", "--arr", "--patient", PATIENT, "--xml")
+    assert listed.stdout.count("<AuditMessage>") == 2
+    as_json = json.loads(_xdsi(config, "audit", "list", "--arr", "--json").stdout)
+    assert len(as_json) == 4 and all(r["valid"] for r in as_json)

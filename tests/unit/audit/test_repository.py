@@ -1,0 +1,270 @@
+"""The Audit Record Repository: syslog in over TLS and UDP, queries out."""
+
+import logging
+import socket
+import ssl
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from tests.pki import Pki, make_pki
+from tests.unit.audit.conftest import RealIds
+from tests.unit.audit.test_syslog import audit_xml
+from xdsi.audit import Auditor, AuditSpool
+from xdsi.audit.repository import AuditRecordStore, AuditRepository, query_app
+from xdsi.audit.syslog import TlsSender, UdpSender, format_message, frame
+from xdsi.store.schema import make_engine
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[AuditRecordStore]:
+    engine = make_engine(f"sqlite:///{tmp_path / 'arr.sqlite'}")
+    yield AuditRecordStore(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def repository(
+    store: AuditRecordStore, pki: Pki, tmp_path: Path
+) -> Iterator[AuditRepository]:
+    auditor = Auditor(AuditSpool(tmp_path / "arr-spool"), audit_source_id="arr")
+    with AuditRepository(
+        store,
+        tls_port=0,
+        udp_port=0,
+        tls_context=pki.server_context(),
+        auditor=auditor,
+    ) as running:
+        yield running
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def test_tls_messages_are_stored_parsed_and_queryable_by_patient(
+    repository: AuditRepository, store: AuditRecordStore, pki: Pki, real_ids: RealIds
+) -> None:
+    """ITI TF-2 3.20.6: our RFC 5425 sender to our ARR, each message stored."""
+    sender = TlsSender("127.0.0.1", repository.tls_port, pki.client_context())
+    xml = audit_xml(real_ids)
+    other = audit_xml(real_ids, patient_id="OTHER^^^&1.2.3&ISO")
+    try:
+        for message in (xml, other, xml):
+            sender.send(format_message(message, app_name="xdsi"))
+    finally:
+        sender.close()
+
+    wait_for(lambda: len(store.query()) == 3)
+    found = store.query(patient_id=real_ids.patient_id)
+    assert [r.xml for r in found] == [xml, xml]
+    record = found[0]
+    assert record.valid and record.error is None
+    assert (record.transport, record.event_id, record.event_type) == (
+        "tls",
+        "110106",
+        "ITI-43",
+    )
+    assert record.event_time == datetime(2024, 5, 2, 9, 30, 15, 250000, tzinfo=UTC)
+    assert record.patient_ids == (real_ids.patient_id,)
+
+
+def test_udp_messages_are_stored(
+    repository: AuditRepository, store: AuditRecordStore, real_ids: RealIds
+) -> None:
+    """RFC 5426 3.1: one datagram, one stored message."""
+    sender = UdpSender("127.0.0.1", repository.udp_port)
+    xml = audit_xml(real_ids)
+    try:
+        sender.send(format_message(xml, app_name="xdsi"))
+    finally:
+        sender.close()
+
+    wait_for(lambda: len(store.query()) == 1)
+    [record] = store.query()
+    assert (record.transport, record.valid, record.xml) == ("udp", True, xml)
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        (b"no syslog header at all", "RFC 5424"),
+        (b"<85>1 - h xdsi - IHE+RFC-3881 - \xef\xbb\xbf<AuditMessage", "not XML"),
+        (b"<85>1 - h xdsi - IHE+RFC-3881 - <AuditMessage/>", "PS3.15 A.5.1"),
+    ],
+    ids=["not-syslog", "truncated-xml", "not-an-audit-message"],
+)
+def test_malformed_messages_are_stored_raw_and_flagged(
+    raw: bytes,
+    error: str,
+    repository: AuditRepository,
+    store: AuditRecordStore,
+) -> None:
+    """ITI TF-2 3.20: a malformed message is kept and flagged, not dropped."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        sender.sendto(raw, ("127.0.0.1", repository.udp_port))
+
+    wait_for(lambda: len(store.query()) == 1)
+    [record] = store.query()
+    assert not record.valid
+    assert error in record.error
+    assert record.raw == raw
+    assert record.event_id is None
+
+
+def test_stream_that_breaks_framing_is_kept_raw(
+    repository: AuditRepository, store: AuditRecordStore, pki: Pki, real_ids: RealIds
+) -> None:
+    """RFC 5425 4.3: after a good frame, unframed bytes are stored flagged."""
+    good = format_message(audit_xml(real_ids), app_name="xdsi")
+    context = pki.client_context()
+    with socket.create_connection(("127.0.0.1", repository.tls_port)) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(frame(good) + b"<85>1 not counted")
+
+    wait_for(lambda: len(store.query()) == 2)
+    first, second = store.query()
+    assert first.valid and first.raw == good
+    assert not second.valid and second.raw == b"<85>1 not counted"
+
+
+def _refused(context: ssl.SSLContext, port: int) -> bool:
+    """Return True if the ARR ends the session without taking a message."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.sendall(frame(b"<85>1 - h xdsi - IHE+RFC-3881 - x"))
+                # TLS 1.3 finishes the client's handshake before the server
+                # has checked the certificate; the refusal comes on read.
+                return tls.recv(1) == b""
+    except (ssl.SSLError, OSError):
+        return True
+
+
+def _no_certificate(pki: Pki) -> ssl.SSLContext:
+    return pki.client_context(name="")
+
+
+def _untrusted(pki: Pki) -> ssl.SSLContext:
+    return pki.client_context(name="untrusted")
+
+
+def _tls_1_1(pki: Pki) -> ssl.SSLContext:
+    context = pki.client_context()
+    # Security level 0 lets this client offer TLS 1.1 at all, so that the
+    # refusal is the server's.
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = ssl.TLSVersion.TLSv1_1
+        context.maximum_version = ssl.TLSVersion.TLSv1_1
+    return context
+
+
+@pytest.mark.parametrize(
+    "client", [_no_certificate, _untrusted, _tls_1_1], ids=lambda f: f.__name__[1:]
+)
+def test_peer_failing_node_authentication_is_refused_and_audited(
+    client: Callable[[Pki], ssl.SSLContext],
+    repository: AuditRepository,
+    store: AuditRecordStore,
+    pki: Pki,
+    audit_schema: etree.RelaxNG,
+    tmp_path: Path,
+) -> None:
+    """ITI TF-2 3.19: no trusted certificate or TLS below 1.2 is refused."""
+    try:
+        context = client(pki)
+    except ssl.SSLError:
+        pytest.skip("this OpenSSL cannot even offer TLS 1.1")
+
+    assert _refused(context, repository.tls_port)
+
+    time.sleep(0.2)
+    assert store.query() == []
+    spool = AuditSpool(tmp_path / "arr-spool")
+    wait_for(lambda: len(list(spool.records())) == 1)
+    [alert] = spool.records()
+    root = etree.fromstring(alert.xml)
+    assert audit_schema.validate(root), audit_schema.error_log
+    assert alert.event_id.code == "110113"
+    assert root.find("EventIdentification/EventTypeCode").get("csd-code") == "110126"
+
+
+def test_query_bounds_event_time(
+    repository: AuditRepository, store: AuditRecordStore, real_ids: RealIds
+) -> None:
+    """ITI TF-2 3.20: a query by time finds the events of that period."""
+    sender = UdpSender("127.0.0.1", repository.udp_port)
+    try:
+        sender.send(format_message(audit_xml(real_ids), app_name="xdsi"))
+    finally:
+        sender.close()
+    wait_for(lambda: len(store.query()) == 1)
+    when = datetime(2024, 5, 2, 9, 30, 15, 250000, tzinfo=UTC)
+
+    assert len(store.query(since=when)) == 1
+    assert store.query(since=when + timedelta(seconds=1)) == []
+    assert store.query(until=when) == []
+    assert len(store.query(until=when + timedelta(seconds=1))) == 1
+
+
+def test_http_query_answers_json_filtered_by_patient(
+    repository: AuditRepository, store: AuditRecordStore, real_ids: RealIds
+) -> None:
+    """ITI TF-2 3.20: the ARR answers queries over HTTP, as JSON."""
+    sender = UdpSender("127.0.0.1", repository.udp_port)
+    try:
+        sender.send(format_message(audit_xml(real_ids), app_name="xdsi"))
+        other = audit_xml(real_ids, "OTHER^^^&1.2&ISO")
+        sender.send(format_message(other, app_name="xdsi"))
+    finally:
+        sender.close()
+    wait_for(lambda: len(store.query()) == 2)
+    client = query_app(store).test_client()
+
+    answer = client.get(
+        "/audit", query_string={"patient": real_ids.patient_id, "since": "2024-05-02"}
+    )
+
+    assert answer.status_code == 200
+    [record] = answer.get_json()
+    assert record["patient_ids"] == [real_ids.patient_id]
+    assert record["xml"].startswith("<?xml")
+    assert client.get("/audit", query_string={"since": "yesterday"}).status_code == 400
+
+
+def test_no_patient_id_is_logged_at_info_or_above(
+    repository: AuditRepository,
+    store: AuditRecordStore,
+    real_ids: RealIds,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """ITI TF-2 3.20: who saw which patient is in the audit, not the log."""
+    caplog.set_level(logging.DEBUG, logger="xdsi")
+    bad = audit_xml(real_ids).replace(b"EventIdentification", b"EventIdentificatio")
+    sender = UdpSender("127.0.0.1", repository.udp_port)
+    try:
+        sender.send(format_message(audit_xml(real_ids), app_name="xdsi"))
+        sender.send(format_message(bad, app_name="xdsi"))
+    finally:
+        sender.close()
+    wait_for(lambda: len(store.query()) == 2)
+
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert any("malformed" in line for line in loud)
+    assert not [line for line in loud if real_ids.patient_id in line]

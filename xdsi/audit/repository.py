@@ -1,0 +1,504 @@
+"""Audit Record Repository: receives syslog audit messages, stores, answers.
+
+Implements the receiving side of ITI TF-2 3.20 (Record Audit Event): syslog
+over TLS with octet counting (RFC 5425) and over UDP (RFC 5426), RFC 5424
+messages carrying DICOM PS3.15 A.5.1 AuditMessages. Every message received
+is stored whole; one that is not a valid AuditMessage is stored raw and
+flagged, never dropped. A peer that fails TLS node authentication
+(ITI TF-2 3.19) is refused and the refusal audited as a Security Alert.
+"""
+
+import logging
+import socketserver
+import ssl
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from flask import Flask, Response, jsonify, request
+from lxml import etree
+from sqlalchemy import Engine, insert, select
+
+from xdsi.audit.messages import AuditEvent, Endpoint, Outcome
+from xdsi.audit.spool import IHE_TRANSACTIONS, Auditor, audit_message_schema
+from xdsi.audit.syslog import (
+    MAX_UDP_PAYLOAD,
+    FrameReader,
+    FramingError,
+    SyslogFormatError,
+    parse_message,
+)
+from xdsi.store.schema import audit_patient, audit_record
+
+logger = logging.getLogger(__name__)
+
+# The largest message either listener takes (rsyslog's default is 8 kB;
+# AuditMessages with queries are often larger).
+MAX_MESSAGE = 256 * 1024
+
+# DICOM PS3.15 A.5.1: ParticipantObjectTypeCodeRole 1 is Patient.
+_PATIENT_ROLE = "1"
+
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
+
+_ERROR_LENGTH = 512
+
+
+@dataclass(frozen=True)
+class ReceivedAudit:
+    """What one received syslog message says, or why it says nothing.
+
+    ``valid`` is True for an RFC 5424 message whose MSG is an AuditMessage
+    valid against DICOM PS3.15 A.5.1; otherwise ``error`` says what is wrong
+    and the fields that could not be read are None.
+    """
+
+    valid: bool
+    error: str | None
+    app_name: str | None = None
+    msgid: str | None = None
+    xml: bytes | None = None
+    event_time: datetime | None = None
+    event_id: str | None = None
+    event_type: str | None = None
+    event_action: str | None = None
+    outcome: int | None = None
+    audit_source_id: str | None = None
+    patient_ids: tuple[str, ...] = ()
+
+
+def _event_time(text: str) -> datetime:
+    when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def read_audit(raw: bytes) -> ReceivedAudit:
+    """Return the fields of a received syslog audit message; never raises."""
+    try:
+        message = parse_message(raw)
+    except SyslogFormatError as exc:
+        return ReceivedAudit(valid=False, error=str(exc))
+    header = {"app_name": message.app_name, "msgid": message.msgid}
+    try:
+        root = etree.fromstring(message.msg, _PARSER)
+    except etree.XMLSyntaxError as exc:
+        return ReceivedAudit(False, f"MSG is not XML: {exc}", xml=message.msg, **header)
+    schema = audit_message_schema()
+    if not schema.validate(root):
+        error = f"not a DICOM PS3.15 A.5.1 AuditMessage: {schema.error_log.last_error}"
+        return ReceivedAudit(False, error[:_ERROR_LENGTH], xml=message.msg, **header)
+
+    identification = root.find("EventIdentification")
+    types = identification.findall("EventTypeCode")
+    transactions = [
+        t.get("csd-code") for t in types if t.get("codeSystemName") == IHE_TRANSACTIONS
+    ]
+    event_type = transactions[0] if transactions else None
+    if event_type is None and types:
+        event_type = types[0].get("csd-code")
+    try:
+        event_time = _event_time(identification.get("EventDateTime"))
+    except ValueError as exc:
+        return ReceivedAudit(False, f"EventDateTime: {exc}", xml=message.msg, **header)
+    return ReceivedAudit(
+        valid=True,
+        error=None,
+        xml=message.msg,
+        event_time=event_time,
+        event_id=identification.find("EventID").get("csd-code"),
+        event_type=event_type,
+        event_action=identification.get("EventActionCode"),
+        outcome=int(identification.get("EventOutcomeIndicator")),
+        audit_source_id=root.find("AuditSourceIdentification").get("AuditSourceID"),
+        patient_ids=tuple(
+            o.get("ParticipantObjectID")
+            for o in root.findall("ParticipantObjectIdentification")
+            if o.get("ParticipantObjectTypeCodeRole") == _PATIENT_ROLE
+        ),
+        **header,
+    )
+
+
+@dataclass(frozen=True)
+class StoredAudit:
+    """One row of the repository, as a query returns it."""
+
+    id: int
+    received_at: datetime
+    transport: str
+    peer: str
+    valid: bool
+    error: str | None
+    event_time: datetime | None
+    event_id: str | None
+    event_type: str | None
+    event_action: str | None
+    outcome: int | None
+    audit_source_id: str | None
+    patient_ids: tuple[str, ...]
+    raw: bytes
+    xml: bytes | None
+
+    def as_json(self) -> dict[str, object]:
+        """Return the row as JSON-ready values; the XML as received, text."""
+        return {
+            "id": self.id,
+            "received_at": self.received_at.isoformat(),
+            "transport": self.transport,
+            "peer": self.peer,
+            "valid": self.valid,
+            "error": self.error,
+            "event_time": self.event_time.isoformat() if self.event_time else None,
+            "event_id": self.event_id,
+            "event_type": self.event_type,
+            "event_action": self.event_action,
+            "outcome": self.outcome,
+            "audit_source_id": self.audit_source_id,
+            "patient_ids": list(self.patient_ids),
+            "xml": self.xml.decode("utf-8", "replace") if self.xml else None,
+        }
+
+
+def _aware(when: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; every value stored is UTC.
+    if when is None or when.tzinfo is not None:
+        return when
+    return when.replace(tzinfo=UTC)
+
+
+class AuditRecordStore:
+    """The repository's tables: store what arrives, query it back."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def store(self, raw: bytes, *, transport: str, peer: str) -> ReceivedAudit:
+        """Store one received message, valid or not; return what it says."""
+        received = read_audit(raw)
+        with self.engine.begin() as connection:
+            record_id = connection.execute(
+                insert(audit_record).values(
+                    received_at=datetime.now(UTC),
+                    transport=transport,
+                    peer=peer[:256],
+                    valid=received.valid,
+                    error=received.error[:_ERROR_LENGTH] if received.error else None,
+                    app_name=received.app_name and received.app_name[:48],
+                    msgid=received.msgid and received.msgid[:32],
+                    event_time=received.event_time,
+                    event_id=received.event_id and received.event_id[:64],
+                    event_type=received.event_type and received.event_type[:64],
+                    event_action=received.event_action,
+                    outcome=received.outcome,
+                    audit_source_id=(
+                        received.audit_source_id and received.audit_source_id[:256]
+                    ),
+                    raw=raw,
+                    xml=received.xml,
+                )
+            ).inserted_primary_key[0]
+            if received.patient_ids:
+                connection.execute(
+                    insert(audit_patient),
+                    [
+                        {"record_id": record_id, "patient_id": p[:256]}
+                        for p in received.patient_ids
+                    ],
+                )
+        if not received.valid:
+            logger.warning(
+                "audit message %d from %s over %s stored as malformed: %s",
+                record_id,
+                peer,
+                transport,
+                # The reason names the schema rule broken, never the value.
+                received.error.split(":", 1)[0] if received.error else "",
+            )
+        return received
+
+    def query(
+        self,
+        *,
+        patient_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 1000,
+    ) -> list[StoredAudit]:
+        """Return stored messages, oldest first, filtered as asked.
+
+        ``since`` and ``until`` bound the event time, or for a malformed
+        message, which has none, the time it was received.
+        """
+        time = audit_record.c.event_time
+        received = audit_record.c.received_at
+        statement = select(audit_record).order_by(audit_record.c.id).limit(limit)
+        if patient_id is not None:
+            named = select(audit_patient.c.record_id).where(
+                audit_patient.c.patient_id == patient_id
+            )
+            statement = statement.where(audit_record.c.id.in_(named))
+        if since is not None:
+            statement = statement.where(
+                (time >= since) | (time.is_(None) & (received >= since))
+            )
+        if until is not None:
+            statement = statement.where(
+                (time < until) | (time.is_(None) & (received < until))
+            )
+        with self.engine.connect() as connection:
+            rows = connection.execute(statement).all()
+            patients: dict[int, list[str]] = {}
+            if rows:
+                found = select(audit_patient.c.record_id, audit_patient.c.patient_id)
+                found = found.where(
+                    audit_patient.c.record_id.in_([row.id for row in rows])
+                ).order_by(audit_patient.c.id)
+                for record_id, patient in connection.execute(found):
+                    patients.setdefault(record_id, []).append(patient)
+        return [
+            StoredAudit(
+                id=row.id,
+                received_at=_aware(row.received_at),
+                transport=row.transport,
+                peer=row.peer,
+                valid=row.valid,
+                error=row.error,
+                event_time=_aware(row.event_time),
+                event_id=row.event_id,
+                event_type=row.event_type,
+                event_action=row.event_action,
+                outcome=row.outcome,
+                audit_source_id=row.audit_source_id,
+                patient_ids=tuple(patients.get(row.id, ())),
+                raw=row.raw,
+                xml=row.xml,
+            )
+            for row in rows
+        ]
+
+
+def query_app(store: AuditRecordStore) -> Flask:
+    """Return the HTTP query endpoint: ``GET /audit`` answers JSON.
+
+    Parameters ``patient`` (a patient id as the AuditMessage writes it),
+    ``since`` and ``until`` (ISO 8601 date-times, UTC if no zone) and
+    ``limit``.
+    """
+    app = Flask("xdsi.audit_repository")
+
+    def _time(name: str) -> datetime | None:
+        value = request.args.get(name)
+        return parse_time(value) if value else None
+
+    @app.get("/audit")
+    def audit() -> Response | tuple[Response, int]:
+        try:
+            since, until = _time("since"), _time("until")
+            limit = int(request.args.get("limit", "1000"))
+        except ValueError as exc:
+            return jsonify({"error": str(exc)}), 400
+        records = store.query(
+            patient_id=request.args.get("patient"),
+            since=since,
+            until=until,
+            limit=limit,
+        )
+        return jsonify([r.as_json() for r in records])
+
+    return app
+
+
+def parse_time(value: str) -> datetime:
+    """Return an ISO 8601 date or date-time; without a zone, UTC."""
+    when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+class _TlsHandler(socketserver.BaseRequestHandler):
+    server: "_TlsServer"
+
+    def handle(self) -> None:
+        repository = self.server.repository
+        host, port = self.client_address[:2]
+        peer = f"{host}:{port}"
+        # A peer that connects and never completes the handshake is dropped.
+        self.request.settimeout(repository.idle_timeout)
+        try:
+            sock = repository.tls_context.wrap_socket(self.request, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            repository.refused(host, port, exc)
+            return
+        reader = FrameReader(repository.max_message)
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                for message in reader.feed(data):
+                    repository.keep(message, transport="tls", peer=peer)
+        except FramingError as exc:
+            logger.warning("tls session from %s ended: %s", peer, exc)
+            # What could not be framed is still kept, raw and flagged.
+            repository.keep(reader.drain(), transport="tls", peer=peer)
+        except (OSError, ssl.SSLError) as exc:
+            logger.debug("tls session from %s ended: %s", peer, exc)
+        finally:
+            if reader.pending:
+                logger.warning(
+                    "tls session from %s ended inside a message (%d bytes)",
+                    peer,
+                    reader.pending,
+                )
+            sock.close()
+
+
+class _TlsServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], repository: "AuditRepository"):
+        self.repository = repository
+        super().__init__(address, _TlsHandler)
+
+
+class _UdpHandler(socketserver.BaseRequestHandler):
+    server: "_UdpServer"
+
+    def handle(self) -> None:
+        data = self.request[0]
+        host, port = self.client_address[:2]
+        self.server.repository.keep(data, transport="udp", peer=f"{host}:{port}")
+
+
+class _UdpServer(socketserver.UDPServer):
+    # RFC 5426 3.2: a receiver takes datagrams up to the IPv4 UDP maximum.
+    max_packet_size = MAX_UDP_PAYLOAD + 28
+
+    def __init__(self, address: tuple[str, int], repository: "AuditRepository"):
+        self.repository = repository
+        super().__init__(address, _UdpHandler)
+
+
+class AuditRepository:
+    """The listening Audit Record Repository: TLS and UDP syslog inputs.
+
+    Parameters
+    ----------
+    tls_port, udp_port
+        Ports to bind on ``host``; 0 picks a free one, None leaves that
+        input off.
+    tls_context
+        The server context, holding this node's certificate and the trusted
+        ones; with ``ssl.CERT_REQUIRED`` a peer without a trusted certificate
+        is refused (ITI TF-2 3.19).
+    auditor
+        Where refusals go as Security Alerts; None records none.
+    """
+
+    def __init__(
+        self,
+        store: AuditRecordStore,
+        *,
+        host: str = "127.0.0.1",
+        tls_port: int | None = None,
+        udp_port: int | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        auditor: Auditor | None = None,
+        node_id: str = "xdsi",
+        max_message: int = MAX_MESSAGE,
+        idle_timeout: float = 300.0,
+    ) -> None:
+        if tls_port is not None and tls_context is None:
+            raise ValueError("the TLS syslog input (RFC 5425) needs a TLS context")
+        self.store = store
+        self.host = host
+        self.tls_context = tls_context
+        self.auditor = auditor
+        self.node_id = node_id
+        self.max_message = max_message
+        self.idle_timeout = idle_timeout
+        self._servers: list[socketserver.BaseServer] = []
+        self._threads: list[threading.Thread] = []
+        self._tls: _TlsServer | None = None
+        self._udp: _UdpServer | None = None
+        if tls_port is not None:
+            self._tls = _TlsServer((host, tls_port), self)
+            self._servers.append(self._tls)
+        if udp_port is not None:
+            self._udp = _UdpServer((host, udp_port), self)
+            self._servers.append(self._udp)
+
+    @property
+    def tls_port(self) -> int | None:
+        return self._tls.server_address[1] if self._tls else None
+
+    @property
+    def udp_port(self) -> int | None:
+        return self._udp.server_address[1] if self._udp else None
+
+    def start(self) -> None:
+        """Serve each input in its own thread."""
+        for server in self._servers:
+            thread = threading.Thread(
+                target=server.serve_forever,
+                kwargs={"poll_interval": 0.1},
+                daemon=True,
+                name=f"xdsi-arr-{server.server_address[1]}",
+            )
+            thread.start()
+            self._threads.append(thread)
+        logger.info(
+            "Audit Record Repository listening on %s: tls %s, udp %s",
+            self.host,
+            self.tls_port or "off",
+            self.udp_port or "off",
+        )
+
+    def stop(self) -> None:
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._threads.clear()
+
+    def keep(self, raw: bytes, *, transport: str, peer: str) -> None:
+        """Store one received message; a failure is logged, not raised."""
+        try:
+            self.store.store(raw, transport=transport, peer=peer)
+        except Exception:
+            logger.exception(
+                "audit message of %d bytes from %s over %s was not stored",
+                len(raw),
+                peer,
+                transport,
+            )
+
+    def refused(self, host: str, port: int, error: Exception) -> None:
+        """Log and audit a peer that failed node authentication.
+
+        ITI TF-2 3.19; DICOM PS3.15 A.5.3.11 Security Alert.
+        """
+        reason = getattr(error, "reason", None) or type(error).__name__
+        logger.warning("refused tls peer %s:%s: %s", host, port, reason)
+        if self.auditor is None:
+            return
+        uri = f"tls://{host}:{port}"
+        self.auditor.record(
+            AuditEvent(
+                transaction="Node Authentication Failure",
+                actor="Secure Node",
+                outcome=Outcome.MINOR_FAILURE,
+                source=Endpoint(uri, host),
+                destination=Endpoint(self.node_id, self.host),
+                alert_subjects=(uri,),
+                outcome_detail=str(reason),
+            )
+        )
+
+    def __enter__(self) -> "AuditRepository":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
