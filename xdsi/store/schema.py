@@ -10,6 +10,7 @@ Each actor owns its tables; no actor reads another's.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from sqlalchemy import (
     event,
     func,
 )
+from sqlalchemy.exc import DisconnectionError
 
 metadata = MetaData()
 
@@ -245,11 +247,44 @@ audit_patient = Table(
 )
 
 
+# A pooled connection idle longer than this is tested before use. A busy node
+# reuses its connections within milliseconds and pays no extra round trip; one
+# that sat idle may have been cut by a database restart or a firewall.
+IDLE_PING_SECONDS = 1.0
+
+
+def _mark_checked_in(_dbapi_connection: Any, record: Any) -> None:
+    record.info["checked_in"] = time.monotonic()
+
+
+def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    """Test a connection that sat idle; a dead one is replaced by the pool.
+
+    Raising DisconnectionError at checkout makes the pool discard the
+    connection and check out another (SQLAlchemy, pessimistic disconnect
+    handling).
+    """
+    checked_in = record.info.get("checked_in")
+    if checked_in is None:
+        return  # connected just now
+    idle = time.monotonic() - checked_in
+    if idle <= IDLE_PING_SECONDS:
+        return
+    try:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("SELECT 1")
+        cursor.close()
+        dbapi_connection.rollback()
+    except Exception as exc:
+        raise DisconnectionError(f"connection idle {idle:.0f} s is gone") from exc
+
+
 def make_engine(url: str) -> Engine:
     """Create the engine and upgrade the database to the newest migration.
 
     SQLite runs in WAL mode with a busy timeout, so that the actors' threads
-    can share one file; PostgreSQL needs nothing special. The Alembic
+    can share one file. A PostgreSQL connection idle for a while is tested
+    before use (_ping_if_idle). The Alembic
     revisions of xdsi.store.migrations create the tables, or bring an older
     database up to this schema.
     """
@@ -267,7 +302,9 @@ def make_engine(url: str) -> Engine:
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
     else:
-        engine = create_engine(url, pool_pre_ping=True)
+        engine = create_engine(url)
+        event.listen(engine, "checkin", _mark_checked_in)
+        event.listen(engine, "checkout", _ping_if_idle)
 
     # Imported here because the migrations read this module's metadata.
     from xdsi.store import migrations
