@@ -436,6 +436,8 @@ class Node:
         if self.forwarder is not None:
             self.forwarder.stop()
             self.forwarder = None
+        if self.services is not None:
+            self.services.audit_spool.close()
         self._servers.clear()
         self._sockets.clear()
         self._threads.clear()

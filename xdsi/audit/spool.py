@@ -138,6 +138,26 @@ class AuditSpool:
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
+        # The directory, opened once for the fsync that makes each new entry
+        # durable; made on the first write.
+        self._directory_fd: int | None = None
+        self._fd_lock = threading.Lock()
+
+    def _open_directory(self) -> int:
+        with self._fd_lock:
+            if self._directory_fd is None:
+                self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                self._directory_fd = os.open(
+                    self.directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+                )
+            return self._directory_fd
+
+    def close(self) -> None:
+        """Release the directory handle; a later write opens it again."""
+        with self._fd_lock:
+            if self._directory_fd is not None:
+                os.close(self._directory_fd)
+                self._directory_fd = None
 
     def _next_name(self) -> str:
         # Names sort by write time: nanoseconds since the epoch, strictly
@@ -168,11 +188,7 @@ class AuditSpool:
         return path
 
     def _sync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        os.fsync(self._open_directory())
 
     def write(self, message: bytes) -> Path:
         """Store one audit message durably and return its file.
@@ -182,8 +198,18 @@ class AuditSpool:
         OSError
             The spool directory cannot be created or written.
         """
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=self.directory)
+        self._open_directory()
+        try:
+            fd, temporary = tempfile.mkstemp(
+                prefix=".", suffix=".tmp", dir=self.directory
+            )
+        except FileNotFoundError:
+            # The directory was removed under the running node: make it again.
+            self.close()
+            self._open_directory()
+            fd, temporary = tempfile.mkstemp(
+                prefix=".", suffix=".tmp", dir=self.directory
+            )
         try:
             with os.fdopen(fd, "wb") as stream:
                 stream.write(message)

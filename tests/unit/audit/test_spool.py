@@ -101,6 +101,23 @@ def test_write_leaves_one_complete_private_file_and_no_temporary(
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
+def test_spool_directory_removed_while_running_is_made_again(
+    tmp_path: Path, real_ids: RealIds
+) -> None:
+    """ITI TF-2 3.20: a spool whose directory an operator removed keeps working."""
+    spool = AuditSpool(tmp_path / "spool")
+    spool.write(message(real_ids))
+    for entry in (tmp_path / "spool").iterdir():
+        entry.unlink()
+    (tmp_path / "spool").rmdir()
+
+    path = spool.write(message(real_ids))
+
+    assert path.read_bytes() == message(real_ids)
+    assert [r.path for r in spool.records()] == [path]
+    spool.close()
+
+
 def test_failed_write_leaves_no_temporary_file(tmp_path: Path) -> None:
     """ITI TF-2 3.20: a write that fails leaves nothing half-written behind."""
     spool = AuditSpool(tmp_path)
