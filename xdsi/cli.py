@@ -29,9 +29,10 @@ from werkzeug.serving import make_server
 from xdsi import __version__, ns, tls
 from xdsi.actors.consumer import Consumer, ConsumerError, FetchResult, FoundEntry
 from xdsi.actors.document_source import DocumentSource
+from xdsi.actors.identity_source import send_feed
 from xdsi.actors.imaging_source import PublishError
 from xdsi.actors.provide import SubmitError
-from xdsi.app import Node, Services, build_services
+from xdsi.app import Node, Services, build_services, node_auditor
 from xdsi.audit import Auditor, AuditSpool
 from xdsi.audit.repository import (
     AuditRecordStore,
@@ -43,8 +44,8 @@ from xdsi.config import ConfigError, Settings, TlsSettings, load_settings, to_to
 from xdsi.conformance.cli import conformance
 from xdsi.dicom import scan
 from xdsi.dicom.store_scu import Destination, StoreScuError, send_files
-from xdsi.hl7.adt import TRIGGER_EVENTS, build_feed, read_ack
-from xdsi.hl7.mllp import MllpError, send_message
+from xdsi.hl7.adt import TRIGGER_EVENTS
+from xdsi.hl7.mllp import MllpError
 from xdsi.store.schema import make_engine
 
 console = Console()
@@ -189,24 +190,23 @@ def feed(
     trigger = trigger or ("A40" if subsumed else "A01")
     if (trigger == "A40") != bool(subsumed):
         _fail("ITI-8 A40 merges: give --merge SUBSUMED_ID with A40, and only then")
-    message = build_feed(
-        qualify_patient_id(patient_id, settings),
-        trigger=trigger,
-        subsumed_patient_id=qualify_patient_id(subsumed, settings) if subsumed else "",
-        name=name,
-        birth_date=birth_date,
-        sex=sex,
-    )
     try:
-        ack = send_message(
-            host or settings.node.host,
-            port or settings.registry.feed_port,
-            message,
-            ssl_context=tls.client_context_for(settings),
+        summary = send_feed(
+            settings,
+            node_auditor(settings),
+            qualify_patient_id(patient_id, settings),
+            trigger=trigger,
+            subsumed_patient_id=(
+                qualify_patient_id(subsumed, settings) if subsumed else ""
+            ),
+            name=name,
+            birth_date=birth_date,
+            sex=sex,
+            host=host,
+            port=port,
         )
     except (MllpError, OSError, ConfigError) as exc:
         _fail(f"ITI-8 feed failed: {exc}")
-    summary = read_ack(ack)
     if summary.code != "AA":
         _fail(
             f"ITI-8 ADT^{trigger}: ACK {summary.code or '?'}: "
@@ -892,14 +892,10 @@ def _demo(base: Settings, study_dir: Path, workdir: Path) -> bool:
 
         started = time.monotonic()
         patient_id = qualify_patient_id("XDSI-DEMO-1", settings)
-        ack = send_message(
-            settings.node.host,
-            settings.registry.feed_port,
-            build_feed(patient_id, name="PHANTOM^HEAD"),
-            ssl_context=tls.client_context_for(settings),
-        )
+        code = send_feed(
+            settings, services.auditor, patient_id, name="PHANTOM^HEAD"
+        ).code
         timings["ITI-8 feed"] = time.monotonic() - started
-        code = read_ack(ack).code
         console.print(f"[green]✓[/] ITI-8 Patient Identity Feed: ACK {code}")
         if code != "AA":
             return False
