@@ -395,10 +395,19 @@ class Node:
         """Start the C-STORE SCP and auto-publishing, in the node's process."""
         cfg = settings.imaging_source
         if cfg.store_scp:
+            context = tls.server_context(settings.tls) if settings.tls.enabled else None
+            gate = None if context is None else _tls_gate(settings, context, "")
             self._store_scp = StoreScp(
-                services.intake, cfg.ae_title, settings.node.host, cfg.dicom_port
+                services.intake,
+                cfg.ae_title,
+                settings.node.host,
+                cfg.dicom_port,
+                tls_gate=gate,
             )
-            _, port = self._store_scp.start()
+            host, port = self._store_scp.start()
+            if gate is not None:
+                # The listener is named once its port is known.
+                gate.listener = f"dicom-tls://{host}:{port}"
             settings = replace(settings, imaging_source=replace(cfg, dicom_port=port))
         if cfg.publish_after > 0:
             self._auto_publisher = AutoPublisher(services.intake, cfg.publish_after)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from lxml import etree
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
 
 from tests.conftest import shared_path
 from tests.integration.conftest import PATIENT, RunningNode
@@ -30,7 +32,7 @@ from xdsi.hl7.mllp import MllpError, encode_frame, send_message
 SECURITY_ALERT = "110113"
 NODE_AUTHENTICATION = "110126"
 
-ENDPOINTS = ["registry", "repository", "imaging_source", "feed"]
+ENDPOINTS = ["registry", "repository", "imaging_source", "feed", "dicom"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,11 @@ def tls_node(
         .with_storage(tmp_path_factory.mktemp("node"))
         .with_ports(registry=0, repository=0, imaging_source=0, feed=0)
     )
-    settings = replace(settings, tls=tls.tls_settings(pki.node, pki.ca.certificate))
+    settings = replace(
+        settings,
+        tls=tls.tls_settings(pki.node, pki.ca.certificate),
+        imaging_source=replace(settings.imaging_source, store_scp=True, dicom_port=0),
+    )
     with Node(settings) as node:
         assert node.services is not None
         yield RunningNode(node, node.settings, node.services, {})
@@ -73,18 +79,24 @@ def _address(node: RunningNode, endpoint: str) -> tuple[str, int]:
     settings = node.settings
     if endpoint == "feed":
         return settings.node.host, settings.registry.feed_port
+    if endpoint == "dicom":
+        return settings.node.host, settings.imaging_source.dicom_port
     return settings.node.host, getattr(settings, endpoint).port
 
 
 def _listener(node: RunningNode, endpoint: str) -> str:
-    if endpoint == "feed":
+    if endpoint in ("feed", "dicom"):
         host, port = _address(node, endpoint)
-        return f"mllps://{host}:{port}"
+        scheme = "mllps" if endpoint == "feed" else "dicom-tls"
+        return f"{scheme}://{host}:{port}"
     return node.settings.url(endpoint)
 
 
 def _request(node: RunningNode, endpoint: str) -> bytes:
-    """What a peer sends first: an ITI-8 frame, or an HTTP POST."""
+    """What a peer sends first: an ITI-8 frame, an HTTP POST, or for DICOM
+    the start of an A-ASSOCIATE-RQ PDU (DICOM PS3.8 9.3.2)."""
+    if endpoint == "dicom":
+        return b"\x01\x00\x00\x00\x00\x44\x00\x01"
     if endpoint == "feed":
         return encode_frame(
             build_feed("XDSI-TLS-REFUSED^^^&1.3.6.1.4.1.21367.13.20.1000&ISO")
@@ -113,6 +125,20 @@ def _exchange(
     except (ssl.SSLError, OSError):
         pass
     return answer
+
+
+def _c_echo(context: ssl.SSLContext, address: tuple[str, int]) -> int | None:
+    """C-ECHO over TLS (DICOM PS3.7 9.3.5); the status, None if refused."""
+    ae = AE(ae_title="TLSPEER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(*address, ae_title="XDSI", tls_args=(context, address[0]))
+    if not assoc.is_established:
+        return None
+    try:
+        status = assoc.send_c_echo()
+        return int(status.Status) if status else None
+    finally:
+        assoc.release()
 
 
 def _trusting_ca(pki: Pki) -> ssl.SSLContext:
@@ -211,12 +237,14 @@ def test_trusted_peer_is_answered(
     before = len(list(tls_node.services.audit_spool.records()))
     context = tls.client_context(tls_node.settings.tls)
 
-    answer = _exchange(
-        context, _address(tls_node, endpoint), _request(tls_node, endpoint)
-    )
-
-    expected = b"\x0bMSH|" if endpoint == "feed" else b"HTTP/1.1 "
-    assert answer.startswith(expected)
+    if endpoint == "dicom":
+        assert _c_echo(context, _address(tls_node, endpoint)) == 0x0000
+    else:
+        answer = _exchange(
+            context, _address(tls_node, endpoint), _request(tls_node, endpoint)
+        )
+        expected = b"\x0bMSH|" if endpoint == "feed" else b"HTTP/1.1 "
+        assert answer.startswith(expected)
     alerts = [
         r
         for r in list(tls_node.services.audit_spool.records())[before:]

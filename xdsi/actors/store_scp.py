@@ -11,8 +11,10 @@ Instance UID; a refused one is answered with the status of
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from pydicom.uid import (
     JPEG2000,
@@ -30,10 +32,11 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 
 from xdsi.actors.intake import Intake
 from xdsi.dicom.check import Refused
+from xdsi.tls import TlsGate
 
 logger = logging.getLogger(__name__)
 
@@ -58,14 +61,51 @@ TRANSFER_SYNTAXES = (
 SUCCESS = 0x0000
 
 
-class StoreScp:
-    """A C-STORE SCP feeding an :class:`Intake`, on one host and port."""
+class _GatedAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server; each connection passes the TLS gate.
 
-    def __init__(self, intake: Intake, ae_title: str, host: str, port: int) -> None:
+    pynetdicom's own ``ssl_context`` runs the handshake in the accepting
+    thread, where a peer that never finishes it would stall every other;
+    the gate runs it in the connection's own thread. The association then
+    owns the secured socket and closes it when it ends.
+    """
+
+    tls_gate: TlsGate
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        secured = self.tls_gate.accept(request, client_address)
+        if secured is not None:
+            super().finish_request(secured, client_address)
+
+    def shutdown(self) -> None:
+        # Made with AE.make_server, so not among the AE's own servers.
+        super(AssociationServer, self).shutdown()
+        self.server_close()
+
+
+class StoreScp:
+    """A C-STORE SCP feeding an :class:`Intake`, on one host and port.
+
+    With ``tls_gate`` every association runs over mutual TLS (DICOM PS3.15
+    B.1, ITI TF-2 3.19); a peer that cannot authenticate is refused at the
+    handshake and audited by the gate.
+    """
+
+    def __init__(
+        self,
+        intake: Intake,
+        ae_title: str,
+        host: str,
+        port: int,
+        *,
+        tls_gate: TlsGate | None = None,
+    ) -> None:
         self.intake = intake
         self.ae_title = ae_title
         self.address = (host, port)
+        self.tls_gate = tls_gate
         self._server: ThreadedAssociationServer | None = None
+        self._thread: threading.Thread | None = None
 
     def start(self) -> tuple[str, int]:
         """Bind and serve in the background; return the bound address."""
@@ -77,11 +117,23 @@ class StoreScp:
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
-        self._server = ae.start_server(
-            self.address,
-            block=False,
-            evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
-        )
+        handlers = [(evt.EVT_C_STORE, self._on_store)]
+        if self.tls_gate is None:
+            self._server = ae.start_server(
+                self.address, block=False, evt_handlers=handlers
+            )
+        else:
+            server = ae.make_server(
+                self.address,
+                evt_handlers=handlers,
+                server_class=_GatedAssociationServer,
+            )
+            server.tls_gate = self.tls_gate
+            self._thread = threading.Thread(
+                target=server.serve_forever, daemon=True, name="xdsi-store-scp"
+            )
+            self._thread.start()
+            self._server = server
         self.address = self._server.server_address[:2]
         logger.info("C-STORE SCP %s listening on %s:%s", self.ae_title, *self.address)
         return self.address
@@ -90,6 +142,9 @@ class StoreScp:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
 
     def _on_store(self, event: evt.Event) -> int:
         """Answer one C-STORE request (DICOM PS3.7 9.1.1)."""
