@@ -7,6 +7,8 @@ data set, with the counts the NIST testkit expects.
 
 from __future__ import annotations
 
+import copy
+import logging
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -454,3 +456,57 @@ def test_get_related_documents_of_an_unrelated_document_is_empty(
     )
 
     assert counts(response) == {}
+
+
+@pytest.mark.parametrize(
+    ("parameter", "count"),
+    [
+        ("$XDSDocumentEntryClassCode", stored_query.MAX_PARAMETER_VALUES + 1),
+        ("$XDSDocumentEntryEventCodeList", 700),
+    ],
+)
+def test_query_with_too_many_values_is_param_number_without_patient_in_log(
+    data_set: DataSet, parameter: str, count: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7: a bounded answer, not a failing database query."""
+    caplog.set_level(logging.INFO)
+    request = stored_query.build_query(
+        "FindDocuments",
+        {
+            "$XDSDocumentEntryPatientId": data_set.patient_id,
+            "$XDSDocumentEntryStatus": [APPROVED],
+            parameter: ["('C0^^1.2.3')"],
+        },
+    )
+    # One value per Value element, as ITI TF-2 3.18.4.1.2.3.5 allows.
+    (value_list,) = [
+        slot.find(f"{{{ns.RIM}}}ValueList")
+        for slot in request.iter(f"{{{ns.RIM}}}Slot")
+        if slot.get("name") == parameter
+    ]
+    for n in range(1, count):
+        etree.SubElement(value_list, f"{{{ns.RIM}}}Value").text = f"('C{n}^^1.2.3')"
+    client = wire.SoapClient(data_set.url)
+    with client.call("urn:ihe:iti:2007:RegistryStoredQuery", request) as reply:
+        response = reply.body
+
+    assert error_codes(response) == ["XDSStoredQueryParamNumber"]
+    assert data_set.patient_id.split("^")[0] not in caplog.text
+
+
+def test_query_with_too_many_slots_is_param_number(data_set: DataSet) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7: the registry bounds the slots of one query."""
+    request = stored_query.build_query(
+        "FindDocuments",
+        {
+            "$XDSDocumentEntryPatientId": data_set.patient_id,
+            "$XDSDocumentEntryStatus": [APPROVED],
+        },
+    )
+    adhoc = request.find(f"{{{ns.RIM}}}AdhocQuery")
+    template = adhoc.find(f"{{{ns.RIM}}}Slot")
+    for _ in range(stored_query.MAX_QUERY_VALUES):
+        adhoc.append(copy.deepcopy(template))
+    client = wire.SoapClient(data_set.url)
+    with client.call("urn:ihe:iti:2007:RegistryStoredQuery", request) as reply:
+        assert error_codes(reply.body) == ["XDSStoredQueryParamNumber"]

@@ -167,6 +167,14 @@ def parse_code_value(name: str, value: str) -> Code:
     return Code(parts[0], parts[1])
 
 
+# ITI TF-2 3.18.4.1.2.3.7 sets no bound on the values of a multiple-valued
+# parameter; this registry answers one over these bounds with
+# XDSStoredQueryParamNumber rather than build a query its database refuses
+# (SQLite parses at most 1000 nested expressions).
+MAX_PARAMETER_VALUES = 256
+MAX_QUERY_VALUES = 1024
+
+
 def read_query(request: etree._Element) -> StoredQuery:
     """Read an AdhocQueryRequest and check its parameters against the table."""
     response_option = request.find(f"{{{ns.QUERY}}}ResponseOption")
@@ -193,12 +201,26 @@ def read_query(request: etree._Element) -> StoredQuery:
         )
 
     parameters: dict[str, list[list[str]]] = {}
-    for slot in adhoc.findall(f"{{{ns.RIM}}}Slot"):
+    counts: dict[str, int] = {}
+    for number, slot in enumerate(adhoc.iterfind(f"{{{ns.RIM}}}Slot"), 1):
         slot_name = slot.get("name", "")
         texts = [
             (v.text or "").strip()
             for v in slot.iterfind(f"{{{ns.RIM}}}ValueList/{{{ns.RIM}}}Value")
         ]
+        counts[slot_name] = counts.get(slot_name, 0) + len(texts)
+        if counts[slot_name] > MAX_PARAMETER_VALUES:
+            raise StoredQueryParamNumber(
+                f"{slot_name} has more than {MAX_PARAMETER_VALUES} values; this "
+                "registry takes at most that many per parameter",
+                slot_name,
+            )
+        if number + sum(counts.values()) > MAX_QUERY_VALUES:
+            raise StoredQueryParamNumber(
+                f"the query has more than {MAX_QUERY_VALUES} slots and values; this "
+                "registry takes at most that many in one query",
+                slot_name,
+            )
         group = _slot_values(slot_name, texts)
         if group:
             parameters.setdefault(slot_name, []).append(group)

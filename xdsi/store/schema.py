@@ -282,16 +282,19 @@ def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
 def make_engine(url: str) -> Engine:
     """Create the engine and upgrade the database to the newest migration.
 
-    SQLite runs in WAL mode with a busy timeout, so that the actors' threads
-    can share one file. A PostgreSQL connection idle for a while is tested
-    before use (_ping_if_idle). The Alembic
+    Bound values stay out of error messages: they may be patient ids, and
+    errors are logged. SQLite runs in WAL mode with a busy timeout, so that
+    the actors' threads can share one file. A PostgreSQL connection idle for
+    a while is tested before use (_ping_if_idle). The Alembic
     revisions of xdsi.store.migrations create the tables, or bring an older
     database up to this schema.
     """
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            hide_parameters=True,
         )
 
         @event.listens_for(engine, "connect")
@@ -302,7 +305,7 @@ def make_engine(url: str) -> Engine:
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
     else:
-        engine = create_engine(url)
+        engine = create_engine(url, hide_parameters=True)
         event.listen(engine, "checkin", _mark_checked_in)
         event.listen(engine, "checkout", _ping_if_idle)
 
