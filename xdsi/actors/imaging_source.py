@@ -14,6 +14,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,6 +272,13 @@ class ImagingSource:
         documents = []
         studies: list[str] = []
         asked: set[str] = set()
+        held = self.held_instances(
+            child_text(item, "DocumentUniqueId")
+            for item in request.iterfind(
+                f"{{{ns.XDSIB}}}StudyRequest/{{{ns.XDSIB}}}SeriesRequest/"
+                f"{{{ns.XDSB}}}DocumentRequest"
+            )
+        )
         for study in request.findall(f"{{{ns.XDSIB}}}StudyRequest"):
             study_uid = (study.get("studyInstanceUID") or "").strip()
             if not study_uid:
@@ -299,7 +307,7 @@ class ImagingSource:
                         continue
                     asked.add(key)
                     result = self._instance(
-                        item, study_uid, series_uid, syntaxes, spool
+                        item, study_uid, series_uid, syntaxes, spool, held
                     )
                     if isinstance(result, XdsError):
                         errors.append(result)
@@ -324,6 +332,7 @@ class ImagingSource:
         series_uid: str,
         syntaxes: list[str],
         spool: Path,
+        held: dict[str, Row],
     ) -> tuple[str, str, str, Path, str | None, str | None] | XdsError:
         repository_id = child_text(item, "RepositoryUniqueId")
         sop_uid = child_text(item, "DocumentUniqueId")
@@ -334,8 +343,12 @@ class ImagingSource:
                 "Source's",
                 repository_id,
             )
-        row = self.held_instance(sop_uid, study_uid, series_uid)
-        if row is None:
+        row = held.get(sop_uid)
+        if (
+            row is None
+            or row.study_instance_uid != study_uid
+            or row.series_instance_uid != series_uid
+        ):
             return DocumentUniqueIdError(
                 f"instance {sop_uid} is not held under study {study_uid} series "
                 f"{series_uid}",
@@ -364,21 +377,24 @@ class ImagingSource:
             row.patient_id,
         )
 
-    def held_instance(
-        self, sop_uid: str, study_uid: str, series_uid: str | None = None
-    ) -> Row | None:
-        """Return the stored instance under that study (and series), if any."""
+    def held_instances(self, sop_uids: Iterable[str]) -> dict[str, Row]:
+        """Return the stored instances among ``sop_uids``, by SOP Instance UID.
+
+        One query per 500 UIDs, well under SQLite's limit on bound
+        parameters, rather than one per instance.
+        """
+        wanted = sorted(set(sop_uids))
+        rows: dict[str, Row] = {}
         with self.engine.connect() as conn:
-            row = conn.execute(
-                select(imaging_instance).where(
-                    imaging_instance.c.sop_instance_uid == sop_uid
-                )
-            ).first()
-        if row is None or row.study_instance_uid != study_uid:
-            return None
-        if series_uid is not None and row.series_instance_uid != series_uid:
-            return None
-        return row
+            for first in range(0, len(wanted), 500):
+                batch = wanted[first : first + 500]
+                for row in conn.execute(
+                    select(imaging_instance).where(
+                        imaging_instance.c.sop_instance_uid.in_(batch)
+                    )
+                ):
+                    rows[row.sop_instance_uid] = row
+        return rows
 
     # --- SOAP edge -------------------------------------------------------
 
