@@ -43,9 +43,10 @@ from xdsi.wire.faults import (
 from xdsi.wire.soap import SoapMessage, parse_envelope, serialize
 from xdsi.wire.xml import parse_xml
 
-# Read and write in 1 MiB pieces: few enough Python calls per gigabyte that
-# the parser and the socket, not the interpreter, set the pace.
-CHUNK_SIZE = 1 << 20
+# Read and write in 256 KiB pieces: a quarter of the Python calls per byte
+# that 64 KiB pieces cost, while a piece still fits the CPU caches (1 MiB
+# pieces measured slower).
+CHUNK_SIZE = 1 << 18
 # The SOAP envelope is parsed in memory; a larger root part is refused.
 MAX_ROOT_PART = 64 * 1024 * 1024
 # Bytes tolerated before the first boundary (RFC 2046 5.1.1 preamble).
