@@ -14,7 +14,9 @@ import logging
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,11 +76,19 @@ class Published:
     bytes: int
 
 
-def sha256_file(path: Path) -> str:
+# Instances are copied into the store by this many threads, so that their
+# fsyncs overlap (ext4 commits concurrent fsyncs in one journal transaction).
+KEEP_THREADS = 4
+
+
+def copy_hashed(source: Path, target: Path) -> str:
+    """Copy ``source`` to the new file ``target`` in one read; return the
+    copy's SHA-256."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
+    with open(source, "rb") as src, open(target, "xb") as out:
+        while chunk := src.read(1 << 20):
             digest.update(chunk)
+            out.write(chunk)
     return digest.hexdigest()
 
 
@@ -104,34 +114,51 @@ class ImagingSource:
     # --- intake and RAD-68 ----------------------------------------------
 
     def keep_instances(self, study: scan.Study, patient_id: str) -> int:
-        """Copy the study's instances into the store; return the bytes kept."""
-        total = 0
-        for header in study.instances:
-            total += header.size
-            with self.engine.connect() as conn:
-                held = conn.execute(
-                    select(imaging_instance.c.sop_instance_uid).where(
-                        imaging_instance.c.sop_instance_uid == header.sop_instance_uid
-                    )
-                ).first()
-            if held is not None:
-                continue
-            blob = self.blobs.put_file(header.sop_instance_uid, header.path, move=False)
+        """Copy the study's instances into the store; return the bytes kept.
+
+        Each instance is read once (copied and hashed together) and made
+        durable before the instance rows are written, all in one
+        transaction; instances already held are left as they are.
+        """
+        held = self.held_instances(h.sop_instance_uid for h in study.instances)
+        fresh = list(
+            {
+                h.sop_instance_uid: h
+                for h in study.instances
+                if h.sop_instance_uid not in held
+            }.values()
+        )
+        with ThreadPoolExecutor(KEEP_THREADS) as pool:
+            kept = list(pool.map(self._keep, fresh))
+        if kept:
             with self.engine.begin() as conn:
                 conn.execute(
-                    insert(imaging_instance).values(
-                        sop_instance_uid=header.sop_instance_uid,
-                        study_instance_uid=header.study_instance_uid,
-                        series_instance_uid=header.series_instance_uid,
-                        sop_class_uid=header.sop_class_uid,
-                        transfer_syntax_uid=header.transfer_syntax_uid,
-                        size=header.size,
-                        sha256=sha256_file(self.blobs.path(blob)),
-                        patient_id=patient_id,
-                        blob=blob,
-                    )
+                    insert(imaging_instance),
+                    [
+                        {
+                            "sop_instance_uid": header.sop_instance_uid,
+                            "study_instance_uid": header.study_instance_uid,
+                            "series_instance_uid": header.series_instance_uid,
+                            "sop_class_uid": header.sop_class_uid,
+                            "transfer_syntax_uid": header.transfer_syntax_uid,
+                            "size": header.size,
+                            "sha256": sha256,
+                            "patient_id": patient_id,
+                            "blob": blob,
+                        }
+                        for header, (blob, sha256) in zip(fresh, kept)
+                    ],
                 )
-        return total
+        return sum(header.size for header in study.instances)
+
+    def _keep(self, header: scan.InstanceHeader) -> tuple[str, str]:
+        """Copy one instance into the store; return its blob and SHA-256."""
+        spooled = self.blobs.spool / f"keep-{uuid.uuid4().hex}"
+        try:
+            sha256 = copy_hashed(header.path, spooled)
+            return self.blobs.put_file(header.sop_instance_uid, spooled), sha256
+        finally:
+            spooled.unlink(missing_ok=True)
 
     def publish(self, study: scan.Study, patient_id: str) -> Published:
         """Keep the study, build its manifest and submit it with RAD-68.
