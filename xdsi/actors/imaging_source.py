@@ -78,7 +78,7 @@ class Published:
 
 # Instances are copied into the store by this many threads, so that their
 # fsyncs overlap (ext4 commits concurrent fsyncs in one journal transaction).
-KEEP_THREADS = 4
+KEEP_THREADS = 8
 
 
 def copy_hashed(source: Path, target: Path) -> str:
@@ -181,15 +181,20 @@ class ImagingSource:
                 f"already published as manifest {held.sop_instance_uid}; "
                 "replacing a manifest is not supported"
             )
-        total = self.keep_instances(study, patient_id)
-        manifest = kos.build_manifest(
-            study,
-            retrieve_ae_title=cfg.ae_title,
-            retrieve_location_uid=self.repository_unique_id,
-            retrieve_url=self.settings.dicomweb_url,
-            institution_name=cfg.institution_name,
-        )
-        data = kos.manifest_bytes(manifest)
+        # The manifest is built while the instances are copied; it is sent
+        # only once every instance is kept, so that what it references can
+        # be retrieved as soon as it is registered.
+        with ThreadPoolExecutor(1) as pool:
+            keeping = pool.submit(self.keep_instances, study, patient_id)
+            manifest = kos.build_manifest(
+                study,
+                retrieve_ae_title=cfg.ae_title,
+                retrieve_location_uid=self.repository_unique_id,
+                retrieve_url=self.settings.dicomweb_url,
+                institution_name=cfg.institution_name,
+            )
+            data = kos.manifest_bytes(manifest)
+            total = keeping.result()
         facts = mapping.manifest_facts(
             study,
             manifest,
