@@ -48,7 +48,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
+from typing import BinaryIO
 
 import pydicom
 import requests
@@ -144,17 +147,19 @@ class _PartFiles:
         self.target = target
         self.count = 0
         self.size = 0
-        self._file: object = None
+        self._file: BinaryIO | None = None
 
     def begin(self) -> None:
         self._file = open(self.target / f"{self.count:06d}.dcm", "xb")
 
     def data(self, data: bytes, start: int, end: int) -> None:
-        self._file.write(memoryview(data)[start:end])  # type: ignore[attr-defined]
+        assert self._file is not None
+        self._file.write(memoryview(data)[start:end])
         self.size += end - start
 
     def end(self) -> None:
-        self._file.close()  # type: ignore[attr-defined]
+        assert self._file is not None
+        self._file.close()
         self.count += 1
 
 
@@ -200,12 +205,12 @@ def fsynced_copy(source: Path, target: Path) -> None:
             os.close(descriptor)
 
 
-def serve_node(settings: Settings, ready: object, stop: object) -> None:
+def serve_node(settings: Settings, ready: Connection, stop: EventType) -> None:
     """Run an xdsi node until ``stop`` is set; send its settings to ``ready``."""
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     with Node(settings) as node:
-        ready.send(node.settings)  # type: ignore[attr-defined]
-        stop.wait()  # type: ignore[attr-defined]
+        ready.send(node.settings)
+        stop.wait()
 
 
 def timed_turns(runs: int, *steps: Callable[[int], None]) -> list[float]:
@@ -213,7 +218,7 @@ def timed_turns(runs: int, *steps: Callable[[int], None]) -> list[float]:
     median of each."""
     times: list[list[float]] = [[] for _ in steps]
     for n in range(runs):
-        for step, kept in zip(steps, times):
+        for step, kept in zip(steps, times, strict=True):
             started = time.perf_counter()
             step(n)
             kept.append(time.perf_counter() - started)

@@ -146,7 +146,7 @@ class ImagingSource:
                             "patient_id": patient_id,
                             "blob": blob,
                         }
-                        for header, (blob, sha256) in zip(fresh, kept)
+                        for header, (blob, sha256) in zip(fresh, kept, strict=True)
                     ],
                 )
         return sum(header.size for header in study.instances)
