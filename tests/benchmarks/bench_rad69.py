@@ -9,17 +9,25 @@ namespace::
 Orthanc 1.10 listens on every interface (peers.md, "Read this first"), so
 the script re-runs itself under ``unshare --net`` with only loopback up;
 Orthanc and the xdsi node both run in there and bind nothing outside it.
-The study (the bundled CT unless named; with ``--synthetic-gb N`` copies of
-it under one fresh Study Instance UID until N GB) is loaded into Orthanc
-over its REST API and published by the node (RAD-68). Then, each timed
-``--runs`` times and the median kept:
+The node serves from a process of its own, as Orthanc does; this process
+plays the Imaging Document Source's publisher and the Consumer. The study
+(the bundled CT unless named; with ``--synthetic-gb N`` copies of it under
+one fresh Study Instance UID until N GB) is loaded into Orthanc over its
+REST API and published by the node (RAD-68). Then, each timed ``--runs``
+times, the two sides of a ratio taking turns, and the median kept:
 
-- RAD-69: the Consumer's retrieve of every instance, one request per series
-  (RAD TF-3 4.69), in the syntax held;
+- RAD-69: the Consumer's retrieve of every instance (RAD TF-3 4.69), in the
+  syntax held, each instance written to its own file;
 - Orthanc: GET /dicom-web/studies/{uid} (DICOM PS3.18 10.4) with
-  transfer-syntax=* streamed to a file;
+  transfer-syntax=*, the multipart answer split as it streams (by
+  python-multipart, the parser under xdsi's MTOM reader) and each instance
+  written to its own file;
 - time-to-share: publish (RAD-68) + find (ITI-18) + fetch (ITI-43, RAD-69)
-  of a fresh copy of the study, against ``shutil.copytree`` of its files.
+  of a fresh copy of the study, against ``shutil.copytree`` of another
+  fresh copy. Both copies are written just before the runs; the page cache
+  cannot be dropped here, so both sides read files that are still cached.
+  The node fsyncs every instance it keeps; the plain copy does not, and a
+  copy that does is printed too.
 
 It prints both ratios: Orthanc / RAD-69 (target >= 1.0) and time-to-share /
 plain copy (target <= 3).
@@ -30,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import shlex
 import shutil
@@ -38,21 +47,27 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
+from typing import BinaryIO
 
 import pydicom
 import requests
 from pydicom.uid import generate_uid
+from python_multipart.multipart import MultipartParser, parse_options_header
 from sqlalchemy import select
 
 from xdsi.actors.consumer import FetchResult
-from xdsi.app import Node
+from xdsi.app import Node, build_services
 from xdsi.cli import bundled_study, qualify_patient_id
 from xdsi.config import Settings
 from xdsi.dicom import kos, scan
 from xdsi.hl7.adt import build_feed
 from xdsi.hl7.mllp import send_message
 from xdsi.store.schema import imaging_manifest
+from xdsi.wire.mtom import CHUNK_SIZE
 
 ORTHANC = "/usr/sbin/Orthanc"
 ORTHANC_PLUGINS = "/usr/share/orthanc/plugins"
@@ -125,8 +140,32 @@ def wait_for(url: str, seconds: float = 30) -> None:
     raise RuntimeError(f"{url} did not answer within {seconds} s")
 
 
-def orthanc_download(study_uid: str, target: Path) -> int:
-    """Stream Orthanc's WADO-RS study answer to ``target``; return bytes."""
+class _PartFiles:
+    """Write each part of a multipart body to its own numbered file."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self.count = 0
+        self.size = 0
+        self._file: BinaryIO | None = None
+
+    def begin(self) -> None:
+        self._file = open(self.target / f"{self.count:06d}.dcm", "xb")
+
+    def data(self, data: bytes, start: int, end: int) -> None:
+        assert self._file is not None
+        self._file.write(memoryview(data)[start:end])
+        self.size += end - start
+
+    def end(self) -> None:
+        assert self._file is not None
+        self._file.close()
+        self.count += 1
+
+
+def orthanc_download(study_uid: str, target: Path) -> tuple[int, int]:
+    """Stream Orthanc's WADO-RS study answer into one file per instance
+    under ``target``; return the instances and bytes written."""
     answer = requests.get(
         f"{ORTHANC_URL}/dicom-web/studies/{study_uid}",
         headers={
@@ -136,21 +175,54 @@ def orthanc_download(study_uid: str, target: Path) -> int:
         timeout=3600,
     )
     answer.raise_for_status()
-    size = 0
-    with open(target, "wb") as out:
-        for chunk in answer.iter_content(1 << 20):
-            out.write(chunk)
-            size += len(chunk)
-    return size
+    _, params = parse_options_header(answer.headers["Content-Type"])
+    target.mkdir()
+    parts = _PartFiles(target)
+    parser = MultipartParser(
+        params[b"boundary"],
+        {
+            "on_headers_finished": parts.begin,
+            "on_part_data": parts.data,
+            "on_part_end": parts.end,
+        },
+    )
+    answer.raw.decode_content = True
+    while chunk := answer.raw.read(CHUNK_SIZE):
+        parser.write(chunk)
+    return parts.count, parts.size
 
 
-def timed(runs: int, step: object) -> float:
-    times = []
+def fsynced_copy(source: Path, target: Path) -> None:
+    """Copy a tree file by file, fsyncing each copy."""
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        out = target / path.relative_to(source)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, out)
+        descriptor = os.open(out, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def serve_node(settings: Settings, ready: Connection, stop: EventType) -> None:
+    """Run an xdsi node until ``stop`` is set; send its settings to ``ready``."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    with Node(settings) as node:
+        ready.send(node.settings)
+        stop.wait()
+
+
+def timed_turns(runs: int, *steps: Callable[[int], None]) -> list[float]:
+    """Time each step ``runs`` times, the steps taking turns; return the
+    median of each."""
+    times: list[list[float]] = [[] for _ in steps]
     for n in range(runs):
-        started = time.perf_counter()
-        step(n)  # type: ignore[operator]
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for step, kept in zip(steps, times, strict=True):
+            started = time.perf_counter()
+            step(n)
+            kept.append(time.perf_counter() - started)
+    return [statistics.median(kept) for kept in times]
 
 
 def bench(study_dir: Path, gigabytes: float, runs: int, work: Path) -> None:
@@ -175,15 +247,21 @@ def bench(study_dir: Path, gigabytes: float, runs: int, work: Path) -> None:
                     f"{ORTHANC_URL}/instances", data=path.read_bytes(), timeout=120
                 ).raise_for_status()
 
-        settings = (
+        requested = (
             Settings()
             .with_storage(work / "node")
             .with_ports(registry=0, repository=0, imaging_source=0, feed=0)
         )
-        with Node(settings) as node:
-            services = node.services
-            assert services is not None
-            settings = node.settings
+        spawn = multiprocessing.get_context("spawn")
+        receiver, sender = spawn.Pipe(duplex=False)
+        stop = spawn.Event()
+        server = spawn.Process(target=serve_node, args=(requested, sender, stop))
+        server.start()
+        try:
+            if not receiver.poll(60):
+                raise RuntimeError("the xdsi node did not start within 60 s")
+            settings = receiver.recv()
+            services = build_services(settings)
             patient = qualify_patient_id("BENCH-69", settings)
             send_message(
                 settings.node.host, settings.registry.feed_port, build_feed(patient)
@@ -206,15 +284,18 @@ def bench(study_dir: Path, gigabytes: float, runs: int, work: Path) -> None:
                 shutil.rmtree(out)
 
             def wado_rs(n: int) -> None:
-                target = work / f"orthanc-{n}.multipart"
-                assert orthanc_download(study.study_instance_uid, target) > size
-                target.unlink()
+                target = work / f"orthanc-{n}"
+                count, got = orthanc_download(study.study_instance_uid, target)
+                assert count == len(files) and got >= size
+                shutil.rmtree(target)
 
-            rad69_time = timed(runs, rad69)
-            orthanc_time = timed(runs, wado_rs)
+            rad69_time, orthanc_time = timed_turns(runs, rad69, wado_rs)
 
-            # Time-to-share needs a study not yet published: a relabelled copy.
+            # Time-to-share needs a study not yet published: a relabelled
+            # copy; the plain copies start from other fresh copies.
             copies = [relabelled(study_dir, work / f"share-{n}") for n in range(runs)]
+            plain = [relabelled(study_dir, work / f"plain-{n}") for n in range(runs)]
+            synced = [relabelled(study_dir, work / f"synced-{n}") for n in range(runs)]
 
             def share(n: int) -> None:
                 (fresh,) = scan.scan_directory(copies[n]).studies
@@ -227,10 +308,21 @@ def bench(study_dir: Path, gigabytes: float, runs: int, work: Path) -> None:
                 assert not result.missing
 
             def plain_copy(n: int) -> None:
-                shutil.copytree(copies[n], work / f"plain-{n}")
+                shutil.copytree(plain[n], work / f"plain-copy-{n}")
 
-            share_time = timed(runs, share)
-            copy_time = timed(runs, plain_copy)
+            def synced_copy(n: int) -> None:
+                fsynced_copy(synced[n], work / f"synced-copy-{n}")
+
+            share_time, copy_time, synced_time = timed_turns(
+                runs, share, plain_copy, synced_copy
+            )
+            services.engine.dispose()
+        finally:
+            stop.set()
+            server.join(timeout=30)
+            if server.is_alive():
+                server.kill()
+                server.join()
     finally:
         try:
             requests.post(f"{ORTHANC_URL}/tools/shutdown", timeout=10)
@@ -242,21 +334,23 @@ def bench(study_dir: Path, gigabytes: float, runs: int, work: Path) -> None:
 
     mb = size / 1e6
     print(f"study: {len(files)} instances, {mb:.1f} MB, {runs} runs (median)")
-    print(f"RAD-69 retrieve:          {rad69_time:8.2f} s {mb / rad69_time:8.1f} MB/s")
+    print(f"RAD-69 retrieve:          {rad69_time:8.3f} s {mb / rad69_time:8.1f} MB/s")
     print(
-        f"Orthanc WADO-RS download: {orthanc_time:8.2f} s {mb / orthanc_time:8.1f} MB/s"
+        f"Orthanc WADO-RS download: {orthanc_time:8.3f} s {mb / orthanc_time:8.1f} MB/s"
     )
     print(f"ratio Orthanc / RAD-69:   {orthanc_time / rad69_time:8.2f} (target >= 1.0)")
-    print(f"time-to-share:            {share_time:8.2f} s")
-    print(f"plain copy:               {copy_time:8.2f} s")
+    print(f"time-to-share:            {share_time:8.3f} s")
+    print(f"plain copy:               {copy_time:8.3f} s")
+    print(f"plain copy, fsynced:      {synced_time:8.3f} s")
     print(f"ratio share / copy:       {share_time / copy_time:8.2f} (target <= 3)")
+    print(f"ratio share / fsynced:    {share_time / synced_time:8.2f}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", nargs="?", type=Path, default=bundled_study())
     parser.add_argument("--synthetic-gb", type=float, default=0.0)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
 
     if os.environ.get(IN_NETNS) != "1":

@@ -50,9 +50,9 @@ def test_every_message_of_the_chain_is_schema_valid(
 
     transactions = {name: len(tap.exchanges) for name, tap in running_node.taps.items()}
     # ITI-42 and ITI-18 at the registry, RAD-68 and ITI-43 at the repository,
-    # one RAD-69 per series at the imaging source.
-    assert transactions == {"registry": 2, "repository": 2, "imaging_source": 2}
-    assert validate_exchanges(running_node.taps, tmp_path / "spool") == 12
+    # one RAD-69 naming both series at the imaging source.
+    assert transactions == {"registry": 2, "repository": 2, "imaging_source": 1}
+    assert validate_exchanges(running_node.taps, tmp_path / "spool") == 10
 
 
 def test_manifest_references_the_reference_kos_instances(

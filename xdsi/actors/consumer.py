@@ -242,99 +242,119 @@ class Consumer:
         total: int = 0,
         patient_id: str | None = None,
     ) -> int:
-        """Retrieve every instance a manifest references, one RAD-69 per series.
+        """Retrieve every instance a manifest references, one RAD-69 per source.
 
+        A RetrieveImagingDocumentSetRequest may name several studies and
+        series (RAD TF-3 4.69.4.1.2), so all the instances held at one
+        Retrieve Location UID come in one request and one MTOM answer.
         Instances land as ``out_dir/StudyUID/SeriesUID/SOPUID.dcm``.
         """
-        by_series: dict[tuple[str, str, str], list[kos.ManifestReference]] = (
-            defaultdict(list)
-        )
+        by_location: dict[str, dict[tuple[str, str], list[kos.ManifestReference]]]
+        by_location = defaultdict(lambda: defaultdict(list))
         for ref in manifest.references:
-            key = (
-                ref.retrieve_location_uid or "",
-                ref.study_instance_uid,
-                ref.series_instance_uid,
-            )
-            by_series[key].append(ref)
+            series = by_location[ref.retrieve_location_uid or ""]
+            series[(ref.study_instance_uid, ref.series_instance_uid)].append(ref)
 
-        for (location, study_uid, series_uid), refs in by_series.items():
-            url = self.endpoint_for(location)
-            request = self._rad69_request(location, study_uid, series_uid, refs)
-            ok = False
-            try:
-                client = wire.SoapClient(
-                    url,
-                    timeout=self.settings.consumer.timeout,
-                    spool_dir=self.spool_dir,
-                    ssl_context=tls.client_context_for(self.settings),
-                )
-                with client.call(
-                    transaction("RAD-69")["request_action"], request
-                ) as reply:
-                    got = _documents(reply)
-                    errors = read_errors(reply.body)
+        for location, by_series in by_location.items():
+            done = self._retrieve_from(
+                location, by_series, out_dir, result, progress, done, total, patient_id
+            )
+        return done
+
+    def _retrieve_from(
+        self,
+        location: str,
+        by_series: dict[tuple[str, str], list[kos.ManifestReference]],
+        out_dir: Path,
+        result: FetchResult,
+        progress: Progress | None,
+        done: int,
+        total: int,
+        patient_id: str | None,
+    ) -> int:
+        """Send one RAD-69 to ``location`` and file each instance it returns."""
+        url = self.endpoint_for(location)
+        request = self._rad69_request(location, by_series)
+        studies = tuple(dict.fromkeys(study for study, _ in by_series))
+        ok = False
+        try:
+            client = wire.SoapClient(
+                url,
+                timeout=self.settings.consumer.timeout,
+                spool_dir=self.spool_dir,
+                ssl_context=tls.client_context_for(self.settings),
+            )
+            # The Consumer keeps instances as sent; no hash is checked, so
+            # none is computed.
+            with client.call(
+                transaction("RAD-69")["request_action"], request, digest=False
+            ) as reply:
+                got = _documents(reply)
+                errors = read_errors(reply.body)
+                for (study_uid, series_uid), refs in by_series.items():
+                    folder = out_dir / study_uid / series_uid
+                    folder.mkdir(parents=True, exist_ok=True)
                     for ref in refs:
                         attachment = got.get(ref.sop_instance_uid)
                         if attachment is None:
                             result.missing.append(ref.sop_instance_uid)
                             continue
-                        target = (
-                            out_dir
-                            / study_uid
-                            / series_uid
-                            / f"{ref.sop_instance_uid}.dcm"
-                        )
-                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target = folder / f"{ref.sop_instance_uid}.dcm"
                         shutil.move(attachment.path, target)
                         result.instances.append(target)
                         result.bytes += attachment.size
                         done += 1
                         if progress:
                             progress("RAD-69", done, total)
-                    if errors and not got:
-                        raise ConsumerError(
-                            f"RAD-69 for series {series_uid} failed: "
-                            + _describe(errors),
-                            errors,
-                        )
-                ok = True
-            except (wire.TransportError, wire.PeerFault) as exc:
-                raise ConsumerError(f"RAD-69 to {url} failed: {exc}") from exc
-            finally:
-                self._audit(
-                    "RAD-69",
-                    "Imaging Document Consumer",
-                    url,
-                    ok,
-                    patient_id=patient_id,
-                    study_instance_uids=(study_uid,),
-                )
+                if errors and not got:
+                    raise ConsumerError(
+                        f"RAD-69 for {len(studies)} studies failed: "
+                        + _describe(errors),
+                        errors,
+                    )
+            ok = True
+        except (wire.TransportError, wire.PeerFault) as exc:
+            raise ConsumerError(f"RAD-69 to {url} failed: {exc}") from exc
+        finally:
+            self._audit(
+                "RAD-69",
+                "Imaging Document Consumer",
+                url,
+                ok,
+                patient_id=patient_id,
+                study_instance_uids=studies,
+            )
         return done
 
     def _rad69_request(
         self,
         location: str,
-        study_uid: str,
-        series_uid: str,
-        refs: list[kos.ManifestReference],
+        by_series: dict[tuple[str, str], list[kos.ManifestReference]],
     ) -> etree._Element:
         """Build a RetrieveImagingDocumentSetRequest (RAD TF-3 4.69.4.1.2)."""
         request = etree.Element(
             f"{{{ns.XDSIB}}}RetrieveImagingDocumentSetRequest",
             nsmap={"xdsi": ns.XDSIB, "xdsb": ns.XDSB},
         )
-        study = etree.SubElement(
-            request, f"{{{ns.XDSIB}}}StudyRequest", studyInstanceUID=study_uid
-        )
-        series = etree.SubElement(
-            study, f"{{{ns.XDSIB}}}SeriesRequest", seriesInstanceUID=series_uid
-        )
-        for ref in refs:
-            item = etree.SubElement(series, f"{{{ns.XDSB}}}DocumentRequest")
-            etree.SubElement(item, f"{{{ns.XDSB}}}RepositoryUniqueId").text = location
-            etree.SubElement(
-                item, f"{{{ns.XDSB}}}DocumentUniqueId"
-            ).text = ref.sop_instance_uid
+        studies: dict[str, etree._Element] = {}
+        for (study_uid, series_uid), refs in by_series.items():
+            if study_uid not in studies:
+                studies[study_uid] = etree.SubElement(
+                    request, f"{{{ns.XDSIB}}}StudyRequest", studyInstanceUID=study_uid
+                )
+            series = etree.SubElement(
+                studies[study_uid],
+                f"{{{ns.XDSIB}}}SeriesRequest",
+                seriesInstanceUID=series_uid,
+            )
+            for ref in refs:
+                item = etree.SubElement(series, f"{{{ns.XDSB}}}DocumentRequest")
+                etree.SubElement(
+                    item, f"{{{ns.XDSB}}}RepositoryUniqueId"
+                ).text = location
+                etree.SubElement(
+                    item, f"{{{ns.XDSB}}}DocumentUniqueId"
+                ).text = ref.sop_instance_uid
         syntaxes = etree.SubElement(request, f"{{{ns.XDSIB}}}TransferSyntaxUIDList")
         # Unless configured: every syntax pydicom knows, Explicit VR Little
         # Endian first.

@@ -14,6 +14,9 @@ import logging
 import shutil
 import tempfile
 import time
+import uuid
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,11 +86,28 @@ class Published:
     replaced: str | None = None
 
 
+# Instances are copied into the store by this many threads, so that their
+# fsyncs overlap (ext4 commits concurrent fsyncs in one journal transaction).
+KEEP_THREADS = 8
+
+
 def sha256_file(path: Path) -> str:
+    """Return the SHA-256 of a file, read in 1 MiB pieces."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 20):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def copy_hashed(source: Path, target: Path) -> str:
+    """Copy ``source`` to the new file ``target`` in one read; return the
+    copy's SHA-256."""
+    digest = hashlib.sha256()
+    with open(source, "rb") as src, open(target, "xb") as out:
+        while chunk := src.read(1 << 20):
+            digest.update(chunk)
+            out.write(chunk)
     return digest.hexdigest()
 
 
@@ -113,34 +133,51 @@ class ImagingSource:
     # --- intake and RAD-68 ----------------------------------------------
 
     def keep_instances(self, study: scan.Study, patient_id: str) -> int:
-        """Copy the study's instances into the store; return the bytes kept."""
-        total = 0
-        for header in study.instances:
-            total += header.size
-            with self.engine.connect() as conn:
-                held = conn.execute(
-                    select(imaging_instance.c.sop_instance_uid).where(
-                        imaging_instance.c.sop_instance_uid == header.sop_instance_uid
-                    )
-                ).first()
-            if held is not None:
-                continue
-            blob = self.blobs.put_file(header.sop_instance_uid, header.path, move=False)
+        """Copy the study's instances into the store; return the bytes kept.
+
+        Each instance is read once (copied and hashed together) and made
+        durable before the instance rows are written, all in one
+        transaction; instances already held are left as they are.
+        """
+        held = self.held_instances(h.sop_instance_uid for h in study.instances)
+        fresh = list(
+            {
+                h.sop_instance_uid: h
+                for h in study.instances
+                if h.sop_instance_uid not in held
+            }.values()
+        )
+        with ThreadPoolExecutor(KEEP_THREADS) as pool:
+            kept = list(pool.map(self._keep, fresh))
+        if kept:
             with self.engine.begin() as conn:
                 conn.execute(
-                    insert(imaging_instance).values(
-                        sop_instance_uid=header.sop_instance_uid,
-                        study_instance_uid=header.study_instance_uid,
-                        series_instance_uid=header.series_instance_uid,
-                        sop_class_uid=header.sop_class_uid,
-                        transfer_syntax_uid=header.transfer_syntax_uid,
-                        size=header.size,
-                        sha256=sha256_file(self.blobs.path(blob)),
-                        patient_id=patient_id,
-                        blob=blob,
-                    )
+                    insert(imaging_instance),
+                    [
+                        {
+                            "sop_instance_uid": header.sop_instance_uid,
+                            "study_instance_uid": header.study_instance_uid,
+                            "series_instance_uid": header.series_instance_uid,
+                            "sop_class_uid": header.sop_class_uid,
+                            "transfer_syntax_uid": header.transfer_syntax_uid,
+                            "size": header.size,
+                            "sha256": sha256,
+                            "patient_id": patient_id,
+                            "blob": blob,
+                        }
+                        for header, (blob, sha256) in zip(fresh, kept, strict=True)
+                    ],
                 )
-        return total
+        return sum(header.size for header in study.instances)
+
+    def _keep(self, header: scan.InstanceHeader) -> tuple[str, str]:
+        """Copy one instance into the store; return its blob and SHA-256."""
+        spooled = self.blobs.spool / f"keep-{uuid.uuid4().hex}"
+        try:
+            sha256 = copy_hashed(header.path, spooled)
+            return self.blobs.put_file(header.sop_instance_uid, spooled), sha256
+        finally:
+            spooled.unlink(missing_ok=True)
 
     def publish(self, study: scan.Study, patient_id: str) -> Published:
         """Keep the study, build its manifest and submit it with RAD-68.
@@ -372,6 +409,13 @@ class ImagingSource:
         documents = []
         studies: list[str] = []
         asked: set[str] = set()
+        held = self.held_instances(
+            child_text(item, "DocumentUniqueId")
+            for item in request.iterfind(
+                f"{{{ns.XDSIB}}}StudyRequest/{{{ns.XDSIB}}}SeriesRequest/"
+                f"{{{ns.XDSB}}}DocumentRequest"
+            )
+        )
         for study in request.findall(f"{{{ns.XDSIB}}}StudyRequest"):
             study_uid = (study.get("studyInstanceUID") or "").strip()
             if not study_uid:
@@ -400,7 +444,7 @@ class ImagingSource:
                         continue
                     asked.add(key)
                     result = self._instance(
-                        item, study_uid, series_uid, syntaxes, spool
+                        item, study_uid, series_uid, syntaxes, spool, held
                     )
                     if isinstance(result, XdsError):
                         errors.append(result)
@@ -425,6 +469,7 @@ class ImagingSource:
         series_uid: str,
         syntaxes: list[str],
         spool: Path,
+        held: dict[str, Row],
     ) -> tuple[str, str, str, Path, str | None, str | None] | XdsError:
         repository_id = child_text(item, "RepositoryUniqueId")
         sop_uid = child_text(item, "DocumentUniqueId")
@@ -435,8 +480,12 @@ class ImagingSource:
                 "Source's",
                 repository_id,
             )
-        row = self.held_instance(sop_uid, study_uid, series_uid)
-        if row is None:
+        row = held.get(sop_uid)
+        if (
+            row is None
+            or row.study_instance_uid != study_uid
+            or row.series_instance_uid != series_uid
+        ):
             return DocumentUniqueIdError(
                 f"instance {sop_uid} is not held under study {study_uid} series "
                 f"{series_uid}",
@@ -465,21 +514,24 @@ class ImagingSource:
             row.patient_id,
         )
 
-    def held_instance(
-        self, sop_uid: str, study_uid: str, series_uid: str | None = None
-    ) -> Row | None:
-        """Return the stored instance under that study (and series), if any."""
+    def held_instances(self, sop_uids: Iterable[str]) -> dict[str, Row]:
+        """Return the stored instances among ``sop_uids``, by SOP Instance UID.
+
+        One query per 500 UIDs, well under SQLite's limit on bound
+        parameters, rather than one per instance.
+        """
+        wanted = sorted(set(sop_uids))
+        rows: dict[str, Row] = {}
         with self.engine.connect() as conn:
-            row = conn.execute(
-                select(imaging_instance).where(
-                    imaging_instance.c.sop_instance_uid == sop_uid
-                )
-            ).first()
-        if row is None or row.study_instance_uid != study_uid:
-            return None
-        if series_uid is not None and row.series_instance_uid != series_uid:
-            return None
-        return row
+            for first in range(0, len(wanted), 500):
+                batch = wanted[first : first + 500]
+                for row in conn.execute(
+                    select(imaging_instance).where(
+                        imaging_instance.c.sop_instance_uid.in_(batch)
+                    )
+                ):
+                    rows[row.sop_instance_uid] = row
+        return rows
 
     # --- SOAP edge -------------------------------------------------------
 

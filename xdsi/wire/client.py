@@ -106,13 +106,15 @@ class SoapClient:
         *,
         parts: Sequence[OutgoingPart] = (),
         mtom: bool = False,
+        digest: bool = True,
     ) -> SoapMessage:
         """Send ``body`` with wsa:Action ``action`` and return the response.
 
         The request is MTOM/XOP when ``parts`` are given or ``mtom`` is set;
         it streams from the parts' files. ``body`` is moved into the request
         envelope. The caller closes the returned message to remove its
-        spooled attachments.
+        spooled attachments. With ``digest`` false the answer's parts are
+        not hashed (their ``sha1`` is None).
 
         Raises
         ------
@@ -132,7 +134,7 @@ class SoapClient:
             response = self._post(content_type, _SizedBody(length, chunks))
             status = response.status_code
             with response:
-                message = self._read(response)
+                message = self._read(response, digest)
             if message.body.tag == qname(SOAP12, "Fault"):
                 message.close()
                 fault = PeerFault.from_element(message.body)
@@ -170,12 +172,14 @@ class SoapClient:
         except requests.RequestException as exc:
             raise TransportError(str(exc), self.url) from exc
 
-    def _read(self, response: requests.Response) -> SoapMessage:
+    def _read(self, response: requests.Response, digest: bool) -> SoapMessage:
         """Read the response as SOAP; anything else is a TransportError."""
         content_type = response.headers.get("Content-Type", "")
         response.raw.decode_content = True
         try:
-            return read_message(response.raw, content_type, self.spool_dir)
+            return read_message(
+                response.raw, content_type, self.spool_dir, digest=digest
+            )
         except SoapFault as exc:
             shown = content_type or "no Content-Type"
             raise TransportError(

@@ -193,6 +193,19 @@ def test_nist_capture_yields_the_submitted_document(
         assert attachment.content_type == "text/plain"
 
 
+def test_part_read_without_digest_has_its_bytes_and_no_sha1(
+    nist_mtom: tuple[bytes, str], spool: Path
+) -> None:
+    """XOP 1.0 3.2: declining the SHA-1 changes nothing but the SHA-1."""
+    body, content_type = nist_mtom
+    stream = io.BytesIO(body)
+    with read_message(stream, content_type, spool, digest=False) as message:
+        attachment = attachment_for(_document(message), message)
+        assert attachment.read_bytes() == NIST_DOCUMENT.read_bytes()
+        assert attachment.size == NIST_DOCUMENT.stat().st_size
+        assert attachment.sha1 is None
+
+
 def test_crlf_framed_nist_capture_reads_the_same(
     nist_mtom: tuple[bytes, str], spool: Path
 ) -> None:
