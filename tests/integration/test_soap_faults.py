@@ -28,6 +28,10 @@ QUERY_BODY = (
     'id="urn:uuid:14d4debf-8f97-4251-9a74-a90016b0af0d"/></query:AdhocQueryRequest>'
 )
 
+MUST_UNDERSTAND_BLOCK = (
+    '<x:Security xmlns:x="urn:example:security" env:mustUnderstand="true"/>'
+)
+
 CASES = {
     "malformed-xml": (
         SOAP12.format(action=QUERY, body="<unclosed>"),
@@ -72,6 +76,22 @@ CASES = {
         None,
     ),
     "not-xml-at-all": ("GET me a page", "application/soap+xml", "env:Sender", None),
+    "unknown-must-understand-header": (
+        SOAP12.format(action=QUERY, body=QUERY_BODY).replace(
+            "</env:Header>", MUST_UNDERSTAND_BLOCK + "</env:Header>"
+        ),
+        "application/soap+xml",
+        "env:MustUnderstand",
+        None,
+    ),
+    "action-twice": (
+        SOAP12.format(action=QUERY, body=QUERY_BODY).replace(
+            "</env:Header>", f"<wsa:Action>{QUERY}</wsa:Action></env:Header>"
+        ),
+        "application/soap+xml",
+        "env:Sender",
+        "InvalidAddressingHeader",
+    ),
     "wrong-media-type": (
         SOAP12.format(action=QUERY, body=QUERY_BODY),
         "application/json",
@@ -116,3 +136,43 @@ def test_other_http_requests_get_a_soap_fault(shared_node: RunningNode, method: 
         assert answer.status_code >= 400
         assert answer.headers["Content-Type"].startswith("application/soap+xml")
         etree.fromstring(answer.content)
+
+
+def test_must_understand_fault_names_each_block_not_understood(
+    shared_node: RunningNode,
+):
+    """SOAP 1.2 Part 1 5.4.8: env:NotUnderstood names the refused block."""
+    body = SOAP12.format(action=QUERY, body=QUERY_BODY).replace(
+        "</env:Header>", MUST_UNDERSTAND_BLOCK + "</env:Header>"
+    )
+    answer = requests.post(
+        shared_node.settings.url("registry"),
+        data=body.encode(),
+        headers={"Content-Type": "application/soap+xml"},
+        timeout=30,
+    )
+
+    assert answer.status_code == 500
+    envelope = etree.fromstring(answer.content)
+    (block,) = envelope.findall(f"{{{ns.SOAP12}}}Header/{{{ns.SOAP12}}}NotUnderstood")
+    prefix, local = block.get("qname").split(":")
+    assert (block.nsmap[prefix], local) == ("urn:example:security", "Security")
+
+
+def test_must_understand_block_for_another_role_is_ignored(shared_node: RunningNode):
+    """SOAP 1.2 Part 1 5.2.2: a block for a role this node does not play."""
+    block = MUST_UNDERSTAND_BLOCK.replace(
+        "/>", ' env:role="http://www.w3.org/2003/05/soap-envelope/role/none"/>'
+    )
+    body = SOAP12.format(action=QUERY, body=QUERY_BODY).replace(
+        "</env:Header>", block + "</env:Header>"
+    )
+    answer = requests.post(
+        shared_node.settings.url("registry"),
+        data=body.encode(),
+        headers={"Content-Type": "application/soap+xml"},
+        timeout=30,
+    )
+
+    assert answer.status_code == 200
+    assert b"env:Fault" not in answer.content and b":Fault " not in answer.content

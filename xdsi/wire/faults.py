@@ -142,6 +142,35 @@ class ActionMismatch(_ProblemAction):
     http_status = 400
 
 
+class InvalidCardinality(_ProblemHeader):
+    """A WS-Addressing header that may appear once appears more often.
+
+    WS-Addressing 1.0 SOAP Binding 6.4.1; pass the header's QName text as
+    ``detail``.
+    """
+
+    code = "env:Sender"
+    subcode = "wsa:InvalidCardinality"
+    parent_subcode = "wsa:InvalidAddressingHeader"
+    http_status = 400
+
+
+class MustUnderstand(SoapFault):
+    """Header blocks marked mustUnderstand that this node does not process.
+
+    SOAP 1.2 Part 1 5.4.8: the fault's env:Header carries one env:NotUnderstood
+    per block, naming it by ``qname``; Part 2 7.5.1.2 gives HTTP 500.
+    """
+
+    code = "env:MustUnderstand"
+    http_status = 500
+
+    def __init__(self, reason: str, not_understood: tuple[str, ...]) -> None:
+        super().__init__(reason)
+        # Clark notation, {namespace}local.
+        self.not_understood = not_understood
+
+
 class UnsupportedMediaType(SoapFault):
     """The HTTP body is neither application/soap+xml nor MTOM/XOP."""
 
@@ -243,6 +272,17 @@ def fault_envelope(fault: SoapFault, relates_to: str | None = None) -> bytes:
         upgrade = etree.SubElement(header, qname(SOAP12, "Upgrade"))
         supported = etree.SubElement(upgrade, qname(SOAP12, "SupportedEnvelope"))
         supported.set("qname", "env:Envelope")
+    if isinstance(fault, MustUnderstand):
+        for number, name in enumerate(fault.not_understood):
+            namespace = etree.QName(name).namespace
+            prefix = f"nu{number}"
+            block = etree.SubElement(
+                header,
+                qname(SOAP12, "NotUnderstood"),
+                nsmap={prefix: namespace} if namespace else None,
+            )
+            local = etree.QName(name).localname
+            block.set("qname", f"{prefix}:{local}" if namespace else local)
     etree.SubElement(header, qname(WSA, "Action")).text = FAULT_ACTION
     etree.SubElement(header, qname(WSA, "MessageID")).text = f"urn:uuid:{uuid.uuid4()}"
     if relates_to is not None:

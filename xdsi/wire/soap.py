@@ -19,8 +19,10 @@ from lxml.etree import _Element
 
 from xdsi.ns import SOAP11, SOAP12, WSA, qname
 from xdsi.wire.faults import (
+    InvalidCardinality,
     MalformedMessage,
     MessageAddressingHeaderRequired,
+    MustUnderstand,
     VersionMismatch,
 )
 
@@ -80,6 +82,52 @@ def _header_text(header: _Element | None, local: str) -> str | None:
     return (element.text or "").strip()
 
 
+# WS-Addressing 1.0 Core 3.2: these message addressing properties occur at
+# most once; wsa:RelatesTo may repeat.
+_SINGLE_HEADERS = ("Action", "MessageID", "To", "ReplyTo", "FaultTo", "From")
+
+# SOAP 1.2 Part 1 5.2.2: the roles this node plays, as the ultimate
+# receiver; a block without env:role targets the ultimate receiver.
+_ROLES = (
+    None,
+    "http://www.w3.org/2003/05/soap-envelope/role/next",
+    "http://www.w3.org/2003/05/soap-envelope/role/ultimateReceiver",
+)
+
+
+def _check_header_blocks(header: _Element | None) -> None:
+    """Refuse header blocks this node must understand but does not.
+
+    SOAP 1.2 Part 1 5.2.3 and 5.4.8: a block targeted at this node with
+    mustUnderstand true is processed or faulted; this node processes the
+    WS-Addressing headers only. WS-Addressing 1.0 SOAP Binding 6.4.1: a
+    single-valued addressing header given twice is InvalidCardinality.
+    """
+    if header is None:
+        return
+    blocks = [child for child in header if isinstance(child.tag, str)]
+    not_understood = tuple(
+        block.tag
+        for block in blocks
+        if block.get(_MUST_UNDERSTAND, "").strip() in ("true", "1")
+        and block.get(qname(SOAP12, "role")) in _ROLES
+        and etree.QName(block).namespace != WSA
+    )
+    if not_understood:
+        raise MustUnderstand(
+            "header blocks marked mustUnderstand that this node does not "
+            "process: " + ", ".join(not_understood),
+            not_understood,
+        )
+    for local in _SINGLE_HEADERS:
+        if len([b for b in blocks if b.tag == qname(WSA, local)]) > 1:
+            raise InvalidCardinality(
+                f"wsa:{local} appears more than once (WS-Addressing 1.0 Core "
+                "3.2 allows one)",
+                detail=f"wsa:{local}",
+            )
+
+
 def parse_envelope(
     root: _Element,
     attachments: Mapping[str, "Attachment"] = MappingProxyType({}),
@@ -90,9 +138,6 @@ def parse_envelope(
     SOAP 1.2 Part 1 5.4.7 answers an envelope of another SOAP version with
     VersionMismatch. A root not named Envelope is answered MalformedMessage
     (Part 1 would say VersionMismatch; a peer learns more from Sender).
-
-    Limitation: mustUnderstand is not enforced; header blocks other than the
-    WS-Addressing ones are ignored rather than answered env:MustUnderstand.
 
     Raises
     ------
@@ -129,7 +174,7 @@ def parse_envelope(
             f"env:Body holds {len(payload)} elements; this node expects exactly one"
         )
 
-    # Limitation: mustUnderstand is not enforced (see the docstring).
+    _check_header_blocks(header)
     action = _header_text(header, "Action")
     if not action:
         raise MessageAddressingHeaderRequired(
