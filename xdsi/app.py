@@ -38,6 +38,7 @@ from xdsi.actors.stow import add_stow_route
 from xdsi.audit.forwarder import AuditForwarder, Backoff
 from xdsi.config import ConfigError, Settings
 from xdsi.hl7.mllp import MllpServer
+from xdsi.ns import SOAP12
 from xdsi.store.blobs import Blobs, BlobStore
 from xdsi.store.schema import make_engine
 
@@ -47,12 +48,24 @@ HTTP_ACTORS = ("registry", "repository", "imaging_source")
 
 
 class _RequestHandler(WSGIRequestHandler):
-    """Close a connection whose peer stops sending for a minute."""
+    """Close a connection whose peer stops sending for a minute; answer a
+    request the HTTP layer refuses (a garbled request line, an oversized
+    header or URI) with a SOAP 1.2 Fault, never an HTML page.
 
-    # Limitation: the development-grade werkzeug server answers a malformed
-    # HTTP request line or an oversized header with its own HTML error page,
-    # before any SOAP layer sees it.
+    SOAP 1.2 Part 2 7.5.1.2: env:Sender for what the peer sent wrong.
+    """
+
     timeout = 60
+    error_content_type = "application/soap+xml; charset=UTF-8"
+    # BaseHTTPRequestHandler.send_error fills in the code and the escaped
+    # message and explanation.
+    error_message_format = (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        f'<env:Envelope xmlns:env="{SOAP12}"><env:Body><env:Fault>'
+        "<env:Code><env:Value>env:Sender</env:Value></env:Code>"
+        '<env:Reason><env:Text xml:lang="en">HTTP %(code)d: %(message)s. '
+        "%(explain)s</env:Text></env:Reason></env:Fault></env:Body></env:Envelope>"
+    )
 
 
 class _HttpServer(tls.TlsServerMixin, ThreadedWSGIServer):

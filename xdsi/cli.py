@@ -37,6 +37,7 @@ from xdsi.audit import Auditor, AuditSpool
 from xdsi.audit.repository import (
     AuditRecordStore,
     AuditRepository,
+    JsonErrorHandler,
     parse_time,
     query_app,
 )
@@ -720,6 +721,7 @@ def arr(
             http_port if http_port is not None else settings.audit.arr_http_port,
             query_app(store),
             threaded=True,
+            request_handler=JsonErrorHandler,
         )
     except OSError as exc:
         engine.dispose()

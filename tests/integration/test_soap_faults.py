@@ -4,6 +4,8 @@ Binding 6)."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import requests
 from lxml import etree
@@ -176,3 +178,40 @@ def test_must_understand_block_for_another_role_is_ignored(shared_node: RunningN
 
     assert answer.status_code == 200
     assert b"env:Fault" not in answer.content and b":Fault " not in answer.content
+
+
+RAW_REQUESTS = {
+    "garbled-request-line": b"GARBAGE\r\n\r\n",
+    "unknown-http-version": b"POST / HTTP/9.9\r\nHost: x\r\n\r\n",
+    "oversized-header": b"POST / HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+    "too-many-headers": b"POST / HTTP/1.1\r\n"
+    + b"".join(b"X-%d: 1\r\n" % n for n in range(200))
+    + b"\r\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(RAW_REQUESTS))
+def test_request_the_http_layer_refuses_gets_a_soap_fault(
+    shared_node: RunningNode, case: str
+):
+    """SOAP 1.2 Part 2 7.5.1.2: even a request HTTP cannot parse gets SOAP."""
+    host = shared_node.settings.node.host
+    with socket.create_connection(
+        (host, shared_node.settings.registry.port), timeout=30
+    ) as sock:
+        sock.sendall(RAW_REQUESTS[case])
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+
+    if answer.startswith(b"HTTP/"):
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1][:1] in (b"4", b"5")
+        assert b"content-type: application/soap+xml" in head.lower()
+    else:
+        # A one-word request line is HTTP/0.9, whose answer is the body alone.
+        body = answer
+    envelope = etree.fromstring(body)
+    assert_valid(envelope, "w3/soap-envelope.xsd")
+    value = envelope.find(f".//{{{ns.SOAP12}}}Code/{{{ns.SOAP12}}}Value")
+    assert value is not None and value.text == "env:Sender"

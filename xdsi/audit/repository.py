@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from flask import Flask, Response, jsonify, request
 from lxml import etree
 from sqlalchemy import Engine, insert, select
+from werkzeug.exceptions import HTTPException
+from werkzeug.serving import WSGIRequestHandler
 
 from xdsi.audit.messages import AuditEvent, Endpoint, Outcome
 from xdsi.audit.spool import IHE_TRANSACTIONS, Auditor, audit_message_schema
@@ -290,6 +292,10 @@ def query_app(store: AuditRecordStore) -> Flask:
         value = request.args.get(name)
         return parse_time(value) if value else None
 
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> tuple[Response, int]:
+        return jsonify({"error": f"{exc.code} {exc.name}: GET /audit"}), exc.code or 400
+
     @app.get("/audit")
     def audit() -> Response | tuple[Response, int]:
         try:
@@ -306,6 +312,16 @@ def query_app(store: AuditRecordStore) -> Flask:
         return jsonify([r.as_json() for r in records])
 
     return app
+
+
+class JsonErrorHandler(WSGIRequestHandler):
+    """Answer what the HTTP layer refuses (a garbled request line, oversized
+    headers) with JSON like the query endpoint's, never an HTML page."""
+
+    timeout = 60
+    error_content_type = "application/json"
+    # The message quotes what the peer sent, which could break the JSON.
+    error_message_format = '{"error": "HTTP %(code)d: request refused"}'
 
 
 def parse_time(value: str) -> datetime:
