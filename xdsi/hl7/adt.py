@@ -203,9 +203,11 @@ def parse_feed(
             + " or ".join(f"&{a}&{UNIVERSAL_ID_TYPE}" for a in authorities),
         )
 
+    _check_length(patient_id, "PID-3")
     subsumed_patient_id = ""
     if TRIGGER_EVENTS[trigger].action is FeedAction.MERGE:
         subsumed_patient_id = _subsumed_identifier(msg, trigger, authority)
+        _check_length(subsumed_patient_id, "MRG-1")
         if subsumed_patient_id == patient_id:
             raise FeedRejected(
                 "AE",
@@ -224,6 +226,21 @@ def parse_feed(
         trigger=trigger,
         subsumed_patient_id=subsumed_patient_id,
     )
+
+
+# The longest XDS patient id (CX) the registry keeps: what ITI-18 can name,
+# an ebRIM Value being at most 256 characters (ebRS 3.0 rim.xsd).
+MAX_PATIENT_ID = 256
+
+
+def _check_length(patient_id: str, field: str) -> None:
+    if len(patient_id) > MAX_PATIENT_ID:
+        raise FeedRejected(
+            "AE",
+            "102",
+            f"{field} identifier is {len(patient_id)} characters as an XDS CX; "
+            f"at most {MAX_PATIENT_ID} can be registered and queried",
+        )
 
 
 def _domain_identifier(

@@ -64,6 +64,10 @@ _DTM_FORMATS = {
 }
 
 
+# The largest document size the store's 64-bit size column holds.
+MAX_SIZE = 2**63 - 1
+
+
 def is_dtm(value: str) -> bool:
     """Tell whether ``value`` is an XDS DTM (ITI TF-3 Table 4.2.3.1.7-2)."""
     fmt = _DTM_FORMATS.get(len(value))
@@ -351,11 +355,19 @@ def _check_formats(obj: RegistryObject, label: str) -> list[XdsError]:
                 )
             )
         size = obj.slot("size")
-        if size and not size.isdigit():
+        if size and not (size.isascii() and size.isdigit()):
             errors.append(
                 MetadataInvalid(
                     f"{label} size {size!r} is not a non-negative integer "
                     "(ITI TF-3 4.2.3.2.19)",
+                    obj.id,
+                )
+            )
+        elif size and int(size) > MAX_SIZE:
+            errors.append(
+                MetadataInvalid(
+                    f"{label} size {size} is more than this registry records "
+                    f"({MAX_SIZE} bytes, a signed 64-bit integer)",
                     obj.id,
                 )
             )

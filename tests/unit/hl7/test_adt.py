@@ -211,6 +211,16 @@ REJECTIONS = {
         "100",
     ),
     "empty": ("", "AR", "100"),
+    "PID-3 longer than a registry can keep": (
+        ADT_A01_V231.replace(f"{AFFINITY_CX}", "P" * 1000 + AFFINITY_CX),
+        "AE",
+        "102",
+    ),
+    "MRG-1 longer than a registry can keep": (
+        ADT_A40_V231.replace(f"{SUBSUMED_ID}^^^", "M" * 300 + f"{SUBSUMED_ID}^^^"),
+        "AE",
+        "102",
+    ),
 }
 
 

@@ -326,7 +326,9 @@ def test_hash_with_non_hex_digit_is_metadata_invalid(
     assert "hash" in str(error)
 
 
-@pytest.mark.parametrize("size", ["-1", "12kB", "1.5", ""])
+@pytest.mark.parametrize(
+    "size", ["-1", "12kB", "1.5", "", "\u0661\u0662", "99999999999999999999999999"]
+)
 def test_size_that_is_no_non_negative_integer_is_metadata_invalid(
     request_element: etree._Element, size: str
 ) -> None:
