@@ -7,6 +7,7 @@ data set, with the counts the NIST testkit expects.
 
 from __future__ import annotations
 
+import base64
 import copy
 import logging
 import uuid
@@ -510,3 +511,31 @@ def test_query_with_too_many_slots_is_param_number(data_set: DataSet) -> None:
     client = wire.SoapClient(data_set.url)
     with client.call("urn:ihe:iti:2007:RegistryStoredQuery", request) as reply:
         assert error_codes(reply.body) == ["XDSStoredQueryParamNumber"]
+
+
+def test_padding_in_a_query_does_not_grow_its_audit_record(
+    running_node: RunningNode,
+) -> None:
+    """ITI TF-2 3.18.5.1: the record keeps the query, not the sender's padding."""
+    running_node.feed()
+    request = stored_query.build_query(
+        "FindDocuments",
+        {"$XDSDocumentEntryPatientId": PATIENT, "$XDSDocumentEntryStatus": [APPROVED]},
+    )
+    request.insert(0, etree.Comment("x" * 70_000))
+    request[0].tail = " " * 70_000
+    client = wire.SoapClient(running_node.settings.url("registry"))
+    with client.call("urn:ihe:iti:2007:RegistryStoredQuery", request) as reply:
+        assert reply.body.get("status", "").endswith(":Success")
+
+    (record,) = [
+        r
+        for r in running_node.services.audit_spool.records()
+        if r.event_type == "ITI-18" and "registry" in " ".join(r.actor_user_ids)
+    ]
+    assert len(record.xml) < 10_000
+    query = etree.fromstring(record.xml).find(
+        "ParticipantObjectIdentification/ParticipantObjectQuery"
+    )
+    kept = etree.fromstring(base64.b64decode(query.text))
+    assert kept.find(f"{{{ns.RIM}}}AdhocQuery") is not None
