@@ -184,6 +184,10 @@ def _actor_app(settings: Settings, services: Services, actor: str) -> Flask:
 def _serve(servers: list[BaseWSGIServer]) -> list[threading.Thread]:
     threads = []
     for server in servers:
+        # Worker processes share each listening socket: when another process
+        # takes the connection that woke this one, accept() must fail at
+        # once rather than block this server (and its shutdown) for good.
+        server.socket.setblocking(False)
         thread = threading.Thread(
             target=server.serve_forever,
             # A short poll interval makes stopping quick.
@@ -205,6 +209,9 @@ def _worker(settings: Settings, sockets: dict[str, socket.socket], level: int) -
     logging.getLogger("werkzeug").setLevel(max(level, logging.WARNING))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Ctrl-C in a terminal reaches every process of the group; the node
+    # stops its workers itself.
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     services = build_services(settings)
     context = tls.server_context(settings.tls) if settings.tls.enabled else None
     servers = []
