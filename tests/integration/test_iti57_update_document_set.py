@@ -17,6 +17,7 @@ from sqlalchemy import select
 from tests.conftest import shared_path
 from tests.integration.conftest import PATIENT, RunningNode, validate_exchanges
 from xdsi import wire
+from xdsi.actors.imaging_source import PublishError
 from xdsi.actors.soap_endpoint import transaction
 from xdsi.dicom import scan
 from xdsi.metadata import ebrim
@@ -193,3 +194,28 @@ def test_update_is_audited_by_the_registry(
 
     assert all(r.valid for r in records)
     assert ("ITI-57", "Import") in [(r.event_type, r.event_id.display) for r in records]
+
+
+def test_manifest_is_withdrawn_only_once_the_registry_deprecated_it(
+    running_node: RunningNode, tmp_path: Path
+) -> None:
+    """ITI TF-2 3.57.4.1.3.3.2: the Imaging Document Source keeps a manifest
+    current while the registry refuses its ITI-57, and withdraws it once the
+    registry deprecated it."""
+    entry_uuid = _publish(running_node)
+    source = running_node.services.imaging_source
+    (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
+    manifest = source.current_manifest(study.study_instance_uid)
+    assert _update(running_node, tmp_path, entry_uuid)[0] == SUCCESS
+
+    with pytest.raises(PublishError, match="XDSMetadataUpdateError"):
+        source.withdraw(manifest, PATIENT)
+    assert source.current_manifest(study.study_instance_uid) is not None
+
+    _update(running_node, tmp_path, entry_uuid, original=DEPRECATED, new=APPROVED)
+    source.withdraw(manifest, PATIENT)
+    assert source.current_manifest(study.study_instance_uid) is None
+    assert _status(running_node, entry_uuid) == (DEPRECATED, DEPRECATED)
+    records = list(running_node.services.audit_spool.records())
+    assert ("ITI-57", "Export") in [(r.event_type, r.event_id.display) for r in records]
+    assert validate_exchanges(running_node.taps, tmp_path / "spool") > 0
