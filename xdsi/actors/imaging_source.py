@@ -225,6 +225,9 @@ class ImagingSource:
             The Document Registry refused the update or could not be reached;
             the manifest stays current, so that the withdrawal is retried.
         """
+        # Limitation: a refusal is not told apart from an outage; an entry
+        # another Document Administrator deprecated already is refused with
+        # XDSMetadataUpdateError and retried with every publishing round.
         if manifest.entry_uuid:
             self._deprecate(manifest, patient_id)
         else:
