@@ -725,7 +725,8 @@ class Registry:
         query is for; this Document Registry answers for its own and does not
         narrow by it.
         """
-        # Limitation: the Metadata Update option is not supported, so
+        # Limitation: of the Metadata Update option only availabilityStatus
+        # changes (ITI-57) are carried out; with no metadata versions,
         # $MetadataLevel 2 answers as level 1 does.
         query = stored_query.read_query(request)
         with self.engine.connect() as conn:
