@@ -517,6 +517,7 @@ def _publish_now(services: Services, studies: Iterable[str]) -> None:
         elif (
             current is not None
             and services.imaging_source.held_study(study_instance_uid) is None
+            and services.imaging_source.current_manifest(study_instance_uid) is None
         ):
             click.echo(f"manifest {current.sop_instance_uid} withdrawn")
         else:

@@ -143,6 +143,10 @@ class ImagingSourceSettings:
     institution_name: str = "xdsi"
     # RAD-68 goes to this URL; empty means this node's own repository.
     repository_url: str = ""
+    # ITI-57, which deprecates a withdrawn manifest, goes to this URL: the
+    # Document Registry of that repository. Empty means the registry this
+    # node's repository registers with.
+    registry_url: str = ""
     # Affinity-domain codes of the manifest's DocumentEntry and SubmissionSet
     # (ITI TF-3 4.2.3.2; the domain fixes them, these are the DICOM and
     # HL7 codes RAD TF-3 4.68.4.1.2.3 suggests as examples).
@@ -358,6 +362,10 @@ class Settings:
     @property
     def repository_url(self) -> str:
         return self.imaging_source.repository_url or self.url("repository")
+
+    @property
+    def imaging_source_registry_url(self) -> str:
+        return self.imaging_source.registry_url or self.registry_url
 
     @property
     def source_repository_url(self) -> str:

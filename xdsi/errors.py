@@ -22,6 +22,7 @@ XdsError
  +-- UnknownRepositoryId, DocumentUniqueIdError
  +-- ImagingRequestError, TransferSyntaxUnavailable
  +-- RegistryNotAvailable
+ +-- MetadataUpdateInvalid, MetadataUpdateOperationUnsupported
 """
 
 from __future__ import annotations
@@ -161,3 +162,15 @@ class RegistryNotAvailable(XdsError):
 
 class ResultNotSinglePatient(XdsError):
     """A query's results would span several patients (ITI TF-2 3.18.4.1.2.3.7)."""
+
+
+class MetadataUpdateInvalid(XdsError):
+    """An availabilityStatus update cannot be carried out.
+
+    ITI TF-2 3.57.4.1.3.3.2: the target is no registered DocumentEntry, its
+    status is not the OriginalStatus stated, or the change is not allowed.
+    """
+
+
+class MetadataUpdateOperationUnsupported(XdsError):
+    """An Update Document Set operation this Document Registry does not do."""

@@ -155,7 +155,8 @@ def test_removed_instances_replace_and_then_withdraw_the_manifest(
     intake_node: RunningNode,
 ) -> None:
     """RAD TF-3 4.68.4.1.2.3: removing instances replaces the manifest; with
-    none left the manifest is withdrawn."""
+    none left the manifest is withdrawn, deprecated in the Document Registry by
+    ITI-57 (ITI TF-2 3.57.4.1.3.3.2) so that ITI-18 no longer finds it."""
     images = sorted(shared_path("dicom", "study-mr", "images").iterdir())
     send_files(images, _scp(intake_node), calling_ae_title="TESTSCU")
     _wait(lambda: len(_manifests(intake_node)) == 1)
@@ -174,6 +175,13 @@ def test_removed_instances_replace_and_then_withdraw_the_manifest(
     assert intake.remove(study_uid) == 16
     _wait(lambda: _manifests(intake_node)[1].status == "withdrawn")
     assert _held(intake_node) == {}
+    assert _registry_status(intake_node, replacement.sop_instance_uid) == DEPRECATED
+    consumer = intake_node.services.consumer
+    assert consumer.find(MR_PATIENT) == []
+    deprecated = consumer.find(MR_PATIENT, statuses=(DEPRECATED,))
+    assert {e.unique_id for e in deprecated} == {
+        m.sop_instance_uid for m in _manifests(intake_node)
+    }
 
 
 def test_every_single_round_trips_over_cstore(intake_node: RunningNode) -> None:

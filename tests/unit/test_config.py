@@ -73,6 +73,33 @@ class_code = ["IMG", "1.2.3", "Images"]
     assert settings.registry == Settings().registry
 
 
+def test_imaging_source_updates_go_to_its_repository_registry(
+    tmp_path: Path,
+) -> None:
+    """ITI TF-2 3.57: ITI-57 goes to the registry of the repository published
+    to, unless [imaging_source] registry_url names another."""
+    path = _write(
+        tmp_path,
+        """
+[repository]
+registry_url = "http://127.0.0.1:9999/registry"
+""",
+    )
+    settings = load_settings(path)
+    assert settings.imaging_source_registry_url == "http://127.0.0.1:9999/registry"
+
+    path = _write(
+        tmp_path,
+        """
+[imaging_source]
+registry_url = "http://127.0.0.1:9998/registry"
+""",
+    )
+    settings = load_settings(path)
+    assert settings.imaging_source_registry_url == "http://127.0.0.1:9998/registry"
+    assert Settings().imaging_source_registry_url == Settings().registry_url
+
+
 def test_environment_variable_names_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

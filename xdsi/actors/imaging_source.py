@@ -4,7 +4,8 @@ RAD-69 Retrieve Imaging Document Set.
 RAD TF-3 4.68 (Provide and Register Imaging Document Set – MTOM/XOP) and
 4.69 (Retrieve Imaging Document Set). The source keeps every published
 instance in its own store; the manifest's Retrieve Location UID is this
-actor's repositoryUniqueId.
+actor's repositoryUniqueId. A study left with no instance has its manifest
+deprecated with ITI-57 Update Document Set (ITI TF-2 3.57.4.1.3.3.2).
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ from sqlalchemy import Engine, Row, insert, select, update
 
 from xdsi import audit, ns, tls, wire
 from xdsi.actors.dicomweb import dicomweb_blueprint
-from xdsi.actors.provide import Document, Sender, SubmitError, provide_and_register
+from xdsi.actors.provide import (
+    Document,
+    Sender,
+    SubmitError,
+    provide_and_register,
+    update_document_set,
+)
 from xdsi.actors.repository import (
     child_text,
     retrieve_outcome,
@@ -48,10 +55,11 @@ from xdsi.metadata.build import (
     add_replacement,
     manifest_submission,
     new_oid,
+    status_update_submission,
     utc_dtm,
 )
 from xdsi.metadata.codes import Code
-from xdsi.metadata.ebrim import new_uuid
+from xdsi.metadata.ebrim import STATUS_APPROVED, STATUS_DEPRECATED, new_uuid
 from xdsi.metadata.responses import (
     read_status,
 )
@@ -225,44 +233,92 @@ class ImagingSource:
     def republish(self, study_instance_uid: str, patient_id: str) -> Published | None:
         """Publish what is held of a study now, replacing its manifest.
 
-        Without any instance left, the current manifest is withdrawn and
-        None returned.
+        Without any instance left, the current manifest is withdrawn (ITI-57
+        deprecates it in the Document Registry) and None returned.
         """
         current = self.current_manifest(study_instance_uid)
         study = self.held_study(study_instance_uid)
         if study is None:
             if current is not None:
-                self.withdraw(current)
+                self.withdraw(current, patient_id)
             return None
         return self._submit(study, patient_id, current)
 
-    def withdraw(self, manifest: Row) -> None:
-        """Stop publishing a manifest whose study has no instance left.
+    def withdraw(self, manifest: Row, patient_id: str) -> None:
+        """Deprecate a manifest whose study has no instance left.
 
         Deprecating a DocumentEntry without replacing it is ITI-57 Update
         Document Set (ITI TF-2 3.57.4.1.3.3.2, availabilityStatus Approved to
-        Deprecated, XDS Metadata Update option); an RPLC needs a replacement,
-        and a manifest referencing no instance is no valid KOS (DICOM PS3.3
-        C.17.6.2.1: the Current Requested Procedure Evidence Sequence is
-        Type 1).
+        Deprecated); an RPLC needs a replacement, and a manifest referencing
+        no instance is no valid KOS (DICOM PS3.3 C.17.6.2.1: the Current
+        Requested Procedure Evidence Sequence is Type 1). The update goes to
+        the Document Registry of the repository the manifest was published
+        to; the manifest is marked withdrawn here only once that registry
+        accepted it.
+
+        Raises
+        ------
+        PublishError
+            The Document Registry refused the update or could not be reached;
+            the manifest stays current, so that the withdrawal is retried.
         """
-        # Limitation: the Document Registry does not implement ITI-57, so
-        # the manifest stays Approved there; it is marked withdrawn here, its
-        # instances are gone, and a RAD-69 for them answers
-        # XDSDocumentUniqueIdError.
+        # Limitation: a refusal is not told apart from an outage; an entry
+        # another Document Administrator deprecated already is refused with
+        # XDSMetadataUpdateError and retried with every publishing round.
+        if manifest.entry_uuid:
+            self._deprecate(manifest, patient_id)
+        else:
+            # Limitation: a manifest published before its entryUUID was kept
+            # cannot be named in an ITI-57; it is withdrawn here only and
+            # stays Approved in the Document Registry.
+            logger.warning(
+                "manifest %s of study %s withdrawn here only: its entryUUID is "
+                "not known, so the registry entry stays Approved",
+                manifest.sop_instance_uid,
+                manifest.study_instance_uid,
+            )
         with self.engine.begin() as conn:
             conn.execute(
                 update(imaging_manifest)
                 .where(imaging_manifest.c.sop_instance_uid == manifest.sop_instance_uid)
                 .values(status=MANIFEST_WITHDRAWN)
             )
-        logger.warning(
-            "manifest %s of study %s withdrawn: no instance left; the registry "
-            "entry %s stays Approved (no ITI-57 Update Document Set)",
+        logger.info(
+            "manifest %s of study %s withdrawn: no instance left",
             manifest.sop_instance_uid,
             manifest.study_instance_uid,
-            manifest.entry_uuid or "(unknown entryUUID)",
         )
+
+    def _deprecate(self, manifest: Row, patient_id: str) -> None:
+        """Send the ITI-57 that deprecates ``manifest``'s DocumentEntry."""
+        cfg = self.settings.imaging_source
+        submission_set = SubmissionSetSpec(
+            entry_id="SubmissionSet01",
+            unique_id=new_oid(),
+            source_id=cfg.source_id,
+            patient_id=patient_id,
+            content_type_code=Code(*cfg.content_type_code),
+            author_institution=cfg.institution_name,
+            submission_time=utc_dtm(),
+        )
+        request = status_update_submission(
+            submission_set, manifest.entry_uuid, STATUS_APPROVED, STATUS_DEPRECATED
+        )
+        sender = Sender(
+            "ITI-57", "Document Administrator", self.auditor, self.settings.node.host
+        )
+        try:
+            update_document_set(
+                self.settings.imaging_source_registry_url,
+                request,
+                sender=sender,
+                patient_id=patient_id,
+                submission_set_unique_id=submission_set.unique_id,
+                spool_dir=self.blobs.spool,
+                ssl_context=tls.client_context_for(self.settings),
+            )
+        except SubmitError as exc:
+            raise PublishError(str(exc), exc.errors) from exc
 
     def _submit(
         self, study: scan.Study, patient_id: str, current: Row | None

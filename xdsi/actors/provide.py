@@ -1,9 +1,12 @@
-"""The sending side of Provide and Register: ITI-41 and RAD-68 as MTOM.
+"""The sending side of Provide and Register (ITI-41 and RAD-68 as MTOM) and
+of Update Document Set (ITI-57).
 
 ITI TF-2 3.41.4.1 and RAD TF-3 4.68.4.1: the metadata and one xdsb:Document
 per DocumentEntry, each document an MTOM part streamed from a file or
 bytes. Used by the Document Source and the Imaging Document Source, which
-differ only in their metadata and in the transaction they audit.
+differ only in their metadata and in the transaction they audit. ITI TF-2
+3.57.4.1: the Imaging Document Source sends the Update Document Set that
+deprecates a withdrawn manifest to the Document Registry.
 """
 
 from __future__ import annotations
@@ -145,5 +148,77 @@ def provide_and_register(
             outcome,
             submission_set_unique_id,
             len(documents),
+            time.monotonic() - started,
+        )
+
+
+def update_document_set(
+    url: str,
+    request: etree._Element,
+    *,
+    sender: Sender,
+    patient_id: str,
+    submission_set_unique_id: str,
+    spool_dir: Path,
+    timeout: float = 120.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> None:
+    """Send one Update Document Set to the Document Registry at ``url``.
+
+    ITI TF-2 3.57.4.1: the SubmitObjectsRequest travels as a plain SOAP 1.2
+    message; the answer is a RegistryResponse.
+
+    Raises
+    ------
+    SubmitError
+        The registry answered other than Success, or could not be reached.
+    """
+    spec = transaction("ITI-57")
+    started = time.monotonic()
+    outcome = "not delivered"
+    message_id = None
+    try:
+        client = wire.SoapClient(
+            url, timeout=timeout, spool_dir=spool_dir, ssl_context=ssl_context
+        )
+        with client.call(spec["request_action"], request) as reply:
+            message_id = reply.relates_to
+            status = read_status(reply.body)
+            errors = read_errors(reply.body)
+        outcome = status.rsplit(":", 1)[-1]
+        if status != ResponseStatus.SUCCESS.value:
+            errors = errors or [
+                RegistryError("XDSRegistryError", f"the answer is {outcome}")
+            ]
+            raise SubmitError(
+                "the Document Registry refused the update: "
+                + "; ".join(f"{e.code}: {e.message}" for e in errors),
+                errors,
+            )
+    except (wire.TransportError, wire.PeerFault) as exc:
+        raise SubmitError(f"{sender.transaction} to {url} failed: {exc}") from exc
+    finally:
+        if sender.auditor is not None:
+            sender.auditor.record(
+                audit.AuditEvent(
+                    transaction=sender.transaction,
+                    actor=sender.actor,
+                    outcome=audit.Outcome.SUCCESS
+                    if outcome == "Success"
+                    else audit.Outcome.SERIOUS_FAILURE,
+                    source=audit.Endpoint(ns.WSA_ANONYMOUS, sender.host),
+                    destination=audit.Endpoint(url, urlsplit(url).hostname or ""),
+                    patient_id=patient_id,
+                    submission_set_unique_id=submission_set_unique_id,
+                    message_id=message_id,
+                )
+            )
+        logger.info(
+            "%s %s to %s: %s, SubmissionSet %s, %.3f s",
+            sender.transaction,
+            spec["title"],
+            url,
+            outcome,
+            submission_set_unique_id,
             time.monotonic() - started,
         )

@@ -1,9 +1,10 @@
 """Document Registry: ITI-42 Register Document Set-b, ITI-18 Registry Stored
-Query, and the patients of the ITI-8 Patient Identity Feed.
+Query, ITI-57 Update Document Set, and the patients of the ITI-8 feed.
 
 ITI TF-2 3.42 (register, with the Associations of ITI TF-3 4.2.2 to objects
 already registered and the document relationships of ITI TF-3 4.2.2.2),
-3.18 (the stored queries of ITI TF-2 3.18.4.1.2.3.7), 3.8 (feed). A
+3.18 (the stored queries of ITI TF-2 3.18.4.1.2.3.7), 3.57 (availabilityStatus
+updates of ITI TF-2 3.57.4.1.3.3.2 only), 3.8 (feed). A
 submission lands whole or not at all: one database transaction (DESIGN.md
 principle 6). Queries are SQL on the indexed columns and child tables.
 """
@@ -56,6 +57,7 @@ from xdsi.hl7.adt import (
     read_ack,
 )
 from xdsi.metadata import ebrim, stored_query, validation
+from xdsi.metadata import update as metadata_update
 from xdsi.metadata.ebrim import RegistryObject, Submission
 from xdsi.metadata.responses import RegistryError, registry_response, status_of
 from xdsi.store.schema import patient, registry_code, registry_object, registry_value
@@ -545,6 +547,173 @@ class Registry:
                 )
             )
 
+    # --- ITI-57 ---------------------------------------------------------
+
+    def update_document_set(self, request: etree._Element) -> RegisterOutcome:
+        """Carry out an Update Document Set; return the errors, if any.
+
+        ITI TF-2 3.57.4.1.3.3.2: each UpdateAvailabilityStatus Association
+        changes the availabilityStatus of a registered DocumentEntry of the
+        SubmissionSet's patient from its OriginalStatus to its NewStatus. In
+        one database transaction the SubmissionSet and the Associations are
+        registered and the DocumentEntries' status column and stored XML
+        changed; any error leaves everything as it was.
+        """
+        schema = transaction("ITI-57")["request_schema"]
+        problems = schema_errors(request, schema)
+        if problems:
+            error = MetadataInvalid(
+                f"SubmitObjectsRequest is not valid against {schema}: "
+                + "; ".join(problems)
+            )
+            return RegisterOutcome(as_registry_errors([error], ACTOR), None, None, ())
+        submission = ebrim.read_registry_objects(request)
+        updates, errors = metadata_update.read_status_updates(submission)
+        errors.extend(validation.check_codes(submission, self.code_sets))
+        submission_set = (
+            submission.submission_sets[0]
+            if len(submission.submission_sets) == 1
+            else None
+        )
+        patient_id = submission_set.patient_id if submission_set else None
+        ss_unique_id = submission_set.unique_id if submission_set else None
+        if errors:
+            return RegisterOutcome(
+                as_registry_errors(errors, ACTOR), ss_unique_id, patient_id, ()
+            )
+
+        validation.assign_entry_uuids(submission)
+        _gather_loose_classifications(submission)
+        validation.set_status(submission, ebrim.STATUS_APPROVED)
+        try:
+            with self.engine.begin() as conn:
+                errors = self._check_update(conn, submission, updates, patient_id)
+                if errors:
+                    raise _Rollback(errors)
+                self._insert(conn, submission, set())
+                for change in updates:
+                    _rewrite(
+                        conn,
+                        change.entry_uuid,
+                        lambda element, status=change.new_status: element.set(
+                            "status", status
+                        ),
+                        status=change.new_status,
+                    )
+        except _Rollback as rollback:
+            return RegisterOutcome(
+                as_registry_errors(rollback.errors, ACTOR), ss_unique_id, patient_id, ()
+            )
+        except IntegrityError:
+            error = DuplicateUniqueIdInRegistry(
+                "the SubmissionSet's uniqueId was registered concurrently"
+            )
+            return RegisterOutcome(
+                as_registry_errors([error], ACTOR), ss_unique_id, patient_id, ()
+            )
+        return RegisterOutcome(
+            [], ss_unique_id, patient_id, tuple(u.entry_uuid for u in updates)
+        )
+
+    def _check_update(
+        self,
+        conn: Connection,
+        submission: Submission,
+        updates: list[metadata_update.StatusUpdate],
+        patient_id: str | None,
+    ) -> list[XdsError]:
+        """Check an Update Document Set against what is registered.
+
+        The targets are read with a row lock, so that two updates of one
+        DocumentEntry are carried out one after the other and the second
+        finds the OriginalStatus the first left.
+        """
+        errors: list[XdsError] = []
+        patient_error = _patient_id_error(conn, patient_id, lock=True)
+        if patient_error is not None:
+            errors.append(patient_error)
+
+        # ITI TF-3 4.2.2: an entryUUID and a uniqueId name one object.
+        ids = {o.id for o in submission.objects}
+        unique_ids = {o.unique_id for o in submission.objects if o.unique_id}
+        for row in _held_ids(conn, ids, unique_ids):
+            if row.entry_uuid in ids:
+                errors.append(
+                    MetadataInvalid(
+                        f"entryUUID {row.entry_uuid} is already in the Document "
+                        "Registry",
+                        row.entry_uuid,
+                    )
+                )
+            if row.unique_id in unique_ids:
+                errors.append(
+                    DuplicateUniqueIdInRegistry(
+                        f"uniqueId {row.unique_id} is already registered",
+                        row.unique_id,
+                    )
+                )
+
+        ro = registry_object.c
+        held = {
+            row.entry_uuid: validation.HeldObject(
+                row.entry_uuid, row.kind, row.patient_id, row.status
+            )
+            for row in _select_in(
+                conn,
+                select(ro.entry_uuid, ro.kind, ro.patient_id, ro.status)
+                .order_by(ro.entry_uuid)
+                .with_for_update(),
+                ro.entry_uuid,
+                [u.entry_uuid for u in updates],
+            )
+        }
+        errors.extend(metadata_update.check_targets(updates, held, patient_id))
+        return errors
+
+    def handle_update(self, message: SoapMessage, peer: Peer) -> Reply:
+        started = time.monotonic()
+        try:
+            outcome = self.update_document_set(message.body)
+        except wire.SoapFault:
+            raise
+        except Exception:
+            logger.exception("ITI-57 Update Document Set failed")
+            outcome = RegisterOutcome(
+                [RegistryError("XDSRegistryError", "internal Document Registry error")],
+                None,
+                None,
+                (),
+            )
+        status = status_of(outcome.errors)
+        self.auditor.record(
+            audit.AuditEvent(
+                transaction="ITI-57",
+                actor="Document Registry",
+                outcome=audit.Outcome.SUCCESS
+                if not outcome.errors
+                else audit.Outcome.SERIOUS_FAILURE,
+                source=audit.Endpoint(peer.reply_to, peer.host),
+                destination=audit.Endpoint(peer.endpoint, self.settings.node.host),
+                patient_id=outcome.patient_id,
+                submission_set_unique_id=outcome.submission_set_unique_id,
+                message_id=message.message_id,
+            )
+        )
+        logger.info(
+            "%s %s from %s: %s, MessageID %s, SubmissionSet %s, DocumentEntries %s, "
+            "errors %s, %.3f s",
+            "ITI-57",
+            "Update Document Set",
+            peer.host,
+            status.value.rsplit(":", 1)[-1],
+            message.message_id,
+            outcome.submission_set_unique_id,
+            list(outcome.entry_uuids),
+            [e.code for e in outcome.errors] or "none",
+            time.monotonic() - started,
+        )
+        return Reply(registry_response(outcome.errors))
+
     # --- ITI-18 ---------------------------------------------------------
 
     def query(
@@ -556,7 +725,8 @@ class Registry:
         query is for; this Document Registry answers for its own and does not
         narrow by it.
         """
-        # Limitation: the Metadata Update option is not supported, so
+        # Limitation: of the Metadata Update option only availabilityStatus
+        # changes (ITI-57) are carried out; with no metadata versions,
         # $MetadataLevel 2 answers as level 1 does.
         query = stored_query.read_query(request)
         with self.engine.connect() as conn:
@@ -580,6 +750,7 @@ class Registry:
             {
                 "ITI-42": self.handle_register,
                 "ITI-18": self.handle_query,
+                "ITI-57": self.handle_update,
             },
             spool_root,
         )

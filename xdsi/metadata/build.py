@@ -1,9 +1,11 @@
-"""Build the SubmitObjectsRequest of a submission (ITI-41 and RAD-68 metadata).
+"""Build the SubmitObjectsRequest of a submission (ITI-41, RAD-68, ITI-57).
 
 ITI TF-3 4.2.3 and ITI TF-2 3.41.4.1.2: DocumentEntries, their SubmissionSet
 and a HasMember Association from the SubmissionSet to each, with the
 attributes tabled in profiles/xds_metadata.toml. RAD TF-3 4.68.4.1.2.3: an
 imaging manifest is the submission of one DocumentEntry for the KOS.
+ITI TF-2 3.57.4.1.3.3.2: an Update Document Set that changes a DocumentEntry's
+availabilityStatus.
 """
 
 from __future__ import annotations
@@ -249,3 +251,43 @@ def add_replacement(
         sourceObject=entry_id,
         targetObject=replaced_entry_uuid,
     )
+
+
+def status_update_submission(
+    submission_set: SubmissionSetSpec,
+    entry_uuid: str,
+    original_status: str,
+    new_status: str,
+) -> etree._Element:
+    """Build the Update Document Set request that changes one DocumentEntry's
+    availabilityStatus (ITI TF-2 3.57.4.1.3.3.2).
+
+    The SubmissionSet and an UpdateAvailabilityStatus Association from it to
+    ``entry_uuid``, with the OriginalStatus and NewStatus Slots.
+    """
+    table = ebrim.metadata_table()["MetadataUpdate"]
+    request = etree.Element(
+        f"{{{ns.LCM}}}SubmitObjectsRequest", nsmap={"lcm": ns.LCM, "rim": ns.RIM}
+    )
+    object_list = etree.SubElement(request, f"{{{ns.RIM}}}RegistryObjectList")
+    object_list.append(_submission_set(submission_set))
+    etree.SubElement(
+        object_list,
+        f"{{{ns.RIM}}}Classification",
+        id=ebrim.new_uuid(),
+        classifiedObject=submission_set.entry_id,
+        classificationNode=ebrim.metadata_table()[ebrim.SUBMISSION_SET][
+            "classification_node"
+        ],
+    )
+    association = etree.SubElement(
+        object_list,
+        f"{{{ns.RIM}}}Association",
+        id=ebrim.new_uuid(),
+        associationType=table["update_availability_status"],
+        sourceObject=submission_set.entry_id,
+        targetObject=entry_uuid,
+    )
+    add_slot(association, table["original_status_slot"], [original_status])
+    add_slot(association, table["new_status_slot"], [new_status])
+    return request
