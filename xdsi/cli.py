@@ -73,8 +73,11 @@ def _fail(message: str) -> None:
     sys.exit(1)
 
 
+_PLURALS = {"study": "studies", "series": "series"}
+
+
 def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}{'' if number == 1 else 's'}"
+    return f"{number} {noun if number == 1 else _PLURALS.get(noun, noun + 's')}"
 
 
 @click.group()
@@ -758,7 +761,8 @@ def _audit_table(records: list) -> Table:  # type: ignore[type-arg]
         ]
         table.add_row(
             record.event_time.strftime("%Y-%m-%d %H:%M:%S"),
-            record.event_type or "?",
+            # Application Start/Stop and security alerts name no transaction.
+            record.event_type or "-",
             record.event_id.display if record.event_id else "?",
             str(record.outcome) if record.valid else "corrupt",
             " → ".join(participants),

@@ -86,9 +86,9 @@ CASES = {
         "env:MustUnderstand",
         None,
     ),
-    "action-twice": (
+    "two-different-actions": (
         SOAP12.format(action=QUERY, body=QUERY_BODY).replace(
-            "</env:Header>", f"<wsa:Action>{QUERY}</wsa:Action></env:Header>"
+            "</env:Header>", "<wsa:Action>urn:example:Other</wsa:Action></env:Header>"
         ),
         "application/soap+xml",
         "env:Sender",

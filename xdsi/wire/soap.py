@@ -82,9 +82,10 @@ def _header_text(header: _Element | None, local: str) -> str | None:
     return (element.text or "").strip()
 
 
-# WS-Addressing 1.0 Core 3.2: these message addressing properties occur at
-# most once; wsa:RelatesTo may repeat.
-_SINGLE_HEADERS = ("Action", "MessageID", "To", "ReplyTo", "FaultTo", "From")
+# WS-Addressing 1.0 Core 3.2: wsa:Action occurs once. Other headers that
+# should occur once are read from their first copy: some stacks (zeep with a
+# WSDL that declares the addressing and its addressing plugin) send two.
+_SINGLE_HEADERS = ("Action",)
 
 # SOAP 1.2 Part 1 5.2.2: the roles this node plays, as the ultimate
 # receiver; a block without env:role targets the ultimate receiver.
@@ -100,8 +101,8 @@ def _check_header_blocks(header: _Element | None) -> None:
 
     SOAP 1.2 Part 1 5.2.3 and 5.4.8: a block targeted at this node with
     mustUnderstand true is processed or faulted; this node processes the
-    WS-Addressing headers only. WS-Addressing 1.0 SOAP Binding 6.4.1: a
-    single-valued addressing header given twice is InvalidCardinality.
+    WS-Addressing headers only. WS-Addressing 1.0 SOAP Binding 6.4.1:
+    wsa:Action given twice, with different values, is InvalidCardinality.
     """
     if header is None:
         return
@@ -120,10 +121,17 @@ def _check_header_blocks(header: _Element | None) -> None:
             not_understood,
         )
     for local in _SINGLE_HEADERS:
-        if len([b for b in blocks if b.tag == qname(WSA, local)]) > 1:
+        # Copies alike are harmless; copies that differ leave the message
+        # without one action to dispatch on.
+        copies = {
+            etree.tostring(b, method="c14n")
+            for b in blocks
+            if b.tag == qname(WSA, local)
+        }
+        if len(copies) > 1:
             raise InvalidCardinality(
-                f"wsa:{local} appears more than once (WS-Addressing 1.0 Core "
-                "3.2 allows one)",
+                f"wsa:{local} appears more than once with different values "
+                "(WS-Addressing 1.0 Core 3.2 allows one)",
                 detail=f"wsa:{local}",
             )
 
