@@ -384,6 +384,9 @@ class UdpSender:
         self.max_payload = max_payload
         family = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0][0]
         self._sock = socket.socket(family, socket.SOCK_DGRAM)
+        # Connected, the socket takes the local address of the route to the
+        # target (loopback for a local ARR) and no datagram from elsewhere.
+        self._sock.connect((host, port))
 
     def send(self, message: bytes) -> None:
         """Send one message in one datagram (RFC 5426 3.1).
@@ -403,7 +406,7 @@ class UdpSender:
                 f"limit of {self.max_payload} (RFC 5426 3.2)"
             )
         try:
-            self._sock.sendto(message, (self.host, self.port))
+            self._sock.send(message)
         except OSError as exc:
             raise TargetDown(f"udp://{self.host}:{self.port}: {exc}") from exc
 
