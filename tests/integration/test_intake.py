@@ -3,11 +3,14 @@ import into the store, auto-publishing, and the manifest's lifecycle."""
 
 from __future__ import annotations
 
+import http.client
+import logging
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pydicom
 import pytest
@@ -332,3 +335,87 @@ def test_a_cd_is_imported_by_its_dicomdir(intake_node: RunningNode, tmp_path) ->
     assert len(result.accepted) == 5
     assert result.refused == ()
     assert published is not None and published.instances == 5
+
+
+def _stow_url(node: RunningNode) -> str:
+    settings = node.settings
+    return (
+        f"http://{settings.node.host}:{settings.imaging_source.port}"
+        f"{settings.imaging_source.stow_path}"
+    )
+
+
+def test_stow_rs_names_a_refused_instance_and_says_why(
+    intake_node: RunningNode,
+) -> None:
+    """DICOM PS3.18 10.5.3: a Failed SOP Sequence item names the SOP Class
+    and Instance of a part that was read, with its Failure Reason; the
+    reason's text travels in a Warning header field (DICOM PS3.18 8.4)."""
+    path = shared_path("dicom", "bad", "truncated-pixeldata__MR_truncated.dcm")
+    held = pydicom.dcmread(path, stop_before_pixels=True)
+
+    response = _stow(intake_node, [path.read_bytes()])
+
+    assert response.status_code == 409
+    (item,) = response.json()["00081198"]["Value"]
+    assert item["00081150"]["Value"] == [held.SOPClassUID]
+    assert item["00081155"]["Value"] == [held.SOPInstanceUID]
+    assert item["00081197"]["Value"] == [0xC000]
+    assert response.headers["Warning"].startswith("299 ")
+    assert "part 1: C000 " in response.headers["Warning"]
+
+
+def test_stow_rs_answers_an_overlong_boundary_with_400(
+    intake_node: RunningNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DICOM PS3.18 Table 10.5.3-1, RFC 2046 5.1.1: a boundary the parser
+    cannot take is a 400 in plain text, never a SOAP Fault or a 500."""
+    caplog.set_level(logging.INFO, logger="xdsi")
+    boundary = "b" * 300
+    path = shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm")
+    body = (
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + path.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+
+    response = requests.post(
+        _stow_url(intake_node),
+        data=body,
+        headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; '
+            f"boundary={boundary}"
+        },
+        timeout=60,
+    )
+
+    assert response.status_code == 400
+    assert response.headers["Content-Type"].startswith("text/plain")
+    assert "boundary" in response.text.lower()
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert _held(intake_node) == {}
+
+
+def test_stow_rs_answers_garbled_chunked_framing_with_400(
+    intake_node: RunningNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DICOM PS3.18 Table 10.5.3-1, RFC 9112 7.1: a body whose chunk size is
+    no hex number is the sender's fault: 400 in plain text."""
+    caplog.set_level(logging.INFO, logger="xdsi")
+    url = urlsplit(_stow_url(intake_node))
+    connection = http.client.HTTPConnection(url.netloc, timeout=30)
+    connection.putrequest("POST", url.path)
+    connection.putheader(
+        "Content-Type", 'multipart/related; type="application/dicom"; boundary=b'
+    )
+    connection.putheader("Transfer-Encoding", "chunked")
+    connection.endheaders(b"ZZZ\r\n--b\r\n\r\n0\r\n\r\n")
+
+    response = connection.getresponse()
+    text = response.read().decode()
+    connection.close()
+
+    assert response.status == 400
+    assert response.getheader("Content-Type", "").startswith("text/plain")
+    assert "chunked" in text
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
