@@ -419,3 +419,48 @@ def test_stow_rs_answers_garbled_chunked_framing_with_400(
     assert response.getheader("Content-Type", "").startswith("text/plain")
     assert "chunked" in text
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+QUIET = 1.0
+
+
+def test_an_unpublishable_study_is_retried_with_backoff(
+    running_node: RunningNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RAD TF-3 4.68, ITI TF-3 Table 4.2.4.1-2: a study refused with
+    XDSUnknownPatientId is retried after the quiet time, then after twice
+    that; one WARNING, later failures at DEBUG; a change retries it at once,
+    and success after failures is logged at INFO."""
+    caplog.set_level(logging.DEBUG, logger="xdsi.actors.intake")
+    intake = running_node.services.intake
+    tap = running_node.taps["repository"]
+    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())
+
+    def rounds_after(pause: float) -> int:
+        time.sleep(pause)
+        intake.publish_due(QUIET)
+        return len(tap.exchanges)
+
+    intake.accept(images[0])
+    assert rounds_after(QUIET + 0.1) == 1
+    assert rounds_after(0) == 1
+    assert rounds_after(QUIET + 0.1) == 2
+    # The third try waits 2 * QUIET after the second failure.
+    assert rounds_after(QUIET + 0.1) == 2
+    intake.accept(images[1])
+    assert rounds_after(QUIET + 0.1) == 3
+    running_node.feed(MR_PATIENT)
+    intake.accept(images[2])
+    assert rounds_after(QUIET + 0.1) == 4
+
+    records = [r for r in caplog.records if r.name == "xdsi.actors.intake"]
+    (warning,) = [r for r in records if r.levelno >= logging.WARNING]
+    assert warning.levelno == logging.WARNING
+    assert "XDSUnknownPatientId" in warning.getMessage()
+    assert "IDS-DEPT002" not in warning.getMessage()
+    assert len([r for r in records if r.levelno == logging.DEBUG]) >= 2
+    assert any(
+        r.levelno == logging.INFO and "after 3 failed attempts" in r.getMessage()
+        for r in records
+    )
+    assert len(_manifests(running_node)) == 1

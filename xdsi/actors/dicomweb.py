@@ -347,8 +347,8 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
 
     @blueprint.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
-        # A DICOMweb user agent gets the status and why, never a SOAP Fault
-        # (DICOM PS3.18 8.5).
+        # A DICOMweb user agent gets the HTTP status and why, never the
+        # SOAP Fault that the actor's app answers with.
         return Response(
             f"{exc.description}\n", status=exc.code or 500, mimetype="text/plain"
         )
