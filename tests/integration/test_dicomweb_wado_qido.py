@@ -301,3 +301,83 @@ def test_published_manifest_names_the_wado_rs_series_url(
     assert answer.status_code == 200
     assert answer.headers["Content-Type"].startswith("multipart/related")
     assert url.startswith(f"{shared_node.settings.dicomweb_url}/studies/")
+
+
+@pytest.mark.parametrize(
+    ("filters", "count"),
+    [
+        ({"PatientID": "IDS-DEPT*"}, 1),
+        ({"PatientID": "IDS-DEPT002-?"}, 1),
+        ({"PatientID": "*"}, 1),
+        ({"PatientID": "IDS-DEPT9*"}, 0),
+        ({"PatientID": "ids-dept*"}, 0),
+        ({"PatientID": "IDS-DEPT00[2]*"}, 0),
+    ],
+    ids=["star", "question-mark", "universal", "no-match", "case", "bracket-literal"],
+)
+def test_qido_wildcards_match_the_attributes_that_allow_them(
+    client: DICOMwebClient, published: scan.Study, filters: dict, count: int
+) -> None:
+    """DICOM PS3.4 C.2.2.2.4: "*" and "?" match in LO and its like; nothing
+    else in the value is special."""
+    assert len(client.search_for_studies(search_filters=filters)) == count
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"StudyDate": "garbage"},
+        {"StudyDate": "2016040"},
+        {"StudyDate": "20160402-2016"},
+        {"StudyTime": "2561"},
+        {"StudyInstanceUID": "not-a-uid"},
+        {"includefield": "ZZZZZZZZ"},
+        {"includefield": "StudyDescription,NoSuchKeyword"},
+        {"fuzzymatching": "maybe"},
+    ],
+    ids=[
+        "date",
+        "short-date",
+        "range",
+        "time",
+        "uid",
+        "includefield",
+        "includefield-list",
+        "fuzzymatching",
+    ],
+)
+def test_qido_refuses_a_malformed_query_with_400(
+    shared_node: RunningNode, published: scan.Study, params: dict
+) -> None:
+    """DICOM PS3.18 8.3.4 and 10.6.1: a value its VR does not allow, or an
+    includefield naming no attribute, is a 400 saying which, in plain text."""
+    (key, value), *_ = params.items()
+    answer = requests.get(
+        f"{shared_node.settings.dicomweb_url}/studies", params=params, timeout=30
+    )
+
+    assert answer.status_code == 400
+    assert answer.headers["Content-Type"].startswith("text/plain")
+    assert f"{key}=" in answer.text
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"includefield": "all"},
+        {"includefield": "StudyDescription,00080020"},
+        {"StudyTime": "0000-2359"},
+        {"fuzzymatching": "false"},
+    ],
+    ids=["all", "keyword-and-tag", "time-range", "fuzzymatching"],
+)
+def test_qido_takes_well_formed_query_parameters(
+    shared_node: RunningNode, published: scan.Study, params: dict
+) -> None:
+    """DICOM PS3.18 8.3.4: well-formed values keep being answered."""
+    answer = requests.get(
+        f"{shared_node.settings.dicomweb_url}/studies", params=params, timeout=30
+    )
+
+    assert answer.status_code == 200
+    assert len(answer.json()) == 1

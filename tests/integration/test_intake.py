@@ -3,11 +3,14 @@ import into the store, auto-publishing, and the manifest's lifecycle."""
 
 from __future__ import annotations
 
+import http.client
+import logging
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pydicom
 import pytest
@@ -340,3 +343,132 @@ def test_a_cd_is_imported_by_its_dicomdir(intake_node: RunningNode, tmp_path) ->
     assert len(result.accepted) == 5
     assert result.refused == ()
     assert published is not None and published.instances == 5
+
+
+def _stow_url(node: RunningNode) -> str:
+    settings = node.settings
+    return (
+        f"http://{settings.node.host}:{settings.imaging_source.port}"
+        f"{settings.imaging_source.stow_path}"
+    )
+
+
+def test_stow_rs_names_a_refused_instance_and_says_why(
+    intake_node: RunningNode,
+) -> None:
+    """DICOM PS3.18 10.5.3: a Failed SOP Sequence item names the SOP Class
+    and Instance of a part that was read, with its Failure Reason; the
+    reason's text travels in a Warning header field (DICOM PS3.18 8.4)."""
+    path = shared_path("dicom", "bad", "truncated-pixeldata__MR_truncated.dcm")
+    held = pydicom.dcmread(path, stop_before_pixels=True)
+
+    response = _stow(intake_node, [path.read_bytes()])
+
+    assert response.status_code == 409
+    (item,) = response.json()["00081198"]["Value"]
+    assert item["00081150"]["Value"] == [held.SOPClassUID]
+    assert item["00081155"]["Value"] == [held.SOPInstanceUID]
+    assert item["00081197"]["Value"] == [0xC000]
+    assert response.headers["Warning"].startswith("299 ")
+    assert "part 1: C000 " in response.headers["Warning"]
+
+
+def test_stow_rs_answers_an_overlong_boundary_with_400(
+    intake_node: RunningNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DICOM PS3.18 Table 10.5.3-1, RFC 2046 5.1.1: a boundary the parser
+    cannot take is a 400 in plain text, never a SOAP Fault or a 500."""
+    caplog.set_level(logging.INFO, logger="xdsi")
+    boundary = "b" * 300
+    path = shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm")
+    body = (
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + path.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+
+    response = requests.post(
+        _stow_url(intake_node),
+        data=body,
+        headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; '
+            f"boundary={boundary}"
+        },
+        timeout=60,
+    )
+
+    assert response.status_code == 400
+    assert response.headers["Content-Type"].startswith("text/plain")
+    assert "boundary" in response.text.lower()
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert _held(intake_node) == {}
+
+
+def test_stow_rs_answers_garbled_chunked_framing_with_400(
+    intake_node: RunningNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DICOM PS3.18 Table 10.5.3-1, RFC 9112 7.1: a body whose chunk size is
+    no hex number is the sender's fault: 400 in plain text."""
+    caplog.set_level(logging.INFO, logger="xdsi")
+    url = urlsplit(_stow_url(intake_node))
+    connection = http.client.HTTPConnection(url.netloc, timeout=30)
+    connection.putrequest("POST", url.path)
+    connection.putheader(
+        "Content-Type", 'multipart/related; type="application/dicom"; boundary=b'
+    )
+    connection.putheader("Transfer-Encoding", "chunked")
+    connection.endheaders(b"ZZZ\r\n--b\r\n\r\n0\r\n\r\n")
+
+    response = connection.getresponse()
+    text = response.read().decode()
+    connection.close()
+
+    assert response.status == 400
+    assert response.getheader("Content-Type", "").startswith("text/plain")
+    assert "chunked" in text
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+QUIET = 1.0
+
+
+def test_an_unpublishable_study_is_retried_with_backoff(
+    running_node: RunningNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RAD TF-3 4.68, ITI TF-3 Table 4.2.4.1-2: a study refused with
+    XDSUnknownPatientId is retried after the quiet time, then after twice
+    that; one WARNING, later failures at DEBUG; a change retries it at once,
+    and success after failures is logged at INFO."""
+    caplog.set_level(logging.DEBUG, logger="xdsi.actors.intake")
+    intake = running_node.services.intake
+    tap = running_node.taps["repository"]
+    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())
+
+    def rounds_after(pause: float) -> int:
+        time.sleep(pause)
+        intake.publish_due(QUIET)
+        return len(tap.exchanges)
+
+    intake.accept(images[0])
+    assert rounds_after(QUIET + 0.1) == 1
+    assert rounds_after(0) == 1
+    assert rounds_after(QUIET + 0.1) == 2
+    # The third try waits 2 * QUIET after the second failure.
+    assert rounds_after(QUIET + 0.1) == 2
+    intake.accept(images[1])
+    assert rounds_after(QUIET + 0.1) == 3
+    running_node.feed(MR_PATIENT)
+    intake.accept(images[2])
+    assert rounds_after(QUIET + 0.1) == 4
+
+    records = [r for r in caplog.records if r.name == "xdsi.actors.intake"]
+    (warning,) = [r for r in records if r.levelno >= logging.WARNING]
+    assert warning.levelno == logging.WARNING
+    assert "XDSUnknownPatientId" in warning.getMessage()
+    assert "IDS-DEPT002" not in warning.getMessage()
+    assert len([r for r in records if r.levelno == logging.DEBUG]) >= 2
+    assert any(
+        r.levelno == logging.INFO and "after 3 failed attempts" in r.getMessage()
+        for r in records
+    )
+    assert len(_manifests(running_node)) == 1

@@ -4,7 +4,10 @@ Binding 6)."""
 
 from __future__ import annotations
 
+import logging
 import socket
+import time
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -15,6 +18,7 @@ from tests.integration.conftest import RunningNode
 from xdsi import ns
 
 QUERY = "urn:ihe:iti:2007:RegistryStoredQuery"
+PROVIDE = "urn:ihe:iti:2007:ProvideAndRegisterDocumentSet-b"
 
 SOAP12 = (
     '<env:Envelope xmlns:env="http://www.w3.org/2003/05/soap-envelope" '
@@ -215,3 +219,161 @@ def test_request_the_http_layer_refuses_gets_a_soap_fault(
     assert_valid(envelope, "w3/soap-envelope.xsd")
     value = envelope.find(f".//{{{ns.SOAP12}}}Code/{{{ns.SOAP12}}}Value")
     assert value is not None and value.text == "env:Sender"
+
+
+def _raw_post(
+    url: str, content_type: str, body: bytes, *, answer: bool = True
+) -> bytes:
+    """POST ``body`` as written, chunked framing included, over a bare socket.
+
+    Without ``answer`` the socket is closed right after sending, as a peer
+    that goes away does.
+    """
+    parts = urlsplit(url)
+    head = (
+        f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        f"Content-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode("ascii")
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(head + body)
+        if not answer:
+            return b""
+        received = bytearray()
+        while chunk := sock.recv(65536):
+            received += chunk
+    return bytes(received)
+
+
+def _fault_code(response: bytes) -> tuple[int, str]:
+    """The HTTP status and SOAP 1.2 fault code of a raw HTTP response."""
+    head, _, body = response.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    assert b"application/soap+xml" in head
+    if b"Transfer-Encoding: chunked" in head:
+        body = _dechunk(body)
+    value = etree.fromstring(body).find(f".//{{{ns.SOAP12}}}Code/{{{ns.SOAP12}}}Value")
+    assert value is not None
+    return status, value.text or ""
+
+
+def _dechunk(body: bytes) -> bytes:
+    out = bytearray()
+    while body:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        out += body[:size]
+        body = body[size + 2 :]
+    return bytes(out)
+
+
+def _chunked(data: bytes) -> bytes:
+    return f"{len(data):X}\r\n".encode("ascii") + data + b"\r\n"
+
+
+def _mtom(boundary: str, tail: bytes = b"") -> tuple[str, bytes]:
+    """An ITI-41 MTOM/XOP package whose root is a Provide and Register
+    request; ``tail`` follows the root part in place of the closing
+    boundary when given."""
+    envelope = SOAP12.format(
+        action=PROVIDE,
+        body='<xdsb:ProvideAndRegisterDocumentSetRequest xmlns:xdsb="urn:ihe:iti:'
+        'xds-b:2007"/>',
+    )
+    root = (
+        f"--{boundary}\r\nContent-Type: application/xop+xml; charset=UTF-8; "
+        'type="application/soap+xml"\r\nContent-ID: <root@xdsi>\r\n\r\n'
+        f"{envelope}\r\n"
+    ).encode("ascii")
+    content_type = (
+        f'multipart/related; type="application/xop+xml"; boundary="{boundary}"; '
+        'start="<root@xdsi>"; start-info="application/soap+xml"'
+    )
+    return content_type, root + (tail or f"--{boundary}--\r\n".encode("ascii"))
+
+
+def _xdsi_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.levelno >= logging.ERROR or (r.exc_info and r.name.startswith("xdsi"))
+    ]
+
+
+def test_an_overlong_mtom_boundary_is_the_senders_fault(
+    shared_node: RunningNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RFC 2046 5.1.1, SOAP 1.2 Part 2 7.5.1.2: a boundary the parser cannot
+    take is env:Sender with HTTP 400, logged at INFO without a traceback."""
+    caplog.set_level(logging.INFO, logger="xdsi")
+    content_type, body = _mtom("b" * 300)
+
+    answer = requests.post(
+        shared_node.settings.url("repository"),
+        data=body,
+        headers={"Content-Type": content_type},
+        timeout=30,
+    )
+
+    assert answer.status_code == 400
+    value = etree.fromstring(answer.content).find(
+        f".//{{{ns.SOAP12}}}Code/{{{ns.SOAP12}}}Value"
+    )
+    assert value is not None and value.text == "env:Sender"
+    assert b"boundary" in answer.content
+    assert _xdsi_errors(caplog) == []
+    assert any(
+        r.levelno == logging.INFO and "boundary" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+@pytest.mark.parametrize("actor", ["registry", "repository", "imaging_source"])
+def test_garbled_chunked_framing_is_the_senders_fault(
+    shared_node: RunningNode, caplog: pytest.LogCaptureFixture, actor: str
+) -> None:
+    """RFC 9112 7.1, SOAP 1.2 Part 2 7.5.1.2: a chunk size that is no hex
+    number is env:Sender with HTTP 400, not an internal error."""
+    caplog.set_level(logging.INFO, logger="xdsi")
+    envelope = SOAP12.format(action=QUERY, body=QUERY_BODY).encode()
+
+    response = _raw_post(
+        shared_node.settings.url(actor),
+        "application/soap+xml",
+        b"ZZZ\r\n" + envelope + b"\r\n0\r\n\r\n",
+    )
+
+    assert _fault_code(response) == (400, "env:Sender")
+    assert b"chunked" in response
+    assert _xdsi_errors(caplog) == []
+
+
+def test_a_peer_dropping_an_upload_leaves_nothing_behind(
+    shared_node: RunningNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ITI TF-2 3.41.4.1.3, RFC 9112 7.1: an ITI-41 upload cut off midway is
+    logged at INFO as the peer's doing; its spooled parts are removed."""
+    caplog.set_level(logging.INFO, logger="xdsi")
+    boundary = "xdsi-drop"
+    part = (
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n"
+        "Content-ID: <doc@xdsi>\r\n\r\n"
+    ).encode("ascii") + bytes(200_000)
+    content_type, body = _mtom(boundary, tail=part)
+    spool = shared_node.settings.storage / "spool" / "repository"
+
+    _raw_post(
+        shared_node.settings.url("repository"),
+        content_type,
+        _chunked(body),
+        answer=False,
+    )
+
+    deadline = time.monotonic() + 30
+    while not any("broke off" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, "the server never noticed"
+        time.sleep(0.1)
+    assert _xdsi_errors(caplog) == []
+    assert list(spool.glob("xdsi-msg-*")) == []

@@ -8,10 +8,11 @@ for the studies this source has published with a manifest.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
+import re
 import shutil
+import string
 import tempfile
 import uuid
 import warnings
@@ -29,8 +30,9 @@ from PIL import Image
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import RE_VALID_UID, ExplicitVRLittleEndian
 from sqlalchemy import Row, select
+from werkzeug.exceptions import HTTPException
 
 from xdsi.dicom import transcode
 from xdsi.store.schema import imaging_instance, imaging_manifest
@@ -91,7 +93,20 @@ ANSWER_ATTRIBUTES = {
 }
 QIDO_CONTROL = {"limit", "offset", "includefield", "fuzzymatching"}
 UID_VR = "UI"
+# DICOM PS3.5 9.1: a UID has at most 64 characters.
+MAX_UID = 64
 DATE_VRS = ("DA", "DT", "TM")
+# DICOM PS3.4 C.2.2.2.4: the VRs whose values match with "*" and "?".
+WILDCARD_VRS = ("AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT")
+NUMBER_VRS = ("IS", "US", "UL", "SS", "SL")
+# DICOM PS3.5 Table 6.2-1 values, alone or as a range (DICOM PS3.4
+# C.2.2.2.5); DA as YYYYMMDD, TM as HH[MM[SS[.F{1,6}]]].
+_DA = r"\d{4}(0[1-9]|1[0-2])(0[1-9]|[12]\d|3[01])"
+_TM = r"([01]\d|2[0-3])([0-5]\d([0-5]\d(\.\d{1,6})?)?)?"
+RANGE_SYNTAX = {
+    "DA": re.compile(f"{_DA}|({_DA})?-({_DA})?"),
+    "TM": re.compile(f"{_TM}|({_TM})?-({_TM})?"),
+}
 
 
 @dataclass(frozen=True)
@@ -330,6 +345,14 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             content_type=DICOM,
         )
 
+    @blueprint.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        # A DICOMweb user agent gets the HTTP status and why, never the
+        # SOAP Fault that the actor's app answers with.
+        return Response(
+            f"{exc.description}\n", status=exc.code or 500, mimetype="text/plain"
+        )
+
     return blueprint
 
 
@@ -339,19 +362,82 @@ def _whole(value: str, name: str) -> int:
     return int(value)
 
 
+def _keyword(key: str) -> str:
+    """The keyword of an attribute named by keyword or by tag (8 hex digits)."""
+    if len(key) == 8 and all(c in string.hexdigits for c in key):
+        return keyword_for_tag(int(key, 16)) or key
+    return key
+
+
 def _filters(items: Iterable[tuple[str, str]], level: str) -> list[tuple[str, str]]:
-    """The query's matching keys as keywords (DICOM PS3.18 8.3.4.1)."""
+    """The query's matching keys as keywords (DICOM PS3.18 8.3.4.1).
+
+    A value that its VR does not allow, an includefield naming no attribute
+    (DICOM PS3.18 8.3.4.3) or a fuzzymatching other than true or false
+    (DICOM PS3.18 8.3.4.4) is a 400.
+    """
     filters = []
     for key, value in items:
+        if key == "includefield":
+            _check_includefield(value)
+        elif key == "fuzzymatching" and value not in ("true", "false"):
+            abort(400, f"fuzzymatching={value}: PS3.18 8.3.4.4 wants true or false")
         if key in QIDO_CONTROL:
             continue
-        keyword = key
-        if len(key) == 8 and all(c in "0123456789abcdefABCDEF" for c in key):
-            keyword = keyword_for_tag(int(key, 16)) or key
+        keyword = _keyword(key)
         if keyword not in LEVEL_ATTRIBUTES[level] or tag_for_keyword(keyword) is None:
             abort(400, f"{key} is not a matching key of the {level} level")
+        problem = _value_problem(dictionary_VR(keyword), value)
+        if problem:
+            abort(400, f"{key}={value}: {problem}")
         filters.append((keyword, value))
     return filters
+
+
+def _check_includefield(value: str) -> None:
+    """Refuse an includefield that names no attribute; DICOM PS3.18 8.3.4.3."""
+    # Limitation: named attributes are checked, but the answer holds the
+    # level's attributes (DICOM PS3.18 Tables 10.6.3-3 to 10.6.3-5) only.
+    for field in value.split(","):
+        if field == "all":
+            continue
+        for step in field.split("."):
+            if tag_for_keyword(_keyword(step)) is None:
+                abort(
+                    400,
+                    f"includefield={field}: {step} is no attribute keyword or tag; "
+                    "DICOM PS3.18 8.3.4.3 wants all, keywords or tags",
+                )
+
+
+def _value_problem(vr: str, value: str) -> str | None:
+    """Say why a matching value is not valid for its VR, or None.
+
+    Dates and times take a single value or a range (DICOM PS3.4 C.2.2.2.5),
+    UIDs a list (C.2.2.2.2), numbers a single value; an empty value is
+    universal matching (C.2.2.2.3).
+    """
+    if value == "":
+        return None
+    if vr in RANGE_SYNTAX:
+        if RANGE_SYNTAX[vr].fullmatch(value) and value != "-":
+            return None
+        return f"not a {vr} value or range; DICOM PS3.4 C.2.2.2.5"
+    if vr == UID_VR:
+        uids = [u.strip() for u in re.split(r"[,\\]", value)]
+        if all(len(u) <= MAX_UID and RE_VALID_UID.match(u) for u in uids):
+            return None
+        return "not a list of UIDs; DICOM PS3.4 C.2.2.2.2"
+    if vr in NUMBER_VRS and not re.fullmatch(r"[+-]?\d+", value):
+        return f"not an integer ({vr}); DICOM PS3.5 6.2"
+    return None
+
+
+def _wildcard(pattern: str) -> re.Pattern[str]:
+    """Compile a DICOM wildcard: ``*`` any run, ``?`` one character, nothing
+    else special (DICOM PS3.4 C.2.2.2.4)."""
+    parts = (".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.compile("".join(parts), re.DOTALL)
 
 
 def _group(held: list[Held], level: str) -> list[list[Held]]:
@@ -421,9 +507,10 @@ def _matches(answer: Dataset, keyword: str, wanted: str) -> bool:
             (not low or v >= low) and (not high or v[: len(high)] <= high)
             for v in values
         )
-    if "*" in wanted or "?" in wanted:
+    if vr in WILDCARD_VRS and ("*" in wanted or "?" in wanted):
         fold = str.casefold if vr == "PN" else str
-        return any(fnmatch.fnmatchcase(fold(v), fold(wanted)) for v in values)
+        pattern = _wildcard(fold(wanted))
+        return any(pattern.fullmatch(fold(v)) for v in values)
     if vr == "PN":
         return any(v.casefold() == wanted.casefold() for v in values)
     return wanted in values

@@ -7,7 +7,9 @@ import from a folder or CD (DICOM PS3.10 8, DICOMDIR). Each is checked
 changed. A study quiet for ``publish_after`` seconds is published with
 RAD-68 (RAD TF-3 4.68); a study changed after publication is published
 again, the new manifest replacing the old with an RPLC Association (RAD TF-3
-4.68.4.1.2.3, ITI TF-3 4.2.2.2).
+4.68.4.1.2.3, ITI TF-3 4.2.2.2). A study that cannot be published (its
+patient unknown to the registry, the repository down) is retried with
+exponential backoff, or as soon as it is quiet again after a change.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ logger = logging.getLogger(__name__)
 
 # DICOM PS3.10 8.6: the name of the directory file of a file-set.
 DICOMDIR = "DICOMDIR"
+# A study that could not be published waits publish_after seconds, then
+# twice as long after each further failure, up to this many seconds.
+MAX_RETRY_DELAY = 3600.0
+# The shortest wait, when publish_after is shorter.
+MIN_RETRY_DELAY = 1.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,26 @@ class Accepted:
     sop_instance_uid: str
     study_instance_uid: str
     duplicate: bool
+
+
+@dataclass(frozen=True)
+class Failing:
+    """A study whose publication failed ``failures`` times in a row.
+
+    ``changed_at`` is the study's change time when it last failed;
+    ``failed_at`` when that was.
+    """
+
+    failures: int
+    changed_at: float
+    failed_at: float
+
+
+def retry_delay(quiet: float, failures: int) -> float:
+    """Seconds to wait after the ``failures``-th failure in a row: the
+    quiet time, doubled after each further failure, capped at an hour."""
+    base = max(quiet, MIN_RETRY_DELAY)
+    return min(base * 2 ** min(failures - 1, 32), MAX_RETRY_DELAY)
 
 
 @dataclass(frozen=True)
@@ -69,6 +96,10 @@ class Intake:
         # Serialises publication within this process; the claim on
         # imaging_study rows serialises it between processes.
         self._publishing = threading.Lock()
+        # Studies that failed to publish, for backoff and log levels. Kept in
+        # memory: one auto-publisher per node uses it, and after a restart a
+        # failing study is merely tried once more at the quiet time.
+        self._failing: dict[str, Failing] = {}
 
     # --- taking instances in ----------------------------------------------
 
@@ -208,21 +239,31 @@ class Intake:
     # --- publishing -----------------------------------------------------------
 
     def publish_due(self, quiet: float) -> list[Published]:
-        """Publish every changed study quiet for ``quiet`` seconds."""
-        cutoff = time.time() - quiet
+        """Publish every changed study quiet for ``quiet`` seconds.
+
+        A study that failed to publish is tried again after
+        :func:`retry_delay`, or once quiet again if it changed meanwhile.
+        """
+        now = time.time()
+        cutoff = now - quiet
         with self.engine.connect() as conn:
-            due = (
-                conn.execute(
-                    select(imaging_study.c.study_instance_uid).where(
-                        imaging_study.c.dirty.is_(True),
-                        imaging_study.c.changed_at <= cutoff,
-                    )
+            due = conn.execute(
+                select(
+                    imaging_study.c.study_instance_uid, imaging_study.c.changed_at
+                ).where(
+                    imaging_study.c.dirty.is_(True),
+                    imaging_study.c.changed_at <= cutoff,
                 )
-                .scalars()
-                .all()
-            )
+            ).all()
         published = []
-        for study_instance_uid in due:
+        for study_instance_uid, changed_at in due:
+            failing = self._failing.get(study_instance_uid)
+            if (
+                failing is not None
+                and failing.changed_at == changed_at
+                and now < failing.failed_at + retry_delay(quiet, failing.failures)
+            ):
+                continue
             result = self.publish_now(study_instance_uid, cutoff=cutoff)
             if result is not None:
                 published.append(result)
@@ -242,20 +283,51 @@ class Intake:
             if row is None:
                 return None
             try:
-                return self.source.republish(study_instance_uid, row.patient_id)
+                published = self.source.republish(study_instance_uid, row.patient_id)
             except SubmitError as exc:
-                logger.error(
-                    "study %s not published, retried later: %s",
-                    study_instance_uid,
-                    exc,
-                )
-                with self.engine.begin() as conn:
-                    conn.execute(
-                        update(imaging_study)
-                        .where(imaging_study.c.study_instance_uid == study_instance_uid)
-                        .values(dirty=True, changed_at=time.time())
-                    )
+                self._failed(study_instance_uid, row.changed_at, exc)
                 return None
+            failing = self._failing.pop(study_instance_uid, None)
+            if failing is not None:
+                logger.info(
+                    "study %s published after %d failed attempts",
+                    study_instance_uid,
+                    failing.failures,
+                )
+            return published
+
+    def _failed(
+        self, study_instance_uid: str, changed_at: float, exc: SubmitError
+    ) -> None:
+        """Mark a study changed again and note the failure for backoff.
+
+        The first failure in a row is a WARNING naming the error codes (their
+        texts may name the patient); later ones go to DEBUG.
+        """
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(imaging_study)
+                .where(imaging_study.c.study_instance_uid == study_instance_uid)
+                .values(dirty=True)
+            )
+        before = self._failing.get(study_instance_uid)
+        failures = before.failures + 1 if before is not None else 1
+        self._failing[study_instance_uid] = Failing(failures, changed_at, time.time())
+        codes = ", ".join(e.code for e in exc.errors) if exc.errors else str(exc)
+        if failures == 1:
+            logger.warning(
+                "study %s not published (%s); retried with backoff up to %d s",
+                study_instance_uid,
+                codes,
+                MAX_RETRY_DELAY,
+            )
+        else:
+            logger.debug(
+                "study %s not published, failure %d in a row: %s",
+                study_instance_uid,
+                failures,
+                exc,
+            )
 
     def _claim(self, study_instance_uid: str, cutoff: float | None) -> Row | None:
         column = imaging_study.c

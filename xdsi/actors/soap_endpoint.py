@@ -5,7 +5,9 @@ of its wsa:Action (profiles/transactions.toml) and answered with the
 handler's body, as MTOM when the transaction's response travels so. Every
 failure becomes a SOAP 1.2 Fault (SOAP 1.2 Part 2, 7.5.1: env:Sender with
 HTTP 400, env:Receiver with HTTP 500; an unsupported media type 415); no
-traceback or HTML page ever reaches a peer.
+traceback or HTML page ever reaches a peer. A request body that cannot be
+read to its end (the peer went away, or garbled its chunked transfer coding,
+RFC 9112 7.1) is the sender's fault; a spool that cannot be written is ours.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from flask import Flask, Response, request
 from lxml import etree
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 from xdsi import ns, wire
 from xdsi.profiles_loader import load_profile_table
@@ -59,6 +61,28 @@ class Reply:
 
 
 Handler = Callable[[wire.SoapMessage, Peer], Reply]
+
+
+class RequestBody:
+    """An HTTP request body whose read errors are the sender's.
+
+    werkzeug raises OSError when chunked framing is garbled or the socket
+    fails, and ClientDisconnected when fewer bytes come than announced; both
+    become :class:`wire.UnreadableBody`. Errors of whoever consumes the bytes
+    (a full disk) pass through unchanged.
+    """
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._stream.read(size)
+        except (OSError, ClientDisconnected) as exc:
+            raise wire.UnreadableBody(
+                "the HTTP request body broke off or its chunked framing is "
+                f"garbled: {exc}"
+            ) from None
 
 
 def _fault_response(fault: wire.SoapFault, relates_to: str | None = None) -> Response:
@@ -115,7 +139,9 @@ def soap_app(
         message: wire.SoapMessage | None = None
         try:
             message = wire.read_message(
-                request.stream, request.headers.get("Content-Type", ""), spool_root
+                RequestBody(request.stream),
+                request.headers.get("Content-Type", ""),
+                spool_root,
             )
             transaction_id = by_action.get(message.action)
             if transaction_id is None:

@@ -17,11 +17,16 @@ import time
 from pathlib import Path
 from typing import IO
 
+import pydicom
 from flask import Flask, Response, request
+from pydicom.uid import UID
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from xdsi.actors.intake import Intake
+from xdsi.actors.soap_endpoint import RequestBody
 from xdsi.dicom.check import Refused
+from xdsi.wire import MalformedMessage
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +42,11 @@ FAILURE_REASON = "00081197"
 
 # DICOM PS3.18 Table 10.5.3-1.
 ALL_STORED, SOME_STORED, NONE_STORED = 200, 202, 409
-BAD_REQUEST, UNSUPPORTED_MEDIA_TYPE = 400, 415
+BAD_REQUEST, UNSUPPORTED_MEDIA_TYPE, INTERNAL_ERROR = 400, 415, 500
 
 CHUNK = 1 << 20
+# Longest reason text sent in one Warning header.
+MAX_WARNING = 200
 
 
 class _Parts:
@@ -51,6 +58,7 @@ class _Parts:
         self._file: IO[bytes] | None = None
         self._field = b""
         self._headers: dict[str, str] = {}
+        self.ended = False
 
     def callbacks(self) -> dict:  # type: ignore[type-arg]
         return {
@@ -59,6 +67,7 @@ class _Parts:
             "on_part_end": self._end,
             "on_header_field": self._header_field,
             "on_header_value": self._header_value,
+            "on_end": self._finish,
         }
 
     def _begin(self) -> None:
@@ -88,6 +97,9 @@ class _Parts:
             self.files.append((Path(self._file.name), media_type))
             self._file = None
 
+    def _finish(self) -> None:
+        self.ended = True
+
     def discard(self) -> None:
         if self._file is not None:
             self._file.close()
@@ -101,7 +113,12 @@ def add_stow_route(app: Flask, intake: Intake, path: str, spool: Path) -> None:
     spool.mkdir(parents=True, exist_ok=True)
 
     def store(study_instance_uid: str | None = None) -> Response:
-        return _store(intake, spool, study_instance_uid)
+        # The actor's app answers SOAP Faults; a DICOMweb client gets a status.
+        try:
+            return _store(intake, spool, study_instance_uid)
+        except Exception:
+            logger.exception("STOW-RS request from %s failed", request.remote_addr)
+            return _plain(INTERNAL_ERROR, "internal error of the origin server")
 
     app.add_url_rule(path, "stow_rs", store, methods=["POST"])
     app.add_url_rule(
@@ -124,20 +141,30 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
     if not boundary:
         return _plain(BAD_REQUEST, "multipart/related without a boundary")
 
+    # A body that is garbled or broke off is the sender's fault (400); a
+    # spool that cannot be written is ours (500). Neither is a SOAP Fault.
     parts = _Parts(spool)
-    parser = MultipartParser(boundary, parts.callbacks())
     try:
-        stream = request.stream
+        parser = MultipartParser(boundary, parts.callbacks())
+        stream = RequestBody(request.stream)
         for chunk in iter(lambda: stream.read(CHUNK), b""):
             parser.write(chunk)
         parser.finalize()
-    except Exception as exc:
+        if not parts.ended:
+            raise MalformedMessage("no closing boundary (RFC 2046 5.1.1)")
+    except (FormParserError, MalformedMessage) as exc:
         parts.discard()
+        logger.info("STOW-RS request from %s refused: %s", request.remote_addr, exc)
         return _plain(BAD_REQUEST, f"malformed multipart body: {exc}")
+    except OSError:
+        parts.discard()
+        logger.exception("STOW-RS request from %s not spooled", request.remote_addr)
+        return _plain(INTERNAL_ERROR, "the request could not be spooled")
 
     stored: list[dict] = []  # type: ignore[type-arg]
     failed: list[dict] = []  # type: ignore[type-arg]
-    for path, part_media_type in parts.files:
+    warnings: list[str] = []
+    for index, (path, part_media_type) in enumerate(parts.files, start=1):
         try:
             if part_media_type.split(";")[0].strip().lower() != DICOM_MEDIA_TYPE:
                 raise Refused("not_dicom", f"a part of type {part_media_type}")
@@ -147,7 +174,13 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
             stored.append(_reference(accepted.sop_class_uid, accepted.sop_instance_uid))
         except Refused as exc:
             logger.warning("STOW-RS part refused: %s", exc.reason)
-            failed.append(_reference("", "", exc.failure_reason))
+            sop_class_uid, sop_instance_uid = _uids_of(path)
+            failed.append(
+                _reference(sop_class_uid, sop_instance_uid, exc.failure_reason)
+            )
+            warnings.append(
+                _warning(f"part {index}: {exc.failure_reason:04X} {exc.reason}")
+            )
         finally:
             path.unlink(missing_ok=True)
 
@@ -169,7 +202,47 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
         len(failed),
         time.monotonic() - started,
     )
-    return Response(json.dumps(body), status=status, mimetype=DICOM_JSON_MEDIA_TYPE)
+    response = Response(json.dumps(body), status=status, mimetype=DICOM_JSON_MEDIA_TYPE)
+    for warning in warnings:
+        response.headers.add("Warning", warning)
+    return response
+
+
+def _uids_of(path: Path) -> tuple[str, str]:
+    """The SOP Class and Instance UIDs a refused part names, where readable.
+
+    DICOM PS3.18 10.5.3 wants them in each Failed SOP Sequence item; a part
+    that is no DICOM data set, or whose UIDs are not valid (DICOM PS3.5
+    9.1), leaves them empty.
+    """
+    try:
+        ds = pydicom.dcmread(
+            path,
+            force=True,
+            stop_before_pixels=True,
+            specific_tags=["SOPClassUID", "SOPInstanceUID"],
+        )
+    except Exception:
+        # Whatever broke the instance may break this read too.
+        return "", ""
+    sop_class_uid = UID(str(ds.get("SOPClassUID", "")))
+    sop_instance_uid = UID(str(ds.get("SOPInstanceUID", "")))
+    return (
+        sop_class_uid if sop_class_uid.is_valid else "",
+        sop_instance_uid if sop_instance_uid.is_valid else "",
+    )
+
+
+def _warning(text: str) -> str:
+    """An HTTP Warning header value (RFC 7234 5.5) with warn-code 299.
+
+    DICOM PS3.18 8.4 lets an origin server explain a status in the Warning
+    header field; the Store Instances Response Module itself has no text
+    attribute, only the Failure Reason code (DICOM PS3.18 10.5.3).
+    """
+    printable = "".join(c if c.isascii() and c.isprintable() else "?" for c in text)
+    escaped = printable[:MAX_WARNING].replace("\\", "\\\\").replace('"', '\\"')
+    return f'299 {request.host}: "{escaped}"'
 
 
 def _reference(

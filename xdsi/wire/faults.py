@@ -10,6 +10,7 @@ The tree::
      +-- SoapFault                      we answer a peer with a Fault
      |    +-- VersionMismatch           env:VersionMismatch
      |    +-- MalformedMessage          env:Sender
+     |    |    +-- UnreadableBody       the HTTP body broke off
      |    +-- MessageAddressingHeaderRequired   env:Sender, wsa:...
      |    +-- ActionNotSupported        env:Sender, wsa:ActionNotSupported
      |    +-- ActionMismatch            env:Sender,
@@ -80,6 +81,14 @@ class MalformedMessage(SoapFault):
 
     code = "env:Sender"
     http_status = 400
+
+
+class UnreadableBody(MalformedMessage):
+    """The HTTP request body could not be read to its end.
+
+    The peer went away, sent fewer bytes than its Content-Length, or garbled
+    its chunked transfer coding (RFC 9112 7.1); the sender's fault either way.
+    """
 
 
 class _ProblemHeader(SoapFault):

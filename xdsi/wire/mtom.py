@@ -28,7 +28,7 @@ from urllib.parse import quote, unquote
 
 from lxml import etree
 from lxml.etree import _Element
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError, MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from xdsi.ns import XMIME, XOP, qname
@@ -296,6 +296,21 @@ class _LfFraming:
             self._state = "body"
 
 
+def _parser(boundary: bytes, callbacks: dict) -> MultipartParser:  # type: ignore[type-arg]
+    """Return a multipart parser, or refuse a boundary it cannot take.
+
+    More lenient than RFC 2046 5.1.1, which allows 70 characters: a boundary
+    is taken up to python-multipart's limit (MAX_BOUNDARY_LENGTH, 256).
+    """
+    try:
+        return MultipartParser(boundary, callbacks, max_header_count=32)
+    except FormParserError as exc:
+        raise MalformedMessage(
+            f"the multipart boundary cannot be used ({exc}); RFC 2046 5.1.1 "
+            "allows 1 to 70 characters"
+        ) from None
+
+
 class _Package:
     """A multipart/related MTOM package read chunk by chunk."""
 
@@ -306,7 +321,7 @@ class _Package:
         self._start = start
         self._directory = directory
         self._digest = digest
-        self._parser = MultipartParser(
+        self._parser = _parser(
             self._boundary,
             {
                 "on_part_begin": self._on_part_begin,
@@ -318,7 +333,6 @@ class _Package:
                 "on_part_end": self._on_part_end,
                 "on_end": self._on_end,
             },
-            max_header_count=32,
         )
         self._head: bytearray | None = bytearray()
         self._framing: _LfFraming | None = None

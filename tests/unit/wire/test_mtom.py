@@ -394,6 +394,23 @@ def test_truncated_package_is_malformed_and_leaves_nothing(
     assert list(spool.iterdir()) == []
 
 
+def test_overlong_boundary_is_malformed_and_leaves_nothing(
+    pnr_envelope: etree._Element, spool: Path
+) -> None:
+    """RFC 2046 5.1.1: a boundary longer than the parser takes is the
+    sender's fault (MalformedMessage, env:Sender), not an internal error."""
+    body, content_type = _written(pnr_envelope)
+    boundary = content_type.split('boundary="')[1].split('"')[0]
+    longer = boundary + "x" * 300
+    with pytest.raises(MalformedMessage, match="boundary"):
+        _read(
+            body.replace(boundary.encode(), longer.encode()),
+            content_type.replace(boundary, longer),
+            spool,
+        )
+    assert list(spool.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     "change",
     [
