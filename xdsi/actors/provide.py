@@ -99,57 +99,21 @@ def provide_and_register(
             )
         )
 
-    started = time.monotonic()
-    outcome = "not delivered"
-    message_id = None
-    try:
-        client = wire.SoapClient(
-            url, timeout=timeout, spool_dir=spool_dir, ssl_context=ssl_context
-        )
-        with client.call(
-            transaction("ITI-41")["request_action"], request, parts=parts
-        ) as reply:
-            message_id = reply.relates_to
-            status = read_status(reply.body)
-            errors = read_errors(reply.body)
-        outcome = status.rsplit(":", 1)[-1]
-        if status != ResponseStatus.SUCCESS.value:
-            errors = errors or [
-                RegistryError("XDSRepositoryError", f"the answer is {outcome}")
-            ]
-            raise SubmitError(
-                "the Document Repository refused the submission: "
-                + "; ".join(f"{e.code}: {e.message}" for e in errors),
-                errors,
-            )
-    except (wire.TransportError, wire.PeerFault) as exc:
-        raise SubmitError(f"{sender.transaction} to {url} failed: {exc}") from exc
-    finally:
-        if sender.auditor is not None:
-            sender.auditor.record(
-                audit.AuditEvent(
-                    transaction=sender.transaction,
-                    actor=sender.actor,
-                    outcome=audit.Outcome.SUCCESS
-                    if outcome == "Success"
-                    else audit.Outcome.SERIOUS_FAILURE,
-                    source=audit.Endpoint(ns.WSA_ANONYMOUS, sender.host),
-                    destination=audit.Endpoint(url, urlsplit(url).hostname or ""),
-                    patient_id=patient_id,
-                    submission_set_unique_id=submission_set_unique_id,
-                    message_id=message_id,
-                )
-            )
-        logger.info(
-            "%s %s to %s: %s, SubmissionSet %s, %d DocumentEntries, %.3f s",
-            sender.transaction,
-            transaction("ITI-41")["title"],
-            url,
-            outcome,
-            submission_set_unique_id,
-            len(documents),
-            time.monotonic() - started,
-        )
+    _send(
+        url,
+        "ITI-41",
+        request,
+        parts,
+        refused_by="the Document Repository",
+        default_code="XDSRepositoryError",
+        summary=f"{len(documents)} DocumentEntries",
+        sender=sender,
+        patient_id=patient_id,
+        submission_set_unique_id=submission_set_unique_id,
+        spool_dir=spool_dir,
+        timeout=timeout,
+        ssl_context=ssl_context,
+    )
 
 
 def update_document_set(
@@ -173,7 +137,47 @@ def update_document_set(
     SubmitError
         The registry answered other than Success, or could not be reached.
     """
-    spec = transaction("ITI-57")
+    _send(
+        url,
+        "ITI-57",
+        request,
+        [],
+        refused_by="the Document Registry",
+        default_code="XDSRegistryError",
+        summary="status update",
+        sender=sender,
+        patient_id=patient_id,
+        submission_set_unique_id=submission_set_unique_id,
+        spool_dir=spool_dir,
+        timeout=timeout,
+        ssl_context=ssl_context,
+    )
+
+
+def _send(
+    url: str,
+    transaction_id: str,
+    request: etree._Element,
+    parts: list[wire.OutgoingPart],
+    *,
+    refused_by: str,
+    default_code: str,
+    summary: str,
+    sender: Sender,
+    patient_id: str,
+    submission_set_unique_id: str,
+    spool_dir: Path,
+    timeout: float,
+    ssl_context: ssl.SSLContext | None,
+) -> None:
+    """Send one request answered by a RegistryResponse, audit it and log it.
+
+    Raises
+    ------
+    SubmitError
+        The peer answered other than Success, or could not be reached.
+    """
+    spec = transaction(transaction_id)
     started = time.monotonic()
     outcome = "not delivered"
     message_id = None
@@ -181,17 +185,15 @@ def update_document_set(
         client = wire.SoapClient(
             url, timeout=timeout, spool_dir=spool_dir, ssl_context=ssl_context
         )
-        with client.call(spec["request_action"], request) as reply:
+        with client.call(spec["request_action"], request, parts=parts) as reply:
             message_id = reply.relates_to
             status = read_status(reply.body)
             errors = read_errors(reply.body)
         outcome = status.rsplit(":", 1)[-1]
         if status != ResponseStatus.SUCCESS.value:
-            errors = errors or [
-                RegistryError("XDSRegistryError", f"the answer is {outcome}")
-            ]
+            errors = errors or [RegistryError(default_code, f"the answer is {outcome}")]
             raise SubmitError(
-                "the Document Registry refused the update: "
+                f"{refused_by} refused the {spec['title']}: "
                 + "; ".join(f"{e.code}: {e.message}" for e in errors),
                 errors,
             )
@@ -214,11 +216,12 @@ def update_document_set(
                 )
             )
         logger.info(
-            "%s %s to %s: %s, SubmissionSet %s, %.3f s",
+            "%s %s to %s: %s, SubmissionSet %s, %s, %.3f s",
             sender.transaction,
             spec["title"],
             url,
             outcome,
             submission_set_unique_id,
+            summary,
             time.monotonic() - started,
         )

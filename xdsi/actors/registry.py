@@ -671,48 +671,9 @@ class Registry:
         return errors
 
     def handle_update(self, message: SoapMessage, peer: Peer) -> Reply:
-        started = time.monotonic()
-        try:
-            outcome = self.update_document_set(message.body)
-        except wire.SoapFault:
-            raise
-        except Exception:
-            logger.exception("ITI-57 Update Document Set failed")
-            outcome = RegisterOutcome(
-                [RegistryError("XDSRegistryError", "internal Document Registry error")],
-                None,
-                None,
-                (),
-            )
-        status = status_of(outcome.errors)
-        self.auditor.record(
-            audit.AuditEvent(
-                transaction="ITI-57",
-                actor="Document Registry",
-                outcome=audit.Outcome.SUCCESS
-                if not outcome.errors
-                else audit.Outcome.SERIOUS_FAILURE,
-                source=audit.Endpoint(peer.reply_to, peer.host),
-                destination=audit.Endpoint(peer.endpoint, self.settings.node.host),
-                patient_id=outcome.patient_id,
-                submission_set_unique_id=outcome.submission_set_unique_id,
-                message_id=message.message_id,
-            )
+        return self._handle_submission(
+            "ITI-57", self.update_document_set, message, peer
         )
-        logger.info(
-            "%s %s from %s: %s, MessageID %s, SubmissionSet %s, DocumentEntries %s, "
-            "errors %s, %.3f s",
-            "ITI-57",
-            "Update Document Set",
-            peer.host,
-            status.value.rsplit(":", 1)[-1],
-            message.message_id,
-            outcome.submission_set_unique_id,
-            list(outcome.entry_uuids),
-            [e.code for e in outcome.errors] or "none",
-            time.monotonic() - started,
-        )
-        return Reply(registry_response(outcome.errors))
 
     # --- ITI-18 ---------------------------------------------------------
 
@@ -756,13 +717,24 @@ class Registry:
         )
 
     def handle_register(self, message: SoapMessage, peer: Peer) -> Reply:
+        return self._handle_submission("ITI-42", self.register, message, peer)
+
+    def _handle_submission(
+        self,
+        transaction_id: str,
+        apply: Callable[[etree._Element], RegisterOutcome],
+        message: SoapMessage,
+        peer: Peer,
+    ) -> Reply:
+        """Carry out an ITI-42 or ITI-57 request, audit it and answer it."""
         started = time.monotonic()
+        title = transaction(transaction_id)["title"]
         try:
-            outcome = self.register(message.body)
+            outcome = apply(message.body)
         except wire.SoapFault:
             raise
         except Exception:
-            logger.exception("ITI-42 Register Document Set-b failed")
+            logger.exception("%s %s failed", transaction_id, title)
             outcome = RegisterOutcome(
                 [RegistryError("XDSRegistryError", "internal Document Registry error")],
                 None,
@@ -772,7 +744,7 @@ class Registry:
         status = status_of(outcome.errors)
         self.auditor.record(
             audit.AuditEvent(
-                transaction="ITI-42",
+                transaction=transaction_id,
                 actor="Document Registry",
                 outcome=audit.Outcome.SUCCESS
                 if not outcome.errors
@@ -787,8 +759,8 @@ class Registry:
         logger.info(
             "%s %s from %s: %s, MessageID %s, SubmissionSet %s, %d objects, "
             "errors %s, %.3f s",
-            "ITI-42",
-            "Register Document Set-b",
+            transaction_id,
+            title,
             peer.host,
             status.value.rsplit(":", 1)[-1],
             message.message_id,
