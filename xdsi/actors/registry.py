@@ -309,24 +309,12 @@ class Registry:
         document relationships deprecate their targets as
         profiles/xds_metadata.toml says, in the same database transaction.
         """
-        schema = transaction("ITI-42")["request_schema"]
-        problems = schema_errors(request, schema)
-        if problems:
-            error = MetadataInvalid(
-                f"SubmitObjectsRequest is not valid against {schema}: "
-                + "; ".join(problems)
-            )
-            return RegisterOutcome(as_registry_errors([error], ACTOR), None, None, ())
-        submission = ebrim.read_registry_objects(request)
+        submission = _read_submission("ITI-42", request)
+        if isinstance(submission, RegisterOutcome):
+            return submission
         errors = validation.check_submission(submission)
         errors.extend(validation.check_codes(submission, self.code_sets))
-        submission_set = (
-            submission.submission_sets[0]
-            if len(submission.submission_sets) == 1
-            else None
-        )
-        patient_id = submission_set.patient_id if submission_set else None
-        ss_unique_id = submission_set.unique_id if submission_set else None
+        patient_id, ss_unique_id = _submission_set_ids(submission)
         if errors:
             return RegisterOutcome(
                 as_registry_errors(errors, ACTOR), ss_unique_id, patient_id, ()
@@ -559,24 +547,12 @@ class Registry:
         registered and the DocumentEntries' status column and stored XML
         changed; any error leaves everything as it was.
         """
-        schema = transaction("ITI-57")["request_schema"]
-        problems = schema_errors(request, schema)
-        if problems:
-            error = MetadataInvalid(
-                f"SubmitObjectsRequest is not valid against {schema}: "
-                + "; ".join(problems)
-            )
-            return RegisterOutcome(as_registry_errors([error], ACTOR), None, None, ())
-        submission = ebrim.read_registry_objects(request)
+        submission = _read_submission("ITI-57", request)
+        if isinstance(submission, RegisterOutcome):
+            return submission
         updates, errors = metadata_update.read_status_updates(submission)
         errors.extend(validation.check_codes(submission, self.code_sets))
-        submission_set = (
-            submission.submission_sets[0]
-            if len(submission.submission_sets) == 1
-            else None
-        )
-        patient_id = submission_set.patient_id if submission_set else None
-        ss_unique_id = submission_set.unique_id if submission_set else None
+        patient_id, ss_unique_id = _submission_set_ids(submission)
         if errors:
             return RegisterOutcome(
                 as_registry_errors(errors, ACTOR), ss_unique_id, patient_id, ()
@@ -1018,6 +994,30 @@ def _compact(request: etree._Element) -> bytes:
         if element.tail is not None and not element.tail.strip():
             element.tail = None
     return etree.tostring(compact)
+
+
+def _read_submission(
+    transaction_id: str, request: etree._Element
+) -> Submission | RegisterOutcome:
+    """Read a SubmitObjectsRequest valid against the transaction's schema;
+    else return the outcome that refuses it (XDSRegistryMetadataError)."""
+    schema = transaction(transaction_id)["request_schema"]
+    problems = schema_errors(request, schema)
+    if problems:
+        error = MetadataInvalid(
+            f"SubmitObjectsRequest is not valid against {schema}: "
+            + "; ".join(problems)
+        )
+        return RegisterOutcome(as_registry_errors([error], ACTOR), None, None, ())
+    return ebrim.read_registry_objects(request)
+
+
+def _submission_set_ids(submission: Submission) -> tuple[str | None, str | None]:
+    """The patientId and uniqueId of the submission's one SubmissionSet."""
+    if len(submission.submission_sets) != 1:
+        return None, None
+    submission_set = submission.submission_sets[0]
+    return submission_set.patient_id, submission_set.unique_id
 
 
 class _Rollback(Exception):
