@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import MappingProxyType
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import quote, unquote
 
 from lxml import etree
@@ -296,7 +296,7 @@ class _LfFraming:
             self._state = "body"
 
 
-def _parser(boundary: bytes, callbacks: dict) -> MultipartParser:  # type: ignore[type-arg]
+def _parser(boundary: bytes, callbacks: dict[str, Any]) -> MultipartParser:
     """Return a multipart parser, or refuse a boundary it cannot take.
 
     More lenient than RFC 2046 5.1.1, which allows 70 characters: a boundary

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import event, func, select
@@ -81,7 +82,7 @@ def _fail_on_second_insert(services: Services) -> Iterator[list[str]]:
     """
     inserts: list[str] = []
 
-    def before_execute(conn, cursor, statement, *rest) -> None:  # type: ignore[no-untyped-def]
+    def before_execute(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
         if statement.lstrip().upper().startswith("INSERT INTO REGISTRY_"):
             inserts.append(statement)
             if len(inserts) == 2:
