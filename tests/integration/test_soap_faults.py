@@ -131,7 +131,7 @@ def test_bad_request_gets_a_soap_fault(shared_node: RunningNode, actor: str, cas
         assert sub is not None and sub.text.endswith(subcode)
 
 
-@pytest.mark.parametrize("method", ["GET", "PUT"])
+@pytest.mark.parametrize("method", ["GET", "PUT", "OPTIONS"])
 def test_other_http_requests_get_a_soap_fault(shared_node: RunningNode, method: str):
     """Even a browser's GET or a wrong path gets SOAP, not an HTML error page."""
     for url in (

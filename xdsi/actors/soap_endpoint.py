@@ -133,7 +133,8 @@ def soap_app(
         logger.exception("%s: unhandled error", name)
         return _fault_response(wire.ReceiverFault("internal error of the responder"))
 
-    @app.post(path)
+    # SOAP 1.2 Part 2 7: POST only; an OPTIONS gets the 405 Fault too.
+    @app.post(path, provide_automatic_options=False)
     def endpoint() -> Response:
         started = time.monotonic()
         message: wire.SoapMessage | None = None
