@@ -67,7 +67,7 @@ from xdsi.dicom import kos, scan
 from xdsi.hl7.adt import build_feed
 from xdsi.hl7.mllp import send_message
 from xdsi.store.schema import imaging_manifest
-from xdsi.wire.mtom import CHUNK_SIZE
+from xdsi.wire.mtom import READ_SIZE
 
 ORTHANC = "/usr/sbin/Orthanc"
 ORTHANC_PLUGINS = "/usr/share/orthanc/plugins"
@@ -187,7 +187,7 @@ def orthanc_download(study_uid: str, target: Path) -> tuple[int, int]:
         },
     )
     answer.raw.decode_content = True
-    while chunk := answer.raw.read(CHUNK_SIZE):
+    while chunk := answer.raw.read(READ_SIZE):
         parser.write(chunk)
     return parts.count, parts.size
 
@@ -279,7 +279,7 @@ def bench(study_dir: Path, gigabytes: float, runs: int, work: Path) -> None:
             def rad69(n: int) -> None:
                 result = FetchResult()
                 out = work / f"rad69-{n}"
-                services.consumer.retrieve_images(manifest, out, result)
+                services.consumer.retrieve_images(manifest, out, result, patient)
                 assert not result.missing and len(result.instances) == len(files)
                 shutil.rmtree(out)
 

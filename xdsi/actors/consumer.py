@@ -237,12 +237,15 @@ class Consumer:
         manifest: kos.Manifest,
         out_dir: Path,
         result: FetchResult,
+        patient_id: str,
         progress: Progress | None = None,
         done: int = 0,
         total: int = 0,
-        patient_id: str | None = None,
     ) -> int:
         """Retrieve every instance a manifest references, one RAD-69 per source.
+
+        ``patient_id`` is the patient the manifest was found under, whom the
+        audit record names (RAD TF-3 4.69.5).
 
         A RetrieveImagingDocumentSetRequest may name several studies and
         series (RAD TF-3 4.69.4.1.2), so all the instances held at one
@@ -388,7 +391,7 @@ class Consumer:
         done = 0
         for manifest in manifests:
             done = self.retrieve_images(
-                manifest, out_dir, result, progress, done, total, patient_id
+                manifest, out_dir, result, patient_id, progress, done, total
             )
         return result
 

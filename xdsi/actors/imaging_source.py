@@ -198,26 +198,34 @@ class ImagingSource:
         (RAD TF-3 4.68.4.1.2.3, an RPLC Association of ITI TF-3 4.2.2.2).
         """
         self.keep_instances(study, patient_id)
-        published = self.republish(study.study_instance_uid, patient_id)
+        published = self.republish(study.study_instance_uid, patient_id, study)
         if published is None:
             raise PublishError(f"study {study.study_instance_uid} holds no instance")
         return published
 
-    def held_study(self, study_instance_uid: str) -> scan.Study | None:
-        """The study as held in the store now; None when nothing is held."""
+    def held_study(
+        self, study_instance_uid: str, known: scan.Study | None = None
+    ) -> scan.Study | None:
+        """The study as held in the store now; None when nothing is held.
+
+        ``known`` is the study as just read by the caller: when the store
+        holds exactly its instances, it is the answer, and no header is read
+        again.
+        """
         with self.engine.connect() as conn:
-            blobs = (
-                conn.execute(
-                    select(imaging_instance.c.blob).where(
-                        imaging_instance.c.study_instance_uid == study_instance_uid
-                    )
-                )
-                .scalars()
-                .all()
-            )
-        if not blobs:
+            rows = conn.execute(
+                select(
+                    imaging_instance.c.sop_instance_uid, imaging_instance.c.blob
+                ).where(imaging_instance.c.study_instance_uid == study_instance_uid)
+            ).all()
+        if not rows:
             return None
-        studies = scan.scan_files(self.blobs.path(blob) for blob in sorted(blobs))
+        if known is not None and known.study_instance_uid == study_instance_uid:
+            read = {header.sop_instance_uid for header in known.instances}
+            if read == {row.sop_instance_uid for row in rows}:
+                return known
+        blobs = sorted(row.blob for row in rows)
+        studies = scan.scan_files(self.blobs.path(blob) for blob in blobs)
         return studies.studies[0] if studies.studies else None
 
     def current_manifest(self, study_instance_uid: str) -> Row | None:
@@ -230,14 +238,17 @@ class ImagingSource:
                 )
             ).first()
 
-    def republish(self, study_instance_uid: str, patient_id: str) -> Published | None:
+    def republish(
+        self, study_instance_uid: str, patient_id: str, known: scan.Study | None = None
+    ) -> Published | None:
         """Publish what is held of a study now, replacing its manifest.
 
         Without any instance left, the current manifest is withdrawn (ITI-57
-        deprecates it in the Document Registry) and None returned.
+        deprecates it in the Document Registry) and None returned. ``known``
+        saves reading the headers again (see :meth:`held_study`).
         """
         current = self.current_manifest(study_instance_uid)
-        study = self.held_study(study_instance_uid)
+        study = self.held_study(study_instance_uid, known)
         if study is None:
             if current is not None:
                 self.withdraw(current, patient_id)

@@ -30,6 +30,10 @@ from xdsi.wire.schema import schema_errors
 
 logger = logging.getLogger(__name__)
 
+# The WSGI environ key under which the node's HTTP server offers a
+# wire.mtom.SendFile, so that MTOM parts on disk go out by os.sendfile.
+SENDFILE_KEY = "xdsi.sendfile"
+
 
 @cache
 def transactions() -> dict[str, dict[str, Any]]:
@@ -190,7 +194,11 @@ def soap_app(
             reply.body, spec["response_action"], relates_to=message.message_id
         )
         content_type, length, chunks = wire.write_message(
-            envelope, spec["response_action"], reply.parts, mtom=spec["response_mtom"]
+            envelope,
+            spec["response_action"],
+            reply.parts,
+            mtom=spec["response_mtom"],
+            sendfile=request.environ.get(SENDFILE_KEY),
         )
         logger.debug(
             "%s: %s answered in %.3f s",
