@@ -94,6 +94,14 @@ class Published:
     replaced: str | None = None
 
 
+@dataclass(frozen=True)
+class _Manifest:
+    """A manifest encoded as a DICOM file, with its XDS metadata."""
+
+    data: bytes
+    facts: mapping.ManifestFacts
+
+
 # Instances are copied into the store by this many threads, so that their
 # fsyncs overlap (ext4 commits concurrent fsyncs in one journal transaction).
 KEEP_THREADS = 8
@@ -197,11 +205,32 @@ class ImagingSource:
         study was published already, the new manifest replaces the old one
         (RAD TF-3 4.68.4.1.2.3, an RPLC Association of ITI TF-3 4.2.2.2).
         """
-        self.keep_instances(study, patient_id)
-        published = self.republish(study.study_instance_uid, patient_id, study)
+        # The manifest is built while the instances are kept when it will
+        # reference exactly the study's instances: none held before but
+        # those.
+        read = {header.sop_instance_uid for header in study.instances}
+        alone = self._held_uids(study.study_instance_uid) <= read
+        early = None
+        with ThreadPoolExecutor(1) as keeper:
+            kept = keeper.submit(self.keep_instances, study, patient_id)
+            if alone:
+                early = self._manifest(study)
+            kept.result()
+        published = self.republish(study.study_instance_uid, patient_id, study, early)
         if published is None:
             raise PublishError(f"study {study.study_instance_uid} holds no instance")
         return published
+
+    def _held_uids(self, study_instance_uid: str) -> set[str]:
+        """The SOP Instance UIDs held of a study."""
+        with self.engine.connect() as conn:
+            return set(
+                conn.execute(
+                    select(imaging_instance.c.sop_instance_uid).where(
+                        imaging_instance.c.study_instance_uid == study_instance_uid
+                    )
+                ).scalars()
+            )
 
     def held_study(
         self, study_instance_uid: str, known: scan.Study | None = None
@@ -239,13 +268,18 @@ class ImagingSource:
             ).first()
 
     def republish(
-        self, study_instance_uid: str, patient_id: str, known: scan.Study | None = None
+        self,
+        study_instance_uid: str,
+        patient_id: str,
+        known: scan.Study | None = None,
+        built: _Manifest | None = None,
     ) -> Published | None:
         """Publish what is held of a study now, replacing its manifest.
 
         Without any instance left, the current manifest is withdrawn (ITI-57
         deprecates it in the Document Registry) and None returned. ``known``
-        saves reading the headers again (see :meth:`held_study`).
+        saves reading the headers again (see :meth:`held_study`); ``built``
+        is the manifest of ``known``, used when the store holds just that.
         """
         current = self.current_manifest(study_instance_uid)
         study = self.held_study(study_instance_uid, known)
@@ -253,7 +287,9 @@ class ImagingSource:
             if current is not None:
                 self.withdraw(current, patient_id)
             return None
-        return self._submit(study, patient_id, current)
+        if built is None or study is not known:
+            built = self._manifest(study)
+        return self._submit(study, patient_id, current, built)
 
     def withdraw(self, manifest: Row, patient_id: str) -> None:
         """Deprecate a manifest whose study has no instance left.
@@ -331,10 +367,8 @@ class ImagingSource:
         except SubmitError as exc:
             raise PublishError(str(exc), exc.errors) from exc
 
-    def _submit(
-        self, study: scan.Study, patient_id: str, current: Row | None
-    ) -> Published:
-        """Build the manifest of ``study`` and send it with RAD-68."""
+    def _manifest(self, study: scan.Study) -> _Manifest:
+        """Build and encode the manifest of ``study``; read its metadata."""
         cfg = self.settings.imaging_source
         manifest = kos.build_manifest(
             study,
@@ -349,6 +383,14 @@ class ImagingSource:
             manifest,
             accession_assigning_authority=cfg.accession_assigning_authority,
         )
+        return _Manifest(data, facts)
+
+    def _submit(
+        self, study: scan.Study, patient_id: str, current: Row | None, built: _Manifest
+    ) -> Published:
+        """Send the manifest of ``study`` with RAD-68."""
+        cfg = self.settings.imaging_source
+        data, facts = built.data, built.facts
         source_patient_id = facts.source_patient_id
         if not source_patient_id:
             # ITI TF-3 4.2.3.2.23 requires sourcePatientId; without a Patient
