@@ -19,7 +19,7 @@ XdsError
  +-- MissingDocument, MissingDocumentMetadata
  +-- UnknownStoredQuery, StoredQueryMissingParam, StoredQueryParamNumber
  +-- TooManyResults, ResultNotSinglePatient
- +-- UnknownRepositoryId, DocumentUniqueIdError
+ +-- UnknownRepositoryId, DocumentUniqueIdError, StoredCopyMissing
  +-- ImagingRequestError, TransferSyntaxUnavailable
  +-- RegistryNotAvailable
  +-- MetadataUpdateInvalid, MetadataUpdateOperationUnsupported
@@ -117,6 +117,11 @@ class UnknownRepositoryId(XdsError):
 
 class DocumentUniqueIdError(XdsError):
     """A retrieve names a document uniqueId the responder does not hold."""
+
+
+class StoredCopyMissing(XdsError):
+    """A held document or instance whose stored copy is gone or is not of
+    its recorded size; the responder's fault, not the requester's."""
 
 
 class ImagingRequestError(XdsError):

@@ -265,16 +265,41 @@ def test_wado_uri_renders_a_jpeg_by_default(
         ({"contentType": "application/pdf"}, 406),
         ({"contentType": "application/dicom", "transferSyntax": "1.2.3"}, 406),
         ({"frameNumber": "2"}, 400),
+        ({"frameNumber": "\u00b2"}, 400),
+        ({"contentType": "application/dicom", "anonymize": "yes"}, 400),
     ],
-    ids=["request-type", "unknown-object", "content-type", "syntax", "frame"],
+    ids=[
+        "request-type",
+        "unknown-object",
+        "content-type",
+        "syntax",
+        "frame",
+        "frame-superscript",
+        "anonymize",
+    ],
 )
 def test_wado_uri_bad_requests_are_answered_with_their_status(
     shared_node: RunningNode, published: scan.Study, change: dict, status: int
 ) -> None:
-    """DICOM PS3.18 9.1.2: a request that cannot be served gets an HTTP error."""
-    assert (
-        _wado_uri(shared_node, published.instances[0], **change).status_code == status
-    )
+    """DICOM PS3.18 9.1.2: a request that cannot be served gets an HTTP error,
+    in plain text; an object asked for de-identified is never sent whole."""
+    answer = _wado_uri(shared_node, published.instances[0], **change)
+    assert answer.status_code == status
+    assert answer.headers["Content-Type"].startswith("text/plain")
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/studies/1.2.3/rendered", "/studies/1.2.3/series/4.5/frames/1", "/nothing"],
+)
+def test_dicomweb_path_that_names_no_service_is_a_plain_404(
+    shared_node: RunningNode, path: str
+) -> None:
+    """DICOM PS3.18 8.5: a DICOMweb user agent gets the HTTP status in plain
+    text, never the SOAP Fault of the actor's RAD-69 endpoint."""
+    answer = requests.get(f"{shared_node.settings.dicomweb_url}{path}", timeout=30)
+    assert answer.status_code == 404
+    assert answer.headers["Content-Type"].startswith("text/plain")
 
 
 def test_published_manifest_names_the_wado_rs_series_url(
@@ -381,3 +406,16 @@ def test_qido_takes_well_formed_query_parameters(
 
     assert answer.status_code == 200
     assert len(answer.json()) == 1
+
+
+@pytest.mark.parametrize("params", [{"offset": "\u00b2"}, {"limit": "\u0663"}])
+def test_qido_paging_takes_ascii_digits_only(
+    shared_node: RunningNode, published: scan.Study, params: dict
+) -> None:
+    """DICOM PS3.18 8.3.4: offset and limit are whole numbers; another
+    script's digits are a 400, not an internal error."""
+    answer = requests.get(
+        f"{shared_node.settings.dicomweb_url}/studies", params=params, timeout=30
+    )
+    assert answer.status_code == 400
+    assert answer.headers["Content-Type"].startswith("text/plain")

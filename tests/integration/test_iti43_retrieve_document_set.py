@@ -24,6 +24,7 @@ from tests.integration.s3_peer import (  # noqa: F401 (fixtures)
 )
 from xdsi import ns, wire
 from xdsi.actors.document_source import DocumentSource
+from xdsi.metadata.responses import read_errors, read_status
 
 RETRIEVE = "urn:ihe:iti:2007:RetrieveDocumentSet"
 
@@ -101,3 +102,30 @@ def test_mtom_answer_parses_with_the_email_package(
         hashlib.sha1(body).hexdigest()
         == hashlib.sha1(document.read_bytes()).hexdigest()
     )
+
+
+def test_document_whose_stored_copy_is_gone_is_an_error_not_a_broken_answer(
+    repository_node: RepositoryNode, tmp_path: Path
+):
+    """ITI TF-2 3.43.4.2.3: a registered document the repository cannot read
+    is answered with XDSRepositoryError before any part is sent, never with
+    Success and a connection that breaks off."""
+    unique_id, _ = _submit(repository_node, tmp_path)
+    repository = repository_node.services.repository
+    record = repository.find(unique_id)
+    assert record is not None
+    repository.blobs.delete(record.blob)
+    request = etree.Element(
+        f"{{{ns.XDSB}}}RetrieveDocumentSetRequest", nsmap={"xdsb": ns.XDSB}
+    )
+    item = etree.SubElement(request, f"{{{ns.XDSB}}}DocumentRequest")
+    etree.SubElement(
+        item, f"{{{ns.XDSB}}}RepositoryUniqueId"
+    ).text = repository_node.settings.repository.repository_unique_id
+    etree.SubElement(item, f"{{{ns.XDSB}}}DocumentUniqueId").text = unique_id
+
+    client = wire.SoapClient(repository_node.settings.url("repository"))
+    with client.call(RETRIEVE, request) as reply:
+        assert read_status(reply.body).endswith(":Failure")
+        assert [e.code for e in read_errors(reply.body)] == ["XDSRepositoryError"]
+        assert not reply.attachments

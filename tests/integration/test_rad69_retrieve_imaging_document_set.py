@@ -264,3 +264,59 @@ def test_undecodable_instance_is_an_error_beside_a_transcoded_one(
     assert sent.file_meta.TransferSyntaxUID == EXPLICIT_LE
     original = pydicom.dcmread(folder / "ts-jpegls-lossless__CT1_JLSL.dcm")
     assert np.array_equal(sent.pixel_array, original.pixel_array)
+
+
+def test_instance_whose_stored_copy_is_gone_is_an_error_beside_the_others(
+    running_node: RunningNode, published: scan.Study
+):
+    """RAD TF-3 4.69.4.2.3: a held instance that cannot be read is answered
+    with XDSRepositoryError and PartialSuccess, the others are sent, and no
+    work file of the request is left behind."""
+    gone, *kept = published.instances[:3]
+    source = running_node.services.imaging_source
+    (row,) = source.held_instances([gone.sop_instance_uid]).values()
+    source.blobs.path(row.blob).unlink()
+    request = rad69(
+        gone.study_instance_uid,
+        gone.series_instance_uid,
+        [gone.sop_instance_uid, *(i.sop_instance_uid for i in kept)],
+        running_node.settings.imaging_source.repository_unique_id,
+    )
+
+    assert _call(running_node, request) == (
+        "PartialSuccess",
+        ["XDSRepositoryError"],
+        2,
+    )
+    assert not list(source.blobs.spool.glob("rad69-*"))
+
+
+def test_a_failed_request_for_an_instance_does_not_hide_a_right_one(
+    running_node: RunningNode, published: scan.Study
+):
+    """RAD TF-3 4.69.4.2: the instance asked under the right series is sent
+    even when it was first asked under a wrong one."""
+    first, other = published.series[0], published.series[1]
+    instance = first.instances[0]
+    repository = running_node.settings.imaging_source.repository_unique_id
+    request = rad69(
+        published.study_instance_uid,
+        other.series_instance_uid,
+        [instance.sop_instance_uid],
+        repository,
+    )
+    right = rad69(
+        published.study_instance_uid,
+        first.series_instance_uid,
+        [instance.sop_instance_uid],
+        repository,
+    )
+    request.append(right.find(f"{{{ns.XDSIB}}}StudyRequest"))
+    # TransferSyntaxUIDList stays last (RAD TF-3 4.69.4.1.2).
+    request.append(request.find(f"{{{ns.XDSIB}}}TransferSyntaxUIDList"))
+
+    assert _call(running_node, request) == (
+        "PartialSuccess",
+        ["XDSDocumentUniqueIdError"],
+        1,
+    )

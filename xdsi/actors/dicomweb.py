@@ -308,6 +308,10 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         uids = [args.get(k, "").strip() for k in ("studyUID", "seriesUID", "objectUID")]
         if not all(uids):
             abort(400, "studyUID, seriesUID and objectUID are required")
+        # DICOM PS3.18 WADO-URI, the anonymize parameter: this service does
+        # not de-identify, so it refuses rather than send the object whole.
+        if args.get("anonymize", "").strip().lower() == "yes":
+            abort(400, "anonymize=yes is not supported: objects are sent as published")
         held = published(*uids)
         if not held:
             abort(404)
@@ -357,7 +361,8 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
 
 
 def _whole(value: str, name: str) -> int:
-    if not value.isdigit():
+    # str.isdigit alone takes superscripts and other scripts' digits.
+    if not (value.isascii() and value.isdigit()):
         abort(400, f"{name} must be a whole number")
     return int(value)
 

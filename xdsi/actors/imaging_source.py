@@ -45,6 +45,7 @@ from xdsi.dicom import kos, mapping, scan, transcode
 from xdsi.errors import (
     DocumentUniqueIdError,
     ImagingRequestError,
+    StoredCopyMissing,
     TransferSyntaxUnavailable,
     UnknownRepositoryId,
     XdsError,
@@ -517,7 +518,7 @@ class ImagingSource:
         errors: list[XdsError] = []
         documents = []
         studies: list[str] = []
-        asked: set[str] = set()
+        sent: set[str] = set()
         held = self.held_instances(
             child_text(item, "DocumentUniqueId")
             for item in request.iterfind(
@@ -547,17 +548,18 @@ class ImagingSource:
                     )
                     continue
                 for item in series.findall(f"{{{ns.XDSB}}}DocumentRequest"):
-                    # An instance asked for twice is sent once.
+                    # An instance asked for twice is sent once; a request
+                    # that failed does not stand in for a later right one.
                     key = child_text(item, "DocumentUniqueId")
-                    if key in asked:
+                    if key in sent:
                         continue
-                    asked.add(key)
                     result = self._instance(
                         item, study_uid, series_uid, syntaxes, spool, held
                     )
                     if isinstance(result, XdsError):
                         errors.append(result)
                     else:
+                        sent.add(key)
                         documents.append(result)
         if not syntaxes:
             errors.append(
@@ -600,9 +602,22 @@ class ImagingSource:
                 f"{series_uid}",
                 sop_uid,
             )
+        stored = self.blobs.path(row.blob)
+        if self.blobs.size(row.blob) != row.size:
+            logger.error(
+                "RAD-69: the stored copy of instance %s (%s) is missing or not of "
+                "its recorded size",
+                sop_uid,
+                row.blob,
+            )
+            return StoredCopyMissing(
+                f"instance {sop_uid} is held but this Imaging Document Source "
+                "cannot read its stored copy",
+                sop_uid,
+            )
         # With no syntax listed the request fails as a whole (see retrieve).
         produced = transcode.produce(
-            self.blobs.path(row.blob),
+            stored,
             row.transfer_syntax_uid,
             syntaxes or [row.transfer_syntax_uid],
             spool,
@@ -645,13 +660,15 @@ class ImagingSource:
     # --- SOAP edge -------------------------------------------------------
 
     def app(self, spool_root: Path) -> Flask:
+        cfg = self.settings.imaging_source
         app = soap_app(
             "imaging_source",
-            self.settings.imaging_source.path,
+            cfg.path,
             {
                 "RAD-69": self.handle_retrieve,
             },
             spool_root,
+            plain_prefixes=(cfg.dicomweb_path.rstrip("/"), cfg.wado_path),
         )
         app.register_blueprint(dicomweb_blueprint(self, spool_root / "dicomweb"))
         return app
@@ -659,7 +676,13 @@ class ImagingSource:
     def handle_retrieve(self, message: wire.SoapMessage, peer: Peer) -> Reply:
         started = time.monotonic()
         spool = Path(tempfile.mkdtemp(prefix="rad69-", dir=self.blobs.spool))
-        body, parts, sop_uids, studies, patients = self.retrieve(message.body, spool)
+        try:
+            body, parts, sop_uids, studies, patients = self.retrieve(
+                message.body, spool
+            )
+        except BaseException:
+            shutil.rmtree(spool, ignore_errors=True)
+            raise
         status = read_status(body)
         self.auditor.record(
             audit.AuditEvent(

@@ -36,6 +36,7 @@ from xdsi.errors import (
     NonIdenticalHash,
     RegistryNotAvailable,
     SizeMismatch,
+    StoredCopyMissing,
     UnknownRepositoryId,
     XdsError,
 )
@@ -479,6 +480,24 @@ class Repository:
                 errors.append(
                     DocumentUniqueIdError(
                         f"document {unique_id} is not held by this repository",
+                        unique_id,
+                    )
+                )
+                continue
+            # An answer's status and length are sent before its parts: a
+            # stored copy that is gone or damaged is told now, not by a
+            # connection that breaks off.
+            if self.blobs.size(record.blob) != record.size:
+                logger.error(
+                    "ITI-43: the stored copy of document %s (%s) is missing or "
+                    "not of its recorded size",
+                    unique_id,
+                    record.blob,
+                )
+                errors.append(
+                    StoredCopyMissing(
+                        f"document {unique_id} is registered but this repository "
+                        "cannot read its stored copy",
                         unique_id,
                     )
                 )

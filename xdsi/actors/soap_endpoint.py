@@ -111,12 +111,17 @@ def _streamed(
 
 
 def soap_app(
-    name: str, path: str, handlers: dict[str, Handler], spool_root: Path
+    name: str,
+    path: str,
+    handlers: dict[str, Handler],
+    spool_root: Path,
+    plain_prefixes: tuple[str, ...] = (),
 ) -> Flask:
     """Build the WSGI app of one actor: one SOAP endpoint at ``path``.
 
     ``handlers`` maps a transaction id of profiles/transactions.toml to the
-    function that answers it.
+    function that answers it. An HTTP error under one of ``plain_prefixes``
+    (DICOMweb services on the same port) is answered in plain text.
     """
     app = Flask(name)
     by_action = {transaction(t)["request_action"]: t for t in handlers}
@@ -124,6 +129,10 @@ def soap_app(
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
+        if request.path.startswith(plain_prefixes):
+            return Response(
+                f"{exc.description}\n", status=exc.code or 500, mimetype="text/plain"
+            )
         fault = wire.MalformedMessage(
             f"HTTP {exc.code}: {exc.name}; this endpoint takes SOAP 1.2 POST "
             f"requests at {path}"

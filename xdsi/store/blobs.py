@@ -49,6 +49,10 @@ class Blobs(Protocol):
         """Open a blob for a streaming read."""
         ...
 
+    def size(self, relative: str) -> int | None:
+        """The size of a blob in bytes; None when it is not in the store."""
+        ...
+
     def delete(self, relative: str) -> None:
         """Remove a blob; one already gone is no error."""
         ...
@@ -105,6 +109,12 @@ class BlobStore:
 
     def open(self, relative: str) -> BinaryIO:
         return (self.root / relative).open("rb")
+
+    def size(self, relative: str) -> int | None:
+        try:
+            return (self.root / relative).stat().st_size
+        except FileNotFoundError:
+            return None
 
     def delete(self, relative: str) -> None:
         try:

@@ -16,6 +16,7 @@ from typing import BinaryIO, cast
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
+from botocore.exceptions import ClientError
 
 from xdsi.store.blobs import relative_path
 
@@ -110,6 +111,16 @@ class S3BlobStore:
         """Start a GET of the object; its body streams as it is read."""
         reply = self.client.get_object(Bucket=self.bucket, Key=relative)
         return cast(BinaryIO, reply["Body"])
+
+    def size(self, relative: str) -> int | None:
+        """The object's Content-Length by HeadObject; None when it is gone."""
+        try:
+            reply = self.client.head_object(Bucket=self.bucket, Key=relative)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                return None
+            raise
+        return int(reply["ContentLength"])
 
     def delete(self, relative: str) -> None:
         # S3 DeleteObject answers success for a key that is already gone.
