@@ -57,6 +57,10 @@ class _RequestHandler(WSGIRequestHandler):
     """
 
     timeout = 60
+    # A request line too garbled to name its HTTP version is answered as
+    # HTTP/1.1, status line and headers included, not as HTTP/0.9 (body
+    # alone, RFC 1945 4.1); no SOAP peer speaks HTTP/0.9.
+    default_request_version = "HTTP/1.1"
     error_content_type = "application/soap+xml; charset=UTF-8"
     # BaseHTTPRequestHandler.send_error fills in the code and the escaped
     # message and explanation.
