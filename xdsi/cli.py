@@ -469,11 +469,14 @@ def import_(ctx: click.Context, folder: Path, publish: bool) -> None:
         f"({len(result.accepted) - new} held already), "
         f"{_count(len(result.studies), 'study')}"
     )
+    if not result.accepted:
+        services.engine.dispose()
+        click.secho(f"no DICOM instance taken in from {folder}", fg="red", err=True)
+        sys.exit(1)
     if publish:
-        _publish_now(
-            services,
-            sorted({a.study_instance_uid for a in result.accepted if not a.duplicate}),
-        )
+        # Instances held already may belong to a study not yet published
+        # (an earlier import --no-publish): it is published now too.
+        _publish_now(services, sorted({a.study_instance_uid for a in result.accepted}))
     services.engine.dispose()
 
 
@@ -509,6 +512,12 @@ def _publish_now(services: Services, studies: Iterable[str]) -> None:
     failed = False
     for study_instance_uid in studies:
         current = services.imaging_source.current_manifest(study_instance_uid)
+        if current is not None and not services.intake.changed(study_instance_uid):
+            click.echo(
+                f"study {study_instance_uid} published already: manifest "
+                f"{current.sop_instance_uid}"
+            )
+            continue
         published = services.intake.publish_now(study_instance_uid)
         if published is not None:
             click.echo(

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import pydicom
 import pytest
 import requests
+from click.testing import CliRunner, Result
 from pydicom.fileset import FileSet
 from sqlalchemy import select
 
@@ -22,7 +23,8 @@ from tests.conftest import SHARED, shared_path
 from tests.integration.conftest import RunningNode
 from xdsi.actors.imaging_source import MANIFEST_CURRENT, MANIFEST_REPLACED
 from xdsi.app import Node
-from xdsi.config import Settings
+from xdsi.cli import main
+from xdsi.config import Settings, to_toml
 from xdsi.dicom import kos
 from xdsi.dicom.check import refusal_table
 from xdsi.dicom.store_scu import (
@@ -472,3 +474,83 @@ def test_an_unpublishable_study_is_retried_with_backoff(
         for r in records
     )
     assert len(_manifests(running_node)) == 1
+
+
+@pytest.fixture
+def patient_node(tmp_path: Path) -> Iterator[RunningNode]:
+    """A node that publishes only when told (an hour's quiet time)."""
+    settings = (
+        Settings()
+        .with_storage(tmp_path / "node")
+        .with_ports(registry=0, repository=0, imaging_source=0, feed=0)
+    )
+    settings = replace(
+        settings,
+        imaging_source=replace(settings.imaging_source, publish_after=3600.0),
+    )
+    node = Node(settings)
+    effective = node.start()
+    assert node.services is not None
+    send_message(
+        effective.node.host, effective.registry.feed_port, build_feed(MR_PATIENT)
+    )
+    yield RunningNode(node, effective, node.services, {})
+    node.stop()
+
+
+def _xdsi(node: RunningNode, tmp_path: Path, *args: str) -> Result:
+    config = tmp_path / "xdsi.toml"
+    config.write_text(to_toml(node.settings))
+    return CliRunner().invoke(main, ["--config", str(config), *args])
+
+
+def test_import_publishes_a_study_an_earlier_import_only_kept(
+    patient_node: RunningNode, tmp_path: Path
+) -> None:
+    """RAD TF-3 4.68: ``import`` publishes what it took in at once, a study
+    kept by an earlier ``import --no-publish`` included, and says so when
+    the study is published already."""
+    folder = shared_path("dicom", "study-mr", "images")
+
+    kept = _xdsi(patient_node, tmp_path, "import", str(folder), "--no-publish")
+    assert kept.exit_code == 0, kept.output
+    assert _manifests(patient_node) == []
+
+    again = _xdsi(patient_node, tmp_path, "import", str(folder))
+    assert again.exit_code == 0, again.output
+    assert "0 instances taken in" in again.output
+    assert "published study" in again.output
+    (manifest,) = _manifests(patient_node)
+
+    third = _xdsi(patient_node, tmp_path, "import", str(folder))
+    assert third.exit_code == 0, third.output
+    assert f"published already: manifest {manifest.sop_instance_uid}" in third.output
+    assert len(_manifests(patient_node)) == 1
+
+
+def test_import_of_a_folder_without_dicom_fails(
+    patient_node: RunningNode, tmp_path: Path
+) -> None:
+    """An import that takes in no instance exits non-zero, saying so."""
+    folder = tmp_path / "junk"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not DICOM")
+
+    outcome = _xdsi(patient_node, tmp_path, "import", str(folder))
+
+    assert outcome.exit_code == 1
+    assert "no DICOM instance taken in" in outcome.output
+
+
+def test_import_of_a_study_whose_patient_is_unknown_fails(
+    patient_node: RunningNode, tmp_path: Path
+) -> None:
+    """ITI TF-2 3.42.4.1.3: the registry refuses an unknown patient, so the
+    study is kept but not published, and the import exits non-zero."""
+    folder = shared_path("dicom", "study-ct-ihe", "images")
+
+    outcome = _xdsi(patient_node, tmp_path, "import", str(folder))
+
+    assert outcome.exit_code == 1, outcome.output
+    assert "not published" in outcome.output
+    assert _manifests(patient_node) == []

@@ -329,6 +329,16 @@ class Intake:
                 exc,
             )
 
+    def changed(self, study_instance_uid: str) -> bool:
+        """Whether the study changed since it was last published."""
+        with self.engine.connect() as conn:
+            dirty = conn.execute(
+                select(imaging_study.c.dirty).where(
+                    imaging_study.c.study_instance_uid == study_instance_uid
+                )
+            ).scalar()
+        return bool(dirty)
+
     def _claim(self, study_instance_uid: str, cutoff: float | None) -> Row | None:
         column = imaging_study.c
         where = [

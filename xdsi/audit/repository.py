@@ -228,6 +228,9 @@ class AuditRecordStore:
     ) -> list[StoredAudit]:
         """Return stored messages, oldest first, filtered as asked.
 
+        ``patient_id`` is a CX (ID^^^&OID&ISO) or a bare ID, which matches
+        that ID in any assigning authority.
+
         ``since`` and ``until`` bound the event time, or for a malformed
         message, which has none, the time it was received.
         """
@@ -235,9 +238,13 @@ class AuditRecordStore:
         received = audit_record.c.received_at
         statement = select(audit_record).order_by(audit_record.c.id).limit(limit)
         if patient_id is not None:
-            named = select(audit_patient.c.record_id).where(
-                audit_patient.c.patient_id == patient_id
-            )
+            stored = audit_patient.c.patient_id
+            matches = stored == patient_id
+            if "^" not in patient_id:
+                # A bare ID matches its CX in every assigning authority
+                # (ID^^^&OID&ISO, ITI TF-2x Appendix E).
+                matches = matches | stored.startswith(f"{patient_id}^", autoescape=True)
+            named = select(audit_patient.c.record_id).where(matches)
             statement = statement.where(audit_record.c.id.in_(named))
         if since is not None:
             statement = statement.where(

@@ -232,6 +232,21 @@ def _template() -> Path:
     return images[0]
 
 
+def _print_patient_domains(cases: Sequence[Case], authority: str) -> None:
+    """Name the assigning authorities of the set's literal patient ids that
+    the node must accept ITI-8 feeds of, besides its own."""
+    others = sorted(
+        {p.split("&")[1] for c in cases for p in literal_patients(c)} - {authority, ""}
+    )
+    if others:
+        click.echo(
+            "# the node must also accept patients of "
+            + ", ".join(others)
+            + " ([node] other_assigning_authorities)",
+            err=True,
+        )
+
+
 def _print_imaging_needs(cases: Sequence[Case]) -> None:
     for case_id, refs in imaging_needs(cases).items():
         click.echo(
@@ -375,6 +390,7 @@ def run(
             ):
                 click.echo(f"# {note}", err=True)
         else:
+            _print_patient_domains(selected, target.assigning_authority)
             _print_imaging_needs(selected)
         results = runner.run(cases, only)
     finally:

@@ -81,6 +81,11 @@ def test_tls_messages_are_stored_parsed_and_queryable_by_patient(
     )
     assert record.event_time == datetime(2024, 5, 2, 9, 30, 15, 250000, tzinfo=UTC)
     assert record.patient_ids == (real_ids.patient_id,)
+    # A bare ID finds its CX in any assigning authority, and only its own.
+    bare = real_ids.patient_id.split("^", 1)[0]
+    assert [r.xml for r in store.query(patient_id=bare)] == [xml, xml]
+    assert [r.xml for r in store.query(patient_id="OTHER")] == [other]
+    assert store.query(patient_id=bare[:-1] + "%") == []
 
 
 def test_udp_messages_are_stored(
