@@ -115,11 +115,19 @@ def produce(
     # Limitation: Explicit VR Big Endian (retired, DICOM PS3.5 A.3) is sent
     # only as stored; JPEG Baseline, JPEG Extended and JPEG Lossless have no
     # encoder here, so an instance is sent in them only as stored.
-    wanted = [uid.strip() for uid in requested if uid.strip()]
-    lossy_allowed = not any(is_lossless(uid) for uid in wanted)
-    for target in dict.fromkeys(wanted):
+    # The list is walked lazily: most instances go out in the first syntax
+    # listed, as held, and a long list is then read no further.
+    tried: set[str] = set()
+    lossy_allowed: bool | None = None
+    for listed in requested:
+        target = listed.strip()
+        if not target or target in tried:
+            continue
+        tried.add(target)
         if target == held_syntax:
             return Produced(source, held_syntax)
+        if lossy_allowed is None:
+            lossy_allowed = not any(is_lossless(uid.strip()) for uid in requested)
         lossy_encodable = lossy_allowed and target in LOSSY_ENCODERS
         if target == ExplicitVRBigEndian or not (
             is_lossless(target) or lossy_encodable
