@@ -44,19 +44,15 @@ DEPRECATED = "urn:oasis:names:tc:ebxml-regrep:StatusType:Deprecated"
 APPROVED = "urn:oasis:names:tc:ebxml-regrep:StatusType:Approved"
 
 
-@pytest.fixture
-def intake_node(tmp_path: Path) -> Iterator[RunningNode]:
-    """A node with its C-STORE SCP on and a one-second quiet time."""
+def _started(tmp_path: Path, **imaging_source: object) -> Iterator[RunningNode]:
+    """A node with the MR study's patient fed and ``imaging_source`` set."""
     settings = (
         Settings()
         .with_storage(tmp_path / "node")
         .with_ports(registry=0, repository=0, imaging_source=0, feed=0)
     )
     settings = replace(
-        settings,
-        imaging_source=replace(
-            settings.imaging_source, store_scp=True, dicom_port=0, publish_after=1.0
-        ),
+        settings, imaging_source=replace(settings.imaging_source, **imaging_source)
     )
     node = Node(settings)
     effective = node.start()
@@ -66,6 +62,12 @@ def intake_node(tmp_path: Path) -> Iterator[RunningNode]:
     )
     yield RunningNode(node, effective, node.services, {})
     node.stop()
+
+
+@pytest.fixture
+def intake_node(tmp_path: Path) -> Iterator[RunningNode]:
+    """A node with its C-STORE SCP on and a one-second quiet time."""
+    yield from _started(tmp_path, store_scp=True, dicom_port=0, publish_after=1.0)
 
 
 def _scp(node: RunningNode) -> Destination:
@@ -479,23 +481,7 @@ def test_an_unpublishable_study_is_retried_with_backoff(
 @pytest.fixture
 def patient_node(tmp_path: Path) -> Iterator[RunningNode]:
     """A node that publishes only when told (an hour's quiet time)."""
-    settings = (
-        Settings()
-        .with_storage(tmp_path / "node")
-        .with_ports(registry=0, repository=0, imaging_source=0, feed=0)
-    )
-    settings = replace(
-        settings,
-        imaging_source=replace(settings.imaging_source, publish_after=3600.0),
-    )
-    node = Node(settings)
-    effective = node.start()
-    assert node.services is not None
-    send_message(
-        effective.node.host, effective.registry.feed_port, build_feed(MR_PATIENT)
-    )
-    yield RunningNode(node, effective, node.services, {})
-    node.stop()
+    yield from _started(tmp_path, publish_after=3600.0)
 
 
 def _xdsi(node: RunningNode, tmp_path: Path, *args: str) -> Result:

@@ -38,6 +38,19 @@ def _submit(node: RepositoryNode, tmp_path: Path) -> tuple[str, Path]:
     return submitted.document_unique_ids[0], document
 
 
+def _retrieve_request(node: RepositoryNode, unique_id: str) -> etree._Element:
+    """A RetrieveDocumentSetRequest for one document of the node's repository."""
+    request = etree.Element(
+        f"{{{ns.XDSB}}}RetrieveDocumentSetRequest", nsmap={"xdsb": ns.XDSB}
+    )
+    item = etree.SubElement(request, f"{{{ns.XDSB}}}DocumentRequest")
+    etree.SubElement(
+        item, f"{{{ns.XDSB}}}RepositoryUniqueId"
+    ).text = node.settings.repository.repository_unique_id
+    etree.SubElement(item, f"{{{ns.XDSB}}}DocumentUniqueId").text = unique_id
+    return request
+
+
 def test_zeep_retrieves_the_document(repository_node: RepositoryNode, tmp_path: Path):
     """ITI TF-2 3.43.4.1.2: a RetrieveDocumentSetRequest built by zeep from the
     official WSDL is answered with the document."""
@@ -71,14 +84,7 @@ def test_mtom_answer_parses_with_the_email_package(
     """SOAP 1.2 MTOM 4.3, RFC 2387: the answer is a multipart/related package
     whose start part is the envelope and whose other part is the document."""
     unique_id, document = _submit(repository_node, tmp_path)
-    request = etree.Element(
-        f"{{{ns.XDSB}}}RetrieveDocumentSetRequest", nsmap={"xdsb": ns.XDSB}
-    )
-    item = etree.SubElement(request, f"{{{ns.XDSB}}}DocumentRequest")
-    etree.SubElement(
-        item, f"{{{ns.XDSB}}}RepositoryUniqueId"
-    ).text = repository_node.settings.repository.repository_unique_id
-    etree.SubElement(item, f"{{{ns.XDSB}}}DocumentUniqueId").text = unique_id
+    request = _retrieve_request(repository_node, unique_id)
     url = repository_node.settings.url("repository")
     content_type, _, chunks = wire.write_message(
         wire.build_envelope(request, RETRIEVE, to=url), RETRIEVE, mtom=False
@@ -115,14 +121,7 @@ def test_document_whose_stored_copy_is_gone_is_an_error_not_a_broken_answer(
     record = repository.find(unique_id)
     assert record is not None
     repository.blobs.delete(record.blob)
-    request = etree.Element(
-        f"{{{ns.XDSB}}}RetrieveDocumentSetRequest", nsmap={"xdsb": ns.XDSB}
-    )
-    item = etree.SubElement(request, f"{{{ns.XDSB}}}DocumentRequest")
-    etree.SubElement(
-        item, f"{{{ns.XDSB}}}RepositoryUniqueId"
-    ).text = repository_node.settings.repository.repository_unique_id
-    etree.SubElement(item, f"{{{ns.XDSB}}}DocumentUniqueId").text = unique_id
+    request = _retrieve_request(repository_node, unique_id)
 
     client = wire.SoapClient(repository_node.settings.url("repository"))
     with client.call(RETRIEVE, request) as reply:
