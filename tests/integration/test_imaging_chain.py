@@ -36,6 +36,11 @@ def test_mr_study_comes_back_byte_identical(running_node: RunningNode, tmp_path)
     assert got == {h.sop_instance_uid: _sha256(h.path) for h in study.instances}
     for path in result.instances:
         assert path.parent.parent.name == study.study_instance_uid
+    # Answers are spooled inside the output directory and renamed into
+    # place; nothing of the spool is left.
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        ["manifests", study.study_instance_uid]
+    )
 
 
 def test_every_message_of_the_chain_is_schema_valid(

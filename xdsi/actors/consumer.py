@@ -9,7 +9,6 @@ Repository and Imaging Document Source are always known.
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable
@@ -35,6 +34,8 @@ from xdsi.metadata.responses import (
 logger = logging.getLogger(__name__)
 
 STUDY_INSTANCE_UID_TYPE = "urn:ihe:iti:xds:2016:studyInstanceUID"
+# Under an output directory, where answers are spooled while they arrive.
+PARTIAL_DIR = ".xdsi-partial"
 
 
 class ConsumerError(Exception):
@@ -197,11 +198,12 @@ class Consumer:
         ).text = entry.repository_unique_id
         etree.SubElement(item, f"{{{ns.XDSB}}}DocumentUniqueId").text = entry.unique_id
         ok = False
+        spool = _partial_dir(target.parent)
         try:
             client = wire.SoapClient(
                 url,
                 timeout=self.settings.consumer.timeout,
-                spool_dir=self.spool_dir,
+                spool_dir=spool,
                 ssl_context=tls.client_context_for(self.settings),
             )
             with client.call(transaction("ITI-43")["request_action"], request) as reply:
@@ -212,12 +214,12 @@ class Consumer:
                         + _describe(read_errors(reply.body)),
                         read_errors(reply.body),
                     )
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(got[entry.unique_id].path, target)
+                got[entry.unique_id].path.replace(target)
             ok = True
         except (wire.TransportError, wire.PeerFault) as exc:
             raise ConsumerError(f"ITI-43 to {url} failed: {exc}") from exc
         finally:
+            _remove_if_empty(spool)
             self._audit(
                 "ITI-43",
                 "Document Consumer",
@@ -280,11 +282,12 @@ class Consumer:
         request = self._rad69_request(location, by_series)
         studies = tuple(dict.fromkeys(study for study, _ in by_series))
         ok = False
+        spool = _partial_dir(out_dir)
         try:
             client = wire.SoapClient(
                 url,
                 timeout=self.settings.consumer.timeout,
-                spool_dir=self.spool_dir,
+                spool_dir=spool,
                 ssl_context=tls.client_context_for(self.settings),
             )
             # The Consumer keeps instances as sent; no hash is checked, so
@@ -303,7 +306,7 @@ class Consumer:
                             result.missing.append(ref.sop_instance_uid)
                             continue
                         target = folder / f"{ref.sop_instance_uid}.dcm"
-                        shutil.move(attachment.path, target)
+                        attachment.path.replace(target)
                         result.instances.append(target)
                         result.bytes += attachment.size
                         done += 1
@@ -319,6 +322,7 @@ class Consumer:
         except (wire.TransportError, wire.PeerFault) as exc:
             raise ConsumerError(f"RAD-69 to {url} failed: {exc}") from exc
         finally:
+            _remove_if_empty(spool)
             self._audit(
                 "RAD-69",
                 "Imaging Document Consumer",
@@ -394,6 +398,22 @@ class Consumer:
                 manifest, out_dir, result, patient_id, progress, done, total
             )
         return result
+
+
+def _partial_dir(out_dir: Path) -> Path:
+    """The directory answers are spooled to while they arrive: inside the
+    output directory, so that a finished file is renamed into place on the
+    same file system and no partial one ever has a final name."""
+    spool = out_dir / PARTIAL_DIR
+    spool.mkdir(parents=True, exist_ok=True)
+    return spool
+
+
+def _remove_if_empty(directory: Path) -> None:
+    try:
+        directory.rmdir()
+    except OSError:
+        pass
 
 
 def _describe(errors: list[RegistryError]) -> str:
