@@ -27,7 +27,7 @@ from flask import Flask
 from sqlalchemy import Engine
 from werkzeug.serving import BaseWSGIServer, ThreadedWSGIServer, WSGIRequestHandler
 
-from xdsi import audit, tls
+from xdsi import audit, tls, wire
 from xdsi.actors.consumer import Consumer
 from xdsi.actors.imaging_source import ImagingSource
 from xdsi.actors.intake import AutoPublisher, Intake
@@ -46,6 +46,8 @@ from xdsi.store.schema import make_engine
 logger = logging.getLogger(__name__)
 
 HTTP_ACTORS = ("registry", "repository", "imaging_source")
+# Connections one HTTP listener serves at once (a thread each).
+MAX_CONNECTIONS = 256
 
 
 class _RequestHandler(WSGIRequestHandler):
@@ -90,7 +92,62 @@ class _RequestHandler(WSGIRequestHandler):
 
 
 class _HttpServer(tls.TlsServerMixin, ThreadedWSGIServer):
-    """werkzeug's threaded server; each connection passes the TLS gate, if set."""
+    """werkzeug's threaded server; each connection passes the TLS gate, if set.
+
+    At most ``max_connections`` are served at once, a thread each; one more
+    is answered at once with 503 and a SOAP Receiver Fault (over TLS, whose
+    handshake happens in the connection's thread, it is closed), so that
+    peers that never finish a request cannot pile up threads without bound.
+    """
+
+    max_connections = MAX_CONNECTIONS
+    _slots: threading.BoundedSemaphore | None = None
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if self._slots is None:
+            self._slots = threading.BoundedSemaphore(self.max_connections)
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request, client_address)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            assert self._slots is not None
+            self._slots.release()
+
+    def _refuse(self, request: socket.socket, client_address: Any) -> None:
+        logger.warning(
+            "%s:%s: %d connections in progress; one from %s refused",
+            *self.server_address[:2],
+            self.max_connections,
+            client_address[0],
+        )
+        try:
+            if self.tls_gate is None:
+                fault = wire.fault_envelope(
+                    wire.ReceiverFault(
+                        "the node is serving as many connections as it takes; "
+                        "retry later"
+                    )
+                )
+                request.settimeout(1.0)
+                request.sendall(
+                    b"HTTP/1.1 503 Service Unavailable\r\n"
+                    b"Content-Type: application/soap+xml; charset=UTF-8\r\n"
+                    b"Retry-After: 1\r\nConnection: close\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(fault), fault)
+                )
+        except OSError:
+            pass
+        finally:
+            self.shutdown_request(request)
 
 
 class _Deferred:

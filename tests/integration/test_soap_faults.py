@@ -15,7 +15,7 @@ from lxml import etree
 
 from tests.conftest import assert_valid
 from tests.integration.conftest import RunningNode
-from xdsi import ns
+from xdsi import app, ns
 
 QUERY = "urn:ihe:iti:2007:RegistryStoredQuery"
 PROVIDE = "urn:ihe:iti:2007:ProvideAndRegisterDocumentSet-b"
@@ -376,3 +376,44 @@ def test_a_peer_dropping_an_upload_leaves_nothing_behind(
         time.sleep(0.1)
     assert _xdsi_errors(caplog) == []
     assert list(spool.glob("xdsi-msg-*")) == []
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    return answer
+
+
+def test_connections_beyond_the_limit_get_503_and_the_node_recovers(
+    running_node: RunningNode, monkeypatch: pytest.MonkeyPatch
+):
+    """SOAP 1.2 Part 2 7.5.1.2: peers that open connections and send nothing
+    hold at most the listener's limit of threads; one more connection is
+    answered at once with 503 and a Receiver Fault, and once they go the
+    node serves again."""
+    monkeypatch.setattr(app._HttpServer, "max_connections", 2)
+    address = (running_node.settings.node.host, running_node.settings.registry.port)
+    idle = [socket.create_connection(address, timeout=30) for _ in range(2)]
+    try:
+        time.sleep(0.5)
+        with socket.create_connection(address, timeout=30) as third:
+            answer = _read_all(third)
+    finally:
+        for sock in idle:
+            sock.close()
+
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503")
+    envelope = etree.fromstring(body)
+    assert_valid(envelope, "w3/soap-envelope.xsd")
+    value = envelope.find(f".//{{{ns.SOAP12}}}Code/{{{ns.SOAP12}}}Value")
+    assert value is not None and value.text == "env:Receiver"
+
+    deadline = time.monotonic() + 10
+    while True:
+        answer = requests.get(running_node.settings.url("registry"), timeout=30)
+        if answer.status_code != 503 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert answer.status_code == 405
