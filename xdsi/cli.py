@@ -68,6 +68,17 @@ def _settings(ctx: click.Context) -> Settings:
     return ctx.obj["settings"]
 
 
+def _wait_for_stop() -> None:
+    """Block until SIGTERM or Ctrl-C."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1):
+            pass
+    except KeyboardInterrupt:
+        pass
+
+
 def _fail(message: str) -> None:
     click.secho(f"error: {message}", fg="red", err=True)
     sys.exit(1)
@@ -143,13 +154,8 @@ def serve(ctx: click.Context, workers: int | None) -> None:
             f"{'feed (MLLP)':15} {effective.node.host}:{effective.registry.feed_port}"
         )
     click.echo(f"{'storage':15} {effective.storage}")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        while not stop.wait(1):
-            pass
-    except KeyboardInterrupt:
-        pass
+        _wait_for_stop()
     finally:
         node.stop()
 
@@ -744,13 +750,8 @@ def arr(
     click.echo(f"{'syslog tls':15} {repository.tls_port or 'off'}")
     click.echo(f"{'syslog udp':15} {repository.udp_port}")
     click.echo(f"{'query':15} http://{settings.node.host}:{web.server_port}/audit")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        while not stop.wait(1):
-            pass
-    except KeyboardInterrupt:
-        pass
+        _wait_for_stop()
     finally:
         web.shutdown()
         repository.stop()

@@ -117,6 +117,23 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def instance_row(
+    header: scan.InstanceHeader, blob: str, sha256: str, patient_id: str | None
+) -> dict[str, object]:
+    """The imaging_instance row of an instance kept in the store as ``blob``."""
+    return {
+        "sop_instance_uid": header.sop_instance_uid,
+        "study_instance_uid": header.study_instance_uid,
+        "series_instance_uid": header.series_instance_uid,
+        "sop_class_uid": header.sop_class_uid,
+        "transfer_syntax_uid": header.transfer_syntax_uid,
+        "size": header.size,
+        "sha256": sha256,
+        "patient_id": patient_id,
+        "blob": blob,
+    }
+
+
 def copy_hashed(source: Path, target: Path) -> str:
     """Copy ``source`` to the new file ``target`` in one read; return the
     copy's SHA-256."""
@@ -171,17 +188,7 @@ class ImagingSource:
                 conn.execute(
                     insert(imaging_instance),
                     [
-                        {
-                            "sop_instance_uid": header.sop_instance_uid,
-                            "study_instance_uid": header.study_instance_uid,
-                            "series_instance_uid": header.series_instance_uid,
-                            "sop_class_uid": header.sop_class_uid,
-                            "transfer_syntax_uid": header.transfer_syntax_uid,
-                            "size": header.size,
-                            "sha256": sha256,
-                            "patient_id": patient_id,
-                            "blob": blob,
-                        }
+                        instance_row(header, blob, sha256, patient_id)
                         for header, (blob, sha256) in zip(fresh, kept, strict=True)
                     ],
                 )
@@ -337,10 +344,10 @@ class ImagingSource:
             manifest.study_instance_uid,
         )
 
-    def _deprecate(self, manifest: Row, patient_id: str) -> None:
-        """Send the ITI-57 that deprecates ``manifest``'s DocumentEntry."""
+    def _submission_set(self, patient_id: str) -> SubmissionSetSpec:
+        """A fresh SubmissionSet of this Imaging Document Source."""
         cfg = self.settings.imaging_source
-        submission_set = SubmissionSetSpec(
+        return SubmissionSetSpec(
             entry_id="SubmissionSet01",
             unique_id=new_oid(),
             source_id=cfg.source_id,
@@ -349,6 +356,10 @@ class ImagingSource:
             author_institution=cfg.institution_name,
             submission_time=utc_dtm(),
         )
+
+    def _deprecate(self, manifest: Row, patient_id: str) -> None:
+        """Send the ITI-57 that deprecates ``manifest``'s DocumentEntry."""
+        submission_set = self._submission_set(patient_id)
         request = status_update_submission(
             submission_set, manifest.entry_uuid, STATUS_APPROVED, STATUS_DEPRECATED
         )
@@ -427,15 +438,7 @@ class ImagingSource:
             size=len(data),
             sha1=hashlib.sha1(data).hexdigest(),
         )
-        submission_set = SubmissionSetSpec(
-            entry_id="SubmissionSet01",
-            unique_id=new_oid(),
-            source_id=cfg.source_id,
-            patient_id=patient_id,
-            content_type_code=Code(*cfg.content_type_code),
-            author_institution=cfg.institution_name,
-            submission_time=utc_dtm(),
-        )
+        submission_set = self._submission_set(patient_id)
         metadata = manifest_submission(entry, submission_set)
         if current is not None and current.entry_uuid:
             add_replacement(metadata, entry.entry_id, current.entry_uuid)

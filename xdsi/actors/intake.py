@@ -27,7 +27,12 @@ from pydicom.fileset import FileSet
 from sqlalchemy import Connection, Row, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from xdsi.actors.imaging_source import ImagingSource, Published, sha256_file
+from xdsi.actors.imaging_source import (
+    ImagingSource,
+    Published,
+    instance_row,
+    sha256_file,
+)
 from xdsi.actors.provide import SubmitError
 from xdsi.dicom import check, scan
 from xdsi.store.schema import imaging_instance, imaging_study
@@ -148,15 +153,7 @@ class Intake:
             with self.engine.begin() as conn:
                 conn.execute(
                     insert(imaging_instance).values(
-                        sop_instance_uid=header.sop_instance_uid,
-                        study_instance_uid=header.study_instance_uid,
-                        series_instance_uid=header.series_instance_uid,
-                        sop_class_uid=header.sop_class_uid,
-                        transfer_syntax_uid=header.transfer_syntax_uid,
-                        size=header.size,
-                        sha256=digest,
-                        patient_id=patient_id,
-                        blob=blob,
+                        instance_row(header, blob, digest, patient_id)
                     )
                 )
                 self._touch(conn, header.study_instance_uid, patient_id)
