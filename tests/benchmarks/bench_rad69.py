@@ -29,6 +29,9 @@ times, the two sides of a ratio taking turns, and the median kept:
   The node fsyncs every instance it keeps; the plain copy does not, and a
   copy that does is printed too.
 
+Every timed step starts after a sync, untimed, so that none pays for the
+write-back of files another step (or the set-up) left in the page cache.
+
 It prints both ratios: Orthanc / RAD-69 (target >= 1.0) and time-to-share /
 plain copy (target <= 3).
 """
@@ -215,10 +218,16 @@ def serve_node(settings: Settings, ready: Connection, stop: EventType) -> None:
 
 def timed_turns(runs: int, *steps: Callable[[int], None]) -> list[float]:
     """Time each step ``runs`` times, the steps taking turns; return the
-    median of each."""
+    median of each.
+
+    Every step starts with nothing left to write back: what the step before
+    left in the page cache (a plain copy's files, say) is written out first,
+    untimed, so that no step pays for another's writes.
+    """
     times: list[list[float]] = [[] for _ in steps]
     for n in range(runs):
         for step, kept in zip(steps, times, strict=True):
+            os.sync()
             started = time.perf_counter()
             step(n)
             kept.append(time.perf_counter() - started)

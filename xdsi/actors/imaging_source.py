@@ -41,7 +41,8 @@ from xdsi.actors.repository import (
 )
 from xdsi.actors.soap_endpoint import Peer, Reply, soap_app
 from xdsi.config import Settings
-from xdsi.dicom import kos, mapping, scan, transcode
+from xdsi.dicom import manifest_worker, scan, transcode
+from xdsi.dicom.manifest_worker import EncodedManifest
 from xdsi.errors import (
     DocumentUniqueIdError,
     ImagingRequestError,
@@ -93,14 +94,6 @@ class Published:
     bytes: int
     # The manifest this one replaced (RPLC), if any.
     replaced: str | None = None
-
-
-@dataclass(frozen=True)
-class _Manifest:
-    """A manifest encoded as a DICOM file, with its XDS metadata."""
-
-    data: bytes
-    facts: mapping.ManifestFacts
 
 
 # Instances are copied into the store by this many threads, so that their
@@ -280,7 +273,7 @@ class ImagingSource:
         study_instance_uid: str,
         patient_id: str,
         known: scan.Study | None = None,
-        built: _Manifest | None = None,
+        built: EncodedManifest | None = None,
     ) -> Published | None:
         """Publish what is held of a study now, replacing its manifest.
 
@@ -379,26 +372,28 @@ class ImagingSource:
         except SubmitError as exc:
             raise PublishError(str(exc), exc.errors) from exc
 
-    def _manifest(self, study: scan.Study) -> _Manifest:
-        """Build and encode the manifest of ``study``; read its metadata."""
+    def _manifest(self, study: scan.Study) -> EncodedManifest:
+        """Build and encode the manifest of ``study``; read its metadata.
+
+        A large study's is built in a worker process, so that the node's
+        threads are not held up meanwhile (see :mod:`xdsi.dicom.manifest_worker`).
+        """
         cfg = self.settings.imaging_source
-        manifest = kos.build_manifest(
-            study,
+        options = manifest_worker.ManifestOptions(
             retrieve_ae_title=cfg.ae_title,
             retrieve_location_uid=self.repository_unique_id,
             retrieve_url=self.settings.dicomweb_url,
             institution_name=cfg.institution_name,
-        )
-        data = kos.manifest_bytes(manifest)
-        facts = mapping.manifest_facts(
-            study,
-            manifest,
             accession_assigning_authority=cfg.accession_assigning_authority,
         )
-        return _Manifest(data, facts)
+        return manifest_worker.build(study, options)
 
     def _submit(
-        self, study: scan.Study, patient_id: str, current: Row | None, built: _Manifest
+        self,
+        study: scan.Study,
+        patient_id: str,
+        current: Row | None,
+        built: EncodedManifest,
     ) -> Published:
         """Send the manifest of ``study`` with RAD-68."""
         cfg = self.settings.imaging_source

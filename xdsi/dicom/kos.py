@@ -79,6 +79,10 @@ class NotAManifest(Exception):
         self.sop_instance_uid = sop_instance_uid
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Raised in a worker process, it is pickled back to the caller.
+        return (type(self), (self.sop_instance_uid, self.reason))
+
 
 @dataclass(frozen=True)
 class ManifestReference:

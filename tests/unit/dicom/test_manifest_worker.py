@@ -1,0 +1,100 @@
+"""Tests of manifests built in the worker process (xdsi.dicom.manifest_worker)."""
+
+import dataclasses
+import logging
+import os
+import pickle
+import signal
+
+import pytest
+
+from xdsi.cli import bundled_study
+from xdsi.dicom import manifest_worker
+from xdsi.dicom.kos import NotAManifest, parse_manifest
+from xdsi.dicom.manifest_worker import ManifestOptions, build, encode
+from xdsi.dicom.scan import scan_directory
+
+OPTIONS = ManifestOptions(
+    retrieve_ae_title="XDSI_IDS",
+    retrieve_location_uid="1.3.6.1.4.1.21367.13.80.110",
+    retrieve_url="http://127.0.0.1:9083/dicomweb",
+    institution_name="xdsi test",
+    accession_assigning_authority="1.3.6.1.4.1.21367.13.20.1000",
+)
+
+
+@pytest.fixture(scope="module")
+def study():
+    (study,) = scan_directory(bundled_study()).studies
+    return study
+
+
+@pytest.fixture
+def own_worker(monkeypatch):
+    """A worker of this test's own, shut down after it."""
+    monkeypatch.setattr(manifest_worker, "_worker", None)
+    yield
+    if manifest_worker._worker is not None:
+        manifest_worker._worker.shutdown()
+
+
+def _same_but_new(facts):
+    """Facts without what every build makes anew."""
+    return dataclasses.replace(facts, unique_id="", creation_time="")
+
+
+def test_worker_builds_the_manifest_built_in_process(study, own_worker):
+    here = encode(study, OPTIONS)
+    there = build(study, OPTIONS, in_worker=True)
+
+    assert manifest_worker._worker is not None
+    assert parse_manifest(there.data).references == parse_manifest(here.data).references
+    assert _same_but_new(there.facts) == _same_but_new(here.facts)
+    assert parse_manifest(there.data).sop_instance_uid == there.facts.unique_id
+
+
+def test_small_study_is_built_without_a_worker(study, own_worker):
+    assert len(study.instances) < manifest_worker.WORKER_MIN_INSTANCES
+    build(study, OPTIONS)
+    assert manifest_worker._worker is None
+
+
+def test_large_study_goes_to_the_worker(study, own_worker, monkeypatch):
+    monkeypatch.setattr(manifest_worker, "WORKER_MIN_INSTANCES", len(study.instances))
+    built = build(study, OPTIONS)
+    assert manifest_worker._worker is not None
+    assert len(parse_manifest(built.data).references) == len(study.instances)
+
+
+def test_error_in_the_worker_is_raised_as_itself(study, own_worker):
+    bad = dataclasses.replace(OPTIONS, retrieve_location_uid="not-a-uid")
+    with pytest.raises(ValueError, match="not a valid UID"):
+        build(study, bad, in_worker=True)
+    # The worker survives a refused study.
+    worker = manifest_worker._worker
+    build(study, OPTIONS, in_worker=True)
+    assert manifest_worker._worker is worker
+
+
+def test_not_a_manifest_survives_pickling():
+    error = pickle.loads(pickle.dumps(NotAManifest("1.2.3", "no Content Date")))
+    assert (error.sop_instance_uid, error.reason) == ("1.2.3", "no Content Date")
+    assert str(error) == "1.2.3 is not an XDS-I.b manifest: no Content Date"
+
+
+def test_dead_worker_falls_back_and_is_replaced(study, own_worker, caplog):
+    build(study, OPTIONS, in_worker=True)
+    dead = manifest_worker._worker
+    for pid in list(dead._processes):
+        os.kill(pid, signal.SIGKILL)
+    for process in list(dead._processes.values()):
+        process.join(10)
+
+    with caplog.at_level(logging.WARNING, logger="xdsi.dicom.manifest_worker"):
+        built = build(study, OPTIONS, in_worker=True)
+    assert len(parse_manifest(built.data).references) == len(study.instances)
+    assert "manifest worker process failed" in caplog.text
+    assert manifest_worker._worker is None
+
+    build(study, OPTIONS, in_worker=True)
+    assert manifest_worker._worker not in (None, dead)
