@@ -6,6 +6,8 @@ from __future__ import annotations
 import http.client
 import logging
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -540,3 +542,33 @@ def test_import_of_a_study_whose_patient_is_unknown_fails(
     assert outcome.exit_code == 1, outcome.output
     assert "not published" in outcome.output
     assert _manifests(patient_node) == []
+
+
+def test_import_says_why_a_file_is_refused_once(
+    patient_node: RunningNode, tmp_path: Path
+) -> None:
+    """pydicom's own complaint about a file (logged, and raised again as a
+    Python warning; other complaints quote values, which may be PHI) stays
+    out of the output at the default verbosity: the refusal is reported
+    once, in the node's words."""
+    bad = shared_path(
+        "dicom", "bad", "pixeldata-too-short__emri_small_jpeg_2k_lossless_too_short.dcm"
+    )
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    shutil.copy(bad, folder)
+    config = tmp_path / "xdsi.toml"
+    config.write_text(to_toml(patient_node.settings))
+
+    outcome = subprocess.run(
+        [sys.executable, "-m", "xdsi", "--config", str(config), "import", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    said = outcome.stdout + outcome.stderr
+    assert outcome.returncode == 1, said
+    assert said.count(bad.name) == 1, said
+    assert "Refused" in said and "ends before its SOP Instance UID" in said
+    assert "pydicom" not in said and "UserWarning" not in said
