@@ -10,7 +10,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pydicom
@@ -18,6 +18,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
+from xdsi import worker
 from xdsi.metadata.codes import Code
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,10 @@ class DicomInputError(Exception):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+    def __reduce__(self) -> tuple[type, tuple[Path, str]]:
+        # Raised in the worker process, it is pickled back to the caller.
+        return (type(self), (self.path, self.reason))
 
 
 class NotDicom(DicomInputError):
@@ -192,24 +197,42 @@ def scan_directory(path: Path) -> ScanResult:
 def scan_files(paths: Iterable[Path]) -> ScanResult:
     """Read the headers of ``paths`` and group the instances by study.
 
-    Rejects files as :func:`scan_directory` does.
+    Rejects files as :func:`scan_directory` does. Of many files, the first
+    half is read in the worker process (:mod:`xdsi.worker`) while this one
+    reads the second.
     """
+    files = list(paths)
+    if len(files) < worker.MIN_INSTANCES:
+        result = _scan(files)
+    else:
+        half = len(files) // 2
+        first = worker.submit(_scan, files[:half])
+        second = _scan(files[half:])
+        result = _joined(worker.result(first, _scan, files[:half]), second)
+        # Rejections in the order the files were named, as one scan gives.
+        order = {file: n for n, file in enumerate(files)}
+        rejected = sorted(result.rejected, key=lambda item: order[item[0]])
+        result = replace(result, rejected=tuple(rejected))
+    for file, reason in result.rejected:
+        logger.warning("Rejected %s: %s", file, reason)
+    return result
+
+
+def _scan(files: list[Path]) -> ScanResult:
+    """Read and group ``files`` in this process, logging nothing."""
     studies: dict[str, _StudyBuilder] = {}
     rejected: list[tuple[Path, str]] = []
     seen: dict[str, Path] = {}
 
-    for file in paths:
+    for file in files:
         try:
             header, ds = read_header(file)
         except DicomInputError as exc:
-            logger.warning("Rejected %s: %s", file, exc.reason)
             rejected.append((file, exc.reason))
             continue
         first = seen.get(header.sop_instance_uid)
         if first is not None:
-            reason = f"duplicate SOP Instance UID, already read from {first}"
-            logger.warning("Rejected %s: %s", file, reason)
-            rejected.append((file, reason))
+            rejected.append((file, _duplicate(first)))
             continue
         seen[header.sop_instance_uid] = file
         builder = studies.get(header.study_instance_uid)
@@ -221,6 +244,79 @@ def scan_files(paths: Iterable[Path]) -> ScanResult:
         studies=tuple(studies[uid].build() for uid in sorted(studies)),
         rejected=tuple(rejected),
     )
+
+
+def _duplicate(first: Path) -> str:
+    return f"duplicate SOP Instance UID, already read from {first}"
+
+
+def _joined(first: ScanResult, second: ScanResult) -> ScanResult:
+    """One scan of the files of ``first`` followed by those of ``second``.
+
+    What the first files fixed stands: study, patient and series attributes
+    come from them when they hold the study or series, and an instance of
+    the second files already read among the first is rejected.
+    """
+    # Limitation: when the first file of a study or series among the second
+    # files repeats a SOP Instance UID of the first files, the attributes of
+    # that study or series are still read from it, where one scan would
+    # take the next file's.
+    seen = {i.sop_instance_uid: i.path for s in first.studies for i in s.instances}
+    rejected = list(first.rejected)
+    studies = {study.study_instance_uid: study for study in first.studies}
+    for study in second.studies:
+        series = []
+        for one in study.series:
+            fresh = []
+            for instance in one.instances:
+                if instance.sop_instance_uid in seen:
+                    path = seen[instance.sop_instance_uid]
+                    rejected.append((instance.path, _duplicate(path)))
+                else:
+                    fresh.append(instance)
+            if fresh:
+                series.append(replace(one, instances=tuple(fresh)))
+        if not series:
+            continue
+        earlier = studies.get(study.study_instance_uid)
+        if earlier is None:
+            studies[study.study_instance_uid] = replace(study, series=tuple(series))
+            continue
+        by_uid = {s.series_instance_uid: s for s in earlier.series}
+        for one in series:
+            held = by_uid.get(one.series_instance_uid)
+            if held is None:
+                by_uid[one.series_instance_uid] = one
+                continue
+            by_uid[one.series_instance_uid] = replace(
+                held,
+                instances=tuple(
+                    sorted(held.instances + one.instances, key=_instance_order)
+                ),
+                last_acquisition_datetime=max(
+                    held.last_acquisition_datetime, one.last_acquisition_datetime
+                ),
+            )
+        studies[study.study_instance_uid] = replace(
+            earlier, series=tuple(sorted(by_uid.values(), key=_series_order))
+        )
+    rejected.extend(second.rejected)
+    return ScanResult(
+        studies=tuple(studies[uid] for uid in sorted(studies)),
+        rejected=tuple(rejected),
+    )
+
+
+def _instance_order(instance: InstanceHeader) -> tuple[bool, int, str]:
+    """Instances by Instance Number, then SOP Instance UID."""
+    number = instance.instance_number
+    return (number is None, number or 0, instance.sop_instance_uid)
+
+
+def _series_order(series: Series) -> tuple[bool, int, str]:
+    """Series by Series Number, then Series Instance UID."""
+    number = series.series_number
+    return (number is None, number or 0, series.series_instance_uid)
 
 
 def _regular_files(path: Path) -> list[Path]:
@@ -339,14 +435,7 @@ class _SeriesBuilder:
         self.last_acquisition_datetime = max(self.last_acquisition_datetime, acquired)
 
     def build(self, series_instance_uid: str) -> Series:
-        instances = sorted(
-            self.instances,
-            key=lambda i: (
-                i.instance_number is None,
-                i.instance_number or 0,
-                i.sop_instance_uid,
-            ),
-        )
+        instances = sorted(self.instances, key=_instance_order)
         return Series(
             series_instance_uid=series_instance_uid,
             modality=self.modality,
@@ -405,11 +494,7 @@ class _StudyBuilder:
     def build(self) -> Study:
         series = sorted(
             (builder.build(uid) for uid, builder in self.series.items()),
-            key=lambda s: (
-                s.series_number is None,
-                s.series_number or 0,
-                s.series_instance_uid,
-            ),
+            key=_series_order,
         )
         fields = self.ds_fields
         return Study(

@@ -8,8 +8,8 @@ import signal
 
 import pytest
 
+from xdsi import worker
 from xdsi.cli import bundled_study
-from xdsi.dicom import manifest_worker
 from xdsi.dicom.kos import NotAManifest, parse_manifest
 from xdsi.dicom.manifest_worker import ManifestOptions, build, encode
 from xdsi.dicom.scan import scan_directory
@@ -29,15 +29,6 @@ def study():
     return study
 
 
-@pytest.fixture
-def own_worker(monkeypatch):
-    """A worker of this test's own, shut down after it."""
-    monkeypatch.setattr(manifest_worker, "_worker", None)
-    yield
-    if manifest_worker._worker is not None:
-        manifest_worker._worker.shutdown()
-
-
 def _same_but_new(facts):
     """Facts without what every build makes anew."""
     return dataclasses.replace(facts, unique_id="", creation_time="")
@@ -47,22 +38,22 @@ def test_worker_builds_the_manifest_built_in_process(study, own_worker):
     here = encode(study, OPTIONS)
     there = build(study, OPTIONS, in_worker=True)
 
-    assert manifest_worker._worker is not None
+    assert worker._executor is not None
     assert parse_manifest(there.data).references == parse_manifest(here.data).references
     assert _same_but_new(there.facts) == _same_but_new(here.facts)
     assert parse_manifest(there.data).sop_instance_uid == there.facts.unique_id
 
 
 def test_small_study_is_built_without_a_worker(study, own_worker):
-    assert len(study.instances) < manifest_worker.WORKER_MIN_INSTANCES
+    assert len(study.instances) < worker.MIN_INSTANCES
     build(study, OPTIONS)
-    assert manifest_worker._worker is None
+    assert worker._executor is None
 
 
 def test_large_study_goes_to_the_worker(study, own_worker, monkeypatch):
-    monkeypatch.setattr(manifest_worker, "WORKER_MIN_INSTANCES", len(study.instances))
+    monkeypatch.setattr(worker, "MIN_INSTANCES", len(study.instances))
     built = build(study, OPTIONS)
-    assert manifest_worker._worker is not None
+    assert worker._executor is not None
     assert len(parse_manifest(built.data).references) == len(study.instances)
 
 
@@ -71,9 +62,9 @@ def test_error_in_the_worker_is_raised_as_itself(study, own_worker):
     with pytest.raises(ValueError, match="not a valid UID"):
         build(study, bad, in_worker=True)
     # The worker survives a refused study.
-    worker = manifest_worker._worker
+    started = worker._executor
     build(study, OPTIONS, in_worker=True)
-    assert manifest_worker._worker is worker
+    assert worker._executor is started
 
 
 def test_not_a_manifest_survives_pickling():
@@ -84,17 +75,17 @@ def test_not_a_manifest_survives_pickling():
 
 def test_dead_worker_falls_back_and_is_replaced(study, own_worker, caplog):
     build(study, OPTIONS, in_worker=True)
-    dead = manifest_worker._worker
+    dead = worker._executor
     for pid in list(dead._processes):
         os.kill(pid, signal.SIGKILL)
     for process in list(dead._processes.values()):
         process.join(10)
 
-    with caplog.at_level(logging.WARNING, logger="xdsi.dicom.manifest_worker"):
+    with caplog.at_level(logging.WARNING, logger="xdsi.worker"):
         built = build(study, OPTIONS, in_worker=True)
     assert len(parse_manifest(built.data).references) == len(study.instances)
-    assert "manifest worker process failed" in caplog.text
-    assert manifest_worker._worker is None
+    assert "the worker process failed" in caplog.text
+    assert worker._executor is None
 
     build(study, OPTIONS, in_worker=True)
-    assert manifest_worker._worker not in (None, dead)
+    assert worker._executor not in (None, dead)

@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SHARED
+from xdsi import worker
 from xdsi.dicom.scan import (
     InvalidInstance,
     NotDicom,
     read_header,
     scan_directory,
+    scan_files,
 )
 
 pytestmark = pytest.mark.usefixtures("shared_data")
@@ -169,3 +171,55 @@ def test_repeated_sop_instance_uid_is_rejected(tmp_path):
     ((path, reason),) = result.rejected
     assert path.name == "b.dcm"
     assert reason.startswith("duplicate SOP Instance UID")
+
+
+def _mixed_folder(tmp_path: Path) -> list[Path]:
+    """Two studies interleaved, a file read twice in each half, junk: in
+    the order a scan reads them."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    ct = sorted(p for p in STUDY_CT.rglob("*") if p.is_file())
+    mr = sorted(p for p in (DATA / "study-mr" / "images").rglob("*") if p.is_file())
+    sources = [f for pair in zip(ct, mr, strict=False) for f in pair] + ct[len(mr) :]
+    sources += [ct[3], mr[5], ct[40]]  # again, in the second half
+    sources.insert(10, ct[2])  # again, in the first half
+    files = []
+    for n, source in enumerate(sources):
+        target = folder / f"{n:04d}.dcm"
+        shutil.copy(source, target)
+        files.append(target)
+    junk = folder / f"{len(files) // 4:04d}-junk.dcm"
+    junk.write_bytes(b"not DICOM")
+    files.insert(len(files) // 4 + 1, junk)
+    return sorted(files)
+
+
+def test_scan_split_with_the_worker_reads_as_one_scan(
+    tmp_path, own_worker, monkeypatch
+):
+    """A scan whose first half is read by the worker process gives the
+    studies of a scan in one process, first-read attributes and rejected
+    repeats included."""
+    files = _mixed_folder(tmp_path)
+    monkeypatch.setattr(worker, "MIN_INSTANCES", len(files) + 1)
+    alone = scan_files(files)
+    assert worker._executor is None
+
+    monkeypatch.setattr(worker, "MIN_INSTANCES", 2)
+    split = scan_files(files)
+
+    assert worker._executor is not None
+    assert split.studies == alone.studies
+    assert split.rejected == alone.rejected
+    assert len(alone.studies) == 2 and len(alone.rejected) == 5
+
+
+def test_scan_split_logs_what_the_worker_rejected(
+    tmp_path, own_worker, monkeypatch, caplog
+):
+    files = _mixed_folder(tmp_path)
+    monkeypatch.setattr(worker, "MIN_INSTANCES", 2)
+    with caplog.at_level(logging.WARNING, logger="xdsi.dicom.scan"):
+        result = scan_files(files)
+    for path, reason in result.rejected:
+        assert f"Rejected {path}: {reason}" in caplog.text

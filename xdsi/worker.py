@@ -1,0 +1,113 @@
+"""One worker process for the node's CPU-bound DICOM work on large studies.
+
+Reading DICOM headers (pydicom) and building a manifest (highdicom) are pure
+Python: about half a millisecond to a millisecond per instance. In the
+node's own process the work on a 2000-instance study holds the GIL for
+seconds, and every other thread of the node waits behind it: those that
+copy, hash and fsync the study's instances meanwhile, and those that serve
+other peers. Work on a study of at least :data:`MIN_INSTANCES` instances
+therefore goes to one worker process, started on first need and shared by
+the whole Python process, while the calling process does what it can meanwhile
+(half of a header scan, the keeping of the instances). Smaller studies stay
+in the calling thread, where the worker's start and round trip would cost
+more than they save.
+
+A worker that cannot be started or dies is not an error: the work is then
+done in the calling process, and a new worker is started next time.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import threading
+import warnings
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import ParamSpec, TypeVar
+
+logger = logging.getLogger(__name__)
+
+# Work on at least this many instances goes to the worker process.
+MIN_INSTANCES = 500
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_executor: ProcessPoolExecutor | None = None
+
+
+def submit(function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+    """Start ``function(*args, **kwargs)`` in the worker process.
+
+    ``function`` must be a module-level function, and its arguments and
+    result picklable. Collect the result with :func:`result`.
+    """
+    try:
+        return _worker().submit(function, *args, **kwargs)
+    except (BrokenProcessPool, OSError, RuntimeError) as exc:
+        failed: Future[T] = Future()
+        failed.set_exception(BrokenProcessPool(str(exc)))
+        return failed
+
+
+def result(
+    future: Future[T], function: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+) -> T:
+    """The result of work started with :func:`submit`.
+
+    Raises what ``function`` raised. When the worker could not start or
+    died, ``function(*args, **kwargs)`` is run here instead.
+    """
+    try:
+        return future.result()
+    except BrokenProcessPool as exc:
+        logger.warning(
+            "the worker process failed (%s); %s runs in this process",
+            exc or "it died",
+            function.__qualname__,
+        )
+        _discard()
+        return function(*args, **kwargs)
+
+
+def run(function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run ``function(*args, **kwargs)`` in the worker process and wait."""
+    return result(submit(function, *args, **kwargs), function, *args, **kwargs)
+
+
+def _worker() -> ProcessPoolExecutor:
+    """The worker, started on first call."""
+    global _executor
+    with _lock:
+        if _executor is None:
+            # A fresh interpreter rather than a fork of this multi-threaded
+            # process.
+            _executor = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_set_up,
+            )
+        return _executor
+
+
+def _set_up() -> None:
+    """Start a worker that takes no SIGINT, so that Ctrl-C stops the node
+    without a traceback from the worker, and prints nothing: the calling
+    process reports what matters (pydicom's complaints, which may quote a
+    patient's values, included)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    warnings.simplefilter("ignore")
+    logging.getLogger().addHandler(logging.NullHandler())
+
+
+def _discard() -> None:
+    """Drop a broken worker; the next call starts another."""
+    global _executor
+    with _lock:
+        broken, _executor = _executor, None
+    if broken is not None:
+        broken.shutdown(wait=False, cancel_futures=True)
