@@ -41,8 +41,8 @@ from xdsi.actors.repository import (
 )
 from xdsi.actors.soap_endpoint import Peer, Reply, soap_app
 from xdsi.config import Settings
-from xdsi.dicom import manifest_worker, scan, transcode
-from xdsi.dicom.manifest_worker import EncodedManifest
+from xdsi.dicom import scan, transcode
+from xdsi.dicom.manifest import EncodedManifest, ManifestOptions, encoded_manifest
 from xdsi.errors import (
     DocumentUniqueIdError,
     ImagingRequestError,
@@ -376,17 +376,17 @@ class ImagingSource:
         """Build and encode the manifest of ``study``; read its metadata.
 
         A large study's is built in a worker process, so that the node's
-        threads are not held up meanwhile (see :mod:`xdsi.dicom.manifest_worker`).
+        threads are not held up meanwhile (see :mod:`xdsi.dicom.manifest`).
         """
         cfg = self.settings.imaging_source
-        options = manifest_worker.ManifestOptions(
+        options = ManifestOptions(
             retrieve_ae_title=cfg.ae_title,
             retrieve_location_uid=self.repository_unique_id,
             retrieve_url=self.settings.dicomweb_url,
             institution_name=cfg.institution_name,
             accession_assigning_authority=cfg.accession_assigning_authority,
         )
-        return manifest_worker.build(study, options)
+        return encoded_manifest(study, options)
 
     def _submit(
         self,

@@ -54,7 +54,7 @@ def encode(study: Study, options: ManifestOptions) -> EncodedManifest:
     return EncodedManifest(data, facts)
 
 
-def build(
+def encoded_manifest(
     study: Study, options: ManifestOptions, *, in_worker: bool | None = None
 ) -> EncodedManifest:
     """Build and encode the manifest of ``study``, in the worker process

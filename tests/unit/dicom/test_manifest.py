@@ -1,4 +1,4 @@
-"""Tests of manifests built in the worker process (xdsi.dicom.manifest_worker)."""
+"""Tests of manifests built in the worker process (xdsi.dicom.manifest)."""
 
 import dataclasses
 import logging
@@ -11,7 +11,7 @@ import pytest
 from xdsi import worker
 from xdsi.cli import bundled_study
 from xdsi.dicom.kos import NotAManifest, parse_manifest
-from xdsi.dicom.manifest_worker import ManifestOptions, build, encode
+from xdsi.dicom.manifest import ManifestOptions, encode, encoded_manifest
 from xdsi.dicom.scan import scan_directory
 
 OPTIONS = ManifestOptions(
@@ -36,7 +36,7 @@ def _same_but_new(facts):
 
 def test_worker_builds_the_manifest_built_in_process(study, own_worker):
     here = encode(study, OPTIONS)
-    there = build(study, OPTIONS, in_worker=True)
+    there = encoded_manifest(study, OPTIONS, in_worker=True)
 
     assert worker._executor is not None
     assert parse_manifest(there.data).references == parse_manifest(here.data).references
@@ -46,13 +46,13 @@ def test_worker_builds_the_manifest_built_in_process(study, own_worker):
 
 def test_small_study_is_built_without_a_worker(study, own_worker):
     assert len(study.instances) < worker.MIN_INSTANCES
-    build(study, OPTIONS)
+    encoded_manifest(study, OPTIONS)
     assert worker._executor is None
 
 
 def test_large_study_goes_to_the_worker(study, own_worker, monkeypatch):
     monkeypatch.setattr(worker, "MIN_INSTANCES", len(study.instances))
-    built = build(study, OPTIONS)
+    built = encoded_manifest(study, OPTIONS)
     assert worker._executor is not None
     assert len(parse_manifest(built.data).references) == len(study.instances)
 
@@ -60,10 +60,10 @@ def test_large_study_goes_to_the_worker(study, own_worker, monkeypatch):
 def test_error_in_the_worker_is_raised_as_itself(study, own_worker):
     bad = dataclasses.replace(OPTIONS, retrieve_location_uid="not-a-uid")
     with pytest.raises(ValueError, match="not a valid UID"):
-        build(study, bad, in_worker=True)
+        encoded_manifest(study, bad, in_worker=True)
     # The worker survives a refused study.
     started = worker._executor
-    build(study, OPTIONS, in_worker=True)
+    encoded_manifest(study, OPTIONS, in_worker=True)
     assert worker._executor is started
 
 
@@ -74,7 +74,7 @@ def test_not_a_manifest_survives_pickling():
 
 
 def test_dead_worker_falls_back_and_is_replaced(study, own_worker, caplog):
-    build(study, OPTIONS, in_worker=True)
+    encoded_manifest(study, OPTIONS, in_worker=True)
     dead = worker._executor
     for pid in list(dead._processes):
         os.kill(pid, signal.SIGKILL)
@@ -82,10 +82,10 @@ def test_dead_worker_falls_back_and_is_replaced(study, own_worker, caplog):
         process.join(10)
 
     with caplog.at_level(logging.WARNING, logger="xdsi.worker"):
-        built = build(study, OPTIONS, in_worker=True)
+        built = encoded_manifest(study, OPTIONS, in_worker=True)
     assert len(parse_manifest(built.data).references) == len(study.instances)
     assert "the worker process failed" in caplog.text
     assert worker._executor is None
 
-    build(study, OPTIONS, in_worker=True)
+    encoded_manifest(study, OPTIONS, in_worker=True)
     assert worker._executor not in (None, dead)
