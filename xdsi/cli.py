@@ -526,9 +526,17 @@ def remove(
         sop_instance_uids=sop_instance_uids,
     )
     click.echo(f"{_count(removed, 'instance')} removed")
-    if removed and publish:
+    if publish and (removed or services.intake.changed(study_instance_uid)):
+        # A change an earlier removal left unpublished is published too.
         _publish_now(services, (study_instance_uid,))
     services.engine.dispose()
+    if not removed:
+        named = f"study {study_instance_uid}"
+        if series_instance_uid:
+            named += f", series {series_instance_uid}"
+        if sop_instance_uids:
+            named += f", instances {', '.join(sop_instance_uids)}"
+        _fail(f"nothing held matches {named}")
 
 
 def _publish_now(services: Services, studies: Iterable[str]) -> None:
@@ -806,8 +814,19 @@ def tls_group() -> None:
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--name", default="xdsi test CA", help="The CA's common name.")
 @click.option("--days", type=int, default=365, show_default=True)
-def tls_make_ca(directory: Path, name: str, days: int) -> None:
+@click.option("--force", is_flag=True, help="Replace a CA already in DIRECTORY.")
+def tls_make_ca(directory: Path, name: str, days: int, force: bool) -> None:
     """Write a self-signed test CA to DIRECTORY (ca.pem, ca-key.pem)."""
+    existing = [
+        p for p in (directory / "ca.pem", directory / "ca-key.pem") if p.exists()
+    ]
+    if existing and not force:
+        # A new CA would leave every certificate the old one signed
+        # unverifiable.
+        _fail(
+            f"{existing[0]} exists; certificates it signed would no longer "
+            "verify (use --force to replace it)"
+        )
     files = tls.make_ca(directory, common_name=name, days=days)
     click.echo(f"CA certificate {files.certificate}")
     click.echo(f"CA key         {files.private_key}")

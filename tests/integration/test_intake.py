@@ -572,3 +572,16 @@ def test_import_says_why_a_file_is_refused_once(
     assert said.count(bad.name) == 1, said
     assert "Refused" in said and "ends before its SOP Instance UID" in said
     assert "pydicom" not in said and "UserWarning" not in said
+
+
+def test_remove_of_what_is_not_held_fails(
+    patient_node: RunningNode, tmp_path: Path
+) -> None:
+    """``remove`` naming a study the node does not hold removes nothing and
+    says so with a non-zero exit, so that a mistyped UID is not taken for
+    success."""
+    outcome = _xdsi(patient_node, tmp_path, "remove", "1.2.3.4.999")
+
+    assert outcome.exit_code == 1
+    assert "0 instances removed" in outcome.output
+    assert "nothing held matches study 1.2.3.4.999" in outcome.output

@@ -95,3 +95,22 @@ def test_demo_runs_the_chain_over_mutual_tls(tmp_path: Path) -> None:
     assert "the XDS-I.b chain over mutual TLS" in result.stdout
     assert "https://127.0.0.1:" in result.stdout
     assert "byte-identical" in result.stdout
+
+
+def test_make_ca_refuses_to_replace_a_ca(tmp_path: Path) -> None:
+    """A second make-ca into the same directory would leave every
+    certificate the first CA signed unverifiable: it is refused unless
+    forced."""
+    config = tmp_path / "xdsi.toml"
+    config.write_text("")
+    _xdsi(config, "tls", "make-ca", str(tmp_path / "ca"))
+    first = (tmp_path / "ca" / "ca.pem").read_bytes()
+
+    again = _xdsi(config, "tls", "make-ca", str(tmp_path / "ca"), check=False)
+    assert again.returncode == 1
+    assert "--force" in again.stderr
+    assert (tmp_path / "ca" / "ca.pem").read_bytes() == first
+
+    forced = _xdsi(config, "tls", "make-ca", str(tmp_path / "ca"), "--force")
+    assert forced.returncode == 0
+    assert (tmp_path / "ca" / "ca.pem").read_bytes() != first

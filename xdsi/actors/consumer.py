@@ -105,7 +105,8 @@ class Consumer:
             return self.settings.url("imaging_source")
         raise ConsumerError(
             f"no endpoint is configured for repositoryUniqueId {repository_unique_id}"
-            " (add it to [consumer] repositories)"
+            " (add it to [consumer] repositories, or give the configuration of the"
+            " node that published it)"
         )
 
     def _audit(
