@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 SCHEMES = ("tls", "udp")
 
+# Deliveries in a row after which a target that failed counts as back.
+RECOVERED_AFTER = 2
+
 _CURSOR_PREFIX = ".cursor-"
 _NOT_NAME = re.compile(r"[^A-Za-z0-9.-]")
 
@@ -129,6 +132,7 @@ class _Worker(threading.Thread):
         self.sender = sender
         self.cursor = _Cursor(forwarder.spool.directory / target.cursor_name)
         self.failures = 0
+        self.delivered_since_failure = 0
 
     def pending(self) -> list[str]:
         directory = self.forwarder.spool.directory
@@ -207,6 +211,7 @@ class _Worker(threading.Thread):
 
     def _failed(self, exc: TargetDown) -> None:
         self.failures += 1
+        self.delivered_since_failure = 0
         delay = self.forwarder.backoff.delay(self.failures)
         level = logging.WARNING if self.failures == 1 else logging.DEBUG
         logger.log(
@@ -218,7 +223,12 @@ class _Worker(threading.Thread):
         )
 
     def _recovered(self) -> None:
-        if self.failures:
+        # One delivery is no sign of a target being back: over UDP to a port
+        # nobody listens on, every other send fails (the ICMP Port
+        # Unreachable of one send refuses the next, RFC 1122 4.1.3.3), and
+        # the target would be logged back and down again all day.
+        self.delivered_since_failure += 1
+        if self.failures and self.delivered_since_failure >= RECOVERED_AFTER:
             logger.warning(
                 "audit target %s is back after %d failed attempts",
                 self.target.url,

@@ -233,3 +233,28 @@ def test_a_refused_session_counts_nothing_as_delivered(
 
     assert store.query() == []
     assert sending.backlog() == {url: 1}
+
+
+def test_udp_target_nobody_listens_on_is_logged_down_once(
+    tmp_path: Path, real_ids: RealIds, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RFC 5426 has no acknowledgement: a send that the kernel takes proves
+    nothing, so a port answering ICMP Port Unreachable to every other
+    datagram is logged down once, not down and back in turn."""
+    spool = AuditSpool(tmp_path / "spool")
+    for _ in range(8):
+        spool.write(audit_xml(real_ids))
+    sending = AuditForwarder(
+        spool,
+        [f"udp://127.0.0.1:{free_port()}"],
+        app_name="xdsi",
+        backoff=Backoff(initial=0.02, maximum=0.05),
+        poll_interval=0.02,
+    )
+    with caplog.at_level(logging.DEBUG, logger="xdsi.audit.forwarder"):
+        sending.start()
+        wait_for(lambda: sum("down" in r.getMessage() for r in caplog.records) >= 3)
+        sending.stop()
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "down" in warnings[0], warnings
