@@ -62,6 +62,9 @@ class InstanceHeader:
     modality: str
     series_number: int | None
     instance_number: int | None
+    # The latest of Acquisition DateTime and Acquisition Date + Time, a DT
+    # without fraction or offset; "" when the instance records none.
+    acquisition_datetime: str = ""
 
 
 @dataclass(frozen=True)
@@ -263,6 +266,7 @@ def _joined(first: ScanResult, second: ScanResult) -> ScanResult:
     # take the next file's.
     seen = {i.sop_instance_uid: i.path for s in first.studies for i in s.instances}
     rejected = list(first.rejected)
+    renamed: dict[str, str] = {}
     studies = {study.study_instance_uid: study for study in first.studies}
     for study in second.studies:
         series = []
@@ -272,10 +276,19 @@ def _joined(first: ScanResult, second: ScanResult) -> ScanResult:
                 if instance.sop_instance_uid in seen:
                     path = seen[instance.sop_instance_uid]
                     rejected.append((instance.path, _duplicate(path)))
+                    # Its own repeats among the second files name the file
+                    # read first.
+                    renamed[_duplicate(instance.path)] = _duplicate(path)
                 else:
                     fresh.append(instance)
             if fresh:
-                series.append(replace(one, instances=tuple(fresh)))
+                series.append(
+                    replace(
+                        one,
+                        instances=tuple(fresh),
+                        last_acquisition_datetime=_last_acquisition(fresh),
+                    )
+                )
         if not series:
             continue
         earlier = studies.get(study.study_instance_uid)
@@ -288,23 +301,24 @@ def _joined(first: ScanResult, second: ScanResult) -> ScanResult:
             if held is None:
                 by_uid[one.series_instance_uid] = one
                 continue
+            instances = sorted(held.instances + one.instances, key=_instance_order)
             by_uid[one.series_instance_uid] = replace(
                 held,
-                instances=tuple(
-                    sorted(held.instances + one.instances, key=_instance_order)
-                ),
-                last_acquisition_datetime=max(
-                    held.last_acquisition_datetime, one.last_acquisition_datetime
-                ),
+                instances=tuple(instances),
+                last_acquisition_datetime=_last_acquisition(instances),
             )
         studies[study.study_instance_uid] = replace(
             earlier, series=tuple(sorted(by_uid.values(), key=_series_order))
         )
-    rejected.extend(second.rejected)
+    rejected.extend((path, renamed.get(why, why)) for path, why in second.rejected)
     return ScanResult(
         studies=tuple(studies[uid] for uid in sorted(studies)),
         rejected=tuple(rejected),
     )
+
+
+def _last_acquisition(instances: Iterable[InstanceHeader]) -> str:
+    return max((i.acquisition_datetime for i in instances), default="")
 
 
 def _instance_order(instance: InstanceHeader) -> tuple[bool, int, str]:
@@ -364,6 +378,7 @@ def _instance_header(path: Path, size: int, ds: pydicom.Dataset) -> InstanceHead
         modality=_text(ds, "Modality"),
         series_number=_integer(ds, "SeriesNumber"),
         instance_number=_integer(ds, "InstanceNumber"),
+        acquisition_datetime=_acquisition_datetime(ds),
     )
 
 
@@ -426,13 +441,10 @@ class _SeriesBuilder:
         self.series_description = _text(ds, "SeriesDescription")
         self.series_date = _text(ds, "SeriesDate")
         self.series_time = _text(ds, "SeriesTime")
-        self.last_acquisition_datetime = ""
         self.instances: list[InstanceHeader] = []
 
-    def add(self, header: InstanceHeader, ds: pydicom.Dataset) -> None:
+    def add(self, header: InstanceHeader) -> None:
         self.instances.append(header)
-        acquired = _acquisition_datetime(ds)
-        self.last_acquisition_datetime = max(self.last_acquisition_datetime, acquired)
 
     def build(self, series_instance_uid: str) -> Series:
         instances = sorted(self.instances, key=_instance_order)
@@ -444,7 +456,7 @@ class _SeriesBuilder:
             instances=tuple(instances),
             series_date=self.series_date,
             series_time=self.series_time,
-            last_acquisition_datetime=self.last_acquisition_datetime,
+            last_acquisition_datetime=_last_acquisition(instances),
         )
 
 
@@ -489,7 +501,7 @@ class _StudyBuilder:
         series = self.series.get(header.series_instance_uid)
         if series is None:
             series = self.series[header.series_instance_uid] = _SeriesBuilder(ds)
-        series.add(header, ds)
+        series.add(header)
 
     def build(self) -> Study:
         series = sorted(

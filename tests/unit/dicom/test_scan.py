@@ -4,6 +4,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from tests.conftest import SHARED
@@ -181,13 +182,17 @@ def _mixed_folder(tmp_path: Path) -> list[Path]:
     ct = sorted(p for p in STUDY_CT.rglob("*") if p.is_file())
     mr = sorted(p for p in (DATA / "study-mr" / "images").rglob("*") if p.is_file())
     sources = [f for pair in zip(ct, mr, strict=False) for f in pair] + ct[len(mr) :]
-    sources += [ct[3], mr[5], ct[40]]  # again, in the second half
+    sources += [ct[3], mr[5], ct[40], ct[3]]  # again, in the second half
     sources.insert(10, ct[2])  # again, in the first half
     files = []
     for n, source in enumerate(sources):
         target = folder / f"{n:04d}.dcm"
         shutil.copy(source, target)
         files.append(target)
+    # A repeat acquired later than the rest counts for nothing.
+    late = pydicom.dcmread(files[-2])
+    late.AcquisitionDateTime = "20991231235959"
+    late.save_as(files[-2])
     junk = folder / f"{len(files) // 4:04d}-junk.dcm"
     junk.write_bytes(b"not DICOM")
     files.insert(len(files) // 4 + 1, junk)
@@ -211,7 +216,12 @@ def test_scan_split_with_the_worker_reads_as_one_scan(
     assert worker._executor is not None
     assert split.studies == alone.studies
     assert split.rejected == alone.rejected
-    assert len(alone.studies) == 2 and len(alone.rejected) == 5
+    assert len(alone.studies) == 2 and len(alone.rejected) == 6
+    assert all(
+        not s.last_acquisition_datetime.startswith("2099")
+        for study in split.studies
+        for s in study.series
+    )
 
 
 def test_scan_split_logs_what_the_worker_rejected(
