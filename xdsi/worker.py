@@ -33,6 +33,12 @@ logger = logging.getLogger(__name__)
 # Work on at least this many instances goes to the worker process.
 MIN_INSTANCES = 500
 
+# How long the worker may take over work on n instances: a minute, plus 20
+# times the millisecond an instance costs. A worker that takes longer
+# (stopped, or stuck) is killed and the work done in the calling process.
+BASE_ALLOWANCE = 60.0
+ALLOWANCE_PER_INSTANCE = 0.02
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -54,29 +60,47 @@ def submit(function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Futur
         return failed
 
 
-def result(
-    future: Future[T], function: Callable[P, T], *args: P.args, **kwargs: P.kwargs
-) -> T:
-    """The result of work started with :func:`submit`.
+def allowance(instances: int) -> float:
+    """Seconds the worker may take over work on ``instances`` instances."""
+    return BASE_ALLOWANCE + ALLOWANCE_PER_INSTANCE * instances
 
-    Raises what ``function`` raised. When the worker could not start or
-    died, ``function(*args, **kwargs)`` is run here instead.
+
+def result(
+    future: Future[T],
+    instances: int,
+    function: Callable[P, T],
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> T:
+    """The result of work on ``instances`` instances started with
+    :func:`submit`.
+
+    Raises what ``function`` raised. When the worker could not start, died,
+    or has not answered within :func:`allowance`, ``function(*args,
+    **kwargs)`` is run here instead (a late worker is killed first).
     """
     try:
-        return future.result()
+        return future.result(timeout=allowance(instances))
     except BrokenProcessPool as exc:
-        logger.warning(
-            "the worker process failed (%s); %s runs in this process",
-            exc or "it died",
-            function.__qualname__,
-        )
-        _discard()
-        return function(*args, **kwargs)
+        reason = str(exc) or "it died"
+    except TimeoutError:
+        reason = f"no answer within {allowance(instances):.0f} s"
+    logger.warning(
+        "the worker process failed (%s); %s runs in this process",
+        reason,
+        function.__qualname__,
+    )
+    _discard()
+    return function(*args, **kwargs)
 
 
-def run(function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-    """Run ``function(*args, **kwargs)`` in the worker process and wait."""
-    return result(submit(function, *args, **kwargs), function, *args, **kwargs)
+def run(
+    instances: int, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+) -> T:
+    """Run ``function(*args, **kwargs)``, work on ``instances`` instances,
+    in the worker process and wait."""
+    future = submit(function, *args, **kwargs)
+    return result(future, instances, function, *args, **kwargs)
 
 
 def _worker() -> ProcessPoolExecutor:
@@ -105,9 +129,14 @@ def _set_up() -> None:
 
 
 def _discard() -> None:
-    """Drop a broken worker; the next call starts another."""
+    """Kill and drop a failed worker; the next call starts another."""
     global _executor
     with _lock:
         broken, _executor = _executor, None
-    if broken is not None:
-        broken.shutdown(wait=False, cancel_futures=True)
+    if broken is None:
+        return
+    # ProcessPoolExecutor can only wait for its processes; a stopped or
+    # stuck one is killed through its process table.
+    for process in list(getattr(broken, "_processes", {}).values()):
+        process.kill()
+    broken.shutdown(wait=False, cancel_futures=True)

@@ -66,4 +66,4 @@ def encoded_manifest(
         in_worker = len(study.instances) >= worker.MIN_INSTANCES
     if not in_worker:
         return encode(study, options)
-    return worker.run(encode, study, options)
+    return worker.run(len(study.instances), encode, study, options)

@@ -211,7 +211,8 @@ def scan_files(paths: Iterable[Path]) -> ScanResult:
         half = len(files) // 2
         first = worker.submit(_scan, files[:half])
         second = _scan(files[half:])
-        result = _joined(worker.result(first, _scan, files[:half]), second)
+        earlier = worker.result(first, half, _scan, files[:half])
+        result = _joined(earlier, second)
         # Rejections in the order the files were named, as one scan gives.
         order = {file: n for n, file in enumerate(files)}
         rejected = sorted(result.rejected, key=lambda item: order[item[0]])

@@ -89,3 +89,25 @@ def test_dead_worker_falls_back_and_is_replaced(study, own_worker, caplog):
 
     encoded_manifest(study, OPTIONS, in_worker=True)
     assert worker._executor not in (None, dead)
+
+
+def test_stopped_worker_is_killed_and_the_work_done_here(
+    study, own_worker, monkeypatch, caplog
+):
+    """A worker that does not answer in its allowance (here stopped) holds
+    up nothing for long: it is killed and the manifest built in-process."""
+    encoded_manifest(study, OPTIONS, in_worker=True)
+    stuck = worker._executor
+    (process,) = stuck._processes.values()
+    os.kill(process.pid, signal.SIGSTOP)
+    monkeypatch.setattr(worker, "BASE_ALLOWANCE", 1.0)
+    monkeypatch.setattr(worker, "ALLOWANCE_PER_INSTANCE", 0.0)
+
+    with caplog.at_level(logging.WARNING, logger="xdsi.worker"):
+        built = encoded_manifest(study, OPTIONS, in_worker=True)
+
+    assert len(parse_manifest(built.data).references) == len(study.instances)
+    assert "no answer within 1 s" in caplog.text
+    process.join(10)
+    assert process.exitcode == -signal.SIGKILL
+    assert worker._executor is None
