@@ -585,3 +585,32 @@ def test_remove_of_what_is_not_held_fails(
     assert outcome.exit_code == 1
     assert "0 instances removed" in outcome.output
     assert "nothing held matches study 1.2.3.4.999" in outcome.output
+
+
+def test_publishing_broken_off_leaves_the_study_to_publish(
+    patient_node: RunningNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publish broken off midway (here by Ctrl-C, as a KeyboardInterrupt
+    arriving in RAD-68) leaves the study changed, so that the next round
+    publishes it."""
+    folder = shared_path("dicom", "study-mr", "images")
+    kept = _xdsi(patient_node, tmp_path, "import", str(folder), "--no-publish")
+    assert kept.exit_code == 0, kept.output
+    services = patient_node.services
+    with services.engine.connect() as conn:
+        (study_uid,) = set(
+            conn.execute(select(imaging_instance.c.study_instance_uid)).scalars()
+        )
+    real = services.imaging_source.republish
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(services.imaging_source, "republish", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        services.intake.publish_now(study_uid)
+    assert services.intake.changed(study_uid)
+
+    monkeypatch.setattr(services.imaging_source, "republish", real)
+    assert services.intake.publish_now(study_uid) is not None
+    assert len(_manifests(patient_node)) == 1

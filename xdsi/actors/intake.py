@@ -284,6 +284,11 @@ class Intake:
             except SubmitError as exc:
                 self._failed(study_instance_uid, row.changed_at, exc)
                 return None
+            except BaseException:
+                # Anything else (an unreadable instance, Ctrl-C, the node
+                # stopping) leaves the study to publish next time.
+                self._mark_changed(study_instance_uid)
+                raise
             failing = self._failing.pop(study_instance_uid, None)
             if failing is not None:
                 logger.info(
@@ -301,12 +306,7 @@ class Intake:
         The first failure in a row is a WARNING naming the error codes (their
         texts may name the patient); later ones go to DEBUG.
         """
-        with self.engine.begin() as conn:
-            conn.execute(
-                update(imaging_study)
-                .where(imaging_study.c.study_instance_uid == study_instance_uid)
-                .values(dirty=True)
-            )
+        self._mark_changed(study_instance_uid)
         before = self._failing.get(study_instance_uid)
         failures = before.failures + 1 if before is not None else 1
         self._failing[study_instance_uid] = Failing(failures, changed_at, time.time())
@@ -324,6 +324,15 @@ class Intake:
                 study_instance_uid,
                 failures,
                 exc,
+            )
+
+    def _mark_changed(self, study_instance_uid: str) -> None:
+        """Mark a study changed again, keeping when it last changed."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(imaging_study)
+                .where(imaging_study.c.study_instance_uid == study_instance_uid)
+                .values(dirty=True)
             )
 
     def changed(self, study_instance_uid: str) -> bool:
