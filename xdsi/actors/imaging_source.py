@@ -165,6 +165,12 @@ class ImagingSource:
         Each instance is read once (copied and hashed together) and made
         durable before the instance rows are written, all in one
         transaction; instances already held are left as they are.
+
+        Raises
+        ------
+        PublishError
+            A file could not be read (gone since it was scanned, say); no
+            copy of the study's instances is kept then.
         """
         held = self.held_instances(h.sop_instance_uid for h in study.instances)
         fresh = list(
@@ -175,7 +181,22 @@ class ImagingSource:
             }.values()
         )
         with ThreadPoolExecutor(KEEP_THREADS) as pool:
-            kept = list(pool.map(self._keep, fresh))
+            copies = [pool.submit(self._keep, header) for header in fresh]
+        kept: list[tuple[str, str]] = []
+        unreadable: tuple[scan.InstanceHeader, OSError] | None = None
+        for header, copy in zip(fresh, copies, strict=True):
+            try:
+                kept.append(copy.result())
+            except OSError as exc:
+                unreadable = unreadable or (header, exc)
+        if unreadable is not None:
+            # All or nothing: no stored copy stays without its row.
+            for blob, _ in kept:
+                self.blobs.delete(blob)
+            header, exc = unreadable
+            raise PublishError(
+                f"cannot keep {header.path}: {exc.strerror or exc}; nothing kept"
+            )
         if kept:
             with self.engine.begin() as conn:
                 conn.execute(
