@@ -12,7 +12,8 @@ the whole Python process, while the calling process does what it can meanwhile
 in the calling thread, where the worker's start and round trip would cost
 more than they save.
 
-A worker that cannot be started or dies is not an error: the work is then
+A worker that cannot be started, dies, or has not answered within its
+allowance (:func:`allowance`) is not an error: it is killed, the work is
 done in the calling process, and a new worker is started next time.
 """
 
