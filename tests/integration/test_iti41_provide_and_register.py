@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 
 from tests.integration.conftest import PATIENT, RunningNode
 from xdsi import ns, wire
+from xdsi.actors.consumer import retrieve_request
 from xdsi.config import ImagingSourceSettings
 from xdsi.dicom.mapping import MANIFEST_FORMAT_CODE
 from xdsi.metadata.build import ManifestEntry, SubmissionSetSpec, manifest_submission
@@ -127,14 +128,9 @@ def test_racing_submissions_of_one_uniqueid_register_it_once(running_node: Runni
                 "XDSDuplicateUniqueIdInRegistry"
             }
 
-    retrieve = etree.Element(
-        f"{{{ns.XDSB}}}RetrieveDocumentSetRequest", nsmap={"xdsb": ns.XDSB}
+    retrieve = retrieve_request(
+        running_node.settings.repository.repository_unique_id, "1.2.3.4.5.99"
     )
-    item = etree.SubElement(retrieve, f"{{{ns.XDSB}}}DocumentRequest")
-    etree.SubElement(
-        item, f"{{{ns.XDSB}}}RepositoryUniqueId"
-    ).text = running_node.settings.repository.repository_unique_id
-    etree.SubElement(item, f"{{{ns.XDSB}}}DocumentUniqueId").text = "1.2.3.4.5.99"
     with wire.SoapClient(url).call(RETRIEVE, retrieve) as reply:
         (document,) = reply.body.findall(f"{{{ns.XDSB}}}DocumentResponse")
         attachment = wire.attachment_for(document.find(f"{{{ns.XDSB}}}Document"), reply)

@@ -23,6 +23,7 @@ from tests.integration.s3_peer import (  # noqa: F401 (fixtures)
     s3_peer_fixture,
 )
 from xdsi import ns, wire
+from xdsi.actors.consumer import retrieve_request
 from xdsi.actors.document_source import DocumentSource
 from xdsi.metadata.responses import read_errors, read_status
 
@@ -40,15 +41,7 @@ def _submit(node: RepositoryNode, tmp_path: Path) -> tuple[str, Path]:
 
 def _retrieve_request(node: RepositoryNode, unique_id: str) -> etree._Element:
     """A RetrieveDocumentSetRequest for one document of the node's repository."""
-    request = etree.Element(
-        f"{{{ns.XDSB}}}RetrieveDocumentSetRequest", nsmap={"xdsb": ns.XDSB}
-    )
-    item = etree.SubElement(request, f"{{{ns.XDSB}}}DocumentRequest")
-    etree.SubElement(
-        item, f"{{{ns.XDSB}}}RepositoryUniqueId"
-    ).text = node.settings.repository.repository_unique_id
-    etree.SubElement(item, f"{{{ns.XDSB}}}DocumentUniqueId").text = unique_id
-    return request
+    return retrieve_request(node.settings.repository.repository_unique_id, unique_id)
 
 
 def test_zeep_retrieves_the_document(repository_node: RepositoryNode, tmp_path: Path):

@@ -186,18 +186,9 @@ class Consumer:
     ) -> Path:
         """Retrieve one document into ``target`` (ITI TF-2 3.43)."""
         url = self.endpoint_for(entry.repository_unique_id)
-        request = etree.Element(
-            f"{{{ns.XDSB}}}RetrieveDocumentSetRequest", nsmap={"xdsb": ns.XDSB}
+        request = retrieve_request(
+            entry.repository_unique_id, entry.unique_id, entry.home_community_id
         )
-        item = etree.SubElement(request, f"{{{ns.XDSB}}}DocumentRequest")
-        if entry.home_community_id:
-            etree.SubElement(
-                item, f"{{{ns.XDSB}}}HomeCommunityId"
-            ).text = entry.home_community_id
-        etree.SubElement(
-            item, f"{{{ns.XDSB}}}RepositoryUniqueId"
-        ).text = entry.repository_unique_id
-        etree.SubElement(item, f"{{{ns.XDSB}}}DocumentUniqueId").text = entry.unique_id
         ok = False
         spool = _partial_dir(target.parent)
         try:
@@ -399,6 +390,23 @@ class Consumer:
                 manifest, out_dir, result, patient_id, progress, done, total
             )
         return result
+
+
+def retrieve_request(
+    repository_unique_id: str, unique_id: str, home_community_id: str | None = None
+) -> etree._Element:
+    """A RetrieveDocumentSetRequest for one document (ITI TF-2 3.43.4.1.2)."""
+    request = etree.Element(
+        f"{{{ns.XDSB}}}RetrieveDocumentSetRequest", nsmap={"xdsb": ns.XDSB}
+    )
+    item = etree.SubElement(request, f"{{{ns.XDSB}}}DocumentRequest")
+    if home_community_id:
+        etree.SubElement(item, f"{{{ns.XDSB}}}HomeCommunityId").text = home_community_id
+    etree.SubElement(
+        item, f"{{{ns.XDSB}}}RepositoryUniqueId"
+    ).text = repository_unique_id
+    etree.SubElement(item, f"{{{ns.XDSB}}}DocumentUniqueId").text = unique_id
+    return request
 
 
 def _partial_dir(out_dir: Path) -> Path:
