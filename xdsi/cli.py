@@ -45,6 +45,7 @@ from xdsi.audit.repository import (
 from xdsi.config import ConfigError, Settings, TlsSettings, load_settings, to_toml
 from xdsi.conformance.cli import conformance
 from xdsi.dicom import scan
+from xdsi.dicom.check import checked
 from xdsi.dicom.store_scu import Destination, StoreScuError, send_files
 from xdsi.hl7.adt import TRIGGER_EVENTS
 from xdsi.hl7.mllp import MllpError
@@ -251,12 +252,23 @@ def feed(
     required=True,
     help="Affinity-domain patient id: ID or ID^^^&OID&ISO.",
 )
+@click.option(
+    "--headers-only",
+    is_flag=True,
+    help="Read each file's header only, not its whole data set: faster, for "
+    "files from a trusted archive. By default every file gets the checks of "
+    "DICOM intake and a file that fails them is skipped.",
+)
 @click.pass_context
-def publish(ctx: click.Context, study_dir: Path, patient_id: str) -> None:
+def publish(
+    ctx: click.Context, study_dir: Path, patient_id: str, headers_only: bool
+) -> None:
     """Publish the studies in STUDY_DIR: KOS manifest + RAD-68."""
     settings = _settings(ctx)
     cx = qualify_patient_id(patient_id, settings)
     result = scan.scan_directory(study_dir)
+    if not headers_only:
+        result = checked(result)
     if result.rejected:
         # Each file and its reason were logged as a warning by the scan.
         click.secho(

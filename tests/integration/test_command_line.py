@@ -120,6 +120,23 @@ def test_feed_publish_fetch_gives_back_every_instance(served: Path, tmp_path):
     }
 
 
+def test_publish_skips_files_that_fail_the_intake_checks(served: Path, tmp_path):
+    """Files whose header reads but whose data set is broken (bad/) are not
+    published; ``--headers-only`` is the only way round the checks."""
+    import shutil
+
+    folder = tmp_path / "media"
+    shutil.copytree(shared_path("dicom", "study-mr", "images"), folder / "mr")
+    bad = sorted(shared_path("dicom", "bad").iterdir())
+    for path in bad:
+        shutil.copy(path, folder / path.name)
+    assert "ACK AA" in _xdsi(served, "feed", "IDS-DEPT002-a").stdout
+    published = _xdsi(served, "publish", str(folder), "--patient-id", "IDS-DEPT002-a")
+    assert published.stdout.count("published study") == 1
+    assert "36 instances" in published.stdout
+    assert f"{len(bad)} files skipped" in published.stderr
+
+
 def test_publish_for_unknown_patient_fails_with_the_registry_code(served: Path):
     """ITI TF-3 Table 4.2.4.1-2: XDSUnknownPatientId reaches the user."""
     images = shared_path("dicom", "study-mr", "images")

@@ -26,7 +26,9 @@ from xdsi.dicom.scan import (
     InstanceHeader,
     InvalidInstance,
     NotDicom,
+    ScanResult,
     read_header,
+    scan_files,
 )
 from xdsi.profiles_loader import load_profile_table
 
@@ -128,6 +130,35 @@ def check_file(
     if "PixelData" in ds:
         _check_pixel_data(ds, header.transfer_syntax_uid)
     return header, ds
+
+
+def checked(result: ScanResult) -> ScanResult:
+    """Check every file of a scan in whole (:func:`check_file`).
+
+    A scan reads headers only; a file whose data set is truncated or whose
+    Pixel Data does not fit its Image Pixel module passes it. Such a file
+    is dropped from the studies and joins the rejected ones with its reason,
+    logged at WARNING as the scan logs its own. The studies are those of a
+    scan of the files that remain.
+    """
+    refused: list[tuple[Path, str]] = []
+    kept: list[Path] = []
+    for study in result.studies:
+        for header in study.instances:
+            try:
+                check_file(header.path)
+            except Refused as exc:
+                logger.warning("Refused %s: %s", header.path, exc.reason)
+                refused.append((header.path, exc.reason))
+            else:
+                kept.append(header.path)
+    if not refused:
+        return result
+    again = scan_files(kept)
+    return ScanResult(
+        studies=again.studies,
+        rejected=(*result.rejected, *refused, *again.rejected),
+    )
 
 
 def _check_elements(ds: Dataset) -> None:

@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SHARED, shared_path
-from xdsi.dicom.check import Refused, check_file, refusal_table
+import shutil
+
+from xdsi.dicom import scan
+from xdsi.dicom.check import Refused, check_file, checked, refusal_table
 from xdsi.dicom.store_scu import Destination
 
 # The rule each malformed file breaks (shared dicom/README.md, "bad/").
@@ -63,6 +66,32 @@ def test_each_single_object_passes(name: str) -> None:
     compressed ones included."""
     header, _ = check_file(shared_path("dicom", "singles", name))
     assert header.sop_instance_uid
+
+
+def test_a_checked_scan_drops_what_the_header_scan_let_through(tmp_path) -> None:
+    """Every bad/ file is rejected once the scan is checked, those whose
+    header reads well included; the good study stays whole."""
+    images = shared_path("dicom", "study-mr", "images")
+    shutil.copytree(images, tmp_path / "study")
+    for path in shared_path("dicom", "bad").iterdir():
+        shutil.copy(path, tmp_path / path.name)
+
+    headers = scan.scan_directory(tmp_path)
+    assert len(headers.studies) > 1  # some bad files pass the header scan
+
+    result = checked(headers)
+    (alone,) = scan.scan_directory(images).studies
+    (study,) = result.studies
+    assert study.study_instance_uid == alone.study_instance_uid
+    assert len(study.instances) == len(alone.instances)
+    assert {path.name for path, _ in result.rejected} == {
+        p.name for p in shared_path("dicom", "bad").iterdir()
+    }
+
+
+def test_a_checked_scan_of_good_files_is_the_scan() -> None:
+    headers = scan.scan_directory(shared_path("dicom", "study-mr", "images"))
+    assert checked(headers) is headers
 
 
 def test_a_request_naming_another_sop_instance_is_refused() -> None:
