@@ -12,6 +12,10 @@ the whole Python process, while the calling process does what it can meanwhile
 in the calling thread, where the worker's start and round trip would cost
 more than they save.
 
+A worker with no work for :data:`IDLE_SECONDS` is stopped, so that a node
+publishing a large study now and then does not hold the worker's memory
+(some 200 MB: pydicom, highdicom and their data dictionaries) between them.
+
 A worker that cannot be started, dies, or has not answered within its
 allowance (:func:`allowance`) is not an error: it is killed, the work is
 done in the calling process, and a new worker is started next time.
@@ -40,11 +44,17 @@ MIN_INSTANCES = 500
 BASE_ALLOWANCE = 60.0
 ALLOWANCE_PER_INSTANCE = 0.02
 
+# A worker with nothing to do for this long is stopped; the next large
+# study starts another (about a second).
+IDLE_SECONDS = 120.0
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
 _lock = threading.Lock()
 _executor: ProcessPoolExecutor | None = None
+_busy = 0
+_idle_timer: threading.Timer | None = None
 
 
 def submit(function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Future[T]:
@@ -53,12 +63,44 @@ def submit(function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Futur
     ``function`` must be a module-level function, and its arguments and
     result picklable. Collect the result with :func:`result`.
     """
+    global _busy, _idle_timer
+    with _lock:
+        if _idle_timer is not None:
+            _idle_timer.cancel()
+            _idle_timer = None
+        _busy += 1
     try:
-        return _worker().submit(function, *args, **kwargs)
+        future = _worker().submit(function, *args, **kwargs)
     except (BrokenProcessPool, OSError, RuntimeError) as exc:
-        failed: Future[T] = Future()
-        failed.set_exception(BrokenProcessPool(str(exc)))
-        return failed
+        future = Future()
+        future.set_exception(BrokenProcessPool(str(exc)))
+    future.add_done_callback(_done)
+    return future
+
+
+def _done(_: Future[T]) -> None:
+    """Count finished work; once none is left, stop the worker later."""
+    global _busy, _idle_timer
+    with _lock:
+        _busy -= 1
+        if _busy or _executor is None:
+            return
+        if _idle_timer is not None:
+            _idle_timer.cancel()
+        _idle_timer = threading.Timer(IDLE_SECONDS, _retire)
+        _idle_timer.daemon = True
+        _idle_timer.start()
+
+
+def _retire() -> None:
+    """Stop a worker that has had nothing to do for IDLE_SECONDS."""
+    global _executor, _idle_timer
+    with _lock:
+        if _busy or _executor is None:
+            return
+        idle, _executor, _idle_timer = _executor, None, None
+    logger.debug("the worker process was idle for %.0f s: stopped", IDLE_SECONDS)
+    idle.shutdown(wait=False)
 
 
 def allowance(instances: int) -> float:

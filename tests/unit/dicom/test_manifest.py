@@ -5,6 +5,7 @@ import logging
 import os
 import pickle
 import signal
+import time
 
 import pytest
 
@@ -55,6 +56,46 @@ def test_large_study_goes_to_the_worker(study, own_worker, monkeypatch):
     built = encoded_manifest(study, OPTIONS)
     assert worker._executor is not None
     assert len(parse_manifest(built.data).references) == len(study.instances)
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process ``pid`` still runs (an exited child is reaped by
+    the executor's own thread)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_idle_worker_is_stopped_and_started_again(study, own_worker, monkeypatch):
+    """A worker that has had nothing to do for IDLE_SECONDS exits; the next
+    large study starts another."""
+    monkeypatch.setattr(worker, "IDLE_SECONDS", 0.5)
+    encoded_manifest(study, OPTIONS, in_worker=True)
+    first = worker._executor
+    (pid,) = first._processes
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (
+        worker._executor is not None or _alive(pid)
+    ):
+        time.sleep(0.1)
+    assert worker._executor is None
+    assert not _alive(pid)
+
+    built = encoded_manifest(study, OPTIONS, in_worker=True)
+    assert worker._executor not in (None, first)
+    assert len(parse_manifest(built.data).references) == len(study.instances)
+
+
+def test_a_busy_worker_is_not_stopped(study, own_worker, monkeypatch):
+    monkeypatch.setattr(worker, "IDLE_SECONDS", 0.5)
+    future = worker.submit(time.sleep, 1.5)
+    running = worker._executor
+    time.sleep(1.0)
+    assert worker._executor is running
+    future.result(10)
 
 
 def test_error_in_the_worker_is_raised_as_itself(study, own_worker):
