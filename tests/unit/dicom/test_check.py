@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import SHARED, shared_path
-import shutil
-
 from xdsi.dicom import scan
 from xdsi.dicom.check import Refused, check_file, checked, refusal_table
 from xdsi.dicom.store_scu import Destination

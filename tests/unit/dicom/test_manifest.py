@@ -77,9 +77,7 @@ def test_idle_worker_is_stopped_and_started_again(study, own_worker, monkeypatch
     (pid,) = first._processes
 
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and (
-        worker._executor is not None or _alive(pid)
-    ):
+    while time.monotonic() < deadline and (worker._executor is not None or _alive(pid)):
         time.sleep(0.1)
     assert worker._executor is None
     assert not _alive(pid)
