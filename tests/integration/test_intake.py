@@ -19,10 +19,11 @@ import pytest
 import requests
 from click.testing import CliRunner, Result
 from pydicom.fileset import FileSet
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from tests.conftest import SHARED, shared_path
 from tests.integration.conftest import RunningNode
+from xdsi.actors import intake as intake_module
 from xdsi.actors.imaging_source import MANIFEST_CURRENT, MANIFEST_REPLACED
 from xdsi.app import Node
 from xdsi.cli import main
@@ -38,7 +39,12 @@ from xdsi.dicom.store_scu import (
 )
 from xdsi.hl7.adt import build_feed
 from xdsi.hl7.mllp import send_message
-from xdsi.store.schema import imaging_instance, imaging_manifest, registry_object
+from xdsi.store.schema import (
+    imaging_instance,
+    imaging_manifest,
+    imaging_study,
+    registry_object,
+)
 
 ASSIGNING_AUTHORITY = Settings().node.assigning_authority
 MR_PATIENT = f"IDS-DEPT002-a^^^&{ASSIGNING_AUTHORITY}&ISO"
@@ -614,3 +620,42 @@ def test_publishing_broken_off_leaves_the_study_to_publish(
     monkeypatch.setattr(services.imaging_source, "republish", real)
     assert services.intake.publish_now(study_uid) is not None
     assert len(_manifests(patient_node)) == 1
+
+
+def test_a_claim_left_by_a_killed_publisher_lapses(
+    patient_node: RunningNode, tmp_path: Path
+) -> None:
+    """A publisher killed after claiming a study (SIGKILL, power loss) never
+    releases its claim; once the claim is older than the lease the study is
+    published all the same, and until then by no one else."""
+    folder = shared_path("dicom", "study-mr", "images")
+    kept = _xdsi(patient_node, tmp_path, "import", str(folder), "--no-publish")
+    assert kept.exit_code == 0, kept.output
+    intake = patient_node.services.intake
+    engine = patient_node.services.engine
+    with engine.connect() as conn:
+        (study_uid,) = set(
+            conn.execute(select(imaging_instance.c.study_instance_uid)).scalars()
+        )
+
+    # What a publisher killed right after its claim leaves behind.
+    assert intake._claim(study_uid, None) is not None
+    assert not intake.changed(study_uid)
+    assert intake.publish_due(0.0) == []
+    assert intake.publish_now(study_uid) is None
+
+    with engine.begin() as conn:
+        conn.execute(
+            update(imaging_study).values(
+                claimed_at=time.time() - intake_module.CLAIM_LEASE - 1
+            )
+        )
+    assert intake.changed(study_uid)
+    # The node's own auto-publisher may be the one that takes it up.
+    published = intake.publish_due(3600.0)
+    assert [p.study_instance_uid for p in published] in ([study_uid], [])
+    _wait(lambda: len(_manifests(patient_node)) == 1)
+    assert not intake.changed(study_uid)
+    with engine.connect() as conn:
+        assert conn.execute(select(imaging_study.c.claimed_at)).scalar() is None
+    assert intake.publish_due(0.0) == []

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pydicom import Dataset
 from pydicom.fileset import FileSet
-from sqlalchemy import Connection, Row, delete, insert, select, update
+from sqlalchemy import Connection, Row, and_, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from xdsi.actors.imaging_source import (
@@ -44,6 +44,13 @@ DICOMDIR = "DICOMDIR"
 # A study that could not be published waits publish_after seconds, then
 # twice as long after each further failure, up to this many seconds.
 MAX_RETRY_DELAY = 3600.0
+
+# A claim to publish a study lapses after this many seconds: the publisher
+# was killed on the way (SIGKILL, power loss) and the study is published
+# again. Publishing a study of tens of thousands of instances takes minutes.
+# Limitation: a publisher still at work after the lease can see a second one
+# publish the same study beside it.
+CLAIM_LEASE = 3600.0
 # The shortest wait, when publish_after is shorter.
 MIN_RETRY_DELAY = 1.0
 
@@ -248,8 +255,13 @@ class Intake:
                 select(
                     imaging_study.c.study_instance_uid, imaging_study.c.changed_at
                 ).where(
-                    imaging_study.c.dirty.is_(True),
-                    imaging_study.c.changed_at <= cutoff,
+                    or_(
+                        and_(
+                            imaging_study.c.dirty.is_(True),
+                            imaging_study.c.changed_at <= cutoff,
+                        ),
+                        imaging_study.c.claimed_at < now - CLAIM_LEASE,
+                    )
                 )
             ).all()
         published = []
@@ -286,9 +298,12 @@ class Intake:
                 return None
             except BaseException:
                 # Anything else (an unreadable instance, Ctrl-C, the node
-                # stopping) leaves the study to publish next time.
+                # stopping) leaves the study to publish next time. A process
+                # killed outright leaves its claim, which lapses
+                # (CLAIM_LEASE).
                 self._mark_changed(study_instance_uid)
                 raise
+            self._release(study_instance_uid)
             failing = self._failing.pop(study_instance_uid, None)
             if failing is not None:
                 logger.info(
@@ -327,35 +342,58 @@ class Intake:
             )
 
     def _mark_changed(self, study_instance_uid: str) -> None:
-        """Mark a study changed again, keeping when it last changed."""
+        """Mark a study changed again, keeping when it last changed, and
+        release its claim."""
         with self.engine.begin() as conn:
             conn.execute(
                 update(imaging_study)
                 .where(imaging_study.c.study_instance_uid == study_instance_uid)
-                .values(dirty=True)
+                .values(dirty=True, claimed_at=None)
+            )
+
+    def _release(self, study_instance_uid: str) -> None:
+        """Release the claim on a study once it is published."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(imaging_study)
+                .where(imaging_study.c.study_instance_uid == study_instance_uid)
+                .values(claimed_at=None)
             )
 
     def changed(self, study_instance_uid: str) -> bool:
         """Whether the study changed since it was last published."""
         with self.engine.connect() as conn:
-            dirty = conn.execute(
-                select(imaging_study.c.dirty).where(
+            row = conn.execute(
+                select(imaging_study.c.dirty, imaging_study.c.claimed_at).where(
                     imaging_study.c.study_instance_uid == study_instance_uid
                 )
-            ).scalar()
-        return bool(dirty)
+            ).first()
+        if row is None:
+            return False
+        lapsed = row.claimed_at is not None and row.claimed_at < time.time() - (
+            CLAIM_LEASE
+        )
+        return bool(row.dirty) or lapsed
 
     def _claim(self, study_instance_uid: str, cutoff: float | None) -> Row | None:
+        """Claim a changed study for publishing, or one whose claim lapsed.
+
+        The claim clears ``dirty`` (a change arriving meanwhile sets it
+        again) and notes the time; only one publisher, of all the processes
+        sharing the database, gets it.
+        """
         column = imaging_study.c
+        now = time.time()
+        changed = column.dirty.is_(True)
+        if cutoff is not None:
+            changed = and_(changed, column.changed_at <= cutoff)
         where = [
             column.study_instance_uid == study_instance_uid,
-            column.dirty.is_(True),
+            or_(changed, column.claimed_at < now - CLAIM_LEASE),
         ]
-        if cutoff is not None:
-            where.append(column.changed_at <= cutoff)
         with self.engine.begin() as conn:
             claimed = conn.execute(
-                update(imaging_study).where(*where).values(dirty=False)
+                update(imaging_study).where(*where).values(dirty=False, claimed_at=now)
             )
             if claimed.rowcount != 1:
                 return None

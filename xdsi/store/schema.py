@@ -203,6 +203,10 @@ imaging_study = Table(
     # once it has been quiet for [imaging_source] publish_after seconds.
     Column("changed_at", Float, nullable=False),
     Column("dirty", Boolean, nullable=False, default=True),
+    # Seconds since the epoch when a publisher claimed the study; None once
+    # it has published or given up. A claim older than the lease is that of
+    # a publisher killed on the way, and the study is published again.
+    Column("claimed_at", Float, nullable=True),
 )
 
 # --- Audit Record Repository ----------------------------------------------
