@@ -353,7 +353,8 @@ class Settings:
     def dicomweb_url(self) -> str:
         """The base URL of the Imaging Document Source's DICOMweb services."""
         cfg = self.imaging_source
-        return f"http://{self.node.host}:{cfg.port}{cfg.dicomweb_path.rstrip('/')}"
+        scheme = "https" if self.tls.enabled else "http"
+        return f"{scheme}://{self.node.host}:{cfg.port}{cfg.dicomweb_path.rstrip('/')}"
 
     @property
     def registry_url(self) -> str:

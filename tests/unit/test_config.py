@@ -41,6 +41,22 @@ def test_defaults_need_no_file() -> None:
     assert settings.database_url.startswith("sqlite:///")
 
 
+def test_with_tls_every_url_is_https(tmp_path: Path) -> None:
+    """ITI TF-2 3.19: with TLS on, every HTTP service is served over TLS,
+    DICOMweb's Retrieve URL (put in each KOS) included."""
+    settings = load_settings(
+        _write(
+            tmp_path,
+            "[tls]\nenabled = true\n"
+            'certificate = "c.pem"\nprivate_key = "k.pem"\ntrusted = ["ca.pem"]\n',
+        )
+    )
+    assert settings.dicomweb_url == "https://127.0.0.1:9083/dicomweb"
+    for actor in ("registry", "repository", "imaging_source"):
+        assert settings.url(actor).startswith("https://")
+    assert Settings().dicomweb_url == "http://127.0.0.1:9083/dicomweb"
+
+
 def test_file_overrides_what_it_names(tmp_path: Path) -> None:
     """A file changes only the settings it names."""
     path = _write(
