@@ -258,6 +258,59 @@ def test_wado_uri_renders_a_jpeg_by_default(
 
 
 @pytest.mark.parametrize(
+    ("asked", "size"),
+    [
+        ({"rows": "64"}, lambda w, h: (round(w * 64 / h), 64)),
+        ({"columns": "100", "rows": "50"}, lambda w, h: (50 * w // h, 50)),
+        ({"region": "0,0,0.5,0.25"}, lambda w, h: (w // 2, h // 4)),
+        (
+            {"region": "0.5,0.5,1,1", "columns": "32"},
+            lambda w, h: (32, round(32 * h / w)),
+        ),
+    ],
+    ids=["rows", "both-are-maxima", "region", "region-then-columns"],
+)
+def test_wado_uri_region_rows_and_columns_shape_the_image(
+    shared_node: RunningNode, published: scan.Study, asked: dict, size
+) -> None:
+    """DICOM PS3.18 WADO-URI Region, Rows and Columns: the region is cut out
+    first, then scaled; Rows and Columns are maxima and the aspect ratio is
+    kept."""
+    instance = published.instances[0]
+    held = pydicom.dcmread(instance.path, stop_before_pixels=True)
+
+    answer = _wado_uri(shared_node, instance, **asked)
+
+    assert answer.status_code == 200, answer.text
+    image = Image.open(BytesIO(answer.content))
+    assert image.size == size(held.Columns, held.Rows)
+
+
+def test_wado_uri_window_and_quality_are_applied(
+    shared_node: RunningNode, published: scan.Study
+) -> None:
+    """DICOM PS3.18 WADO-URI Window Center/Width (the linear function of
+    PS3.3 C.11.2.1.2.1) and Image Quality."""
+    instance = published.instances[0]
+
+    def pixels(**asked: str) -> np.ndarray:
+        answer = _wado_uri(shared_node, instance, **asked)
+        assert answer.status_code == 200, answer.text
+        return np.asarray(Image.open(BytesIO(answer.content)).convert("L"))
+
+    above_all = pixels(windowCenter="100000", windowWidth="10")
+    below_all = pixels(windowCenter="-100000", windowWidth="10")
+    assert above_all.max() < 8 and below_all.min() > 247
+    default = pixels()
+    narrow = pixels(windowCenter="40", windowWidth="80")
+    assert not np.array_equal(default, narrow)
+
+    small = _wado_uri(shared_node, instance, imageQuality="5").content
+    large = _wado_uri(shared_node, instance, imageQuality="100").content
+    assert len(small) < len(large)
+
+
+@pytest.mark.parametrize(
     ("change", "status"),
     [
         ({"requestType": "WADOX"}, 400),
@@ -267,6 +320,16 @@ def test_wado_uri_renders_a_jpeg_by_default(
         ({"frameNumber": "2"}, 400),
         ({"frameNumber": "\u00b2"}, 400),
         ({"contentType": "application/dicom", "anonymize": "yes"}, 400),
+        ({"region": "0.5,0,0.2,1"}, 400),
+        ({"region": "0,0,1"}, 400),
+        ({"region": "0,0,1,nan"}, 400),
+        ({"rows": "0"}, 400),
+        ({"columns": "99999"}, 400),
+        ({"windowCenter": "40"}, 400),
+        ({"windowCenter": "40", "windowWidth": "0"}, 400),
+        ({"windowCenter": "inf", "windowWidth": "10"}, 400),
+        ({"imageQuality": "101"}, 400),
+        ({"contentType": "application/dicom", "rows": "10"}, 400),
     ],
     ids=[
         "request-type",
@@ -276,6 +339,16 @@ def test_wado_uri_renders_a_jpeg_by_default(
         "frame",
         "frame-superscript",
         "anonymize",
+        "region-reversed",
+        "region-short",
+        "region-nan",
+        "rows-zero",
+        "columns-huge",
+        "window-alone",
+        "window-width-zero",
+        "window-infinite",
+        "quality",
+        "rows-on-dicom",
     ],
 )
 def test_wado_uri_bad_requests_are_answered_with_their_status(

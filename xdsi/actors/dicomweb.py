@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import shutil
 import string
 import tempfile
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from io import BytesIO
@@ -301,7 +302,12 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
 
     @blueprint.get(cfg.wado_path)
     def wado_uri() -> Response:
-        """DICOM PS3.18 9.1: one object by its three UIDs."""
+        """DICOM PS3.18 9.1: one object by its three UIDs, as it is held or
+        in a transfer syntax, or rendered as a JPEG image.
+
+        Limitation: the annotation parameter is not honoured; no patient or
+        technique text is burnt into a rendered image.
+        """
         args = request.args
         if args.get("requestType") != "WADO":
             abort(400, "requestType must be WADO (DICOM PS3.18 9.1.2.1.1)")
@@ -336,7 +342,15 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         if content_type == JPEG:
             frame = _whole(args.get("frameNumber", "1"), "frameNumber")
             return Response(
-                _render(source.blobs.path(held[0].row.blob), frame), content_type=JPEG
+                _render(source.blobs.path(held[0].row.blob), frame, _rendering(args)),
+                content_type=JPEG,
+            )
+        presentation = sorted(set(args) & set(RENDERING_PARAMETERS))
+        if presentation:
+            abort(
+                400,
+                f"{', '.join(presentation)} apply to a rendered image only, not to "
+                "application/dicom (DICOM PS3.18 WADO-URI)",
             )
         syntax = args.get("transferSyntax", ExplicitVRLittleEndian).strip()
         spool = Path(tempfile.mkdtemp(prefix="wado-", dir=spool_root))
@@ -583,9 +597,97 @@ def _after(
             step()
 
 
-def _render(path: Path, frame: int) -> bytes:
-    """Render one frame as an 8-bit JPEG: modality and VOI LUT applied, then
-    scaled to the frame's range (DICOM PS3.18 9.1.2.1.6 image/jpeg)."""
+# WADO-URI parameters that shape a rendered image (DICOM PS3.18 WADO-URI:
+# Region, Rows, Columns, Window Center, Window Width, Image Quality).
+RENDERING_PARAMETERS = (
+    "region",
+    "rows",
+    "columns",
+    "windowCenter",
+    "windowWidth",
+    "imageQuality",
+)
+# The largest Rows or Columns a rendered image is scaled to.
+MAX_RENDERED_SIZE = 8192
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """How a WADO-URI image is rendered; each None where not asked."""
+
+    # xmin, ymin, xmax, ymax as fractions of the image, from its top left.
+    region: tuple[float, float, float, float] | None = None
+    rows: int | None = None
+    columns: int | None = None
+    # Window Center and Width (DICOM PS3.3 C.11.2.1.2), both or neither.
+    window: tuple[float, float] | None = None
+    quality: int = 90
+
+
+def _rendering(args: Mapping[str, str]) -> Rendering:
+    """Read and check the rendering parameters of a WADO-URI request; a
+    malformed one is a 400."""
+    region = None
+    if "region" in args:
+        try:
+            values = tuple(float(v) for v in args["region"].split(","))
+        except ValueError:
+            values = ()
+        if (
+            len(values) != 4
+            or not all(0.0 <= v <= 1.0 for v in values)
+            or not (values[0] < values[2] and values[1] < values[3])
+        ):
+            abort(
+                400,
+                "region must be xmin,ymin,xmax,ymax, each from 0.0 to 1.0, the "
+                "minimum below the maximum",
+            )
+        region = (values[0], values[1], values[2], values[3])
+    rows = _positive(args, "rows")
+    columns = _positive(args, "columns")
+    window = None
+    if ("windowCenter" in args) != ("windowWidth" in args):
+        abort(400, "windowCenter and windowWidth go together")
+    if "windowCenter" in args:
+        try:
+            center, width = float(args["windowCenter"]), float(args["windowWidth"])
+        except ValueError:
+            abort(400, "windowCenter and windowWidth must be decimal numbers")
+        if not (math.isfinite(center) and math.isfinite(width)) or width < 1:
+            abort(400, "windowWidth must be at least 1 (DICOM PS3.3 C.11.2.1.2)")
+        window = (center, width)
+    quality = 90
+    if "imageQuality" in args:
+        quality = _whole(args["imageQuality"], "imageQuality")
+        if not 1 <= quality <= 100:
+            abort(400, "imageQuality must be from 1 to 100")
+    return Rendering(region, rows, columns, window, quality)
+
+
+def _positive(args: Mapping[str, str], name: str) -> int | None:
+    if name not in args:
+        return None
+    value = _whole(args[name], name)
+    if not 1 <= value <= MAX_RENDERED_SIZE:
+        abort(400, f"{name} must be from 1 to {MAX_RENDERED_SIZE}")
+    return value
+
+
+def _windowed(pixels: np.ndarray, center: float, width: float) -> np.ndarray:
+    """The linear VOI function of DICOM PS3.3 C.11.2.1.2.1 onto 0..255."""
+    low = center - 0.5 - (width - 1) / 2
+    return np.clip((pixels - low) * (255.0 / max(width - 1, 1.0)), 0, 255)
+
+
+def _render(path: Path, frame: int, rendering: Rendering = Rendering()) -> bytes:
+    """Render one frame as an 8-bit JPEG (DICOM PS3.18 WADO-URI image/jpeg).
+
+    Modality LUT, then the window asked for or else the image's own VOI LUT
+    or window, scaled to the frame's range; then the region is cut out, and
+    the result scaled to Rows and Columns. Both given, each is a maximum and
+    the aspect ratio is kept; one given, the other follows from the ratio.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = pydicom.dcmread(path)
@@ -599,14 +701,45 @@ def _render(path: Path, frame: int) -> bytes:
     if frames > 1:
         pixels = pixels[frame - 1]
     if ds.get("SamplesPerPixel", 1) == 1:
-        pixels = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float64)
-        low, high = float(pixels.min()), float(pixels.max())
-        pixels = (pixels - low) * (255.0 / (high - low or 1.0))
+        pixels = apply_modality_lut(pixels, ds).astype(np.float64)
+        if rendering.window is not None:
+            pixels = _windowed(pixels, *rendering.window)
+        else:
+            pixels = apply_voi_lut(pixels, ds).astype(np.float64)
+            low, high = float(pixels.min()), float(pixels.max())
+            pixels = (pixels - low) * (255.0 / (high - low or 1.0))
         if ds.get("PhotometricInterpretation") == "MONOCHROME1":
             pixels = 255.0 - pixels
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    image = image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode)
+    if rendering.region is not None:
+        xmin, ymin, xmax, ymax = rendering.region
+        width, height = image.size
+        box = (
+            int(xmin * width),
+            int(ymin * height),
+            max(int(xmin * width) + 1, round(xmax * width)),
+            max(int(ymin * height) + 1, round(ymax * height)),
+        )
+        image = image.crop(box)
+    size = _scaled(image.size, rendering.rows, rendering.columns)
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
     out = BytesIO()
-    image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode).save(
-        out, format="JPEG", quality=90
-    )
+    image.save(out, format="JPEG", quality=rendering.quality)
     return out.getvalue()
+
+
+def _scaled(
+    size: tuple[int, int], rows: int | None, columns: int | None
+) -> tuple[int, int]:
+    """The (width, height) to scale ``size`` to for Rows and Columns, the
+    aspect ratio kept."""
+    width, height = size
+    if rows is None and columns is None:
+        return size
+    scale = min(
+        columns / width if columns is not None else math.inf,
+        rows / height if rows is not None else math.inf,
+    )
+    return max(1, round(width * scale)), max(1, round(height * scale))
