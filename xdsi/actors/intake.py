@@ -44,6 +44,8 @@ DICOMDIR = "DICOMDIR"
 # A study that could not be published waits publish_after seconds, then
 # twice as long after each further failure, up to this many seconds.
 MAX_RETRY_DELAY = 3600.0
+# The shortest wait, when publish_after is shorter.
+MIN_RETRY_DELAY = 1.0
 
 # A claim to publish a study lapses after this many seconds: the publisher
 # was killed on the way (SIGKILL, power loss) and the study is published
@@ -51,8 +53,6 @@ MAX_RETRY_DELAY = 3600.0
 # Limitation: a publisher still at work after the lease can see a second one
 # publish the same study beside it.
 CLAIM_LEASE = 3600.0
-# The shortest wait, when publish_after is shorter.
-MIN_RETRY_DELAY = 1.0
 
 
 @dataclass(frozen=True)
