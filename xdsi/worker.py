@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -47,6 +49,9 @@ ALLOWANCE_PER_INSTANCE = 0.02
 # A worker with nothing to do for this long is stopped; the next large
 # study starts another (about a second).
 IDLE_SECONDS = 120.0
+
+# How often the worker looks whether the process that started it is alive.
+PARENT_CHECK_SECONDS = 1.0
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -169,6 +174,17 @@ def _set_up() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     warnings.simplefilter("ignore")
     logging.getLogger().addHandler(logging.NullHandler())
+    threading.Thread(
+        target=_exit_with_parent, args=(os.getppid(),), daemon=True
+    ).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Exit once the calling process is gone (killed outright, say), which
+    leaves the worker to init: nothing would ever send it work or stop it."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_SECONDS)
+    os._exit(0)
 
 
 def _discard() -> None:

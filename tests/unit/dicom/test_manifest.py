@@ -5,10 +5,14 @@ import logging
 import os
 import pickle
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
 from xdsi import worker
 from xdsi.cli import bundled_study
 from xdsi.dicom.kos import NotAManifest, parse_manifest
@@ -59,13 +63,13 @@ def test_large_study_goes_to_the_worker(study, own_worker, monkeypatch):
 
 
 def _alive(pid: int) -> bool:
-    """Whether the process ``pid`` still runs (an exited child is reaped by
-    the executor's own thread)."""
+    """Whether the process ``pid`` still runs: an exited one may linger as a
+    zombie until whoever adopted it reaps it."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def test_idle_worker_is_stopped_and_started_again(study, own_worker, monkeypatch):
@@ -85,6 +89,35 @@ def test_idle_worker_is_stopped_and_started_again(study, own_worker, monkeypatch
     built = encoded_manifest(study, OPTIONS, in_worker=True)
     assert worker._executor not in (None, first)
     assert len(parse_manifest(built.data).references) == len(study.instances)
+
+
+def test_worker_of_a_killed_process_exits(tmp_path):
+    """A process killed outright (SIGKILL) cannot stop its worker; the worker
+    sees it gone and exits rather than linger under init."""
+    script = (
+        "import sys, time\n"
+        "from xdsi import worker\n"
+        "worker.run(1, sum, [1, 2])\n"
+        "(pid,) = worker._executor._processes\n"
+        "print(pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        pid = int(parent.stdout.readline())
+        assert _alive(pid)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.1)
+    assert not _alive(pid)
 
 
 def test_a_busy_worker_is_not_stopped(study, own_worker, monkeypatch):
