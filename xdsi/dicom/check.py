@@ -28,6 +28,7 @@ from xdsi.dicom.scan import (
     NotDicom,
     ScanResult,
     read_header,
+    repeat_of,
     scan_files,
 )
 from xdsi.profiles_loader import load_profile_table
@@ -138,26 +139,38 @@ def checked(result: ScanResult) -> ScanResult:
     A scan reads headers only; a file whose data set is truncated or whose
     Pixel Data does not fit its Image Pixel module passes it. Such a file
     is dropped from the studies and joins the rejected ones with its reason,
-    logged at WARNING as the scan logs its own. The studies are those of a
-    scan of the files that remain.
+    logged at WARNING as the scan logs its own. A file the scan passed over
+    as a repeat of a refused one is checked in its place. The studies are
+    those of a scan of the files that remain.
     """
     refused: list[tuple[Path, str]] = []
     kept: list[Path] = []
+
+    def check(path: Path) -> None:
+        try:
+            check_file(path)
+        except Refused as exc:
+            logger.warning("Refused %s: %s", path, exc.reason)
+            refused.append((path, exc.reason))
+        else:
+            kept.append(path)
+
     for study in result.studies:
         for header in study.instances:
-            try:
-                check_file(header.path)
-            except Refused as exc:
-                logger.warning("Refused %s: %s", header.path, exc.reason)
-                refused.append((header.path, exc.reason))
-            else:
-                kept.append(header.path)
+            check(header.path)
     if not refused:
         return result
+    rejected = []
+    for path, reason in result.rejected:
+        first = repeat_of(reason)
+        if first is not None and any(first == bad for bad, _ in refused):
+            check(path)
+        else:
+            rejected.append((path, reason))
     again = scan_files(kept)
     return ScanResult(
         studies=again.studies,
-        rejected=(*result.rejected, *refused, *again.rejected),
+        rejected=(*rejected, *refused, *again.rejected),
     )
 
 

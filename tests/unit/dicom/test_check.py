@@ -88,6 +88,24 @@ def test_a_checked_scan_drops_what_the_header_scan_let_through(tmp_path) -> None
     }
 
 
+def test_a_good_repeat_stands_in_for_a_refused_first_copy(tmp_path) -> None:
+    """A broken copy of an instance read before its good copy does not take
+    the good one down with it."""
+    images = shared_path("dicom", "study-mr", "images")
+    shutil.copytree(images, tmp_path / "z-study")
+    (alone,) = scan.scan_directory(images).studies
+    good = alone.instances[5].path
+    (tmp_path / "a-broken.dcm").write_bytes(good.read_bytes()[:100_000])
+
+    headers = scan.scan_directory(tmp_path)
+    assert any(scan.repeat_of(why) for _, why in headers.rejected)
+
+    result = checked(headers)
+    (study,) = result.studies
+    assert len(study.instances) == len(alone.instances)
+    assert [p.name for p, _ in result.rejected] == ["a-broken.dcm"]
+
+
 def test_a_checked_scan_of_good_files_is_the_scan() -> None:
     headers = scan.scan_directory(shared_path("dicom", "study-mr", "images"))
     assert checked(headers) is headers
