@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 
@@ -586,6 +586,18 @@ def _publish_now(services: Services, studies: Iterable[str]) -> None:
             and services.imaging_source.current_manifest(study_instance_uid) is None
         ):
             click.echo(f"manifest {current.sop_instance_uid} withdrawn")
+        elif claim := services.intake.claim_of(study_instance_uid):
+            who, since = claim
+            host, _, rest = who.partition(" ")
+            click.secho(
+                f"study {study_instance_uid} is being published by process "
+                f"{rest.split(' ')[0] or '?'} on {host or '?'} since "
+                f"{datetime.fromtimestamp(since, UTC):%Y-%m-%d %H:%M:%S} UTC; "
+                "not published twice (try again once it is done)",
+                fg="red",
+                err=True,
+            )
+            failed = True
         else:
             click.secho(
                 f"study {study_instance_uid} not published (see the log)",

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import http.client
 import logging
+import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -659,3 +661,82 @@ def test_a_claim_left_by_a_killed_publisher_lapses(
     with engine.connect() as conn:
         assert conn.execute(select(imaging_study.c.claimed_at)).scalar() is None
     assert intake.publish_due(0.0) == []
+
+
+def _kept_study(node: RunningNode, tmp_path: Path) -> str:
+    folder = shared_path("dicom", "study-mr", "images")
+    kept = _xdsi(node, tmp_path, "import", str(folder), "--no-publish")
+    assert kept.exit_code == 0, kept.output
+    with node.services.engine.connect() as conn:
+        (study_uid,) = set(
+            conn.execute(select(imaging_instance.c.study_instance_uid)).scalars()
+        )
+    return study_uid
+
+
+def _claim_as(node: RunningNode, claimed_by: str) -> None:
+    with node.services.engine.begin() as conn:
+        conn.execute(
+            update(imaging_study).values(
+                dirty=False, claimed_at=time.time(), claimed_by=claimed_by
+            )
+        )
+
+
+def test_a_claim_of_a_process_gone_from_this_host_is_taken_back_at_once(
+    patient_node: RunningNode, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A publisher killed outright on this host leaves a claim whose process
+    no longer runs: the study is published at once, not after the lease."""
+    study_uid = _kept_study(patient_node, tmp_path)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    _claim_as(patient_node, f"{socket.gethostname()} {gone.stdout.strip()} 1")
+
+    with caplog.at_level(logging.WARNING, logger="xdsi.actors.intake"):
+        assert patient_node.services.intake.changed(study_uid)
+    assert "is gone" in caplog.text
+    published = _xdsi(
+        patient_node,
+        tmp_path,
+        "import",
+        str(shared_path("dicom", "study-mr", "images")),
+    )
+    assert published.exit_code == 0, published.output
+    _wait(lambda: len(_manifests(patient_node)) == 1)
+
+
+def test_a_live_claim_is_named_and_the_study_not_published_twice(
+    patient_node: RunningNode, tmp_path: Path
+) -> None:
+    """While another process of this host (here the test itself) holds the
+    claim, the study is not published beside it and the user is told who
+    holds it."""
+    study_uid = _kept_study(patient_node, tmp_path)
+    _claim_as(patient_node, intake_module.claimant())
+
+    again = _xdsi(
+        patient_node,
+        tmp_path,
+        "import",
+        str(shared_path("dicom", "study-mr", "images")),
+    )
+
+    assert again.exit_code == 1
+    assert f"study {study_uid} is being published by process {os.getpid()}" in (
+        again.output
+    )
+    assert _manifests(patient_node) == []
+
+
+def test_a_claim_from_another_host_waits_for_the_lease(
+    patient_node: RunningNode, tmp_path: Path
+) -> None:
+    study_uid = _kept_study(patient_node, tmp_path)
+    _claim_as(patient_node, "another-host 1 1")
+    assert not patient_node.services.intake.changed(study_uid)
+    assert patient_node.services.intake.publish_now(study_uid) is None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -53,6 +54,39 @@ MIN_RETRY_DELAY = 1.0
 # Limitation: a publisher still at work after the lease can see a second one
 # publish the same study beside it.
 CLAIM_LEASE = 3600.0
+
+
+def claimant() -> str:
+    """This process as a claimant: host name, process id and start time."""
+    return f"{socket.gethostname()} {os.getpid()} {_started(os.getpid())}"
+
+
+def _started(pid: int) -> str:
+    """A process's start time in clock ticks since boot (proc(5), stat field
+    22), which tells a reused process id from the claimant; "" where there
+    is no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def claimant_gone(claimed_by: str | None) -> bool:
+    """Whether the process that made a claim is known to be gone: it ran on
+    this host and no process of its id and start time runs now. A claim
+    from another host is never known to be gone; it lapses (CLAIM_LEASE)."""
+    host, _, rest = (claimed_by or "").partition(" ")
+    pid, _, started = rest.partition(" ")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return bool(started) and _started(int(pid)) != started
 
 
 @dataclass(frozen=True)
@@ -250,6 +284,7 @@ class Intake:
         """
         now = time.time()
         cutoff = now - quiet
+        self.take_back_claims()
         with self.engine.connect() as conn:
             due = conn.execute(
                 select(
@@ -288,6 +323,7 @@ class Intake:
         change arriving meanwhile marks it changed again.
         """
         with self._publishing:
+            self.take_back_claims(study_instance_uid)
             row = self._claim(study_instance_uid, cutoff)
             if row is None:
                 return None
@@ -348,7 +384,7 @@ class Intake:
             conn.execute(
                 update(imaging_study)
                 .where(imaging_study.c.study_instance_uid == study_instance_uid)
-                .values(dirty=True, claimed_at=None)
+                .values(dirty=True, claimed_at=None, claimed_by=None)
             )
 
     def _release(self, study_instance_uid: str) -> None:
@@ -357,11 +393,60 @@ class Intake:
             conn.execute(
                 update(imaging_study)
                 .where(imaging_study.c.study_instance_uid == study_instance_uid)
-                .values(claimed_at=None)
+                .values(claimed_at=None, claimed_by=None)
             )
 
+    def take_back_claims(self, study_instance_uid: str | None = None) -> int:
+        """Mark changed again the studies (or the one study) claimed by a
+        process of this host that is gone; return how many.
+
+        Such a publisher was killed outright (SIGKILL, the OOM killer) and
+        released nothing; its study would otherwise wait for CLAIM_LEASE.
+        """
+        column = imaging_study.c
+        where = [column.claimed_at.is_not(None)]
+        if study_instance_uid is not None:
+            where.append(column.study_instance_uid == study_instance_uid)
+        with self.engine.connect() as conn:
+            claims = conn.execute(
+                select(column.study_instance_uid, column.claimed_by).where(*where)
+            ).all()
+        taken = 0
+        for study, claimed_by in claims:
+            if not claimant_gone(claimed_by):
+                continue
+            with self.engine.begin() as conn:
+                taken += conn.execute(
+                    update(imaging_study)
+                    .where(
+                        column.study_instance_uid == study,
+                        column.claimed_by == claimed_by,
+                    )
+                    .values(dirty=True, claimed_at=None, claimed_by=None)
+                ).rowcount
+            logger.warning(
+                "study %s: the process that was publishing it (%s) is gone; "
+                "it is published again",
+                study,
+                claimed_by,
+            )
+        return taken
+
+    def claim_of(self, study_instance_uid: str) -> tuple[str, float] | None:
+        """Who claimed the study for publishing and when, if anyone has."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(imaging_study.c.claimed_by, imaging_study.c.claimed_at).where(
+                    imaging_study.c.study_instance_uid == study_instance_uid,
+                    imaging_study.c.claimed_at.is_not(None),
+                )
+            ).first()
+        return None if row is None else (row.claimed_by or "", row.claimed_at)
+
     def changed(self, study_instance_uid: str) -> bool:
-        """Whether the study changed since it was last published."""
+        """Whether the study changed since it was last published, or its
+        publisher was killed on the way."""
+        self.take_back_claims(study_instance_uid)
         with self.engine.connect() as conn:
             row = conn.execute(
                 select(imaging_study.c.dirty, imaging_study.c.claimed_at).where(
@@ -393,7 +478,9 @@ class Intake:
         ]
         with self.engine.begin() as conn:
             claimed = conn.execute(
-                update(imaging_study).where(*where).values(dirty=False, claimed_at=now)
+                update(imaging_study)
+                .where(*where)
+                .values(dirty=False, claimed_at=now, claimed_by=claimant())
             )
             if claimed.rowcount != 1:
                 return None

@@ -207,6 +207,10 @@ imaging_study = Table(
     # it has published or given up. A claim older than the lease is that of
     # a publisher killed on the way, and the study is published again.
     Column("claimed_at", Float, nullable=True),
+    # Who claimed it: host name, process id and process start time, so that
+    # a claim of a process gone from this host is taken over at once.
+    Column("claimed_by", String(128), nullable=True),
+    Index("ix_imaging_study_claimed", "claimed_at"),
 )
 
 # --- Audit Record Repository ----------------------------------------------
