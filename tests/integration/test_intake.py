@@ -25,8 +25,10 @@ from sqlalchemy import select, update
 
 from tests.conftest import SHARED, shared_path
 from tests.integration.conftest import RunningNode
+from xdsi.actors import imaging_source as imaging_source_module
 from xdsi.actors import intake as intake_module
 from xdsi.actors.imaging_source import MANIFEST_CURRENT, MANIFEST_REPLACED
+from xdsi.actors.provide import SubmitError
 from xdsi.app import Node
 from xdsi.cli import main
 from xdsi.config import Settings, to_toml
@@ -41,6 +43,7 @@ from xdsi.dicom.store_scu import (
 )
 from xdsi.hl7.adt import build_feed
 from xdsi.hl7.mllp import send_message
+from xdsi.metadata.ebrim import STATUS_APPROVED, STATUS_DEPRECATED
 from xdsi.store.schema import (
     imaging_instance,
     imaging_manifest,
@@ -740,3 +743,46 @@ def test_a_claim_from_another_host_waits_for_the_lease(
     _claim_as(patient_node, "another-host 1 1")
     assert not patient_node.services.intake.changed(study_uid)
     assert patient_node.services.intake.publish_now(study_uid) is None
+
+
+@pytest.mark.parametrize("registered", [True, False], ids=["taken", "lost"])
+def test_a_manifest_sent_without_an_answer_is_settled_with_the_registry(
+    patient_node: RunningNode,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    registered: bool,
+) -> None:
+    """RAD-68 sent and no answer heard (the answer lost, or the publisher
+    killed): the next publication asks the registry (ITI-18 GetDocuments)
+    before sending another, so the study never has two Approved manifests."""
+    study_uid = _kept_study(patient_node, tmp_path)
+    source = patient_node.services.imaging_source
+    real = imaging_source_module.provide_and_register
+
+    def unanswered(*args: object, **kwargs: object) -> None:
+        if registered:
+            real(*args, **kwargs)
+        raise SubmitError("RAD-68 to the repository failed: read timed out")
+
+    monkeypatch.setattr(imaging_source_module, "provide_and_register", unanswered)
+    assert patient_node.services.intake.publish_now(study_uid) is None
+    (pending,) = _manifests(patient_node)
+    assert pending.status == imaging_source_module.MANIFEST_PENDING
+    assert patient_node.services.intake.changed(study_uid)
+
+    monkeypatch.setattr(imaging_source_module, "provide_and_register", real)
+    published = patient_node.services.intake.publish_now(study_uid)
+    assert published is not None
+
+    rows = {row.sop_instance_uid: row.status for row in _manifests(patient_node)}
+    assert rows[published.manifest_uid] == MANIFEST_CURRENT
+    if registered:
+        assert rows[pending.sop_instance_uid] == MANIFEST_REPLACED
+        assert published.replaced == pending.sop_instance_uid
+        assert _registry_status(patient_node, pending.sop_instance_uid) == (
+            STATUS_DEPRECATED
+        )
+    else:
+        assert set(rows) == {published.manifest_uid}
+        assert not source.blobs.path(pending.blob).exists()
+    assert _registry_status(patient_node, published.manifest_uid) == STATUS_APPROVED

@@ -141,7 +141,11 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
     ) -> list[Held]:
         query = select(imaging_instance).where(
             imaging_instance.c.study_instance_uid.in_(
-                select(imaging_manifest.c.study_instance_uid)
+                # A manifest whose registration is not yet known publishes
+                # nothing (see ImagingSource._settle_pending).
+                select(imaging_manifest.c.study_instance_uid).where(
+                    imaging_manifest.c.status != "pending"
+                )
             )
         )
         for column, value in (

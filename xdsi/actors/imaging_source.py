@@ -20,10 +20,11 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from flask import Flask
 from lxml import etree
-from sqlalchemy import Engine, Row, insert, select, update
+from sqlalchemy import Engine, Row, delete, insert, select, update
 
 from xdsi import audit, ns, tls, wire
 from xdsi.actors.dicomweb import dicomweb_blueprint
@@ -39,7 +40,7 @@ from xdsi.actors.repository import (
     retrieve_outcome,
     retrieve_response,
 )
-from xdsi.actors.soap_endpoint import Peer, Reply, soap_app
+from xdsi.actors.soap_endpoint import Peer, Reply, soap_app, transaction
 from xdsi.config import Settings
 from xdsi.dicom import scan, transcode
 from xdsi.dicom.manifest import EncodedManifest, ManifestOptions, encoded_manifest
@@ -51,6 +52,7 @@ from xdsi.errors import (
     UnknownRepositoryId,
     XdsError,
 )
+from xdsi.metadata import stored_query
 from xdsi.metadata.build import (
     ManifestEntry,
     SubmissionSetSpec,
@@ -63,6 +65,8 @@ from xdsi.metadata.build import (
 from xdsi.metadata.codes import Code
 from xdsi.metadata.ebrim import STATUS_APPROVED, STATUS_DEPRECATED, new_uuid
 from xdsi.metadata.responses import (
+    ResponseStatus,
+    read_errors,
     read_status,
 )
 from xdsi.store.blobs import BlobStore
@@ -73,8 +77,10 @@ logger = logging.getLogger(__name__)
 ACTOR = "imaging_source"
 
 # imaging_manifest.status: the study's Approved manifest, one an RPLC
-# superseded, and one whose study has no instance left.
+# superseded, one whose study has no instance left, and one sent with RAD-68
+# whose registration is not yet known.
 MANIFEST_CURRENT = "current"
+MANIFEST_PENDING = "pending"
 MANIFEST_REPLACED = "replaced"
 MANIFEST_WITHDRAWN = "withdrawn"
 
@@ -303,6 +309,7 @@ class ImagingSource:
         saves reading the headers again (see :meth:`held_study`); ``built``
         is the manifest of ``known``, used when the store holds just that.
         """
+        self._settle_pending(study_instance_uid)
         current = self.current_manifest(study_instance_uid)
         study = self.held_study(study_instance_uid, known)
         if study is None:
@@ -312,6 +319,122 @@ class ImagingSource:
         if built is None or study is not known:
             built = self._manifest(study)
         return self._submit(study, patient_id, current, built)
+
+    def _promote(self, study_instance_uid: str, sop_instance_uid: str) -> None:
+        """Make a registered manifest the study's current one; the one it
+        replaced (RPLC) is then replaced here too."""
+        column = imaging_manifest.c
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(imaging_manifest)
+                .where(
+                    column.study_instance_uid == study_instance_uid,
+                    column.status == MANIFEST_CURRENT,
+                )
+                .values(status=MANIFEST_REPLACED)
+            )
+            conn.execute(
+                update(imaging_manifest)
+                .where(column.sop_instance_uid == sop_instance_uid)
+                .values(status=MANIFEST_CURRENT)
+            )
+
+    def _forget(self, sop_instance_uid: str, blob: str) -> None:
+        """Drop a manifest the registry does not hold."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                delete(imaging_manifest).where(
+                    imaging_manifest.c.sop_instance_uid == sop_instance_uid
+                )
+            )
+        self.blobs.delete(blob)
+
+    def _settle_pending(self, study_instance_uid: str) -> None:
+        """Settle the manifests of a study sent without an answer heard.
+
+        A publisher killed, or a connection lost, after RAD-68 went out
+        leaves its manifest pending. GetDocuments (ITI TF-2
+        3.18.4.1.2.3.7.5) by its entryUUID tells whether the registry took
+        it: then it is the current manifest (and what it replaced is
+        replaced); else it is dropped.
+
+        Raises
+        ------
+        PublishError
+            The registry could not be asked; nothing is published until it
+            can be.
+        """
+        column = imaging_manifest.c
+        with self.engine.connect() as conn:
+            pending = conn.execute(
+                select(column.sop_instance_uid, column.entry_uuid, column.blob).where(
+                    column.study_instance_uid == study_instance_uid,
+                    column.status == MANIFEST_PENDING,
+                )
+            ).all()
+        for row in pending:
+            if self._registered(row.entry_uuid):
+                logger.warning(
+                    "manifest %s of study %s was registered, unheard: it is the "
+                    "current one",
+                    row.sop_instance_uid,
+                    study_instance_uid,
+                )
+                self._promote(study_instance_uid, row.sop_instance_uid)
+            else:
+                logger.warning(
+                    "manifest %s of study %s was not registered: dropped",
+                    row.sop_instance_uid,
+                    study_instance_uid,
+                )
+                self._forget(row.sop_instance_uid, row.blob)
+
+    def _registered(self, entry_uuid: str) -> bool:
+        """Whether the Document Registry holds the DocumentEntry
+        ``entry_uuid`` (ITI-18 GetDocuments, ObjectRef)."""
+        url = self.settings.imaging_source_registry_url
+        request = stored_query.build_query(
+            "GetDocuments",
+            {"$XDSDocumentEntryEntryUUID": [entry_uuid]},
+            return_type=stored_query.RETURN_OBJECT_REF,
+        )
+        ok = False
+        try:
+            client = wire.SoapClient(
+                url,
+                timeout=self.settings.consumer.timeout,
+                spool_dir=self.blobs.spool,
+                ssl_context=tls.client_context_for(self.settings),
+            )
+            with client.call(transaction("ITI-18")["request_action"], request) as reply:
+                if read_status(reply.body) != ResponseStatus.SUCCESS.value:
+                    errors = read_errors(reply.body)
+                    raise PublishError(
+                        "the Document Registry refused GetDocuments: "
+                        + "; ".join(f"{e.code}: {e.message}" for e in errors),
+                        errors,
+                    )
+                found = {
+                    ref.get("id") for ref in reply.body.iter(f"{{{ns.RIM}}}ObjectRef")
+                }
+            ok = True
+        except (wire.TransportError, wire.PeerFault) as exc:
+            raise PublishError(f"ITI-18 to {url} failed: {exc}") from exc
+        finally:
+            self.auditor.record(
+                audit.AuditEvent(
+                    transaction="ITI-18",
+                    actor="Document Consumer",
+                    outcome=(
+                        audit.Outcome.SUCCESS if ok else audit.Outcome.SERIOUS_FAILURE
+                    ),
+                    source=audit.Endpoint(ns.WSA_ANONYMOUS, self.settings.node.host),
+                    destination=audit.Endpoint(url, urlsplit(url).hostname or ""),
+                    query_id=request.find(f"{{{ns.RIM}}}AdhocQuery").get("id"),
+                    query_request=etree.tostring(request),
+                )
+            )
+        return entry_uuid in found
 
     def withdraw(self, manifest: Row, patient_id: str) -> None:
         """Deprecate a manifest whose study has no instance left.
@@ -461,6 +584,23 @@ class ImagingSource:
         sender = Sender(
             "RAD-68", "Imaging Document Source", self.auditor, self.settings.node.host
         )
+        # The manifest is noted as pending before it is sent: a process
+        # killed after the registry took it but before it heard so leaves
+        # the note, and the next publication asks the registry (see
+        # _settle_pending) instead of registering a second manifest beside
+        # the first.
+        blob = self.blobs.put_bytes(f"manifest:{facts.unique_id}", data)
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(imaging_manifest).values(
+                    sop_instance_uid=facts.unique_id,
+                    study_instance_uid=study.study_instance_uid,
+                    submission_set_unique_id=submission_set.unique_id,
+                    blob=blob,
+                    entry_uuid=entry.entry_id,
+                    status=MANIFEST_PENDING,
+                )
+            )
         try:
             provide_and_register(
                 self.settings.repository_url,
@@ -473,28 +613,14 @@ class ImagingSource:
                 ssl_context=tls.client_context_for(self.settings),
             )
         except SubmitError as exc:
+            if exc.errors:
+                # The registry answered Failure: a submission is all or
+                # nothing (ITI TF-2 3.42.4.1.3), so none of it is registered.
+                self._forget(facts.unique_id, blob)
+            # Else no answer came, and whether it was registered is settled
+            # next time.
             raise PublishError(str(exc), exc.errors) from exc
-
-        blob = self.blobs.put_bytes(f"manifest:{facts.unique_id}", data)
-        with self.engine.begin() as conn:
-            if current is not None:
-                conn.execute(
-                    update(imaging_manifest)
-                    .where(
-                        imaging_manifest.c.sop_instance_uid == current.sop_instance_uid
-                    )
-                    .values(status=MANIFEST_REPLACED)
-                )
-            conn.execute(
-                insert(imaging_manifest).values(
-                    sop_instance_uid=facts.unique_id,
-                    study_instance_uid=study.study_instance_uid,
-                    submission_set_unique_id=submission_set.unique_id,
-                    blob=blob,
-                    entry_uuid=entry.entry_id,
-                    status=MANIFEST_CURRENT,
-                )
-            )
+        self._promote(study.study_instance_uid, facts.unique_id)
         logger.info(
             "%s %s: study %s, manifest %s%s, %d instances",
             "RAD-68",
