@@ -219,6 +219,15 @@ class ImagingSource:
         spooled = self.blobs.spool / f"keep-{uuid.uuid4().hex}"
         try:
             sha256 = copy_hashed(header.path, spooled)
+            # A file cut short or grown since its header was read is not
+            # the instance the manifest describes.
+            # Limitation: a change that keeps the size is not seen here.
+            size = spooled.stat().st_size
+            if size != header.size:
+                raise OSError(
+                    f"it changed since it was read ({size} bytes, "
+                    f"{header.size} when read)"
+                )
             return self.blobs.put_file(header.sop_instance_uid, spooled), sha256
         finally:
             spooled.unlink(missing_ok=True)

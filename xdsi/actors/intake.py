@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +174,27 @@ class Intake:
             The file is not stored; ``dimse_status`` and ``failure_reason``
             say what to answer.
         """
+        if not move:
+            # What is checked is what is kept: a private copy, which no one
+            # can change between the check and the store.
+            private = self.blobs.spool / f"accept-{uuid.uuid4().hex}"
+            try:
+                shutil.copyfile(path, private)
+            except OSError as exc:
+                private.unlink(missing_ok=True)
+                raise check.Refused(
+                    "unreadable", f"cannot read: {exc.strerror or exc}"
+                ) from exc
+            try:
+                return self.accept(
+                    private,
+                    move=True,
+                    sop_class_uid=sop_class_uid,
+                    sop_instance_uid=sop_instance_uid,
+                    study_instance_uid=study_instance_uid,
+                )
+            finally:
+                private.unlink(missing_ok=True)
         header, ds = check.check_file(
             path, sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid
         )

@@ -144,21 +144,28 @@ def checked(result: ScanResult) -> ScanResult:
     those of a scan of the files that remain.
     """
     refused: list[tuple[Path, str]] = []
-    kept: list[Path] = []
+    kept: dict[Path, int] = {}
 
     def check(path: Path) -> None:
         try:
-            check_file(path)
+            header, _ = check_file(path)
         except Refused as exc:
-            logger.warning("Refused %s: %s", path, exc.reason)
-            refused.append((path, exc.reason))
+            refuse(path, exc.reason)
         else:
-            kept.append(path)
+            kept[path] = header.size
+
+    def refuse(path: Path, reason: str) -> None:
+        logger.warning("Refused %s: %s", path, reason)
+        refused.append((path, reason))
 
     for study in result.studies:
         for header in study.instances:
             check(header.path)
-    if not refused:
+    if not refused and all(
+        kept[header.path] == header.size
+        for study in result.studies
+        for header in study.instances
+    ):
         return result
     rejected = []
     for path, reason in result.rejected:
@@ -167,7 +174,19 @@ def checked(result: ScanResult) -> ScanResult:
             check(path)
         else:
             rejected.append((path, reason))
-    again = scan_files(kept)
+    again = scan_files(list(kept))
+    # A file whose size changed since its check (still being written, say)
+    # is not the file checked.
+    changed = {
+        header.path
+        for study in again.studies
+        for header in study.instances
+        if kept[header.path] != header.size
+    }
+    if changed:
+        for path in sorted(changed):
+            refuse(path, "it changed while it was being checked")
+        again = scan_files([path for path in kept if path not in changed])
     return ScanResult(
         studies=again.studies,
         rejected=(*rejected, *refused, *again.rejected),

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SHARED, shared_path
+from xdsi.dicom import check as check_module
 from xdsi.dicom import scan
 from xdsi.dicom.check import Refused, check_file, checked, refusal_table
 from xdsi.dicom.store_scu import Destination
@@ -104,6 +105,35 @@ def test_a_good_repeat_stands_in_for_a_refused_first_copy(tmp_path) -> None:
     (study,) = result.studies
     assert len(study.instances) == len(alone.instances)
     assert [p.name for p, _ in result.rejected] == ["a-broken.dcm"]
+
+
+def test_a_file_that_changes_while_checked_is_refused(tmp_path, monkeypatch):
+    """A file cut short after its check (still being written, say) is not
+    the file checked: it is refused, not published as checked."""
+    images = shared_path("dicom", "study-mr", "images")
+    shutil.copytree(images, tmp_path / "study")
+    # A broken file makes the scan be read again after the checks, when the
+    # cut shows; without one, publishing sees it (the kept copy's size).
+    shutil.copy(_bad("truncated-pixeldata"), tmp_path / "broken.dcm")
+    headers = scan.scan_directory(tmp_path)
+    study = max(headers.studies, key=lambda s: len(s.instances))
+    victim = study.instances[-1].path
+    real = check_module.check_file
+
+    def then_cut(path, **kwargs):
+        checked_file = real(path, **kwargs)
+        if path == victim:
+            data = victim.read_bytes()
+            victim.write_bytes(data[: len(data) // 2])
+        return checked_file
+
+    monkeypatch.setattr(check_module, "check_file", then_cut)
+    result = checked(headers)
+
+    assert (victim, "it changed while it was being checked") in result.rejected
+    (kept,) = result.studies
+    assert victim not in {header.path for header in kept.instances}
+    assert len(kept.instances) == len(study.instances) - 1
 
 
 def test_a_checked_scan_of_good_files_is_the_scan() -> None:
