@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import signal
 import ssl
@@ -113,7 +114,12 @@ def main(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
     logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
     _quiet_pydicom(level)
     try:
-        ctx.obj = {"settings": load_settings(config_path)}
+        ctx.obj = {
+            "settings": load_settings(config_path),
+            # A file was named (--config or $XDSI_CONFIG), not the defaults.
+            "configured": config_path is not None
+            or bool(os.environ.get("XDSI_CONFIG")),
+        }
     except ConfigError as exc:
         _fail(str(exc))
 

@@ -230,3 +230,36 @@ def test_a_case_whose_prerequisite_failed_is_not_sent(tmp_path: Path) -> None:
     )
     assert lines[-1] == "0 passed, 2 failed"
     assert result.exit_code == 1
+
+
+def test_xdsi_config_before_the_command_names_the_served_node(tmp_path: Path) -> None:
+    """``xdsi --config FILE conformance run`` runs against that node, as every
+    other command does, and says which Imaging Document Source
+    repositoryUniqueId the RAD-69 cases need."""
+    config = tmp_path / "xdsi.toml"
+    config.write_text(
+        f'[node]\nstorage_dir = "{tmp_path / "node"}"\n'
+        "[imaging_source]\nport = 1\n"
+        'repository_unique_id = "1.2.3.4"\n'
+    )
+    result = CliRunner().invoke(
+        main,
+        [
+            "--config",
+            str(config),
+            "conformance",
+            "run",
+            "--cases",
+            str(shared_path("conformance")),
+            "--only",
+            "rad69-ids2018-4811-case-00-*",
+        ],
+        catch_exceptions=False,
+    )
+    assert "give exactly one of" not in result.output
+    assert (
+        "the RAD-69 cases name Imaging Document Source 1.3.6.1.4.1.21367.13.80.110; "
+        "this node is 1.2.3.4" in result.output
+    )
+    assert "127.0.0.1:1" in result.output
+    assert result.exit_code == 1

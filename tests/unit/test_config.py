@@ -280,3 +280,15 @@ def test_bad_audit_setting_is_config_error(tmp_path: Path, text: str) -> None:
     """ITI TF-2 3.20.6: only TLS or UDP targets, facility 10 or 13."""
     with pytest.raises(ConfigError, match=r"\[audit\]"):
         load_settings(_write(tmp_path, f"[audit]\n{text}\n"))
+
+
+def test_the_readme_example_configuration_loads(tmp_path: Path) -> None:
+    """The site example in README.md names only settings that exist."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (example, *_) = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    settings = load_settings(_write(tmp_path, example))
+    assert settings.imaging_source.repository_unique_id == (
+        "1.3.6.1.4.1.21367.13.80.110"
+    )

@@ -232,6 +232,20 @@ def _template() -> Path:
     return images[0]
 
 
+def _print_imaging_source_id(cases: Sequence[Case], served: Settings) -> None:
+    """Name the Imaging Document Source repositoryUniqueId the RAD-69 cases
+    send their requests to, when the served node has another."""
+    named = _most_common(_requested(cases, "RepositoryUniqueId"))
+    own = served.imaging_source.repository_unique_id
+    if named and named != own:
+        click.echo(
+            f"# the RAD-69 cases name Imaging Document Source {named}; this node "
+            f'is {own}: set [imaging_source] repository_unique_id = "{named}" '
+            "or they fail with XDSUnknownRepositoryId",
+            err=True,
+        )
+
+
 def _print_patient_domains(cases: Sequence[Case], authority: str) -> None:
     """Name the assigning authorities of the set's literal patient ids that
     the node must accept ITI-8 feeds of, besides its own."""
@@ -312,7 +326,9 @@ def conformance() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write JUnit XML here.",
 )
+@click.pass_context
 def run(
+    ctx: click.Context,
     cases_dir: Path,
     registry: str | None,
     repository: str | None,
@@ -333,7 +349,9 @@ def run(
     Exits 1 when a case fails, 2 when the run cannot start.
     """
     urls = any((registry, repository, imaging_source, feed))
-    if sum((bool(urls), config_file is not None, local)) != 1:
+    configured = (ctx.obj or {}).get("configured", False)
+    given = sum((bool(urls), config_file is not None, local))
+    if given > 1 or (given == 0 and not configured):
         _fail("give exactly one of: endpoint URLs, --config FILE, --local")
     try:
         cases = load_cases(cases_dir)
@@ -347,6 +365,7 @@ def run(
 
     workdir = Path(tempfile.mkdtemp(prefix="xdsi-conformance-"))
     node: Node | None = None
+    served: Settings | None = None
     try:
         if local:
             node = Node(
@@ -362,9 +381,14 @@ def run(
             target = _target(node.start())
         elif config_file is not None:
             try:
-                target = _target(load_settings(config_file))
+                served = load_settings(config_file)
             except ConfigError as exc:
                 _fail(str(exc))
+            target = _target(served)
+        elif not urls:
+            # The node named by xdsi's own --config (before the command).
+            served = ctx.obj["settings"]
+            target = _target(served)
         else:
             target = Target(
                 registry=registry,
@@ -391,6 +415,8 @@ def run(
                 click.echo(f"# {note}", err=True)
         else:
             _print_patient_domains(selected, target.assigning_authority)
+            if served is not None:
+                _print_imaging_source_id(selected, served)
             _print_imaging_needs(selected)
         results = runner.run(cases, only)
     finally:
