@@ -90,6 +90,16 @@ def _fail(message: str) -> None:
 _PLURALS = {"study": "studies", "series": "series"}
 
 
+def _unreachable_hint(message: str) -> str:
+    """Add what to look at when a peer could not be reached at all."""
+    if "cannot connect" in message:
+        return (
+            f"{message}\nIs the node serving? Client commands need the served "
+            "node's configuration (xdsi --config FILE ...)."
+        )
+    return message
+
+
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun if number == 1 else _PLURALS.get(noun, noun + 's')}"
 
@@ -397,7 +407,7 @@ def find(ctx: click.Context, patient_id: str, as_json: bool) -> None:
     try:
         entries = consumer.find(qualify_patient_id(patient_id, settings))
     except ConsumerError as exc:
-        _fail(str(exc))
+        _fail(_unreachable_hint(str(exc)))
     if as_json:
         click.echo(json.dumps([e.as_dict() for e in entries], indent=2))
     elif not entries:
@@ -454,7 +464,7 @@ def fetch(ctx: click.Context, patient_id: str, out: Path, to_pacs: str | None) -
     try:
         result = _fetch(consumer, qualify_patient_id(patient_id, settings), out)
     except ConsumerError as exc:
-        _fail(str(exc))
+        _fail(_unreachable_hint(str(exc)))
     click.echo(
         f"{_count(len(result.manifests), 'manifest')}, "
         f"{_count(len(result.instances), 'instance')}, "
@@ -605,8 +615,16 @@ def _publish_now(services: Services, studies: Iterable[str]) -> None:
             )
             failed = True
         else:
+            reason = services.intake.last_failure(study_instance_uid)
+            hint = ""
+            if reason and "XDSUnknownPatientId" in reason:
+                hint = (
+                    "; feed the patient first (xdsi feed), then run this again "
+                    "(a serving node retries by itself)"
+                )
             click.secho(
-                f"study {study_instance_uid} not published (see the log)",
+                f"study {study_instance_uid} not published: "
+                f"{reason or 'see the log'}{hint}",
                 fg="red",
                 err=True,
             )

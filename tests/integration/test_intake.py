@@ -551,7 +551,9 @@ def test_import_of_a_study_whose_patient_is_unknown_fails(
     outcome = _xdsi(patient_node, tmp_path, "import", str(folder))
 
     assert outcome.exit_code == 1, outcome.output
-    assert "not published" in outcome.output
+    assert "not published: XDSUnknownPatientId; feed the patient first" in (
+        outcome.output
+    )
     assert _manifests(patient_node) == []
 
 

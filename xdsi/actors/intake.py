@@ -112,6 +112,8 @@ class Failing:
     failures: int
     changed_at: float
     failed_at: float
+    # The registry's error codes, or what went wrong on the way.
+    reason: str = ""
 
 
 def retry_delay(quiet: float, failures: int) -> float:
@@ -383,8 +385,10 @@ class Intake:
         self._mark_changed(study_instance_uid)
         before = self._failing.get(study_instance_uid)
         failures = before.failures + 1 if before is not None else 1
-        self._failing[study_instance_uid] = Failing(failures, changed_at, time.time())
         codes = ", ".join(e.code for e in exc.errors) if exc.errors else str(exc)
+        self._failing[study_instance_uid] = Failing(
+            failures, changed_at, time.time(), codes
+        )
         if failures == 1:
             logger.warning(
                 "study %s not published (%s); retried with backoff up to %d s",
@@ -399,6 +403,12 @@ class Intake:
                 failures,
                 exc,
             )
+
+    def last_failure(self, study_instance_uid: str) -> str | None:
+        """Why the study's last publication in this process failed, if it
+        did: the registry's error codes, or the transport error."""
+        failing = self._failing.get(study_instance_uid)
+        return None if failing is None else failing.reason
 
     def _mark_changed(self, study_instance_uid: str) -> None:
         """Mark a study changed again, keeping when it last changed, and

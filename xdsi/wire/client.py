@@ -169,6 +169,11 @@ class SoapClient:
                 stream=True,
                 allow_redirects=False,
             )
+        except requests.ConnectionError as exc:
+            # requests' own text is a chain of wrapped exceptions; the
+            # operating system's reason is what a user can act on.
+            reason = _os_reason(exc) or str(exc)
+            raise TransportError(f"cannot connect ({reason})", self.url) from exc
         except requests.RequestException as exc:
             raise TransportError(str(exc), self.url) from exc
 
@@ -195,3 +200,23 @@ class SoapClient:
             raise TransportError(
                 f"the answer broke off: {exc}", self.url, response.status_code
             ) from exc
+
+
+def _os_reason(exc: BaseException) -> str | None:
+    """The operating system's reason deepest in an exception chain
+    (``Connection refused``, ``Name or service not known``), if any."""
+    seen: set[int] = set()
+    found = None
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            found = current.strerror
+        for arg in current.args:
+            if isinstance(arg, BaseException):
+                current = arg
+                break
+        else:
+            current = current.__cause__ or current.__context__
+            continue
+    return found

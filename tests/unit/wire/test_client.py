@@ -223,6 +223,7 @@ def test_refused_connection_is_transport_error(tmp_path: Path) -> None:
     with pytest.raises(TransportError) as raised:
         SoapClient(url, spool_dir=tmp_path).call(PNR, etree.Element("x"))
     assert (raised.value.url, raised.value.status) == (url, None)
+    assert "cannot connect (Connection refused)" in str(raised.value)
 
 
 def test_slow_peer_is_transport_error(serve: Callable, tmp_path: Path) -> None:
