@@ -788,3 +788,22 @@ def test_a_manifest_sent_without_an_answer_is_settled_with_the_registry(
         assert set(rows) == {published.manifest_uid}
         assert not source.blobs.path(pending.blob).exists()
     assert _registry_status(patient_node, published.manifest_uid) == STATUS_APPROVED
+
+
+def test_an_association_for_another_called_ae_title_is_rejected(
+    intake_node: RunningNode,
+) -> None:
+    """DICOM PS3.8 9.3.4, Table 9-21: a sender that names another AE title
+    is rejected (reason 7), and nothing is stored."""
+    from pynetdicom import AE as Sender
+    from pynetdicom.sop_class import CTImageStorage
+
+    scp = _scp(intake_node)
+    sender = Sender(ae_title="TESTSCU")
+    sender.add_requested_context(CTImageStorage)
+    association = sender.associate(scp.host, scp.port, ae_title="NOT-XDSI")
+    try:
+        assert association.is_rejected
+    finally:
+        association.release()
+    assert _held(intake_node) == {}

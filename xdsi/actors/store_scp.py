@@ -113,6 +113,10 @@ class StoreScp:
         # fragments arrive (DICOM PS3.8 9.3.5) instead of in memory.
         _config.STORE_RECV_CHUNKED_DATASET = True
         ae = AE(ae_title=self.ae_title)
+        # DICOM PS3.8 9.3.4: an association for another called AE title is
+        # rejected (reason 7, called AE title not recognised) rather than
+        # taken in under ours.
+        ae.require_called_aet = True
         ae.maximum_pdu_size = 0
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
