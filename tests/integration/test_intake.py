@@ -27,7 +27,11 @@ from tests.conftest import SHARED, shared_path
 from tests.integration.conftest import RunningNode
 from xdsi.actors import imaging_source as imaging_source_module
 from xdsi.actors import intake as intake_module
-from xdsi.actors.imaging_source import MANIFEST_CURRENT, MANIFEST_REPLACED
+from xdsi.actors.imaging_source import (
+    MANIFEST_CURRENT,
+    MANIFEST_PENDING,
+    MANIFEST_REPLACED,
+)
 from xdsi.actors.provide import SubmitError
 from xdsi.app import Node
 from xdsi.cli import main
@@ -95,11 +99,14 @@ def _wait(condition: Callable[[], bool], timeout: float = 30.0) -> None:
         time.sleep(0.2)
 
 
-def _manifests(node: RunningNode) -> list:  # type: ignore[type-arg]
+def _manifests(node: RunningNode, *, pending: bool = False) -> list:  # type: ignore[type-arg]
+    """The study manifests noted, oldest first; those whose registration is
+    still under way (pending) only when asked for."""
+    query = select(imaging_manifest).order_by(imaging_manifest.c.created_at)
+    if not pending:
+        query = query.where(imaging_manifest.c.status != MANIFEST_PENDING)
     with node.services.engine.connect() as conn:
-        return conn.execute(
-            select(imaging_manifest).order_by(imaging_manifest.c.created_at)
-        ).all()
+        return conn.execute(query).all()
 
 
 def _held(node: RunningNode) -> dict[str, Path]:
@@ -768,7 +775,7 @@ def test_a_manifest_sent_without_an_answer_is_settled_with_the_registry(
 
     monkeypatch.setattr(imaging_source_module, "provide_and_register", unanswered)
     assert patient_node.services.intake.publish_now(study_uid) is None
-    (pending,) = _manifests(patient_node)
+    (pending,) = _manifests(patient_node, pending=True)
     assert pending.status == imaging_source_module.MANIFEST_PENDING
     assert patient_node.services.intake.changed(study_uid)
 
@@ -776,7 +783,10 @@ def test_a_manifest_sent_without_an_answer_is_settled_with_the_registry(
     published = patient_node.services.intake.publish_now(study_uid)
     assert published is not None
 
-    rows = {row.sop_instance_uid: row.status for row in _manifests(patient_node)}
+    rows = {
+        row.sop_instance_uid: row.status
+        for row in _manifests(patient_node, pending=True)
+    }
     assert rows[published.manifest_uid] == MANIFEST_CURRENT
     if registered:
         assert rows[pending.sop_instance_uid] == MANIFEST_REPLACED

@@ -70,7 +70,13 @@ def _data_set_bytes(data: bytes) -> bytes:
 def _published(node: Node) -> bool:
     assert node.services is not None
     with node.services.engine.connect() as conn:
-        return conn.execute(imaging_manifest.select()).first() is not None
+        # A pending manifest is on its way to the registry, not yet shared.
+        return (
+            conn.execute(
+                imaging_manifest.select().where(imaging_manifest.c.status == "current")
+            ).first()
+            is not None
+        )
 
 
 def test_orthanc_study_reaches_a_second_orthanc_byte_identical(
