@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -780,7 +781,21 @@ def test_a_manifest_sent_without_an_answer_is_settled_with_the_registry(
     assert patient_node.services.intake.changed(study_uid)
 
     monkeypatch.setattr(imaging_source_module, "provide_and_register", real)
-    published = patient_node.services.intake.publish_now(study_uid)
+    intake = patient_node.services.intake
+    if not registered:
+        # Not registered yet may still mean on its way (a slow registry):
+        # nothing is sent until no request carrying it can be under way.
+        assert intake.publish_now(study_uid) is None
+        assert "may still be on its way" in (intake.last_failure(study_uid) or "")
+        assert len(_manifests(patient_node, pending=True)) == 1
+        with patient_node.services.engine.begin() as conn:
+            conn.execute(
+                update(imaging_manifest).values(
+                    created_at=datetime.now(UTC)
+                    - timedelta(seconds=imaging_source_module.SETTLE_AFTER + 1)
+                )
+            )
+    published = intake.publish_now(study_uid)
     assert published is not None
 
     rows = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -19,6 +20,7 @@ import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -83,6 +85,23 @@ MANIFEST_CURRENT = "current"
 MANIFEST_PENDING = "pending"
 MANIFEST_REPLACED = "replaced"
 MANIFEST_WITHDRAWN = "withdrawn"
+
+
+# A manifest sent without an answer heard and not found in the registry is
+# taken as lost only after this many seconds: longer than RAD-68's timeout
+# plus the repository's ITI-42 timeout (RAD_68_TIMEOUT each), so that no
+# request carrying it can still be under way.
+RAD_68_TIMEOUT = 120.0
+SETTLE_AFTER = 2 * RAD_68_TIMEOUT + 60.0
+
+
+def _age(created_at: datetime | None) -> float:
+    """Seconds since a row's created_at (UTC; SQLite gives it naive)."""
+    if created_at is None:
+        return math.inf
+    if created_at.tzinfo is None:
+        created_at = created_at.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - created_at).total_seconds()
 
 
 class PublishError(SubmitError):
@@ -365,7 +384,10 @@ class ImagingSource:
         leaves its manifest pending. GetDocuments (ITI TF-2
         3.18.4.1.2.3.7.5) by its entryUUID tells whether the registry took
         it: then it is the current manifest (and what it replaced is
-        replaced); else it is dropped.
+        replaced). One the registry does not hold is dropped only once no
+        request that carries it can still be under way (SETTLE_AFTER);
+        until then the study waits, so that a registration still in flight
+        (a slow registry) never lands beside a second manifest.
 
         Raises
         ------
@@ -376,7 +398,12 @@ class ImagingSource:
         column = imaging_manifest.c
         with self.engine.connect() as conn:
             pending = conn.execute(
-                select(column.sop_instance_uid, column.entry_uuid, column.blob).where(
+                select(
+                    column.sop_instance_uid,
+                    column.entry_uuid,
+                    column.blob,
+                    column.created_at,
+                ).where(
                     column.study_instance_uid == study_instance_uid,
                     column.status == MANIFEST_PENDING,
                 )
@@ -390,6 +417,13 @@ class ImagingSource:
                     study_instance_uid,
                 )
                 self._promote(study_instance_uid, row.sop_instance_uid)
+            elif _age(row.created_at) < SETTLE_AFTER:
+                raise PublishError(
+                    f"manifest {row.sop_instance_uid} was sent "
+                    f"{_age(row.created_at):.0f} s ago with no answer heard and "
+                    "is not registered yet; it may still be on its way, so the "
+                    f"study waits until {SETTLE_AFTER:.0f} s have passed"
+                )
             else:
                 logger.warning(
                     "manifest %s of study %s was not registered: dropped",
@@ -620,6 +654,7 @@ class ImagingSource:
                 submission_set_unique_id=submission_set.unique_id,
                 spool_dir=self.blobs.spool,
                 ssl_context=tls.client_context_for(self.settings),
+                timeout=RAD_68_TIMEOUT,
             )
         except SubmitError as exc:
             if exc.errors:
