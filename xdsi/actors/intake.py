@@ -391,7 +391,7 @@ class Intake:
         )
         if failures == 1:
             logger.warning(
-                "study %s not published (%s); a serving node retries it, waiting up to %d s",
+                "study %s not published (%s); a serving node retries, up to %d s apart",
                 study_instance_uid,
                 codes,
                 MAX_RETRY_DELAY,
