@@ -46,7 +46,6 @@ from xdsi.audit.repository import (
 from xdsi.config import ConfigError, Settings, TlsSettings, load_settings, to_toml
 from xdsi.conformance.cli import conformance
 from xdsi.dicom import scan
-from xdsi.dicom.check import checked
 from xdsi.dicom.store_scu import Destination, StoreScuError, send_files
 from xdsi.hl7.adt import TRIGGER_EVENTS
 from xdsi.hl7.mllp import MllpError
@@ -293,9 +292,23 @@ def publish(
     """Publish the studies in STUDY_DIR: KOS manifest + RAD-68."""
     settings = _settings(ctx)
     cx = qualify_patient_id(patient_id, settings)
-    result = scan.scan_directory(study_dir)
     if not headers_only:
-        result = checked(result)
+        # Each file is copied into the store and the copy checked whole, as
+        # intake does, so that what is shared is what was checked.
+        services = build_services(settings)
+        taken = services.intake.import_folder(study_dir, patient_id=cx)
+        if taken.refused:
+            # Each file and its reason were logged as a warning.
+            click.secho(
+                f"{_count(len(taken.refused), 'file')} skipped", fg="yellow", err=True
+            )
+        if not taken.accepted:
+            services.engine.dispose()
+            _fail(f"no DICOM study found in {study_dir}")
+        _publish_now(services, sorted({a.study_instance_uid for a in taken.accepted}))
+        services.engine.dispose()
+        return
+    result = scan.scan_directory(study_dir)
     if result.rejected:
         # Each file and its reason were logged as a warning by the scan.
         click.secho(

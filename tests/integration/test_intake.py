@@ -832,3 +832,40 @@ def test_an_association_for_another_called_ae_title_is_rejected(
     finally:
         association.release()
     assert _held(intake_node) == {}
+
+
+def test_publish_shares_the_copy_it_checked_under_the_given_patient(
+    patient_node: RunningNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``xdsi publish`` checks a private copy of each file and publishes
+    that copy under ``--patient-id``: a source file changed after it was
+    copied (an export still running) changes nothing that is shared."""
+    folder = tmp_path / "export"
+    shutil.copytree(shared_path("dicom", "study-mr", "images"), folder)
+    originals = {p.name: p.read_bytes() for p in folder.iterdir()}
+    send_message(
+        patient_node.settings.node.host,
+        patient_node.settings.registry.feed_port,
+        build_feed(f"OTHER-1^^^&{patient_node.settings.node.assigning_authority}&ISO"),
+    )
+    real_copy = shutil.copyfile
+
+    def copy_then_spoil(source: Path, target: Path) -> object:
+        copied = real_copy(source, target)
+        Path(source).write_bytes(b"\0" * 200)
+        return copied
+
+    monkeypatch.setattr(intake_module.shutil, "copyfile", copy_then_spoil)
+    outcome = _xdsi(
+        patient_node, tmp_path, "publish", str(folder), "--patient-id", "OTHER-1"
+    )
+    assert outcome.exit_code == 0, outcome.output
+    assert "36 instances" in outcome.output
+
+    held = {path.read_bytes() for path in _held(patient_node).values()}
+    assert held == set(originals.values())
+    with patient_node.services.engine.connect() as conn:
+        assert conn.execute(select(imaging_study.c.patient_id)).scalar_one() == (
+            f"OTHER-1^^^&{patient_node.settings.node.assigning_authority}&ISO"
+        )
+    assert len(_manifests(patient_node)) == 1

@@ -161,8 +161,12 @@ class Intake:
         sop_class_uid: str | None = None,
         sop_instance_uid: str | None = None,
         study_instance_uid: str | None = None,
+        patient_id: str | None = None,
     ) -> Accepted:
         """Check one DICOM PS3.10 file and store it, once per SOP Instance UID.
+
+        ``patient_id`` is the affinity domain's patient id its study is
+        published under; by default the images' own (:meth:`patient_id`).
 
         With ``move`` the file is consumed (renamed into the store when on
         the same file system). A SOP Instance UID held already is accepted
@@ -194,6 +198,7 @@ class Intake:
                     sop_class_uid=sop_class_uid,
                     sop_instance_uid=sop_instance_uid,
                     study_instance_uid=study_instance_uid,
+                    patient_id=patient_id,
                 )
             finally:
                 private.unlink(missing_ok=True)
@@ -206,7 +211,9 @@ class Intake:
                 f"instance {header.sop_instance_uid} belongs to study "
                 f"{header.study_instance_uid}, not to {study_instance_uid}",
             )
-        patient_id = self.patient_id(ds)
+        given = patient_id is not None
+        if patient_id is None:
+            patient_id = self.patient_id(ds)
         if self._held(header.sop_instance_uid):
             return self._duplicate(header, path, move)
 
@@ -222,7 +229,7 @@ class Intake:
                         instance_row(header, blob, digest, patient_id)
                     )
                 )
-                self._touch(conn, header.study_instance_uid, patient_id)
+                self._touch(conn, header.study_instance_uid, patient_id, given)
         except IntegrityError:
             # Another association stored the same instance meanwhile; the
             # blob under the same key holds the same instance.
@@ -234,18 +241,21 @@ class Intake:
             False,
         )
 
-    def import_folder(self, folder: Path) -> ImportResult:
+    def import_folder(
+        self, folder: Path, *, patient_id: str | None = None
+    ) -> ImportResult:
         """Take in every instance of a folder or CD.
 
         With a DICOMDIR at the top (DICOM PS3.10 8.6), the files its records
         reference are read; otherwise every regular file under the folder.
-        Files are copied, never moved.
+        Files are copied, never moved. ``patient_id``, when given, is the
+        patient the studies are published under instead of the images' own.
         """
         accepted: list[Accepted] = []
         refused: list[tuple[Path, check.Refused]] = []
         for path in _files_of(folder):
             try:
-                accepted.append(self.accept(path))
+                accepted.append(self.accept(path, patient_id=patient_id))
             except check.Refused as exc:
                 logger.warning("Refused %s: %s", path, exc.reason)
                 refused.append((path, exc))
@@ -550,14 +560,22 @@ class Intake:
         )
 
     def _touch(
-        self, conn: Connection, study_instance_uid: str, patient_id: str
+        self,
+        conn: Connection,
+        study_instance_uid: str,
+        patient_id: str,
+        given: bool = False,
     ) -> None:
-        """Mark a study changed now; create its row on first sight."""
+        """Mark a study changed now; create its row on first sight. A
+        ``given`` patient id (not the images' own) is the study's from now."""
         now = time.time()
+        values: dict[str, object] = {"changed_at": now, "dirty": True}
+        if given:
+            values["patient_id"] = patient_id
         changed = conn.execute(
             update(imaging_study)
             .where(imaging_study.c.study_instance_uid == study_instance_uid)
-            .values(changed_at=now, dirty=True)
+            .values(**values)
         )
         if changed.rowcount == 0:
             conn.execute(

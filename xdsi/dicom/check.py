@@ -26,10 +26,7 @@ from xdsi.dicom.scan import (
     InstanceHeader,
     InvalidInstance,
     NotDicom,
-    ScanResult,
     read_header,
-    repeat_of,
-    scan_files,
 )
 from xdsi.profiles_loader import load_profile_table
 
@@ -131,66 +128,6 @@ def check_file(
     if "PixelData" in ds:
         _check_pixel_data(ds, header.transfer_syntax_uid)
     return header, ds
-
-
-def checked(result: ScanResult) -> ScanResult:
-    """Check every file of a scan in whole (:func:`check_file`).
-
-    A scan reads headers only; a file whose data set is truncated or whose
-    Pixel Data does not fit its Image Pixel module passes it. Such a file
-    is dropped from the studies and joins the rejected ones with its reason,
-    logged at WARNING as the scan logs its own. A file the scan passed over
-    as a repeat of a refused one is checked in its place. The studies are
-    those of a scan of the files that remain.
-    """
-    refused: list[tuple[Path, str]] = []
-    kept: dict[Path, int] = {}
-
-    def check(path: Path) -> None:
-        try:
-            header, _ = check_file(path)
-        except Refused as exc:
-            refuse(path, exc.reason)
-        else:
-            kept[path] = header.size
-
-    def refuse(path: Path, reason: str) -> None:
-        logger.warning("Refused %s: %s", path, reason)
-        refused.append((path, reason))
-
-    for study in result.studies:
-        for header in study.instances:
-            check(header.path)
-    if not refused and all(
-        kept[header.path] == header.size
-        for study in result.studies
-        for header in study.instances
-    ):
-        return result
-    rejected = []
-    for path, reason in result.rejected:
-        first = repeat_of(reason)
-        if first is not None and any(first == bad for bad, _ in refused):
-            check(path)
-        else:
-            rejected.append((path, reason))
-    again = scan_files(list(kept))
-    # A file whose size changed since its check (still being written, say)
-    # is not the file checked.
-    changed = {
-        header.path
-        for study in again.studies
-        for header in study.instances
-        if kept[header.path] != header.size
-    }
-    if changed:
-        for path in sorted(changed):
-            refuse(path, "it changed while it was being checked")
-        again = scan_files([path for path in kept if path not in changed])
-    return ScanResult(
-        studies=again.studies,
-        rejected=(*rejected, *refused, *again.rejected),
-    )
 
 
 def _check_elements(ds: Dataset) -> None:

@@ -250,19 +250,8 @@ def _scan(files: list[Path]) -> ScanResult:
     )
 
 
-_DUPLICATE = "duplicate SOP Instance UID, already read from "
-
-
 def _duplicate(first: Path) -> str:
-    return f"{_DUPLICATE}{first}"
-
-
-def repeat_of(reason: str) -> Path | None:
-    """The file read first, when ``reason`` rejects a file as a repeat of
-    its SOP Instance UID; else None."""
-    if reason.startswith(_DUPLICATE):
-        return Path(reason.removeprefix(_DUPLICATE))
-    return None
+    return f"duplicate SOP Instance UID, already read from {first}"
 
 
 def _joined(first: ScanResult, second: ScanResult) -> ScanResult:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import SHARED, shared_path
-from xdsi.dicom import check as check_module
-from xdsi.dicom import scan
-from xdsi.dicom.check import Refused, check_file, checked, refusal_table
+from xdsi.dicom.check import Refused, check_file, refusal_table
 from xdsi.dicom.store_scu import Destination
 
 # The rule each malformed file breaks (shared dicom/README.md, "bad/").
@@ -66,79 +63,6 @@ def test_each_single_object_passes(name: str) -> None:
     compressed ones included."""
     header, _ = check_file(shared_path("dicom", "singles", name))
     assert header.sop_instance_uid
-
-
-def test_a_checked_scan_drops_what_the_header_scan_let_through(tmp_path) -> None:
-    """Every bad/ file is rejected once the scan is checked, those whose
-    header reads well included; the good study stays whole."""
-    images = shared_path("dicom", "study-mr", "images")
-    shutil.copytree(images, tmp_path / "study")
-    for path in shared_path("dicom", "bad").iterdir():
-        shutil.copy(path, tmp_path / path.name)
-
-    headers = scan.scan_directory(tmp_path)
-    assert len(headers.studies) > 1  # some bad files pass the header scan
-
-    result = checked(headers)
-    (alone,) = scan.scan_directory(images).studies
-    (study,) = result.studies
-    assert study.study_instance_uid == alone.study_instance_uid
-    assert len(study.instances) == len(alone.instances)
-    assert {path.name for path, _ in result.rejected} == {
-        p.name for p in shared_path("dicom", "bad").iterdir()
-    }
-
-
-def test_a_good_repeat_stands_in_for_a_refused_first_copy(tmp_path) -> None:
-    """A broken copy of an instance read before its good copy does not take
-    the good one down with it."""
-    images = shared_path("dicom", "study-mr", "images")
-    shutil.copytree(images, tmp_path / "z-study")
-    (alone,) = scan.scan_directory(images).studies
-    good = alone.instances[5].path
-    (tmp_path / "a-broken.dcm").write_bytes(good.read_bytes()[:100_000])
-
-    headers = scan.scan_directory(tmp_path)
-    assert any(scan.repeat_of(why) for _, why in headers.rejected)
-
-    result = checked(headers)
-    (study,) = result.studies
-    assert len(study.instances) == len(alone.instances)
-    assert [p.name for p, _ in result.rejected] == ["a-broken.dcm"]
-
-
-def test_a_file_that_changes_while_checked_is_refused(tmp_path, monkeypatch):
-    """A file cut short after its check (still being written, say) is not
-    the file checked: it is refused, not published as checked."""
-    images = shared_path("dicom", "study-mr", "images")
-    shutil.copytree(images, tmp_path / "study")
-    # A broken file makes the scan be read again after the checks, when the
-    # cut shows; without one, publishing sees it (the kept copy's size).
-    shutil.copy(_bad("truncated-pixeldata"), tmp_path / "broken.dcm")
-    headers = scan.scan_directory(tmp_path)
-    study = max(headers.studies, key=lambda s: len(s.instances))
-    victim = study.instances[-1].path
-    real = check_module.check_file
-
-    def then_cut(path, **kwargs):
-        checked_file = real(path, **kwargs)
-        if path == victim:
-            data = victim.read_bytes()
-            victim.write_bytes(data[: len(data) // 2])
-        return checked_file
-
-    monkeypatch.setattr(check_module, "check_file", then_cut)
-    result = checked(headers)
-
-    assert (victim, "it changed while it was being checked") in result.rejected
-    (kept,) = result.studies
-    assert victim not in {header.path for header in kept.instances}
-    assert len(kept.instances) == len(study.instances) - 1
-
-
-def test_a_checked_scan_of_good_files_is_the_scan() -> None:
-    headers = scan.scan_directory(shared_path("dicom", "study-mr", "images"))
-    assert checked(headers) is headers
 
 
 def test_a_request_naming_another_sop_instance_is_refused() -> None:
