@@ -15,6 +15,7 @@ import re
 import shutil
 import string
 import tempfile
+import threading
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -30,7 +31,7 @@ from flask import Blueprint, Response, abort, request
 from PIL import Image
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 from pydicom.uid import RE_VALID_UID, ExplicitVRLittleEndian
 from sqlalchemy import Row, select
 from werkzeug.exceptions import HTTPException
@@ -612,7 +613,11 @@ RENDERING_PARAMETERS = (
     "imageQuality",
 )
 # The largest Rows or Columns a rendered image is scaled to.
-MAX_RENDERED_SIZE = 8192
+MAX_RENDERED_SIZE = 4096
+# Images decoded for rendering at once in one process: each may take
+# hundreds of MB (a mammogram as floating point), so a burst of WADO-URI
+# requests waits rather than exhausting memory.
+_RENDERING = threading.BoundedSemaphore(2)
 
 
 @dataclass(frozen=True)
@@ -634,7 +639,7 @@ def _rendering(args: Mapping[str, str]) -> Rendering:
     region = None
     if "region" in args:
         try:
-            values = tuple(float(v) for v in args["region"].split(","))
+            values = tuple(_decimal(v) for v in args["region"].split(","))
         except ValueError:
             values = ()
         if (
@@ -655,7 +660,8 @@ def _rendering(args: Mapping[str, str]) -> Rendering:
         abort(400, "windowCenter and windowWidth go together")
     if "windowCenter" in args:
         try:
-            center, width = float(args["windowCenter"]), float(args["windowWidth"])
+            center = _decimal(args["windowCenter"])
+            width = _decimal(args["windowWidth"])
         except ValueError:
             abort(400, "windowCenter and windowWidth must be decimal numbers")
         if not (math.isfinite(center) and math.isfinite(width)) or width < 1:
@@ -667,6 +673,18 @@ def _rendering(args: Mapping[str, str]) -> Rendering:
         if not 1 <= quality <= 100:
             abort(400, "imageQuality must be from 1 to 100")
     return Rendering(region, rows, columns, window, quality)
+
+
+# A decimal string as DICOM's DS VR writes one (PS3.5 6.2): ASCII digits,
+# an optional sign, point and exponent; no spaces, underscores or other
+# scripts' digits, which Python's float() would take.
+_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+
+
+def _decimal(value: str) -> float:
+    if not _DECIMAL.fullmatch(value):
+        raise ValueError(value)
+    return float(value)
 
 
 def _positive(args: Mapping[str, str], name: str) -> int | None:
@@ -685,7 +703,14 @@ def _windowed(pixels: np.ndarray, center: float, width: float) -> np.ndarray:
 
 
 def _render(path: Path, frame: int, rendering: Rendering = Rendering()) -> bytes:
-    """Render one frame as an 8-bit JPEG (DICOM PS3.18 WADO-URI image/jpeg).
+    """Render one frame as an 8-bit JPEG (DICOM PS3.18 WADO-URI image/jpeg),
+    no more than _RENDERING's count at once (see :func:`_rendered`)."""
+    with _RENDERING:
+        return _rendered(path, frame, rendering)
+
+
+def _rendered(path: Path, frame: int, rendering: Rendering) -> bytes:
+    """Render one frame as an 8-bit JPEG.
 
     Modality LUT, then the window asked for or else the image's own VOI LUT
     or window, scaled to the frame's range; then the region is cut out, and
@@ -699,11 +724,15 @@ def _render(path: Path, frame: int, rendering: Rendering = Rendering()) -> bytes
         if not 1 <= frame <= frames:
             abort(400, f"frameNumber {frame} is outside 1..{frames}")
         try:
-            pixels = ds.pixel_array
-        except Exception:
-            abort(406)
-    if frames > 1:
-        pixels = pixels[frame - 1]
+            # The frame asked for alone is decoded, not all of them.
+            pixels = pixel_array(ds, index=frame - 1 if frames > 1 else None)
+        except Exception as exc:
+            logger.debug("cannot decode %s for rendering: %s", path, exc)
+            abort(
+                406,
+                "the image cannot be decoded for rendering; ask for "
+                "contentType=application/dicom",
+            )
     if ds.get("SamplesPerPixel", 1) == 1:
         pixels = apply_modality_lut(pixels, ds).astype(np.float64)
         if rendering.window is not None:
