@@ -183,16 +183,8 @@ def serve(ctx: click.Context, workers: int | None) -> None:
         if getattr(effective, actor).enabled:
             click.echo(f"{actor:15} {effective.url(actor)}")
     if effective.imaging_source.enabled:
-        source = effective.imaging_source
-        root = effective.url("imaging_source").removesuffix(source.path)
-        click.echo(f"{'dicomweb':15} {effective.dicomweb_url} (QIDO-RS, WADO-RS)")
-        click.echo(f"{'stow-rs':15} {root}{source.stow_path}")
-        click.echo(f"{'wado-uri':15} {root}{source.wado_path}")
-        if source.store_scp:
-            click.echo(
-                f"{'c-store scp':15} {source.ae_title}@{effective.node.host}:"
-                f"{source.dicom_port}"
-            )
+        for name, where in effective.imaging_endpoints():
+            click.echo(f"{name:15} {where}")
     if effective.registry.enabled:
         click.echo(
             f"{'feed (MLLP)':15} {effective.node.host}:{effective.registry.feed_port}"

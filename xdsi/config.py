@@ -356,6 +356,24 @@ class Settings:
         scheme = "https" if self.tls.enabled else "http"
         return f"{scheme}://{self.node.host}:{cfg.port}{cfg.dicomweb_path.rstrip('/')}"
 
+    def imaging_endpoints(self) -> list[tuple[str, str]]:
+        """The Imaging Document Source's services besides RAD-69, by name."""
+        source = self.imaging_source
+        root = self.url("imaging_source").removesuffix(source.path)
+        endpoints = [
+            ("dicomweb", f"{self.dicomweb_url} (QIDO-RS, WADO-RS)"),
+            ("stow-rs", f"{root}{source.stow_path}"),
+            ("wado-uri", f"{root}{source.wado_path}"),
+        ]
+        if source.store_scp:
+            endpoints.append(
+                (
+                    "c-store scp",
+                    f"{source.ae_title}@{self.node.host}:{source.dicom_port}",
+                )
+            )
+        return endpoints
+
     @property
     def registry_url(self) -> str:
         return self.repository.registry_url or self.url("registry")
@@ -509,4 +527,5 @@ def to_toml(settings: Settings) -> str:
         f"# patient identity feed (MLLP): {settings.node.host}:"
         f"{settings.registry.feed_port}"
     )
+    lines.extend(f"# {name}: {where}" for name, where in settings.imaging_endpoints())
     return "\n".join(lines) + "\n"

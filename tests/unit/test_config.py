@@ -292,3 +292,15 @@ def test_the_readme_example_configuration_loads(tmp_path: Path) -> None:
     assert settings.imaging_source.repository_unique_id == (
         "1.3.6.1.4.1.21367.13.80.110"
     )
+
+
+def test_to_toml_names_every_imaging_endpoint() -> None:
+    """``config show`` lists DICOMweb, STOW-RS, WADO-URI and, when on, the
+    C-STORE SCP beside the SOAP endpoints."""
+    shown = to_toml(Settings())
+    assert "# stow-rs: http://127.0.0.1:9083/dicomweb/studies" in shown
+    assert "# wado-uri: http://127.0.0.1:9083/wado" in shown
+    assert "c-store scp" not in shown
+    scp = Settings()
+    scp = replace(scp, imaging_source=replace(scp.imaging_source, store_scp=True))
+    assert "# c-store scp: XDSI@127.0.0.1:11112" in to_toml(scp)
