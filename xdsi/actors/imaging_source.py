@@ -91,6 +91,9 @@ MANIFEST_WITHDRAWN = "withdrawn"
 # taken as lost only after this many seconds: longer than RAD-68's timeout
 # plus the repository's ITI-42 timeout (RAD_68_TIMEOUT each), so that no
 # request carrying it can still be under way.
+# Limitation: a registry that commits a registration later still (after
+# its submitter gave up) can leave a second Approved manifest beside one
+# sent after SETTLE_AFTER.
 RAD_68_TIMEOUT = 120.0
 SETTLE_AFTER = 2 * RAD_68_TIMEOUT + 60.0
 
