@@ -78,6 +78,8 @@ def claimant_gone(claimed_by: str | None) -> bool:
     """Whether the process that made a claim is known to be gone: it ran on
     this host and no process of its id and start time runs now. A claim
     from another host is never known to be gone; it lapses (CLAIM_LEASE)."""
+    # Limitation: two hosts (containers) of one host name sharing the
+    # database look like one; each takes the other's live claims for gone.
     host, _, rest = (claimed_by or "").partition(" ")
     pid, _, started = rest.partition(" ")
     if host != socket.gethostname() or not pid.isdigit():
