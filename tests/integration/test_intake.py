@@ -100,7 +100,9 @@ def _wait(condition: Callable[[], bool], timeout: float = 30.0) -> None:
         time.sleep(0.2)
 
 
-def _manifests(node: RunningNode, *, pending: bool = False) -> list:  # type: ignore[type-arg]
+def _manifests(
+    node: RunningNode, *, pending: bool = False
+) -> list:  # type: ignore[type-arg]
     """The study manifests noted, oldest first; those whose registration is
     still under way (pending) only when asked for."""
     query = select(imaging_manifest).order_by(imaging_manifest.c.created_at)
