@@ -22,7 +22,7 @@ import pytest
 import requests
 from click.testing import CliRunner, Result
 from pydicom.fileset import FileSet
-from sqlalchemy import select, update
+from sqlalchemy import Row, select, update
 
 from tests.conftest import SHARED, shared_path
 from tests.integration.conftest import RunningNode
@@ -100,9 +100,7 @@ def _wait(condition: Callable[[], bool], timeout: float = 30.0) -> None:
         time.sleep(0.2)
 
 
-def _manifests(
-    node: RunningNode, *, pending: bool = False
-) -> list:  # type: ignore[type-arg]
+def _manifests(node: RunningNode, *, pending: bool = False) -> list[Row]:
     """The study manifests noted, oldest first; those whose registration is
     still under way (pending) only when asked for."""
     query = select(imaging_manifest).order_by(imaging_manifest.c.created_at)
