@@ -296,7 +296,10 @@ def publish(
             )
         if not taken.accepted:
             services.engine.dispose()
-            _fail(f"no DICOM study found in {study_dir}")
+            _fail(
+                f"nothing published from {study_dir}: no file was taken in"
+                + (f" ({taken.refused[0][1].reason})" if taken.refused else "")
+            )
         _publish_now(services, sorted({a.study_instance_uid for a in taken.accepted}))
         services.engine.dispose()
         return

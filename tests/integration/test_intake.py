@@ -49,6 +49,7 @@ from xdsi.dicom.store_scu import (
 from xdsi.hl7.adt import build_feed
 from xdsi.hl7.mllp import send_message
 from xdsi.metadata.ebrim import STATUS_APPROVED, STATUS_DEPRECATED
+from xdsi.metadata.responses import RegistryError
 from xdsi.store.schema import (
     imaging_instance,
     imaging_manifest,
@@ -755,12 +756,17 @@ def test_a_claim_from_another_host_waits_for_the_lease(
     assert patient_node.services.intake.publish_now(study_uid) is None
 
 
-@pytest.mark.parametrize("registered", [True, False], ids=["taken", "lost"])
+@pytest.mark.parametrize(
+    ("registered", "answer"),
+    [(True, None), (False, None), (True, "XDSRegistryNotAvailable")],
+    ids=["taken", "lost", "taken-unheard-by-the-repository"],
+)
 def test_a_manifest_sent_without_an_answer_is_settled_with_the_registry(
     patient_node: RunningNode,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     registered: bool,
+    answer: str | None,
 ) -> None:
     """RAD-68 sent and no answer heard (the answer lost, or the publisher
     killed): the next publication asks the registry (ITI-18 GetDocuments)
@@ -772,7 +778,12 @@ def test_a_manifest_sent_without_an_answer_is_settled_with_the_registry(
     def unanswered(*args: object, **kwargs: object) -> None:
         if registered:
             real(*args, **kwargs)
-        raise SubmitError("RAD-68 to the repository failed: read timed out")
+        if answer is None:
+            raise SubmitError("RAD-68 to the repository failed: read timed out")
+        # The repository's own ITI-42 went out and its answer was lost.
+        raise SubmitError(
+            "RAD-68 failed", [RegistryError(answer, "the registry did not answer")]
+        )
 
     monkeypatch.setattr(imaging_source_module, "provide_and_register", unanswered)
     assert patient_node.services.intake.publish_now(study_uid) is None
@@ -868,4 +879,34 @@ def test_publish_shares_the_copy_it_checked_under_the_given_patient(
         assert conn.execute(select(imaging_study.c.patient_id)).scalar_one() == (
             f"OTHER-1^^^&{patient_node.settings.node.assigning_authority}&ISO"
         )
+    assert len(_manifests(patient_node)) == 1
+
+
+def test_publish_under_another_patient_than_the_study_is_held_under_is_refused(
+    patient_node: RunningNode, tmp_path: Path
+) -> None:
+    """ITI TF-3 4.2.2.2.3: a replacement manifest keeps its patient, so a
+    study held under one patient is not taken in under another; the user is
+    told to remove it first, and the log names no patient."""
+    authority = patient_node.settings.node.assigning_authority
+    for patient in ("FIRST-1", "SECOND-2"):
+        send_message(
+            patient_node.settings.node.host,
+            patient_node.settings.registry.feed_port,
+            build_feed(f"{patient}^^^&{authority}&ISO"),
+        )
+    folder = shared_path("dicom", "study-mr", "images")
+    first = _xdsi(
+        patient_node, tmp_path, "publish", str(folder), "--patient-id", "FIRST-1"
+    )
+    assert first.exit_code == 0, first.output
+
+    again = _xdsi(
+        patient_node, tmp_path, "publish", str(folder), "--patient-id", "SECOND-2"
+    )
+
+    assert again.exit_code == 1
+    assert "held under another patient than the one given" in again.output
+    assert "xdsi remove" in again.output
+    assert "FIRST-1" not in again.output
     assert len(_manifests(patient_node)) == 1

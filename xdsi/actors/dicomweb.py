@@ -756,6 +756,14 @@ def _rendered(path: Path, frame: int, rendering: Rendering) -> bytes:
         )
         image = image.crop(box)
     size = _scaled(image.size, rendering.rows, rendering.columns)
+    if max(size) > MAX_RENDERED_SIZE:
+        # One of Rows and Columns alone, or a thin region, can ask for the
+        # other side far beyond what was named.
+        abort(
+            400,
+            f"the rendered image would be {size[0]}x{size[1]}; neither side may "
+            f"exceed {MAX_RENDERED_SIZE}",
+        )
     if size != image.size:
         image = image.resize(size, Image.Resampling.LANCZOS)
     out = BytesIO()

@@ -660,12 +660,15 @@ class ImagingSource:
                 timeout=RAD_68_TIMEOUT,
             )
         except SubmitError as exc:
-            if exc.errors:
+            if exc.errors and not any(
+                e.code == "XDSRegistryNotAvailable" for e in exc.errors
+            ):
                 # The registry answered Failure: a submission is all or
                 # nothing (ITI TF-2 3.42.4.1.3), so none of it is registered.
                 self._forget(facts.unique_id, blob)
-            # Else no answer came, and whether it was registered is settled
-            # next time.
+            # Else no answer came, or the repository heard none from the
+            # registry (XDSRegistryNotAvailable): whether it was registered
+            # is settled next time.
             raise PublishError(str(exc), exc.errors) from exc
         self._promote(study.study_instance_uid, facts.unique_id)
         logger.info(

@@ -216,6 +216,17 @@ class Intake:
         given = patient_id is not None
         if patient_id is None:
             patient_id = self.patient_id(ds)
+        elif self._study_patient(header.study_instance_uid) not in (None, patient_id):
+            # The registry would refuse the study's replacement manifest
+            # under another patient (XDSPatientIdDoesNotMatch, ITI TF-3
+            # 4.2.2.2.3); the study keeps the patient it is held under.
+            # The reason is logged: it names no patient.
+            raise check.Refused(
+                "command_mismatch",
+                f"study {header.study_instance_uid} is held under another "
+                "patient than the one given; remove it first (xdsi remove) to "
+                "publish it under this one",
+            )
         if self._held(header.sop_instance_uid):
             return self._duplicate(header, path, move)
 
@@ -536,6 +547,15 @@ class Intake:
             ).first()
 
     # --- helpers ----------------------------------------------------------
+
+    def _study_patient(self, study_instance_uid: str) -> str | None:
+        """The patient a study taken in is held under, if it is held."""
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(imaging_study.c.patient_id).where(
+                    imaging_study.c.study_instance_uid == study_instance_uid
+                )
+            ).scalar()
 
     def _held(self, sop_instance_uid: str) -> bool:
         with self.engine.connect() as conn:
