@@ -169,10 +169,17 @@ class SoapClient:
                 stream=True,
                 allow_redirects=False,
             )
+        except requests.exceptions.SSLError as exc:
+            raise TransportError(str(exc), self.url) from exc
         except requests.ConnectionError as exc:
             # requests' own text is a chain of wrapped exceptions; the
             # operating system's reason is what a user can act on.
-            reason = _os_reason(exc) or str(exc)
+            reason = _os_reason(exc)
+            if reason is None:
+                # Connected, then closed by the peer before it answered.
+                raise TransportError(
+                    "the peer closed the connection without answering", self.url
+                ) from exc
             raise TransportError(f"cannot connect ({reason})", self.url) from exc
         except requests.RequestException as exc:
             raise TransportError(str(exc), self.url) from exc

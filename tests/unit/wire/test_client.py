@@ -5,6 +5,7 @@ import logging
 import multiprocessing
 import os
 import socket
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterable, Iterator
@@ -224,6 +225,31 @@ def test_refused_connection_is_transport_error(tmp_path: Path) -> None:
         SoapClient(url, spool_dir=tmp_path).call(PNR, etree.Element("x"))
     assert (raised.value.url, raised.value.status) == (url, None)
     assert "cannot connect (Connection refused)" in str(raised.value)
+
+
+def test_peer_that_closes_without_answering_is_transport_error(
+    tmp_path: Path,
+) -> None:
+    """SOAP 1.2 Part 2 7.5: connected, then closed before any answer; said
+    as such, not as a failure to connect."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def close_each() -> None:
+        for _ in range(3):
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            conn.close()
+
+    threading.Thread(target=close_each, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/soap"
+    try:
+        with pytest.raises(TransportError, match="closed the connection without"):
+            SoapClient(url, spool_dir=tmp_path).call(PNR, etree.Element("x"))
+    finally:
+        listener.close()
 
 
 def test_slow_peer_is_transport_error(serve: Callable, tmp_path: Path) -> None:
