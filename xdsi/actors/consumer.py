@@ -137,6 +137,30 @@ class Consumer:
                 "$XDSDocumentEntryStatus": list(statuses),
             },
         )
+        body = self.query(url, request, patient_id=patient_id)
+        found = [
+            _found_entry(o) for o in ebrim.read_registry_objects(body).document_entries
+        ]
+        logger.info(
+            "%s %s to %s: %d DocumentEntries",
+            "ITI-18",
+            "Registry Stored Query",
+            url,
+            len(found),
+        )
+        return found
+
+    def query(
+        self, url: str, request: etree._Element, *, patient_id: str | None = None
+    ) -> etree._Element:
+        """Send an AdhocQueryRequest (ITI-18) to ``url``, audited; return the
+        AdhocQueryResponse of a query that succeeded.
+
+        Raises
+        ------
+        ConsumerError
+            No answer, or the registry refused the query.
+        """
         ok = False
         try:
             client = wire.SoapClient(
@@ -153,10 +177,7 @@ class Consumer:
                         "the Document Registry refused the query: " + _describe(errors),
                         errors,
                     )
-                found = [
-                    _found_entry(o)
-                    for o in ebrim.read_registry_objects(reply.body).document_entries
-                ]
+                body = reply.body
             ok = True
         except (wire.TransportError, wire.PeerFault) as exc:
             raise ConsumerError(f"ITI-18 to {url} failed: {exc}") from exc
@@ -170,14 +191,7 @@ class Consumer:
                 query_id=request.find(f"{{{ns.RIM}}}AdhocQuery").get("id"),
                 query_request=etree.tostring(request),
             )
-        logger.info(
-            "%s %s to %s: %d DocumentEntries",
-            "ITI-18",
-            "Registry Stored Query",
-            url,
-            len(found),
-        )
-        return found
+        return body
 
     # --- ITI-43 ---------------------------------------------------------
 

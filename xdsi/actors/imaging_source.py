@@ -22,13 +22,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from flask import Flask
 from lxml import etree
 from sqlalchemy import Engine, Row, delete, insert, select, update
 
 from xdsi import audit, ns, tls, wire
+from xdsi.actors.consumer import Consumer, ConsumerError
 from xdsi.actors.dicomweb import dicomweb_blueprint
 from xdsi.actors.provide import (
     Document,
@@ -42,7 +42,7 @@ from xdsi.actors.repository import (
     retrieve_outcome,
     retrieve_response,
 )
-from xdsi.actors.soap_endpoint import Peer, Reply, soap_app, transaction
+from xdsi.actors.soap_endpoint import Peer, Reply, soap_app
 from xdsi.config import Settings
 from xdsi.dicom import scan, transcode
 from xdsi.dicom.manifest import EncodedManifest, ManifestOptions, encoded_manifest
@@ -67,8 +67,6 @@ from xdsi.metadata.build import (
 from xdsi.metadata.codes import Code
 from xdsi.metadata.ebrim import STATUS_APPROVED, STATUS_DEPRECATED, new_uuid
 from xdsi.metadata.responses import (
-    ResponseStatus,
-    read_errors,
     read_status,
 )
 from xdsi.store.blobs import BlobStore
@@ -437,50 +435,21 @@ class ImagingSource:
 
     def _registered(self, entry_uuid: str) -> bool:
         """Whether the Document Registry holds the DocumentEntry
-        ``entry_uuid`` (ITI-18 GetDocuments, ObjectRef)."""
-        url = self.settings.imaging_source_registry_url
+        ``entry_uuid`` (ITI-18 GetDocuments, ObjectRef), asked as a
+        Document Consumer."""
         request = stored_query.build_query(
             "GetDocuments",
             {"$XDSDocumentEntryEntryUUID": [entry_uuid]},
             return_type=stored_query.RETURN_OBJECT_REF,
         )
-        ok = False
+        consumer = Consumer(self.settings, self.auditor, self.blobs.spool)
         try:
-            client = wire.SoapClient(
-                url,
-                timeout=self.settings.consumer.timeout,
-                spool_dir=self.blobs.spool,
-                ssl_context=tls.client_context_for(self.settings),
-            )
-            with client.call(transaction("ITI-18")["request_action"], request) as reply:
-                if read_status(reply.body) != ResponseStatus.SUCCESS.value:
-                    errors = read_errors(reply.body)
-                    raise PublishError(
-                        "the Document Registry refused GetDocuments: "
-                        + "; ".join(f"{e.code}: {e.message}" for e in errors),
-                        errors,
-                    )
-                found = {
-                    ref.get("id") for ref in reply.body.iter(f"{{{ns.RIM}}}ObjectRef")
-                }
-            ok = True
-        except (wire.TransportError, wire.PeerFault) as exc:
-            raise PublishError(f"ITI-18 to {url} failed: {exc}") from exc
-        finally:
-            self.auditor.record(
-                audit.AuditEvent(
-                    transaction="ITI-18",
-                    actor="Document Consumer",
-                    outcome=(
-                        audit.Outcome.SUCCESS if ok else audit.Outcome.SERIOUS_FAILURE
-                    ),
-                    source=audit.Endpoint(ns.WSA_ANONYMOUS, self.settings.node.host),
-                    destination=audit.Endpoint(url, urlsplit(url).hostname or ""),
-                    query_id=request.find(f"{{{ns.RIM}}}AdhocQuery").get("id"),
-                    query_request=etree.tostring(request),
-                )
-            )
-        return entry_uuid in found
+            body = consumer.query(self.settings.imaging_source_registry_url, request)
+        except ConsumerError as exc:
+            raise PublishError(str(exc), exc.errors) from exc
+        return any(
+            ref.get("id") == entry_uuid for ref in body.iter(f"{{{ns.RIM}}}ObjectRef")
+        )
 
     def withdraw(self, manifest: Row, patient_id: str) -> None:
         """Deprecate a manifest whose study has no instance left.
