@@ -33,6 +33,7 @@ from xdsi.actors.consumer import Consumer, ConsumerError, FetchResult, FoundEntr
 from xdsi.actors.document_source import DocumentSource
 from xdsi.actors.identity_source import send_feed
 from xdsi.actors.imaging_source import PublishError
+from xdsi.actors.intake import ImportResult
 from xdsi.actors.provide import SubmitError
 from xdsi.app import Node, Services, build_services, node_auditor
 from xdsi.audit import Auditor, AuditSpool
@@ -288,18 +289,7 @@ def publish(
         # Each file is copied into the store and the copy checked whole, as
         # intake does, so that what is shared is what was checked.
         services = build_services(settings)
-        taken = services.intake.import_folder(study_dir, patient_id=cx)
-        if taken.refused:
-            # Each file and its reason were logged as a warning.
-            click.secho(
-                f"{_count(len(taken.refused), 'file')} skipped", fg="yellow", err=True
-            )
-        if not taken.accepted:
-            services.engine.dispose()
-            _fail(
-                f"nothing published from {study_dir}: no file was taken in"
-                + (f" ({taken.refused[0][1].reason})" if taken.refused else "")
-            )
+        taken = _take_in(services, study_dir, cx)
         _publish_now(services, sorted({a.study_instance_uid for a in taken.accepted}))
         services.engine.dispose()
         return
@@ -528,10 +518,24 @@ def import_(ctx: click.Context, folder: Path, publish: bool) -> None:
     Document Source; each study is published under the images' Patient ID
     in the affinity domain."""
     services = build_services(_settings(ctx))
-    result = services.intake.import_folder(folder)
+    result = _take_in(services, folder)
+    if publish:
+        # Instances held already may belong to a study not yet published
+        # (an earlier import --no-publish): it is published now too.
+        _publish_now(services, sorted({a.study_instance_uid for a in result.accepted}))
+    services.engine.dispose()
+
+
+def _take_in(
+    services: Services, folder: Path, patient_id: str | None = None
+) -> ImportResult:
+    """Take a folder's files in through intake and say what came in; exit 1
+    when nothing did. ``patient_id`` replaces the images' own (publish)."""
+    result = services.intake.import_folder(folder, patient_id=patient_id)
     if result.refused:
+        # Each file and its reason were logged as a warning.
         click.secho(
-            f"{_count(len(result.refused), 'file')} refused", fg="yellow", err=True
+            f"{_count(len(result.refused), 'file')} skipped", fg="yellow", err=True
         )
     new = sum(1 for a in result.accepted if not a.duplicate)
     click.echo(
@@ -541,13 +545,9 @@ def import_(ctx: click.Context, folder: Path, publish: bool) -> None:
     )
     if not result.accepted:
         services.engine.dispose()
-        click.secho(f"no DICOM instance taken in from {folder}", fg="red", err=True)
-        sys.exit(1)
-    if publish:
-        # Instances held already may belong to a study not yet published
-        # (an earlier import --no-publish): it is published now too.
-        _publish_now(services, sorted({a.study_instance_uid for a in result.accepted}))
-    services.engine.dispose()
+        first = f" ({result.refused[0][1].reason})" if result.refused else ""
+        _fail(f"no DICOM instance taken in from {folder}{first}")
+    return result
 
 
 @main.command()
