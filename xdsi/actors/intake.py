@@ -266,12 +266,20 @@ class Intake:
         """
         accepted: list[Accepted] = []
         refused: list[tuple[Path, check.Refused]] = []
+        # A reason shared by many files (every file of a study held under
+        # another patient) is logged at WARNING once, then at DEBUG.
+        told: set[str] = set()
         for path in _files_of(folder):
             try:
                 accepted.append(self.accept(path, patient_id=patient_id))
             except check.Refused as exc:
-                logger.warning("Refused %s: %s", path, exc.reason)
+                level = logging.DEBUG if exc.reason in told else logging.WARNING
+                logger.log(level, "Refused %s: %s", path, exc.reason)
+                told.add(exc.reason)
                 refused.append((path, exc))
+        repeats = len(refused) - len(told)
+        if repeats:
+            logger.warning("%d more files refused for a reason given above", repeats)
         return ImportResult(tuple(accepted), tuple(refused))
 
     def remove(
