@@ -297,7 +297,21 @@ def query_app(store: AuditRecordStore) -> Flask:
 
     def _time(name: str) -> datetime | None:
         value = request.args.get(name)
-        return parse_time(value) if value else None
+        if not value:
+            return None
+        try:
+            return parse_time(value)
+        except ValueError:
+            raise ValueError(
+                f"{name} must be an ISO 8601 date or date-time, such as "
+                "2026-01-31 or 2026-01-31T08:00:00Z"
+            ) from None
+
+    def _limit() -> int:
+        value = request.args.get("limit", "1000")
+        if not value.isascii() or not value.isdigit() or int(value) < 1:
+            raise ValueError("limit must be a whole number of at least 1")
+        return int(value)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[Response, int]:
@@ -307,7 +321,7 @@ def query_app(store: AuditRecordStore) -> Flask:
     def audit() -> Response | tuple[Response, int]:
         try:
             since, until = _time("since"), _time("until")
-            limit = int(request.args.get("limit", "1000"))
+            limit = _limit()
         except ValueError as exc:
             return jsonify({"error": str(exc)}), 400
         records = store.query(

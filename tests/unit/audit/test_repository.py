@@ -250,7 +250,13 @@ def test_http_query_answers_json_filtered_by_patient(
     [record] = answer.get_json()
     assert record["patient_ids"] == [real_ids.patient_id]
     assert record["xml"].startswith("<?xml")
-    assert client.get("/audit", query_string={"since": "yesterday"}).status_code == 400
+    refused = client.get("/audit", query_string={"since": "yesterday"})
+    assert refused.status_code == 400
+    assert "since must be an ISO 8601" in refused.get_json()["error"]
+    for limit in ("0", "-3", "ten", "١"):
+        refused = client.get("/audit", query_string={"limit": limit})
+        assert refused.status_code == 400
+        assert "limit must be a whole number" in refused.get_json()["error"]
 
 
 def test_no_patient_id_is_logged_at_info_or_above(
