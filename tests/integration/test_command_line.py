@@ -98,6 +98,8 @@ def test_feed_publish_fetch_gives_back_every_instance(served: Path, tmp_path):
         _xdsi(served, "find", "--patient-id", "IDS-DEPT002-a", "--json").stdout
     )
     assert len(found) == 1 and found[0]["modalities"] == ["MR"]
+    # One registry, no XCA: the entry names no home community.
+    assert found[0]["home_community_id"] is None
 
     out = tmp_path / "fetched"
     _xdsi(served, "fetch", "--patient-id", "IDS-DEPT002-a", "--out", str(out))

@@ -53,7 +53,9 @@ class FoundEntry:
     entry_uuid: str
     unique_id: str
     repository_unique_id: str
-    home_community_id: str
+    # The RegistryObject's home attribute (homeCommunityId); None when the
+    # registry names no community, as a registry outside XCA may.
+    home_community_id: str | None
     mime_type: str
     title: str
     creation_time: str
@@ -468,7 +470,7 @@ def _found_entry(obj: ebrim.RegistryObject) -> FoundEntry:
         entry_uuid=obj.id,
         unique_id=obj.unique_id or "",
         repository_unique_id=obj.slot("repositoryUniqueId") or "",
-        home_community_id=obj.element.get("home", ""),
+        home_community_id=obj.element.get("home") or None,
         mime_type=obj.mime_type,
         title=obj.name,
         creation_time=obj.slot("creationTime") or "",
