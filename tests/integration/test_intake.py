@@ -512,12 +512,26 @@ def _xdsi(node: RunningNode, tmp_path: Path, *args: str) -> Result:
     return CliRunner().invoke(main, ["--config", str(config), *args])
 
 
+def _copies(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Record every file intake copies, copying it still."""
+    copied: list[Path] = []
+    copyfile = shutil.copyfile
+
+    def recorded(source: Path, target: Path) -> Path:
+        copied.append(Path(source))
+        return copyfile(source, target)
+
+    monkeypatch.setattr("xdsi.actors.intake.shutil.copyfile", recorded)
+    return copied
+
+
 def test_import_publishes_a_study_an_earlier_import_only_kept(
-    patient_node: RunningNode, tmp_path: Path
+    patient_node: RunningNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """RAD TF-3 4.68: ``import`` publishes what it took in at once, a study
     kept by an earlier ``import --no-publish`` included, and says so when
-    the study is published already."""
+    the study is published already. Files held already are not copied
+    again."""
     folder = shared_path("dicom", "study-mr", "images")
 
     kept = _xdsi(patient_node, tmp_path, "import", str(folder), "--no-publish")
@@ -530,8 +544,10 @@ def test_import_publishes_a_study_an_earlier_import_only_kept(
     assert "published study" in again.output
     (manifest,) = _manifests(patient_node)
 
+    copied = _copies(monkeypatch)
     third = _xdsi(patient_node, tmp_path, "import", str(folder))
     assert third.exit_code == 0, third.output
+    assert copied == []
     assert f"published already: manifest {manifest.sop_instance_uid}" in third.output
     assert len(_manifests(patient_node)) == 1
 
@@ -883,7 +899,7 @@ def test_publish_shares_the_copy_it_checked_under_the_given_patient(
 
 
 def test_publish_under_another_patient_than_the_study_is_held_under_is_refused(
-    patient_node: RunningNode, tmp_path: Path
+    patient_node: RunningNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """ITI TF-3 4.2.2.2.3: a replacement manifest keeps its patient, so a
     study held under one patient is not taken in under another; the user is
@@ -901,6 +917,7 @@ def test_publish_under_another_patient_than_the_study_is_held_under_is_refused(
     )
     assert first.exit_code == 0, first.output
 
+    copied = _copies(monkeypatch)
     again = _xdsi(
         patient_node, tmp_path, "publish", str(folder), "--patient-id", "SECOND-2"
     )
@@ -910,3 +927,4 @@ def test_publish_under_another_patient_than_the_study_is_held_under_is_refused(
     assert "xdsi remove" in again.output
     assert "FIRST-1" not in again.output
     assert len(_manifests(patient_node)) == 1
+    assert copied == []

@@ -183,6 +183,15 @@ class Intake:
             say what to answer.
         """
         if not move:
+            # An instance held already, or a study held under another
+            # patient, is answered from the header alone: nothing of the
+            # file would be kept, so it is not copied.
+            # A request's own UIDs (C-STORE, STOW-RS) are checked in full.
+            requested = (sop_class_uid, sop_instance_uid, study_instance_uid)
+            if requested == (None, None, None):
+                early = self._answer_from_header(path, patient_id)
+                if early is not None:
+                    return early
             # What is checked is what is kept: a private copy, which no one
             # can change between the check and the store.
             private = self.blobs.spool / f"accept-{uuid.uuid4().hex}"
@@ -216,17 +225,8 @@ class Intake:
         given = patient_id is not None
         if patient_id is None:
             patient_id = self.patient_id(ds)
-        elif self._study_patient(header.study_instance_uid) not in (None, patient_id):
-            # The registry would refuse the study's replacement manifest
-            # under another patient (XDSPatientIdDoesNotMatch, ITI TF-3
-            # 4.2.2.2.3); the study keeps the patient it is held under.
-            # The reason is logged: it names no patient.
-            raise check.Refused(
-                "command_mismatch",
-                f"study {header.study_instance_uid} is held under another "
-                "patient than the one given; remove it first (xdsi remove) to "
-                "publish it under this one",
-            )
+        else:
+            self._refuse_other_patient(header.study_instance_uid, patient_id)
         if self._held(header.sop_instance_uid):
             return self._duplicate(header, path, move)
 
@@ -555,6 +555,37 @@ class Intake:
             ).first()
 
     # --- helpers ----------------------------------------------------------
+
+    def _answer_from_header(
+        self, path: Path, patient_id: str | None
+    ) -> Accepted | None:
+        """Answer for a file that would not be kept, from its header alone;
+        None when the file must be copied and checked."""
+        try:
+            header, _ = scan.read_header(path)
+        except scan.DicomInputError:
+            return None  # the full check says why
+        if patient_id is not None:
+            self._refuse_other_patient(header.study_instance_uid, patient_id)
+        if self._held(header.sop_instance_uid):
+            return self._duplicate(header, path, False)
+        return None
+
+    def _refuse_other_patient(self, study_instance_uid: str, patient_id: str) -> None:
+        """Refuse an instance of a study held under another patient.
+
+        The registry would refuse the study's replacement manifest under
+        another patient (XDSPatientIdDoesNotMatch, ITI TF-3 4.2.2.2.3); the
+        study keeps the patient it is held under. The reason is logged: it
+        names no patient.
+        """
+        if self._study_patient(study_instance_uid) not in (None, patient_id):
+            raise check.Refused(
+                "command_mismatch",
+                f"study {study_instance_uid} is held under another patient "
+                "than the one given; remove it first (xdsi remove) to publish "
+                "it under this one",
+            )
 
     def _study_patient(self, study_instance_uid: str) -> str | None:
         """The patient a study taken in is held under, if it is held."""
