@@ -5,6 +5,7 @@ any status), WS-Addressing 1.0 SOAP Binding 3 for requests (wsa:To,
 anonymous wsa:ReplyTo) and ITI TF-2x Appendix V for the IHE transactions.
 """
 
+import errno
 import logging
 import ssl
 import tempfile
@@ -23,6 +24,9 @@ from xdsi.wire.mtom import OutgoingPart, read_message, write_message
 from xdsi.wire.soap import SoapMessage, build_envelope
 
 logger = logging.getLogger(__name__)
+
+# A connection made and then reset or closed under a request being sent.
+_BROKEN_OFF = {errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED}
 
 
 class _SizedBody:
@@ -174,13 +178,21 @@ class SoapClient:
         except requests.ConnectionError as exc:
             # requests' own text is a chain of wrapped exceptions; the
             # operating system's reason is what a user can act on.
-            reason = _os_reason(exc)
-            if reason is None:
+            error = _os_error(exc)
+            if error is None:
                 # Connected, then closed by the peer before it answered.
                 raise TransportError(
                     "the peer closed the connection without answering", self.url
                 ) from exc
-            raise TransportError(f"cannot connect ({reason})", self.url) from exc
+            if error.errno in _BROKEN_OFF:
+                # Connected, then reset while the request was being sent.
+                raise TransportError(
+                    f"the connection broke off before an answer ({error.strerror})",
+                    self.url,
+                ) from exc
+            raise TransportError(
+                f"cannot connect ({error.strerror})", self.url
+            ) from exc
         except requests.RequestException as exc:
             raise TransportError(str(exc), self.url) from exc
 
@@ -209,16 +221,16 @@ class SoapClient:
             ) from exc
 
 
-def _os_reason(exc: BaseException) -> str | None:
-    """The operating system's reason deepest in an exception chain
-    (``Connection refused``, ``Name or service not known``), if any."""
+def _os_error(exc: BaseException) -> OSError | None:
+    """The operating system's error deepest in an exception chain that says
+    why (``Connection refused``, ``Name or service not known``), if any."""
     seen: set[int] = set()
-    found = None
+    found: OSError | None = None
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         if isinstance(current, OSError) and current.strerror:
-            found = current.strerror
+            found = current
         for arg in current.args:
             if isinstance(arg, BaseException):
                 current = arg

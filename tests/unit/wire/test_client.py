@@ -5,6 +5,7 @@ import logging
 import multiprocessing
 import os
 import socket
+import struct
 import threading
 import time
 import tracemalloc
@@ -250,6 +251,42 @@ def test_peer_that_closes_without_answering_is_transport_error(
             SoapClient(url, spool_dir=tmp_path).call(PNR, etree.Element("x"))
     finally:
         listener.close()
+
+
+def test_peer_that_resets_instead_of_answering_is_transport_error(
+    tmp_path: Path,
+) -> None:
+    """SOAP 1.2 Part 2 7.5: connected, the request read, then the connection
+    reset; said as a break-off, not as a failure to connect."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def reset_each() -> None:
+        for _ in range(3):
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.settimeout(0.5)
+            try:
+                while conn.recv(65536):
+                    pass
+            except TimeoutError:
+                pass  # the whole request read; the client waits
+            # SO_LINGER with a zero timeout: close() sends RST (RFC 793 3.5).
+            conn.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+            conn.close()
+
+    threading.Thread(target=reset_each, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/soap"
+    try:
+        with pytest.raises(TransportError) as raised:
+            SoapClient(url, spool_dir=tmp_path).call(PNR, etree.Element("x"))
+    finally:
+        listener.close()
+    assert "cannot connect" not in str(raised.value)
+    assert "broke off before an answer (Connection reset by peer)" in str(raised.value)
 
 
 def test_slow_peer_is_transport_error(serve: Callable, tmp_path: Path) -> None:
