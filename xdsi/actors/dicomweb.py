@@ -725,9 +725,11 @@ def _rendered(path: Path, frame: int, rendering: Rendering) -> bytes:
             abort(400, f"frameNumber {frame} is outside 1..{frames}")
         try:
             # The frame asked for alone is decoded, not all of them.
-            pixels = pixel_array(ds, index=frame - 1 if frames > 1 else None)
+            with transcode.plugin_errors_muted():
+                pixels = pixel_array(ds, index=frame - 1 if frames > 1 else None)
         except Exception as exc:
-            logger.debug("cannot decode %s for rendering: %s", path, exc)
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            logger.warning("WADO-URI cannot render %s: %s", path.name, reason)
             abort(
                 406,
                 "the image cannot be decoded for rendering; ask for "

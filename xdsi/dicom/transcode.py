@@ -10,7 +10,9 @@ attributes of DICOM PS3.3 C.7.6.1.1.5.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,33 @@ from pydicom.uid import (
 )
 
 logger = logging.getLogger(__name__)
+
+# pydicom logs an ERROR for each pixel data plugin that fails, then raises
+# once all have. Where xdsi decodes, it answers that failure itself (a
+# syntax ruled out, an HTTP 406) and logs it once; the plugins' records
+# are dropped in those threads only.
+_DECODER_LOGGER = "pydicom.pixels.decoders.base"
+_muted = threading.local()
+
+
+class _MutedInThisThread(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_muted, "on", False)
+
+
+logging.getLogger(_DECODER_LOGGER).addFilter(_MutedInThisThread())
+
+
+@contextmanager
+def plugin_errors_muted() -> Iterator[None]:
+    """Drop pydicom's per-plugin decode errors logged in this thread."""
+    before = getattr(_muted, "on", False)
+    _muted.on = True
+    try:
+        yield
+    finally:
+        _muted.on = before
+
 
 # Native (uncompressed) encodings, DICOM PS3.5 A.1-A.3 and A.5.
 NATIVE = (
@@ -135,7 +164,8 @@ def produce(
             continue
         destination = spool / f"{source.name}-{target}.dcm"
         try:
-            _write(source, target, destination)
+            with plugin_errors_muted():
+                _write(source, target, destination)
         except Exception as exc:
             # Any decoder or encoder failure only rules this syntax out.
             logger.debug("%s cannot be produced in %s: %s", source.name, target, exc)

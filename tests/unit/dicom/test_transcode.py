@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import warnings
 from pathlib import Path
 
@@ -21,8 +22,10 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
+from werkzeug.exceptions import NotAcceptable
 
 from tests.conftest import SHARED, shared_path
+from xdsi.actors.dicomweb import _render
 from xdsi.dicom.transcode import is_lossless, is_lossy, produce
 
 # The one single no pydicom plugin decodes (shared dicom README, "Decoding
@@ -212,3 +215,44 @@ def test_syntax_classes_follow_dicom_ps3_5() -> None:
     assert is_lossless(JPEG2000Lossless) and not is_lossy(JPEG2000Lossless)
     assert not is_lossy("1.2.840.10008.1.2.1.999")
     assert not is_lossless("1.2.840.10008.1.2.1.999")
+
+
+def test_a_failed_decode_is_not_logged_once_per_plugin(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An instance no plugin decodes rules a syntax out quietly: pydicom's
+    ERROR per failed plugin would otherwise fill the log on every request.
+    The 12-bit JPEG Extended single is one none of the installed plugins
+    decodes."""
+    source = shared_path("dicom", "singles", "ts-jpeg-extended-12bit__MR1_JPLY.dcm")
+    held = pydicom.dcmread(source, stop_before_pixels=True).file_meta
+    caplog.set_level(logging.DEBUG)
+
+    produced = produce(
+        source, held.TransferSyntaxUID, [ExplicitVRLittleEndian], tmp_path
+    )
+
+    assert produced is None
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    # Elsewhere, pydicom's own records still pass.
+    logging.getLogger("pydicom.pixels.decoders.base").error("elsewhere")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        "elsewhere"
+    ]
+
+
+def test_wado_uri_answers_an_undecodable_image_406_with_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """DICOM PS3.18 WADO-URI: an image that cannot be rendered is not
+    acceptable as image/jpeg; the log says so once, at WARNING."""
+    source = shared_path("dicom", "singles", "ts-jpeg-extended-12bit__MR1_JPLY.dcm")
+    caplog.set_level(logging.DEBUG)
+
+    with pytest.raises(NotAcceptable):
+        _render(source, 1)
+
+    logged = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [(r.name, r.levelname) for r in logged] == [
+        ("xdsi.actors.dicomweb", "WARNING")
+    ]
