@@ -292,6 +292,7 @@ def publish(
         taken = _take_in(services, study_dir, cx)
         _publish_now(services, sorted({a.study_instance_uid for a in taken.accepted}))
         services.engine.dispose()
+        _exit_if_refused(taken)
         return
     result = scan.scan_directory(study_dir)
     if result.rejected:
@@ -524,6 +525,7 @@ def import_(ctx: click.Context, folder: Path, publish: bool) -> None:
         # (an earlier import --no-publish): it is published now too.
         _publish_now(services, sorted({a.study_instance_uid for a in result.accepted}))
     services.engine.dispose()
+    _exit_if_refused(result)
 
 
 def _take_in(
@@ -548,6 +550,25 @@ def _take_in(
         first = f" ({result.refused[0][1].reason})" if result.refused else ""
         _fail(f"no DICOM instance taken in from {folder}{first}")
     return result
+
+
+# Exit status of publish and import when DICOM files were refused and the
+# rest was taken in: the folder is not shared whole.
+EXIT_REFUSED = 3
+
+
+def _exit_if_refused(result: ImportResult) -> None:
+    """Exit EXIT_REFUSED when DICOM files were refused. Files that are not
+    DICOM at all (a CD's viewer, a README) do not count."""
+    refused = [r for _, r in result.refused if r.rule != "not_dicom"]
+    if refused:
+        click.secho(
+            f"error: {_count(len(refused), 'DICOM file')} refused "
+            f"({refused[0].reason}); the rest was taken in",
+            fg="red",
+            err=True,
+        )
+        sys.exit(EXIT_REFUSED)
 
 
 @main.command()

@@ -133,10 +133,24 @@ def test_publish_skips_files_that_fail_the_intake_checks(served: Path, tmp_path)
     for path in bad:
         shutil.copy(path, folder / path.name)
     assert "ACK AA" in _xdsi(served, "feed", "IDS-DEPT002-a").stdout
-    published = _xdsi(served, "publish", str(folder), "--patient-id", "IDS-DEPT002-a")
+    published = _xdsi(
+        served, "publish", str(folder), "--patient-id", "IDS-DEPT002-a", check=False
+    )
     assert published.stdout.count("published study") == 1
     assert "36 instances" in published.stdout
     assert f"{len(bad)} files skipped" in published.stderr
+    # The files that are DICOM but broken make the exit status say so; the
+    # ones that are not DICOM at all do not.
+    not_dicom = [p for p in bad if p.name.startswith(("gzip-", "no-preamble-"))]
+    assert published.returncode == 3, published.stderr
+    assert f"{len(bad) - len(not_dicom)} DICOM files refused" in published.stderr
+
+    # Not DICOM at all, as a CD's README: skipped, exit 0.
+    clean = tmp_path / "clean"
+    shutil.copytree(shared_path("dicom", "study-mr", "images"), clean / "mr")
+    (clean / "README.TXT").write_text("viewer on this CD\n")
+    again = _xdsi(served, "publish", str(clean), "--patient-id", "IDS-DEPT002-a")
+    assert "1 file skipped" in again.stderr
 
 
 def test_publish_for_unknown_patient_fails_with_the_registry_code(served: Path):
