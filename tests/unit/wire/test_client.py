@@ -10,6 +10,7 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -228,39 +229,13 @@ def test_refused_connection_is_transport_error(tmp_path: Path) -> None:
     assert "cannot connect (Connection refused)" in str(raised.value)
 
 
-def test_peer_that_closes_without_answering_is_transport_error(
-    tmp_path: Path,
-) -> None:
-    """SOAP 1.2 Part 2 7.5: connected, then closed before any answer; said
-    as such, not as a failure to connect."""
+@contextmanager
+def _peer_that_hangs_up(*, reset: bool) -> Iterator[str]:
+    """A TCP peer that reads each request whole and then closes without an
+    answer: an orderly close, or with ``reset`` a reset; yield its URL."""
     listener = socket.create_server(("127.0.0.1", 0))
 
-    def close_each() -> None:
-        for _ in range(3):
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            conn.recv(65536)
-            conn.close()
-
-    threading.Thread(target=close_each, daemon=True).start()
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}/soap"
-    try:
-        with pytest.raises(TransportError, match="closed the connection without"):
-            SoapClient(url, spool_dir=tmp_path).call(PNR, etree.Element("x"))
-    finally:
-        listener.close()
-
-
-def test_peer_that_resets_instead_of_answering_is_transport_error(
-    tmp_path: Path,
-) -> None:
-    """SOAP 1.2 Part 2 7.5: connected, the request read, then the connection
-    reset; said as a break-off, not as a failure to connect."""
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def reset_each() -> None:
+    def hang_up_on_each() -> None:
         for _ in range(3):
             try:
                 conn, _ = listener.accept()
@@ -272,19 +247,38 @@ def test_peer_that_resets_instead_of_answering_is_transport_error(
                     pass
             except TimeoutError:
                 pass  # the whole request read; the client waits
-            # SO_LINGER with a zero timeout: close() sends RST (RFC 793 3.5).
-            conn.setsockopt(
-                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-            )
+            if reset:
+                # SO_LINGER with a zero timeout: close() sends RST (RFC 793 3.5).
+                conn.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
             conn.close()
 
-    threading.Thread(target=reset_each, daemon=True).start()
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}/soap"
+    threading.Thread(target=hang_up_on_each, daemon=True).start()
     try:
-        with pytest.raises(TransportError) as raised:
-            SoapClient(url, spool_dir=tmp_path).call(PNR, etree.Element("x"))
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/soap"
     finally:
         listener.close()
+
+
+def test_peer_that_closes_without_answering_is_transport_error(
+    tmp_path: Path,
+) -> None:
+    """SOAP 1.2 Part 2 7.5: connected, then closed before any answer; said
+    as such, not as a failure to connect."""
+    with _peer_that_hangs_up(reset=False) as url:
+        with pytest.raises(TransportError, match="closed the connection without"):
+            SoapClient(url, spool_dir=tmp_path).call(PNR, etree.Element("x"))
+
+
+def test_peer_that_resets_instead_of_answering_is_transport_error(
+    tmp_path: Path,
+) -> None:
+    """SOAP 1.2 Part 2 7.5: connected, the request read, then the connection
+    reset; said as a break-off, not as a failure to connect."""
+    with _peer_that_hangs_up(reset=True) as url:
+        with pytest.raises(TransportError) as raised:
+            SoapClient(url, spool_dir=tmp_path).call(PNR, etree.Element("x"))
     assert "cannot connect" not in str(raised.value)
     assert "broke off before an answer (Connection reset by peer)" in str(raised.value)
 
