@@ -25,7 +25,7 @@ from xdsi.wire.soap import SoapMessage, build_envelope
 
 logger = logging.getLogger(__name__)
 
-# A connection made and then reset or closed under a request being sent.
+# A connection made, then reset or broken by the peer before its answer.
 _BROKEN_OFF = {errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED}
 
 
@@ -185,7 +185,7 @@ class SoapClient:
                     "the peer closed the connection without answering", self.url
                 ) from exc
             if error.errno in _BROKEN_OFF:
-                # Connected, then reset while the request was being sent.
+                # Connected, then reset before an answer came.
                 raise TransportError(
                     f"the connection broke off before an answer ({error.strerror})",
                     self.url,
