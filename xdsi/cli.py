@@ -292,14 +292,11 @@ def publish(
         taken = _take_in(services, study_dir, cx)
         _publish_now(services, sorted({a.study_instance_uid for a in taken.accepted}))
         services.engine.dispose()
-        _exit_if_refused(taken)
+        _exit_if_refused(_refusals(taken))
         return
     result = scan.scan_directory(study_dir)
-    if result.rejected:
-        # Each file and its reason were logged as a warning by the scan.
-        click.secho(
-            f"{_count(len(result.rejected), 'file')} skipped", fg="yellow", err=True
-        )
+    broken = [(p, why) for p, why in result.rejected if why != scan.NOT_DICOM]
+    _say_skipped(broken, len(result.rejected) - len(broken))
     if not result.studies:
         _fail(f"no DICOM study found in {study_dir}")
     services = build_services(settings)
@@ -324,6 +321,7 @@ def publish(
     services.engine.dispose()
     if failed:
         sys.exit(1)
+    _exit_if_refused([why for _, why in broken])
 
 
 @main.command()
@@ -525,7 +523,7 @@ def import_(ctx: click.Context, folder: Path, publish: bool) -> None:
         # (an earlier import --no-publish): it is published now too.
         _publish_now(services, sorted({a.study_instance_uid for a in result.accepted}))
     services.engine.dispose()
-    _exit_if_refused(result)
+    _exit_if_refused(_refusals(result))
 
 
 def _take_in(
@@ -534,11 +532,8 @@ def _take_in(
     """Take a folder's files in through intake and say what came in; exit 1
     when nothing did. ``patient_id`` replaces the images' own (publish)."""
     result = services.intake.import_folder(folder, patient_id=patient_id)
-    if result.refused:
-        # Each file and its reason were logged as a warning.
-        click.secho(
-            f"{_count(len(result.refused), 'file')} skipped", fg="yellow", err=True
-        )
+    broken = [(p, r.reason) for p, r in result.refused if r.rule != "not_dicom"]
+    _say_skipped(broken, len(result.refused) - len(broken))
     new = sum(1 for a in result.accepted if not a.duplicate)
     click.echo(
         f"{_count(new, 'instance')} taken in "
@@ -557,14 +552,41 @@ def _take_in(
 EXIT_REFUSED = 3
 
 
-def _exit_if_refused(result: ImportResult) -> None:
-    """Exit EXIT_REFUSED when DICOM files were refused. Files that are not
-    DICOM at all (a CD's viewer, a README) do not count."""
-    refused = [r for _, r in result.refused if r.rule != "not_dicom"]
-    if refused:
+# A folder's refused DICOM files are listed by path up to this many.
+LISTED_REFUSALS = 20
+
+
+def _say_skipped(broken: list[tuple[Path, str]], not_dicom: int) -> None:
+    """Say how many files were skipped and list the DICOM files among them,
+    each with why. Paths are the user's own and may name a patient: they
+    are shown here, on the terminal, and logged at DEBUG only."""
+    if not broken and not not_dicom:
+        return
+    others = f" ({not_dicom} not DICOM)" if not_dicom and broken else ""
+    click.secho(
+        f"{_count(len(broken) + not_dicom, 'file')} skipped{others}",
+        fg="yellow",
+        err=True,
+    )
+    for path, reason in broken[:LISTED_REFUSALS]:
+        click.secho(f"  {path}: {reason}", fg="yellow", err=True)
+    if len(broken) > LISTED_REFUSALS:
+        more = len(broken) - LISTED_REFUSALS
+        click.secho(f"  and {more} more (-vv logs each)", fg="yellow", err=True)
+
+
+def _refusals(result: ImportResult) -> list[str]:
+    """The reasons of an import's refused files that are DICOM; files that
+    are not DICOM at all (a CD's viewer, a README) do not count."""
+    return [r.reason for _, r in result.refused if r.rule != "not_dicom"]
+
+
+def _exit_if_refused(reasons: list[str]) -> None:
+    """Exit EXIT_REFUSED when DICOM files were refused, for these reasons."""
+    if reasons:
         click.secho(
-            f"error: {_count(len(refused), 'DICOM file')} refused "
-            f"({refused[0].reason}); the rest was taken in",
+            f"error: {_count(len(reasons), 'DICOM file')} refused "
+            f"({reasons[0]}); the rest was taken in",
             fg="red",
             err=True,
         )

@@ -144,6 +144,13 @@ def test_publish_skips_files_that_fail_the_intake_checks(served: Path, tmp_path)
     not_dicom = [p for p in bad if p.name.startswith(("gzip-", "no-preamble-"))]
     assert published.returncode == 3, published.stderr
     assert f"{len(bad) - len(not_dicom)} DICOM files refused" in published.stderr
+    # Each broken DICOM file is listed by path for the user; the ones that
+    # are not DICOM are only counted.
+    listed = [line for line in published.stderr.splitlines() if line[:2] == "  "]
+    assert sorted(line.split(": ", 1)[0].strip() for line in listed) == sorted(
+        str(folder / p.name) for p in bad if p not in not_dicom
+    )
+    assert f"({len(not_dicom)} not DICOM)" in published.stderr
 
     # Not DICOM at all, as a CD's README: skipped, exit 0.
     clean = tmp_path / "clean"
@@ -151,6 +158,55 @@ def test_publish_skips_files_that_fail_the_intake_checks(served: Path, tmp_path)
     (clean / "README.TXT").write_text("viewer on this CD\n")
     again = _xdsi(served, "publish", str(clean), "--patient-id", "IDS-DEPT002-a")
     assert "1 file skipped" in again.stderr
+
+
+def test_skipped_files_are_listed_but_their_paths_are_not_logged(
+    served: Path, tmp_path
+):
+    """A CD's folder may carry its patient's name: the command lists the
+    files it skipped to its user, but no log record at WARNING names a path,
+    checked or ``--headers-only`` alike, and both exit 3."""
+    import shutil
+
+    folder = tmp_path / "DOE^JANE 1970-01-01"
+    shutil.copytree(shared_path("dicom", "study-mr", "images"), folder / "mr")
+    broken = shared_path(
+        "dicom", "bad", "pixeldata-too-short__emri_small_jpeg_2k_lossless_too_short.dcm"
+    )
+    shutil.copy(broken, folder / "broken.dcm")
+    truncated = folder / "truncated.dcm"
+    truncated.write_bytes(broken.read_bytes()[:200])
+    (folder / "README.TXT").write_text("viewer on this CD\n")
+    assert "ACK AA" in _xdsi(served, "feed", "IDS-DEPT002-a").stdout
+
+    for extra in ((), ("--headers-only",)):
+        published = _xdsi(
+            served,
+            "publish",
+            str(folder),
+            "--patient-id",
+            "IDS-DEPT002-a",
+            *extra,
+            check=False,
+        )
+        assert published.returncode == 3, published.stderr
+        logged = [
+            line
+            for line in published.stderr.splitlines()
+            if " WARNING " in line or " ERROR " in line
+        ]
+        assert logged, published.stderr
+        assert not [line for line in logged if "DOE^JANE" in line], logged
+        listed = [line for line in published.stderr.splitlines() if line[:2] == "  "]
+        assert str(truncated) in "\n".join(listed)
+        assert "README.TXT" not in published.stderr
+        if not extra:
+            # The header of broken.dcm reads; only the checked path sees
+            # that its Pixel Data is cut short.
+            assert str(folder / "broken.dcm") in "\n".join(listed)
+            assert "3 files skipped (1 not DICOM)" in published.stderr
+        else:
+            assert "2 files skipped (1 not DICOM)" in published.stderr
 
 
 def test_publish_for_unknown_patient_fails_with_the_registry_code(served: Path):

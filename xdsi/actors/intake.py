@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,20 +267,15 @@ class Intake:
         """
         accepted: list[Accepted] = []
         refused: list[tuple[Path, check.Refused]] = []
-        # A reason shared by many files (every file of a study held under
-        # another patient) is logged at WARNING once, then at DEBUG.
-        told: set[str] = set()
         for path in _files_of(folder):
             try:
                 accepted.append(self.accept(path, patient_id=patient_id))
             except check.Refused as exc:
-                level = logging.DEBUG if exc.reason in told else logging.WARNING
-                logger.log(level, "Refused %s: %s", path, exc.reason)
-                told.add(exc.reason)
+                # A folder may be named after its patient: the path is
+                # logged at DEBUG only, and returned to the caller.
+                logger.debug("Refused %s: %s", path, exc.reason)
                 refused.append((path, exc))
-        repeats = len(refused) - len(told)
-        if repeats:
-            logger.warning("%d more files refused for a reason given above", repeats)
+        _log_refusals([exc for _, exc in refused])
         return ImportResult(tuple(accepted), tuple(refused))
 
     def remove(
@@ -691,3 +687,13 @@ def _files_of(folder: Path) -> Iterator[Path]:
             file = Path(root) / name
             if file.is_file() and not file.is_symlink():
                 yield file
+
+
+def _log_refusals(refusals: list[check.Refused]) -> None:
+    """Log each reason files of one import were refused for, once, at
+    WARNING, with how many files it turned away; no path (it may name a
+    patient)."""
+    for reason, files in Counter(r.reason for r in refusals).items():
+        logger.warning(
+            "Refused %d %s: %s", files, "file" if files == 1 else "files", reason
+        )

@@ -44,6 +44,10 @@ class NotDicom(DicomInputError):
     """The file is not a DICOM PS3.10 file (no preamble, ``DICM`` or meta)."""
 
 
+# The reason a file that is not DICOM at all is rejected for.
+NOT_DICOM = "not DICOM: no PS3.10 preamble or File Meta"
+
+
 class InvalidInstance(DicomInputError):
     """A DICOM file that lacks what identifies a composite instance."""
 
@@ -166,7 +170,7 @@ def read_header(path: Path) -> tuple[InstanceHeader, pydicom.Dataset]:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         size = os.stat(path).st_size
     except InvalidDicomError as exc:
-        raise NotDicom(path, "not DICOM: no PS3.10 preamble or File Meta") from exc
+        raise NotDicom(path, NOT_DICOM) from exc
     except Exception as exc:
         raise InvalidInstance(path, f"unreadable: {type(exc).__name__}: {exc}") from exc
 
@@ -183,9 +187,9 @@ def scan_directory(path: Path) -> ScanResult:
     """Scan every regular file under ``path`` and group instances by study.
 
     Headers only. A file that cannot be read, or repeats a SOP Instance UID
-    already read, is rejected with its reason and logged at WARNING with the
-    path and the reason only. Study and patient attributes are those of the
-    first instance read of each study.
+    already read, is rejected with its reason; how many were is logged at
+    WARNING, each path with its reason at DEBUG. Study and patient
+    attributes are those of the first instance read of each study.
     """
     result = scan_files(_regular_files(path))
     logger.debug(
@@ -217,8 +221,16 @@ def scan_files(paths: Iterable[Path]) -> ScanResult:
         order = {file: n for n, file in enumerate(files)}
         rejected = sorted(result.rejected, key=lambda item: order[item[0]])
         result = replace(result, rejected=tuple(rejected))
+    # A folder may be named after its patient: paths are logged at DEBUG
+    # only; the caller has them in the result.
     for file, reason in result.rejected:
-        logger.warning("Rejected %s: %s", file, reason)
+        logger.debug("Rejected %s: %s", file, reason)
+    if result.rejected:
+        logger.warning(
+            "Rejected %d of %d files (each with its reason at DEBUG)",
+            len(result.rejected),
+            len(files),
+        )
     return result
 
 

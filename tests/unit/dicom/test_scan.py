@@ -139,16 +139,20 @@ def test_scan_of_bad_files_rejects_or_reads_each_and_never_crashes():
 
 
 def test_rejected_file_is_logged_with_path_and_reason_and_no_patient_data(caplog):
-    """ITI TF-2 3.20: patient data belongs in the audit trail, not in a log."""
-    with caplog.at_level(logging.WARNING, logger="xdsi.dicom.scan"):
+    """ITI TF-2 3.20: patient data belongs in the audit trail, not in a log.
+    Each file is logged with its path and reason at DEBUG only."""
+    with caplog.at_level(logging.DEBUG, logger="xdsi.dicom.scan"):
         scan_directory(BAD)
     ours = [r for r in caplog.records if r.name == "xdsi.dicom.scan"]
-    assert len(ours) == 8
+    files = [r for r in ours if r.getMessage().startswith("Rejected /")]
+    assert len(files) == 8 and {r.levelno for r in files} == {logging.DEBUG}
     text = "\n".join(r.getMessage() for r in ours)
     assert f"{_bad('no-sop-class-uid').name}: no SOPClassUID" in text
     # The file without SOP Class UID carries Patient's Name HELLO^A; the log
     # names the file (its name is the public data set's) but not the patient.
     assert "HELLO" not in text
+    (warning,) = [r for r in ours if r.levelno >= logging.INFO]
+    assert str(BAD) not in warning.getMessage()
 
 
 def test_non_dicom_file_beside_a_study_is_rejected():
@@ -227,9 +231,19 @@ def test_scan_split_with_the_worker_reads_as_one_scan(
 def test_scan_split_logs_what_the_worker_rejected(
     tmp_path, own_worker, monkeypatch, caplog
 ):
+    """Each rejected file is logged with its path at DEBUG; at WARNING only
+    their number, since a folder may be named after its patient."""
     files = _mixed_folder(tmp_path)
     monkeypatch.setattr(worker, "MIN_INSTANCES", 2)
-    with caplog.at_level(logging.WARNING, logger="xdsi.dicom.scan"):
+    with caplog.at_level(logging.DEBUG, logger="xdsi.dicom.scan"):
         result = scan_files(files)
+
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
     for path, reason in result.rejected:
-        assert f"Rejected {path}: {reason}" in caplog.text
+        assert f"Rejected {path}: {reason}" in debug
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert warnings == [
+        f"Rejected {len(result.rejected)} of {len(files)} files "
+        "(each with its reason at DEBUG)"
+    ]
+    assert str(tmp_path) not in " ".join(warnings)
