@@ -175,6 +175,17 @@ class SoapClient:
             )
         except requests.exceptions.SSLError as exc:
             raise TransportError(str(exc), self.url) from exc
+        except requests.exceptions.ConnectTimeout as exc:
+            raise TransportError(
+                f"cannot connect (no connection within {self.timeout:g} s)",
+                self.url,
+                unsent=True,
+            ) from exc
+        except requests.exceptions.ReadTimeout as exc:
+            # The request went out; the peer may still be acting on it.
+            raise TransportError(
+                f"no answer within {self.timeout:g} s", self.url
+            ) from exc
         except requests.ConnectionError as exc:
             # requests' own text is a chain of wrapped exceptions; the
             # operating system's reason is what a user can act on.
@@ -191,7 +202,9 @@ class SoapClient:
                     self.url,
                 ) from exc
             raise TransportError(
-                f"cannot connect ({error.strerror})", self.url
+                f"cannot connect ({error.strerror})",
+                self.url,
+                unsent=_unconnected(exc),
             ) from exc
         except requests.RequestException as exc:
             raise TransportError(str(exc), self.url) from exc
@@ -219,6 +232,27 @@ class SoapClient:
             raise TransportError(
                 f"the answer broke off: {exc}", self.url, response.status_code
             ) from exc
+
+
+def _unconnected(exc: BaseException) -> bool:
+    """Whether a requests failure happened before any connection was made
+    (refused or unresolvable), so that nothing was sent."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        # urllib3's NewConnectionError is a ConnectTimeoutError.
+        if isinstance(current, urllib3.exceptions.ConnectTimeoutError):
+            return True
+        reason = getattr(current, "reason", None)
+        wrapped = [a for a in current.args if isinstance(a, BaseException)]
+        if isinstance(reason, BaseException):
+            current = reason
+        elif wrapped:
+            current = wrapped[0]
+        else:
+            current = current.__cause__ or current.__context__
+    return False
 
 
 def _os_error(exc: BaseException) -> OSError | None:

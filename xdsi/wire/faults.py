@@ -236,13 +236,20 @@ class PeerFault(WireError):
 
 
 class TransportError(WireError):
-    """A peer gave no SOAP answer: connection failure, timeout, not SOAP."""
+    """A peer gave no SOAP answer: connection failure, timeout, not SOAP.
 
-    def __init__(self, message: str, url: str, status: int | None = None) -> None:
+    ``unsent`` is true only when no connection was made, so the request
+    surely never reached the peer; otherwise the peer may have acted on it.
+    """
+
+    def __init__(
+        self, message: str, url: str, status: int | None = None, *, unsent: bool = False
+    ) -> None:
         shown = f"HTTP {status}" if status is not None else "no HTTP status"
         super().__init__(f"{url} ({shown}): {message}")
         self.url = url
         self.status = status
+        self.unsent = unsent
 
 
 class MissingAttachment(WireError):

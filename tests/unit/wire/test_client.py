@@ -227,6 +227,8 @@ def test_refused_connection_is_transport_error(tmp_path: Path) -> None:
         SoapClient(url, spool_dir=tmp_path).call(PNR, etree.Element("x"))
     assert (raised.value.url, raised.value.status) == (url, None)
     assert "cannot connect (Connection refused)" in str(raised.value)
+    # Nothing reached the peer, so a caller may take the request as not made.
+    assert raised.value.unsent
 
 
 @contextmanager
@@ -281,13 +283,16 @@ def test_peer_that_resets_instead_of_answering_is_transport_error(
             SoapClient(url, spool_dir=tmp_path).call(PNR, etree.Element("x"))
     assert "cannot connect" not in str(raised.value)
     assert "broke off before an answer (Connection reset by peer)" in str(raised.value)
+    assert not raised.value.unsent
 
 
 def test_slow_peer_is_transport_error(serve: Callable, tmp_path: Path) -> None:
     """SOAP 1.2 Part 2 7.5: a peer that does not answer in time."""
     url = serve(_fixed_app("200 OK", "application/soap+xml", b"", delay=2.0))
-    with pytest.raises(TransportError, match="timed out"):
+    with pytest.raises(TransportError, match="no answer within 0.3 s") as raised:
         SoapClient(url, spool_dir=tmp_path, timeout=0.3).call(PNR, etree.Element("x"))
+    # The request went out: the peer may act on it all the same.
+    assert not raised.value.unsent
 
 
 def test_exchange_logs_one_debug_line_and_nothing_at_info(
