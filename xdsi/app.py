@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 HTTP_ACTORS = ("registry", "repository", "imaging_source")
 # Connections one HTTP listener serves at once (a thread each).
 MAX_CONNECTIONS = 256
+# The repository's pending documents are settled this often, in seconds.
+SWEEP_EVERY = 60.0
 
 
 class _RequestHandler(WSGIRequestHandler):
@@ -424,16 +426,25 @@ class Node:
             self._mllp.start()
         services = build_services(settings)
         registry.append(services.registry)
-        if settings.repository.enabled:
-            services.repository.sweep_pending(
-                timedelta(seconds=settings.repository.pending_sweep_age)
-            )
 
         for actor, target in deferred.items():
             target.app = _actor_app(settings, services, actor)
         if "imaging_source" in deferred:
             settings = self._start_intake(settings, services)
         self._threads.extend(_serve(self._servers))
+        if settings.repository.enabled:
+            # Once serving: the registry asked may be this node's own.
+            sweeper = threading.Thread(
+                target=self._sweep,
+                args=(
+                    services.repository,
+                    timedelta(seconds=settings.repository.pending_sweep_age),
+                ),
+                daemon=True,
+                name="xdsi-sweep",
+            )
+            sweeper.start()
+            self._threads.append(sweeper)
         if settings.node.workers > 1 and self._sockets:
             for _ in range(settings.node.workers - 1):
                 self._workers.append(self._spawn(settings))
@@ -459,6 +470,17 @@ class Node:
             ", ".join(f"{a} {settings.url(a)}" for a in deferred),
         )
         return settings
+
+    def _sweep(self, repository: Repository, age: timedelta) -> None:
+        """Settle the repository's pending documents at start-up, then every
+        SWEEP_EVERY seconds, until the node stops."""
+        while True:
+            try:
+                repository.sweep_pending(age)
+            except Exception:
+                logger.exception("the sweep of pending documents failed")
+            if self._stopping.wait(SWEEP_EVERY):
+                return
 
     def _spawn(self, settings: Settings) -> BaseProcess:
         # A fresh interpreter, not a fork of this threaded process.

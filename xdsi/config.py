@@ -117,9 +117,13 @@ class RepositorySettings:
     s3_region: str = "us-east-1"
     s3_access_key_id: str = ""
     s3_secret_access_key: str = ""
+    # ITI-42 waits this many seconds for the registry's answer.
+    registry_timeout: float = 120.0
     # A document still pending this many seconds after it was stored is
-    # removed by the sweep at start-up; younger ones may belong to a
-    # submission under way in another worker.
+    # settled by the sweep (at start-up, then every minute): confirmed if the
+    # registry holds it, else removed. Younger ones may belong to a
+    # submission under way in another worker, or to an ITI-42 the registry
+    # is still working on.
     pending_sweep_age: int = 600
 
     def __post_init__(self) -> None:
@@ -130,6 +134,8 @@ class RepositorySettings:
             )
         if self.pending_sweep_age < 0:
             raise ConfigError("[repository] pending_sweep_age must not be negative")
+        if self.registry_timeout <= 0:
+            raise ConfigError("[repository] registry_timeout must be more than 0")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The Document Repository as a separate ``xdsi serve`` process: memory stays
-flat for big documents (ITI-41 in, ITI-43 out), and a process killed between
-storing and registering leaves nothing once restarted."""
+flat for big documents (ITI-41 in, ITI-43 out), and a registration whose
+answer never came (a process killed, a registry too slow) is settled by
+asking the registry: kept if it was registered, else removed."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import hashlib
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,8 @@ from tests.integration.conftest import PATIENT
 from tests.integration.node_process import NodeProcess, node_settings
 from xdsi import ns, wire
 from xdsi.actors.document_source import DocumentSource
+from xdsi.actors.provide import SubmitError
+from xdsi.app import build_services
 from xdsi.config import Settings
 from xdsi.hl7.adt import build_feed
 from xdsi.hl7.mllp import send_message
@@ -96,11 +101,21 @@ def test_peak_rss_does_not_grow_with_document_size(tmp_path: Path):
     assert big <= 1.2 * small, (small, big)
 
 
+ITI_42 = "urn:ihe:iti:2007:RegisterDocumentSet-b"
+
+
 class HoldingRelay:
-    """An HTTP relay to the registry that holds every request until released."""
+    """An HTTP relay to the registry that holds ITI-42.
+
+    An ITI-42 is held until released, then answered 503. Without
+    ``forward_first`` it never reaches the registry; with it the registry
+    gets it at once and only its answer is lost. Every other request
+    (ITI-18) passes straight through.
+    """
 
     def __init__(self) -> None:
         self.target = ""
+        self.forward_first = False
         self.arrived = threading.Event()
         self.release = threading.Event()
         self._server = make_server("127.0.0.1", 0, self._app, threaded=True)
@@ -114,19 +129,27 @@ class HoldingRelay:
     def _app(self, environ, start_response):  # type: ignore[no-untyped-def]
         request = Request(environ)
         body = request.get_data()
+        content_type = request.headers.get("Content-Type", "")
+        if ITI_42 not in content_type:
+            return self._forward(body, content_type)(environ, start_response)
+        if self.forward_first:
+            self._forward(body, content_type)
         self.arrived.set()
         self.release.wait(60)
+        return Response("held", status=503)(environ, start_response)
+
+    def _forward(self, body: bytes, content_type: str) -> Response:
         answer = requests.post(
             self.target,
             data=body,
-            headers={"Content-Type": request.headers.get("Content-Type", "")},
+            headers={"Content-Type": content_type},
             timeout=60,
         )
         return Response(
             answer.content,
             status=answer.status_code,
             content_type=answer.headers.get("Content-Type"),
-        )(environ, start_response)
+        )
 
     def close(self) -> None:
         self.release.set()
@@ -155,9 +178,50 @@ def _pending(settings: Settings) -> tuple[int, list[Path]]:
     return rows, blobs
 
 
-def test_a_killed_submission_is_swept_at_restart(tmp_path: Path, relay: HoldingRelay):
+def _states(settings: Settings) -> list[str]:
+    engine = make_engine(settings.database_url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(select(repository_document.c.state)).scalars())
+    finally:
+        engine.dispose()
+
+
+def _settled(settings: Settings, wanted: object, seconds: float = 60) -> None:
+    """Wait for the node's sweep to leave the repository as ``wanted``
+    (rows and blobs, as ``_pending`` gives them)."""
+    deadline = time.monotonic() + seconds
+    while _pending(settings) != wanted:
+        assert time.monotonic() < deadline, _pending(settings)
+        time.sleep(0.2)
+
+
+def _submit_in_background(
+    source: DocumentSource, document: Path
+) -> tuple[threading.Thread, list[BaseException]]:
+    failures: list[BaseException] = []
+
+    def submit() -> None:
+        try:
+            source.submit([document], PATIENT)
+        except BaseException as exc:  # the node dies under the request
+            failures.append(exc)
+
+    submitter = threading.Thread(target=submit, daemon=True)
+    submitter.start()
+    return submitter, failures
+
+
+@pytest.mark.parametrize(
+    "registered", [False, True], ids=["never-registered", "registered-unheard"]
+)
+def test_a_killed_submission_is_settled_at_restart(
+    tmp_path: Path, relay: HoldingRelay, registered: bool
+):
     """DESIGN.md principle 6: a node killed (SIGKILL) after storing a document
-    and before the registry answered keeps nothing once it starts again."""
+    and before the registry's answer came asks the registry once started
+    again (ITI-18 GetDocuments): a document the registry holds is kept and
+    retrievable, one it does not hold leaves nothing behind."""
     settings = node_settings(
         tmp_path / "node", registry_url=relay.url, pending_sweep_age=0
     )
@@ -166,20 +230,12 @@ def test_a_killed_submission_is_swept_at_restart(tmp_path: Path, relay: HoldingR
     try:
         effective = node.effective(settings)
         relay.target = effective.url("registry")
+        relay.forward_first = registered
         _feed(effective)
         document = tmp_path / "report.txt"
         document.write_bytes(b"held at the registry\n" * 1000)
         source = DocumentSource(effective, tmp_path / "spool")
-        failures: list[BaseException] = []
-
-        def submit() -> None:
-            try:
-                source.submit([document], PATIENT)
-            except BaseException as exc:  # the node dies under the request
-                failures.append(exc)
-
-        submitter = threading.Thread(target=submit, daemon=True)
-        submitter.start()
+        submitter, failures = _submit_in_background(source, document)
         assert relay.arrived.wait(60), "ITI-42 never reached the relay"
         assert _pending(effective)[0] == 1
         assert len(_pending(effective)[1]) == 1
@@ -189,9 +245,94 @@ def test_a_killed_submission_is_swept_at_restart(tmp_path: Path, relay: HoldingR
     submitter.join(60)
     assert failures, "the submission should not have succeeded"
 
-    restarted = NodeProcess.start(settings, tmp_path / "xdsi.toml")
+    # Started again on the same ports, so that the relay reaches its registry.
+    restarted = NodeProcess.start(effective, tmp_path / "xdsi.toml")
     try:
-        rows, blobs = _pending(settings)
+        if not registered:
+            _settled(effective, (0, []))
+            return
+        deadline = time.monotonic() + 60
+        while _states(effective) != ["stored"]:
+            assert time.monotonic() < deadline, _states(effective)
+            time.sleep(0.2)
+        engine = make_engine(effective.database_url)
+        with engine.connect() as conn:
+            unique_id = conn.execute(
+                select(repository_document.c.unique_id)
+            ).scalar_one()
+        engine.dispose()
+        spool = tmp_path / "retrieved"
+        spool.mkdir()
+        _assert_retrieved(effective, unique_id, document, spool)
     finally:
         restarted.stop()
-    assert (rows, blobs) == (0, [])
+
+
+def test_an_unanswered_registration_the_registry_holds_succeeds(
+    tmp_path: Path, relay: HoldingRelay
+):
+    """ITI TF-2 3.42.4.1.3: the registry registered the submission, but its
+    answer never came back within ``[repository] registry_timeout``. The
+    repository asks the registry, finds every document and answers Success;
+    the document is retrievable, not orphaned."""
+    settings = node_settings(
+        tmp_path / "node", registry_url=relay.url, registry_timeout=1.0
+    )
+    node = NodeProcess.start(settings, tmp_path / "xdsi.toml")
+    try:
+        effective = node.effective(settings)
+        relay.target = effective.url("registry")
+        relay.forward_first = True
+        _feed(effective)
+        document = tmp_path / "report.txt"
+        document.write_bytes(b"registered, answer lost\n" * 1000)
+        submitted = DocumentSource(effective, tmp_path / "spool").submit(
+            [document], PATIENT
+        )
+        assert relay.arrived.is_set()
+        (unique_id,) = submitted.document_unique_ids
+        assert _states(effective) == ["stored"]
+        spool = tmp_path / "retrieved"
+        spool.mkdir()
+        _assert_retrieved(effective, unique_id, document, spool)
+    finally:
+        node.stop()
+
+
+def test_an_unanswered_registration_the_registry_lacks_stays_pending(
+    tmp_path: Path, relay: HoldingRelay
+):
+    """No answer within ``registry_timeout``, and the registry, asked, does
+    not hold the document: it may still register it, so the submission
+    fails as XDSRegistryNotAvailable and the document is kept pending, not
+    retrievable. A sweep past ``pending_sweep_age`` asks again and, the
+    registry still without it, removes it."""
+    settings = node_settings(
+        tmp_path / "node", registry_url=relay.url, registry_timeout=1.0
+    )
+    node = NodeProcess.start(settings, tmp_path / "xdsi.toml")
+    try:
+        effective = node.effective(settings)
+        relay.target = effective.url("registry")
+        _feed(effective)
+        document = tmp_path / "report.txt"
+        document.write_bytes(b"never registered\n" * 1000)
+        with pytest.raises(SubmitError) as failed:
+            DocumentSource(effective, tmp_path / "spool").submit([document], PATIENT)
+        (error,) = failed.value.errors
+        assert error.code == "XDSRegistryNotAvailable"
+        assert "no answer within 1 s" in error.message
+        assert "kept, not retrievable" in error.message
+        assert _states(effective) == ["pending"]
+        assert len(_pending(effective)[1]) == 1
+
+        # Another process on the same store sweeps, as the node does each
+        # minute.
+        services = build_services(effective)
+        try:
+            assert services.repository.sweep_pending(timedelta(0)) == 1
+        finally:
+            services.engine.dispose()
+        assert _pending(effective) == (0, [])
+    finally:
+        node.stop()

@@ -4,7 +4,9 @@ and ITI-43 Retrieve Document Set.
 ITI TF-2 3.41.4.1.3 (repository's expected actions), 3.43.4.1.3 (retrieve),
 RAD TF-3 4.68 (the imaging variant travels the same way). The submission's
 documents are stored before ITI-42 goes to the registry; when the registry
-refuses, they are removed again (DESIGN.md principle 6).
+refuses, they are removed again (DESIGN.md principle 6). When ITI-42 went out
+and no answer came back, the registry may have registered them: they stay
+pending until the registry, asked, says whether it holds them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from sqlalchemy import Engine, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from xdsi import audit, ns, tls, wire
+from xdsi.actors.consumer import Consumer, ConsumerError
 from xdsi.actors.soap_endpoint import Peer, Reply, soap_app, transaction
 from xdsi.config import Settings
 from xdsi.errors import (
@@ -40,7 +43,7 @@ from xdsi.errors import (
     UnknownRepositoryId,
     XdsError,
 )
-from xdsi.metadata import ebrim
+from xdsi.metadata import ebrim, stored_query
 from xdsi.metadata.ebrim import RegistryObject
 from xdsi.metadata.responses import (
     RegistryError,
@@ -61,6 +64,13 @@ ACTOR = "repository"
 
 PENDING = "pending"
 STORED = "stored"
+
+# uniqueIds asked of the registry in one GetDocuments.
+QUERY_BATCH = 100
+
+
+class RegistryUnreachable(Exception):
+    """The Document Registry could not be asked what it holds."""
 
 
 @dataclass(frozen=True)
@@ -94,13 +104,17 @@ class Repository:
         return self.settings.repository.repository_unique_id
 
     def sweep_pending(self, older_than: timedelta = timedelta(minutes=10)) -> int:
-        """Remove documents left pending by a submission that never finished.
+        """Settle documents left pending by a submission that never finished.
 
-        A process killed between storing a document and the registry's answer
-        leaves a pending row and its blob; neither was ever retrievable. Rows
-        younger than ``older_than`` may belong to a submission still under
-        way in another worker, and are left alone (``[repository]
-        pending_sweep_age`` at start-up). Returns how many went.
+        A process killed between storing a document and the registry's
+        answer, or an ITI-42 whose answer never came, leaves a pending row
+        and its blob, not retrievable. The registry is asked whether it
+        holds them (ITI-18 GetDocuments): those it holds are confirmed, the
+        others removed. Rows younger than ``older_than`` may belong to a
+        submission still under way, or to an ITI-42 the registry is still
+        working on, and are left alone (``[repository] pending_sweep_age``).
+        When the registry cannot be asked, nothing is settled. Returns how
+        many documents were.
         """
         cutoff = datetime.now(UTC).replace(tzinfo=None) - older_than
         with self.engine.connect() as conn:
@@ -116,13 +130,63 @@ class Repository:
             )
             for r in rows
         ]
-        self._remove(stale)
-        if stale:
+        if not stale:
+            return 0
+        try:
+            held = self._registered({r.unique_id for r in stale})
+        except RegistryUnreachable as exc:
+            logger.warning(
+                "%d documents stay pending: the Document Registry could not be "
+                "asked whether it holds them (%s)",
+                len(stale),
+                exc,
+            )
+            return 0
+        registered = [r for r in stale if r.unique_id in held]
+        self._confirm(registered)
+        self._remove([r for r in stale if r.unique_id not in held])
+        if registered:
+            logger.warning(
+                "%d pending documents were registered, unheard: now retrievable",
+                len(registered),
+            )
+        if len(registered) < len(stale):
             logger.warning(
                 "removed %d documents left pending by unfinished submissions",
-                len(stale),
+                len(stale) - len(registered),
             )
         return len(stale)
+
+    def _registered(self, unique_ids: set[str]) -> set[str]:
+        """The DocumentEntry uniqueIds among ``unique_ids`` that the
+        Document Registry holds, whatever their status (ITI TF-2
+        3.18.4.1.2.3.7.5 GetDocuments), asked as a Document Consumer.
+
+        Limitation: ITI-18 is sent to the registry's ITI-42 endpoint
+        (``[repository] registry_url``), as one URL serves both here.
+
+        Raises
+        ------
+        RegistryUnreachable
+            The query failed.
+        """
+        consumer = Consumer(self.settings, self.auditor, self.blobs.spool)
+        held: set[str] = set()
+        wanted = sorted(unique_ids)
+        for start in range(0, len(wanted), QUERY_BATCH):
+            request = stored_query.build_query(
+                "GetDocuments",
+                {"$XDSDocumentEntryUniqueId": wanted[start : start + QUERY_BATCH]},
+            )
+            try:
+                body = consumer.query(self.settings.registry_url, request)
+            except ConsumerError as exc:
+                raise RegistryUnreachable(str(exc)) from exc
+            held.update(
+                e.unique_id or ""
+                for e in ebrim.read_registry_objects(body).document_entries
+            )
+        return held & unique_ids
 
     # --- ITI-41 / RAD-68 ------------------------------------------------
 
@@ -203,15 +267,56 @@ class Repository:
 
         patient_id = ss[0].patient_id if len(ss) == 1 else None
         try:
-            registry_errors = self._register(metadata, patient_id, ss_unique_id)
+            registry_errors, unheard = self._register(
+                metadata, patient_id, ss_unique_id
+            )
         except BaseException:
             self._remove(stored)
             raise
-        if any(e.is_error for e in registry_errors):
+        if unheard:
+            registry_errors = self._settle_unheard(stored, registry_errors)
+        elif any(e.is_error for e in registry_errors):
             self._remove(stored)
         else:
             self._confirm(stored)
         return registry_errors, entries, ss_unique_id
+
+    def _settle_unheard(
+        self, stored: list[StoredDocument], errors: list[RegistryError]
+    ) -> list[RegistryError]:
+        """ITI-42 went out and no answer came: ask the registry at once.
+
+        A registration is all or nothing (ITI TF-2 3.42.4.1.3), so when the
+        registry holds every document the submission succeeded and they are
+        confirmed. Otherwise they stay pending, not retrievable, and the
+        submission fails as XDSRegistryNotAvailable: the registry may still
+        be working on it, and the sweep settles them once it cannot be.
+        """
+        if not stored:
+            return errors
+        wanted = {record.unique_id for record in stored}
+        try:
+            held = self._registered(wanted)
+        except RegistryUnreachable:
+            held = set()
+        if held == wanted:
+            logger.warning(
+                "ITI-42 went unanswered, but the Document Registry holds the "
+                "submission's %d documents: confirmed",
+                len(stored),
+            )
+            self._confirm(stored)
+            return []
+        said = errors[0].message if errors else "ITI-42 went unanswered"
+        return _errors(
+            [
+                RegistryNotAvailable(
+                    f"{said}; the registry may still register the submission, so "
+                    "its documents are kept, not retrievable, until the registry "
+                    "says whether it did"
+                )
+            ]
+        )
 
     def _complete_entry(
         self, entry: RegistryObject, document: wire.Attachment
@@ -381,15 +486,22 @@ class Repository:
 
     def _register(
         self, metadata: etree._Element, patient_id: str | None, ss_unique_id: str | None
-    ) -> list[RegistryError]:
-        """ITI-42 to the registry; its answer is the repository's answer."""
+    ) -> tuple[list[RegistryError], bool]:
+        """ITI-42 to the registry; its answer is the repository's answer.
+
+        Also returns whether the request may have reached the registry with
+        no answer heard (a timeout, a connection broken off, an answer that
+        is not SOAP), so that the registry may have registered it.
+        """
         url = self.settings.registry_url
         client = wire.SoapClient(
             url,
+            timeout=self.settings.repository.registry_timeout,
             spool_dir=self.blobs.spool,
             ssl_context=tls.client_context_for(self.settings),
         )
         errors: list[RegistryError] = []
+        unheard = False
         message_id = None
         try:
             with client.call(
@@ -405,6 +517,9 @@ class Repository:
                     )
                 ]
         except (wire.TransportError, wire.PeerFault) as exc:
+            # A Fault is the registry's refusal; a transport failure after
+            # the request went out leaves its outcome unknown.
+            unheard = isinstance(exc, wire.TransportError) and not exc.unsent
             logger.warning("ITI-42 to the Document Registry failed: %s", exc)
             errors = _errors(
                 [
@@ -429,7 +544,7 @@ class Repository:
                     message_id=message_id,
                 )
             )
-        return errors
+        return errors, unheard
 
     # --- ITI-43 ---------------------------------------------------------
 
