@@ -735,6 +735,8 @@ def _rendered(path: Path, frame: int, rendering: Rendering) -> bytes:
                 "the image cannot be decoded for rendering; ask for "
                 "contentType=application/dicom",
             )
+    # The VOI LUT transformation, the window with it, applies to grayscale
+    # images only (DICOM PS3.3 C.11.2); a colour image is rendered as held.
     if ds.get("SamplesPerPixel", 1) == 1:
         pixels = apply_modality_lut(pixels, ds).astype(np.float64)
         if rendering.window is not None:
