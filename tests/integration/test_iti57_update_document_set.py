@@ -196,26 +196,45 @@ def test_update_is_audited_by_the_registry(
     assert ("ITI-57", "Import") in [(r.event_type, r.event_id.display) for r in records]
 
 
-def test_manifest_is_withdrawn_only_once_the_registry_deprecated_it(
+def test_manifest_stays_current_while_the_registry_refuses_its_deprecation(
+    running_node: RunningNode,
+) -> None:
+    """ITI TF-2 3.57.4.1.3.3.2: an ITI-57 the registry refuses while the
+    entry is still Approved (here XDSPatientIdDoesNotMatch) leaves the
+    manifest current, so that the withdrawal is retried."""
+    entry_uuid = _publish(running_node)
+    assert "MSA|AA" in running_node.feed(OTHER_PATIENT)
+    source = running_node.services.imaging_source
+    (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
+    manifest = source.current_manifest(study.study_instance_uid)
+
+    with pytest.raises(PublishError, match="XDSPatientIdDoesNotMatch"):
+        source.withdraw(manifest, OTHER_PATIENT)
+    assert source.current_manifest(study.study_instance_uid) is not None
+    assert _status(running_node, entry_uuid) == (APPROVED, APPROVED)
+
+
+def test_manifest_is_withdrawn_once_the_registry_holds_it_deprecated(
     running_node: RunningNode, tmp_path: Path
 ) -> None:
-    """ITI TF-2 3.57.4.1.3.3.2: the Imaging Document Source keeps a manifest
-    current while the registry refuses its ITI-57, and withdraws it once the
-    registry deprecated it."""
+    """ITI TF-2 3.57.4.1.3.3.2: the Imaging Document Source withdraws its
+    manifest when its ITI-57 deprecates the entry, and also when that ITI-57
+    is refused because the entry is Deprecated already (another Document
+    Administrator's update, or its own whose answer was lost): asked
+    (ITI-18 GetDocuments), the registry says so."""
     entry_uuid = _publish(running_node)
     source = running_node.services.imaging_source
     (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
     manifest = source.current_manifest(study.study_instance_uid)
     assert _update(running_node, tmp_path, entry_uuid)[0] == SUCCESS
 
-    with pytest.raises(PublishError, match="XDSMetadataUpdateError"):
-        source.withdraw(manifest, PATIENT)
-    assert source.current_manifest(study.study_instance_uid) is not None
-
-    _update(running_node, tmp_path, entry_uuid, original=DEPRECATED, new=APPROVED)
     source.withdraw(manifest, PATIENT)
     assert source.current_manifest(study.study_instance_uid) is None
     assert _status(running_node, entry_uuid) == (DEPRECATED, DEPRECATED)
     records = list(running_node.services.audit_spool.records())
-    assert ("ITI-57", "Export") in [(r.event_type, r.event_id.display) for r in records]
+    exports = [
+        r for r in records if (r.event_type, r.event_id.display) == ("ITI-57", "Export")
+    ]
+    # The refused ITI-57 is audited as such.
+    assert exports and exports[-1].outcome != 0
     assert validate_exchanges(running_node.taps, tmp_path / "spool") > 0

@@ -54,7 +54,7 @@ from xdsi.errors import (
     UnknownRepositoryId,
     XdsError,
 )
-from xdsi.metadata import stored_query
+from xdsi.metadata import ebrim, stored_query
 from xdsi.metadata.build import (
     ManifestEntry,
     SubmissionSetSpec,
@@ -435,21 +435,32 @@ class ImagingSource:
 
     def _registered(self, entry_uuid: str) -> bool:
         """Whether the Document Registry holds the DocumentEntry
-        ``entry_uuid`` (ITI-18 GetDocuments, ObjectRef), asked as a
-        Document Consumer."""
+        ``entry_uuid``, whatever its status."""
+        return self._entry_status(entry_uuid) is not None
+
+    def _entry_status(self, entry_uuid: str) -> str | None:
+        """The availabilityStatus of the DocumentEntry ``entry_uuid`` in the
+        Document Registry, None when it holds no such entry (ITI-18
+        GetDocuments, ITI TF-2 3.18.4.1.2.3.7.5), asked as a Document
+        Consumer.
+
+        Raises
+        ------
+        PublishError
+            The registry could not be asked.
+        """
         request = stored_query.build_query(
-            "GetDocuments",
-            {"$XDSDocumentEntryEntryUUID": [entry_uuid]},
-            return_type=stored_query.RETURN_OBJECT_REF,
+            "GetDocuments", {"$XDSDocumentEntryEntryUUID": [entry_uuid]}
         )
         consumer = Consumer(self.settings, self.auditor, self.blobs.spool)
         try:
             body = consumer.query(self.settings.imaging_source_registry_url, request)
         except ConsumerError as exc:
             raise PublishError(str(exc), exc.errors) from exc
-        return any(
-            ref.get("id") == entry_uuid for ref in body.iter(f"{{{ns.RIM}}}ObjectRef")
-        )
+        for entry in ebrim.read_registry_objects(body).document_entries:
+            if entry.id == entry_uuid:
+                return entry.status
+        return None
 
     def withdraw(self, manifest: Row, patient_id: str) -> None:
         """Deprecate a manifest whose study has no instance left.
@@ -463,17 +474,32 @@ class ImagingSource:
         to; the manifest is marked withdrawn here only once that registry
         accepted it.
 
+        An ITI-57 that fails while the registry holds the entry Deprecated
+        already (another Document Administrator's update, or this node's own
+        whose answer was lost) has done its work: the manifest is withdrawn.
+
         Raises
         ------
         PublishError
-            The Document Registry refused the update or could not be reached;
-            the manifest stays current, so that the withdrawal is retried.
+            The Document Registry refused the update or could not be reached,
+            and the entry is not Deprecated; the manifest stays current, so
+            that the withdrawal is retried.
         """
-        # Limitation: a refusal is not told apart from an outage; an entry
-        # another Document Administrator deprecated already is refused with
-        # XDSMetadataUpdateError and retried with every publishing round.
         if manifest.entry_uuid:
-            self._deprecate(manifest, patient_id)
+            try:
+                self._deprecate(manifest, patient_id)
+            except PublishError:
+                try:
+                    status = self._entry_status(manifest.entry_uuid)
+                except PublishError:
+                    status = None
+                if status != STATUS_DEPRECATED:
+                    raise
+                logger.warning(
+                    "manifest %s of study %s is Deprecated in the registry already",
+                    manifest.sop_instance_uid,
+                    manifest.study_instance_uid,
+                )
         else:
             # Limitation: a manifest published before its entryUUID was kept
             # cannot be named in an ITI-57; it is withdrawn here only and
