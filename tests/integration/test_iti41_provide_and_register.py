@@ -181,6 +181,50 @@ def test_documents_left_pending_by_a_crash_are_swept(running_node: RunningNode):
     assert not repository.blobs.path(blob).exists()
 
 
+def test_sweep_keeps_a_pending_document_only_as_the_registry_holds_it(
+    running_node: RunningNode,
+):
+    """ITI TF-2 3.18.4.1.2.3.7.5: the sweep asks the registry (GetDocuments)
+    about documents left pending. One it holds for this repository with the
+    same hash is confirmed and retrievable; one whose registry entry carries
+    another hash is not the document registered, and goes."""
+    running_node.feed()
+    url = running_node.settings.url("repository")
+    documents = {"1.2.3.4.5.61": b"registered, unheard" * 100}
+    documents["1.2.3.4.5.62"] = b"registered with other bytes" * 100
+    for n, (unique_id, data) in enumerate(documents.items()):
+        request = pnr_request(unique_id, data, submission_set_uid=f"1.2.3.4.6.6{n}")
+        assert read_status(provide(url, request, data)).endswith("Success")
+    # As a node killed before it heard the registry would leave them; the
+    # second row's bytes are not those the registry registered.
+    with running_node.services.engine.begin() as conn:
+        conn.execute(
+            repository_document.update().values(
+                state="pending", created_at=datetime(2020, 1, 1)
+            )
+        )
+        conn.execute(
+            repository_document.update()
+            .where(repository_document.c.unique_id == "1.2.3.4.5.62")
+            .values(sha1="0" * 40)
+        )
+
+    repository = running_node.services.repository
+    assert repository.sweep_pending() == 2
+    with running_node.services.engine.connect() as conn:
+        rows = conn.execute(
+            select(repository_document.c.unique_id, repository_document.c.state)
+        ).all()
+    assert [tuple(r) for r in rows] == [("1.2.3.4.5.61", "stored")]
+    retrieve = retrieve_request(
+        running_node.settings.repository.repository_unique_id, "1.2.3.4.5.61"
+    )
+    with wire.SoapClient(url).call(RETRIEVE, retrieve) as reply:
+        (document,) = reply.body.findall(f"{{{ns.XDSB}}}DocumentResponse")
+        attachment = wire.attachment_for(document.find(f"{{{ns.XDSB}}}Document"), reply)
+        assert attachment.read_bytes() == documents["1.2.3.4.5.61"]
+
+
 def test_a_fresh_pending_document_is_left_to_its_submission(running_node: RunningNode):
     """A pending document younger than the sweep's age may belong to a
     submission still under way in another worker."""

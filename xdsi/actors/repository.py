@@ -142,9 +142,9 @@ class Repository:
                 exc,
             )
             return 0
-        registered = [r for r in stale if r.unique_id in held]
+        registered = [r for r in stale if held.get(r.unique_id) == r.sha1]
         self._confirm(registered)
-        self._remove([r for r in stale if r.unique_id not in held])
+        self._remove([r for r in stale if r not in registered])
         if registered:
             logger.warning(
                 "%d pending documents were registered, unheard: now retrievable",
@@ -157,10 +157,12 @@ class Repository:
             )
         return len(stale)
 
-    def _registered(self, unique_ids: set[str]) -> set[str]:
-        """The DocumentEntry uniqueIds among ``unique_ids`` that the
-        Document Registry holds, whatever their status (ITI TF-2
-        3.18.4.1.2.3.7.5 GetDocuments), asked as a Document Consumer.
+    def _registered(self, unique_ids: set[str]) -> dict[str, str]:
+        """The DocumentEntries among ``unique_ids`` that the Document
+        Registry holds for this repository, whatever their status (ITI TF-2
+        3.18.4.1.2.3.7.5 GetDocuments), asked as a Document Consumer: their
+        hash by uniqueId, so that a caller knows the entry is of the bytes it
+        holds.
 
         Limitation: ITI-18 is sent to the registry's ITI-42 endpoint
         (``[repository] registry_url``), as one URL serves both here.
@@ -171,7 +173,7 @@ class Repository:
             The query failed.
         """
         consumer = Consumer(self.settings, self.auditor, self.blobs.spool)
-        held: set[str] = set()
+        held: dict[str, str] = {}
         wanted = sorted(unique_ids)
         for start in range(0, len(wanted), QUERY_BATCH):
             request = stored_query.build_query(
@@ -182,11 +184,11 @@ class Repository:
                 body = consumer.query(self.settings.registry_url, request)
             except ConsumerError as exc:
                 raise RegistryUnreachable(str(exc)) from exc
-            held.update(
-                e.unique_id or ""
-                for e in ebrim.read_registry_objects(body).document_entries
-            )
-        return held & unique_ids
+            for entry in ebrim.read_registry_objects(body).document_entries:
+                ours = entry.slot("repositoryUniqueId") == self.repository_unique_id
+                if ours and entry.unique_id in unique_ids:
+                    held[entry.unique_id] = (entry.slot("hash") or "").lower()
+        return held
 
     # --- ITI-41 / RAD-68 ------------------------------------------------
 
@@ -294,12 +296,11 @@ class Repository:
         """
         if not stored:
             return errors
-        wanted = {record.unique_id for record in stored}
         try:
-            held = self._registered(wanted)
+            held = self._registered({record.unique_id for record in stored})
         except RegistryUnreachable:
-            held = set()
-        if held == wanted:
+            held = {}
+        if all(held.get(record.unique_id) == record.sha1 for record in stored):
             logger.warning(
                 "ITI-42 went unanswered, but the Document Registry holds the "
                 "submission's %d documents: confirmed",
