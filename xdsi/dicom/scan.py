@@ -6,6 +6,7 @@ modules (DICOM PS3.3 C.12.1, C.7.2.1, C.7.3.1) and the UID syntax of
 DICOM PS3.5 9.1.
 """
 
+import filecmp
 import logging
 import os
 import re
@@ -221,6 +222,7 @@ def scan_files(paths: Iterable[Path]) -> ScanResult:
         order = {file: n for n, file in enumerate(files)}
         rejected = sorted(result.rejected, key=lambda item: order[item[0]])
         result = replace(result, rejected=tuple(rejected))
+    result = _without_conflicts(result)
     # A folder may be named after its patient: paths are logged at DEBUG
     # only; the caller has them in the result.
     for file, reason in result.rejected:
@@ -260,6 +262,59 @@ def _scan(files: list[Path]) -> ScanResult:
         studies=tuple(studies[uid].build() for uid in sorted(studies)),
         rejected=tuple(rejected),
     )
+
+
+def _without_conflicts(result: ScanResult) -> ScanResult:
+    """Reject both files of a SOP Instance UID read twice with other bytes.
+
+    A repeat with the same bytes (a second copy on the same CD) is rejected
+    alone. With other bytes, one of the two is not the instance (a copy cut
+    short, say), and a header does not tell which: neither is kept (DICOM
+    PS3.3 C.12.1.1.1, one SOP Instance UID names one instance).
+    """
+    kept = {_duplicate(i.path): i for study in result.studies for i in study.instances}
+    conflicts: dict[str, tuple[Path, str]] = {}
+    rejected: list[tuple[Path, str]] = []
+    for path, reason in result.rejected:
+        first = kept.get(reason)
+        if first is None or _same_bytes(first.path, path):
+            rejected.append((path, reason))
+            continue
+        other = (
+            f"SOP Instance UID {first.sop_instance_uid} is also in {{}} with other "
+            "content; neither file is taken"
+        )
+        rejected.append((path, other.format(first.path)))
+        conflicts.setdefault(first.sop_instance_uid, (first.path, other.format(path)))
+    if not conflicts:
+        return result
+    rejected.extend(conflicts.values())
+    studies = []
+    for study in result.studies:
+        series = []
+        for one in study.series:
+            left = [i for i in one.instances if i.sop_instance_uid not in conflicts]
+            if len(left) == len(one.instances):
+                series.append(one)
+            elif left:
+                series.append(
+                    replace(
+                        one,
+                        instances=tuple(left),
+                        last_acquisition_datetime=_last_acquisition(left),
+                    )
+                )
+        if series:
+            studies.append(replace(study, series=tuple(series)))
+    return ScanResult(studies=tuple(studies), rejected=tuple(rejected))
+
+
+def _same_bytes(first: Path, second: Path) -> bool:
+    """Whether two files hold the same bytes; unreadable counts as not."""
+    try:
+        return filecmp.cmp(first, second, shallow=False)
+    except OSError:
+        return False
 
 
 def _duplicate(first: Path) -> str:

@@ -178,6 +178,37 @@ def test_repeated_sop_instance_uid_is_rejected(tmp_path):
     assert reason.startswith("duplicate SOP Instance UID")
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one-scan", "worker-split"])
+def test_sop_instance_uid_in_files_of_other_content_is_taken_from_neither(
+    tmp_path, own_worker, monkeypatch, split
+):
+    """DICOM PS3.3 C.12.1.1.1: of two files carrying one SOP Instance UID
+    with other bytes (a copy cut in half beside the whole one), a header
+    does not tell which is the instance; neither is kept, both are named."""
+    folder = tmp_path / "cd"
+    shutil.copytree(STUDY_CT, folder / "study")
+    whole = folder / "study" / "S1000" / "I0010.dcm"
+    half = folder / "HALF0001"
+    data = whole.read_bytes()
+    half.write_bytes(data[: len(data) // 2])
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    monkeypatch.setattr(worker, "MIN_INSTANCES", 2 if split else len(files) + 1)
+
+    result = scan_files(files)
+
+    uid = pydicom.dcmread(whole, stop_before_pixels=True).SOPInstanceUID
+    (study,) = result.studies
+    assert uid not in {i.sop_instance_uid for i in study.instances}
+    assert len(study.instances) == 59
+    reasons = dict(result.rejected)
+    assert set(reasons) == {half, whole}
+    assert reasons[half] == (
+        f"SOP Instance UID {uid} is also in {whole} with other content; "
+        "neither file is taken"
+    )
+    assert f"is also in {half} with other content" in reasons[whole]
+
+
 def _mixed_folder(tmp_path: Path) -> list[Path]:
     """Two studies interleaved, a file read twice in each half, junk: in
     the order a scan reads them."""
@@ -193,7 +224,8 @@ def _mixed_folder(tmp_path: Path) -> list[Path]:
         target = folder / f"{n:04d}.dcm"
         shutil.copy(source, target)
         files.append(target)
-    # A repeat acquired later than the rest counts for nothing.
+    # A repeat with other content (acquired later than the rest) counts for
+    # nothing, and takes its first copy with it.
     late = pydicom.dcmread(files[-2])
     late.AcquisitionDateTime = "20991231235959"
     late.save_as(files[-2])
@@ -220,7 +252,9 @@ def test_scan_split_with_the_worker_reads_as_one_scan(
     assert worker._executor is not None
     assert split.studies == alone.studies
     assert split.rejected == alone.rejected
-    assert len(alone.studies) == 2 and len(alone.rejected) == 6
+    # Five repeats, the junk file, and the first copy of the repeat with
+    # other content.
+    assert len(alone.studies) == 2 and len(alone.rejected) == 7
     assert all(
         not s.last_acquisition_datetime.startswith("2099")
         for study in split.studies
