@@ -228,7 +228,7 @@ class Intake:
             patient_id = self.patient_id(ds)
         else:
             self._refuse_other_patient(header.study_instance_uid, patient_id)
-        if self._held(header.sop_instance_uid):
+        if self._held(header):
             return self._duplicate(header, path, move)
 
         try:
@@ -563,7 +563,7 @@ class Intake:
             return None  # the full check says why
         if patient_id is not None:
             self._refuse_other_patient(header.study_instance_uid, patient_id)
-        if self._held(header.sop_instance_uid):
+        if self._held(header):
             return self._duplicate(header, path, False)
         return None
 
@@ -592,16 +592,39 @@ class Intake:
                 )
             ).scalar()
 
-    def _held(self, sop_instance_uid: str) -> bool:
+    def _held(self, header: scan.InstanceHeader) -> bool:
+        """Whether the instance is held already.
+
+        An instance held in another transfer syntax is held (a lossless
+        re-encoding keeps the SOP Instance UID).
+
+        Raises
+        ------
+        check.Refused
+            One of its SOP Instance UID is held in the same transfer syntax
+            with another size: one of the two is not the instance (a copy
+            cut short, say), and the one held, maybe published, stays (DICOM
+            PS3.3 C.12.1.1.1).
+        """
+        # Limitation: other bytes of the same size pass for the same instance.
         with self.engine.connect() as conn:
-            return (
-                conn.execute(
-                    select(imaging_instance.c.sop_instance_uid).where(
-                        imaging_instance.c.sop_instance_uid == sop_instance_uid
-                    )
-                ).first()
-                is not None
-            )
+            held = conn.execute(
+                select(
+                    imaging_instance.c.size, imaging_instance.c.transfer_syntax_uid
+                ).where(imaging_instance.c.sop_instance_uid == header.sop_instance_uid)
+            ).first()
+        if held is None:
+            return False
+        if held.size == header.size:
+            return True
+        if held.transfer_syntax_uid != header.transfer_syntax_uid:
+            return True
+        raise check.Refused(
+            "held_otherwise",
+            f"instance {header.sop_instance_uid} is held already with other "
+            f"content ({header.size} bytes here, {held.size} held); remove it "
+            "first (xdsi remove) to replace it",
+        )
 
     def _duplicate(
         self, header: scan.InstanceHeader, path: Path, move: bool
