@@ -302,6 +302,8 @@ def publish(
     services = build_services(settings)
     failed = False
     for study in result.studies:
+        if _published_already(services, study):
+            continue
         try:
             published = services.imaging_source.publish(study, cx)
         except PublishError as exc:
@@ -627,6 +629,22 @@ def remove(
         if sop_instance_uids:
             named += f", instances {', '.join(sop_instance_uids)}"
         _fail(f"nothing held matches {named}")
+
+
+def _published_already(services: Services, study: scan.Study) -> bool:
+    """Say so and return True when every instance of a study read is held
+    and its current manifest is up to date: a new one would repeat it."""
+    uid = study.study_instance_uid
+    current = services.imaging_source.current_manifest(uid)
+    if current is None or services.intake.changed(uid):
+        return False
+    held = services.imaging_source.held_instances(
+        header.sop_instance_uid for header in study.instances
+    )
+    if len(held) < len(study.instances):
+        return False
+    click.echo(f"study {uid} published already: manifest {current.sop_instance_uid}")
+    return True
 
 
 def _publish_now(services: Services, studies: Iterable[str]) -> None:

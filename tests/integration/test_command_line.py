@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -207,6 +208,27 @@ def test_skipped_files_are_listed_but_their_paths_are_not_logged(
             assert "3 files skipped (1 not DICOM)" in published.stderr
         else:
             assert "2 files skipped (1 not DICOM)" in published.stderr
+
+
+def test_publish_headers_only_of_a_published_study_sends_nothing(served: Path):
+    """RAD TF-3 4.68.4.1.2.3: a replacement manifest is for a changed study;
+    publishing an unchanged one again, checked or ``--headers-only``, says it
+    is published already and sends no second manifest."""
+    images = shared_path("dicom", "study-mr", "images")
+    assert "ACK AA" in _xdsi(served, "feed", "IDS-DEPT002-a").stdout
+    first = _xdsi(served, "publish", str(images), "--patient-id", "IDS-DEPT002-a")
+    (manifest,) = re.findall(r"manifest ([0-9.]+)", first.stdout)
+
+    for extra in (("--headers-only",), ()):
+        again = _xdsi(
+            served, "publish", str(images), "--patient-id", "IDS-DEPT002-a", *extra
+        )
+        assert f"published already: manifest {manifest}" in again.stdout
+        assert "published study" not in again.stdout
+    found = json.loads(
+        _xdsi(served, "find", "--patient-id", "IDS-DEPT002-a", "--json").stdout
+    )
+    assert [entry["unique_id"] for entry in found] == [manifest]
 
 
 def test_publish_for_unknown_patient_fails_with_the_registry_code(served: Path):
