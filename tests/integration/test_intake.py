@@ -964,3 +964,20 @@ def test_publish_under_another_patient_than_the_study_is_held_under_is_refused(
     assert "FIRST-1" not in again.output
     assert len(_manifests(patient_node)) == 1
     assert copied == []
+
+    # Removed (its manifest withdrawn), the study starts anew: published
+    # under the other patient now, as the user was told.
+    (study_uid,) = {m.study_instance_uid for m in _manifests(patient_node)}
+    removed = _xdsi(patient_node, tmp_path, "remove", study_uid)
+    assert removed.exit_code == 0, removed.output
+    assert _manifests(patient_node)[0].status == "withdrawn"
+    anew = _xdsi(
+        patient_node, tmp_path, "publish", str(folder), "--patient-id", "SECOND-2"
+    )
+    assert anew.exit_code == 0, anew.output
+    assert "published study" in anew.output
+    with patient_node.services.engine.connect() as conn:
+        patients = set(conn.execute(select(imaging_instance.c.patient_id)).scalars())
+    assert patients == {f"SECOND-2^^^&{authority}&ISO"}
+    found = patient_node.services.consumer.find(f"SECOND-2^^^&{authority}&ISO")
+    assert len(found) == 1

@@ -230,6 +230,9 @@ class Intake:
             self._refuse_other_patient(header.study_instance_uid, patient_id)
         if self._held(header):
             return self._duplicate(header, path, move)
+        # A study with nothing held and no current manifest (never taken in,
+        # or emptied and withdrawn) starts anew, under this patient.
+        anew = self._study_patient(header.study_instance_uid) is None
 
         try:
             blob = self.blobs.put_file(header.sop_instance_uid, path, move=move)
@@ -243,7 +246,7 @@ class Intake:
                         instance_row(header, blob, digest, patient_id)
                     )
                 )
-                self._touch(conn, header.study_instance_uid, patient_id, given)
+                self._touch(conn, header.study_instance_uid, patient_id, given or anew)
         except IntegrityError:
             # Another association stored the same instance meanwhile; the
             # blob under the same key holds the same instance.
@@ -584,13 +587,25 @@ class Intake:
             )
 
     def _study_patient(self, study_instance_uid: str) -> str | None:
-        """The patient a study taken in is held under, if it is held."""
+        """The patient a study is held under: None when it holds no instance
+        and has no current manifest, since then it starts anew (taken in
+        again after ``remove``, under whichever patient it comes with)."""
         with self.engine.connect() as conn:
-            return conn.execute(
+            patient = conn.execute(
                 select(imaging_study.c.patient_id).where(
                     imaging_study.c.study_instance_uid == study_instance_uid
                 )
             ).scalar()
+            if patient is None:
+                return None
+            holds = conn.execute(
+                select(imaging_instance.c.sop_instance_uid)
+                .where(imaging_instance.c.study_instance_uid == study_instance_uid)
+                .limit(1)
+            ).first()
+        if holds is None and self.source.current_manifest(study_instance_uid) is None:
+            return None
+        return patient
 
     def _held(self, header: scan.InstanceHeader) -> bool:
         """Whether the instance is held already.
@@ -644,13 +659,14 @@ class Intake:
         conn: Connection,
         study_instance_uid: str,
         patient_id: str,
-        given: bool = False,
+        settled: bool = False,
     ) -> None:
-        """Mark a study changed now; create its row on first sight. A
-        ``given`` patient id (not the images' own) is the study's from now."""
+        """Mark a study changed now; create its row on first sight. With
+        ``settled`` the patient id is the study's from now (one the user
+        named, or the one of a study that starts anew)."""
         now = time.time()
         values: dict[str, object] = {"changed_at": now, "dirty": True}
-        if given:
+        if settled:
             values["patient_id"] = patient_id
         changed = conn.execute(
             update(imaging_study)
