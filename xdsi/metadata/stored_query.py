@@ -25,6 +25,8 @@ from xdsi.profiles_loader import load_profile_table
 
 RETURN_LEAF_CLASS = "LeafClass"
 RETURN_OBJECT_REF = "ObjectRef"
+# A rim:Value is an ebRIM 3.0 LongName: at most this many characters.
+VALUE_LENGTH = 256
 
 
 @cache
@@ -293,8 +295,10 @@ def build_query(
 ) -> etree._Element:
     """Build an AdhocQueryRequest for stored query ``name``.
 
-    A ``str`` value is sent as one quoted value, a ``list`` as a quoted list
-    in one Value element.
+    A ``str`` value is sent as one quoted value, a ``list`` as quoted lists
+    of as many items as fit one Value element (an ebRIM LongName, at most
+    VALUE_LENGTH characters; ITI TF-2 3.18.4.1.2.3.5 lets a list span
+    several Values).
     """
     request = etree.Element(
         f"{{{ns.QUERY}}}AdhocQueryRequest", nsmap={"query": ns.QUERY, "rim": ns.RIM}
@@ -311,9 +315,22 @@ def build_query(
     for param, value in parameters.items():
         slot = etree.SubElement(adhoc, f"{{{ns.RIM}}}Slot", name=param)
         value_list = etree.SubElement(slot, f"{{{ns.RIM}}}ValueList")
-        if isinstance(value, list):
-            text = "(" + ",".join(quote_value(v) for v in value) + ")"
-        else:
-            text = quote_value(value)
-        etree.SubElement(value_list, f"{{{ns.RIM}}}Value").text = text
+        texts = _value_lists(value) if isinstance(value, list) else [quote_value(value)]
+        for text in texts:
+            etree.SubElement(value_list, f"{{{ns.RIM}}}Value").text = text
     return request
+
+
+def _value_lists(values: list[str]) -> list[str]:
+    """``values`` as parenthesised quoted lists, each of at most
+    VALUE_LENGTH characters where an item alone fits."""
+    texts: list[str] = []
+    items: list[str] = []
+    for quoted in (quote_value(v) for v in values):
+        if items and len(",".join([*items, quoted])) + 2 > VALUE_LENGTH:
+            texts.append("(" + ",".join(items) + ")")
+            items = []
+        items.append(quoted)
+    if items or not texts:
+        texts.append("(" + ",".join(items) + ")")
+    return texts

@@ -340,6 +340,19 @@ def test_built_get_documents_is_schema_valid_and_reads_back() -> None:
     assert query.values("$XDSDocumentEntryEntryUUID") == uuids
 
 
+def test_a_long_list_spans_several_values_each_schema_valid() -> None:
+    """ebRIM 3.0 LongName, ITI TF-2 3.18.4.1.2.3.5: a list too long for one
+    Value of 256 characters is split over several, read back as one."""
+    unique_ids = [f"2.25.{n:039d}" for n in range(40)]
+    request = build_query(GET_DOCUMENTS, {"$XDSDocumentEntryUniqueId": unique_ids})
+    assert_valid(request)
+
+    values = request.findall(f".//{{{ns.RIM}}}Value")
+    assert len(values) > 1
+    assert max(len(v.text) for v in values) <= 256
+    assert read_query(request).values("$XDSDocumentEntryUniqueId") == unique_ids
+
+
 # --- NIST ITI-18 requests ------------------------------------------------
 
 PLACEHOLDERS = {
