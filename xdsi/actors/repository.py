@@ -116,7 +116,8 @@ class Repository:
         When the registry cannot be asked, nothing is settled. Returns how
         many documents were.
         """
-        cutoff = datetime.now(UTC).replace(tzinfo=None) - older_than
+        # Aware: PostgreSQL reads a naive time in its session time zone.
+        cutoff = datetime.now(UTC) - older_than
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(repository_document).where(
