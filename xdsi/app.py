@@ -473,13 +473,15 @@ class Node:
 
     def _sweep(self, repository: Repository, age: timedelta) -> None:
         """Settle the repository's pending documents at start-up, then every
-        SWEEP_EVERY seconds, until the node stops."""
+        SWEEP_EVERY seconds (or half their age, if less), until the node
+        stops."""
+        every = min(SWEEP_EVERY, max(1.0, age.total_seconds() / 2))
         while True:
             try:
                 repository.sweep_pending(age)
             except Exception:
                 logger.exception("the sweep of pending documents failed")
-            if self._stopping.wait(SWEEP_EVERY):
+            if self._stopping.wait(every):
                 return
 
     def _spawn(self, settings: Settings) -> BaseProcess:

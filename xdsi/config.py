@@ -17,6 +17,7 @@ a local directory. A file overrides what it names:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -100,6 +101,12 @@ class RegistrySettings:
                 )
 
 
+# The longest a repository waits for the registry's answer, and the oldest a
+# pending document may grow before it is settled, in seconds.
+MAX_TIMEOUT = 86400.0
+MAX_SWEEP_AGE = 30 * 86400
+
+
 @dataclass(frozen=True)
 class RepositorySettings:
     enabled: bool = True
@@ -120,10 +127,10 @@ class RepositorySettings:
     # ITI-42 waits this many seconds for the registry's answer.
     registry_timeout: float = 120.0
     # A document still pending this many seconds after it was stored is
-    # settled by the sweep (at start-up, then every minute): confirmed if the
-    # registry holds it, else removed. Younger ones may belong to a
-    # submission under way in another worker, or to an ITI-42 the registry
-    # is still working on.
+    # settled by the sweep (at start-up, then every minute or half this age):
+    # confirmed if the registry holds it, else removed. Younger ones may
+    # belong to a submission under way in another worker, or to an ITI-42
+    # the registry is still working on; it must exceed registry_timeout.
     pending_sweep_age: int = 600
 
     def __post_init__(self) -> None:
@@ -132,10 +139,23 @@ class RepositorySettings:
                 f"[repository] blob_store {self.blob_store!r} is not one of "
                 + ", ".join(BLOB_STORES)
             )
-        if self.pending_sweep_age < 0:
-            raise ConfigError("[repository] pending_sweep_age must not be negative")
-        if self.registry_timeout <= 0:
-            raise ConfigError("[repository] registry_timeout must be more than 0")
+        if not (
+            math.isfinite(self.registry_timeout)
+            and 0 < self.registry_timeout <= MAX_TIMEOUT
+        ):
+            raise ConfigError(
+                "[repository] registry_timeout must be more than 0 and at most "
+                f"{MAX_TIMEOUT:.0f} seconds"
+            )
+        if not 0 <= self.pending_sweep_age <= MAX_SWEEP_AGE:
+            raise ConfigError(
+                f"[repository] pending_sweep_age must be 0 to {MAX_SWEEP_AGE} seconds"
+            )
+        if self.pending_sweep_age <= self.registry_timeout:
+            raise ConfigError(
+                "[repository] pending_sweep_age must exceed registry_timeout: a "
+                "submission still waiting for the registry would be swept"
+            )
 
 
 @dataclass(frozen=True)

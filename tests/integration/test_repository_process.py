@@ -11,6 +11,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -222,9 +223,7 @@ def test_a_killed_submission_is_settled_at_restart(
     and before the registry's answer came asks the registry once started
     again (ITI-18 GetDocuments): a document the registry holds is kept and
     retrievable, one it does not hold leaves nothing behind."""
-    settings = node_settings(
-        tmp_path / "node", registry_url=relay.url, pending_sweep_age=0
-    )
+    settings = node_settings(tmp_path / "node", registry_url=relay.url)
     node = NodeProcess.start(settings, tmp_path / "xdsi.toml")
     submitter = None
     try:
@@ -245,8 +244,12 @@ def test_a_killed_submission_is_settled_at_restart(
     submitter.join(60)
     assert failures, "the submission should not have succeeded"
 
-    # Started again on the same ports, so that the relay reaches its registry.
-    restarted = NodeProcess.start(effective, tmp_path / "xdsi.toml")
+    # Started again on the same ports, so that the relay reaches its
+    # registry, and with a short sweep age, so that the test need not wait.
+    quick = replace(effective.repository, registry_timeout=1.0, pending_sweep_age=2)
+    restarted = NodeProcess.start(
+        replace(effective, repository=quick), tmp_path / "xdsi.toml"
+    )
     try:
         if not registered:
             _settled(effective, (0, []))

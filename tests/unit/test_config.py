@@ -304,3 +304,27 @@ def test_to_toml_names_every_imaging_endpoint() -> None:
     scp = Settings()
     scp = replace(scp, imaging_source=replace(scp.imaging_source, store_scp=True))
     assert "# c-store scp: XDSI@127.0.0.1:11112" in to_toml(scp)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ("registry_timeout = 0", "registry_timeout must be more than 0"),
+        ("registry_timeout = nan", "registry_timeout must be more than 0"),
+        ("registry_timeout = inf", "registry_timeout must be more than 0"),
+        ("pending_sweep_age = -1", "pending_sweep_age must be 0 to"),
+        ("pending_sweep_age = 100000000000000000", "pending_sweep_age must be 0 to"),
+        (
+            "registry_timeout = 300\npending_sweep_age = 300",
+            "pending_sweep_age must exceed registry_timeout",
+        ),
+    ],
+)
+def test_repository_timeouts_are_checked(tmp_path, values: str, message: str) -> None:
+    """A sweep younger than the ITI-42 timeout would remove documents whose
+    registration is still under way; a timeout that is no finite number
+    fails every submission."""
+    path = tmp_path / "xdsi.toml"
+    path.write_text(f"[repository]\n{values}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_settings(path)

@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from enum import Enum
 from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -30,6 +31,7 @@ from xdsi.actors.consumer import Consumer, ConsumerError
 from xdsi.actors.soap_endpoint import Peer, Reply, soap_app, transaction
 from xdsi.config import Settings
 from xdsi.errors import (
+    SEVERITY_WARNING,
     DocumentUniqueIdError,
     DuplicateUniqueIdInRegistry,
     HashMismatch,
@@ -67,6 +69,15 @@ STORED = "stored"
 
 # uniqueIds asked of the registry in one GetDocuments.
 QUERY_BATCH = 100
+
+
+class Registration(Enum):
+    """What came of an ITI-42."""
+
+    REGISTERED = "registered"
+    REFUSED = "refused"
+    # Sent, and no answer that says which: the registry may have registered.
+    UNHEARD = "unheard"
 
 
 class RegistryUnreachable(Exception):
@@ -185,6 +196,21 @@ class Repository:
                 body = consumer.query(self.settings.registry_url, request)
             except ConsumerError as exc:
                 raise RegistryUnreachable(str(exc)) from exc
+            # Only a LeafClass answer says which entries the registry holds;
+            # another answer is no "none" to remove documents on.
+            objects = body.find(f"{{{ns.RIM}}}RegistryObjectList")
+            if (
+                body.tag != f"{{{ns.QUERY}}}AdhocQueryResponse"
+                or objects is None
+                or (
+                    objects.find(f"{{{ns.RIM}}}ObjectRef") is not None
+                    and objects.find(f"{{{ns.RIM}}}ExtrinsicObject") is None
+                )
+            ):
+                raise RegistryUnreachable(
+                    "the Document Registry answered GetDocuments with no "
+                    "LeafClass RegistryObjectList"
+                )
             for entry in ebrim.read_registry_objects(body).document_entries:
                 ours = entry.slot("repositoryUniqueId") == self.repository_unique_id
                 if ours and entry.unique_id in unique_ids:
@@ -270,18 +296,18 @@ class Repository:
 
         patient_id = ss[0].patient_id if len(ss) == 1 else None
         try:
-            registry_errors, unheard = self._register(
+            outcome, registry_errors = self._register(
                 metadata, patient_id, ss_unique_id
             )
         except BaseException:
             self._remove(stored)
             raise
-        if unheard:
-            registry_errors = self._settle_unheard(stored, registry_errors)
-        elif any(e.is_error for e in registry_errors):
+        if outcome is Registration.REGISTERED:
+            registry_errors += self._confirm_registered(stored)
+        elif outcome is Registration.REFUSED:
             self._remove(stored)
         else:
-            self._confirm(stored)
+            registry_errors = self._settle_unheard(stored, registry_errors)
         return registry_errors, entries, ss_unique_id
 
     def _settle_unheard(
@@ -307,8 +333,7 @@ class Repository:
                 "submission's %d documents: confirmed",
                 len(stored),
             )
-            self._confirm(stored)
-            return []
+            return self._confirm_registered(stored)
         said = errors[0].message if errors else "ITI-42 went unanswered"
         return _errors(
             [
@@ -473,11 +498,13 @@ class Repository:
                     )
                 )
 
-    def _confirm(self, stored: list[StoredDocument]) -> None:
-        """Mark this submission's documents retrievable."""
+    def _confirm(self, stored: list[StoredDocument]) -> list[StoredDocument]:
+        """Mark this submission's documents retrievable; return those no
+        longer held (swept meanwhile by another process)."""
+        gone = []
         with self.engine.begin() as conn:
             for record in stored:
-                conn.execute(
+                changed = conn.execute(
                     update(repository_document)
                     .where(
                         repository_document.c.unique_id == record.unique_id,
@@ -485,15 +512,47 @@ class Repository:
                     )
                     .values(state=STORED)
                 )
+                if changed.rowcount != 1:
+                    gone.append(record)
+        return gone
+
+    def _confirm_registered(self, stored: list[StoredDocument]) -> list[RegistryError]:
+        """Confirm a submission the registry registered: no errors, unless a
+        document was swept while its registration was under way; then the
+        registry names a document this repository no longer holds."""
+        gone = self._confirm(stored)
+        if not gone:
+            return []
+        logger.error(
+            "%d documents registered by the Document Registry were swept while "
+            "their registration was under way; their entries name documents "
+            "this repository no longer holds",
+            len(gone),
+        )
+        return _errors(
+            [
+                StoredCopyMissing(
+                    f"document {record.unique_id} was registered, but removed "
+                    "here while its registration was under way; it cannot be "
+                    "retrieved",
+                    record.unique_id,
+                )
+                for record in gone
+            ]
+        )
 
     def _register(
         self, metadata: etree._Element, patient_id: str | None, ss_unique_id: str | None
-    ) -> tuple[list[RegistryError], bool]:
-        """ITI-42 to the registry; its answer is the repository's answer.
+    ) -> tuple[Registration, list[RegistryError]]:
+        """ITI-42 to the registry: what came of it, and the errors (or
+        warnings) to answer with.
 
-        Also returns whether the request may have reached the registry with
-        no answer heard (a timeout, a connection broken off, an answer that
-        is not SOAP), so that the registry may have registered it.
+        Only a RegistryResponse of status Success registers, and only one of
+        status Failure, or a Sender Fault, refuses (ITI TF-2 3.42.4.2).
+        Anything else after the request went out (a timeout, a connection
+        broken off, a Receiver Fault, an answer that is no RegistryResponse,
+        another status) leaves it unheard: the registry may have registered
+        the submission.
         """
         url = self.settings.registry_url
         client = wire.SoapClient(
@@ -502,31 +561,31 @@ class Repository:
             spool_dir=self.blobs.spool,
             ssl_context=tls.client_context_for(self.settings),
         )
+        outcome = Registration.UNHEARD
         errors: list[RegistryError] = []
-        unheard = False
         message_id = None
         try:
             with client.call(
                 transaction("ITI-42")["request_action"], metadata
             ) as reply:
                 message_id = reply.relates_to
-                status = read_status(reply.body)
-                errors = read_errors(reply.body)
-            if status == ResponseStatus.FAILURE.value and not errors:
-                errors = [
-                    RegistryError(
-                        "XDSRegistryError", "the Document Registry answered Failure"
-                    )
-                ]
-        except (wire.TransportError, wire.PeerFault) as exc:
-            # A Fault is the registry's refusal; a transport failure after
-            # the request went out leaves its outcome unknown.
-            unheard = isinstance(exc, wire.TransportError) and not exc.unsent
+                outcome, errors = _registry_answer(reply.body)
+        except wire.PeerFault as exc:
+            if exc.code != "env:Receiver":
+                outcome = Registration.REFUSED
             logger.warning("ITI-42 to the Document Registry failed: %s", exc)
+            errors = _errors(
+                [RegistryNotAvailable(f"the Document Registry answered a Fault: {exc}")]
+            )
+        except wire.TransportError as exc:
+            if exc.unsent:
+                outcome = Registration.REFUSED
+            logger.warning("ITI-42 to the Document Registry failed: %s", exc)
+            # The registry's address is the repository's own business.
             errors = _errors(
                 [
                     RegistryNotAvailable(
-                        f"the Document Registry did not accept ITI-42: {exc}"
+                        f"the Document Registry did not answer ITI-42: {exc.reason}"
                     )
                 ]
             )
@@ -536,9 +595,9 @@ class Repository:
                 audit.AuditEvent(
                     transaction="ITI-42",
                     actor="Document Repository",
-                    outcome=audit.Outcome.SERIOUS_FAILURE
-                    if any(e.is_error for e in errors)
-                    else audit.Outcome.SUCCESS,
+                    outcome=audit.Outcome.SUCCESS
+                    if outcome is Registration.REGISTERED
+                    else audit.Outcome.SERIOUS_FAILURE,
                     source=audit.Endpoint(ns.WSA_ANONYMOUS, self.settings.node.host),
                     destination=audit.Endpoint(url, urlsplit(url).hostname or ""),
                     patient_id=patient_id,
@@ -546,7 +605,7 @@ class Repository:
                     message_id=message_id,
                 )
             )
-        return errors, unheard
+        return outcome, errors
 
     # --- ITI-43 ---------------------------------------------------------
 
@@ -742,6 +801,46 @@ class Repository:
             time.monotonic() - started,
         )
         return Reply(body, parts)
+
+
+def _registry_answer(body: etree._Element) -> tuple[Registration, list[RegistryError]]:
+    """Read the registry's answer to ITI-42 (ITI TF-2 3.42.4.2).
+
+    Success registers, whatever RegistryErrors come with it (they are passed
+    on as warnings); Failure refuses, with an error even when the registry
+    gave none. Any other answer says nothing of what the registry did.
+    """
+    if body.tag != f"{{{ns.RS}}}RegistryResponse":
+        return Registration.UNHEARD, _errors(
+            [
+                RegistryNotAvailable(
+                    f"the Document Registry answered ITI-42 with {body.tag}, not "
+                    "a RegistryResponse"
+                )
+            ]
+        )
+    status = read_status(body)
+    errors = read_errors(body)
+    if status == ResponseStatus.SUCCESS.value:
+        return Registration.REGISTERED, [
+            replace(e, severity=SEVERITY_WARNING) for e in errors
+        ]
+    if status == ResponseStatus.FAILURE.value:
+        if not any(e.is_error for e in errors):
+            errors.append(
+                RegistryError(
+                    "XDSRegistryError", "the Document Registry answered Failure"
+                )
+            )
+        return Registration.REFUSED, errors
+    return Registration.UNHEARD, _errors(
+        [
+            RegistryNotAvailable(
+                f"the Document Registry answered ITI-42 with status {status!r}, "
+                "neither Success nor Failure"
+            )
+        ]
+    )
 
 
 def _errors(errors: list[XdsError]) -> list[RegistryError]:

@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import requests
 import urllib3.exceptions
@@ -24,6 +25,8 @@ from xdsi.wire.mtom import OutgoingPart, read_message, write_message
 from xdsi.wire.soap import SoapMessage, build_envelope
 
 logger = logging.getLogger(__name__)
+
+_E = TypeVar("_E", bound=BaseException)
 
 # A connection made, then reset or broken by the peer before its answer.
 _BROKEN_OFF = {errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED}
@@ -174,7 +177,20 @@ class SoapClient:
                 allow_redirects=False,
             )
         except requests.exceptions.SSLError as exc:
-            raise TransportError(str(exc), self.url) from exc
+            # A certificate refused in the handshake: nothing was sent.
+            refused = _in_chain(exc, ssl.SSLCertVerificationError)
+            if refused is not None:
+                raise TransportError(
+                    "TLS handshake failed, the peer's certificate is not trusted "
+                    f"({refused.reason}: {refused.verify_message})",
+                    self.url,
+                    unsent=True,
+                ) from exc
+            failure = _in_chain(exc, ssl.SSLError)
+            raise TransportError(
+                f"TLS failed ({failure.reason or failure})" if failure else str(exc),
+                self.url,
+            ) from exc
         except requests.exceptions.ConnectTimeout as exc:
             raise TransportError(
                 f"cannot connect (no connection within {self.timeout:g} s)",
@@ -237,13 +253,19 @@ class SoapClient:
 def _unconnected(exc: BaseException) -> bool:
     """Whether a requests failure happened before any connection was made
     (refused or unresolvable), so that nothing was sent."""
+    # urllib3's NewConnectionError is a ConnectTimeoutError.
+    return _in_chain(exc, urllib3.exceptions.ConnectTimeoutError) is not None
+
+
+def _in_chain(exc: BaseException, kind: type[_E]) -> _E | None:
+    """The first exception of ``kind`` in the chain of wrapped exceptions
+    under a requests or urllib3 failure, if any."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        # urllib3's NewConnectionError is a ConnectTimeoutError.
-        if isinstance(current, urllib3.exceptions.ConnectTimeoutError):
-            return True
+        if isinstance(current, kind):
+            return current
         reason = getattr(current, "reason", None)
         wrapped = [a for a in current.args if isinstance(a, BaseException)]
         if isinstance(reason, BaseException):
@@ -252,7 +274,7 @@ def _unconnected(exc: BaseException) -> bool:
             current = wrapped[0]
         else:
             current = current.__cause__ or current.__context__
-    return False
+    return None
 
 
 def _os_error(exc: BaseException) -> OSError | None:

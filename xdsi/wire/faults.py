@@ -250,6 +250,8 @@ class TransportError(WireError):
         self.url = url
         self.status = status
         self.unsent = unsent
+        # What went wrong, without the peer's address.
+        self.reason = message
 
 
 class MissingAttachment(WireError):

@@ -1,0 +1,301 @@
+"""What the Document Repository makes of the registry's answer to its ITI-42
+(ITI TF-2 3.42.4.2): only Success registers and only Failure or a Sender
+Fault refuses; any other answer leaves the outcome unknown, and the
+registry is asked (ITI-18 GetDocuments) before anything is kept or dropped.
+
+A scripted relay stands between the repository and the node's own registry:
+it may pass ITI-42 on or not, and answers it as each case says; ITI-18
+passes straight through unless a case answers it too."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import requests
+from lxml import etree
+from sqlalchemy import select
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Request, Response
+
+from tests.integration.conftest import PATIENT
+from xdsi import ns, wire
+from xdsi.actors.document_source import DocumentSource
+from xdsi.actors.provide import SubmitError
+from xdsi.app import Node
+from xdsi.config import Settings
+from xdsi.errors import SEVERITY_WARNING
+from xdsi.hl7.adt import build_feed
+from xdsi.hl7.mllp import send_message
+from xdsi.metadata.responses import RegistryError, ResponseStatus, registry_response
+from xdsi.store.schema import repository_document
+
+ITI_42 = "urn:ihe:iti:2007:RegisterDocumentSet-b"
+ITI_42_RESPONSE = "urn:ihe:iti:2007:RegisterDocumentSet-bResponse"
+ITI_18 = "urn:ihe:iti:2007:RegistryStoredQuery"
+ITI_43 = "urn:ihe:iti:2007:RetrieveDocumentSet"
+
+Answer = Callable[[], Response]
+
+
+def _soap(body: etree._Element, action: str = ITI_42_RESPONSE) -> Response:
+    envelope = wire.build_envelope(body, action)
+    content_type, _, chunks = wire.write_message(envelope, action, mtom=False)
+    return Response(b"".join(chunks), content_type=content_type)
+
+
+def _response(status: str, errors: list[RegistryError] = ()) -> Answer:  # type: ignore[assignment]
+    def answer() -> Response:
+        element = registry_response(list(errors))
+        element.set("status", status)
+        return _soap(element)
+
+    return answer
+
+
+def _fault(fault: wire.SoapFault) -> Answer:
+    def answer() -> Response:
+        return Response(
+            wire.fault_envelope(fault),
+            status=500 if fault.code == "env:Receiver" else 400,
+            content_type="application/soap+xml; charset=utf-8",
+        )
+
+    return answer
+
+
+def _other_element() -> Response:
+    return _soap(
+        etree.Element(
+            f"{{{ns.QUERY}}}AdhocQueryResponse", status=ResponseStatus.SUCCESS
+        )
+    )
+
+
+def _object_refs_only() -> Response:
+    """A GetDocuments answer that ignored the LeafClass asked for."""
+    body = etree.Element(
+        f"{{{ns.QUERY}}}AdhocQueryResponse",
+        nsmap={"query": ns.QUERY, "rim": ns.RIM},
+        status=ResponseStatus.SUCCESS,
+    )
+    objects = etree.SubElement(body, f"{{{ns.RIM}}}RegistryObjectList")
+    etree.SubElement(objects, f"{{{ns.RIM}}}ObjectRef", id=f"urn:uuid:{'0' * 32}")
+    return _soap(body, "urn:ihe:iti:2007:RegistryStoredQueryResponse")
+
+
+@dataclass
+class ScriptedRelay:
+    """An HTTP relay in front of the registry that answers as told."""
+
+    target: str = ""
+    forward: bool = True
+    answer: Answer | None = None
+    query_answer: Answer | None = None
+    _server: object = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._server = make_server("127.0.0.1", 0, self._app, threaded=True)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_port}/registry"
+
+    def _app(self, environ, start_response):  # type: ignore[no-untyped-def]
+        request = Request(environ)
+        body = request.get_data()
+        content_type = request.headers.get("Content-Type", "")
+        if ITI_42 in content_type:
+            forwarded = self._forward(body, content_type) if self.forward else None
+            answer = self.answer() if self.answer else forwarded
+        elif self.query_answer is not None and ITI_18 in content_type:
+            answer = self.query_answer()
+        else:
+            answer = self._forward(body, content_type)
+        assert answer is not None
+        return answer(environ, start_response)
+
+    def _forward(self, body: bytes, content_type: str) -> Response:
+        answer = requests.post(
+            self.target, data=body, headers={"Content-Type": content_type}, timeout=60
+        )
+        return Response(
+            answer.content,
+            status=answer.status_code,
+            content_type=answer.headers.get("Content-Type"),
+        )
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@dataclass
+class RelayedNode:
+    node: Node
+    settings: Settings
+    relay: ScriptedRelay
+
+    def rows(self) -> list[tuple[str, str]]:
+        with self.node.services.engine.connect() as conn:
+            return [
+                tuple(r)
+                for r in conn.execute(
+                    select(repository_document.c.unique_id, repository_document.c.state)
+                )
+            ]
+
+    def retrieved(self, unique_id: str, spool: Path) -> bytes | None:
+        request = etree.Element(
+            f"{{{ns.XDSB}}}RetrieveDocumentSetRequest", nsmap={"xdsb": ns.XDSB}
+        )
+        item = etree.SubElement(request, f"{{{ns.XDSB}}}DocumentRequest")
+        etree.SubElement(
+            item, f"{{{ns.XDSB}}}RepositoryUniqueId"
+        ).text = self.settings.repository.repository_unique_id
+        etree.SubElement(item, f"{{{ns.XDSB}}}DocumentUniqueId").text = unique_id
+        spool.mkdir(parents=True, exist_ok=True)
+        client = wire.SoapClient(self.settings.url("repository"), spool_dir=spool)
+        with client.call(ITI_43, request) as reply:
+            document = reply.body.find(
+                f"{{{ns.XDSB}}}DocumentResponse/{{{ns.XDSB}}}Document"
+            )
+            if document is None:
+                return None
+            return wire.attachment_for(document, reply).read_bytes()
+
+
+@pytest.fixture
+def relayed(tmp_path: Path) -> Iterator[RelayedNode]:
+    relay = ScriptedRelay()
+    settings = (
+        Settings()
+        .with_storage(tmp_path / "node")
+        .with_ports(registry=0, repository=0, imaging_source=0, feed=0)
+    )
+    settings = replace(
+        settings, repository=replace(settings.repository, registry_url=relay.url)
+    )
+    node = Node(settings)
+    effective = node.start()
+    relay.target = effective.url("registry")
+    send_message(effective.node.host, effective.registry.feed_port, build_feed(PATIENT))
+    try:
+        yield RelayedNode(node, effective, relay)
+    finally:
+        node.stop()
+        relay.close()
+
+
+def _submit(node: RelayedNode, tmp_path: Path) -> tuple[Path, str | None, list]:
+    """Submit one document; return it, its uniqueId when it succeeded, and
+    the errors when it did not."""
+    document = tmp_path / "report.txt"
+    document.write_bytes(b"a report\n" * 500)
+    source = DocumentSource(node.settings, tmp_path / "source-spool")
+    try:
+        (unique_id,) = source.submit([document], PATIENT).document_unique_ids
+    except SubmitError as exc:
+        return document, None, exc.errors
+    return document, unique_id, []
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        _response(ResponseStatus.PARTIAL_SUCCESS),
+        _response("Success"),
+        _fault(wire.ReceiverFault("the registry failed after its commit")),
+        _other_element,
+    ],
+    ids=["partial-success", "status-not-a-urn", "receiver-fault", "other-element"],
+)
+def test_an_answer_that_does_not_say_is_checked_with_the_registry(
+    relayed: RelayedNode, tmp_path: Path, answer: Answer
+) -> None:
+    """The registry registered the submission, but answered neither Success
+    nor Failure: asked, it holds the document, so the submission succeeds
+    and the document is retrievable."""
+    relayed.relay.answer = answer
+    document, unique_id, errors = _submit(relayed, tmp_path)
+    assert errors == [] and unique_id is not None
+    assert relayed.rows() == [(unique_id, "stored")]
+    assert relayed.retrieved(unique_id, tmp_path / "got") == document.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [_response(ResponseStatus.PARTIAL_SUCCESS), _other_element],
+    ids=["partial-success", "other-element"],
+)
+def test_an_answer_that_does_not_say_keeps_an_unregistered_document_pending(
+    relayed: RelayedNode, tmp_path: Path, answer: Answer
+) -> None:
+    """The registry never got the submission and answered neither Success
+    nor Failure: the document stays pending, not retrievable, the answer is
+    XDSRegistryNotAvailable, and the sweep removes it."""
+    relayed.relay.forward = False
+    relayed.relay.answer = answer
+    _, unique_id, errors = _submit(relayed, tmp_path)
+    assert unique_id is None
+    assert [e.code for e in errors] == ["XDSRegistryNotAvailable"]
+    # The registry's address stays the repository's own business.
+    assert relayed.relay.url not in errors[0].message
+    ((held, state),) = relayed.rows()
+    assert state == "pending"
+    assert relayed.retrieved(held, tmp_path / "got") is None
+
+    assert relayed.node.services.repository.sweep_pending(timedelta(0)) == 1
+    assert relayed.rows() == []
+
+
+@pytest.mark.parametrize(
+    ("answer", "code"),
+    [
+        (
+            _response(
+                ResponseStatus.FAILURE,
+                [
+                    RegistryError(
+                        "XDSRegistryMetadataError", "x", severity=SEVERITY_WARNING
+                    )
+                ],
+            ),
+            "XDSRegistryError",
+        ),
+        (_fault(wire.MalformedMessage("not for me")), "XDSRegistryNotAvailable"),
+    ],
+    ids=["failure-with-warnings-only", "sender-fault"],
+)
+def test_a_refusal_leaves_nothing(
+    relayed: RelayedNode, tmp_path: Path, answer: Answer, code: str
+) -> None:
+    """Failure, whatever the severity of its RegistryErrors, and a Sender
+    Fault are refusals: the repository keeps nothing."""
+    relayed.relay.forward = False
+    relayed.relay.answer = answer
+    _, unique_id, errors = _submit(relayed, tmp_path)
+    assert unique_id is None
+    assert code in [e.code for e in errors]
+    assert relayed.rows() == []
+
+
+def test_a_getdocuments_answer_without_leafclass_settles_nothing(
+    relayed: RelayedNode, tmp_path: Path
+) -> None:
+    """A registry that answers GetDocuments with ObjectRefs only, though
+    LeafClass was asked, has not said it lacks the document: the pending
+    document is neither confirmed nor removed."""
+    relayed.relay.forward = False
+    relayed.relay.answer = _other_element
+    relayed.relay.query_answer = _object_refs_only
+    _, unique_id, _ = _submit(relayed, tmp_path)
+    assert unique_id is None
+    assert relayed.node.services.repository.sweep_pending(timedelta(0)) == 0
+    ((_, state),) = relayed.rows()
+    assert state == "pending"
