@@ -409,10 +409,12 @@ class Repository:
                 if held is None:
                     continue
             if held.state == PENDING:
+                age = self.settings.repository.pending_sweep_age
                 errors.append(
                     DuplicateUniqueIdInRegistry(
-                        f"document {unique_id} is being registered by a concurrent "
-                        "submission",
+                        f"document {unique_id} is pending: another submission of "
+                        "it is under way, or went unanswered by the registry and "
+                        f"is settled within {age} s of it; submit again after that",
                         unique_id,
                     )
                 )
