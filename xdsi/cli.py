@@ -687,8 +687,10 @@ def _publish_now(services: Services, studies: Iterable[str]) -> None:
             reason = services.intake.last_failure(study_instance_uid)
             hint = ""
             if reason and "XDSUnknownPatientId" in reason:
+                patient = services.intake.study_patient(study_instance_uid)
+                feed = f"xdsi feed {patient.split('^')[0]}" if patient else "xdsi feed"
                 hint = (
-                    "; feed the patient first (xdsi feed), then run this again "
+                    f"; feed the patient first ({feed}), then run this again "
                     "(a serving node retries by itself)"
                 )
             click.secho(

@@ -37,7 +37,7 @@ from xdsi.actors.provide import SubmitError
 from xdsi.app import Node
 from xdsi.cli import main
 from xdsi.config import Settings, to_toml
-from xdsi.dicom import kos
+from xdsi.dicom import kos, scan
 from xdsi.dicom.check import refusal_table
 from xdsi.dicom.store_scu import (
     SUCCESS,
@@ -615,6 +615,9 @@ def test_import_of_a_study_whose_patient_is_unknown_fails(
     assert "not published: XDSUnknownPatientId; feed the patient first" in (
         outcome.output
     )
+    # The command names the id to feed: the images' own Patient ID.
+    (study,) = scan.scan_directory(folder).studies
+    assert f"(xdsi feed {study.patient.patient_id})" in outcome.output
     assert _manifests(patient_node) == []
 
 

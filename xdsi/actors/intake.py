@@ -232,7 +232,7 @@ class Intake:
             return self._duplicate(header, path, move)
         # A study with nothing held and no current manifest (never taken in,
         # or emptied and withdrawn) starts anew, under this patient.
-        anew = self._study_patient(header.study_instance_uid) is None
+        anew = self.study_patient(header.study_instance_uid) is None
 
         try:
             blob = self.blobs.put_file(header.sop_instance_uid, path, move=move)
@@ -578,7 +578,7 @@ class Intake:
         study keeps the patient it is held under. The reason is logged: it
         names no patient.
         """
-        if self._study_patient(study_instance_uid) not in (None, patient_id):
+        if self.study_patient(study_instance_uid) not in (None, patient_id):
             raise check.Refused(
                 "command_mismatch",
                 f"study {study_instance_uid} is held under another patient "
@@ -586,7 +586,7 @@ class Intake:
                 "it under this one",
             )
 
-    def _study_patient(self, study_instance_uid: str) -> str | None:
+    def study_patient(self, study_instance_uid: str) -> str | None:
         """The patient a study is held under: None when it holds no instance
         and has no current manifest, since then it starts anew (taken in
         again after ``remove``, under whichever patient it comes with)."""
@@ -729,10 +729,14 @@ def _files_of(folder: Path) -> Iterator[Path]:
 
 
 def _log_refusals(refusals: list[check.Refused]) -> None:
-    """Log each reason files of one import were refused for, once, at
-    WARNING, with how many files it turned away; no path (it may name a
-    patient)."""
-    for reason, files in Counter(r.reason for r in refusals).items():
-        logger.warning(
-            "Refused %d %s: %s", files, "file" if files == 1 else "files", reason
+    """Log each reason files of one import were refused for, once, with how
+    many files it turned away; no path (it may name a patient). Files that
+    are not DICOM at all (a CD's viewer, its README) are logged at INFO."""
+    for (rule, reason), files in Counter((r.rule, r.reason) for r in refusals).items():
+        logger.log(
+            logging.INFO if rule == "not_dicom" else logging.WARNING,
+            "Refused %d %s: %s",
+            files,
+            "file" if files == 1 else "files",
+            reason,
         )
