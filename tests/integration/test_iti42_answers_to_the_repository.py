@@ -9,21 +9,20 @@ passes straight through unless a case answers it too."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import requests
 from lxml import etree
 from sqlalchemy import select
-from werkzeug.serving import make_server
-from werkzeug.wrappers import Request, Response
+from werkzeug.wrappers import Response
 
 from tests.integration.conftest import PATIENT
+from tests.integration.registry_relay import Answer, ScriptedRelay
 from xdsi import ns, wire
+from xdsi.actors.consumer import retrieve_request
 from xdsi.actors.document_source import DocumentSource
 from xdsi.actors.provide import SubmitError
 from xdsi.app import Node
@@ -34,12 +33,8 @@ from xdsi.hl7.mllp import send_message
 from xdsi.metadata.responses import RegistryError, ResponseStatus, registry_response
 from xdsi.store.schema import repository_document
 
-ITI_42 = "urn:ihe:iti:2007:RegisterDocumentSet-b"
 ITI_42_RESPONSE = "urn:ihe:iti:2007:RegisterDocumentSet-bResponse"
-ITI_18 = "urn:ihe:iti:2007:RegistryStoredQuery"
 ITI_43 = "urn:ihe:iti:2007:RetrieveDocumentSet"
-
-Answer = Callable[[], Response]
 
 
 def _soap(body: etree._Element, action: str = ITI_42_RESPONSE) -> Response:
@@ -89,53 +84,6 @@ def _object_refs_only() -> Response:
 
 
 @dataclass
-class ScriptedRelay:
-    """An HTTP relay in front of the registry that answers as told."""
-
-    target: str = ""
-    forward: bool = True
-    answer: Answer | None = None
-    query_answer: Answer | None = None
-    _server: object = field(init=False)
-
-    def __post_init__(self) -> None:
-        self._server = make_server("127.0.0.1", 0, self._app, threaded=True)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_port}/registry"
-
-    def _app(self, environ, start_response):  # type: ignore[no-untyped-def]
-        request = Request(environ)
-        body = request.get_data()
-        content_type = request.headers.get("Content-Type", "")
-        if ITI_42 in content_type:
-            forwarded = self._forward(body, content_type) if self.forward else None
-            answer = self.answer() if self.answer else forwarded
-        elif self.query_answer is not None and ITI_18 in content_type:
-            answer = self.query_answer()
-        else:
-            answer = self._forward(body, content_type)
-        assert answer is not None
-        return answer(environ, start_response)
-
-    def _forward(self, body: bytes, content_type: str) -> Response:
-        answer = requests.post(
-            self.target, data=body, headers={"Content-Type": content_type}, timeout=60
-        )
-        return Response(
-            answer.content,
-            status=answer.status_code,
-            content_type=answer.headers.get("Content-Type"),
-        )
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
-@dataclass
 class RelayedNode:
     node: Node
     settings: Settings
@@ -151,14 +99,10 @@ class RelayedNode:
             ]
 
     def retrieved(self, unique_id: str, spool: Path) -> bytes | None:
-        request = etree.Element(
-            f"{{{ns.XDSB}}}RetrieveDocumentSetRequest", nsmap={"xdsb": ns.XDSB}
+        """The document ITI-43 returns, None when it returns none."""
+        request = retrieve_request(
+            self.settings.repository.repository_unique_id, unique_id
         )
-        item = etree.SubElement(request, f"{{{ns.XDSB}}}DocumentRequest")
-        etree.SubElement(
-            item, f"{{{ns.XDSB}}}RepositoryUniqueId"
-        ).text = self.settings.repository.repository_unique_id
-        etree.SubElement(item, f"{{{ns.XDSB}}}DocumentUniqueId").text = unique_id
         spool.mkdir(parents=True, exist_ok=True)
         client = wire.SoapClient(self.settings.url("repository"), spool_dir=spool)
         with client.call(ITI_43, request) as reply:
@@ -221,7 +165,7 @@ def test_an_answer_that_does_not_say_is_checked_with_the_registry(
     """The registry registered the submission, but answered neither Success
     nor Failure: asked, it holds the document, so the submission succeeds
     and the document is retrievable."""
-    relayed.relay.answer = answer
+    relayed.relay.iti42 = answer
     document, unique_id, errors = _submit(relayed, tmp_path)
     assert errors == [] and unique_id is not None
     assert relayed.rows() == [(unique_id, "stored")]
@@ -239,8 +183,8 @@ def test_an_answer_that_does_not_say_keeps_an_unregistered_document_pending(
     """The registry never got the submission and answered neither Success
     nor Failure: the document stays pending, not retrievable, the answer is
     XDSRegistryNotAvailable, and the sweep removes it."""
-    relayed.relay.forward = False
-    relayed.relay.answer = answer
+    relayed.relay.passes_iti42 = False
+    relayed.relay.iti42 = answer
     _, unique_id, errors = _submit(relayed, tmp_path)
     assert unique_id is None
     assert [e.code for e in errors] == ["XDSRegistryNotAvailable"]
@@ -277,8 +221,8 @@ def test_a_refusal_leaves_nothing(
 ) -> None:
     """Failure, whatever the severity of its RegistryErrors, and a Sender
     Fault are refusals: the repository keeps nothing."""
-    relayed.relay.forward = False
-    relayed.relay.answer = answer
+    relayed.relay.passes_iti42 = False
+    relayed.relay.iti42 = answer
     _, unique_id, errors = _submit(relayed, tmp_path)
     assert unique_id is None
     assert code in [e.code for e in errors]
@@ -291,9 +235,9 @@ def test_a_getdocuments_answer_without_leafclass_settles_nothing(
     """A registry that answers GetDocuments with ObjectRefs only, though
     LeafClass was asked, has not said it lacks the document: the pending
     document is neither confirmed nor removed."""
-    relayed.relay.forward = False
-    relayed.relay.answer = _other_element
-    relayed.relay.query_answer = _object_refs_only
+    relayed.relay.passes_iti42 = False
+    relayed.relay.iti42 = _other_element
+    relayed.relay.iti18 = _object_refs_only
     _, unique_id, _ = _submit(relayed, tmp_path)
     assert unique_id is None
     assert relayed.node.services.repository.sweep_pending(timedelta(0)) == 0

@@ -11,19 +11,18 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import requests
 from lxml import etree
 from sqlalchemy import func, select
-from werkzeug.serving import make_server
-from werkzeug.wrappers import Request, Response
 
 from tests.integration.conftest import PATIENT
 from tests.integration.node_process import NodeProcess, node_settings
+from tests.integration.registry_relay import HoldingRelay
 from xdsi import ns, wire
 from xdsi.actors.document_source import DocumentSource
 from xdsi.actors.provide import SubmitError
@@ -100,62 +99,6 @@ def test_peak_rss_does_not_grow_with_document_size(tmp_path: Path):
     small = _peak_rss_for(10 * MB, tmp_path)
     big = _peak_rss_for(1024 * MB, tmp_path)
     assert big <= 1.2 * small, (small, big)
-
-
-ITI_42 = "urn:ihe:iti:2007:RegisterDocumentSet-b"
-
-
-class HoldingRelay:
-    """An HTTP relay to the registry that holds ITI-42.
-
-    An ITI-42 is held until released, then answered 503. Without
-    ``forward_first`` it never reaches the registry; with it the registry
-    gets it at once and only its answer is lost. Every other request
-    (ITI-18) passes straight through.
-    """
-
-    def __init__(self) -> None:
-        self.target = ""
-        self.forward_first = False
-        self.arrived = threading.Event()
-        self.release = threading.Event()
-        self._server = make_server("127.0.0.1", 0, self._app, threaded=True)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_port}/registry"
-
-    def _app(self, environ, start_response):  # type: ignore[no-untyped-def]
-        request = Request(environ)
-        body = request.get_data()
-        content_type = request.headers.get("Content-Type", "")
-        if ITI_42 not in content_type:
-            return self._forward(body, content_type)(environ, start_response)
-        if self.forward_first:
-            self._forward(body, content_type)
-        self.arrived.set()
-        self.release.wait(60)
-        return Response("held", status=503)(environ, start_response)
-
-    def _forward(self, body: bytes, content_type: str) -> Response:
-        answer = requests.post(
-            self.target,
-            data=body,
-            headers={"Content-Type": content_type},
-            timeout=60,
-        )
-        return Response(
-            answer.content,
-            status=answer.status_code,
-            content_type=answer.headers.get("Content-Type"),
-        )
-
-    def close(self) -> None:
-        self.release.set()
-        self._server.shutdown()
-        self._server.server_close()
 
 
 @pytest.fixture
@@ -271,13 +214,10 @@ def test_a_killed_submission_is_settled_at_restart(
         restarted.stop()
 
 
-def test_an_unanswered_registration_the_registry_holds_succeeds(
-    tmp_path: Path, relay: HoldingRelay
-):
-    """ITI TF-2 3.42.4.1.3: the registry registered the submission, but its
-    answer never came back within ``[repository] registry_timeout``. The
-    repository asks the registry, finds every document and answers Success;
-    the document is retrievable, not orphaned."""
+@contextmanager
+def _behind(relay: HoldingRelay, tmp_path: Path) -> Iterator[Settings]:
+    """A node whose ITI-42 goes through ``relay`` and waits 1 s for an
+    answer; the patient is fed. Yields its settings."""
     settings = node_settings(
         tmp_path / "node", registry_url=relay.url, registry_timeout=1.0
     )
@@ -285,8 +225,21 @@ def test_an_unanswered_registration_the_registry_holds_succeeds(
     try:
         effective = node.effective(settings)
         relay.target = effective.url("registry")
-        relay.forward_first = True
         _feed(effective)
+        yield effective
+    finally:
+        node.stop()
+
+
+def test_an_unanswered_registration_the_registry_holds_succeeds(
+    tmp_path: Path, relay: HoldingRelay
+):
+    """ITI TF-2 3.42.4.1.3: the registry registered the submission, but its
+    answer never came back within ``[repository] registry_timeout``. The
+    repository asks the registry, finds every document and answers Success;
+    the document is retrievable, not orphaned."""
+    relay.forward_first = True
+    with _behind(relay, tmp_path) as effective:
         document = tmp_path / "report.txt"
         document.write_bytes(b"registered, answer lost\n" * 1000)
         submitted = DocumentSource(effective, tmp_path / "spool").submit(
@@ -298,8 +251,6 @@ def test_an_unanswered_registration_the_registry_holds_succeeds(
         spool = tmp_path / "retrieved"
         spool.mkdir()
         _assert_retrieved(effective, unique_id, document, spool)
-    finally:
-        node.stop()
 
 
 def test_an_unanswered_registration_the_registry_lacks_stays_pending(
@@ -310,14 +261,7 @@ def test_an_unanswered_registration_the_registry_lacks_stays_pending(
     fails as XDSRegistryNotAvailable and the document is kept pending, not
     retrievable. A sweep past ``pending_sweep_age`` asks again and, the
     registry still without it, removes it."""
-    settings = node_settings(
-        tmp_path / "node", registry_url=relay.url, registry_timeout=1.0
-    )
-    node = NodeProcess.start(settings, tmp_path / "xdsi.toml")
-    try:
-        effective = node.effective(settings)
-        relay.target = effective.url("registry")
-        _feed(effective)
+    with _behind(relay, tmp_path) as effective:
         document = tmp_path / "report.txt"
         document.write_bytes(b"never registered\n" * 1000)
         with pytest.raises(SubmitError) as failed:
@@ -337,5 +281,3 @@ def test_an_unanswered_registration_the_registry_lacks_stays_pending(
         finally:
             services.engine.dispose()
         assert _pending(effective) == (0, [])
-    finally:
-        node.stop()

@@ -297,13 +297,7 @@ def _without_conflicts(result: ScanResult) -> ScanResult:
             if len(left) == len(one.instances):
                 series.append(one)
             elif left:
-                series.append(
-                    replace(
-                        one,
-                        instances=tuple(left),
-                        last_acquisition_datetime=_last_acquisition(left),
-                    )
-                )
+                series.append(_holding(one, left))
         if series:
             studies.append(replace(study, series=tuple(series)))
     return ScanResult(studies=tuple(studies), rejected=tuple(rejected))
@@ -350,13 +344,7 @@ def _joined(first: ScanResult, second: ScanResult) -> ScanResult:
                 else:
                     fresh.append(instance)
             if fresh:
-                series.append(
-                    replace(
-                        one,
-                        instances=tuple(fresh),
-                        last_acquisition_datetime=_last_acquisition(fresh),
-                    )
-                )
+                series.append(_holding(one, fresh))
         if not series:
             continue
         earlier = studies.get(study.study_instance_uid)
@@ -370,11 +358,7 @@ def _joined(first: ScanResult, second: ScanResult) -> ScanResult:
                 by_uid[one.series_instance_uid] = one
                 continue
             instances = sorted(held.instances + one.instances, key=_instance_order)
-            by_uid[one.series_instance_uid] = replace(
-                held,
-                instances=tuple(instances),
-                last_acquisition_datetime=_last_acquisition(instances),
-            )
+            by_uid[one.series_instance_uid] = _holding(held, instances)
         studies[study.study_instance_uid] = replace(
             earlier, series=tuple(sorted(by_uid.values(), key=_series_order))
         )
@@ -382,6 +366,15 @@ def _joined(first: ScanResult, second: ScanResult) -> ScanResult:
     return ScanResult(
         studies=tuple(studies[uid] for uid in sorted(studies)),
         rejected=tuple(rejected),
+    )
+
+
+def _holding(series: Series, instances: list[InstanceHeader]) -> Series:
+    """``series`` with these instances, its last acquisition theirs."""
+    return replace(
+        series,
+        instances=tuple(instances),
+        last_acquisition_datetime=_last_acquisition(instances),
     )
 
 
