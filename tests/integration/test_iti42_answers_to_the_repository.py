@@ -229,6 +229,30 @@ def test_a_refusal_leaves_nothing(
     assert relayed.rows() == []
 
 
+def test_a_registry_response_sent_with_an_error_status_is_read(
+    relayed: RelayedNode, tmp_path: Path
+) -> None:
+    """A RegistryResponse of status Failure sent with HTTP 500 (SOAP 1.2
+    Part 2 7.5.1.2 wants 200) is still the registry's refusal: its own
+    error code reaches the Source, and nothing is kept."""
+    relayed.relay.passes_iti42 = False
+    refusal = _response(
+        ResponseStatus.FAILURE,
+        [RegistryError("XDSPatientIdDoesNotMatch", "not this patient")],
+    )
+
+    def with_500() -> Response:
+        answer = refusal()
+        answer.status_code = 500
+        return answer
+
+    relayed.relay.iti42 = with_500
+    _, unique_id, errors = _submit(relayed, tmp_path)
+    assert unique_id is None
+    assert [e.code for e in errors] == ["XDSPatientIdDoesNotMatch"]
+    assert relayed.rows() == []
+
+
 def test_a_getdocuments_answer_without_leafclass_settles_nothing(
     relayed: RelayedNode, tmp_path: Path
 ) -> None:

@@ -69,6 +69,7 @@ STORED = "stored"
 
 # uniqueIds asked of the registry in one GetDocuments.
 QUERY_BATCH = 100
+RESPONSE = f"{{{ns.RS}}}RegistryResponse"
 
 
 class Registration(Enum):
@@ -580,17 +581,22 @@ class Repository:
                 [RegistryNotAvailable(f"the Document Registry answered a Fault: {exc}")]
             )
         except wire.TransportError as exc:
-            if exc.unsent:
-                outcome = Registration.REFUSED
             logger.warning("ITI-42 to the Document Registry failed: %s", exc)
-            # The registry's address is the repository's own business.
-            errors = _errors(
-                [
-                    RegistryNotAvailable(
-                        f"the Document Registry did not answer ITI-42: {exc.reason}"
-                    )
-                ]
-            )
+            if exc.answer is not None and exc.answer.tag == RESPONSE:
+                # A RegistryResponse says what it says, whatever the HTTP
+                # status it came with.
+                outcome, errors = _registry_answer(exc.answer)
+            else:
+                if exc.unsent:
+                    outcome = Registration.REFUSED
+                # The registry's address is the repository's own business.
+                errors = _errors(
+                    [
+                        RegistryNotAvailable(
+                            "the Document Registry did not answer ITI-42: " + exc.reason
+                        )
+                    ]
+                )
         finally:
             # ITI TF-2 3.42.5.1: the repository audits its ITI-42 as Export.
             self.auditor.record(
@@ -812,7 +818,7 @@ def _registry_answer(body: etree._Element) -> tuple[Registration, list[RegistryE
     on as warnings); Failure refuses, with an error even when the registry
     gave none. Any other answer says nothing of what the registry did.
     """
-    if body.tag != f"{{{ns.RS}}}RegistryResponse":
+    if body.tag != RESPONSE:
         return Registration.UNHEARD, _errors(
             [
                 RegistryNotAvailable(

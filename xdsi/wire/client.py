@@ -150,7 +150,10 @@ class SoapClient:
             if not 200 <= status < 300:
                 message.close()
                 raise TransportError(
-                    "a non-Fault SOAP answer with an error status", self.url, status
+                    "a non-Fault SOAP answer with an error status",
+                    self.url,
+                    status,
+                    answer=message.body,
                 )
             outcome = f"{message.action}, {len(message.attachments)} attachments"
             return message

@@ -240,16 +240,25 @@ class TransportError(WireError):
 
     ``unsent`` is true only when no connection was made, so the request
     surely never reached the peer; otherwise the peer may have acted on it.
+    ``answer`` is the SOAP Body's element of an answer that was SOAP all the
+    same (sent with an error status, say), for a caller that can read it.
     """
 
     def __init__(
-        self, message: str, url: str, status: int | None = None, *, unsent: bool = False
+        self,
+        message: str,
+        url: str,
+        status: int | None = None,
+        *,
+        unsent: bool = False,
+        answer: _Element | None = None,
     ) -> None:
         shown = f"HTTP {status}" if status is not None else "no HTTP status"
         super().__init__(f"{url} ({shown}): {message}")
         self.url = url
         self.status = status
         self.unsent = unsent
+        self.answer = answer
         # What went wrong, without the peer's address.
         self.reason = message
 
