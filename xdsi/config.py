@@ -103,6 +103,7 @@ class RegistrySettings:
 
 # The longest a repository waits for the registry's answer, and the oldest a
 # pending document may grow before it is settled, in seconds.
+MIN_TIMEOUT = 0.1
 MAX_TIMEOUT = 86400.0
 MAX_SWEEP_AGE = 30 * 86400
 
@@ -141,15 +142,15 @@ class RepositorySettings:
             )
         if not (
             math.isfinite(self.registry_timeout)
-            and 0 < self.registry_timeout <= MAX_TIMEOUT
+            and MIN_TIMEOUT <= self.registry_timeout <= MAX_TIMEOUT
         ):
             raise ConfigError(
-                "[repository] registry_timeout must be more than 0 and at most "
+                f"[repository] registry_timeout must be {MIN_TIMEOUT} to "
                 f"{MAX_TIMEOUT:.0f} seconds"
             )
-        if not 0 <= self.pending_sweep_age <= MAX_SWEEP_AGE:
+        if not 1 <= self.pending_sweep_age <= MAX_SWEEP_AGE:
             raise ConfigError(
-                f"[repository] pending_sweep_age must be 0 to {MAX_SWEEP_AGE} seconds"
+                f"[repository] pending_sweep_age must be 1 to {MAX_SWEEP_AGE} seconds"
             )
         if self.pending_sweep_age <= self.registry_timeout:
             raise ConfigError(

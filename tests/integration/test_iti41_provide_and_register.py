@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import datetime
 
 import pytest
@@ -223,6 +224,69 @@ def test_sweep_keeps_a_pending_document_only_as_the_registry_holds_it(
         (document,) = reply.body.findall(f"{{{ns.XDSB}}}DocumentResponse")
         attachment = wire.attachment_for(document.find(f"{{{ns.XDSB}}}Document"), reply)
         assert attachment.read_bytes() == documents["1.2.3.4.5.61"]
+
+
+def test_a_document_the_registry_cannot_be_asked_about_holds_up_no_other(
+    running_node: RunningNode,
+):
+    """A pending document whose uniqueId is too long to quote in a
+    rim:Value (ebRIM LongName, 256 characters) cannot be asked about: it
+    stays pending, and the sweep still settles the others."""
+    running_node.feed()
+    url = running_node.settings.url("repository")
+    data = b"registered, unheard" * 100
+    request = pnr_request("1.2.3.4.5.71", data, submission_set_uid="1.2.3.4.6.71")
+    assert read_status(provide(url, request, data)).endswith("Success")
+    long_id = "1.2.3." + "9" * 250
+    repository = running_node.services.repository
+    blob = repository.blobs.put_bytes(f"{long_id}\nunheard", b"unheard")
+    with running_node.services.engine.begin() as conn:
+        conn.execute(
+            repository_document.update().values(
+                state="pending", created_at=datetime(2020, 1, 1)
+            )
+        )
+        conn.execute(
+            repository_document.insert().values(
+                unique_id=long_id,
+                mime_type="text/plain",
+                size=7,
+                sha1="0" * 40,
+                state="pending",
+                blob=blob,
+                created_at=datetime(2020, 1, 1),
+            )
+        )
+
+    assert repository.sweep_pending() == 1
+    with running_node.services.engine.connect() as conn:
+        states = dict(
+            conn.execute(
+                select(repository_document.c.unique_id, repository_document.c.state)
+            ).all()
+        )
+    assert states == {"1.2.3.4.5.71": "stored", long_id: "pending"}
+
+
+def test_a_removal_never_takes_a_document_confirmed_meanwhile(
+    running_node: RunningNode,
+):
+    """A sweep that found a document pending, then asks to remove it after
+    its submission confirmed it, removes nothing: removal claims only
+    pending rows."""
+    running_node.feed()
+    url = running_node.settings.url("repository")
+    data = b"confirmed while the sweep was asking" * 100
+    request = pnr_request("1.2.3.4.5.72", data, submission_set_uid="1.2.3.4.6.72")
+    assert read_status(provide(url, request, data)).endswith("Success")
+    repository = running_node.services.repository
+    held = repository.find("1.2.3.4.5.72")
+    assert held is not None and held.state == "stored"
+
+    repository._remove([replace(held, state="pending")])
+
+    assert repository.find("1.2.3.4.5.72") == held
+    assert repository.blobs.path(held.blob).read_bytes() == data
 
 
 def test_a_fresh_pending_document_is_left_to_its_submission(running_node: RunningNode):

@@ -63,6 +63,12 @@ def _fault(fault: wire.SoapFault) -> Answer:
     return answer
 
 
+class _GatewayFault(wire.SoapFault):
+    """A Fault with a code SOAP 1.2 does not define, as a gateway might send."""
+
+    code = "s11:Server"
+
+
 def _other_element() -> Response:
     return _soap(
         etree.Element(
@@ -155,9 +161,16 @@ def _submit(node: RelayedNode, tmp_path: Path) -> tuple[Path, str | None, list]:
         _response(ResponseStatus.PARTIAL_SUCCESS),
         _response("Success"),
         _fault(wire.ReceiverFault("the registry failed after its commit")),
+        _fault(_GatewayFault("gateway timeout")),
         _other_element,
     ],
-    ids=["partial-success", "status-not-a-urn", "receiver-fault", "other-element"],
+    ids=[
+        "partial-success",
+        "status-not-a-urn",
+        "receiver-fault",
+        "fault-of-another-code",
+        "other-element",
+    ],
 )
 def test_an_answer_that_does_not_say_is_checked_with_the_registry(
     relayed: RelayedNode, tmp_path: Path, answer: Answer

@@ -309,11 +309,12 @@ def test_to_toml_names_every_imaging_endpoint() -> None:
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ("registry_timeout = 0", "registry_timeout must be more than 0"),
-        ("registry_timeout = nan", "registry_timeout must be more than 0"),
-        ("registry_timeout = inf", "registry_timeout must be more than 0"),
-        ("pending_sweep_age = -1", "pending_sweep_age must be 0 to"),
-        ("pending_sweep_age = 100000000000000000", "pending_sweep_age must be 0 to"),
+        ("registry_timeout = 0", "registry_timeout must be 0.1 to"),
+        ("registry_timeout = 1e-300", "registry_timeout must be 0.1 to"),
+        ("registry_timeout = nan", "registry_timeout must be 0.1 to"),
+        ("registry_timeout = inf", "registry_timeout must be 0.1 to"),
+        ("pending_sweep_age = 0", "pending_sweep_age must be 1 to"),
+        ("pending_sweep_age = 100000000000000000", "pending_sweep_age must be 1 to"),
         (
             "registry_timeout = 300\npending_sweep_age = 300",
             "pending_sweep_age must exceed registry_timeout",

@@ -55,6 +55,7 @@ from xdsi.metadata.responses import (
     registry_response,
     status_of,
 )
+from xdsi.metadata.stored_query import VALUE_LENGTH
 from xdsi.store.blobs import Blobs
 from xdsi.store.schema import repository_document
 from xdsi.wire.mtom import StreamSource
@@ -66,6 +67,8 @@ ACTOR = "repository"
 
 PENDING = "pending"
 STORED = "stored"
+# Claimed for removal: its blob goes, then its row.
+REMOVING = "removing"
 
 # uniqueIds asked of the registry in one GetDocuments.
 QUERY_BATCH = 100
@@ -125,98 +128,126 @@ class Repository:
         others removed. Rows younger than ``older_than`` may belong to a
         submission still under way, or to an ITI-42 the registry is still
         working on, and are left alone (``[repository] pending_sweep_age``).
-        When the registry cannot be asked, nothing is settled. Returns how
-        many documents were.
+        What the registry cannot be asked about stays pending. Returns how
+        many documents were settled.
         """
         # Aware: PostgreSQL reads a naive time in its session time zone.
         cutoff = datetime.now(UTC) - older_than
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(repository_document).where(
-                    repository_document.c.state == PENDING,
+                    repository_document.c.state.in_((PENDING, REMOVING)),
                     repository_document.c.created_at < cutoff,
                 )
             ).all()
-        stale = [
+        found = [
             StoredDocument(
                 r.unique_id, r.mime_type, r.size, r.sha1, r.blob, r.patient_id, r.state
             )
             for r in rows
         ]
+        # Documents whose removal was claimed and not finished go now.
+        self._remove([r for r in found if r.state == REMOVING])
+        stale = [r for r in found if r.state == PENDING]
         if not stale:
             return 0
-        try:
-            held = self._registered({r.unique_id for r in stale})
-        except RegistryUnreachable as exc:
-            logger.warning(
-                "%d documents stay pending: the Document Registry could not be "
-                "asked whether it holds them (%s)",
-                len(stale),
-                exc,
-            )
-            return 0
-        registered = [r for r in stale if held.get(r.unique_id) == r.sha1]
-        self._confirm(registered)
-        self._remove([r for r in stale if r not in registered])
-        if registered:
+        answered = self._registered({r.unique_id for r in stale})
+        registered = [r for r in stale if answered.get(r.unique_id) == r.sha1]
+        unregistered = [
+            r for r in stale if r.unique_id in answered and r not in registered
+        ]
+        confirmed = [r for r in registered if r not in self._confirm(registered)]
+        self._remove(unregistered)
+        if confirmed:
             logger.warning(
                 "%d pending documents were registered, unheard: now retrievable",
-                len(registered),
+                len(confirmed),
             )
-        if len(registered) < len(stale):
+        if unregistered:
             logger.warning(
                 "removed %d documents left pending by unfinished submissions",
-                len(stale) - len(registered),
+                len(unregistered),
             )
-        return len(stale)
+        return len(registered) + len(unregistered)
 
-    def _registered(self, unique_ids: set[str]) -> dict[str, str]:
-        """The DocumentEntries among ``unique_ids`` that the Document
-        Registry holds for this repository, whatever their status (ITI TF-2
-        3.18.4.1.2.3.7.5 GetDocuments), asked as a Document Consumer: their
-        hash by uniqueId, so that a caller knows the entry is of the bytes it
-        holds.
+    def _registered(self, unique_ids: set[str]) -> dict[str, str | None]:
+        """Ask the Document Registry which of ``unique_ids`` it holds for
+        this repository, whatever their status (ITI TF-2 3.18.4.1.2.3.7.5
+        GetDocuments, LeafClass), as a Document Consumer.
+
+        Returns, for each uniqueId the registry answered about, the hash of
+        its entry, or None when it holds none for this repository. A
+        uniqueId it could not be asked about (its batch failed, or it is too
+        long to quote in a rim:Value) is left out: nothing is known of it.
 
         Limitation: ITI-18 is sent to the registry's ITI-42 endpoint
         (``[repository] registry_url``), as one URL serves both here.
+        Limitation: a uniqueId too long to quote in a rim:Value (ebRIM
+        LongName) is never asked about, so its pending document stays
+        pending until removed by hand.
+        """
+        consumer = Consumer(self.settings, self.auditor, self.blobs.spool)
+        answered: dict[str, str | None] = {}
+        askable = sorted(
+            u
+            for u in unique_ids
+            if len(stored_query.quote_value(u)) + 2 <= VALUE_LENGTH
+        )
+        if len(askable) < len(unique_ids):
+            logger.warning(
+                "%d pending documents have a uniqueId too long to ask the "
+                "Document Registry about; they stay pending",
+                len(unique_ids) - len(askable),
+            )
+        for start in range(0, len(askable), QUERY_BATCH):
+            batch = askable[start : start + QUERY_BATCH]
+            try:
+                answered.update(self._ask(consumer, batch))
+            except RegistryUnreachable as exc:
+                logger.warning(
+                    "the Document Registry could not be asked about %d pending "
+                    "documents: %s",
+                    len(batch),
+                    exc,
+                )
+        return answered
+
+    def _ask(self, consumer: Consumer, unique_ids: list[str]) -> dict[str, str | None]:
+        """One GetDocuments for ``unique_ids``; see :meth:`_registered`.
 
         Raises
         ------
         RegistryUnreachable
-            The query failed.
+            The query failed, or its answer is no LeafClass list.
         """
-        consumer = Consumer(self.settings, self.auditor, self.blobs.spool)
-        held: dict[str, str] = {}
-        wanted = sorted(unique_ids)
-        for start in range(0, len(wanted), QUERY_BATCH):
-            request = stored_query.build_query(
-                "GetDocuments",
-                {"$XDSDocumentEntryUniqueId": wanted[start : start + QUERY_BATCH]},
+        request = stored_query.build_query(
+            "GetDocuments", {"$XDSDocumentEntryUniqueId": unique_ids}
+        )
+        try:
+            body = consumer.query(self.settings.registry_url, request)
+        except ConsumerError as exc:
+            raise RegistryUnreachable(str(exc)) from exc
+        # Only a LeafClass answer says which entries the registry holds;
+        # another answer is no "none" to remove documents on.
+        objects = body.find(f"{{{ns.RIM}}}RegistryObjectList")
+        if (
+            body.tag != f"{{{ns.QUERY}}}AdhocQueryResponse"
+            or objects is None
+            or (
+                objects.find(f"{{{ns.RIM}}}ObjectRef") is not None
+                and objects.find(f"{{{ns.RIM}}}ExtrinsicObject") is None
             )
-            try:
-                body = consumer.query(self.settings.registry_url, request)
-            except ConsumerError as exc:
-                raise RegistryUnreachable(str(exc)) from exc
-            # Only a LeafClass answer says which entries the registry holds;
-            # another answer is no "none" to remove documents on.
-            objects = body.find(f"{{{ns.RIM}}}RegistryObjectList")
-            if (
-                body.tag != f"{{{ns.QUERY}}}AdhocQueryResponse"
-                or objects is None
-                or (
-                    objects.find(f"{{{ns.RIM}}}ObjectRef") is not None
-                    and objects.find(f"{{{ns.RIM}}}ExtrinsicObject") is None
-                )
-            ):
-                raise RegistryUnreachable(
-                    "the Document Registry answered GetDocuments with no "
-                    "LeafClass RegistryObjectList"
-                )
-            for entry in ebrim.read_registry_objects(body).document_entries:
-                ours = entry.slot("repositoryUniqueId") == self.repository_unique_id
-                if ours and entry.unique_id in unique_ids:
-                    held[entry.unique_id] = (entry.slot("hash") or "").lower()
-        return held
+        ):
+            raise RegistryUnreachable(
+                "the Document Registry answered GetDocuments with no LeafClass "
+                "RegistryObjectList"
+            )
+        answered: dict[str, str | None] = dict.fromkeys(unique_ids)
+        for entry in ebrim.read_registry_objects(body).document_entries:
+            ours = entry.slot("repositoryUniqueId") == self.repository_unique_id
+            if ours and entry.unique_id in answered:
+                answered[entry.unique_id] = (entry.slot("hash") or "").lower()
+        return answered
 
     # --- ITI-41 / RAD-68 ------------------------------------------------
 
@@ -324,10 +355,7 @@ class Repository:
         """
         if not stored:
             return errors
-        try:
-            held = self._registered({record.unique_id for record in stored})
-        except RegistryUnreachable:
-            held = {}
+        held = self._registered({record.unique_id for record in stored})
         if all(held.get(record.unique_id) == record.sha1 for record in stored):
             logger.warning(
                 "ITI-42 went unanswered, but the Document Registry holds the "
@@ -409,13 +437,14 @@ class Repository:
                     raise
                 if held is None:
                     continue
-            if held.state == PENDING:
+            if held.state != STORED:
                 age = self.settings.repository.pending_sweep_age
                 errors.append(
                     DuplicateUniqueIdInRegistry(
                         f"document {unique_id} is pending: another submission of "
                         "it is under way, or went unanswered by the registry and "
-                        f"is settled within {age} s of it; submit again after that",
+                        f"is settled once {age} s old, when the registry can be "
+                        "asked about it; submit again after that",
                         unique_id,
                     )
                 )
@@ -476,11 +505,29 @@ class Repository:
     def _remove(self, stored: list[StoredDocument]) -> None:
         """Remove what this submission stored, and nothing else.
 
-        Each blob goes before its row: a blob the store fails to delete
-        keeps its pending row, which the next sweep retries.
+        Each row is first claimed for removal, from pending to removing, so
+        that a document confirmed meanwhile (by its submission, or by a
+        sweep in another process) is never removed, nor one removed
+        confirmed. Then its blob goes, then its row: a blob the store fails
+        to delete keeps its row, which the next sweep retries.
         """
+        column = repository_document.c
+        claimed = []
+        with self.engine.begin() as conn:
+            for record in stored:
+                changed = conn.execute(
+                    update(repository_document)
+                    .where(
+                        column.unique_id == record.unique_id,
+                        column.blob == record.blob,
+                        column.state.in_((PENDING, REMOVING)),
+                    )
+                    .values(state=REMOVING)
+                )
+                if changed.rowcount == 1:
+                    claimed.append(record)
         removed = []
-        for record in stored:
+        for record in claimed:
             try:
                 self.blobs.delete(record.blob)
             except Exception:
@@ -496,8 +543,9 @@ class Repository:
             for record in removed:
                 conn.execute(
                     delete(repository_document).where(
-                        repository_document.c.unique_id == record.unique_id,
-                        repository_document.c.blob == record.blob,
+                        column.unique_id == record.unique_id,
+                        column.blob == record.blob,
+                        column.state == REMOVING,
                     )
                 )
 
@@ -512,6 +560,7 @@ class Repository:
                     .where(
                         repository_document.c.unique_id == record.unique_id,
                         repository_document.c.blob == record.blob,
+                        repository_document.c.state == PENDING,
                     )
                     .values(state=STORED)
                 )
@@ -574,11 +623,20 @@ class Repository:
                 message_id = reply.relates_to
                 outcome, errors = _registry_answer(reply.body)
         except wire.PeerFault as exc:
-            if exc.code != "env:Receiver":
+            # SOAP 1.2 Part 1 5.4.6: a Sender Fault says the message was at
+            # fault, so nothing was done; any other may come after a commit.
+            if exc.code == "env:Sender":
                 outcome = Registration.REFUSED
             logger.warning("ITI-42 to the Document Registry failed: %s", exc)
+            # Its codes, not its reason, which may tell of the registry's
+            # insides.
+            codes = " ".join((exc.code or "no code", *exc.subcodes))
             errors = _errors(
-                [RegistryNotAvailable(f"the Document Registry answered a Fault: {exc}")]
+                [
+                    RegistryNotAvailable(
+                        f"the Document Registry answered a Fault ({codes})"
+                    )
+                ]
             )
         except wire.TransportError as exc:
             logger.warning("ITI-42 to the Document Registry failed: %s", exc)

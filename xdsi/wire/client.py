@@ -7,6 +7,7 @@ anonymous wsa:ReplyTo) and ITI TF-2x Appendix V for the IHE transactions.
 
 import errno
 import logging
+import re
 import ssl
 import tempfile
 import time
@@ -27,6 +28,13 @@ from xdsi.wire.soap import SoapMessage, build_envelope
 logger = logging.getLogger(__name__)
 
 _E = TypeVar("_E", bound=BaseException)
+
+# OpenSSL's reasons for a TLS alert the peer sent about the handshake
+# (RFC 8446 6.2): it refused our certificate, or the session itself.
+_HANDSHAKE_ALERT = re.compile(
+    r"ALERT_(BAD_CERTIFICATE|UNSUPPORTED_CERTIFICATE|CERTIFICATE_\w+|UNKNOWN_CA"
+    r"|ACCESS_DENIED|HANDSHAKE_FAILURE|PROTOCOL_VERSION|INSUFFICIENT_SECURITY)"
+)
 
 # A connection made, then reset or broken by the peer before its answer.
 _BROKEN_OFF = {errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED}
@@ -190,9 +198,13 @@ class SoapClient:
                     unsent=True,
                 ) from exc
             failure = _in_chain(exc, ssl.SSLError)
+            if failure is None:
+                raise TransportError(str(exc), self.url) from exc
+            # An alert from the peer about the handshake (our certificate
+            # refused, no common version): it acted on no request.
+            alert = bool(_HANDSHAKE_ALERT.search(failure.reason or ""))
             raise TransportError(
-                f"TLS failed ({failure.reason or failure})" if failure else str(exc),
-                self.url,
+                f"TLS failed ({failure.reason or failure})", self.url, unsent=alert
             ) from exc
         except requests.exceptions.ConnectTimeout as exc:
             raise TransportError(
@@ -248,8 +260,15 @@ class SoapClient:
             requests.RequestException,
             OSError,
         ) as exc:
+            if _in_chain(exc, urllib3.exceptions.ReadTimeoutError) is not None:
+                why = f"nothing more came within {self.timeout:g} s"
+            elif (error := _os_error(exc)) is not None:
+                why = error.strerror
+            else:
+                # urllib3's own text names the peer's host and port.
+                why = type(exc).__name__
             raise TransportError(
-                f"the answer broke off: {exc}", self.url, response.status_code
+                f"the answer broke off ({why})", self.url, response.status_code
             ) from exc
 
 
