@@ -608,38 +608,25 @@ class Intake:
         return patient
 
     def _held(self, header: scan.InstanceHeader) -> bool:
-        """Whether the instance is held already.
+        """Whether an instance of this SOP Instance UID is held already.
 
-        An instance held in another transfer syntax is held (a lossless
-        re-encoding keeps the SOP Instance UID).
-
-        Raises
-        ------
-        check.Refused
-            One of its SOP Instance UID is held in the same transfer syntax
-            with another size: one of the two is not the instance (a copy
-            cut short, say), and the one held, maybe published, stays (DICOM
-            PS3.3 C.12.1.1.1).
+        One SOP Instance UID names one instance (DICOM PS3.3 C.12.1.1.1):
+        what is held is that instance, however the file now offered was
+        written (another File Meta, another transfer syntax, a re-encoded
+        data set), and the one held, maybe published, stays.
         """
-        # Limitation: other bytes of the same size pass for the same instance.
+        # Limitation: a copy with other content (cut short, edited) under the
+        # same SOP Instance UID passes for the instance held; the file sizes
+        # cannot tell it from the same instance written by another toolkit.
         with self.engine.connect() as conn:
-            held = conn.execute(
-                select(
-                    imaging_instance.c.size, imaging_instance.c.transfer_syntax_uid
-                ).where(imaging_instance.c.sop_instance_uid == header.sop_instance_uid)
-            ).first()
-        if held is None:
-            return False
-        if held.size == header.size:
-            return True
-        if held.transfer_syntax_uid != header.transfer_syntax_uid:
-            return True
-        raise check.Refused(
-            "held_otherwise",
-            f"instance {header.sop_instance_uid} is held already with other "
-            f"content ({header.size} bytes here, {held.size} held); remove it "
-            "first (xdsi remove) to replace it",
-        )
+            return (
+                conn.execute(
+                    select(imaging_instance.c.sop_instance_uid).where(
+                        imaging_instance.c.sop_instance_uid == header.sop_instance_uid
+                    )
+                ).first()
+                is not None
+            )
 
     def _duplicate(
         self, header: scan.InstanceHeader, path: Path, move: bool
