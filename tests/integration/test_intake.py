@@ -400,6 +400,34 @@ def test_a_held_instance_sent_again_in_another_file_is_held_already(
     assert again == kept and again.read_bytes() == data
 
 
+def test_two_intakes_of_one_instance_at_once_keep_the_first_whole(
+    intake_node: RunningNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two intakes of one SOP Instance UID that both found it not held yet
+    (two associations at once): the first stored is held, its file stays as
+    stored, and the second's copy goes."""
+    whole = shared_path("dicom", "study-mr", "images", "000001.dcm")
+    other = pydicom.dcmread(whole)
+    other.ImageComments = "another copy, written anew"
+    other.save_as(tmp_path / "other.dcm")
+    intake = intake_node.services.intake
+    intake.accept(whole)
+    (kept,) = _held(intake_node).values()
+    data = kept.read_bytes()
+    # The second found it not held: as if both checked before either stored.
+    monkeypatch.setattr(type(intake), "_held", lambda self, header: False)
+
+    second = intake.accept(tmp_path / "other.dcm")
+
+    assert second.duplicate
+    assert _held(intake_node) == {second.sop_instance_uid: kept}
+    assert kept.read_bytes() == data
+    store = intake_node.services.imaging_source.blobs.root
+    assert [p for p in store.rglob("*") if p.is_file() and ".spool" not in p.parts] == [
+        kept
+    ]
+
+
 def _stow_url(node: RunningNode) -> str:
     settings = node.settings
     return (

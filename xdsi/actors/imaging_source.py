@@ -26,6 +26,7 @@ from pathlib import Path
 from flask import Flask
 from lxml import etree
 from sqlalchemy import Engine, Row, delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from xdsi import audit, ns, tls, wire
 from xdsi.actors.consumer import Consumer, ConsumerError
@@ -153,6 +154,13 @@ def instance_row(
     }
 
 
+def blob_key(sop_instance_uid: str) -> str:
+    """A fresh key for a stored copy of an instance: each copy has a blob of
+    its own, so that two intakes of one instance, or a removal and a new
+    intake, never write or remove each other's file."""
+    return f"{sop_instance_uid}\n{uuid.uuid4()}"
+
+
 def copy_hashed(source: Path, target: Path) -> str:
     """Copy ``source`` to the new file ``target`` in one read; return the
     copy's SHA-256."""
@@ -223,15 +231,23 @@ class ImagingSource:
             raise PublishError(
                 f"cannot keep {header.path}: {exc.strerror or exc}; nothing kept"
             )
-        if kept:
-            with self.engine.begin() as conn:
-                conn.execute(
-                    insert(imaging_instance),
-                    [
-                        instance_row(header, blob, sha256, patient_id)
-                        for header, (blob, sha256) in zip(fresh, kept, strict=True)
-                    ],
-                )
+        rows = [
+            instance_row(header, blob, sha256, patient_id)
+            for header, (blob, sha256) in zip(fresh, kept, strict=True)
+        ]
+        try:
+            if rows:
+                with self.engine.begin() as conn:
+                    conn.execute(insert(imaging_instance), rows)
+        except IntegrityError:
+            # Another intake took some of them in meanwhile: row by row,
+            # and its copies are the ones held.
+            for row in rows:
+                try:
+                    with self.engine.begin() as conn:
+                        conn.execute(insert(imaging_instance), [row])
+                except IntegrityError:
+                    self.blobs.delete(str(row["blob"]))
         return sum(header.size for header in study.instances)
 
     def _keep(self, header: scan.InstanceHeader) -> tuple[str, str]:
@@ -248,7 +264,9 @@ class ImagingSource:
                     f"it changed since it was read ({size} bytes, "
                     f"{header.size} when read)"
                 )
-            return self.blobs.put_file(header.sop_instance_uid, spooled), sha256
+            return self.blobs.put_file(
+                blob_key(header.sop_instance_uid), spooled
+            ), sha256
         finally:
             spooled.unlink(missing_ok=True)
 

@@ -34,6 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from xdsi.actors.imaging_source import (
     ImagingSource,
     Published,
+    blob_key,
     instance_row,
     sha256_file,
 )
@@ -235,7 +236,11 @@ class Intake:
         anew = self.study_patient(header.study_instance_uid) is None
 
         try:
-            blob = self.blobs.put_file(header.sop_instance_uid, path, move=move)
+            # A blob of its own, so that two intakes of one instance at once
+            # never write, or remove, each other's file.
+            blob = self.blobs.put_file(
+                blob_key(header.sop_instance_uid), path, move=move
+            )
             digest = sha256_file(self.blobs.path(blob))
         except OSError as exc:
             raise check.Refused("storage", f"cannot store: {exc}") from exc
@@ -248,8 +253,9 @@ class Intake:
                 )
                 self._touch(conn, header.study_instance_uid, patient_id, given or anew)
         except IntegrityError:
-            # Another association stored the same instance meanwhile; the
-            # blob under the same key holds the same instance.
+            # Another intake stored the same instance meanwhile: its copy is
+            # the one held.
+            self.blobs.delete(blob)
             return self._duplicate(header, path, False)
         return Accepted(
             header.sop_class_uid,
