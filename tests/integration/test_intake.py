@@ -428,6 +428,43 @@ def test_two_intakes_of_one_instance_at_once_keep_the_first_whole(
     ]
 
 
+def test_an_instance_of_another_patient_is_not_taken_into_a_study(
+    intake_node: RunningNode, tmp_path: Path
+) -> None:
+    """DICOM PS3.3 C.7.2.1: a study is of one patient. An instance of the
+    study that names another patient, in the same folder or sent later by
+    C-STORE, is refused, so that it never reaches this patient's manifest;
+    the reason names neither patient."""
+    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:3]
+    folder = tmp_path / "cd"
+    folder.mkdir()
+    for n, path in enumerate(images):
+        shutil.copy(path, folder / f"{n}.dcm")
+    stranger = pydicom.dcmread(images[0])
+    original_patient = str(stranger.PatientID)
+    stranger.PatientID = "SOMEONE-ELSE"
+    stranger.SOPInstanceUID = stranger.file_meta.MediaStorageSOPInstanceUID = (
+        pydicom.uid.generate_uid()
+    )
+    stranger.save_as(folder / "9-stranger.dcm")
+
+    result = intake_node.services.intake.import_folder(folder)
+
+    ((path, refusal),) = result.refused
+    assert path == folder / "9-stranger.dcm" and refusal.rule == "other_patient"
+    assert "SOMEONE-ELSE" not in refusal.reason
+    assert original_patient not in refusal.reason
+    assert len(result.accepted) == 3
+
+    stranger.SOPInstanceUID = stranger.file_meta.MediaStorageSOPInstanceUID = (
+        pydicom.uid.generate_uid()
+    )
+    stranger.save_as(tmp_path / "sent.dcm")
+    sent = send_files([tmp_path / "sent.dcm"], _scp(intake_node), calling_ae_title="X")
+    assert sent.statuses[tmp_path / "sent.dcm"] == 0xC004
+    assert len(_held(intake_node)) == 3
+
+
 def _stow_url(node: RunningNode) -> str:
     settings = node.settings
     return (

@@ -26,7 +26,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
 from pydicom import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.fileset import FileSet
 from sqlalchemy import Connection, Row, and_, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -231,6 +233,7 @@ class Intake:
             self._refuse_other_patient(header.study_instance_uid, patient_id)
         if self._held(header):
             return self._duplicate(header, path, move)
+        self._refuse_mixed_patients(header, ds)
         # A study with nothing held and no current manifest (never taken in,
         # or emptied and withdrawn) starts anew, under this patient.
         anew = self.study_patient(header.study_instance_uid) is None
@@ -592,6 +595,41 @@ class Intake:
                 "it under this one",
             )
 
+    def _refuse_mixed_patients(self, header: scan.InstanceHeader, ds: Dataset) -> None:
+        """Refuse an instance whose Patient ID (and Issuer) differ from those
+        of its study's instances held already: a study is of one patient
+        (DICOM PS3.3 C.7.2.1, C.7.1.1), and another patient's images must
+        not reach this one's manifest. The reason names no patient."""
+        with self.engine.connect() as conn:
+            blob = conn.execute(
+                select(imaging_instance.c.blob)
+                .where(
+                    imaging_instance.c.study_instance_uid == header.study_instance_uid
+                )
+                .limit(1)
+            ).scalar()
+        if blob is None:
+            return
+        try:
+            held = pydicom.dcmread(
+                self.blobs.path(blob),
+                stop_before_pixels=True,
+                specific_tags=["PatientID", "IssuerOfPatientID"],
+            )
+        except (OSError, InvalidDicomError) as exc:
+            raise check.Refused(
+                "storage",
+                f"study {header.study_instance_uid} has a held instance that "
+                f"cannot be read ({exc}); its patient cannot be checked",
+            ) from exc
+        if _patient_of(held) != _patient_of(ds):
+            raise check.Refused(
+                "other_patient",
+                f"instance {header.sop_instance_uid} names another patient than "
+                f"the instances of study {header.study_instance_uid} held "
+                "already; a study is of one patient",
+            )
+
     def study_patient(self, study_instance_uid: str) -> str | None:
         """The patient a study is held under: None when it holds no instance
         and has no current manifest, since then it starts anew (taken in
@@ -719,6 +757,14 @@ def _files_of(folder: Path) -> Iterator[Path]:
             file = Path(root) / name
             if file.is_file() and not file.is_symlink():
                 yield file
+
+
+def _patient_of(ds: Dataset) -> tuple[str, str]:
+    """Patient ID (0010,0020) and Issuer of Patient ID (0010,0021), as given."""
+    return (
+        str(ds.get("PatientID") or "").strip(),
+        str(ds.get("IssuerOfPatientID") or "").strip(),
+    )
 
 
 def _log_refusals(refusals: list[check.Refused]) -> None:
