@@ -46,7 +46,7 @@ from xdsi.audit.repository import (
 )
 from xdsi.config import ConfigError, Settings, TlsSettings, load_settings, to_toml
 from xdsi.conformance.cli import conformance
-from xdsi.dicom import scan
+from xdsi.dicom import kos, scan
 from xdsi.dicom.store_scu import Destination, StoreScuError, send_files
 from xdsi.hl7.adt import TRIGGER_EVENTS
 from xdsi.hl7.mllp import MllpError
@@ -302,8 +302,20 @@ def publish(
     services = build_services(settings)
     failed = False
     for study in result.studies:
+        if services.intake.study_patient(study.study_instance_uid) not in (None, cx):
+            # As intake refuses it (ITI TF-3 4.2.2.2.3).
+            click.secho(
+                f"study {study.study_instance_uid} not published: it is held "
+                "under another patient than the one given; remove it first "
+                "(xdsi remove) to publish it under this one",
+                fg="red",
+                err=True,
+            )
+            failed = True
+            continue
         if _published_already(services, study):
             continue
+        since = time.time()
         try:
             published = services.imaging_source.publish(study, cx)
         except PublishError as exc:
@@ -314,6 +326,7 @@ def publish(
             )
             failed = True
             continue
+        services.intake.note_published(study.study_instance_uid, cx, since)
         click.echo(
             f"published study {published.study_instance_uid}: "
             f"{_count(published.instances, 'instance')}, manifest "
@@ -633,15 +646,20 @@ def remove(
 
 def _published_already(services: Services, study: scan.Study) -> bool:
     """Say so and return True when every instance of a study read is held
-    and its current manifest is up to date: a new one would repeat it."""
+    and its current manifest references exactly the instances held: a new
+    one would repeat it."""
     uid = study.study_instance_uid
-    current = services.imaging_source.current_manifest(uid)
+    source = services.imaging_source
+    current = source.current_manifest(uid)
     if current is None or services.intake.changed(uid):
         return False
-    held = services.imaging_source.held_instances(
-        header.sop_instance_uid for header in study.instances
-    )
-    if len(held) < len(study.instances):
+    held = source.held_study(uid, study)
+    read = {header.sop_instance_uid for header in study.instances}
+    if held is None or not read <= {i.sop_instance_uid for i in held.instances}:
+        return False
+    manifest = kos.parse_manifest(source.blobs.path(current.blob))
+    referenced = {ref.sop_instance_uid for ref in manifest.references}
+    if referenced != {i.sop_instance_uid for i in held.instances}:
         return False
     click.echo(f"study {uid} published already: manifest {current.sop_instance_uid}")
     return True

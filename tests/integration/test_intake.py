@@ -1042,3 +1042,43 @@ def test_publish_under_another_patient_than_the_study_is_held_under_is_refused(
     assert patients == {f"SECOND-2^^^&{authority}&ISO"}
     found = patient_node.services.consumer.find(f"SECOND-2^^^&{authority}&ISO")
     assert len(found) == 1
+
+
+def test_headers_only_publication_holds_the_study_under_its_patient(
+    patient_node: RunningNode, tmp_path: Path
+) -> None:
+    """ITI TF-3 4.2.2.2.3: a study published with ``--headers-only`` is held
+    under the patient given, as intake holds it, so that neither path takes
+    it in under another patient afterwards."""
+    authority = patient_node.settings.node.assigning_authority
+    for patient in ("FIRST-1", "SECOND-2"):
+        send_message(
+            patient_node.settings.node.host,
+            patient_node.settings.registry.feed_port,
+            build_feed(f"{patient}^^^&{authority}&ISO"),
+        )
+    folder = shared_path("dicom", "study-mr", "images")
+    first = _xdsi(
+        patient_node,
+        tmp_path,
+        "publish",
+        str(folder),
+        "--patient-id",
+        "FIRST-1",
+        "--headers-only",
+    )
+    assert first.exit_code == 0, first.output
+
+    for extra in ((), ("--headers-only",)):
+        again = _xdsi(
+            patient_node,
+            tmp_path,
+            "publish",
+            str(folder),
+            "--patient-id",
+            "SECOND-2",
+            *extra,
+        )
+        assert again.exit_code == 1, again.output
+        assert "held under another patient than the one given" in again.output
+    assert len(_manifests(patient_node)) == 1

@@ -714,6 +714,38 @@ class Intake:
                 )
             )
 
+    def note_published(
+        self, study_instance_uid: str, patient_id: str, since: float
+    ) -> None:
+        """Note a study published outside intake (``publish --headers-only``)
+        under ``patient_id``: the study is held under that patient from now,
+        and unchanged unless it changed after ``since`` (seconds since the
+        epoch), when that publication began."""
+        with self.engine.begin() as conn:
+            column = imaging_study.c
+            noted = conn.execute(
+                update(imaging_study)
+                .where(column.study_instance_uid == study_instance_uid)
+                .values(patient_id=patient_id)
+            )
+            if noted.rowcount == 0:
+                conn.execute(
+                    insert(imaging_study).values(
+                        study_instance_uid=study_instance_uid,
+                        patient_id=patient_id,
+                        changed_at=since,
+                        dirty=False,
+                    )
+                )
+            conn.execute(
+                update(imaging_study)
+                .where(
+                    column.study_instance_uid == study_instance_uid,
+                    column.changed_at <= since,
+                )
+                .values(dirty=False)
+            )
+
 
 class AutoPublisher:
     """A background thread publishing quiet studies of an :class:`Intake`."""
