@@ -238,3 +238,24 @@ def test_manifest_is_withdrawn_once_the_registry_holds_it_deprecated(
     # The refused ITI-57 is audited as such.
     assert exports and exports[-1].outcome != 0
     assert validate_exchanges(running_node.taps, tmp_path / "spool") > 0
+
+
+def test_a_study_whose_manifest_another_deprecated_is_published_anew(
+    running_node: RunningNode, tmp_path: Path
+) -> None:
+    """ITI TF-3 4.2.2.2.3: a manifest another Document Administrator
+    deprecated cannot be replaced (XDSRegistryDeprecatedDocumentError); the
+    study's next publication is a new manifest, not a replacement retried
+    for ever."""
+    entry_uuid = _publish(running_node)
+    source = running_node.services.imaging_source
+    (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
+    assert _update(running_node, tmp_path, entry_uuid)[0] == SUCCESS
+
+    published = source.republish(study.study_instance_uid, PATIENT)
+
+    assert published is not None and published.replaced is None
+    current = source.current_manifest(study.study_instance_uid)
+    assert current is not None and current.entry_uuid != entry_uuid
+    assert _status(running_node, current.entry_uuid) == (APPROVED, APPROVED)
+    assert _status(running_node, entry_uuid) == (DEPRECATED, DEPRECATED)

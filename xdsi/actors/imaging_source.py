@@ -365,7 +365,36 @@ class ImagingSource:
             return None
         if built is None or study is not known:
             built = self._manifest(study)
-        return self._submit(study, patient_id, current, built)
+        try:
+            return self._submit(study, patient_id, current, built)
+        except PublishError as exc:
+            if not self._deprecated_meanwhile(current, exc):
+                raise
+        # Another Document Administrator deprecated the current manifest
+        # (ITI-57): there is nothing to replace, and the study is published
+        # anew.
+        assert current is not None
+        logger.warning(
+            "manifest %s of study %s was Deprecated in the registry by another: "
+            "the study is published anew",
+            current.sop_instance_uid,
+            study_instance_uid,
+        )
+        self._mark_withdrawn(current)
+        return self._submit(study, patient_id, None, built)
+
+    def _deprecated_meanwhile(self, current: Row | None, exc: PublishError) -> bool:
+        """Whether a replacement failed because the manifest it replaces is
+        Deprecated in the registry (XDSRegistryDeprecatedDocumentError, ITI
+        TF-3 4.2.2.2.3), as the registry, asked, confirms."""
+        if current is None or not current.entry_uuid:
+            return False
+        if not any(e.code == "XDSRegistryDeprecatedDocumentError" for e in exc.errors):
+            return False
+        try:
+            return self._entry_status(current.entry_uuid) == STATUS_DEPRECATED
+        except PublishError:
+            return False
 
     def _promote(self, study_instance_uid: str, sop_instance_uid: str) -> None:
         """Make a registered manifest the study's current one; the one it
@@ -528,17 +557,21 @@ class ImagingSource:
                 manifest.sop_instance_uid,
                 manifest.study_instance_uid,
             )
+        self._mark_withdrawn(manifest)
+        logger.info(
+            "manifest %s of study %s withdrawn: no instance left",
+            manifest.sop_instance_uid,
+            manifest.study_instance_uid,
+        )
+
+    def _mark_withdrawn(self, manifest: Row) -> None:
+        """Note a manifest as no longer current here."""
         with self.engine.begin() as conn:
             conn.execute(
                 update(imaging_manifest)
                 .where(imaging_manifest.c.sop_instance_uid == manifest.sop_instance_uid)
                 .values(status=MANIFEST_WITHDRAWN)
             )
-        logger.info(
-            "manifest %s of study %s withdrawn: no instance left",
-            manifest.sop_instance_uid,
-            manifest.study_instance_uid,
-        )
 
     def _submission_set(self, patient_id: str) -> SubmissionSetSpec:
         """A fresh SubmissionSet of this Imaging Document Source."""
