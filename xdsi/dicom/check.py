@@ -127,7 +127,19 @@ def check_file(
         )
     if "PixelData" in ds:
         _check_pixel_data(ds, header.transfer_syntax_uid)
+    elif all(tag in ds for tag in _IMAGE_PIXEL) and not any(
+        tag in ds for tag in _OTHER_PIXEL_DATA
+    ):
+        # The Image Pixel module's Pixel Data is Type 1 (DICOM PS3.3
+        # C.7.6.3): an image without it is one cut short before it.
+        raise Refused("pixel_data", "the image has Rows and Columns but no Pixel Data")
     return header, ds
+
+
+# Attributes of the Image Pixel module (DICOM PS3.3 C.7.6.3), and the other
+# pixel data elements that may stand for Pixel Data (C.7.6.3.1.4).
+_IMAGE_PIXEL = {0x00280010, 0x00280011, 0x00280100}  # Rows, Columns, Bits Allocated
+_OTHER_PIXEL_DATA = {0x7FE00008, 0x7FE00009}  # Float, Double Float Pixel Data
 
 
 def _check_elements(ds: Dataset) -> None:

@@ -74,6 +74,20 @@ def test_a_request_naming_another_sop_instance_is_refused() -> None:
     assert refused.value.dimse_status == 0xA900
 
 
+def test_an_image_cut_short_just_before_its_pixel_data_is_refused(
+    tmp_path: Path,
+) -> None:
+    """DICOM PS3.3 C.7.6.3: Pixel Data is Type 1 in the Image Pixel module; a
+    copy that ends just before it parses whole, and is still no image."""
+    data = shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm").read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[: data.rfind(b"\xe0\x7f\x10\x00")])
+    with pytest.raises(Refused) as refused:
+        check_file(cut)
+    assert refused.value.rule == "pixel_data"
+    assert "no Pixel Data" in refused.value.reason
+
+
 def test_every_refusal_rule_has_both_statuses() -> None:
     """DICOM PS3.4 Table B.2-1, PS3.18 10.5.3.2: each rule maps to a failure
     status and a Failure Reason of the standard's ranges."""
