@@ -37,7 +37,7 @@ from xdsi.actors.provide import SubmitError
 from xdsi.app import Node
 from xdsi.cli import main
 from xdsi.config import Settings, to_toml
-from xdsi.dicom import kos, scan
+from xdsi.dicom import check, kos, scan
 from xdsi.dicom.check import refusal_table
 from xdsi.dicom.store_scu import (
     SUCCESS,
@@ -1082,3 +1082,37 @@ def test_headers_only_publication_holds_the_study_under_its_patient(
         assert again.exit_code == 1, again.output
         assert "held under another patient than the one given" in again.output
     assert len(_manifests(patient_node)) == 1
+
+
+def test_a_damaged_dicomdir_falls_back_to_the_files_of_the_folder(
+    intake_node: RunningNode, tmp_path: Path
+) -> None:
+    """DICOM PS3.10 8.6: a DICOMDIR that cannot be read is no reason to read
+    nothing: every file under the folder is read instead, and nothing of
+    the failure reaches the caller as a traceback."""
+    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:2]
+    folder = tmp_path / "cd"
+    folder.mkdir()
+    for path in images:
+        shutil.copy(path, folder / path.name)
+    (folder / "DICOMDIR").write_bytes(b"DICM" * 40)
+
+    result = intake_node.services.intake.import_folder(folder)
+
+    assert len(result.accepted) == 2
+    assert [p.name for p, _ in result.refused] == ["DICOMDIR"]
+
+
+def test_an_instance_held_in_another_study_is_refused(
+    intake_node: RunningNode, tmp_path: Path
+) -> None:
+    """DICOM PS3.3 C.12.1.1.1: a file whose SOP Instance UID is held in
+    another study is not that instance; it is refused, not counted as held."""
+    whole = shared_path("dicom", "study-mr", "images", "000001.dcm")
+    intake_node.services.intake.accept(whole)
+    moved = pydicom.dcmread(whole)
+    moved.StudyInstanceUID = pydicom.uid.generate_uid()
+    moved.save_as(tmp_path / "moved.dcm")
+
+    with pytest.raises(check.Refused, match="held already in study"):
+        intake_node.services.intake.accept(tmp_path / "moved.dcm")

@@ -658,19 +658,28 @@ class Intake:
         what is held is that instance, however the file now offered was
         written (another File Meta, another transfer syntax, a re-encoded
         data set), and the one held, maybe published, stays.
+
+        Raises
+        ------
+        check.Refused
+            It is held in another study: the file is not that instance.
         """
         # Limitation: a copy with other content (cut short, edited) under the
         # same SOP Instance UID passes for the instance held; the file sizes
         # cannot tell it from the same instance written by another toolkit.
         with self.engine.connect() as conn:
-            return (
-                conn.execute(
-                    select(imaging_instance.c.sop_instance_uid).where(
-                        imaging_instance.c.sop_instance_uid == header.sop_instance_uid
-                    )
-                ).first()
-                is not None
+            study = conn.execute(
+                select(imaging_instance.c.study_instance_uid).where(
+                    imaging_instance.c.sop_instance_uid == header.sop_instance_uid
+                )
+            ).scalar()
+        if study is not None and study != header.study_instance_uid:
+            raise check.Refused(
+                "identification",
+                f"SOP Instance UID {header.sop_instance_uid} is held already in "
+                f"study {study}, not in {header.study_instance_uid}",
             )
+        return study is not None
 
     def _duplicate(
         self, header: scan.InstanceHeader, path: Path, move: bool
@@ -780,9 +789,17 @@ def _files_of(folder: Path) -> Iterator[Path]:
     """The files of a file-set by its DICOMDIR, or every file under folder."""
     dicomdir = folder / DICOMDIR
     if dicomdir.is_file():
-        for instance in FileSet(dicomdir):
-            yield Path(instance.path)
-        return
+        try:
+            listed = [Path(instance.path) for instance in FileSet(dicomdir)]
+        except Exception as exc:  # a damaged DICOMDIR, or one naming odd paths
+            logger.warning(
+                "the DICOMDIR cannot be read (%s); every file under the folder "
+                "is read instead",
+                type(exc).__name__,
+            )
+        else:
+            yield from listed
+            return
     for root, dirs, files in os.walk(folder):
         dirs.sort()
         for name in sorted(files):

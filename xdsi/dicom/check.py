@@ -167,9 +167,8 @@ def _frames(ds: Dataset) -> int:
     try:
         return max(int(ds.get("NumberOfFrames") or 1), 1)
     except (TypeError, ValueError) as exc:
-        raise Refused(
-            "pixel_data", f"Number of Frames {ds.NumberOfFrames!r} is no number"
-        ) from exc
+        # Its value is not quoted: a garbled element may hold anything.
+        raise Refused("pixel_data", "Number of Frames is no number") from exc
 
 
 def _check_pixel_data(ds: Dataset, transfer_syntax_uid: str) -> None:
