@@ -995,19 +995,25 @@ def test_publish_shares_the_copy_it_checked_under_the_given_patient(
     assert len(_manifests(patient_node)) == 1
 
 
+def _feed_first_and_second(node: RunningNode) -> str:
+    """Feed patients FIRST-1 and SECOND-2; return their assigning authority."""
+    authority = node.settings.node.assigning_authority
+    for patient in ("FIRST-1", "SECOND-2"):
+        send_message(
+            node.settings.node.host,
+            node.settings.registry.feed_port,
+            build_feed(f"{patient}^^^&{authority}&ISO"),
+        )
+    return authority
+
+
 def test_publish_under_another_patient_than_the_study_is_held_under_is_refused(
     patient_node: RunningNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """ITI TF-3 4.2.2.2.3: a replacement manifest keeps its patient, so a
     study held under one patient is not taken in under another; the user is
     told to remove it first, and the log names no patient."""
-    authority = patient_node.settings.node.assigning_authority
-    for patient in ("FIRST-1", "SECOND-2"):
-        send_message(
-            patient_node.settings.node.host,
-            patient_node.settings.registry.feed_port,
-            build_feed(f"{patient}^^^&{authority}&ISO"),
-        )
+    authority = _feed_first_and_second(patient_node)
     folder = shared_path("dicom", "study-mr", "images")
     first = _xdsi(
         patient_node, tmp_path, "publish", str(folder), "--patient-id", "FIRST-1"
@@ -1050,13 +1056,7 @@ def test_headers_only_publication_holds_the_study_under_its_patient(
     """ITI TF-3 4.2.2.2.3: a study published with ``--headers-only`` is held
     under the patient given, as intake holds it, so that neither path takes
     it in under another patient afterwards."""
-    authority = patient_node.settings.node.assigning_authority
-    for patient in ("FIRST-1", "SECOND-2"):
-        send_message(
-            patient_node.settings.node.host,
-            patient_node.settings.registry.feed_port,
-            build_feed(f"{patient}^^^&{authority}&ISO"),
-        )
+    _feed_first_and_second(patient_node)
     folder = shared_path("dicom", "study-mr", "images")
     first = _xdsi(
         patient_node,

@@ -159,23 +159,26 @@ def test_bad_inline_base64_is_a_sender_fault(running_node: RunningNode, inline: 
     assert _counts(running_node) == (0, 0)
 
 
+def _pending_row(unique_id: str, blob: str, size: int):  # type: ignore[no-untyped-def]
+    """The insert of a document left pending long ago by a submission."""
+    return repository_document.insert().values(
+        unique_id=unique_id,
+        mime_type="application/dicom",
+        size=size,
+        sha1="0" * 40,
+        state="pending",
+        blob=blob,
+        created_at=datetime(2020, 1, 1),
+    )
+
+
 def test_documents_left_pending_by_a_crash_are_swept(running_node: RunningNode):
     """DESIGN.md principle 6: a submission killed between storing and the
     registry's answer leaves nothing once the repository starts again."""
     repository = running_node.services.repository
     blob = repository.blobs.put_bytes("1.2.3.4.5.42\ncrashed", b"half a submission")
     with running_node.services.engine.begin() as conn:
-        conn.execute(
-            repository_document.insert().values(
-                unique_id="1.2.3.4.5.42",
-                mime_type="application/dicom",
-                size=17,
-                sha1="0" * 40,
-                state="pending",
-                blob=blob,
-                created_at=datetime(2020, 1, 1),
-            )
-        )
+        conn.execute(_pending_row("1.2.3.4.5.42", blob, size=17))
 
     assert repository.sweep_pending() == 1
     assert _counts(running_node) == (0, 0)
@@ -246,17 +249,7 @@ def test_a_document_the_registry_cannot_be_asked_about_holds_up_no_other(
                 state="pending", created_at=datetime(2020, 1, 1)
             )
         )
-        conn.execute(
-            repository_document.insert().values(
-                unique_id=long_id,
-                mime_type="text/plain",
-                size=7,
-                sha1="0" * 40,
-                state="pending",
-                blob=blob,
-                created_at=datetime(2020, 1, 1),
-            )
-        )
+        conn.execute(_pending_row(long_id, blob, size=7))
 
     assert repository.sweep_pending() == 1
     with running_node.services.engine.connect() as conn:

@@ -708,20 +708,7 @@ class Intake:
         values: dict[str, object] = {"changed_at": now, "dirty": True}
         if settled:
             values["patient_id"] = patient_id
-        changed = conn.execute(
-            update(imaging_study)
-            .where(imaging_study.c.study_instance_uid == study_instance_uid)
-            .values(**values)
-        )
-        if changed.rowcount == 0:
-            conn.execute(
-                insert(imaging_study).values(
-                    study_instance_uid=study_instance_uid,
-                    patient_id=patient_id,
-                    changed_at=now,
-                    dirty=True,
-                )
-            )
+        _upsert_study(conn, study_instance_uid, patient_id, values, now)
 
     def note_published(
         self, study_instance_uid: str, patient_id: str, since: float
@@ -730,22 +717,11 @@ class Intake:
         under ``patient_id``: the study is held under that patient from now,
         and unchanged unless it changed after ``since`` (seconds since the
         epoch), when that publication began."""
+        column = imaging_study.c
         with self.engine.begin() as conn:
-            column = imaging_study.c
-            noted = conn.execute(
-                update(imaging_study)
-                .where(column.study_instance_uid == study_instance_uid)
-                .values(patient_id=patient_id)
+            _upsert_study(
+                conn, study_instance_uid, patient_id, {"patient_id": patient_id}, since
             )
-            if noted.rowcount == 0:
-                conn.execute(
-                    insert(imaging_study).values(
-                        study_instance_uid=study_instance_uid,
-                        patient_id=patient_id,
-                        changed_at=since,
-                        dirty=False,
-                    )
-                )
             conn.execute(
                 update(imaging_study)
                 .where(
@@ -806,6 +782,31 @@ def _files_of(folder: Path) -> Iterator[Path]:
             file = Path(root) / name
             if file.is_file() and not file.is_symlink():
                 yield file
+
+
+def _upsert_study(
+    conn: Connection,
+    study_instance_uid: str,
+    patient_id: str,
+    values: dict[str, object],
+    changed_at: float,
+) -> None:
+    """Update a study's row with ``values``; create it, changed at
+    ``changed_at``, under ``patient_id``, when there is none."""
+    changed = conn.execute(
+        update(imaging_study)
+        .where(imaging_study.c.study_instance_uid == study_instance_uid)
+        .values(**values)
+    )
+    if changed.rowcount == 0:
+        conn.execute(
+            insert(imaging_study).values(
+                study_instance_uid=study_instance_uid,
+                patient_id=patient_id,
+                changed_at=changed_at,
+                dirty=bool(values.get("dirty", False)),
+            )
+        )
 
 
 def _patient_of(ds: Dataset) -> tuple[str, str]:
