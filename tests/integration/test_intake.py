@@ -464,6 +464,17 @@ def test_an_instance_of_another_patient_is_not_taken_into_a_study(
     assert sent.statuses[tmp_path / "sent.dcm"] == 0xC004
     assert len(_held(intake_node)) == 3
 
+    # Emptied but not withdrawn (remove, not published yet): its current
+    # manifest still names the patient, and the stranger is refused still.
+    intake = intake_node.services.intake
+    (study_uid,) = result.studies
+    assert intake.publish_now(study_uid) is not None
+    intake.remove(study_uid)
+    assert _held(intake_node) == {}
+    with pytest.raises(check.Refused) as refused:
+        intake.accept(tmp_path / "sent.dcm")
+    assert refused.value.rule == "other_patient"
+
 
 def _stow_url(node: RunningNode) -> str:
     settings = node.settings

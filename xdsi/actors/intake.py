@@ -608,8 +608,15 @@ class Intake:
                 )
                 .limit(1)
             ).scalar()
+        compared = slice(None)  # Patient ID and Issuer of Patient ID
         if blob is None:
-            return
+            # Emptied (remove --no-publish) but its manifest still current:
+            # that names the images' Patient ID (its Issuer may come from
+            # the qualifiers sequence instead).
+            current = self.source.current_manifest(header.study_instance_uid)
+            if current is None:
+                return
+            blob, compared = current.blob, slice(0, 1)
         try:
             held = pydicom.dcmread(
                 self.blobs.path(blob),
@@ -622,11 +629,11 @@ class Intake:
                 f"study {header.study_instance_uid} has a held instance that "
                 f"cannot be read ({exc}); its patient cannot be checked",
             ) from exc
-        if _patient_of(held) != _patient_of(ds):
+        if _patient_of(held)[compared] != _patient_of(ds)[compared]:
             raise check.Refused(
                 "other_patient",
                 f"instance {header.sop_instance_uid} names another patient than "
-                f"the instances of study {header.study_instance_uid} held "
+                f"study {header.study_instance_uid} as held or published "
                 "already; a study is of one patient",
             )
 
