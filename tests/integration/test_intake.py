@@ -10,8 +10,10 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -414,8 +416,16 @@ def test_two_intakes_of_one_instance_at_once_keep_the_first_whole(
     intake.accept(whole)
     (kept,) = _held(intake_node).values()
     data = kept.read_bytes()
-    # The second found it not held: as if both checked before either stored.
-    monkeypatch.setattr(type(intake), "_held", lambda self, header: False)
+    # The second found it not held at first: as if both checked before
+    # either stored.
+    held = type(intake)._held
+    asked: list[object] = []
+
+    def not_at_first(self, header):  # type: ignore[no-untyped-def]
+        asked.append(header)
+        return False if len(asked) == 1 else held(self, header)
+
+    monkeypatch.setattr(type(intake), "_held", not_at_first)
 
     second = intake.accept(tmp_path / "other.dcm")
 
@@ -1127,3 +1137,44 @@ def test_an_instance_held_in_another_study_is_refused(
 
     with pytest.raises(check.Refused, match="held already in study"):
         intake_node.services.intake.accept(tmp_path / "moved.dcm")
+
+
+def test_two_patients_sending_one_new_study_at_once_do_not_mix(
+    intake_node: RunningNode, tmp_path: Path
+) -> None:
+    """DICOM PS3.3 C.7.2.1: two associations at once send the first
+    instances of one new study under two patients; the study's row is taken
+    before the patient is checked, so one patient's instances are taken in
+    and the other's refused, never both."""
+    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:16]
+    batches: dict[str, list[Path]] = {"A-PATIENT": [], "B-PATIENT": []}
+    for n, path in enumerate(images):
+        patient = "A-PATIENT" if n % 2 else "B-PATIENT"
+        ds = pydicom.dcmread(path)
+        ds.PatientID = patient
+        target = tmp_path / f"{n:02d}.dcm"
+        ds.save_as(target)
+        batches[patient].append(target)
+    intake = intake_node.services.intake
+    start = threading.Barrier(2)
+
+    def send(paths: list[Path]) -> int:
+        start.wait()
+        taken = 0
+        for path in paths:
+            try:
+                intake.accept(path)
+                taken += 1
+            except check.Refused as exc:
+                assert exc.rule == "other_patient"
+        return taken
+
+    with ThreadPoolExecutor(2) as pool:
+        taken = list(pool.map(send, batches.values()))
+
+    assert sorted(taken) == [0, 8]
+    patients = {
+        str(pydicom.dcmread(p, stop_before_pixels=True).PatientID)
+        for p in _held(intake_node).values()
+    }
+    assert len(patients) == 1

@@ -129,6 +129,11 @@ def retry_delay(quiet: float, failures: int) -> float:
     return min(base * 2 ** min(failures - 1, 32), MAX_RETRY_DELAY)
 
 
+# Tries at taking an instance in when another intake creates its study's row
+# at the same moment (a unique-key clash on PostgreSQL).
+STUDY_ROW_ATTEMPTS = 3
+
+
 @dataclass(frozen=True)
 class ImportResult:
     """What an import took in, and the files it refused with why."""
@@ -233,7 +238,6 @@ class Intake:
             self._refuse_other_patient(header.study_instance_uid, patient_id)
         if self._held(header):
             return self._duplicate(header, path, move)
-        self._refuse_mixed_patients(header, ds)
         # A study with nothing held and no current manifest (never taken in,
         # or emptied and withdrawn) starts anew, under this patient.
         anew = self.study_patient(header.study_instance_uid) is None
@@ -247,19 +251,40 @@ class Intake:
             digest = sha256_file(self.blobs.path(blob))
         except OSError as exc:
             raise check.Refused("storage", f"cannot store: {exc}") from exc
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(
-                    insert(imaging_instance).values(
-                        instance_row(header, blob, digest, patient_id)
+        for attempt in range(1, STUDY_ROW_ATTEMPTS + 1):
+            try:
+                with self.engine.begin() as conn:
+                    # The study's row first: it stays locked until the
+                    # commit, so that another intake of the study waits, and
+                    # then finds this instance when it checks the patient.
+                    self._touch(
+                        conn, header.study_instance_uid, patient_id, given or anew
                     )
-                )
-                self._touch(conn, header.study_instance_uid, patient_id, given or anew)
-        except IntegrityError:
-            # Another intake stored the same instance meanwhile: its copy is
-            # the one held.
-            self.blobs.delete(blob)
-            return self._duplicate(header, path, False)
+                    self._refuse_mixed_patients(conn, header, ds)
+                    conn.execute(
+                        insert(imaging_instance).values(
+                            instance_row(header, blob, digest, patient_id)
+                        )
+                    )
+                break
+            except check.Refused:
+                self.blobs.delete(blob)
+                raise
+            except IntegrityError:
+                try:
+                    held = self._held(header)
+                except check.Refused:
+                    self.blobs.delete(blob)
+                    raise
+                if held:
+                    # Another intake stored the same instance meanwhile: its
+                    # copy is the one held.
+                    self.blobs.delete(blob)
+                    return self._duplicate(header, path, False)
+                if attempt == STUDY_ROW_ATTEMPTS:
+                    self.blobs.delete(blob)
+                    raise
+                # Another intake created the study's row meanwhile.
         return Accepted(
             header.sop_class_uid,
             header.sop_instance_uid,
@@ -595,19 +620,19 @@ class Intake:
                 "it under this one",
             )
 
-    def _refuse_mixed_patients(self, header: scan.InstanceHeader, ds: Dataset) -> None:
+    def _refuse_mixed_patients(
+        self, conn: Connection, header: scan.InstanceHeader, ds: Dataset
+    ) -> None:
         """Refuse an instance whose Patient ID (and Issuer) differ from those
         of its study's instances held already: a study is of one patient
         (DICOM PS3.3 C.7.2.1, C.7.1.1), and another patient's images must
-        not reach this one's manifest. The reason names no patient."""
-        with self.engine.connect() as conn:
-            blob = conn.execute(
-                select(imaging_instance.c.blob)
-                .where(
-                    imaging_instance.c.study_instance_uid == header.study_instance_uid
-                )
-                .limit(1)
-            ).scalar()
+        not reach this one's manifest. The reason names no patient. Asked in
+        the transaction that takes the instance in, on ``conn``."""
+        blob = conn.execute(
+            select(imaging_instance.c.blob)
+            .where(imaging_instance.c.study_instance_uid == header.study_instance_uid)
+            .limit(1)
+        ).scalar()
         compared = slice(None)  # Patient ID and Issuer of Patient ID
         if blob is None:
             # Emptied (remove --no-publish) but its manifest still current:
