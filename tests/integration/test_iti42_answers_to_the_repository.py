@@ -43,7 +43,7 @@ def _soap(body: etree._Element, action: str = ITI_42_RESPONSE) -> Response:
     return Response(b"".join(chunks), content_type=content_type)
 
 
-def _response(status: str, errors: list[RegistryError] = ()) -> Answer:  # type: ignore[assignment]
+def _response(status: str, errors: tuple[RegistryError, ...] = ()) -> Answer:
     def answer() -> Response:
         element = registry_response(list(errors))
         element.set("status", status)
@@ -217,11 +217,11 @@ def test_an_answer_that_does_not_say_keeps_an_unregistered_document_pending(
         (
             _response(
                 ResponseStatus.FAILURE,
-                [
+                (
                     RegistryError(
                         "XDSRegistryMetadataError", "x", severity=SEVERITY_WARNING
-                    )
-                ],
+                    ),
+                ),
             ),
             "XDSRegistryError",
         ),
@@ -251,7 +251,7 @@ def test_a_registry_response_sent_with_an_error_status_is_read(
     relayed.relay.passes_iti42 = False
     refusal = _response(
         ResponseStatus.FAILURE,
-        [RegistryError("XDSPatientIdDoesNotMatch", "not this patient")],
+        (RegistryError("XDSPatientIdDoesNotMatch", "not this patient"),),
     )
 
     def with_500() -> Response:
