@@ -7,6 +7,7 @@ Compilation never touches the network.
 
 from __future__ import annotations
 
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -24,9 +25,21 @@ class _LocalOnly(etree.Resolver):
         return None
 
 
-@cache
+# libxml2 fails now and then when two threads compile a schema at once
+# ("xmlSchemaPValAttrNodeValue, the given type is not a built-in type"), and
+# a schema object keeps the error log of its last validation: both are done
+# under this lock.
+_LOCK = threading.Lock()
+
+
 def compiled(relative: str) -> etree.XMLSchema:
     """Compile a schema of xdsi/schemas once."""
+    with _LOCK:
+        return _compiled(relative)
+
+
+@cache
+def _compiled(relative: str) -> etree.XMLSchema:
     parser = etree.XMLParser(no_network=True, resolve_entities=False)
     parser.resolvers.add(_LocalOnly())
     return etree.XMLSchema(etree.parse(str(SCHEMA_DIR / relative), parser))
@@ -42,6 +55,8 @@ def schema_errors(
     """
     validator = compiled(relative)
     document = etree.ElementTree(etree.fromstring(etree.tostring(element)))
-    if validator.validate(document):
-        return []
-    return [f"line {e.line}: {e.message}" for e in list(validator.error_log)[:limit]]
+    with _LOCK:
+        if validator.validate(document):
+            return []
+        errors = list(validator.error_log)[:limit]
+    return [f"line {e.line}: {e.message}" for e in errors]
