@@ -512,20 +512,7 @@ class Repository:
         to delete keeps its row, which the next sweep retries.
         """
         column = repository_document.c
-        claimed = []
-        with self.engine.begin() as conn:
-            for record in stored:
-                changed = conn.execute(
-                    update(repository_document)
-                    .where(
-                        column.unique_id == record.unique_id,
-                        column.blob == record.blob,
-                        column.state.in_((PENDING, REMOVING)),
-                    )
-                    .values(state=REMOVING)
-                )
-                if changed.rowcount == 1:
-                    claimed.append(record)
+        claimed = self._move(stored, (PENDING, REMOVING), REMOVING)
         removed = []
         for record in claimed:
             try:
@@ -552,21 +539,30 @@ class Repository:
     def _confirm(self, stored: list[StoredDocument]) -> list[StoredDocument]:
         """Mark this submission's documents retrievable; return those no
         longer held (swept meanwhile by another process)."""
-        gone = []
+        confirmed = self._move(stored, (PENDING,), STORED)
+        return [record for record in stored if record not in confirmed]
+
+    def _move(
+        self, stored: list[StoredDocument], states: tuple[str, ...], state: str
+    ) -> list[StoredDocument]:
+        """Move each document still in one of ``states`` to ``state``, in one
+        transaction; return those moved."""
+        column = repository_document.c
+        moved = []
         with self.engine.begin() as conn:
             for record in stored:
                 changed = conn.execute(
                     update(repository_document)
                     .where(
-                        repository_document.c.unique_id == record.unique_id,
-                        repository_document.c.blob == record.blob,
-                        repository_document.c.state == PENDING,
+                        column.unique_id == record.unique_id,
+                        column.blob == record.blob,
+                        column.state.in_(states),
                     )
-                    .values(state=STORED)
+                    .values(state=state)
                 )
-                if changed.rowcount != 1:
-                    gone.append(record)
-        return gone
+                if changed.rowcount == 1:
+                    moved.append(record)
+        return moved
 
     def _confirm_registered(self, stored: list[StoredDocument]) -> list[RegistryError]:
         """Confirm a submission the registry registered: no errors, unless a
