@@ -373,6 +373,33 @@ def test_a_cd_is_imported_by_its_dicomdir(intake_node: RunningNode, tmp_path) ->
     assert published is not None and published.instances == 5
 
 
+def test_a_file_the_dicomdir_lists_but_the_cd_lost_is_refused(
+    intake_node: RunningNode, tmp_path: Path
+) -> None:
+    """DICOM PS3.10 8.6: a file a DICOMDIR record references (Referenced
+    File ID) that is missing from the CD is refused as unreadable, so that
+    an incomplete CD does not pass for whole; the others are taken."""
+    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())
+    fileset = FileSet()
+    for path in images[:3]:
+        fileset.add(pydicom.dcmread(path))
+    fileset.write(tmp_path / "cd")
+    (lost,) = [
+        Path(instance.path)
+        for instance in fileset
+        if instance.SOPInstanceUID == pydicom.dcmread(images[1]).SOPInstanceUID
+    ]
+    lost.unlink()
+
+    result = intake_node.services.intake.import_folder(tmp_path / "cd")
+
+    assert len(result.accepted) == 2
+    ((path, refusal),) = result.refused
+    assert path == lost
+    assert refusal.rule == "unreadable"
+    assert "No such file" in refusal.reason
+
+
 def test_a_held_instance_sent_again_in_another_file_is_held_already(
     intake_node: RunningNode, tmp_path: Path
 ) -> None:

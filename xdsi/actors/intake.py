@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -798,7 +799,7 @@ def _files_of(folder: Path) -> Iterator[Path]:
     dicomdir = folder / DICOMDIR
     if dicomdir.is_file():
         try:
-            listed = [Path(instance.path) for instance in FileSet(dicomdir)]
+            listed = _listed_files(dicomdir)
         except Exception as exc:  # a damaged DICOMDIR, or one naming odd paths
             logger.warning(
                 "the DICOMDIR cannot be read (%s); every file under the folder "
@@ -814,6 +815,30 @@ def _files_of(folder: Path) -> Iterator[Path]:
             file = Path(root) / name
             if file.is_file() and not file.is_symlink():
                 yield file
+
+
+def _listed_files(dicomdir: Path) -> list[Path]:
+    """The files a DICOMDIR's records reference, those missing included.
+
+    pydicom's FileSet reads the DICOMDIR but leaves out a record whose file
+    is missing, with a warning naming its path. A CD that lost files must
+    not pass for whole: every Referenced File ID (0004,1500) that names no
+    file (DICOM PS3.3 F.3.2.2) is listed after the others, and the import
+    refuses it as unreadable.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        listed = [Path(instance.path) for instance in FileSet(dicomdir)]
+    records = pydicom.dcmread(dicomdir).get("DirectoryRecordSequence") or []
+    for record in records:
+        file_id = record.get("ReferencedFileID")
+        if not file_id:
+            continue
+        parts = [file_id] if isinstance(file_id, str) else list(file_id)
+        path = dicomdir.parent.joinpath(*map(str, parts))
+        if not path.exists():
+            listed.append(path)
+    return listed
 
 
 def _upsert_study(
