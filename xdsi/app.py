@@ -39,6 +39,7 @@ from xdsi.actors.stow import add_stow_route
 from xdsi.audit.forwarder import AuditForwarder, Backoff
 from xdsi.config import ConfigError, Settings
 from xdsi.hl7.mllp import MllpServer
+from xdsi.logs import quiet_pydicom
 from xdsi.ns import SOAP12
 from xdsi.store.blobs import Blobs, BlobStore
 from xdsi.store.schema import make_engine
@@ -287,6 +288,7 @@ def _worker(settings: Settings, sockets: dict[str, socket.socket], level: int) -
     )
     logging.getLogger("xdsi").setLevel(level)
     logging.getLogger("werkzeug").setLevel(max(level, logging.WARNING))
+    quiet_pydicom(level)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     # Ctrl-C in a terminal reaches every process of the group; the node
@@ -488,7 +490,11 @@ class Node:
         # A fresh interpreter, not a fork of this threaded process.
         process = multiprocessing.get_context("spawn").Process(
             target=_worker,
-            args=(settings, self._sockets, logging.getLogger("xdsi").level),
+            args=(
+                settings,
+                self._sockets,
+                logging.getLogger("xdsi").getEffectiveLevel(),
+            ),
             name="xdsi-worker",
             daemon=True,
         )

@@ -14,7 +14,6 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -50,6 +49,7 @@ from xdsi.dicom import kos, scan
 from xdsi.dicom.store_scu import Destination, StoreScuError, send_files
 from xdsi.hl7.adt import TRIGGER_EVENTS
 from xdsi.hl7.mllp import MllpError
+from xdsi.logs import quiet_pydicom
 from xdsi.store.schema import make_engine
 
 console = Console()
@@ -122,7 +122,7 @@ def main(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
     )
     logging.getLogger("werkzeug").setLevel(max(level, logging.WARNING))
     logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
-    _quiet_pydicom(level)
+    quiet_pydicom(level)
     try:
         ctx.obj = {
             "settings": load_settings(config_path),
@@ -132,21 +132,6 @@ def main(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
         }
     except ConfigError as exc:
         _fail(str(exc))
-
-
-def _quiet_pydicom(level: int) -> None:
-    """Keep pydicom's complaints about values out of the log but at DEBUG.
-
-    pydicom quotes a value it finds invalid ("Invalid value for VR DA:
-    '1970-01-01'"), and the value may be a patient's birth date or name. It
-    logs the complaint at WARNING and also raises it as a Python warning,
-    which would print it a second time; the node reports what it refuses
-    in its own words, without values.
-    """
-    logging.getLogger("pydicom").setLevel(
-        logging.DEBUG if level <= logging.DEBUG else logging.ERROR
-    )
-    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 
 
 @main.group()

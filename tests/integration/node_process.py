@@ -30,17 +30,21 @@ class NodeProcess:
     endpoints: dict[str, str]
 
     @classmethod
-    def start(cls, settings: Settings, config: Path) -> NodeProcess:
+    def start(
+        cls, settings: Settings, config: Path, log: Path | None = None
+    ) -> NodeProcess:
+        """Start ``xdsi serve``; its log (stderr) goes to ``log`` if given."""
         config.write_text(to_toml(settings))
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        process = subprocess.Popen(
-            [sys.executable, "-m", "xdsi", "--config", str(config), "serve"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env=env,
-            cwd=ROOT,
-        )
+        with open(log or os.devnull, "w") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "xdsi", "--config", str(config), "serve"],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                env=env,
+                cwd=ROOT,
+            )
         assert process.stdout is not None
         endpoints: dict[str, str] = {}
         for line in process.stdout:

@@ -8,18 +8,25 @@ worker answered.
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import ssl
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+import pydicom
 import pytest
+import requests
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 
-from tests.conftest import PostgresCluster
+from tests.conftest import PostgresCluster, shared_path
+from tests.integration.node_process import NodeProcess, node_settings
 from tests.nist_submissions import error_codes, run_query
 from xdsi import tls
 from xdsi.app import Node
@@ -52,8 +59,12 @@ def node(postgresql: PostgresCluster, tmp_path: Path) -> Iterator[Node]:
 
 
 def _query(node: Node) -> str:
+    return _query_at(node.settings)
+
+
+def _query_at(settings: Settings) -> str:
     response = run_query(
-        node.settings.url("registry"),
+        settings.url("registry"),
         "FindDocuments",
         {
             "$XDSDocumentEntryPatientId": PATIENT,
@@ -68,8 +79,19 @@ def _query(node: Node) -> str:
 
 def _answering_pids(node: Node) -> set[int]:
     """The processes that wrote audit messages: ``<ns>-<pid>-<tag>.xml``."""
-    spool = node.settings.storage / "audit"
+    return _audit_writers(node.settings)
+
+
+def _audit_writers(settings: Settings) -> set[int]:
+    spool = settings.storage / "audit"
     return {int(path.name.split("-")[1]) for path in spool.glob("*.xml")}
+
+
+def _answering_pids_of(settings: Settings) -> set[int]:
+    """The processes that audit 16 queries sent at once, and those before."""
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: _query_at(settings), range(16)))
+    return _audit_writers(settings)
 
 
 def _wait_for(condition, seconds: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
@@ -98,6 +120,71 @@ def test_requests_are_answered_by_more_than_one_process(node: Node) -> None:
             if {os.getpid(), worker} <= seen:
                 break
     assert {os.getpid(), worker} <= seen, seen
+
+
+def _stow(settings: Settings, data: bytes) -> int:
+    """Store one instance by STOW-RS (DICOM PS3.18 10.5); the HTTP status."""
+    boundary = uuid.uuid4().hex
+    body = (
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    response = requests.post(
+        f"http://{settings.node.host}:{settings.imaging_source.port}"
+        f"{settings.imaging_source.stow_path}",
+        data=body,
+        headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; '
+            f"boundary={boundary}",
+            "Accept": "application/dicom+json",
+        },
+        timeout=30,
+    )
+    return response.status_code
+
+
+def test_no_worker_logs_the_values_pydicom_finds_invalid(
+    postgresql: PostgresCluster, tmp_path: Path
+) -> None:
+    """No patient data in the log above DEBUG: pydicom quotes an invalid
+    value it reads ("Invalid value for VR IS: ..."), and a worker process of
+    ``xdsi serve`` keeps that out of the log as the node's own process does."""
+    database_url = postgresql.create_database()
+    settings = node_settings(tmp_path / "node")
+    settings = replace(
+        settings, node=replace(settings.node, database_url=database_url, workers=2)
+    )
+    log = tmp_path / "serve.log"
+    served = NodeProcess.start(settings, tmp_path / "node.toml", log)
+    try:
+        node = served.effective(settings)
+        # Once a second process answers queries, the worker is up and takes
+        # its share of the STOW-RS requests too.
+        assert _wait_for(lambda: len(_answering_pids_of(node)) >= 2)
+        ds = pydicom.dcmread(shared_path("dicom", "study-mr", "images", "000001.dcm"))
+        # A name where Instance Number (IS) belongs, as a garbled modality
+        # might send.
+        ds[0x00200013] = RawDataElement(
+            Tag(0x00200013), "IS", 8, b"DOE^JOHN", 0, False, True
+        )
+
+        instances = []
+        for _ in range(48):
+            ds.SOPInstanceUID = pydicom.uid.generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            buffer = io.BytesIO()
+            ds.save_as(buffer)
+            instances.append(buffer.getvalue())
+
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(lambda data: _stow(node, data), instances))
+    finally:
+        served.stop()
+        postgresql.drop_database(database_url)
+
+    assert set(statuses) == {200}
+    assert "DOE^JOHN" not in log.read_text()
 
 
 def test_a_worker_that_dies_is_replaced_and_the_node_keeps_answering(
