@@ -60,7 +60,13 @@ from xdsi.metadata import ebrim, stored_query, validation
 from xdsi.metadata import update as metadata_update
 from xdsi.metadata.ebrim import RegistryObject, Submission
 from xdsi.metadata.responses import RegistryError, registry_response, status_of
-from xdsi.store.schema import patient, registry_code, registry_object, registry_value
+from xdsi.store.schema import (
+    locking_transaction,
+    patient,
+    registry_code,
+    registry_object,
+    registry_value,
+)
 from xdsi.wire import SoapMessage
 from xdsi.wire.schema import schema_errors
 
@@ -244,7 +250,7 @@ class Registry:
         FeedRejected
             AE 204 when either patient is unknown or already subsumed.
         """
-        with self.engine.begin() as conn:
+        with locking_transaction(self.engine) as conn:
             # Locks both rows, so that an ITI-42 for the subsumed patient
             # either lands before the merge (and is re-pointed) or after it
             # (and is refused).
@@ -327,7 +333,7 @@ class Registry:
         for folder in submission.folders:
             ebrim.set_slot(folder.element, "lastUpdateTime", [now])
         try:
-            with self.engine.begin() as conn:
+            with locking_transaction(self.engine) as conn:
                 errors, resubmitted = self._check_against_registry(
                     conn, submission, patient_id
                 )
@@ -562,7 +568,7 @@ class Registry:
         _gather_loose_classifications(submission)
         validation.set_status(submission, ebrim.STATUS_APPROVED)
         try:
-            with self.engine.begin() as conn:
+            with locking_transaction(self.engine) as conn:
                 errors = self._check_update(conn, submission, updates, patient_id)
                 if errors:
                     raise _Rollback(errors)
@@ -920,10 +926,9 @@ def _patient_id_error(
     an A40 (ITI TF-2 3.8.4.2.3). With ``lock``, the patient row is share
     locked to the end of the transaction, so that a merge waits for it.
     """
-    # Limitation: SQLite takes no row lock, and pysqlite starts the
-    # transaction only at its first write; an ITI-42 whose check ran just
-    # before a merge committed may still land under the subsumed id there.
-    # PostgreSQL holds the share lock, so the merge waits for the ITI-42.
+    # PostgreSQL holds the share lock, so a merge waits for the ITI-42;
+    # SQLite has no row locks, and the caller's locking_transaction holds
+    # the database's write lock instead.
     statement = select(patient.c.merged_into).where(patient.c.patient_id == patient_id)
     if lock:
         statement = statement.with_for_update(read=True)

@@ -11,6 +11,8 @@ Each actor owns its tables; no actor reads another's.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Connection,
     DateTime,
     Engine,
     Float,
@@ -287,6 +290,32 @@ def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
         raise DisconnectionError(f"connection idle {idle:.0f} s is gone") from exc
 
 
+# The execution option under which a transaction locks what it reads.
+_LOCKING = "xdsi_locking"
+
+
+@contextmanager
+def locking_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction that checks rows and then writes on what it found.
+
+    The rows it reads FOR UPDATE (or FOR SHARE) are locked on PostgreSQL to
+    its end. SQLite has no row locks, and pysqlite would begin the
+    transaction only at its first write, after the checks; there the
+    transaction takes the database's write lock at once (BEGIN IMMEDIATE,
+    SQLite "Transaction" docs), so that no other writer commits between
+    its checks and its writes. Writers wait for it up to the busy timeout.
+    """
+    with engine.connect().execution_options(**{_LOCKING: True}) as conn:
+        with conn.begin():
+            yield conn
+
+
+def _begin_immediate_if_locking(conn: Connection) -> None:
+    """SQLite: begin a locking transaction with the write lock taken."""
+    if conn.get_execution_options().get(_LOCKING):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def make_engine(url: str) -> Engine:
     """Create the engine and upgrade the database to the newest migration.
 
@@ -312,6 +341,8 @@ def make_engine(url: str) -> Engine:
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
+
+        event.listen(engine, "begin", _begin_immediate_if_locking)
     else:
         engine = create_engine(url, hide_parameters=True)
         event.listen(engine, "checkin", _mark_checked_in)

@@ -154,3 +154,40 @@ def test_merge_waits_for_an_iti42_that_checked_the_subsumed_patient(
         postgresql.drop_database(url)
 
     assert waited and done.is_set()
+
+
+def test_an_iti42_that_checked_the_subsumed_patient_is_re_pointed_by_the_merge(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ITI TF-2 3.8.4.2.3: an A40 that comes while an ITI-42 for the
+    subsumed patient is between its patient check and its commit waits for
+    it and re-points its objects, on SQLite (which has no row locks) as on
+    PostgreSQL; the submission never lands under the subsumed id."""
+    survivor, subsumed = fed(services), fed(services)
+    checked, merged = threading.Event(), threading.Event()
+    check = _patient_id_error
+
+    def slow_check(*args: object, **kwargs: object) -> object:
+        error = check(*args, **kwargs)  # type: ignore[arg-type]
+        checked.set()
+        # The merge gets its chance to commit in between.
+        merged.wait(timeout=1.0)
+        return error
+
+    monkeypatch.setattr("xdsi.actors.registry._patient_id_error", slow_check)
+
+    def merge() -> None:
+        services.registry.merge_patients(survivor, subsumed)
+        merged.set()
+
+    merging = threading.Thread(target=merge)
+    registering = threading.Thread(target=lambda: registered(services, subsumed))
+    registering.start()
+    assert checked.wait(timeout=10)
+    merging.start()
+    registering.join(timeout=60)
+    merging.join(timeout=60)
+
+    assert merged.is_set()
+    assert set(find_documents(services, survivor).values()) == {survivor}
+    assert len(find_documents(services, survivor)) == 1
