@@ -250,8 +250,12 @@ def _tls_gate(
 
 
 def _actor_app(settings: Settings, services: Services, actor: str) -> Flask:
-    """The WSGI app of one HTTP actor; the imaging source's takes STOW-RS too."""
+    """The WSGI app of one HTTP actor; the imaging source's takes STOW-RS too.
+
+    No request body larger than [node] max_request_size is read.
+    """
     app = getattr(services, actor).app(settings.storage / "spool" / actor)
+    app.config["MAX_CONTENT_LENGTH"] = settings.node.max_request_size
     if actor == "imaging_source":
         add_stow_route(
             app,

@@ -43,6 +43,10 @@ class ConfigError(Exception):
 
 BLOB_STORES = ("local", "s3")
 
+# The smallest max_request_size: a SOAP request with its envelope and a
+# small document.
+MIN_REQUEST_SIZE = 1024 * 1024
+
 CODE_SET_NAME = re.compile(r"[a-z0-9_]+")
 
 
@@ -66,10 +70,18 @@ class NodeSettings:
     # node's own process; more use more cores. The MLLP listener and the
     # start-up sweep run in the node's own process only.
     workers: int = 1
+    # The largest HTTP request body an actor takes, in bytes: a larger one
+    # (an ITI-41, RAD-68 or STOW-RS) is refused with HTTP 413 before it
+    # fills the spool. 4 GiB by default.
+    max_request_size: int = 4 * 1024**3
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ConfigError("[node] workers must be at least 1")
+        if self.max_request_size < MIN_REQUEST_SIZE:
+            raise ConfigError(
+                f"[node] max_request_size must be at least {MIN_REQUEST_SIZE} bytes"
+            )
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from flask import Flask, Response, request
 from lxml import etree
-from werkzeug.exceptions import ClientDisconnected, HTTPException
+from werkzeug.exceptions import (
+    ClientDisconnected,
+    HTTPException,
+    RequestEntityTooLarge,
+)
 
 from xdsi import ns, wire
 from xdsi.profiles_loader import load_profile_table
@@ -68,20 +72,35 @@ Handler = Callable[[wire.SoapMessage, Peer], Reply]
 
 
 class RequestBody:
-    """An HTTP request body whose read errors are the sender's.
+    """The body of the request being answered, whose read errors are the
+    sender's.
 
     werkzeug raises OSError when chunked framing is garbled or the socket
     fails, and ClientDisconnected when fewer bytes come than announced; both
-    become :class:`wire.UnreadableBody`. Errors of whoever consumes the bytes
-    (a full disk) pass through unchanged.
+    become :class:`wire.UnreadableBody`. A body larger than the app's
+    MAX_CONTENT_LENGTH ([node] max_request_size), announced or sent, is
+    :class:`wire.RequestTooLarge`. Errors of whoever consumes the bytes (a
+    full disk) pass through unchanged.
     """
 
-    def __init__(self, stream: BinaryIO) -> None:
-        self._stream = stream
+    def __init__(self) -> None:
+        self._limit = request.max_content_length
+        try:
+            self._stream = request.stream
+        except RequestEntityTooLarge:
+            raise self._too_large() from None
+
+    def _too_large(self) -> wire.RequestTooLarge:
+        return wire.RequestTooLarge(
+            f"the request body is larger than the {self._limit} bytes this "
+            "node takes ([node] max_request_size)"
+        )
 
     def read(self, size: int = -1) -> bytes:
         try:
             return self._stream.read(size)
+        except RequestEntityTooLarge:
+            raise self._too_large() from None
         except (OSError, ClientDisconnected) as exc:
             raise wire.UnreadableBody(
                 "the HTTP request body broke off or its chunked framing is "
@@ -153,7 +172,7 @@ def soap_app(
         message: wire.SoapMessage | None = None
         try:
             message = wire.read_message(
-                RequestBody(request.stream),
+                RequestBody(),
                 request.headers.get("Content-Type", ""),
                 spool_root,
             )

@@ -26,7 +26,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from xdsi.actors.intake import Intake
 from xdsi.actors.soap_endpoint import RequestBody
 from xdsi.dicom.check import Refused
-from xdsi.wire import MalformedMessage
+from xdsi.wire import MalformedMessage, RequestTooLarge
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ FAILURE_REASON = "00081197"
 
 # DICOM PS3.18 Table 10.5.3-1.
 ALL_STORED, SOME_STORED, NONE_STORED = 200, 202, 409
-BAD_REQUEST, UNSUPPORTED_MEDIA_TYPE, INTERNAL_ERROR = 400, 415, 500
+BAD_REQUEST, CONTENT_TOO_LARGE, UNSUPPORTED_MEDIA_TYPE = 400, 413, 415
+INTERNAL_ERROR = 500
 
 CHUNK = 1 << 20
 # Longest reason text sent in one Warning header.
@@ -146,12 +147,16 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
     parts = _Parts(spool)
     try:
         parser = MultipartParser(boundary, parts.callbacks())
-        stream = RequestBody(request.stream)
+        stream = RequestBody()
         for chunk in iter(lambda: stream.read(CHUNK), b""):
             parser.write(chunk)
         parser.finalize()
         if not parts.ended:
             raise MalformedMessage("no closing boundary (RFC 2046 5.1.1)")
+    except RequestTooLarge as exc:
+        parts.discard()
+        logger.info("STOW-RS request from %s refused: %s", request.remote_addr, exc)
+        return _plain(CONTENT_TOO_LARGE, exc.reason)
     except (FormParserError, MalformedMessage) as exc:
         parts.discard()
         logger.info("STOW-RS request from %s refused: %s", request.remote_addr, exc)

@@ -91,6 +91,15 @@ class UnreadableBody(MalformedMessage):
     """
 
 
+class RequestTooLarge(MalformedMessage):
+    """The HTTP request body is larger than the node takes.
+
+    RFC 9110 15.5.14 (413 Content Too Large); the Fault is the sender's.
+    """
+
+    http_status = 413
+
+
 class _ProblemHeader(SoapFault):
     """A WS-Addressing fault whose detail names the header at fault."""
 

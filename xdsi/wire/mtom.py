@@ -537,8 +537,8 @@ def read_message(
     More lenient than RFC 2046 5.1.1: a package framed with bare LF instead of
     CRLF is read, its part bodies kept byte for byte.
 
-    Limitation: the total size of the attachments is not capped; a peer can
-    fill the spool directory's file system.
+    The size of what is read is the stream's to cap: the node's HTTP edge
+    stops reading a request body past [node] max_request_size.
 
     Raises
     ------
@@ -591,7 +591,6 @@ def read_message(
                 directory,
                 digest,
             )
-            # Limitation: no cap on the attachments' total size.
             while chunk := stream.read(chunk_size):
                 package.feed(chunk)
             package.finish()
