@@ -287,15 +287,10 @@ def publish(
     services = build_services(settings)
     failed = False
     for study in result.studies:
-        if services.intake.study_patient(study.study_instance_uid) not in (None, cx):
+        reason = services.intake.other_patient(study.study_instance_uid, cx)
+        if reason is not None:
             # As intake refuses it (ITI TF-3 4.2.2.2.3).
-            click.secho(
-                f"study {study.study_instance_uid} not published: it is held "
-                "under another patient than the one given; remove it first "
-                "(xdsi remove) to publish it under this one",
-                fg="red",
-                err=True,
-            )
+            click.secho(f"not published: {reason}", fg="red", err=True)
             failed = True
             continue
         if _published_already(services, study):
@@ -615,18 +610,23 @@ def remove(
         series_instance_uid=series_instance_uid,
         sop_instance_uids=sop_instance_uids,
     )
-    click.echo(f"{_count(removed, 'instance')} removed")
-    if publish and (removed or services.intake.changed(study_instance_uid)):
-        # A change an earlier removal left unpublished is published too.
-        _publish_now(services, (study_instance_uid,))
+    # A change an earlier removal (--no-publish) left unpublished is
+    # published too; then removing nothing more is no failure.
+    unpublished = publish and services.intake.changed(study_instance_uid)
+    if removed or not unpublished:
+        click.echo(f"{_count(removed, 'instance')} removed")
+    if removed or unpublished:
+        if publish:
+            _publish_now(services, (study_instance_uid,))
+        services.engine.dispose()
+        return
     services.engine.dispose()
-    if not removed:
-        named = f"study {study_instance_uid}"
-        if series_instance_uid:
-            named += f", series {series_instance_uid}"
-        if sop_instance_uids:
-            named += f", instances {', '.join(sop_instance_uids)}"
-        _fail(f"nothing held matches {named}")
+    named = f"study {study_instance_uid}"
+    if series_instance_uid:
+        named += f", series {series_instance_uid}"
+    if sop_instance_uids:
+        named += f", instances {', '.join(sop_instance_uids)}"
+    _fail(f"nothing held matches {named}")
 
 
 def _published_already(services: Services, study: scan.Study) -> bool:

@@ -1098,6 +1098,50 @@ def test_publish_under_another_patient_than_the_study_is_held_under_is_refused(
     assert len(found) == 1
 
 
+def test_a_study_emptied_without_publishing_is_withdrawn_by_a_second_remove(
+    patient_node: RunningNode, tmp_path: Path
+) -> None:
+    """RAD TF-3 4.68.4.1.2.3: a study emptied by ``remove --no-publish``
+    keeps its manifest current, under its patient. Published under another
+    patient, it is refused with what to do: withdraw the manifest. A second
+    ``remove`` does so (it publishes the earlier removal) and succeeds, though
+    nothing more is held; then the study starts anew."""
+    authority = _feed_first_and_second(patient_node)
+    folder = shared_path("dicom", "study-mr", "images")
+    first = _xdsi(
+        patient_node, tmp_path, "publish", str(folder), "--patient-id", "FIRST-1"
+    )
+    assert first.exit_code == 0, first.output
+    (study_uid,) = {m.study_instance_uid for m in _manifests(patient_node)}
+    emptied = _xdsi(patient_node, tmp_path, "remove", study_uid, "--no-publish")
+    assert emptied.exit_code == 0, emptied.output
+
+    refused = _xdsi(
+        patient_node, tmp_path, "publish", str(folder), "--patient-id", "SECOND-2"
+    )
+    assert refused.exit_code == 1
+    assert "holds no instance, but its manifest is still published" in (refused.output)
+    assert f"xdsi remove {study_uid}" in refused.output
+    assert "FIRST-1" not in refused.output
+
+    withdrawn = _xdsi(patient_node, tmp_path, "remove", study_uid)
+    assert withdrawn.exit_code == 0, withdrawn.output
+    assert "withdrawn" in withdrawn.output
+    assert [m.status for m in _manifests(patient_node)] == ["withdrawn"]
+
+    # Nothing held and nothing left to publish: that is a failure again.
+    nothing = _xdsi(patient_node, tmp_path, "remove", study_uid)
+    assert nothing.exit_code == 1
+    assert "nothing held matches" in nothing.output
+
+    anew = _xdsi(
+        patient_node, tmp_path, "publish", str(folder), "--patient-id", "SECOND-2"
+    )
+    assert anew.exit_code == 0, anew.output
+    found = patient_node.services.consumer.find(f"SECOND-2^^^&{authority}&ISO")
+    assert len(found) == 1
+
+
 def test_headers_only_publication_holds_the_study_under_its_patient(
     patient_node: RunningNode, tmp_path: Path
 ) -> None:

@@ -608,18 +608,36 @@ class Intake:
     def _refuse_other_patient(self, study_instance_uid: str, patient_id: str) -> None:
         """Refuse an instance of a study held under another patient.
 
+        The reason is logged: it names no patient.
+        """
+        reason = self.other_patient(study_instance_uid, patient_id)
+        if reason is not None:
+            raise check.Refused("command_mismatch", reason)
+
+    def other_patient(self, study_instance_uid: str, patient_id: str) -> str | None:
+        """Why a study cannot take instances under ``patient_id``; None when
+        it can.
+
         The registry would refuse the study's replacement manifest under
         another patient (XDSPatientIdDoesNotMatch, ITI TF-3 4.2.2.2.3); the
-        study keeps the patient it is held under. The reason is logged: it
+        study keeps the patient it is held under, or its current manifest
+        names, until it is removed and its manifest withdrawn. The reason
         names no patient.
         """
-        if self.study_patient(study_instance_uid) not in (None, patient_id):
-            raise check.Refused(
-                "command_mismatch",
-                f"study {study_instance_uid} is held under another patient "
-                "than the one given; remove it first (xdsi remove) to publish "
-                "it under this one",
+        if self.study_patient(study_instance_uid) in (None, patient_id):
+            return None
+        remove = f"xdsi remove {study_instance_uid}"
+        if self._holds_instances(study_instance_uid):
+            return (
+                f"study {study_instance_uid} is held under another patient than "
+                f"the one given; remove it first ({remove}) to publish it under "
+                "this one"
             )
+        return (
+            f"study {study_instance_uid} holds no instance, but its manifest is "
+            "still published under another patient; withdraw it first "
+            f"({remove}) to publish it under this one"
+        )
 
     def _refuse_mixed_patients(
         self, conn: Connection, header: scan.InstanceHeader, ds: Dataset
@@ -673,16 +691,26 @@ class Intake:
                     imaging_study.c.study_instance_uid == study_instance_uid
                 )
             ).scalar()
-            if patient is None:
-                return None
-            holds = conn.execute(
-                select(imaging_instance.c.sop_instance_uid)
-                .where(imaging_instance.c.study_instance_uid == study_instance_uid)
-                .limit(1)
-            ).first()
-        if holds is None and self.source.current_manifest(study_instance_uid) is None:
+        if patient is None:
+            return None
+        if (
+            not self._holds_instances(study_instance_uid)
+            and self.source.current_manifest(study_instance_uid) is None
+        ):
             return None
         return patient
+
+    def _holds_instances(self, study_instance_uid: str) -> bool:
+        """Whether any instance of the study is held."""
+        with self.engine.connect() as conn:
+            return (
+                conn.execute(
+                    select(imaging_instance.c.sop_instance_uid)
+                    .where(imaging_instance.c.study_instance_uid == study_instance_uid)
+                    .limit(1)
+                ).first()
+                is not None
+            )
 
     def _held(self, header: scan.InstanceHeader) -> bool:
         """Whether an instance of this SOP Instance UID is held already.
