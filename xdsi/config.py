@@ -137,7 +137,7 @@ class RepositorySettings:
     s3_region: str = "us-east-1"
     s3_access_key_id: str = ""
     s3_secret_access_key: str = ""
-    # ITI-42 waits this many seconds for the registry's answer.
+    # ITI-42 waits this many seconds for the registry's whole answer.
     registry_timeout: float = 120.0
     # A document still pending this many seconds after it was stored is
     # settled by the sweep (at start-up, then every minute or half this age):

@@ -9,6 +9,7 @@ passes straight through unless a case answers it too."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -35,6 +36,8 @@ from xdsi.store.schema import repository_document
 
 ITI_42_RESPONSE = "urn:ihe:iti:2007:RegisterDocumentSet-bResponse"
 ITI_43 = "urn:ihe:iti:2007:RetrieveDocumentSet"
+# registry_timeout of a repository that must give up soon.
+BRIEF = 1.0
 
 
 def _soap(body: etree._Element, action: str = ITI_42_RESPONSE) -> Response:
@@ -122,6 +125,16 @@ class RelayedNode:
 
 @pytest.fixture
 def relayed(tmp_path: Path) -> Iterator[RelayedNode]:
+    yield from _relayed(tmp_path)
+
+
+@pytest.fixture
+def relayed_briefly(tmp_path: Path) -> Iterator[RelayedNode]:
+    """A relayed node whose repository waits a second for ITI-42's answer."""
+    yield from _relayed(tmp_path, registry_timeout=BRIEF)
+
+
+def _relayed(tmp_path: Path, **repository: object) -> Iterator[RelayedNode]:
     relay = ScriptedRelay()
     settings = (
         Settings()
@@ -129,7 +142,8 @@ def relayed(tmp_path: Path) -> Iterator[RelayedNode]:
         .with_ports(registry=0, repository=0, imaging_source=0, feed=0)
     )
     settings = replace(
-        settings, repository=replace(settings.repository, registry_url=relay.url)
+        settings,
+        repository=replace(settings.repository, registry_url=relay.url, **repository),
     )
     node = Node(settings)
     effective = node.start()
@@ -279,4 +293,47 @@ def test_a_getdocuments_answer_without_leafclass_settles_nothing(
     assert unique_id is None
     assert relayed.node.services.repository.sweep_pending(timedelta(0)) == 0
     ((_, state),) = relayed.rows()
+    assert state == "pending"
+
+
+def _trickled(answer: Answer, sent: list[int]) -> Answer:
+    """``answer``, sent a byte every 50 ms (about half a minute in all);
+    ``sent`` counts the bytes that went out."""
+
+    def respond() -> Response:
+        whole = answer().get_data()
+
+        def bytes_slowly() -> Iterator[bytes]:
+            for offset in range(len(whole)):
+                sent.append(offset)
+                yield whole[offset : offset + 1]
+                time.sleep(0.05)
+
+        return Response(
+            bytes_slowly(),
+            content_type=answer().content_type,
+            headers={"Content-Length": str(len(whole))},
+        )
+
+    return respond
+
+
+def test_an_answer_trickling_in_past_registry_timeout_is_not_waited_for(
+    relayed_briefly: RelayedNode, tmp_path: Path
+) -> None:
+    """[repository] registry_timeout bounds the whole answer, not each read:
+    a registry that sends a byte at a time is given up at the timeout, as
+    one that sends nothing is. The outcome is unknown, so the registry is
+    asked; it never got the submission, so the document stays pending and
+    the Source hears XDSRegistryNotAvailable (ITI TF-2 3.42.4.2)."""
+    sent: list[int] = []
+    relayed_briefly.relay.passes_iti42 = False
+    relayed_briefly.relay.iti42 = _trickled(_response(ResponseStatus.SUCCESS), sent)
+
+    _, unique_id, errors = _submit(relayed_briefly, tmp_path)
+
+    assert unique_id is None
+    assert [e.code for e in errors] == ["XDSRegistryNotAvailable"]
+    assert len(sent) < len(_response(ResponseStatus.SUCCESS)().get_data()) // 2
+    ((_, state),) = relayed_briefly.rows()
     assert state == "pending"

@@ -606,6 +606,7 @@ class Repository:
         client = wire.SoapClient(
             url,
             timeout=self.settings.repository.registry_timeout,
+            answer_within=self.settings.repository.registry_timeout,
             spool_dir=self.blobs.spool,
             ssl_context=tls.client_context_for(self.settings),
         )

@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import requests
 import urllib3.exceptions
@@ -58,6 +58,29 @@ class _SizedBody:
         return self._chunks
 
 
+class _AnswerTooSlow(Exception):
+    """The answer was still coming when its time was up."""
+
+
+class _Deadline:
+    """An answer stream read piece by piece, refused past ``deadline``.
+
+    Each read takes what one read of the socket gives (``read1``), so that a
+    peer sending a byte at a time cannot keep one read going past the
+    deadline; each read still waits at most the client's per-read timeout.
+    """
+
+    def __init__(self, stream: BinaryIO, deadline: float) -> None:
+        self._stream = stream
+        self._deadline = deadline
+        self._read = getattr(stream, "read1", stream.read)
+
+    def read(self, size: int = -1) -> bytes:
+        if time.monotonic() > self._deadline:
+            raise _AnswerTooSlow
+        return self._read(size)
+
+
 class _ContextAdapter(HTTPAdapter):
     """HTTPS through one ssl.SSLContext, whose settings alone decide trust.
 
@@ -91,7 +114,11 @@ class SoapClient:
 
     Redirects are not followed: an IHE endpoint answers where it is. With
     ``ssl_context`` an https:// endpoint is reached over that context (mutual
-    TLS, ITI TF-2 3.19); a given ``session`` is used as it is.
+    TLS, ITI TF-2 3.19); a given ``session`` is used as it is. ``timeout``
+    bounds each wait for the connection or for more of the answer; with
+    ``answer_within``, an answer still coming that many seconds after the
+    request started is given up (a TransportError), however steadily it
+    trickles in.
     """
 
     def __init__(
@@ -99,12 +126,14 @@ class SoapClient:
         url: str,
         *,
         timeout: float = 120.0,
+        answer_within: float | None = None,
         spool_dir: Path | None = None,
         session: requests.Session | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.url = url
         self.timeout = timeout
+        self.answer_within = answer_within
         self.spool_dir = (
             spool_dir if spool_dir is not None else Path(tempfile.gettempdir())
         )
@@ -149,7 +178,7 @@ class SoapClient:
             response = self._post(content_type, _SizedBody(length, chunks))
             status = response.status_code
             with response:
-                message = self._read(response, digest)
+                message = self._read(response, digest, started)
             if message.body.tag == qname(SOAP12, "Fault"):
                 message.close()
                 fault = PeerFault.from_element(message.body)
@@ -240,14 +269,27 @@ class SoapClient:
         except requests.RequestException as exc:
             raise TransportError(str(exc), self.url) from exc
 
-    def _read(self, response: requests.Response, digest: bool) -> SoapMessage:
-        """Read the response as SOAP; anything else is a TransportError."""
+    def _read(
+        self, response: requests.Response, digest: bool, started: float
+    ) -> SoapMessage:
+        """Read the response as SOAP; anything else is a TransportError, as
+        is an answer not read whole ``answer_within`` seconds after
+        ``started``."""
         content_type = response.headers.get("Content-Type", "")
         response.raw.decode_content = True
+        stream: BinaryIO = response.raw
+        if self.answer_within is not None:
+            # Limitation: the status line and headers are read under the
+            # per-read timeout alone; the deadline is checked from the body on.
+            stream = _Deadline(stream, started + self.answer_within)
         try:
-            return read_message(
-                response.raw, content_type, self.spool_dir, digest=digest
-            )
+            return read_message(stream, content_type, self.spool_dir, digest=digest)
+        except _AnswerTooSlow:
+            raise TransportError(
+                f"the answer broke off (not whole within {self.answer_within:g} s)",
+                self.url,
+                response.status_code,
+            ) from None
         except SoapFault as exc:
             shown = content_type or "no Content-Type"
             raise TransportError(
