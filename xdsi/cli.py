@@ -442,8 +442,20 @@ def _fetch(consumer: Consumer, patient_id: str, out: Path) -> FetchResult:
     metavar="AE@HOST:PORT",
     help="Then send every retrieved instance there by C-STORE.",
 )
+@click.option(
+    "--pacs-tls",
+    is_flag=True,
+    help="C-STORE over TLS (DICOM PS3.15 B.1) with the node's [tls] certificate "
+    "and trusted CAs.",
+)
 @click.pass_context
-def fetch(ctx: click.Context, patient_id: str, out: Path, to_pacs: str | None) -> None:
+def fetch(
+    ctx: click.Context,
+    patient_id: str,
+    out: Path,
+    to_pacs: str | None,
+    pacs_tls: bool,
+) -> None:
     """Retrieve a patient's manifests (ITI-43) and images (RAD-69) into OUT."""
     settings = _settings(ctx)
     destination = None
@@ -452,6 +464,12 @@ def fetch(ctx: click.Context, patient_id: str, out: Path, to_pacs: str | None) -
             destination = Destination.parse(to_pacs)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--to-pacs") from exc
+    if pacs_tls and (destination is None or not settings.tls.enabled):
+        raise click.BadParameter(
+            "needs --to-pacs and a configuration with [tls] enabled (the "
+            "certificate presented to the PACS and the CAs trusted in it)",
+            param_hint="--pacs-tls",
+        )
     consumer = build_services(settings).consumer
     try:
         result = _fetch(consumer, qualify_patient_id(patient_id, settings), out)
@@ -463,15 +481,16 @@ def fetch(ctx: click.Context, patient_id: str, out: Path, to_pacs: str | None) -
         f"{result.bytes / 1e6:.1f} MB in {out}"
     )
     if destination is not None:
-        _send_to_pacs(result.instances, destination, settings)
+        _send_to_pacs(result.instances, destination, settings, tls_=pacs_tls)
     if result.missing:
         _fail(f"{_count(len(result.missing), 'referenced instance')} not returned")
 
 
 def _send_to_pacs(
-    paths: list[Path], destination: Destination, settings: Settings
+    paths: list[Path], destination: Destination, settings: Settings, *, tls_: bool
 ) -> None:
-    """C-STORE the retrieved instances into a PACS (DICOM PS3.4 B)."""
+    """C-STORE the retrieved instances into a PACS (DICOM PS3.4 B), over TLS
+    with ``tls_``."""
     with _progress() as bar:
         task = bar.add_task(f"C-STORE to {destination.ae_title}", total=len(paths))
         try:
@@ -480,6 +499,7 @@ def _send_to_pacs(
                 destination,
                 calling_ae_title=settings.imaging_source.ae_title,
                 progress=lambda done, _total: bar.update(task, completed=done),
+                ssl_context=tls.client_context_for(settings) if tls_ else None,
             )
         except StoreScuError as exc:
             _fail(str(exc))

@@ -25,6 +25,7 @@ from xdsi.app import Node
 from xdsi.audit import AuditRecord
 from xdsi.config import Settings
 from xdsi.dicom import scan
+from xdsi.dicom.store_scu import Destination, StoreScuError, send_files
 from xdsi.hl7.adt import build_feed
 from xdsi.hl7.mllp import MllpError, encode_frame, send_message
 
@@ -280,6 +281,51 @@ def test_imaging_chain_over_mutual_tls_comes_back_byte_identical(
     }
     transactions = {r.event_type for r in tls_node.services.audit_spool.records()}
     assert {"ITI-8", "RAD-68", "ITI-42", "ITI-18", "ITI-43", "RAD-69"} <= transactions
+
+
+def _sop_instance_uid(path: Path) -> str:
+    (study,) = scan.scan_files([path]).studies
+    (header,) = study.instances
+    return header.sop_instance_uid
+
+
+def test_instances_go_to_a_pacs_over_dicom_tls(tls_node: RunningNode) -> None:
+    """DICOM PS3.15 B.1, ITI TF-2 3.19: C-STORE into a PACS (the node's own
+    storage SCP behind its TLS gate, as ``fetch --to-pacs --pacs-tls`` does)
+    runs over mutual TLS, and the PACS keeps what it got."""
+    path = shared_path("dicom", "singles", "cr__ids-1301.dcm")
+    pacs = Destination("XDSI", *_address(tls_node, "dicom"))
+
+    sent = send_files(
+        [path],
+        pacs,
+        calling_ae_title="TLSPEER",
+        ssl_context=tls.client_context(tls_node.settings.tls),
+    )
+
+    assert sent.statuses == {path: 0x0000}
+    uid = _sop_instance_uid(path)
+    assert set(tls_node.services.imaging_source.held_instances([uid])) == {uid}
+
+
+def test_a_pacs_that_does_not_trust_the_sender_stores_nothing(
+    tls_node: RunningNode, pki: Pki
+) -> None:
+    """ITI TF-2 3.19: C-STORE over TLS with a certificate the PACS does not
+    trust gets no association, and nothing is stored."""
+    path = shared_path("dicom", "singles", "dx__dx_image.dcm")
+    pacs = Destination("XDSI", *_address(tls_node, "dicom"))
+
+    with pytest.raises(StoreScuError, match="over TLS"):
+        send_files(
+            [path],
+            pacs,
+            calling_ae_title="ROGUE",
+            ssl_context=_untrusted_certificate(pki),
+        )
+
+    uid = _sop_instance_uid(path)
+    assert tls_node.services.imaging_source.held_instances([uid]) == {}
 
 
 def test_client_refuses_a_node_it_does_not_trust(

@@ -8,11 +8,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, shared_path
 from tests.integration.test_command_line import _free_port, _xdsi
 
 
@@ -37,8 +38,15 @@ def tls_config(tmp_path: Path) -> Path:
 @pytest.fixture
 def served_over_tls(tls_config: Path) -> Iterator[Path]:
     """``xdsi serve`` with the generated certificates."""
+    with _serving(tls_config):
+        yield tls_config
+
+
+@contextmanager
+def _serving(config: Path) -> Iterator[None]:
+    """``xdsi serve`` with ``config``, until the block ends."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "xdsi", "--config", str(tls_config), "serve"],
+        [sys.executable, "-m", "xdsi", "--config", str(config), "serve"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -58,7 +66,7 @@ def served_over_tls(tls_config: Path) -> Iterator[Path]:
                 raise AssertionError("xdsi serve exited:\n" + "".join(lines))
         (registry,) = [line for line in lines if line.startswith("registry")]
         assert "https://127.0.0.1:" in registry
-        yield tls_config
+        yield
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -83,6 +91,64 @@ def test_feed_without_tls_to_a_tls_node_fails(served_over_tls: Path, tmp_path: P
 
     assert result.returncode == 1
     assert "ITI-8 feed failed" in result.stderr
+
+
+def test_fetch_stores_into_a_pacs_over_dicom_tls(tls_config: Path) -> None:
+    """DICOM PS3.15 B.1, ITI TF-2 3.19: ``fetch --to-pacs --pacs-tls`` sends
+    by C-STORE over mutual TLS (into the served node's own storage SCP,
+    which holds the instances already and says so with Success)."""
+    dicom_port = _free_port()
+    config = tls_config
+    config.write_text(
+        config.read_text().replace(
+            "[imaging_source]\n",
+            f"[imaging_source]\nstore_scp = true\ndicom_port = {dicom_port}\n",
+        )
+    )
+    images = shared_path("dicom", "study-mr", "images")
+    with _serving(config):
+        _xdsi(config, "feed", "XDSI-TLS-PACS")
+        _xdsi(config, "publish", str(images), "--patient-id", "XDSI-TLS-PACS")
+
+        fetched = _xdsi(
+            config,
+            "fetch",
+            "--patient-id",
+            "XDSI-TLS-PACS",
+            "--out",
+            str(config.parent / "out"),
+            "--to-pacs",
+            f"XDSI@127.0.0.1:{dicom_port}",
+            "--pacs-tls",
+        )
+
+    count = len(list(images.iterdir()))
+    assert f"{count} instances stored in XDSI@127.0.0.1:{dicom_port}" in (
+        fetched.stdout
+    )
+
+
+def test_pacs_tls_needs_tls_configured(tmp_path: Path) -> None:
+    """``--pacs-tls`` without [tls] is a wrong argument (exit 2), not a
+    clear-text C-STORE."""
+    config = tmp_path / "xdsi.toml"
+    config.write_text("")
+
+    result = _xdsi(
+        config,
+        "fetch",
+        "--patient-id",
+        "P",
+        "--out",
+        str(tmp_path / "out"),
+        "--to-pacs",
+        "PACS@127.0.0.1:11112",
+        "--pacs-tls",
+        check=False,
+    )
+
+    assert result.returncode == 2
+    assert "[tls] enabled" in result.stderr
 
 
 def test_demo_runs_the_chain_over_mutual_tls(tmp_path: Path) -> None:

@@ -4,13 +4,16 @@ Implements the Storage Service Class as an SCU (DICOM PS3.4 B): one
 presentation context per SOP Class and transfer syntax found in the files'
 File Meta Information (DICOM PS3.10 7.1), at most 128 per association (DICOM
 PS3.8 9.3.2.2); each data set is sent as the file holds it, never decoded
-or re-encoded, so that the peer receives the same bytes.
+or re-encoded, so that the peer receives the same bytes. Given a TLS
+context, each association runs over TLS (DICOM PS3.15 B.1, the Basic TLS
+Secure Transport Connection Profile; ITI TF-2 3.19).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,8 +80,10 @@ def send_files(
     calling_ae_title: str,
     progress: Progress | None = None,
     timeout: float = 60.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> SendResult:
-    """C-STORE every file of ``paths`` to ``destination``.
+    """C-STORE every file of ``paths`` to ``destination``, over TLS with
+    ``ssl_context`` (its certificate presented, the SCP's checked).
 
     A file without File Meta Information (SOP Class, SOP Instance and
     transfer syntax) is not sent and lands in ``unsendable``.
@@ -108,12 +113,16 @@ def send_files(
         files = [p for key in batch for p in contexts[key]]
         ae = _application_entity(calling_ae_title, timeout, batch)
         assoc = ae.associate(
-            destination.host, destination.port, ae_title=destination.ae_title
+            destination.host,
+            destination.port,
+            ae_title=destination.ae_title,
+            tls_args=None if ssl_context is None else (ssl_context, destination.host),
         )
         if not assoc.is_established:
+            over = " over TLS" if ssl_context is not None else ""
             raise StoreScuError(
                 f"no association with {destination.ae_title}@{destination.host}:"
-                f"{destination.port} (rejected, aborted or unreachable)"
+                f"{destination.port}{over} (rejected, aborted or unreachable)"
             )
         try:
             for path in files:
