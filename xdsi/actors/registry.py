@@ -43,6 +43,7 @@ from xdsi.errors import (
     DuplicateUniqueIdInRegistry,
     MetadataInvalid,
     NonIdenticalHash,
+    PatientIdDoesNotMatch,
     ResultNotSinglePatient,
     TooManyResults,
     UnknownPatientId,
@@ -398,6 +399,11 @@ class Registry:
                 if again:
                     resubmitted.add(obj.id)
 
+        # The objects the Associations name are locked to the end of the
+        # transaction (PostgreSQL; SQLite's transaction holds the write lock
+        # already), in entryUUID order: a concurrent submission that replaces
+        # the same DocumentEntry waits, then finds it Deprecated
+        # (XDSRegistryDeprecatedDocumentError, ITI TF-3 4.2.2.2.3).
         ro = registry_object.c
         held_objects = {
             row.entry_uuid: validation.HeldObject(
@@ -405,7 +411,9 @@ class Registry:
             )
             for row in _select_in(
                 conn,
-                select(ro.entry_uuid, ro.kind, ro.patient_id, ro.status),
+                select(ro.entry_uuid, ro.kind, ro.patient_id, ro.status)
+                .order_by(ro.entry_uuid)
+                .with_for_update(),
                 ro.entry_uuid,
                 validation.external_references(submission),
             )
@@ -826,7 +834,7 @@ def _held_ids(
 ) -> list[Row]:
     """The registered objects whose entryUUID or uniqueId is in the sets."""
     ro = registry_object.c
-    statement = select(ro.entry_uuid, ro.unique_id, ro.hash, ro.kind)
+    statement = select(ro.entry_uuid, ro.unique_id, ro.hash, ro.kind, ro.patient_id)
     ids, unique_ids = sorted(ids), sorted(unique_ids)
     half = _IN_CHUNK // 2
     rows: dict[str, Row] = {}
@@ -884,8 +892,10 @@ def _check_unique_id(
 
     ``rows`` are the registered objects with ``obj``'s uniqueId. A
     DocumentEntry may register an already registered document again when the
-    hash is the same; another hash is XDSNonIdenticalHash. Returns the error,
-    if any, and whether ``obj`` registers a document again.
+    hash is the same, for the same patient; another hash is
+    XDSNonIdenticalHash, another patient XDSPatientIdDoesNotMatch (one
+    document is of one patient, ITI TF-3 4.2.3.2.26). Returns the error, if
+    any, and whether ``obj`` registers a document again.
     """
     if not rows:
         return None, False
@@ -893,6 +903,15 @@ def _check_unique_id(
     if obj.kind == ebrim.DOCUMENT_ENTRY and all(
         row.kind == ebrim.DOCUMENT_ENTRY for row in rows
     ):
+        if any(row.patient_id != obj.patient_id for row in rows):
+            return (
+                PatientIdDoesNotMatch(
+                    f"DocumentEntry uniqueId {obj.unique_id} is registered for "
+                    "another patient",
+                    obj.unique_id,
+                ),
+                False,
+            )
         if new_hash and all(row.hash == new_hash for row in rows):
             return None, True
         error: XdsError = NonIdenticalHash(
