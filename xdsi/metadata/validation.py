@@ -42,16 +42,19 @@ from xdsi.profiles_loader import load_profile_table
 # (code, codingScheme) pairs the affinity domain allows.
 CodeSets = Mapping[str, frozenset[tuple[str, str]]]
 
+# Each pattern ends in \Z, not $, which would let a final newline through.
+
 # ITI TF-3 4.2.3.1.5: an OID is at most 64 characters of digits and dots.
-OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
+OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+\Z")
+MAX_OID_LENGTH = 64
 
 # ITI TF-3 4.2.3.2.16: patientId is a CX with ID and an ISO assigning authority.
-PATIENT_ID_CX = re.compile(r"^[^\^&~\\|]+\^\^\^&([0-9.]+)&ISO$")
+PATIENT_ID_CX = re.compile(r"^[^\^&~\\|]+\^\^\^&([0-9.]+)&ISO\Z")
 
 # ITI TF-3 4.2.3.2.26: DocumentEntry uniqueId is OID or OID^extension.
-DOCUMENT_UNIQUE_ID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+(\^[^\s]{1,16})?$")
+DOCUMENT_UNIQUE_ID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+(\^[^\s]{1,16})?\Z")
 
-SHA1_HEX = re.compile(r"^[0-9a-fA-F]{40}$")
+SHA1_HEX = re.compile(r"^[0-9a-fA-F]{40}\Z")
 
 # ITI TF-3 4.2.3.1.6: DTM precisions, YYYY up to YYYYMMDDhhmmss.
 _DTM_FORMATS = {
@@ -81,7 +84,7 @@ def is_dtm(value: str) -> bool:
 
 
 def is_oid(value: str) -> bool:
-    return len(value) <= 64 and OID.match(value) is not None
+    return len(value) <= MAX_OID_LENGTH and OID.match(value) is not None
 
 
 def assign_entry_uuids(submission: Submission) -> dict[str, str]:
@@ -225,8 +228,13 @@ def check_object(obj: RegistryObject) -> list[XdsError]:
 def _values(obj: RegistryObject, attribute: str, spec: dict) -> list[str]:
     kind = spec["kind"]
     if kind == "external_identifier":
-        value = obj.external_ids.get(spec["scheme"])
-        return [value] if value is not None else []
+        # Every ExternalIdentifier of the scheme, so that a second one (which
+        # RegistryObject.external_ids would hide) is counted.
+        return [
+            child.get("value", "")
+            for child in obj.element.findall(f"{{{ns.RIM}}}ExternalIdentifier")
+            if child.get("identificationScheme") == spec["scheme"]
+        ]
     if kind in ("classification", "author"):
         return [
             c.node_representation or "author"
@@ -336,11 +344,15 @@ def _check_formats(obj: RegistryObject, label: str) -> list[XdsError]:
         )
     unique_id = obj.unique_id
     if obj.kind == ebrim.DOCUMENT_ENTRY:
-        if unique_id is not None and not DOCUMENT_UNIQUE_ID.match(unique_id):
+        if unique_id is not None and (
+            not DOCUMENT_UNIQUE_ID.match(unique_id)
+            or len(unique_id.split("^")[0]) > MAX_OID_LENGTH
+        ):
             errors.append(
                 MetadataInvalid(
-                    f"{label} uniqueId {unique_id!r} is not an OID with an optional "
-                    "^extension (ITI TF-3 4.2.3.2.26)",
+                    f"{label} uniqueId {unique_id!r} is not an OID of at most "
+                    f"{MAX_OID_LENGTH} characters with an optional ^extension "
+                    "(ITI TF-3 4.2.3.1.5, 4.2.3.2.26)",
                     obj.id,
                 )
             )

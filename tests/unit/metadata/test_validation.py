@@ -386,6 +386,55 @@ def test_document_unique_id_that_is_no_oid_is_metadata_invalid(
     assert f"uniqueId {unique_id!r} is not an OID" in str(error)
 
 
+@pytest.mark.parametrize("attribute", ["patientId", "uniqueId"])
+def test_a_second_identifier_of_one_scheme_is_metadata_invalid(
+    request_element: etree._Element, attribute: str
+) -> None:
+    """ITI TF-3 4.2.3.2.16, 4.2.3.2.26: patientId and uniqueId are 1..1; a
+    second ExternalIdentifier of the scheme (naming another patient, or
+    another document) is not read past."""
+    identifier = _external_identifier(
+        request_element, ENTRY_ID, ebrim.DOCUMENT_ENTRY, attribute
+    )
+    second = copy.deepcopy(identifier)
+    second.set("id", f"urn:uuid:{uuid.uuid4()}")
+    identifier.addnext(second)
+
+    error = _single_error(request_element)
+
+    assert type(error) is MetadataInvalid
+    assert f"has 2 values of {attribute}; one is allowed" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("object_id", "kind", "attribute", "value"),
+    [
+        (ENTRY_ID, ebrim.DOCUMENT_ENTRY, "uniqueId", "1.2.3\n"),
+        (SUBMISSION_SET_ID, ebrim.SUBMISSION_SET, "uniqueId", "1.2.3\n"),
+        (SUBMISSION_SET_ID, ebrim.SUBMISSION_SET, "sourceId", "1.2.3\n"),
+        (ENTRY_ID, ebrim.DOCUMENT_ENTRY, "patientId", f"ID^^^&{AUTHORITY}&ISO\n"),
+        (ENTRY_ID, ebrim.DOCUMENT_ENTRY, "uniqueId", "1." + "2" * 70),
+    ],
+    ids=["entry-newline", "set-newline", "source-newline", "cx-newline", "long"],
+)
+def test_an_identifier_with_a_final_newline_or_too_long_is_metadata_invalid(
+    request_element: etree._Element,
+    object_id: str,
+    kind: str,
+    attribute: str,
+    value: str,
+) -> None:
+    """ITI TF-3 4.2.3.1.5: an OID is digits and dots, at most 64 of them;
+    a final newline makes another value, not the same one."""
+    _external_identifier(request_element, object_id, kind, attribute).set(
+        "value", value
+    )
+
+    errors = _errors(request_element)
+
+    assert any(type(e) is MetadataInvalid and attribute in str(e) for e in errors)
+
+
 def test_document_unique_id_with_extension_is_accepted(
     request_element: etree._Element,
 ) -> None:
