@@ -210,7 +210,10 @@ def read_query(request: etree._Element) -> StoredQuery:
             (v.text or "").strip()
             for v in slot.iterfind(f"{{{ns.RIM}}}ValueList/{{{ns.RIM}}}Value")
         ]
-        counts[slot_name] = counts.get(slot_name, 0) + len(texts)
+        # A Value may hold a list ('a','b',...): what counts is the values
+        # the lists hold, parsed, or the Value elements if more.
+        group = _slot_values(slot_name, texts)
+        counts[slot_name] = counts.get(slot_name, 0) + max(len(texts), len(group))
         if counts[slot_name] > MAX_PARAMETER_VALUES:
             raise StoredQueryParamNumber(
                 f"{slot_name} has more than {MAX_PARAMETER_VALUES} values; this "
@@ -223,7 +226,6 @@ def read_query(request: etree._Element) -> StoredQuery:
                 "registry takes at most that many in one query",
                 slot_name,
             )
-        group = _slot_values(slot_name, texts)
         if group:
             parameters.setdefault(slot_name, []).append(group)
 

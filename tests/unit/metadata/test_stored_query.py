@@ -22,6 +22,7 @@ from xdsi.errors import (
 )
 from xdsi.metadata.codes import Code
 from xdsi.metadata.stored_query import (
+    MAX_PARAMETER_VALUES,
     RETURN_LEAF_CLASS,
     RETURN_OBJECT_REF,
     StoredQuery,
@@ -145,6 +146,23 @@ def test_find_documents_request_is_read() -> None:
     assert query.return_type == RETURN_LEAF_CLASS
     assert query.single("$XDSDocumentEntryPatientId") == PATIENT_ID
     assert query.values("$XDSDocumentEntryStatus") == [APPROVED]
+
+
+def test_values_packed_into_lists_count_against_the_bound() -> None:
+    """A parameter's values are counted as the lists hold them: Values each
+    packing many codes cannot pass the bound that separate Values meet
+    (XDSStoredQueryParamNumber rather than a query the database refuses)."""
+    per_value = 100
+    lists = [
+        "(" + ",".join(f"'{n}^^1'" for n in range(start, start + per_value)) + ")"
+        for start in range(0, MAX_PARAMETER_VALUES + per_value, per_value)
+    ]
+    request = _request(
+        FIND_DOCUMENTS_ID, [*VALID_SLOTS, ("$XDSDocumentEntryClassCode", lists)]
+    )
+
+    with pytest.raises(StoredQueryParamNumber, match="more than 256 values"):
+        read_query(request)
 
 
 def test_values_of_several_value_elements_join_one_or_list() -> None:
