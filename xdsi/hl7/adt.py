@@ -100,6 +100,12 @@ UNIVERSAL_ID_TYPE = "ISO"
 
 _SEGMENT_END = re.compile(r"\r\n|\n|\r")
 
+# The segments of an ADT message that ITI-8 reads (ITI TF-2 3.8.4.1.2,
+# 3.8.4.2.2), and the most of them parsed: a PID segment is seldom over a
+# few hundred characters.
+_READ_SEGMENTS = frozenset({"MSH", "EVN", "PID", "PD1", "PV1", "MRG"})
+MAX_READ_LENGTH = 32 * 1024
+
 
 @dataclass(frozen=True)
 class PatientIdentity:
@@ -497,8 +503,22 @@ def handle_feed(
 
 
 def _parse(message: str) -> Message:
-    """Parse ER7 text with hl7apy, tolerant of CR, LF or CRLF segment ends."""
-    normalised = _SEGMENT_END.sub("\r", message.strip())
+    """Parse the segments ITI-8 reads with hl7apy, tolerant of CR, LF or
+    CRLF segment ends.
+
+    Other segments (NTE, OBX, NK1 …) are left unparsed, and what is parsed
+    is at most MAX_READ_LENGTH characters: hl7apy takes tens of microseconds
+    a character, and a frame may hold megabytes.
+    """
+    segments = _SEGMENT_END.sub("\r", message.strip()).split("\r")
+    normalised = "\r".join(s for s in segments if s[:3] in _READ_SEGMENTS)
+    if len(normalised) > MAX_READ_LENGTH:
+        raise FeedRejected(
+            "AR",
+            "207",
+            f"the MSH, EVN, PID, PD1, PV1 and MRG segments hold more than "
+            f"{MAX_READ_LENGTH} characters; message not read",
+        )
     try:
         msg = parse_message(
             normalised,

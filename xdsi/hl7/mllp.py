@@ -129,6 +129,9 @@ class _Deframer:
         self._buffer = bytearray()
         self._max_frame_size = max_frame_size
         self.in_frame = False
+        # How much of the unfinished frame was searched already, so that a
+        # frame trickling in is searched once, not once per read.
+        self._searched = 0
 
     def feed(self, data: bytes) -> tuple[list[bytes], int]:
         """Add received bytes; return the frames completed and bytes skipped."""
@@ -145,22 +148,28 @@ class _Deframer:
                     break
                 del self._buffer[: start + 1]
                 self.in_frame = True
+                self._searched = 0
 
-            end = self._buffer.find(END_BLOCK)
-            restart = self._buffer.find(START_BLOCK, 0, None if end < 0 else end)
+            end = self._buffer.find(END_BLOCK, self._searched)
+            restart = self._buffer.find(
+                START_BLOCK, self._searched, None if end < 0 else end
+            )
             if restart >= 0:
                 skipped += restart
                 del self._buffer[: restart + 1]
+                self._searched = 0
                 continue
             if (end if end >= 0 else len(self._buffer)) > self._max_frame_size:
                 raise FrameTooLarge(
                     self._max_frame_size, bytes(self._buffer[:_HEADER_BYTES])
                 )
             if end < 0:
+                self._searched = len(self._buffer)
                 break
             frames.append(bytes(self._buffer[:end]))
             del self._buffer[: end + 1]
             self.in_frame = False
+            self._searched = 0
         return frames, skipped
 
 

@@ -221,6 +221,11 @@ REJECTIONS = {
         "AE",
         "102",
     ),
+    "PID-3 of more repetitions than are parsed": (
+        ADT_A01_V231.replace(f"{AFFINITY_CX}", f"{LOCAL_CX}~" * 5000 + AFFINITY_CX),
+        "AR",
+        "207",
+    ),
 }
 
 
@@ -235,6 +240,17 @@ def test_feed_breaking_a_rule_is_rejected_with_its_table_0357_code(
         parse_feed(message, assigning_authority=AFFINITY_DOMAIN)
 
     assert (caught.value.ack_code, caught.value.error_code) == (ack_code, error_code)
+
+
+def test_segments_iti8_does_not_read_are_not_parsed() -> None:
+    """ITI TF-2 3.8.4.1.2: NTE, OBX and the like carry nothing ITI-8 keeps;
+    thousands of them, far beyond what is parsed, leave the feed as it is."""
+    notes = "".join(f"NTE|{n}||note {n}\r" for n in range(20000))
+    message = ADT_A01_V231.rstrip("\r") + "\r" + notes
+
+    identity = parse_feed(message, assigning_authority=AFFINITY_DOMAIN)
+
+    assert identity.patient_id == AFFINITY_CX
 
 
 def test_unknown_authority_rejection_names_the_authority_sought() -> None:
