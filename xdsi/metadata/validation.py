@@ -164,6 +164,18 @@ def check_submission(submission: Submission) -> list[XdsError]:
     for obj in submission.objects:
         if obj.kind in (ebrim.DOCUMENT_ENTRY, ebrim.SUBMISSION_SET, ebrim.FOLDER):
             errors.extend(check_object(obj))
+        # ITI TF-3 4.2.3.2 (logicalID): an object registered by ITI-42 is
+        # its first version, whose lid is its own id; a lid naming another
+        # object (another patient's, say) is a new version, which only an
+        # Update Document Set (ITI-57) submits.
+        if obj.logical_id and obj.logical_id != obj.id:
+            errors.append(
+                MetadataInvalid(
+                    f"{obj.kind or 'RegistryObject'} {obj.id} has lid "
+                    f"{obj.logical_id}: a first version's logicalID is its own id",
+                    obj.id,
+                )
+            )
 
     if len(submission_sets) == 1:
         errors.extend(_check_patient_ids(submission, submission_sets[0]))

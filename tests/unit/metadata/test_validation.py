@@ -435,6 +435,27 @@ def test_an_identifier_with_a_final_newline_or_too_long_is_metadata_invalid(
     assert any(type(e) is MetadataInvalid and attribute in str(e) for e in errors)
 
 
+def test_a_lid_naming_another_object_is_metadata_invalid(
+    request_element: etree._Element,
+) -> None:
+    """ITI TF-3 4.2.3.2 (logicalID): ITI-42 registers first versions, whose
+    lid is their own id; a lid naming another entry would make this one a
+    version of it."""
+    _object(request_element, ENTRY_ID).set("lid", f"urn:uuid:{uuid.uuid4()}")
+
+    error = _single_error(request_element)
+
+    assert type(error) is MetadataInvalid
+    assert "a first version's logicalID is its own id" in str(error)
+
+
+def test_a_lid_equal_to_the_id_is_accepted(request_element: etree._Element) -> None:
+    """ITI TF-3 4.2.3.2 (logicalID): lid equal to id is the first version."""
+    _object(request_element, ENTRY_ID).set("lid", ENTRY_ID)
+
+    assert _errors(request_element) == []
+
+
 def test_document_unique_id_with_extension_is_accepted(
     request_element: etree._Element,
 ) -> None:
