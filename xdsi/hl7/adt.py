@@ -21,6 +21,8 @@ from hl7apy.core import Message
 from hl7apy.exceptions import HL7apyException, UnsupportedVersion
 from hl7apy.parser import parse_message
 
+from xdsi.metadata.validation import PATIENT_ID_CX
+
 logger = logging.getLogger(__name__)
 
 
@@ -209,11 +211,11 @@ def parse_feed(
             + " or ".join(f"&{a}&{UNIVERSAL_ID_TYPE}" for a in authorities),
         )
 
-    _check_length(patient_id, "PID-3")
+    _check_usable(patient_id, "PID-3")
     subsumed_patient_id = ""
     if TRIGGER_EVENTS[trigger].action is FeedAction.MERGE:
         subsumed_patient_id = _subsumed_identifier(msg, trigger, authority)
-        _check_length(subsumed_patient_id, "MRG-1")
+        _check_usable(subsumed_patient_id, "MRG-1")
         if subsumed_patient_id == patient_id:
             raise FeedRejected(
                 "AE",
@@ -239,13 +241,23 @@ def parse_feed(
 MAX_PATIENT_ID = 256
 
 
-def _check_length(patient_id: str, field: str) -> None:
+def _check_usable(patient_id: str, field: str) -> None:
+    """Refuse an identifier no ITI-42 could name: too long, or not the CX
+    ID^^^&OID&ISO of ITI TF-3 4.2.3.2.16 (an ID holding ^, &, ~, \\ or |,
+    which reached here escaped)."""
     if len(patient_id) > MAX_PATIENT_ID:
         raise FeedRejected(
             "AE",
             "102",
             f"{field} identifier is {len(patient_id)} characters as an XDS CX; "
             f"at most {MAX_PATIENT_ID} can be registered and queried",
+        )
+    if not PATIENT_ID_CX.match(patient_id):
+        raise FeedRejected(
+            "AE",
+            "102",
+            f"{field} identifier is not usable as an XDS patientId: its ID "
+            "holds a delimiter (ITI TF-3 4.2.3.2.16)",
         )
 
 

@@ -221,6 +221,16 @@ REJECTIONS = {
         "AE",
         "102",
     ),
+    "PID-3 ID holding an escaped delimiter": (
+        ADT_A01_V231.replace(AFFINITY_CX, f"A\\F\\B^^^&{AFFINITY_DOMAIN}&ISO"),
+        "AE",
+        "102",
+    ),
+    "PID-3 ID holding a subcomponent": (
+        ADT_A01_V231.replace(AFFINITY_CX, f"Q&R^^^&{AFFINITY_DOMAIN}&ISO"),
+        "AE",
+        "102",
+    ),
     "PID-3 of more repetitions than are parsed": (
         ADT_A01_V231.replace(f"{AFFINITY_CX}", f"{LOCAL_CX}~" * 5000 + AFFINITY_CX),
         "AR",
