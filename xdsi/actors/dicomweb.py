@@ -457,11 +457,32 @@ def _value_problem(vr: str, value: str) -> str | None:
     return None
 
 
-def _wildcard(pattern: str) -> re.Pattern[str]:
-    """Compile a DICOM wildcard: ``*`` any run, ``?`` one character, nothing
-    else special (DICOM PS3.4 C.2.2.2.4)."""
-    parts = (".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    return re.compile("".join(parts), re.DOTALL)
+def wildcard_match(pattern: str, text: str) -> bool:
+    """Match a DICOM wildcard: ``*`` any run, ``?`` one character, nothing
+    else special (DICOM PS3.4 C.2.2.2.4).
+
+    Greedy, going back only to the last ``*``: at most len(pattern) *
+    len(text) steps. A regular expression of one ``.*`` per star backtracks
+    exponentially in the stars on a value it does not match, and a query
+    of ten stars held the node for minutes.
+    """
+    p = t = 0
+    star, resume = -1, 0
+    while t < len(text):
+        if p < len(pattern) and pattern[p] in ("?", text[t]) and pattern[p] != "*":
+            p += 1
+            t += 1
+        elif p < len(pattern) and pattern[p] == "*":
+            star, resume = p, t
+            p += 1
+        elif star >= 0:
+            p, resume = star + 1, resume + 1
+            t = resume
+        else:
+            return False
+    while p < len(pattern) and pattern[p] == "*":
+        p += 1
+    return p == len(pattern)
 
 
 def _group(held: list[Held], level: str) -> list[list[Held]]:
@@ -533,8 +554,7 @@ def _matches(answer: Dataset, keyword: str, wanted: str) -> bool:
         )
     if vr in WILDCARD_VRS and ("*" in wanted or "?" in wanted):
         fold = str.casefold if vr == "PN" else str
-        pattern = _wildcard(fold(wanted))
-        return any(pattern.fullmatch(fold(v)) for v in values)
+        return any(wildcard_match(fold(wanted), fold(v)) for v in values)
     if vr == "PN":
         return any(v.casefold() == wanted.casefold() for v in values)
     return wanted in values
