@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -167,6 +168,45 @@ def test_wado_rs_series_transcoded_to_the_accepted_syntax(
         assert instance.file_meta.TransferSyntaxUID == RLELossless
         original = pydicom.dcmread(held[instance.SOPInstanceUID]).pixel_array
         assert np.array_equal(instance.pixel_array, original)
+
+
+def test_head_requests_leave_no_transcoded_copy_behind(
+    shared_node: RunningNode, published: scan.Study
+) -> None:
+    """RFC 9110 9.3.2: HEAD answers with the headers of a GET, whose body is
+    never sent; the copies transcoded to answer it are removed all the same,
+    as for a GET (WADO-RS, DICOM PS3.18 10.4; WADO-URI, 9.1)."""
+    spool = shared_node.settings.storage / "spool" / "imaging_source" / "dicomweb"
+    series = published.series[1]
+    instance = series.instances[0]
+    accept = (
+        f'multipart/related; type="application/dicom"; transfer-syntax={RLELossless}'
+    )
+
+    study = requests.head(
+        f"{shared_node.settings.dicomweb_url}/studies/"
+        f"{published.study_instance_uid}/series/{series.series_instance_uid}",
+        headers={"Accept": accept},
+        timeout=30,
+    )
+    wado = requests.head(
+        shared_node.settings.dicomweb_url.rsplit("/", 1)[0] + "/wado",
+        params={
+            "requestType": "WADO",
+            "studyUID": instance.study_instance_uid,
+            "seriesUID": instance.series_instance_uid,
+            "objectUID": instance.sop_instance_uid,
+            "contentType": "application/dicom",
+            "transferSyntax": RLELossless,
+        },
+        timeout=30,
+    )
+
+    assert (study.status_code, wado.status_code) == (200, 200)
+    deadline = time.monotonic() + 10
+    while any(spool.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(spool.iterdir()) == []
 
 
 def test_wado_rs_study_defaults_to_explicit_little_endian(

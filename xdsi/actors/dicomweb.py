@@ -244,15 +244,16 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             len(files),
             len(held),
         )
-        cleanup = [lambda: shutil.rmtree(spool, ignore_errors=True)]
         if not multipart:
-            return Response(
-                _after(_file_chunks(files[0][0]), cleanup),
+            return _spooled(
+                _file_chunks(files[0][0]),
+                spool,
                 content_type=f"{DICOM}; transfer-syntax={files[0][1]}",
             )
         boundary = uuid.uuid4().hex
-        return Response(
-            _after(_multipart(files, boundary), cleanup),
+        return _spooled(
+            _multipart(files, boundary),
+            spool,
             content_type=f'multipart/related; type="{DICOM}"; boundary={boundary}',
         )
 
@@ -363,10 +364,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         if not files:
             shutil.rmtree(spool, ignore_errors=True)
             abort(406)
-        return Response(
-            _after(_file_chunks(files[0][0]), [lambda: shutil.rmtree(spool, True)]),
-            content_type=DICOM,
-        )
+        return _spooled(_file_chunks(files[0][0]), spool, content_type=DICOM)
 
     @blueprint.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
@@ -612,14 +610,14 @@ def _multipart(files: list[tuple[Path, str]], boundary: str) -> Iterator[bytes]:
     yield f"--{boundary}--\r\n".encode("ascii")
 
 
-def _after(
-    chunks: Iterator[bytes], cleanup: list[Callable[[], None]]
-) -> Iterator[bytes]:
-    try:
-        yield from chunks
-    finally:
-        for step in cleanup:
-            step()
+def _spooled(chunks: Iterator[bytes], spool: Path, *, content_type: str) -> Response:
+    """A response streaming ``chunks`` from files in ``spool``, which is
+    removed when the server closes the response: after the last chunk, when
+    the peer went away meanwhile, and for HEAD, whose body is never read
+    (WSGI close, PEP 3333)."""
+    response = Response(chunks, content_type=content_type)
+    response.call_on_close(lambda: shutil.rmtree(spool, ignore_errors=True))
+    return response
 
 
 # WADO-URI parameters that shape a rendered image (DICOM PS3.18 WADO-URI:
