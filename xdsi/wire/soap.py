@@ -73,13 +73,15 @@ class SoapMessage:
 
 
 def _header_text(header: _Element | None, local: str) -> str | None:
-    """Return the stripped text of the first wsa header ``local``, if any."""
+    """Return the text of the first wsa header ``local``, if any, its white
+    space collapsed as for the xs:anyURI it is (XML Schema Part 2 4.3.6):
+    a line break a peer put in its MessageID reaches no log line."""
     if header is None:
         return None
     element = header.find(qname(WSA, local))
     if element is None:
         return None
-    return (element.text or "").strip()
+    return " ".join((element.text or "").split())
 
 
 # WS-Addressing 1.0 Core 3.2: wsa:Action occurs once. Other headers that

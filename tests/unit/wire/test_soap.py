@@ -145,3 +145,18 @@ def test_close_removes_spool_but_not_files_moved_away(tmp_path: Path) -> None:
         shutil.move(spool / "part-00002", kept)
     assert not spool.exists()
     assert kept.read_bytes() == b"kept"
+
+
+def test_a_line_break_in_the_message_id_is_collapsed() -> None:
+    """XML Schema Part 2 4.3.6: wsa:MessageID is an xs:anyURI, whose white
+    space collapses; a line break a peer puts in it (to forge a log line)
+    is read as one space."""
+    envelope = build_envelope(
+        etree.fromstring(RETRIEVE),
+        "urn:ihe:iti:2007:RetrieveDocumentSet",
+        message_id="urn:x\n2026-12-05 10:00:00,000 CRITICAL forged\r\n",
+    )
+
+    message = parse_envelope(parse_xml(serialize(envelope)))
+
+    assert message.message_id == "urn:x 2026-12-05 10:00:00,000 CRITICAL forged"
