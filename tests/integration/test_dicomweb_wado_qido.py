@@ -538,3 +538,66 @@ def test_qido_paging_takes_ascii_digits_only(
     )
     assert answer.status_code == 400
     assert answer.headers["Content-Type"].startswith("text/plain")
+
+
+def _published_copy(
+    node: RunningNode, source: Path, folder: Path, **values: object
+) -> scan.InstanceHeader:
+    """Publish a copy of ``source`` as a study of its own, with ``values``."""
+    ds = pydicom.dcmread(source)
+    ds.StudyInstanceUID = pydicom.uid.generate_uid()
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    folder.mkdir()
+    ds.save_as(folder / "copy.dcm", enforce_file_format=True)
+    (study,) = scan.scan_directory(folder).studies
+    node.services.imaging_source.publish(study, PATIENT)
+    (instance,) = study.instances
+    return instance
+
+
+@pytest.mark.parametrize(
+    "window",
+    [{"WindowCenter": 40, "WindowWidth": 0}, {"WindowCenter": 40, "WindowWidth": -5}],
+    ids=["width-0", "width-negative"],
+)
+def test_wado_uri_renders_an_image_whose_own_window_is_unusable(
+    shared_node: RunningNode,
+    published: scan.Study,
+    tmp_path: Path,
+    window: dict[str, int],
+) -> None:
+    """DICOM PS3.3 C.11.2.1.2: a Window Width below 1 is no window; the
+    image is rendered over its full range, not answered with an error."""
+    instance = _published_copy(
+        shared_node,
+        shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm"),
+        tmp_path / "ct",
+        **window,
+    )
+
+    answer = _wado_uri(shared_node, instance)
+
+    assert answer.status_code == 200
+    assert answer.headers["Content-Type"] == "image/jpeg"
+
+
+def test_wado_uri_scales_down_an_image_larger_than_it_renders(
+    shared_node: RunningNode, published: scan.Study, tmp_path: Path
+) -> None:
+    """DICOM PS3.18 9.1.2.1.6: a request that names no Rows or Columns asks
+    for nothing wrong; an image over the rendering limit comes scaled down,
+    its aspect ratio kept."""
+    source = shared_path("dicom", "singles", "mg-wg04-sc-jpeg2000-lossy__MG1_J2KI.dcm")
+    held = pydicom.dcmread(source, stop_before_pixels=True)
+    instance = _published_copy(shared_node, source, tmp_path / "mg")
+
+    answer = _wado_uri(shared_node, instance)
+
+    assert answer.status_code == 200
+    width, height = Image.open(BytesIO(answer.content)).size
+    assert max(width, height) == 4096
+    assert abs(width / height - held.Columns / held.Rows) < 0.01

@@ -714,6 +714,25 @@ def _positive(args: Mapping[str, str], name: str) -> int | None:
     return value
 
 
+def _stored_values(
+    pixels: np.ndarray,
+    ds: Dataset,
+    transform: Callable[[np.ndarray, Dataset], np.ndarray],
+) -> np.ndarray:
+    """Apply the image's Modality or VOI LUT transformation; an image whose
+    LUT or window is unusable (a width below 1, LUT Data cut short) is
+    rendered without it, over its full range (DICOM PS3.3 C.11.1, C.11.2)."""
+    try:
+        return transform(pixels, ds).astype(np.float64)
+    except Exception as exc:
+        logger.info(
+            "WADO-URI: %s of the image is unusable (%s); rendered without it",
+            transform.__name__,
+            type(exc).__name__,
+        )
+        return pixels.astype(np.float64)
+
+
 def _windowed(pixels: np.ndarray, center: float, width: float) -> np.ndarray:
     """The linear VOI function of DICOM PS3.3 C.11.2.1.2.1 onto 0..255."""
     low = center - 0.5 - (width - 1) / 2
@@ -756,11 +775,11 @@ def _rendered(path: Path, frame: int, rendering: Rendering) -> bytes:
     # The VOI LUT transformation, the window with it, applies to grayscale
     # images only (DICOM PS3.3 C.11.2); a colour image is rendered as held.
     if ds.get("SamplesPerPixel", 1) == 1:
-        pixels = apply_modality_lut(pixels, ds).astype(np.float64)
+        pixels = _stored_values(pixels, ds, apply_modality_lut)
         if rendering.window is not None:
             pixels = _windowed(pixels, *rendering.window)
         else:
-            pixels = apply_voi_lut(pixels, ds).astype(np.float64)
+            pixels = _stored_values(pixels, ds, apply_voi_lut)
             low, high = float(pixels.min()), float(pixels.max())
             pixels = (pixels - low) * (255.0 / (high - low or 1.0))
         if ds.get("PhotometricInterpretation") == "MONOCHROME1":
@@ -778,6 +797,10 @@ def _rendered(path: Path, frame: int, rendering: Rendering) -> bytes:
         )
         image = image.crop(box)
     size = _scaled(image.size, rendering.rows, rendering.columns)
+    if rendering.rows is None and rendering.columns is None:
+        if max(size) > MAX_RENDERED_SIZE:
+            # Nothing asked of the size: a larger image comes scaled down.
+            size = _scaled(size, MAX_RENDERED_SIZE, MAX_RENDERED_SIZE)
     if max(size) > MAX_RENDERED_SIZE:
         # One of Rows and Columns alone, or a thin region, can ask for the
         # other side far beyond what was named.

@@ -163,6 +163,12 @@ def soap_app(
     @app.errorhandler(Exception)
     def internal_error(exc: Exception) -> Response:
         logger.exception("%s: unhandled error", name)
+        if request.path.startswith(plain_prefixes):
+            return Response(
+                "internal error of the origin server\n",
+                status=500,
+                mimetype="text/plain",
+            )
         return _fault_response(wire.ReceiverFault("internal error of the responder"))
 
     # SOAP 1.2 Part 2 7: POST only; an OPTIONS gets the 405 Fault too.
