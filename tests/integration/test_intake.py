@@ -1142,6 +1142,32 @@ def test_a_study_emptied_without_publishing_is_withdrawn_by_a_second_remove(
     assert len(found) == 1
 
 
+def test_import_of_a_study_held_under_another_patient_is_refused(
+    patient_node: RunningNode, tmp_path: Path
+) -> None:
+    """ITI TF-3 4.2.2.2.3: a study published under a patient given with
+    ``--patient-id`` is not taken in again under its images' own Patient ID
+    by ``import`` (it would never be published under it); the user is told
+    to remove it first, and nothing changes."""
+    _feed_first_and_second(patient_node)
+    patient_node.feed(MR_PATIENT)
+    folder = shared_path("dicom", "study-mr", "images")
+    first = _xdsi(
+        patient_node, tmp_path, "publish", str(folder), "--patient-id", "FIRST-1"
+    )
+    assert first.exit_code == 0, first.output
+
+    imported = _xdsi(patient_node, tmp_path, "import", str(folder))
+
+    assert imported.exit_code != 0
+    assert "held under another patient than its images' Patient ID" in (
+        imported.output
+    )
+    assert "published already" not in imported.output
+    assert len(_manifests(patient_node)) == 1
+    assert patient_node.services.consumer.find(MR_PATIENT) == []
+
+
 def test_headers_only_publication_holds_the_study_under_its_patient(
     patient_node: RunningNode, tmp_path: Path
 ) -> None:

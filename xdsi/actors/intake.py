@@ -596,27 +596,39 @@ class Intake:
         """Answer for a file that would not be kept, from its header alone;
         None when the file must be copied and checked."""
         try:
-            header, _ = scan.read_header(path)
+            header, ds = scan.read_header(path)
         except scan.DicomInputError:
             return None  # the full check says why
         if patient_id is not None:
             self._refuse_other_patient(header.study_instance_uid, patient_id)
+        elif own := self.patient_id(ds):
+            # An instance of another patient than the study's is refused as
+            # such (other_patient); one of the same, taken in under the
+            # images' own patient, would not be published under it when the
+            # study is held under another given to publish it.
+            with self.engine.connect() as conn:
+                self._refuse_mixed_patients(conn, header, ds)
+            self._refuse_other_patient(header.study_instance_uid, own, given=False)
         if self._held(header):
             return self._duplicate(header, path, False)
         return None
 
-    def _refuse_other_patient(self, study_instance_uid: str, patient_id: str) -> None:
+    def _refuse_other_patient(
+        self, study_instance_uid: str, patient_id: str, *, given: bool = True
+    ) -> None:
         """Refuse an instance of a study held under another patient.
 
         The reason is logged: it names no patient.
         """
-        reason = self.other_patient(study_instance_uid, patient_id)
+        reason = self.other_patient(study_instance_uid, patient_id, given=given)
         if reason is not None:
             raise check.Refused("command_mismatch", reason)
 
-    def other_patient(self, study_instance_uid: str, patient_id: str) -> str | None:
-        """Why a study cannot take instances under ``patient_id``; None when
-        it can.
+    def other_patient(
+        self, study_instance_uid: str, patient_id: str, *, given: bool = True
+    ) -> str | None:
+        """Why a study cannot take instances under ``patient_id`` (given by
+        the user, or else the images' own); None when it can.
 
         The registry would refuse the study's replacement manifest under
         another patient (XDSPatientIdDoesNotMatch, ITI TF-3 4.2.2.2.3); the
@@ -627,11 +639,11 @@ class Intake:
         if self.study_patient(study_instance_uid) in (None, patient_id):
             return None
         remove = f"xdsi remove {study_instance_uid}"
+        whose = "the one given" if given else "its images' Patient ID"
         if self._holds_instances(study_instance_uid):
             return (
                 f"study {study_instance_uid} is held under another patient than "
-                f"the one given; remove it first ({remove}) to publish it under "
-                "this one"
+                f"{whose}; remove it first ({remove}) to publish it under this one"
             )
         return (
             f"study {study_instance_uid} holds no instance, but its manifest is "
