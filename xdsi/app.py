@@ -106,6 +106,18 @@ class _HttpServer(tls.TlsServerMixin, ThreadedWSGIServer):
     max_connections = MAX_CONNECTIONS
     _slots: threading.BoundedSemaphore | None = None
 
+    def server_bind(self) -> None:
+        """Bind, or raise ConfigError: werkzeug would print advice of its
+        own (a command line option this node does not have) and exit."""
+        try:
+            super().server_bind()
+        except OSError as exc:
+            host, port = self.server_address[:2]
+            raise ConfigError(
+                f"cannot listen on {host}:{port} ({exc.strerror or exc}); stop "
+                "what holds the port or set another in the configuration"
+            ) from None
+
     def process_request(self, request: Any, client_address: Any) -> None:
         if self._slots is None:
             self._slots = threading.BoundedSemaphore(self.max_connections)
@@ -402,9 +414,17 @@ class Node:
             if not section.enabled:
                 continue
             deferred[actor] = _Deferred()
-            server = _HttpServer(
-                settings.node.host, section.port, deferred[actor], _RequestHandler
-            )
+            try:
+                server = _HttpServer(
+                    settings.node.host, section.port, deferred[actor], _RequestHandler
+                )
+            except ConfigError as exc:
+                # Nothing serves yet: the listeners bound so far are closed.
+                for bound in self._servers:
+                    bound.server_close()
+                self._servers.clear()
+                self._sockets.clear()
+                raise ConfigError(f"[{actor}] port: {exc}") from None
             self._servers.append(server)
             self._sockets[actor] = server.socket
             settings = settings.with_ports(**{actor: server.server_port})

@@ -694,6 +694,16 @@ def _publish_now(services: Services, studies: Iterable[str]) -> None:
             and services.imaging_source.current_manifest(study_instance_uid) is None
         ):
             click.echo(f"manifest {current.sop_instance_uid} withdrawn")
+        elif (
+            current is None
+            and services.imaging_source.held_study(study_instance_uid) is None
+            and services.intake.last_failure(study_instance_uid) is None
+        ):
+            # Removed whole before it was ever published.
+            click.echo(
+                f"study {study_instance_uid}: nothing held and no manifest "
+                "published; nothing to withdraw"
+            )
         elif claim := services.intake.claim_of(study_instance_uid):
             who, since = claim
             host, _, rest = who.partition(" ")
@@ -738,8 +748,9 @@ def _time_option(value: str | None, name: str) -> datetime | None:
     try:
         return parse_time(value)
     except ValueError:
-        _fail(f"--{name} {value!r} is not an ISO 8601 date or date-time")
-    return None
+        raise click.BadParameter(
+            f"{value!r} is not an ISO 8601 date or date-time", param_hint=f"--{name}"
+        ) from None
 
 
 @audit_group.command("list")

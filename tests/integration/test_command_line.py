@@ -250,3 +250,38 @@ def test_config_show_prints_effective_settings(tmp_path):
     shown = tomllib.loads(_xdsi(config, "config", "show").stdout)
     assert shown["repository"]["repository_unique_id"] == "1.2.3.4"
     assert shown["node"]["assigning_authority"]
+
+
+def test_serve_on_a_port_in_use_says_which_setting_to_change(
+    served: Path, tmp_path: Path
+) -> None:
+    """A second node on the ports of a running one fails (exit 1), naming
+    the setting to change, without werkzeug's advice of a command line
+    option that does not exist."""
+    second = tmp_path / "second.toml"
+    second.write_text(
+        served.read_text().replace(
+            f'storage_dir = "{tmp_path / "node"}"',
+            f'storage_dir = "{tmp_path / "second"}"',
+        )
+    )
+
+    result = _xdsi(second, "serve", check=False)
+
+    assert result.returncode == 1
+    assert "[registry] port: cannot listen on 127.0.0.1:" in result.stderr
+    assert "set another in the configuration" in result.stderr
+    assert "different port" not in result.stderr + result.stdout
+
+
+def test_audit_list_with_a_time_that_is_no_time_is_a_wrong_argument(
+    tmp_path: Path,
+) -> None:
+    """A command given wrong arguments exits 2, ``--since`` included."""
+    config = tmp_path / "xdsi.toml"
+    config.write_text(f'[node]\nstorage_dir = "{tmp_path / "node"}"\n')
+
+    result = _xdsi(config, "audit", "list", "--since", "yesterday", check=False)
+
+    assert result.returncode == 2
+    assert "is not an ISO 8601 date or date-time" in result.stderr

@@ -1160,12 +1160,31 @@ def test_import_of_a_study_held_under_another_patient_is_refused(
     imported = _xdsi(patient_node, tmp_path, "import", str(folder))
 
     assert imported.exit_code != 0
-    assert "held under another patient than its images' Patient ID" in (
-        imported.output
-    )
+    assert "held under another patient than its images' Patient ID" in (imported.output)
     assert "published already" not in imported.output
     assert len(_manifests(patient_node)) == 1
     assert patient_node.services.consumer.find(MR_PATIENT) == []
+
+
+def test_removing_a_study_never_published_is_no_failure(
+    patient_node: RunningNode, tmp_path: Path
+) -> None:
+    """RAD TF-3 4.68: a study taken in but never published, removed whole,
+    has no manifest to withdraw; ``remove`` says so and succeeds."""
+    patient_node.feed(MR_PATIENT)
+    folder = shared_path("dicom", "study-mr", "images")
+    kept = _xdsi(patient_node, tmp_path, "import", str(folder), "--no-publish")
+    assert kept.exit_code == 0, kept.output
+    (study_uid,) = {
+        h.study_instance_uid for h in scan.scan_directory(folder).studies[0].instances
+    }
+
+    removed = _xdsi(patient_node, tmp_path, "remove", study_uid)
+
+    assert removed.exit_code == 0, removed.output
+    assert "nothing to withdraw" in removed.output
+    assert "see the log" not in removed.output
+    assert _manifests(patient_node) == []
 
 
 def test_headers_only_publication_holds_the_study_under_its_patient(
