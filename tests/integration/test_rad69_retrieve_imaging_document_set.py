@@ -82,6 +82,41 @@ def test_instance_asked_twice_comes_once(
     assert _call(running_node, request) == ("Success", [], 1)
 
 
+@pytest.mark.parametrize(
+    "right_first", [True, False], ids=["right-first", "wrong-first"]
+)
+def test_an_instance_asked_again_under_another_study_is_an_error_either_way(
+    running_node: RunningNode, published: scan.Study, right_first: bool
+):
+    """RAD TF-3 4.69.4.2: an instance asked for under its study and again
+    under another is sent once, and the wrong request is answered with
+    XDSDocumentUniqueIdError, whichever comes first."""
+    instance = published.instances[0]
+    repository = running_node.settings.imaging_source.repository_unique_id
+    right = rad69(
+        instance.study_instance_uid,
+        instance.series_instance_uid,
+        [instance.sop_instance_uid],
+        repository,
+    )
+    wrong = rad69("1.2.3.4.5", instance.series_instance_uid, [], repository)
+    wrong_study = wrong.find(f"{{{ns.XDSIB}}}StudyRequest")
+    wrong_study.find(f"{{{ns.XDSIB}}}SeriesRequest").append(
+        etree.fromstring(etree.tostring(right.find(f".//{{{ns.XDSB}}}DocumentRequest")))
+    )
+    right_study = right.find(f"{{{ns.XDSIB}}}StudyRequest")
+    if right_first:
+        right_study.addnext(wrong_study)
+    else:
+        right_study.addprevious(wrong_study)
+
+    assert _call(running_node, right) == (
+        "PartialSuccess",
+        ["XDSDocumentUniqueIdError"],
+        1,
+    )
+
+
 def test_instance_under_another_series_is_not_returned(
     running_node: RunningNode, published: scan.Study
 ):

@@ -759,7 +759,8 @@ class ImagingSource:
         errors: list[XdsError] = []
         documents = []
         studies: list[str] = []
-        sent: set[str] = set()
+        sent: set[tuple[str, str, str, str]] = set()
+        returned: set[str] = set()
         held = self.held_instances(
             child_text(item, "DocumentUniqueId")
             for item in request.iterfind(
@@ -789,9 +790,16 @@ class ImagingSource:
                     )
                     continue
                 for item in series.findall(f"{{{ns.XDSB}}}DocumentRequest"):
-                    # An instance asked for twice is sent once; a request
-                    # that failed does not stand in for a later right one.
-                    key = child_text(item, "DocumentUniqueId")
+                    # An instance asked for twice alike is sent once; asked
+                    # for again under another study, series or repository,
+                    # that request is answered on its own (an error where
+                    # it is wrong), whatever came first.
+                    key = (
+                        child_text(item, "RepositoryUniqueId"),
+                        study_uid,
+                        series_uid,
+                        child_text(item, "DocumentUniqueId"),
+                    )
                     if key in sent:
                         continue
                     result = self._instance(
@@ -799,8 +807,11 @@ class ImagingSource:
                     )
                     if isinstance(result, XdsError):
                         errors.append(result)
+                    elif result[0] in returned:
+                        sent.add(key)
                     else:
                         sent.add(key)
+                        returned.add(result[0])
                         documents.append(result)
         if not syntaxes:
             errors.append(
