@@ -39,10 +39,17 @@ from pydicom.uid import (
 logger = logging.getLogger(__name__)
 
 # pydicom logs an ERROR for each pixel data plugin that fails, then raises
-# once all have. Where xdsi decodes, it answers that failure itself (a
-# syntax ruled out, an HTTP 406) and logs it once; the plugins' records
-# are dropped in those threads only.
-_DECODER_LOGGER = "pydicom.pixels.decoders.base"
+# once all have, and openjpeg logs its own errors on the way. Where xdsi
+# decodes or encodes, it answers that failure itself (a syntax ruled out,
+# an HTTP 406) and logs it once; the plugins' records are dropped in those
+# threads only.
+# (A logger's filter sees only what is logged to that logger itself.)
+_PLUGIN_LOGGERS = (
+    "pydicom.pixels.decoders.base",
+    "pydicom.pixels.encoders.base",
+    "openjpeg.decode",
+    "openjpeg.encode",
+)
 _muted = threading.local()
 
 
@@ -51,12 +58,13 @@ class _MutedInThisThread(logging.Filter):
         return not getattr(_muted, "on", False)
 
 
-logging.getLogger(_DECODER_LOGGER).addFilter(_MutedInThisThread())
+for _name in _PLUGIN_LOGGERS:
+    logging.getLogger(_name).addFilter(_MutedInThisThread())
 
 
 @contextmanager
 def plugin_errors_muted() -> Iterator[None]:
-    """Drop pydicom's per-plugin decode errors logged in this thread."""
+    """Drop the pixel data plugins' errors logged in this thread."""
     before = getattr(_muted, "on", False)
     _muted.on = True
     try:

@@ -241,6 +241,27 @@ def test_a_failed_decode_is_not_logged_once_per_plugin(
     ]
 
 
+def test_a_failed_encode_is_not_logged_either(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An image no encoder takes (openjpeg refuses the 10 columns of this CR
+    for JPEG 2000) rules the syntax out quietly, openjpeg's own errors
+    included; the next syntax listed is sent."""
+    source = shared_path("dicom", "singles", "cr__ids-1301.dcm")
+    held = pydicom.dcmread(source, stop_before_pixels=True).file_meta
+    caplog.set_level(logging.DEBUG)
+
+    produced = produce(
+        source,
+        held.TransferSyntaxUID,
+        [JPEG2000Lossless, RLELossless],
+        tmp_path,
+    )
+
+    assert produced is not None and produced.transfer_syntax_uid == RLELossless
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 def test_wado_uri_answers_an_undecodable_image_406_with_one_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
