@@ -357,6 +357,8 @@ def test_wado_uri_window_and_quality_are_applied(
         ({"objectUID": "1.2.3.4"}, 404),
         ({"contentType": "application/pdf"}, 406),
         ({"contentType": "application/dicom", "transferSyntax": "1.2.3"}, 406),
+        ({"contentType": "application/dicom", "transferSyntax": "bogus"}, 400),
+        ({"contentType": "application/dicom", "transferSyntax": ""}, 400),
         ({"frameNumber": "2"}, 400),
         ({"frameNumber": "\u00b2"}, 400),
         ({"contentType": "application/dicom", "anonymize": "yes"}, 400),

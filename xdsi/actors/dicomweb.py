@@ -119,7 +119,12 @@ class Held:
     header: Dataset
 
 
-@lru_cache(maxsize=65536)
+# A header read whole takes tens of kilobytes (a CT's some 75 KiB): the
+# cache keeps the last few thousand, not a whole store's.
+# Limitation: QIDO-RS and WADO-RS metadata read the headers of the
+# instances they match, on every request past the cache; a store of many
+# thousand instances answers in seconds (no attribute index).
+@lru_cache(maxsize=2048)
 def _header(path: Path) -> Dataset:
     """Read an instance's attributes without its pixel data (stored files
     never change, so the answer is kept)."""
@@ -359,6 +364,10 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
                 "application/dicom (DICOM PS3.18 WADO-URI)",
             )
         syntax = args.get("transferSyntax", ExplicitVRLittleEndian).strip()
+        if len(syntax) > MAX_UID or not RE_VALID_UID.match(syntax):
+            # DICOM PS3.18 9.4.2.4: a value that is no UID is a bad request;
+            # a UID this node cannot produce, not acceptable (406).
+            abort(400, f"transferSyntax {syntax[:MAX_UID]!r} is not a UID")
         spool = Path(tempfile.mkdtemp(prefix="wado-", dir=spool_root))
         files = _produce_all(source, held, syntax, spool)
         if not files:
