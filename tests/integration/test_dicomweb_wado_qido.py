@@ -381,6 +381,8 @@ def test_wado_uri_window_and_quality_are_applied(
         "unknown-object",
         "content-type",
         "syntax",
+        "syntax-no-uid",
+        "syntax-empty",
         "frame",
         "frame-superscript",
         "anonymize",
