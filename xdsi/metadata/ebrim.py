@@ -10,6 +10,7 @@ Registry can store what was submitted and return it faithfully
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass, field
 from functools import cache
@@ -65,15 +66,23 @@ def new_uuid() -> str:
     return f"urn:uuid:{uuid.uuid4()}"
 
 
+# ITI TF-3 4.2.3.1.2: urn:uuid: and the UUID's canonical 8-4-4-4-12 hex
+# form (RFC 4122 3; hex digits of either case, as RFC 4122 reads them).
+_UUID_URN = re.compile(
+    r"urn:uuid:[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}"
+    r"-[0-9a-fA-F]{12}"
+)
+
+
 def is_uuid(value: str) -> bool:
-    """Tell whether ``value`` is a ``urn:uuid:`` id rather than a symbolic id."""
-    if not value.startswith("urn:uuid:"):
-        return False
-    try:
-        uuid.UUID(value[9:])
-    except ValueError:
-        return False
-    return True
+    """Tell whether ``value`` is a ``urn:uuid:`` id rather than a symbolic id.
+
+    Only the canonical form counts: braces, missing hyphens or a doubled
+    prefix (which Python's UUID parser takes) make the id symbolic, so the
+    registry assigns a UUID of its own instead of keeping one UUID under
+    several spellings.
+    """
+    return _UUID_URN.fullmatch(value) is not None
 
 
 @dataclass

@@ -908,3 +908,23 @@ def test_nist_submission_of_two_patients_is_patient_id_does_not_match() -> None:
 
     assert [type(e) for e in errors] == [PatientIdDoesNotMatch]
     assert errors[0].location == "Document01"
+
+
+@pytest.mark.parametrize(
+    ("value", "is_one"),
+    [
+        ("urn:uuid:7edca82f-054d-47f2-a032-9b2a5b5186c1", True),
+        ("urn:uuid:7EDCA82F-054D-47F2-A032-9B2A5B5186C1", True),
+        ("urn:uuid:{7edca82f-054d-47f2-a032-9b2a5b5186c1}", False),
+        ("urn:uuid:7edca82f054d47f2a0329b2a5b5186c1", False),
+        ("urn:uuid:urn:uuid:7edca82f-054d-47f2-a032-9b2a5b5186c1", False),
+        ("urn:uuid:7edca82f-054d-47f2-a032-9b2a5b5186c1" + "-" * 20, False),
+        ("urn:uuid:7edca82f-054d-47f2-a032-9b2a5b5186c1\n", False),
+        ("Document01", False),
+    ],
+)
+def test_only_the_canonical_uuid_form_is_a_uuid(value: str, is_one: bool) -> None:
+    """ITI TF-3 4.2.3.1.2, RFC 4122 3: urn:uuid: and 8-4-4-4-12 hex digits;
+    any other spelling is a symbolic id, replaced by a UUID of the
+    registry's own, so that one UUID is not registered under several."""
+    assert ebrim.is_uuid(value) is is_one
