@@ -522,6 +522,10 @@ def _parse(message: str) -> Message:
     is at most MAX_READ_LENGTH characters: hl7apy takes tens of microseconds
     a character, and a frame may hold megabytes.
     """
+    if not _plain_delimiters(message):
+        raise FeedRejected(
+            "AR", "100", "MSH-1 or MSH-2 holds a letter, digit or white space"
+        )
     segments = _SEGMENT_END.sub("\r", message.strip()).split("\r")
     normalised = "\r".join(s for s in segments if s[:3] in _READ_SEGMENTS)
     if len(normalised) > MAX_READ_LENGTH:
@@ -553,8 +557,24 @@ def _parse(message: str) -> Message:
     return msg
 
 
+def _plain_delimiters(message: str) -> bool:
+    """Whether the MSH's field separator and encoding characters (MSH-1,
+    MSH-2) are neither letters, digits nor white space: an ACK written with
+    such delimiters would escape its own fixed values (MSA-1, MSH-7) into
+    nonsense (HL7 v2.5 2.5.4 recommends |^~\\&)."""
+    head = message.lstrip()
+    if not head.startswith("MSH") or len(head) < 4:
+        return True  # not an MSH: unreadable anyway, answered from defaults
+    separator = head[3]
+    encoding = head[4:].partition(separator)[0]
+    return not any(c.isalnum() or c.isspace() for c in separator + encoding)
+
+
 def _read_header(message: str) -> Message | None:
-    """Parse only the MSH of ``message``, or return None when it is unreadable."""
+    """Parse only the MSH of ``message``, or return None when it is
+    unreadable, or has delimiters no ACK could be written with."""
+    if not _plain_delimiters(message):
+        return None
     normalised = _SEGMENT_END.sub("\r", message.strip())
     header = normalised.partition("\r")[0]
     try:

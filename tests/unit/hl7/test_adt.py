@@ -355,8 +355,19 @@ def test_ack_text_delimiters_are_escaped() -> None:
         "\x00\x01\x02",
         "PID|||x\rPV1||I",
         "MSH|^~\\&#|PIX|HOSP|||20240101||ADT^A01|X1\rPID|||x",
+        "MSH|ABCD|PIX|HOSP|||20240101||ADT^A01|X1|P|2.3.1\rPID|||x",
+        "MSH|A1\\&|PIX|HOSP|||20240101||ADT^A01|X1|P|2.3.1\rPID|||x",
     ],
-    ids=["empty", "text", "bare MSH", "binary", "no MSH", "five encoding chars"],
+    ids=[
+        "empty",
+        "text",
+        "bare MSH",
+        "binary",
+        "no MSH",
+        "five encoding chars",
+        "letters as delimiters",
+        "a digit as a delimiter",
+    ],
 )
 def test_ack_for_garbage_is_a_default_ar(garbage: str) -> None:
     """ITI TF-2x C.2.3: an unreadable request still gets a v2.3.1 ACK AR."""
