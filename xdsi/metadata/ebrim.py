@@ -238,7 +238,8 @@ def _package_kind(package: etree._Element, loose: list[etree._Element]) -> str |
     """Tell a SubmissionSet from a Folder by its classification node.
 
     ITI TF-3 4.2.3.3 and 4.2.3.4: the Classification may sit inside the
-    RegistryPackage or stand alone in the RegistryObjectList.
+    RegistryPackage or stand alone in the RegistryObjectList. None when it
+    is classified as neither, or as both.
     """
     nodes = {
         metadata_table()[SUBMISSION_SET]["classification_node"]: SUBMISSION_SET,
@@ -248,11 +249,13 @@ def _package_kind(package: etree._Element, loose: list[etree._Element]) -> str |
     candidates = package.findall(f"{{{RIM}}}Classification") + [
         c for c in loose if c.get("classifiedObject") == package_id
     ]
-    for classification in candidates:
-        kind = nodes.get(classification.get("classificationNode", ""))
-        if kind:
-            return kind
-    return None
+    kinds = {
+        nodes[node]
+        for classification in candidates
+        if (node := classification.get("classificationNode", "")) in nodes
+    }
+    # Classified as both, it is neither: validation refuses it.
+    return kinds.pop() if len(kinds) == 1 else None
 
 
 def read_registry_objects(container: etree._Element) -> Submission:

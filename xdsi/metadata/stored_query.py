@@ -102,12 +102,31 @@ def parse_value_list(name: str, text: str) -> list[str]:
     else:
         body = text
     items: list[str] = []
+    # After an item, only blanks and one comma may come before the next.
+    separated = True
     i = 0
     while i < len(body):
         char = body[i]
-        if char.isspace() or char == ",":
+        if char.isspace():
             i += 1
             continue
+        if char == ",":
+            if separated:
+                raise StoredQueryParamNumber(
+                    f"{name} value {text!r} has a comma with no item before it "
+                    "(ITI TF-2 3.18.4.1.2.3.5)",
+                    name,
+                )
+            separated = True
+            i += 1
+            continue
+        if not separated:
+            raise StoredQueryParamNumber(
+                f"{name} value {text!r} lists items without a comma between "
+                "them (ITI TF-2 3.18.4.1.2.3.5)",
+                name,
+            )
+        separated = False
         if char == "'":
             i += 1
             value = []
@@ -141,6 +160,10 @@ def parse_value_list(name: str, text: str) -> list[str]:
             i = end
     if not items:
         raise StoredQueryParamNumber(f"{name} has an empty value", name)
+    if separated:
+        raise StoredQueryParamNumber(
+            f"{name} value {text!r} ends in a comma (ITI TF-2 3.18.4.1.2.3.5)", name
+        )
     return items
 
 

@@ -88,8 +88,8 @@ def read_status_updates(
         elif obj.kind == "":
             errors.append(
                 MetadataInvalid(
-                    f"RegistryPackage {obj.id} is classified neither as SubmissionSet "
-                    "nor as Folder (ITI TF-3 4.2.3.3, 4.2.3.4)",
+                    f"RegistryPackage {obj.id} is not classified as exactly one of "
+                    "SubmissionSet and Folder (ITI TF-3 4.2.3.3, 4.2.3.4)",
                     obj.id,
                 )
             )

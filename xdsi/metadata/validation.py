@@ -146,8 +146,8 @@ def check_submission(submission: Submission) -> list[XdsError]:
         if obj.kind == "":
             errors.append(
                 MetadataInvalid(
-                    f"RegistryPackage {obj.id} is classified neither as SubmissionSet "
-                    "nor as Folder (ITI TF-3 4.2.3.3, 4.2.3.4)",
+                    f"RegistryPackage {obj.id} is not classified as exactly one of "
+                    "SubmissionSet and Folder (ITI TF-3 4.2.3.3, 4.2.3.4)",
                     obj.id,
                 )
             )

@@ -86,6 +86,10 @@ MALFORMED_VALUES = {
     "blank value": "   ",
     "double-quoted string": '"abc"',
     "decimal number": "1.5",
+    "items without a comma": "('a' 'b')",
+    "two commas": "('a',,'b')",
+    "leading comma": "(,'a')",
+    "trailing comma": "('a',)",
 }
 
 

@@ -678,7 +678,30 @@ def test_unclassified_registry_package_is_metadata_invalid(
 
     assert type(error) is MetadataInvalid
     assert error.location == "Package01"
-    assert "RegistryPackage Package01 is classified neither" in str(error)
+    assert "RegistryPackage Package01 is not classified as exactly one" in str(error)
+
+
+def test_registry_package_classified_as_both_is_metadata_invalid(
+    request_element: etree._Element,
+) -> None:
+    """ITI TF-3 4.2.3.3, 4.2.3.4: a RegistryPackage is a SubmissionSet or a
+    Folder, not both; the SubmissionSet classified as a Folder too is
+    refused, not read as whichever came first."""
+    submission_set = _object(request_element, SUBMISSION_SET_ID)
+    etree.SubElement(
+        submission_set,
+        f"{RIM}Classification",
+        id="FolderClassification01",
+        classifiedObject=SUBMISSION_SET_ID,
+        classificationNode=ebrim.metadata_table()[ebrim.FOLDER]["classification_node"],
+    )
+
+    errors = _errors(request_element)
+
+    assert any(
+        "is not classified as exactly one of SubmissionSet and Folder" in str(e)
+        for e in errors
+    )
 
 
 def test_two_objects_with_one_id_are_metadata_invalid(
