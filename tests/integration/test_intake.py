@@ -23,6 +23,7 @@ import pydicom
 import pytest
 import requests
 from click.testing import CliRunner, Result
+from lxml import etree
 from pydicom.fileset import FileSet
 from sqlalchemy import Row, select, update
 
@@ -1185,6 +1186,34 @@ def test_removing_a_study_never_published_is_no_failure(
     assert "nothing to withdraw" in removed.output
     assert "see the log" not in removed.output
     assert _manifests(patient_node) == []
+
+
+def test_removing_instances_is_audited_as_instances_deleted(
+    patient_node: RunningNode,
+) -> None:
+    """DICOM PS3.15 A.5.3.3: the Imaging Document Source that deletes
+    instances writes DICOM Instances Accessed with action D, naming the
+    patient and the study; valid against the DICOM audit schema."""
+    patient_node.feed(MR_PATIENT)
+    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:2]
+    for path in images:
+        patient_node.services.intake.accept(path)
+    study_uid = pydicom.dcmread(images[0], stop_before_pixels=True).StudyInstanceUID
+    before = len(list(patient_node.services.audit_spool.records()))
+
+    assert patient_node.services.intake.remove(study_uid) == 2
+
+    (record,) = list(patient_node.services.audit_spool.records())[before:]
+    assert record.valid
+    assert record.event_id is not None and record.event_id.code == "110103"
+    root = etree.fromstring(record.xml)
+    assert root.find("EventIdentification").get("EventActionCode") == "D"
+    assert record.patient_ids == (MR_PATIENT,)
+    objects = [
+        o.get("ParticipantObjectID")
+        for o in root.findall("ParticipantObjectIdentification")
+    ]
+    assert study_uid in objects
 
 
 def test_headers_only_publication_holds_the_study_under_its_patient(

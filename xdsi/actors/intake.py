@@ -34,6 +34,7 @@ from pydicom.fileset import FileSet
 from sqlalchemy import Connection, Row, and_, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from xdsi import audit
 from xdsi.actors.imaging_source import (
     ImagingSource,
     Published,
@@ -346,6 +347,18 @@ class Intake:
         for row in gone:
             self.blobs.delete(row.blob)
         logger.info("removed %d instances of study %s", len(gone), study_instance_uid)
+        # DICOM PS3.15 A.5.3.3: who deleted which patient's instances.
+        node = self.settings.node
+        self.source.auditor.record(
+            audit.AuditEvent(
+                transaction="Instances Deleted",
+                actor="Imaging Document Source",
+                outcome=audit.Outcome.SUCCESS,
+                source=audit.Endpoint(node.audit_source_id, node.host),
+                patient_id=gone[0].patient_id or None,
+                study_instance_uids=(study_instance_uid,),
+            )
+        )
         return len(gone)
 
     def patient_id(self, ds: Dataset) -> str:

@@ -133,7 +133,8 @@ class AuditEventRule:
     actor: str
     clause: str
     event_id: Code
-    event_type: Code
+    # None for an event of no transaction (DICOM Instances Accessed).
+    event_type: Code | None
     event_action: str
     event_action_choices: tuple[str, ...]
     participants: tuple[ParticipantRule, ...]
@@ -171,7 +172,7 @@ def audit_event_rules() -> dict[tuple[str, str], AuditEventRule]:
             actor=row["actor"],
             clause=row["clause"],
             event_id=_code(row["event_id"]),
-            event_type=_code(row["event_type"]),
+            event_type=_code(row["event_type"]) if "event_type" in row else None,
             event_action=row["event_action"],
             event_action_choices=tuple(row.get("event_action_choices", ())),
             participants=participants,
@@ -381,7 +382,8 @@ def build_audit_message(
         EventOutcomeIndicator=str(int(event.outcome)),
     )
     _coded(identification, "EventID", rule.event_id)
-    _coded(identification, "EventTypeCode", rule.event_type)
+    if rule.event_type is not None:
+        _coded(identification, "EventTypeCode", rule.event_type)
     if event.outcome_detail is not None:
         description = etree.SubElement(identification, "EventOutcomeDescription")
         description.text = _text(event.outcome_detail)
