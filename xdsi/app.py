@@ -18,6 +18,7 @@ import signal
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from multiprocessing.process import BaseProcess
@@ -53,15 +54,79 @@ MAX_CONNECTIONS = 256
 SWEEP_EVERY = 60.0
 
 
+# The longest a peer may take over a request line and its headers, however
+# steadily they trickle in (each read alone waits up to a minute).
+HEAD_DEADLINE = 30.0
+
+
+class _HeadWatch:
+    """Shut down the connections whose request head is overdue.
+
+    One thread for every listener of the process, woken each second, rather
+    than a timer per request.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._due: dict[socket.socket, float] = {}
+        self._thread: threading.Thread | None = None
+
+    def watch(self, connection: socket.socket, seconds: float) -> None:
+        with self._lock:
+            self._due[connection] = time.monotonic() + seconds
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="xdsi-head-watch", daemon=True
+                )
+                self._thread.start()
+
+    def release(self, connection: socket.socket) -> None:
+        with self._lock:
+            self._due.pop(connection, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(1.0)
+            now = time.monotonic()
+            with self._lock:
+                late = [c for c, due in self._due.items() if due <= now]
+                for connection in late:
+                    del self._due[connection]
+            for connection in late:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+_HEAD_WATCH = _HeadWatch()
+
+
 class _RequestHandler(WSGIRequestHandler):
-    """Close a connection whose peer stops sending for a minute; answer a
-    request the HTTP layer refuses (a garbled request line, an oversized
-    header or URI) with a SOAP 1.2 Fault, never an HTML page.
+    """Close a connection whose peer stops sending for a minute, or takes
+    more than HEAD_DEADLINE seconds over a request's line and headers;
+    answer a request the HTTP layer refuses (a garbled request line, an
+    oversized header or URI) with a SOAP 1.2 Fault, never an HTML page.
 
     SOAP 1.2 Part 2 7.5.1.2: env:Sender for what the peer sent wrong.
     """
 
     timeout = 60
+
+    def handle_one_request(self) -> None:
+        _HEAD_WATCH.watch(self.connection, HEAD_DEADLINE)
+        try:
+            super().handle_one_request()
+        finally:
+            _HEAD_WATCH.release(self.connection)
+
+    def parse_request(self) -> bool:
+        try:
+            return super().parse_request()
+        finally:
+            # The head is in: the body and the answer take their own time.
+            _HEAD_WATCH.release(self.connection)
+
     # A request line too garbled to name its HTTP version is answered as
     # HTTP/1.1, status line and headers included, not as HTTP/0.9 (body
     # alone, RFC 1945 4.1); no SOAP peer speaks HTTP/0.9.

@@ -417,3 +417,34 @@ def test_connections_beyond_the_limit_get_503_and_the_node_recovers(
             break
         time.sleep(0.1)
     assert answer.status_code == 405
+
+
+def test_a_request_head_trickling_in_is_cut_off(
+    shared_node: RunningNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer that sends a header line now and then, each within the read
+    timeout, does not hold its connection (one of a listener's slots) for
+    good: past the head deadline the connection is closed."""
+    monkeypatch.setattr(app, "HEAD_DEADLINE", 2.0)
+    parts = urlsplit(shared_node.settings.url("registry"))
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(f"POST {parts.path} HTTP/1.1\r\nHost: x\r\n".encode("ascii"))
+        closed = False
+        for n in range(40):
+            time.sleep(0.25)
+            try:
+                sock.sendall(f"X-Slow-{n}: y\r\n".encode("ascii"))
+            except OSError:
+                closed = True
+                break
+            sock.settimeout(0.01)
+            try:
+                if sock.recv(65536) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                pass
+            except OSError:
+                closed = True
+                break
+    assert closed
