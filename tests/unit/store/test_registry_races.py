@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from lxml import etree
 
 from tests.nist_submissions import nist_submission
 from xdsi import ns
@@ -45,8 +46,8 @@ def _fed(services: Services) -> str:
     return patient_id
 
 
-def _entry(request: object) -> ebrim.RegistryObject:
-    (entry,) = ebrim.read_registry_objects(request).document_entries  # type: ignore[arg-type]
+def _entry(request: etree._Element) -> ebrim.RegistryObject:
+    (entry,) = ebrim.read_registry_objects(request).document_entries
     return entry
 
 
@@ -68,9 +69,9 @@ def test_concurrent_replacements_of_one_document_replace_it_once(
     start = threading.Barrier(len(replacements))
     outcomes: list[RegisterOutcome] = []
 
-    def replace_it(request: object) -> None:
+    def replace_it(request: etree._Element) -> None:
         start.wait()
-        outcomes.append(services.registry.register(request))  # type: ignore[arg-type]
+        outcomes.append(services.registry.register(request))
 
     threads = [threading.Thread(target=replace_it, args=(r,)) for r in replacements]
     for thread in threads:
@@ -94,15 +95,15 @@ def test_a_document_of_one_patient_is_not_registered_for_another(
     assert services.registry.register(registered).errors == []
     unique_id = _entry(registered).unique_id
 
-    def same_document(patient_id: str) -> object:
+    def same_document(patient_id: str) -> etree._Element:
         request = nist_submission("iti42-12374-submit_doc", {}, patient_id=patient_id)
         for identifier in request.iter(f"{{{ns.RIM}}}ExternalIdentifier"):
             if identifier.get("identificationScheme") == DOCUMENT_UNIQUE_ID:
                 identifier.set("value", unique_id)
         return request
 
-    other = services.registry.register(same_document(second))  # type: ignore[arg-type]
-    again = services.registry.register(same_document(first))  # type: ignore[arg-type]
+    other = services.registry.register(same_document(second))
+    again = services.registry.register(same_document(first))
 
     assert _codes(other) == ["XDSPatientIdDoesNotMatch"]
     assert _codes(again) == []
