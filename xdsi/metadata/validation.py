@@ -48,8 +48,9 @@ CodeSets = Mapping[str, frozenset[tuple[str, str]]]
 OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+\Z")
 MAX_OID_LENGTH = 64
 
-# ITI TF-3 4.2.3.2.16: patientId is a CX with ID and an ISO assigning authority.
-PATIENT_ID_CX = re.compile(r"^[^\^&~\\|]+\^\^\^&([0-9.]+)&ISO\Z")
+# ITI TF-3 4.2.3.2.16: patientId is a CX with ID and an ISO assigning
+# authority; the ID holds no delimiter and no control character.
+PATIENT_ID_CX = re.compile(r"^[^\^&~\\|\x00-\x1f\x7f]+\^\^\^&([0-9.]+)&ISO\Z")
 
 # ITI TF-3 4.2.3.2.26: DocumentEntry uniqueId is OID or OID^extension.
 DOCUMENT_UNIQUE_ID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+(\^[^\s]{1,16})?\Z")

@@ -226,6 +226,11 @@ REJECTIONS = {
         "AE",
         "102",
     ),
+    "PID-3 ID holding a control character": (
+        ADT_A01_V231.replace(AFFINITY_CX, f"Y\x01Z^^^&{AFFINITY_DOMAIN}&ISO"),
+        "AE",
+        "102",
+    ),
     "PID-3 ID holding a subcomponent": (
         ADT_A01_V231.replace(AFFINITY_CX, f"Q&R^^^&{AFFINITY_DOMAIN}&ISO"),
         "AE",
