@@ -605,3 +605,29 @@ def test_wado_uri_scales_down_an_image_larger_than_it_renders(
     width, height = Image.open(BytesIO(answer.content)).size
     assert max(width, height) == 4096
     assert abs(width / height - held.Columns / held.Rows) < 0.01
+
+
+def test_wado_rs_takes_the_first_alternative_it_can_produce(
+    shared_node: RunningNode, published: scan.Study
+) -> None:
+    """RFC 9110 12.5.1, DICOM PS3.18 8.7.3: of two acceptable media types,
+    a syntax no instance can be produced in (JPEG Baseline, no encoder
+    here) gives way to the next one listed, not to 406."""
+    instance = published.instances[0]
+    answer = requests.get(
+        f"{shared_node.settings.dicomweb_url}/studies/{instance.study_instance_uid}"
+        f"/series/{instance.series_instance_uid}/instances/"
+        f"{instance.sop_instance_uid}",
+        headers={
+            "Accept": "application/dicom; transfer-syntax=1.2.840.10008.1.2.4.50, "
+            "application/dicom"
+        },
+        timeout=30,
+    )
+
+    assert answer.status_code == 200
+    assert answer.headers["Content-Type"] == (
+        f"application/dicom; transfer-syntax={ExplicitVRLittleEndian}"
+    )
+    sent = pydicom.dcmread(BytesIO(answer.content))
+    assert sent.SOPInstanceUID == instance.sop_instance_uid

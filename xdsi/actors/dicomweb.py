@@ -229,12 +229,12 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         held = published(study_uid, series_uid, sop_uid)
         if not held:
             abort(404)
-        syntax, multipart = _accepted_dicom(
+        syntaxes, multipart = _accepted_dicom(
             request.headers.get("Accept", ""), single_allowed=sop_uid is not None
         )
         spool = Path(tempfile.mkdtemp(prefix="wado-rs-", dir=spool_root))
         try:
-            files = _produce_all(source, held, syntax, spool)
+            files = _produce_all(source, held, syntaxes, spool)
         except BaseException:
             shutil.rmtree(spool, ignore_errors=True)
             raise
@@ -369,7 +369,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             # a UID this node cannot produce, not acceptable (406).
             abort(400, f"transferSyntax {syntax[:MAX_UID]!r} is not a UID")
         spool = Path(tempfile.mkdtemp(prefix="wado-", dir=spool_root))
-        files = _produce_all(source, held, syntax, spool)
+        files = _produce_all(source, held, [syntax], spool)
         if not files:
             shutil.rmtree(spool, ignore_errors=True)
             abort(406)
@@ -567,36 +567,60 @@ def _matches(answer: Dataset, keyword: str, wanted: str) -> bool:
     return wanted in values
 
 
-def _accepted_dicom(accept: str, single_allowed: bool) -> tuple[str, bool]:
-    """Return the transfer syntax and whether to answer multipart, from the
-    Accept header (DICOM PS3.18 8.7.3: Explicit VR Little Endian unless a
-    transfer-syntax parameter names another; ``*`` means as stored)."""
-    if not accept.strip() or accept.strip() == "*/*":
-        return ExplicitVRLittleEndian, True
+def _accepted_dicom(accept: str, single_allowed: bool) -> tuple[list[str], bool]:
+    """Return the transfer syntaxes acceptable, best first, and whether to
+    answer multipart, from the Accept header.
+
+    DICOM PS3.18 8.7.3 and RFC 9110 12.5.1: media ranges in order of their
+    q value (0 is not acceptable), media types case-insensitive, ``*/*``,
+    ``multipart/*`` and ``application/*`` as wildcards; each range names a
+    transfer syntax, Explicit VR Little Endian when none is given (``*``:
+    as stored). The framing (one part or multipart) is that of the best
+    range; each instance is then sent in the first syntax of the ranges of
+    that framing it can be produced in.
+    """
+    if not accept.strip():
+        return [ExplicitVRLittleEndian], True
+    ranges: list[tuple[float, bool, str]] = []
     for media_range in accept.split(","):
         kind, *params = [p.strip() for p in media_range.split(";")]
+        kind = kind.lower()
         options = {}
         for param in params:
             name, _, value = param.partition("=")
             options[name.strip().lower()] = value.strip().strip('"')
+        try:
+            quality = float(options.get("q", "1"))
+        except ValueError:
+            quality = 1.0
+        if quality <= 0:
+            continue
         syntax = options.get("transfer-syntax", ExplicitVRLittleEndian)
-        if kind == "multipart/related" and options.get("type", DICOM) == DICOM:
-            return syntax, True
-        if kind == DICOM and single_allowed:
-            return syntax, False
-    abort(406)
+        if kind in ("*/*", "multipart/*") or (
+            kind == "multipart/related"
+            and options.get("type", DICOM).lower() in (DICOM, "application/*")
+        ):
+            ranges.append((quality, True, syntax))
+        elif kind in (DICOM, "application/*") and single_allowed:
+            ranges.append((quality, False, syntax))
+    if not ranges:
+        abort(406)
+    ranges.sort(key=lambda r: -r[0])  # stable: equal q keep their order
+    multipart = ranges[0][1]
+    return [syntax for _, framing, syntax in ranges if framing == multipart], multipart
 
 
 def _produce_all(
-    source: ImagingSource, held: list[Held], syntax: str, spool: Path
+    source: ImagingSource, held: list[Held], syntaxes: list[str], spool: Path
 ) -> list[tuple[Path, str]]:
-    """Each instance in ``syntax`` (``*``: as stored); those that cannot be
-    produced in it are left out."""
+    """Each instance in the first of ``syntaxes`` it can be produced in
+    (``*``: as stored); those that cannot be produced in any are left out."""
     files = []
     for item in held:
         stored = source.blobs.path(item.row.blob)
-        asked = [item.row.transfer_syntax_uid if syntax == "*" else syntax]
-        produced = transcode.produce(stored, item.row.transfer_syntax_uid, asked, spool)
+        held_syntax = item.row.transfer_syntax_uid
+        asked = [held_syntax if s == "*" else s for s in syntaxes]
+        produced = transcode.produce(stored, held_syntax, asked, spool)
         if produced is not None:
             files.append((produced.path, produced.transfer_syntax_uid))
     return files
