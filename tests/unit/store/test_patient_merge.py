@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,36 +17,13 @@ from sqlalchemy import select
 
 from tests.conftest import PostgresCluster
 from tests.nist_submissions import nist_submission
+from tests.unit.store.conftest import fed, node_services
 from xdsi import ns
 from xdsi.actors.registry import _patient_id_error
-from xdsi.app import Services, build_services
-from xdsi.config import Settings
-from xdsi.hl7.adt import FeedRejected, PatientIdentity
+from xdsi.app import Services
+from xdsi.hl7.adt import FeedRejected
 from xdsi.metadata import ebrim, stored_query
 from xdsi.store.schema import registry_object
-
-AUTHORITY = Settings().node.assigning_authority
-
-
-def _services(database_url: str, tmp_path: Path) -> Services:
-    settings = Settings().with_storage(tmp_path / "node")
-    return build_services(
-        replace(settings, node=replace(settings.node, database_url=database_url))
-    )
-
-
-@pytest.fixture
-def services(database_url: str, tmp_path: Path) -> Iterator[Services]:
-    services = _services(database_url, tmp_path)
-    yield services
-    services.engine.dispose()
-
-
-def fed(services: Services) -> str:
-    """A new patient of the affinity domain, fed by an A01."""
-    patient_id = f"MERGE-{uuid.uuid4().hex[:10]}^^^&{AUTHORITY}&ISO"
-    services.registry.add_patient(PatientIdentity(patient_id, (), "", "", "", "A01"))
-    return patient_id
 
 
 def registered(services: Services, patient_id: str) -> str:
@@ -132,7 +106,7 @@ def test_merge_waits_for_an_iti42_that_checked_the_subsumed_patient(
     """ITI TF-2 3.8.4.2.3: on PostgreSQL the ITI-42 patient check share-locks
     the row, so a merge lands after the submission and re-points it."""
     url = postgresql.create_database()
-    services = _services(url, tmp_path)
+    services = node_services(url, tmp_path)
     try:
         survivor, subsumed = fed(services), fed(services)
         done = threading.Event()

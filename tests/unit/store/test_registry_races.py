@@ -9,41 +9,18 @@ which is of one patient.
 from __future__ import annotations
 
 import threading
-import uuid
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import replace
-from pathlib import Path
 
-import pytest
 from lxml import etree
 
 from tests.nist_submissions import nist_submission
+from tests.unit.store.conftest import fed
 from xdsi import ns
 from xdsi.actors.registry import RegisterOutcome
-from xdsi.app import Services, build_services
-from xdsi.config import Settings
-from xdsi.hl7.adt import PatientIdentity
+from xdsi.app import Services
 from xdsi.metadata import ebrim
 
-AUTHORITY = Settings().node.assigning_authority
 DOCUMENT_UNIQUE_ID = "urn:uuid:2e82c1f6-a085-4c72-9da3-8640a32e42ab"
-
-
-@pytest.fixture
-def services(database_url: str, tmp_path: Path) -> Iterator[Services]:
-    settings = Settings().with_storage(tmp_path / "node")
-    services = build_services(
-        replace(settings, node=replace(settings.node, database_url=database_url))
-    )
-    yield services
-    services.engine.dispose()
-
-
-def _fed(services: Services) -> str:
-    patient_id = f"RACE-{uuid.uuid4().hex[:10]}^^^&{AUTHORITY}&ISO"
-    services.registry.add_patient(PatientIdentity(patient_id, (), "", "", "", "A01"))
-    return patient_id
 
 
 def _entry(request: etree._Element) -> ebrim.RegistryObject:
@@ -60,7 +37,7 @@ def test_concurrent_replacements_of_one_document_replace_it_once(
 ) -> None:
     """Six RPLC of one Approved DocumentEntry sent at once: one replaces it,
     the others find it Deprecated and register nothing."""
-    patient_id = _fed(services)
+    patient_id = fed(services)
     values = {"$patientid$": patient_id}
     original = nist_submission("iti42-12346-doc_for_rplc", values)
     assert services.registry.register(original).errors == []
@@ -90,7 +67,7 @@ def test_a_document_of_one_patient_is_not_registered_for_another(
 ) -> None:
     """The same uniqueId and hash under another patient is refused with
     XDSPatientIdDoesNotMatch; under the same patient it registers again."""
-    first, second = _fed(services), _fed(services)
+    first, second = fed(services), fed(services)
     registered = nist_submission("iti42-12374-submit_doc", {}, patient_id=first)
     assert services.registry.register(registered).errors == []
     unique_id = _entry(registered).unique_id
