@@ -219,6 +219,9 @@ def feed(
 ) -> None:
     """Send an ITI-8 Patient Identity Feed (HL7 v2 ADT over MLLP)."""
     settings = _settings(ctx)
+    for value, hint in ((patient_id, "PATIENT_ID"), (subsumed, "--merge")):
+        if value is not None and not value.strip():
+            raise click.BadParameter("a patient id cannot be empty", param_hint=hint)
     trigger = trigger or ("A40" if subsumed else "A01")
     if (trigger == "A40") != bool(subsumed):
         _fail("ITI-8 A40 merges: give --merge SUBSUMED_ID with A40, and only then")
@@ -475,6 +478,9 @@ def fetch(
         result = _fetch(consumer, qualify_patient_id(patient_id, settings), out)
     except ConsumerError as exc:
         _fail(_unreachable_hint(str(exc)))
+    if not result.manifests:
+        click.echo("no imaging manifest found for this patient; nothing written")
+        return
     click.echo(
         f"{_count(len(result.manifests), 'manifest')}, "
         f"{_count(len(result.instances), 'instance')}, "
@@ -776,6 +782,8 @@ def audit_list(
     from_arr: bool,
 ) -> None:
     """List audit events, oldest first: this node's spool, or the ARR's."""
+    if as_json and as_xml:
+        raise click.UsageError("--json and --xml are alternatives; give one")
     settings = _settings(ctx)
     patient_id = qualify_patient_id(patient, settings) if patient else None
     start, end = _time_option(since, "since"), _time_option(until, "until")

@@ -285,3 +285,35 @@ def test_audit_list_with_a_time_that_is_no_time_is_a_wrong_argument(
 
     assert result.returncode == 2
     assert "is not an ISO 8601 date or date-time" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("feed", ""), ("feed", " "), ("audit", "list", "--json", "--xml")],
+    ids=["feed-empty", "feed-blank", "audit-json-and-xml"],
+)
+def test_wrong_arguments_exit_2_before_anything_is_sent(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    """A command given wrong arguments exits 2 and sends nothing: an empty
+    patient id is not fed, and --json and --xml are alternatives."""
+    config = tmp_path / "xdsi.toml"
+    config.write_text(f'[node]\nstorage_dir = "{tmp_path / "node"}"\n')
+
+    result = _xdsi(config, *args, check=False)
+
+    assert result.returncode == 2, result.stderr
+    assert "ITI-8" not in result.stdout
+
+
+def test_fetch_for_a_patient_with_no_imaging_says_so(
+    served: Path, tmp_path: Path
+) -> None:
+    """ITI-18 finds no imaging manifest: ``fetch`` says nothing was written,
+    rather than naming a folder it never made."""
+    out = tmp_path / "out"
+
+    result = _xdsi(served, "fetch", "--patient-id", "NOBODY-FETCH", "--out", str(out))
+
+    assert "no imaging manifest found for this patient" in result.stdout
+    assert not out.exists()
