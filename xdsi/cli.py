@@ -641,12 +641,11 @@ def remove(
     unpublished = publish and services.intake.changed(study_instance_uid)
     if removed or not unpublished:
         click.echo(f"{_count(removed, 'instance')} removed")
-    if removed or unpublished:
-        if publish:
-            _publish_now(services, (study_instance_uid,))
-        services.engine.dispose()
-        return
+    if publish and (removed or unpublished):
+        _publish_now(services, (study_instance_uid,))
     services.engine.dispose()
+    if removed or unpublished:
+        return
     named = f"study {study_instance_uid}"
     if series_instance_uid:
         named += f", series {series_instance_uid}"

@@ -879,10 +879,11 @@ def _listed_files(dicomdir: Path) -> list[Path]:
     file (DICOM PS3.3 F.3.2.2) is listed after the others, and the import
     refuses it as unreadable.
     """
+    directory = pydicom.dcmread(dicomdir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        listed = [Path(instance.path) for instance in FileSet(dicomdir)]
-    records = pydicom.dcmread(dicomdir).get("DirectoryRecordSequence") or []
+        listed = [Path(instance.path) for instance in FileSet(directory)]
+    records = directory.get("DirectoryRecordSequence") or []
     for record in records:
         file_id = record.get("ReferencedFileID")
         if not file_id:
