@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -21,6 +22,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 from flask import Flask
@@ -72,6 +74,7 @@ from xdsi.metadata.responses import (
 )
 from xdsi.store.blobs import BlobStore
 from xdsi.store.schema import imaging_instance, imaging_manifest
+from xdsi.wire.mtom import StreamSource
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +173,23 @@ def copy_hashed(source: Path, target: Path) -> str:
             digest.update(chunk)
             out.write(chunk)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class _DocumentRequest:
+    """One DocumentRequest of a RAD-69 request, its values stripped."""
+
+    repository_id: str
+    unique_id: str
+    community_id: str | None
+
+    @classmethod
+    def read(cls, item: etree._Element) -> _DocumentRequest:
+        return cls(
+            child_text(item, "RepositoryUniqueId"),
+            child_text(item, "DocumentUniqueId"),
+            child_text(item, "HomeCommunityId") or None,
+        )
 
 
 class ImagingSource:
@@ -757,17 +777,8 @@ class ImagingSource:
         ]
         syntaxes = [uid for uid in syntaxes if uid]
         errors: list[XdsError] = []
-        documents = []
         studies: list[str] = []
-        sent: set[tuple[str, str, str, str]] = set()
-        returned: set[str] = set()
-        held = self.held_instances(
-            child_text(item, "DocumentUniqueId")
-            for item in request.iterfind(
-                f"{{{ns.XDSIB}}}StudyRequest/{{{ns.XDSIB}}}SeriesRequest/"
-                f"{{{ns.XDSB}}}DocumentRequest"
-            )
-        )
+        asked: list[tuple[str, str, _DocumentRequest]] = []
         for study in request.findall(f"{{{ns.XDSIB}}}StudyRequest"):
             study_uid = (study.get("studyInstanceUID") or "").strip()
             if not study_uid:
@@ -789,30 +800,31 @@ class ImagingSource:
                         )
                     )
                     continue
-                for item in series.findall(f"{{{ns.XDSB}}}DocumentRequest"):
-                    # An instance asked for twice alike is sent once; asked
-                    # for again under another study, series or repository,
-                    # that request is answered on its own (an error where
-                    # it is wrong), whatever came first.
-                    key = (
-                        child_text(item, "RepositoryUniqueId"),
-                        study_uid,
-                        series_uid,
-                        child_text(item, "DocumentUniqueId"),
-                    )
-                    if key in sent:
-                        continue
-                    result = self._instance(
-                        item, study_uid, series_uid, syntaxes, spool, held
-                    )
-                    if isinstance(result, XdsError):
-                        errors.append(result)
-                    elif result[0] in returned:
-                        sent.add(key)
-                    else:
-                        sent.add(key)
-                        returned.add(result[0])
-                        documents.append(result)
+                asked.extend(
+                    (study_uid, series_uid, _DocumentRequest.read(item))
+                    for item in series.findall(f"{{{ns.XDSB}}}DocumentRequest")
+                )
+        held = self.held_instances(item.unique_id for _, _, item in asked)
+        documents = []
+        sent: set[tuple[str, str, str, str]] = set()
+        returned: set[str] = set()
+        for study_uid, series_uid, item in asked:
+            # An instance asked for twice alike is sent once; asked for again
+            # under another study, series or repository, that request is
+            # answered on its own (an error where it is wrong), whatever came
+            # first.
+            key = (item.repository_id, study_uid, series_uid, item.unique_id)
+            if key in sent:
+                continue
+            result = self._instance(item, study_uid, series_uid, syntaxes, spool, held)
+            if isinstance(result, XdsError):
+                errors.append(result)
+            elif result[0] in returned:
+                sent.add(key)
+            else:
+                sent.add(key)
+                returned.add(result[0])
+                documents.append(result)
         if not syntaxes:
             errors.append(
                 TransferSyntaxUnavailable(
@@ -827,21 +839,19 @@ class ImagingSource:
 
     def _instance(
         self,
-        item: etree._Element,
+        item: _DocumentRequest,
         study_uid: str,
         series_uid: str,
         syntaxes: list[str],
         spool: Path,
         held: dict[str, Row],
-    ) -> tuple[str, str, str, Path, str | None, str | None] | XdsError:
-        repository_id = child_text(item, "RepositoryUniqueId")
-        sop_uid = child_text(item, "DocumentUniqueId")
-        community = child_text(item, "HomeCommunityId") or None
-        if repository_id != self.repository_unique_id:
+    ) -> tuple[str, str, str, Path | StreamSource, str | None, str | None] | XdsError:
+        sop_uid = item.unique_id
+        if item.repository_id != self.repository_unique_id:
             return UnknownRepositoryId(
-                f"repositoryUniqueId {repository_id} is not this Imaging Document "
-                "Source's",
-                repository_id,
+                f"repositoryUniqueId {item.repository_id} is not this Imaging "
+                "Document Source's",
+                item.repository_id,
             )
         row = held.get(sop_uid)
         if (
@@ -855,7 +865,11 @@ class ImagingSource:
                 sop_uid,
             )
         stored = self.blobs.path(row.blob)
-        if self.blobs.size(row.blob) != row.size:
+        try:
+            size = os.stat(stored).st_size
+        except FileNotFoundError:
+            size = None
+        if size != row.size:
             logger.error(
                 "RAD-69: the stored copy of instance %s (%s) is missing or not of "
                 "its recorded size",
@@ -881,12 +895,16 @@ class ImagingSource:
                 f"transfer syntax ({', '.join(syntaxes)}); RAD TF-3 4.69.4.2.3",
                 sop_uid,
             )
+        body: Path | StreamSource = produced.path
+        if produced.path == stored:
+            # The stored copy goes out as it is, of the size just checked.
+            body = StreamSource(partial(open, stored, "rb"), row.size)
         return (
             sop_uid,
             self.repository_unique_id,
             "application/dicom",
-            produced.path,
-            community,
+            body,
+            item.community_id,
             row.patient_id,
         )
 
