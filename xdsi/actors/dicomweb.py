@@ -238,28 +238,50 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         except BaseException:
             shutil.rmtree(spool, ignore_errors=True)
             raise
+        # DICOM PS3.18 Table 10.4.3-1: 406 when no instance can be sent in
+        # an Acceptable Media Type, 206 when some, not all, of them can.
         if not files:
             shutil.rmtree(spool, ignore_errors=True)
-            abort(406)
+            abort(
+                406,
+                "no instance asked for can be sent in a transfer syntax the "
+                "request accepts",
+            )
+        left_out = len(held) - len(files)
+        status = 206 if left_out else 200
         logger.info(
-            "%s %s from %s: %d of %d instances",
+            "%s %s from %s: %d, %d of %d instances",
             "RAD-107",
             "WADO-RS Retrieve",
             request.remote_addr,
+            status,
             len(files),
             len(held),
         )
+        headers: dict[str, str] = {}
+        if left_out:
+            # In the "299 <service>: text" form that DICOM PS3.18 gives its
+            # warnings (e.g. 11.6.3.2); the user agent tells which instances
+            # are missing by their SOP Instance UIDs.
+            headers["Warning"] = (
+                f"299 {source.settings.dicomweb_url}: {left_out} of {len(held)} "
+                "instances cannot be sent in a transfer syntax the request accepts"
+            )
         if not multipart:
             return _spooled(
                 _file_chunks(files[0][0]),
                 spool,
                 content_type=f"{DICOM}; transfer-syntax={files[0][1]}",
+                status=status,
+                headers=headers,
             )
         boundary = uuid.uuid4().hex
         return _spooled(
             _multipart(files, boundary),
             spool,
             content_type=f'multipart/related; type="{DICOM}"; boundary={boundary}',
+            status=status,
+            headers=headers,
         )
 
     @blueprint.get(f"{base}/studies/<study_uid>")
@@ -643,12 +665,21 @@ def _multipart(files: list[tuple[Path, str]], boundary: str) -> Iterator[bytes]:
     yield f"--{boundary}--\r\n".encode("ascii")
 
 
-def _spooled(chunks: Iterator[bytes], spool: Path, *, content_type: str) -> Response:
+def _spooled(
+    chunks: Iterator[bytes],
+    spool: Path,
+    *,
+    content_type: str,
+    status: int = 200,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
     """A response streaming ``chunks`` from files in ``spool``, which is
     removed when the server closes the response: after the last chunk, when
     the peer went away meanwhile, and for HEAD, whose body is never read
     (WSGI close, PEP 3333)."""
-    response = Response(chunks, content_type=content_type)
+    response = Response(
+        chunks, status=status, headers=headers, content_type=content_type
+    )
     response.call_on_close(lambda: shutil.rmtree(spool, ignore_errors=True))
     return response
 
