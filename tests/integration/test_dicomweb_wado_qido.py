@@ -716,3 +716,43 @@ def test_wado_rs_series_none_of_which_can_be_produced_is_406(
     assert answer.status_code == 406
     assert answer.headers["Content-Type"].startswith("text/plain")
     assert "in a transfer syntax the request accepts" in answer.text
+
+
+def _bulk_data_uris(document: dict) -> list[str]:
+    """Every BulkDataURI of a DICOM JSON document, in sequence items too."""
+    uris = []
+    for attribute in document.values():
+        if "BulkDataURI" in attribute:
+            uris.append(attribute["BulkDataURI"])
+        if attribute["vr"] == "SQ":
+            for item in attribute.get("Value", []):
+                uris += _bulk_data_uris(item)
+    return uris
+
+
+def test_wado_rs_metadata_sends_bulk_data_in_a_sequence_inline(
+    shared_node: RunningNode,
+    client: DICOMwebClient,
+    published: scan.Study,
+    tmp_path: Path,
+) -> None:
+    """DICOM PS3.18 10.4.3.3.2 and F.2.7: a metadata answer holds every
+    attribute of the instance; Waveform Data, in the items of the Waveform
+    Sequence, comes as InlineBinary, never as an empty BulkDataURI, which a
+    user agent resolves to the series itself."""
+    source = shared_path("dicom", "singles", "ecg-waveform__waveform_ecg.dcm")
+    instance = _published_copy(shared_node, source, tmp_path / "ecg")
+
+    document = client.retrieve_instance_metadata(
+        instance.study_instance_uid,
+        instance.series_instance_uid,
+        instance.sop_instance_uid,
+    )
+
+    assert _bulk_data_uris(document) == []
+    sent = pydicom.Dataset.from_json(document)
+    held = pydicom.dcmread(source)
+    assert [w.WaveformData for w in sent.WaveformSequence] == [
+        w.WaveformData for w in held.WaveformSequence
+    ]
+    assert "InlineBinary" in document["54000100"]["Value"][0]["54001010"]

@@ -48,6 +48,10 @@ DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
 JPEG = "image/jpeg"
 CHUNK_SIZE = 1 << 20
+# The length of base64 text above which a binary value at the top level of
+# an instance is bulk data, left out of WADO-RS metadata: 4 KiB of text,
+# 3 KiB of value.
+BULK_DATA_THRESHOLD = 4096
 
 # Attributes of each QIDO-RS level's answer, DICOM PS3.18 Tables 10.6.3-3,
 # 10.6.3-4 and 10.6.3-5; they are also the attributes a query may match on.
@@ -304,17 +308,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         held = published(study_uid, series_uid, sop_uid)
         if not held:
             abort(404)
-        # Limitation: bulk data (Pixel Data and other values over 4 KiB) is
-        # left out of the metadata rather than given a BulkDataURI.
-        documents = [
-            h.header.to_json_dict(
-                bulk_data_threshold=4096, bulk_data_element_handler=lambda _: ""
-            )
-            for h in held
-        ]
-        for document in documents:
-            for tag in [t for t, v in document.items() if v.get("BulkDataURI") == ""]:
-                del document[tag]
+        documents = [_metadata_document(h.header) for h in held]
         return Response(json.dumps(documents), content_type=DICOM_JSON)
 
     @blueprint.get(f"{base}/studies/<study_uid>/metadata")
@@ -646,6 +640,36 @@ def _produce_all(
         if produced is not None:
             files.append((produced.path, produced.transfer_syntax_uid))
     return files
+
+
+def _metadata_document(header: Dataset) -> dict[str, dict]:
+    """An instance's header as WADO-RS metadata, in the DICOM JSON Model
+    (DICOM PS3.18 10.4.3.3.2, Annex F).
+
+    Binary values in a sequence item, such as the Waveform Data of each
+    Waveform Sequence item, are sent inline whatever their length
+    (InlineBinary, DICOM PS3.18 F.2.7), which DICOMweb user agents decode
+    without a further request.
+    """
+    document: dict[str, dict] = {}
+    for element in header:
+        key = f"{element.tag:08X}"
+        if element.VR == "SQ":
+            document[key] = element.to_json_dict(
+                bulk_data_element_handler=None, bulk_data_threshold=0
+            )
+            continue
+        # Limitation: bulk data at the top level (Pixel Data and other
+        # binary values over BULK_DATA_THRESHOLD) is left out of the
+        # metadata; this node has no bulkdata resource for a BulkDataURI
+        # (DICOM PS3.18 F.2.6) to name.
+        attribute = element.to_json_dict(
+            bulk_data_element_handler=lambda _: "",
+            bulk_data_threshold=BULK_DATA_THRESHOLD,
+        )
+        if "BulkDataURI" not in attribute:
+            document[key] = attribute
+    return document
 
 
 def _file_chunks(path: Path) -> Iterator[bytes]:
