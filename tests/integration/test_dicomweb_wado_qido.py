@@ -14,13 +14,15 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
 from sqlalchemy import select
 
 from tests.conftest import shared_path
 from tests.integration.conftest import PATIENT, RunningNode
 from xdsi.dicom import scan
 from xdsi.store.schema import imaging_manifest
+
+MULTIPART_DICOM = 'multipart/related; type="application/dicom"'
 
 
 @pytest.fixture(scope="module")
@@ -544,22 +546,32 @@ def test_qido_paging_takes_ascii_digits_only(
     assert answer.headers["Content-Type"].startswith("text/plain")
 
 
+def _published_study(
+    node: RunningNode, sources: list[Path], folder: Path, **values: object
+) -> scan.Study:
+    """Publish copies of ``sources`` as one series of a study of its own,
+    with ``values``."""
+    study_uid, series_uid = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    folder.mkdir()
+    for number, source in enumerate(sources):
+        ds = pydicom.dcmread(source)
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+        ds.save_as(folder / f"copy-{number}.dcm", enforce_file_format=True)
+    (study,) = scan.scan_directory(folder).studies
+    node.services.imaging_source.publish(study, PATIENT)
+    return study
+
+
 def _published_copy(
     node: RunningNode, source: Path, folder: Path, **values: object
 ) -> scan.InstanceHeader:
     """Publish a copy of ``source`` as a study of its own, with ``values``."""
-    ds = pydicom.dcmread(source)
-    ds.StudyInstanceUID = pydicom.uid.generate_uid()
-    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
-    ds.SOPInstanceUID = pydicom.uid.generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    for keyword, value in values.items():
-        setattr(ds, keyword, value)
-    folder.mkdir()
-    ds.save_as(folder / "copy.dcm", enforce_file_format=True)
-    (study,) = scan.scan_directory(folder).studies
-    node.services.imaging_source.publish(study, PATIENT)
-    (instance,) = study.instances
+    (instance,) = _published_study(node, [source], folder, **values).instances
     return instance
 
 
@@ -631,3 +643,116 @@ def test_wado_rs_takes_the_first_alternative_it_can_produce(
     )
     sent = pydicom.dcmread(BytesIO(answer.content))
     assert sent.SOPInstanceUID == instance.sop_instance_uid
+
+
+def _series_url(node: RunningNode, study: scan.Study) -> str:
+    return (
+        f"{node.settings.dicomweb_url}/studies/{study.study_instance_uid}"
+        f"/series/{study.series[0].series_instance_uid}"
+    )
+
+
+def test_wado_rs_series_sent_in_part_is_206_with_a_warning(
+    shared_node: RunningNode,
+    client: DICOMwebClient,
+    published: scan.Study,
+    tmp_path: Path,
+) -> None:
+    """DICOM PS3.18 Table 10.4.3-1: a payload holding some, not all, of the
+    Target Resources is 206 (Partial Content). Of a series asked for in
+    JPEG Baseline, the image held so is sent; the one that no encoder here
+    can turn into it is left out, and a Warning says how many were."""
+    study = _published_study(
+        shared_node,
+        [
+            shared_path(
+                "dicom", "singles", "ts-jpeg-baseline-rgb__SC_rgb_jpeg_dcmtk.dcm"
+            ),
+            shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm"),
+        ],
+        tmp_path / "mixed",
+    )
+    (jpeg,) = [i for i in study.instances if i.transfer_syntax_uid == JPEGBaseline8Bit]
+
+    answer = requests.get(
+        _series_url(shared_node, study),
+        headers={"Accept": f"{MULTIPART_DICOM}; transfer-syntax={JPEGBaseline8Bit}"},
+        timeout=30,
+    )
+    sent = client.retrieve_series(
+        study.study_instance_uid,
+        study.series[0].series_instance_uid,
+        media_types=(("application/dicom", JPEGBaseline8Bit),),
+    )
+
+    assert answer.status_code == 206
+    assert answer.headers["Content-Type"].startswith("multipart/related")
+    assert answer.headers["Warning"] == (
+        f"299 {shared_node.settings.dicomweb_url}: 1 of 2 instances cannot be "
+        "sent in a transfer syntax the request accepts"
+    )
+    assert [s.SOPInstanceUID for s in sent] == [jpeg.sop_instance_uid]
+    assert sent[0].file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+
+
+def test_wado_rs_series_none_of_which_can_be_produced_is_406(
+    shared_node: RunningNode, published: scan.Study, tmp_path: Path
+) -> None:
+    """DICOM PS3.18 Table 10.4.3-1: 406 (Not Acceptable) when no instance
+    can be sent in an Acceptable Media Type; the plain-text payload says
+    why (10.4.3.3)."""
+    study = _published_study(
+        shared_node,
+        [shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm")],
+        tmp_path / "native",
+    )
+
+    answer = requests.get(
+        _series_url(shared_node, study),
+        headers={"Accept": f"{MULTIPART_DICOM}; transfer-syntax={JPEGBaseline8Bit}"},
+        timeout=30,
+    )
+
+    assert answer.status_code == 406
+    assert answer.headers["Content-Type"].startswith("text/plain")
+    assert "in a transfer syntax the request accepts" in answer.text
+
+
+def _bulk_data_uris(document: dict) -> list[str]:
+    """Every BulkDataURI of a DICOM JSON document, in sequence items too."""
+    uris = []
+    for attribute in document.values():
+        if "BulkDataURI" in attribute:
+            uris.append(attribute["BulkDataURI"])
+        if attribute["vr"] == "SQ":
+            for item in attribute.get("Value", []):
+                uris += _bulk_data_uris(item)
+    return uris
+
+
+def test_wado_rs_metadata_sends_bulk_data_in_a_sequence_inline(
+    shared_node: RunningNode,
+    client: DICOMwebClient,
+    published: scan.Study,
+    tmp_path: Path,
+) -> None:
+    """DICOM PS3.18 10.4.3.3.2 and F.2.7: a metadata answer holds every
+    attribute of the instance; Waveform Data, in the items of the Waveform
+    Sequence, comes as InlineBinary, never as an empty BulkDataURI, which a
+    user agent resolves to the series itself."""
+    source = shared_path("dicom", "singles", "ecg-waveform__waveform_ecg.dcm")
+    instance = _published_copy(shared_node, source, tmp_path / "ecg")
+
+    document = client.retrieve_instance_metadata(
+        instance.study_instance_uid,
+        instance.series_instance_uid,
+        instance.sop_instance_uid,
+    )
+
+    assert _bulk_data_uris(document) == []
+    sent = pydicom.Dataset.from_json(document)
+    held = pydicom.dcmread(source)
+    assert [w.WaveformData for w in sent.WaveformSequence] == [
+        w.WaveformData for w in held.WaveformSequence
+    ]
+    assert "InlineBinary" in document["54000100"]["Value"][0]["54001010"]

@@ -48,6 +48,10 @@ DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
 JPEG = "image/jpeg"
 CHUNK_SIZE = 1 << 20
+# The length of base64 text above which a binary value at the top level of
+# an instance is bulk data, left out of WADO-RS metadata: 4 KiB of text,
+# 3 KiB of value.
+BULK_DATA_THRESHOLD = 4096
 
 # Attributes of each QIDO-RS level's answer, DICOM PS3.18 Tables 10.6.3-3,
 # 10.6.3-4 and 10.6.3-5; they are also the attributes a query may match on.
@@ -238,28 +242,50 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         except BaseException:
             shutil.rmtree(spool, ignore_errors=True)
             raise
+        # DICOM PS3.18 Table 10.4.3-1: 406 when no instance can be sent in
+        # an Acceptable Media Type, 206 when some, not all, of them can.
         if not files:
             shutil.rmtree(spool, ignore_errors=True)
-            abort(406)
+            abort(
+                406,
+                "no instance asked for can be sent in a transfer syntax the "
+                "request accepts",
+            )
+        left_out = len(held) - len(files)
+        status = 206 if left_out else 200
         logger.info(
-            "%s %s from %s: %d of %d instances",
+            "%s %s from %s: %d, %d of %d instances",
             "RAD-107",
             "WADO-RS Retrieve",
             request.remote_addr,
+            status,
             len(files),
             len(held),
         )
+        headers: dict[str, str] = {}
+        if left_out:
+            # In the "299 <service>: text" form that DICOM PS3.18 gives its
+            # warnings (e.g. 11.6.3.2); the user agent tells which instances
+            # are missing by their SOP Instance UIDs.
+            headers["Warning"] = (
+                f"299 {source.settings.dicomweb_url}: {left_out} of {len(held)} "
+                "instances cannot be sent in a transfer syntax the request accepts"
+            )
         if not multipart:
             return _spooled(
                 _file_chunks(files[0][0]),
                 spool,
                 content_type=f"{DICOM}; transfer-syntax={files[0][1]}",
+                status=status,
+                headers=headers,
             )
         boundary = uuid.uuid4().hex
         return _spooled(
             _multipart(files, boundary),
             spool,
             content_type=f'multipart/related; type="{DICOM}"; boundary={boundary}',
+            status=status,
+            headers=headers,
         )
 
     @blueprint.get(f"{base}/studies/<study_uid>")
@@ -282,17 +308,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         held = published(study_uid, series_uid, sop_uid)
         if not held:
             abort(404)
-        # Limitation: bulk data (Pixel Data and other values over 4 KiB) is
-        # left out of the metadata rather than given a BulkDataURI.
-        documents = [
-            h.header.to_json_dict(
-                bulk_data_threshold=4096, bulk_data_element_handler=lambda _: ""
-            )
-            for h in held
-        ]
-        for document in documents:
-            for tag in [t for t, v in document.items() if v.get("BulkDataURI") == ""]:
-                del document[tag]
+        documents = [_metadata_document(h.header) for h in held]
         return Response(json.dumps(documents), content_type=DICOM_JSON)
 
     @blueprint.get(f"{base}/studies/<study_uid>/metadata")
@@ -626,6 +642,36 @@ def _produce_all(
     return files
 
 
+def _metadata_document(header: Dataset) -> dict[str, dict]:
+    """An instance's header as WADO-RS metadata, in the DICOM JSON Model
+    (DICOM PS3.18 10.4.3.3.2, Annex F).
+
+    Binary values in a sequence item, such as the Waveform Data of each
+    Waveform Sequence item, are sent inline whatever their length
+    (InlineBinary, DICOM PS3.18 F.2.7), which DICOMweb user agents decode
+    without a further request.
+    """
+    document: dict[str, dict] = {}
+    for element in header:
+        key = f"{element.tag:08X}"
+        if element.VR == "SQ":
+            document[key] = element.to_json_dict(
+                bulk_data_element_handler=None, bulk_data_threshold=0
+            )
+            continue
+        # Limitation: bulk data at the top level (Pixel Data and other
+        # binary values over BULK_DATA_THRESHOLD) is left out of the
+        # metadata; this node has no bulkdata resource for a BulkDataURI
+        # (DICOM PS3.18 F.2.6) to name.
+        attribute = element.to_json_dict(
+            bulk_data_element_handler=lambda _: "",
+            bulk_data_threshold=BULK_DATA_THRESHOLD,
+        )
+        if "BulkDataURI" not in attribute:
+            document[key] = attribute
+    return document
+
+
 def _file_chunks(path: Path) -> Iterator[bytes]:
     with open(path, "rb") as handle:
         while chunk := handle.read(CHUNK_SIZE):
@@ -643,12 +689,21 @@ def _multipart(files: list[tuple[Path, str]], boundary: str) -> Iterator[bytes]:
     yield f"--{boundary}--\r\n".encode("ascii")
 
 
-def _spooled(chunks: Iterator[bytes], spool: Path, *, content_type: str) -> Response:
+def _spooled(
+    chunks: Iterator[bytes],
+    spool: Path,
+    *,
+    content_type: str,
+    status: int = 200,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
     """A response streaming ``chunks`` from files in ``spool``, which is
     removed when the server closes the response: after the last chunk, when
     the peer went away meanwhile, and for HEAD, whose body is never read
     (WSGI close, PEP 3333)."""
-    response = Response(chunks, content_type=content_type)
+    response = Response(
+        chunks, status=status, headers=headers, content_type=content_type
+    )
     response.call_on_close(lambda: shutil.rmtree(spool, ignore_errors=True))
     return response
 
