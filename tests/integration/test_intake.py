@@ -514,6 +514,76 @@ def test_an_instance_of_another_patient_is_not_taken_into_a_study(
     assert refused.value.rule == "other_patient"
 
 
+def _qualified(path: Path, target: Path, issuer: str) -> Path:
+    """A copy of ``path`` under a fresh SOP Instance UID whose Patient ID is
+    qualified by an ISO issuer in the Issuer of Patient ID Qualifiers
+    Sequence alone (DICOM PS3.3 C.7.1.1)."""
+    ds = pydicom.dcmread(path)
+    if "IssuerOfPatientID" in ds:
+        del ds.IssuerOfPatientID
+    item = pydicom.Dataset()
+    item.UniversalEntityID = issuer
+    item.UniversalEntityIDType = "ISO"
+    ds.IssuerOfPatientIDQualifiersSequence = [item]
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = (
+        pydicom.uid.generate_uid()
+    )
+    ds.save_as(target)
+    return target
+
+
+def test_an_instance_of_the_same_patient_id_from_another_issuer_is_refused(
+    intake_node: RunningNode, tmp_path: Path
+) -> None:
+    """DICOM PS3.3 C.7.1.1: a Patient ID is unique within its issuer, which
+    the Issuer of Patient ID Qualifiers Sequence may name alone; the same
+    Patient ID from another issuer is another patient, refused from the
+    study, held or only published."""
+    first, second = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:2]
+    intake = intake_node.services.intake
+    held = intake.accept(_qualified(first, tmp_path / "held.dcm", "1.2.3.4.5"))
+    stranger = _qualified(second, tmp_path / "stranger.dcm", "1.2.3.4.6")
+
+    with pytest.raises(check.Refused) as refused:
+        intake.accept(stranger)
+    assert refused.value.rule == "other_patient"
+    sent = send_files([stranger], _scp(intake_node), calling_ae_title="X")
+    assert sent.statuses[stranger] == 0xC004
+    same = intake.accept(_qualified(second, tmp_path / "same.dcm", "1.2.3.4.5"))
+    assert same.study_instance_uid == held.study_instance_uid
+
+    # Emptied but its manifest still current: the manifest names the
+    # issuer as Issuer of Patient ID, and the stranger is refused still.
+    assert intake.publish_now(held.study_instance_uid) is not None
+    intake.remove(held.study_instance_uid)
+    assert _held(intake_node) == {}
+    with pytest.raises(check.Refused) as refused:
+        intake.accept(stranger)
+    assert refused.value.rule == "other_patient"
+    intake.accept(_qualified(second, tmp_path / "again.dcm", "1.2.3.4.5"))
+
+
+def test_an_issuer_named_by_the_qualifiers_sequence_qualifies_the_patient_id(
+    intake_node: RunningNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ITI TF-3 4.2.3.2.16: the images' Patient ID is published under its
+    issuer when that is one of the affinity domain's assigning authorities,
+    named by Issuer of Patient ID or by its Qualifiers Sequence alone."""
+    (first,) = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:1]
+    intake = intake_node.services.intake
+    settings = intake.settings
+    node = replace(settings.node, other_assigning_authorities=("1.2.3.4.7",))
+    monkeypatch.setattr(intake, "settings", replace(settings, node=node))
+    ds = pydicom.dcmread(_qualified(first, tmp_path / "a.dcm", "1.2.3.4.7"))
+    ds.IssuerOfPatientID = "LOCAL-MRN"
+
+    assert intake.patient_id(ds) == f"{ds.PatientID}^^^&1.2.3.4.7&ISO"
+    ds.IssuerOfPatientIDQualifiersSequence[0].UniversalEntityID = "1.2.3.4.9"
+    assert intake.patient_id(ds) == (
+        f"{ds.PatientID}^^^&{node.assigning_authority}&ISO"
+    )
+
+
 def _stow_url(node: RunningNode) -> str:
     settings = node.settings
     return (

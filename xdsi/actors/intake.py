@@ -364,16 +364,19 @@ class Intake:
     def patient_id(self, ds: Dataset) -> str:
         """The affinity-domain patient id of an instance (ITI TF-3 4.2.3.2.16).
 
-        Patient ID (0010,0020) qualified by Issuer of Patient ID (0010,0021)
-        when that is one of the domain's assigning authorities, else by the
+        Patient ID (0010,0020) qualified by Issuer of Patient ID (0010,0021),
+        or else by the issuer its Qualifiers Sequence (0010,0024) names, when
+        that is one of the domain's assigning authorities; otherwise by the
         node's assigning authority.
         """
         # Limitation: no PIX cross-reference (ITI-9); the image's own Patient
         # ID is taken as the affinity domain's.
         node = self.settings.node
-        issuer = str(ds.get("IssuerOfPatientID") or "").strip()
         known = (node.assigning_authority, *node.other_assigning_authorities)
-        authority = issuer if issuer in known else node.assigning_authority
+        authority = next(
+            (issuer for issuer in scan.patient_id_issuers(ds) if issuer in known),
+            node.assigning_authority,
+        )
         value = str(ds.get("PatientID") or "").strip()
         return f"{value}^^^&{authority}&ISO" if value else ""
 
@@ -677,20 +680,23 @@ class Intake:
             .where(imaging_instance.c.study_instance_uid == header.study_instance_uid)
             .limit(1)
         ).scalar()
-        compared = slice(None)  # Patient ID and Issuer of Patient ID
+        patient = _patient_of
         if blob is None:
             # Emptied (remove --no-publish) but its manifest still current:
-            # that names the images' Patient ID (its Issuer may come from
-            # the qualifiers sequence instead).
+            # that names the images' Patient ID and its first issuer.
             current = self.source.current_manifest(header.study_instance_uid)
             if current is None:
                 return
-            blob, compared = current.blob, slice(0, 1)
+            blob, patient = current.blob, _patient_as_in_manifest
         try:
             held = pydicom.dcmread(
                 self.blobs.path(blob),
                 stop_before_pixels=True,
-                specific_tags=["PatientID", "IssuerOfPatientID"],
+                specific_tags=[
+                    "PatientID",
+                    "IssuerOfPatientID",
+                    "IssuerOfPatientIDQualifiersSequence",
+                ],
             )
         except (OSError, InvalidDicomError) as exc:
             raise check.Refused(
@@ -698,7 +704,7 @@ class Intake:
                 f"study {header.study_instance_uid} has a held instance that "
                 f"cannot be read ({exc}); its patient cannot be checked",
             ) from exc
-        if _patient_of(held)[compared] != _patient_of(ds)[compared]:
+        if patient(held) != patient(ds):
             raise check.Refused(
                 "other_patient",
                 f"instance {header.sop_instance_uid} names another patient than "
@@ -920,12 +926,17 @@ def _upsert_study(
         )
 
 
-def _patient_of(ds: Dataset) -> tuple[str, str]:
-    """Patient ID (0010,0020) and Issuer of Patient ID (0010,0021), as given."""
-    return (
-        str(ds.get("PatientID") or "").strip(),
-        str(ds.get("IssuerOfPatientID") or "").strip(),
-    )
+def _patient_of(ds: Dataset) -> tuple[str, str, str]:
+    """Patient ID (0010,0020) and its issuers: Issuer of Patient ID
+    (0010,0021) and the issuer of its Qualifiers Sequence (0010,0024)."""
+    return (str(ds.get("PatientID") or "").strip(), *scan.patient_id_issuers(ds))
+
+
+def _patient_as_in_manifest(ds: Dataset) -> tuple[str, str]:
+    """Patient ID and the first issuer given, which is the Issuer of Patient
+    ID of the manifest built of the images (kos.build_manifest)."""
+    patient_id, *issuers = _patient_of(ds)
+    return patient_id, next((issuer for issuer in issuers if issuer), "")
 
 
 def _log_refusals(refusals: list[check.Refused]) -> None:

@@ -461,6 +461,15 @@ def _integer(ds: pydicom.Dataset, keyword: str) -> int | None:
         return None
 
 
+def patient_id_issuers(ds: pydicom.Dataset) -> tuple[str, str]:
+    """Issuer of Patient ID (0010,0021) and the issuer its Qualifiers
+    Sequence (0010,0024) names (DICOM PS3.3 C.7.1.1), each "" when absent."""
+    return (
+        _text(ds, "IssuerOfPatientID"),
+        _issuer(ds, "IssuerOfPatientIDQualifiersSequence"),
+    )
+
+
 def _issuer(ds: pydicom.Dataset, sequence_keyword: str) -> str:
     """The ISO Universal Entity ID of an HL7v2 Hierarchic Designator item.
 
@@ -541,8 +550,9 @@ class _StudyBuilder:
         self.issuer_of_accession_number = _issuer(ds, "IssuerOfAccessionNumberSequence")
         self.patient = Patient(
             patient_id=_text(ds, "PatientID"),
-            issuer_of_patient_id=_text(ds, "IssuerOfPatientID")
-            or _issuer(ds, "IssuerOfPatientIDQualifiersSequence"),
+            issuer_of_patient_id=next(
+                (issuer for issuer in patient_id_issuers(ds) if issuer), ""
+            ),
             name=_text(ds, "PatientName"),
             birth_date=_text(ds, "PatientBirthDate"),
             sex=_text(ds, "PatientSex"),
