@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -14,18 +15,19 @@ import requests
 from lxml import etree
 
 from tests.conftest import assert_valid
-from tests.integration.conftest import RunningNode
+from tests.integration.conftest import RunningNode, assert_valid_envelope
 from xdsi import app, ns
 
 QUERY = "urn:ihe:iti:2007:RegistryStoredQuery"
 PROVIDE = "urn:ihe:iti:2007:ProvideAndRegisterDocumentSet-b"
 
+MESSAGE_ID = "urn:uuid:0a3b2f9e-1d2c-4b5a-9e8f-7a6b5c4d3e2f"
 SOAP12 = (
     '<env:Envelope xmlns:env="http://www.w3.org/2003/05/soap-envelope" '
     'xmlns:wsa="http://www.w3.org/2005/08/addressing"><env:Header>'
-    "<wsa:Action>{action}</wsa:Action><wsa:MessageID>urn:uuid:"
-    "0a3b2f9e-1d2c-4b5a-9e8f-7a6b5c4d3e2f</wsa:MessageID></env:Header>"
-    "<env:Body>{body}</env:Body></env:Envelope>"
+    "<wsa:Action>{action}</wsa:Action><wsa:MessageID>"
+    + MESSAGE_ID
+    + "</wsa:MessageID></env:Header><env:Body>{body}</env:Body></env:Envelope>"
 )
 QUERY_BODY = (
     '<query:AdhocQueryRequest xmlns:query="urn:oasis:names:tc:ebxml-regrep:xsd:'
@@ -104,6 +106,37 @@ CASES = {
         "env:Sender",
         None,
     ),
+    "media-type-action-differs": (
+        SOAP12.format(action=QUERY, body=QUERY_BODY),
+        'application/soap+xml; action="urn:example:Other"',
+        "env:Sender",
+        "InvalidAddressingHeader",
+    ),
+    "two-body-elements": (
+        SOAP12.format(action=QUERY, body=QUERY_BODY + QUERY_BODY),
+        "application/soap+xml",
+        "env:Sender",
+        None,
+    ),
+    "no-message-id": (
+        SOAP12.format(action=QUERY, body=QUERY_BODY).replace(
+            f"<wsa:MessageID>{MESSAGE_ID}</wsa:MessageID>", MUST_UNDERSTAND_BLOCK
+        ),
+        "application/soap+xml",
+        "env:MustUnderstand",
+        None,
+    ),
+}
+
+# The cases whose wsa:MessageID is read before the fault arises; the others
+# are refused before their envelope is read, or have no MessageID.
+MESSAGE_ID_READ = {
+    "media-type-action-differs",
+    "no-action",
+    "two-body-elements",
+    "two-different-actions",
+    "unknown-action",
+    "unknown-must-understand-header",
 }
 
 
@@ -129,6 +162,30 @@ def test_bad_request_gets_a_soap_fault(shared_node: RunningNode, actor: str, cas
     if subcode:
         sub = envelope.find(f".//{{{ns.SOAP12}}}Subcode/{{{ns.SOAP12}}}Value")
         assert sub is not None and sub.text.endswith(subcode)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("actor", ["registry", "repository", "imaging_source"])
+def test_a_fault_relates_to_the_message_id_it_could_read(
+    shared_node: RunningNode, actor: str, case: str, tmp_path: Path
+):
+    """WS-Addressing 1.0 Core 3.4, SOAP Binding 6: a Fault relates to the
+    wsa:MessageID of the message in error whenever that could be read, even
+    where reading the envelope failed; otherwise it relates to nothing."""
+    body, content_type, _, _ = CASES[case]
+
+    answer = requests.post(
+        shared_node.settings.url(actor),
+        data=body.encode(),
+        headers={"Content-Type": content_type},
+        timeout=30,
+    )
+
+    assert_valid_envelope(answer.headers["Content-Type"], answer.content, tmp_path)
+    envelope = etree.fromstring(answer.content)
+    relates_to = envelope.findall(f"{{{ns.SOAP12}}}Header/{{{ns.WSA}}}RelatesTo")
+    expected = [MESSAGE_ID] if case in MESSAGE_ID_READ else []
+    assert [r.text for r in relates_to] == expected
 
 
 @pytest.mark.parametrize("method", ["GET", "PUT", "OPTIONS"])

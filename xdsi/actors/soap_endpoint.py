@@ -218,7 +218,11 @@ def soap_app(
                 fault.subcode or "",
                 fault.reason,
             )
-            return _fault_response(fault, message.message_id if message else None)
+            # WS-Addressing 1.0 SOAP Binding 6: the Fault relates to the
+            # request whenever its wsa:MessageID could be read, even where
+            # reading the envelope itself failed.
+            relates_to = message.message_id if message else fault.message_id
+            return _fault_response(fault, relates_to)
         except Exception:
             if message is not None:
                 message.close()
