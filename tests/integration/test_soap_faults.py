@@ -20,6 +20,7 @@ from xdsi import app, ns
 
 QUERY = "urn:ihe:iti:2007:RegistryStoredQuery"
 PROVIDE = "urn:ihe:iti:2007:ProvideAndRegisterDocumentSet-b"
+RETRIEVE = "urn:ihe:iti:2007:RetrieveDocumentSet"
 
 MESSAGE_ID = "urn:uuid:0a3b2f9e-1d2c-4b5a-9e8f-7a6b5c4d3e2f"
 SOAP12 = (
@@ -186,6 +187,40 @@ def test_a_fault_relates_to_the_message_id_it_could_read(
     relates_to = envelope.findall(f"{{{ns.SOAP12}}}Header/{{{ns.WSA}}}RelatesTo")
     expected = [MESSAGE_ID] if case in MESSAGE_ID_READ else []
     assert [r.text for r in relates_to] == expected
+
+
+def test_the_fault_for_an_error_of_the_node_relates_to_the_request(
+    shared_node: RunningNode, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    """WS-Addressing 1.0 SOAP Binding 6, SOAP 1.2 Part 1 5.4.6: the Receiver
+    Fault for an error no handler caught relates to the request read."""
+
+    def fail(*_: object) -> None:
+        raise RuntimeError("the document store is gone")
+
+    monkeypatch.setattr(shared_node.services.repository, "retrieve", fail)
+    body = SOAP12.format(
+        action=RETRIEVE,
+        body='<xdsb:RetrieveDocumentSetRequest xmlns:xdsb="urn:ihe:iti:xds-b:2007">'
+        "<xdsb:DocumentRequest><xdsb:RepositoryUniqueId>1.2.3</xdsb:RepositoryUniqueId>"
+        "<xdsb:DocumentUniqueId>1.2.3.4</xdsb:DocumentUniqueId></xdsb:DocumentRequest>"
+        "</xdsb:RetrieveDocumentSetRequest>",
+    )
+
+    answer = requests.post(
+        shared_node.settings.url("repository"),
+        data=body.encode(),
+        headers={"Content-Type": "application/soap+xml"},
+        timeout=30,
+    )
+
+    assert answer.status_code == 500
+    assert_valid_envelope(answer.headers["Content-Type"], answer.content, tmp_path)
+    envelope = etree.fromstring(answer.content)
+    value = envelope.find(f".//{{{ns.SOAP12}}}Code/{{{ns.SOAP12}}}Value")
+    assert value is not None and value.text == "env:Receiver"
+    relates_to = envelope.findall(f"{{{ns.SOAP12}}}Header/{{{ns.WSA}}}RelatesTo")
+    assert [r.text for r in relates_to] == [MESSAGE_ID]
 
 
 @pytest.mark.parametrize("method", ["GET", "PUT", "OPTIONS"])
