@@ -312,6 +312,54 @@ def test_request_the_http_layer_refuses_gets_a_soap_fault(
     assert value is not None and value.text == "env:Sender"
 
 
+# Bytes no HTTP parser takes, each with a name past its first hundred bytes
+# that no log line above DEBUG may quote, and what the log line quotes first.
+SECRET = b"DOE^JANE^PID-4711"
+GARBAGE = {
+    # A TLS ClientHello sent to a plain HTTP port: record and handshake
+    # headers, then bytes as random as a client's, none of them white space
+    # once decoded as ISO 8859-1, so that the request line is one word.
+    "tls-client-hello": (
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
+        + bytes(range(0xA1, 0x100))
+        + SECRET
+        + b"\r\n\r\n",
+        r"\x16\x03\x01\x02",
+    ),
+    "overlong-request-line": (
+        b"POST /" + b"a" * 200 + b"?patient=" + SECRET + b" x HTTP/1.1\r\n\r\n",
+        "Bad request syntax ('POST /aaaa",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GARBAGE))
+def test_bytes_http_cannot_parse_are_logged_at_info_as_an_escaped_prefix(
+    shared_node: RunningNode, caplog: pytest.LogCaptureFixture, case: str
+) -> None:
+    """SOAP 1.2 Part 2 7.5.1.2: a request HTTP cannot parse is the peer's
+    fault, logged at INFO, not ERROR; no log line above DEBUG quotes more of
+    it than a short prefix, escaped."""
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="werkzeug")
+    data, quoted = GARBAGE[case]
+    address = (shared_node.settings.node.host, shared_node.settings.registry.port)
+
+    with socket.create_connection(address, timeout=30) as sock:
+        sock.sendall(data)
+        answer = _read_all(sock)
+
+    assert answer.startswith(b"HTTP/1.1 400")
+    shown = [r for r in caplog.records if r.levelno >= logging.INFO]
+    http = [r for r in shown if r.name in ("werkzeug", "xdsi.app")]
+    assert [r.getMessage() for r in http if r.levelno > logging.INFO] == []
+    (refused,) = [r.getMessage() for r in http if "HTTP peer" in r.getMessage()]
+    assert quoted in refused
+    assert refused.isascii() and refused.isprintable()
+    for record in shown:
+        assert SECRET.decode() not in record.getMessage()
+
+
 def _raw_post(
     url: str, content_type: str, body: bytes, *, answer: bool = True
 ) -> bytes:
