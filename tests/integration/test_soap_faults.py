@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -14,18 +15,20 @@ import requests
 from lxml import etree
 
 from tests.conftest import assert_valid
-from tests.integration.conftest import RunningNode
+from tests.integration.conftest import RunningNode, assert_valid_envelope
 from xdsi import app, ns
 
 QUERY = "urn:ihe:iti:2007:RegistryStoredQuery"
 PROVIDE = "urn:ihe:iti:2007:ProvideAndRegisterDocumentSet-b"
+RETRIEVE = "urn:ihe:iti:2007:RetrieveDocumentSet"
 
+MESSAGE_ID = "urn:uuid:0a3b2f9e-1d2c-4b5a-9e8f-7a6b5c4d3e2f"
 SOAP12 = (
     '<env:Envelope xmlns:env="http://www.w3.org/2003/05/soap-envelope" '
     'xmlns:wsa="http://www.w3.org/2005/08/addressing"><env:Header>'
-    "<wsa:Action>{action}</wsa:Action><wsa:MessageID>urn:uuid:"
-    "0a3b2f9e-1d2c-4b5a-9e8f-7a6b5c4d3e2f</wsa:MessageID></env:Header>"
-    "<env:Body>{body}</env:Body></env:Envelope>"
+    "<wsa:Action>{action}</wsa:Action><wsa:MessageID>"
+    + MESSAGE_ID
+    + "</wsa:MessageID></env:Header><env:Body>{body}</env:Body></env:Envelope>"
 )
 QUERY_BODY = (
     '<query:AdhocQueryRequest xmlns:query="urn:oasis:names:tc:ebxml-regrep:xsd:'
@@ -104,6 +107,37 @@ CASES = {
         "env:Sender",
         None,
     ),
+    "media-type-action-differs": (
+        SOAP12.format(action=QUERY, body=QUERY_BODY),
+        'application/soap+xml; action="urn:example:Other"',
+        "env:Sender",
+        "InvalidAddressingHeader",
+    ),
+    "two-body-elements": (
+        SOAP12.format(action=QUERY, body=QUERY_BODY + QUERY_BODY),
+        "application/soap+xml",
+        "env:Sender",
+        None,
+    ),
+    "no-message-id": (
+        SOAP12.format(action=QUERY, body=QUERY_BODY).replace(
+            f"<wsa:MessageID>{MESSAGE_ID}</wsa:MessageID>", MUST_UNDERSTAND_BLOCK
+        ),
+        "application/soap+xml",
+        "env:MustUnderstand",
+        None,
+    ),
+}
+
+# The cases whose wsa:MessageID is read before the fault arises; the others
+# are refused before their envelope is read, or have no MessageID.
+MESSAGE_ID_READ = {
+    "media-type-action-differs",
+    "no-action",
+    "two-body-elements",
+    "two-different-actions",
+    "unknown-action",
+    "unknown-must-understand-header",
 }
 
 
@@ -129,6 +163,64 @@ def test_bad_request_gets_a_soap_fault(shared_node: RunningNode, actor: str, cas
     if subcode:
         sub = envelope.find(f".//{{{ns.SOAP12}}}Subcode/{{{ns.SOAP12}}}Value")
         assert sub is not None and sub.text.endswith(subcode)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("actor", ["registry", "repository", "imaging_source"])
+def test_a_fault_relates_to_the_message_id_it_could_read(
+    shared_node: RunningNode, actor: str, case: str, tmp_path: Path
+):
+    """WS-Addressing 1.0 Core 3.4, SOAP Binding 6: a Fault relates to the
+    wsa:MessageID of the message in error whenever that could be read, even
+    where reading the envelope failed; otherwise it relates to nothing."""
+    body, content_type, _, _ = CASES[case]
+
+    answer = requests.post(
+        shared_node.settings.url(actor),
+        data=body.encode(),
+        headers={"Content-Type": content_type},
+        timeout=30,
+    )
+
+    assert_valid_envelope(answer.headers["Content-Type"], answer.content, tmp_path)
+    envelope = etree.fromstring(answer.content)
+    relates_to = envelope.findall(f"{{{ns.SOAP12}}}Header/{{{ns.WSA}}}RelatesTo")
+    expected = [MESSAGE_ID] if case in MESSAGE_ID_READ else []
+    assert [r.text for r in relates_to] == expected
+
+
+def test_the_fault_for_an_error_of_the_node_relates_to_the_request(
+    shared_node: RunningNode, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    """WS-Addressing 1.0 SOAP Binding 6, SOAP 1.2 Part 1 5.4.6: the Receiver
+    Fault for an error no handler caught relates to the request read."""
+
+    def fail(*_: object) -> None:
+        raise RuntimeError("the document store is gone")
+
+    monkeypatch.setattr(shared_node.services.repository, "retrieve", fail)
+    body = SOAP12.format(
+        action=RETRIEVE,
+        body='<xdsb:RetrieveDocumentSetRequest xmlns:xdsb="urn:ihe:iti:xds-b:2007">'
+        "<xdsb:DocumentRequest><xdsb:RepositoryUniqueId>1.2.3</xdsb:RepositoryUniqueId>"
+        "<xdsb:DocumentUniqueId>1.2.3.4</xdsb:DocumentUniqueId></xdsb:DocumentRequest>"
+        "</xdsb:RetrieveDocumentSetRequest>",
+    )
+
+    answer = requests.post(
+        shared_node.settings.url("repository"),
+        data=body.encode(),
+        headers={"Content-Type": "application/soap+xml"},
+        timeout=30,
+    )
+
+    assert answer.status_code == 500
+    assert_valid_envelope(answer.headers["Content-Type"], answer.content, tmp_path)
+    envelope = etree.fromstring(answer.content)
+    value = envelope.find(f".//{{{ns.SOAP12}}}Code/{{{ns.SOAP12}}}Value")
+    assert value is not None and value.text == "env:Receiver"
+    relates_to = envelope.findall(f"{{{ns.SOAP12}}}Header/{{{ns.WSA}}}RelatesTo")
+    assert [r.text for r in relates_to] == [MESSAGE_ID]
 
 
 @pytest.mark.parametrize("method", ["GET", "PUT", "OPTIONS"])
@@ -218,6 +310,54 @@ def test_request_the_http_layer_refuses_gets_a_soap_fault(
     assert_valid(envelope, "w3/soap-envelope.xsd")
     value = envelope.find(f".//{{{ns.SOAP12}}}Code/{{{ns.SOAP12}}}Value")
     assert value is not None and value.text == "env:Sender"
+
+
+# Bytes no HTTP parser takes, each with a name past its first hundred bytes
+# that no log line above DEBUG may quote, and what the log line quotes first.
+SECRET = b"DOE^JANE^PID-4711"
+GARBAGE = {
+    # A TLS ClientHello sent to a plain HTTP port: record and handshake
+    # headers, then bytes as random as a client's, none of them white space
+    # once decoded as ISO 8859-1, so that the request line is one word.
+    "tls-client-hello": (
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
+        + bytes(range(0xA1, 0x100))
+        + SECRET
+        + b"\r\n\r\n",
+        r"\x16\x03\x01\x02",
+    ),
+    "overlong-request-line": (
+        b"POST /" + b"a" * 200 + b"?patient=" + SECRET + b" x HTTP/1.1\r\n\r\n",
+        "Bad request syntax ('POST /aaaa",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GARBAGE))
+def test_bytes_http_cannot_parse_are_logged_at_info_as_an_escaped_prefix(
+    shared_node: RunningNode, caplog: pytest.LogCaptureFixture, case: str
+) -> None:
+    """SOAP 1.2 Part 2 7.5.1.2: a request HTTP cannot parse is the peer's
+    fault, logged at INFO, not ERROR; no log line above DEBUG quotes more of
+    it than a short prefix, escaped."""
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="werkzeug")
+    data, quoted = GARBAGE[case]
+    address = (shared_node.settings.node.host, shared_node.settings.registry.port)
+
+    with socket.create_connection(address, timeout=30) as sock:
+        sock.sendall(data)
+        answer = _read_all(sock)
+
+    assert answer.startswith(b"HTTP/1.1 400")
+    shown = [r for r in caplog.records if r.levelno >= logging.INFO]
+    http = [r for r in shown if r.name in ("werkzeug", "xdsi.app")]
+    assert [r.getMessage() for r in http if r.levelno > logging.INFO] == []
+    (refused,) = [r.getMessage() for r in http if "HTTP peer" in r.getMessage()]
+    assert quoted in refused
+    assert refused.isascii() and refused.isprintable()
+    for record in shown:
+        assert SECRET.decode() not in record.getMessage()
 
 
 def _raw_post(

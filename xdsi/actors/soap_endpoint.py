@@ -20,7 +20,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, Response, request
+from flask import Flask, Response, g, request
 from lxml import etree
 from werkzeug.exceptions import (
     ClientDisconnected,
@@ -169,7 +169,10 @@ def soap_app(
                 status=500,
                 mimetype="text/plain",
             )
-        return _fault_response(wire.ReceiverFault("internal error of the responder"))
+        return _fault_response(
+            wire.ReceiverFault("internal error of the responder"),
+            g.get("message_id"),
+        )
 
     # SOAP 1.2 Part 2 7: POST only; an OPTIONS gets the 405 Fault too.
     @app.post(path, provide_automatic_options=False)
@@ -182,6 +185,9 @@ def soap_app(
                 request.headers.get("Content-Type", ""),
                 spool_root,
             )
+            # internal_error relates its Fault to this request too
+            # (WS-Addressing 1.0 SOAP Binding 6).
+            g.message_id = message.message_id
             transaction_id = by_action.get(message.action)
             if transaction_id is None:
                 raise wire.ActionNotSupported(
@@ -218,7 +224,11 @@ def soap_app(
                 fault.subcode or "",
                 fault.reason,
             )
-            return _fault_response(fault, message.message_id if message else None)
+            # WS-Addressing 1.0 SOAP Binding 6: the Fault relates to the
+            # request whenever its wsa:MessageID could be read, even where
+            # reading the envelope itself failed.
+            relates_to = message.message_id if message else fault.message_id
+            return _fault_response(fault, relates_to)
         except Exception:
             if message is not None:
                 message.close()

@@ -49,6 +49,9 @@ class SoapFault(WireError):
     ``wsa`` that :func:`fault_envelope` declares; ``subcode`` is the most
     specific subcode and ``parent_subcode``, when set, the one it nests in.
     ``http_status`` is the status SOAP 1.2 Part 2 7.5.1.2 gives the fault.
+    ``message_id`` is the wsa:MessageID of the message in error, when it
+    could be read before the fault arose; the Fault answering it relates to
+    that message (WS-Addressing 1.0 Core 3.4, SOAP Binding 6).
     """
 
     code: ClassVar[str] = "env:Receiver"
@@ -56,10 +59,17 @@ class SoapFault(WireError):
     parent_subcode: ClassVar[str | None] = None
     http_status: ClassVar[int] = 500
 
-    def __init__(self, reason: str, detail: str | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        detail: str | None = None,
+        *,
+        message_id: str | None = None,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.detail = detail
+        self.message_id = message_id
 
     def detail_element(self) -> _Element | None:
         """Return the child of env:Detail that carries ``detail``, if any."""

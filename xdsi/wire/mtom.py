@@ -506,12 +506,14 @@ def _read_capped(stream: BinaryIO, chunk_size: int) -> bytes:
     return bytes(buffer)
 
 
-def _check_action(declared: str | None, action: str) -> None:
+def _check_action(declared: str | None, message: SoapMessage) -> None:
     """WS-Addressing 1.0 SOAP Binding 4.1: media type action is wsa:Action."""
+    action = message.action
     if declared is not None and declared.strip() != action:
         raise ActionMismatch(
             f"the media type names action {declared.strip()}; wsa:Action is {action}",
             detail=action,
+            message_id=message.message_id,
         )
 
 
@@ -552,6 +554,9 @@ def read_message(
         No wsa:Action.
     ActionMismatch
         The ``action`` parameter differs from wsa:Action.
+
+    A fault raised once the envelope's env:Header is read carries its
+    wsa:MessageID, if any, as ``message_id``.
     """
     media_type, params = _media_type(content_type)
     if media_type == "text/xml":
@@ -599,8 +604,8 @@ def read_message(
             attachments = package.attachments
             part_action = package.root_params.get("action")
         message = parse_envelope(root, attachments, directory)
-        _check_action(params.get("action"), message.action)
-        _check_action(part_action, message.action)
+        _check_action(params.get("action"), message)
+        _check_action(part_action, message)
     except BaseException:
         if package is not None:
             package.abort()

@@ -23,6 +23,7 @@ from xdsi.wire.faults import (
     MalformedMessage,
     MessageAddressingHeaderRequired,
     MustUnderstand,
+    SoapFault,
     VersionMismatch,
 )
 
@@ -138,6 +139,18 @@ def _check_header_blocks(header: _Element | None) -> None:
             )
 
 
+def _body_element(after_header: list[_Element]) -> _Element:
+    """Return the one element of env:Body, which alone follows env:Header."""
+    if len(after_header) != 1 or after_header[0].tag != qname(SOAP12, "Body"):
+        raise MalformedMessage("the Envelope must hold one env:Body after env:Header")
+    payload = [child for child in after_header[0] if isinstance(child.tag, str)]
+    if len(payload) != 1:
+        raise MalformedMessage(
+            f"env:Body holds {len(payload)} elements; this node expects exactly one"
+        )
+    return payload[0]
+
+
 def parse_envelope(
     root: _Element,
     attachments: Mapping[str, "Attachment"] = MappingProxyType({}),
@@ -156,8 +169,16 @@ def parse_envelope(
     MalformedMessage
         The root is no Envelope, or env:Body is missing or does not hold
         exactly one element.
+    MustUnderstand
+        A header block for this node is marked mustUnderstand and is not
+        WS-Addressing.
+    InvalidCardinality
+        wsa:Action appears twice with different values.
     MessageAddressingHeaderRequired
         There is no wsa:Action (WS-Addressing 1.0 SOAP Binding 6.4.3).
+
+    A fault raised once env:Header is found carries its wsa:MessageID, if
+    any, as ``message_id``.
     """
     if root.tag != qname(SOAP12, "Envelope"):
         namespace = etree.QName(root).namespace
@@ -176,26 +197,27 @@ def parse_envelope(
         children[0] if children and children[0].tag == qname(SOAP12, "Header") else None
     )
     rest = children[1:] if header is not None else children
-    if len(rest) != 1 or rest[0].tag != qname(SOAP12, "Body"):
-        raise MalformedMessage("the Envelope must hold one env:Body after env:Header")
-    payload = [child for child in rest[0] if isinstance(child.tag, str)]
-    if len(payload) != 1:
-        raise MalformedMessage(
-            f"env:Body holds {len(payload)} elements; this node expects exactly one"
-        )
 
-    _check_header_blocks(header)
-    action = _header_text(header, "Action")
-    if not action:
-        raise MessageAddressingHeaderRequired(
-            "the message has no wsa:Action header", detail="wsa:Action"
-        )
+    # WS-Addressing 1.0 Core 3.4, SOAP Binding 6: a Fault about this envelope
+    # relates to its wsa:MessageID, which is known once env:Header is.
+    message_id = _header_text(header, "MessageID")
+    try:
+        body = _body_element(rest)
+        _check_header_blocks(header)
+        action = _header_text(header, "Action")
+        if not action:
+            raise MessageAddressingHeaderRequired(
+                "the message has no wsa:Action header", detail="wsa:Action"
+            )
+    except SoapFault as fault:
+        fault.message_id = message_id
+        raise
     return SoapMessage(
         action=action,
-        message_id=_header_text(header, "MessageID"),
+        message_id=message_id,
         relates_to=_header_text(header, "RelatesTo"),
         to=_header_text(header, "To"),
-        body=payload[0],
+        body=body,
         attachments=MappingProxyType(dict(attachments)),
         spool_dir=spool_dir,
     )

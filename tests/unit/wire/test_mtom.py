@@ -479,6 +479,20 @@ def test_plain_envelope_action_mismatch_is_action_mismatch(
         _read(b"".join(chunks), content_type, spool)
 
 
+def test_action_mismatch_carries_the_message_id(
+    pnr_envelope: etree._Element, spool: Path
+) -> None:
+    """WS-Addressing 1.0 SOAP Binding 4.1 and 6: the wsa:MessageID of a
+    message whose media type action differs is known, for the Fault to
+    relate to."""
+    content_type, _, chunks = write_message(pnr_envelope, "urn:other", mtom=False)
+
+    with pytest.raises(ActionMismatch) as raised:
+        _read(b"".join(chunks), content_type, spool)
+
+    assert raised.value.message_id == "urn:uuid:A51311F0AFB3EBCF891467743286288"
+
+
 def test_mtom_without_wsa_action_is_addressing_header_required(
     pnr_envelope: etree._Element, spool: Path
 ) -> None:

@@ -18,6 +18,7 @@ from xdsi.wire import (
     parse_xml,
     serialize,
 )
+from xdsi.wire.faults import InvalidCardinality, MustUnderstand, SoapFault
 
 NS = {"env": SOAP12, "wsa": WSA}
 PNR = "urn:ihe:iti:2007:ProvideAndRegisterDocumentSet-b"
@@ -160,3 +161,73 @@ def test_a_line_break_in_the_message_id_is_collapsed() -> None:
     message = parse_envelope(parse_xml(serialize(envelope)))
 
     assert message.message_id == "urn:x 2026-12-05 10:00:00,000 CRITICAL forged"
+
+
+MESSAGE_ID = "urn:uuid:6c1d2e3f-4a5b-4c6d-8e7f-9a0b1c2d3e4f"
+ACTION = "<wsa:Action>urn:ihe:iti:2007:RetrieveDocumentSet</wsa:Action>"
+MESSAGE_ID_HEADER = f"<wsa:MessageID>{MESSAGE_ID}</wsa:MessageID>"
+NOT_UNDERSTOOD = (
+    '<x:Security xmlns:x="urn:example:security" env:mustUnderstand="true"/>'
+)
+
+
+def _envelope(header: str, body: str = RETRIEVE) -> bytes:
+    return (
+        f'<env:Envelope xmlns:env="{SOAP12}" xmlns:wsa="{WSA}">'
+        f"<env:Header>{header}</env:Header><env:Body>{body}</env:Body>"
+        "</env:Envelope>"
+    ).encode()
+
+
+# Envelopes whose wsa:MessageID is readable but which are faulted all the
+# same, and the fault each gets.
+FAULTED_WITH_MESSAGE_ID = {
+    "header block not understood": (
+        _envelope(ACTION + MESSAGE_ID_HEADER + NOT_UNDERSTOOD),
+        MustUnderstand,
+    ),
+    "two different actions": (
+        _envelope(
+            ACTION + MESSAGE_ID_HEADER + "<wsa:Action>urn:example:Other</wsa:Action>"
+        ),
+        InvalidCardinality,
+    ),
+    "no action": (_envelope(MESSAGE_ID_HEADER), MessageAddressingHeaderRequired),
+    "empty body": (_envelope(ACTION + MESSAGE_ID_HEADER, body=""), MalformedMessage),
+    "two body elements": (
+        _envelope(ACTION + MESSAGE_ID_HEADER, body=RETRIEVE + RETRIEVE),
+        MalformedMessage,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", FAULTED_WITH_MESSAGE_ID)
+def test_a_fault_in_an_envelope_carries_its_message_id(case: str) -> None:
+    """WS-Addressing 1.0 Core 3.4, SOAP Binding 6: a fault about an envelope
+    whose wsa:MessageID was read carries it, for the Fault to relate to."""
+    text, fault = FAULTED_WITH_MESSAGE_ID[case]
+
+    with pytest.raises(fault) as raised:
+        parse_envelope(parse_xml(text))
+
+    assert raised.value.message_id == MESSAGE_ID
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        _envelope(ACTION + NOT_UNDERSTOOD),
+        f'<env:Envelope xmlns:env="{SOAP12}" xmlns:wsa="{WSA}"><env:Body>'
+        f"{RETRIEVE}</env:Body><env:Header>{ACTION}{MESSAGE_ID_HEADER}"
+        "</env:Header></env:Envelope>".encode(),
+    ],
+    ids=["no message id", "header after body"],
+)
+def test_a_fault_in_an_envelope_without_a_readable_message_id_carries_none(
+    text: bytes,
+) -> None:
+    """WS-Addressing 1.0 Core 3.4: no MessageID read, nothing to relate to."""
+    with pytest.raises(SoapFault) as raised:
+        parse_envelope(parse_xml(text))
+
+    assert raised.value.message_id is None
