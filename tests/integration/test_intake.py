@@ -1354,6 +1354,29 @@ def test_an_instance_held_in_another_study_is_refused(
         intake_node.services.intake.accept(tmp_path / "moved.dcm")
 
 
+def test_one_study_taken_in_at_once_under_two_given_patients_keeps_the_first(
+    intake_node: RunningNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ITI TF-3 4.2.2.2.3: two imports of one study at once under two
+    patients given (``--patient-id``) both find it held under no one; the
+    one that stores second is refused in the transaction that would store
+    it, and the study stays the first patient's."""
+    first, second = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:2]
+    intake = intake_node.services.intake
+    taken = intake.accept(first, patient_id="FIRST^^^&1.2.3.4.5&ISO")
+    # As if the second had checked before the first stored.
+    monkeypatch.setattr(type(intake), "other_patient", lambda *_, **__: None)
+
+    with pytest.raises(check.Refused) as refused:
+        intake.accept(second, patient_id="SECOND^^^&1.2.3.4.5&ISO")
+
+    assert refused.value.rule == "command_mismatch"
+    assert "FIRST" not in refused.value.reason
+    assert "SECOND" not in refused.value.reason
+    assert list(_held(intake_node)) == [taken.sop_instance_uid]
+    assert intake.study_patient(taken.study_instance_uid) == ("FIRST^^^&1.2.3.4.5&ISO")
+
+
 def test_two_patients_sending_one_new_study_at_once_do_not_mix(
     intake_node: RunningNode, tmp_path: Path
 ) -> None:

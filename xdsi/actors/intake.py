@@ -263,6 +263,7 @@ class Intake:
                         conn, header.study_instance_uid, patient_id, given or anew
                     )
                     self._refuse_mixed_patients(conn, header, ds)
+                    _refuse_held_under_another(conn, header, patient_id)
                     conn.execute(
                         insert(imaging_instance).values(
                             instance_row(header, blob, digest, patient_id)
@@ -923,6 +924,36 @@ def _upsert_study(
                 changed_at=changed_at,
                 dirty=bool(values.get("dirty", False)),
             )
+        )
+
+
+def _refuse_held_under_another(
+    conn: Connection, header: scan.InstanceHeader, patient_id: str
+) -> None:
+    """Refuse an instance taken in under ``patient_id`` when its study holds
+    instances under another patient id already.
+
+    Asked in the transaction that takes the instance in, after the study's
+    row was written: two intakes of one study at once under two patients
+    given (``--patient-id``) both found it held under no one before, and
+    the second must not take the study over (ITI TF-3 4.2.2.2.3). The
+    reason names no patient.
+    """
+    other = conn.execute(
+        select(imaging_instance.c.sop_instance_uid)
+        .where(
+            imaging_instance.c.study_instance_uid == header.study_instance_uid,
+            imaging_instance.c.patient_id != patient_id,
+        )
+        .limit(1)
+    ).first()
+    if other is not None:
+        raise check.Refused(
+            "command_mismatch",
+            f"study {header.study_instance_uid} is held under another patient "
+            "than this instance is taken in under; remove it first "
+            f"(xdsi remove {header.study_instance_uid}) to publish it under "
+            "this one",
         )
 
 
