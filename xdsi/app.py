@@ -34,7 +34,7 @@ from xdsi.actors.imaging_source import ImagingSource
 from xdsi.actors.intake import AutoPublisher, Intake
 from xdsi.actors.registry import Registry
 from xdsi.actors.repository import Repository
-from xdsi.actors.soap_endpoint import SENDFILE_KEY
+from xdsi.actors.soap_endpoint import BODY_PACE_KEY, SENDFILE_KEY
 from xdsi.actors.store_scp import StoreScp
 from xdsi.actors.stow import add_stow_route
 from xdsi.audit.forwarder import AuditForwarder, Backoff
@@ -57,10 +57,26 @@ SWEEP_EVERY = 60.0
 # The longest a peer may take over a request line and its headers, however
 # steadily they trickle in (each read alone waits up to a minute).
 HEAD_DEADLINE = 30.0
+# The pace a request body must keep, from its first read to its last: each
+# byte read buys 1/BODY_MIN_RATE seconds, and at most BODY_SLACK seconds can
+# be banked. A body must thus come at BODY_MIN_RATE bytes a second on
+# average and may pause for BODY_SLACK seconds, no longer. A 4 GiB body over
+# a 2 MB/s link, 250 times that pace, never comes near the rule, while a peer
+# that means only to hold a connection must keep sending to do so.
+# Limitation: a peer that keeps the pace holds its connection until its body
+# ends ([node] max_request_size), and the node's own pauses between reads (a
+# slow spool disk) count against the peer.
+BODY_MIN_RATE = 8 * 1024
+BODY_SLACK = 30.0
+# The most bytes of a body read at once, so that a slow but steady body earns
+# its time while it comes: at BODY_MIN_RATE a step takes 8 s of BODY_SLACK.
+BODY_STEP = 64 * 1024
 
 
-class _HeadWatch:
-    """Shut down the connections whose request head is overdue.
+class _Watch:
+    """Shut down the connections whose peer is overdue: with its request
+    head, which has a fixed deadline, or with its body, whose deadline each
+    byte read pushes back (:class:`_BodyPace`).
 
     One thread for every listener of the process, woken each second, rather
     than a timer per request.
@@ -69,20 +85,36 @@ class _HeadWatch:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._due: dict[socket.socket, float] = {}
+        self._bodies: dict[socket.socket, _BodyPace] = {}
         self._thread: threading.Thread | None = None
 
-    def watch(self, connection: socket.socket, seconds: float) -> None:
+    def watch(
+        self, connection: socket.socket, seconds: float, body: _BodyPace | None = None
+    ) -> None:
+        """Shut ``connection`` down in ``seconds`` unless released first;
+        ``body`` is told if it is."""
         with self._lock:
             self._due[connection] = time.monotonic() + seconds
+            if body is not None:
+                self._bodies[connection] = body
             if self._thread is None:
                 self._thread = threading.Thread(
-                    target=self._run, name="xdsi-head-watch", daemon=True
+                    target=self._run, name="xdsi-http-watch", daemon=True
                 )
                 self._thread.start()
+
+    def extend(self, connection: socket.socket, seconds: float, most: float) -> None:
+        """Push a watched connection's deadline back by ``seconds``, to at
+        most ``most`` seconds from now."""
+        with self._lock:
+            due = self._due.get(connection)
+            if due is not None:
+                self._due[connection] = min(due + seconds, time.monotonic() + most)
 
     def release(self, connection: socket.socket) -> None:
         with self._lock:
             self._due.pop(connection, None)
+            self._bodies.pop(connection, None)
 
     def _run(self) -> None:
         while True:
@@ -90,16 +122,63 @@ class _HeadWatch:
             now = time.monotonic()
             with self._lock:
                 late = [c for c, due in self._due.items() if due <= now]
+                bodies = [self._bodies.pop(c, None) for c in late]
                 for connection in late:
                     del self._due[connection]
-            for connection in late:
+            for connection, body in zip(late, bodies, strict=True):
+                if body is not None:
+                    body.overdue()
                 try:
                     connection.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
 
 
-_HEAD_WATCH = _HeadWatch()
+_WATCH = _Watch()
+
+
+class _BodyPace:
+    """The pace rule of one request's body (soap_endpoint.BodyPace): armed
+    when the body's first read begins, told of each step read, released at
+    its end, so that the node's own time to answer is not limited."""
+
+    def __init__(self, connection: socket.socket, peer: str, listener: str) -> None:
+        self.step = BODY_STEP
+        self.cut_off = False
+        self._connection = connection
+        self._peer = peer
+        self._listener = listener
+        self._rate = BODY_MIN_RATE
+        self._slack = BODY_SLACK
+        self._received = 0
+        self._started = 0.0
+
+    def start(self) -> None:
+        self._started = time.monotonic()
+        _WATCH.watch(self._connection, self._slack, self)
+
+    def arrived(self, count: int) -> None:
+        self._received += count
+        _WATCH.extend(self._connection, count / self._rate, self._slack)
+
+    def done(self) -> None:
+        _WATCH.release(self._connection)
+
+    def overdue(self) -> None:
+        """Called by the watch as it shuts the connection down."""
+        self.cut_off = True
+        logger.warning(
+            "%s: the request body from %s fell behind the minimum pace (%d bytes "
+            "a second, pauses up to %.0f s) after %d bytes in %.0f s; connection "
+            "closed, request dropped",
+            self._listener,
+            self._peer,
+            self._rate,
+            self._slack,
+            self._received,
+            time.monotonic() - self._started,
+        )
+
 
 # A log line above DEBUG quotes at most this many characters of what a peer
 # sent the HTTP layer (a request line it cannot parse, say).
@@ -121,11 +200,12 @@ def _escaped_prefix(text: str) -> str:
 
 
 class _RequestHandler(WSGIRequestHandler):
-    """Close a connection whose peer stops sending for a minute, or takes
-    more than HEAD_DEADLINE seconds over a request's line and headers;
-    answer a request the HTTP layer refuses (a garbled request line, an
-    oversized header or URI) with a SOAP 1.2 Fault, never an HTML page, and
-    log it at INFO as the peer's doing.
+    """Close a connection whose peer stops sending for a minute, takes more
+    than HEAD_DEADLINE seconds over a request's line and headers, or lets
+    its body fall behind BODY_MIN_RATE (the _BodyPace that the app's
+    soap_endpoint.RequestBody keeps to); answer a request the HTTP layer
+    refuses (a garbled request line, an oversized header or URI) with a SOAP
+    1.2 Fault, never an HTML page, and log it at INFO as the peer's doing.
 
     SOAP 1.2 Part 2 7.5.1.2: env:Sender for what the peer sent wrong.
     """
@@ -136,18 +216,19 @@ class _RequestHandler(WSGIRequestHandler):
 
     def handle_one_request(self) -> None:
         self._refused = False
-        _HEAD_WATCH.watch(self.connection, HEAD_DEADLINE)
+        _WATCH.watch(self.connection, HEAD_DEADLINE)
         try:
             super().handle_one_request()
         finally:
-            _HEAD_WATCH.release(self.connection)
+            _WATCH.release(self.connection)
 
     def parse_request(self) -> bool:
         try:
             return super().parse_request()
         finally:
-            # The head is in: the body and the answer take their own time.
-            _HEAD_WATCH.release(self.connection)
+            # The head is in: the body keeps its own pace, from its first
+            # read, and the answer takes its own time.
+            _WATCH.release(self.connection)
 
     # A request line too garbled to name its HTTP version is answered as
     # HTTP/1.1, status line and headers included, not as HTTP/0.9 (body
@@ -187,12 +268,17 @@ class _RequestHandler(WSGIRequestHandler):
             super().log_request(code, size)
 
     def make_environ(self) -> dict[str, Any]:
-        """werkzeug's environ, plus a sendfile for answers over plain TCP.
+        """werkzeug's environ, plus the body's pace rule and a sendfile for
+        answers over plain TCP.
 
-        Over TLS the bytes must pass through the SSL layer, so there is none
-        (socket.sendfile would fall back to 8 KiB sends).
+        Over TLS the bytes must pass through the SSL layer, so there is no
+        sendfile (socket.sendfile would fall back to 8 KiB sends).
         """
         environ = super().make_environ()
+        host, port = self.server.server_address[:2]
+        environ[BODY_PACE_KEY] = _BodyPace(
+            self.connection, self.address_string(), f"{host}:{port}"
+        )
         if not isinstance(self.connection, ssl.SSLSocket):
             environ[SENDFILE_KEY] = self._sendfile
         return environ

@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Protocol
 
 from flask import Flask, Response, g, request
 from lxml import etree
@@ -37,6 +38,9 @@ logger = logging.getLogger(__name__)
 # The WSGI environ key under which the node's HTTP server offers a
 # wire.mtom.SendFile, so that MTOM parts on disk go out by os.sendfile.
 SENDFILE_KEY = "xdsi.sendfile"
+# The WSGI environ key under which the node's HTTP server offers the BodyPace
+# that a request body must keep to.
+BODY_PACE_KEY = "xdsi.body_pace"
 
 
 @cache
@@ -71,16 +75,39 @@ class Reply:
 Handler = Callable[[wire.SoapMessage, Peer], Reply]
 
 
+class BodyPace(Protocol):
+    """The pace a request body must keep, which the HTTP server enforces by
+    shutting the connection down when the body falls behind."""
+
+    # The most bytes to read at once, so that each step is counted as it
+    # comes rather than when a large read is at last filled.
+    step: int
+    # Set once the server has shut the connection down for want of pace.
+    cut_off: bool
+
+    def start(self) -> None:
+        """The body's first read begins."""
+
+    def arrived(self, count: int) -> None:
+        """``count`` more bytes of the body were read."""
+
+    def done(self) -> None:
+        """The body is read, or no more of it will be: stop the rule."""
+
+
 class RequestBody:
     """The body of the request being answered, whose read errors are the
     sender's.
 
     werkzeug raises OSError when chunked framing is garbled or the socket
     fails, and ClientDisconnected when fewer bytes come than announced; both
-    become :class:`wire.UnreadableBody`. A body larger than the app's
-    MAX_CONTENT_LENGTH ([node] max_request_size), announced or sent, is
-    :class:`wire.RequestTooLarge`. Errors of whoever consumes the bytes (a
-    full disk) pass through unchanged.
+    become :class:`wire.UnreadableBody`, as does a body that fell behind the
+    server's :class:`BodyPace`, if it offers one. The rule holds from
+    here to the end of the body or of the ``with`` block, whichever comes
+    first. A body larger than the app's MAX_CONTENT_LENGTH ([node]
+    max_request_size), announced or sent, is :class:`wire.RequestTooLarge`.
+    Errors of whoever consumes the bytes (a full disk) pass through
+    unchanged.
     """
 
     def __init__(self) -> None:
@@ -89,6 +116,25 @@ class RequestBody:
             self._stream = request.stream
         except RequestEntityTooLarge:
             raise self._too_large() from None
+        self._pace: BodyPace | None = request.environ.get(BODY_PACE_KEY)
+        if self._pace is not None:
+            self._pace.start()
+
+    def __enter__(self) -> RequestBody:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the pace rule: what follows is the node's own time."""
+        if self._pace is not None:
+            self._pace.done()
 
     def _too_large(self) -> wire.RequestTooLarge:
         return wire.RequestTooLarge(
@@ -97,15 +143,43 @@ class RequestBody:
         )
 
     def read(self, size: int = -1) -> bytes:
+        """Read ``size`` bytes, all that is left if negative; fewer only at
+        the end of the body."""
+        if self._pace is None:
+            return self._read(size)
+        pieces = []
+        while size != 0:
+            step = self._pace.step if size < 0 else min(size, self._pace.step)
+            piece = self._read(step)
+            if not piece:
+                self.close()
+                break
+            self._pace.arrived(len(piece))
+            pieces.append(piece)
+            if size > 0:
+                size -= len(piece)
+        return b"".join(pieces)
+
+    def _read(self, size: int) -> bytes:
         try:
-            return self._stream.read(size)
+            data = self._stream.read(size)
         except RequestEntityTooLarge:
             raise self._too_large() from None
         except (OSError, ClientDisconnected) as exc:
+            self._check_pace()
             raise wire.UnreadableBody(
                 "the HTTP request body broke off or its chunked framing is "
                 f"garbled: {exc}"
             ) from None
+        self._check_pace()
+        return data
+
+    def _check_pace(self) -> None:
+        if self._pace is not None and self._pace.cut_off:
+            raise wire.UnreadableBody(
+                "the HTTP request body fell behind the minimum pace this node "
+                "takes; the connection was closed"
+            )
 
 
 def _fault_response(fault: wire.SoapFault, relates_to: str | None = None) -> Response:
@@ -180,11 +254,10 @@ def soap_app(
         started = time.monotonic()
         message: wire.SoapMessage | None = None
         try:
-            message = wire.read_message(
-                RequestBody(),
-                request.headers.get("Content-Type", ""),
-                spool_root,
-            )
+            with RequestBody() as body:
+                message = wire.read_message(
+                    body, request.headers.get("Content-Type", ""), spool_root
+                )
             # internal_error relates its Fault to this request too
             # (WS-Addressing 1.0 SOAP Binding 6).
             g.message_id = message.message_id

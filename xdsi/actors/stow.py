@@ -147,9 +147,9 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
     parts = _Parts(spool)
     try:
         parser = MultipartParser(boundary, parts.callbacks())
-        stream = RequestBody()
-        for chunk in iter(lambda: stream.read(CHUNK), b""):
-            parser.write(chunk)
+        with RequestBody() as stream:
+            for chunk in iter(lambda: stream.read(CHUNK), b""):
+                parser.write(chunk)
         parser.finalize()
         if not parts.ended:
             raise MalformedMessage("no closing boundary (RFC 2046 5.1.1)")
