@@ -40,7 +40,7 @@ from xdsi.actors.stow import add_stow_route
 from xdsi.audit.forwarder import AuditForwarder, Backoff
 from xdsi.config import ConfigError, Settings
 from xdsi.hl7.mllp import MllpServer
-from xdsi.logs import quiet_pydicom
+from xdsi.logs import PeerRefusalLog, quiet_pydicom
 from xdsi.ns import SOAP12
 from xdsi.store.blobs import Blobs, BlobStore
 from xdsi.store.schema import make_engine
@@ -180,26 +180,7 @@ class _BodyPace:
         )
 
 
-# A log line above DEBUG quotes at most this many characters of what a peer
-# sent the HTTP layer (a request line it cannot parse, say).
-QUOTED_PREFIX = 80
-
-
-def _escaped_prefix(text: str) -> str:
-    """Return the start of ``text`` in printable ASCII, other characters
-    escaped, so that a peer's bytes neither fill a log nor forge lines in it."""
-    prefix = "".join(
-        c
-        if c.isascii() and c.isprintable()
-        else c.encode("unicode_escape").decode("ascii")
-        for c in text[:QUOTED_PREFIX]
-    )
-    if len(text) > QUOTED_PREFIX:
-        prefix += f"... ({len(text)} characters)"
-    return prefix
-
-
-class _RequestHandler(WSGIRequestHandler):
+class _RequestHandler(PeerRefusalLog, WSGIRequestHandler):
     """Close a connection whose peer stops sending for a minute, takes more
     than HEAD_DEADLINE seconds over a request's line and headers, or lets
     its body fall behind BODY_MIN_RATE (the _BodyPace that the app's
@@ -211,11 +192,8 @@ class _RequestHandler(WSGIRequestHandler):
     """
 
     timeout = 60
-    # The HTTP layer refused the request in hand and logged so (log_error).
-    _refused = False
 
     def handle_one_request(self) -> None:
-        self._refused = False
         _WATCH.watch(self.connection, HEAD_DEADLINE)
         try:
             super().handle_one_request()
@@ -244,28 +222,6 @@ class _RequestHandler(WSGIRequestHandler):
         '<env:Reason><env:Text xml:lang="en">HTTP %(code)d: %(message)s. '
         "%(explain)s</env:Text></env:Reason></env:Fault></env:Body></env:Envelope>"
     )
-
-    def log_error(self, format: str, *args: Any) -> None:
-        """Log at INFO what the HTTP layer reports: the peer's doing.
-
-        http.server and werkzeug report here a request line or header they
-        cannot parse (send_error), a read that timed out and a broken TLS
-        session; werkzeug would log them at ERROR, quoting the request line
-        whole, be it a TLS ClientHello sent to a plain port or any bytes. No
-        patient data above DEBUG: the line quotes a short, escaped prefix.
-        """
-        self._refused = True
-        logger.info(
-            "HTTP peer %s: %s",
-            self.address_string(),
-            _escaped_prefix(format % args if args else format),
-        )
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        """werkzeug's access line, but none for a request the HTTP layer
-        refused: log_error told of it, and the request line may be garbage."""
-        if not self._refused:
-            super().log_request(code, size)
 
     def make_environ(self) -> dict[str, Any]:
         """werkzeug's environ, plus the body's pace rule and a sendfile for

@@ -6,6 +6,11 @@ says what the node did without the values it handled.
 
 import logging
 import warnings
+from typing import Any
+
+# A log line above DEBUG quotes at most this many characters of what a peer
+# sent the HTTP layer (a request line it cannot parse, say).
+QUOTED_PREFIX = 80
 
 
 def quiet_pydicom(level: int) -> None:
@@ -22,3 +27,57 @@ def quiet_pydicom(level: int) -> None:
         logging.DEBUG if level <= logging.DEBUG else logging.ERROR
     )
     warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+
+
+def escaped_prefix(text: str) -> str:
+    """Return the start of ``text`` in printable ASCII, other characters
+    escaped, so that a peer's bytes neither fill a log nor forge lines in it."""
+    prefix = "".join(
+        c
+        if c.isascii() and c.isprintable()
+        else c.encode("unicode_escape").decode("ascii")
+        for c in text[:QUOTED_PREFIX]
+    )
+    if len(text) > QUOTED_PREFIX:
+        prefix += f"... ({len(text)} characters)"
+    return prefix
+
+
+class PeerRefusalLog:
+    """For an http.server request handler (werkzeug's WSGIRequestHandler):
+    what the HTTP layer refuses is the peer's doing, logged at INFO.
+
+    http.server and werkzeug report a request line or header they cannot
+    parse (send_error), a read that timed out and a broken TLS session
+    through log_error, which werkzeug logs at ERROR, quoting the request
+    line whole, be it a TLS ClientHello sent to a plain port or any bytes.
+    Here the line quotes a short, escaped prefix (no patient data above
+    DEBUG), the error answer quotes no more of it, and a refused request
+    gets no access line besides.
+    """
+
+    # The HTTP layer refused the request in hand and logged so (log_error).
+    _refused = False
+
+    def handle_one_request(self) -> None:
+        self._refused = False
+        super().handle_one_request()  # type: ignore[misc]
+
+    def send_error(
+        self, code: int, message: str | None = None, explain: str | None = None
+    ) -> None:
+        if message is not None:
+            message = escaped_prefix(message)
+        super().send_error(code, message, explain)  # type: ignore[misc]
+
+    def log_error(self, format: str, *args: Any) -> None:
+        self._refused = True
+        logging.getLogger(type(self).__module__).info(
+            "HTTP peer %s: %s",
+            self.address_string(),  # type: ignore[attr-defined]
+            escaped_prefix(format % args if args else format),
+        )
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        if not self._refused:
+            super().log_request(code, size)  # type: ignore[misc]

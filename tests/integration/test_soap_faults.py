@@ -350,6 +350,8 @@ def test_bytes_http_cannot_parse_are_logged_at_info_as_an_escaped_prefix(
         answer = _read_all(sock)
 
     assert answer.startswith(b"HTTP/1.1 400")
+    # The Fault quotes no more of the request than the log does.
+    assert SECRET not in answer
     shown = [r for r in caplog.records if r.levelno >= logging.INFO]
     http = [r for r in shown if r.name in ("werkzeug", "xdsi.app")]
     assert [r.getMessage() for r in http if r.levelno > logging.INFO] == []

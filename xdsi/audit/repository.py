@@ -30,6 +30,7 @@ from xdsi.audit.syslog import (
     SyslogFormatError,
     parse_message,
 )
+from xdsi.logs import PeerRefusalLog
 from xdsi.store.schema import audit_patient, audit_record
 
 logger = logging.getLogger(__name__)
@@ -335,11 +336,15 @@ def query_app(store: AuditRecordStore) -> Flask:
     return app
 
 
-class JsonErrorHandler(WSGIRequestHandler):
+class JsonErrorHandler(PeerRefusalLog, WSGIRequestHandler):
     """Answer what the HTTP layer refuses (a garbled request line, oversized
-    headers) with JSON like the query endpoint's, never an HTML page."""
+    headers) with JSON like the query endpoint's, never an HTML page, and
+    log it at INFO as the peer's doing."""
 
     timeout = 60
+    # A request line too garbled to name its HTTP version is answered with
+    # an HTTP/1.1 status line and headers, not as HTTP/0.9 (body alone).
+    default_request_version = "HTTP/1.1"
     error_content_type = "application/json"
     # The message quotes what the peer sent, which could break the JSON.
     error_message_format = '{"error": "HTTP %(code)d: request refused"}'

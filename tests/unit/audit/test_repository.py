@@ -1,8 +1,10 @@
 """The Audit Record Repository: syslog in over TLS and UDP, queries out."""
 
+import json
 import logging
 import socket
 import ssl
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -11,12 +13,18 @@ from pathlib import Path
 
 import pytest
 from lxml import etree
+from werkzeug.serving import make_server
 
 from tests.pki import Pki, make_pki
 from tests.unit.audit.conftest import RealIds
 from tests.unit.audit.test_syslog import audit_xml
 from xdsi.audit import Auditor, AuditSpool
-from xdsi.audit.repository import AuditRecordStore, AuditRepository, query_app
+from xdsi.audit.repository import (
+    AuditRecordStore,
+    AuditRepository,
+    JsonErrorHandler,
+    query_app,
+)
 from xdsi.audit.syslog import TlsSender, UdpSender, format_message, frame
 from xdsi.store.schema import make_engine
 
@@ -279,3 +287,47 @@ def test_no_patient_id_is_logged_at_info_or_above(
     loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
     assert any("malformed" in line for line in loud)
     assert not [line for line in loud if real_ids.patient_id in line]
+
+
+def test_a_request_line_http_cannot_parse_is_answered_in_json_and_logged_at_info(
+    store: AuditRecordStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What the query service's HTTP layer refuses is the peer's doing: a
+    JSON error, one INFO line quoting a short escaped prefix of the request
+    line, nothing of the rest above DEBUG, in the log or the answer."""
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="werkzeug")
+    web = make_server(
+        "127.0.0.1",
+        0,
+        query_app(store),
+        threaded=True,
+        request_handler=JsonErrorHandler,
+    )
+    serving = threading.Thread(target=web.serve_forever, daemon=True)
+    serving.start()
+    secret = b"DOE^JANE-19700101"
+    try:
+        with socket.create_connection(web.server_address[:2], timeout=30) as sock:
+            sock.sendall(
+                b"GET /" + b"a" * 200 + b"?patient=" + secret + b" x HTTP/1.1\r\n\r\n"
+            )
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+    finally:
+        web.shutdown()
+        serving.join(timeout=10)
+        web.server_close()
+
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head
+    assert json.loads(body) == {"error": "HTTP 400: request refused"}
+    assert secret not in answer
+    shown = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert [r.getMessage() for r in shown if r.levelno > logging.INFO] == []
+    (refused,) = [r.getMessage() for r in shown if "HTTP peer" in r.getMessage()]
+    assert "Bad request syntax ('GET /aaaa" in refused
+    assert refused.isascii() and refused.isprintable()
+    for record in shown:
+        assert secret.decode() not in record.getMessage()
