@@ -1045,6 +1045,38 @@ def tls_make_cert(
     click.echo(f'trusted = ["{ca.certificate.resolve()}"]')
 
 
+@tls_group.command("make-crl")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--ca",
+    "ca_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Directory of the CA made by make-ca.",
+)
+@click.option(
+    "--revoke",
+    "revoked",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A certificate (PEM) the CA revokes (repeatable).",
+)
+@click.option("--days", type=int, default=7, show_default=True)
+def tls_make_crl(
+    path: Path, ca_dir: Path, revoked: tuple[Path, ...], days: int
+) -> None:
+    """Write the test CA's Certificate Revocation List to PATH (PEM).
+
+    List it in [tls] crls; a node reads it again when it changes.
+    """
+    ca = tls.CertificateFiles(ca_dir / "ca.pem", ca_dir / "ca-key.pem")
+    try:
+        tls.make_crl(ca, path, revoked=revoked, days=days)
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot make the CRL: {exc}")
+    click.echo(f"CRL {path} revokes {_count(len(revoked), 'certificate')}")
+
+
 def bundled_study() -> Path:
     """Return the CT study shipped with xdsi (xdsi/data/study-ct)."""
     return Path(str(resources.files("xdsi") / "data" / "study-ct"))

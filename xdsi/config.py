@@ -303,14 +303,18 @@ class TlsSettings:
     ``certificate`` is this node's PEM certificate (its chain may follow),
     ``private_key`` its PEM key, and ``trusted`` the PEM files of the CAs, or
     the peers' own certificates, whose holders may connect and be connected
-    to. The protocol floor is TLS 1.2 and cannot be lowered; ``ciphers`` is an
-    OpenSSL cipher list for TLS 1.2 (empty: Python's defaults).
+    to. ``crls`` are PEM files of the CAs' Certificate Revocation Lists
+    (RFC 5280 5): with any listed, a peer's certificate is checked against
+    its CA's CRL, and a peer whose CA has no current CRL among them is
+    refused. The protocol floor is TLS 1.2 and cannot be lowered; ``ciphers``
+    is an OpenSSL cipher list for TLS 1.2 (empty: Python's defaults).
     """
 
     enabled: bool = False
     certificate: str = ""
     private_key: str = ""
     trusted: tuple[str, ...] = ()
+    crls: tuple[str, ...] = ()
     ciphers: str = ""
     # A peer that has not finished its handshake this many seconds after
     # connecting is dropped.

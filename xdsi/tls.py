@@ -13,6 +13,9 @@ import logging
 import os
 import socket
 import ssl
+import threading
+import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache
@@ -36,6 +39,9 @@ MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 # Alert (110113, DCM) of type Node Authentication (110126, DCM).
 REFUSAL_TRANSACTION = "Node Authentication Failure"
 REFUSAL_ACTOR = "Secure Node"
+
+# How often a CRL file is looked at again for a renewed CRL, in seconds.
+CRL_RECHECK_SECONDS = 60.0
 
 # Test certificates: RSA keys of this size, signed with SHA-256.
 _KEY_SIZE = 2048
@@ -63,10 +69,76 @@ class RefusedPeer:
     reason: str
 
 
+class _Revocation:
+    """The CRLs a context checks peers against, read again when they change.
+
+    A CA issues its next CRL before the current one's nextUpdate (RFC 5280
+    5.1.2.5), and a site writes it over the old file: a CRL whose file
+    changed is added to the context when next looked at, at most every
+    CRL_RECHECK_SECONDS, so that a running node takes it (OpenSSL prefers,
+    of two CRLs of one CA, the one issued last). One that can no longer be
+    read leaves the context as it was, and says so.
+    """
+
+    def __init__(self, context: ssl.SSLContext, paths: tuple[str, ...]) -> None:
+        self._context = context
+        self._paths = paths
+        self._seen: dict[str, tuple[int, int]] = {}
+        self._checked = time.monotonic()
+        self._lock = threading.Lock()
+
+    def load(self) -> None:
+        """Add each CRL whose file is new or changed since last seen.
+
+        Raises OSError or ssl.SSLError for a file that cannot be read.
+        """
+        for path in self._paths:
+            status = os.stat(path)
+            stamp = (status.st_mtime_ns, status.st_size)
+            if self._seen.get(path) != stamp:
+                self._context.load_verify_locations(cafile=path)
+                self._seen[path] = stamp
+
+    def refresh(self) -> None:
+        """Load the changed CRLs if CRL_RECHECK_SECONDS have passed."""
+        now = time.monotonic()
+        if now - self._checked < CRL_RECHECK_SECONDS:
+            return
+        with self._lock:
+            if now - self._checked < CRL_RECHECK_SECONDS:
+                return
+            self._checked = now
+            try:
+                self.load()
+            except (OSError, ssl.SSLError) as exc:
+                logger.warning(
+                    "TLS: a CRL file cannot be read again (%s); the CRLs read "
+                    "before stay in force",
+                    exc,
+                )
+
+
+# The CRLs of each context built with [tls] crls.
+_REVOCATIONS: weakref.WeakKeyDictionary[ssl.SSLContext, _Revocation] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def refresh_revocation(context: ssl.SSLContext) -> ssl.SSLContext:
+    """Take up the CRLs of ``context`` renewed on disk, if any; return it.
+
+    Called before each handshake with the context (see :class:`_Revocation`).
+    """
+    revocation = _REVOCATIONS.get(context)
+    if revocation is not None:
+        revocation.refresh()
+    return context
+
+
 def _context(purpose: ssl._SSLMethod, tls: TlsSettings) -> ssl.SSLContext:
-    """Return a context that presents our certificate and trusts ``trusted``."""
-    # Limitation: no CRL or OCSP check; a revoked certificate of a trusted CA
-    # is accepted until its CA, or the certificate, leaves ``trusted``.
+    """Return a context that presents our certificate and trusts ``trusted``,
+    checking peers against ``crls`` when any are listed."""
+    # Limitation: no OCSP (RFC 6960); revocation is known from CRLs alone.
     context = ssl.SSLContext(purpose)
     context.minimum_version = MINIMUM_VERSION
     context.verify_mode = ssl.CERT_REQUIRED
@@ -74,6 +146,12 @@ def _context(purpose: ssl._SSLMethod, tls: TlsSettings) -> ssl.SSLContext:
         context.load_cert_chain(tls.certificate, tls.private_key)
         for trusted in tls.trusted:
             context.load_verify_locations(cafile=trusted)
+        if tls.crls:
+            revocation = _Revocation(context, tls.crls)
+            revocation.load()
+            # The peer's own certificate; its CA is one of ``trusted``.
+            context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+            _REVOCATIONS[context] = revocation
         if tls.ciphers:
             context.set_ciphers(tls.ciphers)
     except (OSError, ssl.SSLError) as exc:
@@ -119,7 +197,7 @@ def client_context_for(settings: Settings) -> ssl.SSLContext | None:
     """
     if not settings.tls.enabled:
         return None
-    return _cached_client_context(settings.tls)
+    return refresh_revocation(_cached_client_context(settings.tls))
 
 
 class TlsGate:
@@ -152,10 +230,15 @@ class TlsGate:
         """
         host, port = str(address[0]), int(address[1])
         sock.settimeout(self.timeout)
+        context = refresh_revocation(self.context)
         try:
-            secured = self.context.wrap_socket(sock, server_side=True)
+            secured = context.wrap_socket(sock, server_side=True)
         except (ssl.SSLError, OSError) as exc:
             reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+                # Why the peer's certificate failed: untrusted, expired,
+                # revoked, or its CA's CRL out of date.
+                reason = f"{reason}: {exc.verify_message}"
             logger.warning(
                 "TLS %s: refused peer %s:%d: %s", self.listener, host, port, reason
             )
@@ -358,6 +441,62 @@ def make_cert(
     files.certificate.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     _write_key(files.private_key, key)
     return files
+
+
+def make_crl(
+    ca: CertificateFiles,
+    path: Path,
+    *,
+    revoked: Iterable[Path] = (),
+    days: float = 7,
+    issued: datetime.datetime | None = None,
+) -> Path:
+    """Write the test CA's Certificate Revocation List to ``path`` (PEM).
+
+    The CRL (RFC 5280 5) lists the serial numbers of the ``revoked``
+    certificate files, is issued now (or at ``issued``) and names its next
+    update ``days`` later; a CRL past its next update is no longer current,
+    and a node checking CRLs then refuses the CA's peers.
+
+    Raises
+    ------
+    ValueError
+        The CA files are not a certificate and its RSA key, or a revoked
+        file is no PEM certificate.
+    """
+    ca_certificate = x509.load_pem_x509_certificate(ca.certificate.read_bytes())
+    ca_key = serialization.load_pem_private_key(
+        ca.private_key.read_bytes(), password=None
+    )
+    if not isinstance(ca_key, rsa.RSAPrivateKey):
+        raise ValueError(f"{ca.private_key} is not an RSA private key")
+    now = issued or datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_certificate.subject)
+        .last_update(now - datetime.timedelta(minutes=5))
+        .next_update(now + datetime.timedelta(days=days))
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .add_extension(x509.CRLNumber(int(now.timestamp() * 1000)), critical=False)
+    )
+    for certificate_file in revoked:
+        certificate = x509.load_pem_x509_certificate(certificate_file.read_bytes())
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(certificate.serial_number)
+            .revocation_date(now - datetime.timedelta(minutes=5))
+            .build()
+        )
+    crl = builder.sign(ca_key, hashes.SHA256())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    # Renamed into place: a node reading the CRL again never sees half of it.
+    temporary.replace(path)
+    return path
 
 
 def tls_settings(node: CertificateFiles, *trusted: Path) -> TlsSettings:

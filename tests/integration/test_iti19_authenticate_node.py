@@ -370,3 +370,81 @@ def audit_schema() -> etree.RelaxNG:
     return etree.RelaxNG(
         etree.parse(shared_path("schemas", "dicom", "audit-message.rng"))
     )
+
+
+@dataclass(frozen=True)
+class RevokedPeer:
+    certificate: tls.CertificateFiles
+    crl: Path
+
+
+@pytest.fixture(scope="module")
+def revoked_peer(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> RevokedPeer:
+    """A peer of the node's CA whose certificate the CA's CRL lists."""
+    root = tmp_path_factory.mktemp("revoked")
+    peer = tls.make_cert(root, pki.ca, name="revoked-peer")
+    crl = tls.make_crl(pki.ca, root / "ca.crl", revoked=[peer.certificate])
+    return RevokedPeer(peer, crl)
+
+
+@pytest.fixture(scope="module")
+def crl_node(
+    pki: Pki, revoked_peer: RevokedPeer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningNode]:
+    """Every actor of one node over mutual TLS, checking the CA's CRL."""
+    settings = (
+        Settings()
+        .with_storage(tmp_path_factory.mktemp("crl-node"))
+        .with_ports(registry=0, repository=0, imaging_source=0, feed=0)
+    )
+    settings = replace(
+        settings,
+        tls=replace(
+            tls.tls_settings(pki.node, pki.ca.certificate),
+            crls=(str(revoked_peer.crl),),
+        ),
+        imaging_source=replace(settings.imaging_source, store_scp=True, dicom_port=0),
+    )
+    with Node(settings) as node:
+        assert node.services is not None
+        yield RunningNode(node, node.settings, node.services, {})
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_a_peer_whose_certificate_was_revoked_is_refused_and_audited(
+    crl_node: RunningNode,
+    pki: Pki,
+    revoked_peer: RevokedPeer,
+    endpoint: str,
+    audit_schema: etree.RelaxNG,
+) -> None:
+    """ITI TF-2 3.19, RFC 5280 6.3: with [tls] crls, a certificate of a
+    trusted CA that its CRL lists is refused at every listener, nothing
+    processed, and audited as a Node Authentication alert; a peer in good
+    standing is served."""
+    before = len(list(crl_node.services.audit_spool.records()))
+    revoked = tls.client_context(
+        tls.tls_settings(revoked_peer.certificate, pki.ca.certificate)
+    )
+
+    if endpoint == "dicom":
+        assert _c_echo(revoked, _address(crl_node, endpoint)) is None
+    else:
+        answer = _exchange(
+            revoked, _address(crl_node, endpoint), _request(crl_node, endpoint)
+        )
+        assert answer == b""
+    (record,) = _new_records(crl_node, before)
+    root = etree.fromstring(record.xml)
+    assert audit_schema.validate(root), audit_schema.error_log
+    assert record.event_id is not None and record.event_id.code == SECURITY_ALERT
+    assert record.actor_user_ids[1] == _listener(crl_node, endpoint)
+
+    good = tls.client_context(crl_node.settings.tls)
+    if endpoint == "dicom":
+        assert _c_echo(good, _address(crl_node, endpoint)) == 0x0000
+    else:
+        answer = _exchange(
+            good, _address(crl_node, endpoint), _request(crl_node, endpoint)
+        )
+        assert answer.startswith(b"\x0bMSH|" if endpoint == "feed" else b"HTTP/1.1 ")

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from tests.conftest import ROOT, shared_path
 from tests.integration.test_command_line import _free_port, _xdsi
@@ -180,3 +181,45 @@ def test_make_ca_refuses_to_replace_a_ca(tmp_path: Path) -> None:
     forced = _xdsi(config, "tls", "make-ca", str(tmp_path / "ca"), "--force")
     assert forced.returncode == 0
     assert (tmp_path / "ca" / "ca.pem").read_bytes() != first
+
+
+def test_make_crl_writes_a_crl_of_the_ca_listing_the_revoked(tmp_path: Path) -> None:
+    """``xdsi tls make-crl``: a CRL (RFC 5280 5) signed by the test CA, whose
+    revoked certificates are those named, for ``[tls] crls``."""
+    config = tmp_path / "xdsi.toml"
+    config.write_text("")
+    _xdsi(config, "tls", "make-ca", str(tmp_path / "ca"))
+    _xdsi(
+        config, "tls", "make-cert", str(tmp_path / "old"), "--ca", str(tmp_path / "ca")
+    )
+    old = tmp_path / "old" / "node.pem"
+
+    made = _xdsi(
+        config,
+        "tls",
+        "make-crl",
+        str(tmp_path / "ca.crl"),
+        "--ca",
+        str(tmp_path / "ca"),
+        "--revoke",
+        str(old),
+    )
+
+    assert "revokes 1 certificate" in made.stdout
+    crl = x509.load_pem_x509_crl((tmp_path / "ca.crl").read_bytes())
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca" / "ca.pem").read_bytes())
+    assert crl.issuer == ca.subject
+    assert crl.is_signature_valid(ca.public_key())
+    serial = x509.load_pem_x509_certificate(old.read_bytes()).serial_number
+    assert crl.get_revoked_certificate_by_serial_number(serial) is not None
+    assert crl.next_update_utc is not None
+    missing = _xdsi(
+        config,
+        "tls",
+        "make-crl",
+        str(tmp_path / "x.crl"),
+        "--ca",
+        str(tmp_path / "old"),
+        check=False,
+    )
+    assert missing.returncode == 1 and "cannot make the CRL" in missing.stderr

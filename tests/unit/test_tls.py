@@ -9,7 +9,9 @@ import ssl
 import stat
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -266,3 +268,170 @@ def audit_schema() -> etree.RelaxNG:
     return etree.RelaxNG(
         etree.parse(shared_path("schemas", "dicom", "audit-message.rng"))
     )
+
+
+@dataclass(frozen=True)
+class RevokingPki:
+    """A CA with a server, a peer in good standing and a revoked peer."""
+
+    ca: tls.CertificateFiles
+    server: tls.CertificateFiles
+    good: tls.CertificateFiles
+    revoked: tls.CertificateFiles
+    crl: Path
+
+    def settings(self, node: tls.CertificateFiles) -> TlsSettings:
+        return replace(
+            tls.tls_settings(node, self.ca.certificate), crls=(str(self.crl),)
+        )
+
+
+@pytest.fixture
+def revoking(tmp_path: Path) -> RevokingPki:
+    ca = tls.make_ca(tmp_path / "ca")
+    server = tls.make_cert(tmp_path / "ca", ca, name="server")
+    good = tls.make_cert(tmp_path / "ca", ca, name="good")
+    revoked = tls.make_cert(tmp_path / "ca", ca, name="revoked")
+    # Issued an hour ago, so that a CRL issued now is the later of the two.
+    crl = tls.make_crl(
+        ca,
+        tmp_path / "ca.crl",
+        revoked=[revoked.certificate],
+        issued=datetime.now(UTC) - timedelta(hours=1),
+    )
+    return RevokingPki(ca, server, good, revoked, crl)
+
+
+@contextmanager
+def _gated(
+    context: ssl.SSLContext,
+) -> Iterator[tuple[tuple[str, int], list[tls.RefusedPeer]]]:
+    refused: list[tls.RefusedPeer] = []
+    server = _EchoServer(("127.0.0.1", 0), _Echo)
+    server.tls_gate = tls.TlsGate(context, "echo", refused.append, timeout=5)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[:2], refused
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_a_peer_whose_certificate_its_ca_revoked_is_refused(
+    revoking: RevokingPki,
+) -> None:
+    """ITI TF-2 3.19, RFC 5280 6.3: with [tls] crls, a certificate its CA's
+    CRL lists is refused at the handshake and the refusal reported; one in
+    good standing is served."""
+    server = tls.server_context(revoking.settings(revoking.server))
+    with _gated(server) as (address, refused):
+        good = tls.client_context(revoking.settings(revoking.good))
+        assert _exchange(good, address) == b"ping"
+        assert refused == []
+
+        revoked = tls.client_context(revoking.settings(revoking.revoked))
+        assert _exchange(revoked, address) == b""
+        (peer,) = _wait_for(refused)
+    assert "revoked" in peer.reason.lower()
+
+
+def test_without_crls_a_revoked_certificate_is_not_looked_up(
+    revoking: RevokingPki,
+) -> None:
+    """A node with no [tls] crls knows nothing of revocation: the CRL on disk
+    does not count until it is listed."""
+    plain = replace(revoking.settings(revoking.server), crls=())
+    with _gated(tls.server_context(plain)) as (address, refused):
+        revoked = tls.client_context(revoking.settings(revoking.revoked))
+        assert _exchange(revoked, address) == b"ping"
+        assert refused == []
+
+
+def test_the_client_refuses_a_server_whose_certificate_was_revoked(
+    revoking: RevokingPki, tmp_path: Path
+) -> None:
+    """ITI TF-2 3.19: both ends check; our client refuses a revoked server."""
+    crl = tls.make_crl(
+        revoking.ca,
+        tmp_path / "server-revoked.crl",
+        revoked=[revoking.server.certificate],
+    )
+    server = tls.server_context(
+        tls.tls_settings(revoking.server, revoking.ca.certificate)
+    )
+    with _gated(server) as (address, _):
+        client = replace(revoking.settings(revoking.good), crls=(str(crl),))
+        assert _exchange(tls.client_context(client), address) == b""
+        assert _exchange(tls.client_context(revoking.settings(revoking.good)), address)
+
+
+def test_a_crl_renewed_on_disk_is_taken_without_a_restart(
+    revoking: RevokingPki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 5280 5.1.2.5: a CA issues its next CRL before nextUpdate; written
+    over the old file, it is in force from the next handshake after the
+    recheck time, without restarting the node."""
+    monkeypatch.setattr(tls, "CRL_RECHECK_SECONDS", 0.0)
+    server = tls.server_context(revoking.settings(revoking.server))
+    good = tls.client_context(revoking.settings(revoking.good))
+    with _gated(server) as (address, refused):
+        assert _exchange(good, address) == b"ping"
+
+        tls.make_crl(
+            revoking.ca,
+            revoking.crl,
+            revoked=[revoking.revoked.certificate, revoking.good.certificate],
+        )
+        assert _exchange(good, address) == b""
+        (peer,) = _wait_for(refused)
+    assert "revoked" in peer.reason.lower()
+
+
+def test_a_peer_whose_ca_crl_is_out_of_date_is_refused(
+    revoking: RevokingPki, tmp_path: Path
+) -> None:
+    """RFC 5280 6.3.3: a CRL past its nextUpdate is not current; with none
+    current for the peer's CA the peer is refused (no unchecked way in)."""
+    issued = datetime.now(UTC) - timedelta(days=10)
+    stale = tls.make_crl(revoking.ca, tmp_path / "stale.crl", issued=issued, days=7)
+    server = replace(revoking.settings(revoking.server), crls=(str(stale),))
+    with _gated(tls.server_context(server)) as (address, refused):
+        assert (
+            _exchange(tls.client_context(revoking.settings(revoking.good)), address)
+            == b""
+        )
+        (peer,) = _wait_for(refused)
+    assert "expired" in peer.reason.lower()
+
+
+def test_an_unreadable_crl_is_a_configuration_error(
+    revoking: RevokingPki, tmp_path: Path
+) -> None:
+    """A [tls] crls file missing or not a CRL stops the node at start."""
+    missing = replace(revoking.settings(revoking.server), crls=(str(tmp_path / "no"),))
+    with pytest.raises(tls.TlsConfigError, match=r"\[tls\] cannot be loaded"):
+        tls.server_context(missing)
+    (tmp_path / "garbage.crl").write_text("-----BEGIN X509 CRL-----\nnope\n")
+    garbage = replace(missing, crls=(str(tmp_path / "garbage.crl"),))
+    with pytest.raises(tls.TlsConfigError):
+        tls.server_context(garbage)
+
+
+def test_crls_are_read_from_the_tls_section(
+    revoking: RevokingPki, tmp_path: Path
+) -> None:
+    """[tls] crls is a list of PEM files, as trusted is."""
+    config = tmp_path / "xdsi.toml"
+    config.write_text(
+        "[tls]\nenabled = true\n"
+        f'certificate = "{revoking.server.certificate}"\n'
+        f'private_key = "{revoking.server.private_key}"\n'
+        f'trusted = ["{revoking.ca.certificate}"]\n'
+        f'crls = ["{revoking.crl}"]\n'
+    )
+    assert load_settings(config).tls.crls == (str(revoking.crl),)
+    config.write_text(config.read_text().replace(f'["{revoking.crl}"]', '"one.crl"'))
+    with pytest.raises(ConfigError, match=r"\[tls\] crls wants a list of strings"):
+        load_settings(config)

@@ -32,6 +32,7 @@ from xdsi.audit.syslog import (
 )
 from xdsi.logs import PeerRefusalLog
 from xdsi.store.schema import audit_patient, audit_record
+from xdsi.tls import refresh_revocation
 
 logger = logging.getLogger(__name__)
 
@@ -366,7 +367,8 @@ class _TlsHandler(socketserver.BaseRequestHandler):
         # A peer that connects and never completes the handshake is dropped.
         self.request.settimeout(repository.idle_timeout)
         try:
-            sock = repository.tls_context.wrap_socket(self.request, server_side=True)
+            context = refresh_revocation(repository.tls_context)
+            sock = context.wrap_socket(self.request, server_side=True)
         except (ssl.SSLError, OSError) as exc:
             repository.refused(host, port, exc)
             return
