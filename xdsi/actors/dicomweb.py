@@ -33,11 +33,22 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 from pydicom.uid import RE_VALID_UID, ExplicitVRLittleEndian
-from sqlalchemy import Row, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Row,
+    and_,
+    case,
+    distinct,
+    func,
+    or_,
+    select,
+)
 from werkzeug.exceptions import HTTPException
 
 from xdsi.dicom import transcode
-from xdsi.store.schema import imaging_instance, imaging_manifest
+from xdsi.dicom.qido import INSTANCE_ATTRIBUTES, SERIES_ATTRIBUTES, STUDY_ATTRIBUTES
+from xdsi.store.schema import QIDO_COLUMNS, imaging_instance, imaging_manifest
 
 if TYPE_CHECKING:
     from xdsi.actors.imaging_source import ImagingSource
@@ -49,38 +60,6 @@ DICOM_JSON = "application/dicom+json"
 JPEG = "image/jpeg"
 CHUNK_SIZE = 1 << 20
 
-# Attributes of each QIDO-RS level's answer, DICOM PS3.18 Tables 10.6.3-3,
-# 10.6.3-4 and 10.6.3-5; they are also the attributes a query may match on.
-STUDY_ATTRIBUTES = (
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "ModalitiesInStudy",
-    "ReferringPhysicianName",
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyInstanceUID",
-    "StudyID",
-    "StudyDescription",
-)
-SERIES_ATTRIBUTES = (
-    "Modality",
-    "SeriesDescription",
-    "SeriesNumber",
-    "SeriesInstanceUID",
-    "PerformedProcedureStepStartDate",
-)
-INSTANCE_ATTRIBUTES = (
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "InstanceNumber",
-    "Rows",
-    "Columns",
-    "BitsAllocated",
-    "NumberOfFrames",
-)
 LEVEL_ATTRIBUTES = {
     "study": STUDY_ATTRIBUTES,
     "series": STUDY_ATTRIBUTES + SERIES_ATTRIBUTES,
@@ -121,9 +100,6 @@ class Held:
 
 # A header read whole takes tens of kilobytes (a CT's some 75 KiB): the
 # cache keeps the last few thousand, not a whole store's.
-# Limitation: QIDO-RS and WADO-RS metadata read the headers of the
-# instances they match, on every request past the cache; a store of many
-# thousand instances answers in seconds (no attribute index).
 @lru_cache(maxsize=2048)
 def _header(path: Path) -> Dataset:
     """Read an instance's attributes without its pixel data (stored files
@@ -146,21 +122,8 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         sop_uid: str | None = None,
     ) -> list[Held]:
         query = select(imaging_instance).where(
-            imaging_instance.c.study_instance_uid.in_(
-                # A manifest whose registration is not yet known publishes
-                # nothing (see ImagingSource._settle_pending).
-                select(imaging_manifest.c.study_instance_uid).where(
-                    imaging_manifest.c.status != "pending"
-                )
-            )
+            *_in_scope(study_uid, series_uid, sop_uid)
         )
-        for column, value in (
-            (imaging_instance.c.study_instance_uid, study_uid),
-            (imaging_instance.c.series_instance_uid, series_uid),
-            (imaging_instance.c.sop_instance_uid, sop_uid),
-        ):
-            if value is not None:
-                query = query.where(column == value)
         with source.engine.connect() as conn:
             rows = conn.execute(query).all()
         return [Held(r, _header(source.blobs.path(r.blob))) for r in rows]
@@ -171,20 +134,39 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
 
     # --- QIDO-RS ----------------------------------------------------------
 
+    indexed = threading.Event()
+    indexing = threading.Lock()
+
+    def index_once() -> None:
+        """Index the instances stored before their attributes were kept,
+        once in this process, before the first query is answered."""
+        if indexed.is_set():
+            return
+        with indexing:
+            if not indexed.is_set():
+                source.index_attributes()
+                indexed.set()
+
     def qido(level: str, study_uid: str | None, series_uid: str | None) -> Response:
+        """DICOM PS3.18 10.6: answer a search from the imaging_instance rows
+        alone, each answer from the attributes kept of its first instance."""
         filters = _filters(request.args.items(multi=True), level)
-        held = published(study_uid, series_uid)
-        groups = _group(held, level)
-        answers = []
-        for members in groups:
-            answer = _answer(members, level, retrieve_url)
-            if all(_matches(answer, key, value) for key, value in filters):
-                answers.append(answer)
         offset = _whole(request.args.get("offset", "0"), "offset")
         limit = request.args.get("limit")
-        answers = answers[offset:]
-        if limit is not None:
-            answers = answers[: _whole(limit, "limit")]
+        wanted = None if limit is None else offset + _whole(limit, "limit")
+        index_once()
+
+        # SQL narrows the rows to those that may match; each answer is then
+        # matched as DICOM PS3.4 C.2.2.2 says, and paged once matched.
+        answers: list[Dataset] = []
+        scope = _in_scope(study_uid, series_uid)
+        with source.engine.connect() as conn:
+            for answer in _answers(conn, level, scope, filters, retrieve_url):
+                if all(_matches(answer, key, value) for key, value in filters):
+                    answers.append(answer)
+                    if wanted is not None and len(answers) >= wanted:
+                        break
+        answers = answers[offset:wanted]
         logger.info(
             "%s %s from %s: %s level, %d matches",
             "RAD-129",
@@ -492,39 +474,216 @@ def wildcard_match(pattern: str, text: str) -> bool:
     return p == len(pattern)
 
 
-def _group(held: list[Held], level: str) -> list[list[Held]]:
-    """Group instances into the studies, series or instances answered."""
-    groups: dict[str, list[Held]] = {}
-    for item in held:
-        key = {
-            "study": item.row.study_instance_uid,
-            "series": item.row.series_instance_uid,
-            "instance": item.row.sop_instance_uid,
-        }[level]
-        groups.setdefault(key, []).append(item)
-    return list(groups.values())
+def _in_scope(
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+) -> list[ColumnElement[bool]]:
+    """The conditions on imaging_instance rows of the published instances,
+    of the study, series and instance named."""
+    conditions = [
+        imaging_instance.c.study_instance_uid.in_(
+            # A manifest whose registration is not yet known publishes
+            # nothing (see ImagingSource._settle_pending).
+            select(imaging_manifest.c.study_instance_uid).where(
+                imaging_manifest.c.status != "pending"
+            )
+        )
+    ]
+    for column, value in (
+        (imaging_instance.c.study_instance_uid, study_uid),
+        (imaging_instance.c.series_instance_uid, series_uid),
+        (imaging_instance.c.sop_instance_uid, sop_uid),
+    ):
+        if value is not None:
+            conditions.append(column == value)
+    return conditions
+
+
+# The imaging_instance column of each UID a query may match on.
+UID_COLUMNS = {
+    "StudyInstanceUID": imaging_instance.c.study_instance_uid,
+    "SeriesInstanceUID": imaging_instance.c.series_instance_uid,
+    "SOPInstanceUID": imaging_instance.c.sop_instance_uid,
+    "SOPClassUID": imaging_instance.c.sop_class_uid,
+}
+# The column whose value each level's answers are told apart by.
+LEVEL_KEY = {
+    "study": imaging_instance.c.study_instance_uid,
+    "series": imaging_instance.c.series_instance_uid,
+    "instance": imaging_instance.c.sop_instance_uid,
+}
+
+
+def _answers(
+    conn: Connection,
+    level: str,
+    scope: list[ColumnElement[bool]],
+    filters: list[tuple[str, str]],
+    retrieve_url: Callable[..., str],
+) -> Iterator[Dataset]:
+    """The answers of a level whose instances may match ``filters``, each
+    built from the row of its first instance (by SOP Instance UID) and the
+    counts of its instances, in the order of their UIDs.
+
+    An answer is left out only where an SQL condition proves it cannot
+    match (:func:`_sql_condition`); the caller matches the rest.
+    """
+    key = LEVEL_KEY[level]
+    dialect = conn.dialect.name
+    conditions = [
+        condition
+        for keyword, value in filters
+        if (condition := _sql_condition(keyword, value, dialect)) is not None
+    ]
+    candidates = select(key).where(*scope, *conditions)
+    order = (
+        imaging_instance.c.study_instance_uid,
+        imaging_instance.c.series_instance_uid,
+        imaging_instance.c.sop_instance_uid,
+    )
+    if level == "instance":
+        query = select(imaging_instance).where(*scope, *conditions).order_by(*order)
+        for row in conn.execute(query):
+            yield _answer(row, level, retrieve_url)
+        return
+
+    # DICOM PS3.18 Tables 10.6.3-3 and 10.6.3-4: the counts are of every
+    # instance of a study or series matched, not of those that matched.
+    counts = (
+        select(
+            key.label("key"),
+            func.count().label("instances"),
+            func.count(distinct(imaging_instance.c.series_instance_uid)).label(
+                "series"
+            ),
+            func.min(imaging_instance.c.sop_instance_uid).label("first"),
+        )
+        .where(*scope, key.in_(candidates))
+        .group_by(key)
+        .subquery()
+    )
+    rows = conn.execute(
+        select(imaging_instance, counts.c.instances, counts.c.series)
+        .join(counts, imaging_instance.c.sop_instance_uid == counts.c.first)
+        .order_by(*order)
+    ).all()
+    modalities = (
+        _modalities(conn, scope, key.in_(candidates)) if level == "study" else {}
+    )
+    for row in rows:
+        yield _answer(row, level, retrieve_url, modalities.get(row.study_instance_uid))
+
+
+def _modalities(
+    conn: Connection, scope: list[ColumnElement[bool]], studies: ColumnElement[bool]
+) -> dict[str, list[str]]:
+    """The Modalities in Study of each study: the Modality values of its
+    instances, sorted (DICOM PS3.18 Table 10.6.3-3)."""
+    modality = imaging_instance.c.modality
+    query = (
+        select(
+            imaging_instance.c.study_instance_uid,
+            modality,
+            # A Modality no column keeps is read from the attributes.
+            case((modality.is_(None), imaging_instance.c.attributes)),
+        )
+        .where(*scope, studies)
+        .distinct()
+    )
+    found: dict[str, set[str]] = {}
+    for study_uid, value, attributes in conn.execute(query):
+        values = {value} if value is not None else set()
+        if attributes is not None:
+            element = json.loads(attributes).get(MODALITY_TAG, {})
+            values = {str(v) for v in element.get("Value", [])}
+        found.setdefault(study_uid, set()).update(values - {""})
+    return {study_uid: sorted(values) for study_uid, values in found.items()}
+
+
+MODALITY_TAG = f"{tag_for_keyword('Modality'):08X}"
+
+
+def _sql_condition(
+    keyword: str, wanted: str, dialect: str
+) -> ColumnElement[bool] | None:
+    """An SQL condition that every instance whose attribute matches
+    ``wanted`` as :func:`_matches` does meets; None when no column holds
+    the attribute.
+
+    Where a column holds NULL (no single value short enough to index) the
+    condition lets the row through; a wildcard is a LIKE, which SQLite
+    takes without regard to case; both only widen what the caller then
+    matches exactly.
+    """
+    if wanted == "":
+        return None
+    if keyword in UID_COLUMNS:
+        listed = {u.strip() for u in wanted.replace("\\", ",").split(",")}
+        return UID_COLUMNS[keyword].in_(sorted(listed))
+    if keyword == "ModalitiesInStudy":
+        modality = _sql_condition("Modality", wanted, dialect)
+        assert modality is not None
+        return imaging_instance.c.study_instance_uid.in_(
+            select(imaging_instance.c.study_instance_uid).where(modality)
+        )
+    if keyword not in QIDO_COLUMNS:
+        return None
+    column = imaging_instance.c[QIDO_COLUMNS[keyword]]
+    vr = dictionary_VR(keyword)
+    if vr in DATE_VRS and "-" in wanted:
+        low, _, high = wanted.partition("-")
+        bounds = []
+        if low:
+            bounds.append(_in_code_point_order(column, dialect) >= low)
+        if high:
+            head = func.substr(column, 1, len(high))
+            bounds.append(_in_code_point_order(head, dialect) <= high)
+        condition = and_(*bounds)
+    elif vr in WILDCARD_VRS and ("*" in wanted or "?" in wanted):
+        condition = column.like(_like_pattern(wanted), escape="\\")
+    else:
+        condition = column == wanted
+    return or_(condition, column.is_(None))
+
+
+def _in_code_point_order(value: ColumnElement[str], dialect: str) -> ColumnElement[str]:
+    """``value`` compared as _matches compares, by code point: PostgreSQL
+    compares by the database's collation unless told to use "C"; SQLite
+    compares bytes (BINARY), which in UTF-8 is code point order."""
+    return value.collate("C") if dialect == "postgresql" else value
+
+
+def _like_pattern(wanted: str) -> str:
+    """A DICOM wildcard (DICOM PS3.4 C.2.2.2.4) as an SQL LIKE pattern
+    escaped with a backslash."""
+    escaped = "".join("\\" + c if c in "\\%_" else c for c in wanted)
+    return escaped.replace("*", "%").replace("?", "_")
 
 
 def _answer(
-    members: list[Held], level: str, retrieve_url: Callable[..., str]
+    row: Row,
+    level: str,
+    retrieve_url: Callable[..., str],
+    modalities: list[str] | None = None,
 ) -> Dataset:
-    """Build one QIDO-RS answer from the headers of its instances."""
-    first = members[0].header
+    """Build one QIDO-RS answer from the attributes kept of its first
+    instance (``row``) and the counts of its instances."""
+    kept = Dataset.from_json(json.loads(row.attributes or "{}"))
     answer = Dataset()
     for keyword in LEVEL_ATTRIBUTES[level]:
-        if keyword in first:
-            setattr(answer, keyword, first[keyword].value)
-    row = members[0].row
+        if keyword in kept:
+            setattr(answer, keyword, kept[keyword].value)
+        elif keyword in UID_COLUMNS:
+            # An instance whose header could not be read keeps its UIDs.
+            setattr(answer, keyword, getattr(row, UID_COLUMNS[keyword].name))
     if level == "study":
-        modalities = sorted({m.header.get("Modality", "") for m in members} - {""})
-        answer.ModalitiesInStudy = modalities
-        answer.NumberOfStudyRelatedSeries = len(
-            {m.row.series_instance_uid for m in members}
-        )
-        answer.NumberOfStudyRelatedInstances = len(members)
+        answer.ModalitiesInStudy = modalities or []
+        answer.NumberOfStudyRelatedSeries = row.series
+        answer.NumberOfStudyRelatedInstances = row.instances
         answer.RetrieveURL = retrieve_url(row.study_instance_uid)
     elif level == "series":
-        answer.NumberOfSeriesRelatedInstances = len(members)
+        answer.NumberOfSeriesRelatedInstances = row.instances
         answer.RetrieveURL = retrieve_url(
             row.study_instance_uid, row.series_instance_uid
         )
