@@ -20,7 +20,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -158,11 +158,11 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
 
         # SQL narrows the rows to those that may match; each answer is then
         # matched as DICOM PS3.4 C.2.2.2 says, and paged once matched.
-        answers: list[Dataset] = []
+        answers: list[dict[str, object]] = []
         scope = _in_scope(study_uid, series_uid)
         with source.engine.connect() as conn:
             for answer in _answers(conn, level, scope, filters, retrieve_url):
-                if all(_matches(answer, key, value) for key, value in filters):
+                if _matches_all(answer, filters):
                     answers.append(answer)
                     if wanted is not None and len(answers) >= wanted:
                         break
@@ -175,9 +175,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             level,
             len(answers),
         )
-        return Response(
-            json.dumps([a.to_json_dict() for a in answers]), content_type=DICOM_JSON
-        )
+        return Response(json.dumps(answers), content_type=DICOM_JSON)
 
     @blueprint.get(f"{base}/studies")
     def search_studies() -> Response:
@@ -482,13 +480,16 @@ def _in_scope(
     """The conditions on imaging_instance rows of the published instances,
     of the study, series and instance named."""
     conditions = [
-        imaging_instance.c.study_instance_uid.in_(
-            # A manifest whose registration is not yet known publishes
-            # nothing (see ImagingSource._settle_pending).
-            select(imaging_manifest.c.study_instance_uid).where(
-                imaging_manifest.c.status != "pending"
-            )
+        # A manifest whose registration is not yet known publishes nothing
+        # (see ImagingSource._settle_pending). Asked of each row found, so
+        # that the rows are found by the other conditions' indexes.
+        select(imaging_manifest.c.study_instance_uid)
+        .where(
+            imaging_manifest.c.study_instance_uid
+            == imaging_instance.c.study_instance_uid,
+            imaging_manifest.c.status != "pending",
         )
+        .exists()
     ]
     for column, value in (
         (imaging_instance.c.study_instance_uid, study_uid),
@@ -521,7 +522,7 @@ def _answers(
     scope: list[ColumnElement[bool]],
     filters: list[tuple[str, str]],
     retrieve_url: Callable[..., str],
-) -> Iterator[Dataset]:
+) -> Iterator[dict[str, object]]:
     """The answers of a level whose instances may match ``filters``, each
     built from the row of its first instance (by SOP Instance UID) and the
     counts of its instances, in the order of their UIDs.
@@ -595,13 +596,10 @@ def _modalities(
     for study_uid, value, attributes in conn.execute(query):
         values = {value} if value is not None else set()
         if attributes is not None:
-            element = json.loads(attributes).get(MODALITY_TAG, {})
+            element = json.loads(attributes).get(_tag("Modality"), {})
             values = {str(v) for v in element.get("Value", [])}
         found.setdefault(study_uid, set()).update(values - {""})
     return {study_uid: sorted(values) for study_uid, values in found.items()}
-
-
-MODALITY_TAG = f"{tag_for_keyword('Modality'):08X}"
 
 
 def _sql_condition(
@@ -661,38 +659,57 @@ def _like_pattern(wanted: str) -> str:
     return escaped.replace("*", "%").replace("?", "_")
 
 
+@cache
+def _tag(keyword: str) -> str:
+    """An attribute's tag as DICOM JSON names it (DICOM PS3.18 F.2.1.1)."""
+    return f"{tag_for_keyword(keyword):08X}"
+
+
+def _element(vr: str, values: list[object]) -> dict[str, object]:
+    """A DICOM JSON element; an empty one has no Value (DICOM PS3.18 F.2.5)."""
+    return {"vr": vr, "Value": values} if values else {"vr": vr}
+
+
 def _answer(
     row: Row,
     level: str,
     retrieve_url: Callable[..., str],
     modalities: list[str] | None = None,
-) -> Dataset:
-    """Build one QIDO-RS answer from the attributes kept of its first
-    instance (``row``) and the counts of its instances."""
-    kept = Dataset.from_json(json.loads(row.attributes or "{}"))
-    answer = Dataset()
-    for keyword in LEVEL_ATTRIBUTES[level]:
-        if keyword in kept:
-            setattr(answer, keyword, kept[keyword].value)
-        elif keyword in UID_COLUMNS:
+) -> dict[str, object]:
+    """One QIDO-RS answer as DICOM JSON: the level's attributes kept of its
+    first instance (``row``), with the counts of its instances."""
+    kept = json.loads(row.attributes or "{}")
+    answer = {
+        tag: kept[tag] for tag in map(_tag, LEVEL_ATTRIBUTES[level]) if tag in kept
+    }
+    for keyword, column in UID_COLUMNS.items():
+        if keyword in LEVEL_ATTRIBUTES[level] and _tag(keyword) not in answer:
             # An instance whose header could not be read keeps its UIDs.
-            setattr(answer, keyword, getattr(row, UID_COLUMNS[keyword].name))
+            answer[_tag(keyword)] = _element(UID_VR, [getattr(row, column.name)])
     if level == "study":
-        answer.ModalitiesInStudy = modalities or []
-        answer.NumberOfStudyRelatedSeries = row.series
-        answer.NumberOfStudyRelatedInstances = row.instances
-        answer.RetrieveURL = retrieve_url(row.study_instance_uid)
+        answer[_tag("ModalitiesInStudy")] = _element("CS", list(modalities or []))
+        answer[_tag("NumberOfStudyRelatedSeries")] = _element("IS", [row.series])
+        answer[_tag("NumberOfStudyRelatedInstances")] = _element("IS", [row.instances])
+        url = retrieve_url(row.study_instance_uid)
     elif level == "series":
-        answer.NumberOfSeriesRelatedInstances = row.instances
-        answer.RetrieveURL = retrieve_url(
-            row.study_instance_uid, row.series_instance_uid
-        )
+        answer[_tag("NumberOfSeriesRelatedInstances")] = _element("IS", [row.instances])
+        url = retrieve_url(row.study_instance_uid, row.series_instance_uid)
     else:
-        answer.RetrieveURL = (
+        url = (
             retrieve_url(row.study_instance_uid, row.series_instance_uid)
             + f"/instances/{row.sop_instance_uid}"
         )
-    return answer
+    answer[_tag("RetrieveURL")] = _element("UR", [url])
+    return dict(sorted(answer.items()))
+
+
+def _matches_all(answer: Mapping[str, object], filters: list[tuple[str, str]]) -> bool:
+    """Whether an answer (DICOM JSON) matches every filter (:func:`_matches`)."""
+    if not filters:
+        return True
+    tags = {_tag(keyword) for keyword, _ in filters}
+    matched = Dataset.from_json({tag: answer[tag] for tag in tags if tag in answer})
+    return all(_matches(matched, keyword, value) for keyword, value in filters)
 
 
 def _matches(answer: Dataset, keyword: str, wanted: str) -> bool:
