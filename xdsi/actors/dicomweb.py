@@ -47,7 +47,12 @@ from sqlalchemy import (
 from werkzeug.exceptions import HTTPException
 
 from xdsi.dicom import transcode
-from xdsi.dicom.qido import INSTANCE_ATTRIBUTES, SERIES_ATTRIBUTES, STUDY_ATTRIBUTES
+from xdsi.dicom.qido import (
+    INSTANCE_ATTRIBUTES,
+    MAX_INDEXED_LENGTH,
+    SERIES_ATTRIBUTES,
+    STUDY_ATTRIBUTES,
+)
 from xdsi.store.schema import QIDO_COLUMNS, imaging_instance, imaging_manifest
 
 if TYPE_CHECKING:
@@ -508,12 +513,8 @@ UID_COLUMNS = {
     "SOPInstanceUID": imaging_instance.c.sop_instance_uid,
     "SOPClassUID": imaging_instance.c.sop_class_uid,
 }
-# The column whose value each level's answers are told apart by.
-LEVEL_KEY = {
-    "study": imaging_instance.c.study_instance_uid,
-    "series": imaging_instance.c.series_instance_uid,
-    "instance": imaging_instance.c.sop_instance_uid,
-}
+# Studies or series whose answers are built from one query each.
+ANSWER_BATCH = 500
 
 
 def _answers(
@@ -530,57 +531,73 @@ def _answers(
     An answer is left out only where an SQL condition proves it cannot
     match (:func:`_sql_condition`); the caller matches the rest.
     """
-    key = LEVEL_KEY[level]
-    dialect = conn.dialect.name
     conditions = [
         condition
         for keyword, value in filters
-        if (condition := _sql_condition(keyword, value, dialect)) is not None
+        if (condition := _sql_condition(keyword, value)) is not None
     ]
-    candidates = select(key).where(*scope, *conditions)
-    order = (
-        imaging_instance.c.study_instance_uid,
-        imaging_instance.c.series_instance_uid,
-        imaging_instance.c.sop_instance_uid,
-    )
+    column = imaging_instance.c
+    order = (column.study_instance_uid, column.series_instance_uid)
     if level == "instance":
-        query = select(imaging_instance).where(*scope, *conditions).order_by(*order)
-        for row in conn.execute(query):
+        query = select(imaging_instance).where(*scope, *conditions)
+        for row in conn.execute(query.order_by(*order, column.sop_instance_uid)):
             yield _answer(row, level, retrieve_url)
         return
 
+    # First the studies or series of which some instance may match, found
+    # through the index of an attribute matched on; then all instances of
+    # a batch of them, through the index of their UIDs.
+    keys = order[: 1 if level == "study" else 2]
+    found = conn.execute(select(*keys).where(*scope, *conditions).distinct()).all()
+    found.sort()
+    for first in range(0, len(found), ANSWER_BATCH):
+        batch = found[first : first + ANSWER_BATCH]
+        wanted = [
+            key.in_(sorted({values[n] for values in batch}))
+            for n, key in enumerate(keys)
+        ]
+        yield from _grouped(conn, level, [*scope, *wanted], retrieve_url)
+
+
+def _grouped(
+    conn: Connection,
+    level: str,
+    wanted: list[ColumnElement[bool]],
+    retrieve_url: Callable[..., str],
+) -> Iterator[dict[str, object]]:
+    """The study or series answers of the instances ``wanted``."""
+    column = imaging_instance.c
+    keys = (column.study_instance_uid, column.series_instance_uid)[
+        : 1 if level == "study" else 2
+    ]
     # DICOM PS3.18 Tables 10.6.3-3 and 10.6.3-4: the counts are of every
     # instance of a study or series matched, not of those that matched.
     counts = (
         select(
-            key.label("key"),
             func.count().label("instances"),
-            func.count(distinct(imaging_instance.c.series_instance_uid)).label(
-                "series"
-            ),
-            func.min(imaging_instance.c.sop_instance_uid).label("first"),
+            func.count(distinct(column.series_instance_uid)).label("series"),
+            func.min(column.sop_instance_uid).label("first"),
         )
-        .where(*scope, key.in_(candidates))
-        .group_by(key)
+        .where(*wanted)
+        .group_by(*keys)
         .subquery()
     )
     rows = conn.execute(
         select(imaging_instance, counts.c.instances, counts.c.series)
-        .join(counts, imaging_instance.c.sop_instance_uid == counts.c.first)
-        .order_by(*order)
+        .join(counts, column.sop_instance_uid == counts.c.first)
+        .order_by(column.study_instance_uid, column.series_instance_uid)
     ).all()
-    modalities = (
-        _modalities(conn, scope, key.in_(candidates)) if level == "study" else {}
-    )
+    modalities = _modalities(conn, wanted) if level == "study" else {}
     for row in rows:
         yield _answer(row, level, retrieve_url, modalities.get(row.study_instance_uid))
 
 
 def _modalities(
-    conn: Connection, scope: list[ColumnElement[bool]], studies: ColumnElement[bool]
+    conn: Connection, wanted: list[ColumnElement[bool]]
 ) -> dict[str, list[str]]:
-    """The Modalities in Study of each study: the Modality values of its
-    instances, sorted (DICOM PS3.18 Table 10.6.3-3)."""
+    """The Modalities in Study of each study of the instances ``wanted``:
+    the Modality values of its instances, sorted (DICOM PS3.18 Table
+    10.6.3-3)."""
     modality = imaging_instance.c.modality
     query = (
         select(
@@ -589,7 +606,7 @@ def _modalities(
             # A Modality no column keeps is read from the attributes.
             case((modality.is_(None), imaging_instance.c.attributes)),
         )
-        .where(*scope, studies)
+        .where(*wanted)
         .distinct()
     )
     found: dict[str, set[str]] = {}
@@ -602,9 +619,11 @@ def _modalities(
     return {study_uid: sorted(values) for study_uid, values in found.items()}
 
 
-def _sql_condition(
-    keyword: str, wanted: str, dialect: str
-) -> ColumnElement[bool] | None:
+# Greater, by code point, than any suffix an indexed value may have.
+AFTER_ANY_SUFFIX = chr(0x10FFFF) * (MAX_INDEXED_LENGTH + 1)
+
+
+def _sql_condition(keyword: str, wanted: str) -> ColumnElement[bool] | None:
     """An SQL condition that every instance whose attribute matches
     ``wanted`` as :func:`_matches` does meets; None when no column holds
     the attribute.
@@ -620,7 +639,7 @@ def _sql_condition(
         listed = {u.strip() for u in wanted.replace("\\", ",").split(",")}
         return UID_COLUMNS[keyword].in_(sorted(listed))
     if keyword == "ModalitiesInStudy":
-        modality = _sql_condition("Modality", wanted, dialect)
+        modality = _sql_condition("Modality", wanted)
         assert modality is not None
         return imaging_instance.c.study_instance_uid.in_(
             select(imaging_instance.c.study_instance_uid).where(modality)
@@ -633,23 +652,18 @@ def _sql_condition(
         low, _, high = wanted.partition("-")
         bounds = []
         if low:
-            bounds.append(_in_code_point_order(column, dialect) >= low)
+            bounds.append(column >= low)
         if high:
-            head = func.substr(column, 1, len(high))
-            bounds.append(_in_code_point_order(head, dialect) <= high)
+            # The first bound lets the column's index find the rows; the
+            # second is the comparison _matches makes.
+            bounds.append(column <= high + AFTER_ANY_SUFFIX)
+            bounds.append(func.substr(column, 1, len(high)) <= high)
         condition = and_(*bounds)
     elif vr in WILDCARD_VRS and ("*" in wanted or "?" in wanted):
         condition = column.like(_like_pattern(wanted), escape="\\")
     else:
         condition = column == wanted
     return or_(condition, column.is_(None))
-
-
-def _in_code_point_order(value: ColumnElement[str], dialect: str) -> ColumnElement[str]:
-    """``value`` compared as _matches compares, by code point: PostgreSQL
-    compares by the database's collation unless told to use "C"; SQLite
-    compares bytes (BINARY), which in UTF-8 is code point order."""
-    return value.collate("C") if dialect == "postgresql" else value
 
 
 def _like_pattern(wanted: str) -> str:

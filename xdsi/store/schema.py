@@ -161,6 +161,12 @@ repository_document = Table(
 
 # --- Imaging Document Source ---------------------------------------------
 
+# An attribute value an index column holds, compared by code point as
+# QIDO-RS matching compares it (DICOM PS3.4 C.2.2.2): PostgreSQL compares in
+# the database's collation unless the column's is "C"; SQLite's default
+# (BINARY) compares UTF-8 bytes, which is code point order.
+INDEXED_VALUE = String(256).with_variant(String(256, collation="C"), "postgresql")
+
 imaging_instance = Table(
     "imaging_instance",
     metadata,
@@ -182,11 +188,11 @@ imaging_instance = Table(
     # The attributes queries match on most (QIDO_COLUMNS), each the value
     # of ``attributes`` as text, "" when absent; NULL where no column can
     # match exactly (several values, or a value too long to index).
-    Column("dicom_patient_id", String(256)),
-    Column("accession_number", String(256)),
-    Column("study_date", String(256)),
-    Column("study_time", String(256)),
-    Column("modality", String(256)),
+    Column("dicom_patient_id", INDEXED_VALUE),
+    Column("accession_number", INDEXED_VALUE),
+    Column("study_date", INDEXED_VALUE),
+    Column("study_time", INDEXED_VALUE),
+    Column("modality", INDEXED_VALUE),
     Index("ix_imaging_instance_study", "study_instance_uid", "series_instance_uid"),
     Index("ix_imaging_instance_patient", "dicom_patient_id"),
     Index("ix_imaging_instance_accession", "accession_number"),

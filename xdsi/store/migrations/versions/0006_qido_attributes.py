@@ -25,13 +25,17 @@ COLUMNS = (
     "study_time",
     "modality",
 )
+# Compared by code point on PostgreSQL too: the "C" collation.
+INDEXED_VALUE = sa.String(length=256).with_variant(
+    sa.String(length=256, collation="C"), "postgresql"
+)
 
 
 def upgrade() -> None:
     with op.batch_alter_table("imaging_instance") as batch:
         batch.add_column(sa.Column("attributes", sa.Text(), nullable=True))
         for name in COLUMNS:
-            batch.add_column(sa.Column(name, sa.String(length=256), nullable=True))
+            batch.add_column(sa.Column(name, INDEXED_VALUE, nullable=True))
         batch.create_index(
             "ix_imaging_instance_patient", ["dicom_patient_id"], unique=False
         )
