@@ -1,9 +1,30 @@
 """QIDO-RS attributes of an instance, read from its header for the index.
 
 The attributes of DICOM PS3.18 Tables 10.6.3-3, 10.6.3-4 and 10.6.3-5 that
-an instance's header gives, kept as DICOM JSON (DICOM PS3.18 F.2) when the
-instance is taken in, so that a QIDO-RS query (DICOM PS3.18 10.6) is
+an instance's header gives are kept as DICOM JSON (DICOM PS3.18 F.2) when
+the instance is taken in, so that a QIDO-RS query (DICOM PS3.18 10.6) is
 answered from the store's rows without reading any file again.
+
+How they are stored (imaging_instance, xdsi.store.schema):
+
+- all of them as one DICOM JSON text per instance: an answer is that text
+  cut to its level's attributes, byte for byte what pydicom wrote of the
+  header, whatever the VR (PN groups, IS numbers, empty values), with no
+  table per attribute to keep in step with the lists below;
+- Patient ID, Accession Number, Study Date, Study Time and Modality once
+  more, each in an indexed column (QIDO_COLUMNS): the keys a consumer
+  narrows a search of a large store with. A column holds a single value
+  of at most MAX_INDEXED_LENGTH characters and compares by code point,
+  so that SQL equality, ranges and LIKE select a superset of what
+  DICOM PS3.4 C.2.2.2 matches; every answer is then matched exactly on
+  its DICOM JSON. Names and the other attributes are matched on the DICOM
+  JSON alone: a search on them alone reads the first instance's row of
+  every study in scope, but no file.
+
+An extra table of (tag, value) rows would index every attribute, at the
+cost of a join per key and a row per attribute and instance; the five
+columns answer the searches RAD TF-3 4.129 consumers make (by patient, by
+accession, by date, by modality) from one index each.
 """
 
 from __future__ import annotations
