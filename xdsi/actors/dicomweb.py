@@ -20,7 +20,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,11 +33,27 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 from pydicom.uid import RE_VALID_UID, ExplicitVRLittleEndian
-from sqlalchemy import Row, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Row,
+    and_,
+    case,
+    distinct,
+    func,
+    or_,
+    select,
+)
 from werkzeug.exceptions import HTTPException
 
 from xdsi.dicom import transcode
-from xdsi.store.schema import imaging_instance, imaging_manifest
+from xdsi.dicom.qido import (
+    INSTANCE_ATTRIBUTES,
+    MAX_INDEXED_LENGTH,
+    SERIES_ATTRIBUTES,
+    STUDY_ATTRIBUTES,
+)
+from xdsi.store.schema import QIDO_COLUMNS, imaging_instance, imaging_manifest
 
 if TYPE_CHECKING:
     from xdsi.actors.imaging_source import ImagingSource
@@ -53,38 +69,6 @@ CHUNK_SIZE = 1 << 20
 # 3 KiB of value.
 BULK_DATA_THRESHOLD = 4096
 
-# Attributes of each QIDO-RS level's answer, DICOM PS3.18 Tables 10.6.3-3,
-# 10.6.3-4 and 10.6.3-5; they are also the attributes a query may match on.
-STUDY_ATTRIBUTES = (
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "ModalitiesInStudy",
-    "ReferringPhysicianName",
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyInstanceUID",
-    "StudyID",
-    "StudyDescription",
-)
-SERIES_ATTRIBUTES = (
-    "Modality",
-    "SeriesDescription",
-    "SeriesNumber",
-    "SeriesInstanceUID",
-    "PerformedProcedureStepStartDate",
-)
-INSTANCE_ATTRIBUTES = (
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "InstanceNumber",
-    "Rows",
-    "Columns",
-    "BitsAllocated",
-    "NumberOfFrames",
-)
 LEVEL_ATTRIBUTES = {
     "study": STUDY_ATTRIBUTES,
     "series": STUDY_ATTRIBUTES + SERIES_ATTRIBUTES,
@@ -125,9 +109,6 @@ class Held:
 
 # A header read whole takes tens of kilobytes (a CT's some 75 KiB): the
 # cache keeps the last few thousand, not a whole store's.
-# Limitation: QIDO-RS and WADO-RS metadata read the headers of the
-# instances they match, on every request past the cache; a store of many
-# thousand instances answers in seconds (no attribute index).
 @lru_cache(maxsize=2048)
 def _header(path: Path) -> Dataset:
     """Read an instance's attributes without its pixel data (stored files
@@ -150,21 +131,8 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         sop_uid: str | None = None,
     ) -> list[Held]:
         query = select(imaging_instance).where(
-            imaging_instance.c.study_instance_uid.in_(
-                # A manifest whose registration is not yet known publishes
-                # nothing (see ImagingSource._settle_pending).
-                select(imaging_manifest.c.study_instance_uid).where(
-                    imaging_manifest.c.status != "pending"
-                )
-            )
+            *_in_scope(study_uid, series_uid, sop_uid)
         )
-        for column, value in (
-            (imaging_instance.c.study_instance_uid, study_uid),
-            (imaging_instance.c.series_instance_uid, series_uid),
-            (imaging_instance.c.sop_instance_uid, sop_uid),
-        ):
-            if value is not None:
-                query = query.where(column == value)
         with source.engine.connect() as conn:
             rows = conn.execute(query).all()
         return [Held(r, _header(source.blobs.path(r.blob))) for r in rows]
@@ -175,20 +143,39 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
 
     # --- QIDO-RS ----------------------------------------------------------
 
+    indexed = threading.Event()
+    indexing = threading.Lock()
+
+    def index_once() -> None:
+        """Index the instances stored before their attributes were kept,
+        once in this process, before the first query is answered."""
+        if indexed.is_set():
+            return
+        with indexing:
+            if not indexed.is_set():
+                source.index_attributes()
+                indexed.set()
+
     def qido(level: str, study_uid: str | None, series_uid: str | None) -> Response:
+        """DICOM PS3.18 10.6: answer a search from the imaging_instance rows
+        alone, each answer from the attributes kept of its first instance."""
         filters = _filters(request.args.items(multi=True), level)
-        held = published(study_uid, series_uid)
-        groups = _group(held, level)
-        answers = []
-        for members in groups:
-            answer = _answer(members, level, retrieve_url)
-            if all(_matches(answer, key, value) for key, value in filters):
-                answers.append(answer)
         offset = _whole(request.args.get("offset", "0"), "offset")
         limit = request.args.get("limit")
-        answers = answers[offset:]
-        if limit is not None:
-            answers = answers[: _whole(limit, "limit")]
+        wanted = None if limit is None else offset + _whole(limit, "limit")
+        index_once()
+
+        # SQL narrows the rows to those that may match; each answer is then
+        # matched as DICOM PS3.4 C.2.2.2 says, and paged once matched.
+        answers: list[dict[str, object]] = []
+        scope = _in_scope(study_uid, series_uid)
+        with source.engine.connect() as conn:
+            for answer in _answers(conn, level, scope, filters, retrieve_url):
+                if _matches_all(answer, filters):
+                    answers.append(answer)
+                    if wanted is not None and len(answers) >= wanted:
+                        break
+        answers = answers[offset:wanted]
         logger.info(
             "%s %s from %s: %s level, %d matches",
             "RAD-129",
@@ -197,9 +184,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             level,
             len(answers),
         )
-        return Response(
-            json.dumps([a.to_json_dict() for a in answers]), content_type=DICOM_JSON
-        )
+        return Response(json.dumps(answers), content_type=DICOM_JSON)
 
     @blueprint.get(f"{base}/studies")
     def search_studies() -> Response:
@@ -508,48 +493,253 @@ def wildcard_match(pattern: str, text: str) -> bool:
     return p == len(pattern)
 
 
-def _group(held: list[Held], level: str) -> list[list[Held]]:
-    """Group instances into the studies, series or instances answered."""
-    groups: dict[str, list[Held]] = {}
-    for item in held:
-        key = {
-            "study": item.row.study_instance_uid,
-            "series": item.row.series_instance_uid,
-            "instance": item.row.sop_instance_uid,
-        }[level]
-        groups.setdefault(key, []).append(item)
-    return list(groups.values())
+def _in_scope(
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+) -> list[ColumnElement[bool]]:
+    """The conditions on imaging_instance rows of the published instances,
+    of the study, series and instance named."""
+    conditions = [
+        # A manifest whose registration is not yet known publishes nothing
+        # (see ImagingSource._settle_pending). Asked of each row found, so
+        # that the rows are found by the other conditions' indexes.
+        select(imaging_manifest.c.study_instance_uid)
+        .where(
+            imaging_manifest.c.study_instance_uid
+            == imaging_instance.c.study_instance_uid,
+            imaging_manifest.c.status != "pending",
+        )
+        .exists()
+    ]
+    for column, value in (
+        (imaging_instance.c.study_instance_uid, study_uid),
+        (imaging_instance.c.series_instance_uid, series_uid),
+        (imaging_instance.c.sop_instance_uid, sop_uid),
+    ):
+        if value is not None:
+            conditions.append(column == value)
+    return conditions
+
+
+# The imaging_instance column of each UID a query may match on.
+UID_COLUMNS = {
+    "StudyInstanceUID": imaging_instance.c.study_instance_uid,
+    "SeriesInstanceUID": imaging_instance.c.series_instance_uid,
+    "SOPInstanceUID": imaging_instance.c.sop_instance_uid,
+    "SOPClassUID": imaging_instance.c.sop_class_uid,
+}
+# Studies or series whose answers are built from one query each.
+ANSWER_BATCH = 500
+
+
+def _answers(
+    conn: Connection,
+    level: str,
+    scope: list[ColumnElement[bool]],
+    filters: list[tuple[str, str]],
+    retrieve_url: Callable[..., str],
+) -> Iterator[dict[str, object]]:
+    """The answers of a level whose instances may match ``filters``, each
+    built from the row of its first instance (by SOP Instance UID) and the
+    counts of its instances, in the order of their UIDs.
+
+    An answer is left out only where an SQL condition proves it cannot
+    match (:func:`_sql_condition`); the caller matches the rest.
+    """
+    conditions = [
+        condition
+        for keyword, value in filters
+        if (condition := _sql_condition(keyword, value)) is not None
+    ]
+    column = imaging_instance.c
+    order = (column.study_instance_uid, column.series_instance_uid)
+    if level == "instance":
+        query = select(imaging_instance).where(*scope, *conditions)
+        for row in conn.execute(query.order_by(*order, column.sop_instance_uid)):
+            yield _answer(row, level, retrieve_url)
+        return
+
+    # First the studies or series of which some instance may match, found
+    # through the index of an attribute matched on; then all instances of
+    # a batch of them, through the index of their UIDs.
+    keys = order[: 1 if level == "study" else 2]
+    found = conn.execute(select(*keys).where(*scope, *conditions).distinct()).all()
+    found.sort()
+    for first in range(0, len(found), ANSWER_BATCH):
+        batch = found[first : first + ANSWER_BATCH]
+        wanted = [
+            key.in_(sorted({values[n] for values in batch}))
+            for n, key in enumerate(keys)
+        ]
+        yield from _grouped(conn, level, [*scope, *wanted], retrieve_url)
+
+
+def _grouped(
+    conn: Connection,
+    level: str,
+    wanted: list[ColumnElement[bool]],
+    retrieve_url: Callable[..., str],
+) -> Iterator[dict[str, object]]:
+    """The study or series answers of the instances ``wanted``."""
+    column = imaging_instance.c
+    keys = (column.study_instance_uid, column.series_instance_uid)[
+        : 1 if level == "study" else 2
+    ]
+    # DICOM PS3.18 Tables 10.6.3-3 and 10.6.3-4: the counts are of every
+    # instance of a study or series matched, not of those that matched.
+    counts = (
+        select(
+            func.count().label("instances"),
+            func.count(distinct(column.series_instance_uid)).label("series"),
+            func.min(column.sop_instance_uid).label("first"),
+        )
+        .where(*wanted)
+        .group_by(*keys)
+        .subquery()
+    )
+    rows = conn.execute(
+        select(imaging_instance, counts.c.instances, counts.c.series)
+        .join(counts, column.sop_instance_uid == counts.c.first)
+        .order_by(column.study_instance_uid, column.series_instance_uid)
+    ).all()
+    modalities = _modalities(conn, wanted) if level == "study" else {}
+    for row in rows:
+        yield _answer(row, level, retrieve_url, modalities.get(row.study_instance_uid))
+
+
+def _modalities(
+    conn: Connection, wanted: list[ColumnElement[bool]]
+) -> dict[str, list[str]]:
+    """The Modalities in Study of each study of the instances ``wanted``:
+    the Modality values of its instances, sorted (DICOM PS3.18 Table
+    10.6.3-3)."""
+    modality = imaging_instance.c.modality
+    query = (
+        select(
+            imaging_instance.c.study_instance_uid,
+            modality,
+            # A Modality no column keeps is read from the attributes.
+            case((modality.is_(None), imaging_instance.c.attributes)),
+        )
+        .where(*wanted)
+        .distinct()
+    )
+    found: dict[str, set[str]] = {}
+    for study_uid, value, attributes in conn.execute(query):
+        values = {value} if value is not None else set()
+        if attributes is not None:
+            element = json.loads(attributes).get(_tag("Modality"), {})
+            values = {str(v) for v in element.get("Value", [])}
+        found.setdefault(study_uid, set()).update(values - {""})
+    return {study_uid: sorted(values) for study_uid, values in found.items()}
+
+
+# Greater, by code point, than any suffix an indexed value may have.
+AFTER_ANY_SUFFIX = chr(0x10FFFF) * (MAX_INDEXED_LENGTH + 1)
+
+
+def _sql_condition(keyword: str, wanted: str) -> ColumnElement[bool] | None:
+    """An SQL condition that every instance whose attribute matches
+    ``wanted`` as :func:`_matches` does meets; None when no column holds
+    the attribute.
+
+    Where a column holds NULL (no single value short enough to index) the
+    condition lets the row through; a wildcard is a LIKE, which SQLite
+    takes without regard to case; both only widen what the caller then
+    matches exactly.
+    """
+    if wanted == "":
+        return None
+    if keyword in UID_COLUMNS:
+        listed = {u.strip() for u in wanted.replace("\\", ",").split(",")}
+        return UID_COLUMNS[keyword].in_(sorted(listed))
+    if keyword == "ModalitiesInStudy":
+        modality = _sql_condition("Modality", wanted)
+        assert modality is not None
+        return imaging_instance.c.study_instance_uid.in_(
+            select(imaging_instance.c.study_instance_uid).where(modality)
+        )
+    if keyword not in QIDO_COLUMNS:
+        return None
+    column = imaging_instance.c[QIDO_COLUMNS[keyword]]
+    vr = dictionary_VR(keyword)
+    if vr in DATE_VRS and "-" in wanted:
+        low, _, high = wanted.partition("-")
+        bounds = []
+        if low:
+            bounds.append(column >= low)
+        if high:
+            # The first bound lets the column's index find the rows; the
+            # second is the comparison _matches makes.
+            bounds.append(column <= high + AFTER_ANY_SUFFIX)
+            bounds.append(func.substr(column, 1, len(high)) <= high)
+        condition = and_(*bounds)
+    elif vr in WILDCARD_VRS and ("*" in wanted or "?" in wanted):
+        condition = column.like(_like_pattern(wanted), escape="\\")
+    else:
+        condition = column == wanted
+    return or_(condition, column.is_(None))
+
+
+def _like_pattern(wanted: str) -> str:
+    """A DICOM wildcard (DICOM PS3.4 C.2.2.2.4) as an SQL LIKE pattern
+    escaped with a backslash."""
+    escaped = "".join("\\" + c if c in "\\%_" else c for c in wanted)
+    return escaped.replace("*", "%").replace("?", "_")
+
+
+@cache
+def _tag(keyword: str) -> str:
+    """An attribute's tag as DICOM JSON names it (DICOM PS3.18 F.2.1.1)."""
+    return f"{tag_for_keyword(keyword):08X}"
+
+
+def _element(vr: str, values: list[object]) -> dict[str, object]:
+    """A DICOM JSON element; an empty one has no Value (DICOM PS3.18 F.2.5)."""
+    return {"vr": vr, "Value": values} if values else {"vr": vr}
 
 
 def _answer(
-    members: list[Held], level: str, retrieve_url: Callable[..., str]
-) -> Dataset:
-    """Build one QIDO-RS answer from the headers of its instances."""
-    first = members[0].header
-    answer = Dataset()
-    for keyword in LEVEL_ATTRIBUTES[level]:
-        if keyword in first:
-            setattr(answer, keyword, first[keyword].value)
-    row = members[0].row
+    row: Row,
+    level: str,
+    retrieve_url: Callable[..., str],
+    modalities: list[str] | None = None,
+) -> dict[str, object]:
+    """One QIDO-RS answer as DICOM JSON: the level's attributes kept of its
+    first instance (``row``), with the counts of its instances."""
+    kept = json.loads(row.attributes or "{}")
+    answer = {
+        tag: kept[tag] for tag in map(_tag, LEVEL_ATTRIBUTES[level]) if tag in kept
+    }
+    for keyword, column in UID_COLUMNS.items():
+        if keyword in LEVEL_ATTRIBUTES[level] and _tag(keyword) not in answer:
+            # An instance whose header could not be read keeps its UIDs.
+            answer[_tag(keyword)] = _element(UID_VR, [getattr(row, column.name)])
     if level == "study":
-        modalities = sorted({m.header.get("Modality", "") for m in members} - {""})
-        answer.ModalitiesInStudy = modalities
-        answer.NumberOfStudyRelatedSeries = len(
-            {m.row.series_instance_uid for m in members}
-        )
-        answer.NumberOfStudyRelatedInstances = len(members)
-        answer.RetrieveURL = retrieve_url(row.study_instance_uid)
+        answer[_tag("ModalitiesInStudy")] = _element("CS", list(modalities or []))
+        answer[_tag("NumberOfStudyRelatedSeries")] = _element("IS", [row.series])
+        answer[_tag("NumberOfStudyRelatedInstances")] = _element("IS", [row.instances])
+        url = retrieve_url(row.study_instance_uid)
     elif level == "series":
-        answer.NumberOfSeriesRelatedInstances = len(members)
-        answer.RetrieveURL = retrieve_url(
-            row.study_instance_uid, row.series_instance_uid
-        )
+        answer[_tag("NumberOfSeriesRelatedInstances")] = _element("IS", [row.instances])
+        url = retrieve_url(row.study_instance_uid, row.series_instance_uid)
     else:
-        answer.RetrieveURL = (
+        url = (
             retrieve_url(row.study_instance_uid, row.series_instance_uid)
             + f"/instances/{row.sop_instance_uid}"
         )
-    return answer
+    answer[_tag("RetrieveURL")] = _element("UR", [url])
+    return dict(sorted(answer.items()))
+
+
+def _matches_all(answer: Mapping[str, object], filters: list[tuple[str, str]]) -> bool:
+    """Whether an answer (DICOM JSON) matches every filter (:func:`_matches`)."""
+    if not filters:
+        return True
+    tags = {_tag(keyword) for keyword, _ in filters}
+    matched = Dataset.from_json({tag: answer[tag] for tag in tags if tag in answer})
+    return all(_matches(matched, keyword, value) for keyword, value in filters)
 
 
 def _matches(answer: Dataset, keyword: str, wanted: str) -> bool:

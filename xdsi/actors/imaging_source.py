@@ -11,6 +11,7 @@ deprecated with ITI-57 Update Document Set (ITI TF-2 3.57.4.1.3.3.2).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -27,7 +28,8 @@ from pathlib import Path
 
 from flask import Flask
 from lxml import etree
-from sqlalchemy import Engine, Row, delete, insert, select, update
+from pydicom.datadict import tag_for_keyword
+from sqlalchemy import Engine, Row, bindparam, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from xdsi import audit, ns, tls, wire
@@ -47,7 +49,7 @@ from xdsi.actors.repository import (
 )
 from xdsi.actors.soap_endpoint import Peer, Reply, soap_app
 from xdsi.config import Settings
-from xdsi.dicom import scan, transcode
+from xdsi.dicom import qido, scan, transcode
 from xdsi.dicom.manifest import EncodedManifest, ManifestOptions, encoded_manifest
 from xdsi.errors import (
     DocumentUniqueIdError,
@@ -73,7 +75,7 @@ from xdsi.metadata.responses import (
     read_status,
 )
 from xdsi.store.blobs import BlobStore
-from xdsi.store.schema import imaging_instance, imaging_manifest
+from xdsi.store.schema import QIDO_COLUMNS, imaging_instance, imaging_manifest
 from xdsi.wire.mtom import StreamSource
 
 logger = logging.getLogger(__name__)
@@ -129,6 +131,9 @@ class Published:
 # Instances are copied into the store by this many threads, so that their
 # fsyncs overlap (ext4 commits concurrent fsyncs in one journal transaction).
 KEEP_THREADS = 8
+# Rows written per transaction when instances stored before their QIDO-RS
+# attributes were kept are indexed.
+INDEX_BATCH = 500
 
 
 def sha256_file(path: Path) -> str:
@@ -143,7 +148,8 @@ def sha256_file(path: Path) -> str:
 def instance_row(
     header: scan.InstanceHeader, blob: str, sha256: str, patient_id: str | None
 ) -> dict[str, object]:
-    """The imaging_instance row of an instance kept in the store as ``blob``."""
+    """The imaging_instance row of an instance kept in the store as ``blob``,
+    its QIDO-RS attributes indexed (DICOM PS3.18 10.6)."""
     return {
         "sop_instance_uid": header.sop_instance_uid,
         "study_instance_uid": header.study_instance_uid,
@@ -154,6 +160,20 @@ def instance_row(
         "sha256": sha256,
         "patient_id": patient_id,
         "blob": blob,
+        **attribute_columns(header.attributes),
+    }
+
+
+def attribute_columns(attributes: str | None) -> dict[str, str | None]:
+    """The imaging_instance columns that hold ``attributes``, the DICOM JSON
+    of an instance's QIDO-RS attributes: the JSON itself, and the value of
+    each attribute of QIDO_COLUMNS in its own column."""
+    if attributes is None:
+        return {"attributes": None} | dict.fromkeys(QIDO_COLUMNS.values())
+    elements = json.loads(attributes)
+    return {"attributes": attributes} | {
+        column: qido.indexed_value(elements, f"{tag_for_keyword(keyword):08X}")
+        for keyword, column in QIDO_COLUMNS.items()
     }
 
 
@@ -289,6 +309,58 @@ class ImagingSource:
             ), sha256
         finally:
             spooled.unlink(missing_ok=True)
+
+    def index_attributes(self) -> int:
+        """Keep the QIDO-RS attributes of the instances stored before they
+        were kept (revision 0006); return how many were indexed.
+
+        Each header is read once, and its row written in a batch of
+        INDEX_BATCH. A file that cannot be read is counted at WARNING and
+        its row left as it is: its instance is answered with its UIDs
+        alone, and indexed when the next process tries again.
+        """
+        column = imaging_instance.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(column.sop_instance_uid, column.blob).where(
+                    column.attributes.is_(None)
+                )
+            ).all()
+        if not rows:
+            return 0
+        started = time.monotonic()
+        statement = update(imaging_instance).where(
+            column.sop_instance_uid == bindparam("uid"),
+            column.attributes.is_(None),
+        )
+        indexed = unreadable = 0
+        for first in range(0, len(rows), INDEX_BATCH):
+            values = []
+            for row in rows[first : first + INDEX_BATCH]:
+                try:
+                    header, _ = scan.read_header(self.blobs.path(row.blob))
+                except scan.DicomInputError:
+                    unreadable += 1
+                    continue
+                values.append(
+                    {"uid": row.sop_instance_uid} | attribute_columns(header.attributes)
+                )
+            if values:
+                with self.engine.begin() as conn:
+                    conn.execute(statement, values)
+                indexed += len(values)
+        if unreadable:
+            logger.warning(
+                "QIDO-RS index: %d instance files cannot be read; they are "
+                "found by their UIDs alone",
+                unreadable,
+            )
+        logger.info(
+            "QIDO-RS index: attributes of %d instances kept in %.1f s",
+            indexed,
+            time.monotonic() - started,
+        )
+        return indexed
 
     def publish(self, study: scan.Study, patient_id: str) -> Published:
         """Keep the study, build its manifest and submit it with RAD-68.

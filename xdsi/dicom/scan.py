@@ -20,6 +20,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from xdsi import worker
+from xdsi.dicom import qido
 from xdsi.metadata.codes import Code
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ class InstanceHeader:
     # The latest of Acquisition DateTime and Acquisition Date + Time, a DT
     # without fraction or offset; "" when the instance records none.
     acquisition_datetime: str = ""
+    # Its QIDO-RS attributes as DICOM JSON (xdsi.dicom.qido), for the
+    # Imaging Document Source's index; None when not read.
+    attributes: str | None = None
 
 
 @dataclass(frozen=True)
@@ -440,6 +444,7 @@ def _instance_header(path: Path, size: int, ds: pydicom.Dataset) -> InstanceHead
         series_number=_integer(ds, "SeriesNumber"),
         instance_number=_integer(ds, "InstanceNumber"),
         acquisition_datetime=_acquisition_datetime(ds),
+        attributes=qido.header_attributes(ds),
     )
 
 

@@ -31,6 +31,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     create_engine,
     event,
     func,
@@ -160,6 +161,12 @@ repository_document = Table(
 
 # --- Imaging Document Source ---------------------------------------------
 
+# An attribute value an index column holds, compared by code point as
+# QIDO-RS matching compares it (DICOM PS3.4 C.2.2.2): PostgreSQL compares in
+# the database's collation unless the column's is "C"; SQLite's default
+# (BINARY) compares UTF-8 bytes, which is code point order.
+INDEXED_VALUE = String(256).with_variant(String(256, collation="C"), "postgresql")
+
 imaging_instance = Table(
     "imaging_instance",
     metadata,
@@ -174,8 +181,32 @@ imaging_instance = Table(
     Column("patient_id", String(256)),
     Column("blob", String(512), nullable=False),
     Column("created_at", DateTime(timezone=True), server_default=func.now()),
+    # The QIDO-RS attributes of its header (xdsi.dicom.qido) as DICOM JSON
+    # (DICOM PS3.18 F.2); NULL for an instance stored before they were kept,
+    # until the Imaging Document Source reads its header once.
+    Column("attributes", Text),
+    # The attributes queries match on most (QIDO_COLUMNS), each the value
+    # of ``attributes`` as text, "" when absent; NULL where no column can
+    # match exactly (several values, or a value too long to index).
+    Column("dicom_patient_id", INDEXED_VALUE),
+    Column("accession_number", INDEXED_VALUE),
+    Column("study_date", INDEXED_VALUE),
+    Column("study_time", INDEXED_VALUE),
+    Column("modality", INDEXED_VALUE),
     Index("ix_imaging_instance_study", "study_instance_uid", "series_instance_uid"),
+    Index("ix_imaging_instance_patient", "dicom_patient_id"),
+    Index("ix_imaging_instance_accession", "accession_number"),
+    Index("ix_imaging_instance_study_date", "study_date"),
+    Index("ix_imaging_instance_modality", "modality", "study_instance_uid"),
 )
+# The imaging_instance column of each attribute QIDO-RS matches in SQL.
+QIDO_COLUMNS = {
+    "PatientID": "dicom_patient_id",
+    "AccessionNumber": "accession_number",
+    "StudyDate": "study_date",
+    "StudyTime": "study_time",
+    "Modality": "modality",
+}
 
 imaging_manifest = Table(
     "imaging_manifest",
