@@ -238,6 +238,28 @@ def test_wado_rs_metadata_leaves_out_pixel_data(
     }
 
 
+def test_wado_rs_study_metadata_streams_one_instance_at_a_time(
+    shared_node: RunningNode, published: scan.Study
+) -> None:
+    """DICOM PS3.18 10.4.1.1.2: a study's metadata is one JSON array, sent
+    as it is made (chunked, no length known ahead), so that a study of any
+    size is never whole in the node's memory."""
+    answer = requests.get(
+        f"{shared_node.settings.dicomweb_url}/studies/"
+        f"{published.study_instance_uid}/metadata",
+        timeout=30,
+    )
+
+    assert answer.status_code == 200
+    assert answer.headers["Content-Type"].startswith("application/dicom+json")
+    assert "Content-Length" not in answer.headers
+    assert answer.headers.get("Transfer-Encoding") == "chunked"
+    documents = answer.json()
+    assert sorted(pydicom.Dataset.from_json(d).SOPInstanceUID for d in documents) == (
+        sorted(i.sop_instance_uid for i in published.instances)
+    )
+
+
 def test_wado_rs_unpublished_study_is_not_found(
     shared_node: RunningNode, published: scan.Study
 ) -> None:

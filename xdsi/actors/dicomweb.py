@@ -99,17 +99,10 @@ RANGE_SYNTAX = {
 }
 
 
-@dataclass(frozen=True)
-class Held:
-    """One published instance: its store row and its header."""
-
-    row: Row
-    header: Dataset
-
-
 # A header read whole takes tens of kilobytes (a CT's some 75 KiB): the
-# cache keeps the last few thousand, not a whole store's.
-@lru_cache(maxsize=2048)
+# cache keeps the last few hundred (some 40 MB), for a viewer asking for a
+# study's objects one by one, not a whole study's.
+@lru_cache(maxsize=512)
 def _header(path: Path) -> Dataset:
     """Read an instance's attributes without its pixel data (stored files
     never change, so the answer is kept)."""
@@ -129,13 +122,18 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         study_uid: str | None = None,
         series_uid: str | None = None,
         sop_uid: str | None = None,
-    ) -> list[Held]:
+    ) -> list[Row]:
+        """The store rows of the published instances in scope; their
+        headers are read one at a time by whoever needs them, so that a
+        large study is never whole in memory."""
         query = select(imaging_instance).where(
             *_in_scope(study_uid, series_uid, sop_uid)
         )
         with source.engine.connect() as conn:
-            rows = conn.execute(query).all()
-        return [Held(r, _header(source.blobs.path(r.blob))) for r in rows]
+            return list(conn.execute(query).all())
+
+    def header(row: Row) -> Dataset:
+        return _header(source.blobs.path(row.blob))
 
     def retrieve_url(study_uid: str, series_uid: str | None = None) -> str:
         url = f"{source.settings.dicomweb_url}/studies/{study_uid}"
@@ -293,8 +291,15 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         held = published(study_uid, series_uid, sop_uid)
         if not held:
             abort(404)
-        documents = [_metadata_document(h.header) for h in held]
-        return Response(json.dumps(documents), content_type=DICOM_JSON)
+
+        def documents() -> Iterator[bytes]:
+            # One instance's document at a time: the JSON array streams.
+            for n, row in enumerate(held):
+                lead = b"[" if n == 0 else b","
+                yield lead + json.dumps(_metadata_document(header(row))).encode()
+            yield b"]"
+
+        return Response(documents(), content_type=DICOM_JSON)
 
     @blueprint.get(f"{base}/studies/<study_uid>/metadata")
     def study_metadata(study_uid: str) -> Response:
@@ -338,7 +343,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         ]
         content_type = next((t for t in wanted if t in (DICOM, JPEG)), None)
         # The header is read without Pixel Data; Rows marks an image.
-        has_pixels = "Rows" in held[0].header
+        has_pixels = "Rows" in header(held[0])
         if content_type is None:
             # DICOM PS3.18 9.1.2.1.6: image/jpeg for an image, else the object.
             if args.get("contentType"):
@@ -354,7 +359,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         if content_type == JPEG:
             frame = _whole(args.get("frameNumber", "1"), "frameNumber")
             return Response(
-                _render(source.blobs.path(held[0].row.blob), frame, _rendering(args)),
+                _render(source.blobs.path(held[0].blob), frame, _rendering(args)),
                 content_type=JPEG,
             )
         presentation = sorted(set(args) & set(RENDERING_PARAMETERS))
@@ -817,14 +822,14 @@ def _accepted_dicom(accept: str, single_allowed: bool) -> tuple[list[str], bool]
 
 
 def _produce_all(
-    source: ImagingSource, held: list[Held], syntaxes: list[str], spool: Path
+    source: ImagingSource, held: list[Row], syntaxes: list[str], spool: Path
 ) -> list[tuple[Path, str]]:
     """Each instance in the first of ``syntaxes`` it can be produced in
     (``*``: as stored); those that cannot be produced in any are left out."""
     files = []
-    for item in held:
-        stored = source.blobs.path(item.row.blob)
-        held_syntax = item.row.transfer_syntax_uid
+    for row in held:
+        stored = source.blobs.path(row.blob)
+        held_syntax = row.transfer_syntax_uid
         asked = [held_syntax if s == "*" else s for s in syntaxes]
         produced = transcode.produce(stored, held_syntax, asked, spool)
         if produced is not None:
