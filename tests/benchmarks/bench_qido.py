@@ -8,8 +8,8 @@ the test suite's own code (tests/conftest.py) and stopped at the end.
 
 The store holds ``--instances`` synthetic instances: rows, not files. Each
 row is the one intake writes (xdsi.actors.imaging_source.instance_row) for
-the bundled CT's first image with its UIDs, Patient ID, Accession Number
-and Study Date replaced; ``--per-study`` instances in two series make a
+the bundled CT's first image with its UIDs, Patient ID and Name,
+Referring Physician Name, Accession Number and Study Date replaced; ``--per-study`` instances in two series make a
 study, five studies a patient, and each study has a current manifest row,
 so that every study is published. No instance file exists: an answer that
 read one would fail.
@@ -19,8 +19,9 @@ one untimed:
 
 - QIDO-RS: GET /studies?PatientID=… of one patient over HTTP (keep-alive),
   the answer read as JSON; then, for comparison, the same by Accession
-  Number, by a Study Date range and by a Patient Name wildcard (matched on
-  the stored attributes, not in SQL);
+  Number, by a Study Date range, by a Patient Name wildcard (ten
+  patients), and by a Referring Physician Name wildcard (no column:
+  matched on the stored attributes, not in SQL);
 - baseline: in this process, a plain SELECT of that patient's rows from
   imaging_instance, every column fetched.
 
@@ -93,6 +94,14 @@ def load(engine: Engine, instances: int, per_study: int) -> int:
         study_uid = generate_uid()
         series_uids = [generate_uid() for _ in range(SERIES_PER_STUDY)]
         attributes = dict(template)
+        attributes[_tag("PatientName")] = {
+            "vr": "PN",
+            "Value": [{"Alphabetic": f"Patient{patient:07d}^Bench"}],
+        }
+        attributes[_tag("ReferringPhysicianName")] = {
+            "vr": "PN",
+            "Value": [{"Alphabetic": f"Doctor{study % 100:03d}^Bench"}],
+        }
         for keyword, value in (
             ("PatientID", patient_id(patient)),
             ("AccessionNumber", f"A{study:08d}"),
@@ -232,7 +241,11 @@ def run(url: str, engine: Engine, patient: int, args: argparse.Namespace) -> Non
     for label, params in (
         ("AccessionNumber=…", {"AccessionNumber": accession}),
         ("StudyDate=20100101-20101231", {"StudyDate": "20100101-20101231"}),
-        ("PatientName=hea* (not in SQL)", {"PatientName": "hea*"}),
+        ("PatientName=patient000004*", {"PatientName": "patient000004*"}),
+        (
+            "ReferringPhysicianName=doctor004* (not in SQL)",
+            {"ReferringPhysicianName": "doctor004*"},
+        ),
     ):
         median, p95 = timed(max(3, args.queries // 10), qido(**params))
         print(

@@ -221,6 +221,38 @@ def test_study_matching_on_the_index(
     assert set(_accessions(_qido(shared_node, "/studies", **filters))) == expected
 
 
+@pytest.mark.parametrize(
+    ("wanted", "expected"),
+    [("doe^*", {"ACC_1%", "ACCX1"}), ("DOE^JANE", {"ACC_1%"}), ("r?e*", {"B"})],
+)
+def test_patient_name_is_narrowed_in_sql(
+    shared_node: RunningNode,
+    studies: dict[str, scan.Study],
+    wanted: str,
+    expected: set[str],
+) -> None:
+    """DICOM PS3.4 C.2.2.2: a search on Patient Name alone selects its
+    studies through the name's indexed column, not by matching the
+    attributes of every study in scope."""
+    condition = dicomweb._sql_condition("PatientName", wanted)
+    assert condition is not None
+    with shared_node.services.engine.connect() as conn:
+        selected = conn.execute(
+            select(imaging_instance.c.accession_number)
+            .where(
+                condition,
+                imaging_instance.c.study_instance_uid.in_(
+                    [s.study_instance_uid for s in studies.values()]
+                ),
+            )
+            .distinct()
+        ).scalars()
+        assert set(selected) == expected
+    assert set(_accessions(_qido(shared_node, "/studies", PatientName=wanted))) == (
+        expected
+    )
+
+
 def test_uid_lists_match_any_uid_listed(
     shared_node: RunningNode, studies: dict[str, scan.Study]
 ) -> None:

@@ -669,6 +669,9 @@ def _sql_condition(keyword: str, wanted: str) -> ColumnElement[bool] | None:
         return None
     column = imaging_instance.c[QIDO_COLUMNS[keyword]]
     vr = dictionary_VR(keyword)
+    if vr == "PN":
+        # Kept case-folded, as _matches compares names.
+        wanted = wanted.casefold()
     if vr in DATE_VRS and "-" in wanted:
         low, _, high = wanted.partition("-")
         bounds = []

@@ -11,15 +11,17 @@ How they are stored (imaging_instance, xdsi.store.schema):
   cut to its level's attributes, byte for byte what pydicom wrote of the
   header, whatever the VR (PN groups, IS numbers, empty values), with no
   table per attribute to keep in step with the lists below;
-- Patient ID, Accession Number, Study Date, Study Time and Modality once
-  more, each in an indexed column (QIDO_COLUMNS): the keys a consumer
-  narrows a search of a large store with. A column holds a single value
-  of at most MAX_INDEXED_LENGTH characters and compares by code point,
-  so that SQL equality, ranges and LIKE select a superset of what
+- Patient ID, Patient Name, Accession Number, Study Date, Study Time and
+  Modality once more, each in an indexed column (QIDO_COLUMNS): the keys a
+  consumer narrows a search of a large store with. A column holds a single
+  value of at most MAX_INDEXED_LENGTH characters and compares by code
+  point, so that SQL equality, ranges and LIKE select a superset of what
   DICOM PS3.4 C.2.2.2 matches; every answer is then matched exactly on
-  its DICOM JSON. Names and the other attributes are matched on the DICOM
-  JSON alone: a search on them alone reads the first instance's row of
-  every study in scope, but no file.
+  its DICOM JSON. Patient Name is kept as the text of all its component
+  groups, case-folded, since this node matches names without regard to
+  case. The other attributes are matched on the DICOM JSON alone: a search
+  on them alone reads the first instance's row of every study in scope,
+  but no file.
 
 An extra table of (tag, value) rows would index every attribute, at the
 cost of a join per key and a row per attribute and instance; the five
@@ -130,8 +132,24 @@ def indexed_value(attributes: Mapping[str, Any], tag: str) -> str | None:
     values = element.get("Value", [])
     if not values:
         return ""
-    if len(values) > 1 or not isinstance(values[0], str):
+    if len(values) > 1:
         return None
-    if len(values[0]) > MAX_INDEXED_LENGTH:
+    value = values[0]
+    if element.get("vr") == "PN":
+        value = _folded_name(tag, element)
+    if not isinstance(value, str) or len(value) > MAX_INDEXED_LENGTH:
         return None
-    return values[0]
+    return value
+
+
+def _folded_name(tag: str, element: Mapping[str, Any]) -> str | None:
+    """A PN element's value as text, its component groups joined by "="
+    as pydicom writes a name (DICOM PS3.5 6.2), case-folded; None when
+    it cannot be read."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            name = Dataset.from_json({tag: dict(element)})[int(tag, 16)].value
+    except Exception:
+        return None
+    return str(name).casefold()

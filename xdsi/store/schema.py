@@ -193,11 +193,15 @@ imaging_instance = Table(
     Column("study_date", INDEXED_VALUE),
     Column("study_time", INDEXED_VALUE),
     Column("modality", INDEXED_VALUE),
+    # Patient Name as text, case-folded (str.casefold), as PN matching
+    # compares it.
+    Column("patient_name", INDEXED_VALUE),
     Index("ix_imaging_instance_study", "study_instance_uid", "series_instance_uid"),
     Index("ix_imaging_instance_patient", "dicom_patient_id"),
     Index("ix_imaging_instance_accession", "accession_number"),
     Index("ix_imaging_instance_study_date", "study_date"),
     Index("ix_imaging_instance_modality", "modality", "study_instance_uid"),
+    Index("ix_imaging_instance_patient_name", "patient_name"),
 )
 # The imaging_instance column of each attribute QIDO-RS matches in SQL.
 QIDO_COLUMNS = {
@@ -206,6 +210,7 @@ QIDO_COLUMNS = {
     "StudyDate": "study_date",
     "StudyTime": "study_time",
     "Modality": "modality",
+    "PatientName": "patient_name",
 }
 
 imaging_manifest = Table(

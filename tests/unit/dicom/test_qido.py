@@ -77,3 +77,30 @@ def test_index_columns_hold_single_values_only(
     attributes = json.dumps({} if element is None else {"00100020": element})
 
     assert attribute_columns(attributes)["dicom_patient_id"] == column
+
+
+@pytest.mark.parametrize(
+    ("element", "column"),
+    [
+        ({"vr": "PN", "Value": [{"Alphabetic": "Doe^Jane"}]}, "doe^jane"),
+        (
+            {
+                "vr": "PN",
+                "Value": [{"Alphabetic": "Yamada^Tarou", "Ideographic": "山田^太郎"}],
+            },
+            "yamada^tarou=山田^太郎",
+        ),
+        ({"vr": "PN", "Value": [{"Alphabetic": "STRAẞE^Ida"}]}, "strasse^ida"),
+        ({"vr": "PN", "Value": [{"Alphabetic": "A"}, {"Alphabetic": "B"}]}, None),
+        ({"vr": "PN"}, ""),
+    ],
+    ids=["alphabetic", "ideographic", "folded", "several", "empty"],
+)
+def test_patient_name_is_indexed_case_folded_as_names_are_matched(
+    element: dict, column: str | None
+) -> None:
+    """DICOM PS3.4 C.2.2.2.1: this node matches PN without regard to case;
+    the column keeps the name's text, every component group, case-folded."""
+    attributes = json.dumps({"00100010": element})
+
+    assert attribute_columns(attributes)["patient_name"] == column

@@ -24,6 +24,7 @@ COLUMNS = (
     "study_date",
     "study_time",
     "modality",
+    "patient_name",
 )
 # Compared by code point on PostgreSQL too: the "C" collation.
 INDEXED_VALUE = sa.String(length=256).with_variant(
@@ -50,11 +51,15 @@ def upgrade() -> None:
             ["modality", "study_instance_uid"],
             unique=False,
         )
+        batch.create_index(
+            "ix_imaging_instance_patient_name", ["patient_name"], unique=False
+        )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("imaging_instance") as batch:
         for index in (
+            "ix_imaging_instance_patient_name",
             "ix_imaging_instance_modality",
             "ix_imaging_instance_study_date",
             "ix_imaging_instance_accession",
