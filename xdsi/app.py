@@ -19,6 +19,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from multiprocessing.process import BaseProcess
@@ -71,6 +72,14 @@ BODY_SLACK = 30.0
 # The most bytes of a body read at once, so that a slow but steady body earns
 # its time while it comes: at BODY_MIN_RATE a step takes 8 s of BODY_SLACK.
 BODY_STEP = 64 * 1024
+# Once an answer is sent, werkzeug reads and drops what the peer still
+# sends of its request (so that a peer whose body was refused, a 413, reads
+# the answer rather than a reset), each read waiting up to a minute; the
+# connection is shut down this many seconds after the answer, whatever
+# is left.
+DRAIN_DEADLINE = 10.0
+# The environ key of the function that starts that deadline.
+ANSWERED_KEY = "xdsi.answered"
 
 
 class _Watch:
@@ -97,6 +106,8 @@ class _Watch:
             self._due[connection] = time.monotonic() + seconds
             if body is not None:
                 self._bodies[connection] = body
+            else:
+                self._bodies.pop(connection, None)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="xdsi-http-watch", daemon=True
@@ -235,9 +246,15 @@ class _RequestHandler(PeerRefusalLog, WSGIRequestHandler):
         environ[BODY_PACE_KEY] = _BodyPace(
             self.connection, self.address_string(), f"{host}:{port}"
         )
+        environ[ANSWERED_KEY] = self._answered
         if not isinstance(self.connection, ssl.SSLSocket):
             environ[SENDFILE_KEY] = self._sendfile
         return environ
+
+    def _answered(self) -> None:
+        """The answer is out: what the peer still sends is read and dropped
+        for DRAIN_DEADLINE seconds at most."""
+        _WATCH.watch(self.connection, DRAIN_DEADLINE)
 
     def _sendfile(self, file: BinaryIO, count: int) -> int:
         """Send ``count`` bytes of ``file`` from its position (os.sendfile)."""
@@ -323,7 +340,27 @@ class _Deferred:
         self.app: Any = None
 
     def __call__(self, environ: dict, start_response: Any) -> Any:
-        return self.app(environ, start_response)
+        answer = self.app(environ, start_response)
+        answered = environ.get(ANSWERED_KEY)
+        return answer if answered is None else _ThenAnswered(answer, answered)
+
+
+class _ThenAnswered:
+    """A WSGI answer that calls ``answered`` once its last piece is out
+    (PEP 3333: close() is still the answer's own)."""
+
+    def __init__(self, answer: Iterable[bytes], answered: Callable[[], None]) -> None:
+        self._answer = answer
+        self._answered = answered
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._answer
+        self._answered()
+
+    def close(self) -> None:
+        close = getattr(self._answer, "close", None)
+        if close is not None:
+            close()
 
 
 @dataclass
