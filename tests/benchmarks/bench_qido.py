@@ -8,11 +8,11 @@ the test suite's own code (tests/conftest.py) and stopped at the end.
 
 The store holds ``--instances`` synthetic instances: rows, not files. Each
 row is the one intake writes (xdsi.actors.imaging_source.instance_row) for
-the bundled CT's first image with its UIDs, Patient ID and Name,
-Referring Physician Name, Accession Number and Study Date replaced; ``--per-study`` instances in two series make a
-study, five studies a patient, and each study has a current manifest row,
-so that every study is published. No instance file exists: an answer that
-read one would fail.
+the bundled CT's first image with its UIDs, Patient ID and Name, Referring
+Physician Name, Accession Number and Study Date replaced; ``--per-study``
+instances in two series make a study, five studies a patient, and each
+study has a current manifest row, so that every study is published. No
+instance file exists: an answer that read one would fail.
 
 Timed, each the median (and 95th percentile) of ``--queries`` runs after
 one untimed:

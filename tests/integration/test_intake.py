@@ -1416,3 +1416,128 @@ def test_two_patients_sending_one_new_study_at_once_do_not_mix(
         for p in _held(intake_node).values()
     }
     assert len(patients) == 1
+
+
+def _sequence_as_text(source: Path, target: Path, tag: int) -> Path:
+    """A copy of ``source`` under a fresh SOP Instance UID in which the
+    sequence ``tag`` is sent as LO text, as a broken writer may."""
+    ds = pydicom.dcmread(source)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = (
+        pydicom.uid.generate_uid()
+    )
+    ds.add(pydicom.DataElement(tag, "LO", "abc"))
+    ds.save_as(target)
+    return target
+
+
+@pytest.mark.parametrize(
+    "tag",
+    [0x00100024, 0x00081032],
+    ids=["issuer-qualifiers-sequence", "procedure-code-sequence"],
+)
+def test_a_sequence_sent_as_text_is_refused_and_the_others_go_on(
+    intake_node: RunningNode, tmp_path: Path, tag: int
+) -> None:
+    """DICOM PS3.5 7.1.2: a sequence element sent under another VR is no
+    sequence to read; the instance is refused as unreadable by every intake
+    (C-STORE, import), nothing of it kept, and the files beside it are
+    taken in."""
+    first, second = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:2]
+    folder = tmp_path / "cd"
+    folder.mkdir()
+    broken = _sequence_as_text(first, folder / "1-broken.dcm", tag)
+    shutil.copy(second, folder / "2-good.dcm")
+
+    result = intake_node.services.intake.import_folder(folder)
+
+    ((path, refusal),) = result.refused
+    assert path == broken and refusal.rule == "unreadable"
+    assert "DICOM PS3.5 7.1.2" in refusal.reason
+    assert len(result.accepted) == 1
+    again = _sequence_as_text(first, tmp_path / "sent.dcm", tag)
+    sent = send_files([again], _scp(intake_node), calling_ae_title="X")
+    assert sent.statuses[again] == 0xC001
+    assert len(_held(intake_node)) == 1
+
+
+def test_a_study_that_cannot_be_published_does_not_hold_up_the_others(
+    intake_node: RunningNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A study whose publication fails with an error of the node's own is
+    backed off as a refused submission is, and the studies after it in the
+    same round are published."""
+    intake = intake_node.services.intake
+    source = intake_node.services.imaging_source
+    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:2]
+    studies = []
+    for n, path in enumerate(images):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = pydicom.uid.generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = (
+            pydicom.uid.generate_uid()
+        )
+        ds.save_as(tmp_path / f"{n}.dcm")
+        studies.append(intake.accept(tmp_path / f"{n}.dcm").study_instance_uid)
+    broken = min(studies)
+    republish = source.republish
+
+    def failing(study_instance_uid, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if study_instance_uid == broken:
+            raise AttributeError("'str' object has no attribute 'get'")
+        return republish(study_instance_uid, *args, **kwargs)
+
+    monkeypatch.setattr(source, "republish", failing)
+
+    published = intake.publish_due(quiet=0.0)
+
+    assert [p.study_instance_uid for p in published] == [max(studies)]
+    assert "AttributeError" in (intake.last_failure(broken) or "")
+    assert intake.changed(broken)
+    # Backed off: not tried again in the next round.
+    assert intake.publish_due(quiet=0.0) == []
+
+
+def test_stow_rs_part_failing_in_the_node_fails_alone_and_leaves_no_spool(
+    intake_node: RunningNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DICOM PS3.18 10.5.3: a part the node fails on (an error of its own,
+    not a refusal) is a Failed SOP Sequence item with Processing failure
+    (0110, DICOM PS3.4 Table B.2-1); the other parts are stored and no part
+    stays in the spool."""
+    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:3]
+    intake = intake_node.services.intake
+    accept = type(intake).accept
+    broken = str(pydicom.dcmread(images[0], stop_before_pixels=True).SOPInstanceUID)
+
+    def failing(self, path, **kwargs):  # type: ignore[no-untyped-def]
+        uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        if uid == broken:
+            raise AttributeError("'str' object has no attribute 'get'")
+        return accept(self, path, **kwargs)
+
+    monkeypatch.setattr(type(intake), "accept", failing)
+
+    response = _stow(intake_node, [p.read_bytes() for p in images])
+
+    assert response.status_code == 202
+    (item,) = response.json()["00081198"]["Value"]
+    assert item["00081155"]["Value"] == [broken]
+    assert item["00081197"]["Value"] == [0x0110]
+    assert len(response.json()["00081199"]["Value"]) == 2
+    spool = intake_node.settings.storage / "imaging-source" / ".spool"
+    assert [p for p in spool.rglob("*") if p.is_file()] == []
+
+
+def test_stow_rs_answer_names_a_few_failed_parts_in_its_head(
+    intake_node: RunningNode,
+) -> None:
+    """DICOM PS3.18 10.5.3: every failed part is in the body; the Warning
+    header fields tell of the first 20 and how many more, so that the head
+    stays within what HTTP clients take."""
+    response = _stow(intake_node, [b"not dicom %d" % n for n in range(50)])
+
+    assert response.status_code == 409
+    assert len(response.json()["00081198"]["Value"]) == 50
+    warnings = response.raw.headers.getlist("Warning")
+    assert len(warnings) == 21
+    assert "30 more parts failed" in warnings[-1]

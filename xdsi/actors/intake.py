@@ -415,7 +415,14 @@ class Intake:
                 and now < failing.failed_at + retry_delay(quiet, failing.failures)
             ):
                 continue
-            result = self.publish_now(study_instance_uid, cutoff=cutoff)
+            try:
+                result = self.publish_now(study_instance_uid, cutoff=cutoff)
+            except Exception as exc:
+                # One study whose manifest cannot be built (an instance that
+                # breaks it) must not hold up the others: it is backed off
+                # as a refused submission is.
+                self._failed(study_instance_uid, changed_at, exc)
+                continue
             if result is not None:
                 published.append(result)
         return published
@@ -457,26 +464,32 @@ class Intake:
             return published
 
     def _failed(
-        self, study_instance_uid: str, changed_at: float, exc: SubmitError
+        self, study_instance_uid: str, changed_at: float, exc: Exception
     ) -> None:
         """Mark a study changed again and note the failure for backoff.
 
         The first failure in a row is a WARNING naming the error codes (their
-        texts may name the patient); later ones go to DEBUG.
+        texts may name the patient), or an ERROR with its traceback for a
+        failure of the node's own; later ones go to DEBUG.
         """
         self._mark_changed(study_instance_uid)
         before = self._failing.get(study_instance_uid)
         failures = before.failures + 1 if before is not None else 1
-        codes = ", ".join(e.code for e in exc.errors) if exc.errors else str(exc)
+        if isinstance(exc, SubmitError):
+            codes = ", ".join(e.code for e in exc.errors) if exc.errors else str(exc)
+        else:
+            codes = f"an error of this node: {type(exc).__name__}"
         self._failing[study_instance_uid] = Failing(
             failures, changed_at, time.time(), codes
         )
         if failures == 1:
-            logger.warning(
+            logger.log(
+                logging.WARNING if isinstance(exc, SubmitError) else logging.ERROR,
                 "study %s not published (%s); a serving node retries, up to %d s apart",
                 study_instance_uid,
                 codes,
                 MAX_RETRY_DELAY,
+                exc_info=None if isinstance(exc, SubmitError) else exc,
             )
         else:
             logger.debug(

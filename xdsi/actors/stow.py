@@ -46,6 +46,10 @@ BAD_REQUEST, CONTENT_TOO_LARGE, UNSUPPORTED_MEDIA_TYPE = 400, 413, 415
 INTERNAL_ERROR = 500
 
 CHUNK = 1 << 20
+# DICOM PS3.4 Table B.2-1: Processing failure, a Failure Reason of STOW-RS.
+PROCESSING_FAILURE = 0x0110
+# Warning header fields an answer carries at most, one per failed part.
+MAX_WARNINGS = 20
 # Longest reason text sent in one Warning header.
 MAX_WARNING = 200
 
@@ -169,25 +173,42 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
     stored: list[dict] = []  # type: ignore[type-arg]
     failed: list[dict] = []  # type: ignore[type-arg]
     warnings: list[str] = []
-    for index, (path, part_media_type) in enumerate(parts.files, start=1):
-        try:
-            if part_media_type.split(";")[0].strip().lower() != DICOM_MEDIA_TYPE:
-                raise Refused("not_dicom", f"a part of type {part_media_type}")
-            accepted = intake.accept(
-                path, move=True, study_instance_uid=study_instance_uid
-            )
-            stored.append(_reference(accepted.sop_class_uid, accepted.sop_instance_uid))
-        except Refused as exc:
-            logger.warning("STOW-RS part refused: %s", exc.reason)
-            sop_class_uid, sop_instance_uid = _uids_of(path)
-            failed.append(
-                _reference(sop_class_uid, sop_instance_uid, exc.failure_reason)
-            )
-            warnings.append(
-                _warning(f"part {index}: {exc.failure_reason:04X} {exc.reason}")
-            )
-        finally:
-            path.unlink(missing_ok=True)
+    try:
+        for index, (path, part_media_type) in enumerate(parts.files, start=1):
+            try:
+                if part_media_type.split(";")[0].strip().lower() != DICOM_MEDIA_TYPE:
+                    raise Refused("not_dicom", f"a part of type {part_media_type}")
+                accepted = intake.accept(
+                    path, move=True, study_instance_uid=study_instance_uid
+                )
+                stored.append(
+                    _reference(accepted.sop_class_uid, accepted.sop_instance_uid)
+                )
+            except Refused as exc:
+                logger.warning("STOW-RS part refused: %s", exc.reason)
+                sop_class_uid, sop_instance_uid = _uids_of(path)
+                failed.append(
+                    _reference(sop_class_uid, sop_instance_uid, exc.failure_reason)
+                )
+                warnings.append(
+                    _warning(f"part {index}: {exc.failure_reason:04X} {exc.reason}")
+                )
+            except Exception:
+                # An error of this node's own fails this part alone: a
+                # Processing failure (DICOM PS3.4 Table B.2-1, 0110).
+                logger.exception("STOW-RS part %d not stored", index)
+                sop_class_uid, sop_instance_uid = _uids_of(path)
+                failed.append(
+                    _reference(sop_class_uid, sop_instance_uid, PROCESSING_FAILURE)
+                )
+                warnings.append(
+                    _warning(f"part {index}: {PROCESSING_FAILURE:04X} not stored")
+                )
+            finally:
+                path.unlink(missing_ok=True)
+    finally:
+        # Whatever broke off the loop, no part stays in the spool.
+        parts.discard()
 
     if not parts.files:
         return _plain(BAD_REQUEST, "the request holds no part")
@@ -208,8 +229,13 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
         time.monotonic() - started,
     )
     response = Response(json.dumps(body), status=status, mimetype=DICOM_JSON_MEDIA_TYPE)
-    for warning in warnings:
+    # The body names every failed part; the headers tell of the first few
+    # only, since HTTP clients and proxies take a bounded head.
+    for warning in warnings[:MAX_WARNINGS]:
         response.headers.add("Warning", warning)
+    if len(warnings) > MAX_WARNINGS:
+        more = len(warnings) - MAX_WARNINGS
+        response.headers.add("Warning", _warning(f"{more} more parts failed"))
     return response
 
 

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragmented_frames
+from pydicom.tag import BaseTag
 from pydicom.uid import JPEG2000TransferSyntaxes
 
 from xdsi.dicom.scan import (
@@ -158,9 +160,28 @@ def _check_elements(ds: Dataset) -> None:
                 f"says {raw.length}; DICOM PS3.5 7.1",
             )
         element = ds[tag]
+        if element.VR != "SQ" and _dictionary_vr(tag) == "SQ":
+            # DICOM PS3.5 7.1.2: an element's VR is the data dictionary's;
+            # a sequence sent as text is no sequence to read.
+            raise Refused(
+                "unreadable",
+                f"element {tag} is a sequence (SQ) in the data dictionary, sent "
+                f"as {element.VR}; DICOM PS3.5 7.1.2",
+            )
         if element.VR == "SQ":
             for item in element.value:
                 _check_elements(item)
+
+
+def _dictionary_vr(tag: BaseTag) -> str | None:
+    """The VR the data dictionary gives a standard tag; None for a private
+    or unknown one."""
+    if tag.is_private:
+        return None
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return None
 
 
 def _frames(ds: Dataset) -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
 from pydicom.uid import UID
 
 from xdsi import worker
@@ -475,12 +476,19 @@ def patient_id_issuers(ds: pydicom.Dataset) -> tuple[str, str]:
     )
 
 
+def _items(ds: pydicom.Dataset, keyword: str) -> list[pydicom.Dataset]:
+    """The items of a sequence attribute; none when it is absent, or
+    encoded as another VR (which intake refuses, check.check_file)."""
+    value = ds.get(keyword)
+    return list(value) if isinstance(value, Sequence) else []
+
+
 def _issuer(ds: pydicom.Dataset, sequence_keyword: str) -> str:
     """The ISO Universal Entity ID of an HL7v2 Hierarchic Designator item.
 
     Falls back to the Local Namespace Entity ID (DICOM PS3.3 10.14).
     """
-    items = ds.get(sequence_keyword) or []
+    items = _items(ds, sequence_keyword)
     for item in items:
         if _text(item, "UniversalEntityIDType") == "ISO" and _text(
             item, "UniversalEntityID"
@@ -568,7 +576,7 @@ class _StudyBuilder:
                 _text(item, "CodingSchemeDesignator"),
                 _text(item, "CodeMeaning"),
             )
-            for item in ds.get("ProcedureCodeSequence") or []
+            for item in _items(ds, "ProcedureCodeSequence")
             if _text(item, "CodeValue")
         )
         self.series: dict[str, _SeriesBuilder] = {}
