@@ -41,6 +41,20 @@ MUST_UNDERSTAND_BLOCK = (
     '<x:Security xmlns:x="urn:example:security" env:mustUnderstand="true"/>'
 )
 
+BOUNDARY = "xdsi-fault-boundary"
+MTOM = (
+    f'multipart/related; type="application/xop+xml"; boundary="{BOUNDARY}"; '
+    'start="<root@xdsi.test>"; start-info="application/soap+xml"'
+)
+# An MTOM package whose root part is complete and well-formed, then a part
+# with the headers given and "DICM" as its body, then the close delimiter.
+MTOM_PACKAGE = (
+    f"--{BOUNDARY}\r\nContent-Type: application/xop+xml; charset=UTF-8; "
+    'type="application/soap+xml"\r\nContent-ID: <root@xdsi.test>\r\n\r\n'
+    + SOAP12.format(action=QUERY, body=QUERY_BODY)
+    + f"\r\n--{BOUNDARY}\r\n{{headers}}\r\nDICM\r\n--{BOUNDARY}--\r\n"
+)
+
 CASES = {
     "malformed-xml": (
         SOAP12.format(action=QUERY, body="<unclosed>"),
@@ -127,13 +141,75 @@ CASES = {
         "env:MustUnderstand",
         None,
     ),
+    "header-after-body": (
+        SOAP12.format(action=QUERY, body=QUERY_BODY)
+        .replace("<env:Header>", "<env:Body>" + QUERY_BODY + "</env:Body><env:Header>")
+        .replace(f"</env:Header><env:Body>{QUERY_BODY}</env:Body>", "</env:Header>"),
+        "application/soap+xml",
+        "env:Sender",
+        None,
+    ),
+    "trailing-garbage": (
+        SOAP12.format(action=QUERY, body=QUERY_BODY) + "<garbage",
+        "application/soap+xml",
+        "env:Sender",
+        None,
+    ),
+    "mtom-no-closing-boundary": (
+        MTOM_PACKAGE.format(headers="Content-ID: <a@xdsi.test>\r\n").removesuffix(
+            f"--{BOUNDARY}--\r\n"
+        ),
+        MTOM,
+        "env:Sender",
+        None,
+    ),
+    "mtom-part-without-content-id": (
+        MTOM_PACKAGE.format(headers="Content-Type: application/dicom\r\n"),
+        MTOM,
+        "env:Sender",
+        None,
+    ),
+    "mtom-duplicate-content-ids": (
+        MTOM_PACKAGE.format(
+            headers="Content-ID: <a@xdsi.test>\r\n\r\nDICM\r\n"
+            f"--{BOUNDARY}\r\nContent-ID: <a@xdsi.test>\r\n"
+        ),
+        MTOM,
+        "env:Sender",
+        None,
+    ),
+    "mtom-bad-base64": (
+        MTOM_PACKAGE.format(
+            headers="Content-ID: <a@xdsi.test>\r\nContent-Transfer-Encoding: base64\r\n"
+        ).replace("DICM", "!!!!"),
+        MTOM,
+        "env:Sender",
+        None,
+    ),
+    "mtom-too-many-part-headers": (
+        MTOM_PACKAGE.format(
+            headers="Content-ID: <a@xdsi.test>\r\n" + "X-N: n\r\n" * 40
+        ),
+        MTOM,
+        "env:Sender",
+        None,
+    ),
 }
 
-# The cases whose wsa:MessageID is read before the fault arises; the others
-# are refused before their envelope is read, or have no MessageID.
+# The cases whose wsa:MessageID can be read, even where the envelope or the
+# package around it is broken; the others are refused before their envelope
+# is read, declare a DTD, or have no MessageID.
 MESSAGE_ID_READ = {
+    "header-after-body",
+    "malformed-xml",
     "media-type-action-differs",
+    "mtom-bad-base64",
+    "mtom-duplicate-content-ids",
+    "mtom-no-closing-boundary",
+    "mtom-part-without-content-id",
+    "mtom-too-many-part-headers",
     "no-action",
+    "trailing-garbage",
     "two-body-elements",
     "two-different-actions",
     "unknown-action",

@@ -39,11 +39,12 @@ from xdsi.wire.faults import (
     ActionMismatch,
     MalformedMessage,
     MissingAttachment,
+    SoapFault,
     UnsupportedMediaType,
     VersionMismatch,
     WireError,
 )
-from xdsi.wire.soap import SoapMessage, parse_envelope, serialize
+from xdsi.wire.soap import SoapMessage, parse_envelope, read_message_id, serialize
 from xdsi.wire.xml import parse_xml
 
 # Write in 256 KiB pieces: a quarter of the Python calls per byte that
@@ -556,7 +557,9 @@ def read_message(
         The ``action`` parameter differs from wsa:Action.
 
     A fault raised once the envelope's env:Header is read carries its
-    wsa:MessageID, if any, as ``message_id``.
+    wsa:MessageID, if any, as ``message_id``; so does one raised while the
+    rest of the package is read, once the root part is complete, and one for
+    an envelope that is well-formed as far as its MessageID.
     """
     media_type, params = _media_type(content_type)
     if media_type == "text/xml":
@@ -584,9 +587,11 @@ def read_message(
     else:
         directory = Path(tempfile.mkdtemp(prefix="xdsi-msg-", dir=spool_dir))
     package = None
+    envelope: bytes | None = None
     try:
         if media_type == "application/soap+xml":
-            root = parse_xml(_read_capped(stream, chunk_size))
+            envelope = _read_capped(stream, chunk_size)
+            root = parse_xml(envelope)
             attachments: Mapping[str, Attachment] = MappingProxyType({})
             part_action = None
         else:
@@ -606,10 +611,17 @@ def read_message(
         message = parse_envelope(root, attachments, directory)
         _check_action(params.get("action"), message)
         _check_action(part_action, message)
-    except BaseException:
+    except BaseException as exc:
         if package is not None:
             package.abort()
+            envelope = package.root
         shutil.rmtree(directory, ignore_errors=True)
+        # WS-Addressing 1.0 SOAP Binding 6: the Fault relates to the request
+        # whenever its MessageID can be read, from a root part that is
+        # complete though a later part is broken, or from an envelope that
+        # is well-formed up to its MessageID.
+        if isinstance(exc, SoapFault) and exc.message_id is None and envelope:
+            exc.message_id = read_message_id(envelope)
         raise
     return message
 
