@@ -675,3 +675,48 @@ def test_a_request_head_trickling_in_is_cut_off(
                 closed = True
                 break
     assert closed
+
+
+# Envelopes this node refuses to parse, each well-formed, and what the
+# Fault's reason says: one over 32 MiB, one of 2 million empty elements.
+OVERSIZED = {
+    "larger than MAX_ROOT_PART": (
+        SOAP12.format(action=QUERY, body=QUERY_BODY).replace(
+            "</env:Header>", " " * (32 << 20) + "</env:Header>"
+        ),
+        "exceeds",
+    ),
+    "more markup than MAX_MARKUP": (
+        SOAP12.format(action=QUERY, body=QUERY_BODY).replace(
+            "</env:Header>",
+            '<x:Junk xmlns:x="urn:example:junk">'
+            + "<a/>" * 2_000_000
+            + "</x:Junk></env:Header>",
+        ),
+        "tags and attributes",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OVERSIZED))
+def test_an_envelope_too_large_to_parse_gets_a_sender_fault(
+    shared_node: RunningNode, case: str
+) -> None:
+    """SOAP 1.2 Part 2 7.5.1.2: an envelope past the node's parsing bounds is
+    the sender's fault; the Fault relates to its wsa:MessageID when that can
+    be read (WS-Addressing 1.0 SOAP Binding 6)."""
+    envelope, reason = OVERSIZED[case]
+
+    answer = requests.post(
+        shared_node.settings.url("registry"),
+        data=envelope.encode(),
+        headers={"Content-Type": "application/soap+xml"},
+        timeout=60,
+    )
+
+    assert answer.status_code == 400
+    fault = etree.fromstring(answer.content)
+    value = fault.find(f".//{{{ns.SOAP12}}}Code/{{{ns.SOAP12}}}Value")
+    assert value is not None and value.text == "env:Sender"
+    text = fault.find(f".//{{{ns.SOAP12}}}Reason/{{{ns.SOAP12}}}Text")
+    assert text is not None and reason in text.text

@@ -55,8 +55,23 @@ CHUNK_SIZE = 1 << 18
 # bounds the transfer, and 1 MiB reads took a sixth off its time per byte
 # against 256 KiB reads.
 READ_SIZE = 1 << 20
-# The SOAP envelope is parsed in memory; a larger root part is refused.
-MAX_ROOT_PART = 64 * 1024 * 1024
+# The SOAP envelope is parsed in memory; a larger root part (or plain
+# envelope) is refused. The largest IHE message this node parses is an
+# ITI-41 or ITI-42 submission: a DocumentEntry of the NIST ITI-41 test
+# cases, with its ebRIM Association, is about 8 KB, so 32 MiB carries some
+# 4,000 of them; a RAD-69 request of 20,000 DocumentRequests is about 6 MB.
+# Documents travel as MTOM parts, outside this bound (ITI TF-2x Appendix V).
+# An ITI-18 response, which can be larger, is parsed by the consumer side
+# only, never by this server.
+MAX_ROOT_PART = 32 * 1024 * 1024
+# lxml's tree takes some 120 bytes a node, so that an envelope of empty
+# elements or attributes takes 30 times its size (18 MB of 4.5 million empty
+# elements took 530 MB), and a freed tree's memory stays with the thread's
+# allocator. Markup (each "<" opens a tag, comment or end tag, each "="
+# follows an attribute name) is bounded instead of nodes: the NIST ITI-41
+# test cases carry one of them per 29 bytes, so a 32 MiB submission has
+# some 1.2 million; 2 million bound the tree near 500 MB whatever the shape.
+MAX_MARKUP = 2_000_000
 # Bytes tolerated before the first boundary (RFC 2046 5.1.1 preamble).
 MAX_PREAMBLE = 64 * 1024
 # Longest header or boundary line when repairing bare-LF framing.
@@ -507,6 +522,18 @@ def _read_capped(stream: BinaryIO, chunk_size: int) -> bytes:
     return bytes(buffer)
 
 
+def _parse_envelope_bytes(data: bytes) -> _Element:
+    """Parse an envelope, refusing one with more than MAX_MARKUP tags and
+    attributes before lxml builds its tree."""
+    markup = data.count(b"<") + data.count(b"=")
+    if markup > MAX_MARKUP:
+        raise MalformedMessage(
+            f"the SOAP envelope holds {markup} tags and attributes; this node "
+            f"parses at most {MAX_MARKUP}"
+        )
+    return parse_xml(data)
+
+
 def _check_action(declared: str | None, message: SoapMessage) -> None:
     """WS-Addressing 1.0 SOAP Binding 4.1: media type action is wsa:Action."""
     action = message.action
@@ -591,7 +618,7 @@ def read_message(
     try:
         if media_type == "application/soap+xml":
             envelope = _read_capped(stream, chunk_size)
-            root = parse_xml(envelope)
+            root = _parse_envelope_bytes(envelope)
             attachments: Mapping[str, Attachment] = MappingProxyType({})
             part_action = None
         else:
@@ -605,7 +632,7 @@ def read_message(
                 package.feed(chunk)
             package.finish()
             assert package.root is not None
-            root = parse_xml(package.root)
+            root = _parse_envelope_bytes(package.root)
             attachments = package.attachments
             part_action = package.root_params.get("action")
         message = parse_envelope(root, attachments, directory)
