@@ -31,15 +31,24 @@ def quiet_pydicom(level: int) -> None:
 
 def escaped_prefix(text: str) -> str:
     """Return the start of ``text`` in printable ASCII, other characters
-    escaped, so that a peer's bytes neither fill a log nor forge lines in it."""
+    escaped, so that a peer's bytes neither fill a log nor forge lines in it.
+
+    Nothing from the first ``?`` on is quoted: in a request line that is the
+    query string (RFC 3986 3.4), where a DICOMweb search carries patient
+    names and birth dates (DICOM PS3.18 8.3.4); the prefix says it was left
+    out.
+    """
+    head, query, _ = text.partition("?")
     prefix = "".join(
         c
         if c.isascii() and c.isprintable()
         else c.encode("unicode_escape").decode("ascii")
-        for c in text[:QUOTED_PREFIX]
+        for c in head[:QUOTED_PREFIX]
     )
-    if len(text) > QUOTED_PREFIX:
+    if len(head) > QUOTED_PREFIX:
         prefix += f"... ({len(text)} characters)"
+    if query:
+        prefix += "?... (query left out)"
     return prefix
 
 
@@ -51,9 +60,9 @@ class PeerRefusalLog:
     parse (send_error), a read that timed out and a broken TLS session
     through log_error, which werkzeug logs at ERROR, quoting the request
     line whole, be it a TLS ClientHello sent to a plain port or any bytes.
-    Here the line quotes a short, escaped prefix (no patient data above
-    DEBUG), the error answer quotes no more of it, and a refused request
-    gets no access line besides.
+    Here the line quotes a short, escaped prefix without the query string
+    (no patient data above DEBUG), the error answer quotes no more of it,
+    and a refused request gets no access line besides.
     """
 
     # The HTTP layer refused the request in hand and logged so (log_error).

@@ -41,6 +41,20 @@ MUST_UNDERSTAND_BLOCK = (
     '<x:Security xmlns:x="urn:example:security" env:mustUnderstand="true"/>'
 )
 
+BOUNDARY = "xdsi-fault-boundary"
+MTOM = (
+    f'multipart/related; type="application/xop+xml"; boundary="{BOUNDARY}"; '
+    'start="<root@xdsi.test>"; start-info="application/soap+xml"'
+)
+# An MTOM package whose root part is complete and well-formed, then a part
+# with the headers given and "DICM" as its body, then the close delimiter.
+MTOM_PACKAGE = (
+    f"--{BOUNDARY}\r\nContent-Type: application/xop+xml; charset=UTF-8; "
+    'type="application/soap+xml"\r\nContent-ID: <root@xdsi.test>\r\n\r\n'
+    + SOAP12.format(action=QUERY, body=QUERY_BODY)
+    + f"\r\n--{BOUNDARY}\r\n{{headers}}\r\nDICM\r\n--{BOUNDARY}--\r\n"
+)
+
 CASES = {
     "malformed-xml": (
         SOAP12.format(action=QUERY, body="<unclosed>"),
@@ -127,13 +141,75 @@ CASES = {
         "env:MustUnderstand",
         None,
     ),
+    "header-after-body": (
+        SOAP12.format(action=QUERY, body=QUERY_BODY)
+        .replace("<env:Header>", "<env:Body>" + QUERY_BODY + "</env:Body><env:Header>")
+        .replace(f"</env:Header><env:Body>{QUERY_BODY}</env:Body>", "</env:Header>"),
+        "application/soap+xml",
+        "env:Sender",
+        None,
+    ),
+    "trailing-garbage": (
+        SOAP12.format(action=QUERY, body=QUERY_BODY) + "<garbage",
+        "application/soap+xml",
+        "env:Sender",
+        None,
+    ),
+    "mtom-no-closing-boundary": (
+        MTOM_PACKAGE.format(headers="Content-ID: <a@xdsi.test>\r\n").removesuffix(
+            f"--{BOUNDARY}--\r\n"
+        ),
+        MTOM,
+        "env:Sender",
+        None,
+    ),
+    "mtom-part-without-content-id": (
+        MTOM_PACKAGE.format(headers="Content-Type: application/dicom\r\n"),
+        MTOM,
+        "env:Sender",
+        None,
+    ),
+    "mtom-duplicate-content-ids": (
+        MTOM_PACKAGE.format(
+            headers="Content-ID: <a@xdsi.test>\r\n\r\nDICM\r\n"
+            f"--{BOUNDARY}\r\nContent-ID: <a@xdsi.test>\r\n"
+        ),
+        MTOM,
+        "env:Sender",
+        None,
+    ),
+    "mtom-bad-base64": (
+        MTOM_PACKAGE.format(
+            headers="Content-ID: <a@xdsi.test>\r\nContent-Transfer-Encoding: base64\r\n"
+        ).replace("DICM", "!!!!"),
+        MTOM,
+        "env:Sender",
+        None,
+    ),
+    "mtom-too-many-part-headers": (
+        MTOM_PACKAGE.format(
+            headers="Content-ID: <a@xdsi.test>\r\n" + "X-N: n\r\n" * 40
+        ),
+        MTOM,
+        "env:Sender",
+        None,
+    ),
 }
 
-# The cases whose wsa:MessageID is read before the fault arises; the others
-# are refused before their envelope is read, or have no MessageID.
+# The cases whose wsa:MessageID can be read, even where the envelope or the
+# package around it is broken; the others are refused before their envelope
+# is read, declare a DTD, or have no MessageID.
 MESSAGE_ID_READ = {
+    "header-after-body",
+    "malformed-xml",
     "media-type-action-differs",
+    "mtom-bad-base64",
+    "mtom-duplicate-content-ids",
+    "mtom-no-closing-boundary",
+    "mtom-part-without-content-id",
+    "mtom-too-many-part-headers",
     "no-action",
+    "trailing-garbage",
     "two-body-elements",
     "two-different-actions",
     "unknown-action",
@@ -330,6 +406,14 @@ GARBAGE = {
         b"POST /" + b"a" * 200 + b"?patient=" + SECRET + b" x HTTP/1.1\r\n\r\n",
         "Bad request syntax ('POST /aaaa",
     ),
+    # A DICOMweb search with an unencoded space: the request line has four
+    # words, and its query string carries the patient's name.
+    "query-with-a-space": (
+        b"GET /dicomweb/studies?PatientName="
+        + SECRET.replace(b"^", b" ")
+        + b"&PatientBirthDate=19700101 HTTP/1.1\r\n\r\n",
+        "Bad request syntax ('GET /dicomweb/studies?... (query left out)",
+    ),
 }
 
 
@@ -339,7 +423,7 @@ def test_bytes_http_cannot_parse_are_logged_at_info_as_an_escaped_prefix(
 ) -> None:
     """SOAP 1.2 Part 2 7.5.1.2: a request HTTP cannot parse is the peer's
     fault, logged at INFO, not ERROR; no log line above DEBUG quotes more of
-    it than a short prefix, escaped."""
+    it than a short prefix, escaped, without its query string."""
     caplog.set_level(logging.DEBUG)
     caplog.set_level(logging.DEBUG, logger="werkzeug")
     data, quoted = GARBAGE[case]
@@ -351,7 +435,7 @@ def test_bytes_http_cannot_parse_are_logged_at_info_as_an_escaped_prefix(
 
     assert answer.startswith(b"HTTP/1.1 400")
     # The Fault quotes no more of the request than the log does.
-    assert SECRET not in answer
+    assert SECRET not in answer and b"PatientName" not in answer
     shown = [r for r in caplog.records if r.levelno >= logging.INFO]
     http = [r for r in shown if r.name in ("werkzeug", "xdsi.app")]
     assert [r.getMessage() for r in http if r.levelno > logging.INFO] == []
@@ -360,6 +444,7 @@ def test_bytes_http_cannot_parse_are_logged_at_info_as_an_escaped_prefix(
     assert refused.isascii() and refused.isprintable()
     for record in shown:
         assert SECRET.decode() not in record.getMessage()
+        assert "PatientName" not in record.getMessage()
 
 
 def _raw_post(
@@ -590,3 +675,48 @@ def test_a_request_head_trickling_in_is_cut_off(
                 closed = True
                 break
     assert closed
+
+
+# Envelopes this node refuses to parse, each well-formed, and what the
+# Fault's reason says: one over 32 MiB, one of 2 million empty elements.
+OVERSIZED = {
+    "larger than MAX_ROOT_PART": (
+        SOAP12.format(action=QUERY, body=QUERY_BODY).replace(
+            "</env:Header>", " " * (32 << 20) + "</env:Header>"
+        ),
+        "exceeds",
+    ),
+    "more markup than MAX_MARKUP": (
+        SOAP12.format(action=QUERY, body=QUERY_BODY).replace(
+            "</env:Header>",
+            '<x:Junk xmlns:x="urn:example:junk">'
+            + "<a/>" * 2_000_000
+            + "</x:Junk></env:Header>",
+        ),
+        "tags and attributes",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OVERSIZED))
+def test_an_envelope_too_large_to_parse_gets_a_sender_fault(
+    shared_node: RunningNode, case: str
+) -> None:
+    """SOAP 1.2 Part 2 7.5.1.2: an envelope past the node's parsing bounds is
+    the sender's fault; the Fault relates to its wsa:MessageID when that can
+    be read (WS-Addressing 1.0 SOAP Binding 6)."""
+    envelope, reason = OVERSIZED[case]
+
+    answer = requests.post(
+        shared_node.settings.url("registry"),
+        data=envelope.encode(),
+        headers={"Content-Type": "application/soap+xml"},
+        timeout=60,
+    )
+
+    assert answer.status_code == 400
+    fault = etree.fromstring(answer.content)
+    value = fault.find(f".//{{{ns.SOAP12}}}Code/{{{ns.SOAP12}}}Value")
+    assert value is not None and value.text == "env:Sender"
+    text = fault.find(f".//{{{ns.SOAP12}}}Reason/{{{ns.SOAP12}}}Text")
+    assert text is not None and reason in text.text

@@ -39,11 +39,12 @@ from xdsi.wire.faults import (
     ActionMismatch,
     MalformedMessage,
     MissingAttachment,
+    SoapFault,
     UnsupportedMediaType,
     VersionMismatch,
     WireError,
 )
-from xdsi.wire.soap import SoapMessage, parse_envelope, serialize
+from xdsi.wire.soap import SoapMessage, parse_envelope, read_message_id, serialize
 from xdsi.wire.xml import parse_xml
 
 # Write in 256 KiB pieces: a quarter of the Python calls per byte that
@@ -54,8 +55,23 @@ CHUNK_SIZE = 1 << 18
 # bounds the transfer, and 1 MiB reads took a sixth off its time per byte
 # against 256 KiB reads.
 READ_SIZE = 1 << 20
-# The SOAP envelope is parsed in memory; a larger root part is refused.
-MAX_ROOT_PART = 64 * 1024 * 1024
+# The SOAP envelope is parsed in memory; a larger root part (or plain
+# envelope) is refused. The largest IHE message this node parses is an
+# ITI-41 or ITI-42 submission: a DocumentEntry of the NIST ITI-41 test
+# cases, with its ebRIM Association, is about 8 KB, so 32 MiB carries some
+# 4,000 of them; a RAD-69 request of 20,000 DocumentRequests is about 6 MB.
+# Documents travel as MTOM parts, outside this bound (ITI TF-2x Appendix V).
+# An ITI-18 response, which can be larger, is parsed by the consumer side
+# only, never by this server.
+MAX_ROOT_PART = 32 * 1024 * 1024
+# lxml's tree takes some 120 bytes a node, so that an envelope of empty
+# elements or attributes takes 30 times its size (18 MB of 4.5 million empty
+# elements took 530 MB), and a freed tree's memory stays with the thread's
+# allocator. Markup (each "<" opens a tag, comment or end tag, each "="
+# follows an attribute name) is bounded instead of nodes: the NIST ITI-41
+# test cases carry one of them per 29 bytes, so a 32 MiB submission has
+# some 1.2 million; 2 million bound the tree near 500 MB whatever the shape.
+MAX_MARKUP = 2_000_000
 # Bytes tolerated before the first boundary (RFC 2046 5.1.1 preamble).
 MAX_PREAMBLE = 64 * 1024
 # Longest header or boundary line when repairing bare-LF framing.
@@ -506,6 +522,18 @@ def _read_capped(stream: BinaryIO, chunk_size: int) -> bytes:
     return bytes(buffer)
 
 
+def _parse_envelope_bytes(data: bytes) -> _Element:
+    """Parse an envelope, refusing one with more than MAX_MARKUP tags and
+    attributes before lxml builds its tree."""
+    markup = data.count(b"<") + data.count(b"=")
+    if markup > MAX_MARKUP:
+        raise MalformedMessage(
+            f"the SOAP envelope holds {markup} tags and attributes; this node "
+            f"parses at most {MAX_MARKUP}"
+        )
+    return parse_xml(data)
+
+
 def _check_action(declared: str | None, message: SoapMessage) -> None:
     """WS-Addressing 1.0 SOAP Binding 4.1: media type action is wsa:Action."""
     action = message.action
@@ -556,7 +584,9 @@ def read_message(
         The ``action`` parameter differs from wsa:Action.
 
     A fault raised once the envelope's env:Header is read carries its
-    wsa:MessageID, if any, as ``message_id``.
+    wsa:MessageID, if any, as ``message_id``; so does one raised while the
+    rest of the package is read, once the root part is complete, and one for
+    an envelope that is well-formed as far as its MessageID.
     """
     media_type, params = _media_type(content_type)
     if media_type == "text/xml":
@@ -584,9 +614,11 @@ def read_message(
     else:
         directory = Path(tempfile.mkdtemp(prefix="xdsi-msg-", dir=spool_dir))
     package = None
+    envelope: bytes | None = None
     try:
         if media_type == "application/soap+xml":
-            root = parse_xml(_read_capped(stream, chunk_size))
+            envelope = _read_capped(stream, chunk_size)
+            root = _parse_envelope_bytes(envelope)
             attachments: Mapping[str, Attachment] = MappingProxyType({})
             part_action = None
         else:
@@ -600,16 +632,23 @@ def read_message(
                 package.feed(chunk)
             package.finish()
             assert package.root is not None
-            root = parse_xml(package.root)
+            root = _parse_envelope_bytes(package.root)
             attachments = package.attachments
             part_action = package.root_params.get("action")
         message = parse_envelope(root, attachments, directory)
         _check_action(params.get("action"), message)
         _check_action(part_action, message)
-    except BaseException:
+    except BaseException as exc:
         if package is not None:
             package.abort()
+            envelope = package.root
         shutil.rmtree(directory, ignore_errors=True)
+        # WS-Addressing 1.0 SOAP Binding 6: the Fault relates to the request
+        # whenever its MessageID can be read, from a root part that is
+        # complete though a later part is broken, or from an envelope that
+        # is well-formed up to its MessageID.
+        if isinstance(exc, SoapFault) and exc.message_id is None and envelope:
+            exc.message_id = read_message_id(envelope)
         raise
     return message
 

@@ -85,6 +85,72 @@ def _header_text(header: _Element | None, local: str) -> str | None:
     return " ".join((element.text or "").split())
 
 
+# Where wsa:MessageID sits in an envelope: Envelope, Header, MessageID.
+_MESSAGE_ID_PATH = [
+    qname(SOAP12, "Envelope"),
+    qname(SOAP12, "Header"),
+    qname(WSA, "MessageID"),
+]
+# Bytes fed at once to the parser that looks for the MessageID.
+_FEED_SIZE = 1 << 16
+
+
+class _MessageIdReader:
+    """An lxml parser target that keeps the first wsa:MessageID in env:Header
+    and builds no tree."""
+
+    def __init__(self) -> None:
+        self.path: list[str] = []
+        self.text: list[str] | None = None
+        self.message_id: str | None = None
+        self.has_doctype = False
+
+    def start(self, tag: str, attrib: object, nsmap: object = None) -> None:
+        self.path.append(tag)
+        if self.path == _MESSAGE_ID_PATH and self.message_id is None:
+            self.text = []
+
+    def data(self, data: str) -> None:
+        if self.text is not None and len(self.path) == len(_MESSAGE_ID_PATH):
+            self.text.append(data)
+
+    def end(self, tag: str) -> None:
+        if self.text is not None and self.path == _MESSAGE_ID_PATH:
+            self.message_id = " ".join("".join(self.text).split())
+            self.text = None
+        self.path.pop()
+
+    def doctype(self, *args: object) -> None:
+        self.has_doctype = True
+
+    def close(self) -> None:
+        """Nothing to return: the MessageID is read from the attribute."""
+
+
+def read_message_id(data: bytes) -> str | None:
+    """Return the wsa:MessageID of an envelope that could not be read whole.
+
+    WS-Addressing 1.0 SOAP Binding 6: a Fault relates to the message in error
+    whenever its wsa:MessageID can be read. The bytes are read as far as
+    they are well-formed, up to the first wsa:MessageID in an env:Header of
+    a SOAP 1.2 Envelope, wherever that Header stands; no tree is built. An
+    envelope with a document type declaration (SOAP 1.2 Part 1 5) is not
+    read, and gives None, as does one without a MessageID.
+    """
+    reader = _MessageIdReader()
+    parser = etree.XMLParser(
+        target=reader, resolve_entities=False, no_network=True, load_dtd=False
+    )
+    try:
+        for offset in range(0, len(data), _FEED_SIZE):
+            parser.feed(data[offset : offset + _FEED_SIZE])
+            if reader.message_id is not None or reader.has_doctype:
+                break
+    except etree.XMLSyntaxError:
+        pass
+    return None if reader.has_doctype else reader.message_id
+
+
 # WS-Addressing 1.0 Core 3.2: wsa:Action occurs once. Other headers that
 # should occur once are read from their first copy: some stacks (zeep with a
 # WSDL that declares the addressing and its addressing plugin) send two.
@@ -177,8 +243,8 @@ def parse_envelope(
     MessageAddressingHeaderRequired
         There is no wsa:Action (WS-Addressing 1.0 SOAP Binding 6.4.3).
 
-    A fault raised once env:Header is found carries its wsa:MessageID, if
-    any, as ``message_id``.
+    A fault raised once env:Header is found, before or after env:Body,
+    carries its wsa:MessageID, if any, as ``message_id``.
     """
     if root.tag != qname(SOAP12, "Envelope"):
         namespace = etree.QName(root).namespace
@@ -199,8 +265,10 @@ def parse_envelope(
     rest = children[1:] if header is not None else children
 
     # WS-Addressing 1.0 Core 3.4, SOAP Binding 6: a Fault about this envelope
-    # relates to its wsa:MessageID, which is known once env:Header is.
-    message_id = _header_text(header, "MessageID")
+    # relates to its wsa:MessageID, which is known once env:Header is, even
+    # one standing where it should not.
+    headers = [child for child in children if child.tag == qname(SOAP12, "Header")]
+    message_id = _header_text(headers[0] if headers else None, "MessageID")
     try:
         body = _body_element(rest)
         _check_header_blocks(header)

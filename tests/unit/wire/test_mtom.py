@@ -447,6 +447,89 @@ def test_duplicate_content_id_is_malformed(
     assert list(spool.iterdir()) == []
 
 
+MESSAGE_ID = "urn:uuid:5b0e3c4e-8f1a-4d2b-9c6e-2a7f1d3b4c5e"
+KOS_PART = ({"Content-ID": "<kos@xdsi.test>"}, b"DICM")
+# A complete, well-formed root part with a wsa:MessageID, then later parts
+# broken in one way each.
+BROKEN_LATER_PARTS = {
+    "no closing boundary": lambda body: body.removesuffix(
+        f"--{BOUNDARY}--\r\n".encode()
+    ),
+    "part without Content-ID": lambda body: body.replace(
+        b"Content-ID: <kos@xdsi.test>", b"X-Note: none", 1
+    ),
+    "duplicate Content-IDs": lambda body: body.replace(
+        f"--{BOUNDARY}--".encode(),
+        f"--{BOUNDARY}\r\nContent-ID: <kos@xdsi.test>\r\n\r\nDICM\r\n"
+        f"--{BOUNDARY}--".encode(),
+    ),
+    "bad base64": lambda body: body.replace(
+        b"Content-ID: <kos@xdsi.test>\r\n\r\nDICM",
+        b"Content-ID: <kos@xdsi.test>\r\nContent-Transfer-Encoding: base64\r\n\r\n!!!!",
+    ),
+    "too many part headers": lambda body: body.replace(
+        b"Content-ID: <kos@xdsi.test>\r\n",
+        b"Content-ID: <kos@xdsi.test>\r\n" + b"X-Note: n\r\n" * 40,
+    ),
+}
+
+
+@pytest.mark.parametrize("change", BROKEN_LATER_PARTS.values(), ids=BROKEN_LATER_PARTS)
+def test_a_broken_later_part_fault_carries_the_root_parts_message_id(
+    change: Callable[[bytes], bytes], pnr_envelope: etree._Element, spool: Path
+) -> None:
+    """WS-Addressing 1.0 SOAP Binding 6: once the root part is complete, its
+    wsa:MessageID is known for the Fault to relate to, whatever breaks in
+    the parts after it."""
+    request = _pnr_request(pnr_envelope, "kos@xdsi.test")
+    root = serialize(build_envelope(request, PNR, message_id=MESSAGE_ID))
+    body = _package([(_root_headers(), root), KOS_PART])
+
+    with pytest.raises(MalformedMessage) as raised:
+        _read(change(body), _content_type(), spool)
+
+    assert raised.value.message_id == MESSAGE_ID
+    assert list(spool.iterdir()) == []
+
+
+def test_a_fault_in_the_root_part_itself_carries_no_message_id_it_cannot_read(
+    pnr_envelope: etree._Element, spool: Path
+) -> None:
+    """WS-Addressing 1.0 SOAP Binding 6: a root part cut before its
+    wsa:MessageID relates the Fault to nothing."""
+    request = _pnr_request(pnr_envelope, "kos@xdsi.test")
+    root = serialize(build_envelope(request, PNR, message_id=MESSAGE_ID))
+    cut = root[: root.index(b"MessageID")]
+    body = _package([(_root_headers(), cut), KOS_PART])
+
+    with pytest.raises(MalformedMessage) as raised:
+        _read(body, _content_type(), spool)
+
+    assert raised.value.message_id is None
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda envelope: envelope + b"<trailing/>",
+        lambda envelope: envelope.replace(b"</env:Envelope>", b"") + b"garbage",
+    ],
+    ids=["trailing element", "trailing garbage, no end tag"],
+)
+def test_a_plain_envelope_broken_after_its_header_carries_its_message_id(
+    change: Callable[[bytes], bytes], pnr_envelope: etree._Element, spool: Path
+) -> None:
+    """WS-Addressing 1.0 SOAP Binding 6: an envelope not well-formed as a
+    whole still gives the wsa:MessageID read before the error."""
+    request = pnr_envelope.find(f"{{{SOAP12}}}Body")[0]
+    envelope = serialize(build_envelope(request, PNR, message_id=MESSAGE_ID))
+
+    with pytest.raises(MalformedMessage, match="well-formed") as raised:
+        _read(change(envelope), "application/soap+xml", spool)
+
+    assert raised.value.message_id == MESSAGE_ID
+
+
 def test_preamble_before_first_boundary_is_skipped(
     pnr_envelope: etree._Element, spool: Path
 ) -> None:

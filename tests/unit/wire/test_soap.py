@@ -19,6 +19,7 @@ from xdsi.wire import (
     serialize,
 )
 from xdsi.wire.faults import InvalidCardinality, MustUnderstand, SoapFault
+from xdsi.wire.soap import read_message_id
 
 NS = {"env": SOAP12, "wsa": WSA}
 PNR = "urn:ihe:iti:2007:ProvideAndRegisterDocumentSet-b"
@@ -198,6 +199,12 @@ FAULTED_WITH_MESSAGE_ID = {
         _envelope(ACTION + MESSAGE_ID_HEADER, body=RETRIEVE + RETRIEVE),
         MalformedMessage,
     ),
+    "header after body": (
+        f'<env:Envelope xmlns:env="{SOAP12}" xmlns:wsa="{WSA}"><env:Body>'
+        f"{RETRIEVE}</env:Body><env:Header>{ACTION}{MESSAGE_ID_HEADER}"
+        "</env:Header></env:Envelope>".encode(),
+        MalformedMessage,
+    ),
 }
 
 
@@ -213,21 +220,47 @@ def test_a_fault_in_an_envelope_carries_its_message_id(case: str) -> None:
     assert raised.value.message_id == MESSAGE_ID
 
 
-@pytest.mark.parametrize(
-    "text",
-    [
-        _envelope(ACTION + NOT_UNDERSTOOD),
-        f'<env:Envelope xmlns:env="{SOAP12}" xmlns:wsa="{WSA}"><env:Body>'
-        f"{RETRIEVE}</env:Body><env:Header>{ACTION}{MESSAGE_ID_HEADER}"
-        "</env:Header></env:Envelope>".encode(),
-    ],
-    ids=["no message id", "header after body"],
-)
-def test_a_fault_in_an_envelope_without_a_readable_message_id_carries_none(
-    text: bytes,
-) -> None:
+def test_a_fault_in_an_envelope_without_a_message_id_carries_none() -> None:
     """WS-Addressing 1.0 Core 3.4: no MessageID read, nothing to relate to."""
     with pytest.raises(SoapFault) as raised:
-        parse_envelope(parse_xml(text))
+        parse_envelope(parse_xml(_envelope(ACTION + NOT_UNDERSTOOD)))
 
     assert raised.value.message_id is None
+
+
+# Bytes no envelope can be read from whole, and the MessageID still readable.
+PARTLY_READABLE = {
+    "trailing garbage": (_envelope(ACTION + MESSAGE_ID_HEADER) + b"<", MESSAGE_ID),
+    "cut in the body": (_envelope(ACTION + MESSAGE_ID_HEADER)[:-40], MESSAGE_ID),
+    "header after body": (
+        f'<env:Envelope xmlns:env="{SOAP12}" xmlns:wsa="{WSA}"><env:Body>'
+        f"{RETRIEVE}</env:Body><env:Header>{ACTION}{MESSAGE_ID_HEADER}"
+        "</env:Header></env:Envelope>garbage".encode(),
+        MESSAGE_ID,
+    ),
+    "cut in the message id": (
+        _envelope(ACTION + MESSAGE_ID_HEADER).split(b"</wsa:MessageID>")[0],
+        None,
+    ),
+    "message id outside the header": (
+        _envelope(ACTION, body=MESSAGE_ID_HEADER) + b"<",
+        None,
+    ),
+    "soap 1.1 envelope": (
+        _envelope(ACTION + MESSAGE_ID_HEADER).replace(SOAP12.encode(), SOAP11.encode()),
+        None,
+    ),
+    "document type declaration": (
+        b"<!DOCTYPE env:Envelope>" + _envelope(ACTION + MESSAGE_ID_HEADER),
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", PARTLY_READABLE)
+def test_the_message_id_is_read_from_an_envelope_broken_after_it(case: str) -> None:
+    """WS-Addressing 1.0 SOAP Binding 6: a Fault relates to the wsa:MessageID
+    of env:Header whenever it can be read, and to nothing otherwise."""
+    data, expected = PARTLY_READABLE[case]
+
+    assert read_message_id(data) == expected
