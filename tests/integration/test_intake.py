@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ import requests
 from click.testing import CliRunner, Result
 from lxml import etree
 from pydicom.fileset import FileSet
+from pynetdicom import AE
 from sqlalchemy import Row, select, update
 
 from tests.conftest import SHARED, shared_path
@@ -38,7 +40,7 @@ from xdsi.actors.imaging_source import (
 )
 from xdsi.actors.provide import SubmitError
 from xdsi.app import Node
-from xdsi.cli import main
+from xdsi.cli import bundled_study, main
 from xdsi.config import Settings, to_toml
 from xdsi.dicom import check, kos, scan
 from xdsi.dicom.check import refusal_table
@@ -1541,3 +1543,47 @@ def test_stow_rs_answer_names_a_few_failed_parts_in_its_head(
     warnings = response.raw.headers.getlist("Warning")
     assert len(warnings) == 21
     assert "30 more parts failed" in warnings[-1]
+
+
+def test_a_c_store_aborted_mid_way_leaves_no_partial_data_set(
+    intake_node: RunningNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DICOM PS3.8 9.3.5, 9.3.8: a data set whose association is aborted
+    before its last fragment is not kept, and nothing of it (patient data
+    included) stays in the temporary directory the SCP receives into."""
+    received = tmp_path / "received"
+    received.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(received))
+    ds = pydicom.dcmread(bundled_study() / "S1000" / "I0010.dcm")
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = (
+        pydicom.uid.generate_uid()
+    )
+    # Large enough (32 MiB) to be caught mid-way.
+    ds.Rows = ds.Columns = 4096
+    ds.PixelData = bytes(4096 * 4096 * 2)
+    ae = AE(ae_title="ABORTING")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    cfg = intake_node.settings.imaging_source
+    assoc = ae.associate(
+        intake_node.settings.node.host, cfg.dicom_port, ae_title=cfg.ae_title
+    )
+    assert assoc.is_established
+    # A slow sender: the data set in 4 KiB P-DATA-TF PDUs (fewer bytes than
+    # the SCP takes in one), each after a little wait, so that the abort
+    # comes while the data set is on its way.
+    monkeypatch.setattr(type(assoc.dimse), "maximum_pdu_size", property(lambda _: 4096))
+    send_pdu = assoc.dul.send_pdu
+
+    def slowly(primitive: object) -> None:
+        time.sleep(0.005)
+        send_pdu(primitive)
+
+    assoc.dul.send_pdu = slowly  # type: ignore[method-assign]
+    sending = threading.Thread(target=assoc.send_c_store, args=(ds,), daemon=True)
+    sending.start()
+    _wait(lambda: any(received.iterdir()), timeout=30)
+    assoc.abort()
+    sending.join(timeout=30)
+
+    _wait(lambda: not any(received.iterdir()), timeout=10)
+    assert _held(intake_node) == {}

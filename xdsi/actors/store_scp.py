@@ -121,7 +121,10 @@ class StoreScp:
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
-        handlers = [(evt.EVT_C_STORE, self._on_store)]
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_CONN_CLOSE, _drop_partial_data_set),
+        ]
         if self.tls_gate is None:
             self._server = ae.start_server(
                 self.address, block=False, evt_handlers=handlers
@@ -180,3 +183,27 @@ class StoreScp:
             time.monotonic() - started,
         )
         return SUCCESS
+
+
+def _drop_partial_data_set(event: evt.Event) -> None:
+    """Remove the data set an association was receiving when it closed.
+
+    pynetdicom writes each data set to a temporary file of its own as its
+    P-DATA fragments arrive, and gives the file to the C-STORE handler, which
+    removes it, once the last one came (DICOM PS3.8 9.3.5); an association
+    aborted or broken off mid-way leaves a partial data set, patient data
+    included, that no handler sees.
+    """
+    # Limitation: this reads pynetdicom's decoder state (dimse.message),
+    # which it offers no event for.
+    message = getattr(event.assoc.dimse, "message", None)
+    file = getattr(message, "_data_set_file", None)
+    path = getattr(message, "_data_set_path", None)
+    if file is not None:
+        file.close()
+    if path is not None:
+        Path(path).unlink(missing_ok=True)
+        logger.info(
+            "C-STORE from %s broke off mid-way; its partial data set was removed",
+            event.assoc.requestor.ae_title,
+        )
