@@ -11,12 +11,14 @@ import pydicom
 import pytest
 from lxml import etree
 from pydicom.uid import RLELossless
+from sqlalchemy import update
 
 from tests.conftest import shared_path
 from tests.integration.conftest import PATIENT, RunningNode
 from xdsi import ns, wire
 from xdsi.dicom import scan
 from xdsi.metadata.responses import read_errors, read_status
+from xdsi.store.schema import MANIFEST_PENDING, imaging_manifest
 
 RAD69 = "urn:ihe:rad:2009:RetrieveImagingDocumentSet"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -275,8 +277,9 @@ def test_undecodable_instance_is_an_error_beside_a_transcoded_one(
         shutil.copy(shared_path("dicom", "singles", name), folder / name)
     source = running_node.services.imaging_source
     studies = scan.scan_directory(folder).studies
+    running_node.feed()
     for study in studies:
-        source.keep_instances(study, PATIENT)
+        source.publish(study, PATIENT)
     request = etree.Element(
         f"{{{ns.XDSIB}}}RetrieveImagingDocumentSetRequest", nsmap={"xdsi": ns.XDSIB}
     )
@@ -355,3 +358,31 @@ def test_a_failed_request_for_an_instance_does_not_hide_a_right_one(
         ["XDSDocumentUniqueIdError"],
         1,
     )
+
+
+@pytest.mark.parametrize("manifest", ["none", "pending"])
+def test_instance_of_a_study_not_published_is_unknown(
+    running_node: RunningNode, manifest: str
+):
+    """ITI TF-3 Table 4.2.4.1-2 as RAD TF-3 4.69.4.2.3 applies it: an instance
+    taken in whose study has no manifest, or one whose registration is not
+    yet known, is answered as one not held (XDSDocumentUniqueIdError), as
+    WADO-RS answers 404 for it."""
+    (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
+    source = running_node.services.imaging_source
+    if manifest == "none":
+        source.keep_instances(study, PATIENT)
+    else:
+        running_node.feed()
+        source.publish(study, PATIENT)
+        with source.engine.begin() as conn:
+            conn.execute(update(imaging_manifest).values(status=MANIFEST_PENDING))
+    instance = study.instances[0]
+    request = rad69(
+        instance.study_instance_uid,
+        instance.series_instance_uid,
+        [instance.sop_instance_uid],
+        source.repository_unique_id,
+    )
+
+    assert _call(running_node, request) == ("Failure", ["XDSDocumentUniqueIdError"], 0)

@@ -75,21 +75,21 @@ from xdsi.metadata.responses import (
     read_status,
 )
 from xdsi.store.blobs import BlobStore
-from xdsi.store.schema import QIDO_COLUMNS, imaging_instance, imaging_manifest
+from xdsi.store.schema import (
+    MANIFEST_CURRENT,
+    MANIFEST_PENDING,
+    MANIFEST_REPLACED,
+    MANIFEST_WITHDRAWN,
+    QIDO_COLUMNS,
+    imaging_instance,
+    imaging_manifest,
+    instance_published,
+)
 from xdsi.wire.mtom import StreamSource
 
 logger = logging.getLogger(__name__)
 
 ACTOR = "imaging_source"
-
-# imaging_manifest.status: the study's Approved manifest, one an RPLC
-# superseded, one whose study has no instance left, and one sent with RAD-68
-# whose registration is not yet known.
-MANIFEST_CURRENT = "current"
-MANIFEST_PENDING = "pending"
-MANIFEST_REPLACED = "replaced"
-MANIFEST_WITHDRAWN = "withdrawn"
-
 
 # A manifest sent without an answer heard and not found in the registry is
 # taken as lost only after this many seconds: longer than RAD-68's timeout
@@ -836,8 +836,9 @@ class ImagingSource:
     ]:
         """Answer a RetrieveImagingDocumentSetRequest (RAD TF-3 4.69.4.2).
 
-        An instance comes back only when it belongs to the named study and
-        series, in the first listed transfer syntax it can be produced in
+        An instance comes back only when it is published (its study's
+        manifest is registered) and belongs to the named study and series,
+        in the first listed transfer syntax it can be produced in
         (RAD TF-3 4.69.4.2.3); a re-encoded instance is written under
         ``spool``, which the caller removes once the answer is sent.
         """
@@ -876,7 +877,11 @@ class ImagingSource:
                     (study_uid, series_uid, _DocumentRequest.read(item))
                     for item in series.findall(f"{{{ns.XDSB}}}DocumentRequest")
                 )
-        held = self.held_instances(item.unique_id for _, _, item in asked)
+        # An instance taken in but not yet published is unknown to RAD-69,
+        # as to WADO-RS: XDSDocumentUniqueIdError (ITI TF-3 Table 4.2.4.1-2).
+        held = self.held_instances(
+            (item.unique_id for _, _, item in asked), published_only=True
+        )
         documents = []
         sent: set[tuple[str, str, str, str]] = set()
         returned: set[str] = set()
@@ -980,20 +985,25 @@ class ImagingSource:
             row.patient_id,
         )
 
-    def held_instances(self, sop_uids: Iterable[str]) -> dict[str, Row]:
-        """Return the stored instances among ``sop_uids``, by SOP Instance UID.
+    def held_instances(
+        self, sop_uids: Iterable[str], *, published_only: bool = False
+    ) -> dict[str, Row]:
+        """Return the stored instances among ``sop_uids``, by SOP Instance UID;
+        with ``published_only``, those of a published study alone (see
+        ``instance_published`` in :mod:`xdsi.store.schema`).
 
         One query per 500 UIDs, well under SQLite's limit on bound
         parameters, rather than one per instance.
         """
         wanted = sorted(set(sop_uids))
+        scope = [instance_published] if published_only else []
         rows: dict[str, Row] = {}
         with self.engine.connect() as conn:
             for first in range(0, len(wanted), 500):
                 batch = wanted[first : first + 500]
                 for row in conn.execute(
                     select(imaging_instance).where(
-                        imaging_instance.c.sop_instance_uid.in_(batch)
+                        imaging_instance.c.sop_instance_uid.in_(batch), *scope
                     )
                 ):
                     rows[row.sop_instance_uid] = row
