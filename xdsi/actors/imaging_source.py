@@ -212,6 +212,30 @@ class _DocumentRequest:
         )
 
 
+@dataclass(frozen=True)
+class TransferredInstance:
+    """An instance a RAD-69 answer sends, with what its audit record names."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    # The affinity domain's patient id it was taken in under.
+    patient_id: str | None
+
+
+@dataclass(frozen=True)
+class Rad69Answer:
+    """A RetrieveDocumentSetResponse to send, and what it sends.
+
+    ``studies_asked`` holds the study of each StudyRequest that named one,
+    in request order.
+    """
+
+    body: etree._Element
+    parts: list[wire.OutgoingPart]
+    transferred: tuple[TransferredInstance, ...]
+    studies_asked: tuple[str, ...]
+
+
 class ImagingSource:
     """The Imaging Document Source over its instance store."""
 
@@ -829,11 +853,7 @@ class ImagingSource:
 
     # --- RAD-69 ---------------------------------------------------------
 
-    def retrieve(
-        self, request: etree._Element, spool: Path
-    ) -> tuple[
-        etree._Element, list[wire.OutgoingPart], list[str], list[str], list[str]
-    ]:
+    def retrieve(self, request: etree._Element, spool: Path) -> Rad69Answer:
         """Answer a RetrieveImagingDocumentSetRequest (RAD TF-3 4.69.4.2).
 
         An instance comes back only when it is published (its study's
@@ -883,6 +903,7 @@ class ImagingSource:
             (item.unique_id for _, _, item in asked), published_only=True
         )
         documents = []
+        transferred: list[TransferredInstance] = []
         sent: set[tuple[str, str, str, str]] = set()
         returned: set[str] = set()
         for study_uid, series_uid, item in asked:
@@ -901,7 +922,10 @@ class ImagingSource:
             else:
                 sent.add(key)
                 returned.add(result[0])
-                documents.append(result)
+                documents.append(result[:5])
+                transferred.append(
+                    TransferredInstance(result[0], study_uid, result[5] or None)
+                )
         if not syntaxes:
             errors.append(
                 TransferSyntaxUnavailable(
@@ -909,10 +933,9 @@ class ImagingSource:
                     "(RAD TF-3 4.69.4.1.2)"
                 )
             )
-            documents = []
-        body, parts = retrieve_response([d[:5] for d in documents], errors, ACTOR)
-        patients = sorted({d[5] for d in documents if d[5]})
-        return body, parts, [d[0] for d in documents], studies, patients
+            documents, transferred = [], []
+        body, parts = retrieve_response(documents, errors, ACTOR)
+        return Rad69Answer(body, parts, tuple(transferred), tuple(studies))
 
     def _instance(
         self,
@@ -985,6 +1008,37 @@ class ImagingSource:
             row.patient_id,
         )
 
+    def _audit_events(
+        self, answer: Rad69Answer, status: str, message: wire.SoapMessage, peer: Peer
+    ) -> list[audit.AuditEvent]:
+        """The audit records of one RAD-69 (RAD TF-3 4.69.5): DICOM Instances
+        Transferred (DICOM PS3.15 A.5.3.7), one per patient whose instances
+        were sent, since the message names exactly one Patient, each naming
+        the studies of that patient that were sent; when nothing was sent,
+        one record of the failure naming the studies asked for."""
+        outcome = retrieve_outcome(status, len(answer.transferred))
+        studies_by_patient: dict[str | None, dict[str, None]] = {}
+        for instance in answer.transferred:
+            studies = studies_by_patient.setdefault(instance.patient_id, {})
+            studies[instance.study_instance_uid] = None
+        if not studies_by_patient:
+            studies_by_patient[None] = dict.fromkeys(answer.studies_asked)
+        return [
+            audit.AuditEvent(
+                transaction="RAD-69",
+                actor="Imaging Document Source",
+                outcome=outcome,
+                source=audit.Endpoint(
+                    self.settings.url("imaging_source"), self.settings.node.host
+                ),
+                destination=audit.Endpoint(peer.reply_to, peer.host),
+                patient_id=patient_id,
+                study_instance_uids=tuple(studies),
+                message_id=message.message_id,
+            )
+            for patient_id, studies in studies_by_patient.items()
+        ]
+
     def held_instances(
         self, sop_uids: Iterable[str], *, published_only: bool = False
     ) -> dict[str, Row]:
@@ -1029,27 +1083,14 @@ class ImagingSource:
         started = time.monotonic()
         spool = Path(tempfile.mkdtemp(prefix="rad69-", dir=self.blobs.spool))
         try:
-            body, parts, sop_uids, studies, patients = self.retrieve(
-                message.body, spool
-            )
+            answer = self.retrieve(message.body, spool)
         except BaseException:
             shutil.rmtree(spool, ignore_errors=True)
             raise
+        body, parts = answer.body, answer.parts
         status = read_status(body)
-        self.auditor.record(
-            audit.AuditEvent(
-                transaction="RAD-69",
-                actor="Imaging Document Source",
-                outcome=retrieve_outcome(status, len(sop_uids)),
-                source=audit.Endpoint(
-                    self.settings.url("imaging_source"), self.settings.node.host
-                ),
-                destination=audit.Endpoint(peer.reply_to, peer.host),
-                patient_id=patients[0] if patients else None,
-                study_instance_uids=tuple(studies),
-                message_id=message.message_id,
-            )
-        )
+        for event in self._audit_events(answer, status, message, peer):
+            self.auditor.record(event)
         logger.info(
             "%s %s from %s: %s, MessageID %s, %d instances, %.3f s",
             "RAD-69",
