@@ -484,3 +484,31 @@ def test_request_that_sends_nothing_is_audited_once_with_the_studies_asked(
         (instance.study_instance_uid,),
         8,
     )
+
+
+def test_no_instance_is_sent_when_the_audit_record_cannot_be_spooled(
+    running_node: RunningNode, published: scan.Study, monkeypatch: pytest.MonkeyPatch
+):
+    """DICOM PS3.15 A.5.3.7, RAD TF-3 4.69.5: the audit record is durable
+    before the instances leave; without it the answer is a Receiver Fault and
+    the request's work files are removed."""
+    source = running_node.services.imaging_source
+
+    def full_disk(message: bytes) -> Path:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(source.auditor.spool, "write", full_disk)
+    instance = published.instances[0]
+    request = rad69(
+        instance.study_instance_uid,
+        instance.series_instance_uid,
+        [instance.sop_instance_uid],
+        source.repository_unique_id,
+        syntaxes=(RLELossless,),
+    )
+
+    with pytest.raises(wire.PeerFault) as fault:
+        _call(running_node, request)
+
+    assert fault.value.code == "env:Receiver"
+    assert not list(source.blobs.spool.glob("rad69-*"))

@@ -1080,6 +1080,13 @@ class ImagingSource:
         return app
 
     def handle_retrieve(self, message: wire.SoapMessage, peer: Peer) -> Reply:
+        """Answer a RAD-69 and audit it before the answer goes out.
+
+        Raises
+        ------
+        wire.ReceiverFault
+            Its audit record could not be spooled; no instance is sent.
+        """
         started = time.monotonic()
         spool = Path(tempfile.mkdtemp(prefix="rad69-", dir=self.blobs.spool))
         try:
@@ -1089,8 +1096,18 @@ class ImagingSource:
             raise
         body, parts = answer.body, answer.parts
         status = read_status(body)
-        for event in self._audit_events(answer, status, message, peer):
-            self.auditor.record(event)
+
+        # The audit record is durable before any instance leaves (DICOM PS3.15
+        # A.5.3.7, RAD TF-3 4.69.5): without it nothing is sent.
+        # Limitation: when the record of one patient was spooled and the next
+        # cannot be, the first stays, naming a transfer that was refused.
+        events = self._audit_events(answer, status, message, peer)
+        if not all(self.auditor.record(event) for event in events):
+            shutil.rmtree(spool, ignore_errors=True)
+            raise wire.ReceiverFault(
+                "the audit record of this RAD-69 could not be spooled; no "
+                "instance is sent without it"
+            )
         logger.info(
             "%s %s from %s: %s, MessageID %s, %d instances, %.3f s",
             "RAD-69",
