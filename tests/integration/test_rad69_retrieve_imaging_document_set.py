@@ -11,14 +11,17 @@ import pydicom
 import pytest
 from lxml import etree
 from pydicom.uid import RLELossless
+from sqlalchemy import update
 
 from tests.conftest import shared_path
 from tests.integration.conftest import PATIENT, RunningNode
-from xdsi import ns, wire
+from xdsi import audit, ns, wire
 from xdsi.dicom import scan
 from xdsi.metadata.responses import read_errors, read_status
+from xdsi.store.schema import MANIFEST_PENDING, imaging_manifest
 
 RAD69 = "urn:ihe:rad:2009:RetrieveImagingDocumentSet"
+OTHER_PATIENT = PATIENT.replace("XDSI-TEST-1", "XDSI-TEST-2")
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 
@@ -275,8 +278,9 @@ def test_undecodable_instance_is_an_error_beside_a_transcoded_one(
         shutil.copy(shared_path("dicom", "singles", name), folder / name)
     source = running_node.services.imaging_source
     studies = scan.scan_directory(folder).studies
+    running_node.feed()
     for study in studies:
-        source.keep_instances(study, PATIENT)
+        source.publish(study, PATIENT)
     request = etree.Element(
         f"{{{ns.XDSIB}}}RetrieveImagingDocumentSetRequest", nsmap={"xdsi": ns.XDSIB}
     )
@@ -355,3 +359,156 @@ def test_a_failed_request_for_an_instance_does_not_hide_a_right_one(
         ["XDSDocumentUniqueIdError"],
         1,
     )
+
+
+@pytest.mark.parametrize("manifest", ["none", "pending"])
+def test_instance_of_a_study_not_published_is_unknown(
+    running_node: RunningNode, manifest: str
+):
+    """ITI TF-3 Table 4.2.4.1-2 as RAD TF-3 4.69.4.2.3 applies it: an instance
+    taken in whose study has no manifest, or one whose registration is not
+    yet known, is answered as one not held (XDSDocumentUniqueIdError), as
+    WADO-RS answers 404 for it."""
+    (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
+    source = running_node.services.imaging_source
+    if manifest == "none":
+        source.keep_instances(study, PATIENT)
+    else:
+        running_node.feed()
+        source.publish(study, PATIENT)
+        with source.engine.begin() as conn:
+            conn.execute(update(imaging_manifest).values(status=MANIFEST_PENDING))
+    instance = study.instances[0]
+    request = rad69(
+        instance.study_instance_uid,
+        instance.series_instance_uid,
+        [instance.sop_instance_uid],
+        source.repository_unique_id,
+    )
+
+    assert _call(running_node, request) == ("Failure", ["XDSDocumentUniqueIdError"], 0)
+
+
+def _source_audit_records(node: RunningNode) -> list[audit.AuditRecord]:
+    """The RAD-69 records the Imaging Document Source wrote (action R)."""
+    records = list(node.services.audit_spool.records())
+    assert all(r.valid for r in records), [r.path.name for r in records]
+    return [r for r in records if r.event_type == "RAD-69" and r.event_action == "R"]
+
+
+def test_instances_of_two_patients_are_audited_once_per_patient(
+    running_node: RunningNode, published: scan.Study, tmp_path: Path
+):
+    """RAD TF-3 4.69.5, DICOM PS3.15 A.5.3.7: one DICOM Instances Transferred
+    per patient (the Patient object is 1..1), naming only the studies of
+    that patient that were sent, each once."""
+    source = running_node.services.imaging_source
+    folder = tmp_path / "other"
+    folder.mkdir()
+    shutil.copy(shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm"), folder)
+    (other,) = scan.scan_directory(folder).studies
+    running_node.feed(OTHER_PATIENT)
+    source.publish(other, OTHER_PATIENT)
+
+    # The MR study asked under two StudyRequests, the other patient's study,
+    # and a study of which nothing is held.
+    first, second = published.series[0], published.series[1]
+    request = rad69(
+        published.study_instance_uid,
+        first.series_instance_uid,
+        [first.instances[0].sop_instance_uid],
+        source.repository_unique_id,
+    )
+    syntax_list = request.find(f"{{{ns.XDSIB}}}TransferSyntaxUIDList")
+    for study_uid, series_uid, sop_uid in (
+        (
+            published.study_instance_uid,
+            second.series_instance_uid,
+            second.instances[0].sop_instance_uid,
+        ),
+        (
+            other.study_instance_uid,
+            other.instances[0].series_instance_uid,
+            other.instances[0].sop_instance_uid,
+        ),
+        ("1.2.3.4.5", "1.2.3.4.5.6", "1.2.3.4.5.6.7"),
+    ):
+        syntax_list.addprevious(
+            rad69(study_uid, series_uid, [sop_uid], source.repository_unique_id).find(
+                f"{{{ns.XDSIB}}}StudyRequest"
+            )
+        )
+
+    assert _call(running_node, request) == (
+        "PartialSuccess",
+        ["XDSDocumentUniqueIdError"],
+        3,
+    )
+    records = _source_audit_records(running_node)
+    assert sorted((r.patient_ids, r.object_ids, r.outcome) for r in records) == [
+        ((PATIENT,), (published.study_instance_uid,), 4),
+        ((OTHER_PATIENT,), (other.study_instance_uid,), 4),
+    ]
+
+
+def test_request_that_sends_nothing_is_audited_once_with_the_studies_asked(
+    running_node: RunningNode, published: scan.Study
+):
+    """RAD TF-3 4.69.5: a RAD-69 that sends nothing is one DICOM Instances
+    Transferred of serious failure, naming each study asked for once."""
+    instance = published.instances[0]
+    request = rad69(
+        instance.study_instance_uid,
+        instance.series_instance_uid,
+        ["1.2.3.4.5.6.7.8.9"],
+        running_node.settings.imaging_source.repository_unique_id,
+    )
+    again = rad69(
+        instance.study_instance_uid,
+        published.series[1].series_instance_uid,
+        ["1.2.3.4.5.6.7.8.10"],
+        running_node.settings.imaging_source.repository_unique_id,
+    )
+    request.find(f"{{{ns.XDSIB}}}TransferSyntaxUIDList").addprevious(
+        again.find(f"{{{ns.XDSIB}}}StudyRequest")
+    )
+
+    assert _call(running_node, request) == (
+        "Failure",
+        ["XDSDocumentUniqueIdError", "XDSDocumentUniqueIdError"],
+        0,
+    )
+    (record,) = _source_audit_records(running_node)
+    assert (record.patient_ids, record.object_ids, record.outcome) == (
+        (),
+        (instance.study_instance_uid,),
+        8,
+    )
+
+
+def test_no_instance_is_sent_when_the_audit_record_cannot_be_spooled(
+    running_node: RunningNode, published: scan.Study, monkeypatch: pytest.MonkeyPatch
+):
+    """DICOM PS3.15 A.5.3.7, RAD TF-3 4.69.5: the audit record is durable
+    before the instances leave; without it the answer is a Receiver Fault and
+    the request's work files are removed."""
+    source = running_node.services.imaging_source
+
+    def full_disk(message: bytes) -> Path:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(source.auditor.spool, "write", full_disk)
+    instance = published.instances[0]
+    request = rad69(
+        instance.study_instance_uid,
+        instance.series_instance_uid,
+        [instance.sop_instance_uid],
+        source.repository_unique_id,
+        syntaxes=(RLELossless,),
+    )
+
+    with pytest.raises(wire.PeerFault) as fault:
+        _call(running_node, request)
+
+    assert fault.value.code == "env:Receiver"
+    assert not list(source.blobs.spool.glob("rad69-*"))

@@ -53,7 +53,7 @@ from xdsi.dicom.qido import (
     SERIES_ATTRIBUTES,
     STUDY_ATTRIBUTES,
 )
-from xdsi.store.schema import QIDO_COLUMNS, imaging_instance, imaging_manifest
+from xdsi.store.schema import QIDO_COLUMNS, imaging_instance, instance_published
 
 if TYPE_CHECKING:
     from xdsi.actors.imaging_source import ImagingSource
@@ -505,18 +505,7 @@ def _in_scope(
 ) -> list[ColumnElement[bool]]:
     """The conditions on imaging_instance rows of the published instances,
     of the study, series and instance named."""
-    conditions = [
-        # A manifest whose registration is not yet known publishes nothing
-        # (see ImagingSource._settle_pending). Asked of each row found, so
-        # that the rows are found by the other conditions' indexes.
-        select(imaging_manifest.c.study_instance_uid)
-        .where(
-            imaging_manifest.c.study_instance_uid
-            == imaging_instance.c.study_instance_uid,
-            imaging_manifest.c.status != "pending",
-        )
-        .exists()
-    ]
+    conditions = [instance_published]
     for column, value in (
         (imaging_instance.c.study_instance_uid, study_uid),
         (imaging_instance.c.series_instance_uid, series_uid),

@@ -75,21 +75,21 @@ from xdsi.metadata.responses import (
     read_status,
 )
 from xdsi.store.blobs import BlobStore
-from xdsi.store.schema import QIDO_COLUMNS, imaging_instance, imaging_manifest
+from xdsi.store.schema import (
+    MANIFEST_CURRENT,
+    MANIFEST_PENDING,
+    MANIFEST_REPLACED,
+    MANIFEST_WITHDRAWN,
+    QIDO_COLUMNS,
+    imaging_instance,
+    imaging_manifest,
+    instance_published,
+)
 from xdsi.wire.mtom import StreamSource
 
 logger = logging.getLogger(__name__)
 
 ACTOR = "imaging_source"
-
-# imaging_manifest.status: the study's Approved manifest, one an RPLC
-# superseded, one whose study has no instance left, and one sent with RAD-68
-# whose registration is not yet known.
-MANIFEST_CURRENT = "current"
-MANIFEST_PENDING = "pending"
-MANIFEST_REPLACED = "replaced"
-MANIFEST_WITHDRAWN = "withdrawn"
-
 
 # A manifest sent without an answer heard and not found in the registry is
 # taken as lost only after this many seconds: longer than RAD-68's timeout
@@ -210,6 +210,30 @@ class _DocumentRequest:
             child_text(item, "DocumentUniqueId"),
             child_text(item, "HomeCommunityId") or None,
         )
+
+
+@dataclass(frozen=True)
+class TransferredInstance:
+    """An instance a RAD-69 answer sends, with what its audit record names."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    # The affinity domain's patient id it was taken in under.
+    patient_id: str | None
+
+
+@dataclass(frozen=True)
+class Rad69Answer:
+    """A RetrieveDocumentSetResponse to send, and what it sends.
+
+    ``studies_asked`` holds the study of each StudyRequest that named one,
+    in request order.
+    """
+
+    body: etree._Element
+    parts: list[wire.OutgoingPart]
+    transferred: tuple[TransferredInstance, ...]
+    studies_asked: tuple[str, ...]
 
 
 class ImagingSource:
@@ -829,15 +853,12 @@ class ImagingSource:
 
     # --- RAD-69 ---------------------------------------------------------
 
-    def retrieve(
-        self, request: etree._Element, spool: Path
-    ) -> tuple[
-        etree._Element, list[wire.OutgoingPart], list[str], list[str], list[str]
-    ]:
+    def retrieve(self, request: etree._Element, spool: Path) -> Rad69Answer:
         """Answer a RetrieveImagingDocumentSetRequest (RAD TF-3 4.69.4.2).
 
-        An instance comes back only when it belongs to the named study and
-        series, in the first listed transfer syntax it can be produced in
+        An instance comes back only when it is published (its study's
+        manifest is registered) and belongs to the named study and series,
+        in the first listed transfer syntax it can be produced in
         (RAD TF-3 4.69.4.2.3); a re-encoded instance is written under
         ``spool``, which the caller removes once the answer is sent.
         """
@@ -876,8 +897,13 @@ class ImagingSource:
                     (study_uid, series_uid, _DocumentRequest.read(item))
                     for item in series.findall(f"{{{ns.XDSB}}}DocumentRequest")
                 )
-        held = self.held_instances(item.unique_id for _, _, item in asked)
+        # An instance taken in but not yet published is unknown to RAD-69,
+        # as to WADO-RS: XDSDocumentUniqueIdError (ITI TF-3 Table 4.2.4.1-2).
+        held = self.held_instances(
+            (item.unique_id for _, _, item in asked), published_only=True
+        )
         documents = []
+        transferred: list[TransferredInstance] = []
         sent: set[tuple[str, str, str, str]] = set()
         returned: set[str] = set()
         for study_uid, series_uid, item in asked:
@@ -896,7 +922,10 @@ class ImagingSource:
             else:
                 sent.add(key)
                 returned.add(result[0])
-                documents.append(result)
+                documents.append(result[:5])
+                transferred.append(
+                    TransferredInstance(result[0], study_uid, result[5] or None)
+                )
         if not syntaxes:
             errors.append(
                 TransferSyntaxUnavailable(
@@ -904,10 +933,9 @@ class ImagingSource:
                     "(RAD TF-3 4.69.4.1.2)"
                 )
             )
-            documents = []
-        body, parts = retrieve_response([d[:5] for d in documents], errors, ACTOR)
-        patients = sorted({d[5] for d in documents if d[5]})
-        return body, parts, [d[0] for d in documents], studies, patients
+            documents, transferred = [], []
+        body, parts = retrieve_response(documents, errors, ACTOR)
+        return Rad69Answer(body, parts, tuple(transferred), tuple(studies))
 
     def _instance(
         self,
@@ -980,20 +1008,56 @@ class ImagingSource:
             row.patient_id,
         )
 
-    def held_instances(self, sop_uids: Iterable[str]) -> dict[str, Row]:
-        """Return the stored instances among ``sop_uids``, by SOP Instance UID.
+    def _audit_events(
+        self, answer: Rad69Answer, status: str, message: wire.SoapMessage, peer: Peer
+    ) -> list[audit.AuditEvent]:
+        """The audit records of one RAD-69 (RAD TF-3 4.69.5): DICOM Instances
+        Transferred (DICOM PS3.15 A.5.3.7), one per patient whose instances
+        were sent, since the message names exactly one Patient, each naming
+        the studies of that patient that were sent; when nothing was sent,
+        one record of the failure naming the studies asked for."""
+        outcome = retrieve_outcome(status, len(answer.transferred))
+        studies_by_patient: dict[str | None, dict[str, None]] = {}
+        for instance in answer.transferred:
+            studies = studies_by_patient.setdefault(instance.patient_id, {})
+            studies[instance.study_instance_uid] = None
+        if not studies_by_patient:
+            studies_by_patient[None] = dict.fromkeys(answer.studies_asked)
+        return [
+            audit.AuditEvent(
+                transaction="RAD-69",
+                actor="Imaging Document Source",
+                outcome=outcome,
+                source=audit.Endpoint(
+                    self.settings.url("imaging_source"), self.settings.node.host
+                ),
+                destination=audit.Endpoint(peer.reply_to, peer.host),
+                patient_id=patient_id,
+                study_instance_uids=tuple(studies),
+                message_id=message.message_id,
+            )
+            for patient_id, studies in studies_by_patient.items()
+        ]
+
+    def held_instances(
+        self, sop_uids: Iterable[str], *, published_only: bool = False
+    ) -> dict[str, Row]:
+        """Return the stored instances among ``sop_uids``, by SOP Instance UID;
+        with ``published_only``, those of a published study alone (see
+        ``instance_published`` in :mod:`xdsi.store.schema`).
 
         One query per 500 UIDs, well under SQLite's limit on bound
         parameters, rather than one per instance.
         """
         wanted = sorted(set(sop_uids))
+        scope = [instance_published] if published_only else []
         rows: dict[str, Row] = {}
         with self.engine.connect() as conn:
             for first in range(0, len(wanted), 500):
                 batch = wanted[first : first + 500]
                 for row in conn.execute(
                     select(imaging_instance).where(
-                        imaging_instance.c.sop_instance_uid.in_(batch)
+                        imaging_instance.c.sop_instance_uid.in_(batch), *scope
                     )
                 ):
                     rows[row.sop_instance_uid] = row
@@ -1016,30 +1080,34 @@ class ImagingSource:
         return app
 
     def handle_retrieve(self, message: wire.SoapMessage, peer: Peer) -> Reply:
+        """Answer a RAD-69 and audit it before the answer goes out.
+
+        Raises
+        ------
+        wire.ReceiverFault
+            Its audit record could not be spooled; no instance is sent.
+        """
         started = time.monotonic()
         spool = Path(tempfile.mkdtemp(prefix="rad69-", dir=self.blobs.spool))
         try:
-            body, parts, sop_uids, studies, patients = self.retrieve(
-                message.body, spool
-            )
+            answer = self.retrieve(message.body, spool)
         except BaseException:
             shutil.rmtree(spool, ignore_errors=True)
             raise
+        body, parts = answer.body, answer.parts
         status = read_status(body)
-        self.auditor.record(
-            audit.AuditEvent(
-                transaction="RAD-69",
-                actor="Imaging Document Source",
-                outcome=retrieve_outcome(status, len(sop_uids)),
-                source=audit.Endpoint(
-                    self.settings.url("imaging_source"), self.settings.node.host
-                ),
-                destination=audit.Endpoint(peer.reply_to, peer.host),
-                patient_id=patients[0] if patients else None,
-                study_instance_uids=tuple(studies),
-                message_id=message.message_id,
+
+        # The audit record is durable before any instance leaves (DICOM PS3.15
+        # A.5.3.7, RAD TF-3 4.69.5): without it nothing is sent.
+        # Limitation: when the record of one patient was spooled and the next
+        # cannot be, the first stays, naming a transfer that was refused.
+        events = self._audit_events(answer, status, message, peer)
+        if not all(self.auditor.record(event) for event in events):
+            shutil.rmtree(spool, ignore_errors=True)
+            raise wire.ReceiverFault(
+                "the audit record of this RAD-69 could not be spooled; no "
+                "instance is sent without it"
             )
-        )
         logger.info(
             "%s %s from %s: %s, MessageID %s, %d instances, %.3f s",
             "RAD-69",

@@ -267,7 +267,9 @@ class Auditor:
     """Builds each transaction's audit message and spools it; never raises.
 
     Audit never blocks care: a failure to build or store a message is logged
-    with its traceback and the transaction goes on.
+    with its traceback and :meth:`record` returns False; a transaction goes
+    on unless its actor promises the record durable before it answers
+    (RAD-69 sends no instance without it).
     """
 
     def __init__(
@@ -281,8 +283,9 @@ class Auditor:
         self.audit_source_id = audit_source_id
         self.enterprise_site_id = enterprise_site_id
 
-    def record(self, event: AuditEvent) -> None:
-        """Build the audit message for ``event`` and spool it."""
+    def record(self, event: AuditEvent) -> bool:
+        """Build the audit message for ``event`` and spool it; return whether
+        it is now durable in the spool."""
         try:
             message = build_audit_message(
                 event,
@@ -297,7 +300,8 @@ class Auditor:
                 event.actor,
                 int(event.outcome),
             )
-            return
+            return False
         logger.debug(
             "audit record of %s by %s is %s", event.transaction, event.actor, path
         )
+        return True

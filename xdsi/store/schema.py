@@ -35,6 +35,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    select,
 )
 from sqlalchemy.exc import DisconnectionError
 
@@ -224,10 +225,31 @@ imaging_manifest = Table(
     # The DocumentEntry's entryUUID, the target of a later RPLC Association
     # (ITI TF-3 4.2.2.2); empty for manifests published before it was kept.
     Column("entry_uuid", String(64), nullable=False, server_default=""),
-    # "current" while it is the study's Approved manifest, "replaced" once
-    # an RPLC superseded it, "withdrawn" when the study has no instance left.
+    # One of the MANIFEST_ values below.
     Column("status", String(16), nullable=False, server_default="current"),
     Index("ix_imaging_manifest_study", "study_instance_uid"),
+)
+
+# imaging_manifest.status: the study's Approved manifest, one an RPLC
+# superseded, one whose study has no instance left, and one sent with RAD-68
+# whose registration is not yet known.
+MANIFEST_CURRENT = "current"
+MANIFEST_PENDING = "pending"
+MANIFEST_REPLACED = "replaced"
+MANIFEST_WITHDRAWN = "withdrawn"
+
+# An imaging_instance row is published once its study has a manifest whose
+# registration is known (RAD TF-3 4.68): only then may an Imaging
+# Document Consumer know of it, and only then is it served, by RAD-69 as by
+# WADO-RS and WADO-URI. Asked of each row found, so that the rows are found by the
+# other conditions' indexes.
+instance_published = (
+    select(imaging_manifest.c.study_instance_uid)
+    .where(
+        imaging_manifest.c.study_instance_uid == imaging_instance.c.study_instance_uid,
+        imaging_manifest.c.status != MANIFEST_PENDING,
+    )
+    .exists()
 )
 
 # One row per study taken in by C-STORE, STOW-RS or import: when its last

@@ -176,7 +176,7 @@ def test_auditor_spools_the_message_of_each_event(
         spool, audit_source_id=AUDIT_SOURCE_ID, enterprise_site_id="IHE-EU-2024"
     )
 
-    auditor.record(retrieve_event(real_ids))
+    assert auditor.record(retrieve_event(real_ids)) is True
 
     [record] = list(spool.records())
     assert record.valid
@@ -189,13 +189,14 @@ def test_auditor_spools_the_message_of_each_event(
 def test_auditor_swallows_a_spool_failure_and_logs_it(
     tmp_path: Path, real_ids: RealIds, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """ITI TF-2 3.20: audit never blocks care; failures are logged."""
+    """ITI TF-2 3.20: audit never blocks care; a failure is logged and
+    reported to the caller."""
     not_a_directory = tmp_path / "spool"
     not_a_directory.write_bytes(b"")
     auditor = Auditor(AuditSpool(not_a_directory), audit_source_id=AUDIT_SOURCE_ID)
     caplog.set_level(logging.DEBUG, logger="xdsi.audit")
 
-    auditor.record(retrieve_event(real_ids))
+    assert auditor.record(retrieve_event(real_ids)) is False
 
     [failure] = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert failure.exc_info is not None
@@ -210,7 +211,7 @@ def test_auditor_swallows_an_event_it_cannot_build(
     spool = AuditSpool(tmp_path)
     auditor = Auditor(spool, audit_source_id=AUDIT_SOURCE_ID)
 
-    auditor.record(retrieve_event(real_ids, actor="Document Registry"))
+    assert auditor.record(retrieve_event(real_ids, actor="Document Registry")) is False
 
     assert list(spool.records()) == []
     assert any(r.levelno == logging.ERROR for r in caplog.records)
