@@ -864,7 +864,11 @@ def _list_repository(
 
 
 def _arr_tls_context(
-    settings: Settings, cert: Path | None, key: Path | None, ca: Path | None
+    settings: Settings,
+    cert: Path | None,
+    key: Path | None,
+    ca: Path | None,
+    crls: tuple[Path, ...] = (),
 ) -> ssl.SSLContext | None:
     """The ARR's TLS server context: from the options, else the node's [tls]."""
     if cert is not None and key is not None and ca is not None:
@@ -874,6 +878,7 @@ def _arr_tls_context(
                 certificate=str(cert),
                 private_key=str(key),
                 trusted=(str(ca),),
+                crls=tuple(str(crl) for crl in crls),
             )
         )
     if settings.tls.enabled:
@@ -892,6 +897,13 @@ def _arr_tls_context(
     type=click.Path(exists=True, path_type=Path),
     help="Certificates of the nodes allowed to send (mutual TLS, ITI TF-2 3.19).",
 )
+@click.option(
+    "--crl",
+    "crls",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A CA's CRL (PEM) to check senders against, with --ca (repeatable).",
+)
 @click.pass_context
 def arr(
     ctx: click.Context,
@@ -901,6 +913,7 @@ def arr(
     cert: Path | None,
     key: Path | None,
     ca: Path | None,
+    crls: tuple[Path, ...],
 ) -> None:
     """Run an Audit Record Repository until interrupted.
 
@@ -913,8 +926,10 @@ def arr(
     files = (cert, key, ca)
     if any(files) and not all(files):
         _fail("TLS needs --cert, --key and --ca together")
+    if crls and ca is None:
+        _fail("--crl goes with --cert, --key and --ca")
     try:
-        context = _arr_tls_context(settings, cert, key, ca)
+        context = _arr_tls_context(settings, cert, key, ca, crls)
     except (OSError, ssl.SSLError, ConfigError) as exc:
         _fail(f"cannot load the TLS certificate or key: {exc}")
     engine = make_engine(settings.database_url)

@@ -98,6 +98,7 @@ class _Revocation:
             if self._seen.get(path) != stamp:
                 self._context.load_verify_locations(cafile=path)
                 self._seen[path] = stamp
+                _warn_if_out_of_date(path)
 
     def refresh(self) -> None:
         """Load the changed CRLs if CRL_RECHECK_SECONDS have passed."""
@@ -116,6 +117,27 @@ class _Revocation:
                     "before stay in force",
                     exc,
                 )
+
+
+def _warn_if_out_of_date(path: str) -> None:
+    """Warn of a CRL past its next update: the peers of its CA are refused
+    until a current one comes (RFC 5280 6.3.3)."""
+    marker = b"-----BEGIN X509 CRL-----"
+    try:
+        blocks = Path(path).read_bytes().split(marker)[1:]
+        crls = [x509.load_pem_x509_crl(marker + block) for block in blocks]
+    except (OSError, ValueError):
+        return  # OpenSSL read it; what it makes of it decides
+    now = datetime.datetime.now(datetime.UTC)
+    for crl in crls:
+        if crl.next_update_utc is not None and crl.next_update_utc < now:
+            logger.warning(
+                "TLS: the CRL of %s in %s was due for renewal at %s; the "
+                "peers it covers are refused until a current one is written",
+                crl.issuer.rfc4514_string(),
+                path,
+                crl.next_update_utc.isoformat(timespec="seconds"),
+            )
 
 
 # The CRLs of each context built with [tls] crls.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import socketserver
 import ssl
@@ -20,7 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from lxml import etree
 
 from tests.conftest import shared_path
-from xdsi import audit, tls
+from xdsi import audit, cli, tls
 from xdsi.config import ConfigError, Settings, TlsSettings, load_settings, to_toml
 
 
@@ -435,3 +436,37 @@ def test_crls_are_read_from_the_tls_section(
     config.write_text(config.read_text().replace(f'["{revoking.crl}"]', '"one.crl"'))
     with pytest.raises(ConfigError, match=r"\[tls\] crls wants a list of strings"):
         load_settings(config)
+
+
+def test_a_crl_past_its_next_update_is_warned_of_when_read(
+    revoking: RevokingPki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RFC 5280 6.3.3: the node says when a CRL it reads is no longer
+    current, since every peer of its CA is then refused."""
+    issued = datetime.now(UTC) - timedelta(days=10)
+    stale = tls.make_crl(revoking.ca, tmp_path / "stale.crl", issued=issued, days=7)
+    caplog.set_level(logging.WARNING, logger="xdsi.tls")
+
+    tls.server_context(replace(revoking.settings(revoking.server), crls=(str(stale),)))
+
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "due for renewal" in warning and str(stale) in warning
+
+
+def test_the_arr_checks_senders_against_the_crls_given(revoking: RevokingPki) -> None:
+    """ITI TF-2 3.19: ``xdsi arr --crl`` refuses a sender whose certificate
+    its CA revoked, as a node with [tls] crls does."""
+    context = cli._arr_tls_context(
+        Settings(),
+        revoking.server.certificate,
+        revoking.server.private_key,
+        revoking.ca.certificate,
+        (revoking.crl,),
+    )
+    assert context is not None
+    with _gated(context) as (address, refused):
+        assert _exchange(tls.client_context(revoking.settings(revoking.good)), address)
+        revoked = tls.client_context(revoking.settings(revoking.revoked))
+        assert _exchange(revoked, address) == b""
+        (peer,) = _wait_for(refused)
+    assert "revoked" in peer.reason.lower()
