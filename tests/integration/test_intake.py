@@ -1587,3 +1587,48 @@ def test_a_c_store_aborted_mid_way_leaves_no_partial_data_set(
 
     _wait(lambda: not any(received.iterdir()), timeout=10)
     assert _held(intake_node) == {}
+
+
+def test_an_instance_held_already_sent_for_another_patient_is_refused(
+    intake_node: RunningNode, tmp_path: Path
+) -> None:
+    """DICOM PS3.3 C.7.2.1: a copy of an instance held already that names
+    another patient is refused as naming another patient by every intake,
+    not answered as held (C-STORE Success would tell the sender it was
+    stored)."""
+    whole = shared_path("dicom", "study-mr", "images", "000001.dcm")
+    intake = intake_node.services.intake
+    intake.accept(whole)
+    other = pydicom.dcmread(whole)
+    other.PatientID = "SOMEONE-ELSE"
+    other.save_as(tmp_path / "other.dcm")
+
+    sent = send_files([tmp_path / "other.dcm"], _scp(intake_node), calling_ae_title="X")
+
+    assert sent.statuses[tmp_path / "other.dcm"] == 0xC004
+    with pytest.raises(check.Refused) as refused:
+        intake.accept(tmp_path / "other.dcm", move=False)
+    assert refused.value.rule == "other_patient"
+
+
+def test_one_issuer_given_in_either_attribute_is_one_patient(
+    intake_node: RunningNode, tmp_path: Path
+) -> None:
+    """DICOM PS3.3 C.7.1.1: Issuer of Patient ID 1.2.3.4.5 and an Issuer of
+    Patient ID Qualifiers Sequence naming 1.2.3.4.5, alone or beside it,
+    name one issuer: the instances are of one patient."""
+    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:3]
+    intake = intake_node.services.intake
+    first = pydicom.dcmread(images[0])
+    first.IssuerOfPatientID = "1.2.3.4.5"
+    first.save_as(tmp_path / "first.dcm")
+    held = intake.accept(tmp_path / "first.dcm")
+    alone = _qualified(images[1], tmp_path / "alone.dcm", "1.2.3.4.5")
+    beside = pydicom.dcmread(_qualified(images[2], tmp_path / "b.dcm", "1.2.3.4.5"))
+    beside.IssuerOfPatientID = "1.2.3.4.5"
+    beside.save_as(tmp_path / "beside.dcm")
+
+    for path in (alone, tmp_path / "beside.dcm"):
+        taken = intake.accept(path)
+        assert taken.study_instance_uid == held.study_instance_uid
+    assert len(_held(intake_node)) == 3

@@ -238,6 +238,10 @@ class Intake:
             patient_id = self.patient_id(ds)
         else:
             self._refuse_other_patient(header.study_instance_uid, patient_id)
+        # An instance held already, but sent naming another patient than
+        # its study's, is refused as such, not answered as held.
+        with self.engine.connect() as conn:
+            self._refuse_mixed_patients(conn, header, ds)
         if self._held(header):
             return self._duplicate(header, path, move)
         # A study with nothing held and no current manifest (never taken in,
@@ -694,14 +698,14 @@ class Intake:
             .where(imaging_instance.c.study_instance_uid == header.study_instance_uid)
             .limit(1)
         ).scalar()
-        patient = _patient_of
+        same = _same_patient
         if blob is None:
             # Emptied (remove --no-publish) but its manifest still current:
             # that names the images' Patient ID and its first issuer.
             current = self.source.current_manifest(header.study_instance_uid)
             if current is None:
                 return
-            blob, patient = current.blob, _patient_as_in_manifest
+            blob, same = current.blob, _same_as_in_manifest
         try:
             held = pydicom.dcmread(
                 self.blobs.path(blob),
@@ -718,7 +722,7 @@ class Intake:
                 f"study {header.study_instance_uid} has a held instance that "
                 f"cannot be read ({exc}); its patient cannot be checked",
             ) from exc
-        if patient(held) != patient(ds):
+        if not same(held, ds):
             raise check.Refused(
                 "other_patient",
                 f"instance {header.sop_instance_uid} names another patient than "
@@ -981,6 +985,32 @@ def _patient_as_in_manifest(ds: Dataset) -> tuple[str, str]:
     ID of the manifest built of the images (kos.build_manifest)."""
     patient_id, *issuers = _patient_of(ds)
     return patient_id, next((issuer for issuer in issuers if issuer), "")
+
+
+def _same_patient(first: Dataset, second: Dataset) -> bool:
+    """Whether two data sets name one patient: one Patient ID, and issuers
+    that agree (DICOM PS3.3 C.7.1.1).
+
+    An issuer given in the same attribute by both must be the same;
+    where no attribute is given by both, their first issuers must be (so
+    that Issuer of Patient ID 1.2.3 and a Qualifiers Sequence naming 1.2.3
+    alone agree, and an issuer given against none does not).
+    """
+    first_id, *first_issuers = _patient_of(first)
+    second_id, *second_issuers = _patient_of(second)
+    if first_id != second_id:
+        return False
+    pairs = list(zip(first_issuers, second_issuers, strict=True))
+    if any(a and b and a != b for a, b in pairs):
+        return False
+    if any(a and b for a, b in pairs):
+        return True
+    return _patient_as_in_manifest(first) == _patient_as_in_manifest(second)
+
+
+def _same_as_in_manifest(manifest: Dataset, ds: Dataset) -> bool:
+    """Whether a data set names the patient its study's manifest names."""
+    return _patient_as_in_manifest(manifest) == _patient_as_in_manifest(ds)
 
 
 def _log_refusals(refusals: list[check.Refused]) -> None:
