@@ -841,22 +841,44 @@ def _metadata_document(header: Dataset) -> dict[str, dict]:
     document: dict[str, dict] = {}
     for element in header:
         key = f"{element.tag:08X}"
-        if element.VR == "SQ":
-            document[key] = element.to_json_dict(
-                bulk_data_element_handler=None, bulk_data_threshold=0
-            )
+        try:
+            if element.VR == "SQ":
+                attribute = element.to_json_dict(
+                    bulk_data_element_handler=None, bulk_data_threshold=0
+                )
+            else:
+                # Limitation: bulk data at the top level (Pixel Data and
+                # other binary values over BULK_DATA_THRESHOLD) is left out
+                # of the metadata; this node has no bulkdata resource for a
+                # BulkDataURI (DICOM PS3.18 F.2.6) to name.
+                attribute = element.to_json_dict(
+                    bulk_data_element_handler=lambda _: "",
+                    bulk_data_threshold=BULK_DATA_THRESHOLD,
+                )
+        except Exception as exc:
+            # A value its VR does not allow (an IS of letters) has no DICOM
+            # JSON form; the instance's other attributes are sent.
+            logger.debug("%s left out of the metadata: %s", key, type(exc).__name__)
             continue
-        # Limitation: bulk data at the top level (Pixel Data and other
-        # binary values over BULK_DATA_THRESHOLD) is left out of the
-        # metadata; this node has no bulkdata resource for a BulkDataURI
-        # (DICOM PS3.18 F.2.6) to name.
-        attribute = element.to_json_dict(
-            bulk_data_element_handler=lambda _: "",
-            bulk_data_threshold=BULK_DATA_THRESHOLD,
-        )
-        if "BulkDataURI" not in attribute:
-            document[key] = attribute
+        if "BulkDataURI" in attribute:
+            continue
+        if not _finite(attribute):
+            # NaN and infinities have no JSON form (RFC 8259 6).
+            logger.debug("%s left out of the metadata: not a finite number", key)
+            continue
+        document[key] = attribute
     return document
+
+
+def _finite(value: object) -> bool:
+    """Whether every number in a DICOM JSON value is finite."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
 
 
 def _file_chunks(path: Path) -> Iterator[bytes]:
