@@ -1632,3 +1632,21 @@ def test_one_issuer_given_in_either_attribute_is_one_patient(
         taken = intake.accept(path)
         assert taken.study_instance_uid == held.study_instance_uid
     assert len(_held(intake_node)) == 3
+
+
+def test_stow_rs_names_an_instance_refused_for_another_patient(
+    intake_node: RunningNode,
+) -> None:
+    """DICOM PS3.18 10.5.3: the Failed SOP Sequence item of an instance
+    refused once stored (its study is held under another patient, given to
+    publish it) names its SOP Class and Instance UIDs."""
+    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:2]
+    intake_node.services.intake.accept(images[0], patient_id="GIVEN^^^&1.2.3.4&ISO")
+    later = pydicom.dcmread(images[1], stop_before_pixels=True)
+
+    response = _stow(intake_node, [images[1].read_bytes()])
+
+    assert response.status_code == 409
+    (item,) = response.json()["00081198"]["Value"]
+    assert item["00081150"]["Value"] == [later.SOPClassUID]
+    assert item["00081155"]["Value"] == [later.SOPInstanceUID]

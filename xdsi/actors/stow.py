@@ -175,6 +175,9 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
     warnings: list[str] = []
     try:
         for index, (path, part_media_type) in enumerate(parts.files, start=1):
+            # Read first: intake consumes the file, even one it then refuses
+            # (an instance naming another patient than its study's).
+            sop_class_uid, sop_instance_uid = _uids_of(path)
             try:
                 if part_media_type.split(";")[0].strip().lower() != DICOM_MEDIA_TYPE:
                     raise Refused("not_dicom", f"a part of type {part_media_type}")
@@ -186,7 +189,6 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
                 )
             except Refused as exc:
                 logger.warning("STOW-RS part refused: %s", exc.reason)
-                sop_class_uid, sop_instance_uid = _uids_of(path)
                 failed.append(
                     _reference(sop_class_uid, sop_instance_uid, exc.failure_reason)
                 )
@@ -197,7 +199,6 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
                 # An error of this node's own fails this part alone: a
                 # Processing failure (DICOM PS3.4 Table B.2-1, 0110).
                 logger.exception("STOW-RS part %d not stored", index)
-                sop_class_uid, sop_instance_uid = _uids_of(path)
                 failed.append(
                     _reference(sop_class_uid, sop_instance_uid, PROCESSING_FAILURE)
                 )
