@@ -20,8 +20,10 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
+from xml.sax.saxutils import escape as xml_escape
 
 import click
+from lxml import etree
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
@@ -51,6 +53,7 @@ from xdsi.hl7.adt import TRIGGER_EVENTS
 from xdsi.hl7.mllp import MllpError
 from xdsi.logs import quiet_pydicom
 from xdsi.store.schema import make_engine
+from xdsi.wire.xml import parse_xml
 
 console = Console()
 err_console = Console(stderr=True)
@@ -798,8 +801,7 @@ def audit_list(
         and (end is None or r.event_time < end)
     ]
     if as_xml:
-        for record in records:
-            click.echo(record.xml.decode("utf-8", "replace"))
+        click.echo(_xml_document(record.xml for record in records))
         return
     if as_json:
         click.echo(
@@ -841,8 +843,7 @@ def _list_repository(
     finally:
         engine.dispose()
     if as_xml:
-        for record in records:
-            click.echo((record.xml or record.raw).decode("utf-8", "replace"))
+        click.echo(_xml_document(record.xml or record.raw for record in records))
         return
     if as_json:
         click.echo(json.dumps([r.as_json() for r in records], indent=2))
@@ -861,6 +862,24 @@ def _list_repository(
             record.audit_source_id or "?",
         )
     console.print(table)
+
+
+def _xml_document(messages: Iterable[bytes]) -> str:
+    """The audit messages as one XML document: each AuditMessage (DICOM
+    PS3.15 A.5) in an AuditMessages element, without its own declaration;
+    one that is not XML (kept as received) as the text of a
+    MalformedRecord element."""
+    lines = ['<?xml version="1.0" encoding="UTF-8"?>', "<AuditMessages>"]
+    for message in messages:
+        try:
+            root = parse_xml(message)
+        except Exception:
+            text = message.decode("utf-8", "replace")
+            lines.append(f"<MalformedRecord>{xml_escape(text)}</MalformedRecord>")
+            continue
+        lines.append(etree.tostring(root, encoding="unicode"))
+    lines.append("</AuditMessages>")
+    return "\n".join(lines)
 
 
 def _arr_tls_context(
