@@ -36,7 +36,13 @@ from xdsi.actors.identity_source import send_feed
 from xdsi.actors.imaging_source import PublishError
 from xdsi.actors.intake import ImportResult
 from xdsi.actors.provide import SubmitError
-from xdsi.app import Node, Services, build_services, node_auditor
+from xdsi.app import (
+    Node,
+    Services,
+    audit_forwarder,
+    build_services,
+    node_auditor,
+)
 from xdsi.audit import Auditor, AuditSpool
 from xdsi.audit.repository import (
     AuditRecordStore,
@@ -135,6 +141,37 @@ def main(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
         }
     except ConfigError as exc:
         _fail(str(exc))
+    if ctx.invoked_subcommand in AUDITED_COMMANDS and ctx.obj["settings"].audit.targets:
+        settings = ctx.obj["settings"]
+        ctx.call_on_close(lambda: _deliver_audit(settings))
+
+
+# The commands that write audit events (ITI TF-2 3.20) to the spool.
+AUDITED_COMMANDS = {"feed", "find", "fetch", "submit", "publish", "import", "remove"}
+# How long a command waits at its end for its audit events to go out.
+AUDIT_DELIVERY_SECONDS = 10.0
+
+
+def _deliver_audit(settings: Settings) -> None:
+    """Send the audit events the command wrote to the [audit] targets, as a
+    serving node would (ITI-20); what cannot go now waits in the spool, for
+    the next command or a node serving this storage, and the user is told."""
+    spool = AuditSpool(settings.storage / "audit")
+    try:
+        forwarder = audit_forwarder(settings, spool)
+        backlog = forwarder.deliver_pending(AUDIT_DELIVERY_SECONDS)
+    except (OSError, ValueError, ConfigError) as exc:
+        click.secho(f"warning: audit events not sent: {exc}", fg="yellow", err=True)
+        return
+    waiting = {url: n for url, n in (backlog or {}).items() if n}
+    for url, count in waiting.items():
+        click.secho(
+            f"warning: {_count(count, 'audit event')} wait in "
+            f"{spool.directory} for {url}; they go with the next command or a "
+            "node serving this storage",
+            fg="yellow",
+            err=True,
+        )
 
 
 @main.group()

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, shared_path
+from xdsi.audit.repository import AuditRecordStore, AuditRepository
 from xdsi.dicom import scan
+from xdsi.store.schema import make_engine
 
 
 def _free_port() -> int:
@@ -317,3 +319,40 @@ def test_fetch_for_a_patient_with_no_imaging_says_so(
 
     assert "no imaging manifest found for this patient" in result.stdout
     assert not out.exists()
+
+
+def test_a_client_command_sends_its_audit_events_to_the_arr(
+    served: Path, tmp_path: Path
+) -> None:
+    """ITI TF-2 3.20: a command line client with its own storage (a
+    consumer-only site) sends the audit events it wrote to its [audit]
+    targets as it ends, not only once a node serves its storage; what cannot
+    go waits in its spool, and the user is told."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'arr.sqlite'}")
+    store = AuditRecordStore(engine)
+    client = tmp_path / "client.toml"
+    node_storage = f'storage_dir = "{tmp_path / "node"}"'
+    base = served.read_text().replace(
+        node_storage, f'storage_dir = "{tmp_path / "client"}"'
+    )
+    try:
+        with AuditRepository(store, udp_port=0) as arr:
+            client.write_text(
+                base + f'[audit]\ntargets = ["udp://127.0.0.1:{arr.udp_port}"]\n'
+            )
+            assert _xdsi(client, "feed", "AUDITED-CLIENT-1").returncode == 0
+            deadline = time.monotonic() + 30
+            while not store.query() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            (record,) = store.query()
+        assert record.event_type == "ITI-8"
+
+        # An ARR that is not there: the event waits, and the command says
+        # so, its own outcome unchanged.
+        closed = _free_port()
+        client.write_text(base + f'[audit]\ntargets = ["tls://127.0.0.1:{closed}"]\n')
+        fed = _xdsi(client, "feed", "AUDITED-CLIENT-2")
+        assert fed.returncode == 0
+        assert "wait in" in fed.stderr and f"tls://127.0.0.1:{closed}" in fed.stderr
+    finally:
+        engine.dispose()

@@ -6,12 +6,14 @@ durable cursor into the spool (DESIGN.md principle 7), so a target that is
 down delays only itself, and nothing spooled is lost while it is.
 """
 
+import fcntl
 import logging
 import os
 import re
 import ssl
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -117,6 +119,11 @@ class _Cursor:
         self.name = name
 
 
+# The file whose lock the one process delivering a spool holds, so that a
+# command line client and a serving node on one storage never both send it.
+DELIVERY_LOCK = ".delivery.lock"
+
+
 class _Worker(threading.Thread):
     """Delivers the spool to one target, oldest first, with backoff."""
 
@@ -186,9 +193,26 @@ class _Worker(threading.Thread):
         # loss at all.
         self.cursor.advance(name)
 
+    def deliver_all(self, until: float) -> None:
+        """Deliver what waits, in this thread, until done or ``until``
+        (time.monotonic); stop at the first failure."""
+        try:
+            for name in self.pending():
+                if time.monotonic() > until:
+                    return
+                self._deliver(name)
+        except TargetDown as exc:
+            self._failed(exc)
+        finally:
+            self.sender.close()
+
     def run(self) -> None:
         stop = self.forwarder.stopping
         while not stop.is_set():
+            if not self.forwarder.claim():
+                # Another process delivers this spool (a serving node).
+                stop.wait(self.forwarder.poll_interval)
+                continue
             try:
                 pending = self.pending()
                 for name in pending:
@@ -281,6 +305,8 @@ class AuditForwarder:
         self.poll_interval = poll_interval
         self.stopping = threading.Event()
         self.wake = threading.Event()
+        self._claim_lock = threading.Lock()
+        self._claimed: int | None = None
         self._workers = []
         for url in targets:
             target = Target.parse(url)
@@ -305,6 +331,50 @@ class AuditForwarder:
             ", ".join(w.target.url for w in self._workers) or "no target",
         )
 
+    def claim(self) -> bool:
+        """Take the spool's delivery for this process, or tell it is
+        another's; once taken, it is held until :meth:`stop`."""
+        with self._claim_lock:
+            if self._claimed is not None:
+                return True
+            self.spool.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(
+                self.spool.directory / DELIVERY_LOCK, os.O_RDWR | os.O_CREAT, 0o600
+            )
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            self._claimed = fd
+            return True
+
+    def _release(self) -> None:
+        with self._claim_lock:
+            if self._claimed is not None:
+                os.close(self._claimed)
+                self._claimed = None
+
+    def deliver_pending(self, within: float) -> dict[str, int] | None:
+        """Deliver what the spool holds now, in this thread, for ``within``
+        seconds at most; return what still waits, per target URL. None when
+        another process delivers the spool (a serving node), which then
+        sends it.
+
+        For a command line client, whose events would otherwise wait for a
+        node serving its storage (ITI TF-2 3.20: audit messages are sent
+        as events occur).
+        """
+        if not self.claim():
+            return None
+        try:
+            until = time.monotonic() + within
+            for worker in self._workers:
+                worker.deliver_all(until)
+            return self.backlog()
+        finally:
+            self._release()
+
     def notify(self) -> None:
         """Say that the spool has grown, so delivery need not wait to poll."""
         self.wake.set()
@@ -316,6 +386,7 @@ class AuditForwarder:
         for worker in self._workers:
             if worker.is_alive():
                 worker.join(timeout)
+        self._release()
 
     def backlog(self) -> dict[str, int]:
         """Return, per target URL, how many spooled messages wait."""

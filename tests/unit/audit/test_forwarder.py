@@ -258,3 +258,29 @@ def test_udp_target_nobody_listens_on_is_logged_down_once(
 
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "down" in warnings[0], warnings
+
+
+def test_one_process_at_a_time_delivers_a_spool(
+    tmp_path: Path, pki: Pki, store: AuditRecordStore, real_ids: RealIds
+) -> None:
+    """A command line client's delivery pass does not send what a node
+    serving the same storage delivers (each message goes once); once the
+    node stops, the pass sends what waits."""
+    spool = AuditSpool(tmp_path / "spool")
+    with AuditRepository(store, udp_port=0) as arr:
+        target = [f"udp://127.0.0.1:{arr.udp_port}"]
+        serving = forwarder(spool, target, pki)
+        serving.start()
+        try:
+            wait_for(serving.claim)
+            spool.write(audit_xml(real_ids))
+            assert forwarder(spool, target, pki).deliver_pending(5) is None
+            serving.notify()
+            wait_for(lambda: len(store.query()) == 1)
+        finally:
+            serving.stop()
+        spool.write(audit_xml(real_ids))
+        left = forwarder(spool, target, pki).deliver_pending(5)
+        wait_for(lambda: len(store.query()) == 2)
+
+    assert left == {target[0]: 0}
