@@ -720,3 +720,30 @@ def test_an_envelope_too_large_to_parse_gets_a_sender_fault(
     assert value is not None and value.text == "env:Sender"
     text = fault.find(f".//{{{ns.SOAP12}}}Reason/{{{ns.SOAP12}}}Text")
     assert text is not None and reason in text.text
+
+
+@pytest.mark.parametrize(
+    ("method", "endpoint", "allowed"),
+    [
+        ("GET", "registry", {"POST"}),
+        ("PUT", "imaging_source", {"POST"}),
+        ("DELETE", "dicomweb", {"GET", "HEAD"}),
+    ],
+)
+def test_a_method_not_allowed_names_those_allowed(
+    shared_node: RunningNode, method: str, endpoint: str, allowed: set[str]
+) -> None:
+    """RFC 9110 15.5.6: a 405 answer carries Allow, the methods the resource
+    takes, whether a SOAP Fault or plain text."""
+    settings = shared_node.settings
+    url = (
+        f"{settings.dicomweb_url}/studies"
+        if endpoint == "dicomweb"
+        else settings.url(endpoint)
+    )
+
+    answer = requests.request(method, url, timeout=30)
+
+    assert answer.status_code == 405
+    listed = {m.strip() for m in answer.headers["Allow"].split(",")}
+    assert allowed <= listed

@@ -46,6 +46,7 @@ from sqlalchemy import (
 )
 from werkzeug.exceptions import HTTPException
 
+from xdsi.actors.soap_endpoint import with_allow
 from xdsi.dicom import transcode
 from xdsi.dicom.qido import (
     INSTANCE_ATTRIBUTES,
@@ -385,8 +386,11 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
     def http_error(exc: HTTPException) -> Response:
         # A DICOMweb user agent gets the HTTP status and why, never the
         # SOAP Fault that the actor's app answers with.
-        return Response(
-            f"{exc.description}\n", status=exc.code or 500, mimetype="text/plain"
+        return with_allow(
+            Response(
+                f"{exc.description}\n", status=exc.code or 500, mimetype="text/plain"
+            ),
+            exc,
         )
 
     return blueprint

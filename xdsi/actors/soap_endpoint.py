@@ -182,6 +182,15 @@ class RequestBody:
             )
 
 
+def with_allow(response: Response, exc: HTTPException) -> Response:
+    """Keep the Allow header of a 405 (RFC 9110 15.5.6: the methods the
+    resource takes) on the answer that replaces werkzeug's page."""
+    for name, value in exc.get_headers():
+        if name.lower() == "allow":
+            response.headers["Allow"] = value
+    return response
+
+
 def _fault_response(fault: wire.SoapFault, relates_to: str | None = None) -> Response:
     status = fault.http_status
     body = wire.fault_envelope(fault, relates_to)
@@ -223,16 +232,17 @@ def soap_app(
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
         if request.path.startswith(plain_prefixes):
-            return Response(
+            response = Response(
                 f"{exc.description}\n", status=exc.code or 500, mimetype="text/plain"
             )
-        fault = wire.MalformedMessage(
-            f"HTTP {exc.code}: {exc.name}; this endpoint takes SOAP 1.2 POST "
-            f"requests at {path}"
-        )
-        response = _fault_response(fault)
-        response.status_code = exc.code or 400
-        return response
+        else:
+            fault = wire.MalformedMessage(
+                f"HTTP {exc.code}: {exc.name}; this endpoint takes SOAP 1.2 POST "
+                f"requests at {path}"
+            )
+            response = _fault_response(fault)
+            response.status_code = exc.code or 400
+        return with_allow(response, exc)
 
     @app.errorhandler(Exception)
     def internal_error(exc: Exception) -> Response:
