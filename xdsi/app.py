@@ -544,6 +544,10 @@ def audit_forwarder(
         # target's server certificate against the system's trust store and
         # presents no client certificate, so an ARR that demands mutual TLS
         # (ITI TF-2 3.19) refuses the node.
+        logger.warning(
+            "[audit] targets name tls:// but [tls] is not enabled: this node "
+            "presents no certificate, and trusts the system's CAs only"
+        )
         tls_context = ssl.create_default_context()
     return AuditForwarder(
         spool,

@@ -4,6 +4,7 @@ import logging
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,12 @@ from tests.pki import Pki, make_pki
 from tests.unit.audit.conftest import RealIds
 from tests.unit.audit.test_repository import wait_for
 from tests.unit.audit.test_syslog import audit_xml
+from xdsi.app import audit_forwarder
 from xdsi.audit import AuditSpool
 from xdsi.audit.forwarder import AuditForwarder, Backoff, Target
 from xdsi.audit.repository import AuditRecordStore, AuditRepository
 from xdsi.audit.syslog import parse_message
+from xdsi.config import Settings
 from xdsi.store.schema import make_engine
 
 FAST = Backoff(initial=0.05, maximum=0.2)
@@ -284,3 +287,21 @@ def test_one_process_at_a_time_delivers_a_spool(
         wait_for(lambda: len(store.query()) == 2)
 
     assert left == {target[0]: 0}
+
+
+def test_a_tls_target_without_tls_enabled_is_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ITI TF-2 3.19: a node without [tls] presents no certificate, which an
+    ARR demanding mutual TLS refuses; the node says so when it sets out to
+    deliver, rather than retry quietly for ever."""
+    settings = Settings().with_storage(tmp_path)
+    settings = replace(
+        settings, audit=replace(settings.audit, targets=("tls://127.0.0.1:6514",))
+    )
+    caplog.set_level(logging.WARNING, logger="xdsi.app")
+
+    audit_forwarder(settings, AuditSpool(tmp_path / "audit"))
+
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "[tls] is not enabled" in warning
