@@ -229,6 +229,16 @@ class SoapClient:
             failure = _in_chain(exc, ssl.SSLError)
             if failure is None:
                 raise TransportError(str(exc), self.url) from exc
+            if isinstance(failure, ssl.SSLEOFError):
+                # Under TLS 1.3 a server refuses the client's certificate
+                # after the client's handshake is done; its alert may come
+                # after the connection is closed, or not at all.
+                raise TransportError(
+                    "TLS failed: the peer closed the session during the "
+                    "handshake; it may not accept this node's certificate "
+                    "(revoked, expired, or of a CA it does not trust)",
+                    self.url,
+                ) from exc
             # An alert from the peer about the handshake (our certificate
             # refused, no common version): it acted on no request.
             alert = bool(_HANDSHAKE_ALERT.search(failure.reason or ""))

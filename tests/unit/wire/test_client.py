@@ -17,6 +17,7 @@ import pytest
 from lxml import etree
 from werkzeug.wsgi import get_input_stream
 
+from xdsi import tls
 from xdsi.ns import RS, SOAP12, XDSB
 from xdsi.wire import (
     ActionNotSupported,
@@ -368,3 +369,34 @@ def test_fault_element_in_answer_body_is_recognised_by_namespace() -> None:
     """SOAP 1.2 Part 1 5.4: env:Fault is the Body's only child in a fault."""
     envelope = etree.fromstring(fault_envelope(ActionNotSupported("x")))
     assert envelope.find(f"{{{SOAP12}}}Body")[0].tag == f"{{{SOAP12}}}Fault"
+
+
+def test_a_peer_closing_the_tls_handshake_is_told_as_a_possible_refusal(
+    tmp_path: Path,
+) -> None:
+    """ITI TF-2 3.19: a server that closes the connection during the
+    handshake (under TLS 1.3, how a refused client certificate may show)
+    is reported as such, not as OpenSSL's "EOF occurred in violation of
+    protocol"."""
+    ca = tls.make_ca(tmp_path / "ca")
+    node = tls.make_cert(tmp_path / "ca", ca)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def close_each() -> None:
+        for _ in range(2):
+            connection, _ = listener.accept()
+            connection.recv(4096)
+            connection.close()
+
+    closing = threading.Thread(target=close_each, daemon=True)
+    closing.start()
+    port = listener.getsockname()[1]
+    context = tls.client_context(tls.tls_settings(node, ca.certificate))
+    client = SoapClient(f"https://127.0.0.1:{port}/xds", ssl_context=context)
+    try:
+        with pytest.raises(TransportError) as failed:
+            client.call("urn:test", etree.Element("{urn:test}Request"))
+    finally:
+        listener.close()
+
+    assert "may not accept this node's certificate" in str(failed.value)
