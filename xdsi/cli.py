@@ -1074,15 +1074,23 @@ def tls_make_ca(directory: Path, name: str, days: int, force: bool) -> None:
     click.echo(f"CA key         {files.private_key}")
 
 
-@tls_group.command("make-cert")
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.option(
+# The test CA a certificate or CRL is made with (make-ca's directory).
+_ca_option = click.option(
     "--ca",
     "ca_dir",
     required=True,
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Directory of the CA made by make-ca.",
 )
+
+
+def _ca_files(ca_dir: Path) -> tls.CertificateFiles:
+    return tls.CertificateFiles(ca_dir / "ca.pem", ca_dir / "ca-key.pem")
+
+
+@tls_group.command("make-cert")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@_ca_option
 @click.option("--name", default="node", show_default=True, help="Common name.")
 @click.option(
     "--host",
@@ -1098,7 +1106,7 @@ def tls_make_cert(
 
     Prints the [tls] section that uses it.
     """
-    ca = tls.CertificateFiles(ca_dir / "ca.pem", ca_dir / "ca-key.pem")
+    ca = _ca_files(ca_dir)
     try:
         files = tls.make_cert(
             directory,
@@ -1118,13 +1126,7 @@ def tls_make_cert(
 
 @tls_group.command("make-crl")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--ca",
-    "ca_dir",
-    required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Directory of the CA made by make-ca.",
-)
+@_ca_option
 @click.option(
     "--revoke",
     "revoked",
@@ -1140,7 +1142,7 @@ def tls_make_crl(
 
     List it in [tls] crls; a node reads it again when it changes.
     """
-    ca = tls.CertificateFiles(ca_dir / "ca.pem", ca_dir / "ca-key.pem")
+    ca = _ca_files(ca_dir)
     try:
         tls.make_crl(ca, path, revoked=revoked, days=days)
     except (OSError, ValueError) as exc:

@@ -260,13 +260,8 @@ def test_an_answer_slow_to_come_is_not_cut_off(
         return query(*args)
 
     monkeypatch.setattr(registry, "query", slow_query)
-    body = _query_envelope()
 
-    with _connect(
-        node.settings.url("registry"), "application/soap+xml", len(body)
-    ) as sock:
-        sock.sendall(body)
-        assert _query_status(*_answer(sock)) == "Success"
+    _assert_query_answered(node)
 
 
 def test_an_answer_slow_to_stream_is_not_cut_off(
@@ -284,13 +279,8 @@ def test_an_answer_slow_to_stream_is_not_cut_off(
             yield chunk[1:]
 
     monkeypatch.setattr(soap_endpoint, "_streamed", slowly)
-    body = _query_envelope()
 
-    with _connect(
-        node.settings.url("registry"), "application/soap+xml", len(body)
-    ) as sock:
-        sock.sendall(body)
-        assert _query_status(*_answer(sock)) == "Success"
+    _assert_query_answered(node)
 
 
 def test_a_stow_rs_answer_slow_to_come_is_not_cut_off(
@@ -369,3 +359,13 @@ def _whole_answer(received: bytes) -> bool:
         if name.strip().lower() == b"content-length":
             return len(body) >= int(value)
     return False
+
+
+def _assert_query_answered(node: Node) -> None:
+    """Send an ITI-18 query at once; its answer must come, Success."""
+    body = _query_envelope()
+    with _connect(
+        node.settings.url("registry"), "application/soap+xml", len(body)
+    ) as sock:
+        sock.sendall(body)
+        assert _query_status(*_answer(sock)) == "Success"
