@@ -180,6 +180,9 @@ def test_series_and_instances_are_answered_with_their_instance_files_gone(
         ({"StudyDate": "-20210310"}, {"ACC_1%", "ACCX1"}),
         ({"StudyTime": "2200-2359"}, {"ACCX1"}),
         ({"StudyTime": "-12"}, {"ACC_1%", "B"}),
+        ({"StudyTime": "101500.000000-101500.999999"}, {"ACC_1%"}),
+        ({"StudyTime": "101500.0-"}, {"ACC_1%", "ACCX1", "B"}),
+        ({"AccessionNumber": "*"}, {"ACC_1%", "ACCX1", "B"}),
         ({"ModalitiesInStudy": "MR"}, {"ACCX1"}),
         ({"ModalitiesInStudy": "SR"}, {"B"}),
         ({"ModalitiesInStudy": "C*"}, {"ACC_1%", "B"}),
@@ -203,6 +206,9 @@ def test_series_and_instances_are_answered_with_their_instance_files_gone(
         "date-until",
         "time-range",
         "time-until-hour",
+        "time-range-fraction",
+        "time-from-fraction",
+        "star-alone",
         "modality",
         "modality-derived",
         "modality-wildcard",
@@ -251,6 +257,23 @@ def test_patient_name_is_narrowed_in_sql(
     assert set(_accessions(_qido(shared_node, "/studies", PatientName=wanted))) == (
         expected
     )
+
+
+def test_a_key_repeated_alike_counts_once_and_too_many_keys_are_refused(
+    shared_node: RunningNode, studies: dict[str, scan.Study]
+) -> None:
+    """DICOM PS3.18 8.3.4.1: a matching key given twice alike matches as
+    once; a query of more keys than the node takes is a 400, never a 500."""
+    url = f"{shared_node.settings.dicomweb_url}/studies"
+    repeated = "&".join(["PatientID=IDX-1"] * 1000)
+    answer = requests.get(f"{url}?{repeated}", timeout=30)
+    assert answer.status_code == 200
+    assert {a["00080050"]["Value"][0] for a in answer.json()} == {"ACC_1%", "ACCX1"}
+
+    many = "&".join(f"PatientID=IDX-{n}" for n in range(100))
+    refused = requests.get(f"{url}?{many}", timeout=30)
+    assert refused.status_code == 400
+    assert "matching keys" in refused.text
 
 
 def test_uid_lists_match_any_uid_listed(

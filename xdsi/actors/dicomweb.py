@@ -83,6 +83,9 @@ ANSWER_ATTRIBUTES = {
     "instance": INSTANCE_ATTRIBUTES + ("StudyInstanceUID", "SeriesInstanceUID"),
 }
 QIDO_CONTROL = {"limit", "offset", "includefield", "fuzzymatching"}
+# Matching keys one query may give, each an SQL condition: a level has some
+# thirty attributes, and a key repeated alike counts once.
+MAX_FILTERS = 64
 UID_VR = "UI"
 # DICOM PS3.5 9.1: a UID has at most 64 characters.
 MAX_UID = 64
@@ -431,7 +434,10 @@ def _filters(items: Iterable[tuple[str, str]], level: str) -> list[tuple[str, st
         problem = _value_problem(dictionary_VR(keyword), value)
         if problem:
             abort(400, f"{key}={value}: {problem}")
-        filters.append((keyword, value))
+        if (keyword, value) not in filters:
+            filters.append((keyword, value))
+        if len(filters) > MAX_FILTERS:
+            abort(400, f"more than {MAX_FILTERS} matching keys in one query")
     return filters
 
 
@@ -647,7 +653,7 @@ def _sql_condition(keyword: str, wanted: str) -> ColumnElement[bool] | None:
     takes without regard to case; both only widen what the caller then
     matches exactly.
     """
-    if wanted == "":
+    if wanted == "" or set(wanted) == {"*"}:
         return None
     if keyword in UID_COLUMNS:
         listed = {u.strip() for u in wanted.replace("\\", ",").split(",")}
@@ -669,7 +675,9 @@ def _sql_condition(keyword: str, wanted: str) -> ColumnElement[bool] | None:
         low, _, high = wanted.partition("-")
         bounds = []
         if low:
-            bounds.append(column >= low)
+            # A TM compares as a time: 101500 is not before 101500.0 (DICOM
+            # PS3.4 C.2.2.2.5); the hour alone bounds it in SQL.
+            bounds.append(column >= (low[:2] if vr == "TM" else low))
         if high:
             # The first bound lets the column's index find the rows; the
             # second is the comparison _matches makes.
@@ -746,7 +754,8 @@ def _matches_all(answer: Mapping[str, object], filters: list[tuple[str, str]]) -
 def _matches(answer: Dataset, keyword: str, wanted: str) -> bool:
     """Match one attribute as DICOM PS3.4 C.2.2.2 does: UID lists, ranges,
     wildcards and single values; an empty value matches everything."""
-    if wanted == "":
+    if wanted == "" or set(wanted) == {"*"}:
+        # DICOM PS3.4 C.2.2.2.4: "*" alone is universal matching.
         return True
     value = answer.get(keyword)
     if value is None or value == "":
@@ -762,6 +771,12 @@ def _matches(answer: Dataset, keyword: str, wanted: str) -> bool:
         return any(v in listed for v in values)
     if vr in DATE_VRS and "-" in wanted:
         low, _, high = wanted.partition("-")
+        if vr == "TM":
+            return any(
+                (not low or _time_key(v, "0") >= _time_key(low, "0"))
+                and (not high or _time_key(v, "0") <= _time_key(high, "9"))
+                for v in values
+            )
         return any(
             (not low or v >= low) and (not high or v[: len(high)] <= high)
             for v in values
@@ -772,6 +787,21 @@ def _matches(answer: Dataset, keyword: str, wanted: str) -> bool:
     if vr == "PN":
         return any(v.casefold() == wanted.casefold() for v in values)
     return wanted in values
+
+
+def _time_key(value: str, fill: str) -> str:
+    """A TM value (DICOM PS3.5 Table 6.2-1, HH[MM[SS[.F{1,6}]]]) as 12
+    digits that compare as times: the components it leaves out are the
+    earliest (``fill`` "0") or the latest ("9": minutes and seconds 59,
+    fraction 999999) they can be."""
+    whole, _, fraction = value.strip().partition(".")
+    whole = "".join(c for c in whole if c.isdigit())
+    latest = "235959"
+    if fill == "0":
+        whole = whole.ljust(6, "0")
+    else:
+        whole = whole + latest[len(whole) :]
+    return whole[:6] + fraction[:6].ljust(6, fill)
 
 
 def _accepted_dicom(accept: str, single_allowed: bool) -> tuple[list[str], bool]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import fnmatch
 
 import pytest
+from pydicom.dataset import Dataset
 
-from xdsi.actors.dicomweb import wildcard_match
+from xdsi.actors.dicomweb import _matches, wildcard_match
 
 
 @pytest.mark.parametrize(
@@ -49,3 +50,14 @@ def test_many_stars_against_a_value_they_miss_end_quickly() -> None:
     would backtrack for minutes) is answered at once."""
     assert wildcard_match("*" * 40 + "Z", "A" * 64) is False
     assert wildcard_match("*A" * 30 + "Z", "A" * 64) is False
+
+
+def test_a_star_alone_matches_an_empty_value_too() -> None:
+    """DICOM PS3.4 C.2.2.2.4: "*" alone is universal matching, so an
+    attribute that is empty (Type 2) or absent matches it as well."""
+    answer = Dataset()
+    answer.AccessionNumber = ""
+
+    assert _matches(answer, "AccessionNumber", "*")
+    assert _matches(answer, "PatientName", "**")
+    assert not _matches(answer, "AccessionNumber", "*1")
