@@ -122,6 +122,8 @@ class _Cursor:
 # The file whose lock the one process delivering a spool holds, so that a
 # command line client and a serving node on one storage never both send it.
 DELIVERY_LOCK = ".delivery.lock"
+# How often a command line client looks whether the delivery is free.
+CLAIM_POLL = 0.1
 
 
 class _Worker(threading.Thread):
@@ -365,12 +367,24 @@ class AuditForwarder:
         node serving its storage (ITI TF-2 3.20: audit messages are sent
         as events occur).
         """
-        if not self.claim():
-            return None
+        until = time.monotonic() + within
+        # Another client's pass ends within its own allowance; a serving
+        # node holds the delivery for as long as it serves.
+        while not self.claim():
+            if time.monotonic() > until:
+                return None
+            time.sleep(CLAIM_POLL)
         try:
-            until = time.monotonic() + within
-            for worker in self._workers:
-                worker.deliver_all(until)
+            # Each target in a thread of its own, so that one that is down
+            # or slow holds up no other.
+            threads = [
+                threading.Thread(target=worker.deliver_all, args=(until,), daemon=True)
+                for worker in self._workers
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(max(0.0, until - time.monotonic()))
             return self.backlog()
         finally:
             self._release()

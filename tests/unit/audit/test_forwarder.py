@@ -2,6 +2,7 @@
 
 import logging
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -277,7 +278,7 @@ def test_one_process_at_a_time_delivers_a_spool(
         try:
             wait_for(serving.claim)
             spool.write(audit_xml(real_ids))
-            assert forwarder(spool, target, pki).deliver_pending(5) is None
+            assert forwarder(spool, target, pki).deliver_pending(0.5) is None
             serving.notify()
             wait_for(lambda: len(store.query()) == 1)
         finally:
@@ -305,3 +306,47 @@ def test_a_tls_target_without_tls_enabled_is_warned_of(
 
     (warning,) = [r.getMessage() for r in caplog.records]
     assert "[tls] is not enabled" in warning
+
+
+def test_a_client_pass_waits_for_another_clients_pass(
+    tmp_path: Path, pki: Pki, store: AuditRecordStore, real_ids: RealIds
+) -> None:
+    """Two command line clients end at once: the second waits for the
+    first's pass to end, then sends what it wrote, rather than leave it."""
+    spool = AuditSpool(tmp_path / "spool")
+    with AuditRepository(store, udp_port=0) as arr:
+        target = [f"udp://127.0.0.1:{arr.udp_port}"]
+        first = forwarder(spool, target, pki)
+        assert first.claim()
+        spool.write(audit_xml(real_ids))
+        releasing = threading.Timer(0.5, first._release)
+        releasing.start()
+        left = forwarder(spool, target, pki).deliver_pending(5)
+        releasing.join()
+        wait_for(lambda: len(store.query()) == 1)
+
+    assert left == {target[0]: 0}
+
+
+def test_a_target_that_never_answers_holds_up_no_other(
+    tmp_path: Path, pki: Pki, store: AuditRecordStore, real_ids: RealIds
+) -> None:
+    """A client's pass sends to each target at once: one that takes the
+    connection and never completes the TLS handshake does not keep the
+    events from the others, and the pass ends within its allowance."""
+    spool = AuditSpool(tmp_path / "spool")
+    spool.write(audit_xml(real_ids))
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        with AuditRepository(store, udp_port=0) as arr:
+            dead = f"tls://127.0.0.1:{silent.getsockname()[1]}"
+            alive = f"udp://127.0.0.1:{arr.udp_port}"
+            started = time.monotonic()
+            left = forwarder(spool, [dead, alive], pki).deliver_pending(2)
+            took = time.monotonic() - started
+            wait_for(lambda: len(store.query()) == 1)
+    finally:
+        silent.close()
+
+    assert left == {dead: 1, alive: 0}
+    assert took < 5
