@@ -73,50 +73,56 @@ class _Revocation:
     """The CRLs a context checks peers against, read again when they change.
 
     A CA issues its next CRL before the current one's nextUpdate (RFC 5280
-    5.1.2.5), and a site writes it over the old file: a CRL whose file
-    changed is added to the context when next looked at, at most every
-    CRL_RECHECK_SECONDS, so that a running node takes it (OpenSSL prefers,
-    of two CRLs of one CA, the one issued last). One that can no longer be
-    read leaves the context as it was, and says so.
+    5.1.2.5), and a site writes it over the old file: when a CRL file has
+    changed, at most every CRL_RECHECK_SECONDS, the context is built anew
+    from the files as they are, so that a running node takes a newer CRL,
+    one that lifts a revocation, or one past its next update (whose CA's
+    peers are then refused). A file that can no longer be read leaves the
+    context as it was, and says so.
     """
 
-    def __init__(self, context: ssl.SSLContext, paths: tuple[str, ...]) -> None:
-        self._context = context
-        self._paths = paths
-        self._seen: dict[str, tuple[int, int]] = {}
+    def __init__(
+        self, purpose: ssl._SSLMethod, tls: TlsSettings, context: ssl.SSLContext
+    ) -> None:
+        self._purpose = purpose
+        self._tls = tls
+        self.context = context
+        self._seen = _stamps(tls.crls)
         self._checked = time.monotonic()
         self._lock = threading.Lock()
 
-    def load(self) -> None:
-        """Add each CRL whose file is new or changed since last seen.
-
-        Raises OSError or ssl.SSLError for a file that cannot be read.
-        """
-        for path in self._paths:
-            status = os.stat(path)
-            stamp = (status.st_mtime_ns, status.st_size)
-            if self._seen.get(path) != stamp:
-                self._context.load_verify_locations(cafile=path)
-                self._seen[path] = stamp
-                _warn_if_out_of_date(path)
-
-    def refresh(self) -> None:
-        """Load the changed CRLs if CRL_RECHECK_SECONDS have passed."""
+    def current(self) -> ssl.SSLContext:
+        """The context to use now, built anew if a CRL file changed and
+        CRL_RECHECK_SECONDS have passed since the last look."""
         now = time.monotonic()
         if now - self._checked < CRL_RECHECK_SECONDS:
-            return
+            return self.context
         with self._lock:
             if now - self._checked < CRL_RECHECK_SECONDS:
-                return
+                return self.context
             self._checked = now
             try:
-                self.load()
-            except (OSError, ssl.SSLError) as exc:
+                seen = _stamps(self._tls.crls)
+                if seen != self._seen:
+                    fresh = _new_context(self._purpose, self._tls)
+                    _REVOCATIONS[fresh] = self
+                    self.context, self._seen = fresh, seen
+            except (OSError, ssl.SSLError, TlsConfigError) as exc:
                 logger.warning(
                     "TLS: a CRL file cannot be read again (%s); the CRLs read "
                     "before stay in force",
                     exc,
                 )
+            return self.context
+
+
+def _stamps(paths: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """When each file last changed, and its size."""
+    stamps = {}
+    for path in paths:
+        status = os.stat(path)
+        stamps[path] = (status.st_mtime_ns, status.st_size)
+    return stamps
 
 
 def _warn_if_out_of_date(path: str) -> None:
@@ -147,19 +153,27 @@ _REVOCATIONS: weakref.WeakKeyDictionary[ssl.SSLContext, _Revocation] = (
 
 
 def refresh_revocation(context: ssl.SSLContext) -> ssl.SSLContext:
-    """Take up the CRLs of ``context`` renewed on disk, if any; return it.
-
-    Called before each handshake with the context (see :class:`_Revocation`).
-    """
+    """The context to run a handshake with in place of ``context``: the
+    same, or one built anew with the CRLs renewed on disk since (see
+    :class:`_Revocation`). Called before each handshake."""
     revocation = _REVOCATIONS.get(context)
-    if revocation is not None:
-        revocation.refresh()
-    return context
+    return context if revocation is None else revocation.current()
 
 
 def _context(purpose: ssl._SSLMethod, tls: TlsSettings) -> ssl.SSLContext:
     """Return a context that presents our certificate and trusts ``trusted``,
-    checking peers against ``crls`` when any are listed."""
+    checking peers against ``crls`` when any are listed (and built anew as
+    they are renewed: :func:`refresh_revocation`)."""
+    context = _new_context(purpose, tls)
+    if tls.crls:
+        try:
+            _REVOCATIONS[context] = _Revocation(purpose, tls, context)
+        except OSError as exc:
+            raise TlsConfigError(f"[tls] cannot be loaded: {exc}") from exc
+    return context
+
+
+def _new_context(purpose: ssl._SSLMethod, tls: TlsSettings) -> ssl.SSLContext:
     # Limitation: no OCSP (RFC 6960); revocation is known from CRLs alone.
     context = ssl.SSLContext(purpose)
     context.minimum_version = MINIMUM_VERSION
@@ -168,12 +182,12 @@ def _context(purpose: ssl._SSLMethod, tls: TlsSettings) -> ssl.SSLContext:
         context.load_cert_chain(tls.certificate, tls.private_key)
         for trusted in tls.trusted:
             context.load_verify_locations(cafile=trusted)
+        for crl in tls.crls:
+            context.load_verify_locations(cafile=crl)
+            _warn_if_out_of_date(crl)
         if tls.crls:
-            revocation = _Revocation(context, tls.crls)
-            revocation.load()
             # The peer's own certificate; its CA is one of ``trusted``.
             context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-            _REVOCATIONS[context] = revocation
         if tls.ciphers:
             context.set_ciphers(tls.ciphers)
     except (OSError, ssl.SSLError) as exc:

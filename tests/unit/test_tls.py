@@ -470,3 +470,26 @@ def test_the_arr_checks_senders_against_the_crls_given(revoking: RevokingPki) ->
         assert _exchange(revoked, address) == b""
         (peer,) = _wait_for(refused)
     assert "revoked" in peer.reason.lower()
+
+
+def test_a_crl_written_over_on_disk_is_in_force_as_it_is(
+    revoking: RevokingPki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 5280 5, 6.3.3: the CRL now on disk decides, not one read before:
+    one that lifts a revocation lets the peer in again, and one past its
+    next update shuts every peer of its CA out."""
+    monkeypatch.setattr(tls, "CRL_RECHECK_SECONDS", 0.0)
+    server = tls.server_context(revoking.settings(revoking.server))
+    good = tls.client_context(tls.tls_settings(revoking.good, revoking.ca.certificate))
+    revoked = tls.client_context(
+        tls.tls_settings(revoking.revoked, revoking.ca.certificate)
+    )
+    with _gated(server) as (address, _):
+        assert _exchange(revoked, address) == b""
+
+        tls.make_crl(revoking.ca, revoking.crl)
+        assert _exchange(revoked, address) == b"ping"
+
+        issued = datetime.now(UTC) - timedelta(days=10)
+        tls.make_crl(revoking.ca, revoking.crl, issued=issued, days=7)
+        assert _exchange(good, address) == b""
