@@ -124,6 +124,10 @@ class _Cursor:
 DELIVERY_LOCK = ".delivery.lock"
 # How often a command line client looks whether the delivery is free.
 CLAIM_POLL = 0.1
+# The file whose lock a serving node holds for as long as it delivers, so
+# that a command line client on its storage leaves the delivery to it at
+# once rather than wait for a lock the node never gives up.
+SERVING_LOCK = ".serving.lock"
 
 
 class _Worker(threading.Thread):
@@ -309,6 +313,7 @@ class AuditForwarder:
         self.wake = threading.Event()
         self._claim_lock = threading.Lock()
         self._claimed: int | None = None
+        self._serving: int | None = None
         self._workers = []
         for url in targets:
             target = Target.parse(url)
@@ -324,8 +329,14 @@ class AuditForwarder:
             self._workers.append(_Worker(self, target, sender))
 
     def start(self) -> None:
-        """Start one delivery thread per target."""
+        """Start one delivery thread per target, for as long as this
+        process serves (until :meth:`stop`)."""
         self.spool.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with self._claim_lock:
+            if self._serving is None:
+                # Held by another node serving the same storage, it is
+                # that node's to deliver; its lock does for both.
+                self._serving = self._lock_file(SERVING_LOCK)
         for worker in self._workers:
             worker.start()
         logger.info(
@@ -339,23 +350,37 @@ class AuditForwarder:
         with self._claim_lock:
             if self._claimed is not None:
                 return True
-            self.spool.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(
-                self.spool.directory / DELIVERY_LOCK, os.O_RDWR | os.O_CREAT, 0o600
-            )
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return False
-            self._claimed = fd
-            return True
+            self._claimed = self._lock_file(DELIVERY_LOCK)
+            return self._claimed is not None
 
     def _release(self) -> None:
         with self._claim_lock:
             if self._claimed is not None:
                 os.close(self._claimed)
                 self._claimed = None
+            if self._serving is not None:
+                os.close(self._serving)
+                self._serving = None
+
+    def _lock_file(self, name: str) -> int | None:
+        """An open descriptor of ``name`` in the spool, locked exclusively;
+        None when another process holds the lock."""
+        self.spool.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.spool.directory / name, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def _served_elsewhere(self) -> bool:
+        """Whether a node serving this storage delivers its spool."""
+        fd = self._lock_file(SERVING_LOCK)
+        if fd is None:
+            return True
+        os.close(fd)
+        return False
 
     def deliver_pending(self, within: float) -> dict[str, int] | None:
         """Deliver what the spool holds now, in this thread, for ``within``
@@ -367,9 +392,10 @@ class AuditForwarder:
         node serving its storage (ITI TF-2 3.20: audit messages are sent
         as events occur).
         """
+        if self._served_elsewhere():
+            return None
         until = time.monotonic() + within
-        # Another client's pass ends within its own allowance; a serving
-        # node holds the delivery for as long as it serves.
+        # Another client's pass ends within its own allowance.
         while not self.claim():
             if time.monotonic() > until:
                 return None
