@@ -381,3 +381,21 @@ def test_instances_stored_before_the_index_are_indexed_on_the_first_query(
     (answer,) = found
     assert answer.AccessionNumber == spec.accession_number
     assert answer.NumberOfStudyRelatedInstances == len(study.instances)
+
+
+def test_metadata_of_instances_whose_files_are_gone_stays_valid_json(
+    shared_node: RunningNode, studies: dict[str, scan.Study]
+) -> None:
+    """DICOM PS3.18 10.4.3.3.2: the metadata answer, streamed, is one JSON
+    array even when the stored copies cannot be read on the way (each is
+    left out, and the node logs it)."""
+    study = studies["ACC_1%"]
+
+    answer = requests.get(
+        f"{shared_node.settings.dicomweb_url}/studies/"
+        f"{study.study_instance_uid}/metadata",
+        timeout=30,
+    )
+
+    assert answer.status_code == 200
+    assert answer.json() == []

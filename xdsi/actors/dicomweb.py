@@ -31,6 +31,7 @@ from flask import Blueprint, Response, abort, request
 from PIL import Image
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 from pydicom.uid import RE_VALID_UID, ExplicitVRLittleEndian
 from sqlalchemy import (
@@ -297,11 +298,25 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             abort(404)
 
         def documents() -> Iterator[bytes]:
-            # One instance's document at a time: the JSON array streams.
-            for n, row in enumerate(held):
-                lead = b"[" if n == 0 else b","
-                yield lead + json.dumps(_metadata_document(header(row))).encode()
-            yield b"]"
+            # One instance's document at a time: the JSON array streams, and
+            # stays whole when a stored copy cannot be read on the way (the
+            # answer's status went out already).
+            lead = b"["
+            for row in held:
+                try:
+                    document = _metadata_document(header(row))
+                except (OSError, InvalidDicomError) as exc:
+                    logger.error(
+                        "WADO-RS metadata: the stored copy of instance %s (%s) "
+                        "cannot be read (%s); left out",
+                        row.sop_instance_uid,
+                        row.blob,
+                        type(exc).__name__,
+                    )
+                    continue
+                yield lead + json.dumps(document).encode()
+                lead = b","
+            yield b"[]" if lead == b"[" else b"]"
 
         return Response(documents(), content_type=DICOM_JSON)
 
