@@ -61,14 +61,22 @@ def tls_node(
     pki: Pki, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningNode]:
     """Every actor of one node over mutual TLS, on loopback ports."""
+    yield from _served_over_tls(pki, tmp_path_factory.mktemp("node"))
+
+
+def _served_over_tls(
+    pki: Pki, storage: Path, crls: tuple[str, ...] = ()
+) -> Iterator[RunningNode]:
+    """A node of every actor over mutual TLS (checking ``crls``), with its
+    C-STORE SCP, on loopback ports."""
     settings = (
         Settings()
-        .with_storage(tmp_path_factory.mktemp("node"))
+        .with_storage(storage)
         .with_ports(registry=0, repository=0, imaging_source=0, feed=0)
     )
     settings = replace(
         settings,
-        tls=tls.tls_settings(pki.node, pki.ca.certificate),
+        tls=replace(tls.tls_settings(pki.node, pki.ca.certificate), crls=crls),
         imaging_source=replace(settings.imaging_source, store_scp=True, dicom_port=0),
     )
     with Node(settings) as node:
@@ -392,22 +400,9 @@ def crl_node(
     pki: Pki, revoked_peer: RevokedPeer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningNode]:
     """Every actor of one node over mutual TLS, checking the CA's CRL."""
-    settings = (
-        Settings()
-        .with_storage(tmp_path_factory.mktemp("crl-node"))
-        .with_ports(registry=0, repository=0, imaging_source=0, feed=0)
+    yield from _served_over_tls(
+        pki, tmp_path_factory.mktemp("crl-node"), (str(revoked_peer.crl),)
     )
-    settings = replace(
-        settings,
-        tls=replace(
-            tls.tls_settings(pki.node, pki.ca.certificate),
-            crls=(str(revoked_peer.crl),),
-        ),
-        imaging_source=replace(settings.imaging_source, store_scp=True, dicom_port=0),
-    )
-    with Node(settings) as node:
-        assert node.services is not None
-        yield RunningNode(node, node.settings, node.services, {})
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
