@@ -7,6 +7,7 @@ import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime
+from threading import Barrier
 
 import pytest
 import requests
@@ -18,6 +19,7 @@ from xdsi import ns, wire
 from xdsi.actors.consumer import retrieve_request
 from xdsi.config import ImagingSourceSettings
 from xdsi.dicom.mapping import MANIFEST_FORMAT_CODE
+from xdsi.metadata import ebrim
 from xdsi.metadata.build import ManifestEntry, SubmissionSetSpec, manifest_submission
 from xdsi.metadata.codes import Code
 from xdsi.metadata.responses import read_errors, read_status
@@ -105,29 +107,60 @@ def test_size_mismatch_leaves_nothing(running_node: RunningNode):
     assert _counts(running_node) == (0, 0)
 
 
-def test_racing_submissions_of_one_uniqueid_register_it_once(running_node: RunningNode):
+def test_racing_submissions_of_one_uniqueid_store_it_once(running_node: RunningNode):
     """ITI TF-3 Table 4.2.4.1-2: of eight concurrent submissions of one
-    document uniqueId, one succeeds, the others get
-    XDSDuplicateUniqueIdInRegistry, and the document stays retrievable."""
+    document uniqueId, the repository stores one copy. A submission that
+    finds another still under way gets XDSDuplicateUniqueIdInRegistry and
+    leaves nothing; one that comes after another has finished registers
+    the same document again (same hash), which the registry accepts. So
+    every Success, and only a Success, registered its SubmissionSet and
+    DocumentEntry, however the threads were scheduled.
+    """
     running_node.feed()
     data = b"the same document bytes" * 1000
     url = running_node.settings.url("repository")
+    start = Barrier(8)
 
     def submit(n: int) -> etree._Element:
         request = pnr_request(
             "1.2.3.4.5.99", data, submission_set_uid=f"1.2.3.4.6.{n + 10}"
         )
+        start.wait()
         return provide(url, request, data)
 
     with ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(submit, range(8)))
-    statuses = [read_status(r).rsplit(":", 1)[-1] for r in replies]
-    assert statuses.count("Success") == 1
-    for reply in replies:
-        if not read_status(reply).endswith("Success"):
+    succeeded = set()
+    for n, reply in enumerate(replies):
+        if read_status(reply).endswith("Success"):
+            succeeded.add(f"1.2.3.4.6.{n + 10}")
+        else:
             assert {e.code for e in read_errors(reply)} == {
                 "XDSDuplicateUniqueIdInRegistry"
             }
+    assert succeeded
+
+    registry = registry_object.c
+    with running_node.services.engine.connect() as conn:
+        registered_sets = set(
+            conn.execute(
+                select(registry.unique_id).where(registry.kind == ebrim.SUBMISSION_SET)
+            ).scalars()
+        )
+        entries = conn.execute(
+            select(func.count()).where(
+                registry.kind == ebrim.DOCUMENT_ENTRY,
+                registry.unique_id == "1.2.3.4.5.99",
+            )
+        ).scalar()
+        copies = conn.execute(
+            select(repository_document.c.state).where(
+                repository_document.c.unique_id == "1.2.3.4.5.99"
+            )
+        ).all()
+    assert registered_sets == succeeded
+    assert entries == len(succeeded)
+    assert [row.state for row in copies] == ["stored"]
 
     retrieve = retrieve_request(
         running_node.settings.repository.repository_unique_id, "1.2.3.4.5.99"
