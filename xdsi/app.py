@@ -213,11 +213,19 @@ class _RequestHandler(PeerRefusalLog, WSGIRequestHandler):
 
     def parse_request(self) -> bool:
         try:
-            return super().parse_request()
+            parsed = super().parse_request()
         finally:
             # The head is in: the body keeps its own pace, from its first
             # read, and the answer takes its own time.
             _WATCH.release(self.connection)
+        if parsed and self.request_version == "HTTP/1.0":
+            # An HTTP/1.0 peer knows no chunked transfer coding (RFC 9112
+            # 6.1): an answer of no known length (a streamed WADO-RS
+            # metadata array) is sent as it comes, ended by closing the
+            # connection (RFC 9112 6.3), which werkzeug does for an
+            # HTTP/1.0 answer. The handler serves this one connection.
+            self.protocol_version = "HTTP/1.0"
+        return parsed
 
     # A request line too garbled to name its HTTP version is answered as
     # HTTP/1.1, status line and headers included, not as HTTP/0.9 (body

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import time
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pydicom
@@ -255,6 +258,35 @@ def test_wado_rs_study_metadata_streams_one_instance_at_a_time(
     assert "Content-Length" not in answer.headers
     assert answer.headers.get("Transfer-Encoding") == "chunked"
     documents = answer.json()
+    assert sorted(pydicom.Dataset.from_json(d).SOPInstanceUID for d in documents) == (
+        sorted(i.sop_instance_uid for i in published.instances)
+    )
+
+
+def test_wado_rs_metadata_to_an_http_10_client_is_ended_by_closing(
+    shared_node: RunningNode, published: scan.Study
+) -> None:
+    """RFC 9112 6.1 and 6.3: an HTTP/1.0 client knows no chunked transfer
+    coding, so an answer of no known length comes unchunked, ended by the
+    closing of the connection."""
+    url = urlsplit(shared_node.settings.dicomweb_url)
+    request = (
+        f"GET {url.path}/studies/{published.study_instance_uid}/metadata "
+        f"HTTP/1.0\r\nHost: {url.netloc}\r\n\r\n"
+    )
+    with socket.create_connection((url.hostname, url.port), timeout=30) as peer:
+        peer.sendall(request.encode())
+        answer = b""
+        while chunk := peer.recv(65536):
+            answer += chunk
+
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status, *fields = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (f.partition(":") for f in fields)}
+    assert status.startswith("HTTP/1.0 200")
+    assert "transfer-encoding" not in headers
+    assert "content-length" not in headers
+    documents = json.loads(body)
     assert sorted(pydicom.Dataset.from_json(d).SOPInstanceUID for d in documents) == (
         sorted(i.sop_instance_uid for i in published.instances)
     )
