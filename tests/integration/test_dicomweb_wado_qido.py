@@ -18,12 +18,13 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
+from python_multipart.multipart import MultipartParser, parse_options_header
 from sqlalchemy import select
 
 from tests.conftest import shared_path
 from tests.integration.conftest import PATIENT, RunningNode
 from xdsi.dicom import scan
-from xdsi.store.schema import imaging_manifest
+from xdsi.store.schema import imaging_instance, imaging_manifest
 
 MULTIPART_DICOM = 'multipart/related; type="application/dicom"'
 
@@ -742,8 +743,8 @@ def test_wado_rs_series_sent_in_part_is_206_with_a_warning(
     assert answer.status_code == 206
     assert answer.headers["Content-Type"].startswith("multipart/related")
     assert answer.headers["Warning"] == (
-        f"299 {shared_node.settings.dicomweb_url}: 1 of 2 instances cannot be "
-        "sent in a transfer syntax the request accepts"
+        f"299 {shared_node.settings.dicomweb_url}: 1 of 2 instances are left "
+        "out: 1 cannot be sent in a transfer syntax the request accepts"
     )
     assert [s.SOPInstanceUID for s in sent] == [jpeg.sop_instance_uid]
     assert sent[0].file_meta.TransferSyntaxUID == JPEGBaseline8Bit
@@ -810,3 +811,100 @@ def test_wado_rs_metadata_sends_bulk_data_in_a_sequence_inline(
         w.WaveformData for w in held.WaveformSequence
     ]
     assert "InlineBinary" in document["54000100"]["Value"][0]["54001010"]
+
+
+def _dicom_parts(answer: requests.Response) -> list[bytes]:
+    """The bodies of a multipart/related answer's parts (RFC 2387)."""
+    _, params = parse_options_header(answer.headers["Content-Type"])
+    parts: list[bytes] = []
+    parser = MultipartParser(
+        params[b"boundary"],
+        {
+            "on_part_begin": lambda: parts.append(b""),
+            "on_part_data": lambda data, start, end: parts.append(
+                parts.pop() + data[start:end]
+            ),
+        },
+    )
+    parser.write(answer.content)
+    parser.finalize()
+    return parts
+
+
+def _lose_stored_copy(node: RunningNode, instance: scan.InstanceHeader) -> None:
+    """Remove the stored copy of a published instance, as a failing disk or
+    a careless operator would."""
+    with node.services.engine.connect() as conn:
+        blob = conn.execute(
+            select(imaging_instance.c.blob).where(
+                imaging_instance.c.sop_instance_uid == instance.sop_instance_uid
+            )
+        ).scalar_one()
+    node.services.imaging_source.blobs.path(blob).unlink()
+
+
+def test_wado_rs_leaves_out_an_instance_whose_stored_copy_is_gone(
+    shared_node: RunningNode, published: scan.Study, tmp_path: Path
+) -> None:
+    """DICOM PS3.18 Table 10.4.3-1: a series of which one stored copy is
+    gone is sent in part, 206 with a Warning saying why, as a whole
+    multipart body; the instance alone is a 500 that says so, never a
+    stream broken off after its status."""
+    study = _published_study(
+        shared_node,
+        [
+            shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm"),
+            shared_path("dicom", "singles", "ts-implicit-le__MR_small_implicit.dcm"),
+        ],
+        tmp_path / "pair",
+    )
+    lost, kept = study.instances
+    _lose_stored_copy(shared_node, lost)
+
+    series = requests.get(
+        _series_url(shared_node, study),
+        headers={"Accept": f"{MULTIPART_DICOM}; transfer-syntax=*"},
+        timeout=30,
+    )
+    alone = requests.get(
+        f"{_series_url(shared_node, study)}/instances/{lost.sop_instance_uid}",
+        headers={"Accept": f"{MULTIPART_DICOM}; transfer-syntax=*"},
+        timeout=30,
+    )
+    metadata = requests.get(f"{_series_url(shared_node, study)}/metadata", timeout=30)
+
+    assert series.status_code == 206
+    assert series.headers["Warning"] == (
+        f"299 {shared_node.settings.dicomweb_url}: 1 of 2 instances are left "
+        "out: the stored copies of 1 cannot be read here"
+    )
+    (part,) = _dicom_parts(series)
+    assert pydicom.dcmread(BytesIO(part)).SOPInstanceUID == kept.sop_instance_uid
+    assert part == kept.path.read_bytes()
+    assert alone.status_code == 500
+    assert alone.headers["Content-Type"].startswith("text/plain")
+    assert "cannot be read" in alone.text
+    assert metadata.status_code == 200
+    assert [pydicom.Dataset.from_json(d).SOPInstanceUID for d in metadata.json()] == [
+        kept.sop_instance_uid
+    ]
+
+
+@pytest.mark.parametrize("content_type", ["image/jpeg", "application/dicom"])
+def test_wado_uri_object_whose_stored_copy_is_gone_is_a_500_that_says_so(
+    shared_node: RunningNode, published: scan.Study, tmp_path: Path, content_type: str
+) -> None:
+    """DICOM PS3.18 9.1 and 8.7.1: an object held whose stored copy cannot
+    be read is the origin server's failure, answered in plain text."""
+    instance = _published_copy(
+        shared_node,
+        shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm"),
+        tmp_path / "one",
+    )
+    _lose_stored_copy(shared_node, instance)
+
+    answer = _wado_uri(shared_node, instance, contentType=content_type)
+
+    assert answer.status_code == 500
+    assert answer.headers["Content-Type"].startswith("text/plain")
+    assert "stored copy of the object cannot be read" in answer.text

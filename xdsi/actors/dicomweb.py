@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import string
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from functools import cache, lru_cache
 from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import pydicom
@@ -226,18 +227,32 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         )
         spool = Path(tempfile.mkdtemp(prefix="wado-rs-", dir=spool_root))
         try:
-            files = _produce_all(source, held, syntaxes, spool)
+            production = _produce_all(source, held, syntaxes, spool, "WADO-RS")
         except BaseException:
             shutil.rmtree(spool, ignore_errors=True)
             raise
+        files = production.files
         # DICOM PS3.18 Table 10.4.3-1: 406 when no instance can be sent in
         # an Acceptable Media Type, 206 when some, not all, of them can.
+        # Stored copies that cannot be read are this node's failure (500).
         if not files:
             shutil.rmtree(spool, ignore_errors=True)
+            if production.unacceptable:
+                abort(
+                    406,
+                    "no instance asked for can be sent in a transfer syntax the "
+                    "request accepts"
+                    + (
+                        f"; the stored copies of {production.unreadable} "
+                        "cannot be read here"
+                        if production.unreadable
+                        else ""
+                    ),
+                )
             abort(
-                406,
-                "no instance asked for can be sent in a transfer syntax the "
-                "request accepts",
+                500,
+                "the stored copies of the instances asked for cannot be read "
+                "here; the node's operator is told in its log",
             )
         left_out = len(held) - len(files)
         status = 206 if left_out else 200
@@ -257,11 +272,11 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             # are missing by their SOP Instance UIDs.
             headers["Warning"] = (
                 f"299 {source.settings.dicomweb_url}: {left_out} of {len(held)} "
-                "instances cannot be sent in a transfer syntax the request accepts"
+                f"instances are left out: {production.left_out()}"
             )
         if not multipart:
             return _spooled(
-                _file_chunks(files[0][0]),
+                _file_chunks(_open_or_500(files[0][0])),
                 spool,
                 content_type=f"{DICOM}; transfer-syntax={files[0][1]}",
                 status=status,
@@ -297,14 +312,10 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         if not held:
             abort(404)
 
-        def documents() -> Iterator[bytes]:
-            # One instance's document at a time: the JSON array streams, and
-            # stays whole when a stored copy cannot be read on the way (the
-            # answer's status went out already).
-            lead = b"["
+        def readable_documents() -> Iterator[dict[str, dict]]:
             for row in held:
                 try:
-                    document = _metadata_document(header(row))
+                    yield _metadata_document(header(row))
                 except (OSError, InvalidDicomError) as exc:
                     logger.error(
                         "WADO-RS metadata: the stored copy of instance %s (%s) "
@@ -313,10 +324,25 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
                         row.blob,
                         type(exc).__name__,
                     )
-                    continue
-                yield lead + json.dumps(document).encode()
-                lead = b","
-            yield b"[]" if lead == b"[" else b"]"
+
+        # The first document is made before the answer's status is chosen:
+        # when no stored copy can be read the answer is an error, not an
+        # empty array. One that cannot be read later, once the status went
+        # out, is left out, and the streamed array stays whole.
+        found = readable_documents()
+        first = next(found, None)
+        if first is None:
+            abort(
+                500,
+                "the stored copies of the instances asked for cannot be read "
+                "here; the node's operator is told in its log",
+            )
+
+        def documents() -> Iterator[bytes]:
+            yield b"[" + json.dumps(first).encode()
+            for document in found:
+                yield b"," + json.dumps(document).encode()
+            yield b"]"
 
         return Response(documents(), content_type=DICOM_JSON)
 
@@ -357,12 +383,21 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         held = published(*uids)
         if not held:
             abort(404)
+        if not _readable(source, held[0], "WADO-URI"):
+            abort(
+                500,
+                "the stored copy of the object cannot be read here; the node's "
+                "operator is told in its log",
+            )
         wanted = [
             t.split(";")[0].strip() for t in args.get("contentType", "").split(",")
         ]
         content_type = next((t for t in wanted if t in (DICOM, JPEG)), None)
         # The header is read without Pixel Data; Rows marks an image.
-        has_pixels = "Rows" in header(held[0])
+        try:
+            has_pixels = "Rows" in header(held[0])
+        except (OSError, InvalidDicomError):
+            abort(500, "the stored copy of the object cannot be read here")
         if content_type is None:
             # DICOM PS3.18 9.1.2.1.6: image/jpeg for an image, else the object.
             if args.get("contentType"):
@@ -394,11 +429,17 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             # a UID this node cannot produce, not acceptable (406).
             abort(400, f"transferSyntax {syntax[:MAX_UID]!r} is not a UID")
         spool = Path(tempfile.mkdtemp(prefix="wado-", dir=spool_root))
-        files = _produce_all(source, held, [syntax], spool)
-        if not files:
+        production = _produce_all(source, held, [syntax], spool, "WADO-URI")
+        if not production.files:
             shutil.rmtree(spool, ignore_errors=True)
+            if production.unreadable:
+                abort(500, "the stored copy of the object cannot be read here")
             abort(406)
-        return _spooled(_file_chunks(files[0][0]), spool, content_type=DICOM)
+        return _spooled(
+            _file_chunks(_open_or_500(production.files[0][0])),
+            spool,
+            content_type=DICOM,
+        )
 
     @blueprint.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
@@ -862,20 +903,86 @@ def _accepted_dicom(accept: str, single_allowed: bool) -> tuple[list[str], bool]
     return [syntax for _, framing, syntax in ranges if framing == multipart], multipart
 
 
+@dataclass
+class _Production:
+    """What of the instances asked for can be sent, and why the others not."""
+
+    files: list[tuple[Path, str]]
+    # Held, but the stored copy is missing or not of its recorded size.
+    unreadable: int = 0
+    # In no transfer syntax the request accepts.
+    unacceptable: int = 0
+
+    def left_out(self) -> str:
+        """Why instances are left out, for a Warning or an error's text."""
+        reasons = []
+        if self.unacceptable:
+            reasons.append(
+                f"{self.unacceptable} cannot be sent in a transfer syntax the "
+                "request accepts"
+            )
+        if self.unreadable:
+            reasons.append(
+                f"the stored copies of {self.unreadable} cannot be read here"
+            )
+        return "; ".join(reasons)
+
+
+def _readable(source: ImagingSource, row: Row, service: str) -> bool:
+    """Whether ``row``'s stored copy is there, of its recorded size; one that
+    is not is logged, as the rot of the store it is."""
+    try:
+        size = os.stat(source.blobs.path(row.blob)).st_size
+    except OSError:
+        size = None
+    if size == row.size:
+        return True
+    logger.error(
+        "%s: the stored copy of instance %s (%s) is missing or not of its "
+        "recorded size; left out",
+        service,
+        row.sop_instance_uid,
+        row.blob,
+    )
+    return False
+
+
 def _produce_all(
-    source: ImagingSource, held: list[Row], syntaxes: list[str], spool: Path
-) -> list[tuple[Path, str]]:
+    source: ImagingSource,
+    held: list[Row],
+    syntaxes: list[str],
+    spool: Path,
+    service: str,
+) -> _Production:
     """Each instance in the first of ``syntaxes`` it can be produced in
-    (``*``: as stored); those that cannot be produced in any are left out."""
-    files = []
+    (``*``: as stored); those that cannot be, or whose stored copy cannot be
+    read, are left out."""
+    production = _Production([])
     for row in held:
+        if not _readable(source, row, service):
+            production.unreadable += 1
+            continue
         stored = source.blobs.path(row.blob)
         held_syntax = row.transfer_syntax_uid
         asked = [held_syntax if s == "*" else s for s in syntaxes]
-        produced = transcode.produce(stored, held_syntax, asked, spool)
-        if produced is not None:
-            files.append((produced.path, produced.transfer_syntax_uid))
-    return files
+        try:
+            produced = transcode.produce(stored, held_syntax, asked, spool)
+        except OSError as exc:
+            # Removed, or unreadable, after the check.
+            logger.error(
+                "%s: the stored copy of instance %s (%s) cannot be read (%s); left out",
+                service,
+                row.sop_instance_uid,
+                row.blob,
+                type(exc).__name__,
+            )
+            production.unreadable += 1
+            continue
+        if produced is None:
+            production.unacceptable += 1
+        else:
+            production.files.append((produced.path, produced.transfer_syntax_uid))
+    return production
 
 
 def _metadata_document(header: Dataset) -> dict[str, dict]:
@@ -930,19 +1037,38 @@ def _finite(value: object) -> bool:
     return True
 
 
-def _file_chunks(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK_SIZE):
+def _open_or_500(path: Path) -> BinaryIO:
+    """Open a file to answer with, before the answer's status goes out; a
+    stored copy gone since it was checked is a 500, not a broken stream."""
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        logger.error("%s cannot be opened to answer with (%s)", path, exc.strerror)
+        abort(500, "the stored copy of the instance cannot be read here")
+
+
+def _file_chunks(file: BinaryIO) -> Iterator[bytes]:
+    with file:
+        while chunk := file.read(CHUNK_SIZE):
             yield chunk
 
 
 def _multipart(files: list[tuple[Path, str]], boundary: str) -> Iterator[bytes]:
-    """One application/dicom part per file (RFC 2387, DICOM PS3.18 8.6.1.2)."""
+    """One application/dicom part per file (RFC 2387, DICOM PS3.18 8.6.1.2).
+
+    A file gone since it was checked (its instance removed meanwhile) is
+    left out, and the multipart body stays whole: the status went out.
+    """
     for path, syntax in files:
+        try:
+            file = open(path, "rb")
+        except OSError as exc:
+            logger.error("%s left out of a WADO-RS answer (%s)", path, exc.strerror)
+            continue
         yield (
             f"--{boundary}\r\nContent-Type: {DICOM}; transfer-syntax={syntax}\r\n\r\n"
         ).encode("ascii")
-        yield from _file_chunks(path)
+        yield from _file_chunks(file)
         yield b"\r\n"
     yield f"--{boundary}--\r\n".encode("ascii")
 
