@@ -1260,24 +1260,34 @@ def test_removing_a_study_never_published_is_no_failure(
     assert _manifests(patient_node) == []
 
 
-def test_removing_instances_is_audited_as_instances_deleted(
-    patient_node: RunningNode,
+@pytest.mark.parametrize(
+    ("removed", "event_id"), [(1, "110103"), (2, "110105")], ids=["some", "all"]
+)
+def test_removing_instances_is_audited_as_instances_or_study_deleted(
+    patient_node: RunningNode, removed: int, event_id: str
 ) -> None:
-    """DICOM PS3.15 A.5.3.3: the Imaging Document Source that deletes
+    """DICOM PS3.15 A.5.3.6: the Imaging Document Source that deletes
     instances writes DICOM Instances Accessed with action D, naming the
-    patient and the study; valid against the DICOM audit schema."""
+    patient and the study; when it deletes every instance of the study held,
+    DICOM Study Deleted (A.5.3.8) instead. Each valid against the DICOM
+    audit schema."""
     patient_node.feed(MR_PATIENT)
     images = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:2]
     for path in images:
         patient_node.services.intake.accept(path)
-    study_uid = pydicom.dcmread(images[0], stop_before_pixels=True).StudyInstanceUID
+    first = pydicom.dcmread(images[0], stop_before_pixels=True)
+    study_uid = first.StudyInstanceUID
     before = len(list(patient_node.services.audit_spool.records()))
 
-    assert patient_node.services.intake.remove(study_uid) == 2
+    sop_uids = [first.SOPInstanceUID] if removed == 1 else []
+    assert (
+        patient_node.services.intake.remove(study_uid, sop_instance_uids=sop_uids)
+        == removed
+    )
 
     (record,) = list(patient_node.services.audit_spool.records())[before:]
     assert record.valid
-    assert record.event_id is not None and record.event_id.code == "110103"
+    assert record.event_id is not None and record.event_id.code == event_id
     root = etree.fromstring(record.xml)
     assert root.find("EventIdentification").get("EventActionCode") == "D"
     assert record.patient_ids == (MR_PATIENT,)

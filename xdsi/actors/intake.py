@@ -348,15 +348,21 @@ class Intake:
             if not gone:
                 return 0
             conn.execute(delete(imaging_instance).where(*where))
+            left = conn.execute(
+                select(column.sop_instance_uid)
+                .where(column.study_instance_uid == study_instance_uid)
+                .limit(1)
+            ).first()
             self._touch(conn, study_instance_uid, gone[0].patient_id or "")
         for row in gone:
             self.blobs.delete(row.blob)
         logger.info("removed %d instances of study %s", len(gone), study_instance_uid)
-        # DICOM PS3.15 A.5.3.3: who deleted which patient's instances.
+        # DICOM PS3.15 A.5.3.6: who deleted which patient's instances; when
+        # none of the study is left, DICOM Study Deleted (A.5.3.8) instead.
         node = self.settings.node
         self.source.auditor.record(
             audit.AuditEvent(
-                transaction="Instances Deleted",
+                transaction="Instances Deleted" if left else "Study Deleted",
                 actor="Imaging Document Source",
                 outcome=audit.Outcome.SUCCESS,
                 source=audit.Endpoint(node.audit_source_id, node.host),
