@@ -10,6 +10,7 @@ attributes of DICOM PS3.3 C.7.6.1.1.5.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -108,6 +109,13 @@ LOSSY_ENCODERS = (JPEGLSNearLossless, JPEG2000)
 JPEG_LS_NEAR = 2
 JPEG_2000_RATIO = 10.0
 
+# Instances re-encoded at once in one process, whatever asks (RAD-69,
+# WADO-RS, WADO-URI): each holds its decoded pixel data, hundreds of MB
+# for a large multi-frame, and more at once than there are cores only adds
+# memory, not speed. A burst of requests waits its turn instead.
+TRANSCODING_SLOTS = max(2, os.cpu_count() or 2)
+_TRANSCODING = threading.BoundedSemaphore(TRANSCODING_SLOTS)
+
 # Pixel-bearing elements (DICOM PS3.3 C.7.6.3, C.7.6.24); an object without
 # one (SR, KOS, waveform) can change only between native encodings.
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -172,7 +180,7 @@ def produce(
             continue
         destination = spool / f"{source.name}-{target}.dcm"
         try:
-            with plugin_errors_muted():
+            with _TRANSCODING, plugin_errors_muted():
                 _write(source, target, destination)
         except Exception as exc:
             # Any decoder or encoder failure only rules this syntax out.

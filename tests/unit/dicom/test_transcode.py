@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import logging
+import threading
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,7 @@ from werkzeug.exceptions import NotAcceptable
 
 from tests.conftest import SHARED, shared_path
 from xdsi.actors.dicomweb import _render
+from xdsi.dicom import transcode
 from xdsi.dicom.transcode import is_lossless, is_lossy, produce
 
 # The one single no pydicom plugin decodes (shared dicom README, "Decoding
@@ -277,3 +281,41 @@ def test_wado_uri_answers_an_undecodable_image_406_with_one_warning(
     assert [(r.name, r.levelname) for r in logged] == [
         ("xdsi.actors.dicomweb", "WARNING")
     ]
+
+
+def test_no_more_instances_are_re_encoded_at_once_than_there_are_slots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of requests that each re-encode an instance waits for a free
+    slot instead of holding every decoded image in memory at once."""
+    path, held = _single("ts-explicit-le__CT_small.dcm")
+    writing = 0
+    most = 0
+    lock = threading.Lock()
+    real_write = transcode._write
+
+    def counted_write(source: Path, target: str, destination: Path) -> None:
+        nonlocal writing, most
+        with lock:
+            writing += 1
+            most = max(most, writing)
+        try:
+            time.sleep(0.05)
+            real_write(source, target, destination)
+        finally:
+            with lock:
+                writing -= 1
+
+    monkeypatch.setattr(transcode, "_write", counted_write)
+    bursts = transcode.TRANSCODING_SLOTS * 4
+
+    def one(n: int) -> transcode.Produced | None:
+        spool = tmp_path / str(n)
+        spool.mkdir()
+        return produce(path, held, [RLELossless], spool)
+
+    with ThreadPoolExecutor(bursts) as pool:
+        produced = list(pool.map(one, range(bursts)))
+
+    assert all(p is not None and p.transfer_syntax_uid == RLELossless for p in produced)
+    assert 1 < most <= transcode.TRANSCODING_SLOTS
