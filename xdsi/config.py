@@ -376,6 +376,34 @@ class Settings:
     tls: TlsSettings = field(default_factory=TlsSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
 
+    def __post_init__(self) -> None:
+        taken: dict[int, str] = {}
+        for where, port in self.listening_ports():
+            if port and port in taken:
+                raise ConfigError(
+                    f"{taken[port]} and {where} are both {port}: each listener "
+                    f"of the node on {self.node.host} needs a port of its own"
+                )
+            taken[port] = where
+
+    def listening_ports(self) -> list[tuple[str, int]]:
+        """The ports ``xdsi serve`` listens on, each named by its setting."""
+        ports = []
+        if self.registry.enabled:
+            ports += [
+                ("[registry] port", self.registry.port),
+                ("[registry] feed_port", self.registry.feed_port),
+            ]
+        if self.repository.enabled:
+            ports.append(("[repository] port", self.repository.port))
+        if self.imaging_source.enabled:
+            ports.append(("[imaging_source] port", self.imaging_source.port))
+            if self.imaging_source.store_scp:
+                ports.append(
+                    ("[imaging_source] dicom_port", self.imaging_source.dicom_port)
+                )
+        return ports
+
     @property
     def storage(self) -> Path:
         return Path(self.node.storage_dir).expanduser().resolve()
@@ -452,6 +480,14 @@ class Settings:
         return replace(self, node=replace(self.node, storage_dir=str(storage_dir)))
 
 
+# The highest TCP or UDP port number (a 16-bit field, RFC 793 3.1).
+MAX_PORT = 65535
+
+
+def _is_port(key: str) -> bool:
+    return key == "port" or key.endswith("_port")
+
+
 def _section(cls: type, values: dict[str, Any], name: str) -> Any:
     known = {f.name: f for f in fields(cls)}
     kwargs: dict[str, Any] = {}
@@ -486,6 +522,11 @@ def _section(cls: type, values: dict[str, Any], name: str) -> Any:
             isinstance(value, bool) or not isinstance(value, int)
         ):
             raise ConfigError(f"[{name}] {key} wants a whole number")
+        elif _is_port(key) and not 0 <= value <= MAX_PORT:
+            raise ConfigError(
+                f"[{name}] {key} {value}: a port is 0 to {MAX_PORT} (RFC 793 3.1; "
+                "0 lets the system choose)"
+            )
         elif isinstance(default, float) and (
             isinstance(value, bool) or not isinstance(value, int | float)
         ):

@@ -34,7 +34,9 @@ Every timed step starts after a sync, untimed, so that none pays for the
 write-back of files another step (or the set-up) left in the page cache.
 
 It prints both ratios: Orthanc / RAD-69 (target >= 1.0) and time-to-share /
-plain copy (target <= 3).
+plain copy (target <= 3). It prints too how long each server's answer takes
+to read to its end, dropped as it comes: the servers compared alone, the
+clients' parsing and filing left out.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event as EventType
@@ -63,7 +66,9 @@ from pydicom.uid import generate_uid
 from python_multipart.multipart import MultipartParser, parse_options_header
 from sqlalchemy import select
 
-from xdsi.actors.consumer import FetchResult
+from xdsi import wire
+from xdsi.actors.consumer import Consumer, FetchResult
+from xdsi.actors.soap_endpoint import transaction
 from xdsi.app import Node, build_services
 from xdsi.cli import bundled_study, qualify_patient_id
 from xdsi.config import Settings
@@ -196,6 +201,47 @@ def orthanc_download(study_uid: str, target: Path) -> tuple[int, int]:
     return parts.count, parts.size
 
 
+def rad69_request(consumer: Consumer, manifest: kos.Manifest) -> tuple[str, bytes, str]:
+    """The URL, body and media type of the Consumer's RAD-69 request for
+    every instance of ``manifest``, held at one Retrieve Location."""
+    by_series: dict[tuple[str, str], list[kos.ManifestReference]] = defaultdict(list)
+    for ref in manifest.references:
+        by_series[(ref.study_instance_uid, ref.series_instance_uid)].append(ref)
+    (location,) = {ref.retrieve_location_uid for ref in manifest.references}
+    action = transaction("RAD-69")["request_action"]
+    envelope = wire.build_envelope(consumer._rad69_request(location, by_series), action)
+    return (
+        consumer.endpoint_for(location),
+        wire.serialize(envelope),
+        f'application/soap+xml; charset=UTF-8; action="{action}"',
+    )
+
+
+def drain_rad69(url: str, body: bytes, content_type: str) -> int:
+    """POST a RAD-69 request and read its answer to the end, dropping it;
+    return the bytes read."""
+    with requests.post(
+        url, data=body, headers={"Content-Type": content_type}, stream=True
+    ) as answer:
+        answer.raise_for_status()
+        return sum(len(c) for c in answer.raw.stream(READ_SIZE, decode_content=False))
+
+
+def drain_wado_rs(study_uid: str) -> int:
+    """GET Orthanc's WADO-RS answer for a study and read it to the end,
+    dropping it; return the bytes read."""
+    with requests.get(
+        f"{ORTHANC_URL}/dicom-web/studies/{study_uid}",
+        headers={
+            "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'
+        },
+        stream=True,
+        timeout=3600,
+    ) as answer:
+        answer.raise_for_status()
+        return sum(len(c) for c in answer.raw.stream(READ_SIZE, decode_content=False))
+
+
 def fsynced_copy(source: Path, target: Path) -> None:
     """Copy a tree file by file, fsyncing each copy."""
     for path in sorted(p for p in source.rglob("*") if p.is_file()):
@@ -310,6 +356,27 @@ def bench(study_dir: Path, gigabytes: float, runs: int, work: Path) -> None:
 
             rad69_time, orthanc_time = timed_turns(runs, rad69, wado_rs)
 
+            # The servers alone: each answer read to its end and dropped,
+            # nothing parsed or filed, so that what the two clients do with
+            # the bytes is left out.
+            request = rad69_request(services.consumer, manifest)
+
+            def rad69_wire(n: int) -> Path:
+                out = work / f"rad69-wire-{n}"
+                out.mkdir()
+                assert drain_rad69(*request) >= size
+                return out
+
+            def wado_rs_wire(n: int) -> Path:
+                out = work / f"orthanc-wire-{n}"
+                out.mkdir()
+                assert drain_wado_rs(study.study_instance_uid) >= size
+                return out
+
+            rad69_wire_time, orthanc_wire_time = timed_turns(
+                runs, rad69_wire, wado_rs_wire
+            )
+
             # Time-to-share needs a study not yet published: a relabelled
             # copy; the plain copies start from other fresh copies.
             copies = [relabelled(study_dir, work / f"share-{n}") for n in range(runs)]
@@ -366,6 +433,9 @@ def bench(study_dir: Path, gigabytes: float, runs: int, work: Path) -> None:
         f"Orthanc WADO-RS download: {orthanc_time:8.3f} s {mb / orthanc_time:8.1f} MB/s"
     )
     print(f"ratio Orthanc / RAD-69:   {orthanc_time / rad69_time:8.2f} (target >= 1.0)")
+    print(f"RAD-69 answer, read only: {rad69_wire_time:8.3f} s")
+    print(f"Orthanc answer, read only:{orthanc_wire_time:8.3f} s")
+    print(f"ratio, servers alone:     {orthanc_wire_time / rad69_wire_time:8.2f}")
     print(f"time-to-share:            {share_time:8.3f} s")
     print(f"plain copy:               {copy_time:8.3f} s")
     print(f"plain copy, fsynced:      {synced_time:8.3f} s")

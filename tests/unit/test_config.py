@@ -329,3 +329,54 @@ def test_repository_timeouts_are_checked(tmp_path, values: str, message: str) ->
     path.write_text(f"[repository]\n{values}\n")
     with pytest.raises(ConfigError, match=message):
         load_settings(path)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[registry]\nport = 99999\n",
+        "[registry]\nfeed_port = -1\n",
+        "[imaging_source]\ndicom_port = 65536\n",
+        "[audit]\narr_udp_port = 70000\n",
+    ],
+    ids=["above", "negative", "dicom", "arr"],
+)
+def test_a_port_outside_0_to_65535_is_config_error(tmp_path: Path, text: str) -> None:
+    """RFC 793 3.1: a port is 16 bits; 99999 is no port, not 99999 - 65536."""
+    with pytest.raises(ConfigError, match="a port is 0 to 65535"):
+        load_settings(_write(tmp_path, text))
+
+
+def test_two_listeners_on_one_port_is_config_error_naming_both(
+    tmp_path: Path,
+) -> None:
+    """Two actors of one node cannot listen on one port: the file is
+    refused, naming both settings, before anything is started."""
+    text = "[registry]\nport = 27182\n[repository]\nport = 27182\n"
+
+    with pytest.raises(ConfigError) as refused:
+        load_settings(_write(tmp_path, text))
+
+    assert str(refused.value).startswith(
+        "[registry] port and [repository] port are both 27182"
+    )
+
+
+def test_ports_of_actors_not_served_or_chosen_by_the_system_may_repeat(
+    tmp_path: Path,
+) -> None:
+    """A disabled actor, the C-STORE SCP when off, and port 0 (the system
+    chooses) claim no port."""
+    text = (
+        "[registry]\nport = 0\nfeed_port = 0\n"
+        "[repository]\nenabled = false\nport = 9083\n"
+        "[imaging_source]\nport = 9083\ndicom_port = 9083\n"
+    )
+
+    settings = load_settings(_write(tmp_path, text))
+
+    assert settings.listening_ports() == [
+        ("[registry] port", 0),
+        ("[registry] feed_port", 0),
+        ("[imaging_source] port", 9083),
+    ]
