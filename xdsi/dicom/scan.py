@@ -260,7 +260,7 @@ def _scan(files: list[Path]) -> ScanResult:
         seen[header.sop_instance_uid] = file
         builder = studies.get(header.study_instance_uid)
         if builder is None:
-            builder = studies[header.study_instance_uid] = _StudyBuilder(ds)
+            builder = studies[header.study_instance_uid] = _StudyBuilder()
         builder.add(header, ds)
 
     return ScanResult(
@@ -323,9 +323,10 @@ def _duplicate(first: Path) -> str:
 def _joined(first: ScanResult, second: ScanResult) -> ScanResult:
     """One scan of the files of ``first`` followed by those of ``second``.
 
-    What the first files fixed stands: study, patient and series attributes
-    come from them when they hold the study or series, and an instance of
-    the second files already read among the first is rejected.
+    Study, patient and series attributes come from the study's or series'
+    first instance (see :class:`_StudyBuilder`), whichever files hold it,
+    and an instance of the second files already read among the first is
+    rejected.
     """
     # Limitation: when the first file of a study or series among the second
     # files repeats a SOP Instance UID of the first files, the attributes of
@@ -352,9 +353,10 @@ def _joined(first: ScanResult, second: ScanResult) -> ScanResult:
                 series.append(_holding(one, fresh))
         if not series:
             continue
+        study = replace(study, series=tuple(series))
         earlier = studies.get(study.study_instance_uid)
         if earlier is None:
-            studies[study.study_instance_uid] = replace(study, series=tuple(series))
+            studies[study.study_instance_uid] = study
             continue
         by_uid = {s.series_instance_uid: s for s in earlier.series}
         for one in series:
@@ -363,9 +365,11 @@ def _joined(first: ScanResult, second: ScanResult) -> ScanResult:
                 by_uid[one.series_instance_uid] = one
                 continue
             instances = sorted(held.instances + one.instances, key=_instance_order)
-            by_uid[one.series_instance_uid] = _holding(held, instances)
+            first = min(held, one, key=lambda s: _instance_order(s.instances[0]))
+            by_uid[one.series_instance_uid] = _holding(first, instances)
+        first_study = min(earlier, study, key=_first_instance_order)
         studies[study.study_instance_uid] = replace(
-            earlier, series=tuple(sorted(by_uid.values(), key=_series_order))
+            first_study, series=tuple(sorted(by_uid.values(), key=_series_order))
         )
     rejected.extend((path, renamed.get(why, why)) for path, why in second.rejected)
     return ScanResult(
@@ -391,6 +395,12 @@ def _instance_order(instance: InstanceHeader) -> tuple[bool, int, str]:
     """Instances by Instance Number, then SOP Instance UID."""
     number = instance.instance_number
     return (number is None, number or 0, instance.sop_instance_uid)
+
+
+def _first_instance_order(study: Study) -> tuple[bool, int, str, bool, int, str]:
+    """Where a study's first instance stands among those of its series."""
+    series = study.series[0]
+    return (*_series_order(series), *_instance_order(series.instances[0]))
 
 
 def _series_order(series: Series) -> tuple[bool, int, str]:
@@ -516,18 +526,24 @@ def _acquisition_datetime(ds: pydicom.Dataset) -> str:
 
 
 class _SeriesBuilder:
-    """Instances of one series as they are read."""
+    """Instances of one series as they are read; the series' attributes are
+    those of its first instance (by Instance Number, then SOP Instance UID),
+    whatever order the files are read in."""
 
-    def __init__(self, ds: pydicom.Dataset) -> None:
-        self.modality = _text(ds, "Modality")
-        self.series_number = _integer(ds, "SeriesNumber")
-        self.series_description = _text(ds, "SeriesDescription")
-        self.series_date = _text(ds, "SeriesDate")
-        self.series_time = _text(ds, "SeriesTime")
+    def __init__(self) -> None:
         self.instances: list[InstanceHeader] = []
+        self._first: tuple[bool, int, str] | None = None
 
-    def add(self, header: InstanceHeader) -> None:
+    def add(self, header: InstanceHeader, ds: pydicom.Dataset) -> None:
         self.instances.append(header)
+        order = _instance_order(header)
+        if self._first is None or order < self._first:
+            self._first = order
+            self.modality = _text(ds, "Modality")
+            self.series_number = _integer(ds, "SeriesNumber")
+            self.series_description = _text(ds, "SeriesDescription")
+            self.series_date = _text(ds, "SeriesDate")
+            self.series_time = _text(ds, "SeriesTime")
 
     def build(self, series_instance_uid: str) -> Series:
         instances = sorted(self.instances, key=_instance_order)
@@ -544,9 +560,32 @@ class _SeriesBuilder:
 
 
 class _StudyBuilder:
-    """Study attributes from the first instance read, and its series."""
+    """A study's series, and its attributes as its first instance gives them
+    (by Series Number, Series Instance UID, Instance Number, SOP Instance
+    UID): instances that disagree (a StudyTime of its own, say) give the
+    same study whatever order the files are read in."""
 
-    def __init__(self, ds: pydicom.Dataset) -> None:
+    def __init__(self) -> None:
+        self.series: dict[str, _SeriesBuilder] = {}
+        self._first: tuple[bool, int, str, bool, int, str] | None = None
+
+    def add(self, header: InstanceHeader, ds: pydicom.Dataset) -> None:
+        series = self.series.get(header.series_instance_uid)
+        if series is None:
+            series = self.series[header.series_instance_uid] = _SeriesBuilder()
+        series.add(header, ds)
+        number = _integer(ds, "SeriesNumber")
+        order = (
+            number is None,
+            number or 0,
+            header.series_instance_uid,
+            *_instance_order(header),
+        )
+        if self._first is None or order < self._first:
+            self._first = order
+            self._read(ds)
+
+    def _read(self, ds: pydicom.Dataset) -> None:
         self.ds_fields = {
             keyword: _text(ds, keyword)
             for keyword in (
@@ -579,13 +618,6 @@ class _StudyBuilder:
             for item in _items(ds, "ProcedureCodeSequence")
             if _text(item, "CodeValue")
         )
-        self.series: dict[str, _SeriesBuilder] = {}
-
-    def add(self, header: InstanceHeader, ds: pydicom.Dataset) -> None:
-        series = self.series.get(header.series_instance_uid)
-        if series is None:
-            series = self.series[header.series_instance_uid] = _SeriesBuilder(ds)
-        series.add(header)
 
     def build(self) -> Study:
         series = sorted(

@@ -239,7 +239,7 @@ def test_scan_split_with_the_worker_reads_as_one_scan(
     tmp_path, own_worker, monkeypatch
 ):
     """A scan whose first half is read by the worker process gives the
-    studies of a scan in one process, first-read attributes and rejected
+    studies of a scan in one process, first-instance attributes and rejected
     repeats included."""
     files = _mixed_folder(tmp_path)
     monkeypatch.setattr(worker, "MIN_INSTANCES", len(files) + 1)
@@ -281,3 +281,27 @@ def test_scan_split_logs_what_the_worker_rejected(
         "(each with its reason at DEBUG)"
     ]
     assert str(tmp_path) not in " ".join(warnings)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-process", "worker"])
+def test_study_and_series_attributes_do_not_depend_on_the_order_files_are_read(
+    own_worker, monkeypatch, split
+):
+    """The bundled CT's instances disagree on Study Time (one says
+    09:34:29.864, the others 09:34:25.394): the study's attributes are its
+    first instance's (first series by Series Number, first instance by
+    Instance Number), read first or last, in one process or two, so that
+    one study always gets one serviceStartTime."""
+    files = sorted(p for p in STUDY_CT.rglob("*") if p.is_file())
+    times = {pydicom.dcmread(p, stop_before_pixels=True).StudyTime for p in files}
+    assert len(times) == 2
+    monkeypatch.setattr(worker, "MIN_INSTANCES", 2 if split else len(files) + 1)
+
+    studies = [scan_files(order).studies for order in (files, files[::-1])]
+
+    (forward,), (backward,) = studies
+    assert forward == backward
+    first = forward.series[0].instances[0]
+    ds = pydicom.dcmread(first.path, stop_before_pixels=True)
+    assert forward.study_time == ds.StudyTime
+    assert forward.series[0].series_description == ds.SeriesDescription
