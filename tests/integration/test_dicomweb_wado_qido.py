@@ -20,6 +20,7 @@ from PIL import Image
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
 from python_multipart.multipart import MultipartParser, parse_options_header
 from sqlalchemy import select
+from werkzeug.exceptions import default_exceptions
 
 from tests.conftest import shared_path
 from tests.integration.conftest import PATIENT, RunningNode
@@ -462,10 +463,14 @@ def test_wado_uri_bad_requests_are_answered_with_their_status(
     shared_node: RunningNode, published: scan.Study, change: dict, status: int
 ) -> None:
     """DICOM PS3.18 9.1.2: a request that cannot be served gets an HTTP error,
-    in plain text; an object asked for de-identified is never sent whole."""
+    in plain text that says why (not the HTTP library's stock sentence); an
+    object asked for de-identified is never sent whole."""
     answer = _wado_uri(shared_node, published.instances[0], **change)
     assert answer.status_code == status
     assert answer.headers["Content-Type"].startswith("text/plain")
+    if status != 404:
+        stock = default_exceptions[status].description
+        assert answer.text.strip() and stock not in answer.text
 
 
 @pytest.mark.parametrize(

@@ -401,7 +401,11 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         if content_type is None:
             # DICOM PS3.18 9.1.2.1.6: image/jpeg for an image, else the object.
             if args.get("contentType"):
-                abort(406)
+                abort(
+                    406,
+                    f"contentType {args['contentType'][:80]!r}: this service "
+                    f"sends {DICOM} or {JPEG} (DICOM PS3.18 9.1.2.1.6)",
+                )
             content_type = JPEG if has_pixels else DICOM
         logger.info(
             "%s %s from %s: %s",
@@ -434,7 +438,13 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             shutil.rmtree(spool, ignore_errors=True)
             if production.unreadable:
                 abort(500, "the stored copy of the object cannot be read here")
-            abort(406)
+            abort(
+                406,
+                f"the object is held in transfer syntax "
+                f"{held[0].transfer_syntax_uid} and cannot be sent in "
+                f"{syntax}; leave transferSyntax out for Explicit VR Little "
+                "Endian",
+            )
         return _spooled(
             _file_chunks(_open_or_500(production.files[0][0])),
             spool,
@@ -897,7 +907,16 @@ def _accepted_dicom(accept: str, single_allowed: bool) -> tuple[list[str], bool]
         elif kind in (DICOM, "application/*") and single_allowed:
             ranges.append((quality, False, syntax))
     if not ranges:
-        abort(406)
+        abort(
+            406,
+            "the Accept header names no media type this resource is sent in: "
+            + (
+                f'{DICOM} or multipart/related; type="{DICOM}"'
+                if single_allowed
+                else f'multipart/related; type="{DICOM}"'
+            )
+            + " (DICOM PS3.18 8.7.3)",
+        )
     ranges.sort(key=lambda r: -r[0])  # stable: equal q keep their order
     multipart = ranges[0][1]
     return [syntax for _, framing, syntax in ranges if framing == multipart], multipart
