@@ -100,3 +100,31 @@ def error_codes(response: etree._Element) -> list[str]:
 def entry_uuids(request: etree._Element) -> dict[str, str]:
     """Give the request's symbolic ids entryUUIDs; return symbol to entryUUID."""
     return assign_entry_uuids(read_registry_objects(request))
+
+
+# The attributes that hold an object's own id or name another object.
+OBJECT_ID_ATTRIBUTES = (
+    "id",
+    "lid",
+    "classifiedObject",
+    "registryObject",
+    "sourceObject",
+    "targetObject",
+)
+
+
+def upper_case_uuid(entry_uuid: str) -> str:
+    """The same UUID with its hex digits in upper case (RFC 4122 3)."""
+    return "urn:uuid:" + entry_uuid.removeprefix("urn:uuid:").upper()
+
+
+def in_upper_case(
+    request: etree._Element, attributes: tuple[str, ...] = OBJECT_ID_ATTRIBUTES
+) -> etree._Element:
+    """Write every urn:uuid: id of ``attributes`` in ``request`` in upper case."""
+    for element in request.iter(tag=etree.Element):
+        for attribute in attributes:
+            value = element.get(attribute)
+            if value is not None and ebrim.is_uuid(value):
+                element.set(attribute, upper_case_uuid(value))
+    return request

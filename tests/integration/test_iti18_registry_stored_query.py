@@ -27,6 +27,7 @@ from tests.nist_submissions import (
     nist_submission,
     register,
     run_query,
+    upper_case_uuid,
 )
 from xdsi import ns, wire
 from xdsi.dicom import scan
@@ -457,6 +458,87 @@ def test_get_related_documents_of_an_unrelated_document_is_empty(
     )
 
     assert counts(response) == {}
+
+
+# Per query of ITI TF-2 3.18.4.1.2.3.7 that names objects by entryUUID: the
+# parameter, and the submission and symbol of the object it is given.
+QUERIES_BY_ENTRY_UUID = {
+    "GetDocuments": ("$XDSDocumentEntryEntryUUID", "single_doc", "Document01"),
+    "GetFolders": ("$XDSFolderEntryUUID", "doc_w_fol", "Folder"),
+    "GetAssociations": ("$uuid", "single_doc", "Document01"),
+    "GetDocumentsAndAssociations": (
+        "$XDSDocumentEntryEntryUUID",
+        "single_doc",
+        "Document01",
+    ),
+    "GetSubmissionSets": ("$uuid", "single_doc", "Document01"),
+    "GetSubmissionSetAndContents": (
+        "$XDSSubmissionSetEntryUUID",
+        "doc_w_fol",
+        "SubmissionSet01",
+    ),
+    "GetFolderAndContents": ("$XDSFolderEntryUUID", "doc_w_fol", "Folder"),
+    "GetFoldersForDocument": (
+        "$XDSDocumentEntryEntryUUID",
+        "two_doc_w_fol",
+        "Document01",
+    ),
+    "GetRelatedDocuments": ("$XDSDocumentEntryEntryUUID", "doc_for_rplc", "Document01"),
+}
+
+
+@pytest.mark.parametrize("name", QUERIES_BY_ENTRY_UUID)
+def test_entry_uuid_in_upper_case_finds_what_lower_case_finds(
+    data_set: DataSet, name: str
+) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7, RFC 4122 3: an entryUUID parameter is case
+    insensitive; the answer spells every entryUUID in lower case."""
+    parameter, case, symbol = QUERIES_BY_ENTRY_UUID[name]
+    entry_uuid = data_set.ids[case][symbol]
+    extra: dict[str, str | list[str]] = (
+        {"$AssociationTypes": [RPLC]} if name == "GetRelatedDocuments" else {}
+    )
+    lower = data_set.query(name, {parameter: [entry_uuid], **extra})
+
+    upper = data_set.query(name, {parameter: [upper_case_uuid(entry_uuid)], **extra})
+
+    assert ids_of(upper) == ids_of(lower)
+    assert ids_of(upper) and all(i == i.lower() for i in ids_of(upper))
+
+
+def test_query_id_in_upper_case_names_the_stored_query(data_set: DataSet) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.5, RFC 4122 3: the query id is a UUID, case
+    insensitive like any."""
+    entry_uuid = data_set.ids["single_doc"]["Document01"]
+    request = stored_query.build_query(
+        "GetDocuments", {"$XDSDocumentEntryEntryUUID": [entry_uuid]}
+    )
+    adhoc = request.find(f"{{{ns.RIM}}}AdhocQuery")
+    adhoc.set("id", upper_case_uuid(adhoc.get("id")))
+
+    client = wire.SoapClient(data_set.url)
+    with client.call("urn:ihe:iti:2007:RegistryStoredQuery", request) as reply:
+        assert ids_of(reply.body) == {entry_uuid}
+
+
+def test_document_entry_type_in_upper_case_is_the_stable_type(
+    data_set: DataSet,
+) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.1, RFC 4122 3: $XDSDocumentEntryType names
+    objectType UUIDs, whatever their letter case."""
+    stable = ebrim.metadata_table()[ebrim.DOCUMENT_ENTRY]["object_type_stable"]
+
+    response = data_set.query(
+        "FindDocuments",
+        {
+            "$XDSDocumentEntryPatientId": data_set.patient_id,
+            "$XDSDocumentEntryStatus": [APPROVED],
+            "$XDSDocumentEntryType": [upper_case_uuid(stable)],
+        },
+        stored_query.RETURN_OBJECT_REF,
+    )
+
+    assert counts(response) == {"ObjectRefs": 5}
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,8 @@
 ITI TF-2 3.42 and ITI TF-3 4.2.2: Associations to objects already
 registered, document replacement and its effects, and re-registration of a
 document, with the NIST XDS Toolkit submissions of tests 12346, 12002 and
-12004. Each test starts from an accepted submission and changes one thing.
+12004; entryUUIDs of either letter case (RFC 4122 3). Each test starts from
+an accepted submission and changes one thing.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ from lxml import etree
 
 from tests.integration.conftest import RunningNode
 from tests.nist_submissions import (
+    OBJECT_ID_ATTRIBUTES,
     UNIQUE_ID_SCHEMES,
     entry_uuids,
     error_codes,
+    in_upper_case,
     nist_submission,
     register,
     run_query,
+    upper_case_uuid,
 )
 from xdsi import ns
 from xdsi.metadata import ebrim
@@ -310,3 +314,153 @@ def test_entry_uuid_registered_before_is_refused_whole(
         },
     )
     assert len(entries) == 1
+
+
+# --- entryUUID letter case ---------------------------------------------------
+
+
+SCHEME_ATTRIBUTES = (
+    "classificationScheme",
+    "classificationNode",
+    "identificationScheme",
+    "objectType",
+)
+
+
+def _spellings(element: etree._Element) -> list[str]:
+    """Every urn:uuid: value of an id attribute under ``element``."""
+    return [
+        value
+        for child in element.iter(tag=etree.Element)
+        for attribute in (*OBJECT_ID_ATTRIBUTES, *SCHEME_ATTRIBUTES)
+        if (value := child.get(attribute)) is not None and ebrim.is_uuid(value)
+    ]
+
+
+def test_entry_uuids_sent_in_upper_case_are_stored_and_answered_in_lower_case(
+    running_node: RunningNode,
+) -> None:
+    """RFC 4122 3: a UUID is case insensitive on input, output in lower case."""
+    patient_id = new_patient(running_node)
+    request = nist_submission("iti42-12346-doc_w_fol", {"$patientid$": patient_id})
+    uuids = entry_uuids(request)
+
+    registered = register(running_node.settings.url("registry"), in_upper_case(request))
+
+    assert registered.get("status") == SUCCESS, error_codes(registered)
+    response = run_query(
+        running_node.settings.url("registry"),
+        "GetSubmissionSetAndContents",
+        {"$XDSSubmissionSetEntryUUID": uuids["SubmissionSet01"]},
+    )
+    objects = read_registry_objects(response).objects
+    assert {uuids["SubmissionSet01"], uuids["Document01"], uuids["Folder"]} <= {
+        o.id for o in objects
+    }
+    spellings = _spellings(response)
+    assert spellings and spellings == [v.lower() for v in spellings]
+
+
+def test_associations_naming_objects_of_the_submission_in_another_case(
+    running_node: RunningNode,
+) -> None:
+    """RFC 4122 3: sourceObject and targetObject in upper case name the
+    SubmissionSet, Folder and DocumentEntry sent in lower case."""
+    request = nist_submission(
+        "iti42-12346-doc_w_fol", {"$patientid$": new_patient(running_node)}
+    )
+    uuids = entry_uuids(request)
+    in_upper_case(request, ("sourceObject", "targetObject"))
+
+    response = register(running_node.settings.url("registry"), request)
+
+    assert response.get("status") == SUCCESS, error_codes(response)
+    (folder,) = leaf(
+        running_node,
+        "GetFoldersForDocument",
+        {"$XDSDocumentEntryEntryUUID": uuids["Document01"]},
+    )
+    assert folder.id == uuids["Folder"]
+
+
+@pytest.mark.parametrize(
+    "original_in_upper_case",
+    [True, False],
+    ids=["upper-then-lower", "lower-then-upper"],
+)
+def test_replacement_names_the_original_in_either_case(
+    running_node: RunningNode, original_in_upper_case: bool
+) -> None:
+    """ITI TF-3 4.2.2.2, RFC 4122 3: RPLC finds and deprecates the original
+    whatever the letter case of its entryUUID in either submission."""
+    patient_id = new_patient(running_node)
+    values = {"$patientid$": patient_id}
+    request = nist_submission("iti42-12346-doc_for_rplc", values)
+    original = entry_uuids(request)["Document01"]
+    if original_in_upper_case:
+        in_upper_case(request)
+    url = running_node.settings.url("registry")
+    assert register(url, request).get("status") == SUCCESS
+    values["$rplc_doc_uuid$"] = (
+        original if original_in_upper_case else upper_case_uuid(original)
+    )
+
+    replacement = accepted(running_node, "iti42-12346-rplc", values)["Document01"]
+
+    assert document(running_node, original).status == ebrim.STATUS_DEPRECATED
+    assert document(running_node, replacement).status == ebrim.STATUS_APPROVED
+
+
+def test_entry_uuid_registered_before_in_lower_case_is_refused_in_upper_case(
+    running_node: RunningNode,
+) -> None:
+    """ITI TF-3 4.2.3.1.2, RFC 4122 3: the same UUID in another letter case
+    is the same entryUUID, and a second use of it fails whole."""
+    patient_id = new_patient(running_node)
+    request = nist_submission("iti42-12004-submit", {"$patientid$": patient_id})
+    entry_uuids(request)
+    url = running_node.settings.url("registry")
+    assert register(url, request).get("status") == SUCCESS
+    for identifier in request.iter(f"{{{ns.RIM}}}ExternalIdentifier"):
+        if identifier.get("identificationScheme") in UNIQUE_ID_SCHEMES:
+            identifier.set("value", new_oid())
+
+    response = register(url, in_upper_case(request))
+
+    assert set(error_codes(response)) == {"XDSRegistryMetadataError"}
+    assert any(
+        "already in the Document Registry" in e.message for e in read_errors(response)
+    )
+    entries = leaf(
+        running_node,
+        "FindDocuments",
+        {
+            "$XDSDocumentEntryPatientId": patient_id,
+            "$XDSDocumentEntryStatus": [ebrim.STATUS_APPROVED],
+        },
+    )
+    assert len(entries) == 1
+
+
+def test_schemes_and_object_types_in_upper_case_are_read_as_the_tabled_uuids(
+    running_node: RunningNode,
+) -> None:
+    """ITI TF-3 4.2.5, RFC 4122 3: classificationScheme, classificationNode,
+    identificationScheme and objectType UUIDs in upper case are the ones
+    ITI TF-3 tables; the registry stores and answers them in lower case."""
+    request = nist_submission(
+        "iti42-12346-single_doc", {"$patientid$": new_patient(running_node)}
+    )
+    document_entry = entry_uuids(request)["Document01"]
+    in_upper_case(request, SCHEME_ATTRIBUTES)
+
+    response = register(running_node.settings.url("registry"), request)
+
+    assert response.get("status") == SUCCESS, error_codes(response)
+    entry = document(running_node, document_entry)
+    assert (
+        entry.object_type
+        == ebrim.metadata_table()[ebrim.DOCUMENT_ENTRY]["object_type_stable"]
+    )
+    assert entry.unique_id is not None
+    assert entry.codes("classCode")

@@ -2,8 +2,9 @@
 
 ITI TF-2 3.57.4.1.3.3.2: an availabilityStatus change of a published imaging
 manifest, on SQLite and PostgreSQL, every message through the wiretap and
-valid against the official schemas. Each rule test starts from the valid
-update and breaks one thing.
+valid against the official schemas, with entryUUIDs of either letter case
+(RFC 4122 3). Each rule test starts from the valid update and breaks one
+thing.
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ from sqlalchemy import select
 
 from tests.conftest import shared_path
 from tests.integration.conftest import PATIENT, RunningNode, validate_exchanges
+from tests.nist_submissions import (
+    entry_uuids,
+    in_upper_case,
+    nist_submission,
+    register,
+    upper_case_uuid,
+)
 from xdsi import wire
 from xdsi.actors.imaging_source import PublishError
 from xdsi.actors.soap_endpoint import transaction
@@ -129,6 +137,33 @@ def test_deprecated_manifest_can_be_approved_again(
     assert _status(running_node, entry_uuid) == (APPROVED, APPROVED)
     found = running_node.services.consumer.find(PATIENT)
     assert [e.entry_uuid for e in found] == [entry_uuid]
+
+
+@pytest.mark.parametrize(
+    "registered_in_upper_case",
+    [True, False],
+    ids=["upper-then-lower", "lower-then-upper"],
+)
+def test_update_names_the_document_entry_in_either_case(
+    running_node: RunningNode, tmp_path: Path, registered_in_upper_case: bool
+) -> None:
+    """ITI TF-2 3.57.4.1.3.3.2, RFC 4122 3: the targetObject finds the
+    DocumentEntry whatever the letter case of its entryUUID in the ITI-42
+    and in the ITI-57."""
+    assert "MSA|AA" in running_node.feed()
+    request = nist_submission("iti42-12346-single_doc", {"$patientid$": PATIENT})
+    entry_uuid = entry_uuids(request)["Document01"]
+    if registered_in_upper_case:
+        in_upper_case(request)
+    url = running_node.settings.url("registry")
+    assert read_status(register(url, request)) == SUCCESS
+    target = entry_uuid if registered_in_upper_case else upper_case_uuid(entry_uuid)
+
+    status, codes, _ = _update(running_node, tmp_path, target)
+
+    assert (status, codes) == (SUCCESS, [])
+    assert _status(running_node, entry_uuid) == (DEPRECATED, DEPRECATED)
+    assert validate_exchanges(running_node.taps, tmp_path / "spool") > 0
 
 
 def _submission_set_entry_uuid(node: RunningNode) -> str:

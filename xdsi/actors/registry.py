@@ -1024,7 +1024,11 @@ def _read_submission(
     transaction_id: str, request: etree._Element
 ) -> Submission | RegisterOutcome:
     """Read a SubmitObjectsRequest valid against the transaction's schema;
-    else return the outcome that refuses it (XDSRegistryMetadataError)."""
+    else return the outcome that refuses it (XDSRegistryMetadataError).
+
+    Its urn:uuid: ids are read in lower case (RFC 4122 3), so that the
+    registry checks, stores and answers each UUID in one spelling.
+    """
     schema = transaction(transaction_id)["request_schema"]
     problems = schema_errors(request, schema)
     if problems:
@@ -1033,6 +1037,7 @@ def _read_submission(
             + "; ".join(problems)
         )
         return RegisterOutcome(as_registry_errors([error], ACTOR), None, None, ())
+    ebrim.canonicalise_ids(request)
     return ebrim.read_registry_objects(request)
 
 

@@ -85,6 +85,50 @@ def is_uuid(value: str) -> bool:
     return _UUID_URN.fullmatch(value) is not None
 
 
+def canonical_id(value: str) -> str:
+    """Return a ``urn:uuid:`` id in lower case, any other id as given.
+
+    RFC 4122 3: the hex digits of a UUID are case insensitive on input and
+    output in lower case, so ``urn:uuid:7EDCA82F-…`` and
+    ``urn:uuid:7edca82f-…`` name one object. A symbolic id is the
+    submitter's own word and is not touched.
+    """
+    return value.lower() if is_uuid(value) else value
+
+
+# The ebRIM 3.0 attributes whose value names a registry object (its own id,
+# or a reference to another): the ids of ExtrinsicObject, RegistryPackage,
+# Association, Classification, ExternalIdentifier and ObjectRef, and the
+# ClassificationSchemes, ClassificationNodes and objectTypes that ITI TF-3
+# 4.2.5 names by UUID. Values such as uniqueId and patientId are not ids.
+ID_ATTRIBUTES = (
+    "id",
+    "lid",
+    "classifiedObject",
+    "registryObject",
+    "sourceObject",
+    "targetObject",
+    "classificationScheme",
+    "classificationNode",
+    "identificationScheme",
+    "objectType",
+)
+
+
+def canonicalise_ids(container: etree._Element) -> None:
+    """Write every ``urn:uuid:`` id under ``container`` in lower case.
+
+    RFC 4122 3: a UUID is case insensitive on input; read in one case, an
+    entryUUID compares equal however its sender spelled it, and is stored
+    and answered in the lower case RFC 4122 3 outputs.
+    """
+    for element in container.iter(tag=etree.Element):
+        for attribute in ID_ATTRIBUTES:
+            value = element.get(attribute)
+            if value is not None and is_uuid(value):
+                element.set(attribute, value.lower())
+
+
 @dataclass
 class Classification:
     """An ebRIM Classification: a coded value, an author, or a node."""

@@ -2,7 +2,8 @@
 
 Implements ITI TF-2 3.18.4.1.2.3 (request syntax, value lists of 3.18.4.1.2.3.5,
 parameter rules of 3.18.4.1.2.3.7) for the queries of
-profiles/stored_queries.toml. What each query selects is the registry's.
+profiles/stored_queries.toml; urn:uuid: values are read in lower case
+(RFC 4122 3). What each query selects is the registry's.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from xdsi.errors import (
     StoredQueryParamNumber,
     UnknownStoredQuery,
 )
+from xdsi.metadata import ebrim
 from xdsi.metadata.codes import Code
 from xdsi.metadata.validation import is_dtm
 from xdsi.profiles_loader import load_profile_table
@@ -217,7 +219,11 @@ def read_query(request: etree._Element) -> StoredQuery:
     adhoc = request.find(f"{{{ns.RIM}}}AdhocQuery")
     if adhoc is None:
         raise UnknownStoredQuery("AdhocQueryRequest holds no AdhocQuery")
-    query_id = adhoc.get("id", "")
+    # RFC 4122 3: the query id and the entryUUIDs a query names are UUIDs,
+    # case insensitive on input; read in lower case, they match the ids the
+    # Document Registry stores in lower case, however the consumer spelled
+    # them.
+    query_id = ebrim.canonical_id(adhoc.get("id", ""))
     name = query_names().get(query_id)
     if name is None:
         raise UnknownStoredQuery(
@@ -249,6 +255,10 @@ def read_query(request: etree._Element) -> StoredQuery:
                 "registry takes at most that many in one query",
                 slot_name,
             )
+        # RFC 4122 3: a UUID is case insensitive on input, wherever it
+        # stands ($XDSDocumentEntryEntryUUID, $uuid, $XDSDocumentEntryType
+        # ...); any other value (uniqueId, patient id, code) is kept as sent.
+        group = [ebrim.canonical_id(value) for value in group]
         if group:
             parameters.setdefault(slot_name, []).append(group)
 

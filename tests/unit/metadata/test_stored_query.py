@@ -251,6 +251,45 @@ def test_missing_required_parameter_is_stored_query_missing_param(missing: str) 
     assert caught.value.location == missing
 
 
+ENTRY_UUID = "urn:uuid:7edca82f-054d-47f2-a032-9b2a5b5186c1"
+
+
+def _upper_case(entry_uuid: str) -> str:
+    return "urn:uuid:" + entry_uuid.removeprefix("urn:uuid:").upper()
+
+
+def test_uuid_values_and_query_id_are_read_in_lower_case() -> None:
+    """RFC 4122 3: UUIDs are case insensitive on input, output in lower case."""
+    query_id = stored_queries()[GET_DOCUMENTS]["id"]
+    request = _request(
+        _upper_case(query_id),
+        [("$XDSDocumentEntryEntryUUID", [f"('{_upper_case(ENTRY_UUID)}')"])],
+    )
+
+    query = read_query(request)
+
+    assert (query.name, query.query_id) == (GET_DOCUMENTS, query_id)
+    assert query.values("$XDSDocumentEntryEntryUUID") == [ENTRY_UUID]
+
+
+@pytest.mark.parametrize(
+    ("parameter", "value"),
+    [
+        ("$XDSDocumentEntryUniqueId", "1.2.3^ABCDEF"),
+        ("$XDSDocumentEntryUniqueId", "urn:uuid:7EDCA82F054D47F2A0329B2A5B5186C1"),
+        ("$XDSDocumentEntryEntryUUID", "Document01"),
+    ],
+    ids=["uniqueId", "not a canonical UUID", "symbolic id"],
+)
+def test_values_that_are_no_uuid_are_kept_as_sent(parameter: str, value: str) -> None:
+    """RFC 4122 3 reads only UUIDs case insensitively; other values stay."""
+    request = _request(
+        stored_queries()[GET_DOCUMENTS]["id"], [(parameter, [quote_value(value)])]
+    )
+
+    assert read_query(request).values(parameter) == [value]
+
+
 def test_get_documents_without_uuid_or_unique_id_is_missing_param() -> None:
     """ITI TF-2 3.18.4.1.2.3.7.5: GetDocuments needs entryUUID or uniqueId."""
     request = _request(

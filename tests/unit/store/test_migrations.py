@@ -13,11 +13,19 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from lxml import etree
 from sqlalchemy import Engine, create_engine, func, insert, inspect, select
 
 from tests.conftest import PostgresCluster
+from xdsi.metadata import ebrim
 from xdsi.store import migrations
-from xdsi.store.schema import make_engine, metadata, patient
+from xdsi.store.schema import (
+    make_engine,
+    metadata,
+    patient,
+    registry_code,
+    registry_object,
+)
 
 
 def _differences(engine: Engine) -> list[object]:
@@ -139,3 +147,110 @@ def test_workers_starting_together_create_the_schema_once(postgresql: PostgresCl
         engine.dispose()
     finally:
         postgresql.drop_database(database_url)
+
+
+# --- revision 0007: urn:uuid: ids in lower case ----------------------------
+
+DOCUMENT = "urn:uuid:7edca82f-054d-47f2-a032-9b2a5b5186c1"
+SUBMISSION_SET = "urn:uuid:2b1c2d3e-4f50-4a61-8b72-93a4b5c6d7e8"
+
+
+def _upper_case(entry_uuid: str) -> str:
+    return "urn:uuid:" + entry_uuid.removeprefix("urn:uuid:").upper()
+
+
+def _object(entry_uuid: str, kind: str, **columns: str) -> dict[str, object]:
+    element = ebrim.rim(
+        "Association" if kind == ebrim.ASSOCIATION else "ExtrinsicObject",
+        id=entry_uuid,
+        **{k: v for k, v in columns.items() if k in ("sourceObject", "targetObject")},
+    )
+    if kind == ebrim.DOCUMENT_ENTRY:
+        element.set("lid", entry_uuid)
+    return {
+        "entry_uuid": entry_uuid,
+        "kind": kind,
+        "status": ebrim.STATUS_APPROVED,
+        "version": 1,
+        "logical_id": entry_uuid if kind == ebrim.DOCUMENT_ENTRY else None,
+        "source_object": columns.get("sourceObject"),
+        "target_object": columns.get("targetObject"),
+        "resubmission": "",
+        "xml": etree.tostring(element),
+    }
+
+
+def _at_0006(database_url: str) -> Engine:
+    engine = make_engine(database_url)
+    with engine.begin() as connection:
+        command.downgrade(migrations.config(connection), "0006")
+    return engine
+
+
+def test_upgrade_writes_upper_case_entry_uuids_in_lower_case(database_url: str):
+    """RFC 4122 3: objects registered in upper case stay findable once the
+    registry reads every id in lower case."""
+    engine = _at_0006(database_url)
+    document = _upper_case(DOCUMENT)
+    with engine.begin() as connection:
+        connection.execute(
+            insert(registry_object),
+            [
+                _object(document, ebrim.DOCUMENT_ENTRY),
+                _object(
+                    "urn:uuid:0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d",
+                    ebrim.ASSOCIATION,
+                    sourceObject=_upper_case(SUBMISSION_SET),
+                    targetObject=document,
+                ),
+            ],
+        )
+        connection.execute(
+            insert(registry_code).values(
+                entry_uuid=document, attribute="classCode", code="C", scheme="S"
+            )
+        )
+
+    with engine.begin() as connection:
+        migrations.upgrade(connection)
+
+    with engine.connect() as connection:
+        objects = connection.execute(
+            select(registry_object).order_by(registry_object.c.kind)
+        ).all()
+        (code,) = connection.execute(select(registry_code.c.entry_uuid)).scalars()
+    engine.dispose()
+    association, entry = objects
+    assert (association.source_object, association.target_object) == (
+        SUBMISSION_SET,
+        DOCUMENT,
+    )
+    assert etree.fromstring(association.xml).get("targetObject") == DOCUMENT
+    assert (entry.entry_uuid, entry.logical_id, code) == (DOCUMENT,) * 3
+    assert etree.fromstring(entry.xml).get("id") == DOCUMENT
+
+
+def test_upgrade_stops_at_one_uuid_registered_in_two_cases(database_url: str):
+    """RFC 4122 3: two objects under one UUID cannot both keep it; the
+    upgrade names them and changes nothing."""
+    engine = _at_0006(database_url)
+    with engine.begin() as connection:
+        connection.execute(
+            insert(registry_object),
+            [
+                _object(DOCUMENT, ebrim.DOCUMENT_ENTRY),
+                _object(_upper_case(DOCUMENT), ebrim.DOCUMENT_ENTRY),
+            ],
+        )
+
+    try:
+        with pytest.raises(Exception, match="RFC 4122 3") as refused:
+            with engine.begin() as connection:
+                migrations.upgrade(connection)
+        assert _upper_case(DOCUMENT) in str(refused.value)
+        with engine.connect() as connection:
+            assert migrations.current(connection) == "0006"
+            ids = connection.execute(select(registry_object.c.entry_uuid)).scalars()
+            assert sorted(ids) == sorted([DOCUMENT, _upper_case(DOCUMENT)])
+    finally:
+        engine.dispose()
