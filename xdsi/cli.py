@@ -618,9 +618,10 @@ LISTED_REFUSALS = 20
 
 
 def _say_skipped(broken: list[tuple[Path, str]], not_dicom: int) -> None:
-    """Say how many files were skipped and list the DICOM files among them,
-    each with why. Paths are the user's own and may name a patient: they
-    are shown here, on the terminal, and logged at DEBUG only."""
+    """Say how many files were skipped and list the DICOM files among them
+    with why: a reason of one file beside its path, a reason of several once,
+    its files under it. Paths are the user's own and may name a patient:
+    they are shown here, on the terminal, and logged at DEBUG only."""
     if not broken and not not_dicom:
         return
     others = f" ({not_dicom} not DICOM)" if not_dicom and broken else ""
@@ -629,10 +630,22 @@ def _say_skipped(broken: list[tuple[Path, str]], not_dicom: int) -> None:
         fg="yellow",
         err=True,
     )
-    for path, reason in broken[:LISTED_REFUSALS]:
-        click.secho(f"  {path}: {reason}", fg="yellow", err=True)
-    if len(broken) > LISTED_REFUSALS:
-        more = len(broken) - LISTED_REFUSALS
+    by_reason: dict[str, list[Path]] = {}
+    for path, reason in broken:
+        by_reason.setdefault(reason, []).append(path)
+    listed = 0
+    for reason, paths in by_reason.items():
+        if len(paths) == 1:
+            if listed < LISTED_REFUSALS:
+                click.secho(f"  {paths[0]}: {reason}", fg="yellow", err=True)
+            listed += 1
+            continue
+        click.secho(f"  {len(paths)} files: {reason}", fg="yellow", err=True)
+        for path in paths[: max(LISTED_REFUSALS - listed, 0)]:
+            click.secho(f"    {path}", fg="yellow", err=True)
+        listed += len(paths)
+    if listed > LISTED_REFUSALS:
+        more = listed - LISTED_REFUSALS
         click.secho(f"  and {more} more (-vv logs each)", fg="yellow", err=True)
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import ROOT, shared_path
 from xdsi.audit.repository import AuditRecordStore, AuditRepository
+from xdsi.cli import LISTED_REFUSALS
 from xdsi.dicom import scan
 from xdsi.store.schema import make_engine
 
@@ -149,8 +150,7 @@ def test_publish_skips_files_that_fail_the_intake_checks(served: Path, tmp_path)
     assert f"{len(bad) - len(not_dicom)} DICOM files refused" in published.stderr
     # Each broken DICOM file is listed by path for the user; the ones that
     # are not DICOM are only counted.
-    listed = [line for line in published.stderr.splitlines() if line[:2] == "  "]
-    assert sorted(line.split(": ", 1)[0].strip() for line in listed) == sorted(
+    assert sorted(_listed_paths(published.stderr)) == sorted(
         str(folder / p.name) for p in bad if p not in not_dicom
     )
     assert f"({len(not_dicom)} not DICOM)" in published.stderr
@@ -161,6 +161,50 @@ def test_publish_skips_files_that_fail_the_intake_checks(served: Path, tmp_path)
     (clean / "README.TXT").write_text("viewer on this CD\n")
     again = _xdsi(served, "publish", str(clean), "--patient-id", "IDS-DEPT002-a")
     assert "1 file skipped" in again.stderr
+
+
+def _listed_paths(stderr: str) -> list[str]:
+    """The paths a command lists as skipped: ``  path: reason`` for a reason
+    of one file, ``    path`` under ``  N files: reason``."""
+    paths = []
+    for line in stderr.splitlines():
+        if line.startswith("    "):
+            paths.append(line.strip())
+        elif line.startswith("  ") and ": " in line:
+            head = line.split(": ", 1)[0]
+            if not head.endswith(" files"):
+                paths.append(head.strip())
+    return paths
+
+
+def test_a_reason_many_files_share_is_said_once_over_their_paths(
+    served: Path, tmp_path
+):
+    """A folder refused whole for one reason (its study held under another
+    patient) says that reason once, with the files it applies to under it,
+    not once a file."""
+    import shutil
+
+    folder = tmp_path / "mr"
+    shutil.copytree(shared_path("dicom", "study-mr", "images"), folder)
+    for patient in ("IDS-DEPT002-a", "IDS-DEPT002-b"):
+        assert "ACK AA" in _xdsi(served, "feed", patient).stdout
+    _xdsi(served, "publish", str(folder), "--patient-id", "IDS-DEPT002-a")
+
+    again = _xdsi(
+        served, "publish", str(folder), "--patient-id", "IDS-DEPT002-b", check=False
+    )
+
+    assert again.returncode == 1, again.stderr
+    files = sorted(str(p) for p in folder.iterdir())
+    (reason_line,) = [
+        line for line in again.stderr.splitlines() if line.startswith("  36 files: ")
+    ]
+    assert "held under another patient" in reason_line
+    assert _listed_paths(again.stderr) == files[:LISTED_REFUSALS]
+    assert f"  and {len(files) - LISTED_REFUSALS} more" in again.stderr
+    listed = [line for line in again.stderr.splitlines() if line.startswith("  ")]
+    assert sum("held under another patient" in line for line in listed) == 1
 
 
 def test_skipped_files_are_listed_but_their_paths_are_not_logged(
