@@ -167,8 +167,8 @@ def _deliver_audit(settings: Settings) -> None:
     for url, count in waiting.items():
         click.secho(
             f"warning: {_count(count, 'audit event')} wait in "
-            f"{spool.directory} for {url}; they go with the next command or a "
-            "node serving this storage",
+            f"{spool.directory} for {url}; they go with the next command, or "
+            "a node serving this storage, that has it among its [audit] targets",
             fg="yellow",
             err=True,
         )
