@@ -609,6 +609,22 @@ def _escape(text: str, enc: dict[str, str]) -> str:
     return out.replace("\r", " ").replace("\n", " ")
 
 
+def _unescape(text: str, delimiters: str) -> str:
+    r"""Undo the delimiter escapes \F\ \S\ \T\ \R\ \E\ (HL7 v2.5 2.7) of
+    free text, ``delimiters`` being MSH-1 and MSH-2 (field, component,
+    repetition, escape, subcomponent); other escapes are left as sent."""
+    field, component, repetition, esc, subcomponent = delimiters
+    letters = {
+        "F": field,
+        "S": component,
+        "T": subcomponent,
+        "R": repetition,
+        "E": esc,
+    }
+    pattern = re.escape(esc) + "([FSTRE])" + re.escape(esc)
+    return re.sub(pattern, lambda m: letters[m.group(1)], text)
+
+
 @dataclass(frozen=True)
 class AckSummary:
     """What an ACK says: MSA-1, MSA-2 and the error text, for people and audit.
@@ -629,7 +645,8 @@ def read_ack(ack: str) -> AckSummary:
     """Summarise an HL7 v2 ACK (ITI TF-2x C.2.3) without failing on junk.
 
     The separators are the ACK's own (MSH-1, MSH-2); the text joins MSA-3
-    and the ERR segment's readable components.
+    and the ERR segment's readable components, their delimiter escapes
+    undone.
     """
     segments = [s for s in ack.replace("\r\n", "\r").replace("\n", "\r").split("\r")]
     msh = next((s for s in segments if s.startswith("MSH") and len(s) > 8), "")
@@ -649,6 +666,10 @@ def read_ack(ack: str) -> AckSummary:
         return "|".join(f for f in msh_fields[first : first + 2] if f)
 
     message_type = msh_fields[9].split(component) if len(msh_fields) > 9 else []
+    # MSH-1 and MSH-2 (^~\& when the ACK has none to read).
+    encoding = msh[3:8] if len(msh) >= 8 else "|^~\\&"
+    if len(set(encoding)) == len(encoding):
+        texts = [_unescape(text, encoding) for text in texts]
     return AckSummary(
         code=msa[1] if len(msa) > 1 else "",
         control_id=msa[2] if len(msa) > 2 else "",

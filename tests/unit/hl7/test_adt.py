@@ -24,6 +24,7 @@ from xdsi.hl7 import (
     build_feed,
     handle_feed,
     parse_feed,
+    read_ack,
 )
 
 AFFINITY_CX = f"{AFFINITY_ID}^^^&{AFFINITY_DOMAIN}&ISO"
@@ -349,6 +350,23 @@ def test_ack_text_delimiters_are_escaped() -> None:
     ack = hl7apy_parse(build_ack(ADT_A01_V231, "AE", text="a|b^c&d~e\\f"))
 
     assert ack.msa.msa_3.to_er7() == "a\\F\\b\\S\\c\\T\\d\\R\\e\\E\\f"
+
+
+@pytest.mark.parametrize("swap", [False, True], ids=["usual", "own-delimiters"])
+def test_ack_text_reads_back_with_its_escapes_undone(swap: bool) -> None:
+    r"""HL7 v2.5 2.7: what an ACK says is shown as it was meant, its
+    delimiters unescaped with the ACK's own MSH-1 and MSH-2 (an assigning
+    authority's & is no \T\ to the user)."""
+    request = ADT_A01_V231
+    if swap:
+        request = request.translate(
+            str.maketrans({"|": "#", "^": "$", "~": "*", "\\": "!", "&": "@"})
+        )
+    said = "no PID-3 in authority &1.2.3&ISO; a|b^c~d\\e"
+
+    summary = read_ack(build_ack(request, "AE", text=said, error_code="204"))
+
+    assert said in summary.text
 
 
 @pytest.mark.parametrize(
