@@ -358,11 +358,10 @@ def test_ack_text_reads_back_with_its_escapes_undone(swap: bool) -> None:
     delimiters unescaped with the ACK's own MSH-1 and MSH-2 (an assigning
     authority's & is no \T\ to the user)."""
     request = ADT_A01_V231
-    if swap:
-        request = request.translate(
-            str.maketrans({"|": "#", "^": "$", "~": "*", "\\": "!", "&": "@"})
-        )
     said = "no PID-3 in authority &1.2.3&ISO; a|b^c~d\\e"
+    if swap:
+        table = str.maketrans({"|": "#", "^": "$", "~": "*", "\\": "!", "&": "@"})
+        request, said = request.translate(table), said.translate(table)
 
     summary = read_ack(build_ack(request, "AE", text=said, error_code="204"))
 
