@@ -225,7 +225,16 @@ class _RequestHandler(PeerRefusalLog, WSGIRequestHandler):
             # connection (RFC 9112 6.3), which werkzeug does for an
             # HTTP/1.0 answer. The handler serves this one connection.
             self.protocol_version = "HTTP/1.0"
+            # RFC 9110 10.1.1: a 100-continue expectation in an HTTP/1.0
+            # request is ignored (no 1xx goes to an HTTP/1.0 peer).
+            del self.headers["Expect"]
         return parsed
+
+    def handle_expect_100(self) -> bool:
+        """Send nothing yet: werkzeug answers Expect: 100-continue itself
+        as the request reaches the application, and one 100 (Continue) is
+        enough (RFC 9110 15.2.1)."""
+        return True
 
     # A request line too garbled to name its HTTP version is answered as
     # HTTP/1.1, status line and headers included, not as HTTP/0.9 (body

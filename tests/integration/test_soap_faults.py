@@ -747,3 +747,29 @@ def test_a_method_not_allowed_names_those_allowed(
     assert answer.status_code == 405
     listed = {m.strip() for m in answer.headers["Allow"].split(",")}
     assert allowed <= listed
+
+
+@pytest.mark.parametrize("version", ["HTTP/1.1", "HTTP/1.0"])
+def test_expect_100_continue_gets_one_interim_answer_and_none_for_http_10(
+    shared_node: RunningNode, version: str
+) -> None:
+    """RFC 9110 10.1.1 and 15.2.1: a peer that waits for 100 (Continue)
+    before its body gets one, not two; an HTTP/1.0 peer's expectation is
+    ignored, as no 1xx may go to it. Its request is answered either way."""
+    parts = urlsplit(shared_node.settings.url("registry"))
+    body = b"<not-soap/>"
+    head = (
+        f"POST {parts.path} {version}\r\nHost: {parts.netloc}\r\n"
+        "Content-Type: application/soap+xml; charset=UTF-8\r\n"
+        f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode("ascii")
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(head + body)
+        answer = _read_all(sock)
+
+    interim = answer.count(b" 100 Continue\r\n")
+    assert interim == (1 if version == "HTTP/1.1" else 0), answer[:200]
+    final = answer.split(b"\r\n\r\n", interim)[-1]
+    assert final.startswith(f"{version} 400 ".encode()), answer[:300]
+    assert b"env:Sender" in final
