@@ -281,7 +281,10 @@ def feed(
             port=port,
         )
     except (MllpError, OSError, ConfigError) as exc:
-        _fail(f"ITI-8 feed failed: {exc}")
+        message = f"ITI-8 feed failed: {exc}"
+        if isinstance(exc.__cause__ or exc, ConnectionRefusedError):
+            message = _unreachable_hint(f"{message} (cannot connect)")
+        _fail(message)
     if summary.code != "AA":
         _fail(
             f"ITI-8 ADT^{trigger}: ACK {summary.code or '?'}: "

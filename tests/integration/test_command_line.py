@@ -400,3 +400,28 @@ def test_a_client_command_sends_its_audit_events_to_the_arr(
         assert "wait in" in fed.stderr and f"tls://127.0.0.1:{closed}" in fed.stderr
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("feed", "PAT-1"), ("find", "--patient-id", "PAT-1")],
+    ids=["feed", "find"],
+)
+def test_a_client_command_with_no_node_serving_says_what_to_look_at(
+    tmp_path, command: tuple[str, ...]
+):
+    """A client command whose node is not there exits 1 and asks whether
+    the node serves, and whether the command was given its configuration."""
+    config = tmp_path / "xdsi.toml"
+    config.write_text(
+        f'[node]\nstorage_dir = "{tmp_path / "node"}"\n'
+        f"[registry]\nport = {_free_port()}\nfeed_port = {_free_port()}\n"
+        f"[repository]\nport = {_free_port()}\n"
+        f"[imaging_source]\nport = {_free_port()}\n"
+    )
+
+    ran = _xdsi(config, *command, check=False)
+
+    assert ran.returncode == 1, ran.stderr
+    assert "Is the node serving?" in ran.stderr
+    assert "Traceback" not in ran.stderr

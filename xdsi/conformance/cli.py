@@ -246,11 +246,15 @@ def _print_imaging_source_id(cases: Sequence[Case], served: Settings) -> None:
         )
 
 
-def _print_patient_domains(cases: Sequence[Case], authority: str) -> None:
+def _print_patient_domains(
+    cases: Sequence[Case], authority: str, accepted: Sequence[str] = ()
+) -> None:
     """Name the assigning authorities of the set's literal patient ids that
-    the node must accept ITI-8 feeds of, besides its own."""
+    the node must accept ITI-8 feeds of, besides its own and those it is
+    set to accept already."""
     others = sorted(
-        {p.split("&")[1] for c in cases for p in literal_patients(c)} - {authority, ""}
+        {p.split("&")[1] for c in cases for p in literal_patients(c)}
+        - {authority, "", *accepted}
     )
     if others:
         click.echo(
@@ -265,7 +269,7 @@ def _print_imaging_needs(cases: Sequence[Case]) -> None:
     for case_id, refs in imaging_needs(cases).items():
         click.echo(
             f"# {case_id} needs the Imaging Document Source to hold "
-            f"{len(refs)} instances:",
+            f"{len(refs)} instance{'' if len(refs) == 1 else 's'}:",
             err=True,
         )
         for ref in refs:
@@ -414,7 +418,11 @@ def run(
             ):
                 click.echo(f"# {note}", err=True)
         else:
-            _print_patient_domains(selected, target.assigning_authority)
+            _print_patient_domains(
+                selected,
+                target.assigning_authority,
+                served.node.other_assigning_authorities if served else (),
+            )
             if served is not None:
                 _print_imaging_source_id(selected, served)
             _print_imaging_needs(selected)
