@@ -27,12 +27,13 @@ from click.testing import CliRunner, Result
 from lxml import etree
 from pydicom.fileset import FileSet
 from pynetdicom import AE
-from sqlalchemy import Row, select, update
+from sqlalchemy import Row, func, select, update
 
 from tests.conftest import SHARED, shared_path
 from tests.integration.conftest import RunningNode
 from xdsi.actors import imaging_source as imaging_source_module
 from xdsi.actors import intake as intake_module
+from xdsi.actors import stow
 from xdsi.actors.imaging_source import (
     MANIFEST_CURRENT,
     MANIFEST_PENDING,
@@ -1553,6 +1554,42 @@ def test_stow_rs_answer_names_a_few_failed_parts_in_its_head(
     warnings = response.raw.headers.getlist("Warning")
     assert len(warnings) == 21
     assert "30 more parts failed" in warnings[-1]
+
+
+def test_stow_rs_refusals_are_logged_once_a_reason(
+    intake_node: RunningNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Parts refused for one reason are logged once, with their number, not
+    once a part: a request of many bad parts cannot flood the log."""
+    with caplog.at_level(logging.WARNING, logger="xdsi.actors.stow"):
+        response = _stow(intake_node, [b"not dicom"] * 40)
+
+    assert response.status_code == 409
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == 1
+    assert refused[0].startswith("STOW-RS: 40 parts refused: ")
+
+
+def test_stow_rs_request_of_too_many_parts_is_413_and_leaves_nothing(
+    intake_node: RunningNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DICOM PS3.18 Table 10.5.3-1: a request of more parts than the node
+    takes (MAX_REQUEST_PARTS) is refused as it streams, 413 with why, and
+    nothing of it is stored or stays in the spool."""
+    monkeypatch.setattr(stow, "MAX_REQUEST_PARTS", 5)
+    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:6]
+
+    response = _stow(intake_node, [p.read_bytes() for p in images])
+
+    assert response.status_code == 413
+    assert "more than 5 parts in one request" in response.text
+    with intake_node.services.engine.connect() as conn:
+        assert (
+            conn.execute(select(func.count()).select_from(imaging_instance)).scalar()
+            == 0
+        )
+    spool = intake_node.settings.storage / "imaging-source" / ".spool"
+    assert [p for p in spool.rglob("*") if p.is_file()] == []
 
 
 def test_a_c_store_aborted_mid_way_leaves_no_partial_data_set(

@@ -17,6 +17,7 @@ from lxml import etree
 from tests.conftest import assert_valid
 from tests.integration.conftest import RunningNode, assert_valid_envelope
 from xdsi import app, ns
+from xdsi.actors import soap_endpoint
 
 QUERY = "urn:ihe:iti:2007:RegistryStoredQuery"
 PROVIDE = "urn:ihe:iti:2007:ProvideAndRegisterDocumentSet-b"
@@ -773,3 +774,34 @@ def test_expect_100_continue_gets_one_interim_answer_and_none_for_http_10(
     final = answer.split(b"\r\n\r\n", interim)[-1]
     assert final.startswith(f"{version} 400 ".encode()), answer[:300]
     assert b"env:Sender" in final
+
+
+def test_an_mtom_package_of_too_many_parts_is_the_senders_fault(
+    shared_node: RunningNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A package of more MIME parts than the node takes in one request is
+    refused as it streams, before their files pile up in the spool: a
+    Sender Fault that says so, and nothing left behind."""
+    monkeypatch.setattr(soap_endpoint, "MAX_REQUEST_PARTS", 3)
+    boundary = "many-parts"
+    parts = b"".join(
+        f"--{boundary}\r\nContent-Type: application/octet-stream\r\n"
+        f"Content-ID: <part{n}@xdsi>\r\n\r\nx\r\n".encode("ascii")
+        for n in range(5)
+    )
+    content_type, body = _mtom(boundary, parts + f"--{boundary}--\r\n".encode())
+    spool = shared_node.settings.storage / "spool" / "repository"
+    before = set(spool.rglob("*"))
+    assert spool.is_dir()
+
+    answer = requests.post(
+        shared_node.settings.url("repository"),
+        data=body,
+        headers={"Content-Type": content_type},
+        timeout=30,
+    )
+
+    assert answer.status_code == 400
+    assert b"env:Sender" in answer.content
+    assert b"more than 3 MIME parts" in answer.content
+    assert set(spool.rglob("*")) <= before

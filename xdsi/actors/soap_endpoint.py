@@ -31,6 +31,7 @@ from werkzeug.exceptions import (
 
 from xdsi import ns, wire
 from xdsi.profiles_loader import load_profile_table
+from xdsi.wire.mtom import MAX_REQUEST_PARTS
 from xdsi.wire.schema import schema_errors
 
 logger = logging.getLogger(__name__)
@@ -266,7 +267,10 @@ def soap_app(
         try:
             with RequestBody() as body:
                 message = wire.read_message(
-                    body, request.headers.get("Content-Type", ""), spool_root
+                    body,
+                    request.headers.get("Content-Type", ""),
+                    spool_root,
+                    max_parts=MAX_REQUEST_PARTS,
                 )
             # internal_error relates its Fault to this request too
             # (WS-Addressing 1.0 SOAP Binding 6).

@@ -14,6 +14,7 @@ import json
 import logging
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import IO
 
@@ -27,6 +28,7 @@ from xdsi.actors.intake import Intake
 from xdsi.actors.soap_endpoint import RequestBody
 from xdsi.dicom.check import Refused
 from xdsi.wire import MalformedMessage, RequestTooLarge
+from xdsi.wire.mtom import MAX_REQUEST_PARTS
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,10 @@ MAX_WARNINGS = 20
 MAX_WARNING = 200
 
 
+class TooManyParts(Exception):
+    """A request holds more parts than MAX_REQUEST_PARTS."""
+
+
 class _Parts:
     """Spool each part of a multipart body to its own file as it streams."""
 
@@ -76,6 +82,11 @@ class _Parts:
         }
 
     def _begin(self) -> None:
+        if len(self.files) >= MAX_REQUEST_PARTS:
+            raise TooManyParts(
+                f"more than {MAX_REQUEST_PARTS} parts in one request; send the "
+                "instances in several requests"
+            )
         self._headers = {}
         self._field = b""
         self._file = tempfile.NamedTemporaryFile(
@@ -161,6 +172,10 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
         parts.discard()
         logger.info("STOW-RS request from %s refused: %s", request.remote_addr, exc)
         return _plain(CONTENT_TOO_LARGE, exc.reason)
+    except TooManyParts as exc:
+        parts.discard()
+        logger.info("STOW-RS request from %s refused: %s", request.remote_addr, exc)
+        return _plain(CONTENT_TOO_LARGE, str(exc))
     except (FormParserError, MalformedMessage) as exc:
         parts.discard()
         logger.info("STOW-RS request from %s refused: %s", request.remote_addr, exc)
@@ -173,6 +188,7 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
     stored: list[dict] = []  # type: ignore[type-arg]
     failed: list[dict] = []  # type: ignore[type-arg]
     warnings: list[str] = []
+    refusals: Counter[str] = Counter()
     try:
         for index, (path, part_media_type) in enumerate(parts.files, start=1):
             # Read first: intake consumes the file, even one it then refuses
@@ -188,7 +204,7 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
                     _reference(accepted.sop_class_uid, accepted.sop_instance_uid)
                 )
             except Refused as exc:
-                logger.warning("STOW-RS part refused: %s", exc.reason)
+                refusals[exc.reason] += 1
                 failed.append(
                     _reference(sop_class_uid, sop_instance_uid, exc.failure_reason)
                 )
@@ -210,6 +226,14 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
     finally:
         # Whatever broke off the loop, no part stays in the spool.
         parts.discard()
+        # Each reason once, with how many parts it turned away.
+        for reason, count in refusals.items():
+            logger.warning(
+                "STOW-RS: %d %s refused: %s",
+                count,
+                "part" if count == 1 else "parts",
+                reason,
+            )
 
     if not parts.files:
         return _plain(BAD_REQUEST, "the request holds no part")
