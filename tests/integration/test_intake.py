@@ -1697,3 +1697,37 @@ def test_stow_rs_names_an_instance_refused_for_another_patient(
     (item,) = response.json()["00081198"]["Value"]
     assert item["00081150"]["Value"] == [later.SOPClassUID]
     assert item["00081155"]["Value"] == [later.SOPInstanceUID]
+
+
+def test_free_text_with_control_characters_is_published_with_them_replaced(
+    patient_node: RunningNode, tmp_path: Path
+) -> None:
+    """XML 1.0 2.2 carries no C0 control character but TAB, LF and CR: a
+    study whose descriptions or names hold one (a modality's stray byte) is
+    published all the same, each such character written as U+FFFD in the
+    metadata, rather than failing every publishing round."""
+    patient_node.feed(MR_PATIENT)
+    folder = tmp_path / "ctrl"
+    folder.mkdir()
+    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:2]
+    for number, source in enumerate(images):
+        ds = pydicom.dcmread(source)
+        ds.StudyDescription = "HEAD\x01MR"
+        ds.PatientName = "DOE\x03^JOHN"
+        ds.save_as(folder / f"{number}.dcm")
+    (study,) = scan.scan_directory(folder).studies
+
+    patient_node.services.imaging_source.publish(study, MR_PATIENT)
+
+    (manifest,) = _manifests(patient_node)
+    with patient_node.services.engine.connect() as conn:
+        xml = conn.execute(
+            select(registry_object.c.xml).where(
+                registry_object.c.entry_uuid == manifest.entry_uuid
+            )
+        ).scalar_one()
+    entry = etree.fromstring(xml)
+    said = [v for e in entry.iter() for v in [e.text or "", *e.attrib.values()]]
+    assert "PID-5|DOE\ufffd^JOHN" in said
+    assert "HEAD\ufffdMR" in said
+    assert not any(ord(c) < 0x20 and c not in "\t\n\r" for v in said for c in v)

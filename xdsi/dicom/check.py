@@ -24,6 +24,7 @@ from pydicom.encaps import generate_fragmented_frames
 from pydicom.tag import BaseTag
 from pydicom.uid import JPEG2000TransferSyntaxes
 
+from xdsi.dicom import scan
 from xdsi.dicom.scan import (
     InstanceHeader,
     InvalidInstance,
@@ -114,6 +115,7 @@ def check_file(
         raise Refused("unreadable", f"{type(exc).__name__}: {exc}") from exc
     if ds.get("SOPInstanceUID") != header.sop_instance_uid:
         raise Refused("unreadable", "the data set ends before its SOP Instance UID")
+    _check_patient_id(ds)
 
     if sop_class_uid is not None and sop_class_uid != header.sop_class_uid:
         raise Refused(
@@ -171,6 +173,29 @@ def _check_elements(ds: Dataset) -> None:
         if element.VR == "SQ":
             for item in element.value:
                 _check_elements(item)
+
+
+def _check_patient_id(ds: Dataset) -> None:
+    """Refuse a Patient ID or issuer holding a control character.
+
+    DICOM PS3.5 6.2: an LO value holds no control character but ESC, which
+    a Specific Character Set decodes away; none can stand in the XDS
+    patientId (ITI TF-3 4.2.3.2.16) or the XML the study is published in,
+    so such an instance could be kept but never shared.
+    """
+    named = {
+        "Patient ID": str(ds.get("PatientID") or ""),
+        "Issuer of Patient ID": scan.patient_id_issuers(ds)[0],
+        "the issuer of its Qualifiers Sequence": scan.patient_id_issuers(ds)[1],
+    }
+    for name, value in named.items():
+        bad = next((c for c in value if ord(c) < 0x20 or ord(c) == 0x7F), None)
+        if bad is not None:
+            raise Refused(
+                "patient_id",
+                f"{name} holds the control character U+{ord(bad):04X}; DICOM "
+                "PS3.5 6.2 allows none in an LO value",
+            )
 
 
 def _dictionary_vr(tag: BaseTag) -> str | None:

@@ -342,6 +342,18 @@ def read_registry_objects(container: etree._Element) -> Submission:
 # --- writing -----------------------------------------------------------
 
 
+# Characters XML 1.0 cannot carry (XML 1.0 2.2, Char): C0 controls but TAB,
+# LF and CR, surrogates, U+FFFE and U+FFFF.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def xml_text(value: str) -> str:
+    """``value`` with each character XML 1.0 cannot carry replaced by
+    U+FFFD, so that free text read from an image (a Study Description with
+    a control character, say) can be written to metadata at all."""
+    return _NOT_XML.sub("\ufffd", value)
+
+
 def rim(tag: str, **attributes: str) -> etree._Element:
     """Make an element in the rim namespace with the given attributes."""
     element = etree.Element(f"{{{RIM}}}{tag}", nsmap={"rim": RIM})
@@ -359,7 +371,7 @@ def add_slot(parent: etree._Element, name: str, values: list[str]) -> None:
     slot = rim("Slot", name=name)
     value_list = etree.SubElement(slot, f"{{{RIM}}}ValueList")
     for value in values:
-        etree.SubElement(value_list, f"{{{RIM}}}Value").text = value
+        etree.SubElement(value_list, f"{{{RIM}}}Value").text = xml_text(value)
     existing = parent.findall(f"{{{RIM}}}Slot")
     if existing:
         existing[-1].addnext(slot)
@@ -377,7 +389,7 @@ def set_slot(parent: etree._Element, name: str, values: list[str]) -> None:
 
 def add_name(parent: etree._Element, text: str) -> None:
     name = etree.SubElement(parent, f"{{{RIM}}}Name")
-    etree.SubElement(name, f"{{{RIM}}}LocalizedString", value=text)
+    etree.SubElement(name, f"{{{RIM}}}LocalizedString", value=xml_text(text))
 
 
 def add_code(
@@ -390,7 +402,7 @@ def add_code(
         id=new_uuid(),
         classificationScheme=scheme,
         classifiedObject=object_id,
-        nodeRepresentation=code.code,
+        nodeRepresentation=xml_text(code.code),
     )
     add_slot(classification, "codingScheme", [code.scheme])
     add_name(classification, code.display or code.code)
@@ -407,6 +419,6 @@ def add_external_id(
         id=new_uuid(),
         registryObject=object_id,
         identificationScheme=scheme,
-        value=value,
+        value=xml_text(value),
     )
     add_name(identifier, name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from tests.conftest import SHARED, shared_path
@@ -86,6 +87,36 @@ def test_an_image_cut_short_just_before_its_pixel_data_is_refused(
         check_file(cut)
     assert refused.value.rule == "pixel_data"
     assert "no Pixel Data" in refused.value.reason
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [
+        ("PatientID", "CTRL\x01ID"),
+        ("PatientID", "TAB\tID"),
+        ("IssuerOfPatientID", "HOSP\x7f"),
+    ],
+    ids=["soh", "tab", "issuer-del"],
+)
+def test_a_patient_id_with_a_control_character_is_refused(
+    tmp_path: Path, keyword: str, value: str
+) -> None:
+    """DICOM PS3.5 6.2: an LO value holds no control character; a Patient
+    ID with one could be stored but never published (no XDS patientId or
+    XML holds it), so intake refuses it with A900."""
+    ds = pydicom.dcmread(
+        shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm")
+    )
+    setattr(ds, keyword, value)
+    path = tmp_path / "ctrl.dcm"
+    ds.save_as(path, enforce_file_format=True)
+
+    with pytest.raises(Refused) as refused:
+        check_file(path)
+
+    assert refused.value.rule == "patient_id"
+    assert refused.value.dimse_status == 0xA900
+    assert refused.value.failure_reason == 0xA900
 
 
 def test_every_refusal_rule_has_both_statuses() -> None:
