@@ -419,6 +419,7 @@ def test_wado_uri_window_and_quality_are_applied(
         ({"contentType": "application/dicom", "transferSyntax": ""}, 400),
         ({"frameNumber": "2"}, 400),
         ({"frameNumber": "\u00b2"}, 400),
+        ({"frameNumber": "9" * 5000}, 400),
         ({"contentType": "application/dicom", "anonymize": "yes"}, 400),
         ({"region": "0.5,0,0.2,1"}, 400),
         ({"region": "0,0,1"}, 400),
@@ -443,6 +444,7 @@ def test_wado_uri_window_and_quality_are_applied(
         "syntax-empty",
         "frame",
         "frame-superscript",
+        "frame-5000-digits",
         "anonymize",
         "region-reversed",
         "region-short",
@@ -593,12 +595,17 @@ def test_qido_takes_well_formed_query_parameters(
     assert len(answer.json()) == 1
 
 
-@pytest.mark.parametrize("params", [{"offset": "\u00b2"}, {"limit": "\u0663"}])
+@pytest.mark.parametrize(
+    "params",
+    [{"offset": "\u00b2"}, {"limit": "\u0663"}, {"offset": "9" * 5000}],
+    ids=["superscript", "arabic-indic", "5000-digits"],
+)
 def test_qido_paging_takes_ascii_digits_only(
     shared_node: RunningNode, published: scan.Study, params: dict
 ) -> None:
     """DICOM PS3.18 8.3.4: offset and limit are whole numbers; another
-    script's digits are a 400, not an internal error."""
+    script's digits, or more digits than any paging needs, are a 400, not an
+    internal error."""
     answer = requests.get(
         f"{shared_node.settings.dicomweb_url}/studies", params=params, timeout=30
     )

@@ -465,10 +465,18 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
     return blueprint
 
 
+# Digits a whole-number parameter may have, leading zeros aside: a paging
+# offset or a frame number never needs more, and Python's int() refuses a
+# string of more than 4300 digits with an error of its own.
+MAX_DIGITS = 18
+
+
 def _whole(value: str, name: str) -> int:
     # str.isdigit alone takes superscripts and other scripts' digits.
     if not (value.isascii() and value.isdigit()):
         abort(400, f"{name} must be a whole number")
+    if len(value.lstrip("0")) > MAX_DIGITS:
+        abort(400, f"{name} must be a whole number of at most {MAX_DIGITS} digits")
     return int(value)
 
 
