@@ -1367,6 +1367,45 @@ def test_an_instance_held_in_another_study_is_refused(
         intake_node.services.intake.accept(tmp_path / "moved.dcm")
 
 
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"SeriesInstanceUID": None}, "held already in series"),
+        ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7"}, "as an instance of SOP Class"),
+    ],
+    ids=["series", "sop-class"],
+)
+def test_an_instance_held_as_another_is_refused_by_import_and_stow_rs(
+    intake_node: RunningNode, tmp_path: Path, change: dict, said: str
+) -> None:
+    """DICOM PS3.3 C.12.1.1.1, PS3.4 6.5: a file whose SOP Instance UID is
+    held in another series, or as an instance of another SOP Class, is not
+    that instance: refused with A900 by import and STOW-RS alike (C-STORE
+    takes the same path), never answered as held while the other is kept."""
+    whole = shared_path("dicom", "study-mr", "images", "000001.dcm")
+    intake_node.services.intake.accept(whole)
+    other = pydicom.dcmread(whole)
+    for keyword, value in change.items():
+        value = value or pydicom.uid.generate_uid()
+        setattr(other, keyword, value)
+        if keyword == "SOPClassUID":
+            other.file_meta.MediaStorageSOPClassUID = value
+    other.save_as(tmp_path / "other.dcm")
+
+    with pytest.raises(check.Refused, match=said) as refused:
+        intake_node.services.intake.accept(tmp_path / "other.dcm")
+    stowed = _stow(intake_node, [(tmp_path / "other.dcm").read_bytes()])
+
+    assert refused.value.dimse_status == 0xA900
+    assert stowed.status_code == 409
+    (failed,) = stowed.json()["00081198"]["Value"]
+    assert failed["00081197"]["Value"] == [0xA900]
+    held = _held(intake_node)
+    assert list(held.values()) and all(
+        p.read_bytes() == whole.read_bytes() for p in held.values()
+    )
+
+
 def test_one_study_taken_in_at_once_under_two_given_patients_keeps_the_first(
     intake_node: RunningNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

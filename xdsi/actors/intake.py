@@ -778,24 +778,45 @@ class Intake:
         Raises
         ------
         check.Refused
-            It is held in another study: the file is not that instance.
+            It is held in another study or series, or as an instance of
+            another SOP Class: the file is not that instance.
         """
         # Limitation: a copy with other content (cut short, edited) under the
-        # same SOP Instance UID passes for the instance held; the file sizes
-        # cannot tell it from the same instance written by another toolkit.
+        # same SOP Instance UID, study, series and SOP Class passes for the
+        # instance held; its bytes cannot tell it from the same instance
+        # written by another toolkit or in another transfer syntax.
+        column = imaging_instance.c
         with self.engine.connect() as conn:
-            study = conn.execute(
-                select(imaging_instance.c.study_instance_uid).where(
-                    imaging_instance.c.sop_instance_uid == header.sop_instance_uid
-                )
-            ).scalar()
-        if study is not None and study != header.study_instance_uid:
+            held = conn.execute(
+                select(
+                    column.study_instance_uid,
+                    column.series_instance_uid,
+                    column.sop_class_uid,
+                ).where(column.sop_instance_uid == header.sop_instance_uid)
+            ).first()
+        if held is None:
+            return False
+        uid = header.sop_instance_uid
+        if held.study_instance_uid != header.study_instance_uid:
             raise check.Refused(
                 "identification",
-                f"SOP Instance UID {header.sop_instance_uid} is held already in "
-                f"study {study}, not in {header.study_instance_uid}",
+                f"SOP Instance UID {uid} is held already in study "
+                f"{held.study_instance_uid}, not in {header.study_instance_uid}",
             )
-        return study is not None
+        if held.series_instance_uid != header.series_instance_uid:
+            raise check.Refused(
+                "identification",
+                f"SOP Instance UID {uid} is held already in series "
+                f"{held.series_instance_uid}, not in {header.series_instance_uid}",
+            )
+        if held.sop_class_uid != header.sop_class_uid:
+            # DICOM PS3.4 6.5: an instance is of one SOP Class.
+            raise check.Refused(
+                "identification",
+                f"SOP Instance UID {uid} is held already as an instance of SOP "
+                f"Class {held.sop_class_uid}, not of {header.sop_class_uid}",
+            )
+        return True
 
     def _duplicate(
         self, header: scan.InstanceHeader, path: Path, move: bool
