@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from email.message import Message
 from multiprocessing.process import BaseProcess
 from typing import Any, BinaryIO
 
@@ -218,6 +219,10 @@ class _RequestHandler(PeerRefusalLog, WSGIRequestHandler):
             # The head is in: the body keeps its own pace, from its first
             # read, and the answer takes its own time.
             _WATCH.release(self.connection)
+        problem = _framing_problem(self.headers) if parsed else None
+        if problem is not None:
+            self.send_error(400, "Bad request framing", problem)
+            return False
         if parsed and self.request_version == "HTTP/1.0":
             # An HTTP/1.0 peer knows no chunked transfer coding (RFC 9112
             # 6.1): an answer of no known length (a streamed WADO-RS
@@ -277,6 +282,24 @@ class _RequestHandler(PeerRefusalLog, WSGIRequestHandler):
         """Send ``count`` bytes of ``file`` from its position (os.sendfile)."""
         self.wfile.flush()
         return self.connection.sendfile(file, file.tell(), count)
+
+
+def _framing_problem(headers: Message) -> str | None:
+    """Why a request head cannot be trusted to say where its body ends, if
+    it cannot: a peer and this node must never read one request two ways
+    (RFC 9112 11.2, request smuggling)."""
+    if headers.defects:
+        # The email parser stops at a field line with no colon and takes
+        # the lines after it for body: a Content-Length there is not seen.
+        return "a header field line is malformed (RFC 9112 5.1)"
+    lengths = {value.strip() for value in headers.get_all("Content-Length", [])}
+    if len(lengths) > 1:
+        return "the Content-Length fields disagree (RFC 9112 6.3)"
+    if any(not (v.isascii() and v.isdigit()) for v in lengths):
+        return "Content-Length is not a number (RFC 9112 6.3)"
+    if lengths and headers.get("Transfer-Encoding") is not None:
+        return "both Transfer-Encoding and Content-Length (RFC 9112 6.1)"
+    return None
 
 
 class _HttpServer(tls.TlsServerMixin, ThreadedWSGIServer):

@@ -360,6 +360,16 @@ RAW_REQUESTS = {
     "too-many-headers": b"POST / HTTP/1.1\r\n"
     + b"".join(b"X-%d: 1\r\n" % n for n in range(200))
     + b"\r\n",
+    # RFC 9112 6.3, 6.1 and 5.1: heads that could be read to end their body
+    # in two places (request smuggling behind a proxy) are refused.
+    "two-content-lengths": b"POST /xds/registry HTTP/1.1\r\nHost: x\r\n"
+    b"Content-Length: 4\r\nContent-Length: 10\r\n\r\nabcd",
+    "content-length-not-a-number": b"POST /xds/registry HTTP/1.1\r\nHost: x\r\n"
+    b"Content-Length: 4x\r\n\r\nabcd",
+    "both-framings": b"POST /xds/registry HTTP/1.1\r\nHost: x\r\n"
+    b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n",
+    "field-line-without-colon": b"POST /xds/registry HTTP/1.1\r\nHost: x\r\n"
+    b"NoColonHere\r\nContent-Length: 4\r\n\r\nabcd",
 }
 
 
@@ -805,3 +815,30 @@ def test_an_mtom_package_of_too_many_parts_is_the_senders_fault(
     assert b"env:Sender" in answer.content
     assert b"more than 3 MIME parts" in answer.content
     assert set(spool.rglob("*")) <= before
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "two-content-lengths",
+        "content-length-not-a-number",
+        "both-framings",
+        "field-line-without-colon",
+    ],
+)
+def test_a_head_that_could_end_its_body_in_two_places_is_refused_for_it(
+    shared_node: RunningNode, case: str
+) -> None:
+    """RFC 9112 6.1, 6.3 and 11.2: the node never picks one of two readings
+    of where a body ends (a proxy in front may have picked the other); it
+    answers 400 saying so, before reading any body."""
+    host = shared_node.settings.node.host
+    with socket.create_connection(
+        (host, shared_node.settings.registry.port), timeout=30
+    ) as sock:
+        sock.sendall(RAW_REQUESTS[case])
+        answer = _read_all(sock)
+
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert b"RFC 9112" in body
