@@ -3,6 +3,7 @@ all or nothing, also when submissions race (ITI TF-2 3.41.4.1.3)."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -104,6 +105,24 @@ def test_size_mismatch_leaves_nothing(running_node: RunningNode):
     request = pnr_request("1.2.3.4.5.1", data, submission_set_uid="1.2.3.4.6.1", size=7)
     reply = provide(running_node.settings.url("repository"), request, data)
     assert [e.code for e in read_errors(reply)] == ["XDSRepositoryMetadataError"]
+    assert _counts(running_node) == (0, 0)
+
+
+def test_two_documents_under_one_id_leave_nothing(running_node: RunningNode):
+    """ITI TF-2 3.41.4.1.2: each DocumentEntry pairs with one Document; two
+    Documents of one id (one MTOM, one inline) cannot both be it, so the
+    submission fails as XDSRepositoryMetadataError and nothing is kept."""
+    running_node.feed()
+    data = b"DICM" * 100
+    request = pnr_request("1.2.3.4.5.2", data, submission_set_uid="1.2.3.4.6.2")
+    etree.SubElement(
+        request, f"{{{ns.XDSB}}}Document", id="Document01"
+    ).text = base64.b64encode(b"other bytes").decode()
+
+    reply = provide(running_node.settings.url("repository"), request, data)
+
+    assert [e.code for e in read_errors(reply)] == ["XDSRepositoryMetadataError"]
+    assert "two Documents have id Document01" in read_errors(reply)[0].message
     assert _counts(running_node) == (0, 0)
 
 

@@ -284,6 +284,17 @@ class Repository:
         documents: dict[str, wire.Attachment] = {}
         errors: list[XdsError] = []
         for element in request.findall(f"{{{ns.XDSB}}}Document"):
+            if element.get("id", "") in documents:
+                # One DocumentEntry pairs with one Document: of two under one
+                # id, neither can be told to be the one it describes.
+                errors.append(
+                    MetadataInvalid(
+                        f"two Documents have id {element.get('id')}; each "
+                        "DocumentEntry pairs with one (ITI TF-2 3.41.4.1.2)",
+                        element.get("id", ""),
+                    )
+                )
+                continue
             try:
                 documents[element.get("id", "")] = wire.attachment_for(element, message)
             except wire.MissingAttachment as exc:
