@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from email.errors import MissingHeaderBodySeparatorDefect
 from email.message import Message
 from multiprocessing.process import BaseProcess
 from typing import Any, BinaryIO
@@ -288,9 +289,10 @@ def _framing_problem(headers: Message) -> str | None:
     """Why a request head cannot be trusted to say where its body ends, if
     it cannot: a peer and this node must never read one request two ways
     (RFC 9112 11.2, request smuggling)."""
-    if headers.defects:
+    if any(isinstance(d, MissingHeaderBodySeparatorDefect) for d in headers.defects):
         # The email parser stops at a field line with no colon and takes
         # the lines after it for body: a Content-Length there is not seen.
+        # (Its other defects are of a MIME body, which a head has none of.)
         return "a header field line is malformed (RFC 9112 5.1)"
     lengths = {value.strip() for value in headers.get_all("Content-Length", [])}
     if len(lengths) > 1:
