@@ -29,6 +29,24 @@ def quiet_pydicom(level: int) -> None:
     warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 
 
+def quoted(text: str | None) -> str | None:
+    """A peer's value for a log line: its first QUOTED_PREFIX characters in
+    printable ASCII, others escaped, and its length when it is longer, so
+    that a value sent long (a megabyte wsa:MessageID) or with line breaks
+    neither fills the log nor forges lines in it."""
+    if text is None:
+        return None
+    shown = "".join(
+        c
+        if c.isascii() and c.isprintable()
+        else c.encode("unicode_escape").decode("ascii")
+        for c in text[:QUOTED_PREFIX]
+    )
+    if len(text) > QUOTED_PREFIX:
+        shown += f"... ({len(text)} characters)"
+    return shown
+
+
 def escaped_prefix(text: str) -> str:
     """Return the start of ``text`` in printable ASCII, other characters
     escaped, so that a peer's bytes neither fill a log nor forge lines in it.
@@ -39,14 +57,10 @@ def escaped_prefix(text: str) -> str:
     out.
     """
     head, query, _ = text.partition("?")
-    prefix = "".join(
-        c
-        if c.isascii() and c.isprintable()
-        else c.encode("unicode_escape").decode("ascii")
-        for c in head[:QUOTED_PREFIX]
-    )
+    prefix = quoted(head) or ""
     if len(head) > QUOTED_PREFIX:
-        prefix += f"... ({len(text)} characters)"
+        # The whole request line's length, query string included.
+        prefix = prefix.rsplit("... (", 1)[0] + f"... ({len(text)} characters)"
     if query:
         prefix += "?... (query left out)"
     return prefix

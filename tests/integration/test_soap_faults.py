@@ -842,3 +842,27 @@ def test_a_head_that_could_end_its_body_in_two_places_is_refused_for_it(
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 "), head
     assert b"RFC 9112" in body
+
+
+def test_a_long_message_id_is_quoted_short_in_the_log(
+    shared_node: RunningNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer's wsa:MessageID of a megabyte, line breaks in it, is logged at
+    INFO as its escaped start and its length: one request cannot add a
+    megabyte to the log, nor a line of its own making."""
+    long_id = "urn:x:\nFORGED LINE " + "9" * 1_000_000
+    body = SOAP12.format(action=QUERY, body=QUERY_BODY).replace(MESSAGE_ID, long_id)
+
+    with caplog.at_level(logging.INFO):
+        requests.post(
+            shared_node.settings.url("registry"),
+            data=body.encode(),
+            headers={"Content-Type": "application/soap+xml"},
+            timeout=30,
+        )
+
+    (line,) = [r.getMessage() for r in caplog.records if "ITI-18" in r.getMessage()]
+    assert len(line) < 400
+    assert "\n" not in line
+    assert line.count("FORGED LINE") == 1
+    assert f"({len(long_id)} characters)" in line

@@ -32,7 +32,7 @@ from pydicom.datadict import tag_for_keyword
 from sqlalchemy import Engine, Row, bindparam, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from xdsi import audit, ns, tls, wire
+from xdsi import audit, logs, ns, tls, wire
 from xdsi.actors.consumer import Consumer, ConsumerError
 from xdsi.actors.dicomweb import dicomweb_blueprint
 from xdsi.actors.provide import (
@@ -1114,7 +1114,7 @@ class ImagingSource:
             "Retrieve Imaging Document Set",
             peer.host,
             status.rsplit(":", 1)[-1],
-            message.message_id,
+            logs.quoted(message.message_id),
             len(parts),
             time.monotonic() - started,
         )

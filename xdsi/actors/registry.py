@@ -36,7 +36,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from xdsi import audit, ns, wire
+from xdsi import audit, logs, ns, wire
 from xdsi.actors.soap_endpoint import Peer, Reply, soap_app, transaction
 from xdsi.config import Settings
 from xdsi.errors import (
@@ -753,7 +753,7 @@ class Registry:
             title,
             peer.host,
             status.value.rsplit(":", 1)[-1],
-            message.message_id,
+            logs.quoted(message.message_id),
             outcome.submission_set_unique_id,
             len(outcome.entry_uuids),
             [e.code for e in outcome.errors] or "none",
@@ -801,7 +801,7 @@ class Registry:
             peer.host,
             query.name if query else "?",
             body.get("status", "").rsplit(":")[-1],
-            message.message_id,
+            logs.quoted(message.message_id),
             len(body.findall(f"{{{ns.RIM}}}RegistryObjectList/*")),
             [e.code for e in errors] or "none",
             time.monotonic() - started,

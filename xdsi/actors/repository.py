@@ -26,7 +26,7 @@ from lxml import etree
 from sqlalchemy import Engine, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from xdsi import audit, ns, tls, wire
+from xdsi import audit, logs, ns, tls, wire
 from xdsi.actors.consumer import Consumer, ConsumerError
 from xdsi.actors.soap_endpoint import Peer, Reply, soap_app, transaction
 from xdsi.config import Settings
@@ -833,7 +833,7 @@ class Repository:
             "Provide and Register Document Set-b",
             peer.host,
             status.value.rsplit(":", 1)[-1],
-            message.message_id,
+            logs.quoted(message.message_id),
             ss_unique_id,
             len(entries),
             [e.code for e in errors] or "none",
@@ -870,7 +870,7 @@ class Repository:
             "Retrieve Document Set",
             peer.host,
             status.rsplit(":", 1)[-1],
-            message.message_id,
+            logs.quoted(message.message_id),
             len(parts),
             time.monotonic() - started,
         )
