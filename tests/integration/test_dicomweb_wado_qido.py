@@ -920,3 +920,64 @@ def test_wado_uri_object_whose_stored_copy_is_gone_is_a_500_that_says_so(
     assert answer.status_code == 500
     assert answer.headers["Content-Type"].startswith("text/plain")
     assert "stored copy of the object cannot be read" in answer.text
+
+
+@pytest.mark.parametrize(
+    ("accept", "status"),
+    [
+        ("text/html", 406),
+        ("application/dicom+xml", 406),
+        ("application/dicom+json", 200),
+        ("application/json", 200),
+        ("*/*", 200),
+        ("text/html, application/*;q=0.5", 200),
+    ],
+)
+def test_wado_rs_metadata_answers_only_what_accept_takes(
+    shared_node: RunningNode, published: scan.Study, accept: str, status: int
+) -> None:
+    """DICOM PS3.18 8.7.3: metadata is sent as DICOM JSON; an Accept header
+    that takes neither it nor JSON is answered 406 with why."""
+    answer = requests.get(
+        f"{shared_node.settings.dicomweb_url}/studies/"
+        f"{published.study_instance_uid}/metadata",
+        headers={"Accept": accept},
+        timeout=30,
+    )
+
+    assert answer.status_code == status
+    if status == 406:
+        assert "application/dicom+json" in answer.text
+
+
+def test_wado_rs_metadata_leaves_out_a_copy_cut_short_after_its_header_was_read(
+    shared_node: RunningNode, published: scan.Study, tmp_path: Path
+) -> None:
+    """A stored copy cut short is left out of metadata as WADO-RS leaves it
+    out of the instances, though its header was read (and kept) before."""
+    study = _published_study(
+        shared_node,
+        [
+            shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm"),
+            shared_path("dicom", "singles", "ts-implicit-le__MR_small_implicit.dcm"),
+        ],
+        tmp_path / "pair",
+    )
+    cut, kept = study.instances
+    url = f"{_series_url(shared_node, study)}/metadata"
+    assert len(requests.get(url, timeout=30).json()) == 2
+    with shared_node.services.engine.connect() as conn:
+        blob = conn.execute(
+            select(imaging_instance.c.blob).where(
+                imaging_instance.c.sop_instance_uid == cut.sop_instance_uid
+            )
+        ).scalar_one()
+    stored = shared_node.services.imaging_source.blobs.path(blob)
+    stored.write_bytes(stored.read_bytes()[:1000])
+
+    again = requests.get(url, timeout=30)
+
+    assert again.status_code == 200
+    assert [pydicom.Dataset.from_json(d).SOPInstanceUID for d in again.json()] == [
+        kept.sop_instance_uid
+    ]

@@ -311,9 +311,24 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         held = published(study_uid, series_uid, sop_uid)
         if not held:
             abort(404)
+        # DICOM PS3.18 8.7.3: metadata goes as DICOM JSON only (the XML
+        # form is not offered); an Accept that takes neither it nor JSON is
+        # answered 406, not with a media type it refused.
+        if "Accept" in request.headers and not request.accept_mimetypes.best_match(
+            [DICOM_JSON, "application/json"]
+        ):
+            abort(
+                406,
+                f"metadata is sent as {DICOM_JSON} only; the Accept header "
+                "takes neither it nor application/json",
+            )
 
         def readable_documents() -> Iterator[dict[str, dict]]:
             for row in held:
+                # A stored copy gone or cut short is left out, as WADO-RS
+                # leaves it out, whatever header was read of it before.
+                if not _readable(source, row, "WADO-RS metadata"):
+                    continue
                 try:
                     yield _metadata_document(header(row))
                 except (OSError, InvalidDicomError) as exc:
