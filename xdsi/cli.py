@@ -1,5 +1,5 @@
-"""The command line: ``xdsi serve | feed | publish | import | remove | submit | find |
-fetch | audit | arr | tls | demo``."""
+"""The command line: ``xdsi serve | feed | publish | import | remove | verify | submit |
+find | fetch | audit | arr | tls | demo``."""
 
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ from xdsi.hl7.adt import TRIGGER_EVENTS
 from xdsi.hl7.mllp import MllpError
 from xdsi.logs import quiet_pydicom
 from xdsi.store.schema import make_engine
+from xdsi.store.verify import count_copies, verify_store
 from xdsi.wire.xml import parse_xml
 
 console = Console()
@@ -96,7 +97,7 @@ def _fail(message: str) -> None:
     sys.exit(1)
 
 
-_PLURALS = {"study": "studies", "series": "series"}
+_PLURALS = {"study": "studies", "series": "series", "stored copy": "stored copies"}
 
 
 def _unreachable_hint(message: str) -> str:
@@ -708,6 +709,37 @@ def remove(
     if sop_instance_uids:
         named += f", instances {', '.join(sop_instance_uids)}"
     _fail(f"nothing held matches {named}")
+
+
+@main.command()
+@click.pass_context
+def verify(ctx: click.Context) -> None:
+    """Read every stored document and instance and check each against the
+    size and hash it was stored with; exit 1 when one is missing or
+    damaged."""
+    services = build_services(_settings(ctx))
+    total = count_copies(services.engine)
+    with _progress() as bar:
+        task = bar.add_task("verify", total=total)
+        report = verify_store(
+            services.engine,
+            services.repository.blobs,
+            services.imaging_source.blobs,
+            lambda done: bar.update(task, completed=done),
+        )
+    services.engine.dispose()
+    for damage in report.damaged:
+        click.secho(
+            f"  {damage.what} {damage.unique_id}: {damage.problem}",
+            fg="red",
+            err=True,
+        )
+    if report.damaged:
+        _fail(
+            f"{_count(len(report.damaged), 'stored copy')} of {report.checked} "
+            "missing or damaged"
+        )
+    click.echo(f"{_count(report.checked, 'stored copy')} verified, all as stored")
 
 
 def _published_already(services: Services, study: scan.Study) -> bool:

@@ -1770,3 +1770,36 @@ def test_free_text_with_control_characters_is_published_with_them_replaced(
     assert "PID-5|DOE\ufffd^JOHN" in said
     assert "HEAD\ufffdMR" in said
     assert not any(ord(c) < 0x20 and c not in "\t\n\r" for v in said for c in v)
+
+
+def test_verify_finds_a_copy_damaged_in_place_and_one_gone(
+    patient_node: RunningNode, tmp_path: Path
+) -> None:
+    """``xdsi verify`` reads every stored document and instance back: all as
+    stored, it exits 0; an instance overwritten in place with its size kept
+    (which serving does not see) and one whose file is gone are named, by
+    SOP Instance UID only, and it exits 1."""
+    patient_node.feed(MR_PATIENT)
+    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:3]
+    (study,) = scan.scan_files(images).studies
+    patient_node.services.imaging_source.publish(study, MR_PATIENT)
+
+    clean = _xdsi(patient_node, tmp_path, "verify")
+    assert clean.exit_code == 0, clean.output
+    # Three instances and the manifest the repository keeps.
+    assert "4 stored copies verified, all as stored" in clean.output
+
+    held = _held(patient_node)
+    damaged, gone, _ = sorted(held)
+    data = bytearray(held[damaged].read_bytes())
+    data[200:210] = b"\x00" * 10 if data[200:210] != b"\x00" * 10 else b"\x01" * 10
+    held[damaged].write_bytes(bytes(data))
+    held[gone].unlink()
+
+    found = _xdsi(patient_node, tmp_path, "verify")
+
+    assert found.exit_code == 1
+    assert f"instance {damaged}: SHA256 differs" in found.output
+    assert f"instance {gone}: missing" in found.output
+    assert "2 stored copies of 4 missing or damaged" in found.output
+    assert "IDS-DEPT002" not in found.output

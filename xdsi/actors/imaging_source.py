@@ -965,6 +965,9 @@ class ImagingSource:
                 sop_uid,
             )
         stored = self.blobs.path(row.blob)
+        # Limitation: the size is checked, not the SHA-256, which would read
+        # the whole study before its first byte; a copy damaged in place, its
+        # size kept, goes out as it is (``xdsi verify`` finds it).
         try:
             size = os.stat(stored).st_size
         except FileNotFoundError:
