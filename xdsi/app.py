@@ -236,6 +236,20 @@ class _RequestHandler(PeerRefusalLog, WSGIRequestHandler):
             del self.headers["Expect"]
         return parsed
 
+    def send_error(
+        self, code: int, message: str | None = None, explain: str | None = None
+    ) -> None:
+        """A SOAP Fault, or plain text for a DICOMweb path: a DICOMweb user
+        agent gets the HTTP status and why, as the service itself answers
+        it, even when the HTTP layer refuses the request before it is
+        routed (an oversized header, too many header fields)."""
+        path = (getattr(self, "path", "") or "").split("?", 1)[0]
+        plain = getattr(self.server, "plain_text_paths", ())
+        if any(path == p or path.startswith(p + "/") for p in plain):
+            self.error_content_type = "text/plain; charset=utf-8"
+            self.error_message_format = "%(code)d %(message)s: %(explain)s\n"
+        super().send_error(code, message, explain)
+
     def handle_expect_100(self) -> bool:
         """Send nothing yet: werkzeug answers Expect: 100-continue itself
         as the request reaches the application, and one 100 (Continue) is
@@ -304,6 +318,17 @@ def _framing_problem(headers: Message) -> str | None:
     return None
 
 
+def _plain_text_paths(settings: Settings, actor: str) -> tuple[str, ...]:
+    """The paths on an actor's port whose HTTP-layer errors are plain text:
+    the DICOMweb services of the Imaging Document Source."""
+    if actor != "imaging_source":
+        return ()
+    cfg = settings.imaging_source
+    return tuple(
+        path.rstrip("/") for path in (cfg.dicomweb_path, cfg.wado_path, cfg.stow_path)
+    )
+
+
 class _HttpServer(tls.TlsServerMixin, ThreadedWSGIServer):
     """werkzeug's threaded server; each connection passes the TLS gate, if set.
 
@@ -315,6 +340,8 @@ class _HttpServer(tls.TlsServerMixin, ThreadedWSGIServer):
 
     max_connections = MAX_CONNECTIONS
     _slots: threading.BoundedSemaphore | None = None
+    # Paths whose HTTP-layer errors are plain text, not SOAP Faults.
+    plain_text_paths: tuple[str, ...] = ()
 
     def server_bind(self) -> None:
         """Bind, or raise ConfigError: werkzeug would print advice of its
@@ -551,6 +578,7 @@ def _worker(settings: Settings, sockets: dict[str, socket.socket], level: int) -
             _RequestHandler,
             fd=listening.fileno(),
         )
+        server.plain_text_paths = _plain_text_paths(settings, actor)
         if context is not None:
             server.ssl_context = context
             server.tls_gate = _tls_gate(settings, context, settings.url(actor))
@@ -659,6 +687,7 @@ class Node:
                 self._servers.clear()
                 self._sockets.clear()
                 raise ConfigError(f"[{actor}] port: {exc}") from None
+            server.plain_text_paths = _plain_text_paths(settings, actor)
             self._servers.append(server)
             self._sockets[actor] = server.socket
             settings = settings.with_ports(**{actor: server.server_port})

@@ -866,3 +866,36 @@ def test_a_long_message_id_is_quoted_short_in_the_log(
     assert "\n" not in line
     assert line.count("FORGED LINE") == 1
     assert f"({len(long_id)} characters)" in line
+
+
+@pytest.mark.parametrize(
+    ("path", "plain"),
+    [("/dicomweb/studies", True), ("/wado", True), ("/xdsi/imaging-source", False)],
+    ids=["qido", "wado-uri", "rad-69"],
+)
+def test_the_http_layer_answers_dicomweb_paths_in_plain_text(
+    shared_node: RunningNode, path: str, plain: bool
+) -> None:
+    """DICOM PS3.18 8.7.1: a request the HTTP layer refuses before routing
+    (too many header fields, 431) gets plain text on a DICOMweb path, as the
+    service would answer it, and a SOAP Fault on the RAD-69 endpoint."""
+    host = shared_node.settings.node.host
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: x\r\n".encode()
+        + b"".join(b"X-%d: 1\r\n" % n for n in range(200))
+        + b"\r\n"
+    )
+    with socket.create_connection(
+        (host, shared_node.settings.imaging_source.port), timeout=30
+    ) as sock:
+        sock.sendall(request)
+        answer = _read_all(sock)
+
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 ")
+    if plain:
+        assert b"content-type: text/plain" in head.lower()
+        assert body.startswith(b"431 ")
+    else:
+        assert b"content-type: application/soap+xml" in head.lower()
+        assert b"env:Sender" in body
