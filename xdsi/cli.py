@@ -933,6 +933,14 @@ def _list_repository(
     if as_json:
         click.echo(json.dumps([r.as_json() for r in records], indent=2))
         return
+    if not records:
+        # The storage named may be no ARR's at all (the node's own).
+        click.echo(
+            f"no audit record stored at {settings.storage} that matches; "
+            "give the Audit Record Repository's own --config",
+            err=True,
+        )
+        return
     table = Table(title="Audit Record Repository (ITI TF-2 3.20)")
     for column in ("time (UTC)", "from", "event", "type", "outcome", "source"):
         table.add_column(column, overflow="fold")

@@ -126,3 +126,7 @@ def test_arr_process_stores_tls_and_udp_audit_and_answers_queries(
     assert [m.tag for m in document] == ["AuditMessage", "AuditMessage"]
     as_json = json.loads(_xdsi(config, "audit", "list", "--arr", "--json").stdout)
     assert len(as_json) == 4 and all(r["valid"] for r in as_json)
+    # A listing that finds nothing says so, and which storage it read.
+    none = _xdsi(config, "audit", "list", "--arr", "--since", "2999-01-01")
+    assert "no audit record stored at" in none.stderr
+    assert "AuditMessage" not in none.stdout
