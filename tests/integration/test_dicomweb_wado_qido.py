@@ -981,3 +981,31 @@ def test_wado_rs_metadata_leaves_out_a_copy_cut_short_after_its_header_was_read(
     assert [pydicom.Dataset.from_json(d).SOPInstanceUID for d in again.json()] == [
         kept.sop_instance_uid
     ]
+
+
+@pytest.mark.parametrize(
+    ("parameter", "said"),
+    [
+        ("fuzzymatching", "Only literal matching has been performed."),
+        ("emptyvaluematching", "Empty Value Matching has not been performed."),
+        ("multiplevaluematching", "Multiple Value Matching has not been performed."),
+    ],
+)
+def test_qido_says_which_matching_it_did_not_perform(
+    shared_node: RunningNode, published: scan.Study, parameter: str, said: str
+) -> None:
+    """DICOM PS3.18 8.3.4.4 to 8.3.4.6: asked for a kind of matching it does
+    not perform, the origin server searches without it and says so in a
+    Warning; "false" asks for nothing and gets no Warning."""
+    url = f"{shared_node.settings.dicomweb_url}/studies"
+
+    asked = requests.get(url, params={parameter: "true"}, timeout=30)
+    not_asked = requests.get(url, params={parameter: "false"}, timeout=30)
+
+    assert asked.status_code == not_asked.status_code == 200
+    assert asked.json() == not_asked.json() != []
+    assert asked.headers["Warning"] == (
+        f"299 {shared_node.settings.dicomweb_url}: The {parameter} parameter is "
+        f"not supported. {said}"
+    )
+    assert "Warning" not in not_asked.headers

@@ -84,7 +84,18 @@ ANSWER_ATTRIBUTES = {
     "series": SERIES_ATTRIBUTES + ("StudyInstanceUID",),
     "instance": INSTANCE_ATTRIBUTES + ("StudyInstanceUID", "SeriesInstanceUID"),
 }
-QIDO_CONTROL = {"limit", "offset", "includefield", "fuzzymatching"}
+# Search parameters that ask for a kind of matching this service does not
+# perform, each with the warning DICOM PS3.18 8.3.4.4 to 8.3.4.6 has an
+# origin server give when it is "true": the search is made without it.
+UNSUPPORTED_MATCHING = {
+    "fuzzymatching": "The fuzzymatching parameter is not supported. Only literal "
+    "matching has been performed.",
+    "emptyvaluematching": "The emptyvaluematching parameter is not supported. "
+    "Empty Value Matching has not been performed.",
+    "multiplevaluematching": "The multiplevaluematching parameter is not "
+    "supported. Multiple Value Matching has not been performed.",
+}
+QIDO_CONTROL = {"limit", "offset", "includefield", *UNSUPPORTED_MATCHING}
 # Matching keys one query may give, each an SQL condition: a level has some
 # thirty attributes, and a key repeated alike counts once.
 MAX_FILTERS = 64
@@ -188,7 +199,13 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             level,
             len(answers),
         )
-        return Response(json.dumps(answers), content_type=DICOM_JSON)
+        response = Response(json.dumps(answers), content_type=DICOM_JSON)
+        for key, warning in UNSUPPORTED_MATCHING.items():
+            if request.args.get(key) == "true":
+                response.headers.add(
+                    "Warning", f"299 {source.settings.dicomweb_url}: {warning}"
+                )
+        return response
 
     @blueprint.get(f"{base}/studies")
     def search_studies() -> Response:
@@ -506,15 +523,16 @@ def _filters(items: Iterable[tuple[str, str]], level: str) -> list[tuple[str, st
     """The query's matching keys as keywords (DICOM PS3.18 8.3.4.1).
 
     A value that its VR does not allow, an includefield naming no attribute
-    (DICOM PS3.18 8.3.4.3) or a fuzzymatching other than true or false
-    (DICOM PS3.18 8.3.4.4) is a 400.
+    (DICOM PS3.18 8.3.4.3) or a fuzzymatching, emptyvaluematching or
+    multiplevaluematching other than true or false (DICOM PS3.18 8.3.4.4
+    to 8.3.4.6) is a 400.
     """
     filters = []
     for key, value in items:
         if key == "includefield":
             _check_includefield(value)
-        elif key == "fuzzymatching" and value not in ("true", "false"):
-            abort(400, f"fuzzymatching={value}: PS3.18 8.3.4.4 wants true or false")
+        elif key in UNSUPPORTED_MATCHING and value not in ("true", "false"):
+            abort(400, f"{key}={value}: DICOM PS3.18 8.3.4 wants true or false")
         if key in QIDO_CONTROL:
             continue
         keyword = _keyword(key)
