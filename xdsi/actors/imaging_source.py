@@ -1100,12 +1100,11 @@ class ImagingSource:
         body, parts = answer.body, answer.parts
         status = read_status(body)
 
-        # The audit record is durable before any instance leaves (DICOM PS3.15
-        # A.5.3.7, RAD TF-3 4.69.5): without it nothing is sent.
-        # Limitation: when the record of one patient was spooled and the next
-        # cannot be, the first stays, naming a transfer that was refused.
+        # The audit records, one per patient, are durable before any
+        # instance leaves (DICOM PS3.15 A.5.3.7, RAD TF-3 4.69.5): without
+        # them nothing is sent, and none stays naming a transfer refused.
         events = self._audit_events(answer, status, message, peer)
-        if not all(self.auditor.record(event) for event in events):
+        if not self.auditor.record_all(events):
             shutil.rmtree(spool, ignore_errors=True)
             raise wire.ReceiverFault(
                 "the audit record of this RAD-69 could not be spooled; no "

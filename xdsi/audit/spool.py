@@ -169,26 +169,54 @@ class AuditSpool:
         AuditSpool._last_ns = now
         return f"{now:020d}-{os.getpid()}-{secrets.token_hex(4)}{SUFFIX}"
 
-    def _publish(self, temporary: str) -> Path:
-        """Rename a written temporary file to the next name, in order.
+    def _publish(self, temporaries: list[str]) -> list[Path]:
+        """Rename written temporary files to the next names, in order.
 
         A reader that has seen a name never later finds a smaller one appear
         (the forwarder's cursors rely on it): naming and renaming happen under
         a lock shared by the threads of this process and, through a lock
-        file, by other processes.
+        file, by other processes. A rename that fails takes back those made
+        before it.
         """
+        paths: list[Path] = []
         with AuditSpool._lock:
             fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                path = self.directory / self._next_name()
-                os.replace(temporary, path)
+                for temporary in temporaries:
+                    path = self.directory / self._next_name()
+                    os.replace(temporary, path)
+                    paths.append(path)
+            except BaseException:
+                for path in paths:
+                    path.unlink(missing_ok=True)
+                raise
             finally:
                 os.close(fd)
-        return path
+        return paths
 
     def _sync_directory(self) -> None:
         os.fsync(self._open_directory())
+
+    def _write_hidden(self, messages: list[bytes]) -> list[str]:
+        """Write and fsync each message to a hidden temporary file; on any
+        failure remove those written and raise."""
+        temporaries: list[str] = []
+        try:
+            for message in messages:
+                fd, temporary = tempfile.mkstemp(
+                    prefix=".", suffix=".tmp", dir=self.directory
+                )
+                temporaries.append(temporary)
+                with os.fdopen(fd, "wb") as stream:
+                    stream.write(message)
+                    stream.flush()
+                    os.fsync(stream.fileno())
+        except BaseException:
+            for temporary in temporaries:
+                Path(temporary).unlink(missing_ok=True)
+            raise
+        return temporaries
 
     def write(self, message: bytes) -> Path:
         """Store one audit message durably and return its file.
@@ -198,30 +226,41 @@ class AuditSpool:
         OSError
             The spool directory cannot be created or written.
         """
+        (path,) = self.write_all([message])
+        return path
+
+    def write_all(self, messages: list[bytes]) -> list[Path]:
+        """Store audit messages durably, all or none, and return their files.
+
+        Each is written and fsynced under a hidden name first, which no
+        reader takes; only when all are is each given its spool name. So a
+        disk that fills half-way leaves none of them, not some naming an
+        event that then did not happen.
+
+        Raises
+        ------
+        OSError
+            The spool directory cannot be created or written.
+        """
         self._open_directory()
         try:
-            fd, temporary = tempfile.mkstemp(
-                prefix=".", suffix=".tmp", dir=self.directory
-            )
+            temporaries = self._write_hidden(messages)
         except FileNotFoundError:
-            # The directory was removed under the running node: make it again.
+            # The directory was removed under the running node: make it
+            # again, and write them all in it.
             self.close()
             self._open_directory()
-            fd, temporary = tempfile.mkstemp(
-                prefix=".", suffix=".tmp", dir=self.directory
-            )
+            temporaries = self._write_hidden(messages)
         try:
-            with os.fdopen(fd, "wb") as stream:
-                stream.write(message)
-                stream.flush()
-                os.fsync(stream.fileno())
-            path = self._publish(temporary)
+            paths = self._publish(temporaries)
         except BaseException:
-            Path(temporary).unlink(missing_ok=True)
+            for temporary in temporaries:
+                Path(temporary).unlink(missing_ok=True)
             raise
         self._sync_directory()
-        logger.debug("spooled audit message %s (%d bytes)", path.name, len(message))
-        return path
+        for path, message in zip(paths, messages, strict=True):
+            logger.debug("spooled audit message %s (%d bytes)", path.name, len(message))
+        return paths
 
     def records(self) -> Iterator[AuditRecord]:
         """Yield every spooled message, oldest first.
@@ -286,22 +325,35 @@ class Auditor:
     def record(self, event: AuditEvent) -> bool:
         """Build the audit message for ``event`` and spool it; return whether
         it is now durable in the spool."""
+        return self.record_all([event])
+
+    def record_all(self, events: list[AuditEvent]) -> bool:
+        """Build the audit messages for ``events`` and spool them, all or
+        none (:meth:`AuditSpool.write_all`); return whether they are now
+        durable in the spool."""
+        if not events:
+            return True
         try:
-            message = build_audit_message(
-                event,
-                audit_source_id=self.audit_source_id,
-                enterprise_site_id=self.enterprise_site_id,
-            )
-            path = self.spool.write(message)
+            messages = [
+                build_audit_message(
+                    event,
+                    audit_source_id=self.audit_source_id,
+                    enterprise_site_id=self.enterprise_site_id,
+                )
+                for event in events
+            ]
+            paths = self.spool.write_all(messages)
         except Exception:
-            logger.exception(
-                "audit record of %s by %s (outcome %s) was not spooled",
-                event.transaction,
-                event.actor,
-                int(event.outcome),
-            )
+            for event in events:
+                logger.exception(
+                    "audit record of %s by %s (outcome %s) was not spooled",
+                    event.transaction,
+                    event.actor,
+                    int(event.outcome),
+                )
             return False
-        logger.debug(
-            "audit record of %s by %s is %s", event.transaction, event.actor, path
-        )
+        for event, path in zip(events, paths, strict=True):
+            logger.debug(
+                "audit record of %s by %s is %s", event.transaction, event.actor, path
+            )
         return True

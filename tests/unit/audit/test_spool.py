@@ -167,6 +167,41 @@ def test_a_spool_never_written_has_no_records(tmp_path: Path) -> None:
     assert list(AuditSpool(tmp_path / "absent").records()) == []
 
 
+def test_messages_written_together_are_all_or_none(
+    tmp_path: Path, real_ids: RealIds, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that fails on the second of two messages (one RAD-69's records
+    of two patients) leaves neither of them, nor a temporary file: none may
+    name an event that then did not happen."""
+    spool = AuditSpool(tmp_path / "spool")
+    spool.write(message(real_ids))
+    real_fsync = os.fsync
+    synced = 0
+
+    def failing_fsync(fd: int) -> None:
+        nonlocal synced
+        synced += 1
+        if synced == 2:
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    auditor = Auditor(spool, audit_source_id=AUDIT_SOURCE_ID)
+    events = [
+        retrieve_event(real_ids),
+        retrieve_event(real_ids, patient_id="OTHER^^^&1.2.3&ISO"),
+    ]
+
+    assert auditor.record_all(events) is False
+
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert len(list(spool.records())) == 1
+    assert [n for n in os.listdir(tmp_path / "spool") if n.endswith(".tmp")] == []
+    assert auditor.record_all(events) is True
+    assert len(list(spool.records())) == 3
+    spool.close()
+
+
 def test_auditor_spools_the_message_of_each_event(
     tmp_path: Path, real_ids: RealIds, audit_schema: etree.RelaxNG
 ) -> None:
