@@ -494,10 +494,10 @@ def test_no_instance_is_sent_when_the_audit_record_cannot_be_spooled(
     the request's work files are removed."""
     source = running_node.services.imaging_source
 
-    def full_disk(message: bytes) -> Path:
+    def full_disk(messages: list[bytes]) -> list[Path]:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(source.auditor.spool, "write", full_disk)
+    monkeypatch.setattr(source.auditor.spool, "write_all", full_disk)
     instance = published.instances[0]
     request = rad69(
         instance.study_instance_uid,
