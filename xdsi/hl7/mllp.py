@@ -14,6 +14,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from xdsi.hl7.adt import build_ack
 from xdsi.tls import TlsGate, TlsServerMixin
@@ -45,6 +46,13 @@ CHARACTER_SETS = {
     "8859/15": "iso8859-15",
     "UNICODE UTF-8": "utf-8",
 }
+
+# Connections served at once; one more is closed at once. Each may hold an
+# unfinished frame of up to MAX_FRAME_SIZE, so this bounds what peers can
+# make the listener hold (256 MiB); ITI-8 sources are a few systems.
+MAX_CONNECTIONS = 64
+# Connections the system queues before they are accepted.
+LISTEN_BACKLOG = 128
 
 # The most bytes of a frame kept to read its MSH when the frame is refused.
 _HEADER_BYTES = 4096
@@ -108,6 +116,10 @@ def _character_set(payload: bytes) -> str:
         return ""
     segment = header.replace(b"\n", b"\r").split(b"\r", 1)[0]
     field, repetition = segment[3:4], segment[5:6]
+    if not field or not repetition:
+        # A segment that ends before MSH-2 ("MSH" then a line end) names
+        # no separators to read MSH-18 with.
+        return ""
     # fields[n - 1] is MSH-n: MSH-1 is the field separator itself.
     fields = segment.split(field)
     if len(fields) < 18:
@@ -227,10 +239,12 @@ class _Connection(socketserver.BaseRequestHandler):
                 )
 
             for payload in frames:
-                text, codec = decode_payload(payload)
                 try:
+                    text, codec = decode_payload(payload)
                     reply = handler(text)
                 except Exception:
+                    # One frame's failure never ends the connection: the
+                    # frames after it are still answered.
                     logger.exception("MLLP %s: handler failed; frame unanswered", peer)
                     continue
                 try:
@@ -272,14 +286,42 @@ def _refuse_oversized(sock: socket.socket, peer: str, exc: FrameTooLarge) -> Non
 
 
 class _TcpServer(TlsServerMixin, socketserver.ThreadingTCPServer):
-    """A thread per connection; threads die with the process."""
+    """A thread per connection, at most ``max_connections`` at once; threads
+    die with the process."""
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
+    max_connections = MAX_CONNECTIONS
 
     def __init__(self, address: tuple[str, int], owner: "MllpServer") -> None:
         self.owner = owner
+        self._slots = threading.BoundedSemaphore(self.max_connections)
         super().__init__(address, _Connection)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            # MLLP has no answer for a message not read: the connection is
+            # closed, and the sender retries as after any broken connection.
+            logger.warning(
+                "MLLP %s:%s: %d connections in progress; one from %s closed",
+                *self.server_address[:2],
+                self.max_connections,
+                client_address[0],
+            )
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class MllpServer:

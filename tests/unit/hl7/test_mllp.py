@@ -28,6 +28,7 @@ from xdsi.hl7 import (
     PatientIdentity,
     build_ack,
     build_feed,
+    mllp,
     send_message,
 )
 from xdsi.hl7.mllp import MAX_FRAME_SIZE, decode_payload
@@ -436,3 +437,50 @@ def test_msh_18_character_set_is_used_over_the_wire(
 
     assert msa(read_frames(client, 1)[0])[0] == "AA"
     assert fed[0].name == "ŁASKA^ŻANETA^^^^^L"
+
+
+@pytest.mark.parametrize("line_end", [b"\r", b"\n"], ids=["cr", "lf"])
+def test_a_header_cut_after_msh_is_answered_and_the_frames_after_it_served(
+    registry: MllpServer,
+    client: socket.socket,
+    fed: list[PatientIdentity],
+    line_end: bytes,
+) -> None:
+    """ITI TF-2x C.2.3: a frame whose MSH ends before its separators
+    ("MSH" then a line end) still earns an ACK AR, and the connection goes
+    on: the valid feed sent after it in the same write is answered AA."""
+    client.sendall(VT + b"MSH" + line_end + b"XXXXXXX" + FS_CR + frame(ADT_A01_V231))
+
+    first, second = read_frames(client, 2)
+
+    assert msa(first)[0] == "AR"
+    assert msa(second) == ("AA", "PIF-0001")
+    assert len(fed) == 1
+
+
+def test_connections_beyond_the_cap_are_closed_and_the_server_serves_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each connection may hold an unfinished frame of up to MAX_FRAME_SIZE:
+    no more than MAX_CONNECTIONS are served at once, so that peers opening
+    connections cannot make the listener hold memory without bound. One
+    more is closed at once; once one ends, a new one is served."""
+    monkeypatch.setattr(mllp._TcpServer, "max_connections", 2)
+    server = MllpServer("127.0.0.1", 0, lambda m: "ok:" + m, timeout=10.0)
+    server.start()
+    try:
+        held = [socket.create_connection(server.address, timeout=5.0) for _ in range(2)]
+        for sock in held:
+            sock.sendall(VT + b"never finished")
+        time.sleep(0.3)
+        with socket.create_connection(server.address, timeout=5.0) as third:
+            third.settimeout(5.0)
+            assert third.recv(100) == b""
+        held[0].close()
+        time.sleep(0.3)
+        answer = send_message(*server.address, "after", timeout=5.0)
+        held[1].close()
+    finally:
+        server.stop()
+
+    assert answer == "ok:after"
