@@ -287,6 +287,11 @@ def check_parameters(query: StoredQuery) -> None:
     for param, groups in query.parameters.items():
         spec = specs.get(param)
         if spec is None:
+            # A parameter this query does not take is ignored, but one of
+            # the closed lists of ITI TF-2 3.18.4.1.2.3.7 ($MetadataLevel,
+            # say) is still held to its values.
+            if param in parameter_values():
+                _check_values(query.name, param, {}, query.values(param))
             continue
         if not spec.get("multiple") and (len(groups) > 1 or len(groups[0]) > 1):
             raise StoredQueryParamNumber(

@@ -556,18 +556,40 @@ def test_unknown_document_entry_type_is_stored_query_param_number() -> None:
         read_query(request)
 
 
-def test_metadata_level_other_than_1_or_2_is_stored_query_param_number() -> None:
-    """ITI TF-2 3.18.4.1.2.3.7.5: $MetadataLevel is 1 or 2."""
-    request = build_query(
-        GET_DOCUMENTS, {"$XDSDocumentEntryEntryUUID": [PLACEHOLDERS["$uuid$"]]}
-    )
+@pytest.mark.parametrize(
+    ("query", "parameters", "value"),
+    [
+        (
+            GET_DOCUMENTS,
+            {"$XDSDocumentEntryEntryUUID": [PLACEHOLDERS["$uuid$"]]},
+            "3",
+        ),
+        (
+            FIND_DOCUMENTS,
+            {
+                "$XDSDocumentEntryPatientId": ["'P^^^&1.2.3&ISO'"],
+                "$XDSDocumentEntryStatus": [
+                    "('urn:oasis:names:tc:ebxml-regrep:StatusType:Approved')"
+                ],
+            },
+            "9",
+        ),
+    ],
+    ids=["get-documents", "find-documents"],
+)
+def test_metadata_level_other_than_1_or_2_is_stored_query_param_number(
+    query: str, parameters: dict[str, list[str]], value: str
+) -> None:
+    """ITI TF-2 3.18.4.1.2.3.7.5: $MetadataLevel is 1 or 2, also in a query
+    whose table here does not list it (it is read as level 1 there)."""
+    request = build_query(query, parameters)
     slot = etree.SubElement(
         request.find(f"{{{ns.RIM}}}AdhocQuery"),
         f"{{{ns.RIM}}}Slot",
         name="$MetadataLevel",
     )
     value_list = etree.SubElement(slot, f"{{{ns.RIM}}}ValueList")
-    etree.SubElement(value_list, f"{{{ns.RIM}}}Value").text = "3"
+    etree.SubElement(value_list, f"{{{ns.RIM}}}Value").text = value
 
     with pytest.raises(StoredQueryParamNumber, match="MetadataLevel"):
         read_query(request)
