@@ -274,7 +274,10 @@ def _domain_identifier(
     # an escape character other than \ is not rewritten for the XDS CX.
     for authority in authorities:
         for index, cx in enumerate(repetitions):
-            id_number = cx.cx_1.to_er7()
+            # HL7 v2.5 2.A.75: trailing blanks of an ST are padding; blanks
+            # around an identifier are no part of it, as DICOM reads a
+            # Patient ID's (PS3.5 6.2 LO), so the two match.
+            id_number = cx.cx_1.to_er7().strip(" ")
             in_domain = (
                 cx.cx_4.hd_2.to_er7() == authority
                 and cx.cx_4.hd_3.to_er7() == UNIVERSAL_ID_TYPE

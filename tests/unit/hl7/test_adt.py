@@ -462,6 +462,17 @@ def test_built_feed_reads_back_as_the_same_patient() -> None:
     )
 
 
+def test_blanks_around_the_patient_id_are_no_part_of_it() -> None:
+    """HL7 v2.5 2.A.75: a PID-3 ID sent with blanks around it is the patient
+    of the ID without them, as DICOM reads the images' Patient ID."""
+    padded = ADT_A01_V231.replace(f"|{AFFINITY_ID}^", f"| {AFFINITY_ID} ^", 1)
+    assert padded != ADT_A01_V231
+
+    identity = parse_feed(padded, assigning_authority=AFFINITY_DOMAIN)
+
+    assert identity.patient_id == AFFINITY_CX
+
+
 def test_built_feeds_get_fresh_control_ids() -> None:
     """ITI TF-2x C.2.3: MSH-10 identifies each message for its ACK."""
     first = hl7apy_parse(build_feed(AFFINITY_CX))
