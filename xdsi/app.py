@@ -243,7 +243,14 @@ class _RequestHandler(PeerRefusalLog, WSGIRequestHandler):
         agent gets the HTTP status and why, as the service itself answers
         it, even when the HTTP layer refuses the request before it is
         routed (an oversized header, too many header fields)."""
-        path = (getattr(self, "path", "") or "").split("?", 1)[0]
+        path = getattr(self, "path", "") or ""
+        if not path:
+            # A request line too long to parse (414) has its target read
+            # from the bytes that came.
+            raw = getattr(self, "raw_requestline", b"") or b""
+            words = raw[:4096].split(b" ", 2)
+            path = words[1].decode("latin-1") if len(words) > 1 else ""
+        path = path.split("?", 1)[0]
         plain = getattr(self.server, "plain_text_paths", ())
         if any(path == p or path.startswith(p + "/") for p in plain):
             self.error_content_type = "text/plain; charset=utf-8"

@@ -877,25 +877,28 @@ def test_the_http_layer_answers_dicomweb_paths_in_plain_text(
     shared_node: RunningNode, path: str, plain: bool
 ) -> None:
     """DICOM PS3.18 8.7.1: a request the HTTP layer refuses before routing
-    (too many header fields, 431) gets plain text on a DICOMweb path, as the
-    service would answer it, and a SOAP Fault on the RAD-69 endpoint."""
+    (too many header fields, 431; a request line too long, 414) gets plain
+    text on a DICOMweb path, as the service would answer it, and a SOAP
+    Fault on the RAD-69 endpoint."""
     host = shared_node.settings.node.host
-    request = (
-        f"GET {path} HTTP/1.1\r\nHost: x\r\n".encode()
+    requests_refused = {
+        431: f"GET {path} HTTP/1.1\r\nHost: x\r\n".encode()
         + b"".join(b"X-%d: 1\r\n" % n for n in range(200))
-        + b"\r\n"
-    )
-    with socket.create_connection(
-        (host, shared_node.settings.imaging_source.port), timeout=30
-    ) as sock:
-        sock.sendall(request)
-        answer = _read_all(sock)
+        + b"\r\n",
+        414: f"GET {path}?q={'x' * 70_000} HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+    }
+    for status, request in requests_refused.items():
+        with socket.create_connection(
+            (host, shared_node.settings.imaging_source.port), timeout=30
+        ) as sock:
+            sock.sendall(request)
+            answer = _read_all(sock)
 
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 431 ")
-    if plain:
-        assert b"content-type: text/plain" in head.lower()
-        assert body.startswith(b"431 ")
-    else:
-        assert b"content-type: application/soap+xml" in head.lower()
-        assert b"env:Sender" in body
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 %d " % status)
+        if plain:
+            assert b"content-type: text/plain" in head.lower()
+            assert body.startswith(b"%d " % status)
+        else:
+            assert b"content-type: application/soap+xml" in head.lower()
+            assert b"env:Sender" in body
