@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime
@@ -124,6 +125,34 @@ def test_two_documents_under_one_id_leave_nothing(running_node: RunningNode):
     assert [e.code for e in read_errors(reply)] == ["XDSRepositoryMetadataError"]
     assert "two Documents have id Document01" in read_errors(reply)[0].message
     assert _counts(running_node) == (0, 0)
+
+
+def test_an_entry_and_its_document_pair_whatever_the_case_of_their_uuid(
+    running_node: RunningNode,
+):
+    """RFC 4122 3: a DocumentEntry whose entryUUID is in upper case and the
+    Document that names it in lower case are one pair; the document is
+    stored and registered, and retrievable."""
+    running_node.feed()
+    data = b"DICM" * 100
+    request = pnr_request("1.2.3.4.5.3", data, submission_set_uid="1.2.3.4.6.3")
+    entry_uuid = str(uuid.uuid4())
+    for element in request.iter():
+        for name, value in element.attrib.items():
+            if value == "Document01":
+                element.set(name, f"urn:uuid:{entry_uuid.upper()}")
+    content_id = wire.new_content_id()
+    document = etree.SubElement(
+        request, f"{{{ns.XDSB}}}Document", id=f"urn:uuid:{entry_uuid}"
+    )
+    document.append(wire.xop_include(content_id))
+    part = wire.OutgoingPart(content_id, "application/dicom", data=data)
+    url = running_node.settings.url("repository")
+    with wire.SoapClient(url).call(PNR, request, parts=[part]) as reply:
+        status = read_status(reply.body)
+
+    assert status.endswith("Success"), read_errors(reply.body)
+    assert _counts(running_node)[1] == 1
 
 
 def test_racing_submissions_of_one_uniqueid_store_it_once(running_node: RunningNode):

@@ -275,6 +275,9 @@ class Repository:
                 + "; ".join(problems)
             )
             return _errors([error]), [], None
+        # RFC 4122 3: a DocumentEntry and its Document pair by entryUUID
+        # whatever the letter case of each (the registry reads ids so too).
+        ebrim.canonicalise_ids(request)
         submission = ebrim.read_registry_objects(metadata)
         entries = submission.document_entries
         ss = submission.submission_sets
