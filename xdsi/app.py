@@ -42,6 +42,7 @@ from xdsi.actors.store_scp import StoreScp
 from xdsi.actors.stow import add_stow_route
 from xdsi.audit.forwarder import AuditForwarder, Backoff
 from xdsi.config import ConfigError, Settings
+from xdsi.connections import BoundedConnections
 from xdsi.hl7.mllp import MllpServer
 from xdsi.logs import PeerRefusalLog, quiet_pydicom
 from xdsi.ns import SOAP12
@@ -336,7 +337,7 @@ def _plain_text_paths(settings: Settings, actor: str) -> tuple[str, ...]:
     )
 
 
-class _HttpServer(tls.TlsServerMixin, ThreadedWSGIServer):
+class _HttpServer(BoundedConnections, tls.TlsServerMixin, ThreadedWSGIServer):
     """werkzeug's threaded server; each connection passes the TLS gate, if set.
 
     At most ``max_connections`` are served at once, a thread each; one more
@@ -346,7 +347,6 @@ class _HttpServer(tls.TlsServerMixin, ThreadedWSGIServer):
     """
 
     max_connections = MAX_CONNECTIONS
-    _slots: threading.BoundedSemaphore | None = None
     # Paths whose HTTP-layer errors are plain text, not SOAP Faults.
     plain_text_paths: tuple[str, ...] = ()
 
@@ -362,26 +362,7 @@ class _HttpServer(tls.TlsServerMixin, ThreadedWSGIServer):
                 "what holds the port or set another in the configuration"
             ) from None
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if self._slots is None:
-            self._slots = threading.BoundedSemaphore(self.max_connections)
-        if not self._slots.acquire(blocking=False):
-            self._refuse(request, client_address)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            assert self._slots is not None
-            self._slots.release()
-
-    def _refuse(self, request: socket.socket, client_address: Any) -> None:
+    def refuse_connection(self, request: socket.socket, client_address: Any) -> None:
         logger.warning(
             "%s:%s: %d connections in progress; one from %s refused",
             *self.server_address[:2],

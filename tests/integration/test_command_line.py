@@ -41,9 +41,8 @@ def _xdsi(config: Path, *args: str, check: bool = True) -> subprocess.CompletedP
     )
 
 
-@pytest.fixture
-def served(tmp_path) -> Iterator[Path]:  # type: ignore[no-untyped-def]
-    """A node started with ``xdsi serve`` on free loopback ports."""
+def _node_config(tmp_path: Path) -> Path:
+    """A configuration of free loopback ports and storage under ``tmp_path``."""
     config = tmp_path / "xdsi.toml"
     config.write_text(
         f'[node]\nstorage_dir = "{tmp_path / "node"}"\n'
@@ -51,6 +50,13 @@ def served(tmp_path) -> Iterator[Path]:  # type: ignore[no-untyped-def]
         f"[repository]\nport = {_free_port()}\n"
         f"[imaging_source]\nport = {_free_port()}\n"
     )
+    return config
+
+
+@pytest.fixture
+def served(tmp_path) -> Iterator[Path]:  # type: ignore[no-untyped-def]
+    """A node started with ``xdsi serve`` on free loopback ports."""
+    config = _node_config(tmp_path)
     process = subprocess.Popen(
         [sys.executable, "-m", "xdsi", "--config", str(config), "serve"],
         stdout=subprocess.PIPE,
@@ -412,13 +418,7 @@ def test_a_client_command_with_no_node_serving_says_what_to_look_at(
 ):
     """A client command whose node is not there exits 1 and asks whether
     the node serves, and whether the command was given its configuration."""
-    config = tmp_path / "xdsi.toml"
-    config.write_text(
-        f'[node]\nstorage_dir = "{tmp_path / "node"}"\n'
-        f"[registry]\nport = {_free_port()}\nfeed_port = {_free_port()}\n"
-        f"[repository]\nport = {_free_port()}\n"
-        f"[imaging_source]\nport = {_free_port()}\n"
-    )
+    config = _node_config(tmp_path)
 
     ran = _xdsi(config, *command, check=False)
 

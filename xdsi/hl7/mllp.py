@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from xdsi.connections import BoundedConnections
 from xdsi.hl7.adt import build_ack
 from xdsi.tls import TlsGate, TlsServerMixin
 
@@ -285,7 +286,7 @@ def _refuse_oversized(sock: socket.socket, peer: str, exc: FrameTooLarge) -> Non
         logger.debug("MLLP %s: peer gone before the AR to its oversized frame", peer)
 
 
-class _TcpServer(TlsServerMixin, socketserver.ThreadingTCPServer):
+class _TcpServer(BoundedConnections, TlsServerMixin, socketserver.ThreadingTCPServer):
     """A thread per connection, at most ``max_connections`` at once; threads
     die with the process."""
 
@@ -296,32 +297,18 @@ class _TcpServer(TlsServerMixin, socketserver.ThreadingTCPServer):
 
     def __init__(self, address: tuple[str, int], owner: "MllpServer") -> None:
         self.owner = owner
-        self._slots = threading.BoundedSemaphore(self.max_connections)
         super().__init__(address, _Connection)
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            # MLLP has no answer for a message not read: the connection is
-            # closed, and the sender retries as after any broken connection.
-            logger.warning(
-                "MLLP %s:%s: %d connections in progress; one from %s closed",
-                *self.server_address[:2],
-                self.max_connections,
-                client_address[0],
-            )
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
+    def refuse_connection(self, request: Any, client_address: Any) -> None:
+        # MLLP has no answer for a message not read: the connection is
+        # closed, and the sender retries as after any broken connection.
+        logger.warning(
+            "MLLP %s:%s: %d connections in progress; one from %s closed",
+            *self.server_address[:2],
+            self.max_connections,
+            client_address[0],
+        )
+        self.shutdown_request(request)
 
 
 class MllpServer:
