@@ -843,6 +843,18 @@ def _dicom_parts(answer: requests.Response) -> list[bytes]:
     return parts
 
 
+def _published_pair(node: RunningNode, folder: Path) -> scan.Study:
+    """A CT and an MR image published as one series of a study of their own."""
+    return _published_study(
+        node,
+        [
+            shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm"),
+            shared_path("dicom", "singles", "ts-implicit-le__MR_small_implicit.dcm"),
+        ],
+        folder,
+    )
+
+
 def _lose_stored_copy(node: RunningNode, instance: scan.InstanceHeader) -> None:
     """Remove the stored copy of a published instance, as a failing disk or
     a careless operator would."""
@@ -862,14 +874,7 @@ def test_wado_rs_leaves_out_an_instance_whose_stored_copy_is_gone(
     gone is sent in part, 206 with a Warning saying why, as a whole
     multipart body; the instance alone is a 500 that says so, never a
     stream broken off after its status."""
-    study = _published_study(
-        shared_node,
-        [
-            shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm"),
-            shared_path("dicom", "singles", "ts-implicit-le__MR_small_implicit.dcm"),
-        ],
-        tmp_path / "pair",
-    )
+    study = _published_pair(shared_node, tmp_path / "pair")
     lost, kept = study.instances
     _lose_stored_copy(shared_node, lost)
 
@@ -955,14 +960,7 @@ def test_wado_rs_metadata_leaves_out_a_copy_cut_short_after_its_header_was_read(
 ) -> None:
     """A stored copy cut short is left out of metadata as WADO-RS leaves it
     out of the instances, though its header was read (and kept) before."""
-    study = _published_study(
-        shared_node,
-        [
-            shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm"),
-            shared_path("dicom", "singles", "ts-implicit-le__MR_small_implicit.dcm"),
-        ],
-        tmp_path / "pair",
-    )
+    study = _published_pair(shared_node, tmp_path / "pair")
     cut, kept = study.instances
     url = f"{_series_url(shared_node, study)}/metadata"
     assert len(requests.get(url, timeout=30).json()) == 2
