@@ -9,11 +9,13 @@ flagged, never dropped. A peer that fails TLS node authentication
 """
 
 import logging
+import socket
 import socketserver
 import ssl
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from lxml import etree
@@ -39,6 +41,9 @@ logger = logging.getLogger(__name__)
 # The largest message either listener takes (rsyslog's default is 8 kB;
 # AuditMessages with queries are often larger).
 MAX_MESSAGE = 256 * 1024
+# TLS sessions the syslog listener serves at once (a thread each); a sender
+# keeps one open, so this is also how many nodes may send at the same time.
+MAX_CONNECTIONS = 256
 
 # DICOM PS3.15 A.5.1: ParticipantObjectTypeCodeRole 1 is Patient.
 _PATIENT_ROLE = "1"
@@ -364,14 +369,17 @@ class _TlsHandler(socketserver.BaseRequestHandler):
         repository = self.server.repository
         host, port = self.client_address[:2]
         peer = f"{host}:{port}"
-        # A peer that connects and never completes the handshake is dropped.
-        self.request.settimeout(repository.idle_timeout)
+        # A peer that has not finished its handshake within handshake_timeout
+        # is dropped; once authenticated, it may pause idle_timeout between
+        # messages.
+        self.request.settimeout(repository.handshake_timeout)
         try:
             context = refresh_revocation(repository.tls_context)
             sock = context.wrap_socket(self.request, server_side=True)
         except (ssl.SSLError, OSError) as exc:
             repository.refused(host, port, exc)
             return
+        sock.settimeout(repository.idle_timeout)
         reader = FrameReader(repository.max_message)
         try:
             while True:
@@ -397,12 +405,69 @@ class _TlsHandler(socketserver.BaseRequestHandler):
 
 
 class _TlsServer(socketserver.ThreadingTCPServer):
+    """A thread per TLS session, at most ``max_connections`` at once.
+
+    A connection beyond them is closed as soon as it is accepted, before
+    its handshake, so that peers that never send cannot pile up threads.
+    One WARNING marks the first refusal while the listener is full, and one
+    more, when it next accepts, says how many it refused meanwhile.
+    """
+
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], repository: "AuditRepository"):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        repository: "AuditRepository",
+        max_connections: int,
+    ):
         self.repository = repository
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+        # Refusals since the listener was last able to accept; touched by
+        # the serving thread only.
+        self._refusals = 0
         super().__init__(address, _TlsHandler)
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request, client_address)
+            return
+        if self._refusals:
+            logger.warning(
+                "tls syslog %s:%s accepts again; %d connections refused while "
+                "%d were in progress",
+                *self.server_address[:2],
+                self._refusals,
+                self.max_connections,
+            )
+            self._refusals = 0
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(
+        self, request: socket.socket, client_address: Any
+    ) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse(self, request: socket.socket, client_address: Any) -> None:
+        if not self._refusals:
+            logger.warning(
+                "tls syslog %s:%s: %d connections in progress; refusing more, "
+                "the first from %s",
+                *self.server_address[:2],
+                self.max_connections,
+                client_address[0],
+            )
+        self._refusals += 1
+        self.shutdown_request(request)
 
 
 class _UdpHandler(socketserver.BaseRequestHandler):
@@ -437,6 +502,13 @@ class AuditRepository:
         is refused (ITI TF-2 3.19).
     auditor
         Where refusals go as Security Alerts; None records none.
+    handshake_timeout
+        Seconds a TLS peer has to finish its handshake after connecting.
+    idle_timeout
+        Seconds an authenticated TLS peer may send nothing before its
+        session is closed.
+    max_connections
+        TLS sessions served at once; one more is closed unanswered.
     """
 
     def __init__(
@@ -450,7 +522,9 @@ class AuditRepository:
         auditor: Auditor | None = None,
         node_id: str = "xdsi",
         max_message: int = MAX_MESSAGE,
+        handshake_timeout: float = 10.0,
         idle_timeout: float = 300.0,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         if tls_port is not None and tls_context is None:
             raise ValueError("the TLS syslog input (RFC 5425) needs a TLS context")
@@ -460,13 +534,14 @@ class AuditRepository:
         self.auditor = auditor
         self.node_id = node_id
         self.max_message = max_message
+        self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self._servers: list[socketserver.BaseServer] = []
         self._threads: list[threading.Thread] = []
         self._tls: _TlsServer | None = None
         self._udp: _UdpServer | None = None
         if tls_port is not None:
-            self._tls = _TlsServer((host, tls_port), self)
+            self._tls = _TlsServer((host, tls_port), self, max_connections)
             self._servers.append(self._tls)
         if udp_port is not None:
             self._udp = _UdpServer((host, udp_port), self)

@@ -346,3 +346,111 @@ def test_a_request_line_http_cannot_parse_is_answered_in_json_and_logged_at_info
     assert refused.isascii() and refused.isprintable()
     for record in shown:
         assert "JANE" not in record.getMessage()
+
+
+@pytest.fixture
+def small_repository(
+    store: AuditRecordStore, pki: Pki, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[AuditRepository]:
+    """A TLS-only repository built with the keyword arguments the test
+    gives as this fixture's parameter."""
+    options = request.param
+    auditor = Auditor(AuditSpool(tmp_path / "arr-spool"), audit_source_id="arr")
+    with AuditRepository(
+        store, tls_port=0, tls_context=pki.server_context(), auditor=auditor, **options
+    ) as running:
+        yield running
+
+
+def _silent(port: int) -> socket.socket:
+    """A TCP connection to the TLS port that never starts its handshake."""
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def _closed_by_repository(sock: socket.socket, timeout: float = 20.0) -> bool:
+    """Return True if the repository closes ``sock`` within ``timeout``."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def _send_once_accepted(port: int, context: ssl.SSLContext, message: bytes) -> None:
+    """Send one framed message, connecting again while the ARR refuses."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                    tls.sendall(frame(message))
+                    return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    "small_repository",
+    [{"handshake_timeout": 0.5, "idle_timeout": 300.0}],
+    ids=["handshake-0.5s"],
+    indirect=True,
+)
+def test_a_peer_that_never_starts_its_handshake_is_dropped_after_handshake_timeout(
+    small_repository: AuditRepository,
+    store: AuditRecordStore,
+    pki: Pki,
+    real_ids: RealIds,
+) -> None:
+    """RFC 5425 4.2: a peer that has not finished the TLS handshake within
+    the handshake timeout is dropped; after it, the idle timeout applies."""
+    with _silent(small_repository.tls_port) as silent:
+        assert _closed_by_repository(silent)
+
+    message = format_message(audit_xml(real_ids), app_name="xdsi")
+    port = small_repository.tls_port
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with pki.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            # An authenticated session pausing longer than the handshake
+            # timeout is kept.
+            time.sleep(1.5)
+            tls.sendall(frame(message))
+    wait_for(lambda: len(store.query()) == 1)
+
+
+@pytest.mark.parametrize(
+    "small_repository",
+    [{"max_connections": 2, "handshake_timeout": 60.0}],
+    ids=["2-connections"],
+    indirect=True,
+)
+def test_connections_beyond_max_connections_are_closed_at_once_warning_once(
+    small_repository: AuditRepository,
+    store: AuditRecordStore,
+    pki: Pki,
+    real_ids: RealIds,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """RFC 5425 4.2: a connection beyond the repository's cap is closed
+    before its handshake; one WARNING for the burst, one when it ends."""
+    caplog.set_level(logging.WARNING, logger="xdsi.audit.repository")
+    port = small_repository.tls_port
+    held = [_silent(port), _silent(port)]
+    try:
+        for _ in range(3):
+            with _silent(port) as extra:
+                assert _closed_by_repository(extra)
+    finally:
+        for sock in held:
+            sock.close()
+
+    message = format_message(audit_xml(real_ids), app_name="xdsi")
+    _send_once_accepted(port, pki.client_context(), message)
+    wait_for(lambda: len(store.query()) == 1)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len([line for line in lines if "refusing more" in line]) == 1
+    [ended] = [line for line in lines if "accepts again" in line]
+    assert int(ended.split("; ")[1].split()[0]) >= 3
