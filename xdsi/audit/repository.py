@@ -45,6 +45,11 @@ MAX_MESSAGE = 256 * 1024
 # keeps one open, so this is also how many nodes may send at the same time.
 MAX_CONNECTIONS = 256
 
+# Records one answer of the query endpoint holds, by default and at most; the
+# answer is built whole in memory, and an AuditMessage is a few kilobytes.
+QUERY_LIMIT = 1000
+MAX_QUERY_LIMIT = 10_000
+
 # DICOM PS3.15 A.5.1: ParticipantObjectTypeCodeRole 1 is Patient.
 _PATIENT_ROLE = "1"
 
@@ -231,7 +236,7 @@ class AuditRecordStore:
         patient_id: str | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
-        limit: int = 1000,
+        limit: int = QUERY_LIMIT,
     ) -> list[StoredAudit]:
         """Return stored messages, oldest first, filtered as asked.
 
@@ -298,7 +303,8 @@ def query_app(store: AuditRecordStore) -> Flask:
 
     Parameters ``patient`` (a patient id as the AuditMessage writes it),
     ``since`` and ``until`` (ISO 8601 date-times, UTC if no zone) and
-    ``limit``.
+    ``limit``, from 1 to MAX_QUERY_LIMIT (QUERY_LIMIT if not given); any
+    other ``limit`` is answered 400.
     """
     app = Flask("xdsi.audit_repository")
 
@@ -315,9 +321,14 @@ def query_app(store: AuditRecordStore) -> Flask:
             ) from None
 
     def _limit() -> int:
-        value = request.args.get("limit", "1000")
-        if not value.isascii() or not value.isdigit() or int(value) < 1:
-            raise ValueError("limit must be a whole number of at least 1")
+        value = request.args.get("limit", str(QUERY_LIMIT))
+        # A digit string this long is far out of range; int() is not asked
+        # to convert thousands of digits.
+        digits = value.isascii() and value.isdigit() and len(value) <= 20
+        if not digits or not 1 <= int(value) <= MAX_QUERY_LIMIT:
+            raise ValueError(
+                f"limit must be a whole number from 1 to {MAX_QUERY_LIMIT}"
+            )
         return int(value)
 
     @app.errorhandler(HTTPException)
@@ -331,6 +342,9 @@ def query_app(store: AuditRecordStore) -> Flask:
             limit = _limit()
         except ValueError as exc:
             return jsonify({"error": str(exc)}), 400
+        # Limitation: answers are not paged; a query matching more than limit
+        # records answers the oldest received, and the rest are reached by
+        # narrowing since and until.
         records = store.query(
             patient_id=request.args.get("patient"),
             since=since,

@@ -20,6 +20,7 @@ from tests.unit.audit.conftest import RealIds
 from tests.unit.audit.test_syslog import audit_xml
 from xdsi.audit import Auditor, AuditSpool
 from xdsi.audit.repository import (
+    MAX_QUERY_LIMIT,
     AuditRecordStore,
     AuditRepository,
     JsonErrorHandler,
@@ -265,6 +266,39 @@ def test_http_query_answers_json_filtered_by_patient(
         refused = client.get("/audit", query_string={"limit": limit})
         assert refused.status_code == 400
         assert "limit must be a whole number" in refused.get_json()["error"]
+
+
+@pytest.mark.parametrize(
+    "limit",
+    ["99999999999999999999999", "9" * 5000, str(MAX_QUERY_LIMIT + 1), "1.5", ""],
+    ids=["overflows-sqlite", "5000-digits", "above-maximum", "fraction", "empty"],
+)
+def test_http_query_limit_out_of_range_is_answered_400_naming_the_range(
+    store: AuditRecordStore, limit: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ITI TF-2 3.20: a limit that is not a whole number from 1 to the
+    maximum is the client's error, answered 400 with the allowed range."""
+    caplog.set_level(logging.WARNING)
+    client = query_app(store).test_client()
+
+    refused = client.get("/audit", query_string={"limit": limit})
+
+    assert refused.status_code == 400
+    assert refused.get_json() == {
+        "error": f"limit must be a whole number from 1 to {MAX_QUERY_LIMIT}"
+    }
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_http_query_takes_a_limit_up_to_the_maximum(
+    store: AuditRecordStore,
+) -> None:
+    """ITI TF-2 3.20: the largest limit served is MAX_QUERY_LIMIT."""
+    client = query_app(store).test_client()
+
+    answer = client.get("/audit", query_string={"limit": str(MAX_QUERY_LIMIT)})
+
+    assert answer.status_code == 200 and answer.get_json() == []
 
 
 def test_no_patient_id_is_logged_at_info_or_above(
