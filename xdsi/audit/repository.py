@@ -186,9 +186,18 @@ class AuditRecordStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def store(self, raw: bytes, *, transport: str, peer: str) -> ReceivedAudit:
-        """Store one received message, valid or not; return what it says."""
-        received = read_audit(raw)
+    def store(
+        self, raw: bytes, *, transport: str, peer: str, malformed: str | None = None
+    ) -> ReceivedAudit:
+        """Store one received message, valid or not; return what it says.
+
+        ``malformed`` is why the transport found the message broken (a frame
+        cut short); such a message is stored raw and flagged, unread.
+        """
+        if malformed is None:
+            received = read_audit(raw)
+        else:
+            received = ReceivedAudit(valid=False, error=malformed)
         with self.engine.begin() as connection:
             record_id = connection.execute(
                 insert(audit_record).values(
@@ -409,12 +418,11 @@ class _TlsHandler(socketserver.BaseRequestHandler):
         except (OSError, ssl.SSLError) as exc:
             logger.debug("tls session from %s ended: %s", peer, exc)
         finally:
-            if reader.pending:
-                logger.warning(
-                    "tls session from %s ended inside a message (%d bytes)",
-                    peer,
-                    reader.pending,
-                )
+            # A last message cut short is kept too, raw and flagged.
+            cut = reader.truncated()
+            if cut is not None:
+                raw, reason = cut
+                repository.keep(raw, transport="tls", peer=peer, malformed=reason)
             sock.close()
 
 
@@ -595,10 +603,12 @@ class AuditRepository:
             thread.join(timeout=5)
         self._threads.clear()
 
-    def keep(self, raw: bytes, *, transport: str, peer: str) -> None:
+    def keep(
+        self, raw: bytes, *, transport: str, peer: str, malformed: str | None = None
+    ) -> None:
         """Store one received message; a failure is logged, not raised."""
         try:
-            self.store.store(raw, transport=transport, peer=peer)
+            self.store.store(raw, transport=transport, peer=peer, malformed=malformed)
         except Exception:
             logger.exception(
                 "audit message of %d bytes from %s over %s was not stored",

@@ -156,6 +156,52 @@ def test_stream_that_breaks_framing_is_kept_raw(
     assert not second.valid and second.raw == b"<85>1 not counted"
 
 
+def _cut_frames(m: bytes) -> dict[str, tuple[bytes, bytes, str]]:
+    """Frames of message ``m`` cut short by the end of the session: what the
+    sender writes, what is stored of it, and what its error says."""
+    return {
+        "inside-the-message": (
+            b"%d " % len(m) + m[:100],
+            m[:100],
+            f"MSG-LEN {len(m)}, 100 bytes before the stream ended",
+        ),
+        # A whole, valid message is still flagged when MSG-LEN promised more.
+        "msg-len-longer-than-message": (
+            b"%d " % (len(m) + 50) + m,
+            m,
+            f"MSG-LEN {len(m) + 50}, {len(m)} bytes before the stream ended",
+        ),
+        "inside-msg-len": (b"12", b"12", "the stream ended inside MSG-LEN"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["inside-the-message", "msg-len-longer-than-message", "inside-msg-len"]
+)
+def test_a_frame_cut_short_by_the_end_of_the_session_is_kept_raw_and_flagged(
+    case: str,
+    repository: AuditRepository,
+    store: AuditRecordStore,
+    pki: Pki,
+    real_ids: RealIds,
+) -> None:
+    """RFC 5425 4.3: the bytes received of a frame that MSG-LEN says is
+    longer than what came before the session ended are stored, flagged."""
+    good = format_message(audit_xml(real_ids), app_name="xdsi")
+    sent, kept, error = _cut_frames(good)[case]
+    context = pki.client_context()
+    with socket.create_connection(("127.0.0.1", repository.tls_port)) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(frame(good) + sent)
+
+    wait_for(lambda: len(store.query()) == 2)
+    first, second = store.query()
+    assert first.valid and first.raw == good
+    assert not second.valid and second.event_id is None
+    assert second.raw == kept
+    assert second.error.startswith("truncated frame: ") and error in second.error
+
+
 def _refused(context: ssl.SSLContext, port: int) -> bool:
     """Return True if the ARR ends the session without taking a message."""
     try:
