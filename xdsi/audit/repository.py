@@ -64,7 +64,9 @@ class ReceivedAudit:
 
     ``valid`` is True for an RFC 5424 message whose MSG is an AuditMessage
     valid against DICOM PS3.15 A.5.1; otherwise ``error`` says what is wrong
-    and the fields that could not be read are None.
+    and the fields that could not be read are None. A valid message whose
+    EventDateTime names no instant this repository can hold in UTC has
+    ``event_time`` None and ``error`` saying why; its other fields are read.
     """
 
     valid: bool
@@ -82,8 +84,18 @@ class ReceivedAudit:
 
 
 def _event_time(text: str) -> datetime:
+    """Return EventDateTime (xs:dateTime) as its UTC instant; UTC if no zone.
+
+    Raises
+    ------
+    ValueError
+        ``text`` is not a date-time.
+    OverflowError
+        Its UTC instant falls before year 1 or after year 9999 (an offset
+        at either end of the calendar).
+    """
     when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+    return when.astimezone(UTC) if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def read_audit(raw: bytes) -> ReceivedAudit:
@@ -110,13 +122,22 @@ def read_audit(raw: bytes) -> ReceivedAudit:
     event_type = transactions[0] if transactions else None
     if event_type is None and types:
         event_type = types[0].get("csd-code")
+    text = identification.get("EventDateTime")
+    event_time, time_error = None, None
     try:
-        event_time = _event_time(identification.get("EventDateTime"))
+        event_time = _event_time(text)
     except ValueError as exc:
         return ReceivedAudit(False, f"EventDateTime: {exc}", xml=message.msg, **header)
+    except OverflowError:
+        # Stored as it came, the time would be read back as UTC, up to 14
+        # hours off; the message, valid, is kept with the time unset.
+        time_error = (
+            f"EventDateTime {text[:64]} falls outside the years 1 to 9999 in "
+            "UTC; event time left unset"
+        )
     return ReceivedAudit(
         valid=True,
-        error=None,
+        error=time_error,
         xml=message.msg,
         event_time=event_time,
         event_id=identification.find("EventID").get("csd-code"),
@@ -237,6 +258,14 @@ class AuditRecordStore:
                 # The reason names the schema rule broken, never the value.
                 received.error.split(":", 1)[0] if received.error else "",
             )
+        elif received.error:
+            logger.warning(
+                "audit message %d from %s over %s stored without its event "
+                "time: EventDateTime outside the years 1 to 9999 in UTC",
+                record_id,
+                peer,
+                transport,
+            )
         return received
 
     def query(
@@ -252,8 +281,9 @@ class AuditRecordStore:
         ``patient_id`` is a CX (ID^^^&OID&ISO) or a bare ID, which matches
         that ID in any assigning authority.
 
-        ``since`` and ``until`` bound the event time, or for a malformed
-        message, which has none, the time it was received.
+        ``since`` and ``until`` bound the event time, or for a message
+        without one (a malformed message, or one whose EventDateTime has no
+        UTC instant within the years 1 to 9999), the time it was received.
         """
         time = audit_record.c.event_time
         received = audit_record.c.received_at
@@ -325,8 +355,8 @@ def query_app(store: AuditRecordStore) -> Flask:
             return parse_time(value)
         except ValueError:
             raise ValueError(
-                f"{name} must be an ISO 8601 date or date-time, such as "
-                "2026-01-31 or 2026-01-31T08:00:00Z"
+                f"{name} must be an ISO 8601 date or date-time within the years "
+                "1 to 9999 in UTC, such as 2026-01-31 or 2026-01-31T08:00:00Z"
             ) from None
 
     def _limit() -> int:
@@ -380,9 +410,22 @@ class JsonErrorHandler(PeerRefusalLog, WSGIRequestHandler):
 
 
 def parse_time(value: str) -> datetime:
-    """Return an ISO 8601 date or date-time; without a zone, UTC."""
+    """Return an ISO 8601 date or date-time as its UTC instant; without a
+    zone, UTC.
+
+    Raises
+    ------
+    ValueError
+        ``value`` is no date-time, or its UTC instant falls outside the
+        years 1 to 9999.
+    """
     when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+    if when.tzinfo is None:
+        return when.replace(tzinfo=UTC)
+    try:
+        return when.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{value} falls outside the years 1 to 9999 in UTC") from None
 
 
 class _TlsHandler(socketserver.BaseRequestHandler):

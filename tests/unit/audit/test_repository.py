@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import socket
 import ssl
 import threading
@@ -281,6 +282,91 @@ def test_query_bounds_event_time(
     assert store.query(since=when + timedelta(seconds=1)) == []
     assert store.query(until=when) == []
     assert len(store.query(until=when + timedelta(seconds=1))) == 1
+
+
+def _at(xml: bytes, event_date_time: str) -> bytes:
+    """The audit message ``xml`` with its EventDateTime replaced."""
+    return re.sub(
+        rb'EventDateTime="[^"]*"', f'EventDateTime="{event_date_time}"'.encode(), xml
+    )
+
+
+# EventDateTime as sent, and the UTC instant stored (None: left unset).
+EVENT_TIMES = {
+    "offset": (
+        "2024-05-02T11:30:15.250+02:00",
+        datetime(2024, 5, 2, 9, 30, 15, 250000, tzinfo=UTC),
+    ),
+    "year-1-west": ("0001-01-01T00:00:00-14:00", datetime(1, 1, 1, 14, tzinfo=UTC)),
+    "year-9999-east": (
+        "9999-12-31T23:59:59+14:00",
+        datetime(9999, 12, 31, 9, 59, 59, tzinfo=UTC),
+    ),
+    "before-year-1-in-utc": ("0001-01-01T00:00:00+14:00", None),
+    "after-year-9999-in-utc": ("9999-12-31T23:59:59-14:00", None),
+}
+
+
+@pytest.mark.parametrize("case", list(EVENT_TIMES))
+def test_event_date_time_is_stored_as_its_utc_instant_or_left_unset_with_why(
+    case: str,
+    repository: AuditRepository,
+    store: AuditRecordStore,
+    real_ids: RealIds,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """DICOM PS3.15 A.5.1: EventDateTime is an xs:dateTime whose offset is
+    kept as the UTC instant; one with no UTC instant in the years 1 to 9999
+    is stored valid, found by patient, its time unset and the reason given."""
+    caplog.set_level(logging.WARNING, logger="xdsi.audit.repository")
+    sent, instant = EVENT_TIMES[case]
+    sender = UdpSender("127.0.0.1", repository.udp_port)
+    try:
+        sender.send(format_message(_at(audit_xml(real_ids), sent), app_name="xdsi"))
+    finally:
+        sender.close()
+
+    wait_for(lambda: len(store.query()) == 1)
+    [record] = store.query(patient_id=real_ids.patient_id)
+    assert record.valid and record.event_id == "110106"
+    assert record.event_time == instant
+    if instant is None:
+        assert record.error == (
+            f"EventDateTime {sent} falls outside the years 1 to 9999 in UTC; "
+            "event time left unset"
+        )
+        assert any("without its event time" in r.getMessage() for r in caplog.records)
+    else:
+        assert record.error is None
+
+
+def test_http_query_bounds_are_utc_instants(
+    repository: AuditRepository, store: AuditRecordStore, real_ids: RealIds
+) -> None:
+    """ITI TF-2 3.20: since and until with an offset bound the instant they
+    name; one with no UTC instant in the years 1 to 9999 is answered 400."""
+    sender = UdpSender("127.0.0.1", repository.udp_port)
+    try:
+        # 2024-05-02T09:30:15.250Z.
+        sender.send(format_message(audit_xml(real_ids), app_name="xdsi"))
+    finally:
+        sender.close()
+    wait_for(lambda: len(store.query()) == 1)
+    client = query_app(store).test_client()
+
+    def found(**bounds: str) -> int:
+        answer = client.get("/audit", query_string=bounds)
+        assert answer.status_code == 200, answer.get_json()
+        return len(answer.get_json())
+
+    assert found(since="2024-05-02T11:30:00+02:00") == 1
+    assert found(since="2024-05-02T11:31:00+02:00") == 0
+    assert found(until="2024-05-02T11:31:00+02:00") == 1
+    assert found(until="2024-05-02T05:31:00-04:00") == 1
+    assert found(until="2024-05-02T05:30:00-04:00") == 0
+    refused = client.get("/audit", query_string={"since": "0001-01-01T00:00+14:00"})
+    assert refused.status_code == 400
+    assert "within the years 1 to 9999 in UTC" in refused.get_json()["error"]
 
 
 def test_http_query_answers_json_filtered_by_patient(
