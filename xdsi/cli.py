@@ -1057,6 +1057,7 @@ def arr(
             tls_context=context,
             auditor=auditor,
             node_id=settings.node.audit_source_id,
+            handshake_timeout=settings.tls.handshake_timeout,
         )
         web = make_server(
             settings.node.host,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +27,8 @@ from xdsi.audit import AuditSpool, build_audit_message
 from xdsi.audit.forwarder import AuditForwarder, Backoff
 
 ROOT = Path(__file__).resolve().parents[2]
+# The ARR's [tls] handshake_timeout, well below the 10 s default.
+HANDSHAKE_TIMEOUT = 1.0
 
 
 def _xdsi(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -45,7 +48,10 @@ def arr(tmp_path: Path) -> Iterator[tuple[Path, Pki, dict[str, str]]]:
     """``xdsi arr`` on free loopback ports, with mutual TLS."""
     pki = make_pki(tmp_path / "pki")
     config = tmp_path / "xdsi.toml"
-    config.write_text(f'[node]\nstorage_dir = "{tmp_path / "node"}"\n')
+    config.write_text(
+        f'[node]\nstorage_dir = "{tmp_path / "node"}"\n'
+        f"[tls]\nhandshake_timeout = {HANDSHAKE_TIMEOUT}\n"
+    )
     process = subprocess.Popen(
         [
             sys.executable,
@@ -130,3 +136,19 @@ def test_arr_process_stores_tls_and_udp_audit_and_answers_queries(
     none = _xdsi(config, "audit", "list", "--arr", "--since", "2999-01-01")
     assert "no audit record stored at" in none.stderr
     assert "AuditMessage" not in none.stdout
+
+
+def test_arr_process_drops_a_peer_that_never_starts_its_handshake(
+    arr: tuple[Path, Pki, dict[str, str]],
+) -> None:
+    """RFC 5425 4.2: ``xdsi arr`` drops a TLS peer that has not authenticated
+    within its configured [tls] handshake_timeout."""
+    _, _, endpoints = arr
+    port = int(endpoints["syslog tls"])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as silent:
+        # Well within the 10 s default, generously above the 1 s configured.
+        silent.settimeout(8)
+        try:
+            assert silent.recv(1) == b""
+        except ConnectionResetError:
+            pass

@@ -9,11 +9,13 @@ flagged, never dropped. A peer that fails TLS node authentication
 """
 
 import logging
+import socket
 import socketserver
 import ssl
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from lxml import etree
@@ -39,6 +41,14 @@ logger = logging.getLogger(__name__)
 # The largest message either listener takes (rsyslog's default is 8 kB;
 # AuditMessages with queries are often larger).
 MAX_MESSAGE = 256 * 1024
+# TLS sessions the syslog listener serves at once (a thread each); a sender
+# keeps one open, so this is also how many nodes may send at the same time.
+MAX_CONNECTIONS = 256
+
+# Records one answer of the query endpoint holds, by default and at most; the
+# answer is built whole in memory, and an AuditMessage is a few kilobytes.
+QUERY_LIMIT = 1000
+MAX_QUERY_LIMIT = 10_000
 
 # DICOM PS3.15 A.5.1: ParticipantObjectTypeCodeRole 1 is Patient.
 _PATIENT_ROLE = "1"
@@ -54,7 +64,9 @@ class ReceivedAudit:
 
     ``valid`` is True for an RFC 5424 message whose MSG is an AuditMessage
     valid against DICOM PS3.15 A.5.1; otherwise ``error`` says what is wrong
-    and the fields that could not be read are None.
+    and the fields that could not be read are None. A valid message whose
+    EventDateTime names no instant this repository can hold in UTC has
+    ``event_time`` None and ``error`` saying why; its other fields are read.
     """
 
     valid: bool
@@ -72,8 +84,18 @@ class ReceivedAudit:
 
 
 def _event_time(text: str) -> datetime:
+    """Return EventDateTime (xs:dateTime) as its UTC instant; UTC if no zone.
+
+    Raises
+    ------
+    ValueError
+        ``text`` is not a date-time.
+    OverflowError
+        Its UTC instant falls before year 1 or after year 9999 (an offset
+        at either end of the calendar).
+    """
     when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+    return when.astimezone(UTC) if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def read_audit(raw: bytes) -> ReceivedAudit:
@@ -100,13 +122,22 @@ def read_audit(raw: bytes) -> ReceivedAudit:
     event_type = transactions[0] if transactions else None
     if event_type is None and types:
         event_type = types[0].get("csd-code")
+    text = identification.get("EventDateTime")
+    event_time, time_error = None, None
     try:
-        event_time = _event_time(identification.get("EventDateTime"))
+        event_time = _event_time(text)
     except ValueError as exc:
         return ReceivedAudit(False, f"EventDateTime: {exc}", xml=message.msg, **header)
+    except OverflowError:
+        # Stored as it came, the time would be read back as UTC, up to 14
+        # hours off; the message, valid, is kept with the time unset.
+        time_error = (
+            f"EventDateTime {text[:64]} falls outside the years 1 to 9999 in "
+            "UTC; event time left unset"
+        )
     return ReceivedAudit(
         valid=True,
-        error=None,
+        error=time_error,
         xml=message.msg,
         event_time=event_time,
         event_id=identification.find("EventID").get("csd-code"),
@@ -176,9 +207,18 @@ class AuditRecordStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def store(self, raw: bytes, *, transport: str, peer: str) -> ReceivedAudit:
-        """Store one received message, valid or not; return what it says."""
-        received = read_audit(raw)
+    def store(
+        self, raw: bytes, *, transport: str, peer: str, malformed: str | None = None
+    ) -> ReceivedAudit:
+        """Store one received message, valid or not; return what it says.
+
+        ``malformed`` is why the transport found the message broken (a frame
+        cut short); such a message is stored raw and flagged, unread.
+        """
+        if malformed is None:
+            received = read_audit(raw)
+        else:
+            received = ReceivedAudit(valid=False, error=malformed)
         with self.engine.begin() as connection:
             record_id = connection.execute(
                 insert(audit_record).values(
@@ -218,6 +258,14 @@ class AuditRecordStore:
                 # The reason names the schema rule broken, never the value.
                 received.error.split(":", 1)[0] if received.error else "",
             )
+        elif received.error:
+            logger.warning(
+                "audit message %d from %s over %s stored without its event "
+                "time: EventDateTime outside the years 1 to 9999 in UTC",
+                record_id,
+                peer,
+                transport,
+            )
         return received
 
     def query(
@@ -226,15 +274,16 @@ class AuditRecordStore:
         patient_id: str | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
-        limit: int = 1000,
+        limit: int = QUERY_LIMIT,
     ) -> list[StoredAudit]:
         """Return stored messages, oldest first, filtered as asked.
 
         ``patient_id`` is a CX (ID^^^&OID&ISO) or a bare ID, which matches
         that ID in any assigning authority.
 
-        ``since`` and ``until`` bound the event time, or for a malformed
-        message, which has none, the time it was received.
+        ``since`` and ``until`` bound the event time, or for a message
+        without one (a malformed message, or one whose EventDateTime has no
+        UTC instant within the years 1 to 9999), the time it was received.
         """
         time = audit_record.c.event_time
         received = audit_record.c.received_at
@@ -293,7 +342,8 @@ def query_app(store: AuditRecordStore) -> Flask:
 
     Parameters ``patient`` (a patient id as the AuditMessage writes it),
     ``since`` and ``until`` (ISO 8601 date-times, UTC if no zone) and
-    ``limit``.
+    ``limit``, from 1 to MAX_QUERY_LIMIT (QUERY_LIMIT if not given); any
+    other ``limit`` is answered 400.
     """
     app = Flask("xdsi.audit_repository")
 
@@ -305,14 +355,19 @@ def query_app(store: AuditRecordStore) -> Flask:
             return parse_time(value)
         except ValueError:
             raise ValueError(
-                f"{name} must be an ISO 8601 date or date-time, such as "
-                "2026-01-31 or 2026-01-31T08:00:00Z"
+                f"{name} must be an ISO 8601 date or date-time within the years "
+                "1 to 9999 in UTC, such as 2026-01-31 or 2026-01-31T08:00:00Z"
             ) from None
 
     def _limit() -> int:
-        value = request.args.get("limit", "1000")
-        if not value.isascii() or not value.isdigit() or int(value) < 1:
-            raise ValueError("limit must be a whole number of at least 1")
+        value = request.args.get("limit", str(QUERY_LIMIT))
+        # A digit string this long is far out of range; int() is not asked
+        # to convert thousands of digits.
+        digits = value.isascii() and value.isdigit() and len(value) <= 20
+        if not digits or not 1 <= int(value) <= MAX_QUERY_LIMIT:
+            raise ValueError(
+                f"limit must be a whole number from 1 to {MAX_QUERY_LIMIT}"
+            )
         return int(value)
 
     @app.errorhandler(HTTPException)
@@ -326,6 +381,9 @@ def query_app(store: AuditRecordStore) -> Flask:
             limit = _limit()
         except ValueError as exc:
             return jsonify({"error": str(exc)}), 400
+        # Limitation: answers are not paged; a query matching more than limit
+        # records answers the oldest received, and the rest are reached by
+        # narrowing since and until.
         records = store.query(
             patient_id=request.args.get("patient"),
             since=since,
@@ -352,9 +410,22 @@ class JsonErrorHandler(PeerRefusalLog, WSGIRequestHandler):
 
 
 def parse_time(value: str) -> datetime:
-    """Return an ISO 8601 date or date-time; without a zone, UTC."""
+    """Return an ISO 8601 date or date-time as its UTC instant; without a
+    zone, UTC.
+
+    Raises
+    ------
+    ValueError
+        ``value`` is no date-time, or its UTC instant falls outside the
+        years 1 to 9999.
+    """
     when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+    if when.tzinfo is None:
+        return when.replace(tzinfo=UTC)
+    try:
+        return when.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{value} falls outside the years 1 to 9999 in UTC") from None
 
 
 class _TlsHandler(socketserver.BaseRequestHandler):
@@ -364,14 +435,17 @@ class _TlsHandler(socketserver.BaseRequestHandler):
         repository = self.server.repository
         host, port = self.client_address[:2]
         peer = f"{host}:{port}"
-        # A peer that connects and never completes the handshake is dropped.
-        self.request.settimeout(repository.idle_timeout)
+        # A peer that has not finished its handshake within handshake_timeout
+        # is dropped; once authenticated, it may pause idle_timeout between
+        # messages.
+        self.request.settimeout(repository.handshake_timeout)
         try:
             context = refresh_revocation(repository.tls_context)
             sock = context.wrap_socket(self.request, server_side=True)
         except (ssl.SSLError, OSError) as exc:
             repository.refused(host, port, exc)
             return
+        sock.settimeout(repository.idle_timeout)
         reader = FrameReader(repository.max_message)
         try:
             while True:
@@ -387,22 +461,78 @@ class _TlsHandler(socketserver.BaseRequestHandler):
         except (OSError, ssl.SSLError) as exc:
             logger.debug("tls session from %s ended: %s", peer, exc)
         finally:
-            if reader.pending:
-                logger.warning(
-                    "tls session from %s ended inside a message (%d bytes)",
-                    peer,
-                    reader.pending,
-                )
+            # A last message cut short is kept too, raw and flagged.
+            cut = reader.truncated()
+            if cut is not None:
+                raw, reason = cut
+                repository.keep(raw, transport="tls", peer=peer, malformed=reason)
             sock.close()
 
 
 class _TlsServer(socketserver.ThreadingTCPServer):
+    """A thread per TLS session, at most ``max_connections`` at once.
+
+    A connection beyond them is closed as soon as it is accepted, before
+    its handshake, so that peers that never send cannot pile up threads.
+    One WARNING marks the first refusal while the listener is full, and one
+    more, when it next accepts, says how many it refused meanwhile.
+    """
+
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], repository: "AuditRepository"):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        repository: "AuditRepository",
+        max_connections: int,
+    ):
         self.repository = repository
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+        # Refusals since the listener was last able to accept; touched by
+        # the serving thread only.
+        self._refusals = 0
         super().__init__(address, _TlsHandler)
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request, client_address)
+            return
+        if self._refusals:
+            logger.warning(
+                "tls syslog %s:%s accepts again; %d connections refused while "
+                "%d were in progress",
+                *self.server_address[:2],
+                self._refusals,
+                self.max_connections,
+            )
+            self._refusals = 0
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(
+        self, request: socket.socket, client_address: Any
+    ) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse(self, request: socket.socket, client_address: Any) -> None:
+        if not self._refusals:
+            logger.warning(
+                "tls syslog %s:%s: %d connections in progress; refusing more, "
+                "the first from %s",
+                *self.server_address[:2],
+                self.max_connections,
+                client_address[0],
+            )
+        self._refusals += 1
+        self.shutdown_request(request)
 
 
 class _UdpHandler(socketserver.BaseRequestHandler):
@@ -437,6 +567,13 @@ class AuditRepository:
         is refused (ITI TF-2 3.19).
     auditor
         Where refusals go as Security Alerts; None records none.
+    handshake_timeout
+        Seconds a TLS peer has to finish its handshake after connecting.
+    idle_timeout
+        Seconds an authenticated TLS peer may send nothing before its
+        session is closed.
+    max_connections
+        TLS sessions served at once; one more is closed unanswered.
     """
 
     def __init__(
@@ -450,7 +587,9 @@ class AuditRepository:
         auditor: Auditor | None = None,
         node_id: str = "xdsi",
         max_message: int = MAX_MESSAGE,
+        handshake_timeout: float = 10.0,
         idle_timeout: float = 300.0,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         if tls_port is not None and tls_context is None:
             raise ValueError("the TLS syslog input (RFC 5425) needs a TLS context")
@@ -460,13 +599,14 @@ class AuditRepository:
         self.auditor = auditor
         self.node_id = node_id
         self.max_message = max_message
+        self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self._servers: list[socketserver.BaseServer] = []
         self._threads: list[threading.Thread] = []
         self._tls: _TlsServer | None = None
         self._udp: _UdpServer | None = None
         if tls_port is not None:
-            self._tls = _TlsServer((host, tls_port), self)
+            self._tls = _TlsServer((host, tls_port), self, max_connections)
             self._servers.append(self._tls)
         if udp_port is not None:
             self._udp = _UdpServer((host, udp_port), self)
@@ -506,10 +646,12 @@ class AuditRepository:
             thread.join(timeout=5)
         self._threads.clear()
 
-    def keep(self, raw: bytes, *, transport: str, peer: str) -> None:
+    def keep(
+        self, raw: bytes, *, transport: str, peer: str, malformed: str | None = None
+    ) -> None:
         """Store one received message; a failure is logged, not raised."""
         try:
-            self.store.store(raw, transport=transport, peer=peer)
+            self.store.store(raw, transport=transport, peer=peer, malformed=malformed)
         except Exception:
             logger.exception(
                 "audit message of %d bytes from %s over %s was not stored",

@@ -207,6 +207,25 @@ class FrameReader:
         self._buffer.clear()
         return rest
 
+    def truncated(self) -> tuple[bytes, str] | None:
+        """Return and forget what arrived of a last, incomplete frame.
+
+        For a stream that ended inside a frame: the bytes received of its
+        SYSLOG-MSG (or of MSG-LEN, when the stream ended inside it) and why
+        the frame is incomplete (RFC 5425 4.3). None when it ended between
+        frames.
+        """
+        if not self._buffer:
+            return None
+        rest = self.drain()
+        length, space, message = rest.partition(b" ")
+        if not space:
+            return rest, "truncated frame: the stream ended inside MSG-LEN"
+        return message, (
+            f"truncated frame: MSG-LEN {length.decode('ascii', 'replace')}, "
+            f"{len(message)} bytes before the stream ended (RFC 5425 4.3)"
+        )
+
     @property
     def pending(self) -> int:
         """Bytes received but not yet a whole message."""

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import socket
 import ssl
 import threading
@@ -20,6 +21,7 @@ from tests.unit.audit.conftest import RealIds
 from tests.unit.audit.test_syslog import audit_xml
 from xdsi.audit import Auditor, AuditSpool
 from xdsi.audit.repository import (
+    MAX_QUERY_LIMIT,
     AuditRecordStore,
     AuditRepository,
     JsonErrorHandler,
@@ -155,6 +157,52 @@ def test_stream_that_breaks_framing_is_kept_raw(
     assert not second.valid and second.raw == b"<85>1 not counted"
 
 
+def _cut_frames(m: bytes) -> dict[str, tuple[bytes, bytes, str]]:
+    """Frames of message ``m`` cut short by the end of the session: what the
+    sender writes, what is stored of it, and what its error says."""
+    return {
+        "inside-the-message": (
+            b"%d " % len(m) + m[:100],
+            m[:100],
+            f"MSG-LEN {len(m)}, 100 bytes before the stream ended",
+        ),
+        # A whole, valid message is still flagged when MSG-LEN promised more.
+        "msg-len-longer-than-message": (
+            b"%d " % (len(m) + 50) + m,
+            m,
+            f"MSG-LEN {len(m) + 50}, {len(m)} bytes before the stream ended",
+        ),
+        "inside-msg-len": (b"12", b"12", "the stream ended inside MSG-LEN"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["inside-the-message", "msg-len-longer-than-message", "inside-msg-len"]
+)
+def test_a_frame_cut_short_by_the_end_of_the_session_is_kept_raw_and_flagged(
+    case: str,
+    repository: AuditRepository,
+    store: AuditRecordStore,
+    pki: Pki,
+    real_ids: RealIds,
+) -> None:
+    """RFC 5425 4.3: the bytes received of a frame that MSG-LEN says is
+    longer than what came before the session ended are stored, flagged."""
+    good = format_message(audit_xml(real_ids), app_name="xdsi")
+    sent, kept, error = _cut_frames(good)[case]
+    context = pki.client_context()
+    with socket.create_connection(("127.0.0.1", repository.tls_port)) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(frame(good) + sent)
+
+    wait_for(lambda: len(store.query()) == 2)
+    first, second = store.query()
+    assert first.valid and first.raw == good
+    assert not second.valid and second.event_id is None
+    assert second.raw == kept
+    assert second.error.startswith("truncated frame: ") and error in second.error
+
+
 def _refused(context: ssl.SSLContext, port: int) -> bool:
     """Return True if the ARR ends the session without taking a message."""
     try:
@@ -236,6 +284,91 @@ def test_query_bounds_event_time(
     assert len(store.query(until=when + timedelta(seconds=1))) == 1
 
 
+def _at(xml: bytes, event_date_time: str) -> bytes:
+    """The audit message ``xml`` with its EventDateTime replaced."""
+    return re.sub(
+        rb'EventDateTime="[^"]*"', f'EventDateTime="{event_date_time}"'.encode(), xml
+    )
+
+
+# EventDateTime as sent, and the UTC instant stored (None: left unset).
+EVENT_TIMES = {
+    "offset": (
+        "2024-05-02T11:30:15.250+02:00",
+        datetime(2024, 5, 2, 9, 30, 15, 250000, tzinfo=UTC),
+    ),
+    "year-1-west": ("0001-01-01T00:00:00-14:00", datetime(1, 1, 1, 14, tzinfo=UTC)),
+    "year-9999-east": (
+        "9999-12-31T23:59:59+14:00",
+        datetime(9999, 12, 31, 9, 59, 59, tzinfo=UTC),
+    ),
+    "before-year-1-in-utc": ("0001-01-01T00:00:00+14:00", None),
+    "after-year-9999-in-utc": ("9999-12-31T23:59:59-14:00", None),
+}
+
+
+@pytest.mark.parametrize("case", list(EVENT_TIMES))
+def test_event_date_time_is_stored_as_its_utc_instant_or_left_unset_with_why(
+    case: str,
+    repository: AuditRepository,
+    store: AuditRecordStore,
+    real_ids: RealIds,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """DICOM PS3.15 A.5.1: EventDateTime is an xs:dateTime whose offset is
+    kept as the UTC instant; one with no UTC instant in the years 1 to 9999
+    is stored valid, found by patient, its time unset and the reason given."""
+    caplog.set_level(logging.WARNING, logger="xdsi.audit.repository")
+    sent, instant = EVENT_TIMES[case]
+    sender = UdpSender("127.0.0.1", repository.udp_port)
+    try:
+        sender.send(format_message(_at(audit_xml(real_ids), sent), app_name="xdsi"))
+    finally:
+        sender.close()
+
+    wait_for(lambda: len(store.query()) == 1)
+    [record] = store.query(patient_id=real_ids.patient_id)
+    assert record.valid and record.event_id == "110106"
+    assert record.event_time == instant
+    if instant is None:
+        assert record.error == (
+            f"EventDateTime {sent} falls outside the years 1 to 9999 in UTC; "
+            "event time left unset"
+        )
+        assert any("without its event time" in r.getMessage() for r in caplog.records)
+    else:
+        assert record.error is None
+
+
+def test_http_query_bounds_are_utc_instants(
+    repository: AuditRepository, store: AuditRecordStore, real_ids: RealIds
+) -> None:
+    """ITI TF-2 3.20: since and until with an offset bound the instant they
+    name; one with no UTC instant in the years 1 to 9999 is answered 400."""
+    sender = UdpSender("127.0.0.1", repository.udp_port)
+    try:
+        # 2024-05-02T09:30:15.250Z.
+        sender.send(format_message(audit_xml(real_ids), app_name="xdsi"))
+    finally:
+        sender.close()
+    wait_for(lambda: len(store.query()) == 1)
+    client = query_app(store).test_client()
+
+    def found(**bounds: str) -> int:
+        answer = client.get("/audit", query_string=bounds)
+        assert answer.status_code == 200, answer.get_json()
+        return len(answer.get_json())
+
+    assert found(since="2024-05-02T11:30:00+02:00") == 1
+    assert found(since="2024-05-02T11:31:00+02:00") == 0
+    assert found(until="2024-05-02T11:31:00+02:00") == 1
+    assert found(until="2024-05-02T05:31:00-04:00") == 1
+    assert found(until="2024-05-02T05:30:00-04:00") == 0
+    refused = client.get("/audit", query_string={"since": "0001-01-01T00:00+14:00"})
+    assert refused.status_code == 400
+    assert "within the years 1 to 9999 in UTC" in refused.get_json()["error"]
+
+
 def test_http_query_answers_json_filtered_by_patient(
     repository: AuditRepository, store: AuditRecordStore, real_ids: RealIds
 ) -> None:
@@ -265,6 +398,39 @@ def test_http_query_answers_json_filtered_by_patient(
         refused = client.get("/audit", query_string={"limit": limit})
         assert refused.status_code == 400
         assert "limit must be a whole number" in refused.get_json()["error"]
+
+
+@pytest.mark.parametrize(
+    "limit",
+    ["99999999999999999999999", "9" * 5000, str(MAX_QUERY_LIMIT + 1), "1.5", ""],
+    ids=["overflows-sqlite", "5000-digits", "above-maximum", "fraction", "empty"],
+)
+def test_http_query_limit_out_of_range_is_answered_400_naming_the_range(
+    store: AuditRecordStore, limit: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ITI TF-2 3.20: a limit that is not a whole number from 1 to the
+    maximum is the client's error, answered 400 with the allowed range."""
+    caplog.set_level(logging.WARNING)
+    client = query_app(store).test_client()
+
+    refused = client.get("/audit", query_string={"limit": limit})
+
+    assert refused.status_code == 400
+    assert refused.get_json() == {
+        "error": f"limit must be a whole number from 1 to {MAX_QUERY_LIMIT}"
+    }
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_http_query_takes_a_limit_up_to_the_maximum(
+    store: AuditRecordStore,
+) -> None:
+    """ITI TF-2 3.20: the largest limit served is MAX_QUERY_LIMIT."""
+    client = query_app(store).test_client()
+
+    answer = client.get("/audit", query_string={"limit": str(MAX_QUERY_LIMIT)})
+
+    assert answer.status_code == 200 and answer.get_json() == []
 
 
 def test_no_patient_id_is_logged_at_info_or_above(
@@ -346,3 +512,111 @@ def test_a_request_line_http_cannot_parse_is_answered_in_json_and_logged_at_info
     assert refused.isascii() and refused.isprintable()
     for record in shown:
         assert "JANE" not in record.getMessage()
+
+
+@pytest.fixture
+def small_repository(
+    store: AuditRecordStore, pki: Pki, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[AuditRepository]:
+    """A TLS-only repository built with the keyword arguments the test
+    gives as this fixture's parameter."""
+    options = request.param
+    auditor = Auditor(AuditSpool(tmp_path / "arr-spool"), audit_source_id="arr")
+    with AuditRepository(
+        store, tls_port=0, tls_context=pki.server_context(), auditor=auditor, **options
+    ) as running:
+        yield running
+
+
+def _silent(port: int) -> socket.socket:
+    """A TCP connection to the TLS port that never starts its handshake."""
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def _closed_by_repository(sock: socket.socket, timeout: float = 20.0) -> bool:
+    """Return True if the repository closes ``sock`` within ``timeout``."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def _send_once_accepted(port: int, context: ssl.SSLContext, message: bytes) -> None:
+    """Send one framed message, connecting again while the ARR refuses."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                    tls.sendall(frame(message))
+                    return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    "small_repository",
+    [{"handshake_timeout": 0.5, "idle_timeout": 300.0}],
+    ids=["handshake-0.5s"],
+    indirect=True,
+)
+def test_a_peer_that_never_starts_its_handshake_is_dropped_after_handshake_timeout(
+    small_repository: AuditRepository,
+    store: AuditRecordStore,
+    pki: Pki,
+    real_ids: RealIds,
+) -> None:
+    """RFC 5425 4.2: a peer that has not finished the TLS handshake within
+    the handshake timeout is dropped; after it, the idle timeout applies."""
+    with _silent(small_repository.tls_port) as silent:
+        assert _closed_by_repository(silent)
+
+    message = format_message(audit_xml(real_ids), app_name="xdsi")
+    port = small_repository.tls_port
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with pki.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            # An authenticated session pausing longer than the handshake
+            # timeout is kept.
+            time.sleep(1.5)
+            tls.sendall(frame(message))
+    wait_for(lambda: len(store.query()) == 1)
+
+
+@pytest.mark.parametrize(
+    "small_repository",
+    [{"max_connections": 2, "handshake_timeout": 60.0}],
+    ids=["2-connections"],
+    indirect=True,
+)
+def test_connections_beyond_max_connections_are_closed_at_once_warning_once(
+    small_repository: AuditRepository,
+    store: AuditRecordStore,
+    pki: Pki,
+    real_ids: RealIds,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """RFC 5425 4.2: a connection beyond the repository's cap is closed
+    before its handshake; one WARNING for the burst, one when it ends."""
+    caplog.set_level(logging.WARNING, logger="xdsi.audit.repository")
+    port = small_repository.tls_port
+    held = [_silent(port), _silent(port)]
+    try:
+        for _ in range(3):
+            with _silent(port) as extra:
+                assert _closed_by_repository(extra)
+    finally:
+        for sock in held:
+            sock.close()
+
+    message = format_message(audit_xml(real_ids), app_name="xdsi")
+    _send_once_accepted(port, pki.client_context(), message)
+    wait_for(lambda: len(store.query()) == 1)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len([line for line in lines if "refusing more" in line]) == 1
+    [ended] = [line for line in lines if "accepts again" in line]
+    assert int(ended.split("; ")[1].split()[0]) >= 3
