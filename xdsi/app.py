@@ -347,6 +347,7 @@ class _HttpServer(BoundedConnections, tls.TlsServerMixin, ThreadedWSGIServer):
     """
 
     max_connections = MAX_CONNECTIONS
+    listener_name = "HTTP"
     # Paths whose HTTP-layer errors are plain text, not SOAP Faults.
     plain_text_paths: tuple[str, ...] = ()
 
@@ -363,12 +364,6 @@ class _HttpServer(BoundedConnections, tls.TlsServerMixin, ThreadedWSGIServer):
             ) from None
 
     def refuse_connection(self, request: socket.socket, client_address: Any) -> None:
-        logger.warning(
-            "%s:%s: %d connections in progress; one from %s refused",
-            *self.server_address[:2],
-            self.max_connections,
-            client_address[0],
-        )
         try:
             if self.tls_gate is None:
                 fault = wire.fault_envelope(

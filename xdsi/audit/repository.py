@@ -9,13 +9,11 @@ flagged, never dropped. A peer that fails TLS node authentication
 """
 
 import logging
-import socket
 import socketserver
 import ssl
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from lxml import etree
@@ -32,6 +30,7 @@ from xdsi.audit.syslog import (
     SyslogFormatError,
     parse_message,
 )
+from xdsi.connections import BoundedConnections
 from xdsi.logs import PeerRefusalLog
 from xdsi.store.schema import audit_patient, audit_record
 from xdsi.tls import refresh_revocation
@@ -469,17 +468,16 @@ class _TlsHandler(socketserver.BaseRequestHandler):
             sock.close()
 
 
-class _TlsServer(socketserver.ThreadingTCPServer):
+class _TlsServer(BoundedConnections, socketserver.ThreadingTCPServer):
     """A thread per TLS session, at most ``max_connections`` at once.
 
     A connection beyond them is closed as soon as it is accepted, before
     its handshake, so that peers that never send cannot pile up threads.
-    One WARNING marks the first refusal while the listener is full, and one
-    more, when it next accepts, says how many it refused meanwhile.
     """
 
     daemon_threads = True
     allow_reuse_address = True
+    listener_name = "tls syslog"
 
     def __init__(
         self,
@@ -489,50 +487,7 @@ class _TlsServer(socketserver.ThreadingTCPServer):
     ):
         self.repository = repository
         self.max_connections = max_connections
-        self._slots = threading.BoundedSemaphore(max_connections)
-        # Refusals since the listener was last able to accept; touched by
-        # the serving thread only.
-        self._refusals = 0
         super().__init__(address, _TlsHandler)
-
-    def process_request(self, request: socket.socket, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self._refuse(request, client_address)
-            return
-        if self._refusals:
-            logger.warning(
-                "tls syslog %s:%s accepts again; %d connections refused while "
-                "%d were in progress",
-                *self.server_address[:2],
-                self._refusals,
-                self.max_connections,
-            )
-            self._refusals = 0
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(
-        self, request: socket.socket, client_address: Any
-    ) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def _refuse(self, request: socket.socket, client_address: Any) -> None:
-        if not self._refusals:
-            logger.warning(
-                "tls syslog %s:%s: %d connections in progress; refusing more, "
-                "the first from %s",
-                *self.server_address[:2],
-                self.max_connections,
-                client_address[0],
-            )
-        self._refusals += 1
-        self.shutdown_request(request)
 
 
 class _UdpHandler(socketserver.BaseRequestHandler):

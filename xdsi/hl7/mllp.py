@@ -14,7 +14,6 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from xdsi.connections import BoundedConnections
 from xdsi.hl7.adt import build_ack
@@ -293,22 +292,15 @@ class _TcpServer(BoundedConnections, TlsServerMixin, socketserver.ThreadingTCPSe
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = LISTEN_BACKLOG
+    # MLLP has no answer for a message not read: a connection beyond the
+    # bound is closed (BoundedConnections.refuse_connection), and the sender
+    # retries as after any broken connection.
     max_connections = MAX_CONNECTIONS
+    listener_name = "MLLP"
 
     def __init__(self, address: tuple[str, int], owner: "MllpServer") -> None:
         self.owner = owner
         super().__init__(address, _Connection)
-
-    def refuse_connection(self, request: Any, client_address: Any) -> None:
-        # MLLP has no answer for a message not read: the connection is
-        # closed, and the sender retries as after any broken connection.
-        logger.warning(
-            "MLLP %s:%s: %d connections in progress; one from %s closed",
-            *self.server_address[:2],
-            self.max_connections,
-            client_address[0],
-        )
-        self.shutdown_request(request)
 
 
 class MllpServer:
