@@ -1007,3 +1007,67 @@ def test_qido_says_which_matching_it_did_not_perform(
         f"not supported. {said}"
     )
     assert "Warning" not in not_asked.headers
+
+
+def _new_records(node: RunningNode, before: int, transaction: str) -> list:
+    records = list(node.services.audit_spool.records())[before:]
+    return [r for r in records if r.event_type == transaction]
+
+
+@pytest.mark.parametrize(
+    ("transaction", "path"),
+    [
+        ("RAD-107", "/series/{series}"),
+        ("RAD-107", "/series/{series}/metadata"),
+        ("RAD-55", None),
+    ],
+    ids=["wado-rs", "wado-rs-metadata", "wado-uri"],
+)
+def test_dicomweb_retrievals_are_audited_before_anything_is_sent(
+    shared_node: RunningNode,
+    published: scan.Study,
+    tmp_path: Path,
+    transaction: str,
+    path: str | None,
+) -> None:
+    """RAD TF-3 4.107.5 and 4.55.5: a WADO-RS or WADO-URI retrieval is a
+    DICOM Instances Transferred event (DICOM PS3.15 A.5.3.7) naming the
+    patient and the study, valid against the DICOM audit schema; when its
+    record cannot be spooled nothing is sent (500)."""
+    study = _published_pair(shared_node, tmp_path / "pair")
+    instance = study.instances[0]
+    spool = shared_node.services.audit_spool
+
+    def retrieve() -> requests.Response:
+        if path is None:
+            return _wado_uri(shared_node, instance, contentType="application/dicom")
+        return requests.get(
+            f"{shared_node.settings.dicomweb_url}/studies/{study.study_instance_uid}"
+            + path.format(series=instance.series_instance_uid),
+            timeout=30,
+        )
+
+    before = len(list(spool.records()))
+    answer = retrieve()
+
+    assert answer.status_code == 200
+    (record,) = _new_records(shared_node, before, transaction)
+    assert record.valid
+    assert record.event_id is not None and record.event_id.code == "110104"
+    assert record.outcome == 0
+    assert record.patient_ids == (PATIENT,)
+    assert study.study_instance_uid in record.object_ids
+
+    def full_disk(messages: list[bytes]) -> list[Path]:
+        raise OSError(28, "No space left on device")
+
+    original = spool.write_all
+    spool.write_all = full_disk  # type: ignore[method-assign]
+    try:
+        refused = retrieve()
+    finally:
+        spool.write_all = original  # type: ignore[method-assign]
+
+    assert refused.status_code == 500
+    assert "audit record" in refused.text
+    assert instance.path.read_bytes()[128:132] not in refused.content

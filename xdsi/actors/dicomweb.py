@@ -8,6 +8,7 @@ for the studies this source has published with a manifest.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -48,6 +49,7 @@ from sqlalchemy import (
 )
 from werkzeug.exceptions import HTTPException
 
+from xdsi import audit
 from xdsi.actors.soap_endpoint import with_allow
 from xdsi.dicom import transcode
 from xdsi.dicom.qido import (
@@ -151,6 +153,39 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
 
     def header(row: Row) -> Dataset:
         return _header(source.blobs.path(row.blob))
+
+    # Limitation: QIDO-RS searches (a DICOM Query event, DICOM PS3.15
+    # A.5.3.10) and STOW-RS stores are not audited.
+    def audited(transaction: str, rows: list[Row], outcome: audit.Outcome) -> None:
+        """Spool the audit records of a retrieval before anything is sent:
+        DICOM Instances Transferred (DICOM PS3.15 A.5.3.7), one per patient
+        whose instances go out, naming their studies (RAD TF-3 4.107.5,
+        4.55.5). Without them nothing is sent: a 500."""
+        studies_by_patient: dict[str | None, dict[str, None]] = {}
+        for row in rows:
+            studies = studies_by_patient.setdefault(row.patient_id, {})
+            studies[row.study_instance_uid] = None
+        host = request.remote_addr or ""
+        events = [
+            audit.AuditEvent(
+                transaction=transaction,
+                actor="Imaging Document Source",
+                outcome=outcome,
+                source=audit.Endpoint(
+                    source.settings.dicomweb_url, source.settings.node.host
+                ),
+                destination=audit.Endpoint(host, host),
+                patient_id=patient_id,
+                study_instance_uids=tuple(studies),
+            )
+            for patient_id, studies in studies_by_patient.items()
+        ]
+        if not source.auditor.record_all(events):
+            abort(
+                500,
+                "the audit record of this retrieval could not be written; "
+                "nothing is sent without it",
+            )
 
     def retrieve_url(study_uid: str, series_uid: str | None = None) -> str:
         url = f"{source.settings.dicomweb_url}/studies/{study_uid}"
@@ -273,6 +308,15 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             )
         left_out = len(held) - len(files)
         status = 206 if left_out else 200
+        try:
+            audited(
+                "RAD-107",
+                production.rows,
+                audit.Outcome.MINOR_FAILURE if left_out else audit.Outcome.SUCCESS,
+            )
+        except HTTPException:
+            shutil.rmtree(spool, ignore_errors=True)
+            raise
         logger.info(
             "%s %s from %s: %d, %d of %d instances",
             "RAD-107",
@@ -361,6 +405,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         # when no stored copy can be read the answer is an error, not an
         # empty array. One that cannot be read later, once the status went
         # out, is left out, and the streamed array stays whole.
+        audited("RAD-107", held, audit.Outcome.SUCCESS)
         found = readable_documents()
         first = next(found, None)
         if first is None:
@@ -448,10 +493,9 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         )
         if content_type == JPEG:
             frame = _whole(args.get("frameNumber", "1"), "frameNumber")
-            return Response(
-                _render(source.blobs.path(held[0].blob), frame, _rendering(args)),
-                content_type=JPEG,
-            )
+            rendered = _render(source.blobs.path(held[0].blob), frame, _rendering(args))
+            audited("RAD-55", held[:1], audit.Outcome.SUCCESS)
+            return Response(rendered, content_type=JPEG)
         presentation = sorted(set(args) & set(RENDERING_PARAMETERS))
         if presentation:
             abort(
@@ -477,6 +521,11 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
                 f"{syntax}; leave transferSyntax out for Explicit VR Little "
                 "Endian",
             )
+        try:
+            audited("RAD-55", held[:1], audit.Outcome.SUCCESS)
+        except HTTPException:
+            shutil.rmtree(spool, ignore_errors=True)
+            raise
         return _spooled(
             _file_chunks(_open_or_500(production.files[0][0])),
             spool,
@@ -968,6 +1017,8 @@ class _Production:
     """What of the instances asked for can be sent, and why the others not."""
 
     files: list[tuple[Path, str]]
+    # The store rows of the instances in ``files``, in the same order.
+    rows: list[Row] = dataclasses.field(default_factory=list)
     # Held, but the stored copy is missing or not of its recorded size.
     unreadable: int = 0
     # In no transfer syntax the request accepts.
@@ -1042,6 +1093,7 @@ def _produce_all(
             production.unacceptable += 1
         else:
             production.files.append((produced.path, produced.transfer_syntax_uid))
+            production.rows.append(row)
     return production
 
 
