@@ -17,6 +17,7 @@ a local directory. A file overrides what it names:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -229,6 +230,26 @@ class ImagingSourceSettings:
     publish_after: float = 30.0
     # STOW-RS Store Instances (DICOM PS3.18 10.5) on the imaging source's port.
     stow_path: str = "/dicomweb/studies"
+
+    def __post_init__(self) -> None:
+        # DICOM PS3.5 6.2 (AE): 1 to 16 characters of the default repertoire,
+        # no backslash, no control character, not all spaces.
+        title = self.ae_title
+        if not (
+            title.strip()
+            and len(title) <= 16
+            and title.isascii()
+            and all(c.isprintable() and c != "\\" for c in title)
+        ):
+            raise ConfigError(
+                f"[imaging_source] ae_title {title!r}: an AE title is 1 to 16 "
+                "printable ASCII characters, no backslash (DICOM PS3.5 6.2)"
+            )
+        if not (math.isfinite(self.publish_after) and self.publish_after >= 0):
+            raise ConfigError(
+                f"[imaging_source] publish_after {self.publish_after}: seconds, "
+                "0 or more (0 turns auto-publishing off)"
+            )
 
 
 @dataclass(frozen=True)
@@ -493,7 +514,9 @@ def _section(cls: type, values: dict[str, Any], name: str) -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         if key not in known:
-            raise ConfigError(f"unknown setting [{name}] {key}")
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"unknown setting [{name}] {key}{hint}")
         default = getattr(cls(), key)
         if isinstance(default, dict):
             if not isinstance(value, dict) or not all(
@@ -553,8 +576,14 @@ def load_settings(path: Path | None = None) -> Settings:
         if name not in sections or not isinstance(values, dict):
             raise ConfigError(f"unknown section [{name}] in {path}")
         cls = type(getattr(Settings(), name))
-        kwargs[name] = _section(cls, values, name)
-    return Settings(**kwargs)
+        try:
+            kwargs[name] = _section(cls, values, name)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (in {path})") from None
+    try:
+        return Settings(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (in {path})") from None
 
 
 def _toml_value(value: Any) -> str:

@@ -380,3 +380,38 @@ def test_ports_of_actors_not_served_or_chosen_by_the_system_may_repeat(
         ("[registry] feed_port", 0),
         ("[imaging_source] port", 9083),
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ('[imaging_source]\nae_title = "A_VERY_LONG_AE_TITLE"\n', "ae_title"),
+        ('[imaging_source]\nae_title = "   "\n', "ae_title"),
+        ('[imaging_source]\nae_title = "BACK\\\\SLASH"\n', "ae_title"),
+        ("[imaging_source]\npublish_after = -1\n", "publish_after"),
+    ],
+    ids=["ae-too-long", "ae-blank", "ae-backslash", "publish-after-negative"],
+)
+def test_a_value_the_node_could_not_start_with_is_refused_on_reading(
+    tmp_path: Path, text: str, said: str
+) -> None:
+    """DICOM PS3.5 6.2: an AE title is 1 to 16 characters with no backslash;
+    a quiet time is 0 seconds or more. Refused when the file is read (and
+    the file named), not with a traceback when the C-STORE SCP starts."""
+    path = _write(tmp_path, text)
+
+    with pytest.raises(ConfigError, match=said) as refused:
+        load_settings(path)
+
+    assert str(path) in str(refused.value)
+
+
+def test_a_misspelt_setting_is_refused_with_the_likely_one(tmp_path: Path) -> None:
+    """A key the section does not have names the closest one it has."""
+    path = _write(tmp_path, "[imaging_source]\npublish_afer = 5\n")
+
+    with pytest.raises(ConfigError) as refused:
+        load_settings(path)
+
+    assert "publish_afer; did you mean publish_after?" in str(refused.value)
+    assert str(path) in str(refused.value)
