@@ -92,6 +92,20 @@ def _wait_for_stop() -> None:
         pass
 
 
+def _services(settings: Settings) -> Services:
+    """The node's actors over its storage; a storage that cannot be used
+    (its directory under a file, no permission) ends the command with why,
+    not a traceback."""
+    try:
+        return build_services(settings)
+    except OSError as exc:
+        _fail(
+            f"cannot use the storage {settings.storage}: "
+            f"{exc.strerror or exc} ({exc.filename or settings.storage})"
+        )
+        raise  # unreachable: _fail exits
+
+
 def _fail(message: str) -> None:
     click.secho(f"error: {message}", fg="red", err=True)
     sys.exit(1)
@@ -320,7 +334,7 @@ def publish(
     if not headers_only:
         # Each file is copied into the store and the copy checked whole, as
         # intake does, so that what is shared is what was checked.
-        services = build_services(settings)
+        services = _services(settings)
         taken = _take_in(services, study_dir, cx)
         _publish_now(services, sorted({a.study_instance_uid for a in taken.accepted}))
         services.engine.dispose()
@@ -331,7 +345,7 @@ def publish(
     _say_skipped(broken, len(result.rejected) - len(broken))
     if not result.studies:
         _fail(f"no DICOM study found in {study_dir}")
-    services = build_services(settings)
+    services = _services(settings)
     failed = False
     for study in result.studies:
         reason = services.intake.other_patient(study.study_instance_uid, cx)
@@ -392,7 +406,7 @@ def submit(
 ) -> None:
     """Submit FILES as one SubmissionSet (ITI-41, one DocumentEntry each)."""
     settings = _settings(ctx)
-    services = build_services(settings)
+    services = _services(settings)
     source = DocumentSource(
         settings, settings.storage / "spool" / "source", services.auditor
     )
@@ -442,7 +456,7 @@ def _entries_table(entries: list[FoundEntry]) -> Table:
 def find(ctx: click.Context, patient_id: str, as_json: bool) -> None:
     """Find a patient's documents (ITI-18 FindDocuments)."""
     settings = _settings(ctx)
-    consumer = build_services(settings).consumer
+    consumer = _services(settings).consumer
     try:
         entries = consumer.find(qualify_patient_id(patient_id, settings))
     except ConsumerError as exc:
@@ -517,7 +531,7 @@ def fetch(
             "certificate presented to the PACS and the CAs trusted in it)",
             param_hint="--pacs-tls",
         )
-    consumer = build_services(settings).consumer
+    consumer = _services(settings).consumer
     try:
         result = _fetch(consumer, qualify_patient_id(patient_id, settings), out)
     except ConsumerError as exc:
@@ -581,7 +595,7 @@ def import_(ctx: click.Context, folder: Path, publish: bool) -> None:
     """Import a folder or CD (with or without DICOMDIR) into the Imaging
     Document Source; each study is published under the images' Patient ID
     in the affinity domain."""
-    services = build_services(_settings(ctx))
+    services = _services(_settings(ctx))
     result = _take_in(services, folder)
     if publish:
         # Instances held already may belong to a study not yet published
@@ -687,7 +701,7 @@ def remove(
     """Remove instances (a study, a series, or named instances) from the
     Imaging Document Source; its manifest is replaced, or withdrawn when
     nothing is left."""
-    services = build_services(_settings(ctx))
+    services = _services(_settings(ctx))
     removed = services.intake.remove(
         study_instance_uid,
         series_instance_uid=series_instance_uid,
@@ -717,7 +731,7 @@ def verify(ctx: click.Context) -> None:
     """Read every stored document and instance and check each against the
     size and hash it was stored with; exit 1 when one is missing or
     damaged."""
-    services = build_services(_settings(ctx))
+    services = _services(_settings(ctx))
     total = count_copies(services.engine)
     with _progress() as bar:
         task = bar.add_task("verify", total=total)
@@ -877,7 +891,7 @@ def audit_list(
     if from_arr:
         _list_repository(settings, patient_id, start, end, as_json, as_xml)
         return
-    services = build_services(settings)
+    services = _services(settings)
     records = [
         r
         for r in services.audit_spool.records()

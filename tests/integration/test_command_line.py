@@ -425,3 +425,24 @@ def test_a_client_command_with_no_node_serving_says_what_to_look_at(
     assert ran.returncode == 1, ran.stderr
     assert "Is the node serving?" in ran.stderr
     assert "Traceback" not in ran.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("verify",), ("find", "--patient-id", "PAT-1"), ("audit", "list")],
+    ids=["verify", "find", "audit-list"],
+)
+def test_a_storage_that_cannot_be_used_ends_a_command_with_why(
+    tmp_path, command: tuple[str, ...]
+):
+    """A storage directory under a regular file (a typo in the configuration)
+    ends any command with exit 1 and the reason, never a traceback."""
+    (tmp_path / "a-file").write_text("")
+    config = tmp_path / "xdsi.toml"
+    config.write_text(f'[node]\nstorage_dir = "{tmp_path / "a-file" / "store"}"\n')
+
+    ran = _xdsi(config, *command, check=False)
+
+    assert ran.returncode == 1, ran.stderr
+    assert "cannot use the storage" in ran.stderr
+    assert "Traceback" not in ran.stderr
