@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import ssl
@@ -90,6 +91,21 @@ def _wait_for_stop() -> None:
             pass
     except KeyboardInterrupt:
         pass
+
+
+# RFC 6838 4.2: type "/" subtype, each a restricted name.
+_MEDIA_TYPE = re.compile(
+    r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+)
+
+
+def _media_type(value: str | None) -> str | None:
+    """A --mime-type as given, when it is a media type (RFC 6838 4.2)."""
+    if value is not None and not _MEDIA_TYPE.fullmatch(value):
+        raise click.BadParameter(
+            f"{value!r} is no media type: type/subtype, as text/plain (RFC 6838)"
+        )
+    return value
 
 
 def _services(settings: Settings) -> Services:
@@ -279,7 +295,9 @@ def feed(
             raise click.BadParameter("a patient id cannot be empty", param_hint=hint)
     trigger = trigger or ("A40" if subsumed else "A01")
     if (trigger == "A40") != bool(subsumed):
-        _fail("ITI-8 A40 merges: give --merge SUBSUMED_ID with A40, and only then")
+        raise click.UsageError(
+            "ITI-8 A40 merges: give --merge SUBSUMED_ID with A40, and only then"
+        )
     try:
         summary = send_feed(
             settings,
@@ -393,7 +411,10 @@ def publish(
     help="Affinity-domain patient id: ID or ID^^^&OID&ISO.",
 )
 @click.option(
-    "--mime-type", default=None, help="mimeType of every file (default: by name)."
+    "--mime-type",
+    default=None,
+    callback=lambda ctx, param, value: _media_type(value),
+    help="mimeType of every file (default: by name).",
 )
 @click.option("--title", default=None, help="Title of every DocumentEntry.")
 @click.pass_context
@@ -687,8 +708,18 @@ def _exit_if_refused(reasons: list[str]) -> None:
 
 @main.command()
 @click.argument("study_instance_uid")
-@click.option("--series", "series_instance_uid", default=None)
-@click.option("--instance", "sop_instance_uids", multiple=True)
+@click.option(
+    "--series",
+    "series_instance_uid",
+    default=None,
+    help="Remove this series of the study only.",
+)
+@click.option(
+    "--instance",
+    "sop_instance_uids",
+    multiple=True,
+    help="Remove this instance only (SOP Instance UID); repeat for several.",
+)
 @click.option("--publish/--no-publish", default=True)
 @click.pass_context
 def remove(

@@ -446,3 +446,20 @@ def test_a_storage_that_cannot_be_used_ends_a_command_with_why(
     assert ran.returncode == 1, ran.stderr
     assert "cannot use the storage" in ran.stderr
     assert "Traceback" not in ran.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("feed", "PAT-1", "--trigger", "A40"),
+        ("submit", "README.md", "--patient-id", "PAT-1", "--mime-type", "bogus"),
+    ],
+    ids=["a40-without-merge", "mime-type"],
+)
+def test_wrong_arguments_are_a_usage_error(tmp_path, command: tuple[str, ...]):
+    """Wrong arguments exit 2 with the usage line, before anything is sent:
+    an A40 needs --merge, and a mimeType is type/subtype (RFC 6838 4.2)."""
+    ran = _xdsi(_node_config(tmp_path), *command, check=False)
+
+    assert ran.returncode == 2, ran.stderr
+    assert "Usage:" in ran.stderr

@@ -306,6 +306,8 @@ def test_wado_rs_unpublished_study_is_not_found(
         timeout=30,
     )
     assert answer.status_code == 404
+    # Said apart from a mistyped path.
+    assert f"no published study {kept.study_instance_uid}" in answer.text
 
 
 def _wado_uri(node: RunningNode, instance: scan.InstanceHeader, **extra: str):

@@ -273,7 +273,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
     ) -> Response:
         held = published(study_uid, series_uid, sop_uid)
         if not held:
-            abort(404)
+            abort(404, _not_published(study_uid, series_uid, sop_uid))
         syntaxes, multipart = _accepted_dicom(
             request.headers.get("Accept", ""), single_allowed=sop_uid is not None
         )
@@ -371,7 +371,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
     ) -> Response:
         held = published(study_uid, series_uid, sop_uid)
         if not held:
-            abort(404)
+            abort(404, _not_published(study_uid, series_uid, sop_uid))
         # DICOM PS3.18 8.7.3: metadata goes as DICOM JSON only (the XML
         # form is not offered); an Accept that takes neither it nor JSON is
         # answered 406, not with a media type it refused.
@@ -459,7 +459,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             abort(400, "anonymize=yes is not supported: objects are sent as published")
         held = published(*uids)
         if not held:
-            abort(404)
+            abort(404, _not_published(*uids))
         if not _readable(source, held[0], "WADO-URI"):
             abort(
                 500,
@@ -550,6 +550,20 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
 # offset or a frame number never needs more, and Python's int() refuses a
 # string of more than 4300 digits with an error of its own.
 MAX_DIGITS = 18
+
+
+def _not_published(
+    study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
+) -> str:
+    """Why a DICOMweb resource is not found, so that a user agent can tell
+    an unknown study from a mistyped path (RAD TF-3 4.107: only published
+    studies are served)."""
+    named = f"study {study_uid[:64]}"
+    if series_uid:
+        named += f", series {series_uid[:64]}"
+    if sop_uid:
+        named += f", instance {sop_uid[:64]}"
+    return f"no published {named} is held here"
 
 
 def _whole(value: str, name: str) -> int:
