@@ -940,21 +940,22 @@ def test_wado_uri_object_whose_stored_copy_is_gone_is_a_500_that_says_so(
         ("text/html, application/*;q=0.5", 200),
     ],
 )
-def test_wado_rs_metadata_answers_only_what_accept_takes(
+def test_wado_rs_metadata_and_qido_answer_only_what_accept_takes(
     shared_node: RunningNode, published: scan.Study, accept: str, status: int
 ) -> None:
-    """DICOM PS3.18 8.7.3: metadata is sent as DICOM JSON; an Accept header
-    that takes neither it nor JSON is answered 406 with why."""
-    answer = requests.get(
-        f"{shared_node.settings.dicomweb_url}/studies/"
-        f"{published.study_instance_uid}/metadata",
-        headers={"Accept": accept},
-        timeout=30,
-    )
+    """DICOM PS3.18 8.7.3: metadata and search results are sent as DICOM
+    JSON; an Accept header that takes neither it nor JSON is answered 406
+    with why."""
+    base = shared_node.settings.dicomweb_url
+    for url in (
+        f"{base}/studies/{published.study_instance_uid}/metadata",
+        f"{base}/studies?StudyInstanceUID={published.study_instance_uid}",
+    ):
+        answer = requests.get(url, headers={"Accept": accept}, timeout=30)
 
-    assert answer.status_code == status
-    if status == 406:
-        assert "application/dicom+json" in answer.text
+        assert answer.status_code == status, url
+        if status == 406:
+            assert "application/dicom+json" in answer.text
 
 
 def test_wado_rs_metadata_leaves_out_a_copy_cut_short_after_its_header_was_read(

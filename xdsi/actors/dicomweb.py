@@ -209,6 +209,15 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
     def qido(level: str, study_uid: str | None, series_uid: str | None) -> Response:
         """DICOM PS3.18 10.6: answer a search from the imaging_instance rows
         alone, each answer from the attributes kept of its first instance."""
+        # DICOM PS3.18 8.7.3: the answer is DICOM JSON only (no XML).
+        if "Accept" in request.headers and not request.accept_mimetypes.best_match(
+            [DICOM_JSON, "application/json"]
+        ):
+            abort(
+                406,
+                f"search results are sent as {DICOM_JSON} only; the Accept "
+                "header takes neither it nor application/json",
+            )
         filters = _filters(request.args.items(multi=True), level)
         offset = _whole(request.args.get("offset", "0"), "offset")
         limit = request.args.get("limit")
