@@ -379,7 +379,9 @@ def publish(
             published = services.imaging_source.publish(study, cx)
         except PublishError as exc:
             click.secho(
-                f"study {study.study_instance_uid} not published: {exc}",
+                _unreachable_hint(
+                    f"study {study.study_instance_uid} not published: {exc}"
+                ),
                 fg="red",
                 err=True,
             )
@@ -865,8 +867,10 @@ def _publish_now(services: Services, studies: Iterable[str]) -> None:
                     "(a serving node retries by itself)"
                 )
             click.secho(
-                f"study {study_instance_uid} not published: "
-                f"{reason or 'see the log'}{hint}",
+                _unreachable_hint(
+                    f"study {study_instance_uid} not published: "
+                    f"{reason or 'see the log'}{hint}"
+                ),
                 fg="red",
                 err=True,
             )
