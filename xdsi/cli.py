@@ -570,7 +570,16 @@ def fetch(
     if destination is not None:
         _send_to_pacs(result.instances, destination, settings, tls_=pacs_tls)
     if result.missing:
-        _fail(f"{_count(len(result.missing), 'referenced instance')} not returned")
+        # SOP Instance UIDs name no patient; the source's log says why.
+        for sop_instance_uid in result.missing[:LISTED_REFUSALS]:
+            click.secho(f"  not returned: {sop_instance_uid}", fg="red", err=True)
+        if len(result.missing) > LISTED_REFUSALS:
+            more = len(result.missing) - LISTED_REFUSALS
+            click.secho(f"  and {more} more", fg="red", err=True)
+        _fail(
+            f"{_count(len(result.missing), 'referenced instance')} not returned; "
+            "the Imaging Document Source's log says why"
+        )
 
 
 def _send_to_pacs(

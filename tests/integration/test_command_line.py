@@ -15,12 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from tests.conftest import ROOT, shared_path
 from xdsi.audit.repository import AuditRecordStore, AuditRepository
 from xdsi.cli import LISTED_REFUSALS
 from xdsi.dicom import scan
-from xdsi.store.schema import make_engine
+from xdsi.store.schema import imaging_instance, make_engine
 
 
 def _free_port() -> int:
@@ -463,3 +464,35 @@ def test_wrong_arguments_are_a_usage_error(tmp_path, command: tuple[str, ...]):
 
     assert ran.returncode == 2, ran.stderr
     assert "Usage:" in ran.stderr
+
+
+def test_fetch_names_the_instances_it_did_not_get(served: Path, tmp_path):
+    """A fetch that misses instances (a stored copy lost at the source)
+    exits 1 naming each by SOP Instance UID, which names no patient, and
+    points at the source's log for why."""
+    assert "ACK AA" in _xdsi(served, "feed", "IDS-DEPT002-a").stdout
+    folder = shared_path("dicom", "study-mr", "images")
+    _xdsi(served, "publish", str(folder), "--patient-id", "IDS-DEPT002-a")
+    engine = make_engine(f"sqlite:///{tmp_path / 'node' / 'xdsi.sqlite'}")
+    try:
+        with engine.connect() as conn:
+            lost, blob = conn.execute(
+                select(imaging_instance.c.sop_instance_uid, imaging_instance.c.blob)
+            ).first()
+    finally:
+        engine.dispose()
+    (tmp_path / "node" / "imaging-source" / blob).unlink()
+
+    fetched = _xdsi(
+        served,
+        "fetch",
+        "--patient-id",
+        "IDS-DEPT002-a",
+        "--out",
+        str(tmp_path / "out"),
+        check=False,
+    )
+
+    assert fetched.returncode == 1
+    assert f"  not returned: {lost}" in fetched.stderr
+    assert "1 referenced instance not returned" in fetched.stderr
