@@ -70,8 +70,9 @@ class BoundedConnections:
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        serve = super().process_request_thread  # type: ignore[misc]
         try:
-            super().process_request_thread(request, client_address)  # type: ignore[misc]
+            serve(request, client_address)
         finally:
             assert self._slots is not None
             self._slots.release()
