@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import time
@@ -16,6 +17,7 @@ import pydicom
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
+from lxml import etree
 from PIL import Image
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -1074,3 +1076,41 @@ def test_dicomweb_retrievals_are_audited_before_anything_is_sent(
     assert refused.status_code == 500
     assert "audit record" in refused.text
     assert instance.path.read_bytes()[128:132] not in refused.content
+
+
+def test_a_qido_search_is_audited_as_a_dicom_query(
+    shared_node: RunningNode, published: scan.Study
+) -> None:
+    """RAD TF-3 4.129.5, DICOM PS3.15 A.5.3.10: a QIDO-RS search writes a
+    DICOM Query event, valid against the DICOM audit schema, naming the
+    Study Root model searched and carrying the query string; when it
+    cannot be spooled no answer is sent (500)."""
+    spool = shared_node.services.audit_spool
+    url = f"{shared_node.settings.dicomweb_url}/studies"
+    query = {"ModalitiesInStudy": "MR", "limit": "5"}
+    before = len(list(spool.records()))
+
+    answer = requests.get(url, params=query, timeout=30)
+
+    assert answer.status_code == 200
+    (record,) = _new_records(shared_node, before, "RAD-129")
+    assert record.valid
+    assert record.event_id is not None and record.event_id.code == "110112"
+    assert record.event_action == "E"
+    assert "1.2.840.10008.5.1.4.1.2.2.1" in record.object_ids
+    root = etree.fromstring(record.xml)
+    (sent,) = root.iter("ParticipantObjectQuery")
+    assert base64.b64decode(sent.text) == b"ModalitiesInStudy=MR&limit=5"
+
+    def full_disk(messages: list[bytes]) -> list[Path]:
+        raise OSError(28, "No space left on device")
+
+    original = spool.write_all
+    spool.write_all = full_disk  # type: ignore[method-assign]
+    try:
+        refused = requests.get(url, params=query, timeout=30)
+    finally:
+        spool.write_all = original  # type: ignore[method-assign]
+
+    assert refused.status_code == 500
+    assert "audit record" in refused.text

@@ -36,6 +36,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 from pydicom.uid import RE_VALID_UID, ExplicitVRLittleEndian
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from sqlalchemy import (
     ColumnElement,
     Connection,
@@ -154,8 +155,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
     def header(row: Row) -> Dataset:
         return _header(source.blobs.path(row.blob))
 
-    # Limitation: QIDO-RS searches (a DICOM Query event, DICOM PS3.15
-    # A.5.3.10) and STOW-RS stores are not audited.
+    # Limitation: STOW-RS stores are not audited.
     def audited(transaction: str, rows: list[Row], outcome: audit.Outcome) -> None:
         """Spool the audit records of a retrieval before anything is sent:
         DICOM Instances Transferred (DICOM PS3.15 A.5.3.7), one per patient
@@ -235,6 +235,27 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
                     if wanted is not None and len(answers) >= wanted:
                         break
         answers = answers[offset:wanted]
+        # RAD TF-3 4.129.5: a DICOM Query event (DICOM PS3.15 A.5.3.10), the
+        # search of the Study Root model and its query string, spooled
+        # before the answer goes out.
+        host = request.remote_addr or ""
+        event = audit.AuditEvent(
+            transaction="RAD-129",
+            actor="Imaging Document Source",
+            outcome=audit.Outcome.SUCCESS,
+            source=audit.Endpoint(host, host),
+            destination=audit.Endpoint(
+                source.settings.dicomweb_url, source.settings.node.host
+            ),
+            query_id=StudyRootQueryRetrieveInformationModelFind,
+            query_request=request.query_string or b"",
+        )
+        if not source.auditor.record(event):
+            abort(
+                500,
+                "the audit record of this search could not be written; no "
+                "answer is sent without it",
+            )
         logger.info(
             "%s %s from %s: %s level, %d matches",
             "RAD-129",

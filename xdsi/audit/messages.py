@@ -245,8 +245,13 @@ class _Object:
     query_request: bytes | None = None
 
 
-def _objects(event: AuditEvent) -> dict[str, tuple[_Object, ...]]:
-    """Return the participant objects the event carries, by kind."""
+def _objects(event: AuditEvent, rule: AuditEventRule) -> dict[str, tuple[_Object, ...]]:
+    """Return the participant objects the event carries, by kind.
+
+    The query goes to the kind the row writes it as: the stored query of
+    ITI-18 ("query") or the SOP queried of a DICOM Query event
+    ("sop_queried").
+    """
     if (event.query_id is None) != (event.query_request is None):
         raise ValueError(
             f"{event.transaction} audit needs query_id and query_request together "
@@ -256,6 +261,7 @@ def _objects(event: AuditEvent) -> dict[str, tuple[_Object, ...]]:
         "patient": (),
         "submission_set": (),
         "query": (),
+        "sop_queried": (),
         "document": tuple(_Object(d.unique_id, document=d) for d in event.documents),
         "study": tuple(_Object(uid) for uid in event.study_instance_uids),
         "alert_subject": tuple(_Object(uri) for uri in event.alert_subjects),
@@ -265,7 +271,12 @@ def _objects(event: AuditEvent) -> dict[str, tuple[_Object, ...]]:
     if event.submission_set_unique_id is not None:
         objects["submission_set"] = (_Object(event.submission_set_unique_id),)
     if event.query_id is not None:
-        objects["query"] = (_Object(event.query_id, query_request=event.query_request),)
+        kind = (
+            "sop_queried"
+            if any(o.kind == "sop_queried" for o in rule.objects)
+            else "query"
+        )
+        objects[kind] = (_Object(event.query_id, query_request=event.query_request),)
     return objects
 
 
@@ -323,7 +334,10 @@ def _participant_object(
     if item.query_request is not None:
         query = etree.SubElement(element, "ParticipantObjectQuery")
         query.text = base64.b64encode(item.query_request).decode("ascii")
-        _detail(element, spec["encoding_detail"], _query_encoding(item.query_request))
+        if "encoding_detail" in spec:
+            _detail(
+                element, spec["encoding_detail"], _query_encoding(item.query_request)
+            )
     else:
         # Limitation: the event carries no names, and DICOM PS3.15 A.5.1 wants
         # a ParticipantObjectName or ParticipantObjectQuery on every object,
@@ -369,7 +383,7 @@ def build_audit_message(
             f"no audit record is defined for {event.actor} in {event.transaction}; "
             f"{AUDIT_EVENTS_TABLE}.toml lists the pairs"
         )
-    objects = _objects(event)
+    objects = _objects(event, rule)
     _check_objects(rule, event, objects)
 
     # EventIdentification: DICOM PS3.15 A.5.1.

@@ -56,8 +56,10 @@ def full_event(row: dict[str, Any], ids: RealIds, **changes: Any) -> AuditEvent:
             ids.rad69_study_instance_uid,
             ids.study_instance_uid,
         )[: _studies_in(row)],
-        "query_id": ids.query_id if "query" in kinds else None,
-        "query_request": ids.query_request if "query" in kinds else None,
+        "query_id": ids.query_id if kinds & {"query", "sop_queried"} else None,
+        "query_request": (
+            ids.query_request if kinds & {"query", "sop_queried"} else None
+        ),
         "message_id": "NIST-MSG-0001" if row["transaction"] == "ITI-8" else None,
         "alert_subjects": (PEER_URI,) if "alert_subject" in kinds else (),
     }
