@@ -180,10 +180,15 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             )
             for patient_id, studies in studies_by_patient.items()
         ]
+        spooled_or_500(events)
+
+    def spooled_or_500(events: list[audit.AuditEvent]) -> None:
+        """Spool audit records before the answer they describe goes out;
+        without them, nothing goes out (500)."""
         if not source.auditor.record_all(events):
             abort(
                 500,
-                "the audit record of this retrieval could not be written; "
+                "the audit record of this request could not be written; "
                 "nothing is sent without it",
             )
 
@@ -209,15 +214,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
     def qido(level: str, study_uid: str | None, series_uid: str | None) -> Response:
         """DICOM PS3.18 10.6: answer a search from the imaging_instance rows
         alone, each answer from the attributes kept of its first instance."""
-        # DICOM PS3.18 8.7.3: the answer is DICOM JSON only (no XML).
-        if "Accept" in request.headers and not request.accept_mimetypes.best_match(
-            [DICOM_JSON, "application/json"]
-        ):
-            abort(
-                406,
-                f"search results are sent as {DICOM_JSON} only; the Accept "
-                "header takes neither it nor application/json",
-            )
+        _accept_json("search results")
         filters = _filters(request.args.items(multi=True), level)
         offset = _whole(request.args.get("offset", "0"), "offset")
         limit = request.args.get("limit")
@@ -250,12 +247,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             query_id=StudyRootQueryRetrieveInformationModelFind,
             query_request=request.query_string or b"",
         )
-        if not source.auditor.record(event):
-            abort(
-                500,
-                "the audit record of this search could not be written; no "
-                "answer is sent without it",
-            )
+        spooled_or_500([event])
         logger.info(
             "%s %s from %s: %s level, %d matches",
             "RAD-129",
@@ -402,17 +394,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         held = published(study_uid, series_uid, sop_uid)
         if not held:
             abort(404, _not_published(study_uid, series_uid, sop_uid))
-        # DICOM PS3.18 8.7.3: metadata goes as DICOM JSON only (the XML
-        # form is not offered); an Accept that takes neither it nor JSON is
-        # answered 406, not with a media type it refused.
-        if "Accept" in request.headers and not request.accept_mimetypes.best_match(
-            [DICOM_JSON, "application/json"]
-        ):
-            abort(
-                406,
-                f"metadata is sent as {DICOM_JSON} only; the Accept header "
-                "takes neither it nor application/json",
-            )
+        _accept_json("metadata")
 
         def readable_documents() -> Iterator[dict[str, dict]]:
             for row in held:
@@ -580,6 +562,20 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
 # offset or a frame number never needs more, and Python's int() refuses a
 # string of more than 4300 digits with an error of its own.
 MAX_DIGITS = 18
+
+
+def _accept_json(what: str) -> None:
+    """DICOM PS3.18 8.7.3: ``what`` goes as DICOM JSON only (the XML form is
+    not offered); an Accept that takes neither it nor JSON is answered 406,
+    not with a media type it refused."""
+    if "Accept" in request.headers and not request.accept_mimetypes.best_match(
+        [DICOM_JSON, "application/json"]
+    ):
+        abort(
+            406,
+            f"this service sends {what} as {DICOM_JSON} only; the Accept "
+            "header takes neither it nor application/json",
+        )
 
 
 def _not_published(
