@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import string
@@ -161,10 +160,6 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         DICOM Instances Transferred (DICOM PS3.15 A.5.3.7), one per patient
         whose instances go out, naming their studies (RAD TF-3 4.107.5,
         4.55.5). Without them nothing is sent: a 500."""
-        studies_by_patient: dict[str | None, dict[str, None]] = {}
-        for row in rows:
-            studies = studies_by_patient.setdefault(row.patient_id, {})
-            studies[row.study_instance_uid] = None
         host = request.remote_addr or ""
         events = [
             audit.AuditEvent(
@@ -176,9 +171,9 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
                 ),
                 destination=audit.Endpoint(host, host),
                 patient_id=patient_id,
-                study_instance_uids=tuple(studies),
+                study_instance_uids=studies,
             )
-            for patient_id, studies in studies_by_patient.items()
+            for patient_id, studies in audit.studies_by_patient(rows).items()
         ]
         spooled_or_500(events)
 
@@ -400,7 +395,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             for row in held:
                 # A stored copy gone or cut short is left out, as WADO-RS
                 # leaves it out, whatever header was read of it before.
-                if not _readable(source, row, "WADO-RS metadata"):
+                if not source.stored_copy_readable(row, "WADO-RS metadata"):
                     continue
                 try:
                     yield _metadata_document(header(row))
@@ -472,7 +467,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         held = published(*uids)
         if not held:
             abort(404, _not_published(*uids))
-        if not _readable(source, held[0], "WADO-URI"):
+        if not source.stored_copy_readable(held[0], "WADO-URI"):
             abort(
                 500,
                 "the stored copy of the object cannot be read here; the node's "
@@ -1079,25 +1074,6 @@ class _Production:
         return "; ".join(reasons)
 
 
-def _readable(source: ImagingSource, row: Row, service: str) -> bool:
-    """Whether ``row``'s stored copy is there, of its recorded size; one that
-    is not is logged, as the rot of the store it is."""
-    try:
-        size = os.stat(source.blobs.path(row.blob)).st_size
-    except OSError:
-        size = None
-    if size == row.size:
-        return True
-    logger.error(
-        "%s: the stored copy of instance %s (%s) is missing or not of its "
-        "recorded size; left out",
-        service,
-        row.sop_instance_uid,
-        row.blob,
-    )
-    return False
-
-
 def _produce_all(
     source: ImagingSource,
     held: list[Row],
@@ -1110,7 +1086,7 @@ def _produce_all(
     read, are left out."""
     production = _Production([])
     for row in held:
-        if not _readable(source, row, service):
+        if not source.stored_copy_readable(row, service):
             production.unreadable += 1
             continue
         stored = source.blobs.path(row.blob)

@@ -965,20 +965,7 @@ class ImagingSource:
                 sop_uid,
             )
         stored = self.blobs.path(row.blob)
-        # Limitation: the size is checked, not the SHA-256, which would read
-        # the whole study before its first byte; a copy damaged in place, its
-        # size kept, goes out as it is (``xdsi verify`` finds it).
-        try:
-            size = os.stat(stored).st_size
-        except FileNotFoundError:
-            size = None
-        if size != row.size:
-            logger.error(
-                "RAD-69: the stored copy of instance %s (%s) is missing or not of "
-                "its recorded size",
-                sop_uid,
-                row.blob,
-            )
+        if not self.stored_copy_readable(row, "RAD-69"):
             return StoredCopyMissing(
                 f"instance {sop_uid} is held but this Imaging Document Source "
                 "cannot read its stored copy",
@@ -1020,12 +1007,9 @@ class ImagingSource:
         the studies of that patient that were sent; when nothing was sent,
         one record of the failure naming the studies asked for."""
         outcome = retrieve_outcome(status, len(answer.transferred))
-        studies_by_patient: dict[str | None, dict[str, None]] = {}
-        for instance in answer.transferred:
-            studies = studies_by_patient.setdefault(instance.patient_id, {})
-            studies[instance.study_instance_uid] = None
-        if not studies_by_patient:
-            studies_by_patient[None] = dict.fromkeys(answer.studies_asked)
+        by_patient = audit.studies_by_patient(answer.transferred)
+        if not by_patient:
+            by_patient[None] = tuple(dict.fromkeys(answer.studies_asked))
         return [
             audit.AuditEvent(
                 transaction="RAD-69",
@@ -1036,11 +1020,35 @@ class ImagingSource:
                 ),
                 destination=audit.Endpoint(peer.reply_to, peer.host),
                 patient_id=patient_id,
-                study_instance_uids=tuple(studies),
+                study_instance_uids=studies,
                 message_id=message.message_id,
             )
-            for patient_id, studies in studies_by_patient.items()
+            for patient_id, studies in by_patient.items()
         ]
+
+    def stored_copy_readable(self, row: Row, service: str) -> bool:
+        """Whether an imaging_instance row's stored copy is there, of its
+        recorded size; one that is not is logged for the operator, as the
+        rot of the store it is, and ``service`` leaves it out.
+
+        Limitation: the size is checked, not the SHA-256, which would read a
+        whole study before its first byte; a copy damaged in place, its size
+        kept, goes out as it is (``xdsi verify`` finds it).
+        """
+        try:
+            size = os.stat(self.blobs.path(row.blob)).st_size
+        except OSError:
+            size = None
+        if size == row.size:
+            return True
+        logger.error(
+            "%s: the stored copy of instance %s (%s) is missing or not of its "
+            "recorded size; left out",
+            service,
+            row.sop_instance_uid,
+            row.blob,
+        )
+        return False
 
     def held_instances(
         self, sop_uids: Iterable[str], *, published_only: bool = False

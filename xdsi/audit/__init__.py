@@ -16,6 +16,7 @@ from xdsi.audit.messages import (
     Outcome,
     audit_event_rules,
     build_audit_message,
+    studies_by_patient,
 )
 from xdsi.audit.spool import Auditor, AuditRecord, AuditSpool
 
@@ -30,4 +31,5 @@ __all__ = [
     "Outcome",
     "audit_event_rules",
     "build_audit_message",
+    "studies_by_patient",
 ]

@@ -11,12 +11,12 @@ import base64
 import ipaddress
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum
 from functools import cache
-from typing import Any
+from typing import Any, Protocol
 
 from lxml import etree
 
@@ -139,6 +139,24 @@ class AuditEventRule:
     event_action_choices: tuple[str, ...]
     participants: tuple[ParticipantRule, ...]
     objects: tuple[ObjectRule, ...]
+
+
+class _OfPatient(Protocol):
+    """An instance as a study's audit record counts it."""
+
+    patient_id: str | None
+    study_instance_uid: str
+
+
+def studies_by_patient(
+    instances: Iterable[_OfPatient],
+) -> dict[str | None, tuple[str, ...]]:
+    """The studies of ``instances`` by patient, each in the order first
+    met: one audit record names one patient (DICOM PS3.15 A.5.3.7)."""
+    found: dict[str | None, dict[str, None]] = {}
+    for instance in instances:
+        found.setdefault(instance.patient_id, {})[instance.study_instance_uid] = None
+    return {patient: tuple(studies) for patient, studies in found.items()}
 
 
 def _code(entry: Mapping[str, str]) -> Code:
