@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 from werkzeug.serving import make_server
 
-from xdsi import __version__, ns, tls
+from xdsi import __version__, logs, ns, tls
 from xdsi.actors.consumer import Consumer, ConsumerError, FetchResult, FoundEntry
 from xdsi.actors.document_source import DocumentSource
 from xdsi.actors.identity_source import send_feed
@@ -559,6 +559,12 @@ def fetch(
         result = _fetch(consumer, qualify_patient_id(patient_id, settings), out)
     except ConsumerError as exc:
         _fail(_unreachable_hint(str(exc)))
+    for unique_id, reason in result.skipped:
+        click.secho(
+            f"  skipped document {logs.quoted(unique_id)}: {logs.quoted(reason)}",
+            fg="yellow",
+            err=True,
+        )
     if not result.manifests:
         click.echo("no imaging manifest found for this patient; nothing written")
         return

@@ -9,6 +9,7 @@ Repository and Imaging Document Source are always known.
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from urllib.parse import urlsplit
 from lxml import etree
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian
 
-from xdsi import audit, ns, tls, wire
+from xdsi import audit, logs, ns, tls, wire
 from xdsi.actors.soap_endpoint import transaction
 from xdsi.config import Settings
 from xdsi.dicom import kos
@@ -36,6 +37,10 @@ logger = logging.getLogger(__name__)
 STUDY_INSTANCE_UID_TYPE = "urn:ihe:iti:xds:2016:studyInstanceUID"
 # Under an output directory, where answers are spooled while they arrive.
 PARTIAL_DIR = ".xdsi-partial"
+# A uniqueId (an OID, with an ^extension at most: ITI TF-3 4.2.3.2.26) that
+# can name a file in the output directory as it is; nothing that could
+# climb out of it.
+SAFE_FILE_NAME = re.compile(r"[0-9A-Za-z][0-9A-Za-z.^_-]{0,127}")
 
 
 class ConsumerError(Exception):
@@ -80,6 +85,9 @@ class FetchResult:
     instances: list[Path] = field(default_factory=list)
     bytes: int = 0
     missing: list[str] = field(default_factory=list)
+    # Documents found as application/dicom that were not fetched: their
+    # uniqueId and why.
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 Progress = Callable[[str, int, int], None]
@@ -392,13 +400,25 @@ class Consumer:
             e for e in self.find(patient_id) if e.mime_type == "application/dicom"
         ]
         manifests: list[kos.Manifest] = []
-        for entry in entries:
+        for n, entry in enumerate(entries, start=1):
+            if not SAFE_FILE_NAME.fullmatch(entry.unique_id):
+                # The file is named after the uniqueId a registry sent: one
+                # that could name a path elsewhere is not used.
+                self._skip(result, entry, "its uniqueId cannot name a file")
+                continue
             target = out_dir / "manifests" / f"{entry.unique_id}.dcm"
             self.retrieve_document(entry, target, patient_id)
-            result.manifests.append(target)
-            manifests.append(kos.parse_manifest(target))
+            try:
+                manifests.append(kos.parse_manifest(target))
+            except kos.NotAManifest as exc:
+                # Another DICOM object shared as a document (RAD TF-3
+                # 4.68.4.1.2: a manifest is a KOS titled Manifest).
+                target.unlink()
+                self._skip(result, entry, exc.reason)
+            else:
+                result.manifests.append(target)
             if progress:
-                progress("ITI-43", len(result.manifests), len(entries))
+                progress("ITI-43", n, len(entries))
         total = sum(len(m.references) for m in manifests)
         done = 0
         for manifest in manifests:
@@ -406,6 +426,14 @@ class Consumer:
                 manifest, out_dir, result, patient_id, progress, done, total
             )
         return result
+
+    def _skip(self, result: FetchResult, entry: FoundEntry, reason: str) -> None:
+        logger.warning(
+            "Document %s is not an imaging manifest this Consumer can use, skipped: %s",
+            logs.quoted(entry.unique_id),
+            logs.quoted(reason),
+        )
+        result.skipped.append((entry.unique_id, reason))
 
 
 def retrieve_request(
@@ -441,8 +469,16 @@ def _remove_if_empty(directory: Path) -> None:
         pass
 
 
+# How many of a peer's RegistryErrors a ConsumerError quotes; the rest are
+# counted (the exception keeps them all).
+DESCRIBED_ERRORS = 3
+
+
 def _describe(errors: list[RegistryError]) -> str:
-    return "; ".join(f"{e.code}: {e.message}" for e in errors) or "no error given"
+    text = "; ".join(f"{e.code}: {e.message}" for e in errors[:DESCRIBED_ERRORS])
+    if len(errors) > DESCRIBED_ERRORS:
+        text += f"; and {len(errors) - DESCRIBED_ERRORS} more errors"
+    return text or "no error given"
 
 
 def _documents(reply: wire.SoapMessage) -> dict[str, wire.Attachment]:

@@ -23,7 +23,6 @@ from highdicom.sr import (
     RelationshipTypeValues,
 )
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import (
     UID,
@@ -67,6 +66,13 @@ TM_FORM = re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?")
 
 # DICOM PS3.5 6.2: an AE title is at most 16 characters.
 AE_TITLE_MAX_LENGTH = 16
+
+# DICOM PS3.5 9.1: a UID is numbers joined by dots, at most 64 characters.
+# Leading zeros, which 9.1 forbids, are let through: older systems write
+# them. A Consumer names folders and files after these UIDs, so nothing
+# else (a slash, "..") may pass.
+UID_TEXT = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+UID_MAX_LENGTH = 64
 
 
 class NotAManifest(Exception):
@@ -242,6 +248,18 @@ def parse_manifest(source: Path | bytes | pydicom.Dataset) -> Manifest:
     """
     ds = _dataset(source)
     sop_instance_uid = str(ds.get("SOPInstanceUID", ""))
+    # Untrusted input: a value the parser cannot decode means no manifest.
+    try:
+        return _parse_manifest(ds, sop_instance_uid)
+    except NotAManifest:
+        raise
+    except Exception as exc:
+        raise NotAManifest(
+            sop_instance_uid, f"unreadable: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _parse_manifest(ds: pydicom.Dataset, sop_instance_uid: str) -> Manifest:
 
     if ds.get("SOPClassUID") != KeyObjectSelectionDocumentStorage:
         raise NotAManifest(
@@ -262,7 +280,7 @@ def parse_manifest(source: Path | bytes | pydicom.Dataset) -> Manifest:
     references: dict[tuple[str, str], ManifestReference] = {}
     study_uids: list[str] = []
     for study_item in ds.CurrentRequestedProcedureEvidenceSequence:
-        study_uid = str(study_item.get("StudyInstanceUID", ""))
+        study_uid = _uid(sop_instance_uid, study_item, "StudyInstanceUID")
         if study_uid not in study_uids:
             study_uids.append(study_uid)
         for series_item in study_item.get("ReferencedSeriesSequence") or []:
@@ -429,7 +447,8 @@ def _dataset(source: Path | bytes | pydicom.Dataset) -> pydicom.Dataset:
         if isinstance(source, bytes):
             return pydicom.dcmread(BytesIO(source))
         return pydicom.dcmread(source)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+    except Exception as exc:
+        # Untrusted input: any failure of the parser means it is not DICOM.
         raise NotAManifest("", f"not readable as DICOM: {exc}") from exc
 
 
@@ -437,14 +456,25 @@ def _reference_key(
     sop_instance_uid: str, series_item: Dataset, sop_item: Dataset
 ) -> tuple[str, str]:
     """The Series and SOP Instance UID of an item; DICOM PS3.3 C.17.2.1."""
-    series_uid = str(series_item.get("SeriesInstanceUID", ""))
-    instance_uid = str(sop_item.get("ReferencedSOPInstanceUID", ""))
-    if not series_uid or not instance_uid:
+    return (
+        _uid(sop_instance_uid, series_item, "SeriesInstanceUID"),
+        _uid(sop_instance_uid, sop_item, "ReferencedSOPInstanceUID"),
+    )
+
+
+def _uid(sop_instance_uid: str, item: Dataset, keyword: str) -> str:
+    """An evidence item's UID; NotAManifest when it lacks one, or holds
+    something other than a UID (DICOM PS3.5 9.1)."""
+    value = str(item.get(keyword) or "").strip()
+    if not value:
+        raise NotAManifest(sop_instance_uid, f"an evidence item lacks {keyword}")
+    if len(value) > UID_MAX_LENGTH or not UID_TEXT.fullmatch(value):
         raise NotAManifest(
             sop_instance_uid,
-            "an evidence item lacks Series Instance UID or Referenced SOP Instance UID",
+            f"an evidence item's {keyword} {value[:80]!r} is not a UID "
+            "(DICOM PS3.5 9.1)",
         )
-    return series_uid, instance_uid
+    return value
 
 
 def _document_title(ds: pydicom.Dataset) -> tuple[str, str] | None:

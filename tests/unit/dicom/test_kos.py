@@ -3,6 +3,7 @@
 import os
 import shutil
 import subprocess
+import warnings
 from collections import defaultdict
 from datetime import datetime
 
@@ -275,6 +276,48 @@ def test_parse_rejects_bytes_that_are_not_dicom():
     xml = (DATA / "study-mr" / "manifest" / "metadata.xml").read_bytes()
     with pytest.raises(NotAManifest, match="not readable as DICOM"):
         parse_manifest(xml)
+
+
+@pytest.mark.parametrize(
+    ("level", "keyword", "value"),
+    [
+        ("study", "StudyInstanceUID", "../../escaped"),
+        ("series", "SeriesInstanceUID", "/etc/cron.d"),
+        ("instance", "ReferencedSOPInstanceUID", ".."),
+        ("instance", "ReferencedSOPInstanceUID", "1.2." + "3" * 70),
+    ],
+)
+def test_parse_rejects_evidence_whose_uids_are_not_uids(
+    study_mr, level, keyword, value
+):
+    """DICOM PS3.5 9.1: a UID is digits and dots; a Consumer names folders
+    and files after them, so a path in their place is no manifest."""
+    kos = build_manifest(
+        study_mr, retrieve_ae_title=AE_TITLE, retrieve_location_uid=REPOSITORY_UNIQUE_ID
+    )
+    study_item = kos.CurrentRequestedProcedureEvidenceSequence[0]
+    series_item = study_item.ReferencedSeriesSequence[0]
+    item = {
+        "study": study_item,
+        "series": series_item,
+        "instance": series_item.ReferencedSOPSequence[0],
+    }[level]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's, of the invalid UI
+        setattr(item, keyword, value)
+        with pytest.raises(NotAManifest, match=f"{keyword} .* is not a UID"):
+            parse_manifest(kos)
+
+
+def test_parse_takes_uids_with_leading_zeros(study_mr):
+    """Leading zeros break DICOM PS3.5 9.1 but name no path; older systems
+    write them, so their manifests are read."""
+    kos = build_manifest(
+        study_mr, retrieve_ae_title=AE_TITLE, retrieve_location_uid=REPOSITORY_UNIQUE_ID
+    )
+    study_item = kos.CurrentRequestedProcedureEvidenceSequence[0]
+    study_item.StudyInstanceUID = "1.2.840.0099.01"
+    assert parse_manifest(kos).study_instance_uids == ("1.2.840.0099.01",)
 
 
 def test_non_conformant_study_date_and_time_of_the_images_are_left_empty(tmp_path):
