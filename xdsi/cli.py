@@ -35,7 +35,7 @@ from xdsi.actors.consumer import Consumer, ConsumerError, FetchResult, FoundEntr
 from xdsi.actors.document_source import DocumentSource
 from xdsi.actors.identity_source import send_feed
 from xdsi.actors.imaging_source import PublishError
-from xdsi.actors.intake import ImportResult
+from xdsi.actors.intake import ImportResult, NotAudited
 from xdsi.actors.provide import SubmitError
 from xdsi.app import (
     Node,
@@ -358,6 +358,9 @@ def publish(
         services.engine.dispose()
         _exit_if_refused(_refusals(taken))
         return
+    # Limitation: with --headers-only the instances are kept by publishing
+    # itself, and no Data Import record (DICOM PS3.15 A.5.3.5) is written;
+    # RAD-68 is audited as ever.
     result = scan.scan_directory(study_dir)
     broken = [(p, why) for p, why in result.rejected if why != scan.NOT_DICOM]
     _say_skipped(broken, len(result.rejected) - len(broken))
@@ -648,7 +651,11 @@ def _take_in(
 ) -> ImportResult:
     """Take a folder's files in through intake and say what came in; exit 1
     when nothing did. ``patient_id`` replaces the images' own (publish)."""
-    result = services.intake.import_folder(folder, patient_id=patient_id)
+    try:
+        result = services.intake.import_folder(folder, patient_id=patient_id)
+    except NotAudited as exc:
+        services.engine.dispose()
+        _fail(str(exc))
     broken = [(p, r.reason) for p, r in result.refused if r.rule != "not_dicom"]
     _say_skipped(broken, len(result.refused) - len(broken))
     new = sum(1 for a in result.accepted if not a.duplicate)

@@ -1803,3 +1803,191 @@ def test_verify_finds_a_copy_damaged_in_place_and_one_gone(
     assert f"instance {gone}: missing" in found.output
     assert "2 stored copies of 4 missing or damaged" in found.output
     assert "IDS-DEPT002" not in found.output
+
+
+# --- audit of intake (DICOM PS3.15 A.5.3.5, A.5.3.7) --------------------------
+
+
+def _records_since(node: RunningNode, before: int, event_id: str) -> list:
+    """The audit records of EventID ``event_id`` spooled after the first
+    ``before`` (publishing writes others meanwhile)."""
+    return [
+        r
+        for r in list(node.services.audit_spool.records())[before:]
+        if r.event_id is not None and r.event_id.code == event_id
+    ]
+
+
+def _full_disk(messages: list[bytes]) -> list[Path]:
+    raise OSError(28, "No space left on device")
+
+
+def _participants(record) -> list[tuple[str, str, str | None, str]]:  # type: ignore[no-untyped-def]
+    """UserID, UserIsRequestor, NetworkAccessPointID and RoleIDCode of each
+    ActiveParticipant."""
+    root = etree.fromstring(record.xml)
+    return [
+        (
+            p.get("UserID"),
+            p.get("UserIsRequestor"),
+            p.get("NetworkAccessPointID"),
+            p.find("RoleIDCode").get("csd-code"),
+        )
+        for p in root.findall("ActiveParticipant")
+    ]
+
+
+def _action(record) -> str:  # type: ignore[no-untyped-def]
+    return (
+        etree.fromstring(record.xml).find("EventIdentification").get("EventActionCode")
+    )
+
+
+def test_a_cstore_association_is_audited_as_instances_transferred(
+    intake_node: RunningNode,
+) -> None:
+    """DICOM PS3.15 A.5.3.7: each association's instances are recorded at the
+    receiving node as DICOM Instances Transferred, one record per patient
+    naming its study: action C when new, R when held already; the sending
+    AE (Source, the requestor) and this SCP (Destination). Valid against
+    the DICOM audit schema."""
+    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())
+    study_uid = pydicom.dcmread(images[0], stop_before_pixels=True).StudyInstanceUID
+    cfg = intake_node.settings.imaging_source
+    before = len(list(intake_node.services.audit_spool.records()))
+
+    send_files(images[:3], _scp(intake_node), calling_ae_title="TESTSCU")
+    _wait(lambda: len(_records_since(intake_node, before, "110104")) == 1)
+    send_files(images[:2], _scp(intake_node), calling_ae_title="TESTSCU")
+    _wait(lambda: len(_records_since(intake_node, before, "110104")) == 2)
+
+    created, read = _records_since(intake_node, before, "110104")
+    for record in (created, read):
+        assert record.valid
+        assert record.outcome == 0
+        assert record.event_type is None
+        assert record.patient_ids == (MR_PATIENT,)
+        assert study_uid in record.object_ids
+        assert _participants(record) == [
+            ("TESTSCU", "true", "127.0.0.1", "110153"),
+            (cfg.ae_title, "false", "127.0.0.1", "110152"),
+        ]
+    assert (_action(created), _action(read)) == ("C", "R")
+
+
+def test_a_cstore_association_with_refusals_records_a_failure(
+    intake_node: RunningNode,
+) -> None:
+    """DICOM PS3.15 A.5.1: instances refused in an association give a record
+    whose EventOutcomeIndicator is a failure (4 when others were kept)."""
+    good = shared_path("dicom", "study-mr", "images")
+    image = sorted(good.iterdir())[0]
+    bad = shared_path("dicom", "bad", "truncated-pixeldata__MR_truncated.dcm")
+    before = len(list(intake_node.services.audit_spool.records()))
+
+    send_files([image, bad], _scp(intake_node), calling_ae_title="TESTSCU")
+    _wait(lambda: len(_records_since(intake_node, before, "110104")) == 2)
+
+    records = _records_since(intake_node, before, "110104")
+    assert all(r.valid for r in records)
+    assert sorted(r.outcome for r in records) == [0, 4]
+    (failure,) = [r for r in records if r.outcome == 4]
+    assert failure.patient_ids == ()
+    assert b"1 of 2 instances refused" in failure.xml
+
+
+def test_a_stow_rs_request_is_audited_before_its_answer(
+    intake_node: RunningNode,
+) -> None:
+    """DICOM PS3.15 A.5.3.7: a STOW-RS request's instances are recorded as
+    DICOM Instances Transferred, action C, before the answer: the user
+    agent (Source, the requestor) and the STOW-RS service (Destination)."""
+    image = sorted(shared_path("dicom", "study-mr", "images").iterdir())[0]
+    study_uid = pydicom.dcmread(image, stop_before_pixels=True).StudyInstanceUID
+    before = len(list(intake_node.services.audit_spool.records()))
+
+    answer = _stow(intake_node, [image.read_bytes()])
+
+    assert answer.status_code == 200
+    (record,) = _records_since(intake_node, before, "110104")
+    assert record.valid
+    assert (_action(record), record.outcome) == ("C", 0)
+    assert record.patient_ids == (MR_PATIENT,)
+    assert study_uid in record.object_ids
+    stow_url = dict(intake_node.settings.imaging_endpoints())["stow-rs"]
+    assert _participants(record) == [
+        ("127.0.0.1", "true", "127.0.0.1", "110153"),
+        (stow_url, "false", "127.0.0.1", "110152"),
+    ]
+
+
+def test_stow_rs_without_its_audit_record_keeps_nothing_and_answers_500(
+    intake_node: RunningNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DICOM PS3.15 A.5: no instance is kept unrecorded; when the record
+    cannot be spooled (a full disk) the instances the request brought are
+    taken back out and it is answered 500."""
+    image = sorted(shared_path("dicom", "study-mr", "images").iterdir())[0]
+    auditor = intake_node.services.imaging_source.auditor
+    monkeypatch.setattr(auditor.spool, "write_all", _full_disk)
+
+    answer = _stow(intake_node, [image.read_bytes()])
+
+    assert answer.status_code == 500
+    assert "audit record" in answer.text
+    assert _held(intake_node) == {}
+    monkeypatch.undo()
+    assert _stow(intake_node, [image.read_bytes()]).status_code == 200
+    assert len(_held(intake_node)) == 1
+
+
+def test_an_import_is_audited_as_data_import_from_its_folder(
+    patient_node: RunningNode, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DICOM PS3.15 A.5.3.5: a folder taken in is recorded as Import (110107,
+    action C), the importing process the requestor and the folder the
+    Source Media, by its URI (MediaType 110037, DICOM PS3.16 CID 405); one
+    record per patient naming its study. No patient id is logged at INFO."""
+    folder = shared_path("dicom", "study-mr", "images")
+    images = sorted(folder.iterdir())
+    study_uid = pydicom.dcmread(images[0], stop_before_pixels=True).StudyInstanceUID
+    before = len(list(patient_node.services.audit_spool.records()))
+
+    with caplog.at_level(logging.INFO):
+        result = _xdsi(patient_node, tmp_path, "import", str(folder), "--no-publish")
+
+    assert result.exit_code == 0, result.output
+    (record,) = _records_since(patient_node, before, "110107")
+    assert record.valid
+    assert (_action(record), record.outcome) == ("C", 0)
+    assert record.patient_ids == (MR_PATIENT,)
+    assert study_uid in record.object_ids
+    root = etree.fromstring(record.xml)
+    importer, medium = root.findall("ActiveParticipant")
+    assert importer.get("UserIsRequestor") == "true"
+    assert importer.find("RoleIDCode").get("csd-code") == "110152"
+    assert medium.get("UserID") == folder.resolve().as_uri()
+    assert medium.get("UserIsRequestor") == "false"
+    assert medium.find("RoleIDCode").get("csd-code") == "110155"
+    assert medium.find("MediaIdentifier/MediaType").get("csd-code") == "110037"
+    patient = MR_PATIENT.split("^")[0]
+    assert not [
+        r
+        for r in caplog.records
+        if r.levelno >= logging.INFO and patient in r.getMessage()
+    ]
+
+
+def test_an_import_without_its_audit_record_keeps_nothing(
+    patient_node: RunningNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DICOM PS3.15 A.5: when the Import record cannot be spooled the
+    instances the import took in are taken back out and it fails."""
+    folder = shared_path("dicom", "study-mr", "images")
+    auditor = patient_node.services.imaging_source.auditor
+    monkeypatch.setattr(auditor.spool, "write_all", _full_disk)
+
+    with pytest.raises(intake_module.NotAudited, match="taken back out"):
+        patient_node.services.intake.import_folder(folder)
+
+    assert _held(patient_node) == {}

@@ -154,7 +154,6 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
     def header(row: Row) -> Dataset:
         return _header(source.blobs.path(row.blob))
 
-    # Limitation: STOW-RS stores are not audited.
     def audited(transaction: str, rows: list[Row], outcome: audit.Outcome) -> None:
         """Spool the audit records of a retrieval before anything is sent:
         DICOM Instances Transferred (DICOM PS3.15 A.5.3.7), one per patient

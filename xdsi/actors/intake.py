@@ -101,12 +101,76 @@ def claimant_gone(claimed_by: str | None) -> bool:
 
 @dataclass(frozen=True)
 class Accepted:
-    """An instance taken in; ``duplicate`` when it was held already."""
+    """An instance taken in; ``duplicate`` when it was held already.
+
+    ``patient_id`` is the affinity-domain patient id it is held under, ""
+    when it has no Patient ID.
+    """
 
     sop_class_uid: str
     sop_instance_uid: str
     study_instance_uid: str
     duplicate: bool
+    patient_id: str = ""
+
+
+class NotAudited(Exception):
+    """The audit record of instances taken in could not be spooled, so they
+    were taken back out (DICOM PS3.15 A.5: none is kept unrecorded)."""
+
+
+def received_events(
+    transaction: str,
+    accepted: Iterable[Accepted],
+    refused: int,
+    *,
+    source: audit.Endpoint,
+    destination: audit.Endpoint,
+) -> list[audit.AuditEvent]:
+    """The audit records of instances received in one exchange.
+
+    DICOM PS3.15 A.5.3.7 (C-STORE, STOW-RS) names one patient a record: one
+    record per patient, action C for the instances the node did not hold,
+    R for those it held already. A.5.3.5 (Media Import) allows several
+    patients in one, but one each keeps the two alike; it is always C, so
+    instances held already are not named. ``refused`` instances add one
+    record naming no object, with outcome Minor failure when some were kept
+    and Serious failure when none (as a retrieve that returns some
+    documents and not others is audited).
+    """
+    kept = list(accepted)
+    actions = {"C": [a for a in kept if not a.duplicate]}
+    if transaction != MEDIA_IMPORT:
+        actions["R"] = [a for a in kept if a.duplicate]
+    events = [
+        audit.AuditEvent(
+            transaction=transaction,
+            actor="Imaging Document Source",
+            outcome=audit.Outcome.SUCCESS,
+            source=source,
+            destination=destination,
+            patient_id=patient or None,
+            study_instance_uids=studies,
+            event_action=action,
+        )
+        for action, instances in actions.items()
+        for patient, studies in audit.studies_by_patient(instances).items()
+    ]
+    if refused:
+        total = refused + len(kept)
+        events.append(
+            audit.AuditEvent(
+                transaction=transaction,
+                actor="Imaging Document Source",
+                outcome=audit.Outcome.MINOR_FAILURE
+                if kept
+                else audit.Outcome.SERIOUS_FAILURE,
+                source=source,
+                destination=destination,
+                outcome_detail=f"{refused} of {total} instances refused",
+            )
+        )
+    return events
 
 
 @dataclass(frozen=True)
@@ -130,6 +194,9 @@ def retry_delay(quiet: float, failures: int) -> float:
     base = max(quiet, MIN_RETRY_DELAY)
     return min(base * 2 ** min(failures - 1, 32), MAX_RETRY_DELAY)
 
+
+# profiles/audit_events.toml: the row of a folder or CD taken in.
+MEDIA_IMPORT = "Media Import"
 
 # Tries at taking an instance in when another intake creates its study's row
 # at the same moment (a unique-key clash on PostgreSQL).
@@ -243,7 +310,7 @@ class Intake:
         with self.engine.connect() as conn:
             self._refuse_mixed_patients(conn, header, ds)
         if self._held(header):
-            return self._duplicate(header, path, move)
+            return self._duplicate(header, path, move, patient_id)
         # A study with nothing held and no current manifest (never taken in,
         # or emptied and withdrawn) starts anew, under this patient.
         anew = self.study_patient(header.study_instance_uid) is None
@@ -287,7 +354,7 @@ class Intake:
                     # Another intake stored the same instance meanwhile: its
                     # copy is the one held.
                     self.blobs.delete(blob)
-                    return self._duplicate(header, path, False)
+                    return self._duplicate(header, path, False, patient_id)
                 if attempt == STUDY_ROW_ATTEMPTS:
                     self.blobs.delete(blob)
                     raise
@@ -297,6 +364,7 @@ class Intake:
             header.sop_instance_uid,
             header.study_instance_uid,
             False,
+            patient_id,
         )
 
     def import_folder(
@@ -320,7 +388,65 @@ class Intake:
                 logger.debug("Refused %s: %s", path, exc.reason)
                 refused.append((path, exc))
         _log_refusals([exc for _, exc in refused])
+
+        # DICOM PS3.15 A.5.3.5: the import is recorded once its instances
+        # are kept; files that are no DICOM at all were never instances.
+        node = self.settings.node
+        events = received_events(
+            MEDIA_IMPORT,
+            accepted,
+            sum(1 for _, exc in refused if exc.rule != "not_dicom"),
+            source=audit.Endpoint(
+                folder.resolve().as_uri(), "", audit.media_type("uri")
+            ),
+            destination=audit.Endpoint(node.audit_source_id, node.host),
+        )
+        if not self.source.auditor.record_all(events):
+            self.take_back(accepted)
+            raise NotAudited(
+                f"the audit record of the import could not be written; the "
+                f"{sum(1 for a in accepted if not a.duplicate)} instances it "
+                "took in were taken back out"
+            )
         return ImportResult(tuple(accepted), tuple(refused))
+
+    def take_back(self, accepted: Iterable[Accepted]) -> int:
+        """Remove the instances an intake just kept (not those it found held
+        already), unaudited, because their audit record could not be
+        spooled; return how many went. Each study is marked changed, so
+        that a manifest published meanwhile is replaced or withdrawn."""
+        # Limitation: an instance a second intake offered meanwhile, found
+        # held and answered as such, goes too.
+        new = [a for a in accepted if not a.duplicate]
+        column = imaging_instance.c
+        gone = 0
+        for study_instance_uid in {a.study_instance_uid for a in new}:
+            uids = [
+                a.sop_instance_uid
+                for a in new
+                if a.study_instance_uid == study_instance_uid
+            ]
+            where = (
+                column.study_instance_uid == study_instance_uid,
+                column.sop_instance_uid.in_(uids),
+            )
+            with self.engine.begin() as conn:
+                rows = conn.execute(
+                    select(column.blob, column.patient_id).where(*where)
+                ).all()
+                if not rows:
+                    continue
+                conn.execute(delete(imaging_instance).where(*where))
+                self._touch(conn, study_instance_uid, rows[0].patient_id or "")
+            for row in rows:
+                self.blobs.delete(row.blob)
+            gone += len(rows)
+        if gone:
+            logger.error(
+                "%d instances taken back out: their audit record could not be written",
+                gone,
+            )
+        return gone
 
     def remove(
         self,
@@ -639,9 +765,10 @@ class Intake:
             header, ds = scan.read_header(path)
         except scan.DicomInputError:
             return None  # the full check says why
+        own = self.patient_id(ds)
         if patient_id is not None:
             self._refuse_other_patient(header.study_instance_uid, patient_id)
-        elif own := self.patient_id(ds):
+        elif own:
             # An instance of another patient than the study's is refused as
             # such (other_patient); one of the same, taken in under the
             # images' own patient, would not be published under it when the
@@ -650,7 +777,7 @@ class Intake:
                 self._refuse_mixed_patients(conn, header, ds)
             self._refuse_other_patient(header.study_instance_uid, own, given=False)
         if self._held(header):
-            return self._duplicate(header, path, False)
+            return self._duplicate(header, path, False, patient_id or own)
         return None
 
     def _refuse_other_patient(
@@ -819,7 +946,7 @@ class Intake:
         return True
 
     def _duplicate(
-        self, header: scan.InstanceHeader, path: Path, move: bool
+        self, header: scan.InstanceHeader, path: Path, move: bool, patient_id: str
     ) -> Accepted:
         logger.debug("instance %s held already", header.sop_instance_uid)
         if move:
@@ -829,6 +956,7 @@ class Intake:
             header.sop_instance_uid,
             header.study_instance_uid,
             True,
+            patient_id,
         )
 
     def _touch(

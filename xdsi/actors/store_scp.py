@@ -6,6 +6,11 @@ and C-ECHO (DICOM PS3.4 A). Each received data set is written to a file as
 it arrives (never held whole in memory), checked, and stored once per SOP
 Instance UID; a refused one is answered with the status of
 ``profiles/intake_refusals.toml`` and nothing is stored.
+
+When an association ends (released, aborted or broken off) the instances it
+brought are audited as DICOM Instances Transferred (DICOM PS3.15 A.5.3.7),
+one record per patient, the peer's AE title as Source and this SCP as
+Destination.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +40,8 @@ from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 
-from xdsi.actors.intake import Intake
+from xdsi import audit
+from xdsi.actors.intake import Accepted, Intake, received_events
 from xdsi.dicom.check import Refused
 from xdsi.tls import TlsGate
 
@@ -59,6 +66,15 @@ TRANSFER_SYNTAXES = (
 
 # DICOM PS3.4 Table B.2-1: Success.
 SUCCESS = 0x0000
+
+
+@dataclass
+class _Received:
+    """What one association brought so far: instances kept, and how many
+    were refused."""
+
+    kept: list[Accepted] = field(default_factory=list)
+    refused: int = 0
 
 
 class _GatedAssociationServer(ThreadedAssociationServer):
@@ -106,6 +122,10 @@ class StoreScp:
         self.tls_gate = tls_gate
         self._server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
+        # What each association brought so far, kept and refused, until it
+        # ends and is audited.
+        self._received: dict[int, _Received] = {}
+        self._received_lock = threading.Lock()
 
     def start(self) -> tuple[str, int]:
         """Bind and serve in the background; return the bound address."""
@@ -124,6 +144,7 @@ class StoreScp:
         handlers = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_CLOSE, _drop_partial_data_set),
+            (evt.EVT_CONN_CLOSE, self._audit_association),
         ]
         if self.tls_gate is None:
             self._server = ae.start_server(
@@ -172,9 +193,11 @@ class StoreScp:
                 exc.dimse_status,
                 exc.reason,
             )
+            self._note(event.assoc, refused=1)
             return exc.dimse_status
         finally:
             path.unlink(missing_ok=True)
+        self._note(event.assoc, accepted=accepted)
         logger.debug(
             "C-STORE %s from %s%s in %.3f s",
             accepted.sop_instance_uid,
@@ -183,6 +206,45 @@ class StoreScp:
             time.monotonic() - started,
         )
         return SUCCESS
+
+    def _note(
+        self, assoc: Any, *, accepted: Accepted | None = None, refused: int = 0
+    ) -> None:
+        with self._received_lock:
+            received = self._received.setdefault(id(assoc), _Received())
+        if accepted is not None:
+            received.kept.append(accepted)
+        received.refused += refused
+
+    def _audit_association(self, event: evt.Event) -> None:
+        """Spool the audit records of what an association brought, as it
+        ends: DICOM Instances Transferred (DICOM PS3.15 A.5.3.7), one per
+        patient, action C for instances new to the node, R for those held
+        already, and one more with a failure outcome when some were refused.
+        """
+        with self._received_lock:
+            received = self._received.pop(id(event.assoc), None)
+        if received is None:
+            return
+        requestor = event.assoc.requestor
+        events = received_events(
+            "C-STORE",
+            received.kept,
+            received.refused,
+            source=audit.Endpoint(requestor.ae_title, requestor.address),
+            destination=audit.Endpoint(self.ae_title, self.address[0]),
+        )
+        # Limitation: each instance was answered Success as it was kept;
+        # when the records cannot be spooled at the association's end, the
+        # instances stay (the peer may have let go of its copies) without
+        # their record, and this ERROR is all that tells of it.
+        if not self.intake.source.auditor.record_all(events):
+            logger.error(
+                "C-STORE association from %s: the audit record of %d "
+                "instances kept could not be written",
+                requestor.ae_title,
+                len(received.kept),
+            )
 
 
 def _drop_partial_data_set(event: evt.Event) -> None:

@@ -6,6 +6,11 @@ multipart/related body of application/dicom parts to ``{stow_path}`` or
 is parsed, then checked and stored by the intake. The answer is the Store
 Instances Response Module of DICOM PS3.18 10.5.3 as DICOM JSON (PS3.18 F.2),
 with the status codes of DICOM PS3.18 Table 10.5.3-1.
+
+The instances kept are audited as DICOM Instances Transferred (DICOM PS3.15
+A.5.3.7), one record per patient, spooled before the answer; when that
+fails, the instances the request brought are taken back out and it is
+answered 500.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from pydicom.uid import UID
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from xdsi.actors.intake import Intake
+from xdsi import audit
+from xdsi.actors.intake import Accepted, Intake, received_events
 from xdsi.actors.soap_endpoint import RequestBody
 from xdsi.dicom.check import Refused
 from xdsi.wire import MalformedMessage, RequestTooLarge
@@ -185,6 +191,7 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
         logger.exception("STOW-RS request from %s not spooled", request.remote_addr)
         return _plain(INTERNAL_ERROR, "the request could not be spooled")
 
+    kept: list[Accepted] = []
     stored: list[dict] = []  # type: ignore[type-arg]
     failed: list[dict] = []  # type: ignore[type-arg]
     warnings: list[str] = []
@@ -200,6 +207,7 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
                 accepted = intake.accept(
                     path, move=True, study_instance_uid=study_instance_uid
                 )
+                kept.append(accepted)
                 stored.append(
                     _reference(accepted.sop_class_uid, accepted.sop_instance_uid)
                 )
@@ -237,6 +245,27 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
 
     if not parts.files:
         return _plain(BAD_REQUEST, "the request holds no part")
+
+    # DICOM PS3.15 A.5.3.7: the records of what was kept are durable before
+    # the answer says it was; without them nothing of the request stays.
+    host = request.remote_addr or ""
+    settings = intake.settings
+    events = received_events(
+        "STOW-RS",
+        kept,
+        len(failed),
+        source=audit.Endpoint(host, host),
+        destination=audit.Endpoint(
+            dict(settings.imaging_endpoints())["stow-rs"], settings.node.host
+        ),
+    )
+    if not intake.source.auditor.record_all(events):
+        intake.take_back(kept)
+        return _plain(
+            INTERNAL_ERROR,
+            "the audit record of this request could not be written; "
+            "nothing of it is kept",
+        )
     status = ALL_STORED if not failed else SOME_STORED if stored else NONE_STORED
     body: dict[str, dict] = {}  # type: ignore[type-arg]
     if stored:

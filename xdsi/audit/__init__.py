@@ -16,6 +16,7 @@ from xdsi.audit.messages import (
     Outcome,
     audit_event_rules,
     build_audit_message,
+    media_type,
     studies_by_patient,
 )
 from xdsi.audit.spool import Auditor, AuditRecord, AuditSpool
@@ -31,5 +32,6 @@ __all__ = [
     "Outcome",
     "audit_event_rules",
     "build_audit_message",
+    "media_type",
     "studies_by_patient",
 ]

@@ -2,9 +2,10 @@
 
 Implements the message format of DICOM PS3.15 A.5.1 and the audit record
 content of ITI TF-2 3.8.5.1, 3.18.5.1, 3.41.5.1, 3.42.5.1, 3.43.5.1,
-RAD TF-3 4.68.5 and RAD TF-3 4.69.5 (DICOM PS3.15 A.5.3.7), and the node's
-Application Activity (DICOM PS3.15 A.5.3.1) and Security Alert (DICOM PS3.15
-A.5.3.11), as tabled in ``profiles/audit_events.toml``.
+RAD TF-3 4.68.5 and RAD TF-3 4.69.5 (DICOM PS3.15 A.5.3.7), the intake's
+Data Import (DICOM PS3.15 A.5.3.5) and DICOM Instances Transferred, and the
+node's Application Activity (DICOM PS3.15 A.5.3.1) and Security Alert (DICOM
+PS3.15 A.5.3.11), as tabled in ``profiles/audit_events.toml``.
 """
 
 import base64
@@ -53,11 +54,15 @@ class Endpoint:
     ``user_id`` is the SOAP endpoint URL of the responder, or the requestor's
     wsa:ReplyTo (``http://www.w3.org/2005/08/addressing/anonymous`` when it
     sent none); for ITI-8 it is the HL7 application and facility. ``host`` is
-    the network access point: an IP address or a host name.
+    the network access point: an IP address or a host name, or "" for none.
+    ``media_type`` makes the endpoint a medium (DICOM PS3.15 A.5.3.5, Source
+    Media): its MediaIdentifier's MediaType, a code of DICOM PS3.16 CID 405
+    (:func:`media_type`); ``user_id`` then identifies the medium.
     """
 
     user_id: str
     host: str
+    media_type: Code | None = None
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,11 @@ def _table() -> dict[str, Any]:
     return load_profile_table(AUDIT_EVENTS_TABLE)
 
 
+def media_type(name: str) -> Code:
+    """The MediaType ``name`` of ``[media_types]`` (DICOM PS3.16 CID 405)."""
+    return _code(_table()["media_types"][name])
+
+
 @cache
 def audit_event_rules() -> dict[tuple[str, str], AuditEventRule]:
     """Return the rows of ``audit_events.toml`` by (transaction, actor)."""
@@ -198,6 +208,10 @@ def audit_event_rules() -> dict[tuple[str, str], AuditEventRule]:
         )
         rules[rule.transaction, rule.actor] = rule
     return rules
+
+
+def _source_media() -> Code:
+    return _code(_table()["roles"]["source_media"])
 
 
 def _text(value: str) -> str:
@@ -440,6 +454,15 @@ def build_audit_message(
             )
         if participant.role is not None:
             _coded(active, "RoleIDCode", participant.role)
+        # DICOM PS3.15 A.5.3.5: a Source Media participant names its medium.
+        if participant.role == _source_media() and endpoint.media_type is None:
+            raise ValueError(
+                f"{rule.transaction} {rule.actor} audit record needs the "
+                f"MediaType of its {participant.endpoint} medium ({rule.clause})"
+            )
+        if endpoint.media_type is not None:
+            media = etree.SubElement(active, "MediaIdentifier")
+            _coded(media, "MediaType", endpoint.media_type)
 
     source = etree.SubElement(
         message, "AuditSourceIdentification", AuditSourceID=_text(audit_source_id)

@@ -15,6 +15,7 @@ from xdsi.audit import (
     Outcome,
     audit_event_rules,
     build_audit_message,
+    media_type,
 )
 from xdsi.profiles_loader import load_profile_table
 
@@ -27,6 +28,7 @@ DESTINATION = Endpoint("http://localhost:8080/xdsi/registry", "localhost")
 AUDIT_SOURCE_ID = "xdsi@127.0.0.1"
 WHEN = datetime(2024, 5, 2, 9, 30, 15, 250000, tzinfo=UTC)
 PEER_URI = "tls://127.0.0.1:50514"
+MEDIUM = Endpoint("file:///media/cdrom", "", media_type("uri"))
 
 
 def full_event(row: dict[str, Any], ids: RealIds, **changes: Any) -> AuditEvent:
@@ -44,7 +46,7 @@ def full_event(row: dict[str, Any], ids: RealIds, **changes: Any) -> AuditEvent:
         "transaction": row["transaction"],
         "actor": row["actor"],
         "outcome": Outcome.SUCCESS,
-        "source": SOURCE,
+        "source": MEDIUM if _reads_media(row) else SOURCE,
         "destination": DESTINATION,
         "event_time": WHEN,
         "patient_id": ids.patient_id if "patient" in kinds else None,
@@ -65,6 +67,11 @@ def full_event(row: dict[str, Any], ids: RealIds, **changes: Any) -> AuditEvent:
     }
     fields.update(changes)
     return AuditEvent(**fields)
+
+
+def _reads_media(row: dict[str, Any]) -> bool:
+    """Whether the row's source is a medium (DICOM PS3.15 A.5.3.5)."""
+    return any(p.get("role") == "source_media" for p in row["participants"])
 
 
 def _studies_in(row: dict[str, Any]) -> int:
@@ -122,7 +129,10 @@ def test_every_row_writes_the_tabled_event_and_participant_roles(
     assert identification.get("EventOutcomeIndicator") == "0"
 
     participants = root.findall("ActiveParticipant")
-    expected_users = {"source": SOURCE.user_id, "destination": DESTINATION.user_id}
+    expected_users = {
+        "source": (MEDIUM if _reads_media(row) else SOURCE).user_id,
+        "destination": DESTINATION.user_id,
+    }
     assert [p.get("UserID") for p in participants] == [
         expected_users[p["endpoint"]] for p in row["participants"]
     ]
@@ -178,7 +188,7 @@ def test_a_failed_transaction_is_audited_without_its_objects(
         transaction=row["transaction"],
         actor=row["actor"],
         outcome=Outcome.SERIOUS_FAILURE,
-        source=SOURCE,
+        source=MEDIUM if _reads_media(row) else SOURCE,
         destination=DESTINATION,
         outcome_detail="XDSRegistryMetadataError",
     )
@@ -522,4 +532,37 @@ def test_a_row_with_a_destination_needs_one_in_the_event() -> None:
     )
 
     with pytest.raises(ValueError, match="needs a destination participant"):
+        build_audit_message(event, audit_source_id=AUDIT_SOURCE_ID)
+
+
+def _media_import_row() -> dict[str, Any]:
+    (row,) = [r for r in ROWS if r["transaction"] == "Media Import"]
+    return row
+
+
+def test_import_names_its_source_media_and_media_type(real_ids: RealIds) -> None:
+    """DICOM PS3.15 A.5.3.5: the Source Media participant (110155) is no
+    requestor and carries a MediaIdentifier whose MediaType is of CID 405;
+    the importing process (110152) is the requestor."""
+    root = build(full_event(_media_import_row(), real_ids))
+
+    importer, medium = root.findall("ActiveParticipant")
+    assert importer.get("UserIsRequestor") == "true"
+    assert importer.find("RoleIDCode").get("csd-code") == "110152"
+    assert medium.get("UserIsRequestor") == "false"
+    assert medium.get("UserID") == "file:///media/cdrom"
+    assert medium.get("NetworkAccessPointID") is None
+    assert medium.find("RoleIDCode").get("csd-code") == "110155"
+    media = medium.find("MediaIdentifier/MediaType")
+    assert (media.get("csd-code"), media.get("codeSystemName")) == ("110037", "DCM")
+    event_id = root.find("EventIdentification/EventID")
+    assert event_id.get("csd-code") == "110107"
+    assert root.find("EventIdentification").get("EventActionCode") == "C"
+
+
+def test_import_without_a_media_type_is_refused(real_ids: RealIds) -> None:
+    """DICOM PS3.15 A.5.3.5: MediaIdentifier is mandatory for Source Media."""
+    event = full_event(_media_import_row(), real_ids, source=SOURCE)
+
+    with pytest.raises(ValueError, match="MediaType of its source medium"):
         build_audit_message(event, audit_source_id=AUDIT_SOURCE_ID)
