@@ -568,7 +568,7 @@ def fetch(
             fg="yellow",
             err=True,
         )
-    if not result.manifests:
+    if not result.manifests and not result.failed:
         click.echo("no imaging manifest found for this patient; nothing written")
         return
     click.echo(
@@ -576,8 +576,11 @@ def fetch(
         f"{_count(len(result.instances), 'instance')}, "
         f"{result.bytes / 1e6:.1f} MB in {out}"
     )
-    if destination is not None:
+    if destination is not None and result.instances:
         _send_to_pacs(result.instances, destination, settings, tls_=pacs_tls)
+    # The others were fetched; what failed is said after them.
+    for what, reason in result.failed:
+        click.secho(f"  failed: {what}: {reason}", fg="red", err=True)
     if result.missing:
         # SOP Instance UIDs name no patient; the source's log says why.
         for sop_instance_uid in result.missing[:LISTED_REFUSALS]:
@@ -585,10 +588,16 @@ def fetch(
         if len(result.missing) > LISTED_REFUSALS:
             more = len(result.missing) - LISTED_REFUSALS
             click.secho(f"  and {more} more", fg="red", err=True)
-        _fail(
+    said = []
+    if result.failed:
+        said.append(f"{_count(len(result.failed), 'retrieve')} failed, as said above")
+    if result.missing:
+        said.append(
             f"{_count(len(result.missing), 'referenced instance')} not returned; "
             "the Imaging Document Source's log says why"
         )
+    if said:
+        _fail("; ".join(said))
 
 
 def _send_to_pacs(

@@ -88,6 +88,9 @@ class FetchResult:
     # Documents found as application/dicom that were not fetched: their
     # uniqueId and why.
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    # Transactions that failed, what they were for and why; the fetch went
+    # on with the others.
+    failed: list[tuple[str, str]] = field(default_factory=list)
 
 
 Progress = Callable[[str, int, int], None]
@@ -259,6 +262,8 @@ class Consumer:
         progress: Progress | None = None,
         done: int = 0,
         total: int = 0,
+        *,
+        keep_going: bool = False,
     ) -> int:
         """Retrieve every instance a manifest references, one RAD-69 per source.
 
@@ -269,6 +274,11 @@ class Consumer:
         series (RAD TF-3 4.69.4.1.2), so all the instances held at one
         Retrieve Location UID come in one request and one MTOM answer.
         Instances land as ``out_dir/StudyUID/SeriesUID/SOPUID.dcm``.
+
+        A source that cannot be reached or refuses every instance raises
+        ConsumerError; with ``keep_going`` it is noted in ``result.failed``
+        instead, its instances in ``result.missing``, and the other sources
+        are asked.
         """
         by_location: dict[str, dict[tuple[str, str], list[kos.ManifestReference]]]
         by_location = defaultdict(lambda: defaultdict(list))
@@ -277,9 +287,32 @@ class Consumer:
             series[(ref.study_instance_uid, ref.series_instance_uid)].append(ref)
 
         for location, by_series in by_location.items():
-            done = self._retrieve_from(
-                location, by_series, out_dir, result, progress, done, total, patient_id
-            )
+            try:
+                done = self._retrieve_from(
+                    location,
+                    by_series,
+                    out_dir,
+                    result,
+                    progress,
+                    done,
+                    total,
+                    patient_id,
+                )
+            except ConsumerError as exc:
+                if not keep_going:
+                    raise
+                known = set(result.missing) | {p.stem for p in result.instances}
+                asked = dict.fromkeys(
+                    ref.sop_instance_uid for refs in by_series.values() for ref in refs
+                )
+                result.missing.extend(uid for uid in asked if uid not in known)
+                result.failed.append(
+                    (
+                        f"images of manifest {manifest.sop_instance_uid}"
+                        f" at {location or 'no Retrieve Location UID'}",
+                        str(exc),
+                    )
+                )
         return done
 
     def _retrieve_from(
@@ -407,7 +440,13 @@ class Consumer:
                 self._skip(result, entry, "its uniqueId cannot name a file")
                 continue
             target = out_dir / "manifests" / f"{entry.unique_id}.dcm"
-            self.retrieve_document(entry, target, patient_id)
+            try:
+                self.retrieve_document(entry, target, patient_id)
+            except ConsumerError as exc:
+                # One repository down or refusing leaves the patient's other
+                # manifests to fetch.
+                result.failed.append((f"manifest {entry.unique_id}", str(exc)))
+                continue
             try:
                 manifests.append(kos.parse_manifest(target))
             except kos.NotAManifest as exc:
@@ -423,7 +462,14 @@ class Consumer:
         done = 0
         for manifest in manifests:
             done = self.retrieve_images(
-                manifest, out_dir, result, patient_id, progress, done, total
+                manifest,
+                out_dir,
+                result,
+                patient_id,
+                progress,
+                done,
+                total,
+                keep_going=True,
             )
         return result
 

@@ -1,0 +1,131 @@
+"""A fetch of a patient's priors from several sources: one source that
+cannot be reached, or one manifest that cannot be retrieved, leaves the
+others fetched, and is said as the failure it is (exit status 1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import update
+
+from tests.conftest import shared_path
+from tests.integration.conftest import PATIENT, RunningNode
+from tests.integration.test_command_line import _xdsi, served  # noqa: F401 (fixture)
+from xdsi.actors.document_source import DocumentSource
+from xdsi.cli import bundled_study
+from xdsi.dicom import kos, scan
+from xdsi.store.schema import repository_document
+
+# A Retrieve Location UID no Consumer here has an endpoint for.
+ELSEWHERE = "1.3.6.1.4.1.21367.13.80.999"
+
+
+def _manifest_elsewhere(path: Path) -> tuple[Path, scan.Study]:
+    """A manifest of the bundled CT held at a source that is not configured."""
+    (study,) = scan.scan_directory(bundled_study()).studies
+    manifest = kos.build_manifest(
+        study, retrieve_ae_title="ELSEWHERE", retrieve_location_uid=ELSEWHERE
+    )
+    kos.write_manifest(manifest, path)
+    return path, study
+
+
+def _mr() -> scan.Study:
+    (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
+    return study
+
+
+def test_a_source_that_cannot_be_asked_leaves_the_others_fetched(
+    running_node: RunningNode, tmp_path: Path
+):
+    """RAD TF-3 4.69: each Retrieve Location is asked on its own; one with no
+    endpoint fails alone, its instances counted as not returned."""
+    assert "MSA|AA" in running_node.feed()
+    elsewhere, ct = _manifest_elsewhere(tmp_path / "elsewhere.dcm")
+    DocumentSource(running_node.settings, tmp_path / "spool").submit(
+        [elsewhere], PATIENT, mime_type="application/dicom"
+    )
+    mr = _mr()
+    running_node.services.imaging_source.publish(mr, PATIENT)
+
+    result = running_node.services.consumer.fetch(PATIENT, tmp_path / "out")
+
+    assert len(result.manifests) == 2
+    assert {p.stem for p in result.instances} == {
+        h.sop_instance_uid for h in mr.instances
+    }
+    ((what, reason),) = result.failed
+    assert ELSEWHERE in what
+    assert f"no endpoint is configured for repositoryUniqueId {ELSEWHERE}" in reason
+    assert sorted(result.missing) == sorted(h.sop_instance_uid for h in ct.instances)
+
+
+def test_a_manifest_the_repository_lost_leaves_the_others_fetched(
+    running_node: RunningNode, tmp_path: Path
+):
+    """ITI TF-2 3.43: a manifest the repository answers with an error for
+    fails alone; the patient's other manifests and images are fetched."""
+    assert "MSA|AA" in running_node.feed()
+    elsewhere, _ = _manifest_elsewhere(tmp_path / "elsewhere.dcm")
+    (lost,) = (
+        DocumentSource(running_node.settings, tmp_path / "spool")
+        .submit([elsewhere], PATIENT, mime_type="application/dicom")
+        .document_unique_ids
+    )
+    # The repository no longer holds it as retrievable.
+    with running_node.services.engine.begin() as conn:
+        conn.execute(
+            update(repository_document)
+            .where(repository_document.c.unique_id == lost)
+            .values(state="lost-in-test")
+        )
+    mr = _mr()
+    running_node.services.imaging_source.publish(mr, PATIENT)
+
+    result = running_node.services.consumer.fetch(PATIENT, tmp_path / "out")
+
+    assert len(result.manifests) == 1
+    assert len(result.instances) == len(mr.instances)
+    ((what, reason),) = result.failed
+    assert what == f"manifest {lost}"
+    assert "XDSDocumentUniqueIdError" in reason
+    assert not (tmp_path / "out" / "manifests" / f"{lost}.dcm").exists()
+
+
+def test_fetch_says_what_failed_after_what_it_fetched(
+    served: Path,  # noqa: F811 (fixture)
+    tmp_path: Path,
+):
+    """The command line: the instances that came are written and counted,
+    the failure is named on stderr, and the exit status is 1."""
+    assert "ACK AA" in _xdsi(served, "feed", "GOES-ON-1").stdout
+    elsewhere, ct = _manifest_elsewhere(tmp_path / "elsewhere.dcm")
+    _xdsi(
+        served,
+        "submit",
+        str(elsewhere),
+        "--patient-id",
+        "GOES-ON-1",
+        "--mime-type",
+        "application/dicom",
+    )
+    images = shared_path("dicom", "study-mr", "images")
+    _xdsi(served, "publish", str(images), "--patient-id", "GOES-ON-1")
+
+    fetched = _xdsi(
+        served,
+        "fetch",
+        "--patient-id",
+        "GOES-ON-1",
+        "--out",
+        str(tmp_path / "out"),
+        check=False,
+    )
+
+    assert fetched.returncode == 1
+    assert "2 manifests, 36 instances" in fetched.stdout
+    assert "  failed: images of manifest " in fetched.stderr
+    assert f"at {ELSEWHERE}: no endpoint is configured" in fetched.stderr
+    assert "1 retrieve failed, as said above" in fetched.stderr
+    assert f"{len(ct.instances)} referenced instances not returned" in fetched.stderr
+    assert "Traceback" not in fetched.stderr
