@@ -312,12 +312,16 @@ class Consumer:
                 transaction("RAD-69")["request_action"], request, digest=False
             ) as reply:
                 got = _documents(reply)
+                # Taken before filing empties ``got``.
+                returned = bool(got)
                 errors = read_errors(reply.body)
                 for (study_uid, series_uid), refs in by_series.items():
                     folder = out_dir / study_uid / series_uid
                     folder.mkdir(parents=True, exist_ok=True)
                     for ref in refs:
-                        attachment = got.get(ref.sop_instance_uid)
+                        # Taken once: a SOP Instance UID the manifest
+                        # lists twice has one file.
+                        attachment = got.pop(ref.sop_instance_uid, None)
                         if attachment is None:
                             result.missing.append(ref.sop_instance_uid)
                             continue
@@ -328,7 +332,7 @@ class Consumer:
                         done += 1
                         if progress:
                             progress("RAD-69", done, total)
-                if errors and not got:
+                if errors and not returned:
                     raise ConsumerError(
                         f"RAD-69 for {len(studies)} studies failed: "
                         + _describe(errors),
@@ -482,13 +486,38 @@ def _describe(errors: list[RegistryError]) -> str:
 
 
 def _documents(reply: wire.SoapMessage) -> dict[str, wire.Attachment]:
-    """Map each returned DocumentUniqueId to its spooled attachment."""
+    """Map each returned DocumentUniqueId to its spooled attachment.
+
+    A document the answer does not carry readably is left out, and so
+    counts as not returned: an xop:Include naming no MIME part (XOP 1.0
+    4.1), inline content that is not base64, or a part another
+    DocumentResponse claimed first (a part is one document; its file is
+    moved into place once). One WARNING counts them, with the first reason.
+    """
     got: dict[str, wire.Attachment] = {}
+    claimed: set[Path] = set()
+    left_out: list[str] = []
     for item in reply.body.findall(f"{{{ns.XDSB}}}DocumentResponse"):
         unique_id = (item.findtext(f"{{{ns.XDSB}}}DocumentUniqueId") or "").strip()
         document = item.find(f"{{{ns.XDSB}}}Document")
-        if document is not None:
-            got[unique_id] = wire.attachment_for(document, reply)
+        if document is None:
+            continue
+        try:
+            attachment = wire.attachment_for(document, reply)
+        except (wire.MissingAttachment, wire.MalformedMessage) as exc:
+            left_out.append(str(exc))
+            continue
+        if attachment.path in claimed:
+            left_out.append("its MIME part is another document's")
+            continue
+        claimed.add(attachment.path)
+        got[unique_id] = attachment
+    if left_out:
+        logger.warning(
+            "%d documents of the answer cannot be read and are left out; the first: %s",
+            len(left_out),
+            logs.quoted(left_out[0]),
+        )
     return got
 
 

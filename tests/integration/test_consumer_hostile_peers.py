@@ -1,0 +1,220 @@
+"""The Imaging Document Consumer against registries, repositories and
+Imaging Document Sources it does not control: a peer on 127.0.0.1 that
+answers with crafted SOAP and MTOM bytes. Whatever it sends, the Consumer
+ends with a ConsumerError or a result, writes nothing under a final name
+that it did not get whole, and holds no more of the answer than it asked
+for."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Request, Response
+
+from xdsi.actors.consumer import Consumer, FetchResult
+from xdsi.app import node_auditor
+from xdsi.config import Settings
+from xdsi.dicom import kos
+
+REPOSITORY = "1.2.3.4.5.6"
+STUDY = "1.2.3.10"
+SERIES = "1.2.3.10.1"
+RETRIEVE_RESPONSE = b"urn:ihe:iti:2007:RetrieveDocumentSetResponse"
+XOP = b"http://www.w3.org/2004/08/xop/include"
+BOUNDARY = "hostile"
+
+# What the peer answers a request body with: status, Content-Type, body.
+Answer = Callable[[bytes], tuple[int, str, bytes]]
+
+
+class HostilePeer:
+    """An HTTP peer on 127.0.0.1 answering every POST with ``answer``."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self._server = make_server("127.0.0.1", 0, self._app, threaded=True)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_port}/peer"
+
+    def _app(self, environ: dict, start_response: Callable) -> object:
+        status, content_type, body = self.answer(Request(environ).get_data())
+        return Response(body, status=status, content_type=content_type)(
+            environ, start_response
+        )
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def peer() -> Iterator[Callable[[Answer], HostilePeer]]:
+    started: list[HostilePeer] = []
+
+    def start(answer: Answer) -> HostilePeer:
+        started.append(HostilePeer(answer))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.close()
+
+
+def _consumer(tmp_path: Path, url: str) -> Consumer:
+    settings = Settings()
+    settings = replace(
+        settings,
+        node=replace(settings.node, storage_dir=str(tmp_path / "node")),
+        consumer=replace(
+            settings.consumer,
+            registry_url=url,
+            repositories={REPOSITORY: url},
+            timeout=10.0,
+        ),
+    )
+    return Consumer(settings, node_auditor(settings), tmp_path / "spool")
+
+
+def _manifest(*sop_instance_uids: str) -> kos.Manifest:
+    return kos.Manifest(
+        sop_instance_uid="1.2.3.99",
+        study_instance_uids=(STUDY,),
+        references=tuple(
+            kos.ManifestReference(
+                STUDY, SERIES, "1.2.840.10008.5.1.4.1.1.2", uid, "X", REPOSITORY
+            )
+            for uid in sop_instance_uids
+        ),
+    )
+
+
+def _requested(body: bytes) -> list[bytes]:
+    return re.findall(rb"<xdsb:DocumentUniqueId>([^<]+)<", body)
+
+
+def _envelope(action: bytes, payload: bytes) -> bytes:
+    return (
+        b'<env:Envelope xmlns:env="http://www.w3.org/2003/05/soap-envelope" '
+        b'xmlns:wsa="http://www.w3.org/2005/08/addressing"><env:Header>'
+        b"<wsa:Action>"
+        + action
+        + b"</wsa:Action></env:Header><env:Body>"
+        + payload
+        + b"</env:Body></env:Envelope>"
+    )
+
+
+def _document_response(unique_id: bytes, document: bytes) -> bytes:
+    return (
+        b"<xdsb:DocumentResponse><xdsb:RepositoryUniqueId>"
+        + REPOSITORY.encode()
+        + b"</xdsb:RepositoryUniqueId><xdsb:DocumentUniqueId>"
+        + unique_id
+        + b"</xdsb:DocumentUniqueId><xdsb:mimeType>application/dicom"
+        b"</xdsb:mimeType><xdsb:Document>" + document + b"</xdsb:Document>"
+        b"</xdsb:DocumentResponse>"
+    )
+
+
+def _include(content_id: bytes) -> bytes:
+    return b'<xop:Include xmlns:xop="' + XOP + b'" href="cid:' + content_id + b'"/>'
+
+
+def _mtom(
+    responses: list[bytes], parts: list[tuple[bytes, bytes]]
+) -> tuple[str, bytes]:
+    """A RetrieveDocumentSetResponse in an MTOM package, as given."""
+    root = _envelope(
+        RETRIEVE_RESPONSE,
+        b'<xdsb:RetrieveDocumentSetResponse xmlns:xdsb="urn:ihe:iti:xds-b:2007" '
+        b'xmlns:rs="urn:oasis:names:tc:ebxml-regrep:xsd:rs:3.0"><rs:RegistryResponse '
+        b'status="urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Success"/>'
+        + b"".join(responses)
+        + b"</xdsb:RetrieveDocumentSetResponse>",
+    )
+    delimiter = b"--" + BOUNDARY.encode()
+    body = [
+        delimiter + b"\r\nContent-Type: application/xop+xml; "
+        b'type="application/soap+xml"\r\nContent-ID: <root@peer>\r\n\r\n' + root
+    ]
+    for content_id, data in parts:
+        body.append(
+            b"\r\n" + delimiter + b"\r\nContent-Type: application/dicom\r\n"
+            b"Content-ID: <" + content_id + b">\r\n\r\n" + data
+        )
+    body.append(b"\r\n" + delimiter + b"--\r\n")
+    content_type = (
+        f'multipart/related; type="application/xop+xml"; boundary="{BOUNDARY}"; '
+        'start="<root@peer>"; start-info="application/soap+xml"'
+    )
+    return content_type, b"".join(body)
+
+
+def test_documents_an_answer_cannot_carry_count_as_not_returned(
+    peer: Callable[[Answer], HostilePeer], tmp_path: Path
+):
+    """XOP 1.0 4.1: an xop:Include names a part of the package. One that
+    names none, and inline content that is not base64, leave their
+    document out of the result instead of ending the fetch with a
+    traceback; the readable one is filed."""
+
+    def answer(body: bytes) -> tuple[int, str, bytes]:
+        good, missing, garbled = _requested(body)
+        content_type, package = _mtom(
+            [
+                _document_response(good, _include(b"good@peer")),
+                _document_response(missing, _include(b"nowhere@peer")),
+                _document_response(garbled, b"!!!!"),
+            ],
+            [(b"good@peer", b"DICM")],
+        )
+        return 200, content_type, package
+
+    consumer = _consumer(tmp_path, peer(answer).url)
+    result = FetchResult()
+    out = tmp_path / "out"
+
+    consumer.retrieve_images(
+        _manifest("1.2.3.10.1.1", "1.2.3.10.1.2", "1.2.3.10.1.3"), out, result, "P"
+    )
+
+    assert [p.name for p in result.instances] == ["1.2.3.10.1.1.dcm"]
+    assert result.missing == ["1.2.3.10.1.2", "1.2.3.10.1.3"]
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["1.2.3.10.1.1.dcm"]
+
+
+def test_one_part_claimed_by_two_documents_is_filed_once(
+    peer: Callable[[Answer], HostilePeer], tmp_path: Path
+):
+    """A part is one document: a second DocumentResponse whose xop:Include
+    names the part of the first, or a SOP Instance UID the manifest lists
+    twice, is not returned, rather than failing on the file already moved."""
+
+    def answer(body: bytes) -> tuple[int, str, bytes]:
+        requested = _requested(body)
+        content_type, package = _mtom(
+            [_document_response(uid, _include(b"one@peer")) for uid in requested],
+            [(b"one@peer", b"DICM")],
+        )
+        return 200, content_type, package
+
+    consumer = _consumer(tmp_path, peer(answer).url)
+    result = FetchResult()
+    out = tmp_path / "out"
+
+    consumer.retrieve_images(
+        _manifest("1.2.3.10.1.1", "1.2.3.10.1.2", "1.2.3.10.1.1"), out, result, "P"
+    )
+
+    assert [p.name for p in result.instances] == ["1.2.3.10.1.1.dcm"]
+    assert result.missing == ["1.2.3.10.1.2", "1.2.3.10.1.1"]
+    assert len([p for p in out.rglob("*") if p.is_file()]) == 1
