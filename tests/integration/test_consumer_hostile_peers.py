@@ -7,7 +7,10 @@ for."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -17,7 +20,7 @@ import pytest
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
-from xdsi.actors.consumer import Consumer, FetchResult
+from xdsi.actors.consumer import Consumer, ConsumerError, FetchResult
 from xdsi.app import node_auditor
 from xdsi.config import Settings
 from xdsi.dicom import kos
@@ -218,3 +221,108 @@ def test_one_part_claimed_by_two_documents_is_filed_once(
     assert [p.name for p in result.instances] == ["1.2.3.10.1.1.dcm"]
     assert result.missing == ["1.2.3.10.1.2", "1.2.3.10.1.1"]
     assert len([p for p in out.rglob("*") if p.is_file()]) == 1
+
+
+STORED_QUERY_RESPONSE = b"urn:ihe:iti:2007:RegistryStoredQueryResponse"
+UNIQUE_ID_SCHEME = b"urn:uuid:2e82c1f6-a085-4c72-9da3-8640a32e42ab"
+# CSI and OSC as C1 controls (XML 1.0 forbids ESC, not these), a
+# right-to-left override, a carriage return and a line break (as character
+# references: XML turns a raw CR into LF).
+STEERING = "\x9b2J\x9d0;owned\x9c\u202eevil\u202c&#13;error: forged&#10;".encode()
+# How logs.shown writes them.
+STEERING_SHOWN = "\\x9b2J\\x9d0;owned\\x9c\\u202eevil\\u202c\\rerror: forged\\n"
+
+
+def _query_response(title: bytes, size: bytes) -> bytes:
+    """An AdhocQueryResponse with one DocumentEntry of ``title`` and ``size``."""
+    slot = b'<rim:Slot name="%s"><rim:ValueList><rim:Value>%s</rim:Value>'
+    slot += b"</rim:ValueList></rim:Slot>"
+    entry = (
+        b'<rim:ExtrinsicObject id="urn:uuid:1" mimeType="application/dicom" '
+        b'status="urn:oasis:names:tc:ebxml-regrep:StatusType:Approved">'
+        + slot % (b"size", size)
+        + slot % (b"repositoryUniqueId", REPOSITORY.encode())
+        + b'<rim:Name><rim:LocalizedString value="'
+        + title
+        + b'"/></rim:Name><rim:ExternalIdentifier identificationScheme="'
+        + UNIQUE_ID_SCHEME
+        + b'" value="1.2.3.77"/></rim:ExtrinsicObject>'
+    )
+    return _envelope(
+        STORED_QUERY_RESPONSE,
+        b'<query:AdhocQueryResponse xmlns:query="urn:oasis:names:tc:ebxml-regrep:'
+        b'xsd:query:3.0" xmlns:rim="urn:oasis:names:tc:ebxml-regrep:xsd:rim:3.0" '
+        b'status="urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Success">'
+        b"<rim:RegistryObjectList>" + entry + b"</rim:RegistryObjectList>"
+        b"</query:AdhocQueryResponse>",
+    )
+
+
+def test_a_peer_text_reaches_the_user_escaped_and_cut(
+    peer: Callable[[Answer], HostilePeer], tmp_path: Path
+):
+    """A SOAP Fault's Reason and a RegistryError's codeContext are a peer's
+    words: in the error a user reads, its line breaks and terminal controls
+    are escaped and a megabyte of text is cut."""
+    fault = _envelope(
+        b"http://www.w3.org/2005/08/addressing/soap/fault",
+        b"<env:Fault><env:Code><env:Value>env:Receiver</env:Value></env:Code>"
+        b'<env:Reason><env:Text xml:lang="en">'
+        + STEERING
+        + b"A" * 1_000_000
+        + b"</env:Text></env:Reason></env:Fault>",
+    )
+    refusal = _envelope(
+        STORED_QUERY_RESPONSE,
+        b'<query:AdhocQueryResponse xmlns:query="urn:oasis:names:tc:ebxml-regrep:'
+        b'xsd:query:3.0" xmlns:rs="urn:oasis:names:tc:ebxml-regrep:xsd:rs:3.0" '
+        b'status="urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Failure">'
+        b'<rs:RegistryErrorList><rs:RegistryError errorCode="X'
+        + STEERING
+        + b'" codeContext="'
+        + STEERING
+        + b"B" * 1_000_000
+        + b'"/></rs:RegistryErrorList></query:AdhocQueryResponse>',
+    )
+    for status, answer in ((500, fault), (200, refusal)):
+        url = peer(lambda _, s=status, a=answer: (s, "application/soap+xml", a)).url
+
+        with pytest.raises(ConsumerError) as failed:
+            _consumer(tmp_path, url).find("P^^^&1.2.3&ISO")
+
+        message = str(failed.value)
+        assert len(message) < 2_000
+        assert message.isprintable(), message[:300]
+        assert STEERING_SHOWN in (message)
+
+
+def test_find_prints_a_registry_value_as_text_not_markup_or_controls(
+    peer: Callable[[Answer], HostilePeer], tmp_path: Path
+):
+    """`xdsi find` prints each DocumentEntry's values as the registry sent
+    them: "[/bold]" is no markup error, "[link=...]" no hyperlink on the
+    user's terminal, and a C1 control no terminal command."""
+    title = b"[/bold][link=http://evil.example/]click[/link]" + STEERING
+    url = peer(
+        lambda _: (200, "application/soap+xml", _query_response(title, b"1"))
+    ).url
+    config = tmp_path / "xdsi.toml"
+    config.write_text(
+        f'[node]\nstorage_dir = "{tmp_path / "node"}"\n'
+        f'[consumer]\nregistry_url = "{url}"\n'
+    )
+
+    shown = subprocess.run(
+        [sys.executable, "-m", "xdsi", "--config", str(config), "find"]
+        + ["--patient-id", "P"],
+        capture_output=True,
+        timeout=120,
+        # A terminal as wide as the title, where rich would write links.
+        env={**os.environ, "FORCE_COLOR": "1", "COLUMNS": "400"},
+    )
+
+    assert shown.returncode == 0, shown.stderr.decode()[-2000:]
+    out = shown.stdout.decode()
+    assert "[/bold][link=http://evil.example/]click[/link]" in out
+    assert STEERING_SHOWN in out
+    assert "\x1b]8;" not in out and "\x9b" not in out and "\u202e" not in out

@@ -114,7 +114,8 @@ class Consumer:
         if repository_unique_id == self.settings.imaging_source.repository_unique_id:
             return self.settings.url("imaging_source")
         raise ConsumerError(
-            f"no endpoint is configured for repositoryUniqueId {repository_unique_id}"
+            "no endpoint is configured for repositoryUniqueId "
+            f"{logs.shown(repository_unique_id, 100)}"
             " (add it to [consumer] repositories, or give the configuration of the"
             " node that published it)"
         )
@@ -190,7 +191,9 @@ class Consumer:
                 body = reply.body
             ok = True
         except (wire.TransportError, wire.PeerFault) as exc:
-            raise ConsumerError(f"ITI-18 to {url} failed: {exc}") from exc
+            raise ConsumerError(
+                f"ITI-18 to {url} failed: {logs.shown(str(exc))}"
+            ) from exc
         finally:
             self._audit(
                 "ITI-18",
@@ -233,7 +236,9 @@ class Consumer:
                 got[entry.unique_id].path.replace(target)
             ok = True
         except (wire.TransportError, wire.PeerFault) as exc:
-            raise ConsumerError(f"ITI-43 to {url} failed: {exc}") from exc
+            raise ConsumerError(
+                f"ITI-43 to {url} failed: {logs.shown(str(exc))}"
+            ) from exc
         finally:
             _remove_if_empty(spool)
             self._audit(
@@ -340,7 +345,9 @@ class Consumer:
                     )
             ok = True
         except (wire.TransportError, wire.PeerFault) as exc:
-            raise ConsumerError(f"RAD-69 to {url} failed: {exc}") from exc
+            raise ConsumerError(
+                f"RAD-69 to {url} failed: {logs.shown(str(exc))}"
+            ) from exc
         finally:
             _remove_if_empty(spool)
             self._audit(
@@ -479,7 +486,11 @@ DESCRIBED_ERRORS = 3
 
 
 def _describe(errors: list[RegistryError]) -> str:
-    text = "; ".join(f"{e.code}: {e.message}" for e in errors[:DESCRIBED_ERRORS])
+    # A peer's codes and texts, escaped and cut (logs.shown).
+    text = "; ".join(
+        f"{logs.shown(e.code, 100)}: {logs.shown(e.message)}"
+        for e in errors[:DESCRIBED_ERRORS]
+    )
     if len(errors) > DESCRIBED_ERRORS:
         text += f"; and {len(errors) - DESCRIBED_ERRORS} more errors"
     return text or "no error given"
