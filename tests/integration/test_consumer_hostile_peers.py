@@ -258,6 +258,20 @@ def _query_response(title: bytes, size: bytes) -> bytes:
     )
 
 
+def test_a_size_of_digits_int_refuses_is_no_size(
+    peer: Callable[[Answer], HostilePeer], tmp_path: Path
+):
+    """ITI TF-3 4.2.3.2.19: size is an integer. "²" passes str.isdigit()
+    but not int(); the entry is found with no size, not a traceback."""
+    url = peer(
+        lambda _: (200, "application/soap+xml", _query_response(b"T", "²".encode()))
+    ).url
+
+    (entry,) = _consumer(tmp_path, url).find("P^^^&1.2.3&ISO")
+
+    assert entry.unique_id == "1.2.3.77" and entry.size is None
+
+
 def test_a_peer_text_reaches_the_user_escaped_and_cut(
     peer: Callable[[Answer], HostilePeer], tmp_path: Path
 ):

@@ -553,6 +553,7 @@ def _found_entry(obj: ebrim.RegistryObject) -> FoundEntry:
         service_start_time=obj.slot("serviceStartTime") or "",
         modalities=tuple(c.code for c in obj.codes("eventCodeList")),
         study_instance_uids=studies,
-        size=int(size) if size and size.isdigit() else None,
+        # isdigit() alone takes digits int() refuses, such as "²".
+        size=int(size) if size and size.isascii() and size.isdigit() else None,
         status=obj.status.rsplit(":", 1)[-1],
     )
