@@ -340,3 +340,38 @@ def test_find_prints_a_registry_value_as_text_not_markup_or_controls(
     assert "[/bold][link=http://evil.example/]click[/link]" in out
     assert STEERING_SHOWN in out
     assert "\x1b]8;" not in out and "\x9b" not in out and "\u202e" not in out
+
+
+def test_an_answer_of_more_parts_than_documents_asked_for_is_refused(
+    peer: Callable[[Answer], HostilePeer], tmp_path: Path
+):
+    """XOP 1.0 4.1: a RAD-69 answer carries the envelope and a part per
+    document asked for at most. A peer sending a flood of parts beyond
+    (each a spool file and memory, 200,000 of them took 17 s and 340 MB)
+    is refused at the first one too many, and nothing is filed."""
+    parsed: list[int] = []
+
+    def answer(body: bytes) -> tuple[int, str, bytes]:
+        requested = _requested(body)
+        parts = [(b"p%d@peer" % i, b"DICM") for i in range(len(requested))]
+        parts += [(b"flood%d@peer" % i, b"") for i in range(5_000)]
+        parsed.append(len(parts))
+        return 200, *_mtom(
+            [
+                _document_response(uid, _include(b"p%d@peer" % i))
+                for i, uid in enumerate(requested)
+            ],
+            parts,
+        )
+
+    consumer = _consumer(tmp_path, peer(answer).url)
+    out = tmp_path / "out"
+
+    with pytest.raises(ConsumerError) as failed:
+        consumer.retrieve_images(
+            _manifest("1.2.3.10.1.1", "1.2.3.10.1.2"), out, FetchResult(), "P"
+        )
+
+    assert parsed == [5_002]
+    assert "more than 3 MIME parts" in str(failed.value)
+    assert not [p for p in out.rglob("*") if p.is_file()]

@@ -180,7 +180,11 @@ class Consumer:
                 spool_dir=self.spool_dir,
                 ssl_context=tls.client_context_for(self.settings),
             )
-            with client.call(transaction("ITI-18")["request_action"], request) as reply:
+            # An AdhocQueryResponse carries no document: its envelope
+            # alone, as a root part at most.
+            with client.call(
+                transaction("ITI-18")["request_action"], request, max_parts=1
+            ) as reply:
                 status = read_status(reply.body)
                 errors = read_errors(reply.body)
                 if status != ResponseStatus.SUCCESS.value:
@@ -225,7 +229,10 @@ class Consumer:
                 spool_dir=spool,
                 ssl_context=tls.client_context_for(self.settings),
             )
-            with client.call(transaction("ITI-43")["request_action"], request) as reply:
+            # The envelope and the one document asked for (XOP 1.0 4.1).
+            with client.call(
+                transaction("ITI-43")["request_action"], request, max_parts=2
+            ) as reply:
                 got = _documents(reply)
                 if entry.unique_id not in got:
                     raise ConsumerError(
@@ -312,9 +319,15 @@ class Consumer:
                 ssl_context=tls.client_context_for(self.settings),
             )
             # The Consumer keeps instances as sent; no hash is checked, so
-            # none is computed.
+            # none is computed. The answer has the envelope and a part per
+            # instance asked for at most: a peer's parts beyond would each
+            # be a spool file and memory, however many it sends.
+            asked = sum(len(refs) for refs in by_series.values())
             with client.call(
-                transaction("RAD-69")["request_action"], request, digest=False
+                transaction("RAD-69")["request_action"],
+                request,
+                digest=False,
+                max_parts=1 + asked,
             ) as reply:
                 got = _documents(reply)
                 # Taken before filing empties ``got``.

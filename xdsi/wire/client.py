@@ -151,6 +151,7 @@ class SoapClient:
         parts: Sequence[OutgoingPart] = (),
         mtom: bool = False,
         digest: bool = True,
+        max_parts: int | None = None,
     ) -> SoapMessage:
         """Send ``body`` with wsa:Action ``action`` and return the response.
 
@@ -158,7 +159,9 @@ class SoapClient:
         it streams from the parts' files. ``body`` is moved into the request
         envelope. The caller closes the returned message to remove its
         spooled attachments. With ``digest`` false the answer's parts are
-        not hashed (their ``sha1`` is None).
+        not hashed (their ``sha1`` is None). With ``max_parts`` an MTOM
+        answer of more MIME parts (its root part included) is refused as it
+        streams, before their files pile up.
 
         Raises
         ------
@@ -178,7 +181,7 @@ class SoapClient:
             response = self._post(content_type, _SizedBody(length, chunks))
             status = response.status_code
             with response:
-                message = self._read(response, digest, started)
+                message = self._read(response, digest, started, max_parts)
             if message.body.tag == qname(SOAP12, "Fault"):
                 message.close()
                 fault = PeerFault.from_element(message.body)
@@ -280,7 +283,11 @@ class SoapClient:
             raise TransportError(str(exc), self.url) from exc
 
     def _read(
-        self, response: requests.Response, digest: bool, started: float
+        self,
+        response: requests.Response,
+        digest: bool,
+        started: float,
+        max_parts: int | None = None,
     ) -> SoapMessage:
         """Read the response as SOAP; anything else is a TransportError, as
         is an answer not read whole ``answer_within`` seconds after
@@ -293,7 +300,13 @@ class SoapClient:
             # per-read timeout alone; the deadline is checked from the body on.
             stream = _Deadline(stream, started + self.answer_within)
         try:
-            return read_message(stream, content_type, self.spool_dir, digest=digest)
+            return read_message(
+                stream,
+                content_type,
+                self.spool_dir,
+                digest=digest,
+                max_parts=max_parts,
+            )
         except _AnswerTooSlow:
             raise TransportError(
                 f"the answer broke off (not whole within {self.answer_within:g} s)",
