@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -375,3 +376,43 @@ def test_an_answer_of_more_parts_than_documents_asked_for_is_refused(
     assert parsed == [5_002]
     assert "more than 3 MIME parts" in str(failed.value)
     assert not [p for p in out.rglob("*") if p.is_file()]
+
+
+def test_an_answer_trickling_in_is_given_up(tmp_path: Path):
+    """A registry that sends its answer a byte at a time, each within the
+    per-read timeout, held a find for as long as it liked (a 6 KB answer
+    at a byte every 2 s: hours). The answer must keep ANSWER_PACE on
+    average, pausing the timeout at most; this one is given up within
+    about twice the timeout."""
+    stop = threading.Event()
+    answer = _query_response(b"T", b"1")
+
+    def trickle(environ: dict, start_response: Callable) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "application/soap+xml")])
+        for byte in answer:
+            if stop.wait(0.5):
+                return
+            yield bytes([byte])
+
+    server = make_server("127.0.0.1", 0, trickle, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    consumer = _consumer(tmp_path, f"http://127.0.0.1:{server.server_port}/")
+    consumer = Consumer(
+        replace(
+            consumer.settings,
+            consumer=replace(consumer.settings.consumer, timeout=2.0),
+        ),
+        consumer.auditor,
+        tmp_path / "spool",
+    )
+    started = time.monotonic()
+    try:
+        with pytest.raises(ConsumerError) as failed:
+            consumer.find("P^^^&1.2.3&ISO")
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
+
+    assert time.monotonic() - started < 6
+    assert "slower than 8192 bytes a second on average" in str(failed.value)
