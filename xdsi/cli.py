@@ -28,6 +28,7 @@ from lxml import etree
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
+from rich.text import Text
 from werkzeug.serving import make_server
 
 from xdsi import __version__, logs, ns, tls
@@ -464,13 +465,21 @@ def _entries_table(entries: list[FoundEntry]) -> Table:
     ):
         table.add_column(column, overflow="fold")
     for entry in entries:
+        # The registry's values, as plain text: rich would read "[...]" in
+        # a str as markup (a hyperlink, a style, or a MarkupError), and
+        # keeps C1 controls; each is shown as sent, escaped (logs.shown).
         table.add_row(
-            entry.unique_id,
-            entry.title,
-            " ".join(entry.modalities),
-            entry.service_start_time,
-            " ".join(entry.study_instance_uids),
-            entry.repository_unique_id,
+            *(
+                Text(logs.shown(value))
+                for value in (
+                    entry.unique_id,
+                    entry.title,
+                    " ".join(entry.modalities),
+                    entry.service_start_time,
+                    " ".join(entry.study_instance_uids),
+                    entry.repository_unique_id,
+                )
+            )
         )
     return table
 

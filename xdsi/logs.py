@@ -47,6 +47,26 @@ def quoted(text: str | None) -> str | None:
     return shown
 
 
+# A peer's text shown to a user (a Fault reason, a RegistryError) is cut
+# after this many characters.
+SHOWN_PREFIX = 500
+
+
+def shown(text: str, limit: int = SHOWN_PREFIX) -> str:
+    """A peer's text for a terminal: its first ``limit`` characters, each
+    character Unicode counts as unprintable (line breaks, C0 and C1 controls
+    such as ESC and CSI, bidirectional overrides) escaped, and its length
+    when it is longer, so that a peer's answer can neither steer the
+    terminal nor forge lines, nor fill the screen."""
+    out = "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+        for c in text[:limit]
+    )
+    if len(text) > limit:
+        out += f"... ({len(text)} characters)"
+    return out
+
+
 def escaped_prefix(text: str) -> str:
     """Return the start of ``text`` in printable ASCII, other characters
     escaped, so that a peer's bytes neither fill a log nor forge lines in it.

@@ -41,6 +41,12 @@ PARTIAL_DIR = ".xdsi-partial"
 # can name a file in the output directory as it is; nothing that could
 # climb out of it.
 SAFE_FILE_NAME = re.compile(r"[0-9A-Za-z][0-9A-Za-z.^_-]{0,127}")
+# The pace, in bytes a second on average, below which a peer's answer is
+# given up, pausing [consumer] timeout at most: what the node asks of a
+# request body it serves (README, HTTP), so that a peer trickling an answer
+# (a byte every few seconds) cannot hold a find or fetch forever. A 1 GB
+# RAD-69 answer at 2 MB/s never comes near it.
+ANSWER_PACE = 8 * 1024
 
 
 class ConsumerError(Exception):
@@ -117,7 +123,8 @@ class Consumer:
         if repository_unique_id == self.settings.imaging_source.repository_unique_id:
             return self.settings.url("imaging_source")
         raise ConsumerError(
-            f"no endpoint is configured for repositoryUniqueId {repository_unique_id}"
+            "no endpoint is configured for repositoryUniqueId "
+            f"{logs.shown(repository_unique_id, 100)}"
             " (add it to [consumer] repositories, or give the configuration of the"
             " node that published it)"
         )
@@ -179,10 +186,15 @@ class Consumer:
             client = wire.SoapClient(
                 url,
                 timeout=self.settings.consumer.timeout,
+                min_rate=ANSWER_PACE,
                 spool_dir=self.spool_dir,
                 ssl_context=tls.client_context_for(self.settings),
             )
-            with client.call(transaction("ITI-18")["request_action"], request) as reply:
+            # An AdhocQueryResponse carries no document: its envelope
+            # alone, as a root part at most.
+            with client.call(
+                transaction("ITI-18")["request_action"], request, max_parts=1
+            ) as reply:
                 status = read_status(reply.body)
                 errors = read_errors(reply.body)
                 if status != ResponseStatus.SUCCESS.value:
@@ -193,7 +205,9 @@ class Consumer:
                 body = reply.body
             ok = True
         except (wire.TransportError, wire.PeerFault) as exc:
-            raise ConsumerError(f"ITI-18 to {url} failed: {exc}") from exc
+            raise ConsumerError(
+                f"ITI-18 to {url} failed: {logs.shown(str(exc))}"
+            ) from exc
         finally:
             self._audit(
                 "ITI-18",
@@ -222,10 +236,14 @@ class Consumer:
             client = wire.SoapClient(
                 url,
                 timeout=self.settings.consumer.timeout,
+                min_rate=ANSWER_PACE,
                 spool_dir=spool,
                 ssl_context=tls.client_context_for(self.settings),
             )
-            with client.call(transaction("ITI-43")["request_action"], request) as reply:
+            # The envelope and the one document asked for (XOP 1.0 4.1).
+            with client.call(
+                transaction("ITI-43")["request_action"], request, max_parts=2
+            ) as reply:
                 got = _documents(reply)
                 if entry.unique_id not in got:
                     raise ConsumerError(
@@ -236,7 +254,9 @@ class Consumer:
                 got[entry.unique_id].path.replace(target)
             ok = True
         except (wire.TransportError, wire.PeerFault) as exc:
-            raise ConsumerError(f"ITI-43 to {url} failed: {exc}") from exc
+            raise ConsumerError(
+                f"ITI-43 to {url} failed: {logs.shown(str(exc))}"
+            ) from exc
         finally:
             _remove_if_empty(spool)
             self._audit(
@@ -336,21 +356,32 @@ class Consumer:
             client = wire.SoapClient(
                 url,
                 timeout=self.settings.consumer.timeout,
+                min_rate=ANSWER_PACE,
                 spool_dir=spool,
                 ssl_context=tls.client_context_for(self.settings),
             )
             # The Consumer keeps instances as sent; no hash is checked, so
-            # none is computed.
+            # none is computed. The answer has the envelope and a part per
+            # instance asked for at most: a peer's parts beyond would each
+            # be a spool file and memory, however many it sends.
+            asked = sum(len(refs) for refs in by_series.values())
             with client.call(
-                transaction("RAD-69")["request_action"], request, digest=False
+                transaction("RAD-69")["request_action"],
+                request,
+                digest=False,
+                max_parts=1 + asked,
             ) as reply:
                 got = _documents(reply)
+                # Taken before filing empties ``got``.
+                returned = bool(got)
                 errors = read_errors(reply.body)
                 for (study_uid, series_uid), refs in by_series.items():
                     folder = out_dir / study_uid / series_uid
                     folder.mkdir(parents=True, exist_ok=True)
                     for ref in refs:
-                        attachment = got.get(ref.sop_instance_uid)
+                        # Taken once: a SOP Instance UID the manifest
+                        # lists twice has one file.
+                        attachment = got.pop(ref.sop_instance_uid, None)
                         if attachment is None:
                             result.missing.append(ref.sop_instance_uid)
                             continue
@@ -361,7 +392,7 @@ class Consumer:
                         done += 1
                         if progress:
                             progress("RAD-69", done, total)
-                if errors and not got:
+                if errors and not returned:
                     raise ConsumerError(
                         f"RAD-69 for {len(studies)} studies failed: "
                         + _describe(errors),
@@ -369,7 +400,9 @@ class Consumer:
                     )
             ok = True
         except (wire.TransportError, wire.PeerFault) as exc:
-            raise ConsumerError(f"RAD-69 to {url} failed: {exc}") from exc
+            raise ConsumerError(
+                f"RAD-69 to {url} failed: {logs.shown(str(exc))}"
+            ) from exc
         finally:
             _remove_if_empty(spool)
             self._audit(
@@ -521,20 +554,49 @@ DESCRIBED_ERRORS = 3
 
 
 def _describe(errors: list[RegistryError]) -> str:
-    text = "; ".join(f"{e.code}: {e.message}" for e in errors[:DESCRIBED_ERRORS])
+    # A peer's codes and texts, escaped and cut (logs.shown).
+    text = "; ".join(
+        f"{logs.shown(e.code, 100)}: {logs.shown(e.message)}"
+        for e in errors[:DESCRIBED_ERRORS]
+    )
     if len(errors) > DESCRIBED_ERRORS:
         text += f"; and {len(errors) - DESCRIBED_ERRORS} more errors"
     return text or "no error given"
 
 
 def _documents(reply: wire.SoapMessage) -> dict[str, wire.Attachment]:
-    """Map each returned DocumentUniqueId to its spooled attachment."""
+    """Map each returned DocumentUniqueId to its spooled attachment.
+
+    A document the answer does not carry readably is left out, and so
+    counts as not returned: an xop:Include naming no MIME part (XOP 1.0
+    4.1), inline content that is not base64, or a part another
+    DocumentResponse claimed first (a part is one document; its file is
+    moved into place once). One WARNING counts them, with the first reason.
+    """
     got: dict[str, wire.Attachment] = {}
+    claimed: set[Path] = set()
+    left_out: list[str] = []
     for item in reply.body.findall(f"{{{ns.XDSB}}}DocumentResponse"):
         unique_id = (item.findtext(f"{{{ns.XDSB}}}DocumentUniqueId") or "").strip()
         document = item.find(f"{{{ns.XDSB}}}Document")
-        if document is not None:
-            got[unique_id] = wire.attachment_for(document, reply)
+        if document is None:
+            continue
+        try:
+            attachment = wire.attachment_for(document, reply)
+        except (wire.MissingAttachment, wire.MalformedMessage) as exc:
+            left_out.append(str(exc))
+            continue
+        if attachment.path in claimed:
+            left_out.append("its MIME part is another document's")
+            continue
+        claimed.add(attachment.path)
+        got[unique_id] = attachment
+    if left_out:
+        logger.warning(
+            "%d documents of the answer cannot be read and are left out; the first: %s",
+            len(left_out),
+            logs.quoted(left_out[0]),
+        )
     return got
 
 
@@ -559,6 +621,7 @@ def _found_entry(obj: ebrim.RegistryObject) -> FoundEntry:
         service_start_time=obj.slot("serviceStartTime") or "",
         modalities=tuple(c.code for c in obj.codes("eventCodeList")),
         study_instance_uids=studies,
-        size=int(size) if size and size.isdigit() else None,
+        # isdigit() alone takes digits int() refuses, such as "²".
+        size=int(size) if size and size.isascii() and size.isdigit() else None,
         status=obj.status.rsplit(":", 1)[-1],
     )

@@ -70,15 +70,43 @@ class _Deadline:
     deadline; each read still waits at most the client's per-read timeout.
     """
 
-    def __init__(self, stream: BinaryIO, deadline: float) -> None:
+    def __init__(self, stream: BinaryIO, deadline: float, within: float) -> None:
         self._stream = stream
         self._deadline = deadline
+        self._within = within
         self._read = getattr(stream, "read1", stream.read)
 
     def read(self, size: int = -1) -> bytes:
         if time.monotonic() > self._deadline:
-            raise _AnswerTooSlow
+            raise _AnswerTooSlow(f"not whole within {self._within:g} s")
         return self._read(size)
+
+
+class _Pace:
+    """An answer stream that must keep up an average pace: each byte read
+    buys ``1 / rate`` s, and at most ``bank`` s are held in advance (the
+    longest pause allowed), so that a peer trickling its answer cannot keep
+    the reader forever, while a large answer at a sound rate has all the
+    time it needs. Reads take what one read of the socket gives
+    (``read1``), as for _Deadline."""
+
+    def __init__(self, stream: BinaryIO, rate: float, bank: float) -> None:
+        self._stream = stream
+        self._rate = rate
+        self._bank = bank
+        self._due = time.monotonic() + bank
+        self._read = getattr(stream, "read1", stream.read)
+
+    def read(self, size: int = -1) -> bytes:
+        if time.monotonic() > self._due:
+            raise _AnswerTooSlow(
+                f"it came slower than {self._rate:g} bytes a second on average"
+            )
+        data = self._read(size)
+        self._due = min(
+            self._due + len(data) / self._rate, time.monotonic() + self._bank
+        )
+        return data
 
 
 class _ContextAdapter(HTTPAdapter):
@@ -118,7 +146,9 @@ class SoapClient:
     bounds each wait for the connection or for more of the answer; with
     ``answer_within``, an answer still coming that many seconds after the
     request started is given up (a TransportError), however steadily it
-    trickles in.
+    trickles in; with ``min_rate`` (bytes a second), an answer whose body
+    falls behind that average pace, with a pause of ``timeout`` at most
+    banked, is given up the same way.
     """
 
     def __init__(
@@ -127,6 +157,7 @@ class SoapClient:
         *,
         timeout: float = 120.0,
         answer_within: float | None = None,
+        min_rate: float | None = None,
         spool_dir: Path | None = None,
         session: requests.Session | None = None,
         ssl_context: ssl.SSLContext | None = None,
@@ -134,6 +165,7 @@ class SoapClient:
         self.url = url
         self.timeout = timeout
         self.answer_within = answer_within
+        self.min_rate = min_rate
         self.spool_dir = (
             spool_dir if spool_dir is not None else Path(tempfile.gettempdir())
         )
@@ -151,6 +183,7 @@ class SoapClient:
         parts: Sequence[OutgoingPart] = (),
         mtom: bool = False,
         digest: bool = True,
+        max_parts: int | None = None,
     ) -> SoapMessage:
         """Send ``body`` with wsa:Action ``action`` and return the response.
 
@@ -158,7 +191,9 @@ class SoapClient:
         it streams from the parts' files. ``body`` is moved into the request
         envelope. The caller closes the returned message to remove its
         spooled attachments. With ``digest`` false the answer's parts are
-        not hashed (their ``sha1`` is None).
+        not hashed (their ``sha1`` is None). With ``max_parts`` an MTOM
+        answer of more MIME parts (its root part included) is refused as it
+        streams, before their files pile up.
 
         Raises
         ------
@@ -178,7 +213,7 @@ class SoapClient:
             response = self._post(content_type, _SizedBody(length, chunks))
             status = response.status_code
             with response:
-                message = self._read(response, digest, started)
+                message = self._read(response, digest, started, max_parts)
             if message.body.tag == qname(SOAP12, "Fault"):
                 message.close()
                 fault = PeerFault.from_element(message.body)
@@ -280,25 +315,35 @@ class SoapClient:
             raise TransportError(str(exc), self.url) from exc
 
     def _read(
-        self, response: requests.Response, digest: bool, started: float
+        self,
+        response: requests.Response,
+        digest: bool,
+        started: float,
+        max_parts: int | None = None,
     ) -> SoapMessage:
         """Read the response as SOAP; anything else is a TransportError, as
         is an answer not read whole ``answer_within`` seconds after
-        ``started``."""
+        ``started``, or falling behind ``min_rate``."""
         content_type = response.headers.get("Content-Type", "")
         response.raw.decode_content = True
         stream: BinaryIO = response.raw
         if self.answer_within is not None:
             # Limitation: the status line and headers are read under the
             # per-read timeout alone; the deadline is checked from the body on.
-            stream = _Deadline(stream, started + self.answer_within)
+            stream = _Deadline(stream, started + self.answer_within, self.answer_within)
+        if self.min_rate is not None:
+            stream = _Pace(stream, self.min_rate, self.timeout)
         try:
-            return read_message(stream, content_type, self.spool_dir, digest=digest)
-        except _AnswerTooSlow:
+            return read_message(
+                stream,
+                content_type,
+                self.spool_dir,
+                digest=digest,
+                max_parts=max_parts,
+            )
+        except _AnswerTooSlow as exc:
             raise TransportError(
-                f"the answer broke off (not whole within {self.answer_within:g} s)",
-                self.url,
-                response.status_code,
+                f"the answer broke off ({exc})", self.url, response.status_code
             ) from None
         except SoapFault as exc:
             shown = content_type or "no Content-Type"

@@ -1,0 +1,418 @@
+"""The Imaging Document Consumer against registries, repositories and
+Imaging Document Sources it does not control: a peer on 127.0.0.1 that
+answers with crafted SOAP and MTOM bytes. Whatever it sends, the Consumer
+ends with a ConsumerError or a result, writes nothing under a final name
+that it did not get whole, and holds no more of the answer than it asked
+for."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Request, Response
+
+from xdsi.actors.consumer import Consumer, ConsumerError, FetchResult
+from xdsi.app import node_auditor
+from xdsi.config import Settings
+from xdsi.dicom import kos
+
+REPOSITORY = "1.2.3.4.5.6"
+STUDY = "1.2.3.10"
+SERIES = "1.2.3.10.1"
+RETRIEVE_RESPONSE = b"urn:ihe:iti:2007:RetrieveDocumentSetResponse"
+XOP = b"http://www.w3.org/2004/08/xop/include"
+BOUNDARY = "hostile"
+
+# What the peer answers a request body with: status, Content-Type, body.
+Answer = Callable[[bytes], tuple[int, str, bytes]]
+
+
+class HostilePeer:
+    """An HTTP peer on 127.0.0.1 answering every POST with ``answer``."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self._server = make_server("127.0.0.1", 0, self._app, threaded=True)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_port}/peer"
+
+    def _app(self, environ: dict, start_response: Callable) -> object:
+        status, content_type, body = self.answer(Request(environ).get_data())
+        return Response(body, status=status, content_type=content_type)(
+            environ, start_response
+        )
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def peer() -> Iterator[Callable[[Answer], HostilePeer]]:
+    started: list[HostilePeer] = []
+
+    def start(answer: Answer) -> HostilePeer:
+        started.append(HostilePeer(answer))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.close()
+
+
+def _consumer(tmp_path: Path, url: str) -> Consumer:
+    settings = Settings()
+    settings = replace(
+        settings,
+        node=replace(settings.node, storage_dir=str(tmp_path / "node")),
+        consumer=replace(
+            settings.consumer,
+            registry_url=url,
+            repositories={REPOSITORY: url},
+            timeout=10.0,
+        ),
+    )
+    return Consumer(settings, node_auditor(settings), tmp_path / "spool")
+
+
+def _manifest(*sop_instance_uids: str) -> kos.Manifest:
+    return kos.Manifest(
+        sop_instance_uid="1.2.3.99",
+        study_instance_uids=(STUDY,),
+        references=tuple(
+            kos.ManifestReference(
+                STUDY, SERIES, "1.2.840.10008.5.1.4.1.1.2", uid, "X", REPOSITORY
+            )
+            for uid in sop_instance_uids
+        ),
+    )
+
+
+def _requested(body: bytes) -> list[bytes]:
+    return re.findall(rb"<xdsb:DocumentUniqueId>([^<]+)<", body)
+
+
+def _envelope(action: bytes, payload: bytes) -> bytes:
+    return (
+        b'<env:Envelope xmlns:env="http://www.w3.org/2003/05/soap-envelope" '
+        b'xmlns:wsa="http://www.w3.org/2005/08/addressing"><env:Header>'
+        b"<wsa:Action>"
+        + action
+        + b"</wsa:Action></env:Header><env:Body>"
+        + payload
+        + b"</env:Body></env:Envelope>"
+    )
+
+
+def _document_response(unique_id: bytes, document: bytes) -> bytes:
+    return (
+        b"<xdsb:DocumentResponse><xdsb:RepositoryUniqueId>"
+        + REPOSITORY.encode()
+        + b"</xdsb:RepositoryUniqueId><xdsb:DocumentUniqueId>"
+        + unique_id
+        + b"</xdsb:DocumentUniqueId><xdsb:mimeType>application/dicom"
+        b"</xdsb:mimeType><xdsb:Document>" + document + b"</xdsb:Document>"
+        b"</xdsb:DocumentResponse>"
+    )
+
+
+def _include(content_id: bytes) -> bytes:
+    return b'<xop:Include xmlns:xop="' + XOP + b'" href="cid:' + content_id + b'"/>'
+
+
+def _mtom(
+    responses: list[bytes], parts: list[tuple[bytes, bytes]]
+) -> tuple[str, bytes]:
+    """A RetrieveDocumentSetResponse in an MTOM package, as given."""
+    root = _envelope(
+        RETRIEVE_RESPONSE,
+        b'<xdsb:RetrieveDocumentSetResponse xmlns:xdsb="urn:ihe:iti:xds-b:2007" '
+        b'xmlns:rs="urn:oasis:names:tc:ebxml-regrep:xsd:rs:3.0"><rs:RegistryResponse '
+        b'status="urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Success"/>'
+        + b"".join(responses)
+        + b"</xdsb:RetrieveDocumentSetResponse>",
+    )
+    delimiter = b"--" + BOUNDARY.encode()
+    body = [
+        delimiter + b"\r\nContent-Type: application/xop+xml; "
+        b'type="application/soap+xml"\r\nContent-ID: <root@peer>\r\n\r\n' + root
+    ]
+    for content_id, data in parts:
+        body.append(
+            b"\r\n" + delimiter + b"\r\nContent-Type: application/dicom\r\n"
+            b"Content-ID: <" + content_id + b">\r\n\r\n" + data
+        )
+    body.append(b"\r\n" + delimiter + b"--\r\n")
+    content_type = (
+        f'multipart/related; type="application/xop+xml"; boundary="{BOUNDARY}"; '
+        'start="<root@peer>"; start-info="application/soap+xml"'
+    )
+    return content_type, b"".join(body)
+
+
+def test_documents_an_answer_cannot_carry_count_as_not_returned(
+    peer: Callable[[Answer], HostilePeer], tmp_path: Path
+):
+    """XOP 1.0 4.1: an xop:Include names a part of the package. One that
+    names none, and inline content that is not base64, leave their
+    document out of the result instead of ending the fetch with a
+    traceback; the readable one is filed."""
+
+    def answer(body: bytes) -> tuple[int, str, bytes]:
+        good, missing, garbled = _requested(body)
+        content_type, package = _mtom(
+            [
+                _document_response(good, _include(b"good@peer")),
+                _document_response(missing, _include(b"nowhere@peer")),
+                _document_response(garbled, b"!!!!"),
+            ],
+            [(b"good@peer", b"DICM")],
+        )
+        return 200, content_type, package
+
+    consumer = _consumer(tmp_path, peer(answer).url)
+    result = FetchResult()
+    out = tmp_path / "out"
+
+    consumer.retrieve_images(
+        _manifest("1.2.3.10.1.1", "1.2.3.10.1.2", "1.2.3.10.1.3"), out, result, "P"
+    )
+
+    assert [p.name for p in result.instances] == ["1.2.3.10.1.1.dcm"]
+    assert result.missing == ["1.2.3.10.1.2", "1.2.3.10.1.3"]
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["1.2.3.10.1.1.dcm"]
+
+
+def test_one_part_claimed_by_two_documents_is_filed_once(
+    peer: Callable[[Answer], HostilePeer], tmp_path: Path
+):
+    """A part is one document: a second DocumentResponse whose xop:Include
+    names the part of the first, or a SOP Instance UID the manifest lists
+    twice, is not returned, rather than failing on the file already moved."""
+
+    def answer(body: bytes) -> tuple[int, str, bytes]:
+        requested = _requested(body)
+        content_type, package = _mtom(
+            [_document_response(uid, _include(b"one@peer")) for uid in requested],
+            [(b"one@peer", b"DICM")],
+        )
+        return 200, content_type, package
+
+    consumer = _consumer(tmp_path, peer(answer).url)
+    result = FetchResult()
+    out = tmp_path / "out"
+
+    consumer.retrieve_images(
+        _manifest("1.2.3.10.1.1", "1.2.3.10.1.2", "1.2.3.10.1.1"), out, result, "P"
+    )
+
+    assert [p.name for p in result.instances] == ["1.2.3.10.1.1.dcm"]
+    assert result.missing == ["1.2.3.10.1.2", "1.2.3.10.1.1"]
+    assert len([p for p in out.rglob("*") if p.is_file()]) == 1
+
+
+STORED_QUERY_RESPONSE = b"urn:ihe:iti:2007:RegistryStoredQueryResponse"
+UNIQUE_ID_SCHEME = b"urn:uuid:2e82c1f6-a085-4c72-9da3-8640a32e42ab"
+# CSI and OSC as C1 controls (XML 1.0 forbids ESC, not these), a
+# right-to-left override, a carriage return and a line break (as character
+# references: XML turns a raw CR into LF).
+STEERING = "\x9b2J\x9d0;owned\x9c\u202eevil\u202c&#13;error: forged&#10;".encode()
+# How logs.shown writes them.
+STEERING_SHOWN = "\\x9b2J\\x9d0;owned\\x9c\\u202eevil\\u202c\\rerror: forged\\n"
+
+
+def _query_response(title: bytes, size: bytes) -> bytes:
+    """An AdhocQueryResponse with one DocumentEntry of ``title`` and ``size``."""
+    slot = b'<rim:Slot name="%s"><rim:ValueList><rim:Value>%s</rim:Value>'
+    slot += b"</rim:ValueList></rim:Slot>"
+    entry = (
+        b'<rim:ExtrinsicObject id="urn:uuid:1" mimeType="application/dicom" '
+        b'status="urn:oasis:names:tc:ebxml-regrep:StatusType:Approved">'
+        + slot % (b"size", size)
+        + slot % (b"repositoryUniqueId", REPOSITORY.encode())
+        + b'<rim:Name><rim:LocalizedString value="'
+        + title
+        + b'"/></rim:Name><rim:ExternalIdentifier identificationScheme="'
+        + UNIQUE_ID_SCHEME
+        + b'" value="1.2.3.77"/></rim:ExtrinsicObject>'
+    )
+    return _envelope(
+        STORED_QUERY_RESPONSE,
+        b'<query:AdhocQueryResponse xmlns:query="urn:oasis:names:tc:ebxml-regrep:'
+        b'xsd:query:3.0" xmlns:rim="urn:oasis:names:tc:ebxml-regrep:xsd:rim:3.0" '
+        b'status="urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Success">'
+        b"<rim:RegistryObjectList>" + entry + b"</rim:RegistryObjectList>"
+        b"</query:AdhocQueryResponse>",
+    )
+
+
+def test_a_size_of_digits_int_refuses_is_no_size(
+    peer: Callable[[Answer], HostilePeer], tmp_path: Path
+):
+    """ITI TF-3 4.2.3.2.19: size is an integer. "²" passes str.isdigit()
+    but not int(); the entry is found with no size, not a traceback."""
+    url = peer(
+        lambda _: (200, "application/soap+xml", _query_response(b"T", "²".encode()))
+    ).url
+
+    (entry,) = _consumer(tmp_path, url).find("P^^^&1.2.3&ISO")
+
+    assert entry.unique_id == "1.2.3.77" and entry.size is None
+
+
+def test_a_peer_text_reaches_the_user_escaped_and_cut(
+    peer: Callable[[Answer], HostilePeer], tmp_path: Path
+):
+    """A SOAP Fault's Reason and a RegistryError's codeContext are a peer's
+    words: in the error a user reads, its line breaks and terminal controls
+    are escaped and a megabyte of text is cut."""
+    fault = _envelope(
+        b"http://www.w3.org/2005/08/addressing/soap/fault",
+        b"<env:Fault><env:Code><env:Value>env:Receiver</env:Value></env:Code>"
+        b'<env:Reason><env:Text xml:lang="en">'
+        + STEERING
+        + b"A" * 1_000_000
+        + b"</env:Text></env:Reason></env:Fault>",
+    )
+    refusal = _envelope(
+        STORED_QUERY_RESPONSE,
+        b'<query:AdhocQueryResponse xmlns:query="urn:oasis:names:tc:ebxml-regrep:'
+        b'xsd:query:3.0" xmlns:rs="urn:oasis:names:tc:ebxml-regrep:xsd:rs:3.0" '
+        b'status="urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Failure">'
+        b'<rs:RegistryErrorList><rs:RegistryError errorCode="X'
+        + STEERING
+        + b'" codeContext="'
+        + STEERING
+        + b"B" * 1_000_000
+        + b'"/></rs:RegistryErrorList></query:AdhocQueryResponse>',
+    )
+    for status, answer in ((500, fault), (200, refusal)):
+        url = peer(lambda _, s=status, a=answer: (s, "application/soap+xml", a)).url
+
+        with pytest.raises(ConsumerError) as failed:
+            _consumer(tmp_path, url).find("P^^^&1.2.3&ISO")
+
+        message = str(failed.value)
+        assert len(message) < 2_000
+        assert message.isprintable(), message[:300]
+        assert STEERING_SHOWN in (message)
+
+
+def test_find_prints_a_registry_value_as_text_not_markup_or_controls(
+    peer: Callable[[Answer], HostilePeer], tmp_path: Path
+):
+    """`xdsi find` prints each DocumentEntry's values as the registry sent
+    them: "[/bold]" is no markup error, "[link=...]" no hyperlink on the
+    user's terminal, and a C1 control no terminal command."""
+    title = b"[/bold][link=http://evil.example/]click[/link]" + STEERING
+    url = peer(
+        lambda _: (200, "application/soap+xml", _query_response(title, b"1"))
+    ).url
+    config = tmp_path / "xdsi.toml"
+    config.write_text(
+        f'[node]\nstorage_dir = "{tmp_path / "node"}"\n'
+        f'[consumer]\nregistry_url = "{url}"\n'
+    )
+
+    shown = subprocess.run(
+        [sys.executable, "-m", "xdsi", "--config", str(config), "find"]
+        + ["--patient-id", "P"],
+        capture_output=True,
+        timeout=120,
+        # A terminal as wide as the title, where rich would write links.
+        env={**os.environ, "FORCE_COLOR": "1", "COLUMNS": "400"},
+    )
+
+    assert shown.returncode == 0, shown.stderr.decode()[-2000:]
+    out = shown.stdout.decode()
+    assert "[/bold][link=http://evil.example/]click[/link]" in out
+    assert STEERING_SHOWN in out
+    assert "\x1b]8;" not in out and "\x9b" not in out and "\u202e" not in out
+
+
+def test_an_answer_of_more_parts_than_documents_asked_for_is_refused(
+    peer: Callable[[Answer], HostilePeer], tmp_path: Path
+):
+    """XOP 1.0 4.1: a RAD-69 answer carries the envelope and a part per
+    document asked for at most. A peer sending a flood of parts beyond
+    (each a spool file and memory, 200,000 of them took 17 s and 340 MB)
+    is refused at the first one too many, and nothing is filed."""
+    parsed: list[int] = []
+
+    def answer(body: bytes) -> tuple[int, str, bytes]:
+        requested = _requested(body)
+        parts = [(b"p%d@peer" % i, b"DICM") for i in range(len(requested))]
+        parts += [(b"flood%d@peer" % i, b"") for i in range(5_000)]
+        parsed.append(len(parts))
+        return 200, *_mtom(
+            [
+                _document_response(uid, _include(b"p%d@peer" % i))
+                for i, uid in enumerate(requested)
+            ],
+            parts,
+        )
+
+    consumer = _consumer(tmp_path, peer(answer).url)
+    out = tmp_path / "out"
+
+    with pytest.raises(ConsumerError) as failed:
+        consumer.retrieve_images(
+            _manifest("1.2.3.10.1.1", "1.2.3.10.1.2"), out, FetchResult(), "P"
+        )
+
+    assert parsed == [5_002]
+    assert "more than 3 MIME parts" in str(failed.value)
+    assert not [p for p in out.rglob("*") if p.is_file()]
+
+
+def test_an_answer_trickling_in_is_given_up(tmp_path: Path):
+    """A registry that sends its answer a byte at a time, each within the
+    per-read timeout, held a find for as long as it liked (a 6 KB answer
+    at a byte every 2 s: hours). The answer must keep ANSWER_PACE on
+    average, pausing the timeout at most; this one is given up within
+    about twice the timeout."""
+    stop = threading.Event()
+    answer = _query_response(b"T", b"1")
+
+    def trickle(environ: dict, start_response: Callable) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "application/soap+xml")])
+        for byte in answer:
+            if stop.wait(0.5):
+                return
+            yield bytes([byte])
+
+    server = make_server("127.0.0.1", 0, trickle, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    consumer = _consumer(tmp_path, f"http://127.0.0.1:{server.server_port}/")
+    consumer = Consumer(
+        replace(
+            consumer.settings,
+            consumer=replace(consumer.settings.consumer, timeout=2.0),
+        ),
+        consumer.auditor,
+        tmp_path / "spool",
+    )
+    started = time.monotonic()
+    try:
+        with pytest.raises(ConsumerError) as failed:
+            consumer.find("P^^^&1.2.3&ISO")
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
+
+    assert time.monotonic() - started < 6
+    assert "slower than 8192 bytes a second on average" in str(failed.value)
