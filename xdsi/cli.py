@@ -566,11 +566,18 @@ def fetch(
             "certificate presented to the PACS and the CAs trusted in it)",
             param_hint="--pacs-tls",
         )
+    unwritable = _unwritable_folder(out)
+    if unwritable is not None:
+        # Said before any query goes out.
+        raise click.BadParameter(unwritable, param_hint="--out")
     consumer = _services(settings).consumer
     try:
         result = _fetch(consumer, qualify_patient_id(patient_id, settings), out)
     except ConsumerError as exc:
         _fail(_unreachable_hint(str(exc)))
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        _fail(f"cannot write{where}: {exc.strerror or exc}")
     for unique_id, reason in result.skipped:
         click.secho(
             f"  skipped document {logs.quoted(unique_id)}: {logs.quoted(reason)}",
@@ -590,7 +597,7 @@ def fetch(
     # The others were fetched; what failed is said after them.
     for what, reason in result.failed:
         click.secho(f"  failed: {what}: {reason}", fg="red", err=True)
-    if result.missing:
+    if result.missing and not result.failed:
         # SOP Instance UIDs name no patient; the source's log says why.
         for sop_instance_uid in result.missing[:LISTED_REFUSALS]:
             click.secho(f"  not returned: {sop_instance_uid}", fg="red", err=True)
@@ -602,11 +609,27 @@ def fetch(
         said.append(f"{_count(len(result.failed), 'retrieve')} failed, as said above")
     if result.missing:
         said.append(
-            f"{_count(len(result.missing), 'referenced instance')} not returned; "
-            "the Imaging Document Source's log says why"
+            f"{_count(len(result.missing), 'referenced instance')} not returned"
+            # Those of a failed retrieve are said above; others, the source
+            # left out for reasons its log gives.
+            + ("" if result.failed else "; the Imaging Document Source's log says why")
         )
     if said:
         _fail("; ".join(said))
+
+
+def _unwritable_folder(path: Path) -> str | None:
+    """Why ``path`` cannot be a folder to write in, made if need be; None
+    when it can, as far as can be told without writing."""
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        # access(2) says so of a read-only file system too.
+        return f"{probe} cannot be written in"
+    return None
 
 
 def _send_to_pacs(

@@ -4,11 +4,14 @@ others fetched, and is said as the failure it is (exit status 1)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from sqlalchemy import update
 
-from tests.conftest import shared_path
+from tests.conftest import ROOT, shared_path
 from tests.integration.conftest import PATIENT, RunningNode
 from tests.integration.test_command_line import _xdsi, served  # noqa: F401 (fixture)
 from xdsi.actors.document_source import DocumentSource
@@ -128,4 +131,82 @@ def test_fetch_says_what_failed_after_what_it_fetched(
     assert f"at {ELSEWHERE}: no endpoint is configured" in fetched.stderr
     assert "1 retrieve failed, as said above" in fetched.stderr
     assert f"{len(ct.instances)} referenced instances not returned" in fetched.stderr
+    assert "Traceback" not in fetched.stderr
+
+
+def test_fetch_to_a_folder_it_cannot_make_is_refused_before_any_query(
+    tmp_path: Path,
+):
+    """A usage error (exit 2), said before ITI-18 goes out: no node serves
+    here, and the answer is not "cannot connect"."""
+    config = tmp_path / "xdsi.toml"
+    config.write_text(f'[node]\nstorage_dir = "{tmp_path / "node"}"\n')
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+
+    fetched = _xdsi(
+        config,
+        "fetch",
+        "--patient-id",
+        "ANYONE",
+        "--out",
+        str(a_file / "out"),
+        check=False,
+    )
+
+    assert fetched.returncode == 2
+    assert f"{a_file} is not a folder" in fetched.stderr
+    assert "Traceback" not in fetched.stderr
+
+
+def _file_size_limit() -> None:
+    """In the child: files capped at 64 KiB, as a disk that fills up."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+
+def test_a_fetch_this_side_cannot_write_says_so_and_blames_no_peer(
+    served: Path,  # noqa: F811 (fixture)
+    tmp_path: Path,
+):
+    """A RAD-69 answer the disk here cannot hold (EFBIG here, ENOSPC on a
+    full disk) is this side's failure, said as such, not the answer
+    breaking off nor the source's doing."""
+    assert "ACK AA" in _xdsi(served, "feed", "GOES-ON-2").stdout
+    images = shared_path("dicom", "study-mr", "images")
+    _xdsi(served, "publish", str(images), "--patient-id", "GOES-ON-2")
+
+    fetched = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xdsi",
+            "--config",
+            str(served),
+            "fetch",
+            "--patient-id",
+            "GOES-ON-2",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        preexec_fn=_file_size_limit,
+    )
+
+    assert fetched.returncode == 1
+    assert f"could not be kept here: cannot write {tmp_path / 'out'}" in (
+        fetched.stderr
+    )
+    # Those of the failed retrieve are counted, not listed one by one.
+    assert "not returned: " not in fetched.stderr
+    assert "(File too large)" in fetched.stderr
+    assert "broke off" not in fetched.stderr
+    assert "the Imaging Document Source's log says why" not in fetched.stderr
     assert "Traceback" not in fetched.stderr

@@ -208,6 +208,10 @@ class Consumer:
             raise ConsumerError(
                 f"ITI-18 to {url} failed: {logs.shown(str(exc))}"
             ) from exc
+        except wire.SpoolError as exc:
+            raise ConsumerError(
+                f"the ITI-18 answer from {url} could not be kept here: {exc}"
+            ) from exc
         finally:
             self._audit(
                 "ITI-18",
@@ -256,6 +260,10 @@ class Consumer:
         except (wire.TransportError, wire.PeerFault) as exc:
             raise ConsumerError(
                 f"ITI-43 to {url} failed: {logs.shown(str(exc))}"
+            ) from exc
+        except wire.SpoolError as exc:
+            raise ConsumerError(
+                f"the ITI-43 answer from {url} could not be kept here: {exc}"
             ) from exc
         finally:
             _remove_if_empty(spool)
@@ -402,6 +410,10 @@ class Consumer:
         except (wire.TransportError, wire.PeerFault) as exc:
             raise ConsumerError(
                 f"RAD-69 to {url} failed: {logs.shown(str(exc))}"
+            ) from exc
+        except wire.SpoolError as exc:
+            raise ConsumerError(
+                f"the RAD-69 answer from {url} could not be kept here: {exc}"
             ) from exc
         finally:
             _remove_if_empty(spool)

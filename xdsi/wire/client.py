@@ -21,7 +21,7 @@ from lxml.etree import _Element
 from requests.adapters import HTTPAdapter
 
 from xdsi.ns import SOAP12, qname
-from xdsi.wire.faults import PeerFault, SoapFault, TransportError
+from xdsi.wire.faults import PeerFault, SoapFault, SpoolError, TransportError
 from xdsi.wire.mtom import OutgoingPart, read_message, write_message
 from xdsi.wire.soap import SoapMessage, build_envelope
 
@@ -201,6 +201,8 @@ class SoapClient:
             The peer answered with a SOAP Fault, whatever the HTTP status.
         TransportError
             No connection, a timeout, or an answer that is not SOAP 1.2.
+        SpoolError
+            The answer could not be written to ``spool_dir``.
         """
         envelope = build_envelope(body, action, to=self.url, reply_to_anonymous=True)
         content_type, length, chunks = write_message(
@@ -345,6 +347,9 @@ class SoapClient:
             raise TransportError(
                 f"the answer broke off ({exc})", self.url, response.status_code
             ) from None
+        except SpoolError:
+            # This side's disk, not the peer's answer: the caller says so.
+            raise
         except SoapFault as exc:
             shown = content_type or "no Content-Type"
             raise TransportError(

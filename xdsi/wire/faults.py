@@ -282,6 +282,19 @@ class TransportError(WireError):
         self.reason = message
 
 
+class SpoolError(OSError):
+    """This node could not write a message it reads to its spool (the disk
+    full, no permission): its own failure, not the peer's, though it shows
+    as the message breaking off."""
+
+    def __init__(self, error: OSError, path: object = None) -> None:
+        super().__init__(error.errno, error.strerror, error.filename or path)
+
+    def __str__(self) -> str:
+        where = f" {self.filename}" if self.filename else ""
+        return f"cannot write{where} ({self.strerror or 'error'})"
+
+
 class MissingAttachment(WireError):
     """An xop:Include names a Content-ID no MIME part carries (XOP 1.0 3)."""
 

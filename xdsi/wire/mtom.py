@@ -40,6 +40,7 @@ from xdsi.wire.faults import (
     MalformedMessage,
     MissingAttachment,
     SoapFault,
+    SpoolError,
     UnsupportedMediaType,
     VersionMismatch,
     WireError,
@@ -204,10 +205,16 @@ class _FileSink:
         self.path = path
         self.sha1 = hashlib.sha1() if digest else None
         self.size = 0
-        self._file = path.open("xb")
+        try:
+            self._file = path.open("xb")
+        except OSError as exc:
+            raise SpoolError(exc) from exc
 
     def write(self, data: bytes | memoryview) -> None:
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise SpoolError(exc, self.path) from exc
         if self.sha1 is not None:
             self.sha1.update(data)
         self.size += len(data)
@@ -216,7 +223,11 @@ class _FileSink:
         return None if self.sha1 is None else self.sha1.hexdigest()
 
     def close(self) -> None:
-        self._file.close()
+        # The buffer's last bytes are written here: a full disk shows too.
+        try:
+            self._file.close()
+        except OSError as exc:
+            raise SpoolError(exc, self.path) from exc
 
 
 class _MemorySink:
@@ -600,6 +611,8 @@ def read_message(
         No wsa:Action.
     ActionMismatch
         The ``action`` parameter differs from wsa:Action.
+    SpoolError
+        A part could not be written under ``spool_dir`` (the disk full, say).
 
     A fault raised once the envelope's env:Header is read carries its
     wsa:MessageID, if any, as ``message_id``; so does one raised while the
@@ -630,7 +643,10 @@ def read_message(
     if media_type == "application/soap+xml":
         directory = Path(spool_dir) / f"xdsi-msg-{uuid.uuid4().hex}"
     else:
-        directory = Path(tempfile.mkdtemp(prefix="xdsi-msg-", dir=spool_dir))
+        try:
+            directory = Path(tempfile.mkdtemp(prefix="xdsi-msg-", dir=spool_dir))
+        except OSError as exc:
+            raise SpoolError(exc) from exc
     package = None
     envelope: bytes | None = None
     try:
@@ -702,7 +718,10 @@ def attachment_for(element: _Element, message: SoapMessage) -> Attachment:
     text = (element.text or "").encode("ascii", "replace").translate(None, _WHITESPACE)
     if len(text) % 4:
         raise MalformedMessage("inline base64 content ends in the middle of a quantum")
-    message.spool_dir.mkdir(mode=0o700, exist_ok=True)
+    try:
+        message.spool_dir.mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise SpoolError(exc) from exc
     sink = _FileSink(message.spool_dir / f"inline-{uuid.uuid4().hex}")
     try:
         step = 4 * CHUNK_SIZE

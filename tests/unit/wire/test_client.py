@@ -25,6 +25,7 @@ from xdsi.wire import (
     PeerFault,
     SoapClient,
     SoapMessage,
+    SpoolError,
     TransportError,
     attachment_for,
     build_envelope,
@@ -400,3 +401,73 @@ def test_a_peer_closing_the_tls_handshake_is_told_as_a_possible_refusal(
         listener.close()
 
     assert "may not accept this node's certificate" in str(failed.value)
+
+
+def _mtom_answer(path: Path) -> tuple[str, bytes]:
+    """An MTOM answer carrying ``path`` as its one part, in memory."""
+    envelope = build_envelope(_request([path])[0], RETRIEVE_RESPONSE)
+    content_type, _, chunks = write_message(
+        envelope,
+        RETRIEVE_RESPONSE,
+        [OutgoingPart("doc-0@xdsi.test", "application/dicom", path=path)],
+        mtom=True,
+    )
+    return content_type, b"".join(chunks)
+
+
+def test_a_spool_that_cannot_be_written_is_a_spool_error_not_the_peers(
+    serve: Callable, tmp_path: Path
+) -> None:
+    """A part this side cannot write (its spool folder a file here) is this
+    side's failure: SpoolError, not a TransportError blaming the answer."""
+    content_type, body = _mtom_answer(FILES[1])
+    url = serve(_fixed_app("200 OK", content_type, body))
+    not_a_folder = tmp_path / "spool"
+    not_a_folder.write_bytes(b"")
+
+    with pytest.raises(SpoolError) as raised:
+        SoapClient(url, spool_dir=not_a_folder, timeout=30).call(PNR, _request([])[0])
+
+    assert not isinstance(raised.value, TransportError)
+    assert str(not_a_folder) in str(raised.value)
+
+
+def _call_under_file_size_limit(
+    url: str, spool: str, limit: int, answers: "multiprocessing.Queue[str]"
+) -> None:
+    """Call ``url`` with files capped at ``limit`` bytes (RLIMIT_FSIZE), as
+    a disk that fills up mid-part; put what was raised on ``answers``."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    try:
+        SoapClient(url, spool_dir=Path(spool), timeout=30).call(
+            PNR, _request([])[0]
+        ).close()
+        answers.put("no error")
+    except Exception as exc:
+        answers.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_a_part_cut_by_a_full_disk_is_a_spool_error(
+    serve: Callable, tmp_path: Path
+) -> None:
+    """A part that cannot be written whole (EFBIG here, as ENOSPC on a full
+    disk) is a SpoolError naming the file, and nothing of it stays."""
+    content_type, body = _mtom_answer(FILES[1])
+    url = serve(_fixed_app("200 OK", content_type, body))
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    answers = multiprocessing.get_context("spawn").Queue()
+    child = multiprocessing.get_context("spawn").Process(
+        target=_call_under_file_size_limit, args=(url, str(spool), 64 * 1024, answers)
+    )
+    child.start()
+    child.join(60)
+
+    answer = answers.get(timeout=10)
+    assert answer.startswith(f"SpoolError: cannot write {spool}"), answer
+    assert "File too large" in answer
+    assert list(spool.iterdir()) == []
