@@ -25,6 +25,7 @@ from datetime import timedelta
 from email.errors import MissingHeaderBodySeparatorDefect
 from email.message import Message
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from flask import Flask
@@ -56,6 +57,8 @@ HTTP_ACTORS = ("registry", "repository", "imaging_source")
 MAX_CONNECTIONS = 256
 # The repository's pending documents are settled this often, in seconds.
 SWEEP_EVERY = 60.0
+# The storage folder, made by the node: its owner's alone.
+STORAGE_MODE = 0o700
 
 
 # The longest a peer may take over a request line and its headers, however
@@ -465,10 +468,29 @@ def node_auditor(settings: Settings) -> audit.Auditor:
     )
 
 
+def _warn_if_open(storage: Path) -> None:
+    """Say so when other users of the host may read the storage folder,
+    which holds patient data (images, documents, the database)."""
+    try:
+        mode = storage.stat().st_mode & 0o777
+    except OSError:
+        return
+    if mode & 0o077:
+        logger.warning(
+            "[node] storage_dir %s can be read by other users of this host "
+            "(mode %03o); it holds patient data: chmod 700 it",
+            storage,
+            mode,
+        )
+
+
 def build_services(settings: Settings) -> Services:
     """Build every actor over the node's storage, without starting servers."""
     storage = settings.storage
-    storage.mkdir(parents=True, exist_ok=True)
+    if not storage.exists():
+        # It holds patient data: for this user alone (os.umask may only
+        # narrow this further).
+        storage.mkdir(parents=True, mode=STORAGE_MODE)
     engine = make_engine(settings.database_url)
     auditor = node_auditor(settings)
     spool = auditor.spool
@@ -741,6 +763,7 @@ class Node:
             settings.node.name,
             ", ".join(f"{a} {settings.url(a)}" for a in deferred),
         )
+        _warn_if_open(settings.storage)
         return settings
 
     def _sweep(self, repository: Repository, age: timedelta) -> None:

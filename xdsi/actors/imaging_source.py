@@ -188,7 +188,9 @@ def copy_hashed(source: Path, target: Path) -> str:
     """Copy ``source`` to the new file ``target`` in one read; return the
     copy's SHA-256."""
     digest = hashlib.sha256()
-    with open(source, "rb") as src, open(target, "xb") as out:
+    # Patient data: for the node's user alone, as a spooled intake is.
+    created = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with open(source, "rb") as src, open(created, "wb") as out:
         while chunk := src.read(1 << 20):
             digest.update(chunk)
             out.write(chunk)

@@ -274,6 +274,9 @@ class Intake:
             # can change between the check and the store.
             private = self.blobs.spool / f"accept-{uuid.uuid4().hex}"
             try:
+                # Patient data: for the node's user alone, as a spooled
+                # C-STORE or STOW-RS instance is.
+                os.close(os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
                 shutil.copyfile(path, private)
             except OSError as exc:
                 private.unlink(missing_ok=True)

@@ -1,0 +1,79 @@
+"""The node's storage holds patient data (images, documents, the database):
+a storage folder the node makes is its user's alone, every kept instance is
+readable by that user alone whichever way it came in, and a node serving
+from a folder other users can read says so."""
+
+from __future__ import annotations
+
+import logging
+import stat
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import shared_path
+from xdsi.app import Node, build_services
+from xdsi.config import Settings
+from xdsi.dicom import scan
+
+pytestmark = pytest.mark.usefixtures("shared_data")
+
+
+def _settings(storage: Path) -> Settings:
+    return (
+        Settings()
+        .with_storage(storage)
+        .with_ports(registry=0, repository=0, imaging_source=0, feed=0)
+    )
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _kept(storage: Path) -> list[Path]:
+    root = storage / "imaging-source"
+    return [p for p in root.rglob("*") if p.is_file() and ".spool" not in p.parts]
+
+
+def test_a_storage_folder_the_node_makes_is_its_users_alone(tmp_path: Path):
+    storage = tmp_path / "new" / "storage"
+    services = build_services(_settings(storage))
+    services.engine.dispose()
+
+    assert _mode(storage) == 0o700
+
+
+def test_instances_kept_by_import_or_publish_are_the_users_alone(tmp_path: Path):
+    """Import copies each file privately, and publishing keeps a study's
+    instances by copying: neither follows the umask (022 leaves 0644, which
+    any user of the host can read)."""
+    storage = tmp_path / "storage"
+    services = build_services(_settings(storage))
+    images = shared_path("dicom", "study-mr", "images")
+    imported = services.intake.import_folder(images)
+    assert imported.accepted
+    (ct,) = scan.scan_directory(shared_path("dicom", "study-ct")).studies
+    services.imaging_source.keep_instances(ct, "PAT-1^^^&1.2.3&ISO")
+    services.engine.dispose()
+
+    kept = _kept(storage)
+    assert len(kept) == len(imported.accepted) + len(ct.instances)
+    assert {oct(_mode(p)) for p in kept} == {oct(0o600)}
+
+
+def test_a_node_serving_from_a_folder_others_can_read_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    storage = tmp_path / "storage"
+    storage.mkdir(mode=0o755)
+    storage.chmod(0o755)
+
+    with caplog.at_level(logging.WARNING, logger="xdsi.app"), Node(_settings(storage)):
+        pass
+
+    (warning,) = [r for r in caplog.records if "storage_dir" in r.getMessage()]
+    assert "can be read by other users of this host (mode 755)" in (
+        warning.getMessage()
+    )
+    assert "chmod 700" in warning.getMessage()
