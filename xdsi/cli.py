@@ -36,7 +36,7 @@ from xdsi.actors.consumer import Consumer, ConsumerError, FetchResult, FoundEntr
 from xdsi.actors.document_source import DocumentSource
 from xdsi.actors.identity_source import send_feed
 from xdsi.actors.imaging_source import PublishError
-from xdsi.actors.intake import ImportResult, NotAudited
+from xdsi.actors.intake import ImportInterrupted, ImportResult, NotAudited
 from xdsi.actors.provide import SubmitError
 from xdsi.app import (
     Node,
@@ -697,6 +697,16 @@ def _take_in(
     except NotAudited as exc:
         services.engine.dispose()
         _fail(str(exc))
+    except ImportInterrupted as exc:
+        services.engine.dispose()
+        click.secho(
+            f"stopped: the {_count(exc.kept, 'instance')} taken in so far stay "
+            "(a serving node publishes them once quiet); run it again to take "
+            "in the rest",
+            fg="yellow",
+            err=True,
+        )
+        sys.exit(EXIT_INTERRUPTED)
     broken = [(p, r.reason) for p, r in result.refused if r.rule != "not_dicom"]
     _say_skipped(broken, len(result.refused) - len(broken))
     new = sum(1 for a in result.accepted if not a.duplicate)
@@ -715,6 +725,8 @@ def _take_in(
 # Exit status of publish and import when DICOM files were refused and the
 # rest was taken in: the folder is not shared whole.
 EXIT_REFUSED = 3
+# Exit status of a command stopped by SIGINT (Ctrl-C), as a shell gives.
+EXIT_INTERRUPTED = 130
 
 
 # A folder's refused DICOM files are listed by path up to this many.

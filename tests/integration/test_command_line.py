@@ -496,3 +496,42 @@ def test_fetch_names_the_instances_it_did_not_get(served: Path, tmp_path):
     assert fetched.returncode == 1
     assert f"  not returned: {lost}" in fetched.stderr
     assert "1 referenced instance not returned" in fetched.stderr
+
+
+def test_an_import_stopped_half_way_keeps_and_records_what_it_took_in(tmp_path):
+    """Ctrl-C (SIGINT) during ``import``: the instances taken in so far stay,
+    are recorded as imported (DICOM PS3.15 A.5.3.5), and the command says
+    so and exits 130, as a shell does for SIGINT."""
+    import shutil
+    import signal
+
+    folder = tmp_path / "cd"
+    for name in ("study-ct", "study-mr/images", "study-ct-ihe"):
+        shutil.copytree(shared_path("dicom", *name.split("/")), folder / name)
+    config = _node_config(tmp_path)
+    kept = tmp_path / "node" / "imaging-source"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xdsi", "--config", str(config), "import"]
+        + ["--no-publish", str(folder)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    deadline = time.monotonic() + 60
+    while not any(p.is_file() and ".spool" not in p.parts for p in kept.rglob("*")):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 130, stderr
+    said = re.search(r"stopped: the (\d+) instances? taken in so far stay", stderr)
+    assert said, stderr
+    assert 0 < int(said.group(1)) < 116
+    assert "Traceback" not in stderr
+    trail = json.loads(_xdsi(config, "audit", "list", "--json").stdout)
+    (imported,) = [r for r in trail if r["event"] == "Import"]
+    assert imported["outcome"] == 0
+    assert imported["participants"][-1] == folder.as_uri()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -26,6 +27,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom import Dataset
@@ -112,6 +114,39 @@ class Accepted:
     study_instance_uid: str
     duplicate: bool
     patient_id: str = ""
+
+
+class _StopRequest:
+    """While entered in the main thread, a first SIGINT (Ctrl-C) is taken
+    as a request to stop between two instances, so that none is cut off
+    half taken in; a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def _on_sigint(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class ImportInterrupted(KeyboardInterrupt):
+    """An import stopped half way; ``kept`` instances it took in stay,
+    recorded as imported."""
+
+    def __init__(self, kept: int) -> None:
+        super().__init__(f"{kept} instances taken in stay")
+        self.kept = kept
 
 
 class NotAudited(Exception):
@@ -382,16 +417,33 @@ class Intake:
         """
         accepted: list[Accepted] = []
         refused: list[tuple[Path, check.Refused]] = []
-        for path in _files_of(folder):
-            try:
-                accepted.append(self.accept(path, patient_id=patient_id))
-            except check.Refused as exc:
-                # A folder may be named after its patient: the path is
-                # logged at DEBUG only, and returned to the caller.
-                logger.debug("Refused %s: %s", path, exc.reason)
-                refused.append((path, exc))
+        with _StopRequest() as stop:
+            for path in _files_of(folder):
+                if stop.requested:
+                    break
+                try:
+                    accepted.append(self.accept(path, patient_id=patient_id))
+                except check.Refused as exc:
+                    # A folder may be named after its patient: the path is
+                    # logged at DEBUG only, and returned to the caller.
+                    logger.debug("Refused %s: %s", path, exc.reason)
+                    refused.append((path, exc))
         _log_refusals([exc for _, exc in refused])
+        self._record_import(folder, accepted, refused)
+        if stop.requested:
+            # Stopped half way (Ctrl-C): each instance taken in so far is
+            # kept, and recorded as imported.
+            raise ImportInterrupted(sum(1 for a in accepted if not a.duplicate))
+        return ImportResult(tuple(accepted), tuple(refused))
 
+    def _record_import(
+        self,
+        folder: Path,
+        accepted: list[Accepted],
+        refused: list[tuple[Path, check.Refused]],
+    ) -> None:
+        """Spool the audit records of an import; without them, take its
+        instances back out and raise NotAudited."""
         # DICOM PS3.15 A.5.3.5: the import is recorded once its instances
         # are kept; files that are no DICOM at all were never instances.
         node = self.settings.node
@@ -411,7 +463,6 @@ class Intake:
                 f"{sum(1 for a in accepted if not a.duplicate)} instances it "
                 "took in were taken back out"
             )
-        return ImportResult(tuple(accepted), tuple(refused))
 
     def take_back(self, accepted: Iterable[Accepted]) -> int:
         """Remove the instances an intake just kept (not those it found held
