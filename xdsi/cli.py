@@ -66,6 +66,8 @@ from xdsi.wire.xml import parse_xml
 
 console = Console()
 err_console = Console(stderr=True)
+# Columns a table printed to a pipe or file may take.
+WIDE_OUTPUT = 400
 
 
 def qualify_patient_id(value: str, settings: Settings) -> str:
@@ -445,9 +447,16 @@ def submit(
             title=title,
         )
     except SubmitError as exc:
+        # A peer's codes and texts, escaped and cut (logs.shown).
         for error in exc.errors:
-            click.secho(f"{error.code}: {error.message}", fg="red", err=True)
-        _fail(str(exc) if not exc.errors else "ITI-41 answered Failure")
+            click.secho(
+                f"{logs.shown(error.code, 100)}: {logs.shown(error.message)}",
+                fg="red",
+                err=True,
+            )
+        _fail(
+            _unreachable_hint(str(exc)) if not exc.errors else "ITI-41 answered Failure"
+        )
     click.echo(f"SubmissionSet {submitted.submission_set_unique_id}")
     for path, unique_id in zip(files, submitted.document_unique_ids, strict=True):
         click.echo(f"{unique_id} {path}")
@@ -501,7 +510,10 @@ def find(ctx: click.Context, patient_id: str, as_json: bool) -> None:
     elif not entries:
         click.echo("no DocumentEntries found for this patient")
     else:
-        console.print(_entries_table(entries))
+        # Piped or redirected, each row on one line, its UIDs whole, as
+        # grep and copying want them; a terminal folds to its width.
+        out = console if console.is_terminal else Console(width=WIDE_OUTPUT)
+        out.print(_entries_table(entries))
 
 
 @contextmanager
@@ -580,7 +592,7 @@ def fetch(
         _fail(f"cannot write{where}: {exc.strerror or exc}")
     for unique_id, reason in result.skipped:
         click.secho(
-            f"  skipped document {logs.quoted(unique_id)}: {logs.quoted(reason)}",
+            f"  skipped document {logs.shown(unique_id, 100)}: {logs.shown(reason)}",
             fg="yellow",
             err=True,
         )
@@ -916,7 +928,7 @@ def _publish_now(services: Services, studies: Iterable[str]) -> None:
         ):
             # Removed whole before it was ever published.
             click.echo(
-                f"study {study_instance_uid}: nothing held and no manifest "
+                f"study {study_instance_uid}: no instance left, and it was never "
                 "published; nothing to withdraw"
             )
         elif claim := services.intake.claim_of(study_instance_uid):

@@ -111,6 +111,11 @@ def test_feed_publish_fetch_gives_back_every_instance(served: Path, tmp_path):
     assert len(found) == 1 and found[0]["modalities"] == ["MR"]
     # One registry, no XCA: the entry names no home community.
     assert found[0]["home_community_id"] is None
+    # The table, piped, keeps each row on one line and its UIDs whole.
+    table = _xdsi(served, "find", "--patient-id", "IDS-DEPT002-a").stdout
+    (row,) = [line for line in table.splitlines() if found[0]["unique_id"] in line]
+    assert (study := found[0]["study_instance_uids"][0]) in row
+    assert found[0]["repository_unique_id"] in row and study
 
     out = tmp_path / "fetched"
     _xdsi(served, "fetch", "--patient-id", "IDS-DEPT002-a", "--out", str(out))
@@ -411,8 +416,12 @@ def test_a_client_command_sends_its_audit_events_to_the_arr(
 
 @pytest.mark.parametrize(
     "command",
-    [("feed", "PAT-1"), ("find", "--patient-id", "PAT-1")],
-    ids=["feed", "find"],
+    [
+        ("feed", "PAT-1"),
+        ("find", "--patient-id", "PAT-1"),
+        ("submit", "README.md", "--patient-id", "PAT-1"),
+    ],
+    ids=["feed", "find", "submit"],
 )
 def test_a_client_command_with_no_node_serving_says_what_to_look_at(
     tmp_path, command: tuple[str, ...]
