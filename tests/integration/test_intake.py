@@ -42,7 +42,7 @@ from xdsi.actors.imaging_source import (
 from xdsi.actors.provide import SubmitError
 from xdsi.app import Node
 from xdsi.cli import bundled_study, main
-from xdsi.config import Settings, to_toml
+from xdsi.config import ConfigError, Settings, to_toml
 from xdsi.dicom import check, kos, scan
 from xdsi.dicom.check import refusal_table
 from xdsi.dicom.store_scu import (
@@ -1078,6 +1078,39 @@ def test_an_association_for_another_called_ae_title_is_rejected(
     finally:
         association.release()
     assert _held(intake_node) == {}
+
+
+def test_a_dicom_port_in_use_fails_the_start_and_frees_every_other_port(
+    tmp_path: Path,
+) -> None:
+    """A C-STORE SCP that cannot listen fails the node's
+    start with an error naming ``[imaging_source] dicom_port``; the HTTP and
+    MLLP listeners bound before it are closed again."""
+    ports = {}
+    for name in ("registry", "repository", "imaging_source", "feed"):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports[name] = sock.getsockname()[1]
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        settings = Settings().with_storage(tmp_path / "node").with_ports(**ports)
+        settings = replace(
+            settings,
+            imaging_source=replace(
+                settings.imaging_source, store_scp=True, dicom_port=taken
+            ),
+        )
+        node = Node(settings)
+
+        with pytest.raises(ConfigError, match=r"\[imaging_source\] dicom_port: "):
+            node.start()
+
+    for port in ports.values():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+    assert node.services is None
 
 
 def test_publish_shares_the_copy_it_checked_under_the_given_patient(
