@@ -2038,11 +2038,14 @@ def test_a_cstore_association_is_audited_as_instances_transferred(
 def test_a_cstore_association_with_refusals_records_a_failure(
     intake_node: RunningNode,
 ) -> None:
-    """DICOM PS3.15 A.5.1: instances refused in an association give a record
-    whose EventOutcomeIndicator is a failure (4 when others were kept)."""
+    """DICOM PS3.15 A.5.1, A.5.3.7: instances refused in an association give
+    a record whose EventOutcomeIndicator is a failure (4 when others were
+    kept), naming the patient and study of the refused instance, whose
+    header could be read."""
     good = shared_path("dicom", "study-mr", "images")
     image = sorted(good.iterdir())[0]
     bad = shared_path("dicom", "bad", "truncated-pixeldata__MR_truncated.dcm")
+    header = pydicom.dcmread(bad, stop_before_pixels=True)
     before = len(list(intake_node.services.audit_spool.records()))
 
     send_files([image, bad], _scp(intake_node), calling_ae_title="TESTSCU")
@@ -2052,8 +2055,35 @@ def test_a_cstore_association_with_refusals_records_a_failure(
     assert all(r.valid for r in records)
     assert sorted(r.outcome for r in records) == [0, 4]
     (failure,) = [r for r in records if r.outcome == 4]
-    assert failure.patient_ids == ()
+    assert failure.patient_ids == (intake_node.services.intake.patient_id(header),)
+    assert header.StudyInstanceUID in failure.object_ids
     assert b"1 of 2 instances refused" in failure.xml
+
+
+def test_stow_rs_refusals_are_audited_by_patient_and_study(
+    intake_node: RunningNode,
+) -> None:
+    """DICOM PS3.15 A.5.3.7: a STOW-RS request whose instances were all
+    refused gives a record of outcome 8 naming the patient and study of
+    each refused instance whose header could be read, and one naming no
+    object for a part that is no readable data set."""
+    bad = shared_path("dicom", "bad", "truncated-pixeldata__MR_truncated.dcm")
+    header = pydicom.dcmread(bad, stop_before_pixels=True)
+    not_dicom = shared_path("dicom", "bad", "gzip-not-dicom__zipMR.gz")
+    before = len(list(intake_node.services.audit_spool.records()))
+
+    answer = _stow(intake_node, [bad.read_bytes(), not_dicom.read_bytes()])
+
+    assert answer.status_code == 409
+    records = _records_since(intake_node, before, "110104")
+    assert all(r.valid for r in records)
+    assert [r.outcome for r in records] == [8, 8]
+    named, unnamed = records
+    assert named.patient_ids == (intake_node.services.intake.patient_id(header),)
+    assert header.StudyInstanceUID in named.object_ids
+    assert b"1 of 2 instances refused" in named.xml
+    assert (unnamed.patient_ids, unnamed.object_ids) == ((), ())
+    assert b"1 of 2 instances refused" in unnamed.xml
 
 
 def test_a_stow_rs_request_is_audited_before_its_answer(

@@ -116,7 +116,7 @@ class _Association:
 
     started: float = field(default_factory=time.monotonic)
     kept: list[Accepted] = field(default_factory=list)
-    refused: int = 0
+    refused: list[Refused] = field(default_factory=list)
     # C-STORE requests being answered; the association ends after them.
     storing: int = 0
     closed: bool = False
@@ -296,7 +296,7 @@ class StoreScp:
                 exc.dimse_status,
                 exc.reason,
             )
-            association.refused += 1
+            association.refused.append(exc)
             return exc.dimse_status
         finally:
             path.unlink(missing_ok=True)
@@ -366,7 +366,7 @@ class StoreScp:
                 peer,
                 stored,
                 held,
-                association.refused,
+                len(association.refused),
                 seconds,
             )
         else:
@@ -381,7 +381,7 @@ class StoreScp:
                 "; ".join(reasons),
                 stored,
                 held,
-                association.refused,
+                len(association.refused),
                 seconds,
             )
         if association.kept or association.refused:
