@@ -636,6 +636,28 @@ def audit_forwarder(
     )
 
 
+def _storage_directory(settings: Settings) -> None:
+    """Create ``[node] storage_dir`` if need be, or raise ConfigError saying
+    why the node cannot keep its data there."""
+    storage = settings.storage
+    try:
+        storage.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"[node] storage_dir: cannot keep the node's data in {storage} "
+            f"({exc.strerror or exc}: {exc.filename or storage}); set it to a "
+            "directory this node may write, or to a path where one can be made"
+        ) from None
+
+
+def _cannot_listen(setting: str, host: str, port: int, exc: OSError) -> ConfigError:
+    """The error of a listener that cannot bind, naming its setting."""
+    return ConfigError(
+        f"{setting}: cannot listen on {host}:{port} ({exc.strerror or exc}); "
+        "stop what holds the port or set another in the configuration"
+    )
+
+
 def _application_activity(settings: Settings, transaction: str) -> audit.AuditEvent:
     """DICOM PS3.15 A.5.3.1: this node started or stopped."""
     return audit.AuditEvent(
@@ -669,11 +691,30 @@ class Node:
         self._stopping = threading.Event()
         self._store_scp: StoreScp | None = None
         self._auto_publisher: AutoPublisher | None = None
+        # Whether the HTTP listeners' threads serve, so that shutdown() has
+        # a loop to stop.
+        self._serving = False
 
     def start(self) -> Settings:
-        """Bind, build the actors, serve; return the effective settings."""
+        """Bind, build the actors, serve; return the effective settings.
+
+        Raises
+        ------
+        ConfigError
+            A setting the node cannot start with (a port another program
+            holds, a storage directory that is a file); it is named, and
+            whatever was bound or started before is closed again.
+        """
+        try:
+            return self._start()
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _start(self) -> Settings:
         settings = self.requested
         self._stopping.clear()
+        _storage_directory(settings)
         context = tls.server_context(settings.tls) if settings.tls.enabled else None
         deferred: dict[str, _Deferred] = {}
         for actor in HTTP_ACTORS:
@@ -686,11 +727,6 @@ class Node:
                     settings.node.host, section.port, deferred[actor], _RequestHandler
                 )
             except ConfigError as exc:
-                # Nothing serves yet: the listeners bound so far are closed.
-                for bound in self._servers:
-                    bound.server_close()
-                self._servers.clear()
-                self._sockets.clear()
                 raise ConfigError(f"[{actor}] port: {exc}") from None
             server.plain_text_paths = _plain_text_paths(settings, actor)
             self._servers.append(server)
@@ -706,19 +742,28 @@ class Node:
         registry: list[Registry] = []
         if settings.registry.enabled:
             gate = None if context is None else _tls_gate(settings, context, "")
-            self._mllp = MllpServer(
-                settings.node.host,
-                settings.registry.feed_port,
-                lambda text: registry[0].feed(text),
-                tls_gate=gate,
-                timeout=settings.registry.feed_timeout,
-            )
+            try:
+                self._mllp = MllpServer(
+                    settings.node.host,
+                    settings.registry.feed_port,
+                    lambda text: registry[0].feed(text),
+                    tls_gate=gate,
+                    timeout=settings.registry.feed_timeout,
+                )
+            except OSError as exc:
+                raise _cannot_listen(
+                    "[registry] feed_port",
+                    settings.node.host,
+                    settings.registry.feed_port,
+                    exc,
+                ) from None
             settings = settings.with_ports(feed=self._mllp.address[1])
             if gate is not None:
                 # The listener is named once its port is known.
                 gate.listener = f"mllps://{settings.node.host}:{self._mllp.address[1]}"
             self._mllp.start()
         services = build_services(settings)
+        self.services = services
         registry.append(services.registry)
 
         for actor, target in deferred.items():
@@ -726,6 +771,7 @@ class Node:
         if "imaging_source" in deferred:
             settings = self._start_intake(settings, services)
         self._threads.extend(_serve(self._servers))
+        self._serving = True
         if settings.repository.enabled:
             # Once serving: the registry asked may be this node's own.
             sweeper = threading.Thread(
@@ -825,7 +871,15 @@ class Node:
                 cfg.dicom_port,
                 tls_gate=gate,
             )
-            host, port = self._store_scp.start()
+            try:
+                host, port = self._store_scp.start()
+            except OSError as exc:
+                raise _cannot_listen(
+                    "[imaging_source] dicom_port",
+                    settings.node.host,
+                    cfg.dicom_port,
+                    exc,
+                ) from None
             if gate is not None:
                 # The listener is named once its port is known.
                 gate.listener = f"dicom-tls://{host}:{port}"
@@ -834,6 +888,43 @@ class Node:
             self._auto_publisher = AutoPublisher(services.intake, cfg.publish_after)
             self._auto_publisher.start()
         return settings
+
+    def _abandon(self) -> None:
+        """Close what a start that failed bound or started, so that nothing
+        is left half-started: no port stays held, no thread serves."""
+        self._stopping.set()
+        if self.forwarder is not None:
+            self.forwarder.stop()
+            self.forwarder = None
+        for process in self._workers:
+            process.terminate()
+            process.join(timeout=10)
+        self._workers.clear()
+        if self._store_scp is not None:
+            self._store_scp.stop()
+            self._store_scp = None
+        if self._auto_publisher is not None:
+            self._auto_publisher.stop()
+            self._auto_publisher = None
+        # A listener serves once its thread runs; shutdown() would wait
+        # for good on one that never did.
+        for server in self._servers:
+            if self._serving:
+                server.shutdown()
+            server.server_close()
+        self._serving = False
+        for thread in self._threads:
+            thread.join(timeout=5)
+        if self._mllp is not None:
+            self._mllp.stop()
+            self._mllp = None
+        if self.services is not None:
+            self.services.engine.dispose()
+            self.services.audit_spool.close()
+            self.services = None
+        self._servers.clear()
+        self._sockets.clear()
+        self._threads.clear()
 
     def stop(self) -> None:
         if self._store_scp is not None:
@@ -871,6 +962,7 @@ class Node:
         self._servers.clear()
         self._sockets.clear()
         self._threads.clear()
+        self._serving = False
 
     def __enter__(self) -> Node:
         self.start()

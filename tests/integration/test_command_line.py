@@ -332,6 +332,64 @@ def test_serve_on_a_port_in_use_says_which_setting_to_change(
     assert "different port" not in result.stderr + result.stdout
 
 
+def test_serve_with_its_dicom_port_in_use_says_which_setting_to_change(
+    tmp_path: Path,
+) -> None:
+    """A C-STORE SCP that cannot listen on its port fails
+    the start (exit 1), naming ``[imaging_source] dicom_port`` and what to
+    do, and leaves none of the node's other ports held."""
+    ports = {name: _free_port() for name in ("registry", "feed", "repo", "ids")}
+    config = tmp_path / "xdsi.toml"
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        config.write_text(
+            f'[node]\nstorage_dir = "{tmp_path / "node"}"\n'
+            f"[registry]\nport = {ports['registry']}\n"
+            f"feed_port = {ports['feed']}\n"
+            f"[repository]\nport = {ports['repo']}\n"
+            f"[imaging_source]\nport = {ports['ids']}\nstore_scp = true\n"
+            f"dicom_port = {taken}\n"
+        )
+
+        result = _xdsi(config, "serve", check=False)
+
+    assert result.returncode == 1
+    assert (
+        f"[imaging_source] dicom_port: cannot listen on 127.0.0.1:{taken}"
+        in result.stderr
+    )
+    assert "set another in the configuration" in result.stderr
+    assert "Errno" not in result.stderr
+    for port in ports.values():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+
+
+def test_serve_with_its_storage_dir_a_file_says_which_setting_to_change(
+    tmp_path: Path,
+) -> None:
+    """A storage directory that is a file fails the start (exit 1), naming
+    ``[node] storage_dir`` and what to do, before any port is bound."""
+    config = _node_config(tmp_path)
+    config.write_text(
+        config.read_text().replace(
+            f'storage_dir = "{tmp_path / "node"}"', f'storage_dir = "{config}"'
+        )
+    )
+
+    result = _xdsi(config, "serve", check=False)
+
+    assert result.returncode == 1
+    assert f"[node] storage_dir: cannot keep the node's data in {config}" in (
+        result.stderr
+    )
+    assert "set it to a directory" in result.stderr
+    assert "Errno" not in result.stderr
+    assert "listening" not in result.stderr
+
+
 def test_audit_list_with_a_time_that_is_no_time_is_a_wrong_argument(
     tmp_path: Path,
 ) -> None:

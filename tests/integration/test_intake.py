@@ -42,7 +42,7 @@ from xdsi.actors.imaging_source import (
 from xdsi.actors.provide import SubmitError
 from xdsi.app import Node
 from xdsi.cli import bundled_study, main
-from xdsi.config import Settings, to_toml
+from xdsi.config import ConfigError, Settings, to_toml
 from xdsi.dicom import check, kos, scan
 from xdsi.dicom.check import refusal_table
 from xdsi.dicom.store_scu import (
@@ -1080,6 +1080,166 @@ def test_an_association_for_another_called_ae_title_is_rejected(
     assert _held(intake_node) == {}
 
 
+def _association_lines(
+    caplog: pytest.LogCaptureFixture, count: int
+) -> list[logging.LogRecord]:
+    """The first ``count`` lines of the C-STORE SCP about associations'
+    ends, waited for: an association ends as its connection closes, after
+    the sender has its last answer."""
+
+    def lines() -> list[logging.LogRecord]:
+        return [
+            r
+            for r in caplog.records
+            if r.name == "xdsi.actors.store_scp"
+            and r.getMessage().startswith("C-STORE association from ")
+        ]
+
+    _wait(lambda: len(lines()) >= count, timeout=10)
+    return lines()[:count]
+
+
+def test_each_association_is_logged_as_it_ends_with_its_counts(
+    intake_node: RunningNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DICOM PS3.8 7.2 (A-RELEASE): one INFO line per released association
+    names the sending AE title and address and counts the instances stored,
+    held already and refused; no patient data at INFO or above."""
+    caplog.set_level(logging.INFO, logger="xdsi")
+    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())
+    bad = shared_path("dicom", "bad", "truncated-pixeldata__MR_truncated.dcm")
+
+    send_files(images[:3], _scp(intake_node), calling_ae_title="TESTSCU")
+    first = _association_lines(caplog, 1)
+    send_files([*images[:2], bad], _scp(intake_node), calling_ae_title="TESTSCU")
+    first, second = _association_lines(caplog, 2)
+
+    for line in (first, second):
+        assert line.levelno == logging.INFO
+        assert line.getMessage().startswith(
+            "C-STORE association from TESTSCU at 127.0.0.1:"
+        )
+    assert "released, 3 stored, 0 held already, 0 refused, " in first.getMessage()
+    assert "released, 0 stored, 2 held already, 1 refused, " in second.getMessage()
+    patient = MR_PATIENT.split("^")[0]
+    assert not [
+        r
+        for r in caplog.records
+        if r.levelno >= logging.INFO and patient in r.getMessage()
+    ]
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_a_rejected_association_is_logged_with_why(
+    intake_node: RunningNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DICOM PS3.8 9.3.4, Table 9-21: an association rejected for naming
+    another called AE title gives a WARNING naming both AE titles."""
+    from pynetdicom import AE as Sender
+    from pynetdicom.sop_class import CTImageStorage
+
+    caplog.set_level(logging.INFO, logger="xdsi")
+    scp = _scp(intake_node)
+    sender = Sender(ae_title="TESTSCU")
+    sender.add_requested_context(CTImageStorage)
+    association = sender.associate(scp.host, scp.port, ae_title="WRONGAE")
+    assert association.is_rejected
+
+    (line,) = _association_lines(caplog, 1)
+    assert line.levelno == logging.WARNING
+    assert line.getMessage().startswith(
+        "C-STORE association from TESTSCU at 127.0.0.1:"
+    )
+    assert (
+        f"rejected (called AE title 'WRONGAE' is not this SCP's '{scp.ae_title}')"
+        in line.getMessage()
+    )
+
+
+def test_an_association_without_an_accepted_context_is_logged_with_why(
+    intake_node: RunningNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DICOM PS3.8 9.3.3.2, Table 9-18: an association whose presentation
+    contexts were all rejected ends in a WARNING naming each abstract syntax
+    and why it was rejected."""
+    from pydicom.uid import JPEGLossless
+    from pynetdicom import AE as Sender
+    from pynetdicom.sop_class import CTImageStorage
+
+    caplog.set_level(logging.INFO, logger="xdsi")
+    scp = _scp(intake_node)
+    sender = Sender(ae_title="TESTSCU")
+    sender.add_requested_context(CTImageStorage, [JPEGLossless])
+    association = sender.associate(scp.host, scp.port, ae_title=scp.ae_title)
+    assert not association.is_established
+
+    (line,) = _association_lines(caplog, 1)
+    assert line.levelno == logging.WARNING
+    assert (
+        "aborted (no presentation context accepted: CT Image Storage "
+        "transfer-syntaxes-not-supported (provider rejection): JPEG Lossless"
+    ) in line.getMessage()
+
+
+def test_an_aborted_association_is_logged_with_what_it_brought(
+    intake_node: RunningNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DICOM PS3.8 7.3 (A-ABORT): an association the peer aborts gives a
+    WARNING saying so, with the instances it brought before."""
+    from pynetdicom import AE as Sender
+
+    caplog.set_level(logging.INFO, logger="xdsi")
+    image = sorted(shared_path("dicom", "study-mr", "images").iterdir())[0]
+    ds = pydicom.dcmread(image)
+    scp = _scp(intake_node)
+    sender = Sender(ae_title="TESTSCU")
+    sender.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    association = sender.associate(scp.host, scp.port, ae_title=scp.ae_title)
+    assert association.is_established
+    assert association.send_c_store(ds).Status == SUCCESS
+    association.abort()
+
+    (line,) = _association_lines(caplog, 1)
+    assert line.levelno == logging.WARNING
+    assert (
+        "aborted (A-ABORT by the peer), 1 stored, 0 held already, 0 refused, "
+        in line.getMessage()
+    )
+
+
+def test_a_dicom_port_in_use_fails_the_start_and_frees_every_other_port(
+    tmp_path: Path,
+) -> None:
+    """A C-STORE SCP that cannot listen fails the node's
+    start with an error naming ``[imaging_source] dicom_port``; the HTTP and
+    MLLP listeners bound before it are closed again."""
+    ports = {}
+    for name in ("registry", "repository", "imaging_source", "feed"):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports[name] = sock.getsockname()[1]
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        settings = Settings().with_storage(tmp_path / "node").with_ports(**ports)
+        settings = replace(
+            settings,
+            imaging_source=replace(
+                settings.imaging_source, store_scp=True, dicom_port=taken
+            ),
+        )
+        node = Node(settings)
+
+        with pytest.raises(ConfigError, match=r"\[imaging_source\] dicom_port: "):
+            node.start()
+
+    for port in ports.values():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+    assert node.services is None
+
+
 def test_publish_shares_the_copy_it_checked_under_the_given_patient(
     patient_node: RunningNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1878,11 +2038,14 @@ def test_a_cstore_association_is_audited_as_instances_transferred(
 def test_a_cstore_association_with_refusals_records_a_failure(
     intake_node: RunningNode,
 ) -> None:
-    """DICOM PS3.15 A.5.1: instances refused in an association give a record
-    whose EventOutcomeIndicator is a failure (4 when others were kept)."""
+    """DICOM PS3.15 A.5.1, A.5.3.7: instances refused in an association give
+    a record whose EventOutcomeIndicator is a failure (4 when others were
+    kept), naming the patient and study of the refused instance, whose
+    header could be read."""
     good = shared_path("dicom", "study-mr", "images")
     image = sorted(good.iterdir())[0]
     bad = shared_path("dicom", "bad", "truncated-pixeldata__MR_truncated.dcm")
+    header = pydicom.dcmread(bad, stop_before_pixels=True)
     before = len(list(intake_node.services.audit_spool.records()))
 
     send_files([image, bad], _scp(intake_node), calling_ae_title="TESTSCU")
@@ -1892,8 +2055,35 @@ def test_a_cstore_association_with_refusals_records_a_failure(
     assert all(r.valid for r in records)
     assert sorted(r.outcome for r in records) == [0, 4]
     (failure,) = [r for r in records if r.outcome == 4]
-    assert failure.patient_ids == ()
+    assert failure.patient_ids == (intake_node.services.intake.patient_id(header),)
+    assert header.StudyInstanceUID in failure.object_ids
     assert b"1 of 2 instances refused" in failure.xml
+
+
+def test_stow_rs_refusals_are_audited_by_patient_and_study(
+    intake_node: RunningNode,
+) -> None:
+    """DICOM PS3.15 A.5.3.7: a STOW-RS request whose instances were all
+    refused gives a record of outcome 8 naming the patient and study of
+    each refused instance whose header could be read, and one naming no
+    object for a part that is no readable data set."""
+    bad = shared_path("dicom", "bad", "truncated-pixeldata__MR_truncated.dcm")
+    header = pydicom.dcmread(bad, stop_before_pixels=True)
+    not_dicom = shared_path("dicom", "bad", "gzip-not-dicom__zipMR.gz")
+    before = len(list(intake_node.services.audit_spool.records()))
+
+    answer = _stow(intake_node, [bad.read_bytes(), not_dicom.read_bytes()])
+
+    assert answer.status_code == 409
+    records = _records_since(intake_node, before, "110104")
+    assert all(r.valid for r in records)
+    assert [r.outcome for r in records] == [8, 8]
+    named, unnamed = records
+    assert named.patient_ids == (intake_node.services.intake.patient_id(header),)
+    assert header.StudyInstanceUID in named.object_ids
+    assert b"1 of 2 instances refused" in named.xml
+    assert (unnamed.patient_ids, unnamed.object_ids) == ((), ())
+    assert b"1 of 2 instances refused" in unnamed.xml
 
 
 def test_a_stow_rs_request_is_audited_before_its_answer(

@@ -24,7 +24,7 @@ import time
 import uuid
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.fileset import FileSet
+from pydicom.uid import UID
 from sqlalchemy import Connection, Row, and_, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
@@ -157,7 +158,7 @@ class NotAudited(Exception):
 def received_events(
     transaction: str,
     accepted: Iterable[Accepted],
-    refused: int,
+    refused: Sequence[check.Refused],
     *,
     source: audit.Endpoint,
     destination: audit.Endpoint,
@@ -168,10 +169,11 @@ def received_events(
     record per patient, action C for the instances the node did not hold,
     R for those it held already. A.5.3.5 (Media Import) allows several
     patients in one, but one each keeps the two alike; it is always C, so
-    instances held already are not named. ``refused`` instances add one
-    record naming no object, with outcome Minor failure when some were kept
-    and Serious failure when none (as a retrieve that returns some
-    documents and not others is audited).
+    instances held already are not named. ``refused`` instances add a
+    record per patient naming the studies they belong to, with outcome
+    Minor failure when some were kept and Serious failure when none (as a
+    retrieve that returns some documents and not others is audited); those
+    whose header could not be read share one record naming no object.
     """
     kept = list(accepted)
     actions = {"C": [a for a in kept if not a.duplicate]}
@@ -191,8 +193,14 @@ def received_events(
         for action, instances in actions.items()
         for patient, studies in audit.studies_by_patient(instances).items()
     ]
-    if refused:
-        total = refused + len(kept)
+    total = len(refused) + len(kept)
+    by_patient: dict[str, list[check.Refused]] = {}
+    for refusal in refused:
+        by_patient.setdefault(refusal.patient_id, []).append(refusal)
+    for patient, refusals in by_patient.items():
+        studies = dict.fromkeys(
+            r.study_instance_uid for r in refusals if r.study_instance_uid
+        )
         events.append(
             audit.AuditEvent(
                 transaction=transaction,
@@ -202,7 +210,9 @@ def received_events(
                 else audit.Outcome.SERIOUS_FAILURE,
                 source=source,
                 destination=destination,
-                outcome_detail=f"{refused} of {total} instances refused",
+                patient_id=patient or None,
+                study_instance_uids=tuple(studies),
+                outcome_detail=f"{len(refusals)} of {total} instances refused",
             )
         )
     return events
@@ -329,9 +339,61 @@ class Intake:
                 )
             finally:
                 private.unlink(missing_ok=True)
-        header, ds = check.check_file(
-            path, sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid
-        )
+        try:
+            header, ds = check.check_file(
+                path, sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid
+            )
+        except check.Refused as exc:
+            exc.identify(*self._identity_of(path))
+            raise
+        try:
+            return self._keep(
+                path,
+                header,
+                ds,
+                move=move,
+                study_instance_uid=study_instance_uid,
+                patient_id=patient_id,
+            )
+        except check.Refused as exc:
+            exc.identify(self.patient_id(ds), header.study_instance_uid)
+            raise
+
+    def _identity_of(self, path: Path) -> tuple[str, str]:
+        """The qualified patient id and Study Instance UID of a file that
+        failed its check, where its header can be read; "" otherwise."""
+        try:
+            ds = pydicom.dcmread(
+                path,
+                force=True,
+                stop_before_pixels=True,
+                specific_tags=[
+                    "PatientID",
+                    "IssuerOfPatientID",
+                    "IssuerOfPatientIDQualifiersSequence",
+                    "StudyInstanceUID",
+                ],
+            )
+            study_instance_uid = UID(str(ds.get("StudyInstanceUID") or ""))
+            patient_id = self.patient_id(ds)
+        except Exception:
+            # Whatever broke the instance may break this read too.
+            return "", ""
+        if not study_instance_uid.is_valid:
+            study_instance_uid = UID("")
+        return patient_id, str(study_instance_uid)
+
+    def _keep(
+        self,
+        path: Path,
+        header: scan.InstanceHeader,
+        ds: Dataset,
+        *,
+        move: bool,
+        study_instance_uid: str | None,
+        patient_id: str | None,
+    ) -> Accepted:
+        """Store a checked file, once per SOP Instance UID (see accept)."""
         if study_instance_uid and study_instance_uid != header.study_instance_uid:
             raise check.Refused(
                 "command_mismatch",
@@ -450,7 +512,7 @@ class Intake:
         events = received_events(
             MEDIA_IMPORT,
             accepted,
-            sum(1 for _, exc in refused if exc.rule != "not_dicom"),
+            [exc for _, exc in refused if exc.rule != "not_dicom"],
             source=audit.Endpoint(
                 folder.resolve().as_uri(), "", audit.media_type("uri")
             ),

@@ -10,7 +10,9 @@ Instance UID; a refused one is answered with the status of
 When an association ends (released, aborted or broken off) the instances it
 brought are audited as DICOM Instances Transferred (DICOM PS3.15 A.5.3.7),
 one record per patient, the peer's AE title as Source and this SCP as
-Destination.
+Destination, and one log line tells how it ended: INFO when released,
+WARNING with the reason when rejected (DICOM PS3.8 Table 9-21) or aborted
+(DICOM PS3.8 Table 9-26).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 from pydicom.uid import (
     JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -37,6 +40,8 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 
@@ -66,15 +71,59 @@ TRANSFER_SYNTAXES = (
 
 # DICOM PS3.4 Table B.2-1: Success.
 SUCCESS = 0x0000
+# DICOM PS3.7 C.4.2: Processing failure, for a data set whose association
+# closed before it could be answered.
+PROCESSING_FAILURE = 0x0110
+
+# DICOM PS3.8 Table 9-21: A-ASSOCIATE-RJ Source and Reason/Diag.
+REJECT_REASONS = {
+    (1, 1): "no reason given",
+    (1, 2): "application context name not supported",
+    (1, 3): "calling AE title not recognized",
+    (1, 7): "called AE title not recognized",
+    (2, 1): "no reason given (ACSE)",
+    (2, 2): "protocol version not supported",
+    (3, 1): "temporary congestion",
+    (3, 2): "local limit exceeded",
+}
+
+# DICOM PS3.8 Table 9-26: A-ABORT Reason/Diag of a service-provider abort.
+PROVIDER_ABORT_REASONS = {
+    0: "reason not specified",
+    1: "unrecognized PDU",
+    2: "unexpected PDU",
+    4: "unrecognized PDU parameter",
+    5: "unexpected PDU parameter",
+    6: "invalid PDU parameter value",
+}
+
+# DICOM PS3.8 Table 9-18: Result/Reason of a presentation context.
+CONTEXT_REJECTIONS = {
+    1: "user-rejection",
+    2: "no-reason (provider rejection)",
+    3: "abstract-syntax-not-supported (provider rejection)",
+    4: "transfer-syntaxes-not-supported (provider rejection)",
+}
+
+# Rejected presentation contexts a log line names at most.
+NAMED_CONTEXTS = 3
 
 
 @dataclass
-class _Received:
-    """What one association brought so far: instances kept, and how many
-    were refused."""
+class _Association:
+    """One association from its connection to its end: what it brought,
+    and what is known of how it ended."""
 
+    started: float = field(default_factory=time.monotonic)
     kept: list[Accepted] = field(default_factory=list)
-    refused: int = 0
+    refused: list[Refused] = field(default_factory=list)
+    # C-STORE requests being answered; the association ends after them.
+    storing: int = 0
+    closed: bool = False
+    requested: bool = False
+    released: bool = False
+    rejection: str = ""
+    abort: str = ""
 
 
 class _GatedAssociationServer(ThreadedAssociationServer):
@@ -122,10 +171,10 @@ class StoreScp:
         self.tls_gate = tls_gate
         self._server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
-        # What each association brought so far, kept and refused, until it
-        # ends and is audited.
-        self._received: dict[int, _Received] = {}
-        self._received_lock = threading.Lock()
+        # Each association from its connection until it ends, is logged and
+        # is audited.
+        self._associations: dict[int, _Association] = {}
+        self._lock = threading.Lock()
 
     def start(self) -> tuple[str, int]:
         """Bind and serve in the background; return the bound address."""
@@ -141,10 +190,19 @@ class StoreScp:
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
+        # The transport closes before pynetdicom's reactor tells of an
+        # abort (EVT_ABORTED), so the end is taken from EVT_CONN_CLOSE and
+        # the reason from the A-ABORT seen (EVT_ACSE_RECV, EVT_ACSE_SENT).
         handlers = [
+            (evt.EVT_CONN_OPEN, self._on_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ACSE_RECV, self._on_acse_received),
+            (evt.EVT_ACSE_SENT, self._on_acse_sent),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_CLOSE, _drop_partial_data_set),
-            (evt.EVT_CONN_CLOSE, self._audit_association),
+            (evt.EVT_CONN_CLOSE, self._on_close),
         ]
         if self.tls_gate is None:
             self._server = ae.start_server(
@@ -174,11 +232,55 @@ class StoreScp:
             self._thread.join(timeout=5)
             self._thread = None
 
+    def _association(self, assoc: Any) -> _Association:
+        with self._lock:
+            return self._associations.setdefault(id(assoc), _Association())
+
+    def _on_open(self, event: evt.Event) -> None:
+        self._association(event.assoc)
+
+    def _on_requested(self, event: evt.Event) -> None:
+        self._association(event.assoc).requested = True
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        """Note why an A-ASSOCIATE-RQ was rejected (DICOM PS3.8 9.3.4)."""
+        answer = event.assoc.acceptor.primitive
+        key = (answer.result_source, answer.diagnostic)
+        reason = REJECT_REASONS.get(key, f"source {key[0]}, reason {key[1]}")
+        if key == (1, 7):
+            called = event.assoc.requestor.primitive.called_ae_title
+            reason = f"called AE title {called!r} is not this SCP's {self.ae_title!r}"
+        self._association(event.assoc).rejection = reason
+
+    def _on_released(self, event: evt.Event) -> None:
+        self._association(event.assoc).released = True
+
+    def _on_acse_received(self, event: evt.Event) -> None:
+        """Note why the peer aborted, from the A-ABORT or A-P-ABORT received
+        (DICOM PS3.8 Table 9-26)."""
+        reason = _abort_reason(event.primitive, sent=False)
+        if reason:
+            self._association(event.assoc).abort = reason
+
+    def _on_acse_sent(self, event: evt.Event) -> None:
+        """Note that this SCP aborted, from the A-ABORT sent."""
+        reason = _abort_reason(event.primitive, sent=True)
+        if reason:
+            self._association(event.assoc).abort = reason
+
     def _on_store(self, event: evt.Event) -> int:
         """Answer one C-STORE request (DICOM PS3.7 9.1.1)."""
         started = time.monotonic()
         request = event.request
         path = Path(event.dataset_path)
+        with self._lock:
+            association = self._associations.get(id(event.assoc))
+            if association is None or association.closed:
+                # The peer is gone and can learn of no answer: nothing is
+                # kept that it would not know was.
+                path.unlink(missing_ok=True)
+                return PROCESSING_FAILURE
+            association.storing += 1
         try:
             accepted = self.intake.accept(
                 path,
@@ -186,6 +288,7 @@ class StoreScp:
                 sop_class_uid=str(request.AffectedSOPClassUID),
                 sop_instance_uid=str(request.AffectedSOPInstanceUID),
             )
+            association.kept.append(accepted)
         except Refused as exc:
             logger.warning(
                 "C-STORE from %s refused, status 0x%04X: %s",
@@ -193,11 +296,11 @@ class StoreScp:
                 exc.dimse_status,
                 exc.reason,
             )
-            self._note(event.assoc, refused=1)
+            association.refused.append(exc)
             return exc.dimse_status
         finally:
             path.unlink(missing_ok=True)
-        self._note(event.assoc, accepted=accepted)
+            self._stored(event.assoc, association)
         logger.debug(
             "C-STORE %s from %s%s in %.3f s",
             accepted.sop_instance_uid,
@@ -207,30 +310,94 @@ class StoreScp:
         )
         return SUCCESS
 
-    def _note(
-        self, assoc: Any, *, accepted: Accepted | None = None, refused: int = 0
-    ) -> None:
-        with self._received_lock:
-            received = self._received.setdefault(id(assoc), _Received())
-        if accepted is not None:
-            received.kept.append(accepted)
-        received.refused += refused
+    def _stored(self, assoc: Any, association: _Association) -> None:
+        """End the association after its last C-STORE answered, if it
+        closed meanwhile."""
+        with self._lock:
+            association.storing -= 1
+            ended = association.closed and association.storing == 0
+            if ended:
+                self._associations.pop(id(assoc), None)
+        if ended:
+            self._ended(assoc, association)
 
-    def _audit_association(self, event: evt.Event) -> None:
+    def _on_close(self, event: evt.Event) -> None:
+        """The transport closed: the association ended, once the C-STORE
+        request being answered, if any, is."""
+        association = self._association(event.assoc)
+        if not association.abort and not association.released:
+            # An A-ABORT the reactor has not taken yet.
+            next_primitive = event.assoc.dul.peek_next_pdu()
+            association.abort = _abort_reason(next_primitive, sent=False)
+        with self._lock:
+            association.closed = True
+            ended = association.storing == 0
+            if ended:
+                self._associations.pop(id(event.assoc), None)
+        if ended:
+            self._ended(event.assoc, association)
+
+    def _ended(self, assoc: Any, association: _Association) -> None:
+        """Log how an association ended, and audit what it brought."""
+        requestor = assoc.requestor
+        peer = f"{requestor.address}:{requestor.port}"
+        seconds = time.monotonic() - association.started
+        stored = sum(1 for a in association.kept if not a.duplicate)
+        held = len(association.kept) - stored
+        if association.rejection:
+            logger.warning(
+                "C-STORE association from %s at %s: rejected (%s), %.3f s",
+                requestor.ae_title,
+                peer,
+                association.rejection,
+                seconds,
+            )
+        elif not association.requested:
+            # No A-ASSOCIATE-RQ came: a port probe, or no DICOM peer.
+            logger.debug(
+                "connection from %s closed before any association was requested",
+                peer,
+            )
+        elif association.released:
+            logger.info(
+                "C-STORE association from %s at %s: released, %d stored, "
+                "%d held already, %d refused, %.3f s",
+                requestor.ae_title,
+                peer,
+                stored,
+                held,
+                len(association.refused),
+                seconds,
+            )
+        else:
+            reasons = [association.abort or "the connection closed without A-RELEASE"]
+            if not assoc.accepted_contexts and assoc.rejected_contexts:
+                reasons.insert(0, _no_context(assoc.rejected_contexts))
+            logger.warning(
+                "C-STORE association from %s at %s: aborted (%s), %d stored, "
+                "%d held already, %d refused, %.3f s",
+                requestor.ae_title,
+                peer,
+                "; ".join(reasons),
+                stored,
+                held,
+                len(association.refused),
+                seconds,
+            )
+        if association.kept or association.refused:
+            self._audit(assoc, association)
+
+    def _audit(self, assoc: Any, association: _Association) -> None:
         """Spool the audit records of what an association brought, as it
         ends: DICOM Instances Transferred (DICOM PS3.15 A.5.3.7), one per
         patient, action C for instances new to the node, R for those held
         already, and one more with a failure outcome when some were refused.
         """
-        with self._received_lock:
-            received = self._received.pop(id(event.assoc), None)
-        if received is None:
-            return
-        requestor = event.assoc.requestor
+        requestor = assoc.requestor
         events = received_events(
             "C-STORE",
-            received.kept,
-            received.refused,
+            association.kept,
+            association.refused,
             source=audit.Endpoint(requestor.ae_title, requestor.address),
             destination=audit.Endpoint(self.ae_title, self.address[0]),
         )
@@ -243,8 +410,42 @@ class StoreScp:
                 "C-STORE association from %s: the audit record of %d "
                 "instances kept could not be written",
                 requestor.ae_title,
-                len(received.kept),
+                len(association.kept),
             )
+
+
+def _abort_reason(primitive: object, *, sent: bool) -> str:
+    """Why an A-ABORT or A-P-ABORT was sent or received; DICOM PS3.8 Table
+    9-26. Empty for any other primitive."""
+    if isinstance(primitive, A_ABORT):
+        who = "this SCP" if sent else "the peer"
+        if primitive.abort_source == 2:
+            who = "this SCP's upper layer" if sent else "the peer's upper layer"
+        return f"A-ABORT by {who}"
+    if isinstance(primitive, A_P_ABORT):
+        if not primitive.provider_reason:
+            # What pynetdicom's upper layer issues when the connection closed.
+            return "the connection closed without A-RELEASE"
+        reason = PROVIDER_ABORT_REASONS.get(
+            primitive.provider_reason, f"reason {primitive.provider_reason}"
+        )
+        return f"A-P-ABORT by the upper layer: {reason}"
+    return ""
+
+
+def _no_context(rejected: list[PresentationContext]) -> str:
+    """Why no presentation context was accepted, by abstract syntax;
+    DICOM PS3.8 Table 9-18."""
+    named = []
+    for context in rejected[:NAMED_CONTEXTS]:
+        why = CONTEXT_REJECTIONS.get(context.result or 0, f"result {context.result}")
+        if context.result == 4:
+            offered = ", ".join(UID(ts).name for ts in context.transfer_syntax)
+            why = f"{why}: {offered}"
+        named.append(f"{UID(context.abstract_syntax or '').name} {why}")
+    if len(rejected) > NAMED_CONTEXTS:
+        named.append(f"{len(rejected) - NAMED_CONTEXTS} more")
+    return "no presentation context accepted: " + "; ".join(named)
 
 
 def _drop_partial_data_set(event: evt.Event) -> None:

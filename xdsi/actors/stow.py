@@ -196,6 +196,8 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
     failed: list[dict] = []  # type: ignore[type-arg]
     warnings: list[str] = []
     refusals: Counter[str] = Counter()
+    # Each failed part, as its audit record names it.
+    refused: list[Refused] = []
     try:
         for index, (path, part_media_type) in enumerate(parts.files, start=1):
             # Read first: intake consumes the file, even one it then refuses
@@ -213,6 +215,7 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
                 )
             except Refused as exc:
                 refusals[exc.reason] += 1
+                refused.append(exc)
                 failed.append(
                     _reference(sop_class_uid, sop_instance_uid, exc.failure_reason)
                 )
@@ -223,6 +226,7 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
                 # An error of this node's own fails this part alone: a
                 # Processing failure (DICOM PS3.4 Table B.2-1, 0110).
                 logger.exception("STOW-RS part %d not stored", index)
+                refused.append(Refused("storage", "not stored"))
                 failed.append(
                     _reference(sop_class_uid, sop_instance_uid, PROCESSING_FAILURE)
                 )
@@ -253,7 +257,7 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
     events = received_events(
         "STOW-RS",
         kept,
-        len(failed),
+        refused,
         source=audit.Endpoint(host, host),
         destination=audit.Endpoint(
             dict(settings.imaging_endpoints())["stow-rs"], settings.node.host

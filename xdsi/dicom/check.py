@@ -46,6 +46,10 @@ class Refused(Exception):
     """An instance the Imaging Document Source will not store.
 
     ``rule`` is a row of ``profiles/intake_refusals.toml``.
+    ``patient_id`` (qualified, as the instance would be held under) and
+    ``study_instance_uid`` name whose instance it was, where its header
+    could be read, for the audit record of the refusal (DICOM PS3.15
+    A.5.3.7); "" otherwise.
     """
 
     def __init__(self, rule: str, reason: str) -> None:
@@ -54,6 +58,15 @@ class Refused(Exception):
         super().__init__(reason)
         self.rule = rule
         self.reason = reason
+        self.patient_id = ""
+        self.study_instance_uid = ""
+
+    def identify(self, patient_id: str, study_instance_uid: str) -> None:
+        """Name the patient and study of the refused instance, unless named
+        already."""
+        if not (self.patient_id or self.study_instance_uid):
+            self.patient_id = patient_id
+            self.study_instance_uid = study_instance_uid
 
     @property
     def dimse_status(self) -> int:
