@@ -641,7 +641,9 @@ def _storage_directory(settings: Settings) -> None:
     why the node cannot keep its data there."""
     storage = settings.storage
     try:
-        storage.mkdir(parents=True, exist_ok=True)
+        if not storage.is_dir():
+            # It holds patient data: for this user alone.
+            storage.mkdir(parents=True, mode=STORAGE_MODE)
     except OSError as exc:
         raise ConfigError(
             f"[node] storage_dir: cannot keep the node's data in {storage} "

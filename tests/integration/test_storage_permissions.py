@@ -77,3 +77,12 @@ def test_a_node_serving_from_a_folder_others_can_read_says_so(
         warning.getMessage()
     )
     assert "chmod 700" in warning.getMessage()
+
+
+def test_a_storage_folder_a_serving_node_makes_is_its_users_alone(tmp_path: Path):
+    storage = tmp_path / "new" / "storage"
+
+    with Node(_settings(storage)):
+        pass
+
+    assert _mode(storage) == 0o700
