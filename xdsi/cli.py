@@ -38,7 +38,7 @@ from xdsi.actors.document_source import DocumentSource
 from xdsi.actors.identity_source import send_feed
 from xdsi.actors.imaging_source import PublishError
 from xdsi.actors.intake import ImportResult, NotAudited
-from xdsi.actors.provide import SubmitError
+from xdsi.actors.provide import SubmitError, describe_errors
 from xdsi.app import (
     Node,
     Services,
@@ -468,7 +468,7 @@ def submit(
         )
     except SubmitError as exc:
         for error in exc.errors:
-            click.secho(f"{error.code}: {error.message}", fg="red", err=True)
+            click.secho(describe_errors([error]), fg="red", err=True)
         _fail(str(exc) if not exc.errors else "ITI-41 answered Failure")
     click.echo(f"SubmissionSet {submitted.submission_set_unique_id}")
     for path, unique_id in zip(files, submitted.document_unique_ids, strict=True):

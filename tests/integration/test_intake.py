@@ -708,6 +708,14 @@ def test_an_unpublishable_study_is_retried_with_backoff(
     assert warning.levelno == logging.WARNING
     assert "XDSUnknownPatientId" in warning.getMessage()
     assert "IDS-DEPT002" not in warning.getMessage()
+    # The registry's codeContext may name the patient: DEBUG only.
+    assert "not known to this Document Registry" not in warning.getMessage()
+    assert any(
+        r.levelno == logging.DEBUG
+        and "XDSUnknownPatientId: the SubmissionSet's patientId is not known"
+        in r.getMessage()
+        for r in records
+    )
     assert len([r for r in records if r.levelno == logging.DEBUG]) >= 2
     assert any(
         r.levelno == logging.INFO and "after 3 failed attempts" in r.getMessage()
@@ -792,9 +800,12 @@ def test_import_of_a_study_whose_patient_is_unknown_fails(
     outcome = _xdsi(patient_node, tmp_path, "import", str(folder))
 
     assert outcome.exit_code == 1, outcome.output
-    assert "not published: XDSUnknownPatientId; feed the patient first" in (
-        outcome.output
-    )
+    # ITI TF-3 4.2.4.1: the code with the registry's codeContext.
+    assert (
+        "not published: XDSUnknownPatientId: the SubmissionSet's patientId is "
+        "not known to this Document Registry (no Patient Identity Feed received "
+        "for it); feed the patient first"
+    ) in " ".join(outcome.output.split())
     # The command names the id to feed: the images' own Patient ID.
     (study,) = scan.scan_directory(folder).studies
     assert f"(xdsi feed {study.patient.patient_id})" in outcome.output

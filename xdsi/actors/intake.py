@@ -42,7 +42,7 @@ from xdsi.actors.imaging_source import (
     instance_row,
     sha256_file,
 )
-from xdsi.actors.provide import SubmitError
+from xdsi.actors.provide import SubmitError, describe_errors
 from xdsi.dicom import check, scan
 from xdsi.store.schema import imaging_instance, imaging_study
 
@@ -184,7 +184,8 @@ class Failing:
     failures: int
     changed_at: float
     failed_at: float
-    # The registry's error codes, or what went wrong on the way.
+    # The peer's error codes with their texts, or what went wrong on the
+    # way; the texts may name the patient (see SubmitError).
     reason: str = ""
 
 
@@ -605,18 +606,19 @@ class Intake:
         """Mark a study changed again and note the failure for backoff.
 
         The first failure in a row is a WARNING naming the error codes (their
-        texts may name the patient), or an ERROR with its traceback for a
-        failure of the node's own; later ones go to DEBUG.
+        texts may name the patient, and go to DEBUG), or an ERROR with its
+        traceback for a failure of the node's own; later ones go to DEBUG.
         """
         self._mark_changed(study_instance_uid)
         before = self._failing.get(study_instance_uid)
         failures = before.failures + 1 if before is not None else 1
         if isinstance(exc, SubmitError):
-            codes = ", ".join(e.code for e in exc.errors) if exc.errors else str(exc)
+            codes = exc.codes
+            reason = describe_errors(exc.errors) if exc.errors else str(exc)
         else:
-            codes = f"an error of this node: {type(exc).__name__}"
+            codes = reason = f"an error of this node: {type(exc).__name__}"
         self._failing[study_instance_uid] = Failing(
-            failures, changed_at, time.time(), codes
+            failures, changed_at, time.time(), reason
         )
         if failures == 1:
             logger.log(
@@ -627,6 +629,7 @@ class Intake:
                 MAX_RETRY_DELAY,
                 exc_info=None if isinstance(exc, SubmitError) else exc,
             )
+            logger.debug("study %s not published: %s", study_instance_uid, reason)
         else:
             logger.debug(
                 "study %s not published, failure %d in a row: %s",
@@ -637,7 +640,8 @@ class Intake:
 
     def last_failure(self, study_instance_uid: str) -> str | None:
         """Why the study's last publication in this process failed, if it
-        did: the registry's error codes, or the transport error."""
+        did: the peer's error codes and their texts, or the transport error.
+        For the user's terminal: the texts may name the patient."""
         failing = self._failing.get(study_instance_uid)
         return None if failing is None else failing.reason
 
