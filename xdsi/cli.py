@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import ssl
@@ -37,7 +38,7 @@ from xdsi.actors.document_source import DocumentSource
 from xdsi.actors.identity_source import send_feed
 from xdsi.actors.imaging_source import PublishError
 from xdsi.actors.intake import ImportInterrupted, ImportResult, NotAudited
-from xdsi.actors.provide import SubmitError
+from xdsi.actors.provide import SubmitError, describe_errors
 from xdsi.app import (
     Node,
     Services,
@@ -60,6 +61,7 @@ from xdsi.dicom.store_scu import Destination, StoreScuError, send_files
 from xdsi.hl7.adt import TRIGGER_EVENTS
 from xdsi.hl7.mllp import MllpError
 from xdsi.logs import quiet_pydicom
+from xdsi.metadata.validation import patient_id_problem
 from xdsi.store.schema import make_engine
 from xdsi.store.verify import count_copies, verify_store
 from xdsi.wire.xml import parse_xml
@@ -79,6 +81,29 @@ def qualify_patient_id(value: str, settings: Settings) -> str:
     if "^" in value:
         return value
     return f"{value}^^^&{settings.node.assigning_authority}&ISO"
+
+
+def _patient_id_param(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> str | None:
+    """A patient id as the command line takes it, qualified (see
+    :func:`qualify_patient_id`) and checked as the Document Registry checks
+    a patientId (ITI TF-3 4.2.3.2.16), before any work: one no registry
+    could take is a wrong argument. Blanks around a bare id are no part of
+    it, as an ITI-8 feed's PID-3 and a DICOM Patient ID are read."""
+    if value is None:
+        return None
+    given = value if "^" in value else value.strip(" ")
+    if not given:
+        raise click.BadParameter("a patient id cannot be empty")
+    cx = qualify_patient_id(given, ctx.obj["settings"])
+    problem = patient_id_problem(cx)
+    if problem is not None:
+        as_cx = "it" if cx == given else f"qualified as {cx!r}, it"
+        raise click.BadParameter(
+            f"{given!r} is not usable as an XDS patientId: {as_cx} {problem}"
+        )
+    return cx
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -257,7 +282,7 @@ def serve(ctx: click.Context, workers: int | None) -> None:
 
 
 @main.command()
-@click.argument("patient_id")
+@click.argument("patient_id", callback=_patient_id_param)
 @click.option(
     "--trigger",
     type=click.Choice(sorted(TRIGGER_EVENTS)),
@@ -270,6 +295,7 @@ def serve(ctx: click.Context, workers: int | None) -> None:
     "subsumed",
     default=None,
     metavar="SUBSUMED_ID",
+    callback=_patient_id_param,
     help="A40: the patient id (MRG-1) merged into PATIENT_ID, which survives.",
 )
 @click.option("--name", default="", help="PID-5, e.g. 'DOE^JANE'.")
@@ -293,9 +319,6 @@ def feed(
 ) -> None:
     """Send an ITI-8 Patient Identity Feed (HL7 v2 ADT over MLLP)."""
     settings = _settings(ctx)
-    for value, hint in ((patient_id, "PATIENT_ID"), (subsumed, "--merge")):
-        if value is not None and not value.strip():
-            raise click.BadParameter("a patient id cannot be empty", param_hint=hint)
     trigger = trigger or ("A40" if subsumed else "A01")
     if (trigger == "A40") != bool(subsumed):
         raise click.UsageError(
@@ -305,11 +328,9 @@ def feed(
         summary = send_feed(
             settings,
             node_auditor(settings),
-            qualify_patient_id(patient_id, settings),
+            patient_id,
             trigger=trigger,
-            subsumed_patient_id=(
-                qualify_patient_id(subsumed, settings) if subsumed else ""
-            ),
+            subsumed_patient_id=subsumed or "",
             name=name,
             birth_date=birth_date,
             sex=sex,
@@ -336,6 +357,7 @@ def feed(
 @click.option(
     "--patient-id",
     required=True,
+    callback=_patient_id_param,
     help="Affinity-domain patient id: ID or ID^^^&OID&ISO.",
 )
 @click.option(
@@ -351,12 +373,11 @@ def publish(
 ) -> None:
     """Publish the studies in STUDY_DIR: KOS manifest + RAD-68."""
     settings = _settings(ctx)
-    cx = qualify_patient_id(patient_id, settings)
     if not headers_only:
         # Each file is copied into the store and the copy checked whole, as
         # intake does, so that what is shared is what was checked.
         services = _services(settings)
-        taken = _take_in(services, study_dir, cx)
+        taken = _take_in(services, study_dir, patient_id)
         _publish_now(services, sorted({a.study_instance_uid for a in taken.accepted}))
         services.engine.dispose()
         _exit_if_refused(_refusals(taken))
@@ -372,7 +393,7 @@ def publish(
     services = _services(settings)
     failed = False
     for study in result.studies:
-        reason = services.intake.other_patient(study.study_instance_uid, cx)
+        reason = services.intake.other_patient(study.study_instance_uid, patient_id)
         if reason is not None:
             # As intake refuses it (ITI TF-3 4.2.2.2.3).
             click.secho(f"not published: {reason}", fg="red", err=True)
@@ -382,7 +403,7 @@ def publish(
             continue
         since = time.time()
         try:
-            published = services.imaging_source.publish(study, cx)
+            published = services.imaging_source.publish(study, patient_id)
         except PublishError as exc:
             click.secho(
                 _unreachable_hint(
@@ -393,7 +414,7 @@ def publish(
             )
             failed = True
             continue
-        services.intake.note_published(study.study_instance_uid, cx, since)
+        services.intake.note_published(study.study_instance_uid, patient_id, since)
         click.echo(
             f"published study {published.study_instance_uid}: "
             f"{_count(published.instances, 'instance')}, manifest "
@@ -416,6 +437,7 @@ def publish(
 @click.option(
     "--patient-id",
     required=True,
+    callback=_patient_id_param,
     help="Affinity-domain patient id: ID or ID^^^&OID&ISO.",
 )
 @click.option(
@@ -442,18 +464,14 @@ def submit(
     try:
         submitted = source.submit(
             list(files),
-            qualify_patient_id(patient_id, settings),
+            patient_id,
             mime_type=mime_type,
             title=title,
         )
     except SubmitError as exc:
         # A peer's codes and texts, escaped and cut (logs.shown).
         for error in exc.errors:
-            click.secho(
-                f"{logs.shown(error.code, 100)}: {logs.shown(error.message)}",
-                fg="red",
-                err=True,
-            )
+            click.secho(describe_errors([error]), fg="red", err=True)
         _fail(
             _unreachable_hint(str(exc)) if not exc.errors else "ITI-41 answered Failure"
         )
@@ -494,7 +512,12 @@ def _entries_table(entries: list[FoundEntry]) -> Table:
 
 
 @main.command()
-@click.option("--patient-id", required=True)
+@click.option(
+    "--patient-id",
+    required=True,
+    callback=_patient_id_param,
+    help="Affinity-domain patient id: ID or ID^^^&OID&ISO.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def find(ctx: click.Context, patient_id: str, as_json: bool) -> None:
@@ -502,7 +525,7 @@ def find(ctx: click.Context, patient_id: str, as_json: bool) -> None:
     settings = _settings(ctx)
     consumer = _services(settings).consumer
     try:
-        entries = consumer.find(qualify_patient_id(patient_id, settings))
+        entries = consumer.find(patient_id)
     except ConsumerError as exc:
         _fail(_unreachable_hint(str(exc)))
     if as_json:
@@ -541,7 +564,12 @@ def _fetch(consumer: Consumer, patient_id: str, out: Path) -> FetchResult:
 
 
 @main.command()
-@click.option("--patient-id", required=True)
+@click.option(
+    "--patient-id",
+    required=True,
+    callback=_patient_id_param,
+    help="Affinity-domain patient id: ID or ID^^^&OID&ISO.",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "--to-pacs",
@@ -584,7 +612,7 @@ def fetch(
         raise click.BadParameter(unwritable, param_hint="--out")
     consumer = _services(settings).consumer
     try:
-        result = _fetch(consumer, qualify_patient_id(patient_id, settings), out)
+        result = _fetch(consumer, patient_id, out)
     except ConsumerError as exc:
         _fail(_unreachable_hint(str(exc)))
     except OSError as exc:
@@ -948,7 +976,9 @@ def _publish_now(services: Services, studies: Iterable[str]) -> None:
             hint = ""
             if reason and "XDSUnknownPatientId" in reason:
                 patient = services.intake.study_patient(study_instance_uid)
-                feed = f"xdsi feed {patient.split('^')[0]}" if patient else "xdsi feed"
+                feed = "xdsi feed"
+                if patient:
+                    feed += " " + shlex.quote(patient.split("^")[0])
                 hint = (
                     f"; feed the patient first ({feed}), then run this again "
                     "(a serving node retries by itself)"

@@ -29,6 +29,8 @@ from typing import Any
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from xdsi.metadata.validation import MAX_OID_LENGTH, is_oid
+
 # Default OIDs live under a UUID-derived OID (ITU-T X.667, arc 2.25) fixed for
 # xdsi, so that an unconfigured node still has stable, valid identifiers.
 XDSI_OID_ROOT = "2.25.127890502356717902159250805506845543275"
@@ -77,6 +79,20 @@ class NodeSettings:
     max_request_size: int = 4 * 1024**3
 
     def __post_init__(self) -> None:
+        # ITI TF-3 4.2.3.2.16: every patientId is ID^^^&OID&ISO, its
+        # assigning authority an ISO OID (ITI TF-3 4.2.3.1.5, DICOM PS3.5
+        # 9.1); a node qualifying ids with anything else could register none.
+        for key, values in (
+            ("assigning_authority", (self.assigning_authority,)),
+            ("other_assigning_authorities", self.other_assigning_authorities),
+        ):
+            for value in values:
+                if not is_oid(value):
+                    raise ConfigError(
+                        f"[node] {key} {value!r} is not an ISO OID: digits in "
+                        f"arcs joined by dots, as 1.3.6.1.4.1.21367.13.20.1000, "
+                        f"at most {MAX_OID_LENGTH} characters (ITI TF-3 4.2.3.1.5)"
+                    )
         if self.workers < 1:
             raise ConfigError("[node] workers must be at least 1")
         if self.max_request_size < MIN_REQUEST_SIZE:

@@ -299,6 +299,107 @@ def test_publish_for_unknown_patient_fails_with_the_registry_code(served: Path):
     assert "XDSUnknownPatientId" in result.stderr
 
 
+# Each command that takes a patient id, {id} where it goes.
+PATIENT_ID_COMMANDS = {
+    "feed": ("feed", "{id}"),
+    "feed --merge": ("feed", "PAT-1", "--merge", "{id}"),
+    "publish": ("publish", "{folder}", "--patient-id", "{id}"),
+    "publish --headers-only": (
+        "publish",
+        "{folder}",
+        "--headers-only",
+        "--patient-id",
+        "{id}",
+    ),
+    "submit": ("submit", "{file}", "--patient-id", "{id}"),
+    "find": ("find", "--patient-id", "{id}"),
+    "fetch": ("fetch", "--patient-id", "{id}", "--out", "{folder}"),
+}
+# ITI TF-3 4.2.3.2.16: ids no Document Registry takes, and why.
+UNUSABLE_PATIENT_IDS = {
+    "empty": ("", "a patient id cannot be empty"),
+    "blank": ("  ", "a patient id cannot be empty"),
+    "delimiter": ("PAT|1", "its ID holds an HL7 delimiter"),
+    "authority": ("PAT-1^^^&not an oid&ISO", "assigning authority is not an ISO OID"),
+}
+
+
+# Every command with one unusable id, and every unusable id with two
+# commands: one a client of the registry (find), one that takes files in.
+UNUSABLE_PATIENT_ID_CASES = [
+    pytest.param(PATIENT_ID_COMMANDS[c], *UNUSABLE_PATIENT_IDS[i], id=f"{c}-{i}")
+    for c, i in dict.fromkeys(
+        [(c, "delimiter") for c in PATIENT_ID_COMMANDS]
+        + [(c, i) for c in ("find", "publish") for i in UNUSABLE_PATIENT_IDS]
+    )
+]
+
+
+@pytest.mark.parametrize(("command", "patient_id", "reason"), UNUSABLE_PATIENT_ID_CASES)
+def test_a_patient_id_no_registry_takes_is_a_wrong_argument(
+    tmp_path: Path, command: tuple[str, ...], patient_id: str, reason: str
+) -> None:
+    """ITI TF-3 4.2.3.2.16: a patientId is ID^^^&OID&ISO; every command
+    refuses another as a wrong argument (exit 2), saying why, before it
+    touches the storage or any peer."""
+    config = _node_config(tmp_path)
+    ports = [int(port) for port in re.findall(r"port = (\d+)", config.read_text())]
+    listeners = []
+    for port in ports:
+        listener = socket.create_server(("127.0.0.1", port))
+        listener.setblocking(False)
+        listeners.append(listener)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    document = tmp_path / "report.txt"
+    document.write_text("report")
+    fill = {"id": patient_id, "folder": str(folder), "file": str(document)}
+
+    try:
+        result = _xdsi(config, *(a.format(**fill) for a in command), check=False)
+        for listener in listeners:
+            with pytest.raises(BlockingIOError):
+                listener.accept()
+    finally:
+        for listener in listeners:
+            listener.close()
+
+    assert result.returncode == 2, result.stderr
+    assert reason in result.stderr
+    assert not (tmp_path / "node").exists()
+
+
+def test_the_feed_hint_quotes_an_id_with_blanks(served: Path) -> None:
+    """ITI TF-3 Table 4.2.4.1-2: after XDSUnknownPatientId the hint names a
+    command that can be pasted as it is, the id quoted for the shell."""
+    images = shared_path("dicom", "study-mr", "images")
+
+    result = _xdsi(
+        served, "publish", str(images), "--patient-id", "NEVER FED", check=False
+    )
+
+    assert result.returncode == 1
+    assert "feed the patient first (xdsi feed 'NEVER FED')" in result.stderr
+
+
+def test_config_show_refuses_an_assigning_authority_that_is_no_oid(
+    tmp_path: Path,
+) -> None:
+    """ITI TF-3 4.2.3.1.5: the node's assigning authority is an ISO OID; a
+    configuration naming another is refused (exit 1), naming the setting,
+    by every command, config show included."""
+    config = tmp_path / "xdsi.toml"
+    config.write_text('[node]\nassigning_authority = "not an oid"\n')
+
+    for command in (("config", "show"), ("feed", "PAT-X")):
+        result = _xdsi(config, *command, check=False)
+
+        assert result.returncode == 1
+        assert "[node] assigning_authority 'not an oid' is not an ISO OID" in (
+            result.stderr
+        )
+
+
 def test_config_show_prints_effective_settings(tmp_path):
     """The effective configuration is printed as TOML that loads back."""
     import tomllib

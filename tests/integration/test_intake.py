@@ -708,12 +708,56 @@ def test_an_unpublishable_study_is_retried_with_backoff(
     assert warning.levelno == logging.WARNING
     assert "XDSUnknownPatientId" in warning.getMessage()
     assert "IDS-DEPT002" not in warning.getMessage()
+    # The registry's codeContext may name the patient: DEBUG only.
+    assert "not known to this Document Registry" not in warning.getMessage()
+    assert any(
+        r.levelno == logging.DEBUG
+        and "XDSUnknownPatientId: the SubmissionSet's patientId is not known"
+        in r.getMessage()
+        for r in records
+    )
     assert len([r for r in records if r.levelno == logging.DEBUG]) >= 2
     assert any(
         r.levelno == logging.INFO and "after 3 failed attempts" in r.getMessage()
         for r in records
     )
     assert len(_manifests(running_node)) == 1
+
+
+def test_a_study_under_a_patient_id_no_registry_takes_waits_for_a_change(
+    running_node: RunningNode, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ITI TF-3 4.2.3.2.16: a study whose Patient ID holds an HL7 delimiter
+    is not sent to the repository, where it could only be refused, nor
+    tried again until it changes; the reason names no patient."""
+    caplog.set_level(logging.DEBUG, logger="xdsi.actors.intake")
+    intake = running_node.services.intake
+    tap = running_node.taps["repository"]
+    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())
+    copies = []
+    for index, image in enumerate(images[:2]):
+        ds = pydicom.dcmread(image)
+        ds.PatientID = "PAT|1"
+        copies.append(tmp_path / f"{index}.dcm")
+        ds.save_as(copies[-1])
+
+    intake.accept(copies[0])
+    for _ in range(3):
+        time.sleep(QUIET + 0.1)
+        intake.publish_due(QUIET)
+    assert tap.exchanges == []
+    study_uid = pydicom.dcmread(copies[0]).StudyInstanceUID
+    assert "its ID holds an HL7 delimiter" in (intake.last_failure(study_uid) or "")
+    records = [r for r in caplog.records if r.name == "xdsi.actors.intake"]
+    assert len([r for r in records if r.levelno >= logging.WARNING]) == 1
+    assert len([r for r in records if "failure 2 in a row" in r.getMessage()]) == 0
+
+    # A change tries it again, once.
+    intake.accept(copies[1])
+    time.sleep(QUIET + 0.1)
+    intake.publish_due(QUIET)
+    assert "failure 2 in a row" in caplog.text
+    assert "PAT|1" not in caplog.text
 
 
 @pytest.fixture
@@ -792,9 +836,12 @@ def test_import_of_a_study_whose_patient_is_unknown_fails(
     outcome = _xdsi(patient_node, tmp_path, "import", str(folder))
 
     assert outcome.exit_code == 1, outcome.output
-    assert "not published: XDSUnknownPatientId; feed the patient first" in (
-        outcome.output
-    )
+    # ITI TF-3 4.2.4.1: the code with the registry's codeContext.
+    assert (
+        "not published: XDSUnknownPatientId: the SubmissionSet's patientId is "
+        "not known to this Document Registry (no Patient Identity Feed received "
+        "for it); feed the patient first"
+    ) in " ".join(outcome.output.split())
     # The command names the id to feed: the images' own Patient ID.
     (study,) = scan.scan_directory(folder).studies
     assert f"(xdsi feed {study.patient.patient_id})" in outcome.output

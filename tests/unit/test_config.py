@@ -406,6 +406,53 @@ def test_a_value_the_node_could_not_start_with_is_refused_on_reading(
     assert str(path) in str(refused.value)
 
 
+# ITI TF-3 4.2.3.1.5, DICOM PS3.5 9.1: what is no ISO OID.
+NOT_OIDS = {
+    "words": "not an oid",
+    "one arc": "1",
+    "empty arc": "1..2",
+    "leading zero": "1.02.3",
+    "first arc 3": "3.1",
+    "trailing dot": "1.2.",
+    "longer than 64": "1." + "2" * 63,
+    "empty": "",
+}
+
+
+@pytest.mark.parametrize("value", NOT_OIDS.values(), ids=NOT_OIDS.keys())
+@pytest.mark.parametrize(
+    ("key", "written"),
+    [
+        ("assigning_authority", '"{}"'),
+        ("other_assigning_authorities", '["1.2.3", "{}"]'),
+    ],
+    ids=["assigning_authority", "other_assigning_authorities"],
+)
+def test_an_assigning_authority_that_is_no_oid_is_config_error(
+    tmp_path: Path, key: str, written: str, value: str
+) -> None:
+    """ITI TF-3 4.2.3.1.5: an assigning authority is an ISO OID; a node
+    qualifying patient ids with another could register no patientId (ITI
+    TF-3 4.2.3.2.16), so the file is refused, naming the setting."""
+    path = _write(tmp_path, f"[node]\n{key} = {written.format(value)}\n")
+
+    with pytest.raises(ConfigError, match=f"\\[node\\] {key} .* is not an ISO OID"):
+        load_settings(path)
+
+
+def test_assigning_authorities_that_are_oids_are_taken(tmp_path: Path) -> None:
+    """ITI TF-3 4.2.3.1.5: the Connectathon domains and a 2.25 UUID OID."""
+    path = _write(
+        tmp_path,
+        '[node]\nassigning_authority = "1.3.6.1.4.1.21367.13.20.1000"\n'
+        'other_assigning_authorities = ["1.2.260", "2.25.1234567890123"]\n',
+    )
+
+    node = load_settings(path).node
+
+    assert node.other_assigning_authorities == ("1.2.260", "2.25.1234567890123")
+
+
 def test_a_misspelt_setting_is_refused_with_the_likely_one(tmp_path: Path) -> None:
     """A key the section does not have names the closest one it has."""
     path = _write(tmp_path, "[imaging_source]\npublish_afer = 5\n")

@@ -45,8 +45,9 @@ from xdsi.actors.imaging_source import (
     instance_row,
     sha256_file,
 )
-from xdsi.actors.provide import SubmitError
+from xdsi.actors.provide import SubmitError, describe_errors
 from xdsi.dicom import check, scan
+from xdsi.metadata.validation import patient_id_problem
 from xdsi.store.schema import imaging_instance, imaging_study
 
 logger = logging.getLogger(__name__)
@@ -229,8 +230,18 @@ class Failing:
     failures: int
     changed_at: float
     failed_at: float
-    # The registry's error codes, or what went wrong on the way.
+    # The peer's error codes with their texts, or what went wrong on the
+    # way; the texts may name the patient (see SubmitError).
     reason: str = ""
+    # Whether waiting cannot help: the study is tried again once it changes.
+    lasting: bool = False
+
+
+class UnusablePatientId(SubmitError):
+    """A study is held under a patient id no Document Registry takes (ITI
+    TF-3 4.2.3.2.16): an image without Patient ID, or one holding an HL7
+    delimiter. Waiting cannot change it; a change of the study can (its
+    instances removed and taken in again under another id)."""
 
 
 def retry_delay(quiet: float, failures: int) -> float:
@@ -664,7 +675,10 @@ class Intake:
             if (
                 failing is not None
                 and failing.changed_at == changed_at
-                and now < failing.failed_at + retry_delay(quiet, failing.failures)
+                and (
+                    failing.lasting
+                    or now < failing.failed_at + retry_delay(quiet, failing.failures)
+                )
             ):
                 continue
             try:
@@ -694,6 +708,10 @@ class Intake:
             if row is None:
                 return None
             try:
+                # ITI TF-3 4.2.3.2.16: refused here, not by the registry.
+                problem = patient_id_problem(row.patient_id or "")
+                if problem is not None:
+                    raise UnusablePatientId(f"its patient id {problem}")
                 published = self.source.republish(study_instance_uid, row.patient_id)
             except SubmitError as exc:
                 self._failed(study_instance_uid, row.changed_at, exc)
@@ -721,28 +739,33 @@ class Intake:
         """Mark a study changed again and note the failure for backoff.
 
         The first failure in a row is a WARNING naming the error codes (their
-        texts may name the patient), or an ERROR with its traceback for a
-        failure of the node's own; later ones go to DEBUG.
+        texts may name the patient, and go to DEBUG), or an ERROR with its
+        traceback for a failure of the node's own; later ones go to DEBUG.
         """
         self._mark_changed(study_instance_uid)
         before = self._failing.get(study_instance_uid)
         failures = before.failures + 1 if before is not None else 1
         if isinstance(exc, SubmitError):
-            codes = ", ".join(e.code for e in exc.errors) if exc.errors else str(exc)
+            codes = exc.codes
+            reason = describe_errors(exc.errors) if exc.errors else str(exc)
         else:
-            codes = f"an error of this node: {type(exc).__name__}"
+            codes = reason = f"an error of this node: {type(exc).__name__}"
+        lasting = isinstance(exc, UnusablePatientId)
         self._failing[study_instance_uid] = Failing(
-            failures, changed_at, time.time(), codes
+            failures, changed_at, time.time(), reason, lasting
         )
         if failures == 1:
             logger.log(
                 logging.WARNING if isinstance(exc, SubmitError) else logging.ERROR,
-                "study %s not published (%s); a serving node retries, up to %d s apart",
+                "study %s not published (%s); %s",
                 study_instance_uid,
                 codes,
-                MAX_RETRY_DELAY,
+                "tried again once it changes"
+                if lasting
+                else f"a serving node retries, up to {MAX_RETRY_DELAY:.0f} s apart",
                 exc_info=None if isinstance(exc, SubmitError) else exc,
             )
+            logger.debug("study %s not published: %s", study_instance_uid, reason)
         else:
             logger.debug(
                 "study %s not published, failure %d in a row: %s",
@@ -753,7 +776,8 @@ class Intake:
 
     def last_failure(self, study_instance_uid: str) -> str | None:
         """Why the study's last publication in this process failed, if it
-        did: the registry's error codes, or the transport error."""
+        did: the peer's error codes and their texts, or the transport error.
+        For the user's terminal: the texts may name the patient."""
         failing = self._failing.get(study_instance_uid)
         return None if failing is None else failing.reason
 

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from lxml import etree
 
-from xdsi import audit, ns, wire
+from xdsi import audit, logs, ns, wire
 from xdsi.actors.soap_endpoint import transaction
 from xdsi.metadata.responses import (
     RegistryError,
@@ -35,11 +35,41 @@ logger = logging.getLogger(__name__)
 
 class SubmitError(Exception):
     """Provide and Register did not succeed; ``errors`` holds the repository's
-    RegistryErrors (none when it could not be reached)."""
+    RegistryErrors (none when it could not be reached).
+
+    The message quotes the errors' codeContext texts, which a peer writes
+    as it likes and may name the patient: it is for the user's terminal and
+    the DEBUG log, :attr:`codes` for a log line above DEBUG.
+    """
 
     def __init__(self, message: str, errors: list[RegistryError] | None = None) -> None:
         super().__init__(message)
         self.errors = errors or []
+
+    @property
+    def codes(self) -> str:
+        """The errors' codes, escaped and cut (logs.quoted), comma-separated;
+        the message when there are none (the peer could not be reached)."""
+        if not self.errors:
+            return str(self)
+        return ", ".join(logs.quoted(e.code) or "" for e in self.errors)
+
+
+# An errorCode is a short name (ITI TF-3 Table 4.2.4.1-2); a longer one is
+# cut here.
+QUOTED_CODE = 80
+
+
+def describe_errors(errors: Sequence[RegistryError]) -> str:
+    """The RegistryErrors as a user reads them: each code with its
+    codeContext (ITI TF-3 4.2.4.1), escaped and cut as a peer's text is
+    shown (logs.shown)."""
+    return "; ".join(
+        f"{logs.shown(e.code, QUOTED_CODE)}: {logs.shown(e.message)}"
+        if e.message
+        else logs.shown(e.code, QUOTED_CODE)
+        for e in errors
+    )
 
 
 @dataclass(frozen=True)
@@ -193,8 +223,7 @@ def _send(
         if status != ResponseStatus.SUCCESS.value:
             errors = errors or [RegistryError(default_code, f"the answer is {outcome}")]
             raise SubmitError(
-                f"{refused_by} refused the {spec['title']}: "
-                + "; ".join(f"{e.code}: {e.message}" for e in errors),
+                f"{refused_by} refused the {spec['title']}: {describe_errors(errors)}",
                 errors,
             )
     except (wire.TransportError, wire.PeerFault) as exc:

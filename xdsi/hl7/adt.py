@@ -21,7 +21,7 @@ from hl7apy.core import Message
 from hl7apy.exceptions import HL7apyException, UnsupportedVersion
 from hl7apy.parser import parse_message
 
-from xdsi.metadata.validation import PATIENT_ID_CX
+from xdsi.metadata.validation import patient_id_problem
 
 logger = logging.getLogger(__name__)
 
@@ -237,28 +237,16 @@ def parse_feed(
     )
 
 
-# The longest XDS patient id (CX) the registry keeps: what ITI-18 can name,
-# an ebRIM Value being at most 256 characters (ebRS 3.0 rim.xsd).
-MAX_PATIENT_ID = 256
-
-
 def _check_usable(patient_id: str, field: str) -> None:
-    """Refuse an identifier no ITI-42 could name: too long, or not the CX
-    ID^^^&OID&ISO of ITI TF-3 4.2.3.2.16 (an ID holding ^, &, ~, \\ or |,
-    which reached here escaped)."""
-    if len(patient_id) > MAX_PATIENT_ID:
+    """Refuse an identifier no ITI-42 could name: one the Document Registry
+    would refuse as patientId (ITI TF-3 4.2.3.2.16), such as an ID holding
+    ^, &, ~, \\ or |, which reached here escaped."""
+    problem = patient_id_problem(patient_id)
+    if problem is not None:
         raise FeedRejected(
             "AE",
             "102",
-            f"{field} identifier is {len(patient_id)} characters as an XDS CX; "
-            f"at most {MAX_PATIENT_ID} can be registered and queried",
-        )
-    if not PATIENT_ID_CX.match(patient_id):
-        raise FeedRejected(
-            "AE",
-            "102",
-            f"{field} identifier is not usable as an XDS patientId: its ID "
-            "holds a delimiter or a control character (ITI TF-3 4.2.3.2.16)",
+            f"{field} identifier is not usable as an XDS patientId: it {problem}",
         )
 
 

@@ -51,6 +51,9 @@ MAX_OID_LENGTH = 64
 # ITI TF-3 4.2.3.2.16: patientId is a CX with ID and an ISO assigning
 # authority; the ID holds no delimiter and no control character.
 PATIENT_ID_CX = re.compile(r"^[^\^&~\\|\x00-\x1f\x7f]+\^\^\^&([0-9.]+)&ISO\Z")
+# The longest XDS patient id (CX) a registry keeps: what ITI-18 can name,
+# an ebRIM Value being at most 256 characters (ebRS 3.0 rim.xsd).
+MAX_PATIENT_ID = 256
 
 # ITI TF-3 4.2.3.2.26: DocumentEntry uniqueId is OID or OID^extension.
 DOCUMENT_UNIQUE_ID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+(\^[^\s]{1,16})?\Z")
@@ -86,6 +89,43 @@ def is_dtm(value: str) -> bool:
 
 def is_oid(value: str) -> bool:
     return len(value) <= MAX_OID_LENGTH and OID.match(value) is not None
+
+
+def patient_id_problem(patient_id: str) -> str | None:
+    """Say what keeps ``patient_id`` from being an XDS patientId, or None.
+
+    ITI TF-3 4.2.3.2.16: a CX ``ID^^^&OID&ISO`` whose ID is not empty and
+    holds no HL7 delimiter (``^ & ~ \\ |``) and no control character, its
+    assigning authority an ISO OID (ITI TF-3 4.2.3.1.5); at most
+    MAX_PATIENT_ID characters, so that a registry can keep and query it.
+    The answer names no part of the value: it may reach a log or a peer.
+    """
+    if not patient_id:
+        return "is empty; ITI TF-3 4.2.3.2.16 wants a CX ID^^^&OID&ISO"
+    if len(patient_id) > MAX_PATIENT_ID:
+        return (
+            f"is {len(patient_id)} characters as an XDS CX; at most "
+            f"{MAX_PATIENT_ID} can be registered and queried"
+        )
+    form = PATIENT_ID_CX.match(patient_id)
+    if form is not None and is_oid(form.group(1)):
+        return None
+
+    # Say which part is wrong, reading the CX from its end.
+    not_cx = "is not a CX of the form ID^^^&OID&ISO"
+    id_part, cut, rest = patient_id.rpartition("^^^&")
+    if not cut or not rest.endswith("&ISO"):
+        return f"{not_cx} (ITI TF-3 4.2.3.2.16)"
+    if not is_oid(rest.removesuffix("&ISO")):
+        return (
+            f"{not_cx}: its assigning authority is not an ISO OID (ITI TF-3 4.2.3.1.5)"
+        )
+    if not id_part:
+        return f"{not_cx}: its ID is empty (ITI TF-3 4.2.3.2.16)"
+    return (
+        f"{not_cx}: its ID holds an HL7 delimiter (^ & ~ \\ |) or a control "
+        "character (ITI TF-3 4.2.3.2.16)"
+    )
 
 
 def assign_entry_uuids(submission: Submission) -> dict[str, str]:
@@ -346,15 +386,9 @@ def check_codes(submission: Submission, code_sets: CodeSets) -> list[XdsError]:
 
 def _check_formats(obj: RegistryObject, label: str) -> list[XdsError]:
     errors: list[XdsError] = []
-    patient_id = obj.patient_id
-    if patient_id is not None and not PATIENT_ID_CX.match(patient_id):
-        errors.append(
-            MetadataInvalid(
-                f"{label} patientId is not a CX of the form ID^^^&OID&ISO "
-                "(ITI TF-3 4.2.3.2.16)",
-                obj.id,
-            )
-        )
+    problem = None if obj.patient_id is None else patient_id_problem(obj.patient_id)
+    if problem is not None:
+        errors.append(MetadataInvalid(f"{label} patientId {problem}", obj.id))
     unique_id = obj.unique_id
     if obj.kind == ebrim.DOCUMENT_ENTRY:
         if unique_id is not None and (

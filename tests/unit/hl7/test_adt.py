@@ -258,6 +258,17 @@ def test_feed_breaking_a_rule_is_rejected_with_its_table_0357_code(
     assert (caught.value.ack_code, caught.value.error_code) == (ack_code, error_code)
 
 
+def test_an_assigning_authority_that_is_no_oid_is_blamed_not_the_id() -> None:
+    """ITI TF-3 4.2.3.1.5: the CX's assigning authority is an ISO OID; a
+    feed in a domain named otherwise is refused naming the authority, not
+    the patient's ID."""
+    domain = "1..2"
+    message = ADT_A01_V231.replace(AFFINITY_DOMAIN, domain)
+
+    with pytest.raises(FeedRejected, match="assigning authority is not an ISO OID"):
+        parse_feed(message, assigning_authority=domain)
+
+
 def test_segments_iti8_does_not_read_are_not_parsed() -> None:
     """ITI TF-2 3.8.4.1.2: NTE, OBX and the like carry nothing ITI-8 keeps;
     thousands of them, far beyond what is parsed, leave the feed as it is."""

@@ -29,7 +29,13 @@ from xdsi.metadata import ebrim
 from xdsi.metadata.build import ManifestEntry, SubmissionSetSpec, manifest_submission
 from xdsi.metadata.codes import Code
 from xdsi.metadata.ebrim import read_registry_objects
-from xdsi.metadata.validation import assign_entry_uuids, check_submission, is_dtm
+from xdsi.metadata.validation import (
+    MAX_PATIENT_ID,
+    assign_entry_uuids,
+    check_submission,
+    is_dtm,
+    patient_id_problem,
+)
 
 RIM = f"{{{ns.RIM}}}"
 ENTRY_ID = "Document01"
@@ -369,6 +375,69 @@ def test_patient_id_that_is_no_cx_is_metadata_invalid(
     assert [type(e) for e in errors] == [MetadataInvalid, MetadataInvalid]
     assert [e.location for e in errors] == [ENTRY_ID, SUBMISSION_SET_ID]
     assert all("patientId is not a CX" in str(e) for e in errors)
+
+
+# ITI TF-3 4.2.3.2.16, 4.2.3.1.5: what is wrong with a patientId, by value.
+PATIENT_ID_PROBLEMS = {
+    "empty": ("", "is empty"),
+    "bare ID": ("PAT-1", "is not a CX"),
+    "no &ISO": (f"PAT-1^^^&{AUTHORITY}", "is not a CX"),
+    "empty ID": (f"^^^&{AUTHORITY}&ISO", "its ID is empty"),
+    "ID holding |": (f"PAT|1^^^&{AUTHORITY}&ISO", "its ID holds an HL7 delimiter"),
+    "ID holding ~": (f"PAT~1^^^&{AUTHORITY}&ISO", "its ID holds an HL7 delimiter"),
+    "ID holding a line break": (
+        f"PAT\n1^^^&{AUTHORITY}&ISO",
+        "its ID holds an HL7 delimiter (^ & ~ \\ |) or a control character",
+    ),
+    "authority with blanks": (
+        "PAT-1^^^&not an oid&ISO",
+        "assigning authority is not an ISO OID",
+    ),
+    "authority of one arc": ("PAT-1^^^&1&ISO", "assigning authority is not an ISO OID"),
+    "authority with an empty arc": (
+        "PAT-1^^^&1..2&ISO",
+        "assigning authority is not an ISO OID",
+    ),
+    "too long": (
+        "P" * MAX_PATIENT_ID + f"^^^&{AUTHORITY}&ISO",
+        f"at most {MAX_PATIENT_ID}",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("patient_id", "problem"),
+    PATIENT_ID_PROBLEMS.values(),
+    ids=PATIENT_ID_PROBLEMS.keys(),
+)
+def test_patient_id_problem_names_the_part_that_is_wrong(
+    patient_id: str, problem: str
+) -> None:
+    """ITI TF-3 4.2.3.2.16: patientId is ID^^^&OID&ISO, the OID of ITI TF-3
+    4.2.3.1.5; the reason names no part of the value."""
+    found = patient_id_problem(patient_id)
+
+    assert found is not None and problem in found
+    assert "PAT" not in found and "not an oid" not in found
+
+
+def test_patient_id_of_the_affinity_domain_has_no_problem() -> None:
+    """ITI TF-3 4.2.3.2.16: ID^^^&OID&ISO, blanks inside the ID allowed."""
+    assert patient_id_problem(f"PAT 1-A.b^^^&{AUTHORITY}&ISO") is None
+
+
+def test_patient_id_whose_authority_is_no_oid_is_metadata_invalid(
+    request_element: etree._Element,
+) -> None:
+    """ITI TF-3 4.2.3.2.16, 4.2.3.1.5: the assigning authority is an OID."""
+    _external_identifier(
+        request_element, SUBMISSION_SET_ID, ebrim.SUBMISSION_SET, "patientId"
+    ).set("value", "IDS-DEPT002-a^^^&1..2&ISO")
+
+    errors = _errors(request_element)
+
+    assert MetadataInvalid in [type(e) for e in errors]
+    assert any("assigning authority is not an ISO OID" in str(e) for e in errors)
 
 
 @pytest.mark.parametrize("unique_id", ["1.2.3.abc", "1.02.3", "3.1.2", "1.2.3^"])
