@@ -902,12 +902,7 @@ class Node:
             process.terminate()
             process.join(timeout=10)
         self._workers.clear()
-        if self._store_scp is not None:
-            self._store_scp.stop()
-            self._store_scp = None
-        if self._auto_publisher is not None:
-            self._auto_publisher.stop()
-            self._auto_publisher = None
+        self._stop_intake()
         # A listener serves once its thread runs; shutdown() would wait
         # for good on one that never did.
         for server in self._servers:
@@ -928,13 +923,17 @@ class Node:
         self._sockets.clear()
         self._threads.clear()
 
-    def stop(self) -> None:
+    def _stop_intake(self) -> None:
+        """Stop the C-STORE SCP and auto-publishing, if they run."""
         if self._store_scp is not None:
             self._store_scp.stop()
             self._store_scp = None
         if self._auto_publisher is not None:
             self._auto_publisher.stop()
             self._auto_publisher = None
+
+    def stop(self) -> None:
+        self._stop_intake()
         self._stopping.set()
         for process in self._workers:
             process.terminate()
