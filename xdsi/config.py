@@ -576,6 +576,36 @@ def _section(cls: type, values: dict[str, Any], name: str) -> Any:
     return cls(**kwargs)
 
 
+# Settings that name files: relative ones are read from the configuration
+# file's own folder, wherever a command runs, so that a node and the client
+# commands given its configuration find the same storage.
+FILE_SETTINGS = {
+    "node": ("storage_dir",),
+    "tls": ("certificate", "private_key", "trusted", "crls"),
+}
+
+
+def _anchored(values: dict[str, Any], keys: tuple[str, ...], folder: Path) -> dict:
+    """``values`` with each relative path of ``keys`` made one under
+    ``folder``; other values as they are (their checks come after)."""
+    anchored = dict(values)
+    for key in keys:
+        value = anchored.get(key)
+        if isinstance(value, str):
+            anchored[key] = _anchor(value, folder)
+        elif isinstance(value, list):
+            anchored[key] = [
+                _anchor(item, folder) if isinstance(item, str) else item
+                for item in value
+            ]
+    return anchored
+
+
+def _anchor(value: str, folder: Path) -> str:
+    path = Path(value).expanduser()
+    return str(folder / path) if value and not path.is_absolute() else value
+
+
 def load_settings(path: Path | None = None) -> Settings:
     """Read settings from ``path``, or from $XDSI_CONFIG, or use defaults."""
     if path is None and os.environ.get("XDSI_CONFIG"):
@@ -592,6 +622,8 @@ def load_settings(path: Path | None = None) -> Settings:
         if name not in sections or not isinstance(values, dict):
             raise ConfigError(f"unknown section [{name}] in {path}")
         cls = type(getattr(Settings(), name))
+        if name in FILE_SETTINGS:
+            values = _anchored(values, FILE_SETTINGS[name], Path(path).resolve().parent)
         try:
             kwargs[name] = _section(cls, values, name)
         except ConfigError as exc:
@@ -622,7 +654,8 @@ def _hide_password(url: str) -> str:
 
 
 def to_toml(settings: Settings) -> str:
-    """Render the effective settings as TOML that load_settings reads back.
+    """Render the effective settings as TOML that load_settings reads back;
+    the storage folder as an absolute path.
 
     Secrets (settings whose name holds ``secret``, a database password) are
     not shown.
@@ -639,6 +672,9 @@ def to_toml(settings: Settings) -> str:
                 value = tuple(value)
             if key == "database_url" and value:
                 value = _hide_password(value)
+            if section.name == "node" and key == "storage_dir":
+                # Where it is, wherever the output is read back from.
+                value = str(settings.storage)
             if "secret" in key and value:
                 # A secret is never printed; the line says it is set.
                 lines.append(f"# {key} is set (not shown)")

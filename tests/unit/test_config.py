@@ -191,9 +191,17 @@ def _round_trip(settings: Settings, tmp_path: Path) -> Settings:
     return load_settings(_write(tmp_path, to_toml(settings)))
 
 
+def _effective(settings: Settings) -> Settings:
+    """``settings`` with its storage folder as the absolute path it is."""
+    return replace(
+        settings, node=replace(settings.node, storage_dir=str(settings.storage))
+    )
+
+
 def test_to_toml_of_defaults_loads_back_equal(tmp_path: Path) -> None:
-    """to_toml writes what load_settings reads."""
-    assert _round_trip(Settings(), tmp_path) == Settings()
+    """to_toml writes what load_settings reads; the storage folder as the
+    absolute path it is, wherever the file is read from."""
+    assert _round_trip(Settings(), tmp_path) == _effective(Settings())
 
 
 def test_to_toml_of_changed_settings_loads_back_equal(tmp_path: Path) -> None:
@@ -221,7 +229,7 @@ def test_to_toml_of_changed_settings_loads_back_equal(tmp_path: Path) -> None:
         ),
     )
 
-    assert _round_trip(settings, tmp_path) == settings
+    assert _round_trip(settings, tmp_path) == _effective(settings)
 
 
 def test_to_toml_lists_effective_endpoints_as_comments() -> None:
@@ -257,6 +265,32 @@ def test_with_storage_changes_the_storage_folder(tmp_path: Path) -> None:
     assert settings.database_url == f"sqlite:///{tmp_path.resolve() / 'xdsi.sqlite'}"
 
 
+def test_relative_paths_of_a_file_are_read_from_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The storage folder and TLS files a configuration names relatively are
+    under the file's own folder, whatever folder a command runs in; so a
+    node and the client commands given its file find the same storage."""
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    path = folder / "xdsi.toml"
+    path.write_text(
+        '[node]\nstorage_dir = "data"\n'
+        '[tls]\ncertificate = "pki/node.pem"\nprivate_key = "/abs/key.pem"\n'
+        'trusted = ["pki/ca.pem"]\n'
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    settings = load_settings(path)
+
+    assert settings.storage == folder / "data"
+    assert settings.tls.certificate == str(folder / "pki" / "node.pem")
+    assert settings.tls.private_key == "/abs/key.pem"
+    assert settings.tls.trusted == (str(folder / "pki" / "ca.pem"),)
+
+
 def test_audit_targets_are_read_from_the_audit_section(tmp_path: Path) -> None:
     """ITI TF-2 3.20.6: TLS and UDP syslog targets, several at once."""
     path = _write(
@@ -269,7 +303,7 @@ def test_audit_targets_are_read_from_the_audit_section(tmp_path: Path) -> None:
 
     assert settings.audit.targets == ("tls://127.0.0.1:6514", "udp://127.0.0.1:5514")
     assert settings.audit.facility == 13
-    assert load_settings(_write(tmp_path, to_toml(settings))) == settings
+    assert load_settings(_write(tmp_path, to_toml(settings))) == _effective(settings)
 
 
 @pytest.mark.parametrize(
