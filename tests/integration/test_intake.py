@@ -33,6 +33,7 @@ from tests.conftest import SHARED, shared_path
 from tests.integration.conftest import RunningNode
 from xdsi.actors import imaging_source as imaging_source_module
 from xdsi.actors import intake as intake_module
+from xdsi.actors import store_scp as store_scp_module
 from xdsi.actors import stow
 from xdsi.actors.imaging_source import (
     MANIFEST_CURRENT,
@@ -2228,3 +2229,38 @@ def test_an_import_without_its_audit_record_keeps_nothing(
         patient_node.services.intake.import_folder(folder)
 
     assert _held(patient_node) == {}
+
+
+def test_a_refusal_kept_until_its_exchange_ends_holds_no_data_set(
+    intake_node: RunningNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each refused instance is kept until its association, request or
+    import ends, for its audit record (DICOM PS3.15 A.5.3.7, A.5.3.5); what
+    is kept of it is its refusal alone, not the traceback whose frames
+    hold the refused data set (its pixel data included), which a peer
+    sending refused instances one after another would pile up in memory."""
+    bad = shared_path("dicom", "bad", "truncated-pixeldata__MR_truncated.dcm")
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    shutil.copy(bad, folder)
+    refusals: list[check.Refused] = []
+    real = intake_module.received_events
+
+    def noted(transaction, accepted, refused, **endpoints):  # type: ignore[no-untyped-def]
+        refusals.extend(refused)
+        return real(transaction, accepted, refused, **endpoints)
+
+    for module in (intake_module, stow, store_scp_module):
+        monkeypatch.setattr(module, "received_events", noted)
+
+    send_files([bad], _scp(intake_node), calling_ae_title="TESTSCU")
+    assert _stow(intake_node, [bad.read_bytes()]).status_code == 409
+    imported = intake_node.services.intake.import_folder(folder)
+    assert imported.accepted == ()
+    _wait(lambda: len(refusals) == 3)
+
+    for refusal in refusals:
+        assert refusal.rule == "unreadable"
+        assert refusal.__traceback__ is None
+        assert refusal.__cause__ is None
+        assert refusal.__context__ is None

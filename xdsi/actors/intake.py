@@ -500,7 +500,7 @@ class Intake:
                     # A folder may be named after its patient: the path is
                     # logged at DEBUG only, and returned to the caller.
                     logger.debug("Refused %s: %s", path, exc.reason)
-                    refused.append((path, exc))
+                    refused.append((path, exc.detached()))
         _log_refusals([exc for _, exc in refused])
         self._record_import(folder, accepted, refused)
         if stop.requested:
