@@ -1560,6 +1560,30 @@ def test_a_damaged_dicomdir_falls_back_to_the_files_of_the_folder(
     assert [p.name for p, _ in result.refused] == ["DICOMDIR"]
 
 
+def test_a_dicomdir_linked_from_elsewhere_reads_nothing_outside_the_folder(
+    intake_node: RunningNode, tmp_path: Path
+) -> None:
+    """DICOM PS3.10 8.6: a file-set is the folder its DICOMDIR is in. A
+    DICOMDIR that is a symbolic link to another file-set's (a CD made to
+    read the host's files) is not followed: the folder's own files are
+    read instead, symbolic links left out as ever."""
+    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())
+    elsewhere = FileSet()
+    elsewhere.add(pydicom.dcmread(images[0]))
+    elsewhere.write(tmp_path / "elsewhere")
+    folder = tmp_path / "cd"
+    folder.mkdir()
+    shutil.copy(images[1], folder / images[1].name)
+    (folder / "DICOMDIR").symlink_to(tmp_path / "elsewhere" / "DICOMDIR")
+
+    result = intake_node.services.intake.import_folder(folder)
+
+    assert [a.sop_instance_uid for a in result.accepted] == [
+        pydicom.dcmread(images[1], stop_before_pixels=True).SOPInstanceUID
+    ]
+    assert result.refused == ()
+
+
 def test_an_instance_held_in_another_study_is_refused(
     intake_node: RunningNode, tmp_path: Path
 ) -> None:

@@ -1169,7 +1169,13 @@ class AutoPublisher:
 def _files_of(folder: Path) -> Iterator[Path]:
     """The files of a file-set by its DICOMDIR, or every file under folder."""
     dicomdir = folder / DICOMDIR
-    if dicomdir.is_file():
+    if dicomdir.is_symlink():
+        # Its file-set would be the folder it links into, outside this one.
+        logger.warning(
+            "the DICOMDIR is a symbolic link; every file under the folder is "
+            "read instead"
+        )
+    elif dicomdir.is_file():
         try:
             listed = _listed_files(dicomdir)
         except Exception as exc:  # a damaged DICOMDIR, or one naming odd paths
