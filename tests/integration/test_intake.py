@@ -2288,3 +2288,38 @@ def test_a_refusal_kept_until_its_exchange_ends_holds_no_data_set(
         assert refusal.__traceback__ is None
         assert refusal.__cause__ is None
         assert refusal.__context__ is None
+
+
+def test_a_second_ctrl_c_stops_the_import_at_once_and_records_what_it_took_in(
+    patient_node: RunningNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DICOM PS3.15 A.5: a second Ctrl-C (SIGINT) stops an import at once,
+    in the midst of an instance; the instances taken in before it stay and
+    are recorded as imported (A.5.3.5), none kept unrecorded."""
+    import signal
+
+    folder = shared_path("dicom", "study-mr", "images")
+    intake = patient_node.services.intake
+    accept = intake.accept
+    files: list[Path] = []
+
+    def interrupted_at_the_third(path: Path, **kwargs: object):  # type: ignore[no-untyped-def]
+        if not kwargs.get("move"):
+            files.append(path)
+        if len(files) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        return accept(path, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(intake, "accept", interrupted_at_the_third)
+    before = len(list(patient_node.services.audit_spool.records()))
+
+    with pytest.raises(intake_module.ImportInterrupted) as stopped:
+        intake.import_folder(folder)
+
+    assert stopped.value.kept == 2
+    assert len(_held(patient_node)) == 2
+    (record,) = _records_since(patient_node, before, "110107")
+    assert record.valid
+    assert record.outcome == 0
