@@ -33,6 +33,7 @@ from tests.conftest import SHARED, shared_path
 from tests.integration.conftest import RunningNode
 from xdsi.actors import imaging_source as imaging_source_module
 from xdsi.actors import intake as intake_module
+from xdsi.actors import store_scp as store_scp_module
 from xdsi.actors import stow
 from xdsi.actors.imaging_source import (
     MANIFEST_CURRENT,
@@ -1559,6 +1560,30 @@ def test_a_damaged_dicomdir_falls_back_to_the_files_of_the_folder(
     assert [p.name for p, _ in result.refused] == ["DICOMDIR"]
 
 
+def test_a_dicomdir_linked_from_elsewhere_reads_nothing_outside_the_folder(
+    intake_node: RunningNode, tmp_path: Path
+) -> None:
+    """DICOM PS3.10 8.6: a file-set is the folder its DICOMDIR is in. A
+    DICOMDIR that is a symbolic link to another file-set's (a CD made to
+    read the host's files) is not followed: the folder's own files are
+    read instead, symbolic links left out as ever."""
+    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())
+    elsewhere = FileSet()
+    elsewhere.add(pydicom.dcmread(images[0]))
+    elsewhere.write(tmp_path / "elsewhere")
+    folder = tmp_path / "cd"
+    folder.mkdir()
+    shutil.copy(images[1], folder / images[1].name)
+    (folder / "DICOMDIR").symlink_to(tmp_path / "elsewhere" / "DICOMDIR")
+
+    result = intake_node.services.intake.import_folder(folder)
+
+    assert [a.sop_instance_uid for a in result.accepted] == [
+        pydicom.dcmread(images[1], stop_before_pixels=True).SOPInstanceUID
+    ]
+    assert result.refused == ()
+
+
 def test_an_instance_held_in_another_study_is_refused(
     intake_node: RunningNode, tmp_path: Path
 ) -> None:
@@ -2228,3 +2253,73 @@ def test_an_import_without_its_audit_record_keeps_nothing(
         patient_node.services.intake.import_folder(folder)
 
     assert _held(patient_node) == {}
+
+
+def test_a_refusal_kept_until_its_exchange_ends_holds_no_data_set(
+    intake_node: RunningNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each refused instance is kept until its association, request or
+    import ends, for its audit record (DICOM PS3.15 A.5.3.7, A.5.3.5); what
+    is kept of it is its refusal alone, not the traceback whose frames
+    hold the refused data set (its pixel data included), which a peer
+    sending refused instances one after another would pile up in memory."""
+    bad = shared_path("dicom", "bad", "truncated-pixeldata__MR_truncated.dcm")
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    shutil.copy(bad, folder)
+    refusals: list[check.Refused] = []
+    real = intake_module.received_events
+
+    def noted(transaction, accepted, refused, **endpoints):  # type: ignore[no-untyped-def]
+        refusals.extend(refused)
+        return real(transaction, accepted, refused, **endpoints)
+
+    for module in (intake_module, stow, store_scp_module):
+        monkeypatch.setattr(module, "received_events", noted)
+
+    send_files([bad], _scp(intake_node), calling_ae_title="TESTSCU")
+    assert _stow(intake_node, [bad.read_bytes()]).status_code == 409
+    imported = intake_node.services.intake.import_folder(folder)
+    assert imported.accepted == ()
+    _wait(lambda: len(refusals) == 3)
+
+    for refusal in refusals:
+        assert refusal.rule == "unreadable"
+        assert refusal.__traceback__ is None
+        assert refusal.__cause__ is None
+        assert refusal.__context__ is None
+
+
+def test_a_second_ctrl_c_stops_the_import_at_once_and_records_what_it_took_in(
+    patient_node: RunningNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DICOM PS3.15 A.5: a second Ctrl-C (SIGINT) stops an import at once,
+    in the midst of an instance; the instances taken in before it stay and
+    are recorded as imported (A.5.3.5), none kept unrecorded."""
+    import signal
+
+    folder = shared_path("dicom", "study-mr", "images")
+    intake = patient_node.services.intake
+    accept = intake.accept
+    files: list[Path] = []
+
+    def interrupted_at_the_third(path: Path, **kwargs: object):  # type: ignore[no-untyped-def]
+        if not kwargs.get("move"):
+            files.append(path)
+        if len(files) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        return accept(path, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(intake, "accept", interrupted_at_the_third)
+    before = len(list(patient_node.services.audit_spool.records()))
+
+    with pytest.raises(intake_module.ImportInterrupted) as stopped:
+        intake.import_folder(folder)
+
+    assert stopped.value.kept == 2
+    assert len(_held(patient_node)) == 2
+    (record,) = _records_since(patient_node, before, "110107")
+    assert record.valid
+    assert record.outcome == 0

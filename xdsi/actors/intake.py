@@ -125,6 +125,9 @@ class _StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        # Set when the work left must not be cut off: every SIGINT is then
+        # a request to stop.
+        self.holding = False
         self._previous: Any = None
 
     def __enter__(self) -> _StopRequest:
@@ -133,7 +136,7 @@ class _StopRequest:
         return self
 
     def _on_sigint(self, signum: int, frame: object) -> None:
-        if self.requested:
+        if self.requested and not self.holding:
             raise KeyboardInterrupt
         self.requested = True
 
@@ -491,18 +494,27 @@ class Intake:
         accepted: list[Accepted] = []
         refused: list[tuple[Path, check.Refused]] = []
         with _StopRequest() as stop:
-            for path in _files_of(folder):
-                if stop.requested:
-                    break
-                try:
-                    accepted.append(self.accept(path, patient_id=patient_id))
-                except check.Refused as exc:
-                    # A folder may be named after its patient: the path is
-                    # logged at DEBUG only, and returned to the caller.
-                    logger.debug("Refused %s: %s", path, exc.reason)
-                    refused.append((path, exc))
-        _log_refusals([exc for _, exc in refused])
-        self._record_import(folder, accepted, refused)
+            try:
+                for path in _files_of(folder):
+                    if stop.requested:
+                        break
+                    try:
+                        accepted.append(self.accept(path, patient_id=patient_id))
+                    except check.Refused as exc:
+                        # A folder may be named after its patient: the path
+                        # is logged at DEBUG only, and returned to the caller.
+                        logger.debug("Refused %s: %s", path, exc.reason)
+                        refused.append((path, exc.detached()))
+            except KeyboardInterrupt:
+                # A second Ctrl-C, in the midst of an instance, which is not
+                # kept (its transaction rolled back): those taken in before
+                # it stay, and are recorded all the same (DICOM PS3.15 A.5).
+                stop.requested = True
+            # Further Ctrl-Cs while the record is written are taken as the
+            # first was: the record is not cut off.
+            stop.holding = True
+            _log_refusals([exc for _, exc in refused])
+            self._record_import(folder, accepted, refused)
         if stop.requested:
             # Stopped half way (Ctrl-C): each instance taken in so far is
             # kept, and recorded as imported.
@@ -1169,7 +1181,13 @@ class AutoPublisher:
 def _files_of(folder: Path) -> Iterator[Path]:
     """The files of a file-set by its DICOMDIR, or every file under folder."""
     dicomdir = folder / DICOMDIR
-    if dicomdir.is_file():
+    if dicomdir.is_symlink():
+        # Its file-set would be the folder it links into, outside this one.
+        logger.warning(
+            "the DICOMDIR is a symbolic link; every file under the folder is "
+            "read instead"
+        )
+    elif dicomdir.is_file():
         try:
             listed = _listed_files(dicomdir)
         except Exception as exc:  # a damaged DICOMDIR, or one naming odd paths

@@ -296,7 +296,7 @@ class StoreScp:
                 exc.dimse_status,
                 exc.reason,
             )
-            association.refused.append(exc)
+            association.refused.append(exc.detached())
             return exc.dimse_status
         finally:
             path.unlink(missing_ok=True)

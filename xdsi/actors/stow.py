@@ -215,7 +215,7 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
                 )
             except Refused as exc:
                 refusals[exc.reason] += 1
-                refused.append(exc)
+                refused.append(exc.detached())
                 failed.append(
                     _reference(sop_class_uid, sop_instance_uid, exc.failure_reason)
                 )

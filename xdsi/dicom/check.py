@@ -68,6 +68,16 @@ class Refused(Exception):
             self.patient_id = patient_id
             self.study_instance_uid = study_instance_uid
 
+    def detached(self) -> Refused:
+        """This refusal without its traceback and the exceptions it was
+        raised from, to be kept until its exchange ends: their frames hold
+        the data set refused, pixel data included, which a peer sending
+        refused instances one after another would pile up in memory."""
+        self.__traceback__ = None
+        self.__cause__ = None
+        self.__context__ = None
+        return self
+
     @property
     def dimse_status(self) -> int:
         """The C-STORE response Status; DICOM PS3.4 Table B.2-1."""
