@@ -45,7 +45,7 @@ from xdsi.audit.forwarder import AuditForwarder, Backoff
 from xdsi.config import ConfigError, Settings
 from xdsi.connections import BoundedConnections
 from xdsi.hl7.mllp import MllpServer
-from xdsi.logs import PeerRefusalLog, quiet_pydicom
+from xdsi.logs import PeerRefusalLog, guard_peer_text, quiet_pydicom
 from xdsi.ns import SOAP12
 from xdsi.store.blobs import Blobs, BlobStore
 from xdsi.store.schema import make_engine
@@ -567,6 +567,7 @@ def _worker(settings: Settings, sockets: dict[str, socket.socket], level: int) -
     logging.getLogger("xdsi").setLevel(level)
     logging.getLogger("werkzeug").setLevel(max(level, logging.WARNING))
     quiet_pydicom(level)
+    guard_peer_text()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     # Ctrl-C in a terminal reaches every process of the group; the node

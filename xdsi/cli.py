@@ -60,7 +60,7 @@ from xdsi.dicom import kos, scan
 from xdsi.dicom.store_scu import Destination, StoreScuError, send_files
 from xdsi.hl7.adt import TRIGGER_EVENTS
 from xdsi.hl7.mllp import MllpError
-from xdsi.logs import quiet_pydicom
+from xdsi.logs import guard_peer_text, quiet_pydicom
 from xdsi.metadata.validation import patient_id_problem
 from xdsi.store.schema import make_engine
 from xdsi.store.verify import count_copies, verify_store
@@ -191,6 +191,7 @@ def main(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
     logging.getLogger("werkzeug").setLevel(max(level, logging.WARNING))
     logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
     quiet_pydicom(level)
+    guard_peer_text()
     try:
         ctx.obj = {
             "settings": load_settings(config_path),

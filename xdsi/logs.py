@@ -13,6 +13,40 @@ from typing import Any
 QUOTED_PREFIX = 80
 
 
+# Libraries whose log lines quote what a peer sent as it came: pynetdicom
+# quotes a malformed PDU's AE titles and values, with a traceback, at ERROR.
+PEER_QUOTING_LOGGERS = ("pynetdicom",)
+
+
+class PeerTextFilter(logging.Filter):
+    """On a handler: a line of a PEER_QUOTING_LOGGERS logger above DEBUG is
+    written with its unprintable characters escaped (no forged lines, no
+    terminal escapes) and without its traceback (one line per bad PDU, not
+    twenty); at DEBUG it is left whole."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG and record.name.startswith(
+            PEER_QUOTING_LOGGERS
+        ):
+            text = record.getMessage()
+            record.msg = "".join(
+                c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                for c in text
+            )
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+            record.stack_info = None
+        return True
+
+
+def guard_peer_text() -> None:
+    """Put a PeerTextFilter on each handler of the root logger."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, PeerTextFilter) for f in handler.filters):
+            handler.addFilter(PeerTextFilter())
+
+
 def quiet_pydicom(level: int) -> None:
     """Keep pydicom's complaints about values out of the log but at DEBUG.
 

@@ -703,3 +703,55 @@ def test_an_import_stopped_half_way_keeps_and_records_what_it_took_in(tmp_path):
     (imported,) = [r for r in trail if r["event"] == "Import"]
     assert imported["outcome"] == 0
     assert imported["participants"][-1] == folder.as_uri()
+
+
+def test_a_malformed_association_request_is_logged_escaped_without_traceback(
+    tmp_path: Path,
+) -> None:
+    """A hand-made A-ASSOCIATE-RQ (DICOM PS3.8 9.3.2) whose Calling AE Title
+    holds an escape sequence and bytes no AE title may hold: pynetdicom
+    refuses it and logs so; the node's log shows that as escaped lines, no
+    traceback of pynetdicom's."""
+    import struct
+
+    dicom_port = _free_port()
+    config = _node_config(tmp_path)
+    config.write_text(
+        config.read_text().replace(
+            "[imaging_source]\n",
+            f"[imaging_source]\nstore_scp = true\ndicom_port = {dicom_port}\n",
+        )
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xdsi", "--config", str(config), "-v", "serve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert process.stdout is not None
+        while not process.stdout.readline().startswith("storage"):
+            assert process.poll() is None
+        context = b"1.2.840.10008.3.1.1.1"
+        body = (
+            struct.pack(">HH", 1, 0)
+            + b"XDSI".ljust(16)
+            + b"\x1b[31mEV\xe9IL\x7f".ljust(16)
+            + bytes(32)
+            + struct.pack(">BBH", 0x10, 0, len(context))
+            + context
+        )
+        with socket.create_connection(("127.0.0.1", dicom_port), timeout=10) as peer:
+            peer.sendall(struct.pack(">BBI", 1, 0, len(body)) + body)
+            # The A-ABORT, then the close.
+            while peer.recv(64):
+                pass
+    finally:
+        process.terminate()
+        log, _ = process.communicate(timeout=30)
+
+    assert "ERROR pynetdicom.dul: Unable to decode" in log
+    assert "Traceback" not in log
+    assert "\x1b" not in log
