@@ -1039,6 +1039,38 @@ def test_a_claim_from_another_host_waits_for_the_lease(
     assert patient_node.services.intake.publish_now(study_uid) is None
 
 
+def test_a_manifest_no_connection_took_is_not_waited_for(
+    patient_node: RunningNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RAD-68 to a repository that refuses the connection: nothing went
+    out, so the next publication does not wait SETTLE_AFTER for a
+    registration that cannot be on its way."""
+    study_uid = _kept_study(patient_node, tmp_path)
+    source = patient_node.services.imaging_source
+    settings = source.settings
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{closed.getsockname()[1]}/xds/repository"
+    monkeypatch.setattr(
+        source,
+        "settings",
+        replace(
+            settings,
+            imaging_source=replace(settings.imaging_source, repository_url=nowhere),
+        ),
+    )
+    intake = patient_node.services.intake
+    assert intake.publish_now(study_uid) is None
+    assert "cannot connect" in (intake.last_failure(study_uid) or "")
+    assert _manifests(patient_node, pending=True) == []
+
+    monkeypatch.setattr(source, "settings", settings)
+    published = intake.publish_now(study_uid)
+
+    assert published is not None
+    assert _registry_status(patient_node, published.manifest_uid) == STATUS_APPROVED
+
+
 @pytest.mark.parametrize(
     ("registered", "answer"),
     [(True, None), (False, None), (True, "XDSRegistryNotAvailable")],

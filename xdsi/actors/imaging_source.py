@@ -824,11 +824,16 @@ class ImagingSource:
                 timeout=RAD_68_TIMEOUT,
             )
         except SubmitError as exc:
+            cause = exc.__cause__
             if exc.errors and not any(
                 e.code == "XDSRegistryNotAvailable" for e in exc.errors
             ):
                 # The registry answered Failure: a submission is all or
                 # nothing (ITI TF-2 3.42.4.1.3), so none of it is registered.
+                self._forget(facts.unique_id, blob)
+            elif isinstance(cause, wire.TransportError) and cause.unsent:
+                # No connection was made (refused, say): nothing went out,
+                # so there is nothing to wait for before trying again.
                 self._forget(facts.unique_id, blob)
             # Else no answer came, or the repository heard none from the
             # registry (XDSRegistryNotAvailable): whether it was registered
