@@ -275,6 +275,10 @@ class SourceSettings:
     source_id: str = f"{XDSI_OID_ROOT}.6"
     # ITI-41 goes to this URL; empty means this node's own repository.
     repository_url: str = ""
+    # The Patient Identity Source of ``xdsi feed`` (ITI-8) sends to this
+    # HOST:PORT, the affinity domain registry's MLLP listener; empty means
+    # this node's own registry (its feed_port).
+    feed_address: str = ""
     timeout: float = 600.0
     author_institution: str = "xdsi"
     language_code: str = "en-US"
@@ -316,6 +320,22 @@ class SourceSettings:
         "2.16.840.1.113883.6.1",
         "Summary of episode note",
     )
+
+    def __post_init__(self) -> None:
+        if self.feed_address:
+            self.feed_target()
+
+    def feed_target(self) -> tuple[str, int] | None:
+        """``feed_address`` as a host and port; None when it is empty."""
+        if not self.feed_address:
+            return None
+        host, _, port = self.feed_address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                f"[source] feed_address {self.feed_address!r} must be HOST:PORT, "
+                "the registry's ITI-8 MLLP listener"
+            )
+        return host, int(port)
 
 
 @dataclass(frozen=True)

@@ -755,3 +755,25 @@ def test_a_malformed_association_request_is_logged_escaped_without_traceback(
     assert "ERROR pynetdicom.dul: Unable to decode" in log
     assert "Traceback" not in log
     assert "\x1b" not in log
+
+
+def test_feed_goes_to_the_registry_feed_address_names(served: Path, tmp_path):
+    """A site whose affinity domain registry is another node's: ``feed``
+    sends ITI-8 to ``[source] feed_address``, not to a registry of its own
+    that nothing queries."""
+    port = re.search(r"feed_port = (\d+)", served.read_text()).group(1)
+    site = tmp_path / "site-b"
+    site.mkdir()
+    config = _node_config(site)
+    config.write_text(
+        config.read_text() + f'[source]\nfeed_address = "127.0.0.1:{port}"\n'
+    )
+
+    fed = _xdsi(config, "feed", "SITE-B-1")
+
+    assert "ACK AA" in fed.stdout
+    # The other node's registry knows the patient now: a study of theirs
+    # is registered (else XDSUnknownPatientId).
+    images = shared_path("dicom", "study-mr", "images")
+    published = _xdsi(served, "publish", str(images), "--patient-id", "SITE-B-1")
+    assert "36 instances" in published.stdout

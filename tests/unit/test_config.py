@@ -496,3 +496,19 @@ def test_a_misspelt_setting_is_refused_with_the_likely_one(tmp_path: Path) -> No
 
     assert "publish_afer; did you mean publish_after?" in str(refused.value)
     assert str(path) in str(refused.value)
+
+
+@pytest.mark.parametrize("address", ["registry.example", "h:0", "h:70000", ":2575"])
+def test_a_feed_address_not_host_and_port_is_config_error(
+    tmp_path: Path, address: str
+) -> None:
+    with pytest.raises(ConfigError, match=r"\[source\] feed_address"):
+        load_settings(_write(tmp_path, f'[source]\nfeed_address = "{address}"\n'))
+
+
+def test_a_feed_address_names_the_registrys_listener(tmp_path: Path) -> None:
+    settings = load_settings(
+        _write(tmp_path, '[source]\nfeed_address = "127.0.0.1:22575"\n')
+    )
+    assert settings.source.feed_target() == ("127.0.0.1", 22575)
+    assert Settings().source.feed_target() is None

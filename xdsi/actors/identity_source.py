@@ -56,8 +56,9 @@ def send_feed(
     MllpError, OSError
         No ACK came back; the failure is audited first.
     """
-    host = host or settings.node.host
-    port = port or settings.registry.feed_port
+    target = settings.source.feed_target()
+    host = host or (target[0] if target else settings.node.host)
+    port = port or (target[1] if target else settings.registry.feed_port)
     # MSH-10, at most 20 characters in HL7 v2.3.1.
     control_id = uuid.uuid4().hex[:20]
     message = build_feed(
