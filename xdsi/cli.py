@@ -63,7 +63,7 @@ from xdsi.hl7.mllp import MllpError
 from xdsi.logs import guard_peer_text, quiet_pydicom
 from xdsi.metadata.validation import patient_id_problem
 from xdsi.store.schema import make_engine
-from xdsi.store.verify import count_copies, verify_store
+from xdsi.store.verify import Damage, count_copies, verify_store
 from xdsi.wire.xml import parse_xml
 
 console = Console()
@@ -893,7 +893,7 @@ def verify(ctx: click.Context) -> None:
     services.engine.dispose()
     for damage in report.damaged:
         click.secho(
-            f"  {damage.what} {damage.unique_id}: {damage.problem}",
+            f"  {damage.what} {damage.unique_id}{_of_study(damage)}: {damage.problem}",
             fg="red",
             err=True,
         )
@@ -903,6 +903,12 @@ def verify(ctx: click.Context) -> None:
             "missing or damaged"
         )
     click.echo(f"{_count(report.checked, 'stored copy')} verified, all as stored")
+
+
+def _of_study(damage: Damage) -> str:
+    """The study of a damaged instance, which ``remove`` takes."""
+    study = damage.study_instance_uid
+    return f" of study {study}" if study else ""
 
 
 def _published_already(services: Services, study: scan.Study) -> bool:

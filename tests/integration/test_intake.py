@@ -2041,8 +2041,9 @@ def test_verify_finds_a_copy_damaged_in_place_and_one_gone(
 ) -> None:
     """``xdsi verify`` reads every stored document and instance back: all as
     stored, it exits 0; an instance overwritten in place with its size kept
-    (which serving does not see) and one whose file is gone are named, by
-    SOP Instance UID only, and it exits 1."""
+    (which serving does not see) and one whose file is gone are named by
+    SOP Instance UID and study (what ``remove`` takes to repair them), and
+    it exits 1."""
     patient_node.feed(MR_PATIENT)
     images = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:3]
     (study,) = scan.scan_files(images).studies
@@ -2063,8 +2064,9 @@ def test_verify_finds_a_copy_damaged_in_place_and_one_gone(
     found = _xdsi(patient_node, tmp_path, "verify")
 
     assert found.exit_code == 1
-    assert f"instance {damaged}: SHA256 differs" in found.output
-    assert f"instance {gone}: missing" in found.output
+    of_study = f"of study {study.study_instance_uid}"
+    assert f"instance {damaged} {of_study}: SHA256 differs" in found.output
+    assert f"instance {gone} {of_study}: missing" in found.output
     assert "2 stored copies of 4 missing or damaged" in found.output
     assert "IDS-DEPT002" not in found.output
 

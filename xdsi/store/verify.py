@@ -36,6 +36,8 @@ class Damage:
     unique_id: str
     blob: str
     problem: str
+    # The study of an instance, which `xdsi remove` takes; "" for a document.
+    study_instance_uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ def verify_store(
     read. Each damaged copy is logged at ERROR, by its id and blob only."""
     checked = 0
     damaged: list[Damage] = []
-    for what, unique_id, blob, size, digest, algorithm, blobs in _copies(
+    for what, unique_id, study, blob, size, digest, algorithm, blobs in _copies(
         engine, repository_blobs, imaging_blobs
     ):
         problem = _problem(blobs, blob, size, digest, algorithm)
@@ -64,7 +66,7 @@ def verify_store(
             progress(checked)
         if problem is not None:
             logger.error("stored %s %s (%s): %s", what, unique_id, blob, problem)
-            damaged.append(Damage(what, unique_id, blob, problem))
+            damaged.append(Damage(what, unique_id, blob, problem, study))
     return Report(checked, tuple(damaged))
 
 
@@ -82,7 +84,7 @@ def count_copies(engine: Engine) -> int:
 
 def _copies(
     engine: Engine, repository_blobs: Blobs, imaging_blobs: Blobs
-) -> Iterator[tuple[str, str, str, int, str, str, Blobs]]:
+) -> Iterator[tuple[str, str, str, str, int, str, str, Blobs]]:
     """Each stored copy with what it was stored as, read from the database
     in one pass per table (the rows, not the blobs, are held in memory)."""
     documents = repository_document.c
@@ -97,16 +99,18 @@ def _copies(
         yield (
             "document",
             row.unique_id,
+            "",
             row.blob,
             row.size,
             row.sha1,
             "sha1",
-            (repository_blobs),
+            repository_blobs,
         )
     with engine.connect() as conn:
         rows = conn.execute(
             select(
                 instances.sop_instance_uid,
+                instances.study_instance_uid,
                 instances.blob,
                 instances.size,
                 instances.sha256,
@@ -116,10 +120,11 @@ def _copies(
         yield (
             "instance",
             row.sop_instance_uid,
+            row.study_instance_uid,
             row.blob,
             row.size,
             row.sha256,
-            ("sha256"),
+            "sha256",
             imaging_blobs,
         )
 
