@@ -344,9 +344,16 @@ def feed(
             message = _unreachable_hint(f"{message} (cannot connect)")
         _fail(message)
     if summary.code != "AA":
+        hint = ""
+        if "no PID-3 identifier has assigning authority" in (summary.text or ""):
+            # HL7 v2.5 Table 0357 204: the domain is not the registry's.
+            hint = (
+                " (an xdsi registry takes the domains of its [node] "
+                "assigning_authority and other_assigning_authorities)"
+            )
         _fail(
             f"ITI-8 ADT^{trigger}: ACK {summary.code or '?'}: "
-            f"{summary.text or 'no reason given'}"
+            f"{summary.text or 'no reason given'}{hint}"
         )
     click.echo(f"ITI-8 ADT^{trigger}: ACK {summary.code}")
 

@@ -94,6 +94,12 @@ def test_feed_sends_updates_and_merges(served: Path) -> None:
 
     refused = _xdsi(served, "feed", "CLI-SUBSUMED", "--trigger", "A08", check=False)
     assert refused.returncode != 0 and "ACK AE" in refused.stderr
+    # Another domain than the registry's: the ACK names the domains it
+    # takes, and where they are set.
+    foreign = _xdsi(served, "feed", "CLI-1^^^&1.2.3&ISO", check=False)
+    assert foreign.returncode == 1
+    assert "no PID-3 identifier has assigning authority" in foreign.stderr
+    assert "other_assigning_authorities" in foreign.stderr
     unpaired = _xdsi(served, "feed", "CLI-SURVIVOR", "--trigger", "A40", check=False)
     assert unpaired.returncode != 0 and "--merge" in unpaired.stderr
 
