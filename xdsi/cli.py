@@ -618,6 +618,9 @@ def fetch(
     if unwritable is not None:
         # Said before any query goes out.
         raise click.BadParameter(unwritable, param_hint="--out")
+    if not out.exists():
+        # Patient images: a folder made here is the user's alone.
+        out.mkdir(parents=True, mode=FETCHED_MODE)
     consumer = _services(settings).consumer
     try:
         result = _fetch(consumer, patient_id, out)
@@ -773,6 +776,8 @@ def _take_in(
 # Exit status of publish and import when DICOM files were refused and the
 # rest was taken in: the folder is not shared whole.
 EXIT_REFUSED = 3
+# The --out folder fetch makes: its user's alone (patient images).
+FETCHED_MODE = 0o700
 # Exit status of a command stopped by SIGINT (Ctrl-C), as a shell gives.
 EXIT_INTERRUPTED = 130
 

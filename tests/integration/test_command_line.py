@@ -125,6 +125,8 @@ def test_feed_publish_fetch_gives_back_every_instance(served: Path, tmp_path):
 
     out = tmp_path / "fetched"
     _xdsi(served, "fetch", "--patient-id", "IDS-DEPT002-a", "--out", str(out))
+    # Patient images: the folder fetch made is the user's alone.
+    assert out.stat().st_mode & 0o777 == 0o700
     (study,) = scan.scan_directory(images).studies
     for header in study.instances:
         fetched = (
