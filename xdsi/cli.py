@@ -390,9 +390,6 @@ def publish(
         services.engine.dispose()
         _exit_if_refused(_refusals(taken))
         return
-    # Limitation: with --headers-only the instances are kept by publishing
-    # itself, and no Data Import record (DICOM PS3.15 A.5.3.5) is written;
-    # RAD-68 is audited as ever.
     result = scan.scan_directory(study_dir)
     broken = [(p, why) for p, why in result.rejected if why != scan.NOT_DICOM]
     _say_skipped(broken, len(result.rejected) - len(broken))
@@ -410,6 +407,17 @@ def publish(
         if _published_already(services, study):
             continue
         since = time.time()
+        try:
+            # Kept and recorded as imported (DICOM PS3.15 A.5.3.5) first.
+            services.intake.keep_read(study, patient_id, study_dir)
+        except (PublishError, NotAudited) as exc:
+            click.secho(
+                f"study {study.study_instance_uid} not taken in: {exc}",
+                fg="red",
+                err=True,
+            )
+            failed = True
+            continue
         try:
             published = services.imaging_source.publish(study, patient_id)
         except PublishError as exc:

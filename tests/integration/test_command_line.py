@@ -785,3 +785,32 @@ def test_feed_goes_to_the_registry_feed_address_names(served: Path, tmp_path):
     images = shared_path("dicom", "study-mr", "images")
     published = _xdsi(served, "publish", str(images), "--patient-id", "SITE-B-1")
     assert "36 instances" in published.stdout
+
+
+def test_publish_headers_only_records_the_import(served: Path) -> None:
+    """``publish --headers-only`` keeps the study's files as ``import``
+    does, so it writes the same Data Import record (DICOM PS3.15 A.5.3.5),
+    the folder as Source Media, before the study's RAD-68."""
+    assert "ACK AA" in _xdsi(served, "feed", "HEADERS-ONLY-1").stdout
+    images = shared_path("dicom", "study-mr", "images")
+
+    published = _xdsi(
+        served,
+        "publish",
+        str(images),
+        "--patient-id",
+        "HEADERS-ONLY-1",
+        "--headers-only",
+    )
+
+    assert "36 instances" in published.stdout
+    trail = json.loads(_xdsi(served, "audit", "list", "--json").stdout)
+    # ITI-42 and RAD-68 are Import events too; the Data Import has none.
+    (imported,) = [
+        r for r in trail if r["event"] == "Import" and r["transaction"] is None
+    ]
+    assert imported["outcome"] == 0
+    assert imported["participants"][-1] == images.resolve().as_uri()
+    assert imported["patients"] == [
+        "HEADERS-ONLY-1^^^&1.3.6.1.4.1.21367.13.20.1000&ISO"
+    ]

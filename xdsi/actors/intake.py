@@ -514,14 +514,41 @@ class Intake:
             # first was: the record is not cut off.
             stop.holding = True
             _log_refusals([exc for _, exc in refused])
-            self._record_import(folder, accepted, refused)
+            self.record_import(folder, accepted, refused)
         if stop.requested:
             # Stopped half way (Ctrl-C): each instance taken in so far is
             # kept, and recorded as imported.
             raise ImportInterrupted(sum(1 for a in accepted if not a.duplicate))
         return ImportResult(tuple(accepted), tuple(refused))
 
-    def _record_import(
+    def keep_read(self, study: scan.Study, patient_id: str, folder: Path) -> None:
+        """Keep a study read from ``folder`` by its headers alone (``publish
+        --headers-only``), and record the import (DICOM PS3.15 A.5.3.5), as
+        :meth:`import_folder` does; publishing it then finds it held.
+
+        Raises
+        ------
+        PublishError
+            A file could not be read; nothing of the study is kept.
+        NotAudited
+            The record could not be spooled; what was kept is taken back.
+        """
+        headers = {h.sop_instance_uid: h for h in study.instances}
+        held = self.source.held_instances(headers)
+        self.source.keep_instances(study, patient_id)
+        accepted = [
+            Accepted(
+                header.sop_class_uid,
+                uid,
+                header.study_instance_uid,
+                uid in held,
+                patient_id,
+            )
+            for uid, header in headers.items()
+        ]
+        self.record_import(folder, accepted, [])
+
+    def record_import(
         self,
         folder: Path,
         accepted: list[Accepted],
