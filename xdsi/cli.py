@@ -626,13 +626,16 @@ def fetch(
     if unwritable is not None:
         # Said before any query goes out.
         raise click.BadParameter(unwritable, param_hint="--out")
-    if not out.exists():
-        # Patient images: a folder made here is the user's alone.
+    made = not out.exists()
+    if made:
+        # Patient images: a folder made here is the user's alone; it goes
+        # again when nothing is written in it.
         out.mkdir(parents=True, mode=FETCHED_MODE)
     consumer = _services(settings).consumer
     try:
         result = _fetch(consumer, patient_id, out)
     except ConsumerError as exc:
+        _remove_empty(out, made)
         _fail(_unreachable_hint(str(exc)))
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
@@ -644,6 +647,9 @@ def fetch(
             err=True,
         )
     if not result.manifests and not result.failed:
+        # Documents skipped leave their folder empty.
+        _remove_empty(out / "manifests", True)
+        _remove_empty(out, made)
         click.echo("no imaging manifest found for this patient; nothing written")
         return
     click.echo(
@@ -675,6 +681,15 @@ def fetch(
         )
     if said:
         _fail("; ".join(said))
+
+
+def _remove_empty(folder: Path, made: bool) -> None:
+    """Remove ``folder`` when this command ``made`` it and it is empty."""
+    if made:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
 
 
 def _unwritable_folder(path: Path) -> str | None:

@@ -210,3 +210,30 @@ def test_a_fetch_this_side_cannot_write_says_so_and_blames_no_peer(
     assert "broke off" not in fetched.stderr
     assert "the Imaging Document Source's log says why" not in fetched.stderr
     assert "Traceback" not in fetched.stderr
+
+
+def test_a_fetch_that_skips_every_document_leaves_no_folder(
+    served: Path,  # noqa: F811 (fixture)
+    tmp_path: Path,
+):
+    """A patient whose only DICOM document is no manifest: it is named as
+    skipped, nothing is written, and no (empty) folder is left."""
+    assert "ACK AA" in _xdsi(served, "feed", "GOES-ON-3").stdout
+    image = sorted(shared_path("dicom", "study-mr", "images").iterdir())[0]
+    _xdsi(
+        served,
+        "submit",
+        str(image),
+        "--patient-id",
+        "GOES-ON-3",
+        "--mime-type",
+        "application/dicom",
+    )
+    out = tmp_path / "out"
+
+    fetched = _xdsi(served, "fetch", "--patient-id", "GOES-ON-3", "--out", str(out))
+
+    assert "skipped document" in fetched.stderr
+    assert "is not Key Object Selection Document Storage" in fetched.stderr
+    assert "nothing written" in fetched.stdout
+    assert not out.exists()
