@@ -129,6 +129,17 @@ class Consumer:
             " node that published it)"
         )
 
+    def _client(self, url: str, spool_dir: Path) -> wire.SoapClient:
+        """A client for one exchange with a peer, under the Consumer's
+        timeout and ANSWER_PACE."""
+        return wire.SoapClient(
+            url,
+            timeout=self.settings.consumer.timeout,
+            min_rate=ANSWER_PACE,
+            spool_dir=spool_dir,
+            ssl_context=tls.client_context_for(self.settings),
+        )
+
     def _audit(
         self, transaction_id: str, actor: str, url: str, ok: bool, **details: object
     ) -> None:
@@ -183,13 +194,7 @@ class Consumer:
         """
         ok = False
         try:
-            client = wire.SoapClient(
-                url,
-                timeout=self.settings.consumer.timeout,
-                min_rate=ANSWER_PACE,
-                spool_dir=self.spool_dir,
-                ssl_context=tls.client_context_for(self.settings),
-            )
+            client = self._client(url, self.spool_dir)
             # An AdhocQueryResponse carries no document: its envelope
             # alone, as a root part at most.
             with client.call(
@@ -204,14 +209,8 @@ class Consumer:
                     )
                 body = reply.body
             ok = True
-        except (wire.TransportError, wire.PeerFault) as exc:
-            raise ConsumerError(
-                f"ITI-18 to {url} failed: {logs.shown(str(exc))}"
-            ) from exc
-        except wire.SpoolError as exc:
-            raise ConsumerError(
-                f"the ITI-18 answer from {url} could not be kept here: {exc}"
-            ) from exc
+        except (wire.TransportError, wire.PeerFault, wire.SpoolError) as exc:
+            raise _call_failed("ITI-18", url, exc) from exc
         finally:
             self._audit(
                 "ITI-18",
@@ -237,13 +236,7 @@ class Consumer:
         ok = False
         spool = _partial_dir(target.parent)
         try:
-            client = wire.SoapClient(
-                url,
-                timeout=self.settings.consumer.timeout,
-                min_rate=ANSWER_PACE,
-                spool_dir=spool,
-                ssl_context=tls.client_context_for(self.settings),
-            )
+            client = self._client(url, spool)
             # The envelope and the one document asked for (XOP 1.0 4.1).
             with client.call(
                 transaction("ITI-43")["request_action"], request, max_parts=2
@@ -257,14 +250,8 @@ class Consumer:
                     )
                 got[entry.unique_id].path.replace(target)
             ok = True
-        except (wire.TransportError, wire.PeerFault) as exc:
-            raise ConsumerError(
-                f"ITI-43 to {url} failed: {logs.shown(str(exc))}"
-            ) from exc
-        except wire.SpoolError as exc:
-            raise ConsumerError(
-                f"the ITI-43 answer from {url} could not be kept here: {exc}"
-            ) from exc
+        except (wire.TransportError, wire.PeerFault, wire.SpoolError) as exc:
+            raise _call_failed("ITI-43", url, exc) from exc
         finally:
             _remove_if_empty(spool)
             self._audit(
@@ -361,13 +348,7 @@ class Consumer:
         ok = False
         spool = _partial_dir(out_dir)
         try:
-            client = wire.SoapClient(
-                url,
-                timeout=self.settings.consumer.timeout,
-                min_rate=ANSWER_PACE,
-                spool_dir=spool,
-                ssl_context=tls.client_context_for(self.settings),
-            )
+            client = self._client(url, spool)
             # The Consumer keeps instances as sent; no hash is checked, so
             # none is computed. The answer has the envelope and a part per
             # instance asked for at most: a peer's parts beyond would each
@@ -407,14 +388,8 @@ class Consumer:
                         errors,
                     )
             ok = True
-        except (wire.TransportError, wire.PeerFault) as exc:
-            raise ConsumerError(
-                f"RAD-69 to {url} failed: {logs.shown(str(exc))}"
-            ) from exc
-        except wire.SpoolError as exc:
-            raise ConsumerError(
-                f"the RAD-69 answer from {url} could not be kept here: {exc}"
-            ) from exc
+        except (wire.TransportError, wire.PeerFault, wire.SpoolError) as exc:
+            raise _call_failed("RAD-69", url, exc) from exc
         finally:
             _remove_if_empty(spool)
             self._audit(
@@ -563,6 +538,16 @@ def _remove_if_empty(directory: Path) -> None:
 # How many of a peer's RegistryErrors a ConsumerError quotes; the rest are
 # counted (the exception keeps them all).
 DESCRIBED_ERRORS = 3
+
+
+def _call_failed(transaction_id: str, url: str, exc: Exception) -> ConsumerError:
+    """What a failed exchange is told as: the answer not kept here (this
+    side's disk), or the peer's failure, its text escaped and cut."""
+    if isinstance(exc, wire.SpoolError):
+        return ConsumerError(
+            f"the {transaction_id} answer from {url} could not be kept here: {exc}"
+        )
+    return ConsumerError(f"{transaction_id} to {url} failed: {logs.shown(str(exc))}")
 
 
 def _describe(errors: list[RegistryError]) -> str:
