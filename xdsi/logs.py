@@ -28,11 +28,7 @@ class PeerTextFilter(logging.Filter):
         if record.levelno > logging.DEBUG and record.name.startswith(
             PEER_QUOTING_LOGGERS
         ):
-            text = record.getMessage()
-            record.msg = "".join(
-                c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                for c in text
-            )
+            record.msg = escaped(record.getMessage())
             record.args = ()
             record.exc_info = None
             record.exc_text = None
@@ -86,16 +82,22 @@ def quoted(text: str | None) -> str | None:
 SHOWN_PREFIX = 500
 
 
+def escaped(text: str) -> str:
+    """``text`` with each character Unicode counts as unprintable escaped
+    (line breaks, C0 and C1 controls, bidirectional overrides)."""
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+        for c in text
+    )
+
+
 def shown(text: str, limit: int = SHOWN_PREFIX) -> str:
     """A peer's text for a terminal: its first ``limit`` characters, each
     character Unicode counts as unprintable (line breaks, C0 and C1 controls
     such as ESC and CSI, bidirectional overrides) escaped, and its length
     when it is longer, so that a peer's answer can neither steer the
     terminal nor forge lines, nor fill the screen."""
-    out = "".join(
-        c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-        for c in text[:limit]
-    )
+    out = escaped(text[:limit])
     if len(text) > limit:
         out += f"... ({len(text)} characters)"
     return out
