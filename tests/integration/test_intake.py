@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pydicom
@@ -2088,7 +2089,7 @@ def _full_disk(messages: list[bytes]) -> list[Path]:
     raise OSError(28, "No space left on device")
 
 
-def _participants(record) -> list[tuple[str, str, str | None, str]]:  # type: ignore[no-untyped-def]
+def _participants(record: Any) -> list[tuple[str, str, str | None, str]]:
     """UserID, UserIsRequestor, NetworkAccessPointID and RoleIDCode of each
     ActiveParticipant."""
     root = etree.fromstring(record.xml)
@@ -2304,7 +2305,7 @@ def test_a_refusal_kept_until_its_exchange_ends_holds_no_data_set(
     refusals: list[check.Refused] = []
     real = intake_module.received_events
 
-    def noted(transaction, accepted, refused, **endpoints):  # type: ignore[no-untyped-def]
+    def noted(transaction: str, accepted: Any, refused: Any, **endpoints: Any) -> Any:
         refusals.extend(refused)
         return real(transaction, accepted, refused, **endpoints)
 
@@ -2337,7 +2338,7 @@ def test_a_second_ctrl_c_stops_the_import_at_once_and_records_what_it_took_in(
     accept = intake.accept
     files: list[Path] = []
 
-    def interrupted_at_the_third(path: Path, **kwargs: object):  # type: ignore[no-untyped-def]
+    def interrupted_at_the_third(path: Path, **kwargs: object) -> Any:
         if not kwargs.get("move"):
             files.append(path)
         if len(files) == 3:
