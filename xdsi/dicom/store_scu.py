@@ -14,15 +14,24 @@ from __future__ import annotations
 import logging
 import re
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
+from pynetdicom.events import Event
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
 from pynetdicom.presentation import build_context
 
+from xdsi.logs import shown
+
 logger = logging.getLogger(__name__)
+
+# pynetdicom's loggers that tell of a failed association request at ERROR,
+# each reason over three lines; the StoreScuError says it once instead.
+ASSOCIATION_LOGGERS = ("pynetdicom.acse", "pynetdicom.transport")
 
 # DICOM PS3.8 9.3.2.2: presentation context IDs are odd numbers 1 to 255.
 MAX_CONTEXTS = 128
@@ -112,17 +121,22 @@ def send_files(
         batch = keys[start : start + MAX_CONTEXTS]
         files = [p for key in batch for p in contexts[key]]
         ae = _application_entity(calling_ae_title, timeout, batch)
-        assoc = ae.associate(
-            destination.host,
-            destination.port,
-            ae_title=destination.ae_title,
-            tls_args=None if ssl_context is None else (ssl_context, destination.host),
-        )
+        refusal = _Refusal()
+        with refusal.told_once():
+            assoc = ae.associate(
+                destination.host,
+                destination.port,
+                ae_title=destination.ae_title,
+                tls_args=(
+                    None if ssl_context is None else (ssl_context, destination.host)
+                ),
+                evt_handlers=[(evt.EVT_PDU_RECV, refusal.on_pdu)],
+            )
         if not assoc.is_established:
             over = " over TLS" if ssl_context is not None else ""
             raise StoreScuError(
                 f"no association with {destination.ae_title}@{destination.host}:"
-                f"{destination.port}{over} (rejected, aborted or unreachable)"
+                f"{destination.port}{over}: {refusal.reason(timeout)}"
             )
         try:
             for path in files:
@@ -152,6 +166,56 @@ def send_files(
         len(result.unsendable),
     )
     return result
+
+
+class _Refusal:
+    """Why an association request failed, from the peer's answer.
+
+    An A-ASSOCIATE-RJ carries its result, source and reason (DICOM PS3.8
+    9.3.4), an A-ABORT its source and reason (PS3.8 9.3.8); no answer at all
+    means the peer could not be reached or never answered.
+    """
+
+    def __init__(self) -> None:
+        self.answer: str | None = None
+        self.suppressed: list[str] = []
+
+    def on_pdu(self, event: Event) -> None:
+        pdu = event.pdu  # type: ignore[attr-defined]
+        if isinstance(pdu, A_ASSOCIATE_RJ):
+            self.answer = f"{pdu.result_str} by the {pdu.source_str}: {pdu.reason_str}"
+        elif isinstance(pdu, A_ABORT_RQ):
+            self.answer = f"aborted by the {pdu.source_str}: {pdu.reason_str}"
+
+    def reason(self, timeout: float) -> str:
+        if self.answer is not None:
+            return self.answer
+        if self.suppressed:
+            # pynetdicom's own words: "TCP Initialisation Error: [Errno 111]
+            # Connection refused", "No accepted presentation contexts", ...
+            return "; ".join(shown(line) for line in self.suppressed[-2:])
+        return f"no answer within {timeout:g} s"
+
+    @contextmanager
+    def told_once(self) -> Iterator[None]:
+        """Keep pynetdicom's ERROR lines about the request out of the log
+        (DEBUG keeps them), for reason() to sum up."""
+
+        def demote(record: logging.LogRecord) -> bool:
+            if record.levelno < logging.ERROR:
+                return True
+            self.suppressed.append(record.getMessage())
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+        loggers = [logging.getLogger(name) for name in ASSOCIATION_LOGGERS]
+        for each in loggers:
+            each.addFilter(demote)
+        try:
+            yield
+        finally:
+            for each in loggers:
+                each.removeFilter(demote)
 
 
 def _application_entity(
