@@ -57,6 +57,23 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+# The two studies xdsi ships for its demo (xdsi/data, copies of the shared
+# data set's dicom/study-ct and dicom/study-mr with their licence notices).
+BUNDLED = ROOT / "xdsi" / "data"
+BUNDLED_STUDIES = ("study-ct", "study-mr")
+
+
+def dicom_path(*parts: str) -> Path:
+    """A file or folder of the shared DICOM data set (its dicom/ folder).
+
+    The studies xdsi ships are read from the project, so that the tests of
+    them run on a clone alone; the rest needs the shared data set.
+    """
+    if parts and Path(parts[0]).parts[0] in BUNDLED_STUDIES:
+        return BUNDLED.joinpath(*parts)
+    return shared_path("dicom", *parts)
+
+
 def schema(relative: str) -> etree.XMLSchema:
     """Compile one of the official schemas (the copy under xdsi/schemas)."""
     return compiled(relative)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from lxml import etree
 
-from tests.conftest import shared_path
+from tests.conftest import dicom_path
 from tests.integration.conftest import PATIENT, RunningNode
 from xdsi.actors.document_source import DocumentSource
 from xdsi.actors.identity_source import send_feed
@@ -120,7 +120,7 @@ def test_every_transaction_is_audited_by_both_sides(
     services = running_node.services
     settings = running_node.settings
     assert send_feed(settings, services.auditor, PATIENT).code == "AA"
-    (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
+    (study,) = scan.scan_directory(dicom_path("study-mr", "images")).studies
     services.imaging_source.publish(study, PATIENT)
     report = tmp_path / "report.txt"
     report.write_text("Findings: none.\n", encoding="utf-8")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from tests.conftest import ROOT, shared_path
+from tests.conftest import ROOT, dicom_path, shared_path
 from xdsi.audit.repository import AuditRecordStore, AuditRepository
 from xdsi.cli import LISTED_REFUSALS
 from xdsi.dicom import scan
@@ -106,7 +106,7 @@ def test_feed_sends_updates_and_merges(served: Path) -> None:
 
 def test_feed_publish_fetch_gives_back_every_instance(served: Path, tmp_path):
     """RAD TF-3 4.68, 4.69 through the command line: byte-identical images."""
-    images = shared_path("dicom", "study-mr", "images")
+    images = dicom_path("study-mr", "images")
     assert "ACK AA" in _xdsi(served, "feed", "IDS-DEPT002-a").stdout
     published = _xdsi(served, "publish", str(images), "--patient-id", "IDS-DEPT002-a")
     assert "36 instances" in published.stdout
@@ -152,8 +152,8 @@ def test_publish_skips_files_that_fail_the_intake_checks(served: Path, tmp_path)
     import shutil
 
     folder = tmp_path / "media"
-    shutil.copytree(shared_path("dicom", "study-mr", "images"), folder / "mr")
-    bad = sorted(shared_path("dicom", "bad").iterdir())
+    shutil.copytree(dicom_path("study-mr", "images"), folder / "mr")
+    bad = sorted(dicom_path("bad").iterdir())
     for path in bad:
         shutil.copy(path, folder / path.name)
     assert "ACK AA" in _xdsi(served, "feed", "IDS-DEPT002-a").stdout
@@ -177,7 +177,7 @@ def test_publish_skips_files_that_fail_the_intake_checks(served: Path, tmp_path)
 
     # Not DICOM at all, as a CD's README: skipped, exit 0.
     clean = tmp_path / "clean"
-    shutil.copytree(shared_path("dicom", "study-mr", "images"), clean / "mr")
+    shutil.copytree(dicom_path("study-mr", "images"), clean / "mr")
     (clean / "README.TXT").write_text("viewer on this CD\n")
     again = _xdsi(served, "publish", str(clean), "--patient-id", "IDS-DEPT002-a")
     assert "1 file skipped" in again.stderr
@@ -206,7 +206,7 @@ def test_a_reason_many_files_share_is_said_once_over_their_paths(
     import shutil
 
     folder = tmp_path / "mr"
-    shutil.copytree(shared_path("dicom", "study-mr", "images"), folder)
+    shutil.copytree(dicom_path("study-mr", "images"), folder)
     for patient in ("IDS-DEPT002-a", "IDS-DEPT002-b"):
         assert "ACK AA" in _xdsi(served, "feed", patient).stdout
     _xdsi(served, "publish", str(folder), "--patient-id", "IDS-DEPT002-a")
@@ -236,7 +236,7 @@ def test_skipped_files_are_listed_but_their_paths_are_not_logged(
     import shutil
 
     folder = tmp_path / "DOE^JANE 1970-01-01"
-    shutil.copytree(shared_path("dicom", "study-mr", "images"), folder / "mr")
+    shutil.copytree(dicom_path("study-mr", "images"), folder / "mr")
     broken = shared_path(
         "dicom", "bad", "pixeldata-too-short__emri_small_jpeg_2k_lossless_too_short.dcm"
     )
@@ -280,7 +280,7 @@ def test_publish_headers_only_of_a_published_study_sends_nothing(served: Path):
     """RAD TF-3 4.68.4.1.2.3: a replacement manifest is for a changed study;
     publishing an unchanged one again, checked or ``--headers-only``, says it
     is published already and sends no second manifest."""
-    images = shared_path("dicom", "study-mr", "images")
+    images = dicom_path("study-mr", "images")
     assert "ACK AA" in _xdsi(served, "feed", "IDS-DEPT002-a").stdout
     first = _xdsi(served, "publish", str(images), "--patient-id", "IDS-DEPT002-a")
     (manifest,) = re.findall(r"manifest ([0-9.]+)", first.stdout)
@@ -299,7 +299,7 @@ def test_publish_headers_only_of_a_published_study_sends_nothing(served: Path):
 
 def test_publish_for_unknown_patient_fails_with_the_registry_code(served: Path):
     """ITI TF-3 Table 4.2.4.1-2: XDSUnknownPatientId reaches the user."""
-    images = shared_path("dicom", "study-mr", "images")
+    images = dicom_path("study-mr", "images")
     result = _xdsi(
         served, "publish", str(images), "--patient-id", "NEVER-FED", check=False
     )
@@ -380,7 +380,7 @@ def test_a_patient_id_no_registry_takes_is_a_wrong_argument(
 def test_the_feed_hint_quotes_an_id_with_blanks(served: Path) -> None:
     """ITI TF-3 Table 4.2.4.1-2: after XDSUnknownPatientId the hint names a
     command that can be pasted as it is, the id quoted for the shell."""
-    images = shared_path("dicom", "study-mr", "images")
+    images = dicom_path("study-mr", "images")
 
     result = _xdsi(
         served, "publish", str(images), "--patient-id", "NEVER FED", check=False
@@ -647,7 +647,7 @@ def test_fetch_names_the_instances_it_did_not_get(served: Path, tmp_path):
     exits 1 naming each by SOP Instance UID, which names no patient, and
     points at the source's log for why."""
     assert "ACK AA" in _xdsi(served, "feed", "IDS-DEPT002-a").stdout
-    folder = shared_path("dicom", "study-mr", "images")
+    folder = dicom_path("study-mr", "images")
     _xdsi(served, "publish", str(folder), "--patient-id", "IDS-DEPT002-a")
     engine = make_engine(f"sqlite:///{tmp_path / 'node' / 'xdsi.sqlite'}")
     try:
@@ -683,7 +683,7 @@ def test_an_import_stopped_half_way_keeps_and_records_what_it_took_in(tmp_path):
 
     folder = tmp_path / "cd"
     for name in ("study-ct", "study-mr/images", "study-ct-ihe"):
-        shutil.copytree(shared_path("dicom", *name.split("/")), folder / name)
+        shutil.copytree(dicom_path(*name.split("/")), folder / name)
     config = _node_config(tmp_path)
     kept = tmp_path / "node" / "imaging-source"
     process = subprocess.Popen(
@@ -782,7 +782,7 @@ def test_feed_goes_to_the_registry_feed_address_names(served: Path, tmp_path):
     assert "ACK AA" in fed.stdout
     # The other node's registry knows the patient now: a study of theirs
     # is registered (else XDSUnknownPatientId).
-    images = shared_path("dicom", "study-mr", "images")
+    images = dicom_path("study-mr", "images")
     published = _xdsi(served, "publish", str(images), "--patient-id", "SITE-B-1")
     assert "36 instances" in published.stdout
 
@@ -792,7 +792,7 @@ def test_publish_headers_only_records_the_import(served: Path) -> None:
     does, so it writes the same Data Import record (DICOM PS3.15 A.5.3.5),
     the folder as Source Media, before the study's RAD-68."""
     assert "ACK AA" in _xdsi(served, "feed", "HEADERS-ONLY-1").stdout
-    images = shared_path("dicom", "study-mr", "images")
+    images = dicom_path("study-mr", "images")
 
     published = _xdsi(
         served,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sqlalchemy import update
 
-from tests.conftest import ROOT, shared_path
+from tests.conftest import ROOT, dicom_path
 from tests.integration.conftest import PATIENT, RunningNode
 from tests.integration.test_command_line import _xdsi, served  # noqa: F401 (fixture)
 from xdsi.actors.document_source import DocumentSource
@@ -34,7 +34,7 @@ def _manifest_elsewhere(path: Path) -> tuple[Path, scan.Study]:
 
 
 def _mr() -> scan.Study:
-    (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
+    (study,) = scan.scan_directory(dicom_path("study-mr", "images")).studies
     return study
 
 
@@ -112,7 +112,7 @@ def test_fetch_says_what_failed_after_what_it_fetched(
         "--mime-type",
         "application/dicom",
     )
-    images = shared_path("dicom", "study-mr", "images")
+    images = dicom_path("study-mr", "images")
     _xdsi(served, "publish", str(images), "--patient-id", "GOES-ON-1")
 
     fetched = _xdsi(
@@ -176,7 +176,7 @@ def test_a_fetch_this_side_cannot_write_says_so_and_blames_no_peer(
     full disk) is this side's failure, said as such, not the answer
     breaking off nor the source's doing."""
     assert "ACK AA" in _xdsi(served, "feed", "GOES-ON-2").stdout
-    images = shared_path("dicom", "study-mr", "images")
+    images = dicom_path("study-mr", "images")
     _xdsi(served, "publish", str(images), "--patient-id", "GOES-ON-2")
 
     fetched = subprocess.run(
@@ -219,7 +219,7 @@ def test_a_fetch_that_skips_every_document_leaves_no_folder(
     """A patient whose only DICOM document is no manifest: it is named as
     skipped, nothing is written, and no (empty) folder is left."""
     assert "ACK AA" in _xdsi(served, "feed", "GOES-ON-3").stdout
-    image = sorted(shared_path("dicom", "study-mr", "images").iterdir())[0]
+    image = sorted(dicom_path("study-mr", "images").iterdir())[0]
     _xdsi(
         served,
         "submit",

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from werkzeug.wrappers import Response
 
-from tests.conftest import shared_path
+from tests.conftest import dicom_path
 from tests.integration.conftest import PATIENT, RunningNode
 from tests.integration.registry_relay import ITI_18, Relay
 from xdsi.actors.consumer import Consumer, ConsumerError, FetchResult
@@ -36,7 +36,7 @@ class RewritingRelay(Relay):
 
 
 def _publish_mr(node: RunningNode) -> scan.Study:
-    (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
+    (study,) = scan.scan_directory(dicom_path("study-mr", "images")).studies
     node.services.imaging_source.publish(study, PATIENT)
     return study
 
@@ -140,7 +140,7 @@ def test_a_failed_retrieve_quotes_a_few_errors_and_counts_the_rest(
     """A RAD-69 refused for every one of 36 instances: the message a user
     reads names the first errors and counts the others, not all 36."""
     assert "MSA|AA" in running_node.feed()
-    (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
+    (study,) = scan.scan_directory(dicom_path("study-mr", "images")).studies
     # Referenced at this Imaging Document Source, never published there.
     manifest = kos.parse_manifest(
         kos.build_manifest(

@@ -24,7 +24,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from sqlalchemy import select
 from werkzeug.exceptions import default_exceptions
 
-from tests.conftest import shared_path
+from tests.conftest import dicom_path, shared_path
 from tests.integration.conftest import PATIENT, RunningNode
 from xdsi.dicom import scan
 from xdsi.store.schema import imaging_instance, imaging_manifest
@@ -36,12 +36,10 @@ MULTIPART_DICOM = 'multipart/related; type="application/dicom"'
 def published(shared_node: RunningNode) -> Iterator[scan.Study]:
     """The MR study published once; the CT study kept but not published."""
     shared_node.feed()
-    (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
+    (study,) = scan.scan_directory(dicom_path("study-mr", "images")).studies
     source = shared_node.services.imaging_source
     source.publish(study, PATIENT)
-    (kept,) = scan.scan_directory(
-        shared_path("dicom", "study-ct-ihe", "images")
-    ).studies
+    (kept,) = scan.scan_directory(dicom_path("study-ct-ihe", "images")).studies
     source.keep_instances(kept, PATIENT)
     yield study
 
@@ -300,9 +298,7 @@ def test_wado_rs_unpublished_study_is_not_found(
     shared_node: RunningNode, published: scan.Study
 ) -> None:
     """RAD TF-3 4.107: only published studies are served."""
-    (kept,) = scan.scan_directory(
-        shared_path("dicom", "study-ct-ihe", "images")
-    ).studies
+    (kept,) = scan.scan_directory(dicom_path("study-ct-ihe", "images")).studies
     answer = requests.get(
         f"{shared_node.settings.dicomweb_url}/studies/{kept.study_instance_uid}",
         timeout=30,
@@ -661,7 +657,7 @@ def test_wado_uri_renders_an_image_whose_own_window_is_unusable(
     image is rendered over its full range, not answered with an error."""
     instance = _published_copy(
         shared_node,
-        shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm"),
+        dicom_path("singles", "ts-explicit-le__CT_small.dcm"),
         tmp_path / "ct",
         **window,
     )
@@ -678,7 +674,7 @@ def test_wado_uri_scales_down_an_image_larger_than_it_renders(
     """DICOM PS3.18 9.1.2.1.6: a request that names no Rows or Columns asks
     for nothing wrong; an image over the rendering limit comes scaled down,
     its aspect ratio kept."""
-    source = shared_path("dicom", "singles", "mg-wg04-sc-jpeg2000-lossy__MG1_J2KI.dcm")
+    source = dicom_path("singles", "mg-wg04-sc-jpeg2000-lossy__MG1_J2KI.dcm")
     held = pydicom.dcmread(source, stop_before_pixels=True)
     instance = _published_copy(shared_node, source, tmp_path / "mg")
 
@@ -739,7 +735,7 @@ def test_wado_rs_series_sent_in_part_is_206_with_a_warning(
             shared_path(
                 "dicom", "singles", "ts-jpeg-baseline-rgb__SC_rgb_jpeg_dcmtk.dcm"
             ),
-            shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm"),
+            dicom_path("singles", "ts-explicit-le__CT_small.dcm"),
         ],
         tmp_path / "mixed",
     )
@@ -774,7 +770,7 @@ def test_wado_rs_series_none_of_which_can_be_produced_is_406(
     why (10.4.3.3)."""
     study = _published_study(
         shared_node,
-        [shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm")],
+        [dicom_path("singles", "ts-explicit-le__CT_small.dcm")],
         tmp_path / "native",
     )
 
@@ -811,7 +807,7 @@ def test_wado_rs_metadata_sends_bulk_data_in_a_sequence_inline(
     attribute of the instance; Waveform Data, in the items of the Waveform
     Sequence, comes as InlineBinary, never as an empty BulkDataURI, which a
     user agent resolves to the series itself."""
-    source = shared_path("dicom", "singles", "ecg-waveform__waveform_ecg.dcm")
+    source = dicom_path("singles", "ecg-waveform__waveform_ecg.dcm")
     instance = _published_copy(shared_node, source, tmp_path / "ecg")
 
     document = client.retrieve_instance_metadata(
@@ -852,8 +848,8 @@ def _published_pair(node: RunningNode, folder: Path) -> scan.Study:
     return _published_study(
         node,
         [
-            shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm"),
-            shared_path("dicom", "singles", "ts-implicit-le__MR_small_implicit.dcm"),
+            dicom_path("singles", "ts-explicit-le__CT_small.dcm"),
+            dicom_path("singles", "ts-implicit-le__MR_small_implicit.dcm"),
         ],
         folder,
     )
@@ -919,7 +915,7 @@ def test_wado_uri_object_whose_stored_copy_is_gone_is_a_500_that_says_so(
     be read is the origin server's failure, answered in plain text."""
     instance = _published_copy(
         shared_node,
-        shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm"),
+        dicom_path("singles", "ts-explicit-le__CT_small.dcm"),
         tmp_path / "one",
     )
     _lose_stored_copy(shared_node, instance)

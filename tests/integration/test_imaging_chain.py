@@ -10,7 +10,7 @@ from collections import defaultdict
 
 from sqlalchemy import func, select
 
-from tests.conftest import require_program, shared_path
+from tests.conftest import dicom_path, require_program
 from tests.integration.conftest import PATIENT, RunningNode, validate_exchanges
 from xdsi.dicom import kos, scan
 from xdsi.store.schema import registry_object, repository_document
@@ -23,7 +23,7 @@ def _sha256(path) -> str:  # type: ignore[no-untyped-def]
 def test_mr_study_comes_back_byte_identical(running_node: RunningNode, tmp_path):
     """RAD TF-3 4.68, 4.69: what was published is what a consumer retrieves."""
     assert "MSA|AA" in running_node.feed()
-    images = shared_path("dicom", "study-mr", "images")
+    images = dicom_path("study-mr", "images")
     (study,) = scan.scan_directory(images).studies
 
     published = running_node.services.imaging_source.publish(study, PATIENT)
@@ -49,7 +49,7 @@ def test_every_message_of_the_chain_is_schema_valid(
     """ITI TF-2 3.18, 3.41, 3.42, 3.43, RAD TF-3 4.69: bodies valid against
     the official XSDs, envelopes against SOAP 1.2 and WS-Addressing."""
     running_node.feed()
-    (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
+    (study,) = scan.scan_directory(dicom_path("study-mr", "images")).studies
     running_node.services.imaging_source.publish(study, PATIENT)
     running_node.services.consumer.fetch(PATIENT, tmp_path / "out")
 
@@ -67,13 +67,11 @@ def test_manifest_references_the_reference_kos_instances(
     IHE reference manifest of the study, and dciodvfy finds no error."""
     dciodvfy = require_program("dciodvfy")
     running_node.feed()
-    (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
+    (study,) = scan.scan_directory(dicom_path("study-mr", "images")).studies
     running_node.services.imaging_source.publish(study, PATIENT)
     result = running_node.services.consumer.fetch(PATIENT, tmp_path / "out")
     ours = kos.parse_manifest(result.manifests[0])
-    reference = kos.parse_manifest(
-        shared_path("dicom", "study-mr", "manifest", "kos.dcm")
-    )
+    reference = kos.parse_manifest(dicom_path("study-mr", "manifest", "kos.dcm"))
 
     def per_series(manifest: kos.Manifest) -> dict[str, set[str]]:
         series: dict[str, set[str]] = defaultdict(set)
@@ -103,7 +101,7 @@ def test_manifest_references_the_reference_kos_instances(
 def test_submission_for_unknown_patient_leaves_no_trace(running_node: RunningNode):
     """ITI TF-3 Table 4.2.4.1-2 XDSUnknownPatientId; ITI TF-2 3.41.4.1.3: the
     repository keeps nothing of a submission the registry refused."""
-    (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
+    (study,) = scan.scan_directory(dicom_path("study-mr", "images")).studies
     from xdsi.actors.imaging_source import PublishError
 
     try:
@@ -129,7 +127,7 @@ def test_submission_for_unknown_patient_leaves_no_trace(running_node: RunningNod
 def test_audit_trail_has_every_transaction(running_node: RunningNode, tmp_path):
     """ITI TF-2 3.20: each actor audits each transaction it plays."""
     running_node.feed()
-    (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
+    (study,) = scan.scan_directory(dicom_path("study-mr", "images")).studies
     running_node.services.imaging_source.publish(study, PATIENT)
     running_node.services.consumer.fetch(PATIENT, tmp_path / "out")
 
@@ -155,7 +153,7 @@ def test_no_patient_data_in_logs_at_info(running_node: RunningNode, tmp_path, ca
     """No patient id or name at INFO or above; that belongs in the audit trail."""
     caplog.set_level(logging.INFO)
     running_node.feed()
-    (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
+    (study,) = scan.scan_directory(dicom_path("study-mr", "images")).studies
     running_node.services.imaging_source.publish(study, PATIENT)
     running_node.services.consumer.fetch(PATIENT, tmp_path / "out")
 

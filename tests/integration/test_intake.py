@@ -30,7 +30,7 @@ from pydicom.fileset import FileSet
 from pynetdicom import AE
 from sqlalchemy import Row, func, select, update
 
-from tests.conftest import SHARED, shared_path
+from tests.conftest import SHARED, dicom_path, shared_path
 from tests.integration.conftest import RunningNode
 from xdsi.actors import imaging_source as imaging_source_module
 from xdsi.actors import intake as intake_module
@@ -148,7 +148,7 @@ def _registry_status(node: RunningNode, unique_id: str) -> str:
 def test_cstore_study_is_published_once_quiet(intake_node: RunningNode) -> None:
     """RAD TF-3 4.68: a study sent by C-STORE is published when quiet, and its
     manifest references every instance received."""
-    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())
+    images = sorted(dicom_path("study-mr", "images").iterdir())
     sent = send_files(images, _scp(intake_node), calling_ae_title="TESTSCU")
 
     assert set(sent.statuses.values()) == {SUCCESS}
@@ -169,7 +169,7 @@ def test_more_instances_replace_the_manifest_with_rplc(
     """RAD TF-3 4.68.4.1.2.3, ITI TF-3 4.2.2.2: instances arriving after
     publication bring a replacement manifest; the registry deprecates the
     old one."""
-    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())
+    images = sorted(dicom_path("study-mr", "images").iterdir())
     send_files(images[:20], _scp(intake_node), calling_ae_title="TESTSCU")
     _wait(lambda: len(_manifests(intake_node)) == 1)
 
@@ -194,7 +194,7 @@ def test_removed_instances_replace_and_then_withdraw_the_manifest(
     """RAD TF-3 4.68.4.1.2.3: removing instances replaces the manifest; with
     none left the manifest is withdrawn, deprecated in the Document Registry by
     ITI-57 (ITI TF-2 3.57.4.1.3.3.2) so that ITI-18 no longer finds it."""
-    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())
+    images = sorted(dicom_path("study-mr", "images").iterdir())
     send_files(images, _scp(intake_node), calling_ae_title="TESTSCU")
     _wait(lambda: len(_manifests(intake_node)) == 1)
     study_uid = pydicom.dcmread(images[0], stop_before_pixels=True).StudyInstanceUID
@@ -224,7 +224,7 @@ def test_removed_instances_replace_and_then_withdraw_the_manifest(
 def test_every_single_round_trips_over_cstore(intake_node: RunningNode) -> None:
     """DICOM PS3.4 B.2.3: every storage SOP Class and transfer syntax of the
     single objects is accepted, and the data set is stored as sent."""
-    singles = sorted(shared_path("dicom", "singles").iterdir())
+    singles = sorted(dicom_path("singles").iterdir())
     sent = send_files(singles, _scp(intake_node), calling_ae_title="TESTSCU")
 
     assert sent.unsendable == {}
@@ -244,7 +244,7 @@ def test_every_single_round_trips_over_cstore(intake_node: RunningNode) -> None:
 def test_an_instance_sent_twice_is_stored_once(intake_node: RunningNode) -> None:
     """DICOM PS3.4 B.2.3: a SOP Instance already held is answered Success and
     kept once."""
-    path = shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm")
+    path = dicom_path("singles", "ts-explicit-le__CT_small.dcm")
     first = send_files([path], _scp(intake_node), calling_ae_title="TESTSCU")
     again = send_files([path], _scp(intake_node), calling_ae_title="TESTSCU")
 
@@ -264,7 +264,7 @@ def test_bad_files_are_refused_and_nothing_is_stored(
     A file without File Meta cannot be offered by C-STORE at all, and one
     naming no storage SOP Class finds no presentation context (DICOM PS3.8
     9.3.3.2); both are refused over STOW-RS alike."""
-    path = shared_path("dicom", "bad", name)
+    path = dicom_path("bad", name)
     statuses = {int(row["dimse_status"]) for row in refusal_table().values()}
     try:
         sent = send_files([path], _scp(intake_node), calling_ae_title="TESTSCU")
@@ -312,14 +312,14 @@ def test_stow_rs_stores_instances_and_reports_failures(
 ) -> None:
     """DICOM PS3.18 10.5.3: 200 when all are stored, 202 when some fail, with
     the Referenced and Failed SOP Sequences."""
-    good = shared_path("dicom", "singles", "ts-j2k-lossless__CT1_J2KR.dcm")
-    bad = shared_path("dicom", "bad", "truncated-pixeldata__MR_truncated.dcm")
+    good = dicom_path("singles", "ts-j2k-lossless__CT1_J2KR.dcm")
+    bad = dicom_path("bad", "truncated-pixeldata__MR_truncated.dcm")
 
     first = _stow(intake_node, [good.read_bytes()])
     mixed = _stow(
         intake_node,
         [
-            shared_path("dicom", "singles", "ts-rle__MR_small_RLE.dcm").read_bytes(),
+            dicom_path("singles", "ts-rle__MR_small_RLE.dcm").read_bytes(),
             bad.read_bytes(),
         ],
     )
@@ -339,7 +339,7 @@ def test_stow_rs_refuses_an_instance_of_another_study(
     intake_node: RunningNode,
 ) -> None:
     """DICOM PS3.18 10.5.1: an instance not of the study in the URL fails."""
-    path = shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm")
+    path = dicom_path("singles", "ts-explicit-le__CT_small.dcm")
     response = _stow(intake_node, [path.read_bytes()], study="1.2.3.4")
 
     assert response.status_code == 409
@@ -362,7 +362,7 @@ def test_stow_rs_refuses_other_media_types(intake_node: RunningNode) -> None:
 def test_a_cd_is_imported_by_its_dicomdir(intake_node: RunningNode, tmp_path) -> None:
     """DICOM PS3.10 8.6: the files a DICOMDIR references are imported, and
     only those; the study is then published at once."""
-    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())
+    images = sorted(dicom_path("study-mr", "images").iterdir())
     fileset = FileSet()
     for path in images[:5]:
         fileset.add(pydicom.dcmread(path))
@@ -385,7 +385,7 @@ def test_a_file_the_dicomdir_lists_but_the_cd_lost_is_refused(
     """DICOM PS3.10 8.6: a file a DICOMDIR record references (Referenced
     File ID) that is missing from the CD is refused as unreadable, so that
     an incomplete CD does not pass for whole; the others are taken."""
-    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())
+    images = sorted(dicom_path("study-mr", "images").iterdir())
     fileset = FileSet()
     for path in images[:3]:
         fileset.add(pydicom.dcmread(path))
@@ -413,7 +413,7 @@ def test_a_held_instance_sent_again_in_another_file_is_held_already(
     again, by C-STORE after an import (the SCP writes its own File Meta) or
     with a data set written anew, it is answered as held already, and the
     instance held stays as it was."""
-    whole = shared_path("dicom", "study-mr", "images", "000001.dcm")
+    whole = dicom_path("study-mr", "images", "000001.dcm")
     folder = tmp_path / "cd"
     folder.mkdir()
     shutil.copy(whole, folder / "1-WHOLE")
@@ -441,7 +441,7 @@ def test_two_intakes_of_one_instance_at_once_keep_the_first_whole(
     """Two intakes of one SOP Instance UID that both found it not held yet
     (two associations at once): the first stored is held, its file stays as
     stored, and the second's copy goes."""
-    whole = shared_path("dicom", "study-mr", "images", "000001.dcm")
+    whole = dicom_path("study-mr", "images", "000001.dcm")
     other = pydicom.dcmread(whole)
     other.ImageComments = "another copy, written anew"
     other.save_as(tmp_path / "other.dcm")
@@ -478,7 +478,7 @@ def test_an_instance_of_another_patient_is_not_taken_into_a_study(
     study that names another patient, in the same folder or sent later by
     C-STORE, is refused, so that it never reaches this patient's manifest;
     the reason names neither patient."""
-    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:3]
+    images = sorted(dicom_path("study-mr", "images").iterdir())[:3]
     folder = tmp_path / "cd"
     folder.mkdir()
     for n, path in enumerate(images):
@@ -544,7 +544,7 @@ def test_an_instance_of_the_same_patient_id_from_another_issuer_is_refused(
     the Issuer of Patient ID Qualifiers Sequence may name alone; the same
     Patient ID from another issuer is another patient, refused from the
     study, held or only published."""
-    first, second = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:2]
+    first, second = sorted(dicom_path("study-mr", "images").iterdir())[:2]
     intake = intake_node.services.intake
     held = intake.accept(_qualified(first, tmp_path / "held.dcm", "1.2.3.4.5"))
     stranger = _qualified(second, tmp_path / "stranger.dcm", "1.2.3.4.6")
@@ -574,7 +574,7 @@ def test_an_issuer_named_by_the_qualifiers_sequence_qualifies_the_patient_id(
     """ITI TF-3 4.2.3.2.16: the images' Patient ID is published under its
     issuer when that is one of the affinity domain's assigning authorities,
     named by Issuer of Patient ID or by its Qualifiers Sequence alone."""
-    (first,) = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:1]
+    (first,) = sorted(dicom_path("study-mr", "images").iterdir())[:1]
     intake = intake_node.services.intake
     settings = intake.settings
     node = replace(settings.node, other_assigning_authorities=("1.2.3.4.7",))
@@ -603,7 +603,7 @@ def test_stow_rs_names_a_refused_instance_and_says_why(
     """DICOM PS3.18 10.5.3: a Failed SOP Sequence item names the SOP Class
     and Instance of a part that was read, with its Failure Reason; the
     reason's text travels in a Warning header field (DICOM PS3.18 8.4)."""
-    path = shared_path("dicom", "bad", "truncated-pixeldata__MR_truncated.dcm")
+    path = dicom_path("bad", "truncated-pixeldata__MR_truncated.dcm")
     held = pydicom.dcmread(path, stop_before_pixels=True)
 
     response = _stow(intake_node, [path.read_bytes()])
@@ -624,7 +624,7 @@ def test_stow_rs_answers_an_overlong_boundary_with_400(
     cannot take is a 400 in plain text, never a SOAP Fault or a 500."""
     caplog.set_level(logging.INFO, logger="xdsi")
     boundary = "b" * 300
-    path = shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm")
+    path = dicom_path("singles", "ts-explicit-le__CT_small.dcm")
     body = (
         f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
         + path.read_bytes()
@@ -686,7 +686,7 @@ def test_an_unpublishable_study_is_retried_with_backoff(
     caplog.set_level(logging.DEBUG, logger="xdsi.actors.intake")
     intake = running_node.services.intake
     tap = running_node.taps["repository"]
-    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())
+    images = sorted(dicom_path("study-mr", "images").iterdir())
 
     def rounds_after(pause: float) -> int:
         time.sleep(pause)
@@ -735,7 +735,7 @@ def test_a_study_under_a_patient_id_no_registry_takes_waits_for_a_change(
     caplog.set_level(logging.DEBUG, logger="xdsi.actors.intake")
     intake = running_node.services.intake
     tap = running_node.taps["repository"]
-    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())
+    images = sorted(dicom_path("study-mr", "images").iterdir())
     copies = []
     for index, image in enumerate(images[:2]):
         ds = pydicom.dcmread(image)
@@ -794,7 +794,7 @@ def test_import_publishes_a_study_an_earlier_import_only_kept(
     kept by an earlier ``import --no-publish`` included, and says so when
     the study is published already. Files held already are not copied
     again."""
-    folder = shared_path("dicom", "study-mr", "images")
+    folder = dicom_path("study-mr", "images")
 
     kept = _xdsi(patient_node, tmp_path, "import", str(folder), "--no-publish")
     assert kept.exit_code == 0, kept.output
@@ -833,7 +833,7 @@ def test_import_of_a_study_whose_patient_is_unknown_fails(
 ) -> None:
     """ITI TF-2 3.42.4.1.3: the registry refuses an unknown patient, so the
     study is kept but not published, and the import exits non-zero."""
-    folder = shared_path("dicom", "study-ct-ihe", "images")
+    folder = dicom_path("study-ct-ihe", "images")
 
     outcome = _xdsi(patient_node, tmp_path, "import", str(folder))
 
@@ -899,7 +899,7 @@ def test_publishing_broken_off_leaves_the_study_to_publish(
     """A publish broken off midway (here by Ctrl-C, as a KeyboardInterrupt
     arriving in RAD-68) leaves the study changed, so that the next round
     publishes it."""
-    folder = shared_path("dicom", "study-mr", "images")
+    folder = dicom_path("study-mr", "images")
     kept = _xdsi(patient_node, tmp_path, "import", str(folder), "--no-publish")
     assert kept.exit_code == 0, kept.output
     services = patient_node.services
@@ -928,7 +928,7 @@ def test_a_claim_left_by_a_killed_publisher_lapses(
     """A publisher killed after claiming a study (SIGKILL, power loss) never
     releases its claim; once the claim is older than the lease the study is
     published all the same, and until then by no one else."""
-    folder = shared_path("dicom", "study-mr", "images")
+    folder = dicom_path("study-mr", "images")
     kept = _xdsi(patient_node, tmp_path, "import", str(folder), "--no-publish")
     assert kept.exit_code == 0, kept.output
     intake = patient_node.services.intake
@@ -962,7 +962,7 @@ def test_a_claim_left_by_a_killed_publisher_lapses(
 
 
 def _kept_study(node: RunningNode, tmp_path: Path) -> str:
-    folder = shared_path("dicom", "study-mr", "images")
+    folder = dicom_path("study-mr", "images")
     kept = _xdsi(node, tmp_path, "import", str(folder), "--no-publish")
     assert kept.exit_code == 0, kept.output
     with node.services.engine.connect() as conn:
@@ -1002,7 +1002,7 @@ def test_a_claim_of_a_process_gone_from_this_host_is_taken_back_at_once(
         patient_node,
         tmp_path,
         "import",
-        str(shared_path("dicom", "study-mr", "images")),
+        str(dicom_path("study-mr", "images")),
     )
     assert published.exit_code == 0, published.output
     _wait(lambda: len(_manifests(patient_node)) == 1)
@@ -1021,7 +1021,7 @@ def test_a_live_claim_is_named_and_the_study_not_published_twice(
         patient_node,
         tmp_path,
         "import",
-        str(shared_path("dicom", "study-mr", "images")),
+        str(dicom_path("study-mr", "images")),
     )
 
     assert again.exit_code == 1
@@ -1187,8 +1187,8 @@ def test_each_association_is_logged_as_it_ends_with_its_counts(
     names the sending AE title and address and counts the instances stored,
     held already and refused; no patient data at INFO or above."""
     caplog.set_level(logging.INFO, logger="xdsi")
-    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())
-    bad = shared_path("dicom", "bad", "truncated-pixeldata__MR_truncated.dcm")
+    images = sorted(dicom_path("study-mr", "images").iterdir())
+    bad = dicom_path("bad", "truncated-pixeldata__MR_truncated.dcm")
 
     send_files(images[:3], _scp(intake_node), calling_ae_title="TESTSCU")
     first = _association_lines(caplog, 1)
@@ -1270,7 +1270,7 @@ def test_an_aborted_association_is_logged_with_what_it_brought(
     from pynetdicom import AE as Sender
 
     caplog.set_level(logging.INFO, logger="xdsi")
-    image = sorted(shared_path("dicom", "study-mr", "images").iterdir())[0]
+    image = sorted(dicom_path("study-mr", "images").iterdir())[0]
     ds = pydicom.dcmread(image)
     scp = _scp(intake_node)
     sender = Sender(ae_title="TESTSCU")
@@ -1328,7 +1328,7 @@ def test_publish_shares_the_copy_it_checked_under_the_given_patient(
     that copy under ``--patient-id``: a source file changed after it was
     copied (an export still running) changes nothing that is shared."""
     folder = tmp_path / "export"
-    shutil.copytree(shared_path("dicom", "study-mr", "images"), folder)
+    shutil.copytree(dicom_path("study-mr", "images"), folder)
     originals = {p.name: p.read_bytes() for p in folder.iterdir()}
     send_message(
         patient_node.settings.node.host,
@@ -1377,7 +1377,7 @@ def test_publish_under_another_patient_than_the_study_is_held_under_is_refused(
     study held under one patient is not taken in under another; the user is
     told to remove it first, and the log names no patient."""
     authority = _feed_first_and_second(patient_node)
-    folder = shared_path("dicom", "study-mr", "images")
+    folder = dicom_path("study-mr", "images")
     first = _xdsi(
         patient_node, tmp_path, "publish", str(folder), "--patient-id", "FIRST-1"
     )
@@ -1422,7 +1422,7 @@ def test_a_study_emptied_without_publishing_is_withdrawn_by_a_second_remove(
     ``remove`` does so (it publishes the earlier removal) and succeeds, though
     nothing more is held; then the study starts anew."""
     authority = _feed_first_and_second(patient_node)
-    folder = shared_path("dicom", "study-mr", "images")
+    folder = dicom_path("study-mr", "images")
     first = _xdsi(
         patient_node, tmp_path, "publish", str(folder), "--patient-id", "FIRST-1"
     )
@@ -1466,7 +1466,7 @@ def test_import_of_a_study_held_under_another_patient_is_refused(
     to remove it first, and nothing changes."""
     _feed_first_and_second(patient_node)
     patient_node.feed(MR_PATIENT)
-    folder = shared_path("dicom", "study-mr", "images")
+    folder = dicom_path("study-mr", "images")
     first = _xdsi(
         patient_node, tmp_path, "publish", str(folder), "--patient-id", "FIRST-1"
     )
@@ -1487,7 +1487,7 @@ def test_removing_a_study_never_published_is_no_failure(
     """RAD TF-3 4.68: a study taken in but never published, removed whole,
     has no manifest to withdraw; ``remove`` says so and succeeds."""
     patient_node.feed(MR_PATIENT)
-    folder = shared_path("dicom", "study-mr", "images")
+    folder = dicom_path("study-mr", "images")
     kept = _xdsi(patient_node, tmp_path, "import", str(folder), "--no-publish")
     assert kept.exit_code == 0, kept.output
     (study_uid,) = {
@@ -1514,7 +1514,7 @@ def test_removing_instances_is_audited_as_instances_or_study_deleted(
     DICOM Study Deleted (A.5.3.8) instead. Each valid against the DICOM
     audit schema."""
     patient_node.feed(MR_PATIENT)
-    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:2]
+    images = sorted(dicom_path("study-mr", "images").iterdir())[:2]
     for path in images:
         patient_node.services.intake.accept(path)
     first = pydicom.dcmread(images[0], stop_before_pixels=True)
@@ -1547,7 +1547,7 @@ def test_headers_only_publication_holds_the_study_under_its_patient(
     under the patient given, as intake holds it, so that neither path takes
     it in under another patient afterwards."""
     _feed_first_and_second(patient_node)
-    folder = shared_path("dicom", "study-mr", "images")
+    folder = dicom_path("study-mr", "images")
     first = _xdsi(
         patient_node,
         tmp_path,
@@ -1580,7 +1580,7 @@ def test_a_damaged_dicomdir_falls_back_to_the_files_of_the_folder(
     """DICOM PS3.10 8.6: a DICOMDIR that cannot be read is no reason to read
     nothing: every file under the folder is read instead, and nothing of
     the failure reaches the caller as a traceback."""
-    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:2]
+    images = sorted(dicom_path("study-mr", "images").iterdir())[:2]
     folder = tmp_path / "cd"
     folder.mkdir()
     for path in images:
@@ -1600,7 +1600,7 @@ def test_a_dicomdir_linked_from_elsewhere_reads_nothing_outside_the_folder(
     DICOMDIR that is a symbolic link to another file-set's (a CD made to
     read the host's files) is not followed: the folder's own files are
     read instead, symbolic links left out as ever."""
-    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())
+    images = sorted(dicom_path("study-mr", "images").iterdir())
     elsewhere = FileSet()
     elsewhere.add(pydicom.dcmread(images[0]))
     elsewhere.write(tmp_path / "elsewhere")
@@ -1622,7 +1622,7 @@ def test_an_instance_held_in_another_study_is_refused(
 ) -> None:
     """DICOM PS3.3 C.12.1.1.1: a file whose SOP Instance UID is held in
     another study is not that instance; it is refused, not counted as held."""
-    whole = shared_path("dicom", "study-mr", "images", "000001.dcm")
+    whole = dicom_path("study-mr", "images", "000001.dcm")
     intake_node.services.intake.accept(whole)
     moved = pydicom.dcmread(whole)
     moved.StudyInstanceUID = pydicom.uid.generate_uid()
@@ -1647,7 +1647,7 @@ def test_an_instance_held_as_another_is_refused_by_import_and_stow_rs(
     held in another series, or as an instance of another SOP Class, is not
     that instance: refused with A900 by import and STOW-RS alike (C-STORE
     takes the same path), never answered as held while the other is kept."""
-    whole = shared_path("dicom", "study-mr", "images", "000001.dcm")
+    whole = dicom_path("study-mr", "images", "000001.dcm")
     intake_node.services.intake.accept(whole)
     other = pydicom.dcmread(whole)
     for keyword, value in change.items():
@@ -1678,7 +1678,7 @@ def test_one_study_taken_in_at_once_under_two_given_patients_keeps_the_first(
     patients given (``--patient-id``) both find it held under no one; the
     one that stores second is refused in the transaction that would store
     it, and the study stays the first patient's."""
-    first, second = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:2]
+    first, second = sorted(dicom_path("study-mr", "images").iterdir())[:2]
     intake = intake_node.services.intake
     taken = intake.accept(first, patient_id="FIRST^^^&1.2.3.4.5&ISO")
     # As if the second had checked before the first stored.
@@ -1701,7 +1701,7 @@ def test_two_patients_sending_one_new_study_at_once_do_not_mix(
     instances of one new study under two patients; the study's row is taken
     before the patient is checked, so one patient's instances are taken in
     and the other's refused, never both."""
-    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:16]
+    images = sorted(dicom_path("study-mr", "images").iterdir())[:16]
     batches: dict[str, list[Path]] = {"A-PATIENT": [], "B-PATIENT": []}
     for n, path in enumerate(images):
         patient = "A-PATIENT" if n % 2 else "B-PATIENT"
@@ -1759,7 +1759,7 @@ def test_a_sequence_sent_as_text_is_refused_and_the_others_go_on(
     sequence to read; the instance is refused as unreadable by every intake
     (C-STORE, import), nothing of it kept, and the files beside it are
     taken in."""
-    first, second = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:2]
+    first, second = sorted(dicom_path("study-mr", "images").iterdir())[:2]
     folder = tmp_path / "cd"
     folder.mkdir()
     broken = _sequence_as_text(first, folder / "1-broken.dcm", tag)
@@ -1785,7 +1785,7 @@ def test_a_study_that_cannot_be_published_does_not_hold_up_the_others(
     same round are published."""
     intake = intake_node.services.intake
     source = intake_node.services.imaging_source
-    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:2]
+    images = sorted(dicom_path("study-mr", "images").iterdir())[:2]
     studies = []
     for n, path in enumerate(images):
         ds = pydicom.dcmread(path)
@@ -1821,7 +1821,7 @@ def test_stow_rs_part_failing_in_the_node_fails_alone_and_leaves_no_spool(
     not a refusal) is a Failed SOP Sequence item with Processing failure
     (0110, DICOM PS3.4 Table B.2-1); the other parts are stored and no part
     stays in the spool."""
-    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:3]
+    images = sorted(dicom_path("study-mr", "images").iterdir())[:3]
     intake = intake_node.services.intake
     accept = type(intake).accept
     broken = str(pydicom.dcmread(images[0], stop_before_pixels=True).SOPInstanceUID)
@@ -1881,7 +1881,7 @@ def test_stow_rs_request_of_too_many_parts_is_413_and_leaves_nothing(
     takes (MAX_REQUEST_PARTS) is refused as it streams, 413 with why, and
     nothing of it is stored or stays in the spool."""
     monkeypatch.setattr(stow, "MAX_REQUEST_PARTS", 5)
-    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:6]
+    images = sorted(dicom_path("study-mr", "images").iterdir())[:6]
 
     response = _stow(intake_node, [p.read_bytes() for p in images])
 
@@ -1947,7 +1947,7 @@ def test_an_instance_held_already_sent_for_another_patient_is_refused(
     another patient is refused as naming another patient by every intake,
     not answered as held (C-STORE Success would tell the sender it was
     stored)."""
-    whole = shared_path("dicom", "study-mr", "images", "000001.dcm")
+    whole = dicom_path("study-mr", "images", "000001.dcm")
     intake = intake_node.services.intake
     intake.accept(whole)
     other = pydicom.dcmread(whole)
@@ -1968,7 +1968,7 @@ def test_one_issuer_given_in_either_attribute_is_one_patient(
     """DICOM PS3.3 C.7.1.1: Issuer of Patient ID 1.2.3.4.5 and an Issuer of
     Patient ID Qualifiers Sequence naming 1.2.3.4.5, alone or beside it,
     name one issuer: the instances are of one patient."""
-    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:3]
+    images = sorted(dicom_path("study-mr", "images").iterdir())[:3]
     intake = intake_node.services.intake
     first = pydicom.dcmread(images[0])
     first.IssuerOfPatientID = "1.2.3.4.5"
@@ -1991,7 +1991,7 @@ def test_stow_rs_names_an_instance_refused_for_another_patient(
     """DICOM PS3.18 10.5.3: the Failed SOP Sequence item of an instance
     refused once stored (its study is held under another patient, given to
     publish it) names its SOP Class and Instance UIDs."""
-    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:2]
+    images = sorted(dicom_path("study-mr", "images").iterdir())[:2]
     intake_node.services.intake.accept(images[0], patient_id="GIVEN^^^&1.2.3.4&ISO")
     later = pydicom.dcmread(images[1], stop_before_pixels=True)
 
@@ -2013,7 +2013,7 @@ def test_free_text_with_control_characters_is_published_with_them_replaced(
     patient_node.feed(MR_PATIENT)
     folder = tmp_path / "ctrl"
     folder.mkdir()
-    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:2]
+    images = sorted(dicom_path("study-mr", "images").iterdir())[:2]
     for number, source in enumerate(images):
         ds = pydicom.dcmread(source)
         ds.StudyDescription = "HEAD\x01MR"
@@ -2046,7 +2046,7 @@ def test_verify_finds_a_copy_damaged_in_place_and_one_gone(
     SOP Instance UID and study (what ``remove`` takes to repair them), and
     it exits 1."""
     patient_node.feed(MR_PATIENT)
-    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())[:3]
+    images = sorted(dicom_path("study-mr", "images").iterdir())[:3]
     (study,) = scan.scan_files(images).studies
     patient_node.services.imaging_source.publish(study, MR_PATIENT)
 
@@ -2118,7 +2118,7 @@ def test_a_cstore_association_is_audited_as_instances_transferred(
     naming its study: action C when new, R when held already; the sending
     AE (Source, the requestor) and this SCP (Destination). Valid against
     the DICOM audit schema."""
-    images = sorted(shared_path("dicom", "study-mr", "images").iterdir())
+    images = sorted(dicom_path("study-mr", "images").iterdir())
     study_uid = pydicom.dcmread(images[0], stop_before_pixels=True).StudyInstanceUID
     cfg = intake_node.settings.imaging_source
     before = len(list(intake_node.services.audit_spool.records()))
@@ -2149,9 +2149,9 @@ def test_a_cstore_association_with_refusals_records_a_failure(
     a record whose EventOutcomeIndicator is a failure (4 when others were
     kept), naming the patient and study of the refused instance, whose
     header could be read."""
-    good = shared_path("dicom", "study-mr", "images")
+    good = dicom_path("study-mr", "images")
     image = sorted(good.iterdir())[0]
-    bad = shared_path("dicom", "bad", "truncated-pixeldata__MR_truncated.dcm")
+    bad = dicom_path("bad", "truncated-pixeldata__MR_truncated.dcm")
     header = pydicom.dcmread(bad, stop_before_pixels=True)
     before = len(list(intake_node.services.audit_spool.records()))
 
@@ -2174,9 +2174,9 @@ def test_stow_rs_refusals_are_audited_by_patient_and_study(
     refused gives a record of outcome 8 naming the patient and study of
     each refused instance whose header could be read, and one naming no
     object for a part that is no readable data set."""
-    bad = shared_path("dicom", "bad", "truncated-pixeldata__MR_truncated.dcm")
+    bad = dicom_path("bad", "truncated-pixeldata__MR_truncated.dcm")
     header = pydicom.dcmread(bad, stop_before_pixels=True)
-    not_dicom = shared_path("dicom", "bad", "gzip-not-dicom__zipMR.gz")
+    not_dicom = dicom_path("bad", "gzip-not-dicom__zipMR.gz")
     before = len(list(intake_node.services.audit_spool.records()))
 
     answer = _stow(intake_node, [bad.read_bytes(), not_dicom.read_bytes()])
@@ -2199,7 +2199,7 @@ def test_a_stow_rs_request_is_audited_before_its_answer(
     """DICOM PS3.15 A.5.3.7: a STOW-RS request's instances are recorded as
     DICOM Instances Transferred, action C, before the answer: the user
     agent (Source, the requestor) and the STOW-RS service (Destination)."""
-    image = sorted(shared_path("dicom", "study-mr", "images").iterdir())[0]
+    image = sorted(dicom_path("study-mr", "images").iterdir())[0]
     study_uid = pydicom.dcmread(image, stop_before_pixels=True).StudyInstanceUID
     before = len(list(intake_node.services.audit_spool.records()))
 
@@ -2224,7 +2224,7 @@ def test_stow_rs_without_its_audit_record_keeps_nothing_and_answers_500(
     """DICOM PS3.15 A.5: no instance is kept unrecorded; when the record
     cannot be spooled (a full disk) the instances the request brought are
     taken back out and it is answered 500."""
-    image = sorted(shared_path("dicom", "study-mr", "images").iterdir())[0]
+    image = sorted(dicom_path("study-mr", "images").iterdir())[0]
     auditor = intake_node.services.imaging_source.auditor
     monkeypatch.setattr(auditor.spool, "write_all", _full_disk)
 
@@ -2245,7 +2245,7 @@ def test_an_import_is_audited_as_data_import_from_its_folder(
     action C), the importing process the requestor and the folder the
     Source Media, by its URI (MediaType 110037, DICOM PS3.16 CID 405); one
     record per patient naming its study. No patient id is logged at INFO."""
-    folder = shared_path("dicom", "study-mr", "images")
+    folder = dicom_path("study-mr", "images")
     images = sorted(folder.iterdir())
     study_uid = pydicom.dcmread(images[0], stop_before_pixels=True).StudyInstanceUID
     before = len(list(patient_node.services.audit_spool.records()))
@@ -2280,7 +2280,7 @@ def test_an_import_without_its_audit_record_keeps_nothing(
 ) -> None:
     """DICOM PS3.15 A.5: when the Import record cannot be spooled the
     instances the import took in are taken back out and it fails."""
-    folder = shared_path("dicom", "study-mr", "images")
+    folder = dicom_path("study-mr", "images")
     auditor = patient_node.services.imaging_source.auditor
     monkeypatch.setattr(auditor.spool, "write_all", _full_disk)
 
@@ -2298,7 +2298,7 @@ def test_a_refusal_kept_until_its_exchange_ends_holds_no_data_set(
     is kept of it is its refusal alone, not the traceback whose frames
     hold the refused data set (its pixel data included), which a peer
     sending refused instances one after another would pile up in memory."""
-    bad = shared_path("dicom", "bad", "truncated-pixeldata__MR_truncated.dcm")
+    bad = dicom_path("bad", "truncated-pixeldata__MR_truncated.dcm")
     folder = tmp_path / "bad"
     folder.mkdir()
     shutil.copy(bad, folder)
@@ -2333,7 +2333,7 @@ def test_a_second_ctrl_c_stops_the_import_at_once_and_records_what_it_took_in(
     are recorded as imported (A.5.3.5), none kept unrecorded."""
     import signal
 
-    folder = shared_path("dicom", "study-mr", "images")
+    folder = dicom_path("study-mr", "images")
     intake = patient_node.services.intake
     accept = intake.accept
     files: list[Path] = []

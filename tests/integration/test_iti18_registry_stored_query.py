@@ -19,7 +19,7 @@ import zeep
 from lxml import etree
 from zeep.wsa import WsAddressingPlugin
 
-from tests.conftest import shared_path
+from tests.conftest import dicom_path, shared_path
 from tests.integration.conftest import PATIENT, RunningNode
 from tests.nist_submissions import (
     entry_uuids,
@@ -64,7 +64,7 @@ def _zeep_find_documents(url: str, patient_id: str, return_type: str) -> Any:
 def test_zeep_find_documents_returns_the_published_manifest(running_node: RunningNode):
     """ITI TF-2 3.18.4.1.2.3.7.1: FindDocuments by patient and status, LeafClass."""
     running_node.feed()
-    (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
+    (study,) = scan.scan_directory(dicom_path("study-mr", "images")).studies
     published = running_node.services.imaging_source.publish(study, PATIENT)
 
     answer = _zeep_find_documents(

@@ -17,7 +17,7 @@ from lxml import etree
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from tests.conftest import shared_path
+from tests.conftest import dicom_path, shared_path
 from tests.integration.conftest import PATIENT, RunningNode
 from xdsi import tls
 from xdsi.actors.consumer import Consumer, ConsumerError
@@ -274,7 +274,7 @@ def test_imaging_chain_over_mutual_tls_comes_back_byte_identical(
         ssl_context=tls.client_context_for(settings),
     )
     assert "MSA|AA" in ack
-    (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
+    (study,) = scan.scan_directory(dicom_path("study-mr", "images")).studies
 
     tls_node.services.imaging_source.publish(study, PATIENT)
     result = tls_node.services.consumer.fetch(PATIENT, tmp_path / "out")
@@ -301,7 +301,7 @@ def test_instances_go_to_a_pacs_over_dicom_tls(tls_node: RunningNode) -> None:
     """DICOM PS3.15 B.1, ITI TF-2 3.19: C-STORE into a PACS (the node's own
     storage SCP behind its TLS gate, as ``fetch --to-pacs --pacs-tls`` does)
     runs over mutual TLS, and the PACS keeps what it got."""
-    path = shared_path("dicom", "singles", "cr__ids-1301.dcm")
+    path = dicom_path("singles", "cr__ids-1301.dcm")
     pacs = Destination("XDSI", *_address(tls_node, "dicom"))
 
     sent = send_files(
@@ -321,7 +321,7 @@ def test_a_pacs_that_does_not_trust_the_sender_stores_nothing(
 ) -> None:
     """ITI TF-2 3.19: C-STORE over TLS with a certificate the PACS does not
     trust gets no association, and nothing is stored."""
-    path = shared_path("dicom", "singles", "dx__dx_image.dcm")
+    path = dicom_path("singles", "dx__dx_image.dcm")
     pacs = Destination("XDSI", *_address(tls_node, "dicom"))
 
     with pytest.raises(StoreScuError, match="over TLS"):

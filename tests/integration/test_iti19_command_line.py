@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from tests.conftest import ROOT, shared_path
+from tests.conftest import ROOT, dicom_path
 from tests.integration.test_command_line import _free_port, _xdsi
 
 
@@ -106,7 +106,7 @@ def test_fetch_stores_into_a_pacs_over_dicom_tls(tls_config: Path) -> None:
             f"[imaging_source]\nstore_scp = true\ndicom_port = {dicom_port}\n",
         )
     )
-    images = shared_path("dicom", "study-mr", "images")
+    images = dicom_path("study-mr", "images")
     with _serving(config):
         _xdsi(config, "feed", "XDSI-TLS-PACS")
         _xdsi(config, "publish", str(images), "--patient-id", "XDSI-TLS-PACS")

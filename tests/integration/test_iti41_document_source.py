@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from lxml import etree
 
-from tests.conftest import shared_path
+from tests.conftest import dicom_path
 from tests.integration.conftest import PATIENT
 from tests.integration.s3_peer import (  # noqa: F401 (fixtures)
     RepositoryNode,
@@ -66,8 +66,8 @@ def test_submitted_documents_come_back_byte_identical(
     """ITI TF-2 3.41.4.1.3 and 3.43.4.2.3: what ITI-41 stored, ITI-43 returns."""
     repository_node.feed()
     files = [
-        shared_path("dicom", "study-ct", "S1000", "I0010.dcm"),
-        shared_path("dicom", "study-ct", "S2010", "I0010.dcm"),
+        dicom_path("study-ct", "S1000", "I0010.dcm"),
+        dicom_path("study-ct", "S2010", "I0010.dcm"),
     ]
     submitted = source(repository_node, tmp_path).submit(
         files, PATIENT, mime_type="application/dicom"

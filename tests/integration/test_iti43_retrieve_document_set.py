@@ -14,7 +14,7 @@ import zeep
 from lxml import etree
 from zeep.wsa import WsAddressingPlugin
 
-from tests.conftest import shared_path
+from tests.conftest import dicom_path, shared_path
 from tests.integration.conftest import PATIENT
 from tests.integration.s3_peer import (  # noqa: F401 (fixtures)
     RepositoryNode,
@@ -32,7 +32,7 @@ RETRIEVE = "urn:ihe:iti:2007:RetrieveDocumentSet"
 
 def _submit(node: RepositoryNode, tmp_path: Path) -> tuple[str, Path]:
     node.feed()
-    document = shared_path("dicom", "study-ct", "S1000", "I0010.dcm")
+    document = dicom_path("study-ct", "S1000", "I0010.dcm")
     submitted = DocumentSource(node.settings, tmp_path / "spool").submit(
         [document], PATIENT, mime_type="application/dicom"
     )

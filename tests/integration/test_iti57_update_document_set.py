@@ -15,7 +15,7 @@ import pytest
 from lxml import etree
 from sqlalchemy import select
 
-from tests.conftest import shared_path
+from tests.conftest import dicom_path
 from tests.integration.conftest import PATIENT, RunningNode, validate_exchanges
 from tests.nist_submissions import (
     entry_uuids,
@@ -44,7 +44,7 @@ FAILURE = "urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Failure"
 def _publish(node: RunningNode) -> str:
     """Publish the MR study; return its manifest's entryUUID."""
     assert "MSA|AA" in node.feed()
-    (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
+    (study,) = scan.scan_directory(dicom_path("study-mr", "images")).studies
     node.services.imaging_source.publish(study, PATIENT)
     manifest = node.services.imaging_source.current_manifest(study.study_instance_uid)
     assert manifest is not None
@@ -240,7 +240,7 @@ def test_manifest_stays_current_while_the_registry_refuses_its_deprecation(
     entry_uuid = _publish(running_node)
     assert "MSA|AA" in running_node.feed(OTHER_PATIENT)
     source = running_node.services.imaging_source
-    (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
+    (study,) = scan.scan_directory(dicom_path("study-mr", "images")).studies
     manifest = source.current_manifest(study.study_instance_uid)
 
     with pytest.raises(PublishError, match="XDSPatientIdDoesNotMatch"):
@@ -259,7 +259,7 @@ def test_manifest_is_withdrawn_once_the_registry_holds_it_deprecated(
     (ITI-18 GetDocuments), the registry says so."""
     entry_uuid = _publish(running_node)
     source = running_node.services.imaging_source
-    (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
+    (study,) = scan.scan_directory(dicom_path("study-mr", "images")).studies
     manifest = source.current_manifest(study.study_instance_uid)
     assert _update(running_node, tmp_path, entry_uuid)[0] == SUCCESS
 
@@ -284,7 +284,7 @@ def test_a_study_whose_manifest_another_deprecated_is_published_anew(
     for ever."""
     entry_uuid = _publish(running_node)
     source = running_node.services.imaging_source
-    (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
+    (study,) = scan.scan_directory(dicom_path("study-mr", "images")).studies
     assert _update(running_node, tmp_path, entry_uuid)[0] == SUCCESS
 
     published = source.republish(study.study_instance_uid, PATIENT)

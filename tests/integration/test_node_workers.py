@@ -25,7 +25,7 @@ import requests
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 
-from tests.conftest import PostgresCluster, shared_path
+from tests.conftest import PostgresCluster, dicom_path
 from tests.integration.node_process import NodeProcess, node_settings
 from tests.nist_submissions import error_codes, run_query
 from xdsi import tls
@@ -162,7 +162,7 @@ def test_no_worker_logs_the_values_pydicom_finds_invalid(
         # Once a second process answers queries, the worker is up and takes
         # its share of the STOW-RS requests too.
         assert _wait_for(lambda: len(_answering_pids_of(node)) >= 2)
-        ds = pydicom.dcmread(shared_path("dicom", "study-mr", "images", "000001.dcm"))
+        ds = pydicom.dcmread(dicom_path("study-mr", "images", "000001.dcm"))
         # A name where Instance Number (IS) belongs, as a garbled modality
         # might send.
         ds[0x00200013] = RawDataElement(

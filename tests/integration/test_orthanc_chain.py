@@ -20,7 +20,7 @@ import pydicom
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import require, shared_path
+from tests.conftest import dicom_path, require
 from tests.integration.orthanc_peer import Orthanc, orthanc, require_private_netns
 from xdsi.app import Node
 from xdsi.cli import main
@@ -91,7 +91,7 @@ def test_orthanc_study_reaches_a_second_orthanc_byte_identical(
     value), so that what it holds and what it sends are the same bytes.
     """
     require("program dcmconv (dcmtk)", shutil.which("dcmconv") is not None)
-    shared = sorted(shared_path("dicom", "study-mr", "images").iterdir())
+    shared = sorted(dicom_path("study-mr", "images").iterdir())
     (tmp_path / "explicit").mkdir()
     images = [tmp_path / "explicit" / p.name for p in shared]
     for source, target in zip(shared, images, strict=True):

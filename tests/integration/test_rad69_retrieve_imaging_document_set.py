@@ -13,7 +13,7 @@ from lxml import etree
 from pydicom.uid import RLELossless
 from sqlalchemy import update
 
-from tests.conftest import shared_path
+from tests.conftest import dicom_path
 from tests.integration.conftest import PATIENT, RunningNode
 from xdsi import audit, ns, wire
 from xdsi.dicom import scan
@@ -28,7 +28,7 @@ EXPLICIT_LE = "1.2.840.10008.1.2.1"
 @pytest.fixture
 def published(running_node: RunningNode) -> scan.Study:
     running_node.feed()
-    (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
+    (study,) = scan.scan_directory(dicom_path("study-mr", "images")).studies
     running_node.services.imaging_source.publish(study, PATIENT)
     return study
 
@@ -275,7 +275,7 @@ def test_undecodable_instance_is_an_error_beside_a_transcoded_one(
         "ts-jpegls-lossless__CT1_JLSL.dcm",
         "ts-jpeg-extended-12bit__MR1_JPLY.dcm",
     ):
-        shutil.copy(shared_path("dicom", "singles", name), folder / name)
+        shutil.copy(dicom_path("singles", name), folder / name)
     source = running_node.services.imaging_source
     studies = scan.scan_directory(folder).studies
     running_node.feed()
@@ -369,7 +369,7 @@ def test_instance_of_a_study_not_published_is_unknown(
     taken in whose study has no manifest, or one whose registration is not
     yet known, is answered as one not held (XDSDocumentUniqueIdError), as
     WADO-RS answers 404 for it."""
-    (study,) = scan.scan_directory(shared_path("dicom", "study-mr", "images")).studies
+    (study,) = scan.scan_directory(dicom_path("study-mr", "images")).studies
     source = running_node.services.imaging_source
     if manifest == "none":
         source.keep_instances(study, PATIENT)
@@ -405,7 +405,7 @@ def test_instances_of_two_patients_are_audited_once_per_patient(
     source = running_node.services.imaging_source
     folder = tmp_path / "other"
     folder.mkdir()
-    shutil.copy(shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm"), folder)
+    shutil.copy(dicom_path("singles", "ts-explicit-le__CT_small.dcm"), folder)
     (other,) = scan.scan_directory(folder).studies
     running_node.feed(OTHER_PATIENT)
     source.publish(other, OTHER_PATIENT)

@@ -11,12 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import shared_path
+from tests.conftest import dicom_path
 from xdsi.app import Node, build_services
 from xdsi.config import Settings
 from xdsi.dicom import scan
-
-pytestmark = pytest.mark.usefixtures("shared_data")
 
 
 def _settings(storage: Path) -> Settings:
@@ -50,10 +48,10 @@ def test_instances_kept_by_import_or_publish_are_the_users_alone(tmp_path: Path)
     any user of the host can read)."""
     storage = tmp_path / "storage"
     services = build_services(_settings(storage))
-    images = shared_path("dicom", "study-mr", "images")
+    images = dicom_path("study-mr", "images")
     imported = services.intake.import_folder(images)
     assert imported.accepted
-    (ct,) = scan.scan_directory(shared_path("dicom", "study-ct")).studies
+    (ct,) = scan.scan_directory(dicom_path("study-ct")).studies
     services.imaging_source.keep_instances(ct, "PAT-1^^^&1.2.3&ISO")
     services.engine.dispose()
 

@@ -11,7 +11,7 @@ import pytest
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts
 from pynetdicom.sop_class import CTImageStorage
 
-from tests.conftest import shared_path
+from tests.conftest import dicom_path
 from xdsi.dicom.store_scu import Destination, StoreScuError, send_files
 
 
@@ -50,7 +50,7 @@ def _pynetdicom_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def test_a_rejected_association_says_who_rejected_it_and_why(picky_scp, caplog):
     caplog.set_level(logging.INFO)
-    path = shared_path("dicom", "study-mr", "images", "000001.dcm")
+    path = dicom_path("study-mr", "images", "000001.dcm")
     wrong = Destination("NOTPACS", picky_scp.host, picky_scp.port)
 
     with pytest.raises(StoreScuError) as raised:
@@ -68,7 +68,7 @@ def test_an_unreachable_scp_says_the_connection_was_refused(caplog):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    path = shared_path("dicom", "study-mr", "images", "000001.dcm")
+    path = dicom_path("study-mr", "images", "000001.dcm")
 
     with pytest.raises(StoreScuError, match="Connection refused"):
         send_files(
@@ -80,7 +80,7 @@ def test_an_unreachable_scp_says_the_connection_was_refused(caplog):
 
 def test_pynetdicom_lines_are_kept_at_debug(picky_scp, caplog):
     caplog.set_level(logging.DEBUG)
-    path = shared_path("dicom", "study-mr", "images", "000001.dcm")
+    path = dicom_path("study-mr", "images", "000001.dcm")
 
     with pytest.raises(StoreScuError):
         send_files(
@@ -96,7 +96,7 @@ def test_pynetdicom_lines_are_kept_at_debug(picky_scp, caplog):
 
 def test_an_scp_accepting_no_context_says_so(mr_only_scp, caplog):
     caplog.set_level(logging.INFO)
-    path = shared_path("dicom", "study-mr", "images", "000001.dcm")
+    path = dicom_path("study-mr", "images", "000001.dcm")
 
     with pytest.raises(StoreScuError, match="No accepted presentation contexts"):
         send_files([path], mr_only_scp, calling_ae_title="XDSI")

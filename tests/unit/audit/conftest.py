@@ -6,7 +6,7 @@ import pydicom
 import pytest
 from lxml import etree
 
-from tests.conftest import shared_path
+from tests.conftest import dicom_path, shared_path
 from xdsi import ns
 
 XDSIB = ns.XDSIB
@@ -41,7 +41,7 @@ def _external_identifier(metadata: etree._Element, name: str) -> str:
 @pytest.fixture(scope="session")
 def real_ids() -> RealIds:
     """Ids of the IHE IDS-DEPT002-a MR study and two NIST conformance cases."""
-    manifest = shared_path("dicom", "study-mr", "manifest")
+    manifest = dicom_path("study-mr", "manifest")
     cases = shared_path("conformance", "cases")
     metadata = etree.parse(manifest / "metadata.xml").getroot()
     kos = pydicom.dcmread(manifest / "kos.dcm", stop_before_pixels=True)

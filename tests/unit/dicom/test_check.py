@@ -7,7 +7,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.conftest import SHARED, shared_path
+from tests.conftest import SHARED, dicom_path
 from xdsi.dicom.check import Refused, check_file, refusal_table
 from xdsi.dicom.store_scu import Destination
 
@@ -32,7 +32,7 @@ BAD = {
 def _bad(name: str) -> Path:
     """A file of bad/ by its whole name, or by the kind of defect its name
     starts with (``<kind>__<the public data set's own name>``)."""
-    folder = shared_path("dicom", "bad")
+    folder = dicom_path("bad")
     if (folder / name).exists():
         return folder / name
     (path,) = folder.glob(f"{name}__*")
@@ -52,7 +52,7 @@ def test_each_malformed_file_is_refused_by_its_rule(name: str) -> None:
 def test_the_table_names_every_malformed_file_of_the_shared_set() -> None:
     """DICOM PS3.10 7.1: every shared malformed file has its expected rule."""
     assert {_bad(name).name for name in BAD} == {
-        p.name for p in shared_path("dicom", "bad").iterdir()
+        p.name for p in dicom_path("bad").iterdir()
     }
 
 
@@ -62,14 +62,14 @@ def test_the_table_names_every_malformed_file_of_the_shared_set() -> None:
 def test_each_single_object_passes(name: str) -> None:
     """DICOM PS3.5 7.1, 8.1.1, 8.2.4: every well-formed single object passes,
     compressed ones included."""
-    header, _ = check_file(shared_path("dicom", "singles", name))
+    header, _ = check_file(dicom_path("singles", name))
     assert header.sop_instance_uid
 
 
 def test_a_request_naming_another_sop_instance_is_refused() -> None:
     """DICOM PS3.7 9.1.1.1: the data set must be the instance the C-STORE
     request names."""
-    path = shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm")
+    path = dicom_path("singles", "ts-explicit-le__CT_small.dcm")
     with pytest.raises(Refused, match="in the request") as refused:
         check_file(path, sop_instance_uid="1.2.3.4")
     assert refused.value.dimse_status == 0xA900
@@ -80,7 +80,7 @@ def test_an_image_cut_short_just_before_its_pixel_data_is_refused(
 ) -> None:
     """DICOM PS3.3 C.7.6.3: Pixel Data is Type 1 in the Image Pixel module; a
     copy that ends just before it parses whole, and is still no image."""
-    data = shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm").read_bytes()
+    data = dicom_path("singles", "ts-explicit-le__CT_small.dcm").read_bytes()
     cut = tmp_path / "cut.dcm"
     cut.write_bytes(data[: data.rfind(b"\xe0\x7f\x10\x00")])
     with pytest.raises(Refused) as refused:
@@ -104,9 +104,7 @@ def test_a_patient_id_with_a_control_character_is_refused(
     """DICOM PS3.5 6.2: an LO value holds no control character; a Patient
     ID with one could be stored but never published (no XDS patientId or
     XML holds it), so intake refuses it with A900."""
-    ds = pydicom.dcmread(
-        shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm")
-    )
+    ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
     setattr(ds, keyword, value)
     path = tmp_path / "ctrl.dcm"
     ds.save_as(path, enforce_file_format=True)

@@ -10,7 +10,7 @@ from datetime import datetime
 import pydicom
 import pytest
 
-from tests.conftest import SHARED
+from tests.conftest import dicom_path
 from xdsi.dicom.kos import (
     NotAManifest,
     build_manifest,
@@ -20,16 +20,13 @@ from xdsi.dicom.kos import (
 )
 from xdsi.dicom.scan import scan_directory
 
-pytestmark = pytest.mark.usefixtures("shared_data")
-
-DATA = SHARED / "dicom"
 REPOSITORY_UNIQUE_ID = "1.3.6.1.4.1.21367.13.80.110"
 AE_TITLE = "XDSI_IDS"
 KOS = "1.2.840.10008.5.1.4.1.1.88.59"
 
 
 def _study(folder: str):
-    (study,) = scan_directory(DATA / folder).studies
+    (study,) = scan_directory(dicom_path(folder)).studies
     return study
 
 
@@ -70,7 +67,7 @@ def _by_series(manifest) -> dict[str, set[str]]:
 def test_mr_manifest_references_same_instances_per_series_as_ihe_reference(kos_mr):
     """RAD TF-3 4.68.4.1.2: the manifest lists every instance, by series."""
     ours = parse_manifest(kos_mr)
-    reference = parse_manifest(DATA / "study-mr" / "manifest" / "kos.dcm")
+    reference = parse_manifest(dicom_path("study-mr", "manifest", "kos.dcm"))
     assert _by_series(ours) == _by_series(reference)
     assert ours.study_instance_uids == reference.study_instance_uids
     assert len(ours.references) == 36
@@ -87,7 +84,7 @@ def test_manifest_of_each_ihe_set_references_the_reference_kos_instances(folder,
             retrieve_location_uid=REPOSITORY_UNIQUE_ID,
         )
     )
-    reference = parse_manifest(DATA / folder / "manifest" / "kos.dcm")
+    reference = parse_manifest(dicom_path(folder, "manifest", "kos.dcm"))
     assert _by_series(ours) == _by_series(reference)
     assert ours.study_instance_uids == reference.study_instance_uids
     assert len(ours.references) == count
@@ -146,7 +143,7 @@ def test_manifest_has_one_image_item_per_instance(kos_ct, study_ct):
 
 def test_non_image_instance_is_a_composite_item(tmp_path):
     """DICOM PS3.16 TID 2010: an SR document is referenced as COMPOSITE."""
-    shutil.copy(DATA / "singles" / "sr-basic-text__reportsi.dcm", tmp_path)
+    shutil.copy(dicom_path("singles", "sr-basic-text__reportsi.dcm"), tmp_path)
     (study,) = scan_directory(tmp_path).studies
     kos = build_manifest(
         study, retrieve_ae_title=AE_TITLE, retrieve_location_uid=REPOSITORY_UNIQUE_ID
@@ -247,7 +244,7 @@ def test_dciodvfy_reports_no_error_on_built_manifest(folder, tmp_path):
 )
 def test_parse_reads_every_instance_of_ihe_manifests_once(name, count):
     """RAD TF-3 4.68.4.1.2: references come from the evidence sequence."""
-    manifest = parse_manifest(DATA / name)
+    manifest = parse_manifest(dicom_path(name))
     assert len(manifest.references) == count
     assert len({r.sop_instance_uid for r in manifest.references}) == count
     assert len(manifest.study_instance_uids) == 1
@@ -273,7 +270,7 @@ def test_parse_rejects_a_kos_with_another_title(study_mr):
 
 def test_parse_rejects_bytes_that_are_not_dicom():
     """DICOM PS3.10 7.1: a manifest travels as a Part 10 file."""
-    xml = (DATA / "study-mr" / "manifest" / "metadata.xml").read_bytes()
+    xml = (dicom_path("study-mr", "manifest", "metadata.xml")).read_bytes()
     with pytest.raises(NotAManifest, match="not readable as DICOM"):
         parse_manifest(xml)
 
@@ -322,7 +319,7 @@ def test_parse_takes_uids_with_leading_zeros(study_mr):
 
 def test_non_conformant_study_date_and_time_of_the_images_are_left_empty(tmp_path):
     """DICOM PS3.5 6.2: ACR-NEMA forms of DA and TM are not valid DICOM."""
-    shutil.copy(DATA / "singles" / "us-rgb-bigendian__ExplVR_BigEnd.dcm", tmp_path)
+    shutil.copy(dicom_path("singles", "us-rgb-bigendian__ExplVR_BigEnd.dcm"), tmp_path)
     (study,) = scan_directory(tmp_path).studies
     assert (study.study_date, study.study_time) == ("1997.04.24", "14:04:38")
     kos = build_manifest(

@@ -7,15 +7,12 @@ from datetime import datetime
 import pydicom
 import pytest
 
-from tests.conftest import SHARED
+from tests.conftest import dicom_path
 from xdsi.dicom.kos import build_manifest
 from xdsi.dicom.mapping import manifest_facts
 from xdsi.dicom.scan import scan_directory
 from xdsi.metadata.codes import Code
 
-pytestmark = pytest.mark.usefixtures("shared_data")
-
-DATA = SHARED / "dicom"
 AFFINITY_DOMAIN = "1.3.6.1.4.1.21367.2005.3.7"
 DCM = "1.2.840.10008.2.16.4"
 # ITI TF-3 4.2.3.1.7: DTM is YYYY[MM[DD[hh[mm[ss]]]]].
@@ -23,7 +20,7 @@ DTM = re.compile(r"\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2})?)?)?)?)?")
 
 
 def _facts(folder: str, **changes: object):
-    (study,) = scan_directory(DATA / folder).studies
+    (study,) = scan_directory(dicom_path(folder)).studies
     if changes:
         patient = dataclasses.replace(study.patient, **changes)
         study = dataclasses.replace(study, patient=patient)

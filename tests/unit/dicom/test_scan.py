@@ -7,7 +7,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.conftest import SHARED
+from tests.conftest import BUNDLED, dicom_path
 from xdsi import worker
 from xdsi.dicom.scan import (
     InvalidInstance,
@@ -17,11 +17,7 @@ from xdsi.dicom.scan import (
     scan_files,
 )
 
-pytestmark = pytest.mark.usefixtures("shared_data")
-
-DATA = SHARED / "dicom"
-STUDY_CT = DATA / "study-ct"
-BAD = DATA / "bad"
+STUDY_CT = BUNDLED / "study-ct"
 STUDY_CT_UID = "1.3.46.670589.33.1.15053592413351079234.27718218421047494460"
 
 
@@ -82,9 +78,10 @@ def test_read_header_never_touches_pixel_bytes(tmp_path):
 def _bad(name: str) -> Path:
     """A file of bad/ by its whole name, or by the kind of defect its name
     starts with (``<kind>__<the public data set's own name>``)."""
-    if (BAD / name).exists():
-        return BAD / name
-    (path,) = BAD.glob(f"{name}__*")
+    bad = dicom_path("bad")
+    if (bad / name).exists():
+        return bad / name
+    (path,) = bad.glob(f"{name}__*")
     return path
 
 
@@ -128,10 +125,10 @@ def test_read_header_rejects_bad_file_with_reason(name, error, reason):
 
 def test_scan_of_bad_files_rejects_or_reads_each_and_never_crashes():
     """DICOM PS3.10 7.1: every file under bad/ is either read or rejected."""
-    result = scan_directory(BAD)
+    result = scan_directory(dicom_path("bad"))
     rejected = {path.name for path, _ in result.rejected}
     read = {i.path.name for s in result.studies for i in s.instances}
-    files = {path.name for path in BAD.iterdir()}
+    files = {path.name for path in dicom_path("bad").iterdir()}
     assert rejected | read == files
     assert not rejected & read
     assert len(rejected) == 8
@@ -142,7 +139,7 @@ def test_rejected_file_is_logged_with_path_and_reason_and_no_patient_data(caplog
     """ITI TF-2 3.20: patient data belongs in the audit trail, not in a log.
     Each file is logged with its path and reason at DEBUG only."""
     with caplog.at_level(logging.DEBUG, logger="xdsi.dicom.scan"):
-        scan_directory(BAD)
+        scan_directory(dicom_path("bad"))
     ours = [r for r in caplog.records if r.name == "xdsi.dicom.scan"]
     files = [r for r in ours if r.getMessage().startswith("Rejected /")]
     assert len(files) == 8 and {r.levelno for r in files} == {logging.DEBUG}
@@ -152,12 +149,12 @@ def test_rejected_file_is_logged_with_path_and_reason_and_no_patient_data(caplog
     # names the file (its name is the public data set's) but not the patient.
     assert "HELLO" not in text
     (warning,) = [r for r in ours if r.levelno >= logging.INFO]
-    assert str(BAD) not in warning.getMessage()
+    assert str(dicom_path("bad")) not in warning.getMessage()
 
 
 def test_non_dicom_file_beside_a_study_is_rejected():
     """DICOM PS3.10 7.1: the XML beside the IHE study is not DICOM."""
-    result = scan_directory(DATA / "study-mr")
+    result = scan_directory(dicom_path("study-mr"))
     assert [(p.name, why) for p, why in result.rejected] == [
         ("metadata.xml", "not DICOM: no PS3.10 preamble or File Meta")
     ]
@@ -215,7 +212,7 @@ def _mixed_folder(tmp_path: Path) -> list[Path]:
     folder = tmp_path / "mixed"
     folder.mkdir()
     ct = sorted(p for p in STUDY_CT.rglob("*") if p.is_file())
-    mr = sorted(p for p in (DATA / "study-mr" / "images").rglob("*") if p.is_file())
+    mr = sorted(p for p in (dicom_path("study-mr", "images")).rglob("*") if p.is_file())
     sources = [f for pair in zip(ct, mr, strict=False) for f in pair] + ct[len(mr) :]
     sources += [ct[3], mr[5], ct[40], ct[3]]  # again, in the second half
     sources.insert(10, ct[2])  # again, in the first half

@@ -27,7 +27,7 @@ from pydicom.uid import (
 )
 from werkzeug.exceptions import NotAcceptable
 
-from tests.conftest import SHARED, shared_path
+from tests.conftest import SHARED, dicom_path
 from xdsi.actors.dicomweb import _render
 from xdsi.dicom import transcode
 from xdsi.dicom.transcode import is_lossless, is_lossy, produce
@@ -52,7 +52,7 @@ SINGLES = _singles()
 
 
 def _single(name: str) -> tuple[Path, str]:
-    path = shared_path("dicom", "singles", name)
+    path = dicom_path("singles", name)
     syntax = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
     return path, str(syntax)
 
@@ -228,7 +228,7 @@ def test_a_failed_decode_is_not_logged_once_per_plugin(
     ERROR per failed plugin would otherwise fill the log on every request.
     The 12-bit JPEG Extended single is one none of the installed plugins
     decodes."""
-    source = shared_path("dicom", "singles", "ts-jpeg-extended-12bit__MR1_JPLY.dcm")
+    source = dicom_path("singles", "ts-jpeg-extended-12bit__MR1_JPLY.dcm")
     held = pydicom.dcmread(source, stop_before_pixels=True).file_meta
     caplog.set_level(logging.DEBUG)
 
@@ -251,7 +251,7 @@ def test_a_failed_encode_is_not_logged_either(
     """An image no encoder takes (openjpeg refuses the 10 columns of this CR
     for JPEG 2000) rules the syntax out quietly, openjpeg's own errors
     included; the next syntax listed is sent."""
-    source = shared_path("dicom", "singles", "cr__ids-1301.dcm")
+    source = dicom_path("singles", "cr__ids-1301.dcm")
     held = pydicom.dcmread(source, stop_before_pixels=True).file_meta
     caplog.set_level(logging.DEBUG)
 
@@ -271,7 +271,7 @@ def test_wado_uri_answers_an_undecodable_image_406_with_one_warning(
 ) -> None:
     """DICOM PS3.18 WADO-URI: an image that cannot be rendered is not
     acceptable as image/jpeg; the log says so once, at WARNING."""
-    source = shared_path("dicom", "singles", "ts-jpeg-extended-12bit__MR1_JPLY.dcm")
+    source = dicom_path("singles", "ts-jpeg-extended-12bit__MR1_JPLY.dcm")
     caplog.set_level(logging.DEBUG)
 
     with pytest.raises(NotAcceptable):

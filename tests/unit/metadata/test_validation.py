@@ -16,7 +16,7 @@ import pydicom
 import pytest
 from lxml import etree
 
-from tests.conftest import assert_valid, shared_path
+from tests.conftest import assert_valid, dicom_path, shared_path
 from xdsi import ns
 from xdsi.errors import (
     DuplicateUniqueIdInMessage,
@@ -64,7 +64,7 @@ def _required(kind: str) -> list[str]:
 
 def manifest_entry() -> ManifestEntry:
     """The DocumentEntry of the IHE MR test study's reference manifest."""
-    path: Path = shared_path("dicom", "study-mr", "manifest", "kos.dcm")
+    path: Path = dicom_path("study-mr", "manifest", "kos.dcm")
     data = path.read_bytes()
     kos = pydicom.dcmread(path)
     patient_id = f"{kos.PatientID}^^^&{AUTHORITY}&ISO"
@@ -206,7 +206,7 @@ def test_read_registry_objects_reads_codes_ids_and_slots(
     """ITI TF-3 4.2.3.2: the DocumentEntry's attributes are read from ebRIM."""
     submission = read_registry_objects(request_element)
     entry = submission.document_entries[0]
-    kos = pydicom.dcmread(shared_path("dicom", "study-mr", "manifest", "kos.dcm"))
+    kos = pydicom.dcmread(dicom_path("study-mr", "manifest", "kos.dcm"))
 
     assert entry.unique_id == kos.SOPInstanceUID
     assert entry.patient_id == f"{kos.PatientID}^^^&{AUTHORITY}&ISO"
