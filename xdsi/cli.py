@@ -1057,7 +1057,11 @@ def _time_option(value: str | None, name: str) -> datetime | None:
 @audit_group.command("list")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--xml", "as_xml", is_flag=True, help="The AuditMessages as stored.")
-@click.option("--patient", help="Only events naming this patient (bare ids qualified).")
+@click.option(
+    "--patient",
+    callback=_patient_id_param,
+    help="Only events naming this patient (bare ids qualified).",
+)
 @click.option("--since", help="Events at or after this ISO 8601 time (UTC if no zone).")
 @click.option("--until", help="Events before this ISO 8601 time.")
 @click.option(
@@ -1080,16 +1084,15 @@ def audit_list(
     if as_json and as_xml:
         raise click.UsageError("--json and --xml are alternatives; give one")
     settings = _settings(ctx)
-    patient_id = qualify_patient_id(patient, settings) if patient else None
     start, end = _time_option(since, "since"), _time_option(until, "until")
     if from_arr:
-        _list_repository(settings, patient_id, start, end, as_json, as_xml)
+        _list_repository(settings, patient, start, end, as_json, as_xml)
         return
     services = _services(settings)
     records = [
         r
         for r in services.audit_spool.records()
-        if (patient_id is None or patient_id in r.patient_ids)
+        if (patient is None or patient in r.patient_ids)
         and (start is None or r.event_time >= start)
         and (end is None or r.event_time < end)
     ]

@@ -512,6 +512,32 @@ def test_audit_list_with_a_time_that_is_no_time_is_a_wrong_argument(
     assert "is not an ISO 8601 date or date-time" in result.stderr
 
 
+@pytest.mark.parametrize("source", [(), ("--arr",)], ids=["spool", "arr"])
+@pytest.mark.parametrize(
+    ("patient", "problem"),
+    [
+        ("PAT-1^^^1.2.3", "is not a CX"),
+        ("PAT-1^^^&not-an-oid&ISO", "not an ISO OID"),
+        ("", "cannot be empty"),
+    ],
+    ids=["no-authority", "authority-not-an-oid", "empty"],
+)
+def test_audit_list_for_a_patient_id_not_a_cx_is_a_wrong_argument(
+    tmp_path: Path, source: tuple[str, ...], patient: str, problem: str
+) -> None:
+    """ITI TF-3 4.2.3.2.16: ``--patient`` is checked as ``--patient-id`` is
+    elsewhere; an id no audit event can name exits 2, rather than listing
+    nothing as if the patient had no events."""
+    config = tmp_path / "xdsi.toml"
+    config.write_text(f'[node]\nstorage_dir = "{tmp_path / "node"}"\n')
+
+    result = _xdsi(config, "audit", "list", *source, "--patient", patient, check=False)
+
+    assert result.returncode == 2, result.stderr
+    assert problem in result.stderr
+    assert result.stdout == ""
+
+
 @pytest.mark.parametrize(
     "args",
     [("feed", ""), ("feed", " "), ("audit", "list", "--json", "--xml")],

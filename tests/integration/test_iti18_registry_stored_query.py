@@ -92,6 +92,29 @@ def test_zeep_find_documents_for_other_patient_is_empty(running_node: RunningNod
     assert len(response.find(f"{{{ns.RIM}}}RegistryObjectList")) == 0
 
 
+def test_zeep_find_documents_for_a_patient_id_not_a_cx_is_refused(
+    running_node: RunningNode, caplog: pytest.LogCaptureFixture
+):
+    """ITI TF-3 4.2.3.2.16: $XDSDocumentEntryPatientId is a CX
+    ID^^^&OID&ISO. A bare id matches no patient a registry can hold, so it
+    is refused (XDSStoredQueryParamNumber, codeContext naming the
+    parameter), not answered with an empty Success that reads as "no
+    documents"; neither answer nor log quotes the value."""
+    caplog.set_level(logging.INFO)
+    answer = _zeep_find_documents(
+        running_node.settings.url("registry"), "NOBODY-AT-ALL", "ObjectRef"
+    )
+    response = etree.fromstring(answer.content).find(
+        f".//{{{ns.QUERY}}}AdhocQueryResponse"
+    )
+    assert response.get("status").endswith(":Failure")
+    (error,) = read_errors(response)
+    assert error.code == "XDSStoredQueryParamNumber"
+    assert "$XDSDocumentEntryPatientId is not a CX" in error.message
+    assert "NOBODY-AT-ALL" not in answer.content.decode()
+    assert "NOBODY-AT-ALL" not in caplog.text
+
+
 def test_failed_query_is_audited(running_node: RunningNode):
     """ITI TF-2 3.18.5.1: the registry audits a query that it refuses, too."""
     request = stored_query.build_query(

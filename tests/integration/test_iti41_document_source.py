@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from lxml import etree
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Request
 
 from tests.conftest import dicom_path
 from tests.integration.conftest import PATIENT
@@ -27,9 +32,11 @@ from xdsi import ns, wire
 from xdsi.actors.document_source import DocumentSource
 from xdsi.actors.provide import SubmitError
 from xdsi.cli import main
-from xdsi.config import to_toml
+from xdsi.config import Settings, to_toml
+from xdsi.metadata.responses import registry_response
 
 RETRIEVE = "urn:ihe:iti:2007:RetrieveDocumentSet"
+ITI_41_RESPONSE = "urn:ihe:iti:2007:ProvideAndRegisterDocumentSet-bResponse"
 
 
 def retrieve(
@@ -212,3 +219,91 @@ def test_submission_is_audited_as_an_export(
     ]
     assert ("ITI-41", "Export") in events
     assert ("ITI-41", "Import") in events
+
+
+class _HostileRepository:
+    """A Document Repository on 127.0.0.1 that answers every ITI-41 with a
+    WSGI ``app`` of the test's choosing."""
+
+    def __init__(self, app: Callable[[dict, Callable], Iterable[bytes]]) -> None:
+        self._server = make_server("127.0.0.1", 0, app, threaded=True)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self._server.server_port}/repository"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _source_of(url: str, tmp_path: Path, timeout: float = 120.0) -> DocumentSource:
+    settings = Settings().with_storage(tmp_path / "node")
+    settings = replace(
+        settings,
+        source=replace(settings.source, repository_url=url, timeout=timeout),
+    )
+    return DocumentSource(settings, tmp_path / "source-spool")
+
+
+def _success() -> etree._Element:
+    """The envelope of an ITI-41 answer of status Success."""
+    return wire.build_envelope(registry_response([]), ITI_41_RESPONSE)
+
+
+def test_an_answer_of_more_parts_than_a_registry_response_is_refused(
+    tmp_path: Path,
+):
+    """ITI TF-2 3.41.4.2: the answer is a RegistryResponse, and no part
+    beside it. A repository answering Success in an MTOM package with
+    thousands of parts more (each a spool file) is refused at the first
+    part too many, so the submission is not taken as done."""
+    envelope = _success()
+    flood = [
+        wire.OutgoingPart(f"flood{n}@peer", "application/octet-stream", data=b"")
+        for n in range(5_000)
+    ]
+    content_type, _, chunks = wire.write_message(envelope, ITI_41_RESPONSE, flood)
+    answer = b"".join(chunks)
+
+    def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        Request(environ).get_data()
+        start_response("200 OK", [("Content-Type", content_type)])
+        return [answer]
+
+    note = tmp_path / "note.txt"
+    note.write_text("a plain document")
+    repository = _HostileRepository(app)
+    try:
+        with pytest.raises(SubmitError, match="more than 1 MIME parts"):
+            _source_of(repository.url, tmp_path).submit([note], PATIENT)
+    finally:
+        repository.close()
+
+
+def test_an_answer_trickling_in_is_given_up(tmp_path: Path):
+    """A repository that sends its RegistryResponse a byte at a time, each
+    within the per-read timeout, held the submission for as long as it
+    liked. The answer must keep wire.ANSWER_PACE on average, pausing
+    [source] timeout at most; this one is given up within about twice the
+    timeout."""
+    stop = threading.Event()
+    answer = wire.serialize(_success())
+
+    def app(environ: dict, start_response: Callable) -> Iterator[bytes]:
+        Request(environ).get_data()
+        start_response("200 OK", [("Content-Type", "application/soap+xml")])
+        for byte in answer:
+            if stop.wait(0.5):
+                return
+            yield bytes([byte])
+
+    note = tmp_path / "note.txt"
+    note.write_text("a plain document")
+    repository = _HostileRepository(app)
+    started = time.monotonic()
+    try:
+        with pytest.raises(SubmitError, match="slower than 8192 bytes a second"):
+            _source_of(repository.url, tmp_path, timeout=2.0).submit([note], PATIENT)
+    finally:
+        stop.set()
+        repository.close()
+    assert time.monotonic() - started < 6

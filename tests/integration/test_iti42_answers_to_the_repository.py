@@ -337,3 +337,38 @@ def test_an_answer_trickling_in_past_registry_timeout_is_not_waited_for(
     assert len(sent) < len(_response(ResponseStatus.SUCCESS)().get_data()) // 2
     ((_, state),) = relayed_briefly.rows()
     assert state == "pending"
+
+
+def _with_parts(answer: Answer, count: int) -> Answer:
+    """``answer``'s envelope in an MTOM package with ``count`` empty parts
+    beside it."""
+
+    def respond() -> Response:
+        envelope = wire.parse_xml(answer().get_data())
+        flood = [
+            wire.OutgoingPart(f"flood{n}@peer", "application/octet-stream", data=b"")
+            for n in range(count)
+        ]
+        content_type, _, chunks = wire.write_message(envelope, ITI_42_RESPONSE, flood)
+        return Response(b"".join(chunks), content_type=content_type)
+
+    return respond
+
+
+def test_an_answer_of_more_parts_than_a_registry_response_is_not_heard(
+    relayed: RelayedNode, tmp_path: Path
+) -> None:
+    """ITI TF-2 3.42.4.2: the answer is a RegistryResponse, and no part
+    beside it. A Success in an MTOM package with thousands of parts more
+    (each a spool file) is refused at the first part too many and so tells
+    nothing: the registry is asked, and as it never got the submission the
+    document stays pending and the Source hears XDSRegistryNotAvailable."""
+    relayed.relay.passes_iti42 = False
+    relayed.relay.iti42 = _with_parts(_response(ResponseStatus.SUCCESS), 5_000)
+
+    _, unique_id, errors = _submit(relayed, tmp_path)
+
+    assert unique_id is None
+    assert [e.code for e in errors] == ["XDSRegistryNotAvailable"]
+    ((_, state),) = relayed.rows()
+    assert state == "pending"

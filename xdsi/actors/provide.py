@@ -202,10 +202,13 @@ def _send(
 ) -> None:
     """Send one request answered by a RegistryResponse, audit it and log it.
 
+    The answer must keep wire.ANSWER_PACE, pausing ``timeout`` at most.
+
     Raises
     ------
     SubmitError
-        The peer answered other than Success, or could not be reached.
+        The peer answered other than Success, could not be reached, or
+        answered too slowly or with MIME parts beside the RegistryResponse.
     """
     spec = transaction(transaction_id)
     started = time.monotonic()
@@ -213,9 +216,18 @@ def _send(
     message_id = None
     try:
         client = wire.SoapClient(
-            url, timeout=timeout, spool_dir=spool_dir, ssl_context=ssl_context
+            url,
+            timeout=timeout,
+            min_rate=wire.ANSWER_PACE,
+            spool_dir=spool_dir,
+            ssl_context=ssl_context,
         )
-        with client.call(spec["request_action"], request, parts=parts) as reply:
+        # ITI TF-2 3.41.4.2, 3.57.4.2 and RAD TF-3 4.68.4.2: the answer is a
+        # RegistryResponse alone, so an MTOM package holds its root part
+        # only; a flood of parts is refused before it fills the spool.
+        with client.call(
+            spec["request_action"], request, parts=parts, max_parts=1
+        ) as reply:
             message_id = reply.relates_to
             status = read_status(reply.body)
             errors = read_errors(reply.body)

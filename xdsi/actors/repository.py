@@ -628,8 +628,12 @@ class Repository:
         errors: list[RegistryError] = []
         message_id = None
         try:
+            # ITI TF-2 3.42.4.2: the answer is a RegistryResponse alone, so an
+            # MTOM package holds its root part only; a flood of parts is
+            # refused before it fills the spool. answer_within bounds an
+            # answer trickling in, sooner than a pace would.
             with client.call(
-                transaction("ITI-42")["request_action"], metadata
+                transaction("ITI-42")["request_action"], metadata, max_parts=1
             ) as reply:
                 message_id = reply.relates_to
                 outcome, errors = _registry_answer(reply.body)

@@ -22,7 +22,7 @@ from xdsi.errors import (
 )
 from xdsi.metadata import ebrim
 from xdsi.metadata.codes import Code
-from xdsi.metadata.validation import is_dtm
+from xdsi.metadata.validation import is_dtm, patient_id_problem
 from xdsi.profiles_loader import load_profile_table
 
 RETURN_LEAF_CLASS = "LeafClass"
@@ -307,9 +307,16 @@ def check_parameters(query: StoredQuery) -> None:
 def _check_values(
     name: str, param: str, spec: dict[str, Any], values: list[str]
 ) -> None:
-    """Check values against a closed list or the DTM format."""
+    """Check values against a closed list, the DTM format or the patientId
+    format."""
     allowed = parameter_values().get(param)
     for value in values:
+        # ITI TF-3 4.2.3.2.16: a patient the query is about is named by an
+        # XDS patientId; any other value names no patient a registry holds.
+        # The message names no part of the value, which may identify one.
+        problem = patient_id_problem(value) if spec.get("patient") else None
+        if problem is not None:
+            raise StoredQueryParamNumber(f"{name} parameter {param} {problem}", param)
         if allowed is not None and value not in allowed:
             raise StoredQueryParamNumber(
                 f"{name} parameter {param} value {value!r} is not one of "

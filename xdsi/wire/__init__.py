@@ -42,8 +42,16 @@ from xdsi.wire.soap import (
 )
 from xdsi.wire.xml import parse_xml
 
+# The pace, in bytes a second on average, that this node asks of a peer's
+# answer (SoapClient's min_rate), pausing the client's timeout at most: what
+# the node asks of a request body it serves (README, HTTP), so that a peer
+# trickling its answer (a byte every few seconds) cannot hold the exchange
+# forever. A 1 GB RAD-69 answer at 2 MB/s never comes near it.
+ANSWER_PACE = 8 * 1024
+
 __all__ = [
     "ANONYMOUS",
+    "ANSWER_PACE",
     "FAULT_ACTION",
     "ActionMismatch",
     "ActionNotSupported",

@@ -320,6 +320,57 @@ def test_two_patient_ids_are_stored_query_param_number(values: list[str]) -> Non
         read_query(request)
 
 
+PATIENT_PARAMETERS = [
+    (name, param)
+    for name, row in stored_queries().items()
+    for param, spec in row.get("parameters", {}).items()
+    if spec.get("patient")
+]
+
+
+@pytest.mark.parametrize(
+    "patient_id",
+    [
+        "PAT-FED-1",
+        "PAT-FED-1^^^1.3.6.1.4.1.21367.13.20.1000",
+        "PAT-FED-1^^^&1.3.6.1.4.1.21367.13.20.1000&L",
+        "PAT-FED-1^^^&not.an.oid&ISO",
+        "^^^&1.3.6.1.4.1.21367.13.20.1000&ISO",
+    ],
+    ids=["bare id", "no &ISO", "not ISO", "not an OID", "empty id"],
+)
+@pytest.mark.parametrize(
+    ("name", "param"), PATIENT_PARAMETERS, ids=[n for n, _ in PATIENT_PARAMETERS]
+)
+def test_patient_id_not_a_cx_is_stored_query_param_number(
+    name: str, param: str, patient_id: str
+) -> None:
+    """ITI TF-3 4.2.3.2.16: the patient a query is about is a CX
+    ID^^^&OID&ISO; any other value is refused, the value not quoted back,
+    rather than answered with an empty Success."""
+    valid = build_query(name, _required_values(name, param, PATIENT_ID))
+    check_parameters(read_query(valid))
+    request = build_query(name, _required_values(name, param, patient_id))
+
+    with pytest.raises(StoredQueryParamNumber, match=r"is not a CX|ID is empty") as e:
+        read_query(request)
+    assert param in str(e.value) and "PAT-FED-1" not in str(e.value)
+
+
+def _required_values(
+    name: str, param: str, patient_id: str
+) -> dict[str, str | list[str]]:
+    """Values for every required parameter of ``name``, ``param`` the
+    patient id given."""
+    values: dict[str, str | list[str]] = {}
+    for other, spec in stored_queries()[name].get("parameters", {}).items():
+        if other == param:
+            values[other] = patient_id
+        elif spec.get("required"):
+            values[other] = [APPROVED] if spec.get("multiple") else "x"
+    return values
+
+
 def test_patient_id_in_two_slots_is_stored_query_param_number() -> None:
     """ITI TF-2 3.18.4.1.2.3.7.1: a single-valued parameter has one Slot."""
     request = _request(FIND_DOCUMENTS_ID, VALID_SLOTS + [VALID_SLOTS[0]])
@@ -567,10 +618,8 @@ def test_unknown_document_entry_type_is_stored_query_param_number() -> None:
         (
             FIND_DOCUMENTS,
             {
-                "$XDSDocumentEntryPatientId": ["'P^^^&1.2.3&ISO'"],
-                "$XDSDocumentEntryStatus": [
-                    "('urn:oasis:names:tc:ebxml-regrep:StatusType:Approved')"
-                ],
+                "$XDSDocumentEntryPatientId": PATIENT_ID,
+                "$XDSDocumentEntryStatus": [APPROVED],
             },
             "9",
         ),
@@ -578,7 +627,7 @@ def test_unknown_document_entry_type_is_stored_query_param_number() -> None:
     ids=["get-documents", "find-documents"],
 )
 def test_metadata_level_other_than_1_or_2_is_stored_query_param_number(
-    query: str, parameters: dict[str, list[str]], value: str
+    query: str, parameters: dict[str, str | list[str]], value: str
 ) -> None:
     """ITI TF-2 3.18.4.1.2.3.7.5: $MetadataLevel is 1 or 2, also in a query
     whose table here does not list it (it is read as level 1 there)."""
