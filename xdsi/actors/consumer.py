@@ -198,7 +198,10 @@ class Consumer:
             # An AdhocQueryResponse carries no document: its envelope
             # alone, as a root part at most.
             with client.call(
-                transaction("ITI-18")["request_action"], request, max_parts=1
+                transaction("ITI-18")["request_action"],
+                request,
+                max_parts=1,
+                max_bytes=self.settings.consumer.max_answer_size,
             ) as reply:
                 status = read_status(reply.body)
                 errors = read_errors(reply.body)
@@ -209,7 +212,7 @@ class Consumer:
                     )
                 body = reply.body
             ok = True
-        except (wire.TransportError, wire.PeerFault, wire.SpoolError) as exc:
+        except ANSWER_ERRORS as exc:
             raise _call_failed("ITI-18", url, exc) from exc
         finally:
             self._audit(
@@ -228,7 +231,12 @@ class Consumer:
     def retrieve_document(
         self, entry: FoundEntry, target: Path, patient_id: str | None = None
     ) -> Path:
-        """Retrieve one document into ``target`` (ITI TF-2 3.43)."""
+        """Retrieve one document into ``target`` (ITI TF-2 3.43).
+
+        The answer is refused as it streams once it grows past [consumer]
+        max_answer_size, or its document past the size the Document
+        Registry gave (``entry.size``, ITI TF-3 4.2.3.2.19), when known.
+        """
         url = self.endpoint_for(entry.repository_unique_id)
         request = retrieve_request(
             entry.repository_unique_id, entry.unique_id, entry.home_community_id
@@ -239,7 +247,11 @@ class Consumer:
             client = self._client(url, spool)
             # The envelope and the one document asked for (XOP 1.0 4.1).
             with client.call(
-                transaction("ITI-43")["request_action"], request, max_parts=2
+                transaction("ITI-43")["request_action"],
+                request,
+                max_parts=2,
+                max_bytes=self.settings.consumer.max_answer_size,
+                max_part_bytes=entry.size,
             ) as reply:
                 got = _documents(reply)
                 if entry.unique_id not in got:
@@ -248,9 +260,14 @@ class Consumer:
                         + _describe(read_errors(reply.body)),
                         read_errors(reply.body),
                     )
-                got[entry.unique_id].path.replace(target)
+                document = got[entry.unique_id]
+                if entry.size is not None and document.size > entry.size:
+                    # Inline base64 content, decoded from the envelope
+                    # rather than streamed as a part.
+                    raise wire.AnswerTooLarge(entry.size, part=True)
+                document.path.replace(target)
             ok = True
-        except (wire.TransportError, wire.PeerFault, wire.SpoolError) as exc:
+        except ANSWER_ERRORS as exc:
             raise _call_failed("ITI-43", url, exc) from exc
         finally:
             _remove_if_empty(spool)
@@ -287,7 +304,8 @@ class Consumer:
 
         A RetrieveImagingDocumentSetRequest may name several studies and
         series (RAD TF-3 4.69.4.1.2), so all the instances held at one
-        Retrieve Location UID come in one request and one MTOM answer.
+        Retrieve Location UID come in one request and one MTOM answer,
+        refused as it streams once it grows past [consumer] max_answer_size.
         Instances land as ``out_dir/StudyUID/SeriesUID/SOPUID.dcm``.
 
         A source that cannot be reached or refuses every instance raises
@@ -359,6 +377,7 @@ class Consumer:
                 request,
                 digest=False,
                 max_parts=1 + asked,
+                max_bytes=self.settings.consumer.max_answer_size,
             ) as reply:
                 got = _documents(reply)
                 # Taken before filing empties ``got``.
@@ -388,7 +407,7 @@ class Consumer:
                         errors,
                     )
             ok = True
-        except (wire.TransportError, wire.PeerFault, wire.SpoolError) as exc:
+        except ANSWER_ERRORS as exc:
             raise _call_failed("RAD-69", url, exc) from exc
         finally:
             _remove_if_empty(spool)
@@ -535,6 +554,14 @@ def _remove_if_empty(directory: Path) -> None:
         pass
 
 
+# The failures of an exchange that _call_failed tells.
+ANSWER_ERRORS = (
+    wire.TransportError,
+    wire.PeerFault,
+    wire.SpoolError,
+    wire.AnswerTooLarge,
+)
+
 # How many of a peer's RegistryErrors a ConsumerError quotes; the rest are
 # counted (the exception keeps them all).
 DESCRIBED_ERRORS = 3
@@ -542,10 +569,24 @@ DESCRIBED_ERRORS = 3
 
 def _call_failed(transaction_id: str, url: str, exc: Exception) -> ConsumerError:
     """What a failed exchange is told as: the answer not kept here (this
-    side's disk), or the peer's failure, its text escaped and cut."""
+    side's disk, or an answer larger than this side takes), or the peer's
+    failure, its text escaped and cut."""
     if isinstance(exc, wire.SpoolError):
         return ConsumerError(
             f"the {transaction_id} answer from {url} could not be kept here: {exc}"
+        )
+    if isinstance(exc, wire.AnswerTooLarge) and exc.part:
+        return ConsumerError(
+            f"this side refused the {transaction_id} answer from {url}: its "
+            f"document is larger than the {exc.limit} bytes the Document "
+            "Registry gives as its size (ITI TF-3 4.2.3.2.19); nothing of it "
+            "is kept"
+        )
+    if isinstance(exc, wire.AnswerTooLarge):
+        return ConsumerError(
+            f"this side refused the {transaction_id} answer from {url}: it is "
+            f"larger than {exc.limit} bytes, the most [consumer] "
+            "max_answer_size takes; nothing of it is kept"
         )
     return ConsumerError(f"{transaction_id} to {url} failed: {logs.shown(str(exc))}")
 
