@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import gzip
 import io
+import logging
 import os
 import re
 import subprocess
@@ -605,3 +606,57 @@ def test_an_answer_with_a_content_coding_not_asked_for_is_refused(
 
     assert asked == ["identity"]
     assert not [p for p in out.rglob("*") if p.is_file()]
+
+
+def test_an_instance_that_is_not_the_one_asked_for_is_not_returned(
+    peer: Callable[[Answer], HostilePeer],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+):
+    """RAD TF-3 4.69.4.2.3: each DocumentResponse carries the instance its
+    DocumentUniqueId names. A file whose own SOP Instance UID is another's,
+    or that is no DICOM file, is not filed under the UID the peer claims:
+    it counts as not returned, its file is removed, and a WARNING names the
+    source, the peer's UID escaped."""
+    # A line break and an ESC sequence, as logs.shown writes them.
+    forged = "9.9.9\\r\\nerror: forged\\x1b[2J"
+
+    def answer(body: bytes) -> tuple[int, str, bytes]:
+        good, other, text = _requested(body)
+        return 200, *_mtom(
+            [
+                _document_response(good, _include(b"good@peer")),
+                _document_response(other, _include(b"other@peer")),
+                _document_response(text, _include(b"text@peer")),
+            ],
+            [
+                (b"good@peer", _instance(good)),
+                (b"other@peer", _instance(forged.encode().decode("unicode_escape"))),
+                (b"text@peer", b"DICM, but no DICOM file"),
+            ],
+        )
+
+    url = peer(answer).url
+    consumer = _consumer(tmp_path, url)
+    result = FetchResult()
+    out = tmp_path / "out"
+    caplog.set_level(logging.WARNING, logger="xdsi")
+
+    consumer.retrieve_images(
+        _manifest("1.2.3.10.1.1", "1.2.3.10.1.2", "1.2.3.10.1.3"), out, result, "P"
+    )
+
+    assert [p.name for p in result.instances] == ["1.2.3.10.1.1.dcm"]
+    assert result.missing == ["1.2.3.10.1.2", "1.2.3.10.1.3"]
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["1.2.3.10.1.1.dcm"]
+    (warning,) = [
+        r
+        for r in caplog.records
+        if r.name.startswith("xdsi") and r.levelno == logging.WARNING
+    ]
+    said = warning.getMessage()
+    assert said.startswith(
+        f"2 instances from the Imaging Document Source at {url} are not the ones"
+    )
+    assert f"asked for 1.2.3.10.1.2, got SOP Instance UID {forged}" in said
+    assert said.isprintable()

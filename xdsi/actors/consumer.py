@@ -18,6 +18,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from lxml import etree
+from pydicom.filereader import read_partial
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian
 
 from xdsi import audit, logs, ns, tls, wire
@@ -47,6 +49,8 @@ SAFE_FILE_NAME = re.compile(r"[0-9A-Za-z][0-9A-Za-z.^_-]{0,127}")
 # (a byte every few seconds) cannot hold a find or fetch forever. A 1 GB
 # RAD-69 answer at 2 MB/s never comes near it.
 ANSWER_PACE = 8 * 1024
+# (0008,0018) SOP Instance UID: what a returned instance is checked by.
+SOP_INSTANCE_UID = Tag("SOPInstanceUID")
 
 
 class ConsumerError(Exception):
@@ -306,7 +310,10 @@ class Consumer:
         series (RAD TF-3 4.69.4.1.2), so all the instances held at one
         Retrieve Location UID come in one request and one MTOM answer,
         refused as it streams once it grows past [consumer] max_answer_size.
-        Instances land as ``out_dir/StudyUID/SeriesUID/SOPUID.dcm``.
+        Instances land as ``out_dir/StudyUID/SeriesUID/SOPUID.dcm``. A
+        returned file whose own SOP Instance UID is not the one asked for,
+        or that is no DICOM file, counts as not returned
+        (``result.missing``) and is removed.
 
         A source that cannot be reached or refuses every instance raises
         ConsumerError; with ``keep_going`` it is noted in ``result.failed``
@@ -383,6 +390,8 @@ class Consumer:
                 # Taken before filing empties ``got``.
                 returned = bool(got)
                 errors = read_errors(reply.body)
+                # Returned files that are not the instance asked for.
+                wrong: list[str] = []
                 for (study_uid, series_uid), refs in by_series.items():
                     folder = out_dir / study_uid / series_uid
                     folder.mkdir(parents=True, exist_ok=True)
@@ -393,6 +402,12 @@ class Consumer:
                         if attachment is None:
                             result.missing.append(ref.sop_instance_uid)
                             continue
+                        unlike = _unlike(attachment.path, ref.sop_instance_uid)
+                        if unlike is not None:
+                            attachment.path.unlink()
+                            wrong.append(unlike)
+                            result.missing.append(ref.sop_instance_uid)
+                            continue
                         target = folder / f"{ref.sop_instance_uid}.dcm"
                         attachment.path.replace(target)
                         result.instances.append(target)
@@ -400,6 +415,15 @@ class Consumer:
                         done += 1
                         if progress:
                             progress("RAD-69", done, total)
+                if wrong:
+                    logger.warning(
+                        "%d instances from the Imaging Document Source at %s are "
+                        "not the ones asked for and count as not returned; the "
+                        "first: %s",
+                        len(wrong),
+                        url,
+                        wrong[0],
+                    )
                 if errors and not returned:
                     raise ConsumerError(
                         f"RAD-69 for {len(studies)} studies failed: "
@@ -545,6 +569,38 @@ def _partial_dir(out_dir: Path) -> Path:
     spool = out_dir / PARTIAL_DIR
     spool.mkdir(parents=True, exist_ok=True)
     return spool
+
+
+def _past_sop_instance_uid(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag > SOP_INSTANCE_UID
+
+
+def _unlike(path: Path, sop_instance_uid: str) -> str | None:
+    """Why a returned file is not the instance ``sop_instance_uid`` asked
+    for (RAD TF-3 4.69.4.2.3: each DocumentResponse carries the instance its
+    DocumentUniqueId names), or None when it is.
+
+    The file's own SOP Instance UID is read from its header only, up to
+    (0008,0018); a file that is no DICOM Part 10 file (DICOM PS3.10 7.1)
+    is not the instance either.
+    """
+    try:
+        with path.open("rb") as file:
+            ds = read_partial(
+                file,
+                stop_when=_past_sop_instance_uid,
+                specific_tags=[SOP_INSTANCE_UID],
+            )
+        own = str(ds.get("SOPInstanceUID") or "")
+    except Exception:
+        # Whatever a peer put in the file may break the read.
+        return f"asked for {sop_instance_uid}, got a file that is no DICOM file"
+    if own != sop_instance_uid:
+        return (
+            f"asked for {sop_instance_uid}, got SOP Instance UID "
+            f"{logs.shown(own, 100) or 'none'}"
+        )
+    return None
 
 
 def _remove_if_empty(directory: Path) -> None:
