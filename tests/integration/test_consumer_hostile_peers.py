@@ -660,3 +660,66 @@ def test_an_instance_that_is_not_the_one_asked_for_is_not_returned(
     )
     assert f"asked for 1.2.3.10.1.2, got SOP Instance UID {forged}" in said
     assert said.isprintable()
+
+
+@pytest.mark.parametrize(
+    "link",
+    [(STUDY,), (STUDY, SERIES), (PARTIAL_DIR,)],
+    ids=["study-folder", "series-folder", "spool-folder"],
+)
+def test_a_folder_planted_as_a_link_under_out_is_not_written_through(
+    peer: Callable[[Answer], HostilePeer], tmp_path: Path, link: tuple[str, ...]
+):
+    """A folder the Consumer files into, or spools into, that is a symbolic
+    link (out/StudyUID pointing elsewhere) is refused, naming it, before
+    the Imaging Document Source is asked: nothing is written outside the
+    output folder."""
+    asked: list[bytes] = []
+
+    def answer(body: bytes) -> tuple[int, str, bytes]:
+        asked.append(body)
+        (uid,) = _requested(body)
+        return 200, *_mtom(
+            [_document_response(uid, _include(b"p@peer"))],
+            [(b"p@peer", _instance(uid))],
+        )
+
+    consumer = _consumer(tmp_path, peer(answer).url)
+    out = tmp_path / "out"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out.joinpath(*link[:-1]).mkdir(parents=True)
+    out.joinpath(*link).symlink_to(elsewhere, target_is_directory=True)
+
+    with pytest.raises(ConsumerError, match="is a symbolic link") as refused:
+        consumer.retrieve_images(_manifest("1.2.3.10.1.1"), out, FetchResult(), "P")
+
+    assert str(out.joinpath(*link)) in str(refused.value)
+    assert not asked
+    assert not list(elsewhere.iterdir())
+
+
+def test_a_manifests_folder_planted_as_a_link_fails_the_fetch(
+    peer: Callable[[Answer], HostilePeer], tmp_path: Path
+):
+    """The manifests ITI-43 retrieves land in out/manifests; planted as a
+    link, it fails the fetch, naming it, and nothing is written through."""
+    asked: list[bytes] = []
+
+    def answer(body: bytes) -> tuple[int, str, bytes]:
+        asked.append(body)
+        return 200, "application/soap+xml", _query_response(b"T", b"1")
+
+    consumer = _consumer(tmp_path, peer(answer).url)
+    out = tmp_path / "out"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out.mkdir()
+    (out / "manifests").symlink_to(elsewhere, target_is_directory=True)
+
+    with pytest.raises(ConsumerError, match="manifests is a symbolic link"):
+        consumer.fetch("P^^^&1.2.3&ISO", out)
+
+    # The ITI-18 alone: no ITI-43 went out.
+    assert len(asked) == 1
+    assert not list(elsewhere.iterdir())

@@ -9,7 +9,9 @@ Repository and Imaging Document Source are always known.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import stat
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable
@@ -310,10 +312,10 @@ class Consumer:
         series (RAD TF-3 4.69.4.1.2), so all the instances held at one
         Retrieve Location UID come in one request and one MTOM answer,
         refused as it streams once it grows past [consumer] max_answer_size.
-        Instances land as ``out_dir/StudyUID/SeriesUID/SOPUID.dcm``. A
-        returned file whose own SOP Instance UID is not the one asked for,
-        or that is no DICOM file, counts as not returned
-        (``result.missing``) and is removed.
+        Instances land as ``out_dir/StudyUID/SeriesUID/SOPUID.dcm``, in
+        folders that are not symbolic links. A returned file whose own SOP
+        Instance UID is not the one asked for, or that is no DICOM file,
+        counts as not returned (``result.missing``) and is removed.
 
         A source that cannot be reached or refuses every instance raises
         ConsumerError; with ``keep_going`` it is noted in ``result.failed``
@@ -370,6 +372,10 @@ class Consumer:
         url = self.endpoint_for(location)
         request = self._rad69_request(location, by_series)
         studies = tuple(dict.fromkeys(study for study, _ in by_series))
+        # Said before the request goes out: the instances could not be
+        # filed.
+        for study_uid, series_uid in by_series:
+            _folder(out_dir, study_uid, series_uid, make=False)
         ok = False
         spool = _partial_dir(out_dir)
         try:
@@ -393,8 +399,7 @@ class Consumer:
                 # Returned files that are not the instance asked for.
                 wrong: list[str] = []
                 for (study_uid, series_uid), refs in by_series.items():
-                    folder = out_dir / study_uid / series_uid
-                    folder.mkdir(parents=True, exist_ok=True)
+                    folder = _folder(out_dir, study_uid, series_uid)
                     for ref in refs:
                         # Taken once: a SOP Instance UID the manifest
                         # lists twice has one file.
@@ -496,6 +501,8 @@ class Consumer:
             e for e in self.find(patient_id) if e.mime_type == "application/dicom"
         ]
         manifests: list[kos.Manifest] = []
+        if entries:
+            _folder(out_dir, "manifests")
         for n, entry in enumerate(entries, start=1):
             if not SAFE_FILE_NAME.fullmatch(entry.unique_id):
                 # The file is named after the uniqueId a registry sent: one
@@ -566,9 +573,49 @@ def _partial_dir(out_dir: Path) -> Path:
     """The directory answers are spooled to while they arrive: inside the
     output directory, so that a finished file is renamed into place on the
     same file system and no partial one ever has a final name."""
-    spool = out_dir / PARTIAL_DIR
-    spool.mkdir(parents=True, exist_ok=True)
-    return spool
+    return _folder(out_dir, PARTIAL_DIR)
+
+
+def _folder(out_dir: Path, *names: str, make: bool = True) -> Path:
+    """The folder ``out_dir/names...``, each made if need be (with ``make``;
+    otherwise those that exist are checked), none a symbolic link.
+
+    A link planted under the output directory (``out/StudyUID`` pointing
+    elsewhere) would have files written where it points; the output
+    directory itself is the user's choice and may be one.
+
+    Raises
+    ------
+    ConsumerError
+        A folder on the way is a symbolic link, or no folder.
+    """
+    if make:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    folder = out_dir
+    for name in names:
+        folder = folder / name
+        if make:
+            try:
+                folder.mkdir(exist_ok=True)
+            except FileExistsError:
+                # A link that leads nowhere, or a file: said below.
+                pass
+        try:
+            mode = os.lstat(folder).st_mode
+        except FileNotFoundError:
+            if make:
+                raise
+            return folder
+        if not stat.S_ISDIR(mode):
+            kind = "a symbolic link" if stat.S_ISLNK(mode) else "no folder"
+            raise ConsumerError(
+                f"{folder} is {kind}: this Consumer writes only into folders of "
+                f"its own under {out_dir}, never through a link out of it"
+            )
+    # Limitation: a folder swapped for a link between this check and the
+    # files renamed into it (by someone who can write in the output
+    # directory meanwhile) is followed.
+    return folder
 
 
 def _past_sop_instance_uid(tag: BaseTag, vr: str | None, length: int) -> bool:
