@@ -46,8 +46,8 @@ class ConfigError(Exception):
 
 BLOB_STORES = ("local", "s3")
 
-# The smallest max_request_size: a SOAP request with its envelope and a
-# small document.
+# The smallest max_request_size and max_answer_size: a SOAP message with
+# its envelope and a small document.
 MIN_REQUEST_SIZE = 1024 * 1024
 
 CODE_SET_NAME = re.compile(r"[a-z0-9_]+")
@@ -351,6 +351,19 @@ class ConsumerSettings:
     # first one it can produce, so list a study's own syntax first to get its
     # instances byte for byte as published.
     transfer_syntaxes: tuple[str, ...] = ()
+    # The largest answer a find or fetch takes from a peer, in bytes: an
+    # ITI-18, ITI-43 or RAD-69 answer (a RAD-69 answer carries every
+    # instance asked of one Imaging Document Source) growing past it is
+    # refused as it streams, and what came of it is removed, so that a peer
+    # cannot fill this side's disk. 4 GiB by default, as [node]
+    # max_request_size.
+    max_answer_size: int = 4 * 1024**3
+
+    def __post_init__(self) -> None:
+        if self.max_answer_size < MIN_REQUEST_SIZE:
+            raise ConfigError(
+                f"[consumer] max_answer_size must be at least {MIN_REQUEST_SIZE} bytes"
+            )
 
 
 @dataclass(frozen=True)

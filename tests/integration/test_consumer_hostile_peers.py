@@ -7,23 +7,36 @@ for."""
 
 from __future__ import annotations
 
+import base64
+import gzip
+import io
+import logging
 import os
 import re
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import pydicom
 import pytest
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
-from xdsi.actors.consumer import Consumer, ConsumerError, FetchResult
+from tests.conftest import shared_path
+from xdsi.actors.consumer import (
+    PARTIAL_DIR,
+    Consumer,
+    ConsumerError,
+    FetchResult,
+    FoundEntry,
+)
 from xdsi.app import node_auditor
-from xdsi.config import Settings
+from xdsi.config import MIN_REQUEST_SIZE, Settings
 from xdsi.dicom import kos
 
 REPOSITORY = "1.2.3.4.5.6"
@@ -38,11 +51,12 @@ Answer = Callable[[bytes], tuple[int, str, bytes]]
 
 
 class HostilePeer:
-    """An HTTP peer on 127.0.0.1 answering every POST with ``answer``."""
+    """An HTTP peer on 127.0.0.1 answering every POST with ``answer``, or
+    serving the WSGI ``app`` given."""
 
-    def __init__(self, answer: Answer) -> None:
+    def __init__(self, answer: Answer, app: Callable | None = None) -> None:
         self.answer = answer
-        self._server = make_server("127.0.0.1", 0, self._app, threaded=True)
+        self._server = make_server("127.0.0.1", 0, app or self._app, threaded=True)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     @property
@@ -73,7 +87,21 @@ def peer() -> Iterator[Callable[[Answer], HostilePeer]]:
         server.close()
 
 
-def _consumer(tmp_path: Path, url: str) -> Consumer:
+@pytest.fixture
+def wsgi_peer() -> Iterator[Callable[[Callable], HostilePeer]]:
+    """Start a peer on 127.0.0.1 serving a WSGI app of its own."""
+    started: list[HostilePeer] = []
+
+    def start(app: Callable) -> HostilePeer:
+        started.append(HostilePeer(lambda _: (500, "text/plain", b""), app))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.close()
+
+
+def _consumer(tmp_path: Path, url: str, **consumer_settings: object) -> Consumer:
     settings = Settings()
     settings = replace(
         settings,
@@ -83,9 +111,31 @@ def _consumer(tmp_path: Path, url: str) -> Consumer:
             registry_url=url,
             repositories={REPOSITORY: url},
             timeout=10.0,
+            **consumer_settings,
         ),
     )
     return Consumer(settings, node_auditor(settings), tmp_path / "spool")
+
+
+def _instance(sop_instance_uid: bytes | str) -> bytes:
+    """A real DICOM file (a shared single) made the instance
+    ``sop_instance_uid``, as an Imaging Document Source returns it."""
+    uid = (
+        sop_instance_uid.decode("latin-1")
+        if isinstance(sop_instance_uid, bytes)
+        else sop_instance_uid
+    )
+    ds = pydicom.dcmread(
+        shared_path("dicom", "singles", "ts-jpeg-baseline-rgb__SC_rgb_jpeg_dcmtk.dcm")
+    )
+    with warnings.catch_warnings():
+        # pydicom warns of a UID that is not valid; a forged one is the point.
+        warnings.simplefilter("ignore")
+        ds.SOPInstanceUID = uid
+        ds.file_meta.MediaStorageSOPInstanceUID = uid
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
 
 
 def _manifest(*sop_instance_uids: str) -> kos.Manifest:
@@ -179,7 +229,7 @@ def test_documents_an_answer_cannot_carry_count_as_not_returned(
                 _document_response(missing, _include(b"nowhere@peer")),
                 _document_response(garbled, b"!!!!"),
             ],
-            [(b"good@peer", b"DICM")],
+            [(b"good@peer", _instance(good))],
         )
         return 200, content_type, package
 
@@ -207,7 +257,7 @@ def test_one_part_claimed_by_two_documents_is_filed_once(
         requested = _requested(body)
         content_type, package = _mtom(
             [_document_response(uid, _include(b"one@peer")) for uid in requested],
-            [(b"one@peer", b"DICM")],
+            [(b"one@peer", _instance(requested[0]))],
         )
         return 200, content_type, package
 
@@ -416,3 +466,260 @@ def test_an_answer_trickling_in_is_given_up(tmp_path: Path):
 
     assert time.monotonic() - started < 6
     assert "slower than 8192 bytes a second on average" in str(failed.value)
+
+
+def _package_stream(requested: list[bytes], size: int) -> tuple[str, Iterator[bytes]]:
+    """A RAD-69 answer whose first instance is ``size`` bytes of zeros,
+    sent in 1 MiB pieces as they are made."""
+    content_type, package = _mtom(
+        [_document_response(requested[0], _include(b"big@peer"))],
+        [(b"big@peer", b"@@BODY@@")],
+    )
+    head, tail = package.split(b"@@BODY@@")
+
+    def pieces() -> Iterator[bytes]:
+        yield head
+        for _ in range(size // (1 << 20)):
+            yield bytes(1 << 20)
+        yield tail
+
+    return content_type, pieces()
+
+
+@pytest.mark.parametrize("announced", [False, True], ids=["streamed", "announced"])
+def test_a_rad69_answer_past_max_answer_size_is_refused_as_it_streams(
+    wsgi_peer: Callable[[Callable], HostilePeer], tmp_path: Path, announced: bool
+):
+    """RAD TF-3 4.69: an answer carries the instances asked for, of no size
+    the request bounds. One growing past [consumer] max_answer_size, sent
+    without a length or announcing its length, is refused before more
+    than that is spooled, the peer is cut off, and nothing of it is kept."""
+    size = 64 << 20
+    sent: list[int] = []
+
+    def app(environ: dict, start_response: Callable) -> Iterator[bytes]:
+        requested = _requested(Request(environ).get_data())
+        content_type, pieces = _package_stream(requested, size)
+        headers = [("Content-Type", content_type)]
+        if announced:
+            headers.append(("Content-Length", str(size + 4096)))
+        start_response("200 OK", headers)
+        for piece in pieces:
+            sent.append(len(piece))
+            yield piece
+
+    consumer = _consumer(tmp_path, wsgi_peer(app).url, max_answer_size=MIN_REQUEST_SIZE)
+    out = tmp_path / "out"
+
+    with pytest.raises(ConsumerError) as refused:
+        consumer.retrieve_images(_manifest("1.2.3.10.1.1"), out, FetchResult(), "P")
+
+    message = str(refused.value)
+    assert "this side refused the RAD-69 answer" in message
+    assert f"larger than {MIN_REQUEST_SIZE} bytes" in message
+    assert "[consumer] max_answer_size" in message
+    assert sum(sent) < size / 2
+    assert not [p for p in out.rglob("*") if p.is_file()]
+    assert not (out / PARTIAL_DIR).exists()
+
+
+def _entry(size: int | None) -> FoundEntry:
+    return FoundEntry(
+        entry_uuid="urn:uuid:1",
+        unique_id="1.2.3.77",
+        repository_unique_id=REPOSITORY,
+        home_community_id=None,
+        mime_type="application/dicom",
+        title="T",
+        creation_time="",
+        service_start_time="",
+        modalities=(),
+        study_instance_uids=(),
+        size=size,
+        status="Approved",
+    )
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["mtom-part", "inline-base64"])
+def test_an_iti43_document_larger_than_its_registered_size_is_refused(
+    peer: Callable[[Answer], HostilePeer], tmp_path: Path, inline: bool
+):
+    """ITI TF-3 4.2.3.2.19: the registry gives a document's size. A
+    repository answering with a larger document is refused as it streams,
+    as an MTOM part or inline base64 alike, and no file is written."""
+    document = bytes(3 << 20)
+
+    def answer(body: bytes) -> tuple[int, str, bytes]:
+        (unique_id,) = _requested(body)
+        if inline:
+            content = base64.b64encode(document)
+            return 200, *_mtom([_document_response(unique_id, content)], [])
+        return 200, *_mtom(
+            [_document_response(unique_id, _include(b"doc@peer"))],
+            [(b"doc@peer", document)],
+        )
+
+    consumer = _consumer(tmp_path, peer(answer).url)
+    target = tmp_path / "out" / "manifests" / "1.2.3.77.dcm"
+
+    with pytest.raises(ConsumerError) as refused:
+        consumer.retrieve_document(_entry(1000), target)
+
+    message = str(refused.value)
+    assert "this side refused the ITI-43 answer" in message
+    assert "larger than the 1000 bytes the Document Registry gives" in message
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+
+
+def test_an_answer_with_a_content_coding_not_asked_for_is_refused(
+    wsgi_peer: Callable[[Callable], HostilePeer], tmp_path: Path
+):
+    """RFC 9110 12.5.3: the Consumer asks for answers uncompressed
+    (Accept-Encoding: identity), so that a small gzip answer cannot inflate
+    past every bound on what is read. A peer sending gzip all the same,
+    here a valid RAD-69 answer, is refused and nothing is filed."""
+    asked: list[str | None] = []
+
+    def app(environ: dict, start_response: Callable) -> list[bytes]:
+        asked.append(environ.get("HTTP_ACCEPT_ENCODING"))
+        requested = _requested(Request(environ).get_data())
+        content_type, package = _mtom(
+            [_document_response(requested[0], _include(b"p@peer"))],
+            [(b"p@peer", _instance(requested[0]))],
+        )
+        body = gzip.compress(package)
+        start_response(
+            "200 OK",
+            [
+                ("Content-Type", content_type),
+                ("Content-Encoding", "gzip"),
+                ("Content-Length", str(len(body))),
+            ],
+        )
+        return [body]
+
+    consumer = _consumer(tmp_path, wsgi_peer(app).url)
+    out = tmp_path / "out"
+
+    with pytest.raises(ConsumerError, match="Content-Encoding gzip"):
+        consumer.retrieve_images(_manifest("1.2.3.10.1.1"), out, FetchResult(), "P")
+
+    assert asked == ["identity"]
+    assert not [p for p in out.rglob("*") if p.is_file()]
+
+
+def test_an_instance_that_is_not_the_one_asked_for_is_not_returned(
+    peer: Callable[[Answer], HostilePeer],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+):
+    """RAD TF-3 4.69.4.2.3: each DocumentResponse carries the instance its
+    DocumentUniqueId names. A file whose own SOP Instance UID is another's,
+    or that is no DICOM file, is not filed under the UID the peer claims:
+    it counts as not returned, its file is removed, and a WARNING names the
+    source, the peer's UID escaped."""
+    # A line break and an ESC sequence, as logs.shown writes them.
+    forged = "9.9.9\\r\\nerror: forged\\x1b[2J"
+
+    def answer(body: bytes) -> tuple[int, str, bytes]:
+        good, other, text = _requested(body)
+        return 200, *_mtom(
+            [
+                _document_response(good, _include(b"good@peer")),
+                _document_response(other, _include(b"other@peer")),
+                _document_response(text, _include(b"text@peer")),
+            ],
+            [
+                (b"good@peer", _instance(good)),
+                (b"other@peer", _instance(forged.encode().decode("unicode_escape"))),
+                (b"text@peer", b"DICM, but no DICOM file"),
+            ],
+        )
+
+    url = peer(answer).url
+    consumer = _consumer(tmp_path, url)
+    result = FetchResult()
+    out = tmp_path / "out"
+    caplog.set_level(logging.WARNING, logger="xdsi")
+
+    consumer.retrieve_images(
+        _manifest("1.2.3.10.1.1", "1.2.3.10.1.2", "1.2.3.10.1.3"), out, result, "P"
+    )
+
+    assert [p.name for p in result.instances] == ["1.2.3.10.1.1.dcm"]
+    assert result.missing == ["1.2.3.10.1.2", "1.2.3.10.1.3"]
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["1.2.3.10.1.1.dcm"]
+    (warning,) = [
+        r
+        for r in caplog.records
+        if r.name.startswith("xdsi") and r.levelno == logging.WARNING
+    ]
+    said = warning.getMessage()
+    assert said.startswith(
+        f"2 instances from the Imaging Document Source at {url} are not the ones"
+    )
+    assert f"asked for 1.2.3.10.1.2, got SOP Instance UID {forged}" in said
+    assert said.isprintable()
+
+
+@pytest.mark.parametrize(
+    "link",
+    [(STUDY,), (STUDY, SERIES), (PARTIAL_DIR,)],
+    ids=["study-folder", "series-folder", "spool-folder"],
+)
+def test_a_folder_planted_as_a_link_under_out_is_not_written_through(
+    peer: Callable[[Answer], HostilePeer], tmp_path: Path, link: tuple[str, ...]
+):
+    """A folder the Consumer files into, or spools into, that is a symbolic
+    link (out/StudyUID pointing elsewhere) is refused, naming it, before
+    the Imaging Document Source is asked: nothing is written outside the
+    output folder."""
+    asked: list[bytes] = []
+
+    def answer(body: bytes) -> tuple[int, str, bytes]:
+        asked.append(body)
+        (uid,) = _requested(body)
+        return 200, *_mtom(
+            [_document_response(uid, _include(b"p@peer"))],
+            [(b"p@peer", _instance(uid))],
+        )
+
+    consumer = _consumer(tmp_path, peer(answer).url)
+    out = tmp_path / "out"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out.joinpath(*link[:-1]).mkdir(parents=True)
+    out.joinpath(*link).symlink_to(elsewhere, target_is_directory=True)
+
+    with pytest.raises(ConsumerError, match="is a symbolic link") as refused:
+        consumer.retrieve_images(_manifest("1.2.3.10.1.1"), out, FetchResult(), "P")
+
+    assert str(out.joinpath(*link)) in str(refused.value)
+    assert not asked
+    assert not list(elsewhere.iterdir())
+
+
+def test_a_manifests_folder_planted_as_a_link_fails_the_fetch(
+    peer: Callable[[Answer], HostilePeer], tmp_path: Path
+):
+    """The manifests ITI-43 retrieves land in out/manifests; planted as a
+    link, it fails the fetch, naming it, and nothing is written through."""
+    asked: list[bytes] = []
+
+    def answer(body: bytes) -> tuple[int, str, bytes]:
+        asked.append(body)
+        return 200, "application/soap+xml", _query_response(b"T", b"1")
+
+    consumer = _consumer(tmp_path, peer(answer).url)
+    out = tmp_path / "out"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out.mkdir()
+    (out / "manifests").symlink_to(elsewhere, target_is_directory=True)
+
+    with pytest.raises(ConsumerError, match="manifests is a symbolic link"):
+        consumer.fetch("P^^^&1.2.3&ISO", out)
+
+    # The ITI-18 alone: no ITI-43 went out.
+    assert len(asked) == 1
+    assert not list(elsewhere.iterdir())

@@ -423,15 +423,23 @@ def test_ports_of_actors_not_served_or_chosen_by_the_system_may_repeat(
         ('[imaging_source]\nae_title = "   "\n', "ae_title"),
         ('[imaging_source]\nae_title = "BACK\\\\SLASH"\n', "ae_title"),
         ("[imaging_source]\npublish_after = -1\n", "publish_after"),
+        ("[consumer]\nmax_answer_size = 1000\n", "max_answer_size must be at least"),
     ],
-    ids=["ae-too-long", "ae-blank", "ae-backslash", "publish-after-negative"],
+    ids=[
+        "ae-too-long",
+        "ae-blank",
+        "ae-backslash",
+        "publish-after-negative",
+        "answer-size-too-small",
+    ],
 )
 def test_a_value_the_node_could_not_start_with_is_refused_on_reading(
     tmp_path: Path, text: str, said: str
 ) -> None:
     """DICOM PS3.5 6.2: an AE title is 1 to 16 characters with no backslash;
-    a quiet time is 0 seconds or more. Refused when the file is read (and
-    the file named), not with a traceback when the C-STORE SCP starts."""
+    a quiet time is 0 seconds or more; a Consumer takes answers of 1 MiB at
+    least. Refused when the file is read (and the file named), not with a
+    traceback when the C-STORE SCP starts or the first fetch runs."""
     path = _write(tmp_path, text)
 
     with pytest.raises(ConfigError, match=said) as refused:

@@ -9,7 +9,9 @@ Repository and Imaging Document Source are always known.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import stat
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable
@@ -18,6 +20,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from lxml import etree
+from pydicom.filereader import read_partial
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian
 
 from xdsi import audit, logs, ns, tls, wire
@@ -47,6 +51,8 @@ SAFE_FILE_NAME = re.compile(r"[0-9A-Za-z][0-9A-Za-z.^_-]{0,127}")
 # (a byte every few seconds) cannot hold a find or fetch forever. A 1 GB
 # RAD-69 answer at 2 MB/s never comes near it.
 ANSWER_PACE = 8 * 1024
+# (0008,0018) SOP Instance UID: what a returned instance is checked by.
+SOP_INSTANCE_UID = Tag("SOPInstanceUID")
 
 
 class ConsumerError(Exception):
@@ -198,7 +204,10 @@ class Consumer:
             # An AdhocQueryResponse carries no document: its envelope
             # alone, as a root part at most.
             with client.call(
-                transaction("ITI-18")["request_action"], request, max_parts=1
+                transaction("ITI-18")["request_action"],
+                request,
+                max_parts=1,
+                max_bytes=self.settings.consumer.max_answer_size,
             ) as reply:
                 status = read_status(reply.body)
                 errors = read_errors(reply.body)
@@ -209,7 +218,7 @@ class Consumer:
                     )
                 body = reply.body
             ok = True
-        except (wire.TransportError, wire.PeerFault, wire.SpoolError) as exc:
+        except ANSWER_ERRORS as exc:
             raise _call_failed("ITI-18", url, exc) from exc
         finally:
             self._audit(
@@ -228,7 +237,12 @@ class Consumer:
     def retrieve_document(
         self, entry: FoundEntry, target: Path, patient_id: str | None = None
     ) -> Path:
-        """Retrieve one document into ``target`` (ITI TF-2 3.43)."""
+        """Retrieve one document into ``target`` (ITI TF-2 3.43).
+
+        The answer is refused as it streams once it grows past [consumer]
+        max_answer_size, or its document past the size the Document
+        Registry gave (``entry.size``, ITI TF-3 4.2.3.2.19), when known.
+        """
         url = self.endpoint_for(entry.repository_unique_id)
         request = retrieve_request(
             entry.repository_unique_id, entry.unique_id, entry.home_community_id
@@ -239,7 +253,11 @@ class Consumer:
             client = self._client(url, spool)
             # The envelope and the one document asked for (XOP 1.0 4.1).
             with client.call(
-                transaction("ITI-43")["request_action"], request, max_parts=2
+                transaction("ITI-43")["request_action"],
+                request,
+                max_parts=2,
+                max_bytes=self.settings.consumer.max_answer_size,
+                max_part_bytes=entry.size,
             ) as reply:
                 got = _documents(reply)
                 if entry.unique_id not in got:
@@ -248,9 +266,14 @@ class Consumer:
                         + _describe(read_errors(reply.body)),
                         read_errors(reply.body),
                     )
-                got[entry.unique_id].path.replace(target)
+                document = got[entry.unique_id]
+                if entry.size is not None and document.size > entry.size:
+                    # Inline base64 content, decoded from the envelope
+                    # rather than streamed as a part.
+                    raise wire.AnswerTooLarge(entry.size, part=True)
+                document.path.replace(target)
             ok = True
-        except (wire.TransportError, wire.PeerFault, wire.SpoolError) as exc:
+        except ANSWER_ERRORS as exc:
             raise _call_failed("ITI-43", url, exc) from exc
         finally:
             _remove_if_empty(spool)
@@ -287,8 +310,12 @@ class Consumer:
 
         A RetrieveImagingDocumentSetRequest may name several studies and
         series (RAD TF-3 4.69.4.1.2), so all the instances held at one
-        Retrieve Location UID come in one request and one MTOM answer.
-        Instances land as ``out_dir/StudyUID/SeriesUID/SOPUID.dcm``.
+        Retrieve Location UID come in one request and one MTOM answer,
+        refused as it streams once it grows past [consumer] max_answer_size.
+        Instances land as ``out_dir/StudyUID/SeriesUID/SOPUID.dcm``, in
+        folders that are not symbolic links. A returned file whose own SOP
+        Instance UID is not the one asked for, or that is no DICOM file,
+        counts as not returned (``result.missing``) and is removed.
 
         A source that cannot be reached or refuses every instance raises
         ConsumerError; with ``keep_going`` it is noted in ``result.failed``
@@ -345,6 +372,10 @@ class Consumer:
         url = self.endpoint_for(location)
         request = self._rad69_request(location, by_series)
         studies = tuple(dict.fromkeys(study for study, _ in by_series))
+        # Said before the request goes out: the instances could not be
+        # filed.
+        for study_uid, series_uid in by_series:
+            _folder(out_dir, study_uid, series_uid, make=False)
         ok = False
         spool = _partial_dir(out_dir)
         try:
@@ -359,19 +390,27 @@ class Consumer:
                 request,
                 digest=False,
                 max_parts=1 + asked,
+                max_bytes=self.settings.consumer.max_answer_size,
             ) as reply:
                 got = _documents(reply)
                 # Taken before filing empties ``got``.
                 returned = bool(got)
                 errors = read_errors(reply.body)
+                # Returned files that are not the instance asked for.
+                wrong: list[str] = []
                 for (study_uid, series_uid), refs in by_series.items():
-                    folder = out_dir / study_uid / series_uid
-                    folder.mkdir(parents=True, exist_ok=True)
+                    folder = _folder(out_dir, study_uid, series_uid)
                     for ref in refs:
                         # Taken once: a SOP Instance UID the manifest
                         # lists twice has one file.
                         attachment = got.pop(ref.sop_instance_uid, None)
                         if attachment is None:
+                            result.missing.append(ref.sop_instance_uid)
+                            continue
+                        unlike = _unlike(attachment.path, ref.sop_instance_uid)
+                        if unlike is not None:
+                            attachment.path.unlink()
+                            wrong.append(unlike)
                             result.missing.append(ref.sop_instance_uid)
                             continue
                         target = folder / f"{ref.sop_instance_uid}.dcm"
@@ -381,6 +420,15 @@ class Consumer:
                         done += 1
                         if progress:
                             progress("RAD-69", done, total)
+                if wrong:
+                    logger.warning(
+                        "%d instances from the Imaging Document Source at %s are "
+                        "not the ones asked for and count as not returned; the "
+                        "first: %s",
+                        len(wrong),
+                        url,
+                        wrong[0],
+                    )
                 if errors and not returned:
                     raise ConsumerError(
                         f"RAD-69 for {len(studies)} studies failed: "
@@ -388,7 +436,7 @@ class Consumer:
                         errors,
                     )
             ok = True
-        except (wire.TransportError, wire.PeerFault, wire.SpoolError) as exc:
+        except ANSWER_ERRORS as exc:
             raise _call_failed("RAD-69", url, exc) from exc
         finally:
             _remove_if_empty(spool)
@@ -453,6 +501,8 @@ class Consumer:
             e for e in self.find(patient_id) if e.mime_type == "application/dicom"
         ]
         manifests: list[kos.Manifest] = []
+        if entries:
+            _folder(out_dir, "manifests")
         for n, entry in enumerate(entries, start=1):
             if not SAFE_FILE_NAME.fullmatch(entry.unique_id):
                 # The file is named after the uniqueId a registry sent: one
@@ -523,9 +573,81 @@ def _partial_dir(out_dir: Path) -> Path:
     """The directory answers are spooled to while they arrive: inside the
     output directory, so that a finished file is renamed into place on the
     same file system and no partial one ever has a final name."""
-    spool = out_dir / PARTIAL_DIR
-    spool.mkdir(parents=True, exist_ok=True)
-    return spool
+    return _folder(out_dir, PARTIAL_DIR)
+
+
+def _folder(out_dir: Path, *names: str, make: bool = True) -> Path:
+    """The folder ``out_dir/names...``, each made if need be (with ``make``;
+    otherwise those that exist are checked), none a symbolic link.
+
+    A link planted under the output directory (``out/StudyUID`` pointing
+    elsewhere) would have files written where it points; the output
+    directory itself is the user's choice and may be one.
+
+    Raises
+    ------
+    ConsumerError
+        A folder on the way is a symbolic link, or no folder.
+    """
+    if make:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    folder = out_dir
+    for name in names:
+        folder = folder / name
+        if make:
+            try:
+                folder.mkdir(exist_ok=True)
+            except FileExistsError:
+                # A link that leads nowhere, or a file: said below.
+                pass
+        try:
+            mode = os.lstat(folder).st_mode
+        except FileNotFoundError:
+            if make:
+                raise
+            return folder
+        if not stat.S_ISDIR(mode):
+            kind = "a symbolic link" if stat.S_ISLNK(mode) else "no folder"
+            raise ConsumerError(
+                f"{folder} is {kind}: this Consumer writes only into folders of "
+                f"its own under {out_dir}, never through a link out of it"
+            )
+    # Limitation: a folder swapped for a link between this check and the
+    # files renamed into it (by someone who can write in the output
+    # directory meanwhile) is followed.
+    return folder
+
+
+def _past_sop_instance_uid(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag > SOP_INSTANCE_UID
+
+
+def _unlike(path: Path, sop_instance_uid: str) -> str | None:
+    """Why a returned file is not the instance ``sop_instance_uid`` asked
+    for (RAD TF-3 4.69.4.2.3: each DocumentResponse carries the instance its
+    DocumentUniqueId names), or None when it is.
+
+    The file's own SOP Instance UID is read from its header only, up to
+    (0008,0018); a file that is no DICOM Part 10 file (DICOM PS3.10 7.1)
+    is not the instance either.
+    """
+    try:
+        with path.open("rb") as file:
+            ds = read_partial(
+                file,
+                stop_when=_past_sop_instance_uid,
+                specific_tags=[SOP_INSTANCE_UID],
+            )
+        own = str(ds.get("SOPInstanceUID") or "")
+    except Exception:
+        # Whatever a peer put in the file may break the read.
+        return f"asked for {sop_instance_uid}, got a file that is no DICOM file"
+    if own != sop_instance_uid:
+        return (
+            f"asked for {sop_instance_uid}, got SOP Instance UID "
+            f"{logs.shown(own, 100) or 'none'}"
+        )
+    return None
 
 
 def _remove_if_empty(directory: Path) -> None:
@@ -535,6 +657,14 @@ def _remove_if_empty(directory: Path) -> None:
         pass
 
 
+# The failures of an exchange that _call_failed tells.
+ANSWER_ERRORS = (
+    wire.TransportError,
+    wire.PeerFault,
+    wire.SpoolError,
+    wire.AnswerTooLarge,
+)
+
 # How many of a peer's RegistryErrors a ConsumerError quotes; the rest are
 # counted (the exception keeps them all).
 DESCRIBED_ERRORS = 3
@@ -542,10 +672,24 @@ DESCRIBED_ERRORS = 3
 
 def _call_failed(transaction_id: str, url: str, exc: Exception) -> ConsumerError:
     """What a failed exchange is told as: the answer not kept here (this
-    side's disk), or the peer's failure, its text escaped and cut."""
+    side's disk, or an answer larger than this side takes), or the peer's
+    failure, its text escaped and cut."""
     if isinstance(exc, wire.SpoolError):
         return ConsumerError(
             f"the {transaction_id} answer from {url} could not be kept here: {exc}"
+        )
+    if isinstance(exc, wire.AnswerTooLarge) and exc.part:
+        return ConsumerError(
+            f"this side refused the {transaction_id} answer from {url}: its "
+            f"document is larger than the {exc.limit} bytes the Document "
+            "Registry gives as its size (ITI TF-3 4.2.3.2.19); nothing of it "
+            "is kept"
+        )
+    if isinstance(exc, wire.AnswerTooLarge):
+        return ConsumerError(
+            f"this side refused the {transaction_id} answer from {url}: it is "
+            f"larger than {exc.limit} bytes, the most [consumer] "
+            "max_answer_size takes; nothing of it is kept"
         )
     return ConsumerError(f"{transaction_id} to {url} failed: {logs.shown(str(exc))}")
 

@@ -21,7 +21,13 @@ from lxml.etree import _Element
 from requests.adapters import HTTPAdapter
 
 from xdsi.ns import SOAP12, qname
-from xdsi.wire.faults import PeerFault, SoapFault, SpoolError, TransportError
+from xdsi.wire.faults import (
+    AnswerTooLarge,
+    PeerFault,
+    SoapFault,
+    SpoolError,
+    TransportError,
+)
 from xdsi.wire.mtom import OutgoingPart, read_message, write_message
 from xdsi.wire.soap import SoapMessage, build_envelope
 
@@ -38,6 +44,12 @@ _HANDSHAKE_ALERT = re.compile(
 
 # A connection made, then reset or broken by the peer before its answer.
 _BROKEN_OFF = {errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED}
+
+# RFC 9110 12.5.3: an answer's content as sent, uncompressed. A compressed
+# answer could inflate far beyond what came over the wire (a decompression
+# bomb), past the bounds set on what is read; requests would otherwise ask
+# for gzip and deflate.
+ACCEPT_ENCODING = "identity"
 
 
 class _SizedBody:
@@ -184,6 +196,8 @@ class SoapClient:
         mtom: bool = False,
         digest: bool = True,
         max_parts: int | None = None,
+        max_bytes: int | None = None,
+        max_part_bytes: int | None = None,
     ) -> SoapMessage:
         """Send ``body`` with wsa:Action ``action`` and return the response.
 
@@ -193,7 +207,11 @@ class SoapClient:
         spooled attachments. With ``digest`` false the answer's parts are
         not hashed (their ``sha1`` is None). With ``max_parts`` an MTOM
         answer of more MIME parts (its root part included) is refused as it
-        streams, before their files pile up.
+        streams, before their files pile up. With ``max_bytes`` an answer
+        whose body is larger (announced or sent), and with
+        ``max_part_bytes`` one with a larger MIME part, is refused as it
+        streams, before more is spooled. The answer is asked for without
+        content coding (ACCEPT_ENCODING); one sent with another is refused.
 
         Raises
         ------
@@ -203,6 +221,8 @@ class SoapClient:
             No connection, a timeout, or an answer that is not SOAP 1.2.
         SpoolError
             The answer could not be written to ``spool_dir``.
+        AnswerTooLarge
+            The answer exceeds ``max_bytes`` or ``max_part_bytes``.
         """
         envelope = build_envelope(body, action, to=self.url, reply_to_anonymous=True)
         content_type, length, chunks = write_message(
@@ -215,7 +235,9 @@ class SoapClient:
             response = self._post(content_type, _SizedBody(length, chunks))
             status = response.status_code
             with response:
-                message = self._read(response, digest, started, max_parts)
+                message = self._read(
+                    response, digest, started, max_parts, max_bytes, max_part_bytes
+                )
             if message.body.tag == qname(SOAP12, "Fault"):
                 message.close()
                 fault = PeerFault.from_element(message.body)
@@ -248,7 +270,10 @@ class SoapClient:
             return self.session.post(
                 self.url,
                 data=body,
-                headers={"Content-Type": content_type},
+                headers={
+                    "Content-Type": content_type,
+                    "Accept-Encoding": ACCEPT_ENCODING,
+                },
                 timeout=self.timeout,
                 stream=True,
                 allow_redirects=False,
@@ -322,12 +347,31 @@ class SoapClient:
         digest: bool,
         started: float,
         max_parts: int | None = None,
+        max_bytes: int | None = None,
+        max_part_bytes: int | None = None,
     ) -> SoapMessage:
         """Read the response as SOAP; anything else is a TransportError, as
         is an answer not read whole ``answer_within`` seconds after
-        ``started``, or falling behind ``min_rate``."""
+        ``started``, or falling behind ``min_rate``, or content coded
+        otherwise than asked (ACCEPT_ENCODING). An answer announcing more
+        than ``max_bytes`` is AnswerTooLarge before its body is read."""
         content_type = response.headers.get("Content-Type", "")
-        response.raw.decode_content = True
+        coding = response.headers.get("Content-Encoding", "").strip().lower()
+        if coding not in ("", ACCEPT_ENCODING):
+            raise TransportError(
+                f"the answer is sent with Content-Encoding {coding[:100]}, which "
+                f"this side did not ask for (Accept-Encoding: {ACCEPT_ENCODING}, "
+                "RFC 9110 12.5.3)",
+                self.url,
+                response.status_code,
+            )
+        announced = response.headers.get("Content-Length", "")
+        # isdigit() alone takes digits int() refuses, such as "²".
+        known = announced.isascii() and announced.isdigit()
+        if max_bytes is not None and known and int(announced) > max_bytes:
+            raise AnswerTooLarge(max_bytes)
+        # The body is read as sent: nothing is decoded on the way.
+        response.raw.decode_content = False
         stream: BinaryIO = response.raw
         if self.answer_within is not None:
             # Limitation: the status line and headers are read under the
@@ -342,6 +386,8 @@ class SoapClient:
                 self.spool_dir,
                 digest=digest,
                 max_parts=max_parts,
+                max_bytes=max_bytes,
+                max_part_bytes=max_part_bytes,
             )
         except _AnswerTooSlow as exc:
             raise TransportError(

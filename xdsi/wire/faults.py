@@ -20,6 +20,7 @@ The tree::
      |    +-- ReceiverFault             env:Receiver
      +-- PeerFault                      a peer answered us with a Fault
      +-- TransportError                 no SOAP answer from a peer
+     +-- AnswerTooLarge                 a message larger than its reader takes
      +-- MissingAttachment              an xop:Include names no MIME part
 """
 
@@ -293,6 +294,19 @@ class SpoolError(OSError):
     def __str__(self) -> str:
         where = f" {self.filename}" if self.filename else ""
         return f"cannot write{where} ({self.strerror or 'error'})"
+
+
+class AnswerTooLarge(WireError):
+    """A message is larger than its reader takes: refused as it streamed,
+    before the bytes beyond ``limit`` were kept. ``part`` tells whether the
+    limit was on one MIME part (a document, decoded) or on the whole HTTP
+    body. The reader's own bound, not the peer's failure to follow a rule."""
+
+    def __init__(self, limit: int, *, part: bool = False) -> None:
+        what = "a MIME part" if part else "the message"
+        super().__init__(f"{what} is larger than {limit} bytes")
+        self.limit = limit
+        self.part = part
 
 
 class MissingAttachment(WireError):

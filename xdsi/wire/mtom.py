@@ -37,6 +37,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from xdsi.ns import XMIME, XOP, qname
 from xdsi.wire.faults import (
     ActionMismatch,
+    AnswerTooLarge,
     MalformedMessage,
     MissingAttachment,
     SoapFault,
@@ -199,18 +200,24 @@ class _Sink(Protocol):
 
 
 class _FileSink:
-    """Write a part to a file, computing size and SHA-1 on the way."""
+    """Write a part to a file, computing size and SHA-1 on the way; with
+    ``max_size``, refuse the bytes that would make it larger."""
 
-    def __init__(self, path: Path, digest: bool = True) -> None:
+    def __init__(
+        self, path: Path, digest: bool = True, max_size: int | None = None
+    ) -> None:
         self.path = path
         self.sha1 = hashlib.sha1() if digest else None
         self.size = 0
+        self._max_size = max_size
         try:
             self._file = path.open("xb")
         except OSError as exc:
             raise SpoolError(exc) from exc
 
     def write(self, data: bytes | memoryview) -> None:
+        if self._max_size is not None and self.size + len(data) > self._max_size:
+            raise AnswerTooLarge(self._max_size, part=True)
         try:
             self._file.write(data)
         except OSError as exc:
@@ -360,8 +367,10 @@ class _Package:
         directory: Path,
         digest: bool = True,
         max_parts: int | None = None,
+        max_part_bytes: int | None = None,
     ) -> None:
         self._max_parts = max_parts
+        self._max_part_bytes = max_part_bytes
         self._boundary = boundary.encode("latin-1")
         self._start = start
         self._directory = directory
@@ -495,7 +504,9 @@ class _Package:
             target = _MemorySink()
         else:
             target = _FileSink(
-                self._directory / f"part-{self._index:05d}", self._digest
+                self._directory / f"part-{self._index:05d}",
+                self._digest,
+                self._max_part_bytes,
             )
         self._part = (content_id or "", content_type, target)
         self._sink = _Base64Sink(target) if encoding == "base64" else target
@@ -534,6 +545,24 @@ class _Package:
 
     def _on_end(self) -> None:
         self._ended = True
+
+
+class _Capped:
+    """A stream refused once more than ``limit`` bytes have come from it:
+    the read that goes past is not handed on, so nothing beyond the limit
+    is spooled."""
+
+    def __init__(self, stream: BinaryIO, limit: int) -> None:
+        self._stream = stream
+        self._limit = limit
+        self._count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self._count += len(data)
+        if self._count > self._limit:
+            raise AnswerTooLarge(self._limit)
+        return data
 
 
 def _read_capped(stream: BinaryIO, chunk_size: int) -> bytes:
@@ -580,6 +609,8 @@ def read_message(
     chunk_size: int = READ_SIZE,
     digest: bool = True,
     max_parts: int | None = None,
+    max_bytes: int | None = None,
+    max_part_bytes: int | None = None,
 ) -> SoapMessage:
     """Read a SOAP 1.2 message, plain or MTOM/XOP, from ``stream`` until EOF.
 
@@ -591,13 +622,17 @@ def read_message(
     base64 content is decoded into it (``attachment_for``). With ``digest``
     false the parts' SHA-1 is not computed (``Attachment.sha1`` is None), for
     readers that never check it. With ``max_parts`` a package of more MIME
-    parts is refused as it streams, before their files pile up.
+    parts is refused as it streams, before their files pile up. With
+    ``max_bytes`` a message of more bytes (as read from ``stream``), and
+    with ``max_part_bytes`` a part of more bytes (as decoded), is refused
+    as it streams: what lies beyond the bound is never spooled.
 
     More lenient than RFC 2046 5.1.1: a package framed with bare LF instead of
     CRLF is read, its part bodies kept byte for byte.
 
-    The size of what is read is the stream's to cap: the node's HTTP edge
-    stops reading a request body past [node] max_request_size.
+    Without ``max_bytes`` the size of what is read is the stream's to cap:
+    the node's HTTP edge stops reading a request body past [node]
+    max_request_size.
 
     Raises
     ------
@@ -613,6 +648,9 @@ def read_message(
         The ``action`` parameter differs from wsa:Action.
     SpoolError
         A part could not be written under ``spool_dir`` (the disk full, say).
+    AnswerTooLarge
+        More than ``max_bytes`` in the message, or ``max_part_bytes`` in a
+        part.
 
     A fault raised once the envelope's env:Header is read carries its
     wsa:MessageID, if any, as ``message_id``; so does one raised while the
@@ -647,6 +685,8 @@ def read_message(
             directory = Path(tempfile.mkdtemp(prefix="xdsi-msg-", dir=spool_dir))
         except OSError as exc:
             raise SpoolError(exc) from exc
+    if max_bytes is not None:
+        stream = _Capped(stream, max_bytes)
     package = None
     envelope: bytes | None = None
     try:
@@ -662,6 +702,7 @@ def read_message(
                 directory,
                 digest,
                 max_parts,
+                max_part_bytes,
             )
             while chunk := stream.read(chunk_size):
                 package.feed(chunk)

@@ -21,6 +21,7 @@ from xdsi import tls
 from xdsi.ns import RS, SOAP12, XDSB
 from xdsi.wire import (
     ActionNotSupported,
+    AnswerTooLarge,
     OutgoingPart,
     PeerFault,
     SoapClient,
@@ -217,6 +218,59 @@ def test_garbled_soap_answer_is_transport_error(
     with pytest.raises(TransportError, match="not a SOAP 1.2 message") as raised:
         SoapClient(url, spool_dir=tmp_path).call(PNR, etree.Element("x"))
     assert raised.value.status == 200
+
+
+def test_answers_are_asked_for_without_content_coding(
+    serve: Callable, tmp_path: Path
+) -> None:
+    """RFC 9110 12.5.3: the client asks for the answer as it is
+    (Accept-Encoding: identity), never for gzip or deflate, whose output
+    could inflate past every bound on what is read."""
+    seen: list[dict[str, str]] = []
+    url = serve(_echo_app(tmp_path, seen))
+    with SoapClient(url, spool_dir=tmp_path).call(PNR, etree.Element("x")):
+        pass
+    assert seen[0]["HTTP_ACCEPT_ENCODING"] == "identity"
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br"])
+def test_an_answer_with_a_content_coding_not_asked_for_is_transport_error(
+    serve: Callable, tmp_path: Path, coding: str
+) -> None:
+    """RFC 9110 12.5.3: a content coding the client did not ask for is
+    refused before the body is read, not decoded."""
+
+    def app(environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        get_input_stream(environ).read()
+        start_response(
+            "200 OK",
+            [("Content-Type", "application/soap+xml"), ("Content-Encoding", coding)],
+        )
+        return [b"\x1f\x8b compressed, or so it says"]
+
+    with pytest.raises(TransportError, match=f"Content-Encoding {coding}"):
+        SoapClient(serve(app), spool_dir=tmp_path).call(PNR, etree.Element("x"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_answer_announcing_more_than_max_bytes_is_refused_unread(
+    serve: Callable, tmp_path: Path
+) -> None:
+    """An answer whose Content-Length passes ``max_bytes`` is AnswerTooLarge
+    before its body is read; one within it is read."""
+    seen: list[dict[str, str]] = []
+    url = serve(_echo_app(tmp_path / "server", seen))
+    (tmp_path / "server").mkdir()
+    request, parts = _request(FILES[:1])
+    client = SoapClient(url, spool_dir=tmp_path)
+
+    with pytest.raises(AnswerTooLarge, match="the message is larger than 1000 bytes"):
+        client.call(PNR, request, parts=parts, max_bytes=1000)
+
+    assert list(tmp_path.glob("xdsi-msg-*")) == []
+    request, parts = _request(FILES[:1])
+    with client.call(PNR, request, parts=parts, max_bytes=1 << 20) as response:
+        assert len(response.attachments) == 1
 
 
 def test_refused_connection_is_transport_error(tmp_path: Path) -> None:

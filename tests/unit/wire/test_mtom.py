@@ -18,6 +18,7 @@ from lxml import etree
 from xdsi.ns import SOAP11, SOAP12, XDSB, XOP
 from xdsi.wire import (
     ActionMismatch,
+    AnswerTooLarge,
     MalformedMessage,
     MessageAddressingHeaderRequired,
     MissingAttachment,
@@ -412,6 +413,80 @@ def test_overlong_boundary_is_malformed_and_leaves_nothing(
             spool,
         )
     assert list(spool.iterdir()) == []
+
+
+class _Watched:
+    """A stream that notes, at each read, how many bytes ``spool`` holds."""
+
+    def __init__(self, body: bytes, spool: Path) -> None:
+        self._stream = io.BytesIO(body)
+        self._spool = spool
+        self.spooled: list[int] = []
+
+    def read(self, size: int = -1) -> bytes:
+        self.spooled.append(
+            sum(p.stat().st_size for p in self._spool.rglob("*") if p.is_file())
+        )
+        return self._stream.read(size)
+
+
+@pytest.mark.parametrize("mtom", [True, False], ids=["mtom", "plain"])
+def test_a_message_past_max_bytes_is_refused_without_spooling_past_it(
+    mtom: bool, pnr_envelope: etree._Element, spool: Path
+) -> None:
+    """A reader's bound on a whole message: the read that goes past it is
+    not parsed, so no more than ``max_bytes`` is ever spooled, and what
+    was is removed."""
+    content_id = new_content_id()
+    request = _pnr_request(pnr_envelope, content_id)
+    parts = [OutgoingPart(content_id, "application/dicom", path=CT_SLICE)]
+    content_type, length, chunks = write_message(
+        build_envelope(request, PNR), PNR, parts if mtom else (), mtom=mtom
+    )
+    stream = _Watched(b"".join(chunks), spool)
+    limit = length - 1
+
+    with pytest.raises(AnswerTooLarge, match=f"larger than {limit} bytes") as refused:
+        read_message(stream, content_type, spool, chunk_size=4096, max_bytes=limit)
+
+    assert not refused.value.part
+    assert max(stream.spooled) <= limit
+    assert list(spool.iterdir()) == []
+
+
+def test_a_message_of_max_bytes_is_read(
+    pnr_envelope: etree._Element, spool: Path
+) -> None:
+    """The bound is inclusive: a message of exactly ``max_bytes`` is read."""
+    body, content_type = _written(pnr_envelope)
+    with read_message(
+        io.BytesIO(body), content_type, spool, max_bytes=len(body)
+    ) as message:
+        assert attachment_for(_document(message), message).size == KOS.stat().st_size
+
+
+def test_a_part_past_max_part_bytes_is_refused_as_it_streams(
+    pnr_envelope: etree._Element, spool: Path
+) -> None:
+    """A reader's bound on each document: a part decoding to more than
+    ``max_part_bytes`` is refused before its file holds more, and nothing
+    is left; a part of exactly that size is read."""
+    body, content_type = _written(pnr_envelope)
+    size = KOS.stat().st_size
+    stream = _Watched(body, spool)
+
+    with pytest.raises(AnswerTooLarge, match="a MIME part") as refused:
+        read_message(
+            stream, content_type, spool, chunk_size=256, max_part_bytes=size - 1
+        )
+
+    assert refused.value.part and refused.value.limit == size - 1
+    assert max(stream.spooled) < size
+    assert list(spool.iterdir()) == []
+    with read_message(
+        io.BytesIO(body), content_type, spool, max_part_bytes=size
+    ) as message:
+        assert attachment_for(_document(message), message).size == size
 
 
 @pytest.mark.parametrize(
