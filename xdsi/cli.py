@@ -663,7 +663,8 @@ def fetch(
     for what, reason in result.failed:
         click.secho(f"  failed: {what}: {reason}", fg="red", err=True)
     if result.missing and not result.failed:
-        # SOP Instance UIDs name no patient; the source's log says why.
+        # SOP Instance UIDs name no patient; the warnings or the source's
+        # log say why.
         for sop_instance_uid in result.missing[:LISTED_REFUSALS]:
             click.secho(f"  not returned: {sop_instance_uid}", fg="red", err=True)
         if len(result.missing) > LISTED_REFUSALS:
@@ -676,8 +677,13 @@ def fetch(
         said.append(
             f"{_count(len(result.missing), 'referenced instance')} not returned"
             # Those of a failed retrieve are said above; others, the source
-            # left out for reasons its log gives.
-            + ("" if result.failed else "; the Imaging Document Source's log says why")
+            # left out for reasons its log gives, or this side refused with
+            # a WARNING (an instance not the one asked for).
+            + (
+                ""
+                if result.failed
+                else "; the warnings above or the Imaging Document Source's log say why"
+            )
         )
     if said:
         _fail("; ".join(said))

@@ -355,9 +355,10 @@ class ConsumerSettings:
     # ITI-18, ITI-43 or RAD-69 answer (a RAD-69 answer carries every
     # instance asked of one Imaging Document Source) growing past it is
     # refused as it streams, and what came of it is removed, so that a peer
-    # cannot fill this side's disk. 4 GiB by default, as [node]
-    # max_request_size.
-    max_answer_size: int = 4 * 1024**3
+    # cannot fill this side's disk without end. 64 GiB by default: the
+    # largest studies (breast tomosynthesis, thin-slice CT, whole-slide
+    # microscopy) run to tens of GB at one source.
+    max_answer_size: int = 64 * 1024**3
 
     def __post_init__(self) -> None:
         if self.max_answer_size < MIN_REQUEST_SIZE:

@@ -45,12 +45,6 @@ PARTIAL_DIR = ".xdsi-partial"
 # can name a file in the output directory as it is; nothing that could
 # climb out of it.
 SAFE_FILE_NAME = re.compile(r"[0-9A-Za-z][0-9A-Za-z.^_-]{0,127}")
-# The pace, in bytes a second on average, below which a peer's answer is
-# given up, pausing [consumer] timeout at most: what the node asks of a
-# request body it serves (README, HTTP), so that a peer trickling an answer
-# (a byte every few seconds) cannot hold a find or fetch forever. A 1 GB
-# RAD-69 answer at 2 MB/s never comes near it.
-ANSWER_PACE = 8 * 1024
 # (0008,0018) SOP Instance UID: what a returned instance is checked by.
 SOP_INSTANCE_UID = Tag("SOPInstanceUID")
 
@@ -137,11 +131,11 @@ class Consumer:
 
     def _client(self, url: str, spool_dir: Path) -> wire.SoapClient:
         """A client for one exchange with a peer, under the Consumer's
-        timeout and ANSWER_PACE."""
+        timeout and wire.ANSWER_PACE."""
         return wire.SoapClient(
             url,
             timeout=self.settings.consumer.timeout,
-            min_rate=ANSWER_PACE,
+            min_rate=wire.ANSWER_PACE,
             spool_dir=spool_dir,
             ssl_context=tls.client_context_for(self.settings),
         )
