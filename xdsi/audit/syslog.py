@@ -7,6 +7,7 @@ message per datagram over UDP (RFC 5426 3.1). Both the sending and the
 receiving side live here.
 """
 
+import errno
 import logging
 import os
 import re
@@ -56,6 +57,9 @@ _HEADER = re.compile(
 
 # RFC 5425 4.3: MSG-LEN is a NONZERO-DIGIT and at most 8 more digits.
 _MAX_LENGTH_DIGITS = 9
+# A socket error pending once a session ended: what was written met a
+# closed socket, so the peer never read it.
+_UNREAD = (errno.EPIPE, errno.ECONNRESET)
 
 
 class SyslogFormatError(ValueError):
@@ -307,11 +311,18 @@ class TlsSender:
 
         RFC 5425 gives the receiver nothing to say, so readable data or EOF
         means the session is over (a close_notify, a FIN or an alert). A
-        reset means the peer closed with bytes it had not read.
+        reset means the peer closed with bytes it had not read: the reset
+        read, or one pending behind the FIN when what was written after the
+        peer closed met a closed socket (Linux keeps it as EPIPE once the FIN
+        is in, and a read gives the FIN first).
         """
         readable, _, _ = select.select([sock], [], [], 0)
         if not readable and not sock.pending():
             return None
+        # Taken before the read below, whose TLS layer may itself write into
+        # the closed session and so leave an error of its own.
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) in _UNREAD:
+            return "reset"
         try:
             sock.setblocking(False)
             try:
