@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import io
 import logging
 import os
@@ -523,7 +524,7 @@ def test_a_rad69_answer_past_max_answer_size_is_refused_as_it_streams(
     assert not (out / PARTIAL_DIR).exists()
 
 
-def _entry(size: int | None) -> FoundEntry:
+def _entry(size: int | None, sha1: str | None = None) -> FoundEntry:
     return FoundEntry(
         entry_uuid="urn:uuid:1",
         unique_id="1.2.3.77",
@@ -537,7 +538,74 @@ def _entry(size: int | None) -> FoundEntry:
         study_instance_uids=(),
         size=size,
         status="Approved",
+        hash=sha1,
     )
+
+
+@pytest.mark.parametrize(
+    ("content", "inline"),
+    [
+        (b"the submitted document, as SENT", False),
+        (b"the submitted document, as SENT", True),
+        (b"the submitted", False),
+    ],
+    ids=["same-size-mtom-part", "same-size-inline-base64", "cut-short"],
+)
+def test_an_iti43_document_other_than_registered_is_refused(
+    peer: Callable[[Answer], HostilePeer], tmp_path: Path, content: bytes, inline: bool
+):
+    """ITI TF-3 4.2.3.2.11 and 4.2.3.2.19: the registry holds the size and
+    SHA-1 of the document the Source submitted. A repository answering with
+    other content (edited to the same size, or cut short) is refused and no
+    file is kept."""
+    submitted = b"the submitted document, as sent"
+    assert len(content) == len(submitted) or content == b"the submitted"
+
+    def answer(body: bytes) -> tuple[int, str, bytes]:
+        (unique_id,) = _requested(body)
+        if inline:
+            return 200, *_mtom(
+                [_document_response(unique_id, base64.b64encode(content))], []
+            )
+        return 200, *_mtom(
+            [_document_response(unique_id, _include(b"doc@peer"))],
+            [(b"doc@peer", content)],
+        )
+
+    consumer = _consumer(tmp_path, peer(answer).url)
+    target = tmp_path / "out" / "manifests" / "1.2.3.77.dcm"
+    entry = _entry(len(submitted), hashlib.sha1(submitted).hexdigest())
+
+    with pytest.raises(ConsumerError) as refused:
+        consumer.retrieve_document(entry, target)
+
+    message = str(refused.value)
+    assert "returned 1.2.3.77, but not as registered" in message
+    if len(content) == len(submitted):
+        assert f"{entry.hash} registered" in message
+    else:
+        assert f"{len(submitted)} registered" in message
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+
+
+def test_an_iti43_document_as_registered_is_kept(
+    peer: Callable[[Answer], HostilePeer], tmp_path: Path
+):
+    submitted = b"the submitted document, as sent"
+
+    def answer(body: bytes) -> tuple[int, str, bytes]:
+        (unique_id,) = _requested(body)
+        return 200, *_mtom(
+            [_document_response(unique_id, _include(b"doc@peer"))],
+            [(b"doc@peer", submitted)],
+        )
+
+    consumer = _consumer(tmp_path, peer(answer).url)
+    target = tmp_path / "out" / "manifests" / "1.2.3.77.dcm"
+    entry = _entry(len(submitted), hashlib.sha1(submitted).hexdigest().upper())
+
+    assert consumer.retrieve_document(entry, target) == target
+    assert target.read_bytes() == submitted
 
 
 @pytest.mark.parametrize("inline", [False, True], ids=["mtom-part", "inline-base64"])

@@ -44,6 +44,8 @@ PARTIAL_DIR = ".xdsi-partial"
 # can name a file in the output directory as it is; nothing that could
 # climb out of it.
 SAFE_FILE_NAME = re.compile(r"[0-9A-Za-z][0-9A-Za-z.^_-]{0,127}")
+# ITI TF-3 4.2.3.2.11: the hash slot is the SHA-1 of the document, in hex.
+SHA1_HEX = re.compile(r"[0-9a-f]{40}")
 
 
 class ConsumerError(Exception):
@@ -72,6 +74,9 @@ class FoundEntry:
     study_instance_uids: tuple[str, ...]
     size: int | None
     status: str
+    # The document's SHA-1 as registered (ITI TF-3 4.2.3.2.11), lower-case
+    # hex; None when the registry gave none that reads as one.
+    hash: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -232,7 +237,10 @@ class Consumer:
 
         The answer is refused as it streams once it grows past [consumer]
         max_answer_size, or its document past the size the Document
-        Registry gave (``entry.size``, ITI TF-3 4.2.3.2.19), when known.
+        Registry gave (``entry.size``, ITI TF-3 4.2.3.2.19), when known. A
+        document of another size or SHA-1 than registered (ITI TF-3
+        4.2.3.2.11) is refused too: the repository's copy is not the one the
+        Document Source submitted.
         """
         url = self.endpoint_for(entry.repository_unique_id)
         request = retrieve_request(
@@ -262,6 +270,11 @@ class Consumer:
                     # Inline base64 content, decoded from the envelope
                     # rather than streamed as a part.
                     raise wire.AnswerTooLarge(entry.size, part=True)
+                if unlike := _unlike_registered(entry, document):
+                    raise ConsumerError(
+                        f"the Document Repository returned {entry.unique_id}, but "
+                        f"not as registered: {unlike}; it is not kept"
+                    )
                 document.path.replace(target)
             ok = True
         except ANSWER_ERRORS as exc:
@@ -734,6 +747,7 @@ def _found_entry(obj: ebrim.RegistryObject) -> FoundEntry:
         if value.endswith(STUDY_INSTANCE_UID_TYPE)
     )
     size = obj.slot("size")
+    sha1 = (obj.slot("hash") or "").strip().lower()
     return FoundEntry(
         entry_uuid=obj.id,
         unique_id=obj.unique_id or "",
@@ -748,4 +762,16 @@ def _found_entry(obj: ebrim.RegistryObject) -> FoundEntry:
         # isdigit() alone takes digits int() refuses, such as "²".
         size=int(size) if size and size.isascii() and size.isdigit() else None,
         status=obj.status.rsplit(":", 1)[-1],
+        hash=sha1 if SHA1_HEX.fullmatch(sha1) else None,
     )
+
+
+def _unlike_registered(entry: FoundEntry, document: wire.Attachment) -> str | None:
+    """How a retrieved document differs from its DocumentEntry's size and
+    hash (ITI TF-3 4.2.3.2.19, 4.2.3.2.11), or None when it does not."""
+    if entry.size is not None and document.size != entry.size:
+        return f"{document.size} bytes, {entry.size} registered"
+    if entry.hash is not None and document.sha1 is not None:
+        if document.sha1.lower() != entry.hash.lower():
+            return f"SHA-1 {document.sha1.lower()}, {entry.hash} registered"
+    return None
