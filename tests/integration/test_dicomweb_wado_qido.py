@@ -1114,3 +1114,58 @@ def test_a_qido_search_is_audited_as_a_dicom_query(
 
     assert refused.status_code == 500
     assert "audit record" in refused.text
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/studies/{study}%00",
+        "/studies/{study}%00/metadata",
+        "/studies/{study}/series/{series}%00/instances",
+        "/studies/1.2%203/series",
+        "/studies?PatientName=%00",
+        "/studies?PatientName=a%00*",
+        "/series?Modality=M%00R",
+        "/instances?SOPClassUID=1.2.840.10008.5.1.4.1.1.4%0B",
+    ],
+    ids=[
+        "study-nul",
+        "metadata-nul",
+        "series-nul",
+        "study-space",
+        "name-nul",
+        "name-wildcard-nul",
+        "modality-nul",
+        "uid-list-vt",
+    ],
+)
+def test_a_control_character_in_a_uid_or_matching_value_is_a_400(
+    shared_node: RunningNode, published: scan.Study, path: str
+) -> None:
+    """DICOM PS3.5 9.1 and 6.1.3: a UID of other characters than digits and
+    periods, or a value holding a control character no VR allows (NUL among
+    them, which PostgreSQL cannot take in a text value), is a bad request
+    that says which, not an internal error; the node answers the next."""
+    url = shared_node.settings.dicomweb_url + path.format(
+        study=published.study_instance_uid,
+        series=published.series[0].series_instance_uid,
+    )
+
+    answer = requests.get(url, timeout=30)
+
+    assert answer.status_code == 400
+    assert answer.headers["Content-Type"].startswith("text/plain")
+    assert "\x00" not in answer.text
+    assert requests.get(url.split("%")[0], timeout=30).status_code < 500
+
+
+def test_wado_uri_with_a_uid_that_is_no_uid_is_a_400(
+    shared_node: RunningNode, published: scan.Study
+) -> None:
+    """DICOM PS3.18 9.1.2.1.2 to 9.1.2.1.4, DICOM PS3.5 9.1: studyUID,
+    seriesUID and objectUID are UIDs; one holding a NUL is a 400 saying so,
+    not an internal error."""
+    answer = _wado_uri(shared_node, published.instances[0], studyUID="1.2\x003")
+
+    assert answer.status_code == 400
+    assert "studyUID" in answer.text and "\x00" not in answer.text

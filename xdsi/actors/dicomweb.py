@@ -34,7 +34,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
-from pydicom.uid import RE_VALID_UID, ExplicitVRLittleEndian
+from pydicom.uid import RE_VALID_UID, UID, ExplicitVRLittleEndian
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from sqlalchemy import (
     ColumnElement,
@@ -58,6 +58,7 @@ from xdsi.dicom.qido import (
     SERIES_ATTRIBUTES,
     STUDY_ATTRIBUTES,
 )
+from xdsi.logs import escaped
 from xdsi.store.schema import QIDO_COLUMNS, imaging_instance, instance_published
 
 if TYPE_CHECKING:
@@ -145,6 +146,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         """The store rows of the published instances in scope; their
         headers are read one at a time by whoever needs them, so that a
         large study is never whole in memory."""
+        _check_uids(study_uid, series_uid, sop_uid)
         query = select(imaging_instance).where(
             *_in_scope(study_uid, series_uid, sop_uid)
         )
@@ -209,6 +211,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         """DICOM PS3.18 10.6: answer a search from the imaging_instance rows
         alone, each answer from the attributes kept of its first instance."""
         _accept_json("search results")
+        _check_uids(study_uid, series_uid)
         filters = _filters(request.args.items(multi=True), level)
         offset = _whole(request.args.get("offset", "0"), "offset")
         limit = request.args.get("limit")
@@ -459,6 +462,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         uids = [args.get(k, "").strip() for k in ("studyUID", "seriesUID", "objectUID")]
         if not all(uids):
             abort(400, "studyUID, seriesUID and objectUID are required")
+        _check_uids(*uids, names=("studyUID", "seriesUID", "objectUID"))
         # DICOM PS3.18 WADO-URI, the anonymize parameter: this service does
         # not de-identify, so it refuses rather than send the object whole.
         if args.get("anonymize", "").strip().lower() == "yes":
@@ -572,6 +576,25 @@ def _accept_json(what: str) -> None:
         )
 
 
+def _check_uids(
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+    names: tuple[str, str, str] = ("study UID", "series UID", "SOP Instance UID"),
+) -> None:
+    """Refuse (400) a study, series or instance named by what is no UID
+    (DICOM PS3.5 9.1), ``names`` saying how the request names each: every
+    instance held here was taken in with valid UIDs, and a NUL among the
+    characters cannot even be looked up in a PostgreSQL text column."""
+    for name, uid in zip(names, (study_uid, series_uid, sop_uid), strict=True):
+        if uid is not None and not UID(uid).is_valid:
+            abort(
+                400,
+                f"{name} {uid[:MAX_UID]!r} is not a UID: at most {MAX_UID} "
+                "digits and periods (DICOM PS3.5 9.1)",
+            )
+
+
 def _not_published(
     study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
 ) -> str:
@@ -615,15 +638,18 @@ def _filters(items: Iterable[tuple[str, str]], level: str) -> list[tuple[str, st
         if key == "includefield":
             _check_includefield(value)
         elif key in UNSUPPORTED_MATCHING and value not in ("true", "false"):
-            abort(400, f"{key}={value}: DICOM PS3.18 8.3.4 wants true or false")
+            abort(
+                400,
+                f"{key}={escaped(value)}: DICOM PS3.18 8.3.4 wants true or false",
+            )
         if key in QIDO_CONTROL:
             continue
         keyword = _keyword(key)
         if keyword not in LEVEL_ATTRIBUTES[level] or tag_for_keyword(keyword) is None:
-            abort(400, f"{key} is not a matching key of the {level} level")
+            abort(400, f"{escaped(key)} is not a matching key of the {level} level")
         problem = _value_problem(dictionary_VR(keyword), value)
         if problem:
-            abort(400, f"{key}={value}: {problem}")
+            abort(400, f"{key}={escaped(value)}: {problem}")
         if (keyword, value) not in filters:
             filters.append((keyword, value))
         if len(filters) > MAX_FILTERS:
@@ -647,6 +673,11 @@ def _check_includefield(value: str) -> None:
                 )
 
 
+# DICOM PS3.5 6.1.3: the control characters a character string may hold
+# are TAB, LF, FF, CR and ESC; any other (NUL, the C1 codes) is in no VR.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f-\x9f]")
+
+
 def _value_problem(vr: str, value: str) -> str | None:
     """Say why a matching value is not valid for its VR, or None.
 
@@ -656,6 +687,11 @@ def _value_problem(vr: str, value: str) -> str | None:
     """
     if value == "":
         return None
+    if _CONTROL.search(value):
+        return (
+            "holds a control character other than TAB, LF, FF, CR and ESC; "
+            "DICOM PS3.5 6.1.3"
+        )
     if vr in RANGE_SYNTAX:
         if RANGE_SYNTAX[vr].fullmatch(value) and value != "-":
             return None
