@@ -401,3 +401,23 @@ def test_metadata_of_a_study_whose_files_are_all_gone_is_a_500_that_says_so(
     assert answer.status_code == 500
     assert answer.headers["Content-Type"].startswith("text/plain")
     assert "stored copies of the instances asked for cannot be read" in answer.text
+
+
+def test_a_study_whose_name_and_accession_number_hold_a_nul_is_kept_and_found(
+    running_node: RunningNode, tmp_path: Path
+) -> None:
+    """DICOM PS3.5 6.1.3: a NUL is in no VR, yet found in the wild; an
+    instance whose Patient's Name or Accession Number holds one is kept on
+    every database (PostgreSQL text cannot hold a NUL, so no index column
+    keeps the value) and matched on its attributes alone (DICOM PS3.4
+    C.2.2.2)."""
+    running_node.feed()
+    spec = Spec("NUL\x00A", "IDX-1", "Nul\x00^Name", "20200105", "101500", (("CT", 1),))
+    study = _write_study(tmp_path / "nul", spec)
+
+    running_node.services.imaging_source.publish(study, PATIENT)
+
+    (found,) = _qido(running_node, "/studies", PatientName="nul*")
+    assert found.StudyInstanceUID == study.study_instance_uid
+    assert _qido(running_node, "/studies", AccessionNumber="NUL*") == [found]
+    assert _qido(running_node, "/studies", PatientName="other*") == []
