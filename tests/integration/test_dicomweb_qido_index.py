@@ -311,6 +311,38 @@ def test_limit_and_offset_page_the_matches_in_a_stable_order(
     assert _qido(shared_node, "/studies", limit="0") == []
 
 
+def test_an_answer_holds_at_most_the_servers_maximum_and_says_there_is_more(
+    shared_node: RunningNode,
+    studies: dict[str, scan.Study],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DICOM PS3.18 8.3.4: without a limit, or with one above the origin
+    server's maximum, a search answers that many matches, with a Warning
+    that more can be requested; offset pages through them all. A limit the
+    maximum allows stops the answer without a Warning."""
+    url = f"{shared_node.settings.dicomweb_url}/instances"
+    everything = [i.SOPInstanceUID for i in _qido(shared_node, "/instances")]
+    monkeypatch.setattr(dicomweb, "MAX_ANSWERS", 2, raising=False)
+
+    pages = [
+        requests.get(url, params=params, timeout=30)
+        for params in ({}, {"offset": "2", "limit": "10"}, {"offset": "4"})
+    ]
+    limited = requests.get(url, params={"limit": "2"}, timeout=30)
+
+    assert len(everything) == 6
+    assert [len(page.json()) for page in pages] == [2, 2, 2]
+    assert [
+        answer["00080018"]["Value"][0] for page in pages for answer in page.json()
+    ] == everything
+    for page in pages[:2]:
+        assert page.headers["Warning"].endswith(
+            ": There are additional results that can be requested"
+        )
+    assert "Warning" not in pages[2].headers
+    assert len(limited.json()) == 2 and "Warning" not in limited.headers
+
+
 def test_series_matching_on_the_index(
     shared_node: RunningNode, studies: dict[str, scan.Study]
 ) -> None:

@@ -99,6 +99,10 @@ UNSUPPORTED_MATCHING = {
     "supported. Multiple Value Matching has not been performed.",
 }
 QIDO_CONTROL = {"limit", "offset", "includefield", *UNSUPPORTED_MATCHING}
+# Matches one QIDO-RS answer holds at most, whatever its limit: each is
+# built in memory (some 10 KiB at the instance level) before the answer's
+# first byte goes out.
+MAX_ANSWERS = 5000
 # Matching keys one query may give, each an SQL condition: a level has some
 # thirty attributes, and a key repeated alike counts once.
 MAX_FILTERS = 64
@@ -215,20 +219,32 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         filters = _filters(request.args.items(multi=True), level)
         offset = _whole(request.args.get("offset", "0"), "offset")
         limit = request.args.get("limit")
-        wanted = None if limit is None else offset + _whole(limit, "limit")
+        asked = None if limit is None else _whole(limit, "limit")
+        # DICOM PS3.18 8.3.4: without a limit, or with one above what this
+        # origin server sends at once, the answer holds MAX_ANSWERS matches
+        # and a Warning says there are more, which offset pages through.
+        capped = asked is None or asked > MAX_ANSWERS
+        most = MAX_ANSWERS if asked is None or asked > MAX_ANSWERS else asked
         index_once()
 
         # SQL narrows the rows to those that may match; each answer is then
-        # matched as DICOM PS3.4 C.2.2.2 says, and paged once matched.
+        # matched as DICOM PS3.4 C.2.2.2 says, and paged once matched: the
+        # matches before the offset are counted, not kept.
         answers: list[dict[str, object]] = []
+        skipped = 0
+        more = False
         scope = _in_scope(study_uid, series_uid)
         with source.engine.connect() as conn:
             for answer in _answers(conn, level, scope, filters, retrieve_url):
-                if _matches_all(answer, filters):
+                if not _matches_all(answer, filters):
+                    continue
+                if skipped < offset:
+                    skipped += 1
+                elif len(answers) < most:
                     answers.append(answer)
-                    if wanted is not None and len(answers) >= wanted:
-                        break
-        answers = answers[offset:wanted]
+                else:
+                    more = True
+                    break
         # RAD TF-3 4.129.5: a DICOM Query event (DICOM PS3.15 A.5.3.10), the
         # search of the Study Root model and its query string, spooled
         # before the answer goes out.
@@ -254,6 +270,12 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             len(answers),
         )
         response = Response(json.dumps(answers), content_type=DICOM_JSON)
+        if more and capped:
+            response.headers.add(
+                "Warning",
+                f"299 {source.settings.dicomweb_url}: There are additional "
+                "results that can be requested",
+            )
         for key, warning in UNSUPPORTED_MATCHING.items():
             if request.args.get(key) == "true":
                 response.headers.add(
@@ -786,7 +808,12 @@ def _answers(
     order = (column.study_instance_uid, column.series_instance_uid)
     if level == "instance":
         query = select(imaging_instance).where(*scope, *conditions)
-        for row in conn.execute(query.order_by(*order, column.sop_instance_uid)):
+        # Fetched a batch at a time (a server-side cursor on PostgreSQL), so
+        # that a search stopped at its limit never holds every row.
+        query = query.order_by(*order, column.sop_instance_uid).execution_options(
+            yield_per=ANSWER_BATCH
+        )
+        for row in conn.execute(query):
             yield _answer(row, level, retrieve_url)
         return
 
