@@ -438,6 +438,9 @@ def test_wado_uri_window_and_quality_are_applied(
         ({"windowCenter": "inf", "windowWidth": "10"}, 400),
         ({"imageQuality": "101"}, 400),
         ({"contentType": "application/dicom", "rows": "10"}, 400),
+        ({"requestType": ["WADO", "WADOX"]}, 400),
+        ({"objectUID": ["1.2.3.4", "1.2.3.5"]}, 400),
+        ({"contentType": ["application/dicom", "image/jpeg"]}, 400),
     ],
     ids=[
         "request-type",
@@ -463,6 +466,9 @@ def test_wado_uri_window_and_quality_are_applied(
         "window-infinite",
         "quality",
         "rows-on-dicom",
+        "request-type-twice",
+        "object-uid-twice",
+        "content-type-twice",
     ],
 )
 def test_wado_uri_bad_requests_are_answered_with_their_status(
@@ -1169,3 +1175,30 @@ def test_wado_uri_with_a_uid_that_is_no_uid_is_a_400(
 
     assert answer.status_code == 400
     assert "studyUID" in answer.text and "\x00" not in answer.text
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"limit": ["1", "2"]},
+        {"offset": ["0", "1"]},
+        {"fuzzymatching": ["true", "false"]},
+    ],
+    ids=["limit", "offset", "fuzzymatching"],
+)
+def test_qido_refuses_a_paging_or_matching_parameter_given_twice_otherwise(
+    shared_node: RunningNode, published: scan.Study, params: dict
+) -> None:
+    """DICOM PS3.18 8.3.4: limit, offset and the matching flags take one
+    value; given twice with different values the request is a 400 naming
+    the parameter, not answered after the first; repeated alike, it is
+    answered."""
+    (key,) = params
+    url = f"{shared_node.settings.dicomweb_url}/studies"
+
+    answer = requests.get(url, params=params, timeout=30)
+    alike = requests.get(url, params={key: [params[key][0]] * 2}, timeout=30)
+
+    assert answer.status_code == 400
+    assert answer.text.startswith(f"{key} is given 2 times")
+    assert alike.status_code == 200

@@ -47,6 +47,7 @@ from sqlalchemy import (
     or_,
     select,
 )
+from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException
 
 from xdsi import audit
@@ -217,6 +218,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         _accept_json("search results")
         _check_uids(study_uid, series_uid)
         filters = _filters(request.args.items(multi=True), level)
+        _single_valued(request.args, ("limit", "offset", *UNSUPPORTED_MATCHING))
         offset = _whole(request.args.get("offset", "0"), "offset")
         limit = request.args.get("limit")
         asked = None if limit is None else _whole(limit, "limit")
@@ -479,6 +481,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         technique text is burnt into a rendered image.
         """
         args = request.args
+        _single_valued(args, args.keys())
         if args.get("requestType") != "WADO":
             abort(400, "requestType must be WADO (DICOM PS3.18 9.1.2.1.1)")
         uids = [args.get(k, "").strip() for k in ("studyUID", "seriesUID", "objectUID")]
@@ -596,6 +599,21 @@ def _accept_json(what: str) -> None:
             f"this service sends {what} as {DICOM_JSON} only; the Accept "
             "header takes neither it nor application/json",
         )
+
+
+def _single_valued(args: MultiDict[str, str], names: Iterable[str]) -> None:
+    """Refuse (400) a query parameter of ``names`` given twice with other
+    values: DICOM PS3.18 gives each one value (9.1.2 for WADO-URI, 8.3.4 for
+    limit, offset and the matching flags of QIDO-RS), and answering the
+    first alone would answer another request than the one sent."""
+    for name in names:
+        values = set(args.getlist(name))
+        if len(values) > 1:
+            abort(
+                400,
+                f"{escaped(name)} is given {len(args.getlist(name))} times with "
+                "different values; it takes one",
+            )
 
 
 def _check_uids(
