@@ -21,6 +21,7 @@ from hl7apy.core import Message
 from hl7apy.exceptions import HL7apyException, UnsupportedVersion
 from hl7apy.parser import parse_message
 
+from xdsi import logs
 from xdsi.metadata.validation import patient_id_problem
 
 logger = logging.getLogger(__name__)
@@ -578,11 +579,12 @@ def _read_header(message: str) -> Message | None:
 
 
 def _control_id(message: str) -> str:
-    """Return MSH-10 of ``message`` for the log, or ``-`` when unreadable."""
+    """Return MSH-10 of ``message`` for the log, or ``-`` when unreadable:
+    a peer's text, its start in printable ASCII (:func:`xdsi.logs.quoted`)."""
     header = _read_header(message)
     if header is None:
         return "-"
-    return header.msh.msh_10.to_er7() or "-"
+    return logs.quoted(header.msh.msh_10.to_er7()) or "-"
 
 
 def _escape(text: str, enc: dict[str, str]) -> str:

@@ -567,6 +567,30 @@ def test_handle_feed_answers_a_rejection_without_calling_back(
     assert error_code in ack.err.to_er7()
 
 
+@pytest.mark.parametrize(
+    "control_id",
+    ["PIF\x1b[2J\x85FORGED", "PIF\u2028FORGED\x00", "P" * 5000],
+    ids=["escape-and-nel", "line-separator-and-nul", "5000-characters"],
+)
+def test_the_logged_msh_10_is_escaped_and_cut_short(
+    control_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ITI TF-2x C.2.3: the ACK echoes MSH-10 as sent; the log line names it
+    in printable ASCII and cut short, so that a sender can neither forge
+    lines, steer a terminal nor fill the log with it."""
+    message = ADT_A01_V231.replace("PIF-0001", control_id)
+
+    with caplog.at_level(logging.INFO, logger="xdsi.hl7"):
+        ack_text, _ = handle_feed(
+            message, [].append, assigning_authority=AFFINITY_DOMAIN
+        )
+
+    assert hl7apy_parse(ack_text).msa.msa_2.to_er7() == control_id
+    (line,) = [r.getMessage() for r in caplog.records if "MSH-10" in r.getMessage()]
+    assert line.isascii() and line.isprintable()
+    assert len(line) < 300
+
+
 def test_handle_feed_answers_ae_207_when_storing_fails(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
