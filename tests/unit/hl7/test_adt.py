@@ -1,6 +1,7 @@
 """ITI-8 Patient Identity Feed: parsing, ACKs and feeds, without sockets."""
 
 import logging
+import time
 
 import pytest
 from hl7apy.consts import VALIDATION_LEVEL
@@ -278,6 +279,33 @@ def test_segments_iti8_does_not_read_are_not_parsed() -> None:
     identity = parse_feed(message, assigning_authority=AFFINITY_DOMAIN)
 
     assert identity.patient_id == AFFINITY_CX
+
+
+@pytest.mark.parametrize("separator", ["~", "&"], ids=["repetitions", "subcomponents"])
+def test_thousands_of_repetitions_are_refused_unread(separator: str) -> None:
+    """HL7 v2.5 Table 0357: a PID of thousands of repetitions or
+    subcomponents, each of which costs the parser a fraction of a
+    millisecond, is answered AR 207 at once, unread."""
+    message = ADT_A01_V231.replace("\rPID|", "\rPID|" + separator * 7000, 1)
+
+    started = time.monotonic()
+    with pytest.raises(FeedRejected, match="repetitions and subcomponents") as caught:
+        parse_feed(message, assigning_authority=AFFINITY_DOMAIN)
+
+    assert (caught.value.ack_code, caught.value.error_code) == ("AR", "207")
+    assert time.monotonic() - started < 0.5
+
+
+def test_a_pid_3_of_ten_identifiers_is_read() -> None:
+    """ITI TF-2 3.8.4.1.3: the affinity domain's identifier among many."""
+    others = "~".join(f"L{n}^^^&1.2.840.99999.{n}&ISO" for n in range(9))
+    message = ADT_A01_V231.replace(AFFINITY_CX, f"{others}~{AFFINITY_CX}")
+    assert AFFINITY_CX in ADT_A01_V231
+
+    identity = parse_feed(message, assigning_authority=AFFINITY_DOMAIN)
+
+    assert identity.patient_id == AFFINITY_CX
+    assert len(identity.other_ids) >= 9
 
 
 def test_unknown_authority_rejection_names_the_authority_sought() -> None:
