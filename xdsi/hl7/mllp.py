@@ -204,7 +204,25 @@ class _Connection(socketserver.BaseRequestHandler):
             logger.debug("MLLP connection from %s closed", peer)
 
     def _serve(self, sock: socket.socket, peer: str, owner: "MllpServer") -> None:
-        """Read frames until the peer closes, a timeout or a protocol error."""
+        """Read frames until the peer closes, a timeout or a protocol error.
+
+        Bytes outside a frame are logged when first skipped and, if more
+        follow, once more in all as the connection ends: a peer streaming
+        junk writes two lines, not one per read.
+        """
+        skipped = _Skipped(peer)
+        try:
+            self._read_frames(sock, peer, owner, skipped)
+        finally:
+            skipped.close()
+
+    def _read_frames(
+        self,
+        sock: socket.socket,
+        peer: str,
+        owner: "MllpServer",
+        outside: "_Skipped",
+    ) -> None:
         handler, timeout = owner._handler, owner._timeout
         deframer = _Deframer(owner._max_frame_size)
         deadline = time.monotonic() + timeout
@@ -233,10 +251,7 @@ class _Connection(socketserver.BaseRequestHandler):
             except FrameTooLarge as exc:
                 _refuse_oversized(sock, peer, exc)
                 return
-            if skipped:
-                logger.warning(
-                    "MLLP %s: skipped %d bytes outside a frame", peer, skipped
-                )
+            outside.add(skipped)
 
             for payload in frames:
                 try:
@@ -253,6 +268,31 @@ class _Connection(socketserver.BaseRequestHandler):
                     return
             if frames:
                 deadline = time.monotonic() + timeout
+
+
+class _Skipped:
+    """The bytes a connection's peer sent outside a frame, for the log."""
+
+    def __init__(self, peer: str) -> None:
+        self._peer = peer
+        self._first = 0
+        self._total = 0
+
+    def add(self, count: int) -> None:
+        if count and not self._total:
+            logger.warning(
+                "MLLP %s: skipped %d bytes outside a frame", self._peer, count
+            )
+            self._first = count
+        self._total += count
+
+    def close(self) -> None:
+        if self._total > self._first:
+            logger.warning(
+                "MLLP %s: skipped %d bytes outside a frame in all on this connection",
+                self._peer,
+                self._total,
+            )
 
 
 def _refuse_oversized(sock: socket.socket, peer: str, exc: FrameTooLarge) -> None:

@@ -163,6 +163,34 @@ def test_bytes_before_the_start_block_are_skipped_and_logged_without_content(
     assert not any("SECRET" in w for w in warnings)
 
 
+def test_a_peer_streaming_bytes_outside_a_frame_is_logged_twice_in_all(
+    registry: MllpServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """HL7 v2.5 Implementation Guide C.4: bytes outside a frame are skipped;
+    a peer that streams megabytes of them gets one line as they begin and
+    one with their total as its connection ends, not one per read."""
+    junk = b"x" * 65536
+    with caplog.at_level(logging.WARNING, logger="xdsi.hl7"):
+        with socket.create_connection(registry.address, timeout=5.0) as sock:
+            for _ in range(200):
+                sock.sendall(junk)
+            sock.sendall(frame(ADT_A01_V231))
+            assert msa(read_frames(sock, 1)[0]) == ("AA", "PIF-0001")
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and not any(
+            "in all" in r.getMessage() for r in caplog.records
+        ):
+            time.sleep(0.05)
+
+    lines = [
+        r.getMessage() for r in caplog.records if "outside a frame" in r.getMessage()
+    ]
+    assert len(lines) == 2
+    assert lines[1].endswith(
+        f"skipped {200 * len(junk)} bytes outside a frame in all on this connection"
+    )
+
+
 def test_start_block_inside_a_frame_starts_it_afresh(
     registry: MllpServer, client: socket.socket, fed: list[PatientIdentity]
 ) -> None:
