@@ -162,12 +162,15 @@ class _Deframer:
                 self.in_frame = True
                 self._searched = 0
 
+            # Of several <VT> before the frame's end, the last opens the
+            # frame that counts: found at once, not one <VT> at a time, so
+            # that a stream of them costs no more than any other bytes.
             end = self._buffer.find(END_BLOCK, self._searched)
-            restart = self._buffer.find(
+            restart = self._buffer.rfind(
                 START_BLOCK, self._searched, None if end < 0 else end
             )
             if restart >= 0:
-                skipped += restart
+                skipped += restart - self._buffer.count(START_BLOCK, 0, restart)
                 del self._buffer[: restart + 1]
                 self._searched = 0
                 continue

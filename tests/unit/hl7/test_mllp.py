@@ -31,7 +31,7 @@ from xdsi.hl7 import (
     mllp,
     send_message,
 )
-from xdsi.hl7.mllp import MAX_FRAME_SIZE, decode_payload
+from xdsi.hl7.mllp import MAX_FRAME_SIZE, _Deframer, decode_payload
 
 VT, FS_CR = b"\x0b", b"\x1c\r"
 
@@ -199,6 +199,22 @@ def test_start_block_inside_a_frame_starts_it_afresh(
 
     assert msa(read_frames(client, 1)[0]) == ("AA", "PIF-0001")
     assert len(fed) == 1
+
+
+def test_a_stream_of_start_blocks_is_cut_as_fast_as_other_bytes() -> None:
+    """HL7 v2.5 Implementation Guide C.4: each <VT> inside a frame starts
+    it afresh; a megabyte of them is skipped at once, as a megabyte of other
+    bytes is, not one <VT> at a time (over half a second of the listener's
+    time a megabyte), and the frame after them is read whole."""
+    deframer = _Deframer()
+    started = time.monotonic()
+
+    for _ in range(16):
+        assert deframer.feed(VT * 65536) == ([], 0)
+    frames, skipped = deframer.feed(b"abc" + VT + b"MSH|x" + FS_CR)
+
+    assert time.monotonic() - started < 0.2
+    assert (frames, skipped) == ([b"MSH|x"], 3)
 
 
 def test_oversized_frame_is_answered_ar_and_its_connection_closed(
