@@ -311,6 +311,38 @@ def test_limit_and_offset_page_the_matches_in_a_stable_order(
     assert _qido(shared_node, "/studies", limit="0") == []
 
 
+def test_an_answer_holds_at_most_the_servers_maximum_and_says_there_is_more(
+    shared_node: RunningNode,
+    studies: dict[str, scan.Study],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DICOM PS3.18 8.3.4: without a limit, or with one above the origin
+    server's maximum, a search answers that many matches, with a Warning
+    that more can be requested; offset pages through them all. A limit the
+    maximum allows stops the answer without a Warning."""
+    url = f"{shared_node.settings.dicomweb_url}/instances"
+    everything = [i.SOPInstanceUID for i in _qido(shared_node, "/instances")]
+    monkeypatch.setattr(dicomweb, "MAX_ANSWERS", 2, raising=False)
+
+    pages = [
+        requests.get(url, params=params, timeout=30)
+        for params in ({}, {"offset": "2", "limit": "10"}, {"offset": "4"})
+    ]
+    limited = requests.get(url, params={"limit": "2"}, timeout=30)
+
+    assert len(everything) == 6
+    assert [len(page.json()) for page in pages] == [2, 2, 2]
+    assert [
+        answer["00080018"]["Value"][0] for page in pages for answer in page.json()
+    ] == everything
+    for page in pages[:2]:
+        assert page.headers["Warning"].endswith(
+            ": There are additional results that can be requested"
+        )
+    assert "Warning" not in pages[2].headers
+    assert len(limited.json()) == 2 and "Warning" not in limited.headers
+
+
 def test_series_matching_on_the_index(
     shared_node: RunningNode, studies: dict[str, scan.Study]
 ) -> None:
@@ -401,3 +433,23 @@ def test_metadata_of_a_study_whose_files_are_all_gone_is_a_500_that_says_so(
     assert answer.status_code == 500
     assert answer.headers["Content-Type"].startswith("text/plain")
     assert "stored copies of the instances asked for cannot be read" in answer.text
+
+
+def test_a_study_whose_name_and_accession_number_hold_a_nul_is_kept_and_found(
+    running_node: RunningNode, tmp_path: Path
+) -> None:
+    """DICOM PS3.5 6.1.3: a NUL is in no VR, yet found in the wild; an
+    instance whose Patient's Name or Accession Number holds one is kept on
+    every database (PostgreSQL text cannot hold a NUL, so no index column
+    keeps the value) and matched on its attributes alone (DICOM PS3.4
+    C.2.2.2)."""
+    running_node.feed()
+    spec = Spec("NUL\x00A", "IDX-1", "Nul\x00^Name", "20200105", "101500", (("CT", 1),))
+    study = _write_study(tmp_path / "nul", spec)
+
+    running_node.services.imaging_source.publish(study, PATIENT)
+
+    (found,) = _qido(running_node, "/studies", PatientName="nul*")
+    assert found.StudyInstanceUID == study.study_instance_uid
+    assert _qido(running_node, "/studies", AccessionNumber="NUL*") == [found]
+    assert _qido(running_node, "/studies", PatientName="other*") == []

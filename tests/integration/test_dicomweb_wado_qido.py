@@ -434,6 +434,9 @@ def test_wado_uri_window_and_quality_are_applied(
         ({"windowCenter": "inf", "windowWidth": "10"}, 400),
         ({"imageQuality": "101"}, 400),
         ({"contentType": "application/dicom", "rows": "10"}, 400),
+        ({"requestType": ["WADO", "WADOX"]}, 400),
+        ({"objectUID": ["1.2.3.4", "1.2.3.5"]}, 400),
+        ({"contentType": ["application/dicom", "image/jpeg"]}, 400),
     ],
     ids=[
         "request-type",
@@ -459,6 +462,9 @@ def test_wado_uri_window_and_quality_are_applied(
         "window-infinite",
         "quality",
         "rows-on-dicom",
+        "request-type-twice",
+        "object-uid-twice",
+        "content-type-twice",
     ],
 )
 def test_wado_uri_bad_requests_are_answered_with_their_status(
@@ -1110,3 +1116,85 @@ def test_a_qido_search_is_audited_as_a_dicom_query(
 
     assert refused.status_code == 500
     assert "audit record" in refused.text
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/studies/{study}%00",
+        "/studies/{study}%00/metadata",
+        "/studies/{study}/series/{series}%00/instances",
+        "/studies/1.2%203/series",
+        "/studies?PatientName=%00",
+        "/studies?PatientName=a%00*",
+        "/series?Modality=M%00R",
+        "/instances?SOPClassUID=1.2.840.10008.5.1.4.1.1.4%0B",
+    ],
+    ids=[
+        "study-nul",
+        "metadata-nul",
+        "series-nul",
+        "study-space",
+        "name-nul",
+        "name-wildcard-nul",
+        "modality-nul",
+        "uid-list-vt",
+    ],
+)
+def test_a_control_character_in_a_uid_or_matching_value_is_a_400(
+    shared_node: RunningNode, published: scan.Study, path: str
+) -> None:
+    """DICOM PS3.5 9.1 and 6.1.3: a UID of other characters than digits and
+    periods, or a value holding a control character no VR allows (NUL among
+    them, which PostgreSQL cannot take in a text value), is a bad request
+    that says which, not an internal error; the node answers the next."""
+    url = shared_node.settings.dicomweb_url + path.format(
+        study=published.study_instance_uid,
+        series=published.series[0].series_instance_uid,
+    )
+
+    answer = requests.get(url, timeout=30)
+
+    assert answer.status_code == 400
+    assert answer.headers["Content-Type"].startswith("text/plain")
+    assert "\x00" not in answer.text
+    assert requests.get(url.split("%")[0], timeout=30).status_code < 500
+
+
+def test_wado_uri_with_a_uid_that_is_no_uid_is_a_400(
+    shared_node: RunningNode, published: scan.Study
+) -> None:
+    """DICOM PS3.18 9.1.2.1.2 to 9.1.2.1.4, DICOM PS3.5 9.1: studyUID,
+    seriesUID and objectUID are UIDs; one holding a NUL is a 400 saying so,
+    not an internal error."""
+    answer = _wado_uri(shared_node, published.instances[0], studyUID="1.2\x003")
+
+    assert answer.status_code == 400
+    assert "studyUID" in answer.text and "\x00" not in answer.text
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"limit": ["1", "2"]},
+        {"offset": ["0", "1"]},
+        {"fuzzymatching": ["true", "false"]},
+    ],
+    ids=["limit", "offset", "fuzzymatching"],
+)
+def test_qido_refuses_a_paging_or_matching_parameter_given_twice_otherwise(
+    shared_node: RunningNode, published: scan.Study, params: dict
+) -> None:
+    """DICOM PS3.18 8.3.4: limit, offset and the matching flags take one
+    value; given twice with different values the request is a 400 naming
+    the parameter, not answered after the first; repeated alike, it is
+    answered."""
+    (key,) = params
+    url = f"{shared_node.settings.dicomweb_url}/studies"
+
+    answer = requests.get(url, params=params, timeout=30)
+    alike = requests.get(url, params={key: [params[key][0]] * 2}, timeout=30)
+
+    assert answer.status_code == 400
+    assert answer.text.startswith(f"{key} is given 2 times")
+    assert alike.status_code == 200

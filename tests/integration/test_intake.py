@@ -346,6 +346,55 @@ def test_stow_rs_refuses_an_instance_of_another_study(
     assert response.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA900]
 
 
+@pytest.mark.parametrize(
+    "study", ["1.2%0A3", "%00", "abc"], ids=["lf", "nul", "letters"]
+)
+def test_stow_rs_to_a_study_path_that_is_no_uid_is_a_400_logged_on_one_line(
+    intake_node: RunningNode, study: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DICOM PS3.18 10.5.1, DICOM PS3.5 9.1: a study path that is no UID
+    names no study an instance could belong to; the request is a 400, nothing
+    of it is kept, and the path's characters reach no log line raw."""
+    path = shared_path("dicom", "singles", "ts-explicit-le__CT_small.dcm")
+
+    with caplog.at_level(logging.INFO):
+        response = _stow(intake_node, [path.read_bytes()], study=study)
+
+    assert response.status_code == 400
+    assert "not a UID" in response.text
+    assert _held(intake_node) == {}
+    for record in caplog.records:
+        if record.name.startswith("xdsi"):
+            assert record.getMessage().isprintable()
+
+
+def test_stow_rs_escapes_a_part_media_type_in_its_log(
+    intake_node: RunningNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DICOM PS3.18 10.5.1.2: a part of another media type fails; the type,
+    as the sender wrote it, is logged with its control characters escaped."""
+    boundary = "b"
+    body = (
+        f"--{boundary}\r\nContent-Type: text/plain\x1b[2J\x00\r\n\r\nx\r\n"
+        f"--{boundary}--\r\n"
+    ).encode("latin-1")
+
+    with caplog.at_level(logging.INFO):
+        response = requests.post(
+            _stow_url(intake_node),
+            data=body,
+            headers={
+                "Content-Type": 'multipart/related; type="application/dicom"; '
+                f"boundary={boundary}"
+            },
+            timeout=30,
+        )
+
+    assert response.status_code == 409
+    (refusal,) = [r for r in caplog.records if "part refused" in r.getMessage()]
+    assert "text/plain\\x1b[2J\\x00" in refusal.getMessage()
+
+
 def test_stow_rs_refuses_other_media_types(intake_node: RunningNode) -> None:
     """DICOM PS3.18 10.5.1.2: a body not multipart/related DICOM gets 415."""
     settings = intake_node.settings

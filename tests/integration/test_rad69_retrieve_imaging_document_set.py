@@ -167,6 +167,36 @@ def test_unlisted_transfer_syntax_is_refused(
     assert _call(running_node, request) == ("Failure", ["XDSRepositoryError"], 0)
 
 
+def test_a_long_list_of_unlisted_syntaxes_is_not_repeated_in_each_error(
+    running_node: RunningNode, published: scan.Study
+):
+    """RAD TF-3 4.69.4.2.3: each instance no listed syntax can be produced
+    in is an error, which names the list's first syntaxes and how many more
+    there are: a request listing thousands would otherwise be answered with
+    the whole list once per instance, an answer hundreds of times its size."""
+    series = published.series[0]
+    syntaxes = tuple(f"1.2.840.99999.{n}" for n in range(5000))
+    request = rad69(
+        published.study_instance_uid,
+        series.series_instance_uid,
+        [i.sop_instance_uid for i in series.instances],
+        running_node.settings.imaging_source.repository_unique_id,
+        syntaxes=syntaxes + syntaxes,
+    )
+
+    with wire.SoapClient(running_node.settings.url("imaging_source")).call(
+        RAD69, request
+    ) as reply:
+        errors = read_errors(reply.body)
+
+    assert len(errors) == len(series.instances) > 1
+    for error in errors:
+        assert error.code == "XDSRepositoryError"
+        assert "1.2.840.99999.0, " in error.message
+        assert "4990 more" in error.message
+        assert len(error.message) < 1000
+
+
 def test_unknown_repository_id(running_node: RunningNode, published: scan.Study):
     """ITI TF-3 Table 4.2.4.1-2: XDSUnknownRepositoryId."""
     instance = published.instances[0]

@@ -34,7 +34,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
-from pydicom.uid import RE_VALID_UID, ExplicitVRLittleEndian
+from pydicom.uid import RE_VALID_UID, UID, ExplicitVRLittleEndian
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from sqlalchemy import (
     ColumnElement,
@@ -47,6 +47,7 @@ from sqlalchemy import (
     or_,
     select,
 )
+from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException
 
 from xdsi import audit
@@ -58,6 +59,7 @@ from xdsi.dicom.qido import (
     SERIES_ATTRIBUTES,
     STUDY_ATTRIBUTES,
 )
+from xdsi.logs import escaped
 from xdsi.store.schema import QIDO_COLUMNS, imaging_instance, instance_published
 
 if TYPE_CHECKING:
@@ -98,6 +100,10 @@ UNSUPPORTED_MATCHING = {
     "supported. Multiple Value Matching has not been performed.",
 }
 QIDO_CONTROL = {"limit", "offset", "includefield", *UNSUPPORTED_MATCHING}
+# Matches one QIDO-RS answer holds at most, whatever its limit: each is
+# built in memory (some 10 KiB at the instance level) before the answer's
+# first byte goes out.
+MAX_ANSWERS = 5000
 # Matching keys one query may give, each an SQL condition: a level has some
 # thirty attributes, and a key repeated alike counts once.
 MAX_FILTERS = 64
@@ -145,6 +151,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         """The store rows of the published instances in scope; their
         headers are read one at a time by whoever needs them, so that a
         large study is never whole in memory."""
+        _check_uids(study_uid, series_uid, sop_uid)
         query = select(imaging_instance).where(
             *_in_scope(study_uid, series_uid, sop_uid)
         )
@@ -209,23 +216,37 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         """DICOM PS3.18 10.6: answer a search from the imaging_instance rows
         alone, each answer from the attributes kept of its first instance."""
         _accept_json("search results")
+        _check_uids(study_uid, series_uid)
         filters = _filters(request.args.items(multi=True), level)
+        _single_valued(request.args, ("limit", "offset", *UNSUPPORTED_MATCHING))
         offset = _whole(request.args.get("offset", "0"), "offset")
         limit = request.args.get("limit")
-        wanted = None if limit is None else offset + _whole(limit, "limit")
+        asked = None if limit is None else _whole(limit, "limit")
+        # DICOM PS3.18 8.3.4: without a limit, or with one above what this
+        # origin server sends at once, the answer holds MAX_ANSWERS matches
+        # and a Warning says there are more, which offset pages through.
+        capped = asked is None or asked > MAX_ANSWERS
+        most = MAX_ANSWERS if asked is None or asked > MAX_ANSWERS else asked
         index_once()
 
         # SQL narrows the rows to those that may match; each answer is then
-        # matched as DICOM PS3.4 C.2.2.2 says, and paged once matched.
+        # matched as DICOM PS3.4 C.2.2.2 says, and paged once matched: the
+        # matches before the offset are counted, not kept.
         answers: list[dict[str, object]] = []
+        skipped = 0
+        more = False
         scope = _in_scope(study_uid, series_uid)
         with source.engine.connect() as conn:
             for answer in _answers(conn, level, scope, filters, retrieve_url):
-                if _matches_all(answer, filters):
+                if not _matches_all(answer, filters):
+                    continue
+                if skipped < offset:
+                    skipped += 1
+                elif len(answers) < most:
                     answers.append(answer)
-                    if wanted is not None and len(answers) >= wanted:
-                        break
-        answers = answers[offset:wanted]
+                else:
+                    more = True
+                    break
         # RAD TF-3 4.129.5: a DICOM Query event (DICOM PS3.15 A.5.3.10), the
         # search of the Study Root model and its query string, spooled
         # before the answer goes out.
@@ -251,6 +272,12 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             len(answers),
         )
         response = Response(json.dumps(answers), content_type=DICOM_JSON)
+        if more and capped:
+            response.headers.add(
+                "Warning",
+                f"299 {source.settings.dicomweb_url}: There are additional "
+                "results that can be requested",
+            )
         for key, warning in UNSUPPORTED_MATCHING.items():
             if request.args.get(key) == "true":
                 response.headers.add(
@@ -454,11 +481,13 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         technique text is burnt into a rendered image.
         """
         args = request.args
+        _single_valued(args, args.keys())
         if args.get("requestType") != "WADO":
             abort(400, "requestType must be WADO (DICOM PS3.18 9.1.2.1.1)")
         uids = [args.get(k, "").strip() for k in ("studyUID", "seriesUID", "objectUID")]
         if not all(uids):
             abort(400, "studyUID, seriesUID and objectUID are required")
+        _check_uids(*uids, names=("studyUID", "seriesUID", "objectUID"))
         # DICOM PS3.18 WADO-URI, the anonymize parameter: this service does
         # not de-identify, so it refuses rather than send the object whole.
         if args.get("anonymize", "").strip().lower() == "yes":
@@ -572,6 +601,40 @@ def _accept_json(what: str) -> None:
         )
 
 
+def _single_valued(args: MultiDict[str, str], names: Iterable[str]) -> None:
+    """Refuse (400) a query parameter of ``names`` given twice with other
+    values: DICOM PS3.18 gives each one value (9.1.2 for WADO-URI, 8.3.4 for
+    limit, offset and the matching flags of QIDO-RS), and answering the
+    first alone would answer another request than the one sent."""
+    for name in names:
+        values = set(args.getlist(name))
+        if len(values) > 1:
+            abort(
+                400,
+                f"{escaped(name)} is given {len(args.getlist(name))} times with "
+                "different values; it takes one",
+            )
+
+
+def _check_uids(
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+    names: tuple[str, str, str] = ("study UID", "series UID", "SOP Instance UID"),
+) -> None:
+    """Refuse (400) a study, series or instance named by what is no UID
+    (DICOM PS3.5 9.1), ``names`` saying how the request names each: every
+    instance held here was taken in with valid UIDs, and a NUL among the
+    characters cannot even be looked up in a PostgreSQL text column."""
+    for name, uid in zip(names, (study_uid, series_uid, sop_uid), strict=True):
+        if uid is not None and not UID(uid).is_valid:
+            abort(
+                400,
+                f"{name} {uid[:MAX_UID]!r} is not a UID: at most {MAX_UID} "
+                "digits and periods (DICOM PS3.5 9.1)",
+            )
+
+
 def _not_published(
     study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
 ) -> str:
@@ -615,15 +678,18 @@ def _filters(items: Iterable[tuple[str, str]], level: str) -> list[tuple[str, st
         if key == "includefield":
             _check_includefield(value)
         elif key in UNSUPPORTED_MATCHING and value not in ("true", "false"):
-            abort(400, f"{key}={value}: DICOM PS3.18 8.3.4 wants true or false")
+            abort(
+                400,
+                f"{key}={escaped(value)}: DICOM PS3.18 8.3.4 wants true or false",
+            )
         if key in QIDO_CONTROL:
             continue
         keyword = _keyword(key)
         if keyword not in LEVEL_ATTRIBUTES[level] or tag_for_keyword(keyword) is None:
-            abort(400, f"{key} is not a matching key of the {level} level")
+            abort(400, f"{escaped(key)} is not a matching key of the {level} level")
         problem = _value_problem(dictionary_VR(keyword), value)
         if problem:
-            abort(400, f"{key}={value}: {problem}")
+            abort(400, f"{key}={escaped(value)}: {problem}")
         if (keyword, value) not in filters:
             filters.append((keyword, value))
         if len(filters) > MAX_FILTERS:
@@ -647,6 +713,11 @@ def _check_includefield(value: str) -> None:
                 )
 
 
+# DICOM PS3.5 6.1.3: the control characters a character string may hold
+# are TAB, LF, FF, CR and ESC; any other (NUL, the C1 codes) is in no VR.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f-\x9f]")
+
+
 def _value_problem(vr: str, value: str) -> str | None:
     """Say why a matching value is not valid for its VR, or None.
 
@@ -656,6 +727,11 @@ def _value_problem(vr: str, value: str) -> str | None:
     """
     if value == "":
         return None
+    if _CONTROL.search(value):
+        return (
+            "holds a control character other than TAB, LF, FF, CR and ESC; "
+            "DICOM PS3.5 6.1.3"
+        )
     if vr in RANGE_SYNTAX:
         if RANGE_SYNTAX[vr].fullmatch(value) and value != "-":
             return None
@@ -750,7 +826,12 @@ def _answers(
     order = (column.study_instance_uid, column.series_instance_uid)
     if level == "instance":
         query = select(imaging_instance).where(*scope, *conditions)
-        for row in conn.execute(query.order_by(*order, column.sop_instance_uid)):
+        # Fetched a batch at a time (a server-side cursor on PostgreSQL), so
+        # that a search stopped at its limit never holds every row.
+        query = query.order_by(*order, column.sop_instance_uid).execution_options(
+            yield_per=ANSWER_BATCH
+        )
+        for row in conn.execute(query):
             yield _answer(row, level, retrieve_url)
         return
 

@@ -197,6 +197,19 @@ def copy_hashed(source: Path, target: Path) -> str:
     return digest.hexdigest()
 
 
+# Transfer syntaxes an error names of a request's list: each instance that
+# cannot be sent has its error, and a list of thousands repeated in each
+# would make an answer hundreds of times the request's size.
+NAMED_SYNTAXES = 10
+
+
+def _listed(syntaxes: list[str]) -> str:
+    """The first NAMED_SYNTAXES of ``syntaxes``, and how many more there are."""
+    named = ", ".join(syntaxes[:NAMED_SYNTAXES])
+    more = len(syntaxes) - NAMED_SYNTAXES
+    return f"{named} and {more} more" if more > 0 else named
+
+
 @dataclass(frozen=True)
 class _DocumentRequest:
     """One DocumentRequest of a RAD-69 request, its values stripped."""
@@ -875,7 +888,8 @@ class ImagingSource:
                 f"{{{ns.XDSIB}}}TransferSyntaxUIDList/{{{ns.XDSIB}}}TransferSyntaxUID"
             )
         ]
-        syntaxes = [uid for uid in syntaxes if uid]
+        # A syntax listed again adds nothing to the order of preference.
+        syntaxes = list(dict.fromkeys(uid for uid in syntaxes if uid))
         errors: list[XdsError] = []
         studies: list[str] = []
         asked: list[tuple[str, str, _DocumentRequest]] = []
@@ -989,7 +1003,7 @@ class ImagingSource:
             return TransferSyntaxUnavailable(
                 f"instance {sop_uid} is held in transfer syntax "
                 f"{row.transfer_syntax_uid} and cannot be produced in any listed "
-                f"transfer syntax ({', '.join(syntaxes)}); RAD TF-3 4.69.4.2.3",
+                f"transfer syntax ({_listed(syntaxes)}); RAD TF-3 4.69.4.2.3",
                 sop_uid,
             )
         body: Path | StreamSource = produced.path

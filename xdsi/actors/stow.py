@@ -33,6 +33,7 @@ from xdsi import audit
 from xdsi.actors.intake import Accepted, Intake, received_events
 from xdsi.actors.soap_endpoint import RequestBody
 from xdsi.dicom.check import Refused
+from xdsi.logs import escaped
 from xdsi.wire import MalformedMessage, RequestTooLarge
 from xdsi.wire.mtom import MAX_REQUEST_PARTS
 
@@ -151,6 +152,18 @@ def add_stow_route(app: Flask, intake: Intake, path: str, spool: Path) -> None:
 def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Response:
     """Answer one Store Instances request; DICOM PS3.18 10.5."""
     started = time.monotonic()
+    if study_instance_uid is not None and not UID(study_instance_uid).is_valid:
+        # No instance can be of a study so named; the path is the sender's
+        # mistake, told before its body is read (DICOM PS3.18 10.5.1).
+        logger.info(
+            "STOW-RS request from %s refused: the study in its path is no UID",
+            request.remote_addr,
+        )
+        return _plain(
+            BAD_REQUEST,
+            f"the study {escaped(study_instance_uid[:64])} in the path is not a "
+            "UID: at most 64 digits and periods (DICOM PS3.5 9.1)",
+        )
     media_type, options = parse_options_header(request.content_type or "")
     boundary = options.get(b"boundary")
     part_type = options.get(b"type", DICOM_MEDIA_TYPE.encode()).decode("latin-1")
@@ -205,7 +218,9 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
             sop_class_uid, sop_instance_uid = _uids_of(path)
             try:
                 if part_media_type.split(";")[0].strip().lower() != DICOM_MEDIA_TYPE:
-                    raise Refused("not_dicom", f"a part of type {part_media_type}")
+                    raise Refused(
+                        "not_dicom", f"a part of type {escaped(part_media_type[:80])}"
+                    )
                 accepted = intake.accept(
                     path, move=True, study_instance_uid=study_instance_uid
                 )

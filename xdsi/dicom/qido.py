@@ -125,7 +125,10 @@ def indexed_value(attributes: Mapping[str, Any], tag: str) -> str | None:
     """The value an index column keeps of one attribute of ``attributes``
     (DICOM JSON, keyed by tag): "" when absent or empty, its single value
     as text, or None when it has several values or a long one, since a
-    column cannot match those exactly as DICOM PS3.4 C.2.2.2 does."""
+    column cannot match those exactly as DICOM PS3.4 C.2.2.2 does, or one
+    holding a NUL, which no VR allows (DICOM PS3.5 6.1.3) and a PostgreSQL
+    text column cannot hold: such an instance is matched on its DICOM JSON
+    alone, as on SQLite."""
     element = attributes.get(tag)
     if element is None:
         return ""
@@ -138,6 +141,8 @@ def indexed_value(attributes: Mapping[str, Any], tag: str) -> str | None:
     if element.get("vr") == "PN":
         value = _folded_name(tag, element)
     if not isinstance(value, str) or len(value) > MAX_INDEXED_LENGTH:
+        return None
+    if "\x00" in value:
         return None
     return value
 

@@ -162,12 +162,15 @@ class _Deframer:
                 self.in_frame = True
                 self._searched = 0
 
+            # Of several <VT> before the frame's end, the last opens the
+            # frame that counts: found at once, not one <VT> at a time, so
+            # that a stream of them costs no more than any other bytes.
             end = self._buffer.find(END_BLOCK, self._searched)
-            restart = self._buffer.find(
+            restart = self._buffer.rfind(
                 START_BLOCK, self._searched, None if end < 0 else end
             )
             if restart >= 0:
-                skipped += restart
+                skipped += restart - self._buffer.count(START_BLOCK, 0, restart)
                 del self._buffer[: restart + 1]
                 self._searched = 0
                 continue
@@ -204,7 +207,25 @@ class _Connection(socketserver.BaseRequestHandler):
             logger.debug("MLLP connection from %s closed", peer)
 
     def _serve(self, sock: socket.socket, peer: str, owner: "MllpServer") -> None:
-        """Read frames until the peer closes, a timeout or a protocol error."""
+        """Read frames until the peer closes, a timeout or a protocol error.
+
+        Bytes outside a frame are logged when first skipped and, if more
+        follow, once more in all as the connection ends: a peer streaming
+        junk writes two lines, not one per read.
+        """
+        skipped = _Skipped(peer)
+        try:
+            self._read_frames(sock, peer, owner, skipped)
+        finally:
+            skipped.close()
+
+    def _read_frames(
+        self,
+        sock: socket.socket,
+        peer: str,
+        owner: "MllpServer",
+        outside: "_Skipped",
+    ) -> None:
         handler, timeout = owner._handler, owner._timeout
         deframer = _Deframer(owner._max_frame_size)
         deadline = time.monotonic() + timeout
@@ -233,10 +254,7 @@ class _Connection(socketserver.BaseRequestHandler):
             except FrameTooLarge as exc:
                 _refuse_oversized(sock, peer, exc)
                 return
-            if skipped:
-                logger.warning(
-                    "MLLP %s: skipped %d bytes outside a frame", peer, skipped
-                )
+            outside.add(skipped)
 
             for payload in frames:
                 try:
@@ -253,6 +271,31 @@ class _Connection(socketserver.BaseRequestHandler):
                     return
             if frames:
                 deadline = time.monotonic() + timeout
+
+
+class _Skipped:
+    """The bytes a connection's peer sent outside a frame, for the log."""
+
+    def __init__(self, peer: str) -> None:
+        self._peer = peer
+        self._first = 0
+        self._total = 0
+
+    def add(self, count: int) -> None:
+        if count and not self._total:
+            logger.warning(
+                "MLLP %s: skipped %d bytes outside a frame", self._peer, count
+            )
+            self._first = count
+        self._total += count
+
+    def close(self) -> None:
+        if self._total > self._first:
+            logger.warning(
+                "MLLP %s: skipped %d bytes outside a frame in all on this connection",
+                self._peer,
+                self._total,
+            )
 
 
 def _refuse_oversized(sock: socket.socket, peer: str, exc: FrameTooLarge) -> None:

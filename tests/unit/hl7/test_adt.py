@@ -1,6 +1,7 @@
 """ITI-8 Patient Identity Feed: parsing, ACKs and feeds, without sockets."""
 
 import logging
+import time
 
 import pytest
 from hl7apy.consts import VALIDATION_LEVEL
@@ -278,6 +279,33 @@ def test_segments_iti8_does_not_read_are_not_parsed() -> None:
     identity = parse_feed(message, assigning_authority=AFFINITY_DOMAIN)
 
     assert identity.patient_id == AFFINITY_CX
+
+
+@pytest.mark.parametrize("separator", ["~", "&"], ids=["repetitions", "subcomponents"])
+def test_thousands_of_repetitions_are_refused_unread(separator: str) -> None:
+    """HL7 v2.5 Table 0357: a PID of thousands of repetitions or
+    subcomponents, each of which costs the parser a fraction of a
+    millisecond, is answered AR 207 at once, unread."""
+    message = ADT_A01_V231.replace("\rPID|", "\rPID|" + separator * 7000, 1)
+
+    started = time.monotonic()
+    with pytest.raises(FeedRejected, match="repetitions and subcomponents") as caught:
+        parse_feed(message, assigning_authority=AFFINITY_DOMAIN)
+
+    assert (caught.value.ack_code, caught.value.error_code) == ("AR", "207")
+    assert time.monotonic() - started < 0.5
+
+
+def test_a_pid_3_of_ten_identifiers_is_read() -> None:
+    """ITI TF-2 3.8.4.1.3: the affinity domain's identifier among many."""
+    others = "~".join(f"L{n}^^^&1.2.840.99999.{n}&ISO" for n in range(9))
+    message = ADT_A01_V231.replace(AFFINITY_CX, f"{others}~{AFFINITY_CX}")
+    assert AFFINITY_CX in ADT_A01_V231
+
+    identity = parse_feed(message, assigning_authority=AFFINITY_DOMAIN)
+
+    assert identity.patient_id == AFFINITY_CX
+    assert len(identity.other_ids) >= 9
 
 
 def test_unknown_authority_rejection_names_the_authority_sought() -> None:
@@ -565,6 +593,30 @@ def test_handle_feed_answers_a_rejection_without_calling_back(
     ack = hl7apy_parse(ack_text)
     assert ack.msa.msa_1.to_er7() == ack_code
     assert error_code in ack.err.to_er7()
+
+
+@pytest.mark.parametrize(
+    "control_id",
+    ["PIF\x1b[2J\x85FORGED", "PIF\u2028FORGED\x00", "P" * 5000],
+    ids=["escape-and-nel", "line-separator-and-nul", "5000-characters"],
+)
+def test_the_logged_msh_10_is_escaped_and_cut_short(
+    control_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ITI TF-2x C.2.3: the ACK echoes MSH-10 as sent; the log line names it
+    in printable ASCII and cut short, so that a sender can neither forge
+    lines, steer a terminal nor fill the log with it."""
+    message = ADT_A01_V231.replace("PIF-0001", control_id)
+
+    with caplog.at_level(logging.INFO, logger="xdsi.hl7"):
+        ack_text, _ = handle_feed(
+            message, [].append, assigning_authority=AFFINITY_DOMAIN
+        )
+
+    assert hl7apy_parse(ack_text).msa.msa_2.to_er7() == control_id
+    (line,) = [r.getMessage() for r in caplog.records if "MSH-10" in r.getMessage()]
+    assert line.isascii() and line.isprintable()
+    assert len(line) < 300
 
 
 def test_handle_feed_answers_ae_207_when_storing_fails(

@@ -31,7 +31,7 @@ from xdsi.hl7 import (
     mllp,
     send_message,
 )
-from xdsi.hl7.mllp import MAX_FRAME_SIZE, decode_payload
+from xdsi.hl7.mllp import MAX_FRAME_SIZE, _Deframer, decode_payload
 
 VT, FS_CR = b"\x0b", b"\x1c\r"
 
@@ -163,6 +163,34 @@ def test_bytes_before_the_start_block_are_skipped_and_logged_without_content(
     assert not any("SECRET" in w for w in warnings)
 
 
+def test_a_peer_streaming_bytes_outside_a_frame_is_logged_twice_in_all(
+    registry: MllpServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """HL7 v2.5 Implementation Guide C.4: bytes outside a frame are skipped;
+    a peer that streams megabytes of them gets one line as they begin and
+    one with their total as its connection ends, not one per read."""
+    junk = b"x" * 65536
+    with caplog.at_level(logging.WARNING, logger="xdsi.hl7"):
+        with socket.create_connection(registry.address, timeout=5.0) as sock:
+            for _ in range(200):
+                sock.sendall(junk)
+            sock.sendall(frame(ADT_A01_V231))
+            assert msa(read_frames(sock, 1)[0]) == ("AA", "PIF-0001")
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and not any(
+            "in all" in r.getMessage() for r in caplog.records
+        ):
+            time.sleep(0.05)
+
+    lines = [
+        r.getMessage() for r in caplog.records if "outside a frame" in r.getMessage()
+    ]
+    assert len(lines) == 2
+    assert lines[1].endswith(
+        f"skipped {200 * len(junk)} bytes outside a frame in all on this connection"
+    )
+
+
 def test_start_block_inside_a_frame_starts_it_afresh(
     registry: MllpServer, client: socket.socket, fed: list[PatientIdentity]
 ) -> None:
@@ -171,6 +199,22 @@ def test_start_block_inside_a_frame_starts_it_afresh(
 
     assert msa(read_frames(client, 1)[0]) == ("AA", "PIF-0001")
     assert len(fed) == 1
+
+
+def test_a_stream_of_start_blocks_is_cut_as_fast_as_other_bytes() -> None:
+    """HL7 v2.5 Implementation Guide C.4: each <VT> inside a frame starts
+    it afresh; a megabyte of them is skipped at once, as a megabyte of other
+    bytes is, not one <VT> at a time (over half a second of the listener's
+    time a megabyte), and the frame after them is read whole."""
+    deframer = _Deframer()
+    started = time.monotonic()
+
+    for _ in range(16):
+        assert deframer.feed(VT * 65536) == ([], 0)
+    frames, skipped = deframer.feed(b"abc" + VT + b"MSH|x" + FS_CR)
+
+    assert time.monotonic() - started < 0.2
+    assert (frames, skipped) == ([b"MSH|x"], 3)
 
 
 def test_oversized_frame_is_answered_ar_and_its_connection_closed(
