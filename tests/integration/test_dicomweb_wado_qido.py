@@ -482,6 +482,21 @@ def test_wado_uri_bad_requests_are_answered_with_their_status(
 
 
 @pytest.mark.parametrize(
+    ("center", "width"), [("1e999", "10"), ("40", "1e999")], ids=["center", "width"]
+)
+def test_wado_uri_window_past_a_double_is_said_as_such(
+    shared_node: RunningNode, published: scan.Study, center: str, width: str
+) -> None:
+    """A decimal string of more magnitude than a double holds is no window
+    (DICOM PS3.18 9.1.2); the answer says so, not that the width is small."""
+    answer = _wado_uri(
+        shared_node, published.instances[0], windowCenter=center, windowWidth=width
+    )
+    assert answer.status_code == 400
+    assert "must be finite numbers" in answer.text
+
+
+@pytest.mark.parametrize(
     "path",
     ["/studies/1.2.3/rendered", "/studies/1.2.3/series/4.5/frames/1", "/nothing"],
 )

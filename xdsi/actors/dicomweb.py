@@ -1362,7 +1362,10 @@ def _rendering(args: Mapping[str, str]) -> Rendering:
             width = _decimal(args["windowWidth"])
         except ValueError:
             abort(400, "windowCenter and windowWidth must be decimal numbers")
-        if not (math.isfinite(center) and math.isfinite(width)) or width < 1:
+        if not (math.isfinite(center) and math.isfinite(width)):
+            # A decimal string of more digits than a double holds.
+            abort(400, "windowCenter and windowWidth must be finite numbers")
+        if width < 1:
             abort(400, "windowWidth must be at least 1 (DICOM PS3.3 C.11.2.1.2)")
         window = (center, width)
     quality = 90
