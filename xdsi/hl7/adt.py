@@ -91,6 +91,9 @@ DEFAULT_ENCODING = {
     "GROUP": "\r",
 }
 
+# Characters of a peer's own text an ACK quotes back at most (the parser's
+# words on an MSH-12 it cannot read, say).
+ACK_QUOTE = 100
 # ITI TF-2 3.8: an ACK to a message whose version is unknown speaks ITI-8's.
 DEFAULT_VERSION = "2.3.1"
 
@@ -553,9 +556,12 @@ def _parse(message: str) -> Message:
             find_groups=False,
         )
     except UnsupportedVersion as exc:
-        raise FeedRejected("AR", "203", f"HL7 version not supported: {exc}") from exc
+        # The parser's words quote the peer's MSH-12, cut short here.
+        said = logs.shown(str(exc), ACK_QUOTE)
+        raise FeedRejected("AR", "203", f"HL7 version not supported: {said}") from exc
     except HL7apyException as exc:
-        raise FeedRejected("AR", "100", f"not an HL7 v2 message: {exc}") from exc
+        said = logs.shown(str(exc), ACK_QUOTE)
+        raise FeedRejected("AR", "100", f"not an HL7 v2 message: {said}") from exc
     except (LookupError, ValueError) as exc:
         # hl7apy raises these on some malformed MSH segments.
         raise FeedRejected("AR", "100", "MSH segment cannot be parsed") from exc
@@ -563,7 +569,8 @@ def _parse(message: str) -> Message:
         raise FeedRejected(
             "AR",
             "203",
-            f"HL7 version {msg.version}; ITI-8 here is {SUPPORTED_VERSIONS}",
+            f"HL7 version {logs.shown(str(msg.version), ACK_QUOTE)}; ITI-8 here "
+            f"is {SUPPORTED_VERSIONS}",
         )
     return msg
 
