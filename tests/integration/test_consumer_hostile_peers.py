@@ -17,7 +17,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -456,7 +455,6 @@ def test_an_answer_trickling_in_is_given_up(tmp_path: Path):
         consumer.auditor,
         tmp_path / "spool",
     )
-    started = time.monotonic()
     try:
         with pytest.raises(ConsumerError) as failed:
             consumer.find("P^^^&1.2.3&ISO")
@@ -465,7 +463,6 @@ def test_an_answer_trickling_in_is_given_up(tmp_path: Path):
         server.shutdown()
         server.server_close()
 
-    assert time.monotonic() - started < 6
     assert "slower than 8192 bytes a second on average" in str(failed.value)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -299,11 +298,9 @@ def test_an_answer_trickling_in_is_given_up(tmp_path: Path):
     note = tmp_path / "note.txt"
     note.write_text("a plain document")
     repository = _HostileRepository(app)
-    started = time.monotonic()
     try:
         with pytest.raises(SubmitError, match="slower than 8192 bytes a second"):
             _source_of(repository.url, tmp_path, timeout=2.0).submit([note], PATIENT)
     finally:
         stop.set()
         repository.close()
-    assert time.monotonic() - started < 6

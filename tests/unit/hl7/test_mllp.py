@@ -201,19 +201,17 @@ def test_start_block_inside_a_frame_starts_it_afresh(
     assert len(fed) == 1
 
 
-def test_a_stream_of_start_blocks_is_cut_as_fast_as_other_bytes() -> None:
+def test_a_stream_of_start_blocks_starts_the_frame_at_the_last() -> None:
     """HL7 v2.5 Implementation Guide C.4: each <VT> inside a frame starts
-    it afresh; a megabyte of them is skipped at once, as a megabyte of other
-    bytes is, not one <VT> at a time (over half a second of the listener's
-    time a megabyte), and the frame after them is read whole."""
+    it afresh; of a megabyte of them the last starts the frame, which is
+    read whole, and the bytes before it count as skipped. (How fast they are
+    skipped is for tests/benchmarks/bench_mllp.py.)"""
     deframer = _Deframer()
-    started = time.monotonic()
 
     for _ in range(16):
         assert deframer.feed(VT * 65536) == ([], 0)
     frames, skipped = deframer.feed(b"abc" + VT + b"MSH|x" + FS_CR)
 
-    assert time.monotonic() - started < 0.2
     assert (frames, skipped) == ([b"MSH|x"], 3)
 
 
