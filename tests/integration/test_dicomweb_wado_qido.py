@@ -566,6 +566,9 @@ def test_qido_wildcards_match_the_attributes_that_allow_them(
         {"StudyInstanceUID": "not-a-uid"},
         {"includefield": "ZZZZZZZZ"},
         {"includefield": "StudyDescription,NoSuchKeyword"},
+        {"includefield": ""},
+        {"includefield": "StudyDescription,,StudyDate"},
+        {"includefield": "."},
         {"fuzzymatching": "maybe"},
     ],
     ids=[
@@ -576,6 +579,9 @@ def test_qido_wildcards_match_the_attributes_that_allow_them(
         "uid",
         "includefield",
         "includefield-list",
+        "includefield-empty",
+        "includefield-empty-in-list",
+        "includefield-empty-steps",
         "fuzzymatching",
     ],
 )

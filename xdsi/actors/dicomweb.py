@@ -705,11 +705,13 @@ def _check_includefield(value: str) -> None:
         if field == "all":
             continue
         for step in field.split("."):
-            if tag_for_keyword(_keyword(step)) is None:
+            # pydicom lists retired attributes of no keyword under "".
+            if not step or tag_for_keyword(_keyword(step)) is None:
                 abort(
                     400,
-                    f"includefield={field}: {step} is no attribute keyword or tag; "
-                    "DICOM PS3.18 8.3.4.3 wants all, keywords or tags",
+                    f"includefield={field}: {step or 'an empty name'} is no "
+                    "attribute keyword or tag; DICOM PS3.18 8.3.4.3 wants all, "
+                    "keywords or tags",
                 )
 
 
