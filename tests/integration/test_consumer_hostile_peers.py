@@ -27,7 +27,7 @@ import pytest
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
-from tests.conftest import shared_path
+from tests.conftest import dicom_path
 from xdsi.actors.consumer import (
     PARTIAL_DIR,
     Consumer,
@@ -118,16 +118,16 @@ def _consumer(tmp_path: Path, url: str, **consumer_settings: object) -> Consumer
 
 
 def _instance(sop_instance_uid: bytes | str) -> bytes:
-    """A real DICOM file (a shared single) made the instance
+    """A real DICOM file (a CT slice) made the instance
     ``sop_instance_uid``, as an Imaging Document Source returns it."""
     uid = (
         sop_instance_uid.decode("latin-1")
         if isinstance(sop_instance_uid, bytes)
         else sop_instance_uid
     )
-    ds = pydicom.dcmread(
-        shared_path("dicom", "singles", "ts-jpeg-baseline-rgb__SC_rgb_jpeg_dcmtk.dcm")
-    )
+    # Read here, in the test or its peer's thread alike: one of the studies
+    # xdsi ships, so that no peer thread needs the shared data set.
+    ds = pydicom.dcmread(dicom_path("study-ct", "S1000", "I0010.dcm"))
     with warnings.catch_warnings():
         # pydicom warns of a UID that is not valid; a forged one is the point.
         warnings.simplefilter("ignore")
