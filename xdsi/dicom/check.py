@@ -25,6 +25,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import JPEG2000TransferSyntaxes
 
 from xdsi.dicom import scan
+from xdsi.dicom.kos import is_image_sop_class
 from xdsi.dicom.scan import (
     InstanceHeader,
     InvalidInstance,
@@ -154,12 +155,23 @@ def check_file(
         )
     if "PixelData" in ds:
         _check_pixel_data(ds, header.transfer_syntax_uid)
-    elif all(tag in ds for tag in _IMAGE_PIXEL) and not any(
-        tag in ds for tag in _OTHER_PIXEL_DATA
-    ):
+    elif not any(tag in ds for tag in _OTHER_PIXEL_DATA):
         # The Image Pixel module's Pixel Data is Type 1 (DICOM PS3.3
-        # C.7.6.3): an image without it is one cut short before it.
-        raise Refused("pixel_data", "the image has Rows and Columns but no Pixel Data")
+        # C.7.6.3): an image without it is one cut short before it. A file
+        # cut inside an element's header ends the data set there for the
+        # parser (fewer than the 8 bytes of a tag, VR and length), so what
+        # is left is the SOP Class the instance claims.
+        if all(tag in ds for tag in _IMAGE_PIXEL):
+            raise Refused(
+                "pixel_data", "the image has Rows and Columns but no Pixel Data"
+            )
+        if is_image_sop_class(header.sop_class_uid):
+            raise Refused(
+                "pixel_data",
+                f"an instance of an image Storage SOP Class "
+                f"({header.sop_class_uid}) without Pixel Data: the file is cut "
+                "short before it",
+            )
     return header, ds
 
 

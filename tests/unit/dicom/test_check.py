@@ -89,6 +89,49 @@ def test_an_image_cut_short_just_before_its_pixel_data_is_refused(
     assert "no Pixel Data" in refused.value.reason
 
 
+def _cut_at(data: bytes, group: bytes) -> int:
+    """Where the first element of a group starts (its tag, little endian)."""
+    return data.index(group)
+
+
+@pytest.mark.parametrize(
+    ("source", "cut"),
+    [
+        # Before the Image Pixel module: no Rows, Columns or Pixel Data.
+        (("study-ct", "S1000", "I0010.dcm"), lambda data: _cut_at(data, b"\x28\x00")),
+        # Inside the header of the first element of that group: the parser
+        # ends the data set at the tag it cannot read whole.
+        (
+            ("study-ct", "S1000", "I0010.dcm"),
+            lambda data: _cut_at(data, b"\x28\x00") + 5,
+        ),
+        (("study-mr", "images", "000001.dcm"), lambda data: 3000),
+    ],
+    ids=["ct-before-image-pixel", "ct-inside-an-element-header", "mr-at-3000"],
+)
+def test_an_image_cut_short_before_its_image_pixel_module_is_refused(
+    tmp_path: Path, source: tuple[str, ...], cut
+) -> None:
+    """DICOM PS3.3 C.7.6.3: an image Storage SOP Class instance holds Pixel
+    Data; a copy cut short before it (an interrupted CD copy) is no image,
+    wherever the cut falls."""
+    data = dicom_path(*source).read_bytes()
+    path = tmp_path / "cut.dcm"
+    path.write_bytes(data[: cut(data)])
+
+    with pytest.raises(Refused) as refused:
+        check_file(path)
+
+    assert refused.value.rule in {"pixel_data", "unreadable"}
+    assert refused.value.dimse_status in {0xC001, 0xC002}
+
+
+def test_an_instance_of_no_image_sop_class_needs_no_pixel_data() -> None:
+    """A Key Object Selection Document holds no pixels (DICOM PS3.3 A.35.4)."""
+    header, _ = check_file(dicom_path("study-mr", "manifest", "kos.dcm"))
+    assert header.sop_class_uid == "1.2.840.10008.5.1.4.1.1.88.59"
+
+
 @pytest.mark.parametrize(
     ("keyword", "value"),
     [
