@@ -630,7 +630,13 @@ def fetch(
     if made:
         # Patient images: a folder made here is the user's alone; it goes
         # again when nothing is written in it.
-        out.mkdir(parents=True, mode=FETCHED_MODE)
+        try:
+            out.mkdir(parents=True, mode=FETCHED_MODE)
+        except OSError as exc:
+            # A file system access(2) took for writable: /proc, /sys.
+            raise click.BadParameter(
+                f"{out} cannot be made: {exc.strerror or exc}", param_hint="--out"
+            ) from None
     consumer = _services(settings).consumer
     try:
         result = _fetch(consumer, patient_id, out)

@@ -159,6 +159,24 @@ def test_fetch_to_a_folder_it_cannot_make_is_refused_before_any_query(
     assert "Traceback" not in fetched.stderr
 
 
+def test_fetch_to_a_folder_access_allows_but_mkdir_refuses_is_a_usage_error(
+    tmp_path: Path,
+):
+    """/proc answers access(2) as writable to root, yet no folder can be made
+    in it: still a usage error naming the folder, no traceback."""
+    config = tmp_path / "xdsi.toml"
+    config.write_text(f'[node]\nstorage_dir = "{tmp_path / "node"}"\n')
+    out = Path("/proc/xdsi-fetch-out")
+
+    fetched = _xdsi(
+        config, "fetch", "--patient-id", "ANYONE", "--out", str(out), check=False
+    )
+
+    assert fetched.returncode == 2
+    assert f"{out}" in fetched.stderr
+    assert "Traceback" not in fetched.stderr
+
+
 def _file_size_limit() -> None:
     """In the child: files capped at 64 KiB, as a disk that fills up."""
     import resource
