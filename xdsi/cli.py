@@ -25,6 +25,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape as xml_escape
 
 import click
+import sqlalchemy.exc
 from lxml import etree
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -54,7 +55,14 @@ from xdsi.audit.repository import (
     parse_time,
     query_app,
 )
-from xdsi.config import ConfigError, Settings, TlsSettings, load_settings, to_toml
+from xdsi.config import (
+    ConfigError,
+    Settings,
+    TlsSettings,
+    hide_password,
+    load_settings,
+    to_toml,
+)
 from xdsi.conformance.cli import conformance
 from xdsi.dicom import kos, scan
 from xdsi.dicom.store_scu import Destination, StoreScuError, send_files
@@ -172,7 +180,24 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun if number == 1 else _PLURALS.get(noun, noun + 's')}"
 
 
-@click.group()
+class _Commands(click.Group):
+    """The xdsi commands; a database that cannot be used ends any of them
+    with one line saying which and why, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except sqlalchemy.exc.DBAPIError as exc:
+            settings = (ctx.obj or {}).get("settings")
+            where = f" at {hide_password(settings.database_url)}" if settings else ""
+            # The driver's own first line: "connection refused", "file is
+            # not a database"; the SQL and parameters stay out.
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else ""
+            _fail(f"the database{where} cannot be used: {logs.shown(reason, 200)}")
+            raise  # unreachable: _fail exits
+
+
+@click.group(cls=_Commands)
 @click.version_option(__version__, prog_name="xdsi")
 @click.option(
     "--config",

@@ -679,7 +679,7 @@ def _toml_value(value: Any) -> str:
     return f'"{escaped}"'
 
 
-def _hide_password(url: str) -> str:
+def hide_password(url: str) -> str:
     """Return a database URL with its password, if any, as ``***``."""
     try:
         return make_url(url).render_as_string(hide_password=True)
@@ -705,7 +705,7 @@ def to_toml(settings: Settings) -> str:
             if isinstance(value, list):
                 value = tuple(value)
             if key == "database_url" and value:
-                value = _hide_password(value)
+                value = hide_password(value)
             if section.name == "node" and key == "storage_dir":
                 # Where it is, wherever the output is read back from.
                 value = str(settings.storage)
@@ -718,7 +718,7 @@ def to_toml(settings: Settings) -> str:
             lines.append(f"[{section.name}.{key}]")
             lines.extend(f'"{k}" = {_toml_value(v)}' for k, v in table.items())
         lines.append("")
-    lines.append(f"# database: {_hide_password(settings.database_url)}")
+    lines.append(f"# database: {hide_password(settings.database_url)}")
     lines.append("# Effective endpoints")
     for actor in ("registry", "repository", "imaging_source"):
         lines.append(f"# {actor}: {settings.url(actor)}")

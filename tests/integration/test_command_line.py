@@ -840,3 +840,45 @@ def test_publish_headers_only_records_the_import(served: Path) -> None:
     assert imported["patients"] == [
         "HEADERS-ONLY-1^^^&1.3.6.1.4.1.21367.13.20.1000&ISO"
     ]
+
+
+@pytest.mark.parametrize("command", [("find", "--patient-id", "P1"), ("verify",)])
+def test_a_damaged_database_file_ends_a_command_with_one_line(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    """A node's SQLite file that is no database (a disk fault, a file copied
+    over it) is named with the driver's reason, not a traceback."""
+    storage = tmp_path / "node"
+    storage.mkdir()
+    (storage / "xdsi.sqlite").write_bytes(b"not a database, only some bytes " * 64)
+    config = tmp_path / "xdsi.toml"
+    config.write_text(f'[node]\nstorage_dir = "{storage}"\n')
+
+    done = _xdsi(config, *command, check=False)
+
+    assert done.returncode == 1
+    assert "cannot be used: file is not a database" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_database_server_not_running_is_named_without_its_password(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "xdsi.toml"
+    config.write_text(
+        f'[node]\nstorage_dir = "{tmp_path / "node"}"\n'
+        f'database_url = "postgresql+psycopg://xdsi:s3cret@127.0.0.1:{port}/xdsi"\n'
+    )
+
+    done = _xdsi(config, "verify", check=False)
+
+    assert done.returncode == 1
+    assert f"the database at postgresql+psycopg://xdsi:***@127.0.0.1:{port}/xdsi" in (
+        done.stderr
+    )
+    assert "cannot be used" in done.stderr
+    assert "s3cret" not in done.stderr
+    assert "Traceback" not in done.stderr
