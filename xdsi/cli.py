@@ -665,6 +665,17 @@ def fetch(
     consumer = _services(settings).consumer
     try:
         result = _fetch(consumer, patient_id, out)
+    except KeyboardInterrupt:
+        # Each exchange's own clean-up (its spool, its audit record) has run
+        # on the way out; what was filed stays, not the whole of it.
+        _remove_empty(out, made)
+        click.secho(
+            f"stopped: what was retrieved so far stays in {out}, incomplete; run "
+            "the same fetch again to get it whole",
+            fg="yellow",
+            err=True,
+        )
+        sys.exit(EXIT_INTERRUPTED)
     except ConsumerError as exc:
         _remove_empty(out, made)
         _fail(_unreachable_hint(str(exc)))

@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -882,3 +883,54 @@ def test_a_database_server_not_running_is_named_without_its_password(
     assert "cannot be used" in done.stderr
     assert "s3cret" not in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_fetch_stopped_half_way_says_what_is_left_and_exits_130(tmp_path):
+    """Ctrl-C (SIGINT) during ``fetch``, here while a registry is slow to
+    answer ITI-18: the command says that what came stays incomplete and how
+    to get the rest, and exits 130, as a shell does for SIGINT."""
+    import signal
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def hold() -> None:
+        # Takes the request and never answers.
+        connection, _ = listener.accept()
+        accepted.append(connection)
+
+    threading.Thread(target=hold, daemon=True).start()
+    port = listener.getsockname()[1]
+    config = tmp_path / "xdsi.toml"
+    config.write_text(
+        f'[node]\nstorage_dir = "{tmp_path / "node"}"\n'
+        f'[consumer]\nregistry_url = "http://127.0.0.1:{port}/xds/registry"\n'
+    )
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xdsi", "--config", str(config), "fetch"]
+        + ["--patient-id", "SLOW-1", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not accepted:
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        listener.close()
+        for connection in accepted:
+            connection.close()
+
+    assert process.returncode == 130, stderr
+    assert f"stopped: what was retrieved so far stays in {out}" in stderr
+    assert "run the same fetch again" in stderr
+    assert "Traceback" not in stderr and "Aborted!" not in stderr
+    assert not out.exists()
