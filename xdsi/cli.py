@@ -168,6 +168,14 @@ _PLURALS = {"study": "studies", "series": "series", "stored copy": "stored copie
 
 def _unreachable_hint(message: str) -> str:
     """Add what to look at when a peer could not be reached at all."""
+    if "XDSRegistryNotAvailable" in message:
+        # The repository answered: the registry it registers with is the
+        # one down (ITI TF-3 Table 4.2.4.1-2), not the node the command asked.
+        return (
+            f"{message}\nThe Document Repository answered; the Document "
+            "Registry it registers with ([repository] registry_url) could not "
+            "be reached. A serving node publishes again by itself."
+        )
     if "cannot connect" in message:
         return (
             f"{message}\nIs the node serving? Client commands need the served "

@@ -934,3 +934,54 @@ def test_a_fetch_stopped_half_way_says_what_is_left_and_exits_130(tmp_path):
     assert "run the same fetch again" in stderr
     assert "Traceback" not in stderr and "Aborted!" not in stderr
     assert not out.exists()
+
+
+def test_a_publish_whose_registry_is_down_blames_the_registry_not_the_node(
+    tmp_path: Path,
+):
+    """XDSRegistryNotAvailable (ITI TF-3 Table 4.2.4.1-2): the repository
+    answered, and the registry behind it could not be reached; the node the
+    command asked is serving, so it is not asked whether it is."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        down = probe.getsockname()[1]
+    config = tmp_path / "xdsi.toml"
+    config.write_text(
+        f'[node]\nstorage_dir = "{tmp_path / "node"}"\n'
+        "[registry]\nenabled = false\n"
+        f"[repository]\nport = {_free_port()}\n"
+        f'registry_url = "http://127.0.0.1:{down}/xds/registry"\n'
+        f"[imaging_source]\nport = {_free_port()}\n"
+        f'registry_url = "http://127.0.0.1:{down}/xds/registry"\n'
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xdsi", "--config", str(config), "serve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert process.stdout is not None
+        deadline = time.monotonic() + 60
+        while not process.stdout.readline().startswith("storage"):
+            assert process.poll() is None and time.monotonic() < deadline
+
+        ran = _xdsi(
+            config,
+            "publish",
+            str(dicom_path("study-mr", "images")),
+            "--patient-id",
+            "DOWN-1",
+            check=False,
+        )
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+    assert ran.returncode == 1, ran.stderr
+    assert "XDSRegistryNotAvailable" in ran.stderr
+    assert "the Document Registry it registers with" in ran.stderr
+    assert "Is the node serving?" not in ran.stderr
+    assert "Traceback" not in ran.stderr
