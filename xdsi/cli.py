@@ -234,11 +234,28 @@ def main(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
         }
     except ConfigError as exc:
         _fail(str(exc))
+    storage = ctx.obj["settings"].storage
+    if (
+        ctx.invoked_subcommand in CLIENT_COMMANDS
+        and not ctx.obj["configured"]
+        and not storage.exists()
+    ):
+        # A client command's audit trail (its patient named) would start a
+        # storage of its own in whatever folder it runs in.
+        raise click.UsageError(
+            f"no configuration named and no node storage here ({storage}): give "
+            "the served node's configuration (xdsi --config FILE ...), or run "
+            "this in the folder xdsi serve runs in"
+        )
     if ctx.invoked_subcommand in AUDITED_COMMANDS and ctx.obj["settings"].audit.targets:
         settings = ctx.obj["settings"]
         ctx.call_on_close(lambda: _deliver_audit(settings))
 
 
+# The commands that ask a serving node (or peers) and keep nothing but their
+# audit events: with no configuration they use the storage of a node served
+# with the defaults from the same folder.
+CLIENT_COMMANDS = {"feed", "find", "fetch", "submit"}
 # The commands that write audit events (ITI TF-2 3.20) to the spool.
 AUDITED_COMMANDS = {"feed", "find", "fetch", "submit", "publish", "import", "remove"}
 # How long a command waits at its end for its audit events to go out.

@@ -985,3 +985,35 @@ def test_a_publish_whose_registry_is_down_blames_the_registry_not_the_node(
     assert "the Document Registry it registers with" in ran.stderr
     assert "Is the node serving?" not in ran.stderr
     assert "Traceback" not in ran.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("find", "--patient-id", "PAT-1"),
+        ("fetch", "--patient-id", "PAT-1", "--out", "out"),
+        ("feed", "PAT-1"),
+    ],
+    ids=["find", "fetch", "feed"],
+)
+def test_a_client_command_with_no_configuration_and_no_storage_here_writes_nothing(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    """With no configuration named, a client command uses the storage of a
+    node served with the defaults from the same folder; with none there it
+    is a usage error, and no storage (with an audit record naming the
+    patient) is started in the folder it runs in."""
+    env = {k: v for k, v in os.environ.items() if k != "XDSI_CONFIG"}
+    ran = subprocess.run(
+        [sys.executable, "-m", "xdsi", *command],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+
+    assert ran.returncode == 2, ran.stderr
+    assert "no configuration named and no node storage here" in ran.stderr
+    assert "xdsi --config FILE" in ran.stderr
+    assert list(tmp_path.iterdir()) == []
