@@ -1336,7 +1336,11 @@ def arr(
         repository = AuditRepository(
             store,
             host=settings.node.host,
-            tls_port=(tls_port or settings.audit.arr_tls_port) if context else None,
+            tls_port=(
+                (tls_port if tls_port is not None else settings.audit.arr_tls_port)
+                if context
+                else None
+            ),
             udp_port=udp_port if udp_port is not None else settings.audit.arr_udp_port,
             tls_context=context,
             auditor=auditor,

@@ -25,6 +25,7 @@ from tests.integration.test_iti20_record_audit_event import PATIENT, retrieve_ev
 from tests.pki import Pki, make_pki
 from xdsi.audit import AuditSpool, build_audit_message
 from xdsi.audit.forwarder import AuditForwarder, Backoff
+from xdsi.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 # The ARR's [tls] handshake_timeout, well below the 10 s default.
@@ -76,10 +77,12 @@ def arr(tmp_path: Path) -> Iterator[tuple[Path, Pki, dict[str, str]]]:
     assert process.stdout is not None
     endpoints: dict[str, str] = {}
     deadline = time.monotonic() + 60
+    said = []
     while "query" not in endpoints and time.monotonic() < deadline:
         line = process.stdout.readline()
+        said.append(line)
         if not line and process.poll() is not None:
-            pytest.fail(f"xdsi arr ended with {process.returncode}")
+            pytest.fail(f"xdsi arr ended with {process.returncode}: {''.join(said)}")
         name, _, value = line.rstrip().rpartition(" ")
         if name.strip() in ("syslog tls", "syslog udp", "query"):
             endpoints[name.strip()] = value
@@ -152,3 +155,47 @@ def test_arr_process_drops_a_peer_that_never_starts_its_handshake(
             assert silent.recv(1) == b""
         except ConnectionResetError:
             pass
+
+
+def test_arr_tls_port_0_is_a_free_port_not_the_default(tmp_path: Path) -> None:
+    """``--tls-port=0`` asks for a free port, as ``--udp-port=0`` does: the
+    default (6514) taken by another program does not stop it."""
+    pki = make_pki(tmp_path / "pki")
+    config = tmp_path / "xdsi.toml"
+    config.write_text(f'[node]\nstorage_dir = "{tmp_path / "node"}"\n')
+    default = Settings().audit.arr_tls_port
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        holder.bind(("127.0.0.1", default))
+        holder.listen()
+    except OSError:
+        # Taken already by some other program: the same case.
+        pass
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xdsi", "--config", str(config), "arr"]
+        + ["--tls-port=0", "--udp-port=0", "--http-port=0"]
+        + [f"--cert={pki.path('server.pem')}", f"--key={pki.path('server.key')}"]
+        + [f"--ca={pki.ca}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    said: list[str] = []
+    try:
+        assert process.stdout is not None
+        deadline = time.monotonic() + 60
+        while not any(line.startswith("query") for line in said):
+            line = process.stdout.readline()
+            said.append(line)
+            assert line or process.poll() is None, "".join(said)
+            assert time.monotonic() < deadline, "".join(said)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        holder.close()
+
+    (tls,) = [line for line in said if line.startswith("syslog tls")]
+    assert int(tls.split()[-1]) not in (0, default)
