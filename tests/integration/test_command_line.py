@@ -55,10 +55,9 @@ def _node_config(tmp_path: Path) -> Path:
     return config
 
 
-@pytest.fixture
-def served(tmp_path) -> Iterator[Path]:  # type: ignore[no-untyped-def]
-    """A node started with ``xdsi serve`` on free loopback ports."""
-    config = _node_config(tmp_path)
+def _serve(config: Path) -> subprocess.Popen[str]:
+    """Start ``xdsi serve`` with ``config``; return once it has said where
+    it listens."""
     process = subprocess.Popen(
         [sys.executable, "-m", "xdsi", "--config", str(config), "serve"],
         stdout=subprocess.PIPE,
@@ -77,6 +76,14 @@ def served(tmp_path) -> Iterator[Path]:  # type: ignore[no-untyped-def]
             break
         if process.poll() is not None:
             raise AssertionError("xdsi serve exited:\n" + "".join(lines))
+    return process
+
+
+@pytest.fixture
+def served(tmp_path) -> Iterator[Path]:  # type: ignore[no-untyped-def]
+    """A node started with ``xdsi serve`` on free loopback ports."""
+    config = _node_config(tmp_path)
+    process = _serve(config)
     yield config
     process.terminate()
     process.wait(timeout=30)
@@ -954,20 +961,8 @@ def test_a_publish_whose_registry_is_down_blames_the_registry_not_the_node(
         f"[imaging_source]\nport = {_free_port()}\n"
         f'registry_url = "http://127.0.0.1:{down}/xds/registry"\n'
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "xdsi", "--config", str(config), "serve"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    process = _serve(config)
     try:
-        assert process.stdout is not None
-        deadline = time.monotonic() + 60
-        while not process.stdout.readline().startswith("storage"):
-            assert process.poll() is None and time.monotonic() < deadline
-
         ran = _xdsi(
             config,
             "publish",
