@@ -168,9 +168,19 @@ def _postgres_bin() -> Path | None:
     return Path(initdb).parent if initdb else None
 
 
+def _runuser() -> str | None:
+    """util-linux runuser, on PATH or in the sbin folders a root PATH holds
+    (a PATH without them is still a user's)."""
+    return shutil.which("runuser") or shutil.which("runuser", path="/usr/sbin:/sbin")
+
+
 def _as_server_user() -> list[str]:
     """initdb and pg_ctl refuse root: as root, run them as user postgres."""
-    return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if os.geteuid() != 0:
+        return []
+    runuser = _runuser()
+    assert runuser is not None  # required by the postgresql fixture
+    return [runuser, "-u", "postgres", "--"]
 
 
 def _free_port() -> int:
@@ -294,6 +304,7 @@ def postgresql(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresClu
     assert pg_bin is not None
     if os.geteuid() == 0:
         require("user postgres", _user_exists("postgres"))
+        require("program runuser (util-linux)", _runuser() is not None)
 
     run_dir = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
