@@ -198,4 +198,15 @@ def _discard() -> None:
     # stuck one is killed through its process table.
     for process in list(getattr(broken, "_processes", {}).values()):
         process.kill()
+    # Python before 3.11.5 (CPython gh-94777) leaves the queue's feeder
+    # thread blocked for good writing work into a pipe no process reads any
+    # more, and the interpreter's exit waits on it: xdsi serve or a command
+    # never ends. Closing the pipe's reading end, as later Pythons do when
+    # the pool breaks, makes that write fail and the thread end.
+    reader = getattr(getattr(broken, "_call_queue", None), "_reader", None)
+    if reader is not None:
+        try:
+            reader.close()
+        except OSError:
+            pass
     broken.shutdown(wait=False, cancel_futures=True)

@@ -120,6 +120,33 @@ def test_worker_of_a_killed_process_exits(tmp_path):
     assert not _alive(pid)
 
 
+def test_a_process_whose_stuck_worker_was_killed_under_work_still_exits():
+    """Work larger than a pipe holds, sent to a worker that has stopped
+    reading, is done here once its allowance is over and the worker killed;
+    the process then exits, though the pool's feeder thread was left
+    writing into a pipe no process reads (CPython gh-94777, in Pythons
+    before 3.11.5: xdsi serve would never end)."""
+    script = (
+        "import os, signal\n"
+        "from xdsi import worker\n"
+        "worker.run(1, sum, [1, 2])\n"
+        "(process,) = worker._executor._processes.values()\n"
+        "os.kill(process.pid, signal.SIGSTOP)\n"
+        "worker.BASE_ALLOWANCE, worker.ALLOWANCE_PER_INSTANCE = 1.0, 0.0\n"
+        "print(worker.run(1, len, b'x' * (4 << 20)), flush=True)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        # A hang, not a speed: the process ends in a second or two.
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(4 << 20)
+
+
 def test_a_busy_worker_is_not_stopped(study, own_worker, monkeypatch):
     monkeypatch.setattr(worker, "IDLE_SECONDS", 0.5)
     future = worker.submit(time.sleep, 1.5)
