@@ -311,6 +311,41 @@ def test_limit_and_offset_page_the_matches_in_a_stable_order(
     assert _qido(shared_node, "/studies", limit="0") == []
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_studies_and_series_are_paged_through_in_batches_alike(
+    shared_node: RunningNode,
+    studies: dict[str, scan.Study],
+    monkeypatch: pytest.MonkeyPatch,
+    batch: int,
+) -> None:
+    """The studies or series of a search are found a batch at a time, each
+    batch after the last UIDs of the one before; the answers are those of
+    one batch holding them all, in the same order."""
+    study_uid = studies["ACC_1%"].study_instance_uid
+    searches = [
+        ("/studies", {}),
+        ("/studies", {"offset": "1", "limit": "2"}),
+        ("/studies", {"PatientID": "IDX-1"}),
+        ("/series", {}),
+        ("/series", {"offset": "2", "limit": "3"}),
+        ("/series", {"Modality": "CT"}),
+        (f"/studies/{study_uid}/series", {}),
+    ]
+    url = shared_node.settings.dicomweb_url
+    whole = [
+        requests.get(f"{url}{path}", params=params, timeout=30).json()
+        for path, params in searches
+    ]
+    monkeypatch.setattr(dicomweb, "ANSWER_BATCH", batch)
+    batched = [
+        requests.get(f"{url}{path}", params=params, timeout=30).json()
+        for path, params in searches
+    ]
+
+    assert len(whole[0]) >= 3 and len(whole[3]) >= 5
+    assert batched == whole
+
+
 def test_an_answer_holds_at_most_the_servers_maximum_and_says_there_is_more(
     shared_node: RunningNode,
     studies: dict[str, scan.Study],

@@ -46,6 +46,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    tuple_,
 )
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException
@@ -237,7 +238,10 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         more = False
         scope = _in_scope(study_uid, series_uid)
         with source.engine.connect() as conn:
-            for answer in _answers(conn, level, scope, filters, retrieve_url):
+            answering = _answers(
+                conn, level, scope, filters, retrieve_url, offset + most + 1
+            )
+            for answer in answering:
                 if not _matches_all(answer, filters):
                     continue
                 if skipped < offset:
@@ -811,10 +815,16 @@ def _answers(
     scope: list[ColumnElement[bool]],
     filters: list[tuple[str, str]],
     retrieve_url: Callable[..., str],
+    needed: int = ANSWER_BATCH,
 ) -> Iterator[dict[str, object]]:
     """The answers of a level whose instances may match ``filters``, each
     built from the row of its first instance (by SOP Instance UID) and the
     counts of its instances, in the order of their UIDs.
+
+    ``needed`` is how many answers the caller may take: the studies or
+    series are found in batches of that many, doubled each time up to
+    ANSWER_BATCH, so that the first page of a large store builds few
+    answers it will not send.
 
     An answer is left out only where an SQL condition proves it cannot
     match (:func:`_sql_condition`); the caller matches the rest.
@@ -837,19 +847,34 @@ def _answers(
             yield _answer(row, level, retrieve_url)
         return
 
-    # First the studies or series of which some instance may match, found
-    # through the index of an attribute matched on; then all instances of
-    # a batch of them, through the index of their UIDs.
+    # First a batch of the studies or series of which some instance may
+    # match, found through the index of an attribute matched on, in the
+    # order of their UIDs and after the last of the batch before (keyset
+    # paging: a search of the whole store holds one batch of UIDs, not all
+    # of them); then all instances of the batch, through the index of their
+    # UIDs.
     keys = order[: 1 if level == "study" else 2]
-    found = conn.execute(select(*keys).where(*scope, *conditions).distinct()).all()
-    found.sort()
-    for first in range(0, len(found), ANSWER_BATCH):
-        batch = found[first : first + ANSWER_BATCH]
+    after: list[ColumnElement[bool]] = []
+    size = max(1, min(needed, ANSWER_BATCH))
+    while True:
+        batch = conn.execute(
+            select(*keys)
+            .where(*scope, *conditions, *after)
+            .distinct()
+            .order_by(*keys)
+            .limit(size)
+        ).all()
+        if not batch:
+            return
         wanted = [
             key.in_(sorted({values[n] for values in batch}))
             for n, key in enumerate(keys)
         ]
         yield from _grouped(conn, level, [*scope, *wanted], retrieve_url)
+        if len(batch) < size:
+            return
+        after = [tuple_(*keys) > tuple_(*batch[-1])]
+        size = min(size * 2, ANSWER_BATCH)
 
 
 def _grouped(
