@@ -695,6 +695,53 @@ def test_wado_uri_renders_an_image_whose_own_window_is_unusable(
     assert answer.headers["Content-Type"] == "image/jpeg"
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "us-mf-jpeg-baseline__examples_ybr_color.dcm",
+        "enhanced-ct-mf__eCT_Supplemental.dcm",
+        "enhanced-mr-mf__emri_small.dcm",
+    ],
+)
+def test_wado_uri_renders_the_frame_asked_for_of_a_multi_frame_image(
+    shared_node: RunningNode, published: scan.Study, tmp_path: Path, name: str
+) -> None:
+    """DICOM PS3.18 WADO-URI Frame Number: the frame named, read from the
+    stored file alone, is the one rendered; each rendering is most like its
+    own frame of the image."""
+    source = dicom_path("singles", name)
+    instance = _published_copy(shared_node, source, tmp_path / "mf")
+    held = pydicom.dcmread(source).pixel_array.astype(np.float64)
+    if held.ndim == 4:
+        held = held.mean(axis=3)
+    frames = len(held)
+    # The first, a middle one and the last frame.
+    asked = sorted({1, (frames + 1) // 2, frames})
+
+    rendered = []
+    for number in asked:
+        answer = _wado_uri(shared_node, instance, frameNumber=str(number))
+        assert answer.status_code == 200, answer.text
+        rendered.append(
+            np.asarray(Image.open(BytesIO(answer.content)).convert("L"), np.float64)
+        )
+
+    def likeness(image: np.ndarray, frame: np.ndarray) -> float:
+        if frame.std() == 0 or image.std() == 0:
+            return float(np.array_equal(image, frame))
+        return float(np.corrcoef(image.ravel(), frame.ravel())[0, 1])
+
+    for number, image in zip(asked, rendered, strict=True):
+        assert image.shape == held[number - 1].shape
+        best = max(range(frames), key=lambda n: likeness(image, held[n]))
+        assert likeness(image, held[best]) == pytest.approx(
+            likeness(image, held[number - 1])
+        )
+    out_of_range = _wado_uri(shared_node, instance, frameNumber=str(frames + 1))
+    assert out_of_range.status_code == 400
+    assert f"outside 1..{frames}" in out_of_range.text
+
+
 def test_wado_uri_scales_down_an_image_larger_than_it_renders(
     shared_node: RunningNode, published: scan.Study, tmp_path: Path
 ) -> None:
