@@ -57,6 +57,10 @@ CHUNK_SIZE = 1 << 18
 # bounds the transfer, and 1 MiB reads took a sixth off its time per byte
 # against 256 KiB reads.
 READ_SIZE = 1 << 20
+# How much of each spooled part is kept in memory too (Attachment.head): a
+# DICOM file's preamble, prefix and File Meta Information fit in it but for
+# unusually long meta elements.
+HEAD_SIZE = 1024
 # The SOAP envelope is parsed in memory; a larger root part (or plain
 # envelope) is refused. The largest IHE message this node parses is an
 # ITI-41 or ITI-42 submission: a DocumentEntry of the NIST ITI-41 test
@@ -103,6 +107,10 @@ class Attachment:
     path: Path
     size: int
     sha1: str | None
+    # The first HEAD_SIZE bytes of the part (all of it, if shorter), kept
+    # as they streamed by: enough to read a DICOM file's File Meta
+    # Information without opening the file again.
+    head: bytes = b""
 
     def open(self) -> BinaryIO:
         """Open the spooled file for reading."""
@@ -200,8 +208,9 @@ class _Sink(Protocol):
 
 
 class _FileSink:
-    """Write a part to a file, computing size and SHA-1 on the way; with
-    ``max_size``, refuse the bytes that would make it larger."""
+    """Write a part to a file, computing size and SHA-1 on the way and
+    keeping its first HEAD_SIZE bytes; with ``max_size``, refuse the bytes
+    that would make it larger."""
 
     def __init__(
         self, path: Path, digest: bool = True, max_size: int | None = None
@@ -209,6 +218,7 @@ class _FileSink:
         self.path = path
         self.sha1 = hashlib.sha1() if digest else None
         self.size = 0
+        self.head = b""
         self._max_size = max_size
         try:
             self._file = path.open("xb")
@@ -224,6 +234,8 @@ class _FileSink:
             raise SpoolError(exc, self.path) from exc
         if self.sha1 is not None:
             self.sha1.update(data)
+        if self.size < HEAD_SIZE:
+            self.head += bytes(data[: HEAD_SIZE - self.size])
         self.size += len(data)
 
     def hexdigest(self) -> str | None:
@@ -541,6 +553,7 @@ class _Package:
             path=target.path,
             size=target.size,
             sha1=target.hexdigest(),
+            head=target.head,
         )
 
     def _on_end(self) -> None:
@@ -781,6 +794,7 @@ def attachment_for(element: _Element, message: SoapMessage) -> Attachment:
         path=sink.path,
         size=sink.size,
         sha1=sink.hexdigest(),
+        head=sink.head,
     )
 
 
