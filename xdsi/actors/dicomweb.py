@@ -53,7 +53,7 @@ from werkzeug.exceptions import HTTPException
 
 from xdsi import audit
 from xdsi.actors.soap_endpoint import with_allow
-from xdsi.dicom import transcode
+from xdsi.dicom import frames, transcode
 from xdsi.dicom.qido import (
     INSTANCE_ATTRIBUTES,
     MAX_INDEXED_LENGTH,
@@ -473,6 +473,168 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
     )
     def instance_metadata(study_uid: str, series_uid: str, sop_uid: str) -> Response:
         return metadata(study_uid, series_uid, sop_uid)
+
+    # --- WADO-RS frames and rendered images ------------------------------
+
+    def held_image(
+        study_uid: str, series_uid: str, sop_uid: str
+    ) -> tuple[list[Row], Dataset]:
+        """The store row and header of a published image; 404 when there is
+        none, 500 when its stored copy cannot be read."""
+        held = published(study_uid, series_uid, sop_uid)
+        if not held:
+            abort(404, _not_published(study_uid, series_uid, sop_uid))
+        if not source.stored_copy_readable(held[0], "WADO-RS"):
+            abort(
+                500,
+                "the stored copy of the instance cannot be read here; the "
+                "node's operator is told in its log",
+            )
+        try:
+            image = header(held[0])
+        except (OSError, InvalidDicomError):
+            abort(500, "the stored copy of the instance cannot be read here")
+        if "Rows" not in image:
+            abort(404, f"instance {sop_uid} is no image: it has no frames")
+        return held, image
+
+    @blueprint.get(
+        f"{base}/studies/<study_uid>/series/<series_uid>/instances/<sop_uid>"
+        "/frames/<frame_list>"
+    )
+    def retrieve_frames(
+        study_uid: str, series_uid: str, sop_uid: str, frame_list: str
+    ) -> Response:
+        """DICOM PS3.18 10.4.1.1.4 (RAD TF-3 4.107): frames of an image, in
+        the order listed, one part each, as held or decoded (8.7.3.5)."""
+        numbers = _frame_numbers(frame_list)
+        held, image = held_image(study_uid, series_uid, sop_uid)
+        count = frames.number_of_frames(image)
+        beyond = [n for n in numbers if n > count]
+        if beyond:
+            abort(
+                404,
+                f"frame {beyond[0]} is not in instance {sop_uid}, which has "
+                f"{count} frame{'s' if count > 1 else ''}",
+            )
+        row = held[0]
+        framing = _frame_framing(request.headers.get("Accept", ""), row)
+        path = source.blobs.path(row.blob)
+
+        def frame(number: int) -> bytes:
+            return frames.read_frame(path, image, number - 1, framing)
+
+        # The first frame is read before the status goes out: a frame that
+        # cannot be decoded here is a 406 that says how to ask for it.
+        try:
+            first = frame(numbers[0])
+        except Exception as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            logger.warning("WADO-RS frames of %s: %s", path.name, escaped(reason))
+            if framing.native and row.transfer_syntax_uid in frames.MEDIA_TYPES:
+                abort(
+                    406,
+                    "the frames cannot be decoded here; ask for them as held: "
+                    f'multipart/related; type="'
+                    f'{frames.MEDIA_TYPES[row.transfer_syntax_uid]}"; '
+                    f"transfer-syntax={row.transfer_syntax_uid}",
+                )
+            abort(500, "the frames of the stored copy cannot be read here")
+        audited("RAD-107", held, audit.Outcome.SUCCESS)
+        logger.info(
+            "%s %s from %s: %d frames, %s",
+            "RAD-107",
+            "WADO-RS Retrieve Frames",
+            request.remote_addr,
+            len(numbers),
+            framing.content_type,
+        )
+        boundary = uuid.uuid4().hex
+        location = f"{retrieve_url(study_uid, series_uid)}/instances/{sop_uid}/frames"
+
+        def parts() -> Iterator[bytes]:
+            for number in numbers:
+                if number == numbers[0]:
+                    data = first
+                else:
+                    try:
+                        data = frame(number)
+                    except Exception as exc:
+                        # Limitation: a frame that cannot be read once the
+                        # answer's status went out ends the answer without
+                        # its closing delimiter, which tells the user agent
+                        # that it is cut short.
+                        logger.error(
+                            "WADO-RS frame %d of %s cannot be read (%s); the "
+                            "answer is cut short",
+                            number,
+                            path.name,
+                            type(exc).__name__,
+                        )
+                        return
+                yield (
+                    f"--{boundary}\r\nContent-Type: {framing.content_type}\r\n"
+                    f"Content-Location: {location}/{number}\r\n"
+                    f"Content-Length: {len(data)}\r\n\r\n"
+                ).encode("ascii")
+                yield data
+                yield b"\r\n"
+            yield f"--{boundary}--\r\n".encode("ascii")
+
+        return Response(
+            parts(),
+            content_type=(
+                f'multipart/related; type="{framing.media_type}"; '
+                f"transfer-syntax={framing.transfer_syntax_uid}; boundary={boundary}"
+            ),
+        )
+
+    def rendered(
+        study_uid: str, series_uid: str, sop_uid: str, frame_list: str | None
+    ) -> Response:
+        """DICOM PS3.18 10.4.1.1.3 (RAD TF-3 4.107): an image rendered as
+        JPEG, with the quality, window and viewport asked for (8.3.5.1)."""
+        accept = request.headers.get("Accept", "")
+        if accept.strip() and not request.accept_mimetypes.best_match([JPEG]):
+            abort(406, f"a rendered image is sent as {JPEG} (DICOM PS3.18 8.7.4)")
+        options = _rendered_options(request.args)
+        number = 1
+        if frame_list is not None:
+            numbers = _frame_numbers(frame_list)
+            if len(numbers) != 1:
+                abort(400, "one frame is rendered at a time")
+            number = numbers[0]
+        held, image = held_image(study_uid, series_uid, sop_uid)
+        count = frames.number_of_frames(image)
+        if number > count:
+            abort(404, f"frame {number} is not in instance {sop_uid}")
+        # Limitation: a multi-frame image rendered as an instance is its
+        # first frame, not a multi-frame media type.
+        jpeg = _render(source.blobs.path(held[0].blob), number, options)
+        audited("RAD-107", held, audit.Outcome.SUCCESS)
+        logger.info(
+            "%s %s from %s: %s",
+            "RAD-107",
+            "WADO-RS Retrieve Rendered",
+            request.remote_addr,
+            JPEG,
+        )
+        return Response(jpeg, content_type=JPEG)
+
+    @blueprint.get(
+        f"{base}/studies/<study_uid>/series/<series_uid>/instances/<sop_uid>/rendered"
+    )
+    def rendered_instance(study_uid: str, series_uid: str, sop_uid: str) -> Response:
+        return rendered(study_uid, series_uid, sop_uid, None)
+
+    @blueprint.get(
+        f"{base}/studies/<study_uid>/series/<series_uid>/instances/<sop_uid>"
+        "/frames/<frame_list>/rendered"
+    )
+    def rendered_frame(
+        study_uid: str, series_uid: str, sop_uid: str, frame_list: str
+    ) -> Response:
+        return rendered(study_uid, series_uid, sop_uid, frame_list)
 
     # --- WADO-URI ---------------------------------------------------------
 
@@ -1152,6 +1314,126 @@ def _accepted_dicom(accept: str, single_allowed: bool) -> tuple[list[str], bool]
     ranges.sort(key=lambda r: -r[0])  # stable: equal q keep their order
     multipart = ranges[0][1]
     return [syntax for _, framing, syntax in ranges if framing == multipart], multipart
+
+
+def _frame_numbers(frame_list: str) -> list[int]:
+    """The frame numbers of a frame list (DICOM PS3.18 10.4.1.1.4): one or
+    more, comma separated, each from 1, none twice; else a 400."""
+    numbers: list[int] = []
+    for item in frame_list.split(","):
+        item = item.strip()
+        if not item.isascii() or not item.isdigit() or len(item) > MAX_DIGITS:
+            abort(400, f"frame list {escaped(frame_list[:80])!r}: not frame numbers")
+        number = int(item)
+        if number < 1:
+            abort(400, "frame numbers start at 1")
+        if number in numbers:
+            abort(400, f"frame {number} is listed twice")
+        numbers.append(number)
+    return numbers
+
+
+def _frame_framing(accept: str, row: Row) -> frames.Framing:
+    """How the frames of the instance of ``row`` go out, from the Accept
+    header (DICOM PS3.18 8.7.3.5): the first acceptable media range, by q
+    value, that this node can answer.
+
+    - none, ``*/*``, ``multipart/*`` or ``type="application/octet-stream"``
+      (the default type): the frames decoded, in Explicit VR Little
+      Endian's cells; with ``transfer-syntax=*`` they go as held instead,
+      when held encapsulated;
+    - ``type="*/*"`` or ``type="image/*"``: as held;
+    - an image media type (``image/jls``, ``image/jp2``...): as held, when
+      held in a syntax of that type (and of the transfer-syntax named).
+    The answer is multipart/related. No acceptable range is a 406.
+    """
+    held = row.transfer_syntax_uid
+    encapsulated = held in frames.MEDIA_TYPES
+    if not accept.strip():
+        return frames.decoded()
+    ranges: list[tuple[float, str, str | None]] = []
+    for media_range in accept.split(","):
+        kind, *params = [p.strip() for p in media_range.split(";")]
+        kind = kind.lower()
+        options = {}
+        for param in params:
+            name, _, value = param.partition("=")
+            options[name.strip().lower()] = value.strip().strip('"')
+        try:
+            quality = float(options.get("q", "1"))
+        except ValueError:
+            quality = 1.0
+        if quality <= 0:
+            continue
+        syntax = options.get("transfer-syntax")
+        if kind in ("*/*", "multipart/*"):
+            # What HTTP libraries send when told nothing: the default.
+            ranges.append((quality, frames.OCTET_STREAM, syntax))
+        elif kind == "multipart/related":
+            inner = options.get("type", frames.OCTET_STREAM).lower()
+            ranges.append((quality, frames.ALIASES.get(inner, inner), syntax))
+    ranges.sort(key=lambda r: -r[0])  # stable: equal q keep their order
+    for _, media_type, syntax in ranges:
+        if media_type == frames.OCTET_STREAM:
+            if syntax in (None, ExplicitVRLittleEndian) or (
+                syntax == "*" and not encapsulated
+            ):
+                return frames.decoded()
+            if syntax in ("*", held) and encapsulated:
+                return frames.Framing(False, frames.OCTET_STREAM, held)
+        elif media_type in ("*/*", "image/*"):
+            if syntax in (None, "*", held) and encapsulated:
+                return frames.as_held(held)
+            if media_type == "*/*" and (
+                syntax == ExplicitVRLittleEndian or not encapsulated
+            ):
+                return frames.decoded()
+        elif encapsulated and media_type == frames.MEDIA_TYPES[held]:
+            if syntax in (None, "*", held):
+                return frames.as_held(held)
+    sendable = f'multipart/related; type="{frames.OCTET_STREAM}"'
+    if encapsulated:
+        sendable += (
+            f' or multipart/related; type="{frames.MEDIA_TYPES[held]}"; '
+            f"transfer-syntax={held}"
+        )
+    abort(
+        406,
+        "the Accept header names no media type the frames of this instance are "
+        f"sent in: {sendable} (DICOM PS3.18 8.7.3.5)",
+    )
+
+
+# WADO-RS rendering parameters (DICOM PS3.18 8.3.5.1) and the WADO-URI ones
+# they are read as.
+def _rendered_options(args: MultiDict[str, str]) -> Rendering:
+    """The rendering a WADO-RS request asks for: quality, window
+    (center,width[,function], the function LINEAR) and viewport (vw,vh,
+    the largest size, aspect kept); a malformed one is a 400."""
+    _single_valued(args, ("quality", "window", "viewport"))
+    unknown = sorted(set(args) - {"quality", "window", "viewport"})
+    if unknown:
+        abort(
+            400,
+            f"{escaped(', '.join(unknown))[:200]}: this service renders with "
+            "quality, window and viewport only (DICOM PS3.18 8.3.5.1)",
+        )
+    wado: dict[str, str] = {}
+    if "quality" in args:
+        wado["imageQuality"] = args["quality"]
+    if "window" in args:
+        values = args["window"].split(",")
+        if len(values) == 3 and values[2].strip().upper() not in ("", "LINEAR"):
+            abort(400, "window: only the LINEAR function is rendered")
+        if len(values) not in (2, 3):
+            abort(400, "window must be center,width[,function]")
+        wado["windowCenter"], wado["windowWidth"] = values[0], values[1]
+    if "viewport" in args:
+        values = args["viewport"].split(",")
+        if len(values) != 2:
+            abort(400, "viewport must be vw,vh (no source rectangle here)")
+        wado["columns"], wado["rows"] = values[0], values[1]
+    return _rendering(wado)
 
 
 @dataclass

@@ -1,0 +1,354 @@
+"""WADO-RS Retrieve Frames and Retrieve Rendered (DICOM PS3.18 10.4.1.1.3,
+10.4.1.1.4; RAD TF-3 4.107) of published images, against the node on real
+ports, with dicomweb-client as the user agent where it fits."""
+
+from __future__ import annotations
+
+from io import BytesIO
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from PIL import Image
+from pydicom.encaps import get_frame
+from pydicom.pixels import pixel_array
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from tests.conftest import dicom_path
+from tests.integration.conftest import PATIENT, RunningNode
+from xdsi.dicom import scan
+
+JLS = "ts-jpegls-lossless__CT1_JLSL.dcm"
+US_MULTI_FRAME = "us-mf-jpeg-baseline__examples_ybr_color.dcm"
+MR_MULTI_FRAME = "enhanced-mr-mf__emri_small.dcm"
+BIG_ENDIAN = "ts-explicit-be__MR_small_bigendian.dcm"
+RLE = "ts-rle__MR_small_RLE.dcm"
+SR = "sr-basic-text__reportsi.dcm"
+
+
+@pytest.fixture(scope="module")
+def images(
+    shared_node: RunningNode, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, scan.InstanceHeader]:
+    """Copies of single images, each published as a study of its own."""
+    shared_node.feed()
+    published = {}
+    for name in (JLS, US_MULTI_FRAME, MR_MULTI_FRAME, BIG_ENDIAN, RLE, SR):
+        folder = tmp_path_factory.mktemp("frames")
+        ds = pydicom.dcmread(dicom_path("singles", name))
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            setattr(ds, keyword, pydicom.uid.generate_uid())
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(folder / "copy.dcm", enforce_file_format=True)
+        (study,) = scan.scan_directory(folder).studies
+        shared_node.services.imaging_source.publish(study, PATIENT)
+        (published[name],) = study.instances
+    return published
+
+
+def _url(node: RunningNode, instance: scan.InstanceHeader, tail: str) -> str:
+    return (
+        f"{node.settings.dicomweb_url}/studies/{instance.study_instance_uid}"
+        f"/series/{instance.series_instance_uid}"
+        f"/instances/{instance.sop_instance_uid}/{tail}"
+    )
+
+
+def _parts(answer: requests.Response) -> list[tuple[dict[str, str], bytes]]:
+    """The parts of a multipart/related answer: headers and body."""
+    _, params = parse_options_header(answer.headers["Content-Type"])
+    parts: list[tuple[dict[str, str], bytes]] = []
+    field: list[bytes] = []
+
+    def begin() -> None:
+        parts.append(({}, b""))
+
+    def header_field(data: bytes, start: int, end: int) -> None:
+        field[:] = [data[start:end]]
+
+    def header_value(data: bytes, start: int, end: int) -> None:
+        parts[-1][0][field[0].decode().lower()] = data[start:end].decode()
+
+    def body(data: bytes, start: int, end: int) -> None:
+        headers, sofar = parts[-1]
+        parts[-1] = (headers, sofar + data[start:end])
+
+    parser = MultipartParser(
+        params[b"boundary"],
+        {
+            "on_part_begin": begin,
+            "on_header_field": header_field,
+            "on_header_value": header_value,
+            "on_part_data": body,
+        },
+    )
+    parser.write(answer.content)
+    parser.finalize()
+    return parts
+
+
+def _cells(array: np.ndarray) -> bytes:
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def test_a_frame_comes_decoded_by_default(
+    shared_node: RunningNode, images: dict[str, scan.InstanceHeader]
+) -> None:
+    """DICOM PS3.18 8.7.3.5.2: asked for as anything (requests sends
+    ``*/*``), a frame is sent as
+    application/octet-stream, the pixel cells of Explicit VR Little
+    Endian, whatever the syntax held (here JPEG-LS)."""
+    instance = images[JLS]
+
+    answer = requests.get(_url(shared_node, instance, "frames/1"), timeout=30)
+
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["Content-Type"].startswith(
+        'multipart/related; type="application/octet-stream"'
+    )
+    ((headers, data),) = _parts(answer)
+    assert headers["content-type"] == (
+        "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1"
+    )
+    assert headers["content-location"].endswith(
+        f"/instances/{instance.sop_instance_uid}/frames/1"
+    )
+    assert data == _cells(pydicom.dcmread(dicom_path("singles", JLS)).pixel_array)
+
+
+def test_frames_of_a_multi_frame_image_come_in_the_order_listed(
+    shared_node: RunningNode, images: dict[str, scan.InstanceHeader]
+) -> None:
+    """DICOM PS3.18 10.4.1.1.4: one part a frame, in the frame list's
+    order; dicomweb-client reads them."""
+    instance = images[MR_MULTI_FRAME]
+    held = pydicom.dcmread(dicom_path("singles", MR_MULTI_FRAME)).pixel_array
+    client = DICOMwebClient(url=shared_node.settings.dicomweb_url)
+
+    got = client.retrieve_instance_frames(
+        instance.study_instance_uid,
+        instance.series_instance_uid,
+        instance.sop_instance_uid,
+        frame_numbers=[10, 3, 1],
+        media_types=(("application/octet-stream", "1.2.840.10008.1.2.1"),),
+    )
+
+    assert got == [_cells(held[9]), _cells(held[2]), _cells(held[0])]
+
+
+def test_a_big_endian_image_comes_little_endian(
+    shared_node: RunningNode, images: dict[str, scan.InstanceHeader]
+) -> None:
+    answer = requests.get(
+        _url(shared_node, images[BIG_ENDIAN], "frames/1"),
+        headers={"Accept": 'multipart/related; type="application/octet-stream"'},
+        timeout=30,
+    )
+
+    ((_, data),) = _parts(answer)
+    held = pydicom.dcmread(dicom_path("singles", BIG_ENDIAN)).pixel_array
+    assert data == _cells(held)
+    assert data != held.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("name", "accept", "media_type"),
+    [
+        (JLS, 'multipart/related; type="image/jls"', "image/jls"),
+        (
+            JLS,
+            'multipart/related; type="application/octet-stream"; transfer-syntax=*',
+            "application/octet-stream",
+        ),
+        (US_MULTI_FRAME, 'multipart/related; type="*/*"', "image/jpeg"),
+        (RLE, 'multipart/related; type="image/x-dicom-rle"', "image/dicom-rle"),
+    ],
+    ids=["jls", "octet-stream-as-held", "any", "rle-alias"],
+)
+def test_a_frame_asked_for_as_held_is_its_encoded_bitstream(
+    shared_node: RunningNode,
+    images: dict[str, scan.InstanceHeader],
+    name: str,
+    accept: str,
+    media_type: str,
+) -> None:
+    """DICOM PS3.18 8.7.3.5: a frame of an encapsulated syntax (DICOM
+    PS3.5 A.4) goes as its fragments hold it, labelled with the syntax."""
+    held = pydicom.dcmread(dicom_path("singles", name))
+    count = int(held.get("NumberOfFrames", 1))
+    syntax = held.file_meta.TransferSyntaxUID
+
+    answer = requests.get(
+        _url(shared_node, images[name], f"frames/{count}"),
+        headers={"Accept": accept},
+        timeout=30,
+    )
+
+    assert answer.status_code == 200, answer.text
+    ((headers, data),) = _parts(answer)
+    assert headers["content-type"] == f"{media_type}; transfer-syntax={syntax}"
+    assert data == get_frame(held.PixelData, count - 1, number_of_frames=count)
+
+
+def test_a_frame_asked_for_decoded_is_decoded(
+    shared_node: RunningNode, images: dict[str, scan.InstanceHeader]
+) -> None:
+    """The last frame of a JPEG Baseline multi-frame image, decoded as
+    pydicom decodes it (YBR to RGB)."""
+    path = dicom_path("singles", US_MULTI_FRAME)
+
+    answer = requests.get(
+        _url(shared_node, images[US_MULTI_FRAME], "frames/30"),
+        headers={
+            "Accept": 'multipart/related; type="application/octet-stream"; '
+            "transfer-syntax=1.2.840.10008.1.2.1"
+        },
+        timeout=30,
+    )
+
+    ((_, data),) = _parts(answer)
+    assert data == _cells(pixel_array(path, index=29))
+
+
+@pytest.mark.parametrize(
+    ("name", "frame_list", "status", "said"),
+    [
+        (MR_MULTI_FRAME, "0", 400, "start at 1"),
+        (MR_MULTI_FRAME, "1,1", 400, "listed twice"),
+        (MR_MULTI_FRAME, "1,x", 400, "not frame numbers"),
+        (MR_MULTI_FRAME, "11", 404, "has 10 frames"),
+        (SR, "1", 404, "no image"),
+    ],
+)
+def test_a_frame_list_or_instance_without_those_frames_is_refused(
+    shared_node: RunningNode,
+    images: dict[str, scan.InstanceHeader],
+    name: str,
+    frame_list: str,
+    status: int,
+    said: str,
+) -> None:
+    answer = requests.get(
+        _url(shared_node, images[name], f"frames/{frame_list}"), timeout=30
+    )
+
+    assert answer.status_code == status
+    assert said in answer.text
+    assert answer.headers["Content-Type"].startswith("text/plain")
+
+
+def test_frames_in_a_media_type_they_are_not_held_in_are_not_acceptable(
+    shared_node: RunningNode, images: dict[str, scan.InstanceHeader]
+) -> None:
+    """DICOM PS3.18 8.7.3.5: this node does not re-encode frames; a 406
+    names what it sends them in."""
+    answer = requests.get(
+        _url(shared_node, images[JLS], "frames/1"),
+        headers={"Accept": 'multipart/related; type="image/jp2"'},
+        timeout=30,
+    )
+
+    assert answer.status_code == 406
+    assert 'type="image/jls"; transfer-syntax=1.2.840.10008.1.2.4.80' in answer.text
+
+
+def test_frames_of_an_instance_not_published_are_not_found(
+    shared_node: RunningNode, images: dict[str, scan.InstanceHeader]
+) -> None:
+    instance = images[JLS]
+    url = _url(shared_node, instance, "frames/1").replace(
+        instance.sop_instance_uid, pydicom.uid.generate_uid()
+    )
+
+    assert requests.get(url, timeout=30).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("tail", "params", "size"),
+    [
+        ("rendered", {}, (512, 512)),
+        ("rendered", {"viewport": "64,32"}, (32, 32)),
+        ("rendered", {"window": "40,400,LINEAR", "quality": "50"}, (512, 512)),
+    ],
+    ids=["as-is", "viewport", "window-quality"],
+)
+def test_an_image_is_rendered_as_jpeg(
+    shared_node: RunningNode,
+    images: dict[str, scan.InstanceHeader],
+    tail: str,
+    params: dict[str, str],
+    size: tuple[int, int],
+) -> None:
+    """DICOM PS3.18 10.4.1.1.3 and 8.3.5.1: quality, window and viewport
+    (the largest size, aspect kept)."""
+    answer = requests.get(
+        _url(shared_node, images[JLS], tail),
+        params=params,
+        headers={"Accept": "image/jpeg"},
+        timeout=30,
+    )
+
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["Content-Type"] == "image/jpeg"
+    image = Image.open(BytesIO(answer.content))
+    assert (image.format, image.size) == ("JPEG", size)
+
+
+def test_a_frame_is_rendered_as_that_frame(
+    shared_node: RunningNode, images: dict[str, scan.InstanceHeader]
+) -> None:
+    held = pydicom.dcmread(dicom_path("singles", MR_MULTI_FRAME)).pixel_array
+    got = [
+        np.asarray(
+            Image.open(
+                BytesIO(
+                    requests.get(
+                        _url(
+                            shared_node, images[MR_MULTI_FRAME], f"frames/{n}/rendered"
+                        ),
+                        timeout=30,
+                    ).content
+                )
+            ).convert("L"),
+            np.float64,
+        )
+        for n in (1, 10)
+    ]
+
+    def likeness(image: np.ndarray, frame: np.ndarray) -> float:
+        return float(np.corrcoef(image.ravel(), frame.astype(np.float64).ravel())[0, 1])
+
+    assert likeness(got[0], held[0]) > likeness(got[0], held[9])
+    assert likeness(got[1], held[9]) > likeness(got[1], held[0])
+
+
+@pytest.mark.parametrize(
+    ("tail", "params", "headers", "status"),
+    [
+        ("rendered", {}, {"Accept": "image/png"}, 406),
+        ("rendered", {"window": "40,400,SIGMOID"}, {}, 400),
+        ("rendered", {"viewport": "1,2,3,4,5,6"}, {}, 400),
+        ("rendered", {"annotation": "patient"}, {}, 400),
+        ("frames/1,2/rendered", {}, {}, 400),
+        ("frames/99/rendered", {}, {}, 404),
+    ],
+)
+def test_a_rendering_this_node_does_not_make_is_refused(
+    shared_node: RunningNode,
+    images: dict[str, scan.InstanceHeader],
+    tail: str,
+    params: dict[str, str],
+    headers: dict[str, str],
+    status: int,
+) -> None:
+    answer = requests.get(
+        _url(shared_node, images[MR_MULTI_FRAME], tail),
+        params=params,
+        headers=headers,
+        timeout=30,
+    )
+
+    assert answer.status_code == status, answer.text
+    assert answer.headers["Content-Type"].startswith("text/plain")

@@ -1,0 +1,158 @@
+"""The frames of a stored image, for WADO-RS Retrieve Frames (DICOM PS3.18
+10.4.1.1.4 and 8.7.3.5).
+
+A frame goes out either as held, its encoded bitstream for an encapsulated
+transfer syntax (DICOM PS3.5 A.4), in the image media type of that syntax,
+or decoded to its native pixel cells, little endian, as
+application/octet-stream (DICOM PS3.18 8.7.3.5.2; the cells of Explicit VR
+Little Endian, DICOM PS3.5 8.1.1). Only the frame asked for is read from
+the file: a frame of a large multi-frame image costs the frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
+from pydicom.filereader import data_element_generator, read_preamble
+from pydicom.pixels import pack_bits, pixel_array
+from pydicom.uid import (
+    JPEG2000,
+    JPEG2000MC,
+    UID,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEG2000MCLossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+
+from xdsi.dicom import transcode
+
+OCTET_STREAM = "application/octet-stream"
+
+# DICOM PS3.18 Table 8.7.3-5: the media type of a frame in each
+# encapsulated transfer syntax this node sends frames in as held.
+MEDIA_TYPES = {
+    JPEGBaseline8Bit: "image/jpeg",
+    JPEGExtended12Bit: "image/jpeg",
+    JPEGLossless: "image/jpeg",
+    JPEGLosslessSV1: "image/jpeg",
+    JPEGLSLossless: "image/jls",
+    JPEGLSNearLossless: "image/jls",
+    JPEG2000Lossless: "image/jp2",
+    JPEG2000: "image/jp2",
+    JPEG2000MCLossless: "image/jpx",
+    JPEG2000MC: "image/jpx",
+    RLELossless: "image/dicom-rle",
+}
+# Names user agents also use for a media type (image/x-dicom-rle is the
+# name of earlier editions of DICOM PS3.18).
+ALIASES = {"image/x-dicom-rle": "image/dicom-rle", "image/x-jls": "image/jls"}
+
+# (7FE0,0010) Pixel Data.
+PIXEL_DATA = 0x7FE00010
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How the frames of one instance go out: as held (``native`` false,
+    an encapsulated syntax) or decoded, and the media type and transfer
+    syntax each part is labelled with."""
+
+    native: bool
+    media_type: str
+    transfer_syntax_uid: str
+
+    @property
+    def content_type(self) -> str:
+        return f"{self.media_type}; transfer-syntax={self.transfer_syntax_uid}"
+
+
+def number_of_frames(header: Dataset) -> int:
+    """The frames an image holds: Number of Frames (DICOM PS3.3 C.7.6.6),
+    one when it has none."""
+    try:
+        return max(1, int(header.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def as_held(held_syntax: str) -> Framing:
+    """The framing of frames sent as they are held."""
+    if held_syntax in MEDIA_TYPES:
+        return Framing(False, MEDIA_TYPES[held_syntax], held_syntax)
+    return decoded()
+
+
+def decoded() -> Framing:
+    """The framing of frames decoded to native pixel cells."""
+    return Framing(True, OCTET_STREAM, ExplicitVRLittleEndian)
+
+
+def read_frame(path: Path, header: Dataset, index: int, framing: Framing) -> bytes:
+    """Frame ``index`` (from 0) of the image stored at ``path``, whose
+    attributes are ``header``, as ``framing`` says.
+
+    Raises
+    ------
+    Exception
+        Whatever the file or a pixel data plugin raises when the frame
+        cannot be read or decoded.
+    """
+    if not framing.native:
+        return _encoded_frame(path, header, index)
+    frames = number_of_frames(header)
+    with transcode.plugin_errors_muted():
+        # raw: the cells as held, not converted to RGB, for a native image;
+        # a decoded one comes out as pydicom's decompress() leaves it.
+        held = UID(header.file_meta.TransferSyntaxUID)
+        cells = pixel_array(
+            path, index=index if frames > 1 else None, raw=not held.is_compressed
+        )
+    if int(header.get("BitsAllocated", 8)) == 1:
+        return pack_bits(cells)
+    return np.ascontiguousarray(cells, dtype=cells.dtype.newbyteorder("<")).tobytes()
+
+
+def _encoded_frame(path: Path, header: Dataset, index: int) -> bytes:
+    """The encoded bitstream of one frame of an encapsulated image, read
+    through its Basic or Extended Offset Table (DICOM PS3.5 A.4)."""
+    extended = None
+    if "ExtendedOffsetTable" in header and "ExtendedOffsetTableLengths" in header:
+        extended = (header.ExtendedOffsetTable, header.ExtendedOffsetTableLengths)
+    with open(path, "rb") as stream:
+        read_preamble(stream, False)
+        # The File Meta Information, Explicit VR Little Endian (DICOM
+        # PS3.10 7.1), then the data set up to Pixel Data, whose element
+        # header the reader leaves unread; an encapsulated syntax is
+        # Explicit VR Little Endian too (DICOM PS3.5 A.4).
+        for _ in data_element_generator(
+            stream, False, True, stop_when=lambda tag, vr, length: tag.group != 2
+        ):
+            pass
+        for _ in data_element_generator(
+            stream,
+            False,
+            True,
+            stop_when=lambda tag, vr, length: tag == PIXEL_DATA,
+            defer_size=4096,
+        ):
+            pass
+        element = stream.read(12)
+        if len(element) != 12 or element[:4] != b"\xe0\x7f\x10\x00":
+            raise ValueError("no encapsulated Pixel Data where the data set ends")
+        return get_frame(
+            stream,
+            index,
+            extended_offsets=extended,
+            number_of_frames=number_of_frames(header),
+        )
