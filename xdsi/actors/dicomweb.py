@@ -1320,6 +1320,7 @@ def _frame_numbers(frame_list: str) -> list[int]:
     """The frame numbers of a frame list (DICOM PS3.18 10.4.1.1.4): one or
     more, comma separated, each from 1, none twice; else a 400."""
     numbers: list[int] = []
+    seen: set[int] = set()
     for item in frame_list.split(","):
         item = item.strip()
         if not item.isascii() or not item.isdigit() or len(item) > MAX_DIGITS:
@@ -1327,8 +1328,9 @@ def _frame_numbers(frame_list: str) -> list[int]:
         number = int(item)
         if number < 1:
             abort(400, "frame numbers start at 1")
-        if number in numbers:
+        if number in seen:
             abort(400, f"frame {number} is listed twice")
+        seen.add(number)
         numbers.append(number)
     return numbers
 

@@ -11,6 +11,7 @@ the file: a frame of a large multi-frame image costs the frame.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,11 @@ ALIASES = {"image/x-dicom-rle": "image/dicom-rle", "image/x-jls": "image/jls"}
 # (7FE0,0010) Pixel Data.
 PIXEL_DATA = 0x7FE00010
 
+# Frames read at once in one process: a decoded mammogram frame holds tens
+# of MB, so a burst of requests waits its turn rather than exhausting
+# memory (as many as instances transcoded at once).
+_READING = threading.BoundedSemaphore(transcode.TRANSCODING_SLOTS)
+
 
 @dataclass(frozen=True)
 class Framing:
@@ -108,6 +114,11 @@ def read_frame(path: Path, header: Dataset, index: int, framing: Framing) -> byt
         Whatever the file or a pixel data plugin raises when the frame
         cannot be read or decoded.
     """
+    with _READING:
+        return _read_frame(path, header, index, framing)
+
+
+def _read_frame(path: Path, header: Dataset, index: int, framing: Framing) -> bytes:
     if not framing.native:
         return _encoded_frame(path, header, index)
     frames = number_of_frames(header)
