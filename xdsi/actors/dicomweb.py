@@ -1264,6 +1264,24 @@ def _time_key(value: str, fill: str) -> str:
     return whole[:6] + fraction[:6].ljust(6, fill)
 
 
+def _media_ranges(accept: str) -> Iterator[tuple[float, str, dict[str, str]]]:
+    """The media ranges of an Accept header (RFC 9110 12.5.1), in their
+    order: each one's q value, media type (lower case) and parameters (names
+    lower case, values unquoted); those of q 0, not acceptable, left out."""
+    for media_range in accept.split(","):
+        kind, *params = [p.strip() for p in media_range.split(";")]
+        options = {}
+        for param in params:
+            name, _, value = param.partition("=")
+            options[name.strip().lower()] = value.strip().strip('"')
+        try:
+            quality = float(options.get("q", "1"))
+        except ValueError:
+            quality = 1.0
+        if quality > 0:
+            yield quality, kind.lower(), options
+
+
 def _accepted_dicom(accept: str, single_allowed: bool) -> tuple[list[str], bool]:
     """Return the transfer syntaxes acceptable, best first, and whether to
     answer multipart, from the Accept header.
@@ -1279,19 +1297,7 @@ def _accepted_dicom(accept: str, single_allowed: bool) -> tuple[list[str], bool]
     if not accept.strip():
         return [ExplicitVRLittleEndian], True
     ranges: list[tuple[float, bool, str]] = []
-    for media_range in accept.split(","):
-        kind, *params = [p.strip() for p in media_range.split(";")]
-        kind = kind.lower()
-        options = {}
-        for param in params:
-            name, _, value = param.partition("=")
-            options[name.strip().lower()] = value.strip().strip('"')
-        try:
-            quality = float(options.get("q", "1"))
-        except ValueError:
-            quality = 1.0
-        if quality <= 0:
-            continue
+    for quality, kind, options in _media_ranges(accept):
         syntax = options.get("transfer-syntax", ExplicitVRLittleEndian)
         if kind in ("*/*", "multipart/*") or (
             kind == "multipart/related"
@@ -1354,19 +1360,7 @@ def _frame_framing(accept: str, row: Row) -> frames.Framing:
     if not accept.strip():
         return frames.decoded()
     ranges: list[tuple[float, str, str | None]] = []
-    for media_range in accept.split(","):
-        kind, *params = [p.strip() for p in media_range.split(";")]
-        kind = kind.lower()
-        options = {}
-        for param in params:
-            name, _, value = param.partition("=")
-            options[name.strip().lower()] = value.strip().strip('"')
-        try:
-            quality = float(options.get("q", "1"))
-        except ValueError:
-            quality = 1.0
-        if quality <= 0:
-            continue
+    for quality, kind, options in _media_ranges(accept):
         syntax = options.get("transfer-syntax")
         if kind in ("*/*", "multipart/*"):
             # What HTTP libraries send when told nothing: the default.
