@@ -352,3 +352,82 @@ def test_a_rendering_this_node_does_not_make_is_refused(
 
     assert answer.status_code == status, answer.text
     assert answer.headers["Content-Type"].startswith("text/plain")
+
+
+@pytest.fixture(scope="module")
+def with_bulk_data(
+    shared_node: RunningNode, tmp_path_factory: pytest.TempPathFactory
+) -> scan.InstanceHeader:
+    """An image with a binary value above the bulk data threshold at its top
+    level: a Red Palette Color Lookup Table Data of 8 KiB."""
+    shared_node.feed()
+    folder = tmp_path_factory.mktemp("bulk")
+    ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        setattr(ds, keyword, pydicom.uid.generate_uid())
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.RedPaletteColorLookupTableData = bytes(range(256)) * 32
+    ds.save_as(folder / "copy.dcm", enforce_file_format=True)
+    (study,) = scan.scan_directory(folder).studies
+    shared_node.services.imaging_source.publish(study, PATIENT)
+    (instance,) = study.instances
+    return instance
+
+
+def test_a_large_binary_value_is_named_by_a_bulkdata_uri_that_gives_it(
+    shared_node: RunningNode, with_bulk_data: scan.InstanceHeader
+) -> None:
+    """DICOM PS3.18 F.2.6: a binary value over the threshold is a
+    BulkDataURI in the metadata; the URI answers the value, one
+    application/octet-stream part (read by dicomweb-client)."""
+    client = DICOMwebClient(url=shared_node.settings.dicomweb_url)
+    metadata = client.retrieve_instance_metadata(
+        with_bulk_data.study_instance_uid,
+        with_bulk_data.series_instance_uid,
+        with_bulk_data.sop_instance_uid,
+    )
+
+    lut = metadata["00281201"]
+    assert set(lut) == {"vr", "BulkDataURI"} and lut["vr"] == "OW"
+    (value,) = client.retrieve_bulkdata(lut["BulkDataURI"])
+    assert value == bytes(range(256)) * 32
+
+
+@pytest.mark.parametrize(
+    ("tag", "headers", "status"),
+    [
+        ("00100010", {}, 404),
+        ("7FE0", {}, 404),
+        ("00281201", {"Accept": "image/jpeg"}, 406),
+    ],
+    ids=["not-binary", "no-tag", "not-acceptable"],
+)
+def test_bulk_data_that_is_none_or_not_acceptable_is_refused(
+    shared_node: RunningNode,
+    with_bulk_data: scan.InstanceHeader,
+    tag: str,
+    headers: dict[str, str],
+    status: int,
+) -> None:
+    answer = requests.get(
+        _url(shared_node, with_bulk_data, f"bulkdata/{tag}"),
+        headers=headers,
+        timeout=30,
+    )
+
+    assert answer.status_code == status, answer.text
+    assert answer.headers["Content-Type"].startswith("text/plain")
+
+
+def test_the_metadata_of_an_instance_without_pixels_names_no_pixel_data(
+    shared_node: RunningNode, images: dict[str, scan.InstanceHeader]
+) -> None:
+    answer = requests.get(
+        _url(shared_node, images[SR], "metadata"),
+        headers={"Accept": "application/dicom+json"},
+        timeout=30,
+    )
+
+    (document,) = answer.json()
+    assert "7FE00010" not in document
+    assert document["00080060"]["Value"] == ["SR"]

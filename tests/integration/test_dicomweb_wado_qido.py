@@ -226,10 +226,11 @@ def test_wado_rs_study_defaults_to_explicit_little_endian(
     assert {s.file_meta.TransferSyntaxUID for s in sent} == {ExplicitVRLittleEndian}
 
 
-def test_wado_rs_metadata_leaves_out_pixel_data(
+def test_wado_rs_metadata_names_pixel_data_by_a_bulkdata_uri(
     client: DICOMwebClient, published: scan.Study
 ) -> None:
-    """DICOM PS3.18 10.4.1.1.2: metadata without bulk data."""
+    """DICOM PS3.18 10.4.1.1.2 and F.2.6: metadata without bulk data, Pixel
+    Data named by a BulkDataURI, which gives the frames' pixel cells."""
     series = published.series[0]
 
     metadata = client.retrieve_series_metadata(
@@ -237,10 +238,21 @@ def test_wado_rs_metadata_leaves_out_pixel_data(
     )
 
     assert len(metadata) == len(series.instances)
-    assert all("7FE00010" not in m for m in metadata)
+    assert all(set(m["7FE00010"]) == {"vr", "BulkDataURI"} for m in metadata)
     assert {pydicom.Dataset.from_json(m).SOPInstanceUID for m in metadata} == {
         i.sop_instance_uid for i in series.instances
     }
+    first = next(
+        m
+        for m in metadata
+        if m["00080018"]["Value"][0] == series.instances[0].sop_instance_uid
+    )
+    (cells,) = client.retrieve_bulkdata(
+        first["7FE00010"]["BulkDataURI"],
+        media_types=(("application/octet-stream", "1.2.840.10008.1.2.1"),),
+    )
+    held = pydicom.dcmread(series.instances[0].path).pixel_array
+    assert cells == held.astype(held.dtype.newbyteorder("<")).tobytes()
 
 
 def test_wado_rs_study_metadata_streams_one_instance_at_a_time(

@@ -76,6 +76,10 @@ CHUNK_SIZE = 1 << 20
 # an instance is bulk data, left out of WADO-RS metadata: 4 KiB of text,
 # 3 KiB of value.
 BULK_DATA_THRESHOLD = 4096
+# (7FE0,0010) Pixel Data, as DICOM JSON names it.
+PIXEL_DATA = "7FE00010"
+# The value representations of bulk data (DICOM PS3.18 F.2.6).
+BULK_DATA_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 
 LEVEL_ATTRIBUTES = {
     "study": STUDY_ATTRIBUTES,
@@ -427,8 +431,12 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
                 # leaves it out, whatever header was read of it before.
                 if not source.stored_copy_readable(row, "WADO-RS metadata"):
                     continue
+                instance_url = (
+                    f"{retrieve_url(row.study_instance_uid, row.series_instance_uid)}"
+                    f"/instances/{row.sop_instance_uid}"
+                )
                 try:
-                    yield _metadata_document(header(row))
+                    yield _metadata_document(header(row), instance_url)
                 except (OSError, InvalidDicomError) as exc:
                     logger.error(
                         "WADO-RS metadata: the stored copy of instance %s (%s) "
@@ -507,9 +515,17 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
     ) -> Response:
         """DICOM PS3.18 10.4.1.1.4 (RAD TF-3 4.107): frames of an image, in
         the order listed, one part each, as held or decoded (8.7.3.5)."""
-        numbers = _frame_numbers(frame_list)
+        return frames_answer(study_uid, series_uid, sop_uid, _frame_numbers(frame_list))
+
+    def frames_answer(
+        study_uid: str, series_uid: str, sop_uid: str, numbers: list[int] | None
+    ) -> Response:
+        """The frames ``numbers`` of an image (all of them for None), one
+        part each, as the Accept header asks (see _frame_framing)."""
         held, image = held_image(study_uid, series_uid, sop_uid)
         count = frames.number_of_frames(image)
+        if numbers is None:
+            numbers = list(range(1, count + 1))
         beyond = [n for n in numbers if n > count]
         if beyond:
             abort(
@@ -586,6 +602,78 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             content_type=(
                 f'multipart/related; type="{framing.media_type}"; '
                 f"transfer-syntax={framing.transfer_syntax_uid}; boundary={boundary}"
+            ),
+        )
+
+    @blueprint.get(
+        f"{base}/studies/<study_uid>/series/<series_uid>/instances/<sop_uid>"
+        "/bulkdata/<tag>"
+    )
+    def retrieve_bulkdata(
+        study_uid: str, series_uid: str, sop_uid: str, tag: str
+    ) -> Response:
+        """DICOM PS3.18 10.4 and F.2.6: the bulk data a BulkDataURI of the
+        instance's metadata names, multipart/related with one
+        application/octet-stream part; for Pixel Data, a part a frame, as
+        Retrieve Frames sends them."""
+        tag = tag.upper()
+        if not re.fullmatch(r"[0-9A-F]{8}", tag):
+            abort(404, f"{escaped(tag[:20])!r} names no attribute")
+        if tag == PIXEL_DATA:
+            return frames_answer(study_uid, series_uid, sop_uid, None)
+        held = published(study_uid, series_uid, sop_uid)
+        if not held:
+            abort(404, _not_published(study_uid, series_uid, sop_uid))
+        if not source.stored_copy_readable(held[0], "WADO-RS bulk data"):
+            abort(500, "the stored copy of the instance cannot be read here")
+        try:
+            element = header(held[0]).get(int(tag, 16))
+        except (OSError, InvalidDicomError):
+            abort(500, "the stored copy of the instance cannot be read here")
+        if element is None or element.VR not in BULK_DATA_VRS or not element.value:
+            abort(404, f"instance {sop_uid} has no bulk data {tag}")
+        if request.headers.get("Accept", "").strip():
+            acceptable = [
+                kind == "*/*"
+                or kind == "multipart/*"
+                or (
+                    kind == "multipart/related"
+                    and options.get("type", frames.OCTET_STREAM).lower()
+                    in (frames.OCTET_STREAM, "application/*", "*/*")
+                )
+                for _, kind, options in _media_ranges(request.headers["Accept"])
+            ]
+            if not any(acceptable):
+                abort(
+                    406,
+                    "bulk data is sent as multipart/related; "
+                    f'type="{frames.OCTET_STREAM}" (DICOM PS3.18 8.7.3.5)',
+                )
+        # Limitation: the value goes as held; one of a big endian instance
+        # (a retired syntax) is not swapped to little endian.
+        data = bytes(element.value)
+        audited("RAD-107", held, audit.Outcome.SUCCESS)
+        logger.info(
+            "%s %s from %s: %s, %d bytes",
+            "RAD-107",
+            "WADO-RS Retrieve Bulkdata",
+            request.remote_addr,
+            tag,
+            len(data),
+        )
+        boundary = uuid.uuid4().hex
+        body = (
+            (
+                f"--{boundary}\r\nContent-Type: {frames.OCTET_STREAM}\r\n"
+                f"Content-Length: {len(data)}\r\n\r\n"
+            ).encode("ascii")
+            + data
+            + f"\r\n--{boundary}--\r\n".encode("ascii")
+        )
+        return Response(
+            body,
+            content_type=(
+                f'multipart/related; type="{frames.OCTET_STREAM}"; boundary={boundary}'
             ),
         )
 
@@ -1498,11 +1586,17 @@ def _produce_all(
     return production
 
 
-def _metadata_document(header: Dataset) -> dict[str, dict]:
+def _metadata_document(
+    header: Dataset, instance_url: str | None = None
+) -> dict[str, dict]:
     """An instance's header as WADO-RS metadata, in the DICOM JSON Model
     (DICOM PS3.18 10.4.3.3.2, Annex F).
 
-    Binary values in a sequence item, such as the Waveform Data of each
+    Binary values at the top level over BULK_DATA_THRESHOLD, and the Pixel
+    Data of an image (which ``header``, read without it, lacks), are bulk
+    data: each is named by a BulkDataURI (DICOM PS3.18 F.2.6) under
+    ``instance_url``, the instance's WADO-RS resource, or left out without
+    one. Binary values in a sequence item, such as the Waveform Data of each
     Waveform Sequence item, are sent inline whatever their length
     (InlineBinary, DICOM PS3.18 F.2.7), which DICOMweb user agents decode
     without a further request.
@@ -1516,12 +1610,10 @@ def _metadata_document(header: Dataset) -> dict[str, dict]:
                     bulk_data_element_handler=None, bulk_data_threshold=0
                 )
             else:
-                # Limitation: bulk data at the top level (Pixel Data and
-                # other binary values over BULK_DATA_THRESHOLD) is left out
-                # of the metadata; this node has no bulkdata resource for a
-                # BulkDataURI (DICOM PS3.18 F.2.6) to name.
                 attribute = element.to_json_dict(
-                    bulk_data_element_handler=lambda _: "",
+                    bulk_data_element_handler=lambda _, key=key: (
+                        f"{instance_url}/bulkdata/{key}"
+                    ),
                     bulk_data_threshold=BULK_DATA_THRESHOLD,
                 )
         except Exception as exc:
@@ -1529,13 +1621,24 @@ def _metadata_document(header: Dataset) -> dict[str, dict]:
             # JSON form; the instance's other attributes are sent.
             logger.debug("%s left out of the metadata: %s", key, type(exc).__name__)
             continue
-        if "BulkDataURI" in attribute:
+        if "BulkDataURI" in attribute and instance_url is None:
             continue
         if not _finite(attribute):
             # NaN and infinities have no JSON form (RFC 8259 6).
             logger.debug("%s left out of the metadata: not a finite number", key)
             continue
         document[key] = attribute
+    if instance_url is not None and "Rows" in header and PIXEL_DATA not in document:
+        # DICOM PS3.5 8.2: Pixel Data is OB when encapsulated or of at most
+        # 8 bits allocated, else OW.
+        meta = getattr(header, "file_meta", None) or {}
+        syntax = UID(meta.get("TransferSyntaxUID") or ExplicitVRLittleEndian)
+        bits = header.get("BitsAllocated", 8)
+        vr = "OB" if syntax.is_encapsulated or (bits or 8) <= 8 else "OW"
+        document[PIXEL_DATA] = {
+            "vr": vr,
+            "BulkDataURI": f"{instance_url}/bulkdata/{PIXEL_DATA}",
+        }
     return document
 
 

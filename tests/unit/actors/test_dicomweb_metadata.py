@@ -32,3 +32,24 @@ def test_values_with_no_json_form_are_left_out_and_the_rest_sent() -> None:
 
     assert set(document) == {"00100020", "00200011"}
     assert json.loads(json.dumps(document, allow_nan=False)) == document
+
+
+def test_bulk_data_is_named_under_the_instance_or_left_out() -> None:
+    """DICOM PS3.18 F.2.6: a binary value over the threshold, and an
+    image's Pixel Data, are BulkDataURIs under the instance's resource;
+    with no resource to name, they are left out. A short one is inline."""
+    ds = Dataset()
+    ds.PatientID = "P1"
+    ds.Rows = 2
+    ds.BitsAllocated = 16
+    ds.RedPaletteColorLookupTableData = b"\x01" * 8192
+    ds.GreenPaletteColorLookupTableData = b"\x02" * 16
+    url = "http://127.0.0.1:9083/dicomweb/studies/1/series/2/instances/3"
+
+    named = _metadata_document(ds, url)
+    bare = _metadata_document(ds)
+
+    assert named["00281201"] == {"vr": "OW", "BulkDataURI": f"{url}/bulkdata/00281201"}
+    assert named["7FE00010"] == {"vr": "OW", "BulkDataURI": f"{url}/bulkdata/7FE00010"}
+    assert named["00281202"]["InlineBinary"]
+    assert set(bare) == {"00100020", "00280010", "00280100", "00281202"}
