@@ -432,7 +432,10 @@ class Runner:
             response = self._session.post(
                 url,
                 data=data,
-                headers={"Content-Type": content_type},
+                headers={
+                    "Content-Type": content_type,
+                    "Accept-Encoding": wire.ACCEPT_ENCODING,
+                },
                 timeout=self.target.timeout,
                 stream=True,
                 allow_redirects=False,
@@ -440,7 +443,14 @@ class Runner:
         except requests.RequestException as exc:
             return "no answer", [*problems, f"POST {url}: {exc}"]
         with response:
-            response.raw.decode_content = True
+            # Asked for without content coding: one the peer sends all the
+            # same is not undone here (a small body can unpack to gigabytes).
+            coding = response.headers.get("Content-Encoding", "").strip().lower()
+            if coding not in ("", wire.ACCEPT_ENCODING):
+                return "no answer", [
+                    *problems,
+                    f"the answer has Content-Encoding {coding[:40]!r}, not asked for",
+                ]
             try:
                 message = wire.read_message(
                     response.raw,

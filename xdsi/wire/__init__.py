@@ -4,7 +4,7 @@ Implements the web-service profile of ITI TF-2x Appendix V that every XDS.b
 and XDS-I.b transaction travels on; knows no actor.
 """
 
-from xdsi.wire.client import SoapClient
+from xdsi.wire.client import ACCEPT_ENCODING, SoapClient
 from xdsi.wire.faults import (
     FAULT_ACTION,
     ActionMismatch,
@@ -51,6 +51,7 @@ from xdsi.wire.xml import parse_xml
 ANSWER_PACE = 8 * 1024
 
 __all__ = [
+    "ACCEPT_ENCODING",
     "ANONYMOUS",
     "ANSWER_PACE",
     "FAULT_ACTION",
