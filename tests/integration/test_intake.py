@@ -1666,6 +1666,53 @@ def test_a_dicomdir_linked_from_elsewhere_reads_nothing_outside_the_folder(
     assert result.refused == ()
 
 
+def _cd_of_two(folder: Path) -> tuple[Path, Path]:
+    """A file-set of two MR images written to ``folder``; their paths."""
+    images = sorted(dicom_path("study-mr", "images").iterdir())[:2]
+    fileset = FileSet()
+    for path in images:
+        fileset.add(pydicom.dcmread(path))
+    fileset.write(folder)
+    first, second = sorted(Path(instance.path) for instance in fileset)
+    return first, second
+
+
+def test_a_fifo_the_dicomdir_lists_is_refused_unread(
+    intake_node: RunningNode, tmp_path: Path
+) -> None:
+    """DICOM PS3.3 F.3.2.2: a Referenced File ID naming a FIFO is refused
+    without being opened, whose reading would wait for a writer for ever;
+    the other files are taken."""
+    fifo, image = _cd_of_two(tmp_path / "cd")
+    fifo.unlink()
+    os.mkfifo(fifo)
+    # Should the import open it, a writer lets it read an empty file.
+    done = threading.Event()
+
+    def writer() -> None:
+        while not done.is_set():
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                done.wait(0.05)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        result = intake_node.services.intake.import_folder(tmp_path / "cd")
+    finally:
+        done.set()
+        thread.join()
+
+    assert [a.sop_instance_uid for a in result.accepted] == [
+        pydicom.dcmread(image, stop_before_pixels=True).SOPInstanceUID
+    ]
+    ((path, refusal),) = result.refused
+    assert path == fifo
+    assert refusal.rule == "unreadable"
+    assert "no regular file" in refusal.reason
+
+
 def test_an_instance_held_in_another_study_is_refused(
     intake_node: RunningNode, tmp_path: Path
 ) -> None:

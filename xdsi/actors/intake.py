@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -499,6 +500,7 @@ class Intake:
                     if stop.requested:
                         break
                     try:
+                        _refuse_special_file(path)
                         accepted.append(self.accept(path, patient_id=patient_id))
                     except check.Refused as exc:
                         # A folder may be named after its patient: the path
@@ -1232,6 +1234,25 @@ def _files_of(folder: Path) -> Iterator[Path]:
             file = Path(root) / name
             if file.is_file() and not file.is_symlink():
                 yield file
+
+
+def _refuse_special_file(path: Path) -> None:
+    """Refuse a path of a file-set that is no regular file.
+
+    A DICOMDIR may name any path of its folder (DICOM PS3.3 F.3.2.2): a
+    FIFO, whose reading would wait for a writer for ever, a socket, a
+    device or a folder. Such a path is refused unread, as the folder's own
+    walk leaves it out; a missing one is left to :meth:`Intake.accept`,
+    which says so.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode):
+        raise check.Refused(
+            "unreadable", "no regular file (a folder, FIFO, socket or device)"
+        )
 
 
 def _listed_files(dicomdir: Path) -> list[Path]:
