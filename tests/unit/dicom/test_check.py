@@ -75,6 +75,32 @@ def test_a_request_naming_another_sop_instance_is_refused() -> None:
     assert refused.value.dimse_status == 0xA900
 
 
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [
+        ("MediaStorageSOPInstanceUID", "1.2.3.4"),
+        ("MediaStorageSOPClassUID", "1.2.840.10008.5.1.4.1.1.7"),
+        ("MediaStorageSOPInstanceUID", None),
+    ],
+    ids=["other-instance", "other-class", "no-instance"],
+)
+def test_a_file_meta_naming_another_instance_is_refused(
+    tmp_path: Path, keyword: str, value: str | None
+) -> None:
+    """DICOM PS3.10 7.1: the File Meta's Media Storage SOP Class and Instance
+    UIDs are the data set's; a Consumer knows a retrieved file by them."""
+    ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
+    if value is None:
+        del ds.file_meta[keyword]
+    else:
+        setattr(ds.file_meta, keyword, value)
+    ds.save_as(tmp_path / "named-other.dcm")
+
+    with pytest.raises(Refused, match=f"File Meta {keyword}") as refused:
+        check_file(tmp_path / "named-other.dcm")
+    assert refused.value.rule == "identification"
+
+
 def test_an_image_cut_short_just_before_its_pixel_data_is_refused(
     tmp_path: Path,
 ) -> None:
