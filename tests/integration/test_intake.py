@@ -3,6 +3,7 @@ import into the store, auto-publishing, and the manifest's lifecycle."""
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import logging
 import os
@@ -406,6 +407,31 @@ def test_stow_rs_refuses_other_media_types(intake_node: RunningNode) -> None:
         url, data=b"{}", headers={"Content-Type": "application/json"}, timeout=10
     )
     assert response.status_code == 415
+
+
+def test_stow_rs_refuses_a_content_coding_with_415_and_keeps_nothing(
+    intake_node: RunningNode,
+) -> None:
+    """DICOM PS3.18 Table 10.5.3-1, RFC 9110 15.5.16: a body in a content
+    coding the origin server does not decode (gzip) is answered 415 with
+    the codings it takes (RFC 7694 3), not parsed as a garbled body."""
+    part = dicom_path("singles", "ts-rle__MR_small_RLE.dcm").read_bytes()
+    body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n--b--\r\n"
+
+    response = requests.post(
+        _stow_url(intake_node),
+        data=gzip.compress(body),
+        headers={
+            "Content-Type": 'multipart/related; type="application/dicom"; boundary=b',
+            "Content-Encoding": "gzip",
+        },
+        timeout=30,
+    )
+
+    assert response.status_code == 415
+    assert response.headers["Accept-Encoding"] == "identity"
+    assert "Content-Encoding gzip" in response.text
+    assert _held(intake_node) == {}
 
 
 def test_a_cd_is_imported_by_its_dicomdir(intake_node: RunningNode, tmp_path) -> None:
