@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from tests.conftest import SHARED, dicom_path
+from xdsi.dicom import scan
 from xdsi.dicom.check import Refused, check_file, refusal_table
 from xdsi.dicom.store_scu import Destination
 
@@ -215,3 +217,24 @@ def test_a_malformed_storage_scp_is_refused(text: str) -> None:
     """DICOM PS3.5 6.2: an AE title is at most 16 characters."""
     with pytest.raises(ValueError, match="AE@host:port"):
         Destination.parse(text)
+
+
+def test_a_deflated_data_set_inflating_past_the_limit_is_refused_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DICOM PS3.5 A.5: a small Deflated Explicit VR Little Endian file that
+    inflates past scan.MAX_INFLATED (a run of zeros) is refused as
+    unreadable before it is inflated whole; one within it passes."""
+    monkeypatch.setattr(scan, "MAX_INFLATED", 4 << 20, raising=False)
+    ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
+    ds.Rows, ds.Columns, ds.BitsAllocated = 2048, 2048, 8
+    ds.BitsStored, ds.HighBit = 8, 7
+    ds.PixelData = bytes(2048 * 2048)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "inflating.dcm", enforce_file_format=True)
+
+    with pytest.raises(Refused, match="inflates past 4194304 bytes") as refused:
+        check_file(tmp_path / "inflating.dcm")
+    assert refused.value.rule == "unreadable"
+    assert (tmp_path / "inflating.dcm").stat().st_size < 1 << 20
+    check_file(dicom_path("singles", "ts-deflate__image_dfl.dcm"))
