@@ -1739,6 +1739,34 @@ def test_a_fifo_the_dicomdir_lists_is_refused_unread(
     assert "no regular file" in refusal.reason
 
 
+def test_a_folder_tree_deeper_than_the_recursion_limit_is_imported(
+    intake_node: RunningNode, tmp_path: Path
+) -> None:
+    """DICOM PS3.10 8: every regular file under the folder is read, however
+    deep it lies; a tree deeper than Python's recursion limit is walked,
+    not turned into a RecursionError."""
+    image = sorted(dicom_path("study-mr", "images").iterdir())[0]
+    folder = deep = tmp_path / "cd"
+    folder.mkdir()
+    for _ in range(sys.getrecursionlimit() + 100):
+        deep = deep / "d"
+        deep.mkdir()
+    shutil.copy(image, deep / "IM1")
+
+    try:
+        result = intake_node.services.intake.import_folder(folder)
+    finally:
+        # Removed from the bottom up: shutil.rmtree recurses too.
+        (deep / "IM1").unlink()
+        while deep != folder:
+            deep.rmdir()
+            deep = deep.parent
+
+    assert [a.sop_instance_uid for a in result.accepted] == [
+        pydicom.dcmread(image, stop_before_pixels=True).SOPInstanceUID
+    ]
+
+
 def test_an_instance_held_in_another_study_is_refused(
     intake_node: RunningNode, tmp_path: Path
 ) -> None:

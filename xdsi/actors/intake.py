@@ -1228,12 +1228,7 @@ def _files_of(folder: Path) -> Iterator[Path]:
         else:
             yield from listed
             return
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        for name in sorted(files):
-            file = Path(root) / name
-            if file.is_file() and not file.is_symlink():
-                yield file
+    yield from scan.regular_files(folder)
 
 
 def _refuse_special_file(path: Path) -> None:

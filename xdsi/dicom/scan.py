@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -456,14 +456,34 @@ def _series_order(series: Series) -> tuple[bool, int, str]:
 
 def _regular_files(path: Path) -> list[Path]:
     """Every regular file under ``path``, recursively, in sorted order."""
-    found: list[Path] = []
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
-            file = Path(root) / name
-            if file.is_file() and not file.is_symlink():
-                found.append(file)
-    return found
+    return list(regular_files(path))
+
+
+def regular_files(path: Path) -> Iterator[Path]:
+    """Every regular file under ``path`` as found, each folder's files in
+    sorted order before its subfolders, symbolic links left out.
+
+    The walk keeps its own stack, so that a folder tree of any depth (a CD
+    made thousands of folders deep) is walked rather than overflowing
+    Python's recursion limit; a folder that cannot be listed is passed
+    over, as os.walk passes it.
+    """
+    folders = [path]
+    while folders:
+        folder = folders.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False):
+                yield Path(entry.path)
+        folders.extend(
+            Path(entry.path)
+            for entry in reversed(entries)
+            if entry.is_dir(follow_symlinks=False)
+        )
 
 
 def _instance_header(path: Path, size: int, ds: pydicom.Dataset) -> InstanceHeader:
