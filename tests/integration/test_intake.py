@@ -955,6 +955,32 @@ def test_import_says_why_a_file_is_refused_once(
     assert "pydicom" not in said and "UserWarning" not in said
 
 
+def test_import_shows_refused_file_names_with_their_control_characters_escaped(
+    patient_node: RunningNode, tmp_path: Path
+) -> None:
+    """DICOM PS3.10 8: a CD's file names are its maker's. Those of refused
+    files are listed with their control characters escaped, so that a name
+    holding a terminal escape (ESC, OSC) cannot steer the user's terminal;
+    a name alone and names sharing a reason alike."""
+    bad = dicom_path(
+        "bad", "pixeldata-too-short__emri_small_jpeg_2k_lossless_too_short.dcm"
+    )
+    cut = dicom_path("bad", "truncated-pixeldata__MR_truncated.dcm")
+    folder = tmp_path / "cd"
+    folder.mkdir()
+    shutil.copy(bad, folder / "alone\x1b]0;owned\x07.dcm")
+    shutil.copy(cut, folder / "first\x1b[2J.dcm")
+    shutil.copy(cut, folder / "second\x1b[2J.dcm")
+
+    result = _xdsi(patient_node, tmp_path, "import", str(folder))
+
+    said = result.output
+    assert result.exit_code == 1, said
+    assert "\x1b" not in said and "\x07" not in said
+    assert "alone\\x1b]0;owned\\x07.dcm" in said
+    assert "first\\x1b[2J.dcm" in said and "second\\x1b[2J.dcm" in said
+
+
 def test_remove_of_what_is_not_held_fails(
     patient_node: RunningNode, tmp_path: Path
 ) -> None:
