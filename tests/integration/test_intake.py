@@ -434,6 +434,30 @@ def test_stow_rs_refuses_a_content_coding_with_415_and_keeps_nothing(
     assert _held(intake_node) == {}
 
 
+def test_stow_rs_part_inflating_past_the_limit_is_refused_unread(
+    intake_node: RunningNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DICOM PS3.5 A.5, PS3.18 10.5.3: a deflated part inflating past
+    scan.MAX_INFLATED fails unread; pydicom would inflate it whole even to
+    name its UIDs, so its Failed SOP Sequence item names none."""
+    monkeypatch.setattr(scan, "MAX_INFLATED", 4 << 20)
+    ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
+    ds.Rows, ds.Columns, ds.BitsAllocated = 2048, 2048, 8
+    ds.BitsStored, ds.HighBit = 8, 7
+    ds.PixelData = bytes(2048 * 2048)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "inflating.dcm", enforce_file_format=True)
+
+    response = _stow(intake_node, [(tmp_path / "inflating.dcm").read_bytes()])
+
+    assert response.status_code == 409
+    (failed,) = response.json()["00081198"]["Value"]
+    assert failed["00081197"]["Value"] == [0xC000]
+    assert "Value" not in failed["00081155"]
+    assert "inflates past" in response.headers["Warning"]
+    assert _held(intake_node) == {}
+
+
 def test_a_cd_is_imported_by_its_dicomdir(intake_node: RunningNode, tmp_path) -> None:
     """DICOM PS3.10 8.6: the files a DICOMDIR references are imported, and
     only those; the study is then published at once."""

@@ -377,6 +377,9 @@ class Intake:
     def _identity_of(self, path: Path) -> tuple[str, str]:
         """The qualified patient id and Study Instance UID of a file that
         failed its check, where its header can be read; "" otherwise."""
+        if scan.inflated_size_problem(path) is not None:
+            # pydicom would inflate the data set whole to read its header.
+            return "", ""
         try:
             ds = pydicom.dcmread(
                 path,

@@ -32,6 +32,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from xdsi import audit
 from xdsi.actors.intake import Accepted, Intake, received_events
 from xdsi.actors.soap_endpoint import RequestBody
+from xdsi.dicom import scan
 from xdsi.dicom.check import Refused
 from xdsi.logs import escaped, quoted
 from xdsi.wire import MalformedMessage, RequestTooLarge
@@ -333,8 +334,10 @@ def _uids_of(path: Path) -> tuple[str, str]:
 
     DICOM PS3.18 10.5.3 wants them in each Failed SOP Sequence item; a part
     that is no DICOM data set, or whose UIDs are not valid (DICOM PS3.5
-    9.1), leaves them empty.
+    9.1), leaves them empty, as does one too large to read (DICOM PS3.5 A.5).
     """
+    if scan.inflated_size_problem(path) is not None:
+        return "", ""
     try:
         ds = pydicom.dcmread(
             path,

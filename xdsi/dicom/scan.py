@@ -178,7 +178,7 @@ def read_header(path: Path) -> tuple[InstanceHeader, pydicom.Dataset]:
     InvalidInstance
         The file is unreadable or lacks one of the identifying UIDs.
     """
-    inflated = _inflated_size_problem(path)
+    inflated = inflated_size_problem(path)
     if inflated is not None:
         raise InvalidInstance(path, f"unreadable: {inflated}")
     # Untrusted input: any failure of the parser means the file is unreadable.
@@ -199,7 +199,7 @@ def read_header(path: Path) -> tuple[InstanceHeader, pydicom.Dataset]:
     return header, ds
 
 
-def _inflated_size_problem(path: Path) -> str | None:
+def inflated_size_problem(path: Path) -> str | None:
     """Why a Deflated Explicit VR Little Endian data set is too large to
     read, or None (for any other file too).
 
