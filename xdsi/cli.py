@@ -886,7 +886,9 @@ def _say_skipped(broken: list[tuple[Path, str]], not_dicom: int) -> None:
     """Say how many files were skipped and list the DICOM files among them
     with why: a reason of one file beside its path, a reason of several once,
     its files under it. Paths are the user's own and may name a patient:
-    they are shown here, on the terminal, and logged at DEBUG only."""
+    they are shown here, on the terminal, and logged at DEBUG only. A CD's
+    file names are whatever its maker wrote: their control characters are
+    shown escaped, never sent to the terminal."""
     if not broken and not not_dicom:
         return
     others = f" ({not_dicom} not DICOM)" if not_dicom and broken else ""
@@ -902,12 +904,14 @@ def _say_skipped(broken: list[tuple[Path, str]], not_dicom: int) -> None:
     for reason, paths in by_reason.items():
         if len(paths) == 1:
             if listed < LISTED_REFUSALS:
-                click.secho(f"  {paths[0]}: {reason}", fg="yellow", err=True)
+                click.secho(
+                    f"  {logs.shown(str(paths[0]))}: {reason}", fg="yellow", err=True
+                )
             listed += 1
             continue
         click.secho(f"  {len(paths)} files: {reason}", fg="yellow", err=True)
         for path in paths[: max(LISTED_REFUSALS - listed, 0)]:
-            click.secho(f"    {path}", fg="yellow", err=True)
+            click.secho(f"    {logs.shown(str(path))}", fg="yellow", err=True)
         listed += len(paths)
     if listed > LISTED_REFUSALS:
         more = listed - LISTED_REFUSALS

@@ -3,6 +3,7 @@ import into the store, auto-publishing, and the manifest's lifecycle."""
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import logging
 import os
@@ -406,6 +407,55 @@ def test_stow_rs_refuses_other_media_types(intake_node: RunningNode) -> None:
         url, data=b"{}", headers={"Content-Type": "application/json"}, timeout=10
     )
     assert response.status_code == 415
+
+
+def test_stow_rs_refuses_a_content_coding_with_415_and_keeps_nothing(
+    intake_node: RunningNode,
+) -> None:
+    """DICOM PS3.18 Table 10.5.3-1, RFC 9110 15.5.16: a body in a content
+    coding the origin server does not decode (gzip) is answered 415 with
+    the codings it takes (RFC 7694 3), not parsed as a garbled body."""
+    part = dicom_path("singles", "ts-rle__MR_small_RLE.dcm").read_bytes()
+    body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n--b--\r\n"
+
+    response = requests.post(
+        _stow_url(intake_node),
+        data=gzip.compress(body),
+        headers={
+            "Content-Type": 'multipart/related; type="application/dicom"; boundary=b',
+            "Content-Encoding": "gzip",
+        },
+        timeout=30,
+    )
+
+    assert response.status_code == 415
+    assert response.headers["Accept-Encoding"] == "identity"
+    assert "Content-Encoding gzip" in response.text
+    assert _held(intake_node) == {}
+
+
+def test_stow_rs_part_inflating_past_the_limit_is_refused_unread(
+    intake_node: RunningNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DICOM PS3.5 A.5, PS3.18 10.5.3: a deflated part inflating past
+    scan.MAX_INFLATED fails unread; pydicom would inflate it whole even to
+    name its UIDs, so its Failed SOP Sequence item names none."""
+    monkeypatch.setattr(scan, "MAX_INFLATED", 4 << 20)
+    ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
+    ds.Rows, ds.Columns, ds.BitsAllocated = 2048, 2048, 8
+    ds.BitsStored, ds.HighBit = 8, 7
+    ds.PixelData = bytes(2048 * 2048)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "inflating.dcm", enforce_file_format=True)
+
+    response = _stow(intake_node, [(tmp_path / "inflating.dcm").read_bytes()])
+
+    assert response.status_code == 409
+    (failed,) = response.json()["00081198"]["Value"]
+    assert failed["00081197"]["Value"] == [0xC000]
+    assert "Value" not in failed["00081155"]
+    assert "inflates past" in response.headers["Warning"]
+    assert _held(intake_node) == {}
 
 
 def test_a_cd_is_imported_by_its_dicomdir(intake_node: RunningNode, tmp_path) -> None:
@@ -927,6 +977,32 @@ def test_import_says_why_a_file_is_refused_once(
     assert said.count(bad.name) == 1, said
     assert "Refused" in said and "ends before its SOP Instance UID" in said
     assert "pydicom" not in said and "UserWarning" not in said
+
+
+def test_import_shows_refused_file_names_with_their_control_characters_escaped(
+    patient_node: RunningNode, tmp_path: Path
+) -> None:
+    """DICOM PS3.10 8: a CD's file names are its maker's. Those of refused
+    files are listed with their control characters escaped, so that a name
+    holding a terminal escape (ESC, OSC) cannot steer the user's terminal;
+    a name alone and names sharing a reason alike."""
+    bad = dicom_path(
+        "bad", "pixeldata-too-short__emri_small_jpeg_2k_lossless_too_short.dcm"
+    )
+    cut = dicom_path("bad", "truncated-pixeldata__MR_truncated.dcm")
+    folder = tmp_path / "cd"
+    folder.mkdir()
+    shutil.copy(bad, folder / "alone\x1b]0;owned\x07.dcm")
+    shutil.copy(cut, folder / "first\x1b[2J.dcm")
+    shutil.copy(cut, folder / "second\x1b[2J.dcm")
+
+    result = _xdsi(patient_node, tmp_path, "import", str(folder))
+
+    said = result.output
+    assert result.exit_code == 1, said
+    assert "\x1b" not in said and "\x07" not in said
+    assert "alone\\x1b]0;owned\\x07.dcm" in said
+    assert "first\\x1b[2J.dcm" in said and "second\\x1b[2J.dcm" in said
 
 
 def test_remove_of_what_is_not_held_fails(
@@ -1664,6 +1740,81 @@ def test_a_dicomdir_linked_from_elsewhere_reads_nothing_outside_the_folder(
         pydicom.dcmread(images[1], stop_before_pixels=True).SOPInstanceUID
     ]
     assert result.refused == ()
+
+
+def _cd_of_two(folder: Path) -> tuple[Path, Path]:
+    """A file-set of two MR images written to ``folder``; their paths."""
+    images = sorted(dicom_path("study-mr", "images").iterdir())[:2]
+    fileset = FileSet()
+    for path in images:
+        fileset.add(pydicom.dcmread(path))
+    fileset.write(folder)
+    first, second = sorted(Path(instance.path) for instance in fileset)
+    return first, second
+
+
+def test_a_fifo_the_dicomdir_lists_is_refused_unread(
+    intake_node: RunningNode, tmp_path: Path
+) -> None:
+    """DICOM PS3.3 F.3.2.2: a Referenced File ID naming a FIFO is refused
+    without being opened, whose reading would wait for a writer for ever;
+    the other files are taken."""
+    fifo, image = _cd_of_two(tmp_path / "cd")
+    fifo.unlink()
+    os.mkfifo(fifo)
+    # Should the import open it, a writer lets it read an empty file.
+    done = threading.Event()
+
+    def writer() -> None:
+        while not done.is_set():
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                done.wait(0.05)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        result = intake_node.services.intake.import_folder(tmp_path / "cd")
+    finally:
+        done.set()
+        thread.join()
+
+    assert [a.sop_instance_uid for a in result.accepted] == [
+        pydicom.dcmread(image, stop_before_pixels=True).SOPInstanceUID
+    ]
+    ((path, refusal),) = result.refused
+    assert path == fifo
+    assert refusal.rule == "unreadable"
+    assert "no regular file" in refusal.reason
+
+
+def test_a_folder_tree_deeper_than_the_recursion_limit_is_imported(
+    intake_node: RunningNode, tmp_path: Path
+) -> None:
+    """DICOM PS3.10 8: every regular file under the folder is read, however
+    deep it lies; a tree deeper than Python's recursion limit is walked,
+    not turned into a RecursionError."""
+    image = sorted(dicom_path("study-mr", "images").iterdir())[0]
+    folder = deep = tmp_path / "cd"
+    folder.mkdir()
+    for _ in range(sys.getrecursionlimit() + 100):
+        deep = deep / "d"
+        deep.mkdir()
+    shutil.copy(image, deep / "IM1")
+
+    try:
+        result = intake_node.services.intake.import_folder(folder)
+    finally:
+        # Removed from the bottom up: shutil.rmtree recurses too.
+        (deep / "IM1").unlink()
+        while deep != folder:
+            deep.rmdir()
+            deep = deep.parent
+
+    assert [a.sop_instance_uid for a in result.accepted] == [
+        pydicom.dcmread(image, stop_before_pixels=True).SOPInstanceUID
+    ]
 
 
 def test_an_instance_held_in_another_study_is_refused(

@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -376,6 +377,9 @@ class Intake:
     def _identity_of(self, path: Path) -> tuple[str, str]:
         """The qualified patient id and Study Instance UID of a file that
         failed its check, where its header can be read; "" otherwise."""
+        if scan.inflated_size_problem(path) is not None:
+            # pydicom would inflate the data set whole to read its header.
+            return "", ""
         try:
             ds = pydicom.dcmread(
                 path,
@@ -499,6 +503,7 @@ class Intake:
                     if stop.requested:
                         break
                     try:
+                        _refuse_special_file(path)
                         accepted.append(self.accept(path, patient_id=patient_id))
                     except check.Refused as exc:
                         # A folder may be named after its patient: the path
@@ -1226,12 +1231,26 @@ def _files_of(folder: Path) -> Iterator[Path]:
         else:
             yield from listed
             return
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        for name in sorted(files):
-            file = Path(root) / name
-            if file.is_file() and not file.is_symlink():
-                yield file
+    yield from scan.regular_files(folder)
+
+
+def _refuse_special_file(path: Path) -> None:
+    """Refuse a path of a file-set that is no regular file.
+
+    A DICOMDIR may name any path of its folder (DICOM PS3.3 F.3.2.2): a
+    FIFO, whose reading would wait for a writer for ever, a socket, a
+    device or a folder. Such a path is refused unread, as the folder's own
+    walk leaves it out; a missing one is left to :meth:`Intake.accept`,
+    which says so.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode):
+        raise check.Refused(
+            "unreadable", "no regular file (a folder, FIFO, socket or device)"
+        )
 
 
 def _listed_files(dicomdir: Path) -> list[Path]:

@@ -32,8 +32,9 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from xdsi import audit
 from xdsi.actors.intake import Accepted, Intake, received_events
 from xdsi.actors.soap_endpoint import RequestBody
+from xdsi.dicom import scan
 from xdsi.dicom.check import Refused
-from xdsi.logs import escaped
+from xdsi.logs import escaped, quoted
 from xdsi.wire import MalformedMessage, RequestTooLarge
 from xdsi.wire.mtom import MAX_REQUEST_PARTS
 
@@ -175,6 +176,22 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
         )
     if not boundary:
         return _plain(BAD_REQUEST, "multipart/related without a boundary")
+    coding = request.headers.get("Content-Encoding", "").strip().lower()
+    if coding not in ("", "identity"):
+        # RFC 9110 15.5.16, RFC 7694 3: a content coding this node does not
+        # decode is refused before the body is read, naming what it takes.
+        logger.info(
+            "STOW-RS request from %s refused: Content-Encoding %s",
+            request.remote_addr,
+            quoted(coding),
+        )
+        response = _plain(
+            UNSUPPORTED_MEDIA_TYPE,
+            f"Content-Encoding {quoted(coding)} is not taken; send the body "
+            "without a content coding",
+        )
+        response.headers["Accept-Encoding"] = "identity"
+        return response
 
     # A body that is garbled or broke off is the sender's fault (400); a
     # spool that cannot be written is ours (500). Neither is a SOAP Fault.
@@ -317,8 +334,10 @@ def _uids_of(path: Path) -> tuple[str, str]:
 
     DICOM PS3.18 10.5.3 wants them in each Failed SOP Sequence item; a part
     that is no DICOM data set, or whose UIDs are not valid (DICOM PS3.5
-    9.1), leaves them empty.
+    9.1), leaves them empty, as does one too large to read (DICOM PS3.5 A.5).
     """
+    if scan.inflated_size_problem(path) is not None:
+        return "", ""
     try:
         ds = pydicom.dcmread(
             path,

@@ -32,6 +32,7 @@ from xdsi.dicom.scan import (
     NotDicom,
     read_header,
 )
+from xdsi.logs import quoted
 from xdsi.profiles_loader import load_profile_table
 
 logger = logging.getLogger(__name__)
@@ -172,6 +173,7 @@ def check_file(
                 f"({header.sop_class_uid}) without Pixel Data: the file is cut "
                 "short before it",
             )
+    _check_file_meta(ds, header)
     return header, ds
 
 
@@ -208,6 +210,29 @@ def _check_elements(ds: Dataset) -> None:
         if element.VR == "SQ":
             for item in element.value:
                 _check_elements(item)
+
+
+def _check_file_meta(ds: Dataset, header: InstanceHeader) -> None:
+    """Refuse a file whose File Meta names another instance than its data set.
+
+    DICOM PS3.10 7.1: Media Storage SOP Class and Instance UID (0002,0002),
+    (0002,0003) are those of the data set the file holds. A RAD-69 answer
+    is the stored file as it is, and an Imaging Document Consumer knows each
+    returned file by its Media Storage SOP Instance UID (RAD TF-3 4.69.4.2.3):
+    a file that names another would be kept, published and never retrieved.
+    """
+    meta = ds.file_meta
+    for keyword, uid in (
+        ("MediaStorageSOPClassUID", header.sop_class_uid),
+        ("MediaStorageSOPInstanceUID", header.sop_instance_uid),
+    ):
+        named = str(meta.get(keyword) or "").strip()
+        if named != uid:
+            raise Refused(
+                "identification",
+                f"File Meta {keyword} is {quoted(named) or 'absent'}, the data "
+                f"set's is {uid}; DICOM PS3.10 7.1 wants them the same",
+            )
 
 
 def _check_patient_id(ds: Dataset) -> None:

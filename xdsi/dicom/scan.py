@@ -10,21 +10,28 @@ import filecmp
 import logging
 import os
 import re
-from collections.abc import Iterable
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from xdsi import worker
 from xdsi.dicom import qido
 from xdsi.metadata.codes import Code
 
 logger = logging.getLogger(__name__)
+
+# The most a Deflated Explicit VR Little Endian data set (DICOM PS3.5 A.5)
+# may inflate to, in bytes, and the piece it is inflated by to count them.
+MAX_INFLATED = 256 << 20
+INFLATE_CHUNK = 1 << 20
 
 # Modalities of objects that describe other instances; DICOM PS3.3 C.7.3.1.1.1.
 DERIVED_MODALITIES = frozenset({"KO", "PR", "SR"})
@@ -171,6 +178,9 @@ def read_header(path: Path) -> tuple[InstanceHeader, pydicom.Dataset]:
     InvalidInstance
         The file is unreadable or lacks one of the identifying UIDs.
     """
+    inflated = inflated_size_problem(path)
+    if inflated is not None:
+        raise InvalidInstance(path, f"unreadable: {inflated}")
     # Untrusted input: any failure of the parser means the file is unreadable.
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -187,6 +197,41 @@ def read_header(path: Path) -> tuple[InstanceHeader, pydicom.Dataset]:
     except Exception as exc:
         raise InvalidInstance(path, f"unreadable: {type(exc).__name__}: {exc}") from exc
     return header, ds
+
+
+def inflated_size_problem(path: Path) -> str | None:
+    """Why a Deflated Explicit VR Little Endian data set is too large to
+    read, or None (for any other file too).
+
+    DICOM PS3.5 A.5: the data set after the File Meta is deflated whole, and
+    pydicom inflates it whole in memory to read even its header. It is first
+    inflated here a piece at a time and counted, so that a small file that
+    inflates to gigabytes (a run of zeros) is refused before it fills the
+    memory.
+    """
+    # Limitation: a data set inflating past MAX_INFLATED is refused, however
+    # well-formed; this node reads no larger one in that transfer syntax.
+    try:
+        with open(path, "rb") as fp:
+            read_preamble(fp, False)
+            meta = _read_file_meta_info(fp)
+            if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+                return None
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            inflated = 0
+            while chunk := fp.read(INFLATE_CHUNK):
+                while chunk:
+                    inflated += len(inflater.decompress(chunk, INFLATE_CHUNK))
+                    if inflated > MAX_INFLATED:
+                        return (
+                            f"its deflated data set inflates past {MAX_INFLATED} "
+                            "bytes, more than this node reads (DICOM PS3.5 A.5)"
+                        )
+                    chunk = inflater.unconsumed_tail
+    except Exception:
+        # What breaks here breaks the full read too, which says why.
+        return None
+    return None
 
 
 def scan_directory(path: Path) -> ScanResult:
@@ -411,14 +456,34 @@ def _series_order(series: Series) -> tuple[bool, int, str]:
 
 def _regular_files(path: Path) -> list[Path]:
     """Every regular file under ``path``, recursively, in sorted order."""
-    found: list[Path] = []
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
-            file = Path(root) / name
-            if file.is_file() and not file.is_symlink():
-                found.append(file)
-    return found
+    return list(regular_files(path))
+
+
+def regular_files(path: Path) -> Iterator[Path]:
+    """Every regular file under ``path`` as found, each folder's files in
+    sorted order before its subfolders, symbolic links left out.
+
+    The walk keeps its own stack, so that a folder tree of any depth (a CD
+    made thousands of folders deep) is walked rather than overflowing
+    Python's recursion limit; a folder that cannot be listed is passed
+    over, as os.walk passes it.
+    """
+    folders = [path]
+    while folders:
+        folder = folders.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False):
+                yield Path(entry.path)
+        folders.extend(
+            Path(entry.path)
+            for entry in reversed(entries)
+            if entry.is_dir(follow_symlinks=False)
+        )
 
 
 def _instance_header(path: Path, size: int, ds: pydicom.Dataset) -> InstanceHeader:

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from tests.conftest import SHARED, dicom_path
+from xdsi.dicom import scan
 from xdsi.dicom.check import Refused, check_file, refusal_table
 from xdsi.dicom.store_scu import Destination
 
@@ -73,6 +75,32 @@ def test_a_request_naming_another_sop_instance_is_refused() -> None:
     with pytest.raises(Refused, match="in the request") as refused:
         check_file(path, sop_instance_uid="1.2.3.4")
     assert refused.value.dimse_status == 0xA900
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [
+        ("MediaStorageSOPInstanceUID", "1.2.3.4"),
+        ("MediaStorageSOPClassUID", "1.2.840.10008.5.1.4.1.1.7"),
+        ("MediaStorageSOPInstanceUID", None),
+    ],
+    ids=["other-instance", "other-class", "no-instance"],
+)
+def test_a_file_meta_naming_another_instance_is_refused(
+    tmp_path: Path, keyword: str, value: str | None
+) -> None:
+    """DICOM PS3.10 7.1: the File Meta's Media Storage SOP Class and Instance
+    UIDs are the data set's; a Consumer knows a retrieved file by them."""
+    ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
+    if value is None:
+        del ds.file_meta[keyword]
+    else:
+        setattr(ds.file_meta, keyword, value)
+    ds.save_as(tmp_path / "named-other.dcm")
+
+    with pytest.raises(Refused, match=f"File Meta {keyword}") as refused:
+        check_file(tmp_path / "named-other.dcm")
+    assert refused.value.rule == "identification"
 
 
 def test_an_image_cut_short_just_before_its_pixel_data_is_refused(
@@ -189,3 +217,24 @@ def test_a_malformed_storage_scp_is_refused(text: str) -> None:
     """DICOM PS3.5 6.2: an AE title is at most 16 characters."""
     with pytest.raises(ValueError, match="AE@host:port"):
         Destination.parse(text)
+
+
+def test_a_deflated_data_set_inflating_past_the_limit_is_refused_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DICOM PS3.5 A.5: a small Deflated Explicit VR Little Endian file that
+    inflates past scan.MAX_INFLATED (a run of zeros) is refused as
+    unreadable before it is inflated whole; one within it passes."""
+    monkeypatch.setattr(scan, "MAX_INFLATED", 4 << 20, raising=False)
+    ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
+    ds.Rows, ds.Columns, ds.BitsAllocated = 2048, 2048, 8
+    ds.BitsStored, ds.HighBit = 8, 7
+    ds.PixelData = bytes(2048 * 2048)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "inflating.dcm", enforce_file_format=True)
+
+    with pytest.raises(Refused, match="inflates past 4194304 bytes") as refused:
+        check_file(tmp_path / "inflating.dcm")
+    assert refused.value.rule == "unreadable"
+    assert (tmp_path / "inflating.dcm").stat().st_size < 1 << 20
+    check_file(dicom_path("singles", "ts-deflate__image_dfl.dcm"))
