@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filereader import data_element_generator, read_preamble
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 # may inflate to, in bytes, and the piece it is inflated by to count them.
 MAX_INFLATED = 256 << 20
 INFLATE_CHUNK = 1 << 20
+DEFLATED_UID = DeflatedExplicitVRLittleEndian.encode("ascii")
+# (0002,0010) Transfer Syntax UID.
+TRANSFER_SYNTAX_UID = 0x00020010
 
 # Modalities of objects that describe other instances; DICOM PS3.3 C.7.3.1.1.1.
 DERIVED_MODALITIES = frozenset({"KO", "PR", "SR"})
@@ -214,8 +217,15 @@ def inflated_size_problem(path: Path) -> str | None:
     try:
         with open(path, "rb") as fp:
             read_preamble(fp, False)
-            meta = _read_file_meta_info(fp)
-            if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            syntax = None
+            # The File Meta Information, Explicit VR Little Endian (DICOM
+            # PS3.10 7.1); the deflated data set follows it.
+            for element in data_element_generator(
+                fp, False, True, stop_when=lambda tag, vr, length: tag.group != 2
+            ):
+                if element.tag == TRANSFER_SYNTAX_UID:
+                    syntax = bytes(element.value or b"").rstrip(b"\0 ")
+            if syntax != DEFLATED_UID:
                 return None
             inflater = zlib.decompressobj(-zlib.MAX_WBITS)
             inflated = 0
