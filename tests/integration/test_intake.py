@@ -29,6 +29,7 @@ from click.testing import CliRunner, Result
 from lxml import etree
 from pydicom.fileset import FileSet
 from pynetdicom import AE
+from pynetdicom.sop_class import Verification
 from sqlalchemy import Row, func, select, update
 
 from tests.conftest import SHARED, dicom_path, shared_path
@@ -2558,3 +2559,32 @@ def test_a_second_ctrl_c_stops_the_import_at_once_and_records_what_it_took_in(
     (record,) = _records_since(patient_node, before, "110107")
     assert record.valid
     assert record.outcome == 0
+
+
+def test_connections_that_send_nothing_give_their_place_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DICOM PS3.8 9.1.5 (ARTIM): a connection that never sends its
+    A-ASSOCIATE-RQ, even one its peer closed at once, holds one of the
+    SCP's places only until the ACSE timeout; a sender coming after such
+    connections filled every place is taken in once they lapse."""
+    monkeypatch.setattr(store_scp_module, "MAX_ASSOCIATIONS", 2)
+    monkeypatch.setattr(store_scp_module, "ACSE_TIMEOUT", 0.5)
+    running = _started(tmp_path, store_scp=True, dicom_port=0, publish_after=60.0)
+    node = next(running)
+    try:
+        scp = _scp(node)
+        for _ in range(2):
+            socket.create_connection((scp.host, scp.port), timeout=5).close()
+        ae = AE(ae_title="SENDER")
+        ae.add_requested_context(Verification)
+        deadline = time.monotonic() + 20
+        while True:
+            assoc = ae.associate(scp.host, scp.port, ae_title=scp.ae_title)
+            if assoc.is_established:
+                assoc.release()
+                break
+            assert time.monotonic() < deadline, "the places were never given back"
+            time.sleep(0.2)
+    finally:
+        next(running, None)

@@ -107,6 +107,15 @@ CONTEXT_REJECTIONS = {
 
 # Rejected presentation contexts a log line names at most.
 NAMED_CONTEXTS = 3
+# Associations served at once (pynetdicom's default is 10): a PACS sends a
+# study over several in parallel, and each holds only a thread and the data
+# set it is writing to disk.
+MAX_ASSOCIATIONS = 64
+# Seconds a connection may take to send its A-ASSOCIATE-RQ (the ARTIM timer,
+# DICOM PS3.8 9.1.5), and an association to answer an A-RELEASE: a
+# connection that sends nothing, even one its peer closed, holds its place
+# among MAX_ASSOCIATIONS until then (pynetdicom's default is 30 s).
+ACSE_TIMEOUT = 10.0
 
 
 @dataclass
@@ -187,6 +196,8 @@ class StoreScp:
         # taken in under ours.
         ae.require_called_aet = True
         ae.maximum_pdu_size = 0
+        ae.maximum_associations = MAX_ASSOCIATIONS
+        ae.acse_timeout = ACSE_TIMEOUT
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
