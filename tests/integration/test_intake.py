@@ -2588,3 +2588,28 @@ def test_connections_that_send_nothing_give_their_place_back(
             time.sleep(0.2)
     finally:
         next(running, None)
+
+
+def test_a_kept_file_that_cannot_be_read_back_is_refused_and_removed(
+    intake_node: RunningNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file stored but unreadable when hashed (a failing disk) is refused
+    as a storage failure, and its stored copy removed: no file stays in the
+    store that no row names."""
+    store = intake_node.services.intake.source.blobs.root
+    before = {p for p in store.rglob("*") if p.is_file()}
+
+    def failing(path: Path) -> str:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(intake_module, "sha256_file", failing)
+    folder = tmp_path / "cd"
+    folder.mkdir()
+    shutil.copy(dicom_path("study-mr", "images", "000001.dcm"), folder / "1")
+
+    result = intake_node.services.intake.import_folder(folder)
+
+    assert not result.accepted
+    ((_, refused),) = result.refused
+    assert refused.rule == "storage"
+    assert {p for p in store.rglob("*") if p.is_file()} - before == set()

@@ -439,8 +439,16 @@ class Intake:
             blob = self.blobs.put_file(
                 blob_key(header.sop_instance_uid), path, move=move
             )
+        except OSError as exc:
+            raise check.Refused("storage", f"cannot store: {exc}") from exc
+        try:
             digest = sha256_file(self.blobs.path(blob))
         except OSError as exc:
+            # Kept but unreadable: no row will name it, so it goes too.
+            try:
+                self.blobs.delete(blob)
+            except OSError:
+                logger.error("intake: blob %s left in the store, unnamed", blob)
             raise check.Refused("storage", f"cannot store: {exc}") from exc
         for attempt in range(1, STUDY_ROW_ATTEMPTS + 1):
             try:
