@@ -976,7 +976,7 @@ def test_import_says_why_a_file_is_refused_once(
     said = outcome.stdout + outcome.stderr
     assert outcome.returncode == 1, said
     assert said.count(bad.name) == 1, said
-    assert "Refused" in said and "ends before its SOP Instance UID" in said
+    assert "Refused" in said and "ends before its Sequence Delimitation Item" in said
     assert "pydicom" not in said and "UserWarning" not in said
 
 

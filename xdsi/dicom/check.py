@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import logging
 import struct
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pydicom
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragmented_frames
+from pydicom.filereader import data_element_generator, read_preamble
 from pydicom.tag import BaseTag
-from pydicom.uid import JPEG2000TransferSyntaxes
+from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000TransferSyntaxes
 
 from xdsi.dicom import scan
 from xdsi.dicom.kos import is_image_sop_class
@@ -39,6 +41,15 @@ logger = logging.getLogger(__name__)
 
 # DICOM PS3.5 7.1.1: the length of an element whose value is delimited.
 UNDEFINED_LENGTH = 0xFFFFFFFF
+
+# Values longer than this are checked against the file's size, not read,
+# when a data set is checked; Pixel Data is read a frame at a time. A large
+# instance (a tomosynthesis of a gigabyte) is never whole in memory.
+DEFER_SIZE = 1 << 20
+# (7FE0,0010) Pixel Data, and the pixel data elements of DICOM PS3.3
+# C.7.6.3.1.4 (Float and Double Float Pixel Data too).
+PIXEL_DATA = 0x7FE00010
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, PIXEL_DATA})
 
 # ISO/IEC 15444-1 A.2 and A.5.1: a codestream opens with SOC then SIZ.
 J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
@@ -130,10 +141,22 @@ def check_file(
         rule = "unreadable" if exc.reason.startswith("unreadable") else "identification"
         raise Refused(rule, exc.reason) from exc
 
-    # The header alone may parse where the whole file does not.
+    # The header alone may parse where the whole file does not. Values
+    # over DEFER_SIZE are checked against the file's size, not read, and
+    # Pixel Data is read a frame at a time (_check_pixel_data): a large
+    # instance is never whole in memory. A deflated data set (DICOM PS3.5
+    # A.5, its inflated size bounded by scan.MAX_INFLATED) cannot be read
+    # in place and is read whole.
+    deflated = header.transfer_syntax_uid == DeflatedExplicitVRLittleEndian
     try:
-        ds = pydicom.dcmread(path)
-        _check_elements(ds)
+        size = path.stat().st_size
+        if deflated:
+            ds = pydicom.dcmread(path)
+            pixels = None
+        else:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size=DEFER_SIZE)
+            pixels = _pixel_element(path, header.transfer_syntax_uid)
+        _check_elements(ds, size)
     except Refused:
         raise
     except Exception as exc:
@@ -154,9 +177,11 @@ def check_file(
             f"SOP Instance UID {header.sop_instance_uid} in the data set, "
             f"{sop_instance_uid} in the request",
         )
-    if "PixelData" in ds:
-        _check_pixel_data(ds, header.transfer_syntax_uid)
-    elif not any(tag in ds for tag in _OTHER_PIXEL_DATA):
+    if deflated and "PixelData" in ds:
+        _check_pixel_value(ds, ds.PixelData, header.transfer_syntax_uid)
+    elif pixels is not None and pixels.tag == PIXEL_DATA:
+        _check_pixel_data(path, ds, header.transfer_syntax_uid, pixels, size)
+    elif pixels is None and not any(tag in ds for tag in _OTHER_PIXEL_DATA):
         # The Image Pixel module's Pixel Data is Type 1 (DICOM PS3.3
         # C.7.6.3): an image without it is one cut short before it. A file
         # cut inside an element's header ends the data set there for the
@@ -183,21 +208,36 @@ _IMAGE_PIXEL = {0x00280010, 0x00280011, 0x00280100}  # Rows, Columns, Bits Alloc
 _OTHER_PIXEL_DATA = {0x7FE00008, 0x7FE00009}  # Float, Double Float Pixel Data
 
 
-def _check_elements(ds: Dataset) -> None:
-    """Check every element's length and value, sequences included."""
+def _check_elements(ds: Dataset, size: int) -> None:
+    """Check every element's length and value, sequences included; a value
+    left unread (over DEFER_SIZE) for its length against the file's
+    ``size`` alone, unless it is a sequence, whose items are read and
+    checked."""
     for tag in list(ds.keys()):
         raw = ds._dict[tag]
-        if (
-            isinstance(raw, RawDataElement)
-            and isinstance(raw.value, bytes)
-            and raw.length != UNDEFINED_LENGTH
-            and len(raw.value) < raw.length
-        ):
-            raise Refused(
-                "unreadable",
-                f"element {tag} is {len(raw.value)} bytes long, its header "
-                f"says {raw.length}; DICOM PS3.5 7.1",
-            )
+        if isinstance(raw, RawDataElement) and raw.length != UNDEFINED_LENGTH:
+            if isinstance(raw.value, bytes):
+                held = len(raw.value)
+            elif raw.value is None and raw.length:
+                # Deferred: its bytes are those the file holds after its
+                # header.
+                held = min(raw.length, max(size - raw.value_tell, 0))
+            else:
+                held = raw.length
+            if held < raw.length:
+                raise Refused(
+                    "unreadable",
+                    f"element {tag} is {held} bytes long, its header says "
+                    f"{raw.length}; DICOM PS3.5 7.1",
+                )
+            if (
+                raw.value is None
+                and raw.length
+                and raw.VR != "SQ"
+                and _dictionary_vr(tag) != "SQ"
+            ):
+                # Bulk data, checked for its length only.
+                continue
         element = ds[tag]
         if element.VR != "SQ" and _dictionary_vr(tag) == "SQ":
             # DICOM PS3.5 7.1.2: an element's VR is the data dictionary's;
@@ -209,7 +249,7 @@ def _check_elements(ds: Dataset) -> None:
             )
         if element.VR == "SQ":
             for item in element.value:
-                _check_elements(item)
+                _check_elements(item, size)
 
 
 def _check_file_meta(ds: Dataset, header: InstanceHeader) -> None:
@@ -277,43 +317,206 @@ def _frames(ds: Dataset) -> int:
         raise Refused("pixel_data", "Number of Frames is no number") from exc
 
 
-def _check_pixel_data(ds: Dataset, transfer_syntax_uid: str) -> None:
-    """Check Pixel Data against the Image Pixel module; DICOM PS3.5 8."""
+@dataclass(frozen=True)
+class _PixelElement:
+    """Where a file's pixel data element is: its tag, the offset of its
+    value and its length (UNDEFINED_LENGTH when encapsulated)."""
+
+    tag: int
+    offset: int
+    length: int
+
+
+def _pixel_element(path: Path, transfer_syntax_uid: str) -> _PixelElement | None:
+    """Find the top-level pixel data element of a file (not deflated), or
+    None when the data set has none; the values before it are skipped,
+    not read."""
+    syntax = pydicom.uid.UID(transfer_syntax_uid)
+    implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
+    order = "<" if little else ">"
+    with open(path, "rb") as stream:
+        read_preamble(stream, False)
+        # The File Meta Information, Explicit VR Little Endian (DICOM
+        # PS3.10 7.1), then the data set up to the pixel data element,
+        # whose header the reader leaves unread.
+        for _ in data_element_generator(
+            stream, False, True, stop_when=lambda tag, vr, length: tag.group != 2
+        ):
+            pass
+        for _ in data_element_generator(
+            stream,
+            implicit,
+            little,
+            stop_when=lambda tag, vr, length: tag in _PIXEL_TAGS,
+            defer_size=DEFER_SIZE,
+        ):
+            pass
+        head = stream.read(8)
+        if len(head) < 8:
+            return None
+        group, number = struct.unpack(f"{order}HH", head[:4])
+        tag = group << 16 | number
+        if tag not in _PIXEL_TAGS:
+            return None
+        if implicit:
+            (length,) = struct.unpack(f"{order}L", head[4:])
+        else:
+            # OB, OW, OF, OD: a 4-byte length after the VR and two reserved
+            # bytes (DICOM PS3.5 7.1.2).
+            extended = stream.read(4)
+            if len(extended) < 4:
+                return _PixelElement(tag, stream.tell(), 0)
+            (length,) = struct.unpack(f"{order}L", extended)
+        return _PixelElement(tag, stream.tell(), length)
+
+
+def _image_pixel(ds: Dataset) -> tuple[int, int, int, int]:
+    """Rows, Columns, Samples per Pixel and Bits Allocated."""
     try:
-        rows, columns = int(ds.Rows), int(ds.Columns)
-        samples = int(ds.get("SamplesPerPixel") or 1)
-        bits = int(ds.BitsAllocated)
+        return (
+            int(ds.Rows),
+            int(ds.Columns),
+            int(ds.get("SamplesPerPixel") or 1),
+            int(ds.BitsAllocated),
+        )
     except (AttributeError, TypeError, ValueError) as exc:
         raise Refused(
             "pixel_data", f"Pixel Data without a usable Image Pixel module: {exc}"
         ) from exc
+
+
+def _check_pixel_data(
+    path: Path,
+    ds: Dataset,
+    transfer_syntax_uid: str,
+    pixels: _PixelElement,
+    size: int,
+) -> None:
+    """Check the Pixel Data of a file against the Image Pixel module
+    (DICOM PS3.5 8), reading it a frame at a time."""
+    rows, columns, samples, bits = _image_pixel(ds)
     frames = _frames(ds)
-    value = ds.PixelData
-    if not pydicom.uid.UID(transfer_syntax_uid).is_encapsulated:
-        expected = (rows * columns * samples * frames * bits + 7) // 8
-        if len(value) < expected:
+    if pixels.length != UNDEFINED_LENGTH:
+        held = min(pixels.length, max(size - pixels.offset, 0))
+        if held < pixels.length:
+            raise Refused(
+                "unreadable",
+                f"element {BaseTag(pixels.tag)} is {held} bytes long, its header "
+                f"says {pixels.length}; DICOM PS3.5 7.1",
+            )
+        if pydicom.uid.UID(transfer_syntax_uid).is_encapsulated:
             raise Refused(
                 "pixel_data",
-                f"Pixel Data holds {len(value)} bytes; {rows}x{columns}x{samples} "
-                f"at {bits} bits x {frames} frames needs {expected}; "
-                "DICOM PS3.5 8.1.1",
+                "Pixel Data of an encapsulated transfer syntax has a defined "
+                "length; DICOM PS3.5 A.4",
             )
+        _check_native_length(held, rows, columns, samples, frames, bits)
         return
+    if not pydicom.uid.UID(transfer_syntax_uid).is_encapsulated:
+        raise Refused(
+            "pixel_data", "native Pixel Data of undefined length; DICOM PS3.5 A.4"
+        )
+    with open(path, "rb") as stream:
+        stream.seek(pixels.offset)
+        _check_items(stream, size)
+        stream.seek(pixels.offset)
+        _check_encapsulated(stream, transfer_syntax_uid, rows, columns, samples, frames)
+
+
+# DICOM PS3.5 A.4: the Item and Sequence Delimitation Item tags of
+# encapsulated Pixel Data.
+ITEM = b"\xfe\xff\x00\xe0"
+SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0"
+
+
+def _check_items(stream: BinaryIO, size: int) -> None:
+    """Check the items of encapsulated Pixel Data, its value read from
+    ``stream`` in a file of ``size`` bytes, without reading their values:
+    each is whole, and a Sequence Delimitation Item ends them (DICOM PS3.5
+    A.4), which pydicom's frame reader does not check in a file."""
+    while True:
+        head = stream.read(8)
+        if len(head) < 8:
+            raise Refused(
+                "unreadable",
+                "encapsulated Pixel Data ends before its Sequence Delimitation "
+                "Item; DICOM PS3.5 A.4",
+            )
+        if head[:4] == SEQUENCE_DELIMITER:
+            return
+        if head[:4] != ITEM:
+            group, number = struct.unpack("<HH", head[:4])
+            raise Refused(
+                "pixel_data",
+                f"encapsulated Pixel Data holds {BaseTag(group << 16 | number)} "
+                "where an Item is due; DICOM PS3.5 A.4",
+            )
+        (length,) = struct.unpack("<L", head[4:])
+        if stream.tell() + length > size:
+            raise Refused(
+                "unreadable",
+                f"a fragment of encapsulated Pixel Data is {length} bytes long "
+                f"in its Item, the file holds {max(size - stream.tell(), 0)}; "
+                "DICOM PS3.5 A.4",
+            )
+        stream.seek(length, 1)
+
+
+def _check_native_length(
+    held: int, rows: int, columns: int, samples: int, frames: int, bits: int
+) -> None:
+    expected = (rows * columns * samples * frames * bits + 7) // 8
+    if held < expected:
+        raise Refused(
+            "pixel_data",
+            f"Pixel Data holds {held} bytes; {rows}x{columns}x{samples} "
+            f"at {bits} bits x {frames} frames needs {expected}; "
+            "DICOM PS3.5 8.1.1",
+        )
+
+
+def _check_encapsulated(
+    source: Any,
+    transfer_syntax_uid: str,
+    rows: int,
+    columns: int,
+    samples: int,
+    frames: int,
+) -> None:
+    """Check encapsulated Pixel Data (DICOM PS3.5 A.4), from bytes or a
+    file positioned at its value, a frame at a time: as many frames as
+    Number of Frames, each JPEG 2000 one's SIZ as the Image Pixel module."""
+    found = 0
     try:
-        encoded = list(generate_fragmented_frames(value, number_of_frames=frames))
+        for number, fragments in enumerate(
+            generate_fragmented_frames(source, number_of_frames=frames), start=1
+        ):
+            found = number
+            if transfer_syntax_uid in JPEG2000TransferSyntaxes:
+                _check_siz(b"".join(fragments[:1]), number, rows, columns, samples)
+    except Refused:
+        raise
     except Exception as exc:
         raise Refused(
             "pixel_data", f"encapsulated Pixel Data is malformed: {exc}"
         ) from exc
-    if len(encoded) < frames:
+    if found < frames:
         raise Refused(
             "pixel_data",
-            f"encapsulated Pixel Data holds {len(encoded)} of {frames} frames; "
+            f"encapsulated Pixel Data holds {found} of {frames} frames; "
             "DICOM PS3.5 A.4",
         )
-    if transfer_syntax_uid in JPEG2000TransferSyntaxes:
-        for number, fragments in enumerate(encoded, start=1):
-            _check_siz(b"".join(fragments[:1]), number, rows, columns, samples)
+
+
+def _check_pixel_value(ds: Dataset, value: bytes, transfer_syntax_uid: str) -> None:
+    """Check Pixel Data read whole (a deflated data set's) against the Image
+    Pixel module; DICOM PS3.5 8."""
+    rows, columns, samples, bits = _image_pixel(ds)
+    frames = _frames(ds)
+    if not pydicom.uid.UID(transfer_syntax_uid).is_encapsulated:
+        _check_native_length(len(value), rows, columns, samples, frames, bits)
+        return
+    _check_encapsulated(value, transfer_syntax_uid, rows, columns, samples, frames)
 
 
 def _check_siz(head: bytes, frame: int, rows: int, columns: int, samples: int) -> None:
