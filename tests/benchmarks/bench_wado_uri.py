@@ -1,8 +1,8 @@
 """Benchmark: memory and time of a WADO-URI rendering (DICOM PS3.18
 WADO-URI, RAD TF-3 4.55) of one frame of a large multi-frame instance.
 
-A synthetic multi-frame instance is built from the Enhanced MR image that
-xdsi's test data holds (its frames repeated until ``--megabytes`` MB of
+A synthetic multi-frame instance is built from the first image of the CT
+study xdsi ships (the image repeated as frames until ``--megabytes`` MB of
 Pixel Data, native or, with ``--encapsulated``, RLE Lossless), and its
 middle frame is rendered as the node renders it. Printed: the peak of the
 memory Python and NumPy allocate (tracemalloc) against the size of the
@@ -10,7 +10,7 @@ instance, and the time against a plain read of the file.
 
 Run on demand::
 
-    XDSI_SHARED=../shared python tests/benchmarks/bench_wado_uri.py [--megabytes 200]
+    PYTHONPATH=. python tests/benchmarks/bench_wado_uri.py [--megabytes 200]
 """
 
 from __future__ import annotations
@@ -26,16 +26,16 @@ import numpy as np
 import pydicom
 from pydicom.uid import RLELossless, generate_uid
 
-from tests.conftest import dicom_path
 from xdsi.actors.dicomweb import _render
-
-SOURCE = ("singles", "enhanced-mr-mf__emri_small.dcm")
+from xdsi.cli import bundled_study
 
 
 def build(target: Path, megabytes: float, encapsulated: bool) -> int:
     """Write the synthetic instance; return its number of frames."""
-    ds = pydicom.dcmread(dicom_path(*SOURCE))
+    ds = pydicom.dcmread(sorted(bundled_study().rglob("*.dcm"))[0])
     frames = ds.pixel_array
+    if frames.ndim == 2:
+        frames = frames[np.newaxis]
     per_frame = frames[0].nbytes
     count = max(2, int(megabytes * 1e6 // per_frame))
     pixels = np.resize(frames, (count, *frames.shape[1:]))
