@@ -51,6 +51,11 @@ CHARACTER_SETS = {
 # unfinished frame of up to MAX_FRAME_SIZE, so this bounds what peers can
 # make the listener hold (256 MiB); ITI-8 sources are a few systems.
 MAX_CONNECTIONS = 64
+# Seconds a connection may stay silent after connecting, before its first
+# byte: a sender connects to send (HL7 v2.5 Implementation Guide C.4), so
+# one that sends nothing holds one of MAX_CONNECTIONS for no message; the
+# server's timeout applies once it has sent something.
+FIRST_BYTE_TIMEOUT = 10.0
 # Connections the system queues before they are accepted.
 LISTEN_BACKLOG = 128
 
@@ -228,7 +233,8 @@ class _Connection(socketserver.BaseRequestHandler):
     ) -> None:
         handler, timeout = owner._handler, owner._timeout
         deframer = _Deframer(owner._max_frame_size)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + min(timeout, FIRST_BYTE_TIMEOUT)
+        silent = True
         while True:
             remaining = deadline - time.monotonic()
             try:
@@ -248,6 +254,9 @@ class _Connection(socketserver.BaseRequestHandler):
                 if deframer.in_frame:
                     logger.warning("MLLP %s: connection closed inside a frame", peer)
                 return
+            if silent:
+                silent = False
+                deadline = max(deadline, time.monotonic() + timeout)
 
             try:
                 frames, skipped = deframer.feed(data)

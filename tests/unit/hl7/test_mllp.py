@@ -526,3 +526,29 @@ def test_connections_beyond_the_cap_are_closed_and_the_server_serves_on(
         server.stop()
 
     assert answer == "ok:after"
+
+
+def test_a_connection_silent_from_the_start_is_closed_before_the_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sender connects to send (HL7 v2.5 Implementation Guide C.4): a
+    connection that sends nothing gives its place back after
+    FIRST_BYTE_TIMEOUT, while one that has begun a frame has the whole
+    timeout to finish it."""
+    monkeypatch.setattr(mllp, "FIRST_BYTE_TIMEOUT", 0.3)
+    server = MllpServer("127.0.0.1", 0, lambda m: m, timeout=30.0)
+    server.start()
+    try:
+        with socket.create_connection(server.address, timeout=10.0) as silent:
+            with socket.create_connection(server.address, timeout=10.0) as slow:
+                message = frame(ADT_A01_V231)
+                slow.sendall(message[:10])
+                # Past FIRST_BYTE_TIMEOUT: the silent one is closed...
+                assert silent.recv(1024) == b""
+                # ...the one that began its frame is not.
+                slow.sendall(message[10:])
+                answer = slow.recv(65536)
+    finally:
+        server.stop()
+
+    assert answer.startswith(VT) and answer.endswith(FS_CR)
