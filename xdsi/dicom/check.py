@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import struct
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -22,7 +21,6 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragmented_frames
-from pydicom.filereader import data_element_generator, read_preamble
 from pydicom.tag import BaseTag
 from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000TransferSyntaxes
 
@@ -45,11 +43,9 @@ UNDEFINED_LENGTH = 0xFFFFFFFF
 # Values longer than this are checked against the file's size, not read,
 # when a data set is checked; Pixel Data is read a frame at a time. A large
 # instance (a tomosynthesis of a gigabyte) is never whole in memory.
-DEFER_SIZE = 1 << 20
-# (7FE0,0010) Pixel Data, and the pixel data elements of DICOM PS3.3
-# C.7.6.3.1.4 (Float and Double Float Pixel Data too).
+DEFER_SIZE = scan.DEFER_SIZE
+# (7FE0,0010) Pixel Data.
 PIXEL_DATA = 0x7FE00010
-_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, PIXEL_DATA})
 
 # ISO/IEC 15444-1 A.2 and A.5.1: a codestream opens with SOC then SIZ.
 J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
@@ -155,7 +151,7 @@ def check_file(
             pixels = None
         else:
             ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size=DEFER_SIZE)
-            pixels = _pixel_element(path, header.transfer_syntax_uid)
+            pixels = scan.pixel_element(path, header.transfer_syntax_uid)
         _check_elements(ds, size)
     except Refused:
         raise
@@ -317,59 +313,6 @@ def _frames(ds: Dataset) -> int:
         raise Refused("pixel_data", "Number of Frames is no number") from exc
 
 
-@dataclass(frozen=True)
-class _PixelElement:
-    """Where a file's pixel data element is: its tag, the offset of its
-    value and its length (UNDEFINED_LENGTH when encapsulated)."""
-
-    tag: int
-    offset: int
-    length: int
-
-
-def _pixel_element(path: Path, transfer_syntax_uid: str) -> _PixelElement | None:
-    """Find the top-level pixel data element of a file (not deflated), or
-    None when the data set has none; the values before it are skipped,
-    not read."""
-    syntax = pydicom.uid.UID(transfer_syntax_uid)
-    implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
-    order = "<" if little else ">"
-    with open(path, "rb") as stream:
-        read_preamble(stream, False)
-        # The File Meta Information, Explicit VR Little Endian (DICOM
-        # PS3.10 7.1), then the data set up to the pixel data element,
-        # whose header the reader leaves unread.
-        for _ in data_element_generator(
-            stream, False, True, stop_when=lambda tag, vr, length: tag.group != 2
-        ):
-            pass
-        for _ in data_element_generator(
-            stream,
-            implicit,
-            little,
-            stop_when=lambda tag, vr, length: tag in _PIXEL_TAGS,
-            defer_size=DEFER_SIZE,
-        ):
-            pass
-        head = stream.read(8)
-        if len(head) < 8:
-            return None
-        group, number = struct.unpack(f"{order}HH", head[:4])
-        tag = group << 16 | number
-        if tag not in _PIXEL_TAGS:
-            return None
-        if implicit:
-            (length,) = struct.unpack(f"{order}L", head[4:])
-        else:
-            # OB, OW, OF, OD: a 4-byte length after the VR and two reserved
-            # bytes (DICOM PS3.5 7.1.2).
-            extended = stream.read(4)
-            if len(extended) < 4:
-                return _PixelElement(tag, stream.tell(), 0)
-            (length,) = struct.unpack(f"{order}L", extended)
-        return _PixelElement(tag, stream.tell(), length)
-
-
 def _image_pixel(ds: Dataset) -> tuple[int, int, int, int]:
     """Rows, Columns, Samples per Pixel and Bits Allocated."""
     try:
@@ -389,7 +332,7 @@ def _check_pixel_data(
     path: Path,
     ds: Dataset,
     transfer_syntax_uid: str,
-    pixels: _PixelElement,
+    pixels: scan.PixelElement,
     size: int,
 ) -> None:
     """Check the Pixel Data of a file against the Image Pixel module

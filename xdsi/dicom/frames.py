@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
-from pydicom.filereader import data_element_generator, read_preamble
 from pydicom.pixels import pack_bits, pixel_array
 from pydicom.uid import (
     JPEG2000,
@@ -36,7 +35,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from xdsi.dicom import transcode
+from xdsi.dicom import scan, transcode
 
 OCTET_STREAM = "application/octet-stream"
 
@@ -140,27 +139,11 @@ def _encoded_frame(path: Path, header: Dataset, index: int) -> bytes:
     extended = None
     if "ExtendedOffsetTable" in header and "ExtendedOffsetTableLengths" in header:
         extended = (header.ExtendedOffsetTable, header.ExtendedOffsetTableLengths)
+    pixels = scan.pixel_element(path, header.file_meta.TransferSyntaxUID)
+    if pixels is None or pixels.tag != PIXEL_DATA:
+        raise ValueError("no encapsulated Pixel Data where the data set ends")
     with open(path, "rb") as stream:
-        read_preamble(stream, False)
-        # The File Meta Information, Explicit VR Little Endian (DICOM
-        # PS3.10 7.1), then the data set up to Pixel Data, whose element
-        # header the reader leaves unread; an encapsulated syntax is
-        # Explicit VR Little Endian too (DICOM PS3.5 A.4).
-        for _ in data_element_generator(
-            stream, False, True, stop_when=lambda tag, vr, length: tag.group != 2
-        ):
-            pass
-        for _ in data_element_generator(
-            stream,
-            False,
-            True,
-            stop_when=lambda tag, vr, length: tag == PIXEL_DATA,
-            defer_size=4096,
-        ):
-            pass
-        element = stream.read(12)
-        if len(element) != 12 or element[:4] != b"\xe0\x7f\x10\x00":
-            raise ValueError("no encapsulated Pixel Data where the data set ends")
+        stream.seek(pixels.offset)
         return get_frame(
             stream,
             index,

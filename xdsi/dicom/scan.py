@@ -10,6 +10,7 @@ import filecmp
 import logging
 import os
 import re
+import struct
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -35,6 +36,12 @@ INFLATE_CHUNK = 1 << 20
 DEFLATED_UID = DeflatedExplicitVRLittleEndian.encode("ascii")
 # (0002,0010) Transfer Syntax UID.
 TRANSFER_SYNTAX_UID = 0x00020010
+# The pixel data elements of DICOM PS3.3 C.7.6.3.1.4: Float, Double Float
+# and Pixel Data.
+PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+# Values longer than this are skipped, not read, where a file is read for
+# what lies past them.
+DEFER_SIZE = 1 << 20
 
 # Modalities of objects that describe other instances; DICOM PS3.3 C.7.3.1.1.1.
 DERIVED_MODALITIES = frozenset({"KO", "PR", "SR"})
@@ -242,6 +249,59 @@ def inflated_size_problem(path: Path) -> str | None:
         # What breaks here breaks the full read too, which says why.
         return None
     return None
+
+
+@dataclass(frozen=True)
+class PixelElement:
+    """Where a file's pixel data element is: its tag, the offset of its
+    value and its length (0xFFFFFFFF, undefined, when encapsulated)."""
+
+    tag: int
+    offset: int
+    length: int
+
+
+def pixel_element(path: Path, transfer_syntax_uid: str) -> PixelElement | None:
+    """Find the top-level pixel data element of a file (not deflated), or
+    None when the data set has none; the values before it are skipped,
+    not read."""
+    syntax = UID(transfer_syntax_uid)
+    implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
+    order = "<" if little else ">"
+    with open(path, "rb") as stream:
+        read_preamble(stream, False)
+        # The File Meta Information, Explicit VR Little Endian (DICOM
+        # PS3.10 7.1), then the data set up to the pixel data element,
+        # whose header the reader leaves unread.
+        for _ in data_element_generator(
+            stream, False, True, stop_when=lambda tag, vr, length: tag.group != 2
+        ):
+            pass
+        for _ in data_element_generator(
+            stream,
+            implicit,
+            little,
+            stop_when=lambda tag, vr, length: tag in PIXEL_TAGS,
+            defer_size=DEFER_SIZE,
+        ):
+            pass
+        head = stream.read(8)
+        if len(head) < 8:
+            return None
+        group, number = struct.unpack(f"{order}HH", head[:4])
+        tag = group << 16 | number
+        if tag not in PIXEL_TAGS:
+            return None
+        if implicit:
+            (length,) = struct.unpack(f"{order}L", head[4:])
+        else:
+            # OB, OW, OF, OD: a 4-byte length after the VR and two reserved
+            # bytes (DICOM PS3.5 7.1.2).
+            extended = stream.read(4)
+            if len(extended) < 4:
+                return PixelElement(tag, stream.tell(), 0)
+            (length,) = struct.unpack(f"{order}L", extended)
+        return PixelElement(tag, stream.tell(), length)
 
 
 def scan_directory(path: Path) -> ScanResult:
