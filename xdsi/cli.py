@@ -864,7 +864,10 @@ def _take_in(
     )
     if not result.accepted:
         services.engine.dispose()
-        first = f" ({result.refused[0][1].reason})" if result.refused else ""
+        # The reason a DICOM file was refused, rather than that of a file
+        # beside it that is no DICOM at all.
+        reasons = broken or [(p, r.reason) for p, r in result.refused]
+        first = f" ({reasons[0][1]})" if reasons else ""
         _fail(f"no DICOM instance taken in from {folder}{first}")
     return result
 
