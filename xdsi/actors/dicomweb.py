@@ -553,12 +553,21 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             shutil.rmtree(spool, ignore_errors=True)
             if production.unreadable:
                 abort(500, "the stored copy of the object cannot be read here")
+            # Either way the object can be had as it is held; Explicit VR
+            # Little Endian (no transferSyntax) is the other way only when it
+            # was not what the request asked for already.
+            as_held = f"transferSyntax={held[0].transfer_syntax_uid} as it is held"
+            advice = (
+                f"ask for {as_held}"
+                if syntax == ExplicitVRLittleEndian
+                else "leave transferSyntax out for Explicit VR Little Endian, "
+                f"or ask for {as_held}"
+            )
             abort(
                 406,
                 f"the object is held in transfer syntax "
                 f"{held[0].transfer_syntax_uid} and cannot be sent in "
-                f"{syntax}; leave transferSyntax out for Explicit VR Little "
-                "Endian",
+                f"{syntax}; {advice}",
             )
         try:
             audited("RAD-55", held[:1], audit.Outcome.SUCCESS)
