@@ -114,6 +114,43 @@ def _patient_id_param(
     return cx
 
 
+# HL7 Table 0001 Administrative Sex (PID-8): female, male, other, unknown,
+# ambiguous, not applicable.
+ADMINISTRATIVE_SEX = frozenset({"F", "M", "O", "U", "A", "N"})
+
+# The date part of an HL7 TS (PID-7) by its length: YYYY, YYYYMM, YYYYMMDD.
+_TS_DATE_FORMATS = {4: "%Y", 6: "%Y%m", 8: "%Y%m%d"}
+
+
+def _birth_date_param(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """PID-7 Date of Birth as a date YYYY[MM[DD]] (the date part of an HL7
+    v2.3.1 TS), a calendar date; anything else is a wrong argument, before
+    any work."""
+    if not value:
+        return value
+    layout = _TS_DATE_FORMATS.get(len(value))
+    try:
+        if layout is None or not value.isascii() or not value.isdigit():
+            raise ValueError
+        datetime.strptime(value, layout)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is no date YYYYMMDD (the date of an HL7 TS)"
+        ) from None
+    return value
+
+
+def _sex_param(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """PID-8 Administrative Sex, a code of HL7 Table 0001, in either case."""
+    value = value.upper()
+    if value and value not in ADMINISTRATIVE_SEX:
+        raise click.BadParameter(
+            f"{value!r} is no code of HL7 Table 0001: "
+            f"{', '.join(sorted(ADMINISTRATIVE_SEX))}"
+        )
+    return value
+
+
 def _settings(ctx: click.Context) -> Settings:
     return ctx.obj["settings"]
 
@@ -350,8 +387,15 @@ def serve(ctx: click.Context, workers: int | None) -> None:
     help="A40: the patient id (MRG-1) merged into PATIENT_ID, which survives.",
 )
 @click.option("--name", default="", help="PID-5, e.g. 'DOE^JANE'.")
-@click.option("--birth-date", default="", help="PID-7, YYYYMMDD.")
-@click.option("--sex", default="", help="PID-8 (HL7 Table 0001), e.g. F, M, U.")
+@click.option(
+    "--birth-date", default="", callback=_birth_date_param, help="PID-7, YYYYMMDD."
+)
+@click.option(
+    "--sex",
+    default="",
+    callback=_sex_param,
+    help="PID-8 (HL7 Table 0001), e.g. F, M, U.",
+)
 @click.option("--host", default=None, help="Registry MLLP host (default: config).")
 @click.option(
     "--port", type=int, default=None, help="Registry MLLP port (default: config)."

@@ -664,12 +664,16 @@ def test_a_storage_that_cannot_be_used_ends_a_command_with_why(
     [
         ("feed", "PAT-1", "--trigger", "A40"),
         ("submit", "README.md", "--patient-id", "PAT-1", "--mime-type", "bogus"),
+        ("feed", "PAT-1", "--birth-date", "1999-12-31"),
+        ("feed", "PAT-1", "--birth-date", "19990231"),
+        ("feed", "PAT-1", "--sex", "Q"),
     ],
-    ids=["a40-without-merge", "mime-type"],
+    ids=["a40-without-merge", "mime-type", "birth-date", "no-such-day", "sex"],
 )
 def test_wrong_arguments_are_a_usage_error(tmp_path, command: tuple[str, ...]):
     """Wrong arguments exit 2 with the usage line, before anything is sent:
-    an A40 needs --merge, and a mimeType is type/subtype (RFC 6838 4.2)."""
+    an A40 needs --merge, a mimeType is type/subtype (RFC 6838 4.2), a
+    birth date an HL7 date YYYYMMDD and a sex a code of HL7 Table 0001."""
     ran = _xdsi(_node_config(tmp_path), *command, check=False)
 
     assert ran.returncode == 2, ran.stderr
