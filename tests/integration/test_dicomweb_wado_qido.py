@@ -1160,6 +1160,10 @@ def test_dicomweb_retrievals_are_audited_before_anything_is_sent(
     assert record.outcome == 0
     assert record.patient_ids == (PATIENT,)
     assert study.study_instance_uid in record.object_ids
+    # The Source is the service the instances went out of.
+    dicomweb = shared_node.settings.dicomweb_url
+    service = dicomweb.rsplit("/", 1)[0] + "/wado" if path is None else dicomweb
+    assert record.actor_user_ids[0] == service
 
     def full_disk(messages: list[bytes]) -> list[Path]:
         raise OSError(28, "No space left on device")
