@@ -225,11 +225,19 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun if number == 1 else _PLURALS.get(noun, noun + 's')}"
 
 
+# ctx.meta key of the arguments given after the command's name.
+COMMAND_ARGS = "xdsi.command_args"
+
+
 class _Commands(click.Group):
     """The xdsi commands; a database that cannot be used ends any of them
     with one line saying which and why, not a traceback."""
 
     def invoke(self, ctx: click.Context) -> object:
+        # The command's own arguments, which the group hands on before its
+        # callback runs; kept so that the callback can tell a misplaced
+        # --config.
+        ctx.meta[COMMAND_ARGS] = list(ctx.args)
         try:
             return super().invoke(ctx)
         except sqlalchemy.exc.DBAPIError as exc:
@@ -279,6 +287,12 @@ def main(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
     ):
         # A client command's audit trail (its patient named) would start a
         # storage of its own in whatever folder it runs in.
+        given = ctx.meta.get(COMMAND_ARGS, [])
+        if any(arg == "--config" or arg.startswith("--config=") for arg in given):
+            raise click.UsageError(
+                "--config goes before the command: xdsi --config FILE "
+                f"{ctx.invoked_subcommand} ..."
+            )
         raise click.UsageError(
             f"no configuration named and no node storage here ({storage}): give "
             "the served node's configuration (xdsi --config FILE ...), or run "

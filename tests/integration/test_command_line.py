@@ -986,6 +986,28 @@ def test_a_publish_whose_registry_is_down_blames_the_registry_not_the_node(
     assert "Traceback" not in ran.stderr
 
 
+def test_a_configuration_given_after_the_command_is_said_to_go_before_it(
+    tmp_path: Path,
+) -> None:
+    """``--config`` is an option of ``xdsi``, not of its commands: given
+    after the command it is said to go before it, not that none was named."""
+    env = {k: v for k, v in os.environ.items() if k != "XDSI_CONFIG"}
+    config = _node_config(tmp_path)
+    ran = subprocess.run(
+        [sys.executable, "-m", "xdsi", "find", "--config", str(config)]
+        + ["--patient-id", "PAT-1"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+
+    assert ran.returncode == 2, ran.stderr
+    assert "no configuration named" not in ran.stderr
+    assert "--config goes before the command" in ran.stderr
+
+
 @pytest.mark.parametrize(
     "command",
     [
