@@ -138,7 +138,15 @@ def check_file(
     except Exception as exc:
         raise Refused("unreadable", f"{type(exc).__name__}: {exc}") from exc
     if ds.get("SOPInstanceUID") != header.sop_instance_uid:
-        raise Refused("unreadable", "the data set ends before its SOP Instance UID")
+        # The header read, SOP Instance UID included, but the whole data set
+        # did not: pydicom gives an empty one for a file that ends inside an
+        # element of undefined length (an encapsulated Pixel Data or a
+        # sequence, before its delimiter, DICOM PS3.5 7.5 and A.4).
+        raise Refused(
+            "unreadable",
+            "the data set ends inside an element of undefined length, before "
+            "its delimiter: the file is cut short",
+        )
     _check_patient_id(ds)
 
     if sop_class_uid is not None and sop_class_uid != header.sop_class_uid:
