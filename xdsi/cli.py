@@ -114,6 +114,43 @@ def _patient_id_param(
     return cx
 
 
+# HL7 Table 0001 Administrative Sex (PID-8): female, male, other, unknown,
+# ambiguous, not applicable.
+ADMINISTRATIVE_SEX = frozenset({"F", "M", "O", "U", "A", "N"})
+
+# The date part of an HL7 TS (PID-7) by its length: YYYY, YYYYMM, YYYYMMDD.
+_TS_DATE_FORMATS = {4: "%Y", 6: "%Y%m", 8: "%Y%m%d"}
+
+
+def _birth_date_param(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """PID-7 Date of Birth as a date YYYY[MM[DD]] (the date part of an HL7
+    v2.3.1 TS), a calendar date; anything else is a wrong argument, before
+    any work."""
+    if not value:
+        return value
+    layout = _TS_DATE_FORMATS.get(len(value))
+    try:
+        if layout is None or not value.isascii() or not value.isdigit():
+            raise ValueError
+        datetime.strptime(value, layout)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is no date YYYYMMDD (the date of an HL7 TS)"
+        ) from None
+    return value
+
+
+def _sex_param(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """PID-8 Administrative Sex, a code of HL7 Table 0001, in either case."""
+    value = value.upper()
+    if value and value not in ADMINISTRATIVE_SEX:
+        raise click.BadParameter(
+            f"{value!r} is no code of HL7 Table 0001: "
+            f"{', '.join(sorted(ADMINISTRATIVE_SEX))}"
+        )
+    return value
+
+
 def _settings(ctx: click.Context) -> Settings:
     return ctx.obj["settings"]
 
@@ -188,11 +225,19 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun if number == 1 else _PLURALS.get(noun, noun + 's')}"
 
 
+# ctx.meta key of the arguments given after the command's name.
+COMMAND_ARGS = "xdsi.command_args"
+
+
 class _Commands(click.Group):
     """The xdsi commands; a database that cannot be used ends any of them
     with one line saying which and why, not a traceback."""
 
     def invoke(self, ctx: click.Context) -> object:
+        # The command's own arguments, which the group hands on before its
+        # callback runs; kept so that the callback can tell a misplaced
+        # --config.
+        ctx.meta[COMMAND_ARGS] = list(ctx.args)
         try:
             return super().invoke(ctx)
         except sqlalchemy.exc.DBAPIError as exc:
@@ -242,6 +287,12 @@ def main(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
     ):
         # A client command's audit trail (its patient named) would start a
         # storage of its own in whatever folder it runs in.
+        given = ctx.meta.get(COMMAND_ARGS, [])
+        if any(arg == "--config" or arg.startswith("--config=") for arg in given):
+            raise click.UsageError(
+                "--config goes before the command: xdsi --config FILE "
+                f"{ctx.invoked_subcommand} ..."
+            )
         raise click.UsageError(
             f"no configuration named and no node storage here ({storage}): give "
             "the served node's configuration (xdsi --config FILE ...), or run "
@@ -350,8 +401,15 @@ def serve(ctx: click.Context, workers: int | None) -> None:
     help="A40: the patient id (MRG-1) merged into PATIENT_ID, which survives.",
 )
 @click.option("--name", default="", help="PID-5, e.g. 'DOE^JANE'.")
-@click.option("--birth-date", default="", help="PID-7, YYYYMMDD.")
-@click.option("--sex", default="", help="PID-8 (HL7 Table 0001), e.g. F, M, U.")
+@click.option(
+    "--birth-date", default="", callback=_birth_date_param, help="PID-7, YYYYMMDD."
+)
+@click.option(
+    "--sex",
+    default="",
+    callback=_sex_param,
+    help="PID-8 (HL7 Table 0001), e.g. F, M, U.",
+)
 @click.option("--host", default=None, help="Registry MLLP host (default: config).")
 @click.option(
     "--port", type=int, default=None, help="Registry MLLP port (default: config)."
@@ -864,7 +922,10 @@ def _take_in(
     )
     if not result.accepted:
         services.engine.dispose()
-        first = f" ({result.refused[0][1].reason})" if result.refused else ""
+        # The reason a DICOM file was refused, rather than that of a file
+        # beside it that is no DICOM at all.
+        reasons = broken or [(p, r.reason) for p, r in result.refused]
+        first = f" ({reasons[0][1]})" if reasons else ""
         _fail(f"no DICOM instance taken in from {folder}{first}")
     return result
 

@@ -720,11 +720,33 @@ def to_toml(settings: Settings) -> str:
         lines.append("")
     lines.append(f"# database: {hide_password(settings.database_url)}")
     lines.append("# Effective endpoints")
-    for actor in ("registry", "repository", "imaging_source"):
-        lines.append(f"# {actor}: {settings.url(actor)}")
-    lines.append(
-        f"# patient identity feed (MLLP): {settings.node.host}:"
-        f"{settings.registry.feed_port}"
-    )
-    lines.extend(f"# {name}: {where}" for name, where in settings.imaging_endpoints())
+    lines.extend(f"# {name}: {where}" for name, where in _endpoints(settings))
     return "\n".join(lines) + "\n"
+
+
+def _endpoints(settings: Settings) -> list[tuple[str, str]]:
+    """Where each actor listens; an actor not served here (``enabled =
+    false``) says so and, for the registry, where its transactions go."""
+    shown: list[tuple[str, str]] = []
+    for actor in ("registry", "repository", "imaging_source"):
+        if getattr(settings, actor).enabled:
+            shown.append((actor, settings.url(actor)))
+        elif actor == "registry":
+            shown.append(
+                (
+                    actor,
+                    f"not served here; ITI-42 to {settings.registry_url}, "
+                    f"ITI-18 to {settings.consumer_registry_url}",
+                )
+            )
+        else:
+            shown.append((actor, "not served here"))
+    feed = "patient identity feed (MLLP)"
+    if settings.registry.enabled:
+        shown.append((feed, f"{settings.node.host}:{settings.registry.feed_port}"))
+    else:
+        target = settings.source.feed_address or "none ([source] feed_address)"
+        shown.append((feed, f"not served here; xdsi feed sends to {target}"))
+    if settings.imaging_source.enabled:
+        shown.extend(settings.imaging_endpoints())
+    return shown

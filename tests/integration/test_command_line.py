@@ -664,12 +664,16 @@ def test_a_storage_that_cannot_be_used_ends_a_command_with_why(
     [
         ("feed", "PAT-1", "--trigger", "A40"),
         ("submit", "README.md", "--patient-id", "PAT-1", "--mime-type", "bogus"),
+        ("feed", "PAT-1", "--birth-date", "1999-12-31"),
+        ("feed", "PAT-1", "--birth-date", "19990231"),
+        ("feed", "PAT-1", "--sex", "Q"),
     ],
-    ids=["a40-without-merge", "mime-type"],
+    ids=["a40-without-merge", "mime-type", "birth-date", "no-such-day", "sex"],
 )
 def test_wrong_arguments_are_a_usage_error(tmp_path, command: tuple[str, ...]):
     """Wrong arguments exit 2 with the usage line, before anything is sent:
-    an A40 needs --merge, and a mimeType is type/subtype (RFC 6838 4.2)."""
+    an A40 needs --merge, a mimeType is type/subtype (RFC 6838 4.2), a
+    birth date an HL7 date YYYYMMDD and a sex a code of HL7 Table 0001."""
     ran = _xdsi(_node_config(tmp_path), *command, check=False)
 
     assert ran.returncode == 2, ran.stderr
@@ -980,6 +984,28 @@ def test_a_publish_whose_registry_is_down_blames_the_registry_not_the_node(
     assert "the Document Registry it registers with" in ran.stderr
     assert "Is the node serving?" not in ran.stderr
     assert "Traceback" not in ran.stderr
+
+
+def test_a_configuration_given_after_the_command_is_said_to_go_before_it(
+    tmp_path: Path,
+) -> None:
+    """``--config`` is an option of ``xdsi``, not of its commands: given
+    after the command it is said to go before it, not that none was named."""
+    env = {k: v for k, v in os.environ.items() if k != "XDSI_CONFIG"}
+    config = _node_config(tmp_path)
+    ran = subprocess.run(
+        [sys.executable, "-m", "xdsi", "find", "--config", str(config)]
+        + ["--patient-id", "PAT-1"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+
+    assert ran.returncode == 2, ran.stderr
+    assert "no configuration named" not in ran.stderr
+    assert "--config goes before the command" in ran.stderr
 
 
 @pytest.mark.parametrize(

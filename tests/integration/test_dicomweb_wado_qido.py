@@ -754,6 +754,34 @@ def test_wado_uri_renders_the_frame_asked_for_of_a_multi_frame_image(
     assert f"outside 1..{frames}" in out_of_range.text
 
 
+def test_wado_uri_object_that_cannot_be_decoded_names_the_syntax_it_is_held_in(
+    shared_node: RunningNode, published: scan.Study, tmp_path: Path
+) -> None:
+    """DICOM PS3.18 9.1.2.1.7: without transferSyntax an object goes as
+    Explicit VR Little Endian; one that cannot be decoded (12-bit JPEG
+    Extended) is answered 406, naming the transferSyntax it can be had in,
+    not telling to leave out the parameter the request left out."""
+    instance = _published_copy(
+        shared_node,
+        dicom_path("singles", "ts-jpeg-extended-12bit__MR1_JPLY.dcm"),
+        tmp_path / "jply",
+    )
+
+    answer = _wado_uri(shared_node, instance, contentType="application/dicom")
+
+    assert answer.status_code == 406
+    assert "leave transferSyntax out" not in answer.text
+    assert f"transferSyntax={instance.transfer_syntax_uid}" in answer.text
+    held = _wado_uri(
+        shared_node,
+        instance,
+        contentType="application/dicom",
+        transferSyntax=instance.transfer_syntax_uid,
+    )
+    assert held.status_code == 200
+    assert held.content == instance.path.read_bytes()
+
+
 def test_wado_uri_scales_down_an_image_larger_than_it_renders(
     shared_node: RunningNode, published: scan.Study, tmp_path: Path
 ) -> None:
@@ -1144,6 +1172,10 @@ def test_dicomweb_retrievals_are_audited_before_anything_is_sent(
     assert record.outcome == 0
     assert record.patient_ids == (PATIENT,)
     assert study.study_instance_uid in record.object_ids
+    # The Source is the service the instances went out of.
+    dicomweb = shared_node.settings.dicomweb_url
+    service = dicomweb.rsplit("/", 1)[0] + "/wado" if path is None else dicomweb
+    assert record.actor_user_ids[0] == service
 
     def full_disk(messages: list[bytes]) -> list[Path]:
         raise OSError(28, "No space left on device")

@@ -928,6 +928,35 @@ def test_import_of_a_folder_without_dicom_fails(
     assert "no DICOM instance taken in" in outcome.output
 
 
+def test_a_failed_intake_names_why_its_dicom_files_were_refused(
+    patient_node: RunningNode, tmp_path: Path
+) -> None:
+    """When nothing is taken in, the closing error gives the reason a DICOM
+    file was refused, not that of a file beside it that is no DICOM at all
+    (which changes no exit status)."""
+    authority = _feed_first_and_second(patient_node)
+    folder = tmp_path / "study"
+    shutil.copytree(dicom_path("study-mr", "images"), folder)
+    # Read first: files are taken in by name, and "0-" sorts before "000000".
+    (folder / "0-notes.txt").write_text("not DICOM")
+    first = _xdsi(
+        patient_node, tmp_path, "publish", str(folder), "--patient-id", "FIRST-1"
+    )
+    assert first.exit_code == 0, first.output
+
+    again = _xdsi(
+        patient_node, tmp_path, "publish", str(folder), "--patient-id", "SECOND-2"
+    )
+
+    assert again.exit_code == 1
+    (closing,) = [
+        line for line in again.output.splitlines() if "no DICOM instance" in line
+    ]
+    assert "held under another patient than the one given" in closing
+    assert "not DICOM" not in closing
+    assert authority not in again.output
+
+
 def test_import_of_a_study_whose_patient_is_unknown_fails(
     patient_node: RunningNode, tmp_path: Path
 ) -> None:
@@ -976,7 +1005,9 @@ def test_import_says_why_a_file_is_refused_once(
     said = outcome.stdout + outcome.stderr
     assert outcome.returncode == 1, said
     assert said.count(bad.name) == 1, said
+    # The file is cut in its Pixel Data, long after its SOP Instance UID.
     assert "Refused" in said and "ends before its Sequence Delimitation Item" in said
+    assert "before its SOP Instance UID" not in said
     assert "pydicom" not in said and "UserWarning" not in said
 
 

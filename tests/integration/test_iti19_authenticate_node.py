@@ -357,6 +357,30 @@ def test_client_refuses_a_node_it_does_not_trust(
         )
 
 
+def test_a_feed_whose_certificate_is_refused_says_so(
+    crl_node: RunningNode, pki: Pki, revoked_peer: RevokedPeer
+) -> None:
+    """ITI TF-2 3.19: under TLS 1.3 the listener refuses the client's
+    certificate once the client's handshake is done, so the client reads
+    only the end of the session; the error says what that likely means, as
+    the HTTP clients do, not a bare "EOF occurred in violation of
+    protocol"."""
+    revoked = tls.client_context(
+        tls.tls_settings(revoked_peer.certificate, pki.ca.certificate)
+    )
+
+    with pytest.raises(MllpError) as refused:
+        send_message(
+            crl_node.settings.node.host,
+            crl_node.settings.registry.feed_port,
+            build_feed(PATIENT),
+            ssl_context=revoked,
+        )
+
+    assert "violation of protocol" not in str(refused.value)
+    assert "may not accept this node's certificate" in str(refused.value)
+
+
 def test_plain_client_gets_no_answer_from_a_tls_listener(
     tls_node: RunningNode,
 ) -> None:

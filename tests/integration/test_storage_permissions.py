@@ -15,6 +15,8 @@ from tests.conftest import dicom_path
 from xdsi.app import Node, build_services
 from xdsi.config import Settings
 from xdsi.dicom import scan
+from xdsi.hl7.adt import build_feed
+from xdsi.hl7.mllp import send_message
 
 
 def _settings(storage: Path) -> Settings:
@@ -84,3 +86,29 @@ def test_a_storage_folder_a_serving_node_makes_is_its_users_alone(tmp_path: Path
         pass
 
     assert _mode(storage) == 0o700
+
+
+def test_documents_the_repository_keeps_are_the_users_alone(tmp_path: Path):
+    """A manifest comes into the Document Repository as an MTOM part spooled
+    by the HTTP server (0644 under umask 022); the kept document names the
+    patient, so it is the user's alone like every kept instance."""
+    storage = tmp_path / "storage"
+    (study,) = scan.scan_directory(dicom_path("study-mr", "images")).studies
+    patient = "XDSI-TEST-1^^^&1.3.6.1.4.1.21367.13.20.1000&ISO"
+
+    node = Node(_settings(storage))
+    effective = node.start()
+    try:
+        assert node.services is not None
+        ack = send_message(
+            effective.node.host, effective.registry.feed_port, build_feed(patient)
+        )
+        assert "MSA|AA" in ack
+        node.services.imaging_source.publish(study, patient)
+    finally:
+        node.stop()
+
+    root = storage / "repository"
+    kept = [p for p in root.rglob("*") if p.is_file() and ".spool" not in p.parts]
+    assert kept
+    assert {oct(_mode(p)) for p in kept} == {oct(0o600)}

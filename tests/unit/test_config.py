@@ -520,3 +520,39 @@ def test_a_feed_address_names_the_registrys_listener(tmp_path: Path) -> None:
     )
     assert settings.source.feed_target() == ("127.0.0.1", 22575)
     assert Settings().source.feed_target() is None
+
+
+def test_to_toml_says_which_actors_are_not_served_and_where_they_go() -> None:
+    """A site using another site's registry (``[registry] enabled = false``)
+    is shown no registry or ITI-8 listener of its own, but the ones its
+    transactions go to."""
+    base = Settings()
+    site_b = replace(
+        base,
+        registry=replace(base.registry, enabled=False),
+        repository=replace(
+            base.repository, registry_url="http://site-a:9081/xds/registry"
+        ),
+        consumer=replace(base.consumer, registry_url="http://site-a:9081/xds/registry"),
+        source=replace(base.source, feed_address="site-a:2575"),
+    )
+
+    shown = to_toml(site_b)
+
+    assert "# registry: http://127.0.0.1:9081/xds/registry" not in shown
+    assert (
+        "# registry: not served here; ITI-42 to http://site-a:9081/xds/registry, "
+        "ITI-18 to http://site-a:9081/xds/registry"
+    ) in shown
+    assert (
+        "# patient identity feed (MLLP): not served here; xdsi feed sends to "
+        "site-a:2575"
+    ) in shown
+    assert "# repository: http://127.0.0.1:9082/xds/repository" in shown
+
+    no_source = replace(
+        base, imaging_source=replace(base.imaging_source, enabled=False)
+    )
+    shown = to_toml(no_source)
+    assert "# imaging_source: not served here" in shown
+    assert "wado-uri" not in shown

@@ -170,16 +170,21 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         """Spool the audit records of a retrieval before anything is sent:
         DICOM Instances Transferred (DICOM PS3.15 A.5.3.7), one per patient
         whose instances go out, naming their studies (RAD TF-3 4.107.5,
-        4.55.5). Without them nothing is sent: a 500."""
+        4.55.5), the Source the service they go out of. Without them
+        nothing is sent: a 500."""
         host = request.remote_addr or ""
+        settings = source.settings
+        service = settings.dicomweb_url
+        if transaction == "RAD-55":
+            # The WADO-URI service, beside the DICOMweb root.
+            root = settings.url("imaging_source").removesuffix(cfg.path)
+            service = f"{root}{cfg.wado_path}"
         events = [
             audit.AuditEvent(
                 transaction=transaction,
                 actor="Imaging Document Source",
                 outcome=outcome,
-                source=audit.Endpoint(
-                    source.settings.dicomweb_url, source.settings.node.host
-                ),
+                source=audit.Endpoint(service, settings.node.host),
                 destination=audit.Endpoint(host, host),
                 patient_id=patient_id,
                 study_instance_uids=studies,
@@ -803,12 +808,21 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             shutil.rmtree(spool, ignore_errors=True)
             if production.unreadable:
                 abort(500, "the stored copy of the object cannot be read here")
+            # Either way the object can be had as it is held; Explicit VR
+            # Little Endian (no transferSyntax) is the other way only when it
+            # was not what the request asked for already.
+            as_held = f"transferSyntax={held[0].transfer_syntax_uid} as it is held"
+            advice = (
+                f"ask for {as_held}"
+                if syntax == ExplicitVRLittleEndian
+                else "leave transferSyntax out for Explicit VR Little Endian, "
+                f"or ask for {as_held}"
+            )
             abort(
                 406,
                 f"the object is held in transfer syntax "
                 f"{held[0].transfer_syntax_uid} and cannot be sent in "
-                f"{syntax}; leave transferSyntax out for Explicit VR Little "
-                "Endian",
+                f"{syntax}; {advice}",
             )
         try:
             audited("RAD-55", held[:1], audit.Outcome.SUCCESS)

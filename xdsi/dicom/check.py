@@ -158,7 +158,15 @@ def check_file(
     except Exception as exc:
         raise Refused("unreadable", f"{type(exc).__name__}: {exc}") from exc
     if ds.get("SOPInstanceUID") != header.sop_instance_uid:
-        raise Refused("unreadable", "the data set ends before its SOP Instance UID")
+        # The header read, SOP Instance UID included, but the whole data set
+        # did not: pydicom gives an empty one for a file that ends inside an
+        # element of undefined length (an encapsulated Pixel Data or a
+        # sequence, before its delimiter, DICOM PS3.5 7.5 and A.4).
+        raise Refused(
+            "unreadable",
+            "the data set ends inside an element of undefined length, before "
+            "its delimiter: the file is cut short",
+        )
     _check_patient_id(ds)
 
     if sop_class_uid is not None and sop_class_uid != header.sop_class_uid:
@@ -224,7 +232,7 @@ def _check_elements(ds: Dataset, size: int) -> None:
                 raise Refused(
                     "unreadable",
                     f"element {tag} is {held} bytes long, its header says "
-                    f"{raw.length}; DICOM PS3.5 7.1",
+                    f"{raw.length}: the file is cut short; DICOM PS3.5 7.1",
                 )
             if (
                 raw.value is None
@@ -345,7 +353,7 @@ def _check_pixel_data(
             raise Refused(
                 "unreadable",
                 f"element {BaseTag(pixels.tag)} is {held} bytes long, its header "
-                f"says {pixels.length}; DICOM PS3.5 7.1",
+                f"says {pixels.length}: the file is cut short; DICOM PS3.5 7.1",
             )
         if pydicom.uid.UID(transfer_syntax_uid).is_encapsulated:
             raise Refused(
@@ -383,7 +391,7 @@ def _check_items(stream: BinaryIO, size: int) -> None:
             raise Refused(
                 "unreadable",
                 "encapsulated Pixel Data ends before its Sequence Delimitation "
-                "Item; DICOM PS3.5 A.4",
+                "Item: the file is cut short; DICOM PS3.5 A.4",
             )
         if head[:4] == SEQUENCE_DELIMITER:
             return
@@ -399,8 +407,8 @@ def _check_items(stream: BinaryIO, size: int) -> None:
             raise Refused(
                 "unreadable",
                 f"a fragment of encapsulated Pixel Data is {length} bytes long "
-                f"in its Item, the file holds {max(size - stream.tell(), 0)}; "
-                "DICOM PS3.5 A.4",
+                f"in its Item, the file holds {max(size - stream.tell(), 0)}: "
+                "the file is cut short; DICOM PS3.5 A.4",
             )
         stream.seek(length, 1)
 

@@ -159,8 +159,12 @@ class Study:
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        """Sorted modalities of the study; KO, PR and SR only if alone."""
-        found = {s.modality for s in self.series if s.modality}
+        """Sorted modalities of the study's instances (Modalities in Study,
+        DICOM PS3.18 Table 10.6.3-3); KO, PR and SR only if alone. Each
+        instance counts, not only each series' first: a series mixing an SR
+        into CT images is a CT series still."""
+        found = {i.modality for i in self.instances if i.modality}
+        found |= {s.modality for s in self.series if s.modality}
         acquired = found - DERIVED_MODALITIES
         return tuple(sorted(acquired or found))
 

@@ -5,7 +5,8 @@
 and :class:`xdsi.store.s3.S3BlobStore` as objects in an S3-compatible
 bucket. In a local directory, files are placed by renaming a spooled file
 into the store (no second copy), fsynced, under a name derived from a key's
-SHA-256, two directory levels deep so that no directory grows unbounded.
+SHA-256, two directory levels deep so that no directory grows unbounded;
+each readable by the node's user alone.
 """
 
 from __future__ import annotations
@@ -80,13 +81,16 @@ class BlobStore:
         With ``move`` the file is renamed into place when it lives on the
         same file system (the usual case for files spooled under the store),
         else copied through a temporary file so that a reader never sees a
-        partial blob.
+        partial blob. The blob is readable by this user alone (0600),
+        whatever mode the spooled file was made with: a document names its
+        patient.
         """
         relative = self.relative_path(key)
         target = self.root / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         if move:
             try:
+                os.chmod(source, 0o600)
                 os.replace(source, target)
                 _fsync(target)
                 return relative

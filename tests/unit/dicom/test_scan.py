@@ -302,3 +302,21 @@ def test_study_and_series_attributes_do_not_depend_on_the_order_files_are_read(
     ds = pydicom.dcmread(first.path, stop_before_pixels=True)
     assert forward.study_time == ds.StudyTime
     assert forward.series[0].series_description == ds.SeriesDescription
+
+
+def test_modalities_are_those_of_every_instance_not_only_each_series_first():
+    """Modalities in Study (DICOM PS3.18 Table 10.6.3-3) holds the Modality
+    of each instance; a series of CT images whose first instance is an SR
+    (the shared singles CT_small and its TID 1500 report share a series)
+    is a CT study still, for its eventCodeList (RAD TF-3 4.68.4.1.2.3) as
+    for QIDO-RS."""
+    result = scan_files(
+        [
+            dicom_path("singles", "ts-explicit-le__CT_small.dcm"),
+            dicom_path("singles", "sr-comprehensive3d-tid1500__sr_document.dcm"),
+        ]
+    )
+    (study,) = result.studies
+    assert len(study.series) == 1
+
+    assert study.modalities == ("CT",)
