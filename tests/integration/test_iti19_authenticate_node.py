@@ -368,6 +368,7 @@ def test_a_feed_whose_certificate_is_refused_says_so(
     revoked = tls.client_context(
         tls.tls_settings(revoked_peer.certificate, pki.ca.certificate)
     )
+    before = len(list(crl_node.services.audit_spool.records()))
 
     with pytest.raises(MllpError) as refused:
         send_message(
@@ -379,6 +380,10 @@ def test_a_feed_whose_certificate_is_refused_says_so(
 
     assert "violation of protocol" not in str(refused.value)
     assert "may not accept this node's certificate" in str(refused.value)
+    # The listener's audit of the refusal, which may come after the client
+    # gave up, is this test's, not the next one's on the same node.
+    (record,) = _new_records(crl_node, before)
+    assert record.event_id is not None and record.event_id.code == SECURITY_ALERT
 
 
 def test_plain_client_gets_no_answer_from_a_tls_listener(

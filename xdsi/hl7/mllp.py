@@ -494,14 +494,19 @@ def send_message(
                     return decode_payload(frames[0])[0]
     except TimeoutError as exc:
         raise MllpError(f"MLLP {host}:{port}: no answer within {timeout} s") from exc
-    except ssl.SSLEOFError as exc:
+    except ssl.SSLError as exc:
         # ITI TF-2 3.19: under TLS 1.3 the listener refuses this node's
         # certificate after the client's side of the handshake is done, and
-        # closes the session; its alert may come after that, or not at all.
+        # closes the session; its alert (certificate revoked, unknown CA)
+        # may come first, after the end of the session, or not at all.
+        if isinstance(exc, ssl.SSLEOFError):
+            what = "the peer closed the session during the handshake"
+        else:
+            what = str(exc.reason or exc).replace("_", " ").lower()
         raise MllpError(
-            f"MLLP {host}:{port}: TLS failed: the peer closed the session during "
-            "the handshake; it may not accept this node's certificate (revoked, "
-            "expired, or of a CA it does not trust)"
+            f"MLLP {host}:{port}: TLS failed ({what}); the peer may not accept "
+            "this node's certificate (revoked, expired, or of a CA it does not "
+            "trust)"
         ) from exc
     except OSError as exc:
         raise MllpError(f"MLLP {host}:{port}: {exc}") from exc
