@@ -494,6 +494,12 @@ def send_message(
                     return decode_payload(frames[0])[0]
     except TimeoutError as exc:
         raise MllpError(f"MLLP {host}:{port}: no answer within {timeout} s") from exc
+    except ssl.SSLCertVerificationError as exc:
+        # This node refused the listener's certificate: nothing was sent.
+        raise MllpError(
+            f"MLLP {host}:{port}: TLS handshake failed, the peer's certificate "
+            f"is not trusted ({exc.reason}: {exc.verify_message})"
+        ) from exc
     except ssl.SSLError as exc:
         # ITI TF-2 3.19: under TLS 1.3 the listener refuses this node's
         # certificate after the client's side of the handshake is done, and
