@@ -112,3 +112,17 @@ def test_documents_the_repository_keeps_are_the_users_alone(tmp_path: Path):
     kept = [p for p in root.rglob("*") if p.is_file() and ".spool" not in p.parts]
     assert kept
     assert {oct(_mode(p)) for p in kept} == {oct(0o600)}
+
+
+def test_a_new_sqlite_database_and_its_journal_are_the_users_alone(tmp_path: Path):
+    """The database names every patient: made by the node, it and the
+    write-ahead log beside it are readable by the node's user alone."""
+    storage = tmp_path / "storage"
+    services = build_services(_settings(storage))
+    with services.engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE probe (x)")
+
+    database = storage / "xdsi.sqlite"
+    assert _mode(database) == 0o600
+    assert _mode(storage / "xdsi.sqlite-wal") == 0o600
+    services.engine.dispose()

@@ -385,7 +385,11 @@ def make_engine(url: str) -> Engine:
     database up to this schema.
     """
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        path = Path(url.removeprefix("sqlite:///"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The database names patients: a new one is its user's alone, and
+        # SQLite makes its -wal and -shm files with the same mode.
+        path.touch(mode=0o600, exist_ok=True)
         engine = create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": 30},
