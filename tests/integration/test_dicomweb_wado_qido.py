@@ -897,6 +897,8 @@ def test_wado_rs_series_none_of_which_can_be_produced_is_406(
     assert answer.status_code == 406
     assert answer.headers["Content-Type"].startswith("text/plain")
     assert "in a transfer syntax the request accepts" in answer.text
+    # What would be sent: the syntax held, with transfer-syntax=*.
+    assert "held in 1.2.840.10008.1.2.1, which transfer-syntax=*" in answer.text
 
 
 def _bulk_data_uris(document: dict) -> list[str]:

@@ -346,10 +346,13 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         if not files:
             shutil.rmtree(spool, ignore_errors=True)
             if production.unacceptable:
+                held_in = sorted({row.transfer_syntax_uid for row in held})
                 abort(
                     406,
                     "no instance asked for can be sent in a transfer syntax the "
-                    "request accepts"
+                    f"request accepts; they are held in {', '.join(held_in[:3])}"
+                    f"{', ...' if len(held_in) > 3 else ''}, which transfer-syntax=* "
+                    "(or that syntax) in the Accept header takes as held"
                     + (
                         f"; the stored copies of {production.unreadable} "
                         "cannot be read here"
