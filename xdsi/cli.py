@@ -27,6 +27,7 @@ from xml.sax.saxutils import escape as xml_escape
 import click
 import sqlalchemy.exc
 from lxml import etree
+from pydicom.uid import UID
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
@@ -997,18 +998,31 @@ def _exit_if_refused(reasons: list[str]) -> None:
         sys.exit(EXIT_REFUSED)
 
 
+def _uid_param(
+    ctx: click.Context, param: click.Parameter, value: str | tuple[str, ...] | None
+) -> str | tuple[str, ...] | None:
+    """A UID argument (DICOM PS3.5 9.1), or several; anything else is a
+    wrong argument, before any work."""
+    for uid in (value,) if isinstance(value, str) else value or ():
+        if not UID(uid).is_valid:
+            raise click.BadParameter(f"{logs.shown(uid, 80)!r} is no UID")
+    return value
+
+
 @main.command()
-@click.argument("study_instance_uid")
+@click.argument("study_instance_uid", callback=_uid_param)
 @click.option(
     "--series",
     "series_instance_uid",
     default=None,
+    callback=_uid_param,
     help="Remove this series of the study only.",
 )
 @click.option(
     "--instance",
     "sop_instance_uids",
     multiple=True,
+    callback=_uid_param,
     help="Remove this instance only (SOP Instance UID); repeat for several.",
 )
 @click.option("--publish/--no-publish", default=True)

@@ -2644,3 +2644,24 @@ def test_a_kept_file_that_cannot_be_read_back_is_refused_and_removed(
     ((_, refused),) = result.refused
     assert refused.rule == "storage"
     assert {p for p in store.rglob("*") if p.is_file()} - before == set()
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ("not-a-uid",),
+        ("1.2.3", "--series", "1.2.3/../x"),
+        ("1.2.3", "--instance", "1.2.3.4", "--instance", "1..2"),
+    ],
+    ids=["study", "series", "instance"],
+)
+def test_remove_of_what_is_no_uid_is_a_wrong_argument(
+    patient_node: RunningNode, tmp_path: Path, arguments: tuple[str, ...]
+) -> None:
+    """DICOM PS3.5 9.1: a value that is no UID names nothing the node can
+    hold; it is a usage error (exit 2), not "nothing held matches"."""
+    outcome = _xdsi(patient_node, tmp_path, "remove", *arguments)
+
+    assert outcome.exit_code == 2, outcome.output
+    assert "is no UID" in outcome.output
+    assert "removed" not in outcome.output
