@@ -204,8 +204,22 @@ def _fail(message: str) -> None:
 _PLURALS = {"study": "studies", "series": "series", "stored copy": "stored copies"}
 
 
-def _unreachable_hint(message: str) -> str:
-    """Add what to look at when a peer could not be reached at all."""
+def _own_endpoints(settings: Settings) -> list[str]:
+    """The URLs and MLLP address this node serves (its actors enabled)."""
+    own = [
+        settings.url(actor)
+        for actor in ("registry", "repository", "imaging_source")
+        if getattr(settings, actor).enabled
+    ]
+    if settings.registry.enabled:
+        own.append(f"{settings.node.host}:{settings.registry.feed_port}")
+    return own
+
+
+def _unreachable_hint(message: str, settings: Settings | None = None) -> str:
+    """Add what to look at when a peer could not be reached at all: this
+    node, when the address is one it serves (or ``settings`` are not
+    given), else the other node the configuration names."""
     if "XDSRegistryNotAvailable" in message:
         # The repository answered: the registry it registers with is the
         # one down (ITI TF-3 Table 4.2.4.1-2), not the node the command asked.
@@ -215,6 +229,14 @@ def _unreachable_hint(message: str) -> str:
             "be reached. A serving node publishes again by itself."
         )
     if "cannot connect" in message:
+        if settings is not None and not any(
+            endpoint in message for endpoint in _own_endpoints(settings)
+        ):
+            return (
+                f"{message}\nThis node does not serve that address: is the "
+                "other node there up, and is its address in this configuration "
+                "right?"
+            )
         return (
             f"{message}\nIs the node serving? Client commands need the served "
             "node's configuration (xdsi --config FILE ...)."
@@ -450,7 +472,7 @@ def feed(
     except (MllpError, OSError, ConfigError) as exc:
         message = f"ITI-8 feed failed: {exc}"
         if isinstance(exc.__cause__ or exc, ConnectionRefusedError):
-            message = _unreachable_hint(f"{message} (cannot connect)")
+            message = _unreachable_hint(f"{message} (cannot connect)", settings)
         _fail(message)
     if summary.code != "AA":
         hint = ""
@@ -532,7 +554,7 @@ def publish(
         except PublishError as exc:
             click.secho(
                 _unreachable_hint(
-                    f"study {study.study_instance_uid} not published: {exc}"
+                    f"study {study.study_instance_uid} not published: {exc}", settings
                 ),
                 fg="red",
                 err=True,
@@ -598,7 +620,9 @@ def submit(
         for error in exc.errors:
             click.secho(describe_errors([error]), fg="red", err=True)
         _fail(
-            _unreachable_hint(str(exc)) if not exc.errors else "ITI-41 answered Failure"
+            _unreachable_hint(str(exc), settings)
+            if not exc.errors
+            else "ITI-41 answered Failure"
         )
     click.echo(f"SubmissionSet {submitted.submission_set_unique_id}")
     for path, unique_id in zip(files, submitted.document_unique_ids, strict=True):
@@ -652,7 +676,7 @@ def find(ctx: click.Context, patient_id: str, as_json: bool) -> None:
     try:
         entries = consumer.find(patient_id)
     except ConsumerError as exc:
-        _fail(_unreachable_hint(str(exc)))
+        _fail(_unreachable_hint(str(exc), settings))
     if as_json:
         click.echo(json.dumps([e.as_dict() for e in entries], indent=2))
     elif not entries:
@@ -762,7 +786,7 @@ def fetch(
         sys.exit(EXIT_INTERRUPTED)
     except ConsumerError as exc:
         _remove_empty(out, made)
-        _fail(_unreachable_hint(str(exc)))
+        _fail(_unreachable_hint(str(exc), settings))
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
         _fail(f"cannot write{where}: {exc.strerror or exc}")
@@ -1180,7 +1204,8 @@ def _publish_now(services: Services, studies: Iterable[str]) -> None:
             click.secho(
                 _unreachable_hint(
                     f"study {study_instance_uid} not published: "
-                    f"{reason or 'see the log'}{hint}"
+                    f"{reason or 'see the log'}{hint}",
+                    services.settings,
                 ),
                 fg="red",
                 err=True,

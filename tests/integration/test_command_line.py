@@ -947,6 +947,31 @@ def test_a_fetch_stopped_half_way_says_what_is_left_and_exits_130(tmp_path):
     assert not out.exists()
 
 
+def test_a_find_whose_other_sites_registry_is_down_names_that_site_not_this_node(
+    tmp_path: Path,
+):
+    """A site without a registry of its own queries another site's (ITI-18):
+    when that one cannot be reached, the hint is about it, not about
+    whether this node serves."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        down = probe.getsockname()[1]
+    config = tmp_path / "xdsi.toml"
+    config.write_text(
+        f'[node]\nstorage_dir = "{tmp_path / "node"}"\n'
+        "[registry]\nenabled = false\n"
+        f'[consumer]\nregistry_url = "http://127.0.0.1:{down}/xds/registry"\n'
+    )
+
+    ran = _xdsi(config, "find", "--patient-id", "PAT-1", check=False)
+
+    assert ran.returncode == 1, ran.stderr
+    assert f"127.0.0.1:{down}" in ran.stderr
+    assert "This node does not serve that address" in ran.stderr
+    assert "Is the node serving?" not in ran.stderr
+    assert "Traceback" not in ran.stderr
+
+
 def test_a_publish_whose_registry_is_down_blames_the_registry_not_the_node(
     tmp_path: Path,
 ):
