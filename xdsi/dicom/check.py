@@ -46,6 +46,10 @@ UNDEFINED_LENGTH = 0xFFFFFFFF
 DEFER_SIZE = scan.DEFER_SIZE
 # (7FE0,0010) Pixel Data.
 PIXEL_DATA = 0x7FE00010
+# DICOM PS3.3 C.7.6.24: the bits of each value of Float Pixel Data
+# (7FE0,0008) and Double Float Pixel Data (7FE0,0009), whatever Bits
+# Allocated says.
+FLOAT_BITS = {0x7FE00008: 32, 0x7FE00009: 64}
 
 # ISO/IEC 15444-1 A.2 and A.5.1: a codestream opens with SOC then SIZ.
 J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
@@ -115,11 +119,12 @@ def check_file(
     The whole data set is parsed: every element must be as long as its
     header says (DICOM PS3.5 7.1) and decode to its VR; native Pixel Data
     must hold Rows x Columns x Samples per Pixel x Bits Allocated x frames
-    (DICOM PS3.5 8.1.1); each JPEG 2000 frame's SIZ marker must agree with
-    Rows, Columns and Samples per Pixel (DICOM PS3.5 8.2.4). When the
-    request named a SOP Class or Instance UID (the C-STORE command's
-    Affected SOP Class and Instance UIDs, DICOM PS3.7 9.1.1.1), the data
-    set must carry the same.
+    (DICOM PS3.5 8.1.1), Float and Double Float Pixel Data as many values
+    of 32 and 64 bits (DICOM PS3.3 C.7.6.24); each JPEG 2000 frame's SIZ
+    marker must agree with Rows, Columns and Samples per Pixel (DICOM PS3.5
+    8.2.4). When the request named a SOP Class or Instance UID (the
+    C-STORE command's Affected SOP Class and Instance UIDs, DICOM PS3.7
+    9.1.1.1), the data set must carry the same.
 
     Limitation: other compressed codestreams are checked for their framing
     only, not decoded; a corrupt JPEG or RLE frame is stored as received.
@@ -183,7 +188,7 @@ def check_file(
         )
     if deflated and "PixelData" in ds:
         _check_pixel_value(ds, ds.PixelData, header.transfer_syntax_uid)
-    elif pixels is not None and pixels.tag == PIXEL_DATA:
+    elif pixels is not None:
         _check_pixel_data(path, ds, header.transfer_syntax_uid, pixels, size)
     elif pixels is None and not any(tag in ds for tag in _OTHER_PIXEL_DATA):
         # The Image Pixel module's Pixel Data is Type 1 (DICOM PS3.3
@@ -343,9 +348,11 @@ def _check_pixel_data(
     pixels: scan.PixelElement,
     size: int,
 ) -> None:
-    """Check the Pixel Data of a file against the Image Pixel module
-    (DICOM PS3.5 8), reading it a frame at a time."""
+    """Check the pixel data element of a file (Pixel Data, Float or Double
+    Float Pixel Data) against the Image Pixel module (DICOM PS3.5 8),
+    reading it a frame at a time."""
     rows, columns, samples, bits = _image_pixel(ds)
+    bits = FLOAT_BITS.get(pixels.tag, bits)
     frames = _frames(ds)
     if pixels.length != UNDEFINED_LENGTH:
         held = min(pixels.length, max(size - pixels.offset, 0))

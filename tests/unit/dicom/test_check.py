@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import DeflatedExplicitVRLittleEndian
@@ -152,6 +153,46 @@ def test_an_image_cut_short_before_its_image_pixel_module_is_refused(
 
     assert refused.value.rule in {"pixel_data", "unreadable"}
     assert refused.value.dimse_status in {0xC001, 0xC002}
+
+
+def _float_image(tmp_path: Path, keyword: str, dtype: str) -> Path:
+    """The bundled CT with its Pixel Data as Float or Double Float Pixel
+    Data (DICOM PS3.3 C.7.6.24), a value a pixel."""
+    ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
+    del ds.PixelData, ds.PixelRepresentation
+    ds.BitsAllocated = ds.BitsStored = np.dtype(dtype).itemsize * 8
+    ds.HighBit = ds.BitsStored - 1
+    setattr(ds, keyword, np.zeros(ds.Rows * ds.Columns, dtype=dtype).tobytes())
+    path = tmp_path / "float.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("keyword", "dtype"),
+    [("FloatPixelData", "<f4"), ("DoubleFloatPixelData", "<f8")],
+    ids=["float", "double-float"],
+)
+def test_float_pixel_data_cut_short_or_too_short_is_refused(
+    tmp_path: Path, keyword: str, dtype: str
+) -> None:
+    """DICOM PS3.5 7.1 and 8.1.1: Float and Double Float Pixel Data are held
+    to their length and to Rows x Columns values, as Pixel Data is."""
+    whole = _float_image(tmp_path, keyword, dtype)
+    check_file(whole)
+
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(whole.read_bytes()[:-1000])
+    with pytest.raises(Refused, match="cut short") as refused:
+        check_file(cut)
+    assert refused.value.rule == "unreadable"
+
+    ds = pydicom.dcmread(whole)
+    ds[keyword].value = ds[keyword].value[:800]
+    ds.save_as(whole, enforce_file_format=True)
+    with pytest.raises(Refused, match="Pixel Data holds 800 bytes") as refused:
+        check_file(whole)
+    assert refused.value.rule == "pixel_data"
 
 
 def test_an_instance_of_no_image_sop_class_needs_no_pixel_data() -> None:
