@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -193,6 +194,30 @@ def test_float_pixel_data_cut_short_or_too_short_is_refused(
     with pytest.raises(Refused, match="Pixel Data holds 800 bytes") as refused:
         check_file(whole)
     assert refused.value.rule == "pixel_data"
+
+
+def test_a_large_value_before_the_pixel_data_is_checked_unread(
+    tmp_path: Path,
+) -> None:
+    """DICOM PS3.5 7.1: a value over scan.DEFER_SIZE (here a private one of
+    32 MiB) is checked against the file's size, not read: neither the
+    header nor the check holds it in memory."""
+    ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
+    ds.private_block(0x0009, "XDSI TEST", create=True).add_new(
+        0x10, "OB", bytes(32 << 20)
+    )
+    path = tmp_path / "large-value.dcm"
+    ds.save_as(path, enforce_file_format=True)
+
+    tracemalloc.start()
+    try:
+        scan.read_header(path)
+        check_file(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert peak < 8 << 20
 
 
 def test_an_instance_of_no_image_sop_class_needs_no_pixel_data() -> None:
