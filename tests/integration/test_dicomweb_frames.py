@@ -4,7 +4,9 @@ ports, with dicomweb-client as the user agent where it fits."""
 
 from __future__ import annotations
 
+import tracemalloc
 from io import BytesIO
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -19,6 +21,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from tests.conftest import dicom_path
 from tests.integration.conftest import PATIENT, RunningNode
 from xdsi.dicom import scan
+from xdsi.dicom.check import check_file
 
 JLS = "ts-jpegls-lossless__CT1_JLSL.dcm"
 US_MULTI_FRAME = "us-mf-jpeg-baseline__examples_ybr_color.dcm"
@@ -26,6 +29,7 @@ MR_MULTI_FRAME = "enhanced-mr-mf__emri_small.dcm"
 BIG_ENDIAN = "ts-explicit-be__MR_small_bigendian.dcm"
 RLE = "ts-rle__MR_small_RLE.dcm"
 SR = "sr-basic-text__reportsi.dcm"
+RGB_BY_PLANE = "us-rgb-bigendian__ExplVR_BigEnd.dcm"
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +39,15 @@ def images(
     """Copies of single images, each published as a study of its own."""
     shared_node.feed()
     published = {}
-    for name in (JLS, US_MULTI_FRAME, MR_MULTI_FRAME, BIG_ENDIAN, RLE, SR):
+    for name in (
+        JLS,
+        US_MULTI_FRAME,
+        MR_MULTI_FRAME,
+        BIG_ENDIAN,
+        RLE,
+        SR,
+        RGB_BY_PLANE,
+    ):
         folder = tmp_path_factory.mktemp("frames")
         ds = pydicom.dcmread(dicom_path("singles", name))
         for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
@@ -151,6 +163,95 @@ def test_a_big_endian_image_comes_little_endian(
     held = pydicom.dcmread(dicom_path("singles", BIG_ENDIAN)).pixel_array
     assert data == _cells(held)
     assert data != held.tobytes()
+
+
+def test_a_frame_of_an_image_held_colour_by_plane_comes_so(
+    shared_node: RunningNode, images: dict[str, scan.InstanceHeader]
+) -> None:
+    """DICOM PS3.3 C.7.6.3.1.3: the cells of an image of Planar
+    Configuration 1 go out colour by plane, as its metadata says, not
+    colour by pixel as pydicom decodes them."""
+    answer = requests.get(
+        _url(shared_node, images[RGB_BY_PLANE], "frames/1"), timeout=30
+    )
+
+    ((_, data),) = _parts(answer)
+    held = pydicom.dcmread(dicom_path("singles", RGB_BY_PLANE))
+    assert held.PlanarConfiguration == 1
+    assert data == _cells(held.pixel_array.transpose(2, 0, 1))
+
+
+def _publish(
+    node: RunningNode, folder: Path, ds: pydicom.Dataset
+) -> scan.InstanceHeader:
+    """Publish ``ds`` as a study of its own, under new UIDs."""
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        setattr(ds, keyword, pydicom.uid.generate_uid())
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(folder / "copy.dcm", enforce_file_format=True)
+    check_file(folder / "copy.dcm")
+    (study,) = scan.scan_directory(folder).studies
+    node.services.imaging_source.publish(study, PATIENT)
+    return study.instances[0]
+
+
+def _one_bit_image(frames: int, rows: int, columns: int) -> pydicom.Dataset:
+    """The bundled CT made an image of one bit a cell, its frames of
+    ``rows`` x ``columns`` cells following one another bit by bit."""
+    ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
+    for keyword in ("RescaleIntercept", "RescaleSlope", "WindowCenter", "WindowWidth"):
+        ds.pop(keyword, None)
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, columns, frames
+    ds.BitsAllocated = ds.BitsStored = 1
+    ds.HighBit = ds.PixelRepresentation = 0
+    return ds
+
+
+def test_each_frame_of_a_one_bit_image_comes_packed_from_its_first_bit(
+    shared_node: RunningNode, tmp_path: Path
+) -> None:
+    """DICOM PS3.5 8.1.1 and PS3.18 8.7.3.5.2: frames of 1 bit a cell follow
+    one another bit by bit, a frame of 5 x 3 cells starting inside a byte;
+    each goes out as its own bits, packed from its first."""
+    shared_node.feed()
+    ds = _one_bit_image(3, 5, 3)
+    cells = np.random.default_rng(7).integers(0, 2, 45, dtype=np.uint8)
+    ds.PixelData = np.packbits(cells, bitorder="little").tobytes()
+    instance = _publish(shared_node, tmp_path, ds)
+
+    answer = requests.get(_url(shared_node, instance, "frames/3,1,2"), timeout=30)
+
+    assert answer.status_code == 200, answer.text
+    assert [data for _, data in _parts(answer)] == [
+        np.packbits(cells[n * 15 : (n + 1) * 15], bitorder="little").tobytes()
+        for n in (2, 0, 1)
+    ]
+
+
+def test_the_pixel_data_of_millions_of_frames_is_not_listed_in_memory(
+    shared_node: RunningNode, tmp_path: Path
+) -> None:
+    """DICOM PS3.18 F.2.6: the Pixel Data BulkDataURI answers every frame;
+    an image of 4 million 1 x 1 frames (512 KiB held) starts its answer
+    without a list of them all in memory."""
+    shared_node.feed()
+    ds = _one_bit_image(4_000_000, 1, 1)
+    ds.PixelData = bytes(500_000)
+    instance = _publish(shared_node, tmp_path, ds)
+
+    tracemalloc.start()
+    try:
+        with requests.get(
+            _url(shared_node, instance, "bulkdata/7FE00010"), stream=True, timeout=30
+        ) as answer:
+            first = next(answer.iter_content(256))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert answer.status_code == 200
+    assert first.startswith(b"--")
+    assert peak < 32 << 20
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ import tempfile
 import threading
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from io import BytesIO
@@ -526,15 +526,16 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         return frames_answer(study_uid, series_uid, sop_uid, _frame_numbers(frame_list))
 
     def frames_answer(
-        study_uid: str, series_uid: str, sop_uid: str, numbers: list[int] | None
+        study_uid: str, series_uid: str, sop_uid: str, listed: list[int] | None
     ) -> Response:
-        """The frames ``numbers`` of an image (all of them for None), one
+        """The frames ``listed`` of an image (all of them for None), one
         part each, as the Accept header asks (see _frame_framing)."""
         held, image = held_image(study_uid, series_uid, sop_uid)
         count = frames.number_of_frames(image)
-        if numbers is None:
-            numbers = list(range(1, count + 1))
-        beyond = [n for n in numbers if n > count]
+        # All frames are counted off, not listed: Number of Frames may run
+        # to millions (a 1x1 frame a byte), which a list would hold at once.
+        numbers: Sequence[int] = range(1, count + 1) if listed is None else listed
+        beyond = [n for n in listed or () if n > count]
         if beyond:
             abort(
                 404,
@@ -577,8 +578,8 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         location = f"{retrieve_url(study_uid, series_uid)}/instances/{sop_uid}/frames"
 
         def parts() -> Iterator[bytes]:
-            for number in numbers:
-                if number == numbers[0]:
+            for index, number in enumerate(numbers):
+                if index == 0:
                     data = first
                 else:
                     try:

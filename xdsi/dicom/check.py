@@ -46,6 +46,10 @@ UNDEFINED_LENGTH = 0xFFFFFFFF
 DEFER_SIZE = scan.DEFER_SIZE
 # (7FE0,0010) Pixel Data.
 PIXEL_DATA = 0x7FE00010
+# DICOM PS3.3 C.7.6.24: the bits of each value of Float Pixel Data
+# (7FE0,0008) and Double Float Pixel Data (7FE0,0009), whatever Bits
+# Allocated says.
+FLOAT_BITS = {0x7FE00008: 32, 0x7FE00009: 64}
 
 # ISO/IEC 15444-1 A.2 and A.5.1: a codestream opens with SOC then SIZ.
 J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
@@ -115,11 +119,12 @@ def check_file(
     The whole data set is parsed: every element must be as long as its
     header says (DICOM PS3.5 7.1) and decode to its VR; native Pixel Data
     must hold Rows x Columns x Samples per Pixel x Bits Allocated x frames
-    (DICOM PS3.5 8.1.1); each JPEG 2000 frame's SIZ marker must agree with
-    Rows, Columns and Samples per Pixel (DICOM PS3.5 8.2.4). When the
-    request named a SOP Class or Instance UID (the C-STORE command's
-    Affected SOP Class and Instance UIDs, DICOM PS3.7 9.1.1.1), the data
-    set must carry the same.
+    (DICOM PS3.5 8.1.1), Float and Double Float Pixel Data as many values
+    of 32 and 64 bits (DICOM PS3.3 C.7.6.24); each JPEG 2000 frame's SIZ
+    marker must agree with Rows, Columns and Samples per Pixel (DICOM PS3.5
+    8.2.4). When the request named a SOP Class or Instance UID (the
+    C-STORE command's Affected SOP Class and Instance UIDs, DICOM PS3.7
+    9.1.1.1), the data set must carry the same.
 
     Limitation: other compressed codestreams are checked for their framing
     only, not decoded; a corrupt JPEG or RLE frame is stored as received.
@@ -183,7 +188,7 @@ def check_file(
         )
     if deflated and "PixelData" in ds:
         _check_pixel_value(ds, ds.PixelData, header.transfer_syntax_uid)
-    elif pixels is not None and pixels.tag == PIXEL_DATA:
+    elif pixels is not None:
         _check_pixel_data(path, ds, header.transfer_syntax_uid, pixels, size)
     elif pixels is None and not any(tag in ds for tag in _OTHER_PIXEL_DATA):
         # The Image Pixel module's Pixel Data is Type 1 (DICOM PS3.3
@@ -343,9 +348,11 @@ def _check_pixel_data(
     pixels: scan.PixelElement,
     size: int,
 ) -> None:
-    """Check the Pixel Data of a file against the Image Pixel module
-    (DICOM PS3.5 8), reading it a frame at a time."""
+    """Check the pixel data element of a file (Pixel Data, Float or Double
+    Float Pixel Data) against the Image Pixel module (DICOM PS3.5 8),
+    reading it a frame at a time."""
     rows, columns, samples, bits = _image_pixel(ds)
+    bits = FLOAT_BITS.get(pixels.tag, bits)
     frames = _frames(ds)
     if pixels.length != UNDEFINED_LENGTH:
         held = min(pixels.length, max(size - pixels.offset, 0))
@@ -369,7 +376,7 @@ def _check_pixel_data(
         )
     with open(path, "rb") as stream:
         stream.seek(pixels.offset)
-        _check_items(stream, size)
+        _check_items(stream, size, frames, _extended_offset_table(ds))
         stream.seek(pixels.offset)
         _check_encapsulated(stream, transfer_syntax_uid, rows, columns, samples, frames)
 
@@ -380,11 +387,26 @@ ITEM = b"\xfe\xff\x00\xe0"
 SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0"
 
 
-def _check_items(stream: BinaryIO, size: int) -> None:
+def _check_items(
+    stream: BinaryIO,
+    size: int,
+    frames: int,
+    extended: tuple[bytes, bytes] | None,
+) -> None:
     """Check the items of encapsulated Pixel Data, its value read from
     ``stream`` in a file of ``size`` bytes, without reading their values:
     each is whole, and a Sequence Delimitation Item ends them (DICOM PS3.5
-    A.4), which pydicom's frame reader does not check in a file."""
+    A.4), which pydicom's frame reader does not check in a file.
+
+    The offsets of the Extended Offset Table, where ``extended`` holds it
+    (its offsets and lengths), or else of a Basic Offset Table that is not
+    empty, must each name the Item a frame starts with, one per frame, the
+    first 0, in ascending order (DICOM PS3.5 A.4, PS3.3 C.7.6.3.1.8): frames
+    are read through them, and an offset into a fragment would serve other
+    bytes than the frame's.
+    """
+    table: _OffsetTable | None = None
+    first = -1
     while True:
         head = stream.read(8)
         if len(head) < 8:
@@ -394,7 +416,7 @@ def _check_items(stream: BinaryIO, size: int) -> None:
                 "Item: the file is cut short; DICOM PS3.5 A.4",
             )
         if head[:4] == SEQUENCE_DELIMITER:
-            return
+            break
         if head[:4] != ITEM:
             group, number = struct.unpack("<HH", head[:4])
             raise Refused(
@@ -410,7 +432,113 @@ def _check_items(stream: BinaryIO, size: int) -> None:
                 f"in its Item, the file holds {max(size - stream.tell(), 0)}: "
                 "the file is cut short; DICOM PS3.5 A.4",
             )
+        if first < 0:
+            # The first Item holds the Basic Offset Table; offsets count
+            # from the Item after it.
+            first = stream.tell() + length
+            table = _OffsetTable.read(stream.read(length), extended, frames)
+            continue
+        if table is not None:
+            table.meet(stream.tell() - 8 - first, length)
         stream.seek(length, 1)
+    if table is not None:
+        table.met_all()
+
+
+def _extended_offset_table(ds: Dataset) -> tuple[bytes, bytes] | None:
+    """Extended Offset Table and its Lengths (DICOM PS3.3 C.7.6.3), when the
+    data set holds both, as frames are read through them."""
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        return (
+            bytes(ds.ExtendedOffsetTable or b""),
+            bytes(ds.ExtendedOffsetTableLengths or b""),
+        )
+    return None
+
+
+class _OffsetTable:
+    """The offsets of a Basic or Extended Offset Table, met one by one by
+    the Items of the fragments as they are walked."""
+
+    def __init__(self, name: str, offsets: Any, lengths: Any | None) -> None:
+        self.name = name
+        self.offsets = offsets
+        self.lengths = lengths
+        self.due = 0
+
+    @classmethod
+    def read(
+        cls, basic: bytes, extended: tuple[bytes, bytes] | None, frames: int
+    ) -> _OffsetTable | None:
+        """The table frames are read through, or None when there is none;
+        one that is malformed, or holds other than one offset a frame, is
+        refused."""
+        if extended is not None:
+            name = "Extended Offset Table"
+            offsets, lengths = extended
+            if len(offsets) % 8 or len(lengths) != len(offsets):
+                raise Refused(
+                    "pixel_data",
+                    f"the {name} holds {len(offsets)} bytes, its Lengths "
+                    f"{len(lengths)}; DICOM PS3.3 C.7.6.3.1.8 wants 8 a frame "
+                    "in each",
+                )
+            count = len(offsets) // 8
+            table = cls(
+                name,
+                struct.unpack(f"<{count}Q", offsets),
+                struct.unpack(f"<{count}Q", lengths),
+            )
+        elif not basic:
+            return None
+        else:
+            name = "Basic Offset Table"
+            if len(basic) % 4:
+                raise Refused(
+                    "pixel_data",
+                    f"the {name} holds {len(basic)} bytes, no whole number of "
+                    "32-bit offsets; DICOM PS3.5 A.4",
+                )
+            table = cls(name, struct.unpack(f"<{len(basic) // 4}L", basic), None)
+        if len(table.offsets) != frames or table.offsets[0] != 0:
+            raise Refused(
+                "pixel_data",
+                f"the {name} holds {len(table.offsets)} offsets, the first "
+                f"{table.offsets[0] if table.offsets else 'none'}; DICOM PS3.5 "
+                f"A.4 wants one a frame ({frames}), the first 0",
+            )
+        return table
+
+    def meet(self, offset: int, length: int) -> None:
+        """Meet the Item at ``offset``, its value ``length`` bytes long."""
+        if self.due >= len(self.offsets):
+            return
+        wanted = self.offsets[self.due]
+        if wanted < offset:
+            self._not_an_item(wanted)
+        if wanted == offset:
+            if self.lengths is not None and not (
+                length - 1 <= self.lengths[self.due] <= length
+            ):
+                raise Refused(
+                    "pixel_data",
+                    f"the {self.name} gives frame {self.due + 1} "
+                    f"{self.lengths[self.due]} bytes, its fragment holds "
+                    f"{length}; DICOM PS3.3 C.7.6.3.1.8",
+                )
+            self.due += 1
+
+    def met_all(self) -> None:
+        """Refuse a table whose offsets lie past the last Item."""
+        if self.due < len(self.offsets):
+            self._not_an_item(self.offsets[self.due])
+
+    def _not_an_item(self, offset: int) -> None:
+        raise Refused(
+            "pixel_data",
+            f"the {self.name} names offset {offset} for frame {self.due + 1}, "
+            "where no Item starts, or out of ascending order; DICOM PS3.5 A.4",
+        )
 
 
 def _check_native_length(

@@ -121,16 +121,46 @@ def _read_frame(path: Path, header: Dataset, index: int, framing: Framing) -> by
     if not framing.native:
         return _encoded_frame(path, header, index)
     frames = number_of_frames(header)
+    held = UID(header.file_meta.TransferSyntaxUID)
+    bits = int(header.get("BitsAllocated", 8))
+    if bits == 1 and not held.is_compressed and held.is_little_endian:
+        return _bit_frame(path, header, index)
     with transcode.plugin_errors_muted():
         # raw: the cells as held, not converted to RGB, for a native image;
         # a decoded one comes out as pydicom's decompress() leaves it.
-        held = UID(header.file_meta.TransferSyntaxUID)
         cells = pixel_array(
             path, index=index if frames > 1 else None, raw=not held.is_compressed
         )
-    if int(header.get("BitsAllocated", 8)) == 1:
+    if bits == 1:
         return pack_bits(cells)
+    if not held.is_compressed and cells.ndim == 3 and header.get("PlanarConfiguration"):
+        # DICOM PS3.3 C.7.6.3.1.3: a native image held colour by plane goes
+        # out so, as its metadata's Planar Configuration says; pydicom gives
+        # the cells colour by pixel.
+        cells = cells.transpose(2, 0, 1)
     return np.ascontiguousarray(cells, dtype=cells.dtype.newbyteorder("<")).tobytes()
+
+
+def _bit_frame(path: Path, header: Dataset, index: int) -> bytes:
+    """Frame ``index`` of a native image of one bit a cell, its bits read
+    from the file and packed from the frame's first (DICOM PS3.5 8.1.1: the
+    frames follow one another bit by bit, a frame need not start a byte).
+    """
+    pixels = scan.pixel_element(path, header.file_meta.TransferSyntaxUID)
+    if pixels is None or pixels.tag != PIXEL_DATA:
+        raise ValueError("no Pixel Data where the data set ends")
+    cells = (
+        int(header.Rows) * int(header.Columns) * int(header.get("SamplesPerPixel", 1))
+    )
+    first = index * cells
+    with open(path, "rb") as stream:
+        stream.seek(pixels.offset + first // 8)
+        held = stream.read((first % 8 + cells + 7) // 8)
+    bits = np.unpackbits(np.frombuffer(held, np.uint8), bitorder="little")
+    frame = bits[first % 8 : first % 8 + cells]
+    if frame.size < cells:
+        raise ValueError(f"Pixel Data ends inside frame {index + 1}")
+    return np.packbits(frame, bitorder="little").tobytes()
 
 
 def _encoded_frame(path: Path, header: Dataset, index: int) -> bytes:

@@ -196,8 +196,11 @@ def read_header(path: Path) -> tuple[InstanceHeader, pydicom.Dataset]:
     if inflated is not None:
         raise InvalidInstance(path, f"unreadable: {inflated}")
     # Untrusted input: any failure of the parser means the file is unreadable.
+    # Values over DEFER_SIZE (an ICC profile, a private blob) are left in the
+    # file until asked for: the header of a large instance is never whole in
+    # memory.
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size=DEFER_SIZE)
         size = os.stat(path).st_size
     except InvalidDicomError as exc:
         raise NotDicom(path, NOT_DICOM) from exc

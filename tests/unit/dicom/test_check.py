@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import struct
+import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
+from pydicom.encaps import encapsulate, encapsulate_extended, generate_frames
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from tests.conftest import SHARED, dicom_path
@@ -152,6 +156,152 @@ def test_an_image_cut_short_before_its_image_pixel_module_is_refused(
 
     assert refused.value.rule in {"pixel_data", "unreadable"}
     assert refused.value.dimse_status in {0xC001, 0xC002}
+
+
+def _float_image(tmp_path: Path, keyword: str, dtype: str) -> Path:
+    """The bundled CT with its Pixel Data as Float or Double Float Pixel
+    Data (DICOM PS3.3 C.7.6.24), a value a pixel."""
+    ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
+    del ds.PixelData, ds.PixelRepresentation
+    ds.BitsAllocated = ds.BitsStored = np.dtype(dtype).itemsize * 8
+    ds.HighBit = ds.BitsStored - 1
+    setattr(ds, keyword, np.zeros(ds.Rows * ds.Columns, dtype=dtype).tobytes())
+    path = tmp_path / "float.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("keyword", "dtype"),
+    [("FloatPixelData", "<f4"), ("DoubleFloatPixelData", "<f8")],
+    ids=["float", "double-float"],
+)
+def test_float_pixel_data_cut_short_or_too_short_is_refused(
+    tmp_path: Path, keyword: str, dtype: str
+) -> None:
+    """DICOM PS3.5 7.1 and 8.1.1: Float and Double Float Pixel Data are held
+    to their length and to Rows x Columns values, as Pixel Data is."""
+    whole = _float_image(tmp_path, keyword, dtype)
+    check_file(whole)
+
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(whole.read_bytes()[:-1000])
+    with pytest.raises(Refused, match="cut short") as refused:
+        check_file(cut)
+    assert refused.value.rule == "unreadable"
+
+    ds = pydicom.dcmread(whole)
+    ds[keyword].value = ds[keyword].value[:800]
+    ds.save_as(whole, enforce_file_format=True)
+    with pytest.raises(Refused, match="Pixel Data holds 800 bytes") as refused:
+        check_file(whole)
+    assert refused.value.rule == "pixel_data"
+
+
+def test_a_large_value_before_the_pixel_data_is_checked_unread(
+    tmp_path: Path,
+) -> None:
+    """DICOM PS3.5 7.1: a value over scan.DEFER_SIZE (here a private one of
+    32 MiB) is checked against the file's size, not read: neither the
+    header nor the check holds it in memory."""
+    ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
+    ds.private_block(0x0009, "XDSI TEST", create=True).add_new(
+        0x10, "OB", bytes(32 << 20)
+    )
+    path = tmp_path / "large-value.dcm"
+    ds.save_as(path, enforce_file_format=True)
+
+    tracemalloc.start()
+    try:
+        scan.read_header(path)
+        check_file(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert peak < 8 << 20
+
+
+def _two_rle_frames(tmp_path: Path, extended: bool) -> tuple[Path, bytearray]:
+    """The bundled RLE MR as two frames (its one frame twice), framed with
+    a Basic Offset Table or an Extended Offset Table; its path and
+    encapsulated Pixel Data, to be spoilt and saved again."""
+    ds = pydicom.dcmread(dicom_path("singles", "ts-rle__MR_small_RLE.dcm"))
+    (frame,) = generate_frames(ds.PixelData, number_of_frames=1)
+    ds.NumberOfFrames = 2
+    if extended:
+        data, offsets, lengths = encapsulate_extended([frame, frame])
+        ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths = offsets, lengths
+    else:
+        data = encapsulate([frame, frame], has_bot=True)
+    ds.PixelData = data
+    path = tmp_path / "two-frames.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path, bytearray(data)
+
+
+def _spoilt(path: Path, **values: bytes) -> Path:
+    ds = pydicom.dcmread(path)
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_frames_framed_by_a_basic_or_extended_offset_table_pass(
+    tmp_path: Path,
+) -> None:
+    check_file(_two_rle_frames(tmp_path, extended=False)[0])
+    check_file(_two_rle_frames(tmp_path, extended=True)[0])
+
+
+def test_a_basic_offset_table_naming_no_item_is_refused(tmp_path: Path) -> None:
+    """DICOM PS3.5 A.4: each offset of the Basic Offset Table names the Item
+    its frame starts with; one into a fragment would serve other bytes."""
+    path, data = _two_rle_frames(tmp_path, extended=False)
+    struct.pack_into("<L", data, 12, 3)  # frame 2, three bytes into frame 1
+
+    with pytest.raises(Refused, match="names offset 3 for frame 2") as refused:
+        check_file(_spoilt(path, PixelData=bytes(data)))
+    assert refused.value.rule == "pixel_data"
+
+
+@pytest.mark.parametrize(
+    ("offsets", "lengths", "reason"),
+    [
+        ((0, 0), None, "names offset 0 for frame 2"),
+        (None, (None, 1 << 40), "gives frame 2 1099511627776 bytes"),
+        ((0,), None, "holds 8 bytes, its Lengths 16"),
+    ],
+    ids=["offset-repeated", "length-beyond-fragment", "fewer-offsets"],
+)
+def test_an_extended_offset_table_that_lies_is_refused(
+    tmp_path: Path,
+    offsets: tuple[int, ...] | None,
+    lengths: tuple[int | None, ...] | None,
+    reason: str,
+) -> None:
+    """DICOM PS3.3 C.7.6.3.1.8: the Extended Offset Table gives the offset
+    of each frame's one fragment and its Lengths that fragment's length;
+    frames are read through it."""
+    path, _ = _two_rle_frames(tmp_path, extended=True)
+    ds = pydicom.dcmread(path)
+    held_offsets = struct.unpack("<2Q", ds.ExtendedOffsetTable)
+    held_lengths = struct.unpack("<2Q", ds.ExtendedOffsetTableLengths)
+    offsets = offsets or held_offsets
+    lengths = tuple(
+        held if wanted is None else wanted
+        for held, wanted in zip(held_lengths, lengths or (None, None), strict=True)
+    )
+
+    spoilt = _spoilt(
+        path,
+        ExtendedOffsetTable=struct.pack(f"<{len(offsets)}Q", *offsets),
+        ExtendedOffsetTableLengths=struct.pack("<2Q", *lengths),
+    )
+    with pytest.raises(Refused, match=reason) as refused:
+        check_file(spoilt)
+    assert refused.value.rule == "pixel_data"
 
 
 def test_an_instance_of_no_image_sop_class_needs_no_pixel_data() -> None:
