@@ -14,8 +14,10 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
+from pydicom.dataelem import RawDataElement
 from pydicom.encaps import get_frame
 from pydicom.pixels import pixel_array
+from pydicom.tag import Tag
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from tests.conftest import dicom_path
@@ -532,3 +534,28 @@ def test_the_metadata_of_an_instance_without_pixels_names_no_pixel_data(
     (document,) = answer.json()
     assert "7FE00010" not in document
     assert document["00080060"]["Value"] == ["SR"]
+
+
+def test_an_image_whose_number_of_frames_is_no_number_is_no_internal_error(
+    shared_node: RunningNode, tmp_path: Path
+) -> None:
+    """A Number of Frames that is no number (an IS of letters, published
+    from a folder without the intake check) counts as one frame, as for
+    Retrieve Frames; pydicom cannot decode such an image, which is said
+    (406), not an internal error."""
+    shared_node.feed()
+    ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        setattr(ds, keyword, pydicom.uid.generate_uid())
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    # Number of Frames, as a file would hold it.
+    ds[0x00280008] = RawDataElement(Tag(0x00280008), "IS", 2, b"1A", 0, False, True)
+    ds.save_as(tmp_path / "copy.dcm", enforce_file_format=True)
+    (study,) = scan.scan_directory(tmp_path).studies
+    shared_node.services.imaging_source.publish(study, PATIENT)
+    (instance,) = study.instances
+
+    answer = requests.get(_url(shared_node, instance, "rendered"), timeout=30)
+
+    assert answer.status_code == 406, answer.text
+    assert "cannot be decoded for rendering" in answer.text

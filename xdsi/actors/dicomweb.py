@@ -1864,16 +1864,16 @@ def _rendered(path: Path, frame: int, rendering: Rendering) -> bytes:
     the aspect ratio is kept; one given, the other follows from the ratio.
     """
     ds = _header(path)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if not 1 <= frame <= frames:
-        abort(400, f"frameNumber {frame} is outside 1..{frames}")
+    frames_held = frames.number_of_frames(ds)
+    if not 1 <= frame <= frames_held:
+        abort(400, f"frameNumber {frame} is outside 1..{frames_held}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             # The frame asked for alone is read from the file and decoded,
             # not all of them: memory follows the frame, not the instance.
             with transcode.plugin_errors_muted():
-                pixels = pixel_array(path, index=frame - 1 if frames > 1 else None)
+                pixels = pixel_array(path, index=frame - 1 if frames_held > 1 else None)
         except Exception as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             logger.warning("WADO-URI cannot render %s: %s", path.name, reason)
