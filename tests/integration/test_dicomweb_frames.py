@@ -22,6 +22,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from tests.conftest import dicom_path
 from tests.integration.conftest import PATIENT, RunningNode
+from xdsi.actors import dicomweb
 from xdsi.dicom import scan
 from xdsi.dicom.check import check_file
 
@@ -559,3 +560,40 @@ def test_an_image_whose_number_of_frames_is_no_number_is_no_internal_error(
 
     assert answer.status_code == 406, answer.text
     assert "cannot be decoded for rendering" in answer.text
+
+
+def test_a_value_over_a_mebibyte_is_streamed_from_the_file_not_kept(
+    shared_node: RunningNode, tmp_path: Path
+) -> None:
+    """DICOM PS3.18 F.2.6: a top-level value longer than scan.DEFER_SIZE is
+    named by a BulkDataURI without being read, and sent from the stored
+    file: the header the node keeps for WADO-RS does not hold it."""
+    shared_node.feed()
+    ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        setattr(ds, keyword, pydicom.uid.generate_uid())
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    blob = bytes(range(256)) * (3 * 4096)  # 3 MiB
+    block = ds.private_block(0x0011, "XDSI TEST", create=True)
+    block.add_new(0x10, "OB", blob)
+    key = f"{block.get_tag(0x10):08X}"
+    ds.save_as(tmp_path / "copy.dcm", enforce_file_format=True)
+    (study,) = scan.scan_directory(tmp_path).studies
+    shared_node.services.imaging_source.publish(study, PATIENT)
+    (instance,) = study.instances
+    client = DICOMwebClient(url=shared_node.settings.dicomweb_url)
+
+    metadata = client.retrieve_instance_metadata(
+        instance.study_instance_uid,
+        instance.series_instance_uid,
+        instance.sop_instance_uid,
+    )
+    (value,) = client.retrieve_bulkdata(metadata[key]["BulkDataURI"])
+
+    assert metadata[key]["vr"] == "OB"
+    assert value == blob
+    (row,) = shared_node.services.imaging_source.held_instances(
+        [instance.sop_instance_uid]
+    ).values()
+    kept = dicomweb._header(shared_node.services.imaging_source.blobs.path(row.blob))
+    assert kept._dict[int(key, 16)].value is None

@@ -31,6 +31,7 @@ import pydicom
 from flask import Blueprint, Response, abort, request
 from PIL import Image
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
@@ -53,7 +54,7 @@ from werkzeug.exceptions import HTTPException
 
 from xdsi import audit
 from xdsi.actors.soap_endpoint import with_allow
-from xdsi.dicom import frames, transcode
+from xdsi.dicom import frames, scan, transcode
 from xdsi.dicom.qido import (
     INSTANCE_ATTRIBUTES,
     MAX_INDEXED_LENGTH,
@@ -135,10 +136,23 @@ RANGE_SYNTAX = {
 @lru_cache(maxsize=512)
 def _header(path: Path) -> Dataset:
     """Read an instance's attributes without its pixel data (stored files
-    never change, so the answer is kept)."""
+    never change, so the answer is kept); values over scan.DEFER_SIZE stay
+    in the file (bulk data, see _bulk_element), so that a kept header is
+    small whatever the instance holds."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return pydicom.dcmread(path, stop_before_pixels=True)
+        return pydicom.dcmread(
+            path, stop_before_pixels=True, defer_size=scan.DEFER_SIZE
+        )
+
+
+def _bulk_element(header: Dataset, tag: int) -> RawDataElement | None:
+    """The element ``tag`` of ``header`` when its value is left in the file
+    (longer than scan.DEFER_SIZE): where it starts and how long it is."""
+    raw = header._dict.get(tag)
+    if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
+        return raw
+    return None
 
 
 def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
@@ -636,10 +650,15 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         if not source.stored_copy_readable(held[0], "WADO-RS bulk data"):
             abort(500, "the stored copy of the instance cannot be read here")
         try:
-            element = header(held[0]).get(int(tag, 16))
+            held_header = header(held[0])
+            deferred = _bulk_element(held_header, int(tag, 16))
+            element = None if deferred else held_header.get(int(tag, 16))
         except (OSError, InvalidDicomError):
             abort(500, "the stored copy of the instance cannot be read here")
-        if element is None or element.VR not in BULK_DATA_VRS or not element.value:
+        if deferred is not None:
+            if _vr_of(deferred) not in BULK_DATA_VRS:
+                abort(404, f"instance {sop_uid} has no bulk data {tag}")
+        elif element is None or element.VR not in BULK_DATA_VRS or not element.value:
             abort(404, f"instance {sop_uid} has no bulk data {tag}")
         if request.headers.get("Accept", "").strip():
             acceptable = [
@@ -660,7 +679,14 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
                 )
         # Limitation: the value goes as held; one of a big endian instance
         # (a retired syntax) is not swapped to little endian.
-        data = bytes(element.value)
+        if deferred is not None:
+            # Streamed from the stored file, as long as it is there.
+            stream = _open_or_500(source.blobs.path(held[0].blob))
+            length = min(deferred.length, max(held[0].size - deferred.value_tell, 0))
+            value: Iterator[bytes] = _file_range(stream, deferred.value_tell, length)
+        else:
+            data = bytes(element.value)
+            length, value = len(data), iter((data,))
         audited("RAD-107", held, audit.Outcome.SUCCESS)
         logger.info(
             "%s %s from %s: %s, %d bytes",
@@ -668,19 +694,20 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             "WADO-RS Retrieve Bulkdata",
             request.remote_addr,
             tag,
-            len(data),
+            length,
         )
         boundary = uuid.uuid4().hex
-        body = (
-            (
+
+        def body() -> Iterator[bytes]:
+            yield (
                 f"--{boundary}\r\nContent-Type: {frames.OCTET_STREAM}\r\n"
-                f"Content-Length: {len(data)}\r\n\r\n"
+                f"Content-Length: {length}\r\n\r\n"
             ).encode("ascii")
-            + data
-            + f"\r\n--{boundary}--\r\n".encode("ascii")
-        )
+            yield from value
+            yield f"\r\n--{boundary}--\r\n".encode("ascii")
+
         return Response(
-            body,
+            body(),
             content_type=(
                 f'multipart/related; type="{frames.OCTET_STREAM}"; boundary={boundary}'
             ),
@@ -1620,8 +1647,18 @@ def _metadata_document(
     without a further request.
     """
     document: dict[str, dict] = {}
-    for element in header:
-        key = f"{element.tag:08X}"
+    for tag in list(header.keys()):
+        key = f"{tag:08X}"
+        deferred = _bulk_element(header, tag)
+        if deferred is not None and _vr_of(deferred) in BULK_DATA_VRS:
+            # Left in the file: bulk data by its length alone, never read.
+            if instance_url is not None:
+                document[key] = {
+                    "vr": _vr_of(deferred),
+                    "BulkDataURI": f"{instance_url}/bulkdata/{key}",
+                }
+            continue
+        element = header[tag]
         try:
             if element.VR == "SQ":
                 attribute = element.to_json_dict(
@@ -1679,6 +1716,30 @@ def _open_or_500(path: Path) -> BinaryIO:
     except OSError as exc:
         logger.error("%s cannot be opened to answer with (%s)", path, exc.strerror)
         abort(500, "the stored copy of the instance cannot be read here")
+
+
+def _vr_of(raw: RawDataElement) -> str:
+    """The VR of a raw element: its own (explicit VR) or the data
+    dictionary's (implicit VR); UN for a tag the dictionary lacks."""
+    if raw.VR:
+        return raw.VR
+    try:
+        return dictionary_VR(raw.tag)
+    except KeyError:
+        return "UN"
+
+
+def _file_range(stream: BinaryIO, start: int, length: int) -> Iterator[bytes]:
+    """``length`` bytes of an open file from ``start``, a chunk at a time;
+    the file is closed at the end."""
+    with stream:
+        stream.seek(start)
+        while length > 0:
+            chunk = stream.read(min(length, 1 << 20))
+            if not chunk:
+                return
+            length -= len(chunk)
+            yield chunk
 
 
 def _file_chunks(file: BinaryIO) -> Iterator[bytes]:
