@@ -51,15 +51,11 @@ def images(
         SR,
         RGB_BY_PLANE,
     ):
-        folder = tmp_path_factory.mktemp("frames")
-        ds = pydicom.dcmread(dicom_path("singles", name))
-        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-            setattr(ds, keyword, pydicom.uid.generate_uid())
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.save_as(folder / "copy.dcm", enforce_file_format=True)
-        (study,) = scan.scan_directory(folder).studies
-        shared_node.services.imaging_source.publish(study, PATIENT)
-        (published[name],) = study.instances
+        published[name] = _publish(
+            shared_node,
+            tmp_path_factory.mktemp("frames"),
+            pydicom.dcmread(dicom_path("singles", name)),
+        )
     return published
 
 
@@ -185,14 +181,16 @@ def test_a_frame_of_an_image_held_colour_by_plane_comes_so(
 
 
 def _publish(
-    node: RunningNode, folder: Path, ds: pydicom.Dataset
+    node: RunningNode, folder: Path, ds: pydicom.Dataset, *, checked: bool = True
 ) -> scan.InstanceHeader:
-    """Publish ``ds`` as a study of its own, under new UIDs."""
+    """Publish ``ds`` as a study of its own, under new UIDs; ``checked``:
+    after the intake check has passed it, as intake would."""
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
         setattr(ds, keyword, pydicom.uid.generate_uid())
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.save_as(folder / "copy.dcm", enforce_file_format=True)
-    check_file(folder / "copy.dcm")
+    if checked:
+        check_file(folder / "copy.dcm")
     (study,) = scan.scan_directory(folder).studies
     node.services.imaging_source.publish(study, PATIENT)
     return study.instances[0]
@@ -465,17 +463,9 @@ def with_bulk_data(
     """An image with a binary value above the bulk data threshold at its top
     level: a Red Palette Color Lookup Table Data of 8 KiB."""
     shared_node.feed()
-    folder = tmp_path_factory.mktemp("bulk")
     ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-        setattr(ds, keyword, pydicom.uid.generate_uid())
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.RedPaletteColorLookupTableData = bytes(range(256)) * 32
-    ds.save_as(folder / "copy.dcm", enforce_file_format=True)
-    (study,) = scan.scan_directory(folder).studies
-    shared_node.services.imaging_source.publish(study, PATIENT)
-    (instance,) = study.instances
-    return instance
+    return _publish(shared_node, tmp_path_factory.mktemp("bulk"), ds)
 
 
 def test_a_large_binary_value_is_named_by_a_bulkdata_uri_that_gives_it(
@@ -546,15 +536,9 @@ def test_an_image_whose_number_of_frames_is_no_number_is_no_internal_error(
     (406), not an internal error."""
     shared_node.feed()
     ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-        setattr(ds, keyword, pydicom.uid.generate_uid())
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     # Number of Frames, as a file would hold it.
     ds[0x00280008] = RawDataElement(Tag(0x00280008), "IS", 2, b"1A", 0, False, True)
-    ds.save_as(tmp_path / "copy.dcm", enforce_file_format=True)
-    (study,) = scan.scan_directory(tmp_path).studies
-    shared_node.services.imaging_source.publish(study, PATIENT)
-    (instance,) = study.instances
+    instance = _publish(shared_node, tmp_path, ds, checked=False)
 
     answer = requests.get(_url(shared_node, instance, "rendered"), timeout=30)
 
@@ -570,17 +554,11 @@ def test_a_value_over_a_mebibyte_is_streamed_from_the_file_not_kept(
     file: the header the node keeps for WADO-RS does not hold it."""
     shared_node.feed()
     ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-        setattr(ds, keyword, pydicom.uid.generate_uid())
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     blob = bytes(range(256)) * (3 * 4096)  # 3 MiB
     block = ds.private_block(0x0011, "XDSI TEST", create=True)
     block.add_new(0x10, "OB", blob)
     key = f"{block.get_tag(0x10):08X}"
-    ds.save_as(tmp_path / "copy.dcm", enforce_file_format=True)
-    (study,) = scan.scan_directory(tmp_path).studies
-    shared_node.services.imaging_source.publish(study, PATIENT)
-    (instance,) = study.instances
+    instance = _publish(shared_node, tmp_path, ds)
     client = DICOMwebClient(url=shared_node.settings.dicomweb_url)
 
     metadata = client.retrieve_instance_metadata(
