@@ -21,17 +21,13 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from lxml import etree
-from pydicom.filereader import (
-    data_element_generator,
-    read_file_meta_info,
-    read_preamble,
-)
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian
 
 from xdsi import audit, logs, ns, tls, wire
 from xdsi.actors.soap_endpoint import transaction
 from xdsi.config import Settings
-from xdsi.dicom import kos
+from xdsi.dicom import kos, scan
 from xdsi.metadata import ebrim, stored_query
 from xdsi.metadata.responses import (
     RegistryError,
@@ -666,11 +662,7 @@ def _media_storage_uid(attachment: wire.Attachment) -> str:
     """
     head = attachment.head
     try:
-        stream = BytesIO(head)
-        read_preamble(stream, False)
-        for element in data_element_generator(
-            stream, False, True, stop_when=lambda tag, vr, length: tag.group != 2
-        ):
+        for element in scan.file_meta_elements(BytesIO(head)):
             if element.tag == MEDIA_STORAGE_SOP_INSTANCE_UID:
                 if element.value_tell + element.length <= len(head):
                     return bytes(element.value or b"").decode("latin-1").rstrip("\0 ")

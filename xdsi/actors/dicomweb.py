@@ -78,7 +78,7 @@ CHUNK_SIZE = 1 << 20
 # 3 KiB of value.
 BULK_DATA_THRESHOLD = 4096
 # (7FE0,0010) Pixel Data, as DICOM JSON names it.
-PIXEL_DATA = "7FE00010"
+PIXEL_DATA = f"{scan.PIXEL_DATA:08X}"
 # The value representations of bulk data (DICOM PS3.18 F.2.6).
 BULK_DATA_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 

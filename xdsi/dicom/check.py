@@ -44,8 +44,6 @@ UNDEFINED_LENGTH = 0xFFFFFFFF
 # when a data set is checked; Pixel Data is read a frame at a time. A large
 # instance (a tomosynthesis of a gigabyte) is never whole in memory.
 DEFER_SIZE = scan.DEFER_SIZE
-# (7FE0,0010) Pixel Data.
-PIXEL_DATA = 0x7FE00010
 # DICOM PS3.3 C.7.6.24: the bits of each value of Float Pixel Data
 # (7FE0,0008) and Double Float Pixel Data (7FE0,0009), whatever Bits
 # Allocated says.
@@ -190,7 +188,7 @@ def check_file(
         _check_pixel_value(ds, ds.PixelData, header.transfer_syntax_uid)
     elif pixels is not None:
         _check_pixel_data(path, ds, header.transfer_syntax_uid, pixels, size)
-    elif pixels is None and not any(tag in ds for tag in _OTHER_PIXEL_DATA):
+    elif not any(tag in ds for tag in _OTHER_PIXEL_DATA):
         # The Image Pixel module's Pixel Data is Type 1 (DICOM PS3.3
         # C.7.6.3): an image without it is one cut short before it. A file
         # cut inside an element's header ends the data set there for the
@@ -376,7 +374,7 @@ def _check_pixel_data(
         )
     with open(path, "rb") as stream:
         stream.seek(pixels.offset)
-        _check_items(stream, size, frames, _extended_offset_table(ds))
+        _check_items(stream, size, frames, scan.extended_offset_table(ds))
         stream.seek(pixels.offset)
         _check_encapsulated(stream, transfer_syntax_uid, rows, columns, samples, frames)
 
@@ -443,17 +441,6 @@ def _check_items(
         stream.seek(length, 1)
     if table is not None:
         table.met_all()
-
-
-def _extended_offset_table(ds: Dataset) -> tuple[bytes, bytes] | None:
-    """Extended Offset Table and its Lengths (DICOM PS3.3 C.7.6.3), when the
-    data set holds both, as frames are read through them."""
-    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
-        return (
-            bytes(ds.ExtendedOffsetTable or b""),
-            bytes(ds.ExtendedOffsetTableLengths or b""),
-        )
-    return None
 
 
 class _OffsetTable:

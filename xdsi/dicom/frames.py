@@ -58,9 +58,6 @@ MEDIA_TYPES = {
 # name of earlier editions of DICOM PS3.18).
 ALIASES = {"image/x-dicom-rle": "image/dicom-rle", "image/x-jls": "image/jls"}
 
-# (7FE0,0010) Pixel Data.
-PIXEL_DATA = 0x7FE00010
-
 # Frames read at once in one process: a decoded mammogram frame holds tens
 # of MB, so a burst of requests waits its turn rather than exhausting
 # memory (as many as instances transcoded at once).
@@ -146,15 +143,13 @@ def _bit_frame(path: Path, header: Dataset, index: int) -> bytes:
     from the file and packed from the frame's first (DICOM PS3.5 8.1.1: the
     frames follow one another bit by bit, a frame need not start a byte).
     """
-    pixels = scan.pixel_element(path, header.file_meta.TransferSyntaxUID)
-    if pixels is None or pixels.tag != PIXEL_DATA:
-        raise ValueError("no Pixel Data where the data set ends")
+    offset = _pixel_data_offset(path, header)
     cells = (
         int(header.Rows) * int(header.Columns) * int(header.get("SamplesPerPixel", 1))
     )
     first = index * cells
     with open(path, "rb") as stream:
-        stream.seek(pixels.offset + first // 8)
+        stream.seek(offset + first // 8)
         held = stream.read((first % 8 + cells + 7) // 8)
     bits = np.unpackbits(np.frombuffer(held, np.uint8), bitorder="little")
     frame = bits[first % 8 : first % 8 + cells]
@@ -166,17 +161,20 @@ def _bit_frame(path: Path, header: Dataset, index: int) -> bytes:
 def _encoded_frame(path: Path, header: Dataset, index: int) -> bytes:
     """The encoded bitstream of one frame of an encapsulated image, read
     through its Basic or Extended Offset Table (DICOM PS3.5 A.4)."""
-    extended = None
-    if "ExtendedOffsetTable" in header and "ExtendedOffsetTableLengths" in header:
-        extended = (header.ExtendedOffsetTable, header.ExtendedOffsetTableLengths)
-    pixels = scan.pixel_element(path, header.file_meta.TransferSyntaxUID)
-    if pixels is None or pixels.tag != PIXEL_DATA:
-        raise ValueError("no encapsulated Pixel Data where the data set ends")
+    offset = _pixel_data_offset(path, header)
     with open(path, "rb") as stream:
-        stream.seek(pixels.offset)
+        stream.seek(offset)
         return get_frame(
             stream,
             index,
-            extended_offsets=extended,
+            extended_offsets=scan.extended_offset_table(header),
             number_of_frames=number_of_frames(header),
         )
+
+
+def _pixel_data_offset(path: Path, header: Dataset) -> int:
+    """Where the value of the stored file's Pixel Data starts."""
+    pixels = scan.pixel_element(path, header.file_meta.TransferSyntaxUID)
+    if pixels is None or pixels.tag != scan.PIXEL_DATA:
+        raise ValueError("no Pixel Data where the data set ends")
+    return pixels.offset

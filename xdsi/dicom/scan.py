@@ -15,8 +15,10 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import BinaryIO
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import data_element_generator, read_preamble
 from pydicom.multival import MultiValue
@@ -38,7 +40,8 @@ DEFLATED_UID = DeflatedExplicitVRLittleEndian.encode("ascii")
 TRANSFER_SYNTAX_UID = 0x00020010
 # The pixel data elements of DICOM PS3.3 C.7.6.3.1.4: Float, Double Float
 # and Pixel Data.
-PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+PIXEL_DATA = 0x7FE00010
+PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, PIXEL_DATA})
 # Values longer than this are skipped, not read, where a file is read for
 # what lies past them.
 DEFER_SIZE = 1 << 20
@@ -216,6 +219,23 @@ def read_header(path: Path) -> tuple[InstanceHeader, pydicom.Dataset]:
     return header, ds
 
 
+def file_meta_elements(stream: BinaryIO) -> Iterator[RawDataElement]:
+    """The File Meta Information elements of a DICOM file read from its
+    start, as read (raw); past the last, ``stream`` is where the data set
+    begins. The group is Explicit VR Little Endian whatever the file's
+    transfer syntax (DICOM PS3.10 7.1).
+
+    Raises
+    ------
+    InvalidDicomError
+        No preamble and DICM prefix.
+    """
+    read_preamble(stream, False)
+    yield from data_element_generator(  # type: ignore[misc]
+        stream, False, True, stop_when=lambda tag, vr, length: tag.group != 2
+    )
+
+
 def inflated_size_problem(path: Path) -> str | None:
     """Why a Deflated Explicit VR Little Endian data set is too large to
     read, or None (for any other file too).
@@ -230,13 +250,9 @@ def inflated_size_problem(path: Path) -> str | None:
     # well-formed; this node reads no larger one in that transfer syntax.
     try:
         with open(path, "rb") as fp:
-            read_preamble(fp, False)
             syntax = None
-            # The File Meta Information, Explicit VR Little Endian (DICOM
-            # PS3.10 7.1); the deflated data set follows it.
-            for element in data_element_generator(
-                fp, False, True, stop_when=lambda tag, vr, length: tag.group != 2
-            ):
+            # The deflated data set follows the File Meta Information.
+            for element in file_meta_elements(fp):
                 if element.tag == TRANSFER_SYNTAX_UID:
                     syntax = bytes(element.value or b"").rstrip(b"\0 ")
             if syntax != DEFLATED_UID:
@@ -276,13 +292,9 @@ def pixel_element(path: Path, transfer_syntax_uid: str) -> PixelElement | None:
     implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
     order = "<" if little else ">"
     with open(path, "rb") as stream:
-        read_preamble(stream, False)
-        # The File Meta Information, Explicit VR Little Endian (DICOM
-        # PS3.10 7.1), then the data set up to the pixel data element,
-        # whose header the reader leaves unread.
-        for _ in data_element_generator(
-            stream, False, True, stop_when=lambda tag, vr, length: tag.group != 2
-        ):
+        # The File Meta Information, then the data set up to the pixel data
+        # element, whose header the reader leaves unread.
+        for _ in file_meta_elements(stream):
             pass
         for _ in data_element_generator(
             stream,
@@ -309,6 +321,18 @@ def pixel_element(path: Path, transfer_syntax_uid: str) -> PixelElement | None:
                 return PixelElement(tag, stream.tell(), 0)
             (length,) = struct.unpack(f"{order}L", extended)
         return PixelElement(tag, stream.tell(), length)
+
+
+def extended_offset_table(ds: pydicom.Dataset) -> tuple[bytes, bytes] | None:
+    """Extended Offset Table and its Lengths (DICOM PS3.3 C.7.6.3), when the
+    data set holds both: the frames of its encapsulated Pixel Data are read
+    through them."""
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        return (
+            bytes(ds.ExtendedOffsetTable or b""),
+            bytes(ds.ExtendedOffsetTableLengths or b""),
+        )
+    return None
 
 
 def scan_directory(path: Path) -> ScanResult:
