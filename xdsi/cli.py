@@ -152,6 +152,17 @@ def _sex_param(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return value
 
 
+def _uid_param(
+    ctx: click.Context, param: click.Parameter, value: str | tuple[str, ...] | None
+) -> str | tuple[str, ...] | None:
+    """A UID argument (DICOM PS3.5 9.1), or several; anything else is a
+    wrong argument, before any work."""
+    for uid in (value,) if isinstance(value, str) else value or ():
+        if not UID(uid).is_valid:
+            raise click.BadParameter(f"{logs.shown(uid, 80)!r} is no UID")
+    return value
+
+
 def _settings(ctx: click.Context) -> Settings:
     return ctx.obj["settings"]
 
@@ -1020,17 +1031,6 @@ def _exit_if_refused(reasons: list[str]) -> None:
             err=True,
         )
         sys.exit(EXIT_REFUSED)
-
-
-def _uid_param(
-    ctx: click.Context, param: click.Parameter, value: str | tuple[str, ...] | None
-) -> str | tuple[str, ...] | None:
-    """A UID argument (DICOM PS3.5 9.1), or several; anything else is a
-    wrong argument, before any work."""
-    for uid in (value,) if isinstance(value, str) else value or ():
-        if not UID(uid).is_valid:
-            raise click.BadParameter(f"{logs.shown(uid, 80)!r} is no UID")
-    return value
 
 
 @main.command()
