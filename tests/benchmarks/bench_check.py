@@ -15,13 +15,10 @@ Run on demand::
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
-import tracemalloc
 from pathlib import Path
 
-from tests.benchmarks.bench_wado_uri import build
+from tests.benchmarks.bench_wado_uri import build, measure
 from xdsi.dicom.check import check_file
 
 
@@ -37,22 +34,8 @@ def main() -> None:
         count = build(path, args.megabytes, args.encapsulated)
         size = path.stat().st_size
 
-        check_file(path)
-        tracemalloc.start()
-        check_file(path)
-        _, peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
+        peak, checked, read = measure(lambda: check_file(path), path, args.runs)
 
-        check_times, read_times = [], []
-        for _ in range(args.runs):
-            started = time.perf_counter()
-            check_file(path)
-            check_times.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            path.read_bytes()
-            read_times.append(time.perf_counter() - started)
-
-    checked, read = statistics.median(check_times), statistics.median(read_times)
     kind = "RLE Lossless" if args.encapsulated else "native"
     print(f"instance: {count} frames, {size / 1e6:.1f} MB ({kind})")
     print(f"peak memory of the check:   {peak / 1e6:8.2f} MB")

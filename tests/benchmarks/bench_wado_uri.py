@@ -20,6 +20,7 @@ import statistics
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,28 @@ def build(target: Path, megabytes: float, encapsulated: bool) -> int:
     return count
 
 
+def measure(
+    run: Callable[[], object], path: Path, runs: int
+) -> tuple[int, float, float]:
+    """The peak of the memory ``run`` allocates (tracemalloc, after one run
+    untimed), and the median time of ``run`` and of a plain read of
+    ``path``, the two taking turns ``runs`` times."""
+    run()
+    tracemalloc.start()
+    run()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    run_times, read_times = [], []
+    for _ in range(runs):
+        started = time.perf_counter()
+        run()
+        run_times.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        path.read_bytes()
+        read_times.append(time.perf_counter() - started)
+    return peak, statistics.median(run_times), statistics.median(read_times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--megabytes", type=float, default=200)
@@ -66,22 +89,8 @@ def main() -> None:
         size = path.stat().st_size
         frame = count // 2 + 1
 
-        _render(path, frame)
-        tracemalloc.start()
-        _render(path, frame)
-        _, peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
+        peak, render, read = measure(lambda: _render(path, frame), path, args.runs)
 
-        render_times, read_times = [], []
-        for _ in range(args.runs):
-            started = time.perf_counter()
-            _render(path, frame)
-            render_times.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            path.read_bytes()
-            read_times.append(time.perf_counter() - started)
-
-    render, read = statistics.median(render_times), statistics.median(read_times)
     kind = "RLE Lossless" if args.encapsulated else "native"
     print(f"instance: {count} frames, {size / 1e6:.1f} MB ({kind})")
     print(f"peak memory rendering frame {frame}: {peak / 1e6:8.2f} MB")

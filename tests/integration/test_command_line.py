@@ -953,9 +953,7 @@ def test_a_find_whose_other_sites_registry_is_down_names_that_site_not_this_node
     """A site without a registry of its own queries another site's (ITI-18):
     when that one cannot be reached, the hint is about it, not about
     whether this node serves."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        down = probe.getsockname()[1]
+    down = _free_port()
     config = tmp_path / "xdsi.toml"
     config.write_text(
         f'[node]\nstorage_dir = "{tmp_path / "node"}"\n'
