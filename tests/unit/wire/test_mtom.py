@@ -6,6 +6,7 @@ import hashlib
 import io
 import multiprocessing
 import os
+import threading
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -396,6 +397,69 @@ def test_truncated_package_is_malformed_and_leaves_nothing(
     with pytest.raises(MalformedMessage, match="truncated|no root part"):
         _read(body[:cut], content_type, spool)
     assert list(spool.iterdir()) == []
+
+
+def _spool_writers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "xdsi-spool-writer"]
+
+
+def _many_parts(
+    pnr_envelope: etree._Element, count: int
+) -> tuple[bytes, str, list[str]]:
+    """A package of the NIST request and ``count`` CT slices."""
+    content_ids = [new_content_id() for _ in range(count)]
+    request = _pnr_request(pnr_envelope, content_ids[0])
+    parts = [
+        OutgoingPart(content_id, "application/dicom", path=CT_SLICE)
+        for content_id in content_ids
+    ]
+    content_type, _, chunks = write_message(build_envelope(request, PNR), PNR, parts)
+    return b"".join(chunks), content_type, content_ids
+
+
+def test_spooled_parts_are_whole_when_the_message_is_returned(
+    pnr_envelope: etree._Element, spool: Path
+) -> None:
+    """The parts are written by a thread of their own as the package
+    streams; the message comes back once each file is whole and closed,
+    and the thread is gone."""
+    body, content_type, content_ids = _many_parts(pnr_envelope, 12)
+    expected = CT_SLICE.read_bytes()
+
+    with read_message(
+        io.BytesIO(body), content_type, spool, chunk_size=4096
+    ) as message:
+        assert not _spool_writers()
+        for content_id in content_ids:
+            attachment = message.attachments[content_id]
+            assert attachment.read_bytes() == expected
+            assert attachment.head == expected[: len(attachment.head)]
+    assert list(spool.iterdir()) == []
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.7], ids=["early part", "late part"])
+def test_a_package_broken_off_mid_part_leaves_no_file_or_writer(
+    cut: float, pnr_envelope: etree._Element, spool: Path
+) -> None:
+    """A package that breaks off while parts are still being written: the
+    writing stops, every file is closed and removed, no thread is left."""
+    body, content_type, _ = _many_parts(pnr_envelope, 12)
+
+    with pytest.raises(MalformedMessage, match="truncated"):
+        read_message(
+            io.BytesIO(body[: int(len(body) * cut)]),
+            content_type,
+            spool,
+            chunk_size=4096,
+        )
+
+    assert not _spool_writers()
+    assert list(spool.iterdir()) == []
+    assert not [
+        link
+        for link in Path("/proc/self/fd").iterdir()
+        if str(spool) in os.path.realpath(link)
+    ]
 
 
 def test_overlong_boundary_is_malformed_and_leaves_nothing(
