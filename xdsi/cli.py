@@ -22,6 +22,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
+from typing import NoReturn
 from xml.sax.saxutils import escape as xml_escape
 
 import click
@@ -67,6 +68,7 @@ from xdsi.config import (
 from xdsi.conformance.cli import conformance
 from xdsi.dicom import kos, scan
 from xdsi.dicom.store_scu import Destination, StoreScuError, send_files
+from xdsi.errors import UnknownPatientId, error_code
 from xdsi.hl7.adt import TRIGGER_EVENTS
 from xdsi.hl7.mllp import MllpError
 from xdsi.logs import guard_peer_text, quiet_pydicom
@@ -210,6 +212,23 @@ def _services(settings: Settings) -> Services:
 def _fail(message: str) -> None:
     click.secho(f"error: {message}", fg="red", err=True)
     sys.exit(1)
+
+
+def _not_found(message: str) -> NoReturn:
+    """End find or fetch with EXIT_NOT_FOUND: the query went through and
+    found nothing for the patient."""
+    click.secho(f"error: {message}", fg="red", err=True)
+    sys.exit(EXIT_NOT_FOUND)
+
+
+def _fail_query(exc: ConsumerError, settings: Settings) -> None:
+    """End find or fetch whose ITI-18 or retrieve failed; a registry that
+    refuses the query with XDSUnknownPatientId (ITI TF-3 Table 4.2.4.1-2)
+    has found nothing for the patient: EXIT_NOT_FOUND, as an empty answer."""
+    unknown = error_code(UnknownPatientId, "registry")
+    if any(error.code == unknown for error in exc.errors):
+        _not_found(f"the Document Registry does not know this patient: {exc}")
+    _fail(_unreachable_hint(str(exc), settings))
 
 
 _PLURALS = {"study": "studies", "series": "series", "stored copy": "stored copies"}
@@ -681,18 +700,25 @@ def _entries_table(entries: list[FoundEntry]) -> Table:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def find(ctx: click.Context, patient_id: str, as_json: bool) -> None:
-    """Find a patient's documents (ITI-18 FindDocuments)."""
+    """Find a patient's documents (ITI-18 FindDocuments).
+
+    Exits 4 when the registry finds no DocumentEntry for the patient (one it
+    does not know finds none), 1 when the query fails.
+    """
     settings = _settings(ctx)
     consumer = _services(settings).consumer
     try:
         entries = consumer.find(patient_id)
     except ConsumerError as exc:
-        _fail(_unreachable_hint(str(exc), settings))
+        _fail_query(exc, settings)
     if as_json:
         click.echo(json.dumps([e.as_dict() for e in entries], indent=2))
-    elif not entries:
-        click.echo("no DocumentEntries found for this patient")
-    else:
+    if not entries:
+        _not_found(
+            "no DocumentEntries found for this patient; is the patient id "
+            "the one fed (ITI-8) and published under?"
+        )
+    if not as_json:
         # Piped or redirected, each row on one line, its UIDs whole, as
         # grep and copying want them; a terminal folds to its width.
         out = console if console.is_terminal else Console(width=WIDE_OUTPUT)
@@ -752,7 +778,12 @@ def fetch(
     to_pacs: str | None,
     pacs_tls: bool,
 ) -> None:
-    """Retrieve a patient's manifests (ITI-43) and images (RAD-69) into OUT."""
+    """Retrieve a patient's manifests (ITI-43) and images (RAD-69) into OUT.
+
+    Exits 4 when the registry finds no imaging manifest for the patient (one
+    it does not know finds none) and nothing is written, 1 when a query or a
+    retrieve fails.
+    """
     settings = _settings(ctx)
     destination = None
     if to_pacs is not None:
@@ -797,7 +828,7 @@ def fetch(
         sys.exit(EXIT_INTERRUPTED)
     except ConsumerError as exc:
         _remove_empty(out, made)
-        _fail(_unreachable_hint(str(exc), settings))
+        _fail_query(exc, settings)
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
         _fail(f"cannot write{where}: {exc.strerror or exc}")
@@ -811,8 +842,7 @@ def fetch(
         # Documents skipped leave their folder empty.
         _remove_empty(out / "manifests", True)
         _remove_empty(out, made)
-        click.echo("no imaging manifest found for this patient; nothing written")
-        return
+        _not_found("no imaging manifest found for this patient; nothing written")
     click.echo(
         f"{_count(len(result.manifests), 'manifest')}, "
         f"{_count(len(result.instances), 'instance')}, "
@@ -969,6 +999,11 @@ def _take_in(
 # Exit status of publish and import when DICOM files were refused and the
 # rest was taken in: the folder is not shared whole.
 EXIT_REFUSED = 3
+# Exit status of find and fetch when the registry finds nothing for the
+# patient (nothing at all, or, for fetch, no imaging manifest): distinct from
+# a failure (1) and from a wrong argument (2), so that a script can tell an
+# unknown patient from a node that is down.
+EXIT_NOT_FOUND = 4
 # The --out folder fetch makes: its user's alone (patient images).
 FETCHED_MODE = 0o700
 # Exit status of a command stopped by SIGINT (Ctrl-C), as a shell gives.

@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from tests.conftest import ROOT, dicom_path, shared_path
 from xdsi.audit.repository import AuditRecordStore, AuditRepository
-from xdsi.cli import LISTED_REFUSALS
+from xdsi.cli import EXIT_NOT_FOUND, LISTED_REFUSALS
 from xdsi.dicom import scan
 from xdsi.store.schema import imaging_instance, make_engine
 
@@ -565,16 +565,65 @@ def test_wrong_arguments_exit_2_before_anything_is_sent(
     assert "ITI-8" not in result.stdout
 
 
-def test_fetch_for_a_patient_with_no_imaging_says_so(
+def test_fetch_for_a_patient_the_registry_does_not_know_exits_4(
     served: Path, tmp_path: Path
 ) -> None:
-    """ITI-18 finds no imaging manifest: ``fetch`` says nothing was written,
-    rather than naming a folder it never made."""
+    """ITI-18 finds no imaging manifest for a patient never fed: ``fetch``
+    exits EXIT_NOT_FOUND and says nothing was written, rather than naming a
+    folder it never made."""
     out = tmp_path / "out"
 
-    result = _xdsi(served, "fetch", "--patient-id", "NOBODY-FETCH", "--out", str(out))
+    result = _xdsi(
+        served, "fetch", "--patient-id", "NOBODY-FETCH", "--out", str(out), check=False
+    )
 
-    assert "no imaging manifest found for this patient" in result.stdout
+    assert result.returncode == EXIT_NOT_FOUND == 4
+    assert "no imaging manifest found for this patient" in result.stderr
+    assert result.stdout == ""
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["table", "json"])
+def test_find_for_a_patient_the_registry_does_not_know_exits_4(
+    served: Path, as_json: bool
+) -> None:
+    """ITI TF-2 3.18.4.1.3: FindDocuments for a patient never fed finds no
+    DocumentEntry; ``find`` says so on stderr and exits EXIT_NOT_FOUND, the
+    JSON form still printing its (empty) list."""
+    result = _xdsi(
+        served,
+        "find",
+        "--patient-id",
+        "NOBODY-FIND",
+        *(["--json"] if as_json else []),
+        check=False,
+    )
+
+    assert result.returncode == EXIT_NOT_FOUND
+    assert "no DocumentEntries found for this patient" in result.stderr
+    assert result.stdout.strip() == ("[]" if as_json else "")
+    assert "Traceback" not in result.stderr
+
+
+def test_fetch_for_a_patient_with_documents_but_no_imaging_exits_4(
+    served: Path, tmp_path: Path
+) -> None:
+    """A patient whose only document is no imaging manifest: ``find`` lists
+    it (exit 0), ``fetch`` exits EXIT_NOT_FOUND and writes nothing."""
+    assert "ACK AA" in _xdsi(served, "feed", "TEXT-ONLY").stdout
+    document = tmp_path / "note.txt"
+    document.write_text("a report, no images\n")
+    _xdsi(served, "submit", str(document), "--patient-id", "TEXT-ONLY")
+    out = tmp_path / "out"
+
+    found = _xdsi(served, "find", "--patient-id", "TEXT-ONLY", "--json")
+    fetched = _xdsi(
+        served, "fetch", "--patient-id", "TEXT-ONLY", "--out", str(out), check=False
+    )
+
+    assert len(json.loads(found.stdout)) == 1
+    assert fetched.returncode == EXIT_NOT_FOUND
+    assert "no imaging manifest found for this patient" in fetched.stderr
     assert not out.exists()
 
 

@@ -15,7 +15,7 @@ from tests.conftest import ROOT, dicom_path
 from tests.integration.conftest import PATIENT, RunningNode
 from tests.integration.test_command_line import _xdsi, served  # noqa: F401 (fixture)
 from xdsi.actors.document_source import DocumentSource
-from xdsi.cli import bundled_study
+from xdsi.cli import EXIT_NOT_FOUND, bundled_study
 from xdsi.dicom import kos, scan
 from xdsi.store.schema import repository_document
 
@@ -249,9 +249,12 @@ def test_a_fetch_that_skips_every_document_leaves_no_folder(
     )
     out = tmp_path / "out"
 
-    fetched = _xdsi(served, "fetch", "--patient-id", "GOES-ON-3", "--out", str(out))
+    fetched = _xdsi(
+        served, "fetch", "--patient-id", "GOES-ON-3", "--out", str(out), check=False
+    )
 
+    assert fetched.returncode == EXIT_NOT_FOUND
     assert "skipped document" in fetched.stderr
     assert "is not Key Object Selection Document Storage" in fetched.stderr
-    assert "nothing written" in fetched.stdout
+    assert "nothing written" in fetched.stderr
     assert not out.exists()

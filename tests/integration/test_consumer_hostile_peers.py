@@ -36,6 +36,7 @@ from xdsi.actors.consumer import (
     FoundEntry,
 )
 from xdsi.app import node_auditor
+from xdsi.cli import EXIT_NOT_FOUND
 from xdsi.config import MIN_REQUEST_SIZE, Settings
 from xdsi.dicom import kos
 
@@ -391,6 +392,50 @@ def test_find_prints_a_registry_value_as_text_not_markup_or_controls(
     assert "[/bold][link=http://evil.example/]click[/link]" in out
     assert STEERING_SHOWN in out
     assert "\x1b]8;" not in out and "\x9b" not in out and "\u202e" not in out
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("find",), ("fetch", "--out", "{out}")],
+    ids=["find", "fetch"],
+)
+def test_a_registry_refusing_an_unknown_patient_is_nothing_found(
+    peer: Callable[[Answer], HostilePeer], tmp_path: Path, command: tuple[str, ...]
+):
+    """ITI TF-3 Table 4.2.4.1-2: a registry that refuses FindDocuments with
+    XDSUnknownPatientId, where ours finds nothing, ends ``find`` and
+    ``fetch`` as an empty answer does: exit EXIT_NOT_FOUND, not 1."""
+    refused = _envelope(
+        STORED_QUERY_RESPONSE,
+        b'<query:AdhocQueryResponse xmlns:query="urn:oasis:names:tc:ebxml-regrep:'
+        b'xsd:query:3.0" xmlns:rs="urn:oasis:names:tc:ebxml-regrep:xsd:rs:3.0" '
+        b'status="urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Failure">'
+        b"<rs:RegistryErrorList><rs:RegistryError "
+        b'errorCode="XDSUnknownPatientId" codeContext="no such patient" '
+        b'severity="urn:oasis:names:tc:ebxml-regrep:ErrorSeverityType:Error"/>'
+        b"</rs:RegistryErrorList></query:AdhocQueryResponse>",
+    )
+    url = peer(lambda _: (200, "application/soap+xml", refused)).url
+    config = tmp_path / "xdsi.toml"
+    config.write_text(
+        f'[node]\nstorage_dir = "{tmp_path / "node"}"\n'
+        f'[consumer]\nregistry_url = "{url}"\n'
+    )
+    out = tmp_path / "out"
+
+    ran = subprocess.run(
+        [sys.executable, "-m", "xdsi", "--config", str(config)]
+        + [part.format(out=out) for part in command]
+        + ["--patient-id", "P"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert ran.returncode == EXIT_NOT_FOUND, ran.stderr[-2000:]
+    assert "does not know this patient" in ran.stderr
+    assert "XDSUnknownPatientId" in ran.stderr
+    assert not out.exists()
 
 
 def test_an_answer_of_more_parts_than_documents_asked_for_is_refused(

@@ -337,6 +337,63 @@ def test_stow_rs_stores_instances_and_reports_failures(
     assert _data_set_bytes(held[uid]) == _data_set_bytes(good)
 
 
+def test_stow_rs_answer_gives_the_wado_rs_urls_of_what_it_stored(
+    intake_node: RunningNode,
+) -> None:
+    """DICOM PS3.18 Table 10.5.3-2: Retrieve URL of the study and of each
+    stored instance, a WADO-RS resource (10.4.1) of this node that, once the
+    study is published, sends the instance as stored; a failed part has
+    none."""
+    # Of the MR study, whose patient the node was fed.
+    good = sorted(dicom_path("study-mr", "images").iterdir())[0]
+    bad = dicom_path("bad", "truncated-pixeldata__MR_truncated.dcm")
+    held = pydicom.dcmread(good, stop_before_pixels=True)
+
+    response = _stow(intake_node, [good.read_bytes(), bad.read_bytes()])
+
+    assert response.status_code == 202
+    body = response.json()
+    base = intake_node.settings.dicomweb_url
+    study_url = f"{base}/studies/{held.StudyInstanceUID}"
+    assert body["00081190"] == {"vr": "UR", "Value": [study_url]}
+    (stored,) = body["00081199"]["Value"]
+    instance_url = (
+        f"{study_url}/series/{held.SeriesInstanceUID}/instances/{held.SOPInstanceUID}"
+    )
+    assert stored["00081190"] == {"vr": "UR", "Value": [instance_url]}
+    (failed,) = body["00081198"]["Value"]
+    assert "00081190" not in failed
+
+    _wait(lambda: len(_manifests(intake_node)) == 1)
+    answer = requests.get(
+        instance_url,
+        headers={"Accept": "application/dicom; transfer-syntax=*"},
+        timeout=60,
+    )
+    assert answer.status_code == 200
+    assert answer.content == good.read_bytes()
+    whole = requests.get(
+        study_url,
+        headers={
+            "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'
+        },
+        timeout=60,
+    )
+    assert whole.status_code == 200
+    assert good.read_bytes() in whole.content
+
+
+def test_stow_rs_answer_without_a_stored_instance_has_an_empty_retrieve_url(
+    intake_node: RunningNode,
+) -> None:
+    """DICOM PS3.18 Table 10.5.3-2: Retrieve URL is Type 2; with nothing
+    stored there is no study to name."""
+    response = _stow(intake_node, [b"not dicom"])
+
+    assert response.status_code == 409
+    assert response.json()["00081190"] == {"vr": "UR"}
+
+
 def test_stow_rs_refuses_an_instance_of_another_study(
     intake_node: RunningNode,
 ) -> None:

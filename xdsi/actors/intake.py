@@ -115,6 +115,7 @@ class Accepted:
     sop_class_uid: str
     sop_instance_uid: str
     study_instance_uid: str
+    series_instance_uid: str
     duplicate: bool
     patient_id: str = ""
 
@@ -489,6 +490,7 @@ class Intake:
             header.sop_class_uid,
             header.sop_instance_uid,
             header.study_instance_uid,
+            header.series_instance_uid,
             False,
             patient_id,
         )
@@ -554,6 +556,7 @@ class Intake:
                 header.sop_class_uid,
                 uid,
                 header.study_instance_uid,
+                header.series_instance_uid,
                 uid in held,
                 patient_id,
             )
@@ -1147,6 +1150,7 @@ class Intake:
             header.sop_class_uid,
             header.sop_instance_uid,
             header.study_instance_uid,
+            header.series_instance_uid,
             True,
             patient_id,
         )

@@ -5,7 +5,9 @@ multipart/related body of application/dicom parts to ``{stow_path}`` or
 ``{stow_path}/{StudyInstanceUID}``, each part streamed to a spool file as it
 is parsed, then checked and stored by the intake. The answer is the Store
 Instances Response Module of DICOM PS3.18 10.5.3 as DICOM JSON (PS3.18 F.2),
-with the status codes of DICOM PS3.18 Table 10.5.3-1.
+with the status codes of DICOM PS3.18 Table 10.5.3-1. Its Retrieve URLs
+(DICOM PS3.18 Table 10.5.3-2) name this node's own WADO-RS resources under
+the DICOMweb path: the study's, and each stored instance's.
 
 The instances kept are audited as DICOM Instances Transferred (DICOM PS3.15
 A.5.3.7), one record per patient, spooled before the answer; when that
@@ -44,6 +46,7 @@ DICOM_MEDIA_TYPE = "application/dicom"
 DICOM_JSON_MEDIA_TYPE = "application/dicom+json"
 
 # DICOM PS3.6 tags of the Store Instances Response Module (PS3.18 10.5.3).
+RETRIEVE_URL = "00081190"
 FAILED_SOP_SEQUENCE = "00081198"
 REFERENCED_SOP_SEQUENCE = "00081199"
 REFERENCED_SOP_CLASS_UID = "00081150"
@@ -133,7 +136,12 @@ class _Parts:
 
 
 def add_stow_route(app: Flask, intake: Intake, path: str, spool: Path) -> None:
-    """Serve STOW-RS Store Instances at ``path`` on ``app``."""
+    """Serve STOW-RS Store Instances at ``path`` on ``app``.
+
+    The Retrieve URLs of an answer are served by WADO-RS once the study is
+    published (RAD TF-3 4.68), when it has been quiet for [imaging_source]
+    publish_after seconds; until then they answer 404.
+    """
     spool.mkdir(parents=True, exist_ok=True)
 
     def store(study_instance_uid: str | None = None) -> Response:
@@ -221,6 +229,7 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
         logger.exception("STOW-RS request from %s not spooled", request.remote_addr)
         return _plain(INTERNAL_ERROR, "the request could not be spooled")
 
+    settings = intake.settings
     kept: list[Accepted] = []
     stored: list[dict] = []  # type: ignore[type-arg]
     failed: list[dict] = []  # type: ignore[type-arg]
@@ -243,7 +252,11 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
                 )
                 kept.append(accepted)
                 stored.append(
-                    _reference(accepted.sop_class_uid, accepted.sop_instance_uid)
+                    _reference(
+                        accepted.sop_class_uid,
+                        accepted.sop_instance_uid,
+                        retrieve_url=_instance_url(settings.dicomweb_url, accepted),
+                    )
                 )
             except Refused as exc:
                 refusals[exc.reason] += 1
@@ -285,7 +298,6 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
     # DICOM PS3.15 A.5.3.7: the records of what was kept are durable before
     # the answer says it was; without them nothing of the request stays.
     host = request.remote_addr or ""
-    settings = intake.settings
     events = received_events(
         "STOW-RS",
         kept,
@@ -303,7 +315,12 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
             "nothing of it is kept",
         )
     status = ALL_STORED if not failed else SOME_STORED if stored else NONE_STORED
-    body: dict[str, dict] = {}  # type: ignore[type-arg]
+    # Limitation: WADO-RS serves only published studies, so the Retrieve
+    # URLs answer 404 until the study's manifest is registered, or for good
+    # when auto-publishing is off or the study cannot be published.
+    body: dict[str, dict] = {  # type: ignore[type-arg]
+        RETRIEVE_URL: _study_url(settings.dicomweb_url, kept)
+    }
     if stored:
         body[REFERENCED_SOP_SEQUENCE] = {"vr": "SQ", "Value": stored}
     if failed:
@@ -368,12 +385,44 @@ def _warning(text: str) -> str:
     return f'299 {request.host}: "{escaped}"'
 
 
+def _study_url(dicomweb_url: str, kept: list[Accepted]) -> dict[str, object]:
+    """The response's Retrieve URL: the WADO-RS study resource (DICOM PS3.18
+    10.4.1) of the instances stored.
+
+    DICOM PS3.18 Table 10.5.3-2 names one study; the attribute is Type 2, so
+    it is sent empty when no instance was stored, and when those stored are
+    of several studies (a request to ``{stow_path}`` names none).
+    """
+    element: dict[str, object] = {"vr": "UR"}
+    studies = {accepted.study_instance_uid for accepted in kept}
+    if len(studies) == 1:
+        (study_instance_uid,) = studies
+        element["Value"] = [f"{dicomweb_url}/studies/{study_instance_uid}"]
+    return element
+
+
+def _instance_url(dicomweb_url: str, accepted: Accepted) -> str:
+    """The WADO-RS instance resource (DICOM PS3.18 10.4.1) of an instance
+    stored, for its Referenced SOP Sequence item (DICOM PS3.18 Table
+    10.5.3-2)."""
+    return (
+        f"{dicomweb_url}/studies/{accepted.study_instance_uid}"
+        f"/series/{accepted.series_instance_uid}"
+        f"/instances/{accepted.sop_instance_uid}"
+    )
+
+
 def _reference(
-    sop_class_uid: str, sop_instance_uid: str, failure_reason: int | None = None
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    failure_reason: int | None = None,
+    *,
+    retrieve_url: str | None = None,
 ) -> dict:  # type: ignore[type-arg]
     """One item of the Referenced or Failed SOP Sequence.
 
-    A refused part whose UIDs could not be read has them empty.
+    A refused part whose UIDs could not be read has them empty; only a
+    stored instance has a ``retrieve_url``.
     """
     item: dict[str, dict] = {  # type: ignore[type-arg]
         REFERENCED_SOP_CLASS_UID: {"vr": "UI"},
@@ -383,6 +432,8 @@ def _reference(
         item[REFERENCED_SOP_CLASS_UID]["Value"] = [sop_class_uid]
     if sop_instance_uid:
         item[REFERENCED_SOP_INSTANCE_UID]["Value"] = [sop_instance_uid]
+    if retrieve_url is not None:
+        item[RETRIEVE_URL] = {"vr": "UR", "Value": [retrieve_url]}
     if failure_reason is not None:
         item[FAILURE_REASON] = {"vr": "US", "Value": [failure_reason]}
     return item
