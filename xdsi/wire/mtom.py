@@ -249,7 +249,12 @@ class _FileSink:
         if self._max_size is not None and self.size + len(data) > self._max_size:
             raise AnswerTooLarge(self._max_size, part=True)
         if self._writer is not None:
-            self._writer.put(_WRITE, self, data)
+            # Written later by the thread: bytes that the caller may change
+            # meanwhile (a reused buffer) go as a copy.
+            owner = data.obj if isinstance(data, memoryview) else data
+            self._writer.put(
+                _WRITE, self, data if isinstance(owner, bytes) else bytes(data)
+            )
         else:
             assert self._file is not None
             try:

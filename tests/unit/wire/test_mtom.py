@@ -437,6 +437,37 @@ def test_spooled_parts_are_whole_when_the_message_is_returned(
     assert list(spool.iterdir()) == []
 
 
+class _ReusedBuffer:
+    """A stream that returns one bytearray, overwritten at each full read,
+    as a reader into a buffer of its own may."""
+
+    def __init__(self, body: bytes, size: int) -> None:
+        self._stream = io.BytesIO(body)
+        self._buffer = bytearray(size)
+
+    def read(self, size: int = -1) -> bytes | bytearray:
+        data = self._stream.read(size)
+        if len(data) != len(self._buffer):
+            return data
+        self._buffer[:] = data
+        return self._buffer
+
+
+def test_parts_read_from_a_reused_buffer_keep_their_bytes(
+    pnr_envelope: etree._Element, spool: Path
+) -> None:
+    """Parts are written after the reader has moved on: bytes from a buffer
+    the stream overwrites at its next read are kept as they were."""
+    body, content_type, content_ids = _many_parts(pnr_envelope, 6)
+
+    with read_message(
+        _ReusedBuffer(body, 4096), content_type, spool, chunk_size=4096
+    ) as message:
+        for content_id in content_ids:
+            assert message.attachments[content_id].sha1 == _sha1(CT_SLICE)
+            assert _sha1(message.attachments[content_id].path) == _sha1(CT_SLICE)
+
+
 @pytest.mark.parametrize("cut", [0.3, 0.7], ids=["early part", "late part"])
 def test_a_package_broken_off_mid_part_leaves_no_file_or_writer(
     cut: float, pnr_envelope: etree._Element, spool: Path
