@@ -266,6 +266,12 @@ def test_parse_rejects_a_kos_with_another_title(study_mr):
     kos.ConceptNameCodeSequence[0].CodeMeaning = "Of Interest"
     with pytest.raises(NotAManifest, match="Document Title"):
         parse_manifest(kos)
+    # What is done to one document leaves the next one's title as it is.
+    again = build_manifest(
+        study_mr, retrieve_ae_title=AE_TITLE, retrieve_location_uid=REPOSITORY_UNIQUE_ID
+    )
+    assert again.ConceptNameCodeSequence[0].CodeValue == "113030"
+    assert parse_manifest(again).sop_instance_uid == again.SOPInstanceUID
 
 
 def test_parse_rejects_bytes_that_are_not_dicom():
