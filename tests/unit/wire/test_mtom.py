@@ -25,6 +25,7 @@ from xdsi.wire import (
     MissingAttachment,
     OutgoingPart,
     SoapMessage,
+    SpoolError,
     UnsupportedMediaType,
     VersionMismatch,
     WireError,
@@ -660,6 +661,53 @@ def test_a_broken_later_part_fault_carries_the_root_parts_message_id(
 
     assert raised.value.message_id == MESSAGE_ID
     assert list(spool.iterdir()) == []
+
+
+class _SpoolGone:
+    """A stream that moves the message's spool folder away (as a disk that
+    fails) once the write-behind thread has opened a part file in it."""
+
+    def __init__(self, body: bytes, spool: Path, away: Path) -> None:
+        self._stream = io.BytesIO(body)
+        self._spool = spool
+        self._away = away
+
+    def read(self, size: int = -1) -> bytes:
+        if not self._away.exists():
+            for folder in self._spool.iterdir():
+                if any(folder.glob("part-*")):
+                    folder.rename(self._away)
+        return self._stream.read(size)
+
+
+def test_a_spool_failing_after_the_root_part_carries_its_message_id(
+    pnr_envelope: etree._Element, spool: Path, tmp_path: Path
+) -> None:
+    """WS-Addressing 1.0 SOAP Binding 6: a part that cannot be spooled once
+    the root part is complete is this node's SpoolError, which carries the
+    wsa:MessageID for the Receiver Fault to relate to."""
+    request = _pnr_request(pnr_envelope, "kos@xdsi.test")
+    root = serialize(build_envelope(request, PNR, message_id=MESSAGE_ID))
+    parts = [
+        (
+            {"Content-Type": "application/dicom", "Content-ID": f"<ct{n}@xdsi.test>"},
+            CT_SLICE.read_bytes(),
+        )
+        for n in range(4)
+    ]
+    body = _package([(_root_headers(), root), *parts])
+
+    with pytest.raises(SpoolError) as raised:
+        read_message(
+            _SpoolGone(body, spool, tmp_path / "away"),
+            _content_type(),
+            spool,
+            chunk_size=4096,
+        )
+
+    assert raised.value.message_id == MESSAGE_ID
+    assert list(spool.iterdir()) == []
+    assert not _spool_writers()
 
 
 def test_a_fault_in_the_root_part_itself_carries_no_message_id_it_cannot_read(
