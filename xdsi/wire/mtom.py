@@ -447,7 +447,9 @@ class _LfFraming:
         """Move body bytes to ``out``; return False when input runs out."""
         found = self._pending.find(self._marker)
         if found < 0:
-            keep = len(self._marker) - 1
+            # What may begin a delimiter stays: the marker but its last byte,
+            # and the CR before it, which goes with it.
+            keep = len(self._marker)
             if len(self._pending) > keep:
                 out += self._pending[:-keep]
                 del self._pending[:-keep]

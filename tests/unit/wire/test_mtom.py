@@ -241,6 +241,42 @@ def test_crlf_framed_nist_capture_reads_the_same(
         assert attachment.read_bytes() == NIST_DOCUMENT.read_bytes()
 
 
+class _Pieces:
+    """A stream that returns the pieces given, one a read."""
+
+    def __init__(self, *pieces: bytes) -> None:
+        self._pieces = list(pieces)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._pieces.pop(0) if self._pieces else b""
+
+
+def test_a_bare_lf_package_with_crlf_before_its_delimiters_reads_alike_in_any_pieces(
+    pnr_envelope: etree._Element, spool: Path
+) -> None:
+    """RFC 2046 5.1.1: the CRLF before a delimiter belongs to it. In a
+    package whose header lines end with LF alone, a part is read without
+    that CR wherever the reads happen to split the delimiter."""
+    document = KOS.read_bytes()[:300]
+    root = serialize(build_envelope(_pnr_request(pnr_envelope, "kos@xdsi.test"), PNR))
+    body = (
+        f"--{BOUNDARY}\n".encode()
+        + "".join(f"{k}: {v}\n" for k, v in _root_headers().items()).encode()
+        + b"\n"
+        + root
+        + f"\r\n--{BOUNDARY}\nContent-ID: <kos@xdsi.test>\n\n".encode()
+        + document
+        + f"\r\n--{BOUNDARY}--\n".encode()
+    )
+    end = body.rindex(document) + len(document)
+    # Each split from the document's last bytes to past the delimiter.
+    for cut in range(end - 4, len(body)):
+        with read_message(
+            _Pieces(body[:cut], body[cut:]), _content_type(), spool
+        ) as message:
+            assert message.attachments["kos@xdsi.test"].read_bytes() == document, cut
+
+
 def test_nist_capture_resolved_validates_against_repository_schema(
     nist_mtom: tuple[bytes, str], spool: Path, repository_schema: etree.XMLSchema
 ) -> None:
