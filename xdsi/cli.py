@@ -221,12 +221,18 @@ def _not_found(message: str) -> NoReturn:
     sys.exit(EXIT_NOT_FOUND)
 
 
+def _unknown_patient(exc: ConsumerError) -> bool:
+    """Whether a registry refused the query with XDSUnknownPatientId (ITI
+    TF-3 Table 4.2.4.1-2): it has found nothing for the patient."""
+    unknown = error_code(UnknownPatientId, "registry")
+    return any(error.code == unknown for error in exc.errors)
+
+
 def _fail_query(exc: ConsumerError, settings: Settings) -> None:
     """End find or fetch whose ITI-18 or retrieve failed; a registry that
-    refuses the query with XDSUnknownPatientId (ITI TF-3 Table 4.2.4.1-2)
-    has found nothing for the patient: EXIT_NOT_FOUND, as an empty answer."""
-    unknown = error_code(UnknownPatientId, "registry")
-    if any(error.code == unknown for error in exc.errors):
+    refuses the query with XDSUnknownPatientId has found nothing for the
+    patient: EXIT_NOT_FOUND, as an empty answer."""
+    if _unknown_patient(exc):
         _not_found(f"the Document Registry does not know this patient: {exc}")
     _fail(_unreachable_hint(str(exc), settings))
 
@@ -710,6 +716,9 @@ def find(ctx: click.Context, patient_id: str, as_json: bool) -> None:
     try:
         entries = consumer.find(patient_id)
     except ConsumerError as exc:
+        if as_json and _unknown_patient(exc):
+            # The same empty list as an answer that finds nothing.
+            click.echo(json.dumps([], indent=2))
         _fail_query(exc, settings)
     if as_json:
         click.echo(json.dumps([e.as_dict() for e in entries], indent=2))

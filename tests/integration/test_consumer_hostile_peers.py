@@ -11,6 +11,7 @@ import base64
 import gzip
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -284,6 +285,19 @@ STEERING = "\x9b2J\x9d0;owned\x9c\u202eevil\u202c&#13;error: forged&#10;".encode
 # How logs.shown writes them.
 STEERING_SHOWN = "\\x9b2J\\x9d0;owned\\x9c\\u202eevil\\u202c\\rerror: forged\\n"
 
+# A FindDocuments refused for a patient the registry does not know (ITI TF-3
+# Table 4.2.4.1-2).
+UNKNOWN_PATIENT = _envelope(
+    STORED_QUERY_RESPONSE,
+    b'<query:AdhocQueryResponse xmlns:query="urn:oasis:names:tc:ebxml-regrep:'
+    b'xsd:query:3.0" xmlns:rs="urn:oasis:names:tc:ebxml-regrep:xsd:rs:3.0" '
+    b'status="urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Failure">'
+    b"<rs:RegistryErrorList><rs:RegistryError "
+    b'errorCode="XDSUnknownPatientId" codeContext="no such patient" '
+    b'severity="urn:oasis:names:tc:ebxml-regrep:ErrorSeverityType:Error"/>'
+    b"</rs:RegistryErrorList></query:AdhocQueryResponse>",
+)
+
 
 def _query_response(title: bytes, size: bytes) -> bytes:
     """An AdhocQueryResponse with one DocumentEntry of ``title`` and ``size``."""
@@ -405,17 +419,7 @@ def test_a_registry_refusing_an_unknown_patient_is_nothing_found(
     """ITI TF-3 Table 4.2.4.1-2: a registry that refuses FindDocuments with
     XDSUnknownPatientId, where ours finds nothing, ends ``find`` and
     ``fetch`` as an empty answer does: exit EXIT_NOT_FOUND, not 1."""
-    refused = _envelope(
-        STORED_QUERY_RESPONSE,
-        b'<query:AdhocQueryResponse xmlns:query="urn:oasis:names:tc:ebxml-regrep:'
-        b'xsd:query:3.0" xmlns:rs="urn:oasis:names:tc:ebxml-regrep:xsd:rs:3.0" '
-        b'status="urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Failure">'
-        b"<rs:RegistryErrorList><rs:RegistryError "
-        b'errorCode="XDSUnknownPatientId" codeContext="no such patient" '
-        b'severity="urn:oasis:names:tc:ebxml-regrep:ErrorSeverityType:Error"/>'
-        b"</rs:RegistryErrorList></query:AdhocQueryResponse>",
-    )
-    url = peer(lambda _: (200, "application/soap+xml", refused)).url
+    url = peer(lambda _: (200, "application/soap+xml", UNKNOWN_PATIENT)).url
     config = tmp_path / "xdsi.toml"
     config.write_text(
         f'[node]\nstorage_dir = "{tmp_path / "node"}"\n'
@@ -436,6 +440,32 @@ def test_a_registry_refusing_an_unknown_patient_is_nothing_found(
     assert "does not know this patient" in ran.stderr
     assert "XDSUnknownPatientId" in ran.stderr
     assert not out.exists()
+
+
+def test_find_json_for_a_patient_the_registry_refuses_prints_an_empty_list(
+    peer: Callable[[Answer], HostilePeer], tmp_path: Path
+):
+    """ITI TF-3 Table 4.2.4.1-2: XDSUnknownPatientId counts as an answer
+    that finds nothing, so ``find --json`` prints the same empty JSON list
+    on stdout as for one, besides exiting EXIT_NOT_FOUND."""
+    url = peer(lambda _: (200, "application/soap+xml", UNKNOWN_PATIENT)).url
+    config = tmp_path / "xdsi.toml"
+    config.write_text(
+        f'[node]\nstorage_dir = "{tmp_path / "node"}"\n'
+        f'[consumer]\nregistry_url = "{url}"\n'
+    )
+
+    ran = subprocess.run(
+        [sys.executable, "-m", "xdsi", "--config", str(config), "find"]
+        + ["--patient-id", "P", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert ran.returncode == EXIT_NOT_FOUND, ran.stderr[-2000:]
+    assert json.loads(ran.stdout) == []
+    assert "does not know this patient" in ran.stderr
 
 
 def test_an_answer_of_more_parts_than_documents_asked_for_is_refused(

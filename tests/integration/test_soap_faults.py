@@ -902,3 +902,60 @@ def test_the_http_layer_answers_dicomweb_paths_in_plain_text(
         else:
             assert b"content-type: application/soap+xml" in head.lower()
             assert b"env:Sender" in body
+
+
+def test_a_spool_failing_mid_upload_gets_a_receiver_fault_related_to_the_request(
+    shared_node: RunningNode, tmp_path: Path
+) -> None:
+    """SOAP 1.2 Part 2 7.5.1.2, WS-Addressing 1.0 SOAP Binding 6: a spool
+    that fails once the root part is read (its folder gone, as a disk
+    failing) is this node's failure, a Receiver Fault, related to the
+    request's wsa:MessageID; nothing of the request stays."""
+    boundary = "xdsi-spool-gone"
+    content_type, body = _mtom(boundary)
+    head = body.removesuffix(f"--{boundary}--\r\n".encode("ascii"))
+    part = (
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n"
+        "Content-ID: <doc{}@xdsi>\r\n\r\n"
+    ).encode("ascii")
+    spool = shared_node.settings.storage / "spool" / "repository"
+    before = set(spool.iterdir())
+    url = urlsplit(shared_node.settings.url("repository"))
+
+    with socket.create_connection((url.hostname, url.port), timeout=60) as sock:
+        sock.sendall(
+            f"POST {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\n"
+            f"Content-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n"
+            "Connection: close\r\n\r\n".encode("ascii")
+        )
+        # More than the node reads at once, so that parts are spooled.
+        first = b"".join(
+            part.replace(b"{}", str(n).encode()) + bytes(100_000) + b"\r\n"
+            for n in range(30)
+        )
+        sock.sendall(_chunked(head + first))
+        deadline = time.monotonic() + 30
+        while not any(any(d.glob("part-*")) for d in set(spool.iterdir()) - before):
+            assert time.monotonic() < deadline, "nothing was spooled"
+            time.sleep(0.05)
+        (folder,) = set(spool.iterdir()) - before
+        folder.rename(tmp_path / "gone")
+        rest = b"".join(
+            part.replace(b"{}", str(n).encode()) + bytes(100_000) + b"\r\n"
+            for n in range(30, 60)
+        )
+        sock.sendall(_chunked(rest + f"--{boundary}--\r\n".encode("ascii")))
+        sock.sendall(b"0\r\n\r\n")
+        answer = _read_all(sock)
+
+    assert _fault_code(answer) == (500, "env:Receiver")
+    envelope = etree.fromstring(_dechunk_if(answer))
+    relates_to = envelope.findall(f"{{{ns.SOAP12}}}Header/{{{ns.WSA}}}RelatesTo")
+    assert [r.text for r in relates_to] == [MESSAGE_ID]
+    assert set(spool.iterdir()) == before
+
+
+def _dechunk_if(response: bytes) -> bytes:
+    """The body of a raw HTTP response, its chunked framing undone."""
+    head, _, body = response.partition(b"\r\n\r\n")
+    return _dechunk(body) if b"Transfer-Encoding: chunked" in head else body

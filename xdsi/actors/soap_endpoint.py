@@ -316,9 +316,13 @@ def soap_app(
             # reading the envelope itself failed.
             relates_to = message.message_id if message else fault.message_id
             return _fault_response(fault, relates_to)
-        except Exception:
+        except Exception as exc:
             if message is not None:
                 message.close()
+            elif isinstance(exc, wire.SpoolError) and exc.message_id:
+                # The request's spool failed after its envelope was read:
+                # internal_error's Fault relates to it all the same.
+                g.message_id = exc.message_id
             raise
 
         envelope = wire.build_envelope(

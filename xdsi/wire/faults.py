@@ -286,10 +286,13 @@ class TransportError(WireError):
 class SpoolError(OSError):
     """This node could not write a message it reads to its spool (the disk
     full, no permission): its own failure, not the peer's, though it shows
-    as the message breaking off."""
+    as the message breaking off. ``message_id`` is the message's
+    wsa:MessageID when its envelope was read before the spool failed, for
+    the Fault that answers it (WS-Addressing 1.0 SOAP Binding 6)."""
 
     def __init__(self, error: OSError, path: object = None) -> None:
         super().__init__(error.errno, error.strerror, error.filename or path)
+        self.message_id: str | None = None
 
     def __str__(self) -> str:
         where = f" {self.filename}" if self.filename else ""

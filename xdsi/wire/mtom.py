@@ -447,7 +447,9 @@ class _LfFraming:
         """Move body bytes to ``out``; return False when input runs out."""
         found = self._pending.find(self._marker)
         if found < 0:
-            keep = len(self._marker) - 1
+            # What may begin a delimiter stays: the marker but its last byte,
+            # and the CR before it, which goes with it.
+            keep = len(self._marker)
             if len(self._pending) > keep:
                 out += self._pending[:-keep]
                 del self._pending[:-keep]
@@ -853,9 +855,13 @@ def read_message(
         shutil.rmtree(directory, ignore_errors=True)
         # WS-Addressing 1.0 SOAP Binding 6: the Fault relates to the request
         # whenever its MessageID can be read, from a root part that is
-        # complete though a later part is broken, or from an envelope that
-        # is well-formed up to its MessageID.
-        if isinstance(exc, SoapFault) and exc.message_id is None and envelope:
+        # complete though a later part is broken or could not be spooled,
+        # or from an envelope that is well-formed up to its MessageID.
+        if (
+            isinstance(exc, SoapFault | SpoolError)
+            and exc.message_id is None
+            and envelope
+        ):
             exc.message_id = read_message_id(envelope)
         raise
     return message

@@ -25,6 +25,7 @@ from xdsi.wire import (
     MissingAttachment,
     OutgoingPart,
     SoapMessage,
+    SpoolError,
     UnsupportedMediaType,
     VersionMismatch,
     WireError,
@@ -238,6 +239,42 @@ def test_crlf_framed_nist_capture_reads_the_same(
     with _read(crlf, content_type, spool) as message:
         (attachment,) = message.attachments.values()
         assert attachment.read_bytes() == NIST_DOCUMENT.read_bytes()
+
+
+class _Pieces:
+    """A stream that returns the pieces given, one a read."""
+
+    def __init__(self, *pieces: bytes) -> None:
+        self._pieces = list(pieces)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._pieces.pop(0) if self._pieces else b""
+
+
+def test_a_bare_lf_package_with_crlf_before_its_delimiters_reads_alike_in_any_pieces(
+    pnr_envelope: etree._Element, spool: Path
+) -> None:
+    """RFC 2046 5.1.1: the CRLF before a delimiter belongs to it. In a
+    package whose header lines end with LF alone, a part is read without
+    that CR wherever the reads happen to split the delimiter."""
+    document = KOS.read_bytes()[:300]
+    root = serialize(build_envelope(_pnr_request(pnr_envelope, "kos@xdsi.test"), PNR))
+    body = (
+        f"--{BOUNDARY}\n".encode()
+        + "".join(f"{k}: {v}\n" for k, v in _root_headers().items()).encode()
+        + b"\n"
+        + root
+        + f"\r\n--{BOUNDARY}\nContent-ID: <kos@xdsi.test>\n\n".encode()
+        + document
+        + f"\r\n--{BOUNDARY}--\n".encode()
+    )
+    end = body.rindex(document) + len(document)
+    # Each split from the document's last bytes to past the delimiter.
+    for cut in range(end - 4, len(body)):
+        with read_message(
+            _Pieces(body[:cut], body[cut:]), _content_type(), spool
+        ) as message:
+            assert message.attachments["kos@xdsi.test"].read_bytes() == document, cut
 
 
 def test_nist_capture_resolved_validates_against_repository_schema(
@@ -660,6 +697,53 @@ def test_a_broken_later_part_fault_carries_the_root_parts_message_id(
 
     assert raised.value.message_id == MESSAGE_ID
     assert list(spool.iterdir()) == []
+
+
+class _SpoolGone:
+    """A stream that moves the message's spool folder away (as a disk that
+    fails) once the write-behind thread has opened a part file in it."""
+
+    def __init__(self, body: bytes, spool: Path, away: Path) -> None:
+        self._stream = io.BytesIO(body)
+        self._spool = spool
+        self._away = away
+
+    def read(self, size: int = -1) -> bytes:
+        if not self._away.exists():
+            for folder in self._spool.iterdir():
+                if any(folder.glob("part-*")):
+                    folder.rename(self._away)
+        return self._stream.read(size)
+
+
+def test_a_spool_failing_after_the_root_part_carries_its_message_id(
+    pnr_envelope: etree._Element, spool: Path, tmp_path: Path
+) -> None:
+    """WS-Addressing 1.0 SOAP Binding 6: a part that cannot be spooled once
+    the root part is complete is this node's SpoolError, which carries the
+    wsa:MessageID for the Receiver Fault to relate to."""
+    request = _pnr_request(pnr_envelope, "kos@xdsi.test")
+    root = serialize(build_envelope(request, PNR, message_id=MESSAGE_ID))
+    parts = [
+        (
+            {"Content-Type": "application/dicom", "Content-ID": f"<ct{n}@xdsi.test>"},
+            CT_SLICE.read_bytes(),
+        )
+        for n in range(4)
+    ]
+    body = _package([(_root_headers(), root), *parts])
+
+    with pytest.raises(SpoolError) as raised:
+        read_message(
+            _SpoolGone(body, spool, tmp_path / "away"),
+            _content_type(),
+            spool,
+            chunk_size=4096,
+        )
+
+    assert raised.value.message_id == MESSAGE_ID
+    assert list(spool.iterdir()) == []
+    assert not _spool_writers()
 
 
 def test_a_fault_in_the_root_part_itself_carries_no_message_id_it_cannot_read(
