@@ -109,7 +109,9 @@ def test_a_unique_id_naming_a_path_is_not_used_as_a_file_name(
     running_node: RunningNode, tmp_path: Path
 ):
     """A registry answer (ITI-18) whose uniqueId is a path: the manifest's
-    file would be named after it, so the entry is skipped unretrieved."""
+    file would be named after it, so the entry is not retrieved, a failure
+    of that manifest (it may be one), not a document skipped as no
+    manifest."""
     assert "MSA|AA" in running_node.feed()
     _publish_mr(running_node)
     (entry,) = running_node.services.consumer.find(PATIENT)
@@ -130,7 +132,13 @@ def test_a_unique_id_naming_a_path_is_not_used_as_a_file_name(
         relay.close()
 
     assert not result.manifests and not result.instances
-    assert result.skipped == [("../../../escaped", "its uniqueId cannot name a file")]
+    assert not result.skipped
+    assert result.failed == [
+        (
+            "manifest ../../../escaped",
+            "not retrieved: its uniqueId cannot name a file",
+        )
+    ]
     assert not any("escaped" in str(path) for path in fetched.rglob("*"))
 
 

@@ -511,8 +511,19 @@ class Consumer:
         for n, entry in enumerate(entries, start=1):
             if not SAFE_FILE_NAME.fullmatch(entry.unique_id):
                 # The file is named after the uniqueId a registry sent: one
-                # that could name a path elsewhere is not used.
-                self._skip(result, entry, "its uniqueId cannot name a file")
+                # that could name a path elsewhere is not used. The entry may
+                # well be a manifest: not retrieving it is a failure, not
+                # "no manifest found".
+                logger.warning(
+                    "Document %s not retrieved: its uniqueId cannot name a file",
+                    logs.quoted(entry.unique_id),
+                )
+                result.failed.append(
+                    (
+                        f"manifest {entry.unique_id}",
+                        "not retrieved: its uniqueId cannot name a file",
+                    )
+                )
                 continue
             target = out_dir / "manifests" / f"{entry.unique_id}.dcm"
             try:
