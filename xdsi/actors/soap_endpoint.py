@@ -247,7 +247,12 @@ def soap_app(
 
     @app.errorhandler(Exception)
     def internal_error(exc: Exception) -> Response:
-        logger.exception("%s: unhandled error", name)
+        if isinstance(exc, wire.SpoolError):
+            # This node's disk, not a defect: the operator is told what
+            # failed, without a traceback; the peer learns no path.
+            logger.error("%s: a request could not be spooled: %s", name, exc)
+        else:
+            logger.exception("%s: unhandled error", name)
         if request.path.startswith(plain_prefixes):
             return Response(
                 "internal error of the origin server\n",
