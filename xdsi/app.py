@@ -518,7 +518,7 @@ def _tls_gate(
     return tls.TlsGate(
         context,
         listener,
-        lambda refused: tls.audit_refusal(auditor, settings.node.host, refused),
+        lambda refused: tls.audit_refusal(auditor, settings.node.advertised, refused),
         timeout=settings.tls.handshake_timeout,
     )
 
@@ -667,7 +667,7 @@ def _application_activity(settings: Settings, transaction: str) -> audit.AuditEv
         transaction=transaction,
         actor="Secure Node",
         outcome=audit.Outcome.SUCCESS,
-        source=audit.Endpoint(settings.node.audit_source_id, settings.node.host),
+        source=audit.Endpoint(settings.node.audit_source_id, settings.node.advertised),
     )
 
 

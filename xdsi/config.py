@@ -40,6 +40,17 @@ XDSI_OID_ROOT = "2.25.127890502356717902159250805506845543275"
 CONNECTATHON_ASSIGNING_AUTHORITY = "1.3.6.1.4.1.21367.13.20.1000"
 
 
+# Addresses that bind every interface and name none a peer can use.
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]")
+# A host name (RFC 1123 labels) or an IPv4 or IPv6 address.
+_HOST = re.compile(r"[A-Za-z0-9.:-]{1,253}")
+
+
+def _is_host(value: str) -> bool:
+    """Whether ``value`` is empty or could name a host in a URL."""
+    return not value or bool(_HOST.fullmatch(value))
+
+
 class ConfigError(Exception):
     """The configuration file is unreadable or names an unknown setting."""
 
@@ -57,6 +68,11 @@ CODE_SET_NAME = re.compile(r"[a-z0-9_]+")
 class NodeSettings:
     name: str = "xdsi"
     host: str = "127.0.0.1"
+    # The host name or address peers reach this node by, when it is not
+    # ``host`` (a listener on every interface, 0.0.0.0 or ::, or behind
+    # NAT): named in the URLs the node gives out (a manifest's Retrieve
+    # URL, STOW-RS answers, its endpoints) and in its audit records.
+    advertised_host: str = ""
     storage_dir: str = "xdsi-data"
     database_url: str = ""
     assigning_authority: str = CONNECTATHON_ASSIGNING_AUTHORITY
@@ -93,8 +109,33 @@ class NodeSettings:
                         f"arcs joined by dots, as 1.3.6.1.4.1.21367.13.20.1000, "
                         f"at most {MAX_OID_LENGTH} characters (ITI TF-3 4.2.3.1.5)"
                     )
+        if self.host in WILDCARD_HOSTS and not self.advertised_host:
+            # A URL naming 0.0.0.0 reaches no peer's way back to this node.
+            raise ConfigError(
+                f"[node] host {self.host} listens on every interface but names "
+                "no address peers can reach; set [node] advertised_host to the "
+                "name or address they use"
+            )
+        if self.advertised_host in WILDCARD_HOSTS or not _is_host(self.advertised_host):
+            raise ConfigError(
+                f"[node] advertised_host {self.advertised_host!r} is not a host "
+                "name or address peers can reach"
+            )
         if self.workers < 1:
             raise ConfigError("[node] workers must be at least 1")
+
+    @property
+    def advertised(self) -> str:
+        """The host peers reach this node by, as audit records name it
+        (NetworkAccessPointID, DICOM PS3.15 A.5.1)."""
+        return self.advertised_host or self.host
+
+    @property
+    def public_host(self) -> str:
+        """The host peers reach this node by, as a URL names it (an IPv6
+        address in brackets, RFC 3986 3.2.2)."""
+        host = self.advertised
+        return f"[{host}]" if ":" in host else host
         if self.max_request_size < MIN_REQUEST_SIZE:
             raise ConfigError(
                 f"[node] max_request_size must be at least {MIN_REQUEST_SIZE} bytes"
@@ -489,14 +530,15 @@ class Settings:
         """Return the endpoint URL of one of this node's HTTP actors."""
         section = getattr(self, actor)
         scheme = "https" if self.tls.enabled else "http"
-        return f"{scheme}://{self.node.host}:{section.port}{section.path}"
+        return f"{scheme}://{self.node.public_host}:{section.port}{section.path}"
 
     @property
     def dicomweb_url(self) -> str:
         """The base URL of the Imaging Document Source's DICOMweb services."""
         cfg = self.imaging_source
         scheme = "https" if self.tls.enabled else "http"
-        return f"{scheme}://{self.node.host}:{cfg.port}{cfg.dicomweb_path.rstrip('/')}"
+        host = self.node.public_host
+        return f"{scheme}://{host}:{cfg.port}{cfg.dicomweb_path.rstrip('/')}"
 
     def imaging_endpoints(self) -> list[tuple[str, str]]:
         """The Imaging Document Source's services besides RAD-69, by name."""
@@ -511,7 +553,7 @@ class Settings:
             endpoints.append(
                 (
                     "c-store scp",
-                    f"{source.ae_title}@{self.node.host}:{source.dicom_port}",
+                    f"{source.ae_title}@{self.node.public_host}:{source.dicom_port}",
                 )
             )
         return endpoints

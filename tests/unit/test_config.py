@@ -556,3 +556,50 @@ def test_to_toml_says_which_actors_are_not_served_and_where_they_go() -> None:
     shown = to_toml(no_source)
     assert "# imaging_source: not served here" in shown
     assert "wado-uri" not in shown
+
+
+def test_advertised_host_names_the_node_in_urls_and_audit_records(
+    tmp_path: Path,
+) -> None:
+    """A node listening on every interface names, in the URLs it gives out
+    (a manifest's Retrieve URL, its endpoints) and its audit records, the
+    host peers reach it by; it still binds ``host``."""
+    settings = load_settings(
+        _write(tmp_path, '[node]\nhost = "0.0.0.0"\nadvertised_host = "pacs.example"\n')
+    )
+
+    assert settings.node.host == "0.0.0.0"
+    assert settings.node.advertised == "pacs.example"
+    assert settings.url("repository") == "http://pacs.example:9082/xds/repository"
+    assert settings.dicomweb_url == "http://pacs.example:9083/dicomweb"
+    assert all("0.0.0.0" not in url for _, url in settings.imaging_endpoints())
+    assert settings.consumer_registry_url == "http://pacs.example:9081/xds/registry"
+
+
+def test_an_ipv6_host_is_bracketed_in_urls(tmp_path: Path) -> None:
+    """RFC 3986 3.2.2: an IPv6 literal in a URL is in brackets; an audit
+    record names it bare."""
+    settings = load_settings(_write(tmp_path, '[node]\nadvertised_host = "fd00::5"\n'))
+
+    assert settings.url("registry") == "http://[fd00::5]:9081/xds/registry"
+    assert settings.dicomweb_url == "http://[fd00::5]:9083/dicomweb"
+    assert settings.node.advertised == "fd00::5"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('host = "0.0.0.0"', "set \\[node\\] advertised_host"),
+        ('host = "::"', "set \\[node\\] advertised_host"),
+        ('host = "0.0.0.0"\nadvertised_host = "0.0.0.0"', "not a host name"),
+        ('advertised_host = "pacs example/x"', "not a host name"),
+    ],
+    ids=["ipv4 wildcard", "ipv6 wildcard", "wildcard advertised", "not a host"],
+)
+def test_a_host_no_peer_can_reach_is_config_error(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    """A URL naming 0.0.0.0 leads no peer back to this node: a wildcard
+    listener needs the host peers use."""
+    with pytest.raises(ConfigError, match=message):
+        load_settings(_write(tmp_path, f"[node]\n{text}\n"))

@@ -151,7 +151,7 @@ class Consumer:
                 transaction=transaction_id,
                 actor=actor,
                 outcome=audit.Outcome.SUCCESS if ok else audit.Outcome.SERIOUS_FAILURE,
-                source=audit.Endpoint(ns.WSA_ANONYMOUS, self.settings.node.host),
+                source=audit.Endpoint(ns.WSA_ANONYMOUS, self.settings.node.advertised),
                 destination=audit.Endpoint(url, urlsplit(url).hostname or ""),
                 **details,  # type: ignore[arg-type]
             )

@@ -198,7 +198,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
                 transaction=transaction,
                 actor="Imaging Document Source",
                 outcome=outcome,
-                source=audit.Endpoint(service, settings.node.host),
+                source=audit.Endpoint(service, settings.node.advertised),
                 destination=audit.Endpoint(host, host),
                 patient_id=patient_id,
                 study_instance_uids=studies,
@@ -284,7 +284,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             outcome=audit.Outcome.SUCCESS,
             source=audit.Endpoint(host, host),
             destination=audit.Endpoint(
-                source.settings.dicomweb_url, source.settings.node.host
+                source.settings.dicomweb_url, source.settings.node.advertised
             ),
             query_id=StudyRootQueryRetrieveInformationModelFind,
             query_request=request.query_string or b"",

@@ -161,7 +161,7 @@ class DocumentSource:
                 for entry, path in zip(entries, files, strict=True)
             ],
             sender=Sender(
-                "ITI-41", "Document Source", self.auditor, self.settings.node.host
+                "ITI-41", "Document Source", self.auditor, self.settings.node.advertised
             ),
             patient_id=patient_id,
             submission_set_unique_id=submission_set.unique_id,

@@ -117,7 +117,8 @@ def _audit(
                 if accepted
                 else audit.Outcome.SERIOUS_FAILURE,
                 source=audit.Endpoint(
-                    f"{SENDING_APPLICATION}|{SENDING_FACILITY}", settings.node.host
+                    f"{SENDING_APPLICATION}|{SENDING_FACILITY}",
+                    settings.node.advertised,
                 ),
                 destination=audit.Endpoint(
                     summary.sender if summary and summary.sender else registry,

@@ -724,7 +724,10 @@ class ImagingSource:
             submission_set, manifest.entry_uuid, STATUS_APPROVED, STATUS_DEPRECATED
         )
         sender = Sender(
-            "ITI-57", "Document Administrator", self.auditor, self.settings.node.host
+            "ITI-57",
+            "Document Administrator",
+            self.auditor,
+            self.settings.node.advertised,
         )
         try:
             update_document_set(
@@ -805,7 +808,10 @@ class ImagingSource:
         if current is not None and current.entry_uuid:
             add_replacement(metadata, entry.entry_id, current.entry_uuid)
         sender = Sender(
-            "RAD-68", "Imaging Document Source", self.auditor, self.settings.node.host
+            "RAD-68",
+            "Imaging Document Source",
+            self.auditor,
+            self.settings.node.advertised,
         )
         # The manifest is noted as pending before it is sent: a process
         # killed after the registry took it but before it heard so leaves
@@ -1037,7 +1043,7 @@ class ImagingSource:
                 actor="Imaging Document Source",
                 outcome=outcome,
                 source=audit.Endpoint(
-                    self.settings.url("imaging_source"), self.settings.node.host
+                    self.settings.url("imaging_source"), self.settings.node.advertised
                 ),
                 destination=audit.Endpoint(peer.reply_to, peer.host),
                 patient_id=patient_id,

@@ -582,7 +582,7 @@ class Intake:
             source=audit.Endpoint(
                 folder.resolve().as_uri(), "", audit.media_type("uri")
             ),
-            destination=audit.Endpoint(node.audit_source_id, node.host),
+            destination=audit.Endpoint(node.audit_source_id, node.advertised),
         )
         if not self.source.auditor.record_all(events):
             self.take_back(accepted)
@@ -673,7 +673,7 @@ class Intake:
                 transaction="Instances Deleted" if left else "Study Deleted",
                 actor="Imaging Document Source",
                 outcome=audit.Outcome.SUCCESS,
-                source=audit.Endpoint(node.audit_source_id, node.host),
+                source=audit.Endpoint(node.audit_source_id, node.advertised),
                 patient_id=gone[0].patient_id or None,
                 study_instance_uids=(study_instance_uid,),
             )

@@ -147,7 +147,7 @@ class Registry:
                     else audit.Outcome.SERIOUS_FAILURE,
                     source=audit.Endpoint(summary.receiver or "unknown", "unknown"),
                     destination=audit.Endpoint(
-                        summary.sender or "xdsi", self.settings.node.host
+                        summary.sender or "xdsi", self.settings.node.advertised
                     ),
                     patient_id=patient_id,
                     message_id=summary.control_id or None,
@@ -740,7 +740,9 @@ class Registry:
                 if not outcome.errors
                 else audit.Outcome.SERIOUS_FAILURE,
                 source=audit.Endpoint(peer.reply_to, peer.host),
-                destination=audit.Endpoint(peer.endpoint, self.settings.node.host),
+                destination=audit.Endpoint(
+                    peer.endpoint, self.settings.node.advertised
+                ),
                 patient_id=outcome.patient_id,
                 submission_set_unique_id=outcome.submission_set_unique_id,
                 message_id=message.message_id,
@@ -785,7 +787,9 @@ class Registry:
                 if not errors
                 else audit.Outcome.SERIOUS_FAILURE,
                 source=audit.Endpoint(peer.reply_to, peer.host),
-                destination=audit.Endpoint(peer.endpoint, self.settings.node.host),
+                destination=audit.Endpoint(
+                    peer.endpoint, self.settings.node.advertised
+                ),
                 patient_id=patient_id,
                 # ITI TF-2 3.18.5.1: a failed query is audited too, with the
                 # id it asked for.

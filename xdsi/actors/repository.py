@@ -679,7 +679,9 @@ class Repository:
                     outcome=audit.Outcome.SUCCESS
                     if outcome is Registration.REGISTERED
                     else audit.Outcome.SERIOUS_FAILURE,
-                    source=audit.Endpoint(ns.WSA_ANONYMOUS, self.settings.node.host),
+                    source=audit.Endpoint(
+                        ns.WSA_ANONYMOUS, self.settings.node.advertised
+                    ),
                     destination=audit.Endpoint(url, urlsplit(url).hostname or ""),
                     patient_id=patient_id,
                     submission_set_unique_id=ss_unique_id,
@@ -827,7 +829,9 @@ class Repository:
                 if status == ResponseStatus.SUCCESS
                 else audit.Outcome.SERIOUS_FAILURE,
                 source=audit.Endpoint(peer.reply_to, peer.host),
-                destination=audit.Endpoint(peer.endpoint, self.settings.node.host),
+                destination=audit.Endpoint(
+                    peer.endpoint, self.settings.node.advertised
+                ),
                 patient_id=next(iter(patient_ids), None),
                 submission_set_unique_id=ss_unique_id,
                 message_id=message.message_id,
@@ -858,7 +862,7 @@ class Repository:
                 actor="Document Repository",
                 outcome=retrieve_outcome(status, len(documents)),
                 source=audit.Endpoint(
-                    self.settings.url("repository"), self.settings.node.host
+                    self.settings.url("repository"), self.settings.node.advertised
                 ),
                 destination=audit.Endpoint(peer.reply_to, peer.host),
                 patient_id=next(

@@ -304,7 +304,7 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
         refused,
         source=audit.Endpoint(host, host),
         destination=audit.Endpoint(
-            dict(settings.imaging_endpoints())["stow-rs"], settings.node.host
+            dict(settings.imaging_endpoints())["stow-rs"], settings.node.advertised
         ),
     )
     if not intake.source.auditor.record_all(events):
