@@ -1110,3 +1110,63 @@ def test_a_client_command_with_no_configuration_and_no_storage_here_writes_nothi
     assert "no configuration named and no node storage here" in ran.stderr
     assert "xdsi --config FILE" in ran.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("command", "server"),
+    [
+        (("verify",), "xdsi serve"),
+        (("remove", "1.2.3"), "xdsi serve"),
+        (("audit", "list"), "xdsi serve"),
+        (("audit", "list", "--arr"), "xdsi arr"),
+    ],
+    ids=["verify", "remove", "audit-list", "audit-list-arr"],
+)
+def test_a_storage_command_with_no_configuration_and_no_storage_here_reads_none(
+    tmp_path: Path, command: tuple[str, ...], server: str
+) -> None:
+    """A command that reads or changes what a node keeps, run with no
+    configuration where no node serves, is a usage error: it neither starts
+    an empty storage in that folder nor reports on it (a scrub run by cron
+    from another folder would find every copy well)."""
+    env = {k: v for k, v in os.environ.items() if k != "XDSI_CONFIG"}
+    ran = subprocess.run(
+        [sys.executable, "-m", "xdsi", *command],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+
+    assert ran.returncode == 2, ran.stderr
+    assert "no configuration named and no node storage here" in ran.stderr
+    assert f"in the folder {server} runs in" in ran.stderr
+    assert "verified" not in ran.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("find", "--help"), ("verify", "--help"), ("audit", "list", "--help")],
+    ids=["find", "verify", "audit-list"],
+)
+def test_a_command_help_is_shown_where_no_node_serves(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    """``--help`` reads no storage, so it is shown in any folder, not
+    refused for want of a configuration."""
+    env = {k: v for k, v in os.environ.items() if k != "XDSI_CONFIG"}
+    ran = subprocess.run(
+        [sys.executable, "-m", "xdsi", *command],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.startswith("Usage: ")
+    assert "--help" in ran.stdout
+    assert list(tmp_path.iterdir()) == []
