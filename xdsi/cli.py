@@ -672,11 +672,14 @@ def submit(
         # A peer's codes and texts, escaped and cut (logs.shown).
         for error in exc.errors:
             click.secho(describe_errors([error]), fg="red", err=True)
-        _fail(
-            _unreachable_hint(str(exc), settings)
-            if not exc.errors
-            else "ITI-41 answered Failure"
-        )
+        if not exc.errors:
+            _fail(_unreachable_hint(str(exc), settings))
+        hint = ""
+        if any(error.code == "XDSUnknownPatientId" for error in exc.errors):
+            # ITI TF-3 Table 4.2.4.1-2: the registry has had no ITI-8 for it.
+            feed = shlex.quote(patient_id.split("^")[0])
+            hint = f"; feed the patient first (xdsi feed {feed}), then run this again"
+        _fail(f"ITI-41 answered Failure{hint}")
     click.echo(f"SubmissionSet {submitted.submission_set_unique_id}")
     for path, unique_id in zip(files, submitted.document_unique_ids, strict=True):
         click.echo(f"{unique_id} {path}")

@@ -398,6 +398,23 @@ def test_the_feed_hint_quotes_an_id_with_blanks(served: Path) -> None:
     assert "feed the patient first (xdsi feed 'NEVER FED')" in result.stderr
 
 
+def test_a_submission_for_a_patient_not_fed_says_to_feed_it_first(
+    served: Path, tmp_path: Path
+) -> None:
+    """ITI TF-3 Table 4.2.4.1-2: a ``submit`` refused with XDSUnknownPatientId
+    names the feed to send, as ``publish`` and ``import`` do."""
+    document = tmp_path / "report.txt"
+    document.write_text("report")
+
+    result = _xdsi(
+        served, "submit", str(document), "--patient-id", "NOT FED", check=False
+    )
+
+    assert result.returncode == 1
+    assert "XDSUnknownPatientId" in result.stderr
+    assert "feed the patient first (xdsi feed 'NOT FED')" in result.stderr
+
+
 def test_config_show_refuses_an_assigning_authority_that_is_no_oid(
     tmp_path: Path,
 ) -> None:
