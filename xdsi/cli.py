@@ -339,13 +339,20 @@ def main(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
     except ConfigError as exc:
         _fail(str(exc))
     storage = ctx.obj["settings"].storage
+    # A command's --help touches no storage, so it is shown anywhere.
+    asks_help = any(
+        arg in ctx.help_option_names for arg in ctx.meta.get(COMMAND_ARGS, [])
+    )
     if (
-        ctx.invoked_subcommand in CLIENT_COMMANDS
+        ctx.invoked_subcommand in CLIENT_COMMANDS | STORAGE_COMMANDS
         and not ctx.obj["configured"]
         and not storage.exists()
+        and not asks_help
     ):
         # A client command's audit trail (its patient named) would start a
-        # storage of its own in whatever folder it runs in.
+        # storage of its own in whatever folder it runs in; a command that
+        # reads a node's storage would read a new, empty one and find all
+        # well (a `verify` run by cron from another folder).
         given = ctx.meta.get(COMMAND_ARGS, [])
         if any(arg == "--config" or arg.startswith("--config=") for arg in given):
             raise click.UsageError(
@@ -355,7 +362,7 @@ def main(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
         raise click.UsageError(
             f"no configuration named and no node storage here ({storage}): give "
             "the served node's configuration (xdsi --config FILE ...), or run "
-            "this in the folder xdsi serve runs in"
+            f"this in the folder {_server_of(ctx.invoked_subcommand, given)} runs in"
         )
     if ctx.invoked_subcommand in AUDITED_COMMANDS and ctx.obj["settings"].audit.targets:
         settings = ctx.obj["settings"]
@@ -366,10 +373,20 @@ def main(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
 # audit events: with no configuration they use the storage of a node served
 # with the defaults from the same folder.
 CLIENT_COMMANDS = {"feed", "find", "fetch", "submit"}
+# The commands that read or change what a node's storage holds: with no
+# configuration they act on the storage of a node served with the defaults
+# from the same folder, and start none.
+STORAGE_COMMANDS = {"verify", "remove", "audit"}
 # The commands that write audit events (ITI TF-2 3.20) to the spool.
 AUDITED_COMMANDS = {"feed", "find", "fetch", "submit", "publish", "import", "remove"}
 # How long a command waits at its end for its audit events to go out.
 AUDIT_DELIVERY_SECONDS = 10.0
+
+
+def _server_of(command: str | None, given: list[str]) -> str:
+    """The command whose storage ``command`` uses: `audit list --arr` reads
+    what `xdsi arr` stored, every other command a served node's storage."""
+    return "xdsi arr" if command == "audit" and "--arr" in given else "xdsi serve"
 
 
 def _deliver_audit(settings: Settings) -> None:
@@ -655,11 +672,14 @@ def submit(
         # A peer's codes and texts, escaped and cut (logs.shown).
         for error in exc.errors:
             click.secho(describe_errors([error]), fg="red", err=True)
-        _fail(
-            _unreachable_hint(str(exc), settings)
-            if not exc.errors
-            else "ITI-41 answered Failure"
-        )
+        if not exc.errors:
+            _fail(_unreachable_hint(str(exc), settings))
+        hint = ""
+        if any(error.code == "XDSUnknownPatientId" for error in exc.errors):
+            # ITI TF-3 Table 4.2.4.1-2: the registry has had no ITI-8 for it.
+            feed = shlex.quote(patient_id.split("^")[0])
+            hint = f"; feed the patient first (xdsi feed {feed}), then run this again"
+        _fail(f"ITI-41 answered Failure{hint}")
     click.echo(f"SubmissionSet {submitted.submission_set_unique_id}")
     for path, unique_id in zip(files, submitted.document_unique_ids, strict=True):
         click.echo(f"{unique_id} {path}")

@@ -398,6 +398,23 @@ def test_the_feed_hint_quotes_an_id_with_blanks(served: Path) -> None:
     assert "feed the patient first (xdsi feed 'NEVER FED')" in result.stderr
 
 
+def test_a_submission_for_a_patient_not_fed_says_to_feed_it_first(
+    served: Path, tmp_path: Path
+) -> None:
+    """ITI TF-3 Table 4.2.4.1-2: a ``submit`` refused with XDSUnknownPatientId
+    names the feed to send, as ``publish`` and ``import`` do."""
+    document = tmp_path / "report.txt"
+    document.write_text("report")
+
+    result = _xdsi(
+        served, "submit", str(document), "--patient-id", "NOT FED", check=False
+    )
+
+    assert result.returncode == 1
+    assert "XDSUnknownPatientId" in result.stderr
+    assert "feed the patient first (xdsi feed 'NOT FED')" in result.stderr
+
+
 def test_config_show_refuses_an_assigning_authority_that_is_no_oid(
     tmp_path: Path,
 ) -> None:
@@ -1109,4 +1126,64 @@ def test_a_client_command_with_no_configuration_and_no_storage_here_writes_nothi
     assert ran.returncode == 2, ran.stderr
     assert "no configuration named and no node storage here" in ran.stderr
     assert "xdsi --config FILE" in ran.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("command", "server"),
+    [
+        (("verify",), "xdsi serve"),
+        (("remove", "1.2.3"), "xdsi serve"),
+        (("audit", "list"), "xdsi serve"),
+        (("audit", "list", "--arr"), "xdsi arr"),
+    ],
+    ids=["verify", "remove", "audit-list", "audit-list-arr"],
+)
+def test_a_storage_command_with_no_configuration_and_no_storage_here_reads_none(
+    tmp_path: Path, command: tuple[str, ...], server: str
+) -> None:
+    """A command that reads or changes what a node keeps, run with no
+    configuration where no node serves, is a usage error: it neither starts
+    an empty storage in that folder nor reports on it (a scrub run by cron
+    from another folder would find every copy well)."""
+    env = {k: v for k, v in os.environ.items() if k != "XDSI_CONFIG"}
+    ran = subprocess.run(
+        [sys.executable, "-m", "xdsi", *command],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+
+    assert ran.returncode == 2, ran.stderr
+    assert "no configuration named and no node storage here" in ran.stderr
+    assert f"in the folder {server} runs in" in ran.stderr
+    assert "verified" not in ran.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("find", "--help"), ("verify", "--help"), ("audit", "list", "--help")],
+    ids=["find", "verify", "audit-list"],
+)
+def test_a_command_help_is_shown_where_no_node_serves(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    """``--help`` reads no storage, so it is shown in any folder, not
+    refused for want of a configuration."""
+    env = {k: v for k, v in os.environ.items() if k != "XDSI_CONFIG"}
+    ran = subprocess.run(
+        [sys.executable, "-m", "xdsi", *command],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.startswith("Usage: ")
+    assert "--help" in ran.stdout
     assert list(tmp_path.iterdir()) == []

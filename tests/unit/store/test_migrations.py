@@ -6,6 +6,7 @@ migrations by Alembic.
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
@@ -97,6 +98,20 @@ def test_starting_again_keeps_the_rows_and_the_revision(database_url: str):
             assert connection.execute(count).scalar() == 1
     finally:
         engine.dispose()
+
+
+def test_a_new_database_is_said_to_be_created_not_upgraded_from_none(
+    tmp_path, caplog: pytest.LogCaptureFixture
+):
+    """A node's first start logs the schema it created; an upgrade names the
+    revision it started from, which a new database has none of."""
+    url = f"sqlite:///{tmp_path / 'xdsi.sqlite'}"
+    with caplog.at_level(logging.INFO, logger=migrations.__name__):
+        make_engine(url).dispose()
+        make_engine(url).dispose()
+
+    said = [r.getMessage() for r in caplog.records if r.name == migrations.__name__]
+    assert said == [f"database schema created at {migrations.head()}"]
 
 
 def test_downgrade_to_base_leaves_only_the_version_table(database_url: str):

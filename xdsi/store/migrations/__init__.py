@@ -91,5 +91,7 @@ def upgrade(connection: Connection, revision: str = "head") -> None:
     before = current(connection)
     command.upgrade(config(connection), revision)
     after = current(connection)
-    if after != before:
+    if before is None and after is not None:
+        logger.info("database schema created at %s", after)
+    elif after != before:
         logger.info("database schema upgraded from %s to %s", before, after)
