@@ -744,7 +744,8 @@ def find(ctx: click.Context, patient_id: str, as_json: bool) -> None:
         click.echo(json.dumps([e.as_dict() for e in entries], indent=2))
     if not entries:
         _not_found(
-            "no DocumentEntries found for this patient; is the patient id "
+            "no DocumentEntries found for this patient (Approved ones: a "
+            "withdrawn or replaced manifest is Deprecated); is the patient id "
             "the one fed (ITI-8) and published under?"
         )
     if not as_json:
