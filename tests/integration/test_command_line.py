@@ -1099,6 +1099,19 @@ def test_a_configuration_given_after_the_command_is_said_to_go_before_it(
     assert "--config goes before the command" in ran.stderr
 
 
+def _xdsi_here(folder: Path, command: tuple[str, ...]) -> subprocess.CompletedProcess:
+    """Run ``xdsi COMMAND`` in ``folder`` with no configuration named."""
+    env = {k: v for k, v in os.environ.items() if k != "XDSI_CONFIG"}
+    return subprocess.run(
+        [sys.executable, "-m", "xdsi", *command],
+        capture_output=True,
+        text=True,
+        cwd=folder,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+
+
 @pytest.mark.parametrize(
     "command",
     [
@@ -1115,15 +1128,7 @@ def test_a_client_command_with_no_configuration_and_no_storage_here_writes_nothi
     node served with the defaults from the same folder; with none there it
     is a usage error, and no storage (with an audit record naming the
     patient) is started in the folder it runs in."""
-    env = {k: v for k, v in os.environ.items() if k != "XDSI_CONFIG"}
-    ran = subprocess.run(
-        [sys.executable, "-m", "xdsi", *command],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={**env, "PYTHONPATH": str(ROOT)},
-        timeout=120,
-    )
+    ran = _xdsi_here(tmp_path, command)
 
     assert ran.returncode == 2, ran.stderr
     assert "no configuration named and no node storage here" in ran.stderr
@@ -1148,15 +1153,7 @@ def test_a_storage_command_with_no_configuration_and_no_storage_here_reads_none(
     configuration where no node serves, is a usage error: it neither starts
     an empty storage in that folder nor reports on it (a scrub run by cron
     from another folder would find every copy well)."""
-    env = {k: v for k, v in os.environ.items() if k != "XDSI_CONFIG"}
-    ran = subprocess.run(
-        [sys.executable, "-m", "xdsi", *command],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={**env, "PYTHONPATH": str(ROOT)},
-        timeout=120,
-    )
+    ran = _xdsi_here(tmp_path, command)
 
     assert ran.returncode == 2, ran.stderr
     assert "no configuration named and no node storage here" in ran.stderr
@@ -1175,15 +1172,7 @@ def test_a_command_help_is_shown_where_no_node_serves(
 ) -> None:
     """``--help`` reads no storage, so it is shown in any folder, not
     refused for want of a configuration."""
-    env = {k: v for k, v in os.environ.items() if k != "XDSI_CONFIG"}
-    ran = subprocess.run(
-        [sys.executable, "-m", "xdsi", *command],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={**env, "PYTHONPATH": str(ROOT)},
-        timeout=120,
-    )
+    ran = _xdsi_here(tmp_path, command)
 
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.startswith("Usage: ")
