@@ -215,6 +215,16 @@ def _mtom(
     return content_type, b"".join(body)
 
 
+def _consumer_config(tmp_path: Path, registry_url: str) -> Path:
+    """A configuration whose Consumer asks ``registry_url``."""
+    config = tmp_path / "xdsi.toml"
+    config.write_text(
+        f'[node]\nstorage_dir = "{tmp_path / "node"}"\n'
+        f'[consumer]\nregistry_url = "{registry_url}"\n'
+    )
+    return config
+
+
 def test_documents_an_answer_cannot_carry_count_as_not_returned(
     peer: Callable[[Answer], HostilePeer], tmp_path: Path
 ):
@@ -386,11 +396,7 @@ def test_find_prints_a_registry_value_as_text_not_markup_or_controls(
     url = peer(
         lambda _: (200, "application/soap+xml", _query_response(title, b"1"))
     ).url
-    config = tmp_path / "xdsi.toml"
-    config.write_text(
-        f'[node]\nstorage_dir = "{tmp_path / "node"}"\n'
-        f'[consumer]\nregistry_url = "{url}"\n'
-    )
+    config = _consumer_config(tmp_path, url)
 
     shown = subprocess.run(
         [sys.executable, "-m", "xdsi", "--config", str(config), "find"]
@@ -420,11 +426,7 @@ def test_a_registry_refusing_an_unknown_patient_is_nothing_found(
     XDSUnknownPatientId, where ours finds nothing, ends ``find`` and
     ``fetch`` as an empty answer does: exit EXIT_NOT_FOUND, not 1."""
     url = peer(lambda _: (200, "application/soap+xml", UNKNOWN_PATIENT)).url
-    config = tmp_path / "xdsi.toml"
-    config.write_text(
-        f'[node]\nstorage_dir = "{tmp_path / "node"}"\n'
-        f'[consumer]\nregistry_url = "{url}"\n'
-    )
+    config = _consumer_config(tmp_path, url)
     out = tmp_path / "out"
 
     ran = subprocess.run(
@@ -449,11 +451,7 @@ def test_find_json_for_a_patient_the_registry_refuses_prints_an_empty_list(
     that finds nothing, so ``find --json`` prints the same empty JSON list
     on stdout as for one, besides exiting EXIT_NOT_FOUND."""
     url = peer(lambda _: (200, "application/soap+xml", UNKNOWN_PATIENT)).url
-    config = tmp_path / "xdsi.toml"
-    config.write_text(
-        f'[node]\nstorage_dir = "{tmp_path / "node"}"\n'
-        f'[consumer]\nregistry_url = "{url}"\n'
-    )
+    config = _consumer_config(tmp_path, url)
 
     ran = subprocess.run(
         [sys.executable, "-m", "xdsi", "--config", str(config), "find"]
