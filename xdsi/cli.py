@@ -83,6 +83,13 @@ err_console = Console(stderr=True)
 WIDE_OUTPUT = 400
 
 
+def _print_table(table: Table) -> None:
+    """Print a table; piped or redirected, each row on one line, its UIDs
+    whole, as grep and copying want them; a terminal folds to its width."""
+    out = console if console.is_terminal else Console(width=WIDE_OUTPUT)
+    out.print(table)
+
+
 def qualify_patient_id(value: str, settings: Settings) -> str:
     """Qualify a bare id with the affinity domain (ITI TF-3 4.2.3.2.16).
 
@@ -749,10 +756,7 @@ def find(ctx: click.Context, patient_id: str, as_json: bool) -> None:
             "the one fed (ITI-8) and published under?"
         )
     if not as_json:
-        # Piped or redirected, each row on one line, its UIDs whole, as
-        # grep and copying want them; a terminal folds to its width.
-        out = console if console.is_terminal else Console(width=WIDE_OUTPUT)
-        out.print(_entries_table(entries))
+        _print_table(_entries_table(entries))
 
 
 @contextmanager
@@ -1362,7 +1366,7 @@ def audit_list(
             )
         )
         return
-    console.print(_audit_table(records))
+    _print_table(_audit_table(records))
 
 
 def _list_repository(
@@ -1407,7 +1411,7 @@ def _list_repository(
             str(record.outcome) if record.valid else f"malformed: {record.error}",
             record.audit_source_id or "?",
         )
-    console.print(table)
+    _print_table(table)
 
 
 def _xml_document(messages: Iterable[bytes]) -> str:
@@ -1767,7 +1771,7 @@ def _demo(base: Settings, study_dir: Path, workdir: Path) -> bool:
         timings["ITI-18 find"] = time.monotonic() - started
         found = _count(len(entries), "DocumentEntry")
         console.print(f"[green]✓[/] ITI-18 FindDocuments: {found}")
-        console.print(_entries_table(entries))
+        _print_table(_entries_table(entries))
 
         started = time.monotonic()
         out = workdir / "fetched"
@@ -1786,7 +1790,7 @@ def _demo(base: Settings, study_dir: Path, workdir: Path) -> bool:
         ]
         timings["SHA-256 check"] = time.monotonic() - started
 
-    console.print(_audit_table(list(services.audit_spool.records())))
+    _print_table(_audit_table(list(services.audit_spool.records())))
     summary = Table(title="Summary")
     summary.add_column("step")
     summary.add_column("seconds", justify="right")

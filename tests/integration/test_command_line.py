@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy import select
 
 from tests.conftest import ROOT, dicom_path, shared_path
+from xdsi import ns
 from xdsi.audit.repository import AuditRecordStore, AuditRepository
 from xdsi.cli import EXIT_NOT_FOUND, LISTED_REFUSALS
 from xdsi.dicom import scan
@@ -152,6 +153,19 @@ def test_feed_publish_fetch_gives_back_every_instance(served: Path, tmp_path):
     assert {"ITI-8", "RAD-68", "ITI-42", "ITI-18", "ITI-43", "RAD-69"} <= {
         r["transaction"] for r in trail
     }
+    # Piped, the table keeps each row on one line: every participant, a
+    # URL say, whole, as grep wants it.
+    table = _xdsi(served, "audit", "list").stdout
+    participants = {
+        p
+        for r in trail
+        for p in r["participants"]
+        # The WS-Addressing anonymous address is shown as "(requestor)".
+        if "://" in p and p != ns.WSA_ANONYMOUS
+    }
+    assert participants
+    for participant in participants:
+        assert participant in table
 
 
 def test_publish_skips_files_that_fail_the_intake_checks(served: Path, tmp_path):
