@@ -123,6 +123,10 @@ class NodeSettings:
             )
         if self.workers < 1:
             raise ConfigError("[node] workers must be at least 1")
+        if self.max_request_size < MIN_REQUEST_SIZE:
+            raise ConfigError(
+                f"[node] max_request_size must be at least {MIN_REQUEST_SIZE} bytes"
+            )
 
     @property
     def advertised(self) -> str:
@@ -136,10 +140,6 @@ class NodeSettings:
         address in brackets, RFC 3986 3.2.2)."""
         host = self.advertised
         return f"[{host}]" if ":" in host else host
-        if self.max_request_size < MIN_REQUEST_SIZE:
-            raise ConfigError(
-                f"[node] max_request_size must be at least {MIN_REQUEST_SIZE} bytes"
-            )
 
 
 @dataclass(frozen=True)

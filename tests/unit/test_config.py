@@ -603,3 +603,10 @@ def test_a_host_no_peer_can_reach_is_config_error(
     listener needs the host peers use."""
     with pytest.raises(ConfigError, match=message):
         load_settings(_write(tmp_path, f"[node]\n{text}\n"))
+
+
+def test_a_max_request_size_below_the_least_is_config_error(tmp_path: Path) -> None:
+    """A bound smaller than a SOAP message with a small document would refuse
+    every submission: the file is refused instead."""
+    with pytest.raises(ConfigError, match="max_request_size must be at least"):
+        load_settings(_write(tmp_path, "[node]\nmax_request_size = 1000\n"))
