@@ -72,6 +72,7 @@ from xdsi.errors import UnknownPatientId, error_code
 from xdsi.hl7.adt import TRIGGER_EVENTS
 from xdsi.hl7.mllp import MllpError
 from xdsi.logs import guard_peer_text, quiet_pydicom
+from xdsi.metadata.responses import RegistryError
 from xdsi.metadata.validation import patient_id_problem
 from xdsi.store.schema import make_engine
 from xdsi.store.verify import Damage, count_copies, verify_store
@@ -228,18 +229,26 @@ def _not_found(message: str) -> NoReturn:
     sys.exit(EXIT_NOT_FOUND)
 
 
-def _unknown_patient(exc: ConsumerError) -> bool:
-    """Whether a registry refused the query with XDSUnknownPatientId (ITI
-    TF-3 Table 4.2.4.1-2): it has found nothing for the patient."""
+def _unknown_patient(errors: Iterable[RegistryError]) -> bool:
+    """Whether a registry refused with XDSUnknownPatientId (ITI TF-3 Table
+    4.2.4.1-2): it has had no ITI-8 for the patient."""
     unknown = error_code(UnknownPatientId, "registry")
-    return any(error.code == unknown for error in exc.errors)
+    return any(error.code == unknown for error in errors)
+
+
+def _feed_hint(patient_id: str | None) -> str:
+    """What to do about a patient the registry does not know."""
+    feed = "xdsi feed"
+    if patient_id:
+        feed += " " + shlex.quote(patient_id.split("^")[0])
+    return f"; feed the patient first ({feed}), then run this again"
 
 
 def _fail_query(exc: ConsumerError, settings: Settings) -> None:
     """End find or fetch whose ITI-18 or retrieve failed; a registry that
     refuses the query with XDSUnknownPatientId has found nothing for the
     patient: EXIT_NOT_FOUND, as an empty answer."""
-    if _unknown_patient(exc):
+    if _unknown_patient(exc.errors):
         _not_found(f"the Document Registry does not know this patient: {exc}")
     _fail(_unreachable_hint(str(exc), settings))
 
@@ -681,11 +690,7 @@ def submit(
             click.secho(describe_errors([error]), fg="red", err=True)
         if not exc.errors:
             _fail(_unreachable_hint(str(exc), settings))
-        hint = ""
-        if any(error.code == "XDSUnknownPatientId" for error in exc.errors):
-            # ITI TF-3 Table 4.2.4.1-2: the registry has had no ITI-8 for it.
-            feed = shlex.quote(patient_id.split("^")[0])
-            hint = f"; feed the patient first (xdsi feed {feed}), then run this again"
+        hint = _feed_hint(patient_id) if _unknown_patient(exc.errors) else ""
         _fail(f"ITI-41 answered Failure{hint}")
     click.echo(f"SubmissionSet {submitted.submission_set_unique_id}")
     for path, unique_id in zip(files, submitted.document_unique_ids, strict=True):
@@ -743,7 +748,7 @@ def find(ctx: click.Context, patient_id: str, as_json: bool) -> None:
     try:
         entries = consumer.find(patient_id)
     except ConsumerError as exc:
-        if as_json and _unknown_patient(exc):
+        if as_json and _unknown_patient(exc.errors):
             # The same empty list as an answer that finds nothing.
             click.echo(json.dumps([], indent=2))
         _fail_query(exc, settings)
@@ -1263,13 +1268,7 @@ def _publish_now(services: Services, studies: Iterable[str]) -> None:
             hint = ""
             if reason and "XDSUnknownPatientId" in reason:
                 patient = services.intake.study_patient(study_instance_uid)
-                feed = "xdsi feed"
-                if patient:
-                    feed += " " + shlex.quote(patient.split("^")[0])
-                hint = (
-                    f"; feed the patient first ({feed}), then run this again "
-                    "(a serving node retries by itself)"
-                )
+                hint = _feed_hint(patient) + " (a serving node retries by itself)"
             click.secho(
                 _unreachable_hint(
                     f"study {study_instance_uid} not published: "
