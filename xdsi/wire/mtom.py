@@ -218,8 +218,8 @@ class _FileSink:
     keeping its first HEAD_SIZE bytes; with ``max_size``, refuse the bytes
     that would make it larger.
 
-    With ``writer`` the file is opened, written and closed by that thread
-    (:class:`_WriteBehind`), and an error doing so shows at a later call or
+    The file is opened, written and closed by ``writer``: at once, or, with a
+    :class:`_WriteBehind`, by its thread, an error showing at a later call or
     when the writer is joined.
     """
 
@@ -228,39 +228,21 @@ class _FileSink:
         path: Path,
         digest: bool = True,
         max_size: int | None = None,
-        writer: "_WriteBehind | None" = None,
+        writer: "_Writer | None" = None,
     ) -> None:
         self.path = path
         self.sha1 = hashlib.sha1() if digest else None
         self.size = 0
         self.head = b""
         self._max_size = max_size
-        self._writer = writer
-        self._file: BinaryIO | None = None
-        if writer is not None:
-            writer.put(_OPEN, self)
-            return
-        try:
-            self._file = path.open("xb")
-        except OSError as exc:
-            raise SpoolError(exc) from exc
+        self._writer = writer or _WriteNow()
+        self.file: BinaryIO | None = None
+        self._writer.put(_OPEN, self)
 
     def write(self, data: bytes | memoryview) -> None:
         if self._max_size is not None and self.size + len(data) > self._max_size:
             raise AnswerTooLarge(self._max_size, part=True)
-        if self._writer is not None:
-            # Written later by the thread: bytes that the caller may change
-            # meanwhile (a reused buffer) go as a copy.
-            owner = data.obj if isinstance(data, memoryview) else data
-            self._writer.put(
-                _WRITE, self, data if isinstance(owner, bytes) else bytes(data)
-            )
-        else:
-            assert self._file is not None
-            try:
-                self._file.write(data)
-            except OSError as exc:
-                raise SpoolError(exc, self.path) from exc
+        self._writer.put(_WRITE, self, data)
         if self.sha1 is not None:
             self.sha1.update(data)
         if self.size < HEAD_SIZE:
@@ -271,18 +253,37 @@ class _FileSink:
         return None if self.sha1 is None else self.sha1.hexdigest()
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.put(_CLOSE, self)
-            return
         # The buffer's last bytes are written here: a full disk shows too.
-        try:
-            if self._file is not None:
-                self._file.close()
-        except OSError as exc:
-            raise SpoolError(exc, self.path) from exc
+        self._writer.put(_CLOSE, self)
 
 
 _OPEN, _WRITE, _CLOSE = "open", "write", "close"
+
+
+class _Writer(Protocol):
+    def put(self, op: str, sink: _FileSink, data: bytes | memoryview = b"") -> None: ...
+
+
+def _perform(op: str, sink: _FileSink, data: bytes | memoryview) -> None:
+    """Open, write or close a part's file."""
+    if op is _OPEN:
+        sink.file = sink.path.open("xb")
+        return
+    assert sink.file is not None
+    if op is _WRITE:
+        sink.file.write(data)
+    else:
+        sink.file.close()
+
+
+class _WriteNow:
+    """Each step done at once, in the calling thread."""
+
+    def put(self, op: str, sink: _FileSink, data: bytes | memoryview = b"") -> None:
+        try:
+            _perform(op, sink, data)
+        except OSError as exc:
+            raise SpoolError(exc, sink.path) from exc
 
 
 class _WriteBehind:
@@ -311,7 +312,10 @@ class _WriteBehind:
     def put(self, op: str, sink: _FileSink, data: bytes | memoryview = b"") -> None:
         """Hand one step to the thread; raise the error it met, if any."""
         self._raise()
-        self._queue.put((op, sink, data))
+        # Written later: bytes that the caller may change meanwhile (a
+        # reused buffer) go as a copy.
+        owner = data.obj if isinstance(data, memoryview) else data
+        self._queue.put((op, sink, data if isinstance(owner, bytes) else bytes(data)))
 
     def join(self) -> None:
         """Wait until every step handed over is done; raise its error."""
@@ -326,9 +330,9 @@ class _WriteBehind:
         self._queue.put(None)
         self._thread.join()
         for sink in self._open:
-            assert sink._file is not None
+            assert sink.file is not None
             with suppress(OSError):
-                sink._file.close()
+                sink.file.close()
         self._open.clear()
 
     def _raise(self) -> None:
@@ -341,16 +345,11 @@ class _WriteBehind:
                 continue
             op, sink, data = item
             try:
+                _perform(op, sink, data)
                 if op is _OPEN:
-                    sink._file = sink.path.open("xb")
                     self._open.add(sink)
-                elif op is _WRITE:
-                    assert sink._file is not None
-                    sink._file.write(data)
-                else:
+                elif op is _CLOSE:
                     self._open.discard(sink)
-                    assert sink._file is not None
-                    sink._file.close()
             except OSError as exc:
                 self._error = SpoolError(exc, sink.path)
             except BaseException as exc:  # noqa: BLE001 - handed to the reader
