@@ -1735,7 +1735,7 @@ def _file_range(stream: BinaryIO, start: int, length: int) -> Iterator[bytes]:
     with stream:
         stream.seek(start)
         while length > 0:
-            chunk = stream.read(min(length, 1 << 20))
+            chunk = stream.read(min(length, CHUNK_SIZE))
             if not chunk:
                 return
             length -= len(chunk)

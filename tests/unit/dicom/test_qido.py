@@ -86,7 +86,12 @@ def test_index_columns_hold_single_values_only(
         (
             {
                 "vr": "PN",
-                "Value": [{"Alphabetic": "Yamada^Tarou", "Ideographic": "山田^太郎"}],
+                "Value": [
+                    {
+                        "Alphabetic": "Yamada^Tarou",
+                        "Ideographic": "山田^太郎",
+                    }
+                ],
             },
             "yamada^tarou=山田^太郎",
         ),
