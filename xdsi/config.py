@@ -540,6 +540,18 @@ class Settings:
         host = self.node.public_host
         return f"{scheme}://{host}:{cfg.port}{cfg.dicomweb_path.rstrip('/')}"
 
+    def dicomweb_resource(
+        self, study: str, series: str | None = None, instance: str | None = None
+    ) -> str:
+        """The URL of a study, series or instance of this node's WADO-RS
+        (DICOM PS3.18 10.4.1): its Retrieve URL (0008,1190)."""
+        url = f"{self.dicomweb_url}/studies/{study}"
+        if series is not None:
+            url += f"/series/{series}"
+            if instance is not None:
+                url += f"/instances/{instance}"
+        return url
+
     def imaging_endpoints(self) -> list[tuple[str, str]]:
         """The Imaging Document Source's services besides RAD-69, by name."""
         source = self.imaging_source

@@ -218,8 +218,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             )
 
     def retrieve_url(study_uid: str, series_uid: str | None = None) -> str:
-        url = f"{source.settings.dicomweb_url}/studies/{study_uid}"
-        return f"{url}/series/{series_uid}" if series_uid else url
+        return source.settings.dicomweb_resource(study_uid, series_uid or None)
 
     # --- QIDO-RS ----------------------------------------------------------
 

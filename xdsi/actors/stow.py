@@ -34,6 +34,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from xdsi import audit
 from xdsi.actors.intake import Accepted, Intake, received_events
 from xdsi.actors.soap_endpoint import RequestBody
+from xdsi.config import Settings
 from xdsi.dicom import scan
 from xdsi.dicom.check import Refused
 from xdsi.logs import escaped, quoted
@@ -255,7 +256,13 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
                     _reference(
                         accepted.sop_class_uid,
                         accepted.sop_instance_uid,
-                        retrieve_url=_instance_url(settings.dicomweb_url, accepted),
+                        # Its Referenced SOP Sequence item's Retrieve URL
+                        # (DICOM PS3.18 Table 10.5.3-2).
+                        retrieve_url=settings.dicomweb_resource(
+                            accepted.study_instance_uid,
+                            accepted.series_instance_uid,
+                            accepted.sop_instance_uid,
+                        ),
                     )
                 )
             except Refused as exc:
@@ -319,7 +326,7 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
     # URLs answer 404 until the study's manifest is registered, or for good
     # when auto-publishing is off or the study cannot be published.
     body: dict[str, dict] = {  # type: ignore[type-arg]
-        RETRIEVE_URL: _study_url(settings.dicomweb_url, kept)
+        RETRIEVE_URL: _study_url(settings, kept)
     }
     if stored:
         body[REFERENCED_SOP_SEQUENCE] = {"vr": "SQ", "Value": stored}
@@ -385,9 +392,9 @@ def _warning(text: str) -> str:
     return f'299 {request.host}: "{escaped}"'
 
 
-def _study_url(dicomweb_url: str, kept: list[Accepted]) -> dict[str, object]:
-    """The response's Retrieve URL: the WADO-RS study resource (DICOM PS3.18
-    10.4.1) of the instances stored.
+def _study_url(settings: Settings, kept: list[Accepted]) -> dict[str, object]:
+    """The response's Retrieve URL: the WADO-RS study resource of the
+    instances stored.
 
     DICOM PS3.18 Table 10.5.3-2 names one study; the attribute is Type 2, so
     it is sent empty when no instance was stored, and when those stored are
@@ -397,19 +404,8 @@ def _study_url(dicomweb_url: str, kept: list[Accepted]) -> dict[str, object]:
     studies = {accepted.study_instance_uid for accepted in kept}
     if len(studies) == 1:
         (study_instance_uid,) = studies
-        element["Value"] = [f"{dicomweb_url}/studies/{study_instance_uid}"]
+        element["Value"] = [settings.dicomweb_resource(study_instance_uid)]
     return element
-
-
-def _instance_url(dicomweb_url: str, accepted: Accepted) -> str:
-    """The WADO-RS instance resource (DICOM PS3.18 10.4.1) of an instance
-    stored, for its Referenced SOP Sequence item (DICOM PS3.18 Table
-    10.5.3-2)."""
-    return (
-        f"{dicomweb_url}/studies/{accepted.study_instance_uid}"
-        f"/series/{accepted.series_instance_uid}"
-        f"/instances/{accepted.sop_instance_uid}"
-    )
 
 
 def _reference(
