@@ -621,6 +621,9 @@ def publish(
         try:
             published = services.imaging_source.publish(study, patient_id)
         except PublishError as exc:
+            # Held now: a serving node publishes it by itself, as the next
+            # import or publish does.
+            services.intake.publish_read_failed(study.study_instance_uid, since, exc)
             click.secho(
                 _unreachable_hint(
                     f"study {study.study_instance_uid} not published: {exc}", settings
@@ -1027,11 +1030,11 @@ def _take_in(
     )
     if not result.accepted:
         services.engine.dispose()
-        # The reason a DICOM file was refused, rather than that of a file
-        # beside it that is no DICOM at all.
-        reasons = broken or [(p, r.reason) for p, r in result.refused]
-        first = f" ({reasons[0][1]})" if reasons else ""
-        _fail(f"no DICOM instance taken in from {folder}{first}")
+        # The DICOM files refused are listed above with why; when there are
+        # none, why the other files are not DICOM.
+        others = [r.reason for _, r in result.refused]
+        why = " (as listed above)" if broken else f" ({others[0]})" if others else ""
+        _fail(f"no DICOM instance taken in from {folder}{why}")
     return result
 
 
@@ -1096,11 +1099,12 @@ def _refusals(result: ImportResult) -> list[str]:
 
 
 def _exit_if_refused(reasons: list[str]) -> None:
-    """Exit EXIT_REFUSED when DICOM files were refused, for these reasons."""
+    """Exit EXIT_REFUSED when DICOM files were refused, for these reasons,
+    which _say_skipped has listed with the files."""
     if reasons:
         click.secho(
-            f"error: {_count(len(reasons), 'DICOM file')} refused "
-            f"({reasons[0]}); the rest was taken in",
+            f"error: {_count(len(reasons), 'DICOM file')} refused, as listed "
+            "above; the rest was taken in",
             fg="red",
             err=True,
         )
@@ -1227,7 +1231,7 @@ def _publish_now(services: Services, studies: Iterable[str]) -> None:
                 f"{current.sop_instance_uid}"
             )
             continue
-        published = services.intake.publish_now(study_instance_uid)
+        published = services.intake.publish_now(study_instance_uid, caller_tells=True)
         if published is not None:
             click.echo(
                 f"published study {study_instance_uid}: "

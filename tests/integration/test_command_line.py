@@ -284,10 +284,13 @@ def test_skipped_files_are_listed_but_their_paths_are_not_logged(
             for line in published.stderr.splitlines()
             if " WARNING " in line or " ERROR " in line
         ]
-        assert logged, published.stderr
         assert not [line for line in logged if "DOE^JANE" in line], logged
         listed = [line for line in published.stderr.splitlines() if line[:2] == "  "]
         assert str(truncated) in "\n".join(listed)
+        # Each reason is told once, beside its file, not logged again.
+        for line in listed:
+            reason = line.split(": ", 1)[1]
+            assert published.stderr.count(reason) == 1, published.stderr
         assert "README.TXT" not in published.stderr
         if not extra:
             # The header of broken.dcm reads; only the checked path sees
@@ -1192,3 +1195,48 @@ def test_a_command_help_is_shown_where_no_node_serves(
     assert ran.stdout.startswith("Usage: ")
     assert "--help" in ran.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("headers_only", [False, True], ids=["checked", "headers"])
+def test_a_study_not_published_for_the_node_being_down_is_published_by_it_later(
+    tmp_path, headers_only: bool
+):
+    """A publish whose node is not serving keeps the study and says why
+    once (no log record saying it again); the node, once served, publishes
+    the study by itself after its quiet time, whichever way it was read."""
+    config = _node_config(tmp_path)
+    config.write_text(
+        config.read_text().replace(
+            "[imaging_source]\n", "[imaging_source]\npublish_after = 1\n"
+        )
+    )
+    images = dicom_path("study-mr", "images")
+    (study,) = scan.scan_directory(images).studies
+    extra = ("--headers-only",) if headers_only else ()
+
+    down = _xdsi(
+        config, "publish", str(images), "--patient-id", "PAT-LATER", *extra, check=False
+    )
+
+    assert down.returncode == 1, down.stderr
+    assert "not published" in down.stderr
+    assert down.stderr.count("Connection refused") == 1, down.stderr
+
+    process = _serve(config)
+    try:
+        assert "ACK AA" in _xdsi(config, "feed", "PAT-LATER").stdout
+        deadline = time.monotonic() + 120
+        found = None
+        while time.monotonic() < deadline:
+            found = _xdsi(config, "find", "--patient-id", "PAT-LATER", check=False)
+            if found.returncode == 0:
+                break
+            time.sleep(1)
+        assert found is not None and found.returncode == 0, found.stderr
+        assert (
+            study.study_instance_uid
+            in _xdsi(config, "find", "--patient-id", "PAT-LATER", "--json").stdout
+        )
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

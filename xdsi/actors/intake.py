@@ -24,7 +24,6 @@ import threading
 import time
 import uuid
 import warnings
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -504,6 +503,8 @@ class Intake:
         reference are read; otherwise every regular file under the folder.
         Files are copied, never moved. ``patient_id``, when given, is the
         patient the studies are published under instead of the images' own.
+        The files refused are returned with why, for the caller to tell (the
+        command line lists them), and are logged at DEBUG only.
         """
         accepted: list[Accepted] = []
         refused: list[tuple[Path, check.Refused]] = []
@@ -528,7 +529,6 @@ class Intake:
             # Further Ctrl-Cs while the record is written are taken as the
             # first was: the record is not cut off.
             stop.holding = True
-            _log_refusals([exc for _, exc in refused])
             self.record_import(folder, accepted, refused)
         if stop.requested:
             # Stopped half way (Ctrl-C): each instance taken in so far is
@@ -539,7 +539,10 @@ class Intake:
     def keep_read(self, study: scan.Study, patient_id: str, folder: Path) -> None:
         """Keep a study read from ``folder`` by its headers alone (``publish
         --headers-only``), and record the import (DICOM PS3.15 A.5.3.5), as
-        :meth:`import_folder` does; publishing it then finds it held.
+        :meth:`import_folder` does; publishing it then finds it held. The
+        study is claimed by this process, which publishes it next, so that a
+        serving node's publisher leaves it alone meanwhile; the caller ends
+        the claim with :meth:`note_published` or :meth:`publish_read_failed`.
 
         Raises
         ------
@@ -563,6 +566,28 @@ class Intake:
             for uid, header in headers.items()
         ]
         self.record_import(folder, accepted, [])
+        column = imaging_study.c
+        now = time.time()
+        with self.engine.begin() as conn:
+            _upsert_study(
+                conn,
+                study.study_instance_uid,
+                patient_id,
+                {"patient_id": patient_id},
+                now,
+            )
+            # Not taken from another publisher still at it.
+            conn.execute(
+                update(imaging_study)
+                .where(
+                    column.study_instance_uid == study.study_instance_uid,
+                    or_(
+                        column.claimed_at.is_(None),
+                        column.claimed_at < now - CLAIM_LEASE,
+                    ),
+                )
+                .values(claimed_at=now, claimed_by=claimant())
+            )
 
     def record_import(
         self,
@@ -749,13 +774,19 @@ class Intake:
         return published
 
     def publish_now(
-        self, study_instance_uid: str, *, cutoff: float | None = None
+        self,
+        study_instance_uid: str,
+        *,
+        cutoff: float | None = None,
+        caller_tells: bool = False,
     ) -> Published | None:
         """Publish a changed study at once: first manifest, replacement or
         withdrawal. None when there was nothing to do or nothing is left.
 
         The study is claimed first, so that one publisher alone sends it; a
-        change arriving meanwhile marks it changed again.
+        change arriving meanwhile marks it changed again. With
+        ``caller_tells`` (a command, whose user reads why from
+        :meth:`last_failure`), a failure is logged at DEBUG only.
         """
         with self._publishing:
             self.take_back_claims(study_instance_uid)
@@ -769,7 +800,7 @@ class Intake:
                     raise UnusablePatientId(f"its patient id {problem}")
                 published = self.source.republish(study_instance_uid, row.patient_id)
             except SubmitError as exc:
-                self._failed(study_instance_uid, row.changed_at, exc)
+                self._failed(study_instance_uid, row.changed_at, exc, caller_tells)
                 return None
             except BaseException:
                 # Anything else (an unreadable instance, Ctrl-C, the node
@@ -788,14 +819,29 @@ class Intake:
                 )
             return published
 
+    def publish_read_failed(
+        self, study_instance_uid: str, since: float, exc: SubmitError
+    ) -> None:
+        """Note that a study kept by :meth:`keep_read` at ``since`` was not
+        published: it is left changed, so that a serving node publishes it
+        by itself, as it does a study taken in, and the next import or
+        publish of it sends it. The command that failed tells its user why,
+        so that the failure is logged at DEBUG only."""
+        self._failed(study_instance_uid, since, exc, caller_tells=True)
+
     def _failed(
-        self, study_instance_uid: str, changed_at: float, exc: Exception
+        self,
+        study_instance_uid: str,
+        changed_at: float,
+        exc: Exception,
+        caller_tells: bool = False,
     ) -> None:
         """Mark a study changed again and note the failure for backoff.
 
         The first failure in a row is a WARNING naming the error codes (their
         texts may name the patient, and go to DEBUG), or an ERROR with its
-        traceback for a failure of the node's own; later ones go to DEBUG.
+        traceback for a failure of the node's own; later ones go to DEBUG, as
+        a peer's refusal does when ``caller_tells``.
         """
         self._mark_changed(study_instance_uid)
         before = self._failing.get(study_instance_uid)
@@ -809,7 +855,8 @@ class Intake:
         self._failing[study_instance_uid] = Failing(
             failures, changed_at, time.time(), reason, lasting
         )
-        if failures == 1:
+        told = caller_tells and isinstance(exc, SubmitError)
+        if failures == 1 and not told:
             logger.log(
                 logging.WARNING if isinstance(exc, SubmitError) else logging.ERROR,
                 "study %s not published (%s); %s",
@@ -1177,7 +1224,8 @@ class Intake:
         """Note a study published outside intake (``publish --headers-only``)
         under ``patient_id``: the study is held under that patient from now,
         and unchanged unless it changed after ``since`` (seconds since the
-        epoch), when that publication began."""
+        epoch), when that publication began; this process's claim on it
+        (:meth:`keep_read`) ends."""
         column = imaging_study.c
         with self.engine.begin() as conn:
             _upsert_study(
@@ -1190,6 +1238,14 @@ class Intake:
                     column.changed_at <= since,
                 )
                 .values(dirty=False)
+            )
+            conn.execute(
+                update(imaging_study)
+                .where(
+                    column.study_instance_uid == study_instance_uid,
+                    column.claimed_by == claimant(),
+                )
+                .values(claimed_at=None, claimed_by=None)
             )
 
 
@@ -1382,17 +1438,3 @@ def _same_patient(first: Dataset, second: Dataset) -> bool:
 def _same_as_in_manifest(manifest: Dataset, ds: Dataset) -> bool:
     """Whether a data set names the patient its study's manifest names."""
     return _patient_as_in_manifest(manifest) == _patient_as_in_manifest(ds)
-
-
-def _log_refusals(refusals: list[check.Refused]) -> None:
-    """Log each reason files of one import were refused for, once, with how
-    many files it turned away; no path (it may name a patient). Files that
-    are not DICOM at all (a CD's viewer, its README) are logged at INFO."""
-    for (rule, reason), files in Counter((r.rule, r.reason) for r in refusals).items():
-        logger.log(
-            logging.INFO if rule == "not_dicom" else logging.WARNING,
-            "Refused %d %s: %s",
-            files,
-            "file" if files == 1 else "files",
-            reason,
-        )
