@@ -20,6 +20,7 @@ from tests.integration.test_dicomweb_wado_qido import (  # noqa: F401 (fixture)
     _published_study,
     published,
 )
+from xdsi.actors import dicomweb
 from xdsi.dicom import scan
 
 MR_MULTI_FRAME = "enhanced-mr-mf__emri_small.dcm"  # 64 x 64, 10 frames
@@ -298,6 +299,36 @@ def test_a_study_shows_its_first_series_that_holds_an_image(
     answer = _get(_url(shared_node, study.study_instance_uid, "/thumbnail"))
 
     assert _image(answer).size == (128, round(169 * 128 / 211))
+
+
+def test_a_study_thumbnail_reads_the_file_of_the_image_shown_alone(
+    shared_node: RunningNode,
+    mr_study: scan.Study,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DICOM PS3.18 10.4.1.1.4: the image a study stands for is chosen from
+    the attributes the node keeps of each instance, so that a thumbnail
+    reads one stored file, whatever the size of the study."""
+    ct = dicom_path("singles", "ts-explicit-le__CT_small.dcm")
+    study = _publish_series(
+        shared_node, tmp_path / "many", [(2, [ct] * 6), (1, [ct] * 5)]
+    )
+    read: list[Path] = []
+    header = dicomweb._header
+
+    def recorded(path: Path) -> pydicom.Dataset:
+        read.append(path)
+        return header(path)
+
+    monkeypatch.setattr(dicomweb, "_header", recorded)
+
+    answer = _get(_url(shared_node, study.study_instance_uid, "/thumbnail"))
+
+    assert _image(answer).size == (128, 128)
+    (shown,) = set(read)
+    assert pydicom.dcmread(shown).InstanceNumber == 3
+    assert pydicom.dcmread(shown).SeriesNumber == 1
 
 
 @pytest.mark.parametrize("name", [SR, KOS])
