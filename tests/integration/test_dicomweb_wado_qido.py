@@ -1136,9 +1136,10 @@ def _new_records(node: RunningNode, before: int, transaction: str) -> list:
     [
         ("RAD-107", "/series/{series}"),
         ("RAD-107", "/series/{series}/metadata"),
+        ("RAD-107", "/thumbnail"),
         ("RAD-55", None),
     ],
-    ids=["wado-rs", "wado-rs-metadata", "wado-uri"],
+    ids=["wado-rs", "wado-rs-metadata", "wado-rs-thumbnail", "wado-uri"],
 )
 def test_dicomweb_retrievals_are_audited_before_anything_is_sent(
     shared_node: RunningNode,

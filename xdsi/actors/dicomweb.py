@@ -2,8 +2,9 @@
 
 Implements RAD TF-3 4.55 (WADO Retrieve: DICOM PS3.18 9 URI service,
 ``requestType=WADO``), RAD TF-3 4.107 (WADO-RS Retrieve: DICOM PS3.18 10.4
-instances and metadata) and RAD TF-3 4.129 (QIDO-RS Query: DICOM PS3.18 10.6)
-for the studies this source has published with a manifest.
+instances, metadata, frames, rendered and thumbnail resources) and RAD TF-3
+4.129 (QIDO-RS Query: DICOM PS3.18 10.6) for the studies this source has
+published with a manifest.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ from sqlalchemy import (
     select,
     tuple_,
 )
-from werkzeug.datastructures import MultiDict
+from werkzeug.datastructures import MIMEAccept, MultiDict
 from werkzeug.exceptions import HTTPException
+from werkzeug.http import parse_accept_header
 
 from xdsi import audit
 from xdsi.actors.soap_endpoint import with_allow
@@ -72,6 +74,16 @@ logger = logging.getLogger(__name__)
 DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
 JPEG = "image/jpeg"
+PNG = "image/png"
+GIF = "image/gif"
+# The Rendered Media Types of a single frame image this node renders in
+# (DICOM PS3.18 Table 8.7.4-1: image/jpeg the default, image/png and
+# image/gif required of a RESTful service), each with its Pillow format;
+# the default first, as a tie of q values goes to the first.
+RENDERED_FORMATS = {JPEG: "JPEG", PNG: "PNG", GIF: "GIF"}
+# The box a thumbnail fits in, aspect kept, when no viewport is asked for
+# (DICOM PS3.18 10.4.1.1.4 leaves its size to the origin server).
+THUMBNAIL_VIEWPORT = (128, 128)
 CHUNK_SIZE = 1 << 20
 # The length of base64 text above which a binary value at the top level of
 # an instance is bulk data, left out of WADO-RS metadata: 4 KiB of text,
@@ -506,10 +518,11 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
     # --- WADO-RS frames and rendered images ------------------------------
 
     def held_image(
-        study_uid: str, series_uid: str, sop_uid: str
+        study_uid: str, series_uid: str, sop_uid: str, no_image: int = 404
     ) -> tuple[list[Row], Dataset]:
         """The store row and header of a published image; 404 when there is
-        none, 500 when its stored copy cannot be read."""
+        none, ``no_image`` when the instance is no image, 500 when its
+        stored copy cannot be read."""
         held = published(study_uid, series_uid, sop_uid)
         if not held:
             abort(404, _not_published(study_uid, series_uid, sop_uid))
@@ -524,7 +537,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         except (OSError, InvalidDicomError):
             abort(500, "the stored copy of the instance cannot be read here")
         if "Rows" not in image:
-            abort(404, f"instance {sop_uid} is no image: it has no frames")
+            abort(no_image, f"instance {sop_uid} is no image: it has no frames")
         return held, image
 
     @blueprint.get(
@@ -733,16 +746,25 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             abort(404, f"frame {number} is not in instance {sop_uid}")
         # Limitation: a multi-frame image rendered as an instance is its
         # first frame, not a multi-frame media type.
-        jpeg = _render(source.blobs.path(held[0].blob), number, options)
+        return rendered_answer(held, number, options, "WADO-RS Retrieve Rendered")
+
+    def rendered_answer(
+        held: list[Row], number: int, rendering: Rendering, title: str
+    ) -> Response:
+        """Render frame ``number`` of the image ``held`` as ``rendering``
+        asks, spool the audit record of its retrieval and answer with it:
+        the one rendering path of the rendered and thumbnail resources,
+        which decodes that frame alone (see :func:`_rendered`)."""
+        image = _render(source.blobs.path(held[0].blob), number, rendering)
         audited("RAD-107", held, audit.Outcome.SUCCESS)
         logger.info(
             "%s %s from %s: %s",
             "RAD-107",
-            "WADO-RS Retrieve Rendered",
+            title,
             request.remote_addr,
-            JPEG,
+            rendering.media_type,
         )
-        return Response(jpeg, content_type=JPEG)
+        return Response(image, content_type=rendering.media_type)
 
     @blueprint.get(
         f"{base}/studies/<study_uid>/series/<series_uid>/instances/<sop_uid>/rendered"
@@ -758,6 +780,127 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         study_uid: str, series_uid: str, sop_uid: str, frame_list: str
     ) -> Response:
         return rendered(study_uid, series_uid, sop_uid, frame_list)
+
+    # --- WADO-RS thumbnails -----------------------------------------------
+
+    def thumbnail(
+        study_uid: str,
+        series_uid: str | None = None,
+        sop_uid: str | None = None,
+        frame_list: str | None = None,
+    ) -> Response:
+        """DICOM PS3.18 10.4.1.1.4: one image that stands for a study,
+        series, instance or frames, in the Acceptable Media Type of
+        RENDERED_FORMATS (8.7.8.1), fit to the viewport asked for or else
+        to THUMBNAIL_VIEWPORT (see :func:`_thumbnail_rendering`).
+
+        The image shown, as DICOM PS3.18 10.4.5 has it described: of a
+        study, that of its first series (by Series Number) holding an
+        image; of a series, its middle image by Instance Number; of an
+        instance, its middle frame; of frames, the middle one listed. No
+        annotation is burnt in, so that the thumbnail adds no Patient
+        Identifying Information; a study, series or instance without an
+        image has no thumbnail this node can render (406).
+
+        Limitation: text already burnt into the pixels of the image chosen
+        (Burned In Annotation YES) shows in its thumbnail as in the image.
+        """
+        _single_valued(request.args, ("accept",))
+        media_type = _thumbnail_media_type(
+            request.headers.get("Accept", ""), request.args.get("accept")
+        )
+        rendering = _thumbnail_rendering(request.args, media_type)
+        listed = None if frame_list is None else _frame_numbers(frame_list)
+        if series_uid is None or sop_uid is None:
+            series_uid, sop_uid = representative(study_uid, series_uid)
+        # Frames a report does not have are not found, as Retrieve Frames
+        # has it; a report has no thumbnail this node can make.
+        held, image = held_image(
+            study_uid, series_uid, sop_uid, no_image=406 if listed is None else 404
+        )
+        count = frames.number_of_frames(image)
+        beyond = [n for n in listed or () if n > count]
+        if beyond:
+            abort(
+                404,
+                f"frame {beyond[0]} is not in instance {sop_uid}, which has "
+                f"{count} frame{'s' if count > 1 else ''}",
+            )
+        number = (count + 1) // 2 if listed is None else listed[(len(listed) - 1) // 2]
+        return rendered_answer(held, number, rendering, "WADO-RS Retrieve Thumbnail")
+
+    def representative(study_uid: str, series_uid: str | None) -> tuple[str, str]:
+        """The Series and SOP Instance UIDs of the image a study or series
+        thumbnail shows: the middle one, by Instance Number, of the images
+        of the series, or of the study's first series (by Series Number)
+        that holds one. 404 when nothing is published there; 406 when none
+        of it is an image, a report or waveform having no Rendered Media
+        Type among those this node makes (DICOM PS3.18 8.7.8.1).
+
+        Whether an instance is an image, and its numbers, are read from
+        the attributes kept for QIDO-RS, a batch of rows at a time; only
+        the images of the first series so far are kept, so that memory
+        follows the series shown, not the study.
+        """
+        _check_uids(study_uid, series_uid)
+        index_once()
+        column = imaging_instance.c
+        query = (
+            select(
+                column.series_instance_uid, column.sop_instance_uid, column.attributes
+            )
+            .where(*_in_scope(study_uid, series_uid))
+            .execution_options(yield_per=ANSWER_BATCH)
+        )
+        held = 0
+        first: tuple[bool, int, str] | None = None
+        images: list[tuple[tuple[bool, int, str], str]] = []
+        with source.engine.connect() as conn:
+            for row_series_uid, row_sop_uid, attributes in conn.execute(query):
+                held += 1
+                kept = json.loads(attributes or "{}")
+                if not _integer(kept, "Rows"):
+                    continue
+                series = _numbered(_integer(kept, "SeriesNumber"), row_series_uid)
+                if first is None or series < first:
+                    first, images = series, []
+                if series == first:
+                    number = _integer(kept, "InstanceNumber")
+                    images.append((_numbered(number, row_sop_uid), row_sop_uid))
+        if not held:
+            abort(404, _not_published(study_uid, series_uid))
+        if first is None:
+            named = f"series {series_uid}" if series_uid else f"study {study_uid}"
+            abort(
+                406,
+                f"{named} holds no image; a thumbnail is an image, rendered of "
+                "one (DICOM PS3.18 8.7.8.1)",
+            )
+        images.sort()
+        return first[2], images[(len(images) - 1) // 2][1]
+
+    @blueprint.get(f"{base}/studies/<study_uid>/thumbnail")
+    def study_thumbnail(study_uid: str) -> Response:
+        return thumbnail(study_uid)
+
+    @blueprint.get(f"{base}/studies/<study_uid>/series/<series_uid>/thumbnail")
+    def series_thumbnail(study_uid: str, series_uid: str) -> Response:
+        return thumbnail(study_uid, series_uid)
+
+    @blueprint.get(
+        f"{base}/studies/<study_uid>/series/<series_uid>/instances/<sop_uid>/thumbnail"
+    )
+    def instance_thumbnail(study_uid: str, series_uid: str, sop_uid: str) -> Response:
+        return thumbnail(study_uid, series_uid, sop_uid)
+
+    @blueprint.get(
+        f"{base}/studies/<study_uid>/series/<series_uid>/instances/<sop_uid>"
+        "/frames/<frame_list>/thumbnail"
+    )
+    def frames_thumbnail(
+        study_uid: str, series_uid: str, sop_uid: str, frame_list: str
+    ) -> Response:
+        return thumbnail(study_uid, series_uid, sop_uid, frame_list)
 
     # --- WADO-URI ---------------------------------------------------------
 
@@ -1564,6 +1707,76 @@ def _rendered_options(args: MultiDict[str, str]) -> Rendering:
     return _rendering(wado)
 
 
+def _thumbnail_media_type(accept: str, accept_parameter: str | None) -> str:
+    """The Rendered Media Type a thumbnail goes in (DICOM PS3.18 8.7.8.1):
+    of RENDERED_FORMATS, the one of highest q value in the accept query
+    parameter (8.3.3.1), else in the Accept header (RFC 9110 12.5.1, the
+    most specific range giving each its q value), a tie going to the first
+    of them, the default image/jpeg; a 406 when neither takes any.
+
+    More lenient than DICOM PS3.18 8.7.5 in two ways: a request without an
+    Accept header gets the default, as RFC 9110 12.5.1 has it, rather than
+    a 406; and the accept query parameter is honoured whether or not the
+    Accept header also takes what it names (8.3.3.1 wants it to).
+    """
+    for given in (accept_parameter, accept):
+        if given is not None and given.strip():
+            chosen = parse_accept_header(given, MIMEAccept).best_match(
+                list(RENDERED_FORMATS)
+            )
+            if chosen is not None:
+                return chosen
+    if not accept.strip():
+        return JPEG
+    abort(
+        406,
+        f"a thumbnail is sent as {', '.join(RENDERED_FORMATS)}; the Accept header "
+        f"{'and accept parameter take' if accept_parameter else 'takes'} none of "
+        "them (DICOM PS3.18 8.7.8.1)",
+    )
+
+
+def _thumbnail_rendering(args: MultiDict[str, str], media_type: str) -> Rendering:
+    """The rendering of a thumbnail: fit, aspect kept, to the viewport
+    asked for or else to THUMBNAIL_VIEWPORT (DICOM PS3.18 8.3.5.1.3).
+
+    A thumbnail's viewport is vw,vh alone, each a positive integer, here at
+    most MAX_RENDERED_SIZE; anything else is a 400. The other rendering
+    parameters are of rendered resources only (DICOM PS3.18 Table
+    10.4.1-5) and, as any a resource does not support, ignored (8.3).
+    """
+    _single_valued(args, ("viewport",))
+    columns, rows = THUMBNAIL_VIEWPORT
+    if "viewport" in args:
+        values = args["viewport"].split(",")
+        if len(values) != 2:
+            abort(
+                400,
+                "the viewport of a thumbnail is vw,vh, its width and height, "
+                "with no source region (DICOM PS3.18 8.3.5.1.3)",
+            )
+        columns, rows = (_whole(value, "viewport") for value in values)
+        if not (1 <= columns <= MAX_RENDERED_SIZE and 1 <= rows <= MAX_RENDERED_SIZE):
+            abort(400, f"viewport sides must be from 1 to {MAX_RENDERED_SIZE}")
+    return Rendering(rows=rows, columns=columns, media_type=media_type)
+
+
+def _integer(kept: Mapping[str, dict], keyword: str) -> int | None:
+    """The first value of an integer attribute in DICOM JSON (``kept``);
+    None when it is absent, empty or no integer."""
+    values = kept.get(_tag(keyword), {}).get("Value") or [None]
+    try:
+        return int(values[0])
+    except (TypeError, ValueError):
+        return None
+
+
+def _numbered(number: int | None, uid: str) -> tuple[bool, int, str]:
+    """A key that orders series or instances by number, those without one
+    last, then by UID."""
+    return (number is None, number or 0, uid)
+
+
 @dataclass
 class _Production:
     """What of the instances asked for can be sent, and why the others not."""
@@ -1806,7 +2019,8 @@ _RENDERING = threading.BoundedSemaphore(2)
 
 @dataclass(frozen=True)
 class Rendering:
-    """How a WADO-URI image is rendered; each None where not asked."""
+    """How an image is rendered (WADO-URI, WADO-RS rendered and thumbnail
+    resources); each None where not asked."""
 
     # xmin, ymin, xmax, ymax as fractions of the image, from its top left.
     region: tuple[float, float, float, float] | None = None
@@ -1814,7 +2028,10 @@ class Rendering:
     columns: int | None = None
     # Window Center and Width (DICOM PS3.3 C.11.2.1.2), both or neither.
     window: tuple[float, float] | None = None
+    # For image/jpeg only: PNG and GIF are lossless (DICOM PS3.18 8.3.5.1.2).
     quality: int = 90
+    # One of RENDERED_FORMATS.
+    media_type: str = JPEG
 
 
 def _rendering(args: Mapping[str, str]) -> Rendering:
@@ -1909,14 +2126,15 @@ def _windowed(pixels: np.ndarray, center: float, width: float) -> np.ndarray:
 
 
 def _render(path: Path, frame: int, rendering: Rendering = Rendering()) -> bytes:
-    """Render one frame as an 8-bit JPEG (DICOM PS3.18 WADO-URI image/jpeg),
-    no more than _RENDERING's count at once (see :func:`_rendered`)."""
+    """Render one frame as an 8-bit image of ``rendering.media_type``
+    (DICOM PS3.18 8.7.4), no more than _RENDERING's count at once (see
+    :func:`_rendered`)."""
     with _RENDERING:
         return _rendered(path, frame, rendering)
 
 
 def _rendered(path: Path, frame: int, rendering: Rendering) -> bytes:
-    """Render one frame as an 8-bit JPEG.
+    """Render one frame as an 8-bit image of ``rendering.media_type``.
 
     Modality LUT, then the window asked for or else the image's own VOI LUT
     or window, scaled to the frame's range; then the region is cut out, and
@@ -1982,7 +2200,12 @@ def _rendered(path: Path, frame: int, rendering: Rendering) -> bytes:
     if size != image.size:
         image = image.resize(size, Image.Resampling.LANCZOS)
     out = BytesIO()
-    image.save(out, format="JPEG", quality=rendering.quality)
+    if rendering.media_type == JPEG:
+        # DICOM PS3.18 8.7.4: baseline, 8-bit, Huffman coded; Pillow's
+        # default unless told progressive.
+        image.save(out, format="JPEG", quality=rendering.quality)
+    else:
+        image.save(out, format=RENDERED_FORMATS[rendering.media_type])
     return out.getvalue()
 
 
