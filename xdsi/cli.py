@@ -1030,11 +1030,11 @@ def _take_in(
     )
     if not result.accepted:
         services.engine.dispose()
-        # The DICOM files refused are listed above with why; when there are
-        # none, why the other files are not DICOM.
-        others = [r.reason for _, r in result.refused]
-        why = " (as listed above)" if broken else f" ({others[0]})" if others else ""
-        _fail(f"no DICOM instance taken in from {folder}{why}")
+        # The reason a DICOM file was refused, rather than that of a file
+        # beside it that is no DICOM at all.
+        reasons = broken or [(p, r.reason) for p, r in result.refused]
+        first = f" ({reasons[0][1]})" if reasons else ""
+        _fail(f"no DICOM instance taken in from {folder}{first}")
     return result
 
 
@@ -1099,12 +1099,11 @@ def _refusals(result: ImportResult) -> list[str]:
 
 
 def _exit_if_refused(reasons: list[str]) -> None:
-    """Exit EXIT_REFUSED when DICOM files were refused, for these reasons,
-    which _say_skipped has listed with the files."""
+    """Exit EXIT_REFUSED when DICOM files were refused, for these reasons."""
     if reasons:
         click.secho(
-            f"error: {_count(len(reasons), 'DICOM file')} refused, as listed "
-            "above; the rest was taken in",
+            f"error: {_count(len(reasons), 'DICOM file')} refused "
+            f"({reasons[0]}); the rest was taken in",
             fg="red",
             err=True,
         )
