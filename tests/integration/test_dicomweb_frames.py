@@ -16,7 +16,7 @@ from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 from pydicom.dataelem import RawDataElement
 from pydicom.encaps import get_frame
-from pydicom.pixels import pixel_array
+from pydicom.pixels import apply_modality_lut, pixel_array
 from pydicom.tag import Tag
 from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -476,6 +476,36 @@ def test_an_image_is_rendered_in_the_acceptable_media_type_of_highest_q_value(
 
 
 @pytest.mark.parametrize(
+    ("function", "grey"),
+    [("LINEAR", 191), ("linear_exact", 191), ("SIGMOID", 186)],
+)
+def test_a_window_is_applied_with_the_voi_lut_function_asked_for(
+    shared_node: RunningNode,
+    images: dict[str, scan.InstanceHeader],
+    function: str,
+    grey: int,
+) -> None:
+    """DICOM PS3.18 8.3.5.1.4: window=center,width,function, the function a
+    VOI LUT Function of DICOM PS3.3 C.11.2.1.3. A cell a quarter width
+    above the center is 0.75 of white linearly (C.11.2.1.2.1, C.11.2.1.3.2)
+    and 1 / (1 + e^-1) of it by the sigmoid (C.11.2.1.3.1); lossless PNG
+    keeps the grey."""
+    ds = pydicom.dcmread(dicom_path("singles", JLS))
+    value = float(apply_modality_lut(ds.pixel_array, ds)[0, 0])
+    width = 400
+
+    answer = requests.get(
+        _url(shared_node, images[JLS], "rendered"),
+        params={"window": f"{value - width / 4},{width},{function}"},
+        headers={"Accept": "image/png"},
+        timeout=30,
+    )
+
+    assert answer.status_code == 200, answer.text
+    assert Image.open(BytesIO(answer.content)).getpixel((0, 0)) == grey
+
+
+@pytest.mark.parametrize(
     ("accept", "params"),
     [
         ("image/jpeg", {"annotation": "patient,technique"}),
@@ -552,7 +582,9 @@ def test_dicom_and_rendered_media_types_accepted_at_once_are_a_400(
     [
         ("rendered", {}, {"Accept": "image/webp"}, 406),
         ("rendered", {"accept": "image/webp"}, {"Accept": "text/html"}, 406),
-        ("rendered", {"window": "40,400,SIGMOID"}, {}, 400),
+        ("rendered", {"window": "40,400,GAMMA"}, {}, 400),
+        ("rendered", {"window": "40,0.5"}, {}, 400),
+        ("rendered", {"window": "40,0,SIGMOID"}, {}, 400),
         ("rendered", {"window": "40"}, {}, 400),
         ("rendered", {"viewport": "1,2,3,4,5,6"}, {}, 400),
         ("rendered", {"quality": "0"}, {}, 400),

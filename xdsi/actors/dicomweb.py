@@ -1752,8 +1752,9 @@ def _rendered_options(args: MultiDict[str, str], media_type: str) -> Rendering:
     """The rendering a WADO-RS rendered resource is asked for, in
     ``media_type``: quality (of image/jpeg alone, the one lossy Rendered
     Media Type sent here; DICOM PS3.18 8.3.5.1.2), window (center,width
-    [,function], the function LINEAR) and viewport (vw,vh, the largest
-    size, aspect kept); a malformed one is a 400 (8.3).
+    [,function], the function one of VOI_LUT_FUNCTIONS, LINEAR when not
+    given; 8.3.5.1.4) and viewport (vw,vh, the largest size, aspect kept);
+    a malformed one is a 400 (8.3).
 
     Any other parameter is ignored, as DICOM PS3.18 8.3 has an origin
     server ignore those it does not support: the image is the one asked for
@@ -1765,21 +1766,28 @@ def _rendered_options(args: MultiDict[str, str], media_type: str) -> Rendering:
     """
     _single_valued(args, ("quality", "window", "viewport"))
     wado: dict[str, str] = {}
+    function = LINEAR
     if "quality" in args and media_type == JPEG:
         wado["imageQuality"] = args["quality"]
     if "window" in args:
         values = args["window"].split(",")
-        if len(values) == 3 and values[2].strip().upper() not in ("", "LINEAR"):
-            abort(400, "window: only the LINEAR function is rendered")
         if len(values) not in (2, 3):
             abort(400, "window must be center,width[,function]")
+        if len(values) == 3 and values[2].strip():
+            function = values[2].strip().upper()
+        if function not in VOI_LUT_FUNCTIONS:
+            abort(
+                400,
+                f"window function {escaped(values[2][:40])!r}: DICOM PS3.18 "
+                f"8.3.5.1.4 wants one of {', '.join(VOI_LUT_FUNCTIONS)}",
+            )
         wado["windowCenter"], wado["windowWidth"] = values[0], values[1]
     if "viewport" in args:
         values = args["viewport"].split(",")
         if len(values) != 2:
             abort(400, "viewport must be vw,vh (no source rectangle here)")
         wado["columns"], wado["rows"] = values[0], values[1]
-    return dataclasses.replace(_rendering(wado), media_type=media_type)
+    return dataclasses.replace(_rendering(wado, function), media_type=media_type)
 
 
 def _rendered_media_type(accept: str, accept_parameter: str | None, what: str) -> str:
@@ -2114,6 +2122,11 @@ RENDERING_PARAMETERS = (
 )
 # The largest Rows or Columns a rendered image is scaled to.
 MAX_RENDERED_SIZE = 4096
+# The VOI LUT Functions a window is applied with (DICOM PS3.3 C.11.2.1.3),
+# the function of a WADO-RS window (DICOM PS3.18 8.3.5.1.4); LINEAR the
+# default, the one of WADO-URI.
+LINEAR = "LINEAR"
+VOI_LUT_FUNCTIONS = (LINEAR, "LINEAR_EXACT", "SIGMOID")
 # Images decoded for rendering at once in one process: each may take
 # hundreds of MB (a mammogram as floating point), so a burst of WADO-URI
 # requests waits rather than exhausting memory.
@@ -2137,17 +2150,20 @@ class Rendering:
     region: tuple[float, float, float, float] | None = None
     rows: int | None = None
     columns: int | None = None
-    # Window Center and Width (DICOM PS3.3 C.11.2.1.2), both or neither.
+    # Window Center and Width (DICOM PS3.3 C.11.2.1.2), both or neither,
+    # and the VOI LUT Function they are applied with.
     window: tuple[float, float] | None = None
+    voi_lut_function: str = LINEAR
     # For image/jpeg only: PNG and GIF are lossless (DICOM PS3.18 8.3.5.1.2).
     quality: int = 90
     # One of RENDERED_FORMATS.
     media_type: str = JPEG
 
 
-def _rendering(args: Mapping[str, str]) -> Rendering:
-    """Read and check the rendering parameters of a WADO-URI request; a
-    malformed one is a 400."""
+def _rendering(args: Mapping[str, str], voi_lut_function: str = LINEAR) -> Rendering:
+    """Read and check the rendering parameters of a WADO-URI request, the
+    window to be applied with ``voi_lut_function``; a malformed one is a
+    400."""
     region = None
     if "region" in args:
         try:
@@ -2179,15 +2195,28 @@ def _rendering(args: Mapping[str, str]) -> Rendering:
         if not (math.isfinite(center) and math.isfinite(width)):
             # A decimal string of more digits than a double holds.
             abort(400, "windowCenter and windowWidth must be finite numbers")
-        if width < 1:
+        if width < 1 and voi_lut_function == LINEAR:
             abort(400, "windowWidth must be at least 1 (DICOM PS3.3 C.11.2.1.2)")
+        if width <= 0:
+            abort(
+                400,
+                f"windowWidth must be above 0 for {voi_lut_function} "
+                "(DICOM PS3.3 C.11.2.1.3)",
+            )
         window = (center, width)
     quality = 90
     if "imageQuality" in args:
         quality = _whole(args["imageQuality"], "imageQuality")
         if not 1 <= quality <= 100:
             abort(400, "imageQuality must be from 1 to 100")
-    return Rendering(region, rows, columns, window, quality)
+    return Rendering(
+        region=region,
+        rows=rows,
+        columns=columns,
+        window=window,
+        voi_lut_function=voi_lut_function,
+        quality=quality,
+    )
 
 
 # A decimal string as DICOM's DS VR writes one (PS3.5 6.2): ASCII digits,
@@ -2230,8 +2259,18 @@ def _stored_values(
         return pixels.astype(np.float64)
 
 
-def _windowed(pixels: np.ndarray, center: float, width: float) -> np.ndarray:
-    """The linear VOI function of DICOM PS3.3 C.11.2.1.2.1 onto 0..255."""
+def _windowed(
+    pixels: np.ndarray, center: float, width: float, function: str = LINEAR
+) -> np.ndarray:
+    """A window applied with its VOI LUT Function onto 0..255: LINEAR (DICOM
+    PS3.3 C.11.2.1.2.1), LINEAR_EXACT (C.11.2.1.3.2) or SIGMOID
+    (C.11.2.1.3.1)."""
+    if function == "SIGMOID":
+        # exp overflows to infinity far below the center: black, as meant.
+        with np.errstate(over="ignore"):
+            return 255.0 / (1.0 + np.exp(-4.0 * (pixels - center) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip(((pixels - center) / width + 0.5) * 255.0, 0, 255)
     low = center - 0.5 - (width - 1) / 2
     return np.clip((pixels - low) * (255.0 / max(width - 1, 1.0)), 0, 255)
 
@@ -2272,7 +2311,7 @@ def _rendered(path: Path, frame: int, rendering: Rendering) -> bytes:
     if ds.get("SamplesPerPixel", 1) == 1:
         pixels = _stored_values(pixels, ds, apply_modality_lut)
         if rendering.window is not None:
-            pixels = _windowed(pixels, *rendering.window)
+            pixels = _windowed(pixels, *rendering.window, rendering.voi_lut_function)
         else:
             pixels = _stored_values(pixels, ds, apply_voi_lut)
             low, high = float(pixels.min()), float(pixels.max())
