@@ -16,7 +16,7 @@ from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 from pydicom.dataelem import RawDataElement
 from pydicom.encaps import get_frame
-from pydicom.pixels import pixel_array
+from pydicom.pixels import apply_modality_lut, pixel_array
 from pydicom.tag import Tag
 from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -33,6 +33,11 @@ BIG_ENDIAN = "ts-explicit-be__MR_small_bigendian.dcm"
 RLE = "ts-rle__MR_small_RLE.dcm"
 SR = "sr-basic-text__reportsi.dcm"
 RGB_BY_PLANE = "us-rgb-bigendian__ExplVR_BigEnd.dcm"
+KOS = "kos-manifest-1ref__ids-1001-kos.dcm"
+# 12-bit JPEG Extended, which pydicom's plugins cannot decode.
+JPEG_12_BIT = "ts-jpeg-extended-12bit__MR1_JPLY.dcm"
+# The format Pillow names each Rendered Media Type sent.
+FORMATS = {"image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF"}
 
 
 @pytest.fixture(scope="module")
@@ -427,12 +432,164 @@ def test_a_frame_is_rendered_as_that_frame(
 
 
 @pytest.mark.parametrize(
+    ("accept", "parameter", "media_type"),
+    [
+        ("image/png", None, "image/png"),
+        ("image/gif", None, "image/gif"),
+        ("image/*", None, "image/jpeg"),
+        ("image/jpeg; q=0.5, image/png", None, "image/png"),
+        ("image/jpeg; q=0, image/*", None, "image/png"),
+        ("*/*", "image/gif", "image/gif"),
+        (None, "image/png", "image/png"),
+    ],
+    ids=[
+        "png",
+        "gif",
+        "image-wildcard",
+        "q-values",
+        "q-zero-excludes",
+        "parameter",
+        "parameter-alone",
+    ],
+)
+def test_an_image_is_rendered_in_the_acceptable_media_type_of_highest_q_value(
+    shared_node: RunningNode,
+    images: dict[str, scan.InstanceHeader],
+    accept: str | None,
+    parameter: str | None,
+    media_type: str,
+) -> None:
+    """DICOM PS3.18 Table 8.7.4-1 and 8.7.8.1: a rendered image goes as
+    image/jpeg (the default), image/png or image/gif (required of a RESTful
+    service), the accept query parameter before the Accept header."""
+    answer = requests.get(
+        _url(shared_node, images[JLS], "rendered"),
+        params={} if parameter is None else {"accept": parameter},
+        headers={"Accept": accept},
+        timeout=30,
+    )
+
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["Content-Type"] == media_type
+    image = Image.open(BytesIO(answer.content))
+    assert (image.format, image.size) == (FORMATS[media_type], (512, 512))
+
+
+@pytest.mark.parametrize(
+    ("function", "grey"),
+    [("LINEAR", 191), ("linear_exact", 191), ("SIGMOID", 186)],
+)
+def test_a_window_is_applied_with_the_voi_lut_function_asked_for(
+    shared_node: RunningNode,
+    images: dict[str, scan.InstanceHeader],
+    function: str,
+    grey: int,
+) -> None:
+    """DICOM PS3.18 8.3.5.1.4: window=center,width,function, the function a
+    VOI LUT Function of DICOM PS3.3 C.11.2.1.3. A cell a quarter width
+    above the center is 0.75 of white linearly (C.11.2.1.2.1, C.11.2.1.3.2)
+    and 1 / (1 + e^-1) of it by the sigmoid (C.11.2.1.3.1); lossless PNG
+    keeps the grey."""
+    ds = pydicom.dcmread(dicom_path("singles", JLS))
+    value = float(apply_modality_lut(ds.pixel_array, ds)[0, 0])
+    width = 400
+
+    answer = requests.get(
+        _url(shared_node, images[JLS], "rendered"),
+        params={"window": f"{value - width / 4},{width},{function}"},
+        headers={"Accept": "image/png"},
+        timeout=30,
+    )
+
+    assert answer.status_code == 200, answer.text
+    assert Image.open(BytesIO(answer.content)).getpixel((0, 0)) == grey
+
+
+@pytest.mark.parametrize(
+    ("accept", "params"),
+    [
+        ("image/jpeg", {"annotation": "patient,technique"}),
+        ("image/jpeg", {"iccprofile": "srgb"}),
+        ("image/jpeg", {"charset": "UTF-8"}),
+        ("image/jpeg", {"no_such_parameter": "1"}),
+        ("image/png", {"quality": "5"}),
+        ("image/gif", {"quality": "not a number"}),
+    ],
+    ids=[
+        "annotation",
+        "iccprofile",
+        "charset",
+        "unknown",
+        "png-quality",
+        "gif-quality",
+    ],
+)
+def test_a_parameter_this_node_does_not_apply_is_ignored(
+    shared_node: RunningNode,
+    images: dict[str, scan.InstanceHeader],
+    accept: str,
+    params: dict[str, str],
+) -> None:
+    """DICOM PS3.18 8.3: a Query Parameter the origin server does not
+    support is ignored, the image being the one asked for without it;
+    quality is of a lossy Rendered Media Type alone (8.3.5.1.2), here
+    image/jpeg."""
+    url = _url(shared_node, images[JLS], "rendered")
+    headers = {"Accept": accept}
+
+    answer = requests.get(url, params=params, headers=headers, timeout=30)
+
+    assert answer.status_code == 200, answer.text
+    assert answer.content == requests.get(url, headers=headers, timeout=30).content
+
+
+@pytest.mark.parametrize(
+    ("accept", "parameter"),
+    [
+        ("application/dicom, image/jpeg", None),
+        ('multipart/related; type="application/dicom", image/gif; q=0.5', None),
+        ("application/dicom+json", "image/png"),
+        ("image/*", "application/dicom,image/jpeg"),
+    ],
+    ids=["header", "multipart-header", "header-and-parameter", "parameter"],
+)
+def test_dicom_and_rendered_media_types_accepted_at_once_are_a_400(
+    shared_node: RunningNode,
+    images: dict[str, scan.InstanceHeader],
+    accept: str,
+    parameter: str | None,
+) -> None:
+    """DICOM PS3.18 8.7.5: the Acceptable Media Types, of the Accept header
+    and accept query parameter, are DICOM Media Types or Rendered Media
+    Types, not both; both are a 400, for a rendered and a thumbnail
+    resource alike."""
+    params = {} if parameter is None else {"accept": parameter}
+
+    for tail in ("rendered", "thumbnail", "frames/1/rendered"):
+        answer = requests.get(
+            _url(shared_node, images[JLS], tail),
+            params=params,
+            headers={"Accept": accept},
+            timeout=30,
+        )
+
+        assert answer.status_code == 400, (tail, answer.text)
+        assert "8.7.5" in answer.text
+
+
+@pytest.mark.parametrize(
     ("tail", "params", "headers", "status"),
     [
-        ("rendered", {}, {"Accept": "image/png"}, 406),
-        ("rendered", {"window": "40,400,SIGMOID"}, {}, 400),
+        ("rendered", {}, {"Accept": "image/webp"}, 406),
+        ("rendered", {"accept": "image/webp"}, {"Accept": "text/html"}, 406),
+        ("rendered", {"window": "40,400,GAMMA"}, {}, 400),
+        ("rendered", {"window": "40,0.5"}, {}, 400),
+        ("rendered", {"window": "40,0,SIGMOID"}, {}, 400),
+        ("rendered", {"window": "40"}, {}, 400),
         ("rendered", {"viewport": "1,2,3,4,5,6"}, {}, 400),
-        ("rendered", {"annotation": "patient"}, {}, 400),
+        ("rendered", {"quality": "0"}, {}, 400),
+        ("rendered", {"quality": "high"}, {"Accept": "image/jpeg"}, 400),
+        ("rendered", {"accept": ["image/png", "image/gif"]}, {}, 400),
         ("frames/1,2/rendered", {}, {}, 400),
         ("frames/99/rendered", {}, {}, 404),
     ],
@@ -454,6 +611,60 @@ def test_a_rendering_this_node_does_not_make_is_refused(
 
     assert answer.status_code == status, answer.text
     assert answer.headers["Content-Type"].startswith("text/plain")
+
+
+@pytest.mark.parametrize("name", [SR, KOS])
+def test_an_object_that_is_no_image_has_no_rendered_resource_406(
+    shared_node: RunningNode, tmp_path: Path, name: str
+) -> None:
+    """DICOM PS3.18 8.7.8.1 step 5 and Table 8.7.4-1: a report or key
+    object selection is of the Text Resource Category, whose Rendered Media
+    Types (text/html, text/plain) this node does not make: not acceptable
+    (406), whatever the Accept header; it has no frames (404)."""
+    shared_node.feed()
+    instance = _publish(
+        shared_node, tmp_path, pydicom.dcmread(dicom_path("singles", name))
+    )
+
+    answers = {
+        accept: requests.get(
+            _url(shared_node, instance, "rendered"),
+            headers={"Accept": accept},
+            timeout=30,
+        )
+        for accept in ("image/jpeg", "*/*", "text/html")
+    }
+
+    assert [a.status_code for a in answers.values()] == [406] * 3
+    assert "is no image" in answers["image/jpeg"].text
+    assert "is no image" in answers["*/*"].text
+    frame = requests.get(_url(shared_node, instance, "frames/1/rendered"), timeout=30)
+    assert frame.status_code == 404
+
+
+def test_an_image_that_cannot_be_decoded_is_406_saying_how_to_have_it_as_held(
+    shared_node: RunningNode, tmp_path: Path
+) -> None:
+    """DICOM PS3.18 8.7.8.1: no Rendered Media Type can be made of an image
+    pydicom cannot decode (406); the answer points to what WADO-RS sends
+    undecoded, the instance resource as held (10.4.1.1.1, 8.7.3.5.2), not
+    to a WADO-URI parameter, and following it gets the stored object."""
+    shared_node.feed()
+    ds = pydicom.dcmread(dicom_path("singles", JPEG_12_BIT))
+    instance = _publish(shared_node, tmp_path, ds)
+
+    answer = requests.get(_url(shared_node, instance, "rendered"), timeout=30)
+
+    assert answer.status_code == 406, answer.text
+    assert "contentType" not in answer.text
+    advice = "with Accept: application/dicom; transfer-syntax=*"
+    assert advice in answer.text
+    url = answer.text.split("GET ", 1)[1].split(" ", 1)[0]
+    held = requests.get(
+        url, headers={"Accept": "application/dicom; transfer-syntax=*"}, timeout=30
+    )
+    assert held.status_code == 200, held.text
+    assert held.content == (tmp_path / "copy.dcm").read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -544,6 +755,7 @@ def test_an_image_whose_number_of_frames_is_no_number_is_no_internal_error(
 
     assert answer.status_code == 406, answer.text
     assert "cannot be decoded for rendering" in answer.text
+    assert "Accept: application/dicom" in answer.text
 
 
 def test_a_value_over_a_mebibyte_is_streamed_from_the_file_not_kept(

@@ -782,6 +782,37 @@ def test_wado_uri_object_that_cannot_be_decoded_names_the_syntax_it_is_held_in(
     assert held.content == instance.path.read_bytes()
 
 
+def test_wado_uri_image_that_cannot_be_rendered_says_how_to_have_it_as_held(
+    shared_node: RunningNode, published: scan.Study, tmp_path: Path
+) -> None:
+    """DICOM PS3.18 9.1.2.1.6: an image goes as image/jpeg unless asked
+    otherwise; one that cannot be decoded (12-bit JPEG Extended) is 406,
+    pointing to the contentType and transferSyntax that send it as held,
+    and following that gets the stored object."""
+    instance = _published_copy(
+        shared_node,
+        dicom_path("singles", "ts-jpeg-extended-12bit__MR1_JPLY.dcm"),
+        tmp_path / "jply",
+    )
+
+    answer = _wado_uri(shared_node, instance)
+
+    assert answer.status_code == 406
+    assert "cannot be decoded for rendering" in answer.text
+    advice = (
+        f"contentType=application/dicom&transferSyntax={instance.transfer_syntax_uid}"
+    )
+    assert advice in answer.text
+    held = _wado_uri(
+        shared_node,
+        instance,
+        contentType="application/dicom",
+        transferSyntax=instance.transfer_syntax_uid,
+    )
+    assert held.status_code == 200
+    assert held.content == instance.path.read_bytes()
+
+
 def test_wado_uri_scales_down_an_image_larger_than_it_renders(
     shared_node: RunningNode, published: scan.Study, tmp_path: Path
 ) -> None:

@@ -51,7 +51,7 @@ from sqlalchemy import (
     tuple_,
 )
 from werkzeug.datastructures import MIMEAccept, MultiDict
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, NotAcceptable
 from werkzeug.http import parse_accept_header
 
 from xdsi import audit
@@ -81,6 +81,28 @@ GIF = "image/gif"
 # image/gif required of a RESTful service), each with its Pillow format;
 # the default first, as a tie of q values goes to the first.
 RENDERED_FORMATS = {JPEG: "JPEG", PNG: "PNG", GIF: "GIF"}
+# The Rendered Media Types of DICOM PS3.18 Table 8.7.4-1, those this node
+# does not make among them, and the DICOM Media Types of Instances and
+# Metadata (8.7.3.1, 8.7.3.2): the two kinds DICOM PS3.18 8.7.5 forbids a
+# request to accept at once (400). Bulk data types are of neither here, as
+# some (image/jpeg) are Rendered Media Types too.
+RENDERED_MEDIA_TYPES = frozenset(
+    {
+        *RENDERED_FORMATS,
+        "image/jp2",
+        "image/jph",
+        "image/jxl",
+        "video/mpeg",
+        "video/mp4",
+        "video/h265",
+        "text/html",
+        "text/plain",
+        "text/xml",
+        "text/rtf",
+        "application/pdf",
+    }
+)
+DICOM_MEDIA_TYPES = frozenset({DICOM, DICOM_JSON, "application/dicom+xml"})
 # The box a thumbnail fits in, aspect kept, when no viewport is asked for
 # (DICOM PS3.18 10.4.1.1.4 leaves its size to the origin server).
 THUMBNAIL_VIEWPORT = (128, 128)
@@ -536,6 +558,13 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             image = header(held[0])
         except (OSError, InvalidDicomError):
             abort(500, "the stored copy of the instance cannot be read here")
+        if "Rows" not in image and no_image == 406:
+            abort(
+                406,
+                f"instance {sop_uid} is no image; this node renders images "
+                f"only ({', '.join(RENDERED_FORMATS)}), not text/html or "
+                "text/plain (DICOM PS3.18 Table 8.7.4-1, 8.7.8.1)",
+            )
         if "Rows" not in image:
             abort(no_image, f"instance {sop_uid} is no image: it has no frames")
         return held, image
@@ -728,19 +757,36 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
     def rendered(
         study_uid: str, series_uid: str, sop_uid: str, frame_list: str | None
     ) -> Response:
-        """DICOM PS3.18 10.4.1.1.3 (RAD TF-3 4.107): an image rendered as
-        JPEG, with the quality, window and viewport asked for (8.3.5.1)."""
-        accept = request.headers.get("Accept", "")
-        if accept.strip() and not request.accept_mimetypes.best_match([JPEG]):
-            abort(406, f"a rendered image is sent as {JPEG} (DICOM PS3.18 8.7.4)")
-        options = _rendered_options(request.args)
+        """DICOM PS3.18 10.4.1.1.3 (RAD TF-3 4.107): an image rendered in
+        the Acceptable Media Type of RENDERED_FORMATS (8.7.8.1), with the
+        quality, window and viewport asked for (8.3.5.1); other parameters
+        are ignored (8.3, see :func:`_rendered_options`).
+
+        A report or key object selection is of the Text Resource Category
+        (DICOM PS3.18 8.7.2), whose Rendered Media Types (text/html, the
+        default, and text/plain, Table 8.7.4-1) this node does not make:
+        none of them is acceptable, a 406 (8.7.8.1 step 5); it has no
+        frames to render (404).
+
+        Limitation: a report or key object selection is not rendered as
+        text/html or text/plain.
+        """
+        _single_valued(request.args, ("accept",))
+        media_type = _rendered_media_type(
+            request.headers.get("Accept", ""),
+            request.args.get("accept"),
+            "a rendered image",
+        )
+        options = _rendered_options(request.args, media_type)
         number = 1
         if frame_list is not None:
             numbers = _frame_numbers(frame_list)
             if len(numbers) != 1:
                 abort(400, "one frame is rendered at a time")
             number = numbers[0]
-        held, image = held_image(study_uid, series_uid, sop_uid)
+        held, image = held_image(
+            study_uid, series_uid, sop_uid, no_image=406 if frame_list is None else 404
+        )
         count = frames.number_of_frames(image)
         if number > count:
             abort(404, f"frame {number} is not in instance {sop_uid}")
@@ -755,7 +801,21 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         asks, spool the audit record of its retrieval and answer with it:
         the one rendering path of the rendered and thumbnail resources,
         which decodes that frame alone (see :func:`_rendered`)."""
-        image = _render(source.blobs.path(held[0].blob), number, rendering)
+        row = held[0]
+        try:
+            image = _render(source.blobs.path(row.blob), number, rendering)
+        except UndecodableImage as exc:
+            # What WADO-RS sends without decoding: the instance as held
+            # (DICOM PS3.18 10.4.1.1.1, 8.7.3.5.2).
+            instance_url = (
+                f"{retrieve_url(row.study_instance_uid, row.series_instance_uid)}"
+                f"/instances/{row.sop_instance_uid}"
+            )
+            abort(
+                406,
+                f"{exc.description}; ask for the instance as held: GET "
+                f"{instance_url} with Accept: {DICOM}; transfer-syntax=*",
+            )
         audited("RAD-107", held, audit.Outcome.SUCCESS)
         logger.info(
             "%s %s from %s: %s",
@@ -806,8 +866,8 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         (Burned In Annotation YES) shows in its thumbnail as in the image.
         """
         _single_valued(request.args, ("accept",))
-        media_type = _thumbnail_media_type(
-            request.headers.get("Accept", ""), request.args.get("accept")
+        media_type = _rendered_media_type(
+            request.headers.get("Accept", ""), request.args.get("accept"), "a thumbnail"
         )
         rendering = _thumbnail_rendering(request.args, media_type)
         listed = None if frame_list is None else _frame_numbers(frame_list)
@@ -960,7 +1020,18 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         )
         if content_type == JPEG:
             frame = _whole(args.get("frameNumber", "1"), "frameNumber")
-            rendered = _render(source.blobs.path(held[0].blob), frame, _rendering(args))
+            try:
+                rendered = _render(
+                    source.blobs.path(held[0].blob), frame, _rendering(args)
+                )
+            except UndecodableImage as exc:
+                # What WADO-URI sends without decoding: the object as held.
+                abort(
+                    406,
+                    f"{exc.description}; ask for the object as held: "
+                    f"contentType={DICOM}&transferSyntax="
+                    f"{held[0].transfer_syntax_uid}",
+                )
             audited("RAD-55", held[:1], audit.Outcome.SUCCESS)
             return Response(rendered, content_type=JPEG)
         presentation = sorted(set(args) & set(RENDERING_PARAMETERS))
@@ -1677,63 +1748,103 @@ def _frame_framing(accept: str, row: Row) -> frames.Framing:
 
 # WADO-RS rendering parameters (DICOM PS3.18 8.3.5.1) and the WADO-URI ones
 # they are read as.
-def _rendered_options(args: MultiDict[str, str]) -> Rendering:
-    """The rendering a WADO-RS request asks for: quality, window
-    (center,width[,function], the function LINEAR) and viewport (vw,vh,
-    the largest size, aspect kept); a malformed one is a 400."""
+def _rendered_options(args: MultiDict[str, str], media_type: str) -> Rendering:
+    """The rendering a WADO-RS rendered resource is asked for, in
+    ``media_type``: quality (of image/jpeg alone, the one lossy Rendered
+    Media Type sent here; DICOM PS3.18 8.3.5.1.2), window (center,width
+    [,function], the function one of VOI_LUT_FUNCTIONS, LINEAR when not
+    given; 8.3.5.1.4) and viewport (vw,vh, the largest size, aspect kept);
+    a malformed one is a 400 (8.3).
+
+    Any other parameter is ignored, as DICOM PS3.18 8.3 has an origin
+    server ignore those it does not support: the image is the one asked for
+    without it.
+
+    Limitation: annotation and iccprofile (DICOM PS3.18 8.3.5.1.1, 8.3.5.1.5)
+    are among those ignored: no text is burnt in and no ICC profile is
+    embedded.
+    """
     _single_valued(args, ("quality", "window", "viewport"))
-    unknown = sorted(set(args) - {"quality", "window", "viewport"})
-    if unknown:
-        abort(
-            400,
-            f"{escaped(', '.join(unknown))[:200]}: this service renders with "
-            "quality, window and viewport only (DICOM PS3.18 8.3.5.1)",
-        )
     wado: dict[str, str] = {}
-    if "quality" in args:
+    function = LINEAR
+    if "quality" in args and media_type == JPEG:
         wado["imageQuality"] = args["quality"]
     if "window" in args:
         values = args["window"].split(",")
-        if len(values) == 3 and values[2].strip().upper() not in ("", "LINEAR"):
-            abort(400, "window: only the LINEAR function is rendered")
         if len(values) not in (2, 3):
             abort(400, "window must be center,width[,function]")
+        if len(values) == 3 and values[2].strip():
+            function = values[2].strip().upper()
+        if function not in VOI_LUT_FUNCTIONS:
+            abort(
+                400,
+                f"window function {escaped(values[2][:40])!r}: DICOM PS3.18 "
+                f"8.3.5.1.4 wants one of {', '.join(VOI_LUT_FUNCTIONS)}",
+            )
         wado["windowCenter"], wado["windowWidth"] = values[0], values[1]
     if "viewport" in args:
         values = args["viewport"].split(",")
         if len(values) != 2:
             abort(400, "viewport must be vw,vh (no source rectangle here)")
         wado["columns"], wado["rows"] = values[0], values[1]
-    return _rendering(wado)
+    return dataclasses.replace(_rendering(wado, function), media_type=media_type)
 
 
-def _thumbnail_media_type(accept: str, accept_parameter: str | None) -> str:
-    """The Rendered Media Type a thumbnail goes in (DICOM PS3.18 8.7.8.1):
-    of RENDERED_FORMATS, the one of highest q value in the accept query
-    parameter (8.3.3.1), else in the Accept header (RFC 9110 12.5.1, the
-    most specific range giving each its q value), a tie going to the first
-    of them, the default image/jpeg; a 406 when neither takes any.
+def _rendered_media_type(accept: str, accept_parameter: str | None, what: str) -> str:
+    """The Rendered Media Type ``what`` (a rendered image, a thumbnail) goes
+    in (DICOM PS3.18 8.7.8.1): of RENDERED_FORMATS, the one of highest q
+    value in the accept query parameter (8.3.3.1), else in the Accept header
+    (RFC 9110 12.5.1, the most specific range giving each its q value), a
+    tie going to the first of them, the default image/jpeg; a 406 when
+    neither takes any. Acceptable Media Types that hold DICOM and Rendered
+    Media Types both are a 400 (8.7.5, see :func:`_one_kind_accepted`).
 
     More lenient than DICOM PS3.18 8.7.5 in two ways: a request without an
     Accept header gets the default, as RFC 9110 12.5.1 has it, rather than
     a 406; and the accept query parameter is honoured whether or not the
     Accept header also takes what it names (8.3.3.1 wants it to).
     """
-    for given in (accept_parameter, accept):
-        if given is not None and given.strip():
-            chosen = parse_accept_header(given, MIMEAccept).best_match(
-                list(RENDERED_FORMATS)
-            )
-            if chosen is not None:
-                return chosen
+    given = [g for g in (accept_parameter, accept) if g is not None and g.strip()]
+    _one_kind_accepted(given)
+    for acceptable in given:
+        chosen = parse_accept_header(acceptable, MIMEAccept).best_match(
+            list(RENDERED_FORMATS)
+        )
+        if chosen is not None:
+            return chosen
     if not accept.strip():
         return JPEG
     abort(
         406,
-        f"a thumbnail is sent as {', '.join(RENDERED_FORMATS)}; the Accept header "
+        f"{what} is sent as {', '.join(RENDERED_FORMATS)}; the Accept header "
         f"{'and accept parameter take' if accept_parameter else 'takes'} none of "
         "them (DICOM PS3.18 8.7.8.1)",
     )
+
+
+def _one_kind_accepted(given: Iterable[str]) -> None:
+    """Refuse (400) Acceptable Media Types, of the accept query parameter
+    and Accept header ``given``, that hold a DICOM Media Type and a Rendered
+    Media Type both: DICOM PS3.18 8.7.5 wants one kind or the other (and
+    8.3.3.1 the same of the accept query parameter). Wildcards, and the
+    types of neither kind (bulk data), are of no account here."""
+    dicom = rendered = None
+    for acceptable in given:
+        for _, kind, options in _media_ranges(acceptable):
+            inner = options.get("type", "").lower()
+            if kind == "multipart/related" and inner in DICOM_MEDIA_TYPES:
+                dicom = dicom or inner
+            elif kind in DICOM_MEDIA_TYPES:
+                dicom = dicom or kind
+            elif kind in RENDERED_MEDIA_TYPES:
+                rendered = rendered or kind
+    if dicom and rendered:
+        abort(
+            400,
+            f"the request accepts a DICOM Media Type ({dicom}) and a Rendered "
+            f"Media Type ({rendered}) both; DICOM PS3.18 8.7.5 wants one kind "
+            "or the other",
+        )
 
 
 def _thumbnail_rendering(args: MultiDict[str, str], media_type: str) -> Rendering:
@@ -2011,10 +2122,23 @@ RENDERING_PARAMETERS = (
 )
 # The largest Rows or Columns a rendered image is scaled to.
 MAX_RENDERED_SIZE = 4096
+# The VOI LUT Functions a window is applied with (DICOM PS3.3 C.11.2.1.3),
+# the function of a WADO-RS window (DICOM PS3.18 8.3.5.1.4); LINEAR the
+# default, the one of WADO-URI.
+LINEAR = "LINEAR"
+VOI_LUT_FUNCTIONS = (LINEAR, "LINEAR_EXACT", "SIGMOID")
 # Images decoded for rendering at once in one process: each may take
 # hundreds of MB (a mammogram as floating point), so a burst of WADO-URI
 # requests waits rather than exhausting memory.
 _RENDERING = threading.BoundedSemaphore(2)
+
+
+class UndecodableImage(NotAcceptable):
+    """The pixel data of an image cannot be decoded here to be rendered, so
+    that it has no Rendered Media Type this node makes (406). The service
+    that answers says how to have the object as held instead."""
+
+    description = "the image cannot be decoded for rendering"
 
 
 @dataclass(frozen=True)
@@ -2026,17 +2150,20 @@ class Rendering:
     region: tuple[float, float, float, float] | None = None
     rows: int | None = None
     columns: int | None = None
-    # Window Center and Width (DICOM PS3.3 C.11.2.1.2), both or neither.
+    # Window Center and Width (DICOM PS3.3 C.11.2.1.2), both or neither,
+    # and the VOI LUT Function they are applied with.
     window: tuple[float, float] | None = None
+    voi_lut_function: str = LINEAR
     # For image/jpeg only: PNG and GIF are lossless (DICOM PS3.18 8.3.5.1.2).
     quality: int = 90
     # One of RENDERED_FORMATS.
     media_type: str = JPEG
 
 
-def _rendering(args: Mapping[str, str]) -> Rendering:
-    """Read and check the rendering parameters of a WADO-URI request; a
-    malformed one is a 400."""
+def _rendering(args: Mapping[str, str], voi_lut_function: str = LINEAR) -> Rendering:
+    """Read and check the rendering parameters of a WADO-URI request, the
+    window to be applied with ``voi_lut_function``; a malformed one is a
+    400."""
     region = None
     if "region" in args:
         try:
@@ -2068,15 +2195,28 @@ def _rendering(args: Mapping[str, str]) -> Rendering:
         if not (math.isfinite(center) and math.isfinite(width)):
             # A decimal string of more digits than a double holds.
             abort(400, "windowCenter and windowWidth must be finite numbers")
-        if width < 1:
+        if width < 1 and voi_lut_function == LINEAR:
             abort(400, "windowWidth must be at least 1 (DICOM PS3.3 C.11.2.1.2)")
+        if width <= 0:
+            abort(
+                400,
+                f"windowWidth must be above 0 for {voi_lut_function} "
+                "(DICOM PS3.3 C.11.2.1.3)",
+            )
         window = (center, width)
     quality = 90
     if "imageQuality" in args:
         quality = _whole(args["imageQuality"], "imageQuality")
         if not 1 <= quality <= 100:
             abort(400, "imageQuality must be from 1 to 100")
-    return Rendering(region, rows, columns, window, quality)
+    return Rendering(
+        region=region,
+        rows=rows,
+        columns=columns,
+        window=window,
+        voi_lut_function=voi_lut_function,
+        quality=quality,
+    )
 
 
 # A decimal string as DICOM's DS VR writes one (PS3.5 6.2): ASCII digits,
@@ -2112,15 +2252,25 @@ def _stored_values(
         return transform(pixels, ds).astype(np.float64)
     except Exception as exc:
         logger.info(
-            "WADO-URI: %s of the image is unusable (%s); rendered without it",
+            "rendering: %s of the image is unusable (%s); rendered without it",
             transform.__name__,
             type(exc).__name__,
         )
         return pixels.astype(np.float64)
 
 
-def _windowed(pixels: np.ndarray, center: float, width: float) -> np.ndarray:
-    """The linear VOI function of DICOM PS3.3 C.11.2.1.2.1 onto 0..255."""
+def _windowed(
+    pixels: np.ndarray, center: float, width: float, function: str = LINEAR
+) -> np.ndarray:
+    """A window applied with its VOI LUT Function onto 0..255: LINEAR (DICOM
+    PS3.3 C.11.2.1.2.1), LINEAR_EXACT (C.11.2.1.3.2) or SIGMOID
+    (C.11.2.1.3.1)."""
+    if function == "SIGMOID":
+        # exp overflows to infinity far below the center: black, as meant.
+        with np.errstate(over="ignore"):
+            return 255.0 / (1.0 + np.exp(-4.0 * (pixels - center) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip(((pixels - center) / width + 0.5) * 255.0, 0, 255)
     low = center - 0.5 - (width - 1) / 2
     return np.clip((pixels - low) * (255.0 / max(width - 1, 1.0)), 0, 255)
 
@@ -2154,18 +2304,14 @@ def _rendered(path: Path, frame: int, rendering: Rendering) -> bytes:
                 pixels = pixel_array(path, index=frame - 1 if frames_held > 1 else None)
         except Exception as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            logger.warning("WADO-URI cannot render %s: %s", path.name, reason)
-            abort(
-                406,
-                "the image cannot be decoded for rendering; ask for "
-                "contentType=application/dicom",
-            )
+            logger.warning("cannot render %s: %s", path.name, reason)
+            raise UndecodableImage() from exc
     # The VOI LUT transformation, the window with it, applies to grayscale
     # images only (DICOM PS3.3 C.11.2); a colour image is rendered as held.
     if ds.get("SamplesPerPixel", 1) == 1:
         pixels = _stored_values(pixels, ds, apply_modality_lut)
         if rendering.window is not None:
-            pixels = _windowed(pixels, *rendering.window)
+            pixels = _windowed(pixels, *rendering.window, rendering.voi_lut_function)
         else:
             pixels = _stored_values(pixels, ds, apply_voi_lut)
             low, high = float(pixels.min()), float(pixels.max())

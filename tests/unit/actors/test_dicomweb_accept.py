@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
-from werkzeug.exceptions import NotAcceptable
+from werkzeug.exceptions import BadRequest, NotAcceptable
 
-from xdsi.actors.dicomweb import _accepted_dicom
+from xdsi.actors.dicomweb import _accepted_dicom, _rendered_media_type
 
 MULTI = 'multipart/related; type="application/dicom"'
 MULTI_UPPER = 'MULTIPART/RELATED; TYPE="APPLICATION/DICOM"'
@@ -72,3 +72,47 @@ def test_accept_names_the_syntaxes_and_framing(
 def test_nothing_acceptable_is_406(accept: str) -> None:
     with pytest.raises(NotAcceptable):
         _accepted_dicom(accept, single_allowed=False)
+
+
+@pytest.mark.parametrize(
+    ("accept", "parameter"),
+    [
+        ("application/dicom, image/png", None),
+        ("image/jpeg; q=0.5, application/dicom+xml", None),
+        ('MULTIPART/RELATED; TYPE="APPLICATION/DICOM", text/html', None),
+        ("application/dicom+json", "image/gif"),
+        ("*/*", "application/dicom, image/jpeg"),
+    ],
+    ids=["dicom-and-png", "q-values", "multipart-case", "across", "in-parameter"],
+)
+def test_dicom_and_rendered_media_types_at_once_are_a_400(
+    accept: str, parameter: str | None
+) -> None:
+    """DICOM PS3.18 8.7.5: the Acceptable Media Types, of the accept query
+    parameter and Accept header together, are of one kind."""
+    with pytest.raises(BadRequest, match="8.7.5"):
+        _rendered_media_type(accept, parameter, "a rendered image")
+
+
+@pytest.mark.parametrize(
+    ("accept", "parameter", "expected"),
+    [
+        ("application/dicom; q=0, image/png", None, "image/png"),
+        ('multipart/related; type="image/jpeg", application/dicom', None, None),
+        ("application/dicom, image/*, */*", None, "image/jpeg"),
+        ("application/octet-stream, image/gif", None, "image/gif"),
+        ("", None, "image/jpeg"),
+    ],
+    ids=["q-zero-is-not-accepted", "bulk-data", "wildcards", "octet-stream", "none"],
+)
+def test_types_of_one_kind_or_neither_are_no_400(
+    accept: str, parameter: str | None, expected: str | None
+) -> None:
+    """DICOM PS3.18 8.7.5 and 8.7.8.1: a range of q 0 is not acceptable,
+    wildcards and bulk data types are of neither kind; what is left is
+    answered, or else not acceptable (406)."""
+    if expected is None:
+        with pytest.raises(NotAcceptable):
+            _rendered_media_type(accept, parameter, "a rendered image")
+    else:
+        assert _rendered_media_type(accept, parameter, "a rendered image") == expected
