@@ -208,6 +208,12 @@ def _services(settings: Settings) -> Services:
     (its directory under a file, no permission) ends the command with why,
     not a traceback."""
     try:
+        # Its files read now, so that one missing or unusable ends the
+        # command before anything is made or sent.
+        tls.client_context_for(settings)
+    except tls.TlsConfigError as exc:
+        _fail(str(exc))
+    try:
         return build_services(settings)
     except OSError as exc:
         _fail(
@@ -843,6 +849,8 @@ def fetch(
     if unwritable is not None:
         # Said before any query goes out.
         raise click.BadParameter(unwritable, param_hint="--out")
+    # Before the folder is made: a node that cannot be used makes none.
+    consumer = _services(settings).consumer
     made = not out.exists()
     if made:
         # Patient images: a folder made here is the user's alone; it goes
@@ -854,7 +862,6 @@ def fetch(
             raise click.BadParameter(
                 f"{out} cannot be made: {exc.strerror or exc}", param_hint="--out"
             ) from None
-    consumer = _services(settings).consumer
     try:
         result = _fetch(consumer, patient_id, out)
     except KeyboardInterrupt:

@@ -16,7 +16,8 @@ import ssl
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -178,21 +179,50 @@ def _new_context(purpose: ssl._SSLMethod, tls: TlsSettings) -> ssl.SSLContext:
     context = ssl.SSLContext(purpose)
     context.minimum_version = MINIMUM_VERSION
     context.verify_mode = ssl.CERT_REQUIRED
-    try:
+    files = [
+        ("certificate", tls.certificate),
+        ("private_key", tls.private_key),
+        *(("trusted", path) for path in tls.trusted),
+        *(("crls", path) for path in tls.crls),
+    ]
+    for setting, path in files:
+        # Said of the file itself: OpenSSL's error names neither it nor
+        # which of the two files of a chain it could not open.
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise TlsConfigError(
+                f"[tls] {setting} {path}: {exc.strerror or exc}"
+            ) from exc
+    with _naming(
+        "certificate and private_key", f"{tls.certificate}, {tls.private_key}"
+    ):
         context.load_cert_chain(tls.certificate, tls.private_key)
-        for trusted in tls.trusted:
+    for trusted in tls.trusted:
+        with _naming("trusted", trusted):
             context.load_verify_locations(cafile=trusted)
-        for crl in tls.crls:
+    for crl in tls.crls:
+        with _naming("crls", crl):
             context.load_verify_locations(cafile=crl)
-            _warn_if_out_of_date(crl)
-        if tls.crls:
-            # The peer's own certificate; its CA is one of ``trusted``.
-            context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-        if tls.ciphers:
+        _warn_if_out_of_date(crl)
+    if tls.crls:
+        # The peer's own certificate; its CA is one of ``trusted``.
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    if tls.ciphers:
+        with _naming("ciphers", tls.ciphers):
             context.set_ciphers(tls.ciphers)
-    except (OSError, ssl.SSLError) as exc:
-        raise TlsConfigError(f"[tls] cannot be loaded: {exc}") from exc
     return context
+
+
+@contextmanager
+def _naming(setting: str, value: str) -> Iterator[None]:
+    """Turn an error loading a [tls] setting into a TlsConfigError that
+    names the setting and its value."""
+    try:
+        yield
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsConfigError(f"[tls] {setting} {value} cannot be used: {exc}") from exc
 
 
 def server_context(tls: TlsSettings) -> ssl.SSLContext:

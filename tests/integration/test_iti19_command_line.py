@@ -223,3 +223,47 @@ def test_make_crl_writes_a_crl_of_the_ca_listing_the_revoked(tmp_path: Path) -> 
         check=False,
     )
     assert missing.returncode == 1 and "cannot make the CRL" in missing.stderr
+
+
+@pytest.mark.parametrize("broken", ["missing", "other-key"])
+def test_a_tls_file_that_cannot_be_used_ends_a_client_command_with_its_name(
+    tls_config: Path, tmp_path: Path, broken: str
+) -> None:
+    """A [tls] file missing, or a key that is not the certificate's, ends
+    each client command with one line naming the setting and the file, no
+    traceback, before anything is made: fetch makes no --out folder."""
+    text = tls_config.read_text()
+    (key,) = [
+        line.split("=", 1)[1].strip().strip('"')
+        for line in text.splitlines()
+        if line.startswith("private_key")
+    ]
+    if broken == "missing":
+        Path(key).unlink()
+        said = f"[tls] private_key {key}: No such file or directory"
+    else:
+        _xdsi(
+            tls_config,
+            "tls",
+            "make-cert",
+            str(tmp_path / "other"),
+            "--ca",
+            str(tmp_path / "ca"),
+        )
+        (other_key,) = (tmp_path / "other").glob("*key*.pem")
+        tls_config.write_text(text.replace(key, str(other_key)))
+        said = "[tls] certificate and private_key "
+    out = tmp_path / "fetched"
+
+    for command in (
+        ("find", "--patient-id", "PAT-1"),
+        ("fetch", "--patient-id", "PAT-1", "--out", str(out)),
+        ("submit", "--patient-id", "PAT-1", str(tls_config)),
+        ("feed", "PAT-1"),
+    ):
+        ran = _xdsi(tls_config, *command, check=False)
+        assert ran.returncode == 1, ran.stderr
+        assert "Traceback" not in ran.stderr, ran.stderr
+        assert said in ran.stderr, ran.stderr
+        assert len(ran.stderr.strip().splitlines()) == 1, ran.stderr
+    assert not out.exists()
