@@ -263,3 +263,29 @@ def test_xdsi_config_before_the_command_names_the_served_node(tmp_path: Path) ->
     )
     assert "127.0.0.1:1" in result.output
     assert result.exit_code == 1
+
+
+def test_a_node_with_tls_is_refused_before_any_case_is_sent(tmp_path: Path) -> None:
+    """ITI TF-2 3.19: a node with [tls] talks only to authenticated peers,
+    and the runner has no TLS client: it says so and stops (exit 2) rather
+    than failing every case with a handshake error."""
+    pem = tmp_path / "node.pem"
+    pem.write_text("")
+    config = tmp_path / "xdsi.toml"
+    config.write_text(
+        f'[node]\nstorage_dir = "{tmp_path / "node"}"\n'
+        f'[tls]\nenabled = true\ncertificate = "{pem}"\nprivate_key = "{pem}"\n'
+        f'trusted = ["{pem}"]\n'
+    )
+    for where in (
+        ("--config", str(config), "conformance", "run"),
+        ("conformance", "run", "--config", str(config)),
+    ):
+        result = CliRunner().invoke(
+            main,
+            [*where, "--cases", str(shared_path("conformance"))],
+            catch_exceptions=False,
+        )
+        assert result.exit_code == 2, result.output
+        assert "[tls] enabled" in result.output
+        assert "PASS" not in result.output and "FAIL" not in result.output

@@ -401,6 +401,13 @@ def run(
                 feed=_parse_feed(feed) if feed else None,
                 repository_unique_id=repository_unique_id,
             )
+        if served is not None and served.tls.enabled:
+            # Limitation: the runner has no TLS client (ITI TF-2 3.19).
+            _fail(
+                "the node's configuration has [tls] enabled, and this runner "
+                "talks plain HTTP and MLLP only; run it against a node served "
+                "without [tls], or with --local"
+            )
         if assigning_authority:
             target = replace(target, assigning_authority=assigning_authority)
 
