@@ -25,7 +25,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from xdsi import audit
@@ -473,11 +473,7 @@ def make_cert(
     if not hosts:
         raise ValueError("make_cert needs at least one host for subjectAltName")
     ca_certificate = x509.load_pem_x509_certificate(ca.certificate.read_bytes())
-    ca_key = serialization.load_pem_private_key(
-        ca.private_key.read_bytes(), password=None
-    )
-    if not isinstance(ca_key, rsa.RSAPrivateKey):
-        raise ValueError(f"{ca.private_key} is not an RSA private key")
+    ca_key = _signing_key(ca.private_key)
     directory.mkdir(parents=True, exist_ok=True)
     key = _new_key()
     now = datetime.datetime.now(datetime.UTC)
@@ -509,6 +505,16 @@ def make_cert(
     return files
 
 
+def _signing_key(path: Path) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
+    """The CA's private key at ``path``: RSA (as make_ca writes) or EC, the
+    two a CA of ITI-19 certificates signs with SHA-256; ValueError for
+    another."""
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{path} is not an RSA or EC private key")
+    return key
+
+
 def make_crl(
     ca: CertificateFiles,
     path: Path,
@@ -527,15 +533,11 @@ def make_crl(
     Raises
     ------
     ValueError
-        The CA files are not a certificate and its RSA key, or a revoked
-        file is no PEM certificate.
+        The CA files are not a certificate and its RSA or EC key, or a
+        revoked file is no PEM certificate.
     """
     ca_certificate = x509.load_pem_x509_certificate(ca.certificate.read_bytes())
-    ca_key = serialization.load_pem_private_key(
-        ca.private_key.read_bytes(), password=None
-    )
-    if not isinstance(ca_key, rsa.RSAPrivateKey):
-        raise ValueError(f"{ca.private_key} is not an RSA private key")
+    ca_key = _signing_key(ca.private_key)
     now = issued or datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateRevocationListBuilder()

@@ -495,3 +495,43 @@ def test_a_crl_written_over_on_disk_is_in_force_as_it_is(
         issued = datetime.now(UTC) - timedelta(days=10)
         tls.make_crl(revoking.ca, revoking.crl, issued=issued, days=7)
         assert _exchange(good, address) == b""
+
+
+def test_a_ca_with_an_ec_key_issues_certificates_and_crls(tmp_path: Path) -> None:
+    """A site's own CA may sign with ECDSA (P-256) as well as RSA: make-cert
+    and make-crl take its key, and what they write verifies against it."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "EC CA")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    ca = tls.CertificateFiles(tmp_path / "ca.pem", tmp_path / "ca-key.pem")
+    ca.certificate.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    ca.private_key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+    node = tls.make_cert(tmp_path / "node", ca)
+    crl_path = tls.make_crl(ca, tmp_path / "ca.crl", revoked=[node.certificate])
+
+    issued = x509.load_pem_x509_certificate(node.certificate.read_bytes())
+    issued.verify_directly_issued_by(certificate)
+    crl = x509.load_pem_x509_crl(crl_path.read_bytes())
+    assert crl.is_signature_valid(key.public_key())
+    assert crl.get_revoked_certificate_by_serial_number(issued.serial_number)
