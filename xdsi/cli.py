@@ -43,6 +43,7 @@ from xdsi.actors.imaging_source import PublishError
 from xdsi.actors.intake import ImportInterrupted, ImportResult, NotAudited
 from xdsi.actors.provide import SubmitError, describe_errors
 from xdsi.app import (
+    STORAGE_MODE,
     Node,
     Services,
     audit_forwarder,
@@ -207,20 +208,47 @@ def _services(settings: Settings) -> Services:
     """The node's actors over its storage; a storage that cannot be used
     (its directory under a file, no permission) ends the command with why,
     not a traceback."""
-    try:
-        # Its files read now, so that one missing or unusable ends the
-        # command before anything is made or sent.
-        tls.client_context_for(settings)
-    except tls.TlsConfigError as exc:
-        _fail(str(exc))
+    _check_tls(settings)
     try:
         return build_services(settings)
     except OSError as exc:
-        _fail(
-            f"cannot use the storage {settings.storage}: "
-            f"{exc.strerror or exc} ({exc.filename or settings.storage})"
-        )
+        _storage_failed(settings, exc)
         raise  # unreachable: _fail exits
+
+
+def _client_side(settings: Settings) -> tuple[Auditor, Consumer]:
+    """What a client command (find, fetch, submit) acts with: the node's
+    Auditor and its Consumer, over the storage's spools alone. The node's
+    database is not opened: those commands read nothing of it, so that a
+    workstation needs no access to it (nor its password)."""
+    _check_tls(settings)
+    try:
+        if not settings.storage.exists():
+            # Patient data, as build_services makes it.
+            settings.storage.mkdir(parents=True, mode=STORAGE_MODE)
+        auditor = node_auditor(settings)
+        return auditor, Consumer(
+            settings, auditor, settings.storage / "spool" / "consumer"
+        )
+    except OSError as exc:
+        _storage_failed(settings, exc)
+        raise  # unreachable: _fail exits
+
+
+def _check_tls(settings: Settings) -> None:
+    """Read the [tls] files now, so that one missing or unusable ends the
+    command before anything is made or sent."""
+    try:
+        tls.client_context_for(settings)
+    except tls.TlsConfigError as exc:
+        _fail(str(exc))
+
+
+def _storage_failed(settings: Settings, exc: OSError) -> None:
+    _fail(
+        f"cannot use the storage {settings.storage}: "
+        f"{exc.strerror or exc} ({exc.filename or settings.storage})"
+    )
 
 
 def _fail(message: str) -> None:
@@ -682,10 +710,8 @@ def submit(
 ) -> None:
     """Submit FILES as one SubmissionSet (ITI-41, one DocumentEntry each)."""
     settings = _settings(ctx)
-    services = _services(settings)
-    source = DocumentSource(
-        settings, settings.storage / "spool" / "source", services.auditor
-    )
+    auditor, _ = _client_side(settings)
+    source = DocumentSource(settings, settings.storage / "spool" / "source", auditor)
     try:
         submitted = source.submit(
             list(files),
@@ -753,7 +779,7 @@ def find(ctx: click.Context, patient_id: str, as_json: bool) -> None:
     does not know finds none), 1 when the query fails.
     """
     settings = _settings(ctx)
-    consumer = _services(settings).consumer
+    _, consumer = _client_side(settings)
     try:
         entries = consumer.find(patient_id)
     except ConsumerError as exc:
@@ -850,7 +876,7 @@ def fetch(
         # Said before any query goes out.
         raise click.BadParameter(unwritable, param_hint="--out")
     # Before the folder is made: a node that cannot be used makes none.
-    consumer = _services(settings).consumer
+    _, consumer = _client_side(settings)
     made = not out.exists()
     if made:
         # Patient images: a folder made here is the user's alone; it goes

@@ -939,7 +939,7 @@ def test_publish_headers_only_records_the_import(served: Path) -> None:
     ]
 
 
-@pytest.mark.parametrize("command", [("find", "--patient-id", "P1"), ("verify",)])
+@pytest.mark.parametrize("command", [("remove", "1.2.3"), ("verify",)])
 def test_a_damaged_database_file_ends_a_command_with_one_line(
     tmp_path: Path, command: tuple[str, ...]
 ) -> None:
@@ -1240,3 +1240,36 @@ def test_a_study_not_published_for_the_node_being_down_is_published_by_it_later(
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_client_commands_do_not_open_the_node_database(served: Path, tmp_path):
+    """find, fetch and submit speak ITI-18, ITI-43, RAD-69 and ITI-41 to the
+    node and read nothing of its database: a workstation whose configuration
+    names a database it cannot reach (or none it may use) runs them all the
+    same."""
+    client = tmp_path / "client.toml"
+    client.write_text(
+        served.read_text().replace(
+            "[node]\n",
+            '[node]\ndatabase_url = "postgresql+psycopg://xdsi:secret@127.0.0.1:1/x"\n',
+        )
+    )
+    assert "ACK AA" in _xdsi(served, "feed", "PAT-CLIENT").stdout
+    document = tmp_path / "note.txt"
+    document.write_text("a note\n")
+
+    submitted = _xdsi(client, "submit", "--patient-id", "PAT-CLIENT", str(document))
+    found = _xdsi(client, "find", "--patient-id", "PAT-CLIENT", "--json")
+    fetched = _xdsi(
+        client,
+        "fetch",
+        "--patient-id",
+        "PAT-NOBODY",
+        "--out",
+        str(tmp_path / "out"),
+        check=False,
+    )
+
+    assert "database" not in submitted.stderr
+    assert len(json.loads(found.stdout)) == 1
+    assert fetched.returncode == EXIT_NOT_FOUND, fetched.stderr
