@@ -572,7 +572,7 @@ def _serve(servers: list[BaseWSGIServer]) -> list[threading.Thread]:
     return threads
 
 
-def _watch_parent(stop: threading.Event) -> threading.Thread:
+def _watch_parent(stop: threading.Event) -> None:
     """Set ``stop`` once the node's process that started this worker ends,
     however it ends, SIGKILL included.
 
@@ -583,7 +583,10 @@ def _watch_parent(stop: threading.Event) -> threading.Thread:
     closes it when the parent dies, so the read end sees end of file at
     once. Should a fork of the parent have inherited that end too, the
     parent process id that changes when this process is orphaned still
-    tells, within PARENT_CHECK_EVERY.
+    tells, within PARENT_CHECK_EVERY. (Linux's PR_SET_PDEATHSIG would not
+    do: it fires when the thread that spawned the worker ends, and the
+    supervisor's thread, or any thread that started the node, may end
+    before the node's process.)
     """
     parent = multiprocessing.parent_process()
     parent_pid = parent.pid if parent is not None and parent.pid else os.getppid()
@@ -602,9 +605,7 @@ def _watch_parent(stop: threading.Event) -> threading.Thread:
         )
         stop.set()
 
-    watcher = threading.Thread(target=watch, daemon=True, name="xdsi-parent")
-    watcher.start()
-    return watcher
+    threading.Thread(target=watch, daemon=True, name="xdsi-parent").start()
 
 
 def _worker(settings: Settings, sockets: dict[str, socket.socket], level: int) -> None:
