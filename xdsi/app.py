@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.connection
+import multiprocessing.resource_tracker
+import os
 import signal
 import socket
 import ssl
@@ -59,6 +62,16 @@ MAX_CONNECTIONS = 256
 SWEEP_EVERY = 60.0
 # The storage folder, made by the node: its owner's alone.
 STORAGE_MODE = 0o700
+# What asks a worker process to stop: SIGTERM from the node, SIGINT (Ctrl-C)
+# and SIGHUP (its terminal closed), which reach every process of the group.
+WORKER_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# Those held back while a worker starts, until it takes them: a Ctrl-C then
+# interrupts no import half done. SIGTERM is not held back, so that a worker
+# the node stops while it starts ends at once, as quietly.
+HELD_WHILE_STARTING = {signal.SIGINT, signal.SIGHUP}
+# How often, in seconds, a worker also checks that its parent is the node's
+# process still.
+PARENT_CHECK_EVERY = 1.0
 
 
 # The longest a peer may take over a request line and its headers, however
@@ -559,8 +572,51 @@ def _serve(servers: list[BaseWSGIServer]) -> list[threading.Thread]:
     return threads
 
 
+def _watch_parent(stop: threading.Event) -> None:
+    """Set ``stop`` once the node's process that started this worker ends,
+    however it ends, SIGKILL included.
+
+    A worker left alone would go on answering HTTP with no ITI-8 feed,
+    C-STORE, publishing or audit delivery behind it, and hold the ports a
+    new node needs. The parent holds the write end of a pipe whose read end
+    is this process's sentinel (multiprocessing.parent_process()): the kernel
+    closes it when the parent dies, so the read end sees end of file at
+    once. Should a fork of the parent have inherited that end too, the
+    parent process id that changes when this process is orphaned still
+    tells, within PARENT_CHECK_EVERY. (Linux's PR_SET_PDEATHSIG would not
+    do: it fires when the thread that spawned the worker ends, and the
+    supervisor's thread, or any thread that started the node, may end
+    before the node's process.)
+    """
+    parent = multiprocessing.parent_process()
+    parent_pid = parent.pid if parent is not None and parent.pid else os.getppid()
+    sentinel = parent.sentinel if parent is not None else None
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            if sentinel is None:
+                time.sleep(PARENT_CHECK_EVERY)
+            elif multiprocessing.connection.wait([sentinel], PARENT_CHECK_EVERY):
+                break
+        logger.warning(
+            "the node's process %s ended; HTTP worker process %s stops",
+            parent_pid,
+            os.getpid(),
+        )
+        stop.set()
+
+    threading.Thread(target=watch, daemon=True, name="xdsi-parent").start()
+
+
 def _worker(settings: Settings, sockets: dict[str, socket.socket], level: int) -> None:
-    """Serve the HTTP actors on sockets bound by the node, until SIGTERM."""
+    """Serve the HTTP actors on sockets bound by the node, until SIGTERM,
+    SIGINT or SIGHUP, or until the node's process ends."""
+    stop = threading.Event()
+    for signum in WORKER_STOP_SIGNALS:
+        signal.signal(signum, lambda *_: stop.set())
+    # The node spawned this process with these held back (Node._spawn); one
+    # that came meanwhile is taken now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_WHILE_STARTING)
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -568,11 +624,9 @@ def _worker(settings: Settings, sockets: dict[str, socket.socket], level: int) -
     logging.getLogger("werkzeug").setLevel(max(level, logging.WARNING))
     quiet_pydicom(level)
     guard_peer_text()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    # Ctrl-C in a terminal reaches every process of the group; the node
-    # stops its workers itself.
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    _watch_parent(stop)
+    if stop.is_set():
+        return
     services = build_services(settings)
     context = tls.server_context(settings.tls) if settings.tls.enabled else None
     servers = []
@@ -671,11 +725,22 @@ def _application_activity(settings: Settings, transaction: str) -> audit.AuditEv
     )
 
 
+def _hang_up(signum: int, frame: object) -> None:
+    """SIGHUP: do what SIGTERM does, so that a hang-up stops the node as
+    cleanly (its Application Stop audited, its workers ended)."""
+    logger.info("hang-up (SIGHUP): the node stops as on SIGTERM")
+    signal.raise_signal(signal.SIGTERM)
+
+
 class Node:
     """A running node: HTTP servers per actor and the ITI-8 MLLP listener.
 
     Audits its Application Start and Stop, and delivers the audit spool to
     the ``[audit] targets`` with ``audit_tls_context`` for TLS targets.
+    Started in the main thread of a process that leaves SIGHUP to its
+    default action (which would end the process at once, with nothing
+    audited and the workers left to stop by themselves), it takes a hang-up
+    for SIGTERM until it stops.
     """
 
     def __init__(
@@ -691,7 +756,10 @@ class Node:
         self._mllp: MllpServer | None = None
         self._sockets: dict[str, socket.socket] = {}
         self._workers: list[BaseProcess] = []
+        self._supervisor: threading.Thread | None = None
         self._stopping = threading.Event()
+        # Whether start() made SIGHUP stop as SIGTERM does, to undo in stop().
+        self._takes_hang_up = False
         self._store_scp: StoreScp | None = None
         self._auto_publisher: AutoPublisher | None = None
         # Whether the HTTP listeners' threads serve, so that shutdown() has
@@ -798,6 +866,7 @@ class Node:
                 name="xdsi-workers",
             )
             supervisor.start()
+            self._supervisor = supervisor
             self._threads.append(supervisor)
         self.settings = settings
         self.services = services
@@ -813,7 +882,28 @@ class Node:
             ", ".join(f"{a} {settings.url(a)}" for a in deferred),
         )
         _warn_if_open(settings.storage)
+        self._take_hang_up()
         return settings
+
+    def _take_hang_up(self) -> None:
+        """Make SIGHUP stop the process as SIGTERM does, if this thread may
+        and no one chose what SIGHUP does (nohup ignores it)."""
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+        ):
+            signal.signal(signal.SIGHUP, _hang_up)
+            self._takes_hang_up = True
+
+    def _leave_hang_up(self) -> None:
+        """Give SIGHUP its default action back, if start() took it."""
+        if (
+            self._takes_hang_up
+            and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGHUP) is _hang_up
+        ):
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+            self._takes_hang_up = False
 
     def _sweep(self, repository: Repository, age: timedelta) -> None:
         """Settle the repository's pending documents at start-up, then every
@@ -840,7 +930,17 @@ class Node:
             name="xdsi-worker",
             daemon=True,
         )
-        process.start()
+        # The new interpreter inherits this thread's signal mask: with Ctrl-C
+        # and hang-up held back until _worker takes them, one that comes
+        # while it imports its modules prints no KeyboardInterrupt traceback.
+        # The resource tracker, if it must start first, unblocks SIGINT and
+        # SIGTERM behind it; started beforehand, it leaves the mask alone.
+        multiprocessing.resource_tracker.ensure_running()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_WHILE_STARTING)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         logger.info("HTTP worker process %s started", process.pid)
         return process
 
@@ -895,7 +995,8 @@ class Node:
     def _abandon(self) -> None:
         """Close what a start that failed bound or started, so that nothing
         is left half-started: no port stays held, no thread serves."""
-        self._stopping.set()
+        self._stop_supervising()
+        self._leave_hang_up()
         if self.forwarder is not None:
             self.forwarder.stop()
             self.forwarder = None
@@ -924,6 +1025,14 @@ class Node:
         self._sockets.clear()
         self._threads.clear()
 
+    def _stop_supervising(self) -> None:
+        """Stop the node's threads, and first the one that would start a
+        worker again while the workers are stopped."""
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=10)
+            self._supervisor = None
+
     def _stop_intake(self) -> None:
         """Stop the C-STORE SCP and auto-publishing, if they run."""
         if self._store_scp is not None:
@@ -934,8 +1043,8 @@ class Node:
             self._auto_publisher = None
 
     def stop(self) -> None:
+        self._stop_supervising()
         self._stop_intake()
-        self._stopping.set()
         for process in self._workers:
             process.terminate()
         for process in self._workers:
@@ -965,6 +1074,8 @@ class Node:
         self._sockets.clear()
         self._threads.clear()
         self._serving = False
+        self._leave_hang_up()
+        logger.info("node %s stopped", self.settings.node.name)
 
     def __enter__(self) -> Node:
         self.start()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import socket
 import ssl
 import time
@@ -276,3 +277,160 @@ def _alerting_pids(spool: Path) -> set[int]:
         for path in spool.glob("*.xml")
         if b'csd-code="110113"' in path.read_bytes()
     }
+
+
+def _children(pid: int) -> set[int]:
+    """The child processes of ``pid`` (proc(5): /proc/pid/task/tid/children)."""
+    children: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children.update(int(c) for c in (task / "children").read_text().split())
+    return children
+
+
+def _started(pid: int) -> int | None:
+    """When process ``pid`` started (proc(5): /proc/pid/stat, field 22), or
+    None once it has ended, a zombie left unreaped included; with the pid,
+    it names one process even if the pid is used again."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # Fields from the third (state) on follow the command name in brackets.
+    fields = stat.rpartition(")")[2].split()
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def _workers_of(served: NodeProcess) -> dict[int, int]:
+    """The processes the node started, by pid: HTTP workers and the
+    multiprocessing resource tracker that ends after them."""
+    workers = {}
+    for pid in _children(served.process.pid):
+        started = _started(pid)
+        if started is not None:
+            workers[pid] = started
+    return workers
+
+
+def _running(processes: dict[int, int]) -> set[int]:
+    return {pid for pid, started in processes.items() if _started(pid) == started}
+
+
+def _serve_with_workers(tmp_path: Path) -> tuple[NodeProcess, Settings]:
+    """``xdsi serve`` with ``[node] workers = 2``, once its worker answers."""
+    settings = node_settings(tmp_path / "node")
+    settings = replace(settings, node=replace(settings.node, workers=2))
+    served = NodeProcess.start(settings, tmp_path / "node.toml", tmp_path / "log")
+    node = served.effective(settings)
+    # Once a second process answers queries, the worker is up.
+    assert _wait_for(lambda: len(_answering_pids_of(node)) >= 2)
+    return served, node
+
+
+def _end_node_process(tmp_path: Path, signum: signal.Signals) -> tuple[Settings, int]:
+    """Send ``signum`` to a serving node's process; return its settings and
+    exit status once it and every process it started have ended."""
+    served, node = _serve_with_workers(tmp_path)
+    workers = _workers_of(served)
+    try:
+        assert set(_answering_pids_of(node)) - {served.process.pid} <= set(workers)
+        served.process.send_signal(signum)
+        status = served.process.wait(timeout=60)
+        # A bound on liveness, not on speed.
+        assert _wait_for(lambda: not _running(workers), seconds=30), _running(workers)
+    finally:
+        for pid in _running(workers):
+            os.kill(pid, signal.SIGKILL)
+        served.stop()
+    return node, status
+
+
+def _can_listen_again(node: Settings) -> None:
+    """Every port of ``node`` can be bound again, as a new node binds it."""
+    for port in (
+        node.registry.port,
+        node.repository.port,
+        node.imaging_source.port,
+        node.registry.feed_port,
+    ):
+        with socket.socket() as listener:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((node.node.host, port))
+            listener.listen()
+
+
+def test_no_worker_outlives_a_killed_node(tmp_path: Path) -> None:
+    """A worker whose node was killed (SIGKILL, no stop() run) stops too:
+    alone it would answer HTTP with no ITI-8 feed, C-STORE, publishing or
+    audit delivery behind it, and hold the ports a restarted node needs."""
+    node, _ = _end_node_process(tmp_path, signal.SIGKILL)
+
+    _can_listen_again(node)
+
+
+def test_a_hang_up_stops_the_node_as_sigterm_does(tmp_path: Path) -> None:
+    """SIGHUP (its terminal closed) stops ``xdsi serve`` cleanly: logged,
+    its Application Stop audited (DICOM PS3.15 A.5.3.1, EV (110121, DCM)),
+    and its workers ended; it exits with status 0, as on SIGTERM."""
+    node, status = _end_node_process(tmp_path, signal.SIGHUP)
+
+    assert status == 0
+    _can_listen_again(node)
+    log = (tmp_path / "log").read_text()
+    assert "hang-up (SIGHUP)" in log
+    assert "node xdsi stopped" in log
+    stops = [
+        path
+        for path in (node.storage / "audit").glob("*.xml")
+        if b'csd-code="110121"' in path.read_bytes()
+    ]
+    assert len(stops) == 1
+
+
+def _takes_sigint(pid: int) -> bool:
+    """Whether process ``pid`` catches SIGINT or holds it back (proc(5):
+    SigCgt, SigBlk), so that one sent now is not its end by default."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    masks = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    bit = 1 << (signal.SIGINT - 1)
+    return bool((int(masks["SigCgt"], 16) | int(masks["SigBlk"], 16)) & bit)
+
+
+def test_a_worker_interrupted_while_it_starts_prints_no_traceback(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C reaches every process of the terminal's group; a worker still
+    importing its modules stops without a KeyboardInterrupt traceback. The
+    SIGINT goes to the worker alone here: the node's own process would stop
+    the worker with SIGTERM at once, and could end it before it printed."""
+    settings = node_settings(tmp_path / "node")
+    settings = replace(settings, node=replace(settings.node, workers=2))
+    log = tmp_path / "log"
+    served = NodeProcess.start(settings, tmp_path / "node.toml", log)
+    workers = _workers_of(served)
+    try:
+        (worker,) = [
+            pid
+            for pid in workers
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        # The worker is spawned before the node prints its endpoints, and
+        # takes seconds to import its modules.
+        deadline = time.monotonic() + 30
+        while not _takes_sigint(worker) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(worker, signal.SIGINT)
+        # The node starts another in its place.
+        assert _wait_for(
+            lambda: f"HTTP worker process {worker} ended" in log.read_text()
+        )
+    finally:
+        served.stop()
+        for pid in _running(workers):
+            os.kill(pid, signal.SIGKILL)
+
+    text = log.read_text()
+    assert "KeyboardInterrupt" not in text
+    assert "Traceback" not in text
