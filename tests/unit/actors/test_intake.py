@@ -1,10 +1,22 @@
-"""The Imaging Document Source intake's retry delays (RAD TF-3 4.68)."""
+"""The Imaging Document Source intake's retry delays (RAD TF-3 4.68), and
+its auto-publisher while the database cannot be reached."""
 
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 
-from xdsi.actors.intake import MAX_RETRY_DELAY, retry_delay
+from xdsi.actors.intake import (
+    MAX_RETRY_DELAY,
+    MAX_ROUND_DELAY,
+    AutoPublisher,
+    retry_delay,
+)
+from xdsi.app import Services, build_services
+from xdsi.config import Settings
 
 
 @pytest.mark.parametrize(
@@ -24,3 +36,82 @@ def test_retry_delay_doubles_from_the_quiet_time_up_to_an_hour(
 ) -> None:
     """RAD TF-3 4.68: a study that failed to publish waits longer each time."""
     assert retry_delay(quiet, failures) == delay
+
+
+def _sqlite_services(tmp_path: Path) -> Services:
+    """A node's services on a SQLite database in a folder of its own."""
+    (tmp_path / "db").mkdir()
+    settings = Settings().with_storage(tmp_path / "node")
+    url = f"sqlite:///{tmp_path / 'db' / 'xdsi.sqlite'}"
+    return build_services(
+        replace(settings, node=replace(settings.node, database_url=url))
+    )
+
+
+def _records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "xdsi.actors.intake"]
+
+
+def test_auto_publish_logs_an_unreachable_database_once_and_backs_off(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database that cannot be reached (PEP 249 OperationalError) fails
+    the rounds: the first is one ERROR line naming the error, no traceback;
+    the others go to DEBUG, each waiting twice as long up to
+    MAX_ROUND_DELAY; the first round to succeed again says so."""
+    services = _sqlite_services(tmp_path)
+    publisher = AutoPublisher(services.intake, quiet=30.0, interval=1.0)
+    caplog.set_level(logging.DEBUG, logger="xdsi.actors.intake")
+    assert publisher.run_round() == 1.0
+
+    (tmp_path / "db").rename(tmp_path / "away")
+    services.engine.dispose()
+    delays = [publisher.run_round() for _ in range(7)]
+
+    assert delays == [2.0, 4.0, 8.0, 16.0, MAX_ROUND_DELAY, MAX_ROUND_DELAY, 30.0]
+    (error,) = [r for r in _records(caplog) if r.levelno >= logging.INFO]
+    assert error.levelno == logging.ERROR
+    assert not error.exc_info
+    assert "the database cannot be reached" in error.getMessage()
+    assert "sqlite3.OperationalError: unable to open database file" in (
+        error.getMessage()
+    )
+    debug = [r for r in _records(caplog) if r.levelno == logging.DEBUG]
+    assert len(debug) == 6
+    assert not any(r.exc_info for r in debug)
+
+    caplog.clear()
+    (tmp_path / "away").rename(tmp_path / "db")
+    assert publisher.run_round() == 1.0
+    (back,) = _records(caplog)
+    assert back.levelno == logging.WARNING
+    assert back.getMessage() == "auto-publish back after 7 failed rounds in a row"
+
+    caplog.clear()
+    assert publisher.run_round() == 1.0
+    assert _records(caplog) == []
+    services.engine.dispose()
+
+
+def test_auto_publish_logs_an_error_of_the_node_with_its_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round failing of this node's own error keeps its traceback, once a
+    run of failures, and is backed off as a database down is."""
+    services = _sqlite_services(tmp_path)
+    publisher = AutoPublisher(services.intake, quiet=30.0, interval=1.0)
+
+    def broken(quiet: float) -> list[object]:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(services.intake, "publish_due", broken)
+    caplog.set_level(logging.DEBUG, logger="xdsi.actors.intake")
+    delays = [publisher.run_round() for _ in range(3)]
+
+    assert delays == [2.0, 4.0, 8.0]
+    first, *later = _records(caplog)
+    assert first.levelno == logging.ERROR
+    assert first.getMessage() == "auto-publish round failed"
+    assert first.exc_info is not None and first.exc_info[0] is KeyError
+    assert [r.levelno for r in later] == [logging.DEBUG, logging.DEBUG]
+    services.engine.dispose()
