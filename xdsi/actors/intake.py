@@ -22,7 +22,6 @@ import socket
 import stat
 import threading
 import time
-import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ from xdsi.actors.imaging_source import (
 from xdsi.actors.provide import SubmitError, describe_errors
 from xdsi.dicom import check, scan
 from xdsi.metadata.validation import patient_id_problem
+from xdsi.store.blobs import spool_path
 from xdsi.store.schema import imaging_instance, imaging_study
 
 logger = logging.getLogger(__name__)
@@ -345,7 +345,7 @@ class Intake:
                     return early
             # What is checked is what is kept: a private copy, which no one
             # can change between the check and the store.
-            private = self.blobs.spool / f"accept-{uuid.uuid4().hex}"
+            private = spool_path(self.blobs.spool, "accept")
             try:
                 # Patient data: for the node's user alone, as a spooled
                 # C-STORE or STOW-RS instance is.
