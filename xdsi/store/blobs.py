@@ -93,7 +93,7 @@ def spool_path(spool: Path, kind: str) -> Path:
     return spool / f"{spool_prefix(kind)}{uuid.uuid4().hex}"
 
 
-def sweep_spool(spool: Path, *, now: float | None = None) -> int:
+def sweep_spool(spool: Path) -> int:
     """Remove what processes gone left in ``spool``; return how many entries
     went.
 
@@ -104,7 +104,7 @@ def sweep_spool(spool: Path, *, now: float | None = None) -> int:
     """
     # Limitation: two hosts (containers) of one host name sharing the
     # storage look like one; each takes the other's live files for left.
-    now = time.time() if now is None else now
+    now = time.time()
     try:
         entries = list(os.scandir(spool))
     except FileNotFoundError:
@@ -152,8 +152,10 @@ def _maker_gone(name: str) -> bool | None:
     except PermissionError:
         # A process of another user runs under this id.
         pass
-    # A process id used again since: its start time tells.
-    return bool(started) and _started(int(pid)) != started
+    # A process id used again since: its start time tells, where it can be
+    # read.
+    running_since = _started(int(pid))
+    return bool(started and running_since) and running_since != started
 
 
 def _last_change(entry: os.DirEntry[str]) -> float:
