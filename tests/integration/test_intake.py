@@ -34,6 +34,7 @@ from sqlalchemy import Row, func, select, update
 
 from tests.conftest import SHARED, dicom_path, shared_path
 from tests.integration.conftest import RunningNode
+from tests.spooling import left_by_killed_process, spooling
 from xdsi.actors import imaging_source as imaging_source_module
 from xdsi.actors import intake as intake_module
 from xdsi.actors import store_scp as store_scp_module
@@ -60,6 +61,7 @@ from xdsi.hl7.adt import build_feed
 from xdsi.hl7.mllp import send_message
 from xdsi.metadata.ebrim import STATUS_APPROVED, STATUS_DEPRECATED
 from xdsi.metadata.responses import RegistryError
+from xdsi.store import blobs
 from xdsi.store.schema import (
     imaging_instance,
     imaging_manifest,
@@ -2724,3 +2726,59 @@ def test_remove_of_what_is_no_uid_is_a_wrong_argument(
     assert outcome.exit_code == 2, outcome.output
     assert "is no UID" in outcome.output
     assert "removed" not in outcome.output
+
+
+def test_a_node_starting_removes_what_killed_intakes_left_in_its_spool(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Partial copies of instances (patient data) left in the spool by an
+    import, STOW-RS or publication killed on the way are removed as the node
+    starts serving; those of an import at work beside it stay. The log says
+    how many, naming no file."""
+    spool = tmp_path / "node" / "imaging-source" / ".spool"
+    spool.mkdir(parents=True)
+    left = [
+        left_by_killed_process(spool, "accept"),
+        left_by_killed_process(spool, "stow"),
+    ]
+    kept_long_ago = spool / "keep-3f1d5b0e2c7a4e8f9b6d1a2c3e4f5a6b"
+    kept_long_ago.write_bytes(b"a partial copy")
+    a_day_ago = time.time() - blobs.STALE_AFTER - 60
+    os.utime(kept_long_ago, (a_day_ago, a_day_ago))
+
+    with spooling(spool, "accept") as live, caplog.at_level(logging.INFO):
+        running = _started(tmp_path, publish_after=3600.0)
+        next(running)
+        try:
+            assert live.is_file()
+        finally:
+            running.close()
+
+    assert [p for p in [*left, kept_long_ago] if p.exists()] == []
+    (swept,) = [r for r in caplog.records if r.name == "xdsi.store.blobs"]
+    assert swept.levelno == logging.INFO
+    assert swept.getMessage() == (
+        "spool of imaging-source: 3 entries left by processes gone removed"
+    )
+
+
+def test_an_import_removes_what_a_killed_import_left_in_the_spool(
+    patient_node: RunningNode, tmp_path: Path
+) -> None:
+    """An ``import`` starting removes the partial copies an import killed
+    on the way left, not those of a serving node or import at work."""
+    spool = patient_node.settings.storage / "imaging-source" / ".spool"
+    left = left_by_killed_process(spool, "accept")
+
+    with spooling(spool, "accept") as live:
+        outcome = _xdsi(
+            patient_node,
+            tmp_path,
+            "import",
+            str(dicom_path("study-mr", "images")),
+            "--no-publish",
+        )
+
+        assert outcome.exit_code == 0, outcome.output
+        assert live.is_file()
+    assert not left.exists()

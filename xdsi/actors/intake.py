@@ -22,7 +22,6 @@ import socket
 import stat
 import threading
 import time
-import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,14 @@ from pydicom.errors import InvalidDicomError
 from pydicom.fileset import FileSet
 from pydicom.uid import UID
 from sqlalchemy import Connection, Row, and_, delete, insert, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import (
+    DBAPIError,
+    DisconnectionError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from xdsi import audit
 from xdsi.actors.imaging_source import (
@@ -48,6 +54,7 @@ from xdsi.actors.imaging_source import (
 from xdsi.actors.provide import SubmitError, describe_errors
 from xdsi.dicom import check, scan
 from xdsi.metadata.validation import patient_id_problem
+from xdsi.store.blobs import spool_path
 from xdsi.store.schema import imaging_instance, imaging_study
 
 logger = logging.getLogger(__name__)
@@ -66,6 +73,12 @@ MIN_RETRY_DELAY = 1.0
 # Limitation: a publisher still at work after the lease can see a second one
 # publish the same study beside it.
 CLAIM_LEASE = 3600.0
+
+# Auto-publish rounds failing in a row (the database down) wait twice as
+# long each time, from the round interval up to this many seconds.
+MAX_ROUND_DELAY = 30.0
+# The longest error text an auto-publish failure logs.
+MAX_ERROR_TEXT = 200
 
 
 def claimant() -> str:
@@ -332,7 +345,7 @@ class Intake:
                     return early
             # What is checked is what is kept: a private copy, which no one
             # can change between the check and the store.
-            private = self.blobs.spool / f"accept-{uuid.uuid4().hex}"
+            private = spool_path(self.blobs.spool, "accept")
             try:
                 # Patient data: for the node's user alone, as a spooled
                 # C-STORE or STOW-RS instance is.
@@ -1250,7 +1263,13 @@ class Intake:
 
 
 class AutoPublisher:
-    """A background thread publishing quiet studies of an :class:`Intake`."""
+    """A background thread publishing quiet studies of an :class:`Intake`.
+
+    A round that fails (the database down) is logged once, at ERROR; the
+    rounds that fail after it in a row go to DEBUG, and wait twice as long
+    each time, up to MAX_ROUND_DELAY, so as not to hammer a database on its
+    way back up; the first round to succeed again says so at WARNING.
+    """
 
     def __init__(self, intake: Intake, quiet: float, interval: float = 1.0) -> None:
         self.intake = intake
@@ -1260,6 +1279,10 @@ class AutoPublisher:
         self._thread = threading.Thread(
             target=self._run, name="xdsi-auto-publish", daemon=True
         )
+        # Rounds failed in a row, and what the last one failed of: "database"
+        # or the type of an error of this node.
+        self._failures = 0
+        self._failed_of = ""
 
     def start(self) -> None:
         self._thread.start()
@@ -1269,13 +1292,79 @@ class AutoPublisher:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.intake.publish_due(self.quiet)
-            except Exception:
-                # The thread must outlive a failing database; the next round
-                # tries again.
-                logger.exception("auto-publish round failed")
+        delay = self.interval
+        while not self._stop.wait(delay):
+            delay = self.run_round()
+
+    def run_round(self) -> float:
+        """Publish what is due once; return the seconds to wait before the
+        next round."""
+        try:
+            self.intake.publish_due(self.quiet)
+        except Exception as exc:
+            # The thread must outlive a failing database; the next round
+            # tries again.
+            self._round_failed(exc)
+            return min(self.interval * 2 ** min(self._failures, 32), MAX_ROUND_DELAY)
+        if self._failures:
+            logger.warning(
+                "auto-publish back after %d failed rounds in a row", self._failures
+            )
+        self._failures, self._failed_of = 0, ""
+        return self.interval
+
+    def _round_failed(self, exc: Exception) -> None:
+        """Log a failed round: once at ERROR for a run of failures of one
+        kind, then at DEBUG. A database that cannot be reached is one line;
+        an error of this node's own keeps its traceback."""
+        unreachable = database_unreachable(exc)
+        failed_of = "database" if unreachable else type(exc).__qualname__
+        self._failures += 1
+        if self._failed_of == failed_of:
+            logger.debug(
+                "auto-publish round failed, %d in a row: %s",
+                self._failures,
+                short_error(exc),
+                exc_info=not unreachable,
+            )
+        elif unreachable:
+            logger.error(
+                "auto-publish round failed: the database cannot be reached "
+                "(%s); rounds are retried, up to %.0f s apart",
+                short_error(exc),
+                MAX_ROUND_DELAY,
+            )
+        else:
+            logger.exception("auto-publish round failed")
+        self._failed_of = failed_of
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """Whether an error says the database cannot be reached (down,
+    restarting, the connection lost) rather than that this node is at fault:
+    a DBAPI OperationalError or InterfaceError (PEP 249), a connection the
+    pool found broken, or none free in the pool in time."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(
+        exc, OperationalError | InterfaceError | DisconnectionError | PoolTimeout
+    )
+
+
+def short_error(exc: BaseException) -> str:
+    """One line naming an error's type and saying what it is: the DBAPI's
+    own error behind SQLAlchemy's, without the statement and parameters
+    (which may name a patient)."""
+    error = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else ""
+    if len(text) > MAX_ERROR_TEXT:
+        text = text[: MAX_ERROR_TEXT - 1] + "…"
+    name = type(error).__qualname__
+    module = type(error).__module__
+    if module != "builtins":
+        name = f"{module.partition('.')[0]}.{name}"
+    return f"{name}: {text}" if text else name
 
 
 def _files_of(folder: Path) -> Iterator[Path]:

@@ -189,6 +189,10 @@ class StoreScp:
         """Bind and serve in the background; return the bound address."""
         # pynetdicom then writes each data set to a file as its P-DATA
         # fragments arrive (DICOM PS3.8 9.3.5) instead of in memory.
+        # Limitation: pynetdicom makes these files in the system's temporary
+        # directory, under names that do not say who made them, not in the
+        # storage's spool; those of a node killed mid-association stay there
+        # (tmp*.dcm) until the system cleans it.
         _config.STORE_RECV_CHUNKED_DATASET = True
         ae = AE(ae_title=self.ae_title)
         # DICOM PS3.8 9.3.4: an association for another called AE title is

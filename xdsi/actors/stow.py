@@ -38,6 +38,7 @@ from xdsi.config import Settings
 from xdsi.dicom import scan
 from xdsi.dicom.check import Refused
 from xdsi.logs import escaped, quoted
+from xdsi.store.blobs import spool_prefix
 from xdsi.wire import MalformedMessage, RequestTooLarge
 from xdsi.wire.mtom import MAX_REQUEST_PARTS
 
@@ -101,8 +102,10 @@ class _Parts:
             )
         self._headers = {}
         self._field = b""
+        # Named after this process, so that what a process killed on the
+        # way left is swept (xdsi.store.blobs.sweep_spool).
         self._file = tempfile.NamedTemporaryFile(
-            dir=self.spool, suffix=".dcm", delete=False
+            dir=self.spool, prefix=spool_prefix("stow"), suffix=".dcm", delete=False
         )
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:

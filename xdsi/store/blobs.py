@@ -7,16 +7,37 @@ bucket. In a local directory, files are placed by renaming a spooled file
 into the store (no second copy), fsynced, under a name derived from a key's
 SHA-256, two directory levels deep so that no directory grows unbounded;
 each readable by the node's user alone.
+
+A spool file is named after the process that made it (:func:`spool_prefix`),
+so that :func:`sweep_spool` can remove what a process killed on the way
+(SIGKILL, power loss) left, patient data included, without touching the
+files of a process still at work beside it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
+import uuid
 from pathlib import Path
 from typing import BinaryIO, Protocol
+
+logger = logging.getLogger(__name__)
+
+# A spool entry whose maker is not known to be gone (one of another host, or
+# one named without its maker) is removed once nothing in it changed for
+# this many seconds. A spooled file lives for one intake or one exchange;
+# the longest, a RAD-69 answer streamed to a slow consumer, takes hours.
+STALE_AFTER = 24 * 3600.0
+
+# What parts a spool entry's name of spool_prefix: kind, process id, its
+# start time, host name, and a random part; "@" is in no host name.
+SPOOL_NAME_PARTS = 5
 
 
 def relative_path(key: str) -> str:
@@ -59,15 +80,128 @@ class Blobs(Protocol):
         ...
 
 
+def spool_prefix(kind: str) -> str:
+    """The start of the name of a spool file or folder of this process:
+    ``kind``, the process id, its start time and the host name, each
+    followed by "@"; a random part comes after."""
+    pid = os.getpid()
+    return f"{kind}@{pid}@{_started(pid)}@{socket.gethostname()}@"
+
+
+def spool_path(spool: Path, kind: str) -> Path:
+    """A fresh path in ``spool`` for a file of this process (spool_prefix)."""
+    return spool / f"{spool_prefix(kind)}{uuid.uuid4().hex}"
+
+
+def sweep_spool(spool: Path) -> int:
+    """Remove what processes gone left in ``spool``; return how many entries
+    went.
+
+    An entry named by :func:`spool_prefix` for a process of this host that
+    no longer runs goes at once. Any other (a process's of another host
+    sharing the storage, or one named without its maker) goes only once
+    nothing in it changed for STALE_AFTER seconds.
+    """
+    # Limitation: two hosts (containers) of one host name sharing the
+    # storage look like one; each takes the other's live files for left.
+    now = time.time()
+    try:
+        entries = list(os.scandir(spool))
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    for entry in entries:
+        gone = _maker_gone(entry.name)
+        try:
+            if gone is None:
+                gone = now - _last_change(entry) > STALE_AFTER
+            if not gone:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        except FileNotFoundError:
+            # Its maker, or another sweep, removed it meanwhile.
+            continue
+        except OSError as exc:
+            logger.warning(
+                "spool %s: an entry left by a process gone cannot be removed: %s",
+                spool,
+                exc.strerror or exc,
+            )
+            continue
+        removed += 1
+    return removed
+
+
+def _maker_gone(name: str) -> bool | None:
+    """Whether the process a spool entry's name says made it is gone: True
+    or False for a process of this host, None where the name says no maker
+    of this host."""
+    parts = name.split("@")
+    if len(parts) != SPOOL_NAME_PARTS:
+        return None
+    _, pid, started, host, _ = parts
+    if host != socket.gethostname() or not pid.isdigit() or not int(pid):
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        # A process of another user runs under this id.
+        pass
+    # A process id used again since: its start time tells, where it can be
+    # read.
+    running_since = _started(int(pid))
+    return bool(started and running_since) and running_since != started
+
+
+def _last_change(entry: os.DirEntry[str]) -> float:
+    """When a spool entry, or anything in a spooled folder, last changed."""
+    latest = entry.stat(follow_symlinks=False).st_mtime
+    if entry.is_dir(follow_symlinks=False):
+        for folder, _, files in os.walk(entry.path):
+            for name in [".", *files]:
+                try:
+                    latest = max(latest, os.lstat(Path(folder, name)).st_mtime)
+                except FileNotFoundError:
+                    pass
+    return latest
+
+
+def _started(pid: int) -> str:
+    """A process's start time in clock ticks since boot (proc(5), stat field
+    22), which tells a process id used again from the one named; "" where
+    there is no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
 class BlobStore:
     """Files in a local directory, keyed by an opaque string (a uniqueId or
-    SOP Instance UID)."""
+    SOP Instance UID).
+
+    Its spool is swept of what processes gone left (:func:`sweep_spool`) as
+    it is opened, when a node starts serving or a command starts.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.spool = root / ".spool"
         self.spool.mkdir(exist_ok=True)
+        removed = sweep_spool(self.spool)
+        if removed:
+            logger.info(
+                "spool of %s: %d entries left by processes gone removed",
+                root.name,
+                removed,
+            )
 
     def relative_path(self, key: str) -> str:
         return relative_path(key)
@@ -107,7 +241,9 @@ class BlobStore:
         return relative
 
     def put_bytes(self, key: str, data: bytes) -> str:
-        with tempfile.NamedTemporaryFile(dir=self.spool, delete=False) as tmp:
+        with tempfile.NamedTemporaryFile(
+            dir=self.spool, prefix=spool_prefix("bytes"), delete=False
+        ) as tmp:
             tmp.write(data)
         return self.put_file(key, Path(tmp.name))
 
