@@ -1842,6 +1842,39 @@ def _cd_of_two(folder: Path) -> tuple[Path, Path]:
     return first, second
 
 
+def test_a_dicomdir_whose_records_loop_is_read_to_its_end(
+    intake_node: RunningNode, tmp_path: Path
+) -> None:
+    """DICOM PS3.3 F.3.2.1: a DICOMDIR's records are linked by offsets, which
+    a CD made to stall its reader points back at a record already read. The
+    records are read as the Directory Record Sequence holds them, so the
+    import ends, with every file they reference."""
+    first, second = _cd_of_two(tmp_path / "cd")
+    dicomdir = tmp_path / "cd" / "DICOMDIR"
+    directory = pydicom.dcmread(dicomdir)
+    record = directory.DirectoryRecordSequence[0]
+    record.OffsetOfTheNextDirectoryRecord = record.seq_item_tell
+    directory.save_as(dicomdir)
+    results: list[intake_module.ImportResult] = []
+    importing = threading.Thread(
+        target=lambda: results.append(
+            intake_node.services.intake.import_folder(tmp_path / "cd")
+        ),
+        daemon=True,
+    )
+
+    importing.start()
+    importing.join(timeout=120)
+
+    assert not importing.is_alive(), "the import follows the loop"
+    (result,) = results
+    assert sorted(a.sop_instance_uid for a in result.accepted) == sorted(
+        pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        for path in (first, second)
+    )
+    assert result.refused == ()
+
+
 def test_a_fifo_the_dicomdir_lists_is_refused_unread(
     intake_node: RunningNode, tmp_path: Path
 ) -> None:
