@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import http.client
+import io
 import logging
 import os
 import shutil
@@ -29,6 +30,10 @@ from click.testing import CliRunner, Result
 from lxml import etree
 from pydicom.fileset import FileSet
 from pynetdicom import AE
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification
 from sqlalchemy import Row, func, select, update
 
@@ -2260,6 +2265,55 @@ def test_a_c_store_aborted_mid_way_leaves_no_partial_data_set(
 
     _wait(lambda: not any(received.iterdir()), timeout=10)
     assert _held(intake_node) == {}
+
+
+def test_data_sets_cut_off_by_the_next_c_store_command_leave_nothing(
+    intake_node: RunningNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DICOM PS3.8 9.3.5, PS3.7 9.3.1.1: a peer that sends the next C-STORE
+    command before the last fragment of a data set cuts that data set off.
+    Nothing of it is kept, nor left (patient data included) in the temporary
+    directory the SCP receives into once the association ends; the data set
+    sent whole is stored."""
+    received = tmp_path / "received"
+    received.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(received))
+    ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
+    ae = AE(ae_title="CUTTING")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    cfg = intake_node.settings.imaging_source
+    assoc = ae.associate(
+        intake_node.settings.node.host, cfg.dicom_port, ae_title=cfg.ae_title
+    )
+    assert assoc.is_established
+    (context,) = assoc.accepted_contexts
+
+    def fragments(sop_instance_uid: str) -> list[P_DATA]:
+        """The P-DATA of one C-STORE request, 1 KiB at most each."""
+        ds.SOPInstanceUID = sop_instance_uid
+        request = C_STORE()
+        request.MessageID = 1
+        request.AffectedSOPClassUID = ds.SOPClassUID
+        request.AffectedSOPInstanceUID = sop_instance_uid
+        request.Priority = 2
+        request.DataSet = io.BytesIO(encode(ds, False, True))
+        message = C_STORE_RQ()
+        message.primitive_to_message(request)
+        return list(message.encode_msg(context.context_id, 1024))
+
+    cut_off = [pydicom.uid.generate_uid() for _ in range(3)]
+    for sop_instance_uid in cut_off:
+        # The command, and the first fragment of its data set only.
+        for primitive in fragments(sop_instance_uid)[:2]:
+            assoc.dul.send_pdu(primitive)
+    whole = pydicom.uid.generate_uid()
+    for primitive in fragments(whole):
+        assoc.dul.send_pdu(primitive)
+    _wait(lambda: whole in _held(intake_node))
+    assoc.release()
+
+    _wait(lambda: not any(received.iterdir()))
+    assert list(_held(intake_node)) == [whole]
 
 
 def test_an_instance_held_already_sent_for_another_patient_is_refused(

@@ -20,9 +20,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pydicom.uid import (
     JPEG2000,
@@ -39,7 +40,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
@@ -128,11 +129,40 @@ class _Association:
     refused: list[Refused] = field(default_factory=list)
     # C-STORE requests being answered; the association ends after them.
     storing: int = 0
+    # Each file pynetdicom received a data set into, until the C-STORE
+    # handler takes it; those left when the association ends are removed.
+    received: dict[Path, IO[bytes]] = field(default_factory=dict)
     closed: bool = False
     requested: bool = False
     released: bool = False
     rejection: str = ""
     abort: str = ""
+
+
+# The data set files of each association, by the thread (pynetdicom's DUL
+# reactor) that receives its P-DATA.
+_RECEIVING: weakref.WeakKeyDictionary[threading.Thread, dict[Path, IO[bytes]]] = (
+    weakref.WeakKeyDictionary()
+)
+_NAMED_TEMPORARY_FILE = dimse_messages.NamedTemporaryFile
+
+
+def _data_set_file(*args: Any, **kwargs: Any) -> Any:
+    """pynetdicom's temporary file for a data set being received, noted for
+    the association receiving it.
+
+    pynetdicom opens one as a C-STORE command ends (DICOM PS3.7 9.3.1.1) and
+    hands it to the C-STORE handler once the data set's last fragment came
+    (DICOM PS3.8 9.3.5). A file it never hands on is not removed: the data
+    set of an association broken off before its last fragment, one cut off
+    by the next command (a peer that sends another before it), and each
+    data set received whole but not yet answered when the association ends.
+    """
+    file = _NAMED_TEMPORARY_FILE(*args, **kwargs)
+    received = _RECEIVING.get(threading.current_thread())
+    if received is not None:
+        received[Path(file.name)] = file
+    return file
 
 
 class _GatedAssociationServer(ThreadedAssociationServer):
@@ -190,6 +220,10 @@ class StoreScp:
         # pynetdicom then writes each data set to a file as its P-DATA
         # fragments arrive (DICOM PS3.8 9.3.5) instead of in memory.
         _config.STORE_RECV_CHUNKED_DATASET = True
+        # Limitation: pynetdicom tells of no file it receives a data set
+        # into; its name for the temporary file is replaced, process-wide,
+        # by one noting each (_data_set_file).
+        dimse_messages.NamedTemporaryFile = _data_set_file
         ae = AE(ae_title=self.ae_title)
         # DICOM PS3.8 9.3.4: an association for another called AE title is
         # rejected (reason 7, called AE title not recognised) rather than
@@ -212,7 +246,6 @@ class StoreScp:
             (evt.EVT_ACSE_RECV, self._on_acse_received),
             (evt.EVT_ACSE_SENT, self._on_acse_sent),
             (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_CONN_CLOSE, _drop_partial_data_set),
             (evt.EVT_CONN_CLOSE, self._on_close),
         ]
         if self.tls_gate is None:
@@ -248,7 +281,8 @@ class StoreScp:
             return self._associations.setdefault(id(assoc), _Association())
 
     def _on_open(self, event: evt.Event) -> None:
-        self._association(event.assoc)
+        association = self._association(event.assoc)
+        _RECEIVING[event.assoc.dul] = association.received
 
     def _on_requested(self, event: evt.Event) -> None:
         self._association(event.assoc).requested = True
@@ -292,6 +326,7 @@ class StoreScp:
                 path.unlink(missing_ok=True)
                 return PROCESSING_FAILURE
             association.storing += 1
+            association.received.pop(path, None)
         try:
             accepted = self.intake.accept(
                 path,
@@ -345,6 +380,9 @@ class StoreScp:
             ended = association.storing == 0
             if ended:
                 self._associations.pop(id(event.assoc), None)
+            left = dict(association.received)
+            association.received.clear()
+        _remove_received(event.assoc, left)
         if ended:
             self._ended(event.assoc, association)
 
@@ -459,25 +497,23 @@ def _no_context(rejected: list[PresentationContext]) -> str:
     return "no presentation context accepted: " + "; ".join(named)
 
 
-def _drop_partial_data_set(event: evt.Event) -> None:
-    """Remove the data set an association was receiving when it closed.
+def _remove_received(assoc: Any, left: dict[Path, IO[bytes]]) -> None:
+    """Remove the data sets an association received and did not answer.
 
     pynetdicom writes each data set to a temporary file of its own as its
     P-DATA fragments arrive, and gives the file to the C-STORE handler, which
-    removes it, once the last one came (DICOM PS3.8 9.3.5); an association
-    aborted or broken off mid-way leaves a partial data set, patient data
+    removes it, once the last one came (DICOM PS3.8 9.3.5). A data set broken
+    off mid-way, cut off by the next command, or received whole when the
+    association ended before it was answered leaves a file, patient data
     included, that no handler sees.
     """
-    # Limitation: this reads pynetdicom's decoder state (dimse.message),
-    # which it offers no event for.
-    message = getattr(event.assoc.dimse, "message", None)
-    file = getattr(message, "_data_set_file", None)
-    path = getattr(message, "_data_set_path", None)
-    if file is not None:
+    for path, file in left.items():
         file.close()
-    if path is not None:
-        Path(path).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+    if left:
         logger.info(
-            "C-STORE from %s broke off mid-way; its partial data set was removed",
-            event.assoc.requestor.ae_title,
+            "C-STORE from %s: %d data sets received but not answered were "
+            "removed as the association ended",
+            assoc.requestor.ae_title,
+            len(left),
         )
