@@ -2267,6 +2267,30 @@ def test_a_c_store_aborted_mid_way_leaves_no_partial_data_set(
     assert _held(intake_node) == {}
 
 
+def test_the_scp_offers_a_maximum_pdu_length(intake_node: RunningNode) -> None:
+    """DICOM PS3.8 D.1.1, 9.3.5: the SCP offers a Maximum Length Received,
+    so that a peer sends a large data set in P-DATA-TF PDUs no longer than
+    that, each written out as it comes. Offered none (0), a peer such as
+    pynetdicom sends a data set in one PDU, which the SCP's pynetdicom holds
+    whole in memory: a 128 MiB one took 500 MiB."""
+    ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
+    ae = AE(ae_title="LARGE")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    cfg = intake_node.settings.imaging_source
+    assoc = ae.associate(
+        intake_node.settings.node.host, cfg.dicom_port, ae_title=cfg.ae_title
+    )
+    assert assoc.is_established
+    try:
+        offered = assoc.acceptor.maximum_length
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+
+    assert 0 < offered == store_scp_module.MAX_PDU_SIZE
+    assert status.Status == SUCCESS
+
+
 def test_data_sets_cut_off_by_the_next_c_store_command_leave_nothing(
     intake_node: RunningNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

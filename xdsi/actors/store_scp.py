@@ -112,6 +112,11 @@ NAMED_CONTEXTS = 3
 # study over several in parallel, and each holds only a thread and the data
 # set it is writing to disk.
 MAX_ASSOCIATIONS = 64
+# The Maximum Length Received this SCP offers (DICOM PS3.8 D.1.1): a peer
+# sends no P-DATA-TF PDU longer (PS3.8 9.3.5), and pynetdicom holds each PDU
+# whole in memory before its fragments are written out, so an SCP offering
+# no limit (0) would take a data set of any size in one PDU, in memory.
+MAX_PDU_SIZE = 1 << 20
 # Seconds a connection may take to send its A-ASSOCIATE-RQ (the ARTIM timer,
 # DICOM PS3.8 9.1.5), and an association to answer an A-RELEASE: a
 # connection that sends nothing, even one its peer closed, holds its place
@@ -229,7 +234,9 @@ class StoreScp:
         # rejected (reason 7, called AE title not recognised) rather than
         # taken in under ours.
         ae.require_called_aet = True
-        ae.maximum_pdu_size = 0
+        # Limitation: a peer that sends longer PDUs all the same is not cut
+        # off; pynetdicom reads each whole, whatever its length.
+        ae.maximum_pdu_size = MAX_PDU_SIZE
         ae.maximum_associations = MAX_ASSOCIATIONS
         ae.acse_timeout = ACSE_TIMEOUT
         for context in AllStoragePresentationContexts:
