@@ -779,6 +779,34 @@ def test_stow_rs_names_a_refused_instance_and_says_why(
     assert "part 1: C000 " in response.headers["Warning"]
 
 
+def test_stow_rs_ignores_the_preamble_of_its_body(intake_node: RunningNode) -> None:
+    """RFC 2046 5.1.1, DICOM PS3.18 10.5.1: text before the first boundary
+    delimiter of a multipart body is a preamble, which the receiver ignores;
+    the instance after it is stored."""
+    path = dicom_path("singles", "ts-explicit-le__CT_small.dcm")
+    body = (
+        b"This is a multi-part message in MIME format.\r\n"
+        + b"--xdsi-test\r\nContent-Type: application/dicom\r\n\r\n"
+        + path.read_bytes()
+        + b"\r\n--xdsi-test--\r\n"
+    )
+
+    response = requests.post(
+        _stow_url(intake_node),
+        data=body,
+        headers={
+            "Content-Type": 'multipart/related; type="application/dicom"; '
+            "boundary=xdsi-test"
+        },
+        timeout=60,
+    )
+
+    assert response.status_code == 200, response.text
+    assert list(_held(intake_node)) == [
+        pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+    ]
+
+
 def test_stow_rs_answers_an_overlong_boundary_with_400(
     intake_node: RunningNode, caplog: pytest.LogCaptureFixture
 ) -> None:
