@@ -2570,6 +2570,58 @@ def test_a_cstore_association_is_audited_as_instances_transferred(
     assert (_action(created), _action(read)) == ("C", "R")
 
 
+def test_an_undecodable_command_aborts_and_audits_what_was_stored(
+    intake_node: RunningNode,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """DICOM PS3.8 Table 9-10 (Evt19), PS3.15 A.5.3.7: a C-STORE command the
+    SCP cannot decode (here without its Affected SOP Class UID, DICOM PS3.7
+    Table 9.3-1) aborts the association, which then ends as any other: what
+    it stored before is audited, and nothing is left of the data set file
+    opened for the command."""
+    caplog.set_level(logging.INFO, logger="xdsi")
+    received = tmp_path / "received"
+    received.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(received))
+    before = len(list(intake_node.services.audit_spool.records()))
+    ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
+    ae = AE(ae_title="UNDECODABLE")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    cfg = intake_node.settings.imaging_source
+    assoc = ae.associate(
+        intake_node.settings.node.host, cfg.dicom_port, ae_title=cfg.ae_title
+    )
+    assert assoc.is_established
+    assert assoc.send_c_store(ds).Status == SUCCESS
+    command = pydicom.Dataset()
+    command.CommandGroupLength = 0
+    command.CommandField = 0x0001  # C-STORE-RQ
+    command.MessageID = 2
+    command.Priority = 2
+    command.CommandDataSetType = 0x0000
+    command.AffectedSOPInstanceUID = pydicom.uid.generate_uid()
+    (context,) = assoc.accepted_contexts
+    primitive = P_DATA()
+    primitive.presentation_data_value_list.append(
+        (context.context_id, b"\x03" + encode(command, True, True))
+    )
+
+    assoc.dul.send_pdu(primitive)
+
+    _wait(lambda: len(_records_since(intake_node, before, "110104")) == 1)
+    (record,) = _records_since(intake_node, before, "110104")
+    assert ds.StudyInstanceUID in record.object_ids
+    assert list(received.iterdir()) == []
+    ended = [
+        r.getMessage() for r in caplog.records if "association from" in r.getMessage()
+    ]
+    assert len(ended) == 1
+    assert "aborted (A-P-ABORT" in ended[0]
+    assert ", 1 stored," in ended[0]
+
+
 def test_a_cstore_association_with_refusals_records_a_failure(
     intake_node: RunningNode,
 ) -> None:

@@ -41,6 +41,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
@@ -170,6 +171,35 @@ def _data_set_file(*args: Any, **kwargs: Any) -> Any:
     return file
 
 
+_RECEIVE_PRIMITIVE = DIMSEServiceProvider.receive_primitive
+
+
+def _receive_primitive(dimse: DIMSEServiceProvider, primitive: Any) -> None:
+    """pynetdicom's decoding of a P-DATA-TF, an undecodable one taken as an
+    invalid PDU (DICOM PS3.8 Table 9-10, Evt19): the association is aborted
+    (A-P-ABORT) and ends as any other does.
+
+    pynetdicom decodes a message's command as its last fragment comes, in
+    the thread that reads the peer's PDUs. A command it cannot take (a
+    C-STORE with no Affected SOP Class UID, a presentation context that was
+    not accepted, an unknown Command Field) raises there and ends that
+    thread: the association then ends without a word of it to the handlers,
+    so what it brought was neither logged nor audited, and the data set
+    file opened for it stayed.
+    """
+    try:
+        _RECEIVE_PRIMITIVE(dimse, primitive)
+    except Exception:
+        logger.warning(
+            "C-STORE SCP: a DIMSE message from %s cannot be decoded; the "
+            "association is aborted",
+            dimse.assoc.requestor.ae_title,
+        )
+        logger.debug("the undecodable DIMSE message", exc_info=True)
+        dimse.message = None
+        dimse.dul.event_queue.put("Evt19")
+
+
 class _GatedAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server; each connection passes the TLS gate.
 
@@ -226,9 +256,12 @@ class StoreScp:
         # fragments arrive (DICOM PS3.8 9.3.5) instead of in memory.
         _config.STORE_RECV_CHUNKED_DATASET = True
         # Limitation: pynetdicom tells of no file it receives a data set
-        # into; its name for the temporary file is replaced, process-wide,
-        # by one noting each (_data_set_file).
+        # into, nor of a message it could not decode; its name for the
+        # temporary file and its P-DATA decoding are replaced, process-wide,
+        # by ones that note each file (_data_set_file) and abort on such a
+        # message (_receive_primitive).
         dimse_messages.NamedTemporaryFile = _data_set_file
+        DIMSEServiceProvider.receive_primitive = _receive_primitive  # type: ignore[method-assign]
         ae = AE(ae_title=self.ae_title)
         # DICOM PS3.8 9.3.4: an association for another called AE title is
         # rejected (reason 7, called AE title not recognised) rather than
