@@ -807,6 +807,31 @@ def test_stow_rs_ignores_the_preamble_of_its_body(intake_node: RunningNode) -> N
     ]
 
 
+def test_stow_rs_takes_the_type_parameter_in_any_case(intake_node: RunningNode) -> None:
+    """RFC 2387 3.1, RFC 2045 5.1: the type parameter of multipart/related
+    is a media type, whose type and subtype are case-insensitive; a request
+    naming Application/DICOM is stored, not answered 415."""
+    path = dicom_path("singles", "ts-explicit-le__CT_small.dcm")
+    body = (
+        b"--xdsi-test\r\nContent-Type: application/dicom\r\n\r\n"
+        + path.read_bytes()
+        + b"\r\n--xdsi-test--\r\n"
+    )
+
+    response = requests.post(
+        _stow_url(intake_node),
+        data=body,
+        headers={
+            "Content-Type": 'multipart/related; type="Application/DICOM"; '
+            "boundary=xdsi-test"
+        },
+        timeout=60,
+    )
+
+    assert response.status_code == 200, response.text
+    assert len(_held(intake_node)) == 1
+
+
 def test_stow_rs_answers_an_overlong_boundary_with_400(
     intake_node: RunningNode, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -220,8 +220,10 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
         )
     media_type, options = parse_options_header(request.content_type or "")
     boundary = options.get(b"boundary")
+    # RFC 2387 3.1: type names the parts' media type, whose type and subtype
+    # are case-insensitive (RFC 2045 5.1), as the request's own are.
     part_type = options.get(b"type", DICOM_MEDIA_TYPE.encode()).decode("latin-1")
-    if media_type != b"multipart/related" or part_type != DICOM_MEDIA_TYPE:
+    if media_type != b"multipart/related" or part_type.lower() != DICOM_MEDIA_TYPE:
         # PS3.18 10.5.1.2: this node stores the application/dicom media type.
         return _plain(
             UNSUPPORTED_MEDIA_TYPE,
