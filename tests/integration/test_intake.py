@@ -30,6 +30,7 @@ from click.testing import CliRunner, Result
 from lxml import etree
 from pydicom.fileset import FileSet
 from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
@@ -2342,6 +2343,40 @@ def test_the_scp_offers_a_maximum_pdu_length(intake_node: RunningNode) -> None:
 
     assert 0 < offered == store_scp_module.MAX_PDU_SIZE
     assert status.Status == SUCCESS
+
+
+def test_a_c_store_data_set_in_the_other_vr_encoding_than_its_context_is_refused(
+    intake_node: RunningNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DICOM PS3.8 9.3.5, PS3.5 10.1: a data set comes in the transfer syntax
+    of its presentation context, which the SCP writes in the File Meta of the
+    file it keeps. One sent in Implicit VR on an Explicit VR Little Endian
+    context is refused with C001 (pydicom alone would read it, no other
+    reader of the file kept would), and nothing is stored."""
+    ds = pydicom.dcmread(dicom_path("singles", "sr-basic-text__reportsi.dcm"))
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    meta = io.BytesIO()
+    pydicom.filewriter.write_file_meta_info(
+        pydicom.filebase.DicomFileLike(meta), ds.file_meta, enforce_standard=True
+    )
+    path = tmp_path / "implicit-as-explicit.dcm"
+    path.write_bytes(b"\0" * 128 + b"DICM" + meta.getvalue() + encode(ds, True, True))
+    # pynetdicom sends the data set as the file holds it, unconverted.
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
+    ae = AE(ae_title="IMPLICIT")
+    ae.add_requested_context(ds.SOPClassUID, pydicom.uid.ExplicitVRLittleEndian)
+    cfg = intake_node.settings.imaging_source
+    assoc = ae.associate(
+        intake_node.settings.node.host, cfg.dicom_port, ae_title=cfg.ae_title
+    )
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(path)
+    finally:
+        assoc.release()
+
+    assert status.Status == refusal_table()["unreadable"]["dimse_status"]
+    assert _held(intake_node) == {}
 
 
 def test_data_sets_cut_off_by_the_next_c_store_command_leave_nothing(
