@@ -180,9 +180,9 @@ def _receive_primitive(dimse: DIMSEServiceProvider, primitive: Any) -> None:
     (A-P-ABORT) and ends as any other does.
 
     pynetdicom decodes a message's command as its last fragment comes, in
-    the thread that reads the peer's PDUs. A command it cannot take (a
-    C-STORE with no Affected SOP Class UID, a presentation context that was
-    not accepted, an unknown Command Field) raises there and ends that
+    the thread that reads the peer's PDUs. A command it cannot take (one
+    with no Command Field, a C-STORE with no Affected SOP Class UID, or on a
+    presentation context that was not accepted) raises there and ends that
     thread: the association then ends without a word of it to the handlers,
     so what it brought was neither logged nor audited, and the data set
     file opened for it stayed.
