@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import http.client
+import io
 import logging
 import os
 import shutil
@@ -29,6 +30,11 @@ from click.testing import CliRunner, Result
 from lxml import etree
 from pydicom.fileset import FileSet
 from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification
 from sqlalchemy import Row, func, select, update
 
@@ -774,6 +780,59 @@ def test_stow_rs_names_a_refused_instance_and_says_why(
     assert item["00081197"]["Value"] == [0xC000]
     assert response.headers["Warning"].startswith("299 ")
     assert "part 1: C000 " in response.headers["Warning"]
+
+
+def test_stow_rs_ignores_the_preamble_of_its_body(intake_node: RunningNode) -> None:
+    """RFC 2046 5.1.1, DICOM PS3.18 10.5.1: text before the first boundary
+    delimiter of a multipart body is a preamble, which the receiver ignores;
+    the instance after it is stored."""
+    path = dicom_path("singles", "ts-explicit-le__CT_small.dcm")
+    body = (
+        b"This is a multi-part message in MIME format.\r\n"
+        + b"--xdsi-test\r\nContent-Type: application/dicom\r\n\r\n"
+        + path.read_bytes()
+        + b"\r\n--xdsi-test--\r\n"
+    )
+
+    response = requests.post(
+        _stow_url(intake_node),
+        data=body,
+        headers={
+            "Content-Type": 'multipart/related; type="application/dicom"; '
+            "boundary=xdsi-test"
+        },
+        timeout=60,
+    )
+
+    assert response.status_code == 200, response.text
+    assert list(_held(intake_node)) == [
+        pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+    ]
+
+
+def test_stow_rs_takes_the_type_parameter_in_any_case(intake_node: RunningNode) -> None:
+    """RFC 2387 3.1, RFC 2045 5.1: the type parameter of multipart/related
+    is a media type, whose type and subtype are case-insensitive; a request
+    naming Application/DICOM is stored, not answered 415."""
+    path = dicom_path("singles", "ts-explicit-le__CT_small.dcm")
+    body = (
+        b"--xdsi-test\r\nContent-Type: application/dicom\r\n\r\n"
+        + path.read_bytes()
+        + b"\r\n--xdsi-test--\r\n"
+    )
+
+    response = requests.post(
+        _stow_url(intake_node),
+        data=body,
+        headers={
+            "Content-Type": 'multipart/related; type="Application/DICOM"; '
+            "boundary=xdsi-test"
+        },
+        timeout=60,
+    )
+
+    assert response.status_code == 200, response.text
+    assert len(_held(intake_node)) == 1
 
 
 def test_stow_rs_answers_an_overlong_boundary_with_400(
@@ -1846,6 +1905,39 @@ def _cd_of_two(folder: Path) -> tuple[Path, Path]:
     return first, second
 
 
+def test_a_dicomdir_whose_records_loop_is_read_to_its_end(
+    intake_node: RunningNode, tmp_path: Path
+) -> None:
+    """DICOM PS3.3 F.3.2.1: a DICOMDIR's records are linked by offsets, which
+    a CD made to stall its reader points back at a record already read. The
+    records are read as the Directory Record Sequence holds them, so the
+    import ends, with every file they reference."""
+    first, second = _cd_of_two(tmp_path / "cd")
+    dicomdir = tmp_path / "cd" / "DICOMDIR"
+    directory = pydicom.dcmread(dicomdir)
+    record = directory.DirectoryRecordSequence[0]
+    record.OffsetOfTheNextDirectoryRecord = record.seq_item_tell
+    directory.save_as(dicomdir)
+    results: list[intake_module.ImportResult] = []
+    importing = threading.Thread(
+        target=lambda: results.append(
+            intake_node.services.intake.import_folder(tmp_path / "cd")
+        ),
+        daemon=True,
+    )
+
+    importing.start()
+    importing.join(timeout=120)
+
+    assert not importing.is_alive(), "the import follows the loop"
+    (result,) = results
+    assert sorted(a.sop_instance_uid for a in result.accepted) == sorted(
+        pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        for path in (first, second)
+    )
+    assert result.refused == ()
+
+
 def test_a_fifo_the_dicomdir_lists_is_refused_unread(
     intake_node: RunningNode, tmp_path: Path
 ) -> None:
@@ -2233,6 +2325,113 @@ def test_a_c_store_aborted_mid_way_leaves_no_partial_data_set(
     assert _held(intake_node) == {}
 
 
+def test_the_scp_offers_a_maximum_pdu_length(intake_node: RunningNode) -> None:
+    """DICOM PS3.8 D.1.1, 9.3.5: the SCP offers a Maximum Length Received,
+    so that a peer sends a large data set in P-DATA-TF PDUs no longer than
+    that, each written out as it comes. Offered none (0), a peer such as
+    pynetdicom sends a data set in one PDU, which the SCP's pynetdicom holds
+    whole in memory: a 128 MiB one took 500 MiB."""
+    ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
+    ae = AE(ae_title="LARGE")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    cfg = intake_node.settings.imaging_source
+    assoc = ae.associate(
+        intake_node.settings.node.host, cfg.dicom_port, ae_title=cfg.ae_title
+    )
+    assert assoc.is_established
+    try:
+        offered = assoc.acceptor.maximum_length
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+
+    assert 0 < offered == store_scp_module.MAX_PDU_SIZE
+    assert status.Status == SUCCESS
+
+
+def test_a_c_store_data_set_in_the_other_vr_encoding_than_its_context_is_refused(
+    intake_node: RunningNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DICOM PS3.8 9.3.5, PS3.5 10.1: a data set comes in the transfer syntax
+    of its presentation context, which the SCP writes in the File Meta of the
+    file it keeps. One sent in Implicit VR on an Explicit VR Little Endian
+    context is refused with C001 (pydicom alone would read it, no other
+    reader of the file kept would), and nothing is stored."""
+    ds = pydicom.dcmread(dicom_path("singles", "sr-basic-text__reportsi.dcm"))
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    meta = io.BytesIO()
+    pydicom.filewriter.write_file_meta_info(
+        pydicom.filebase.DicomFileLike(meta), ds.file_meta, enforce_standard=True
+    )
+    path = tmp_path / "implicit-as-explicit.dcm"
+    path.write_bytes(b"\0" * 128 + b"DICM" + meta.getvalue() + encode(ds, True, True))
+    # pynetdicom sends the data set as the file holds it, unconverted.
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
+    ae = AE(ae_title="IMPLICIT")
+    ae.add_requested_context(ds.SOPClassUID, pydicom.uid.ExplicitVRLittleEndian)
+    cfg = intake_node.settings.imaging_source
+    assoc = ae.associate(
+        intake_node.settings.node.host, cfg.dicom_port, ae_title=cfg.ae_title
+    )
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(path)
+    finally:
+        assoc.release()
+
+    assert status.Status == refusal_table()["unreadable"]["dimse_status"]
+    assert _held(intake_node) == {}
+
+
+def test_data_sets_cut_off_by_the_next_c_store_command_leave_nothing(
+    intake_node: RunningNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DICOM PS3.8 9.3.5, PS3.7 9.3.1.1: a peer that sends the next C-STORE
+    command before the last fragment of a data set cuts that data set off.
+    Nothing of it is kept, nor left (patient data included) in the temporary
+    directory the SCP receives into once the association ends; the data set
+    sent whole is stored."""
+    received = tmp_path / "received"
+    received.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(received))
+    ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
+    ae = AE(ae_title="CUTTING")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    cfg = intake_node.settings.imaging_source
+    assoc = ae.associate(
+        intake_node.settings.node.host, cfg.dicom_port, ae_title=cfg.ae_title
+    )
+    assert assoc.is_established
+    (context,) = assoc.accepted_contexts
+
+    def fragments(sop_instance_uid: str) -> list[P_DATA]:
+        """The P-DATA of one C-STORE request, 1 KiB at most each."""
+        ds.SOPInstanceUID = sop_instance_uid
+        request = C_STORE()
+        request.MessageID = 1
+        request.AffectedSOPClassUID = ds.SOPClassUID
+        request.AffectedSOPInstanceUID = sop_instance_uid
+        request.Priority = 2
+        request.DataSet = io.BytesIO(encode(ds, False, True))
+        message = C_STORE_RQ()
+        message.primitive_to_message(request)
+        return list(message.encode_msg(context.context_id, 1024))
+
+    cut_off = [pydicom.uid.generate_uid() for _ in range(3)]
+    for sop_instance_uid in cut_off:
+        # The command, and the first fragment of its data set only.
+        for primitive in fragments(sop_instance_uid)[:2]:
+            assoc.dul.send_pdu(primitive)
+    whole = pydicom.uid.generate_uid()
+    for primitive in fragments(whole):
+        assoc.dul.send_pdu(primitive)
+    _wait(lambda: whole in _held(intake_node))
+    assoc.release()
+
+    _wait(lambda: not any(received.iterdir()))
+    assert list(_held(intake_node)) == [whole]
+
+
 def test_an_instance_held_already_sent_for_another_patient_is_refused(
     intake_node: RunningNode, tmp_path: Path
 ) -> None:
@@ -2433,6 +2632,58 @@ def test_a_cstore_association_is_audited_as_instances_transferred(
             (cfg.ae_title, "false", "127.0.0.1", "110152"),
         ]
     assert (_action(created), _action(read)) == ("C", "R")
+
+
+def test_an_undecodable_command_aborts_and_audits_what_was_stored(
+    intake_node: RunningNode,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """DICOM PS3.8 Table 9-10 (Evt19), PS3.15 A.5.3.7: a C-STORE command the
+    SCP cannot decode (here without its Affected SOP Class UID, DICOM PS3.7
+    Table 9.3-1) aborts the association, which then ends as any other: what
+    it stored before is audited, and nothing is left of the data set file
+    opened for the command."""
+    caplog.set_level(logging.INFO, logger="xdsi")
+    received = tmp_path / "received"
+    received.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(received))
+    before = len(list(intake_node.services.audit_spool.records()))
+    ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
+    ae = AE(ae_title="UNDECODABLE")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    cfg = intake_node.settings.imaging_source
+    assoc = ae.associate(
+        intake_node.settings.node.host, cfg.dicom_port, ae_title=cfg.ae_title
+    )
+    assert assoc.is_established
+    assert assoc.send_c_store(ds).Status == SUCCESS
+    command = pydicom.Dataset()
+    command.CommandGroupLength = 0
+    command.CommandField = 0x0001  # C-STORE-RQ
+    command.MessageID = 2
+    command.Priority = 2
+    command.CommandDataSetType = 0x0000
+    command.AffectedSOPInstanceUID = pydicom.uid.generate_uid()
+    (context,) = assoc.accepted_contexts
+    primitive = P_DATA()
+    primitive.presentation_data_value_list.append(
+        (context.context_id, b"\x03" + encode(command, True, True))
+    )
+
+    assoc.dul.send_pdu(primitive)
+
+    _wait(lambda: len(_records_since(intake_node, before, "110104")) == 1)
+    (record,) = _records_since(intake_node, before, "110104")
+    assert ds.StudyInstanceUID in record.object_ids
+    assert list(received.iterdir()) == []
+    ended = [
+        r.getMessage() for r in caplog.records if "association from" in r.getMessage()
+    ]
+    assert len(ended) == 1
+    assert "aborted (A-P-ABORT" in ended[0]
+    assert ", 1 stored," in ended[0]
 
 
 def test_a_cstore_association_with_refusals_records_a_failure(

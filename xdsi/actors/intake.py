@@ -22,7 +22,6 @@ import socket
 import stat
 import threading
 import time
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +30,7 @@ from typing import Any
 import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.fileset import FileSet
-from pydicom.uid import UID
+from pydicom.uid import UID, MediaStorageDirectoryStorage
 from sqlalchemy import Connection, Row, and_, delete, insert, or_, select, update
 from sqlalchemy.exc import (
     DBAPIError,
@@ -1413,26 +1411,43 @@ def _refuse_special_file(path: Path) -> None:
 def _listed_files(dicomdir: Path) -> list[Path]:
     """The files a DICOMDIR's records reference, those missing included.
 
-    pydicom's FileSet reads the DICOMDIR but leaves out a record whose file
-    is missing, with a warning naming its path. A CD that lost files must
-    not pass for whole: every Referenced File ID (0004,1500) that names no
-    file (DICOM PS3.3 F.3.2.2) is listed after the others, and the import
+    Each record's Referenced File ID (0004,1500) names a file of the
+    file-set, relative to the DICOMDIR's folder (DICOM PS3.3 F.3.2.2). The
+    records are read as the Directory Record Sequence holds them, not through
+    the offsets that link them into a tree (F.3.2.1): a CD whose offsets
+    loop would have pydicom's FileSet follow them for ever. A file named
+    twice is listed once. A CD that lost files must not pass for whole: a
+    Referenced File ID that names no file is listed too, and the import
     refuses it as unreadable.
+
+    Raises
+    ------
+    ValueError
+        The file is no Media Storage Directory, or a Referenced File ID
+        names a path outside the DICOMDIR's folder (absolute, through "..",
+        or through a symbolic link).
     """
     directory = pydicom.dcmread(dicomdir)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        listed = [Path(instance.path) for instance in FileSet(directory)]
-    records = directory.get("DirectoryRecordSequence") or []
-    for record in records:
+    if (
+        directory.file_meta.get("MediaStorageSOPClassUID")
+        != MediaStorageDirectoryStorage
+        or "DirectoryRecordSequence" not in directory
+    ):
+        # DICOM PS3.10 8.6, PS3.3 F.2.2.
+        raise ValueError("no Media Storage Directory with directory records")
+    root = dicomdir.parent.resolve()
+    listed: dict[Path, None] = {}
+    for record in directory.DirectoryRecordSequence:
         file_id = record.get("ReferencedFileID")
         if not file_id:
             continue
         parts = [file_id] if isinstance(file_id, str) else list(file_id)
-        path = dicomdir.parent.joinpath(*map(str, parts))
-        if not path.exists():
-            listed.append(path)
-    return listed
+        relative = Path(*map(str, parts))
+        path = dicomdir.parent / relative
+        if relative.anchor or not path.resolve().is_relative_to(root):
+            raise ValueError("a Referenced File ID names a path outside the file-set")
+        listed[path] = None
+    return list(listed)
 
 
 def _upsert_study(

@@ -20,9 +20,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pydicom.uid import (
     JPEG2000,
@@ -39,7 +40,8 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
@@ -111,6 +113,11 @@ NAMED_CONTEXTS = 3
 # study over several in parallel, and each holds only a thread and the data
 # set it is writing to disk.
 MAX_ASSOCIATIONS = 64
+# The Maximum Length Received this SCP offers (DICOM PS3.8 D.1.1): a peer
+# sends no P-DATA-TF PDU longer (PS3.8 9.3.5), and pynetdicom holds each PDU
+# whole in memory before its fragments are written out, so an SCP offering
+# no limit (0) would take a data set of any size in one PDU, in memory.
+MAX_PDU_SIZE = 1 << 20
 # Seconds a connection may take to send its A-ASSOCIATE-RQ (the ARTIM timer,
 # DICOM PS3.8 9.1.5), and an association to answer an A-RELEASE: a
 # connection that sends nothing, even one its peer closed, holds its place
@@ -128,11 +135,69 @@ class _Association:
     refused: list[Refused] = field(default_factory=list)
     # C-STORE requests being answered; the association ends after them.
     storing: int = 0
+    # Each file pynetdicom received a data set into, until the C-STORE
+    # handler takes it; those left when the association ends are removed.
+    received: dict[Path, IO[bytes]] = field(default_factory=dict)
     closed: bool = False
     requested: bool = False
     released: bool = False
     rejection: str = ""
     abort: str = ""
+
+
+# The data set files of each association, by the thread (pynetdicom's DUL
+# reactor) that receives its P-DATA.
+_RECEIVING: weakref.WeakKeyDictionary[threading.Thread, dict[Path, IO[bytes]]] = (
+    weakref.WeakKeyDictionary()
+)
+_NAMED_TEMPORARY_FILE = dimse_messages.NamedTemporaryFile
+
+
+def _data_set_file(*args: Any, **kwargs: Any) -> Any:
+    """pynetdicom's temporary file for a data set being received, noted for
+    the association receiving it.
+
+    pynetdicom opens one as a C-STORE command ends (DICOM PS3.7 9.3.1.1) and
+    hands it to the C-STORE handler once the data set's last fragment came
+    (DICOM PS3.8 9.3.5). A file it never hands on is not removed: the data
+    set of an association broken off before its last fragment, one cut off
+    by the next command (a peer that sends another before it), and each
+    data set received whole but not yet answered when the association ends.
+    """
+    file = _NAMED_TEMPORARY_FILE(*args, **kwargs)
+    received = _RECEIVING.get(threading.current_thread())
+    if received is not None:
+        received[Path(file.name)] = file
+    return file
+
+
+_RECEIVE_PRIMITIVE = DIMSEServiceProvider.receive_primitive
+
+
+def _receive_primitive(dimse: DIMSEServiceProvider, primitive: Any) -> None:
+    """pynetdicom's decoding of a P-DATA-TF, an undecodable one taken as an
+    invalid PDU (DICOM PS3.8 Table 9-10, Evt19): the association is aborted
+    (A-P-ABORT) and ends as any other does.
+
+    pynetdicom decodes a message's command as its last fragment comes, in
+    the thread that reads the peer's PDUs. A command it cannot take (one
+    with no Command Field, a C-STORE with no Affected SOP Class UID, or on a
+    presentation context that was not accepted) raises there and ends that
+    thread: the association then ends without a word of it to the handlers,
+    so what it brought was neither logged nor audited, and the data set
+    file opened for it stayed.
+    """
+    try:
+        _RECEIVE_PRIMITIVE(dimse, primitive)
+    except Exception:
+        logger.warning(
+            "C-STORE SCP: a DIMSE message from %s cannot be decoded; the "
+            "association is aborted",
+            dimse.assoc.requestor.ae_title,
+        )
+        logger.debug("the undecodable DIMSE message", exc_info=True)
+        dimse.message = None
+        dimse.dul.event_queue.put("Evt19")
 
 
 class _GatedAssociationServer(ThreadedAssociationServer):
@@ -194,12 +259,21 @@ class StoreScp:
         # storage's spool; those of a node killed mid-association stay there
         # (tmp*.dcm) until the system cleans it.
         _config.STORE_RECV_CHUNKED_DATASET = True
+        # Limitation: pynetdicom tells of no file it receives a data set
+        # into, nor of a message it could not decode; its name for the
+        # temporary file and its P-DATA decoding are replaced, process-wide,
+        # by ones that note each file (_data_set_file) and abort on such a
+        # message (_receive_primitive).
+        dimse_messages.NamedTemporaryFile = _data_set_file
+        DIMSEServiceProvider.receive_primitive = _receive_primitive  # type: ignore[method-assign]
         ae = AE(ae_title=self.ae_title)
         # DICOM PS3.8 9.3.4: an association for another called AE title is
         # rejected (reason 7, called AE title not recognised) rather than
         # taken in under ours.
         ae.require_called_aet = True
-        ae.maximum_pdu_size = 0
+        # Limitation: a peer that sends longer PDUs all the same is not cut
+        # off; pynetdicom reads each whole, whatever its length.
+        ae.maximum_pdu_size = MAX_PDU_SIZE
         ae.maximum_associations = MAX_ASSOCIATIONS
         ae.acse_timeout = ACSE_TIMEOUT
         for context in AllStoragePresentationContexts:
@@ -216,7 +290,6 @@ class StoreScp:
             (evt.EVT_ACSE_RECV, self._on_acse_received),
             (evt.EVT_ACSE_SENT, self._on_acse_sent),
             (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_CONN_CLOSE, _drop_partial_data_set),
             (evt.EVT_CONN_CLOSE, self._on_close),
         ]
         if self.tls_gate is None:
@@ -252,7 +325,8 @@ class StoreScp:
             return self._associations.setdefault(id(assoc), _Association())
 
     def _on_open(self, event: evt.Event) -> None:
-        self._association(event.assoc)
+        association = self._association(event.assoc)
+        _RECEIVING[event.assoc.dul] = association.received
 
     def _on_requested(self, event: evt.Event) -> None:
         self._association(event.assoc).requested = True
@@ -296,6 +370,7 @@ class StoreScp:
                 path.unlink(missing_ok=True)
                 return PROCESSING_FAILURE
             association.storing += 1
+            association.received.pop(path, None)
         try:
             accepted = self.intake.accept(
                 path,
@@ -349,6 +424,9 @@ class StoreScp:
             ended = association.storing == 0
             if ended:
                 self._associations.pop(id(event.assoc), None)
+            left = dict(association.received)
+            association.received.clear()
+        _remove_received(event.assoc, left)
         if ended:
             self._ended(event.assoc, association)
 
@@ -463,25 +541,23 @@ def _no_context(rejected: list[PresentationContext]) -> str:
     return "no presentation context accepted: " + "; ".join(named)
 
 
-def _drop_partial_data_set(event: evt.Event) -> None:
-    """Remove the data set an association was receiving when it closed.
+def _remove_received(assoc: Any, left: dict[Path, IO[bytes]]) -> None:
+    """Remove the data sets an association received and did not answer.
 
     pynetdicom writes each data set to a temporary file of its own as its
     P-DATA fragments arrive, and gives the file to the C-STORE handler, which
-    removes it, once the last one came (DICOM PS3.8 9.3.5); an association
-    aborted or broken off mid-way leaves a partial data set, patient data
+    removes it, once the last one came (DICOM PS3.8 9.3.5). A data set broken
+    off mid-way, cut off by the next command, or received whole when the
+    association ended before it was answered leaves a file, patient data
     included, that no handler sees.
     """
-    # Limitation: this reads pynetdicom's decoder state (dimse.message),
-    # which it offers no event for.
-    message = getattr(event.assoc.dimse, "message", None)
-    file = getattr(message, "_data_set_file", None)
-    path = getattr(message, "_data_set_path", None)
-    if file is not None:
+    for path, file in left.items():
         file.close()
-    if path is not None:
-        Path(path).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+    if left:
         logger.info(
-            "C-STORE from %s broke off mid-way; its partial data set was removed",
-            event.assoc.requestor.ae_title,
+            "C-STORE from %s: %d data sets received but not answered were "
+            "removed as the association ended",
+            assoc.requestor.ae_title,
+            len(left),
         )

@@ -139,6 +139,50 @@ class _Parts:
             path.unlink(missing_ok=True)
 
 
+class _AfterPreamble:
+    """Write a multipart body to a parser from its first boundary on.
+
+    RFC 2046 5.1.1: a body may open with a preamble, text before the first
+    boundary delimiter that a receiver ignores; python-multipart takes a
+    body only when it opens with the boundary. The preamble is dropped as
+    it streams; only the bytes a delimiter split between two chunks may
+    start with are held.
+    """
+
+    def __init__(self, parser: MultipartParser, boundary: bytes) -> None:
+        self.parser = parser
+        self.opening = b"--" + boundary
+        self.delimiter = b"\r\n" + self.opening
+        self.held = b""
+        # Whether all that came is the start of the opening boundary.
+        self.at_start = True
+        self.found = False
+
+    def write(self, chunk: bytes) -> None:
+        if self.found:
+            self.parser.write(chunk)
+            return
+        data = self.held + chunk
+        if self.at_start:
+            if data.startswith(self.opening):
+                self._begin(data)
+                return
+            if self.opening.startswith(data):
+                self.held = data
+                return
+            self.at_start = False
+        at = data.find(self.delimiter)
+        if at < 0:
+            self.held = data[-(len(self.delimiter) - 1) :]
+            return
+        self._begin(data[at + 2 :])
+
+    def _begin(self, data: bytes) -> None:
+        self.found = True
+        self.held = b""
+        self.parser.write(data)
+
+
 def add_stow_route(app: Flask, intake: Intake, path: str, spool: Path) -> None:
     """Serve STOW-RS Store Instances at ``path`` on ``app``.
 
@@ -179,8 +223,10 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
         )
     media_type, options = parse_options_header(request.content_type or "")
     boundary = options.get(b"boundary")
+    # RFC 2387 3.1: type names the parts' media type, whose type and subtype
+    # are case-insensitive (RFC 2045 5.1), as the request's own are.
     part_type = options.get(b"type", DICOM_MEDIA_TYPE.encode()).decode("latin-1")
-    if media_type != b"multipart/related" or part_type != DICOM_MEDIA_TYPE:
+    if media_type != b"multipart/related" or part_type.lower() != DICOM_MEDIA_TYPE:
         # PS3.18 10.5.1.2: this node stores the application/dicom media type.
         return _plain(
             UNSUPPORTED_MEDIA_TYPE,
@@ -210,9 +256,10 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
     parts = _Parts(spool)
     try:
         parser = MultipartParser(boundary, parts.callbacks())
+        body = _AfterPreamble(parser, boundary)
         with RequestBody() as stream:
             for chunk in iter(lambda: stream.read(CHUNK), b""):
-                parser.write(chunk)
+                body.write(chunk)
         parser.finalize()
         if not parts.ended:
             raise MalformedMessage("no closing boundary (RFC 2046 5.1.1)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import zlib
 from functools import cache
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -21,8 +22,9 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragmented_frames
+from pydicom.filereader import data_element_generator
 from pydicom.tag import BaseTag
-from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000TransferSyntaxes
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, JPEG2000TransferSyntaxes
 
 from xdsi.dicom import scan
 from xdsi.dicom.kos import is_image_sop_class
@@ -140,6 +142,11 @@ def check_file(
         rule = "unreadable" if exc.reason.startswith("unreadable") else "identification"
         raise Refused(rule, exc.reason) from exc
 
+    # pydicom reads a data set in the other VR encoding than its transfer
+    # syntax's as it finds it; the file kept would say one and hold the
+    # other, which no other reader takes.
+    _check_vr_encoding(path, header.transfer_syntax_uid)
+
     # The header alone may parse where the whole file does not. Values
     # over DEFER_SIZE are checked against the file's size, not read, and
     # Pixel Data is read a frame at a time (_check_pixel_data): a large
@@ -170,6 +177,8 @@ def check_file(
             "the data set ends inside an element of undefined length, before "
             "its delimiter: the file is cut short",
         )
+    if pixels is None and not deflated:
+        _check_whole_end(path, header.transfer_syntax_uid, size)
     _check_patient_id(ds)
 
     if sop_class_uid is not None and sop_class_uid != header.sop_class_uid:
@@ -222,6 +231,21 @@ def _check_elements(ds: Dataset, size: int) -> None:
     checked."""
     for tag in list(ds.keys()):
         raw = ds._dict[tag]
+        if (
+            isinstance(raw, RawDataElement)
+            and raw.length == UNDEFINED_LENGTH
+            and tag != scan.PIXEL_DATA
+        ):
+            # DICOM PS3.5 7.1.1: only a sequence (SQ, or UN holding one) and
+            # encapsulated Pixel Data (A.4) have an undefined length; any
+            # other value runs to a Sequence Delimitation Item, or, when
+            # none comes, swallows the rest of the data set.
+            raise Refused(
+                "unreadable",
+                f"element {tag} ({raw.VR or 'implicit VR'}) has an undefined "
+                "length; DICOM PS3.5 7.1.1 allows it for sequences and "
+                "encapsulated Pixel Data only",
+            )
         if isinstance(raw, RawDataElement) and raw.length != UNDEFINED_LENGTH:
             if isinstance(raw.value, bytes):
                 held = len(raw.value)
@@ -257,6 +281,94 @@ def _check_elements(ds: Dataset, size: int) -> None:
         if element.VR == "SQ":
             for item in element.value:
                 _check_elements(item, size)
+
+
+# The bytes of a data element's tag and explicit VR (DICOM PS3.5 7.1.2).
+TAG_AND_VR = 6
+
+
+def _check_vr_encoding(path: Path, transfer_syntax_uid: str) -> None:
+    """Refuse a data set whose first element is not in the VR encoding of
+    its transfer syntax.
+
+    DICOM PS3.5 10.1: the transfer syntax (the File Meta's, DICOM PS3.10
+    7.1; in a C-STORE the presentation context's, DICOM PS3.8 9.3.5) says
+    whether the data set is in Explicit VR (DICOM PS3.5 7.1.2) or Implicit
+    VR (7.1.3). An element's VR is two upper-case letters, as pydicom tells
+    them; pydicom reads a data set in the other encoding as it finds it,
+    while every other reader of the file kept takes the transfer syntax at
+    its word.
+    """
+    syntax = UID(transfer_syntax_uid)
+    if not syntax.is_transfer_syntax:
+        raise Refused(
+            "unreadable",
+            f"File Meta Transfer Syntax UID {quoted(transfer_syntax_uid)} "
+            "names no transfer syntax of DICOM PS3.5 10; the data set cannot "
+            "be read",
+        )
+    head = _data_set_head(path, transfer_syntax_uid, TAG_AND_VR)
+    if len(head) < TAG_AND_VR:
+        return
+    explicit = all(0x41 <= octet <= 0x5A for octet in head[4:6])
+    if explicit == syntax.is_implicit_VR:
+        found, wanted = (
+            ("Explicit", "Implicit") if explicit else ("Implicit", "Explicit")
+        )
+        raise Refused(
+            "unreadable",
+            f"the data set is in {found} VR, its transfer syntax "
+            f"{syntax.name} is {wanted} VR; DICOM PS3.5 10.1",
+        )
+
+
+def _data_set_head(path: Path, transfer_syntax_uid: str, size: int) -> bytes:
+    """The first ``size`` bytes of a file's data set, after its File Meta
+    (DICOM PS3.10 7.1), inflated when deflated (DICOM PS3.5 A.5)."""
+    with open(path, "rb") as stream:
+        for _ in scan.file_meta_elements(stream):
+            pass
+        if transfer_syntax_uid != DeflatedExplicitVRLittleEndian:
+            return stream.read(size)
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            return inflater.decompress(stream.read(scan.INFLATE_CHUNK), size)
+        except zlib.error:
+            return b""  # the full read says why
+
+
+def _check_whole_end(path: Path, transfer_syntax_uid: str, size: int) -> None:
+    """Refuse a data set that ends inside an element's header.
+
+    DICOM PS3.5 7.1: an element is its tag, VR and length, then its value.
+    pydicom ends a data set where fewer bytes are left than a header takes,
+    as if there were none: a file cut short there would pass for whole. The
+    top-level elements are walked again (values over DEFER_SIZE skipped,
+    not read) to find where the last ends.
+
+    Limitation: a file cut exactly between two elements, or one of Pixel
+    Data (whose elements after it are not read), or a deflated one, cannot
+    be told from a whole one here; an image cut before its Pixel Data is
+    refused by check_file, other instances are kept as they came.
+    """
+    syntax = UID(transfer_syntax_uid)
+    with open(path, "rb") as stream:
+        for _ in scan.file_meta_elements(stream):
+            pass
+        end = stream.tell()
+        for _ in data_element_generator(
+            stream,
+            syntax.is_implicit_VR,
+            syntax.is_little_endian,
+            defer_size=DEFER_SIZE,
+        ):
+            end = stream.tell()
+    if end < size:
+        raise Refused(
+            "unreadable",
+            f"the data set ends with {size - end} bytes that are no whole "
+            "element header: the file is cut short; DICOM PS3.5 7.1",
+        )
 
 
 def _check_file_meta(ds: Dataset, header: InstanceHeader) -> None:

@@ -10,7 +10,13 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.encaps import encapsulate, encapsulate_extended, generate_frames
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from tests.conftest import SHARED, dicom_path
 from xdsi.dicom import scan
@@ -336,6 +342,108 @@ def test_a_patient_id_with_a_control_character_is_refused(
     assert refused.value.rule == "patient_id"
     assert refused.value.dimse_status == 0xA900
     assert refused.value.failure_reason == 0xA900
+
+
+def _written(
+    path: Path, ds: pydicom.Dataset, transfer_syntax_uid: str, *, implicit: bool
+) -> bytes:
+    """Write ``ds`` to ``path`` under a File Meta naming ``transfer_syntax_uid``,
+    its data set in Implicit or Explicit VR Little Endian whatever that says
+    (as a C-STORE SCP writes what came on a presentation context); return
+    the bytes of the data set."""
+    meta = DicomBytesIO()
+    ds.file_meta.TransferSyntaxUID = transfer_syntax_uid
+    write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, implicit
+    write_dataset(body, ds)
+    path.write_bytes(b"\0" * 128 + b"DICM" + meta.getvalue() + body.getvalue())
+    return body.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("transfer_syntax_uid", "implicit", "found"),
+    [
+        (ExplicitVRLittleEndian, True, "Implicit"),
+        (ImplicitVRLittleEndian, False, "Explicit"),
+    ],
+    ids=["implicit-as-explicit", "explicit-as-implicit"],
+)
+def test_a_data_set_in_the_other_vr_encoding_than_its_transfer_syntax_is_refused(
+    tmp_path: Path, transfer_syntax_uid: str, implicit: bool, found: str
+) -> None:
+    """DICOM PS3.5 10.1: the transfer syntax says the VR encoding. pydicom
+    reads a data set in the other one as it finds it, but the file kept
+    would name one and hold the other, which dcmtk, say, cannot read."""
+    ds = pydicom.dcmread(dicom_path("singles", "sr-basic-text__reportsi.dcm"))
+    path = tmp_path / "other-encoding.dcm"
+    _written(path, ds, transfer_syntax_uid, implicit=implicit)
+
+    with pytest.raises(Refused, match=f"data set is in {found} VR") as refused:
+        check_file(path)
+    assert refused.value.rule == "unreadable"
+
+
+def test_a_file_meta_naming_no_transfer_syntax_is_refused(tmp_path: Path) -> None:
+    """DICOM PS3.10 7.1, PS3.5 10: a data set whose File Meta names no
+    transfer syntax cannot be read; it is refused, not taken for an error of
+    this node's."""
+    ds = pydicom.dcmread(dicom_path("singles", "sr-basic-text__reportsi.dcm"))
+    path = tmp_path / "no-syntax.dcm"
+    _written(path, ds, "1.2.3.4", implicit=False)
+
+    with pytest.raises(Refused, match="names no transfer syntax") as refused:
+        check_file(path)
+    assert refused.value.rule == "unreadable"
+
+
+@pytest.mark.parametrize("extra", range(1, 8))
+def test_a_data_set_that_ends_inside_an_element_header_is_refused(
+    tmp_path: Path, extra: int
+) -> None:
+    """DICOM PS3.5 7.1: a data set ends with a whole element. One cut within
+    an element's 8-byte header is cut short, though pydicom reads the
+    elements before as the whole; an instance with no Pixel Data (here a
+    Key Object Selection Document) has no other sign of it."""
+    ds = pydicom.dcmread(dicom_path("singles", "kos-manifest-1ref__ids-1001-kos.dcm"))
+    path = tmp_path / "kos.dcm"
+    body = _written(path, ds, ExplicitVRLittleEndian, implicit=False)
+    whole = path.read_bytes()
+    # Cut after the Series Instance UID, within the header of what follows.
+    series = body.index(b"\x20\x00\x0e\x00")
+    length = struct.unpack("<H", body[series + 6 : series + 8])[0]
+    cut = len(whole) - len(body) + series + 8 + length + extra
+    path.write_bytes(whole[:cut])
+
+    with pytest.raises(Refused, match="no whole element header") as refused:
+        check_file(path)
+    assert refused.value.rule == "unreadable"
+
+
+def test_a_value_of_undefined_length_that_is_no_sequence_is_refused(
+    tmp_path: Path,
+) -> None:
+    """DICOM PS3.5 7.1.1: only a sequence and encapsulated Pixel Data have
+    an undefined length. An OB of undefined length with no Sequence
+    Delimitation Item after it swallows every element after it (a Key
+    Object Selection Document's content here), which pydicom takes as its
+    value."""
+    ds = pydicom.dcmread(dicom_path("singles", "kos-manifest-1ref__ids-1001-kos.dcm"))
+    path = tmp_path / "kos.dcm"
+    body = _written(path, ds, ExplicitVRLittleEndian, implicit=False)
+    whole = path.read_bytes()
+    at = len(whole) - len(body) + body.index(b"\x40\x00\x40\xa0")  # Value Type
+    private = (
+        (struct.pack("<HH", 0x0039, 0x0010) + b"LO" + struct.pack("<H", 6) + b"XDSI  ")
+        + struct.pack("<HH", 0x0039, 0x1000)
+        + b"OB\0\0"
+        + b"\xff" * 4
+    )
+    path.write_bytes(whole[:at] + private + whole[at:])
+
+    with pytest.raises(Refused, match="undefined length") as refused:
+        check_file(path)
+    assert refused.value.rule == "unreadable"
 
 
 def test_every_refusal_rule_has_both_statuses() -> None:
