@@ -1867,7 +1867,29 @@ def test_a_damaged_dicomdir_falls_back_to_the_files_of_the_folder(
     result = intake_node.services.intake.import_folder(folder)
 
     assert len(result.accepted) == 2
-    assert [p.name for p, _ in result.refused] == ["DICOMDIR"]
+    assert result.refused == ()
+
+
+def test_a_dicomdir_naming_a_file_outside_is_no_refused_instance(
+    intake_node: RunningNode, tmp_path: Path
+) -> None:
+    """DICOM PS3.3 F.3.2.2: a DICOMDIR whose record names a file outside its
+    folder is not followed; the folder's files are read instead, and the
+    DICOMDIR, which is no instance, is not refused as a broken one (which
+    would make the import exit 3 for a CD whose every image came in)."""
+    first, second = _cd_of_two(tmp_path / "cd")
+    dicomdir = tmp_path / "cd" / "DICOMDIR"
+    directory = pydicom.dcmread(dicomdir)
+    directory.DirectoryRecordSequence[-1].ReferencedFileID = ["..", "..", "etc"]
+    directory.save_as(dicomdir)
+
+    result = intake_node.services.intake.import_folder(tmp_path / "cd")
+
+    assert sorted(a.sop_instance_uid for a in result.accepted) == sorted(
+        pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        for path in (first, second)
+    )
+    assert result.refused == ()
 
 
 def test_a_dicomdir_linked_from_elsewhere_reads_nothing_outside_the_folder(

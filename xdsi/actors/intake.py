@@ -1386,7 +1386,10 @@ def _files_of(folder: Path) -> Iterator[Path]:
         else:
             yield from listed
             return
-    yield from scan.regular_files(folder)
+    # The DICOMDIR names the file-set's files and is none of them (DICOM
+    # PS3.10 8.6): one that cannot be read is said above, not taken in as an
+    # instance and refused as a broken one.
+    yield from (path for path in scan.regular_files(folder) if path != dicomdir)
 
 
 def _refuse_special_file(path: Path) -> None:
