@@ -1366,6 +1366,12 @@ def audit_list(
         raise click.UsageError("--json and --xml are alternatives; give one")
     settings = _settings(ctx)
     start, end = _time_option(since, "since"), _time_option(until, "until")
+    if start is not None and end is not None and end <= start:
+        # Events at or after --since and before --until: none can be.
+        raise click.BadParameter(
+            f"{until} is not after --since {since}: no event can be between",
+            param_hint="--until",
+        )
     if from_arr:
         _list_repository(settings, patient, start, end, as_json, as_xml)
         return

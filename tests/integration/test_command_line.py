@@ -555,6 +555,32 @@ def test_audit_list_with_a_time_that_is_no_time_is_a_wrong_argument(
 
 
 @pytest.mark.parametrize("source", [(), ("--arr",)], ids=["spool", "arr"])
+def test_audit_list_until_not_after_since_is_a_wrong_argument(
+    tmp_path: Path, source: tuple[str, ...]
+) -> None:
+    """No event is at or after --since and before an --until not after it:
+    a wrong argument (exit 2), not an empty list."""
+    config = tmp_path / "xdsi.toml"
+    config.write_text(f'[node]\nstorage_dir = "{tmp_path / "node"}"\n')
+    (tmp_path / "node").mkdir()
+
+    result = _xdsi(
+        config,
+        "audit",
+        "list",
+        *source,
+        "--since",
+        "2026-12-06T10:00:00Z",
+        "--until",
+        "2026-12-06T09:00:00+00:00",
+        check=False,
+    )
+
+    assert result.returncode == 2, result.stderr
+    assert "is not after --since" in result.stderr
+
+
+@pytest.mark.parametrize("source", [(), ("--arr",)], ids=["spool", "arr"])
 @pytest.mark.parametrize(
     ("patient", "problem"),
     [
