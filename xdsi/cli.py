@@ -1074,6 +1074,10 @@ def _take_in(
 # Exit status of publish and import when DICOM files were refused and the
 # rest was taken in: the folder is not shared whole.
 EXIT_REFUSED = 3
+# Exit status of verify when a stored copy is missing or damaged: distinct
+# from a verify that could not run (1), so that a scrub run from cron tells
+# damage from an outage.
+EXIT_DAMAGED = 3
 # Exit status of find and fetch when the registry finds nothing for the
 # patient (nothing at all, or, for fetch, no imaging manifest): distinct from
 # a failure (1) and from a wrong argument (2), so that a script can tell an
@@ -1199,8 +1203,8 @@ def remove(
 @click.pass_context
 def verify(ctx: click.Context) -> None:
     """Read every stored document and instance and check each against the
-    size and hash it was stored with; exit 1 when one is missing or
-    damaged."""
+    size and hash it was stored with; exit 3 when one is missing or
+    damaged, 1 when the store cannot be read (its database down)."""
     services = _services(_settings(ctx))
     total = count_copies(services.engine)
     with _progress() as bar:
@@ -1219,10 +1223,13 @@ def verify(ctx: click.Context) -> None:
             err=True,
         )
     if report.damaged:
-        _fail(
-            f"{_count(len(report.damaged), 'stored copy')} of {report.checked} "
-            "missing or damaged"
+        click.secho(
+            f"error: {_count(len(report.damaged), 'stored copy')} of "
+            f"{report.checked} missing or damaged",
+            fg="red",
+            err=True,
         )
+        sys.exit(EXIT_DAMAGED)
     click.echo(f"{_count(report.checked, 'stored copy')} verified, all as stored")
 
 

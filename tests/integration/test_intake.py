@@ -52,7 +52,7 @@ from xdsi.actors.imaging_source import (
 )
 from xdsi.actors.provide import SubmitError
 from xdsi.app import Node
-from xdsi.cli import bundled_study, main
+from xdsi.cli import EXIT_DAMAGED, bundled_study, main
 from xdsi.config import ConfigError, Settings, to_toml
 from xdsi.dicom import check, kos, scan
 from xdsi.dicom.check import refusal_table
@@ -2558,7 +2558,8 @@ def test_verify_finds_a_copy_damaged_in_place_and_one_gone(
     stored, it exits 0; an instance overwritten in place with its size kept
     (which serving does not see) and one whose file is gone are named by
     SOP Instance UID and study (what ``remove`` takes to repair them), and
-    it exits 1."""
+    it exits 3, which a scrub run from cron tells from a verify that could
+    not run (1)."""
     patient_node.feed(MR_PATIENT)
     images = sorted(dicom_path("study-mr", "images").iterdir())[:3]
     (study,) = scan.scan_files(images).studies
@@ -2578,7 +2579,7 @@ def test_verify_finds_a_copy_damaged_in_place_and_one_gone(
 
     found = _xdsi(patient_node, tmp_path, "verify")
 
-    assert found.exit_code == 1
+    assert found.exit_code == EXIT_DAMAGED
     of_study = f"of study {study.study_instance_uid}"
     assert f"instance {damaged} {of_study}: SHA256 differs" in found.output
     assert f"instance {gone} {of_study}: missing" in found.output
