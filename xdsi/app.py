@@ -72,6 +72,9 @@ HELD_WHILE_STARTING = {signal.SIGINT, signal.SIGHUP}
 # How often, in seconds, a worker also checks that its parent is the node's
 # process still.
 PARENT_CHECK_EVERY = 1.0
+# The longest a stopping node waits for its last audit events to reach the
+# targets that are up.
+AUDIT_DRAIN_SECONDS = 5.0
 
 
 # The longest a peer may take over a request line and its headers, however
@@ -1066,7 +1069,9 @@ class Node:
             )
             self.services.engine.dispose()
         if self.forwarder is not None:
-            self.forwarder.stop()
+            # The Application Stop, just spooled, goes out now to each
+            # target that is up.
+            self.forwarder.stop(drain=AUDIT_DRAIN_SECONDS)
             self.forwarder = None
         if self.services is not None:
             self.services.audit_spool.close()
