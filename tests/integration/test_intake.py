@@ -345,6 +345,23 @@ def test_stow_rs_stores_instances_and_reports_failures(
     assert _data_set_bytes(held[uid]) == _data_set_bytes(good)
 
 
+def test_stow_rs_of_an_instance_held_already_is_logged_as_such(
+    intake_node: RunningNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An instance sent again is answered as stored (DICOM PS3.18 10.5.3),
+    and the request's log line counts it as held already, as the C-STORE
+    SCP's does and the audit record's action (R) says, not as stored."""
+    good = dicom_path("singles", "ts-rle__MR_small_RLE.dcm").read_bytes()
+    _stow(intake_node, [good])
+
+    with caplog.at_level(logging.INFO, logger="xdsi.actors.stow"):
+        again = _stow(intake_node, [good])
+
+    assert again.status_code == 200
+    (line,) = [r.getMessage() for r in caplog.records if "Store Instances" in r.message]
+    assert "0 stored, 1 held already, 0 failed" in line
+
+
 def test_stow_rs_answer_gives_the_wado_rs_urls_of_what_it_stored(
     intake_node: RunningNode,
 ) -> None:

@@ -382,13 +382,15 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
         body[REFERENCED_SOP_SEQUENCE] = {"vr": "SQ", "Value": stored}
     if failed:
         body[FAILED_SOP_SEQUENCE] = {"vr": "SQ", "Value": failed}
+    held = sum(1 for accepted in kept if accepted.duplicate)
     logger.info(
-        "%s %s from %s: HTTP %d, %d stored, %d failed, %.3f s",
+        "%s %s from %s: HTTP %d, %d stored, %d held already, %d failed, %.3f s",
         "STOW-RS",
         "Store Instances",
         request.remote_addr,
         status,
-        len(stored),
+        len(stored) - held,
+        held,
         len(failed),
         time.monotonic() - started,
     )
