@@ -976,6 +976,8 @@ class Node:
                 settings.node.host,
                 cfg.dicom_port,
                 tls_gate=gate,
+                # As a STOW-RS body is bounded.
+                max_data_set_size=settings.node.max_request_size,
             )
             try:
                 host, port = self._store_scp.start()

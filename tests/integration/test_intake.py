@@ -3073,3 +3073,73 @@ def test_an_import_removes_what_a_killed_import_left_in_the_spool(
         assert outcome.exit_code == 0, outcome.output
         assert live.is_file()
     assert not left.exists()
+
+
+def test_a_c_store_data_set_larger_than_max_request_size_is_refused_unkept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A data set of no end cannot fill the disk: one past [node]
+    max_request_size, as a STOW-RS body would be, aborts its association
+    (DICOM PS3.8 7.3) as it grows past it; nothing of it is kept, its file
+    is removed, and the SCP takes the next association."""
+    from pynetdicom import AE as Sender
+
+    settings = (
+        Settings()
+        .with_storage(tmp_path / "node")
+        .with_ports(registry=0, repository=0, imaging_source=0, feed=0)
+    )
+    settings = replace(
+        settings,
+        node=replace(settings.node, max_request_size=1 << 20),
+        imaging_source=replace(
+            settings.imaging_source, store_scp=True, dicom_port=0, publish_after=0
+        ),
+    )
+    big = dicom_path("singles", "mg-screening-jpegll__GH133.dcm")
+    small = sorted(dicom_path("study-mr", "images").iterdir())[0]
+    caplog.set_level(logging.INFO, logger="xdsi")
+    received: list[Path] = []
+    made = store_scp_module._NAMED_TEMPORARY_FILE
+
+    def noted(*args: object, **kwargs: object) -> object:
+        file = made(*args, **kwargs)
+        received.append(Path(file.name))
+        return file
+
+    store_scp_module._NAMED_TEMPORARY_FILE = noted
+    node = Node(settings)
+    effective = node.start()
+    try:
+        cfg = effective.imaging_source
+        sender = Sender(ae_title="TESTSCU")
+        for path in (big, small):
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            sender.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+
+        first = sender.associate(
+            effective.node.host, cfg.dicom_port, ae_title=cfg.ae_title
+        )
+        assert first.is_established
+        status = first.send_c_store(pydicom.dcmread(big))
+        assert not status or status.Status != SUCCESS
+        _wait(lambda: not first.is_alive())
+
+        second = sender.associate(
+            effective.node.host, cfg.dicom_port, ae_title=cfg.ae_title
+        )
+        assert second.send_c_store(pydicom.dcmread(small)).Status == SUCCESS
+        second.release()
+        with node.services.engine.connect() as conn:
+            held = conn.execute(select(imaging_instance.c.sop_instance_uid)).scalars()
+            assert list(held) == [pydicom.dcmread(small).SOPInstanceUID]
+    finally:
+        node.stop()
+        store_scp_module._NAMED_TEMPORARY_FILE = made
+
+    assert received and not [path for path in received if path.exists()]
+    assert any(
+        "larger than [node] max_request_size" in r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING
+    )

@@ -151,6 +151,38 @@ _RECEIVING: weakref.WeakKeyDictionary[threading.Thread, dict[Path, IO[bytes]]] =
     weakref.WeakKeyDictionary()
 )
 _NAMED_TEMPORARY_FILE = dimse_messages.NamedTemporaryFile
+# The most bytes a data set may have, by the same thread; none where absent.
+_MAX_DATA_SET: weakref.WeakKeyDictionary[threading.Thread, int] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class DataSetTooLarge(Exception):
+    """A data set being received grew past the SCP's maximum size."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"a data set is larger than {limit} bytes")
+        self.limit = limit
+
+
+class _CappedFile:
+    """pynetdicom's temporary file for a data set, refusing the write that
+    would make it larger than ``limit`` bytes: the disk is not filled by
+    one data set of no end."""
+
+    def __init__(self, file: Any, limit: int) -> None:
+        self._file = file
+        self._limit = limit
+        self._size = 0
+
+    def write(self, data: bytes) -> int:
+        self._size += len(data)
+        if self._size > self._limit:
+            raise DataSetTooLarge(self._limit)
+        return int(self._file.write(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
 
 
 def _data_set_file(*args: Any, **kwargs: Any) -> Any:
@@ -165,10 +197,12 @@ def _data_set_file(*args: Any, **kwargs: Any) -> Any:
     data set received whole but not yet answered when the association ends.
     """
     file = _NAMED_TEMPORARY_FILE(*args, **kwargs)
-    received = _RECEIVING.get(threading.current_thread())
+    thread = threading.current_thread()
+    received = _RECEIVING.get(thread)
     if received is not None:
         received[Path(file.name)] = file
-    return file
+    limit = _MAX_DATA_SET.get(thread)
+    return file if limit is None else _CappedFile(file, limit)
 
 
 _RECEIVE_PRIMITIVE = DIMSEServiceProvider.receive_primitive
@@ -189,6 +223,17 @@ def _receive_primitive(dimse: DIMSEServiceProvider, primitive: Any) -> None:
     """
     try:
         _RECEIVE_PRIMITIVE(dimse, primitive)
+    except DataSetTooLarge as exc:
+        # Limitation: the association is aborted, not answered A700 (Out of
+        # Resources, DICOM PS3.4 B.2.3), which would mean reading the rest.
+        logger.warning(
+            "C-STORE SCP: a data set from %s is larger than [node] "
+            "max_request_size (%d bytes); the association is aborted",
+            dimse.assoc.requestor.ae_title,
+            exc.limit,
+        )
+        dimse.message = None
+        dimse.dul.event_queue.put("Evt19")
     except Exception:
         logger.warning(
             "C-STORE SCP: a DIMSE message from %s cannot be decoded; the "
@@ -238,11 +283,14 @@ class StoreScp:
         port: int,
         *,
         tls_gate: TlsGate | None = None,
+        max_data_set_size: int | None = None,
     ) -> None:
         self.intake = intake
         self.ae_title = ae_title
         self.address = (host, port)
         self.tls_gate = tls_gate
+        # Bytes a data set may have as received, its File Meta included.
+        self.max_data_set_size = max_data_set_size
         self._server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
         # Each association from its connection until it ends, is logged and
@@ -327,6 +375,8 @@ class StoreScp:
     def _on_open(self, event: evt.Event) -> None:
         association = self._association(event.assoc)
         _RECEIVING[event.assoc.dul] = association.received
+        if self.max_data_set_size is not None:
+            _MAX_DATA_SET[event.assoc.dul] = self.max_data_set_size
 
     def _on_requested(self, event: evt.Event) -> None:
         self._association(event.assoc).requested = True
