@@ -18,7 +18,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import stat
 import threading
 import time
@@ -41,7 +40,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from xdsi import audit
+from xdsi import audit, processes
 from xdsi.actors.imaging_source import (
     ImagingSource,
     Published,
@@ -81,37 +80,16 @@ MAX_ERROR_TEXT = 200
 
 def claimant() -> str:
     """This process as a claimant: host name, process id and start time."""
-    return f"{socket.gethostname()} {os.getpid()} {_started(os.getpid())}"
-
-
-def _started(pid: int) -> str:
-    """A process's start time in clock ticks since boot (proc(5), stat field
-    22), which tells a reused process id from the claimant; "" where there
-    is no /proc."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[19]
+    return " ".join(str(part) for part in processes.this_process())
 
 
 def claimant_gone(claimed_by: str | None) -> bool:
     """Whether the process that made a claim is known to be gone: it ran on
     this host and no process of its id and start time runs now. A claim
     from another host is never known to be gone; it lapses (CLAIM_LEASE)."""
-    # Limitation: two hosts (containers) of one host name sharing the
-    # database look like one; each takes the other's live claims for gone.
     host, _, rest = (claimed_by or "").partition(" ")
     pid, _, started = rest.partition(" ")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass
-    return bool(started) and _started(int(pid)) != started
+    return bool(processes.gone(host, pid, started))
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,13 @@ import hashlib
 import logging
 import os
 import shutil
-import socket
 import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import BinaryIO, Protocol
+
+from xdsi import processes
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +85,8 @@ def spool_prefix(kind: str) -> str:
     """The start of the name of a spool file or folder of this process:
     ``kind``, the process id, its start time and the host name, each
     followed by "@"; a random part comes after."""
-    pid = os.getpid()
-    return f"{kind}@{pid}@{_started(pid)}@{socket.gethostname()}@"
+    host, pid, started = processes.this_process()
+    return f"{kind}@{pid}@{started}@{host}@"
 
 
 def spool_path(spool: Path, kind: str) -> Path:
@@ -102,8 +103,7 @@ def sweep_spool(spool: Path) -> int:
     sharing the storage, or one named without its maker) goes only once
     nothing in it changed for STALE_AFTER seconds.
     """
-    # Limitation: two hosts (containers) of one host name sharing the
-    # storage look like one; each takes the other's live files for left.
+    # Two hosts of one host name sharing the storage: see processes.gone.
     now = time.time()
     try:
         entries = list(os.scandir(spool))
@@ -143,19 +143,7 @@ def _maker_gone(name: str) -> bool | None:
     if len(parts) != SPOOL_NAME_PARTS:
         return None
     _, pid, started, host, _ = parts
-    if host != socket.gethostname() or not pid.isdigit() or not int(pid):
-        return None
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        # A process of another user runs under this id.
-        pass
-    # A process id used again since: its start time tells, where it can be
-    # read.
-    running_since = _started(int(pid))
-    return bool(started and running_since) and running_since != started
+    return processes.gone(host, pid, started)
 
 
 def _last_change(entry: os.DirEntry[str]) -> float:
@@ -169,17 +157,6 @@ def _last_change(entry: os.DirEntry[str]) -> float:
                 except FileNotFoundError:
                     pass
     return latest
-
-
-def _started(pid: int) -> str:
-    """A process's start time in clock ticks since boot (proc(5), stat field
-    22), which tells a process id used again from the one named; "" where
-    there is no /proc."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[19]
 
 
 class BlobStore:

@@ -1,0 +1,53 @@
+"""Processes of this host, told apart across process id reuse.
+
+A claim on a study (intake) or a spool file (blob stores) names the process
+that made it by host name, process id and start time, so that what a
+process killed on the way left can be taken back at once, and what a live
+one holds is left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+
+def started(pid: int) -> str:
+    """A process's start time in clock ticks since boot (proc(5), stat field
+    22), which tells a process id used again from the one named; "" where
+    there is no /proc or no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def this_process() -> tuple[str, int, str]:
+    """This process: host name, process id and start time."""
+    pid = os.getpid()
+    return socket.gethostname(), pid, started(pid)
+
+
+def gone(host: str, pid: str, since: str) -> bool | None:
+    """Whether the process ``pid`` of ``host``, started at ``since``, is
+    gone: True or False for a process of this host, None for one of
+    another host or a process id that is no number (which cannot be told).
+    A process whose start time cannot be read counts as running."""
+    # Limitation: two hosts (containers) of one host name sharing the
+    # storage or database look like one; each takes the other's live
+    # processes for gone.
+    if host != socket.gethostname() or not pid.isdigit() or not int(pid):
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        # A process of another user runs under this id.
+        pass
+    # A process id used again since: its start time tells, where it can be
+    # read.
+    running_since = started(int(pid))
+    return bool(since and running_since) and running_since != since
