@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import requests
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
@@ -23,14 +24,15 @@ from xdsi.dicom import scan
 
 MR_MULTI_FRAME = "enhanced-mr-mf__emri_small.dcm"
 US_JPEG = "us-mf-jpeg-baseline__examples_ybr_color.dcm"
+REPORT = "sr-basic-text__reportsi.dcm"
 
 
 @pytest.fixture(scope="module")
 def studies(
     shared_node: RunningNode, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, object]]:
-    """The MR study published, and two multi-frame images each published as a
-    study of its own."""
+    """The MR study published, and two multi-frame images and a report each
+    published as a study of its own."""
     shared_node.feed()
     (mr,) = scan.scan_directory(dicom_path("study-mr", "images")).studies
     shared_node.services.imaging_source.publish(mr, PATIENT)
@@ -43,6 +45,9 @@ def studies(
         "us": _published_copy(
             shared_node, dicom_path("singles", US_JPEG), folder / "us"
         ),
+        "report": _published_copy(
+            shared_node, dicom_path("singles", REPORT), folder / "report"
+        ),
     }
 
 
@@ -52,7 +57,9 @@ def client(shared_node: RunningNode) -> DICOMwebClient:
 
 
 def _uids(answers: list[dict], keyword: str) -> list[str]:
-    return [getattr(pydicom.Dataset.from_json(a), keyword) for a in answers]
+    """The value of ``keyword`` in each DICOM JSON answer (PS3.18 F.2)."""
+    tag = f"{pydicom.datadict.tag_for_keyword(keyword):08X}"
+    return [a[tag]["Value"][0] for a in answers]
 
 
 def _frame_of(path: Path, number: int) -> bytes:
@@ -82,7 +89,7 @@ def test_search_for_studies_with_filters_fields_and_paging(
         fields=["StudyDescription", "00100030"],
     )
 
-    assert len(everything) == 3
+    assert len(everything) == 4
     assert [uid for page in pages for uid in page] == everything
     assert pages[-1] == []
     assert _uids(remaining, "StudyInstanceUID") == everything
@@ -120,7 +127,7 @@ def test_search_for_series_of_all_studies_and_of_one(
     )
     first = client.search_for_series(mr.study_instance_uid, limit=1)
 
-    assert len(every) == len(mr.series) + 2
+    assert len(every) == len(mr.series) + 3
     assert set(_uids(of_study, "SeriesInstanceUID")) == {
         s.series_instance_uid for s in mr.series
     }
@@ -145,7 +152,7 @@ def test_search_for_instances_at_each_level(
         fields=["Rows"],
     )
 
-    assert len(every) == len(mr.instances) + 2
+    assert len(every) == len(mr.instances) + 3
     assert set(_uids(of_study, "SOPInstanceUID")) == {
         i.sop_instance_uid for i in mr.instances
     }
@@ -393,10 +400,13 @@ def _new_study(source: Path, patient_of: Path) -> pydicom.Dataset:
     return ds
 
 
-def test_store_instances_of_a_new_study(client: DICOMwebClient, studies: dict) -> None:
+def test_store_instances_of_a_new_study(running_node: RunningNode) -> None:
     """DICOM PS3.18 10.5: STOW-RS to the Studies resource and to a Study,
-    answered with the Store Instances Response Module (10.5.3)."""
-    patient = studies["mr"].instances[0].path
+    answered with the Store Instances Response Module (10.5.3); on a node
+    of its own, since what it stores is published in time."""
+    running_node.feed()
+    client = DICOMwebClient(url=running_node.settings.dicomweb_url)
+    patient = sorted(dicom_path("study-mr", "images").iterdir())[0]
     first = _new_study(dicom_path("singles", "ts-explicit-le__CT_small.dcm"), patient)
     second = _new_study(dicom_path("singles", "ts-rle__MR_small_RLE.dcm"), patient)
     second.StudyInstanceUID = first.StudyInstanceUID
@@ -415,3 +425,102 @@ def test_store_instances_of_a_new_study(client: DICOMwebClient, studies: dict) -
             f"{client.base_url}/studies/{first.StudyInstanceUID}"
         )
         assert "FailedSOPSequence" not in response
+
+
+def _middle_image(series: scan.Series) -> scan.InstanceHeader:
+    """The middle instance of ``series`` by Instance Number."""
+    numbered = sorted(
+        (pydicom.dcmread(i.path, stop_before_pixels=True).InstanceNumber, i)
+        for i in series.instances
+    )
+    return numbered[(len(numbered) - 1) // 2][1]
+
+
+@pytest.mark.parametrize(
+    ("media_type", "pillow_format"), [("image/jpeg", "JPEG"), ("image/png", "PNG")]
+)
+def test_retrieve_series_rendered(
+    client: DICOMwebClient, studies: dict, media_type: str, pillow_format: str
+) -> None:
+    """DICOM PS3.18 10.4.1.1.3 and Table 10.3-2: a Rendered Series, one
+    image in a Rendered Media Type, as the library reads it; the image its
+    thumbnail shows, rendered at its own size."""
+    mr = studies["mr"]
+    series = mr.series[0]
+    shown = _middle_image(series)
+
+    image = client.retrieve_series_rendered(
+        mr.study_instance_uid, series.series_instance_uid, media_types=(media_type,)
+    )
+    default = client.retrieve_series_rendered(
+        mr.study_instance_uid, series.series_instance_uid
+    )
+    shaped = client.retrieve_series_rendered(
+        mr.study_instance_uid,
+        series.series_instance_uid,
+        media_types=(media_type,),
+        params={"viewport": "32,32"},
+    )
+
+    assert Image.open(BytesIO(image)).format == pillow_format
+    assert Image.open(BytesIO(default)).format == "JPEG"
+    assert Image.open(BytesIO(shaped)).size == (32, 32)
+    if media_type == "image/png":
+        assert image == client.retrieve_instance_rendered(
+            mr.study_instance_uid,
+            series.series_instance_uid,
+            shown.sop_instance_uid,
+            media_types=(media_type,),
+        )
+
+
+def test_rendered_study_is_the_image_of_its_first_series(
+    shared_node: RunningNode, client: DICOMwebClient, studies: dict
+) -> None:
+    """DICOM PS3.18 10.4.1.1.3 and Table 10.3-2: a Rendered Study (which the
+    library has no method for), one image in a Rendered Media Type."""
+    mr = studies["mr"]
+    first = min(
+        mr.series,
+        key=lambda s: (
+            pydicom.dcmread(s.instances[0].path, stop_before_pixels=True).SeriesNumber
+        ),
+    )
+    shown = _middle_image(first)
+
+    answer = requests.get(
+        f"{client.base_url}/studies/{mr.study_instance_uid}/rendered",
+        headers={"Accept": "image/png"},
+        timeout=30,
+    )
+
+    assert answer.status_code == 200
+    assert answer.headers["Content-Type"] == "image/png"
+    assert answer.content == client.retrieve_instance_rendered(
+        mr.study_instance_uid,
+        first.series_instance_uid,
+        shown.sop_instance_uid,
+        media_types=("image/png",),
+    )
+
+
+def test_rendered_series_of_no_image_is_not_acceptable(
+    client: DICOMwebClient, studies: dict
+) -> None:
+    """DICOM PS3.18 8.7.8.1: a series of a report has no Rendered Media Type
+    this node makes (406); a series not published is not found (404)."""
+    report = studies["report"]
+
+    with pytest.raises(requests.HTTPError) as refused:
+        client.retrieve_series_rendered(
+            report.study_instance_uid,
+            report.series_instance_uid,
+            media_types=("image/jpeg",),
+        )
+    with pytest.raises(requests.HTTPError) as missing:
+        client.retrieve_series_rendered(
+            report.study_instance_uid, "1.2.3", media_types=("image/jpeg",)
+        )
+
+    assert refused.value.response.status_code == 406
+    assert missing.value.response.status_code == 404
