@@ -755,12 +755,21 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         )
 
     def rendered(
-        study_uid: str, series_uid: str, sop_uid: str, frame_list: str | None
+        study_uid: str,
+        series_uid: str | None,
+        sop_uid: str | None,
+        frame_list: str | None,
     ) -> Response:
         """DICOM PS3.18 10.4.1.1.3 (RAD TF-3 4.107): an image rendered in
         the Acceptable Media Type of RENDERED_FORMATS (8.7.8.1), with the
         quality, window and viewport asked for (8.3.5.1); other parameters
         are ignored (8.3, see :func:`_rendered_options`).
+
+        A Rendered Study or Series (Table 10.3-2, required of an origin
+        server) is answered, as an instance is, in one Rendered Media Type,
+        which holds one image: the first frame of the image its thumbnail
+        shows (see :func:`representative`), at its own size. PS3.18 leaves
+        which image stands for several to the origin server.
 
         A report or key object selection is of the Text Resource Category
         (DICOM PS3.18 8.7.2), whose Rendered Media Types (text/html, the
@@ -769,7 +778,8 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         frames to render (404).
 
         Limitation: a report or key object selection is not rendered as
-        text/html or text/plain.
+        text/html or text/plain; a study or series is rendered as one of its
+        images, not each of them.
         """
         _single_valued(request.args, ("accept",))
         media_type = _rendered_media_type(
@@ -778,6 +788,10 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             "a rendered image",
         )
         options = _rendered_options(request.args, media_type)
+        if series_uid is None or sop_uid is None:
+            series_uid, sop_uid = representative(
+                study_uid, series_uid, "a rendered study or series"
+            )
         number = 1
         if frame_list is not None:
             numbers = _frame_numbers(frame_list)
@@ -825,6 +839,14 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             rendering.media_type,
         )
         return Response(image, content_type=rendering.media_type)
+
+    @blueprint.get(f"{base}/studies/<study_uid>/rendered")
+    def rendered_study(study_uid: str) -> Response:
+        return rendered(study_uid, None, None, None)
+
+    @blueprint.get(f"{base}/studies/<study_uid>/series/<series_uid>/rendered")
+    def rendered_series(study_uid: str, series_uid: str) -> Response:
+        return rendered(study_uid, series_uid, None, None)
 
     @blueprint.get(
         f"{base}/studies/<study_uid>/series/<series_uid>/instances/<sop_uid>/rendered"
@@ -889,13 +911,16 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         number = (count + 1) // 2 if listed is None else listed[(len(listed) - 1) // 2]
         return rendered_answer(held, number, rendering, "WADO-RS Retrieve Thumbnail")
 
-    def representative(study_uid: str, series_uid: str | None) -> tuple[str, str]:
+    def representative(
+        study_uid: str, series_uid: str | None, what: str = "a thumbnail"
+    ) -> tuple[str, str]:
         """The Series and SOP Instance UIDs of the image a study or series
-        thumbnail shows: the middle one, by Instance Number, of the images
-        of the series, or of the study's first series (by Series Number)
-        that holds one. 404 when nothing is published there; 406 when none
-        of it is an image, a report or waveform having no Rendered Media
-        Type among those this node makes (DICOM PS3.18 8.7.8.1).
+        thumbnail (or rendering, ``what``) shows: the middle one, by
+        Instance Number, of the images of the series, or of the study's
+        first series (by Series Number) that holds one. 404 when nothing is
+        published there; 406 when none of it is an image, a report or
+        waveform having no Rendered Media Type among those this node makes
+        (DICOM PS3.18 8.7.8.1).
 
         Whether an instance is an image, and its numbers, are read from
         the attributes kept for QIDO-RS, a batch of rows at a time; only
@@ -933,7 +958,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             named = f"series {series_uid}" if series_uid else f"study {study_uid}"
             abort(
                 406,
-                f"{named} holds no image; a thumbnail is an image, rendered of "
+                f"{named} holds no image; {what} is an image, rendered of "
                 "one (DICOM PS3.18 8.7.8.1)",
             )
         images.sort()
