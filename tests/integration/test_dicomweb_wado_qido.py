@@ -510,7 +510,7 @@ def test_wado_uri_window_past_a_double_is_said_as_such(
 
 @pytest.mark.parametrize(
     "path",
-    ["/studies/1.2.3/rendered", "/studies/1.2.3/series/4.5/frames/1", "/nothing"],
+    ["/studies/1.2.3/pixels", "/studies/1.2.3/series/4.5/frames/1", "/nothing"],
 )
 def test_dicomweb_path_that_names_no_service_is_a_plain_404(
     shared_node: RunningNode, path: str
