@@ -134,6 +134,27 @@ def test_failed_query_is_audited(running_node: RunningNode):
     assert records[-1].outcome == 8
 
 
+def test_an_unknown_stored_query_is_logged_with_the_id_it_asked_for(
+    running_node: RunningNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ITI TF-3 Table 4.2.4.1-2: XDSUnknownStoredQuery; the registry's log
+    line names the query id asked for (escaped, peer text), not "?"."""
+    request = stored_query.build_query(
+        "FindDocuments", {"$XDSDocumentEntryStatus": [ebrim.STATUS_APPROVED]}
+    )
+    unknown = "urn:uuid:00000000-0000-4000-8000-000000000000"
+    request.find(f"{{{ns.RIM}}}AdhocQuery").set("id", unknown)
+    client = wire.SoapClient(running_node.settings.url("registry"))
+
+    with caplog.at_level(logging.INFO, logger="xdsi.actors.registry"):
+        with client.call("urn:ihe:iti:2007:RegistryStoredQuery", request) as reply:
+            codes = [e.code for e in read_errors(reply.body)]
+
+    assert codes == ["XDSUnknownStoredQuery"]
+    (line,) = [r.getMessage() for r in caplog.records if "ITI-18" in r.getMessage()]
+    assert f"unknown query id {unknown}" in line
+
+
 # --- every stored query, on the NIST 12346 data set -------------------------
 
 AUTHORITY = "1.3.6.1.4.1.21367.13.20.1000"

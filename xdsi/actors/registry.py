@@ -779,6 +779,7 @@ class Registry:
         if errors:
             body = _query_response([], stored_query.RETURN_OBJECT_REF, errors)
         patient_id = query.patient_id() if query else None
+        query_id = message.body.find(f"{{{ns.RIM}}}AdhocQuery").get("id", "")
         self.auditor.record(
             audit.AuditEvent(
                 transaction="ITI-18",
@@ -793,7 +794,7 @@ class Registry:
                 patient_id=patient_id,
                 # ITI TF-2 3.18.5.1: a failed query is audited too, with the
                 # id it asked for.
-                query_id=message.body.find(f"{{{ns.RIM}}}AdhocQuery").get("id", ""),
+                query_id=query_id,
                 query_request=_compact(message.body),
                 message_id=message.message_id,
             )
@@ -803,7 +804,7 @@ class Registry:
             "ITI-18",
             "Registry Stored Query",
             peer.host,
-            query.name if query else "?",
+            query.name if query else f"unknown query id {logs.shown(query_id, 64)}",
             body.get("status", "").rsplit(":")[-1],
             logs.quoted(message.message_id),
             len(body.findall(f"{{{ns.RIM}}}RegistryObjectList/*")),
