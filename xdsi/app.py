@@ -811,8 +811,8 @@ class Node:
                 server.tls_gate = _tls_gate(settings, context, settings.url(actor))
 
         # The listener is bound before the actors exist, so that its port is
-        # known; a message in that instant finds no registry, and the
-        # listener answers nothing for it.
+        # known, and serves once the registry is there (its database
+        # checked); a peer connecting meanwhile waits in the backlog.
         registry: list[Registry] = []
         if settings.registry.enabled:
             gate = None if context is None else _tls_gate(settings, context, "")
@@ -835,10 +835,11 @@ class Node:
             if gate is not None:
                 # The listener is named once its port is known.
                 gate.listener = f"mllps://{settings.node.host}:{self._mllp.address[1]}"
-            self._mllp.start()
         services = build_services(settings)
         self.services = services
         registry.append(services.registry)
+        if self._mllp is not None:
+            self._mllp.start()
 
         for actor, target in deferred.items():
             target.app = _actor_app(settings, services, actor)

@@ -1299,3 +1299,32 @@ def test_client_commands_do_not_open_the_node_database(served: Path, tmp_path):
     assert "database" not in submitted.stderr
     assert len(json.loads(found.stdout)) == 1
     assert fetched.returncode == EXIT_NOT_FOUND, fetched.stderr
+
+
+def test_serve_with_its_database_unreachable_listens_on_no_feed_port(tmp_path):
+    """The ITI-8 listener serves once the registry is there: a node whose
+    database cannot be reached stops before MLLP listens, and says why."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = _node_config(tmp_path)
+    config.write_text(
+        config.read_text().replace(
+            "[node]\n",
+            "[node]\ndatabase_url = "
+            f'"postgresql+psycopg://xdsi:s3cret@127.0.0.1:{port}/xdsi"\n',
+        )
+    )
+
+    served = subprocess.run(
+        [sys.executable, "-m", "xdsi", "-v", "--config", str(config), "serve"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+    assert served.returncode == 1, served.stderr
+    assert "cannot be used" in served.stderr
+    assert "MLLP listening" not in served.stderr
