@@ -179,6 +179,29 @@ def test_an_accept_header_that_takes_no_image_type_sent_is_406(
 
 
 @pytest.mark.parametrize(
+    "parameter",
+    ["image/jpeg; q=0, image/png; q=0, image/gif; q=0", "image/*; q=0", "text/html"],
+    ids=["each-q-zero", "wildcard-q-zero", "text"],
+)
+@pytest.mark.parametrize("resource", ["/thumbnail", "/rendered"])
+def test_an_accept_parameter_alone_that_takes_no_image_type_is_406(
+    shared_node: RunningNode, mr_study: scan.Study, parameter: str, resource: str
+) -> None:
+    """DICOM PS3.18 8.3.3.1 and 8.7.8.1 step 5: the accept query parameter,
+    with no Accept header, names the Acceptable Media Types; one that takes
+    none of those this node sends is a 406, not the default image/jpeg."""
+    answer = _get(
+        _url(shared_node, mr_study.study_instance_uid, resource),
+        None,
+        accept=parameter,
+    )
+
+    assert answer.status_code == 406
+    assert answer.headers["Content-Type"].startswith("text/plain")
+    assert "image/jpeg, image/png, image/gif" in answer.text
+
+
+@pytest.mark.parametrize(
     ("viewport", "size"),
     [
         (None, (128, round(169 * 128 / 211))),

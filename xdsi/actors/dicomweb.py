@@ -1827,7 +1827,10 @@ def _rendered_media_type(accept: str, accept_parameter: str | None, what: str) -
     More lenient than DICOM PS3.18 8.7.5 in two ways: a request without an
     Accept header gets the default, as RFC 9110 12.5.1 has it, rather than
     a 406; and the accept query parameter is honoured whether or not the
-    Accept header also takes what it names (8.3.3.1 wants it to).
+    Accept header also takes what it names (8.3.3.1 wants it to). The
+    default is of a request that names no Acceptable Media Types at all:
+    an accept query parameter taking none of RENDERED_FORMATS (q=0 for
+    each, say), with no Accept header, is a 406, not image/jpeg.
     """
     given = [g for g in (accept_parameter, accept) if g is not None and g.strip()]
     _one_kind_accepted(given)
@@ -1837,7 +1840,7 @@ def _rendered_media_type(accept: str, accept_parameter: str | None, what: str) -
         )
         if chosen is not None:
             return chosen
-    if not accept.strip():
+    if not given:
         return JPEG
     abort(
         406,

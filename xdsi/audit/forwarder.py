@@ -429,14 +429,18 @@ class AuditForwarder:
         of a node stopping (its Application Stop, DICOM PS3.15 A.5.3.1) reach
         the repository now, not when it next starts (ITI TF-2 3.20: messages
         are sent as events occur). A target down, or a spool delivered by
-        another process, is not waited for.
+        another process, is not waited for. Then the delivery threads are
+        given ``timeout`` seconds, all of them together, to end.
         """
         self._drain(drain)
         self.stopping.set()
         self.wake.set()
+        # One allowance for all workers, not one each: each stops at once
+        # but for the send it is in, and those run side by side.
+        until = time.monotonic() + timeout
         for worker in self._workers:
             if worker.is_alive():
-                worker.join(timeout)
+                worker.join(max(0.0, until - time.monotonic()))
         self._release()
 
     def _drain(self, within: float) -> None:

@@ -353,3 +353,39 @@ def test_a_target_that_never_answers_holds_up_no_other(
 
     assert left == {dead: 1, alive: 0}
     assert took < 5
+
+
+def test_a_stop_gives_all_targets_that_never_answer_one_allowance(
+    tmp_path: Path, pki: Pki, real_ids: RealIds
+) -> None:
+    """Two targets that take the connection and never complete the TLS
+    handshake hold a stopping forwarder up for its timeout once, not once
+    each; the message waits in the spool for them still."""
+    spool = AuditSpool(tmp_path / "spool")
+    spool.write(audit_xml(real_ids))
+    silent = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    taken = []
+    try:
+        targets = [f"tls://127.0.0.1:{s.getsockname()[1]}" for s in silent]
+        delivery = forwarder(spool, targets, pki)
+        allowed: list[float] = []
+        for worker in delivery._workers:
+            # Each stays in its handshake for as long as the test runs.
+            worker.sender.timeout = 600.0
+            join = worker.join
+            worker.join = lambda timeout=None, join=join: (  # type: ignore[method-assign]
+                allowed.append(timeout),
+                join(timeout),
+            )
+        delivery.start()
+        # Both connections made: each worker waits in its handshake.
+        taken = [s.accept()[0] for s in silent]
+
+        delivery.stop(timeout=0.5, drain=0.5)
+
+        assert len(allowed) == 2
+        assert sum(allowed) <= 0.5
+        assert delivery.backlog() == {target: 1 for target in targets}
+    finally:
+        for sock in [*taken, *silent]:
+            sock.close()

@@ -128,3 +128,58 @@ def test_a_blob_store_opened_sweeps_its_spool_and_says_how_much(
     assert record.getMessage() == (
         "spool of imaging-source: 2 entries left by processes gone removed"
     )
+
+
+@pytest.mark.parametrize(
+    "pid",
+    [
+        "99999999999999999999",
+        "4194305",
+        "\N{SUPERSCRIPT TWO}",
+        "\N{ARABIC-INDIC DIGIT ONE}",
+    ],
+    ids=["past-a-c-long", "past-pid-max", "superscript", "other-script"],
+)
+def test_a_name_of_this_host_with_no_process_id_goes_only_once_stale(
+    tmp_path: Path, pid: str
+) -> None:
+    """A spool entry's name is chosen by whatever writes the spool folder:
+    one naming this host and what is no process id (proc(5)) is of an
+    unknown maker, and no error, so that a blob store still opens."""
+    entry = tmp_path / f"accept@{pid}@1@{socket.gethostname()}@{'0' * 32}"
+    entry.write_bytes(b"an instance")
+
+    BlobStore(tmp_path / "store")
+    assert sweep_spool(tmp_path) == 0
+    assert entry.exists()
+    _aged(entry, STALE_AFTER + 60)
+
+    assert sweep_spool(tmp_path) == 1
+
+
+@pytest.mark.parametrize("to_folder", [False, True], ids=["file", "folder"])
+def test_a_symbolic_link_goes_but_never_what_it_points_to(
+    tmp_path: Path, to_folder: bool
+) -> None:
+    """A link in the spool, to a file or a folder outside it, is removed as
+    a link once its maker is gone; what it points to stays untouched."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "kept").write_bytes(b"patient data")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    left = left_by_killed_process(spool, "accept")
+    left.unlink()
+    left.symlink_to(outside if to_folder else outside / "kept")
+    stale = spool / "rad69-k2j4h5g6"
+    stale.symlink_to(outside)
+    os.utime(stale, (0, 0), follow_symlinks=False)
+    inside = left_by_killed_process(spool, "rad69")
+    inside.unlink()
+    inside.mkdir()
+    (inside / "link").symlink_to(outside)
+
+    assert sweep_spool(spool) == 3
+
+    assert sorted(os.listdir(spool)) == []
+    assert (outside / "kept").read_bytes() == b"patient data"
