@@ -81,15 +81,20 @@ DEPRECATED = "urn:oasis:names:tc:ebxml-regrep:StatusType:Deprecated"
 APPROVED = "urn:oasis:names:tc:ebxml-regrep:StatusType:Approved"
 
 
-def _started(tmp_path: Path, **imaging_source: object) -> Iterator[RunningNode]:
-    """A node with the MR study's patient fed and ``imaging_source`` set."""
+def _started(
+    tmp_path: Path, node: dict[str, Any] | None = None, **imaging_source: object
+) -> Iterator[RunningNode]:
+    """A node with the MR study's patient fed, ``imaging_source`` set and
+    ``node`` settings, if given."""
     settings = (
         Settings()
         .with_storage(tmp_path / "node")
         .with_ports(registry=0, repository=0, imaging_source=0, feed=0)
     )
     settings = replace(
-        settings, imaging_source=replace(settings.imaging_source, **imaging_source)
+        settings,
+        node=replace(settings.node, **(node or {})),
+        imaging_source=replace(settings.imaging_source, **imaging_source),
     )
     node = Node(settings)
     effective = node.start()
@@ -779,6 +784,30 @@ def _stow_url(node: RunningNode) -> str:
     )
 
 
+def _post_stow(
+    node: RunningNode, body: bytes, boundary: str, media_type: str = "application/dicom"
+) -> requests.Response:
+    """POST a STOW-RS body as multipart/related of ``media_type``."""
+    return requests.post(
+        _stow_url(node),
+        data=body,
+        headers={
+            "Content-Type": f'multipart/related; type="{media_type}"; '
+            f"boundary={boundary}"
+        },
+        timeout=60,
+    )
+
+
+def _one_part(path: Path, boundary: str) -> bytes:
+    """A multipart body of the file at ``path`` alone."""
+    return (
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + path.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+
+
 def test_stow_rs_names_a_refused_instance_and_says_why(
     intake_node: RunningNode,
 ) -> None:
@@ -804,22 +833,11 @@ def test_stow_rs_ignores_the_preamble_of_its_body(intake_node: RunningNode) -> N
     delimiter of a multipart body is a preamble, which the receiver ignores;
     the instance after it is stored."""
     path = dicom_path("singles", "ts-explicit-le__CT_small.dcm")
-    body = (
-        b"This is a multi-part message in MIME format.\r\n"
-        + b"--xdsi-test\r\nContent-Type: application/dicom\r\n\r\n"
-        + path.read_bytes()
-        + b"\r\n--xdsi-test--\r\n"
+    body = b"This is a multi-part message in MIME format.\r\n" + _one_part(
+        path, "xdsi-test"
     )
 
-    response = requests.post(
-        _stow_url(intake_node),
-        data=body,
-        headers={
-            "Content-Type": 'multipart/related; type="application/dicom"; '
-            "boundary=xdsi-test"
-        },
-        timeout=60,
-    )
+    response = _post_stow(intake_node, body, "xdsi-test")
 
     assert response.status_code == 200, response.text
     assert list(_held(intake_node)) == [
@@ -832,20 +850,9 @@ def test_stow_rs_takes_the_type_parameter_in_any_case(intake_node: RunningNode) 
     is a media type, whose type and subtype are case-insensitive; a request
     naming Application/DICOM is stored, not answered 415."""
     path = dicom_path("singles", "ts-explicit-le__CT_small.dcm")
-    body = (
-        b"--xdsi-test\r\nContent-Type: application/dicom\r\n\r\n"
-        + path.read_bytes()
-        + b"\r\n--xdsi-test--\r\n"
-    )
 
-    response = requests.post(
-        _stow_url(intake_node),
-        data=body,
-        headers={
-            "Content-Type": 'multipart/related; type="Application/DICOM"; '
-            "boundary=xdsi-test"
-        },
-        timeout=60,
+    response = _post_stow(
+        intake_node, _one_part(path, "xdsi-test"), "xdsi-test", "Application/DICOM"
     )
 
     assert response.status_code == 200, response.text
@@ -860,21 +867,8 @@ def test_stow_rs_answers_an_overlong_boundary_with_400(
     caplog.set_level(logging.INFO, logger="xdsi")
     boundary = "b" * 300
     path = dicom_path("singles", "ts-explicit-le__CT_small.dcm")
-    body = (
-        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-        + path.read_bytes()
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
 
-    response = requests.post(
-        _stow_url(intake_node),
-        data=body,
-        headers={
-            "Content-Type": f'multipart/related; type="application/dicom"; '
-            f"boundary={boundary}"
-        },
-        timeout=60,
-    )
+    response = _post_stow(intake_node, _one_part(path, boundary), boundary)
 
     assert response.status_code == 400
     assert response.headers["Content-Type"].startswith("text/plain")
@@ -2336,13 +2330,7 @@ def test_a_c_store_aborted_mid_way_leaves_no_partial_data_set(
     # Large enough (32 MiB) to be caught mid-way.
     ds.Rows = ds.Columns = 4096
     ds.PixelData = bytes(4096 * 4096 * 2)
-    ae = AE(ae_title="ABORTING")
-    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    cfg = intake_node.settings.imaging_source
-    assoc = ae.associate(
-        intake_node.settings.node.host, cfg.dicom_port, ae_title=cfg.ae_title
-    )
-    assert assoc.is_established
+    assoc = _associate(intake_node, ds, "ABORTING")
     # A slow sender: the data set in 4 KiB P-DATA-TF PDUs (fewer bytes than
     # the SCP takes in one), each after a little wait, so that the abort
     # comes while the data set is on its way.
@@ -2364,6 +2352,17 @@ def test_a_c_store_aborted_mid_way_leaves_no_partial_data_set(
     assert _held(intake_node) == {}
 
 
+def _associate(node: RunningNode, ds: pydicom.Dataset, ae_title: str) -> Any:
+    """An association from ``ae_title`` to the node's C-STORE SCP, with one
+    presentation context: ``ds``'s SOP Class in its transfer syntax."""
+    ae = AE(ae_title=ae_title)
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    cfg = node.settings.imaging_source
+    assoc = ae.associate(node.settings.node.host, cfg.dicom_port, ae_title=cfg.ae_title)
+    assert assoc.is_established
+    return assoc
+
+
 def test_the_scp_offers_a_maximum_pdu_length(intake_node: RunningNode) -> None:
     """DICOM PS3.8 D.1.1, 9.3.5: the SCP offers a Maximum Length Received,
     so that a peer sends a large data set in P-DATA-TF PDUs no longer than
@@ -2371,13 +2370,7 @@ def test_the_scp_offers_a_maximum_pdu_length(intake_node: RunningNode) -> None:
     pynetdicom sends a data set in one PDU, which the SCP's pynetdicom holds
     whole in memory: a 128 MiB one took 500 MiB."""
     ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
-    ae = AE(ae_title="LARGE")
-    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    cfg = intake_node.settings.imaging_source
-    assoc = ae.associate(
-        intake_node.settings.node.host, cfg.dicom_port, ae_title=cfg.ae_title
-    )
-    assert assoc.is_established
+    assoc = _associate(intake_node, ds, "LARGE")
     try:
         offered = assoc.acceptor.maximum_length
         status = assoc.send_c_store(ds)
@@ -2434,13 +2427,7 @@ def test_data_sets_cut_off_by_the_next_c_store_command_leave_nothing(
     received.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(received))
     ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
-    ae = AE(ae_title="CUTTING")
-    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    cfg = intake_node.settings.imaging_source
-    assoc = ae.associate(
-        intake_node.settings.node.host, cfg.dicom_port, ae_title=cfg.ae_title
-    )
-    assert assoc.is_established
+    assoc = _associate(intake_node, ds, "CUTTING")
     (context,) = assoc.accepted_contexts
 
     def fragments(sop_instance_uid: str) -> list[P_DATA]:
@@ -2691,13 +2678,7 @@ def test_an_undecodable_command_aborts_and_audits_what_was_stored(
     monkeypatch.setattr(tempfile, "tempdir", str(received))
     before = len(list(intake_node.services.audit_spool.records()))
     ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
-    ae = AE(ae_title="UNDECODABLE")
-    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    cfg = intake_node.settings.imaging_source
-    assoc = ae.associate(
-        intake_node.settings.node.host, cfg.dicom_port, ae_title=cfg.ae_title
-    )
-    assert assoc.is_established
+    assoc = _associate(intake_node, ds, "UNDECODABLE")
     assert assoc.send_c_store(ds).Status == SUCCESS
     command = pydicom.Dataset()
     command.CommandGroupLength = 0
@@ -3043,7 +3024,7 @@ def test_a_node_starting_removes_what_killed_intakes_left_in_its_spool(
         try:
             assert live.is_file()
         finally:
-            running.close()
+            next(running, None)
 
     assert [p for p in [*left, kept_long_ago] if p.exists()] == []
     (swept,) = [r for r in caplog.records if r.name == "xdsi.store.blobs"]
@@ -3084,18 +3065,6 @@ def test_a_c_store_data_set_larger_than_max_request_size_is_refused_unkept(
     is removed, and the SCP takes the next association."""
     from pynetdicom import AE as Sender
 
-    settings = (
-        Settings()
-        .with_storage(tmp_path / "node")
-        .with_ports(registry=0, repository=0, imaging_source=0, feed=0)
-    )
-    settings = replace(
-        settings,
-        node=replace(settings.node, max_request_size=1 << 20),
-        imaging_source=replace(
-            settings.imaging_source, store_scp=True, dicom_port=0, publish_after=0
-        ),
-    )
     big = dicom_path("singles", "mg-screening-jpegll__GH133.dcm")
     small = sorted(dicom_path("study-mr", "images").iterdir())[0]
     caplog.set_level(logging.INFO, logger="xdsi")
@@ -3108,9 +3077,16 @@ def test_a_c_store_data_set_larger_than_max_request_size_is_refused_unkept(
         return file
 
     store_scp_module._NAMED_TEMPORARY_FILE = noted
-    node = Node(settings)
-    effective = node.start()
+    running = _started(
+        tmp_path,
+        node={"max_request_size": 1 << 20},
+        store_scp=True,
+        dicom_port=0,
+        publish_after=0,
+    )
     try:
+        node = next(running)
+        effective = node.settings
         cfg = effective.imaging_source
         sender = Sender(ae_title="TESTSCU")
         for path in (big, small):
@@ -3134,7 +3110,7 @@ def test_a_c_store_data_set_larger_than_max_request_size_is_refused_unkept(
             held = conn.execute(select(imaging_instance.c.sop_instance_uid)).scalars()
             assert list(held) == [pydicom.dcmread(small).SOPInstanceUID]
     finally:
-        node.stop()
+        next(running, None)
         store_scp_module._NAMED_TEMPORARY_FILE = made
 
     assert received and not [path for path in received if path.exists()]
