@@ -313,7 +313,8 @@ class StoreScp:
         # by ones that note each file (_data_set_file) and abort on such a
         # message (_receive_primitive).
         dimse_messages.NamedTemporaryFile = _data_set_file
-        DIMSEServiceProvider.receive_primitive = _receive_primitive  # type: ignore[method-assign]
+        provider: Any = DIMSEServiceProvider
+        provider.receive_primitive = _receive_primitive
         ae = AE(ae_title=self.ae_title)
         # DICOM PS3.8 9.3.4: an association for another called AE title is
         # rejected (reason 7, called AE title not recognised) rather than

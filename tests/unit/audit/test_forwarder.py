@@ -368,15 +368,16 @@ def test_a_stop_gives_all_targets_that_never_answer_one_allowance(
     try:
         targets = [f"tls://127.0.0.1:{s.getsockname()[1]}" for s in silent]
         delivery = forwarder(spool, targets, pki)
-        allowed: list[float] = []
+        allowed: list[float | None] = []
         for worker in delivery._workers:
             # Each stays in its handshake for as long as the test runs.
             worker.sender.timeout = 600.0
-            join = worker.join
-            worker.join = lambda timeout=None, join=join: (  # type: ignore[method-assign]
-                allowed.append(timeout),
-                join(timeout),
-            )
+
+            def noted(timeout: float | None = None, join=worker.join) -> None:
+                allowed.append(timeout)
+                join(timeout)
+
+            worker.join = noted  # type: ignore[method-assign]
         delivery.start()
         # Both connections made: each worker waits in its handshake.
         taken = [s.accept()[0] for s in silent]
