@@ -500,13 +500,23 @@ def _warn_if_open(storage: Path) -> None:
         )
 
 
-def build_services(settings: Settings) -> Services:
-    """Build every actor over the node's storage, without starting servers."""
+def make_storage(settings: Settings) -> Path:
+    """The node's storage folder, made if need be: it holds patient data,
+    so it is for this user alone (os.umask may only narrow this further)."""
     storage = settings.storage
     if not storage.exists():
-        # It holds patient data: for this user alone (os.umask may only
-        # narrow this further).
         storage.mkdir(parents=True, mode=STORAGE_MODE)
+    return storage
+
+
+def node_consumer(settings: Settings, auditor: audit.Auditor) -> Consumer:
+    """The node's Imaging Document Consumer, spooling under the storage."""
+    return Consumer(settings, auditor, settings.storage / "spool" / "consumer")
+
+
+def build_services(settings: Settings) -> Services:
+    """Build every actor over the node's storage, without starting servers."""
+    storage = make_storage(settings)
     engine = make_engine(settings.database_url)
     auditor = node_auditor(settings)
     spool = auditor.spool
@@ -519,7 +529,7 @@ def build_services(settings: Settings) -> Services:
         registry=_registry(settings, engine, auditor),
         repository=Repository(settings, engine, repository_blobs(settings), auditor),
         imaging_source=imaging_source,
-        consumer=Consumer(settings, auditor, storage / "spool" / "consumer"),
+        consumer=node_consumer(settings, auditor),
         audit_spool=spool,
         auditor=auditor,
         intake=Intake(imaging_source),

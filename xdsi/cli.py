@@ -43,12 +43,13 @@ from xdsi.actors.imaging_source import PublishError
 from xdsi.actors.intake import ImportInterrupted, ImportResult, NotAudited
 from xdsi.actors.provide import SubmitError, describe_errors
 from xdsi.app import (
-    STORAGE_MODE,
     Node,
     Services,
     audit_forwarder,
     build_services,
+    make_storage,
     node_auditor,
+    node_consumer,
 )
 from xdsi.audit import Auditor, AuditSpool
 from xdsi.audit.repository import (
@@ -223,13 +224,9 @@ def _client_side(settings: Settings) -> tuple[Auditor, Consumer]:
     workstation needs no access to it (nor its password)."""
     _check_tls(settings)
     try:
-        if not settings.storage.exists():
-            # Patient data, as build_services makes it.
-            settings.storage.mkdir(parents=True, mode=STORAGE_MODE)
+        make_storage(settings)
         auditor = node_auditor(settings)
-        return auditor, Consumer(
-            settings, auditor, settings.storage / "spool" / "consumer"
-        )
+        return auditor, node_consumer(settings, auditor)
     except OSError as exc:
         _storage_failed(settings, exc)
         raise  # unreachable: _fail exits
