@@ -558,15 +558,15 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             image = header(held[0])
         except (OSError, InvalidDicomError):
             abort(500, "the stored copy of the instance cannot be read here")
-        if "Rows" not in image and no_image == 406:
+        if "Rows" not in image:
             abort(
-                406,
+                no_image,
                 f"instance {sop_uid} is no image; this node renders images "
                 f"only ({', '.join(RENDERED_FORMATS)}), not text/html or "
-                "text/plain (DICOM PS3.18 Table 8.7.4-1, 8.7.8.1)",
+                "text/plain (DICOM PS3.18 Table 8.7.4-1, 8.7.8.1)"
+                if no_image == 406
+                else f"instance {sop_uid} is no image: it has no frames",
             )
-        if "Rows" not in image:
-            abort(no_image, f"instance {sop_uid} is no image: it has no frames")
         return held, image
 
     @blueprint.get(
@@ -788,25 +788,48 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             "a rendered image",
         )
         options = _rendered_options(request.args, media_type)
-        if series_uid is None or sop_uid is None:
-            series_uid, sop_uid = representative(
-                study_uid, series_uid, "a rendered study or series"
-            )
-        number = 1
+        listed = None
         if frame_list is not None:
-            numbers = _frame_numbers(frame_list)
-            if len(numbers) != 1:
+            listed = _frame_numbers(frame_list)
+            if len(listed) != 1:
                 abort(400, "one frame is rendered at a time")
-            number = numbers[0]
-        held, image = held_image(
-            study_uid, series_uid, sop_uid, no_image=406 if frame_list is None else 404
+        held, _ = image_shown(
+            study_uid, series_uid, sop_uid, listed, "a rendered study or series"
         )
-        count = frames.number_of_frames(image)
-        if number > count:
-            abort(404, f"frame {number} is not in instance {sop_uid}")
         # Limitation: a multi-frame image rendered as an instance is its
         # first frame, not a multi-frame media type.
+        number = 1 if listed is None else listed[0]
         return rendered_answer(held, number, options, "WADO-RS Retrieve Rendered")
+
+    def image_shown(
+        study_uid: str,
+        series_uid: str | None,
+        sop_uid: str | None,
+        listed: list[int] | None,
+        what: str,
+    ) -> tuple[list[Row], int]:
+        """The store row of the image a rendered or thumbnail resource
+        shows, and how many frames it has: the instance named, or the one
+        standing for the study or series (see :func:`representative`);
+        404 when a frame ``listed`` is not in it.
+
+        Frames a report does not have are not found, as Retrieve Frames has
+        it (404); a report has no Rendered Media Type this node makes (406).
+        """
+        if series_uid is None or sop_uid is None:
+            series_uid, sop_uid = representative(study_uid, series_uid, what)
+        held, image = held_image(
+            study_uid, series_uid, sop_uid, no_image=406 if listed is None else 404
+        )
+        count = frames.number_of_frames(image)
+        beyond = [n for n in listed or () if n > count]
+        if beyond:
+            abort(
+                404,
+                f"frame {beyond[0]} is not in instance {sop_uid}, which has "
+                f"{count} frame{'s' if count > 1 else ''}",
+            )
+        return held, count
 
     def rendered_answer(
         held: list[Row], number: int, rendering: Rendering, title: str
@@ -893,26 +916,12 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         )
         rendering = _thumbnail_rendering(request.args, media_type)
         listed = None if frame_list is None else _frame_numbers(frame_list)
-        if series_uid is None or sop_uid is None:
-            series_uid, sop_uid = representative(study_uid, series_uid)
-        # Frames a report does not have are not found, as Retrieve Frames
-        # has it; a report has no thumbnail this node can make.
-        held, image = held_image(
-            study_uid, series_uid, sop_uid, no_image=406 if listed is None else 404
-        )
-        count = frames.number_of_frames(image)
-        beyond = [n for n in listed or () if n > count]
-        if beyond:
-            abort(
-                404,
-                f"frame {beyond[0]} is not in instance {sop_uid}, which has "
-                f"{count} frame{'s' if count > 1 else ''}",
-            )
+        held, count = image_shown(study_uid, series_uid, sop_uid, listed, "a thumbnail")
         number = (count + 1) // 2 if listed is None else listed[(len(listed) - 1) // 2]
         return rendered_answer(held, number, rendering, "WADO-RS Retrieve Thumbnail")
 
     def representative(
-        study_uid: str, series_uid: str | None, what: str = "a thumbnail"
+        study_uid: str, series_uid: str | None, what: str
     ) -> tuple[str, str]:
         """The Series and SOP Instance UIDs of the image a study or series
         thumbnail (or rendering, ``what``) shows: the middle one, by
