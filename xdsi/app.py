@@ -738,22 +738,11 @@ def _application_activity(settings: Settings, transaction: str) -> audit.AuditEv
     )
 
 
-def _hang_up(signum: int, frame: object) -> None:
-    """SIGHUP: do what SIGTERM does, so that a hang-up stops the node as
-    cleanly (its Application Stop audited, its workers ended)."""
-    logger.info("hang-up (SIGHUP): the node stops as on SIGTERM")
-    signal.raise_signal(signal.SIGTERM)
-
-
 class Node:
     """A running node: HTTP servers per actor and the ITI-8 MLLP listener.
 
     Audits its Application Start and Stop, and delivers the audit spool to
     the ``[audit] targets`` with ``audit_tls_context`` for TLS targets.
-    Started in the main thread of a process that leaves SIGHUP to its
-    default action (which would end the process at once, with nothing
-    audited and the workers left to stop by themselves), it takes a hang-up
-    for SIGTERM until it stops.
     """
 
     def __init__(
@@ -771,8 +760,6 @@ class Node:
         self._workers: list[BaseProcess] = []
         self._supervisor: threading.Thread | None = None
         self._stopping = threading.Event()
-        # Whether start() made SIGHUP stop as SIGTERM does, to undo in stop().
-        self._takes_hang_up = False
         self._store_scp: StoreScp | None = None
         self._auto_publisher: AutoPublisher | None = None
         # Whether the HTTP listeners' threads serve, so that shutdown() has
@@ -896,28 +883,7 @@ class Node:
             ", ".join(f"{a} {settings.url(a)}" for a in deferred),
         )
         _warn_if_open(settings.storage)
-        self._take_hang_up()
         return settings
-
-    def _take_hang_up(self) -> None:
-        """Make SIGHUP stop the process as SIGTERM does, if this thread may
-        and no one chose what SIGHUP does (nohup ignores it)."""
-        if (
-            threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
-        ):
-            signal.signal(signal.SIGHUP, _hang_up)
-            self._takes_hang_up = True
-
-    def _leave_hang_up(self) -> None:
-        """Give SIGHUP its default action back, if start() took it."""
-        if (
-            self._takes_hang_up
-            and threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGHUP) is _hang_up
-        ):
-            signal.signal(signal.SIGHUP, signal.SIG_DFL)
-            self._takes_hang_up = False
 
     def _sweep(self, repository: Repository, age: timedelta) -> None:
         """Settle the repository's pending documents at start-up, then every
@@ -1012,7 +978,6 @@ class Node:
         """Close what a start that failed bound or started, so that nothing
         is left half-started: no port stays held, no thread serves."""
         self._stop_supervising()
-        self._leave_hang_up()
         if self.forwarder is not None:
             self.forwarder.stop()
             self.forwarder = None
@@ -1092,7 +1057,6 @@ class Node:
         self._sockets.clear()
         self._threads.clear()
         self._serving = False
-        self._leave_hang_up()
         logger.info("node %s stopped", self.settings.node.name)
 
     def __enter__(self) -> Node:

@@ -180,9 +180,18 @@ def _settings(ctx: click.Context) -> Settings:
 
 
 def _wait_for_stop() -> None:
-    """Block until SIGTERM or Ctrl-C."""
+    """Block until SIGTERM, Ctrl-C or a hang-up (SIGHUP: the terminal
+    closed), each a clean stop: SIGHUP's default would end the process at
+    once, nothing audited. A hang-up ignored (nohup) stays ignored."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def hang_up(*_: object) -> None:
+        logging.getLogger("xdsi").info("hang-up (SIGHUP): the node stops as on SIGTERM")
+        stop.set()
+
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, hang_up)
     try:
         while not stop.wait(1):
             pass
