@@ -845,6 +845,51 @@ def test_stow_rs_ignores_the_preamble_of_its_body(intake_node: RunningNode) -> N
     ]
 
 
+def test_stow_rs_takes_transport_padding_after_each_boundary_delimiter(
+    intake_node: RunningNode,
+) -> None:
+    """RFC 2046 5.1.1, DICOM PS3.18 10.5.1: linear white space may follow a
+    boundary delimiter, the close delimiter's "--" included, before its
+    CRLF; the instances of a body so padded are stored."""
+    paths = [
+        dicom_path("singles", "ts-explicit-le__CT_small.dcm"),
+        dicom_path("singles", "ts-rle__MR_small_RLE.dcm"),
+    ]
+    body = (
+        b"--xdsi-test   \r\nContent-Type: application/dicom\r\n\r\n"
+        + paths[0].read_bytes()
+        + b"\r\n--xdsi-test \t\r\nContent-Type: application/dicom\r\n\r\n"
+        + paths[1].read_bytes()
+        + b"\r\n--xdsi-test--  \t\r\n"
+    )
+
+    response = _post_stow(intake_node, body, "xdsi-test")
+
+    assert response.status_code == 200, response.text
+    held = _held(intake_node)
+    for path in paths:
+        uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        assert _data_set_bytes(held[uid]) == _data_set_bytes(path)
+
+
+def test_stow_rs_answers_a_delimiter_line_with_more_than_padding_with_400(
+    intake_node: RunningNode,
+) -> None:
+    """RFC 2046 5.1.1: a boundary delimiter line holds the boundary, linear
+    white space and CRLF; anything else on it is a garbled body (DICOM
+    PS3.18 Table 10.5.3-1: 400), and nothing of it is kept."""
+    path = dicom_path("singles", "ts-explicit-le__CT_small.dcm")
+    body = _one_part(path, "xdsi-test").replace(
+        b"--xdsi-test\r\n", b"--xdsi-test  x\r\n", 1
+    )
+
+    response = _post_stow(intake_node, body, "xdsi-test")
+
+    assert response.status_code == 400
+    assert "RFC 2046 5.1.1" in response.text
+    assert _held(intake_node) == {}
+
+
 def test_stow_rs_takes_the_type_parameter_in_any_case(intake_node: RunningNode) -> None:
     """RFC 2387 3.1, RFC 2045 5.1: the type parameter of multipart/related
     is a media type, whose type and subtype are case-insensitive; a request

@@ -3,7 +3,8 @@
 Implements DICOM PS3.18 10.5 (Store Transaction): a POST of a
 multipart/related body of application/dicom parts to ``{stow_path}`` or
 ``{stow_path}/{StudyInstanceUID}``, each part streamed to a spool file as it
-is parsed, then checked and stored by the intake. The answer is the Store
+is parsed (RFC 2046 5.1.1: preamble, transport padding and epilogue
+ignored), then checked and stored by the intake. The answer is the Store
 Instances Response Module of DICOM PS3.18 10.5.3 as DICOM JSON (PS3.18 F.2),
 with the status codes of DICOM PS3.18 Table 10.5.3-1. Its Retrieve URLs
 (DICOM PS3.18 Table 10.5.3-2) name this node's own WADO-RS resources under
@@ -67,6 +68,11 @@ PROCESSING_FAILURE = 0x0110
 MAX_WARNINGS = 20
 # Longest reason text sent in one Warning header.
 MAX_WARNING = 200
+
+
+# The states of _Delimiters: in the preamble, right after a boundary
+# delimiter, in a part, in the epilogue.
+_PREAMBLE, _AFTER_DELIMITER, _PART, _EPILOGUE = range(4)
 
 
 class TooManyParts(Exception):
@@ -139,14 +145,19 @@ class _Parts:
             path.unlink(missing_ok=True)
 
 
-class _AfterPreamble:
-    """Write a multipart body to a parser from its first boundary on.
+class _Delimiters:
+    """Write a multipart body to a parser as python-multipart takes it.
 
-    RFC 2046 5.1.1: a body may open with a preamble, text before the first
-    boundary delimiter that a receiver ignores; python-multipart takes a
-    body only when it opens with the boundary. The preamble is dropped as
-    it streams; only the bytes a delimiter split between two chunks may
-    start with are held.
+    RFC 2046 5.1.1 lets a body open with a preamble, text before the first
+    boundary delimiter that a receiver ignores, and lets transport padding
+    (linear white space: spaces and tabs) follow each boundary delimiter,
+    the close delimiter's "--" included, before the CRLF that ends its
+    line. python-multipart takes a body only when it opens with the
+    boundary, and padding on the first delimiter line only. The preamble is
+    dropped and the padding taken out as the body streams, and so is the
+    epilogue after the close delimiter; only the bytes a delimiter split
+    between two chunks may start with are held. A delimiter line with
+    anything but padding after it is the sender's fault (MalformedMessage).
     """
 
     def __init__(self, parser: MultipartParser, boundary: bytes) -> None:
@@ -154,33 +165,88 @@ class _AfterPreamble:
         self.opening = b"--" + boundary
         self.delimiter = b"\r\n" + self.opening
         self.held = b""
+        self.state = _PREAMBLE
         # Whether all that came is the start of the opening boundary.
         self.at_start = True
-        self.found = False
+        # Whether the delimiter just read was followed by padding.
+        self.padded = False
 
     def write(self, chunk: bytes) -> None:
-        if self.found:
-            self.parser.write(chunk)
-            return
-        data = self.held + chunk
+        data = self.held + chunk if self.held else chunk
+        self.held = b""
+        while data and self.state != _EPILOGUE:
+            if self.state == _PREAMBLE:
+                data = self._preamble(data)
+            elif self.state == _AFTER_DELIMITER:
+                data = self._after_delimiter(data)
+            else:
+                data = self._part(data)
+
+    def close(self) -> None:
+        """Pass on what was held for the bytes that never came."""
+        if self.state != _PREAMBLE and self.held:
+            self.parser.write(self.held)
+        self.held = b""
+
+    def _preamble(self, data: bytes) -> bytes:
         if self.at_start:
             if data.startswith(self.opening):
-                self._begin(data)
-                return
+                return self._delimited(self.opening, data[len(self.opening) :])
             if self.opening.startswith(data):
                 self.held = data
-                return
+                return b""
             self.at_start = False
         at = data.find(self.delimiter)
         if at < 0:
             self.held = data[-(len(self.delimiter) - 1) :]
-            return
-        self._begin(data[at + 2 :])
+            return b""
+        return self._delimited(self.opening, data[at + len(self.delimiter) :])
 
-    def _begin(self, data: bytes) -> None:
-        self.found = True
-        self.held = b""
+    def _part(self, data: bytes) -> bytes:
+        at = data.find(self.delimiter)
+        if at >= 0:
+            end = at + len(self.delimiter)
+            return self._delimited(data[:end], data[end:])
+        # A delimiter opens with CR, found nowhere else in it: the last CR
+        # of the tail is the only place one split by the chunk can start.
+        tail = max(0, len(data) - len(self.delimiter) + 1)
+        start = data.rfind(b"\r", tail)
+        if start >= 0 and self.delimiter.startswith(data[start:]):
+            self.held = data[start:]
+            data = data[:start]
         self.parser.write(data)
+        return b""
+
+    def _delimited(self, through: bytes, rest: bytes) -> bytes:
+        self.parser.write(through)
+        self.state = _AFTER_DELIMITER
+        self.padded = False
+        return rest
+
+    def _after_delimiter(self, data: bytes) -> bytes:
+        if data[:1] == b"-" and not self.padded:
+            # The close delimiter ends the body; its padding and the
+            # epilogue after it are not passed on.
+            if len(data) < 2:
+                self.held = data
+                return b""
+            if data[1:2] == b"-":
+                self.parser.write(b"--")
+                self.state = _EPILOGUE
+                return b""
+        stripped = data.lstrip(b" \t")
+        if not stripped:
+            self.padded = True
+            return b""
+        if len(stripped) < len(data):
+            self.padded = True
+        if self.padded and stripped[:1] != b"\r":
+            raise MalformedMessage(
+                "a boundary delimiter line holds more than linear white space "
+                "after the boundary (RFC 2046 5.1.1)"
+            )
+        self.state = _PART
+        return stripped
 
 
 def add_stow_route(app: Flask, intake: Intake, path: str, spool: Path) -> None:
@@ -256,10 +322,11 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
     parts = _Parts(spool)
     try:
         parser = MultipartParser(boundary, parts.callbacks())
-        body = _AfterPreamble(parser, boundary)
+        body = _Delimiters(parser, boundary)
         with RequestBody() as stream:
             for chunk in iter(lambda: stream.read(CHUNK), b""):
                 body.write(chunk)
+        body.close()
         parser.finalize()
         if not parts.ended:
             raise MalformedMessage("no closing boundary (RFC 2046 5.1.1)")
