@@ -890,6 +890,75 @@ def test_stow_rs_answers_a_delimiter_line_with_more_than_padding_with_400(
     assert _held(intake_node) == {}
 
 
+@pytest.mark.parametrize("declared_in", ["part", "request", "type"])
+def test_stow_rs_refuses_a_part_in_another_transfer_syntax_than_declared(
+    intake_node: RunningNode, declared_in: str
+) -> None:
+    """DICOM PS3.18 8.7.3.5.2: the transfer-syntax parameter of a part's
+    media type, or of the request's multipart/related type (itself or its
+    type parameter), names the syntax the instance is in; a part whose File
+    Meta names another fails with Error: Cannot understand (DICOM PS3.18
+    Table I.2-2, Cxxx) while the others are stored, a 202 (Table
+    10.5.3-1)."""
+    explicit = dicom_path("singles", "ts-explicit-le__CT_small.dcm")
+    # An RLE Lossless instance, said to be in Explicit VR Little Endian.
+    mislabelled = dicom_path("singles", "ts-rle__MR_small_RLE.dcm")
+    syntax = pydicom.uid.ExplicitVRLittleEndian
+    own = f"; transfer-syntax={syntax}" if declared_in == "part" else ""
+    body = b"".join(
+        f"--b\r\nContent-Type: application/dicom{own}\r\n\r\n".encode()
+        + path.read_bytes()
+        + b"\r\n"
+        for path in (explicit, mislabelled)
+    )
+    content_type = {
+        "part": 'multipart/related; type="application/dicom"; boundary=b',
+        "request": 'multipart/related; type="application/dicom"; '
+        f"transfer-syntax={syntax}; boundary=b",
+        "type": f'multipart/related; type="application/dicom; transfer-syntax={syntax}"'
+        "; boundary=b",
+    }[declared_in]
+
+    response = requests.post(
+        _stow_url(intake_node),
+        data=body + b"--b--\r\n",
+        headers={"Content-Type": content_type},
+        timeout=60,
+    )
+
+    assert response.status_code == 202, response.text
+    (failed,) = response.json()["00081198"]["Value"]
+    refused = pydicom.dcmread(mislabelled, stop_before_pixels=True)
+    assert failed["00081155"]["Value"] == [refused.SOPInstanceUID]
+    assert failed["00081197"]["Value"] == [0xC000]
+    assert "part 2: C000 " in response.headers["Warning"]
+    assert "transfer-syntax" in response.headers["Warning"]
+    assert list(_held(intake_node)) == [
+        pydicom.dcmread(explicit, stop_before_pixels=True).SOPInstanceUID
+    ]
+
+
+def test_stow_rs_stores_a_part_in_the_transfer_syntax_it_declares(
+    intake_node: RunningNode,
+) -> None:
+    """DICOM PS3.18 8.7.3.5.2: a part whose transfer-syntax parameter names
+    the syntax of its File Meta, quoted or not and in a parameter name of
+    any case (RFC 2045 5.1), is stored."""
+    path = dicom_path("singles", "ts-rle__MR_small_RLE.dcm")
+    body = (
+        b"--b\r\nContent-Type: application/dicom; Transfer-Syntax="
+        + f'"{pydicom.uid.RLELossless}"'.encode()
+        + b"\r\n\r\n"
+        + path.read_bytes()
+        + b"\r\n--b--\r\n"
+    )
+
+    response = _post_stow(intake_node, body, "b")
+
+    assert response.status_code == 200, response.text
+    assert len(_held(intake_node)) == 1
+
+
 def test_stow_rs_takes_the_type_parameter_in_any_case(intake_node: RunningNode) -> None:
     """RFC 2387 3.1, RFC 2045 5.1: the type parameter of multipart/related
     is a media type, whose type and subtype are case-insensitive; a request

@@ -4,11 +4,13 @@ Implements DICOM PS3.18 10.5 (Store Transaction): a POST of a
 multipart/related body of application/dicom parts to ``{stow_path}`` or
 ``{stow_path}/{StudyInstanceUID}``, each part streamed to a spool file as it
 is parsed (RFC 2046 5.1.1: preamble, transport padding and epilogue
-ignored), then checked and stored by the intake. The answer is the Store
-Instances Response Module of DICOM PS3.18 10.5.3 as DICOM JSON (PS3.18 F.2),
-with the status codes of DICOM PS3.18 Table 10.5.3-1. Its Retrieve URLs
-(DICOM PS3.18 Table 10.5.3-2) name this node's own WADO-RS resources under
-the DICOMweb path: the study's, and each stored instance's.
+ignored), then checked and stored by the intake; a part whose File Meta
+names another Transfer Syntax UID than its media type's transfer-syntax
+parameter (DICOM PS3.18 8.7.3.5.2) fails. The answer is the Store Instances
+Response Module of DICOM PS3.18 10.5.3 as DICOM JSON (PS3.18 F.2), with the
+status codes of DICOM PS3.18 Table 10.5.3-1. Its Retrieve URLs (DICOM PS3.18
+Table 10.5.3-2) name this node's own WADO-RS resources under the DICOMweb
+path: the study's, and each stored instance's.
 
 The instances kept are audited as DICOM Instances Transferred (DICOM PS3.15
 A.5.3.7), one record per patient, spooled before the answer; when that
@@ -290,9 +292,12 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
     media_type, options = parse_options_header(request.content_type or "")
     boundary = options.get(b"boundary")
     # RFC 2387 3.1: type names the parts' media type, whose type and subtype
-    # are case-insensitive (RFC 2045 5.1), as the request's own are.
-    part_type = options.get(b"type", DICOM_MEDIA_TYPE.encode()).decode("latin-1")
-    if media_type != b"multipart/related" or part_type.lower() != DICOM_MEDIA_TYPE:
+    # are case-insensitive (RFC 2045 5.1), as the request's own are; it may
+    # carry a transfer-syntax parameter of its own (DICOM PS3.18 8.7.3.5).
+    part_type, part_options = parse_options_header(
+        options.get(b"type", DICOM_MEDIA_TYPE.encode())
+    )
+    if media_type != b"multipart/related" or part_type != DICOM_MEDIA_TYPE.encode():
         # PS3.18 10.5.1.2: this node stores the application/dicom media type.
         return _plain(
             UNSUPPORTED_MEDIA_TYPE,
@@ -316,6 +321,12 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
         )
         response.headers["Accept-Encoding"] = "identity"
         return response
+    # DICOM PS3.18 8.7.3.5.2: the transfer-syntax parameter of the multipart
+    # media type, or of its type parameter, names the syntax of every part
+    # whose own Content-Type names none.
+    request_syntax = _declared_transfer_syntax(options) or _declared_transfer_syntax(
+        part_options
+    )
 
     # A body that is garbled or broke off is the sender's fault (400); a
     # spool that cannot be written is ours (500). Neither is a SOAP Fault.
@@ -361,10 +372,14 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
             # (an instance naming another patient than its study's).
             sop_class_uid, sop_instance_uid = _uids_of(path)
             try:
-                if part_media_type.split(";")[0].strip().lower() != DICOM_MEDIA_TYPE:
+                own_type, own_options = parse_options_header(part_media_type)
+                if own_type != DICOM_MEDIA_TYPE.encode():
                     raise Refused(
                         "not_dicom", f"a part of type {escaped(part_media_type[:80])}"
                     )
+                _check_transfer_syntax(
+                    path, _declared_transfer_syntax(own_options) or request_syntax
+                )
                 accepted = intake.accept(
                     path, move=True, study_instance_uid=study_instance_uid
                 )
@@ -470,6 +485,50 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
         more = len(warnings) - MAX_WARNINGS
         response.headers.add("Warning", _warning(f"{more} more parts failed"))
     return response
+
+
+def _declared_transfer_syntax(options: dict[bytes, bytes]) -> str | None:
+    """The Transfer Syntax UID a media type's transfer-syntax parameter
+    names (DICOM PS3.18 8.7.3.5.2), or None when it names none.
+
+    ``*`` is a value of an Accept header, where any syntax will do; in a
+    Content-Type it names no syntax.
+    """
+    value = options.get(b"transfer-syntax", b"").decode("latin-1").strip()
+    return value if value and value != "*" else None
+
+
+def _check_transfer_syntax(path: Path, declared: str | None) -> None:
+    """Refuse a part whose File Meta names another Transfer Syntax UID than
+    its media type declares.
+
+    DICOM PS3.18 8.7.3.5.2: the transfer-syntax parameter names the syntax
+    the instance is in; an instance in another says the sender mixed up its
+    parts or their types, and which of the two is right cannot be told.
+    It fails with Error: Cannot understand (DICOM PS3.18 Table I.2-2,
+    Cxxx), not Referenced Transfer Syntax not supported (C122): both
+    syntaxes may well be ones this node stores. A part whose File Meta
+    cannot be read is left to the intake, which refuses it.
+
+    Raises
+    ------
+    Refused
+        Naming both syntaxes.
+    """
+    if declared is None:
+        return
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+    except Exception:
+        return
+    actual = str(meta.get("TransferSyntaxUID", "")).strip()
+    if actual and actual != declared:
+        raise Refused(
+            "unreadable",
+            f"the part's media type names transfer-syntax "
+            f"{escaped(declared[:64])} but its File Meta names "
+            f"{escaped(actual[:64])} (DICOM PS3.18 8.7.3.5.2)",
+        )
 
 
 def _uids_of(path: Path) -> tuple[str, str]:
