@@ -959,6 +959,96 @@ def test_stow_rs_stores_a_part_in_the_transfer_syntax_it_declares(
     assert len(_held(intake_node)) == 1
 
 
+def test_stow_rs_answers_in_xml_when_accept_asks_for_it(
+    intake_node: RunningNode,
+) -> None:
+    """DICOM PS3.18 10.5.1, 10.5.3: the Store Instances Response Module goes
+    in the media type Accept names; application/dicom+xml gets the Native
+    DICOM Model (DICOM PS3.19 A.1), with the Referenced and Failed SOP
+    Sequences, Failure Reason and Retrieve URLs the JSON answer holds."""
+    good = sorted(dicom_path("study-mr", "images").iterdir())[0]
+    bad = dicom_path("bad", "truncated-pixeldata__MR_truncated.dcm")
+    held = pydicom.dcmread(good, stop_before_pixels=True)
+    refused = pydicom.dcmread(bad, stop_before_pixels=True)
+    boundary = "xdsi-test"
+    body = (
+        b"".join(
+            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            + path.read_bytes()
+            + b"\r\n"
+            for path in (good, bad)
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
+
+    response = requests.post(
+        _stow_url(intake_node),
+        data=body,
+        headers={
+            "Content-Type": 'multipart/related; type="application/dicom"; '
+            f"boundary={boundary}",
+            "Accept": "application/dicom+xml",
+        },
+        timeout=60,
+    )
+
+    assert response.status_code == 202
+    assert response.headers["Content-Type"].startswith("application/dicom+xml")
+    ns = {"n": "http://dicom.nema.org/PS3.19/models/NativeDICOM"}
+    root = etree.fromstring(response.content)
+    assert (
+        root.tag == "{http://dicom.nema.org/PS3.19/models/NativeDICOM}NativeDicomModel"
+    )
+    assert root.get("{http://www.w3.org/XML/1998/namespace}space") == "preserve"
+
+    def values(node: etree._Element, tag: str) -> list[str]:
+        return node.xpath(
+            f"n:DicomAttribute[@tag='{tag}']/n:Value/text()", namespaces=ns
+        )
+
+    study_url = f"{intake_node.settings.dicomweb_url}/studies/{held.StudyInstanceUID}"
+    assert values(root, "00081190") == [study_url]
+    (stored,) = root.xpath("n:DicomAttribute[@tag='00081199']/n:Item", namespaces=ns)
+    assert stored.get("number") == "1"
+    assert values(stored, "00081150") == [held.SOPClassUID]
+    assert values(stored, "00081155") == [held.SOPInstanceUID]
+    assert values(stored, "00081190") == [
+        f"{study_url}/series/{held.SeriesInstanceUID}/instances/{held.SOPInstanceUID}"
+    ]
+    (failed,) = root.xpath(
+        "n:DicomAttribute[@tag='00081198' and @vr='SQ'"
+        " and @keyword='FailedSOPSequence']/n:Item",
+        namespaces=ns,
+    )
+    assert values(failed, "00081155") == [refused.SOPInstanceUID]
+    assert values(failed, "00081197") == [str(0xC000)]
+    assert [a.get("tag") for a in root] == ["00081190", "00081198", "00081199"]
+
+
+def test_stow_rs_refuses_an_accept_it_cannot_answer_with_406_and_keeps_nothing(
+    intake_node: RunningNode,
+) -> None:
+    """DICOM PS3.18 8.7.8.1: an Accept header that takes neither DICOM JSON
+    nor XML is answered 406 before the body is read; nothing is stored for
+    an answer the sender would refuse."""
+    path = dicom_path("singles", "ts-explicit-le__CT_small.dcm")
+
+    response = requests.post(
+        _stow_url(intake_node),
+        data=_one_part(path, "xdsi-test"),
+        headers={
+            "Content-Type": 'multipart/related; type="application/dicom"; '
+            "boundary=xdsi-test",
+            "Accept": "text/html",
+        },
+        timeout=60,
+    )
+
+    assert response.status_code == 406
+    assert "application/dicom+xml" in response.text
+    assert _held(intake_node) == {}
+
+
 def test_stow_rs_takes_the_type_parameter_in_any_case(intake_node: RunningNode) -> None:
     """RFC 2387 3.1, RFC 2045 5.1: the type parameter of multipart/related
     is a media type, whose type and subtype are case-insensitive; a request

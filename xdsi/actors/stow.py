@@ -7,10 +7,11 @@ is parsed (RFC 2046 5.1.1: preamble, transport padding and epilogue
 ignored), then checked and stored by the intake; a part whose File Meta
 names another Transfer Syntax UID than its media type's transfer-syntax
 parameter (DICOM PS3.18 8.7.3.5.2) fails. The answer is the Store Instances
-Response Module of DICOM PS3.18 10.5.3 as DICOM JSON (PS3.18 F.2), with the
-status codes of DICOM PS3.18 Table 10.5.3-1. Its Retrieve URLs (DICOM PS3.18
-Table 10.5.3-2) name this node's own WADO-RS resources under the DICOMweb
-path: the study's, and each stored instance's.
+Response Module of DICOM PS3.18 10.5.3 as DICOM JSON (PS3.18 F.2) or, when
+the Accept header asks for it, as XML (the Native DICOM Model of DICOM
+PS3.19 A.1), with the status codes of DICOM PS3.18 Table 10.5.3-1. Its
+Retrieve URLs (DICOM PS3.18 Table 10.5.3-2) name this node's own WADO-RS
+resources under the DICOMweb path: the study's, and each stored instance's.
 
 The instances kept are audited as DICOM Instances Transferred (DICOM PS3.15
 A.5.3.7), one record per patient, spooled before the answer; when that
@@ -26,10 +27,12 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pydicom
 from flask import Flask, Response, request
+from lxml import etree
+from pydicom.datadict import keyword_for_tag
 from pydicom.uid import UID
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -49,6 +52,9 @@ logger = logging.getLogger(__name__)
 
 DICOM_MEDIA_TYPE = "application/dicom"
 DICOM_JSON_MEDIA_TYPE = "application/dicom+json"
+DICOM_XML_MEDIA_TYPE = "application/dicom+xml"
+# DICOM PS3.19 A.1: the namespace of the Native DICOM Model.
+NATIVE_DICOM_MODEL = "http://dicom.nema.org/PS3.19/models/NativeDICOM"
 
 # DICOM PS3.6 tags of the Store Instances Response Module (PS3.18 10.5.3).
 RETRIEVE_URL = "00081190"
@@ -61,6 +67,8 @@ FAILURE_REASON = "00081197"
 # DICOM PS3.18 Table 10.5.3-1.
 ALL_STORED, SOME_STORED, NONE_STORED = 200, 202, 409
 BAD_REQUEST, CONTENT_TOO_LARGE, UNSUPPORTED_MEDIA_TYPE = 400, 413, 415
+# DICOM PS3.18 8.7.8.1: the Accept header takes no media type of the answer.
+NOT_ACCEPTABLE = 406
 INTERNAL_ERROR = 500
 
 CHUNK = 1 << 20
@@ -321,6 +329,15 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
         )
         response.headers["Accept-Encoding"] = "identity"
         return response
+    answer_type = _answer_media_type()
+    if answer_type is None:
+        # DICOM PS3.18 8.7.8.1: told before the body is read, so that
+        # nothing is stored for an answer the sender would not take.
+        return _plain(
+            NOT_ACCEPTABLE,
+            f"STOW-RS answers in {DICOM_JSON_MEDIA_TYPE} or {DICOM_XML_MEDIA_TYPE}; "
+            "the Accept header takes neither",
+        )
     # DICOM PS3.18 8.7.3.5.2: the transfer-syntax parameter of the multipart
     # media type, or of its type parameter, names the syntax of every part
     # whose own Content-Type names none.
@@ -476,7 +493,14 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
         len(failed),
         time.monotonic() - started,
     )
-    response = Response(json.dumps(body), status=status, mimetype=DICOM_JSON_MEDIA_TYPE)
+    if answer_type == DICOM_XML_MEDIA_TYPE:
+        response = Response(
+            _native_dicom_model(body), status=status, mimetype=DICOM_XML_MEDIA_TYPE
+        )
+    else:
+        response = Response(
+            json.dumps(body), status=status, mimetype=DICOM_JSON_MEDIA_TYPE
+        )
     # The body names every failed part; the headers tell of the first few
     # only, since HTTP clients and proxies take a bounded head.
     for warning in warnings[:MAX_WARNINGS]:
@@ -485,6 +509,30 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
         more = len(warnings) - MAX_WARNINGS
         response.headers.add("Warning", _warning(f"{more} more parts failed"))
     return response
+
+
+def _answer_media_type() -> str | None:
+    """The media type of the Store Instances Response Module the request's
+    Accept header takes, or None when it takes none this node sends.
+
+    DICOM PS3.18 10.5.1 has the request name in Accept the media types it
+    takes the answer in; the module is sent as DICOM JSON (DICOM PS3.18
+    F.2) or as the Native DICOM Model of DICOM PS3.19 A.1 (XML), the one
+    STOW-RS clients such as dcm4che's ask for. DICOM JSON goes when Accept
+    is absent, names a wildcard, or ranks both alike, and for
+    application/json, of which DICOM JSON is a kind (RFC 6839 3.1); none
+    of the three taken is a 406 (DICOM PS3.18 8.7.8.1).
+    """
+    if "Accept" not in request.headers:
+        return DICOM_JSON_MEDIA_TYPE
+    best = request.accept_mimetypes.best_match(
+        [DICOM_JSON_MEDIA_TYPE, DICOM_XML_MEDIA_TYPE, "application/json"]
+    )
+    if best is None:
+        return None
+    return (
+        DICOM_XML_MEDIA_TYPE if best == DICOM_XML_MEDIA_TYPE else DICOM_JSON_MEDIA_TYPE
+    )
 
 
 def _declared_transfer_syntax(options: dict[bytes, bytes]) -> str | None:
@@ -529,6 +577,47 @@ def _check_transfer_syntax(path: Path, declared: str | None) -> None:
             f"{escaped(declared[:64])} but its File Meta names "
             f"{escaped(actual[:64])} (DICOM PS3.18 8.7.3.5.2)",
         )
+
+
+def _native_dicom_model(body: dict[str, dict[str, Any]]) -> bytes:
+    """The Store Instances Response Module ``body``, in DICOM JSON (DICOM
+    PS3.18 F.2), as a Native DICOM Model document (DICOM PS3.19 A.1).
+
+    Only what the module holds is written: attributes with their Values
+    and sequences with their Items, in tag order; no Person Name, bulk
+    data or inline binary.
+    """
+    root = etree.Element(
+        f"{{{NATIVE_DICOM_MODEL}}}NativeDicomModel", nsmap={None: NATIVE_DICOM_MODEL}
+    )
+    # DICOM PS3.19 Table A.1.5-1: the values' white space is kept.
+    root.set("{http://www.w3.org/XML/1998/namespace}space", "preserve")
+    _add_attributes(root, body)
+    return etree.tostring(root, xml_declaration=True, encoding="UTF-8")
+
+
+def _add_attributes(
+    parent: etree._Element, attributes: dict[str, dict[str, Any]]
+) -> None:
+    """Add a DicomAttribute to ``parent`` for each DICOM JSON attribute."""
+    for tag in sorted(attributes):
+        element = attributes[tag]
+        node = etree.SubElement(
+            parent,
+            f"{{{NATIVE_DICOM_MODEL}}}DicomAttribute",
+            tag=tag,
+            vr=element["vr"],
+            keyword=keyword_for_tag(int(tag, 16)),
+        )
+        child = "Item" if element["vr"] == "SQ" else "Value"
+        for number, value in enumerate(element.get("Value", []), start=1):
+            item = etree.SubElement(
+                node, f"{{{NATIVE_DICOM_MODEL}}}{child}", number=str(number)
+            )
+            if child == "Item":
+                _add_attributes(item, value)
+            else:
+                item.text = str(value)
 
 
 def _uids_of(path: Path) -> tuple[str, str]:
