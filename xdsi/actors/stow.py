@@ -572,7 +572,7 @@ def _check_transfer_syntax(path: Path, declared: str | None) -> None:
     actual = str(meta.get("TransferSyntaxUID", "")).strip()
     if actual and actual != declared:
         raise Refused(
-            "unreadable",
+            "transfer_syntax_mismatch",
             f"the part's media type names transfer-syntax "
             f"{escaped(declared[:64])} but its File Meta names "
             f"{escaped(actual[:64])} (DICOM PS3.18 8.7.3.5.2)",
