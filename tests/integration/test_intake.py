@@ -2316,6 +2316,33 @@ def test_one_study_taken_in_at_once_under_two_given_patients_keeps_the_first(
     assert intake.study_patient(taken.study_instance_uid) == ("FIRST^^^&1.2.3.4.5&ISO")
 
 
+def test_an_instance_of_another_patient_is_refused_as_such_whichever_check_sees_it(
+    intake_node: RunningNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DICOM PS3.3 C.7.2.1: an instance whose own Patient ID is not its
+    study's is refused as other_patient, also when the check of the
+    instances held found none yet (another intake of the study was
+    committing) and the study's row tells it instead."""
+    first, second = sorted(dicom_path("study-mr", "images").iterdir())[:2]
+    intake = intake_node.services.intake
+    taken = intake.accept(first)
+    other = pydicom.dcmread(second)
+    other.PatientID = "SOMEONE-ELSE"
+    other.save_as(tmp_path / "other.dcm")
+    # As if the first instance's row were not committed when it looked.
+    monkeypatch.setattr(type(intake), "_refuse_mixed_patients", lambda *_: None)
+
+    with pytest.raises(check.Refused) as refused:
+        intake.accept(tmp_path / "other.dcm")
+
+    assert refused.value.rule == "other_patient"
+    assert (
+        refused.value.dimse_status == refusal_table()["other_patient"]["dimse_status"]
+    )
+    assert "SOMEONE-ELSE" not in refused.value.reason
+    assert list(_held(intake_node)) == [taken.sop_instance_uid]
+
+
 def test_two_patients_sending_one_new_study_at_once_do_not_mix(
     intake_node: RunningNode, tmp_path: Path
 ) -> None:

@@ -1016,11 +1016,17 @@ class Intake:
     ) -> None:
         """Refuse an instance of a study held under another patient.
 
-        The reason is logged: it names no patient.
+        The reason is logged: it names no patient. Under the images' own
+        Patient ID (not ``given``) the instance names another patient than
+        its study's, which is what other_patient refuses, whether this check
+        or the one of the instances held (_refuse_mixed_patients) sees it
+        first while another intake of the study commits.
         """
         reason = self.other_patient(study_instance_uid, patient_id, given=given)
         if reason is not None:
-            raise check.Refused("command_mismatch", reason)
+            raise check.Refused(
+                "command_mismatch" if given else "other_patient", reason
+            )
 
     def other_patient(
         self, study_instance_uid: str, patient_id: str, *, given: bool = True
