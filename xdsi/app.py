@@ -50,7 +50,7 @@ from xdsi.connections import BoundedConnections
 from xdsi.hl7.mllp import MllpServer
 from xdsi.logs import PeerRefusalLog, guard_peer_text, quiet_pydicom
 from xdsi.ns import SOAP12
-from xdsi.store.blobs import Blobs, BlobStore
+from xdsi.store.blobs import Blobs, BlobStore, open_spool
 from xdsi.store.schema import make_engine
 
 logger = logging.getLogger(__name__)
@@ -511,7 +511,8 @@ def make_storage(settings: Settings) -> Path:
 
 def node_consumer(settings: Settings, auditor: audit.Auditor) -> Consumer:
     """The node's Imaging Document Consumer, spooling under the storage."""
-    return Consumer(settings, auditor, settings.storage / "spool" / "consumer")
+    spool = open_spool(settings.storage / "spool" / "consumer", "consumer")
+    return Consumer(settings, auditor, spool)
 
 
 def build_services(settings: Settings) -> Services:

@@ -76,6 +76,7 @@ from xdsi.hl7.mllp import MllpError
 from xdsi.logs import guard_peer_text, quiet_pydicom
 from xdsi.metadata.responses import RegistryError
 from xdsi.metadata.validation import patient_id_problem
+from xdsi.store.blobs import open_spool
 from xdsi.store.schema import make_engine
 from xdsi.store.verify import Damage, count_copies, verify_store
 from xdsi.wire.xml import parse_xml
@@ -717,7 +718,8 @@ def submit(
     """Submit FILES as one SubmissionSet (ITI-41, one DocumentEntry each)."""
     settings = _settings(ctx)
     auditor, _ = _client_side(settings)
-    source = DocumentSource(settings, settings.storage / "spool" / "source", auditor)
+    spool = open_spool(settings.storage / "spool" / "source", "source")
+    source = DocumentSource(settings, spool, auditor)
     try:
         submitted = source.submit(
             list(files),

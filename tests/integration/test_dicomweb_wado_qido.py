@@ -183,7 +183,7 @@ def test_head_requests_leave_no_transcoded_copy_behind(
     """RFC 9110 9.3.2: HEAD answers with the headers of a GET, whose body is
     never sent; the copies transcoded to answer it are removed all the same,
     as for a GET (WADO-RS, DICOM PS3.18 10.4; WADO-URI, 9.1)."""
-    spool = shared_node.settings.storage / "spool" / "imaging_source" / "dicomweb"
+    spool = shared_node.settings.storage / "spool" / "imaging_source-dicomweb"
     series = published.series[1]
     instance = series.instances[0]
     accept = (

@@ -271,7 +271,7 @@ def test_several_series_with_padded_uids_come_transcoded_to_the_first_listed_syn
         assert sent.file_meta.TransferSyntaxUID == RLELossless
         assert np.array_equal(sent.pixel_array, pydicom.dcmread(held[uid]).pixel_array)
     spool = running_node.services.imaging_source.blobs.spool
-    assert not list(spool.glob("rad69-*"))
+    assert not list(spool.glob("rad69@*"))
 
 
 def test_instance_asked_in_its_own_syntax_is_byte_identical(
@@ -357,7 +357,7 @@ def test_instance_whose_stored_copy_is_gone_is_an_error_beside_the_others(
         ["XDSRepositoryError"],
         2,
     )
-    assert not list(source.blobs.spool.glob("rad69-*"))
+    assert not list(source.blobs.spool.glob("rad69@*"))
 
 
 def test_a_failed_request_for_an_instance_does_not_hide_a_right_one(
@@ -541,4 +541,4 @@ def test_no_instance_is_sent_when_the_audit_record_cannot_be_spooled(
         _call(running_node, request)
 
     assert fault.value.code == "env:Receiver"
-    assert not list(source.blobs.spool.glob("rad69-*"))
+    assert not list(source.blobs.spool.glob("rad69@*"))

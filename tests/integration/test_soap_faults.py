@@ -613,7 +613,7 @@ def test_a_peer_dropping_an_upload_leaves_nothing_behind(
         assert time.monotonic() < deadline, "the server never noticed"
         time.sleep(0.1)
     assert _xdsi_errors(caplog) == []
-    assert list(spool.glob("xdsi-msg-*")) == []
+    assert list(spool.glob("msg@*")) == []
 
 
 def _read_all(sock: socket.socket) -> bytes:

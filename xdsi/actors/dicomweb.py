@@ -16,7 +16,6 @@ import math
 import re
 import shutil
 import string
-import tempfile
 import threading
 import uuid
 import warnings
@@ -64,6 +63,7 @@ from xdsi.dicom.qido import (
     STUDY_ATTRIBUTES,
 )
 from xdsi.logs import escaped
+from xdsi.store.blobs import open_spool, spool_path
 from xdsi.store.schema import QIDO_COLUMNS, imaging_instance, instance_published
 
 if TYPE_CHECKING:
@@ -194,7 +194,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
     cfg = source.settings.imaging_source
     base = cfg.dicomweb_path.rstrip("/")
     blueprint = Blueprint("dicomweb", __name__)
-    spool_root.mkdir(parents=True, exist_ok=True)
+    open_spool(spool_root, "dicomweb")
 
     def published(
         study_uid: str | None = None,
@@ -380,7 +380,8 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         syntaxes, multipart = _accepted_dicom(
             request.headers.get("Accept", ""), single_allowed=sop_uid is not None
         )
-        spool = Path(tempfile.mkdtemp(prefix="wado-rs-", dir=spool_root))
+        spool = spool_path(spool_root, "wado-rs")
+        spool.mkdir(mode=0o700)
         try:
             production = _produce_all(source, held, syntaxes, spool, "WADO-RS")
         except BaseException:
@@ -1080,7 +1081,8 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             # DICOM PS3.18 9.4.2.4: a value that is no UID is a bad request;
             # a UID this node cannot produce, not acceptable (406).
             abort(400, f"transferSyntax {syntax[:MAX_UID]!r} is not a UID")
-        spool = Path(tempfile.mkdtemp(prefix="wado-", dir=spool_root))
+        spool = spool_path(spool_root, "wado-uri")
+        spool.mkdir(mode=0o700)
         production = _produce_all(source, held, [syntax], spool, "WADO-URI")
         if not production.files:
             shutil.rmtree(spool, ignore_errors=True)

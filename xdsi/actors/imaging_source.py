@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Iterable
@@ -74,7 +73,7 @@ from xdsi.metadata.ebrim import STATUS_APPROVED, STATUS_DEPRECATED, new_uuid
 from xdsi.metadata.responses import (
     read_status,
 )
-from xdsi.store.blobs import BlobStore
+from xdsi.store.blobs import BlobStore, spool_path
 from xdsi.store.schema import (
     MANIFEST_CURRENT,
     MANIFEST_PENDING,
@@ -1114,7 +1113,10 @@ class ImagingSource:
             spool_root,
             plain_prefixes=(cfg.dicomweb_path.rstrip("/"), cfg.wado_path),
         )
-        app.register_blueprint(dicomweb_blueprint(self, spool_root / "dicomweb"))
+        # A spool of its own beside the SOAP one: a spool holds only entries
+        # named after their makers, which its sweep may remove.
+        dicomweb_spool = spool_root.with_name(f"{spool_root.name}-dicomweb")
+        app.register_blueprint(dicomweb_blueprint(self, dicomweb_spool))
         return app
 
     def handle_retrieve(self, message: wire.SoapMessage, peer: Peer) -> Reply:
@@ -1126,7 +1128,8 @@ class ImagingSource:
             Its audit record could not be spooled; no instance is sent.
         """
         started = time.monotonic()
-        spool = Path(tempfile.mkdtemp(prefix="rad69-", dir=self.blobs.spool))
+        # Made only when an instance is transcoded (transcode.produce).
+        spool = spool_path(self.blobs.spool, "rad69")
         try:
             answer = self.retrieve(message.body, spool)
         except BaseException:

@@ -31,6 +31,7 @@ from werkzeug.exceptions import (
 
 from xdsi import ns, wire
 from xdsi.profiles_loader import load_profile_table
+from xdsi.store.blobs import open_spool
 from xdsi.wire.mtom import MAX_REQUEST_PARTS
 from xdsi.wire.schema import schema_errors
 
@@ -228,7 +229,7 @@ def soap_app(
     """
     app = Flask(name)
     by_action = {transaction(t)["request_action"]: t for t in handlers}
-    spool_root.mkdir(parents=True, exist_ok=True)
+    open_spool(spool_root, name)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:

@@ -156,6 +156,7 @@ def produce(
     data, a lossless one by encoding it without loss. A lossy encoding is
     made only when ``requested`` lists no lossless syntax (RAD TF-3
     4.69.4.2.3). Returns None when no listed syntax can be produced.
+    ``spool`` is made when a first file is written into it.
     """
     # Limitation: Explicit VR Big Endian (retired, DICOM PS3.5 A.3) is sent
     # only as stored; JPEG Baseline, JPEG Extended and JPEG Lossless have no
@@ -179,6 +180,8 @@ def produce(
         ):
             continue
         destination = spool / f"{source.name}-{target}.dcm"
+        # Made on first need: most answers go as stored and write nothing.
+        spool.mkdir(mode=0o700, exist_ok=True)
         try:
             with _TRANSCODING, plugin_errors_muted():
                 _write(source, target, destination)

@@ -135,6 +135,18 @@ def sweep_spool(spool: Path) -> int:
     return removed
 
 
+def open_spool(spool: Path, name: str) -> Path:
+    """Make a spool folder if need be and sweep it (:func:`sweep_spool`),
+    saying how much went; ``name`` says whose it is in that line."""
+    spool.mkdir(parents=True, exist_ok=True)
+    removed = sweep_spool(spool)
+    if removed:
+        logger.info(
+            "spool of %s: %d entries left by processes gone removed", name, removed
+        )
+    return spool
+
+
 def _maker_gone(name: str) -> bool | None:
     """Whether the process a spool entry's name says made it is gone: True
     or False for a process of this host, None where the name says no maker
@@ -170,15 +182,7 @@ class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
-        self.spool = root / ".spool"
-        self.spool.mkdir(exist_ok=True)
-        removed = sweep_spool(self.spool)
-        if removed:
-            logger.info(
-                "spool of %s: %d entries left by processes gone removed",
-                root.name,
-                removed,
-            )
+        self.spool = open_spool(root / ".spool", root.name)
 
     def relative_path(self, key: str) -> str:
         return relative_path(key)

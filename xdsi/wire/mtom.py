@@ -20,7 +20,6 @@ import os
 import queue
 import shutil
 import stat
-import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -38,6 +37,7 @@ from python_multipart.exceptions import FormParserError, MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from xdsi.ns import XMIME, XOP, qname
+from xdsi.store.blobs import spool_path
 from xdsi.wire.faults import (
     ActionMismatch,
     AnswerTooLarge,
@@ -811,11 +811,12 @@ def read_message(
             "multipart/related MTOM/XOP"
         )
 
-    if media_type == "application/soap+xml":
-        directory = Path(spool_dir) / f"xdsi-msg-{uuid.uuid4().hex}"
-    else:
+    # Named after this process, so that what a process killed while reading
+    # left is swept as the spool is opened again (xdsi.store.blobs).
+    directory = spool_path(Path(spool_dir), "msg")
+    if media_type != "application/soap+xml":
         try:
-            directory = Path(tempfile.mkdtemp(prefix="xdsi-msg-", dir=spool_dir))
+            directory.mkdir(mode=0o700)
         except OSError as exc:
             raise SpoolError(exc) from exc
     if max_bytes is not None:

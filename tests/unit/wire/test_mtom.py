@@ -6,6 +6,7 @@ import hashlib
 import io
 import multiprocessing
 import os
+import stat
 import threading
 import tracemalloc
 from collections.abc import Callable
@@ -17,6 +18,7 @@ import pytest
 from lxml import etree
 
 from xdsi.ns import SOAP11, SOAP12, XDSB, XOP
+from xdsi.store.blobs import spool_prefix
 from xdsi.wire import (
     ActionMismatch,
     AnswerTooLarge,
@@ -147,6 +149,24 @@ def test_round_trip_through_bytes_keeps_bytes_sha1_and_size(
             assert attachment.content_type == "application/dicom"
             assert attachment.path.parent == message.spool_dir
     assert list(spool.iterdir()) == []
+
+
+def test_a_message_is_spooled_under_a_name_of_this_process(
+    pnr_envelope: etree._Element, spool: Path
+) -> None:
+    """The folder of a message read is named after this process (see
+    xdsi.store.blobs.spool_prefix), so that a sweep of the spool removes it
+    once this process is gone, as when killed while reading."""
+    kos_id = new_content_id()
+    parts = [OutgoingPart(kos_id, "application/dicom", path=KOS)]
+    content_type, _, chunks = write_message(
+        build_envelope(_pnr_request(pnr_envelope, kos_id), PNR), PNR, parts
+    )
+
+    with _read(b"".join(chunks), content_type, spool) as message:
+        assert message.spool_dir.parent == spool
+        assert message.spool_dir.name.startswith(spool_prefix("msg"))
+        assert stat.S_IMODE(message.spool_dir.stat().st_mode) == 0o700
 
 
 def test_write_message_without_parts_is_plain_soap_xml(
