@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +116,12 @@ JPEG_2000_RATIO = 10.0
 TRANSCODING_SLOTS = max(2, os.cpu_count() or 2)
 _TRANSCODING = threading.BoundedSemaphore(TRANSCODING_SLOTS)
 
+# The JPEG 2000 encoder (pylibjpeg-openjpeg) corrupts memory, and so kills
+# the process, when two threads encode at once: one encodes at a time. Its
+# decoder, and the other codecs, take threads side by side.
+_JPEG_2000_ENCODER = threading.Lock()
+JPEG_2000_SYNTAXES = (JPEG2000Lossless, JPEG2000)
+
 # Pixel-bearing elements (DICOM PS3.3 C.7.6.3, C.7.6.24); an object without
 # one (SR, KOS, waveform) can change only between native encodings.
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -211,6 +217,18 @@ def _write(source: Path, target: str, destination: Path) -> None:
         ds.save_as(destination, enforce_file_format=True)
         return
     native_size = len(ds.PixelData)
+    one_at_a_time = (
+        _JPEG_2000_ENCODER if target in JPEG_2000_SYNTAXES else nullcontext()
+    )
+    with one_at_a_time:
+        _compress(ds, target)
+    if is_lossy(target):
+        _label_lossy(ds, target, native_size / max(len(ds.PixelData), 1))
+    ds.save_as(destination, enforce_file_format=True)
+
+
+def _compress(ds: Dataset, target: str) -> None:
+    """Encode the native Pixel Data of ``ds`` in ``target``, in place."""
     ds.compress(
         target,
         # GDCM's RLE encoder aborts the process on some images; pydicom's own
@@ -220,9 +238,6 @@ def _write(source: Path, target: str, destination: Path) -> None:
         jls_error=JPEG_LS_NEAR if target == JPEGLSNearLossless else None,
         j2k_cr=[JPEG_2000_RATIO] if target == JPEG2000 else None,
     )
-    if is_lossy(target):
-        _label_lossy(ds, target, native_size / max(len(ds.PixelData), 1))
-    ds.save_as(destination, enforce_file_format=True)
 
 
 def _pixels_to_little_endian(ds: Dataset) -> None:

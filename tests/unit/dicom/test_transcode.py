@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import logging
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -29,6 +31,7 @@ from werkzeug.exceptions import NotAcceptable
 
 from tests.conftest import SHARED, dicom_path
 from xdsi.actors.dicomweb import _render
+from xdsi.cli import bundled_study
 from xdsi.dicom import transcode
 from xdsi.dicom.transcode import is_lossless, is_lossy, produce
 
@@ -319,3 +322,48 @@ def test_no_more_instances_are_re_encoded_at_once_than_there_are_slots(
 
     assert all(p is not None and p.transfer_syntax_uid == RLELossless for p in produced)
     assert 1 < most <= transcode.TRANSCODING_SLOTS
+
+
+# Two threads re-encoding one instance into a JPEG 2000 syntax, each into a
+# spool of its own, as two requests served at once do.
+_TWO_AT_ONCE = """
+import sys, threading
+from pathlib import Path
+from xdsi.dicom.transcode import produce
+source, held, target = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+spool = Path(sys.argv[4])
+def work(n):
+    for _ in range(30):
+        assert produce(source, held, [target], spool / str(n)) is not None
+threads = [threading.Thread(target=work, args=(n,)) for n in range(2)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+"""
+
+
+@pytest.mark.parametrize(
+    "target", [JPEG2000Lossless, JPEG2000], ids=["j2k", "j2k-lossy"]
+)
+def test_two_threads_encoding_jpeg_2000_at_once_do_not_kill_the_process(
+    tmp_path: Path, target: str
+) -> None:
+    """The JPEG 2000 encoder is taken by one thread at a time: two at once
+    corrupted memory and the process died of SIGSEGV, the node with it. The
+    encoding runs in a process of its own, which such a death cannot take
+    the test run with."""
+    # A 512 x 512 slice: small images did not show it.
+    path = min(p for p in bundled_study().rglob("*.dcm"))
+    held = str(
+        pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+    )
+
+    done = subprocess.run(
+        [sys.executable, "-c", _TWO_AT_ONCE, str(path), held, target, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
