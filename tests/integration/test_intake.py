@@ -41,6 +41,7 @@ from sqlalchemy import Row, func, select, update
 from tests.conftest import SHARED, dicom_path, shared_path
 from tests.integration.conftest import RunningNode
 from tests.spooling import left_by_killed_process, spooling
+from tests.unit.dicom.test_check import MANY, empty_items, with_sequence
 from xdsi.actors import imaging_source as imaging_source_module
 from xdsi.actors import intake as intake_module
 from xdsi.actors import store_scp as store_scp_module
@@ -2379,6 +2380,31 @@ def test_the_scp_offers_a_maximum_pdu_length(intake_node: RunningNode) -> None:
 
     assert 0 < offered == store_scp_module.MAX_PDU_SIZE
     assert status.Status == SUCCESS
+
+
+def test_a_data_set_of_too_many_sequence_items_is_refused_by_c_store_and_stow_rs(
+    intake_node: RunningNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DICOM PS3.5 7.5, PS3.4 Table B.2-1, PS3.18 10.5.3: a data set of more
+    sequence items than scan.MAX_SEQUENCE_ITEMS (here 200,000 empty ones in
+    3.2 MB) is refused unread, C001 over C-STORE and 409 with Failure Reason
+    C000 over STOW-RS, and nothing is stored."""
+    path = with_sequence(tmp_path, empty_items(MANY))
+    ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
+    # pynetdicom sends the data set as the file holds it, unread.
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
+    assoc = _associate(intake_node, ds, "SEQUENCES")
+    try:
+        status = assoc.send_c_store(path)
+    finally:
+        assoc.release()
+    response = _stow(intake_node, [path.read_bytes()])
+
+    assert status.Status == refusal_table()["unreadable"]["dimse_status"]
+    assert response.status_code == 409
+    (failed,) = response.json()["00081198"]["Value"]
+    assert failed["00081197"]["Value"] == [0xC000]
+    assert _held(intake_node) == {}
 
 
 def test_a_c_store_data_set_in_the_other_vr_encoding_than_its_context_is_refused(
