@@ -5,7 +5,9 @@ Classes of DICOM PS3.4 B.5 in the transfer syntaxes of TRANSFER_SYNTAXES,
 and C-ECHO (DICOM PS3.4 A). Each received data set is written to a file as
 it arrives (never held whole in memory), checked, and stored once per SOP
 Instance UID; a refused one is answered with the status of
-``profiles/intake_refusals.toml`` and nothing is stored.
+``profiles/intake_refusals.toml`` and nothing is stored. A peer sending a
+PDU longer than the Maximum Length Received offered (DICOM PS3.8 D.1.1) is
+aborted before its body is read.
 
 When an association ends (released, aborted or broken off) the instances it
 brought are audited as DICOM Instances Transferred (DICOM PS3.15 A.5.3.7),
@@ -431,6 +433,11 @@ class StoreScp:
         # A peer that sends longer PDUs all the same is aborted as each
         # association's reader (_PduLengthGate, set as the connection
         # opens) finds their length.
+        # Limitation: the A-ABORT gives no reason (0; pynetdicom's AA-8
+        # sends no other), not invalid-PDU-parameter value (6, DICOM PS3.8
+        # Table 9-26); and the reader replaced is pynetdicom's own, private
+        # one (DULServiceProvider._read_pdu_data), on this SCP's
+        # associations only.
         ae.maximum_pdu_size = MAX_PDU_SIZE
         ae.maximum_associations = MAX_ASSOCIATIONS
         ae.acse_timeout = ACSE_TIMEOUT
