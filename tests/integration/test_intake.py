@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,7 @@ from sqlalchemy import Row, func, select, update
 from tests.conftest import SHARED, dicom_path, shared_path
 from tests.integration.conftest import RunningNode
 from tests.spooling import left_by_killed_process, spooling
+from tests.unit.dicom.test_check import MANY, empty_items, with_sequence
 from xdsi.actors import imaging_source as imaging_source_module
 from xdsi.actors import intake as intake_module
 from xdsi.actors import store_scp as store_scp_module
@@ -2610,6 +2612,95 @@ def test_the_scp_offers_a_maximum_pdu_length(intake_node: RunningNode) -> None:
 
     assert 0 < offered == store_scp_module.MAX_PDU_SIZE
     assert status.Status == SUCCESS
+
+
+def test_a_data_set_of_too_many_sequence_items_is_refused_by_c_store_and_stow_rs(
+    intake_node: RunningNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DICOM PS3.5 7.5, PS3.4 Table B.2-1, PS3.18 10.5.3: a data set of more
+    sequence items than scan.MAX_SEQUENCE_ITEMS (here 200,000 empty ones in
+    3.2 MB) is refused unread, C001 over C-STORE and 409 with Failure Reason
+    C000 over STOW-RS, and nothing is stored."""
+    path = with_sequence(tmp_path, empty_items(MANY))
+    ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
+    # pynetdicom sends the data set as the file holds it, unread.
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
+    assoc = _associate(intake_node, ds, "SEQUENCES")
+    try:
+        status = assoc.send_c_store(path)
+    finally:
+        assoc.release()
+    response = _stow(intake_node, [path.read_bytes()])
+
+    assert status.Status == refusal_table()["unreadable"]["dimse_status"]
+    assert response.status_code == 409
+    (failed,) = response.json()["00081198"]["Value"]
+    assert failed["00081197"]["Value"] == [0xC000]
+    assert _held(intake_node) == {}
+
+
+def _associate_rq(called: str, calling: str, sop_class_uid: str) -> bytes:
+    """An A-ASSOCIATE-RQ PDU (DICOM PS3.8 9.3.2) of one presentation context,
+    ``sop_class_uid`` in Explicit VR Little Endian, offering a Maximum
+    Length Received of 16 KiB."""
+
+    def item(item_type: int, value: bytes) -> bytes:
+        return struct.pack(">BBH", item_type, 0, len(value)) + value
+
+    context = b"\x01\x00\x00\x00" + item(0x30, sop_class_uid.encode())
+    context += item(0x40, pydicom.uid.ExplicitVRLittleEndian.encode())
+    user = item(0x51, struct.pack(">L", 16384))
+    user += item(0x52, pydicom.uid.PYDICOM_IMPLEMENTATION_UID.encode())
+    body = (
+        struct.pack(">HH", 1, 0)
+        + called.encode().ljust(16)
+        + calling.encode().ljust(16)
+        + bytes(32)
+        + item(0x10, b"1.2.840.10008.3.1.1.1")
+        + item(0x20, context)
+        + item(0x50, user)
+    )
+    return struct.pack(">BBL", 0x01, 0, len(body)) + body
+
+
+def _pdu(peer: socket.socket) -> tuple[int, bytes]:
+    """The next PDU from ``peer``: its type and body (DICOM PS3.8 9.3.1)."""
+    stream = peer.makefile("rb")
+    pdu_type, _, length = struct.unpack(">BBL", stream.read(6))
+    return pdu_type, stream.read(length)
+
+
+def test_a_pdu_longer_than_the_maximum_offered_aborts_before_it_is_read(
+    intake_node: RunningNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DICOM PS3.8 D.1.1, 9.3.5, Table 9-10 (Evt19): a peer sending a
+    P-DATA-TF PDU longer than the Maximum Length Received the SCP offered
+    is aborted (A-ABORT) as its header comes, before the SCP reads its body
+    (pynetdicom alone waits for all 64 MiB, in memory); nothing is stored,
+    and the SCP takes the next association."""
+    caplog.set_level(logging.INFO, logger="xdsi")
+    ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
+    scp = _scp(intake_node)
+    with socket.create_connection((scp.host, scp.port), timeout=30) as peer:
+        peer.sendall(_associate_rq(scp.ae_title, "LONGPDU", ds.SOPClassUID))
+        assert _pdu(peer)[0] == 0x02  # A-ASSOCIATE-AC
+        # A P-DATA-TF of 64 MiB announced, its first PDV begun.
+        peer.sendall(struct.pack(">BBL", 0x04, 0, 64 << 20) + bytes(1024))
+
+        pdu_type, body = _pdu(peer)
+
+    assert (pdu_type, body[2]) == (0x07, 2)  # A-ABORT by the service provider
+    assert any(
+        "P-DATA-TF PDU of 67108864 bytes" in r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING
+    )
+    assoc = _associate(intake_node, ds, "NEXT")
+    try:
+        assert assoc.send_c_store(ds).Status == SUCCESS
+    finally:
+        assoc.release()
+    assert list(_held(intake_node)) == [ds.SOPInstanceUID]
 
 
 def test_a_c_store_data_set_in_the_other_vr_encoding_than_its_context_is_refused(

@@ -5,7 +5,9 @@ Classes of DICOM PS3.4 B.5 in the transfer syntaxes of TRANSFER_SYNTAXES,
 and C-ECHO (DICOM PS3.4 A). Each received data set is written to a file as
 it arrives (never held whole in memory), checked, and stored once per SOP
 Instance UID; a refused one is answered with the status of
-``profiles/intake_refusals.toml`` and nothing is stored.
+``profiles/intake_refusals.toml`` and nothing is stored. A peer sending a
+PDU longer than the Maximum Length Received offered (DICOM PS3.8 D.1.1) is
+aborted before its body is read.
 
 When an association ends (released, aborted or broken off) the instances it
 brought are audited as DICOM Instances Transferred (DICOM PS3.15 A.5.3.7),
@@ -18,6 +20,7 @@ WARNING with the reason when rejected (DICOM PS3.8 Table 9-21) or aborted
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 import time
 import weakref
@@ -42,10 +45,15 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
+from pynetdicom.transport import (
+    AssociationServer,
+    AssociationSocket,
+    ThreadedAssociationServer,
+)
 
 from xdsi import audit
 from xdsi.actors.intake import Accepted, Intake, received_events
@@ -118,6 +126,29 @@ MAX_ASSOCIATIONS = 64
 # whole in memory before its fragments are written out, so an SCP offering
 # no limit (0) would take a data set of any size in one PDU, in memory.
 MAX_PDU_SIZE = 1 << 20
+# DICOM PS3.8 D.1.1 bounds the variable field of a P-DATA-TF PDU, its PDV
+# items, by the Maximum Length Received; some peers bound a PDV's value by
+# it and send its Item-length, Presentation-context-ID and Message Control
+# Header (DICOM PS3.8 9.3.5.1) on top, which is tolerated. An A-ASSOCIATE-RQ
+# (a few kilobytes for 128 presentation contexts) and the PDUs of 4 bytes
+# (DICOM PS3.8 9.3.6 to 9.3.8) fall within the same bound.
+PDV_HEADER = 6
+# DICOM PS3.8 9.3.1: a PDU opens with its type, a reserved byte and its
+# length (big endian), the bytes that follow.
+PDU_HEADER = 6
+# DICOM PS3.8 Table 9-11: the PDU types.
+PDU_TYPES = {
+    0x01: "A-ASSOCIATE-RQ",
+    0x02: "A-ASSOCIATE-AC",
+    0x03: "A-ASSOCIATE-RJ",
+    0x04: "P-DATA-TF",
+    0x05: "A-RELEASE-RQ",
+    0x06: "A-RELEASE-RP",
+    0x07: "A-ABORT",
+}
+# Bytes of a refused PDU's body read and dropped at a time, until the peer
+# closes the connection or the ARTIM timer ends the association.
+DISCARD_SIZE = 1 << 16
 # Seconds a connection may take to send its A-ASSOCIATE-RQ (the ARTIM timer,
 # DICOM PS3.8 9.1.5), and an association to answer an A-RELEASE: a
 # connection that sends nothing, even one its peer closed, holds its place
@@ -245,6 +276,85 @@ def _receive_primitive(dimse: DIMSEServiceProvider, primitive: Any) -> None:
         dimse.dul.event_queue.put("Evt19")
 
 
+class _PduLengthGate:
+    """pynetdicom's reading of a PDU from one association's peer, refusing
+    one whose length field says more than ``limit`` before its body is read:
+    an invalid PDU (DICOM PS3.8 Table 9-10, Evt19), the association aborted
+    (A-ABORT) as for any other.
+
+    pynetdicom reads a PDU whole into memory, however long its length field
+    says it is (up to 4 GiB), whatever Maximum Length Received this SCP
+    offered (DICOM PS3.8 D.1.1). The PDU's header is read here; one within
+    the limit is handed, header and all, to pynetdicom's own reading. After
+    a refusal what the peer still sends is read and dropped, unparsed (Sta13,
+    AA-6: PDUs received are ignored), until it closes the connection or the
+    ARTIM timer closes it.
+    """
+
+    def __init__(self, dul: DULServiceProvider, limit: int) -> None:
+        self._dul = dul
+        self._read_pdu = dul._read_pdu_data
+        self._limit = limit
+        self._refused = False
+
+    def __call__(self) -> None:
+        socket: AssociationSocket = self._dul.socket  # type: ignore[assignment]
+        if self._refused:
+            self._discard(socket)
+            return
+        head: bytes | BaseException
+        try:
+            head = bytes(socket.recv(PDU_HEADER))
+        except (OSError, TimeoutError) as exc:
+            head = exc
+        if isinstance(head, bytes) and len(head) == PDU_HEADER:
+            pdu_type, _, length = struct.unpack(">BBL", head)
+            if length > self._limit:
+                self._refuse(pdu_type, length)
+                return
+        self._replayed(socket, head)
+
+    def _replayed(self, socket: AssociationSocket, head: bytes | BaseException) -> None:
+        """pynetdicom's reading of the PDU whose header (or the error
+        reading it) is ``head``, its first read of the socket given that."""
+
+        def first(size: int) -> bytearray:
+            del socket.recv
+            if isinstance(head, BaseException):
+                raise head
+            return bytearray(head)
+
+        socket.recv = first  # type: ignore[method-assign]
+        try:
+            self._read_pdu()
+        finally:
+            socket.__dict__.pop("recv", None)
+
+    def _refuse(self, pdu_type: int, length: int) -> None:
+        requestor = self._dul.assoc.requestor
+        logger.warning(
+            "C-STORE SCP: a %s PDU of %d bytes from %s:%s, more than the %d "
+            "this SCP takes (DICOM PS3.8 D.1.1); the association is aborted",
+            PDU_TYPES.get(pdu_type, f"type 0x{pdu_type:02X}"),
+            length,
+            requestor.address,
+            requestor.port,
+            self._limit,
+        )
+        self._refused = True
+        self._dul.event_queue.put("Evt19")
+
+    def _discard(self, socket: AssociationSocket) -> None:
+        connection = socket.socket
+        try:
+            dropped = connection.recv(DISCARD_SIZE) if connection else b""
+        except (OSError, TimeoutError):
+            dropped = b""
+        if not dropped:
+            # The peer closed the connection (Evt17).
+            socket.close()
+
+
 class _GatedAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server; each connection passes the TLS gate.
 
@@ -320,8 +430,14 @@ class StoreScp:
         # rejected (reason 7, called AE title not recognised) rather than
         # taken in under ours.
         ae.require_called_aet = True
-        # Limitation: a peer that sends longer PDUs all the same is not cut
-        # off; pynetdicom reads each whole, whatever its length.
+        # A peer that sends longer PDUs all the same is aborted as each
+        # association's reader (_PduLengthGate, set as the connection
+        # opens) finds their length.
+        # Limitation: the A-ABORT gives no reason (0; pynetdicom's AA-8
+        # sends no other), not invalid-PDU-parameter value (6, DICOM PS3.8
+        # Table 9-26); and the reader replaced is pynetdicom's own, private
+        # one (DULServiceProvider._read_pdu_data), on this SCP's
+        # associations only.
         ae.maximum_pdu_size = MAX_PDU_SIZE
         ae.maximum_associations = MAX_ASSOCIATIONS
         ae.acse_timeout = ACSE_TIMEOUT
@@ -375,6 +491,10 @@ class StoreScp:
 
     def _on_open(self, event: evt.Event) -> None:
         association = self._association(event.assoc)
+        dul = event.assoc.dul
+        dul._read_pdu_data = _PduLengthGate(  # type: ignore[method-assign]
+            dul, MAX_PDU_SIZE + PDV_HEADER
+        )
         _RECEIVING[event.assoc.dul] = association.received
         if self.max_data_set_size is not None:
             _MAX_DATA_SET[event.assoc.dul] = self.max_data_set_size

@@ -124,7 +124,9 @@ def check_file(
     marker must agree with Rows, Columns and Samples per Pixel (DICOM PS3.5
     8.2.4). When the request named a SOP Class or Instance UID (the
     C-STORE command's Affected SOP Class and Instance UIDs, DICOM PS3.7
-    9.1.1.1), the data set must carry the same.
+    9.1.1.1), the data set must carry the same. A data set of more sequence
+    items (DICOM PS3.5 7.5) than scan.MAX_SEQUENCE_ITEMS, or nesting them
+    deeper than scan.MAX_SEQUENCE_DEPTH, is refused before it is read.
 
     Limitation: other compressed codestreams are checked for their framing
     only, not decoded; a corrupt JPEG or RLE frame is stored as received.

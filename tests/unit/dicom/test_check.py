@@ -496,3 +496,93 @@ def test_a_deflated_data_set_inflating_past_the_limit_is_refused_unread(
     assert refused.value.rule == "unreadable"
     assert (tmp_path / "inflating.dcm").stat().st_size < 1 << 20
     check_file(dicom_path("singles", "ts-deflate__image_dfl.dcm"))
+
+
+# An empty Referenced Image Sequence (0008,1140) as pydicom writes it in
+# Explicit VR Little Endian, which with_sequence replaces.
+EMPTY_SEQUENCE = b"\x08\x00\x40\x11SQ\x00\x00\x00\x00\x00\x00"
+# DICOM PS3.5 7.5: Item, Item Delimitation and Sequence Delimitation Item
+# headers, of undefined length and of none.
+ITEM_OPEN = b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+ITEM_CLOSE = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
+SEQUENCE_CLOSE = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+# What pydicom took 130 MiB and 12 s to read and check.
+MANY = 200_000
+
+
+def with_sequence(tmp_path: Path, element: bytes) -> Path:
+    """An Explicit VR Little Endian CT image holding ``element`` where its
+    Referenced Image Sequence is."""
+    ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
+    ds.ReferencedImageSequence = []
+    path = tmp_path / "sequences.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    whole = path.read_bytes()
+    assert whole.count(EMPTY_SEQUENCE) == 1
+    path.write_bytes(whole.replace(EMPTY_SEQUENCE, element))
+    return path
+
+
+def empty_items(count: int) -> bytes:
+    """A Referenced Image Sequence of ``count`` empty items, all of
+    undefined length."""
+    return (
+        b"\x08\x00\x40\x11SQ\x00\x00\xff\xff\xff\xff"
+        + (ITEM_OPEN + ITEM_CLOSE) * count
+        + SEQUENCE_CLOSE
+    )
+
+
+def _nested(depth: int) -> bytes:
+    """Referenced Image Sequences nested ``depth`` deep, each of one item."""
+    opened = b"\x08\x00\x40\x11SQ\x00\x00\xff\xff\xff\xff" + ITEM_OPEN
+    return opened * depth + (ITEM_CLOSE + SEQUENCE_CLOSE) * depth
+
+
+@pytest.mark.parametrize(
+    ("element", "reason"),
+    [
+        pytest.param(
+            empty_items(MANY), "more than 100000 sequence items", id="empty-items"
+        ),
+        pytest.param(
+            # pydicom takes any 8 bytes in a sequence for an item.
+            b"\x08\x00\x40\x11SQ\x00\x00"
+            + struct.pack("<L", 8 * MANY)
+            + bytes(8 * MANY),
+            "more than 100000 sequence items",
+            id="zeros-as-items",
+        ),
+        pytest.param(
+            # DICOM PS3.5 6.2.2: a UN of undefined length is a sequence in
+            # Implicit VR, its items read as such.
+            b"\x09\x00\x10\x10UN\x00\x00\xff\xff\xff\xff"
+            + (ITEM_OPEN + ITEM_CLOSE) * MANY
+            + SEQUENCE_CLOSE,
+            "more than 100000 sequence items",
+            id="un-of-undefined-length",
+        ),
+        pytest.param(_nested(100), "nests sequences more than 64 deep", id="nested"),
+    ],
+)
+def test_a_data_set_of_too_many_or_too_deep_sequence_items_is_refused_unbuilt(
+    tmp_path: Path, element: bytes, reason: str
+) -> None:
+    """DICOM PS3.5 7.5: a data set holding more sequence items than
+    scan.MAX_SEQUENCE_ITEMS, or nesting them deeper than
+    scan.MAX_SEQUENCE_DEPTH, is refused as unreadable before pydicom builds
+    a Dataset of each; the shared objects, 439 items and 5 deep at most,
+    pass (test_each_single_object_passes)."""
+    path = with_sequence(tmp_path, element)
+
+    with pytest.raises(Refused, match=reason) as refused:
+        check_file(path)
+    assert refused.value.rule == "unreadable"
+    with pytest.raises(scan.InvalidInstance, match=reason):
+        scan.read_header(path)
+
+
+def test_sequence_items_up_to_the_limits_pass(tmp_path: Path) -> None:
+    """DICOM PS3.5 7.5: sequences nested as deep as scan.MAX_SEQUENCE_DEPTH
+    are read and checked."""
+    check_file(with_sequence(tmp_path, _nested(scan.MAX_SEQUENCE_DEPTH)))
