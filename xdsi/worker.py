@@ -56,56 +56,120 @@ PARENT_CHECK_SECONDS = 1.0
 P = ParamSpec("P")
 T = TypeVar("T")
 
-_lock = threading.Lock()
-_executor: ProcessPoolExecutor | None = None
-_busy = 0
-_idle_timer: threading.Timer | None = None
+
+class Pool:
+    """Worker processes, ``size`` at most, started on first need and
+    stopped once idle for IDLE_SECONDS; ``name`` says them in the log.
+
+    A fresh interpreter (spawn) each, rather than a fork of this
+    multi-threaded process; each takes no SIGINT, prints nothing and exits
+    with the process that started it (:func:`_set_up`).
+    """
+
+    def __init__(self, size: int, name: str) -> None:
+        self.size = size
+        self.name = name
+        self.executor: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._busy = 0
+        self._idle_timer: threading.Timer | None = None
+
+    def submit(
+        self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+    ) -> Future[T]:
+        """Start ``function(*args, **kwargs)`` in a worker process.
+
+        ``function`` must be a module-level function, and its arguments and
+        result picklable. A pool that cannot start gives a future that
+        raises BrokenProcessPool.
+        """
+        with self._lock:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+                self._idle_timer = None
+            self._busy += 1
+        try:
+            future = self._started().submit(function, *args, **kwargs)
+        except (BrokenProcessPool, OSError, RuntimeError) as exc:
+            future = Future()
+            future.set_exception(BrokenProcessPool(str(exc)))
+        future.add_done_callback(self._done)
+        return future
+
+    def discard(self) -> None:
+        """Kill and drop a failed pool; the next call starts another."""
+        with self._lock:
+            broken, self.executor = self.executor, None
+        if broken is None:
+            return
+        # ProcessPoolExecutor can only wait for its processes; a stopped or
+        # stuck one is killed through its process table.
+        for process in list(getattr(broken, "_processes", {}).values()):
+            process.kill()
+        # Python before 3.11.5 (CPython gh-94777) leaves the queue's feeder
+        # thread blocked for good writing work into a pipe no process reads
+        # any more, and the interpreter's exit waits on it: xdsi serve or a
+        # command never ends. Closing the pipe's reading end, as later
+        # Pythons do when the pool breaks, makes that write fail and the
+        # thread end.
+        reader = getattr(getattr(broken, "_call_queue", None), "_reader", None)
+        if reader is not None:
+            try:
+                reader.close()
+            except OSError:
+                pass
+        broken.shutdown(wait=False, cancel_futures=True)
+
+    def _started(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self.executor is None:
+                self.executor = ProcessPoolExecutor(
+                    max_workers=self.size,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_set_up,
+                )
+            return self.executor
+
+    def _done(self, _: Future[T]) -> None:
+        """Count finished work; once none is left, stop the pool later."""
+        with self._lock:
+            self._busy -= 1
+            if self._busy or self.executor is None:
+                return
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+            self._idle_timer = threading.Timer(IDLE_SECONDS, self._retire)
+            self._idle_timer.daemon = True
+            self._idle_timer.start()
+
+    def _retire(self) -> None:
+        """Stop a pool that has had nothing to do for IDLE_SECONDS."""
+        with self._lock:
+            if self._busy or self.executor is None:
+                return
+            idle, self.executor, self._idle_timer = self.executor, None, None
+        logger.debug("%s: idle for %.0f s, stopped", self.name, IDLE_SECONDS)
+        idle.shutdown(wait=False)
+
+    def close(self) -> None:
+        """Stop the pool's idle timer and its processes, waiting for them."""
+        with self._lock:
+            timer, self._idle_timer = self._idle_timer, None
+            executor, self.executor = self.executor, None
+        if timer is not None:
+            timer.cancel()
+        if executor is not None:
+            executor.shutdown()
+
+
+# The worker of scans and manifests: one process.
+DEFAULT = Pool(1, "the worker process")
 
 
 def submit(function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Future[T]:
-    """Start ``function(*args, **kwargs)`` in the worker process.
-
-    ``function`` must be a module-level function, and its arguments and
-    result picklable. Collect the result with :func:`result`.
-    """
-    global _busy, _idle_timer
-    with _lock:
-        if _idle_timer is not None:
-            _idle_timer.cancel()
-            _idle_timer = None
-        _busy += 1
-    try:
-        future = _worker().submit(function, *args, **kwargs)
-    except (BrokenProcessPool, OSError, RuntimeError) as exc:
-        future = Future()
-        future.set_exception(BrokenProcessPool(str(exc)))
-    future.add_done_callback(_done)
-    return future
-
-
-def _done(_: Future[T]) -> None:
-    """Count finished work; once none is left, stop the worker later."""
-    global _busy, _idle_timer
-    with _lock:
-        _busy -= 1
-        if _busy or _executor is None:
-            return
-        if _idle_timer is not None:
-            _idle_timer.cancel()
-        _idle_timer = threading.Timer(IDLE_SECONDS, _retire)
-        _idle_timer.daemon = True
-        _idle_timer.start()
-
-
-def _retire() -> None:
-    """Stop a worker that has had nothing to do for IDLE_SECONDS."""
-    global _executor, _idle_timer
-    with _lock:
-        if _busy or _executor is None:
-            return
-        idle, _executor, _idle_timer = _executor, None, None
-    logger.debug("the worker process was idle for %.0f s: stopped", IDLE_SECONDS)
-    idle.shutdown(wait=False)
+    """Start ``function(*args, **kwargs)`` in the worker process
+    (:data:`DEFAULT`). Collect the result with :func:`result`."""
+    return DEFAULT.submit(function, *args, **kwargs)
 
 
 def allowance(instances: int) -> float:
@@ -138,7 +202,7 @@ def result(
         reason,
         function.__qualname__,
     )
-    _discard()
+    DEFAULT.discard()
     return function(*args, **kwargs)
 
 
@@ -149,21 +213,6 @@ def run(
     in the worker process and wait."""
     future = submit(function, *args, **kwargs)
     return result(future, instances, function, *args, **kwargs)
-
-
-def _worker() -> ProcessPoolExecutor:
-    """The worker, started on first call."""
-    global _executor
-    with _lock:
-        if _executor is None:
-            # A fresh interpreter rather than a fork of this multi-threaded
-            # process.
-            _executor = ProcessPoolExecutor(
-                max_workers=1,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_set_up,
-            )
-        return _executor
 
 
 def _set_up() -> None:
@@ -185,28 +234,3 @@ def _exit_with_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(PARENT_CHECK_SECONDS)
     os._exit(0)
-
-
-def _discard() -> None:
-    """Kill and drop a failed worker; the next call starts another."""
-    global _executor
-    with _lock:
-        broken, _executor = _executor, None
-    if broken is None:
-        return
-    # ProcessPoolExecutor can only wait for its processes; a stopped or
-    # stuck one is killed through its process table.
-    for process in list(getattr(broken, "_processes", {}).values()):
-        process.kill()
-    # Python before 3.11.5 (CPython gh-94777) leaves the queue's feeder
-    # thread blocked for good writing work into a pipe no process reads any
-    # more, and the interpreter's exit waits on it: xdsi serve or a command
-    # never ends. Closing the pipe's reading end, as later Pythons do when
-    # the pool breaks, makes that write fail and the thread end.
-    reader = getattr(getattr(broken, "_call_queue", None), "_reader", None)
-    if reader is not None:
-        try:
-            reader.close()
-        except OSError:
-            pass
-    broken.shutdown(wait=False, cancel_futures=True)

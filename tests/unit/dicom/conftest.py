@@ -10,11 +10,7 @@ from xdsi import worker
 @pytest.fixture
 def own_worker(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A worker process of this test's own, shut down after it."""
-    monkeypatch.setattr(worker, "_executor", None)
-    monkeypatch.setattr(worker, "_busy", 0)
-    monkeypatch.setattr(worker, "_idle_timer", None)
+    own = worker.Pool(1, "the test's worker process")
+    monkeypatch.setattr(worker, "DEFAULT", own)
     yield
-    if worker._idle_timer is not None:
-        worker._idle_timer.cancel()
-    if worker._executor is not None:
-        worker._executor.shutdown()
+    own.close()

@@ -43,7 +43,7 @@ def test_worker_builds_the_manifest_built_in_process(study, own_worker):
     here = encode(study, OPTIONS)
     there = encoded_manifest(study, OPTIONS, in_worker=True)
 
-    assert worker._executor is not None
+    assert worker.DEFAULT.executor is not None
     assert parse_manifest(there.data).references == parse_manifest(here.data).references
     assert _same_but_new(there.facts) == _same_but_new(here.facts)
     assert parse_manifest(there.data).sop_instance_uid == there.facts.unique_id
@@ -52,13 +52,13 @@ def test_worker_builds_the_manifest_built_in_process(study, own_worker):
 def test_small_study_is_built_without_a_worker(study, own_worker):
     assert len(study.instances) < worker.MIN_INSTANCES
     encoded_manifest(study, OPTIONS)
-    assert worker._executor is None
+    assert worker.DEFAULT.executor is None
 
 
 def test_large_study_goes_to_the_worker(study, own_worker, monkeypatch):
     monkeypatch.setattr(worker, "MIN_INSTANCES", len(study.instances))
     built = encoded_manifest(study, OPTIONS)
-    assert worker._executor is not None
+    assert worker.DEFAULT.executor is not None
     assert len(parse_manifest(built.data).references) == len(study.instances)
 
 
@@ -77,17 +77,19 @@ def test_idle_worker_is_stopped_and_started_again(study, own_worker, monkeypatch
     large study starts another."""
     monkeypatch.setattr(worker, "IDLE_SECONDS", 0.5)
     encoded_manifest(study, OPTIONS, in_worker=True)
-    first = worker._executor
+    first = worker.DEFAULT.executor
     (pid,) = first._processes
 
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and (worker._executor is not None or _alive(pid)):
+    while time.monotonic() < deadline and (
+        worker.DEFAULT.executor is not None or _alive(pid)
+    ):
         time.sleep(0.1)
-    assert worker._executor is None
+    assert worker.DEFAULT.executor is None
     assert not _alive(pid)
 
     built = encoded_manifest(study, OPTIONS, in_worker=True)
-    assert worker._executor not in (None, first)
+    assert worker.DEFAULT.executor not in (None, first)
     assert len(parse_manifest(built.data).references) == len(study.instances)
 
 
@@ -98,7 +100,7 @@ def test_worker_of_a_killed_process_exits(tmp_path):
         "import sys, time\n"
         "from xdsi import worker\n"
         "worker.run(1, sum, [1, 2])\n"
-        "(pid,) = worker._executor._processes\n"
+        "(pid,) = worker.DEFAULT.executor._processes\n"
         "print(pid, flush=True)\n"
         "time.sleep(60)\n"
     )
@@ -130,7 +132,7 @@ def test_a_process_whose_stuck_worker_was_killed_under_work_still_exits():
         "import os, signal\n"
         "from xdsi import worker\n"
         "worker.run(1, sum, [1, 2])\n"
-        "(process,) = worker._executor._processes.values()\n"
+        "(process,) = worker.DEFAULT.executor._processes.values()\n"
         "os.kill(process.pid, signal.SIGSTOP)\n"
         "worker.BASE_ALLOWANCE, worker.ALLOWANCE_PER_INSTANCE = 1.0, 0.0\n"
         "print(worker.run(1, len, b'x' * (4 << 20)), flush=True)\n"
@@ -150,9 +152,9 @@ def test_a_process_whose_stuck_worker_was_killed_under_work_still_exits():
 def test_a_busy_worker_is_not_stopped(study, own_worker, monkeypatch):
     monkeypatch.setattr(worker, "IDLE_SECONDS", 0.5)
     future = worker.submit(time.sleep, 1.5)
-    running = worker._executor
+    running = worker.DEFAULT.executor
     time.sleep(1.0)
-    assert worker._executor is running
+    assert worker.DEFAULT.executor is running
     future.result(10)
 
 
@@ -161,9 +163,9 @@ def test_error_in_the_worker_is_raised_as_itself(study, own_worker):
     with pytest.raises(ValueError, match="not a valid UID"):
         encoded_manifest(study, bad, in_worker=True)
     # The worker survives a refused study.
-    started = worker._executor
+    started = worker.DEFAULT.executor
     encoded_manifest(study, OPTIONS, in_worker=True)
-    assert worker._executor is started
+    assert worker.DEFAULT.executor is started
 
 
 def test_not_a_manifest_survives_pickling():
@@ -174,7 +176,7 @@ def test_not_a_manifest_survives_pickling():
 
 def test_dead_worker_falls_back_and_is_replaced(study, own_worker, caplog):
     encoded_manifest(study, OPTIONS, in_worker=True)
-    dead = worker._executor
+    dead = worker.DEFAULT.executor
     for pid in list(dead._processes):
         os.kill(pid, signal.SIGKILL)
     for process in list(dead._processes.values()):
@@ -184,10 +186,10 @@ def test_dead_worker_falls_back_and_is_replaced(study, own_worker, caplog):
         built = encoded_manifest(study, OPTIONS, in_worker=True)
     assert len(parse_manifest(built.data).references) == len(study.instances)
     assert "the worker process failed" in caplog.text
-    assert worker._executor is None
+    assert worker.DEFAULT.executor is None
 
     encoded_manifest(study, OPTIONS, in_worker=True)
-    assert worker._executor not in (None, dead)
+    assert worker.DEFAULT.executor not in (None, dead)
 
 
 def test_stopped_worker_is_killed_and_the_work_done_here(
@@ -196,7 +198,7 @@ def test_stopped_worker_is_killed_and_the_work_done_here(
     """A worker that does not answer in its allowance (here stopped) holds
     up nothing for long: it is killed and the manifest built in-process."""
     encoded_manifest(study, OPTIONS, in_worker=True)
-    stuck = worker._executor
+    stuck = worker.DEFAULT.executor
     (process,) = stuck._processes.values()
     os.kill(process.pid, signal.SIGSTOP)
     monkeypatch.setattr(worker, "BASE_ALLOWANCE", 1.0)
@@ -209,4 +211,4 @@ def test_stopped_worker_is_killed_and_the_work_done_here(
     assert "no answer within 1 s" in caplog.text
     process.join(10)
     assert process.exitcode == -signal.SIGKILL
-    assert worker._executor is None
+    assert worker.DEFAULT.executor is None

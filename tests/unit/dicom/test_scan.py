@@ -241,12 +241,12 @@ def test_scan_split_with_the_worker_reads_as_one_scan(
     files = _mixed_folder(tmp_path)
     monkeypatch.setattr(worker, "MIN_INSTANCES", len(files) + 1)
     alone = scan_files(files)
-    assert worker._executor is None
+    assert worker.DEFAULT.executor is None
 
     monkeypatch.setattr(worker, "MIN_INSTANCES", 2)
     split = scan_files(files)
 
-    assert worker._executor is not None
+    assert worker.DEFAULT.executor is not None
     assert split.studies == alone.studies
     assert split.rejected == alone.rejected
     # Five repeats, the junk file, and the first copy of the repeat with
