@@ -96,12 +96,13 @@ class Pool:
         future.add_done_callback(self._done)
         return future
 
-    def discard(self) -> None:
-        """Kill and drop a failed pool; the next call starts another."""
+    def discard(self) -> bool:
+        """Kill and drop a failed pool; the next call starts another. False
+        when there was none (dropped already)."""
         with self._lock:
             broken, self.executor = self.executor, None
         if broken is None:
-            return
+            return False
         # ProcessPoolExecutor can only wait for its processes; a stopped or
         # stuck one is killed through its process table.
         for process in list(getattr(broken, "_processes", {}).values()):
@@ -119,6 +120,7 @@ class Pool:
             except OSError:
                 pass
         broken.shutdown(wait=False, cancel_futures=True)
+        return True
 
     def _started(self) -> ProcessPoolExecutor:
         with self._lock:

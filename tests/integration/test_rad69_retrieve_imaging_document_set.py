@@ -16,7 +16,7 @@ from sqlalchemy import update
 from tests.conftest import dicom_path
 from tests.integration.conftest import PATIENT, RunningNode
 from xdsi import audit, ns, wire
-from xdsi.dicom import scan
+from xdsi.dicom import scan, transcode
 from xdsi.metadata.responses import read_errors, read_status
 from xdsi.store.schema import MANIFEST_PENDING, imaging_manifest
 
@@ -270,6 +270,38 @@ def test_several_series_with_padded_uids_come_transcoded_to_the_first_listed_syn
     for uid, sent in instances.items():
         assert sent.file_meta.TransferSyntaxUID == RLELossless
         assert np.array_equal(sent.pixel_array, pydicom.dcmread(held[uid]).pixel_array)
+    spool = running_node.services.imaging_source.blobs.spool
+    assert not list(spool.glob("rad69@*"))
+
+
+def test_a_series_re_encoded_side_by_side_comes_whole_and_in_order(
+    running_node: RunningNode, published: scan.Study, tmp_path: Path
+):
+    """RAD TF-3 4.69.4.2.3: a series of more instances to re-encode than
+    transcode.POOLED_FROM is re-encoded by the transcoding processes; each
+    instance comes in the syntax asked for with its own pixels, under its
+    own DocumentUniqueId, and the spool is left empty."""
+    series = max(published.series, key=lambda s: len(s.instances))
+    assert len(series.instances) >= transcode.POOLED_FROM
+    request = rad69(
+        published.study_instance_uid,
+        series.series_instance_uid,
+        [i.sop_instance_uid for i in series.instances],
+        running_node.settings.imaging_source.repository_unique_id,
+        syntaxes=(RLELossless,),
+    )
+
+    status, errors, instances = _retrieve(running_node, request, tmp_path)
+
+    assert (status, errors) == ("Success", [])
+    assert sorted(instances) == sorted(i.sop_instance_uid for i in series.instances)
+    for instance in series.instances:
+        sent = instances[instance.sop_instance_uid]
+        assert sent.SOPInstanceUID == instance.sop_instance_uid
+        assert sent.file_meta.TransferSyntaxUID == RLELossless
+        assert np.array_equal(
+            sent.pixel_array, pydicom.dcmread(instance.path).pixel_array
+        )
     spool = running_node.services.imaging_source.blobs.spool
     assert not list(spool.glob("rad69@*"))
 

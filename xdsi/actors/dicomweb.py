@@ -1965,32 +1965,52 @@ def _produce_all(
     (``*``: as stored); those that cannot be, or whose stored copy cannot be
     read, are left out."""
     production = _Production([])
+    readable = []
     for row in held:
-        if not source.stored_copy_readable(row, service):
-            production.unreadable += 1
-            continue
-        stored = source.blobs.path(row.blob)
-        held_syntax = row.transfer_syntax_uid
-        asked = [held_syntax if s == "*" else s for s in syntaxes]
-        try:
-            produced = transcode.produce(stored, held_syntax, asked, spool)
-        except OSError as exc:
-            # Removed, or unreadable, after the check.
-            logger.error(
-                "%s: the stored copy of instance %s (%s) cannot be read (%s); left out",
-                service,
-                row.sop_instance_uid,
-                row.blob,
-                type(exc).__name__,
-            )
-            production.unreadable += 1
-            continue
-        if produced is None:
-            production.unacceptable += 1
+        if source.stored_copy_readable(row, service):
+            readable.append(row)
         else:
-            production.files.append((produced.path, produced.transfer_syntax_uid))
-            production.rows.append(row)
+            production.unreadable += 1
+    jobs = [
+        (
+            source.blobs.path(row.blob),
+            row.transfer_syntax_uid,
+            [row.transfer_syntax_uid if s == "*" else s for s in syntaxes],
+        )
+        for row in readable
+    ]
+    with transcode.Production(jobs, spool) as made:
+        for index, row in enumerate(readable):
+            _take(production, row, made, index, service)
     return production
+
+
+def _take(
+    production: _Production,
+    row: Row,
+    made: transcode.Production,
+    index: int,
+    service: str,
+) -> None:
+    """Note in ``production`` what became of instance ``row``."""
+    try:
+        produced = made.result(index)
+    except OSError as exc:
+        # Removed, or unreadable, after the check.
+        logger.error(
+            "%s: the stored copy of instance %s (%s) cannot be read (%s); left out",
+            service,
+            row.sop_instance_uid,
+            row.blob,
+            type(exc).__name__,
+        )
+        production.unreadable += 1
+        return
+    if produced is None:
+        production.unacceptable += 1
+    else:
+        production.files.append((produced.path, produced.transfer_syntax_uid))
+        production.rows.append(row)
 
 
 def _metadata_document(

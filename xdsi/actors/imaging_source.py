@@ -928,30 +928,55 @@ class ImagingSource:
         held = self.held_instances(
             (item.unique_id for _, _, item in asked), published_only=True
         )
+        # Each instance's stored copy found and checked first, so that those
+        # to re-encode are made side by side (transcode.Production); one
+        # asked for twice alike is made once.
+        copies: list[tuple[Row, Path] | XdsError] = []
+        jobs: list[transcode.Job] = []
+        job_of: dict[tuple[str, str, str, str], int] = {}
+        for study_uid, series_uid, item in asked:
+            copy = self._held_copy(item, study_uid, series_uid, held)
+            copies.append(copy)
+            key = (item.repository_id, study_uid, series_uid, item.unique_id)
+            if not isinstance(copy, XdsError) and key not in job_of:
+                row, stored = copy
+                # With no syntax listed the request fails as a whole (below).
+                requested = syntaxes or [row.transfer_syntax_uid]
+                job_of[key] = len(jobs)
+                jobs.append((stored, row.transfer_syntax_uid, requested))
         documents = []
         transferred: list[TransferredInstance] = []
         sent: set[tuple[str, str, str, str]] = set()
         returned: set[str] = set()
-        for study_uid, series_uid, item in asked:
-            # An instance asked for twice alike is sent once; asked for again
-            # under another study, series or repository, that request is
-            # answered on its own (an error where it is wrong), whatever came
-            # first.
-            key = (item.repository_id, study_uid, series_uid, item.unique_id)
-            if key in sent:
-                continue
-            result = self._instance(item, study_uid, series_uid, syntaxes, spool, held)
-            if isinstance(result, XdsError):
-                errors.append(result)
-            elif result[0] in returned:
-                sent.add(key)
-            else:
-                sent.add(key)
-                returned.add(result[0])
-                documents.append(result[:5])
-                transferred.append(
-                    TransferredInstance(result[0], study_uid, result[5] or None)
+        production = transcode.Production(jobs, spool)
+        with production:
+            found = zip(asked, copies, strict=True)
+            for (study_uid, series_uid, item), copy in found:
+                # An instance asked for twice alike is sent once; asked for
+                # again under another study, series or repository, that
+                # request is answered on its own (an error where it is
+                # wrong), whatever came first.
+                key = (item.repository_id, study_uid, series_uid, item.unique_id)
+                if key in sent:
+                    continue
+                result = (
+                    copy
+                    if isinstance(copy, XdsError)
+                    else self._instance(
+                        item, *copy, production.result(job_of[key]), syntaxes
+                    )
                 )
+                if isinstance(result, XdsError):
+                    errors.append(result)
+                elif result[0] in returned:
+                    sent.add(key)
+                else:
+                    sent.add(key)
+                    returned.add(result[0])
+                    documents.append(result[:5])
+                    transferred.append(
+                        TransferredInstance(result[0], study_uid, result[5] or None)
+                    )
         if not syntaxes:
             errors.append(
                 TransferSyntaxUnavailable(
@@ -963,15 +988,15 @@ class ImagingSource:
         body, parts = retrieve_response(documents, errors, ACTOR)
         return Rad69Answer(body, parts, tuple(transferred), tuple(studies))
 
-    def _instance(
+    def _held_copy(
         self,
         item: _DocumentRequest,
         study_uid: str,
         series_uid: str,
-        syntaxes: list[str],
-        spool: Path,
         held: dict[str, Row],
-    ) -> tuple[str, str, str, Path | StreamSource, str | None, str | None] | XdsError:
+    ) -> tuple[Row, Path] | XdsError:
+        """The row and stored copy of an instance asked for under a study and
+        series, or why it cannot be sent."""
         sop_uid = item.unique_id
         if item.repository_id != self.repository_unique_id:
             return UnknownRepositoryId(
@@ -990,20 +1015,25 @@ class ImagingSource:
                 f"{series_uid}",
                 sop_uid,
             )
-        stored = self.blobs.path(row.blob)
         if not self.stored_copy_readable(row, "RAD-69"):
             return StoredCopyMissing(
                 f"instance {sop_uid} is held but this Imaging Document Source "
                 "cannot read its stored copy",
                 sop_uid,
             )
-        # With no syntax listed the request fails as a whole (see retrieve).
-        produced = transcode.produce(
-            stored,
-            row.transfer_syntax_uid,
-            syntaxes or [row.transfer_syntax_uid],
-            spool,
-        )
+        return row, self.blobs.path(row.blob)
+
+    def _instance(
+        self,
+        item: _DocumentRequest,
+        row: Row,
+        stored: Path,
+        produced: transcode.Produced | None,
+        syntaxes: list[str],
+    ) -> tuple[str, str, str, Path | StreamSource, str | None, str | None] | XdsError:
+        """The DocumentResponse of an instance as ``produced``, or the error
+        when it could be produced in none of ``syntaxes``."""
+        sop_uid = item.unique_id
         if produced is None:
             return TransferSyntaxUnavailable(
                 f"instance {sop_uid} is held in transfer syntax "

@@ -13,6 +13,8 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,8 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
+
+from xdsi import worker
 
 logger = logging.getLogger(__name__)
 
@@ -167,24 +171,9 @@ def produce(
     # Limitation: Explicit VR Big Endian (retired, DICOM PS3.5 A.3) is sent
     # only as stored; JPEG Baseline, JPEG Extended and JPEG Lossless have no
     # encoder here, so an instance is sent in them only as stored.
-    # The list is walked lazily: most instances go out in the first syntax
-    # listed, as held, and a long list is then read no further.
-    tried: set[str] = set()
-    lossy_allowed: bool | None = None
-    for listed in requested:
-        target = listed.strip()
-        if not target or target in tried:
-            continue
-        tried.add(target)
+    for target in _attempts(held_syntax, requested):
         if target == held_syntax:
             return Produced(source, held_syntax)
-        if lossy_allowed is None:
-            lossy_allowed = not any(is_lossless(uid.strip()) for uid in requested)
-        lossy_encodable = lossy_allowed and target in LOSSY_ENCODERS
-        if target == ExplicitVRBigEndian or not (
-            is_lossless(target) or lossy_encodable
-        ):
-            continue
         destination = spool / f"{source.name}-{target}.dcm"
         # Made on first need: most answers go as stored and write nothing.
         spool.mkdir(mode=0o700, exist_ok=True)
@@ -198,6 +187,104 @@ def produce(
             continue
         return Produced(destination, target)
     return None
+
+
+def writes(held_syntax: str, requested: Sequence[str]) -> bool:
+    """Whether :func:`produce` re-encodes an instance held in
+    ``held_syntax`` for ``requested``, rather than sending it as stored or
+    not at all."""
+    first = next(_attempts(held_syntax, requested), None)
+    return first is not None and first != held_syntax
+
+
+def _attempts(held_syntax: str, requested: Sequence[str]) -> Iterator[str]:
+    """The syntaxes :func:`produce` tries, in order: those it may encode
+    into, and the held one, where it ends."""
+    # The list is walked lazily: most instances go out in the first syntax
+    # listed, as held, and a long list is then read no further.
+    tried: set[str] = set()
+    lossy_allowed: bool | None = None
+    for listed in requested:
+        target = listed.strip()
+        if not target or target in tried:
+            continue
+        tried.add(target)
+        if target == held_syntax:
+            yield target
+            return
+        if lossy_allowed is None:
+            lossy_allowed = not any(is_lossless(uid.strip()) for uid in requested)
+        lossy_encodable = lossy_allowed and target in LOSSY_ENCODERS
+        if target == ExplicitVRBigEndian or not (
+            is_lossless(target) or lossy_encodable
+        ):
+            continue
+        yield target
+
+
+# A request with at least this many instances to re-encode has them made by
+# TRANSCODERS, side by side; fewer are made in the calling thread, where a
+# process's round trip (and, the first time, its start) would cost more.
+POOLED_FROM = 4
+
+# Processes that re-encode instances, one at a time each, as many as there
+# are cores (TRANSCODING_SLOTS): the codecs hold the GIL, so that threads of
+# one process take turns, and a codec that crashes (a SIGSEGV in a decoder
+# given hostile pixel data) takes down its process, not the node.
+TRANSCODERS = worker.Pool(TRANSCODING_SLOTS, "the transcoding processes")
+
+Job = tuple[Path, str, Sequence[str]]
+"""An instance to produce: its stored copy, the syntax it is held in and the
+syntaxes requested, as :func:`produce` takes them."""
+
+
+class Production:
+    """What :func:`produce` gives for each of a request's instances (its
+    ``jobs``), those to re-encode started at once in TRANSCODERS when they
+    are POOLED_FROM or more.
+
+    Used as a context manager: on leaving, re-encodings not yet begun are
+    cancelled and those under way awaited, so that nothing is written into
+    ``spool`` after the caller is done with it.
+    """
+
+    def __init__(self, jobs: Sequence[Job], spool: Path) -> None:
+        self._jobs = list(jobs)
+        self._spool = spool
+        self._futures: dict[int, Future[Produced | None]] = {}
+        pooled = [n for n, job in enumerate(self._jobs) if writes(job[1], job[2])]
+        if len(pooled) >= POOLED_FROM:
+            for n in pooled:
+                source, held, requested = self._jobs[n]
+                self._futures[n] = TRANSCODERS.submit(
+                    produce, source, held, list(requested), spool
+                )
+
+    def __enter__(self) -> Production:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for future in self._futures.values():
+            future.cancel()
+        wait(self._futures.values())
+
+    def result(self, index: int) -> Produced | None:
+        """What :func:`produce` gives for job ``index``; raises what it
+        raises (OSError: the stored copy cannot be read). An instance whose
+        transcoding process died cannot be produced."""
+        future = self._futures.get(index)
+        if future is None:
+            return produce(*self._jobs[index], self._spool)
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            if TRANSCODERS.discard():
+                logger.warning(
+                    "a transcoding process died (a codec crashed); the instances "
+                    "it and its fellows were re-encoding are not sent in the "
+                    "syntaxes asked for"
+                )
+            return None
 
 
 def _write(source: Path, target: str, destination: Path) -> None:

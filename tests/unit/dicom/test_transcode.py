@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,6 +33,7 @@ from pydicom.uid import (
 from werkzeug.exceptions import NotAcceptable
 
 from tests.conftest import SHARED, dicom_path
+from xdsi import worker
 from xdsi.actors.dicomweb import _render
 from xdsi.cli import bundled_study
 from xdsi.dicom import transcode
@@ -367,3 +371,74 @@ def test_two_threads_encoding_jpeg_2000_at_once_do_not_kill_the_process(
     )
 
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.fixture
+def own_transcoders(monkeypatch: pytest.MonkeyPatch) -> Iterator[worker.Pool]:
+    """Transcoding processes of this test's own, stopped after it."""
+    own = worker.Pool(2, "the test's transcoding processes")
+    monkeypatch.setattr(transcode, "TRANSCODERS", own)
+    yield own
+    own.close()
+
+
+def _ct_jobs(count: int) -> list[transcode.Job]:
+    """Re-encodings of ``count`` slices of the bundled CT's largest series
+    (of files named apart, as stored copies are, since a re-encoding is
+    named after its source file)."""
+    series = max(bundled_study().iterdir(), key=lambda s: len(list(s.iterdir())))
+    files = sorted(series.glob("*.dcm"))[:count]
+    assert len(files) == count
+    held = str(
+        pydicom.dcmread(files[0], stop_before_pixels=True).file_meta.TransferSyntaxUID
+    )
+    return [(path, held, [RLELossless]) for path in files]
+
+
+def test_many_re_encodings_of_one_request_are_made_by_the_transcoding_processes(
+    tmp_path: Path, own_transcoders: worker.Pool
+) -> None:
+    """A request with POOLED_FROM instances or more to re-encode has them
+    made side by side in processes of their own, each as produce makes it;
+    fewer are made in the calling thread."""
+    jobs = _ct_jobs(transcode.POOLED_FROM + 2)
+
+    with transcode.Production(
+        jobs[: transcode.POOLED_FROM - 1], tmp_path / "few"
+    ) as few:
+        made_here = [few.result(n) for n in range(transcode.POOLED_FROM - 1)]
+    assert own_transcoders.executor is None
+    with transcode.Production(jobs, tmp_path / "many") as many:
+        made_there = [many.result(n) for n in range(len(jobs))]
+
+    assert own_transcoders.executor is not None
+    for (source, _, _), produced in zip(jobs, made_there, strict=True):
+        assert produced is not None and produced.transfer_syntax_uid == RLELossless
+        assert np.array_equal(_pixels(produced.path), _pixels(source))
+    for here, there in zip(made_here, made_there, strict=False):
+        assert here is not None and there is not None
+        assert here.path.read_bytes() == there.path.read_bytes()
+
+
+def test_instances_of_a_transcoding_process_that_died_are_not_sent_and_the_next_are(
+    tmp_path: Path, own_transcoders: worker.Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A transcoding process that dies (a codec's SIGSEGV) takes only the
+    re-encodings under way with it: they cannot be produced, one WARNING
+    says so, and the next request starts new processes."""
+    jobs = _ct_jobs(12)
+
+    with transcode.Production(jobs, tmp_path / "first") as first:
+        assert own_transcoders.executor is not None
+        for process in list(own_transcoders.executor._processes.values()):
+            os.kill(process.pid, signal.SIGKILL)
+        lost = [first.result(n) for n in range(len(jobs))]
+    with transcode.Production(jobs, tmp_path / "second") as second:
+        again = [second.result(n) for n in range(len(jobs))]
+
+    assert None in lost
+    warnings = [
+        r for r in caplog.records if "transcoding process died" in r.getMessage()
+    ]
+    assert len(warnings) == 1
+    assert all(p is not None and p.transfer_syntax_uid == RLELossless for p in again)
