@@ -809,12 +809,17 @@ def find(ctx: click.Context, patient_id: str, as_json: bool) -> None:
 
 @contextmanager
 def _progress() -> Iterator[Progress]:
+    """A progress bar on stderr, shown on a terminal only: elsewhere (cron, a
+    pipe, a log file) rich would still end its transient bar with a blank
+    line on stderr, which a scrub run from cron mails as if something had
+    gone wrong."""
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         console=err_console,
         transient=True,
+        disable=not err_console.is_terminal,
     ) as bar:
         yield bar
 

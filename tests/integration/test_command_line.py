@@ -133,7 +133,9 @@ def test_feed_publish_fetch_gives_back_every_instance(served: Path, tmp_path):
     assert found[0]["repository_unique_id"] in row and study
 
     out = tmp_path / "fetched"
-    _xdsi(served, "fetch", "--patient-id", "IDS-DEPT002-a", "--out", str(out))
+    fetch = _xdsi(served, "fetch", "--patient-id", "IDS-DEPT002-a", "--out", str(out))
+    # Piped, no progress bar, nor the blank line it would leave on stderr.
+    assert fetch.stderr == ""
     # Patient images: the folder fetch made is the user's alone.
     assert out.stat().st_mode & 0o777 == 0o700
     (study,) = scan.scan_directory(images).studies
@@ -963,6 +965,22 @@ def test_publish_headers_only_records_the_import(served: Path) -> None:
     assert imported["patients"] == [
         "HEADERS-ONLY-1^^^&1.3.6.1.4.1.21367.13.20.1000&ISO"
     ]
+
+
+def test_verify_run_from_cron_writes_nothing_to_stderr(tmp_path: Path) -> None:
+    """A scrub run from cron (stderr no terminal) that finds every copy
+    whole says so on stdout and leaves stderr empty: no progress bar, nor
+    the blank line a transient one leaves."""
+    config = _node_config(tmp_path)
+    kept = _xdsi(
+        config, "import", str(dicom_path("study-mr", "images")), "--no-publish"
+    )
+    assert "36 instances taken in" in kept.stdout
+
+    done = _xdsi(config, "verify")
+
+    assert done.stdout == "36 stored copies verified, all as stored\n"
+    assert done.stderr == ""
 
 
 @pytest.mark.parametrize("command", [("remove", "1.2.3"), ("verify",)])
