@@ -1149,11 +1149,21 @@ def _refusals(result: ImportResult) -> list[str]:
 
 
 def _exit_if_refused(reasons: list[str]) -> None:
-    """Exit EXIT_REFUSED when DICOM files were refused, for these reasons."""
+    """Exit EXIT_REFUSED when DICOM files were refused, for these reasons.
+
+    A reason every refused file shares is repeated; several are not, so
+    that the first file's is not read as the reason of them all: the list
+    above gives each."""
     if reasons:
+        distinct = set(reasons)
+        why = (
+            f"({reasons[0]})"
+            if len(distinct) == 1
+            else f"for {len(distinct)} reasons, listed above"
+        )
         click.secho(
-            f"error: {_count(len(reasons), 'DICOM file')} refused "
-            f"({reasons[0]}); the rest was taken in",
+            f"error: {_count(len(reasons), 'DICOM file')} refused {why}; "
+            "the rest was taken in",
             fg="red",
             err=True,
         )

@@ -191,7 +191,13 @@ def test_publish_skips_files_that_fail_the_intake_checks(served: Path, tmp_path)
     # ones that are not DICOM at all do not.
     not_dicom = [p for p in bad if p.name.startswith(("gzip-", "no-preamble-"))]
     assert published.returncode == 3, published.stderr
-    assert f"{len(bad) - len(not_dicom)} DICOM files refused" in published.stderr
+    refused = len(bad) - len(not_dicom)
+    # Each file is refused for a reason of its own: the summary names none
+    # of them as the reason of all.
+    assert (
+        f"error: {refused} DICOM files refused for {refused} reasons, listed above;"
+        in published.stderr
+    )
     # Each broken DICOM file is listed by path for the user; the ones that
     # are not DICOM are only counted.
     assert sorted(_listed_paths(published.stderr)) == sorted(
