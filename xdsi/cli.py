@@ -341,6 +341,16 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun if number == 1 else _PLURALS.get(noun, noun + 's')}"
 
 
+def _size(number: int) -> str:
+    """A byte count in the unit that shows it: a radiograph of 47 kB is not
+    "0.0 MB", which reads as nothing retrieved."""
+    if number >= 1_000_000:
+        return f"{number / 1e6:.1f} MB"
+    if number >= 1_000:
+        return f"{number / 1e3:.0f} kB"
+    return _count(number, "byte")
+
+
 # ctx.meta key of the arguments given after the command's name.
 COMMAND_ARGS = "xdsi.command_args"
 
@@ -934,7 +944,7 @@ def fetch(
     click.echo(
         f"{_count(len(result.manifests), 'manifest')}, "
         f"{_count(len(result.instances), 'instance')}, "
-        f"{result.bytes / 1e6:.1f} MB in {out}"
+        f"{_size(result.bytes)} in {out}"
     )
     if destination is not None and result.instances:
         _send_to_pacs(result.instances, destination, settings, tls_=pacs_tls)

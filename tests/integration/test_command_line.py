@@ -170,6 +170,25 @@ def test_feed_publish_fetch_gives_back_every_instance(served: Path, tmp_path):
         assert participant in table
 
 
+def test_fetch_of_a_small_study_says_its_size_in_kilobytes(served: Path, tmp_path):
+    """One radiograph of 47 kB fetched is said as such, not as "0.0 MB",
+    which reads as nothing retrieved."""
+    import shutil
+
+    folder = tmp_path / "cr"
+    folder.mkdir()
+    image = dicom_path("singles", "cr__ids-1301.dcm")
+    shutil.copy(image, folder / image.name)
+    assert "ACK AA" in _xdsi(served, "feed", "CLI-CR-1").stdout
+    _xdsi(served, "publish", str(folder), "--patient-id", "CLI-CR-1")
+
+    out = tmp_path / "fetched"
+    fetched = _xdsi(served, "fetch", "--patient-id", "CLI-CR-1", "--out", str(out))
+
+    kilobytes = round(image.stat().st_size / 1000)
+    assert f"1 manifest, 1 instance, {kilobytes} kB in {out}" in fetched.stdout
+
+
 def test_publish_skips_files_that_fail_the_intake_checks(served: Path, tmp_path):
     """Files whose header reads but whose data set is broken (bad/) are not
     published; ``--headers-only`` is the only way round the checks."""
