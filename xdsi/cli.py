@@ -341,6 +341,16 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun if number == 1 else _PLURALS.get(noun, noun + 's')}"
 
 
+def _size(number: int) -> str:
+    """A byte count in the unit that shows it: a radiograph of 47 kB is not
+    "0.0 MB", which reads as nothing retrieved."""
+    if number >= 1_000_000:
+        return f"{number / 1e6:.1f} MB"
+    if number >= 1_000:
+        return f"{number / 1e3:.0f} kB"
+    return _count(number, "byte")
+
+
 # ctx.meta key of the arguments given after the command's name.
 COMMAND_ARGS = "xdsi.command_args"
 
@@ -809,12 +819,17 @@ def find(ctx: click.Context, patient_id: str, as_json: bool) -> None:
 
 @contextmanager
 def _progress() -> Iterator[Progress]:
+    """A progress bar on stderr, shown on a terminal only: elsewhere (cron, a
+    pipe, a log file) rich would still end its transient bar with a blank
+    line on stderr, which a scrub run from cron mails as if something had
+    gone wrong."""
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         console=err_console,
         transient=True,
+        disable=not err_console.is_terminal,
     ) as bar:
         yield bar
 
@@ -929,7 +944,7 @@ def fetch(
     click.echo(
         f"{_count(len(result.manifests), 'manifest')}, "
         f"{_count(len(result.instances), 'instance')}, "
-        f"{result.bytes / 1e6:.1f} MB in {out}"
+        f"{_size(result.bytes)} in {out}"
     )
     if destination is not None and result.instances:
         _send_to_pacs(result.instances, destination, settings, tls_=pacs_tls)
@@ -1144,11 +1159,21 @@ def _refusals(result: ImportResult) -> list[str]:
 
 
 def _exit_if_refused(reasons: list[str]) -> None:
-    """Exit EXIT_REFUSED when DICOM files were refused, for these reasons."""
+    """Exit EXIT_REFUSED when DICOM files were refused, for these reasons.
+
+    A reason every refused file shares is repeated; several are not, so
+    that the first file's is not read as the reason of them all: the list
+    above gives each."""
     if reasons:
+        distinct = set(reasons)
+        why = (
+            f"({reasons[0]})"
+            if len(distinct) == 1
+            else f"for {len(distinct)} reasons, listed above"
+        )
         click.secho(
-            f"error: {_count(len(reasons), 'DICOM file')} refused "
-            f"({reasons[0]}); the rest was taken in",
+            f"error: {_count(len(reasons), 'DICOM file')} refused {why}; "
+            "the rest was taken in",
             fg="red",
             err=True,
         )

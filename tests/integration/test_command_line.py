@@ -133,7 +133,9 @@ def test_feed_publish_fetch_gives_back_every_instance(served: Path, tmp_path):
     assert found[0]["repository_unique_id"] in row and study
 
     out = tmp_path / "fetched"
-    _xdsi(served, "fetch", "--patient-id", "IDS-DEPT002-a", "--out", str(out))
+    fetch = _xdsi(served, "fetch", "--patient-id", "IDS-DEPT002-a", "--out", str(out))
+    # Piped, no progress bar, nor the blank line it would leave on stderr.
+    assert fetch.stderr == ""
     # Patient images: the folder fetch made is the user's alone.
     assert out.stat().st_mode & 0o777 == 0o700
     (study,) = scan.scan_directory(images).studies
@@ -168,6 +170,25 @@ def test_feed_publish_fetch_gives_back_every_instance(served: Path, tmp_path):
         assert participant in table
 
 
+def test_fetch_of_a_small_study_says_its_size_in_kilobytes(served: Path, tmp_path):
+    """One radiograph of 47 kB fetched is said as such, not as "0.0 MB",
+    which reads as nothing retrieved."""
+    import shutil
+
+    folder = tmp_path / "cr"
+    folder.mkdir()
+    image = dicom_path("singles", "cr__ids-1301.dcm")
+    shutil.copy(image, folder / image.name)
+    assert "ACK AA" in _xdsi(served, "feed", "CLI-CR-1").stdout
+    _xdsi(served, "publish", str(folder), "--patient-id", "CLI-CR-1")
+
+    out = tmp_path / "fetched"
+    fetched = _xdsi(served, "fetch", "--patient-id", "CLI-CR-1", "--out", str(out))
+
+    kilobytes = round(image.stat().st_size / 1000)
+    assert f"1 manifest, 1 instance, {kilobytes} kB in {out}" in fetched.stdout
+
+
 def test_publish_skips_files_that_fail_the_intake_checks(served: Path, tmp_path):
     """Files whose header reads but whose data set is broken (bad/) are not
     published; ``--headers-only`` is the only way round the checks."""
@@ -189,7 +210,13 @@ def test_publish_skips_files_that_fail_the_intake_checks(served: Path, tmp_path)
     # ones that are not DICOM at all do not.
     not_dicom = [p for p in bad if p.name.startswith(("gzip-", "no-preamble-"))]
     assert published.returncode == 3, published.stderr
-    assert f"{len(bad) - len(not_dicom)} DICOM files refused" in published.stderr
+    refused = len(bad) - len(not_dicom)
+    # Each file is refused for a reason of its own: the summary names none
+    # of them as the reason of all.
+    assert (
+        f"error: {refused} DICOM files refused for {refused} reasons, listed above;"
+        in published.stderr
+    )
     # Each broken DICOM file is listed by path for the user; the ones that
     # are not DICOM are only counted.
     assert sorted(_listed_paths(published.stderr)) == sorted(
@@ -963,6 +990,22 @@ def test_publish_headers_only_records_the_import(served: Path) -> None:
     assert imported["patients"] == [
         "HEADERS-ONLY-1^^^&1.3.6.1.4.1.21367.13.20.1000&ISO"
     ]
+
+
+def test_verify_run_from_cron_writes_nothing_to_stderr(tmp_path: Path) -> None:
+    """A scrub run from cron (stderr no terminal) that finds every copy
+    whole says so on stdout and leaves stderr empty: no progress bar, nor
+    the blank line a transient one leaves."""
+    config = _node_config(tmp_path)
+    kept = _xdsi(
+        config, "import", str(dicom_path("study-mr", "images")), "--no-publish"
+    )
+    assert "36 instances taken in" in kept.stdout
+
+    done = _xdsi(config, "verify")
+
+    assert done.stdout == "36 stored copies verified, all as stored\n"
+    assert done.stderr == ""
 
 
 @pytest.mark.parametrize("command", [("remove", "1.2.3"), ("verify",)])
