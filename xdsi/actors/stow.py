@@ -97,6 +97,7 @@ class _Parts:
         self.files: list[tuple[Path, str]] = []
         self._file: IO[bytes] | None = None
         self._field = b""
+        self._value = b""
         self._headers: dict[str, str] = {}
         self.ended = False
 
@@ -105,8 +106,10 @@ class _Parts:
             "on_part_begin": self._begin,
             "on_part_data": self._data,
             "on_part_end": self._end,
+            "on_header_begin": self._header_begin,
             "on_header_field": self._header_field,
             "on_header_value": self._header_value,
+            "on_header_end": self._header_end,
             "on_end": self._finish,
         }
 
@@ -124,14 +127,25 @@ class _Parts:
             dir=self.spool, prefix=spool_prefix("stow"), suffix=".dcm", delete=False
         )
 
+    # A header's name and value come in as many pieces as the chunks of the
+    # body split them into; python-multipart bounds their size.
+    def _header_begin(self) -> None:
+        self._field = b""
+        self._value = b""
+
     def _header_field(self, data: bytes, start: int, end: int) -> None:
-        self._field = data[start:end].lower()
+        self._field += data[start:end]
 
     def _header_value(self, data: bytes, start: int, end: int) -> None:
-        name = self._field.decode("latin-1")
-        self._headers[name] = self._headers.get(name, "") + data[start:end].decode(
-            "latin-1"
-        )
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        name = self._field.decode("latin-1").lower()
+        value = self._value.decode("latin-1")
+        # RFC 2045 5: a part names its Content-Type once; one named twice
+        # keeps both values, comma-joined, not the last alone.
+        before = self._headers.get(name)
+        self._headers[name] = value if before is None else f"{before}, {value}"
 
     def _data(self, data: bytes, start: int, end: int) -> None:
         if self._file is not None:

@@ -3,11 +3,13 @@ of any size to python-multipart."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from python_multipart.multipart import MultipartParser
 
 from tests.conftest import dicom_path
-from xdsi.actors.stow import _Delimiters
+from xdsi.actors.stow import _Delimiters, _Parts
 from xdsi.wire import MalformedMessage
 
 BOUNDARY = b"xdsi-test"
@@ -97,3 +99,29 @@ def test_a_delimiter_line_with_more_than_padding_is_malformed(
 
     with pytest.raises(MalformedMessage, match="RFC 2046 5.1.1"):
         _parsed(body + b"\r\n--" + BOUNDARY + b"--\r\n", chunk)
+
+
+def test_a_header_split_by_the_chunks_is_read_whole(tmp_path: Path) -> None:
+    """A part's header name and value reach the spool whole wherever the
+    chunks of the body split them: a part of another media type or a
+    declared transfer syntax is not taken for a bare application/dicom."""
+    header = b"Content-Type: text/plain; transfer-syntax=1.2.840.10008.1.2.1"
+    body = (
+        b"--" + BOUNDARY + b"\r\n" + header + b"\r\n\r\ndata\r\n--" + BOUNDARY + b"--"
+    )
+    start = body.index(header)
+
+    for split in range(start, start + len(header) + 1):
+        spool = tmp_path / str(split)
+        spool.mkdir()
+        parts = _Parts(spool)
+        delimiters = _Delimiters(MultipartParser(BOUNDARY, parts.callbacks()), BOUNDARY)
+        delimiters.write(body[:split])
+        delimiters.write(body[split:])
+        delimiters.close()
+
+        assert parts.ended
+        assert [media_type for _, media_type in parts.files] == [
+            header.decode().removeprefix("Content-Type: ")
+        ], split
+        parts.discard()
