@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tempfile
 import time
 from collections import Counter
@@ -81,8 +82,14 @@ MAX_WARNING = 200
 
 
 # The states of _Delimiters: in the preamble, right after a boundary
-# delimiter, in a part, in the epilogue.
-_PREAMBLE, _AFTER_DELIMITER, _PART, _EPILOGUE = range(4)
+# delimiter, in a part's headers, in a part's data, in the epilogue.
+_PREAMBLE, _AFTER_DELIMITER, _HEADERS, _PART, _EPILOGUE = range(5)
+# RFC 2046 5.1.1: transport padding, linear white space.
+_PADDING = re.compile(rb"[ \t]*")
+_LINE_BREAKS = re.compile(rb"[\r\n]*")
+# What may follow a delimiter that ends a part, and what of it a chunk may
+# leave; any other byte makes it part data to python-multipart.
+_DELIMITER_ENDS = (b"", b"\r", b"\r\n", b"-", b"--")
 
 
 class TooManyParts(Exception):
@@ -177,11 +184,20 @@ class _Delimiters:
     (linear white space: spaces and tabs) follow each boundary delimiter,
     the close delimiter's "--" included, before the CRLF that ends its
     line. python-multipart takes a body only when it opens with the
-    boundary, and padding on the first delimiter line only. The preamble is
-    dropped and the padding taken out as the body streams, and so is the
-    epilogue after the close delimiter; only the bytes a delimiter split
-    between two chunks may start with are held. A delimiter line with
-    anything but padding after it is the sender's fault (MalformedMessage).
+    boundary (after line breaks, which it skips), and padding on some
+    delimiter lines only. The preamble is dropped and the padding taken
+    out as the body streams, and so is the epilogue after the close
+    delimiter; only the bytes a delimiter split between two chunks may
+    start with are held. A delimiter line with anything but padding after
+    it, or padding not ended by CRLF, is the sender's fault
+    (MalformedMessage).
+
+    Each chunk is walked by offset. A part's headers go to the parser
+    whole, since none of their lines is a delimiter; in its data, only a
+    delimiter followed by padding, CRLF or "--" is acted on. One followed
+    by anything else is part data to python-multipart and goes on with the
+    bytes around it, so that a part full of such lines costs no more than
+    its length.
     """
 
     def __init__(self, parser: MultipartParser, boundary: bytes) -> None:
@@ -190,7 +206,8 @@ class _Delimiters:
         self.delimiter = b"\r\n" + self.opening
         self.held = b""
         self.state = _PREAMBLE
-        # Whether all that came is the start of the opening boundary.
+        # Whether all that came is line breaks and the start of the opening
+        # boundary.
         self.at_start = True
         # Whether the delimiter just read was followed by padding.
         self.padded = False
@@ -198,13 +215,16 @@ class _Delimiters:
     def write(self, chunk: bytes) -> None:
         data = self.held + chunk if self.held else chunk
         self.held = b""
-        while data and self.state != _EPILOGUE:
+        at = 0
+        while at < len(data) and self.state != _EPILOGUE:
             if self.state == _PREAMBLE:
-                data = self._preamble(data)
+                at = self._preamble(data, at)
             elif self.state == _AFTER_DELIMITER:
-                data = self._after_delimiter(data)
+                at = self._after_delimiter(data, at)
+            elif self.state == _HEADERS:
+                at = self._headers(data, at)
             else:
-                data = self._part(data)
+                at = self._part(data, at)
 
     def close(self) -> None:
         """Pass on what was held for the bytes that never came."""
@@ -212,65 +232,100 @@ class _Delimiters:
             self.parser.write(self.held)
         self.held = b""
 
-    def _preamble(self, data: bytes) -> bytes:
-        if self.at_start:
-            if data.startswith(self.opening):
-                return self._delimited(self.opening, data[len(self.opening) :])
-            if self.opening.startswith(data):
-                self.held = data
-                return b""
-            self.at_start = False
-        at = data.find(self.delimiter)
-        if at < 0:
-            self.held = data[-(len(self.delimiter) - 1) :]
-            return b""
-        return self._delimited(self.opening, data[at + len(self.delimiter) :])
+    def _hold(self, data: bytes, at: int) -> int:
+        self.held = data[at:]
+        return len(data)
 
-    def _part(self, data: bytes) -> bytes:
-        at = data.find(self.delimiter)
-        if at >= 0:
-            end = at + len(self.delimiter)
-            return self._delimited(data[:end], data[end:])
+    def _preamble(self, data: bytes, at: int) -> int:
+        if self.at_start:
+            # Line breaks before the opening boundary, as python-multipart
+            # skips them.
+            at = _LINE_BREAKS.match(data, at).end()  # type: ignore[union-attr]
+            if at == len(data):
+                return at
+            if data.startswith(self.opening, at):
+                return self._delimited(self.opening, at + len(self.opening))
+            if self.opening.startswith(data[at:]):
+                return self._hold(data, at)
+            self.at_start = False
+        found = data.find(self.delimiter, at)
+        if found < 0:
+            return self._hold(data, max(at, len(data) - len(self.delimiter) + 1))
+        return self._delimited(self.opening, found + len(self.delimiter))
+
+    def _part(self, data: bytes, at: int) -> int:
+        search = at
+        while True:
+            found = data.find(self.delimiter, search)
+            if found < 0:
+                break
+            end = found + len(self.delimiter)
+            following = data[end : end + 2]
+            if following[:1] in (b" ", b"\t") or following in _DELIMITER_ENDS:
+                self.parser.write(data[at:end])
+                return self._delimited(b"", end)
+            search = end
         # A delimiter opens with CR, found nowhere else in it: the last CR
         # of the tail is the only place one split by the chunk can start.
-        tail = max(0, len(data) - len(self.delimiter) + 1)
-        start = data.rfind(b"\r", tail)
+        end = len(data)
+        start = data.rfind(b"\r", max(search, end - len(self.delimiter) + 1))
         if start >= 0 and self.delimiter.startswith(data[start:]):
             self.held = data[start:]
-            data = data[:start]
-        self.parser.write(data)
-        return b""
+            end = start
+        self.parser.write(data[at:end])
+        return len(data)
 
-    def _delimited(self, through: bytes, rest: bytes) -> bytes:
-        self.parser.write(through)
+    def _delimited(self, through: bytes, at: int) -> int:
+        if through:
+            self.parser.write(through)
         self.state = _AFTER_DELIMITER
         self.padded = False
-        return rest
+        return at
 
-    def _after_delimiter(self, data: bytes) -> bytes:
-        if data[:1] == b"-" and not self.padded:
+    def _after_delimiter(self, data: bytes, at: int) -> int:
+        if not self.padded and data.startswith(b"-", at):
             # The close delimiter ends the body; its padding and the
             # epilogue after it are not passed on.
-            if len(data) < 2:
-                self.held = data
-                return b""
-            if data[1:2] == b"-":
+            if len(data) - at < 2:
+                return self._hold(data, at)
+            if data[at + 1 : at + 2] == b"-":
                 self.parser.write(b"--")
                 self.state = _EPILOGUE
-                return b""
-        stripped = data.lstrip(b" \t")
-        if not stripped:
+                return len(data)
+        end = _PADDING.match(data, at).end()  # type: ignore[union-attr]
+        if end > at:
             self.padded = True
-            return b""
-        if len(stripped) < len(data):
-            self.padded = True
-        if self.padded and stripped[:1] != b"\r":
+        if end == len(data):
+            return end
+        line_end = data[end : end + 2]
+        if line_end == b"\r":
+            return self._hold(data, end)
+        if line_end == b"\r\n":
+            # The part's headers follow, up to the blank line.
+            self.state = _HEADERS
+            return end
+        if self.padded:
+            # RFC 2046 5.1.1: the padding runs to the CRLF ending the line.
             raise MalformedMessage(
-                "a boundary delimiter line holds more than linear white space "
-                "after the boundary (RFC 2046 5.1.1)"
+                "a boundary delimiter line holds more than linear white "
+                "space after the boundary (RFC 2046 5.1.1)"
             )
+        # No delimiter after all: python-multipart takes the line as data.
         self.state = _PART
-        return stripped
+        return end
+
+    def _headers(self, data: bytes, at: int) -> int:
+        # A line of the headers is never a delimiter, nor is the blank line
+        # ending them (RFC 2046 5.1.1: a body part is headers, CRLF, then
+        # its data): python-multipart reads them as such.
+        found = data.find(b"\r\n\r\n", at)
+        if found < 0:
+            end = max(at, len(data) - 3)
+            self.parser.write(data[at:end])
+            return self._hold(data, end)
+        self.parser.write(data[at : found + 4])
+        self.state = _PART
+        return found + 4
 
 
 def add_stow_route(app: Flask, intake: Intake, path: str, spool: Path) -> None:
