@@ -37,6 +37,7 @@ from pydicom.datadict import keyword_for_tag
 from pydicom.uid import UID
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from werkzeug import http
 
 from xdsi import audit
 from xdsi.actors.intake import Accepted, Intake, received_events
@@ -54,6 +55,11 @@ logger = logging.getLogger(__name__)
 DICOM_MEDIA_TYPE = "application/dicom"
 DICOM_JSON_MEDIA_TYPE = "application/dicom+json"
 DICOM_XML_MEDIA_TYPE = "application/dicom+xml"
+# RFC 6839 3.1: DICOM JSON is JSON, and may go as such.
+JSON_MEDIA_TYPE = "application/json"
+# The media types of the answer, DICOM JSON first: of those an Accept header
+# weighs alike, the first goes.
+ANSWER_MEDIA_TYPES = (DICOM_JSON_MEDIA_TYPE, JSON_MEDIA_TYPE, DICOM_XML_MEDIA_TYPE)
 # DICOM PS3.19 A.1: the namespace of the Native DICOM Model.
 NATIVE_DICOM_MODEL = "http://dicom.nema.org/PS3.19/models/NativeDICOM"
 
@@ -567,9 +573,7 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
             _native_dicom_model(body), status=status, mimetype=DICOM_XML_MEDIA_TYPE
         )
     else:
-        response = Response(
-            json.dumps(body), status=status, mimetype=DICOM_JSON_MEDIA_TYPE
-        )
+        response = Response(json.dumps(body), status=status, mimetype=answer_type)
     # The body names every failed part; the headers tell of the first few
     # only, since HTTP clients and proxies take a bounded head.
     for warning in warnings[:MAX_WARNINGS]:
@@ -588,20 +592,54 @@ def _answer_media_type() -> str | None:
     takes the answer in; the module is sent as DICOM JSON (DICOM PS3.18
     F.2) or as the Native DICOM Model of DICOM PS3.19 A.1 (XML), the one
     STOW-RS clients such as dcm4che's ask for. DICOM JSON goes when Accept
-    is absent, names a wildcard, or ranks both alike, and for
-    application/json, of which DICOM JSON is a kind (RFC 6839 3.1); none
-    of the three taken is a 406 (DICOM PS3.18 8.7.8.1).
+    is absent, names a wildcard, or weighs both alike; as application/json,
+    of which DICOM JSON is a kind (RFC 6839 3.1), when Accept weighs that
+    higher, as it does when it refuses application/dicom+json with q=0 but
+    takes any other type. None of them taken is a 406 (DICOM PS3.18
+    8.7.8.1).
     """
     if "Accept" not in request.headers:
         return DICOM_JSON_MEDIA_TYPE
-    best = request.accept_mimetypes.best_match(
-        [DICOM_JSON_MEDIA_TYPE, DICOM_XML_MEDIA_TYPE, "application/json"]
-    )
-    if best is None:
-        return None
-    return (
-        DICOM_XML_MEDIA_TYPE if best == DICOM_XML_MEDIA_TYPE else DICOM_JSON_MEDIA_TYPE
-    )
+    best, best_weight = None, 0.0
+    for media_type in ANSWER_MEDIA_TYPES:
+        weight = _weight(media_type)
+        if weight > best_weight:
+            best, best_weight = media_type, weight
+    return best
+
+
+def _weight(media_type: str) -> float:
+    """The weight the request's Accept header gives ``media_type``.
+
+    RFC 9110 12.5.1: that of the most specific media range matching it. A
+    range with parameters matches only when they name the charset every
+    answer is in, UTF-8 (DICOM PS3.18 8.8.4 has a client name a media
+    type's charset with it in Accept); a range whose weight is no qvalue
+    is left out.
+    """
+    kind, subtype = media_type.split("/")
+    weight, specificity = 0.0, -1
+    for value, quality in request.accept_mimetypes:
+        media_range, parameters = http.parse_options_header(value)
+        range_kind, _, range_subtype = media_range.lower().partition("/")
+        if range_kind == "*" and range_subtype == "*":
+            rank = 0
+        elif range_kind != kind:
+            continue
+        elif range_subtype == "*":
+            rank = 1
+        elif range_subtype == subtype:
+            rank = 2
+        else:
+            continue
+        if parameters:
+            named = {name.lower(): v.lower() for name, v in parameters.items()}
+            if named != {"charset": "utf-8"}:
+                continue
+            rank = 3
+        if rank > specificity:
+            weight, specificity = quality, rank
+    return weight
 
 
 def _declared_transfer_syntax(options: dict[bytes, bytes]) -> str | None:
