@@ -1051,6 +1051,51 @@ def test_stow_rs_refuses_an_accept_it_cannot_answer_with_406_and_keeps_nothing(
     assert _held(intake_node) == {}
 
 
+def test_stow_rs_answers_in_the_media_type_accept_weighs_highest(
+    intake_node: RunningNode,
+) -> None:
+    """RFC 9110 12.5.1, DICOM PS3.18 8.7.8.1: the answer goes in the media
+    type the most specific media range matching it weighs highest; one a
+    range refuses with q=0 is not sent, and DICOM JSON goes as
+    application/json when only that is taken (RFC 6839 3.1). A range naming
+    the UTF-8 charset of the answer takes it (DICOM PS3.18 8.8.4)."""
+    path = dicom_path("singles", "ts-explicit-le__CT_small.dcm")
+    expected = {
+        "application/dicom+json;q=0, */*": "application/json",
+        "application/dicom+json;q=0, application/json": "application/json",
+        "application/dicom+xml; charset=UTF-8": "application/dicom+xml",
+        "application/dicom+xml;q=0.9, application/*;q=0.5": "application/dicom+xml",
+        "application/*;q=0.5, application/dicom+xml;q=0.4": "application/dicom+json",
+        "application/dicom+xml, application/dicom+json": "application/dicom+json",
+        "application/dicom+xml;q=0, */*;q=0.1": "application/dicom+json",
+        "application/dicom+xml;level=1": None,
+        "application/dicom+xml;q=2": None,
+    }
+
+    for accept, media_type in expected.items():
+        response = requests.post(
+            _stow_url(intake_node),
+            data=_one_part(path, "xdsi-test"),
+            headers={
+                "Content-Type": 'multipart/related; type="application/dicom"; '
+                "boundary=xdsi-test",
+                "Accept": accept,
+            },
+            timeout=60,
+        )
+
+        if media_type is None:
+            assert response.status_code == 406, accept
+        else:
+            assert response.status_code == 200, (accept, response.text)
+            content_type = response.headers["Content-Type"]
+            assert content_type.split(";")[0] == media_type, accept
+            if media_type == "application/dicom+xml":
+                etree.fromstring(response.content)
+            else:
+                assert "00081199" in response.json()
+
+
 def test_stow_rs_takes_the_type_parameter_in_any_case(intake_node: RunningNode) -> None:
     """RFC 2387 3.1, RFC 2045 5.1: the type parameter of multipart/related
     is a media type, whose type and subtype are case-insensitive; a request

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tempfile
 import time
 from collections import Counter
@@ -36,6 +37,7 @@ from pydicom.datadict import keyword_for_tag
 from pydicom.uid import UID
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from werkzeug import http
 
 from xdsi import audit
 from xdsi.actors.intake import Accepted, Intake, received_events
@@ -53,6 +55,11 @@ logger = logging.getLogger(__name__)
 DICOM_MEDIA_TYPE = "application/dicom"
 DICOM_JSON_MEDIA_TYPE = "application/dicom+json"
 DICOM_XML_MEDIA_TYPE = "application/dicom+xml"
+# RFC 6839 3.1: DICOM JSON is JSON, and may go as such.
+JSON_MEDIA_TYPE = "application/json"
+# The media types of the answer, DICOM JSON first: of those an Accept header
+# weighs alike, the first goes.
+ANSWER_MEDIA_TYPES = (DICOM_JSON_MEDIA_TYPE, JSON_MEDIA_TYPE, DICOM_XML_MEDIA_TYPE)
 # DICOM PS3.19 A.1: the namespace of the Native DICOM Model.
 NATIVE_DICOM_MODEL = "http://dicom.nema.org/PS3.19/models/NativeDICOM"
 
@@ -81,8 +88,14 @@ MAX_WARNING = 200
 
 
 # The states of _Delimiters: in the preamble, right after a boundary
-# delimiter, in a part, in the epilogue.
-_PREAMBLE, _AFTER_DELIMITER, _PART, _EPILOGUE = range(4)
+# delimiter, in a part's headers, in a part's data, in the epilogue.
+_PREAMBLE, _AFTER_DELIMITER, _HEADERS, _PART, _EPILOGUE = range(5)
+# RFC 2046 5.1.1: transport padding, linear white space.
+_PADDING = re.compile(rb"[ \t]*")
+_LINE_BREAKS = re.compile(rb"[\r\n]*")
+# What may follow a delimiter that ends a part, and what of it a chunk may
+# leave; any other byte makes it part data to python-multipart.
+_DELIMITER_ENDS = (b"", b"\r", b"\r\n", b"-", b"--")
 
 
 class TooManyParts(Exception):
@@ -97,6 +110,7 @@ class _Parts:
         self.files: list[tuple[Path, str]] = []
         self._file: IO[bytes] | None = None
         self._field = b""
+        self._value = b""
         self._headers: dict[str, str] = {}
         self.ended = False
 
@@ -105,8 +119,10 @@ class _Parts:
             "on_part_begin": self._begin,
             "on_part_data": self._data,
             "on_part_end": self._end,
+            "on_header_begin": self._header_begin,
             "on_header_field": self._header_field,
             "on_header_value": self._header_value,
+            "on_header_end": self._header_end,
             "on_end": self._finish,
         }
 
@@ -124,14 +140,25 @@ class _Parts:
             dir=self.spool, prefix=spool_prefix("stow"), suffix=".dcm", delete=False
         )
 
+    # A header's name and value come in as many pieces as the chunks of the
+    # body split them into; python-multipart bounds their size.
+    def _header_begin(self) -> None:
+        self._field = b""
+        self._value = b""
+
     def _header_field(self, data: bytes, start: int, end: int) -> None:
-        self._field = data[start:end].lower()
+        self._field += data[start:end]
 
     def _header_value(self, data: bytes, start: int, end: int) -> None:
-        name = self._field.decode("latin-1")
-        self._headers[name] = self._headers.get(name, "") + data[start:end].decode(
-            "latin-1"
-        )
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        name = self._field.decode("latin-1").lower()
+        value = self._value.decode("latin-1")
+        # RFC 2045 5: a part names its Content-Type once; one named twice
+        # keeps both values, comma-joined, not the last alone.
+        before = self._headers.get(name)
+        self._headers[name] = value if before is None else f"{before}, {value}"
 
     def _data(self, data: bytes, start: int, end: int) -> None:
         if self._file is not None:
@@ -163,11 +190,20 @@ class _Delimiters:
     (linear white space: spaces and tabs) follow each boundary delimiter,
     the close delimiter's "--" included, before the CRLF that ends its
     line. python-multipart takes a body only when it opens with the
-    boundary, and padding on the first delimiter line only. The preamble is
-    dropped and the padding taken out as the body streams, and so is the
-    epilogue after the close delimiter; only the bytes a delimiter split
-    between two chunks may start with are held. A delimiter line with
-    anything but padding after it is the sender's fault (MalformedMessage).
+    boundary (after line breaks, which it skips), and padding on some
+    delimiter lines only. The preamble is dropped and the padding taken
+    out as the body streams, and so is the epilogue after the close
+    delimiter; only the bytes a delimiter split between two chunks may
+    start with are held. A delimiter line with anything but padding after
+    it, or padding not ended by CRLF, is the sender's fault
+    (MalformedMessage).
+
+    Each chunk is walked by offset. A part's headers go to the parser
+    whole, since none of their lines is a delimiter; in its data, only a
+    delimiter followed by padding, CRLF or "--" is acted on. One followed
+    by anything else is part data to python-multipart and goes on with the
+    bytes around it, so that a part full of such lines costs no more than
+    its length.
     """
 
     def __init__(self, parser: MultipartParser, boundary: bytes) -> None:
@@ -176,7 +212,8 @@ class _Delimiters:
         self.delimiter = b"\r\n" + self.opening
         self.held = b""
         self.state = _PREAMBLE
-        # Whether all that came is the start of the opening boundary.
+        # Whether all that came is line breaks and the start of the opening
+        # boundary.
         self.at_start = True
         # Whether the delimiter just read was followed by padding.
         self.padded = False
@@ -184,13 +221,16 @@ class _Delimiters:
     def write(self, chunk: bytes) -> None:
         data = self.held + chunk if self.held else chunk
         self.held = b""
-        while data and self.state != _EPILOGUE:
+        at = 0
+        while at < len(data) and self.state != _EPILOGUE:
             if self.state == _PREAMBLE:
-                data = self._preamble(data)
+                at = self._preamble(data, at)
             elif self.state == _AFTER_DELIMITER:
-                data = self._after_delimiter(data)
+                at = self._after_delimiter(data, at)
+            elif self.state == _HEADERS:
+                at = self._headers(data, at)
             else:
-                data = self._part(data)
+                at = self._part(data, at)
 
     def close(self) -> None:
         """Pass on what was held for the bytes that never came."""
@@ -198,65 +238,100 @@ class _Delimiters:
             self.parser.write(self.held)
         self.held = b""
 
-    def _preamble(self, data: bytes) -> bytes:
-        if self.at_start:
-            if data.startswith(self.opening):
-                return self._delimited(self.opening, data[len(self.opening) :])
-            if self.opening.startswith(data):
-                self.held = data
-                return b""
-            self.at_start = False
-        at = data.find(self.delimiter)
-        if at < 0:
-            self.held = data[-(len(self.delimiter) - 1) :]
-            return b""
-        return self._delimited(self.opening, data[at + len(self.delimiter) :])
+    def _hold(self, data: bytes, at: int) -> int:
+        self.held = data[at:]
+        return len(data)
 
-    def _part(self, data: bytes) -> bytes:
-        at = data.find(self.delimiter)
-        if at >= 0:
-            end = at + len(self.delimiter)
-            return self._delimited(data[:end], data[end:])
+    def _preamble(self, data: bytes, at: int) -> int:
+        if self.at_start:
+            # Line breaks before the opening boundary, as python-multipart
+            # skips them.
+            at = _LINE_BREAKS.match(data, at).end()  # type: ignore[union-attr]
+            if at == len(data):
+                return at
+            if data.startswith(self.opening, at):
+                return self._delimited(self.opening, at + len(self.opening))
+            if self.opening.startswith(data[at:]):
+                return self._hold(data, at)
+            self.at_start = False
+        found = data.find(self.delimiter, at)
+        if found < 0:
+            return self._hold(data, max(at, len(data) - len(self.delimiter) + 1))
+        return self._delimited(self.opening, found + len(self.delimiter))
+
+    def _part(self, data: bytes, at: int) -> int:
+        search = at
+        while True:
+            found = data.find(self.delimiter, search)
+            if found < 0:
+                break
+            end = found + len(self.delimiter)
+            following = data[end : end + 2]
+            if following[:1] in (b" ", b"\t") or following in _DELIMITER_ENDS:
+                self.parser.write(data[at:end])
+                return self._delimited(b"", end)
+            search = end
         # A delimiter opens with CR, found nowhere else in it: the last CR
         # of the tail is the only place one split by the chunk can start.
-        tail = max(0, len(data) - len(self.delimiter) + 1)
-        start = data.rfind(b"\r", tail)
+        end = len(data)
+        start = data.rfind(b"\r", max(search, end - len(self.delimiter) + 1))
         if start >= 0 and self.delimiter.startswith(data[start:]):
             self.held = data[start:]
-            data = data[:start]
-        self.parser.write(data)
-        return b""
+            end = start
+        self.parser.write(data[at:end])
+        return len(data)
 
-    def _delimited(self, through: bytes, rest: bytes) -> bytes:
-        self.parser.write(through)
+    def _delimited(self, through: bytes, at: int) -> int:
+        if through:
+            self.parser.write(through)
         self.state = _AFTER_DELIMITER
         self.padded = False
-        return rest
+        return at
 
-    def _after_delimiter(self, data: bytes) -> bytes:
-        if data[:1] == b"-" and not self.padded:
+    def _after_delimiter(self, data: bytes, at: int) -> int:
+        if not self.padded and data.startswith(b"-", at):
             # The close delimiter ends the body; its padding and the
             # epilogue after it are not passed on.
-            if len(data) < 2:
-                self.held = data
-                return b""
-            if data[1:2] == b"-":
+            if len(data) - at < 2:
+                return self._hold(data, at)
+            if data[at + 1 : at + 2] == b"-":
                 self.parser.write(b"--")
                 self.state = _EPILOGUE
-                return b""
-        stripped = data.lstrip(b" \t")
-        if not stripped:
+                return len(data)
+        end = _PADDING.match(data, at).end()  # type: ignore[union-attr]
+        if end > at:
             self.padded = True
-            return b""
-        if len(stripped) < len(data):
-            self.padded = True
-        if self.padded and stripped[:1] != b"\r":
+        if end == len(data):
+            return end
+        line_end = data[end : end + 2]
+        if line_end == b"\r":
+            return self._hold(data, end)
+        if line_end == b"\r\n":
+            # The part's headers follow, up to the blank line.
+            self.state = _HEADERS
+            return end
+        if self.padded:
+            # RFC 2046 5.1.1: the padding runs to the CRLF ending the line.
             raise MalformedMessage(
-                "a boundary delimiter line holds more than linear white space "
-                "after the boundary (RFC 2046 5.1.1)"
+                "a boundary delimiter line holds more than linear white "
+                "space after the boundary (RFC 2046 5.1.1)"
             )
+        # No delimiter after all: python-multipart takes the line as data.
         self.state = _PART
-        return stripped
+        return end
+
+    def _headers(self, data: bytes, at: int) -> int:
+        # A line of the headers is never a delimiter, nor is the blank line
+        # ending them (RFC 2046 5.1.1: a body part is headers, CRLF, then
+        # its data): python-multipart reads them as such.
+        found = data.find(b"\r\n\r\n", at)
+        if found < 0:
+            end = max(at, len(data) - 3)
+            self.parser.write(data[at:end])
+            return self._hold(data, end)
+        self.parser.write(data[at : found + 4])
+        self.state = _PART
+        return found + 4
 
 
 def add_stow_route(app: Flask, intake: Intake, path: str, spool: Path) -> None:
@@ -498,9 +573,7 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
             _native_dicom_model(body), status=status, mimetype=DICOM_XML_MEDIA_TYPE
         )
     else:
-        response = Response(
-            json.dumps(body), status=status, mimetype=DICOM_JSON_MEDIA_TYPE
-        )
+        response = Response(json.dumps(body), status=status, mimetype=answer_type)
     # The body names every failed part; the headers tell of the first few
     # only, since HTTP clients and proxies take a bounded head.
     for warning in warnings[:MAX_WARNINGS]:
@@ -519,20 +592,54 @@ def _answer_media_type() -> str | None:
     takes the answer in; the module is sent as DICOM JSON (DICOM PS3.18
     F.2) or as the Native DICOM Model of DICOM PS3.19 A.1 (XML), the one
     STOW-RS clients such as dcm4che's ask for. DICOM JSON goes when Accept
-    is absent, names a wildcard, or ranks both alike, and for
-    application/json, of which DICOM JSON is a kind (RFC 6839 3.1); none
-    of the three taken is a 406 (DICOM PS3.18 8.7.8.1).
+    is absent, names a wildcard, or weighs both alike; as application/json,
+    of which DICOM JSON is a kind (RFC 6839 3.1), when Accept weighs that
+    higher, as it does when it refuses application/dicom+json with q=0 but
+    takes any other type. None of them taken is a 406 (DICOM PS3.18
+    8.7.8.1).
     """
     if "Accept" not in request.headers:
         return DICOM_JSON_MEDIA_TYPE
-    best = request.accept_mimetypes.best_match(
-        [DICOM_JSON_MEDIA_TYPE, DICOM_XML_MEDIA_TYPE, "application/json"]
-    )
-    if best is None:
-        return None
-    return (
-        DICOM_XML_MEDIA_TYPE if best == DICOM_XML_MEDIA_TYPE else DICOM_JSON_MEDIA_TYPE
-    )
+    best, best_weight = None, 0.0
+    for media_type in ANSWER_MEDIA_TYPES:
+        weight = _weight(media_type)
+        if weight > best_weight:
+            best, best_weight = media_type, weight
+    return best
+
+
+def _weight(media_type: str) -> float:
+    """The weight the request's Accept header gives ``media_type``.
+
+    RFC 9110 12.5.1: that of the most specific media range matching it. A
+    range with parameters matches only when they name the charset every
+    answer is in, UTF-8 (DICOM PS3.18 8.8.4 has a client name a media
+    type's charset with it in Accept); a range whose weight is no qvalue
+    is left out.
+    """
+    kind, subtype = media_type.split("/")
+    weight, specificity = 0.0, -1
+    for value, quality in request.accept_mimetypes:
+        media_range, parameters = http.parse_options_header(value)
+        range_kind, _, range_subtype = media_range.lower().partition("/")
+        if range_kind == "*" and range_subtype == "*":
+            rank = 0
+        elif range_kind != kind:
+            continue
+        elif range_subtype == "*":
+            rank = 1
+        elif range_subtype == subtype:
+            rank = 2
+        else:
+            continue
+        if parameters:
+            named = {name.lower(): v.lower() for name, v in parameters.items()}
+            if named != {"charset": "utf-8"}:
+                continue
+            rank = 3
+        if rank > specificity:
+            weight, specificity = quality, rank
+    return weight
 
 
 def _declared_transfer_syntax(options: dict[bytes, bytes]) -> str | None:
