@@ -95,6 +95,31 @@ def test_a_manifest_the_repository_lost_leaves_the_others_fetched(
     assert not (tmp_path / "out" / "manifests" / f"{lost}.dcm").exists()
 
 
+def test_a_fetch_whose_every_manifest_failed_leaves_no_empty_folder(
+    running_node: RunningNode, tmp_path: Path
+):
+    """ITI TF-2 3.43: the patient's one manifest cannot be retrieved; the
+    fetch fails and leaves no empty manifests folder behind."""
+    assert "MSA|AA" in running_node.feed()
+    elsewhere, _ = _manifest_elsewhere(tmp_path / "elsewhere.dcm")
+    (lost,) = (
+        DocumentSource(running_node.settings, tmp_path / "spool")
+        .submit([elsewhere], PATIENT, mime_type="application/dicom")
+        .document_unique_ids
+    )
+    with running_node.services.engine.begin() as conn:
+        conn.execute(
+            update(repository_document)
+            .where(repository_document.c.unique_id == lost)
+            .values(state="lost-in-test")
+        )
+
+    result = running_node.services.consumer.fetch(PATIENT, tmp_path / "out")
+
+    assert result.manifests == [] and len(result.failed) == 1
+    assert not (tmp_path / "out" / "manifests").exists()
+
+
 def test_fetch_says_what_failed_after_what_it_fetched(
     served: Path,  # noqa: F811 (fixture)
     tmp_path: Path,

@@ -544,6 +544,8 @@ class Consumer:
                 result.manifests.append(target)
             if progress:
                 progress("ITI-43", n, len(entries))
+        # Made for the manifests; none came (every retrieve failed).
+        _remove_if_empty(out_dir / "manifests")
         total = sum(len(m.references) for m in manifests)
         done = 0
         for manifest in manifests:
