@@ -33,6 +33,25 @@ def _manifest_elsewhere(path: Path) -> tuple[Path, scan.Study]:
     return path, study
 
 
+def _lost_manifest(running_node: RunningNode, tmp_path: Path) -> str:
+    """Register a manifest for PATIENT (fed) that the repository then no
+    longer holds as retrievable; its uniqueId."""
+    assert "MSA|AA" in running_node.feed()
+    elsewhere, _ = _manifest_elsewhere(tmp_path / "elsewhere.dcm")
+    (lost,) = (
+        DocumentSource(running_node.settings, tmp_path / "spool")
+        .submit([elsewhere], PATIENT, mime_type="application/dicom")
+        .document_unique_ids
+    )
+    with running_node.services.engine.begin() as conn:
+        conn.execute(
+            update(repository_document)
+            .where(repository_document.c.unique_id == lost)
+            .values(state="lost-in-test")
+        )
+    return lost
+
+
 def _mr() -> scan.Study:
     (study,) = scan.scan_directory(dicom_path("study-mr", "images")).studies
     return study
@@ -68,20 +87,7 @@ def test_a_manifest_the_repository_lost_leaves_the_others_fetched(
 ):
     """ITI TF-2 3.43: a manifest the repository answers with an error for
     fails alone; the patient's other manifests and images are fetched."""
-    assert "MSA|AA" in running_node.feed()
-    elsewhere, _ = _manifest_elsewhere(tmp_path / "elsewhere.dcm")
-    (lost,) = (
-        DocumentSource(running_node.settings, tmp_path / "spool")
-        .submit([elsewhere], PATIENT, mime_type="application/dicom")
-        .document_unique_ids
-    )
-    # The repository no longer holds it as retrievable.
-    with running_node.services.engine.begin() as conn:
-        conn.execute(
-            update(repository_document)
-            .where(repository_document.c.unique_id == lost)
-            .values(state="lost-in-test")
-        )
+    lost = _lost_manifest(running_node, tmp_path)
     mr = _mr()
     running_node.services.imaging_source.publish(mr, PATIENT)
 
@@ -100,19 +106,7 @@ def test_a_fetch_whose_every_manifest_failed_leaves_no_empty_folder(
 ):
     """ITI TF-2 3.43: the patient's one manifest cannot be retrieved; the
     fetch fails and leaves no empty manifests folder behind."""
-    assert "MSA|AA" in running_node.feed()
-    elsewhere, _ = _manifest_elsewhere(tmp_path / "elsewhere.dcm")
-    (lost,) = (
-        DocumentSource(running_node.settings, tmp_path / "spool")
-        .submit([elsewhere], PATIENT, mime_type="application/dicom")
-        .document_unique_ids
-    )
-    with running_node.services.engine.begin() as conn:
-        conn.execute(
-            update(repository_document)
-            .where(repository_document.c.unique_id == lost)
-            .values(state="lost-in-test")
-        )
+    _lost_manifest(running_node, tmp_path)
 
     result = running_node.services.consumer.fetch(PATIENT, tmp_path / "out")
 

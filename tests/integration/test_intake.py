@@ -1027,6 +1027,22 @@ def test_stow_rs_answers_in_xml_when_accept_asks_for_it(
     assert [a.get("tag") for a in root] == ["00081190", "00081198", "00081199"]
 
 
+def _stow_one_accepting(
+    node: RunningNode, path: Path, accept: str
+) -> requests.Response:
+    """STOW-RS of one file, its answer asked for in ``accept``."""
+    return requests.post(
+        _stow_url(node),
+        data=_one_part(path, "xdsi-test"),
+        headers={
+            "Content-Type": 'multipart/related; type="application/dicom"; '
+            "boundary=xdsi-test",
+            "Accept": accept,
+        },
+        timeout=60,
+    )
+
+
 def test_stow_rs_refuses_an_accept_it_cannot_answer_with_406_and_keeps_nothing(
     intake_node: RunningNode,
 ) -> None:
@@ -1035,16 +1051,7 @@ def test_stow_rs_refuses_an_accept_it_cannot_answer_with_406_and_keeps_nothing(
     an answer the sender would refuse."""
     path = dicom_path("singles", "ts-explicit-le__CT_small.dcm")
 
-    response = requests.post(
-        _stow_url(intake_node),
-        data=_one_part(path, "xdsi-test"),
-        headers={
-            "Content-Type": 'multipart/related; type="application/dicom"; '
-            "boundary=xdsi-test",
-            "Accept": "text/html",
-        },
-        timeout=60,
-    )
+    response = _stow_one_accepting(intake_node, path, "text/html")
 
     assert response.status_code == 406
     assert "application/dicom+xml" in response.text
@@ -1073,16 +1080,7 @@ def test_stow_rs_answers_in_the_media_type_accept_weighs_highest(
     }
 
     for accept, media_type in expected.items():
-        response = requests.post(
-            _stow_url(intake_node),
-            data=_one_part(path, "xdsi-test"),
-            headers={
-                "Content-Type": 'multipart/related; type="application/dicom"; '
-                "boundary=xdsi-test",
-                "Accept": accept,
-            },
-            timeout=60,
-        )
+        response = _stow_one_accepting(intake_node, path, accept)
 
         if media_type is None:
             assert response.status_code == 406, accept

@@ -18,24 +18,23 @@ from xdsi.wire import MalformedMessage
 BOUNDARY = b"xdsi-test"
 
 
-def _parsed(body: bytes, chunk: int) -> list[bytes]:
-    """The parts of ``body`` written ``chunk`` bytes at a time; a last
-    ``b"END"`` when the parser saw the close delimiter."""
-    parts: list[bytes] = []
+def _collecting(parts: list[bytes]) -> dict[str, object]:
+    """python-multipart callbacks that append each part's bytes to
+    ``parts``, and a last ``b"END"`` at the close delimiter."""
     data: list[bytes] = []
-    callbacks = {
+    return {
         "on_part_begin": data.clear,
         "on_part_data": lambda b, start, end: data.append(b[start:end]),
         "on_part_end": lambda: parts.append(b"".join(data)),
         "on_end": lambda: parts.append(b"END"),
     }
-    parser = MultipartParser(BOUNDARY, callbacks)
-    delimiters = _Delimiters(parser, BOUNDARY)
-    for start in range(0, len(body), chunk):
-        delimiters.write(body[start : start + chunk])
-    delimiters.close()
-    parser.finalize()
-    return parts
+
+
+def _parsed(body: bytes, chunk: int) -> list[bytes]:
+    """The parts of ``body`` written ``chunk`` bytes at a time; a last
+    ``b"END"`` when the parser saw the close delimiter."""
+    pieces = [body[start : start + chunk] for start in range(0, len(body), chunk)]
+    return _parsed_pieces(pieces, finalize=True)
 
 
 def _body(parts: list[bytes], padding: bytes, preamble: bytes = b"") -> bytes:
@@ -226,13 +225,7 @@ def _alone(body: bytes) -> list[bytes] | None:
     """The parts python-multipart alone takes from ``body``, None when it
     takes none."""
     parts: list[bytes] = []
-    data: list[bytes] = []
-    callbacks = {
-        "on_part_begin": data.clear,
-        "on_part_data": lambda b, start, end: data.append(b[start:end]),
-        "on_part_end": lambda: parts.append(b"".join(data)),
-        "on_end": lambda: parts.append(b"END"),
-    }
+    callbacks = _collecting(parts)
     try:
         MultipartParser(BOUNDARY, callbacks).write(body)
     except FormParserError:
@@ -295,20 +288,18 @@ def test_random_framing_splits_alike_and_agrees_with_python_multipart() -> None:
             assert whole == alone, body
 
 
-def _parsed_pieces(pieces: list[bytes]) -> list[bytes]:
+def _parsed_pieces(pieces: list[bytes], *, finalize: bool = False) -> list[bytes]:
+    """The parts of a body written in ``pieces``, as _parsed gives them;
+    with ``finalize`` the parser is told the body ended."""
     parts: list[bytes] = []
-    data: list[bytes] = []
-    callbacks = {
-        "on_part_begin": data.clear,
-        "on_part_data": lambda b, start, end: data.append(b[start:end]),
-        "on_part_end": lambda: parts.append(b"".join(data)),
-        "on_end": lambda: parts.append(b"END"),
-    }
+    callbacks = _collecting(parts)
     parser = MultipartParser(BOUNDARY, callbacks)
     delimiters = _Delimiters(parser, BOUNDARY)
     for piece in pieces:
         delimiters.write(piece)
     delimiters.close()
+    if finalize:
+        parser.finalize()
     return parts
 
 
