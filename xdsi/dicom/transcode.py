@@ -209,7 +209,9 @@ def _write(source: Path, target: str, destination: Path) -> None:
         raise ValueError("an object without pixel data is sent in native syntaxes")
     if pixels == "PixelData" and held.is_compressed:
         ds.decompress(generate_instance_uid=False)
-    elif pixels == "PixelData" and not held.is_little_endian:
+    elif pixels == "PixelData" and (
+        not held.is_little_endian or (target not in NATIVE and _by_plane(ds))
+    ):
         _pixels_to_little_endian(ds)
 
     if target in NATIVE:
@@ -240,9 +242,21 @@ def _compress(ds: Dataset, target: str) -> None:
     )
 
 
+def _by_plane(ds: Dataset) -> bool:
+    """Whether a native colour image is held colour by plane, Planar
+    Configuration 1 (DICOM PS3.3 C.7.6.3.1.3).
+
+    pydicom's RLE encoders read native colour cells as colour by pixel
+    whatever Planar Configuration says, and so scrambled such an image: its
+    cells are put by pixel before they are encoded.
+    """
+    return ds.get("SamplesPerPixel", 1) > 1 and ds.get("PlanarConfiguration") == 1
+
+
 def _pixels_to_little_endian(ds: Dataset) -> None:
-    """Re-encode native Pixel Data read from a big endian file as little
-    endian (DICOM PS3.5 A.3: OW words are byte-swapped)."""
+    """Re-encode native Pixel Data as little endian, colour by pixel (DICOM
+    PS3.5 A.3: OW words of a big endian file are byte-swapped; DICOM PS3.3
+    C.7.6.3.1.3: Planar Configuration 0)."""
     # Limitation: only Pixel Data is swapped; other OW, OF or OL values of a
     # big endian file (curves, LUT data) keep their big endian bytes.
     array = np.ascontiguousarray(ds.pixel_array)

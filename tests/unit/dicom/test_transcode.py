@@ -144,6 +144,25 @@ def test_lossless_encoding_keeps_every_pixel(
     assert _read(produced.path).get("LossyImageCompression") == held_label
 
 
+@pytest.mark.parametrize(
+    "target", [RLELossless, JPEGLSLossless, JPEG2000Lossless], ids=lambda u: u.name
+)
+def test_lossless_encoding_of_colour_held_by_plane_keeps_every_pixel(
+    target: str, tmp_path: Path
+) -> None:
+    """DICOM PS3.3 C.7.6.3.1.3: a native RGB image held colour by plane
+    (Planar Configuration 1) decodes to its own pixels once encoded; RLE
+    scrambled it, its planes read as if interleaved."""
+    path = dicom_path("study-ct", "S4010", "I0030.dcm")
+    held = _read(path)
+    assert (held.SamplesPerPixel, held.PlanarConfiguration) == (3, 1)
+
+    produced = produce(path, str(held.file_meta.TransferSyntaxUID), [target], tmp_path)
+
+    assert produced is not None and produced.transfer_syntax_uid == target
+    assert np.array_equal(_pixels(produced.path), _pixels(path))
+
+
 def test_lossy_syntax_is_skipped_when_a_lossless_one_is_listed(tmp_path: Path) -> None:
     """RAD TF-3 4.69.4.2.3: lossless stays lossless while the consumer accepts it."""
     path, syntax = _single("ts-explicit-le__CT_small.dcm")
