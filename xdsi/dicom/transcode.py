@@ -20,6 +20,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.pixels.decoders import (
+    JPEGBaseline8BitDecoder,
+    JPEGExtended12BitDecoder,
+    JPEGLosslessDecoder,
+    JPEGLosslessSV1Decoder,
+)
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -73,6 +79,21 @@ def plugin_errors_muted() -> Iterator[None]:
     finally:
         _muted.on = before
 
+
+# GDCM's JPEG (ISO 10918) decoder throws a C++ exception that nothing
+# catches on some corrupt frames (a marker byte overwritten), and the process
+# aborts, the node with it: intake keeps a corrupt frame as received, so one
+# rendering or transcoding of such an image did it. pylibjpeg and Pillow
+# decode these syntaxes here and raise on such a frame instead.
+# Limitation: a frame that only GDCM's decoder reads is not decoded here.
+for _decoder in (
+    JPEGBaseline8BitDecoder,
+    JPEGExtended12BitDecoder,
+    JPEGLosslessDecoder,
+    JPEGLosslessSV1Decoder,
+):
+    if "gdcm" in _decoder.available_plugins:
+        _decoder.remove_plugin("gdcm")
 
 # Native (uncompressed) encodings, DICOM PS3.5 A.1-A.3 and A.5.
 NATIVE = (

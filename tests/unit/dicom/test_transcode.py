@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -386,3 +387,47 @@ def test_two_threads_encoding_jpeg_2000_at_once_do_not_kill_the_process(
     )
 
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# Decodes a JPEG image to Explicit VR Little Endian, as a rendering or a
+# transcoding does, and prints what came of it.
+_DECODE_ONE = """
+import sys
+from pathlib import Path
+from xdsi.dicom.transcode import produce
+produced = produce(Path(sys.argv[1]), sys.argv[2], [sys.argv[3]], Path(sys.argv[4]))
+print("produced" if produced else "none")
+"""
+
+
+def test_a_corrupt_jpeg_frame_does_not_kill_the_process(tmp_path: Path) -> None:
+    """A JPEG frame whose first Huffman table marker (ITU-T T.81 B.1.1.2,
+    0xFFC4) lost its 0xFF, which intake keeps as received, is not decoded:
+    GDCM's decoder aborted the process on it (an uncaught C++ exception),
+    the node with it. Decoded in a process of its own, which such a death
+    cannot take the test run with."""
+    ds = _read(dicom_path("singles", "ts-jpeg-baseline-rgb__SC_rgb_jpeg_dcmtk.dcm"))
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    assert frame[177:179] == b"\xff\xc4"
+    frame[177] = 0xE0
+    ds.PixelData = encapsulate([bytes(frame)])
+    corrupt = tmp_path / "corrupt.dcm"
+    ds.save_as(corrupt, enforce_file_format=True)
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _DECODE_ONE,
+            str(corrupt),
+            JPEGBaseline8Bit,
+            ExplicitVRLittleEndian,
+            str(tmp_path / "spool"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() in ("produced", "none")
