@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels.decoders import (
+    JPEG2000Decoder,
+    JPEG2000LosslessDecoder,
     JPEGBaseline8BitDecoder,
     JPEGExtended12BitDecoder,
     JPEGLosslessDecoder,
@@ -94,6 +98,36 @@ for _decoder in (
 ):
     if "gdcm" in _decoder.available_plugins:
         _decoder.remove_plugin("gdcm")
+
+# A JPEG 2000 codestream states its own image size in its SIZ marker
+# segment (ISO/IEC 15444-1 A.5.1), and pylibjpeg's decoder (openjpeg)
+# allocates for that size before it finds the data short: one corrupt frame
+# stating gigapixels took tens of GB and the node was killed for memory. A
+# frame stating more cells than Rows and Columns hold is refused unread.
+_SIZ = b"\xff\x4f\xff\x51"
+
+
+def _within_rows_and_columns(decode: Callable) -> Callable:
+    def checked(src: bytes, runner: Any) -> Any:
+        at = src.find(_SIZ, 0, 4096)
+        if at >= 0 and len(src) >= at + 24:
+            # Lsiz, Rsiz, then Xsiz, Ysiz, XOsiz, YOsiz (four bytes each).
+            x, y, x0, y0 = struct.unpack(">4L", src[at + 8 : at + 24])
+            if (x - x0) * (y - y0) > runner.rows * runner.columns:
+                raise ValueError(
+                    f"the JPEG 2000 codestream states a {x - x0}x{y - y0} image, "
+                    f"more than Rows {runner.rows} and Columns {runner.columns}"
+                )
+        return decode(src, runner)
+
+    return checked
+
+
+for _decoder in (JPEG2000Decoder, JPEG2000LosslessDecoder):
+    if "pylibjpeg" in _decoder._available:
+        _decoder._available["pylibjpeg"] = _within_rows_and_columns(
+            _decoder._available["pylibjpeg"]
+        )
 
 # Native (uncompressed) encodings, DICOM PS3.5 A.1-A.3 and A.5.
 NATIVE = (

@@ -431,3 +431,43 @@ def test_a_corrupt_jpeg_frame_does_not_kill_the_process(tmp_path: Path) -> None:
 
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() in ("produced", "none")
+
+
+# Decodes the image at argv[1] as xdsi does, then prints its peak memory.
+_DECODE_PEAK = """
+import resource, sys
+import pydicom
+import xdsi.dicom.transcode
+try:
+    pydicom.dcmread(sys.argv[1]).pixel_array
+except Exception:
+    pass
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_a_jpeg_2000_frame_stating_a_larger_image_is_not_decoded(
+    tmp_path: Path,
+) -> None:
+    """ISO/IEC 15444-1 A.5.1: a frame whose SIZ marker states far more rows
+    than the image's Rows (a corrupt frame, kept as received) is refused
+    before openjpeg allocates for it; one stating gigapixels had the node
+    killed for memory. Here 128 million cells, some 800 MB to openjpeg."""
+    ds = _read(dicom_path("singles", "ts-j2k-lossy__CT1_J2KI.dcm"))
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    siz = frame.find(b"\xff\x4f\xff\x51")
+    assert siz >= 0 and (ds.Rows, ds.Columns) == (512, 512)
+    frame[siz + 12 : siz + 16] = (250_000).to_bytes(4, "big")  # Ysiz, the rows
+    ds.PixelData = encapsulate([bytes(frame)])
+    corrupt = tmp_path / "corrupt.dcm"
+    ds.save_as(corrupt, enforce_file_format=True)
+
+    done = subprocess.run(
+        [sys.executable, "-c", _DECODE_PEAK, str(corrupt)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) < 600, "MB at peak"
