@@ -11,17 +11,27 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.pixels.decoders import (
+    JPEG2000Decoder,
+    JPEG2000LosslessDecoder,
+    JPEGBaseline8BitDecoder,
+    JPEGExtended12BitDecoder,
+    JPEGLosslessDecoder,
+    JPEGLosslessSV1Decoder,
+)
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -77,6 +87,51 @@ def plugin_errors_muted() -> Iterator[None]:
     finally:
         _muted.on = before
 
+
+# GDCM's JPEG (ISO 10918) decoder throws a C++ exception that nothing
+# catches on some corrupt frames (a marker byte overwritten), and the process
+# aborts, the node with it: intake keeps a corrupt frame as received, so one
+# rendering or transcoding of such an image did it. pylibjpeg and Pillow
+# decode these syntaxes here and raise on such a frame instead.
+# Limitation: a frame that only GDCM's decoder reads is not decoded here.
+for _decoder in (
+    JPEGBaseline8BitDecoder,
+    JPEGExtended12BitDecoder,
+    JPEGLosslessDecoder,
+    JPEGLosslessSV1Decoder,
+):
+    if "gdcm" in _decoder.available_plugins:
+        _decoder.remove_plugin("gdcm")
+
+# A JPEG 2000 codestream states its own image size in its SIZ marker
+# segment (ISO/IEC 15444-1 A.5.1), and pylibjpeg's decoder (openjpeg)
+# allocates for that size before it finds the data short: one corrupt frame
+# stating gigapixels took tens of GB and the node was killed for memory. A
+# frame stating more cells than Rows and Columns hold is refused unread.
+_SIZ = b"\xff\x4f\xff\x51"
+
+
+def _within_rows_and_columns(decode: Callable) -> Callable:
+    def checked(src: bytes, runner: Any) -> Any:
+        at = src.find(_SIZ, 0, 4096)
+        if at >= 0 and len(src) >= at + 24:
+            # Lsiz, Rsiz, then Xsiz, Ysiz, XOsiz, YOsiz (four bytes each).
+            x, y, x0, y0 = struct.unpack(">4L", src[at + 8 : at + 24])
+            if (x - x0) * (y - y0) > runner.rows * runner.columns:
+                raise ValueError(
+                    f"the JPEG 2000 codestream states a {x - x0}x{y - y0} image, "
+                    f"more than Rows {runner.rows} and Columns {runner.columns}"
+                )
+        return decode(src, runner)
+
+    return checked
+
+
+for _decoder in (JPEG2000Decoder, JPEG2000LosslessDecoder):
+    if "pylibjpeg" in _decoder._available:
+        _decoder._available["pylibjpeg"] = _within_rows_and_columns(
+            _decoder._available["pylibjpeg"]
+        )
 
 # Native (uncompressed) encodings, DICOM PS3.5 A.1-A.3 and A.5.
 NATIVE = (
@@ -296,7 +351,9 @@ def _write(source: Path, target: str, destination: Path) -> None:
         raise ValueError("an object without pixel data is sent in native syntaxes")
     if pixels == "PixelData" and held.is_compressed:
         ds.decompress(generate_instance_uid=False)
-    elif pixels == "PixelData" and not held.is_little_endian:
+    elif pixels == "PixelData" and (
+        not held.is_little_endian or (target not in NATIVE and _by_plane(ds))
+    ):
         _pixels_to_little_endian(ds)
 
     if target in NATIVE:
@@ -327,9 +384,21 @@ def _compress(ds: Dataset, target: str) -> None:
     )
 
 
+def _by_plane(ds: Dataset) -> bool:
+    """Whether a native colour image is held colour by plane, Planar
+    Configuration 1 (DICOM PS3.3 C.7.6.3.1.3).
+
+    pydicom's RLE encoders read native colour cells as colour by pixel
+    whatever Planar Configuration says, and so scrambled such an image: its
+    cells are put by pixel before they are encoded.
+    """
+    return ds.get("SamplesPerPixel", 1) > 1 and ds.get("PlanarConfiguration") == 1
+
+
 def _pixels_to_little_endian(ds: Dataset) -> None:
-    """Re-encode native Pixel Data read from a big endian file as little
-    endian (DICOM PS3.5 A.3: OW words are byte-swapped)."""
+    """Re-encode native Pixel Data as little endian, colour by pixel (DICOM
+    PS3.5 A.3: OW words of a big endian file are byte-swapped; DICOM PS3.3
+    C.7.6.3.1.3: Planar Configuration 0)."""
     # Limitation: only Pixel Data is swapped; other OW, OF or OL values of a
     # big endian file (curves, LUT data) keep their big endian bytes.
     array = np.ascontiguousarray(ds.pixel_array)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -146,6 +147,25 @@ def test_lossless_encoding_keeps_every_pixel(
     assert np.array_equal(_pixels(produced.path), _pixels(path))
     held_label = _read(path).get("LossyImageCompression")
     assert _read(produced.path).get("LossyImageCompression") == held_label
+
+
+@pytest.mark.parametrize(
+    "target", [RLELossless, JPEGLSLossless, JPEG2000Lossless], ids=lambda u: u.name
+)
+def test_lossless_encoding_of_colour_held_by_plane_keeps_every_pixel(
+    target: str, tmp_path: Path
+) -> None:
+    """DICOM PS3.3 C.7.6.3.1.3: a native RGB image held colour by plane
+    (Planar Configuration 1) decodes to its own pixels once encoded; RLE
+    scrambled it, its planes read as if interleaved."""
+    path = dicom_path("study-ct", "S4010", "I0030.dcm")
+    held = _read(path)
+    assert (held.SamplesPerPixel, held.PlanarConfiguration) == (3, 1)
+
+    produced = produce(path, str(held.file_meta.TransferSyntaxUID), [target], tmp_path)
+
+    assert produced is not None and produced.transfer_syntax_uid == target
+    assert np.array_equal(_pixels(produced.path), _pixels(path))
 
 
 def test_lossy_syntax_is_skipped_when_a_lossless_one_is_listed(tmp_path: Path) -> None:
@@ -442,3 +462,87 @@ def test_instances_of_a_transcoding_process_that_died_are_not_sent_and_the_next_
     ]
     assert len(warnings) == 1
     assert all(p is not None and p.transfer_syntax_uid == RLELossless for p in again)
+
+
+# Decodes a JPEG image to Explicit VR Little Endian, as a rendering or a
+# transcoding does, and prints what came of it.
+_DECODE_ONE = """
+import sys
+from pathlib import Path
+from xdsi.dicom.transcode import produce
+produced = produce(Path(sys.argv[1]), sys.argv[2], [sys.argv[3]], Path(sys.argv[4]))
+print("produced" if produced else "none")
+"""
+
+
+def test_a_corrupt_jpeg_frame_does_not_kill_the_process(tmp_path: Path) -> None:
+    """A JPEG frame whose first Huffman table marker (ITU-T T.81 B.1.1.2,
+    0xFFC4) lost its 0xFF, which intake keeps as received, is not decoded:
+    GDCM's decoder aborted the process on it (an uncaught C++ exception),
+    the node with it. Decoded in a process of its own, which such a death
+    cannot take the test run with."""
+    ds = _read(dicom_path("singles", "ts-jpeg-baseline-rgb__SC_rgb_jpeg_dcmtk.dcm"))
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    assert frame[177:179] == b"\xff\xc4"
+    frame[177] = 0xE0
+    ds.PixelData = encapsulate([bytes(frame)])
+    corrupt = tmp_path / "corrupt.dcm"
+    ds.save_as(corrupt, enforce_file_format=True)
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _DECODE_ONE,
+            str(corrupt),
+            JPEGBaseline8Bit,
+            ExplicitVRLittleEndian,
+            str(tmp_path / "spool"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() in ("produced", "none")
+
+
+# Decodes the image at argv[1] as xdsi does, then prints its peak memory.
+_DECODE_PEAK = """
+import resource, sys
+import pydicom
+import xdsi.dicom.transcode
+try:
+    pydicom.dcmread(sys.argv[1]).pixel_array
+except Exception:
+    pass
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_a_jpeg_2000_frame_stating_a_larger_image_is_not_decoded(
+    tmp_path: Path,
+) -> None:
+    """ISO/IEC 15444-1 A.5.1: a frame whose SIZ marker states far more rows
+    than the image's Rows (a corrupt frame, kept as received) is refused
+    before openjpeg allocates for it; one stating gigapixels had the node
+    killed for memory. Here 128 million cells, some 800 MB to openjpeg."""
+    ds = _read(dicom_path("singles", "ts-j2k-lossy__CT1_J2KI.dcm"))
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    siz = frame.find(b"\xff\x4f\xff\x51")
+    assert siz >= 0 and (ds.Rows, ds.Columns) == (512, 512)
+    frame[siz + 12 : siz + 16] = (250_000).to_bytes(4, "big")  # Ysiz, the rows
+    ds.PixelData = encapsulate([bytes(frame)])
+    corrupt = tmp_path / "corrupt.dcm"
+    ds.save_as(corrupt, enforce_file_format=True)
+
+    done = subprocess.run(
+        [sys.executable, "-c", _DECODE_PEAK, str(corrupt)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) < 600, "MB at peak"
