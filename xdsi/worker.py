@@ -27,6 +27,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -112,14 +113,21 @@ class Pool:
         # any more, and the interpreter's exit waits on it: xdsi serve or a
         # command never ends. Closing the pipe's reading end, as later
         # Pythons do when the pool breaks, makes that write fail and the
-        # thread end.
+        # thread end. Not on those later Pythons: their pool closes it
+        # itself, and a second close could hit the descriptor number a new
+        # pool has taken since.
         reader = getattr(getattr(broken, "_call_queue", None), "_reader", None)
-        if reader is not None:
+        if reader is not None and sys.version_info < (3, 11, 5):
             try:
                 reader.close()
             except OSError:
                 pass
-        broken.shutdown(wait=False, cancel_futures=True)
+        try:
+            broken.shutdown(wait=False, cancel_futures=True)
+        except OSError:
+            # A pool that broke by itself may have closed the pipe that
+            # wakes its manager thread already.
+            pass
         return True
 
     def _started(self) -> ProcessPoolExecutor:
