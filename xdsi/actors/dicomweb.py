@@ -591,13 +591,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         # All frames are counted off, not listed: Number of Frames may run
         # to millions (a 1x1 frame a byte), which a list would hold at once.
         numbers: Sequence[int] = range(1, count + 1) if listed is None else listed
-        beyond = [n for n in listed or () if n > count]
-        if beyond:
-            abort(
-                404,
-                f"frame {beyond[0]} is not in instance {sop_uid}, which has "
-                f"{count} frame{'s' if count > 1 else ''}",
-            )
+        _frames_within(listed, count, sop_uid)
         row = held[0]
         framing = _frame_framing(request.headers.get("Accept", ""), row)
         path = source.blobs.path(row.blob)
@@ -823,13 +817,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             study_uid, series_uid, sop_uid, no_image=406 if listed is None else 404
         )
         count = frames.number_of_frames(image)
-        beyond = [n for n in listed or () if n > count]
-        if beyond:
-            abort(
-                404,
-                f"frame {beyond[0]} is not in instance {sop_uid}, which has "
-                f"{count} frame{'s' if count > 1 else ''}",
-            )
+        _frames_within(listed, count, sop_uid)
         return held, count
 
     def rendered_answer(
@@ -1952,6 +1940,18 @@ class _Production:
                 f"the stored copies of {self.unreadable} cannot be read here"
             )
         return "; ".join(reasons)
+
+
+def _frames_within(listed: Sequence[int] | None, count: int, sop_uid: str) -> None:
+    """Abort 404 when a frame ``listed`` is past the ``count`` frames of
+    instance ``sop_uid`` (DICOM PS3.18 8.3.3.1: frame numbers start at 1)."""
+    beyond = [n for n in listed or () if n > count]
+    if beyond:
+        abort(
+            404,
+            f"frame {beyond[0]} is not in instance {sop_uid}, which has "
+            f"{count} frame{'s' if count > 1 else ''}",
+        )
 
 
 def _produce_all(
