@@ -5,7 +5,10 @@ says what the node did without the values it handled.
 """
 
 import logging
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 # A log line above DEBUG quotes at most this many characters of what a peer
@@ -57,6 +60,51 @@ def quiet_pydicom(level: int) -> None:
         logging.DEBUG if level <= logging.DEBUG else logging.ERROR
     )
     warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+
+
+# The threads inside warnings_muted(), and what showed a warning before
+# _show_unless_muted was put in its place.
+_muted = threading.local()
+_installing = threading.Lock()
+_show_before: Any = None
+
+
+@contextmanager
+def warnings_muted() -> Iterator[None]:
+    """Drop the Python warnings this thread raises meanwhile (pydicom's,
+    which may quote a patient's value, attributed to the caller's module
+    and so past the filter of quiet_pydicom).
+
+    ``warnings.catch_warnings`` cannot do this in a threaded server: it
+    swaps the process's one filter list and puts back, on leaving, what it
+    found on entering, so that a thread leaving takes the ignore filter from
+    under another thread still inside, whose warning is then shown. Here the
+    filters stay as they are, and the function that shows a warning passes
+    over those raised in a muted thread.
+    """
+    _install()
+    _muted.depth = getattr(_muted, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _muted.depth -= 1
+
+
+def _install() -> None:
+    """Put _show_unless_muted in place of ``warnings.showwarning``, once
+    (again after something, a test's catch_warnings say, put it back)."""
+    global _show_before
+    with _installing:
+        if warnings.showwarning is not _show_unless_muted:
+            _show_before = warnings.showwarning
+            warnings.showwarning = _show_unless_muted
+
+
+def _show_unless_muted(*args: Any, **kwargs: Any) -> None:
+    # Limitation: a warning passed over here still counts as shown for the
+    # filters' "default" and "once" actions, which show it once per place.
+    if not getattr(_muted, "depth", 0):
+        _show_before(*args, **kwargs)
 
 
 def quoted(text: str | None) -> str | None:

@@ -18,7 +18,6 @@ import shutil
 import string
 import threading
 import uuid
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
@@ -62,7 +61,7 @@ from xdsi.dicom.qido import (
     SERIES_ATTRIBUTES,
     STUDY_ATTRIBUTES,
 )
-from xdsi.logs import escaped
+from xdsi.logs import escaped, warnings_muted
 from xdsi.store.blobs import open_spool, spool_path
 from xdsi.store.schema import QIDO_COLUMNS, imaging_instance, instance_published
 
@@ -173,8 +172,7 @@ def _header(path: Path) -> Dataset:
     never change, so the answer is kept); values over scan.DEFER_SIZE stay
     in the file (bulk data, see _bulk_element), so that a kept header is
     small whatever the instance holds."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings_muted():
         return pydicom.dcmread(
             path, stop_before_pixels=True, defer_size=scan.DEFER_SIZE
         )
@@ -2354,8 +2352,7 @@ def _rendered(path: Path, frame: int, rendering: Rendering) -> bytes:
     frames_held = frames.number_of_frames(ds)
     if not 1 <= frame <= frames_held:
         abort(400, f"frameNumber {frame} is outside 1..{frames_held}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings_muted():
         try:
             # The frame asked for alone is read from the file and decoded,
             # not all of them: memory follows the frame, not the instance.

@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
+
+from xdsi.logs import warnings_muted
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +100,7 @@ def header_attributes(ds: Dataset) -> str:
     the instance is taken in all the same.
     """
     kept: dict[str, Any] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings_muted():
         for keyword, tag, vr in _HEADER_TAGS:
             if tag not in ds:
                 continue
@@ -152,8 +152,7 @@ def _folded_name(tag: str, element: Mapping[str, Any]) -> str | None:
     as pydicom writes a name (DICOM PS3.5 6.2), case-folded; None when
     it cannot be read."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings_muted():
             name = Dataset.from_json({tag: dict(element)})[int(tag, 16)].value
     except Exception:
         return None
