@@ -14,7 +14,7 @@ import os
 import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, wait
+from concurrent.futures import CancelledError, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -288,6 +288,14 @@ POOLED_FROM = 4
 # given hostile pixel data) takes down its process, not the node.
 TRANSCODERS = worker.Pool(TRANSCODING_SLOTS, "the transcoding processes")
 
+# How long a transcoding process may take over one instance: a minute, plus
+# a second a megabyte of its stored copy (the slowest encoder here, RLE,
+# takes some 0.15 s a megabyte). One that takes longer is stuck (a decoder
+# looping on a corrupt frame): the transcoding processes are killed, as if
+# it had crashed, rather than holding the request, and its thread, for good.
+ALLOWANCE = 60.0
+ALLOWANCE_PER_MB = 1.0
+
 Job = tuple[Path, str, Sequence[str]]
 """An instance to produce: its stored copy, the syntax it is held in and the
 syntaxes requested, as :func:`produce` takes them."""
@@ -329,17 +337,38 @@ class Production:
         transcoding process died cannot be produced."""
         future = self._futures.get(index)
         if future is None:
+            # Limitation: an instance re-encoded in the calling thread (a
+            # request with fewer than POOLED_FROM) has no allowance: a stuck
+            # decoder holds that thread.
             return produce(*self._jobs[index], self._spool)
+        allowance = self._allowance(index)
         try:
-            return future.result()
-        except BrokenProcessPool:
-            if TRANSCODERS.discard():
-                logger.warning(
-                    "a transcoding process died (a codec crashed); the instances "
-                    "it and its fellows were re-encoding are not sent in the "
-                    "syntaxes asked for"
-                )
-            return None
+            return future.result(timeout=allowance)
+        except (BrokenProcessPool, CancelledError):
+            # Cancelled: not begun when its fellows were stopped (below).
+            reason = "died (a codec crashed)"
+        except TimeoutError:
+            reason = (
+                f"took over {allowance:.0f} s over one instance (a codec stuck) "
+                "and was stopped"
+            )
+        if TRANSCODERS.discard():
+            logger.warning(
+                "a transcoding process %s; the instances it and its fellows "
+                "were re-encoding are not sent in the syntaxes asked for",
+                reason,
+            )
+        return None
+
+    def _allowance(self, index: int) -> float:
+        """Seconds a transcoding process may take over job ``index``: it is
+        under way once the caller, taking the results in order, waits for
+        it."""
+        try:
+            size = self._jobs[index][0].stat().st_size
+        except OSError:
+            size = 0
+        return ALLOWANCE + ALLOWANCE_PER_MB * size / 1e6
 
 
 def _write(source: Path, target: str, destination: Path) -> None:

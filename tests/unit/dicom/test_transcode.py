@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -461,6 +462,54 @@ def test_instances_of_a_transcoding_process_that_died_are_not_sent_and_the_next_
         r for r in caplog.records if "transcoding process died" in r.getMessage()
     ]
     assert len(warnings) == 1
+    assert all(p is not None and p.transfer_syntax_uid == RLELossless for p in again)
+
+
+def test_instances_of_a_stuck_transcoding_process_are_not_sent_and_the_next_are(
+    tmp_path: Path,
+    own_transcoders: worker.Pool,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A transcoding process that takes longer than its allowance over an
+    instance (a decoder looping on a corrupt frame; stopped here) does not
+    hold the request: the transcoding processes are killed, the instances
+    they had cannot be produced, one WARNING says so, and the next request
+    starts new processes."""
+    monkeypatch.setattr(transcode, "ALLOWANCE", 3.0)
+    monkeypatch.setattr(transcode, "ALLOWANCE_PER_MB", 0.0)
+    jobs = _ct_jobs(12)
+
+    lost: list[transcode.Produced | None] = []
+    stuck: list[multiprocessing.Process] = []
+
+    def request() -> None:
+        with transcode.Production(jobs, tmp_path / "first") as first:
+            assert own_transcoders.executor is not None
+            stuck.extend(own_transcoders.executor._processes.values())
+            for process in stuck:
+                os.kill(process.pid, signal.SIGSTOP)
+            lost.extend(first.result(n) for n in range(len(jobs)))
+
+    answering = threading.Thread(target=request)
+    answering.start()
+    # A bound on liveness, not on speed: without an allowance the request
+    # waits for good; its processes are then killed to end the test.
+    answering.join(120)
+    if answering.is_alive():
+        for process in stuck:
+            os.kill(process.pid, signal.SIGKILL)
+        answering.join()
+    with transcode.Production(jobs, tmp_path / "second") as second:
+        again = [second.result(n) for n in range(len(jobs))]
+
+    assert len(stuck) == 2
+    assert lost == [None] * len(jobs)
+    for process in stuck:
+        process.join(10)
+        assert process.exitcode == -signal.SIGKILL
+    warned = [r for r in caplog.records if "(a codec stuck)" in r.getMessage()]
+    assert len(warned) == 1
     assert all(p is not None and p.transfer_syntax_uid == RLELossless for p in again)
 
 
