@@ -762,20 +762,15 @@ def _entries_table(entries: list[FoundEntry]) -> Table:
     ):
         table.add_column(column, overflow="fold")
     for entry in entries:
-        # The registry's values, as plain text: rich would read "[...]" in
-        # a str as markup (a hyperlink, a style, or a MarkupError), and
-        # keeps C1 controls; each is shown as sent, escaped (logs.shown).
+        # The registry's values, as plain text (see _plain).
         table.add_row(
-            *(
-                Text(logs.shown(value))
-                for value in (
-                    entry.unique_id,
-                    entry.title,
-                    " ".join(entry.modalities),
-                    entry.service_start_time,
-                    " ".join(entry.study_instance_uids),
-                    entry.repository_unique_id,
-                )
+            *_plain(
+                entry.unique_id,
+                entry.title,
+                " ".join(entry.modalities),
+                entry.service_start_time,
+                " ".join(entry.study_instance_uids),
+                entry.repository_unique_id,
             )
         )
     return table
@@ -1484,13 +1479,16 @@ def _list_repository(
         table.add_column(column, overflow="fold")
     for record in records:
         when = record.event_time or record.received_at
+        # What the peers sent, as plain text (see _plain).
         table.add_row(
-            when.strftime("%Y-%m-%d %H:%M:%S"),
-            f"{record.transport} {record.peer}",
-            record.event_id or "?",
-            record.event_type or "?",
-            str(record.outcome) if record.valid else f"malformed: {record.error}",
-            record.audit_source_id or "?",
+            *_plain(
+                when.strftime("%Y-%m-%d %H:%M:%S"),
+                f"{record.transport} {record.peer}",
+                record.event_id or "?",
+                record.event_type or "?",
+                str(record.outcome) if record.valid else f"malformed: {record.error}",
+                record.audit_source_id or "?",
+            )
         )
     _print_table(table)
 
@@ -1635,15 +1633,28 @@ def _audit_table(records: list) -> Table:  # type: ignore[type-arg]
             "(requestor)" if user_id == ns.WSA_ANONYMOUS else user_id
             for user_id in record.actor_user_ids
         ]
+        # A participant is named as the peer named itself (its
+        # WS-Addressing reply address, say): plain text (see _plain).
         table.add_row(
-            record.event_time.strftime("%Y-%m-%d %H:%M:%S"),
-            # Application Start/Stop and security alerts name no transaction.
-            record.event_type or "-",
-            record.event_id.display if record.event_id else "?",
-            str(record.outcome) if record.valid else "corrupt",
-            " → ".join(participants),
+            *_plain(
+                record.event_time.strftime("%Y-%m-%d %H:%M:%S"),
+                # Application Start/Stop and security alerts name no
+                # transaction.
+                record.event_type or "-",
+                record.event_id.display if record.event_id else "?",
+                str(record.outcome) if record.valid else "corrupt",
+                " → ".join(participants),
+            )
         )
     return table
+
+
+def _plain(*values: str) -> list[Text]:
+    """Table cells that show ``values`` as they are: rich reads "[...]" in
+    a str as markup (a style, a hyperlink, or a MarkupError that ends the
+    command with a traceback), and passes C1 controls to the terminal; each
+    is escaped instead (logs.shown)."""
+    return [Text(logs.shown(value)) for value in values]
 
 
 @main.group("tls")

@@ -199,3 +199,42 @@ def test_arr_tls_port_0_is_a_free_port_not_the_default(tmp_path: Path) -> None:
 
     (tls,) = [line for line in said if line.startswith("syslog tls")]
     assert int(tls.split()[-1]) not in (0, default)
+
+
+def test_audit_lists_show_what_peers_sent_as_text_not_as_markup(
+    arr: tuple[Path, Pki, dict[str, str]], tmp_path: Path
+) -> None:
+    """A peer names itself (AuditSourceID, a WS-Addressing reply address as
+    an ActiveParticipant's UserID) as it likes: both audit lists print the
+    name as sent, where rich read "[/]" as markup and ended the command
+    with a MarkupError traceback, and "[bold]" styled the rest of the row;
+    a bidirectional override is escaped."""
+    config, pki, endpoints = arr
+    named = "[/]peer[bold]\u202e"
+    event = retrieve_event(1)
+    event = replace(event, destination=replace(event.destination, user_id=named))
+    spool = AuditSpool(tmp_path / "node" / "audit")
+    spool.write(build_audit_message(event, audit_source_id=named))
+    sending = AuditForwarder(
+        spool,
+        [f"tls://127.0.0.1:{endpoints['syslog tls']}"],
+        app_name="xdsi",
+        tls_context=pki.client_context(),
+        backoff=Backoff(0.1, 0.5),
+        poll_interval=0.05,
+    )
+    sending.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not _query(endpoints, "") and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        sending.stop()
+
+    shown = "[/]peer[bold]\\u202e"
+    from_arr = _xdsi(config, "audit", "list", "--arr")
+    assert shown in from_arr.stdout
+    assert "\u202e" not in from_arr.stdout
+    own = _xdsi(config, "audit", "list")
+    assert shown in own.stdout
+    assert "\u202e" not in own.stdout
