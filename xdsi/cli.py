@@ -52,6 +52,7 @@ from xdsi.app import (
     node_consumer,
 )
 from xdsi.audit import Auditor, AuditSpool
+from xdsi.audit.messages import audit_event_rules
 from xdsi.audit.repository import (
     AuditRecordStore,
     AuditRepository,
@@ -1484,13 +1485,25 @@ def _list_repository(
             *_plain(
                 when.strftime("%Y-%m-%d %H:%M:%S"),
                 f"{record.transport} {record.peer}",
-                record.event_id or "?",
+                _event_name(record.event_id),
                 record.event_type or "?",
                 str(record.outcome) if record.valid else f"malformed: {record.error}",
                 record.audit_source_id or "?",
             )
         )
     _print_table(table)
+
+
+def _event_name(code: str | None) -> str:
+    """An EventID's name, as the node's own list shows it, where the code
+    is one this node writes (DICOM PS3.16 CID 400); else the code."""
+    if not code:
+        return "?"
+    names = {
+        rule.event_id.code: rule.event_id.display
+        for rule in audit_event_rules().values()
+    }
+    return names.get(code, code)
 
 
 def _xml_document(messages: Iterable[bytes]) -> str:
