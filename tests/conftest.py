@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,13 @@ from lxml import etree
 from xdsi.wire.schema import compiled
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# DICOM dates and times are local, and the node writes them in UTC by its
+# own time zone where an instance gives no offset (xdsi.dicom.mapping). The
+# tests, and the nodes they start, run in UTC whatever the machine's zone,
+# so that the values they expect are the shared studies' own.
+os.environ["TZ"] = "UTC"
+time.tzset()
 
 
 def shared_dir() -> Path:

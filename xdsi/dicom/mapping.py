@@ -9,6 +9,7 @@ creation times as DTM (4.2.3.1.7) and eventCodeList from DICOM PS3.16 CID 29.
 import logging
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 
 import pydicom
 from pydicom.sr.codedict import Collection
@@ -89,10 +90,14 @@ def manifest_facts(
     of Accession Number Sequence (of the manifest, else of the study) and
     ``accession_assigning_authority`` when there is none.
 
-    Limitation: DICOM dates and times are local; they are written as they
-    are, not converted to the UTC that ITI TF-3 4.2.3.1.7 asks for. Anatomic
-    region codes (DICOM PS3.16 CID 4) are not added to eventCodeList, and
-    modalities outside CID 29 (OT, KO, PR, SR…) give no event code.
+    DICOM dates and times are local (DICOM PS3.5 6.2); the times are
+    written in the UTC that ITI TF-3 4.2.3.1.7 asks for, by the Timezone
+    Offset From UTC (0008,0201) of the study or the manifest, else by the
+    node's own time zone (its TZ), where the modality is taken to be.
+
+    Limitation: anatomic region codes (DICOM PS3.16 CID 4) are not added to
+    eventCodeList, and modalities outside CID 29 (OT, KO, PR, SR…) give no
+    event code.
 
     Raises
     ------
@@ -107,7 +112,9 @@ def manifest_facts(
             f"{manifest.get('StudyInstanceUID')}, not {study.study_instance_uid}"
         )
     creation_time = _dtm(
-        str(manifest.get("ContentDate", "")), str(manifest.get("ContentTime", ""))
+        str(manifest.get("ContentDate", "")),
+        str(manifest.get("ContentTime", "")),
+        str(manifest.get("TimezoneOffsetFromUTC", "")),
     )
     if creation_time is None:
         raise NotAManifest(
@@ -123,7 +130,9 @@ def manifest_facts(
         format_code=MANIFEST_FORMAT_CODE,
         event_codes=event_codes(study),
         reference_ids=_reference_ids(study, manifest, accession_assigning_authority),
-        service_start_time=_dtm(study.study_date, study.study_time),
+        service_start_time=_dtm(
+            study.study_date, study.study_time, study.timezone_offset
+        ),
         service_stop_time=_service_stop_time(study),
         creation_time=creation_time,
         source_patient_id=source_patient_id,
@@ -182,26 +191,60 @@ def _service_stop_time(study: Study) -> str | None:
     for series in study.series:
         acquired = series.last_acquisition_datetime
         if acquired:
-            times.append(_dtm(acquired[:8], acquired[8:]))
+            times.append(_dtm(acquired[:8], acquired[8:], study.timezone_offset))
         else:
-            times.append(_dtm(series.series_date, series.series_time))
+            times.append(
+                _dtm(series.series_date, series.series_time, study.timezone_offset)
+            )
     known = [time for time in times if time is not None]
     return max(known) if known else None
 
 
-def _dtm(date: str, time: str) -> str | None:
-    """ITI TF-3 4.2.3.1.7 DTM from a DICOM DA and TM, to the second.
+def _dtm(date: str, time: str, offset: str = "") -> str | None:
+    """ITI TF-3 4.2.3.1.7 DTM, in UTC, from a DICOM DA and TM, to the second.
 
-    None when the date is not YYYYMMDD; a time that is not hh, hhmm or
-    hhmmss (fraction dropped) is left out.
+    ``offset`` is the Timezone Offset From UTC (0008,0201) they are local
+    to; without a valid one, the node's own time zone. None when the date
+    is not YYYYMMDD; a time that is not hh, hhmm or hhmmss (fraction
+    dropped) is left out, and a date alone is written as it is (a day has
+    no offset to take).
     """
     date = date.strip()
     if not (len(date) == 8 and date.isdigit()):
         return None
     time = time.strip().split(".")[0]
-    if len(time) in (2, 4, 6) and time.isdigit():
+    if not (len(time) in (2, 4, 6) and time.isdigit()):
+        return date
+    try:
+        local = datetime.strptime(date + time.ljust(6, "0"), "%Y%m%d%H%M%S").replace(
+            tzinfo=_zone(offset)
+        )
+        utc = local.astimezone(UTC)
+    except (ValueError, OverflowError):
+        # Not a date and time (hour 24, say), or beyond year 1 to 9999 in
+        # UTC: written as given.
         return date + time
-    return date
+    # As precise as given, and as the offset needs (+0530 moves minutes).
+    digits = max(len(time), 4 if utc.minute else 2)
+    return utc.strftime("%Y%m%d%H%M%S")[: 8 + digits]
+
+
+_OFFSET = re.compile(r"([+-])(\d\d)(\d\d)")
+
+
+def _zone(offset: str) -> tzinfo | None:
+    """The fixed zone of a Timezone Offset From UTC (SOP Common Module,
+    DICOM PS3.3 Table C.12-1; "&ZZXX", -1200 to +1400, as in a DT, DICOM
+    PS3.5 Table 6.2-1); None, the node's own zone, when there is no valid
+    one."""
+    match = _OFFSET.fullmatch(offset.strip())
+    if match is None:
+        return None
+    sign, hours, minutes = match.groups()
+    if int(hours) > 14 or int(minutes) > 59:
+        return None
+    delta = timedelta(hours=int(hours), minutes=int(minutes))
+    return timezone(-delta if sign == "-" else delta)
 
 
 def _cx(patient_id: str, issuer: str) -> str:

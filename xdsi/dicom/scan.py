@@ -164,6 +164,9 @@ class Study:
     series: tuple[Series, ...]
     procedure_codes: tuple[Code, ...]
     issuer_of_accession_number: str = ""
+    # Timezone Offset From UTC (0008,0201), "+HHMM" or "-HHMM": the offset
+    # of the study's local dates and times; "" when not given.
+    timezone_offset: str = ""
 
     @property
     def instances(self) -> tuple[InstanceHeader, ...]:
@@ -1121,6 +1124,7 @@ class _StudyBuilder:
                 "StudyDescription",
                 "ReferringPhysicianName",
                 "InstitutionName",
+                "TimezoneOffsetFromUTC",
             )
         }
         self.issuer_of_accession_number = _issuer(ds, "IssuerOfAccessionNumberSequence")
@@ -1162,4 +1166,5 @@ class _StudyBuilder:
             series=tuple(series),
             procedure_codes=self.procedure_codes,
             issuer_of_accession_number=self.issuer_of_accession_number,
+            timezone_offset=fields["TimezoneOffsetFromUTC"],
         )

@@ -2,6 +2,7 @@
 
 import dataclasses
 import re
+import time
 from datetime import datetime
 
 import pydicom
@@ -102,6 +103,77 @@ def test_mr_service_times_drop_the_fraction_of_seconds(mr):
     _, _, facts = mr
     assert facts.service_start_time == "20150202154122"
     assert facts.service_stop_time == "20150202161945"
+
+
+@pytest.mark.parametrize(
+    ("offset", "start", "stop"),
+    [
+        ("+0100", "20150202144122", "20150202151945"),
+        ("-0500", "20150202204122", "20150202211945"),
+        # A half-hour offset moves the minutes.
+        ("+0530", "20150202101122", "20150202104945"),
+        # Not an offset (DICOM PS3.5 Table 6.2-1): the node's own zone, UTC.
+        ("+2500", "20150202154122", "20150202161945"),
+        ("0100", "20150202154122", "20150202161945"),
+    ],
+)
+def test_service_times_are_written_in_utc_by_the_study_offset(
+    mr, offset: str, start: str, stop: str
+):
+    """ITI TF-3 4.2.3.1.7: times in UTC; the study's times are local to its
+    Timezone Offset From UTC (0008,0201)."""
+    study, kos, _ = mr
+    study = dataclasses.replace(study, timezone_offset=offset)
+
+    facts = manifest_facts(study, kos, accession_assigning_authority=AFFINITY_DOMAIN)
+
+    assert (facts.service_start_time, facts.service_stop_time) == (start, stop)
+
+
+def test_times_without_an_offset_are_local_to_the_node(
+    mr, monkeypatch: pytest.MonkeyPatch
+):
+    """With no Timezone Offset From UTC, the study's and the manifest's
+    times are local to the node's own zone (TZ), summer time included."""
+    study, kos, _ = mr
+    kos = pydicom.Dataset(kos)
+    kos.ContentDate, kos.ContentTime = "20240706", "003000"
+    # Central European Time as a POSIX rule, which needs no zone files.
+    monkeypatch.setenv("TZ", "CET-1CEST,M3.5.0,M10.5.0/3")
+    time.tzset()
+    try:
+        facts = manifest_facts(
+            study, kos, accession_assigning_authority=AFFINITY_DOMAIN
+        )
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+    # February: UTC+1; July: UTC+2, the day before in UTC.
+    assert facts.service_start_time == "20150202144122"
+    assert facts.creation_time == "20240705223000"
+
+
+def test_a_manifest_with_an_offset_gives_its_creation_time_in_utc(mr):
+    study, kos, _ = mr
+    kos = pydicom.Dataset(kos)
+    kos.ContentDate, kos.ContentTime = "20240101", "2330"
+    kos.TimezoneOffsetFromUTC = "-0100"
+
+    facts = manifest_facts(study, kos, accession_assigning_authority=AFFINITY_DOMAIN)
+
+    assert facts.creation_time == "202401020030"
+
+
+def test_the_study_offset_is_read_from_its_instances(tmp_path):
+    """Timezone Offset From UTC (0008,0201), of the SOP Common Module."""
+    ds = pydicom.dcmread(dicom_path("singles", "ts-explicit-le__CT_small.dcm"))
+    assert ds.TimezoneOffsetFromUTC == "-0500"
+    ds.save_as(tmp_path / "one.dcm")
+
+    (study,) = scan_directory(tmp_path).studies
+
+    assert study.timezone_offset == "-0500"
 
 
 def test_manifest_identity_format_and_title(mr):
