@@ -1145,14 +1145,14 @@ def _metadata_media_type(what: str) -> MediaType:
 
     A range whose q value is no qvalue (q=1.5) is left out, as
     xdsi.dicom.media_types.preferred says; application/dicom+xml alone
-    names no multipart answer and takes neither.
+    names no multipart answer and takes none of them.
     """
     chosen = preferred(request.headers.get("Accept"), METADATA_MEDIA_TYPES)
     if chosen is None:
         abort(
             406,
-            f"this service sends {what} as {DICOM_JSON} or as "
-            f"{MULTIPART_XML_TYPE}; the Accept header takes neither",
+            f"this service sends {what} as {DICOM_JSON} (or {JSON_TYPE}) or "
+            f"as {MULTIPART_XML_TYPE}; the Accept header takes none of them",
         )
     return chosen
 
