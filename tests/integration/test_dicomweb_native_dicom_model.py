@@ -211,6 +211,14 @@ def test_instance_metadata_as_xml_says_what_the_json_answer_says(
         "n:DicomAttribute[@tag='7FE00010']/n:BulkData", namespaces=NS
     )
     assert pixels.get("uri") == f"{_instance_url(shared_node, rich)}/bulkdata/7FE00010"
+    # Two private OB values of the instance: one of 1 KiB inline, one of
+    # 4 KiB as bulk data (DICOM PS3.18 F.2.6, F.2.7).
+    (inline,) = root.xpath(
+        "n:DicomAttribute[@tag='00450026']/n:InlineBinary", namespaces=NS
+    )
+    assert inline.text == document["00451026"]["InlineBinary"]
+    (bulk,) = root.xpath("n:DicomAttribute[@tag='00450071']/n:BulkData", namespaces=NS)
+    assert bulk.get("uri") == document["00451071"]["BulkDataURI"]
 
 
 def test_study_metadata_as_xml_is_one_part_per_instance_streamed(
