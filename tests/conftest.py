@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,22 @@ def assert_valid(element: etree._Element, relative: str | None = None) -> None:
         raise AssertionError(
             f"{element.tag} is not valid against {relative}:\n{errors}"
         )
+
+
+@cache
+def _native_dicom_model_schema() -> etree.RelaxNG:
+    return etree.RelaxNG(etree.parse(str(SCHEMAS / "dicom" / "native-dicom-model.rng")))
+
+
+def assert_native_dicom_model(data: bytes) -> etree._Element:
+    """Parse a Native DICOM Model document and validate it against the RELAX
+    NG schema of DICOM PS3.19 A.1.6 (xdsi/schemas/dicom), errors shown."""
+    root = etree.fromstring(data)
+    validator = _native_dicom_model_schema()
+    if not validator.validate(root):
+        errors = "\n".join(str(e) for e in validator.error_log)
+        raise AssertionError(f"not a valid Native DICOM Model document:\n{errors}")
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -1089,8 +1089,9 @@ def test_wado_rs_metadata_and_qido_answer_only_what_accept_takes(
     shared_node: RunningNode, published: scan.Study, accept: str, status: int
 ) -> None:
     """DICOM PS3.18 8.7.3: metadata and search results are sent as DICOM
-    JSON; an Accept header that takes neither it nor JSON is answered 406
-    with why."""
+    JSON, or as multipart/related of DICOM XML (application/dicom+xml alone
+    names no multipart answer); an Accept header that takes none of them is
+    answered 406 with why."""
     base = shared_node.settings.dicomweb_url
     for url in (
         f"{base}/studies/{published.study_instance_uid}/metadata",

@@ -39,7 +39,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification
 from sqlalchemy import Row, func, select, update
 
-from tests.conftest import SHARED, dicom_path, shared_path
+from tests.conftest import SHARED, assert_native_dicom_model, dicom_path, shared_path
 from tests.integration.conftest import RunningNode
 from tests.spooling import left_by_killed_process, spooling
 from tests.unit.dicom.test_check import MANY, empty_items, with_sequence
@@ -966,8 +966,9 @@ def test_stow_rs_answers_in_xml_when_accept_asks_for_it(
 ) -> None:
     """DICOM PS3.18 10.5.1, 10.5.3: the Store Instances Response Module goes
     in the media type Accept names; application/dicom+xml gets the Native
-    DICOM Model (DICOM PS3.19 A.1), with the Referenced and Failed SOP
-    Sequences, Failure Reason and Retrieve URLs the JSON answer holds."""
+    DICOM Model (DICOM PS3.19 A.1), valid against its schema (A.1.6), with
+    the Referenced and Failed SOP Sequences, Failure Reason and Retrieve
+    URLs the JSON answer holds."""
     good = sorted(dicom_path("study-mr", "images").iterdir())[0]
     bad = dicom_path("bad", "truncated-pixeldata__MR_truncated.dcm")
     held = pydicom.dcmread(good, stop_before_pixels=True)
@@ -997,7 +998,7 @@ def test_stow_rs_answers_in_xml_when_accept_asks_for_it(
     assert response.status_code == 202
     assert response.headers["Content-Type"].startswith("application/dicom+xml")
     ns = {"n": "http://dicom.nema.org/PS3.19/models/NativeDICOM"}
-    root = etree.fromstring(response.content)
+    root = assert_native_dicom_model(response.content)
     assert (
         root.tag == "{http://dicom.nema.org/PS3.19/models/NativeDICOM}NativeDicomModel"
     )
@@ -1089,7 +1090,7 @@ def test_stow_rs_answers_in_the_media_type_accept_weighs_highest(
             content_type = response.headers["Content-Type"]
             assert content_type.split(";")[0] == media_type, accept
             if media_type == "application/dicom+xml":
-                etree.fromstring(response.content)
+                assert_native_dicom_model(response.content)
             else:
                 assert "00081199" in response.json()
 

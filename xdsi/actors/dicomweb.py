@@ -4,12 +4,16 @@ Implements RAD TF-3 4.55 (WADO Retrieve: DICOM PS3.18 9 URI service,
 ``requestType=WADO``), RAD TF-3 4.107 (WADO-RS Retrieve: DICOM PS3.18 10.4
 instances, metadata, frames, rendered and thumbnail resources) and RAD TF-3
 4.129 (QIDO-RS Query: DICOM PS3.18 10.6) for the studies this source has
-published with a manifest.
+published with a manifest. Metadata and search results go as DICOM JSON
+(DICOM PS3.18 F.2) or, when the Accept header weighs it higher, as
+multipart/related of one Native DICOM Model document (DICOM PS3.19 A.1) per
+instance or match (DICOM PS3.18 Table 10.4.4-1, 10.6.3.3).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -55,6 +59,16 @@ from werkzeug.http import parse_accept_header
 from xdsi import audit
 from xdsi.actors.soap_endpoint import with_allow
 from xdsi.dicom import frames, scan, transcode
+from xdsi.dicom.media_types import (
+    DICOM_JSON,
+    DICOM_JSON_TYPE,
+    DICOM_XML,
+    JSON_TYPE,
+    MULTIPART_XML_TYPE,
+    MediaType,
+    preferred,
+)
+from xdsi.dicom.native_xml import native_dicom_model
 from xdsi.dicom.qido import (
     INSTANCE_ATTRIBUTES,
     MAX_INDEXED_LENGTH,
@@ -71,7 +85,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DICOM = "application/dicom"
-DICOM_JSON = "application/dicom+json"
 JPEG = "image/jpeg"
 PNG = "image/png"
 GIF = "image/gif"
@@ -101,7 +114,7 @@ RENDERED_MEDIA_TYPES = frozenset(
         "application/pdf",
     }
 )
-DICOM_MEDIA_TYPES = frozenset({DICOM, DICOM_JSON, "application/dicom+xml"})
+DICOM_MEDIA_TYPES = frozenset({DICOM, DICOM_JSON, DICOM_XML})
 # The box a thumbnail fits in, aspect kept, when no viewport is asked for
 # (DICOM PS3.18 10.4.1.1.4 leaves its size to the origin server).
 THUMBNAIL_VIEWPORT = (128, 128)
@@ -270,7 +283,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
     def qido(level: str, study_uid: str | None, series_uid: str | None) -> Response:
         """DICOM PS3.18 10.6: answer a search from the imaging_instance rows
         alone, each answer from the attributes kept of its first instance."""
-        _accept_json("search results")
+        answer_type = _metadata_media_type("search results")
         _check_uids(study_uid, series_uid)
         filters = _filters(request.args.items(multi=True), level)
         _single_valued(request.args, ("limit", "offset", *UNSUPPORTED_MATCHING))
@@ -329,7 +342,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
             level,
             len(answers),
         )
-        response = Response(json.dumps(answers), content_type=DICOM_JSON)
+        response = _documents_answer(iter(answers), answer_type)
         if more and capped:
             response.headers.add(
                 "Warning",
@@ -477,7 +490,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
         held = published(study_uid, series_uid, sop_uid)
         if not held:
             abort(404, _not_published(study_uid, series_uid, sop_uid))
-        _accept_json("metadata")
+        answer_type = _metadata_media_type("metadata")
 
         def readable_documents() -> Iterator[dict[str, dict]]:
             for row in held:
@@ -514,13 +527,7 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
                 "here; the node's operator is told in its log",
             )
 
-        def documents() -> Iterator[bytes]:
-            yield b"[" + json.dumps(first).encode()
-            for document in found:
-                yield b"," + json.dumps(document).encode()
-            yield b"]"
-
-        return Response(documents(), content_type=DICOM_JSON)
+        return _documents_answer(itertools.chain([first], found), answer_type)
 
     @blueprint.get(f"{base}/studies/<study_uid>/metadata")
     def study_metadata(study_uid: str) -> Response:
@@ -1121,18 +1128,74 @@ def dicomweb_blueprint(source: ImagingSource, spool_root: Path) -> Blueprint:
 MAX_DIGITS = 18
 
 
-def _accept_json(what: str) -> None:
-    """DICOM PS3.18 8.7.3: ``what`` goes as DICOM JSON only (the XML form is
-    not offered); an Accept that takes neither it nor JSON is answered 406,
-    not with a media type it refused."""
-    if "Accept" in request.headers and not request.accept_mimetypes.best_match(
-        [DICOM_JSON, "application/json"]
-    ):
+# The media types metadata and search results go in, DICOM JSON first: of
+# those an Accept header weighs alike, the first goes (DICOM PS3.18 8.7.3.2,
+# Table 10.4.4-1, 10.6.3.3).
+METADATA_MEDIA_TYPES = (DICOM_JSON_TYPE, JSON_TYPE, MULTIPART_XML_TYPE)
+
+
+def _metadata_media_type(what: str) -> MediaType:
+    """The media type ``what`` goes in: DICOM JSON (DICOM PS3.18 F.2), as
+    application/json when Accept weighs that higher (RFC 6839 3.1), or
+    multipart/related of Native DICOM Model documents (DICOM PS3.19 A.1),
+    the one Accept weighs highest (RFC 9110 12.5.1). An Accept that takes
+    none of them is answered 406 before any work (DICOM PS3.18 8.7.8.1).
+
+    A range whose q value is no qvalue (q=1.5) is left out, as
+    xdsi.dicom.media_types.preferred says; application/dicom+xml alone
+    names no multipart answer and takes none of them.
+    """
+    chosen = preferred(request.headers.get("Accept"), METADATA_MEDIA_TYPES)
+    if chosen is None:
         abort(
             406,
-            f"this service sends {what} as {DICOM_JSON} only; the Accept "
-            "header takes neither it nor application/json",
+            f"this service sends {what} as {DICOM_JSON} (or {JSON_TYPE}) or "
+            f"as {MULTIPART_XML_TYPE}; the Accept header takes none of them",
         )
+    return chosen
+
+
+def _documents_answer(
+    documents: Iterator[Mapping[str, object]], media_type: MediaType
+) -> Response:
+    """A 200 streaming DICOM JSON ``documents`` one at a time, as a JSON
+    array or as a multipart/related body of one Native DICOM Model
+    document per part (DICOM PS3.18 8.6.1.2, RFC 2387): no answer is whole
+    in memory, however many instances it holds."""
+    if media_type == MULTIPART_XML_TYPE:
+        boundary = uuid.uuid4().hex
+        return Response(
+            _native_parts(documents, boundary),
+            content_type=f"{media_type}; boundary={boundary}",
+        )
+
+    def array() -> Iterator[bytes]:
+        separator = b"["
+        for document in documents:
+            yield separator + json.dumps(document).encode()
+            separator = b","
+        yield b"]" if separator == b"," else b"[]"
+
+    return Response(array(), content_type=media_type.name)
+
+
+def _native_parts(
+    documents: Iterable[Mapping[str, object]], boundary: str
+) -> Iterator[bytes]:
+    """One application/dicom+xml part per DICOM JSON document (DICOM PS3.18
+    8.6.1.2, PS3.19 A.1).
+
+    Limitation: an answer of no document (a search matching nothing, DICOM
+    PS3.18 10.6.3.3 status 200 with an empty list) is the close delimiter
+    alone, where RFC 2046 5.1.1 wants one body part at least.
+    """
+    for document in documents:
+        yield (
+            f"--{boundary}\r\nContent-Type: {DICOM_XML}\r\n\r\n".encode("ascii")
+            + native_dicom_model(document)
+            + b"\r\n"
+        )
+    yield f"--{boundary}--\r\n".encode("ascii")
 
 
 def _single_valued(args: MultiDict[str, str], names: Iterable[str]) -> None:
@@ -1635,7 +1698,10 @@ def _time_key(value: str, fill: str) -> str:
 def _media_ranges(accept: str) -> Iterator[tuple[float, str, dict[str, str]]]:
     """The media ranges of an Accept header (RFC 9110 12.5.1), in their
     order: each one's q value, media type (lower case) and parameters (names
-    lower case, values unquoted); those of q 0, not acceptable, left out."""
+    lower case, values unquoted); those of q 0, not acceptable, left out, and
+    those whose q is no qvalue, no number from 0 to 1 (RFC 9110 12.4.2),
+    malformed, left out too, as xdsi.dicom.media_types.preferred leaves
+    them out."""
     for media_range in accept.split(","):
         kind, *params = [p.strip() for p in media_range.split(";")]
         options = {}
@@ -1645,8 +1711,8 @@ def _media_ranges(accept: str) -> Iterator[tuple[float, str, dict[str, str]]]:
         try:
             quality = float(options.get("q", "1"))
         except ValueError:
-            quality = 1.0
-        if quality > 0:
+            continue
+        if 0 < quality <= 1:
             yield quality, kind.lower(), options
 
 

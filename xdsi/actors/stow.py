@@ -28,16 +28,13 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import pydicom
 from flask import Flask, Response, request
-from lxml import etree
-from pydicom.datadict import keyword_for_tag
 from pydicom.uid import UID
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from werkzeug import http
 
 from xdsi import audit
 from xdsi.actors.intake import Accepted, Intake, received_events
@@ -45,6 +42,14 @@ from xdsi.actors.soap_endpoint import RequestBody
 from xdsi.config import Settings
 from xdsi.dicom import scan
 from xdsi.dicom.check import Refused
+from xdsi.dicom.media_types import (
+    DICOM_JSON_TYPE,
+    DICOM_XML_TYPE,
+    JSON_TYPE,
+    MediaType,
+    preferred,
+)
+from xdsi.dicom.native_xml import native_dicom_model
 from xdsi.logs import escaped, quoted
 from xdsi.store.blobs import spool_prefix
 from xdsi.wire import MalformedMessage, RequestTooLarge
@@ -53,15 +58,9 @@ from xdsi.wire.mtom import MAX_REQUEST_PARTS
 logger = logging.getLogger(__name__)
 
 DICOM_MEDIA_TYPE = "application/dicom"
-DICOM_JSON_MEDIA_TYPE = "application/dicom+json"
-DICOM_XML_MEDIA_TYPE = "application/dicom+xml"
-# RFC 6839 3.1: DICOM JSON is JSON, and may go as such.
-JSON_MEDIA_TYPE = "application/json"
 # The media types of the answer, DICOM JSON first: of those an Accept header
 # weighs alike, the first goes.
-ANSWER_MEDIA_TYPES = (DICOM_JSON_MEDIA_TYPE, JSON_MEDIA_TYPE, DICOM_XML_MEDIA_TYPE)
-# DICOM PS3.19 A.1: the namespace of the Native DICOM Model.
-NATIVE_DICOM_MODEL = "http://dicom.nema.org/PS3.19/models/NativeDICOM"
+ANSWER_MEDIA_TYPES = (DICOM_JSON_TYPE, JSON_TYPE, DICOM_XML_TYPE)
 
 # DICOM PS3.6 tags of the Store Instances Response Module (PS3.18 10.5.3).
 RETRIEVE_URL = "00081190"
@@ -410,7 +409,7 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
         # nothing is stored for an answer the sender would not take.
         return _plain(
             NOT_ACCEPTABLE,
-            f"STOW-RS answers in {DICOM_JSON_MEDIA_TYPE} or {DICOM_XML_MEDIA_TYPE}; "
+            f"STOW-RS answers in {DICOM_JSON_TYPE} or {DICOM_XML_TYPE}; "
             "the Accept header takes neither",
         )
     # DICOM PS3.18 8.7.3.5.2: the transfer-syntax parameter of the multipart
@@ -568,12 +567,12 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
         len(failed),
         time.monotonic() - started,
     )
-    if answer_type == DICOM_XML_MEDIA_TYPE:
+    if answer_type == DICOM_XML_TYPE:
         response = Response(
-            _native_dicom_model(body), status=status, mimetype=DICOM_XML_MEDIA_TYPE
+            native_dicom_model(body), status=status, mimetype=str(DICOM_XML_TYPE)
         )
     else:
-        response = Response(json.dumps(body), status=status, mimetype=answer_type)
+        response = Response(json.dumps(body), status=status, mimetype=str(answer_type))
     # The body names every failed part; the headers tell of the first few
     # only, since HTTP clients and proxies take a bounded head.
     for warning in warnings[:MAX_WARNINGS]:
@@ -584,7 +583,7 @@ def _store(intake: Intake, spool: Path, study_instance_uid: str | None) -> Respo
     return response
 
 
-def _answer_media_type() -> str | None:
+def _answer_media_type() -> MediaType | None:
     """The media type of the Store Instances Response Module the request's
     Accept header takes, or None when it takes none this node sends.
 
@@ -596,50 +595,9 @@ def _answer_media_type() -> str | None:
     of which DICOM JSON is a kind (RFC 6839 3.1), when Accept weighs that
     higher, as it does when it refuses application/dicom+json with q=0 but
     takes any other type. None of them taken is a 406 (DICOM PS3.18
-    8.7.8.1).
+    8.7.8.1); see xdsi.dicom.media_types.preferred.
     """
-    if "Accept" not in request.headers:
-        return DICOM_JSON_MEDIA_TYPE
-    best, best_weight = None, 0.0
-    for media_type in ANSWER_MEDIA_TYPES:
-        weight = _weight(media_type)
-        if weight > best_weight:
-            best, best_weight = media_type, weight
-    return best
-
-
-def _weight(media_type: str) -> float:
-    """The weight the request's Accept header gives ``media_type``.
-
-    RFC 9110 12.5.1: that of the most specific media range matching it. A
-    range with parameters matches only when they name the charset every
-    answer is in, UTF-8 (DICOM PS3.18 8.8.4 has a client name a media
-    type's charset with it in Accept); a range whose weight is no qvalue
-    is left out.
-    """
-    kind, subtype = media_type.split("/")
-    weight, specificity = 0.0, -1
-    for value, quality in request.accept_mimetypes:
-        media_range, parameters = http.parse_options_header(value)
-        range_kind, _, range_subtype = media_range.lower().partition("/")
-        if range_kind == "*" and range_subtype == "*":
-            rank = 0
-        elif range_kind != kind:
-            continue
-        elif range_subtype == "*":
-            rank = 1
-        elif range_subtype == subtype:
-            rank = 2
-        else:
-            continue
-        if parameters:
-            named = {name.lower(): v.lower() for name, v in parameters.items()}
-            if named != {"charset": "utf-8"}:
-                continue
-            rank = 3
-        if rank > specificity:
-            weight, specificity = quality, rank
-    return weight
+    return preferred(request.headers.get("Accept"), ANSWER_MEDIA_TYPES)
 
 
 def _declared_transfer_syntax(options: dict[bytes, bytes]) -> str | None:
@@ -684,47 +642,6 @@ def _check_transfer_syntax(path: Path, declared: str | None) -> None:
             f"{escaped(declared[:64])} but its File Meta names "
             f"{escaped(actual[:64])} (DICOM PS3.18 8.7.3.5.2)",
         )
-
-
-def _native_dicom_model(body: dict[str, dict[str, Any]]) -> bytes:
-    """The Store Instances Response Module ``body``, in DICOM JSON (DICOM
-    PS3.18 F.2), as a Native DICOM Model document (DICOM PS3.19 A.1).
-
-    Only what the module holds is written: attributes with their Values
-    and sequences with their Items, in tag order; no Person Name, bulk
-    data or inline binary.
-    """
-    root = etree.Element(
-        f"{{{NATIVE_DICOM_MODEL}}}NativeDicomModel", nsmap={None: NATIVE_DICOM_MODEL}
-    )
-    # DICOM PS3.19 Table A.1.5-1: the values' white space is kept.
-    root.set("{http://www.w3.org/XML/1998/namespace}space", "preserve")
-    _add_attributes(root, body)
-    return etree.tostring(root, xml_declaration=True, encoding="UTF-8")
-
-
-def _add_attributes(
-    parent: etree._Element, attributes: dict[str, dict[str, Any]]
-) -> None:
-    """Add a DicomAttribute to ``parent`` for each DICOM JSON attribute."""
-    for tag in sorted(attributes):
-        element = attributes[tag]
-        node = etree.SubElement(
-            parent,
-            f"{{{NATIVE_DICOM_MODEL}}}DicomAttribute",
-            tag=tag,
-            vr=element["vr"],
-            keyword=keyword_for_tag(int(tag, 16)),
-        )
-        child = "Item" if element["vr"] == "SQ" else "Value"
-        for number, value in enumerate(element.get("Value", []), start=1):
-            item = etree.SubElement(
-                node, f"{{{NATIVE_DICOM_MODEL}}}{child}", number=str(number)
-            )
-            if child == "Item":
-                _add_attributes(item, value)
-            else:
-                item.text = str(value)
 
 
 def _uids_of(path: Path) -> tuple[str, str]:

@@ -66,10 +66,25 @@ def test_accept_names_the_syntaxes_and_framing(
 
 @pytest.mark.parametrize(
     "accept",
-    ["image/jpeg", f"{MULTI}; q=0", "application/dicom"],
-    ids=["other-type", "q-zero", "single-part-for-a-study"],
+    [
+        "image/jpeg",
+        f"{MULTI}; q=0",
+        "application/dicom",
+        f"{MULTI}; q=1.5",
+        f"{MULTI}; q=high",
+    ],
+    ids=[
+        "other-type",
+        "q-zero",
+        "single-part-for-a-study",
+        "q-above-1",
+        "q-no-number",
+    ],
 )
 def test_nothing_acceptable_is_406(accept: str) -> None:
+    """DICOM PS3.18 8.7.8.1: no range takes what the resource is sent in; a
+    range whose q is no qvalue (RFC 9110 12.4.2) is malformed and left out,
+    as the DICOM JSON and XML answers leave it out."""
     with pytest.raises(NotAcceptable):
         _accepted_dicom(accept, single_allowed=False)
 
