@@ -86,7 +86,9 @@ def test_a_thread_leaving_its_muted_block_leaves_another_muted(shown):
         with warnings_muted():
             second_in.set()
             left.wait(10)
-            warnings.warn("Invalid value for VR DA: '19700101X'", UserWarning)
+            warnings.warn(
+                "Invalid value for VR DA: '19700101X'", UserWarning, stacklevel=1
+            )
 
     threads = [threading.Thread(target=first), threading.Thread(target=second)]
     for thread in threads:
@@ -110,11 +112,11 @@ def test_muting_one_thread_leaves_the_others_warnings_shown(shown):
     thread.start()
     inside.wait(10)
     try:
-        warnings.warn("not muted here", UserWarning)
+        warnings.warn("not muted here", UserWarning, stacklevel=1)
     finally:
         done.set()
         thread.join(10)
     with warnings_muted():
-        warnings.warn("muted here", UserWarning)
+        warnings.warn("muted here", UserWarning, stacklevel=1)
 
     assert [str(w.message) for w in shown] == ["not muted here"]
