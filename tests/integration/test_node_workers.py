@@ -95,7 +95,9 @@ def _answering_pids_of(settings: Settings) -> set[int]:
     return _audit_writers(settings)
 
 
-def _wait_for(condition, seconds: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
+# A bound on liveness, not on speed: a worker spawned takes seconds to import
+# its modules, many more on a machine busy with other tests.
+def _wait_for(condition, seconds: float = 120.0) -> bool:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if condition():
@@ -334,7 +336,7 @@ def _end_node_process(tmp_path: Path, signum: signal.Signals) -> tuple[Settings,
     try:
         assert set(_answering_pids_of(node)) - {served.process.pid} <= set(workers)
         served.process.send_signal(signum)
-        status = served.process.wait(timeout=60)
+        status = served.process.wait(timeout=120)
         # A bound on liveness, not on speed.
         assert _wait_for(lambda: not _running(workers), seconds=30), _running(workers)
     finally:
