@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 
 from tests.conftest import dicom_path, require_program
 from tests.integration.conftest import PATIENT, RunningNode, validate_exchanges
+from xdsi.actors import consumer as consumer_module
 from xdsi.dicom import kos, scan
 from xdsi.store.schema import registry_object, repository_document
 
@@ -41,6 +42,27 @@ def test_mr_study_comes_back_byte_identical(running_node: RunningNode, tmp_path)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
         ["manifests", study.study_instance_uid]
     )
+
+
+def test_a_study_of_more_instances_than_a_batch_comes_in_several_rad69(
+    running_node: RunningNode, tmp_path, monkeypatch
+):
+    """The Consumer asks for RAD69_BATCH instances at most a RAD-69, so that
+    a source re-encoding a large study answers each request in bounded
+    time; the 36 instances of the MR's two series, ten a request, come back
+    whole, a series split across requests."""
+    monkeypatch.setattr(consumer_module, "RAD69_BATCH", 10)
+    running_node.feed()
+    (study,) = scan.scan_directory(dicom_path("study-mr", "images")).studies
+    running_node.services.imaging_source.publish(study, PATIENT)
+
+    result = running_node.services.consumer.fetch(PATIENT, tmp_path / "out")
+
+    assert not result.missing and not result.failed
+    got = {p.stem: _sha256(p) for p in result.instances}
+    assert got == {h.sop_instance_uid: _sha256(h.path) for h in study.instances}
+    assert len(running_node.taps["imaging_source"].exchanges) == 4
+    assert validate_exchanges(running_node.taps, tmp_path / "spool") == 16
 
 
 def test_every_message_of_the_chain_is_schema_valid(

@@ -14,7 +14,7 @@ import re
 import stat
 import tempfile
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -41,6 +41,14 @@ logger = logging.getLogger(__name__)
 STUDY_INSTANCE_UID_TYPE = "urn:ihe:iti:xds:2016:studyInstanceUID"
 # Under an output directory, where answers are spooled while they arrive.
 PARTIAL_DIR = ".xdsi-partial"
+
+# Instances asked for in one RAD-69 at most. The Imaging Document Source
+# sends its answer once every instance is in a syntax asked for, and may
+# have to re-encode each one (a compressed study asked for in Explicit VR
+# Little Endian, the default here): at some 30 to 70 ms an instance a core,
+# a study of thousands in one request would keep its first byte past the
+# Consumer's timeout. Batches bound that wait, and cost a round trip each.
+RAD69_BATCH = 500
 # A uniqueId (an OID, with an ^extension at most: ITI TF-3 4.2.3.2.26) that
 # can name a file in the output directory as it is; nothing that could
 # climb out of it.
@@ -314,9 +322,10 @@ class Consumer:
         audit record names (RAD TF-3 4.69.5).
 
         A RetrieveImagingDocumentSetRequest may name several studies and
-        series (RAD TF-3 4.69.4.1.2), so all the instances held at one
-        Retrieve Location UID come in one request and one MTOM answer,
-        refused as it streams once it grows past [consumer] max_answer_size.
+        series (RAD TF-3 4.69.4.1.2), so the instances held at one Retrieve
+        Location UID come RAD69_BATCH at most in one request and one MTOM
+        answer, refused as it streams once it grows past [consumer]
+        max_answer_size.
         Instances land as ``out_dir/StudyUID/SeriesUID/SOPUID.dcm``, in
         folders that are not symbolic links. A returned file whose own SOP
         Instance UID is not the one asked for, or that is no DICOM file,
@@ -373,14 +382,33 @@ class Consumer:
         total: int,
         patient_id: str | None,
     ) -> int:
+        """Ask ``location`` for the instances of ``by_series``, RAD69_BATCH
+        at most a RAD-69, and file each instance it returns."""
+        # Said before the first request goes out: the instances could not
+        # be filed.
+        for study_uid, series_uid in by_series:
+            _folder(out_dir, study_uid, series_uid, make=False)
+        for batch in _batches(by_series, RAD69_BATCH):
+            done = self._retrieve_batch(
+                location, batch, out_dir, result, progress, done, total, patient_id
+            )
+        return done
+
+    def _retrieve_batch(
+        self,
+        location: str,
+        by_series: dict[tuple[str, str], list[kos.ManifestReference]],
+        out_dir: Path,
+        result: FetchResult,
+        progress: Progress | None,
+        done: int,
+        total: int,
+        patient_id: str | None,
+    ) -> int:
         """Send one RAD-69 to ``location`` and file each instance it returns."""
         url = self.endpoint_for(location)
         request = self._rad69_request(location, by_series)
         studies = tuple(dict.fromkeys(study for study, _ in by_series))
-        # Said before the request goes out: the instances could not be
-        # filed.
-        for study_uid, series_uid in by_series:
-            _folder(out_dir, study_uid, series_uid, make=False)
         ok = False
         spool = _partial_dir(out_dir)
         try:
@@ -592,6 +620,27 @@ def _partial_dir(out_dir: Path) -> Path:
     output directory, so that a finished file is renamed into place on the
     same file system and no partial one ever has a final name."""
     return _folder(out_dir, PARTIAL_DIR)
+
+
+def _batches(
+    by_series: dict[tuple[str, str], list[kos.ManifestReference]], size: int
+) -> Iterator[dict[tuple[str, str], list[kos.ManifestReference]]]:
+    """``by_series`` in pieces of ``size`` instances at most, in order; a
+    series of more is split across pieces."""
+    batch: dict[tuple[str, str], list[kos.ManifestReference]] = {}
+    room = size
+    for key, refs in by_series.items():
+        start = 0
+        while start < len(refs):
+            taken = refs[start : start + room]
+            batch.setdefault(key, []).extend(taken)
+            start += len(taken)
+            room -= len(taken)
+            if room == 0:
+                yield batch
+                batch, room = {}, size
+    if batch:
+        yield batch
 
 
 def _folder(out_dir: Path, *names: str, make: bool = True) -> Path:
