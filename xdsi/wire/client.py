@@ -291,10 +291,12 @@ class SoapClient:
             failure = _in_chain(exc, ssl.SSLError)
             if failure is None:
                 raise TransportError(str(exc), self.url) from exc
-            if isinstance(failure, ssl.SSLEOFError):
+            if isinstance(failure, ssl.SSLEOFError | ssl.SSLZeroReturnError):
                 # Under TLS 1.3 a server refuses the client's certificate
                 # after the client's handshake is done; its alert may come
-                # after the connection is closed, or not at all.
+                # after the connection is closed, or not at all. The closed
+                # connection shows as an EOF in violation of the protocol
+                # or, as OpenSSL reads it at times, as a session closed.
                 raise TransportError(
                     "TLS failed: the peer closed the session during the "
                     "handshake; it may not accept this node's certificate "
