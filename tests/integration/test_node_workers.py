@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import ssl
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -336,7 +337,14 @@ def _end_node_process(tmp_path: Path, signum: signal.Signals) -> tuple[Settings,
     try:
         assert set(_answering_pids_of(node)) - {served.process.pid} <= set(workers)
         served.process.send_signal(signum)
-        status = served.process.wait(timeout=120)
+        try:
+            status = served.process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            # What the node did last tells where its stop waits.
+            pytest.fail(
+                "the node has not ended 120 s after the signal; its log ends:\n"
+                + "\n".join((tmp_path / "log").read_text().splitlines()[-30:])
+            )
         # A bound on liveness, not on speed.
         assert _wait_for(lambda: not _running(workers), seconds=30), _running(workers)
     finally:
