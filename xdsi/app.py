@@ -47,6 +47,7 @@ from xdsi.actors.stow import add_stow_route
 from xdsi.audit.forwarder import AuditForwarder, Backoff
 from xdsi.config import ConfigError, Settings
 from xdsi.connections import BoundedConnections
+from xdsi.dicom import transcode
 from xdsi.hl7.mllp import MllpServer
 from xdsi.logs import PeerRefusalLog, guard_peer_text, quiet_pydicom
 from xdsi.ns import SOAP12
@@ -641,6 +642,7 @@ def _worker(settings: Settings, sockets: dict[str, socket.socket], level: int) -
     _watch_parent(stop)
     if stop.is_set():
         return
+    transcode.share_cores(settings.node.workers)
     services = build_services(settings)
     context = tls.server_context(settings.tls) if settings.tls.enabled else None
     servers = []
@@ -859,6 +861,7 @@ class Node:
             sweeper.start()
             self._threads.append(sweeper)
         if settings.node.workers > 1 and self._sockets:
+            transcode.share_cores(settings.node.workers)
             for _ in range(settings.node.workers - 1):
                 self._workers.append(self._spawn(settings))
             supervisor = threading.Thread(

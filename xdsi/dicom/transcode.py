@@ -288,6 +288,17 @@ POOLED_FROM = 4
 # given hostile pixel data) takes down its process, not the node.
 TRANSCODERS = worker.Pool(TRANSCODING_SLOTS, "the transcoding processes")
 
+
+def share_cores(processes: int) -> None:
+    """Size TRANSCODERS for one of ``processes`` processes serving HTTP side
+    by side (``[node] workers``), each with transcoding processes of its
+    own: the cores are shared among them, one transcoding process each at
+    least, rather than as many as there are cores in each (which multiplied
+    the memory, some 150 MB a process, and not the speed). Called before
+    the first request."""
+    TRANSCODERS.size = max(1, -(-TRANSCODING_SLOTS // max(1, processes)))
+
+
 # How long a transcoding process may take over one instance: a minute, plus
 # a second a megabyte of its stored copy (the slowest encoder here, RLE,
 # takes some 0.15 s a megabyte). One that takes longer is stuck (a decoder

@@ -465,6 +465,24 @@ def test_instances_of_a_transcoding_process_that_died_are_not_sent_and_the_next_
     assert all(p is not None and p.transfer_syntax_uid == RLELossless for p in again)
 
 
+@pytest.mark.parametrize(
+    ("cores", "processes", "each"),
+    [(16, 1, 16), (16, 4, 4), (16, 3, 6), (2, 2, 1), (2, 4, 1)],
+)
+def test_http_processes_serving_side_by_side_share_the_cores_for_transcoding(
+    monkeypatch: pytest.MonkeyPatch, cores: int, processes: int, each: int
+) -> None:
+    """[node] workers: each HTTP process has transcoding processes of its
+    own, as many as its share of the cores, one at least."""
+    own = worker.Pool(cores, "the test's transcoding processes")
+    monkeypatch.setattr(transcode, "TRANSCODERS", own)
+    monkeypatch.setattr(transcode, "TRANSCODING_SLOTS", cores)
+
+    transcode.share_cores(processes)
+
+    assert own.size == each
+
+
 def test_instances_of_a_stuck_transcoding_process_are_not_sent_and_the_next_are(
     tmp_path: Path,
     own_transcoders: worker.Pool,
