@@ -86,6 +86,8 @@ console = Console()
 err_console = Console(stderr=True)
 # Columns a table printed to a pipe or file may take.
 WIDE_OUTPUT = 400
+# Characters XML 1.0 cannot carry, even escaped (XML 1.0 2.2).
+_NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 def _print_table(table: Table) -> None:
@@ -1510,13 +1512,14 @@ def _xml_document(messages: Iterable[bytes]) -> str:
     """The audit messages as one XML document: each AuditMessage (DICOM
     PS3.15 A.5) in an AuditMessages element, without its own declaration;
     one that is not XML (kept as received) as the text of a
-    MalformedRecord element."""
+    MalformedRecord element, each character XML 1.0 cannot carry (a control
+    byte a peer sent) replaced by U+FFFD."""
     lines = ['<?xml version="1.0" encoding="UTF-8"?>', "<AuditMessages>"]
     for message in messages:
         try:
             root = parse_xml(message)
         except Exception:
-            text = message.decode("utf-8", "replace")
+            text = _NOT_XML_CHAR.sub("\ufffd", message.decode("utf-8", "replace"))
             lines.append(f"<MalformedRecord>{xml_escape(text)}</MalformedRecord>")
             continue
         lines.append(etree.tostring(root, encoding="unicode"))

@@ -240,3 +240,25 @@ def test_audit_lists_show_what_peers_sent_as_text_not_as_markup(
     own = _xdsi(config, "audit", "list")
     assert shown in own.stdout
     assert "\u202e" not in own.stdout
+
+
+def test_audit_list_xml_stays_one_document_when_a_peer_sent_control_bytes(
+    arr: tuple[Path, Pki, dict[str, str]],
+) -> None:
+    """RFC 5426 3.1: a datagram that is no AuditMessage is kept as received,
+    control characters and all; ``audit list --arr --xml`` still prints one
+    well-formed document (XML 1.0 2.2 has no escape for them), the bytes it
+    cannot carry replaced."""
+    config, _, endpoints = arr
+    sent = b"<13>1 - peer xdsi 1 IHE+RFC-3881 - \xef\xbb\xbfnot\x00 <xml>\x07\x1b[2J"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.sendto(sent, ("127.0.0.1", int(endpoints["syslog udp"])))
+    deadline = time.monotonic() + 30
+    while not _query(endpoints, "") and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+    listed = _xdsi(config, "audit", "list", "--arr", "--xml")
+    document = etree.fromstring(listed.stdout.encode("utf-8"))
+    (record,) = document
+    assert record.tag == "MalformedRecord"
+    assert record.text == "not\ufffd <xml>\ufffd\ufffd[2J"
