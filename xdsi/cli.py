@@ -33,7 +33,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
-from werkzeug.serving import make_server
 
 from xdsi import __version__, logs, ns, tls
 from xdsi.actors.consumer import Consumer, ConsumerError, FetchResult, FoundEntry
@@ -56,9 +55,8 @@ from xdsi.audit.messages import audit_event_rules
 from xdsi.audit.repository import (
     AuditRecordStore,
     AuditRepository,
-    JsonErrorHandler,
+    QueryServer,
     parse_time,
-    query_app,
 )
 from xdsi.config import (
     ConfigError,
@@ -1615,12 +1613,10 @@ def arr(
             node_id=settings.node.audit_source_id,
             handshake_timeout=settings.tls.handshake_timeout,
         )
-        web = make_server(
+        web = QueryServer(
             settings.node.host,
             http_port if http_port is not None else settings.audit.arr_http_port,
-            query_app(store),
-            threaded=True,
-            request_handler=JsonErrorHandler,
+            store,
         )
     except OSError as exc:
         engine.dispose()
