@@ -1483,7 +1483,8 @@ def _list_repository(
         # What the peers sent, as plain text (see _plain).
         table.add_row(
             *_plain(
-                when.strftime("%Y-%m-%d %H:%M:%S"),
+                # strftime's %Y drops the zeros of a year before 1000.
+                when.replace(tzinfo=None).isoformat(" ", "seconds"),
                 f"{record.transport} {record.peer}",
                 _event_name(record.event_id),
                 record.event_type or "?",

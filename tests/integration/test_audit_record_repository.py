@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import socket
 import subprocess
@@ -332,3 +333,27 @@ def test_idle_query_connections_leave_the_syslog_listener_its_descriptors(
             sock.close()
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_arr_list_writes_an_early_event_time_with_four_digit_years(
+    arr: tuple[Path, Pki, dict[str, str]],
+) -> None:
+    """DICOM PS3.15 A.5.1: EventDateTime is an xs:dateTime, which a peer may
+    set to year 1; ``audit list --arr`` writes its year in four digits, as
+    the column's ISO 8601 form has it, not "1-01-01"."""
+    config, _, endpoints = arr
+    xml = build_audit_message(retrieve_event(1), audit_source_id="xdsi")
+    early = re.sub(
+        rb'EventDateTime="[^"]*"', b'EventDateTime="0001-01-01T00:00:00Z"', xml
+    )
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.sendto(
+            format_message(early, app_name="peer"),
+            ("127.0.0.1", int(endpoints["syslog udp"])),
+        )
+    deadline = time.monotonic() + 30
+    while not _query(endpoints, "") and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+    listed = _xdsi(config, "audit", "list", "--arr")
+    assert "0001-01-01 00:00:00" in listed.stdout
