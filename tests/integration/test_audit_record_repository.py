@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
 import socket
 import subprocess
 import sys
@@ -279,12 +278,15 @@ def test_idle_query_connections_leave_the_syslog_listener_its_descriptors(
     config = tmp_path / "xdsi.toml"
     config.write_text(f'[node]\nstorage_dir = "{tmp_path / "node"}"\n')
     descriptors = 256
-
-    def few_descriptors() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (descriptors, descriptors))
-
+    # The limit is set in a first interpreter, which then becomes xdsi, its
+    # process id and the limit kept (preexec_fn is unsafe with threads).
+    launcher = (
+        "import os, resource, sys; "
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({descriptors}, {descriptors})); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'xdsi', *sys.argv[1:]])"
+    )
     process = subprocess.Popen(
-        [sys.executable, "-m", "xdsi", "--config", str(config), "arr"]
+        [sys.executable, "-c", launcher, "--config", str(config), "arr"]
         + ["--tls-port=0", "--udp-port=0", "--http-port=0"]
         + [f"--cert={pki.path('server.pem')}", f"--key={pki.path('server.key')}"]
         + [f"--ca={pki.ca}"],
@@ -293,7 +295,6 @@ def test_idle_query_connections_leave_the_syslog_listener_its_descriptors(
         text=True,
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
-        preexec_fn=few_descriptors,
     )
     idle: list[socket.socket] = []
     try:
