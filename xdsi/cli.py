@@ -33,7 +33,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
-from werkzeug.serving import make_server
 
 from xdsi import __version__, logs, ns, tls
 from xdsi.actors.consumer import Consumer, ConsumerError, FetchResult, FoundEntry
@@ -56,9 +55,8 @@ from xdsi.audit.messages import audit_event_rules
 from xdsi.audit.repository import (
     AuditRecordStore,
     AuditRepository,
-    JsonErrorHandler,
+    QueryServer,
     parse_time,
-    query_app,
 )
 from xdsi.config import (
     ConfigError,
@@ -86,6 +84,8 @@ console = Console()
 err_console = Console(stderr=True)
 # Columns a table printed to a pipe or file may take.
 WIDE_OUTPUT = 400
+# Characters XML 1.0 cannot carry, even escaped (XML 1.0 2.2).
+_NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 def _print_table(table: Table) -> None:
@@ -1483,7 +1483,8 @@ def _list_repository(
         # What the peers sent, as plain text (see _plain).
         table.add_row(
             *_plain(
-                when.strftime("%Y-%m-%d %H:%M:%S"),
+                # strftime's %Y drops the zeros of a year before 1000.
+                when.replace(tzinfo=None).isoformat(" ", "seconds"),
                 f"{record.transport} {record.peer}",
                 _event_name(record.event_id),
                 record.event_type or "?",
@@ -1510,13 +1511,14 @@ def _xml_document(messages: Iterable[bytes]) -> str:
     """The audit messages as one XML document: each AuditMessage (DICOM
     PS3.15 A.5) in an AuditMessages element, without its own declaration;
     one that is not XML (kept as received) as the text of a
-    MalformedRecord element."""
+    MalformedRecord element, each character XML 1.0 cannot carry (a control
+    byte a peer sent) replaced by U+FFFD."""
     lines = ['<?xml version="1.0" encoding="UTF-8"?>', "<AuditMessages>"]
     for message in messages:
         try:
             root = parse_xml(message)
         except Exception:
-            text = message.decode("utf-8", "replace")
+            text = _NOT_XML_CHAR.sub("\ufffd", message.decode("utf-8", "replace"))
             lines.append(f"<MalformedRecord>{xml_escape(text)}</MalformedRecord>")
             continue
         lines.append(etree.tostring(root, encoding="unicode"))
@@ -1612,12 +1614,10 @@ def arr(
             node_id=settings.node.audit_source_id,
             handshake_timeout=settings.tls.handshake_timeout,
         )
-        web = make_server(
+        web = QueryServer(
             settings.node.host,
             http_port if http_port is not None else settings.audit.arr_http_port,
-            query_app(store),
-            threaded=True,
-            request_handler=JsonErrorHandler,
+            store,
         )
     except OSError as exc:
         engine.dispose()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from tests.integration.test_iti20_record_audit_event import PATIENT, retrieve_ev
 from tests.pki import Pki, make_pki
 from xdsi.audit import AuditSpool, build_audit_message
 from xdsi.audit.forwarder import AuditForwarder, Backoff
+from xdsi.audit.syslog import TlsSender, format_message
 from xdsi.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -240,3 +242,119 @@ def test_audit_lists_show_what_peers_sent_as_text_not_as_markup(
     own = _xdsi(config, "audit", "list")
     assert shown in own.stdout
     assert "\u202e" not in own.stdout
+
+
+def test_audit_list_xml_stays_one_document_when_a_peer_sent_control_bytes(
+    arr: tuple[Path, Pki, dict[str, str]],
+) -> None:
+    """RFC 5426 3.1: a datagram that is no AuditMessage is kept as received,
+    control characters and all; ``audit list --arr --xml`` still prints one
+    well-formed document (XML 1.0 2.2 has no escape for them), the bytes it
+    cannot carry replaced."""
+    config, _, endpoints = arr
+    sent = b"<13>1 - peer xdsi 1 IHE+RFC-3881 - \xef\xbb\xbfnot\x00 <xml>\x07\x1b[2J"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.sendto(sent, ("127.0.0.1", int(endpoints["syslog udp"])))
+    deadline = time.monotonic() + 30
+    while not _query(endpoints, "") and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+    listed = _xdsi(config, "audit", "list", "--arr", "--xml")
+    document = etree.fromstring(listed.stdout.encode("utf-8"))
+    (record,) = document
+    assert record.tag == "MalformedRecord"
+    assert record.text == "not\ufffd <xml>\ufffd\ufffd[2J"
+
+
+def test_idle_query_connections_leave_the_syslog_listener_its_descriptors(
+    tmp_path: Path,
+) -> None:
+    """ITI TF-2 3.20: audit messages still arrive over TLS (RFC 5425) while
+    peers hold more idle connections to the query endpoint than the process
+    has file descriptors for; the endpoint takes a bounded number and
+    closes the rest, where it took each, a thread and a descriptor apiece,
+    and left none for the syslog listener to accept with."""
+    pki = make_pki(tmp_path / "pki")
+    config = tmp_path / "xdsi.toml"
+    config.write_text(f'[node]\nstorage_dir = "{tmp_path / "node"}"\n')
+    descriptors = 256
+    # The limit is set in a first interpreter, which then becomes xdsi, its
+    # process id and the limit kept (preexec_fn is unsafe with threads).
+    launcher = (
+        "import os, resource, sys; "
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({descriptors}, {descriptors})); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'xdsi', *sys.argv[1:]])"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", launcher, "--config", str(config), "arr"]
+        + ["--tls-port=0", "--udp-port=0", "--http-port=0"]
+        + [f"--cert={pki.path('server.pem')}", f"--key={pki.path('server.key')}"]
+        + [f"--ca={pki.ca}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    idle: list[socket.socket] = []
+    try:
+        assert process.stdout is not None
+        endpoints: dict[str, str] = {}
+        while "query" not in endpoints:
+            line = process.stdout.readline()
+            assert line, "xdsi arr ended before it listened"
+            name, _, value = line.rstrip().rpartition(" ")
+            endpoints[name.strip()] = value
+        http_port = int(endpoints["query"].split(":")[2].split("/")[0])
+        # Twice as many as the process may open: a listener that takes each
+        # runs out of descriptors, and then its listen queue fills.
+        for _ in range(2 * descriptors):
+            try:
+                idle.append(socket.create_connection(("127.0.0.1", http_port), 10))
+            except OSError:
+                break
+
+        sender = TlsSender(
+            "127.0.0.1", int(endpoints["syslog tls"]), pki.client_context()
+        )
+        xml = build_audit_message(retrieve_event(1), audit_source_id="xdsi")
+        try:
+            sender.send(format_message(xml, app_name="xdsi"))
+        finally:
+            sender.close()
+        for sock in idle:
+            sock.close()
+        idle.clear()
+        deadline = time.monotonic() + 30
+        while not _query(endpoints, "") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [r["valid"] for r in _query(endpoints, "")] == [True]
+    finally:
+        for sock in idle:
+            sock.close()
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_arr_list_writes_an_early_event_time_with_four_digit_years(
+    arr: tuple[Path, Pki, dict[str, str]],
+) -> None:
+    """DICOM PS3.15 A.5.1: EventDateTime is an xs:dateTime, which a peer may
+    set to year 1; ``audit list --arr`` writes its year in four digits, as
+    the column's ISO 8601 form has it, not "1-01-01"."""
+    config, _, endpoints = arr
+    xml = build_audit_message(retrieve_event(1), audit_source_id="xdsi")
+    early = re.sub(
+        rb'EventDateTime="[^"]*"', b'EventDateTime="0001-01-01T00:00:00Z"', xml
+    )
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.sendto(
+            format_message(early, app_name="peer"),
+            ("127.0.0.1", int(endpoints["syslog udp"])),
+        )
+    deadline = time.monotonic() + 30
+    while not _query(endpoints, "") and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+    listed = _xdsi(config, "audit", "list", "--arr")
+    assert "0001-01-01 00:00:00" in listed.stdout

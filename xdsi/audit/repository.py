@@ -9,17 +9,19 @@ flagged, never dropped. A peer that fails TLS node authentication
 """
 
 import logging
+import socket
 import socketserver
 import ssl
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from lxml import etree
 from sqlalchemy import Engine, insert, select
 from werkzeug.exceptions import HTTPException
-from werkzeug.serving import WSGIRequestHandler
+from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
 from xdsi.audit.messages import AuditEvent, Endpoint, Outcome
 from xdsi.audit.spool import IHE_TRANSACTIONS, Auditor, audit_message_schema
@@ -43,6 +45,9 @@ MAX_MESSAGE = 256 * 1024
 # TLS sessions the syslog listener serves at once (a thread each); a sender
 # keeps one open, so this is also how many nodes may send at the same time.
 MAX_CONNECTIONS = 256
+# Connections the query endpoint serves at once (a thread each); one more is
+# answered 503. Few people query an audit trail at the same time.
+MAX_QUERY_CONNECTIONS = 32
 
 # Records one answer of the query endpoint holds, by default and at most; the
 # answer is built whole in memory, and an AuditMessage is a few kilobytes.
@@ -406,6 +411,36 @@ class JsonErrorHandler(PeerRefusalLog, WSGIRequestHandler):
     error_content_type = "application/json"
     # The message quotes what the peer sent, which could break the JSON.
     error_message_format = '{"error": "HTTP %(code)d: request refused"}'
+
+
+class QueryServer(BoundedConnections, ThreadedWSGIServer):
+    """The query endpoint's HTTP server: a thread per connection, at most
+    ``max_connections`` at once.
+
+    One more is answered at once with 503 and closed, so that peers holding
+    idle connections cannot take the file descriptors and threads the
+    syslog listeners need to accept audit messages (ITI TF-2 3.20).
+    """
+
+    max_connections = MAX_QUERY_CONNECTIONS
+    listener_name = "audit query"
+
+    def __init__(self, host: str, port: int, store: AuditRecordStore) -> None:
+        super().__init__(host, port, query_app(store), handler=JsonErrorHandler)
+
+    def refuse_connection(self, request: socket.socket, client_address: Any) -> None:
+        body = b'{"error": "HTTP 503: as many queries in progress as served"}'
+        try:
+            request.settimeout(1.0)
+            request.sendall(
+                b"HTTP/1.1 503 Service Unavailable\r\n"
+                b"Content-Type: application/json\r\nRetry-After: 1\r\n"
+                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+        except OSError:
+            logger.debug("audit query peer %s gone before its 503", client_address)
+        finally:
+            self.shutdown_request(request)
 
 
 def parse_time(value: str) -> datetime:
