@@ -78,14 +78,12 @@ from xdsi.metadata.validation import patient_id_problem
 from xdsi.store.blobs import open_spool
 from xdsi.store.schema import make_engine
 from xdsi.store.verify import Damage, count_copies, verify_store
-from xdsi.wire.xml import parse_xml
+from xdsi.wire.xml import parse_xml, xml_text
 
 console = Console()
 err_console = Console(stderr=True)
 # Columns a table printed to a pipe or file may take.
 WIDE_OUTPUT = 400
-# Characters XML 1.0 cannot carry, even escaped (XML 1.0 2.2).
-_NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 def _print_table(table: Table) -> None:
@@ -1518,7 +1516,7 @@ def _xml_document(messages: Iterable[bytes]) -> str:
         try:
             root = parse_xml(message)
         except Exception:
-            text = _NOT_XML_CHAR.sub("\ufffd", message.decode("utf-8", "replace"))
+            text = xml_text(message.decode("utf-8", "replace"))
             lines.append(f"<MalformedRecord>{xml_escape(text)}</MalformedRecord>")
             continue
         lines.append(etree.tostring(root, encoding="unicode"))

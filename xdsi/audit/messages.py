@@ -23,6 +23,7 @@ from lxml import etree
 
 from xdsi.metadata.codes import Code
 from xdsi.profiles_loader import load_profile_table
+from xdsi.wire.xml import xml_text
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +32,6 @@ AUDIT_EVENTS_TABLE = "audit_events"
 # DICOM PS3.15 A.5.1: NetworkAccessPointTypeCode.
 _MACHINE_NAME = "1"
 _IP_ADDRESS = "2"
-
-# Characters XML 1.0 cannot carry (XML 1.0 section 2.2).
-_NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 _XML_ENCODING = re.compile(rb"""^<\?xml[^>]*encoding\s*=\s*["']([A-Za-z0-9._-]+)["']""")
 
@@ -220,7 +218,7 @@ def _text(value: str) -> str:
     A peer can put control characters in what it sends (a PID-3 over MLLP);
     the audit record of that transaction must still be written.
     """
-    return _NOT_XML_CHAR.sub("\ufffd", value)
+    return xml_text(value)
 
 
 def _coded(parent: etree._Element, tag: str, code: Code) -> etree._Element:

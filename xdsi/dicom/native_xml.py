@@ -9,12 +9,13 @@ Module of STOW-RS (10.5.3) go as ``application/dicom+xml`` documents of it.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
 from lxml import etree
 from pydicom.datadict import keyword_for_tag
+
+from xdsi.wire.xml import xml_text
 
 # DICOM PS3.19 A.1: the namespace of the Native DICOM Model.
 NATIVE_DICOM_MODEL = "http://dicom.nema.org/PS3.19/models/NativeDICOM"
@@ -28,13 +29,6 @@ NAME_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
 # DICOM PS3.19 Table 10.2-1 elements, in the order of DICOM PS3.5 6.2's
 # components of a name group.
 NAME_COMPONENTS = ("FamilyName", "GivenName", "MiddleName", "NamePrefix", "NameSuffix")
-
-# XML 1.0 2.2: the characters a document may hold. Anything else (the C0
-# controls but tab, line feed and carriage return; lone surrogates; U+FFFE,
-# U+FFFF) makes lxml refuse the text.
-_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
-# What such a character is sent as (Unicode 4.8, U+FFFD REPLACEMENT CHARACTER).
-REPLACEMENT = "\ufffd"
 
 _DICOM_ATTRIBUTE = f"{{{NATIVE_DICOM_MODEL}}}DicomAttribute"
 
@@ -62,11 +56,6 @@ def native_dicom_model(attributes: Mapping[str, Any]) -> bytes:
     root.set(XML_SPACE, "preserve")
     _add_attributes(root, attributes)
     return etree.tostring(root, xml_declaration=True, encoding="UTF-8")
-
-
-def xml_text(value: object) -> str:
-    """``value`` as text an XML 1.0 document can hold (see REPLACEMENT)."""
-    return _NOT_XML.sub(REPLACEMENT, str(value))
 
 
 def _add_attributes(

@@ -21,6 +21,7 @@ from lxml import etree
 from xdsi import ns
 from xdsi.metadata.codes import Code
 from xdsi.profiles_loader import load_profile_table
+from xdsi.wire.xml import xml_text
 
 RIM = ns.RIM
 
@@ -340,18 +341,6 @@ def read_registry_objects(container: etree._Element) -> Submission:
 
 
 # --- writing -----------------------------------------------------------
-
-
-# Characters XML 1.0 cannot carry (XML 1.0 2.2, Char): C0 controls but TAB,
-# LF and CR, surrogates, U+FFFE and U+FFFF.
-_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
-
-
-def xml_text(value: str) -> str:
-    """``value`` with each character XML 1.0 cannot carry replaced by
-    U+FFFD, so that free text read from an image (a Study Description with
-    a control character, say) can be written to metadata at all."""
-    return _NOT_XML.sub("\ufffd", value)
 
 
 def rim(tag: str, **attributes: str) -> etree._Element:

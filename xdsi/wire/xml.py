@@ -5,10 +5,24 @@ document type declaration, and so refuses every DTD and entity declaration
 (closing XML external entity and entity expansion attacks).
 """
 
+import re
+
 from lxml import etree
 from lxml.etree import _Element
 
 from xdsi.wire.faults import MalformedMessage
+
+# Characters XML 1.0 cannot carry, even escaped (XML 1.0 2.2, Char): C0
+# controls but TAB, LF and CR, surrogates, U+FFFE and U+FFFF.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def xml_text(value: object) -> str:
+    """``value`` as text with each character XML 1.0 cannot carry replaced
+    by U+FFFD (Unicode 4.8, REPLACEMENT CHARACTER), so that free text a
+    peer or an image gave (a control character in a Study Description, a
+    PID-3, a syslog message) can be written into an XML document at all."""
+    return _NOT_XML.sub("\ufffd", str(value))
 
 
 def parse_xml(data: bytes) -> _Element:
