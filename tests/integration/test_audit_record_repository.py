@@ -98,6 +98,49 @@ def _query(endpoints: dict[str, str], query: str) -> list[dict[str, object]]:
         return json.load(answer)
 
 
+def _arr_process(program: list[str], config: Path, pki: Pki) -> subprocess.Popen:
+    """``xdsi arr``, run by ``program``, on free loopback ports with mutual
+    TLS; what it says comes on its stdout."""
+    return subprocess.Popen(
+        [*program, "--config", str(config), "arr"]
+        + ["--tls-port=0", "--udp-port=0", "--http-port=0"]
+        + [f"--cert={pki.path('server.pem')}", f"--key={pki.path('server.key')}"]
+        + [f"--ca={pki.ca}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def _forward(
+    spool: AuditSpool,
+    pki: Pki,
+    endpoints: dict[str, str],
+    listeners: tuple[str, ...],
+    stored: int,
+) -> None:
+    """Send what ``spool`` holds to the ARR's ``listeners`` ("syslog tls",
+    "syslog udp") until it has ``stored`` records, 30 s at most."""
+    scheme = {"syslog tls": "tls", "syslog udp": "udp"}
+    sending = AuditForwarder(
+        spool,
+        [f"{scheme[name]}://127.0.0.1:{endpoints[name]}" for name in listeners],
+        app_name="xdsi",
+        tls_context=pki.client_context(),
+        backoff=Backoff(0.1, 0.5),
+        poll_interval=0.05,
+    )
+    sending.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(_query(endpoints, "")) < stored and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        sending.stop()
+
+
 def test_arr_process_stores_tls_and_udp_audit_and_answers_queries(
     arr: tuple[Path, Pki, dict[str, str]], tmp_path: Path
 ) -> None:
@@ -107,24 +150,7 @@ def test_arr_process_stores_tls_and_udp_audit_and_answers_queries(
     spool.write(build_audit_message(retrieve_event(1), audit_source_id="xdsi"))
     other = replace(retrieve_event(2), patient_id="OTHER^^^&1.2.3&ISO")
     spool.write(build_audit_message(other, audit_source_id="xdsi"))
-    sending = AuditForwarder(
-        spool,
-        [
-            f"tls://127.0.0.1:{endpoints['syslog tls']}",
-            f"udp://127.0.0.1:{endpoints['syslog udp']}",
-        ],
-        app_name="xdsi",
-        tls_context=pki.client_context(),
-        backoff=Backoff(0.1, 0.5),
-        poll_interval=0.05,
-    )
-    sending.start()
-    try:
-        deadline = time.monotonic() + 30
-        while len(_query(endpoints, "")) < 4 and time.monotonic() < deadline:
-            time.sleep(0.1)
-    finally:
-        sending.stop()
+    _forward(spool, pki, endpoints, ("syslog tls", "syslog udp"), stored=4)
 
     found = _query(endpoints, f"patient={quote(PATIENT)}&since=2024-05-02T09:00:00")
     assert sorted(r["transport"] for r in found) == ["tls", "udp"]
@@ -174,17 +200,7 @@ def test_arr_tls_port_0_is_a_free_port_not_the_default(tmp_path: Path) -> None:
     except OSError:
         # Taken already by some other program: the same case.
         pass
-    process = subprocess.Popen(
-        [sys.executable, "-m", "xdsi", "--config", str(config), "arr"]
-        + ["--tls-port=0", "--udp-port=0", "--http-port=0"]
-        + [f"--cert={pki.path('server.pem')}", f"--key={pki.path('server.key')}"]
-        + [f"--ca={pki.ca}"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    process = _arr_process([sys.executable, "-m", "xdsi"], config, pki)
     said: list[str] = []
     try:
         assert process.stdout is not None
@@ -217,21 +233,7 @@ def test_audit_lists_show_what_peers_sent_as_text_not_as_markup(
     event = replace(event, destination=replace(event.destination, user_id=named))
     spool = AuditSpool(tmp_path / "node" / "audit")
     spool.write(build_audit_message(event, audit_source_id=named))
-    sending = AuditForwarder(
-        spool,
-        [f"tls://127.0.0.1:{endpoints['syslog tls']}"],
-        app_name="xdsi",
-        tls_context=pki.client_context(),
-        backoff=Backoff(0.1, 0.5),
-        poll_interval=0.05,
-    )
-    sending.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not _query(endpoints, "") and time.monotonic() < deadline:
-            time.sleep(0.1)
-    finally:
-        sending.stop()
+    _forward(spool, pki, endpoints, ("syslog tls",), stored=1)
 
     shown = "[/]peer[bold]\\u202e"
     from_arr = _xdsi(config, "audit", "list", "--arr")
@@ -285,17 +287,7 @@ def test_idle_query_connections_leave_the_syslog_listener_its_descriptors(
         f"resource.setrlimit(resource.RLIMIT_NOFILE, ({descriptors}, {descriptors})); "
         "os.execv(sys.executable, [sys.executable, '-m', 'xdsi', *sys.argv[1:]])"
     )
-    process = subprocess.Popen(
-        [sys.executable, "-c", launcher, "--config", str(config), "arr"]
-        + ["--tls-port=0", "--udp-port=0", "--http-port=0"]
-        + [f"--cert={pki.path('server.pem')}", f"--key={pki.path('server.key')}"]
-        + [f"--ca={pki.ca}"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    process = _arr_process([sys.executable, "-c", launcher], config, pki)
     idle: list[socket.socket] = []
     try:
         assert process.stdout is not None

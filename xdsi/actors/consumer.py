@@ -383,104 +383,88 @@ class Consumer:
         patient_id: str | None,
     ) -> int:
         """Ask ``location`` for the instances of ``by_series``, RAD69_BATCH
-        at most a RAD-69, and file each instance it returns."""
+        at most a RAD-69, and file each instance it returns; each RAD-69 is
+        audited on its own."""
+        url = self.endpoint_for(location)
         # Said before the first request goes out: the instances could not
         # be filed.
         for study_uid, series_uid in by_series:
             _folder(out_dir, study_uid, series_uid, make=False)
         for batch in _batches(by_series, RAD69_BATCH):
-            done = self._retrieve_batch(
-                location, batch, out_dir, result, progress, done, total, patient_id
-            )
-        return done
-
-    def _retrieve_batch(
-        self,
-        location: str,
-        by_series: dict[tuple[str, str], list[kos.ManifestReference]],
-        out_dir: Path,
-        result: FetchResult,
-        progress: Progress | None,
-        done: int,
-        total: int,
-        patient_id: str | None,
-    ) -> int:
-        """Send one RAD-69 to ``location`` and file each instance it returns."""
-        url = self.endpoint_for(location)
-        request = self._rad69_request(location, by_series)
-        studies = tuple(dict.fromkeys(study for study, _ in by_series))
-        ok = False
-        spool = _partial_dir(out_dir)
-        try:
-            client = self._client(url, spool)
-            # The Consumer keeps instances as sent; no hash is checked, so
-            # none is computed. The answer has the envelope and a part per
-            # instance asked for at most: a peer's parts beyond would each
-            # be a spool file and memory, however many it sends.
-            asked = sum(len(refs) for refs in by_series.values())
-            with client.call(
-                transaction("RAD-69")["request_action"],
-                request,
-                digest=False,
-                max_parts=1 + asked,
-                max_bytes=self.settings.consumer.max_answer_size,
-            ) as reply:
-                got = _documents(reply)
-                # Taken before filing empties ``got``.
-                returned = bool(got)
-                errors = read_errors(reply.body)
-                # Returned files that are not the instance asked for.
-                wrong: list[str] = []
-                for (study_uid, series_uid), refs in by_series.items():
-                    folder = _folder(out_dir, study_uid, series_uid)
-                    for ref in refs:
-                        # Taken once: a SOP Instance UID the manifest
-                        # lists twice has one file.
-                        attachment = got.pop(ref.sop_instance_uid, None)
-                        if attachment is None:
-                            result.missing.append(ref.sop_instance_uid)
-                            continue
-                        unlike = _unlike(attachment, ref.sop_instance_uid)
-                        if unlike is not None:
-                            attachment.path.unlink()
-                            wrong.append(unlike)
-                            result.missing.append(ref.sop_instance_uid)
-                            continue
-                        target = folder / f"{ref.sop_instance_uid}.dcm"
-                        attachment.path.replace(target)
-                        result.instances.append(target)
-                        result.bytes += attachment.size
-                        done += 1
-                        if progress:
-                            progress("RAD-69", done, total)
-                if wrong:
-                    logger.warning(
-                        "%d instances from the Imaging Document Source at %s are "
-                        "not the ones asked for and count as not returned; the "
-                        "first: %s",
-                        len(wrong),
-                        url,
-                        wrong[0],
-                    )
-                if errors and not returned:
-                    raise ConsumerError(
-                        f"RAD-69 for {len(studies)} studies failed: "
-                        + _describe(errors),
-                        errors,
-                    )
-            ok = True
-        except ANSWER_ERRORS as exc:
-            raise _call_failed("RAD-69", url, exc) from exc
-        finally:
-            _remove_if_empty(spool)
-            self._audit(
-                "RAD-69",
-                "Imaging Document Consumer",
-                url,
-                ok,
-                patient_id=patient_id,
-                study_instance_uids=studies,
-            )
+            request = self._rad69_request(location, batch)
+            studies = tuple(dict.fromkeys(study for study, _ in batch))
+            ok = False
+            spool = _partial_dir(out_dir)
+            try:
+                client = self._client(url, spool)
+                # The Consumer keeps instances as sent; no hash is checked, so
+                # none is computed. The answer has the envelope and a part per
+                # instance asked for at most: a peer's parts beyond would each
+                # be a spool file and memory, however many it sends.
+                asked = sum(len(refs) for refs in batch.values())
+                with client.call(
+                    transaction("RAD-69")["request_action"],
+                    request,
+                    digest=False,
+                    max_parts=1 + asked,
+                    max_bytes=self.settings.consumer.max_answer_size,
+                ) as reply:
+                    got = _documents(reply)
+                    # Taken before filing empties ``got``.
+                    returned = bool(got)
+                    errors = read_errors(reply.body)
+                    # Returned files that are not the instance asked for.
+                    wrong: list[str] = []
+                    for (study_uid, series_uid), refs in batch.items():
+                        folder = _folder(out_dir, study_uid, series_uid)
+                        for ref in refs:
+                            # Taken once: a SOP Instance UID the manifest
+                            # lists twice has one file.
+                            attachment = got.pop(ref.sop_instance_uid, None)
+                            if attachment is None:
+                                result.missing.append(ref.sop_instance_uid)
+                                continue
+                            unlike = _unlike(attachment, ref.sop_instance_uid)
+                            if unlike is not None:
+                                attachment.path.unlink()
+                                wrong.append(unlike)
+                                result.missing.append(ref.sop_instance_uid)
+                                continue
+                            target = folder / f"{ref.sop_instance_uid}.dcm"
+                            attachment.path.replace(target)
+                            result.instances.append(target)
+                            result.bytes += attachment.size
+                            done += 1
+                            if progress:
+                                progress("RAD-69", done, total)
+                    if wrong:
+                        logger.warning(
+                            "%d instances from the Imaging Document Source at %s are "
+                            "not the ones asked for and count as not returned; the "
+                            "first: %s",
+                            len(wrong),
+                            url,
+                            wrong[0],
+                        )
+                    if errors and not returned:
+                        raise ConsumerError(
+                            f"RAD-69 for {len(studies)} studies failed: "
+                            + _describe(errors),
+                            errors,
+                        )
+                ok = True
+            except ANSWER_ERRORS as exc:
+                raise _call_failed("RAD-69", url, exc) from exc
+            finally:
+                _remove_if_empty(spool)
+                self._audit(
+                    "RAD-69",
+                    "Imaging Document Consumer",
+                    url,
+                    ok,
+                    patient_id=patient_id,
+                    study_instance_uids=studies,
+                )
         return done
 
     def _rad69_request(
