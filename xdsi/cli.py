@@ -279,8 +279,15 @@ def _unknown_patient(errors: Iterable[RegistryError]) -> bool:
 
 
 def _feed_hint(patient_id: str | None) -> str:
-    """What to do about a patient the registry does not know."""
-    feed = "xdsi feed"
+    """What to do about a patient the registry does not know: a command to
+    paste as it is, naming the configuration this command was given, since
+    without it ``feed`` would talk to another node or none."""
+    feed = "xdsi"
+    context = click.get_current_context(silent=True)
+    config_path = context.obj.get("config_path") if context and context.obj else None
+    if config_path is not None:
+        feed += " --config " + shlex.quote(str(config_path))
+    feed += " feed"
     if patient_id:
         feed += " " + shlex.quote(patient_id.split("^")[0])
     return f"; feed the patient first ({feed}), then run this again"
@@ -400,6 +407,8 @@ def main(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
     try:
         ctx.obj = {
             "settings": load_settings(config_path),
+            # As given, for the commands a hint names ($XDSI_CONFIG holds).
+            "config_path": config_path,
             # A file was named (--config or $XDSI_CONFIG), not the defaults.
             "configured": config_path is not None
             or bool(os.environ.get("XDSI_CONFIG")),

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -429,9 +430,11 @@ def test_a_patient_id_no_registry_takes_is_a_wrong_argument(
     assert not (tmp_path / "node").exists()
 
 
-def test_the_feed_hint_quotes_an_id_with_blanks(served: Path) -> None:
+def test_the_feed_hint_quotes_an_id_with_blanks(served: Path, tmp_path: Path) -> None:
     """ITI TF-3 Table 4.2.4.1-2: after XDSUnknownPatientId the hint names a
-    command that can be pasted as it is, the id quoted for the shell."""
+    command that can be pasted as it is, the id quoted for the shell and
+    the configuration the command was given named, so that it feeds the
+    node the command talked to from any folder."""
     images = dicom_path("study-mr", "images")
 
     result = _xdsi(
@@ -439,7 +442,25 @@ def test_the_feed_hint_quotes_an_id_with_blanks(served: Path) -> None:
     )
 
     assert result.returncode == 1
-    assert "feed the patient first (xdsi feed 'NEVER FED')" in result.stderr
+    hint = re.search(r"feed the patient first \((xdsi [^)]*)\)", result.stderr)
+    assert hint is not None, result.stderr
+    assert hint[1] == f"xdsi --config {served} feed 'NEVER FED'"
+    # Pasted in another folder, with no configuration in the environment.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    environment = {k: v for k, v in os.environ.items() if k != "XDSI_CONFIG"}
+    fed = subprocess.run(
+        [sys.executable, "-m", *shlex.split(hint[1])],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        env={**environment, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+    assert fed.returncode == 0, fed.stderr
+    assert "ACK AA" in fed.stdout
+    again = _xdsi(served, "publish", str(images), "--patient-id", "NEVER FED")
+    assert "published study" in again.stdout
 
 
 def test_a_submission_for_a_patient_not_fed_says_to_feed_it_first(
@@ -456,7 +477,9 @@ def test_a_submission_for_a_patient_not_fed_says_to_feed_it_first(
 
     assert result.returncode == 1
     assert "XDSUnknownPatientId" in result.stderr
-    assert "feed the patient first (xdsi feed 'NOT FED')" in result.stderr
+    assert f"feed the patient first (xdsi --config {served} feed 'NOT FED')" in (
+        result.stderr
+    )
 
 
 def test_config_show_refuses_an_assigning_authority_that_is_no_oid(
