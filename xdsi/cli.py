@@ -766,7 +766,8 @@ def _entries_table(entries: list[FoundEntry]) -> Table:
         "uniqueId",
         "title",
         "modalities",
-        "service start",
+        # ITI TF-3 4.2.3.1.7: serviceStartTime is in UTC.
+        "service start (UTC)",
         "study",
         "repository",
     ):

@@ -132,6 +132,9 @@ def test_feed_publish_fetch_gives_back_every_instance(served: Path, tmp_path):
     (row,) = [line for line in table.splitlines() if found[0]["unique_id"] in line]
     assert (study := found[0]["study_instance_uids"][0]) in row
     assert found[0]["repository_unique_id"] in row and study
+    # ITI TF-3 4.2.3.1.7: the DTM the registry holds, which is UTC, says so.
+    assert found[0]["service_start_time"] in row
+    assert "service start (UTC)" in table
 
     out = tmp_path / "fetched"
     fetch = _xdsi(served, "fetch", "--patient-id", "IDS-DEPT002-a", "--out", str(out))
