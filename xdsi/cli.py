@@ -278,19 +278,29 @@ def _unknown_patient(errors: Iterable[RegistryError]) -> bool:
     return any(error.code == unknown for error in errors)
 
 
-def _feed_hint(patient_id: str | None) -> str:
-    """What to do about a patient the registry does not know: a command to
-    paste as it is, naming the configuration this command was given, since
-    without it ``feed`` would talk to another node or none."""
-    feed = "xdsi"
+def _given(key: str) -> object:
+    """What the running command was started with (see main), None outside
+    one."""
     context = click.get_current_context(silent=True)
-    config_path = context.obj.get("config_path") if context and context.obj else None
-    if config_path is not None:
-        feed += " --config " + shlex.quote(str(config_path))
-    feed += " feed"
+    return context.obj.get(key) if context and context.obj else None
+
+
+def _as_given(command: str) -> str:
+    """``xdsi COMMAND`` with the ``--config`` this command was given, to be
+    pasted as it is: without it, the command would use another node's
+    configuration, or none."""
+    config_path = _given("config_path")
+    if config_path is None:
+        return f"xdsi {command}"
+    return f"xdsi --config {shlex.quote(str(config_path))} {command}"
+
+
+def _feed_hint(patient_id: str | None) -> str:
+    """What to do about a patient the registry does not know."""
+    feed = "feed"
     if patient_id:
         feed += " " + shlex.quote(patient_id.split("^")[0])
-    return f"; feed the patient first ({feed}), then run this again"
+    return f"; feed the patient first ({_as_given(feed)}), then run this again"
 
 
 def _fail_query(exc: ConsumerError, settings: Settings) -> None:
@@ -337,6 +347,12 @@ def _unreachable_hint(message: str, settings: Settings | None = None) -> str:
                 f"{message}\nThis node does not serve that address: is the "
                 "other node there up, and is its address in this configuration "
                 "right?"
+            )
+        if _given("configured"):
+            # The configuration was given; the node it names may not serve.
+            return (
+                f"{message}\nIs the node serving? Start it with this "
+                f"configuration ({_as_given('serve')})."
             )
         return (
             f"{message}\nIs the node serving? Client commands need the served "

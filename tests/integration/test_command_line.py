@@ -792,13 +792,16 @@ def test_a_client_command_with_no_node_serving_says_what_to_look_at(
     tmp_path, command: tuple[str, ...]
 ):
     """A client command whose node is not there exits 1 and asks whether
-    the node serves, and whether the command was given its configuration."""
+    the node serves, naming the command that starts it with the
+    configuration given; it does not ask for a configuration it was given."""
     config = _node_config(tmp_path)
 
     ran = _xdsi(config, *command, check=False)
 
     assert ran.returncode == 1, ran.stderr
     assert "Is the node serving?" in ran.stderr
+    assert f"(xdsi --config {config} serve)" in ran.stderr
+    assert "need the served node's configuration" not in ran.stderr
     assert "Traceback" not in ran.stderr
 
 
