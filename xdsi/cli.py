@@ -1147,7 +1147,10 @@ def _say_skipped(broken: list[tuple[Path, str]], not_dicom: int) -> None:
     shown escaped, never sent to the terminal."""
     if not broken and not not_dicom:
         return
-    others = f" ({not_dicom} not DICOM)" if not_dicom and broken else ""
+    # Files not DICOM at all are only counted; the count says why.
+    others = ""
+    if not_dicom:
+        others = f" ({not_dicom} not DICOM)" if broken else " (not DICOM)"
     click.secho(
         f"{_count(len(broken) + not_dicom, 'file')} skipped{others}",
         fg="yellow",

@@ -233,7 +233,7 @@ def test_publish_skips_files_that_fail_the_intake_checks(served: Path, tmp_path)
     shutil.copytree(dicom_path("study-mr", "images"), clean / "mr")
     (clean / "README.TXT").write_text("viewer on this CD\n")
     again = _xdsi(served, "publish", str(clean), "--patient-id", "IDS-DEPT002-a")
-    assert "1 file skipped" in again.stderr
+    assert "1 file skipped (not DICOM)" in again.stderr
 
 
 def _listed_paths(stderr: str) -> list[str]:
