@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
-from werkzeug.serving import make_server
+from werkzeug.serving import ThreadedWSGIServer
 
 from xdsi import __version__, logs, ns, tls
 from xdsi.actors.consumer import Consumer, ConsumerError, FetchResult, FoundEntry
@@ -1615,13 +1615,19 @@ def arr(
     logging.getLogger("xdsi").setLevel(logging.INFO)
     files = (cert, key, ca)
     if any(files) and not all(files):
-        _fail("TLS needs --cert, --key and --ca together")
+        # Wrong arguments, as click's own (exit 2).
+        raise click.UsageError("TLS needs --cert, --key and --ca together")
     if crls and ca is None:
-        _fail("--crl goes with --cert, --key and --ca")
+        raise click.UsageError("--crl goes with --cert, --key and --ca")
     try:
         context = _arr_tls_context(settings, cert, key, ca, crls)
     except (OSError, ssl.SSLError, ConfigError) as exc:
         _fail(f"cannot load the TLS certificate or key: {exc}")
+    host = settings.node.host
+    if tls_port is None and context:
+        tls_port = settings.audit.arr_tls_port
+    udp_port = udp_port if udp_port is not None else settings.audit.arr_udp_port
+    http_port = http_port if http_port is not None else settings.audit.arr_http_port
     engine = make_engine(settings.database_url)
     store = AuditRecordStore(engine)
     spool = AuditSpool(settings.storage / "audit")
@@ -1629,28 +1635,31 @@ def arr(
     try:
         repository = AuditRepository(
             store,
-            host=settings.node.host,
-            tls_port=(
-                (tls_port if tls_port is not None else settings.audit.arr_tls_port)
-                if context
-                else None
-            ),
-            udp_port=udp_port if udp_port is not None else settings.audit.arr_udp_port,
+            host=host,
+            tls_port=tls_port if context else None,
+            udp_port=udp_port,
             tls_context=context,
             auditor=auditor,
             node_id=settings.node.audit_source_id,
             handshake_timeout=settings.tls.handshake_timeout,
         )
-        web = make_server(
-            settings.node.host,
-            http_port if http_port is not None else settings.audit.arr_http_port,
-            query_app(store),
-            threaded=True,
-            request_handler=JsonErrorHandler,
-        )
     except OSError as exc:
         engine.dispose()
-        _fail(f"cannot start the Audit Record Repository: {exc}")
+        inputs = f"udp {udp_port}" + (f", tls {tls_port}" if context else "")
+        _fail(
+            f"cannot start the Audit Record Repository: syslog on {host} "
+            f"({inputs}): {exc.strerror or exc}; stop what holds the port or "
+            "choose another (--udp-port, --tls-port)"
+        )
+    try:
+        web = _QueryServer(host, http_port, query_app(store), handler=JsonErrorHandler)
+    except _CannotBind as exc:
+        engine.dispose()
+        _fail(
+            f"cannot start the Audit Record Repository: query port "
+            f"{host}:{http_port}: {exc}; stop what holds the port or choose "
+            "another (--http-port)"
+        )
     repository.start()
     threading.Thread(target=web.serve_forever, daemon=True).start()
     click.echo(f"{'syslog tls':15} {repository.tls_port or 'off'}")
@@ -1662,6 +1671,22 @@ def arr(
         web.shutdown()
         repository.stop()
         engine.dispose()
+
+
+class _CannotBind(Exception):
+    """A listener's port cannot be bound; the OS's reason is the message."""
+
+
+class _QueryServer(ThreadedWSGIServer):
+    """The ARR's query port: a port that cannot be bound raises _CannotBind,
+    where werkzeug would print advice of its own (an option this command
+    does not have) and exit."""
+
+    def server_bind(self) -> None:
+        try:
+            super().server_bind()
+        except OSError as exc:
+            raise _CannotBind(exc.strerror or str(exc)) from None
 
 
 def _audit_table(records: list) -> Table:  # type: ignore[type-arg]
