@@ -495,9 +495,10 @@ def _deliver_audit(settings: Settings) -> None:
         return
     waiting = {url: n for url, n in (backlog or {}).items() if n}
     for url, count in waiting.items():
+        wait, they_go = ("waits", "it goes") if count == 1 else ("wait", "they go")
         click.secho(
-            f"warning: {_count(count, 'audit event')} wait in "
-            f"{spool.directory} for {url}; they go with the next command, or "
+            f"warning: {_count(count, 'audit event')} {wait} in "
+            f"{spool.directory} for {url}; {they_go} with the next command, or "
             "a node serving this storage, that has it among its [audit] targets",
             fg="yellow",
             err=True,

@@ -779,6 +779,28 @@ def test_a_client_command_sends_its_audit_events_to_the_arr(
         engine.dispose()
 
 
+def test_one_audit_event_left_waiting_is_told_in_the_singular(
+    served: Path, tmp_path: Path
+) -> None:
+    """ITI TF-2 3.20: the one event of a client command whose ARR is not
+    there waits in its spool, and the warning counts it as one."""
+    closed = _free_port()
+    client = tmp_path / "client.toml"
+    client.write_text(
+        served.read_text().replace(
+            f'storage_dir = "{tmp_path / "node"}"',
+            f'storage_dir = "{tmp_path / "client"}"',
+        )
+        + f'[audit]\ntargets = ["tls://127.0.0.1:{closed}"]\n'
+    )
+
+    fed = _xdsi(client, "feed", "AUDITED-ONCE")
+
+    assert fed.returncode == 0, fed.stderr
+    assert "warning: 1 audit event waits in" in fed.stderr
+    assert f"tls://127.0.0.1:{closed}; it goes with the next command" in fed.stderr
+
+
 @pytest.mark.parametrize(
     "command",
     [
