@@ -276,12 +276,29 @@ def _unknown_patient(errors: Iterable[RegistryError]) -> bool:
     return any(error.code == unknown for error in errors)
 
 
+def _given(key: str) -> object:
+    """What the running command was started with (see main), None outside
+    one."""
+    context = click.get_current_context(silent=True)
+    return context.obj.get(key) if context and context.obj else None
+
+
+def _as_given(command: str) -> str:
+    """``xdsi COMMAND`` with the ``--config`` this command was given, to be
+    pasted as it is: without it, the command would use another node's
+    configuration, or none."""
+    config_path = _given("config_path")
+    if config_path is None:
+        return f"xdsi {command}"
+    return f"xdsi --config {shlex.quote(str(config_path))} {command}"
+
+
 def _feed_hint(patient_id: str | None) -> str:
     """What to do about a patient the registry does not know."""
-    feed = "xdsi feed"
+    feed = "feed"
     if patient_id:
         feed += " " + shlex.quote(patient_id.split("^")[0])
-    return f"; feed the patient first ({feed}), then run this again"
+    return f"; feed the patient first ({_as_given(feed)}), then run this again"
 
 
 def _fail_query(exc: ConsumerError, settings: Settings) -> None:
@@ -328,6 +345,12 @@ def _unreachable_hint(message: str, settings: Settings | None = None) -> str:
                 f"{message}\nThis node does not serve that address: is the "
                 "other node there up, and is its address in this configuration "
                 "right?"
+            )
+        if _given("configured"):
+            # The configuration was given; the node it names may not serve.
+            return (
+                f"{message}\nIs the node serving? Start it with this "
+                f"configuration ({_as_given('serve')})."
             )
         return (
             f"{message}\nIs the node serving? Client commands need the served "
@@ -398,6 +421,8 @@ def main(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
     try:
         ctx.obj = {
             "settings": load_settings(config_path),
+            # As given, for the commands a hint names ($XDSI_CONFIG holds).
+            "config_path": config_path,
             # A file was named (--config or $XDSI_CONFIG), not the defaults.
             "configured": config_path is not None
             or bool(os.environ.get("XDSI_CONFIG")),
@@ -468,9 +493,10 @@ def _deliver_audit(settings: Settings) -> None:
         return
     waiting = {url: n for url, n in (backlog or {}).items() if n}
     for url, count in waiting.items():
+        wait, they_go = ("waits", "it goes") if count == 1 else ("wait", "they go")
         click.secho(
-            f"warning: {_count(count, 'audit event')} wait in "
-            f"{spool.directory} for {url}; they go with the next command, or "
+            f"warning: {_count(count, 'audit event')} {wait} in "
+            f"{spool.directory} for {url}; {they_go} with the next command, or "
             "a node serving this storage, that has it among its [audit] targets",
             fg="yellow",
             err=True,
@@ -755,7 +781,8 @@ def _entries_table(entries: list[FoundEntry]) -> Table:
         "uniqueId",
         "title",
         "modalities",
-        "service start",
+        # ITI TF-3 4.2.3.1.7: serviceStartTime is in UTC.
+        "service start (UTC)",
         "study",
         "repository",
     ):
@@ -1119,7 +1146,10 @@ def _say_skipped(broken: list[tuple[Path, str]], not_dicom: int) -> None:
     shown escaped, never sent to the terminal."""
     if not broken and not not_dicom:
         return
-    others = f" ({not_dicom} not DICOM)" if not_dicom and broken else ""
+    # Files not DICOM at all are only counted; the count says why.
+    others = ""
+    if not_dicom:
+        others = f" ({not_dicom} not DICOM)" if broken else " (not DICOM)"
     click.secho(
         f"{_count(len(broken) + not_dicom, 'file')} skipped{others}",
         fg="yellow",
@@ -1586,13 +1616,19 @@ def arr(
     logging.getLogger("xdsi").setLevel(logging.INFO)
     files = (cert, key, ca)
     if any(files) and not all(files):
-        _fail("TLS needs --cert, --key and --ca together")
+        # Wrong arguments, as click's own (exit 2).
+        raise click.UsageError("TLS needs --cert, --key and --ca together")
     if crls and ca is None:
-        _fail("--crl goes with --cert, --key and --ca")
+        raise click.UsageError("--crl goes with --cert, --key and --ca")
     try:
         context = _arr_tls_context(settings, cert, key, ca, crls)
     except (OSError, ssl.SSLError, ConfigError) as exc:
         _fail(f"cannot load the TLS certificate or key: {exc}")
+    host = settings.node.host
+    if tls_port is None and context:
+        tls_port = settings.audit.arr_tls_port
+    udp_port = udp_port if udp_port is not None else settings.audit.arr_udp_port
+    http_port = http_port if http_port is not None else settings.audit.arr_http_port
     engine = make_engine(settings.database_url)
     store = AuditRecordStore(engine)
     spool = AuditSpool(settings.storage / "audit")
@@ -1600,26 +1636,31 @@ def arr(
     try:
         repository = AuditRepository(
             store,
-            host=settings.node.host,
-            tls_port=(
-                (tls_port if tls_port is not None else settings.audit.arr_tls_port)
-                if context
-                else None
-            ),
-            udp_port=udp_port if udp_port is not None else settings.audit.arr_udp_port,
+            host=host,
+            tls_port=tls_port if context else None,
+            udp_port=udp_port,
             tls_context=context,
             auditor=auditor,
             node_id=settings.node.audit_source_id,
             handshake_timeout=settings.tls.handshake_timeout,
         )
-        web = QueryServer(
-            settings.node.host,
-            http_port if http_port is not None else settings.audit.arr_http_port,
-            store,
-        )
     except OSError as exc:
         engine.dispose()
-        _fail(f"cannot start the Audit Record Repository: {exc}")
+        inputs = f"udp {udp_port}" + (f", tls {tls_port}" if context else "")
+        _fail(
+            f"cannot start the Audit Record Repository: syslog on {host} "
+            f"({inputs}): {exc.strerror or exc}; stop what holds the port or "
+            "choose another (--udp-port, --tls-port)"
+        )
+    try:
+        web = _QueryServer(host, http_port, store)
+    except _CannotBind as exc:
+        engine.dispose()
+        _fail(
+            f"cannot start the Audit Record Repository: query port "
+            f"{host}:{http_port}: {exc}; stop what holds the port or choose "
+            "another (--http-port)"
+        )
     repository.start()
     threading.Thread(target=web.serve_forever, daemon=True).start()
     click.echo(f"{'syslog tls':15} {repository.tls_port or 'off'}")
@@ -1631,6 +1672,22 @@ def arr(
         web.shutdown()
         repository.stop()
         engine.dispose()
+
+
+class _CannotBind(Exception):
+    """A listener's port cannot be bound; the OS's reason is the message."""
+
+
+class _QueryServer(QueryServer):
+    """The ARR's query port: a port that cannot be bound raises _CannotBind,
+    where werkzeug would print advice of its own (an option this command
+    does not have) and exit."""
+
+    def server_bind(self) -> None:
+        try:
+            super().server_bind()
+        except OSError as exc:
+            raise _CannotBind(exc.strerror or str(exc)) from None
 
 
 def _audit_table(records: list) -> Table:  # type: ignore[type-arg]

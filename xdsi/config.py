@@ -25,6 +25,7 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -406,6 +407,34 @@ class ConsumerSettings:
             raise ConfigError(
                 f"[consumer] max_answer_size must be at least {MIN_REQUEST_SIZE} bytes"
             )
+        # Refused here rather than at the first fetch, which would fail each
+        # retrieve of a study and still exit after the others.
+        if self.registry_url and not _is_http_url(self.registry_url):
+            raise ConfigError(
+                f"[consumer] registry_url {self.registry_url!r} is no http:// or "
+                "https:// URL (ITI-18 is SOAP over HTTP, ITI TF-2 3.18.4)"
+            )
+        for unique_id, url in self.repositories.items():
+            # ITI TF-3 4.2.3.2.18: a repositoryUniqueId is an OID.
+            if not is_oid(unique_id):
+                raise ConfigError(
+                    f"[consumer.repositories] {unique_id!r} is no repositoryUniqueId: "
+                    "an OID of digits in arcs joined by dots, at most "
+                    f"{MAX_OID_LENGTH} characters (ITI TF-3 4.2.3.2.18)"
+                )
+            if not _is_http_url(url):
+                raise ConfigError(
+                    f"[consumer.repositories] {unique_id} = {url!r} is no http:// "
+                    "or https:// URL of an ITI-43 or RAD-69 endpoint"
+                )
+        for syntax in self.transfer_syntaxes:
+            # RAD TF-3 4.69.4.1.2: the list names Transfer Syntax UIDs
+            # (DICOM PS3.5 9.1, 10).
+            if not is_oid(syntax):
+                raise ConfigError(
+                    f"[consumer] transfer_syntaxes {syntax!r} is no Transfer "
+                    "Syntax UID, such as 1.2.840.10008.1.2.1 (DICOM PS3.5 10)"
+                )
 
 
 @dataclass(frozen=True)
@@ -607,6 +636,12 @@ class Settings:
 
 # The highest TCP or UDP port number (a 16-bit field, RFC 793 3.1).
 MAX_PORT = 65535
+
+
+def _is_http_url(value: str) -> bool:
+    """Whether ``value`` is an http:// or https:// URL naming a host."""
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def _is_port(key: str) -> bool:

@@ -350,3 +350,77 @@ def test_arr_list_writes_an_early_event_time_with_four_digit_years(
 
     listed = _xdsi(config, "audit", "list", "--arr")
     assert "0001-01-01 00:00:00" in listed.stdout
+
+
+def _arr_run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``xdsi arr ARGS`` that is expected to end by itself."""
+    return subprocess.run(
+        [sys.executable, "-m", "xdsi", "--config", str(config), "arr", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        (("--cert=server.pem",), "TLS needs --cert, --key and --ca together"),
+        (("--crl=ca.crl",), "--crl goes with --cert, --key and --ca"),
+    ],
+    ids=["cert-alone", "crl-alone"],
+)
+def test_arr_given_tls_files_that_do_not_go_together_is_a_wrong_argument(
+    tmp_path: Path, given: tuple[str, ...], said: str
+) -> None:
+    """ITI TF-2 3.19 needs the certificate, its key and the CA of the
+    senders: one without the others is a wrong argument (exit 2), refused
+    before any listener starts."""
+    config = tmp_path / "xdsi.toml"
+    config.write_text(f'[node]\nstorage_dir = "{tmp_path / "node"}"\n')
+    for name in ("server.pem", "ca.crl"):
+        (tmp_path / name).write_text("")
+    arguments = [a.replace("=", f"={tmp_path}/") for a in given]
+
+    ran = _arr_run(config, "--udp-port=0", "--http-port=0", *arguments)
+
+    assert ran.returncode == 2, ran.stderr
+    assert said in ran.stderr
+    assert "Traceback" not in ran.stderr
+
+
+@pytest.mark.parametrize("held", ["udp", "http"])
+def test_arr_whose_port_is_held_names_that_port_and_its_option(
+    tmp_path: Path, held: str
+) -> None:
+    """A port another program holds stops the ARR (exit 1) with a message
+    naming the listener, the port and the option that moves it, not the
+    advice werkzeug prints for its own command line."""
+    config = tmp_path / "xdsi.toml"
+    config.write_text(f'[node]\nstorage_dir = "{tmp_path / "node"}"\n')
+    kind = socket.SOCK_DGRAM if held == "udp" else socket.SOCK_STREAM
+    holder = socket.socket(socket.AF_INET, kind)
+    holder.bind(("127.0.0.1", 0))
+    if held == "http":
+        holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        ran = _arr_run(
+            config,
+            f"--udp-port={port if held == 'udp' else 0}",
+            f"--http-port={port if held == 'http' else 0}",
+        )
+    finally:
+        holder.close()
+
+    assert ran.returncode == 1, ran.stderr
+    if held == "udp":
+        assert f"syslog on 127.0.0.1 (udp {port})" in ran.stderr
+        assert "--udp-port" in ran.stderr
+    else:
+        assert f"query port 127.0.0.1:{port}" in ran.stderr
+        assert "--http-port" in ran.stderr
+    assert "is in use by another program" not in ran.stderr
+    assert "Traceback" not in ran.stderr

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -131,6 +132,9 @@ def test_feed_publish_fetch_gives_back_every_instance(served: Path, tmp_path):
     (row,) = [line for line in table.splitlines() if found[0]["unique_id"] in line]
     assert (study := found[0]["study_instance_uids"][0]) in row
     assert found[0]["repository_unique_id"] in row and study
+    # ITI TF-3 4.2.3.1.7: the DTM the registry holds, which is UTC, says so.
+    assert found[0]["service_start_time"] in row
+    assert "service start (UTC)" in table
 
     out = tmp_path / "fetched"
     fetch = _xdsi(served, "fetch", "--patient-id", "IDS-DEPT002-a", "--out", str(out))
@@ -229,7 +233,7 @@ def test_publish_skips_files_that_fail_the_intake_checks(served: Path, tmp_path)
     shutil.copytree(dicom_path("study-mr", "images"), clean / "mr")
     (clean / "README.TXT").write_text("viewer on this CD\n")
     again = _xdsi(served, "publish", str(clean), "--patient-id", "IDS-DEPT002-a")
-    assert "1 file skipped" in again.stderr
+    assert "1 file skipped (not DICOM)" in again.stderr
 
 
 def _listed_paths(stderr: str) -> list[str]:
@@ -429,9 +433,11 @@ def test_a_patient_id_no_registry_takes_is_a_wrong_argument(
     assert not (tmp_path / "node").exists()
 
 
-def test_the_feed_hint_quotes_an_id_with_blanks(served: Path) -> None:
+def test_the_feed_hint_quotes_an_id_with_blanks(served: Path, tmp_path: Path) -> None:
     """ITI TF-3 Table 4.2.4.1-2: after XDSUnknownPatientId the hint names a
-    command that can be pasted as it is, the id quoted for the shell."""
+    command that can be pasted as it is, the id quoted for the shell and
+    the configuration the command was given named, so that it feeds the
+    node the command talked to from any folder."""
     images = dicom_path("study-mr", "images")
 
     result = _xdsi(
@@ -439,7 +445,25 @@ def test_the_feed_hint_quotes_an_id_with_blanks(served: Path) -> None:
     )
 
     assert result.returncode == 1
-    assert "feed the patient first (xdsi feed 'NEVER FED')" in result.stderr
+    hint = re.search(r"feed the patient first \((xdsi [^)]*)\)", result.stderr)
+    assert hint is not None, result.stderr
+    assert hint[1] == f"xdsi --config {served} feed 'NEVER FED'"
+    # Pasted in another folder, with no configuration in the environment.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    environment = {k: v for k, v in os.environ.items() if k != "XDSI_CONFIG"}
+    fed = subprocess.run(
+        [sys.executable, "-m", *shlex.split(hint[1])],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        env={**environment, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+    assert fed.returncode == 0, fed.stderr
+    assert "ACK AA" in fed.stdout
+    again = _xdsi(served, "publish", str(images), "--patient-id", "NEVER FED")
+    assert "published study" in again.stdout
 
 
 def test_a_submission_for_a_patient_not_fed_says_to_feed_it_first(
@@ -456,7 +480,9 @@ def test_a_submission_for_a_patient_not_fed_says_to_feed_it_first(
 
     assert result.returncode == 1
     assert "XDSUnknownPatientId" in result.stderr
-    assert "feed the patient first (xdsi feed 'NOT FED')" in result.stderr
+    assert f"feed the patient first (xdsi --config {served} feed 'NOT FED')" in (
+        result.stderr
+    )
 
 
 def test_config_show_refuses_an_assigning_authority_that_is_no_oid(
@@ -753,6 +779,28 @@ def test_a_client_command_sends_its_audit_events_to_the_arr(
         engine.dispose()
 
 
+def test_one_audit_event_left_waiting_is_told_in_the_singular(
+    served: Path, tmp_path: Path
+) -> None:
+    """ITI TF-2 3.20: the one event of a client command whose ARR is not
+    there waits in its spool, and the warning counts it as one."""
+    closed = _free_port()
+    client = tmp_path / "client.toml"
+    client.write_text(
+        served.read_text().replace(
+            f'storage_dir = "{tmp_path / "node"}"',
+            f'storage_dir = "{tmp_path / "client"}"',
+        )
+        + f'[audit]\ntargets = ["tls://127.0.0.1:{closed}"]\n'
+    )
+
+    fed = _xdsi(client, "feed", "AUDITED-ONCE")
+
+    assert fed.returncode == 0, fed.stderr
+    assert "warning: 1 audit event waits in" in fed.stderr
+    assert f"tls://127.0.0.1:{closed}; it goes with the next command" in fed.stderr
+
+
 @pytest.mark.parametrize(
     "command",
     [
@@ -766,13 +814,16 @@ def test_a_client_command_with_no_node_serving_says_what_to_look_at(
     tmp_path, command: tuple[str, ...]
 ):
     """A client command whose node is not there exits 1 and asks whether
-    the node serves, and whether the command was given its configuration."""
+    the node serves, naming the command that starts it with the
+    configuration given; it does not ask for a configuration it was given."""
     config = _node_config(tmp_path)
 
     ran = _xdsi(config, *command, check=False)
 
     assert ran.returncode == 1, ran.stderr
     assert "Is the node serving?" in ran.stderr
+    assert f"(xdsi --config {config} serve)" in ran.stderr
+    assert "need the served node's configuration" not in ran.stderr
     assert "Traceback" not in ran.stderr
 
 

@@ -1354,7 +1354,10 @@ def test_import_of_a_study_whose_patient_is_unknown_fails(
     ) in " ".join(outcome.output.split())
     # The command names the id to feed: the images' own Patient ID.
     (study,) = scan.scan_directory(folder).studies
-    assert f"(xdsi feed {study.patient.patient_id})" in outcome.output
+    config = tmp_path / "xdsi.toml"
+    assert f"(xdsi --config {config} feed {study.patient.patient_id})" in (
+        outcome.output
+    )
     assert _manifests(patient_node) == []
 
 

@@ -610,3 +610,75 @@ def test_a_max_request_size_below_the_least_is_config_error(tmp_path: Path) -> N
     every submission: the file is refused instead."""
     with pytest.raises(ConfigError, match="max_request_size must be at least"):
         load_settings(_write(tmp_path, "[node]\nmax_request_size = 1000\n"))
+
+
+# What a Consumer cannot use: each would fail every fetch of its peer or
+# study, after the others, instead of the file being refused on reading.
+CONSUMER_VALUES_NOT_USABLE = {
+    "registry url of ftp": (
+        '[consumer]\nregistry_url = "ftp://site-a/xds/registry"\n',
+        r"\[consumer\] registry_url .* is no http:// or https:// URL",
+    ),
+    "registry url without scheme": (
+        '[consumer]\nregistry_url = "site-a:9081/xds/registry"\n',
+        r"\[consumer\] registry_url .* is no http:// or https:// URL",
+    ),
+    "repository url of ftp": (
+        '[consumer.repositories]\n"1.2.3" = "ftp://site-a/xdsi"\n',
+        r"\[consumer.repositories\] 1.2.3 = .* is no http:// or https:// URL",
+    ),
+    "repository url naming no host": (
+        '[consumer.repositories]\n"1.2.3" = "http:///xdsi"\n',
+        r"\[consumer.repositories\] 1.2.3 = .* is no http:// or https:// URL",
+    ),
+    "repository id no oid": (
+        '[consumer.repositories]\n"site-a" = "http://site-a/xdsi"\n',
+        r"\[consumer.repositories\] 'site-a' is no repositoryUniqueId",
+    ),
+    "transfer syntax no uid": (
+        '[consumer]\ntransfer_syntaxes = ["explicit little endian"]\n',
+        r"\[consumer\] transfer_syntaxes .* is no Transfer Syntax UID",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    CONSUMER_VALUES_NOT_USABLE.values(),
+    ids=CONSUMER_VALUES_NOT_USABLE.keys(),
+)
+def test_a_consumer_value_no_fetch_could_use_is_config_error(
+    tmp_path: Path, text: str, said: str
+) -> None:
+    """ITI TF-2 3.18.4, 3.43.4 and RAD TF-3 4.69.4 go over HTTP to the URLs
+    configured; a repositoryUniqueId is an OID (ITI TF-3 4.2.3.2.18) and a
+    RAD-69 request lists Transfer Syntax UIDs (RAD TF-3 4.69.4.1.2). The
+    file is refused, naming the setting, before any fetch."""
+    path = _write(tmp_path, text)
+
+    with pytest.raises(ConfigError, match=said) as refused:
+        load_settings(path)
+
+    assert str(path) in str(refused.value)
+
+
+def test_consumer_urls_and_syntaxes_that_can_be_used_are_taken(
+    tmp_path: Path,
+) -> None:
+    """http and https URLs, an IPv6 literal among them, and Transfer Syntax
+    UIDs are taken as written."""
+    path = _write(
+        tmp_path,
+        '[consumer]\nregistry_url = "https://site-a:9081/xds/registry"\n'
+        'transfer_syntaxes = ["1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.1"]\n'
+        '[consumer.repositories]\n"1.2.3" = "http://[::1]:9083/xdsi/imaging-source"\n',
+    )
+
+    consumer = load_settings(path).consumer
+
+    assert consumer.registry_url == "https://site-a:9081/xds/registry"
+    assert consumer.repositories == {"1.2.3": "http://[::1]:9083/xdsi/imaging-source"}
+    assert consumer.transfer_syntaxes == (
+        "1.2.840.10008.1.2.4.90",
+        "1.2.840.10008.1.2.1",
+    )
