@@ -167,5 +167,6 @@ def test_a_failed_retrieve_quotes_a_few_errors_and_counts_the_rest(
 
     assert len(failed.value.errors) == len(study.instances) == 36
     message = str(failed.value)
+    assert message.startswith("RAD-69 for 1 study failed: ")
     assert message.count("XDSDocumentUniqueIdError") == 3
     assert message.endswith("; and 33 more errors")

@@ -448,7 +448,8 @@ class Consumer:
                         )
                     if errors and not returned:
                         raise ConsumerError(
-                            f"RAD-69 for {len(studies)} studies failed: "
+                            f"RAD-69 for {len(studies)} "
+                            f"{'study' if len(studies) == 1 else 'studies'} failed: "
                             + _describe(errors),
                             errors,
                         )
