@@ -10,6 +10,7 @@ Each actor owns its tables; no actor reads another's.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -374,6 +375,31 @@ def _begin_immediate_if_locking(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+# How long a new connection waits to put a SQLite database in WAL mode while
+# another holds it locked, as long as its busy timeout.
+WAL_WAIT_SECONDS = 30.0
+
+
+def _write_ahead_log(cursor: Any) -> None:
+    """Put the SQLite database in WAL mode (it stays so, in the file).
+
+    Changing the journal mode needs the database unlocked, and SQLite
+    answers "database is locked" at once, its busy timeout unused, while
+    another connection holds it (one creating the schema of a new database,
+    in another process started at the same moment): the change is tried
+    again until WAL_WAIT_SECONDS have passed.
+    """
+    deadline = time.monotonic() + WAL_WAIT_SECONDS
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def make_engine(url: str) -> Engine:
     """Create the engine and upgrade the database to the newest migration.
 
@@ -399,7 +425,7 @@ def make_engine(url: str) -> Engine:
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(connection: Any, _record: Any) -> None:
             cursor = connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _write_ahead_log(cursor)
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
@@ -413,6 +439,9 @@ def make_engine(url: str) -> Engine:
     # Imported here because the migrations read this module's metadata.
     from xdsi.store import migrations
 
-    with engine.begin() as connection:
+    # With the write lock taken first on SQLite (PostgreSQL: an advisory
+    # lock in the upgrade), so that processes starting together on one new
+    # database (xdsi serve and xdsi arr, say) create its tables once.
+    with locking_transaction(engine) as connection:
         migrations.upgrade(connection)
     return engine

@@ -164,6 +164,38 @@ def test_workers_starting_together_create_the_schema_once(postgresql: PostgresCl
         postgresql.drop_database(database_url)
 
 
+def test_processes_starting_together_on_one_new_sqlite_file_create_it_once(
+    tmp_path,
+):
+    """``xdsi serve`` and ``xdsi arr`` started at once on one new storage:
+    one creates the schema, the other finds it made, rather than both
+    creating its tables ("table ... already exists"). Five new files, four
+    starts at once each."""
+    for round_ in range(5):
+        database_url = f"sqlite:///{tmp_path / f'xdsi-{round_}.sqlite'}"
+        start = threading.Barrier(4)
+        errors: list[Exception] = []
+
+        def start_one(url: str = database_url, barrier=start, errors=errors) -> None:
+            barrier.wait()
+            try:
+                make_engine(url).dispose()
+            except Exception as exc:
+                errors.append(exc)
+
+        starts = [threading.Thread(target=start_one, daemon=True) for _ in range(4)]
+        for thread in starts:
+            thread.start()
+        for thread in starts:
+            thread.join(timeout=120)
+
+        assert not any(thread.is_alive() for thread in starts)
+        assert errors == []
+        engine = create_engine(database_url)
+        assert _differences(engine) == []
+        engine.dispose()
+
+
 # --- revision 0007: urn:uuid: ids in lower case ----------------------------
 
 DOCUMENT = "urn:uuid:7edca82f-054d-47f2-a032-9b2a5b5186c1"
