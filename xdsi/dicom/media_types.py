@@ -8,6 +8,7 @@ type offered gets the weight of the most specific media range matching it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -64,13 +65,31 @@ def preferred(accept: str | None, offered: Sequence[MediaType]) -> MediaType | N
     """
     if accept is None or not accept.strip():
         return offered[0] if offered else None
-    ranges = http.parse_accept_header(accept, MIMEAccept)
+    ranges = http.parse_accept_header(_quoted_types(accept), MIMEAccept)
     best, best_weight = None, 0.0
     for media_type in offered:
         weight = _weight(ranges, media_type)
         if weight > best_weight:
             best, best_weight = media_type, weight
     return best
+
+
+# A parameter value with a "/" left unquoted, as user agents write the type
+# of a multipart range (type=application/dicom+xml).
+_SLASHED_VALUE = re.compile(
+    r'(;\s*[!#$%&\'*+.^_`|~0-9A-Za-z-]+\s*=\s*)([^\s";,]*/[^\s";,]*)'
+)
+
+
+def _quoted_types(accept: str) -> str:
+    """``accept`` with each parameter value holding a "/" quoted.
+
+    RFC 9110 5.6.6 wants such a value quoted (a "/" is no token character),
+    and werkzeug cuts an unquoted one at it; but user agents write the type
+    of a multipart range unquoted often enough, and WADO-RS instance
+    retrieval takes it so: the type is read whole here too.
+    """
+    return _SLASHED_VALUE.sub(r'\1"\2"', accept)
 
 
 def _weight(ranges: MIMEAccept, media_type: MediaType) -> float:

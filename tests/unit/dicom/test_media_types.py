@@ -32,6 +32,12 @@ XML = 'multipart/related; type="application/dicom+xml"'
         ("application/dicom+json;q=0, application/*", JSON_TYPE),
         (f"{XML};q=1.5", None),
         (f"{XML};q=1.5, application/json;q=0.2", JSON_TYPE),
+        ("multipart/related; type=application/dicom+xml", MULTIPART_XML_TYPE),
+        (
+            "multipart/related;type=application/dicom+xml;q=0.5, */*;q=0.1",
+            MULTIPART_XML_TYPE,
+        ),
+        ("multipart/related; type=application/dicom", None),
     ],
     ids=[
         "absent",
@@ -47,6 +53,9 @@ XML = 'multipart/related; type="application/dicom+xml"'
         "json-as-json",
         "q-above-1-left-out",
         "q-above-1-and-json",
+        "xml-type-unquoted",
+        "xml-type-unquoted-weighed",
+        "other-type-unquoted",
     ],
 )
 def test_the_most_specific_matching_range_weighs(
