@@ -34,7 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
 
-from xdsi import __version__, logs, ns, tls
+from xdsi import __version__, audit, logs, ns, tls
 from xdsi.actors.consumer import Consumer, ConsumerError, FetchResult, FoundEntry
 from xdsi.actors.document_source import DocumentSource
 from xdsi.actors.identity_source import send_feed
@@ -68,7 +68,7 @@ from xdsi.config import (
 )
 from xdsi.conformance.cli import conformance
 from xdsi.dicom import kos, scan
-from xdsi.dicom.store_scu import Destination, StoreScuError, send_files
+from xdsi.dicom.store_scu import Destination, SendResult, StoreScuError, send_files
 from xdsi.errors import UnknownPatientId, error_code
 from xdsi.hl7.adt import TRIGGER_EVENTS
 from xdsi.hl7.mllp import MllpError
@@ -968,7 +968,9 @@ def fetch(
         f"{_size(result.bytes)} in {out}"
     )
     if destination is not None and result.instances:
-        _send_to_pacs(result.instances, destination, settings, tls_=pacs_tls)
+        _send_to_pacs(
+            result.instances, destination, settings, consumer, patient_id, pacs_tls
+        )
     # The others were fetched; what failed is said after them.
     for what, reason in result.failed:
         click.secho(f"  failed: {what}: {reason}", fg="red", err=True)
@@ -1023,22 +1025,57 @@ def _unwritable_folder(path: Path) -> str | None:
 
 
 def _send_to_pacs(
-    paths: list[Path], destination: Destination, settings: Settings, *, tls_: bool
+    paths: list[Path],
+    destination: Destination,
+    settings: Settings,
+    consumer: Consumer,
+    patient_id: str,
+    tls_: bool,
 ) -> None:
     """C-STORE the retrieved instances into a PACS (DICOM PS3.4 B), over TLS
-    with ``tls_``."""
-    with _progress() as bar:
-        task = bar.add_task(f"C-STORE to {destination.ae_title}", total=len(paths))
-        try:
-            sent = send_files(
-                paths,
-                destination,
-                calling_ae_title=settings.imaging_source.ae_title,
-                progress=lambda done, _total: bar.update(task, completed=done),
-                ssl_context=tls.client_context_for(settings) if tls_ else None,
+    with ``tls_``, audited as DICOM Instances Transferred (DICOM PS3.15
+    A.5.3.7): ``paths`` are ``DIR/StudyUID/SeriesUID/SOPUID.dcm``."""
+    studies = tuple(dict.fromkeys(path.parent.parent.name for path in paths))
+    sent: SendResult | None = None
+    try:
+        with _progress() as bar:
+            task = bar.add_task(f"C-STORE to {destination.ae_title}", total=len(paths))
+            try:
+                sent = send_files(
+                    paths,
+                    destination,
+                    calling_ae_title=settings.imaging_source.ae_title,
+                    progress=lambda done, _total: bar.update(task, completed=done),
+                    ssl_context=tls.client_context_for(settings) if tls_ else None,
+                )
+            except StoreScuError as exc:
+                _fail(str(exc))
+    finally:
+        not_stored = (
+            len(paths) if sent is None else len(sent.failed) + len(sent.unsendable)
+        )
+        consumer.auditor.record(
+            audit.AuditEvent(
+                transaction="C-STORE",
+                actor="Imaging Document Consumer",
+                outcome=audit.Outcome.SUCCESS
+                if not not_stored
+                else audit.Outcome.MINOR_FAILURE
+                if not_stored < len(paths)
+                else audit.Outcome.SERIOUS_FAILURE,
+                source=audit.Endpoint(
+                    settings.imaging_source.ae_title, settings.node.advertised
+                ),
+                destination=audit.Endpoint(destination.ae_title, destination.host),
+                patient_id=patient_id,
+                study_instance_uids=studies,
+                outcome_detail=(
+                    f"{not_stored} of {len(paths)} instances not stored"
+                    if not_stored
+                    else None
+                ),
             )
-        except StoreScuError as exc:
-            _fail(str(exc))
+        )
     click.echo(
         f"{_count(len(sent.statuses) - len(sent.failed), 'instance')} stored in "
         f"{destination.ae_title}@{destination.host}:{destination.port}"

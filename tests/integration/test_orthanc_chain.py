@@ -128,6 +128,16 @@ def test_orthanc_study_reaches_a_second_orthanc_byte_identical(
         )
         assert outcome.exit_code == 0, outcome.output
         received = _instances(receiver)
+    # DICOM PS3.15 A.5.3.7: the Consumer audits what it sent the PACS.
+    (sent_record,) = [
+        record
+        for record in node.services.audit_spool.records()
+        if record.event_id is not None
+        and record.event_id.code == "110104"
+        and RECEIVER[0] in record.actor_user_ids
+    ]
+    assert sent_record.valid and sent_record.outcome == 0
+    assert PATIENT in sent_record.patient_ids
 
     fetched = {
         p.stem: p.read_bytes()
