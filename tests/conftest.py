@@ -7,6 +7,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -33,6 +34,30 @@ ROOT = Path(__file__).resolve().parent.parent
 # so that the values they expect are the shared studies' own.
 os.environ["TZ"] = "UTC"
 time.tzset()
+
+
+@contextmanager
+def terminal_signals() -> Iterator[None]:
+    """Processes started meanwhile take SIGINT and SIGHUP as a terminal's
+    foreground job does, whatever this test run inherited.
+
+    Run under nohup, or in the background of a non-interactive shell, the
+    run ignores SIGHUP or SIGINT, and an ignored signal stays ignored in
+    every program it starts (execve(2)), so that a test sending one would
+    wait for good; a handled signal is reset to its default instead. Only
+    in the main thread (signal.signal).
+    """
+    held = (signal.SIGINT, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, _no_op) for signum in held}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _no_op(*_: object) -> None:
+    pass
 
 
 def shared_dir() -> Path:

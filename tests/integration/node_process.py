@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, terminal_signals
 from xdsi.config import Settings, to_toml
 
 
@@ -36,7 +36,7 @@ class NodeProcess:
         """Start ``xdsi serve``; its log (stderr) goes to ``log`` if given."""
         config.write_text(to_toml(settings))
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        with open(log or os.devnull, "w") as stderr:
+        with open(log or os.devnull, "w") as stderr, terminal_signals():
             process = subprocess.Popen(
                 [sys.executable, "-m", "xdsi", "--config", str(config), "serve"],
                 stdout=subprocess.PIPE,

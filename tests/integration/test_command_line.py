@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from tests.conftest import ROOT, dicom_path, shared_path
+from tests.conftest import ROOT, dicom_path, shared_path, terminal_signals
 from xdsi import ns
 from xdsi.audit.repository import AuditRecordStore, AuditRepository
 from xdsi.cli import EXIT_NOT_FOUND, LISTED_REFUSALS
@@ -907,15 +907,16 @@ def test_an_import_stopped_half_way_keeps_and_records_what_it_took_in(tmp_path):
         shutil.copytree(dicom_path(*name.split("/")), folder / name)
     config = _node_config(tmp_path)
     kept = tmp_path / "node" / "imaging-source"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "xdsi", "--config", str(config), "import"]
-        + ["--no-publish", str(folder)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    with terminal_signals():
+        process = subprocess.Popen(
+            [sys.executable, "-m", "xdsi", "--config", str(config), "import"]
+            + ["--no-publish", str(folder)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
     deadline = time.monotonic() + 60
     while not any(p.is_file() and ".spool" not in p.parts for p in kept.rglob("*")):
         assert process.poll() is None and time.monotonic() < deadline
@@ -1117,15 +1118,16 @@ def test_a_fetch_stopped_half_way_says_what_is_left_and_exits_130(tmp_path):
         f'[consumer]\nregistry_url = "http://127.0.0.1:{port}/xds/registry"\n'
     )
     out = tmp_path / "out"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "xdsi", "--config", str(config), "fetch"]
-        + ["--patient-id", "SLOW-1", "--out", str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    with terminal_signals():
+        process = subprocess.Popen(
+            [sys.executable, "-m", "xdsi", "--config", str(config), "fetch"]
+            + ["--patient-id", "SLOW-1", "--out", str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
     try:
         deadline = time.monotonic() + 60
         while not accepted:
