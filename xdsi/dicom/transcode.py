@@ -340,7 +340,20 @@ class Production:
     def __exit__(self, *_: object) -> None:
         for future in self._futures.values():
             future.cancel()
-        wait(self._futures.values())
+        under_way = {n: f for n, f in self._futures.items() if not f.done()}
+        if not under_way:
+            return
+        # Each within its allowance. A future of processes killed already
+        # (a pool discarded) may never be settled by the pool's manager
+        # thread; nothing of it can write into the spool any more.
+        bound = max(self._allowance(n) for n in under_way)
+        _, late = wait(under_way.values(), timeout=bound)
+        if late and TRANSCODERS.discard():
+            logger.warning(
+                "a transcoding process took over %.0f s over one instance (a "
+                "codec stuck) and was stopped",
+                bound,
+            )
 
     def result(self, index: int) -> Produced | None:
         """What :func:`produce` gives for job ``index``; raises what it

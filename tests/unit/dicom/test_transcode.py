@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import multiprocessing
@@ -516,8 +517,10 @@ def test_instances_of_a_stuck_transcoding_process_are_not_sent_and_the_next_are(
     answering.join(120)
     if answering.is_alive():
         for process in stuck:
-            os.kill(process.pid, signal.SIGKILL)
-        answering.join()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGKILL)
+        answering.join(60)
+    assert not answering.is_alive()
     with transcode.Production(jobs, tmp_path / "second") as second:
         again = [second.result(n) for n in range(len(jobs))]
 
