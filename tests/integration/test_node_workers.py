@@ -98,7 +98,9 @@ def _answering_pids_of(settings: Settings) -> set[int]:
 
 # A bound on liveness, not on speed: a worker spawned takes seconds to import
 # its modules, many more on a machine busy with other tests.
-def _wait_for(condition, seconds: float = 120.0) -> bool:  # type: ignore[no-untyped-def]
+def _wait_for(  # type: ignore[no-untyped-def]
+    condition, seconds: float = 120.0
+) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if condition():
