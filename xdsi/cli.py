@@ -55,6 +55,7 @@ from xdsi.audit.messages import audit_event_rules
 from xdsi.audit.repository import (
     AuditRecordStore,
     AuditRepository,
+    CannotBind,
     QueryServer,
     parse_time,
 )
@@ -1690,8 +1691,8 @@ def arr(
             "choose another (--udp-port, --tls-port)"
         )
     try:
-        web = _QueryServer(host, http_port, store)
-    except _CannotBind as exc:
+        web = QueryServer(host, http_port, store)
+    except CannotBind as exc:
         engine.dispose()
         _fail(
             f"cannot start the Audit Record Repository: query port "
@@ -1709,22 +1710,6 @@ def arr(
         web.shutdown()
         repository.stop()
         engine.dispose()
-
-
-class _CannotBind(Exception):
-    """A listener's port cannot be bound; the OS's reason is the message."""
-
-
-class _QueryServer(QueryServer):
-    """The ARR's query port: a port that cannot be bound raises _CannotBind,
-    where werkzeug would print advice of its own (an option this command
-    does not have) and exit."""
-
-    def server_bind(self) -> None:
-        try:
-            super().server_bind()
-        except OSError as exc:
-            raise _CannotBind(exc.strerror or str(exc)) from None
 
 
 def _audit_table(records: list) -> Table:  # type: ignore[type-arg]

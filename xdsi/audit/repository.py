@@ -413,6 +413,10 @@ class JsonErrorHandler(PeerRefusalLog, WSGIRequestHandler):
     error_message_format = '{"error": "HTTP %(code)d: request refused"}'
 
 
+class CannotBind(Exception):
+    """The query port cannot be bound; the OS's reason is the message."""
+
+
 class QueryServer(BoundedConnections, ThreadedWSGIServer):
     """The query endpoint's HTTP server: a thread per connection, at most
     ``max_connections`` at once.
@@ -427,6 +431,14 @@ class QueryServer(BoundedConnections, ThreadedWSGIServer):
 
     def __init__(self, host: str, port: int, store: AuditRecordStore) -> None:
         super().__init__(host, port, query_app(store), handler=JsonErrorHandler)
+
+    def server_bind(self) -> None:
+        """Bind, or raise CannotBind: werkzeug would print advice of its own
+        (an option the command does not have) and exit."""
+        try:
+            super().server_bind()
+        except OSError as exc:
+            raise CannotBind(exc.strerror or str(exc)) from None
 
     def refuse_connection(self, request: socket.socket, client_address: Any) -> None:
         body = b'{"error": "HTTP 503: as many queries in progress as served"}'
