@@ -432,7 +432,12 @@ def make_engine(url: str) -> Engine:
 
         event.listen(engine, "begin", _begin_immediate_if_locking)
     else:
-        engine = create_engine(url, hide_parameters=True)
+        # Text in UTF-8 whatever the database's encoding: psycopg hands back
+        # bytes for a SQL_ASCII database's client encoding, which neither
+        # SQLAlchemy nor the node reads.
+        engine = create_engine(
+            url, connect_args={"client_encoding": "utf8"}, hide_parameters=True
+        )
         event.listen(engine, "checkin", _mark_checked_in)
         event.listen(engine, "checkout", _ping_if_idle)
 

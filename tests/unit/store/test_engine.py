@@ -38,6 +38,31 @@ def test_connection_killed_while_idle_is_replaced_at_next_use(
         postgresql.drop_database(url)
 
 
+def test_a_sql_ascii_database_is_read_as_utf8(postgresql: PostgresCluster) -> None:
+    """A database made with ENCODING 'SQL_ASCII' (initdb without a UTF-8
+    locale does so) takes the schema and keeps text as it was written."""
+    url = postgresql.create_database()
+    name = url.rsplit("/", 1)[1]
+    with postgresql.admin() as admin:
+        admin.execute(f'DROP DATABASE "{name}"')
+        admin.execute(
+            f'CREATE DATABASE "{name}" OWNER "{postgresql.user}" '
+            "ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+        )
+    engine = schema.make_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SHOW server_encoding")).scalar_one() == (
+                "SQL_ASCII"
+            )
+            assert conn.execute(text("SELECT 'Müller^Jürgen'")).scalar_one() == (
+                "Müller^Jürgen"
+            )
+    finally:
+        engine.dispose()
+        postgresql.drop_database(url)
+
+
 class _Untouchable:
     """A DBAPI connection that fails the test if anything is run on it."""
 
