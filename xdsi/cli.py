@@ -56,6 +56,7 @@ from xdsi.audit.repository import (
     AuditRecordStore,
     AuditRepository,
     CannotBind,
+    OwnRecords,
     QueryServer,
     parse_time,
 )
@@ -1669,8 +1670,8 @@ def arr(
     http_port = http_port if http_port is not None else settings.audit.arr_http_port
     engine = make_engine(settings.database_url)
     store = AuditRecordStore(engine)
-    spool = AuditSpool(settings.storage / "audit")
-    auditor = Auditor(spool, audit_source_id=settings.node.audit_source_id)
+    # Its own Security Alerts go where it keeps what it receives.
+    auditor = OwnRecords(store, audit_source_id=settings.node.audit_source_id)
     try:
         repository = AuditRepository(
             store,

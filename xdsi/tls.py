@@ -62,12 +62,81 @@ class CertificateFiles:
 
 @dataclass(frozen=True)
 class RefusedPeer:
-    """A peer the TLS handshake refused, and why, in OpenSSL's words."""
+    """A peer the TLS handshake refused, and why, in OpenSSL's words.
+
+    ``unrecorded`` counts the refusals of the same host before this one
+    that a :class:`RefusalThrottle` left unlogged and unaudited.
+    """
 
     listener: str
     host: str
     port: int
     reason: str
+    unrecorded: int = 0
+
+    @property
+    def detail(self) -> str:
+        """The reason, and what went unrecorded before it."""
+        if not self.unrecorded:
+            return self.reason
+        plural = "s" if self.unrecorded != 1 else ""
+        return (
+            f"{self.reason}; {self.unrecorded} refusal{plural} of {self.host} "
+            "for this reason since the last record, not recorded one by one"
+        )
+
+
+# A peer host's handshakes failed for one reason are logged at WARNING and
+# audited at most once in this many seconds; those between are counted into
+# the next record.
+REFUSAL_INTERVAL = 60.0
+# Hosts and reasons a RefusalThrottle remembers at once; past it, a new
+# one's refusals are all recorded until older ones' intervals have run out.
+MAX_REFUSING_HOSTS = 4096
+
+
+class RefusalThrottle:
+    """Which TLS refusals of a peer host to log and audit.
+
+    DICOM PS3.15 A.5.3.11 asks for a Security Alert per failed node
+    authentication, but a host failing handshakes in a loop (a scanner, a
+    misconfigured sender retrying, an attacker) would then write one per
+    connection, to the log and to the audit trail, without bound. A host's
+    first refusal for a reason is recorded at once, then at most one each
+    ``interval`` seconds for that reason, carrying the count of those left
+    out; another reason is news, recorded at once.
+    """
+
+    def __init__(
+        self,
+        interval: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval = REFUSAL_INTERVAL if interval is None else interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        # (host, reason) -> (when its last refusal was recorded, refusals
+        # left out since).
+        self._hosts: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def admit(self, host: str, reason: str) -> int | None:
+        """None when this refusal of ``host`` for ``reason`` goes unrecorded;
+        else how many such before it went so."""
+        key = (host, reason)
+        now = self._clock()
+        with self._lock:
+            last = self._hosts.get(key)
+            if last is not None and now - last[0] < self.interval:
+                self._hosts[key] = (last[0], last[1] + 1)
+                return None
+            if last is None and len(self._hosts) >= MAX_REFUSING_HOSTS:
+                self._hosts = {
+                    h: v for h, v in self._hosts.items() if now - v[0] < self.interval
+                }
+                if len(self._hosts) >= MAX_REFUSING_HOSTS:
+                    return 0
+            self._hosts[key] = (now, 0)
+            return last[1] if last is not None else 0
 
 
 class _Revocation:
@@ -286,6 +355,7 @@ class TlsGate:
         self.listener = listener
         self.on_refused = on_refused
         self.timeout = timeout
+        self.throttle = RefusalThrottle()
 
     def accept(self, sock: socket.socket, address: Any) -> ssl.SSLSocket | None:
         """Run the server handshake on ``sock``; None when the peer is refused.
@@ -305,11 +375,22 @@ class TlsGate:
                 # Why the peer's certificate failed: untrusted, expired,
                 # revoked, or its CA's CRL out of date.
                 reason = f"{reason}: {exc.verify_message}"
-            logger.warning(
-                "TLS %s: refused peer %s:%d: %s", self.listener, host, port, reason
-            )
             sock.close()
-            self.on_refused(RefusedPeer(self.listener, host, port, str(reason)))
+            unrecorded = self.throttle.admit(host, str(reason))
+            if unrecorded is None:
+                logger.debug(
+                    "TLS %s: refused peer %s:%d: %s", self.listener, host, port, reason
+                )
+                return None
+            refused = RefusedPeer(self.listener, host, port, str(reason), unrecorded)
+            logger.warning(
+                "TLS %s: refused peer %s:%d: %s",
+                self.listener,
+                host,
+                port,
+                refused.detail,
+            )
+            self.on_refused(refused)
             return None
         secured.settimeout(None)
         logger.debug("TLS %s: %s:%d authenticated", self.listener, host, port)
@@ -358,7 +439,7 @@ def audit_refusal(
             outcome=audit.Outcome.MINOR_FAILURE,
             source=audit.Endpoint(f"{refused.host}:{refused.port}", refused.host),
             destination=audit.Endpoint(refused.listener, local_host),
-            outcome_detail=f"TLS handshake refused: {refused.reason}",
+            outcome_detail=f"TLS handshake refused: {refused.detail}",
             alert_subjects=(f"tls://{refused.host}:{refused.port}",),
         )
     )

@@ -79,9 +79,14 @@ def _served_over_tls(
         tls=replace(tls.tls_settings(pki.node, pki.ca.certificate), crls=crls),
         imaging_source=replace(settings.imaging_source, store_scp=True, dicom_port=0),
     )
-    with Node(settings) as node:
-        assert node.services is not None
-        yield RunningNode(node, node.settings, node.services, {})
+    # Each case here looks at its own refusal's alert: the node's listeners
+    # record every refusal, none held back as repeated (tests/unit/test_tls.py
+    # has the throttle).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tls, "REFUSAL_INTERVAL", 0.0)
+        with Node(settings) as node:
+            assert node.services is not None
+            yield RunningNode(node, node.settings, node.services, {})
 
 
 def _address(node: RunningNode, endpoint: str) -> tuple[str, int]:

@@ -265,6 +265,96 @@ def test_refusal_audit_is_a_node_authentication_security_alert(
     assert "NO_CERT" in root.findtext("EventIdentification/EventOutcomeDescription")
 
 
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_refusals_of_a_host_for_one_reason_are_recorded_once_an_interval() -> None:
+    """A host failing handshakes in a loop writes one record a minute for
+    each reason, which counts those held back since the last."""
+    clock = _Clock()
+    throttle = tls.RefusalThrottle(60.0, clock)
+
+    assert throttle.admit("192.0.2.7", "NO_CERT") == 0
+    assert [throttle.admit("192.0.2.7", "NO_CERT") for _ in range(5)] == [None] * 5
+    # Another reason, or another host, is news.
+    assert throttle.admit("192.0.2.7", "UNKNOWN_CA") == 0
+    assert throttle.admit("192.0.2.8", "NO_CERT") == 0
+    clock.now += 59.9
+    assert throttle.admit("192.0.2.7", "NO_CERT") is None
+    clock.now += 0.1
+    assert throttle.admit("192.0.2.7", "NO_CERT") == 6
+    assert throttle.admit("192.0.2.7", "NO_CERT") is None
+
+
+def test_the_refusal_throttle_remembers_a_bounded_number_of_hosts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Refusals from ever new addresses cannot grow the throttle's table
+    without bound; past its size, new hosts are recorded unthrottled."""
+    monkeypatch.setattr(tls, "MAX_REFUSING_HOSTS", 3)
+    clock = _Clock()
+    throttle = tls.RefusalThrottle(60.0, clock)
+    for n in range(3):
+        assert throttle.admit(f"192.0.2.{n}", "NO_CERT") == 0
+    assert [throttle.admit("192.0.2.9", "NO_CERT") for _ in range(3)] == [0, 0, 0]
+    assert len(throttle._hosts) == 3
+    # Once the others' intervals have run out, they make room.
+    clock.now += 60
+    assert throttle.admit("192.0.2.9", "NO_CERT") == 0
+    assert throttle.admit("192.0.2.9", "NO_CERT") is None
+
+
+def test_a_refusal_record_counts_those_held_back_before_it(tmp_path: Path) -> None:
+    auditor = audit.Auditor(audit.AuditSpool(tmp_path), audit_source_id="xdsi")
+    peer = tls.RefusedPeer("https://127.0.0.1:9081", "192.0.2.7", 5, "NO_CERT", 41)
+
+    tls.audit_refusal(auditor, "127.0.0.1", peer)
+
+    (record,) = auditor.spool.records()
+    detail = etree.fromstring(record.xml).findtext(
+        "EventIdentification/EventOutcomeDescription"
+    )
+    assert detail == (
+        "TLS handshake refused: NO_CERT; 41 refusals of 192.0.2.7 for this "
+        "reason since the last record, not recorded one by one"
+    )
+
+
+def test_a_peer_refused_again_and_again_is_reported_once(
+    pki: Pki,
+    gated_echo: tuple[tuple[str, int], list[tls.RefusedPeer]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Twenty refused handshakes from one host within the interval: one
+    report to audit, one WARNING; another failure is reported at once."""
+    address, refused = gated_echo
+    rogue = tls.client_context(tls.tls_settings(pki.rogue, pki.ca.certificate))
+    no_certificate = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    no_certificate.load_verify_locations(cafile=pki.ca.certificate)
+    no_certificate.maximum_version = ssl.TLSVersion.TLSv1_2
+
+    with caplog.at_level(logging.DEBUG, logger="xdsi.tls"):
+        for _ in range(20):
+            assert _exchange(rogue, address) == b""
+        assert _exchange(no_certificate, address) == b""
+        for _ in range(100):
+            if len(refused) >= 2:
+                break
+            threading.Event().wait(0.05)
+
+    assert [p.unrecorded for p in refused] == [0, 0]
+    assert "certificate" in refused[0].reason.lower()
+    assert refused[1].reason != refused[0].reason
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 2
+    assert len([r for r in caplog.records if "refused peer" in r.getMessage()]) == 21
+
+
 @pytest.fixture(scope="module")
 def audit_schema() -> etree.RelaxNG:
     """The DICOM PS3.15 A.5.1 schema from the shared schemas."""

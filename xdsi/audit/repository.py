@@ -23,19 +23,26 @@ from sqlalchemy import Engine, insert, select
 from werkzeug.exceptions import HTTPException
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
-from xdsi.audit.messages import AuditEvent, Endpoint, Outcome
+from xdsi.audit.messages import AuditEvent, Endpoint, Outcome, build_audit_message
 from xdsi.audit.spool import IHE_TRANSACTIONS, Auditor, audit_message_schema
 from xdsi.audit.syslog import (
     MAX_UDP_PAYLOAD,
     FrameReader,
     FramingError,
     SyslogFormatError,
+    format_message,
     parse_message,
 )
 from xdsi.connections import BoundedConnections
 from xdsi.logs import PeerRefusalLog
 from xdsi.store.schema import audit_patient, audit_record
-from xdsi.tls import refresh_revocation
+from xdsi.tls import (
+    REFUSAL_ACTOR,
+    REFUSAL_TRANSACTION,
+    RefusalThrottle,
+    RefusedPeer,
+    refresh_revocation,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -555,6 +562,36 @@ class _UdpServer(socketserver.UDPServer):
         super().__init__(address, _UdpHandler)
 
 
+class OwnRecords:
+    """An auditor for the repository's own events (its Security Alerts):
+    each message is stored in its own tables, as if received over the
+    transport ``local``, where its users read the audit trail. An ARR
+    forwards no audit spool, so one written there would never be read.
+
+    It has :class:`~xdsi.audit.spool.Auditor`'s ``record``: it never
+    raises, and says whether the record is kept.
+    """
+
+    def __init__(self, store: AuditRecordStore, *, audit_source_id: str) -> None:
+        self.store = store
+        self.audit_source_id = audit_source_id
+
+    def record(self, event: AuditEvent) -> bool:
+        try:
+            xml = build_audit_message(event, audit_source_id=self.audit_source_id)
+            raw = format_message(xml, app_name=self.audit_source_id)
+            self.store.store(raw, transport="local", peer=self.audit_source_id)
+        except Exception:
+            logger.exception(
+                "audit record of %s by %s (outcome %s) was not stored",
+                event.transaction,
+                event.actor,
+                int(event.outcome),
+            )
+            return False
+        return True
+
+
 class AuditRepository:
     """The listening Audit Record Repository: TLS and UDP syslog inputs.
 
@@ -568,7 +605,8 @@ class AuditRepository:
         ones; with ``ssl.CERT_REQUIRED`` a peer without a trusted certificate
         is refused (ITI TF-2 3.19).
     auditor
-        Where refusals go as Security Alerts; None records none.
+        Where refusals go as Security Alerts: :class:`OwnRecords` for the
+        repository's own tables; None records none.
     handshake_timeout
         Seconds a TLS peer has to finish its handshake after connecting.
     idle_timeout
@@ -586,7 +624,7 @@ class AuditRepository:
         tls_port: int | None = None,
         udp_port: int | None = None,
         tls_context: ssl.SSLContext | None = None,
-        auditor: Auditor | None = None,
+        auditor: Auditor | OwnRecords | None = None,
         node_id: str = "xdsi",
         max_message: int = MAX_MESSAGE,
         handshake_timeout: float = 10.0,
@@ -605,6 +643,7 @@ class AuditRepository:
         self.idle_timeout = idle_timeout
         self._servers: list[socketserver.BaseServer] = []
         self._threads: list[threading.Thread] = []
+        self._refusals = RefusalThrottle()
         self._tls: _TlsServer | None = None
         self._udp: _UdpServer | None = None
         if tls_port is not None:
@@ -663,24 +702,30 @@ class AuditRepository:
             )
 
     def refused(self, host: str, port: int, error: Exception) -> None:
-        """Log and audit a peer that failed node authentication.
+        """Log and audit a peer that failed node authentication, at most
+        once a :data:`~xdsi.tls.REFUSAL_INTERVAL` per host.
 
         ITI TF-2 3.19; DICOM PS3.15 A.5.3.11 Security Alert.
         """
         reason = getattr(error, "reason", None) or type(error).__name__
-        logger.warning("refused tls peer %s:%s: %s", host, port, reason)
+        unrecorded = self._refusals.admit(host, str(reason))
+        if unrecorded is None:
+            logger.debug("refused tls peer %s:%s: %s", host, port, reason)
+            return
+        refused = RefusedPeer("tls syslog", host, port, str(reason), unrecorded)
+        logger.warning("refused tls peer %s:%s: %s", host, port, refused.detail)
         if self.auditor is None:
             return
         uri = f"tls://{host}:{port}"
         self.auditor.record(
             AuditEvent(
-                transaction="Node Authentication Failure",
-                actor="Secure Node",
+                transaction=REFUSAL_TRANSACTION,
+                actor=REFUSAL_ACTOR,
                 outcome=Outcome.MINOR_FAILURE,
                 source=Endpoint(uri, host),
                 destination=Endpoint(self.node_id, self.host),
                 alert_subjects=(uri,),
-                outcome_detail=str(reason),
+                outcome_detail=refused.detail,
             )
         )
 

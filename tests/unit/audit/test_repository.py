@@ -25,6 +25,7 @@ from xdsi.audit.repository import (
     AuditRecordStore,
     AuditRepository,
     JsonErrorHandler,
+    OwnRecords,
     query_app,
 )
 from xdsi.audit.syslog import TlsSender, UdpSender, format_message, frame
@@ -264,6 +265,33 @@ def test_peer_failing_node_authentication_is_refused_and_audited(
     assert audit_schema.validate(root), audit_schema.error_log
     assert alert.event_id.code == "110113"
     assert root.find("EventIdentification/EventTypeCode").get("csd-code") == "110126"
+
+
+def test_the_repositorys_own_alerts_are_kept_in_its_own_store_once_a_minute(
+    store: AuditRecordStore, pki: Pki, audit_schema: etree.RelaxNG
+) -> None:
+    """An ARR's Security Alerts go to its own tables, where its audit trail
+    is read (no spool that nothing forwards); a peer refused again and again
+    for one reason writes one of them in REFUSAL_INTERVAL, not one each."""
+    with AuditRepository(
+        store,
+        tls_port=0,
+        tls_context=pki.server_context(),
+        auditor=OwnRecords(store, audit_source_id="arr"),
+        node_id="arr",
+    ) as repository:
+        for _ in range(10):
+            assert _refused(_untrusted(pki), repository.tls_port)
+        wait_for(lambda: len(store.query()) == 1)
+        time.sleep(0.3)
+
+    (alert,) = store.query()
+    assert alert.valid and alert.transport == "local"
+    assert alert.event_id == "110113"
+    root = etree.fromstring(alert.xml)
+    assert audit_schema.validate(root), audit_schema.error_log
+    assert root.find("EventIdentification/EventTypeCode").get("csd-code") == "110126"
+    assert root.find("AuditSourceIdentification").get("AuditSourceID") == "arr"
 
 
 def test_query_bounds_event_time(
