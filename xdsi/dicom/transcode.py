@@ -13,6 +13,7 @@ import logging
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -367,7 +368,7 @@ class Production:
             return produce(*self._jobs[index], self._spool)
         allowance = self._allowance(index)
         try:
-            return future.result(timeout=allowance)
+            return _within(future, allowance)
         except (BrokenProcessPool, CancelledError):
             # Cancelled: not begun when its fellows were stopped (below).
             reason = "died (a codec crashed)"
@@ -385,14 +386,37 @@ class Production:
         return None
 
     def _allowance(self, index: int) -> float:
-        """Seconds a transcoding process may take over job ``index``: it is
-        under way once the caller, taking the results in order, waits for
-        it."""
+        """Seconds a transcoding process may take over job ``index``."""
         try:
             size = self._jobs[index][0].stat().st_size
         except OSError:
             size = 0
         return ALLOWANCE + ALLOWANCE_PER_MB * size / 1e6
+
+
+# How often a caller waiting for a re-encoding looks whether it has begun.
+_LOOK_EVERY = 0.25
+
+
+def _within(future: Future[Produced | None], allowance: float) -> Produced | None:
+    """The result of ``future`` once done; TimeoutError once it has run for
+    more than ``allowance`` seconds.
+
+    Its time counts from when TRANSCODERS hands it to a process (it is then
+    running), not from when the caller begins to wait: the re-encodings of
+    other requests queued before it are not its time, and counting them
+    would take a busy pool for a stuck one and kill it under them all.
+    """
+    began = None
+    while True:
+        try:
+            return future.result(timeout=_LOOK_EVERY)
+        except TimeoutError:
+            pass
+        if began is None and future.running():
+            began = time.monotonic()
+        if began is not None and time.monotonic() - began > allowance:
+            raise TimeoutError
 
 
 def _write(source: Path, target: str, destination: Path) -> None:

@@ -534,6 +534,40 @@ def test_instances_of_a_stuck_transcoding_process_are_not_sent_and_the_next_are(
     assert all(p is not None and p.transfer_syntax_uid == RLELossless for p in again)
 
 
+def test_a_request_queued_behind_another_is_not_taken_for_stuck(
+    tmp_path: Path,
+    own_transcoders: worker.Pool,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two requests share the transcoding processes: the second's first
+    instance waits in the queue for the first's many. That wait is not
+    counted against its allowance, which starts when a process takes it up;
+    counted, it would take the busy processes for stuck and kill them,
+    failing both requests."""
+    series = max(bundled_study().iterdir(), key=lambda s: len(list(s.iterdir())))
+    other = next(s for s in bundled_study().iterdir() if len(list(s.iterdir())) > 4)
+    assert other != series
+    many = _ct_jobs(len(list(series.iterdir())))
+    held = many[0][1]
+    few = [(path, held, [RLELossless]) for path in sorted(other.glob("*.dcm"))[:4]]
+    # The processes are started first: their start is no part of a job.
+    with transcode.Production(few, tmp_path / "warm") as warm:
+        assert all(warm.result(n) is not None for n in range(len(few)))
+    # Far less than the first request's queue takes (54 RLE encodings on two
+    # processes), far more than one encoding does.
+    monkeypatch.setattr(transcode, "ALLOWANCE", 0.75)
+    monkeypatch.setattr(transcode, "ALLOWANCE_PER_MB", 0.0)
+
+    with transcode.Production(many, tmp_path / "first") as first:
+        with transcode.Production(few, tmp_path / "second") as second:
+            behind = [second.result(n) for n in range(len(few))]
+        ahead = [first.result(n) for n in range(len(many))]
+
+    assert all(p is not None for p in behind + ahead)
+    assert not [r for r in caplog.records if "(a codec stuck)" in r.getMessage()]
+
+
 # Decodes a JPEG image to Explicit VR Little Endian, as a rendering or a
 # transcoding does, and prints what came of it.
 _DECODE_ONE = """
