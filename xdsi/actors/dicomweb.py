@@ -23,6 +23,8 @@ import string
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import CancelledError
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from io import BytesIO
@@ -2250,10 +2252,6 @@ MAX_RENDERED_SIZE = 4096
 # default, the one of WADO-URI.
 LINEAR = "LINEAR"
 VOI_LUT_FUNCTIONS = (LINEAR, "LINEAR_EXACT", "SIGMOID")
-# Images decoded for rendering at once in one process: each may take
-# hundreds of MB (a mammogram as floating point), so a burst of WADO-URI
-# requests waits rather than exhausting memory.
-_RENDERING = threading.BoundedSemaphore(2)
 
 
 class UndecodableImage(NotAcceptable):
@@ -2400,10 +2398,57 @@ def _windowed(
 
 def _render(path: Path, frame: int, rendering: Rendering = Rendering()) -> bytes:
     """Render one frame as an 8-bit image of ``rendering.media_type``
-    (DICOM PS3.18 8.7.4), no more than _RENDERING's count at once (see
-    :func:`_rendered`)."""
-    with _RENDERING:
-        return _rendered(path, frame, rendering)
+    (DICOM PS3.18 8.7.4; see :func:`_rendered`) in a transcoding process
+    (transcode.TRANSCODERS), within the allowance of a re-encoding.
+
+    A codec that crashes on hostile pixel data takes that process down, and
+    one that hangs is stopped there, not the node or the request's thread;
+    the memory an image takes decoded (hundreds of MB for a mammogram as
+    floating point) is that process's, each rendering one image at a time,
+    so that a burst of WADO-URI requests waits rather than exhausting it.
+    Such an image cannot be rendered (UndecodableImage).
+    """
+    try:
+        allowance = transcode.allowance(path)
+        outcome, value = transcode.within(
+            transcode.TRANSCODERS.submit(_rendering_outcome, path, frame, rendering),
+            allowance,
+        )
+    except (BrokenProcessPool, CancelledError):
+        reason = "died (a codec crashed)"
+    except TimeoutError:
+        reason = f"took over {allowance:.0f} s over one image (a codec stuck)"
+    else:
+        if outcome == "image":
+            return value
+        if outcome == "refused":
+            code, description = value
+            abort(code, description)
+        logger.warning("cannot render %s: %s", path.name, value)
+        raise UndecodableImage()
+    if transcode.TRANSCODERS.discard():
+        logger.warning(
+            "a transcoding process rendering %s %s and was stopped", path.name, reason
+        )
+    raise UndecodableImage()
+
+
+def _rendering_outcome(
+    path: Path, frame: int, rendering: Rendering
+) -> tuple[str, object]:
+    """:func:`_rendered`'s answer as a transcoding process gives it back:
+    ("image", the bytes), ("refused", (HTTP status, reason)) for a request
+    that asks what cannot be (the abort in it), or ("undecodable", why)."""
+    try:
+        return "image", _rendered(path, frame, rendering)
+    except UndecodableImage as exc:
+        cause = exc.__cause__
+        if cause is None:
+            return "undecodable", exc.description
+        text = str(cause)
+        return "undecodable", text.splitlines()[0] if text else type(cause).__name__
+    except HTTPException as exc:
+        return "refused", (exc.code, exc.description)
 
 
 def _rendered(path: Path, frame: int, rendering: Rendering) -> bytes:
@@ -2425,8 +2470,6 @@ def _rendered(path: Path, frame: int, rendering: Rendering) -> bytes:
             with transcode.plugin_errors_muted():
                 pixels = pixel_array(path, index=frame - 1 if frames_held > 1 else None)
         except Exception as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            logger.warning("cannot render %s: %s", path.name, reason)
             raise UndecodableImage() from exc
     # The VOI LUT transformation, the window with it, applies to grayscale
     # images only (DICOM PS3.3 C.11.2); a colour image is rendered as held.

@@ -20,7 +20,7 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pydicom
@@ -278,15 +278,14 @@ def _attempts(held_syntax: str, requested: Sequence[str]) -> Iterator[str]:
         yield target
 
 
-# A request with at least this many instances to re-encode has them made by
-# TRANSCODERS, side by side; fewer are made in the calling thread, where a
-# process's round trip (and, the first time, its start) would cost more.
-POOLED_FROM = 4
-
-# Processes that re-encode instances, one at a time each, as many as there
-# are cores (TRANSCODING_SLOTS): the codecs hold the GIL, so that threads of
-# one process take turns, and a codec that crashes (a SIGSEGV in a decoder
-# given hostile pixel data) takes down its process, not the node.
+# Processes that re-encode instances (and render images, see
+# xdsi.actors.dicomweb), one at a time each, as many as there are cores
+# (TRANSCODING_SLOTS): the codecs hold the GIL, so that threads of one
+# process take turns, and a codec that crashes (a SIGSEGV in a decoder given
+# hostile pixel data) or hangs takes down or holds its process, not the
+# node. Every re-encoding goes there, one instance alone included: the
+# round trip costs a few milliseconds, the first start after an idle spell
+# about a second (worker.IDLE_SECONDS).
 TRANSCODERS = worker.Pool(TRANSCODING_SLOTS, "the transcoding processes")
 
 
@@ -315,8 +314,7 @@ syntaxes requested, as :func:`produce` takes them."""
 
 class Production:
     """What :func:`produce` gives for each of a request's instances (its
-    ``jobs``), those to re-encode started at once in TRANSCODERS when they
-    are POOLED_FROM or more.
+    ``jobs``), those to re-encode started at once in TRANSCODERS.
 
     Used as a context manager: on leaving, re-encodings not yet begun are
     cancelled and those under way awaited, so that nothing is written into
@@ -327,10 +325,8 @@ class Production:
         self._jobs = list(jobs)
         self._spool = spool
         self._futures: dict[int, Future[Produced | None]] = {}
-        pooled = [n for n, job in enumerate(self._jobs) if writes(job[1], job[2])]
-        if len(pooled) >= POOLED_FROM:
-            for n in pooled:
-                source, held, requested = self._jobs[n]
+        for n, (source, held, requested) in enumerate(self._jobs):
+            if writes(held, requested):
                 self._futures[n] = TRANSCODERS.submit(
                     produce, source, held, list(requested), spool
                 )
@@ -362,13 +358,11 @@ class Production:
         transcoding process died cannot be produced."""
         future = self._futures.get(index)
         if future is None:
-            # Limitation: an instance re-encoded in the calling thread (a
-            # request with fewer than POOLED_FROM) has no allowance: a stuck
-            # decoder holds that thread.
+            # Sent as held: nothing is decoded or written.
             return produce(*self._jobs[index], self._spool)
         allowance = self._allowance(index)
         try:
-            return _within(future, allowance)
+            return within(future, allowance)
         except (BrokenProcessPool, CancelledError):
             # Cancelled: not begun when its fellows were stopped (below).
             reason = "died (a codec crashed)"
@@ -387,18 +381,26 @@ class Production:
 
     def _allowance(self, index: int) -> float:
         """Seconds a transcoding process may take over job ``index``."""
-        try:
-            size = self._jobs[index][0].stat().st_size
-        except OSError:
-            size = 0
-        return ALLOWANCE + ALLOWANCE_PER_MB * size / 1e6
+        return allowance(self._jobs[index][0])
 
+
+def allowance(source: Path) -> float:
+    """Seconds a transcoding process may take over the stored copy
+    ``source``: ALLOWANCE, and ALLOWANCE_PER_MB a megabyte of it."""
+    try:
+        size = source.stat().st_size
+    except OSError:
+        size = 0
+    return ALLOWANCE + ALLOWANCE_PER_MB * size / 1e6
+
+
+T = TypeVar("T")
 
 # How often a caller waiting for a re-encoding looks whether it has begun.
 _LOOK_EVERY = 0.25
 
 
-def _within(future: Future[Produced | None], allowance: float) -> Produced | None:
+def within(future: Future[T], allowance: float) -> T:
     """The result of ``future`` once done; TimeoutError once it has run for
     more than ``allowance`` seconds.
 

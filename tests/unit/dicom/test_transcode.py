@@ -417,29 +417,32 @@ def _ct_jobs(count: int) -> list[transcode.Job]:
     return [(path, held, [RLELossless]) for path in files]
 
 
-def test_many_re_encodings_of_one_request_are_made_by_the_transcoding_processes(
+def test_every_re_encoding_is_made_by_the_transcoding_processes(
     tmp_path: Path, own_transcoders: worker.Pool
 ) -> None:
-    """A request with POOLED_FROM instances or more to re-encode has them
-    made side by side in processes of their own, each as produce makes it;
-    fewer are made in the calling thread."""
-    jobs = _ct_jobs(transcode.POOLED_FROM + 2)
+    """Re-encodings are made side by side in processes of their own, one
+    instance alone included, each as produce makes it; an instance sent as
+    held is not handed to them."""
+    jobs = _ct_jobs(6)
+    source, held, _ = jobs[0]
 
-    with transcode.Production(
-        jobs[: transcode.POOLED_FROM - 1], tmp_path / "few"
-    ) as few:
-        made_here = [few.result(n) for n in range(transcode.POOLED_FROM - 1)]
+    with transcode.Production([(source, held, [held])], tmp_path / "held") as same:
+        as_held = same.result(0)
     assert own_transcoders.executor is None
-    with transcode.Production(jobs, tmp_path / "many") as many:
-        made_there = [many.result(n) for n in range(len(jobs))]
-
+    with transcode.Production(jobs[:1], tmp_path / "one") as one:
+        alone = one.result(0)
     assert own_transcoders.executor is not None
-    for (source, _, _), produced in zip(jobs, made_there, strict=True):
+    with transcode.Production(jobs, tmp_path / "many") as many:
+        made = [many.result(n) for n in range(len(jobs))]
+    here = produce(source, held, [RLELossless], tmp_path / "here")
+
+    assert as_held is not None and as_held.path == source
+    assert alone is not None and here is not None and made[0] is not None
+    assert alone.path.read_bytes() == here.path.read_bytes()
+    assert made[0].path.read_bytes() == here.path.read_bytes()
+    for (path, _, _), produced in zip(jobs, made, strict=True):
         assert produced is not None and produced.transfer_syntax_uid == RLELossless
-        assert np.array_equal(_pixels(produced.path), _pixels(source))
-    for here, there in zip(made_here, made_there, strict=False):
-        assert here is not None and there is not None
-        assert here.path.read_bytes() == there.path.read_bytes()
+        assert np.array_equal(_pixels(produced.path), _pixels(path))
 
 
 def test_instances_of_a_transcoding_process_that_died_are_not_sent_and_the_next_are(
@@ -566,6 +569,47 @@ def test_a_request_queued_behind_another_is_not_taken_for_stuck(
 
     assert all(p is not None for p in behind + ahead)
     assert not [r for r in caplog.records if "(a codec stuck)" in r.getMessage()]
+
+
+@pytest.mark.parametrize("fate", ["dies", "hangs"])
+def test_a_rendering_whose_process_dies_or_hangs_is_refused_and_the_next_is_made(
+    fate: str,
+    own_transcoders: worker.Pool,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Images are rendered in the transcoding processes: one killed under a
+    rendering (a codec's SIGSEGV) or stopped past its allowance (a codec
+    stuck) makes that image not renderable (406, one WARNING), and neither
+    ends nor holds the node; the next rendering starts new processes."""
+    source = _ct_jobs(1)[0][0]
+    assert _render(source, 1).startswith(b"\xff\xd8")
+    assert own_transcoders.executor is not None
+    processes = list(own_transcoders.executor._processes.values())
+    monkeypatch.setattr(transcode, "ALLOWANCE", 2.0)
+    monkeypatch.setattr(transcode, "ALLOWANCE_PER_MB", 0.0)
+    for process in processes:
+        if fate == "dies":
+            os.kill(process.pid, signal.SIGKILL)
+            process.join(10)
+        else:
+            os.kill(process.pid, signal.SIGSTOP)
+
+    with pytest.raises(NotAcceptable):
+        _render(source, 1)
+    again = _render(source, 1)
+
+    for process in processes:
+        process.join(10)
+        assert process.exitcode == -signal.SIGKILL
+    warned = [
+        r
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and "transcoding process" in r.getMessage()
+    ]
+    assert len(warned) == 1
+    assert ("stuck" if fate == "hangs" else "died") in warned[0].getMessage()
+    assert again.startswith(b"\xff\xd8")
 
 
 # Decodes a JPEG image to Explicit VR Little Endian, as a rendering or a
