@@ -23,8 +23,6 @@ import string
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import CancelledError
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from io import BytesIO
@@ -2409,27 +2407,22 @@ def _render(path: Path, frame: int, rendering: Rendering = Rendering()) -> bytes
     Such an image cannot be rendered (UndecodableImage).
     """
     try:
-        allowance = transcode.allowance(path)
-        outcome, value = transcode.within(
-            transcode.TRANSCODERS.submit(_rendering_outcome, path, frame, rendering),
-            allowance,
+        outcome, value = transcode.isolated(
+            _rendering_outcome,
+            path,
+            frame,
+            rendering,
+            allowance=transcode.allowance(path),
+            what=f"rendering {path.name}",
         )
-    except (BrokenProcessPool, CancelledError):
-        reason = "died (a codec crashed)"
-    except TimeoutError:
-        reason = f"took over {allowance:.0f} s over one image (a codec stuck)"
-    else:
-        if outcome == "image":
-            return value
-        if outcome == "refused":
-            code, description = value
-            abort(code, description)
-        logger.warning("cannot render %s: %s", path.name, value)
-        raise UndecodableImage()
-    if transcode.TRANSCODERS.discard():
-        logger.warning(
-            "a transcoding process rendering %s %s and was stopped", path.name, reason
-        )
+    except transcode.CodecFailure:
+        raise UndecodableImage() from None
+    if outcome == "image":
+        return value
+    if outcome == "refused":
+        code, description = value
+        abort(code, description)
+    logger.warning("cannot render %s: %s", path.name, value)
     raise UndecodableImage()
 
 

@@ -12,10 +12,12 @@ the file: a frame of a large multi-frame image costs the frame.
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 from pydicom.pixels import pack_bits, pixel_array
@@ -104,14 +106,39 @@ def read_frame(path: Path, header: Dataset, index: int, framing: Framing) -> byt
     """Frame ``index`` (from 0) of the image stored at ``path``, whose
     attributes are ``header``, as ``framing`` says.
 
+    A compressed frame to decode is decoded by a transcoding process
+    (transcode.isolated): a codec crashing or hanging on hostile pixel data
+    costs that process, not the node or the request's thread.
+
     Raises
     ------
     Exception
         Whatever the file or a pixel data plugin raises when the frame
-        cannot be read or decoded.
+        cannot be read or decoded; transcode.CodecFailure when the process
+        decoding it died or was stopped.
     """
+    held = UID(header.file_meta.TransferSyntaxUID)
+    if framing.native and held.is_compressed:
+        return transcode.isolated(
+            _decoded_frame,
+            path,
+            index,
+            framing,
+            allowance=transcode.allowance(path),
+            what=f"decoding a frame of {path.name}",
+        )
     with _READING:
         return _read_frame(path, header, index, framing)
+
+
+def _decoded_frame(path: Path, index: int, framing: Framing) -> bytes:
+    """:func:`_read_frame` in a transcoding process, the header read there."""
+    with warnings.catch_warnings():
+        # A process of its own, one task at a time: nothing else's warnings
+        # are muted with these.
+        warnings.simplefilter("ignore")
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+    return _read_frame(path, header, index, framing)
 
 
 def _read_frame(path: Path, header: Dataset, index: int, framing: Framing) -> bytes:

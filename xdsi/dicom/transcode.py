@@ -396,6 +396,38 @@ def allowance(source: Path) -> float:
 
 T = TypeVar("T")
 
+
+class CodecFailure(RuntimeError):
+    """A transcoding process died or was stopped over work given to it by
+    :func:`isolated` (a codec crashed or hung on the pixel data)."""
+
+
+def isolated(function: Callable[..., T], *args: Any, allowance: float, what: str) -> T:
+    """``function(*args)`` run by a transcoding process, within
+    ``allowance`` seconds from when one takes it up (:func:`within`).
+
+    For pixel decoding outside :class:`Production` (an image rendered, a
+    frame decoded): a codec crashing or hanging costs that process, not the
+    node or the caller's thread. ``function`` is a module-level function,
+    its arguments and result picklable; what it raises is raised here.
+
+    Raises
+    ------
+    CodecFailure
+        The process died, or was stopped past its allowance, over it (one
+        WARNING names ``what``).
+    """
+    try:
+        return within(TRANSCODERS.submit(function, *args), allowance)
+    except (BrokenProcessPool, CancelledError):
+        reason = "died (a codec crashed)"
+    except TimeoutError:
+        reason = f"took over {allowance:.0f} s (a codec stuck) and was stopped"
+    if TRANSCODERS.discard():
+        logger.warning("a transcoding process %s %s", what, reason)
+    raise CodecFailure(f"the transcoding process {reason}")
+
+
 # How often a caller waiting for a re-encoding looks whether it has begun.
 _LOOK_EVERY = 0.25
 

@@ -39,7 +39,7 @@ from tests.conftest import SHARED, dicom_path
 from xdsi import worker
 from xdsi.actors.dicomweb import _render
 from xdsi.cli import bundled_study
-from xdsi.dicom import transcode
+from xdsi.dicom import frames, transcode
 from xdsi.dicom.transcode import is_lossless, is_lossy, produce
 
 # The one single no pydicom plugin decodes (shared dicom README, "Decoding
@@ -597,6 +597,9 @@ def test_a_rendering_whose_process_dies_or_hangs_is_refused_and_the_next_is_made
 
     with pytest.raises(NotAcceptable):
         _render(source, 1)
+    # New processes start: their start (a second or more on a busy machine)
+    # is within the allowance of the job that waits for them.
+    monkeypatch.setattr(transcode, "ALLOWANCE", 60.0)
     again = _render(source, 1)
 
     for process in processes:
@@ -610,6 +613,31 @@ def test_a_rendering_whose_process_dies_or_hangs_is_refused_and_the_next_is_made
     assert len(warned) == 1
     assert ("stuck" if fate == "hangs" else "died") in warned[0].getMessage()
     assert again.startswith(b"\xff\xd8")
+
+
+def test_a_frame_to_decode_is_decoded_by_a_transcoding_process(
+    own_transcoders: worker.Pool,
+) -> None:
+    """WADO-RS Retrieve Frames of a compressed image asked for decoded: the
+    frame is decoded by a transcoding process, as the calling thread would
+    decode it; one whose process dies under it is a CodecFailure (the
+    request's 406), and the next is decoded by new processes."""
+    path, _ = _single("ts-rle__CT1_RLE.dcm")
+    header = _read(path)
+    expected = np.ascontiguousarray(_pixels(path), dtype="<i2").tobytes()
+
+    decoded = frames.read_frame(path, header, 0, frames.decoded())
+    assert own_transcoders.executor is not None
+    processes = list(own_transcoders.executor._processes.values())
+    for process in processes:
+        os.kill(process.pid, signal.SIGKILL)
+        process.join(10)
+    with pytest.raises(transcode.CodecFailure):
+        frames.read_frame(path, header, 0, frames.decoded())
+    again = frames.read_frame(path, header, 0, frames.decoded())
+
+    assert decoded == again
+    assert decoded == expected
 
 
 # Decodes a JPEG image to Explicit VR Little Endian, as a rendering or a
