@@ -68,6 +68,8 @@ _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=Fal
 
 _ERROR_LENGTH = 512
 
+_UTF8 = "UTF-8"
+
 
 @dataclass(frozen=True)
 class ReceivedAudit:
@@ -116,10 +118,22 @@ def read_audit(raw: bytes) -> ReceivedAudit:
     except SyslogFormatError as exc:
         return ReceivedAudit(valid=False, error=str(exc))
     header = {"app_name": message.app_name, "msgid": message.msgid}
+    # ITI TF-2 3.20.6.1, RFC 5424 6.4: MSG is UTF-8, after its UTF-8 BOM; a
+    # UTF-16 AuditMessage (a BOM of its own, or a declaration naming it)
+    # would parse, and be read in an encoding the sender was not to use.
+    try:
+        message.msg.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        error = f"MSG is not UTF-8: {exc.reason} at byte {exc.start}"
+        return ReceivedAudit(False, error, xml=message.msg, **header)
     try:
         root = etree.fromstring(message.msg, _PARSER)
     except etree.XMLSyntaxError as exc:
         return ReceivedAudit(False, f"MSG is not XML: {exc}", xml=message.msg, **header)
+    encoding = root.getroottree().docinfo.encoding or _UTF8
+    if encoding.upper().replace("-", "") != "UTF8":
+        error = f"MSG is not UTF-8: its XML declaration names {encoding[:32]}"
+        return ReceivedAudit(False, error, xml=message.msg, **header)
     schema = audit_message_schema()
     if not schema.validate(root):
         error = f"not a DICOM PS3.15 A.5.1 AuditMessage: {schema.error_log.last_error}"

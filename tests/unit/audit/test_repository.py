@@ -27,8 +27,9 @@ from xdsi.audit.repository import (
     JsonErrorHandler,
     OwnRecords,
     query_app,
+    read_audit,
 )
-from xdsi.audit.syslog import TlsSender, UdpSender, format_message, frame
+from xdsi.audit.syslog import BOM, TlsSender, UdpSender, format_message, frame
 from xdsi.store.schema import make_engine
 
 
@@ -140,6 +141,45 @@ def test_malformed_messages_are_stored_raw_and_flagged(
     assert error in record.error
     assert record.raw == raw
     assert record.event_id is None
+
+
+def _utf16(xml: bytes, codec: str) -> bytes:
+    """The AuditMessage ``xml`` in UTF-16, its declaration saying so."""
+    text = xml.decode("utf-8").replace('encoding="UTF-8"', 'encoding="UTF-16"')
+    return text.encode(codec)
+
+
+# The syslog header our sender writes, before MSG.
+_HEADER = b"<85>1 2024-05-02T09:30:15Z node.example xdsi 1 IHE+RFC-3881 - "
+
+
+@pytest.mark.parametrize(
+    ("codec", "prefix"),
+    [("utf-16", b""), ("utf-16-le", b""), ("utf-16-be", BOM)],
+    ids=["utf-16-bom", "utf-16-declared", "utf-8-bom-then-utf-16"],
+)
+def test_a_utf16_audit_message_is_stored_flagged_as_not_utf8(
+    codec: str, prefix: bytes, store: AuditRecordStore, real_ids: RealIds
+) -> None:
+    """ITI TF-2 3.20.6.1, RFC 5424 6.4: MSG is UTF-8; UTF-16 is malformed."""
+    raw = _HEADER + prefix + _utf16(audit_xml(real_ids), codec)
+
+    received = store.store(raw, transport="udp", peer="127.0.0.1:514")
+
+    assert not received.valid
+    assert received.error.startswith("MSG is not UTF-8")
+    [record] = store.query()
+    assert (record.valid, record.raw, record.event_id) == (False, raw, None)
+
+
+@pytest.mark.parametrize("bom", [BOM, b""], ids=["bom", "no-bom"])
+def test_a_utf8_audit_message_is_valid_with_or_without_its_bom(
+    bom: bytes, real_ids: RealIds
+) -> None:
+    """RFC 5424 6.4: the UTF-8 BOM before MSG may be left out."""
+    received = read_audit(_HEADER + bom + audit_xml(real_ids))
+
+    assert (received.valid, received.error) == (True, None)
 
 
 def test_stream_that_breaks_framing_is_kept_raw(
