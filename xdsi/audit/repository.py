@@ -231,6 +231,9 @@ class AuditRecordStore:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # A peer sending malformed messages in a loop would otherwise write
+        # a WARNING per message; each is still stored (ITI TF-2 3.20).
+        self._warnings = RefusalThrottle()
 
     def store(
         self, raw: bytes, *, transport: str, peer: str, malformed: str | None = None
@@ -275,23 +278,53 @@ class AuditRecordStore:
                     ],
                 )
         if not received.valid:
-            logger.warning(
-                "audit message %d from %s over %s stored as malformed: %s",
+            # The reason names the schema rule broken, never the value.
+            self._warn(
+                "stored as malformed",
+                received.error.split(":", 1)[0] if received.error else "",
                 record_id,
                 peer,
                 transport,
-                # The reason names the schema rule broken, never the value.
-                received.error.split(":", 1)[0] if received.error else "",
             )
         elif received.error:
-            logger.warning(
-                "audit message %d from %s over %s stored without its event "
-                "time: EventDateTime outside the years 1 to 9999 in UTC",
+            self._warn(
+                "stored without its event time",
+                "EventDateTime outside the years 1 to 9999 in UTC",
                 record_id,
                 peer,
                 transport,
             )
         return received
+
+    def _warn(
+        self, what: str, reason: str, record_id: int, peer: str, transport: str
+    ) -> None:
+        """Log a message stored flawed at WARNING, at most once a
+        :data:`~xdsi.tls.REFUSAL_INTERVAL` per peer host and reason; those
+        held back are logged at DEBUG and counted into the next WARNING."""
+        host = peer.rsplit(":", 1)[0]
+        held = self._warnings.admit(host, f"{what}: {reason}")
+        if held is None:
+            logger.debug(
+                "audit message %d from %s over %s %s: %s",
+                record_id,
+                peer,
+                transport,
+                what,
+                reason,
+            )
+            return
+        logger.warning(
+            "audit message %d from %s over %s %s: %s%s",
+            record_id,
+            peer,
+            transport,
+            what,
+            reason,
+            f"; {held} more from {host} since the last warning, not logged one by one"
+            if held
+            else "",
+        )
 
     def query(
         self,

@@ -31,6 +31,7 @@ from xdsi.audit.repository import (
 )
 from xdsi.audit.syslog import BOM, TlsSender, UdpSender, format_message, frame
 from xdsi.store.schema import make_engine
+from xdsi.tls import RefusalThrottle
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +181,44 @@ def test_a_utf8_audit_message_is_valid_with_or_without_its_bom(
     received = read_audit(_HEADER + bom + audit_xml(real_ids))
 
     assert (received.valid, received.error) == (True, None)
+
+
+def test_malformed_messages_of_a_host_are_warned_of_once_an_interval_all_stored(
+    store: AuditRecordStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ITI TF-2 3.20: a flood of malformed messages from one host is stored
+    whole but warned of once an interval for each reason; the next warning
+    counts those held back. Another host, or another reason, is news."""
+    clock = _Clock()
+    store._warnings = RefusalThrottle(60.0, clock)
+    caplog.set_level(logging.WARNING, logger="xdsi.audit.repository")
+    not_xml = b"<85>1 - h xdsi - IHE+RFC-3881 - \xef\xbb\xbf<AuditMessage"
+
+    for port in range(1000, 1005):
+        store.store(not_xml, transport="udp", peer=f"192.0.2.7:{port}")
+    store.store(b"no syslog header", transport="udp", peer="192.0.2.7:1005")
+    store.store(not_xml, transport="tls", peer="192.0.2.8:1000")
+    clock.now += 60.0
+    store.store(not_xml, transport="udp", peer="192.0.2.7:1006")
+
+    assert len(store.query()) == 8
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 4
+    assert "192.0.2.7:1000 over udp stored as malformed: MSG is not XML" in warned[0]
+    assert "192.0.2.7:1005 over udp stored as malformed: not an RFC 5424" in warned[1]
+    assert "192.0.2.8:1000 over tls stored as malformed: MSG is not XML" in warned[2]
+    assert warned[3].endswith(
+        "192.0.2.7:1006 over udp stored as malformed: MSG is not XML; 4 more "
+        "from 192.0.2.7 since the last warning, not logged one by one"
+    )
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def test_stream_that_breaks_framing_is_kept_raw(
