@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 from lxml import etree
+from sqlalchemy import event
 from werkzeug.serving import make_server
 
 from tests.pki import Pki, make_pki
 from tests.unit.audit.conftest import RealIds
 from tests.unit.audit.test_syslog import audit_xml
 from xdsi.audit import Auditor, AuditSpool
+from xdsi.audit import repository as audit_repository
 from xdsi.audit.repository import (
     MAX_QUERY_LIMIT,
     AuditRecordStore,
@@ -445,6 +447,33 @@ def test_event_date_time_is_stored_as_its_utc_instant_or_left_unset_with_why(
         assert any("without its event time" in r.getMessage() for r in caplog.records)
     else:
         assert record.error is None
+
+
+def test_a_listing_reads_the_records_a_page_at_a_time(
+    store: AuditRecordStore, real_ids: RealIds, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However many records match, a listing holds one page of them: each
+    page is read from the database when the one before has been taken."""
+    monkeypatch.setattr(audit_repository, "PAGE_SIZE", 2)
+    raw = format_message(audit_xml(real_ids), app_name="xdsi")
+    for port in range(1000, 1005):
+        store.store(raw, transport="udp", peer=f"127.0.0.1:{port}")
+    pages: list[str] = []
+
+    @event.listens_for(store.engine, "before_cursor_execute")
+    def read(*args: object) -> None:
+        statement = str(args[2])
+        if "FROM audit_record" in statement and "LIMIT" in statement:
+            pages.append(statement)
+
+    listing = store.records()
+    first = next(listing)
+    assert len(pages) == 1
+    rest = list(listing)
+    assert len(pages) == 3
+    assert [r.id for r in (first, *rest)] == [1, 2, 3, 4, 5]
+    assert all(r.patient_ids == (real_ids.patient_id,) for r in (first, *rest))
+    assert [r.id for r in store.query(limit=3)] == [1, 2, 3]
 
 
 def test_http_query_bounds_are_utc_instants(
