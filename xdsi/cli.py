@@ -16,7 +16,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -30,6 +30,7 @@ import sqlalchemy.exc
 from lxml import etree
 from pydicom.uid import UID
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
@@ -51,6 +52,7 @@ from xdsi.app import (
     node_consumer,
 )
 from xdsi.audit import Auditor, AuditSpool
+from xdsi.audit import repository as audit_repository
 from xdsi.audit.messages import audit_event_rules
 from xdsi.audit.repository import (
     AuditRecordStore,
@@ -58,6 +60,7 @@ from xdsi.audit.repository import (
     CannotBind,
     OwnRecords,
     QueryServer,
+    StoredAudit,
     parse_time,
 )
 from xdsi.config import (
@@ -1521,20 +1524,100 @@ def _list_repository(
     as_json: bool,
     as_xml: bool,
 ) -> None:
+    """Print what the ARR stored as it is read, a page of records at a time,
+    so that a trail of any length prints in the memory of one page."""
     engine = make_engine(settings.database_url)
-    try:
-        records = AuditRecordStore(engine).query(
-            patient_id=patient_id, since=since, until=until, limit=1_000_000
+    store = AuditRecordStore(engine)
+
+    def records(through: int | None = None) -> Iterator[StoredAudit]:
+        return store.records(
+            patient_id=patient_id, since=since, until=until, through=through
         )
+
+    try:
+        if as_xml:
+            for line in _xml_lines(record.xml or record.raw for record in records()):
+                click.echo(line)
+        elif as_json:
+            _echo_json_array(record.as_json() for record in records())
+        else:
+            _print_repository_table(settings, records)
     finally:
         engine.dispose()
-    if as_xml:
-        click.echo(_xml_document(record.xml or record.raw for record in records))
-        return
-    if as_json:
-        click.echo(json.dumps([r.as_json() for r in records], indent=2))
-        return
-    if not records:
+
+
+def _echo_json_array(items: Iterable[object]) -> None:
+    """Write ``items`` as ``json.dumps(list(items), indent=2)`` writes them,
+    one at a time."""
+    opening = "["
+    for item in items:
+        click.echo(f"{opening}\n{_indent(json.dumps(item, indent=2))}", nl=False)
+        opening = ","
+    click.echo("[]" if opening == "[" else "\n]")
+
+
+def _indent(text: str) -> str:
+    return "\n".join(f"  {line}" for line in text.split("\n"))
+
+
+_REPOSITORY_COLUMNS = ("time (UTC)", "from", "event", "type", "outcome", "source")
+
+
+def _repository_row(record: StoredAudit) -> list[Text]:
+    when = record.event_time or record.received_at
+    # What the peers sent, as plain text (see _plain).
+    return _plain(
+        # strftime's %Y drops the zeros of a year before 1000.
+        when.replace(tzinfo=None).isoformat(" ", "seconds"),
+        f"{record.transport} {record.peer}",
+        _event_name(record.event_id),
+        record.event_type or "?",
+        str(record.outcome) if record.valid else f"malformed: {record.error}",
+        record.audit_source_id or "?",
+    )
+
+
+def _repository_table(
+    widths: list[int] | None, *, title: str | None, header: bool
+) -> Table:
+    """The ARR's table, empty; ``widths`` fixes each column's width,
+    padding included."""
+    table = Table(title=title, show_header=header, padding=_CELL_PADDING)
+    for index, column in enumerate(_REPOSITORY_COLUMNS):
+        width = widths[index] - 2 * _CELL_PADDING[1] if widths else None
+        table.add_column(column, overflow="fold", width=width)
+    return table
+
+
+_REPOSITORY_TITLE = "Audit Record Repository (ITI TF-2 3.20)"
+# A cell's padding: no lines above or below, a space either side.
+_CELL_PADDING = (0, 1)
+
+
+def _print_repository_table(
+    settings: Settings, records: Callable[[int | None], Iterator[StoredAudit]]
+) -> None:
+    """Print the records as one table, a page of rows at a time.
+
+    A table's column widths depend on every row, so the records are read
+    twice: first to measure each column's cells, the narrowest and the
+    widest each can be; then to print, each page a table whose columns
+    have the widths the whole table would give them. The pages' edges
+    between them are left out, so that the output is the whole table's.
+    """
+    out = console if console.is_terminal else Console(width=WIDE_OUTPUT)
+
+    # Each column's widest word and widest line, over all its cells.
+    narrowest = [0] * len(_REPOSITORY_COLUMNS)
+    widest = [0] * len(_REPOSITORY_COLUMNS)
+    last = None
+    for record in records(None):
+        for index, cell in enumerate(_repository_row(record)):
+            least, most = Measurement.get(out, out.options, cell)
+            narrowest[index] = max(narrowest[index], least)
+            widest[index] = max(widest[index], most)
+        last = record.id
+    if last is None:
         # The storage named may be no ARR's at all (the node's own).
         click.echo(
             f"no audit record stored at {settings.storage} that matches; "
@@ -1542,24 +1625,50 @@ def _list_repository(
             err=True,
         )
         return
-    table = Table(title="Audit Record Repository (ITI TF-2 3.20)")
-    for column in ("time (UTC)", "from", "event", "type", "outcome", "source"):
-        table.add_column(column, overflow="fold")
-    for record in records:
-        when = record.event_time or record.received_at
-        # What the peers sent, as plain text (see _plain).
-        table.add_row(
-            *_plain(
-                # strftime's %Y drops the zeros of a year before 1000.
-                when.replace(tzinfo=None).isoformat(" ", "seconds"),
-                f"{record.transport} {record.peer}",
-                _event_name(record.event_id),
-                record.event_type or "?",
-                str(record.outcome) if record.valid else f"malformed: {record.error}",
-                record.audit_source_id or "?",
-            )
-        )
-    _print_table(table)
+
+    widths = _column_widths(out, narrowest, widest)
+    first, bottom = True, ""
+    page = _repository_table(widths, title=_REPOSITORY_TITLE, header=True)
+    for record in records(last):
+        page.add_row(*_repository_row(record))
+        if page.row_count < audit_repository.PAGE_SIZE:
+            continue
+        bottom = _write_page(out, page, first=first)
+        first = False
+        page = _repository_table(widths, title=None, header=False)
+    if page.row_count or first:
+        bottom = _write_page(out, page, first=first)
+    out.file.write(bottom)
+    out.file.flush()
+
+
+def _write_page(out: Console, page: Table, *, first: bool) -> str:
+    """Write a page of the table without its bottom edge, and after the
+    first, without its top edge; return the bottom edge."""
+    with out.capture() as capture:
+        out.print(page)
+    lines = capture.get().splitlines(keepends=True)
+    bottom = lines.pop()
+    out.file.write("".join(lines if first else lines[1:]))
+    return bottom
+
+
+def _column_widths(out: Console, narrowest: list[int], widest: list[int]) -> list[int]:
+    """The widths, padding included, that the ARR's table gives its columns
+    on ``out`` when their cells' widest words are ``narrowest`` wide and
+    their widest lines ``widest``.
+
+    Those of a table of two rows that measure so: one a word as wide as
+    each column's widest word, one a line as wide as its widest line; read
+    off its top edge, a corner, a run of one character for each column, a
+    divider between them and a corner.
+    """
+    table = _repository_table(None, title=None, header=True)
+    table.add_row(*(Text("x" * width) for width in narrowest))
+    table.add_row(*(Text(" " * (width - 1) + "x"[:width]) for width in widest))
+    top = "".join(segment.text for segment in out.render_lines(table, pad=False)[0])
+    edge = top.rstrip()[1:-1]
+    return [len(run) for run in re.split(f"[^{re.escape(edge[0])}]", edge)]
 
 
 def _event_name(code: str | None) -> str:
@@ -1575,22 +1684,27 @@ def _event_name(code: str | None) -> str:
 
 
 def _xml_document(messages: Iterable[bytes]) -> str:
-    """The audit messages as one XML document: each AuditMessage (DICOM
-    PS3.15 A.5) in an AuditMessages element, without its own declaration;
-    one that is not XML (kept as received) as the text of a
-    MalformedRecord element, each character XML 1.0 cannot carry (a control
-    byte a peer sent) replaced by U+FFFD."""
-    lines = ['<?xml version="1.0" encoding="UTF-8"?>', "<AuditMessages>"]
+    """The audit messages as one XML document (see :func:`_xml_lines`)."""
+    return "\n".join(_xml_lines(messages))
+
+
+def _xml_lines(messages: Iterable[bytes]) -> Iterator[str]:
+    """The audit messages as one XML document, line by line: each
+    AuditMessage (DICOM PS3.15 A.5) in an AuditMessages element, without its
+    own declaration; one that is not XML (kept as received) as the text of
+    a MalformedRecord element, each character XML 1.0 cannot carry (a
+    control byte a peer sent) replaced by U+FFFD."""
+    yield '<?xml version="1.0" encoding="UTF-8"?>'
+    yield "<AuditMessages>"
     for message in messages:
         try:
             root = parse_xml(message)
         except Exception:
             text = xml_text(message.decode("utf-8", "replace"))
-            lines.append(f"<MalformedRecord>{xml_escape(text)}</MalformedRecord>")
+            yield f"<MalformedRecord>{xml_escape(text)}</MalformedRecord>"
             continue
-        lines.append(etree.tostring(root, encoding="unicode"))
-    lines.append("</AuditMessages>")
-    return "\n".join(lines)
+        yield etree.tostring(root, encoding="unicode")
+    yield "</AuditMessages>"
 
 
 def _arr_tls_context(

@@ -20,14 +20,20 @@ from urllib.parse import quote
 from urllib.request import urlopen
 
 import pytest
+from click.testing import CliRunner
 from lxml import etree
+from sqlalchemy import Engine, event
 
 from tests.integration.test_iti20_record_audit_event import PATIENT, retrieve_event
 from tests.pki import Pki, make_pki
 from xdsi.audit import AuditSpool, build_audit_message
+from xdsi.audit import repository as audit_repository
 from xdsi.audit.forwarder import AuditForwarder, Backoff
+from xdsi.audit.repository import AuditRecordStore
 from xdsi.audit.syslog import TlsSender, format_message
+from xdsi.cli import main
 from xdsi.config import Settings
+from xdsi.store.schema import make_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 # The ARR's [tls] handshake_timeout, well below the 10 s default.
@@ -424,3 +430,94 @@ def test_arr_whose_port_is_held_names_that_port_and_its_option(
         assert "--http-port" in ran.stderr
     assert "is in use by another program" not in ran.stderr
     assert "Traceback" not in ran.stderr
+
+
+@pytest.fixture
+def stored(tmp_path: Path) -> Iterator[tuple[Path, AuditRecordStore]]:
+    """A config whose storage holds what an ARR stored: five AuditMessages,
+    then malformed messages, one from a peer named at length, whose table
+    is wider than a pipe's 400 columns."""
+    config = tmp_path / "xdsi.toml"
+    config.write_text(f'[node]\nstorage_dir = "{tmp_path / "node"}"\n')
+    (tmp_path / "node").mkdir()
+    engine = make_engine(f"sqlite:///{tmp_path / 'node' / 'xdsi.sqlite'}")
+    store = AuditRecordStore(engine)
+    for i in range(1, 6):
+        xml = build_audit_message(retrieve_event(i), audit_source_id="xdsi")
+        raw = format_message(xml, app_name="peer")
+        store.store(raw, transport="udp", peer=f"127.0.0.1:{1000 + i}")
+    cut = b"<85>1 - h xdsi - IHE+RFC-3881 - \xef\xbb\xbf<AuditMessage a='" + b"b" * 600
+    store.store(cut, transport="tls", peer="127.0.0.1:1006")
+    store.store(b"not syslog", transport="udp", peer=f"{'h' * 240}:1007")
+    yield config, store
+    engine.dispose()
+
+
+def _listed(config: Path, *args: str) -> str:
+    result = CliRunner().invoke(
+        main, ["--config", str(config), "audit", "list", "--arr", *args]
+    )
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+@pytest.mark.parametrize("form", ["table", "--json", "--xml"])
+def test_audit_list_arr_prints_the_same_whatever_its_page_size(
+    stored: tuple[Path, AuditRecordStore], form: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``audit list --arr`` reads the records a page at a time; what it
+    prints is the same as when all are one page."""
+    config, store = stored
+    args = () if form == "table" else (form,)
+    whole = _listed(config, *args)
+
+    monkeypatch.setattr(audit_repository, "PAGE_SIZE", 2)
+    paged = _listed(config, *args)
+
+    assert paged == whole
+    if form == "--json":
+        records = [r.as_json() for r in store.query()]
+        assert paged == json.dumps(records, indent=2) + "\n"
+    if form == "--xml":
+        listed = etree.fromstring(paged.encode())
+        assert [e.tag for e in listed] == ["AuditMessage"] * 5 + ["MalformedRecord"] * 2
+    if form == "table":
+        assert max(len(line) for line in paged.splitlines()) <= 400
+        assert paged.count("127.0.0.1:10") == 6
+
+
+@pytest.mark.parametrize(
+    ("form", "mark"),
+    [
+        ("table", "127.0.0.1:10"),
+        ("--json", '"id": '),
+        ("--xml", "</AuditMessage>|</MalformedRecord>"),
+    ],
+)
+def test_audit_list_arr_prints_each_page_before_it_reads_the_next(
+    stored: tuple[Path, AuditRecordStore],
+    form: str,
+    mark: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """However many records the ARR holds, ``audit list --arr`` holds a page
+    of them: when it reads a page, those before it are printed."""
+    config, _ = stored
+    monkeypatch.setattr(audit_repository, "PAGE_SIZE", 2)
+    printed: list[int] = []
+
+    def read(*args: object) -> None:
+        statement = str(args[2])
+        if "FROM audit_record" in statement and "LIMIT" in statement:
+            sys.stdout.flush()
+            printed.append(len(re.findall(mark, sys.stdout.buffer.getvalue().decode())))
+
+    event.listen(Engine, "before_cursor_execute", read)
+    try:
+        _listed(config, *(() if form == "table" else (form,)))
+    finally:
+        event.remove(Engine, "before_cursor_execute", read)
+
+    # Seven records, two a page: the last of four pages is read after six
+    # are printed (a table reads them all once before, to measure them).
+    assert printed[-4:] == [0, 2, 4, 6]

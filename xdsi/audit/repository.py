@@ -13,13 +13,14 @@ import socket
 import socketserver
 import ssl
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from lxml import etree
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Connection, Engine, Row, Select, func, insert, select
 from werkzeug.exceptions import HTTPException
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
@@ -60,6 +61,9 @@ MAX_QUERY_CONNECTIONS = 32
 # answer is built whole in memory, and an AuditMessage is a few kilobytes.
 QUERY_LIMIT = 1000
 MAX_QUERY_LIMIT = 10_000
+# Records a listing reads from the database at once; the command line
+# prints each page before it reads the next.
+PAGE_SIZE = 500
 
 # DICOM PS3.15 A.5.1: ParticipantObjectTypeCodeRole 1 is Patient.
 _PATIENT_ROLE = "1"
@@ -67,6 +71,8 @@ _PATIENT_ROLE = "1"
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 
 _ERROR_LENGTH = 512
+
+_UTF8 = "UTF-8"
 
 
 @dataclass(frozen=True)
@@ -116,10 +122,22 @@ def read_audit(raw: bytes) -> ReceivedAudit:
     except SyslogFormatError as exc:
         return ReceivedAudit(valid=False, error=str(exc))
     header = {"app_name": message.app_name, "msgid": message.msgid}
+    # ITI TF-2 3.20.6.1, RFC 5424 6.4: MSG is UTF-8, after its UTF-8 BOM; a
+    # UTF-16 AuditMessage (a BOM of its own, or a declaration naming it)
+    # would parse, and be read in an encoding the sender was not to use.
+    try:
+        message.msg.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        error = f"MSG is not UTF-8: {exc.reason} at byte {exc.start}"
+        return ReceivedAudit(False, error, xml=message.msg, **header)
     try:
         root = etree.fromstring(message.msg, _PARSER)
     except etree.XMLSyntaxError as exc:
         return ReceivedAudit(False, f"MSG is not XML: {exc}", xml=message.msg, **header)
+    encoding = root.getroottree().docinfo.encoding or _UTF8
+    if encoding.upper().replace("-", "") != "UTF8":
+        error = f"MSG is not UTF-8: its XML declaration names {encoding[:32]}"
+        return ReceivedAudit(False, error, xml=message.msg, **header)
     schema = audit_message_schema()
     if not schema.validate(root):
         error = f"not a DICOM PS3.15 A.5.1 AuditMessage: {schema.error_log.last_error}"
@@ -217,6 +235,9 @@ class AuditRecordStore:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # A peer sending malformed messages in a loop would otherwise write
+        # a WARNING per message; each is still stored (ITI TF-2 3.20).
+        self._warnings = RefusalThrottle()
 
     def store(
         self, raw: bytes, *, transport: str, peer: str, malformed: str | None = None
@@ -261,23 +282,53 @@ class AuditRecordStore:
                     ],
                 )
         if not received.valid:
-            logger.warning(
-                "audit message %d from %s over %s stored as malformed: %s",
+            # The reason names the schema rule broken, never the value.
+            self._warn(
+                "stored as malformed",
+                received.error.split(":", 1)[0] if received.error else "",
                 record_id,
                 peer,
                 transport,
-                # The reason names the schema rule broken, never the value.
-                received.error.split(":", 1)[0] if received.error else "",
             )
         elif received.error:
-            logger.warning(
-                "audit message %d from %s over %s stored without its event "
-                "time: EventDateTime outside the years 1 to 9999 in UTC",
+            self._warn(
+                "stored without its event time",
+                "EventDateTime outside the years 1 to 9999 in UTC",
                 record_id,
                 peer,
                 transport,
             )
         return received
+
+    def _warn(
+        self, what: str, reason: str, record_id: int, peer: str, transport: str
+    ) -> None:
+        """Log a message stored flawed at WARNING, at most once a
+        :data:`~xdsi.tls.REFUSAL_INTERVAL` per peer host and reason; those
+        held back are logged at DEBUG and counted into the next WARNING."""
+        host = peer.rsplit(":", 1)[0]
+        held = self._warnings.admit(host, f"{what}: {reason}")
+        if held is None:
+            logger.debug(
+                "audit message %d from %s over %s %s: %s",
+                record_id,
+                peer,
+                transport,
+                what,
+                reason,
+            )
+            return
+        logger.warning(
+            "audit message %d from %s over %s %s: %s%s",
+            record_id,
+            peer,
+            transport,
+            what,
+            reason,
+            f"; {held} more from {host} since the last warning, not logged one by one"
+            if held
+            else "",
+        )
 
     def query(
         self,
@@ -296,56 +347,109 @@ class AuditRecordStore:
         without one (a malformed message, or one whose EventDateTime has no
         UTC instant within the years 1 to 9999), the time it was received.
         """
-        time = audit_record.c.event_time
-        received = audit_record.c.received_at
-        statement = select(audit_record).order_by(audit_record.c.id).limit(limit)
-        if patient_id is not None:
-            stored = audit_patient.c.patient_id
-            matches = stored == patient_id
-            if "^" not in patient_id:
-                # A bare ID matches its CX in every assigning authority
-                # (ID^^^&OID&ISO, ITI TF-2x Appendix E).
-                matches = matches | stored.startswith(f"{patient_id}^", autoescape=True)
-            named = select(audit_patient.c.record_id).where(matches)
-            statement = statement.where(audit_record.c.id.in_(named))
-        if since is not None:
-            statement = statement.where(
-                (time >= since) | (time.is_(None) & (received >= since))
+        return list(
+            self.records(patient_id=patient_id, since=since, until=until, limit=limit)
+        )
+
+    def records(
+        self,
+        *,
+        patient_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int | None = None,
+        through: int | None = None,
+    ) -> Iterator[StoredAudit]:
+        """Yield stored messages, oldest first, filtered as :meth:`query`
+        filters them, reading PAGE_SIZE at a time: a listing of any length
+        holds one page.
+
+        ``through`` is the id of the last record a listing may reach; by
+        default, the last one stored when the listing begins, so that it
+        ends however fast messages arrive.
+        """
+        statement = select(audit_record).order_by(audit_record.c.id)
+        statement = _matching(statement, patient_id, since, until)
+        after, left = 0, limit
+        if through is None:
+            with self.engine.connect() as connection:
+                through = connection.scalar(select(func.max(audit_record.c.id)))
+        while through is not None and (left is None or left > 0):
+            size = PAGE_SIZE if left is None else min(PAGE_SIZE, left)
+            page = statement.where(
+                audit_record.c.id > after, audit_record.c.id <= through
             )
-        if until is not None:
-            statement = statement.where(
-                (time < until) | (time.is_(None) & (received < until))
-            )
-        with self.engine.connect() as connection:
-            rows = connection.execute(statement).all()
-            patients: dict[int, list[str]] = {}
-            if rows:
-                found = select(audit_patient.c.record_id, audit_patient.c.patient_id)
-                found = found.where(
-                    audit_patient.c.record_id.in_([row.id for row in rows])
-                ).order_by(audit_patient.c.id)
-                for record_id, patient in connection.execute(found):
-                    patients.setdefault(record_id, []).append(patient)
-        return [
-            StoredAudit(
-                id=row.id,
-                received_at=_aware(row.received_at),
-                transport=row.transport,
-                peer=row.peer,
-                valid=row.valid,
-                error=row.error,
-                event_time=_aware(row.event_time),
-                event_id=row.event_id,
-                event_type=row.event_type,
-                event_action=row.event_action,
-                outcome=row.outcome,
-                audit_source_id=row.audit_source_id,
-                patient_ids=tuple(patients.get(row.id, ())),
-                raw=row.raw,
-                xml=row.xml,
-            )
-            for row in rows
-        ]
+            with self.engine.connect() as connection:
+                rows = connection.execute(page.limit(size)).all()
+                patients = _patients(connection, [row.id for row in rows])
+            yield from (_stored(row, patients.get(row.id, ())) for row in rows)
+            if len(rows) < size:
+                return
+            after = rows[-1].id
+            left = None if left is None else left - len(rows)
+
+
+def _matching(
+    statement: Select[Any],
+    patient_id: str | None,
+    since: datetime | None,
+    until: datetime | None,
+) -> Select[Any]:
+    """``statement`` narrowed to the records :meth:`AuditRecordStore.query`
+    is asked for."""
+    time = audit_record.c.event_time
+    received = audit_record.c.received_at
+    if patient_id is not None:
+        stored = audit_patient.c.patient_id
+        matches = stored == patient_id
+        if "^" not in patient_id:
+            # A bare ID matches its CX in every assigning authority
+            # (ID^^^&OID&ISO, ITI TF-2x Appendix E).
+            matches = matches | stored.startswith(f"{patient_id}^", autoescape=True)
+        named = select(audit_patient.c.record_id).where(matches)
+        statement = statement.where(audit_record.c.id.in_(named))
+    if since is not None:
+        statement = statement.where(
+            (time >= since) | (time.is_(None) & (received >= since))
+        )
+    if until is not None:
+        statement = statement.where(
+            (time < until) | (time.is_(None) & (received < until))
+        )
+    return statement
+
+
+def _patients(connection: Connection, record_ids: list[int]) -> dict[int, list[str]]:
+    """The patient ids each of the records ``record_ids`` names, in order."""
+    patients: dict[int, list[str]] = {}
+    if record_ids:
+        found = select(audit_patient.c.record_id, audit_patient.c.patient_id)
+        found = found.where(audit_patient.c.record_id.in_(record_ids))
+        for record_id, patient in connection.execute(
+            found.order_by(audit_patient.c.id)
+        ):
+            patients.setdefault(record_id, []).append(patient)
+    return patients
+
+
+def _stored(row: Row[Any], patient_ids: Iterable[str]) -> StoredAudit:
+    return StoredAudit(
+        id=row.id,
+        received_at=_aware(row.received_at),
+        transport=row.transport,
+        peer=row.peer,
+        valid=row.valid,
+        error=row.error,
+        event_time=_aware(row.event_time),
+        event_id=row.event_id,
+        event_type=row.event_type,
+        event_action=row.event_action,
+        outcome=row.outcome,
+        audit_source_id=row.audit_source_id,
+        patient_ids=tuple(patient_ids),
+        raw=row.raw,
+        xml=row.xml,
+    )
 
 
 def query_app(store: AuditRecordStore) -> Flask:

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 from lxml import etree
+from sqlalchemy import event
 from werkzeug.serving import make_server
 
 from tests.pki import Pki, make_pki
 from tests.unit.audit.conftest import RealIds
 from tests.unit.audit.test_syslog import audit_xml
 from xdsi.audit import Auditor, AuditSpool
+from xdsi.audit import repository as audit_repository
 from xdsi.audit.repository import (
     MAX_QUERY_LIMIT,
     AuditRecordStore,
@@ -27,9 +29,11 @@ from xdsi.audit.repository import (
     JsonErrorHandler,
     OwnRecords,
     query_app,
+    read_audit,
 )
-from xdsi.audit.syslog import TlsSender, UdpSender, format_message, frame
+from xdsi.audit.syslog import BOM, TlsSender, UdpSender, format_message, frame
 from xdsi.store.schema import make_engine
+from xdsi.tls import RefusalThrottle
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +144,83 @@ def test_malformed_messages_are_stored_raw_and_flagged(
     assert error in record.error
     assert record.raw == raw
     assert record.event_id is None
+
+
+def _utf16(xml: bytes, codec: str) -> bytes:
+    """The AuditMessage ``xml`` in UTF-16, its declaration saying so."""
+    text = xml.decode("utf-8").replace('encoding="UTF-8"', 'encoding="UTF-16"')
+    return text.encode(codec)
+
+
+# The syslog header our sender writes, before MSG.
+_HEADER = b"<85>1 2024-05-02T09:30:15Z node.example xdsi 1 IHE+RFC-3881 - "
+
+
+@pytest.mark.parametrize(
+    ("codec", "prefix"),
+    [("utf-16", b""), ("utf-16-le", b""), ("utf-16-be", BOM)],
+    ids=["utf-16-bom", "utf-16-declared", "utf-8-bom-then-utf-16"],
+)
+def test_a_utf16_audit_message_is_stored_flagged_as_not_utf8(
+    codec: str, prefix: bytes, store: AuditRecordStore, real_ids: RealIds
+) -> None:
+    """ITI TF-2 3.20.6.1, RFC 5424 6.4: MSG is UTF-8; UTF-16 is malformed."""
+    raw = _HEADER + prefix + _utf16(audit_xml(real_ids), codec)
+
+    received = store.store(raw, transport="udp", peer="127.0.0.1:514")
+
+    assert not received.valid
+    assert received.error.startswith("MSG is not UTF-8")
+    [record] = store.query()
+    assert (record.valid, record.raw, record.event_id) == (False, raw, None)
+
+
+@pytest.mark.parametrize("bom", [BOM, b""], ids=["bom", "no-bom"])
+def test_a_utf8_audit_message_is_valid_with_or_without_its_bom(
+    bom: bytes, real_ids: RealIds
+) -> None:
+    """RFC 5424 6.4: the UTF-8 BOM before MSG may be left out."""
+    received = read_audit(_HEADER + bom + audit_xml(real_ids))
+
+    assert (received.valid, received.error) == (True, None)
+
+
+def test_malformed_messages_of_a_host_are_warned_of_once_an_interval_all_stored(
+    store: AuditRecordStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ITI TF-2 3.20: a flood of malformed messages from one host is stored
+    whole but warned of once an interval for each reason; the next warning
+    counts those held back. Another host, or another reason, is news."""
+    clock = _Clock()
+    store._warnings = RefusalThrottle(60.0, clock)
+    caplog.set_level(logging.WARNING, logger="xdsi.audit.repository")
+    not_xml = b"<85>1 - h xdsi - IHE+RFC-3881 - \xef\xbb\xbf<AuditMessage"
+
+    for port in range(1000, 1005):
+        store.store(not_xml, transport="udp", peer=f"192.0.2.7:{port}")
+    store.store(b"no syslog header", transport="udp", peer="192.0.2.7:1005")
+    store.store(not_xml, transport="tls", peer="192.0.2.8:1000")
+    clock.now += 60.0
+    store.store(not_xml, transport="udp", peer="192.0.2.7:1006")
+
+    assert len(store.query()) == 8
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 4
+    assert "192.0.2.7:1000 over udp stored as malformed: MSG is not XML" in warned[0]
+    assert "192.0.2.7:1005 over udp stored as malformed: not an RFC 5424" in warned[1]
+    assert "192.0.2.8:1000 over tls stored as malformed: MSG is not XML" in warned[2]
+    assert warned[3].endswith(
+        "192.0.2.7:1006 over udp stored as malformed: MSG is not XML; 4 more "
+        "from 192.0.2.7 since the last warning, not logged one by one"
+    )
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def test_stream_that_breaks_framing_is_kept_raw(
@@ -366,6 +447,33 @@ def test_event_date_time_is_stored_as_its_utc_instant_or_left_unset_with_why(
         assert any("without its event time" in r.getMessage() for r in caplog.records)
     else:
         assert record.error is None
+
+
+def test_a_listing_reads_the_records_a_page_at_a_time(
+    store: AuditRecordStore, real_ids: RealIds, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However many records match, a listing holds one page of them: each
+    page is read from the database when the one before has been taken."""
+    monkeypatch.setattr(audit_repository, "PAGE_SIZE", 2)
+    raw = format_message(audit_xml(real_ids), app_name="xdsi")
+    for port in range(1000, 1005):
+        store.store(raw, transport="udp", peer=f"127.0.0.1:{port}")
+    pages: list[str] = []
+
+    @event.listens_for(store.engine, "before_cursor_execute")
+    def read(*args: object) -> None:
+        statement = str(args[2])
+        if "FROM audit_record" in statement and "LIMIT" in statement:
+            pages.append(statement)
+
+    listing = store.records()
+    first = next(listing)
+    assert len(pages) == 1
+    rest = list(listing)
+    assert len(pages) == 3
+    assert [r.id for r in (first, *rest)] == [1, 2, 3, 4, 5]
+    assert all(r.patient_ids == (real_ids.patient_id,) for r in (first, *rest))
+    assert [r.id for r in store.query(limit=3)] == [1, 2, 3]
 
 
 def test_http_query_bounds_are_utc_instants(
