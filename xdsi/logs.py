@@ -6,8 +6,9 @@ says what the node did without the values it handled.
 
 import logging
 import threading
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -208,3 +209,54 @@ class PeerRefusalLog:
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         if not self._refused:
             super().log_request(code, size)  # type: ignore[misc]
+
+
+# A peer's repeats of one fault (handshakes failing for one reason, audit
+# messages malformed alike) are logged at WARNING, and audited, at most once
+# in this many seconds; those between are counted into the next record.
+REPEAT_INTERVAL = 60.0
+# Hosts and faults a Throttle remembers at once; past it, a new one's
+# repeats are all recorded until older ones' intervals have run out.
+MAX_THROTTLED = 4096
+
+
+class Throttle:
+    """Which repeats of a fault a peer host causes to record.
+
+    A host failing in a loop (a scanner, a misconfigured sender retrying,
+    an attacker) would otherwise write a WARNING, and an audit record, per
+    attempt, without bound. A host's first fault of a kind is recorded at
+    once, then at most one each ``interval`` seconds for that kind,
+    carrying the count of those left out; another kind is news, recorded at
+    once.
+    """
+
+    def __init__(
+        self,
+        interval: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval = REPEAT_INTERVAL if interval is None else interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        # (host, kind) -> (when it was last recorded, repeats left out since).
+        self._hosts: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def admit(self, host: str, kind: str) -> int | None:
+        """None when this fault of ``host`` of ``kind`` goes unrecorded;
+        else how many such before it went so."""
+        key = (host, kind)
+        now = self._clock()
+        with self._lock:
+            last = self._hosts.get(key)
+            if last is not None and now - last[0] < self.interval:
+                self._hosts[key] = (last[0], last[1] + 1)
+                return None
+            if last is None and len(self._hosts) >= MAX_THROTTLED:
+                self._hosts = {
+                    k: v for k, v in self._hosts.items() if now - v[0] < self.interval
+                }
+                if len(self._hosts) >= MAX_THROTTLED:
+                    return 0
+            self._hosts[key] = (now, 0)
+            return last[1] if last is not None else 0

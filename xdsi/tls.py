@@ -30,6 +30,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from xdsi import audit
 from xdsi.config import ConfigError, Settings, TlsSettings
+from xdsi.logs import Throttle
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +65,9 @@ class CertificateFiles:
 class RefusedPeer:
     """A peer the TLS handshake refused, and why, in OpenSSL's words.
 
-    ``unrecorded`` counts the refusals of the same host before this one
-    that a :class:`RefusalThrottle` left unlogged and unaudited.
+    ``unrecorded`` counts the refusals of the same host for the same reason
+    before this one that a :class:`~xdsi.logs.Throttle` left unlogged and
+    unaudited.
     """
 
     listener: str
@@ -84,59 +86,6 @@ class RefusedPeer:
             f"{self.reason}; {self.unrecorded} refusal{plural} of {self.host} "
             "for this reason since the last record, not recorded one by one"
         )
-
-
-# A peer host's handshakes failed for one reason are logged at WARNING and
-# audited at most once in this many seconds; those between are counted into
-# the next record.
-REFUSAL_INTERVAL = 60.0
-# Hosts and reasons a RefusalThrottle remembers at once; past it, a new
-# one's refusals are all recorded until older ones' intervals have run out.
-MAX_REFUSING_HOSTS = 4096
-
-
-class RefusalThrottle:
-    """Which TLS refusals of a peer host to log and audit.
-
-    DICOM PS3.15 A.5.3.11 asks for a Security Alert per failed node
-    authentication, but a host failing handshakes in a loop (a scanner, a
-    misconfigured sender retrying, an attacker) would then write one per
-    connection, to the log and to the audit trail, without bound. A host's
-    first refusal for a reason is recorded at once, then at most one each
-    ``interval`` seconds for that reason, carrying the count of those left
-    out; another reason is news, recorded at once.
-    """
-
-    def __init__(
-        self,
-        interval: float | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.interval = REFUSAL_INTERVAL if interval is None else interval
-        self._clock = clock
-        self._lock = threading.Lock()
-        # (host, reason) -> (when its last refusal was recorded, refusals
-        # left out since).
-        self._hosts: dict[tuple[str, str], tuple[float, int]] = {}
-
-    def admit(self, host: str, reason: str) -> int | None:
-        """None when this refusal of ``host`` for ``reason`` goes unrecorded;
-        else how many such before it went so."""
-        key = (host, reason)
-        now = self._clock()
-        with self._lock:
-            last = self._hosts.get(key)
-            if last is not None and now - last[0] < self.interval:
-                self._hosts[key] = (last[0], last[1] + 1)
-                return None
-            if last is None and len(self._hosts) >= MAX_REFUSING_HOSTS:
-                self._hosts = {
-                    h: v for h, v in self._hosts.items() if now - v[0] < self.interval
-                }
-                if len(self._hosts) >= MAX_REFUSING_HOSTS:
-                    return 0
-            self._hosts[key] = (now, 0)
-            return last[1] if last is not None else 0
 
 
 class _Revocation:
@@ -355,7 +304,9 @@ class TlsGate:
         self.listener = listener
         self.on_refused = on_refused
         self.timeout = timeout
-        self.throttle = RefusalThrottle()
+        # DICOM PS3.15 A.5.3.11 asks for a Security Alert per failed node
+        # authentication; a host failing in a loop writes one a minute.
+        self.throttle = Throttle()
 
     def accept(self, sock: socket.socket, address: Any) -> ssl.SSLSocket | None:
         """Run the server handshake on ``sock``; None when the peer is refused.

@@ -19,7 +19,7 @@ from pynetdicom.sop_class import Verification
 
 from tests.conftest import dicom_path, shared_path
 from tests.integration.conftest import PATIENT, RunningNode
-from xdsi import tls
+from xdsi import logs, tls
 from xdsi.actors.consumer import Consumer, ConsumerError
 from xdsi.app import Node
 from xdsi.audit import AuditRecord
@@ -83,7 +83,7 @@ def _served_over_tls(
     # record every refusal, none held back as repeated (tests/unit/test_tls.py
     # has the throttle).
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tls, "REFUSAL_INTERVAL", 0.0)
+        patch.setattr(logs, "REPEAT_INTERVAL", 0.0)
         with Node(settings) as node:
             assert node.services is not None
             yield RunningNode(node, node.settings, node.services, {})

@@ -21,7 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from lxml import etree
 
 from tests.conftest import shared_path
-from xdsi import audit, cli, tls
+from xdsi import audit, cli, logs, tls
 from xdsi.config import ConfigError, Settings, TlsSettings, load_settings, to_toml
 
 
@@ -277,7 +277,7 @@ def test_refusals_of_a_host_for_one_reason_are_recorded_once_an_interval() -> No
     """A host failing handshakes in a loop writes one record a minute for
     each reason, which counts those held back since the last."""
     clock = _Clock()
-    throttle = tls.RefusalThrottle(60.0, clock)
+    throttle = logs.Throttle(60.0, clock)
 
     assert throttle.admit("192.0.2.7", "NO_CERT") == 0
     assert [throttle.admit("192.0.2.7", "NO_CERT") for _ in range(5)] == [None] * 5
@@ -296,9 +296,9 @@ def test_the_refusal_throttle_remembers_a_bounded_number_of_hosts(
 ) -> None:
     """Refusals from ever new addresses cannot grow the throttle's table
     without bound; past its size, new hosts are recorded unthrottled."""
-    monkeypatch.setattr(tls, "MAX_REFUSING_HOSTS", 3)
+    monkeypatch.setattr(logs, "MAX_THROTTLED", 3)
     clock = _Clock()
-    throttle = tls.RefusalThrottle(60.0, clock)
+    throttle = logs.Throttle(60.0, clock)
     for n in range(3):
         assert throttle.admit(f"192.0.2.{n}", "NO_CERT") == 0
     assert [throttle.admit("192.0.2.9", "NO_CERT") for _ in range(3)] == [0, 0, 0]

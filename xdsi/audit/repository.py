@@ -35,12 +35,11 @@ from xdsi.audit.syslog import (
     parse_message,
 )
 from xdsi.connections import BoundedConnections
-from xdsi.logs import PeerRefusalLog
+from xdsi.logs import PeerRefusalLog, Throttle
 from xdsi.store.schema import audit_patient, audit_record
 from xdsi.tls import (
     REFUSAL_ACTOR,
     REFUSAL_TRANSACTION,
-    RefusalThrottle,
     RefusedPeer,
     refresh_revocation,
 )
@@ -237,7 +236,7 @@ class AuditRecordStore:
         self.engine = engine
         # A peer sending malformed messages in a loop would otherwise write
         # a WARNING per message; each is still stored (ITI TF-2 3.20).
-        self._warnings = RefusalThrottle()
+        self._warnings = Throttle()
 
     def store(
         self, raw: bytes, *, transport: str, peer: str, malformed: str | None = None
@@ -304,7 +303,7 @@ class AuditRecordStore:
         self, what: str, reason: str, record_id: int, peer: str, transport: str
     ) -> None:
         """Log a message stored flawed at WARNING, at most once a
-        :data:`~xdsi.tls.REFUSAL_INTERVAL` per peer host and reason; those
+        :data:`~xdsi.logs.REPEAT_INTERVAL` per peer host and reason; those
         held back are logged at DEBUG and counted into the next WARNING."""
         host = peer.rsplit(":", 1)[0]
         held = self._warnings.admit(host, f"{what}: {reason}")
@@ -747,7 +746,7 @@ class AuditRepository:
         self.idle_timeout = idle_timeout
         self._servers: list[socketserver.BaseServer] = []
         self._threads: list[threading.Thread] = []
-        self._refusals = RefusalThrottle()
+        self._refusals = Throttle()
         self._tls: _TlsServer | None = None
         self._udp: _UdpServer | None = None
         if tls_port is not None:
@@ -807,7 +806,7 @@ class AuditRepository:
 
     def refused(self, host: str, port: int, error: Exception) -> None:
         """Log and audit a peer that failed node authentication, at most
-        once a :data:`~xdsi.tls.REFUSAL_INTERVAL` per host.
+        once a :data:`~xdsi.logs.REPEAT_INTERVAL` per host and reason.
 
         ITI TF-2 3.19; DICOM PS3.15 A.5.3.11 Security Alert.
         """

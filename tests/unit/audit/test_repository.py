@@ -32,8 +32,8 @@ from xdsi.audit.repository import (
     read_audit,
 )
 from xdsi.audit.syslog import BOM, TlsSender, UdpSender, format_message, frame
+from xdsi.logs import Throttle
 from xdsi.store.schema import make_engine
-from xdsi.tls import RefusalThrottle
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +192,7 @@ def test_malformed_messages_of_a_host_are_warned_of_once_an_interval_all_stored(
     whole but warned of once an interval for each reason; the next warning
     counts those held back. Another host, or another reason, is news."""
     clock = _Clock()
-    store._warnings = RefusalThrottle(60.0, clock)
+    store._warnings = Throttle(60.0, clock)
     caplog.set_level(logging.WARNING, logger="xdsi.audit.repository")
     not_xml = b"<85>1 - h xdsi - IHE+RFC-3881 - \xef\xbb\xbf<AuditMessage"
 
@@ -353,7 +353,7 @@ def test_the_repositorys_own_alerts_are_kept_in_its_own_store_once_a_minute(
 ) -> None:
     """An ARR's Security Alerts go to its own tables, where its audit trail
     is read (no spool that nothing forwards); a peer refused again and again
-    for one reason writes one of them in REFUSAL_INTERVAL, not one each."""
+    for one reason writes one of them in REPEAT_INTERVAL, not one each."""
     with AuditRepository(
         store,
         tls_port=0,
