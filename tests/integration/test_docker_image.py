@@ -162,7 +162,10 @@ def test_a_node_in_the_image_serves_keeps_its_studies_and_stops_on_sigterm(
     docker("run", "--detach", *start, image)
     # The image's own HEALTHCHECK says when the node listens.
     wait_healthy(name)
-    assert in_container(name, "id -u").strip() != "0"
+    # The image's user has a fixed uid, the one a bind-mounted folder is
+    # given to; its volume starts closed to other users.
+    assert in_container(name, "id -u").strip() == "10001"
+    assert in_container(name, "stat -c %a /var/lib/xdsi").strip() == "700"
 
     in_container(name, "xdsi feed DOCKER-1")
     published = in_container(
@@ -181,6 +184,7 @@ def test_a_node_in_the_image_serves_keeps_its_studies_and_stops_on_sigterm(
         ["docker", "logs", name], capture_output=True, text=True, timeout=60
     )
     assert "Traceback" not in logs.stdout + logs.stderr
+    assert "can be read by other users" not in logs.stdout + logs.stderr
 
     # The study is in the volume when the node starts again.
     docker("start", name)
@@ -188,6 +192,56 @@ def test_a_node_in_the_image_serves_keeps_its_studies_and_stops_on_sigterm(
     (entry,) = json.loads(in_container(name, "xdsi find --patient-id DOCKER-1 --json"))
     assert entry["mime_type"] == "application/dicom"
     assert entry["status"].endswith("Approved")
+
+
+def test_the_health_check_of_a_node_under_tls_raises_no_security_alert(
+    image: str, names: list[str]
+) -> None:
+    """The HEALTHCHECK looks the node's ports up, not connecting to them: a
+    TLS listener would log and audit each check's connection, closed before
+    its handshake, as a refused peer (a Security Alert for the ARRs)."""
+    name = f"xdsi-test-{uuid.uuid4().hex[:12]}"
+    names.append(name)
+    docker("volume", "create", name)
+    volume = ["--network", "none", "--volume", f"{name}:/var/lib/xdsi"]
+    # A test CA and the node's certificate in the volume, and a configuration
+    # with [tls] and a registry on a port of its own, which the check follows.
+    docker(
+        "run",
+        "--rm",
+        *volume,
+        "--entrypoint",
+        "sh",
+        image,
+        "-c",
+        "xdsi tls make-ca /var/lib/xdsi/pki/ca >/dev/null"
+        " && { cat /etc/xdsi/xdsi.toml; printf '[registry]\\nport = 9181\\n';"
+        " xdsi tls make-cert /var/lib/xdsi/pki/node --ca /var/lib/xdsi/pki/ca"
+        " --name localhost; } > /var/lib/xdsi/tls.toml",
+    )
+    docker(
+        "run",
+        "--detach",
+        *volume,
+        "--name",
+        name,
+        "--health-interval",
+        "1s",
+        "--env",
+        "XDSI_CONFIG=/var/lib/xdsi/tls.toml",
+        image,
+    )
+    wait_healthy(name)
+    time.sleep(3)  # a few more checks
+    assert docker("inspect", "--format", "{{.State.Health.Status}}", name).strip() == (
+        "healthy"
+    )
+    assert "Security Alert" not in in_container(name, "xdsi audit list")
+    logs = subprocess.run(
+        ["docker", "logs", name], capture_output=True, text=True, timeout=60
+    )
+    assert "https://localhost:9181/xds/registry" in logs.stdout + logs.stderr
+    assert "refused peer" not in logs.stdout + logs.stderr
 
 
 def test_the_image_runs_on_postgresql_with_the_compose_configuration(
