@@ -326,7 +326,7 @@ def _own_endpoints(settings: Settings) -> list[str]:
         if getattr(settings, actor).enabled
     ]
     if settings.registry.enabled:
-        own.append(f"{settings.node.host}:{settings.registry.feed_port}")
+        own.append(f"{settings.node.public_host}:{settings.registry.feed_port}")
     return own
 
 
@@ -547,7 +547,8 @@ def serve(ctx: click.Context, workers: int | None) -> None:
             click.echo(f"{name:15} {where}")
     if effective.registry.enabled:
         click.echo(
-            f"{'feed (MLLP)':15} {effective.node.host}:{effective.registry.feed_port}"
+            f"{'feed (MLLP)':15} "
+            f"{effective.node.public_host}:{effective.registry.feed_port}"
         )
     click.echo(f"{'storage':15} {effective.storage}")
     try:
@@ -2031,7 +2032,8 @@ def _demo(base: Settings, study_dir: Path, workdir: Path) -> bool:
         for actor in ("registry", "repository", "imaging_source"):
             console.print(f"  {actor:15} {settings.url(actor)}")
         console.print(
-            f"  {'feed (MLLP)':15} {settings.node.host}:{settings.registry.feed_port}"
+            f"  {'feed (MLLP)':15} "
+            f"{settings.node.public_host}:{settings.registry.feed_port}"
         )
 
         started = time.monotonic()

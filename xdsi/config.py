@@ -832,7 +832,9 @@ def _endpoints(settings: Settings) -> list[tuple[str, str]]:
             shown.append((actor, "not served here"))
     feed = "patient identity feed (MLLP)"
     if settings.registry.enabled:
-        shown.append((feed, f"{settings.node.host}:{settings.registry.feed_port}"))
+        shown.append(
+            (feed, f"{settings.node.public_host}:{settings.registry.feed_port}")
+        )
     else:
         target = settings.source.feed_address or "none ([source] feed_address)"
         shown.append((feed, f"not served here; xdsi feed sends to {target}"))

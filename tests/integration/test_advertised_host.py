@@ -9,6 +9,8 @@ import pydicom
 from lxml import etree
 
 from tests.integration.conftest import PATIENT
+from xdsi import tls
+from xdsi.actors.identity_source import send_feed
 from xdsi.app import Node
 from xdsi.config import Settings
 from xdsi.dicom import scan
@@ -70,3 +72,29 @@ def test_urls_and_audit_records_name_the_advertised_host(tmp_path: Path) -> None
             or participant.get("UserID") == settings.node.audit_source_id
         }
         assert own == {ADVERTISED}, own
+
+
+def test_the_feed_goes_to_the_advertised_host_which_the_certificate_names(
+    tmp_path: Path,
+) -> None:
+    """ITI TF-2 3.19: under mutual TLS the client checks the host it dialled
+    against the node's certificate, which names the host peers use (here
+    the advertised one alone), not the address the node binds; ITI-8 from
+    this node to its own registry dials that name, as its URLs do."""
+    ca = tls.make_ca(tmp_path / "pki")
+    certificate = tls.make_cert(tmp_path / "pki", ca, hosts=(ADVERTISED,))
+    requested = (
+        Settings()
+        .with_storage(tmp_path / "node")
+        .with_ports(registry=0, repository=0, imaging_source=0, feed=0)
+    )
+    requested = replace(
+        requested,
+        node=replace(requested.node, advertised_host=ADVERTISED),
+        tls=tls.tls_settings(certificate, ca.certificate),
+    )
+    with Node(requested) as node:
+        assert node.services is not None
+        summary = send_feed(node.settings, node.services.auditor, PATIENT)
+
+    assert summary.code == "AA"

@@ -57,7 +57,9 @@ def send_feed(
         No ACK came back; the failure is audited first.
     """
     target = settings.source.feed_target()
-    host = host or (target[0] if target else settings.node.host)
+    # This node's own listener: by the name peers use, which its certificate
+    # names (the address it binds may be 0.0.0.0).
+    host = host or (target[0] if target else settings.node.advertised)
     port = port or (target[1] if target else settings.registry.feed_port)
     # MSH-10, at most 20 characters in HL7 v2.3.1.
     control_id = uuid.uuid4().hex[:20]
