@@ -108,22 +108,27 @@ def base_image() -> str:
     return base
 
 
-@pytest.fixture(scope="module")
-def image(base_image: str) -> Iterator[str]:
-    tag = f"xdsi-test:{uuid.uuid4().hex[:12]}"
+def build(tag: str, context: Path, base: str, *options: str) -> None:
+    """Build ``context`` as ``tag`` on the base image ``base``; its build
+    steps reach the package indexes through the host's network."""
     docker(
         "build",
         "--network",
         "host",
         "--build-arg",
-        f"BASE={base_image}",
-        "--file",
-        str(ROOT / "docker" / "Dockerfile"),
+        f"BASE={base}",
+        *options,
         "--tag",
         tag,
-        str(ROOT),
+        str(context),
         timeout=900,
     )
+
+
+@pytest.fixture(scope="module")
+def image(base_image: str) -> Iterator[str]:
+    tag = f"xdsi-test:{uuid.uuid4().hex[:12]}"
+    build(tag, ROOT, base_image, "--file", str(ROOT / "docker" / "Dockerfile"))
     yield tag
     docker("image", "rm", "--force", tag, check=False)
 
@@ -248,17 +253,7 @@ def test_the_image_runs_on_postgresql_with_the_compose_configuration(
     base_image: str, image: str, names: list[str]
 ) -> None:
     postgres = f"xdsi-test-pg-{uuid.uuid4().hex[:12]}"
-    docker(
-        "build",
-        "--network",
-        "host",
-        "--build-arg",
-        f"BASE={base_image}",
-        "--tag",
-        postgres,
-        str(POSTGRES_CONTEXT),
-        timeout=900,
-    )
+    build(postgres, POSTGRES_CONTEXT, base_image)
     names.append(postgres)
     password = uuid.uuid4().hex
     # compose.toml names the database host "db"; here it is the loopback of
