@@ -331,24 +331,21 @@ def test_the_compose_file_needs_the_database_password(tmp_path: Path) -> None:
     assert compose is not None
     file = str(ROOT / "docker" / "compose.yaml")
     env = {k: v for k, v in os.environ.items() if k != "XDSI_DB_PASSWORD"}
-    refused = subprocess.run(
-        [compose, "--file", file, "config"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        cwd=tmp_path,
-    )
+
+    def config(**password: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [compose, "--file", file, "config"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**env, **password},
+            cwd=tmp_path,
+        )
+
+    refused = config()
     assert refused.returncode != 0
     assert "XDSI_DB_PASSWORD" in refused.stderr
-    taken = subprocess.run(
-        [compose, "--file", file, "config"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-        env={**env, "XDSI_DB_PASSWORD": "a-password"},
-    )
+    taken = config(XDSI_DB_PASSWORD="a-password")
     assert taken.returncode == 0, taken.stderr
     assert "PGPASSWORD: a-password" in taken.stdout
     assert "POSTGRES_PASSWORD: a-password" in taken.stdout
