@@ -39,7 +39,12 @@ from xdsi.actors.consumer import Consumer, ConsumerError, FetchResult, FoundEntr
 from xdsi.actors.document_source import DocumentSource
 from xdsi.actors.identity_source import send_feed
 from xdsi.actors.imaging_source import PublishError
-from xdsi.actors.intake import ImportInterrupted, ImportResult, NotAudited
+from xdsi.actors.intake import (
+    REMOVE_COMMAND,
+    ImportInterrupted,
+    ImportResult,
+    NotAudited,
+)
 from xdsi.actors.provide import SubmitError, describe_errors
 from xdsi.app import (
     Node,
@@ -293,6 +298,12 @@ def _as_given(command: str) -> str:
     if config_path is None:
         return f"xdsi {command}"
     return f"xdsi --config {shlex.quote(str(config_path))} {command}"
+
+
+def _as_told(reason: str) -> str:
+    """An intake refusal's reason with the command it names given this
+    command's ``--config``, as :func:`_as_given` writes it."""
+    return reason.replace(REMOVE_COMMAND, _as_given("remove"))
 
 
 def _feed_hint(patient_id: str | None) -> str:
@@ -679,7 +690,7 @@ def publish(
         reason = services.intake.other_patient(study.study_instance_uid, patient_id)
         if reason is not None:
             # As intake refuses it (ITI TF-3 4.2.2.2.3).
-            click.secho(f"not published: {reason}", fg="red", err=True)
+            click.secho(f"not published: {_as_told(reason)}", fg="red", err=True)
             failed = True
             continue
         if _published_already(services, study):
@@ -1136,7 +1147,9 @@ def _take_in(
             err=True,
         )
         sys.exit(EXIT_INTERRUPTED)
-    broken = [(p, r.reason) for p, r in result.refused if r.rule != "not_dicom"]
+    broken = [
+        (p, _as_told(r.reason)) for p, r in result.refused if r.rule != "not_dicom"
+    ]
     _say_skipped(broken, len(result.refused) - len(broken))
     new = sum(1 for a in result.accepted if not a.duplicate)
     click.echo(
@@ -1218,7 +1231,7 @@ def _say_skipped(broken: list[tuple[Path, str]], not_dicom: int) -> None:
 def _refusals(result: ImportResult) -> list[str]:
     """The reasons of an import's refused files that are DICOM; files that
     are not DICOM at all (a CD's viewer, a README) do not count."""
-    return [r.reason for _, r in result.refused if r.rule != "not_dicom"]
+    return [_as_told(r.reason) for _, r in result.refused if r.rule != "not_dicom"]
 
 
 def _exit_if_refused(reasons: list[str]) -> None:

@@ -460,6 +460,53 @@ def test_the_feed_hint_quotes_an_id_with_blanks(served: Path, tmp_path: Path) ->
     assert "published study" in again.stdout
 
 
+@pytest.mark.parametrize("headers_only", [False, True], ids=["checked", "headers"])
+def test_the_remove_hint_names_the_configuration_the_command_was_given(
+    tmp_path: Path, headers_only: bool
+) -> None:
+    """ITI TF-3 4.2.2.2.3: a study held under another patient is not taken
+    in under this one; the hint to remove it first names the configuration
+    the command was given, so that pasted in another folder it removes the
+    study from this node's storage, not from one of that folder."""
+    config = _node_config(tmp_path)
+    images = dicom_path("study-mr", "images")
+    (study,) = scan.scan_directory(images).studies
+    kept = _xdsi(config, "import", str(images), "--no-publish")
+    assert "36 instances taken in" in kept.stdout
+    extra = ("--headers-only",) if headers_only else ()
+
+    refused = _xdsi(
+        config, "publish", str(images), "--patient-id", "OTHER-1", *extra, check=False
+    )
+
+    assert refused.returncode == 1, refused.stderr
+    hints = set(re.findall(r"remove it first \((xdsi [^)]*)\)", refused.stderr))
+    remove = f"xdsi --config {config} remove {study.study_instance_uid}"
+    assert hints == {remove}, refused.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _, *command = shlex.split(remove)
+    removed = _xdsi_here(elsewhere, (*command, "--no-publish"))
+    assert "36 instances removed" in removed.stdout, removed.stderr
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_the_remove_hint_names_no_configuration_when_none_was_given(
+    tmp_path: Path,
+) -> None:
+    """With no configuration named, the node is the one of the folder the
+    command runs in, and the hint to remove a study names none either."""
+    images = dicom_path("study-mr", "images")
+    (study,) = scan.scan_directory(images).studies
+    kept = _xdsi_here(tmp_path, ("import", str(images), "--no-publish"))
+    assert "36 instances taken in" in kept.stdout, kept.stderr
+
+    refused = _xdsi_here(tmp_path, ("publish", str(images), "--patient-id", "OTHER-1"))
+
+    assert refused.returncode == 1, refused.stderr
+    assert f"(xdsi remove {study.study_instance_uid})" in refused.stderr
+
+
 def test_a_submission_for_a_patient_not_fed_says_to_feed_it_first(
     served: Path, tmp_path: Path
 ) -> None:
