@@ -332,6 +332,48 @@ def test_skipped_files_are_listed_but_their_paths_are_not_logged(
             assert "2 files skipped (1 not DICOM)" in published.stderr
 
 
+@pytest.mark.parametrize("headers_only", [False, True], ids=["checked", "headers"])
+def test_publish_says_what_it_took_in_and_logs_no_skipped_file_again(
+    served: Path, tmp_path: Path, headers_only: bool
+) -> None:
+    """``publish`` says how many instances it took in, and how many were
+    held already, checked or ``--headers-only`` alike; the files it skipped
+    are listed once, with no log record at WARNING telling of them again."""
+    import shutil
+
+    folder = tmp_path / "cd"
+    shutil.copytree(dicom_path("study-mr", "images"), folder / "mr")
+    (folder / "truncated.dcm").write_bytes(
+        next((folder / "mr").iterdir()).read_bytes()[:200]
+    )
+    assert "ACK AA" in _xdsi(served, "feed", "IDS-DEPT002-a").stdout
+    extra = ("--headers-only",) if headers_only else ()
+
+    for said in (
+        "36 instances taken in (0 held already), 1 study",
+        "0 instances taken in (36 held already), 1 study",
+    ):
+        published = _xdsi(
+            served,
+            "publish",
+            str(folder),
+            "--patient-id",
+            "IDS-DEPT002-a",
+            *extra,
+            check=False,
+        )
+
+        assert published.returncode == 3, published.stderr
+        assert published.stdout.splitlines()[0] == said
+        assert "1 file skipped" in published.stderr
+        logged = [
+            line
+            for line in published.stderr.splitlines()
+            if re.search(r" (WARNING|ERROR) ", line)
+        ]
+        assert logged == []
+
+
 def test_publish_headers_only_of_a_published_study_sends_nothing(served: Path):
     """RAD TF-3 4.68.4.1.2.3: a replacement manifest is for a changed study;
     publishing an unchanged one again, checked or ``--headers-only``, says it

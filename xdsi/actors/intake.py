@@ -529,13 +529,16 @@ class Intake:
             raise ImportInterrupted(sum(1 for a in accepted if not a.duplicate))
         return ImportResult(tuple(accepted), tuple(refused))
 
-    def keep_read(self, study: scan.Study, patient_id: str, folder: Path) -> None:
+    def keep_read(
+        self, study: scan.Study, patient_id: str, folder: Path
+    ) -> list[Accepted]:
         """Keep a study read from ``folder`` by its headers alone (``publish
         --headers-only``), and record the import (DICOM PS3.15 A.5.3.5), as
         :meth:`import_folder` does; publishing it then finds it held. The
         study is claimed by this process, which publishes it next, so that a
         serving node's publisher leaves it alone meanwhile; the caller ends
         the claim with :meth:`note_published` or :meth:`publish_read_failed`.
+        Returns its instances, those held already marked so.
 
         Raises
         ------
@@ -581,6 +584,7 @@ class Intake:
                 )
                 .values(claimed_at=now, claimed_by=claimant())
             )
+        return accepted
 
     def record_import(
         self,
