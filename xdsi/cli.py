@@ -1084,7 +1084,12 @@ def _send_to_pacs(
                     ssl_context=tls.client_context_for(settings) if tls_ else None,
                 )
             except StoreScuError as exc:
-                _fail(str(exc))
+                hint = ""
+                if exc.unanswered and settings.tls.enabled and not tls_:
+                    # DICOM PS3.15 B.1: a TLS listener drops a clear-text
+                    # A-ASSOCIATE-RQ without a DICOM answer.
+                    hint = "; the PACS may need --pacs-tls (DICOM over TLS)"
+                _fail(f"{exc}{hint}")
     finally:
         not_stored = (
             len(paths) if sent is None else len(sent.failed) + len(sent.unsendable)

@@ -952,6 +952,59 @@ def test_wrong_arguments_are_a_usage_error(tmp_path, command: tuple[str, ...]):
     assert "Usage:" in ran.stderr
 
 
+def test_fetch_to_a_pacs_over_tls_only_without_pacs_tls_says_so_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """DICOM PS3.15 B.1: a PACS that takes DICOM over TLS only drops a
+    clear-text association request; ``fetch --to-pacs`` without
+    ``--pacs-tls`` says in one line that the association failed and that
+    the PACS may need ``--pacs-tls``, with no ERROR records of pynetdicom.
+    A port where nothing listens gets no such hint."""
+    config = _node_config(tmp_path)
+    _xdsi(config, "tls", "make-ca", str(tmp_path / "ca"))
+    made = _xdsi(
+        config, "tls", "make-cert", str(tmp_path / "pki"), "--ca", str(tmp_path / "ca")
+    )
+    dicom_port = _free_port()
+    config.write_text(
+        config.read_text().replace(
+            "[imaging_source]\n",
+            f"[imaging_source]\nstore_scp = true\ndicom_port = {dicom_port}\n",
+        )
+        + made.stdout
+    )
+    images = dicom_path("study-mr", "images")
+    process = _serve(config)
+    try:
+        assert "ACK AA" in _xdsi(config, "feed", "TLS-PACS-1").stdout
+        _xdsi(config, "publish", str(images), "--patient-id", "TLS-PACS-1")
+        fetched = {
+            port: _xdsi(
+                config,
+                "fetch",
+                "--patient-id",
+                "TLS-PACS-1",
+                "--out",
+                str(tmp_path / f"out-{port}"),
+                "--to-pacs",
+                f"PACS@127.0.0.1:{port}",
+                check=False,
+            )
+            for port in (dicom_port, _free_port())
+        }
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+    for port, result in fetched.items():
+        assert result.returncode == 1, result.stderr
+        (line,) = result.stderr.splitlines()
+        assert line.startswith(f"error: no association with PACS@127.0.0.1:{port}: ")
+    assert "may need --pacs-tls" in fetched[dicom_port].stderr
+    (unserved,) = set(fetched) - {dicom_port}
+    assert "--pacs-tls" not in fetched[unserved].stderr
+
+
 def test_fetch_names_the_instances_it_did_not_get(served: Path, tmp_path):
     """A fetch that misses instances (a stored copy lost at the source)
     exits 1 naming each by SOP Instance UID, which names no patient, and
