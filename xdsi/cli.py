@@ -40,7 +40,13 @@ from xdsi.actors.consumer import Consumer, ConsumerError, FetchResult, FoundEntr
 from xdsi.actors.document_source import DocumentSource
 from xdsi.actors.identity_source import send_feed
 from xdsi.actors.imaging_source import PublishError
-from xdsi.actors.intake import ImportInterrupted, ImportResult, NotAudited
+from xdsi.actors.intake import (
+    REMOVE_COMMAND,
+    Accepted,
+    ImportInterrupted,
+    ImportResult,
+    NotAudited,
+)
 from xdsi.actors.provide import SubmitError, describe_errors
 from xdsi.app import (
     Node,
@@ -296,6 +302,12 @@ def _as_given(command: str) -> str:
     if config_path is None:
         return f"xdsi {command}"
     return f"xdsi --config {shlex.quote(str(config_path))} {command}"
+
+
+def _as_told(reason: str) -> str:
+    """An intake refusal's reason with the command it names given this
+    command's ``--config``, as :func:`_as_given` writes it."""
+    return reason.replace(REMOVE_COMMAND, _as_given("remove"))
 
 
 def _feed_hint(patient_id: str | None) -> str:
@@ -672,33 +684,54 @@ def publish(
         services.engine.dispose()
         _exit_if_refused(_refusals(taken))
         return
-    result = scan.scan_directory(study_dir)
+    with _said_here(scan.logger):
+        result = scan.scan_directory(study_dir)
     broken = [(p, why) for p, why in result.rejected if why != scan.NOT_DICOM]
     _say_skipped(broken, len(result.rejected) - len(broken))
     if not result.studies:
         _fail(f"no DICOM study found in {study_dir}")
     services = _services(settings)
     failed = False
+
+    # Every study is kept first, what came in said as intake says it, then
+    # published; a study published already is not kept again.
+    kept: list[tuple[scan.Study, float, str | None]] = []
+    accepted: list[Accepted] = []
     for study in result.studies:
         reason = services.intake.other_patient(study.study_instance_uid, patient_id)
         if reason is not None:
             # As intake refuses it (ITI TF-3 4.2.2.2.3).
-            click.secho(f"not published: {reason}", fg="red", err=True)
+            click.secho(f"not published: {_as_told(reason)}", fg="red", err=True)
             failed = True
-            continue
-        if _published_already(services, study):
             continue
         since = time.time()
-        try:
-            # Kept and recorded as imported (DICOM PS3.15 A.5.3.5) first.
-            services.intake.keep_read(study, patient_id, study_dir)
-        except (PublishError, NotAudited) as exc:
-            click.secho(
-                f"study {study.study_instance_uid} not taken in: {exc}",
-                fg="red",
-                err=True,
+        manifest = _published_already(services, study)
+        if manifest is None:
+            try:
+                # Kept and recorded as imported (DICOM PS3.15 A.5.3.5) first.
+                accepted += services.intake.keep_read(study, patient_id, study_dir)
+            except (PublishError, NotAudited) as exc:
+                click.secho(
+                    f"study {study.study_instance_uid} not taken in: {exc}",
+                    fg="red",
+                    err=True,
+                )
+                failed = True
+                continue
+        kept.append((study, since, manifest))
+    held = sum(len(study.instances) for study, _, manifest in kept if manifest)
+    _say_taken_in(
+        sum(1 for a in accepted if not a.duplicate),
+        sum(1 for a in accepted if a.duplicate) + held,
+        len(kept),
+    )
+
+    for study, since, manifest in kept:
+        if manifest is not None:
+            click.echo(
+                f"study {study.study_instance_uid} published already: manifest "
+                f"{manifest}"
             )
-            failed = True
             continue
         try:
             published = services.imaging_source.publish(study, patient_id)
@@ -1055,7 +1088,12 @@ def _send_to_pacs(
                     ssl_context=tls.client_context_for(settings) if tls_ else None,
                 )
             except StoreScuError as exc:
-                _fail(str(exc))
+                hint = ""
+                if exc.unanswered and settings.tls.enabled and not tls_:
+                    # DICOM PS3.15 B.1: a TLS listener drops a clear-text
+                    # A-ASSOCIATE-RQ without a DICOM answer.
+                    hint = "; the PACS may need --pacs-tls (DICOM over TLS)"
+                _fail(f"{exc}{hint}")
     finally:
         not_stored = (
             len(paths) if sent is None else len(sent.failed) + len(sent.unsendable)
@@ -1140,14 +1178,12 @@ def _take_in(
             err=True,
         )
         sys.exit(EXIT_INTERRUPTED)
-    broken = [(p, r.reason) for p, r in result.refused if r.rule != "not_dicom"]
+    broken = [
+        (p, _as_told(r.reason)) for p, r in result.refused if r.rule != "not_dicom"
+    ]
     _say_skipped(broken, len(result.refused) - len(broken))
     new = sum(1 for a in result.accepted if not a.duplicate)
-    click.echo(
-        f"{_count(new, 'instance')} taken in "
-        f"({len(result.accepted) - new} held already), "
-        f"{_count(len(result.studies), 'study')}"
-    )
+    _say_taken_in(new, len(result.accepted) - new, len(result.studies))
     if not result.accepted:
         services.engine.dispose()
         # The reason a DICOM file was refused, rather than that of a file
@@ -1156,6 +1192,31 @@ def _take_in(
         first = f" ({reasons[0][1]})" if reasons else ""
         _fail(f"no DICOM instance taken in from {folder}{first}")
     return result
+
+
+def _say_taken_in(new: int, held: int, studies: int) -> None:
+    """Say how many instances were taken in and were held already, of how
+    many studies."""
+    click.echo(
+        f"{_count(new, 'instance')} taken in ({held} held already), "
+        f"{_count(studies, 'study')}"
+    )
+
+
+@contextmanager
+def _said_here(logger: logging.Logger) -> Iterator[None]:
+    """Keep ``logger``'s records at WARNING and above out of the log
+    meanwhile: the command tells its user the same itself, once (DEBUG
+    keeps the detail)."""
+
+    def below_warning(record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+    logger.addFilter(below_warning)
+    try:
+        yield
+    finally:
+        logger.removeFilter(below_warning)
 
 
 # Exit status of publish and import when DICOM files were refused and the
@@ -1222,7 +1283,7 @@ def _say_skipped(broken: list[tuple[Path, str]], not_dicom: int) -> None:
 def _refusals(result: ImportResult) -> list[str]:
     """The reasons of an import's refused files that are DICOM; files that
     are not DICOM at all (a CD's viewer, a README) do not count."""
-    return [r.reason for _, r in result.refused if r.rule != "not_dicom"]
+    return [_as_told(r.reason) for _, r in result.refused if r.rule != "not_dicom"]
 
 
 def _exit_if_refused(reasons: list[str]) -> None:
@@ -1339,25 +1400,24 @@ def _of_study(damage: Damage) -> str:
     return f" of study {study}" if study else ""
 
 
-def _published_already(services: Services, study: scan.Study) -> bool:
-    """Say so and return True when every instance of a study read is held
-    and its current manifest references exactly the instances held: a new
-    one would repeat it."""
+def _published_already(services: Services, study: scan.Study) -> str | None:
+    """The current manifest's SOP Instance UID when every instance of a
+    study read is held and that manifest references exactly the instances
+    held: a new one would repeat it; None otherwise."""
     uid = study.study_instance_uid
     source = services.imaging_source
     current = source.current_manifest(uid)
     if current is None or services.intake.changed(uid):
-        return False
+        return None
     held = source.held_study(uid, study)
     read = {header.sop_instance_uid for header in study.instances}
     if held is None or not read <= {i.sop_instance_uid for i in held.instances}:
-        return False
+        return None
     manifest = kos.parse_manifest(source.blobs.path(current.blob))
     referenced = {ref.sop_instance_uid for ref in manifest.references}
     if referenced != {i.sop_instance_uid for i in held.instances}:
-        return False
-    click.echo(f"study {uid} published already: manifest {current.sop_instance_uid}")
-    return True
+        return None
+    return str(current.sop_instance_uid)
 
 
 def _publish_now(services: Services, studies: Iterable[str]) -> None:

@@ -332,6 +332,48 @@ def test_skipped_files_are_listed_but_their_paths_are_not_logged(
             assert "2 files skipped (1 not DICOM)" in published.stderr
 
 
+@pytest.mark.parametrize("headers_only", [False, True], ids=["checked", "headers"])
+def test_publish_says_what_it_took_in_and_logs_no_skipped_file_again(
+    served: Path, tmp_path: Path, headers_only: bool
+) -> None:
+    """``publish`` says how many instances it took in, and how many were
+    held already, checked or ``--headers-only`` alike; the files it skipped
+    are listed once, with no log record at WARNING telling of them again."""
+    import shutil
+
+    folder = tmp_path / "cd"
+    shutil.copytree(dicom_path("study-mr", "images"), folder / "mr")
+    (folder / "truncated.dcm").write_bytes(
+        next((folder / "mr").iterdir()).read_bytes()[:200]
+    )
+    assert "ACK AA" in _xdsi(served, "feed", "IDS-DEPT002-a").stdout
+    extra = ("--headers-only",) if headers_only else ()
+
+    for said in (
+        "36 instances taken in (0 held already), 1 study",
+        "0 instances taken in (36 held already), 1 study",
+    ):
+        published = _xdsi(
+            served,
+            "publish",
+            str(folder),
+            "--patient-id",
+            "IDS-DEPT002-a",
+            *extra,
+            check=False,
+        )
+
+        assert published.returncode == 3, published.stderr
+        assert published.stdout.splitlines()[0] == said
+        assert "1 file skipped" in published.stderr
+        logged = [
+            line
+            for line in published.stderr.splitlines()
+            if re.search(r" (WARNING|ERROR) ", line)
+        ]
+        assert logged == []
+
+
 def test_publish_headers_only_of_a_published_study_sends_nothing(served: Path):
     """RAD TF-3 4.68.4.1.2.3: a replacement manifest is for a changed study;
     publishing an unchanged one again, checked or ``--headers-only``, says it
@@ -458,6 +500,53 @@ def test_the_feed_hint_quotes_an_id_with_blanks(served: Path, tmp_path: Path) ->
     assert "ACK AA" in fed.stdout
     again = _xdsi(served, "publish", str(images), "--patient-id", "NEVER FED")
     assert "published study" in again.stdout
+
+
+@pytest.mark.parametrize("headers_only", [False, True], ids=["checked", "headers"])
+def test_the_remove_hint_names_the_configuration_the_command_was_given(
+    tmp_path: Path, headers_only: bool
+) -> None:
+    """ITI TF-3 4.2.2.2.3: a study held under another patient is not taken
+    in under this one; the hint to remove it first names the configuration
+    the command was given, so that pasted in another folder it removes the
+    study from this node's storage, not from one of that folder."""
+    config = _node_config(tmp_path)
+    images = dicom_path("study-mr", "images")
+    (study,) = scan.scan_directory(images).studies
+    kept = _xdsi(config, "import", str(images), "--no-publish")
+    assert "36 instances taken in" in kept.stdout
+    extra = ("--headers-only",) if headers_only else ()
+
+    refused = _xdsi(
+        config, "publish", str(images), "--patient-id", "OTHER-1", *extra, check=False
+    )
+
+    assert refused.returncode == 1, refused.stderr
+    hints = set(re.findall(r"remove it first \((xdsi [^)]*)\)", refused.stderr))
+    remove = f"xdsi --config {config} remove {study.study_instance_uid}"
+    assert hints == {remove}, refused.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _, *command = shlex.split(remove)
+    removed = _xdsi_here(elsewhere, (*command, "--no-publish"))
+    assert "36 instances removed" in removed.stdout, removed.stderr
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_the_remove_hint_names_no_configuration_when_none_was_given(
+    tmp_path: Path,
+) -> None:
+    """With no configuration named, the node is the one of the folder the
+    command runs in, and the hint to remove a study names none either."""
+    images = dicom_path("study-mr", "images")
+    (study,) = scan.scan_directory(images).studies
+    kept = _xdsi_here(tmp_path, ("import", str(images), "--no-publish"))
+    assert "36 instances taken in" in kept.stdout, kept.stderr
+
+    refused = _xdsi_here(tmp_path, ("publish", str(images), "--patient-id", "OTHER-1"))
+
+    assert refused.returncode == 1, refused.stderr
+    assert f"(xdsi remove {study.study_instance_uid})" in refused.stderr
 
 
 def test_a_submission_for_a_patient_not_fed_says_to_feed_it_first(
@@ -861,6 +950,59 @@ def test_wrong_arguments_are_a_usage_error(tmp_path, command: tuple[str, ...]):
 
     assert ran.returncode == 2, ran.stderr
     assert "Usage:" in ran.stderr
+
+
+def test_fetch_to_a_pacs_over_tls_only_without_pacs_tls_says_so_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """DICOM PS3.15 B.1: a PACS that takes DICOM over TLS only drops a
+    clear-text association request; ``fetch --to-pacs`` without
+    ``--pacs-tls`` says in one line that the association failed and that
+    the PACS may need ``--pacs-tls``, with no ERROR records of pynetdicom.
+    A port where nothing listens gets no such hint."""
+    config = _node_config(tmp_path)
+    _xdsi(config, "tls", "make-ca", str(tmp_path / "ca"))
+    made = _xdsi(
+        config, "tls", "make-cert", str(tmp_path / "pki"), "--ca", str(tmp_path / "ca")
+    )
+    dicom_port = _free_port()
+    config.write_text(
+        config.read_text().replace(
+            "[imaging_source]\n",
+            f"[imaging_source]\nstore_scp = true\ndicom_port = {dicom_port}\n",
+        )
+        + made.stdout
+    )
+    images = dicom_path("study-mr", "images")
+    process = _serve(config)
+    try:
+        assert "ACK AA" in _xdsi(config, "feed", "TLS-PACS-1").stdout
+        _xdsi(config, "publish", str(images), "--patient-id", "TLS-PACS-1")
+        fetched = {
+            port: _xdsi(
+                config,
+                "fetch",
+                "--patient-id",
+                "TLS-PACS-1",
+                "--out",
+                str(tmp_path / f"out-{port}"),
+                "--to-pacs",
+                f"PACS@127.0.0.1:{port}",
+                check=False,
+            )
+            for port in (dicom_port, _free_port())
+        }
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+    for port, result in fetched.items():
+        assert result.returncode == 1, result.stderr
+        (line,) = result.stderr.splitlines()
+        assert line.startswith(f"error: no association with PACS@127.0.0.1:{port}: ")
+    assert "may need --pacs-tls" in fetched[dicom_port].stderr
+    (unserved,) = set(fetched) - {dicom_port}
+    assert "--pacs-tls" not in fetched[unserved].stderr
 
 
 def test_fetch_names_the_instances_it_did_not_get(served: Path, tmp_path):

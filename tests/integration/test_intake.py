@@ -1931,7 +1931,7 @@ def test_publish_under_another_patient_than_the_study_is_held_under_is_refused(
 
     assert again.exit_code == 1
     assert "held under another patient than the one given" in again.output
-    assert "xdsi remove" in again.output
+    assert f"xdsi --config {tmp_path / 'xdsi.toml'} remove" in again.output
     assert "FIRST-1" not in again.output
     assert len(_manifests(patient_node)) == 1
     assert copied == []
@@ -1977,7 +1977,7 @@ def test_a_study_emptied_without_publishing_is_withdrawn_by_a_second_remove(
     )
     assert refused.exit_code == 1
     assert "holds no instance, but its manifest is still published" in (refused.output)
-    assert f"xdsi remove {study_uid}" in refused.output
+    assert f"--config {tmp_path / 'xdsi.toml'} remove {study_uid}" in refused.output
     assert "FIRST-1" not in refused.output
 
     withdrawn = _xdsi(patient_node, tmp_path, "remove", study_uid)

@@ -76,6 +76,10 @@ CLAIM_LEASE = 3600.0
 MAX_ROUND_DELAY = 30.0
 # The longest error text an auto-publish failure logs.
 MAX_ERROR_TEXT = 200
+# The command a refusal names to remove a study held under another patient;
+# the command line puts its own --config in it (the reason itself reaches
+# peers, C-STORE and STOW-RS senders, who have no business with local paths).
+REMOVE_COMMAND = "xdsi remove"
 
 
 def claimant() -> str:
@@ -525,13 +529,16 @@ class Intake:
             raise ImportInterrupted(sum(1 for a in accepted if not a.duplicate))
         return ImportResult(tuple(accepted), tuple(refused))
 
-    def keep_read(self, study: scan.Study, patient_id: str, folder: Path) -> None:
+    def keep_read(
+        self, study: scan.Study, patient_id: str, folder: Path
+    ) -> list[Accepted]:
         """Keep a study read from ``folder`` by its headers alone (``publish
         --headers-only``), and record the import (DICOM PS3.15 A.5.3.5), as
         :meth:`import_folder` does; publishing it then finds it held. The
         study is claimed by this process, which publishes it next, so that a
         serving node's publisher leaves it alone meanwhile; the caller ends
         the claim with :meth:`note_published` or :meth:`publish_read_failed`.
+        Returns its instances, those held already marked so.
 
         Raises
         ------
@@ -577,6 +584,7 @@ class Intake:
                 )
                 .values(claimed_at=now, claimed_by=claimant())
             )
+        return accepted
 
     def record_import(
         self,
@@ -1042,7 +1050,7 @@ class Intake:
         """
         if self.study_patient(study_instance_uid) in (None, patient_id):
             return None
-        remove = f"xdsi remove {study_instance_uid}"
+        remove = f"{REMOVE_COMMAND} {study_instance_uid}"
         whose = "the one given" if given else "its images' Patient ID"
         if self._holds_instances(study_instance_uid):
             return (
@@ -1487,7 +1495,7 @@ def _refuse_held_under_another(
             "command_mismatch",
             f"study {header.study_instance_uid} is held under another patient "
             "than this instance is taken in under; remove it first "
-            f"(xdsi remove {header.study_instance_uid}) to publish it under "
+            f"({REMOVE_COMMAND} {header.study_instance_uid}) to publish it under "
             "this one",
         )
 

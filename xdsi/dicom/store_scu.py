@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 # pynetdicom's loggers that tell of a failed association request at ERROR,
 # each reason over three lines; the StoreScuError says it once instead.
-ASSOCIATION_LOGGERS = ("pynetdicom.acse", "pynetdicom.transport")
+ASSOCIATION_LOGGERS = ("pynetdicom.acse", "pynetdicom.dul", "pynetdicom.transport")
 
 # DICOM PS3.8 9.3.2.2: presentation context IDs are odd numbers 1 to 255.
 MAX_CONTEXTS = 128
@@ -46,7 +46,16 @@ Progress = Callable[[int, int], None]
 
 
 class StoreScuError(Exception):
-    """The storage SCP could not be reached or refused the association."""
+    """The storage SCP could not be reached or refused the association.
+
+    ``unanswered`` when the SCP took the connection but gave no DICOM answer
+    (no A-ASSOCIATE-AC or -RJ, no A-ABORT; DICOM PS3.8 9.3): what listens
+    there may speak another protocol, TLS say (DICOM PS3.15 B.1).
+    """
+
+    def __init__(self, message: str, *, unanswered: bool = False) -> None:
+        super().__init__(message)
+        self.unanswered = unanswered
 
 
 @dataclass(frozen=True)
@@ -130,13 +139,17 @@ def send_files(
                 tls_args=(
                     None if ssl_context is None else (ssl_context, destination.host)
                 ),
-                evt_handlers=[(evt.EVT_PDU_RECV, refusal.on_pdu)],
+                evt_handlers=[
+                    (evt.EVT_CONN_OPEN, refusal.on_open),
+                    (evt.EVT_PDU_RECV, refusal.on_pdu),
+                ],
             )
         if not assoc.is_established:
             over = " over TLS" if ssl_context is not None else ""
             raise StoreScuError(
                 f"no association with {destination.ae_title}@{destination.host}:"
-                f"{destination.port}{over}: {refusal.reason(timeout)}"
+                f"{destination.port}{over}: {refusal.reason(timeout)}",
+                unanswered=refusal.connected and refusal.answer is None,
             )
         try:
             for path in files:
@@ -177,8 +190,12 @@ class _Refusal:
     """
 
     def __init__(self) -> None:
+        self.connected = False
         self.answer: str | None = None
         self.suppressed: list[str] = []
+
+    def on_open(self, event: Event) -> None:
+        self.connected = True
 
     def on_pdu(self, event: Event) -> None:
         pdu = event.pdu  # type: ignore[attr-defined]
