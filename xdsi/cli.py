@@ -411,8 +411,24 @@ class _Commands(click.Group):
             # The driver's own first line: "connection refused", "file is
             # not a database"; the SQL and parameters stay out.
             reason = str(exc.orig).strip().splitlines()[0] if exc.orig else ""
-            _fail(f"the database{where} cannot be used: {logs.shown(reason, 200)}")
+            _fail(
+                f"the database{where} cannot be used: {logs.shown(reason, 200)}"
+                f"{_database_hint(reason)}"
+            )
             raise  # unreachable: _fail exits
+
+
+def _database_hint(reason: str) -> str:
+    """What to look at for a PostgreSQL server's refusal the driver gave as
+    ``reason``; empty when nothing more is to be said."""
+    if "password authentication failed" in reason or "no password supplied" in (reason):
+        return (
+            "; give the user's password in [node] database_url or in "
+            "$PGPASSWORD (libpq)"
+        )
+    if "Connection refused" in reason:
+        return "; is the database server up, and on that host and port?"
+    return ""
 
 
 @click.group(cls=_Commands)

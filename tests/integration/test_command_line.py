@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import select
 
 from tests.conftest import ROOT, dicom_path, shared_path, terminal_signals
-from xdsi import ns
+from xdsi import cli, ns
 from xdsi.audit.repository import AuditRecordStore, AuditRepository
 from xdsi.cli import EXIT_NOT_FOUND, LISTED_REFUSALS
 from xdsi.dicom import scan
@@ -1234,8 +1234,29 @@ def test_a_database_server_not_running_is_named_without_its_password(
         done.stderr
     )
     assert "cannot be used" in done.stderr
+    assert "is the database server up" in done.stderr
     assert "s3cret" not in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        # libpq's first lines, as psycopg gives them, for a password the
+        # server refused and for none given where one is asked.
+        'connection failed: connection to server at "127.0.0.1", port 5432 '
+        'failed: FATAL:  password authentication failed for user "xdsi"',
+        'connection failed: connection to server at "127.0.0.1", port 5432 '
+        "failed: fe_sendauth: no password supplied",
+    ],
+    ids=["refused", "missing"],
+)
+def test_a_database_password_refused_or_missing_names_where_it_goes(
+    reason: str,
+) -> None:
+    assert cli._database_hint(reason) == (
+        "; give the user's password in [node] database_url or in $PGPASSWORD (libpq)"
+    )
 
 
 def test_a_fetch_stopped_half_way_says_what_is_left_and_exits_130(tmp_path):
