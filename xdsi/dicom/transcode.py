@@ -345,12 +345,8 @@ class Production:
         # thread; nothing of it can write into the spool any more.
         bound = max(self._allowance(n) for n in under_way)
         _, late = wait(under_way.values(), timeout=bound)
-        if late and TRANSCODERS.discard():
-            logger.warning(
-                "a transcoding process took over %.0f s over one instance (a "
-                "codec stuck) and was stopped",
-                bound,
-            )
+        if late:
+            _stop_transcoders(_stuck(bound))
 
     def result(self, index: int) -> Produced | None:
         """What :func:`produce` gives for job ``index``; raises what it
@@ -360,23 +356,14 @@ class Production:
         if future is None:
             # Sent as held: nothing is decoded or written.
             return produce(*self._jobs[index], self._spool)
-        allowance = self._allowance(index)
-        try:
-            return within(future, allowance)
-        except (BrokenProcessPool, CancelledError):
-            # Cancelled: not begun when its fellows were stopped (below).
-            reason = "died (a codec crashed)"
-        except TimeoutError:
-            reason = (
-                f"took over {allowance:.0f} s over one instance (a codec stuck) "
-                "and was stopped"
-            )
-        if TRANSCODERS.discard():
-            logger.warning(
-                "a transcoding process %s; the instances it and its fellows "
-                "were re-encoding are not sent in the syntaxes asked for",
-                reason,
-            )
+        produced, failure = _settled(future, self._allowance(index))
+        if failure is None:
+            return produced
+        _stop_transcoders(
+            failure,
+            "; the instances it and its fellows were re-encoding are not sent "
+            "in the syntaxes asked for",
+        )
         return None
 
     def _allowance(self, index: int) -> float:
@@ -417,15 +404,34 @@ def isolated(function: Callable[..., T], *args: Any, allowance: float, what: str
         The process died, or was stopped past its allowance, over it (one
         WARNING names ``what``).
     """
+    result, failure = _settled(TRANSCODERS.submit(function, *args), allowance)
+    if failure is None:
+        return result  # type: ignore[return-value]
+    _stop_transcoders(failure, f" while {what}")
+    raise CodecFailure(f"the transcoding process {failure}")
+
+
+def _settled(future: Future[T], allowance: float) -> tuple[T | None, str | None]:
+    """The result of ``future`` (:func:`within`) and None; or None and how
+    its transcoding process failed: died (a crash; a job cancelled, not
+    begun when its fellows were stopped, counts so) or stuck."""
     try:
-        return within(TRANSCODERS.submit(function, *args), allowance)
+        return within(future, allowance), None
     except (BrokenProcessPool, CancelledError):
-        reason = "died (a codec crashed)"
+        return None, "died (a codec crashed)"
     except TimeoutError:
-        reason = f"took over {allowance:.0f} s (a codec stuck) and was stopped"
+        return None, _stuck(allowance)
+
+
+def _stuck(allowance: float) -> str:
+    return f"took over {allowance:.0f} s over one job (a codec stuck) and was stopped"
+
+
+def _stop_transcoders(failure: str, consequence: str = "") -> None:
+    """Kill TRANSCODERS after ``failure`` of one of them; one WARNING says
+    so, for the first of the requests that saw it."""
     if TRANSCODERS.discard():
-        logger.warning("a transcoding process %s %s", what, reason)
-    raise CodecFailure(f"the transcoding process {reason}")
+        logger.warning("a transcoding process %s%s", failure, consequence)
 
 
 # How often a caller waiting for a re-encoding looks whether it has begun.
