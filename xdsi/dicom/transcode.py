@@ -436,10 +436,11 @@ def within(future: Future[T], allowance: float) -> T:
     """The result of ``future`` once done; TimeoutError once it has run for
     more than ``allowance`` seconds.
 
-    Its time counts from when TRANSCODERS hands it to a process (it is then
-    running), not from when the caller begins to wait: the re-encodings of
-    other requests queued before it are not its time, and counting them
-    would take a busy pool for a stuck one and kill it under them all.
+    Its time counts from when a process of TRANSCODERS takes it up
+    (:meth:`worker.Pool.begun`), not from when the caller begins to wait:
+    the re-encodings of other requests queued before it are not its time,
+    and counting them would take a busy pool for a stuck one and kill it
+    under them all.
     """
     began = None
     while True:
@@ -447,7 +448,7 @@ def within(future: Future[T], allowance: float) -> T:
             return future.result(timeout=_LOOK_EVERY)
         except TimeoutError:
             pass
-        if began is None and future.running():
+        if began is None and TRANSCODERS.begun(future):
             began = time.monotonic()
         if began is not None and time.monotonic() - began > allowance:
             raise TimeoutError

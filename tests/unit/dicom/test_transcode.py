@@ -571,6 +571,33 @@ def test_a_request_queued_behind_another_is_not_taken_for_stuck(
     assert not [r for r in caplog.records if "(a codec stuck)" in r.getMessage()]
 
 
+def test_work_waiting_for_a_busy_process_is_not_taken_for_stuck(
+    tmp_path: Path,
+    own_transcoders: worker.Pool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Work given while every transcoding process is busy (a rendering during
+    long re-encodings) waits for one, however long: its allowance counts from
+    when a process takes it up. ProcessPoolExecutor marks work running once
+    it is queued for its processes; counted from then, the wait was taken for
+    a codec stuck and the processes were killed, the long work with them."""
+    started = [tmp_path / "first", tmp_path / "second"]
+    long = [
+        own_transcoders.submit(
+            subprocess.run, ["sh", "-c", f'touch "{path}" && sleep 5'], check=True
+        )
+        for path in started
+    ]
+    deadline = time.monotonic() + 60
+    while not all(path.exists() for path in started):
+        assert time.monotonic() < deadline, "the processes did not start"
+        time.sleep(0.05)
+
+    assert transcode.isolated(abs, -1, allowance=1.0, what="a short job") == 1
+    assert all(transcode.within(f, 60.0).returncode == 0 for f in long)
+    assert not [r for r in caplog.records if "(a codec stuck)" in r.getMessage()]
+
+
 @pytest.mark.parametrize("fate", ["dies", "hangs"])
 def test_a_rendering_whose_process_dies_or_hangs_is_refused_and_the_next_is_made(
     fate: str,
