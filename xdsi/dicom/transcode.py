@@ -32,6 +32,8 @@ from pydicom.pixels.decoders import (
     JPEGExtended12BitDecoder,
     JPEGLosslessDecoder,
     JPEGLosslessSV1Decoder,
+    JPEGLSLosslessDecoder,
+    JPEGLSNearLosslessDecoder,
 )
 from pydicom.uid import (
     JPEG2000,
@@ -92,14 +94,19 @@ def plugin_errors_muted() -> Iterator[None]:
 # GDCM's JPEG (ISO 10918) decoder throws a C++ exception that nothing
 # catches on some corrupt frames (a marker byte overwritten), and the process
 # aborts, the node with it: intake keeps a corrupt frame as received, so one
-# rendering or transcoding of such an image did it. pylibjpeg and Pillow
-# decode these syntaxes here and raise on such a frame instead.
+# rendering or transcoding of such an image did it. Its JPEG-LS (ISO 14495)
+# decoder does the same on a frame smaller than Rows and Columns say: the
+# transcoding process died on each request for such an image, and the work
+# of other requests with it. pylibjpeg, pyjpegls and Pillow decode these
+# syntaxes here and raise on such a frame instead.
 # Limitation: a frame that only GDCM's decoder reads is not decoded here.
 for _decoder in (
     JPEGBaseline8BitDecoder,
     JPEGExtended12BitDecoder,
     JPEGLosslessDecoder,
     JPEGLosslessSV1Decoder,
+    JPEGLSLosslessDecoder,
+    JPEGLSNearLosslessDecoder,
 ):
     if "gdcm" in _decoder.available_plugins:
         _decoder.remove_plugin("gdcm")

@@ -711,6 +711,40 @@ def test_a_corrupt_jpeg_frame_does_not_kill_the_process(tmp_path: Path) -> None:
     assert done.stdout.strip() in ("produced", "none")
 
 
+def test_a_jpeg_ls_frame_smaller_than_rows_and_columns_does_not_kill_the_process(
+    tmp_path: Path,
+) -> None:
+    """A JPEG-LS frame of 512x512 (ISO/IEC 14495-1 C.2.2, its SOF55 marker
+    segment) in an image whose Rows and Columns say 1024, which intake keeps
+    as received, is not decoded: GDCM's decoder aborted the process on it
+    (an uncaught C++ exception), the transcoding process with it, and the
+    work of other requests there. Decoded in a process of its own, which
+    such a death cannot take the test run with."""
+    ds = _read(dicom_path("singles", "ts-jpegls-lossless__CT1_JLSL.dcm"))
+    assert (ds.Rows, ds.Columns) == (512, 512)
+    ds.Rows = ds.Columns = 1024
+    corrupt = tmp_path / "corrupt.dcm"
+    ds.save_as(corrupt, enforce_file_format=True)
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _DECODE_ONE,
+            str(corrupt),
+            JPEGLSLossless,
+            ExplicitVRLittleEndian,
+            str(tmp_path / "spool"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "none"
+
+
 # Decodes the image at argv[1] as xdsi does, then prints its peak memory.
 # The peak is VmHWM, of this program's own memory since its exec: ru_maxrss
 # would carry the peak of the process it was forked from (a test worker that
