@@ -34,6 +34,7 @@ from pydicom.pixels.decoders import (
     JPEGLosslessSV1Decoder,
     JPEGLSLosslessDecoder,
     JPEGLSNearLosslessDecoder,
+    RLELosslessDecoder,
 )
 from pydicom.uid import (
     JPEG2000,
@@ -140,6 +141,37 @@ for _decoder in (JPEG2000Decoder, JPEG2000LosslessDecoder):
         _decoder._available["pylibjpeg"] = _within_rows_and_columns(
             _decoder._available["pylibjpeg"]
         )
+
+# An RLE segment (DICOM PS3.5 G.3.1) gives at most 128 bytes for each two
+# bytes of its own (a Replicate Run), so that a frame decodes to at most 64
+# times its length. pydicom's decoder allocates, and zeroes, the frame that
+# Rows, Columns and Bits Allocated state before it finds the data short: a
+# 100 kB frame of an image stating 65535x65535 at 16 bits took 8.6 GB and
+# some seconds for each request. A frame stating more than it can hold is
+# refused unread.
+RLE_MAX_RATIO = 64
+
+
+def _within_rle_bound(decode: Callable) -> Callable:
+    def checked(src: bytes, runner: Any) -> Any:
+        stated = (
+            runner.rows
+            * runner.columns
+            * runner.samples_per_pixel
+            * -(-runner.bits_allocated // 8)
+        )
+        if stated > RLE_MAX_RATIO * len(src):
+            raise ValueError(
+                f"an RLE frame of {len(src)} bytes cannot hold the {stated} "
+                "bytes Rows, Columns and Bits Allocated state"
+            )
+        return decode(src, runner)
+
+    return checked
+
+
+for _name, _plugin in list(RLELosslessDecoder._available.items()):
+    RLELosslessDecoder._available[_name] = _within_rle_bound(_plugin)
 
 # Native (uncompressed) encodings, DICOM PS3.5 A.1-A.3 and A.5.
 NATIVE = (

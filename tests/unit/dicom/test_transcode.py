@@ -762,6 +762,32 @@ print(int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) // 1024)
 """
 
 
+def test_an_rle_frame_stating_a_larger_image_than_it_can_hold_is_not_decoded(
+    tmp_path: Path,
+) -> None:
+    """DICOM PS3.5 G.3.1: an RLE frame decodes to at most 64 times its
+    length. One of an image whose Rows and Columns state far more (a header
+    not matching its pixel data, kept as received) is refused before its
+    frame is allocated; one stating 65535x65535 took 8.6 GB for each
+    request. Here 30000x30000 at 16 bits, 1.8 GB."""
+    ds = _read(dicom_path("singles", "ts-rle__CT1_RLE.dcm"))
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    assert len(frame) * 64 < 30_000 * 30_000 * 2
+    ds.Rows = ds.Columns = 30_000
+    corrupt = tmp_path / "corrupt.dcm"
+    ds.save_as(corrupt, enforce_file_format=True)
+
+    done = subprocess.run(
+        [sys.executable, "-c", _DECODE_PEAK, str(corrupt)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) < 600, "MB at peak"
+
+
 def test_a_jpeg_2000_frame_stating_a_larger_image_is_not_decoded(
     tmp_path: Path,
 ) -> None:
