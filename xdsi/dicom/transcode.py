@@ -26,6 +26,9 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels.decoders import (
+    HTJ2KDecoder,
+    HTJ2KLosslessDecoder,
+    HTJ2KLosslessRPCLDecoder,
     JPEG2000Decoder,
     JPEG2000LosslessDecoder,
     JPEGBaseline8BitDecoder,
@@ -172,6 +175,50 @@ def _within_rle_bound(decode: Callable) -> Callable:
 
 for _name, _plugin in list(RLELosslessDecoder._available.items()):
     RLELosslessDecoder._available[_name] = _within_rle_bound(_plugin)
+
+# A JPEG or JPEG-LS frame states its size in its own header (ITU-T T.81
+# B.2.2, ISO/IEC 14495-1 C.2.2), and the decoders allocate for it, and fill
+# it, before they find the data short: a frame of 100 kB in an image whose
+# Rows and Columns say 30000x30000 as its header does took 5 to 10 GB and
+# up to 100 s a request, and 65535x65535 more than the machine has. A
+# frame of more cells (Rows x Columns x Samples per Pixel) than
+# MAX_FRAME_CELLS, some 11585x11585 (a digitized film is 15 million), is
+# refused unread.
+# Limitation: an image of larger frames is sent only as held: not rendered,
+# re-encoded or its frames decoded.
+MAX_FRAME_CELLS = 2**27
+
+
+def _within_max_frame_cells(decode: Callable) -> Callable:
+    def checked(src: bytes, runner: Any) -> Any:
+        cells = runner.rows * runner.columns * runner.samples_per_pixel
+        if cells > MAX_FRAME_CELLS:
+            raise ValueError(
+                f"a frame of {runner.rows}x{runner.columns}x"
+                f"{runner.samples_per_pixel} cells is more than "
+                f"{MAX_FRAME_CELLS} to decode"
+            )
+        return decode(src, runner)
+
+    return checked
+
+
+for _decoder in (
+    JPEGBaseline8BitDecoder,
+    JPEGExtended12BitDecoder,
+    JPEGLosslessDecoder,
+    JPEGLosslessSV1Decoder,
+    JPEGLSLosslessDecoder,
+    JPEGLSNearLosslessDecoder,
+    JPEG2000LosslessDecoder,
+    JPEG2000Decoder,
+    HTJ2KLosslessDecoder,
+    HTJ2KLosslessRPCLDecoder,
+    HTJ2KDecoder,
+    RLELosslessDecoder,
+):
+    for _name, _plugin in list(_decoder._available.items()):
+        _decoder._available[_name] = _within_max_frame_cells(_plugin)
 
 # Native (uncompressed) encodings, DICOM PS3.5 A.1-A.3 and A.5.
 NATIVE = (

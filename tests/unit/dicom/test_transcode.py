@@ -788,6 +788,33 @@ def test_an_rle_frame_stating_a_larger_image_than_it_can_hold_is_not_decoded(
     assert int(done.stdout.split()[-1]) < 600, "MB at peak"
 
 
+def test_a_jpeg_frame_stating_a_huge_image_is_not_decoded(tmp_path: Path) -> None:
+    """ITU-T T.81 B.2.2: a JPEG Lossless frame of 512x512 whose frame header
+    (SOF3) and the image's Rows and Columns both say 16000x16000, kept as
+    received, is refused before the decoder allocates and fills 256 million
+    cells for it (more than transcode.MAX_FRAME_CELLS); 30000x30000 took
+    7 GB and 20 s."""
+    ds = _read(dicom_path("singles", "ts-jpeg-lossless-sv1__CT1_JPLL.dcm"))
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    sof = frame.find(b"\xff\xc3")
+    assert sof >= 0 and frame[sof + 5 : sof + 9] == bytes.fromhex("02000200")
+    frame[sof + 5 : sof + 9] = (16_000).to_bytes(2, "big") * 2  # Y, then X
+    ds.PixelData = encapsulate([bytes(frame)])
+    ds.Rows = ds.Columns = 16_000
+    corrupt = tmp_path / "corrupt.dcm"
+    ds.save_as(corrupt, enforce_file_format=True)
+
+    done = subprocess.run(
+        [sys.executable, "-c", _DECODE_PEAK, str(corrupt)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) < 600, "MB at peak"
+
+
 def test_a_jpeg_2000_frame_stating_a_larger_image_is_not_decoded(
     tmp_path: Path,
 ) -> None:
