@@ -815,6 +815,55 @@ def test_a_jpeg_frame_stating_a_huge_image_is_not_decoded(tmp_path: Path) -> Non
     assert int(done.stdout.split()[-1]) < 600, "MB at peak"
 
 
+# Re-encodes the image at argv[1] in Explicit VR Little Endian as xdsi does
+# into the folder argv[2], then says whether it did and its peak memory (see
+# _DECODE_PEAK).
+_PRODUCE_PEAK = """
+import re, sys
+from pathlib import Path
+from xdsi.dicom.transcode import produce
+held = "1.2.840.10008.1.2.4.80"
+made = produce(Path(sys.argv[1]), held, ["1.2.840.10008.1.2.1"], Path(sys.argv[2]))
+status = open("/proc/self/status").read()
+print("produced" if made else "none")
+print(int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) // 1024)
+"""
+
+
+def test_an_instance_decoding_to_more_than_the_bound_is_not_re_encoded(
+    tmp_path: Path,
+) -> None:
+    """A JPEG-LS image of 70 uniform frames of 4096x4096, each a few hundred
+    bytes, decodes to 2.3 GB, more than transcode.MAX_DECODED_BYTES: it is
+    not re-encoded (held only), rather than decoded whole in memory; 100
+    such frames took 6.5 GB and 30 s."""
+    ds = _read(dicom_path("singles", "ts-jpegls-lossless__CT1_JLSL.dcm"))
+    ds.Rows = ds.Columns = 4096
+    ds.PixelData = np.zeros((4096, 4096), np.uint16).tobytes()
+    ds.set_original_encoding(False, True)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.compress(JPEGLSLossless, generate_instance_uid=False)
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame] * 70, has_bot=True)
+    ds.NumberOfFrames = 70
+    bomb = tmp_path / "bomb.dcm"
+    ds.save_as(bomb, enforce_file_format=True)
+    assert bomb.stat().st_size < 100_000
+
+    done = subprocess.run(
+        [sys.executable, "-c", _PRODUCE_PEAK, str(bomb), str(tmp_path / "spool")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    made, peak = done.stdout.split()[-2:]
+    assert made == "none"
+    assert int(peak) < 600, "MB at peak"
+    assert not list((tmp_path / "spool").glob("*"))
+
+
 def test_a_jpeg_2000_frame_stating_a_larger_image_is_not_decoded(
     tmp_path: Path,
 ) -> None:
