@@ -15,7 +15,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import CancelledError, Future, wait
+from concurrent.futures import CancelledError, Future
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -434,17 +434,25 @@ class Production:
         under_way = {n: f for n, f in self._futures.items() if not f.done()}
         if not under_way:
             return
-        # Each within its allowance. A future of processes killed already
-        # (a pool discarded) may never be settled by the pool's manager
-        # thread; nothing of it can write into the spool any more.
-        bound = max(self._allowance(n) for n in under_way)
-        _, late = wait(under_way.values(), timeout=bound)
-        if late and TRANSCODERS.discard():
-            logger.warning(
-                "a transcoding process took over %.0f s over one instance (a "
-                "codec stuck) and was stopped",
-                bound,
-            )
+        # Each within its allowance from when a process takes it up
+        # (within): those queued behind other requests' work wait for it. A
+        # future of processes killed already (a pool discarded) may never be
+        # settled by the pool's manager thread; nothing of it can write into
+        # the spool any more.
+        for n, future in under_way.items():
+            try:
+                within(future, self._allowance(n))
+            except TimeoutError:
+                if TRANSCODERS.discard():
+                    logger.warning(
+                        "a transcoding process took over %.0f s over one "
+                        "instance (a codec stuck) and was stopped",
+                        self._allowance(n),
+                    )
+                return
+            except Exception:
+                # Its failure is for the caller, who has left.
+                continue
 
     def result(self, index: int) -> Produced | None:
         """What :func:`produce` gives for job ``index``; raises what it

@@ -598,6 +598,37 @@ def test_work_waiting_for_a_busy_process_is_not_taken_for_stuck(
     assert not [r for r in caplog.records if "(a codec stuck)" in r.getMessage()]
 
 
+def test_a_request_left_while_its_work_waits_for_a_busy_process_stops_nothing(
+    tmp_path: Path,
+    own_transcoders: worker.Pool,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A request left before its re-encodings are made (a peer gone) awaits
+    those already queued for the processes, each within its allowance from
+    when a process takes it up: the wait for other requests' long work
+    before them is not taken for a codec stuck, which killed that work."""
+    started = [tmp_path / "first", tmp_path / "second"]
+    long = [
+        own_transcoders.submit(
+            subprocess.run, ["sh", "-c", f'touch "{path}" && sleep 5'], check=True
+        )
+        for path in started
+    ]
+    deadline = time.monotonic() + 60
+    while not all(path.exists() for path in started):
+        assert time.monotonic() < deadline, "the processes did not start"
+        time.sleep(0.05)
+    monkeypatch.setattr(transcode, "ALLOWANCE", 1.0)
+    monkeypatch.setattr(transcode, "ALLOWANCE_PER_MB", 0.0)
+
+    with transcode.Production(_ct_jobs(1), tmp_path / "left"):
+        pass
+
+    assert all(transcode.within(f, 60.0).returncode == 0 for f in long)
+    assert not [r for r in caplog.records if "(a codec stuck)" in r.getMessage()]
+
+
 @pytest.mark.parametrize("fate", ["dies", "hangs"])
 def test_a_rendering_whose_process_dies_or_hangs_is_refused_and_the_next_is_made(
     fate: str,
