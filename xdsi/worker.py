@@ -74,6 +74,9 @@ class Pool:
         self._lock = threading.Lock()
         self._busy = 0
         self._idle_timer: threading.Timer | None = None
+        # The work given to the processes and not done yet, in the order
+        # given, which is the order they take it up in (see begun).
+        self._pending: dict[Future, None] = {}
 
     def submit(
         self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs
@@ -90,18 +93,42 @@ class Pool:
                 self._idle_timer = None
             self._busy += 1
         try:
-            future = self._started().submit(function, *args, **kwargs)
+            executor = self._started()
+            with self._lock:
+                future = executor.submit(function, *args, **kwargs)
+                self._pending[future] = None
         except (BrokenProcessPool, OSError, RuntimeError) as exc:
             future = Future()
             future.set_exception(BrokenProcessPool(str(exc)))
         future.add_done_callback(self._done)
         return future
 
+    def begun(self, future: Future[T]) -> bool:
+        """Whether a process has taken up ``future`` (given by :meth:`submit`).
+
+        ProcessPoolExecutor marks work running once it is queued for its
+        processes, one more than there are of them, while all may still be
+        busy with earlier work: the processes take work up in the order
+        given, so ``future`` is begun once fewer than ``size`` of the work
+        given before it are left undone.
+        """
+        if not future.running():
+            return False
+        with self._lock:
+            ahead = 0
+            for earlier in self._pending:
+                if earlier is future:
+                    return ahead < self.size
+                ahead += 1
+        # Not among this pool's processes' work (those were discarded).
+        return True
+
     def discard(self) -> bool:
         """Kill and drop a failed pool; the next call starts another. False
         when there was none (dropped already)."""
         with self._lock:
             broken, self.executor = self.executor, None
+            self._pending = {}
         if broken is None:
             return False
         # ProcessPoolExecutor can only wait for its processes; a stopped or
@@ -140,9 +167,10 @@ class Pool:
                 )
             return self.executor
 
-    def _done(self, _: Future[T]) -> None:
+    def _done(self, future: Future[T]) -> None:
         """Count finished work; once none is left, stop the pool later."""
         with self._lock:
+            self._pending.pop(future, None)
             self._busy -= 1
             if self._busy or self.executor is None:
                 return
@@ -158,6 +186,7 @@ class Pool:
             if self._busy or self.executor is None:
                 return
             idle, self.executor, self._idle_timer = self.executor, None, None
+            self._pending = {}
         logger.debug("%s: idle for %.0f s, stopped", self.name, IDLE_SECONDS)
         idle.shutdown(wait=False)
 
@@ -166,6 +195,7 @@ class Pool:
         with self._lock:
             timer, self._idle_timer = self._idle_timer, None
             executor, self.executor = self.executor, None
+            self._pending = {}
         if timer is not None:
             timer.cancel()
         if executor is not None:

@@ -15,7 +15,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import CancelledError, Future, wait
+from concurrent.futures import CancelledError, Future
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -26,12 +26,18 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels.decoders import (
+    HTJ2KDecoder,
+    HTJ2KLosslessDecoder,
+    HTJ2KLosslessRPCLDecoder,
     JPEG2000Decoder,
     JPEG2000LosslessDecoder,
     JPEGBaseline8BitDecoder,
     JPEGExtended12BitDecoder,
     JPEGLosslessDecoder,
     JPEGLosslessSV1Decoder,
+    JPEGLSLosslessDecoder,
+    JPEGLSNearLosslessDecoder,
+    RLELosslessDecoder,
 )
 from pydicom.uid import (
     JPEG2000,
@@ -92,14 +98,19 @@ def plugin_errors_muted() -> Iterator[None]:
 # GDCM's JPEG (ISO 10918) decoder throws a C++ exception that nothing
 # catches on some corrupt frames (a marker byte overwritten), and the process
 # aborts, the node with it: intake keeps a corrupt frame as received, so one
-# rendering or transcoding of such an image did it. pylibjpeg and Pillow
-# decode these syntaxes here and raise on such a frame instead.
+# rendering or transcoding of such an image did it. Its JPEG-LS (ISO 14495)
+# decoder does the same on a frame smaller than Rows and Columns say: the
+# transcoding process died on each request for such an image, and the work
+# of other requests with it. pylibjpeg, pyjpegls and Pillow decode these
+# syntaxes here and raise on such a frame instead.
 # Limitation: a frame that only GDCM's decoder reads is not decoded here.
 for _decoder in (
     JPEGBaseline8BitDecoder,
     JPEGExtended12BitDecoder,
     JPEGLosslessDecoder,
     JPEGLosslessSV1Decoder,
+    JPEGLSLosslessDecoder,
+    JPEGLSNearLosslessDecoder,
 ):
     if "gdcm" in _decoder.available_plugins:
         _decoder.remove_plugin("gdcm")
@@ -133,6 +144,89 @@ for _decoder in (JPEG2000Decoder, JPEG2000LosslessDecoder):
         _decoder._available["pylibjpeg"] = _within_rows_and_columns(
             _decoder._available["pylibjpeg"]
         )
+
+# An RLE segment (DICOM PS3.5 G.3.1) gives at most 128 bytes for each two
+# bytes of its own (a Replicate Run), so that a frame decodes to at most 64
+# times its length. pydicom's decoder allocates, and zeroes, the frame that
+# Rows, Columns and Bits Allocated state before it finds the data short: a
+# 100 kB frame of an image stating 65535x65535 at 16 bits took 8.6 GB and
+# some seconds for each request. A frame stating more than it can hold is
+# refused unread.
+RLE_MAX_RATIO = 64
+
+
+def _within_rle_bound(decode: Callable) -> Callable:
+    def checked(src: bytes, runner: Any) -> Any:
+        stated = (
+            runner.rows
+            * runner.columns
+            * runner.samples_per_pixel
+            * -(-runner.bits_allocated // 8)
+        )
+        if stated > RLE_MAX_RATIO * len(src):
+            raise ValueError(
+                f"an RLE frame of {len(src)} bytes cannot hold the {stated} "
+                "bytes Rows, Columns and Bits Allocated state"
+            )
+        return decode(src, runner)
+
+    return checked
+
+
+for _name, _plugin in list(RLELosslessDecoder._available.items()):
+    RLELosslessDecoder._available[_name] = _within_rle_bound(_plugin)
+
+# A JPEG or JPEG-LS frame states its size in its own header (ITU-T T.81
+# B.2.2, ISO/IEC 14495-1 C.2.2), and the decoders allocate for it, and fill
+# it, before they find the data short: a frame of 100 kB in an image whose
+# Rows and Columns say 30000x30000 as its header does took 5 to 10 GB and
+# up to 100 s a request, and 65535x65535 more than the machine has. A
+# frame of more cells (Rows x Columns x Samples per Pixel) than
+# MAX_FRAME_CELLS, some 11585x11585 (a digitized film is 15 million), is
+# refused unread.
+# Limitation: an image of larger frames is sent only as held: not rendered,
+# re-encoded or its frames decoded.
+MAX_FRAME_CELLS = 2**27
+
+
+def _within_max_frame_cells(decode: Callable) -> Callable:
+    def checked(src: bytes, runner: Any) -> Any:
+        cells = runner.rows * runner.columns * runner.samples_per_pixel
+        if cells > MAX_FRAME_CELLS:
+            raise ValueError(
+                f"a frame of {runner.rows}x{runner.columns}x"
+                f"{runner.samples_per_pixel} cells is more than "
+                f"{MAX_FRAME_CELLS} to decode"
+            )
+        return decode(src, runner)
+
+    return checked
+
+
+for _decoder in (
+    JPEGBaseline8BitDecoder,
+    JPEGExtended12BitDecoder,
+    JPEGLosslessDecoder,
+    JPEGLosslessSV1Decoder,
+    JPEGLSLosslessDecoder,
+    JPEGLSNearLosslessDecoder,
+    JPEG2000LosslessDecoder,
+    JPEG2000Decoder,
+    HTJ2KLosslessDecoder,
+    HTJ2KLosslessRPCLDecoder,
+    HTJ2KDecoder,
+    RLELosslessDecoder,
+):
+    for _name, _plugin in list(_decoder._available.items()):
+        _decoder._available[_name] = _within_max_frame_cells(_plugin)
+
+# A re-encoding decodes the whole instance in memory, and holds about twice
+# that at its peak: a JPEG-LS image of 100 uniform 4096x4096 frames, 67 kB
+# stored, took 6.5 GB and 30 s, and one of 300 frames more than the machine
+# has. An instance decoding to more than MAX_DECODED_BYTES (a 4000-slice
+# enhanced CT, 2 GB) is not re-encoded.
+# Limitation: such an instance is sent only as held.
+MAX_DECODED_BYTES = 2**31
 
 # Native (uncompressed) encodings, DICOM PS3.5 A.1-A.3 and A.5.
 NATIVE = (
@@ -340,13 +434,20 @@ class Production:
         under_way = {n: f for n, f in self._futures.items() if not f.done()}
         if not under_way:
             return
-        # Each within its allowance. A future of processes killed already
-        # (a pool discarded) may never be settled by the pool's manager
-        # thread; nothing of it can write into the spool any more.
-        bound = max(self._allowance(n) for n in under_way)
-        _, late = wait(under_way.values(), timeout=bound)
-        if late:
-            _stop_transcoders(_stuck(bound))
+        # Each within its allowance from when a process takes it up
+        # (within): those queued behind other requests' work wait for it. A
+        # future of processes killed already (a pool discarded) may never be
+        # settled by the pool's manager thread; nothing of it can write into
+        # the spool any more.
+        for n, future in under_way.items():
+            try:
+                within(future, self._allowance(n))
+            except TimeoutError:
+                _stop_transcoders(_stuck(self._allowance(n)))
+                return
+            except Exception:
+                # Its failure is for the caller, who has left.
+                continue
 
     def result(self, index: int) -> Produced | None:
         """What :func:`produce` gives for job ``index``; raises what it
@@ -442,10 +543,11 @@ def within(future: Future[T], allowance: float) -> T:
     """The result of ``future`` once done; TimeoutError once it has run for
     more than ``allowance`` seconds.
 
-    Its time counts from when TRANSCODERS hands it to a process (it is then
-    running), not from when the caller begins to wait: the re-encodings of
-    other requests queued before it are not its time, and counting them
-    would take a busy pool for a stuck one and kill it under them all.
+    Its time counts from when a process of TRANSCODERS takes it up
+    (:meth:`worker.Pool.begun`), not from when the caller begins to wait:
+    the re-encodings of other requests queued before it are not its time,
+    and counting them would take a busy pool for a stuck one and kill it
+    under them all.
     """
     began = None
     while True:
@@ -453,7 +555,7 @@ def within(future: Future[T], allowance: float) -> T:
             return future.result(timeout=_LOOK_EVERY)
         except TimeoutError:
             pass
-        if began is None and future.running():
+        if began is None and TRANSCODERS.begun(future):
             began = time.monotonic()
         if began is not None and time.monotonic() - began > allowance:
             raise TimeoutError
@@ -467,6 +569,12 @@ def _write(source: Path, target: str, destination: Path) -> None:
     if pixels is None and target not in NATIVE:
         raise ValueError("an object without pixel data is sent in native syntaxes")
     if pixels == "PixelData" and held.is_compressed:
+        decoded = _decoded_size(ds)
+        if decoded > MAX_DECODED_BYTES:
+            raise ValueError(
+                f"the pixel data decodes to {decoded} bytes, more than "
+                f"{MAX_DECODED_BYTES} to re-encode"
+            )
         ds.decompress(generate_instance_uid=False)
     elif pixels == "PixelData" and (
         not held.is_little_endian or (target not in NATIVE and _by_plane(ds))
@@ -486,6 +594,22 @@ def _write(source: Path, target: str, destination: Path) -> None:
     if is_lossy(target):
         _label_lossy(ds, target, native_size / max(len(ds.PixelData), 1))
     ds.save_as(destination, enforce_file_format=True)
+
+
+def _decoded_size(ds: Dataset) -> int:
+    """The bytes the encapsulated Pixel Data of ``ds`` decodes to, as Rows,
+    Columns, Samples per Pixel, Bits Allocated and Number of Frames say."""
+    try:
+        frames = max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        frames = 1
+    return (
+        int(ds.Rows)
+        * int(ds.Columns)
+        * int(ds.get("SamplesPerPixel", 1))
+        * -(-int(ds.BitsAllocated) // 8)
+        * frames
+    )
 
 
 def _compress(ds: Dataset, target: str) -> None:

@@ -571,6 +571,64 @@ def test_a_request_queued_behind_another_is_not_taken_for_stuck(
     assert not [r for r in caplog.records if "(a codec stuck)" in r.getMessage()]
 
 
+def test_work_waiting_for_a_busy_process_is_not_taken_for_stuck(
+    tmp_path: Path,
+    own_transcoders: worker.Pool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Work given while every transcoding process is busy (a rendering during
+    long re-encodings) waits for one, however long: its allowance counts from
+    when a process takes it up. ProcessPoolExecutor marks work running once
+    it is queued for its processes; counted from then, the wait was taken for
+    a codec stuck and the processes were killed, the long work with them."""
+    started = [tmp_path / "first", tmp_path / "second"]
+    long = [
+        own_transcoders.submit(
+            subprocess.run, ["sh", "-c", f'touch "{path}" && sleep 5'], check=True
+        )
+        for path in started
+    ]
+    deadline = time.monotonic() + 60
+    while not all(path.exists() for path in started):
+        assert time.monotonic() < deadline, "the processes did not start"
+        time.sleep(0.05)
+
+    assert transcode.isolated(abs, -1, allowance=1.0, what="a short job") == 1
+    assert all(transcode.within(f, 60.0).returncode == 0 for f in long)
+    assert not [r for r in caplog.records if "(a codec stuck)" in r.getMessage()]
+
+
+def test_a_request_left_while_its_work_waits_for_a_busy_process_stops_nothing(
+    tmp_path: Path,
+    own_transcoders: worker.Pool,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A request left before its re-encodings are made (a peer gone) awaits
+    those already queued for the processes, each within its allowance from
+    when a process takes it up: the wait for other requests' long work
+    before them is not taken for a codec stuck, which killed that work."""
+    started = [tmp_path / "first", tmp_path / "second"]
+    long = [
+        own_transcoders.submit(
+            subprocess.run, ["sh", "-c", f'touch "{path}" && sleep 5'], check=True
+        )
+        for path in started
+    ]
+    deadline = time.monotonic() + 60
+    while not all(path.exists() for path in started):
+        assert time.monotonic() < deadline, "the processes did not start"
+        time.sleep(0.05)
+    monkeypatch.setattr(transcode, "ALLOWANCE", 1.0)
+    monkeypatch.setattr(transcode, "ALLOWANCE_PER_MB", 0.0)
+
+    with transcode.Production(_ct_jobs(1), tmp_path / "left"):
+        pass
+
+    assert all(transcode.within(f, 60.0).returncode == 0 for f in long)
+    assert not [r for r in caplog.records if "(a codec stuck)" in r.getMessage()]
+
+
 @pytest.mark.parametrize("fate", ["dies", "hangs"])
 def test_a_rendering_whose_process_dies_or_hangs_is_refused_and_the_next_is_made(
     fate: str,
@@ -684,6 +742,40 @@ def test_a_corrupt_jpeg_frame_does_not_kill_the_process(tmp_path: Path) -> None:
     assert done.stdout.strip() in ("produced", "none")
 
 
+def test_a_jpeg_ls_frame_smaller_than_rows_and_columns_does_not_kill_the_process(
+    tmp_path: Path,
+) -> None:
+    """A JPEG-LS frame of 512x512 (ISO/IEC 14495-1 C.2.2, its SOF55 marker
+    segment) in an image whose Rows and Columns say 1024, which intake keeps
+    as received, is not decoded: GDCM's decoder aborted the process on it
+    (an uncaught C++ exception), the transcoding process with it, and the
+    work of other requests there. Decoded in a process of its own, which
+    such a death cannot take the test run with."""
+    ds = _read(dicom_path("singles", "ts-jpegls-lossless__CT1_JLSL.dcm"))
+    assert (ds.Rows, ds.Columns) == (512, 512)
+    ds.Rows = ds.Columns = 1024
+    corrupt = tmp_path / "corrupt.dcm"
+    ds.save_as(corrupt, enforce_file_format=True)
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _DECODE_ONE,
+            str(corrupt),
+            JPEGLSLossless,
+            ExplicitVRLittleEndian,
+            str(tmp_path / "spool"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "none"
+
+
 # Decodes the image at argv[1] as xdsi does, then prints its peak memory.
 # The peak is VmHWM, of this program's own memory since its exec: ru_maxrss
 # would carry the peak of the process it was forked from (a test worker that
@@ -699,6 +791,108 @@ except Exception:
 status = open("/proc/self/status").read()
 print(int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) // 1024)
 """
+
+
+def test_an_rle_frame_stating_a_larger_image_than_it_can_hold_is_not_decoded(
+    tmp_path: Path,
+) -> None:
+    """DICOM PS3.5 G.3.1: an RLE frame decodes to at most 64 times its
+    length. One of an image whose Rows and Columns state far more (a header
+    not matching its pixel data, kept as received) is refused before its
+    frame is allocated; one stating 65535x65535 took 8.6 GB for each
+    request. Here 30000x30000 at 16 bits, 1.8 GB."""
+    ds = _read(dicom_path("singles", "ts-rle__CT1_RLE.dcm"))
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    assert len(frame) * 64 < 30_000 * 30_000 * 2
+    ds.Rows = ds.Columns = 30_000
+    corrupt = tmp_path / "corrupt.dcm"
+    ds.save_as(corrupt, enforce_file_format=True)
+
+    done = subprocess.run(
+        [sys.executable, "-c", _DECODE_PEAK, str(corrupt)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) < 600, "MB at peak"
+
+
+def test_a_jpeg_frame_stating_a_huge_image_is_not_decoded(tmp_path: Path) -> None:
+    """ITU-T T.81 B.2.2: a JPEG Lossless frame of 512x512 whose frame header
+    (SOF3) and the image's Rows and Columns both say 16000x16000, kept as
+    received, is refused before the decoder allocates and fills 256 million
+    cells for it (more than transcode.MAX_FRAME_CELLS); 30000x30000 took
+    7 GB and 20 s."""
+    ds = _read(dicom_path("singles", "ts-jpeg-lossless-sv1__CT1_JPLL.dcm"))
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    sof = frame.find(b"\xff\xc3")
+    assert sof >= 0 and frame[sof + 5 : sof + 9] == bytes.fromhex("02000200")
+    frame[sof + 5 : sof + 9] = (16_000).to_bytes(2, "big") * 2  # Y, then X
+    ds.PixelData = encapsulate([bytes(frame)])
+    ds.Rows = ds.Columns = 16_000
+    corrupt = tmp_path / "corrupt.dcm"
+    ds.save_as(corrupt, enforce_file_format=True)
+
+    done = subprocess.run(
+        [sys.executable, "-c", _DECODE_PEAK, str(corrupt)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) < 600, "MB at peak"
+
+
+# Re-encodes the image at argv[1] in Explicit VR Little Endian as xdsi does
+# into the folder argv[2], then says whether it did and its peak memory (see
+# _DECODE_PEAK).
+_PRODUCE_PEAK = """
+import re, sys
+from pathlib import Path
+from xdsi.dicom.transcode import produce
+held = "1.2.840.10008.1.2.4.80"
+made = produce(Path(sys.argv[1]), held, ["1.2.840.10008.1.2.1"], Path(sys.argv[2]))
+status = open("/proc/self/status").read()
+print("produced" if made else "none")
+print(int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) // 1024)
+"""
+
+
+def test_an_instance_decoding_to_more_than_the_bound_is_not_re_encoded(
+    tmp_path: Path,
+) -> None:
+    """A JPEG-LS image of 70 uniform frames of 4096x4096, each a few hundred
+    bytes, decodes to 2.3 GB, more than transcode.MAX_DECODED_BYTES: it is
+    not re-encoded (held only), rather than decoded whole in memory; 100
+    such frames took 6.5 GB and 30 s."""
+    ds = _read(dicom_path("singles", "ts-jpegls-lossless__CT1_JLSL.dcm"))
+    ds.Rows = ds.Columns = 4096
+    ds.PixelData = np.zeros((4096, 4096), np.uint16).tobytes()
+    ds.set_original_encoding(False, True)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.compress(JPEGLSLossless, generate_instance_uid=False)
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame] * 70, has_bot=True)
+    ds.NumberOfFrames = 70
+    bomb = tmp_path / "bomb.dcm"
+    ds.save_as(bomb, enforce_file_format=True)
+    assert bomb.stat().st_size < 100_000
+
+    done = subprocess.run(
+        [sys.executable, "-c", _PRODUCE_PEAK, str(bomb), str(tmp_path / "spool")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    made, peak = done.stdout.split()[-2:]
+    assert made == "none"
+    assert int(peak) < 600, "MB at peak"
+    assert not list((tmp_path / "spool").glob("*"))
 
 
 def test_a_jpeg_2000_frame_stating_a_larger_image_is_not_decoded(
