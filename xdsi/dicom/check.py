@@ -2,8 +2,9 @@
 
 Implements the DICOM PS3.10 7.1 file format check, the element lengths of
 DICOM PS3.5 7.1, the Pixel Data length of DICOM PS3.5 8.1.1 and the
-consistency of a JPEG 2000 codestream with the Image Pixel module (DICOM
-PS3.5 8.2.4, ISO/IEC 15444-1 A.5.1). Each refusal names a row of
+consistency of a JPEG 2000 codestream (DICOM PS3.5 8.2.4, ISO/IEC 15444-1
+A.5.1) and of a JPEG or JPEG-LS frame header (ITU-T T.81 B.2.2, ISO/IEC
+14495-1 C.2.2) with the Image Pixel module. Each refusal names a row of
 ``profiles/intake_refusals.toml``, which maps it to the C-STORE status of
 DICOM PS3.4 B.2.3 and the STOW-RS Failure Reason of DICOM PS3.18 10.5.3.
 """
@@ -665,15 +666,19 @@ def _check_encapsulated(
 ) -> None:
     """Check encapsulated Pixel Data (DICOM PS3.5 A.4), from bytes or a
     file positioned at its value, a frame at a time: as many frames as
-    Number of Frames, each JPEG 2000 one's SIZ as the Image Pixel module."""
+    Number of Frames, each JPEG 2000 one's SIZ and each JPEG or JPEG-LS
+    one's frame header as the Image Pixel module."""
     found = 0
     try:
         for number, fragments in enumerate(
             generate_fragmented_frames(source, number_of_frames=frames), start=1
         ):
             found = number
+            head = b"".join(fragments[:1])
             if transfer_syntax_uid in JPEG2000TransferSyntaxes:
-                _check_siz(b"".join(fragments[:1]), number, rows, columns, samples)
+                _check_siz(head, number, rows, columns, samples)
+            elif transfer_syntax_uid in JPEG_FRAME_SYNTAXES:
+                _check_sof(head, number, rows, columns, samples)
     except Refused:
         raise
     except Exception as exc:
@@ -697,6 +702,67 @@ def _check_pixel_value(ds: Dataset, value: bytes, transfer_syntax_uid: str) -> N
         _check_native_length(len(value), rows, columns, samples, frames, bits)
         return
     _check_encapsulated(value, transfer_syntax_uid, rows, columns, samples, frames)
+
+
+# The JPEG (ITU-T T.81) and JPEG-LS (ISO/IEC 14495-1) transfer syntaxes of
+# DICOM PS3.5 A.4.1 and A.4.3, whose frames state their size in a frame
+# header (SOFn).
+JPEG_FRAME_SYNTAXES = frozenset(
+    (
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.51",
+        "1.2.840.10008.1.2.4.57",
+        "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.4.80",
+        "1.2.840.10008.1.2.4.81",
+    )
+)
+# ITU-T T.81 Table B.1: the SOFn markers (C0-CF but DHT C4, JPG C8, DAC
+# CC), and JPEG-LS's SOF55 (ISO/IEC 14495-1 Table C.1).
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
+# Markers that stand alone, without a length (T.81 B.1.1.3): TEM, RSTm.
+_LONE_MARKERS = frozenset((0x01, *range(0xD0, 0xD8)))
+
+
+def _check_sof(head: bytes, frame: int, rows: int, columns: int, samples: int) -> None:
+    """Compare a JPEG or JPEG-LS frame header with the Image Pixel module.
+
+    ITU-T T.81 B.2.2, ISO/IEC 14495-1 C.2.2: after SOFn and its length come
+    P, Y (the lines), X (samples a line) and Nf (components). The frame is
+    refused only when its header is found and contradicts the data set
+    (a decoder allocates what the header says); Y of 0 (the lines given
+    later, by a DNL marker) is not compared.
+    """
+    if not head.startswith(b"\xff\xd8"):
+        raise Refused("pixel_data", f"frame {frame} is no JPEG stream (SOI)")
+    at = 2
+    while at + 4 <= len(head):
+        if head[at] != 0xFF:
+            return  # not a marker where one was due: left to the decoder
+        marker = head[at + 1]
+        if marker == 0xFF:
+            at += 1  # fill byte (T.81 B.1.1.2)
+            continue
+        if marker in _LONE_MARKERS:
+            at += 2
+            continue
+        (length,) = struct.unpack(">H", head[at + 2 : at + 4])
+        if marker in _SOF_MARKERS:
+            if at + 10 > len(head):
+                return
+            height, width = struct.unpack(">2H", head[at + 5 : at + 9])
+            components = head[at + 9]
+            if (width, components) != (columns, samples) or height not in (0, rows):
+                raise Refused(
+                    "pixel_data",
+                    f"frame {frame} is {width}x{height} with {components} "
+                    f"components in its JPEG frame header; the data set says "
+                    f"{columns}x{rows} with {samples}; DICOM PS3.5 8.2.1",
+                )
+            return
+        if marker == 0xDA:
+            return  # a scan before any frame header: left to the decoder
+        at += 2 + length
 
 
 def _check_siz(head: bytes, frame: int, rows: int, columns: int, samples: int) -> None:

@@ -78,6 +78,53 @@ def test_each_single_object_passes(name: str) -> None:
     assert header.sop_instance_uid
 
 
+@pytest.mark.parametrize(
+    ("name", "change"),
+    [
+        ("ts-jpeg-baseline-rgb__SC_rgb_jpeg_dcmtk.dcm", "Rows"),
+        ("ts-jpeg-lossless-sv1__CT1_JPLL.dcm", "Columns"),
+        ("ts-jpegls-lossless__CT1_JLSL.dcm", "Rows"),
+        ("ts-jpegls-near-lossless__CT1_JLSN.dcm", "SamplesPerPixel"),
+        ("ts-jpeg-extended-decodable__JPGExtended.dcm", "Columns"),
+    ],
+)
+def test_a_jpeg_frame_whose_header_contradicts_the_image_is_refused(
+    tmp_path: Path, name: str, change: str
+) -> None:
+    """ITU-T T.81 B.2.2, ISO/IEC 14495-1 C.2.2: a JPEG or JPEG-LS frame
+    header stating another size or number of components than the Image
+    Pixel module is refused at intake (a decoder allocates what the header
+    says, a render of the smaller one shows a wrong image)."""
+    ds = pydicom.dcmread(dicom_path("singles", name))
+    if change == "SamplesPerPixel":
+        ds.SamplesPerPixel = 3 if ds.SamplesPerPixel == 1 else 1
+    else:
+        ds[change].value = ds[change].value * 2
+    lying = tmp_path / name
+    ds.save_as(lying, enforce_file_format=True)
+
+    with pytest.raises(Refused) as refused:
+        check_file(lying)
+
+    assert refused.value.rule == "pixel_data"
+    assert "JPEG frame header" in str(refused.value)
+
+
+def test_a_jpeg_frame_that_is_no_jpeg_stream_is_refused(tmp_path: Path) -> None:
+    """ITU-T T.81 B.2.1: a JPEG frame opens with SOI."""
+    ds = pydicom.dcmread(dicom_path("singles", "ts-jpeg-lossless-sv1__CT1_JPLL.dcm"))
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([b"\x00\x00" + frame[2:]])
+    lying = tmp_path / "no-soi.dcm"
+    ds.save_as(lying, enforce_file_format=True)
+
+    with pytest.raises(Refused) as refused:
+        check_file(lying)
+
+    assert refused.value.rule == "pixel_data"
+    assert "no JPEG stream" in str(refused.value)
+
+
 def test_a_request_naming_another_sop_instance_is_refused() -> None:
     """DICOM PS3.7 9.1.1.1: the data set must be the instance the C-STORE
     request names."""
