@@ -104,14 +104,16 @@ def plugin_errors_muted() -> Iterator[None]:
 # of other requests with it. pylibjpeg, pyjpegls and Pillow decode these
 # syntaxes here and raise on such a frame instead.
 # Limitation: a frame that only GDCM's decoder reads is not decoded here.
-for _decoder in (
+# The JPEG (ITU-T T.81) and JPEG-LS (ISO/IEC 14495-1) decoders.
+_JPEG_DECODERS = (
     JPEGBaseline8BitDecoder,
     JPEGExtended12BitDecoder,
     JPEGLosslessDecoder,
     JPEGLosslessSV1Decoder,
     JPEGLSLosslessDecoder,
     JPEGLSNearLosslessDecoder,
-):
+)
+for _decoder in _JPEG_DECODERS:
     if "gdcm" in _decoder.available_plugins:
         _decoder.remove_plugin("gdcm")
 
@@ -204,12 +206,7 @@ def _within_max_frame_cells(decode: Callable) -> Callable:
 
 
 for _decoder in (
-    JPEGBaseline8BitDecoder,
-    JPEGExtended12BitDecoder,
-    JPEGLosslessDecoder,
-    JPEGLosslessSV1Decoder,
-    JPEGLSLosslessDecoder,
-    JPEGLSNearLosslessDecoder,
+    *_JPEG_DECODERS,
     JPEG2000LosslessDecoder,
     JPEG2000Decoder,
     HTJ2KLosslessDecoder,

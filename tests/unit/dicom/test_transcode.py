@@ -14,7 +14,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -571,6 +571,23 @@ def test_a_request_queued_behind_another_is_not_taken_for_stuck(
     assert not [r for r in caplog.records if "(a codec stuck)" in r.getMessage()]
 
 
+def _keep_busy(pool: worker.Pool, folder: Path) -> list[Future]:
+    """Give each of the pool's two processes five seconds' work; return
+    once both have taken it up."""
+    started = [folder / "first", folder / "second"]
+    long = [
+        pool.submit(
+            subprocess.run, ["sh", "-c", f'touch "{path}" && sleep 5'], check=True
+        )
+        for path in started
+    ]
+    deadline = time.monotonic() + 60
+    while not all(path.exists() for path in started):
+        assert time.monotonic() < deadline, "the processes did not start"
+        time.sleep(0.05)
+    return long
+
+
 def test_work_waiting_for_a_busy_process_is_not_taken_for_stuck(
     tmp_path: Path,
     own_transcoders: worker.Pool,
@@ -581,17 +598,7 @@ def test_work_waiting_for_a_busy_process_is_not_taken_for_stuck(
     when a process takes it up. ProcessPoolExecutor marks work running once
     it is queued for its processes; counted from then, the wait was taken for
     a codec stuck and the processes were killed, the long work with them."""
-    started = [tmp_path / "first", tmp_path / "second"]
-    long = [
-        own_transcoders.submit(
-            subprocess.run, ["sh", "-c", f'touch "{path}" && sleep 5'], check=True
-        )
-        for path in started
-    ]
-    deadline = time.monotonic() + 60
-    while not all(path.exists() for path in started):
-        assert time.monotonic() < deadline, "the processes did not start"
-        time.sleep(0.05)
+    long = _keep_busy(own_transcoders, tmp_path)
 
     assert transcode.isolated(abs, -1, allowance=1.0, what="a short job") == 1
     assert all(transcode.within(f, 60.0).returncode == 0 for f in long)
@@ -608,17 +615,7 @@ def test_a_request_left_while_its_work_waits_for_a_busy_process_stops_nothing(
     those already queued for the processes, each within its allowance from
     when a process takes it up: the wait for other requests' long work
     before them is not taken for a codec stuck, which killed that work."""
-    started = [tmp_path / "first", tmp_path / "second"]
-    long = [
-        own_transcoders.submit(
-            subprocess.run, ["sh", "-c", f'touch "{path}" && sleep 5'], check=True
-        )
-        for path in started
-    ]
-    deadline = time.monotonic() + 60
-    while not all(path.exists() for path in started):
-        assert time.monotonic() < deadline, "the processes did not start"
-        time.sleep(0.05)
+    long = _keep_busy(own_transcoders, tmp_path)
     monkeypatch.setattr(transcode, "ALLOWANCE", 1.0)
     monkeypatch.setattr(transcode, "ALLOWANCE_PER_MB", 0.0)
 
@@ -709,6 +706,26 @@ print("produced" if produced else "none")
 """
 
 
+def _decode_one(path: Path, held: str, spool: Path) -> subprocess.CompletedProcess[str]:
+    """Decode ``path``, held in ``held``, to Explicit VR Little Endian in a
+    process of its own (_DECODE_ONE), which a codec's abort cannot take the
+    test run with."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _DECODE_ONE,
+            str(path),
+            held,
+            ExplicitVRLittleEndian,
+            str(spool),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 def test_a_corrupt_jpeg_frame_does_not_kill_the_process(tmp_path: Path) -> None:
     """A JPEG frame whose first Huffman table marker (ITU-T T.81 B.1.1.2,
     0xFFC4) lost its 0xFF, which intake keeps as received, is not decoded:
@@ -723,20 +740,7 @@ def test_a_corrupt_jpeg_frame_does_not_kill_the_process(tmp_path: Path) -> None:
     corrupt = tmp_path / "corrupt.dcm"
     ds.save_as(corrupt, enforce_file_format=True)
 
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _DECODE_ONE,
-            str(corrupt),
-            JPEGBaseline8Bit,
-            ExplicitVRLittleEndian,
-            str(tmp_path / "spool"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = _decode_one(corrupt, JPEGBaseline8Bit, tmp_path / "spool")
 
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() in ("produced", "none")
@@ -757,20 +761,7 @@ def test_a_jpeg_ls_frame_smaller_than_rows_and_columns_does_not_kill_the_process
     corrupt = tmp_path / "corrupt.dcm"
     ds.save_as(corrupt, enforce_file_format=True)
 
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _DECODE_ONE,
-            str(corrupt),
-            JPEGLSLossless,
-            ExplicitVRLittleEndian,
-            str(tmp_path / "spool"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = _decode_one(corrupt, JPEGLSLossless, tmp_path / "spool")
 
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "none"
@@ -793,6 +784,19 @@ print(int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) // 1024)
 """
 
 
+def _decoding_peak_mb(path: Path) -> int:
+    """The peak memory, in MB, of a process of its own decoding ``path``
+    as xdsi does (_DECODE_PEAK)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _DECODE_PEAK, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return int(done.stdout.split()[-1])
+
+
 def test_an_rle_frame_stating_a_larger_image_than_it_can_hold_is_not_decoded(
     tmp_path: Path,
 ) -> None:
@@ -808,15 +812,7 @@ def test_an_rle_frame_stating_a_larger_image_than_it_can_hold_is_not_decoded(
     corrupt = tmp_path / "corrupt.dcm"
     ds.save_as(corrupt, enforce_file_format=True)
 
-    done = subprocess.run(
-        [sys.executable, "-c", _DECODE_PEAK, str(corrupt)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert int(done.stdout.split()[-1]) < 600, "MB at peak"
+    assert _decoding_peak_mb(corrupt) < 600
 
 
 def test_a_jpeg_frame_stating_a_huge_image_is_not_decoded(tmp_path: Path) -> None:
@@ -835,15 +831,7 @@ def test_a_jpeg_frame_stating_a_huge_image_is_not_decoded(tmp_path: Path) -> Non
     corrupt = tmp_path / "corrupt.dcm"
     ds.save_as(corrupt, enforce_file_format=True)
 
-    done = subprocess.run(
-        [sys.executable, "-c", _DECODE_PEAK, str(corrupt)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert int(done.stdout.split()[-1]) < 600, "MB at peak"
+    assert _decoding_peak_mb(corrupt) < 600
 
 
 # Re-encodes the image at argv[1] in Explicit VR Little Endian as xdsi does
@@ -911,12 +899,4 @@ def test_a_jpeg_2000_frame_stating_a_larger_image_is_not_decoded(
     corrupt = tmp_path / "corrupt.dcm"
     ds.save_as(corrupt, enforce_file_format=True)
 
-    done = subprocess.run(
-        [sys.executable, "-c", _DECODE_PEAK, str(corrupt)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert int(done.stdout.split()[-1]) < 600, "MB at peak"
+    assert _decoding_peak_mb(corrupt) < 600
