@@ -98,10 +98,14 @@ WIDE_OUTPUT = 400
 
 
 def _print_table(table: Table) -> None:
-    """Print a table; piped or redirected, each row on one line, its UIDs
+    """Print a table on :func:`_table_console`."""
+    _table_console().print(table)
+
+
+def _table_console() -> Console:
+    """Where tables go: piped or redirected, each row on one line, its UIDs
     whole, as grep and copying want them; a terminal folds to its width."""
-    out = console if console.is_terminal else Console(width=WIDE_OUTPUT)
-    out.print(table)
+    return console if console.is_terminal else Console(width=WIDE_OUTPUT)
 
 
 def qualify_patient_id(value: str, settings: Settings) -> str:
@@ -1682,7 +1686,7 @@ def _print_repository_table(
     have the widths the whole table would give them. The pages' edges
     between them are left out, so that the output is the whole table's.
     """
-    out = console if console.is_terminal else Console(width=WIDE_OUTPUT)
+    out = _table_console()
 
     # Each column's widest word and widest line, over all its cells.
     narrowest = [0] * len(_REPOSITORY_COLUMNS)
