@@ -300,21 +300,8 @@ def test_skipped_files_are_listed_but_their_paths_are_not_logged(
     assert "ACK AA" in _xdsi(served, "feed", "IDS-DEPT002-a").stdout
 
     for extra in ((), ("--headers-only",)):
-        published = _xdsi(
-            served,
-            "publish",
-            str(folder),
-            "--patient-id",
-            "IDS-DEPT002-a",
-            *extra,
-            check=False,
-        )
+        published, logged = _publish_cd(served, folder, extra)
         assert published.returncode == 3, published.stderr
-        logged = [
-            line
-            for line in published.stderr.splitlines()
-            if " WARNING " in line or " ERROR " in line
-        ]
         assert not [line for line in logged if "DOE^JANE" in line], logged
         listed = [line for line in published.stderr.splitlines() if line[:2] == "  "]
         assert str(truncated) in "\n".join(listed)
@@ -330,6 +317,28 @@ def test_skipped_files_are_listed_but_their_paths_are_not_logged(
             assert "3 files skipped (1 not DICOM)" in published.stderr
         else:
             assert "2 files skipped (1 not DICOM)" in published.stderr
+
+
+def _publish_cd(
+    served: Path, folder: Path, extra: tuple[str, ...]
+) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """``xdsi publish FOLDER`` for patient IDS-DEPT002-a, with ``extra``
+    options; its outcome, and its log lines at WARNING or ERROR."""
+    published = _xdsi(
+        served,
+        "publish",
+        str(folder),
+        "--patient-id",
+        "IDS-DEPT002-a",
+        *extra,
+        check=False,
+    )
+    logged = [
+        line
+        for line in published.stderr.splitlines()
+        if re.search(r" (WARNING|ERROR) ", line)
+    ]
+    return published, logged
 
 
 @pytest.mark.parametrize("headers_only", [False, True], ids=["checked", "headers"])
@@ -353,24 +362,11 @@ def test_publish_says_what_it_took_in_and_logs_no_skipped_file_again(
         "36 instances taken in (0 held already), 1 study",
         "0 instances taken in (36 held already), 1 study",
     ):
-        published = _xdsi(
-            served,
-            "publish",
-            str(folder),
-            "--patient-id",
-            "IDS-DEPT002-a",
-            *extra,
-            check=False,
-        )
+        published, logged = _publish_cd(served, folder, extra)
 
         assert published.returncode == 3, published.stderr
         assert published.stdout.splitlines()[0] == said
         assert "1 file skipped" in published.stderr
-        logged = [
-            line
-            for line in published.stderr.splitlines()
-            if re.search(r" (WARNING|ERROR) ", line)
-        ]
         assert logged == []
 
 
